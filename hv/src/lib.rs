@@ -1,0 +1,2 @@
+//! The hypervisor core.
+#![no_std]
