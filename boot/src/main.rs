@@ -1,1 +1,136 @@
+//! UEFI entry point: the only code that talks to firmware.
+//!
+//! Order of events: take COM1, print the banner, reserve the hypervisor's heap and
+//! frame pool from firmware (so they survive ExitBootServices), read the optional
+//! command-line file `\EFI\BOOT\HV.CMD` from the boot volume, exit boot services
+//! (which returns the final memory map), turn interrupts off and hand the machine to
+//! `hv::run`. The outcome becomes a firmware ResetSystem(Shutdown): under QEMU that
+//! ends the process, under Bochs it is an ACPI soft-off.
 #![no_std]
+#![no_main]
+
+extern crate alloc;
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::panic::PanicInfo;
+
+use hv::{BootInfo, MemoryRegion, Outcome, RegionKind, println};
+use linked_list_allocator::LockedHeap;
+use uefi::boot::{self, AllocateType, MemoryType};
+use uefi::mem::memory_map::MemoryMap;
+use uefi::runtime::{self, ResetType};
+use uefi::{Status, cstr16, entry};
+
+/// Heap for `alloc` (boot and hv): descriptor tables, maps, strings.
+const HEAP_PAGES: usize = 1024; // 4 MiB
+/// Frames for hv: page tables, VMCS/VMCB, guest memory.
+const POOL_PAGES: usize = 8192; // 32 MiB
+
+#[global_allocator]
+static HEAP: LockedHeap = LockedHeap::empty();
+
+#[entry]
+fn main() -> Status {
+    hv::console::init();
+    println!();
+    println!("hv {} ({}) - x86_64 hypervisor, UEFI boot", hv::VERSION, env!("HV_GIT_REV"));
+    hv::set_shutdown_hook(shutdown);
+
+    let heap = match boot::allocate_pages(AllocateType::AnyPages, MemoryType::LOADER_DATA, HEAP_PAGES) {
+        Ok(p) => p,
+        Err(e) => fail(format_args!("cannot reserve {} KiB for the heap: {e:?}", HEAP_PAGES * 4)),
+    };
+    // SAFETY: the firmware just gave us these pages as LOADER_DATA; they stay ours after
+    // ExitBootServices and nothing else uses them. `init` is called once.
+    unsafe { HEAP.lock().init(heap.as_ptr(), HEAP_PAGES * 4096) };
+
+    let pool = match boot::allocate_pages(AllocateType::AnyPages, MemoryType::LOADER_DATA, POOL_PAGES) {
+        Ok(p) => p,
+        Err(e) => fail(format_args!("cannot reserve {} MiB for the frame pool: {e:?}", POOL_PAGES / 256)),
+    };
+    // SAFETY: as for the heap: page-aligned LOADER_DATA pages that only the pool uses,
+    // identity-mapped by the firmware (UEFI runs in long mode with VA == PA).
+    let frames = unsafe { hv::mm::frames::FramePool::new(pool.as_ptr() as u64, POOL_PAGES) };
+
+    let cmdline = read_cmdline();
+    if !cmdline.is_empty() {
+        println!("Command line: {cmdline}");
+    }
+
+    println!("Exiting boot services");
+    // SAFETY: nothing from boot services is used after this point: the console is our
+    // own COM1 driver, the heap and pool are LOADER_DATA we own, and no protocol
+    // handles are held (read_cmdline dropped its file system handle).
+    let map = unsafe { boot::exit_boot_services(None) };
+    // SAFETY: with boot services gone, the firmware's interrupt handlers are no longer
+    // ours to rely on; the hypervisor runs with interrupts off on its own IDT.
+    unsafe { core::arch::asm!("cli") };
+
+    let mut memory_map: Vec<MemoryRegion> = map
+        .entries()
+        .map(|d| MemoryRegion { start: d.phys_start, pages: d.page_count, kind: region_kind(d.ty) })
+        .collect();
+    memory_map.sort_by_key(|r| r.start);
+
+    let outcome = hv::run(BootInfo { memory_map, frames, cmdline });
+    shutdown(outcome)
+}
+
+fn region_kind(ty: MemoryType) -> RegionKind {
+    match ty {
+        MemoryType::CONVENTIONAL | MemoryType::BOOT_SERVICES_CODE | MemoryType::BOOT_SERVICES_DATA => {
+            RegionKind::Usable
+        }
+        MemoryType::LOADER_CODE | MemoryType::LOADER_DATA => RegionKind::Hypervisor,
+        MemoryType::RUNTIME_SERVICES_CODE | MemoryType::RUNTIME_SERVICES_DATA => RegionKind::FirmwareRuntime,
+        MemoryType::ACPI_RECLAIM => RegionKind::AcpiReclaim,
+        MemoryType::ACPI_NON_VOLATILE => RegionKind::AcpiNvs,
+        MemoryType::MMIO | MemoryType::MMIO_PORT_SPACE => RegionKind::Mmio,
+        other => RegionKind::Reserved(other.0),
+    }
+}
+
+/// The optional command line: the first line of `\EFI\BOOT\HV.CMD` on the boot
+/// volume. Absent is normal; any other error is reported and treated as empty.
+fn read_cmdline() -> String {
+    let fs = match boot::get_image_file_system(boot::image_handle()) {
+        Ok(fs) => fs,
+        Err(e) => {
+            println!("note: no boot file system ({e:?}); empty command line");
+            return String::new();
+        }
+    };
+    let mut fs = uefi::fs::FileSystem::new(fs);
+    match fs.read(cstr16!("\\EFI\\BOOT\\HV.CMD")) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).lines().next().unwrap_or("").trim().into(),
+        Err(uefi::fs::Error::Io(e)) if e.uefi_error.status() == Status::NOT_FOUND => String::new(),
+        Err(e) => {
+            println!("note: cannot read \\EFI\\BOOT\\HV.CMD ({e}); empty command line");
+            String::new()
+        }
+    }
+}
+
+fn fail(args: core::fmt::Arguments<'_>) -> ! {
+    println!("FAIL: {args}");
+    shutdown(Outcome::Failed)
+}
+
+/// Power off through the firmware's runtime services (valid after
+/// ExitBootServices). The marker tells the log reader what happened.
+fn shutdown(outcome: Outcome) -> ! {
+    println!("SHUTDOWN outcome={outcome:?}");
+    let status = match outcome {
+        Outcome::Ready => Status::SUCCESS,
+        Outcome::Refused => Status::UNSUPPORTED,
+        Outcome::Failed => Status::ABORTED,
+    };
+    runtime::reset(ResetType::SHUTDOWN, status, None)
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo<'_>) -> ! {
+    println!("FAIL: panic: {info}");
+    shutdown(Outcome::Failed)
+}

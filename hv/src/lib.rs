@@ -1,2 +1,164 @@
-//! The hypervisor core.
+//! The hypervisor core (`no_std`).
+//!
+//! Boot (the only crate that talks to UEFI) hands over a [`BootInfo`] after
+//! ExitBootServices and calls [`run`]. The core loads its own descriptor tables,
+//! probes the CPU ([`caps`]), takes the machine's virtualization through the matching
+//! backend ([`arch`]), and proves it with a minimal guest round trip ([`selftest`])
+//! before it prints `READY`.
+//!
+//! Everything that is logic (capability decoding, frame pool, nested page tables) is
+//! plain code that `cargo test -p hv` runs on the host; the hardware touch points are
+//! the few `unsafe` blocks in `cpu`, `arch` and `mm::frames`.
+//!
+//! Serial markers (stable; the system tests and tools parse them), one per line:
+//! - `CAPS v=1 key=value ...`: machine-readable capabilities ([`caps::Capabilities::machine_line`]).
+//! - `PROBE-RAW ...`: every CPUID/MSR value the probe read ([`hw::Recorded::to_line`]).
+//! - `READY arch=... value=0x...`: the guest round trip succeeded.
+//! - `REFUSED: <reason>`: this CPU cannot host guests; the machine shuts down.
+//! - `FAIL: <reason>`: something went wrong; the machine shuts down.
 #![no_std]
+
+extern crate alloc;
+#[cfg(test)]
+extern crate std;
+
+pub mod arch;
+pub mod caps;
+pub mod console;
+pub mod cpu;
+pub mod hw;
+pub mod mm;
+pub mod selftest;
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+/// The version printed in the banner.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// How a run of the hypervisor ended; boot turns it into a firmware shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Ready (for now: the self-test guest round trip succeeded) and nothing more to do.
+    Ready,
+    /// The CPU cannot host guests; the reason was printed.
+    Refused,
+    /// An error; it was printed.
+    Failed,
+}
+
+/// Kinds of memory in the firmware's map, as the core needs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionKind {
+    /// Free RAM (conventional, and boot-services memory after ExitBootServices).
+    Usable,
+    /// RAM holding the hypervisor image, its heap and its frame pool.
+    Hypervisor,
+    /// Firmware runtime code/data: must stay mapped and untouched.
+    FirmwareRuntime,
+    /// ACPI tables (reclaimable once parsed).
+    AcpiReclaim,
+    /// ACPI non-volatile storage.
+    AcpiNvs,
+    /// Memory-mapped I/O.
+    Mmio,
+    /// Reserved, unusable or unknown (the firmware's type number).
+    Reserved(u32),
+}
+
+/// One range of the physical memory map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryRegion {
+    /// First byte.
+    pub start: u64,
+    /// Length in 4 KiB pages.
+    pub pages: u64,
+    /// What it is.
+    pub kind: RegionKind,
+}
+
+/// What boot hands over after ExitBootServices.
+#[derive(Debug)]
+pub struct BootInfo {
+    /// The final memory map (after ExitBootServices), sorted by address.
+    pub memory_map: Vec<MemoryRegion>,
+    /// Frames reserved for the hypervisor (tables, control blocks, guest memory).
+    pub frames: mm::frames::FramePool,
+    /// Options from the boot volume's command-line file (may be empty).
+    pub cmdline: String,
+}
+
+static SHUTDOWN_HOOK: spin::Once<fn(Outcome) -> !> = spin::Once::new();
+
+/// Set how the machine is shut down (boot provides the firmware's ResetSystem).
+pub fn set_shutdown_hook(hook: fn(Outcome) -> !) {
+    SHUTDOWN_HOOK.call_once(|| hook);
+}
+
+/// Shut the machine down with `outcome`. Without a hook (never in practice) the CPU
+/// halts with interrupts off, after saying so.
+pub fn shutdown(outcome: Outcome) -> ! {
+    if let Some(hook) = SHUTDOWN_HOOK.get() {
+        hook(outcome)
+    }
+    println!("FATAL: no shutdown hook installed; halting");
+    loop {
+        // SAFETY: CLI; HLT only stops this CPU; nothing else is running.
+        unsafe { core::arch::asm!("cli", "hlt") };
+    }
+}
+
+fn print_memory_map(map: &[MemoryRegion]) {
+    let mut usable = 0u64;
+    println!("Memory map ({} regions after ExitBootServices):", map.len());
+    for r in map {
+        let end = r.start + r.pages * mm::PAGE_SIZE;
+        println!("  {:#014x}-{:#014x} {:>10} KiB  {:?}", r.start, end.saturating_sub(1), r.pages * 4, r.kind);
+        if matches!(r.kind, RegionKind::Usable) {
+            usable += r.pages * mm::PAGE_SIZE;
+        }
+    }
+    println!("  usable RAM: {} MiB", usable / (1024 * 1024));
+}
+
+/// Run the hypervisor on this (bootstrap) CPU. Interrupts must be off and boot
+/// services exited.
+pub fn run(mut info: BootInfo) -> Outcome {
+    let tables = cpu::tables::load();
+    log::info!("descriptor tables loaded: GDT {:#x}, IDT {:#x}, TSS {:#x}", tables.gdt, tables.idt, tables.tss);
+    print_memory_map(&info.memory_map);
+    println!(
+        "Frame pool: {} frames ({} MiB) free",
+        info.frames.free_frames(),
+        info.frames.free_frames() * 4 / 1024
+    );
+
+    let mut recorder = hw::Recorder::new(hw::RealHw);
+    let caps = match caps::probe(&mut recorder) {
+        Ok(caps) => caps,
+        Err(e) => {
+            println!("FAIL: capability probe: {e}");
+            return Outcome::Failed;
+        }
+    };
+    print!("{caps}");
+    println!("{}", caps.machine_line());
+    println!("PROBE-RAW {}", recorder.recorded.to_line());
+
+    if let Err(why) = caps.check_usable() {
+        println!("REFUSED: {why}");
+        return Outcome::Refused;
+    }
+
+    match selftest::run(&caps, &mut info.frames) {
+        Ok(report) => {
+            println!("{report}");
+            println!("READY arch={} exit={} value={:#x}", report.arch, report.exit, report.value);
+            Outcome::Ready
+        }
+        Err(e) => {
+            println!("FAIL: guest round trip: {e}");
+            Outcome::Failed
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The arch-neutral face of the two virtualization backends.
+//!
+//! Each backend (`vmx`, `svm`) enables its extension, sets up its control structure
+//! (VMCS / VMCB), enters the guest and decodes the exit into [`ExitReason`]. Policy
+//! (what an exit means, what the guest gets) lives above, written once, as in
+//! tandasat/barevisor.
+
+pub mod svm;
+pub mod vmx;
+
+use crate::mm::MmError;
+use crate::mm::frames::FramePool;
+use crate::mm::nested::EntryFormat;
+
+/// Guest general-purpose registers the backends save and restore around guest entry.
+/// RSP and RIP live in the VMCS/VMCB. Layout is shared with the entry assembly.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GuestRegs {
+    /// RAX (SVM keeps the guest's RAX in the VMCB; the backend copies it here).
+    pub rax: u64,
+    /// RBX
+    pub rbx: u64,
+    /// RCX
+    pub rcx: u64,
+    /// RDX
+    pub rdx: u64,
+    /// RSI
+    pub rsi: u64,
+    /// RDI
+    pub rdi: u64,
+    /// RBP
+    pub rbp: u64,
+    /// R8
+    pub r8: u64,
+    /// R9
+    pub r9: u64,
+    /// R10
+    pub r10: u64,
+    /// R11
+    pub r11: u64,
+    /// R12
+    pub r12: u64,
+    /// R13
+    pub r13: u64,
+    /// R14
+    pub r14: u64,
+    /// R15
+    pub r15: u64,
+}
+
+/// Where and how a 64-bit guest starts: long mode, paging on, flat segments.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestEntry {
+    /// Root of the nested page tables (EPT PML4 / NPT PML4).
+    pub nested_root: u64,
+    /// Guest CR3: guest-physical address of the guest's own PML4.
+    pub cr3: u64,
+    /// First instruction.
+    pub rip: u64,
+    /// Initial stack pointer.
+    pub rsp: u64,
+}
+
+/// Why the guest stopped running, arch-neutral.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// VMCALL (VMX) / VMMCALL (SVM): a hypercall.
+    Hypercall,
+    /// HLT.
+    Hlt,
+    /// The guest triple-faulted (VMX exit 2, SVM shutdown intercept).
+    TripleFault,
+    /// A guest-physical access the nested tables do not allow.
+    NestedPageFault {
+        /// Guest-physical address.
+        gpa: u64,
+    },
+    /// An exception the guest raised that we intercept.
+    Exception {
+        /// Vector.
+        vector: u8,
+    },
+    /// CPUID.
+    Cpuid,
+    /// IN/OUT.
+    Io,
+    /// RDMSR/WRMSR.
+    Msr,
+    /// Any other exit, with the vendor's code (VMX basic exit reason / SVM EXITCODE).
+    Other {
+        /// Vendor's exit code.
+        code: u64,
+    },
+}
+
+impl core::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ExitReason::Hypercall => f.write_str("hypercall"),
+            ExitReason::Hlt => f.write_str("hlt"),
+            ExitReason::TripleFault => f.write_str("triple-fault"),
+            ExitReason::NestedPageFault { gpa } => write!(f, "nested-page-fault(gpa={gpa:#x})"),
+            ExitReason::Exception { vector } => write!(f, "exception(vector={vector})"),
+            ExitReason::Cpuid => f.write_str("cpuid"),
+            ExitReason::Io => f.write_str("io"),
+            ExitReason::Msr => f.write_str("msr"),
+            ExitReason::Other { code } => write!(f, "other({code:#x})"),
+        }
+    }
+}
+
+/// One exit, decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Why.
+    pub reason: ExitReason,
+    /// Guest RIP at the exit.
+    pub rip: u64,
+}
+
+/// Backend errors: each names the instruction, field or control involved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchError {
+    /// A VMX instruction failed (SDM Vol. 3C 31.2 conventions). `error` is the
+    /// VM-instruction error number (31.4) for VMfailValid, `None` for VMfailInvalid.
+    VmxInstruction {
+        /// Instruction mnemonic.
+        instruction: &'static str,
+        /// VMCS field involved (for VMREAD/VMWRITE).
+        field: Option<&'static str>,
+        /// VM-instruction error number.
+        error: Option<u32>,
+    },
+    /// VM entry failed (exit reason bit 31; SDM Vol. 3C 27.8).
+    VmEntryFailed {
+        /// Basic exit reason (33 invalid guest state, 34 MSR loading, 41 machine check).
+        reason: u32,
+        /// Exit qualification.
+        qualification: u64,
+    },
+    /// A VMX control this code needs is not allowed by the capability MSRs.
+    ControlUnsupported {
+        /// Which control word.
+        control: &'static str,
+        /// Bits we wanted but may not set.
+        missing: u32,
+    },
+    /// VMRUN rejected the VMCB (EXITCODE = VMEXIT_INVALID, APM Vol. 2 15.5.1).
+    VmrunInvalid,
+    /// Nested paging / frame allocation failed.
+    Memory(MmError),
+}
+
+impl From<MmError> for ArchError {
+    fn from(e: MmError) -> Self {
+        ArchError::Memory(e)
+    }
+}
+
+impl core::fmt::Display for ArchError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            ArchError::VmxInstruction { instruction, field, error } => {
+                write!(f, "{instruction}")?;
+                if let Some(field) = field {
+                    write!(f, " of VMCS field {field}")?;
+                }
+                match error {
+                    Some(n) => write!(f, " failed with VM-instruction error {n} ({})", vmx::instruction_error_text(*n)),
+                    None => f.write_str(" failed: no current VMCS (VMfailInvalid)"),
+                }
+            }
+            ArchError::VmEntryFailed { reason, qualification } => write!(
+                f,
+                "VM entry failed: basic exit reason {reason} ({}), qualification {qualification:#x}",
+                match reason {
+                    33 => "invalid guest state",
+                    34 => "MSR loading",
+                    41 => "machine-check event",
+                    _ => "unexpected",
+                }
+            ),
+            ArchError::ControlUnsupported { control, missing } => {
+                write!(f, "VMX control {control}: bits {missing:#x} are required but not allowed by this CPU")
+            }
+            ArchError::VmrunInvalid => f.write_str("VMRUN failed its consistency checks (VMEXIT_INVALID)"),
+            ArchError::Memory(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// What a backend offers the arch-neutral code.
+pub trait Backend: Sized {
+    /// The nested paging format (EPT or NPT).
+    type Paging: EntryFormat;
+    /// "vmx" or "svm".
+    const NAME: &'static str;
+    /// The guest instruction that makes a hypercall exit (VMCALL / VMMCALL).
+    const HYPERCALL: [u8; 3];
+    /// Turn the extension on on this CPU and prepare one vCPU control structure.
+    fn enable(caps: &crate::caps::Capabilities, pool: &mut FramePool) -> Result<Self, ArchError>;
+    /// Configure the vCPU to start at `entry`.
+    fn configure(&mut self, pool: &mut FramePool, entry: &GuestEntry) -> Result<(), ArchError>;
+    /// Enter the guest until the next exit.
+    fn run(&mut self, regs: &mut GuestRegs) -> Result<Exit, ArchError>;
+}

@@ -1,0 +1,201 @@
+//! The VMCB (APM Vol. 2 Appendix B, "Layout of VMCB"): typed fields by offset.
+//!
+//! A field knows its offset, its width (through its Rust type) and its name, so the
+//! code that fills a VMCB reads like the manual's table and cannot write a 64-bit value
+//! into a 16-bit slot.
+
+use core::marker::PhantomData;
+
+/// A VMCB field of type `T` at a byte offset.
+#[derive(Debug, Clone, Copy)]
+pub struct Field<T> {
+    /// Byte offset from the start of the VMCB.
+    pub offset: usize,
+    /// Name as in APM Appendix B.
+    pub name: &'static str,
+    _t: PhantomData<T>,
+}
+
+const fn f<T>(offset: usize, name: &'static str) -> Field<T> {
+    Field { offset, name, _t: PhantomData }
+}
+
+/// Integer types a VMCB field can hold.
+pub trait FieldValue: Copy {
+    /// Width in bytes.
+    const SIZE: usize;
+    /// Little-endian bytes.
+    fn to_bytes(self) -> [u8; 8];
+    /// From little-endian bytes (first SIZE used).
+    fn from_bytes(b: [u8; 8]) -> Self;
+}
+
+macro_rules! field_value {
+    ($t:ty) => {
+        impl FieldValue for $t {
+            const SIZE: usize = core::mem::size_of::<$t>();
+            fn to_bytes(self) -> [u8; 8] {
+                let mut out = [0u8; 8];
+                out[..Self::SIZE].copy_from_slice(&self.to_le_bytes());
+                out
+            }
+            fn from_bytes(b: [u8; 8]) -> Self {
+                let mut v = [0u8; core::mem::size_of::<$t>()];
+                v.copy_from_slice(&b[..Self::SIZE]);
+                <$t>::from_le_bytes(v)
+            }
+        }
+    };
+}
+field_value!(u8);
+field_value!(u16);
+field_value!(u32);
+field_value!(u64);
+
+/// A VMCB page viewed through typed fields.
+#[derive(Debug)]
+pub struct Vmcb<'a>(pub &'a mut [u8; 4096]);
+
+impl Vmcb<'_> {
+    /// Write a field.
+    pub fn set<T: FieldValue>(&mut self, field: Field<T>, value: T) {
+        self.0[field.offset..field.offset + T::SIZE].copy_from_slice(&value.to_bytes()[..T::SIZE]);
+    }
+    /// Read a field.
+    pub fn get<T: FieldValue>(&self, field: Field<T>) -> T {
+        let mut b = [0u8; 8];
+        b[..T::SIZE].copy_from_slice(&self.0[field.offset..field.offset + T::SIZE]);
+        T::from_bytes(b)
+    }
+    /// Write a segment register (selector, attributes, limit, base: 16 bytes each).
+    pub fn set_segment(&mut self, seg: Segment, selector: u16, attrib: u16, limit: u32, base: u64) {
+        let o = seg as usize;
+        self.set(f::<u16>(o, "selector"), selector);
+        self.set(f::<u16>(o + 2, "attrib"), attrib);
+        self.set(f::<u32>(o + 4, "limit"), limit);
+        self.set(f::<u64>(o + 8, "base"), base);
+    }
+}
+
+/// Segment registers in the state-save area (offset of each 16-byte record).
+#[derive(Debug, Clone, Copy)]
+#[repr(usize)]
+pub enum Segment {
+    /// ES
+    Es = 0x400,
+    /// CS
+    Cs = 0x410,
+    /// SS
+    Ss = 0x420,
+    /// DS
+    Ds = 0x430,
+    /// FS
+    Fs = 0x440,
+    /// GS
+    Gs = 0x450,
+    /// GDTR (only base and limit are used)
+    Gdtr = 0x460,
+    /// LDTR
+    Ldtr = 0x470,
+    /// IDTR (only base and limit are used)
+    Idtr = 0x480,
+    /// TR
+    Tr = 0x490,
+}
+
+// Control area (APM Vol. 2 Table B-1).
+/// Intercept vector 0: exceptions (bit per vector).
+pub const INTERCEPT_EXCEPTIONS: Field<u32> = f(0x008, "INTERCEPT_EXCEPTIONS");
+/// Intercept vector 3: INTR..SHUTDOWN.
+pub const INTERCEPT_MISC1: Field<u32> = f(0x00c, "INTERCEPT_MISC1");
+/// Intercept vector 4: VMRUN..
+pub const INTERCEPT_MISC2: Field<u32> = f(0x010, "INTERCEPT_MISC2");
+/// Physical base of the I/O permission map (12 KiB).
+pub const IOPM_BASE_PA: Field<u64> = f(0x040, "IOPM_BASE_PA");
+/// Physical base of the MSR permission map (8 KiB).
+pub const MSRPM_BASE_PA: Field<u64> = f(0x048, "MSRPM_BASE_PA");
+/// Guest ASID (must not be 0).
+pub const GUEST_ASID: Field<u32> = f(0x058, "GUEST_ASID");
+/// TLB control (1 = flush all on VMRUN).
+pub const TLB_CONTROL: Field<u8> = f(0x05c, "TLB_CONTROL");
+/// Exit code.
+pub const EXITCODE: Field<u64> = f(0x070, "EXITCODE");
+/// Exit information 1.
+pub const EXITINFO1: Field<u64> = f(0x078, "EXITINFO1");
+/// Exit information 2.
+pub const EXITINFO2: Field<u64> = f(0x080, "EXITINFO2");
+/// Bit 0: enable nested paging.
+pub const NP_ENABLE: Field<u64> = f(0x090, "NP_ENABLE");
+/// Nested page table root.
+pub const N_CR3: Field<u64> = f(0x0b0, "N_CR3");
+/// VMCB clean bits (0 = everything reloaded).
+pub const VMCB_CLEAN: Field<u32> = f(0x0c0, "VMCB_CLEAN");
+
+// State-save area (APM Vol. 2 Table B-2).
+/// Current privilege level.
+pub const CPL: Field<u8> = f(0x4cb, "CPL");
+/// Guest EFER.
+pub const EFER: Field<u64> = f(0x4d0, "EFER");
+/// Guest CR4.
+pub const CR4: Field<u64> = f(0x548, "CR4");
+/// Guest CR3.
+pub const CR3: Field<u64> = f(0x550, "CR3");
+/// Guest CR0.
+pub const CR0: Field<u64> = f(0x558, "CR0");
+/// Guest DR7.
+pub const DR7: Field<u64> = f(0x560, "DR7");
+/// Guest DR6.
+pub const DR6: Field<u64> = f(0x568, "DR6");
+/// Guest RFLAGS.
+pub const RFLAGS: Field<u64> = f(0x570, "RFLAGS");
+/// Guest RIP.
+pub const RIP: Field<u64> = f(0x578, "RIP");
+/// Guest RSP.
+pub const RSP: Field<u64> = f(0x5d8, "RSP");
+/// Guest RAX.
+pub const RAX: Field<u64> = f(0x5f8, "RAX");
+/// Guest PAT.
+pub const G_PAT: Field<u64> = f(0x668, "G_PAT");
+
+/// EXITCODE values used here (APM Vol. 2 Appendix C).
+pub mod exit {
+    /// First exception intercept (0x40 + vector).
+    pub const EXCP_BASE: u64 = 0x40;
+    /// CPUID.
+    pub const CPUID: u64 = 0x72;
+    /// HLT.
+    pub const HLT: u64 = 0x78;
+    /// IN/OUT.
+    pub const IOIO: u64 = 0x7b;
+    /// RDMSR/WRMSR.
+    pub const MSR: u64 = 0x7c;
+    /// Shutdown (triple fault).
+    pub const SHUTDOWN: u64 = 0x7f;
+    /// VMMCALL.
+    pub const VMMCALL: u64 = 0x81;
+    /// Nested page fault.
+    pub const NPF: u64 = 0x400;
+    /// VMRUN consistency check failed.
+    pub const INVALID: u64 = u64::MAX;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn typed_fields_write_exactly_their_width_little_endian() {
+        let mut page = [0u8; 4096];
+        let mut v = Vmcb(&mut page);
+        v.set(RAX, 0x1122_3344_5566_7788);
+        v.set(TLB_CONTROL, 0xab);
+        v.set(GUEST_ASID, 7);
+        v.set_segment(Segment::Cs, 0x8, 0xa9b, 0xffff_ffff, 0);
+        assert_eq!(v.get(RAX), 0x1122_3344_5566_7788);
+        assert_eq!(v.get(GUEST_ASID), 7);
+        assert_eq!(page[0x5f8], 0x88);
+        assert_eq!(page[0x5c], 0xab);
+        assert_eq!(page[0x5d], 0, "u8 field spilled");
+        assert_eq!(&page[0x410..0x418], &[0x08, 0, 0x9b, 0x0a, 0xff, 0xff, 0xff, 0xff]);
+    }
+}

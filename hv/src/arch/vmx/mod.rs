@@ -1,0 +1,360 @@
+//! Intel VMX backend (SDM Vol. 3C chapters 24-29): enter VMX operation, build a VMCS
+//! for a 64-bit guest under EPT, launch it and decode VM exits into the arch-neutral
+//! exit.
+
+pub mod vmcs;
+
+use core::arch::global_asm;
+
+use self::vmcs::Field;
+use super::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs};
+use crate::caps::{Capabilities, MSR_IA32_FEATURE_CONTROL, Virtualization, VmxCaps};
+use crate::cpu::tables::{self, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
+use crate::mm::frames::FramePool;
+use crate::mm::nested::Ept;
+
+pub use self::vmcs::instruction_error_text;
+
+const MSR_IA32_VMX_CR0_FIXED0: u32 = 0x486;
+const MSR_IA32_VMX_CR0_FIXED1: u32 = 0x487;
+const MSR_IA32_VMX_CR4_FIXED0: u32 = 0x488;
+const MSR_IA32_VMX_CR4_FIXED1: u32 = 0x489;
+const MSR_EFER: u32 = 0xc000_0080;
+const MSR_FS_BASE: u32 = 0xc000_0100;
+const MSR_GS_BASE: u32 = 0xc000_0101;
+const CR4_VMXE: u64 = 1 << 13;
+
+/// One VMX vCPU: the VMXON region and a VMCS.
+#[derive(Debug)]
+pub struct Vmx {
+    caps: VmxCaps,
+    /// Kept for the life of VMX operation.
+    _vmxon: u64,
+    vmcs: u64,
+    launched: bool,
+}
+
+/// Compute a control value: `want` plus the must-be-one bits, failing if a bit we
+/// need is not allowed (SDM Vol. 3D A.3-A.5: low 32 bits of the capability MSR are
+/// the allowed 0-settings, high 32 bits the allowed 1-settings).
+pub fn adjust_controls(control: &'static str, want: u32, capability: u64) -> Result<u32, ArchError> {
+    let must_be_one = capability as u32;
+    let may_be_one = (capability >> 32) as u32;
+    let missing = want & !may_be_one;
+    if missing != 0 {
+        return Err(ArchError::ControlUnsupported { control, missing });
+    }
+    Ok(want | must_be_one)
+}
+
+impl Backend for Vmx {
+    type Paging = Ept;
+    const NAME: &'static str = "vmx";
+    /// VMCALL: 0F 01 C1 (SDM Vol. 2B).
+    const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
+
+    fn enable(caps: &Capabilities, pool: &mut FramePool) -> Result<Self, ArchError> {
+        let Virtualization::Vmx(vmx) = caps.virtualization else {
+            return Err(ArchError::ControlUnsupported { control: "VMX", missing: 1 });
+        };
+        let vmxon = pool.alloc_zeroed()?;
+        let vmcs = pool.alloc_zeroed()?;
+        // SDM Vol. 3C 25.2 / 25.11.5: both regions start with the VMCS revision id.
+        pool.bytes_mut(vmxon)?[..4].copy_from_slice(&vmx.vmcs_revision.to_le_bytes());
+        pool.bytes_mut(vmcs)?[..4].copy_from_slice(&vmx.vmcs_revision.to_le_bytes());
+
+        // SAFETY: these MSRs exist when CPUID.1:ECX.VMX = 1 (the probe saw it).
+        // 24.7: if firmware left IA32_FEATURE_CONTROL unlocked (OVMF under Bochs does),
+        // enable VMX outside SMX (bit 2) and lock (bit 0); the probe refused the locked
+        // and disabled case. 24.8: CR0 and CR4 must satisfy the FIXED0/FIXED1 MSRs in
+        // VMX operation, and CR4.VMXE must be 1. Changing them keeps the identity map
+        // (PG, PE, PAE stay set: they are in FIXED0).
+        unsafe {
+            if !vmx.feature_control.locked {
+                let fc = x86::msr::rdmsr(MSR_IA32_FEATURE_CONTROL);
+                x86::msr::wrmsr(MSR_IA32_FEATURE_CONTROL, fc | 0b101);
+            }
+            let cr0 = x86::controlregs::cr0().bits() as u64;
+            let cr0 = (cr0 | x86::msr::rdmsr(MSR_IA32_VMX_CR0_FIXED0)) & x86::msr::rdmsr(MSR_IA32_VMX_CR0_FIXED1);
+            x86::controlregs::cr0_write(x86::controlregs::Cr0::from_bits_truncate(cr0 as usize));
+            let cr4 = x86::controlregs::cr4().bits() as u64 | CR4_VMXE;
+            let cr4 = (cr4 | x86::msr::rdmsr(MSR_IA32_VMX_CR4_FIXED0)) & x86::msr::rdmsr(MSR_IA32_VMX_CR4_FIXED1);
+            x86::controlregs::cr4_write(x86::controlregs::Cr4::from_bits_truncate(cr4 as usize));
+        }
+        // SAFETY: 24.11.5: VMXON with a 4 KiB aligned region carrying the revision id,
+        // with CR0/CR4 fixed bits satisfied and feature control enabled (above).
+        unsafe { x86::bits64::vmx::vmxon(vmxon) }.map_err(|f| vmcs::fail("VMXON", f))?;
+        // SAFETY: 25.11.3: VMCLEAR initialises the VMCS region we own; VMPTRLD makes it
+        // current. Both take its physical address.
+        unsafe { x86::bits64::vmx::vmclear(vmcs) }.map_err(|f| vmcs::fail("VMCLEAR", f))?;
+        // SAFETY: as above.
+        unsafe { x86::bits64::vmx::vmptrld(vmcs) }.map_err(|f| vmcs::fail("VMPTRLD", f))?;
+        Ok(Self { caps: vmx, _vmxon: vmxon, vmcs, launched: false })
+    }
+
+    fn configure(&mut self, _pool: &mut FramePool, entry: &GuestEntry) -> Result<(), ArchError> {
+        let c = &self.caps;
+        // 25.6.1-25.6.2, 25.7.1, 25.8.1. Pin: nothing beyond the must-be-one bits.
+        let pin = adjust_controls("pin-based", 0, c.pinbased)?;
+        // Primary: HLT exiting (7), unconditional I/O exiting (24), activate secondary
+        // controls (31). MSR bitmaps are off, so every RDMSR/WRMSR exits.
+        let proc = adjust_controls("primary processor-based", (1 << 7) | (1 << 24) | (1 << 31), c.procbased)?;
+        // Secondary: enable EPT (1).
+        let proc2 = adjust_controls("secondary processor-based", 1 << 1, c.procbased2)?;
+        // Exit: host address-space size (9), save IA32_EFER (20), load IA32_EFER (21).
+        let exit = adjust_controls("VM-exit", (1 << 9) | (1 << 20) | (1 << 21), c.exit)?;
+        // Entry: IA-32e mode guest (9), load IA32_EFER (15).
+        let entry_ctls = adjust_controls("VM-entry", (1 << 9) | (1 << 15), c.entry)?;
+        // 29.3.7 / 25.6.11: EPTP = root | write-back (6) | 4-level walk (3 << 3), with
+        // bit 6 enabling accessed/dirty flags where the CPU has them (needed for PML).
+        if !(c.ept_4level && c.ept_wb) {
+            return Err(ArchError::ControlUnsupported { control: "EPT 4-level write-back", missing: 1 });
+        }
+        let eptp = entry.nested_root | 6 | (3 << 3) | if c.ept_ad { 1 << 6 } else { 0 };
+
+        let writes: &[(Field, u64)] = &[
+            (vmcs::PINBASED_CTLS, pin.into()),
+            (vmcs::PROCBASED_CTLS, proc.into()),
+            (vmcs::PROCBASED_CTLS2, proc2.into()),
+            (vmcs::EXIT_CTLS, exit.into()),
+            (vmcs::ENTRY_CTLS, entry_ctls.into()),
+            (vmcs::EXCEPTION_BITMAP, 0xffff_ffff), // every guest exception exits
+            (vmcs::CR0_MASK, 0),
+            // The guest may not see or change CR4.VMXE, which VMX forces on (FIXED0).
+            (vmcs::CR4_MASK, CR4_VMXE),
+            (vmcs::CR0_SHADOW, 0),
+            (vmcs::CR4_SHADOW, 0),
+            (vmcs::CR3_TARGET_COUNT, 0),
+            (vmcs::EXIT_MSR_STORE_COUNT, 0),
+            (vmcs::EXIT_MSR_LOAD_COUNT, 0),
+            (vmcs::ENTRY_MSR_LOAD_COUNT, 0),
+            (vmcs::ENTRY_INTR_INFO, 0),
+            (vmcs::EPTP, eptp),
+        ];
+        for &(field, value) in writes {
+            vmcs::write(field, value)?;
+        }
+        self.write_host_state()?;
+        self.write_guest_state(entry)
+    }
+
+    fn run(&mut self, regs: &mut GuestRegs) -> Result<Exit, ArchError> {
+        // SAFETY: the current VMCS is fully configured (`configure`), HOST_RIP points at
+        // hv_vmx_exit, and hv_vmx_enter writes HOST_RSP itself so the exit lands on
+        // this very stack frame; it preserves all callee-saved registers per SysV.
+        let status = unsafe { hv_vmx_enter(regs, u64::from(self.launched)) };
+        match status {
+            0 => {}
+            1 => return Err(vmcs::fail(if self.launched { "VMRESUME" } else { "VMLAUNCH" }, x86::vmx::VmFail::VmFailInvalid)),
+            _ => return Err(vmcs::fail(if self.launched { "VMRESUME" } else { "VMLAUNCH" }, x86::vmx::VmFail::VmFailValid)),
+        }
+        let raw = vmcs::read(vmcs::EXIT_REASON)?;
+        // 25.9.1: bit 31 = VM-entry failure; 27.8: then the guest never ran.
+        if raw & (1 << 31) != 0 {
+            return Err(ArchError::VmEntryFailed {
+                reason: (raw & 0xffff) as u32,
+                qualification: vmcs::read(vmcs::EXIT_QUALIFICATION)?,
+            });
+        }
+        self.launched = true;
+        // Appendix C: basic exit reasons.
+        let reason = match raw & 0xffff {
+            0 => ExitReason::Exception { vector: (vmcs::read(vmcs::EXIT_INTR_INFO)? & 0xff) as u8 },
+            2 => ExitReason::TripleFault,
+            10 => ExitReason::Cpuid,
+            12 => ExitReason::Hlt,
+            18 => ExitReason::Hypercall,
+            30 => ExitReason::Io,
+            31 | 32 => ExitReason::Msr,
+            48 => ExitReason::NestedPageFault { gpa: vmcs::read(vmcs::GUEST_PHYSICAL_ADDRESS)? },
+            code => ExitReason::Other { code },
+        };
+        Ok(Exit { reason, rip: vmcs::read(vmcs::GUEST_RIP)? })
+    }
+}
+
+impl Vmx {
+    /// 25.5 / 26.2.3: the state VM exits load. Selectors come from our own GDT (TR
+    /// must not be 0, which is why `cpu::tables` exists).
+    fn write_host_state(&self) -> Result<(), ArchError> {
+        let bases = tables::bases().ok_or(ArchError::ControlUnsupported { control: "host descriptor tables", missing: 1 })?;
+        // SAFETY: reading control registers and these MSRs has no side effects; all
+        // exist on any CPU with VMX (EFER, FS/GS base: long mode).
+        let (cr0, cr3, cr4, efer, fs_base, gs_base) = unsafe {
+            (
+                x86::controlregs::cr0().bits() as u64,
+                x86::controlregs::cr3(),
+                x86::controlregs::cr4().bits() as u64,
+                x86::msr::rdmsr(MSR_EFER),
+                x86::msr::rdmsr(MSR_FS_BASE),
+                x86::msr::rdmsr(MSR_GS_BASE),
+            )
+        };
+        let writes: &[(Field, u64)] = &[
+            (vmcs::HOST_CR0, cr0),
+            (vmcs::HOST_CR3, cr3),
+            (vmcs::HOST_CR4, cr4),
+            (vmcs::HOST_RIP, hv_vmx_exit as *const () as u64),
+            (vmcs::HOST_CS_SELECTOR, CODE_SELECTOR.into()),
+            (vmcs::HOST_SS_SELECTOR, DATA_SELECTOR.into()),
+            (vmcs::HOST_DS_SELECTOR, DATA_SELECTOR.into()),
+            (vmcs::HOST_ES_SELECTOR, DATA_SELECTOR.into()),
+            (vmcs::HOST_FS_SELECTOR, 0),
+            (vmcs::HOST_GS_SELECTOR, 0),
+            (vmcs::HOST_TR_SELECTOR, TSS_SELECTOR.into()),
+            (vmcs::HOST_FS_BASE, fs_base),
+            (vmcs::HOST_GS_BASE, gs_base),
+            (vmcs::HOST_TR_BASE, bases.tss),
+            (vmcs::HOST_GDTR_BASE, bases.gdt),
+            (vmcs::HOST_IDTR_BASE, bases.idt),
+            (vmcs::HOST_SYSENTER_CS, 0),
+            (vmcs::HOST_SYSENTER_ESP, 0),
+            (vmcs::HOST_SYSENTER_EIP, 0),
+            (vmcs::HOST_EFER, efer),
+        ];
+        for &(field, value) in writes {
+            vmcs::write(field, value)?;
+        }
+        Ok(())
+    }
+
+    /// 25.4 / 26.3.1: a 64-bit guest at CPL0 with flat segments and paging on.
+    fn write_guest_state(&self, entry: &GuestEntry) -> Result<(), ArchError> {
+        // SAFETY: reading the fixed-bit MSRs has no side effects; they exist with VMX.
+        let (cr0_fixed0, cr0_fixed1, cr4_fixed0, cr4_fixed1) = unsafe {
+            (
+                x86::msr::rdmsr(MSR_IA32_VMX_CR0_FIXED0),
+                x86::msr::rdmsr(MSR_IA32_VMX_CR0_FIXED1),
+                x86::msr::rdmsr(MSR_IA32_VMX_CR4_FIXED0),
+                x86::msr::rdmsr(MSR_IA32_VMX_CR4_FIXED1),
+            )
+        };
+        let cr0 = (0x8001_0031 | cr0_fixed0) & cr0_fixed1; // PG, WP, NE, ET, PE
+        let cr4 = ((1 << 5) | cr4_fixed0) & cr4_fixed1; // PAE (+ VMXE from FIXED0)
+        // Access rights (25.4.1, Table 25-2): type, S, DPL, P, L, D/B, G; bit 16 unusable.
+        const CODE_AR: u64 = 0xa09b;
+        const DATA_AR: u64 = 0xc093;
+        let mut writes: alloc::vec::Vec<(Field, u64)> = alloc::vec![
+            (vmcs::GUEST_CR0, cr0),
+            (vmcs::GUEST_CR3, entry.cr3),
+            (vmcs::GUEST_CR4, cr4),
+            (vmcs::GUEST_DR7, 0x400),
+            (vmcs::GUEST_RSP, entry.rsp),
+            (vmcs::GUEST_RIP, entry.rip),
+            (vmcs::GUEST_RFLAGS, 0x2),
+            (vmcs::GUEST_CS_SELECTOR, 0x08),
+            (vmcs::GUEST_CS_BASE, 0),
+            (vmcs::GUEST_CS_LIMIT, 0xffff_ffff),
+            (vmcs::GUEST_CS_AR, CODE_AR),
+            (vmcs::GUEST_TR_SELECTOR, 0x18),
+            (vmcs::GUEST_TR_BASE, 0),
+            (vmcs::GUEST_TR_LIMIT, 0x67),
+            (vmcs::GUEST_TR_AR, 0x8b), // busy 64-bit TSS, present
+            (vmcs::GUEST_LDTR_SELECTOR, 0),
+            (vmcs::GUEST_LDTR_BASE, 0),
+            (vmcs::GUEST_LDTR_LIMIT, 0),
+            (vmcs::GUEST_LDTR_AR, 1 << 16), // unusable
+            (vmcs::GUEST_GDTR_BASE, 0),
+            (vmcs::GUEST_GDTR_LIMIT, 0xffff),
+            (vmcs::GUEST_IDTR_BASE, 0),
+            (vmcs::GUEST_IDTR_LIMIT, 0xffff),
+            (vmcs::GUEST_INTERRUPTIBILITY, 0),
+            (vmcs::GUEST_ACTIVITY, 0),
+            (vmcs::GUEST_PENDING_DBG, 0),
+            (vmcs::GUEST_SYSENTER_CS, 0),
+            (vmcs::GUEST_SYSENTER_ESP, 0),
+            (vmcs::GUEST_SYSENTER_EIP, 0),
+            (vmcs::GUEST_LINK_POINTER, u64::MAX),
+            (vmcs::GUEST_DEBUGCTL, 0),
+            (vmcs::GUEST_EFER, (1 << 8) | (1 << 10)), // LME, LMA
+        ];
+        for (sel, base, limit, ar) in [
+            (vmcs::GUEST_SS_SELECTOR, vmcs::GUEST_SS_BASE, vmcs::GUEST_SS_LIMIT, vmcs::GUEST_SS_AR),
+            (vmcs::GUEST_DS_SELECTOR, vmcs::GUEST_DS_BASE, vmcs::GUEST_DS_LIMIT, vmcs::GUEST_DS_AR),
+            (vmcs::GUEST_ES_SELECTOR, vmcs::GUEST_ES_BASE, vmcs::GUEST_ES_LIMIT, vmcs::GUEST_ES_AR),
+            (vmcs::GUEST_FS_SELECTOR, vmcs::GUEST_FS_BASE, vmcs::GUEST_FS_LIMIT, vmcs::GUEST_FS_AR),
+            (vmcs::GUEST_GS_SELECTOR, vmcs::GUEST_GS_BASE, vmcs::GUEST_GS_LIMIT, vmcs::GUEST_GS_AR),
+        ] {
+            writes.extend_from_slice(&[(sel, 0x10), (base, 0), (limit, 0xffff_ffff), (ar, DATA_AR)]);
+        }
+        for (field, value) in writes {
+            vmcs::write(field, value)?;
+        }
+        Ok(())
+    }
+}
+
+unsafe extern "sysv64" {
+    /// Enter the guest of the current VMCS (VMLAUNCH when `resume` is 0, else
+    /// VMRESUME). Returns 0 after a VM exit (guest registers stored in `regs`), 1 for
+    /// VMfailInvalid, 2 for VMfailValid.
+    fn hv_vmx_enter(regs: *mut GuestRegs, resume: u64) -> u64;
+    /// HOST_RIP: where VM exits land (never called directly).
+    fn hv_vmx_exit();
+}
+
+// SDM Vol. 3C 27.5 (VM exits load host RSP/RIP from the VMCS) and 28.x (VM entry): the
+// processor saves no general registers, so we push the host's callee-saved ones,
+// store RSP into HOST_RSP (encoding 0x6C14) with the GuestRegs pointer on top, load
+// the guest's registers and enter. The exit stub finds the pointer at [rsp], stores
+// the guest's registers and returns to hv_vmx_enter's caller.
+global_asm!(
+    ".global hv_vmx_enter",
+    "hv_vmx_enter:",
+    "push rbx", "push rbp", "push r12", "push r13", "push r14", "push r15",
+    "push rdi",                 // GuestRegs pointer, at [HOST_RSP] on exit
+    "mov rax, {host_rsp}",
+    "vmwrite rax, rsp",
+    "jbe 3f",
+    "test rsi, rsi",            // ZF=1: launch; MOVs below keep the flags
+    "mov rax, [rdi]", "mov rbx, [rdi + 8*1]", "mov rcx, [rdi + 8*2]", "mov rdx, [rdi + 8*3]",
+    "mov rsi, [rdi + 8*4]", "mov rbp, [rdi + 8*6]",
+    "mov r8, [rdi + 8*7]", "mov r9, [rdi + 8*8]", "mov r10, [rdi + 8*9]", "mov r11, [rdi + 8*10]",
+    "mov r12, [rdi + 8*11]", "mov r13, [rdi + 8*12]", "mov r14, [rdi + 8*13]", "mov r15, [rdi + 8*14]",
+    "mov rdi, [rdi + 8*5]",
+    "jnz 2f",
+    "vmlaunch",
+    "jmp 3f",
+    "2:",
+    "vmresume",
+    "3:",                       // VMfail: CF=1 invalid, ZF=1 valid
+    "mov eax, 1",
+    "jc 4f",
+    "mov eax, 2",
+    "4:",
+    "add rsp, 8",
+    "pop r15", "pop r14", "pop r13", "pop r12", "pop rbp", "pop rbx",
+    "ret",
+    "",
+    ".global hv_vmx_exit",
+    "hv_vmx_exit:",
+    "push rdi",                 // guest RDI
+    "mov rdi, [rsp + 8]",       // GuestRegs pointer
+    "mov [rdi], rax", "mov [rdi + 8*1], rbx", "mov [rdi + 8*2], rcx", "mov [rdi + 8*3], rdx",
+    "mov [rdi + 8*4], rsi", "mov [rdi + 8*6], rbp",
+    "mov [rdi + 8*7], r8", "mov [rdi + 8*8], r9", "mov [rdi + 8*9], r10", "mov [rdi + 8*10], r11",
+    "mov [rdi + 8*11], r12", "mov [rdi + 8*12], r13", "mov [rdi + 8*13], r14", "mov [rdi + 8*14], r15",
+    "pop rax",
+    "mov [rdi + 8*5], rax",
+    "add rsp, 8",
+    "pop r15", "pop r14", "pop r13", "pop r12", "pop rbp", "pop rbx",
+    "xor eax, eax",
+    "ret",
+    host_rsp = const vmcs::HOST_RSP_ENCODING,
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn controls_add_must_be_one_bits_and_refuse_unavailable_ones() {
+        // Allowed-0 (must be one) = 0x16, allowed-1 = 0xff.
+        let cap = (0xffu64 << 32) | 0x16;
+        assert_eq!(adjust_controls("x", 0x81, cap).unwrap(), 0x97);
+        assert_eq!(
+            adjust_controls("x", 0x100, cap),
+            Err(ArchError::ControlUnsupported { control: "x", missing: 0x100 })
+        );
+    }
+}
