@@ -1,0 +1,305 @@
+//! What guests may see: the one list of features the core cannot virtualize (with
+//! a reason per entry), the hypervisor's levelling capabilities, and the derivation
+//! of a host's guest `max` and `default` featuresets.
+//!
+//! `max = (host ∩ offerable) ∪ synthesized`, then made dependency-closed;
+//! `default = max ∩ default-attribute bits`, dependency-closed again. Every bit that
+//! a derivation drops is returned with the reason, so a caller can show it.
+//! This module never touches a guest's policy; verifying a policy is
+//! [`crate::policy`]'s job, and it rejects rather than drops.
+
+use crate::features::{self, Attr, Feature, *};
+use crate::featureset::{Featureset, word};
+use alloc::vec::Vec;
+use core::fmt;
+
+/// Features the core cannot give guests, with the reason. Every feature with
+/// attribute `N` in the feature table must appear here, and nothing else (tested).
+pub const NOT_VIRTUALIZABLE: &[(Feature, &str)] = &[
+    (DTES64, "debug store (BTS/PEBS) is not virtualized"),
+    (MONITOR, "MONITOR/MWAIT are not emulated; guests idle with HLT"),
+    (DS_CPL, "debug store (BTS/PEBS) is not virtualized"),
+    (VMX, "nested virtualization is not supported"),
+    (SMX, "Intel TXT (GETSEC) is not virtualized"),
+    (EST, "P-state MSRs belong to the host"),
+    (TM2, "thermal monitoring belongs to the host"),
+    (CNXT_ID, "L1 context ID (IA32_MISC_ENABLE bit 24) is not virtualized"),
+    (SDBG, "IA32_DEBUG_INTERFACE (silicon debug) is not virtualized"),
+    (XTPR, "xTPR update control (IA32_MISC_ENABLE bit 23) is not virtualized"),
+    (PDCM, "IA32_PERF_CAPABILITIES is not virtualized (no guest PMU)"),
+    (DCA, "direct cache access is a platform feature of the host"),
+    (OSXSAVE, "dynamic: mirrors the guest's CR4.OSXSAVE, computed on each CPUID exit"),
+    (PSN, "processor serial number is not exposed"),
+    (DS, "debug store (BTS/PEBS) is not virtualized"),
+    (ACPI, "thermal-control MSRs belong to the host"),
+    (TM, "thermal monitoring belongs to the host"),
+    (IA64, "IA-64 emulation flag is meaningless for guests"),
+    (PBE, "pending break enable belongs to the host"),
+    (SVM, "nested virtualization is not supported"),
+    (EXTAPIC, "AMD extended APIC register space is not emulated"),
+    (OSVW, "OS-visible workaround MSRs are not virtualized"),
+    (IBS, "instruction-based sampling (PMU) is not virtualized"),
+    (SKINIT, "SKINIT/STGI are SVM instructions; nested virtualization is not supported"),
+    (WDT, "the AMD watchdog timer belongs to the host"),
+    (LWP, "lightweight profiling is not virtualized"),
+    (TCE, "translation cache extension control is not virtualized"),
+    (NODEID_MSR, "node ID MSR describes the host topology"),
+    (TOPOEXT, "the core does not synthesize leaves 0x8000001D/0x8000001E"),
+    (PERFCTR_CORE, "core performance counters (PMU) are not virtualized"),
+    (PERFCTR_NB, "northbridge performance counters are not virtualized"),
+    (DBX, "data breakpoint extension MSRs are not virtualized"),
+    (PERFTSC, "performance TSC is not virtualized"),
+    (PERFCTR_LLC, "LLC performance counters are not virtualized"),
+    (MWAITX, "MONITORX/MWAITX are not emulated"),
+    (MP, "multiprocessor-capable flag of old AMD parts is meaningless for guests"),
+    (XFD, "IA32_XFD/IA32_XFD_ERR are not switched by the core"),
+    (SGX, "SGX enclaves are not virtualized"),
+    (PQM, "RDT monitoring (PQM/CMT/MBM) is owned by monitor_svc on the host"),
+    (MPX, "MPX is not virtualized (bound-register XSAVE state is not supported)"),
+    (PQE, "RDT allocation (PQE/CAT/MBA) is owned by the host"),
+    (PROC_TRACE, "processor trace is not virtualized"),
+    (OSPKE, "dynamic: mirrors the guest's CR4.PKE, computed on each CPUID exit"),
+    (WAITPKG, "UMONITOR/UMWAIT/TPAUSE are not emulated (IA32_UMWAIT_CONTROL is host state)"),
+    (CET_SS, "CET supervisor/user XSAVE state (XSS components 11-12) is not switched by the core"),
+    (TME, "total memory encryption is configured by the host firmware"),
+    (KL, "Key Locker is not virtualized"),
+    (BUS_LOCK_DETECT, "bus-lock #DB is not virtualized"),
+    (ENQCMD, "ENQCMD needs PASID translation, which the core does not provide"),
+    (SGX_LC, "SGX launch control is not virtualized"),
+    (PKS, "IA32_PKRS is not switched by the core"),
+    (RTM_ALWAYS_ABORT, "describes host TSX microcode state; TSX is offered only on request"),
+    (TSX_FORCE_ABORT, "MSR_TSX_FORCE_ABORT is host state"),
+    (HYBRID, "guests see a homogeneous topology"),
+    (PCONFIG, "PCONFIG configures host memory encryption"),
+    (ARCH_LBR, "architectural LBRs are not virtualized"),
+    (CET_IBT, "CET XSAVE state (XSS components 11-12) is not switched by the core"),
+    (AMX_BF16, "AMX tile state (XSAVE components 17-18) needs XFD, which is not switched"),
+    (AMX_TILE, "AMX tile state (XSAVE components 17-18) needs XFD, which is not switched"),
+    (AMX_INT8, "AMX tile state (XSAVE components 17-18) needs XFD, which is not switched"),
+    (ARCH_CAPS, "IA32_ARCH_CAPABILITIES is not yet emulated"),
+    (CORE_CAPS, "IA32_CORE_CAPABILITIES is not emulated"),
+    (FRED, "FRED event delivery is not virtualized"),
+    (LKGS, "LKGS comes with FRED, which is not virtualized"),
+    (AMX_FP16, "AMX tile state (XSAVE components 17-18) needs XFD, which is not switched"),
+    (HRESET, "history reset (hardware feedback) is host state"),
+    (LAM, "linear address masking is not virtualized"),
+    (DTHERM, "thermal sensors belong to the host"),
+    (IDA, "turbo boost state belongs to the host"),
+    (PLN, "power limit notification belongs to the host"),
+    (PTS, "package thermal status belongs to the host"),
+    (HWP, "hardware P-states belong to the host"),
+    (HWP_NOTIFY, "hardware P-states belong to the host"),
+    (HWP_ACT_WINDOW, "hardware P-states belong to the host"),
+    (HWP_EPP, "hardware P-states belong to the host"),
+    (HWP_PKG_REQ, "hardware P-states belong to the host"),
+    (HFI, "hardware feedback interface belongs to the host"),
+    (APERFMPERF, "APERF/MPERF are not virtualized"),
+    (EPB, "energy-performance bias belongs to the host"),
+    (CQM_LLC, "RDT monitoring is owned by monitor_svc on the host"),
+    (CQM_OCCUP_LLC, "RDT monitoring is owned by monitor_svc on the host"),
+    (CQM_MBM_TOTAL, "RDT monitoring is owned by monitor_svc on the host"),
+    (CQM_MBM_LOCAL, "RDT monitoring is owned by monitor_svc on the host"),
+    (HW_PSTATE, "hardware P-states belong to the host"),
+    (CPB, "core performance boost belongs to the host"),
+    (PROC_FEEDBACK, "processor feedback interface belongs to the host"),
+    (IRPERF, "instructions-retired counter (PMU) is not virtualized"),
+    (RDPRU, "RDPRU would expose host APERF/MPERF"),
+    (VIRT_SSBD, "the core does not emulate MSR VIRT_SPEC_CTRL"),
+    (CPPC, "collaborative processor performance control belongs to the host"),
+    (AUTO_IBRS, "automatic IBRS (EFER.AIBRSE) is not virtualized"),
+];
+
+/// Words the core does not offer at all (no named bits), with the reason.
+pub const NOT_VIRTUALIZABLE_WORDS: &[(usize, &str)] = &[
+    (word::LA_EAX, "the architectural PMU is not virtualized (guests see PMU version 0)"),
+    (word::LA_EBX, "the architectural PMU is not virtualized"),
+];
+
+/// Why `f` is never offered to guests, if it is not.
+pub fn not_virtualizable_reason(f: Feature) -> Option<&'static str> {
+    NOT_VIRTUALIZABLE.iter().find(|(g, _)| *g == f).map(|(_, r)| *r).or_else(|| {
+        NOT_VIRTUALIZABLE_WORDS.iter().find(|(w, _)| *w == f.word()).map(|(_, r)| *r)
+    })
+}
+
+/// How the hypervisor controls what a guest's `cpuid` returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LevellingMechanism {
+    /// Intel VMX: `cpuid` exits unconditionally (SDM Vol. 3C 26.1.2), so the core
+    /// answers every leaf and subleaf.
+    VmxCpuidExit,
+    /// AMD SVM: the VMCB CPUID intercept (APM Vol. 2 15.9, 15.10) makes `cpuid` exit,
+    /// so the core answers every leaf and subleaf.
+    SvmCpuidIntercept,
+    /// Neither VMX nor SVM is available: the hypervisor cannot run guests on this
+    /// host, so it controls nothing.
+    None,
+}
+
+/// What the hypervisor can control on a host.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LevellingCaps {
+    /// The mechanism.
+    pub mechanism: LevellingMechanism,
+    /// Every feature word the mechanism controls (all of them with CPUID exiting).
+    pub controllable: Featureset,
+}
+
+impl fmt::Display for LevellingCaps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.mechanism {
+            LevellingMechanism::VmxCpuidExit => f.write_str("full: VMX CPUID exiting, every leaf and subleaf is answered by the policy"),
+            LevellingMechanism::SvmCpuidIntercept => f.write_str("full: SVM CPUID intercept, every leaf and subleaf is answered by the policy"),
+            LevellingMechanism::None => f.write_str("none: the host has neither VMX nor SVM, so it cannot run guests"),
+        }
+    }
+}
+
+/// The levelling capabilities on a host with raw featureset `raw`.
+pub fn levelling_caps(raw: &Featureset) -> LevellingCaps {
+    let all = Featureset::from_words(&[u32::MAX; crate::featureset::NWORDS]);
+    if VMX.is_in(raw) {
+        LevellingCaps { mechanism: LevellingMechanism::VmxCpuidExit, controllable: all }
+    } else if SVM.is_in(raw) {
+        LevellingCaps { mechanism: LevellingMechanism::SvmCpuidIntercept, controllable: all }
+    } else {
+        LevellingCaps { mechanism: LevellingMechanism::None, controllable: Featureset::new() }
+    }
+}
+
+/// Why a derivation dropped a host feature.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// On the not-virtualizable list.
+    NotVirtualizable(&'static str),
+    /// Not in this build's feature table.
+    Unknown,
+    /// Only offered on request (`default` derivation only).
+    OnlyOnRequest,
+    /// A (deep) requirement is missing on this host.
+    MissingDependency(Feature),
+}
+
+impl fmt::Display for DropReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DropReason::NotVirtualizable(r) => write!(f, "not virtualizable: {r}"),
+            DropReason::Unknown => f.write_str("unknown to this build"),
+            DropReason::OnlyOnRequest => f.write_str("only offered on request (max, not default)"),
+            DropReason::MissingDependency(m) => write!(f, "requires {}, which is missing", m.info().map_or("unnamed", |i| i.name)),
+        }
+    }
+}
+
+/// A derived guest featureset with what was dropped from its input.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Derived {
+    /// The featureset.
+    pub set: Featureset,
+    /// Bits of the input not in `set`, each with its reason.
+    pub dropped: Vec<(Feature, DropReason)>,
+}
+
+/// Remove from `fs` every feature whose deep requirements are not all present,
+/// recording each removal. Repeats until stable.
+fn close_over_dependencies(fs: &mut Featureset, dropped: &mut Vec<(Feature, DropReason)>) {
+    loop {
+        let missing = features::missing_dependencies(fs);
+        if missing.is_empty() {
+            return;
+        }
+        for (f, m) in missing {
+            fs.set_bit(f.word(), f.bit(), false);
+            dropped.push((f, DropReason::MissingDependency(m)));
+        }
+    }
+}
+
+/// The guest `max` featureset on a host with raw featureset `raw`.
+pub fn guest_max(raw: &Featureset) -> Derived {
+    let mut set = Featureset::new();
+    let mut dropped = Vec::new();
+    for (w, b) in raw.bits() {
+        let f = Feature::new(w, b);
+        match f.info() {
+            None => dropped.push((f, not_virtualizable_reason(f).map_or(DropReason::Unknown, DropReason::NotVirtualizable))),
+            Some(i) if i.attr == Attr::N => {
+                dropped.push((f, DropReason::NotVirtualizable(not_virtualizable_reason(f).unwrap_or("never offered"))))
+            }
+            Some(_) => set.set_bit(w, b, true),
+        }
+    }
+    // Synthesized bits: present for every guest.
+    set = set.or(&features::flag_mask(SYNTH));
+    close_over_dependencies(&mut set, &mut dropped);
+    Derived { set, dropped }
+}
+
+/// The guest `default` featureset derived from a `max` featureset.
+pub fn guest_default(max: &Featureset) -> Derived {
+    let mut set = Featureset::new();
+    let mut dropped = Vec::new();
+    for (w, b) in max.bits() {
+        let f = Feature::new(w, b);
+        match f.info() {
+            Some(i) if i.attr == Attr::A => set.set_bit(w, b, true),
+            _ => dropped.push((f, DropReason::OnlyOnRequest)),
+        }
+    }
+    close_over_dependencies(&mut set, &mut dropped);
+    Derived { set, dropped }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::features::FEATURES;
+
+    #[test]
+    fn never_attribute_and_not_virtualizable_list_agree() {
+        for f in FEATURES {
+            let listed = NOT_VIRTUALIZABLE.iter().any(|(g, _)| *g == f.feature);
+            assert_eq!(f.attr == Attr::N, listed, "{}: attribute {:?} but listed={listed}", f.name, f.attr);
+        }
+        for (f, reason) in NOT_VIRTUALIZABLE {
+            assert!(!reason.is_empty());
+            assert!(f.info().is_some());
+        }
+    }
+
+    #[test]
+    fn max_never_has_vmx_svm_monitor_or_rdt() {
+        let all = Featureset::from_words(&[u32::MAX; crate::featureset::NWORDS]);
+        let max = guest_max(&all).set;
+        for f in [VMX, SVM, MONITOR, MWAITX, PQM, PQE, CQM_LLC, OSXSAVE] {
+            assert!(!f.is_in(&max), "{f}");
+        }
+        assert_eq!(max.word(word::LA_EAX), 0);
+        assert!(AVX512F.is_in(&max));
+        assert!(features::first_missing_dependency(&max).is_none());
+        let def = guest_default(&max).set;
+        assert!(!RTM.is_in(&def));
+        assert!(RTM.is_in(&max));
+        assert!(def.is_subset_of(&max));
+    }
+
+    #[test]
+    fn hypervisor_bit_is_synthesized_and_broken_chains_dropped() {
+        let mut raw = Featureset::new();
+        for f in [FPU, FXSR, SSE, SSE2, AVX2] {
+            raw.set_bit(f.word(), f.bit(), true);
+        }
+        let d = guest_max(&raw);
+        assert!(HYPERVISOR.is_in(&d.set));
+        assert!(!AVX2.is_in(&d.set));
+        assert!(d.dropped.iter().any(|(f, r)| *f == AVX2 && matches!(r, DropReason::MissingDependency(_))));
+    }
+
+    #[test]
+    fn caps_report_mechanism() {
+        let mut raw = Featureset::new();
+        assert_eq!(levelling_caps(&raw).mechanism, LevellingMechanism::None);
+        raw.set_bit(SVM.word(), SVM.bit(), true);
+        assert_eq!(levelling_caps(&raw).mechanism, LevellingMechanism::SvmCpuidIntercept);
+    }
+}

@@ -1,0 +1,365 @@
+//! The human text form of featuresets and policies, and its parser.
+//!
+//! A spec is a list of items separated by commas or newlines; `#` starts a comment
+//! that runs to the end of the line; blanks around items are ignored.
+//!
+//! | item | meaning |
+//! |---|---|
+//! | `base=none` / `host` / `host-max` / `host-default` | start from nothing, the host's raw set, its guest `max`, its guest `default` (the default base) |
+//! | `features=W0:W1:…` or a bare `W0:W1:…` | start from these hex words (the `xen-cpuid` form [`Featureset`]'s `Display` prints) |
+//! | `+name` or `name` | set the feature (its requirements are *not* added; verification names what is missing) |
+//! | `-name` | clear the feature **and everything that requires it**; the cleared extras are reported as [`Note`]s |
+//! | `vendor=intel` / `amd` | policy vendor (default: the host's) |
+//! | `signature=0x…` or `family=`/`model=`/`stepping=` | CPUID.1:EAX (default: the host's) |
+//! | `vcpus=N` | vCPU count (default 1) |
+//! | `phys-bits=N` | physical address bits (default: the host's) |
+//!
+//! Names are the Linux `/proc/cpuinfo` names or this crate's constant names, in any
+//! case. Numbers are decimal or `0x` hex. Example: `base=host-max,-avx512f,+pcid,vcpus=4`.
+//!
+//! The parser never panics (fuzzed: `levelling/fuzz`). Applying a spec to a host
+//! gives a featureset or an unverified [`Policy`]; verification is
+//! [`Policy::verify`]'s job.
+
+use crate::features::{self, Feature};
+use crate::featureset::Featureset;
+use crate::host::{HostCpu, Vendor, make_signature, signature_family, signature_model};
+use crate::policy::Policy;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+use core::fmt::Write as _;
+
+/// Most hex words accepted in a word list.
+pub const MAX_WORDS: usize = 64;
+/// Most items in one spec.
+pub const MAX_ITEMS: usize = 4096;
+
+/// Where a spec starts from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Base {
+    /// Nothing.
+    None,
+    /// The host's raw featureset.
+    Host,
+    /// The host's guest `max`.
+    HostMax,
+    /// The host's guest `default`.
+    HostDefault,
+    /// Explicit words.
+    Words(Featureset),
+}
+
+/// One `+`/`-` modifier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Modifier {
+    /// Set the bit.
+    Set(Feature),
+    /// Clear the bit and its deep dependents.
+    Clear(Feature),
+}
+
+/// A parsed spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Spec {
+    /// `base=` / `features=` (None: host-default).
+    pub base: Option<Base>,
+    /// Modifiers in order.
+    pub modifiers: Vec<Modifier>,
+    /// `vendor=`.
+    pub vendor: Option<Vendor>,
+    /// `signature=` (or family/model/stepping folded in by [`Spec::signature_on`]).
+    pub signature: Option<u32>,
+    /// `family=`.
+    pub family: Option<u32>,
+    /// `model=`.
+    pub model: Option<u32>,
+    /// `stepping=`.
+    pub stepping: Option<u32>,
+    /// `vcpus=`.
+    pub vcpus: Option<u32>,
+    /// `phys-bits=`.
+    pub phys_bits: Option<u8>,
+}
+
+/// Why a spec did not parse.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TextError {
+    /// 1-based line.
+    pub line: usize,
+    /// The offending item (truncated to 40 characters).
+    pub item: String,
+    /// What is wrong.
+    pub what: String,
+}
+
+impl fmt::Display for TextError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}, `{}`: {}", self.line, self.item, self.what)
+    }
+}
+
+/// Something applying a spec did that the user should hear about.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Note {
+    /// `-feature` also cleared these dependents.
+    AlsoCleared {
+        /// The feature named.
+        feature: Feature,
+        /// What else went.
+        cleared: Vec<Feature>,
+    },
+}
+
+impl fmt::Display for Note {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Note::AlsoCleared { feature, cleared } => {
+                write!(f, "-{} also cleared what requires it:", feature.info().map_or("unnamed", |i| i.name))?;
+                for c in cleared {
+                    write!(f, " {}", c.info().map_or("unnamed", |i| i.name))?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+fn parse_num(s: &str) -> Option<u32> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) if !h.is_empty() && h.len() <= 8 => u32::from_str_radix(h, 16).ok(),
+        Some(_) => None,
+        None if !s.is_empty() && s.len() <= 10 && s.bytes().all(|b| b.is_ascii_digit()) => s.parse().ok(),
+        None => None,
+    }
+}
+
+/// Parse the hex word form `xxxxxxxx:xxxxxxxx:…` (1–8 hex digits per word, at most
+/// [`MAX_WORDS`] words).
+pub fn parse_hex_words(s: &str) -> Option<Featureset> {
+    let mut words = Vec::new();
+    for w in s.split(':') {
+        if w.is_empty() || w.len() > 8 || !w.bytes().all(|b| b.is_ascii_hexdigit()) || words.len() >= MAX_WORDS {
+            return None;
+        }
+        words.push(u32::from_str_radix(w, 16).ok()?);
+    }
+    Some(Featureset::from_words(&words))
+}
+
+/// Parse a spec.
+pub fn parse_spec(text: &str) -> Result<Spec, TextError> {
+    let mut spec = Spec::default();
+    let mut count = 0usize;
+    for (ln, raw_line) in text.lines().enumerate() {
+        let line = raw_line.split('#').next().unwrap_or("");
+        for raw in line.split(',') {
+            let item = raw.trim();
+            if item.is_empty() {
+                continue;
+            }
+            count += 1;
+            let err = |what: String| TextError { line: ln + 1, item: item.chars().take(40).collect(), what };
+            if count > MAX_ITEMS {
+                return Err(err(format!("more than {MAX_ITEMS} items")));
+            }
+            parse_item(&mut spec, item).map_err(err)?;
+        }
+    }
+    Ok(spec)
+}
+
+fn set_once<T>(slot: &mut Option<T>, v: T, key: &str) -> Result<(), String> {
+    if slot.is_some() {
+        return Err(format!("`{key}` given twice"));
+    }
+    *slot = Some(v);
+    Ok(())
+}
+
+fn parse_item(spec: &mut Spec, item: &str) -> Result<(), String> {
+    if let Some((key, value)) = item.split_once('=') {
+        let (key, value) = (key.trim(), value.trim());
+        let num = || parse_num(value).ok_or_else(|| format!("`{value}` is not a number (decimal or 0x hex)"));
+        return match key {
+            "base" => {
+                let b = match value {
+                    "none" => Base::None,
+                    "host" => Base::Host,
+                    "host-max" | "max" => Base::HostMax,
+                    "host-default" | "default" => Base::HostDefault,
+                    _ => return Err(String::from("unknown base (none, host, host-max, host-default)")),
+                };
+                if !spec.modifiers.is_empty() {
+                    return Err(String::from("the base must come before any +/- modifier"));
+                }
+                set_once(&mut spec.base, b, "base/features")
+            }
+            "features" => {
+                let fs = parse_hex_words(value).ok_or_else(|| String::from("expected hex words separated by `:`"))?;
+                if !spec.modifiers.is_empty() {
+                    return Err(String::from("the base must come before any +/- modifier"));
+                }
+                set_once(&mut spec.base, Base::Words(fs), "base/features")
+            }
+            "vendor" => {
+                let v = match value.to_ascii_lowercase().as_str() {
+                    "intel" | "genuineintel" => Vendor::Intel,
+                    "amd" | "authenticamd" => Vendor::Amd,
+                    _ => return Err(String::from("unknown vendor (intel, amd)")),
+                };
+                set_once(&mut spec.vendor, v, key)
+            }
+            "signature" => set_once(&mut spec.signature, num()?, key),
+            "family" => set_once(&mut spec.family, num()?.min(0xff + 0xf), key),
+            "model" => set_once(&mut spec.model, num()?.min(0xff), key),
+            "stepping" => set_once(&mut spec.stepping, num()?.min(0xf), key),
+            "vcpus" => set_once(&mut spec.vcpus, num()?, key),
+            "phys-bits" => {
+                let n = num()?;
+                let n = u8::try_from(n).map_err(|_| String::from("physical address bits must be below 256"))?;
+                set_once(&mut spec.phys_bits, n, key)
+            }
+            _ => Err(format!("unknown key `{key}`")),
+        };
+    }
+    if item.contains(':') {
+        let fs = parse_hex_words(item).ok_or_else(|| String::from("expected hex words separated by `:`"))?;
+        if !spec.modifiers.is_empty() {
+            return Err(String::from("the base must come before any +/- modifier"));
+        }
+        return set_once(&mut spec.base, Base::Words(fs), "base/features");
+    }
+    let (clear, name) = match item.as_bytes().first() {
+        Some(b'-') => (true, item.get(1..).unwrap_or("")),
+        Some(b'+') => (false, item.get(1..).unwrap_or("")),
+        _ => (false, item),
+    };
+    let f = Feature::from_name(name.trim()).ok_or_else(|| format!("unknown feature `{}`", name.trim()))?;
+    spec.modifiers.push(if clear { Modifier::Clear(f) } else { Modifier::Set(f) });
+    Ok(())
+}
+
+impl Spec {
+    /// The featureset this spec gives on `host`, with notes on what `-` modifiers
+    /// also cleared.
+    pub fn featureset_on(&self, host: &HostCpu) -> (Featureset, Vec<Note>) {
+        let mut fs = match &self.base {
+            Some(Base::None) => Featureset::new(),
+            Some(Base::Host) => host.raw.clone(),
+            Some(Base::HostMax) => host.max().set,
+            Some(Base::HostDefault) | None => host.default_set().set,
+            Some(Base::Words(w)) => w.clone(),
+        };
+        let mut notes = Vec::new();
+        for m in &self.modifiers {
+            match *m {
+                Modifier::Set(f) => fs.set_bit(f.word(), f.bit(), true),
+                Modifier::Clear(f) => {
+                    fs.set_bit(f.word(), f.bit(), false);
+                    let deps = features::deep_dependents(f).and(&fs);
+                    if !deps.is_empty() {
+                        fs = fs.and_not(&deps);
+                        notes.push(Note::AlsoCleared { feature: f, cleared: deps.bits().map(|(w, b)| Feature::new(w, b)).collect() });
+                    }
+                }
+            }
+        }
+        (fs, notes)
+    }
+
+    /// The CPUID.1:EAX signature this spec gives on `host`.
+    pub fn signature_on(&self, host: &HostCpu) -> u32 {
+        let base = self.signature.unwrap_or(host.signature);
+        if self.family.is_none() && self.model.is_none() && self.stepping.is_none() {
+            return base;
+        }
+        make_signature(
+            self.family.unwrap_or_else(|| signature_family(base)),
+            self.model.unwrap_or_else(|| signature_model(base)),
+            self.stepping.unwrap_or(base & 0xf),
+        )
+    }
+
+    /// The (unverified) policy this spec gives on `host`.
+    pub fn policy_on(&self, host: &HostCpu) -> (Policy, Vec<Note>) {
+        let (fs, notes) = self.featureset_on(host);
+        let mut p = Policy::from_host(host, fs, self.vcpus.unwrap_or(1));
+        if let Some(v) = self.vendor {
+            p.vendor = v;
+        }
+        p.signature = self.signature_on(host);
+        if let Some(b) = self.phys_bits {
+            p.phys_bits = b;
+        }
+        (p, notes)
+    }
+}
+
+/// The names of the known bits in `fs`, space-separated, in ABI order; unknown bits
+/// as `w<word>b<bit>`.
+pub fn names(fs: &Featureset) -> String {
+    let mut s = String::new();
+    for (w, b) in fs.bits() {
+        if !s.is_empty() {
+            s.push(' ');
+        }
+        match Feature::new(w, b).info() {
+            Some(i) => s.push_str(i.name),
+            None => {
+                let _ = write!(s, "w{w}b{b}");
+            }
+        }
+    }
+    s
+}
+
+/// A featureset as a self-contained spec: `base=none,+fpu,+vme,…`, with unknown bits
+/// folded into a `features=` base instead.
+pub fn featureset_to_spec(fs: &Featureset) -> String {
+    let known = features::known_mask();
+    let unknown = fs.and_not(&known);
+    let mut s = if unknown.is_empty() { String::from("base=none") } else { format!("features={unknown}") };
+    for (w, b) in fs.and(&known).bits() {
+        if let Some(i) = Feature::new(w, b).info() {
+            s.push_str(",+");
+            s.push_str(i.name);
+        }
+    }
+    s
+}
+
+impl Policy {
+    /// The policy as a spec file that [`parse_spec`] reads back (on a host with the
+    /// same XSAVE layout and caches it gives back this policy).
+    pub fn to_text(&self) -> String {
+        let mut s = String::from("# hvctl cpuid policy v1\n");
+        let _ = writeln!(s, "vendor={}", self.vendor.name());
+        let _ = writeln!(
+            s,
+            "signature={:#010x}  # family {:#x} model {:#x} stepping {}",
+            self.signature,
+            signature_family(self.signature),
+            signature_model(self.signature),
+            self.signature & 0xf
+        );
+        let _ = writeln!(s, "vcpus={}", self.vcpus);
+        let _ = writeln!(s, "phys-bits={}", self.phys_bits);
+        let _ = writeln!(s, "features={}", self.features);
+        let _ = writeln!(s, "# {}", names(&self.features));
+        s
+    }
+}
+
+impl core::str::FromStr for Featureset {
+    type Err = TextError;
+    /// Parse the hex word form.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_hex_words(s.trim()).ok_or_else(|| TextError {
+            line: 1,
+            item: s.chars().take(40).collect(),
+            what: String::from("expected hex words separated by `:`"),
+        })
+    }
+}

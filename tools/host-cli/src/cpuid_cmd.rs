@@ -1,0 +1,396 @@
+//! `hvctl cpuid …`: CPUID dumps, featuresets, policies and cross-host levelling on
+//! the host, with no hypervisor involved. All logic is in the `levelling` crate;
+//! this module reads files, calls it, and prints tables or JSON.
+
+use crate::{CliError, err};
+use clap::{Args, Subcommand};
+use levelling::guest::DropReason;
+use levelling::{Feature, Featureset, HostCpu, Policy, WORDS, dump, guest, text};
+use serde_json::{Value, json};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Arguments of `hvctl cpuid`.
+#[derive(Debug, Args)]
+pub struct CpuidArgs {
+    #[command(subcommand)]
+    command: CpuidCommand,
+}
+
+const DUMP_HELP: &str = "\
+File format (v1): UTF-8 text. The first line is `# hvctl cpuid dump v1`; other lines
+starting with `#` are comments (the first `# source: ...` says where the dump came
+from). Each data line is six lower-case 8-digit hex fields separated by single spaces:
+`leaf subleaf eax ebx ecx edx`, e.g.
+    00000007 00000000 00000000 219c07ab 00000000 00000000
+Leaves that ignore ECX are recorded with subleaf 00000000. Leaves walked: basic
+0..=CPUID.0.EAX, hypervisor 0x40000000.. (if 1.ECX.HYPERVISOR), extended
+0x80000000..=CPUID.80000000h.EAX; subleaves of 4, 7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14,
+0x17, 0x18, 0x1B, 0x1D, 0x1F, 0x20, 0x24, 0x8000001D, 0x80000020, 0x80000026 by their
+documented termination rules, with hard caps.";
+
+#[derive(Debug, Subcommand)]
+enum CpuidCommand {
+    /// Dump this host's raw CPUID (every leaf and subleaf) in the v1 dump format.
+    #[command(after_help = DUMP_HELP)]
+    Dump {
+        /// Write to this file instead of stdout.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// The `# source:` comment (default: the brand string and "captured with hvctl cpuid dump").
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// Show a host's featureset by name, grouped by leaf, with what guests get.
+    Show {
+        /// A dump file.
+        #[arg(required_unless_present = "host", conflicts_with = "host")]
+        file: Option<PathBuf>,
+        /// Use this host's CPUID instead of a file.
+        #[arg(long)]
+        host: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Level the guest featuresets of several hosts: the common set and what each host loses.
+    Level {
+        /// Dump files, one per host.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check whether a policy (a spec file) can run on a host. Exit 0 compatible, 1 not.
+    Check {
+        /// The policy file (the text form `hvctl cpuid policy -o` writes).
+        policy: PathBuf,
+        /// The host's dump file.
+        #[arg(long, required_unless_present = "host", conflicts_with = "host")]
+        on: Option<PathBuf>,
+        /// Check against this host's CPUID.
+        #[arg(long)]
+        host: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Build and verify a policy from a base and modifiers, e.g. `base=host-max,-avx512f,+pcid,vcpus=4`.
+    /// Exit 0 if it verifies, 1 if it is rejected.
+    Policy {
+        /// The spec (see the levelling crate's `text` module).
+        spec: String,
+        /// The host's dump file.
+        #[arg(long, required_unless_present = "host", conflicts_with = "host")]
+        on: Option<PathBuf>,
+        /// Build on this host's CPUID.
+        #[arg(long)]
+        host: bool,
+        /// Write the verified policy (text form) to this file.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Run `hvctl cpuid …`.
+pub fn run(args: CpuidArgs) -> Result<ExitCode, CliError> {
+    match args.command {
+        CpuidCommand::Dump { output, source } => cmd_dump(output.as_deref(), source),
+        CpuidCommand::Show { file, host: _, json } => {
+            let h = load_host(file.as_deref())?;
+            print_out(if json { show_json(&h) } else { show_text(&h) });
+            Ok(ExitCode::SUCCESS)
+        }
+        CpuidCommand::Level { files, json } => cmd_level(&files, json),
+        CpuidCommand::Check { policy, on, host: _, json } => cmd_check(&policy, on.as_deref(), json),
+        CpuidCommand::Policy { spec, on, host: _, output, json } => cmd_policy(&spec, on.as_deref(), output.as_deref(), json),
+    }
+}
+
+fn print_out(s: String) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    // A closed pipe (e.g. `| head`) is not an error worth a message.
+    let _ = out.write_all(s.as_bytes());
+}
+
+/// This host's CPUID records, through the `cpuid` instruction.
+#[cfg(target_arch = "x86_64")]
+fn live_records() -> Result<Vec<levelling::CpuidRecord>, CliError> {
+    Ok(levelling::enumerate(|leaf, sub| {
+        let r = std::arch::x86_64::__cpuid_count(leaf, sub);
+        [r.eax, r.ebx, r.ecx, r.edx]
+    }))
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn live_records() -> Result<Vec<levelling::CpuidRecord>, CliError> {
+    Err(err("this host is not x86_64; there is no CPUID to read"))
+}
+
+/// A loaded host: where it came from and what it is.
+struct LoadedHost {
+    label: String,
+    source: Option<String>,
+    cpu: HostCpu,
+}
+
+fn load_host(file: Option<&Path>) -> Result<LoadedHost, CliError> {
+    match file {
+        None => {
+            let recs = live_records()?;
+            let cpu = HostCpu::from_records(&recs).map_err(|e| err(format!("this host: {e}")))?;
+            Ok(LoadedHost { label: String::from("this host"), source: Some(String::from("live CPUID")), cpu })
+        }
+        Some(p) => {
+            let label = p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
+            let text = std::fs::read_to_string(p).map_err(|e| err(format!("cannot read {}: {e}", p.display())))?;
+            let d = dump::parse_dump(&text).map_err(|e| err(format!("{}: {e}", p.display())))?;
+            let cpu = HostCpu::from_records(&d.records).map_err(|e| err(format!("{}: {e}", p.display())))?;
+            Ok(LoadedHost { label, source: d.source, cpu })
+        }
+    }
+}
+
+fn cmd_dump(output: Option<&Path>, source: Option<String>) -> Result<ExitCode, CliError> {
+    let recs = live_records()?;
+    let source = source.unwrap_or_else(|| {
+        let brand = HostCpu::from_records(&recs).map(|h| h.brand_string()).unwrap_or_default();
+        format!("{brand}, captured with hvctl cpuid dump")
+    });
+    let text = dump::format_dump(&recs, &source);
+    match output {
+        Some(p) => std::fs::write(p, text).map_err(|e| err(format!("cannot write {}: {e}", p.display())))?,
+        None => print_out(text),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn name(f: Feature) -> &'static str {
+    f.info().map_or("unnamed", |i| i.name)
+}
+
+/// What guests get of one host bit, as a short phrase.
+fn guest_verdict(h: &HostCpu, max: &guest::Derived, def: &guest::Derived, f: Feature) -> String {
+    if f.is_in(&def.set) {
+        let synth = f.info().is_some_and(|i| i.is_synth()) && !f.is_in(&h.raw);
+        return String::from(if synth { "default (synthesized for every guest)" } else { "default" });
+    }
+    if f.is_in(&max.set) {
+        return String::from("on request (max only)");
+    }
+    match max.dropped.iter().find(|(g, _)| *g == f) {
+        Some((_, DropReason::NotVirtualizable(r))) => format!("never: {r}"),
+        Some((_, DropReason::MissingDependency(m))) => format!("never on this host: requires {}", name(*m)),
+        Some((_, DropReason::Unknown)) | None => String::from("never: unknown to this build"),
+        Some((_, DropReason::OnlyOnRequest)) => String::from("on request (max only)"),
+    }
+}
+
+fn header_lines(h: &LoadedHost) -> String {
+    let c = &h.cpu;
+    let mut s = String::new();
+    let _ = writeln!(s, "host:        {}", h.label);
+    if let Some(src) = &h.source {
+        let _ = writeln!(s, "source:      {src}");
+    }
+    let _ = writeln!(s, "vendor:      {}, family {:#x} model {:#x} stepping {}", c.vendor, c.family(), c.model(), c.stepping());
+    let _ = writeln!(s, "brand:       {}", c.brand_string());
+    let _ = writeln!(s, "max leaves:  basic {:#x}, extended {:#x}", c.basic_max, c.ext_max);
+    let _ = writeln!(s, "addresses:   {} physical bits, {} linear bits", c.phys_bits, c.virt_bits);
+    let _ = writeln!(s, "levelling:   {}", c.levelling_caps());
+    let xs: Vec<String> = c.xstate.iter().map(|x| format!("{}:{}@{}", x.index, x.size, x.offset)).collect();
+    let _ = writeln!(s, "xsave:       {}", if xs.is_empty() { String::from("none") } else { xs.join(" ") });
+    s
+}
+
+fn show_text(h: &LoadedHost) -> String {
+    let c = &h.cpu;
+    let max = c.max();
+    let def = guest::guest_default(&max.set);
+    let mut s = header_lines(h);
+    let _ = writeln!(s, "raw:         {}", c.raw);
+    let _ = writeln!(s, "guest max:   {}", max.set);
+    let _ = writeln!(s, "guest dflt:  {}", def.set);
+    let shown = c.raw.or(&max.set);
+    for (i, w) in WORDS.iter().enumerate() {
+        let _ = writeln!(s, "\n{w} (word {i}) = {:#010x}", c.raw.word(i));
+        for b in 0..32 {
+            let f = Feature::new(i, b);
+            if !f.is_in(&shown) {
+                continue;
+            }
+            let _ = writeln!(s, "  {b:>2} {:<26} {}", name(f), guest_verdict(c, &max, &def, f));
+        }
+    }
+    s
+}
+
+fn fs_json(fs: &Featureset) -> Value {
+    json!({ "hex": fs.to_string(), "names": text::names(fs).split(' ').filter(|n| !n.is_empty()).collect::<Vec<_>>() })
+}
+
+fn show_json(h: &LoadedHost) -> String {
+    let c = &h.cpu;
+    let max = c.max();
+    let def = guest::guest_default(&max.set);
+    let shown = c.raw.or(&max.set);
+    let words: Vec<Value> = WORDS
+        .iter()
+        .enumerate()
+        .map(|(i, w)| {
+            let feats: Vec<Value> = (0..32)
+                .map(|b| Feature::new(i, b))
+                .filter(|f| f.is_in(&shown))
+                .map(|f| json!({ "bit": f.bit(), "name": name(f), "host": f.is_in(&c.raw), "guest": guest_verdict(c, &max, &def, f) }))
+                .collect();
+            json!({ "word": i, "leaf": w.leaf, "subleaf": w.subleaf, "register": w.reg.name(), "raw": c.raw.word(i), "features": feats })
+        })
+        .collect();
+    let v = json!({
+        "host": h.label,
+        "source": h.source,
+        "vendor": c.vendor.to_string(),
+        "family": c.family(),
+        "model": c.model(),
+        "stepping": c.stepping(),
+        "brand": c.brand_string(),
+        "basic_max": c.basic_max,
+        "ext_max": c.ext_max,
+        "phys_bits": c.phys_bits,
+        "virt_bits": c.virt_bits,
+        "levelling_caps": c.levelling_caps().to_string(),
+        "xsave": c.xstate.iter().map(|x| json!({"component": x.index, "size": x.size, "offset": x.offset})).collect::<Vec<_>>(),
+        "raw": fs_json(&c.raw),
+        "max": fs_json(&max.set),
+        "default": fs_json(&def.set),
+        "words": words,
+    });
+    format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
+}
+
+fn cmd_level(files: &[PathBuf], json: bool) -> Result<ExitCode, CliError> {
+    let hosts = files.iter().map(|p| load_host(Some(p))).collect::<Result<Vec<_>, _>>()?;
+    let vendors: std::collections::BTreeSet<String> = hosts.iter().map(|h| h.cpu.vendor.to_string()).collect();
+    let maxes: Vec<Featureset> = hosts.iter().map(|h| h.cpu.max().set).collect();
+    let l = levelling::level(&maxes);
+    let or_gain: Vec<Featureset> = maxes.iter().map(|m| l.common.and_not(m)).collect();
+    if json {
+        let v = json!({
+            "common": fs_json(&l.common),
+            "common_hash": format!("{:016x}", l.common.stable_hash()),
+            "mixed_vendors": vendors.len() > 1,
+            "hosts": hosts.iter().zip(&l.lost).zip(&or_gain).map(|((h, lost), gain)| json!({
+                "host": h.label, "source": h.source, "lost": fs_json(lost), "or_bits_added": fs_json(gain),
+            })).collect::<Vec<_>>(),
+        });
+        print_out(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "common guest featureset of {} hosts (hash {:016x}):", hosts.len(), l.common.stable_hash());
+    let _ = writeln!(s, "  {}", l.common);
+    let _ = writeln!(s, "  {}", text::names(&l.common));
+    if vendors.len() > 1 {
+        let _ = writeln!(s, "note: the hosts have different vendors; a policy names one vendor, so a guest cannot migrate across them");
+    }
+    let width = hosts.iter().map(|h| h.label.len()).max().unwrap_or(4).max(4);
+    let _ = writeln!(s, "\n{:<width$}  {:>5}  loses", "host", "count");
+    for ((h, lost), gain) in hosts.iter().zip(&l.lost).zip(&or_gain) {
+        let n = lost.bits().count();
+        let names = text::names(lost);
+        let _ = writeln!(s, "{:<width$}  {:>5}  {}", h.label, n, if names.is_empty() { "-" } else { &names });
+        if !gain.is_empty() {
+            let _ = writeln!(s, "{:<width$}  {:>5}  (OR-levelled, shown although absent here: {})", "", "", text::names(gain));
+        }
+    }
+    print_out(s);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_spec_file(p: &Path) -> Result<text::Spec, CliError> {
+    let t = std::fs::read_to_string(p).map_err(|e| err(format!("cannot read {}: {e}", p.display())))?;
+    text::parse_spec(&t).map_err(|e| err(format!("{}: {e}", p.display())))
+}
+
+fn verdict_json(policy: &Policy, r: &Result<(), levelling::Rejection>, notes: &[text::Note]) -> Value {
+    json!({
+        "compatible": r.is_ok(),
+        "reasons": r.as_ref().err().map(|rej| rej.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
+        "notes": notes.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+        "policy_hash": format!("{:016x}", policy.stable_hash()),
+        "features": fs_json(&policy.features),
+        "vcpus": policy.vcpus,
+    })
+}
+
+fn cmd_check(policy_file: &Path, on: Option<&Path>, json: bool) -> Result<ExitCode, CliError> {
+    let spec = read_spec_file(policy_file)?;
+    let h = load_host(on)?;
+    let (policy, notes) = spec.policy_on(&h.cpu);
+    let r = policy.verify(&h.cpu);
+    if json {
+        print_out(format!("{}\n", serde_json::to_string_pretty(&verdict_json(&policy, &r, &notes)).unwrap_or_default()));
+    } else {
+        let mut s = String::new();
+        for n in &notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        match &r {
+            Ok(()) => {
+                let _ = writeln!(s, "compatible: {} can run on {}", policy_file.display(), h.label);
+            }
+            Err(rej) => {
+                let _ = writeln!(s, "incompatible: {} cannot run on {} ({} reasons):", policy_file.display(), h.label, rej.errors.len());
+                for e in &rej.errors {
+                    let _ = writeln!(s, "  - {e}");
+                }
+            }
+        }
+        print_out(s);
+    }
+    Ok(if r.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+fn cmd_policy(spec: &str, on: Option<&Path>, output: Option<&Path>, json: bool) -> Result<ExitCode, CliError> {
+    let spec = text::parse_spec(spec).map_err(|e| err(format!("spec: {e}")))?;
+    let h = load_host(on)?;
+    let (policy, notes) = spec.policy_on(&h.cpu);
+    let r = policy.verify(&h.cpu);
+    if r.is_ok()
+        && let Some(p) = output
+    {
+        std::fs::write(p, policy.to_text()).map_err(|e| err(format!("cannot write {}: {e}", p.display())))?;
+    }
+    if json {
+        let mut v = verdict_json(&policy, &r, &notes);
+        if let Some(o) = v.as_object_mut() {
+            o.insert(String::from("policy"), Value::String(policy.to_text()));
+        }
+        print_out(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
+    } else {
+        let mut s = String::new();
+        for n in &notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        match &r {
+            Ok(()) => {
+                let _ = writeln!(s, "verified on {} (hash {:016x}):", h.label, policy.stable_hash());
+                s.push_str(&policy.to_text());
+            }
+            Err(rej) => {
+                let _ = writeln!(s, "rejected on {} ({} reasons):", h.label, rej.errors.len());
+                for e in &rej.errors {
+                    let _ = writeln!(s, "  - {e}");
+                }
+            }
+        }
+        print_out(s);
+    }
+    Ok(if r.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
