@@ -1,0 +1,197 @@
+//! Integration tests of `hvctl cpuid` on the built binary, over the dumps checked in
+//! under `levelling/testdata`. Golden files live in `tests/golden/`; regenerate with
+//! `UPDATE_GOLDEN=1 cargo test -p host-cli` and review the diff.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn hvctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hvctl")).args(args).output().expect("run hvctl")
+}
+
+fn testdata(name: &str) -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../levelling/testdata").join(name).to_string_lossy().into_owned()
+}
+
+fn all_dumps() -> Vec<String> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../levelling/testdata");
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cpuid"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8(o.stdout.clone()).unwrap()
+}
+fn stderr(o: &Output) -> String {
+    String::from_utf8(o.stderr.clone()).unwrap()
+}
+
+fn golden(name: &str, actual: &str) {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden").join(name);
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&path, actual).unwrap();
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1)", path.display()));
+    assert!(expected == actual, "output differs from {}; rerun with UPDATE_GOLDEN=1 and review the diff\n{actual}", path.display());
+}
+
+fn one_line_error(o: &Output) {
+    assert_eq!(o.status.code(), Some(2), "stderr: {}", stderr(o));
+    let e = stderr(o);
+    assert!(e.starts_with("hvctl: error: "), "{e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    assert!(!e.contains("panicked") && !e.contains("RUST_BACKTRACE"), "{e}");
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hvctl-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn show_golden_genoa() {
+    let o = hvctl(&["cpuid", "show", &testdata("constructed-amd-epyc-9654-genoa.cpuid")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    golden("show-genoa.txt", &stdout(&o));
+}
+
+#[test]
+fn show_golden_sapphire_rapids() {
+    let o = hvctl(&["cpuid", "show", &testdata("constructed-intel-xeon-8480-sapphire-rapids.cpuid")]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("levelling:   full: VMX CPUID exiting"), "{out}");
+    assert!(out.contains("   5 vmx                        never: nested virtualization is not supported"), "{out}");
+    golden("show-sapphire-rapids.txt", &out);
+}
+
+#[test]
+fn show_json_is_json() {
+    let o = hvctl(&["cpuid", "show", "--json", &testdata("amd-epyc-kvm-host.cpuid")]);
+    assert!(o.status.success());
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["vendor"], "AuthenticAMD");
+    assert_eq!(v["family"], 0x19);
+    assert!(v["raw"]["names"].as_array().unwrap().iter().any(|n| n == "hypervisor"));
+    assert!(!v["max"]["names"].as_array().unwrap().iter().any(|n| n == "osxsave"));
+}
+
+#[test]
+fn level_all_checked_in_dumps() {
+    let files = all_dumps();
+    let mut args = vec!["cpuid", "level"];
+    args.extend(files.iter().map(String::as_str));
+    let o = hvctl(&args);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.starts_with(&format!("common guest featureset of {} hosts", files.len())), "{out}");
+    for f in &files {
+        assert!(out.contains(Path::new(f).file_name().unwrap().to_str().unwrap()), "{f}");
+    }
+    // The Intel server loses AMX-free AVX-512 FP16 (no other host has it).
+    let spr = out.lines().find(|l| l.starts_with("constructed-intel-xeon")).unwrap();
+    assert!(spr.contains("avx512_fp16"), "{spr}");
+
+    args.push("--json");
+    let o = hvctl(&args);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["hosts"].as_array().unwrap().len(), files.len());
+    assert_eq!(v["mixed_vendors"], true);
+}
+
+#[test]
+fn level_two_amd_hosts_golden() {
+    let o = hvctl(&["cpuid", "level", &testdata("amd-epyc-kvm-host.cpuid"), &testdata("constructed-amd-epyc-9654-genoa.cpuid")]);
+    assert!(o.status.success());
+    golden("level-amd.txt", &stdout(&o));
+}
+
+#[test]
+fn check_rejects_avx2_without_avx_naming_the_chain() {
+    let policy = tmp("avx2-no-avx.policy");
+    std::fs::write(&policy, "# AVX2 without AVX\nbase=host-default\n-avx\n+avx2\nvcpus=2\n").unwrap();
+    let o = hvctl(&["cpuid", "check", policy.to_str().unwrap(), "--on", &testdata("constructed-amd-epyc-9654-genoa.cpuid")]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("incompatible:"), "{out}");
+    assert!(
+        out.contains("avx2 (CPUID 0x7[0].EBX bit 5) is set, but it requires avx (CPUID 0x1.ECX bit 28), which is not set (dependency chain: avx2 -> avx)"),
+        "{out}"
+    );
+    let o = hvctl(&["cpuid", "check", "--json", policy.to_str().unwrap(), "--on", &testdata("constructed-amd-epyc-9654-genoa.cpuid")]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["compatible"], false);
+}
+
+#[test]
+fn policy_then_check_across_hosts() {
+    let out_file = tmp("genoa.policy");
+    let genoa = testdata("constructed-amd-epyc-9654-genoa.cpuid");
+    let o = hvctl(&["cpuid", "policy", "base=host-max,-avx512f,+pcid,vcpus=4", "--on", &genoa, "-o", out_file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("note: -avx512f also cleared what requires it: "), "{out}");
+    assert!(out.contains("verified on constructed-amd-epyc-9654-genoa.cpuid"), "{out}");
+    // Compatible with itself.
+    let o = hvctl(&["cpuid", "check", out_file.to_str().unwrap(), "--on", &genoa]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    // Not with the Intel host (vendor) nor with the KVM guest (features it lacks).
+    let o = hvctl(&["cpuid", "check", out_file.to_str().unwrap(), "--on", &testdata("constructed-intel-xeon-8480-sapphire-rapids.cpuid")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("the policy is for AuthenticAMD but the host is GenuineIntel"), "{}", stdout(&o));
+    let o = hvctl(&["cpuid", "check", out_file.to_str().unwrap(), "--on", &testdata("amd-epyc-kvm-host.cpuid")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("la57 (CPUID 0x7[0].ECX bit 16) is set, but this host does not have it"), "{}", stdout(&o));
+}
+
+#[test]
+fn policy_rejected_exits_1() {
+    let o = hvctl(&["cpuid", "policy", "base=none,+avx512f", "--on", &testdata("constructed-amd-epyc-9654-genoa.cpuid")]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stdout(&o).contains("dependency chain: avx512f -> avx2"), "{}", stdout(&o));
+}
+
+#[test]
+fn errors_are_one_line() {
+    one_line_error(&hvctl(&["cpuid", "show", "/nonexistent/file.cpuid"]));
+    one_line_error(&hvctl(&["cpuid", "frobnicate"]));
+    one_line_error(&hvctl(&["cpuid", "show", "a", "--host"]));
+    one_line_error(&hvctl(&["cpuid", "policy", "+no_such_feature", "--on", &testdata("amd-epyc-kvm-host.cpuid")]));
+    let bad = tmp("bad.cpuid");
+    std::fs::write(&bad, "# hvctl cpuid dump v1\n00000000 00000000 0000000d 68747541 444d4163\n").unwrap();
+    let o = hvctl(&["cpuid", "show", bad.to_str().unwrap()]);
+    one_line_error(&o);
+    assert!(stderr(&o).contains("line 2"), "{}", stderr(&o));
+    let intel_only_leaf1 = tmp("noleaf0.cpuid");
+    std::fs::write(&intel_only_leaf1, "# hvctl cpuid dump v1\n00000001 00000000 00000000 00000000 00000000 00000000\n").unwrap();
+    one_line_error(&hvctl(&["cpuid", "level", intel_only_leaf1.to_str().unwrap()]));
+    let o = hvctl(&["cpuid", "check", "/nonexistent.policy", "--on", &testdata("amd-epyc-kvm-host.cpuid")]);
+    one_line_error(&o);
+}
+
+#[test]
+fn dump_help_documents_the_format() {
+    let o = hvctl(&["cpuid", "dump", "--help"]);
+    assert!(o.status.success());
+    assert!(stdout(&o).contains("# hvctl cpuid dump v1"));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn dump_this_host_parses_back() {
+    let o = hvctl(&["cpuid", "dump", "--source", "test"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = levelling::parse_dump(&stdout(&o)).unwrap();
+    assert_eq!(d.source.as_deref(), Some("test"));
+    assert!(d.records.iter().any(|r| r.leaf == 0));
+    let o = hvctl(&["cpuid", "show", "--host"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
