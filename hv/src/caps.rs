@@ -329,8 +329,7 @@ pub fn probe(hw: &mut impl HwRead) -> Result<Capabilities, ProbeError> {
 }
 
 fn probe_vmx(hw: &mut impl HwRead) -> Result<VmxCaps, ProbeError> {
-    let feature_control =
-        FeatureControl::decode(msr(hw, MSR_IA32_FEATURE_CONTROL, "IA32_FEATURE_CONTROL")?);
+    let feature_control = FeatureControl::decode(msr(hw, MSR_IA32_FEATURE_CONTROL, "IA32_FEATURE_CONTROL")?);
     let basic = msr(hw, MSR_IA32_VMX_BASIC, "IA32_VMX_BASIC")?;
     let vmcs_revision = (basic & 0x7fff_ffff) as u32;
     // SDM Vol. 3D A.1: bit 55 set means the TRUE control MSRs exist; A.2 says they,
@@ -353,20 +352,13 @@ fn probe_vmx(hw: &mut impl HwRead) -> Result<VmxCaps, ProbeError> {
     };
     // A.3.2: the secondary controls MSR exists only if bit 63 (allowed-1 of
     // "activate secondary controls", bit 31) is set.
-    let procbased2 = if bit64(proc, 63) {
-        msr(hw, MSR_IA32_VMX_PROCBASED_CTLS2, "IA32_VMX_PROCBASED_CTLS2")?
-    } else {
-        0
-    };
+    let procbased2 =
+        if bit64(proc, 63) { msr(hw, MSR_IA32_VMX_PROCBASED_CTLS2, "IA32_VMX_PROCBASED_CTLS2")? } else { 0 };
     let allowed2 = (procbased2 >> 32) as u32;
     let ept = bit32(allowed2, 1);
     let vpid = bit32(allowed2, 5);
     // A.10: EPT_VPID_CAP exists if either "enable EPT" or "enable VPID" may be 1.
-    let ept_vpid_cap = if ept || vpid {
-        msr(hw, MSR_IA32_VMX_EPT_VPID_CAP, "IA32_VMX_EPT_VPID_CAP")?
-    } else {
-        0
-    };
+    let ept_vpid_cap = if ept || vpid { msr(hw, MSR_IA32_VMX_EPT_VPID_CAP, "IA32_VMX_EPT_VPID_CAP")? } else { 0 };
     let ept_ad = ept && bit64(ept_vpid_cap, 21);
     Ok(VmxCaps {
         feature_control,
@@ -425,12 +417,12 @@ fn probe_rdt(hw: &mut impl HwRead, max_basic_leaf: u32) -> RdtMonitoring {
     }
     let sub1 = hw.cpuid(0xf, 1);
     let l3 = L3Monitoring {
-            max_rmid: sub1[2],
-            upscaling_factor: sub1[1],
-            counter_width: 24 + (sub1[0] & 0xff),
-            overflow_bit: bit32(sub1[0], 8),
-            occupancy: bit32(sub1[3], 0),
-            mbm_total: bit32(sub1[3], 1),
+        max_rmid: sub1[2],
+        upscaling_factor: sub1[1],
+        counter_width: 24 + (sub1[0] & 0xff),
+        overflow_bit: bit32(sub1[0], 8),
+        occupancy: bit32(sub1[3], 0),
+        mbm_total: bit32(sub1[3], 1),
         mbm_local: bit32(sub1[3], 2),
     };
     RdtMonitoring::Present { max_rmid_any: sub0[1], l3 }

@@ -85,12 +85,7 @@ impl log::Log for SerialLogger {
         true
     }
     fn log(&self, record: &log::Record<'_>) {
-        write_fmt(format_args!(
-            "[{:5}] {}: {}\n",
-            record.level(),
-            record.target(),
-            record.args()
-        ));
+        write_fmt(format_args!("[{:5}] {}: {}\n", record.level(), record.target(), record.args()));
     }
     fn flush(&self) {}
 }

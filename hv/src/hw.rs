@@ -164,10 +164,7 @@ mod tests {
         rec.cpuid.insert((0, 0), [0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65]);
         rec.msrs.insert(0xc001_0114, 0x10);
         let line = rec.to_line();
-        assert_eq!(
-            line,
-            "c:0:0=d:68747541:444d4163:69746e65 c:8000000a:0=1:10:0:1ff m:c0010114=10"
-        );
+        assert_eq!(line, "c:0:0=d:68747541:444d4163:69746e65 c:8000000a:0=1:10:0:1ff m:c0010114=10");
         let back = Recorded::parse_line(&line).unwrap();
         assert_eq!(back.cpuid, rec.cpuid);
         assert_eq!(back.msrs, rec.msrs);

@@ -127,11 +127,7 @@ pub fn run(mut info: BootInfo) -> Outcome {
     let tables = cpu::tables::load();
     log::info!("descriptor tables loaded: GDT {:#x}, IDT {:#x}, TSS {:#x}", tables.gdt, tables.idt, tables.tss);
     print_memory_map(&info.memory_map);
-    println!(
-        "Frame pool: {} frames ({} MiB) free",
-        info.frames.free_frames(),
-        info.frames.free_frames() * 4 / 1024
-    );
+    println!("Frame pool: {} frames ({} MiB) free", info.frames.free_frames(), info.frames.free_frames() * 4 / 1024);
 
     let mut recorder = hw::Recorder::new(hw::RealHw);
     let caps = match caps::probe(&mut recorder) {

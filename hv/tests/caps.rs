@@ -166,10 +166,7 @@ fn rdt_is_absent_with_the_reason_when_l3_monitoring_is_missing() {
     let mut hw = intel_server_with_rdt();
     hw.cpuid.insert((0xf, 0), [0, 0xff, 0, 0]);
     let caps = probe(&mut hw).unwrap();
-    assert_eq!(
-        caps.rdt,
-        RdtMonitoring::Absent("PQM is set but CPUID.(EAX=0xF,ECX=0):EDX[1] (L3 monitoring) is 0")
-    );
+    assert_eq!(caps.rdt, RdtMonitoring::Absent("PQM is set but CPUID.(EAX=0xF,ECX=0):EDX[1] (L3 monitoring) is 0"));
     hw.cpuid.insert((0, 0), [0xd, 0x756e_6547, 0x6c65_746e, 0x4965_6e69]);
     let caps = probe(&mut hw).unwrap();
     assert_eq!(caps.rdt, RdtMonitoring::Absent("PQM is set but the max basic CPUID leaf is below 0xF"));

@@ -1,1 +1,150 @@
-fn main() {}
+//! `cargo xtask`: build the hypervisor image, run it on QEMU or Bochs, run the tests
+//! and the benchmarks.
+//!
+//! Every emulator run has a timeout, and a failing run prints its full serial log.
+//! Missing host tools are installed with apt-get when running as root on Debian or
+//! Ubuntu, or named with the exact install command otherwise.
+
+mod deps;
+mod emulator;
+mod image;
+mod serial;
+mod systest;
+mod tools;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::emulator::{Platform, RunConfig};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "Build, run and test the hypervisor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build BOOTX64.EFI and the ESP directory (target/esp/EFI/BOOT/BOOTX64.EFI).
+    Build {
+        /// Build without optimisations.
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Boot the image on QEMU (default: TCG, -cpu EPYC, AMD SVM+NPT) or Bochs, with
+    /// the serial console on this terminal.
+    Run {
+        /// Run on Bochs (Intel VMX+EPT+PML) instead of QEMU.
+        #[arg(long)]
+        bochs: bool,
+        /// Bochs CPU model (corei7_skylake_x has PML; corei7_haswell_4770 does not).
+        #[arg(long, default_value = "corei7_skylake_x")]
+        model: String,
+        /// QEMU -cpu model.
+        #[arg(long, default_value = "EPYC")]
+        cpu: String,
+        /// Give up after this many seconds (QEMU default 60, Bochs 180).
+        #[arg(long)]
+        timeout: Option<u64>,
+        /// Options for the hypervisor, written to \EFI\BOOT\HV.CMD.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+    },
+    /// Host unit tests, dependency rules, then the emulator system tests.
+    Test {
+        /// Only the host tests and dependency rules.
+        #[arg(long)]
+        host_only: bool,
+        /// Skip the host tests and dependency rules; only the system tests.
+        #[arg(long, conflicts_with = "host_only")]
+        system_only: bool,
+        /// Only the system tests whose name contains this.
+        #[arg(long)]
+        filter: Option<String>,
+    },
+    /// Check the crate dependency rules of DESIGN.md.
+    CheckDeps,
+    /// clippy (deny warnings) on the host crates and on the UEFI image, and rustfmt --check.
+    Lint,
+    /// Benchmarks: `boot` measures time from emulator start to READY.
+    Bench {
+        /// What to measure.
+        #[arg(value_parser = ["boot"])]
+        what: String,
+        /// Runs per platform (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build { debug } => image::build(!debug).map(|esp| {
+            println!("image: {}", esp.efi.display());
+            println!("ESP:   {} ({} bytes)", esp.dir.display(), esp.size);
+        }),
+        Command::Run { bochs, model, cpu, timeout, cmdline } => run(bochs, model, cpu, timeout, cmdline),
+        Command::Test { host_only, system_only, filter } => test(host_only, system_only, filter),
+        Command::CheckDeps => deps::check(),
+        Command::Lint => lint(),
+        Command::Bench { what: _, runs } => systest::bench_boot(runs),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Errors are human sentences; xtask is a tool, not a library.
+pub type Result<T> = std::result::Result<T, String>;
+
+fn run(bochs: bool, model: String, cpu: String, timeout: Option<u64>, cmdline: String) -> Result<()> {
+    let platform = if bochs { Platform::Bochs { model } } else { Platform::Qemu { cpu } };
+    tools::ensure(&platform)?;
+    let esp = image::build(true)?;
+    let config = RunConfig {
+        name: "run".into(),
+        timeout: Duration::from_secs(timeout.unwrap_or(platform.default_timeout_secs())),
+        cmdline,
+        echo: true,
+    };
+    println!("xtask: booting on {platform} (timeout {} s)", config.timeout.as_secs());
+    let run = emulator::run(&platform, &esp, &config)?;
+    let log = serial::SerialLog::new(&run.serial);
+    match (log.ready_at(), run.elapsed) {
+        (true, t) => {
+            println!("xtask: READY after {:.1} s on {platform}", t.as_secs_f64());
+            Ok(())
+        }
+        (false, _) if run.timed_out => {
+            Err(format!("no READY within {} s on {platform}; the serial log is above", config.timeout.as_secs()))
+        }
+        (false, _) => Err(format!("the hypervisor stopped without READY on {platform}: {}", log.outcome_summary())),
+    }
+}
+
+fn test(host_only: bool, system_only: bool, filter: Option<String>) -> Result<()> {
+    if !system_only {
+        deps::check()?;
+        println!("xtask: host tests (cargo test --workspace)");
+        tools::cargo(&["test", "--workspace", "--exclude", "boot"])?;
+    }
+    if host_only {
+        return Ok(());
+    }
+    systest::run_all(filter.as_deref())
+}
+
+fn lint() -> Result<()> {
+    tools::cargo(&["fmt", "--all", "--check"])?;
+    tools::cargo(&["clippy", "--workspace", "--exclude", "boot", "--all-targets", "--", "-D", "warnings"])?;
+    tools::ensure_uefi_target()?;
+    tools::cargo(&["clippy", "-p", "boot", "--target", "x86_64-unknown-uefi", "--", "-D", "warnings"])
+}

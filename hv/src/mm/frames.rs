@@ -30,7 +30,7 @@ impl FramePool {
     /// the pool lives, reachable at the same virtual address (identity-mapped), and
     /// `base` must be 4 KiB aligned.
     pub unsafe fn new(base: u64, frames: usize) -> Self {
-        debug_assert!(base % PAGE_SIZE == 0);
+        debug_assert!(base.is_multiple_of(PAGE_SIZE));
         Self { base, frames, used: vec![0; frames.div_ceil(64)], free: frames, hint: 0 }
     }
 
@@ -45,7 +45,7 @@ impl FramePool {
     }
 
     fn index(&self, pa: u64) -> Result<usize, MmError> {
-        if pa % PAGE_SIZE != 0 || pa < self.base {
+        if !pa.is_multiple_of(PAGE_SIZE) || pa < self.base {
             return Err(MmError::NotOwned { pa });
         }
         let i = ((pa - self.base) / PAGE_SIZE) as usize;

@@ -53,7 +53,9 @@ pub enum MmError {
 impl core::fmt::Display for MmError {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         match self {
-            MmError::OutOfFrames { total } => write!(f, "out of memory: all {total} frames of the hypervisor's pool are in use"),
+            MmError::OutOfFrames { total } => {
+                write!(f, "out of memory: all {total} frames of the hypervisor's pool are in use")
+            }
             MmError::Misaligned { addr, align } => write!(f, "address {addr:#x} is not aligned to {align:#x}"),
             MmError::AlreadyMapped { gpa } => write!(f, "guest-physical address {gpa:#x} is already mapped"),
             MmError::LargePageConflict { gpa } => {

@@ -30,7 +30,8 @@ pub struct Vmx {
     caps: VmxCaps,
     /// Kept for the life of VMX operation.
     _vmxon: u64,
-    vmcs: u64,
+    /// The VMCS region (current since `enable`; a second vCPU will VMPTRLD its own).
+    _vmcs: u64,
     launched: bool,
 }
 
@@ -89,7 +90,7 @@ impl Backend for Vmx {
         unsafe { x86::bits64::vmx::vmclear(vmcs) }.map_err(|f| vmcs::fail("VMCLEAR", f))?;
         // SAFETY: as above.
         unsafe { x86::bits64::vmx::vmptrld(vmcs) }.map_err(|f| vmcs::fail("VMPTRLD", f))?;
-        Ok(Self { caps: vmx, _vmxon: vmxon, vmcs, launched: false })
+        Ok(Self { caps: vmx, _vmxon: vmxon, _vmcs: vmcs, launched: false })
     }
 
     fn configure(&mut self, _pool: &mut FramePool, entry: &GuestEntry) -> Result<(), ArchError> {
@@ -145,8 +146,18 @@ impl Backend for Vmx {
         let status = unsafe { hv_vmx_enter(regs, u64::from(self.launched)) };
         match status {
             0 => {}
-            1 => return Err(vmcs::fail(if self.launched { "VMRESUME" } else { "VMLAUNCH" }, x86::vmx::VmFail::VmFailInvalid)),
-            _ => return Err(vmcs::fail(if self.launched { "VMRESUME" } else { "VMLAUNCH" }, x86::vmx::VmFail::VmFailValid)),
+            1 => {
+                return Err(vmcs::fail(
+                    if self.launched { "VMRESUME" } else { "VMLAUNCH" },
+                    x86::vmx::VmFail::VmFailInvalid,
+                ));
+            }
+            _ => {
+                return Err(vmcs::fail(
+                    if self.launched { "VMRESUME" } else { "VMLAUNCH" },
+                    x86::vmx::VmFail::VmFailValid,
+                ));
+            }
         }
         let raw = vmcs::read(vmcs::EXIT_REASON)?;
         // 25.9.1: bit 31 = VM-entry failure; 27.8: then the guest never ran.
@@ -177,7 +188,8 @@ impl Vmx {
     /// 25.5 / 26.2.3: the state VM exits load. Selectors come from our own GDT (TR
     /// must not be 0, which is why `cpu::tables` exists).
     fn write_host_state(&self) -> Result<(), ArchError> {
-        let bases = tables::bases().ok_or(ArchError::ControlUnsupported { control: "host descriptor tables", missing: 1 })?;
+        let bases =
+            tables::bases().ok_or(ArchError::ControlUnsupported { control: "host descriptor tables", missing: 1 })?;
         // SAFETY: reading control registers and these MSRs has no side effects; all
         // exist on any CPU with VMX (EFER, FS/GS base: long mode).
         let (cr0, cr3, cr4, efer, fs_base, gs_base) = unsafe {

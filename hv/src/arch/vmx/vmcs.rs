@@ -220,17 +220,14 @@ pub const HOST_RSP_ENCODING: u32 = host::RSP;
 
 fn instruction_error(instruction: &'static str, field: Option<&'static str>, fail: x86::vmx::VmFail) -> ArchError {
     let error = match fail {
-        // SAFETY: VMfailValid means a current VMCS exists, so reading its
-        // VM-instruction error field is architecturally defined (SDM 31.2).
-        x86::vmx::VmFail::VmFailValid => unsafe { x86::bits64::vmx::vmread(ro::VM_INSTRUCTION_ERROR) }
-            .ok()
-            .map(|v| v as u32),
+        x86::vmx::VmFail::VmFailValid => {
+            // SAFETY: VMfailValid means a current VMCS exists, so reading its
+            // VM-instruction error field is architecturally defined (SDM 31.2).
+            let read = unsafe { x86::bits64::vmx::vmread(ro::VM_INSTRUCTION_ERROR) };
+            // If reading the error number itself failed, say so rather than invent one.
+            Some(read.map_or(u32::MAX, |v| v as u32))
+        }
         x86::vmx::VmFail::VmFailInvalid => None,
-    };
-    // If reading the error number itself failed, say so rather than invent one.
-    let error = match (fail, error) {
-        (x86::vmx::VmFail::VmFailValid, None) => Some(u32::MAX),
-        (_, e) => e,
     };
     ArchError::VmxInstruction { instruction, field, error }
 }

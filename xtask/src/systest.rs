@@ -1,0 +1,231 @@
+//! System tests: named scenarios that boot the image on an emulator and judge it by
+//! its serial markers (never by the emulator's exit status: Bochs always exits 1).
+//! A failing scenario prints its reasons and the full serial log.
+
+use std::time::Duration;
+
+use crate::emulator::{self, Platform, RunConfig, RunResult};
+use crate::image::{self, Esp};
+use crate::serial::SerialLog;
+use crate::{Result, tools};
+
+/// What a scenario must see.
+enum Expect {
+    /// `READY arch=<arch>` after a guest round trip, with these CAPS values.
+    Ready { arch: &'static str, caps: &'static [(&'static str, &'static str)] },
+    /// A one-line refusal containing `reason`, then shutdown; never READY.
+    Refused { reason: &'static str, caps: &'static [(&'static str, &'static str)] },
+}
+
+struct Scenario {
+    name: &'static str,
+    platform: fn() -> Platform,
+    expect: Expect,
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "qemu-epyc-svm-npt-ready",
+            platform: || Platform::Qemu { cpu: "EPYC".into() },
+            expect: Expect::Ready {
+                arch: "svm",
+                caps: &[
+                    ("vendor", "AuthenticAMD"),
+                    ("virt", "svm"),
+                    ("svm.npt", "1"),
+                    ("rdt.monitoring", "0"),
+                    ("usable", "1"),
+                ],
+            },
+        },
+        Scenario {
+            name: "qemu-no-virtualization-refused",
+            platform: || Platform::Qemu { cpu: "qemu64,-svm".into() },
+            expect: Expect::Refused {
+                reason: "no hardware virtualization",
+                caps: &[("virt", "none"), ("usable", "0")],
+            },
+        },
+        Scenario {
+            name: "qemu-svm-without-npt-refused",
+            platform: || Platform::Qemu { cpu: "qemu64".into() },
+            expect: Expect::Refused {
+                reason: "SVM without nested paging",
+                caps: &[("virt", "svm"), ("svm.npt", "0"), ("usable", "0")],
+            },
+        },
+        Scenario {
+            name: "bochs-skylake-x-vmx-ept-ad-pml-ready",
+            platform: || Platform::Bochs { model: "corei7_skylake_x".into() },
+            expect: Expect::Ready {
+                arch: "vmx",
+                caps: &[
+                    ("vendor", "GenuineIntel"),
+                    ("virt", "vmx"),
+                    ("vmx.ept", "1"),
+                    ("vmx.ept_ad", "1"),
+                    ("vmx.pml", "1"),
+                    ("vmx.feature_control_locked", "0"),
+                    ("rdt.monitoring", "0"),
+                    ("usable", "1"),
+                ],
+            },
+        },
+        Scenario {
+            name: "bochs-haswell-vmx-no-pml-ready",
+            platform: || Platform::Bochs { model: "corei7_haswell_4770".into() },
+            expect: Expect::Ready {
+                arch: "vmx",
+                caps: &[
+                    ("vendor", "GenuineIntel"),
+                    ("virt", "vmx"),
+                    ("vmx.ept", "1"),
+                    ("vmx.pml", "0"),
+                    ("usable", "1"),
+                ],
+            },
+        },
+    ]
+}
+
+/// Check a run against its expectation; the problems found, if any.
+fn judge(run: &RunResult, expect: &Expect) -> Vec<String> {
+    let log = SerialLog::new(&run.serial);
+    let mut problems = Vec::new();
+    if run.timed_out {
+        problems.push(format!("timed out after {:.0} s", run.elapsed.as_secs_f64()));
+    }
+    for marker in ["FAIL:", "FATAL:"] {
+        if let Some(l) = log.line(marker) {
+            problems.push(format!("failure marker: {l}"));
+        }
+    }
+    let expected_caps = match expect {
+        Expect::Ready { caps, .. } | Expect::Refused { caps, .. } => caps,
+    };
+    match log.caps() {
+        None => problems.push("no CAPS line".into()),
+        Some(found) => {
+            for (k, v) in expected_caps.iter() {
+                match found.get(*k) {
+                    Some(got) if got == v => {}
+                    Some(got) => problems.push(format!("CAPS {k}={got}, expected {v}")),
+                    None => problems.push(format!("CAPS has no {k}")),
+                }
+            }
+        }
+    }
+    // The raw values the image read must decode, on the host, to exactly the CAPS line
+    // it printed: the recording is complete and the decoding deterministic.
+    match (log.line("PROBE-RAW "), log.line("CAPS ")) {
+        (Some(raw), Some(caps_line)) => match hv::hw::Recorded::parse_line(raw.trim_start_matches("PROBE-RAW ")) {
+            Ok(mut rec) => match hv::caps::probe(&mut rec) {
+                Ok(caps) if caps.machine_line() == caps_line => {}
+                Ok(caps) => problems.push(format!(
+                    "PROBE-RAW decodes on the host to a different CAPS line:\n  image: {caps_line}\n  host:  {}",
+                    caps.machine_line()
+                )),
+                Err(e) => problems.push(format!("PROBE-RAW does not decode: {e}")),
+            },
+            Err(e) => problems.push(format!("PROBE-RAW unparsable: {e}")),
+        },
+        _ => problems.push("no PROBE-RAW line".into()),
+    }
+    match expect {
+        Expect::Ready { arch, .. } => {
+            match log.line("READY") {
+                Some(l) if l.split_whitespace().any(|t| t == format!("arch={arch}")) => {}
+                Some(l) => problems.push(format!("READY for the wrong arch: {l}")),
+                None => problems.push("no READY line".into()),
+            }
+            if log.outcome() != Some("Ready") {
+                problems.push(format!("outcome {:?}, expected Ready", log.outcome()));
+            }
+        }
+        Expect::Refused { reason, .. } => {
+            match log.line("REFUSED:") {
+                Some(l) if l.contains(reason) => {}
+                Some(l) => problems.push(format!("refusal does not say {reason:?}: {l}")),
+                None => problems.push("no REFUSED line".into()),
+            }
+            if log.ready_at() {
+                problems.push("READY printed although the CPU was to be refused".into());
+            }
+            if log.outcome() != Some("Refused") {
+                problems.push(format!("outcome {:?}, expected Refused (a clean shutdown)", log.outcome()));
+            }
+        }
+    }
+    problems
+}
+
+fn run_scenario(s: &Scenario, esp: &Esp) -> Result<(RunResult, Vec<String>)> {
+    let platform = (s.platform)();
+    tools::ensure(&platform)?;
+    let config = RunConfig {
+        name: s.name.into(),
+        timeout: Duration::from_secs(platform.default_timeout_secs()),
+        cmdline: String::new(),
+        echo: false,
+    };
+    let run = emulator::run(&platform, esp, &config)?;
+    let problems = judge(&run, &s.expect);
+    Ok((run, problems))
+}
+
+/// Run every scenario (or those whose name contains `filter`).
+pub fn run_all(filter: Option<&str>) -> Result<()> {
+    let esp = image::build(true)?;
+    println!("xtask: image {} ({} bytes)", esp.efi.display(), esp.size);
+    let (mut passed, mut failed) = (0, 0);
+    for s in scenarios().iter().filter(|s| filter.is_none_or(|f| s.name.contains(f))) {
+        println!("systest {} on {} ...", s.name, (s.platform)());
+        let (run, problems) = run_scenario(s, &esp)?;
+        if problems.is_empty() {
+            passed += 1;
+            let ready = run.ready_after.map(|t| format!(", READY at {:.1} s", t.as_secs_f64())).unwrap_or_default();
+            println!("systest {} ... ok ({:.1} s{ready})", s.name, run.elapsed.as_secs_f64());
+        } else {
+            failed += 1;
+            println!("systest {} ... FAILED", s.name);
+            for p in &problems {
+                println!("  - {p}");
+            }
+            println!("---- serial log of {} ({}) ----", s.name, run.dir.display());
+            println!("{}", crate::serial::clean(&run.serial));
+            println!("---- end of serial log ----");
+        }
+    }
+    println!("system tests: {passed} passed, {failed} failed");
+    if failed > 0 { Err(format!("{failed} system test(s) failed")) } else { Ok(()) }
+}
+
+/// `cargo xtask bench boot`: time from emulator start to READY, `runs` times per
+/// platform, median reported.
+pub fn bench_boot(runs: usize) -> Result<()> {
+    let esp = image::build(true)?;
+    println!("image size: {} bytes ({} KiB)", esp.size, esp.size.div_ceil(1024));
+    for platform in [Platform::Qemu { cpu: "EPYC".into() }, Platform::Bochs { model: "corei7_skylake_x".into() }] {
+        tools::ensure(&platform)?;
+        let mut times = Vec::new();
+        for i in 0..runs.max(1) {
+            let config = RunConfig {
+                name: format!("bench-boot-{i}"),
+                timeout: Duration::from_secs(platform.default_timeout_secs()),
+                cmdline: String::new(),
+                echo: false,
+            };
+            let run = emulator::run(&platform, &esp, &config)?;
+            let t = run.ready_after.ok_or_else(|| {
+                format!("{platform}: no READY in run {i}: {}", SerialLog::new(&run.serial).outcome_summary())
+            })?;
+            println!("  {platform}: run {} READY at {:.2} s", i + 1, t.as_secs_f64());
+            times.push(t);
+        }
+        times.sort();
+        let median = times[times.len() / 2];
+        println!("boot to READY on {platform}: median {:.2} s over {} runs", median.as_secs_f64(), times.len());
+    }
+    Ok(())
+}

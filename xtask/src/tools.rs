@@ -1,0 +1,119 @@
+//! Host tools the emulator runs need, and installing them.
+//!
+//! On Debian/Ubuntu as root, missing packages are installed with apt-get (once per
+//! process, idempotently); otherwise the error names the exact command to run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Once;
+
+use crate::Result;
+use crate::emulator::Platform;
+
+/// Debian's OVMF files (4 MiB for QEMU; 2 MiB for Bochs, whose ROM limit is 2 MiB).
+pub const OVMF_CODE_4M: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// See [`OVMF_CODE_4M`].
+pub const OVMF_VARS_4M: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// See [`OVMF_CODE_4M`].
+pub const OVMF_CODE_2M: &str = "/usr/share/OVMF/OVMF_CODE.fd";
+/// See [`OVMF_CODE_4M`].
+pub const OVMF_VARS_2M: &str = "/usr/share/OVMF/OVMF_VARS.fd";
+/// Bochs' VGA BIOS.
+pub const VGABIOS: &str = "/usr/share/vgabios/vgabios.bin";
+
+/// The workspace root (xtask lives one level below it).
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+/// What a platform needs: (package, a file or program that shows it is installed).
+fn requirements(platform: &Platform) -> Vec<(&'static str, &'static str)> {
+    match platform {
+        Platform::Qemu { .. } => {
+            vec![("qemu-system-x86", "qemu-system-x86_64"), ("ovmf", OVMF_CODE_4M), ("ovmf", OVMF_VARS_4M)]
+        }
+        Platform::Bochs { .. } => vec![
+            ("bochs", "bochs"),
+            ("bochsbios", "/usr/share/bochs/BIOS-bochs-latest"),
+            ("vgabios", VGABIOS),
+            ("ovmf", OVMF_CODE_2M),
+            ("ovmf", OVMF_VARS_2M),
+        ],
+    }
+}
+
+static APT_UPDATE: Once = Once::new();
+
+/// Make sure the emulator and firmware for `platform` are installed.
+pub fn ensure(platform: &Platform) -> Result<()> {
+    let mut missing: Vec<&str> = requirements(platform)
+        .into_iter()
+        .filter(|(_, probe)| if probe.starts_with('/') { !Path::new(probe).exists() } else { !on_path(probe) })
+        .map(|(pkg, _)| pkg)
+        .collect();
+    missing.dedup();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let cmd = format!("apt-get install -y {}", missing.join(" "));
+    if !(is_root() && on_path("apt-get")) {
+        return Err(format!("{platform} needs packages that are not installed; run: sudo {cmd}"));
+    }
+    println!("xtask: installing {} ({cmd})", missing.join(", "));
+    let mut update_ok = true;
+    APT_UPDATE.call_once(|| {
+        update_ok = Command::new("apt-get").args(["update", "-qq"]).status().map(|s| s.success()).unwrap_or(false);
+    });
+    if !update_ok {
+        return Err("apt-get update failed; see its output above".into());
+    }
+    let status = Command::new("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq"])
+        .args(&missing)
+        .status()
+        .map_err(|e| format!("cannot run apt-get: {e}"))?;
+    if !status.success() {
+        return Err(format!("`{cmd}` failed ({status})"));
+    }
+    Ok(())
+}
+
+/// Make sure the rustup target for the image is installed (rust-toolchain.toml lists
+/// it, but an already-installed toolchain does not always pick that up).
+pub fn ensure_uefi_target() -> Result<()> {
+    let sysroot = Command::new("rustc")
+        .current_dir(root())
+        .args(["--print", "sysroot"])
+        .output()
+        .map_err(|e| format!("cannot run rustc: {e}"))?;
+    let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
+    if Path::new(&sysroot).join("lib/rustlib/x86_64-unknown-uefi").exists() {
+        return Ok(());
+    }
+    println!("xtask: installing the x86_64-unknown-uefi target (rustup target add)");
+    let status = Command::new("rustup")
+        .current_dir(root())
+        .args(["target", "add", "x86_64-unknown-uefi"])
+        .status()
+        .map_err(|e| format!("cannot run rustup: {e}"))?;
+    if status.success() { Ok(()) } else { Err("rustup target add x86_64-unknown-uefi failed".into()) }
+}
+
+/// Run cargo in the workspace root with `args`, failing on a non-zero exit.
+pub fn cargo(args: &[&str]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status =
+        Command::new(&cargo).current_dir(root()).args(args).status().map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("`cargo {}` failed ({status})", args.join(" "))) }
+}
