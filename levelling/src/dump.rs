@@ -72,17 +72,17 @@ enum Sub {
 /// The documented subleaf rule for each leaf (SDM Vol. 2A CPUID; APM Vol. 3 App. E).
 fn subleaf_rule(leaf: u32) -> Sub {
     match leaf {
-        0x4 => Sub::UntilCacheTypeNull,       // deterministic cache parameters
-        0x7 => Sub::UpToEax0,                 // structured extended features
+        0x4 => Sub::UntilCacheTypeNull,        // deterministic cache parameters
+        0x7 => Sub::UpToEax0,                  // structured extended features
         0xb | 0x1f => Sub::UntilLevelTypeZero, // (V2) extended topology
-        0xd => Sub::Xsave,                    // XSAVE state components
-        0xf => Sub::BitsOf(3),                // RDT monitoring: resource types in sub0.EDX
-        0x10 => Sub::BitsOf(1),               // RDT allocation: resource types in sub0.EBX
-        0x12 => Sub::Sgx,                     // SGX capability and EPC sections
+        0xd => Sub::Xsave,                     // XSAVE state components
+        0xf => Sub::BitsOf(3),                 // RDT monitoring: resource types in sub0.EDX
+        0x10 => Sub::BitsOf(1),                // RDT allocation: resource types in sub0.EBX
+        0x12 => Sub::Sgx,                      // SGX capability and EPC sections
         0x14 | 0x17 | 0x18 | 0x1d | 0x20 | 0x24 => Sub::UpToEax0, // PT, SoC, TLB, AMX palettes, HRESET, AVX10
-        0x1b => Sub::UntilEax12Zero,          // PCONFIG
+        0x1b => Sub::UntilEax12Zero,           // PCONFIG
         0x8000_001d => Sub::UntilCacheTypeNull, // AMD cache topology
-        0x8000_0020 => Sub::BitsOf(1),        // AMD PQoS extensions: sub0.EBX
+        0x8000_0020 => Sub::BitsOf(1),         // AMD PQoS extensions: sub0.EBX
         0x8000_0026 => Sub::UntilLevelTypeZero, // AMD extended CPU topology
         _ => Sub::None,
     }
@@ -126,7 +126,8 @@ fn walk_leaf(cpuid: &mut impl FnMut(u32, u32) -> [u32; 4], leaf: u32, out: &mut 
             push(out, 0, sub0);
             let sub1 = cpuid(leaf, 1);
             push(out, 1, sub1);
-            let mask = (u64::from(sub0[3]) << 32 | u64::from(sub0[0])) | (u64::from(sub1[3]) << 32 | u64::from(sub1[2]));
+            let mask =
+                (u64::from(sub0[3]) << 32 | u64::from(sub0[0])) | (u64::from(sub1[3]) << 32 | u64::from(sub1[2]));
             for s in 2..MAX_SUBLEAVES {
                 if mask & (1 << s) != 0 {
                     push(out, s, cpuid(leaf, s));

@@ -697,11 +697,8 @@ pub fn missing_dependencies(fs: &Featureset) -> Vec<(Feature, Feature)> {
             continue;
         }
         // Report the missing requirement nearest to f (shortest chain).
-        let best = lacking
-            .bits()
-            .map(|(w, b)| Feature::new(w, b))
-            .filter_map(|m| chain(*f, m).map(|c| (c.len(), m)))
-            .min();
+        let best =
+            lacking.bits().map(|(w, b)| Feature::new(w, b)).filter_map(|m| chain(*f, m).map(|c| (c.len(), m))).min();
         if let Some((_, m)) = best {
             out.push((*f, m));
         }

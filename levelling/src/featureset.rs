@@ -266,7 +266,8 @@ impl Featureset {
 
     fn zip(&self, other: &Featureset, f: impl Fn(u32, u32) -> u32) -> Featureset {
         let n = self.words.len().max(other.words.len());
-        let mut out = Featureset { version: FEATURESET_VERSION, words: (0..n).map(|i| f(self.word(i), other.word(i))).collect() };
+        let mut out =
+            Featureset { version: FEATURESET_VERSION, words: (0..n).map(|i| f(self.word(i), other.word(i))).collect() };
         out.words.truncate(out.len());
         out
     }
@@ -290,7 +291,10 @@ impl Featureset {
 
     /// Iterate over the set bits as `(word, bit)` in ABI order.
     pub fn bits(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
-        self.words.iter().enumerate().flat_map(|(i, &v)| (0..32u32).filter(move |b| v & (1 << b) != 0).map(move |b| (i, b)))
+        self.words
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &v)| (0..32u32).filter(move |b| v & (1 << b) != 0).map(move |b| (i, b)))
     }
 }
 

@@ -117,9 +117,11 @@ pub const NOT_VIRTUALIZABLE_WORDS: &[(usize, &str)] = &[
 
 /// Why `f` is never offered to guests, if it is not.
 pub fn not_virtualizable_reason(f: Feature) -> Option<&'static str> {
-    NOT_VIRTUALIZABLE.iter().find(|(g, _)| *g == f).map(|(_, r)| *r).or_else(|| {
-        NOT_VIRTUALIZABLE_WORDS.iter().find(|(w, _)| *w == f.word()).map(|(_, r)| *r)
-    })
+    NOT_VIRTUALIZABLE
+        .iter()
+        .find(|(g, _)| *g == f)
+        .map(|(_, r)| *r)
+        .or_else(|| NOT_VIRTUALIZABLE_WORDS.iter().find(|(w, _)| *w == f.word()).map(|(_, r)| *r))
 }
 
 /// How the hypervisor controls what a guest's `cpuid` returns.
@@ -148,8 +150,12 @@ pub struct LevellingCaps {
 impl fmt::Display for LevellingCaps {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.mechanism {
-            LevellingMechanism::VmxCpuidExit => f.write_str("full: VMX CPUID exiting, every leaf and subleaf is answered by the policy"),
-            LevellingMechanism::SvmCpuidIntercept => f.write_str("full: SVM CPUID intercept, every leaf and subleaf is answered by the policy"),
+            LevellingMechanism::VmxCpuidExit => {
+                f.write_str("full: VMX CPUID exiting, every leaf and subleaf is answered by the policy")
+            }
+            LevellingMechanism::SvmCpuidIntercept => {
+                f.write_str("full: SVM CPUID intercept, every leaf and subleaf is answered by the policy")
+            }
             LevellingMechanism::None => f.write_str("none: the host has neither VMX nor SVM, so it cannot run guests"),
         }
     }
@@ -186,7 +192,9 @@ impl fmt::Display for DropReason {
             DropReason::NotVirtualizable(r) => write!(f, "not virtualizable: {r}"),
             DropReason::Unknown => f.write_str("unknown to this build"),
             DropReason::OnlyOnRequest => f.write_str("only offered on request (max, not default)"),
-            DropReason::MissingDependency(m) => write!(f, "requires {}, which is missing", m.info().map_or("unnamed", |i| i.name)),
+            DropReason::MissingDependency(m) => {
+                write!(f, "requires {}, which is missing", m.info().map_or("unnamed", |i| i.name))
+            }
         }
     }
 }
@@ -222,7 +230,9 @@ pub fn guest_max(raw: &Featureset) -> Derived {
     for (w, b) in raw.bits() {
         let f = Feature::new(w, b);
         match f.info() {
-            None => dropped.push((f, not_virtualizable_reason(f).map_or(DropReason::Unknown, DropReason::NotVirtualizable))),
+            None => {
+                dropped.push((f, not_virtualizable_reason(f).map_or(DropReason::Unknown, DropReason::NotVirtualizable)))
+            }
             Some(i) if i.attr == Attr::N => {
                 dropped.push((f, DropReason::NotVirtualizable(not_virtualizable_reason(f).unwrap_or("never offered"))))
             }

@@ -81,7 +81,9 @@ impl fmt::Display for HostError {
         match self {
             HostError::NoLeaf0 => f.write_str("the dump has no CPUID leaf 0x0 (vendor and maximum basic leaf)"),
             HostError::NoLeaf1 => f.write_str("the dump has no CPUID leaf 0x1 (signature and base features)"),
-            HostError::UnsupportedVendor(v) => write!(f, "unsupported CPU vendor {v:?} (only GenuineIntel and AuthenticAMD)"),
+            HostError::UnsupportedVendor(v) => {
+                write!(f, "unsupported CPU vendor {v:?} (only GenuineIntel and AuthenticAMD)")
+            }
         }
     }
 }
@@ -132,7 +134,8 @@ pub fn raw_featureset(get: impl Fn(u32, u32) -> Option<[u32; 4]>) -> Featureset 
     let sub7_max = if basic_max >= 7 { get(7, 0).map_or(0, |r| r[0]) } else { 0 };
     let mut fs = Featureset::new();
     for (i, w) in WORDS.iter().enumerate() {
-        let in_range = if w.leaf >= 0x8000_0000 { ext_max >= 0x8000_0000 && w.leaf <= ext_max } else { w.leaf <= basic_max };
+        let in_range =
+            if w.leaf >= 0x8000_0000 { ext_max >= 0x8000_0000 && w.leaf <= ext_max } else { w.leaf <= basic_max };
         let sub_ok = w.leaf != 7 || w.subleaf.unwrap_or(0) <= sub7_max;
         if !in_range || !sub_ok {
             continue;
@@ -188,12 +191,18 @@ impl HostCpu {
                 }
             }
         }
-        let (phys_bits, virt_bits) = ext(0x8000_0008).map_or((36, 48), |r| ((r[0] & 0xff) as u8, ((r[0] >> 8) & 0xff) as u8));
+        let (phys_bits, virt_bits) =
+            ext(0x8000_0008).map_or((36, 48), |r| ((r[0] & 0xff) as u8, ((r[0] >> 8) & 0xff) as u8));
         let xstate = if basic_max >= 0xd {
             records
                 .iter()
                 .filter(|r| r.leaf == 0xd && (2..64).contains(&r.subleaf) && r.regs[0] != 0)
-                .map(|r| XstateComponent { index: r.subleaf as u8, size: r.regs[0], offset: r.regs[1], flags: r.regs[2] & 3 })
+                .map(|r| XstateComponent {
+                    index: r.subleaf as u8,
+                    size: r.regs[0],
+                    offset: r.regs[1],
+                    flags: r.regs[2] & 3,
+                })
                 .collect()
         } else {
             Vec::new()

@@ -32,21 +32,21 @@ pub const XSAVE_LEGACY_AND_HEADER: u32 = 576;
 /// XSAVE state components and the features that enable them (SDM Vol. 1 13.1,
 /// Table 13-1). A component is in the policy's XCR0/XSS mask iff any listed feature is on.
 pub const XSTATE_FEATURES: &[(u8, &[Feature])] = &[
-    (2, &[AVX]),             // AVX: YMM_Hi128
-    (3, &[MPX]),             // MPX: BNDREGS
-    (4, &[MPX]),             // MPX: BNDCSR
-    (5, &[AVX512F]),         // AVX-512: opmask
-    (6, &[AVX512F]),         // AVX-512: ZMM_Hi256
-    (7, &[AVX512F]),         // AVX-512: Hi16_ZMM
-    (8, &[PROC_TRACE]),      // PT (supervisor)
-    (9, &[PKU]),             // PKRU
-    (10, &[ENQCMD]),         // PASID (supervisor)
+    (2, &[AVX]),              // AVX: YMM_Hi128
+    (3, &[MPX]),              // MPX: BNDREGS
+    (4, &[MPX]),              // MPX: BNDCSR
+    (5, &[AVX512F]),          // AVX-512: opmask
+    (6, &[AVX512F]),          // AVX-512: ZMM_Hi256
+    (7, &[AVX512F]),          // AVX-512: Hi16_ZMM
+    (8, &[PROC_TRACE]),       // PT (supervisor)
+    (9, &[PKU]),              // PKRU
+    (10, &[ENQCMD]),          // PASID (supervisor)
     (11, &[CET_SS, CET_IBT]), // CET_U (supervisor)
-    (12, &[CET_SS]),         // CET_S (supervisor)
-    (15, &[ARCH_LBR]),       // LBR (supervisor)
-    (16, &[HWP]),            // HWP (supervisor)
-    (17, &[AMX_TILE]),       // AMX: TILECFG
-    (18, &[AMX_TILE]),       // AMX: TILEDATA
+    (12, &[CET_SS]),          // CET_S (supervisor)
+    (15, &[ARCH_LBR]),        // LBR (supervisor)
+    (16, &[HWP]),             // HWP (supervisor)
+    (17, &[AMX_TILE]),        // AMX: TILECFG
+    (18, &[AMX_TILE]),        // AMX: TILEDATA
 ];
 
 /// The XSAVE components `features` enables (bits 2..=63; bits 0 and 1, x87 and SSE,
@@ -156,9 +156,14 @@ impl Policy {
                 Some(r) => format!("it is never offered to guests ({r})"),
                 None => match max.dropped.iter().find(|(g, _)| *g == f) {
                     Some((_, DropReason::MissingDependency(m))) => {
-                        format!("this host lacks {}, which it requires", m.info().map_or("an unnamed feature", |i| i.name))
+                        format!(
+                            "this host lacks {}, which it requires",
+                            m.info().map_or("an unnamed feature", |i| i.name)
+                        )
                     }
-                    Some((_, DropReason::Unknown)) | None if f.info().is_none() => String::from("this build does not know the bit"),
+                    Some((_, DropReason::Unknown)) | None if f.info().is_none() => {
+                        String::from("this build does not know the bit")
+                    }
                     _ => String::from("this host does not have it"),
                 },
             };
@@ -180,7 +185,9 @@ impl Policy {
         if self.basic_max > POLICY_BASIC_MAX || self.basic_max > host.basic_max {
             errors.push(PolicyError::MaxLeaf { leaf: self.basic_max, limit: POLICY_BASIC_MAX.min(host.basic_max) });
         }
-        if self.ext_max != 0 && (self.ext_max < 0x8000_0000 || self.ext_max > POLICY_EXT_MAX || self.ext_max > host.ext_max) {
+        if self.ext_max != 0
+            && (self.ext_max < 0x8000_0000 || self.ext_max > POLICY_EXT_MAX || self.ext_max > host.ext_max)
+        {
             errors.push(PolicyError::MaxLeaf { leaf: self.ext_max, limit: POLICY_EXT_MAX.min(host.ext_max) });
         }
         // 4. XSAVE layout.
@@ -189,7 +196,10 @@ impl Policy {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             errors.push(PolicyError::Vcpus { vcpus: self.vcpus, why: "must be between 1 and 1024" });
         } else if self.vcpus > MAX_XAPIC_VCPUS && !X2APIC.is_in(&self.features) {
-            errors.push(PolicyError::Vcpus { vcpus: self.vcpus, why: "more than 255 vCPUs need x2apic (8-bit xAPIC IDs)" });
+            errors.push(PolicyError::Vcpus {
+                vcpus: self.vcpus,
+                why: "more than 255 vCPUs need x2apic (8-bit xAPIC IDs)",
+            });
         }
         if self.phys_bits > host.phys_bits || self.phys_bits < 32 {
             errors.push(PolicyError::AddressBits { what: "physical", policy: self.phys_bits, host: host.phys_bits });
@@ -224,7 +234,9 @@ impl Policy {
             if supervisor && !XSAVES.is_in(&self.features) {
                 errors.push(PolicyError::XstateSupervisorWithoutXsaves { component: c.index });
             }
-            if !supervisor && (c.offset < XSAVE_LEGACY_AND_HEADER || c.size == 0 || c.offset.checked_add(c.size).is_none()) {
+            if !supervisor
+                && (c.offset < XSAVE_LEGACY_AND_HEADER || c.size == 0 || c.offset.checked_add(c.size).is_none())
+            {
                 errors.push(PolicyError::XstateBadComponent { component: c.index, size: c.size, offset: c.offset });
             }
         }
@@ -368,14 +380,21 @@ impl fmt::Display for PolicyError {
             PolicyError::LeafBeyondMax { feature, max_leaf } => {
                 write!(f, "{feature} is set, but the policy's maximum leaf in that range is {max_leaf:#x}")
             }
-            PolicyError::MaxLeaf { leaf, limit } => write!(f, "maximum leaf {leaf:#x} is above the limit {limit:#x} (host and core)"),
-            PolicyError::VendorMismatch { policy, host } => write!(f, "the policy is for {policy} but the host is {host}"),
+            PolicyError::MaxLeaf { leaf, limit } => {
+                write!(f, "maximum leaf {leaf:#x} is above the limit {limit:#x} (host and core)")
+            }
+            PolicyError::VendorMismatch { policy, host } => {
+                write!(f, "the policy is for {policy} but the host is {host}")
+            }
             PolicyError::XstateMissing { component, feature } => write!(
                 f,
                 "CPUID 0xd[{component}] (XSAVE component {component}) is needed by {feature}, but the policy has no size for it (does the host report it?)"
             ),
             PolicyError::XstateUnexpected { component } => {
-                write!(f, "CPUID 0xd[{component}] describes XSAVE component {component}, but no enabled feature uses it")
+                write!(
+                    f,
+                    "CPUID 0xd[{component}] describes XSAVE component {component}, but no enabled feature uses it"
+                )
             }
             PolicyError::XstateLayout { component, policy, host: Some(h) } => write!(
                 f,
@@ -395,7 +414,10 @@ impl fmt::Display for PolicyError {
             }
             PolicyError::Vcpus { vcpus, why } => write!(f, "{vcpus} vCPUs: {why}"),
             PolicyError::AddressBits { what, policy, host } => {
-                write!(f, "{policy} {what} address bits are not possible here (host has {host}; linear bits are 57 with la57, else 48)")
+                write!(
+                    f,
+                    "{policy} {what} address bits are not possible here (host has {host}; linear bits are 57 with la57, else 48)"
+                )
             }
         }
     }

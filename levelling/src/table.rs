@@ -85,7 +85,16 @@ impl CpuidTable {
         // 0: max leaf and vendor.
         set(&mut basic, 0x0, one([p.basic_max, v[0], v[2], v[1]]));
         // 1: signature; EBX = CLFLUSH size | addressable logical IDs (APIC ID is dynamic).
-        set(&mut basic, 0x1, one([p.signature, (u32::from(p.clflush_size) << 8) | (ids.min(255) << 16), fs.word(word::L1_ECX) & !(1 << OSXSAVE.bit()), fs.word(word::L1_EDX)]));
+        set(
+            &mut basic,
+            0x1,
+            one([
+                p.signature,
+                (u32::from(p.clflush_size) << 8) | (ids.min(255) << 16),
+                fs.word(word::L1_ECX) & !(1 << OSXSAVE.bit()),
+                fs.word(word::L1_EDX),
+            ]),
+        );
         // 2: Intel: "no descriptors, use leaf 4" (SDM Vol. 2A Table 3-12, descriptor 0xFF).
         if !amd {
             set(&mut basic, 0x2, one([0x0000_ff01, 0, 0, 0]));
@@ -106,8 +115,19 @@ impl CpuidTable {
         // 6: thermal/power words.
         set(&mut basic, 0x6, one([fs.word(word::L6_EAX), 0, fs.word(word::L6_ECX), 0]));
         // 7: structured extended features, subleaves 0..=max.
-        let sub7_max = if fs.word(word::L7_2_EDX) != 0 { 2 } else if fs.word(word::L7_1_EAX) != 0 { 1 } else { 0 };
-        let mut l7 = vec![[sub7_max, fs.word(word::L7_0_EBX), fs.word(word::L7_0_ECX) & !(1 << OSPKE.bit()), fs.word(word::L7_0_EDX)]];
+        let sub7_max = if fs.word(word::L7_2_EDX) != 0 {
+            2
+        } else if fs.word(word::L7_1_EAX) != 0 {
+            1
+        } else {
+            0
+        };
+        let mut l7 = vec![[
+            sub7_max,
+            fs.word(word::L7_0_EBX),
+            fs.word(word::L7_0_ECX) & !(1 << OSPKE.bit()),
+            fs.word(word::L7_0_EDX),
+        ]];
         if sub7_max >= 1 {
             l7.push([fs.word(word::L7_1_EAX), 0, 0, 0]);
         }
@@ -155,7 +175,11 @@ impl CpuidTable {
         }
 
         // Extended range.
-        let ext_len = if p.ext_max >= 0x8000_0000 { (p.ext_max.min(crate::policy::POLICY_EXT_MAX) - 0x8000_0000 + 1) as usize } else { 0 };
+        let ext_len = if p.ext_max >= 0x8000_0000 {
+            (p.ext_max.min(crate::policy::POLICY_EXT_MAX) - 0x8000_0000 + 1) as usize
+        } else {
+            0
+        };
         let mut ext = vec![Leaf::default(); ext_len];
         let e = |l: u32| l - 0x8000_0000;
         set(&mut ext, e(0x8000_0000), one(if amd { [p.ext_max, v[0], v[2], v[1]] } else { [p.ext_max, 0, 0, 0] }));
@@ -171,7 +195,11 @@ impl CpuidTable {
         set(&mut ext, e(0x8000_0006), one([0, 0, p.cache_ext[2], p.cache_ext[3]]));
         set(&mut ext, e(0x8000_0007), one([0, 0, 0, fs.word(word::E7_EDX)]));
         let e8_ecx = if amd { (p.vcpus.saturating_sub(1).min(255)) | (width.min(15) << 12) } else { 0 };
-        set(&mut ext, e(0x8000_0008), one([u32::from(p.phys_bits) | (u32::from(p.virt_bits) << 8), fs.word(word::E8_EBX), e8_ecx, 0]));
+        set(
+            &mut ext,
+            e(0x8000_0008),
+            one([u32::from(p.phys_bits) | (u32::from(p.virt_bits) << 8), fs.word(word::E8_EBX), e8_ecx, 0]),
+        );
         set(&mut ext, e(0x8000_0021), one([fs.word(word::E21_EAX), 0, 0, 0]));
 
         CpuidTable {
@@ -188,7 +216,11 @@ impl CpuidTable {
     /// The static answer for `(leaf, subleaf)`: O(1), zeros for anything not covered.
     #[inline]
     pub fn lookup(&self, leaf: u32, subleaf: u32) -> [u32; 4] {
-        let l = if leaf >= 0x8000_0000 { self.ext.get((leaf - 0x8000_0000) as usize) } else { self.basic.get(leaf as usize) };
+        let l = if leaf >= 0x8000_0000 {
+            self.ext.get((leaf - 0x8000_0000) as usize)
+        } else {
+            self.basic.get(leaf as usize)
+        };
         match l {
             Some(l) if l.indexed => l.subs.get(subleaf as usize).copied().unwrap_or([0; 4]),
             Some(l) => l.subs.first().copied().unwrap_or([0; 4]),
@@ -229,9 +261,12 @@ impl CpuidTable {
 
     /// XSAVE compacted-format size for `xcr0 | xss` (SDM Vol. 1 13.4.3).
     pub fn compacted_size(&self, mask: u64) -> u32 {
-        self.compact.iter().filter(|(i, _, _)| mask & (1u64 << (i & 63)) != 0).fold(XSAVE_LEGACY_AND_HEADER, |off, (_, size, align)| {
-            let off = if *align { off.saturating_add(63) & !63 } else { off };
-            off.saturating_add(*size)
-        })
+        self.compact.iter().filter(|(i, _, _)| mask & (1u64 << (i & 63)) != 0).fold(
+            XSAVE_LEGACY_AND_HEADER,
+            |off, (_, size, align)| {
+                let off = if *align { off.saturating_add(63) & !63 } else { off };
+                off.saturating_add(*size)
+            },
+        )
     }
 }

@@ -261,7 +261,10 @@ impl Spec {
                     let deps = features::deep_dependents(f).and(&fs);
                     if !deps.is_empty() {
                         fs = fs.and_not(&deps);
-                        notes.push(Note::AlsoCleared { feature: f, cleared: deps.bits().map(|(w, b)| Feature::new(w, b)).collect() });
+                        notes.push(Note::AlsoCleared {
+                            feature: f,
+                            cleared: deps.bits().map(|(w, b)| Feature::new(w, b)).collect(),
+                        });
                     }
                 }
             }

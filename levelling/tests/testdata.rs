@@ -121,7 +121,10 @@ fn not_offered_bits_name_the_reason() {
     fs.set_bit(VMX.word(), VMX.bit(), true);
     let rej = Policy::from_host(&h, fs, 1).verify(&h).unwrap_err();
     let msg = rej.to_string();
-    assert!(msg.contains("vmx (CPUID 0x1.ECX bit 5) is set, but it is never offered to guests (nested virtualization"), "{msg}");
+    assert!(
+        msg.contains("vmx (CPUID 0x1.ECX bit 5) is set, but it is never offered to guests (nested virtualization"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -108,7 +108,9 @@ pub fn run(args: CpuidArgs) -> Result<ExitCode, CliError> {
         }
         CpuidCommand::Level { files, json } => cmd_level(&files, json),
         CpuidCommand::Check { policy, on, host: _, json } => cmd_check(&policy, on.as_deref(), json),
-        CpuidCommand::Policy { spec, on, host: _, output, json } => cmd_policy(&spec, on.as_deref(), output.as_deref(), json),
+        CpuidCommand::Policy { spec, on, host: _, output, json } => {
+            cmd_policy(&spec, on.as_deref(), output.as_deref(), json)
+        }
     }
 }
 
@@ -199,7 +201,14 @@ fn header_lines(h: &LoadedHost) -> String {
     if let Some(src) = &h.source {
         let _ = writeln!(s, "source:      {src}");
     }
-    let _ = writeln!(s, "vendor:      {}, family {:#x} model {:#x} stepping {}", c.vendor, c.family(), c.model(), c.stepping());
+    let _ = writeln!(
+        s,
+        "vendor:      {}, family {:#x} model {:#x} stepping {}",
+        c.vendor,
+        c.family(),
+        c.model(),
+        c.stepping()
+    );
     let _ = writeln!(s, "brand:       {}", c.brand_string());
     let _ = writeln!(s, "max leaves:  basic {:#x}, extended {:#x}", c.basic_max, c.ext_max);
     let _ = writeln!(s, "addresses:   {} physical bits, {} linear bits", c.phys_bits, c.virt_bits);
@@ -297,7 +306,10 @@ fn cmd_level(files: &[PathBuf], json: bool) -> Result<ExitCode, CliError> {
     let _ = writeln!(s, "  {}", l.common);
     let _ = writeln!(s, "  {}", text::names(&l.common));
     if vendors.len() > 1 {
-        let _ = writeln!(s, "note: the hosts have different vendors; a policy names one vendor, so a guest cannot migrate across them");
+        let _ = writeln!(
+            s,
+            "note: the hosts have different vendors; a policy names one vendor, so a guest cannot migrate across them"
+        );
     }
     let width = hosts.iter().map(|h| h.label.len()).max().unwrap_or(4).max(4);
     let _ = writeln!(s, "\n{:<width$}  {:>5}  loses", "host", "count");
@@ -306,7 +318,13 @@ fn cmd_level(files: &[PathBuf], json: bool) -> Result<ExitCode, CliError> {
         let names = text::names(lost);
         let _ = writeln!(s, "{:<width$}  {:>5}  {}", h.label, n, if names.is_empty() { "-" } else { &names });
         if !gain.is_empty() {
-            let _ = writeln!(s, "{:<width$}  {:>5}  (OR-levelled, shown although absent here: {})", "", "", text::names(gain));
+            let _ = writeln!(
+                s,
+                "{:<width$}  {:>5}  (OR-levelled, shown although absent here: {})",
+                "",
+                "",
+                text::names(gain)
+            );
         }
     }
     print_out(s);
@@ -335,7 +353,10 @@ fn cmd_check(policy_file: &Path, on: Option<&Path>, json: bool) -> Result<ExitCo
     let (policy, notes) = spec.policy_on(&h.cpu);
     let r = policy.verify(&h.cpu);
     if json {
-        print_out(format!("{}\n", serde_json::to_string_pretty(&verdict_json(&policy, &r, &notes)).unwrap_or_default()));
+        print_out(format!(
+            "{}\n",
+            serde_json::to_string_pretty(&verdict_json(&policy, &r, &notes)).unwrap_or_default()
+        ));
     } else {
         let mut s = String::new();
         for n in &notes {
@@ -346,7 +367,13 @@ fn cmd_check(policy_file: &Path, on: Option<&Path>, json: bool) -> Result<ExitCo
                 let _ = writeln!(s, "compatible: {} can run on {}", policy_file.display(), h.label);
             }
             Err(rej) => {
-                let _ = writeln!(s, "incompatible: {} cannot run on {} ({} reasons):", policy_file.display(), h.label, rej.errors.len());
+                let _ = writeln!(
+                    s,
+                    "incompatible: {} cannot run on {} ({} reasons):",
+                    policy_file.display(),
+                    h.label,
+                    rej.errors.len()
+                );
                 for e in &rej.errors {
                     let _ = writeln!(s, "  - {e}");
                 }

@@ -37,8 +37,13 @@ fn golden(name: &str, actual: &str) {
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
         std::fs::write(&path, actual).unwrap();
     }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1)", path.display()));
-    assert!(expected == actual, "output differs from {}; rerun with UPDATE_GOLDEN=1 and review the diff\n{actual}", path.display());
+    let expected =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_GOLDEN=1)", path.display()));
+    assert!(
+        expected == actual,
+        "output differs from {}; rerun with UPDATE_GOLDEN=1 and review the diff\n{actual}",
+        path.display()
+    );
 }
 
 fn one_line_error(o: &Output) {
@@ -108,7 +113,12 @@ fn level_all_checked_in_dumps() {
 
 #[test]
 fn level_two_amd_hosts_golden() {
-    let o = hvctl(&["cpuid", "level", &testdata("amd-epyc-kvm-host.cpuid"), &testdata("constructed-amd-epyc-9654-genoa.cpuid")]);
+    let o = hvctl(&[
+        "cpuid",
+        "level",
+        &testdata("amd-epyc-kvm-host.cpuid"),
+        &testdata("constructed-amd-epyc-9654-genoa.cpuid"),
+    ]);
     assert!(o.status.success());
     golden("level-amd.txt", &stdout(&o));
 }
@@ -117,7 +127,13 @@ fn level_two_amd_hosts_golden() {
 fn check_rejects_avx2_without_avx_naming_the_chain() {
     let policy = tmp("avx2-no-avx.policy");
     std::fs::write(&policy, "# AVX2 without AVX\nbase=host-default\n-avx\n+avx2\nvcpus=2\n").unwrap();
-    let o = hvctl(&["cpuid", "check", policy.to_str().unwrap(), "--on", &testdata("constructed-amd-epyc-9654-genoa.cpuid")]);
+    let o = hvctl(&[
+        "cpuid",
+        "check",
+        policy.to_str().unwrap(),
+        "--on",
+        &testdata("constructed-amd-epyc-9654-genoa.cpuid"),
+    ]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("incompatible:"), "{out}");
@@ -125,7 +141,14 @@ fn check_rejects_avx2_without_avx_naming_the_chain() {
         out.contains("avx2 (CPUID 0x7[0].EBX bit 5) is set, but it requires avx (CPUID 0x1.ECX bit 28), which is not set (dependency chain: avx2 -> avx)"),
         "{out}"
     );
-    let o = hvctl(&["cpuid", "check", "--json", policy.to_str().unwrap(), "--on", &testdata("constructed-amd-epyc-9654-genoa.cpuid")]);
+    let o = hvctl(&[
+        "cpuid",
+        "check",
+        "--json",
+        policy.to_str().unwrap(),
+        "--on",
+        &testdata("constructed-amd-epyc-9654-genoa.cpuid"),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["compatible"], false);
@@ -135,7 +158,15 @@ fn check_rejects_avx2_without_avx_naming_the_chain() {
 fn policy_then_check_across_hosts() {
     let out_file = tmp("genoa.policy");
     let genoa = testdata("constructed-amd-epyc-9654-genoa.cpuid");
-    let o = hvctl(&["cpuid", "policy", "base=host-max,-avx512f,+pcid,vcpus=4", "--on", &genoa, "-o", out_file.to_str().unwrap()]);
+    let o = hvctl(&[
+        "cpuid",
+        "policy",
+        "base=host-max,-avx512f,+pcid,vcpus=4",
+        "--on",
+        &genoa,
+        "-o",
+        out_file.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let out = stdout(&o);
     assert!(out.contains("note: -avx512f also cleared what requires it: "), "{out}");
@@ -144,17 +175,28 @@ fn policy_then_check_across_hosts() {
     let o = hvctl(&["cpuid", "check", out_file.to_str().unwrap(), "--on", &genoa]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
     // Not with the Intel host (vendor) nor with the KVM guest (features it lacks).
-    let o = hvctl(&["cpuid", "check", out_file.to_str().unwrap(), "--on", &testdata("constructed-intel-xeon-8480-sapphire-rapids.cpuid")]);
+    let o = hvctl(&[
+        "cpuid",
+        "check",
+        out_file.to_str().unwrap(),
+        "--on",
+        &testdata("constructed-intel-xeon-8480-sapphire-rapids.cpuid"),
+    ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stdout(&o).contains("the policy is for AuthenticAMD but the host is GenuineIntel"), "{}", stdout(&o));
     let o = hvctl(&["cpuid", "check", out_file.to_str().unwrap(), "--on", &testdata("amd-epyc-kvm-host.cpuid")]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stdout(&o).contains("la57 (CPUID 0x7[0].ECX bit 16) is set, but this host does not have it"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("la57 (CPUID 0x7[0].ECX bit 16) is set, but this host does not have it"),
+        "{}",
+        stdout(&o)
+    );
 }
 
 #[test]
 fn policy_rejected_exits_1() {
-    let o = hvctl(&["cpuid", "policy", "base=none,+avx512f", "--on", &testdata("constructed-amd-epyc-9654-genoa.cpuid")]);
+    let o =
+        hvctl(&["cpuid", "policy", "base=none,+avx512f", "--on", &testdata("constructed-amd-epyc-9654-genoa.cpuid")]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stdout(&o).contains("dependency chain: avx512f -> avx2"), "{}", stdout(&o));
 }
@@ -171,7 +213,8 @@ fn errors_are_one_line() {
     one_line_error(&o);
     assert!(stderr(&o).contains("line 2"), "{}", stderr(&o));
     let intel_only_leaf1 = tmp("noleaf0.cpuid");
-    std::fs::write(&intel_only_leaf1, "# hvctl cpuid dump v1\n00000001 00000000 00000000 00000000 00000000 00000000\n").unwrap();
+    std::fs::write(&intel_only_leaf1, "# hvctl cpuid dump v1\n00000001 00000000 00000000 00000000 00000000 00000000\n")
+        .unwrap();
     one_line_error(&hvctl(&["cpuid", "level", intel_only_leaf1.to_str().unwrap()]));
     let o = hvctl(&["cpuid", "check", "/nonexistent.policy", "--on", &testdata("amd-epyc-kvm-host.cpuid")]);
     one_line_error(&o);
