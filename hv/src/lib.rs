@@ -108,17 +108,59 @@ pub fn shutdown(outcome: Outcome) -> ! {
     }
 }
 
-fn print_memory_map(map: &[MemoryRegion]) {
-    let mut usable = 0u64;
-    println!("Memory map ({} regions after ExitBootServices):", map.len());
+/// Merge neighbouring regions of the same kind (firmware maps list many small
+/// adjacent runs), for a readable summary. Input sorted by address.
+pub fn coalesce(map: &[MemoryRegion]) -> Vec<MemoryRegion> {
+    let mut out: Vec<MemoryRegion> = Vec::with_capacity(map.len());
     for r in map {
+        match out.last_mut() {
+            Some(last) if last.kind == r.kind && last.start + last.pages * mm::PAGE_SIZE == r.start => {
+                last.pages += r.pages;
+            }
+            _ => out.push(*r),
+        }
+    }
+    out
+}
+
+fn print_memory_map(map: &[MemoryRegion]) {
+    let merged = coalesce(map);
+    println!("Memory map ({} firmware entries, {} after merging neighbours of one kind):", map.len(), merged.len());
+    let mut usable = 0u64;
+    for r in &merged {
         let end = r.start + r.pages * mm::PAGE_SIZE;
         println!("  {:#014x}-{:#014x} {:>10} KiB  {:?}", r.start, end.saturating_sub(1), r.pages * 4, r.kind);
-        if matches!(r.kind, RegionKind::Usable) {
+        if r.kind == RegionKind::Usable {
             usable += r.pages * mm::PAGE_SIZE;
         }
     }
     println!("  usable RAM: {} MiB", usable / (1024 * 1024));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesce_merges_only_contiguous_regions_of_one_kind() {
+        let r = |start, pages, kind| MemoryRegion { start, pages, kind };
+        let map = [
+            r(0, 1, RegionKind::Usable),
+            r(0x1000, 2, RegionKind::Usable),
+            r(0x3000, 1, RegionKind::Hypervisor),
+            r(0x4000, 1, RegionKind::Usable),
+            r(0x6000, 1, RegionKind::Usable), // gap at 0x5000: not merged
+        ];
+        assert_eq!(
+            coalesce(&map),
+            [
+                r(0, 3, RegionKind::Usable),
+                r(0x3000, 1, RegionKind::Hypervisor),
+                r(0x4000, 1, RegionKind::Usable),
+                r(0x6000, 1, RegionKind::Usable),
+            ]
+        );
+    }
 }
 
 /// Run the hypervisor on this (bootstrap) CPU. Interrupts must be off and boot
