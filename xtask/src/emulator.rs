@@ -225,9 +225,13 @@ fn watch(
     let mut timed_out = false;
     loop {
         collect(&mut serial);
-        if config.echo && serial.len() > echoed {
-            print!("{}", clean(&String::from_utf8_lossy(&serial[echoed..])));
-            echoed = serial.len();
+        // Echo whole lines only, so an escape sequence split across reads is still
+        // recognised and stripped.
+        if config.echo
+            && let Some(end) = serial[echoed..].iter().rposition(|&b| b == b'\n')
+        {
+            print!("{}", clean(&String::from_utf8_lossy(&serial[echoed..echoed + end + 1])));
+            echoed += end + 1;
         }
         let text = String::from_utf8_lossy(&serial);
         if ready_after.is_none() && SerialLog::new(&text).ready_at() {
