@@ -28,7 +28,10 @@ pub mod console;
 pub mod cpu;
 pub mod hw;
 pub mod mm;
+pub mod pci;
 pub mod selftest;
+pub mod time;
+pub mod virtio;
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -163,6 +166,24 @@ mod tests {
     }
 }
 
+/// Print every CPUID leaf and subleaf of this CPU in `hvctl cpuid dump` format between
+/// `CPUID-DUMP-BEGIN` and `CPUID-DUMP-END` (boot option `cpuid-dump`), so emulator and
+/// bare-metal dumps can be captured for levelling's test data.
+fn print_cpuid_dump(caps: &caps::Capabilities) {
+    let records = levelling::enumerate(|leaf, subleaf| hw::HwRead::cpuid(&mut hw::RealHw, leaf, subleaf));
+    let source = alloc::format!(
+        "captured by the hv boot image ({} family {:#x} model {:#x} stepping {}{})",
+        caps.vendor.as_str(),
+        caps.family,
+        caps.model,
+        caps.stepping,
+        if caps.under_hypervisor { ", under a hypervisor or emulator" } else { "" }
+    );
+    println!("CPUID-DUMP-BEGIN");
+    print!("{}", levelling::format_dump(&records, &source));
+    println!("CPUID-DUMP-END");
+}
+
 /// Run the hypervisor on this (bootstrap) CPU. Interrupts must be off and boot
 /// services exited.
 pub fn run(mut info: BootInfo) -> Outcome {
@@ -182,6 +203,10 @@ pub fn run(mut info: BootInfo) -> Outcome {
     print!("{caps}");
     println!("{}", caps.machine_line());
     println!("PROBE-RAW {}", recorder.recorded.to_line());
+
+    if info.cmdline.split_whitespace().any(|w| w == "cpuid-dump") {
+        print_cpuid_dump(&caps);
+    }
 
     if let Err(why) = caps.check_usable() {
         println!("REFUSED: {why}");

@@ -65,6 +65,22 @@ enum Command {
         #[arg(long)]
         filter: Option<String>,
     },
+    /// Boot with the `cpuid-dump` option and save the CPU's CPUID dump (the format of
+    /// `hvctl cpuid dump`), e.g. for levelling/testdata.
+    CpuidDump {
+        /// Dump Bochs' CPU model instead of a QEMU one.
+        #[arg(long)]
+        bochs: bool,
+        /// Bochs CPU model.
+        #[arg(long, default_value = "corei7_skylake_x")]
+        model: String,
+        /// QEMU -cpu model.
+        #[arg(long, default_value = "EPYC")]
+        cpu: String,
+        /// Where to write the dump.
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+    },
     /// Check the crate dependency rules of DESIGN.md.
     CheckDeps,
     /// clippy (deny warnings) on the host crates and on the UEFI image, and rustfmt --check.
@@ -89,6 +105,7 @@ fn main() -> ExitCode {
         }),
         Command::Run { bochs, model, cpu, timeout, cmdline } => run(bochs, model, cpu, timeout, cmdline),
         Command::Test { host_only, system_only, filter } => test(host_only, system_only, filter),
+        Command::CpuidDump { bochs, model, cpu, output } => cpuid_dump(bochs, model, cpu, &output),
         Command::CheckDeps => deps::check(),
         Command::Lint => lint(),
         Command::Bench { what: _, runs } => systest::bench_boot(runs),
@@ -128,6 +145,28 @@ fn run(bochs: bool, model: String, cpu: String, timeout: Option<u64>, cmdline: S
         }
         (false, _) => Err(format!("the hypervisor stopped without READY on {platform}: {}", log.outcome_summary())),
     }
+}
+
+fn cpuid_dump(bochs: bool, model: String, cpu: String, output: &std::path::Path) -> Result<()> {
+    let platform = if bochs { Platform::Bochs { model } } else { Platform::Qemu { cpu } };
+    tools::ensure(&platform)?;
+    let esp = image::build(true)?;
+    let config = RunConfig {
+        name: "cpuid-dump".into(),
+        timeout: Duration::from_secs(platform.default_timeout_secs()),
+        cmdline: "cpuid-dump".into(),
+        echo: false,
+    };
+    let run = emulator::run(&platform, &esp, &config)?;
+    let text = serial::clean(&run.serial);
+    let dump = text
+        .split_once("CPUID-DUMP-BEGIN\n")
+        .and_then(|(_, rest)| rest.split_once("CPUID-DUMP-END"))
+        .map(|(dump, _)| dump)
+        .ok_or_else(|| format!("no CPUID dump in the serial log of {platform}:\n{text}"))?;
+    std::fs::write(output, dump).map_err(|e| format!("{}: {e}", output.display()))?;
+    println!("xtask: {} CPUID records from {platform} written to {}", dump.lines().filter(|l| !l.starts_with('#')).count(), output.display());
+    Ok(())
 }
 
 fn test(host_only: bool, system_only: bool, filter: Option<String>) -> Result<()> {

@@ -1,0 +1,118 @@
+//! Time: the TSC, calibrated once at boot, as the hypervisor's clock.
+//!
+//! Frequency from CPUID leaf 0x15 (TSC/crystal ratio with the crystal frequency, exact
+//! on recent Intel parts) when it is complete; otherwise measured against the 8254 PIT
+//! channel 2 over 10 ms (ports 0x42/0x43/0x61), which QEMU, Bochs and PC hardware
+//! provide. The measurement loop is bounded: a machine without a PIT gets an error,
+//! not a hang, and times are then reported as unknown rather than guessed.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+static TSC_HZ: AtomicU64 = AtomicU64::new(0);
+static BOOT_TSC: AtomicU64 = AtomicU64::new(0);
+
+/// How the frequency was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// CPUID leaf 0x15.
+    Cpuid15,
+    /// Measured against the PIT.
+    Pit,
+}
+
+/// TSC frequency in Hz from CPUID 0x15 values (EAX denominator, EBX numerator, ECX
+/// crystal Hz), if all three are given (SDM Vol. 2A, CPUID leaf 15H).
+pub fn tsc_hz_from_leaf15(eax: u32, ebx: u32, ecx: u32) -> Option<u64> {
+    if eax == 0 || ebx == 0 || ecx == 0 {
+        return None;
+    }
+    Some(u64::from(ecx) * u64::from(ebx) / u64::from(eax))
+}
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC only reads the time-stamp counter.
+    unsafe { x86::time::rdtsc() }
+}
+
+/// Measure the TSC against PIT channel 2 (one-shot, mode 0) for 10 ms.
+fn calibrate_with_pit() -> Option<u64> {
+    const PIT_HZ: u64 = 1_193_182;
+    const TICKS: u64 = PIT_HZ / 100; // 10 ms
+    // SAFETY: ports 0x42 (channel 2 data), 0x43 (mode) and 0x61 (gate/speaker) belong to
+    // the legacy PIT, which nothing else in the hypervisor uses; the speaker output bit
+    // is kept off.
+    let (start, end) = unsafe {
+        let gate = x86::io::inb(0x61);
+        x86::io::outb(0x61, (gate & !0x02) | 0x01);
+        x86::io::outb(0x43, 0xb0); // channel 2, lo/hi byte, mode 0, binary
+        x86::io::outb(0x42, (TICKS & 0xff) as u8);
+        x86::io::outb(0x42, (TICKS >> 8) as u8);
+        let start = rdtsc();
+        let mut end = start;
+        // OUT2 (bit 5 of port 0x61) goes high when the count reaches 0. Bound the wait
+        // by TSC ticks (2^36 is tens of seconds at any real frequency).
+        while x86::io::inb(0x61) & 0x20 == 0 {
+            end = rdtsc();
+            if end.wrapping_sub(start) > 1 << 36 {
+                return None;
+            }
+        }
+        (start, rdtsc().max(end))
+    };
+    let hz = (end - start) * 100;
+    (hz > 1_000_000).then_some(hz)
+}
+
+/// Calibrate the clock and start the uptime counter. Call once at boot.
+pub fn init() -> Result<(u64, Source), &'static str> {
+    BOOT_TSC.store(rdtsc(), Ordering::Relaxed);
+    let leaf0 = core::arch::x86_64::__cpuid(0);
+    if leaf0.eax >= 0x15 {
+        let l = core::arch::x86_64::__cpuid(0x15);
+        if let Some(hz) = tsc_hz_from_leaf15(l.eax, l.ebx, l.ecx) {
+            TSC_HZ.store(hz, Ordering::Relaxed);
+            return Ok((hz, Source::Cpuid15));
+        }
+    }
+    let hz = calibrate_with_pit().ok_or("the PIT did not count down within the bounded wait")?;
+    TSC_HZ.store(hz, Ordering::Relaxed);
+    Ok((hz, Source::Pit))
+}
+
+/// TSC frequency, if known.
+pub fn tsc_hz() -> Option<u64> {
+    match TSC_HZ.load(Ordering::Relaxed) {
+        0 => None,
+        hz => Some(hz),
+    }
+}
+
+/// Nanoseconds since [`init`], if the clock is calibrated.
+pub fn uptime_ns() -> Option<u64> {
+    let hz = tsc_hz()?;
+    let ticks = rdtsc().wrapping_sub(BOOT_TSC.load(Ordering::Relaxed));
+    Some((u128::from(ticks) * 1_000_000_000 / u128::from(hz)) as u64)
+}
+
+/// The TSC now (for deadlines measured in ticks).
+pub fn now_ticks() -> u64 {
+    rdtsc()
+}
+
+/// Ticks in `ms` milliseconds, if the clock is calibrated.
+pub fn ms_to_ticks(ms: u64) -> Option<u64> {
+    tsc_hz().map(|hz| hz / 1000 * ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leaf15_needs_all_three_fields() {
+        // 24 MHz crystal, ratio 176/2 -> 2.112 GHz.
+        assert_eq!(tsc_hz_from_leaf15(2, 176, 24_000_000), Some(2_112_000_000));
+        assert_eq!(tsc_hz_from_leaf15(2, 176, 0), None);
+        assert_eq!(tsc_hz_from_leaf15(0, 176, 24_000_000), None);
+    }
+}
