@@ -1,0 +1,280 @@
+//! The messages: [`Request`] (hvctl → hypervisor), [`Response`] (hypervisor → hvctl),
+//! [`Event`] (unsolicited), the types they carry, and the helpers that put them in
+//! frames and take them out.
+//!
+//! The enums are deliberately not `#[non_exhaustive]`: adding a message is a protocol
+//! version bump, and every `match` in the router and in hvctl should then fail to
+//! compile until it handles the new message.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{decode_message, encode_message};
+use crate::error::ErrorReply;
+use crate::frame::{Frame, FrameKind, WireError};
+
+/// A task that owns requests: the router sends each request to its service's mailbox.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ServiceId {
+    /// The hypervisor core itself (ping, info).
+    Core,
+    /// `monitor_svc`: RDT/PQoS monitoring and per-domain events.
+    Monitor,
+    /// `migration_svc`: log-dirty rounds and migration streams.
+    Migration,
+}
+
+impl ServiceId {
+    /// Every service, in wire order.
+    pub const ALL: [ServiceId; 3] = [Self::Core, Self::Monitor, Self::Migration];
+
+    /// A lower-case name ("core", "monitor", "migration").
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Core => "core",
+            Self::Monitor => "monitor",
+            Self::Migration => "migration",
+        }
+    }
+}
+
+impl fmt::Display for ServiceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The life-cycle state of a service task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ServiceState {
+    /// Created, not yet taking requests.
+    Starting,
+    /// Taking requests.
+    Running,
+    /// Stopped; requests to it are refused.
+    Stopped,
+}
+
+impl ServiceState {
+    /// A lower-case name ("starting", "running", "stopped").
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+        }
+    }
+}
+
+impl fmt::Display for ServiceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One service's state and counters.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Which service.
+    pub service: ServiceId,
+    /// Its life-cycle state.
+    pub state: ServiceState,
+    /// Requests it has answered (successfully or not).
+    pub handled: u64,
+    /// Requests it answered with an error.
+    pub errors: u64,
+    /// Requests waiting in its mailbox now.
+    pub queue_depth: u32,
+    /// Its mailbox capacity; a request arriving when it is full gets
+    /// [`ErrorCode::Busy`](crate::ErrorCode::Busy).
+    pub queue_capacity: u32,
+}
+
+/// What the hypervisor reports about itself (`hvctl info`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct InfoReport {
+    /// The hypervisor's version string, e.g. `"0.1.0 (5a3cac6)"`.
+    pub hv_version: String,
+    /// The protocol version the hypervisor speaks (equal to
+    /// [`PROTOCOL_VERSION`](crate::PROTOCOL_VERSION), or the frame would have been refused).
+    pub protocol_version: u16,
+    /// Nanoseconds since the hypervisor took the machine.
+    pub uptime_ns: u64,
+    /// The `key=value` pairs of the `CAPS` line the hypervisor prints at boot, in order
+    /// (`vendor`, `virt`, `svm.npt`, `usable`, ...).
+    pub capabilities: Vec<(String, String)>,
+    /// Logical CPUs the hypervisor runs on.
+    pub cpus: u32,
+    /// Memory the hypervisor manages, in bytes.
+    pub memory_bytes: u64,
+    /// Every service task's status.
+    pub services: Vec<ServiceStatus>,
+}
+
+impl InfoReport {
+    /// The value of capability `key`, if reported.
+    pub fn capability(&self, key: &str) -> Option<&str> {
+        self.capabilities.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A request from hvctl to the hypervisor. New requests are appended (with a protocol
+/// version bump); variant order is wire format.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Request {
+    /// Liveness and round-trip check: answered by [`Response::Pong`] with the same bytes.
+    Ping {
+        /// Arbitrary bytes to echo.
+        #[serde(with = "crate::bytes")]
+        payload: Vec<u8>,
+    },
+    /// Ask for the [`InfoReport`].
+    Info,
+    /// Ask for one service's [`ServiceStatus`].
+    ServiceStatus {
+        /// Which service.
+        service: ServiceId,
+    },
+}
+
+impl Request {
+    /// The number of variants (the highest postcard variant index + 1).
+    pub const VARIANTS: u32 = 3;
+
+    /// The service that owns this request: the router's table.
+    pub const fn service(&self) -> ServiceId {
+        match self {
+            Self::Ping { .. } | Self::Info => ServiceId::Core,
+            Self::ServiceStatus { service } => *service,
+        }
+    }
+
+    /// The variant's name, for logs ("ping", "info", "service-status").
+    pub const fn name(&self) -> &'static str {
+        match self {
+            Self::Ping { .. } => "ping",
+            Self::Info => "info",
+            Self::ServiceStatus { .. } => "service-status",
+        }
+    }
+}
+
+/// The hypervisor's answer to a request, carrying the request's id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to [`Request::Ping`].
+    Pong {
+        /// The ping's bytes, unchanged.
+        #[serde(with = "crate::bytes")]
+        payload: Vec<u8>,
+    },
+    /// Answer to [`Request::Info`].
+    Info(InfoReport),
+    /// Answer to [`Request::ServiceStatus`].
+    ServiceStatus(ServiceStatus),
+    /// The request (or the frame) failed.
+    Error(ErrorReply),
+}
+
+impl Response {
+    /// The number of variants (the highest postcard variant index + 1).
+    pub const VARIANTS: u32 = 4;
+
+    /// The error, if this is [`Response::Error`].
+    pub const fn error(&self) -> Option<&ErrorReply> {
+        match self {
+            Self::Error(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Severity of an [`Event::Log`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum LogLevel {
+    /// Something failed.
+    Error,
+    /// Something is wrong but work continues.
+    Warn,
+    /// Normal operation.
+    Info,
+    /// Detail for developers.
+    Debug,
+    /// Very fine detail.
+    Trace,
+}
+
+/// Something the hypervisor reports without being asked (request id 0).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Event {
+    /// A log line.
+    Log {
+        /// Severity.
+        level: LogLevel,
+        /// The line, without trailing newline.
+        message: String,
+    },
+    /// A service task changed state.
+    ServiceState {
+        /// Which service.
+        service: ServiceId,
+        /// Its new state.
+        state: ServiceState,
+    },
+}
+
+impl Event {
+    /// The number of variants (the highest postcard variant index + 1).
+    pub const VARIANTS: u32 = 2;
+}
+
+/// Append `req` as a request frame with id `request_id` (not 0) to `out`.
+/// On error `out` is left as it was.
+pub fn encode_request(request_id: u64, req: &Request, out: &mut Vec<u8>) -> Result<(), WireError> {
+    if request_id == 0 {
+        return Err(WireError::ReservedRequestId);
+    }
+    encode_message(FrameKind::Request, request_id, req, out)
+}
+
+/// The request in `frame`, or the typed error to answer `frame.request_id` with:
+/// [`BadFrame`](crate::ErrorCode::BadFrame) for a frame that is not a request,
+/// [`UnknownRequest`](crate::ErrorCode::UnknownRequest) for an unknown request type,
+/// [`BadRequest`](crate::ErrorCode::BadRequest) for a payload that does not decode
+/// exactly or request id 0. The connection stays usable after any of these.
+pub fn decode_request(frame: &Frame) -> Result<Request, ErrorReply> {
+    let req = decode_message(frame, FrameKind::Request, "request", Some(Request::VARIANTS))?;
+    if frame.request_id == 0 {
+        return Err(ErrorReply::new(
+            crate::ErrorCode::BadRequest,
+            "request id 0 is reserved for frames that answer no request; number requests from 1",
+        ));
+    }
+    Ok(req)
+}
+
+/// Append `resp` as a response frame answering `request_id` to `out` (0 only for an
+/// error about a frame whose id could not be read). On error `out` is left as it was.
+pub fn encode_response(request_id: u64, resp: &Response, out: &mut Vec<u8>) -> Result<(), WireError> {
+    encode_message(FrameKind::Response, request_id, resp, out)
+}
+
+/// The response in `frame`, or why it is not one. A well-formed
+/// [`Response::Error`] is `Ok`: the transport worked, the request failed.
+pub fn decode_response(frame: &Frame) -> Result<Response, ErrorReply> {
+    decode_message(frame, FrameKind::Response, "response", Some(Response::VARIANTS))
+}
+
+/// Append `event` as an event frame to `out`; `request_id` is 0 unless the event
+/// belongs to a request. On error `out` is left as it was.
+pub fn encode_event(request_id: u64, event: &Event, out: &mut Vec<u8>) -> Result<(), WireError> {
+    encode_message(FrameKind::Event, request_id, event, out)
+}
+
+/// The event in `frame`, or why it is not one.
+pub fn decode_event(frame: &Frame) -> Result<Event, ErrorReply> {
+    decode_message(frame, FrameKind::Event, "event", Some(Event::VARIANTS))
+}
