@@ -63,6 +63,14 @@ pub(crate) fn encode_message<T: Serialize + ?Sized>(
     }
 }
 
+/// "a request", "an event".
+fn with_article(kind: FrameKind) -> alloc::string::String {
+    match kind {
+        FrameKind::Event => format!("an {kind}"),
+        _ => format!("a {kind}"),
+    }
+}
+
 /// The postcard varint at the start of `bytes` (an enum's variant index), if complete.
 fn leading_varint(bytes: &[u8]) -> Option<u64> {
     let mut v = 0u64;
@@ -99,7 +107,11 @@ pub(crate) fn decode_message<T: DeserializeOwned>(
     if frame.kind != expected {
         return Err(ErrorReply::new(
             ErrorCode::BadFrame,
-            format!("expected a {expected} frame, got a {} frame (request id {id})", frame.kind),
+            format!(
+                "expected {} frame, got {} frame (request id {id})",
+                with_article(expected),
+                with_article(frame.kind)
+            ),
         ));
     }
     match postcard::take_from_bytes::<T>(&frame.payload) {

@@ -1,0 +1,312 @@
+//! The checked-in test vectors: the exact bytes of every message, framed.
+//!
+//! `tests/vectors/v<PROTOCOL_VERSION>/<name>.hex` holds one frame per file as hex
+//! (lines starting with `#` are comments). The test encodes every vector below and
+//! compares byte for byte, then decodes the stored bytes and compares the value.
+//!
+//! Regenerate with `WIRE_REGENERATE_VECTORS=1 cargo test -p wire --test vectors`. It
+//! writes missing files and refreshes comments, but refuses to change the bytes of an
+//! existing vector: within a protocol version the format is frozen. To change it, bump
+//! `PROTOCOL_VERSION` (the new `v<N>` directory is then written from scratch; older
+//! directories stay and must be refused from their header).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use wire::{
+    ErrorCode, ErrorReply, Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel,
+    PROTOCOL_VERSION, Request, Response, ServiceId, ServiceState, ServiceStatus, StreamChunk,
+};
+
+#[derive(Debug, PartialEq)]
+enum Msg {
+    Request(Request),
+    Response(Response),
+    Event(Event),
+    Chunk(StreamChunk),
+}
+
+struct Vector {
+    name: String,
+    request_id: u64,
+    msg: Msg,
+}
+
+fn v(name: &str, request_id: u64, msg: Msg) -> Vector {
+    Vector { name: name.to_string(), request_id, msg }
+}
+
+fn status(service: ServiceId, state: ServiceState, handled: u64, errors: u64, depth: u32) -> ServiceStatus {
+    ServiceStatus { service, state, handled, errors, queue_depth: depth, queue_capacity: 16 }
+}
+
+/// Every vector. Each message variant, each service id, each error code and each log
+/// level appears at least once.
+fn vectors() -> Vec<Vector> {
+    let info = InfoReport {
+        hv_version: "0.1.0 (5a3cac6)".to_string(),
+        protocol_version: 1,
+        uptime_ns: 3_800_000_000,
+        capabilities: [("v", "1"), ("vendor", "AuthenticAMD"), ("family", "23"), ("virt", "svm"), ("svm.npt", "1")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        cpus: 2,
+        memory_bytes: 512 << 20,
+        services: vec![
+            status(ServiceId::Core, ServiceState::Running, 42, 1, 0),
+            status(ServiceId::Monitor, ServiceState::Starting, 0, 0, 0),
+            status(ServiceId::Migration, ServiceState::Stopped, 7, 7, 0),
+        ],
+    };
+    let mut out = vec![
+        v("request_ping", 1, Msg::Request(Request::Ping { payload: vec![0xde, 0xad, 0xbe, 0xef] })),
+        v("request_ping_empty", 2, Msg::Request(Request::Ping { payload: vec![] })),
+        v("request_info", 3, Msg::Request(Request::Info)),
+        v("request_service_status_core", 4, Msg::Request(Request::ServiceStatus { service: ServiceId::Core })),
+        v("request_service_status_monitor", 5, Msg::Request(Request::ServiceStatus { service: ServiceId::Monitor })),
+        v(
+            "request_service_status_migration",
+            0x0123_4567_89ab_cdef,
+            Msg::Request(Request::ServiceStatus { service: ServiceId::Migration }),
+        ),
+        v("response_pong", 1, Msg::Response(Response::Pong { payload: vec![0xde, 0xad, 0xbe, 0xef] })),
+        v("response_info", 3, Msg::Response(Response::Info(info))),
+        v(
+            "response_service_status",
+            5,
+            Msg::Response(Response::ServiceStatus(status(ServiceId::Monitor, ServiceState::Running, 300, 2, 3))),
+        ),
+        v("event_log", 0, Msg::Event(Event::Log { level: LogLevel::Warn, message: "RDT monitoring absent".into() })),
+        v(
+            "event_service_state",
+            0,
+            Msg::Event(Event::ServiceState { service: ServiceId::Migration, state: ServiceState::Running }),
+        ),
+        v("stream_chunk_first", 9, Msg::Chunk(StreamChunk::new(1, 0, false, (0u8..32).collect()))),
+        v("stream_chunk_last", 9, Msg::Chunk(StreamChunk::new(1, 1, true, vec![]))),
+    ];
+    for level in [LogLevel::Error, LogLevel::Info, LogLevel::Debug, LogLevel::Trace] {
+        let name = format!("event_log_{}", format!("{level:?}").to_lowercase());
+        out.push(v(&name, 0, Msg::Event(Event::Log { level, message: String::new() })));
+    }
+    for code in ErrorCode::ALL {
+        out.push(v(
+            &format!("response_error_{}", code.name()),
+            6,
+            Msg::Response(Response::Error(ErrorReply::new(code, format!("example {}", code.name())))),
+        ));
+    }
+    out
+}
+
+fn encode(v: &Vector) -> Vec<u8> {
+    let mut out = Vec::new();
+    let r = match &v.msg {
+        Msg::Request(m) => wire::encode_request(v.request_id, m, &mut out),
+        Msg::Response(m) => wire::encode_response(v.request_id, m, &mut out),
+        Msg::Event(m) => wire::encode_event(v.request_id, m, &mut out),
+        Msg::Chunk(m) => wire::encode_stream_chunk(v.request_id, m, &mut out),
+    };
+    r.unwrap_or_else(|e| panic!("vector {} does not encode: {e}", v.name));
+    out
+}
+
+fn decode(frame: &Frame) -> Result<Msg, ErrorReply> {
+    Ok(match frame.kind {
+        FrameKind::Request => Msg::Request(wire::decode_request(frame)?),
+        FrameKind::Response => Msg::Response(wire::decode_response(frame)?),
+        FrameKind::Event => Msg::Event(wire::decode_event(frame)?),
+        FrameKind::StreamChunk => Msg::Chunk(wire::decode_stream_chunk(frame)?),
+    })
+}
+
+fn dir_for(version: u16) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors").join(format!("v{version}"))
+}
+
+fn hex_line(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(" ")
+}
+
+fn render(v: &Vector, bytes: &[u8]) -> String {
+    let (header, payload) = bytes.split_at(HEADER_LEN);
+    let kind = match &v.msg {
+        Msg::Request(_) => FrameKind::Request,
+        Msg::Response(_) => FrameKind::Response,
+        Msg::Event(_) => FrameKind::Event,
+        Msg::Chunk(_) => FrameKind::StreamChunk,
+    };
+    let mut s = String::new();
+    writeln!(s, "# wire test vector `{}`, protocol version {PROTOCOL_VERSION}", v.name).unwrap();
+    writeln!(s, "# Generated by `WIRE_REGENERATE_VECTORS=1 cargo test -p wire --test vectors`; do not edit.").unwrap();
+    writeln!(s, "# Frozen: changing these bytes requires a PROTOCOL_VERSION bump (see wire/src/lib.rs).").unwrap();
+    let value = format!("{:?}", v.msg);
+    writeln!(s, "# value: {}", if value.len() > 400 { format!("{}...", &value[..400]) } else { value }).unwrap();
+    writeln!(
+        s,
+        "# header: magic \"HV\", version {PROTOCOL_VERSION}, kind {} ({kind}), flags 0, request id {:#x}, \
+         payload length {}",
+        kind.as_u8(),
+        v.request_id,
+        payload.len()
+    )
+    .unwrap();
+    writeln!(s, "{}", hex_line(header)).unwrap();
+    writeln!(s, "# payload (postcard)").unwrap();
+    for line in payload.chunks(16) {
+        writeln!(s, "{}", hex_line(line)).unwrap();
+    }
+    s
+}
+
+fn parse_hex(text: &str) -> Result<Vec<u8>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        for tok in line.split_whitespace() {
+            let b = u8::from_str_radix(tok, 16).map_err(|e| format!("line {}: {tok:?}: {e}", n + 1))?;
+            if tok.len() != 2 {
+                return Err(format!("line {}: {tok:?} is not two hex digits", n + 1));
+            }
+            out.push(b);
+        }
+    }
+    Ok(out)
+}
+
+fn decode_one(bytes: &[u8]) -> Result<Frame, FrameError> {
+    let mut dec = FrameDecoder::new();
+    assert_eq!(dec.push(bytes), bytes.len());
+    let frame = dec.next_frame().expect("a complete frame")?;
+    assert!(dec.next_frame().is_none(), "one frame per vector");
+    assert_eq!(dec.buffered(), 0);
+    Ok(frame)
+}
+
+fn first_difference(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).position(|(x, y)| x != y).unwrap_or(a.len().min(b.len()))
+}
+
+#[test]
+fn vectors_match_the_encoding_byte_for_byte() {
+    let regenerate = std::env::var("WIRE_REGENERATE_VECTORS").is_ok_and(|v| v == "1");
+    let dir = dir_for(PROTOCOL_VERSION);
+    if regenerate {
+        std::fs::create_dir_all(&dir).unwrap();
+    }
+    let vectors = vectors();
+    let mut problems = Vec::new();
+    for v in &vectors {
+        let bytes = encode(v);
+        let path = dir.join(format!("{}.hex", v.name));
+        let stored = match std::fs::read_to_string(&path) {
+            Ok(text) => Some(parse_hex(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => panic!("{}: {e}", path.display()),
+        };
+        match &stored {
+            Some(s) if *s != bytes => {
+                let at = first_difference(s, &bytes);
+                problems.push(format!(
+                    "vector {} changed at byte {at}: the wire format of protocol version {PROTOCOL_VERSION} is \
+                     frozen. Bump PROTOCOL_VERSION, then run WIRE_REGENERATE_VECTORS=1 cargo test -p wire --test \
+                     vectors\n  stored:  {}\n  encoded: {}",
+                    v.name,
+                    hex_line(s),
+                    hex_line(&bytes)
+                ));
+                continue;
+            }
+            None if !regenerate => {
+                problems.push(format!(
+                    "vector {} is missing ({}): run WIRE_REGENERATE_VECTORS=1 cargo test -p wire --test vectors",
+                    v.name,
+                    path.display()
+                ));
+                continue;
+            }
+            _ => {}
+        }
+        if regenerate {
+            std::fs::write(&path, render(v, &bytes)).unwrap();
+        }
+        // The stored bytes decode back to the value.
+        let frame = decode_one(&bytes).unwrap_or_else(|e| panic!("vector {}: {e}", v.name));
+        assert_eq!(frame.request_id, v.request_id, "vector {}", v.name);
+        assert_eq!(frame.version, PROTOCOL_VERSION);
+        let msg = decode(&frame).unwrap_or_else(|e| panic!("vector {} does not decode: {e}", v.name));
+        assert_eq!(msg, v.msg, "vector {}", v.name);
+    }
+    // No stale files: every stored vector is one of the above.
+    if let Ok(entries) = std::fs::read_dir(&dir) {
+        for e in entries {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let stem = name.strip_suffix(".hex").unwrap_or(&name);
+            if !vectors.iter().any(|v| v.name == stem) {
+                problems.push(format!(
+                    "{}/{name} is not a known vector: remove it or add it to tests/vectors.rs",
+                    dir.display()
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// Vectors of every other protocol version are refused from the header alone, with the
+/// peer's version and request id, so the receiver can answer them.
+#[test]
+fn other_versions_are_refused_from_the_header() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().into_string().unwrap();
+        let Some(version) = name.strip_prefix('v').and_then(|n| n.parse::<u16>().ok()) else { continue };
+        if version == PROTOCOL_VERSION {
+            continue;
+        }
+        for file in std::fs::read_dir(entry.path()).unwrap() {
+            let path = file.unwrap().path();
+            let bytes = parse_hex(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let request_id = u64::from_le_bytes(bytes[6..14].try_into().unwrap());
+            let mut dec = FrameDecoder::new();
+            dec.push(&bytes[..HEADER_LEN]);
+            assert_eq!(
+                dec.next_frame(),
+                Some(Err(FrameError::UnsupportedVersion { version, request_id })),
+                "{}",
+                path.display()
+            );
+            seen += 1;
+        }
+    }
+    // Until version 2 exists, check the same with a version-0 copy of a current vector.
+    if seen == 0 {
+        let mut bytes = encode(&vectors()[0]);
+        bytes[2] = 0;
+        let mut dec = FrameDecoder::new();
+        dec.push(&bytes);
+        assert_eq!(dec.next_frame(), Some(Err(FrameError::UnsupportedVersion { version: 0, request_id: 1 })));
+    }
+}
+
+#[test]
+fn vectors_cover_every_variant() {
+    let vs = vectors();
+    let first_payload_byte = |kind: FrameKind| -> Vec<u8> {
+        let mut idx: Vec<u8> =
+            vs.iter().map(|v| encode(v)).filter(|b| b[4] == kind.as_u8()).map(|b| b[HEADER_LEN]).collect();
+        idx.sort();
+        idx.dedup();
+        idx
+    };
+    assert_eq!(first_payload_byte(FrameKind::Request), (0..Request::VARIANTS as u8).collect::<Vec<_>>());
+    assert_eq!(first_payload_byte(FrameKind::Response), (0..Response::VARIANTS as u8).collect::<Vec<_>>());
+    assert_eq!(first_payload_byte(FrameKind::Event), (0..Event::VARIANTS as u8).collect::<Vec<_>>());
+    assert!(vs.iter().any(|v| matches!(v.msg, Msg::Chunk(_))));
+}
