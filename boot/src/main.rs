@@ -26,6 +26,8 @@ use uefi::{Status, cstr16, entry};
 const HEAP_PAGES: usize = 1024; // 4 MiB
 /// Frames for hv: page tables, VMCS/VMCB, guest memory.
 const POOL_PAGES: usize = 8192; // 32 MiB
+/// Frames for device DMA (virtqueues and their buffers).
+const DMA_PAGES: usize = 512; // 2 MiB
 
 #[global_allocator]
 static HEAP: LockedHeap = LockedHeap::empty();
@@ -53,6 +55,13 @@ fn main() -> Status {
     // identity-mapped by the firmware (UEFI runs in long mode with VA == PA).
     let frames = unsafe { hv::mm::frames::FramePool::new(pool.as_ptr() as u64, POOL_PAGES) };
 
+    let dma = match boot::allocate_pages(AllocateType::AnyPages, MemoryType::LOADER_DATA, DMA_PAGES) {
+        Ok(p) => p,
+        Err(e) => fail(format_args!("cannot reserve {} MiB for device DMA: {e:?}", DMA_PAGES / 256)),
+    };
+    // SAFETY: as for the frame pool.
+    let dma_frames = unsafe { hv::mm::frames::FramePool::new(dma.as_ptr() as u64, DMA_PAGES) };
+
     let cmdline = read_cmdline();
     if !cmdline.is_empty() {
         println!("Command line: {cmdline}");
@@ -73,7 +82,7 @@ fn main() -> Status {
         .collect();
     memory_map.sort_by_key(|r| r.start);
 
-    let outcome = hv::run(BootInfo { memory_map, frames, cmdline });
+    let outcome = hv::run(BootInfo { memory_map, frames, dma_frames: Some(dma_frames), cmdline, git_revision: env!("HV_GIT_REV") });
     shutdown(outcome)
 }
 

@@ -25,11 +25,13 @@ extern crate std;
 pub mod arch;
 pub mod caps;
 pub mod console;
+pub mod control;
 pub mod cpu;
 pub mod hw;
 pub mod mm;
 pub mod pci;
 pub mod selftest;
+pub mod tasks;
 pub mod time;
 pub mod virtio;
 
@@ -87,8 +89,12 @@ pub struct BootInfo {
     pub memory_map: Vec<MemoryRegion>,
     /// Frames reserved for the hypervisor (tables, control blocks, guest memory).
     pub frames: mm::frames::FramePool,
+    /// Frames reserved for device DMA (virtqueues); handed to `virtio` at start.
+    pub dma_frames: Option<mm::frames::FramePool>,
     /// Options from the boot volume's command-line file (may be empty).
     pub cmdline: String,
+    /// The source revision the image was built from (`git describe`).
+    pub git_revision: &'static str,
 }
 
 static SHUTDOWN_HOOK: spin::Once<fn(Outcome) -> !> = spin::Once::new();
@@ -188,8 +194,15 @@ fn print_cpuid_dump(caps: &caps::Capabilities) {
 /// services exited.
 pub fn run(mut info: BootInfo) -> Outcome {
     let tables = cpu::tables::load();
+    match time::init() {
+        Ok((hz, source)) => log::info!("TSC {} kHz ({:?})", hz / 1000, source),
+        Err(e) => println!("warning: TSC not calibrated ({e}); uptime and timeouts are unavailable"),
+    }
     log::info!("descriptor tables loaded: GDT {:#x}, IDT {:#x}, TSS {:#x}", tables.gdt, tables.idt, tables.tss);
     print_memory_map(&info.memory_map);
+    if let Some(dma) = info.dma_frames.take() {
+        virtio::init_dma(dma);
+    }
     println!("Frame pool: {} frames ({} MiB) free", info.frames.free_frames(), info.frames.free_frames() * 4 / 1024);
 
     let mut recorder = hw::Recorder::new(hw::RealHw);
@@ -217,10 +230,46 @@ pub fn run(mut info: BootInfo) -> Outcome {
         Ok(report) => {
             println!("{report}");
             println!("READY arch={} exit={} value={:#x}", report.arch, report.exit, report.value);
-            Outcome::Ready
         }
         Err(e) => {
             println!("FAIL: guest round trip: {e}");
+            return Outcome::Failed;
+        }
+    }
+
+    serve_control_channel(&info, &caps)
+}
+
+/// Start the control channel and serve it forever; without a vsock device there is
+/// nothing to serve and the machine powers off (Outcome::Ready: nothing failed).
+fn serve_control_channel(info: &BootInfo, caps: &caps::Capabilities) -> Outcome {
+    let memory_bytes = info
+        .memory_map
+        .iter()
+        .filter(|r| matches!(r.kind, RegionKind::Usable | RegionKind::Hypervisor))
+        .map(|r| r.pages * mm::PAGE_SIZE)
+        .sum();
+    let machine = tasks::MachineInfo {
+        hv_version: alloc::format!("{} ({})", VERSION, info.git_revision),
+        capabilities: caps
+            .machine_line()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (String::from(k), String::from(v)))
+            .collect(),
+        // Only the bootstrap CPU runs today (SMP comes with scheduling).
+        cpus: 1,
+        memory_bytes,
+    };
+    match control::ControlServer::start(tasks::Runtime::new(machine)) {
+        Ok(mut server) => server.serve(),
+        Err(control::ControlError::NoDevice) => {
+            println!("CONTROL unavailable: no virtio-vsock device (PCI 1af4:1053); nothing to serve, powering off");
+            Outcome::Ready
+        }
+        Err(e) => {
+            println!("FAIL: control channel: {e}");
             Outcome::Failed
         }
     }

@@ -1,0 +1,265 @@
+//! The service task runtime: the core, monitor_svc and migration_svc each own a
+//! bounded mailbox of `wire` frames (postcard-encoded messages); a router sends each
+//! request to the task that owns it (`wire::Request::service`).
+//!
+//! A full mailbox answers the sender at once with `Busy` (backpressure): memory is
+//! bounded by MAILBOX_CAPACITY frames of at most `wire::MAX_FRAME_LEN` bytes each per
+//! task, whatever the clients do. Tasks run cooperatively on the bootstrap CPU, each
+//! taking a bounded number of messages per turn so no task starves the others.
+//!
+//! The services never see the core's memory: they get a frame and return the encoded
+//! response frame. The core gathers their status for `Info` the same way, by message.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use heapless::Deque;
+use migration_svc::MigrationService;
+use monitor_svc::MonitorService;
+use wire::{ErrorCode, ErrorReply, Frame, FrameKind, InfoReport, Request, Response, ServiceId, ServiceState, ServiceStatus};
+
+/// Frames each mailbox holds.
+pub const MAILBOX_CAPACITY: usize = 16;
+/// Messages a task handles per turn before the others get theirs.
+const TURN_BUDGET: usize = 4;
+
+/// Who a reply goes back to (the control server's connection handle).
+pub type ReplyTo = u32;
+
+struct Envelope {
+    reply_to: ReplyTo,
+    frame: Frame,
+}
+
+/// A bounded mailbox.
+struct Mailbox {
+    queue: Deque<Envelope, MAILBOX_CAPACITY>,
+}
+
+impl Mailbox {
+    fn new() -> Self {
+        Self { queue: Deque::new() }
+    }
+    fn queue_info(&self) -> (u32, u32) {
+        (self.queue.len() as u32, MAILBOX_CAPACITY as u32)
+    }
+}
+
+/// What the core service reports about the machine in `Info`.
+#[derive(Debug, Clone)]
+pub struct MachineInfo {
+    /// Version string with git revision.
+    pub hv_version: String,
+    /// The CAPS line's key/value pairs.
+    pub capabilities: Vec<(String, String)>,
+    /// CPUs the hypervisor runs on.
+    pub cpus: u32,
+    /// Usable memory in bytes.
+    pub memory_bytes: u64,
+}
+
+/// The core task: answers Ping, Info and its own status.
+struct CoreService {
+    machine: MachineInfo,
+    handled: u64,
+    errors: u64,
+}
+
+/// Every task and its mailbox; replies collect in an outbox for the control server.
+pub struct Runtime {
+    core: CoreService,
+    monitor: MonitorService,
+    migration: MigrationService,
+    mailboxes: [Mailbox; 3],
+    outbox: Vec<(ReplyTo, Vec<u8>)>,
+    /// Requests refused with Busy, per task.
+    busy_refusals: [u64; 3],
+}
+
+impl core::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Runtime").field("outbox", &self.outbox.len()).finish_non_exhaustive()
+    }
+}
+
+fn slot(service: ServiceId) -> usize {
+    match service {
+        ServiceId::Core => 0,
+        ServiceId::Monitor => 1,
+        ServiceId::Migration => 2,
+    }
+}
+
+/// Encode `response` as a frame answering `request_id`.
+pub fn encode_reply(request_id: u64, response: &Response) -> Vec<u8> {
+    let mut out = Vec::new();
+    if let Err(e) = wire::encode_response(request_id, response, &mut out) {
+        out.clear();
+        let fallback = Response::Error(ErrorReply::new(ErrorCode::Internal, alloc::format!("cannot encode reply: {e}")));
+        let _ = wire::encode_response(request_id, &fallback, &mut out);
+    }
+    out
+}
+
+impl Runtime {
+    /// All tasks running, mailboxes empty.
+    pub fn new(machine: MachineInfo) -> Self {
+        Self {
+            core: CoreService { machine, handled: 0, errors: 0 },
+            monitor: MonitorService::new(),
+            migration: MigrationService::new(),
+            mailboxes: [Mailbox::new(), Mailbox::new(), Mailbox::new()],
+            outbox: Vec::new(),
+            busy_refusals: [0; 3],
+        }
+    }
+
+    /// Route a request frame to its task's mailbox. A frame that is not a request, or
+    /// whose payload does not decode, is answered at once; a full mailbox answers Busy.
+    pub fn route(&mut self, reply_to: ReplyTo, frame: Frame) {
+        if frame.kind != FrameKind::Request {
+            let reply = ErrorReply::new(
+                ErrorCode::BadRequest,
+                alloc::format!("expected a request frame, got a {} frame", frame.kind.name()),
+            );
+            self.outbox.push((reply_to, encode_reply(frame.request_id, &Response::Error(reply))));
+            return;
+        }
+        let service = match wire::decode_request(&frame) {
+            Ok(request) => request.service(),
+            Err(reply) => {
+                self.outbox.push((reply_to, encode_reply(frame.request_id, &Response::Error(reply))));
+                return;
+            }
+        };
+        let i = slot(service);
+        let request_id = frame.request_id;
+        if self.mailboxes[i].queue.push_back(Envelope { reply_to, frame }).is_err() {
+            self.busy_refusals[i] += 1;
+            let reply = ErrorReply::new(
+                ErrorCode::Busy,
+                alloc::format!("the {} service's mailbox is full ({MAILBOX_CAPACITY} requests); retry later", service.name()),
+            );
+            self.outbox.push((reply_to, encode_reply(request_id, &Response::Error(reply))));
+        }
+    }
+
+    /// Give every task one turn. Returns whether any message was handled.
+    pub fn run_once(&mut self, uptime_ns: Option<u64>) -> bool {
+        let mut worked = false;
+        for _ in 0..TURN_BUDGET {
+            let Some(env) = self.mailboxes[0].queue.pop_front() else { break };
+            let reply = self.handle_core(&env.frame, uptime_ns);
+            self.outbox.push((env.reply_to, reply));
+            worked = true;
+        }
+        for _ in 0..TURN_BUDGET {
+            let Some(env) = self.mailboxes[1].queue.pop_front() else { break };
+            let (depth, capacity) = self.mailboxes[1].queue_info();
+            let reply = self.monitor.handle(&env.frame, monitor_svc::Queue { depth, capacity });
+            self.outbox.push((env.reply_to, reply));
+            worked = true;
+        }
+        for _ in 0..TURN_BUDGET {
+            let Some(env) = self.mailboxes[2].queue.pop_front() else { break };
+            let (depth, capacity) = self.mailboxes[2].queue_info();
+            let reply = self.migration.handle(&env.frame, migration_svc::Queue { depth, capacity });
+            self.outbox.push((env.reply_to, reply));
+            worked = true;
+        }
+        worked
+    }
+
+    /// Take the replies produced so far.
+    pub fn take_outbox(&mut self) -> Vec<(ReplyTo, Vec<u8>)> {
+        core::mem::take(&mut self.outbox)
+    }
+
+    /// Requests refused with Busy so far, per service (core, monitor, migration).
+    pub fn busy_refusals(&self) -> [u64; 3] {
+        self.busy_refusals
+    }
+
+    /// Ask a service for its status by message, as any client would.
+    fn service_status(&mut self, service: ServiceId) -> Result<ServiceStatus, ErrorReply> {
+        let mut bytes = Vec::new();
+        wire::encode_request(u64::MAX, &Request::ServiceStatus { service }, &mut bytes)
+            .map_err(|e| ErrorReply::new(ErrorCode::Internal, alloc::format!("{e}")))?;
+        let mut decoder = wire::FrameDecoder::new();
+        decoder.push(&bytes);
+        let frame = match decoder.next_frame() {
+            Some(Ok(frame)) => frame,
+            _ => return Err(ErrorReply::new(ErrorCode::Internal, "cannot frame a status request")),
+        };
+        let i = slot(service);
+        let (depth, capacity) = self.mailboxes[i].queue_info();
+        let reply = match service {
+            ServiceId::Core => return Ok(self.core_status()),
+            ServiceId::Monitor => self.monitor.handle(&frame, monitor_svc::Queue { depth, capacity }),
+            ServiceId::Migration => self.migration.handle(&frame, migration_svc::Queue { depth, capacity }),
+        };
+        let mut decoder = wire::FrameDecoder::new();
+        decoder.push(&reply);
+        match decoder.next_frame() {
+            Some(Ok(frame)) => match wire::decode_response(&frame)? {
+                Response::ServiceStatus(status) => Ok(status),
+                Response::Error(e) => Err(e),
+                _ => Err(ErrorReply::new(ErrorCode::Internal, "unexpected reply to a status request")),
+            },
+            _ => Err(ErrorReply::new(ErrorCode::Internal, "a service sent an unreadable status reply")),
+        }
+    }
+
+    fn core_status(&self) -> ServiceStatus {
+        let (depth, capacity) = self.mailboxes[0].queue_info();
+        ServiceStatus {
+            service: ServiceId::Core,
+            state: ServiceState::Running,
+            handled: self.core.handled,
+            errors: self.core.errors,
+            queue_depth: depth,
+            queue_capacity: capacity,
+        }
+    }
+
+    fn handle_core(&mut self, frame: &Frame, uptime_ns: Option<u64>) -> Vec<u8> {
+        self.core.handled += 1;
+        let response = match wire::decode_request(frame) {
+            Ok(Request::Ping { payload }) => Response::Pong { payload },
+            Ok(Request::ServiceStatus { .. }) => Response::ServiceStatus(self.core_status()),
+            Ok(Request::Info) => match uptime_ns {
+                None => Response::Error(ErrorReply::new(
+                    ErrorCode::Internal,
+                    "uptime unknown: the TSC could not be calibrated at boot (see the serial log)",
+                )),
+                Some(uptime_ns) => {
+                    let mut services = Vec::new();
+                    let mut failure = None;
+                    for s in ServiceId::ALL {
+                        match self.service_status(s) {
+                            Ok(status) => services.push(status),
+                            Err(e) => failure = Some(e),
+                        }
+                    }
+                    match failure {
+                        Some(e) => Response::Error(e),
+                        None => Response::Info(InfoReport {
+                            hv_version: self.core.machine.hv_version.clone(),
+                            protocol_version: wire::PROTOCOL_VERSION,
+                            uptime_ns,
+                            capabilities: self.core.machine.capabilities.clone(),
+                            cpus: self.core.machine.cpus,
+                            memory_bytes: self.core.machine.memory_bytes,
+                            services,
+                        }),
+                    }
+                }
+            },
+            Err(reply) => Response::Error(reply),
+        };
+        if response.error().is_some() {
+            self.core.errors += 1;
+        }
+        encode_reply(frame.request_id, &response)
+    }
+}
