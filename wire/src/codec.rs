@@ -63,6 +63,27 @@ pub(crate) fn encode_message<T: Serialize + ?Sized>(
     }
 }
 
+/// A postcard flavor that only counts bytes.
+struct Count(usize);
+
+impl Flavor for Count {
+    type Output = usize;
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0 = self.0.saturating_add(data.len());
+        Ok(())
+    }
+
+    fn try_push(&mut self, _: u8) -> postcard::Result<()> {
+        self.0 = self.0.saturating_add(1);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<usize> {
+        Ok(self.0)
+    }
+}
+
 /// "a request", "an event".
 fn with_article(kind: FrameKind) -> alloc::string::String {
     match kind {
@@ -83,12 +104,18 @@ fn leading_varint(bytes: &[u8]) -> Option<u64> {
     None
 }
 
-/// Decode `frame`'s payload as a `T`, which must fill it exactly.
+/// Decode `frame`'s payload as a `T`, which must fill it exactly and be in canonical
+/// form.
+///
+/// Postcard itself accepts over-long varints (`80 00` for 0); we do not, so that every
+/// value has exactly one accepted encoding, the one in the test vectors. Every
+/// non-canonical form is longer than the canonical one, so comparing the payload's
+/// length with the value's encoded length (counted, not written) is enough.
 ///
 /// `what` names the message for the error text ("request"); `variants` is the number
 /// of variants when `T` is an enum, so that an unknown variant index gives
 /// [`ErrorCode::UnknownRequest`] instead of [`ErrorCode::BadRequest`].
-pub(crate) fn decode_message<T: DeserializeOwned>(
+pub(crate) fn decode_message<T: DeserializeOwned + Serialize>(
     frame: &Frame,
     expected: FrameKind,
     what: &str,
@@ -115,7 +142,13 @@ pub(crate) fn decode_message<T: DeserializeOwned>(
         ));
     }
     match postcard::take_from_bytes::<T>(&frame.payload) {
-        Ok((v, [])) => Ok(v),
+        Ok((v, [])) => match postcard::serialize_with_flavor(&v, Count(0)) {
+            Ok(len) if len == frame.payload.len() => Ok(v),
+            _ => Err(ErrorReply::new(
+                ErrorCode::BadRequest,
+                format!("{what} with request id {id} is not in canonical form (an over-long varint)"),
+            )),
+        },
         Ok((_, rest)) => Err(ErrorReply::new(
             ErrorCode::BadRequest,
             format!("{what} with request id {id} has {} unexpected bytes after the message", rest.len()),

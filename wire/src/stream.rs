@@ -339,3 +339,25 @@ pub fn encode_stream_chunk(request_id: u64, chunk: &StreamChunk, out: &mut Vec<u
 pub fn decode_stream_chunk(frame: &Frame) -> Result<StreamChunk, ErrorReply> {
     decode_message(frame, FrameKind::StreamChunk, "stream chunk", None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    #[test]
+    fn sequence_numbers_run_out_cleanly() {
+        let mut tx = StreamSender { stream_id: 1, next_seq: Some(u32::MAX), finished: false };
+        assert_eq!(tx.chunk(vec![], false), Err(StreamError::SeqExhausted { stream_id: 1 }));
+        let c = tx.chunk(vec![1], true).unwrap();
+        assert_eq!((c.seq, c.last), (u32::MAX, true));
+        assert_eq!(tx.chunk(vec![], true), Err(StreamError::SeqExhausted { stream_id: 1 }));
+
+        let mut rx = StreamReassembler { next_seq: u32::MAX, ..StreamReassembler::new(1) };
+        let not_last = StreamChunk::new(1, u32::MAX, false, vec![]);
+        assert_eq!(rx.accept(&not_last), Err(StreamError::SeqExhausted { stream_id: 1 }));
+        assert!(!rx.is_finished());
+        assert_eq!(rx.accept(&c), Ok(&[1u8][..]));
+        assert!(rx.is_finished());
+    }
+}

@@ -239,6 +239,16 @@ fn garbage_payload_is_a_bad_request() {
 }
 
 #[test]
+fn non_canonical_encodings_are_refused() {
+    // Postcard would read these as ServiceStatus { Core }, Info and Ping { [1, 2] }.
+    for payload in [&[2u8, 0x80, 0x00][..], &[0x81, 0x00], &[0, 0x82, 0x00, 1, 2]] {
+        let e = wire::decode_request(&request_frame(payload, 4)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest, "{payload:?}: {e}");
+        assert!(e.message.contains("canonical"), "{e}");
+    }
+}
+
+#[test]
 fn unknown_request_type() {
     for payload in [&[3u8][..], &[0x80, 0x01], &[0xff, 0xff, 0xff, 0xff, 0x0f]] {
         let e = wire::decode_request(&request_frame(payload, 4)).unwrap_err();

@@ -299,8 +299,7 @@ fn other_versions_are_refused_from_the_header() {
 fn vectors_cover_every_variant() {
     let vs = vectors();
     let first_payload_byte = |kind: FrameKind| -> Vec<u8> {
-        let mut idx: Vec<u8> =
-            vs.iter().map(|v| encode(v)).filter(|b| b[4] == kind.as_u8()).map(|b| b[HEADER_LEN]).collect();
+        let mut idx: Vec<u8> = vs.iter().map(encode).filter(|b| b[4] == kind.as_u8()).map(|b| b[HEADER_LEN]).collect();
         idx.sort();
         idx.dedup();
         idx
