@@ -263,3 +263,131 @@ impl Runtime {
         encode_reply(frame.request_id, &response)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+    use alloc::vec;
+
+    fn machine() -> MachineInfo {
+        MachineInfo {
+            hv_version: "0.1.0 (test)".into(),
+            capabilities: vec![("virt".to_string(), "svm".to_string())],
+            cpus: 1,
+            memory_bytes: 512 << 20,
+        }
+    }
+
+    fn frame(id: u64, req: &Request) -> Frame {
+        let mut bytes = Vec::new();
+        wire::encode_request(id, req, &mut bytes).unwrap();
+        let mut d = wire::FrameDecoder::new();
+        d.push(&bytes);
+        d.next_frame().unwrap().unwrap()
+    }
+
+    fn responses(rt: &mut Runtime) -> Vec<(ReplyTo, u64, Response)> {
+        rt.take_outbox()
+            .into_iter()
+            .map(|(to, bytes)| {
+                let mut d = wire::FrameDecoder::new();
+                d.push(&bytes);
+                let f = d.next_frame().unwrap().unwrap();
+                (to, f.request_id, wire::decode_response(&f).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn full_mailbox_answers_busy_at_once_and_memory_stays_bounded() {
+        let mut rt = Runtime::new(machine());
+        for id in 1..=(MAILBOX_CAPACITY as u64 + 3) {
+            rt.route(7, frame(id, &Request::Ping { payload: vec![1, 2] }));
+        }
+        let busy = responses(&mut rt);
+        assert_eq!(busy.len(), 3, "only the overflow is answered before the task runs");
+        for (to, id, r) in &busy {
+            assert_eq!(*to, 7);
+            assert!(*id > MAILBOX_CAPACITY as u64);
+            assert_eq!(r.error().map(|e| e.code), Some(ErrorCode::Busy));
+        }
+        assert_eq!(rt.busy_refusals(), [3, 0, 0]);
+        // The queued ones are all answered, TURN_BUDGET per turn, in order.
+        let mut answered = Vec::new();
+        while rt.run_once(Some(1)) {
+            let batch = responses(&mut rt);
+            assert!(batch.len() <= TURN_BUDGET);
+            answered.extend(batch);
+        }
+        let ids: Vec<u64> = answered.iter().map(|(_, id, _)| *id).collect();
+        assert_eq!(ids, (1..=MAILBOX_CAPACITY as u64).collect::<Vec<_>>());
+        assert!(answered.iter().all(|(_, _, r)| *r == Response::Pong { payload: vec![1, 2] }));
+    }
+
+    #[test]
+    fn requests_reach_the_service_that_owns_them() {
+        let mut rt = Runtime::new(machine());
+        rt.route(1, frame(10, &Request::ServiceStatus { service: ServiceId::Monitor }));
+        rt.route(2, frame(11, &Request::ServiceStatus { service: ServiceId::Migration }));
+        rt.route(3, frame(12, &Request::ServiceStatus { service: ServiceId::Core }));
+        rt.run_once(Some(1));
+        let mut got = responses(&mut rt);
+        got.sort_by_key(|(to, _, _)| *to);
+        let services: Vec<ServiceId> = got
+            .iter()
+            .map(|(_, _, r)| match r {
+                Response::ServiceStatus(s) => s.service,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(services, [ServiceId::Monitor, ServiceId::Migration, ServiceId::Core]);
+    }
+
+    #[test]
+    fn info_gathers_every_service_status_by_message() {
+        let mut rt = Runtime::new(machine());
+        rt.route(1, frame(1, &Request::ServiceStatus { service: ServiceId::Monitor }));
+        rt.run_once(Some(41));
+        rt.route(1, frame(2, &Request::Info));
+        rt.run_once(Some(42));
+        let got = responses(&mut rt);
+        let info = got
+            .iter()
+            .find_map(|(_, id, r)| match (id, r) {
+                (2, Response::Info(i)) => Some(i.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(info.uptime_ns, 42);
+        assert_eq!(info.protocol_version, wire::PROTOCOL_VERSION);
+        assert_eq!(info.capability("virt"), Some("svm"));
+        assert_eq!(info.services.len(), 3);
+        let monitor = info.services.iter().find(|s| s.service == ServiceId::Monitor).unwrap();
+        // The client's status request and the core's own, both by message.
+        assert_eq!(monitor.handled, 2);
+        assert_eq!(monitor.queue_capacity, MAILBOX_CAPACITY as u32);
+        let core = info.services.iter().find(|s| s.service == ServiceId::Core).unwrap();
+        assert_eq!(core.handled, 1);
+    }
+
+    #[test]
+    fn bad_payloads_and_wrong_frame_kinds_get_typed_errors() {
+        let mut rt = Runtime::new(machine());
+        rt.route(1, Frame { kind: FrameKind::Request, version: 1, request_id: 5, payload: vec![0xff, 0xff] });
+        rt.route(1, Frame { kind: FrameKind::Response, version: 1, request_id: 6, payload: vec![] });
+        let got = responses(&mut rt);
+        assert_eq!(got.len(), 2);
+        for (_, _, r) in got {
+            assert_eq!(r.error().map(|e| e.code), Some(ErrorCode::BadRequest));
+        }
+        // Monitor refuses what it does not handle yet, and counts it.
+        rt.route(1, frame(7, &Request::Ping { payload: vec![] }));
+        rt.run_once(None);
+        let _ = responses(&mut rt);
+        rt.route(1, frame(8, &Request::Info));
+        rt.run_once(None);
+        let got = responses(&mut rt);
+        assert_eq!(got[0].2.error().map(|e| e.code), Some(ErrorCode::Internal), "no uptime without a clock");
+    }
+}
