@@ -11,7 +11,8 @@ use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::Result;
@@ -64,6 +65,8 @@ pub struct RunConfig {
     pub cmdline: String,
     /// Copy the serial output to our stdout as it arrives.
     pub echo: bool,
+    /// Attach a virtio-vsock device (QEMU only), served by vhost-device-vsock.
+    pub vsock: bool,
 }
 
 /// What a run produced.
@@ -98,53 +101,240 @@ fn prepare_dir(esp: &Esp, config: &RunConfig) -> Result<PathBuf> {
 /// Boot `esp` on `platform` and collect the serial log until the hypervisor shuts the
 /// machine down, the emulator exits, or the timeout fires.
 pub fn run(platform: &Platform, esp: &Esp, config: &RunConfig) -> Result<RunResult> {
-    let dir = prepare_dir(esp, config)?;
-    match platform {
-        Platform::Qemu { cpu } => run_qemu(cpu, &dir, config),
-        Platform::Bochs { model } => run_bochs(model, &dir, config),
+    let mut session = Session::spawn(platform, esp, config)?;
+    let mut echo = Echo::new(config.echo);
+    let mut ready_after = None;
+    let outcome = session.wait_until(config.timeout, &mut echo, |log| {
+        if ready_after.is_none() && log.ready_at() {
+            ready_after = Some(());
+        }
+        log.outcome().is_some()
+    });
+    let ready_after = ready_after.and(session.ready_after);
+    let timed_out = matches!(outcome, Wait::TimedOut);
+    if matches!(outcome, Wait::Matched(_)) {
+        // The hypervisor powered off; give the emulator a moment to exit by itself.
+        let _ = session.wait_until(Duration::from_secs(10) + session.start.elapsed(), &mut echo, |_| false);
+    }
+    session.stop();
+    echo.flush(&session.serial_bytes());
+    Ok(RunResult { serial: session.serial(), elapsed: session.start.elapsed(), ready_after, timed_out, dir: session.dir.clone() })
+}
+
+/// How a wait ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// The condition held, this long after start.
+    Matched(Duration),
+    /// The emulator exited first.
+    Exited,
+    /// The deadline passed.
+    TimedOut,
+}
+
+/// Copies serial output to stdout, whole lines at a time (so an escape sequence split
+/// across reads is still recognised and stripped).
+#[derive(Debug)]
+pub struct Echo {
+    on: bool,
+    done: usize,
+}
+
+impl Echo {
+    /// Echo when `on`.
+    pub fn new(on: bool) -> Self {
+        Self { on, done: 0 }
+    }
+    fn lines(&mut self, serial: &[u8]) {
+        if self.on
+            && let Some(end) = serial[self.done..].iter().rposition(|&b| b == b'\n')
+        {
+            print!("{}", clean(&String::from_utf8_lossy(&serial[self.done..self.done + end + 1])));
+            self.done += end + 1;
+        }
+    }
+    fn flush(&mut self, serial: &[u8]) {
+        if self.on && serial.len() > self.done {
+            println!("{}", clean(&String::from_utf8_lossy(&serial[self.done..])));
+            self.done = serial.len();
+        }
     }
 }
 
-fn run_qemu(cpu: &str, dir: &Path, config: &RunConfig) -> Result<RunResult> {
+/// A running emulator (and its vsock backend), whose serial output a background
+/// thread collects. Dropping it stops both processes.
+#[derive(Debug)]
+pub struct Session {
+    child: Child,
+    backend: Option<Child>,
+    serial: Arc<Mutex<Vec<u8>>>,
+    stop_collector: Arc<AtomicBool>,
+    /// When the emulator started.
+    pub start: Instant,
+    /// When READY first appeared, if it did (measured by `wait_until`).
+    pub ready_after: Option<Duration>,
+    /// The run's directory.
+    pub dir: PathBuf,
+    /// The hybrid vsock socket (`unix:PATH:PORT` target), when a vsock device is attached.
+    pub vsock_socket: Option<PathBuf>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Session {
+    /// Start `platform` on a fresh copy of `esp`.
+    pub fn spawn(platform: &Platform, esp: &Esp, config: &RunConfig) -> Result<Session> {
+        let dir = prepare_dir(esp, config)?;
+        match platform {
+            Platform::Qemu { cpu } => spawn_qemu(cpu, dir, config),
+            Platform::Bochs { model } => {
+                if config.vsock {
+                    return Err("Bochs has no virtio-vsock device; the control channel needs QEMU".into());
+                }
+                spawn_bochs(model, dir)
+            }
+        }
+    }
+
+    /// The serial output so far.
+    pub fn serial_bytes(&self) -> Vec<u8> {
+        self.serial.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The serial output so far, as text.
+    pub fn serial(&self) -> String {
+        String::from_utf8_lossy(&self.serial_bytes()).into_owned()
+    }
+
+    /// Whether the emulator has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Wait until `done` holds for the serial log, the emulator exits, or `deadline`
+    /// (measured from the start of the emulator) passes. Echoes as it goes.
+    pub fn wait_until(&mut self, deadline: Duration, echo: &mut Echo, mut done: impl FnMut(&SerialLog) -> bool) -> Wait {
+        loop {
+            let bytes = self.serial_bytes();
+            echo.lines(&bytes);
+            let log = SerialLog::new(&String::from_utf8_lossy(&bytes));
+            if self.ready_after.is_none() && log.ready_at() {
+                self.ready_after = Some(self.start.elapsed());
+            }
+            if done(&log) {
+                return Wait::Matched(self.start.elapsed());
+            }
+            if self.exited() {
+                // Let the collector pick up the last output.
+                std::thread::sleep(Duration::from_millis(200));
+                echo.lines(&self.serial_bytes());
+                return Wait::Exited;
+            }
+            if self.start.elapsed() > deadline {
+                return Wait::TimedOut;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stop the emulator and the vsock backend (idempotent).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(b) = self.backend.as_mut() {
+            let _ = b.kill();
+            let _ = b.wait();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        self.stop_collector.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Start vhost-device-vsock for guest CID 4 and wait for its socket.
+fn start_vsock_backend(dir: &Path) -> Result<(Child, PathBuf, PathBuf)> {
+    let vhost = dir.join("vhost.sock");
+    let uds = dir.join("vm.vsock");
+    let log = std::fs::File::create(dir.join("vhost-device-vsock.log")).map_err(|e| format!("vsock log: {e}"))?;
+    let err = log.try_clone().map_err(|e| format!("vsock log: {e}"))?;
+    let mut child = Command::new(tools::vhost_device_vsock()?)
+        .arg("--vm")
+        .arg(format!("guest-cid=4,socket={},uds-path={}", vhost.display(), uds.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(err))
+        .spawn()
+        .map_err(|e| format!("cannot start vhost-device-vsock: {e}"))?;
+    let start = Instant::now();
+    while !vhost.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "vhost-device-vsock exited ({status}) before creating its socket; see {}",
+                dir.join("vhost-device-vsock.log").display()
+            ));
+        }
+        if start.elapsed() > Duration::from_secs(10) {
+            let _ = child.kill();
+            return Err("vhost-device-vsock did not create its socket within 10 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child, vhost, uds))
+}
+
+fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig) -> Result<Session> {
     let vars = dir.join("vars.fd");
     std::fs::copy(tools::OVMF_VARS_4M, &vars).map_err(|e| format!("cannot copy {}: {e}", tools::OVMF_VARS_4M))?;
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-nodefaults", "-machine", "q35", "-accel", "tcg", "-cpu", cpu, "-m", "512M"])
+    cmd.args(["-nodefaults", "-accel", "tcg", "-cpu", cpu, "-m", "512M"])
         .arg("-drive")
         .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", tools::OVMF_CODE_4M))
         .arg("-drive")
         .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
         .arg("-drive")
         .arg(format!("format=raw,file=fat:rw:{}", dir.join("esp").display()))
-        .args(["-serial", "stdio", "-display", "none", "-no-reboot"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(std::fs::File::create(dir.join("qemu.stderr")).map_err(|e| format!("qemu.stderr: {e}"))?));
+        .args(["-serial", "stdio", "-display", "none", "-no-reboot"]);
+    // vhost-user needs guest RAM the backend can map: a shared memfd backend. Without
+    // it the device still appears but fails at driver start (PLATFORMS.md).
+    let (backend, vsock_socket) = if config.vsock {
+        let (child, vhost, uds) = start_vsock_backend(&dir)?;
+        cmd.args(["-machine", "q35,memory-backend=mem0"])
+            .args(["-object", "memory-backend-memfd,id=mem0,size=512M,share=on"])
+            .arg("-chardev")
+            .arg(format!("socket,id=vs0,path={}", vhost.display()))
+            .args(["-device", "vhost-user-vsock-pci,chardev=vs0"]);
+        (Some(child), Some(uds))
+    } else {
+        cmd.args(["-machine", "q35"]);
+        (None, None)
+    };
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(
+        std::fs::File::create(dir.join("qemu.stderr")).map_err(|e| format!("qemu.stderr: {e}"))?,
+    ));
     let start = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
     let mut stdout = child.stdout.take().ok_or("qemu has no stdout pipe")?;
-    let (tx, rx) = mpsc::channel::<Vec<u8>>();
+    let serial = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let sink = serial.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = stdout.read(&mut buf) {
-            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+            if n == 0 {
                 break;
+            }
+            if let Ok(mut s) = sink.lock() {
+                s.extend_from_slice(&buf[..n]);
             }
         }
     });
-    watch(child, start, config, move |serial| {
-        while let Ok(chunk) = rx.try_recv() {
-            serial.extend_from_slice(&chunk);
-        }
-        // Block briefly for more output so the loop does not spin.
-        if let Ok(chunk) = rx.recv_timeout(Duration::from_millis(50)) {
-            serial.extend_from_slice(&chunk);
-        }
-    })
-    .map(|r| RunResult { dir: dir.to_path_buf(), ..r })
+    Ok(Session { child, backend, serial, stop_collector: stop, start, ready_after: None, dir, vsock_socket })
 }
 
-fn run_bochs(model: &str, dir: &Path, config: &RunConfig) -> Result<RunResult> {
+fn spawn_bochs(model: &str, dir: PathBuf) -> Result<Session> {
     // Bochs 2.7 takes at most a 2 MiB ROM: Debian's 2 MiB vars and code, joined.
     let rom = dir.join("ovmf-2m.fd");
     let mut image = std::fs::read(tools::OVMF_VARS_2M).map_err(|e| format!("{}: {e}", tools::OVMF_VARS_2M))?;
@@ -198,71 +388,19 @@ sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy
         .stderr(Stdio::from(err))
         .spawn()
         .map_err(|e| format!("cannot start bochs: {e}"))?;
-    watch(child, start, config, move |serial| {
-        std::thread::sleep(Duration::from_millis(100));
-        if let Ok(now) = std::fs::read(&serial_path)
-            && now.len() > serial.len()
-        {
-            serial.extend_from_slice(&now[serial.len()..]);
+    let serial = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sink, stopped) = (serial.clone(), stop.clone());
+    std::thread::spawn(move || {
+        while !stopped.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+            if let (Ok(now), Ok(mut s)) = (std::fs::read(&serial_path), sink.lock())
+                && now.len() > s.len()
+            {
+                let have = s.len();
+                s.extend_from_slice(&now[have..]);
+            }
         }
-    })
-    .map(|r| RunResult { dir: dir.to_path_buf(), ..r })
-}
-
-/// Poll `collect` for serial output until the emulator exits, the hypervisor's
-/// SHUTDOWN marker appears (then give the emulator a few seconds to exit by itself),
-/// or the timeout fires. The emulator never outlives this function.
-fn watch(
-    mut child: Child,
-    start: Instant,
-    config: &RunConfig,
-    mut collect: impl FnMut(&mut Vec<u8>),
-) -> Result<RunResult> {
-    let mut serial = Vec::new();
-    let mut echoed = 0;
-    let mut ready_after = None;
-    let mut shutdown_seen: Option<Instant> = None;
-    let mut timed_out = false;
-    loop {
-        collect(&mut serial);
-        // Echo whole lines only, so an escape sequence split across reads is still
-        // recognised and stripped.
-        if config.echo
-            && let Some(end) = serial[echoed..].iter().rposition(|&b| b == b'\n')
-        {
-            print!("{}", clean(&String::from_utf8_lossy(&serial[echoed..echoed + end + 1])));
-            echoed += end + 1;
-        }
-        let text = String::from_utf8_lossy(&serial);
-        if ready_after.is_none() && SerialLog::new(&text).ready_at() {
-            ready_after = Some(start.elapsed());
-        }
-        if shutdown_seen.is_none() && SerialLog::new(&text).outcome().is_some() {
-            shutdown_seen = Some(Instant::now());
-        }
-        if let Ok(Some(_)) = child.try_wait() {
-            collect(&mut serial);
-            break;
-        }
-        if shutdown_seen.is_some_and(|t| t.elapsed() > Duration::from_secs(10)) {
-            let _ = child.kill();
-            break;
-        }
-        if start.elapsed() > config.timeout {
-            timed_out = true;
-            let _ = child.kill();
-            break;
-        }
-    }
-    let _ = child.wait();
-    if config.echo && serial.len() > echoed {
-        print!("{}", clean(&String::from_utf8_lossy(&serial[echoed..])));
-    }
-    Ok(RunResult {
-        serial: String::from_utf8_lossy(&serial).into_owned(),
-        elapsed: start.elapsed(),
-        ready_after,
-        timed_out,
-        dir: PathBuf::new(),
-    })
+    });
+    Ok(Session { child, backend: None, serial, stop_collector: stop, start, ready_after: None, dir, vsock_socket: None })
 }

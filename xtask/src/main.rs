@@ -126,25 +126,52 @@ fn run(bochs: bool, model: String, cpu: String, timeout: Option<u64>, cmdline: S
     let platform = if bochs { Platform::Bochs { model } } else { Platform::Qemu { cpu } };
     tools::ensure(&platform)?;
     let esp = image::build(true)?;
+    let vsock = !bochs;
+    if vsock {
+        // Build hvctl now, so the command printed below works at once.
+        tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
+    }
     let config = RunConfig {
         name: "run".into(),
         timeout: Duration::from_secs(timeout.unwrap_or(platform.default_timeout_secs())),
         cmdline,
         echo: true,
+        vsock,
     };
-    println!("xtask: booting on {platform} (timeout {} s)", config.timeout.as_secs());
-    let run = emulator::run(&platform, &esp, &config)?;
-    let log = serial::SerialLog::new(&run.serial);
-    match (log.ready_at(), run.elapsed) {
-        (true, t) => {
-            println!("xtask: READY after {:.1} s on {platform}", t.as_secs_f64());
-            Ok(())
+    println!(
+        "xtask: booting on {platform}{} (READY expected within {} s)",
+        if vsock { " with a virtio-vsock device" } else { "" },
+        config.timeout.as_secs()
+    );
+    let mut session = emulator::Session::spawn(&platform, &esp, &config)?;
+    let mut echo = emulator::Echo::new(true);
+    let serving = |log: &serial::SerialLog| log.line("CONTROL ").is_some() || log.outcome().is_some();
+    match session.wait_until(config.timeout, &mut echo, serving) {
+        emulator::Wait::TimedOut => {
+            return Err(format!("no READY within {} s on {platform}; the serial log is above", config.timeout.as_secs()));
         }
-        (false, _) if run.timed_out => {
-            Err(format!("no READY within {} s on {platform}; the serial log is above", config.timeout.as_secs()))
-        }
-        (false, _) => Err(format!("the hypervisor stopped without READY on {platform}: {}", log.outcome_summary())),
+        emulator::Wait::Exited | emulator::Wait::Matched(_) => {}
     }
+    let log = serial::SerialLog::new(&session.serial());
+    if !log.ready_at() {
+        return Err(format!("the hypervisor stopped without READY on {platform}: {}", log.outcome_summary()));
+    }
+    let ready = session.ready_after.map(|t| t.as_secs_f64()).unwrap_or_default();
+    println!("xtask: READY after {ready:.1} s on {platform}");
+    if let (Some(socket), Some(_)) = (&session.vsock_socket, log.line("CONTROL listening")) {
+        let target = format!("unix:{}:{}", socket.display(), wire::CONTROL_PORT);
+        let connect_file = tools::root().join("target/xtask/hvctl.connect");
+        std::fs::write(&connect_file, format!("{target}\n")).map_err(|e| format!("{}: {e}", connect_file.display()))?;
+        let target_dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+        println!("xtask: the hypervisor is serving; in another terminal:");
+        println!("    {target_dir}/debug/hvctl --connect {target} info");
+        println!("xtask: (hvctl run from {} finds it without --connect). Ctrl-C stops it.", tools::root().display());
+        // Serve until the machine powers off or we are interrupted (which also stops
+        // the vsock backend: it is in our process group).
+        let _ = session.wait_until(Duration::MAX, &mut echo, |l| l.outcome().is_some());
+        let _ = std::fs::remove_file(&connect_file);
+    }
+    Ok(())
 }
 
 fn cpuid_dump(bochs: bool, model: String, cpu: String, output: &std::path::Path) -> Result<()> {
@@ -156,6 +183,7 @@ fn cpuid_dump(bochs: bool, model: String, cpu: String, output: &std::path::Path)
         timeout: Duration::from_secs(platform.default_timeout_secs()),
         cmdline: "cpuid-dump".into(),
         echo: false,
+        vsock: false,
     };
     let run = emulator::run(&platform, &esp, &config)?;
     let text = serial::clean(&run.serial);

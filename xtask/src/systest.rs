@@ -168,6 +168,7 @@ fn run_scenario(s: &Scenario, esp: &Esp) -> Result<(RunResult, Vec<String>)> {
         timeout: Duration::from_secs(platform.default_timeout_secs()),
         cmdline: String::new(),
         echo: false,
+        vsock: false,
     };
     let run = emulator::run(&platform, esp, &config)?;
     let problems = judge(&run, &s.expect);
@@ -215,6 +216,7 @@ pub fn bench_boot(runs: usize) -> Result<()> {
                 timeout: Duration::from_secs(platform.default_timeout_secs()),
                 cmdline: String::new(),
                 echo: false,
+                vsock: false,
             };
             let run = emulator::run(&platform, &esp, &config)?;
             let t = run.ready_after.ok_or_else(|| {

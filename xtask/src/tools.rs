@@ -117,3 +117,26 @@ pub fn cargo(args: &[&str]) -> Result<()> {
         Command::new(&cargo).current_dir(root()).args(args).status().map_err(|e| format!("cannot run cargo: {e}"))?;
     if status.success() { Ok(()) } else { Err(format!("`cargo {}` failed ({status})", args.join(" "))) }
 }
+
+/// The vhost-device-vsock binary, installed with `cargo install --locked` if missing.
+pub fn vhost_device_vsock() -> Result<PathBuf> {
+    let cargo_bin = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .map(|h| h.join("bin").join("vhost-device-vsock"));
+    if on_path("vhost-device-vsock") {
+        return Ok(PathBuf::from("vhost-device-vsock"));
+    }
+    if let Some(p) = cargo_bin.as_ref().filter(|p| p.is_file()) {
+        return Ok(p.clone());
+    }
+    println!("xtask: installing vhost-device-vsock (cargo install --locked vhost-device-vsock, about a minute)");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["install", "--locked", "vhost-device-vsock"])
+        .status()
+        .map_err(|e| format!("cannot run cargo install: {e}"))?;
+    if !status.success() {
+        return Err("`cargo install --locked vhost-device-vsock` failed".into());
+    }
+    cargo_bin.filter(|p| p.is_file()).ok_or_else(|| "vhost-device-vsock installed but not found in ~/.cargo/bin".into())
+}

@@ -2,19 +2,33 @@
 //!
 //! Each command group lives in its own module (`cpuid_cmd` for `hvctl cpuid …`);
 //! this file only parses the command line and turns errors into the one-line
-//! `hvctl: error: …` form. Exit codes: 0 success, 1 a negative verdict (e.g.
-//! `cpuid check` found the policy incompatible), 2 usage or input errors.
+//! `hvctl: error: …` form. Exit codes: see [`EXIT_CODES`].
 
+mod control_cmd;
 mod cpuid_cmd;
+mod transport;
 
 use clap::{Parser, Subcommand};
 use std::fmt;
 use std::process::ExitCode;
 
+/// The exit codes, as `--help` shows them.
+pub const EXIT_CODES: &str = "Exit codes: 0 success; 1 a negative verdict (cpuid check/policy: incompatible or rejected); \
+2 usage or input error; 3 cannot reach the hypervisor (connection refused, timeout, protocol error); \
+4 the hypervisor answered with an error.";
+
 /// hvctl: control and inspect the hypervisor from the host.
 #[derive(Debug, Parser)]
-#[command(name = "hvctl", version, about)]
+#[command(name = "hvctl", version, about, after_help = EXIT_CODES)]
 struct Cli {
+    /// Where the hypervisor listens: `unix:PATH:PORT` (vhost-device-vsock's hybrid
+    /// socket, as `cargo xtask run` prints) or `vsock:CID:PORT` (AF_VSOCK). Default:
+    /// $HVCTL_CONNECT, else the file target/xtask/hvctl.connect that `cargo xtask run` writes.
+    #[arg(long, global = true, value_name = "TARGET")]
+    connect: Option<String>,
+    /// Seconds to keep retrying the connection.
+    #[arg(long, global = true, default_value_t = 5.0, value_name = "SECS")]
+    connect_timeout: f64,
     #[command(subcommand)]
     command: Command,
 }
@@ -23,11 +37,15 @@ struct Cli {
 enum Command {
     /// CPUID featuresets, policies and cross-host levelling (no hypervisor needed).
     Cpuid(cpuid_cmd::CpuidArgs),
+    /// The hypervisor's version, uptime, capabilities, CPUs, memory and services.
+    Info(control_cmd::InfoArgs),
+    /// Round-trip time to the hypervisor.
+    Ping(control_cmd::PingArgs),
 }
 
-/// A command failure: printed as one line, exit code 2.
+/// A command failure: printed as one line, with its exit code (see [`EXIT_CODES`]).
 #[derive(Debug)]
-pub struct CliError(pub String);
+pub struct CliError(pub String, pub u8);
 
 impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -35,9 +53,19 @@ impl fmt::Display for CliError {
     }
 }
 
-/// Shorthand for building a [`CliError`].
+/// A usage or input error (exit 2).
 pub fn err(msg: impl Into<String>) -> CliError {
-    CliError(msg.into())
+    CliError(msg.into(), 2)
+}
+
+/// The hypervisor could not be reached or spoke nonsense (exit 3).
+pub fn connection_err(msg: impl Into<String>) -> CliError {
+    CliError(msg.into(), 3)
+}
+
+/// The hypervisor answered with an error (exit 4).
+pub fn remote_err(msg: impl Into<String>) -> CliError {
+    CliError(msg.into(), 4)
 }
 
 fn main() -> ExitCode {
@@ -68,12 +96,18 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Cpuid(args) => cpuid_cmd::run(args),
+        Command::Info(args) => control_cmd::info(&cli_target(&cli.connect, cli.connect_timeout), args),
+        Command::Ping(args) => control_cmd::ping(&cli_target(&cli.connect, cli.connect_timeout), args),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("hvctl: error: {e}");
-            ExitCode::from(2)
+            ExitCode::from(e.1)
         }
     }
+}
+
+fn cli_target(connect: &Option<String>, timeout: f64) -> transport::Options {
+    transport::Options { connect: connect.clone(), timeout: std::time::Duration::from_secs_f64(timeout.max(0.0)) }
 }

@@ -1,0 +1,165 @@
+//! `hvctl info` and `hvctl ping`: talk to a running hypervisor over its control port.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use serde_json::json;
+use wire::{Request, Response};
+
+use crate::transport::{Client, Options};
+use crate::{CliError, connection_err, remote_err};
+
+/// `hvctl info`
+#[derive(Debug, Args)]
+pub struct InfoArgs {
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `hvctl ping`
+#[derive(Debug, Args)]
+pub struct PingArgs {
+    /// Number of pings.
+    #[arg(short, long, default_value_t = 4)]
+    count: u32,
+    /// Payload bytes per ping.
+    #[arg(long, default_value_t = 16)]
+    size: usize,
+    /// Milliseconds between pings.
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+fn expect<T>(response: Response, what: &str, pick: impl FnOnce(Response) -> Option<T>) -> Result<T, CliError> {
+    if let Response::Error(e) = &response {
+        return Err(remote_err(format!("the hypervisor refused {what}: {e}")));
+    }
+    pick(response).ok_or_else(|| connection_err(format!("the hypervisor answered {what} with the wrong message")))
+}
+
+fn human_bytes(b: u64) -> String {
+    if b >= 1 << 30 { format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64) } else { format!("{} MiB", b >> 20) }
+}
+
+/// Print the hypervisor's self-description.
+pub fn info(opts: &Options, args: InfoArgs) -> Result<ExitCode, CliError> {
+    let mut client = Client::connect(opts)?;
+    let info = expect(client.call(&Request::Info)?, "info", |r| match r {
+        Response::Info(i) => Some(i),
+        _ => None,
+    })?;
+    if args.json {
+        let caps: serde_json::Map<String, serde_json::Value> =
+            info.capabilities.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+        let services: Vec<_> = info
+            .services
+            .iter()
+            .map(|s| {
+                json!({
+                    "service": s.service.name(), "state": s.state.name(), "handled": s.handled,
+                    "errors": s.errors, "queue_depth": s.queue_depth, "queue_capacity": s.queue_capacity,
+                })
+            })
+            .collect();
+        let out = json!({
+            "target": client.target.to_string(),
+            "hv_version": info.hv_version,
+            "protocol_version": info.protocol_version,
+            "uptime_ns": info.uptime_ns,
+            "cpus": info.cpus,
+            "memory_bytes": info.memory_bytes,
+            "capabilities": caps,
+            "services": services,
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("hypervisor    hv {}", info.hv_version);
+    println!("target        {}", client.target);
+    println!("protocol      {}", info.protocol_version);
+    println!("uptime        {:.1} s", info.uptime_ns as f64 / 1e9);
+    println!("cpus          {}", info.cpus);
+    println!("memory        {}", human_bytes(info.memory_bytes));
+    println!("capabilities");
+    let width = info.capabilities.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    for (k, v) in &info.capabilities {
+        println!("  {k:<width$}  {v}");
+    }
+    println!("services");
+    println!("  {:<10} {:<9} {:>8} {:>7} {:>7}", "SERVICE", "STATE", "HANDLED", "ERRORS", "QUEUE");
+    for s in &info.services {
+        println!(
+            "  {:<10} {:<9} {:>8} {:>7} {:>7}",
+            s.service.name(),
+            s.state.name(),
+            s.handled,
+            s.errors,
+            format!("{}/{}", s.queue_depth, s.queue_capacity)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Measure round trips.
+pub fn ping(opts: &Options, args: PingArgs) -> Result<ExitCode, CliError> {
+    if args.count == 0 {
+        return Err(crate::err("--count must be at least 1"));
+    }
+    if args.size > wire::MAX_FRAME_LEN - 16 {
+        return Err(crate::err(format!("--size must be at most {} bytes", wire::MAX_FRAME_LEN - 16)));
+    }
+    let mut client = Client::connect(opts)?;
+    let mut rtts = Vec::new();
+    for i in 0..args.count {
+        let payload: Vec<u8> = (0..args.size).map(|j| (i as usize + j) as u8).collect();
+        let start = Instant::now();
+        let response = client.call(&Request::Ping { payload: payload.clone() })?;
+        let rtt = start.elapsed();
+        let echoed = expect(response, "ping", |r| match r {
+            Response::Pong { payload } => Some(payload),
+            _ => None,
+        })?;
+        if echoed != payload {
+            return Err(connection_err("the hypervisor echoed different bytes"));
+        }
+        if !args.json {
+            println!("pong from {}: seq={} bytes={} time={:.3} ms", client.target, i + 1, args.size, rtt.as_secs_f64() * 1e3);
+        }
+        rtts.push(rtt);
+        if args.interval_ms > 0 && i + 1 < args.count {
+            std::thread::sleep(Duration::from_millis(args.interval_ms));
+        }
+    }
+    let mut sorted = rtts.clone();
+    sorted.sort();
+    let pct = |p: f64| sorted[((sorted.len() as f64 - 1.0) * p).round() as usize];
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    if args.json {
+        let out = json!({
+            "target": client.target.to_string(),
+            "count": rtts.len(),
+            "size": args.size,
+            "rtt_us": rtts.iter().map(|d| us(*d)).collect::<Vec<_>>(),
+            "min_us": us(sorted[0]),
+            "median_us": us(pct(0.5)),
+            "p99_us": us(pct(0.99)),
+            "max_us": us(sorted[sorted.len() - 1]),
+        });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+    } else {
+        println!(
+            "{} pings: min {:.3} ms, median {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            rtts.len(),
+            us(sorted[0]) / 1e3,
+            us(pct(0.5)) / 1e3,
+            us(pct(0.99)) / 1e3,
+            us(sorted[sorted.len() - 1]) / 1e3
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
