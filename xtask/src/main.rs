@@ -5,6 +5,8 @@
 //! Missing host tools are installed with apt-get when running as root on Debian or
 //! Ubuntu, or named with the exact install command otherwise.
 
+mod client;
+mod control_tests;
 mod deps;
 mod emulator;
 mod image;

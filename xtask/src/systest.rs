@@ -180,6 +180,9 @@ pub fn run_all(filter: Option<&str>) -> Result<()> {
     let esp = image::build(true)?;
     println!("xtask: image {} ({} bytes)", esp.efi.display(), esp.size);
     let (mut passed, mut failed) = (0, 0);
+    let (p, f) = crate::control_tests::run(&esp, filter)?;
+    passed += p;
+    failed += f;
     for s in scenarios().iter().filter(|s| filter.is_none_or(|f| s.name.contains(f))) {
         println!("systest {} on {} ...", s.name, (s.platform)());
         let (run, problems) = run_scenario(s, &esp)?;

@@ -1,0 +1,316 @@
+//! System tests of the control channel, on one QEMU instance with a virtio-vsock
+//! device: `hvctl info --json` against the serial log, many concurrent clients, and
+//! misbehaving clients while a well-behaved one keeps being served.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use wire::{ErrorCode, Request, Response, ServiceId};
+
+use crate::client::RawClient;
+use crate::emulator::{Echo, Platform, RunConfig, Session, Wait};
+use crate::image::Esp;
+use crate::serial::{SerialLog, clean};
+use crate::{Result, tools};
+
+struct Ctx {
+    socket: PathBuf,
+    hvctl: PathBuf,
+    caps: BTreeMap<String, String>,
+}
+
+type Test = fn(&Ctx) -> Result<String>;
+
+const TESTS: &[(&str, Test)] = &[
+    ("control-info-json-matches-serial", info_json_matches_serial),
+    ("control-8-clients-x-200-requests", concurrent_clients),
+    ("control-misbehaving-clients-are-contained", misbehaving_clients),
+    ("control-still-serving-after-abuse", still_serving),
+];
+
+/// Boot once with a vsock device and run the control tests (those matching `filter`).
+pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
+    let selected: Vec<_> = TESTS.iter().filter(|(n, _)| filter.is_none_or(|f| n.contains(f))).collect();
+    if selected.is_empty() {
+        return Ok((0, 0));
+    }
+    let platform = Platform::Qemu { cpu: "EPYC".into() };
+    tools::ensure(&platform)?;
+    tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| tools::root().join("target"));
+    let hvctl = target_dir.join("debug").join("hvctl");
+    let config = RunConfig {
+        name: "control".into(),
+        timeout: Duration::from_secs(platform.default_timeout_secs()),
+        cmdline: String::new(),
+        echo: false,
+        vsock: true,
+    };
+    println!("systest control-* on {platform} with virtio-vsock ...");
+    let mut session = Session::spawn(&platform, esp, &config)?;
+    let wait = session.wait_until(config.timeout, &mut Echo::new(false), |l| {
+        l.line("CONTROL ").is_some() || l.outcome().is_some()
+    });
+    let log = SerialLog::new(&session.serial());
+    let socket = session.vsock_socket.clone().ok_or("no vsock socket")?;
+    if !matches!(wait, Wait::Matched(_)) || log.line("CONTROL listening").is_none() {
+        println!("systest control-* ... FAILED: the control channel did not come up ({wait:?})");
+        print_log(&session);
+        return Ok((0, selected.len()));
+    }
+    let ctx = Ctx { socket, hvctl, caps: log.caps().unwrap_or_default() };
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in selected {
+        let start = Instant::now();
+        match test(&ctx) {
+            Ok(detail) => {
+                passed += 1;
+                println!("systest {name} ... ok ({:.1} s; {detail})", start.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                failed += 1;
+                println!("systest {name} ... FAILED\n  - {e}");
+            }
+        }
+    }
+    let log = SerialLog::new(&session.serial());
+    for marker in ["FAIL:", "FATAL:", "SHUTDOWN"] {
+        if let Some(l) = log.line(marker) {
+            failed += 1;
+            println!("systest control-* ... FAILED: the hypervisor stopped serving: {l}");
+        }
+    }
+    if failed > 0 {
+        print_log(&session);
+    }
+    session.stop();
+    Ok((passed, failed))
+}
+
+fn print_log(session: &Session) {
+    println!("---- serial log of control ({}) ----\n{}\n---- end of serial log ----", session.dir.display(), clean(&session.serial()));
+}
+
+fn target(ctx: &Ctx) -> String {
+    format!("unix:{}:{}", ctx.socket.display(), wire::CONTROL_PORT)
+}
+
+fn hvctl(ctx: &Ctx, args: &[&str]) -> Result<String> {
+    let out = Command::new(&ctx.hvctl)
+        .arg("--connect")
+        .arg(target(ctx))
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", ctx.hvctl.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "hvctl {} exited with {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn info_json_matches_serial(ctx: &Ctx) -> Result<String> {
+    let text = hvctl(ctx, &["info", "--json"])?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("hvctl info --json is not JSON: {e}"))?;
+    let caps: BTreeMap<String, String> = v["capabilities"]
+        .as_object()
+        .ok_or("no capabilities object")?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
+        .collect();
+    if caps != ctx.caps {
+        return Err(format!("capabilities differ from the serial CAPS line:\n  hvctl:  {caps:?}\n  serial: {:?}", ctx.caps));
+    }
+    if v["protocol_version"] != wire::PROTOCOL_VERSION {
+        return Err(format!("protocol_version {} != {}", v["protocol_version"], wire::PROTOCOL_VERSION));
+    }
+    let services = v["services"].as_array().ok_or("no services")?;
+    let names: Vec<&str> = services.iter().filter_map(|s| s["service"].as_str()).collect();
+    if names != ["core", "monitor", "migration"] || services.iter().any(|s| s["state"] != "running") {
+        return Err(format!("unexpected services: {services:?}"));
+    }
+    if v["uptime_ns"].as_u64().unwrap_or(0) == 0 || v["memory_bytes"].as_u64().unwrap_or(0) < 256 << 20 {
+        return Err(format!("implausible uptime or memory: {v}"));
+    }
+    Ok(format!("{} capabilities equal", caps.len()))
+}
+
+fn concurrent_clients(ctx: &Ctx) -> Result<String> {
+    const CLIENTS: u64 = 8;
+    const REQUESTS: u64 = 200;
+    let start = Instant::now();
+    let handles: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let socket = ctx.socket.clone();
+            std::thread::spawn(move || -> Result<()> {
+                let mut client = RawClient::connect(&socket, wire::CONTROL_PORT)?;
+                for i in 0..REQUESTS {
+                    if i % 25 == 24 {
+                        match client.call(&Request::ServiceStatus { service: ServiceId::Monitor })? {
+                            Response::ServiceStatus(s) if s.service == ServiceId::Monitor => {}
+                            other => return Err(format!("client {c}: status answered with {other:?}")),
+                        }
+                        continue;
+                    }
+                    let payload: Vec<u8> = format!("client {c} request {i}").into_bytes();
+                    match client.call(&Request::Ping { payload: payload.clone() })? {
+                        Response::Pong { payload: p } if p == payload => {}
+                        other => return Err(format!("client {c} request {i}: wrong answer {other:?}")),
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().map_err(|_| "a client thread panicked")??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(format!("{} requests in {secs:.2} s", CLIENTS * REQUESTS))
+}
+
+/// Read frames until one arrives or the connection closes; returns the error reply
+/// if the hypervisor sent one.
+fn expect_error_then_close(client: &mut RawClient, what: &str) -> Result<Option<(u64, ErrorCode)>> {
+    let mut error = None;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if Instant::now() > deadline {
+            return Err(format!("{what}: the connection was not closed within 15 s"));
+        }
+        match client.read_frame() {
+            Ok(None) => return Ok(error),
+            Ok(Some(frame)) => match wire::decode_response(&frame) {
+                Ok(Response::Error(e)) => error = Some((frame.request_id, e.code)),
+                other => return Err(format!("{what}: unexpected answer {other:?}")),
+            },
+            Err(e) if e.contains("timed out") || e.contains("Resource temporarily unavailable") => {
+                return Err(format!("{what}: no answer and no close: {e}"));
+            }
+            Err(_) => return Ok(error),
+        }
+    }
+}
+
+fn header(version: u16, kind: u8, request_id: u64, len: u32) -> Vec<u8> {
+    let mut h = Vec::from(wire::MAGIC);
+    h.extend_from_slice(&version.to_le_bytes());
+    h.push(kind);
+    h.push(0);
+    h.extend_from_slice(&request_id.to_le_bytes());
+    h.extend_from_slice(&len.to_le_bytes());
+    h
+}
+
+fn misbehaving_clients(ctx: &Ctx) -> Result<String> {
+    // A well-behaved client pings throughout; it must never fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, bad) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let good = {
+        let (socket, stop, ok, bad) = (ctx.socket.clone(), stop.clone(), ok.clone(), bad.clone());
+        std::thread::spawn(move || {
+            let Ok(mut client) = RawClient::connect(&socket, wire::CONTROL_PORT) else {
+                bad.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            while !stop.load(Ordering::Relaxed) {
+                match client.call(&Request::Ping { payload: b"steady".to_vec() }) {
+                    Ok(Response::Pong { payload }) if payload == b"steady" => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => bad.fetch_add(1, Ordering::Relaxed),
+                };
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let socket: &Path = &ctx.socket;
+    let port = wire::CONTROL_PORT;
+    let mut findings = Vec::new();
+    let result = (|| -> Result<()> {
+        // 1. Garbage that is not our protocol at all.
+        let mut c = RawClient::connect(socket, port)?;
+        c.stream.write_all(b"GET / HTTP/1.1\r\nHost: hv\r\n\r\n").map_err(|e| e.to_string())?;
+        match expect_error_then_close(&mut c, "garbage")? {
+            Some((_, ErrorCode::BadFrame)) => findings.push("garbage: BadFrame + close"),
+            other => return Err(format!("garbage: expected a BadFrame reply and a close, got {other:?}")),
+        }
+        // 2. A header announcing more than MAX_FRAME_LEN.
+        let mut c = RawClient::connect(socket, port)?;
+        c.stream.write_all(&header(wire::PROTOCOL_VERSION, 1, 41, wire::MAX_FRAME_LEN as u32 + 1)).map_err(|e| e.to_string())?;
+        match expect_error_then_close(&mut c, "oversize")? {
+            Some((41, ErrorCode::FrameTooLarge)) => findings.push("oversize: FrameTooLarge + close"),
+            other => return Err(format!("oversize: expected FrameTooLarge for request 41, got {other:?}")),
+        }
+        // 3. A protocol version we do not speak.
+        let mut c = RawClient::connect(socket, port)?;
+        c.stream.write_all(&header(wire::PROTOCOL_VERSION + 7, 1, 77, 1)).map_err(|e| e.to_string())?;
+        c.stream.write_all(&[1]).map_err(|e| e.to_string())?;
+        match expect_error_then_close(&mut c, "wrong version")? {
+            Some((77, ErrorCode::UnsupportedVersion)) => findings.push("wrong version: UnsupportedVersion + close"),
+            other => return Err(format!("wrong version: expected UnsupportedVersion for request 77, got {other:?}")),
+        }
+        // 4. Half a frame, then silence: closed with Timeout after the stall limit.
+        let mut c = RawClient::connect(socket, port)?;
+        c.stream.write_all(&header(wire::PROTOCOL_VERSION, 1, 5, 100)).map_err(|e| e.to_string())?;
+        c.stream.write_all(&[0u8; 10]).map_err(|e| e.to_string())?;
+        let t = Instant::now();
+        match expect_error_then_close(&mut c, "stalled half frame")? {
+            Some((_, ErrorCode::Timeout)) => findings.push("stalled half frame: Timeout + close"),
+            other => return Err(format!("stalled half frame: expected a Timeout reply, got {other:?}")),
+        }
+        if t.elapsed() < Duration::from_secs(4) {
+            return Err(format!("stalled half frame closed too early ({:.1} s)", t.elapsed().as_secs_f64()));
+        }
+        // 5. Half a frame, then hang up.
+        let mut c = RawClient::connect(socket, port)?;
+        c.stream.write_all(&header(wire::PROTOCOL_VERSION, 1, 6, 100)).map_err(|e| e.to_string())?;
+        c.stream.write_all(&[0u8; 3]).map_err(|e| e.to_string())?;
+        drop(c);
+        findings.push("disconnect mid-frame");
+        // 6. A valid frame whose payload is not a request.
+        let mut c = RawClient::connect(socket, port)?;
+        let mut frame = header(wire::PROTOCOL_VERSION, 1, 9, 3);
+        frame.extend_from_slice(&[0xee, 0xee, 0xee]);
+        c.stream.write_all(&frame).map_err(|e| e.to_string())?;
+        match c.read_frame()?.map(|f| (f.request_id, wire::decode_response(&f))) {
+            Some((9, Ok(Response::Error(e)))) if e.code == ErrorCode::BadRequest => {
+                findings.push("undecodable payload: BadRequest, connection kept")
+            }
+            other => return Err(format!("undecodable payload: expected BadRequest for request 9, got {other:?}")),
+        }
+        match c.call(&Request::Ping { payload: vec![1] })? {
+            Response::Pong { .. } => {}
+            other => return Err(format!("after BadRequest the connection should still serve: {other:?}")),
+        }
+        Ok(())
+    })();
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let _ = good.join();
+    result?;
+    let (ok, bad) = (ok.load(Ordering::Relaxed), bad.load(Ordering::Relaxed));
+    if bad > 0 || ok < 50 {
+        return Err(format!("the well-behaved client was disturbed: {ok} answers, {bad} failures"));
+    }
+    Ok(format!("{}; the steady client got {ok} answers, 0 failures", findings.join(", ")))
+}
+
+fn still_serving(ctx: &Ctx) -> Result<String> {
+    let out = hvctl(ctx, &["ping", "-c", "3", "--json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("ping --json: {e}"))?;
+    if v["count"] != 3 {
+        return Err(format!("ping --json: {v}"));
+    }
+    let text = hvctl(ctx, &["info", "--json"])?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("info --json: {e}"))?;
+    let core = v["services"].as_array().and_then(|s| s.first()).ok_or("no services")?;
+    Ok(format!("core has handled {} requests", core["handled"]))
+}
