@@ -314,3 +314,38 @@ fn still_serving(ctx: &Ctx) -> Result<String> {
     let core = v["services"].as_array().and_then(|s| s.first()).ok_or("no services")?;
     Ok(format!("core has handled {} requests", core["handled"]))
 }
+
+/// `cargo xtask bench control`: `runs` round trips each of Ping and Info over one
+/// connection, after a warm-up; median and p99 (TCG timings: relative, not absolute).
+pub fn bench(runs: usize) -> Result<()> {
+    let esp = crate::image::build(true)?;
+    let platform = Platform::Qemu { cpu: "EPYC".into() };
+    tools::ensure(&platform)?;
+    let config = RunConfig { name: "bench-control".into(), timeout: Duration::from_secs(60), cmdline: String::new(), echo: false, vsock: true };
+    let mut session = Session::spawn(&platform, &esp, &config)?;
+    let wait = session.wait_until(config.timeout, &mut Echo::new(false), |l| l.line("CONTROL listening").is_some());
+    if !matches!(wait, Wait::Matched(_)) {
+        return Err(format!("the control channel did not come up ({wait:?}):\n{}", clean(&session.serial())));
+    }
+    let socket = session.vsock_socket.clone().ok_or("no vsock socket")?;
+    let mut client = RawClient::connect(&socket, wire::CONTROL_PORT)?;
+    let runs = runs.max(10);
+    for (name, request) in [("ping (16 B)", Request::Ping { payload: vec![7; 16] }), ("info", Request::Info)] {
+        for _ in 0..runs / 10 {
+            client.call(&request)?;
+        }
+        let mut times = Vec::with_capacity(runs);
+        for _ in 0..runs {
+            let t = Instant::now();
+            match client.call(&request)? {
+                Response::Error(e) => return Err(format!("{name}: {e}")),
+                _ => times.push(t.elapsed()),
+            }
+        }
+        times.sort();
+        let at = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6;
+        println!("{name:<12} {runs} round trips: median {:.0} µs, p99 {:.0} µs, min {:.0} µs, max {:.0} µs", at(0.5), at(0.99), at(0.0), at(1.0));
+    }
+    session.stop();
+    Ok(())
+}

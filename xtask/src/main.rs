@@ -87,14 +87,16 @@ enum Command {
     CheckDeps,
     /// clippy (deny warnings) on the host crates and on the UEFI image, and rustfmt --check.
     Lint,
-    /// Benchmarks: `boot` measures time from emulator start to READY.
+    /// Benchmarks: `boot` measures time from emulator start to READY; `control` the
+    /// round trip of ping and info over virtio-vsock under QEMU TCG.
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["boot"])]
+        #[arg(value_parser = ["boot", "control"])]
         what: String,
-        /// Runs per platform (the median is reported).
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
+        /// boot: runs per platform (the median is reported); control: requests per kind
+        /// (default 1000).
+        #[arg(long)]
+        runs: Option<usize>,
     },
 }
 
@@ -110,7 +112,8 @@ fn main() -> ExitCode {
         Command::CpuidDump { bochs, model, cpu, output } => cpuid_dump(bochs, model, cpu, &output),
         Command::CheckDeps => deps::check(),
         Command::Lint => lint(),
-        Command::Bench { what: _, runs } => systest::bench_boot(runs),
+        Command::Bench { what, runs } if what == "control" => control_tests::bench(runs.unwrap_or(1000)),
+        Command::Bench { runs, .. } => systest::bench_boot(runs.unwrap_or(3)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
