@@ -108,7 +108,7 @@ impl fmt::Display for WireError {
 impl core::error::Error for WireError {}
 
 /// Why [`FrameDecoder`] refused the byte stream. Every case is decided from the header
-/// alone, before any of the payload is buffered. After one of these the decoder is
+/// alone, without waiting for the payload or allocating for it. After one of these the decoder is
 /// poisoned and the connection is to be closed, after answering with
 /// [`FrameError::encode_reply`].
 #[derive(Clone, Debug, PartialEq, Eq)]
