@@ -146,32 +146,6 @@ fn print_memory_map(map: &[MemoryRegion]) {
     println!("  usable RAM: {} MiB", usable / (1024 * 1024));
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn coalesce_merges_only_contiguous_regions_of_one_kind() {
-        let r = |start, pages, kind| MemoryRegion { start, pages, kind };
-        let map = [
-            r(0, 1, RegionKind::Usable),
-            r(0x1000, 2, RegionKind::Usable),
-            r(0x3000, 1, RegionKind::Hypervisor),
-            r(0x4000, 1, RegionKind::Usable),
-            r(0x6000, 1, RegionKind::Usable), // gap at 0x5000: not merged
-        ];
-        assert_eq!(
-            coalesce(&map),
-            [
-                r(0, 3, RegionKind::Usable),
-                r(0x3000, 1, RegionKind::Hypervisor),
-                r(0x4000, 1, RegionKind::Usable),
-                r(0x6000, 1, RegionKind::Usable),
-            ]
-        );
-    }
-}
-
 /// Print every CPUID leaf and subleaf of this CPU in `hvctl cpuid dump` format between
 /// `CPUID-DUMP-BEGIN` and `CPUID-DUMP-END` (boot option `cpuid-dump`), so emulator and
 /// bare-metal dumps can be captured for levelling's test data.
@@ -272,5 +246,31 @@ fn serve_control_channel(info: &BootInfo, caps: &caps::Capabilities) -> Outcome 
             println!("FAIL: control channel: {e}");
             Outcome::Failed
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesce_merges_only_contiguous_regions_of_one_kind() {
+        let r = |start, pages, kind| MemoryRegion { start, pages, kind };
+        let map = [
+            r(0, 1, RegionKind::Usable),
+            r(0x1000, 2, RegionKind::Usable),
+            r(0x3000, 1, RegionKind::Hypervisor),
+            r(0x4000, 1, RegionKind::Usable),
+            r(0x6000, 1, RegionKind::Usable), // gap at 0x5000: not merged
+        ];
+        assert_eq!(
+            coalesce(&map),
+            [
+                r(0, 3, RegionKind::Usable),
+                r(0x3000, 1, RegionKind::Hypervisor),
+                r(0x4000, 1, RegionKind::Usable),
+                r(0x6000, 1, RegionKind::Usable),
+            ]
+        );
     }
 }
