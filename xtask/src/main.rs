@@ -39,15 +39,8 @@ enum Command {
     /// Boot the image on QEMU (default: TCG, -cpu EPYC, AMD SVM+NPT) or Bochs, with
     /// the serial console on this terminal.
     Run {
-        /// Run on Bochs (Intel VMX+EPT+PML) instead of QEMU.
-        #[arg(long)]
-        bochs: bool,
-        /// Bochs CPU model (corei7_skylake_x has PML; corei7_haswell_4770 does not).
-        #[arg(long, default_value = "corei7_skylake_x")]
-        model: String,
-        /// QEMU -cpu model.
-        #[arg(long, default_value = "EPYC")]
-        cpu: String,
+        #[command(flatten)]
+        platform: PlatformArgs,
         /// Give up after this many seconds (QEMU default 60, Bochs 180).
         #[arg(long)]
         timeout: Option<u64>,
@@ -70,15 +63,8 @@ enum Command {
     /// Boot with the `cpuid-dump` option and save the CPU's CPUID dump (the format of
     /// `hvctl cpuid dump`), e.g. for levelling/testdata.
     CpuidDump {
-        /// Dump Bochs' CPU model instead of a QEMU one.
-        #[arg(long)]
-        bochs: bool,
-        /// Bochs CPU model.
-        #[arg(long, default_value = "corei7_skylake_x")]
-        model: String,
-        /// QEMU -cpu model.
-        #[arg(long, default_value = "EPYC")]
-        cpu: String,
+        #[command(flatten)]
+        platform: PlatformArgs,
         /// Where to write the dump.
         #[arg(short, long)]
         output: std::path::PathBuf,
@@ -100,6 +86,26 @@ enum Command {
     },
 }
 
+/// Which emulator and CPU model to boot.
+#[derive(clap::Args)]
+struct PlatformArgs {
+    /// Run on Bochs (Intel VMX+EPT+PML) instead of QEMU (AMD SVM+NPT).
+    #[arg(long)]
+    bochs: bool,
+    /// Bochs CPU model (corei7_skylake_x has PML; corei7_haswell_4770 does not).
+    #[arg(long, default_value = "corei7_skylake_x")]
+    model: String,
+    /// QEMU -cpu model.
+    #[arg(long, default_value = "EPYC")]
+    cpu: String,
+}
+
+impl PlatformArgs {
+    fn platform(self) -> Platform {
+        if self.bochs { Platform::Bochs { model: self.model } } else { Platform::Qemu { cpu: self.cpu } }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -107,9 +113,9 @@ fn main() -> ExitCode {
             println!("image: {}", esp.efi.display());
             println!("ESP:   {} ({} bytes)", esp.dir.display(), esp.size);
         }),
-        Command::Run { bochs, model, cpu, timeout, cmdline } => run(bochs, model, cpu, timeout, cmdline),
+        Command::Run { platform, timeout, cmdline } => run(platform.platform(), timeout, cmdline),
         Command::Test { host_only, system_only, filter } => test(host_only, system_only, filter),
-        Command::CpuidDump { bochs, model, cpu, output } => cpuid_dump(bochs, model, cpu, &output),
+        Command::CpuidDump { platform, output } => cpuid_dump(platform.platform(), &output),
         Command::CheckDeps => deps::check(),
         Command::Lint => lint(),
         Command::Bench { what, runs } if what == "control" => control_tests::bench(runs.unwrap_or(1000)),
@@ -127,11 +133,10 @@ fn main() -> ExitCode {
 /// Errors are human sentences; xtask is a tool, not a library.
 pub type Result<T> = std::result::Result<T, String>;
 
-fn run(bochs: bool, model: String, cpu: String, timeout: Option<u64>, cmdline: String) -> Result<()> {
-    let platform = if bochs { Platform::Bochs { model } } else { Platform::Qemu { cpu } };
+fn run(platform: Platform, timeout: Option<u64>, cmdline: String) -> Result<()> {
     tools::ensure(&platform)?;
     let esp = image::build(true)?;
-    let vsock = !bochs;
+    let vsock = matches!(platform, Platform::Qemu { .. });
     if vsock {
         // Build hvctl now, so the command printed below works at once.
         tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
@@ -179,8 +184,7 @@ fn run(bochs: bool, model: String, cpu: String, timeout: Option<u64>, cmdline: S
     Ok(())
 }
 
-fn cpuid_dump(bochs: bool, model: String, cpu: String, output: &std::path::Path) -> Result<()> {
-    let platform = if bochs { Platform::Bochs { model } } else { Platform::Qemu { cpu } };
+fn cpuid_dump(platform: Platform, output: &std::path::Path) -> Result<()> {
     tools::ensure(&platform)?;
     let esp = image::build(true)?;
     let config = RunConfig {
