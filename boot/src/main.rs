@@ -82,7 +82,13 @@ fn main() -> Status {
         .collect();
     memory_map.sort_by_key(|r| r.start);
 
-    let outcome = hv::run(BootInfo { memory_map, frames, dma_frames: Some(dma_frames), cmdline, git_revision: env!("HV_GIT_REV") });
+    let outcome = hv::run(BootInfo {
+        memory_map,
+        frames,
+        dma_frames: Some(dma_frames),
+        cmdline,
+        git_revision: env!("HV_GIT_REV"),
+    });
     shutdown(outcome)
 }
 

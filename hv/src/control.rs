@@ -14,9 +14,7 @@
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::vec::Vec;
 
-use virtio_drivers::device::socket::{
-    SocketError, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType,
-};
+use virtio_drivers::device::socket::{SocketError, VirtIOSocket, VsockAddr, VsockConnectionManager, VsockEventType};
 use virtio_drivers::transport::DeviceType;
 use virtio_drivers::transport::pci::PciTransport;
 use wire::{ErrorCode, ErrorReply, FrameDecoder, Response};

@@ -16,7 +16,9 @@ use alloc::vec::Vec;
 use heapless::Deque;
 use migration_svc::MigrationService;
 use monitor_svc::MonitorService;
-use wire::{ErrorCode, ErrorReply, Frame, FrameKind, InfoReport, Request, Response, ServiceId, ServiceState, ServiceStatus};
+pub use wire::service::encode_reply;
+use wire::service::{QueueInfo, ServiceCounters};
+use wire::{ErrorCode, ErrorReply, Frame, FrameKind, InfoReport, Request, Response, ServiceId, ServiceStatus};
 
 /// Frames each mailbox holds.
 pub const MAILBOX_CAPACITY: usize = 16;
@@ -61,8 +63,7 @@ pub struct MachineInfo {
 /// The core task: answers Ping, Info and its own status.
 struct CoreService {
     machine: MachineInfo,
-    handled: u64,
-    errors: u64,
+    counters: ServiceCounters,
 }
 
 /// Every task and its mailbox; replies collect in an outbox for the control server.
@@ -90,22 +91,11 @@ fn slot(service: ServiceId) -> usize {
     }
 }
 
-/// Encode `response` as a frame answering `request_id`.
-pub fn encode_reply(request_id: u64, response: &Response) -> Vec<u8> {
-    let mut out = Vec::new();
-    if let Err(e) = wire::encode_response(request_id, response, &mut out) {
-        out.clear();
-        let fallback = Response::Error(ErrorReply::new(ErrorCode::Internal, alloc::format!("cannot encode reply: {e}")));
-        let _ = wire::encode_response(request_id, &fallback, &mut out);
-    }
-    out
-}
-
 impl Runtime {
     /// All tasks running, mailboxes empty.
     pub fn new(machine: MachineInfo) -> Self {
         Self {
-            core: CoreService { machine, handled: 0, errors: 0 },
+            core: CoreService { machine, counters: ServiceCounters::new(ServiceId::Core) },
             monitor: MonitorService::new(),
             migration: MigrationService::new(),
             mailboxes: [Mailbox::new(), Mailbox::new(), Mailbox::new()],
@@ -138,7 +128,10 @@ impl Runtime {
             self.busy_refusals[i] += 1;
             let reply = ErrorReply::new(
                 ErrorCode::Busy,
-                alloc::format!("the {} service's mailbox is full ({MAILBOX_CAPACITY} requests); retry later", service.name()),
+                alloc::format!(
+                    "the {} service's mailbox is full ({MAILBOX_CAPACITY} requests); retry later",
+                    service.name()
+                ),
             );
             self.outbox.push((reply_to, encode_reply(request_id, &Response::Error(reply))));
         }
@@ -156,14 +149,14 @@ impl Runtime {
         for _ in 0..TURN_BUDGET {
             let Some(env) = self.mailboxes[1].queue.pop_front() else { break };
             let (depth, capacity) = self.mailboxes[1].queue_info();
-            let reply = self.monitor.handle(&env.frame, monitor_svc::Queue { depth, capacity });
+            let reply = self.monitor.handle(&env.frame, QueueInfo { depth, capacity });
             self.outbox.push((env.reply_to, reply));
             worked = true;
         }
         for _ in 0..TURN_BUDGET {
             let Some(env) = self.mailboxes[2].queue.pop_front() else { break };
             let (depth, capacity) = self.mailboxes[2].queue_info();
-            let reply = self.migration.handle(&env.frame, migration_svc::Queue { depth, capacity });
+            let reply = self.migration.handle(&env.frame, QueueInfo { depth, capacity });
             self.outbox.push((env.reply_to, reply));
             worked = true;
         }
@@ -195,8 +188,8 @@ impl Runtime {
         let (depth, capacity) = self.mailboxes[i].queue_info();
         let reply = match service {
             ServiceId::Core => return Ok(self.core_status()),
-            ServiceId::Monitor => self.monitor.handle(&frame, monitor_svc::Queue { depth, capacity }),
-            ServiceId::Migration => self.migration.handle(&frame, migration_svc::Queue { depth, capacity }),
+            ServiceId::Monitor => self.monitor.handle(&frame, QueueInfo { depth, capacity }),
+            ServiceId::Migration => self.migration.handle(&frame, QueueInfo { depth, capacity }),
         };
         let mut decoder = wire::FrameDecoder::new();
         decoder.push(&reply);
@@ -212,18 +205,11 @@ impl Runtime {
 
     fn core_status(&self) -> ServiceStatus {
         let (depth, capacity) = self.mailboxes[0].queue_info();
-        ServiceStatus {
-            service: ServiceId::Core,
-            state: ServiceState::Running,
-            handled: self.core.handled,
-            errors: self.core.errors,
-            queue_depth: depth,
-            queue_capacity: capacity,
-        }
+        self.core.counters.status(QueueInfo { depth, capacity })
     }
 
     fn handle_core(&mut self, frame: &Frame, uptime_ns: Option<u64>) -> Vec<u8> {
-        self.core.handled += 1;
+        self.core.counters.handled += 1;
         let response = match wire::decode_request(frame) {
             Ok(Request::Ping { payload }) => Response::Pong { payload },
             Ok(Request::ServiceStatus { .. }) => Response::ServiceStatus(self.core_status()),
@@ -258,7 +244,7 @@ impl Runtime {
             Err(reply) => Response::Error(reply),
         };
         if response.error().is_some() {
-            self.core.errors += 1;
+            self.core.counters.errors += 1;
         }
         encode_reply(frame.request_id, &response)
     }

@@ -99,7 +99,9 @@ pub struct Found {
 
 /// Look for virtio devices of `wanted` type on every bus, and build the modern PCI
 /// transport for the first one.
-pub fn find(wanted: DeviceType) -> Result<Option<(Found, PciTransport)>, virtio_drivers::transport::pci::VirtioPciError> {
+pub fn find(
+    wanted: DeviceType,
+) -> Result<Option<(Found, PciTransport)>, virtio_drivers::transport::pci::VirtioPciError> {
     // SAFETY: the configuration ports are used only from here, on the bootstrap CPU.
     let mut root = PciRoot::new(unsafe { PortCam::new() });
     for bus in 0..=255u8 {

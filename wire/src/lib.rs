@@ -152,6 +152,7 @@ pub mod crc32c;
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod service;
 pub mod stream;
 
 pub use crate::crc32c::{Crc32c, crc32c};

@@ -42,7 +42,8 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     let platform = Platform::Qemu { cpu: "EPYC".into() };
     tools::ensure(&platform)?;
     tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
-    let target_dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| tools::root().join("target"));
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| tools::root().join("target"));
     let hvctl = target_dir.join("debug").join("hvctl");
     let config = RunConfig {
         name: "control".into(),
@@ -53,9 +54,8 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     };
     println!("systest control-* on {platform} with virtio-vsock ...");
     let mut session = Session::spawn(&platform, esp, &config)?;
-    let wait = session.wait_until(config.timeout, &mut Echo::new(false), |l| {
-        l.line("CONTROL ").is_some() || l.outcome().is_some()
-    });
+    let wait = session
+        .wait_until(config.timeout, &mut Echo::new(false), |l| l.line("CONTROL ").is_some() || l.outcome().is_some());
     let log = SerialLog::new(&session.serial());
     let socket = session.vsock_socket.clone().ok_or("no vsock socket")?;
     if !matches!(wait, Wait::Matched(_)) || log.line("CONTROL listening").is_none() {
@@ -93,7 +93,11 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
 }
 
 fn print_log(session: &Session) {
-    println!("---- serial log of control ({}) ----\n{}\n---- end of serial log ----", session.dir.display(), clean(&session.serial()));
+    println!(
+        "---- serial log of control ({}) ----\n{}\n---- end of serial log ----",
+        session.dir.display(),
+        clean(&session.serial())
+    );
 }
 
 fn target(ctx: &Ctx) -> String {
@@ -120,7 +124,8 @@ fn hvctl(ctx: &Ctx, args: &[&str]) -> Result<String> {
 
 fn info_json_matches_serial(ctx: &Ctx) -> Result<String> {
     let text = hvctl(ctx, &["info", "--json"])?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("hvctl info --json is not JSON: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("hvctl info --json is not JSON: {e}"))?;
     let caps: BTreeMap<String, String> = v["capabilities"]
         .as_object()
         .ok_or("no capabilities object")?
@@ -128,7 +133,10 @@ fn info_json_matches_serial(ctx: &Ctx) -> Result<String> {
         .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_string()))
         .collect();
     if caps != ctx.caps {
-        return Err(format!("capabilities differ from the serial CAPS line:\n  hvctl:  {caps:?}\n  serial: {:?}", ctx.caps));
+        return Err(format!(
+            "capabilities differ from the serial CAPS line:\n  hvctl:  {caps:?}\n  serial: {:?}",
+            ctx.caps
+        ));
     }
     if v["protocol_version"] != wire::PROTOCOL_VERSION {
         return Err(format!("protocol_version {} != {}", v["protocol_version"], wire::PROTOCOL_VERSION));
@@ -244,7 +252,9 @@ fn misbehaving_clients(ctx: &Ctx) -> Result<String> {
         }
         // 2. A header announcing more than MAX_FRAME_LEN.
         let mut c = RawClient::connect(socket, port)?;
-        c.stream.write_all(&header(wire::PROTOCOL_VERSION, 1, 41, wire::MAX_FRAME_LEN as u32 + 1)).map_err(|e| e.to_string())?;
+        c.stream
+            .write_all(&header(wire::PROTOCOL_VERSION, 1, 41, wire::MAX_FRAME_LEN as u32 + 1))
+            .map_err(|e| e.to_string())?;
         match expect_error_then_close(&mut c, "oversize")? {
             Some((41, ErrorCode::FrameTooLarge)) => findings.push("oversize: FrameTooLarge + close"),
             other => return Err(format!("oversize: expected FrameTooLarge for request 41, got {other:?}")),
@@ -321,7 +331,13 @@ pub fn bench(runs: usize) -> Result<()> {
     let esp = crate::image::build(true)?;
     let platform = Platform::Qemu { cpu: "EPYC".into() };
     tools::ensure(&platform)?;
-    let config = RunConfig { name: "bench-control".into(), timeout: Duration::from_secs(60), cmdline: String::new(), echo: false, vsock: true };
+    let config = RunConfig {
+        name: "bench-control".into(),
+        timeout: Duration::from_secs(60),
+        cmdline: String::new(),
+        echo: false,
+        vsock: true,
+    };
     let mut session = Session::spawn(&platform, &esp, &config)?;
     let wait = session.wait_until(config.timeout, &mut Echo::new(false), |l| l.line("CONTROL listening").is_some());
     if !matches!(wait, Wait::Matched(_)) {
@@ -344,7 +360,13 @@ pub fn bench(runs: usize) -> Result<()> {
         }
         times.sort();
         let at = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1e6;
-        println!("{name:<12} {runs} round trips: median {:.0} µs, p99 {:.0} µs, min {:.0} µs, max {:.0} µs", at(0.5), at(0.99), at(0.0), at(1.0));
+        println!(
+            "{name:<12} {runs} round trips: median {:.0} µs, p99 {:.0} µs, min {:.0} µs, max {:.0} µs",
+            at(0.5),
+            at(0.99),
+            at(0.0),
+            at(1.0)
+        );
     }
     session.stop();
     Ok(())

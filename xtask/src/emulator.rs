@@ -118,7 +118,13 @@ pub fn run(platform: &Platform, esp: &Esp, config: &RunConfig) -> Result<RunResu
     }
     session.stop();
     echo.flush(&session.serial_bytes());
-    Ok(RunResult { serial: session.serial(), elapsed: session.start.elapsed(), ready_after, timed_out, dir: session.dir.clone() })
+    Ok(RunResult {
+        serial: session.serial(),
+        elapsed: session.start.elapsed(),
+        ready_after,
+        timed_out,
+        dir: session.dir.clone(),
+    })
 }
 
 /// How a wait ended.
@@ -217,7 +223,12 @@ impl Session {
 
     /// Wait until `done` holds for the serial log, the emulator exits, or `deadline`
     /// (measured from the start of the emulator) passes. Echoes as it goes.
-    pub fn wait_until(&mut self, deadline: Duration, echo: &mut Echo, mut done: impl FnMut(&SerialLog) -> bool) -> Wait {
+    pub fn wait_until(
+        &mut self,
+        deadline: Duration,
+        echo: &mut Echo,
+        mut done: impl FnMut(&SerialLog) -> bool,
+    ) -> Wait {
         loop {
             let bytes = self.serial_bytes();
             echo.lines(&bytes);
@@ -311,9 +322,9 @@ fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig) -> Result<Session> {
         cmd.args(["-machine", "q35"]);
         (None, None)
     };
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::from(
-        std::fs::File::create(dir.join("qemu.stderr")).map_err(|e| format!("qemu.stderr: {e}"))?,
-    ));
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(dir.join("qemu.stderr")).map_err(|e| format!("qemu.stderr: {e}"))?));
     let start = Instant::now();
     let mut child = cmd.spawn().map_err(|e| format!("cannot start qemu-system-x86_64: {e}"))?;
     let mut stdout = child.stdout.take().ok_or("qemu has no stdout pipe")?;
@@ -402,5 +413,14 @@ sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy
             }
         }
     });
-    Ok(Session { child, backend: None, serial, stop_collector: stop, start, ready_after: None, dir, vsock_socket: None })
+    Ok(Session {
+        child,
+        backend: None,
+        serial,
+        stop_collector: stop,
+        start,
+        ready_after: None,
+        dir,
+        vsock_socket: None,
+    })
 }

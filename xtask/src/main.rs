@@ -158,7 +158,10 @@ fn run(platform: Platform, timeout: Option<u64>, cmdline: String) -> Result<()> 
     let serving = |log: &serial::SerialLog| log.line("CONTROL ").is_some() || log.outcome().is_some();
     match session.wait_until(config.timeout, &mut echo, serving) {
         emulator::Wait::TimedOut => {
-            return Err(format!("no READY within {} s on {platform}; the serial log is above", config.timeout.as_secs()));
+            return Err(format!(
+                "no READY within {} s on {platform}; the serial log is above",
+                config.timeout.as_secs()
+            ));
         }
         emulator::Wait::Exited | emulator::Wait::Matched(_) => {}
     }
@@ -202,7 +205,11 @@ fn cpuid_dump(platform: Platform, output: &std::path::Path) -> Result<()> {
         .map(|(dump, _)| dump)
         .ok_or_else(|| format!("no CPUID dump in the serial log of {platform}:\n{text}"))?;
     std::fs::write(output, dump).map_err(|e| format!("{}: {e}", output.display()))?;
-    println!("xtask: {} CPUID records from {platform} written to {}", dump.lines().filter(|l| !l.starts_with('#')).count(), output.display());
+    println!(
+        "xtask: {} CPUID records from {platform} written to {}",
+        dump.lines().filter(|l| !l.starts_with('#')).count(),
+        output.display()
+    );
     Ok(())
 }
 

@@ -128,7 +128,13 @@ pub fn ping(opts: &Options, args: PingArgs) -> Result<ExitCode, CliError> {
             return Err(connection_err("the hypervisor echoed different bytes"));
         }
         if !args.json {
-            println!("pong from {}: seq={} bytes={} time={:.3} ms", client.target, i + 1, args.size, rtt.as_secs_f64() * 1e3);
+            println!(
+                "pong from {}: seq={} bytes={} time={:.3} ms",
+                client.target,
+                i + 1,
+                args.size,
+                rtt.as_secs_f64() * 1e3
+            );
         }
         rtts.push(rtt);
         if args.interval_ms > 0 && i + 1 < args.count {

@@ -124,10 +124,9 @@ fn connect_once(target: &Target) -> Result<Box<dyn Stream>, String> {
     match target {
         Target::Unix { path, port } => {
             let mut s = UnixStream::connect(path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => format!(
-                    "{} does not exist: is the hypervisor running (cargo xtask run)?",
-                    path.display()
-                ),
+                std::io::ErrorKind::NotFound => {
+                    format!("{} does not exist: is the hypervisor running (cargo xtask run)?", path.display())
+                }
                 std::io::ErrorKind::ConnectionRefused => {
                     format!("nobody serves {}: is vhost-device-vsock running?", path.display())
                 }
@@ -179,8 +178,7 @@ impl Client {
             let mut progressed = taken > 0;
             while let Some(frame) = self.decoder.next_frame() {
                 progressed = true;
-                let frame =
-                    frame.map_err(|e| connection_err(format!("the hypervisor sent a bad frame: {e}")))?;
+                let frame = frame.map_err(|e| connection_err(format!("the hypervisor sent a bad frame: {e}")))?;
                 let response = wire::decode_response(&frame)
                     .map_err(|e| connection_err(format!("the hypervisor sent an unreadable response: {e}")))?;
                 if frame.request_id == id {
