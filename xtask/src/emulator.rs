@@ -103,14 +103,8 @@ fn prepare_dir(esp: &Esp, config: &RunConfig) -> Result<PathBuf> {
 pub fn run(platform: &Platform, esp: &Esp, config: &RunConfig) -> Result<RunResult> {
     let mut session = Session::spawn(platform, esp, config)?;
     let mut echo = Echo::new(config.echo);
-    let mut ready_after = None;
-    let outcome = session.wait_until(config.timeout, &mut echo, |log| {
-        if ready_after.is_none() && log.ready_at() {
-            ready_after = Some(());
-        }
-        log.outcome().is_some()
-    });
-    let ready_after = ready_after.and(session.ready_after);
+    let outcome = session.wait_until(config.timeout, &mut echo, |log| log.outcome().is_some());
+    let ready_after = session.ready_after;
     let timed_out = matches!(outcome, Wait::TimedOut);
     if matches!(outcome, Wait::Matched(_)) {
         // The hypervisor powered off; give the emulator a moment to exit by itself.
@@ -240,9 +234,14 @@ impl Session {
                 return Wait::Matched(self.start.elapsed());
             }
             if self.exited() {
-                // Let the collector pick up the last output.
+                // Let the collector pick up the last output (READY may be in it; its
+                // time is then known only to within this wait).
                 std::thread::sleep(Duration::from_millis(200));
-                echo.lines(&self.serial_bytes());
+                let bytes = self.serial_bytes();
+                echo.lines(&bytes);
+                if self.ready_after.is_none() && SerialLog::new(&String::from_utf8_lossy(&bytes)).ready_at() {
+                    self.ready_after = Some(self.start.elapsed());
+                }
                 return Wait::Exited;
             }
             if self.start.elapsed() > deadline {
