@@ -18,4 +18,8 @@ echo "ci: cargo xtask lint"
 cargo xtask lint
 echo "ci: cargo xtask test"
 cargo xtask test
+# The parsers and the frame decoder must survive arbitrary input (nightly + cargo-fuzz,
+# installed by xtask when missing).
+echo "ci: cargo xtask fuzz --seconds 30"
+cargo xtask fuzz --seconds 30
 echo "ci: done in $(( $(date +%s) - start )) s"

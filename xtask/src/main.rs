@@ -69,6 +69,13 @@ enum Command {
         #[arg(short, long)]
         output: std::path::PathBuf,
     },
+    /// Run every cargo-fuzz target (levelling's text and dump parsers, wire's frame
+    /// decoder) for a while; needs the nightly toolchain, installs cargo-fuzz if missing.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Check the crate dependency rules of DESIGN.md.
     CheckDeps,
     /// clippy (deny warnings) on the host crates and on the UEFI image, and rustfmt --check.
@@ -116,6 +123,7 @@ fn main() -> ExitCode {
         Command::Run { platform, timeout, cmdline } => run(platform.platform(), timeout, cmdline),
         Command::Test { host_only, system_only, filter } => test(host_only, system_only, filter),
         Command::CpuidDump { platform, output } => cpuid_dump(platform.platform(), &output),
+        Command::Fuzz { seconds } => fuzz(seconds),
         Command::CheckDeps => deps::check(),
         Command::Lint => lint(),
         Command::Bench { what, runs } if what == "control" => control_tests::bench(runs.unwrap_or(1000)),
@@ -223,6 +231,40 @@ fn test(host_only: bool, system_only: bool, filter: Option<String>) -> Result<()
         return Ok(());
     }
     systest::run_all(filter.as_deref())
+}
+
+/// The fuzz targets: (fuzz project directory, target).
+const FUZZ_TARGETS: &[(&str, &str)] =
+    &[("levelling/fuzz", "text_spec"), ("levelling/fuzz", "dump_parser"), ("wire/fuzz", "frame_decoder")];
+
+fn fuzz(seconds: u64) -> Result<()> {
+    tools::ensure_cargo_fuzz()?;
+    for (dir, target) in FUZZ_TARGETS {
+        println!("xtask: fuzzing {target} ({dir}) for {seconds} s");
+        let status = std::process::Command::new("cargo")
+            .current_dir(tools::root().join(dir))
+            // The fuzz projects are their own workspaces; rustup's pinned stable must
+            // not apply to them (cargo-fuzz needs nightly for the sanitizer).
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .args([
+                "+nightly",
+                "fuzz",
+                "run",
+                target,
+                "--",
+                &format!("-max_total_time={seconds}"),
+                "-print_final_stats=1",
+            ])
+            .status()
+            .map_err(|e| format!("cannot run cargo fuzz: {e}"))?;
+        if !status.success() {
+            return Err(format!(
+                "fuzz target {target} failed ({status}); the crashing input is under {dir}/artifacts/{target}/"
+            ));
+        }
+    }
+    println!("xtask: {} fuzz targets ran {seconds} s each without a crash", FUZZ_TARGETS.len());
+    Ok(())
 }
 
 fn lint() -> Result<()> {

@@ -140,3 +140,30 @@ pub fn vhost_device_vsock() -> Result<PathBuf> {
     }
     cargo_bin.filter(|p| p.is_file()).ok_or_else(|| "vhost-device-vsock installed but not found in ~/.cargo/bin".into())
 }
+
+/// cargo-fuzz (and the nightly toolchain it drives) for `cargo xtask fuzz`.
+pub fn ensure_cargo_fuzz() -> Result<()> {
+    let nightly = Command::new("rustup").args(["run", "nightly", "rustc", "--version"]).output();
+    if !nightly.map(|o| o.status.success()).unwrap_or(false) {
+        println!("xtask: installing the nightly toolchain (rustup toolchain install nightly --profile minimal)");
+        let ok = Command::new("rustup")
+            .args(["toolchain", "install", "nightly", "--profile", "minimal"])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            return Err("fuzzing needs the nightly toolchain: rustup toolchain install nightly".into());
+        }
+    }
+    let have = Command::new("cargo").args(["fuzz", "--version"]).output().map(|o| o.status.success()).unwrap_or(false);
+    if have {
+        return Ok(());
+    }
+    println!("xtask: installing cargo-fuzz (cargo install --locked cargo-fuzz)");
+    let ok = Command::new("cargo")
+        .args(["install", "--locked", "cargo-fuzz"])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if ok { Ok(()) } else { Err("`cargo install --locked cargo-fuzz` failed".into()) }
+}
