@@ -75,7 +75,9 @@ pub fn resolve(opts: &Options) -> Result<Target, CliError> {
     if let Some(c) = &opts.connect {
         return parse_target(c);
     }
-    if let Ok(c) = std::env::var("HVCTL_CONNECT") {
+    if let Ok(c) = std::env::var("HVCTL_CONNECT")
+        && !c.trim().is_empty()
+    {
         return parse_target(c.trim());
     }
     match std::fs::read_to_string(CONNECT_FILE) {

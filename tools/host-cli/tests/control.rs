@@ -1,0 +1,67 @@
+//! `hvctl info`/`ping` when there is no hypervisor: one-line errors and the
+//! documented exit codes (the live paths are covered by `cargo xtask test`'s
+//! control-* system tests against a real hypervisor on QEMU).
+
+use std::process::{Command, Output};
+
+fn hvctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hvctl"))
+        .args(args)
+        .env_remove("HVCTL_CONNECT")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn missing_socket_is_a_connection_error_with_a_hint() {
+    let o = hvctl(&["--connect", "unix:/nonexistent/hv/vm.vsock:5000", "--connect-timeout", "0.3", "info"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.starts_with("hvctl: error: /nonexistent/hv/vm.vsock does not exist: is the hypervisor running"), "{e}");
+}
+
+#[test]
+fn nobody_listening_on_the_port_is_named() {
+    let dir = std::env::temp_dir().join(format!("hvctl-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("vm.vsock");
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    // Like vhost-device-vsock when nothing listens on the port: read the handshake, hang up.
+    let server = std::thread::spawn(move || {
+        for _ in 0..20 {
+            let Ok((mut s, _)) = listener.accept() else { return };
+            let mut buf = [0u8; 64];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+        }
+    });
+    let target = format!("unix:{}:5000", path.display());
+    let o = hvctl(&["--connect", &target, "--connect-timeout", "0.3", "ping"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim(), "hvctl: error: nothing is listening on port 5000 — is the hypervisor running?");
+    drop(server);
+}
+
+#[test]
+fn no_target_at_all_is_a_usage_error() {
+    let o = hvctl(&["info"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("pass --connect unix:PATH:PORT"), "{}", stderr(&o));
+    let o = hvctl(&["--connect", "tcp:1.2.3.4:5", "info", "--json"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("expected unix:PATH:PORT or vsock:CID:PORT"));
+}
+
+#[test]
+fn help_documents_the_exit_codes() {
+    let o = hvctl(&["--help"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("3 cannot reach the hypervisor"), "{out}");
+    assert!(out.contains("4 the hypervisor answered with an error"), "{out}");
+}
