@@ -201,7 +201,7 @@ pub fn run_all(filter: Option<&str>) -> Result<()> {
             println!("---- end of serial log ----");
         }
     }
-    println!("system tests: {passed} passed, {failed} failed");
+    println!("systests: {passed} passed, {failed} failed");
     if failed > 0 { Err(format!("{failed} system test(s) failed")) } else { Ok(()) }
 }
 
