@@ -149,6 +149,7 @@ extern crate alloc;
 mod bytes;
 mod codec;
 pub mod crc32c;
+pub mod dirty;
 pub mod error;
 pub mod frame;
 pub mod message;

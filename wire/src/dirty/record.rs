@@ -1,0 +1,502 @@
+//! [`DirtyRecord`]: the wire form of a dirty bitmap, the encoder ([`Records`]) and the
+//! checked decoder. The encoding and the reasons for it are in the [module docs](super).
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use core::fmt;
+use core::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use super::{DecodeFault, DirtyBitmap, DirtyError, RecordFault, WORD_BITS, fill, mask, or_word, word_index};
+use crate::MAX_CHUNK_DATA;
+
+/// The most operation bytes one record may hold so that its postcard encoding (start
+/// varint up to 10 bytes, length varint 3 bytes) fits one
+/// [`StreamChunk`](crate::StreamChunk): [`MAX_CHUNK_DATA`] minus 16.
+pub const MAX_RECORD_OPS: usize = MAX_CHUNK_DATA - 16;
+
+/// The least operation bytes a record budget may be: room for the largest single
+/// operation pair (`ONE` and `DIRTY` with 42-bit counts, 6 bytes each) or one `WORDS`
+/// header and word.
+pub const MIN_RECORD_OPS: usize = 16;
+
+const CLEAN: u64 = 0;
+const DIRTY: u64 = 1;
+const ONE: u64 = 2;
+const WORDS: u64 = 3;
+const WORD_BYTES: usize = 8;
+
+/// A stretch of a dirty bitmap in wire form: the first pfn and the operations that walk
+/// from it (see the [module docs](super)). One record per
+/// [`StreamChunk`](crate::StreamChunk), encoded with [`DirtyRecord::encode_to_vec`].
+///
+/// The fields are public so that anything can be built and sent; whatever arrives is
+/// checked when it is applied ([`DirtyBitmap::or_merge_records`]).
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DirtyRecord {
+    /// The pfn the operations start from.
+    pub start: u64,
+    /// The operations.
+    #[serde(with = "crate::bytes")]
+    pub ops: Vec<u8>,
+}
+
+impl fmt::Debug for DirtyRecord {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("DirtyRecord");
+        d.field("start", &format_args!("{:#x}", self.start));
+        match self.ops.get(..16) {
+            Some(head) if self.ops.len() > 16 => {
+                d.field("ops", &format_args!("{} bytes {:02x?}...", self.ops.len(), head))
+            }
+            _ => d.field("ops", &format_args!("{:02x?}", self.ops)),
+        };
+        d.finish()
+    }
+}
+
+impl DirtyRecord {
+    /// The record's postcard encoding, the data of one stream chunk. At most
+    /// [`MAX_CHUNK_DATA`] bytes when `ops` is at most [`MAX_RECORD_OPS`] bytes.
+    pub fn encode_to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        put_varint(&mut out, self.start);
+        put_varint(&mut out, self.ops.len() as u64);
+        out.extend_from_slice(&self.ops);
+        out
+    }
+
+    /// The length of [`encode_to_vec`](Self::encode_to_vec)'s output.
+    pub fn encoded_len(&self) -> usize {
+        varint_len(self.start) + varint_len(self.ops.len() as u64) + self.ops.len()
+    }
+
+    /// The record in `bytes`, which must hold exactly one in canonical form. The
+    /// operations are not checked here but when the record is applied.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DirtyError> {
+        let err = |fault| DirtyError::Decode { len: bytes.len(), fault };
+        match postcard::take_from_bytes::<Self>(bytes) {
+            Ok((record, [])) if record.encoded_len() == bytes.len() => Ok(record),
+            Ok((_, [])) => Err(err(DecodeFault::NotCanonical)),
+            Ok((_, rest)) => Err(err(DecodeFault::TrailingBytes { extra: rest.len() })),
+            Err(e) => Err(err(DecodeFault::Postcard(e))),
+        }
+    }
+
+    /// Walk the operations, handing each dirty stretch to `f` after checking the
+    /// operation itself.
+    fn walk<'a>(&'a self, mut f: impl FnMut(Piece<'a>) -> Result<(), DirtyError>) -> Result<(), DirtyError> {
+        let mut at = 0usize;
+        let mut cursor = self.start;
+        while at < self.ops.len() {
+            let op_at = at;
+            let bad = |fault| DirtyError::BadRecord { start: self.start, offset: op_at, fault };
+            let v = get_varint(&self.ops, &mut at).map_err(bad)?;
+            let n = v >> 2;
+            let tag = v & 3;
+            if n == 0 && tag != ONE {
+                return Err(bad(RecordFault::ZeroCount));
+            }
+            let overflow = || bad(RecordFault::Overflow);
+            match tag {
+                CLEAN => cursor = cursor.checked_add(n).ok_or_else(overflow)?,
+                DIRTY => {
+                    let end = cursor.checked_add(n).ok_or_else(overflow)?;
+                    f(Piece::Run(cursor..end))?;
+                    cursor = end;
+                }
+                ONE => {
+                    let page = cursor.checked_add(n).ok_or_else(overflow)?;
+                    let end = page.checked_add(1).ok_or_else(overflow)?;
+                    f(Piece::Run(page..end))?;
+                    cursor = end;
+                }
+                _ => {
+                    let end = n.checked_mul(WORD_BITS).and_then(|pages| cursor.checked_add(pages));
+                    let end = end.ok_or_else(overflow)?;
+                    let bytes = usize::try_from(n)
+                        .ok()
+                        .and_then(|n| n.checked_mul(WORD_BYTES))
+                        .and_then(|len| self.ops.get(at..at.checked_add(len)?))
+                        .ok_or(bad(RecordFault::Truncated))?;
+                    at += bytes.len();
+                    f(Piece::Words { start: cursor, bytes })?;
+                    cursor = end;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A dirty stretch described by one operation.
+enum Piece<'a> {
+    /// Every page in the range is dirty.
+    Run(Range<u64>),
+    /// Raw words, little-endian, the first bit standing for page `start`.
+    Words { start: u64, bytes: &'a [u8] },
+}
+
+impl DirtyBitmap {
+    /// The bitmap as records of at most `budget` operation bytes each (use
+    /// [`MAX_RECORD_OPS`] for records that fill stream chunks), produced as they are
+    /// needed: memory stays at about two records whatever the bitmap's size.
+    pub fn records(&self, budget: usize) -> Result<Records<'_>, DirtyError> {
+        if !(MIN_RECORD_OPS..=MAX_RECORD_OPS).contains(&budget) {
+            return Err(DirtyError::BudgetOutOfRange { budget });
+        }
+        Ok(Records {
+            words: &self.words,
+            base: self.base,
+            next: 0,
+            budget,
+            run: 0..0,
+            lit_first: 0,
+            lit_len: 0,
+            start: 0,
+            cursor: 0,
+            ops: Vec::new(),
+            ready: VecDeque::new(),
+            done: false,
+        })
+    }
+
+    /// The bitmap as records that each fit one stream chunk (budget
+    /// [`MAX_RECORD_OPS`]). A clean bitmap gives no record.
+    pub fn to_records(&self) -> Vec<DirtyRecord> {
+        self.records(MAX_RECORD_OPS).map(Iterator::collect).unwrap_or_default()
+    }
+
+    /// A bitmap over `pfns` with exactly the pages `records` mark dirty.
+    pub fn from_records(pfns: Range<u64>, records: &[DirtyRecord]) -> Result<Self, DirtyError> {
+        let mut b = Self::covering(pfns)?;
+        b.or_merge_records(records)?;
+        Ok(b)
+    }
+
+    /// Mark dirty every page `record` marks dirty; see
+    /// [`or_merge_records`](Self::or_merge_records).
+    pub fn or_merge_record(&mut self, record: &DirtyRecord) -> Result<(), DirtyError> {
+        self.or_merge_records(core::slice::from_ref(record))
+    }
+
+    /// Mark dirty every page `records` mark dirty (records a consumer could not use, or
+    /// that arrived from the source). Every record is checked before any bit is set: on
+    /// error the bitmap is unchanged.
+    pub fn or_merge_records(&mut self, records: &[DirtyRecord]) -> Result<(), DirtyError> {
+        let pfns = self.pfns();
+        for r in records {
+            r.walk(|piece| {
+                let out = |pfn| DirtyError::RecordOutOfRange { start: r.start, pfn, bitmap: pfns.clone() };
+                match piece {
+                    Piece::Run(run) if run.start < pfns.start || run.start >= pfns.end => Err(out(run.start)),
+                    Piece::Run(run) if run.end > pfns.end => Err(out(pfns.end)),
+                    Piece::Run(_) => Ok(()),
+                    Piece::Words { start, bytes } => {
+                        let (words, _) = bytes.as_chunks::<WORD_BYTES>();
+                        for (k, w) in words.iter().enumerate() {
+                            let w = u64::from_le_bytes(*w);
+                            if w == 0 {
+                                continue;
+                            }
+                            // `walk` checked that `start + 64 * words.len()` does not overflow.
+                            let at = start + k as u64 * WORD_BITS;
+                            let (lo, hi) = (at + u64::from(w.trailing_zeros()), at + 63 - u64::from(w.leading_zeros()));
+                            if lo < pfns.start {
+                                return Err(out(lo));
+                            }
+                            if hi >= pfns.end {
+                                return Err(out(hi));
+                            }
+                        }
+                        Ok(())
+                    }
+                }
+            })?;
+        }
+        for r in records {
+            r.walk(|piece| {
+                match piece {
+                    Piece::Run(run) => {
+                        let bits = run.start - self.base..run.end - self.base;
+                        if bits.end - bits.start == 1 {
+                            if let Some(w) = self.words.get_mut(word_index(bits.start)) {
+                                *w |= 1 << (bits.start % WORD_BITS);
+                            }
+                        } else {
+                            fill(&mut self.words, bits, true);
+                        }
+                    }
+                    Piece::Words { start, bytes } => {
+                        let bit = start - self.base;
+                        let (words, _) = bytes.as_chunks::<WORD_BYTES>();
+                        if bit.is_multiple_of(WORD_BITS) {
+                            let dst = self.words.get_mut(word_index(bit)..).unwrap_or_default();
+                            for (d, s) in dst.iter_mut().zip(words) {
+                                *d |= u64::from_le_bytes(*s);
+                            }
+                        } else {
+                            for (k, s) in words.iter().enumerate() {
+                                or_word(&mut self.words, bit + k as u64 * WORD_BITS, u64::from_le_bytes(*s));
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The records of a bitmap, lowest pfns first ([`DirtyBitmap::records`]).
+#[derive(Debug)]
+pub struct Records<'a> {
+    words: &'a [u64],
+    base: u64,
+    /// The next word to look at.
+    next: usize,
+    budget: usize,
+    /// A dirty run seen but not yet encoded (empty: none).
+    run: Range<u64>,
+    /// A stretch of words to send raw, seen but not yet encoded (`lit_len == 0`: none).
+    lit_first: usize,
+    lit_len: usize,
+    /// The record being filled: its first pfn, the pfn its next operation starts from,
+    /// its operations.
+    start: u64,
+    cursor: u64,
+    ops: Vec<u8>,
+    /// Finished records not yet returned.
+    ready: VecDeque<DirtyRecord>,
+    done: bool,
+}
+
+impl Iterator for Records<'_> {
+    type Item = DirtyRecord;
+
+    fn next(&mut self) -> Option<DirtyRecord> {
+        while self.ready.is_empty() && !self.done {
+            self.step();
+        }
+        self.ready.pop_front()
+    }
+}
+
+impl Records<'_> {
+    /// Encode at least one word, or finish.
+    fn step(&mut self) {
+        let Some(&w) = self.words.get(self.next) else {
+            self.flush_literal();
+            self.flush_run();
+            self.finish_record();
+            self.done = true;
+            return;
+        };
+        let page = self.page_of(self.next);
+        if w == 0 {
+            // Clean words only lengthen the next gap: skip them all at once.
+            self.flush_literal();
+            let rest = self.words.get(self.next..).unwrap_or_default();
+            self.next += rest.iter().position(|&w| w != 0).unwrap_or(rest.len());
+            return;
+        }
+        self.next += 1;
+        if w == u64::MAX {
+            self.flush_literal();
+            self.push_run(page..page + WORD_BITS);
+            return;
+        }
+        // A mixed word: estimate the operations its runs take (one `ONE` per run, one
+        // `DIRTY` more per run longer than a page; a run continuing from the previous
+        // word costs nothing) against 8 bytes as a raw word, 9 if that opens a stretch.
+        let carry = u64::from(!self.run.is_empty() && self.run.end == page);
+        let starts = w & !(w << 1 | carry);
+        let ops = starts.count_ones() + (starts & w >> 1).count_ones();
+        let continues = self.lit_len > 0 && self.lit_first + self.lit_len + 1 == self.next;
+        if ops > if continues { 8 } else { 9 } {
+            if continues {
+                self.lit_len += 1;
+            } else {
+                self.flush_literal();
+                self.flush_run();
+                (self.lit_first, self.lit_len) = (self.next - 1, 1);
+            }
+            if self.lit_len * WORD_BYTES >= self.budget {
+                self.flush_literal();
+            }
+            return;
+        }
+        self.flush_literal();
+        let mut rest = w;
+        while rest != 0 {
+            let (lo, len) = super::first_run(rest);
+            rest &= !mask(lo, lo + len);
+            let at = page + u64::from(lo);
+            self.push_run(at..at + u64::from(len));
+        }
+    }
+
+    const fn page_of(&self, word: usize) -> u64 {
+        self.base + word as u64 * WORD_BITS
+    }
+
+    /// Note dirty pages `run`, which start at or after every page noted so far.
+    fn push_run(&mut self, run: Range<u64>) {
+        if !self.run.is_empty() && self.run.end == run.start {
+            self.run.end = run.end;
+        } else {
+            self.flush_run();
+            self.run = run;
+        }
+    }
+
+    /// Encode the pending run: `ONE gap`, then `DIRTY len-1` if longer than a page.
+    fn flush_run(&mut self) {
+        if self.run.is_empty() {
+            return;
+        }
+        let run = core::mem::replace(&mut self.run, 0..0);
+        let more = run.end - run.start - 1;
+        let more_len = if more > 0 { varint_len(more << 2 | DIRTY) } else { 0 };
+        let gap = self.room_for(run.start, |gap| varint_len(gap << 2 | ONE) + more_len);
+        put_varint(&mut self.ops, gap << 2 | ONE);
+        if more > 0 {
+            put_varint(&mut self.ops, more << 2 | DIRTY);
+        }
+        self.cursor = run.end;
+    }
+
+    /// Encode the pending stretch of raw words: `CLEAN gap` if needed, `WORDS n`, the
+    /// words; split between records when it does not fit.
+    fn flush_literal(&mut self) {
+        let (mut first, mut left) = (self.lit_first, self.lit_len);
+        self.lit_len = 0;
+        while left > 0 {
+            let page = self.page_of(first);
+            // `n <= left` words take at most this header.
+            let header = varint_len((left as u64) << 2 | WORDS);
+            let gap = self.room_for(page, |gap| clean_len(gap) + header + WORD_BYTES);
+            let used = self.ops.len() + clean_len(gap) + header;
+            let n = (self.budget.saturating_sub(used) / WORD_BYTES).clamp(1, left);
+            if gap > 0 {
+                put_varint(&mut self.ops, gap << 2 | CLEAN);
+            }
+            put_varint(&mut self.ops, (n as u64) << 2 | WORDS);
+            for w in self.words.get(first..first + n).unwrap_or_default() {
+                self.ops.extend_from_slice(&w.to_le_bytes());
+            }
+            self.cursor = page + n as u64 * WORD_BITS;
+            first += n;
+            left -= n;
+        }
+    }
+
+    /// Make room for an operation anchored at page `at` whose size, given its gap from
+    /// the cursor, is `size(gap)`: start a new record at `at` if the current one is
+    /// empty or too full. Returns the gap to encode.
+    fn room_for(&mut self, at: u64, size: impl Fn(u64) -> usize) -> u64 {
+        if !self.ops.is_empty() && self.ops.len() + size(at - self.cursor) <= self.budget {
+            return at - self.cursor;
+        }
+        self.finish_record();
+        if self.ops.capacity() == 0 {
+            self.ops.reserve(self.budget);
+        }
+        self.start = at;
+        self.cursor = at;
+        0
+    }
+
+    fn finish_record(&mut self) {
+        if !self.ops.is_empty() {
+            let ops = core::mem::take(&mut self.ops);
+            self.ready.push_back(DirtyRecord { start: self.start, ops });
+        }
+    }
+}
+
+/// The size of `CLEAN gap`, or 0 when there is no gap.
+const fn clean_len(gap: u64) -> usize {
+    if gap > 0 { varint_len(gap << 2 | CLEAN) } else { 0 }
+}
+
+/// The number of bytes of `v` as a LEB128 varint.
+const fn varint_len(v: u64) -> usize {
+    (u64::BITS - (v | 1).leading_zeros()).div_ceil(7) as usize
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// The minimal LEB128 varint at `bytes[*at..]`; advances `at` past it.
+fn get_varint(bytes: &[u8], at: &mut usize) -> Result<u64, RecordFault> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let &b = bytes.get(*at).ok_or(RecordFault::Truncated)?;
+        *at += 1;
+        let bits = u64::from(b & 0x7f);
+        if shift == 63 && b > 1 {
+            return Err(RecordFault::BadVarint);
+        }
+        v |= bits << shift;
+        if b & 0x80 == 0 {
+            // Minimal: only a single-byte varint may end in a zero byte.
+            return if b == 0 && shift > 0 { Err(RecordFault::BadVarint) } else { Ok(v) };
+        }
+    }
+    Err(RecordFault::BadVarint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::vec;
+
+    #[test]
+    fn varints() {
+        for v in [0, 1, 127, 128, 16383, 16384, u64::from(u32::MAX), u64::MAX >> 1, u64::MAX] {
+            let mut out = Vec::new();
+            put_varint(&mut out, v);
+            assert_eq!(out.len(), varint_len(v), "{v}");
+            assert_eq!(out, postcard::to_allocvec(&v).unwrap(), "{v}");
+            let mut at = 0;
+            assert_eq!(get_varint(&out, &mut at), Ok(v));
+            assert_eq!(at, out.len());
+        }
+        let mut at = 0;
+        assert_eq!(get_varint(&[0x80, 0x00], &mut at), Err(RecordFault::BadVarint));
+        at = 0;
+        assert_eq!(get_varint(&[0x80], &mut at), Err(RecordFault::Truncated));
+        at = 0;
+        assert_eq!(
+            get_varint(&[0xff; 9].iter().copied().chain([2]).collect::<Vec<_>>(), &mut at),
+            Err(RecordFault::BadVarint)
+        );
+        at = 0;
+        assert_eq!(get_varint(&[0xff; 11], &mut at), Err(RecordFault::BadVarint));
+    }
+
+    #[test]
+    fn encode_matches_postcard() {
+        let r = DirtyRecord { start: 0x1234_5678, ops: vec![1, 2, 3] };
+        assert_eq!(r.encode_to_vec(), postcard::to_allocvec(&r).unwrap());
+        assert_eq!(r.encoded_len(), r.encode_to_vec().len());
+    }
+
+    #[test]
+    fn largest_ops_fit_the_smallest_budget() {
+        let max = (super::super::PFN_LIMIT << 2) | 3;
+        assert!(2 * varint_len(max) <= MIN_RECORD_OPS);
+        let words = (super::super::PFN_LIMIT / 64) << 2 | 3;
+        assert!(varint_len(words) + WORD_BYTES <= MIN_RECORD_OPS);
+        // The encoded record fits a chunk.
+        assert!(varint_len(u64::MAX) + varint_len(MAX_RECORD_OPS as u64) + MAX_RECORD_OPS <= MAX_CHUNK_DATA);
+    }
+}
