@@ -81,6 +81,8 @@ pub struct Spec {
     pub vcpus: Option<u32>,
     /// `phys-bits=`.
     pub phys_bits: Option<u8>,
+    /// `max-leaf=`: the highest basic leaf the guest sees (CPUID.0:EAX).
+    pub max_leaf: Option<u32>,
 }
 
 /// Why a spec did not parse.
@@ -110,11 +112,25 @@ pub enum Note {
         /// What else went.
         cleared: Vec<Feature>,
     },
+    /// `max-leaf=` hid leaves, and with them these features (and what needs them).
+    MaxLeafCleared {
+        /// The new highest basic leaf.
+        max_leaf: u32,
+        /// The features that went.
+        cleared: Vec<Feature>,
+    },
 }
 
 impl fmt::Display for Note {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Note::MaxLeafCleared { max_leaf, cleared } => {
+                write!(f, "max-leaf={max_leaf:#x} also cleared the features of higher leaves:")?;
+                for c in cleared {
+                    write!(f, " {}", c.info().map_or("unnamed", |i| i.name))?;
+                }
+                Ok(())
+            }
             Note::AlsoCleared { feature, cleared } => {
                 write!(f, "-{} also cleared what requires it:", feature.info().map_or("unnamed", |i| i.name))?;
                 for c in cleared {
@@ -216,6 +232,7 @@ fn parse_item(spec: &mut Spec, item: &str) -> Result<(), String> {
             "model" => set_once(&mut spec.model, num()?.min(0xff), key),
             "stepping" => set_once(&mut spec.stepping, num()?.min(0xf), key),
             "vcpus" => set_once(&mut spec.vcpus, num()?, key),
+            "max-leaf" => set_once(&mut spec.max_leaf, num()?, key),
             "phys-bits" => {
                 let n = num()?;
                 let n = u8::try_from(n).map_err(|_| String::from("physical address bits must be below 256"))?;
@@ -269,6 +286,25 @@ impl Spec {
                 }
             }
         }
+        if let Some(max_leaf) = self.max_leaf {
+            // Features the guest could no longer see (their leaf is above the new
+            // maximum) go, with what depends on them; the note says which.
+            let mut hidden = Featureset::new();
+            for (w, b) in fs.bits() {
+                let f = Feature::new(w, b);
+                if f.location().is_some_and(|l| l.leaf < 0x8000_0000 && l.leaf > max_leaf) {
+                    hidden.set_bit(w, b, true);
+                    hidden = hidden.or(&features::deep_dependents(f).and(&fs));
+                }
+            }
+            if !hidden.is_empty() {
+                fs = fs.and_not(&hidden);
+                notes.push(Note::MaxLeafCleared {
+                    max_leaf,
+                    cleared: hidden.bits().map(|(w, b)| Feature::new(w, b)).collect(),
+                });
+            }
+        }
         (fs, notes)
     }
 
@@ -295,6 +331,10 @@ impl Spec {
         p.signature = self.signature_on(host);
         if let Some(b) = self.phys_bits {
             p.phys_bits = b;
+        }
+        if let Some(m) = self.max_leaf {
+            // A maximum above the host's is kept as asked, for verify() to refuse.
+            p.basic_max = m;
         }
         (p, notes)
     }
@@ -349,6 +389,7 @@ impl Policy {
         );
         let _ = writeln!(s, "vcpus={}", self.vcpus);
         let _ = writeln!(s, "phys-bits={}", self.phys_bits);
+        let _ = writeln!(s, "max-leaf={:#x}", self.basic_max);
         let _ = writeln!(s, "features={}", self.features);
         let _ = writeln!(s, "# {}", names(&self.features));
         s

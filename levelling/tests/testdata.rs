@@ -296,3 +296,23 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn max_leaf_hides_higher_leaves_and_says_which_features_went() {
+    let (_, h) = dumps().into_iter().find(|(n, _)| n == "bochs-2.7-corei7-skylake-x.cpuid").unwrap();
+    let spec = text::parse_spec("base=host-max,max-leaf=6").unwrap();
+    let (policy, notes) = spec.policy_on(&h);
+    assert_eq!(policy.basic_max, 6);
+    assert!(!AVX2.is_in(&policy.features), "avx2 lives in leaf 7 and must go");
+    assert!(notes.iter().any(|n| n.to_string().starts_with("max-leaf=0x6 also cleared")), "{notes:?}");
+    let table = CpuidTable::build(&policy, &h).unwrap();
+    assert_eq!(table.lookup(0, 0)[0], 6);
+    assert_eq!(table.lookup(7, 0), [0; 4], "leaves above the maximum read zero");
+    assert_ne!(table.lookup(1, 0), [0; 4]);
+    // The text form carries it, and reads back to the same policy.
+    let again = text::parse_spec(&policy.to_text()).unwrap().policy_on(&h).0;
+    assert_eq!(again, policy);
+    // Above the host's maximum: refused by verification, not clamped.
+    let (too_high, _) = text::parse_spec("max-leaf=0x40").unwrap().policy_on(&h);
+    assert!(too_high.verify(&h).is_err());
+}
