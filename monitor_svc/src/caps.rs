@@ -10,18 +10,18 @@
 //! ([`crate::rmid`] does that with what is decoded here).
 //!
 //! Sources:
-//! - Intel SDM Vol. 2A, CPUID leaf 07H (EBX[12] "PQM") and leaf 0FH ("Intel Resource
+//! - Intel SDM Vol. 2A, CPUID leaf 07H (EBX\[12\] "PQM") and leaf 0FH ("Intel Resource
 //!   Director Technology (Intel RDT) Monitoring Enumeration Sub-leaf"): 0FH.0:EBX is the
-//!   highest RMID of any resource type, 0FH.0:EDX[1] says L3 monitoring exists;
-//!   0FH.1:EAX[7:0] is the MBM counter width minus 24, EAX[8] the IA32_QM_CTR overflow
-//!   bit, EBX the upscaling factor, ECX the highest L3 RMID, EDX[2:0] the events.
+//!   highest RMID of any resource type, 0FH.0:EDX\[1\] says L3 monitoring exists;
+//!   0FH.1:EAX\[7:0\] is the MBM counter width minus 24, EAX\[8\] the IA32_QM_CTR overflow
+//!   bit, EBX the upscaling factor, ECX the highest L3 RMID, EDX\[2:0\] the events.
 //! - Intel SDM Vol. 3B 18.18 "Intel Resource Director Technology (Intel RDT) Monitoring
 //!   Features" (18.18.3-18.18.5 enumeration).
 //! - L3 size: Intel SDM Vol. 2A CPUID leaf 04H "Deterministic Cache Parameters";
 //!   AMD APM Vol. 3 Appendix E, CPUID Fn8000_001D (same layout as leaf 04H) and
-//!   Fn8000_0006 EDX[31:18] (L3 size in 512 KiB units). The brief that started this
-//!   module said ECX[31:18]; the APM and every recorded AMD dump put the L3 size in EDX
-//!   (ECX[31:16] is the L2 size in KiB).
+//!   Fn8000_0006 EDX\[31:18\] (L3 size in 512 KiB units). The brief that started this
+//!   module said ECX\[31:18\]; the APM and every recorded AMD dump put the L3 size in EDX
+//!   (ECX\[31:16\] is the L2 size in KiB).
 //! - AMD PQoS (APM Vol. 2 19.3 "Platform QoS Monitoring") uses the same leaf and MSRs.
 
 use core::fmt;
@@ -30,7 +30,7 @@ use core::fmt;
 /// Shown to users as `not available: <reason>`.
 pub const NO_RDT_MONITORING: &str = "CPU has no RDT monitoring (CPUID.7.EBX[12]=0)";
 
-/// Base of the MBM counter width: width = 24 + CPUID.(EAX=0FH,ECX=1):EAX[7:0] (SDM Vol. 2A leaf 0FH).
+/// Base of the MBM counter width: width = 24 + CPUID.(EAX=0FH,ECX=1):EAX\[7:0\] (SDM Vol. 2A leaf 0FH).
 pub const MBM_WIDTH_BASE: u32 = 24;
 
 /// IA32_QM_CTR has 62 data bits (61:0; SDM Vol. 3B 18.18.7). A wider reported MBM
@@ -54,7 +54,7 @@ pub enum L3Source {
     Leaf4,
     /// AMD Fn8000_001D, cache topology (leaf 04H layout).
     Amd8000001D,
-    /// AMD Fn8000_0006 EDX[31:18].
+    /// AMD Fn8000_0006 EDX\[31:18\].
     Amd80000006,
 }
 
@@ -70,17 +70,17 @@ pub struct RdtCaps {
     pub usable_rmids: u32,
     /// 0FH.1:EBX: IA32_QM_CTR units to bytes.
     pub upscaling_factor: u32,
-    /// 24 + 0FH.1:EAX[7:0], clamped to [`QM_CTR_DATA_BITS`]: width of the MBM counters.
+    /// 24 + 0FH.1:EAX\[7:0\], clamped to [`QM_CTR_DATA_BITS`]: width of the MBM counters.
     pub mbm_width: u32,
     /// The width as reported, before clamping (for diagnostics).
     pub mbm_width_reported: u32,
-    /// 0FH.1:EAX[8]: IA32_QM_CTR bit 61 is an overflow bit, not data.
+    /// 0FH.1:EAX\[8\]: IA32_QM_CTR bit 61 is an overflow bit, not data.
     pub overflow_bit: bool,
-    /// 0FH.1:EDX[0]: L3 occupancy event.
+    /// 0FH.1:EDX\[0\]: L3 occupancy event.
     pub llc_occupancy: bool,
-    /// 0FH.1:EDX[1]: L3 total external bandwidth event.
+    /// 0FH.1:EDX\[1\]: L3 total external bandwidth event.
     pub mbm_total: bool,
-    /// 0FH.1:EDX[2]: L3 local external bandwidth event.
+    /// 0FH.1:EDX\[2\]: L3 local external bandwidth event.
     pub mbm_local: bool,
     /// Size of one L3 (one monitoring domain: a socket on Intel, a CCX on AMD), in bytes.
     pub l3_bytes: u64,
@@ -203,7 +203,8 @@ fn deterministic_l3(regs: [u32; 4]) -> Option<u64> {
     let partitions = u64::from((ebx >> 12) & 0x3ff) + 1;
     let line = u64::from(ebx & 0xfff) + 1;
     let sets = u64::from(ecx) + 1;
-    Some(ways * partitions * line * sets)
+    // Saturating: garbage CPUID values must not overflow (the real product fits easily).
+    Some(ways.saturating_mul(partitions).saturating_mul(line).saturating_mul(sets))
 }
 
 /// Walk a leaf-04H-style leaf's sub-leaves until type 0 (no more caches), at most 16.
@@ -338,6 +339,31 @@ mod tests {
             MonitorCaps::from_cpuid(table(&none), &MonitorConfig::default()),
             MonitorCaps::Absent { reason } if reason.contains("no L3 size")
         ));
+    }
+
+    #[test]
+    fn garbage_cpuid_never_panics() {
+        let all_ones = MonitorCaps::from_cpuid(|_, _| [u32::MAX; 4], &MonitorConfig::default());
+        assert!(matches!(all_ones, MonitorCaps::Present(r) if r.usable_rmids == u32::MAX && r.mbm_width == 61));
+        // Leaf-4 geometry at its maximum: the product saturates instead of overflowing.
+        assert_eq!(deterministic_l3([0x63, u32::MAX, u32::MAX, 0]), Some(u64::MAX));
+        let mut x = 0x1234_5678_9abc_def1u64;
+        for _ in 0..2000 {
+            let seed = x;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let caps = MonitorCaps::from_cpuid(
+                move |leaf, sub| {
+                    let h = seed ^ (u64::from(leaf) << 32) ^ u64::from(sub).wrapping_mul(0x9e37_79b9);
+                    [h as u32, (h >> 16) as u32, (h >> 32) as u32, (h >> 8) as u32 | (1 << 12) | 0b111]
+                },
+                &MonitorConfig::default(),
+            );
+            if let MonitorCaps::Present(r) = caps {
+                assert!(r.mbm_width <= QM_CTR_DATA_BITS && r.usable_rmids >= 1);
+            }
+        }
     }
 
     #[test]

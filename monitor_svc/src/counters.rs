@@ -4,7 +4,7 @@
 //!   the data bits 61:0 (60:0 when bit 61 is the overflow bit) are the count (SDM
 //!   Vol. 3B 18.18.7).
 //! - Occupancy in bytes is count × the upscaling factor CPUID.(EAX=0FH,ECX=1):EBX.
-//! - MBM counters are only `width` bits wide (24 + CPUID.(EAX=0FH,ECX=1):EAX[7:0]) and
+//! - MBM counters are only `width` bits wide (24 + CPUID.(EAX=0FH,ECX=1):EAX\[7:0\]) and
 //!   wrap. [`MbmAccumulator`] keeps a 64-bit byte total across wraps by taking every
 //!   delta modulo 2^width; that is only right if at most one wrap happens between two
 //!   samples, so the sampling timer must run well inside the wrap period (see
@@ -53,7 +53,7 @@ impl From<PlatformError> for CounterError {
 pub struct CtrData {
     /// The count in hardware units (multiply by the upscaling factor for bytes).
     pub count: u64,
-    /// Bit 61 when the CPU defines it as the overflow bit (CPUID.(EAX=0FH,ECX=1):EAX[8]).
+    /// Bit 61 when the CPU defines it as the overflow bit (CPUID.(EAX=0FH,ECX=1):EAX\[8\]).
     pub overflow: bool,
 }
 

@@ -54,7 +54,7 @@ pub const fn is_allowed(msr: u32) -> bool {
 pub const QM_CTR_ERROR: u64 = 1 << 63;
 /// IA32_QM_CTR bit 62: no data for this RMID yet (or any more); ignore bits 61:0.
 pub const QM_CTR_UNAVAILABLE: u64 = 1 << 62;
-/// IA32_QM_CTR bit 61 when CPUID.(EAX=0FH,ECX=1):EAX[8] is set: the MBM counter overflowed.
+/// IA32_QM_CTR bit 61 when CPUID.(EAX=0FH,ECX=1):EAX\[8\] is set: the MBM counter overflowed.
 pub const QM_CTR_OVERFLOW: u64 = 1 << 61;
 /// IA32_QM_CTR bits 61:0.
 pub const QM_CTR_DATA_MASK: u64 = (1 << 62) - 1;
@@ -74,7 +74,7 @@ impl HwEvent {
     /// Every hardware event.
     pub const ALL: [HwEvent; 3] = [Self::LlcOccupancy, Self::MbmTotal, Self::MbmLocal];
 
-    /// The EventID to program in IA32_QM_EVTSEL[7:0].
+    /// The EventID to program in IA32_QM_EVTSEL\[7:0\].
     pub const fn event_id(self) -> u8 {
         match self {
             Self::LlcOccupancy => 1,

@@ -298,6 +298,10 @@ impl RmidAllocator {
         let Some((_, rmid)) = self.free.pop_first() else {
             return Err(RmidError::Exhausted { domain, in_limbo: self.limbo.len(), total: self.usable });
         };
+        // Group ids only wrap after 2^32 attaches; skip any still in use then.
+        while self.groups.contains_key(&GroupId(self.next_group)) {
+            self.next_group = self.next_group.wrapping_add(1).max(1);
+        }
         let id = GroupId(self.next_group);
         self.next_group = self.next_group.wrapping_add(1).max(1);
         let group = Group { id, domain, vcpus, rmid };
