@@ -15,17 +15,18 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use core::panic::PanicInfo;
 
+use alloc::format;
 use hv::{BootInfo, MemoryRegion, Outcome, RegionKind, println};
 use linked_list_allocator::LockedHeap;
 use uefi::boot::{self, AllocateType, MemoryType};
 use uefi::mem::memory_map::MemoryMap;
 use uefi::runtime::{self, ResetType};
-use uefi::{Status, cstr16, entry};
+use uefi::{Status, entry};
 
 /// Heap for `alloc` (boot and hv): descriptor tables, maps, strings.
 const HEAP_PAGES: usize = 1024; // 4 MiB
 /// Frames for hv: page tables, VMCS/VMCB, guest memory.
-const POOL_PAGES: usize = 8192; // 32 MiB
+const POOL_PAGES: usize = 48 * 1024; // 192 MiB
 /// Frames for device DMA (virtqueues and their buffers).
 const DMA_PAGES: usize = 512; // 2 MiB
 
@@ -63,6 +64,7 @@ fn main() -> Status {
     let dma_frames = unsafe { hv::mm::frames::FramePool::new(dma.as_ptr() as u64, DMA_PAGES) };
 
     let cmdline = read_cmdline();
+    let domains = read_domains();
     if !cmdline.is_empty() {
         println!("Command line: {cmdline}");
     }
@@ -70,7 +72,7 @@ fn main() -> Status {
     println!("Exiting boot services");
     // SAFETY: nothing from boot services is used after this point: the console is our
     // own COM1 driver, the heap and pool are LOADER_DATA we own, and no protocol
-    // handles are held (read_cmdline dropped its file system handle).
+    // handles are held (read_file drops its file system handle).
     let map = unsafe { boot::exit_boot_services(None) };
     // SAFETY: with boot services gone, the firmware's interrupt handlers are no longer
     // ours to rely on; the hypervisor runs with interrupts off on its own IDT.
@@ -88,6 +90,7 @@ fn main() -> Status {
         dma_frames: Some(dma_frames),
         cmdline,
         git_revision: env!("HV_GIT_REV"),
+        domains,
     });
     shutdown(outcome)
 }
@@ -106,25 +109,60 @@ fn region_kind(ty: MemoryType) -> RegionKind {
     }
 }
 
+/// Read a file from the boot volume: `Ok(None)` if it does not exist.
+fn read_file(path: &str) -> Result<Option<Vec<u8>>, String> {
+    let fs = boot::get_image_file_system(boot::image_handle()).map_err(|e| format!("no boot file system ({e:?})"))?;
+    let mut fs = uefi::fs::FileSystem::new(fs);
+    let name = uefi::CString16::try_from(path).map_err(|_| format!("{path}: not a valid UEFI path"))?;
+    match fs.read(name.as_ref()) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(uefi::fs::Error::Io(e)) if e.uefi_error.status() == Status::NOT_FOUND => Ok(None),
+        Err(e) => Err(format!("cannot read {path}: {e}")),
+    }
+}
+
 /// The optional command line: the first line of `\EFI\BOOT\HV.CMD` on the boot
 /// volume. Absent is normal; any other error is reported and treated as empty.
 fn read_cmdline() -> String {
-    let fs = match boot::get_image_file_system(boot::image_handle()) {
-        Ok(fs) => fs,
+    match read_file("\\EFI\\BOOT\\HV.CMD") {
+        Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).lines().next().unwrap_or("").trim().into(),
+        Ok(None) => String::new(),
         Err(e) => {
-            println!("note: no boot file system ({e:?}); empty command line");
-            return String::new();
-        }
-    };
-    let mut fs = uefi::fs::FileSystem::new(fs);
-    match fs.read(cstr16!("\\EFI\\BOOT\\HV.CMD")) {
-        Ok(bytes) => String::from_utf8_lossy(&bytes).lines().next().unwrap_or("").trim().into(),
-        Err(uefi::fs::Error::Io(e)) if e.uefi_error.status() == Status::NOT_FOUND => String::new(),
-        Err(e) => {
-            println!("note: cannot read \\EFI\\BOOT\\HV.CMD ({e}); empty command line");
+            println!("note: {e}; empty command line");
             String::new()
         }
     }
+}
+
+/// Boot-time domains: `\EFI\HV\DOMAINS.CFG` (format: hv::domain::config) and the
+/// kernel files it names in `\EFI\HV`. A bad file is reported and no domain starts.
+fn read_domains() -> Vec<(hv::domain::config::DomainConfig, Vec<u8>)> {
+    let text = match read_file("\\EFI\\HV\\DOMAINS.CFG") {
+        Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+        Ok(None) => return Vec::new(),
+        Err(e) => {
+            println!("DOMAIN-CONFIG-ERROR {e}");
+            return Vec::new();
+        }
+    };
+    let configs = match hv::domain::config::parse(&text) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("DOMAIN-CONFIG-ERROR {e}");
+            return Vec::new();
+        }
+    };
+    let mut out = Vec::new();
+    for c in configs {
+        let path = format!("\\EFI\\HV\\{}", c.kernel);
+        match read_file(&path) {
+            Ok(Some(kernel)) => out.push((c, kernel)),
+            Ok(None) => println!("DOMAIN-CONFIG-ERROR domain {}: kernel {path} does not exist", c.name),
+            Err(e) => println!("DOMAIN-CONFIG-ERROR domain {}: {e}", c.name),
+        }
+    }
+    println!("Boot domains: {} configured in \\EFI\\HV\\DOMAINS.CFG", out.len());
+    out
 }
 
 fn fail(args: core::fmt::Arguments<'_>) -> ! {

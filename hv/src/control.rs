@@ -113,21 +113,18 @@ impl ControlServer {
         self.connections.iter().find(|(_, c)| c.peer == peer && c.port == port).map(|(h, _)| *h)
     }
 
-    /// Serve forever.
-    pub fn serve(&mut self) -> ! {
-        loop {
-            let mut busy = self.poll_device();
-            busy |= self.runtime.run_once(time::uptime_ns());
-            for (to, bytes) in self.runtime.take_outbox() {
-                if let Some(c) = self.connections.get_mut(&to) {
-                    c.output.extend(bytes);
-                }
-            }
-            busy |= self.flush_and_reap();
-            if !busy {
-                core::hint::spin_loop();
+    /// Do whatever is pending (device events, task turns, output); never blocks.
+    /// Returns whether anything happened.
+    pub fn poll(&mut self) -> bool {
+        let mut busy = self.poll_device();
+        busy |= self.runtime.run_once(time::uptime_ns());
+        for (to, bytes) in self.runtime.take_outbox() {
+            if let Some(c) = self.connections.get_mut(&to) {
+                c.output.extend(bytes);
             }
         }
+        busy |= self.flush_and_reap();
+        busy
     }
 
     /// Handle every pending device event. Returns whether anything happened.

@@ -27,6 +27,7 @@ pub mod caps;
 pub mod console;
 pub mod control;
 pub mod cpu;
+pub mod domain;
 pub mod hw;
 pub mod mm;
 pub mod pci;
@@ -95,6 +96,8 @@ pub struct BootInfo {
     pub cmdline: String,
     /// The source revision the image was built from (`git describe`).
     pub git_revision: &'static str,
+    /// Domains to start at boot (from `\EFI\HV\DOMAINS.CFG`) with their kernel images.
+    pub domains: Vec<(domain::config::DomainConfig, Vec<u8>)>,
 }
 
 static SHUTDOWN_HOOK: spin::Once<fn(Outcome) -> !> = spin::Once::new();
@@ -200,7 +203,27 @@ pub fn run(mut info: BootInfo) -> Outcome {
         return Outcome::Refused;
     }
 
-    match selftest::run(&caps, &mut info.frames) {
+    match caps.virtualization {
+        caps::Virtualization::Vmx(_) => run_with::<arch::vmx::Vmx>(info, &caps),
+        caps::Virtualization::Svm(_) => run_with::<arch::svm::Svm>(info, &caps),
+        caps::Virtualization::None => Outcome::Refused,
+    }
+}
+
+/// Time slice for round-robin scheduling of vCPUs.
+const SLICE_MS: u64 = 10;
+
+/// Take the machine with backend `B`: self-test, boot-time domains, control channel,
+/// then schedule until nothing is left to run or serve.
+fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &caps::Capabilities) -> Outcome {
+    let mut backend = match B::enable(caps, &mut info.frames) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("FAIL: enabling {}: {e}", B::NAME);
+            return Outcome::Failed;
+        }
+    };
+    match selftest::run(&mut backend, &mut info.frames) {
         Ok(report) => {
             println!("{report}");
             println!("READY arch={} exit={} value={:#x}", report.arch, report.exit, report.value);
@@ -211,19 +234,89 @@ pub fn run(mut info: BootInfo) -> Outcome {
         }
     }
 
-    serve_control_channel(&info, &caps)
+    // Guests' CPUID comes from policies verified against this host's own CPUID.
+    let records = levelling::enumerate(|leaf, sub| hw::HwRead::cpuid(&mut hw::RealHw, leaf, sub));
+    let host = match levelling::HostCpu::from_records(&records) {
+        Ok(h) => h,
+        Err(e) => {
+            println!("FAIL: reading this CPU's CPUID for guest policies: {e}");
+            return Outcome::Failed;
+        }
+    };
+    let slice = time_slice(B::ARCH, caps);
+    let machine_info = machine_info(&info, caps);
+    let boot_domains = core::mem::take(&mut info.domains);
+    let mut machine = domain::Machine::new(backend, info.frames, host, slice);
+    for (config, kernel) in &boot_domains {
+        if let Err(e) = machine.create(config, kernel) {
+            println!("DOMAIN-CREATE-FAILED name={}: {e}", config.name);
+        }
+    }
+    drop(boot_domains);
+
+    let mut server = match control::ControlServer::start(tasks::Runtime::new(machine_info)) {
+        Ok(server) => Some(server),
+        Err(control::ControlError::NoDevice) => {
+            println!("CONTROL unavailable: no virtio-vsock device (PCI 1af4:1053)");
+            None
+        }
+        Err(e) => {
+            println!("FAIL: control channel: {e}");
+            return Outcome::Failed;
+        }
+    };
+    loop {
+        let mut busy = false;
+        if let Some(s) = server.as_mut() {
+            busy |= s.poll();
+        }
+        busy |= machine.run_slice();
+        if server.is_none() && !machine.has_runnable() {
+            break;
+        }
+        if !busy {
+            core::hint::spin_loop();
+        }
+    }
+    for d in machine.domains() {
+        println!("DOMAIN {} FINAL name={} state={} exits={}", d.id, d.name, d.state, d.total_exits());
+    }
+    println!("IDLE: nothing left to run and no control channel to serve; powering off");
+    Outcome::Ready
 }
 
-/// Start the control channel and serve it forever; without a vsock device there is
-/// nothing to serve and the machine powers off (Outcome::Ready: nothing failed).
-fn serve_control_channel(info: &BootInfo, caps: &caps::Capabilities) -> Outcome {
+/// The time slice in TSC ticks, if this CPU can preempt a guest: the VMX preemption
+/// timer, or on SVM the local APIC timer (an INTR exit). Without either, a guest runs
+/// until it exits by itself, and we say so.
+fn time_slice(arch: guest_abi::Arch, caps: &caps::Capabilities) -> Option<u64> {
+    let ticks = time::ms_to_ticks(SLICE_MS)?;
+    match (arch, caps.virtualization) {
+        (guest_abi::Arch::Vmx, caps::Virtualization::Vmx(v)) if v.preemption_timer => Some(ticks),
+        (guest_abi::Arch::Svm, _) => match cpu::lapic::init() {
+            Ok(per_ms) => {
+                log::info!("local APIC timer: {per_ms} ticks/ms; {SLICE_MS} ms slices");
+                Some(ticks)
+            }
+            Err(e) => {
+                println!("warning: no preemption ({e}); a guest that never exits will starve the others");
+                None
+            }
+        },
+        _ => {
+            println!("warning: no VMX preemption timer; a guest that never exits will starve the others");
+            None
+        }
+    }
+}
+
+fn machine_info(info: &BootInfo, caps: &caps::Capabilities) -> tasks::MachineInfo {
     let memory_bytes = info
         .memory_map
         .iter()
         .filter(|r| matches!(r.kind, RegionKind::Usable | RegionKind::Hypervisor))
         .map(|r| r.pages * mm::PAGE_SIZE)
         .sum();
-    let machine = tasks::MachineInfo {
+    tasks::MachineInfo {
         hv_version: alloc::format!("{} ({})", VERSION, info.git_revision),
         capabilities: caps
             .machine_line()
@@ -232,20 +325,9 @@ fn serve_control_channel(info: &BootInfo, caps: &caps::Capabilities) -> Outcome 
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (String::from(k), String::from(v)))
             .collect(),
-        // Only the bootstrap CPU runs today (SMP comes with scheduling).
+        // Only the bootstrap CPU runs today (SMP comes later).
         cpus: 1,
         memory_bytes,
-    };
-    match control::ControlServer::start(tasks::Runtime::new(machine)) {
-        Ok(mut server) => server.serve(),
-        Err(control::ControlError::NoDevice) => {
-            println!("CONTROL unavailable: no virtio-vsock device (PCI 1af4:1053); nothing to serve, powering off");
-            Outcome::Ready
-        }
-        Err(e) => {
-            println!("FAIL: control channel: {e}");
-            Outcome::Failed
-        }
     }
 }
 

@@ -23,10 +23,9 @@
 use alloc::vec::Vec;
 use core::fmt;
 
-use crate::arch::{self, ArchError, Backend, ExitReason, GuestEntry, GuestRegs};
-use crate::caps::{Capabilities, Virtualization};
+use crate::arch::{ArchError, Backend, ExitReason, GuestEntry, GuestRegs, Vcpu};
 use crate::mm::frames::FramePool;
-use crate::mm::nested::{EntryFormat, NestedTables, Perms};
+use crate::mm::guest::GuestMemory;
 use crate::mm::{MmError, PAGE_SIZE};
 
 /// Pages of guest memory (GPA 0 .. 64 KiB).
@@ -60,54 +59,6 @@ pub fn guest_code(hypercall: [u8; 3]) -> Vec<u8> {
 /// The value the guest must hand back for `nonce`.
 pub fn expected(nonce: u64) -> u64 {
     nonce ^ u64::from(GUEST_KEY)
-}
-
-/// Guest memory: one pool frame per guest page, and the nested tables mapping them.
-struct GuestMemory<F: EntryFormat> {
-    frames: Vec<u64>,
-    tables: NestedTables<F>,
-}
-
-impl<F: EntryFormat> GuestMemory<F> {
-    fn new(pool: &mut FramePool, pages: u64) -> Result<Self, MmError> {
-        let mut tables = NestedTables::new(pool)?;
-        let mut frames = Vec::new();
-        for page in 0..pages {
-            let frame = pool.alloc_zeroed()?;
-            tables.map_4k(pool, page * PAGE_SIZE, frame, Perms::RWX)?;
-            frames.push(frame);
-        }
-        Ok(Self { frames, tables })
-    }
-
-    /// Where a guest-physical u64 lives: (frame, offset). Never straddles pages.
-    fn locate(&self, gpa: u64) -> Result<(u64, usize), MmError> {
-        let frame = *self.frames.get((gpa / PAGE_SIZE) as usize).ok_or(MmError::OutOfRange { gpa })?;
-        Ok((frame, (gpa % PAGE_SIZE) as usize))
-    }
-
-    fn write(&self, pool: &mut FramePool, gpa: u64, bytes: &[u8]) -> Result<(), MmError> {
-        let (frame, off) = self.locate(gpa)?;
-        let page = pool.bytes_mut(frame)?;
-        page.get_mut(off..off + bytes.len()).ok_or(MmError::OutOfRange { gpa })?.copy_from_slice(bytes);
-        Ok(())
-    }
-
-    fn read_u64(&self, pool: &mut FramePool, gpa: u64) -> Result<u64, MmError> {
-        let (frame, off) = self.locate(gpa)?;
-        let page = pool.bytes_mut(frame)?;
-        let mut b = [0u8; 8];
-        b.copy_from_slice(page.get(off..off + 8).ok_or(MmError::OutOfRange { gpa })?);
-        Ok(u64::from_le_bytes(b))
-    }
-
-    fn destroy(self, pool: &mut FramePool) -> Result<(), MmError> {
-        self.tables.destroy(pool)?;
-        for f in self.frames {
-            pool.free(f)?;
-        }
-        Ok(())
-    }
 }
 
 /// What the round trip showed.
@@ -156,8 +107,6 @@ pub enum SelftestError {
         /// Found.
         found: u64,
     },
-    /// No backend for this CPU (the caller should have refused earlier).
-    NoVirtualization,
 }
 
 impl From<ArchError> for SelftestError {
@@ -182,25 +131,13 @@ impl fmt::Display for SelftestError {
             SelftestError::WrongValue { place, expected, found } => {
                 write!(f, "guest value in {place} is {found:#x}, expected {expected:#x}")
             }
-            SelftestError::NoVirtualization => f.write_str("no virtualization backend for this CPU"),
         }
     }
 }
 
-/// Run the round trip on the backend that matches `caps`.
-pub fn run(caps: &Capabilities, pool: &mut FramePool) -> Result<Report, SelftestError> {
-    match caps.virtualization {
-        Virtualization::Vmx(_) => run_with::<arch::vmx::Vmx>(caps, pool),
-        Virtualization::Svm(_) => run_with::<arch::svm::Svm>(caps, pool),
-        Virtualization::None => Err(SelftestError::NoVirtualization),
-    }
-}
-
-fn run_with<B: Backend>(caps: &Capabilities, pool: &mut FramePool) -> Result<Report, SelftestError> {
-    let mut backend = B::enable(caps, pool)?;
-    log::info!("{}: enabled", B::NAME);
-
-    let mem = GuestMemory::<B::Paging>::new(pool, GUEST_PAGES)?;
+/// Run the round trip on `backend`.
+pub fn run<B: Backend>(backend: &mut B, pool: &mut FramePool) -> Result<Report, SelftestError> {
+    let mem = GuestMemory::<B::Paging>::new(pool, GUEST_PAGES * PAGE_SIZE)?;
     // The guest's own 4-level tables: PML4[0] -> PDPT, PDPT[0] -> PD, PD[0] = 2 MiB
     // identity page (P | RW | PS). SDM Vol. 3A 4.5 / APM Vol. 2 5.3.
     mem.write(pool, PML4, &(PDPT | 0x3).to_le_bytes())?;
@@ -211,9 +148,11 @@ fn run_with<B: Backend>(caps: &Capabilities, pool: &mut FramePool) -> Result<Rep
     let nonce = unsafe { x86::time::rdtsc() } | 1;
     mem.write(pool, NONCE, &nonce.to_le_bytes())?;
 
-    backend.configure(pool, &GuestEntry { nested_root: mem.tables.root(), cr3: PML4, rip: CODE, rsp: STACK_TOP })?;
+    let mut vcpu =
+        backend.create_vcpu(pool, &GuestEntry { nested_root: mem.root(), cr3: PML4, rip: CODE, rsp: STACK_TOP })?;
     let mut regs = GuestRegs::default();
-    let exit = backend.run(&mut regs)?;
+    let exit = vcpu.run(&mut regs, None)?;
+    vcpu.destroy(pool)?;
     log::info!("{}: guest exit {} at RIP {:#x}", B::NAME, exit.reason, exit.rip);
 
     if exit.reason != ExitReason::Hypercall {

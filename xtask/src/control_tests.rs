@@ -51,6 +51,7 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
         cmdline: String::new(),
         echo: false,
         vsock: true,
+        domains: None,
     };
     println!("systest control-* on {platform} with virtio-vsock ...");
     let mut session = Session::spawn(&platform, esp, &config)?;
@@ -337,6 +338,7 @@ pub fn bench(runs: usize) -> Result<()> {
         cmdline: String::new(),
         echo: false,
         vsock: true,
+        domains: None,
     };
     let mut session = Session::spawn(&platform, &esp, &config)?;
     let wait = session.wait_until(config.timeout, &mut Echo::new(false), |l| l.line("CONTROL listening").is_some());

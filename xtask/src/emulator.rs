@@ -67,6 +67,8 @@ pub struct RunConfig {
     pub echo: bool,
     /// Attach a virtio-vsock device (QEMU only), served by vhost-device-vsock.
     pub vsock: bool,
+    /// Contents of \EFI\HV\DOMAINS.CFG (boot-time domains), if any.
+    pub domains: Option<String>,
 }
 
 /// What a run produced.
@@ -94,6 +96,16 @@ fn prepare_dir(esp: &Esp, config: &RunConfig) -> Result<PathBuf> {
     std::fs::copy(&esp.efi, boot.join("BOOTX64.EFI")).map_err(|e| format!("cannot copy the image: {e}"))?;
     if !config.cmdline.is_empty() {
         std::fs::write(boot.join("HV.CMD"), format!("{}\n", config.cmdline)).map_err(|e| format!("HV.CMD: {e}"))?;
+    }
+    let guests = dir.join("esp").join("EFI").join("HV");
+    std::fs::create_dir_all(&guests).map_err(|e| format!("cannot create {}: {e}", guests.display()))?;
+    for name in crate::image::GUESTS {
+        let file = format!("{name}.elf");
+        std::fs::copy(esp.dir.join("EFI").join("HV").join(&file), guests.join(&file))
+            .map_err(|e| format!("cannot copy {file}: {e}"))?;
+    }
+    if let Some(cfg) = &config.domains {
+        std::fs::write(guests.join("DOMAINS.CFG"), cfg).map_err(|e| format!("DOMAINS.CFG: {e}"))?;
     }
     Ok(dir)
 }

@@ -4,6 +4,9 @@ use std::path::PathBuf;
 
 use crate::{Result, tools};
 
+/// The guest kernels in guests/kernels, copied to \EFI\HV\NAME.elf.
+pub const GUESTS: &[&str] = &["cpuid-probe", "memwriter", "spinner"];
+
 /// A built image.
 #[derive(Debug, Clone)]
 pub struct Esp {
@@ -32,5 +35,17 @@ pub fn build(release: bool) -> Result<Esp> {
     let efi = boot_dir.join("BOOTX64.EFI");
     std::fs::copy(&built, &efi).map_err(|e| format!("cannot copy {} to {}: {e}", built.display(), efi.display()))?;
     let size = std::fs::metadata(&efi).map(|m| m.len()).unwrap_or(0);
+
+    // The test guests, as \EFI\HV\<name>.elf (boot-time domains load from there).
+    tools::ensure_target("x86_64-unknown-none")?;
+    tools::cargo(&["build", "-p", "guest-kernels", "--target", "x86_64-unknown-none", "--release"])?;
+    let guests = dir.join("EFI").join("HV");
+    std::fs::create_dir_all(&guests).map_err(|e| format!("cannot create {}: {e}", guests.display()))?;
+    for name in GUESTS {
+        let built = target_dir.join("x86_64-unknown-none").join("release").join(name);
+        let dest = guests.join(format!("{name}.elf"));
+        std::fs::copy(&built, &dest)
+            .map_err(|e| format!("cannot copy {} to {}: {e}", built.display(), dest.display()))?;
+    }
     Ok(Esp { dir, efi, size })
 }

@@ -47,6 +47,11 @@ enum Command {
         /// Options for the hypervisor, written to \EFI\BOOT\HV.CMD.
         #[arg(long, default_value = "")]
         cmdline: String,
+        /// A domain configuration to start at boot, copied to \EFI\HV\DOMAINS.CFG
+        /// (format in hv/src/domain/config.rs; kernels: cpuid-probe.elf, memwriter.elf,
+        /// spinner.elf).
+        #[arg(long, value_name = "FILE")]
+        domains: Option<std::path::PathBuf>,
     },
     /// Host unit tests, dependency rules, then the emulator system tests.
     Test {
@@ -120,7 +125,7 @@ fn main() -> ExitCode {
             println!("image: {}", esp.efi.display());
             println!("ESP:   {} ({} bytes)", esp.dir.display(), esp.size);
         }),
-        Command::Run { platform, timeout, cmdline } => run(platform.platform(), timeout, cmdline),
+        Command::Run { platform, timeout, cmdline, domains } => run(platform.platform(), timeout, cmdline, domains),
         Command::Test { host_only, system_only, filter } => test(host_only, system_only, filter),
         Command::CpuidDump { platform, output } => cpuid_dump(platform.platform(), &output),
         Command::Fuzz { seconds } => fuzz(seconds),
@@ -141,7 +146,11 @@ fn main() -> ExitCode {
 /// Errors are human sentences; xtask is a tool, not a library.
 pub type Result<T> = std::result::Result<T, String>;
 
-fn run(platform: Platform, timeout: Option<u64>, cmdline: String) -> Result<()> {
+fn run(platform: Platform, timeout: Option<u64>, cmdline: String, domains: Option<std::path::PathBuf>) -> Result<()> {
+    let domains = match domains {
+        Some(p) => Some(std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?),
+        None => None,
+    };
     tools::ensure(&platform)?;
     let esp = image::build(true)?;
     let vsock = matches!(platform, Platform::Qemu { .. });
@@ -155,6 +164,7 @@ fn run(platform: Platform, timeout: Option<u64>, cmdline: String) -> Result<()> 
         cmdline,
         echo: true,
         vsock,
+        domains,
     };
     println!(
         "xtask: booting on {platform}{} (READY expected within {} s)",
@@ -191,6 +201,10 @@ fn run(platform: Platform, timeout: Option<u64>, cmdline: String) -> Result<()> 
         // the vsock backend: it is in our process group).
         let _ = session.wait_until(Duration::MAX, &mut echo, |l| l.outcome().is_some());
         let _ = std::fs::remove_file(&connect_file);
+    } else if log.outcome().is_none() {
+        // No control channel: the hypervisor runs its boot-time domains and powers off
+        // when none is left to run (Ctrl-C stops a domain that never ends).
+        let _ = session.wait_until(Duration::MAX, &mut echo, |l| l.outcome().is_some());
     }
     Ok(())
 }
@@ -204,6 +218,7 @@ fn cpuid_dump(platform: Platform, output: &std::path::Path) -> Result<()> {
         cmdline: "cpuid-dump".into(),
         echo: false,
         vsock: false,
+        domains: None,
     };
     let run = emulator::run(&platform, &esp, &config)?;
     let text = serial::clean(&run.serial);

@@ -169,6 +169,7 @@ fn run_scenario(s: &Scenario, esp: &Esp) -> Result<(RunResult, Vec<String>)> {
         cmdline: String::new(),
         echo: false,
         vsock: false,
+        domains: None,
     };
     let run = emulator::run(&platform, esp, &config)?;
     let problems = judge(&run, &s.expect);
@@ -220,6 +221,7 @@ pub fn bench_boot(runs: usize) -> Result<()> {
                 cmdline: String::new(),
                 echo: false,
                 vsock: false,
+                domains: None,
             };
             let run = emulator::run(&platform, &esp, &config)?;
             let t = run.ready_after.ok_or_else(|| {

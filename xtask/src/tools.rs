@@ -92,22 +92,27 @@ pub fn ensure(platform: &Platform) -> Result<()> {
 /// Make sure the rustup target for the image is installed (rust-toolchain.toml lists
 /// it, but an already-installed toolchain does not always pick that up).
 pub fn ensure_uefi_target() -> Result<()> {
+    ensure_target("x86_64-unknown-uefi")
+}
+
+/// Make sure a rustup target of the pinned toolchain is installed.
+pub fn ensure_target(target: &str) -> Result<()> {
     let sysroot = Command::new("rustc")
         .current_dir(root())
         .args(["--print", "sysroot"])
         .output()
         .map_err(|e| format!("cannot run rustc: {e}"))?;
     let sysroot = String::from_utf8_lossy(&sysroot.stdout).trim().to_string();
-    if Path::new(&sysroot).join("lib/rustlib/x86_64-unknown-uefi").exists() {
+    if Path::new(&sysroot).join("lib/rustlib").join(target).exists() {
         return Ok(());
     }
-    println!("xtask: installing the x86_64-unknown-uefi target (rustup target add)");
+    println!("xtask: installing the {target} target (rustup target add)");
     let status = Command::new("rustup")
         .current_dir(root())
-        .args(["target", "add", "x86_64-unknown-uefi"])
+        .args(["target", "add", target])
         .status()
         .map_err(|e| format!("cannot run rustup: {e}"))?;
-    if status.success() { Ok(()) } else { Err("rustup target add x86_64-unknown-uefi failed".into()) }
+    if status.success() { Ok(()) } else { Err(format!("rustup target add {target} failed")) }
 }
 
 /// Run cargo in the workspace root with `args`, failing on a non-zero exit.

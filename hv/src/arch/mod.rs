@@ -75,6 +75,8 @@ pub enum ExitReason {
     NestedPageFault {
         /// Guest-physical address.
         gpa: u64,
+        /// The access was a write.
+        write: bool,
     },
     /// An exception the guest raised that we intercept.
     Exception {
@@ -84,9 +86,24 @@ pub enum ExitReason {
     /// CPUID.
     Cpuid,
     /// IN/OUT.
-    Io,
-    /// RDMSR/WRMSR.
-    Msr,
+    Io {
+        /// Port.
+        port: u16,
+        /// Access size in bytes (1, 2 or 4).
+        size: u8,
+        /// IN (true) or OUT (false).
+        input: bool,
+        /// INS/OUTS (string form).
+        string: bool,
+    },
+    /// RDMSR (ECX = index).
+    MsrRead,
+    /// WRMSR (ECX = index, EDX:EAX = value).
+    MsrWrite,
+    /// A VMX or SVM instruction (VMXON, VMRUN, VMLOAD, ...): guests get #UD.
+    VirtualizationInstruction,
+    /// The time slice ended (VMX preemption timer, or a physical interrupt on SVM).
+    TimeSliceEnd,
     /// Any other exit, with the vendor's code (VMX basic exit reason / SVM EXITCODE).
     Other {
         /// Vendor's exit code.
@@ -100,12 +117,37 @@ impl core::fmt::Display for ExitReason {
             ExitReason::Hypercall => f.write_str("hypercall"),
             ExitReason::Hlt => f.write_str("hlt"),
             ExitReason::TripleFault => f.write_str("triple-fault"),
-            ExitReason::NestedPageFault { gpa } => write!(f, "nested-page-fault(gpa={gpa:#x})"),
+            ExitReason::NestedPageFault { gpa, write } => {
+                write!(f, "nested-page-fault({} gpa={gpa:#x})", if *write { "write" } else { "read" })
+            }
             ExitReason::Exception { vector } => write!(f, "exception(vector={vector})"),
             ExitReason::Cpuid => f.write_str("cpuid"),
-            ExitReason::Io => f.write_str("io"),
-            ExitReason::Msr => f.write_str("msr"),
+            ExitReason::Io { port, .. } => write!(f, "io(port={port:#x})"),
+            ExitReason::MsrRead => f.write_str("rdmsr"),
+            ExitReason::MsrWrite => f.write_str("wrmsr"),
+            ExitReason::VirtualizationInstruction => f.write_str("virtualization-instruction"),
+            ExitReason::TimeSliceEnd => f.write_str("time-slice-end"),
             ExitReason::Other { code } => write!(f, "other({code:#x})"),
+        }
+    }
+}
+
+impl ExitReason {
+    /// A short stable name, for per-reason counters.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ExitReason::Hypercall => "hypercall",
+            ExitReason::Hlt => "hlt",
+            ExitReason::TripleFault => "triple_fault",
+            ExitReason::NestedPageFault { .. } => "npf",
+            ExitReason::Exception { .. } => "exception",
+            ExitReason::Cpuid => "cpuid",
+            ExitReason::Io { .. } => "io",
+            ExitReason::MsrRead => "rdmsr",
+            ExitReason::MsrWrite => "wrmsr",
+            ExitReason::VirtualizationInstruction => "virt_insn",
+            ExitReason::TimeSliceEnd => "time_slice",
+            ExitReason::Other { .. } => "other",
         }
     }
 }
@@ -115,8 +157,12 @@ impl core::fmt::Display for ExitReason {
 pub struct Exit {
     /// Why.
     pub reason: ExitReason,
-    /// Guest RIP at the exit.
+    /// Guest RIP at the exit (of the instruction that exited).
     pub rip: u64,
+    /// Length of that instruction, when the exit is an instruction the core may skip
+    /// (VMX: VM-exit instruction length; SVM without NRIPS: the instruction's known
+    /// length, or EXITINFO2's next RIP for I/O). 0 when not applicable.
+    pub instruction_len: u64,
 }
 
 /// Backend errors: each names the instruction, field or control involved.
@@ -150,6 +196,8 @@ pub enum ArchError {
     VmrunInvalid,
     /// Nested paging / frame allocation failed.
     Memory(MmError),
+    /// The core asked for something the backend cannot do here.
+    Unsupported(&'static str),
 }
 
 impl From<MmError> for ArchError {
@@ -186,22 +234,39 @@ impl core::fmt::Display for ArchError {
             }
             ArchError::VmrunInvalid => f.write_str("VMRUN failed its consistency checks (VMEXIT_INVALID)"),
             ArchError::Memory(e) => write!(f, "{e}"),
+            ArchError::Unsupported(what) => write!(f, "not supported by this backend: {what}"),
         }
     }
 }
 
-/// What a backend offers the arch-neutral code.
+/// What a backend offers the arch-neutral code: turning the extension on for a
+/// physical CPU, and creating vCPUs.
 pub trait Backend: Sized {
     /// The nested paging format (EPT or NPT).
     type Paging: EntryFormat;
+    /// A virtual CPU of this backend.
+    type Vcpu: Vcpu;
     /// "vmx" or "svm".
     const NAME: &'static str;
+    /// Which hypercall instruction guests use.
+    const ARCH: guest_abi::Arch;
     /// The guest instruction that makes a hypercall exit (VMCALL / VMMCALL).
     const HYPERCALL: [u8; 3];
-    /// Turn the extension on on this CPU and prepare one vCPU control structure.
+    /// Turn the extension on on this CPU.
     fn enable(caps: &crate::caps::Capabilities, pool: &mut FramePool) -> Result<Self, ArchError>;
-    /// Configure the vCPU to start at `entry`.
-    fn configure(&mut self, pool: &mut FramePool, entry: &GuestEntry) -> Result<(), ArchError>;
-    /// Enter the guest until the next exit.
-    fn run(&mut self, regs: &mut GuestRegs) -> Result<Exit, ArchError>;
+    /// A vCPU that starts at `entry`.
+    fn create_vcpu(&mut self, pool: &mut FramePool, entry: &GuestEntry) -> Result<Self::Vcpu, ArchError>;
+}
+
+/// What the arch-neutral core does with one vCPU.
+pub trait Vcpu {
+    /// Enter the guest until the next exit. With `slice` (TSC ticks), the backend
+    /// arranges an exit ([`ExitReason::TimeSliceEnd`]) after about that long.
+    fn run(&mut self, regs: &mut GuestRegs, slice: Option<u64>) -> Result<Exit, ArchError>;
+    /// Continue after the instruction that caused `exit` (emulated by the core).
+    fn skip_instruction(&mut self, exit: &Exit) -> Result<(), ArchError>;
+    /// Deliver a hardware exception to the guest at the next entry.
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError>;
+    /// Return the control structures to the pool.
+    fn destroy(self, pool: &mut FramePool) -> Result<(), MmError>;
 }

@@ -2,4 +2,5 @@
 //!
 //! Not for: anything vendor specific (that lives under `arch/`).
 
+pub mod lapic;
 pub mod tables;

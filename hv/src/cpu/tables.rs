@@ -51,7 +51,7 @@ const _: () = assert!(core::mem::size_of::<Gate>() == 16);
 #[repr(C, align(16))]
 struct Tables {
     gdt: [u64; 5],
-    idt: [Gate; 32],
+    idt: [Gate; 256],
     tss: Tss,
 }
 
@@ -84,7 +84,7 @@ pub fn load() -> TableBases {
     let tables = Box::leak(Box::new(Tables {
         gdt: [0; 5],
         idt: [Gate { offset_low: 0, selector: 0, ist: 0, type_attr: 0, offset_mid: 0, offset_high: 0, reserved: 0 };
-            32],
+            256],
         tss: Tss { reserved0: 0, rsp: [0; 3], reserved1: 0, ist: [0; 7], reserved2: 0, reserved3: 0, iomap_base: 104 },
     }));
     // SDM Vol. 3A 3.4.5: code: P, DPL0, S, type 0xA (execute/read), L=1, G=1.
@@ -102,8 +102,11 @@ pub fn load() -> TableBases {
     tables.gdt[4] = tss >> 32;
 
     let stubs = &raw const hv_exception_stubs as u64;
+    let irq = &raw const hv_interrupt_stub as u64;
     for (vector, gate) in tables.idt.iter_mut().enumerate() {
-        let handler = stubs + 16 * vector as u64;
+        // Exceptions get one stub each (they report and stop); every other vector
+        // shares the stub that acknowledges it at the local APIC (cpu::lapic).
+        let handler = if vector < 32 { stubs + 16 * vector as u64 } else { irq };
         *gate = Gate {
             offset_low: handler as u16,
             selector: CODE_SELECTOR,
@@ -116,7 +119,7 @@ pub fn load() -> TableBases {
     }
 
     let gdt = Pointer { limit: (core::mem::size_of::<[u64; 5]>() - 1) as u16, base: tables.gdt.as_ptr() as u64 };
-    let idt = Pointer { limit: (core::mem::size_of::<[Gate; 32]>() - 1) as u16, base: tables.idt.as_ptr() as u64 };
+    let idt = Pointer { limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16, base: tables.idt.as_ptr() as u64 };
     // SAFETY: the tables are leaked, so they live forever at these addresses; the GDT
     // holds valid flat code/data descriptors and a TSS descriptor for a live TSS. The
     // far return reloads CS with our code selector (same flat mapping, so execution
@@ -258,7 +261,26 @@ extern "sysv64" fn exception_handler(frame: &ExceptionFrame) -> ! {
 unsafe extern "C" {
     /// First of 32 exception entry stubs, 16 bytes apart (defined below).
     static hv_exception_stubs: u8;
+    /// The entry of every vector from 32 up (defined below).
+    static hv_interrupt_stub: u8;
 }
+
+// Interrupts (vectors 32-255): save the registers the SysV ABI lets a call clobber (an
+// interrupt may arrive while a guest's registers are live, inside the SVM entry
+// path), acknowledge at the local APIC, restore, IRETQ. On entry the CPU aligned RSP
+// to 16 and pushed 5 quadwords; 9 more pushes realign it for the call.
+global_asm!(
+    ".balign 16",
+    ".global hv_interrupt_stub",
+    "hv_interrupt_stub:",
+    "push rax", "push rcx", "push rdx", "push rsi", "push rdi",
+    "push r8", "push r9", "push r10", "push r11",
+    "call {ack}",
+    "pop r11", "pop r10", "pop r9", "pop r8",
+    "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rax",
+    "iretq",
+    ack = sym crate::cpu::lapic::acknowledge,
+);
 
 // One 16-byte stub per vector: push a zero where the CPU pushes no error code (so the
 // frame layout is uniform), push the vector, jump to the common path, which saves the

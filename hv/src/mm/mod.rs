@@ -6,6 +6,7 @@
 //! boot handed over; everything else works in physical addresses.
 
 pub mod frames;
+pub mod guest;
 pub mod nested;
 
 /// Size of a base page.

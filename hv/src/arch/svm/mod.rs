@@ -10,8 +10,9 @@ pub mod vmcb;
 use core::arch::global_asm;
 
 use self::vmcb::{Segment, Vmcb};
-use super::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs};
+use super::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs, Vcpu};
 use crate::caps::Capabilities;
+use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::nested::Npt;
 
@@ -21,19 +22,33 @@ const EFER_SVME: u64 = 1 << 12;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
-/// One SVM vCPU: its VMCB and permission maps.
+/// SVM on this physical CPU: the host save area VMRUN uses.
 #[derive(Debug)]
 pub struct Svm {
-    vmcb: u64,
-    /// Kept for the VMCB lifetime (the pool is only freed with the domain).
+    /// Kept for the life of the hypervisor.
     _hsave: u64,
+}
+
+/// One SVM vCPU: its VMCB and permission maps.
+#[derive(Debug)]
+pub struct SvmVcpu {
+    vmcb: u64,
     iopm: u64,
     msrpm: u64,
 }
 
+// Instruction lengths for the exits we emulate, since QEMU TCG has no NRIPS
+// (APM Vol. 3: CPUID 0F A2, RDMSR 0F 32, WRMSR 0F 30, HLT F4, VMMCALL 0F 01 D9).
+const LEN_CPUID: u64 = 2;
+const LEN_MSR: u64 = 2;
+const LEN_HLT: u64 = 1;
+const LEN_VMMCALL: u64 = 3;
+
 impl Backend for Svm {
     type Paging = Npt;
+    type Vcpu = SvmVcpu;
     const NAME: &'static str = "svm";
+    const ARCH: guest_abi::Arch = guest_abi::Arch::Svm;
     /// VMMCALL: 0F 01 D9 (APM Vol. 3).
     const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
 
@@ -50,24 +65,35 @@ impl Backend for Svm {
             x86::msr::wrmsr(MSR_EFER, efer | EFER_SVME);
             x86::msr::wrmsr(MSR_VM_HSAVE_PA, hsave);
         }
+        Ok(Self { _hsave: hsave })
+    }
+
+    fn create_vcpu(&mut self, pool: &mut FramePool, entry: &GuestEntry) -> Result<SvmVcpu, ArchError> {
         let vmcb = pool.alloc_zeroed()?;
         // APM 15.10.1/15.11: intercept every I/O port and every MSR by setting all bits
-        // of the I/O (12 KiB) and MSR (8 KiB) permission maps; later issues clear the
-        // bits for what guests may touch directly.
+        // of the I/O (12 KiB) and MSR (8 KiB) permission maps; the core emulates what
+        // guests may use.
         let iopm = pool.alloc_contiguous_zeroed(3)?;
         let msrpm = pool.alloc_contiguous_zeroed(2)?;
         for page in (0..3).map(|i| iopm + i * 4096).chain((0..2).map(|i| msrpm + i * 4096)) {
             pool.bytes_mut(page)?.fill(0xff);
         }
-        Ok(Self { vmcb, _hsave: hsave, iopm, msrpm })
+        let vcpu = SvmVcpu { vmcb, iopm, msrpm };
+        vcpu.configure(pool, entry)?;
+        Ok(vcpu)
     }
+}
 
-    fn configure(&mut self, pool: &mut FramePool, entry: &GuestEntry) -> Result<(), ArchError> {
+impl SvmVcpu {
+    fn configure(&self, pool: &mut FramePool, entry: &GuestEntry) -> Result<(), ArchError> {
         let mut v = Vmcb(pool.bytes_mut(self.vmcb)?);
-        // Control area (APM Vol. 2 15.9-15.13, Appendix B Table B-1).
-        v.set(vmcb::INTERCEPT_EXCEPTIONS, 0xffff_ffff);
-        // Vector 3: CPUID(18), HLT(24), IOIO_PROT(27), MSR_PROT(28), SHUTDOWN(31).
-        v.set(vmcb::INTERCEPT_MISC1, (1 << 18) | (1 << 24) | (1 << 27) | (1 << 28) | (1 << 31));
+        // Control area (APM Vol. 2 15.9-15.13, Appendix B Table B-1). Of the guest's
+        // own exceptions only #DF is intercepted, to report why a guest dies; the rest
+        // go through the guest's IDT as on hardware.
+        v.set(vmcb::INTERCEPT_EXCEPTIONS, 1 << 8);
+        // Vector 3: INTR(0, our time slices), CPUID(18), HLT(24), IOIO_PROT(27),
+        // MSR_PROT(28), SHUTDOWN(31).
+        v.set(vmcb::INTERCEPT_MISC1, 1 | (1 << 18) | (1 << 24) | (1 << 27) | (1 << 28) | (1 << 31));
         // Vector 4: VMRUN(0, required by 15.5.1), VMMCALL(1), VMLOAD(2), VMSAVE(3),
         // STGI(4), CLGI(5), SKINIT(6): a guest never runs SVM instructions itself.
         v.set(vmcb::INTERCEPT_MISC2, 0x7f);
@@ -75,6 +101,9 @@ impl Backend for Svm {
         v.set(vmcb::MSRPM_BASE_PA, self.msrpm);
         v.set(vmcb::GUEST_ASID, 1); // ASID 0 is the host's (15.16)
         v.set(vmcb::TLB_CONTROL, 1); // flush this guest's TLB entries on VMRUN
+        // 15.21.1: V_INTR_MASKING=1: the host's RFLAGS.IF (not the guest's) gates
+        // physical interrupts while the guest runs, so our timer always gets through.
+        v.set(vmcb::V_INTR, 1 << 24);
         v.set(vmcb::NP_ENABLE, 1); // 15.25.3
         v.set(vmcb::N_CR3, entry.nested_root);
         v.set(vmcb::VMCB_CLEAN, 0);
@@ -100,48 +129,106 @@ impl Backend for Svm {
         v.set(vmcb::RFLAGS, 0x2);
         v.set(vmcb::RIP, entry.rip);
         v.set(vmcb::RSP, entry.rsp);
+        v.set(vmcb::RAX, 0);
         v.set(vmcb::G_PAT, 0x0007_0406_0007_0406); // power-on default PAT
         Ok(())
     }
 
-    fn run(&mut self, regs: &mut GuestRegs) -> Result<Exit, ArchError> {
-        // SAFETY: the VMCB frame is ours (allocated in `enable`, filled in `configure`)
-        // and no reference to it is alive here.
-        unsafe { write_rax(self.vmcb, regs.rax) };
+    fn vmcb(&mut self) -> Vmcb<'_> {
+        // SAFETY: the VMCB frame was allocated for this vCPU in `create_vcpu` and is
+        // only reached through `&mut self`, so no other reference to it exists; the
+        // processor touches it only inside `run`, which holds `&mut self`.
+        Vmcb(unsafe { &mut *(self.vmcb as *mut [u8; 4096]) })
+    }
+}
+
+impl Vcpu for SvmVcpu {
+    fn run(&mut self, regs: &mut GuestRegs, slice: Option<u64>) -> Result<Exit, ArchError> {
+        self.vmcb().set(vmcb::RAX, regs.rax);
+        if let Some(ticks) = slice {
+            crate::cpu::lapic::arm_one_shot(ticks);
+        }
         // SAFETY: EFER.SVME and VM_HSAVE_PA were set in `enable`; the VMCB describes a
         // guest whose memory is mapped only through our nested tables, intercepts
         // VMRUN and all SVM instructions, I/O and MSRs. hv_svm_run saves and restores
         // every callee-saved register and follows the SysV ABI it is declared with.
         unsafe { hv_svm_run(self.vmcb, regs) };
-        // SAFETY: as above; the guest has stopped, the VMCB is ours again.
-        let v = Vmcb(unsafe { &mut *(self.vmcb as *mut [u8; 4096]) });
+        if slice.is_some() {
+            crate::cpu::lapic::disarm();
+        }
+        let mut v = self.vmcb();
+        // An event we injected has been delivered by now.
+        v.set(vmcb::EVENTINJ, 0);
         regs.rax = v.get(vmcb::RAX);
         let code = v.get(vmcb::EXITCODE);
-        let reason = match code {
-            vmcb::exit::VMMCALL => ExitReason::Hypercall,
-            vmcb::exit::HLT => ExitReason::Hlt,
-            vmcb::exit::SHUTDOWN => ExitReason::TripleFault,
-            vmcb::exit::NPF => ExitReason::NestedPageFault { gpa: v.get(vmcb::EXITINFO2) },
-            vmcb::exit::CPUID => ExitReason::Cpuid,
-            vmcb::exit::IOIO => ExitReason::Io,
-            vmcb::exit::MSR => ExitReason::Msr,
+        let info1 = v.get(vmcb::EXITINFO1);
+        let info2 = v.get(vmcb::EXITINFO2);
+        let rip = v.get(vmcb::RIP);
+        let (reason, instruction_len) = match code {
+            vmcb::exit::VMMCALL => (ExitReason::Hypercall, LEN_VMMCALL),
+            vmcb::exit::HLT => (ExitReason::Hlt, LEN_HLT),
+            vmcb::exit::SHUTDOWN => (ExitReason::TripleFault, 0),
+            // APM 15.25.6: EXITINFO1 is the #PF-style error code (bit 1: write),
+            // EXITINFO2 the faulting guest-physical address.
+            vmcb::exit::NPF => (ExitReason::NestedPageFault { gpa: info2, write: info1 & 2 != 0 }, 0),
+            vmcb::exit::CPUID => (ExitReason::Cpuid, LEN_CPUID),
+            // 15.10.2: EXITINFO1 bit 0 = IN, bit 2 = string, bits 6:4 = size one-hot,
+            // bits 31:16 = port; EXITINFO2 = the next instruction's RIP.
+            vmcb::exit::IOIO => {
+                let size = match (info1 >> 4) & 0x7 {
+                    1 => 1,
+                    2 => 2,
+                    _ => 4,
+                };
+                let reason =
+                    ExitReason::Io { port: (info1 >> 16) as u16, size, input: info1 & 1 != 0, string: info1 & 4 != 0 };
+                (reason, info2.wrapping_sub(rip))
+            }
+            // 15.11: EXITINFO1 = 0 for RDMSR, 1 for WRMSR.
+            vmcb::exit::MSR if info1 == 0 => (ExitReason::MsrRead, LEN_MSR),
+            vmcb::exit::MSR => (ExitReason::MsrWrite, LEN_MSR),
+            vmcb::exit::INTR => (ExitReason::TimeSliceEnd, 0),
+            vmcb::exit::VMRUN..=vmcb::exit::SKINIT => (ExitReason::VirtualizationInstruction, 0),
             vmcb::exit::INVALID => return Err(ArchError::VmrunInvalid),
             c if (vmcb::exit::EXCP_BASE..vmcb::exit::EXCP_BASE + 32).contains(&c) => {
-                ExitReason::Exception { vector: (c - vmcb::exit::EXCP_BASE) as u8 }
+                (ExitReason::Exception { vector: (c - vmcb::exit::EXCP_BASE) as u8 }, 0)
             }
-            c => ExitReason::Other { code: c },
+            c => (ExitReason::Other { code: c }, 0),
         };
-        Ok(Exit { reason, rip: v.get(vmcb::RIP) })
+        Ok(Exit { reason, rip, instruction_len })
     }
-}
 
-/// # Safety
-/// `vmcb` must be a VMCB frame owned by the caller with no live references.
-unsafe fn write_rax(vmcb: u64, rax: u64) {
-    // SAFETY: per the function contract.
-    let v = Vmcb(unsafe { &mut *(vmcb as *mut [u8; 4096]) });
-    let mut v = v;
-    v.set(vmcb::RAX, rax);
+    fn skip_instruction(&mut self, exit: &Exit) -> Result<(), ArchError> {
+        if exit.instruction_len == 0 || exit.instruction_len > 15 {
+            return Err(ArchError::Unsupported("skipping an instruction of unknown length"));
+        }
+        let mut v = self.vmcb();
+        let rip = v.get(vmcb::RIP);
+        v.set(vmcb::RIP, rip.wrapping_add(exit.instruction_len));
+        Ok(())
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError> {
+        // APM 15.20: EVENTINJ = vector | TYPE 3 (exception) << 8 | EV << 11 | V << 31,
+        // error code in bits 63:32.
+        let mut event = u64::from(vector) | (3 << 8) | (1 << 31);
+        if let Some(ec) = error_code {
+            event |= (1 << 11) | (u64::from(ec) << 32);
+        }
+        self.vmcb().set(vmcb::EVENTINJ, event);
+        Ok(())
+    }
+
+    fn destroy(self, pool: &mut FramePool) -> Result<(), MmError> {
+        pool.free(self.vmcb)?;
+        for i in 0..3 {
+            pool.free(self.iopm + i * 4096)?;
+        }
+        for i in 0..2 {
+            pool.free(self.msrpm + i * 4096)?;
+        }
+        Ok(())
+    }
 }
 
 unsafe extern "sysv64" {
@@ -155,7 +242,11 @@ unsafe extern "sysv64" {
 // RFLAGS, segment and control registers to VM_HSAVE_PA and restores them at #VMEXIT;
 // every other general register is left holding the guest's value, so we save the
 // host's callee-saved registers around it and swap the guest's into `regs`.
-// CLGI/STGI bracket the world switch so no interrupt can arrive between them.
+// CLGI/STGI bracket the world switch so no interrupt can arrive in the host half of
+// it. Host RFLAGS.IF is set inside that window so that, with V_INTR_MASKING, a
+// physical interrupt (the LAPIC timer that ends a time slice) causes #VMEXIT(INTR)
+// (15.21.1); STGI then lets it be taken by our IDT, which acknowledges it, and CLI
+// returns to running with interrupts off.
 global_asm!(
     ".global hv_svm_run",
     "hv_svm_run:",
@@ -182,8 +273,10 @@ global_asm!(
     "mov r15, [rsi + 8*14]",
     "mov rsi, [rsi + 8*4]",
     "clgi",
+    "sti", // GIF=0 still blocks interrupts; the guest runs with HIF=1
     "vmrun rax",
-    "stgi",
+    "stgi", // a pending physical interrupt (our timer) is taken here
+    "cli",
     "push rsi",           // guest RSI
     "mov rsi, [rsp + 8]", // GuestRegs pointer
     "mov [rsi + 8*1], rbx",

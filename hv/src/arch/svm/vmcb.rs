@@ -118,6 +118,8 @@ pub const MSRPM_BASE_PA: Field<u64> = f(0x048, "MSRPM_BASE_PA");
 pub const GUEST_ASID: Field<u32> = f(0x058, "GUEST_ASID");
 /// TLB control (1 = flush all on VMRUN).
 pub const TLB_CONTROL: Field<u8> = f(0x05c, "TLB_CONTROL");
+/// Virtual interrupt control (bit 24: V_INTR_MASKING).
+pub const V_INTR: Field<u64> = f(0x060, "V_INTR");
 /// Exit code.
 pub const EXITCODE: Field<u64> = f(0x070, "EXITCODE");
 /// Exit information 1.
@@ -126,6 +128,8 @@ pub const EXITINFO1: Field<u64> = f(0x078, "EXITINFO1");
 pub const EXITINFO2: Field<u64> = f(0x080, "EXITINFO2");
 /// Bit 0: enable nested paging.
 pub const NP_ENABLE: Field<u64> = f(0x090, "NP_ENABLE");
+/// Event injection (15.20).
+pub const EVENTINJ: Field<u64> = f(0x0a8, "EVENTINJ");
 /// Nested page table root.
 pub const N_CR3: Field<u64> = f(0x0b0, "N_CR3");
 /// VMCB clean bits (0 = everything reloaded).
@@ -161,6 +165,8 @@ pub const G_PAT: Field<u64> = f(0x668, "G_PAT");
 pub mod exit {
     /// First exception intercept (0x40 + vector).
     pub const EXCP_BASE: u64 = 0x40;
+    /// Physical interrupt.
+    pub const INTR: u64 = 0x60;
     /// CPUID.
     pub const CPUID: u64 = 0x72;
     /// HLT.
@@ -171,8 +177,12 @@ pub mod exit {
     pub const MSR: u64 = 0x7c;
     /// Shutdown (triple fault).
     pub const SHUTDOWN: u64 = 0x7f;
+    /// VMRUN (first of the SVM-instruction intercepts 0x80..=0x86).
+    pub const VMRUN: u64 = 0x80;
     /// VMMCALL.
     pub const VMMCALL: u64 = 0x81;
+    /// SKINIT (last of the SVM-instruction intercepts).
+    pub const SKINIT: u64 = 0x86;
     /// Nested page fault.
     pub const NPF: u64 = 0x400;
     /// VMRUN consistency check failed.

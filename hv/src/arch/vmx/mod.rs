@@ -7,9 +7,12 @@ pub mod vmcs;
 use core::arch::global_asm;
 
 use self::vmcs::Field;
-use super::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use super::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs, Vcpu};
 use crate::caps::{Capabilities, MSR_IA32_FEATURE_CONTROL, Virtualization, VmxCaps};
 use crate::cpu::tables::{self, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
+use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::nested::Ept;
 
@@ -24,16 +27,28 @@ const MSR_FS_BASE: u32 = 0xc000_0100;
 const MSR_GS_BASE: u32 = 0xc000_0101;
 const CR4_VMXE: u64 = 1 << 13;
 
-/// One VMX vCPU: the VMXON region and a VMCS.
+/// VMX on this physical CPU: the VMXON region.
 #[derive(Debug)]
 pub struct Vmx {
     caps: VmxCaps,
     /// Kept for the life of VMX operation.
     _vmxon: u64,
-    /// The VMCS region (current since `enable`; a second vCPU will VMPTRLD its own).
-    _vmcs: u64,
-    launched: bool,
+    /// IA32_VMX_MISC[4:0]: the preemption timer counts every 2^shift TSC ticks.
+    preemption_shift: u32,
 }
+
+/// One VMX vCPU: its VMCS.
+#[derive(Debug)]
+pub struct VmxVcpu {
+    vmcs: u64,
+    launched: bool,
+    preemption: Option<u32>,
+}
+
+/// The VMCS currently loaded on this CPU (VMPTRLD is needed when it changes).
+static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
+
+const MSR_IA32_VMX_MISC: u32 = 0x485;
 
 /// Compute a control value: `want` plus the must-be-one bits, failing if a bit we
 /// need is not allowed (SDM Vol. 3D A.3-A.5: low 32 bits of the capability MSR are
@@ -50,19 +65,19 @@ pub fn adjust_controls(control: &'static str, want: u32, capability: u64) -> Res
 
 impl Backend for Vmx {
     type Paging = Ept;
+    type Vcpu = VmxVcpu;
     const NAME: &'static str = "vmx";
+    const ARCH: guest_abi::Arch = guest_abi::Arch::Vmx;
     /// VMCALL: 0F 01 C1 (SDM Vol. 2B).
     const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
 
     fn enable(caps: &Capabilities, pool: &mut FramePool) -> Result<Self, ArchError> {
         let Virtualization::Vmx(vmx) = caps.virtualization else {
-            return Err(ArchError::ControlUnsupported { control: "VMX", missing: 1 });
+            return Err(ArchError::Unsupported("VMX backend on a CPU without VMX"));
         };
         let vmxon = pool.alloc_zeroed()?;
-        let vmcs = pool.alloc_zeroed()?;
-        // SDM Vol. 3C 25.2 / 25.11.5: both regions start with the VMCS revision id.
+        // SDM Vol. 3C 25.11.5: the VMXON region starts with the VMCS revision id.
         pool.bytes_mut(vmxon)?[..4].copy_from_slice(&vmx.vmcs_revision.to_le_bytes());
-        pool.bytes_mut(vmcs)?[..4].copy_from_slice(&vmx.vmcs_revision.to_le_bytes());
 
         // SAFETY: these MSRs exist when CPUID.1:ECX.VMX = 1 (the probe saw it).
         // 24.7: if firmware left IA32_FEATURE_CONTROL unlocked (OVMF under Bochs does),
@@ -70,7 +85,7 @@ impl Backend for Vmx {
         // and disabled case. 24.8: CR0 and CR4 must satisfy the FIXED0/FIXED1 MSRs in
         // VMX operation, and CR4.VMXE must be 1. Changing them keeps the identity map
         // (PG, PE, PAE stay set: they are in FIXED0).
-        unsafe {
+        let misc = unsafe {
             if !vmx.feature_control.locked {
                 let fc = x86::msr::rdmsr(MSR_IA32_FEATURE_CONTROL);
                 x86::msr::wrmsr(MSR_IA32_FEATURE_CONTROL, fc | 0b101);
@@ -81,22 +96,34 @@ impl Backend for Vmx {
             let cr4 = x86::controlregs::cr4().bits() as u64 | CR4_VMXE;
             let cr4 = (cr4 | x86::msr::rdmsr(MSR_IA32_VMX_CR4_FIXED0)) & x86::msr::rdmsr(MSR_IA32_VMX_CR4_FIXED1);
             x86::controlregs::cr4_write(x86::controlregs::Cr4::from_bits_truncate(cr4 as usize));
-        }
+            x86::msr::rdmsr(MSR_IA32_VMX_MISC)
+        };
         // SAFETY: 24.11.5: VMXON with a 4 KiB aligned region carrying the revision id,
         // with CR0/CR4 fixed bits satisfied and feature control enabled (above).
         unsafe { x86::bits64::vmx::vmxon(vmxon) }.map_err(|f| vmcs::fail("VMXON", f))?;
+        Ok(Self { caps: vmx, _vmxon: vmxon, preemption_shift: (misc & 0x1f) as u32 })
+    }
+
+    fn create_vcpu(&mut self, pool: &mut FramePool, entry: &GuestEntry) -> Result<VmxVcpu, ArchError> {
+        let vmcs = pool.alloc_zeroed()?;
+        pool.bytes_mut(vmcs)?[..4].copy_from_slice(&self.caps.vmcs_revision.to_le_bytes());
         // SAFETY: 25.11.3: VMCLEAR initialises the VMCS region we own; VMPTRLD makes it
         // current. Both take its physical address.
         unsafe { x86::bits64::vmx::vmclear(vmcs) }.map_err(|f| vmcs::fail("VMCLEAR", f))?;
-        // SAFETY: as above.
-        unsafe { x86::bits64::vmx::vmptrld(vmcs) }.map_err(|f| vmcs::fail("VMPTRLD", f))?;
-        Ok(Self { caps: vmx, _vmxon: vmxon, _vmcs: vmcs, launched: false })
+        let mut vcpu =
+            VmxVcpu { vmcs, launched: false, preemption: self.caps.preemption_timer.then_some(self.preemption_shift) };
+        vcpu.make_current()?;
+        self.configure(entry)?;
+        Ok(vcpu)
     }
+}
 
-    fn configure(&mut self, _pool: &mut FramePool, entry: &GuestEntry) -> Result<(), ArchError> {
+impl Vmx {
+    fn configure(&self, entry: &GuestEntry) -> Result<(), ArchError> {
         let c = &self.caps;
-        // 25.6.1-25.6.2, 25.7.1, 25.8.1. Pin: nothing beyond the must-be-one bits.
-        let pin = adjust_controls("pin-based", 0, c.pinbased)?;
+        // 25.6.1-25.6.2, 25.7.1, 25.8.1. Pin: activate the VMX-preemption timer (6)
+        // where the CPU has it (our time slices).
+        let pin = adjust_controls("pin-based", if c.preemption_timer { 1 << 6 } else { 0 }, c.pinbased)?;
         // Primary: HLT exiting (7), unconditional I/O exiting (24), activate secondary
         // controls (31). MSR bitmaps are off, so every RDMSR/WRMSR exits.
         let proc = adjust_controls("primary processor-based", (1 << 7) | (1 << 24) | (1 << 31), c.procbased)?;
@@ -119,7 +146,9 @@ impl Backend for Vmx {
             (vmcs::PROCBASED_CTLS2, proc2.into()),
             (vmcs::EXIT_CTLS, exit.into()),
             (vmcs::ENTRY_CTLS, entry_ctls.into()),
-            (vmcs::EXCEPTION_BITMAP, 0xffff_ffff), // every guest exception exits
+            // Of the guest's own exceptions only #DF exits, to report why a guest dies;
+            // the rest go through the guest's IDT as on hardware.
+            (vmcs::EXCEPTION_BITMAP, 1 << 8),
             (vmcs::CR0_MASK, 0),
             // The guest may not see or change CR4.VMXE, which VMX forces on (FIXED0).
             (vmcs::CR4_MASK, CR4_VMXE),
@@ -135,29 +164,41 @@ impl Backend for Vmx {
         for &(field, value) in writes {
             vmcs::write(field, value)?;
         }
-        self.write_host_state()?;
-        self.write_guest_state(entry)
+        write_host_state()?;
+        write_guest_state(entry)
     }
+}
 
-    fn run(&mut self, regs: &mut GuestRegs) -> Result<Exit, ArchError> {
-        // SAFETY: the current VMCS is fully configured (`configure`), HOST_RIP points at
-        // hv_vmx_exit, and hv_vmx_enter writes HOST_RSP itself so the exit lands on
+impl VmxVcpu {
+    /// VMPTRLD this vCPU's VMCS unless it is already the current one.
+    fn make_current(&mut self) -> Result<(), ArchError> {
+        if CURRENT_VMCS.load(Ordering::Relaxed) != self.vmcs {
+            // SAFETY: the VMCS region is ours, initialised by VMCLEAR in `create_vcpu`.
+            unsafe { x86::bits64::vmx::vmptrld(self.vmcs) }.map_err(|f| vmcs::fail("VMPTRLD", f))?;
+            CURRENT_VMCS.store(self.vmcs, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+impl Vcpu for VmxVcpu {
+    fn run(&mut self, regs: &mut GuestRegs, slice: Option<u64>) -> Result<Exit, ArchError> {
+        self.make_current()?;
+        if let (Some(ticks), Some(shift)) = (slice, self.preemption) {
+            // 26.5.1: the timer counts down by 1 every 2^shift TSC ticks; exit at 0.
+            vmcs::write(vmcs::GUEST_PREEMPTION_TIMER, (ticks >> shift).clamp(1, u64::from(u32::MAX)))?;
+        } else if self.preemption.is_some() {
+            vmcs::write(vmcs::GUEST_PREEMPTION_TIMER, u64::from(u32::MAX))?;
+        }
+        // SAFETY: the current VMCS is fully configured (`create_vcpu`), HOST_RIP points
+        // at hv_vmx_exit, and hv_vmx_enter writes HOST_RSP itself so the exit lands on
         // this very stack frame; it preserves all callee-saved registers per SysV.
         let status = unsafe { hv_vmx_enter(regs, u64::from(self.launched)) };
+        let instruction = if self.launched { "VMRESUME" } else { "VMLAUNCH" };
         match status {
             0 => {}
-            1 => {
-                return Err(vmcs::fail(
-                    if self.launched { "VMRESUME" } else { "VMLAUNCH" },
-                    x86::vmx::VmFail::VmFailInvalid,
-                ));
-            }
-            _ => {
-                return Err(vmcs::fail(
-                    if self.launched { "VMRESUME" } else { "VMLAUNCH" },
-                    x86::vmx::VmFail::VmFailValid,
-                ));
-            }
+            1 => return Err(vmcs::fail(instruction, x86::vmx::VmFail::VmFailInvalid)),
+            _ => return Err(vmcs::fail(instruction, x86::vmx::VmFail::VmFailValid)),
         }
         let raw = vmcs::read(vmcs::EXIT_REASON)?;
         // 25.9.1: bit 31 = VM-entry failure; 27.8: then the guest never ran.
@@ -168,132 +209,180 @@ impl Backend for Vmx {
             });
         }
         self.launched = true;
+        // An event we injected has been delivered by now (26.6); clear it.
+        vmcs::write(vmcs::ENTRY_INTR_INFO, 0)?;
+        let len = || vmcs::read(vmcs::EXIT_INSTRUCTION_LEN);
         // Appendix C: basic exit reasons.
-        let reason = match raw & 0xffff {
-            0 => ExitReason::Exception { vector: (vmcs::read(vmcs::EXIT_INTR_INFO)? & 0xff) as u8 },
-            2 => ExitReason::TripleFault,
-            10 => ExitReason::Cpuid,
-            12 => ExitReason::Hlt,
-            18 => ExitReason::Hypercall,
-            30 => ExitReason::Io,
-            31 | 32 => ExitReason::Msr,
-            48 => ExitReason::NestedPageFault { gpa: vmcs::read(vmcs::GUEST_PHYSICAL_ADDRESS)? },
-            code => ExitReason::Other { code },
+        let (reason, instruction_len) = match raw & 0xffff {
+            0 => (ExitReason::Exception { vector: (vmcs::read(vmcs::EXIT_INTR_INFO)? & 0xff) as u8 }, 0),
+            1 | 52 => (ExitReason::TimeSliceEnd, 0),
+            2 => (ExitReason::TripleFault, 0),
+            10 => (ExitReason::Cpuid, len()?),
+            12 => (ExitReason::Hlt, len()?),
+            18 => (ExitReason::Hypercall, len()?),
+            // VMCLEAR..VMXON, INVEPT, INVVPID, VMFUNC: guests get #UD.
+            19..=27 | 50 | 53 | 59 => (ExitReason::VirtualizationInstruction, 0),
+            30 => {
+                // Table 28-5: size - 1 in bits 2:0, IN in bit 3, string in bit 4, port 31:16.
+                let q = vmcs::read(vmcs::EXIT_QUALIFICATION)?;
+                let reason = ExitReason::Io {
+                    port: (q >> 16) as u16,
+                    size: ((q & 7) + 1) as u8,
+                    input: q & 8 != 0,
+                    string: q & 16 != 0,
+                };
+                (reason, len()?)
+            }
+            31 => (ExitReason::MsrRead, len()?),
+            32 => (ExitReason::MsrWrite, len()?),
+            // Table 28-7: bit 1 of the qualification = the access was a write.
+            48 => {
+                let q = vmcs::read(vmcs::EXIT_QUALIFICATION)?;
+                (ExitReason::NestedPageFault { gpa: vmcs::read(vmcs::GUEST_PHYSICAL_ADDRESS)?, write: q & 2 != 0 }, 0)
+            }
+            code => (ExitReason::Other { code }, 0),
         };
-        Ok(Exit { reason, rip: vmcs::read(vmcs::GUEST_RIP)? })
+        Ok(Exit { reason, rip: vmcs::read(vmcs::GUEST_RIP)?, instruction_len })
+    }
+
+    fn skip_instruction(&mut self, exit: &Exit) -> Result<(), ArchError> {
+        if exit.instruction_len == 0 || exit.instruction_len > 15 {
+            return Err(ArchError::Unsupported("skipping an instruction of unknown length"));
+        }
+        self.make_current()?;
+        let rip = vmcs::read(vmcs::GUEST_RIP)?;
+        vmcs::write(vmcs::GUEST_RIP, rip.wrapping_add(exit.instruction_len))
+    }
+
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError> {
+        self.make_current()?;
+        // 25.8.3: vector | type 3 (hardware exception) << 8 | deliver error code << 11
+        // | valid << 31.
+        let mut info = u64::from(vector) | (3 << 8) | (1 << 31);
+        if let Some(ec) = error_code {
+            info |= 1 << 11;
+            vmcs::write(vmcs::ENTRY_EXCEPTION_ERROR_CODE, ec.into())?;
+        }
+        vmcs::write(vmcs::ENTRY_INTR_INFO, info)
+    }
+
+    fn destroy(self, pool: &mut FramePool) -> Result<(), MmError> {
+        // SAFETY: VMCLEAR flushes and deactivates this VMCS (25.11.3) so its frame can
+        // be reused; it is not current afterwards.
+        let _ = unsafe { x86::bits64::vmx::vmclear(self.vmcs) };
+        let _ = CURRENT_VMCS.compare_exchange(self.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
+        pool.free(self.vmcs)
     }
 }
 
-impl Vmx {
-    /// 25.5 / 26.2.3: the state VM exits load. Selectors come from our own GDT (TR
-    /// must not be 0, which is why `cpu::tables` exists).
-    fn write_host_state(&self) -> Result<(), ArchError> {
-        let bases =
-            tables::bases().ok_or(ArchError::ControlUnsupported { control: "host descriptor tables", missing: 1 })?;
-        // SAFETY: reading control registers and these MSRs has no side effects; all
-        // exist on any CPU with VMX (EFER, FS/GS base: long mode).
-        let (cr0, cr3, cr4, efer, fs_base, gs_base) = unsafe {
-            (
-                x86::controlregs::cr0().bits() as u64,
-                x86::controlregs::cr3(),
-                x86::controlregs::cr4().bits() as u64,
-                x86::msr::rdmsr(MSR_EFER),
-                x86::msr::rdmsr(MSR_FS_BASE),
-                x86::msr::rdmsr(MSR_GS_BASE),
-            )
-        };
-        let writes: &[(Field, u64)] = &[
-            (vmcs::HOST_CR0, cr0),
-            (vmcs::HOST_CR3, cr3),
-            (vmcs::HOST_CR4, cr4),
-            (vmcs::HOST_RIP, hv_vmx_exit as *const () as u64),
-            (vmcs::HOST_CS_SELECTOR, CODE_SELECTOR.into()),
-            (vmcs::HOST_SS_SELECTOR, DATA_SELECTOR.into()),
-            (vmcs::HOST_DS_SELECTOR, DATA_SELECTOR.into()),
-            (vmcs::HOST_ES_SELECTOR, DATA_SELECTOR.into()),
-            (vmcs::HOST_FS_SELECTOR, 0),
-            (vmcs::HOST_GS_SELECTOR, 0),
-            (vmcs::HOST_TR_SELECTOR, TSS_SELECTOR.into()),
-            (vmcs::HOST_FS_BASE, fs_base),
-            (vmcs::HOST_GS_BASE, gs_base),
-            (vmcs::HOST_TR_BASE, bases.tss),
-            (vmcs::HOST_GDTR_BASE, bases.gdt),
-            (vmcs::HOST_IDTR_BASE, bases.idt),
-            (vmcs::HOST_SYSENTER_CS, 0),
-            (vmcs::HOST_SYSENTER_ESP, 0),
-            (vmcs::HOST_SYSENTER_EIP, 0),
-            (vmcs::HOST_EFER, efer),
-        ];
-        for &(field, value) in writes {
-            vmcs::write(field, value)?;
-        }
-        Ok(())
+/// 25.5 / 26.2.3: the state VM exits load. Selectors come from our own GDT (TR
+/// must not be 0, which is why `cpu::tables` exists).
+fn write_host_state() -> Result<(), ArchError> {
+    let bases =
+        tables::bases().ok_or(ArchError::Unsupported("VM entry before the host descriptor tables are loaded"))?;
+    // SAFETY: reading control registers and these MSRs has no side effects; all
+    // exist on any CPU with VMX (EFER, FS/GS base: long mode).
+    let (cr0, cr3, cr4, efer, fs_base, gs_base) = unsafe {
+        (
+            x86::controlregs::cr0().bits() as u64,
+            x86::controlregs::cr3(),
+            x86::controlregs::cr4().bits() as u64,
+            x86::msr::rdmsr(MSR_EFER),
+            x86::msr::rdmsr(MSR_FS_BASE),
+            x86::msr::rdmsr(MSR_GS_BASE),
+        )
+    };
+    let writes: &[(Field, u64)] = &[
+        (vmcs::HOST_CR0, cr0),
+        (vmcs::HOST_CR3, cr3),
+        (vmcs::HOST_CR4, cr4),
+        (vmcs::HOST_RIP, hv_vmx_exit as *const () as u64),
+        (vmcs::HOST_CS_SELECTOR, CODE_SELECTOR.into()),
+        (vmcs::HOST_SS_SELECTOR, DATA_SELECTOR.into()),
+        (vmcs::HOST_DS_SELECTOR, DATA_SELECTOR.into()),
+        (vmcs::HOST_ES_SELECTOR, DATA_SELECTOR.into()),
+        (vmcs::HOST_FS_SELECTOR, 0),
+        (vmcs::HOST_GS_SELECTOR, 0),
+        (vmcs::HOST_TR_SELECTOR, TSS_SELECTOR.into()),
+        (vmcs::HOST_FS_BASE, fs_base),
+        (vmcs::HOST_GS_BASE, gs_base),
+        (vmcs::HOST_TR_BASE, bases.tss),
+        (vmcs::HOST_GDTR_BASE, bases.gdt),
+        (vmcs::HOST_IDTR_BASE, bases.idt),
+        (vmcs::HOST_SYSENTER_CS, 0),
+        (vmcs::HOST_SYSENTER_ESP, 0),
+        (vmcs::HOST_SYSENTER_EIP, 0),
+        (vmcs::HOST_EFER, efer),
+    ];
+    for &(field, value) in writes {
+        vmcs::write(field, value)?;
     }
+    Ok(())
+}
 
-    /// 25.4 / 26.3.1: a 64-bit guest at CPL0 with flat segments and paging on.
-    fn write_guest_state(&self, entry: &GuestEntry) -> Result<(), ArchError> {
-        // SAFETY: reading the fixed-bit MSRs has no side effects; they exist with VMX.
-        let (cr0_fixed0, cr0_fixed1, cr4_fixed0, cr4_fixed1) = unsafe {
-            (
-                x86::msr::rdmsr(MSR_IA32_VMX_CR0_FIXED0),
-                x86::msr::rdmsr(MSR_IA32_VMX_CR0_FIXED1),
-                x86::msr::rdmsr(MSR_IA32_VMX_CR4_FIXED0),
-                x86::msr::rdmsr(MSR_IA32_VMX_CR4_FIXED1),
-            )
-        };
-        let cr0 = (0x8001_0031 | cr0_fixed0) & cr0_fixed1; // PG, WP, NE, ET, PE
-        let cr4 = ((1 << 5) | cr4_fixed0) & cr4_fixed1; // PAE (+ VMXE from FIXED0)
-        // Access rights (25.4.1, Table 25-2): type, S, DPL, P, L, D/B, G; bit 16 unusable.
-        const CODE_AR: u64 = 0xa09b;
-        const DATA_AR: u64 = 0xc093;
-        let mut writes: alloc::vec::Vec<(Field, u64)> = alloc::vec![
-            (vmcs::GUEST_CR0, cr0),
-            (vmcs::GUEST_CR3, entry.cr3),
-            (vmcs::GUEST_CR4, cr4),
-            (vmcs::GUEST_DR7, 0x400),
-            (vmcs::GUEST_RSP, entry.rsp),
-            (vmcs::GUEST_RIP, entry.rip),
-            (vmcs::GUEST_RFLAGS, 0x2),
-            (vmcs::GUEST_CS_SELECTOR, 0x08),
-            (vmcs::GUEST_CS_BASE, 0),
-            (vmcs::GUEST_CS_LIMIT, 0xffff_ffff),
-            (vmcs::GUEST_CS_AR, CODE_AR),
-            (vmcs::GUEST_TR_SELECTOR, 0x18),
-            (vmcs::GUEST_TR_BASE, 0),
-            (vmcs::GUEST_TR_LIMIT, 0x67),
-            (vmcs::GUEST_TR_AR, 0x8b), // busy 64-bit TSS, present
-            (vmcs::GUEST_LDTR_SELECTOR, 0),
-            (vmcs::GUEST_LDTR_BASE, 0),
-            (vmcs::GUEST_LDTR_LIMIT, 0),
-            (vmcs::GUEST_LDTR_AR, 1 << 16), // unusable
-            (vmcs::GUEST_GDTR_BASE, 0),
-            (vmcs::GUEST_GDTR_LIMIT, 0xffff),
-            (vmcs::GUEST_IDTR_BASE, 0),
-            (vmcs::GUEST_IDTR_LIMIT, 0xffff),
-            (vmcs::GUEST_INTERRUPTIBILITY, 0),
-            (vmcs::GUEST_ACTIVITY, 0),
-            (vmcs::GUEST_PENDING_DBG, 0),
-            (vmcs::GUEST_SYSENTER_CS, 0),
-            (vmcs::GUEST_SYSENTER_ESP, 0),
-            (vmcs::GUEST_SYSENTER_EIP, 0),
-            (vmcs::GUEST_LINK_POINTER, u64::MAX),
-            (vmcs::GUEST_DEBUGCTL, 0),
-            (vmcs::GUEST_EFER, (1 << 8) | (1 << 10)), // LME, LMA
-        ];
-        for (sel, base, limit, ar) in [
-            (vmcs::GUEST_SS_SELECTOR, vmcs::GUEST_SS_BASE, vmcs::GUEST_SS_LIMIT, vmcs::GUEST_SS_AR),
-            (vmcs::GUEST_DS_SELECTOR, vmcs::GUEST_DS_BASE, vmcs::GUEST_DS_LIMIT, vmcs::GUEST_DS_AR),
-            (vmcs::GUEST_ES_SELECTOR, vmcs::GUEST_ES_BASE, vmcs::GUEST_ES_LIMIT, vmcs::GUEST_ES_AR),
-            (vmcs::GUEST_FS_SELECTOR, vmcs::GUEST_FS_BASE, vmcs::GUEST_FS_LIMIT, vmcs::GUEST_FS_AR),
-            (vmcs::GUEST_GS_SELECTOR, vmcs::GUEST_GS_BASE, vmcs::GUEST_GS_LIMIT, vmcs::GUEST_GS_AR),
-        ] {
-            writes.extend_from_slice(&[(sel, 0x10), (base, 0), (limit, 0xffff_ffff), (ar, DATA_AR)]);
-        }
-        for (field, value) in writes {
-            vmcs::write(field, value)?;
-        }
-        Ok(())
+/// 25.4 / 26.3.1: a 64-bit guest at CPL0 with flat segments and paging on.
+fn write_guest_state(entry: &GuestEntry) -> Result<(), ArchError> {
+    // SAFETY: reading the fixed-bit MSRs has no side effects; they exist with VMX.
+    let (cr0_fixed0, cr0_fixed1, cr4_fixed0, cr4_fixed1) = unsafe {
+        (
+            x86::msr::rdmsr(MSR_IA32_VMX_CR0_FIXED0),
+            x86::msr::rdmsr(MSR_IA32_VMX_CR0_FIXED1),
+            x86::msr::rdmsr(MSR_IA32_VMX_CR4_FIXED0),
+            x86::msr::rdmsr(MSR_IA32_VMX_CR4_FIXED1),
+        )
+    };
+    let cr0 = (0x8001_0031 | cr0_fixed0) & cr0_fixed1; // PG, WP, NE, ET, PE
+    let cr4 = ((1 << 5) | cr4_fixed0) & cr4_fixed1; // PAE (+ VMXE from FIXED0)
+    // Access rights (25.4.1, Table 25-2): type, S, DPL, P, L, D/B, G; bit 16 unusable.
+    const CODE_AR: u64 = 0xa09b;
+    const DATA_AR: u64 = 0xc093;
+    let mut writes: alloc::vec::Vec<(Field, u64)> = alloc::vec![
+        (vmcs::GUEST_CR0, cr0),
+        (vmcs::GUEST_CR3, entry.cr3),
+        (vmcs::GUEST_CR4, cr4),
+        (vmcs::GUEST_DR7, 0x400),
+        (vmcs::GUEST_RSP, entry.rsp),
+        (vmcs::GUEST_RIP, entry.rip),
+        (vmcs::GUEST_RFLAGS, 0x2),
+        (vmcs::GUEST_CS_SELECTOR, 0x08),
+        (vmcs::GUEST_CS_BASE, 0),
+        (vmcs::GUEST_CS_LIMIT, 0xffff_ffff),
+        (vmcs::GUEST_CS_AR, CODE_AR),
+        (vmcs::GUEST_TR_SELECTOR, 0x18),
+        (vmcs::GUEST_TR_BASE, 0),
+        (vmcs::GUEST_TR_LIMIT, 0x67),
+        (vmcs::GUEST_TR_AR, 0x8b), // busy 64-bit TSS, present
+        (vmcs::GUEST_LDTR_SELECTOR, 0),
+        (vmcs::GUEST_LDTR_BASE, 0),
+        (vmcs::GUEST_LDTR_LIMIT, 0),
+        (vmcs::GUEST_LDTR_AR, 1 << 16), // unusable
+        (vmcs::GUEST_GDTR_BASE, 0),
+        (vmcs::GUEST_GDTR_LIMIT, 0xffff),
+        (vmcs::GUEST_IDTR_BASE, 0),
+        (vmcs::GUEST_IDTR_LIMIT, 0xffff),
+        (vmcs::GUEST_INTERRUPTIBILITY, 0),
+        (vmcs::GUEST_ACTIVITY, 0),
+        (vmcs::GUEST_PENDING_DBG, 0),
+        (vmcs::GUEST_SYSENTER_CS, 0),
+        (vmcs::GUEST_SYSENTER_ESP, 0),
+        (vmcs::GUEST_SYSENTER_EIP, 0),
+        (vmcs::GUEST_LINK_POINTER, u64::MAX),
+        (vmcs::GUEST_DEBUGCTL, 0),
+        (vmcs::GUEST_EFER, (1 << 8) | (1 << 10)), // LME, LMA
+    ];
+    for (sel, base, limit, ar) in [
+        (vmcs::GUEST_SS_SELECTOR, vmcs::GUEST_SS_BASE, vmcs::GUEST_SS_LIMIT, vmcs::GUEST_SS_AR),
+        (vmcs::GUEST_DS_SELECTOR, vmcs::GUEST_DS_BASE, vmcs::GUEST_DS_LIMIT, vmcs::GUEST_DS_AR),
+        (vmcs::GUEST_ES_SELECTOR, vmcs::GUEST_ES_BASE, vmcs::GUEST_ES_LIMIT, vmcs::GUEST_ES_AR),
+        (vmcs::GUEST_FS_SELECTOR, vmcs::GUEST_FS_BASE, vmcs::GUEST_FS_LIMIT, vmcs::GUEST_FS_AR),
+        (vmcs::GUEST_GS_SELECTOR, vmcs::GUEST_GS_BASE, vmcs::GUEST_GS_LIMIT, vmcs::GUEST_GS_AR),
+    ] {
+        writes.extend_from_slice(&[(sel, 0x10), (base, 0), (limit, 0xffff_ffff), (ar, DATA_AR)]);
     }
+    for (field, value) in writes {
+        vmcs::write(field, value)?;
+    }
+    Ok(())
 }
 
 unsafe extern "sysv64" {

@@ -56,6 +56,8 @@ fields! {
     ENTRY_MSR_LOAD_COUNT = control::VMENTRY_MSR_LOAD_COUNT;
     /// VM-entry interruption-information (no event injected when 0).
     ENTRY_INTR_INFO = control::VMENTRY_INTERRUPTION_INFO_FIELD;
+    /// VM-entry exception error code.
+    ENTRY_EXCEPTION_ERROR_CODE = control::VMENTRY_EXCEPTION_ERR_CODE;
 
     /// Guest CR0.
     GUEST_CR0 = guest::CR0;
@@ -161,6 +163,8 @@ fields! {
     GUEST_DEBUGCTL = guest::IA32_DEBUGCTL_FULL;
     /// Guest IA32_EFER.
     GUEST_EFER = guest::IA32_EFER_FULL;
+    /// VMX-preemption timer value (25.4.2).
+    GUEST_PREEMPTION_TIMER = guest::VMX_PREEMPTION_TIMER_VALUE;
 
     /// Host CR0.
     HOST_CR0 = host::CR0;
@@ -213,6 +217,8 @@ fields! {
     GUEST_PHYSICAL_ADDRESS = ro::GUEST_PHYSICAL_ADDR_FULL;
     /// VM-exit interruption information (read-only).
     EXIT_INTR_INFO = ro::VMEXIT_INTERRUPTION_INFO;
+    /// VM-exit instruction length (read-only, 25.9.4).
+    EXIT_INSTRUCTION_LEN = ro::VMEXIT_INSTRUCTION_LEN;
 }
 
 /// HOST_RSP's encoding: the entry assembly writes it itself, just before VMLAUNCH.

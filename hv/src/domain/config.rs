@@ -1,0 +1,181 @@
+//! Domain configuration: the boot-time file `\EFI\HV\DOMAINS.CFG` on the ESP, one
+//! domain per line, `#` starts a comment:
+//!
+//! ```text
+//! # name     kernel (file in \EFI\HV)  memory      vCPUs    CPUID policy (levelling text form)    command line (rest of line)
+//! name=probe kernel=cpuid-probe.elf    memory=16M  vcpus=1  cpuid=base=host-max,-avx2            cmdline=verbose
+//! ```
+//!
+//! Keys: `name` (required, `[A-Za-z0-9_-]`, at most 32 bytes), `kernel` (required, a
+//! file name in `\EFI\HV`), `memory` (bytes with an optional K/M/G suffix; default
+//! 16M; at least 4M, at most 1G), `vcpus` (default 1, at most 8), `cpuid` (default:
+//! the host's `max` policy), `cmdline` (must be last: it takes the rest of the line).
+//! Errors name the line and the key.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::fmt;
+
+/// One domain's configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainConfig {
+    /// Name.
+    pub name: String,
+    /// Kernel file name (in `\EFI\HV` for boot-time domains).
+    pub kernel: String,
+    /// Guest memory in bytes.
+    pub memory: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// CPUID policy in levelling's text form, if not the default.
+    pub cpuid: Option<String>,
+    /// Guest command line.
+    pub cmdline: String,
+}
+
+/// Smallest guest memory: the loader's tables, the kernel at 2 MiB and a stack.
+pub const MIN_MEMORY: u64 = 4 << 20;
+/// Largest guest memory (one page directory per GiB; keep boot-time domains modest).
+pub const MAX_MEMORY: u64 = 1 << 30;
+/// Most vCPUs per domain.
+pub const MAX_VCPUS: u32 = 8;
+
+/// A configuration error, with the 1-based line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Line number.
+    pub line: usize,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DOMAINS.CFG line {}: {}", self.line, self.message)
+    }
+}
+
+/// Parse a size: digits with an optional K, M or G suffix.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (digits, shift) = match s.as_bytes().last()? {
+        b'K' | b'k' => (&s[..s.len() - 1], 10),
+        b'M' | b'm' => (&s[..s.len() - 1], 20),
+        b'G' | b'g' => (&s[..s.len() - 1], 30),
+        _ => (s, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
+}
+
+/// Parse one line (without comment). `Ok(None)` for a blank line.
+pub fn parse_line(text: &str, line: usize) -> Result<Option<DomainConfig>, ConfigError> {
+    let err = |message: String| ConfigError { line, message };
+    let text = text.split('#').next().unwrap_or("").trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let (head, cmdline) = match text.find("cmdline=") {
+        Some(i) => (&text[..i], text[i + "cmdline=".len()..].trim().to_string()),
+        None => (text, String::new()),
+    };
+    if cmdline.len() > guest_abi::CMDLINE_MAX {
+        return Err(err(alloc::format!("cmdline is longer than {} bytes", guest_abi::CMDLINE_MAX)));
+    }
+    let (mut name, mut kernel, mut memory, mut vcpus, mut cpuid) = (None, None, 16u64 << 20, 1u32, None);
+    for item in head.split_whitespace() {
+        let (key, value) = item.split_once('=').ok_or_else(|| err(alloc::format!("`{item}` is not key=value")))?;
+        match key {
+            "name" => {
+                if value.is_empty()
+                    || value.len() > 32
+                    || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                {
+                    return Err(err(alloc::format!("name `{value}`: use 1-32 of A-Z a-z 0-9 - _")));
+                }
+                name = Some(value.to_string());
+            }
+            "kernel" => {
+                if value.is_empty() || value.contains(['\\', '/']) {
+                    return Err(err(alloc::format!("kernel `{value}`: give a file name in \\EFI\\HV")));
+                }
+                kernel = Some(value.to_string());
+            }
+            "memory" => {
+                memory = parse_size(value).ok_or_else(|| err(alloc::format!("memory `{value}` is not a size")))?;
+                if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) {
+                    return Err(err(alloc::format!("memory {value} is outside 4M..1G")));
+                }
+            }
+            "vcpus" => {
+                vcpus = value.parse().map_err(|_| err(alloc::format!("vcpus `{value}` is not a number")))?;
+                if !(1..=MAX_VCPUS).contains(&vcpus) {
+                    return Err(err(alloc::format!("vcpus {vcpus} is outside 1..{MAX_VCPUS}")));
+                }
+            }
+            "cpuid" => cpuid = Some(value.to_string()),
+            other => return Err(err(alloc::format!("unknown key `{other}`"))),
+        }
+    }
+    Ok(Some(DomainConfig {
+        name: name.ok_or_else(|| err("missing name=".into()))?,
+        kernel: kernel.ok_or_else(|| err("missing kernel=".into()))?,
+        memory,
+        vcpus,
+        cpuid,
+        cmdline,
+    }))
+}
+
+/// Parse a whole file.
+pub fn parse(text: &str) -> Result<Vec<DomainConfig>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if let Some(c) = parse_line(line, i + 1)? {
+            if out.iter().any(|d: &DomainConfig| d.name == c.name) {
+                return Err(ConfigError { line: i + 1, message: alloc::format!("duplicate name `{}`", c.name) });
+            }
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_key_and_keeps_the_cmdline_whole() {
+        let cfg = parse(
+            "# test domains\n\nname=probe kernel=cpuid-probe.elf memory=16M vcpus=2 cpuid=base=host-max,-avx2 cmdline=a=1 b  c # not a comment? yes it is\nname=w kernel=memwriter.elf\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.len(), 2);
+        assert_eq!(
+            cfg[0],
+            DomainConfig {
+                name: "probe".into(),
+                kernel: "cpuid-probe.elf".into(),
+                memory: 16 << 20,
+                vcpus: 2,
+                cpuid: Some("base=host-max,-avx2".into()),
+                cmdline: "a=1 b  c".into(),
+            }
+        );
+        assert_eq!(cfg[1].memory, 16 << 20);
+        assert_eq!(cfg[1].cpuid, None);
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_problem() {
+        let e = parse("name=a kernel=k\nname=b kernel=k memory=1M\n").unwrap_err();
+        assert_eq!(e.to_string(), "DOMAINS.CFG line 2: memory 1M is outside 4M..1G");
+        assert_eq!(parse("name=a kernel=k vcpus=0").unwrap_err().message, "vcpus 0 is outside 1..8");
+        assert_eq!(parse("kernel=k").unwrap_err().message, "missing name=");
+        assert_eq!(parse("name=a kernel=x/y").unwrap_err().message, "kernel `x/y`: give a file name in \\EFI\\HV");
+        assert_eq!(parse("name=a kernel=k colour=red").unwrap_err().message, "unknown key `colour`");
+        assert_eq!(parse("name=a kernel=k\nname=a kernel=j").unwrap_err().message, "duplicate name `a`");
+        assert_eq!(parse_size("64M"), Some(64 << 20));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("99999999999999G"), None);
+    }
+}
