@@ -26,6 +26,8 @@ const DIRTY: u64 = 1;
 const ONE: u64 = 2;
 const WORDS: u64 = 3;
 const WORD_BYTES: usize = 8;
+/// Room for the operations of any one bitmap word (see `Records::mixed`).
+const FAST_ROOM: usize = 6 + 32 * 4;
 
 /// A stretch of a dirty bitmap in wire form: the first pfn and the operations that walk
 /// from it (see the [module docs](super)). One record per
@@ -85,7 +87,8 @@ impl DirtyRecord {
     }
 
     /// Walk the operations, handing each dirty stretch to `f` after checking the
-    /// operation itself.
+    /// operation itself. Inlined so that `f` is too: it runs once per operation.
+    #[inline(always)]
     fn walk<'a>(&'a self, mut f: impl FnMut(Piece<'a>) -> Result<(), DirtyError>) -> Result<(), DirtyError> {
         let mut at = 0usize;
         let mut cursor = self.start;
@@ -99,31 +102,30 @@ impl DirtyRecord {
                 return Err(bad(RecordFault::ZeroCount));
             }
             let overflow = || bad(RecordFault::Overflow);
-            match tag {
-                CLEAN => cursor = cursor.checked_add(n).ok_or_else(overflow)?,
-                DIRTY => {
-                    let end = cursor.checked_add(n).ok_or_else(overflow)?;
-                    f(Piece::Run(cursor..end))?;
-                    cursor = end;
-                }
-                ONE => {
-                    let page = cursor.checked_add(n).ok_or_else(overflow)?;
-                    let end = page.checked_add(1).ok_or_else(overflow)?;
-                    f(Piece::Run(page..end))?;
-                    cursor = end;
-                }
-                _ => {
-                    let end = n.checked_mul(WORD_BITS).and_then(|pages| cursor.checked_add(pages));
-                    let end = end.ok_or_else(overflow)?;
-                    let bytes = usize::try_from(n)
-                        .ok()
-                        .and_then(|n| n.checked_mul(WORD_BYTES))
-                        .and_then(|len| self.ops.get(at..at.checked_add(len)?))
-                        .ok_or(bad(RecordFault::Truncated))?;
-                    at += bytes.len();
-                    f(Piece::Words { start: cursor, bytes })?;
-                    cursor = end;
-                }
+            // `ONE` first: it is the most frequent operation, and a chain of compares
+            // predicts better than the jump table a `match` becomes.
+            if tag == ONE {
+                let page = cursor.checked_add(n).ok_or_else(overflow)?;
+                let end = page.checked_add(1).ok_or_else(overflow)?;
+                f(Piece::Run(page..end))?;
+                cursor = end;
+            } else if tag == DIRTY {
+                let end = cursor.checked_add(n).ok_or_else(overflow)?;
+                f(Piece::Run(cursor..end))?;
+                cursor = end;
+            } else if tag == CLEAN {
+                cursor = cursor.checked_add(n).ok_or_else(overflow)?;
+            } else {
+                let end = n.checked_mul(WORD_BITS).and_then(|pages| cursor.checked_add(pages));
+                let end = end.ok_or_else(overflow)?;
+                let bytes = usize::try_from(n)
+                    .ok()
+                    .and_then(|n| n.checked_mul(WORD_BYTES))
+                    .and_then(|len| self.ops.get(at..at.checked_add(len)?))
+                    .ok_or(bad(RecordFault::Truncated))?;
+                at += bytes.len();
+                f(Piece::Words { start: cursor, bytes })?;
+                cursor = end;
             }
         }
         Ok(())
@@ -285,34 +287,52 @@ impl Iterator for Records<'_> {
 }
 
 impl Records<'_> {
-    /// Encode at least one word, or finish.
+    /// Encode words until a record is finished or the words end.
     fn step(&mut self) {
-        let Some(&w) = self.words.get(self.next) else {
-            self.flush_literal();
-            self.flush_run();
-            self.finish_record();
-            self.done = true;
-            return;
-        };
-        let page = self.page_of(self.next);
-        if w == 0 {
-            // Clean words only lengthen the next gap: skip them all at once.
-            self.flush_literal();
-            let rest = self.words.get(self.next..).unwrap_or_default();
-            self.next += rest.iter().position(|&w| w != 0).unwrap_or(rest.len());
-            return;
+        let words = self.words;
+        while self.ready.is_empty() {
+            let Some(&w) = words.get(self.next) else {
+                self.flush_literal();
+                self.flush_run();
+                self.finish_record();
+                self.done = true;
+                return;
+            };
+            let page = self.page_of(self.next);
+            self.next += 1;
+            match w {
+                0 => {
+                    // Clean words only lengthen the next gap: skip them all at once.
+                    if self.lit_len > 0 {
+                        self.flush_literal();
+                    }
+                    let rest = words.get(self.next..).unwrap_or_default();
+                    self.next += rest.iter().position(|&w| w != 0).unwrap_or(rest.len());
+                }
+                u64::MAX => {
+                    // Fully dirty words lengthen the run: take them all at once.
+                    if self.lit_len > 0 {
+                        self.flush_literal();
+                    }
+                    let rest = words.get(self.next..).unwrap_or_default();
+                    let full = rest.iter().position(|&w| w != u64::MAX).unwrap_or(rest.len());
+                    self.next += full;
+                    self.push_run(page..self.page_of(self.next));
+                }
+                _ => self.mixed(w, page),
+            }
         }
-        self.next += 1;
-        if w == u64::MAX {
-            self.flush_literal();
-            self.push_run(page..page + WORD_BITS);
-            return;
-        }
-        // A mixed word: estimate the operations its runs take (one `ONE` per run, one
-        // `DIRTY` more per run longer than a page; a run continuing from the previous
-        // word costs nothing) against 8 bytes as a raw word, 9 if that opens a stretch.
-        let carry = u64::from(!self.run.is_empty() && self.run.end == page);
-        let starts = w & !(w << 1 | carry);
+    }
+
+    /// Encode a word that is neither clean nor fully dirty, standing for pages from
+    /// `page` on.
+    #[inline]
+    fn mixed(&mut self, w: u64, page: u64) {
+        // Estimate the operations its runs take (one `ONE` per run, one `DIRTY` more per
+        // run longer than a page; a run continuing from the previous word costs nothing)
+        // against 8 bytes as a raw word, 9 if that opens a stretch.
+        let carry = !self.run.is_empty() && self.run.end == page;
+        let starts = w & !(w << 1 | u64::from(carry));
         let ops = starts.count_ones() + (starts & w >> 1).count_ones();
         let continues = self.lit_len > 0 && self.lit_first + self.lit_len + 1 == self.next;
         if ops > if continues { 8 } else { 9 } {
@@ -328,13 +348,44 @@ impl Records<'_> {
             }
             return;
         }
-        self.flush_literal();
+        if self.lit_len > 0 {
+            self.flush_literal();
+        }
         let mut rest = w;
+        if carry && rest & 1 == 1 {
+            // The pending run goes on into this word (not to its end: `w` is mixed).
+            let n = rest.trailing_ones();
+            self.run.end += u64::from(n);
+            rest &= !mask(0, n);
+        }
+        if rest == 0 {
+            return;
+        }
+        self.flush_run();
+        // With room for the worst case of a word (a 6-byte gap, then 32 runs of 4 bytes
+        // at most), skip the budget check per run.
+        let fast = !self.ops.is_empty() && self.ops.len() + FAST_ROOM <= self.budget;
         while rest != 0 {
-            let (lo, len) = super::first_run(rest);
-            rest &= !mask(lo, lo + len);
+            let lo = rest.trailing_zeros();
+            let len = (rest >> lo).trailing_ones();
             let at = page + u64::from(lo);
-            self.push_run(at..at + u64::from(len));
+            if lo + len == u64::BITS {
+                // It may go on into the next word.
+                self.run = at..at + u64::from(len);
+                return;
+            }
+            // Clear the lowest run: adding its lowest bit carries through it.
+            rest &= rest + (1 << lo);
+            if fast {
+                put_varint(&mut self.ops, (at - self.cursor) << 2 | ONE);
+                if len > 1 {
+                    put_varint(&mut self.ops, u64::from(len - 1) << 2 | DIRTY);
+                }
+                self.cursor = at + u64::from(len);
+            } else {
+                self.run = at..at + u64::from(len);
+                self.flush_run();
+            }
         }
     }
 
@@ -427,7 +478,12 @@ const fn varint_len(v: u64) -> usize {
     (u64::BITS - (v | 1).leading_zeros()).div_ceil(7) as usize
 }
 
+#[inline]
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    if v < 0x80 {
+        out.push(v as u8);
+        return;
+    }
     while v >= 0x80 {
         out.push(v as u8 | 0x80);
         v >>= 7;
@@ -436,7 +492,14 @@ fn put_varint(out: &mut Vec<u8>, mut v: u64) {
 }
 
 /// The minimal LEB128 varint at `bytes[*at..]`; advances `at` past it.
+#[inline]
 fn get_varint(bytes: &[u8], at: &mut usize) -> Result<u64, RecordFault> {
+    if let Some(&b) = bytes.get(*at)
+        && b < 0x80
+    {
+        *at += 1;
+        return Ok(u64::from(b));
+    }
     let mut v = 0u64;
     for shift in (0..64).step_by(7) {
         let &b = bytes.get(*at).ok_or(RecordFault::Truncated)?;
