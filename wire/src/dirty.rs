@@ -20,7 +20,8 @@
 //! [`PFN_LIMIT`] (2^40, a 52-bit guest-physical space).
 //!
 //! [`DirtyBitmap::peek_and_clean`] takes `&mut self`, so what it returns is exactly what
-//! it cleared; the core calls it under the lock its PML drain takes, after draining.
+//! it cleared. The core is to call it after draining every vCPU's PML buffer, under the
+//! same lock as the drain, so that no logged write falls between the two.
 //!
 //! # Records
 //!
@@ -66,13 +67,25 @@
 //! 8 dirty pages per 64 for scattered pages; at 10% random density most words go as
 //! `ONE`s (about 0.10 bytes per page, against 0.125 for raw words), at 50% all go raw.
 //! Each record holds at most a byte budget of operations ([`MAX_RECORD_OPS`] by default,
-//! so a record always fits one [`StreamChunk`](crate::StreamChunk)); a run or a word is
-//! never split between records except by starting a new record at a page boundary.
+//! so a record always fits one [`StreamChunk`](crate::StreamChunk)). A run is never split
+//! between records; a stretch of raw words may be, at a word boundary. Each record starts
+//! at its first dirty page (or raw word), so the gap before it costs nothing.
 //!
 //! Decoding checks every operation: truncation, non-minimal varints, zero counts, cursor
 //! overflow, and dirty pages outside the target bitmap are refused with
 //! [`DirtyError::BadRecord`] or [`DirtyError::RecordOutOfRange`] before any bit is set,
 //! so a refused batch of records leaves the bitmap unchanged.
+//!
+//! # Checks
+//!
+//! - `cargo test -p wire --test dirty`: every read and write against a set of pfns;
+//!   round trip bitmap → records → bitmap is the identity for random bitmaps (0 to 3000
+//!   pages, any base, partial last words, every density shape, every budget);
+//!   peek-and-clean takes exactly its range; OR-merge after a failed consumer loses
+//!   nothing; range errors change nothing; arbitrary records and bytes are refused
+//!   without panicking; the exact bytes of one record of each operation.
+//! - `cargo bench -p wire --bench dirty`: a 64 GiB guest at 1%, 10% and 100% dirty,
+//!   random and clustered, against a `memcpy` of its bitmap.
 //!
 //! # A round, and a failed one
 //!

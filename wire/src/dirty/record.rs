@@ -253,7 +253,6 @@ impl DirtyBitmap {
 }
 
 /// The records of a bitmap, lowest pfns first ([`DirtyBitmap::records`]).
-#[derive(Debug)]
 pub struct Records<'a> {
     words: &'a [u64],
     base: u64,
@@ -273,6 +272,19 @@ pub struct Records<'a> {
     /// Finished records not yet returned.
     ready: VecDeque<DirtyRecord>,
     done: bool,
+}
+
+impl fmt::Debug for Records<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not the words: they are the whole bitmap.
+        f.debug_struct("Records")
+            .field("words", &self.words.len())
+            .field("next", &self.next)
+            .field("budget", &self.budget)
+            .field("ready", &self.ready.len())
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Iterator for Records<'_> {
