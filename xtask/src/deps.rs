@@ -12,15 +12,17 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("levelling", &[]),
     ("monitor_svc", &["wire", "levelling"]),
     ("migration_svc", &["wire", "levelling"]),
-    ("hv", &["wire", "levelling", "monitor_svc", "migration_svc"]),
+    ("hv", &["wire", "levelling", "monitor_svc", "migration_svc", "guest-abi"]),
     ("boot", &["hv"]),
     ("host-cli", &["wire", "levelling"]),
-    ("xtask", &["hv", "wire", "levelling"]),
+    ("xtask", &["hv", "wire", "levelling", "guest-abi"]),
+    ("guest-abi", &[]),
+    ("guest-kernels", &["guest-abi"]),
 ];
 
 /// Crates that must carry `#![forbid(unsafe_code)]`, and the service crates that must
 /// also deny panicking constructs by lint.
-const NO_UNSAFE: &[&str] = &["wire", "levelling", "monitor_svc", "migration_svc"];
+const NO_UNSAFE: &[&str] = &["wire", "levelling", "monitor_svc", "migration_svc", "guest-abi"];
 const PANIC_FREE: &[&str] = &["monitor_svc", "migration_svc"];
 const PANIC_LINTS: &[&str] = &["clippy::unwrap_used", "clippy::expect_used", "clippy::indexing_slicing"];
 

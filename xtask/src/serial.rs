@@ -40,6 +40,11 @@ impl SerialLog {
         Self { lines: clean(raw).lines().map(|l| l.trim_end().to_string()).collect() }
     }
 
+    /// All cleaned lines, joined.
+    pub fn text(&self) -> String {
+        self.lines.join("\n")
+    }
+
     /// The first line that starts with `prefix` (after leading junk is trimmed).
     pub fn line(&self, prefix: &str) -> Option<&str> {
         self.lines.iter().map(|l| l.trim_start()).find(|l| l.starts_with(prefix))

@@ -1,0 +1,230 @@
+//! System tests of guest domains, on QEMU (SVM) and Bochs (VMX): what a guest sees
+//! through CPUID equals levelling's view of its policy, leaf by leaf; and domains run
+//! concurrently under time slices (a spinning guest starves nobody) with their memory
+//! holding exactly what they wrote.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::emulator::{Echo, Platform, RunConfig, Session, Wait};
+use crate::image::Esp;
+use crate::serial::{SerialLog, clean};
+use crate::{Result, tools};
+
+/// What the serial log says about each domain.
+#[derive(Debug, Default)]
+struct DomainLog {
+    cpuid: Vec<(u32, u32, [u32; 4])>,
+    reports: Vec<(String, u64)>,
+    exit: Option<u64>,
+    crashed: Option<String>,
+}
+
+fn parse_domains(serial: &str) -> BTreeMap<String, DomainLog> {
+    let text = clean(serial);
+    let mut by_id: BTreeMap<u32, String> = BTreeMap::new();
+    let mut out: BTreeMap<String, DomainLog> = BTreeMap::new();
+    for line in text.lines().map(str::trim) {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["DOMAIN", id, "CREATED", name, ..] => {
+                let (Ok(id), Some(name)) = (id.parse::<u32>(), name.strip_prefix("name=")) else { continue };
+                by_id.insert(id, name.to_string());
+                out.insert(name.to_string(), DomainLog::default());
+            }
+            ["DOMAIN", id, "REPORT", kv] => {
+                if let (Some(d), Some((k, v))) = (id.parse().ok().and_then(|id| by_id.get(&id)), kv.split_once('=')) {
+                    let v = u64::from_str_radix(v.trim_start_matches("0x"), 16).unwrap_or(u64::MAX);
+                    out.entry(d.clone()).or_default().reports.push((k.to_string(), v));
+                }
+            }
+            ["DOMAIN", id, "EXIT", code, ..] => {
+                if let (Some(d), Some(c)) = (id.parse().ok().and_then(|id| by_id.get(&id)), code.strip_prefix("code="))
+                {
+                    out.entry(d.clone()).or_default().exit = c.parse().ok();
+                }
+            }
+            ["DOMAIN", id, "CRASHED", ..] => {
+                if let Some(d) = id.parse().ok().and_then(|id| by_id.get(&id)) {
+                    out.entry(d.clone()).or_default().crashed = Some(line.to_string());
+                }
+            }
+            [tag, "cpuid", leaf, sub, a, b, c, d] if tag.starts_with("[dom") => {
+                let id: Option<u32> = tag.trim_start_matches("[dom").trim_end_matches(']').parse().ok();
+                let hex = |s: &str| u32::from_str_radix(s, 16).ok();
+                if let (Some(name), Some(l), Some(s), Some(a), Some(b), Some(c), Some(d)) =
+                    (id.and_then(|i| by_id.get(&i)), hex(leaf), hex(sub), hex(a), hex(b), hex(c), hex(d))
+                {
+                    out.entry(name.clone()).or_default().cpuid.push((l, s, [a, b, c, d]));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+fn host_from_serial(serial: &str) -> Result<levelling::HostCpu> {
+    let text = clean(serial);
+    let dump = text
+        .split_once("CPUID-DUMP-BEGIN\n")
+        .and_then(|(_, rest)| rest.split_once("CPUID-DUMP-END"))
+        .map(|(d, _)| d)
+        .ok_or("no CPUID dump in the serial log")?;
+    let dump = levelling::parse_dump(dump).map_err(|e| format!("host CPUID dump: {e}"))?;
+    levelling::HostCpu::from_records(&dump.records).map_err(|e| format!("host CPUID: {e}"))
+}
+
+const POLICIES: &[(&str, &str)] = &[("noavx2", "base=host-max,-avx2"), ("maxleaf6", "base=host-max,max-leaf=6")];
+
+fn cpuid_policies(session: &mut Session, timeout: Duration) -> Result<String> {
+    let wait = session.wait_until(timeout, &mut Echo::new(false), |l| l.outcome().is_some());
+    if wait == Wait::TimedOut {
+        return Err(format!("no power-off within {} s", timeout.as_secs()));
+    }
+    let serial = session.serial();
+    let host = host_from_serial(&serial)?;
+    let domains = parse_domains(&serial);
+    let mut checked = 0;
+    for (name, spec) in POLICIES {
+        let d = domains.get(*name).ok_or_else(|| format!("domain {name} never started"))?;
+        if let Some(c) = &d.crashed {
+            return Err(format!("{name}: {c}"));
+        }
+        if d.exit != Some(0) {
+            return Err(format!("{name} did not exit with 0 ({:?})", d.exit));
+        }
+        let reported = d.reports.iter().find(|(k, _)| k == "lines").map(|(_, v)| *v);
+        if reported != Some(d.cpuid.len() as u64) || d.cpuid.len() < 40 {
+            return Err(format!("{name}: {} cpuid lines in the log, the guest reported {reported:?}", d.cpuid.len()));
+        }
+        let (mut policy, _) = levelling::parse_spec(spec).map_err(|e| e.to_string())?.policy_on(&host);
+        policy.vcpus = 1;
+        let table = levelling::CpuidTable::build(&policy, &host).map_err(|e| format!("{name}: {e}"))?;
+        let vcpu = hv::domain::vcpu_state(0);
+        for (leaf, sub, got) in &d.cpuid {
+            let want = table.lookup_vcpu(*leaf, *sub, &vcpu);
+            if *got != want {
+                return Err(format!(
+                    "{name} ({spec}): CPUID {leaf:#x}.{sub}: guest saw {got:08x?}, levelling says {want:08x?}"
+                ));
+            }
+            checked += 1;
+        }
+        let leaf = |l: u32, s: u32| d.cpuid.iter().find(|(a, b, _)| *a == l && *b == s).map(|x| x.2);
+        match *name {
+            "noavx2" => {
+                if leaf(7, 0).is_none_or(|r| r[1] & (1 << 5) != 0) {
+                    return Err("noavx2: CPUID.7.0:EBX[5] (AVX2) is set or missing".into());
+                }
+            }
+            _ => {
+                if leaf(0, 0).map(|r| r[0]) != Some(6) || leaf(7, 0) != Some([0; 4]) {
+                    return Err("maxleaf6: CPUID.0:EAX is not 6 or leaf 7 is not all zeros".into());
+                }
+            }
+        }
+    }
+    Ok(format!("{checked} CPUID answers equal levelling's view in 2 policies"))
+}
+
+const WRITERS: &[(&str, u64)] = &[("w1", 11), ("w2", 22)];
+const PAGES: u64 = 256;
+const ROUNDS: u64 = 3;
+
+fn concurrent(session: &mut Session, timeout: Duration) -> Result<String> {
+    let done = |l: &SerialLog| {
+        let d = parse_domains(&l.text());
+        WRITERS.iter().all(|(n, _)| d.get(*n).is_some_and(|d| d.exit.is_some() || d.crashed.is_some()))
+            && d.get("spin").is_some_and(|s| s.reports.iter().any(|(k, _)| k == "spins"))
+    };
+    let start = Instant::now();
+    let wait = session.wait_until(timeout, &mut Echo::new(false), done);
+    let domains = parse_domains(&session.serial());
+    if !matches!(wait, Wait::Matched(_)) {
+        return Err(format!("writers and spinner did not all make progress within {} s ({wait:?})", timeout.as_secs()));
+    }
+    for (name, seed) in WRITERS {
+        let d = &domains[*name];
+        if let Some(c) = &d.crashed {
+            return Err(format!("{name}: {c}"));
+        }
+        let sums: Vec<u64> = d.reports.iter().filter(|(k, _)| k == "checksum").map(|(_, v)| *v).collect();
+        let want: Vec<u64> = (0..ROUNDS).map(|r| guest_abi::memwriter::round_checksum(*seed, r, PAGES)).collect();
+        if sums != want || d.exit != Some(0) {
+            return Err(format!("{name}: checksums {sums:x?}, expected {want:x?}; exit {:?}", d.exit));
+        }
+    }
+    let spins = domains["spin"].reports.iter().filter(|(k, _)| k == "spins").count();
+    let spin_alive = domains["spin"].exit.is_none() && domains["spin"].crashed.is_none();
+    if !spin_alive {
+        return Err("the spinner stopped".into());
+    }
+    Ok(format!(
+        "2 writers x {ROUNDS} rounds x {PAGES} pages read back correct, spinner reported {spins} times, {:.1} s",
+        start.elapsed().as_secs_f64()
+    ))
+}
+
+type Test = fn(&mut Session, Duration) -> Result<String>;
+
+/// Run the domain scenarios on both emulators (those matching `filter`).
+pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
+    let cpuid_cfg: String =
+        POLICIES.iter().map(|(n, p)| format!("name={n} kernel=cpuid-probe.elf memory=8M cpuid={p}\n")).collect();
+    let mut writers_cfg: String = WRITERS
+        .iter()
+        .map(|(n, seed)| {
+            format!("name={n} kernel=memwriter.elf memory=24M cmdline=pages={PAGES} rounds={ROUNDS} seed={seed}\n")
+        })
+        .collect();
+    writers_cfg.push_str("name=spin kernel=spinner.elf memory=8M\n");
+    let platforms = [Platform::Qemu { cpu: "EPYC".into() }, Platform::Bochs { model: "corei7_skylake_x".into() }];
+    let scenarios: [(&str, String, &str, Test); 2] = [
+        ("domains-cpuid-policies", cpuid_cfg, "cpuid-dump", cpuid_policies),
+        ("domains-concurrent-writers-and-spinner", writers_cfg, "", concurrent),
+    ];
+    let (mut passed, mut failed) = (0, 0);
+    for platform in &platforms {
+        let prefix = match platform {
+            Platform::Qemu { .. } => "qemu",
+            Platform::Bochs { .. } => "bochs",
+        };
+        for (name, cfg, cmdline, test) in &scenarios {
+            let full = format!("{prefix}-{name}");
+            if !filter.is_none_or(|f| full.contains(f)) {
+                continue;
+            }
+            tools::ensure(platform)?;
+            let timeout = Duration::from_secs(platform.default_timeout_secs());
+            let config = RunConfig {
+                name: full.clone(),
+                timeout,
+                cmdline: (*cmdline).into(),
+                echo: false,
+                vsock: false,
+                domains: Some(cfg.clone()),
+            };
+            println!("systest {full} on {platform} ...");
+            let mut session = Session::spawn(platform, esp, &config)?;
+            let result = test(&mut session, timeout);
+            session.stop();
+            match result {
+                Ok(detail) => {
+                    passed += 1;
+                    println!("systest {full} ... ok ({detail})");
+                }
+                Err(e) => {
+                    failed += 1;
+                    println!("systest {full} ... FAILED\n  - {e}");
+                    println!(
+                        "---- serial log of {full} ({}) ----\n{}\n---- end of serial log ----",
+                        session.dir.display(),
+                        clean(&session.serial())
+                    );
+                }
+            }
+        }
+    }
+    Ok((passed, failed))
+}
