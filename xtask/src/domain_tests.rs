@@ -166,6 +166,67 @@ fn concurrent(session: &mut Session, timeout: Duration) -> Result<String> {
     ))
 }
 
+/// Misbehaving guests: (name, mode, expected outcome).
+const MISBEHAVING: &[(&str, &str, Outcome)] = &[
+    ("ud", "virt-insn", Outcome::Exit(106)),
+    ("gpread", "msr-read", Outcome::Exit(113)),
+    ("gpwrite", "msr-write", Outcome::Exit(113)),
+    ("oobwrite", "oob-write", Outcome::Crash("write of guest-physical 0x3fe00000, outside its 4 MiB")),
+    ("oobread", "oob-read", Outcome::Crash("read of guest-physical 0x3fe00000, outside its 4 MiB")),
+    // Bochs' VMX reports the #DF we intercept before it escalates; QEMU's SVM goes
+    // straight to shutdown. Either way the domain is stopped with the reason.
+    ("triple", "triple-fault", Outcome::Crash("triple fault|double fault")),
+];
+
+#[derive(Debug, Clone, Copy)]
+enum Outcome {
+    /// The guest's own handler saw the injected exception and exited with this code.
+    Exit(u64),
+    /// The hypervisor stopped the domain with a reason containing one of these
+    /// (separated by `|`).
+    Crash(&'static str),
+}
+
+fn misbehaving(session: &mut Session, timeout: Duration) -> Result<String> {
+    let done = |l: &SerialLog| {
+        let d = parse_domains(&l.text());
+        let finished = |n: &str| d.get(n).is_some_and(|d| d.exit.is_some() || d.crashed.is_some());
+        MISBEHAVING.iter().all(|(n, _, _)| finished(n))
+            && finished("good")
+            && l.line("[dom7] (console echo stopped").is_some()
+    };
+    let wait = session.wait_until(timeout, &mut Echo::new(false), done);
+    let serial = session.serial();
+    let log = SerialLog::new(&serial);
+    let domains = parse_domains(&serial);
+    if !matches!(wait, Wait::Matched(_)) {
+        return Err(format!("not every misbehaving guest was dealt with within {} s ({wait:?})", timeout.as_secs()));
+    }
+    for (name, mode, want) in MISBEHAVING {
+        let d = domains.get(*name).ok_or_else(|| format!("{name} never started"))?;
+        match (want, d.exit, &d.crashed) {
+            (Outcome::Exit(code), Some(got), None) if got == *code => {}
+            (Outcome::Crash(texts), None, Some(line)) if texts.split('|').any(|t| line.contains(t)) => {}
+            _ => {
+                return Err(format!("{name} ({mode}): expected {want:?}, got exit {:?} crash {:?}", d.exit, d.crashed));
+            }
+        }
+    }
+    let good = &domains["good"];
+    let sums: Vec<u64> = good.reports.iter().filter(|(k, _)| k == "checksum").map(|(_, v)| *v).collect();
+    let want: Vec<u64> = (0..2).map(|r| guest_abi::memwriter::round_checksum(5, r, 128)).collect();
+    if good.exit != Some(0) || sums != want {
+        return Err(format!("the well-behaved domain did not finish correctly: exit {:?}, sums {sums:x?}", good.exit));
+    }
+    if let Some(l) = log.line("FAIL:").or(log.line("FATAL:")) {
+        return Err(format!("the hypervisor failed: {l}"));
+    }
+    if domains["flood"].crashed.is_some() || domains["flood"].exit.is_some() {
+        return Err("the flooding guest should keep running (only its echo stops)".into());
+    }
+    Ok("#UD and #GP injected (3 guests' handlers exited 106/113/113), OOB write/read and triple fault stopped with reasons, flood echo capped, the good domain finished correctly".into())
+}
+
 type Test = fn(&mut Session, Duration) -> Result<String>;
 
 /// Run the domain scenarios on both emulators (those matching `filter`).
@@ -179,10 +240,17 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
         })
         .collect();
     writers_cfg.push_str("name=spin kernel=spinner.elf memory=8M\n");
+    let mut bad_cfg: String = MISBEHAVING
+        .iter()
+        .map(|(n, mode, _)| format!("name={n} kernel=misbehave.elf memory=4M cmdline=mode={mode}\n"))
+        .collect();
+    bad_cfg.push_str("name=flood kernel=misbehave.elf memory=4M cmdline=mode=flood\n");
+    bad_cfg.push_str("name=good kernel=memwriter.elf memory=24M cmdline=pages=128 rounds=2 seed=5\n");
     let platforms = [Platform::Qemu { cpu: "EPYC".into() }, Platform::Bochs { model: "corei7_skylake_x".into() }];
-    let scenarios: [(&str, String, &str, Test); 2] = [
+    let scenarios: [(&str, String, &str, Test); 3] = [
         ("domains-cpuid-policies", cpuid_cfg, "cpuid-dump", cpuid_policies),
         ("domains-concurrent-writers-and-spinner", writers_cfg, "", concurrent),
+        ("domains-misbehaving-guests-contained", bad_cfg, "", misbehaving),
     ];
     let (mut passed, mut failed) = (0, 0);
     for platform in &platforms {
