@@ -19,7 +19,7 @@ use virtio_drivers::transport::DeviceType;
 use virtio_drivers::transport::pci::PciTransport;
 use wire::{ErrorCode, ErrorReply, FrameDecoder, Response};
 
-use crate::tasks::{ReplyTo, Runtime, encode_reply};
+use crate::tasks::{DomainOps, ReplyTo, Runtime, encode_reply};
 use crate::virtio::HvHal;
 use crate::{println, time};
 
@@ -115,9 +115,9 @@ impl ControlServer {
 
     /// Do whatever is pending (device events, task turns, output); never blocks.
     /// Returns whether anything happened.
-    pub fn poll(&mut self) -> bool {
+    pub fn poll(&mut self, domains: &mut dyn DomainOps) -> bool {
         let mut busy = self.poll_device();
-        busy |= self.runtime.run_once(time::uptime_ns());
+        busy |= self.runtime.run_once(time::uptime_ns(), domains);
         for (to, bytes) in self.runtime.take_outbox() {
             if let Some(c) = self.connections.get_mut(&to) {
                 c.output.extend(bytes);

@@ -268,7 +268,7 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &caps::Capabilities) -> 
     loop {
         let mut busy = false;
         if let Some(s) = server.as_mut() {
-            busy |= s.poll();
+            busy |= s.poll(&mut machine);
         }
         busy |= machine.run_slice();
         if server.is_none() && !machine.has_runnable() {

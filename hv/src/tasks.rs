@@ -47,6 +47,43 @@ impl Mailbox {
     }
 }
 
+/// The domain operations the core task performs for clients (implemented by
+/// `domain::Machine`; the runtime itself holds no domain state).
+pub trait DomainOps {
+    /// Create and start a domain.
+    fn create(&mut self, spec: &wire::DomainSpec) -> Result<u32, ErrorReply>;
+    /// Every domain, and the frame pool's state.
+    fn list(&self) -> wire::DomainListReport;
+    /// Pause (true) or unpause (false).
+    fn set_paused(&mut self, id: u32, paused: bool) -> Result<(), ErrorReply>;
+    /// Destroy.
+    fn destroy(&mut self, id: u32) -> Result<(), ErrorReply>;
+    /// Console bytes from `offset` on.
+    fn console(&self, id: u32, offset: u64) -> Result<wire::ConsoleChunk, ErrorReply>;
+}
+
+/// No domains at all (host tests, and machines without a backend).
+#[derive(Debug, Default)]
+pub struct NoDomains;
+
+impl DomainOps for NoDomains {
+    fn create(&mut self, _: &wire::DomainSpec) -> Result<u32, ErrorReply> {
+        Err(ErrorReply::new(ErrorCode::NotImplemented, "this hypervisor instance runs no domains"))
+    }
+    fn list(&self) -> wire::DomainListReport {
+        wire::DomainListReport { domains: Vec::new(), free_frames: 0, total_frames: 0 }
+    }
+    fn set_paused(&mut self, id: u32, _: bool) -> Result<(), ErrorReply> {
+        Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
+    }
+    fn destroy(&mut self, id: u32) -> Result<(), ErrorReply> {
+        Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
+    }
+    fn console(&self, id: u32, _: u64) -> Result<wire::ConsoleChunk, ErrorReply> {
+        Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
+    }
+}
+
 /// What the core service reports about the machine in `Info`.
 #[derive(Debug, Clone)]
 pub struct MachineInfo {
@@ -138,11 +175,11 @@ impl Runtime {
     }
 
     /// Give every task one turn. Returns whether any message was handled.
-    pub fn run_once(&mut self, uptime_ns: Option<u64>) -> bool {
+    pub fn run_once(&mut self, uptime_ns: Option<u64>, domains: &mut dyn DomainOps) -> bool {
         let mut worked = false;
         for _ in 0..TURN_BUDGET {
             let Some(env) = self.mailboxes[0].queue.pop_front() else { break };
-            let reply = self.handle_core(&env.frame, uptime_ns);
+            let reply = self.handle_core(&env.frame, uptime_ns, domains);
             self.outbox.push((env.reply_to, reply));
             worked = true;
         }
@@ -208,11 +245,25 @@ impl Runtime {
         self.core.counters.status(QueueInfo { depth, capacity })
     }
 
-    fn handle_core(&mut self, frame: &Frame, uptime_ns: Option<u64>) -> Vec<u8> {
+    fn handle_core(&mut self, frame: &Frame, uptime_ns: Option<u64>, domains: &mut dyn DomainOps) -> Vec<u8> {
         self.core.counters.handled += 1;
         let response = match wire::decode_request(frame) {
             Ok(Request::Ping { payload }) => Response::Pong { payload },
             Ok(Request::ServiceStatus { .. }) => Response::ServiceStatus(self.core_status()),
+            Ok(Request::DomainCreate(spec)) => {
+                domains.create(&spec).map_or_else(Response::Error, |id| Response::DomainCreated { id })
+            }
+            Ok(Request::DomainList) => Response::DomainList(domains.list()),
+            Ok(Request::DomainPause { id }) => {
+                domains.set_paused(id, true).map_or_else(Response::Error, |()| Response::Done)
+            }
+            Ok(Request::DomainUnpause { id }) => {
+                domains.set_paused(id, false).map_or_else(Response::Error, |()| Response::Done)
+            }
+            Ok(Request::DomainDestroy { id }) => domains.destroy(id).map_or_else(Response::Error, |()| Response::Done),
+            Ok(Request::DomainConsole { id, offset }) => {
+                domains.console(id, offset).map_or_else(Response::Error, Response::Console)
+            }
             Ok(Request::Info) => match uptime_ns {
                 None => Response::Error(ErrorReply::new(
                     ErrorCode::Internal,
@@ -301,7 +352,7 @@ mod tests {
         assert_eq!(rt.busy_refusals(), [3, 0, 0]);
         // The queued ones are all answered, TURN_BUDGET per turn, in order.
         let mut answered = Vec::new();
-        while rt.run_once(Some(1)) {
+        while rt.run_once(Some(1), &mut NoDomains) {
             let batch = responses(&mut rt);
             assert!(batch.len() <= TURN_BUDGET);
             answered.extend(batch);
@@ -317,7 +368,7 @@ mod tests {
         rt.route(1, frame(10, &Request::ServiceStatus { service: ServiceId::Monitor }));
         rt.route(2, frame(11, &Request::ServiceStatus { service: ServiceId::Migration }));
         rt.route(3, frame(12, &Request::ServiceStatus { service: ServiceId::Core }));
-        rt.run_once(Some(1));
+        rt.run_once(Some(1), &mut NoDomains);
         let mut got = responses(&mut rt);
         got.sort_by_key(|(to, _, _)| *to);
         let services: Vec<ServiceId> = got
@@ -334,9 +385,9 @@ mod tests {
     fn info_gathers_every_service_status_by_message() {
         let mut rt = Runtime::new(machine());
         rt.route(1, frame(1, &Request::ServiceStatus { service: ServiceId::Monitor }));
-        rt.run_once(Some(41));
+        rt.run_once(Some(41), &mut NoDomains);
         rt.route(1, frame(2, &Request::Info));
-        rt.run_once(Some(42));
+        rt.run_once(Some(42), &mut NoDomains);
         let got = responses(&mut rt);
         let info = got
             .iter()
@@ -360,8 +411,9 @@ mod tests {
     #[test]
     fn bad_payloads_and_wrong_frame_kinds_get_typed_errors() {
         let mut rt = Runtime::new(machine());
-        rt.route(1, Frame { kind: FrameKind::Request, version: 1, request_id: 5, payload: vec![0xff, 0xff] });
-        rt.route(1, Frame { kind: FrameKind::Response, version: 1, request_id: 6, payload: vec![] });
+        let v = wire::PROTOCOL_VERSION;
+        rt.route(1, Frame { kind: FrameKind::Request, version: v, request_id: 5, payload: vec![0xff, 0xff] });
+        rt.route(1, Frame { kind: FrameKind::Response, version: v, request_id: 6, payload: vec![] });
         let got = responses(&mut rt);
         assert_eq!(got.len(), 2);
         for (_, _, r) in got {
@@ -369,11 +421,22 @@ mod tests {
         }
         // Monitor refuses what it does not handle yet, and counts it.
         rt.route(1, frame(7, &Request::Ping { payload: vec![] }));
-        rt.run_once(None);
+        rt.run_once(None, &mut NoDomains);
         let _ = responses(&mut rt);
         rt.route(1, frame(8, &Request::Info));
-        rt.run_once(None);
+        rt.run_once(None, &mut NoDomains);
         let got = responses(&mut rt);
         assert_eq!(got[0].2.error().map(|e| e.code), Some(ErrorCode::Internal), "no uptime without a clock");
+    }
+
+    #[test]
+    fn domain_requests_go_to_the_domain_operations() {
+        let mut rt = Runtime::new(machine());
+        rt.route(1, frame(9, &Request::DomainDestroy { id: 4 }));
+        rt.route(1, frame(10, &Request::DomainList));
+        rt.run_once(Some(1), &mut NoDomains);
+        let got = responses(&mut rt);
+        assert_eq!(got[0].2, Response::Error(ErrorReply::new(ErrorCode::Refused, "no domain 4")));
+        assert!(matches!(&got[1].2, Response::DomainList(l) if l.domains.is_empty()));
     }
 }

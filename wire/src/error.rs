@@ -37,11 +37,14 @@ pub enum ErrorCode {
     Internal = 8,
     /// The service did not answer in time.
     Timeout = 9,
+    /// The request was understood and refused: the message says why (no such domain,
+    /// a CPUID policy this host cannot give, ...). Since protocol version 2.
+    Refused = 10,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 10] = [
         Self::BadFrame,
         Self::UnsupportedVersion,
         Self::FrameTooLarge,
@@ -51,6 +54,7 @@ impl ErrorCode {
         Self::NotImplemented,
         Self::Internal,
         Self::Timeout,
+        Self::Refused,
     ];
 
     /// The code's stable numeric value.
@@ -70,6 +74,7 @@ impl ErrorCode {
             7 => Self::NotImplemented,
             8 => Self::Internal,
             9 => Self::Timeout,
+            10 => Self::Refused,
             _ => return None,
         })
     }
@@ -86,6 +91,7 @@ impl ErrorCode {
             Self::NotImplemented => "not_implemented",
             Self::Internal => "internal",
             Self::Timeout => "timeout",
+            Self::Refused => "refused",
         }
     }
 
@@ -113,6 +119,7 @@ impl fmt::Display for ErrorCode {
             Self::NotImplemented => "the request is not implemented by this hypervisor",
             Self::Internal => "the hypervisor failed internally",
             Self::Timeout => "the service did not answer in time",
+            Self::Refused => "the request was refused",
         })
     }
 }

@@ -160,8 +160,9 @@ pub use crate::crc32c::{Crc32c, crc32c};
 pub use crate::error::{ErrorCode, ErrorReply};
 pub use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind, WireError, encode_frame};
 pub use crate::message::{
-    Event, InfoReport, LogLevel, Request, Response, ServiceId, ServiceState, ServiceStatus, decode_event,
-    decode_request, decode_response, encode_event, encode_request, encode_response,
+    ConsoleChunk, DomainInfo, DomainListReport, DomainSpec, Event, InfoReport, LogLevel, Request, Response, ServiceId,
+    ServiceState, ServiceStatus, decode_event, decode_request, decode_response, encode_event, encode_request,
+    encode_response,
 };
 pub use crate::stream::{
     MAX_CHUNK_DATA, StreamChunk, StreamError, StreamReassembler, StreamSender, decode_stream_chunk, encode_stream_chunk,
@@ -169,7 +170,7 @@ pub use crate::stream::{
 
 /// The protocol version this build speaks, carried in every frame header. See the
 /// versioning rule in the crate docs: changing any message means bumping this.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The hard maximum of a frame's payload, in bytes (64 KiB). A header declaring more is
 /// refused from the header alone with [`FrameError::TooLarge`].

@@ -138,16 +138,115 @@ pub enum Request {
         /// Which service.
         service: ServiceId,
     },
+    /// Create and start a domain (v2). Answered by [`Response::DomainCreated`].
+    DomainCreate(DomainSpec),
+    /// List the domains (v2). Answered by [`Response::DomainList`].
+    DomainList,
+    /// Stop scheduling a running domain (v2). Answered by [`Response::Done`].
+    DomainPause {
+        /// Domain id.
+        id: u32,
+    },
+    /// Resume a paused domain (v2). Answered by [`Response::Done`].
+    DomainUnpause {
+        /// Domain id.
+        id: u32,
+    },
+    /// Destroy a domain in any state, returning its memory (v2). Answered by
+    /// [`Response::Done`].
+    DomainDestroy {
+        /// Domain id.
+        id: u32,
+    },
+    /// Read a domain's console from byte `offset` on (v2). Answered by
+    /// [`Response::Console`].
+    DomainConsole {
+        /// Domain id.
+        id: u32,
+        /// First byte wanted (console bytes are numbered from 0 since the domain started).
+        offset: u64,
+    },
+}
+
+/// What `hvctl domain create` asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DomainSpec {
+    /// Name (`[A-Za-z0-9_-]`, 1-32 bytes).
+    pub name: String,
+    /// The guest kernel: an x86-64 ELF executable (guest_abi); the whole request must
+    /// fit one frame.
+    #[serde(with = "crate::bytes")]
+    pub kernel: Vec<u8>,
+    /// Guest memory in bytes.
+    pub memory_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// CPUID policy in levelling's text form; `None` for the host's `max`.
+    pub cpuid: Option<String>,
+    /// Guest command line.
+    pub cmdline: String,
+}
+
+/// One domain as `hvctl domain list` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DomainInfo {
+    /// Id.
+    pub id: u32,
+    /// Name.
+    pub name: String,
+    /// State, as a sentence for crashed domains ("crashed: triple fault ...").
+    pub state: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory in bytes (0 once returned).
+    pub memory_bytes: u64,
+    /// Exits by reason (`cpuid`, `io`, `hypercall`, ...).
+    pub exits: Vec<(String, u64)>,
+    /// Time spent in the guest, nanoseconds.
+    pub runtime_ns: u64,
+}
+
+/// The answer to [`Request::DomainList`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DomainListReport {
+    /// Every domain.
+    pub domains: Vec<DomainInfo>,
+    /// Free frames of the hypervisor's pool (for leak checks).
+    pub free_frames: u64,
+    /// Frames in the pool.
+    pub total_frames: u64,
+}
+
+/// Console bytes of one domain.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ConsoleChunk {
+    /// Domain id.
+    pub id: u32,
+    /// Number of the first byte in `data` (later than the asked offset if older bytes
+    /// left the ring).
+    pub offset: u64,
+    /// The bytes.
+    #[serde(with = "crate::bytes")]
+    pub data: Vec<u8>,
+    /// Bytes the domain has written in total (the next offset to ask for).
+    pub total: u64,
 }
 
 impl Request {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 3;
+    pub const VARIANTS: u32 = 9;
 
     /// The service that owns this request: the router's table.
     pub const fn service(&self) -> ServiceId {
         match self {
-            Self::Ping { .. } | Self::Info => ServiceId::Core,
+            Self::Ping { .. }
+            | Self::Info
+            | Self::DomainCreate(_)
+            | Self::DomainList
+            | Self::DomainPause { .. }
+            | Self::DomainUnpause { .. }
+            | Self::DomainDestroy { .. }
+            | Self::DomainConsole { .. } => ServiceId::Core,
             Self::ServiceStatus { service } => *service,
         }
     }
@@ -158,6 +257,12 @@ impl Request {
             Self::Ping { .. } => "ping",
             Self::Info => "info",
             Self::ServiceStatus { .. } => "service-status",
+            Self::DomainCreate(_) => "domain-create",
+            Self::DomainList => "domain-list",
+            Self::DomainPause { .. } => "domain-pause",
+            Self::DomainUnpause { .. } => "domain-unpause",
+            Self::DomainDestroy { .. } => "domain-destroy",
+            Self::DomainConsole { .. } => "domain-console",
         }
     }
 }
@@ -177,11 +282,22 @@ pub enum Response {
     ServiceStatus(ServiceStatus),
     /// The request (or the frame) failed.
     Error(ErrorReply),
+    /// Answer to [`Request::DomainCreate`] (v2).
+    DomainCreated {
+        /// The new domain's id.
+        id: u32,
+    },
+    /// Answer to [`Request::DomainList`] (v2).
+    DomainList(DomainListReport),
+    /// A request that returns nothing succeeded (v2).
+    Done,
+    /// Answer to [`Request::DomainConsole`] (v2).
+    Console(ConsoleChunk),
 }
 
 impl Response {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 4;
+    pub const VARIANTS: u32 = 8;
 
     /// The error, if this is [`Response::Error`].
     pub const fn error(&self) -> Option<&ErrorReply> {

@@ -151,10 +151,10 @@ fn bad_magic_is_refused_after_two_bytes() {
 fn wrong_version_reports_the_request_id_and_gets_a_typed_reply() {
     let mut dec = FrameDecoder::new();
     // Only the header: the decision must not wait for the payload.
-    dec.push(&header(*b"HV", 2, 1, 0, 0x1234, 5));
+    dec.push(&header(*b"HV", 99, 1, 0, 0x1234, 5));
     let err = dec.next_frame().unwrap().unwrap_err();
-    assert_eq!(err, FrameError::UnsupportedVersion { version: 2, request_id: 0x1234 });
-    assert!(err.to_string().contains("protocol version 2"), "{err}");
+    assert_eq!(err, FrameError::UnsupportedVersion { version: 99, request_id: 0x1234 });
+    assert!(err.to_string().contains("protocol version 99"), "{err}");
 
     // What the server sends back, as the client sees it.
     let mut reply = Vec::new();
@@ -250,7 +250,8 @@ fn non_canonical_encodings_are_refused() {
 
 #[test]
 fn unknown_request_type() {
-    for payload in [&[3u8][..], &[0x80, 0x01], &[0xff, 0xff, 0xff, 0xff, 0x0f]] {
+    // Request::VARIANTS is the first unknown variant index.
+    for payload in [&[Request::VARIANTS as u8][..], &[0x80, 0x01], &[0xff, 0xff, 0xff, 0xff, 0x0f]] {
         let e = wire::decode_request(&request_frame(payload, 4)).unwrap_err();
         assert_eq!(e.code, ErrorCode::UnknownRequest, "{payload:?}: {e}");
     }
@@ -265,7 +266,7 @@ fn wrong_frame_kind_or_version_for_the_helper() {
     assert_eq!(e.code, ErrorCode::BadFrame);
     assert_eq!(e.message, "expected a request frame, got an event frame (request id 3)");
     frame.kind = FrameKind::Request;
-    frame.version = 2;
+    frame.version = wire::PROTOCOL_VERSION + 1;
     assert_eq!(wire::decode_request(&frame).unwrap_err().code, ErrorCode::UnsupportedVersion);
 }
 

@@ -14,8 +14,9 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use wire::{
-    ErrorCode, ErrorReply, Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel,
-    PROTOCOL_VERSION, Request, Response, ServiceId, ServiceState, ServiceStatus, StreamChunk,
+    ConsoleChunk, DomainInfo, DomainListReport, DomainSpec, ErrorCode, ErrorReply, Event, Frame, FrameDecoder,
+    FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel, PROTOCOL_VERSION, Request, Response, ServiceId,
+    ServiceState, ServiceStatus, StreamChunk,
 };
 
 #[derive(Debug, PartialEq)]
@@ -45,7 +46,7 @@ fn status(service: ServiceId, state: ServiceState, handled: u64, errors: u64, de
 fn vectors() -> Vec<Vector> {
     let info = InfoReport {
         hv_version: "0.1.0 (5a3cac6)".to_string(),
-        protocol_version: 1,
+        protocol_version: 2,
         uptime_ns: 3_800_000_000,
         capabilities: [("v", "1"), ("vendor", "AuthenticAMD"), ("family", "23"), ("virt", "svm"), ("svm.npt", "1")]
             .iter()
@@ -82,6 +83,52 @@ fn vectors() -> Vec<Vector> {
             "event_service_state",
             0,
             Msg::Event(Event::ServiceState { service: ServiceId::Migration, state: ServiceState::Running }),
+        ),
+        v(
+            "request_domain_create",
+            10,
+            Msg::Request(Request::DomainCreate(DomainSpec {
+                name: "probe".into(),
+                kernel: b"\x7fELF\x02\x01\x01".to_vec(),
+                memory_bytes: 16 << 20,
+                vcpus: 2,
+                cpuid: Some("base=host-max,-avx2".into()),
+                cmdline: "pages=3".into(),
+            })),
+        ),
+        v("request_domain_list", 11, Msg::Request(Request::DomainList)),
+        v("request_domain_pause", 12, Msg::Request(Request::DomainPause { id: 3 })),
+        v("request_domain_unpause", 13, Msg::Request(Request::DomainUnpause { id: 3 })),
+        v("request_domain_destroy", 14, Msg::Request(Request::DomainDestroy { id: 3 })),
+        v("request_domain_console", 15, Msg::Request(Request::DomainConsole { id: 3, offset: 300 })),
+        v("response_domain_created", 10, Msg::Response(Response::DomainCreated { id: 3 })),
+        v(
+            "response_domain_list",
+            11,
+            Msg::Response(Response::DomainList(DomainListReport {
+                domains: vec![DomainInfo {
+                    id: 3,
+                    name: "probe".into(),
+                    state: "crashed: triple fault (last RIP 0x200010)".into(),
+                    vcpus: 1,
+                    memory_bytes: 0,
+                    exits: vec![("cpuid".into(), 102), ("io".into(), 6000)],
+                    runtime_ns: 12_345_678,
+                }],
+                free_frames: 40_000,
+                total_frames: 49_152,
+            })),
+        ),
+        v("response_done", 12, Msg::Response(Response::Done)),
+        v(
+            "response_console",
+            15,
+            Msg::Response(Response::Console(ConsoleChunk {
+                id: 3,
+                offset: 300,
+                data: b"hello\n".to_vec(),
+                total: 306,
+            })),
         ),
         v("stream_chunk_first", 9, Msg::Chunk(StreamChunk::new(1, 0, false, (0u8..32).collect()))),
         v("stream_chunk_last", 9, Msg::Chunk(StreamChunk::new(1, 1, true, vec![]))),

@@ -115,14 +115,36 @@ pub fn parse_line(text: &str, line: usize) -> Result<Option<DomainConfig>, Confi
             other => return Err(err(alloc::format!("unknown key `{other}`"))),
         }
     }
-    Ok(Some(DomainConfig {
+    let config = DomainConfig {
         name: name.ok_or_else(|| err("missing name=".into()))?,
         kernel: kernel.ok_or_else(|| err("missing kernel=".into()))?,
         memory,
         vcpus,
         cpuid,
         cmdline,
-    }))
+    };
+    validate(&config).map_err(err)?;
+    Ok(Some(config))
+}
+
+/// The limits every domain configuration must keep, from a file or from `hvctl`.
+pub fn validate(c: &DomainConfig) -> Result<(), String> {
+    if c.name.is_empty()
+        || c.name.len() > 32
+        || !c.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(alloc::format!("name `{}`: use 1-32 of A-Z a-z 0-9 - _", c.name));
+    }
+    if !(MIN_MEMORY..=MAX_MEMORY).contains(&c.memory) {
+        return Err(alloc::format!("memory {} MiB is outside 4M..1G", c.memory >> 20));
+    }
+    if !(1..=MAX_VCPUS).contains(&c.vcpus) {
+        return Err(alloc::format!("vcpus {} is outside 1..{MAX_VCPUS}", c.vcpus));
+    }
+    if c.cmdline.len() > guest_abi::CMDLINE_MAX {
+        return Err(alloc::format!("cmdline is longer than {} bytes", guest_abi::CMDLINE_MAX));
+    }
+    Ok(())
 }
 
 /// Parse a whole file.

@@ -162,6 +162,14 @@ impl Console {
     pub fn contents(&self) -> Vec<u8> {
         self.ring.iter().copied().collect()
     }
+
+    /// Bytes from number `offset` on (or from the oldest still kept): (first byte's
+    /// number, bytes).
+    pub fn since(&self, offset: u64) -> (u64, Vec<u8>) {
+        let oldest = self.bytes - self.ring.len() as u64;
+        let from = offset.clamp(oldest, self.bytes);
+        (from, self.ring.iter().skip((from - oldest) as usize).copied().collect())
+    }
 }
 
 /// One domain.
@@ -557,4 +565,69 @@ fn handle_exit<B: Backend>(d: &mut Domain<B>, vi: usize, exit: &Exit) -> Next {
 /// vCPU index, CR4.OSXSAVE and PKE clear, APIC enabled, XCR0 = x87 only.
 pub fn vcpu_state(index: u32) -> VcpuState {
     VcpuState { apic_id: index, cr4_osxsave: false, cr4_pke: false, apic_enabled: true, xcr0: 1, xss: 0 }
+}
+
+fn reply(code: wire::ErrorCode, e: impl fmt::Display) -> wire::ErrorReply {
+    wire::ErrorReply::new(code, alloc::format!("{e}"))
+}
+
+fn domain_reply(e: DomainError) -> wire::ErrorReply {
+    let code = match &e {
+        DomainError::Memory(_) | DomainError::Arch(_) => wire::ErrorCode::Internal,
+        _ => wire::ErrorCode::Refused,
+    };
+    reply(code, e)
+}
+
+impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
+    fn create(&mut self, spec: &wire::DomainSpec) -> Result<u32, wire::ErrorReply> {
+        let cfg = DomainConfig {
+            name: spec.name.clone(),
+            kernel: String::from("(uploaded)"),
+            memory: spec.memory_bytes,
+            vcpus: spec.vcpus,
+            cpuid: spec.cpuid.clone(),
+            cmdline: spec.cmdline.clone(),
+        };
+        config::validate(&cfg).map_err(|e| reply(wire::ErrorCode::Refused, e))?;
+        if self.domains.iter().any(|d| d.name == cfg.name) {
+            return Err(reply(wire::ErrorCode::Refused, alloc::format!("a domain named `{}` exists", cfg.name)));
+        }
+        Machine::create(self, &cfg, &spec.kernel).map_err(domain_reply)
+    }
+
+    fn list(&self) -> wire::DomainListReport {
+        let hz = crate::time::tsc_hz().unwrap_or(1);
+        wire::DomainListReport {
+            domains: self
+                .domains
+                .iter()
+                .map(|d| wire::DomainInfo {
+                    id: d.id,
+                    name: d.name.clone(),
+                    state: alloc::format!("{}", d.state),
+                    vcpus: d.vcpu_count,
+                    memory_bytes: if d.mem.is_some() { d.memory_bytes } else { 0 },
+                    exits: d.exits.iter().map(|(k, v)| (String::from(*k), *v)).collect(),
+                    runtime_ns: (u128::from(d.runtime_ticks) * 1_000_000_000 / u128::from(hz)) as u64,
+                })
+                .collect(),
+            free_frames: self.pool.free_frames() as u64,
+            total_frames: self.pool.total_frames() as u64,
+        }
+    }
+
+    fn set_paused(&mut self, id: u32, paused: bool) -> Result<(), wire::ErrorReply> {
+        Machine::set_paused(self, id, paused).map_err(domain_reply)
+    }
+
+    fn destroy(&mut self, id: u32) -> Result<(), wire::ErrorReply> {
+        Machine::destroy(self, id).map_err(domain_reply)
+    }
+
+    fn console(&self, id: u32, offset: u64) -> Result<wire::ConsoleChunk, wire::ErrorReply> {
+        let d = self.domain(id).ok_or_else(|| domain_reply(DomainError::NoSuchDomain(id)))?;
+        let (from, data) = d.console.since(offset);
+        Ok(wire::ConsoleChunk { id, offset: from, data, total: d.console.bytes })
+    }
 }

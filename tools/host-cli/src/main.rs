@@ -6,6 +6,7 @@
 
 mod control_cmd;
 mod cpuid_cmd;
+mod domain_cmd;
 mod transport;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,8 @@ enum Command {
     Info(control_cmd::InfoArgs),
     /// Round-trip time to the hypervisor.
     Ping(control_cmd::PingArgs),
+    /// Guest domains: create (uploads a kernel), list, pause, unpause, destroy, console.
+    Domain(domain_cmd::DomainArgs),
 }
 
 /// A command failure: printed as one line, with its exit code (see [`EXIT_CODES`]).
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         Command::Cpuid(args) => cpuid_cmd::run(args),
         Command::Info(args) => control_cmd::info(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Ping(args) => control_cmd::ping(&cli_target(&cli.connect, cli.connect_timeout), args),
+        Command::Domain(args) => domain_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
     };
     match result {
         Ok(code) => code,
