@@ -39,7 +39,7 @@
 //! wire::encode_request(1, &wire::Request::Ping { payload: vec![1, 2, 3] }, &mut out)?;
 //! assert_eq!(out, [
 //!     0x48, 0x56,                                     // magic "HV"
-//!     0x01, 0x00,                                     // version 1
+//!     0x02, 0x00,                                     // version 2
 //!     0x01,                                           // kind: request
 //!     0x00,                                           // flags
 //!     0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // request id 1
@@ -56,7 +56,11 @@
 //! | 1 request | [`Request`] | `Ping { payload }` | hvctl → hv | [`ServiceId::Core`] | `Response::Pong` with the same payload |
 //! | 1 request | [`Request`] | `Info` | hvctl → hv | [`ServiceId::Core`] | `Response::Info(InfoReport)` |
 //! | 1 request | [`Request`] | `ServiceStatus { service }` | hvctl → hv | `service` | `Response::ServiceStatus(ServiceStatus)` |
-//! | 2 response | [`Response`] | `Pong`, `Info`, `ServiceStatus` | hv → hvctl | — | — |
+//! | 1 request | [`Request`] | `DomainCreate(DomainSpec)` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainCreated { id }` |
+//! | 1 request | [`Request`] | `DomainList` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainList(DomainListReport)` |
+//! | 1 request | [`Request`] | `DomainPause`/`DomainUnpause`/`DomainDestroy { id }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::Done` |
+//! | 1 request | [`Request`] | `DomainConsole { id, offset }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::Console(ConsoleChunk)` |
+//! | 2 response | [`Response`] | `Pong`, `Info`, `ServiceStatus`, `DomainCreated`, `DomainList`, `Done`, `Console` | hv → hvctl | — | — |
 //! | 2 response | [`Response`] | `Error(ErrorReply)` | hv → hvctl | — | answers any request or frame that failed |
 //! | 3 event | [`Event`] | `Log { level, message }`, `ServiceState { service, state }` | hv → hvctl | — | none; request id 0 |
 //! | 4 stream chunk | [`StreamChunk`] | — | sender → receiver | — | none; carries the id of the request that opened the stream |
