@@ -22,6 +22,8 @@ struct Ctx {
     socket: PathBuf,
     hvctl: PathBuf,
     caps: BTreeMap<String, String>,
+    /// The guest kernels (target/esp/EFI/HV).
+    guests: PathBuf,
 }
 
 type Test = fn(&Ctx) -> Result<String>;
@@ -31,6 +33,8 @@ const TESTS: &[(&str, Test)] = &[
     ("control-8-clients-x-200-requests", concurrent_clients),
     ("control-misbehaving-clients-are-contained", misbehaving_clients),
     ("control-still-serving-after-abuse", still_serving),
+    ("control-domain-lifecycle-with-hvctl", domain_lifecycle),
+    ("control-domain-create-destroy-50x-no-leak", domain_churn),
 ];
 
 /// Boot once with a vsock device and run the control tests (those matching `filter`).
@@ -64,7 +68,7 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
         print_log(&session);
         return Ok((0, selected.len()));
     }
-    let ctx = Ctx { socket, hvctl, caps: log.caps().unwrap_or_default() };
+    let ctx = Ctx { socket, hvctl, caps: log.caps().unwrap_or_default(), guests: esp.dir.join("EFI").join("HV") };
     let (mut passed, mut failed) = (0, 0);
     for (name, test) in selected {
         let start = Instant::now();
@@ -103,6 +107,21 @@ fn print_log(session: &Session) {
 
 fn target(ctx: &Ctx) -> String {
     format!("unix:{}:{}", ctx.socket.display(), wire::CONTROL_PORT)
+}
+
+/// Run hvctl and return (exit code, stdout, stderr) without judging it.
+fn hvctl_raw(ctx: &Ctx, args: &[&str]) -> Result<(Option<i32>, String, String)> {
+    let out = Command::new(&ctx.hvctl)
+        .arg("--connect")
+        .arg(target(ctx))
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", ctx.hvctl.display()))?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 fn hvctl(ctx: &Ctx, args: &[&str]) -> Result<String> {
@@ -372,4 +391,135 @@ pub fn bench(runs: usize) -> Result<()> {
     }
     session.stop();
     Ok(())
+}
+
+fn domain_list(ctx: &Ctx) -> Result<serde_json::Value> {
+    let text = hvctl(ctx, &["domain", "list", "--json"])?;
+    serde_json::from_str(&text).map_err(|e| format!("domain list --json: {e}"))
+}
+
+fn domain_state(list: &serde_json::Value, id: u64) -> Option<String> {
+    list["domains"].as_array()?.iter().find(|d| d["id"] == id).and_then(|d| d["state"].as_str()).map(String::from)
+}
+
+fn wait_for(what: &str, secs: u64, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if check()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("timed out after {secs} s waiting for {what}"))
+}
+
+fn domain_lifecycle(ctx: &Ctx) -> Result<String> {
+    let kernel = |name: &str| ctx.guests.join(format!("{name}.elf")).display().to_string();
+    let before = domain_list(ctx)?["free_frames"].as_u64().ok_or("no free_frames")?;
+    // A writer runs to completion; its console and state are visible.
+    let out = hvctl(
+        ctx,
+        &[
+            "domain",
+            "create",
+            "--kernel",
+            &kernel("memwriter"),
+            "--name",
+            "lw",
+            "--memory",
+            "24M",
+            "--cmdline",
+            "pages=64 rounds=2 seed=9",
+            "--json",
+        ],
+    )?;
+    let writer: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("create --json: {e}"))?;
+    let wid = writer["id"].as_u64().ok_or("create gave no id")?;
+    wait_for("the writer to finish", 30, || {
+        Ok(domain_state(&domain_list(ctx)?, wid).as_deref() == Some("finished(0)"))
+    })?;
+    let console = hvctl(ctx, &["domain", "console", &wid.to_string()])?;
+    if !console.contains("memwriter: done") {
+        return Err(format!("console of the writer lacks its last line: {console:?}"));
+    }
+    // A spinner can be paused (its exits stop growing) and unpaused.
+    let out =
+        hvctl(ctx, &["domain", "create", "--kernel", &kernel("spinner"), "--name", "ls", "--memory", "8M", "--json"])?;
+    let spinner: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("create --json: {e}"))?;
+    let sid = spinner["id"].as_u64().ok_or("create gave no id")?;
+    std::thread::sleep(Duration::from_millis(500));
+    hvctl(ctx, &["domain", "pause", &sid.to_string()])?;
+    let exits = |l: &serde_json::Value| {
+        l["domains"].as_array().and_then(|d| d.iter().find(|d| d["id"] == sid)).map(|d| d["exits_total"].as_u64())
+    };
+    let paused_at = exits(&domain_list(ctx)?);
+    std::thread::sleep(Duration::from_millis(700));
+    let list = domain_list(ctx)?;
+    if exits(&list) != paused_at || domain_state(&list, sid).as_deref() != Some("paused") {
+        return Err(format!("the paused spinner kept running: {paused_at:?} -> {:?}", exits(&list)));
+    }
+    hvctl(ctx, &["domain", "unpause", &sid.to_string()])?;
+    wait_for("the unpaused spinner to run", 10, || Ok(exits(&domain_list(ctx)?) > paused_at))?;
+    // An infeasible policy is refused with levelling's explanation (exit code 4).
+    let (code, _, err) = hvctl_raw(
+        ctx,
+        &["domain", "create", "--kernel", &kernel("cpuid-probe"), "--name", "bad", "--cpuid", "base=none,+avx2"],
+    )?;
+    if code != Some(4) || !err.contains("dependency chain: avx2 -> avx") {
+        return Err(format!("an AVX2-without-AVX policy was not refused with the chain: exit {code:?}, {err}"));
+    }
+    for id in [wid, sid] {
+        hvctl(ctx, &["domain", "destroy", &id.to_string()])?;
+    }
+    let (code, _, err) = hvctl_raw(ctx, &["domain", "destroy", &wid.to_string()])?;
+    if code != Some(4) || !err.contains(&format!("no domain {wid}")) {
+        return Err(format!("destroying a destroyed domain: exit {code:?}, {err}"));
+    }
+    let after = domain_list(ctx)?["free_frames"].as_u64().ok_or("no free_frames")?;
+    if after != before {
+        return Err(format!("free frames {before} before, {after} after"));
+    }
+    Ok(format!("create, console, pause/unpause, refused policy, destroy; free frames back to {after}"))
+}
+
+fn domain_churn(ctx: &Ctx) -> Result<String> {
+    let kernel = std::fs::read(ctx.guests.join("memwriter.elf")).map_err(|e| format!("memwriter.elf: {e}"))?;
+    let mut client = RawClient::connect(&ctx.socket, wire::CONTROL_PORT)?;
+    let free = |client: &mut RawClient| -> Result<u64> {
+        match client.call(&Request::DomainList)? {
+            Response::DomainList(l) => Ok(l.free_frames),
+            other => Err(format!("domain list: {other:?}")),
+        }
+    };
+    let before = free(&mut client)?;
+    for i in 0..50u32 {
+        let spec = wire::DomainSpec {
+            name: format!("churn{i}"),
+            kernel: kernel.clone(),
+            memory_bytes: 16 << 20,
+            vcpus: 1 + i % 2,
+            cpuid: None,
+            cmdline: "pages=16 rounds=1".into(),
+        };
+        let id = match client.call(&Request::DomainCreate(spec))? {
+            Response::DomainCreated { id } => id,
+            other => return Err(format!("create {i}: {other:?}")),
+        };
+        if i % 10 == 9 {
+            // Let some of them run (and finish) before they go.
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        match client.call(&Request::DomainDestroy { id })? {
+            Response::Done => {}
+            other => return Err(format!("destroy {id}: {other:?}")),
+        }
+    }
+    let after = free(&mut client)?;
+    if after != before {
+        return Err(format!(
+            "{} frames leaked over 50 create/destroy cycles ({before} free before, {after} after)",
+            before.abs_diff(after)
+        ));
+    }
+    Ok(format!("50 create/destroy cycles, free frames {before} before and after"))
 }
