@@ -296,3 +296,46 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     }
     Ok((passed, failed))
 }
+
+/// `cargo xtask bench exits`: a guest executes CPUID `loops` times (each one a full
+/// exit, emulation from the domain's policy table and re-entry); exits per second from
+/// the guest's own TSC delta and the hypervisor's TSC frequency, on each emulator.
+pub fn bench_exits(loops: usize) -> Result<()> {
+    let esp = crate::image::build(true)?;
+    for platform in [Platform::Qemu { cpu: "EPYC".into() }, Platform::Bochs { model: "corei7_skylake_x".into() }] {
+        tools::ensure(&platform)?;
+        let config = RunConfig {
+            name: "bench-exits".into(),
+            timeout: Duration::from_secs(platform.default_timeout_secs() * 2),
+            cmdline: String::new(),
+            echo: false,
+            vsock: false,
+            domains: Some(format!("name=loop kernel=cpuid-probe.elf memory=8M cmdline=loop={loops}\n")),
+        };
+        let mut session = Session::spawn(&platform, &esp, &config)?;
+        let wait = session.wait_until(config.timeout, &mut Echo::new(false), |l| l.outcome().is_some());
+        let serial = session.serial();
+        session.stop();
+        if wait == Wait::TimedOut {
+            return Err(format!("{platform}: the loop did not finish within {} s", config.timeout.as_secs()));
+        }
+        let d = parse_domains(&serial);
+        let cycles = d.get("loop").and_then(|d| d.reports.iter().find(|(k, _)| k == "cycles")).map(|(_, v)| *v);
+        let khz = clean(&serial).lines().find_map(|l| {
+            l.split("TSC ").nth(1).and_then(|r| r.split(" kHz").next()).and_then(|n| n.trim().parse::<u64>().ok())
+        });
+        match (cycles, khz) {
+            (Some(c), Some(k)) if c > 0 && k > 0 => {
+                let secs = c as f64 / (k as f64 * 1000.0);
+                println!(
+                    "{platform}: {loops} CPUID exits in {:.3} s of guest time: {:.0} exits/s ({:.1} µs per exit)",
+                    secs,
+                    loops as f64 / secs,
+                    secs * 1e6 / loops as f64
+                );
+            }
+            _ => return Err(format!("{platform}: no cycles report or TSC frequency in the log:\n{}", clean(&serial))),
+        }
+    }
+    Ok(())
+}

@@ -89,10 +89,11 @@ enum Command {
     /// clippy (deny warnings) on the host crates and on the UEFI image, and rustfmt --check.
     Lint,
     /// Benchmarks: `boot` measures time from emulator start to READY; `control` the
-    /// round trip of ping and info over virtio-vsock under QEMU TCG.
+    /// round trip of ping and info over virtio-vsock under QEMU TCG; `exits` the CPUID
+    /// exits per second a guest loop gets on each emulator.
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["boot", "control"])]
+        #[arg(value_parser = ["boot", "control", "exits"])]
         what: String,
         /// boot: runs per platform (the median is reported); control: requests per kind
         /// (default 1000).
@@ -135,6 +136,7 @@ fn main() -> ExitCode {
         Command::CheckDeps => deps::check(),
         Command::Lint => lint(),
         Command::Bench { what, runs } if what == "control" => control_tests::bench(runs.unwrap_or(1000)),
+        Command::Bench { what, runs } if what == "exits" => domain_tests::bench_exits(runs.unwrap_or(20_000)),
         Command::Bench { runs, .. } => systest::bench_boot(runs.unwrap_or(3)),
     };
     match result {

@@ -26,7 +26,25 @@ fn probe_range(first: u32, last: u32) -> u64 {
     lines
 }
 
-fn main(_info: &guest_kernels::BootInfo) -> u64 {
+/// `loop=N`: execute CPUID N times and report the TSC ticks it took (`cycles`), for
+/// measuring the exit path (`cargo xtask bench exits`).
+fn exit_loop(n: u64) -> u64 {
+    // SAFETY: RDTSC is not intercepted; it reads the (host) time-stamp counter.
+    let start = unsafe { core::arch::x86_64::_rdtsc() };
+    for i in 0..n {
+        core::hint::black_box(cpuid((i & 1) as u32, 0));
+    }
+    // SAFETY: as above.
+    let end = unsafe { core::arch::x86_64::_rdtsc() };
+    report(b"loops", n);
+    report(b"cycles", end.wrapping_sub(start));
+    0
+}
+
+fn main(info: &guest_kernels::BootInfo) -> u64 {
+    if let Some(n) = guest_kernels::arg(info, "loop") {
+        return exit_loop(n);
+    }
     let max_basic = cpuid(0, 0)[0].min(0x40);
     let max_ext = cpuid(0x8000_0000, 0)[0].clamp(0x8000_0000, 0x8000_0040);
     let mut lines = probe_range(0, max_basic + 3);
