@@ -31,6 +31,7 @@ pub mod domain;
 pub mod hw;
 pub mod mm;
 pub mod pci;
+pub mod rdt;
 pub mod selftest;
 pub mod tasks;
 pub mod time;

@@ -10,6 +10,7 @@
 //! The services never see the core's memory: they get a frame and return the encoded
 //! response frame. The core gathers their status for `Info` the same way, by message.
 
+use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -60,6 +61,11 @@ pub trait DomainOps {
     fn destroy(&mut self, id: u32) -> Result<(), ErrorReply>;
     /// Console bytes from `offset` on.
     fn console(&self, id: u32, offset: u64) -> Result<wire::ConsoleChunk, ErrorReply>;
+    /// Per domain: id, exit counts by reason, guest run time in ns (for the software
+    /// events of the monitoring service).
+    fn counters(&self) -> Vec<(u32, Vec<(&'static str, u64)>, u64)> {
+        Vec::new()
+    }
 }
 
 /// No domains at all (host tests, and machines without a backend).
@@ -105,6 +111,8 @@ struct CoreService {
 
 /// Every task and its mailbox; replies collect in an outbox for the control server.
 pub struct Runtime {
+    /// The last counter values handed to the monitoring service, per domain.
+    fed: BTreeMap<u32, (BTreeMap<&'static str, u64>, u64)>,
     core: CoreService,
     monitor: MonitorService,
     migration: MigrationService,
@@ -133,10 +141,11 @@ impl Runtime {
     pub fn new(machine: MachineInfo) -> Self {
         Self {
             core: CoreService { machine, counters: ServiceCounters::new(ServiceId::Core) },
-            monitor: MonitorService::new(),
+            monitor: if cfg!(test) { MonitorService::new() } else { crate::rdt::monitor_service() },
             migration: MigrationService::new(),
             mailboxes: [Mailbox::new(), Mailbox::new(), Mailbox::new()],
             outbox: Vec::new(),
+            fed: BTreeMap::new(),
             busy_refusals: [0; 3],
         }
     }
@@ -183,10 +192,15 @@ impl Runtime {
             self.outbox.push((env.reply_to, reply));
             worked = true;
         }
+        if !self.mailboxes[1].queue.is_empty() {
+            self.feed_monitor(domains);
+        }
         for _ in 0..TURN_BUDGET {
             let Some(env) = self.mailboxes[1].queue.pop_front() else { break };
             let (depth, capacity) = self.mailboxes[1].queue_info();
-            let reply = self.monitor.handle(&env.frame, QueueInfo { depth, capacity });
+            let now = crate::time::now_ticks();
+            let reply =
+                self.monitor.handle_with(&env.frame, QueueInfo { depth, capacity }, &mut crate::rdt::BootCpuMsrs, now);
             self.outbox.push((env.reply_to, reply));
             worked = true;
         }
@@ -198,6 +212,33 @@ impl Runtime {
             worked = true;
         }
         worked
+    }
+
+    /// Give the monitoring service the core's counts since the last time (deltas), and
+    /// tell it about domains that are gone. Only enabled events keep anything.
+    fn feed_monitor(&mut self, domains: &dyn DomainOps) {
+        use monitor_svc::DomainId;
+        use monitor_svc::events::SoftwareCount;
+        let Some(m) = self.monitor.monitor_mut() else { return };
+        let now = domains.counters();
+        for (id, exits, runtime_ns) in &now {
+            let (seen, seen_runtime) = self.fed.entry(*id).or_default();
+            for (name, count) in exits {
+                let before = seen.insert(name, *count).unwrap_or(0);
+                if *count > before {
+                    m.record(DomainId(*id), SoftwareCount::Exits(crate::rdt::exit_kind(name), count - before));
+                }
+            }
+            if *runtime_ns > *seen_runtime {
+                m.record(DomainId(*id), SoftwareCount::RuntimeNs(runtime_ns - *seen_runtime));
+                *seen_runtime = *runtime_ns;
+            }
+        }
+        let gone: Vec<u32> = self.fed.keys().copied().filter(|id| !now.iter().any(|(n, _, _)| n == id)).collect();
+        for id in gone {
+            self.fed.remove(&id);
+            m.domain_destroyed(DomainId(id), &mut crate::rdt::BootCpuMsrs, crate::time::now_ticks());
+        }
     }
 
     /// Take the replies produced so far.
@@ -292,6 +333,14 @@ impl Runtime {
                     }
                 }
             },
+            Ok(other) => Response::Error(ErrorReply::new(
+                ErrorCode::Internal,
+                alloc::format!(
+                    "{} reached the core, but it belongs to the {} service",
+                    other.name(),
+                    other.service().name()
+                ),
+            )),
             Err(reply) => Response::Error(reply),
         };
         if response.error().is_some() {

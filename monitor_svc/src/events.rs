@@ -45,6 +45,10 @@ pub enum ExitKind {
     Msr,
     /// PML buffer full (VMX exit reason 62).
     PmlFull,
+    /// A VMX/SVM instruction the guest executed (it gets #UD).
+    VirtualizationInstruction,
+    /// The time slice ended (preemption timer / timer interrupt).
+    TimeSlice,
     /// Any other exit, by the vendor's code.
     Other(u64),
 }
@@ -61,6 +65,8 @@ impl fmt::Display for ExitKind {
             Self::Io => f.write_str("io"),
             Self::Msr => f.write_str("msr"),
             Self::PmlFull => f.write_str("pml-full"),
+            Self::VirtualizationInstruction => f.write_str("virtualization-instruction"),
+            Self::TimeSlice => f.write_str("time-slice"),
             Self::Other(code) => write!(f, "other({code:#x})"),
         }
     }

@@ -103,6 +103,11 @@ impl Monitor {
         }
     }
 
+    /// L3 monitoring domains (sockets) it reads.
+    pub const fn sockets(&self) -> u32 {
+        self.sockets
+    }
+
     /// The capabilities it was built with.
     pub const fn caps(&self) -> &MonitorCaps {
         &self.caps

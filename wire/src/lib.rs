@@ -60,6 +60,9 @@
 //! | 1 request | [`Request`] | `DomainList` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainList(DomainListReport)` |
 //! | 1 request | [`Request`] | `DomainPause`/`DomainUnpause`/`DomainDestroy { id }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::Done` |
 //! | 1 request | [`Request`] | `DomainConsole { id, offset }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::Console(ConsoleChunk)` |
+//! | 1 request | [`Request`] | `MonitorHwInfo` (v2) | hvctl → hv | [`ServiceId::Monitor`] | `Response::MonitorHwInfo` |
+//! | 1 request | [`Request`] | `MonitorAttach`/`MonitorDetach`/`MonitorEvents` (v2) | hvctl → hv | [`ServiceId::Monitor`] | `Response::Done` |
+//! | 1 request | [`Request`] | `MonitorStats { domain }` (v2) | hvctl → hv | [`ServiceId::Monitor`] | `Response::MonitorStats` |
 //! | 2 response | [`Response`] | `Pong`, `Info`, `ServiceStatus`, `DomainCreated`, `DomainList`, `Done`, `Console` | hv → hvctl | — | — |
 //! | 2 response | [`Response`] | `Error(ErrorReply)` | hv → hvctl | — | answers any request or frame that failed |
 //! | 3 event | [`Event`] | `Log { level, message }`, `ServiceState { service, state }` | hv → hvctl | — | none; request id 0 |
@@ -164,9 +167,9 @@ pub use crate::crc32c::{Crc32c, crc32c};
 pub use crate::error::{ErrorCode, ErrorReply};
 pub use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind, WireError, encode_frame};
 pub use crate::message::{
-    ConsoleChunk, DomainInfo, DomainListReport, DomainSpec, Event, InfoReport, LogLevel, Request, Response, ServiceId,
-    ServiceState, ServiceStatus, decode_event, decode_request, decode_response, encode_event, encode_request,
-    encode_response,
+    ConsoleChunk, DomainInfo, DomainListReport, DomainSpec, Event, InfoReport, LogLevel, MonitorDomainStats,
+    MonitorHwInfo, MonitorValue, Request, Response, ServiceId, ServiceState, ServiceStatus, decode_event,
+    decode_request, decode_response, encode_event, encode_request, encode_response,
 };
 pub use crate::stream::{
     MAX_CHUNK_DATA, StreamChunk, StreamError, StreamReassembler, StreamSender, decode_stream_chunk, encode_stream_chunk,

@@ -166,6 +166,98 @@ pub enum Request {
         /// First byte wanted (console bytes are numbered from 0 since the domain started).
         offset: u64,
     },
+    /// What RDT monitoring this machine has (v2). Answered by [`Response::MonitorHwInfo`].
+    MonitorHwInfo,
+    /// Give a domain (or some of its vCPUs) an RMID (v2). Answered by [`Response::Done`].
+    MonitorAttach {
+        /// Domain id.
+        domain: u32,
+        /// vCPU indices; `None` for all.
+        vcpus: Option<Vec<u32>>,
+    },
+    /// Take every RMID of a domain back (v2). Answered by [`Response::Done`].
+    MonitorDetach {
+        /// Domain id.
+        domain: u32,
+    },
+    /// Enable and disable events of a domain by name (v2). Answered by [`Response::Done`].
+    MonitorEvents {
+        /// Domain id.
+        domain: u32,
+        /// Event names to enable (`llc_occupancy`, `vm_exits`, ...).
+        enable: Vec<String>,
+        /// Event names to disable.
+        disable: Vec<String>,
+    },
+    /// Every enabled event of one domain, or of all (v2). Answered by
+    /// [`Response::MonitorStats`].
+    MonitorStats {
+        /// Domain id; `None` for every domain with an enabled event.
+        domain: Option<u32>,
+    },
+}
+
+/// The answer to [`Request::MonitorHwInfo`] (like `xl psr-hwinfo`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MonitorHwInfo {
+    /// Whether the CPU monitors cache occupancy / memory bandwidth.
+    pub present: bool,
+    /// Why not, when absent (names the CPUID field).
+    pub reason: Option<String>,
+    /// RMIDs handed out to domains (RMID 0 is reserved).
+    pub usable_rmids: u32,
+    /// Highest RMID the CPU reports for L3 monitoring.
+    pub max_rmid: u32,
+    /// L3 monitoring domains (sockets on Intel, CCXs on AMD).
+    pub sockets: u32,
+    /// Bytes of one L3.
+    pub l3_bytes: u64,
+    /// IA32_QM_CTR units to bytes.
+    pub upscaling_factor: u32,
+    /// MBM counter width in bits.
+    pub counter_width: u32,
+    /// Event names the hardware supports.
+    pub hw_events: Vec<String>,
+    /// Every event name a domain can enable.
+    pub all_events: Vec<String>,
+}
+
+/// One event's value in [`MonitorDomainStats`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MonitorValue {
+    /// A count (nanoseconds for `guest_runtime_ns`).
+    Count(u64),
+    /// Counts by exit reason.
+    ByReason(Vec<(String, u64)>),
+    /// L3 occupancy: total, residual in limbo, and per socket.
+    Occupancy {
+        /// Bytes over the domain's groups.
+        bytes: u64,
+        /// Bytes under RMIDs this domain left in limbo.
+        residual_bytes: u64,
+        /// Bytes per socket.
+        per_socket: Vec<u64>,
+    },
+    /// Memory bandwidth: bytes since enabled, latest rate, per socket.
+    Bandwidth {
+        /// Bytes.
+        bytes: u64,
+        /// Bytes per second over the latest sample, if known.
+        bytes_per_sec: Option<u64>,
+        /// Bytes per second per socket (0 when unknown).
+        per_socket: Vec<u64>,
+    },
+    /// Cannot be collected here: the reason.
+    NotAvailable(String),
+}
+
+/// The enabled events of one domain.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MonitorDomainStats {
+    /// Domain id.
+    pub domain: u32,
+    /// (event name, value), in the service's event order.
+    pub events: Vec<(String, MonitorValue)>,
 }
 
 /// What `hvctl domain create` asks for.
@@ -234,7 +326,7 @@ pub struct ConsoleChunk {
 
 impl Request {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 9;
+    pub const VARIANTS: u32 = 14;
 
     /// The service that owns this request: the router's table.
     pub const fn service(&self) -> ServiceId {
@@ -247,6 +339,11 @@ impl Request {
             | Self::DomainUnpause { .. }
             | Self::DomainDestroy { .. }
             | Self::DomainConsole { .. } => ServiceId::Core,
+            Self::MonitorHwInfo
+            | Self::MonitorAttach { .. }
+            | Self::MonitorDetach { .. }
+            | Self::MonitorEvents { .. }
+            | Self::MonitorStats { .. } => ServiceId::Monitor,
             Self::ServiceStatus { service } => *service,
         }
     }
@@ -263,6 +360,11 @@ impl Request {
             Self::DomainUnpause { .. } => "domain-unpause",
             Self::DomainDestroy { .. } => "domain-destroy",
             Self::DomainConsole { .. } => "domain-console",
+            Self::MonitorHwInfo => "monitor-hwinfo",
+            Self::MonitorAttach { .. } => "monitor-attach",
+            Self::MonitorDetach { .. } => "monitor-detach",
+            Self::MonitorEvents { .. } => "monitor-events",
+            Self::MonitorStats { .. } => "monitor-stats",
         }
     }
 }
@@ -293,11 +395,15 @@ pub enum Response {
     Done,
     /// Answer to [`Request::DomainConsole`] (v2).
     Console(ConsoleChunk),
+    /// Answer to [`Request::MonitorHwInfo`] (v2).
+    MonitorHwInfo(MonitorHwInfo),
+    /// Answer to [`Request::MonitorStats`] (v2).
+    MonitorStats(Vec<MonitorDomainStats>),
 }
 
 impl Response {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 8;
+    pub const VARIANTS: u32 = 10;
 
     /// The error, if this is [`Response::Error`].
     pub const fn error(&self) -> Option<&ErrorReply> {

@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 use wire::{
     ConsoleChunk, DomainInfo, DomainListReport, DomainSpec, ErrorCode, ErrorReply, Event, Frame, FrameDecoder,
-    FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel, PROTOCOL_VERSION, Request, Response, ServiceId,
-    ServiceState, ServiceStatus, StreamChunk,
+    FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel, MonitorDomainStats, MonitorHwInfo, MonitorValue,
+    PROTOCOL_VERSION, Request, Response, ServiceId, ServiceState, ServiceStatus, StreamChunk,
 };
 
 #[derive(Debug, PartialEq)]
@@ -129,6 +129,62 @@ fn vectors() -> Vec<Vector> {
                 data: b"hello\n".to_vec(),
                 total: 306,
             })),
+        ),
+        v("request_monitor_hwinfo", 16, Msg::Request(Request::MonitorHwInfo)),
+        v("request_monitor_attach", 17, Msg::Request(Request::MonitorAttach { domain: 3, vcpus: Some(vec![0, 2]) })),
+        v("request_monitor_detach", 18, Msg::Request(Request::MonitorDetach { domain: 3 })),
+        v(
+            "request_monitor_events",
+            19,
+            Msg::Request(Request::MonitorEvents {
+                domain: 3,
+                enable: vec!["vm_exits".into(), "llc_occupancy".into()],
+                disable: vec!["halts".into()],
+            }),
+        ),
+        v("request_monitor_stats", 20, Msg::Request(Request::MonitorStats { domain: None })),
+        v(
+            "response_monitor_hwinfo",
+            16,
+            Msg::Response(Response::MonitorHwInfo(MonitorHwInfo {
+                present: false,
+                reason: Some("CPU has no RDT monitoring (CPUID.7.EBX[12]=0)".into()),
+                usable_rmids: 0,
+                max_rmid: 0,
+                sockets: 1,
+                l3_bytes: 0,
+                upscaling_factor: 0,
+                counter_width: 0,
+                hw_events: vec![],
+                all_events: vec!["llc_occupancy".into(), "vm_exits".into()],
+            })),
+        ),
+        v(
+            "response_monitor_stats",
+            20,
+            Msg::Response(Response::MonitorStats(vec![MonitorDomainStats {
+                domain: 3,
+                events: vec![
+                    (
+                        "llc_occupancy".into(),
+                        MonitorValue::Occupancy { bytes: 1 << 20, residual_bytes: 4096, per_socket: vec![1 << 20, 0] },
+                    ),
+                    (
+                        "mbm_total".into(),
+                        MonitorValue::Bandwidth {
+                            bytes: 1 << 30,
+                            bytes_per_sec: Some(5 << 20),
+                            per_socket: vec![5 << 20],
+                        },
+                    ),
+                    (
+                        "mbm_local".into(),
+                        MonitorValue::NotAvailable("CPU has no RDT monitoring (CPUID.7.EBX[12]=0)".into()),
+                    ),
+                    ("vm_exits".into(), MonitorValue::ByReason(vec![("cpuid".into(), 102), ("io".into(), 7)])),
+                    ("halts".into(), MonitorValue::Count(4)),
+                ],
+            }])),
         ),
         v("stream_chunk_first", 9, Msg::Chunk(StreamChunk::new(1, 0, false, (0u8..32).collect()))),
         v("stream_chunk_last", 9, Msg::Chunk(StreamChunk::new(1, 1, true, vec![]))),

@@ -35,6 +35,7 @@ const TESTS: &[(&str, Test)] = &[
     ("control-still-serving-after-abuse", still_serving),
     ("control-domain-lifecycle-with-hvctl", domain_lifecycle),
     ("control-domain-create-destroy-50x-no-leak", domain_churn),
+    ("control-monitor-hwinfo-attach-events-export", monitor_events),
 ];
 
 /// Boot once with a vsock device and run the control tests (those matching `filter`).
@@ -522,4 +523,103 @@ fn domain_churn(ctx: &Ctx) -> Result<String> {
         ));
     }
     Ok(format!("50 create/destroy cycles, free frames {before} before and after"))
+}
+
+fn stats_of(ctx: &Ctx, domain: u64) -> Result<serde_json::Value> {
+    let text = hvctl(ctx, &["monitor", "stats", &domain.to_string(), "--json"])?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("monitor stats --json: {e}"))?;
+    Ok(v[0]["events"].clone())
+}
+
+/// Check OpenMetrics text: families declared before their samples, counters' samples
+/// end in `_total`, every value a number, `# EOF` last.
+pub fn check_openmetrics(text: &str) -> Result<usize> {
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut samples = 0;
+    let lines: Vec<&str> = text.lines().collect();
+    if lines.last() != Some(&"# EOF") {
+        return Err("OpenMetrics text must end with # EOF".into());
+    }
+    for line in &lines[..lines.len() - 1] {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (family, kind) = rest.split_once(' ').ok_or(format!("bad TYPE line {line:?}"))?;
+            if !["counter", "gauge"].contains(&kind) {
+                return Err(format!("unexpected metric type in {line:?}"));
+            }
+            types.insert(family.to_string(), kind.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (name_labels, value) = line.rsplit_once(' ').ok_or(format!("bad sample {line:?}"))?;
+        value.parse::<f64>().map_err(|_| format!("value of {line:?} is not a number"))?;
+        let name = name_labels.split('{').next().unwrap_or("");
+        let family = types
+            .keys()
+            .find(|f| name == f.as_str() || name == format!("{f}_total"))
+            .ok_or(format!("sample {name} has no # TYPE before it"))?;
+        if types[family] == "counter" && !name.ends_with("_total") {
+            return Err(format!("counter sample {name} must end in _total"));
+        }
+        if name_labels.contains('{') && !name_labels.ends_with('}') {
+            return Err(format!("unterminated labels in {line:?}"));
+        }
+        samples += 1;
+    }
+    Ok(samples)
+}
+
+fn monitor_events(ctx: &Ctx) -> Result<String> {
+    // Monitoring hardware: absent on QEMU, with the CPUID field that says so.
+    let hw: serde_json::Value = serde_json::from_str(&hvctl(ctx, &["monitor", "hwinfo", "--json"])?)
+        .map_err(|e| format!("hwinfo --json: {e}"))?;
+    let reason = hw["reason"].as_str().unwrap_or("");
+    if hw["present"] != false || !reason.contains("CPUID.7.EBX[12]=0") {
+        return Err(format!("hwinfo should say monitoring is absent and why: {hw}"));
+    }
+    let kernel = ctx.guests.join("spinner.elf").display().to_string();
+    let out = hvctl(ctx, &["domain", "create", "--kernel", &kernel, "--name", "mon", "--memory", "8M", "--json"])?;
+    let id =
+        serde_json::from_str::<serde_json::Value>(&out).map_err(|e| e.to_string())?["id"].as_u64().ok_or("no id")?;
+    let ids = id.to_string();
+    // Attaching needs hardware: a clear refusal, never a silent RMID 0.
+    let (code, _, err) = hvctl_raw(ctx, &["monitor", "attach", &ids])?;
+    if code != Some(4) || !err.contains("not available: CPU has no RDT monitoring (CPUID.7.EBX[12]=0)") {
+        return Err(format!("attach on a CPU without RDT: exit {code:?}, {err}"));
+    }
+    // Nothing is collected until enabled.
+    let before = stats_of(ctx, id)?;
+    if before.as_object().is_some_and(|o| !o.is_empty()) {
+        return Err(format!("events reported before any was enabled: {before}"));
+    }
+    hvctl(ctx, &["monitor", "events", &ids, "--enable", "vm_exits,guest_runtime_ns,halts"])?;
+    std::thread::sleep(Duration::from_millis(300));
+    let first = stats_of(ctx, id)?;
+    std::thread::sleep(Duration::from_millis(700));
+    let second = stats_of(ctx, id)?;
+    let total = |v: &serde_json::Value| -> u64 {
+        v["vm_exits"].as_object().map(|o| o.values().filter_map(|n| n.as_u64()).sum()).unwrap_or(0)
+    };
+    let runtime = |v: &serde_json::Value| v["guest_runtime_ns"].as_u64().unwrap_or(0);
+    if !(total(&second) > total(&first) && runtime(&second) > runtime(&first)) {
+        return Err(format!("software events did not grow between two stats calls: {first} then {second}"));
+    }
+    hvctl(ctx, &["monitor", "events", &ids, "--disable", "vm_exits"])?;
+    std::thread::sleep(Duration::from_millis(500));
+    let third = stats_of(ctx, id)?;
+    if !third["vm_exits"].is_null() || runtime(&third) <= runtime(&second) {
+        return Err(format!("after --disable vm_exits must be gone and runtime still counted: {third}"));
+    }
+    let text = hvctl(ctx, &["monitor", "export", "--prometheus"])?;
+    let samples = check_openmetrics(&text)?;
+    if !text.contains(&format!("hv_guest_runtime_seconds_total{{domain=\"{id}\"}}")) {
+        return Err(format!("the export lacks the domain's runtime:\n{text}"));
+    }
+    hvctl(ctx, &["domain", "destroy", &ids])?;
+    Ok(format!(
+        "hwinfo: {reason}; attach refused; vm_exits {} -> {}, runtime grew, disabled event gone; {samples} OpenMetrics samples",
+        total(&first),
+        total(&second)
+    ))
 }

@@ -625,6 +625,17 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
         Machine::destroy(self, id).map_err(domain_reply)
     }
 
+    fn counters(&self) -> Vec<(u32, Vec<(&'static str, u64)>, u64)> {
+        let hz = crate::time::tsc_hz().unwrap_or(1);
+        self.domains
+            .iter()
+            .map(|d| {
+                let ns = (u128::from(d.runtime_ticks) * 1_000_000_000 / u128::from(hz)) as u64;
+                (d.id, d.exits.iter().map(|(k, v)| (*k, *v)).collect(), ns)
+            })
+            .collect()
+    }
+
     fn console(&self, id: u32, offset: u64) -> Result<wire::ConsoleChunk, wire::ErrorReply> {
         let d = self.domain(id).ok_or_else(|| domain_reply(DomainError::NoSuchDomain(id)))?;
         let (from, data) = d.console.since(offset);

@@ -7,6 +7,7 @@
 mod control_cmd;
 mod cpuid_cmd;
 mod domain_cmd;
+mod monitor_cmd;
 mod transport;
 
 use clap::{Parser, Subcommand};
@@ -44,6 +45,8 @@ enum Command {
     Ping(control_cmd::PingArgs),
     /// Guest domains: create (uploads a kernel), list, pause, unpause, destroy, console.
     Domain(domain_cmd::DomainArgs),
+    /// Per-domain monitoring: RDT cache/bandwidth (bare metal) and software events.
+    Monitor(monitor_cmd::MonitorArgs),
 }
 
 /// A command failure: printed as one line, with its exit code (see [`EXIT_CODES`]).
@@ -102,6 +105,7 @@ fn main() -> ExitCode {
         Command::Info(args) => control_cmd::info(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Ping(args) => control_cmd::ping(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Domain(args) => domain_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
+        Command::Monitor(args) => monitor_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
     };
     match result {
         Ok(code) => code,
