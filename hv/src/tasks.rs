@@ -61,11 +61,21 @@ pub trait DomainOps {
     fn destroy(&mut self, id: u32) -> Result<(), ErrorReply>;
     /// Console bytes from `offset` on.
     fn console(&self, id: u32, offset: u64) -> Result<wire::ConsoleChunk, ErrorReply>;
-    /// Per domain: id, exit counts by reason, guest run time in ns (for the software
-    /// events of the monitoring service).
-    fn counters(&self) -> Vec<(u32, Vec<(&'static str, u64)>, u64)> {
+    /// Per domain: its counters (for the software events of the monitoring service).
+    fn counters(&self) -> Vec<DomainCounters> {
         Vec::new()
     }
+}
+
+/// A domain's counters as the core keeps them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DomainCounters {
+    /// Domain id.
+    pub id: u32,
+    /// Exits by reason (the core's names).
+    pub exits: Vec<(&'static str, u64)>,
+    /// Guest run time in nanoseconds.
+    pub runtime_ns: u64,
 }
 
 /// No domains at all (host tests, and machines without a backend).
@@ -221,7 +231,7 @@ impl Runtime {
         use monitor_svc::events::SoftwareCount;
         let Some(m) = self.monitor.monitor_mut() else { return };
         let now = domains.counters();
-        for (id, exits, runtime_ns) in &now {
+        for DomainCounters { id, exits, runtime_ns } in &now {
             let (seen, seen_runtime) = self.fed.entry(*id).or_default();
             for (name, count) in exits {
                 let before = seen.insert(name, *count).unwrap_or(0);
@@ -234,7 +244,7 @@ impl Runtime {
                 *seen_runtime = *runtime_ns;
             }
         }
-        let gone: Vec<u32> = self.fed.keys().copied().filter(|id| !now.iter().any(|(n, _, _)| n == id)).collect();
+        let gone: Vec<u32> = self.fed.keys().copied().filter(|id| !now.iter().any(|c| c.id == *id)).collect();
         for id in gone {
             self.fed.remove(&id);
             m.domain_destroyed(DomainId(id), &mut crate::rdt::BootCpuMsrs, crate::time::now_ticks());

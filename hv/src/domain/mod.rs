@@ -625,13 +625,14 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
         Machine::destroy(self, id).map_err(domain_reply)
     }
 
-    fn counters(&self) -> Vec<(u32, Vec<(&'static str, u64)>, u64)> {
+    fn counters(&self) -> Vec<crate::tasks::DomainCounters> {
         let hz = crate::time::tsc_hz().unwrap_or(1);
         self.domains
             .iter()
-            .map(|d| {
-                let ns = (u128::from(d.runtime_ticks) * 1_000_000_000 / u128::from(hz)) as u64;
-                (d.id, d.exits.iter().map(|(k, v)| (*k, *v)).collect(), ns)
+            .map(|d| crate::tasks::DomainCounters {
+                id: d.id,
+                exits: d.exits.iter().map(|(k, v)| (*k, *v)).collect(),
+                runtime_ns: (u128::from(d.runtime_ticks) * 1_000_000_000 / u128::from(hz)) as u64,
             })
             .collect()
     }
