@@ -118,6 +118,7 @@ impl ControlServer {
     pub fn poll(&mut self, domains: &mut dyn DomainOps) -> bool {
         let mut busy = self.poll_device();
         busy |= self.runtime.run_once(time::uptime_ns(), domains);
+        self.runtime.monitor_timers(time::now_ticks(), time::tsc_hz().unwrap_or(0));
         for (to, bytes) in self.runtime.take_outbox() {
             if let Some(c) = self.connections.get_mut(&to) {
                 c.output.extend(bytes);

@@ -195,6 +195,7 @@ pub fn run(mut info: BootInfo) -> Outcome {
     println!("{}", caps.machine_line());
     println!("PROBE-RAW {}", recorder.recorded.to_line());
 
+    rdt::set_boot_options(rdt::BootOptions::parse(&info.cmdline));
     if info.cmdline.split_whitespace().any(|w| w == "cpuid-dump") {
         print_cpuid_dump(&caps);
     }

@@ -65,6 +65,8 @@ pub trait DomainOps {
     fn counters(&self) -> Vec<DomainCounters> {
         Vec::new()
     }
+    /// The RMID each vCPU of domain `id` runs with (index = vCPU; 0 = not monitored).
+    fn set_rmids(&mut self, _id: u32, _rmids: Vec<u32>) {}
 }
 
 /// A domain's counters as the core keeps them.
@@ -76,6 +78,8 @@ pub struct DomainCounters {
     pub exits: Vec<(&'static str, u64)>,
     /// Guest run time in nanoseconds.
     pub runtime_ns: u64,
+    /// vCPUs.
+    pub vcpus: u32,
 }
 
 /// No domains at all (host tests, and machines without a backend).
@@ -123,6 +127,9 @@ struct CoreService {
 pub struct Runtime {
     /// The last counter values handed to the monitoring service, per domain.
     fed: BTreeMap<u32, (BTreeMap<&'static str, u64>, u64)>,
+    /// TSC of the last MBM sample and limbo recheck.
+    last_mbm: u64,
+    last_limbo: u64,
     core: CoreService,
     monitor: MonitorService,
     migration: MigrationService,
@@ -156,6 +163,8 @@ impl Runtime {
             mailboxes: [Mailbox::new(), Mailbox::new(), Mailbox::new()],
             outbox: Vec::new(),
             fed: BTreeMap::new(),
+            last_mbm: 0,
+            last_limbo: 0,
             busy_refusals: [0; 3],
         }
     }
@@ -205,6 +214,7 @@ impl Runtime {
         if !self.mailboxes[1].queue.is_empty() {
             self.feed_monitor(domains);
         }
+        let monitor_turn = !self.mailboxes[1].queue.is_empty();
         for _ in 0..TURN_BUDGET {
             let Some(env) = self.mailboxes[1].queue.pop_front() else { break };
             let (depth, capacity) = self.mailboxes[1].queue_info();
@@ -213,6 +223,9 @@ impl Runtime {
                 self.monitor.handle_with(&env.frame, QueueInfo { depth, capacity }, &mut crate::rdt::BootCpuMsrs, now);
             self.outbox.push((env.reply_to, reply));
             worked = true;
+        }
+        if monitor_turn {
+            self.sync_rmids(domains);
         }
         for _ in 0..TURN_BUDGET {
             let Some(env) = self.mailboxes[2].queue.pop_front() else { break };
@@ -231,7 +244,7 @@ impl Runtime {
         use monitor_svc::events::SoftwareCount;
         let Some(m) = self.monitor.monitor_mut() else { return };
         let now = domains.counters();
-        for DomainCounters { id, exits, runtime_ns } in &now {
+        for DomainCounters { id, exits, runtime_ns, .. } in &now {
             let (seen, seen_runtime) = self.fed.entry(*id).or_default();
             for (name, count) in exits {
                 let before = seen.insert(name, *count).unwrap_or(0);
@@ -248,6 +261,36 @@ impl Runtime {
         for id in gone {
             self.fed.remove(&id);
             m.domain_destroyed(DomainId(id), &mut crate::rdt::BootCpuMsrs, crate::time::now_ticks());
+        }
+    }
+
+    /// The monitoring service's RMID assignments, handed to the core (which writes
+    /// IA32_PQR_ASSOC on vCPU entry). Sent after every monitoring turn, so an attach or
+    /// detach is in force before the next vCPU runs.
+    fn sync_rmids(&mut self, domains: &mut dyn DomainOps) {
+        let Some(m) = self.monitor.monitor() else { return };
+        for c in domains.counters() {
+            let vcpus = c.vcpus;
+            let rmids = (0..vcpus).map(|v| m.rmid_for(monitor_svc::DomainId(c.id), v)).collect();
+            domains.set_rmids(c.id, rmids);
+        }
+    }
+
+    /// The periodic work of the monitoring service: MBM samples well inside the
+    /// counters' wrap period, and limbo rechecks (only when RDT is present).
+    pub fn monitor_timers(&mut self, now_tsc: u64, tsc_hz: u64) {
+        let Some(m) = self.monitor.monitor_mut() else { return };
+        if !matches!(m.caps(), monitor_svc::caps::MonitorCaps::Present(_)) || tsc_hz == 0 {
+            return;
+        }
+        let mbm_every = u128::from(m.mbm_sample_interval_ns()) * u128::from(tsc_hz) / 1_000_000_000;
+        if u128::from(now_tsc.wrapping_sub(self.last_mbm)) >= mbm_every {
+            self.last_mbm = now_tsc;
+            m.sample_mbm(&mut crate::rdt::BootCpuMsrs, now_tsc);
+        }
+        if now_tsc.wrapping_sub(self.last_limbo) >= tsc_hz {
+            self.last_limbo = now_tsc;
+            m.recheck_limbo(&mut crate::rdt::BootCpuMsrs);
         }
     }
 

@@ -126,6 +126,8 @@ struct VcpuSlot<V> {
     regs: GuestRegs,
     state: RunState,
     index: u32,
+    /// RDT monitoring ID the monitoring service gave this vCPU (0: not monitored).
+    rmid: u32,
 }
 
 /// The console: a byte ring plus the line being assembled for the serial echo.
@@ -330,7 +332,7 @@ impl<B: Backend> Machine<B> {
             match self.backend.create_vcpu(&mut self.pool, &entry) {
                 Ok(vcpu) => {
                     let regs = GuestRegs { rdi: start.rdi, rsi: u64::from(index), ..GuestRegs::default() };
-                    domain.vcpus.push(VcpuSlot { vcpu, regs, state: RunState::Runnable, index });
+                    domain.vcpus.push(VcpuSlot { vcpu, regs, state: RunState::Runnable, index, rmid: 0 });
                 }
                 Err(e) => {
                     domain.release(&mut self.pool)?;
@@ -417,6 +419,7 @@ impl<B: Backend> Machine<B> {
             }
             let d = &mut self.domains[di];
             let slot = &mut d.vcpus[vi];
+            crate::rdt::switch_rmid(slot.rmid);
             let entered = crate::time::now_ticks();
             let result = slot.vcpu.run(&mut slot.regs, slice.map(|s| s - used));
             d.runtime_ticks += crate::time::now_ticks().wrapping_sub(entered);
@@ -631,10 +634,19 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
             .iter()
             .map(|d| crate::tasks::DomainCounters {
                 id: d.id,
+                vcpus: d.vcpu_count,
                 exits: d.exits.iter().map(|(k, v)| (*k, *v)).collect(),
                 runtime_ns: (u128::from(d.runtime_ticks) * 1_000_000_000 / u128::from(hz)) as u64,
             })
             .collect()
+    }
+
+    fn set_rmids(&mut self, id: u32, rmids: Vec<u32>) {
+        if let Some(d) = self.domains.iter_mut().find(|d| d.id == id) {
+            for (slot, rmid) in d.vcpus.iter_mut().zip(rmids) {
+                slot.rmid = rmid;
+            }
+        }
     }
 
     fn console(&self, id: u32, offset: u64) -> Result<wire::ConsoleChunk, wire::ErrorReply> {
