@@ -248,7 +248,12 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &caps::Capabilities) -> 
     let slice = time_slice(B::ARCH, caps);
     let machine_info = machine_info(&info, caps);
     let boot_domains = core::mem::take(&mut info.domains);
-    let mut machine = domain::Machine::new(backend, info.frames, host, slice);
+    let mechanisms = match caps.virtualization {
+        caps::Virtualization::Vmx(v) => domain::dirty::Mechanisms { pml: v.pml, dbit: v.ept_ad },
+        // NPT leaves carry dirty flags the nested walk sets (APM Vol. 2 15.25.5).
+        _ => domain::dirty::Mechanisms { pml: false, dbit: true },
+    };
+    let mut machine = domain::Machine::new(backend, info.frames, host, slice, mechanisms);
     for (config, kernel) in &boot_domains {
         if let Err(e) = machine.create(config, kernel) {
             println!("DOMAIN-CREATE-FAILED name={}: {e}", config.name);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use crate::{Result, tools};
 
 /// The guest kernels in guests/kernels, copied to \EFI\HV\NAME.elf.
-pub const GUESTS: &[&str] = &["cpuid-probe", "memwriter", "spinner", "misbehave"];
+pub const GUESTS: &[&str] = &["cpuid-probe", "memwriter", "spinner", "misbehave", "dirtytest"];
 
 /// A built image.
 #[derive(Debug, Clone)]

@@ -123,6 +123,16 @@ pub enum Hypercall {
     Report = 1,
     /// Give up the rest of the time slice.
     Yield = 2,
+    /// Start log-dirty mode for the whole domain: RDI = mode (0 auto, 1 pml, 2 dbit,
+    /// 3 wp). RAX = the mode used, or EINVAL.
+    DirtyStart = 3,
+    /// Peek-and-clean the whole log: the hypervisor writes the bitmap (bit n = page n,
+    /// little-endian u64 words) to guest-physical RDI, at most RSI bytes, and marks the
+    /// pages it wrote dirty in the (now clean) log, as it does for all its own writes.
+    /// RAX = dirty pages reported, or EINVAL.
+    DirtyPeekClean = 4,
+    /// Stop log-dirty mode. RAX = OK or EINVAL.
+    DirtyStop = 5,
 }
 
 impl Hypercall {
@@ -132,6 +142,9 @@ impl Hypercall {
             0 => Some(Self::Exit),
             1 => Some(Self::Report),
             2 => Some(Self::Yield),
+            3 => Some(Self::DirtyStart),
+            4 => Some(Self::DirtyPeekClean),
+            5 => Some(Self::DirtyStop),
             _ => None,
         }
     }

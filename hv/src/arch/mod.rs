@@ -104,6 +104,9 @@ pub enum ExitReason {
     VirtualizationInstruction,
     /// The time slice ended (VMX preemption timer, or a physical interrupt on SVM).
     TimeSliceEnd,
+    /// The page-modification log is full (VMX exit 62): drain it and re-enter (the
+    /// write that triggered it has not happened yet).
+    PmlFull,
     /// Any other exit, with the vendor's code (VMX basic exit reason / SVM EXITCODE).
     Other {
         /// Vendor's exit code.
@@ -127,6 +130,7 @@ impl core::fmt::Display for ExitReason {
             ExitReason::MsrWrite => f.write_str("wrmsr"),
             ExitReason::VirtualizationInstruction => f.write_str("virtualization-instruction"),
             ExitReason::TimeSliceEnd => f.write_str("time-slice-end"),
+            ExitReason::PmlFull => f.write_str("pml-full"),
             ExitReason::Other { code } => write!(f, "other({code:#x})"),
         }
     }
@@ -147,6 +151,7 @@ impl ExitReason {
             ExitReason::MsrWrite => "wrmsr",
             ExitReason::VirtualizationInstruction => "virt_insn",
             ExitReason::TimeSliceEnd => "time_slice",
+            ExitReason::PmlFull => "pml_full",
             ExitReason::Other { .. } => "other",
         }
     }
@@ -267,6 +272,21 @@ pub trait Vcpu {
     fn skip_instruction(&mut self, exit: &Exit) -> Result<(), ArchError>;
     /// Deliver a hardware exception to the guest at the next entry.
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError>;
+    /// Make the processor forget cached nested translations after the core changed
+    /// nested entries (permissions, dirty flags).
+    fn flush_nested_tlb(&mut self) -> Result<(), ArchError>;
+    /// Start page-modification logging into a fresh 4 KiB buffer (VMX with PML only).
+    fn enable_pml(&mut self, _pool: &mut FramePool) -> Result<(), ArchError> {
+        Err(ArchError::Unsupported("page-modification logging (PML) needs VMX with PML"))
+    }
+    /// Hand every logged guest-physical address to `out` and empty the log.
+    fn drain_pml(&mut self, _pool: &mut FramePool, _out: &mut dyn FnMut(u64)) -> Result<(), ArchError> {
+        Ok(())
+    }
+    /// Stop page-modification logging (drain first) and free the buffer.
+    fn disable_pml(&mut self, _pool: &mut FramePool) -> Result<(), ArchError> {
+        Ok(())
+    }
     /// Return the control structures to the pool.
     fn destroy(self, pool: &mut FramePool) -> Result<(), MmError>;
 }

@@ -10,6 +10,7 @@
 //! Nothing a guest does stops the hypervisor or another domain.
 
 pub mod config;
+pub mod dirty;
 pub mod loader;
 pub mod msr;
 
@@ -82,6 +83,13 @@ pub enum DomainError {
     Arch(ArchError),
     /// No domain with that id.
     NoSuchDomain(u32),
+    /// A feature this machine or domain does not have, as a phrase.
+    Unavailable(&'static str),
+    /// A page range outside the domain's memory.
+    BadRange {
+        /// Pages the domain has.
+        pages: u64,
+    },
     /// The operation does not apply in the domain's state.
     WrongState {
         /// Domain id.
@@ -110,6 +118,8 @@ impl fmt::Display for DomainError {
             DomainError::Load(e) => write!(f, "{e}"),
             DomainError::Arch(e) => write!(f, "{e}"),
             DomainError::NoSuchDomain(id) => write!(f, "no domain {id}"),
+            DomainError::Unavailable(what) => write!(f, "not available: {what}"),
+            DomainError::BadRange { pages } => write!(f, "the range must lie within the domain's {pages} pages"),
             DomainError::WrongState { id, state } => write!(f, "domain {id} is {state}"),
         }
     }
@@ -197,6 +207,7 @@ pub struct Domain<B: Backend> {
     mem: Option<GuestMemory<B::Paging>>,
     vcpus: Vec<VcpuSlot<B::Vcpu>>,
     cpuid: CpuidTable,
+    log: Option<dirty::LogDirty>,
 }
 
 impl<B: Backend> fmt::Debug for Domain<B> {
@@ -245,6 +256,8 @@ enum Next {
     Finish(u64),
     /// Stop the domain.
     Crash(String),
+    /// A log-dirty hypercall, for the machine to carry out (RIP already advanced).
+    Dirty(guest_abi::Hypercall, u64, u64),
 }
 
 /// The domains of this physical CPU and its scheduler.
@@ -257,6 +270,7 @@ pub struct Machine<B: Backend> {
     next_id: u32,
     cursor: usize,
     slice_ticks: Option<u64>,
+    mechanisms: dirty::Mechanisms,
 }
 
 impl<B: Backend> fmt::Debug for Machine<B> {
@@ -268,8 +282,14 @@ impl<B: Backend> fmt::Debug for Machine<B> {
 impl<B: Backend> Machine<B> {
     /// A machine with no domains. `slice_ticks` is the time slice in TSC ticks (None:
     /// no preemption available; vCPUs run until they exit).
-    pub fn new(backend: B, pool: FramePool, host: HostCpu, slice_ticks: Option<u64>) -> Self {
-        Self { backend, pool, host, domains: Vec::new(), next_id: 1, cursor: 0, slice_ticks }
+    pub fn new(
+        backend: B,
+        pool: FramePool,
+        host: HostCpu,
+        slice_ticks: Option<u64>,
+        mechanisms: dirty::Mechanisms,
+    ) -> Self {
+        Self { backend, pool, host, domains: Vec::new(), next_id: 1, cursor: 0, slice_ticks, mechanisms }
     }
 
     /// The domains.
@@ -321,6 +341,7 @@ impl<B: Backend> Machine<B> {
             mem: None,
             vcpus: Vec::new(),
             cpuid,
+            log: None,
         };
         let root = mem.root();
         domain.mem = Some(mem);
@@ -426,12 +447,16 @@ impl<B: Backend> Machine<B> {
             let next = match result {
                 Ok(exit) => {
                     d.count(&exit.reason);
-                    handle_exit(d, vi, &exit)
+                    handle_exit(d, &mut self.pool, vi, &exit)
                 }
                 Err(e) => Next::Crash(alloc::format!("vCPU {vi}: {e}")),
             };
             match next {
                 Next::Continue => {}
+                Next::Dirty(call, a, b) => {
+                    let rax = self.dirty_hypercall(di, call, a, b);
+                    self.domains[di].vcpus[vi].regs.rax = rax;
+                }
                 Next::Yield => break,
                 Next::Halt => {
                     d.vcpus[vi].state = RunState::Halted;
@@ -459,8 +484,47 @@ impl<B: Backend> Machine<B> {
     }
 }
 
+impl<B: Backend> Machine<B> {
+    /// The log-dirty hypercalls of guest_abi; returns RAX.
+    fn dirty_hypercall(&mut self, di: usize, call: guest_abi::Hypercall, a: u64, b: u64) -> u64 {
+        use guest_abi::{HYPERCALL_EINVAL, HYPERCALL_OK, Hypercall};
+        let id = self.domains[di].id;
+        let result = match call {
+            Hypercall::DirtyStart => {
+                let mode = match a {
+                    0 => None,
+                    1 => Some(dirty::Mode::Pml),
+                    2 => Some(dirty::Mode::Dbit),
+                    3 => Some(dirty::Mode::Wp),
+                    _ => return HYPERCALL_EINVAL,
+                };
+                self.dirty_start(id, mode, None).map(|m| match m {
+                    dirty::Mode::Pml => 1,
+                    dirty::Mode::Dbit => 2,
+                    dirty::Mode::Wp => 3,
+                })
+            }
+            Hypercall::DirtyPeekClean => self.dirty_peek_clean(id, None).and_then(|bitmap| {
+                let bytes: Vec<u8> = bitmap.words().iter().flat_map(|w| w.to_le_bytes()).collect();
+                let n = bytes.len().min(b as usize);
+                let d = &mut self.domains[di];
+                let mem = d.mem.as_ref().ok_or(DomainError::Unavailable("no memory"))?;
+                mem.write(&mut self.pool, a, &bytes[..n])?;
+                dirty::hypervisor_wrote(d, a..a + n as u64);
+                Ok(bitmap.count_ones())
+            }),
+            Hypercall::DirtyStop => self.dirty_stop(id).map(|_| HYPERCALL_OK),
+            _ => return HYPERCALL_EINVAL,
+        };
+        result.unwrap_or_else(|e| {
+            println!("DOMAIN {id} log-dirty hypercall failed: {e}");
+            HYPERCALL_EINVAL
+        })
+    }
+}
+
 /// The arch-neutral exit policy.
-fn handle_exit<B: Backend>(d: &mut Domain<B>, vi: usize, exit: &Exit) -> Next {
+fn handle_exit<B: Backend>(d: &mut Domain<B>, pool: &mut FramePool, vi: usize, exit: &Exit) -> Next {
     let id = d.id;
     let slot = &mut d.vcpus[vi];
     let skip = |slot: &mut VcpuSlot<B::Vcpu>| match slot.vcpu.skip_instruction(exit) {
@@ -536,6 +600,7 @@ fn handle_exit<B: Backend>(d: &mut Domain<B>, vi: usize, exit: &Exit) -> Next {
                     slot.regs.rax = guest_abi::HYPERCALL_OK;
                     Next::Yield
                 }
+                Some(call) => Next::Dirty(call, a, b),
                 None => {
                     slot.regs.rax = guest_abi::HYPERCALL_EINVAL;
                     Next::Continue
@@ -547,6 +612,19 @@ fn handle_exit<B: Backend>(d: &mut Domain<B>, vi: usize, exit: &Exit) -> Next {
             other => other,
         },
         ExitReason::TimeSliceEnd => Next::Yield,
+        ExitReason::PmlFull => match dirty::pml_full(d, pool, vi) {
+            Ok(()) => Next::Continue,
+            Err(e) => Next::Crash(alloc::format!("draining the PML buffer: {e}")),
+        },
+        ExitReason::NestedPageFault { gpa, write: true } if d.log.is_some() => match dirty::write_fault(d, pool, gpa) {
+            Ok(true) => Next::Continue,
+            Ok(false) => Next::Crash(alloc::format!(
+                "write of guest-physical {gpa:#x}, outside its {} MiB of memory, at RIP {:#x}",
+                d.memory_bytes >> 20,
+                exit.rip
+            )),
+            Err(e) => Next::Crash(alloc::format!("logging a write fault: {e}")),
+        },
         ExitReason::TripleFault => Next::Crash(alloc::format!("triple fault (last RIP {:#x})", exit.rip)),
         ExitReason::NestedPageFault { gpa, write } => Next::Crash(alloc::format!(
             "{} of guest-physical {gpa:#x}, outside its {} MiB of memory, at RIP {:#x}",

@@ -57,6 +57,11 @@ impl<F: EntryFormat> GuestMemory<F> {
         self.frames.get((gpa / PAGE_SIZE) as usize).copied().ok_or(MmError::OutOfRange { gpa })
     }
 
+    /// Change the nested entry mapping guest page `gpa` (see `NestedTables::update_leaf_4k`).
+    pub fn update_leaf(&self, pool: &mut FramePool, gpa: u64, f: impl FnOnce(u64) -> u64) -> Result<u64, MmError> {
+        self.tables.update_leaf_4k(pool, gpa, f)
+    }
+
     /// Copy `data` into guest memory at `gpa` (may span pages).
     pub fn write(&self, pool: &mut FramePool, gpa: u64, data: &[u8]) -> Result<(), MmError> {
         let mut done = 0usize;

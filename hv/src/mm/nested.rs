@@ -69,6 +69,11 @@ pub trait EntryFormat {
     fn is_large(entry: u64) -> bool;
     /// Decode a leaf entry.
     fn decode_leaf(entry: u64, size: PageSize) -> Leaf;
+    /// The leaf's dirty flag, set by the processor on a write (EPT: with A/D enabled
+    /// in the EPTP).
+    const DIRTY: u64;
+    /// The leaf's write permission.
+    const WRITE_BIT: u64;
 }
 
 /// Address bits 51:12 of an entry.
@@ -89,6 +94,9 @@ impl Ept {
 
 impl EntryFormat for Ept {
     const NAME: &'static str = "EPT";
+    /// SDM 29.3.5: bit 9 of a leaf is the dirty flag.
+    const DIRTY: u64 = 1 << 9;
+    const WRITE_BIT: u64 = Self::WRITE;
     fn table(next: u64) -> u64 {
         (next & ADDR_MASK) | Self::READ | Self::WRITE | Self::EXEC
     }
@@ -142,6 +150,9 @@ impl Npt {
 
 impl EntryFormat for Npt {
     const NAME: &'static str = "NPT";
+    /// APM Vol. 2 5.4.2: bit 6 of a leaf is the dirty flag (nested walks set it too).
+    const DIRTY: u64 = 1 << 6;
+    const WRITE_BIT: u64 = Self::WRITE;
     fn table(next: u64) -> u64 {
         (next & ADDR_MASK) | Self::PRESENT | Self::WRITE | Self::USER
     }
@@ -287,6 +298,29 @@ impl<F: EntryFormat> NestedTables<F> {
         Ok(None)
     }
 
+    /// Change the 4 KiB leaf mapping `gpa` with `f`; returns the old entry. Fails if the
+    /// page is not mapped with a 4 KiB leaf.
+    pub fn update_leaf_4k(&self, pool: &mut FramePool, gpa: u64, f: impl FnOnce(u64) -> u64) -> Result<u64, MmError> {
+        let mut table = self.root;
+        for level in (2..=4).rev() {
+            let entry = pool.table_mut(table)?[index(gpa, level)];
+            if !F::present(entry) {
+                return Err(MmError::OutOfRange { gpa });
+            }
+            if level == 2 && F::is_large(entry) {
+                return Err(MmError::LargePageConflict { gpa });
+            }
+            table = entry & ADDR_MASK;
+        }
+        let slot = &mut pool.table_mut(table)?[index(gpa, 1)];
+        if !F::present(*slot) {
+            return Err(MmError::OutOfRange { gpa });
+        }
+        let old = *slot;
+        *slot = f(old);
+        Ok(old)
+    }
+
     /// Free every table frame (not the mapped guest memory, which its owner frees).
     pub fn destroy(self, pool: &mut FramePool) -> Result<(), MmError> {
         fn free_level<F: EntryFormat>(pool: &mut FramePool, table: u64, level: u32) -> Result<(), MmError> {
@@ -359,6 +393,19 @@ mod tests {
     #[test]
     fn npt_maps_translates_and_frees() {
         round_trip::<Npt>();
+    }
+
+    #[test]
+    fn leaf_updates_reach_the_mapping() {
+        let mut p = pool(16);
+        let mut t = NestedTables::<Ept>::new(&mut p).unwrap();
+        let frame = p.alloc_zeroed().unwrap();
+        t.map_4k(&mut p, 0x5000, frame, Perms::RWX).unwrap();
+        let old = t.update_leaf_4k(&mut p, 0x5000, |e| (e & !Ept::WRITE_BIT) | Ept::DIRTY).unwrap();
+        assert_ne!(old & Ept::WRITE_BIT, 0);
+        let (leaf, _) = t.translate(&mut p, 0x5000).unwrap().unwrap();
+        assert!(!leaf.perms.write && leaf.perms.read);
+        assert_eq!(t.update_leaf_4k(&mut p, 0x6000, |e| e), Err(MmError::OutOfRange { gpa: 0x6000 }));
     }
 
     #[test]

@@ -43,7 +43,17 @@ pub struct VmxVcpu {
     vmcs: u64,
     launched: bool,
     preemption: Option<u32>,
+    /// The EPTP, for INVEPT.
+    eptp: u64,
+    /// INVEPT type: 2 (all-context) or 1 (single-context), per IA32_VMX_EPT_VPID_CAP.
+    invept_type: u64,
+    /// The page-modification log frame, while logging.
+    pml: Option<u64>,
+    pml_allowed: bool,
 }
+
+/// PML buffer entries (SDM 29.3.6).
+const PML_ENTRIES: u64 = 512;
 
 /// The VMCS currently loaded on this CPU (VMPTRLD is needed when it changes).
 static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
@@ -110,16 +120,26 @@ impl Backend for Vmx {
         // SAFETY: 25.11.3: VMCLEAR initialises the VMCS region we own; VMPTRLD makes it
         // current. Both take its physical address.
         unsafe { x86::bits64::vmx::vmclear(vmcs) }.map_err(|f| vmcs::fail("VMCLEAR", f))?;
-        let mut vcpu =
-            VmxVcpu { vmcs, launched: false, preemption: self.caps.preemption_timer.then_some(self.preemption_shift) };
+        let c = &self.caps;
+        let mut vcpu = VmxVcpu {
+            vmcs,
+            launched: false,
+            preemption: c.preemption_timer.then_some(self.preemption_shift),
+            eptp: 0,
+            // EPT_VPID_CAP bit 26: all-context INVEPT; bit 25: single-context.
+            invept_type: if c.ept_vpid_cap & (1 << 26) != 0 { 2 } else { 1 },
+            pml: None,
+            pml_allowed: c.pml,
+        };
         vcpu.make_current()?;
-        self.configure(entry)?;
+        vcpu.eptp = self.configure(entry)?;
         Ok(vcpu)
     }
 }
 
 impl Vmx {
-    fn configure(&self, entry: &GuestEntry) -> Result<(), ArchError> {
+    /// Write the whole VMCS for a vCPU starting at `entry`; returns the EPTP.
+    fn configure(&self, entry: &GuestEntry) -> Result<u64, ArchError> {
         let c = &self.caps;
         // 25.6.1-25.6.2, 25.7.1, 25.8.1. Pin: activate the VMX-preemption timer (6)
         // where the CPU has it (our time slices).
@@ -165,7 +185,8 @@ impl Vmx {
             vmcs::write(field, value)?;
         }
         write_host_state()?;
-        write_guest_state(entry)
+        write_guest_state(entry)?;
+        Ok(eptp)
     }
 }
 
@@ -236,6 +257,7 @@ impl Vcpu for VmxVcpu {
             31 => (ExitReason::MsrRead, len()?),
             32 => (ExitReason::MsrWrite, len()?),
             // Table 28-7: bit 1 of the qualification = the access was a write.
+            62 => (ExitReason::PmlFull, 0),
             48 => {
                 let q = vmcs::read(vmcs::EXIT_QUALIFICATION)?;
                 (ExitReason::NestedPageFault { gpa: vmcs::read(vmcs::GUEST_PHYSICAL_ADDRESS)?, write: q & 2 != 0 }, 0)
@@ -266,7 +288,78 @@ impl Vcpu for VmxVcpu {
         vmcs::write(vmcs::ENTRY_INTR_INFO, info)
     }
 
+    fn flush_nested_tlb(&mut self) -> Result<(), ArchError> {
+        // SDM Vol. 3C 30.3 (INVEPT): invalidate cached EPT-derived translations, so
+        // cleared dirty flags / write permissions take effect (29.4.3.4).
+        let descriptor: [u64; 2] = [self.eptp, 0];
+        let flags: u64;
+        // SAFETY: INVEPT only invalidates TLB entries; the descriptor is valid memory
+        // holding our EPTP, and the type was chosen from IA32_VMX_EPT_VPID_CAP. We are in
+        // VMX root operation (VMXON in `enable`).
+        unsafe {
+            core::arch::asm!(
+                "invept {ty}, [{desc}]",
+                "pushfq",
+                "pop {flags}",
+                ty = in(reg) self.invept_type,
+                desc = in(reg) &descriptor,
+                flags = out(reg) flags,
+            );
+        }
+        // RFLAGS.CF / ZF report VMfailInvalid / VMfailValid (31.2).
+        match flags & 0x41 {
+            0 => Ok(()),
+            f if f & 1 != 0 => Err(vmcs::fail("INVEPT", x86::vmx::VmFail::VmFailInvalid)),
+            _ => Err(vmcs::fail("INVEPT", x86::vmx::VmFail::VmFailValid)),
+        }
+    }
+
+    fn enable_pml(&mut self, pool: &mut FramePool) -> Result<(), ArchError> {
+        if !self.pml_allowed {
+            return Err(ArchError::Unsupported("this CPU has no PML (secondary control bit 17)"));
+        }
+        if self.pml.is_some() {
+            return Ok(());
+        }
+        let buffer = pool.alloc_zeroed()?;
+        self.make_current()?;
+        // 25.6.18 / 29.3.6: the buffer's address, the index at its last entry, then
+        // secondary control "enable PML" (bit 17). EPTP bit 6 (A/D) is already set.
+        vmcs::write(vmcs::PML_ADDRESS, buffer)?;
+        vmcs::write(vmcs::GUEST_PML_INDEX, PML_ENTRIES - 1)?;
+        let ctls2 = vmcs::read(vmcs::PROCBASED_CTLS2)?;
+        vmcs::write(vmcs::PROCBASED_CTLS2, ctls2 | (1 << 17))?;
+        self.pml = Some(buffer);
+        Ok(())
+    }
+
+    fn drain_pml(&mut self, pool: &mut FramePool, out: &mut dyn FnMut(u64)) -> Result<(), ArchError> {
+        let Some(buffer) = self.pml else { return Ok(()) };
+        self.make_current()?;
+        // 29.3.6: the processor fills entries from 511 down and decrements the index;
+        // an index of 0xFFFF (-1) means all 512 are full. Valid entries: index+1..=511.
+        let index = vmcs::read(vmcs::GUEST_PML_INDEX)? & 0xffff;
+        let first = if index >= PML_ENTRIES { 0 } else { index + 1 };
+        let page = pool.table_mut(buffer)?;
+        for i in first..PML_ENTRIES {
+            out(page[i as usize] & !0xfff);
+        }
+        vmcs::write(vmcs::GUEST_PML_INDEX, PML_ENTRIES - 1)
+    }
+
+    fn disable_pml(&mut self, pool: &mut FramePool) -> Result<(), ArchError> {
+        let Some(buffer) = self.pml.take() else { return Ok(()) };
+        self.make_current()?;
+        let ctls2 = vmcs::read(vmcs::PROCBASED_CTLS2)?;
+        vmcs::write(vmcs::PROCBASED_CTLS2, ctls2 & !(1 << 17))?;
+        pool.free(buffer)?;
+        Ok(())
+    }
+
     fn destroy(self, pool: &mut FramePool) -> Result<(), MmError> {
+        if let Some(buffer) = self.pml {
+            pool.free(buffer)?;
+        }
         // SAFETY: VMCLEAR flushes and deactivates this VMCS (25.11.3) so its frame can
         // be reused; it is not current afterwards.
         let _ = unsafe { x86::bits64::vmx::vmclear(self.vmcs) };

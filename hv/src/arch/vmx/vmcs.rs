@@ -48,6 +48,8 @@ fields! {
     CR3_TARGET_COUNT = control::CR3_TARGET_COUNT;
     /// EPT pointer (25.6.11).
     EPTP = control::EPTP_FULL;
+    /// Page-modification log address (25.6.18).
+    PML_ADDRESS = control::PML_ADDR_FULL;
     /// VM-exit MSR-store count.
     EXIT_MSR_STORE_COUNT = control::VMEXIT_MSR_STORE_COUNT;
     /// VM-exit MSR-load count.
@@ -163,6 +165,8 @@ fields! {
     GUEST_DEBUGCTL = guest::IA32_DEBUGCTL_FULL;
     /// Guest IA32_EFER.
     GUEST_EFER = guest::IA32_EFER_FULL;
+    /// Guest PML index (25.4.2): next entry to fill, counting down from 511.
+    GUEST_PML_INDEX = guest::PML_INDEX;
     /// VMX-preemption timer value (25.4.2).
     GUEST_PREEMPTION_TIMER = guest::VMX_PREEMPTION_TIMER_VALUE;
 
