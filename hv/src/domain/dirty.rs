@@ -264,6 +264,15 @@ impl<B: Backend> Machine<B> {
     pub fn dirty_stop(&mut self, id: u32) -> Result<DirtyBitmap, DomainError> {
         let i = self.domain_mut(id)?;
         self.harvest(i)?;
+        if let Some(log) = self.domains[i].log.as_ref() {
+            crate::println!(
+                "DOMAIN {id} DIRTY-STOP mode={} pages_dirtied={} logging_exits={} rounds={}",
+                log.mode.name(),
+                log.pages_dirtied,
+                log.logging_exits,
+                log.rounds
+            );
+        }
         let pool = &mut self.pool;
         let d = &mut self.domains[i];
         let log = d.log.take().ok_or(DomainError::Unavailable("the domain is not logging"))?;
