@@ -48,13 +48,13 @@ impl Mode {
     }
 
     /// Parse a name; `auto` is `None`.
-    pub fn parse(s: &str) -> Result<Option<Mode>, ()> {
+    pub fn parse(s: &str) -> Result<Option<Mode>, DomainError> {
         match s {
             "auto" => Ok(None),
             "pml" => Ok(Some(Mode::Pml)),
             "dbit" => Ok(Some(Mode::Dbit)),
             "wp" => Ok(Some(Mode::Wp)),
-            _ => Err(()),
+            _ => Err(DomainError::Unavailable("a log-dirty mode other than auto, pml, dbit or wp")),
         }
     }
 }
