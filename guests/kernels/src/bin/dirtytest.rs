@@ -15,7 +15,7 @@ use guest_kernels::{Hypercall, arg, guest_main, hypercall, println, report};
 const BUFFER_BYTES: u64 = 4096;
 
 fn chosen(seed: u64, round: u64, page: u64) -> bool {
-    mix(seed, round, page, 0) % 3 == 0
+    mix(seed, round, page, 0).is_multiple_of(3)
 }
 
 fn bit(buffer: u64, pfn: u64) -> bool {
