@@ -63,6 +63,8 @@
 //! | 1 request | [`Request`] | `MonitorHwInfo` (v2) | hvctl → hv | [`ServiceId::Monitor`] | `Response::MonitorHwInfo` |
 //! | 1 request | [`Request`] | `MonitorAttach`/`MonitorDetach`/`MonitorEvents` (v2) | hvctl → hv | [`ServiceId::Monitor`] | `Response::Done` |
 //! | 1 request | [`Request`] | `MonitorStats { domain }` (v2) | hvctl → hv | [`ServiceId::Monitor`] | `Response::MonitorStats` |
+//! | 1 request | [`Request`] | `DirtyStart`/`DirtyStop`/`DirtyStats` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DirtyStats` |
+//! | 1 request | [`Request`] | `DirtyPeek { domain, clean }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DirtyBitmap` |
 //! | 2 response | [`Response`] | `Pong`, `Info`, `ServiceStatus`, `DomainCreated`, `DomainList`, `Done`, `Console` | hv → hvctl | — | — |
 //! | 2 response | [`Response`] | `Error(ErrorReply)` | hv → hvctl | — | answers any request or frame that failed |
 //! | 3 event | [`Event`] | `Log { level, message }`, `ServiceState { service, state }` | hv → hvctl | — | none; request id 0 |
@@ -167,9 +169,9 @@ pub use crate::crc32c::{Crc32c, crc32c};
 pub use crate::error::{ErrorCode, ErrorReply};
 pub use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind, WireError, encode_frame};
 pub use crate::message::{
-    ConsoleChunk, DomainInfo, DomainListReport, DomainSpec, Event, InfoReport, LogLevel, MonitorDomainStats,
-    MonitorHwInfo, MonitorValue, Request, Response, ServiceId, ServiceState, ServiceStatus, decode_event,
-    decode_request, decode_response, encode_event, encode_request, encode_response,
+    ConsoleChunk, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, Event, InfoReport,
+    LogLevel, MonitorDomainStats, MonitorHwInfo, MonitorValue, Request, Response, ServiceId, ServiceState,
+    ServiceStatus, decode_event, decode_request, decode_response, encode_event, encode_request, encode_response,
 };
 pub use crate::stream::{
     MAX_CHUNK_DATA, StreamChunk, StreamError, StreamReassembler, StreamSender, decode_stream_chunk, encode_stream_chunk,

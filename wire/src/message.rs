@@ -195,6 +195,66 @@ pub enum Request {
         /// Domain id; `None` for every domain with an enabled event.
         domain: Option<u32>,
     },
+    /// Start log-dirty mode (v2). Answered by [`Response::DirtyStats`].
+    DirtyStart {
+        /// Domain id.
+        domain: u32,
+        /// `auto`, `pml`, `dbit` or `wp`.
+        mode: String,
+        /// First page frame and page count to track; `None` for the whole domain.
+        range: Option<(u64, u64)>,
+    },
+    /// Stop log-dirty mode (v2). Answered by [`Response::DirtyStats`] (the final counts).
+    DirtyStop {
+        /// Domain id.
+        domain: u32,
+    },
+    /// The log's counters (v2). Answered by [`Response::DirtyStats`].
+    DirtyStats {
+        /// Domain id.
+        domain: u32,
+    },
+    /// The dirty pages, optionally cleaning them (v2). Answered by [`Response::DirtyBitmap`].
+    DirtyPeek {
+        /// Domain id.
+        domain: u32,
+        /// Clean (and re-arm) what is reported.
+        clean: bool,
+    },
+}
+
+/// Log-dirty counters.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DirtyStatsReport {
+    /// Domain id.
+    pub domain: u32,
+    /// `pml`, `dbit` or `wp`.
+    pub mode: String,
+    /// Pages newly logged since logging started.
+    pub pages_dirtied: u64,
+    /// Pages dirty now (not yet cleaned).
+    pub dirty_now: u64,
+    /// Peek-and-clean rounds.
+    pub rounds: u64,
+    /// VM exits logging caused (write-protect faults, PML-full exits).
+    pub logging_exits: u64,
+    /// First tracked page frame.
+    pub range_start: u64,
+    /// Tracked pages.
+    pub range_pages: u64,
+}
+
+/// Dirty pages as compact records (see [`crate::dirty`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DirtyBitmapReport {
+    /// Domain id.
+    pub domain: u32,
+    /// Pages the bitmap covers (from page frame 0).
+    pub pages: u64,
+    /// Dirty pages in it.
+    pub dirty: u64,
+    /// The records; apply them to a bitmap of `pages` pages.
+    pub records: Vec<crate::dirty::DirtyRecord>,
 }
 
 /// The answer to [`Request::MonitorHwInfo`] (like `xl psr-hwinfo`).
@@ -326,7 +386,7 @@ pub struct ConsoleChunk {
 
 impl Request {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 14;
+    pub const VARIANTS: u32 = 18;
 
     /// The service that owns this request: the router's table.
     pub const fn service(&self) -> ServiceId {
@@ -344,6 +404,9 @@ impl Request {
             | Self::MonitorDetach { .. }
             | Self::MonitorEvents { .. }
             | Self::MonitorStats { .. } => ServiceId::Monitor,
+            Self::DirtyStart { .. } | Self::DirtyStop { .. } | Self::DirtyStats { .. } | Self::DirtyPeek { .. } => {
+                ServiceId::Core
+            }
             Self::ServiceStatus { service } => *service,
         }
     }
@@ -365,6 +428,10 @@ impl Request {
             Self::MonitorDetach { .. } => "monitor-detach",
             Self::MonitorEvents { .. } => "monitor-events",
             Self::MonitorStats { .. } => "monitor-stats",
+            Self::DirtyStart { .. } => "dirty-start",
+            Self::DirtyStop { .. } => "dirty-stop",
+            Self::DirtyStats { .. } => "dirty-stats",
+            Self::DirtyPeek { .. } => "dirty-peek",
         }
     }
 }
@@ -399,11 +466,15 @@ pub enum Response {
     MonitorHwInfo(MonitorHwInfo),
     /// Answer to [`Request::MonitorStats`] (v2).
     MonitorStats(Vec<MonitorDomainStats>),
+    /// Answer to the log-dirty requests that return counters (v2).
+    DirtyStats(DirtyStatsReport),
+    /// Answer to [`Request::DirtyPeek`] (v2).
+    DirtyBitmap(DirtyBitmapReport),
 }
 
 impl Response {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 10;
+    pub const VARIANTS: u32 = 12;
 
     /// The error, if this is [`Response::Error`].
     pub const fn error(&self) -> Option<&ErrorReply> {

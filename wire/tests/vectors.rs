@@ -14,9 +14,10 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use wire::{
-    ConsoleChunk, DomainInfo, DomainListReport, DomainSpec, ErrorCode, ErrorReply, Event, Frame, FrameDecoder,
-    FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel, MonitorDomainStats, MonitorHwInfo, MonitorValue,
-    PROTOCOL_VERSION, Request, Response, ServiceId, ServiceState, ServiceStatus, StreamChunk,
+    ConsoleChunk, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, ErrorCode, ErrorReply,
+    Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel, MonitorDomainStats,
+    MonitorHwInfo, MonitorValue, PROTOCOL_VERSION, Request, Response, ServiceId, ServiceState, ServiceStatus,
+    StreamChunk,
 };
 
 #[derive(Debug, PartialEq)]
@@ -185,6 +186,38 @@ fn vectors() -> Vec<Vector> {
                     ("halts".into(), MonitorValue::Count(4)),
                 ],
             }])),
+        ),
+        v(
+            "request_dirty_start",
+            21,
+            Msg::Request(Request::DirtyStart { domain: 3, mode: "auto".into(), range: Some((1024, 256)) }),
+        ),
+        v("request_dirty_stop", 22, Msg::Request(Request::DirtyStop { domain: 3 })),
+        v("request_dirty_stats", 23, Msg::Request(Request::DirtyStats { domain: 3 })),
+        v("request_dirty_peek", 24, Msg::Request(Request::DirtyPeek { domain: 3, clean: true })),
+        v(
+            "response_dirty_stats",
+            23,
+            Msg::Response(Response::DirtyStats(DirtyStatsReport {
+                domain: 3,
+                mode: "pml".into(),
+                pages_dirtied: 4096,
+                dirty_now: 12,
+                rounds: 7,
+                logging_exits: 8,
+                range_start: 0,
+                range_pages: 2048,
+            })),
+        ),
+        v(
+            "response_dirty_bitmap",
+            24,
+            Msg::Response(Response::DirtyBitmap({
+                let mut b = wire::dirty::DirtyBitmap::new(2048).unwrap();
+                b.set_range(100..164).unwrap();
+                b.set(1500).unwrap();
+                DirtyBitmapReport { domain: 3, pages: 2048, dirty: b.count_ones(), records: b.to_records() }
+            })),
         ),
         v("stream_chunk_first", 9, Msg::Chunk(StreamChunk::new(1, 0, false, (0u8..32).collect()))),
         v("stream_chunk_last", 9, Msg::Chunk(StreamChunk::new(1, 1, true, vec![]))),

@@ -648,6 +648,22 @@ pub fn vcpu_state(index: u32) -> VcpuState {
     VcpuState { apic_id: index, cr4_osxsave: false, cr4_pke: false, apic_enabled: true, xcr0: 1, xss: 0 }
 }
 
+impl<B: Backend> Machine<B> {
+    fn dirty_report(&mut self, id: u32) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
+        let s = self.dirty_stats(id).map_err(domain_reply)?;
+        Ok(wire::DirtyStatsReport {
+            domain: id,
+            mode: String::from(s.mode.name()),
+            pages_dirtied: s.pages_dirtied,
+            dirty_now: s.dirty_now,
+            rounds: s.rounds,
+            logging_exits: s.logging_exits,
+            range_start: s.range.0,
+            range_pages: s.range.1,
+        })
+    }
+}
+
 fn reply(code: wire::ErrorCode, e: impl fmt::Display) -> wire::ErrorReply {
     wire::ErrorReply::new(code, alloc::format!("{e}"))
 }
@@ -717,6 +733,39 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
                 runtime_ns: (u128::from(d.runtime_ticks) * 1_000_000_000 / u128::from(hz)) as u64,
             })
             .collect()
+    }
+
+    fn dirty_start(
+        &mut self,
+        id: u32,
+        mode: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
+        let mode = dirty::Mode::parse(mode).map_err(domain_reply)?;
+        let range = range.map(|(start, pages)| start..start.saturating_add(pages));
+        Machine::dirty_start(self, id, mode, range).map_err(domain_reply)?;
+        self.dirty_report(id)
+    }
+
+    fn dirty_stop(&mut self, id: u32) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
+        let report = self.dirty_report(id)?;
+        Machine::dirty_stop(self, id).map_err(domain_reply)?;
+        Ok(report)
+    }
+
+    fn dirty_stats(&mut self, id: u32) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
+        self.dirty_report(id)
+    }
+
+    fn dirty_peek(&mut self, id: u32, clean: bool) -> Result<wire::DirtyBitmapReport, wire::ErrorReply> {
+        let bitmap = if clean { self.dirty_peek_clean(id, None) } else { Machine::dirty_peek(self, id, None) }
+            .map_err(domain_reply)?;
+        Ok(wire::DirtyBitmapReport {
+            domain: id,
+            pages: bitmap.pages(),
+            dirty: bitmap.count_ones(),
+            records: bitmap.to_records(),
+        })
     }
 
     fn set_rmids(&mut self, id: u32, rmids: Vec<u32>) {

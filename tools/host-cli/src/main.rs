@@ -6,6 +6,7 @@
 
 mod control_cmd;
 mod cpuid_cmd;
+mod dirty_cmd;
 mod domain_cmd;
 mod monitor_cmd;
 mod transport;
@@ -47,6 +48,8 @@ enum Command {
     Domain(domain_cmd::DomainArgs),
     /// Per-domain monitoring: RDT cache/bandwidth (bare metal) and software events.
     Monitor(monitor_cmd::MonitorArgs),
+    /// Log-dirty mode: start, stats, peek, clean, stream, heatmap, stop.
+    Dirty(dirty_cmd::DirtyArgs),
 }
 
 /// A command failure: printed as one line, with its exit code (see [`EXIT_CODES`]).
@@ -106,6 +109,7 @@ fn main() -> ExitCode {
         Command::Ping(args) => control_cmd::ping(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Domain(args) => domain_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Monitor(args) => monitor_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
+        Command::Dirty(args) => dirty_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,318 @@
+//! `hvctl dirty ...`: log-dirty mode of a domain — start, counters, peek/clean, a
+//! continuous stream of dirty bitmaps, and a heatmap of a recorded stream.
+//!
+//! Stream file format: a sequence of wire frames, each a `StreamChunk` (`wire::encode_stream_chunk`,
+//! CRC-32C per chunk) whose data is one round: a postcard-encoded `wire::DirtyBitmapReport`
+//! (the round's dirty pages as `wire::dirty` records). Chunks are numbered from 0; the
+//! last one has `last` set when the stream ended cleanly.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+use wire::dirty::DirtyBitmap;
+use wire::{DirtyBitmapReport, DirtyStatsReport, Request, Response, StreamChunk};
+
+use crate::transport::{Client, Options};
+use crate::{CliError, connection_err, err, remote_err};
+
+/// `hvctl dirty ...`
+#[derive(Debug, Args)]
+pub struct DirtyArgs {
+    #[command(subcommand)]
+    command: DirtyCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum DirtyCommand {
+    /// Start logging (`auto` picks pml, then dbit, then wp).
+    Start {
+        /// Domain id.
+        domain: u32,
+        /// auto, pml (VMX), dbit (EPT/NPT dirty bits) or wp (write-protection).
+        #[arg(long, default_value = "auto")]
+        mode: String,
+        /// Track only GPA:LEN (hex or decimal bytes, page-aligned), e.g. 0x400000:0x100000.
+        #[arg(long)]
+        range: Option<String>,
+    },
+    /// Counters: mode, pages dirtied, dirty now, rounds, exits caused by logging.
+    Stats {
+        /// Domain id.
+        domain: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dirty pages, without cleaning them.
+    Peek {
+        /// Domain id.
+        domain: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The dirty pages, cleaned and re-armed so the next write is logged again.
+    Clean {
+        /// Domain id.
+        domain: u32,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Peek-and-clean every --interval ms and write the rounds as a stream of wire
+    /// records (see the module docs) to --out or stdout.
+    Stream {
+        /// Domain id.
+        domain: u32,
+        /// Milliseconds between rounds.
+        #[arg(long, default_value_t = 500)]
+        interval: u64,
+        /// Stop after this many rounds (default: until the domain is gone or Ctrl-C).
+        #[arg(long)]
+        rounds: Option<u64>,
+        /// File to write (default: stdout).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Render a recorded stream as a PNG: pages left to right, rounds top to bottom,
+    /// brighter = more of the pages in that pixel were dirty.
+    Heatmap {
+        /// The stream file (`hvctl dirty stream --out`).
+        #[arg(long = "stream")]
+        input: PathBuf,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Image width in pixels (pages are binned to fit).
+        #[arg(long, default_value_t = 1024)]
+        width: u32,
+    },
+    /// Stop logging; prints the final counters.
+    Stop {
+        /// Domain id.
+        domain: u32,
+    },
+}
+
+fn parse_num(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x") {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn stats_response(r: Response, what: &str) -> Result<DirtyStatsReport, CliError> {
+    match r {
+        Response::DirtyStats(s) => Ok(s),
+        Response::Error(e) => Err(remote_err(format!("{what}: {e}"))),
+        _ => Err(connection_err(format!("the hypervisor answered {what} with the wrong message"))),
+    }
+}
+
+fn print_stats(s: &DirtyStatsReport, json: bool) {
+    if json {
+        let v = json!({
+            "domain": s.domain, "mode": s.mode, "pages_dirtied": s.pages_dirtied, "dirty_now": s.dirty_now,
+            "rounds": s.rounds, "logging_exits": s.logging_exits, "range_start_pfn": s.range_start, "range_pages": s.range_pages,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("domain {} log-dirty mode {}", s.domain, s.mode);
+        println!("  tracked pages   {} from pfn {:#x}", s.range_pages, s.range_start);
+        println!("  pages dirtied   {}", s.pages_dirtied);
+        println!("  dirty now       {}", s.dirty_now);
+        println!("  rounds          {}", s.rounds);
+        println!("  logging exits   {}", s.logging_exits);
+    }
+}
+
+fn peek(client: &mut Client, domain: u32, clean: bool) -> Result<DirtyBitmapReport, CliError> {
+    match client.call(&Request::DirtyPeek { domain, clean })? {
+        Response::DirtyBitmap(b) => Ok(b),
+        Response::Error(e) => Err(remote_err(format!("peek: {e}"))),
+        _ => Err(connection_err("the hypervisor answered peek with the wrong message")),
+    }
+}
+
+/// The bitmap a report describes.
+pub fn bitmap_of(report: &DirtyBitmapReport) -> Result<DirtyBitmap, CliError> {
+    DirtyBitmap::from_records(0..report.pages, &report.records)
+        .map_err(|e| connection_err(format!("the hypervisor sent bad dirty records: {e}")))
+}
+
+fn print_bitmap(report: &DirtyBitmapReport, json: bool) -> Result<(), CliError> {
+    let bitmap = bitmap_of(report)?;
+    let runs: Vec<(u64, u64)> = bitmap.runs().map(|r| (r.start, r.end - r.start)).collect();
+    if json {
+        let v = json!({
+            "domain": report.domain, "pages": report.pages, "dirty": bitmap.count_ones(),
+            "runs": runs.iter().map(|(s, n)| json!({"pfn": s, "pages": n})).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    } else {
+        println!("domain {}: {} of {} pages dirty", report.domain, bitmap.count_ones(), report.pages);
+        for (start, n) in runs {
+            println!(
+                "  pfn {start:#x}{}",
+                if n > 1 { format!("..{:#x} ({n} pages)", start + n - 1) } else { String::new() }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Read a stream file into (round, bitmap) pairs.
+pub fn read_stream(bytes: &[u8]) -> Result<Vec<DirtyBitmap>, CliError> {
+    let mut decoder = wire::FrameDecoder::new();
+    let mut rounds = Vec::new();
+    let mut input = bytes;
+    let mut next_seq = 0;
+    loop {
+        let taken = decoder.push(input);
+        input = &input[taken..];
+        let mut progressed = taken > 0;
+        while let Some(frame) = decoder.next_frame() {
+            progressed = true;
+            let frame = frame.map_err(|e| err(format!("not a dirty stream: {e}")))?;
+            let chunk = wire::decode_stream_chunk(&frame).map_err(|e| err(format!("not a dirty stream: {e}")))?;
+            chunk.verify().map_err(|e| err(format!("round {}: {e}", chunk.seq)))?;
+            if chunk.seq != next_seq {
+                return Err(err(format!("the stream skips from round {next_seq} to {}", chunk.seq)));
+            }
+            next_seq += 1;
+            let report: DirtyBitmapReport =
+                postcard::from_bytes(&chunk.data).map_err(|e| err(format!("round {}: {e}", chunk.seq)))?;
+            rounds.push(bitmap_of(&report)?);
+        }
+        if !progressed {
+            break;
+        }
+    }
+    if decoder.buffered() > 0 {
+        return Err(err("the stream ends in the middle of a frame"));
+    }
+    Ok(rounds)
+}
+
+fn heatmap(input: &PathBuf, out: &PathBuf, width: u32) -> Result<ExitCode, CliError> {
+    let bytes = std::fs::read(input).map_err(|e| err(format!("cannot read {}: {e}", input.display())))?;
+    let rounds = read_stream(&bytes)?;
+    let pages = rounds.iter().map(|b| b.pages()).max().unwrap_or(0);
+    if rounds.is_empty() || pages == 0 {
+        return Err(err(format!("{} holds no rounds", input.display())));
+    }
+    let width = (width.max(1) as u64).min(pages) as u32;
+    let row_height = (512 / rounds.len() as u32).clamp(1, 8);
+    let height = rounds.len() as u32 * row_height;
+    let mut pixels = vec![0u8; (width * height) as usize];
+    for (r, bitmap) in rounds.iter().enumerate() {
+        let mut bins = vec![0u64; width as usize];
+        for pfn in bitmap.ones() {
+            bins[(pfn * width as u64 / pages) as usize] += 1;
+        }
+        let per_bin = pages.div_ceil(width as u64).max(1);
+        for y in 0..row_height {
+            let row = (r as u32 * row_height + y) as usize * width as usize;
+            for (x, n) in bins.iter().enumerate() {
+                pixels[row + x] = ((n * 255) / per_bin).min(255) as u8;
+            }
+        }
+    }
+    let file = std::fs::File::create(out).map_err(|e| err(format!("cannot create {}: {e}", out.display())))?;
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
+    encoder.set_color(png::ColorType::Grayscale);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().map_err(|e| err(format!("{}: {e}", out.display())))?;
+    writer.write_image_data(&pixels).map_err(|e| err(format!("{}: {e}", out.display())))?;
+    println!("{}: {} rounds x {pages} pages ({width}x{height} px)", out.display(), rounds.len());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Run a `dirty` subcommand.
+pub fn run(opts: &Options, args: DirtyArgs) -> Result<ExitCode, CliError> {
+    match args.command {
+        DirtyCommand::Heatmap { input, out, width } => heatmap(&input, &out, width),
+        other => remote(&mut Client::connect(opts)?, other),
+    }
+}
+
+fn remote(client: &mut Client, command: DirtyCommand) -> Result<ExitCode, CliError> {
+    match command {
+        DirtyCommand::Start { domain, mode, range } => {
+            let range = match range {
+                None => None,
+                Some(r) => {
+                    let (gpa, len) = r
+                        .split_once(':')
+                        .and_then(|(g, l)| Some((parse_num(g)?, parse_num(l)?)))
+                        .ok_or_else(|| err(format!("--range {r}: expected GPA:LEN")))?;
+                    if gpa % 4096 != 0 || len % 4096 != 0 || len == 0 {
+                        return Err(err(format!("--range {r}: GPA and LEN must be non-zero multiples of 4096")));
+                    }
+                    Some((gpa / 4096, len / 4096))
+                }
+            };
+            let s = stats_response(client.call(&Request::DirtyStart { domain, mode, range })?, "start")?;
+            println!("domain {domain}: logging dirty pages with {} ({} pages tracked)", s.mode, s.range_pages);
+            Ok(ExitCode::SUCCESS)
+        }
+        DirtyCommand::Stats { domain, json } => {
+            print_stats(&stats_response(client.call(&Request::DirtyStats { domain })?, "stats")?, json);
+            Ok(ExitCode::SUCCESS)
+        }
+        DirtyCommand::Peek { domain, json } => {
+            print_bitmap(&peek(client, domain, false)?, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        DirtyCommand::Clean { domain, json } => {
+            print_bitmap(&peek(client, domain, true)?, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        DirtyCommand::Stop { domain } => {
+            let s = stats_response(client.call(&Request::DirtyStop { domain })?, "stop")?;
+            print_stats(&s, false);
+            Ok(ExitCode::SUCCESS)
+        }
+        DirtyCommand::Stream { domain, interval, rounds, out } => {
+            let mut sink: Box<dyn Write> = match &out {
+                Some(p) => {
+                    Box::new(std::fs::File::create(p).map_err(|e| err(format!("cannot create {}: {e}", p.display())))?)
+                }
+                None => Box::new(std::io::stdout().lock()),
+            };
+            let mut seq = 0u32;
+            loop {
+                let report = match client.call(&Request::DirtyPeek { domain, clean: true })? {
+                    Response::DirtyBitmap(b) => b,
+                    Response::Error(e) if seq > 0 => {
+                        eprintln!("hvctl: stream ended after {seq} rounds: {e}");
+                        break;
+                    }
+                    Response::Error(e) => return Err(remote_err(format!("stream: {e}"))),
+                    _ => return Err(connection_err("the hypervisor answered peek with the wrong message")),
+                };
+                let data = postcard::to_allocvec(&report).map_err(|e| err(format!("encoding round {seq}: {e}")))?;
+                let last = rounds.is_some_and(|n| u64::from(seq) + 1 >= n);
+                let chunk = StreamChunk::new(domain, seq, last, data);
+                let mut frame = Vec::new();
+                wire::encode_stream_chunk(1, &chunk, &mut frame).map_err(|e| err(format!("round {seq}: {e}")))?;
+                sink.write_all(&frame).map_err(|e| err(format!("writing the stream: {e}")))?;
+                sink.flush().map_err(|e| err(format!("writing the stream: {e}")))?;
+                seq += 1;
+                if last {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(interval));
+            }
+            if let Some(p) = out {
+                eprintln!("hvctl: {seq} rounds written to {}", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        DirtyCommand::Heatmap { input, out, width } => heatmap(&input, &out, width),
+    }
+}
