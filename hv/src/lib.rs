@@ -253,7 +253,12 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &caps::Capabilities) -> 
         // NPT leaves carry dirty flags the nested walk sets (APM Vol. 2 15.25.5).
         _ => domain::dirty::Mechanisms { pml: false, dbit: true },
     };
-    let mut machine = domain::Machine::new(backend, info.frames, host, slice, mechanisms);
+    // 2 MiB nested pages: EPT where IA32_VMX_EPT_VPID_CAP allows them, always with NPT.
+    let large_pages = match caps.virtualization {
+        caps::Virtualization::Vmx(v) => v.ept_2m,
+        _ => true,
+    };
+    let mut machine = domain::Machine::new(backend, info.frames, host, slice, mechanisms, large_pages);
     for (config, kernel) in &boot_domains {
         if let Err(e) = machine.create(config, kernel) {
             println!("DOMAIN-CREATE-FAILED name={}: {e}", config.name);

@@ -137,7 +137,7 @@ impl fmt::Display for SelftestError {
 
 /// Run the round trip on `backend`.
 pub fn run<B: Backend>(backend: &mut B, pool: &mut FramePool) -> Result<Report, SelftestError> {
-    let mem = GuestMemory::<B::Paging>::new(pool, GUEST_PAGES * PAGE_SIZE)?;
+    let mem = GuestMemory::<B::Paging>::new(pool, GUEST_PAGES * PAGE_SIZE, false)?;
     // The guest's own 4-level tables: PML4[0] -> PDPT, PDPT[0] -> PD, PD[0] = 2 MiB
     // identity page (P | RW | PS). SDM Vol. 3A 4.5 / APM Vol. 2 5.3.
     mem.write(pool, PML4, &(PDPT | 0x3).to_le_bytes())?;

@@ -269,6 +269,19 @@ fn dirty_exact(session: &mut Session, timeout: Duration) -> Result<String> {
             get("others").unwrap_or(0)
         ));
     }
+    // 2 MiB nested mappings were split when logging started and merged back at stop.
+    let text = clean(&serial);
+    let numbers = |marker: &str, key: &str| -> Vec<u64> {
+        text.lines()
+            .filter(|l| l.contains(marker))
+            .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|v| v.parse().ok()))
+            .collect()
+    };
+    let (split, merged) = (numbers("DIRTY-START", "split_2m="), numbers("DIRTY-MERGE", "merged_2m="));
+    if split.is_empty() || split.contains(&0) || split != merged {
+        return Err(format!("2 MiB mappings: split {split:?} at start, merged {merged:?} at stop"));
+    }
+    summary.push(format!("2 MiB mappings split {split:?} and merged back {merged:?}"));
     Ok(summary.join("; "))
 }
 

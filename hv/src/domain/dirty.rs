@@ -169,6 +169,16 @@ impl<B: Backend> Machine<B> {
         if range.start >= range.end || range.end > pages {
             return Err(DomainError::BadRange { pages });
         }
+        // Per-page permissions and dirty flags need 4 KiB leaves: split the 2 MiB
+        // mappings the range touches (merged back when logging stops).
+        if let Some(mem) = d.mem.as_mut() {
+            let split = mem.split_large(pool, range.clone())?;
+            crate::println!(
+                "DOMAIN {id} DIRTY-START mode={} pages={} split_2m={split}",
+                mode.name(),
+                range.end - range.start
+            );
+        }
         for pfn in range.clone() {
             arm(d, pool, mode, pfn)?;
         }
@@ -288,8 +298,12 @@ impl<B: Backend> Machine<B> {
             for pfn in log.range.clone() {
                 mem.update_leaf(pool, pfn * PAGE_SIZE, |e| e | write)?;
             }
-            flush_all(d)?;
         }
+        if let Some(mem) = d.mem.as_mut() {
+            let merged = mem.merge_large(pool)?;
+            crate::println!("DOMAIN {id} DIRTY-MERGE merged_2m={merged}");
+        }
+        flush_all(d)?;
         Ok(log.bitmap)
     }
 

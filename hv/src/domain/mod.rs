@@ -271,6 +271,8 @@ pub struct Machine<B: Backend> {
     cursor: usize,
     slice_ticks: Option<u64>,
     mechanisms: dirty::Mechanisms,
+    /// Map guest memory with 2 MiB nested pages where possible.
+    large_pages: bool,
 }
 
 impl<B: Backend> fmt::Debug for Machine<B> {
@@ -288,8 +290,9 @@ impl<B: Backend> Machine<B> {
         host: HostCpu,
         slice_ticks: Option<u64>,
         mechanisms: dirty::Mechanisms,
+        large_pages: bool,
     ) -> Self {
-        Self { backend, pool, host, domains: Vec::new(), next_id: 1, cursor: 0, slice_ticks, mechanisms }
+        Self { backend, pool, host, domains: Vec::new(), next_id: 1, cursor: 0, slice_ticks, mechanisms, large_pages }
     }
 
     /// The domains.
@@ -319,7 +322,7 @@ impl<B: Backend> Machine<B> {
     pub fn create(&mut self, cfg: &DomainConfig, kernel: &[u8]) -> Result<u32, DomainError> {
         let cpuid = self.cpuid_table(cfg.cpuid.as_deref(), cfg.vcpus)?;
         let id = self.next_id;
-        let mem = GuestMemory::<B::Paging>::new(&mut self.pool, cfg.memory)?;
+        let mem = GuestMemory::<B::Paging>::new(&mut self.pool, cfg.memory, self.large_pages)?;
         let params = loader::BootParams { arch: B::ARCH, domain_id: id, vcpus: cfg.vcpus, cmdline: &cfg.cmdline };
         let start = match loader::load(&mut self.pool, &mem, kernel, params) {
             Ok(s) => s,

@@ -97,6 +97,30 @@ impl FramePool {
         Err(MmError::OutOfFrames { total: self.frames })
     }
 
+    /// Allocate `count` contiguous zeroed frames whose first physical address is a
+    /// multiple of `align` bytes (for 2 MiB nested mappings). `None` when no such run
+    /// is free (callers fall back to 4 KiB frames).
+    pub fn alloc_aligned_zeroed(&mut self, count: usize, align: u64) -> Option<u64> {
+        let step = (align / PAGE_SIZE).max(1) as usize;
+        let first_aligned = (self.base.next_multiple_of(align) - self.base) / PAGE_SIZE;
+        let mut start = first_aligned as usize;
+        while start + count <= self.frames {
+            if (start..start + count).all(|i| self.used[i / 64] & (1 << (i % 64)) == 0) {
+                for i in start..start + count {
+                    self.used[i / 64] |= 1 << (i % 64);
+                }
+                self.free -= count;
+                let base = self.base + start as u64 * PAGE_SIZE;
+                for j in 0..count as u64 {
+                    self.bytes_mut(base + j * PAGE_SIZE).ok()?.fill(0);
+                }
+                return Some(base);
+            }
+            start += step;
+        }
+        None
+    }
+
     /// Return a frame to the pool.
     pub fn free(&mut self, pa: u64) -> Result<(), MmError> {
         let i = self.index(pa)?;

@@ -9,33 +9,85 @@ use alloc::vec::Vec;
 
 use super::frames::FramePool;
 use super::nested::{EntryFormat, NestedTables, Perms};
-use super::{MmError, PAGE_SIZE};
+use super::{LARGE_PAGE_SIZE, MmError, PAGE_SIZE};
 
 /// Guest memory of one domain.
 #[derive(Debug)]
 pub struct GuestMemory<F: EntryFormat> {
     frames: Vec<u64>,
     tables: NestedTables<F>,
+    /// Guest-physical 2 MiB chunks backed by one aligned host run, mapped (or
+    /// mappable) with one 2 MiB leaf.
+    large: Vec<u64>,
 }
 
 impl<F: EntryFormat> GuestMemory<F> {
     /// Allocate and map `bytes` (rounded up to pages) of zeroed memory from GPA 0.
-    /// On failure everything allocated so far is returned to the pool.
-    pub fn new(pool: &mut FramePool, bytes: u64) -> Result<Self, MmError> {
+    /// With `large`, each whole 2 MiB chunk the pool can back with one aligned run is
+    /// mapped by one 2 MiB leaf (fewer nested walks and TLB entries); the rest is mapped
+    /// 4 KiB at a time. On failure everything allocated so far is returned to the pool.
+    pub fn new(pool: &mut FramePool, bytes: u64, large: bool) -> Result<Self, MmError> {
         let pages = bytes.div_ceil(PAGE_SIZE);
         let tables = NestedTables::new(pool)?;
-        let mut mem = Self { frames: Vec::new(), tables };
-        for page in 0..pages {
+        let mut mem = Self { frames: Vec::new(), tables, large: Vec::new() };
+        let per_chunk = LARGE_PAGE_SIZE / PAGE_SIZE;
+        let mut page = 0;
+        while page < pages {
+            let gpa = page * PAGE_SIZE;
+            if large
+                && pages - page >= per_chunk
+                && let Some(run) = pool.alloc_aligned_zeroed(per_chunk as usize, LARGE_PAGE_SIZE)
+            {
+                mem.frames.extend((0..per_chunk).map(|i| run + i * PAGE_SIZE));
+                if let Err(e) = mem.tables.map_2m(pool, gpa, run, Perms::RWX) {
+                    mem.destroy(pool)?;
+                    return Err(e);
+                }
+                mem.large.push(gpa);
+                page += per_chunk;
+                continue;
+            }
             let step = pool.alloc_zeroed().and_then(|frame| {
                 mem.frames.push(frame);
-                mem.tables.map_4k(pool, page * PAGE_SIZE, frame, Perms::RWX)
+                mem.tables.map_4k(pool, gpa, frame, Perms::RWX)
             });
             if let Err(e) = step {
                 mem.destroy(pool)?;
                 return Err(e);
             }
+            page += 1;
         }
         Ok(mem)
+    }
+
+    /// Split the 2 MiB mappings overlapping guest pages `pfns` into 4 KiB ones (log-dirty
+    /// needs per-page permissions and dirty flags). Returns how many were split.
+    pub fn split_large(&mut self, pool: &mut FramePool, pfns: core::ops::Range<u64>) -> Result<u64, MmError> {
+        let mut n = 0;
+        for &gpa in &self.large {
+            let chunk = gpa / PAGE_SIZE..(gpa + LARGE_PAGE_SIZE) / PAGE_SIZE;
+            if chunk.start < pfns.end && pfns.start < chunk.end && self.tables.split_2m(pool, gpa)? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Put back every 2 MiB mapping whose 4 KiB pieces are uniform again. Returns how
+    /// many were merged.
+    pub fn merge_large(&mut self, pool: &mut FramePool) -> Result<u64, MmError> {
+        let mut n = 0;
+        for &gpa in &self.large {
+            if self.tables.merge_2m(pool, gpa)? {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// 2 MiB chunks backed by aligned host runs.
+    pub fn large_chunks(&self) -> usize {
+        self.large.len()
     }
 
     /// Bytes of guest memory.
@@ -117,7 +169,7 @@ mod tests {
     fn memory_round_trips_across_pages_and_is_returned_whole() {
         let mut p = pool(64);
         let before = p.free_frames();
-        let mem = GuestMemory::<Npt>::new(&mut p, 5 * PAGE_SIZE + 1).unwrap();
+        let mem = GuestMemory::<Npt>::new(&mut p, 5 * PAGE_SIZE + 1, true).unwrap();
         assert_eq!(mem.bytes(), 6 * PAGE_SIZE);
         let data: Vec<u8> = (0..6000u32).map(|i| i as u8).collect();
         mem.write(&mut p, PAGE_SIZE - 100, &data).unwrap();
@@ -130,9 +182,29 @@ mod tests {
     }
 
     #[test]
+    fn large_chunks_are_mapped_2m_and_split_for_logging() {
+        let mut p = pool(2200);
+        let before = p.free_frames();
+        let mut mem = GuestMemory::<Ept>::new(&mut p, 4 * LARGE_PAGE_SIZE + 3 * PAGE_SIZE, true).unwrap();
+        assert!(mem.large_chunks() >= 1, "the pool has aligned runs");
+        let data: Vec<u8> = (0..9000u32).map(|i| (i * 7) as u8).collect();
+        mem.write(&mut p, LARGE_PAGE_SIZE - 100, &data).unwrap();
+        assert_eq!(
+            mem.split_large(&mut p, 0..2 * 512).unwrap(),
+            mem.large.iter().filter(|g| **g < 2 * LARGE_PAGE_SIZE).count() as u64
+        );
+        let mut back = alloc::vec![0u8; data.len()];
+        mem.read(&mut p, LARGE_PAGE_SIZE - 100, &mut back).unwrap();
+        assert_eq!(back, data, "splitting keeps the contents");
+        assert!(mem.merge_large(&mut p).unwrap() >= 1);
+        mem.destroy(&mut p).unwrap();
+        assert_eq!(p.free_frames(), before);
+    }
+
+    #[test]
     fn running_out_of_frames_returns_what_was_taken() {
         let mut p = pool(10);
-        assert!(matches!(GuestMemory::<Ept>::new(&mut p, 20 * PAGE_SIZE), Err(MmError::OutOfFrames { .. })));
+        assert!(matches!(GuestMemory::<Ept>::new(&mut p, 20 * PAGE_SIZE, false), Err(MmError::OutOfFrames { .. })));
         assert_eq!(p.free_frames(), 10);
     }
 }

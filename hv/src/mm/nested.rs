@@ -321,6 +321,59 @@ impl<F: EntryFormat> NestedTables<F> {
         Ok(old)
     }
 
+    /// Replace the 2 MiB leaf at `gpa` by a page table of 512 4 KiB leaves with the same
+    /// host memory and permissions. Returns false if `gpa` is not a 2 MiB leaf.
+    pub fn split_2m(&mut self, pool: &mut FramePool, gpa: u64) -> Result<bool, MmError> {
+        let pd = self.table_for(pool, gpa, 2);
+        let pd = match pd {
+            Ok(pd) => pd,
+            Err(MmError::LargePageConflict { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let entry = pool.table_mut(pd)?[index(gpa, 2)];
+        if !F::present(entry) || !F::is_large(entry) {
+            return Ok(false);
+        }
+        let leaf = F::decode_leaf(entry, PageSize::Size2M);
+        let pt = pool.alloc_zeroed()?;
+        let table = pool.table_mut(pt)?;
+        for (i, e) in table.iter_mut().enumerate() {
+            *e = F::leaf(leaf.hpa + i as u64 * PAGE_SIZE, leaf.perms, PageSize::Size4K);
+        }
+        pool.table_mut(pd)?[index(gpa, 2)] = F::table(pt);
+        Ok(true)
+    }
+
+    /// Undo [`NestedTables::split_2m`]: if the 512 4 KiB leaves under `gpa` map one
+    /// contiguous, 2 MiB-aligned host range with equal permissions, put a 2 MiB leaf back
+    /// and free the page table. Returns whether it merged.
+    pub fn merge_2m(&mut self, pool: &mut FramePool, gpa: u64) -> Result<bool, MmError> {
+        let pd = match self.table_for(pool, gpa, 2) {
+            Ok(pd) => pd,
+            Err(MmError::LargePageConflict { .. }) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let entry = pool.table_mut(pd)?[index(gpa, 2)];
+        if !F::present(entry) || F::is_large(entry) {
+            return Ok(false);
+        }
+        let pt = entry & ADDR_MASK;
+        let table = *pool.table_mut(pt)?;
+        let first = F::decode_leaf(table[0], PageSize::Size4K);
+        if !F::present(table[0]) || first.hpa % LARGE_PAGE_SIZE != 0 {
+            return Ok(false);
+        }
+        for (i, e) in table.iter().enumerate() {
+            let l = F::decode_leaf(*e, PageSize::Size4K);
+            if !F::present(*e) || l.hpa != first.hpa + i as u64 * PAGE_SIZE || l.perms != first.perms {
+                return Ok(false);
+            }
+        }
+        pool.table_mut(pd)?[index(gpa, 2)] = F::leaf(first.hpa, first.perms, PageSize::Size2M);
+        pool.free(pt)?;
+        Ok(true)
+    }
+
     /// Free every table frame (not the mapped guest memory, which its owner frees).
     pub fn destroy(self, pool: &mut FramePool) -> Result<(), MmError> {
         fn free_level<F: EntryFormat>(pool: &mut FramePool, table: u64, level: u32) -> Result<(), MmError> {
@@ -393,6 +446,28 @@ mod tests {
     #[test]
     fn npt_maps_translates_and_frees() {
         round_trip::<Npt>();
+    }
+
+    #[test]
+    fn split_and_merge_keep_the_mapping_and_return_the_table() {
+        let mut p = pool(1100);
+        let mut t = NestedTables::<Npt>::new(&mut p).unwrap();
+        let host = p.alloc_aligned_zeroed(512, LARGE_PAGE_SIZE).unwrap();
+        t.map_2m(&mut p, 0x20_0000, host, Perms::RWX).unwrap();
+        let free = p.free_frames();
+        assert!(t.split_2m(&mut p, 0x20_0000).unwrap());
+        assert_eq!(p.free_frames(), free - 1, "one page table");
+        let (leaf, hpa) = t.translate(&mut p, 0x20_3456).unwrap().unwrap();
+        assert_eq!((leaf.size, hpa), (PageSize::Size4K, host + 0x3456));
+        // A 4 KiB leaf changed (write-protected) blocks the merge; restored, it merges.
+        t.update_leaf_4k(&mut p, 0x20_5000, |e| e & !Npt::WRITE_BIT).unwrap();
+        assert!(!t.merge_2m(&mut p, 0x20_0000).unwrap());
+        t.update_leaf_4k(&mut p, 0x20_5000, |e| e | Npt::WRITE_BIT).unwrap();
+        assert!(t.merge_2m(&mut p, 0x20_0000).unwrap());
+        assert_eq!(p.free_frames(), free);
+        let (leaf, hpa) = t.translate(&mut p, 0x20_3456).unwrap().unwrap();
+        assert_eq!((leaf.size, hpa), (PageSize::Size2M, host + 0x3456));
+        assert!(!t.split_2m(&mut p, 0x60_0000).unwrap(), "nothing mapped there");
     }
 
     #[test]
