@@ -208,7 +208,7 @@ mod tests {
     #[test]
     fn loads_segments_tables_and_boot_info() {
         let mut p = pool(1200);
-        let mem = GuestMemory::<Npt>::new(&mut p, 4 << 20).unwrap();
+        let mem = GuestMemory::<Npt>::new(&mut p, 4 << 20, true).unwrap();
         let start = load(&mut p, &mem, &elf(0x20_0000, &[0xf4, 0x90], 0x20_0000), params()).unwrap();
         assert_eq!(start, Start { rip: 0x20_0000, rsp: (4 << 20) - 8, cr3: PAGE_TABLES_GPA, rdi: BOOT_INFO_GPA });
         let mut code = [0u8; 2];
@@ -228,7 +228,7 @@ mod tests {
     #[test]
     fn refuses_what_the_abi_does_not_allow() {
         let mut p = pool(1200);
-        let mem = GuestMemory::<Npt>::new(&mut p, 4 << 20).unwrap();
+        let mem = GuestMemory::<Npt>::new(&mut p, 4 << 20, true).unwrap();
         let low = load(&mut p, &mem, &elf(0x1000, &[0xf4], 0x1000), params()).unwrap_err();
         assert!(matches!(low, LoadError::Layout(_)), "{low}");
         let high = load(&mut p, &mem, &elf((4 << 20) - 0x1000, &[0xf4], (4 << 20) - 0x1000), params()).unwrap_err();
