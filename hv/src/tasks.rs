@@ -67,25 +67,27 @@ pub trait DomainOps {
     }
     /// The RMID each vCPU of domain `id` runs with (index = vCPU; 0 = not monitored).
     fn set_rmids(&mut self, _id: u32, _rmids: Vec<u32>) {}
-    /// Start log-dirty mode (`mode`: auto, pml, dbit, wp; `range`: first pfn, pages).
+    /// Start log `slot` (0 main, 1 tracking; `mode`: auto, pml, dbit, wp; `range`:
+    /// first pfn, pages).
     fn dirty_start(
         &mut self,
         id: u32,
+        _slot: usize,
         _mode: &str,
         _range: Option<(u64, u64)>,
     ) -> Result<wire::DirtyStatsReport, ErrorReply> {
         Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
     }
-    /// Stop log-dirty mode; the final counters.
-    fn dirty_stop(&mut self, id: u32) -> Result<wire::DirtyStatsReport, ErrorReply> {
+    /// Stop log `slot`; the final counters.
+    fn dirty_stop(&mut self, id: u32, _slot: usize) -> Result<wire::DirtyStatsReport, ErrorReply> {
         Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
     }
-    /// The log's counters.
-    fn dirty_stats(&mut self, id: u32) -> Result<wire::DirtyStatsReport, ErrorReply> {
+    /// Log `slot`'s counters.
+    fn dirty_stats(&mut self, id: u32, _slot: usize) -> Result<wire::DirtyStatsReport, ErrorReply> {
         Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
     }
-    /// The dirty pages, cleaned and re-armed if `clean`.
-    fn dirty_peek(&mut self, id: u32, _clean: bool) -> Result<wire::DirtyBitmapReport, ErrorReply> {
+    /// Log `slot`'s dirty pages, cleaned and re-armed if `clean`.
+    fn dirty_peek(&mut self, id: u32, _slot: usize, _clean: bool) -> Result<wire::DirtyBitmapReport, ErrorReply> {
         Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
     }
 }
@@ -408,16 +410,25 @@ impl Runtime {
                 }
             },
             Ok(Request::DirtyStart { domain, mode, range }) => {
-                domains.dirty_start(domain, &mode, range).map_or_else(Response::Error, Response::DirtyStats)
+                domains.dirty_start(domain, 0, &mode, range).map_or_else(Response::Error, Response::DirtyStats)
             }
             Ok(Request::DirtyStop { domain }) => {
-                domains.dirty_stop(domain).map_or_else(Response::Error, Response::DirtyStats)
+                domains.dirty_stop(domain, 0).map_or_else(Response::Error, Response::DirtyStats)
             }
             Ok(Request::DirtyStats { domain }) => {
-                domains.dirty_stats(domain).map_or_else(Response::Error, Response::DirtyStats)
+                domains.dirty_stats(domain, 0).map_or_else(Response::Error, Response::DirtyStats)
             }
             Ok(Request::DirtyPeek { domain, clean }) => {
-                domains.dirty_peek(domain, clean).map_or_else(Response::Error, Response::DirtyBitmap)
+                domains.dirty_peek(domain, 0, clean).map_or_else(Response::Error, Response::DirtyBitmap)
+            }
+            Ok(Request::DirtyTrack { domain, range }) => {
+                domains.dirty_start(domain, 1, "auto", Some(range)).map_or_else(Response::Error, Response::DirtyStats)
+            }
+            Ok(Request::DirtyTrackPeek { domain, clean }) => {
+                domains.dirty_peek(domain, 1, clean).map_or_else(Response::Error, Response::DirtyBitmap)
+            }
+            Ok(Request::DirtyTrackStop { domain }) => {
+                domains.dirty_stop(domain, 1).map_or_else(Response::Error, Response::DirtyStats)
             }
             Ok(other) => Response::Error(ErrorReply::new(
                 ErrorCode::Internal,

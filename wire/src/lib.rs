@@ -65,6 +65,8 @@
 //! | 1 request | [`Request`] | `MonitorStats { domain }` (v2) | hvctl → hv | [`ServiceId::Monitor`] | `Response::MonitorStats` |
 //! | 1 request | [`Request`] | `DirtyStart`/`DirtyStop`/`DirtyStats` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DirtyStats` |
 //! | 1 request | [`Request`] | `DirtyPeek { domain, clean }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DirtyBitmap` |
+//! | 1 request | [`Request`] | `DirtyTrack`/`DirtyTrackStop` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DirtyStats` |
+//! | 1 request | [`Request`] | `DirtyTrackPeek { domain, clean }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DirtyBitmap` |
 //! | 2 response | [`Response`] | `Pong`, `Info`, `ServiceStatus`, `DomainCreated`, `DomainList`, `Done`, `Console` | hv → hvctl | — | — |
 //! | 2 response | [`Response`] | `Error(ErrorReply)` | hv → hvctl | — | answers any request or frame that failed |
 //! | 3 event | [`Event`] | `Log { level, message }`, `ServiceState { service, state }` | hv → hvctl | — | none; request id 0 |

@@ -221,6 +221,28 @@ pub enum Request {
         /// Clean (and re-arm) what is reported.
         clean: bool,
     },
+    /// Start the tracking log: a second log over one range, coexisting with the main
+    /// log and sharing its mechanism, like Xen's video-RAM tracking (v2). Answered by
+    /// [`Response::DirtyStats`].
+    DirtyTrack {
+        /// Domain id.
+        domain: u32,
+        /// First page frame and page count.
+        range: (u64, u64),
+    },
+    /// The tracking log's dirty pages, optionally cleaning them (v2). Answered by
+    /// [`Response::DirtyBitmap`].
+    DirtyTrackPeek {
+        /// Domain id.
+        domain: u32,
+        /// Clean (and re-arm) what is reported.
+        clean: bool,
+    },
+    /// Stop the tracking log (v2). Answered by [`Response::DirtyStats`].
+    DirtyTrackStop {
+        /// Domain id.
+        domain: u32,
+    },
 }
 
 /// Log-dirty counters.
@@ -386,7 +408,7 @@ pub struct ConsoleChunk {
 
 impl Request {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 18;
+    pub const VARIANTS: u32 = 21;
 
     /// The service that owns this request: the router's table.
     pub const fn service(&self) -> ServiceId {
@@ -404,9 +426,13 @@ impl Request {
             | Self::MonitorDetach { .. }
             | Self::MonitorEvents { .. }
             | Self::MonitorStats { .. } => ServiceId::Monitor,
-            Self::DirtyStart { .. } | Self::DirtyStop { .. } | Self::DirtyStats { .. } | Self::DirtyPeek { .. } => {
-                ServiceId::Core
-            }
+            Self::DirtyStart { .. }
+            | Self::DirtyStop { .. }
+            | Self::DirtyStats { .. }
+            | Self::DirtyPeek { .. }
+            | Self::DirtyTrack { .. }
+            | Self::DirtyTrackPeek { .. }
+            | Self::DirtyTrackStop { .. } => ServiceId::Core,
             Self::ServiceStatus { service } => *service,
         }
     }
@@ -432,6 +458,9 @@ impl Request {
             Self::DirtyStop { .. } => "dirty-stop",
             Self::DirtyStats { .. } => "dirty-stats",
             Self::DirtyPeek { .. } => "dirty-peek",
+            Self::DirtyTrack { .. } => "dirty-track",
+            Self::DirtyTrackPeek { .. } => "dirty-track-peek",
+            Self::DirtyTrackStop { .. } => "dirty-track-stop",
         }
     }
 }

@@ -195,6 +195,9 @@ fn vectors() -> Vec<Vector> {
         v("request_dirty_stop", 22, Msg::Request(Request::DirtyStop { domain: 3 })),
         v("request_dirty_stats", 23, Msg::Request(Request::DirtyStats { domain: 3 })),
         v("request_dirty_peek", 24, Msg::Request(Request::DirtyPeek { domain: 3, clean: true })),
+        v("request_dirty_track", 25, Msg::Request(Request::DirtyTrack { domain: 3, range: (4096, 128) })),
+        v("request_dirty_track_peek", 26, Msg::Request(Request::DirtyTrackPeek { domain: 3, clean: false })),
+        v("request_dirty_track_stop", 27, Msg::Request(Request::DirtyTrackStop { domain: 3 })),
         v(
             "response_dirty_stats",
             23,

@@ -12,9 +12,12 @@
 //! - `wp` (any CPU): tracked pages lose write permission; the first write faults, is
 //!   logged, and the permission comes back until the page is reported and re-armed.
 //!
-//! The log is a `wire::dirty::DirtyBitmap` over the whole guest, tracking one range
-//! (the whole domain, or part of it like Xen's video-RAM tracking). Writes the
-//! hypervisor makes into guest memory while logging are marked dirty explicitly.
+//! A domain has up to two logs sharing one mechanism: the main log (`hvctl dirty
+//! start`, the whole domain or a range; what migration consumes) and a tracking log
+//! over one range (`hvctl dirty track`, like Xen's video-RAM tracking). Each is a
+//! `wire::dirty::DirtyBitmap` over the whole guest; a logged write marks every log
+//! whose range holds the page, so cleaning one never hides a write from the other.
+//! Writes the hypervisor makes into guest memory while logging are marked explicitly.
 
 use core::ops::Range;
 
@@ -103,7 +106,7 @@ pub struct LogDirty {
 
 impl LogDirty {
     /// Log page `pfn` (ignored outside the tracked range).
-    pub fn mark(&mut self, pfn: u64) {
+    fn mark(&mut self, pfn: u64) {
         if self.range.contains(&pfn) && !self.bitmap.test(pfn).unwrap_or(true) && self.bitmap.set(pfn).is_ok() {
             self.pages_dirtied += 1;
         }
@@ -125,6 +128,26 @@ pub struct DirtyStats {
     pub logging_exits: u64,
     /// First tracked page and count.
     pub range: (u64, u64),
+}
+
+/// The main log (`hvctl dirty start`).
+pub const MAIN: usize = 0;
+/// The tracking log (`hvctl dirty track`).
+pub const TRACK: usize = 1;
+
+fn logs_mode<B: Backend>(d: &Domain<B>) -> Option<Mode> {
+    d.logs.iter().flatten().map(|l| l.mode).next()
+}
+
+fn tracked<B: Backend>(d: &Domain<B>, pfn: u64) -> bool {
+    d.logs.iter().flatten().any(|l| l.range.contains(&pfn))
+}
+
+/// Log `pfn` in every log that tracks it.
+fn mark_all<B: Backend>(d: &mut Domain<B>, pfn: u64) {
+    for log in d.logs.iter_mut().flatten() {
+        log.mark(pfn);
+    }
 }
 
 fn arm<B: Backend>(d: &Domain<B>, pool: &mut FramePool, mode: Mode, pfn: u64) -> Result<(), DomainError> {
@@ -151,15 +174,38 @@ impl<B: Backend> Machine<B> {
         self.domains.iter().position(|d| d.id == id).ok_or(DomainError::NoSuchDomain(id))
     }
 
-    /// Start logging `range` (page frame numbers; the whole domain if `None`) with
-    /// `mode` (the best available if `None`). Returns the mode used.
+    /// Start the main log over `range` (page frame numbers; the whole domain if
+    /// `None`) with `mode` (the best available if `None`). Returns the mode used.
     pub fn dirty_start(&mut self, id: u32, mode: Option<Mode>, range: Option<Range<u64>>) -> Result<Mode, DomainError> {
+        self.log_start(id, MAIN, mode, range)
+    }
+
+    /// Start log `slot` (see [`MAIN`], [`TRACK`]).
+    pub fn log_start(
+        &mut self,
+        id: u32,
+        slot: usize,
+        mode: Option<Mode>,
+        range: Option<Range<u64>>,
+    ) -> Result<Mode, DomainError> {
         let i = self.domain_mut(id)?;
-        let mode = self.mechanisms.choose(mode)?;
+        // Bits the existing log has not harvested yet must not be lost by re-arming.
+        self.harvest(i)?;
+        let active = logs_mode(&self.domains[i]);
+        let mode = match (active, mode) {
+            (Some(m), None) => m,
+            (Some(m), Some(asked)) if asked != m => {
+                return Err(DomainError::WrongState {
+                    id,
+                    state: alloc::format!("logging with {}; a second log shares that mechanism", m.name()),
+                });
+            }
+            (_, asked) => self.mechanisms.choose(asked)?,
+        };
         let pool = &mut self.pool;
         let d = &mut self.domains[i];
-        if d.log.is_some() {
-            return Err(DomainError::WrongState { id, state: "already logging dirty pages".into() });
+        if d.logs[slot].is_some() {
+            return Err(DomainError::WrongState { id, state: "already running that log".into() });
         }
         if d.mem.is_none() {
             return Err(DomainError::Unavailable("the domain has no memory any more"));
@@ -170,7 +216,7 @@ impl<B: Backend> Machine<B> {
             return Err(DomainError::BadRange { pages });
         }
         // Per-page permissions and dirty flags need 4 KiB leaves: split the 2 MiB
-        // mappings the range touches (merged back when logging stops).
+        // mappings the range touches (merged back when the last log stops).
         if let Some(mem) = d.mem.as_mut() {
             let split = mem.split_large(pool, range.clone())?;
             crate::println!(
@@ -182,40 +228,34 @@ impl<B: Backend> Machine<B> {
         for pfn in range.clone() {
             arm(d, pool, mode, pfn)?;
         }
-        if mode == Mode::Pml {
+        if mode == Mode::Pml && active.is_none() {
             for slot in &mut d.vcpus {
                 slot.vcpu.enable_pml(pool)?;
             }
         }
         flush_all(d)?;
         let bitmap = DirtyBitmap::new(pages).map_err(|_| DomainError::BadRange { pages })?;
-        d.log = Some(LogDirty { mode, bitmap, range, pages_dirtied: 0, rounds: 0, logging_exits: 0 });
+        d.logs[slot] = Some(LogDirty { mode, bitmap, range, pages_dirtied: 0, rounds: 0, logging_exits: 0 });
         Ok(mode)
     }
 
-    /// Bring the log up to date: drain PML buffers, or harvest dirty bits.
+    /// Bring the logs up to date: drain PML buffers, or harvest dirty bits.
     fn harvest(&mut self, i: usize) -> Result<(), DomainError> {
         let pool = &mut self.pool;
         let d = &mut self.domains[i];
-        let Some(mode) = d.log.as_ref().map(|l| l.mode) else { return Ok(()) };
+        let Some(mode) = logs_mode(d) else { return Ok(()) };
+        let mut found = alloc::vec::Vec::new();
         match mode {
             Mode::Pml => {
-                let mut logged = alloc::vec::Vec::new();
                 for slot in &mut d.vcpus {
-                    slot.vcpu.drain_pml(pool, &mut |gpa| logged.push(gpa / PAGE_SIZE))?;
-                }
-                if let Some(log) = d.log.as_mut() {
-                    for pfn in logged {
-                        log.mark(pfn);
-                    }
+                    slot.vcpu.drain_pml(pool, &mut |gpa| found.push(gpa / PAGE_SIZE))?;
                 }
             }
             Mode::Dbit => {
-                let Some(range) = d.log.as_ref().map(|l| l.range.clone()) else { return Ok(()) };
                 let dirty = <B::Paging as EntryFormat>::DIRTY;
-                let mut found = alloc::vec::Vec::new();
+                let pages = d.memory_bytes / PAGE_SIZE;
                 if let Some(mem) = d.mem.as_ref() {
-                    for pfn in range {
+                    for pfn in (0..pages).filter(|p| tracked(d, *p)) {
                         let old = mem.update_leaf(pool, pfn * PAGE_SIZE, |e| e & !dirty)?;
                         if old & dirty != 0 {
                             found.push(pfn);
@@ -225,34 +265,51 @@ impl<B: Backend> Machine<B> {
                 if !found.is_empty() {
                     flush_all(d)?;
                 }
-                if let Some(log) = d.log.as_mut() {
-                    for pfn in found {
-                        log.mark(pfn);
-                    }
-                }
             }
             Mode::Wp => {}
+        }
+        for pfn in found {
+            mark_all(d, pfn);
         }
         Ok(())
     }
 
-    /// The dirty pages of `range` (pfns; all if `None`) without cleaning them.
+    fn log_of(&self, i: usize, slot: usize) -> Result<&LogDirty, DomainError> {
+        self.domains[i].logs[slot].as_ref().ok_or(DomainError::Unavailable("that log is not running"))
+    }
+
+    /// The dirty pages of the main log's `range` (all if `None`) without cleaning them.
     pub fn dirty_peek(&mut self, id: u32, range: Option<Range<u64>>) -> Result<DirtyBitmap, DomainError> {
+        self.log_peek(id, MAIN, range)
+    }
+
+    /// Peek log `slot`.
+    pub fn log_peek(&mut self, id: u32, slot: usize, range: Option<Range<u64>>) -> Result<DirtyBitmap, DomainError> {
         let i = self.domain_mut(id)?;
         self.harvest(i)?;
-        let log = self.domains[i].log.as_ref().ok_or(DomainError::Unavailable("the domain is not logging"))?;
+        let log = self.log_of(i, slot)?;
         let r = range.unwrap_or(log.bitmap.pfns());
         log.bitmap.peek(r).map_err(|_| DomainError::BadRange { pages: log.bitmap.pages() })
     }
 
-    /// The dirty pages of `range`, which are then clean and re-armed so the next write
-    /// is logged again. The vCPUs keep running.
+    /// Peek-and-clean the main log.
     pub fn dirty_peek_clean(&mut self, id: u32, range: Option<Range<u64>>) -> Result<DirtyBitmap, DomainError> {
+        self.log_peek_clean(id, MAIN, range)
+    }
+
+    /// The dirty pages of log `slot` in `range`, which are then clean in that log and
+    /// re-armed so the next write is logged again. The vCPUs keep running.
+    pub fn log_peek_clean(
+        &mut self,
+        id: u32,
+        slot: usize,
+        range: Option<Range<u64>>,
+    ) -> Result<DirtyBitmap, DomainError> {
         let i = self.domain_mut(id)?;
         self.harvest(i)?;
         let pool = &mut self.pool;
         let d = &mut self.domains[i];
-        let log = d.log.as_mut().ok_or(DomainError::Unavailable("the domain is not logging"))?;
+        let log = d.logs[slot].as_mut().ok_or(DomainError::Unavailable("that log is not running"))?;
         let r = range.unwrap_or(log.bitmap.pfns());
         let pages = log.bitmap.pages();
         let taken = log.bitmap.peek_and_clean(r).map_err(|_| DomainError::BadRange { pages })?;
@@ -270,36 +327,41 @@ impl<B: Backend> Machine<B> {
         Ok(taken)
     }
 
-    /// Stop logging; what was logged and not yet cleaned is returned.
+    /// Stop the main log; what was logged and not yet cleaned is returned.
     pub fn dirty_stop(&mut self, id: u32) -> Result<DirtyBitmap, DomainError> {
+        self.log_stop(id, MAIN)
+    }
+
+    /// Stop log `slot`. The mechanism stays armed for the other log if it runs.
+    pub fn log_stop(&mut self, id: u32, slot: usize) -> Result<DirtyBitmap, DomainError> {
         let i = self.domain_mut(id)?;
         self.harvest(i)?;
-        if let Some(log) = self.domains[i].log.as_ref() {
-            crate::println!(
-                "DOMAIN {id} DIRTY-STOP mode={} pages_dirtied={} logging_exits={} rounds={}",
-                log.mode.name(),
-                log.pages_dirtied,
-                log.logging_exits,
-                log.rounds
-            );
-        }
         let pool = &mut self.pool;
         let d = &mut self.domains[i];
-        let log = d.log.take().ok_or(DomainError::Unavailable("the domain is not logging"))?;
-        if log.mode == Mode::Pml {
+        let log = d.logs[slot].take().ok_or(DomainError::Unavailable("that log is not running"))?;
+        crate::println!(
+            "DOMAIN {id} DIRTY-STOP mode={} pages_dirtied={} logging_exits={} rounds={}",
+            log.mode.name(),
+            log.pages_dirtied,
+            log.logging_exits,
+            log.rounds
+        );
+        let last = logs_mode(d).is_none();
+        if log.mode == Mode::Pml && last {
             for slot in &mut d.vcpus {
                 slot.vcpu.disable_pml(pool)?;
             }
         }
-        if log.mode == Mode::Wp
-            && let Some(mem) = d.mem.as_ref()
-        {
+        if log.mode == Mode::Wp {
             let write = <B::Paging as EntryFormat>::WRITE_BIT;
-            for pfn in log.range.clone() {
-                mem.update_leaf(pool, pfn * PAGE_SIZE, |e| e | write)?;
+            let give_back: alloc::vec::Vec<u64> = log.range.clone().filter(|p| !tracked(d, *p)).collect();
+            if let Some(mem) = d.mem.as_ref() {
+                for pfn in give_back {
+                    mem.update_leaf(pool, pfn * PAGE_SIZE, |e| e | write)?;
+                }
             }
         }
-        if let Some(mem) = d.mem.as_mut() {
+        if last && let Some(mem) = d.mem.as_mut() {
             let merged = mem.merge_large(pool)?;
             crate::println!("DOMAIN {id} DIRTY-MERGE merged_2m={merged}");
         }
@@ -307,11 +369,16 @@ impl<B: Backend> Machine<B> {
         Ok(log.bitmap)
     }
 
-    /// Counters of the log.
+    /// Counters of the main log.
     pub fn dirty_stats(&mut self, id: u32) -> Result<DirtyStats, DomainError> {
+        self.log_stats(id, MAIN)
+    }
+
+    /// Counters of log `slot`.
+    pub fn log_stats(&mut self, id: u32, slot: usize) -> Result<DirtyStats, DomainError> {
         let i = self.domain_mut(id)?;
         self.harvest(i)?;
-        let log = self.domains[i].log.as_ref().ok_or(DomainError::Unavailable("the domain is not logging"))?;
+        let log = self.log_of(i, slot)?;
         Ok(DirtyStats {
             mode: log.mode,
             pages_dirtied: log.pages_dirtied,
@@ -327,12 +394,13 @@ impl<B: Backend> Machine<B> {
 /// Returns false if the fault is not logging's (the domain really went outside).
 pub(super) fn write_fault<B: Backend>(d: &mut Domain<B>, pool: &mut FramePool, gpa: u64) -> Result<bool, DomainError> {
     let pfn = gpa / PAGE_SIZE;
-    let Some(log) = d.log.as_mut() else { return Ok(false) };
-    if log.mode != Mode::Wp || !log.range.contains(&pfn) || gpa >= d.memory_bytes {
+    if logs_mode(d) != Some(Mode::Wp) || !tracked(d, pfn) || gpa >= d.memory_bytes {
         return Ok(false);
     }
-    log.mark(pfn);
-    log.logging_exits += 1;
+    mark_all(d, pfn);
+    for log in d.logs.iter_mut().flatten() {
+        log.logging_exits += 1;
+    }
     let write = <B::Paging as EntryFormat>::WRITE_BIT;
     if let Some(mem) = d.mem.as_ref() {
         mem.update_leaf(pool, pfn * PAGE_SIZE, |e| e | write)?;
@@ -341,25 +409,23 @@ pub(super) fn write_fault<B: Backend>(d: &mut Domain<B>, pool: &mut FramePool, g
     Ok(true)
 }
 
-/// A PML-full exit of vCPU `vi`: drain its buffer into the log.
+/// A PML-full exit of vCPU `vi`: drain its buffer into the logs.
 pub(super) fn pml_full<B: Backend>(d: &mut Domain<B>, pool: &mut FramePool, vi: usize) -> Result<(), DomainError> {
     let mut logged = alloc::vec::Vec::new();
     d.vcpus[vi].vcpu.drain_pml(pool, &mut |gpa| logged.push(gpa / PAGE_SIZE))?;
-    if let Some(log) = d.log.as_mut() {
+    for log in d.logs.iter_mut().flatten() {
         log.logging_exits += 1;
-        for pfn in logged {
-            log.mark(pfn);
-        }
+    }
+    for pfn in logged {
+        mark_all(d, pfn);
     }
     Ok(())
 }
 
-/// The hypervisor wrote guest pages `gpas`: mark them dirty if logging (DESIGN.md:
-/// writes the hypervisor makes into guest memory are marked explicitly).
+/// The hypervisor wrote guest pages `gpas`: mark them dirty in every log that tracks
+/// them (DESIGN.md: writes the hypervisor makes into guest memory are marked).
 pub(super) fn hypervisor_wrote<B: Backend>(d: &mut Domain<B>, gpas: Range<u64>) {
-    if let Some(log) = d.log.as_mut() {
-        for pfn in gpas.start / PAGE_SIZE..gpas.end.div_ceil(PAGE_SIZE) {
-            log.mark(pfn);
-        }
+    for pfn in gpas.start / PAGE_SIZE..gpas.end.div_ceil(PAGE_SIZE) {
+        mark_all(d, pfn);
     }
 }

@@ -207,7 +207,8 @@ pub struct Domain<B: Backend> {
     mem: Option<GuestMemory<B::Paging>>,
     vcpus: Vec<VcpuSlot<B::Vcpu>>,
     cpuid: CpuidTable,
-    log: Option<dirty::LogDirty>,
+    /// Log-dirty logs: [`dirty::MAIN`] and [`dirty::TRACK`].
+    logs: [Option<dirty::LogDirty>; 2],
 }
 
 impl<B: Backend> fmt::Debug for Domain<B> {
@@ -344,7 +345,7 @@ impl<B: Backend> Machine<B> {
             mem: None,
             vcpus: Vec::new(),
             cpuid,
-            log: None,
+            logs: [None, None],
         };
         let root = mem.root();
         domain.mem = Some(mem);
@@ -619,15 +620,17 @@ fn handle_exit<B: Backend>(d: &mut Domain<B>, pool: &mut FramePool, vi: usize, e
             Ok(()) => Next::Continue,
             Err(e) => Next::Crash(alloc::format!("draining the PML buffer: {e}")),
         },
-        ExitReason::NestedPageFault { gpa, write: true } if d.log.is_some() => match dirty::write_fault(d, pool, gpa) {
-            Ok(true) => Next::Continue,
-            Ok(false) => Next::Crash(alloc::format!(
-                "write of guest-physical {gpa:#x}, outside its {} MiB of memory, at RIP {:#x}",
-                d.memory_bytes >> 20,
-                exit.rip
-            )),
-            Err(e) => Next::Crash(alloc::format!("logging a write fault: {e}")),
-        },
+        ExitReason::NestedPageFault { gpa, write: true } if d.logs.iter().any(Option::is_some) => {
+            match dirty::write_fault(d, pool, gpa) {
+                Ok(true) => Next::Continue,
+                Ok(false) => Next::Crash(alloc::format!(
+                    "write of guest-physical {gpa:#x}, outside its {} MiB of memory, at RIP {:#x}",
+                    d.memory_bytes >> 20,
+                    exit.rip
+                )),
+                Err(e) => Next::Crash(alloc::format!("logging a write fault: {e}")),
+            }
+        }
         ExitReason::TripleFault => Next::Crash(alloc::format!("triple fault (last RIP {:#x})", exit.rip)),
         ExitReason::NestedPageFault { gpa, write } => Next::Crash(alloc::format!(
             "{} of guest-physical {gpa:#x}, outside its {} MiB of memory, at RIP {:#x}",
@@ -652,8 +655,8 @@ pub fn vcpu_state(index: u32) -> VcpuState {
 }
 
 impl<B: Backend> Machine<B> {
-    fn dirty_report(&mut self, id: u32) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
-        let s = self.dirty_stats(id).map_err(domain_reply)?;
+    fn dirty_report(&mut self, id: u32, slot: usize) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
+        let s = self.log_stats(id, slot).map_err(domain_reply)?;
         Ok(wire::DirtyStatsReport {
             domain: id,
             mode: String::from(s.mode.name()),
@@ -741,27 +744,28 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
     fn dirty_start(
         &mut self,
         id: u32,
+        slot: usize,
         mode: &str,
         range: Option<(u64, u64)>,
     ) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
         let mode = dirty::Mode::parse(mode).map_err(domain_reply)?;
         let range = range.map(|(start, pages)| start..start.saturating_add(pages));
-        Machine::dirty_start(self, id, mode, range).map_err(domain_reply)?;
-        self.dirty_report(id)
+        self.log_start(id, slot, mode, range).map_err(domain_reply)?;
+        self.dirty_report(id, slot)
     }
 
-    fn dirty_stop(&mut self, id: u32) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
-        let report = self.dirty_report(id)?;
-        Machine::dirty_stop(self, id).map_err(domain_reply)?;
+    fn dirty_stop(&mut self, id: u32, slot: usize) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
+        let report = self.dirty_report(id, slot)?;
+        self.log_stop(id, slot).map_err(domain_reply)?;
         Ok(report)
     }
 
-    fn dirty_stats(&mut self, id: u32) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
-        self.dirty_report(id)
+    fn dirty_stats(&mut self, id: u32, slot: usize) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
+        self.dirty_report(id, slot)
     }
 
-    fn dirty_peek(&mut self, id: u32, clean: bool) -> Result<wire::DirtyBitmapReport, wire::ErrorReply> {
-        let bitmap = if clean { self.dirty_peek_clean(id, None) } else { Machine::dirty_peek(self, id, None) }
+    fn dirty_peek(&mut self, id: u32, slot: usize, clean: bool) -> Result<wire::DirtyBitmapReport, wire::ErrorReply> {
+        let bitmap = if clean { self.log_peek_clean(id, slot, None) } else { self.log_peek(id, slot, None) }
             .map_err(domain_reply)?;
         Ok(wire::DirtyBitmapReport {
             domain: id,

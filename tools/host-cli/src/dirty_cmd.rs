@@ -96,6 +96,42 @@ enum DirtyCommand {
         /// Domain id.
         domain: u32,
     },
+    /// Start a second, tracking log over one range (like Xen's video-RAM tracking); it
+    /// coexists with the main log and shares its mechanism.
+    Track {
+        /// Domain id.
+        domain: u32,
+        /// GPA:LEN to track (page-aligned).
+        #[arg(long)]
+        range: String,
+    },
+    /// The tracking log's dirty pages (--clean to clean and re-arm them).
+    TrackPeek {
+        /// Domain id.
+        domain: u32,
+        /// Clean what is reported.
+        #[arg(long)]
+        clean: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop the tracking log; prints its final counters.
+    TrackStop {
+        /// Domain id.
+        domain: u32,
+    },
+}
+
+fn parse_range(r: &str) -> Result<(u64, u64), CliError> {
+    let (gpa, len) = r
+        .split_once(':')
+        .and_then(|(g, l)| Some((parse_num(g)?, parse_num(l)?)))
+        .ok_or_else(|| err(format!("--range {r}: expected GPA:LEN")))?;
+    if gpa % 4096 != 0 || len % 4096 != 0 || len == 0 {
+        return Err(err(format!("--range {r}: GPA and LEN must be non-zero multiples of 4096")));
+    }
+    Ok((gpa / 4096, len / 4096))
 }
 
 fn parse_num(s: &str) -> Option<u64> {
@@ -243,19 +279,7 @@ pub fn run(opts: &Options, args: DirtyArgs) -> Result<ExitCode, CliError> {
 fn remote(client: &mut Client, command: DirtyCommand) -> Result<ExitCode, CliError> {
     match command {
         DirtyCommand::Start { domain, mode, range } => {
-            let range = match range {
-                None => None,
-                Some(r) => {
-                    let (gpa, len) = r
-                        .split_once(':')
-                        .and_then(|(g, l)| Some((parse_num(g)?, parse_num(l)?)))
-                        .ok_or_else(|| err(format!("--range {r}: expected GPA:LEN")))?;
-                    if gpa % 4096 != 0 || len % 4096 != 0 || len == 0 {
-                        return Err(err(format!("--range {r}: GPA and LEN must be non-zero multiples of 4096")));
-                    }
-                    Some((gpa / 4096, len / 4096))
-                }
-            };
+            let range = range.as_deref().map(parse_range).transpose()?;
             let s = stats_response(client.call(&Request::DirtyStart { domain, mode, range })?, "start")?;
             println!("domain {domain}: logging dirty pages with {} ({} pages tracked)", s.mode, s.range_pages);
             Ok(ExitCode::SUCCESS)
@@ -314,5 +338,24 @@ fn remote(client: &mut Client, command: DirtyCommand) -> Result<ExitCode, CliErr
             Ok(ExitCode::SUCCESS)
         }
         DirtyCommand::Heatmap { input, out, width } => heatmap(&input, &out, width),
+        DirtyCommand::Track { domain, range } => {
+            let range = parse_range(&range)?;
+            let s = stats_response(client.call(&Request::DirtyTrack { domain, range })?, "track")?;
+            println!("domain {domain}: tracking {} pages from pfn {:#x} with {}", s.range_pages, s.range_start, s.mode);
+            Ok(ExitCode::SUCCESS)
+        }
+        DirtyCommand::TrackPeek { domain, clean, json } => {
+            let report = match client.call(&Request::DirtyTrackPeek { domain, clean })? {
+                Response::DirtyBitmap(b) => b,
+                Response::Error(e) => return Err(remote_err(format!("track-peek: {e}"))),
+                _ => return Err(connection_err("the hypervisor answered track-peek with the wrong message")),
+            };
+            print_bitmap(&report, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        DirtyCommand::TrackStop { domain } => {
+            print_stats(&stats_response(client.call(&Request::DirtyTrackStop { domain })?, "track-stop")?, false);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
