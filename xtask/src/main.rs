@@ -53,6 +53,10 @@ enum Command {
         /// spinner.elf).
         #[arg(long, value_name = "FILE")]
         domains: Option<std::path::PathBuf>,
+        /// Start this many hypervisors side by side (QEMU only), each with its own vsock
+        /// backend, e.g. 2 to try migration between them.
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
     },
     /// Host unit tests (`cargo test --workspace --exclude boot --exclude guest-kernels`:
     /// those two only build for their freestanding targets), dependency rules, then the
@@ -130,7 +134,13 @@ fn main() -> ExitCode {
             println!("image: {}", esp.efi.display());
             println!("ESP:   {} ({} bytes)", esp.dir.display(), esp.size);
         }),
-        Command::Run { platform, timeout, cmdline, domains } => run(platform.platform(), timeout, cmdline, domains),
+        Command::Run { platform, timeout, cmdline, domains, instances } => {
+            if instances > 1 {
+                run_many(platform.platform(), timeout, instances)
+            } else {
+                run(platform.platform(), timeout, cmdline, domains)
+            }
+        }
         Command::Test { host_only, system_only, filter } => test(host_only, system_only, filter),
         Command::CpuidDump { platform, output } => cpuid_dump(platform.platform(), &output),
         Command::Fuzz { seconds } => fuzz(seconds),
@@ -212,6 +222,56 @@ fn run(platform: Platform, timeout: Option<u64>, cmdline: String, domains: Optio
         // No control channel: the hypervisor runs its boot-time domains and powers off
         // when none is left to run (Ctrl-C stops a domain that never ends).
         let _ = session.wait_until(Duration::MAX, &mut echo, |l| l.outcome().is_some());
+    }
+    Ok(())
+}
+
+/// `cargo xtask run --instances N`: N hypervisors on QEMU, each with its own vsock
+/// backend and run directory (target/xtask/runs/run-I); serial logs stay there.
+fn run_many(platform: Platform, timeout: Option<u64>, instances: usize) -> Result<()> {
+    if !matches!(platform, Platform::Qemu { .. }) {
+        return Err("--instances needs QEMU (Bochs has no virtio-vsock device)".into());
+    }
+    tools::ensure(&platform)?;
+    let esp = image::build(true)?;
+    tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
+    let timeout = Duration::from_secs(timeout.unwrap_or(platform.default_timeout_secs()));
+    let mut sessions = Vec::new();
+    for i in 0..instances {
+        let config = RunConfig {
+            name: format!("run-{i}"),
+            timeout,
+            cmdline: String::new(),
+            echo: false,
+            vsock: true,
+            domains: None,
+        };
+        sessions.push(emulator::Session::spawn(&platform, &esp, &config)?);
+    }
+    let target_dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
+    for (i, session) in sessions.iter_mut().enumerate() {
+        let wait = session.wait_until(timeout, &mut emulator::Echo::new(false), |l| {
+            l.line("CONTROL listening").is_some() || l.outcome().is_some()
+        });
+        let log = serial::SerialLog::new(&session.serial());
+        if !matches!(wait, emulator::Wait::Matched(_)) || log.line("CONTROL listening").is_none() {
+            return Err(format!(
+                "instance {i} did not start serving ({wait:?}): {}; log in {}",
+                log.outcome_summary(),
+                session.dir.display()
+            ));
+        }
+        let socket = session.vsock_socket.clone().ok_or("no vsock socket")?;
+        println!(
+            "xtask: instance {i} is serving: {target_dir}/debug/hvctl --connect unix:{}:{} info   (run files: {})",
+            socket.display(),
+            wire::CONTROL_PORT,
+            session.dir.display()
+        );
+    }
+    println!("xtask: {instances} hypervisors running; Ctrl-C stops them all.");
+    for session in &mut sessions {
+        let _ = session.wait_until(Duration::MAX, &mut emulator::Echo::new(false), |l| l.outcome().is_some());
     }
     Ok(())
 }
