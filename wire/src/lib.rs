@@ -164,6 +164,7 @@ pub mod dirty;
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod migration;
 pub mod service;
 pub mod stream;
 

@@ -1,0 +1,268 @@
+//! The convergence policy of pre-copy: after each round, from the measured bandwidth and
+//! dirty rate, decide whether to run another round, throttle the guest, stop and copy,
+//! or give up with a reason. Pure arithmetic, no clock and no I/O: the
+//! [`Source`](crate::source::Source) measures, this module decides.
+//!
+//! # Formula
+//!
+//! ```text
+//!  bandwidth B       = bytes_sent × 1000 / send_ms                 bytes/s (whole migration so far)
+//!  bandwidth pages   = B / 4096                                    pages/s
+//!  dirty rate D      = dirty_pages × 1000 / round_ms               pages/s (the round just finished)
+//!  estimated downtime = dirty_pages × 4096 × 1000 / B              ms, rounded up
+//!
+//!  1. estimated downtime ≤ downtime_target_ms      → StopAndCopy { estimated_downtime_ms }
+//!  2. D > B/4096 (the dirty set cannot shrink):
+//!       throttle enabled and below 99 %            → Throttle { percent } (20, 30, … 90, 99)
+//!       otherwise                                  → Fail(NotConverging)
+//!  3. round ≥ max_rounds                           → Fail(RoundLimit)
+//!  4. otherwise                                    → Continue
+//! ```
+//!
+//! `dirty_pages` are the pages dirtied during the round that just finished: exactly what
+//! is left to send, so the estimate is the time the stop-and-copy phase would take at
+//! the bandwidth seen so far. The defaults (300 ms, 30 rounds) and the throttle steps
+//! (20 % initial, +10 % per step, 99 % maximum) are QEMU's and cloud-hypervisor's.
+
+use core::fmt;
+
+/// The size of a guest page in bytes.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// The first throttle step, in percent of vCPU time taken away.
+pub const THROTTLE_INITIAL: u8 = 20;
+/// The throttle increment per further step.
+pub const THROTTLE_STEP: u8 = 10;
+/// The throttle ceiling.
+pub const THROTTLE_MAX: u8 = 99;
+
+/// How pre-copy decides when to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// The longest pause of the guest the stop-and-copy phase may take (default 300 ms).
+    pub downtime_target_ms: u64,
+    /// The most dirty rounds after the full copy before giving up (default 30).
+    pub max_rounds: u32,
+    /// Whether to throttle the guest's vCPUs when it dirties pages faster than they can
+    /// be sent (default off).
+    pub throttle: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self { downtime_target_ms: 300, max_rounds: 30, throttle: false }
+    }
+}
+
+/// What was measured when a round finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct RoundStats {
+    /// The round that finished: 0 is the full copy, 1.. the dirty rounds.
+    pub round: u32,
+    /// Bytes sent since the migration started.
+    pub bytes_sent: u64,
+    /// Time spent sending them, in ms.
+    pub send_ms: u64,
+    /// Pages dirtied during the round (the bits the following peek-and-clean took).
+    pub dirty_pages: u64,
+    /// The round's duration in ms.
+    pub round_ms: u64,
+    /// The throttle in force during the round, in percent.
+    pub throttle_percent: u8,
+}
+
+impl RoundStats {
+    /// Measured bandwidth in bytes/s (`u64::MAX` before anything was timed).
+    pub fn bandwidth_bytes_per_sec(&self) -> u64 {
+        per_sec(self.bytes_sent, self.send_ms)
+    }
+
+    /// Measured bandwidth in pages/s.
+    pub fn bandwidth_pages_per_sec(&self) -> u64 {
+        self.bandwidth_bytes_per_sec() / PAGE_SIZE
+    }
+
+    /// Measured dirty rate in pages/s.
+    pub fn dirty_pages_per_sec(&self) -> u64 {
+        per_sec(self.dirty_pages, self.round_ms)
+    }
+
+    /// The time sending the remaining dirty pages would take, in ms (rounded up).
+    pub fn estimated_downtime_ms(&self) -> u64 {
+        let bw = u128::from(self.bandwidth_bytes_per_sec());
+        if bw == 0 {
+            return if self.dirty_pages == 0 { 0 } else { u64::MAX };
+        }
+        let ms = (u128::from(self.dirty_pages) * u128::from(PAGE_SIZE) * 1000).div_ceil(bw);
+        u64::try_from(ms).unwrap_or(u64::MAX)
+    }
+}
+
+/// `count` per `ms` milliseconds, in per second; a zero time counts as 1 ms.
+fn per_sec(count: u64, ms: u64) -> u64 {
+    let v = u128::from(count) * 1000 / u128::from(ms.max(1));
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+/// What to do after a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Run another dirty round.
+    Continue,
+    /// Run another dirty round with the guest's vCPUs throttled to `percent`.
+    Throttle {
+        /// Percent of vCPU time taken away.
+        percent: u8,
+    },
+    /// Pause the guest and send what is left.
+    StopAndCopy {
+        /// How long that is expected to take.
+        estimated_downtime_ms: u64,
+    },
+    /// Give up.
+    Fail(ConvergenceError),
+}
+
+/// Why pre-copy gave up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvergenceError {
+    /// The guest dirties pages faster than they can be sent (and throttling is off or
+    /// at its maximum).
+    NotConverging {
+        /// Measured dirty rate.
+        dirty_pages_per_sec: u64,
+        /// Measured bandwidth.
+        bandwidth_pages_per_sec: u64,
+    },
+    /// The round limit was reached with the downtime still above its target.
+    RoundLimit {
+        /// The rounds run.
+        rounds: u32,
+        /// The downtime a stop-and-copy would have taken.
+        estimated_downtime_ms: u64,
+        /// The target.
+        downtime_target_ms: u64,
+    },
+}
+
+impl fmt::Display for ConvergenceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotConverging { dirty_pages_per_sec, bandwidth_pages_per_sec } => write!(
+                f,
+                "does not converge: dirty rate {dirty_pages_per_sec} pages/s > bandwidth {bandwidth_pages_per_sec} pages/s"
+            ),
+            Self::RoundLimit { rounds, estimated_downtime_ms, downtime_target_ms } => write!(
+                f,
+                "does not converge within {rounds} rounds: estimated downtime {estimated_downtime_ms} ms > target \
+                 {downtime_target_ms} ms"
+            ),
+        }
+    }
+}
+
+impl core::error::Error for ConvergenceError {}
+
+impl Policy {
+    /// The decision after a round (see the [module docs](self) for the rules).
+    pub fn decide(&self, stats: &RoundStats) -> Decision {
+        let estimated_downtime_ms = stats.estimated_downtime_ms();
+        if estimated_downtime_ms <= self.downtime_target_ms {
+            return Decision::StopAndCopy { estimated_downtime_ms };
+        }
+        let dirty_pages_per_sec = stats.dirty_pages_per_sec();
+        let bandwidth_pages_per_sec = stats.bandwidth_pages_per_sec();
+        if dirty_pages_per_sec > bandwidth_pages_per_sec {
+            if self.throttle && stats.throttle_percent < THROTTLE_MAX {
+                let percent = match stats.throttle_percent {
+                    0 => THROTTLE_INITIAL,
+                    p => p.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
+                };
+                return Decision::Throttle { percent };
+            }
+            return Decision::Fail(ConvergenceError::NotConverging { dirty_pages_per_sec, bandwidth_pages_per_sec });
+        }
+        if stats.round >= self.max_rounds {
+            return Decision::Fail(ConvergenceError::RoundLimit {
+                rounds: stats.round,
+                estimated_downtime_ms,
+                downtime_target_ms: self.downtime_target_ms,
+            });
+        }
+        Decision::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    /// 100 MB/s sending, `dirty` pages in a 1 s round.
+    fn stats(round: u32, dirty: u64, throttle: u8) -> RoundStats {
+        RoundStats {
+            round,
+            bytes_sent: 100_000_000,
+            send_ms: 1000,
+            dirty_pages: dirty,
+            round_ms: 1000,
+            throttle_percent: throttle,
+        }
+    }
+
+    #[test]
+    fn formula() {
+        let s = stats(1, 4882, 0);
+        assert_eq!(s.bandwidth_bytes_per_sec(), 100_000_000);
+        assert_eq!(s.bandwidth_pages_per_sec(), 24414);
+        assert_eq!(s.dirty_pages_per_sec(), 4882);
+        // 4882 × 4096 B / 100 MB/s = 199.96 ms, rounded up.
+        assert_eq!(s.estimated_downtime_ms(), 200);
+        assert_eq!(RoundStats::default().estimated_downtime_ms(), 0);
+        assert_eq!(RoundStats { dirty_pages: 1, ..RoundStats::default() }.bandwidth_bytes_per_sec(), 0);
+        assert_eq!(RoundStats { dirty_pages: 1, ..RoundStats::default() }.estimated_downtime_ms(), u64::MAX);
+    }
+
+    #[test]
+    fn decisions() {
+        let p = Policy::default();
+        assert_eq!(p, Policy { downtime_target_ms: 300, max_rounds: 30, throttle: false });
+        assert_eq!(p.decide(&stats(1, 4882, 0)), Decision::StopAndCopy { estimated_downtime_ms: 200 });
+        assert_eq!(p.decide(&stats(1, 10_000, 0)), Decision::Continue);
+        let fail = p.decide(&stats(1, 30_000, 0));
+        assert_eq!(
+            fail,
+            Decision::Fail(ConvergenceError::NotConverging {
+                dirty_pages_per_sec: 30_000,
+                bandwidth_pages_per_sec: 24414
+            })
+        );
+        let Decision::Fail(e) = fail else { return };
+        assert_eq!(e.to_string(), "does not converge: dirty rate 30000 pages/s > bandwidth 24414 pages/s");
+        // Converging but too slowly: the round limit.
+        let limit = p.decide(&stats(30, 10_000, 0));
+        assert_eq!(
+            limit,
+            Decision::Fail(ConvergenceError::RoundLimit {
+                rounds: 30,
+                estimated_downtime_ms: 410,
+                downtime_target_ms: 300
+            })
+        );
+        let Decision::Fail(e) = limit else { return };
+        assert_eq!(e.to_string(), "does not converge within 30 rounds: estimated downtime 410 ms > target 300 ms");
+    }
+
+    #[test]
+    fn throttle_steps() {
+        let p = Policy { throttle: true, ..Policy::default() };
+        let mut t = 0;
+        let mut steps = alloc::vec::Vec::new();
+        while let Decision::Throttle { percent } = p.decide(&stats(1, 30_000, t)) {
+            steps.push(percent);
+            t = percent;
+        }
+        assert_eq!(steps, [20, 30, 40, 50, 60, 70, 80, 90, 99]);
+        assert!(matches!(p.decide(&stats(1, 30_000, 99)), Decision::Fail(ConvergenceError::NotConverging { .. })));
+    }
+}
