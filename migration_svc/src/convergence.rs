@@ -15,8 +15,10 @@
 //!  2. D > B/4096 (the dirty set cannot shrink):
 //!       throttle enabled and below 99 %            → Throttle { percent } (20, 30, … 90, 99)
 //!       otherwise                                  → Fail(NotConverging)
-//!  3. round ≥ max_rounds                           → Fail(RoundLimit)
-//!  4. otherwise                                    → Continue
+//!  3. throttle enabled, below 99 % and D > B/4096/2 (the dirty set shrinks by less than
+//!     half per round: QEMU's 50 % rule)            → Throttle { percent }
+//!  4. round ≥ max_rounds                           → Fail(RoundLimit)
+//!  5. otherwise                                    → Continue
 //! ```
 //!
 //! `dirty_pages` are the pages dirtied during the round that just finished: exactly what
@@ -172,15 +174,19 @@ impl Policy {
         }
         let dirty_pages_per_sec = stats.dirty_pages_per_sec();
         let bandwidth_pages_per_sec = stats.bandwidth_pages_per_sec();
+        let can_throttle = self.throttle && stats.throttle_percent < THROTTLE_MAX;
+        let next_throttle = match stats.throttle_percent {
+            0 => THROTTLE_INITIAL,
+            p => p.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
+        };
         if dirty_pages_per_sec > bandwidth_pages_per_sec {
-            if self.throttle && stats.throttle_percent < THROTTLE_MAX {
-                let percent = match stats.throttle_percent {
-                    0 => THROTTLE_INITIAL,
-                    p => p.saturating_add(THROTTLE_STEP).min(THROTTLE_MAX),
-                };
-                return Decision::Throttle { percent };
+            if can_throttle {
+                return Decision::Throttle { percent: next_throttle };
             }
             return Decision::Fail(ConvergenceError::NotConverging { dirty_pages_per_sec, bandwidth_pages_per_sec });
+        }
+        if can_throttle && dirty_pages_per_sec > bandwidth_pages_per_sec / 2 {
+            return Decision::Throttle { percent: next_throttle };
         }
         if stats.round >= self.max_rounds {
             return Decision::Fail(ConvergenceError::RoundLimit {
@@ -264,5 +270,8 @@ mod tests {
         }
         assert_eq!(steps, [20, 30, 40, 50, 60, 70, 80, 90, 99]);
         assert!(matches!(p.decide(&stats(1, 30_000, 99)), Decision::Fail(ConvergenceError::NotConverging { .. })));
+        // Converging, but by less than half per round: throttle too; by more: continue.
+        assert_eq!(p.decide(&stats(1, 15_000, 0)), Decision::Throttle { percent: 20 });
+        assert_eq!(p.decide(&stats(1, 12_000, 0)), Decision::Continue);
     }
 }

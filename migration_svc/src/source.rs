@@ -25,8 +25,18 @@
 //! refusal, a failed core operation); an event the machine does not expect is a failure
 //! too. A failure at any point returns the clean-up, in this order:
 //! `MergeBackDirty(bits taken and not yet sent)` (if any), `Throttle { percent: 0 }` (if
-//! throttled), `Resume` (if paused), `StopLogDirty` (only if this migration started it),
-//! `Done(Failed(..))`. The source domain keeps running and no dirty bit is lost.
+//! throttled), `Resume` (if `Pause` was asked for), `StopLogDirty` (only if this
+//! migration asked to start it), `Done(Failed(..))`. The source domain keeps running and
+//! no dirty bit is lost. Because a failure can replace the answer to `Pause` or
+//! `StartLogDirty`, `Resume` and `StopLogDirty` may reach a domain that is already
+//! running or not logging; the core treats those as no-ops.
+//!
+//! The bits a `PeekAndClean` took are data, not a status: the core always reports them
+//! with `Dirty`, even when it is about to abort (then `Dirty` first, `Abort` next, without
+//! executing the actions `Dirty` returned), so that the source can give them back.
+//!
+//! When log-dirty was already running before the migration (`log_dirty_active`), the
+//! migration neither starts nor stops it: the merged-back bits stay in the running log.
 //!
 //! # Sequence
 //!
@@ -266,7 +276,10 @@ pub struct Source {
     step: u64,
     state: SourceState,
     pages: u64,
+    /// Whether this migration is to start (and stop) log-dirty.
     owns_log: bool,
+    /// Whether it asked for log-dirty to start (a failure from then on stops it).
+    log_requested: bool,
     paused: bool,
     throttle: u8,
     round: u32,
@@ -292,6 +305,7 @@ impl Source {
             state: SourceState::Idle,
             pages: 0,
             owns_log: false,
+            log_requested: false,
             paused: false,
             throttle: 0,
             round: 0,
@@ -340,6 +354,7 @@ impl Source {
             (S::Idle, E::Start(info)) => self.start(info),
             (S::AwaitPolicy, E::PolicyAccepted) => {
                 if self.owns_log {
+                    self.log_requested = true;
                     self.state = S::StartingLogDirty;
                     vec![SourceAction::StartLogDirty]
                 } else {
@@ -388,7 +403,7 @@ impl Source {
                 self.summary.rounds = self.round;
                 let outcome = Outcome::Completed(self.summary);
                 let mut actions = Vec::new();
-                if self.owns_log {
+                if self.log_requested {
                     actions.push(SourceAction::StopLogDirty);
                 }
                 self.finish(outcome, actions)
@@ -481,6 +496,9 @@ impl Source {
             Decision::StopAndCopy { estimated_downtime_ms } => {
                 self.summary.estimated_downtime_ms = estimated_downtime_ms;
                 self.state = SourceState::Pausing;
+                // Counted as paused from the request on: a failure before `Paused`
+                // still resumes (resuming a running domain is a no-op for the core).
+                self.paused = true;
                 return vec![SourceAction::Pause];
             }
             Decision::Fail(e) => return self.fail(Failure::NotConverging(e)),
@@ -546,7 +564,7 @@ impl Source {
             self.paused = false;
             actions.push(SourceAction::Resume);
         }
-        if self.owns_log {
+        if self.log_requested {
             actions.push(SourceAction::StopLogDirty);
         }
         self.summary.rounds = self.round;

@@ -56,10 +56,26 @@ fn vectors() -> Vec<(&'static str, Record, &'static str)> {
             "01000100210000000100020001000000efbeadde0040000000000000020000000200766d01000000718653fea8",
         ),
         ("cpuid_policy", Record::CpuidPolicy(CpuidPolicy { policy: vec![0xaa, 0xbb] }), "0200010002000000aabb6b9fa8f7"),
-        ("page_batch_zero", Record::PageBatch(small_batch()), "03000100140000000200000001000000000000800200000000000080336d9474"),
-        ("dirty_round", Record::DirtyRound(DirtyRound::from_bitmap(1, &dirty)), "040000000f00000001000000010000000300000003010234effe3f"),
-        ("vcpu_state", Record::VcpuState(VcpuState { index: 1, registers: vec![1, 2, 3] }), "05000100070000000100000001020379b2b38c"),
-        ("end", Record::End(StreamEnd { pages_sent: 5, rounds: 2 }), "060001000c00000005000000000000000200000026411404"),
+        (
+            "page_batch_zero",
+            Record::PageBatch(small_batch()),
+            "03000100140000000200000001000000000000800200000000000080336d9474",
+        ),
+        (
+            "dirty_round",
+            Record::DirtyRound(DirtyRound::from_bitmap(1, &dirty)),
+            "040000000f00000001000000010000000300000003010234effe3f",
+        ),
+        (
+            "vcpu_state",
+            Record::VcpuState(VcpuState { index: 1, registers: vec![1, 2, 3] }),
+            "05000100070000000100000001020379b2b38c",
+        ),
+        (
+            "end",
+            Record::End(StreamEnd { pages_sent: 5, rounds: 2 }),
+            "060001000c00000005000000000000000200000026411404",
+        ),
     ]
 }
 
@@ -329,7 +345,8 @@ fn arb_record() -> impl Strategy<Value = Record> {
     });
     let vcpu = (any::<u32>(), vec(any::<u8>(), 0..600))
         .prop_map(|(index, registers)| Record::VcpuState(VcpuState { index, registers }));
-    let end = (any::<u64>(), any::<u32>()).prop_map(|(pages_sent, rounds)| Record::End(StreamEnd { pages_sent, rounds }));
+    let end =
+        (any::<u64>(), any::<u32>()).prop_map(|(pages_sent, rounds)| Record::End(StreamEnd { pages_sent, rounds }));
     prop_oneof![header, policy, batch, dirty, vcpu, end]
 }
 
