@@ -138,6 +138,9 @@
 //! | [`message`] | [`Request`], [`Response`], [`Event`] and their types; encode/decode helpers |
 //! | [`error`] | [`ErrorCode`] and [`ErrorReply`], the typed errors every reply can carry |
 //! | [`stream`] | [`StreamChunk`], [`StreamSender`], [`StreamReassembler`] |
+//! | [`dirty`] | log-dirty bitmaps (peek, clean, OR-merge) and their compact records |
+//! | [`migration`] | the migration stream's typed, checksummed records (own version) |
+//! | [`service`] | what every service task shares: counters, status, reply encoding |
 //! | [`crc32c`](mod@crc32c) | CRC-32C (Castagnoli), used per stream chunk |
 #![no_std]
 #![forbid(unsafe_code)]
