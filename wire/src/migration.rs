@@ -1,5 +1,5 @@
 //! The live-migration stream: typed, length-prefixed, checksummed records that a source
-//! hypervisor sends to a destination, carried as the data of [`StreamChunk`]s (a record
+//! hypervisor sends to a destination, carried as the data of [`StreamChunk`](crate::StreamChunk)s (a record
 //! may span chunks; the [`RecordDecoder`] reassembles them from any split).
 //!
 //! This module is the format and nothing else: it does not read guest memory, drive
