@@ -316,13 +316,12 @@ fn test(host_only: bool, system_only: bool, filter: Option<String>) -> Result<()
 }
 
 /// The fuzz targets: (fuzz project directory, target).
-const FUZZ_TARGETS: &[(&str, &str)] =
-    &[
-        ("levelling/fuzz", "text_spec"),
-        ("levelling/fuzz", "dump_parser"),
-        ("wire/fuzz", "frame_decoder"),
-        ("wire/fuzz", "migration_records"),
-    ];
+const FUZZ_TARGETS: &[(&str, &str)] = &[
+    ("levelling/fuzz", "text_spec"),
+    ("levelling/fuzz", "dump_parser"),
+    ("wire/fuzz", "frame_decoder"),
+    ("wire/fuzz", "migration_records"),
+];
 
 fn fuzz(seconds: u64) -> Result<()> {
     tools::ensure_cargo_fuzz()?;
