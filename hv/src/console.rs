@@ -45,10 +45,9 @@ impl Write for Console {
 pub fn init() {
     let mut console = CONSOLE.lock();
     if console.port.is_none() {
-        // SAFETY: COM1 at 0x3F8 is the legacy serial port on every PC-compatible machine
-        // this image targets (QEMU q35, Bochs i440fx, server boards); the hypervisor owns
-        // the machine and nothing else drives this port. `SerialPort::new` only records
-        // the base; writes happen in `send`.
+        // SAFETY: COM1 at 0x3F8 is the legacy serial port on every PC-compatible machine this image targets (QEMU
+        // q35, Bochs i440fx, server boards); the hypervisor owns the machine and nothing else drives this port.
+        // `SerialPort::new` only records the base; writes happen in `send`.
         console.port = Some(unsafe { SerialPort::new(COM1) });
     }
     drop(console);

@@ -33,10 +33,9 @@ impl HwRead for RealHw {
     }
 
     fn rdmsr(&mut self, msr: u32) -> Option<u64> {
-        // SAFETY: callers (the capability probe) only pass MSRs whose existence CPUID
-        // has established (architectural VMX MSRs when CPUID.1:ECX.VMX=1, VM_CR when
-        // CPUID.80000001:ECX.SVM=1, IA32_FEATURE_CONTROL when VMX or SMX is present), so
-        // RDMSR cannot #GP; we run at CPL0.
+        // SAFETY: callers (the capability probe) only pass MSRs whose existence CPUID has established (architectural
+        // VMX MSRs when CPUID.1:ECX.VMX=1, VM_CR when CPUID.80000001:ECX.SVM=1, IA32_FEATURE_CONTROL when VMX or SMX
+        // is present), so RDMSR cannot #GP; we run at CPL0.
         Some(unsafe { x86::msr::rdmsr(msr) })
     }
 }

@@ -28,10 +28,9 @@ impl BootCpuMsrs {
 impl MsrAccess for BootCpuMsrs {
     fn write_msr(&mut self, socket: u32, msr: u32, value: u64) -> Result<(), PlatformError> {
         Self::check(socket, msr)?;
-        // SAFETY: `is_allowed` limits this to the RDT monitoring MSRs, which exist when
-        // CPUID.7.0:EBX[12] (PQM) is set — the only case in which monitor_svc's engine
-        // (built from that CPUID) issues requests. Writing EVTSEL/PQR_ASSOC changes only
-        // which counter is read / which RMID tags this CPU's traffic.
+        // SAFETY: `is_allowed` limits this to the RDT monitoring MSRs, which exist when CPUID.7.0:EBX[12] (PQM) is
+        // set — the only case in which monitor_svc's engine (built from that CPUID) issues requests. Writing
+        // EVTSEL/PQR_ASSOC changes only which counter is read / which RMID tags this CPU's traffic.
         unsafe { x86::msr::wrmsr(msr, value) };
         Ok(())
     }

@@ -120,12 +120,11 @@ pub fn load() -> TableBases {
 
     let gdt = Pointer { limit: (core::mem::size_of::<[u64; 5]>() - 1) as u16, base: tables.gdt.as_ptr() as u64 };
     let idt = Pointer { limit: (core::mem::size_of::<[Gate; 256]>() - 1) as u16, base: tables.idt.as_ptr() as u64 };
-    // SAFETY: the tables are leaked, so they live forever at these addresses; the GDT
-    // holds valid flat code/data descriptors and a TSS descriptor for a live TSS. The
-    // far return reloads CS with our code selector (same flat mapping, so execution
-    // continues at the next label); data segments get our flat data selector. FS/GS
-    // are left alone (their bases are MSRs). LTR marks our TSS busy, which is why it
-    // runs exactly once per CPU.
+    // the GDT holds valid flat code/data descriptors and a TSS descriptor for a live TSS. The far return reloads CS
+    // with our code selector (same flat mapping, so execution continues at the next label); data segments get our
+    // flat data selector. FS/GS are left alone (their bases are MSRs). LTR marks our TSS busy, which is why it runs
+    // exactly once per CPU.
+    // SAFETY: the tables are leaked, so they live forever at these addresses;
     unsafe {
         asm!(
             "lgdt [{gdt}]",

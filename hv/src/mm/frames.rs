@@ -132,10 +132,9 @@ impl FramePool {
     /// The bytes of an allocated frame.
     pub fn bytes_mut(&mut self, pa: u64) -> Result<&mut [u8; 4096], MmError> {
         self.index(pa)?;
-        // SAFETY: `index` checked that `pa` is a page-aligned frame inside the region
-        // whose exclusive, identity-mapped ownership `new`'s contract gave us, and that
-        // it is currently allocated; the returned borrow is tied to `&mut self`, so no
-        // second reference into the pool can exist at the same time.
+        // SAFETY: `index` checked that `pa` is a page-aligned frame inside the region whose exclusive, identity-
+        // mapped ownership `new`'s contract gave us, and that it is currently allocated; the returned borrow is tied
+        // to `&mut self`, so no second reference into the pool can exist at the same time.
         Ok(unsafe { &mut *(pa as *mut [u8; 4096]) })
     }
 

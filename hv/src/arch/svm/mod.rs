@@ -56,10 +56,9 @@ impl Backend for Svm {
         // APM Vol. 2 15.4: the probe already refused SVMDIS=1 (VM_CR), so EFER.SVME
         // can be set. 15.30.4: VM_HSAVE_PA names the page where VMRUN saves host state.
         let hsave = pool.alloc_zeroed()?;
-        // SAFETY: EFER and VM_HSAVE_PA exist on every SVM CPU (CPUID.80000001:ECX[2]
-        // checked by the probe). Setting EFER.SVME only enables the SVM instructions;
-        // it does not change how the running code executes. The host save area is a
-        // page we own for the life of the hypervisor.
+        // SAFETY: EFER and VM_HSAVE_PA exist on every SVM CPU (CPUID.80000001:ECX[2] checked by the probe). Setting
+        // EFER.SVME only enables the SVM instructions; it does not change how the running code executes. The host
+        // save area is a page we own for the life of the hypervisor.
         unsafe {
             let efer = x86::msr::rdmsr(MSR_EFER);
             x86::msr::wrmsr(MSR_EFER, efer | EFER_SVME);
@@ -148,10 +147,9 @@ impl Vcpu for SvmVcpu {
         if let Some(ticks) = slice {
             crate::cpu::lapic::arm_one_shot(ticks);
         }
-        // SAFETY: EFER.SVME and VM_HSAVE_PA were set in `enable`; the VMCB describes a
-        // guest whose memory is mapped only through our nested tables, intercepts
-        // VMRUN and all SVM instructions, I/O and MSRs. hv_svm_run saves and restores
-        // every callee-saved register and follows the SysV ABI it is declared with.
+        // SAFETY: EFER.SVME and VM_HSAVE_PA were set in `enable`; the VMCB describes a guest whose memory is mapped
+        // only through our nested tables, intercepts VMRUN and all SVM instructions, I/O and MSRs. hv_svm_run saves
+        // and restores every callee-saved register and follows the SysV ABI it is declared with.
         unsafe { hv_svm_run(self.vmcb, regs) };
         if slice.is_some() {
             crate::cpu::lapic::disarm();

@@ -89,12 +89,11 @@ impl Backend for Vmx {
         // SDM Vol. 3C 25.11.5: the VMXON region starts with the VMCS revision id.
         pool.bytes_mut(vmxon)?[..4].copy_from_slice(&vmx.vmcs_revision.to_le_bytes());
 
+        // 24.7: if firmware left IA32_FEATURE_CONTROL unlocked (OVMF under Bochs does), enable VMX outside SMX (bit
+        // 2) and lock (bit 0); the probe refused the locked and disabled case. 24.8: CR0 and CR4 must satisfy the
+        // FIXED0/FIXED1 MSRs in VMX operation, and CR4.VMXE must be 1. Changing them keeps the identity map (PG, PE,
+        // PAE stay set: they are in FIXED0).
         // SAFETY: these MSRs exist when CPUID.1:ECX.VMX = 1 (the probe saw it).
-        // 24.7: if firmware left IA32_FEATURE_CONTROL unlocked (OVMF under Bochs does),
-        // enable VMX outside SMX (bit 2) and lock (bit 0); the probe refused the locked
-        // and disabled case. 24.8: CR0 and CR4 must satisfy the FIXED0/FIXED1 MSRs in
-        // VMX operation, and CR4.VMXE must be 1. Changing them keeps the identity map
-        // (PG, PE, PAE stay set: they are in FIXED0).
         let misc = unsafe {
             if !vmx.feature_control.locked {
                 let fc = x86::msr::rdmsr(MSR_IA32_FEATURE_CONTROL);
