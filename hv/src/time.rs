@@ -91,7 +91,13 @@ pub fn tsc_hz() -> Option<u64> {
 pub fn uptime_ns() -> Option<u64> {
     let hz = tsc_hz()?;
     let ticks = rdtsc().wrapping_sub(BOOT_TSC.load(Ordering::Relaxed));
-    Some((u128::from(ticks) * 1_000_000_000 / u128::from(hz)) as u64)
+    Some(ticks_to_ns(ticks, hz))
+}
+
+/// Convert a TSC tick count to nanoseconds at `hz` ticks per second
+/// (widened to u128 so long runtimes do not overflow the multiply).
+pub fn ticks_to_ns(ticks: u64, hz: u64) -> u64 {
+    (u128::from(ticks) * 1_000_000_000 / u128::from(hz)) as u64
 }
 
 /// The TSC now (for deadlines measured in ticks).

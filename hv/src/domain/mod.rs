@@ -712,7 +712,7 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
                     vcpus: d.vcpu_count,
                     memory_bytes: if d.mem.is_some() { d.memory_bytes } else { 0 },
                     exits: d.exits.iter().map(|(k, v)| (String::from(*k), *v)).collect(),
-                    runtime_ns: (u128::from(d.runtime_ticks) * 1_000_000_000 / u128::from(hz)) as u64,
+                    runtime_ns: crate::time::ticks_to_ns(d.runtime_ticks, hz),
                 })
                 .collect(),
             free_frames: self.pool.free_frames() as u64,
@@ -736,7 +736,7 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
                 id: d.id,
                 vcpus: d.vcpu_count,
                 exits: d.exits.iter().map(|(k, v)| (*k, *v)).collect(),
-                runtime_ns: (u128::from(d.runtime_ticks) * 1_000_000_000 / u128::from(hz)) as u64,
+                runtime_ns: crate::time::ticks_to_ns(d.runtime_ticks, hz),
             })
             .collect()
     }
