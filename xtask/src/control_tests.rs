@@ -127,21 +127,12 @@ fn hvctl_raw(ctx: &Ctx, args: &[&str]) -> Result<(Option<i32>, String, String)> 
 }
 
 fn hvctl(ctx: &Ctx, args: &[&str]) -> Result<String> {
-    let out = Command::new(&ctx.hvctl)
-        .arg("--connect")
-        .arg(target(ctx))
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", ctx.hvctl.display()))?;
-    if !out.status.success() {
-        return Err(format!(
-            "hvctl {} exited with {}: {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+    let (code, stdout, stderr) = hvctl_raw(ctx, args)?;
+    if code != Some(0) {
+        let status = code.map_or_else(|| "a signal".to_string(), |c| format!("exit status: {c}"));
+        return Err(format!("hvctl {} exited with {status}: {}", args.join(" "), stderr.trim()));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(stdout)
 }
 
 fn info_json_matches_serial(ctx: &Ctx) -> Result<String> {
