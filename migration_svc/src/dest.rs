@@ -11,10 +11,13 @@
 //! - Then page batches and dirty rounds, in any number. Every pfn must lie inside the
 //!   domain's memory. Dirty rounds are numbered 1, 2, … (a round may span several
 //!   records with the same number); a round's pages are expected again in a later batch.
-//! - Then one vCPU state per vCPU (after the first one, no more pages), then `End`.
+//! - Then one vCPU state per vCPU (after the first one, no more pages), optionally a
+//!   memory digest (after the vCPU states), then `End`.
 //! - At `End`: every page of memory arrived at least once, every page a dirty round
 //!   announced arrived after it, every vCPU's state arrived, and the counts in `End`
-//!   match what arrived. Then `Complete`.
+//!   match what arrived. Then `Complete`, or, when the stream carried a memory digest,
+//!   `VerifyMemory` first: the core computes the digest of its copy and reports it with
+//!   [`Destination::memory_verified`], which answers `Complete` or (on a mismatch) `Discard`.
 //! - Any error (a bad record, a checksum mismatch, a broken order, a failed check, a
 //!   broken connection via [`Destination::abort`]) returns `Discard(error)`: the core
 //!   throws the partial domain away. After `Complete` or `Discard` every input is ignored.
@@ -26,6 +29,7 @@
 //! | `Refuse { reason }` | tell the source why (a `Discard` follows) |
 //! | `WritePages(batch)` | copy the pages into the domain's memory (zero pages: clear) |
 //! | `SetVcpuState(state)` | load the registers of that vCPU |
+//! | `VerifyMemory(digest)` | compute the memory's digest, report it with [`Destination::memory_verified`] |
 //! | `Complete(summary)` | acknowledge `End` to the source; the domain may run |
 //! | `Discard(error)` | destroy the partial domain |
 
@@ -35,7 +39,7 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use wire::dirty::{DirtyBitmap, DirtyError, PFN_LIMIT};
-use wire::migration::{Decoded, PageBatch, Record, RecordDecoder, RecordError, StreamHeader, VcpuState};
+use wire::migration::{Decoded, MemoryDigest, PageBatch, Record, RecordDecoder, RecordError, StreamHeader, VcpuState};
 
 use crate::convergence::PAGE_SIZE;
 
@@ -58,6 +62,9 @@ pub enum DestAction {
     WritePages(PageBatch),
     /// Load one vCPU's registers.
     SetVcpuState(VcpuState),
+    /// Compute the digest of the domain's memory and report it with
+    /// [`Destination::memory_verified`]; the domain must not run before.
+    VerifyMemory(MemoryDigest),
     /// Acknowledge `End`; the domain is complete.
     Complete(DestSummary),
     /// Throw the partial domain away.
@@ -121,6 +128,22 @@ pub enum DestError {
         /// The domain's vCPUs.
         vcpus: u32,
     },
+    /// The memory digest of the source and of this copy differ.
+    MemoryMismatch {
+        /// The source's digest.
+        expected: u64,
+        /// This copy's.
+        found: u64,
+    },
+    /// A memory digest over a different number of pages than the domain has.
+    DigestPages {
+        /// Pages the digest covers.
+        digest: u64,
+        /// The domain's pages.
+        pages: u64,
+    },
+    /// A core operation failed (creating the domain, writing pages, loading state).
+    CoreFailed(String),
     /// `End` arrived before pages did.
     PagesMissing {
         /// How many.
@@ -163,6 +186,14 @@ impl fmt::Display for DestError {
             Self::BadVcpu { index, vcpus } => {
                 write!(f, "vCPU state for vCPU {index} is out of range or repeated (the domain has {vcpus})")
             }
+            Self::MemoryMismatch { expected, found } => write!(
+                f,
+                "memory differs from the source's at pause: digest {found:#018x}, the source sent {expected:#018x}"
+            ),
+            Self::DigestPages { digest, pages } => {
+                write!(f, "the memory digest covers {digest} pages, the domain has {pages}")
+            }
+            Self::CoreFailed(e) => write!(f, "the destination hypervisor failed: {e}"),
             Self::PagesMissing { count, first_pfn } => {
                 write!(f, "stream ended with {count} pages missing, the first {first_pfn:#x}")
             }
@@ -187,6 +218,8 @@ pub enum DestState {
     Memory,
     /// Receiving vCPU state.
     Vcpus,
+    /// `End` arrived; waiting for the core's digest of its memory.
+    Verifying,
     /// The domain is complete.
     Complete,
     /// The domain was discarded.
@@ -203,6 +236,8 @@ struct Domain {
     /// Pages a dirty round announced that have not arrived since.
     expected: DirtyBitmap,
     vcpus_seen: Vec<bool>,
+    /// The source's memory digest, if it sent one.
+    digest: Option<MemoryDigest>,
 }
 
 /// The destination state machine; see the [module docs](self). `check` is the CPUID
@@ -273,7 +308,7 @@ impl<F: FnMut(&[u8]) -> Result<(), String>> Destination<F> {
                 Ok(Some(Decoded::Skipped { .. })) => self.summary.skipped_records += 1,
                 Ok(Some(Decoded::Record(record))) => {
                     actions.append(&mut self.on_record(record));
-                    if self.is_over() {
+                    if self.is_over() || self.state == DestState::Verifying {
                         break;
                     }
                 }
@@ -301,6 +336,23 @@ impl<F: FnMut(&[u8]) -> Result<(), String>> Destination<F> {
     /// Stop now (connection broken, cancelled): discard unless complete.
     pub fn abort(&mut self, error: DestError) -> Vec<DestAction> {
         if self.is_over() { Vec::new() } else { self.discard(error) }
+    }
+
+    /// The core's digest of its copy, answering `VerifyMemory`: `Complete` if it equals
+    /// the source's, else `Discard(MemoryMismatch)`.
+    pub fn memory_verified(&mut self, found: u64) -> Vec<DestAction> {
+        if self.state != DestState::Verifying {
+            return Vec::new();
+        }
+        let expected = self.domain.as_ref().and_then(|d| d.digest).map(|d| d.digest);
+        match expected {
+            Some(expected) if expected == found => {
+                self.state = DestState::Complete;
+                vec![DestAction::Complete(self.summary)]
+            }
+            Some(expected) => self.discard(DestError::MemoryMismatch { expected, found }),
+            None => self.discard(DestError::OutOfOrder { expected: "memory digest", found: "none" }),
+        }
     }
 
     /// Feed one decoded record.
@@ -365,6 +417,16 @@ impl<F: FnMut(&[u8]) -> Result<(), String>> Destination<F> {
                 self.state = DestState::Vcpus;
                 Ok(vec![DestAction::SetVcpuState(v)])
             }
+            (DestState::Vcpus, Record::MemoryDigest(digest)) => {
+                let d = self.domain_mut()?;
+                if digest.pages != d.pages {
+                    return Err(DestError::DigestPages { digest: digest.pages, pages: d.pages });
+                }
+                if d.digest.replace(digest).is_some() {
+                    return Err(DestError::OutOfOrder { expected: "end", found });
+                }
+                Ok(Vec::new())
+            }
             (DestState::Memory | DestState::Vcpus, Record::End(end)) => {
                 let summary = self.summary;
                 let d = self.domain_mut()?;
@@ -393,11 +455,16 @@ impl<F: FnMut(&[u8]) -> Result<(), String>> Destination<F> {
                         received: u64::from(summary.rounds),
                     });
                 }
+                if let Some(digest) = d.digest {
+                    self.state = DestState::Verifying;
+                    return Ok(vec![DestAction::VerifyMemory(digest)]);
+                }
                 self.state = DestState::Complete;
                 Ok(vec![DestAction::Complete(summary)])
             }
             (DestState::Memory, _) => Err(DestError::OutOfOrder { expected: "page batch", found }),
             (DestState::Vcpus, _) => Err(DestError::OutOfOrder { expected: "vCPU state or end", found }),
+            (DestState::Verifying, _) => Err(DestError::OutOfOrder { expected: "nothing after end", found }),
             (DestState::Complete | DestState::Discarded, _) => Ok(Vec::new()),
         }
     }
@@ -452,7 +519,14 @@ fn new_domain(header: StreamHeader) -> Result<Domain, DestError> {
         return Err(DestError::BadHeader(alloc::format!("{} vCPUs (1..={MAX_VCPUS} allowed)", header.vcpus)));
     }
     let bitmap = || DirtyBitmap::new(pages).map_err(|e| DestError::BadHeader(alloc::format!("{e}")));
-    Ok(Domain { pages, seen: bitmap()?, expected: bitmap()?, vcpus_seen: vec![false; header.vcpus as usize], header })
+    Ok(Domain {
+        pages,
+        seen: bitmap()?,
+        expected: bitmap()?,
+        vcpus_seen: vec![false; header.vcpus as usize],
+        digest: None,
+        header,
+    })
 }
 
 fn record_name(record: &Record) -> &'static str {
@@ -463,5 +537,6 @@ fn record_name(record: &Record) -> &'static str {
         Record::DirtyRound(_) => "dirty round",
         Record::VcpuState(_) => "vCPU state",
         Record::End(_) => "end",
+        Record::MemoryDigest(_) => "memory digest",
     }
 }

@@ -287,6 +287,8 @@ pub struct Source {
     in_flight: Option<DirtyBitmap>,
     /// Send time since the last peek (the round's duration).
     round_ms: u64,
+    /// What the last decision was made on.
+    last: RoundStats,
     summary: Summary,
     outcome: Option<Outcome>,
 }
@@ -311,6 +313,7 @@ impl Source {
             round: 0,
             in_flight: None,
             round_ms: 0,
+            last: RoundStats { round: 0, bytes_sent: 0, send_ms: 0, dirty_pages: 0, round_ms: 0, throttle_percent: 0 },
             summary: Summary {
                 rounds: 0,
                 pages_sent: 0,
@@ -332,6 +335,11 @@ impl Source {
     /// The bits taken from the log and not yet sent (what a failure now gives back).
     pub const fn in_flight(&self) -> Option<&DirtyBitmap> {
         self.in_flight.as_ref()
+    }
+
+    /// What the last convergence decision was made on (zeros before the first).
+    pub const fn last_round(&self) -> RoundStats {
+        self.last
     }
 
     /// Figures so far.
@@ -486,6 +494,7 @@ impl Source {
             round_ms: self.round_ms,
             throttle_percent: self.throttle,
         };
+        self.last = stats;
         self.in_flight = Some(bits.clone());
         if let Err(f) = check {
             return self.fail(f);

@@ -209,6 +209,7 @@ impl Sim {
                     }
                 }
                 DestAction::SetVcpuState(v) => self.dest_vcpus[v.index as usize] = Some(v.registers),
+                DestAction::VerifyMemory(d) => panic!("this simulation sends no memory digest, got {d:?}"),
                 DestAction::Complete(_) => self.completed = true,
                 DestAction::Discard(e) => {
                     self.dest_mem.clear();

@@ -39,7 +39,7 @@
 //! wire::encode_request(1, &wire::Request::Ping { payload: vec![1, 2, 3] }, &mut out)?;
 //! assert_eq!(out, [
 //!     0x48, 0x56,                                     // magic "HV"
-//!     0x02, 0x00,                                     // version 2
+//!     0x03, 0x00,                                     // version 3
 //!     0x01,                                           // kind: request
 //!     0x00,                                           // flags
 //!     0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // request id 1
@@ -67,6 +67,10 @@
 //! | 1 request | [`Request`] | `DirtyPeek { domain, clean }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DirtyBitmap` |
 //! | 1 request | [`Request`] | `DirtyTrack`/`DirtyTrackStop` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DirtyStats` |
 //! | 1 request | [`Request`] | `DirtyTrackPeek { domain, clean }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DirtyBitmap` |
+//! | 1 request | [`Request`] | `MigrateSend { domain, options }` (v3) | hvctl → source hv | [`ServiceId::Migration`] | `Response::MigrateProgress` |
+//! | 1 request | [`Request`] | `MigrateRead { session, max_bytes }` (v3) | hvctl → source hv | [`ServiceId::Migration`] | `Response::MigrateData { data, progress }` |
+//! | 1 request | [`Request`] | `MigrateVerdict { session, verdict }`, `MigrateCancel { domain }` (v3) | hvctl → source hv | [`ServiceId::Migration`] | `Response::MigrateProgress` |
+//! | 1 request | [`Request`] | `MigrateReceive`, `MigrateWrite { session, data }`, `MigrateAbort { session, reason }` (v3) | hvctl → destination hv | [`ServiceId::Migration`] | `Response::ReceiveStatus` |
 //! | 2 response | [`Response`] | `Pong`, `Info`, `ServiceStatus`, `DomainCreated`, `DomainList`, `Done`, `Console` | hv → hvctl | — | — |
 //! | 2 response | [`Response`] | `Error(ErrorReply)` | hv → hvctl | — | answers any request or frame that failed |
 //! | 3 event | [`Event`] | `Log { level, message }`, `ServiceState { service, state }` | hv → hvctl | — | none; request id 0 |
@@ -167,6 +171,7 @@ pub mod dirty;
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod migrate;
 pub mod migration;
 pub mod service;
 pub mod stream;
@@ -176,8 +181,12 @@ pub use crate::error::{ErrorCode, ErrorReply};
 pub use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind, WireError, encode_frame};
 pub use crate::message::{
     ConsoleChunk, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, Event, InfoReport,
-    LogLevel, MonitorDomainStats, MonitorHwInfo, MonitorValue, Request, Response, ServiceId, ServiceState,
-    ServiceStatus, decode_event, decode_request, decode_response, encode_event, encode_request, encode_response,
+    LogLevel, MAX_MIGRATE_DATA, MonitorDomainStats, MonitorHwInfo, MonitorValue, Request, Response, ServiceId,
+    ServiceState, ServiceStatus, decode_event, decode_request, decode_response, encode_event, encode_request,
+    encode_response,
+};
+pub use crate::migrate::{
+    MigrateOptions, MigrateProgress, MigrateReport, PeerVerdict, ReceiveState, ReceiveStatus, SendState,
 };
 pub use crate::stream::{
     MAX_CHUNK_DATA, StreamChunk, StreamError, StreamReassembler, StreamSender, decode_stream_chunk, encode_stream_chunk,
@@ -185,7 +194,7 @@ pub use crate::stream::{
 
 /// The protocol version this build speaks, carried in every frame header. See the
 /// versioning rule in the crate docs: changing any message means bumping this.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// The hard maximum of a frame's payload, in bytes (64 KiB). A header declaring more is
 /// refused from the header alone with [`FrameError::TooLarge`].

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{decode_message, encode_message};
 use crate::error::ErrorReply;
 use crate::frame::{Frame, FrameKind, WireError};
+use crate::migrate::{MigrateOptions, MigrateProgress, PeerVerdict, ReceiveStatus};
 
 /// A task that owns requests: the router sends each request to its service's mailbox.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -243,7 +244,56 @@ pub enum Request {
         /// Domain id.
         domain: u32,
     },
+    /// (v3) Start sending domain `domain` as a migration stream (source side).
+    MigrateSend {
+        /// The domain.
+        domain: u32,
+        /// How.
+        options: MigrateOptions,
+    },
+    /// (v3) Take at most `max_bytes` (≤ [`MAX_MIGRATE_DATA`]) of session `session`'s
+    /// stream. Fewer (or none) while the source waits for a verdict or the bandwidth cap.
+    MigrateRead {
+        /// The sending session.
+        session: u32,
+        /// The most bytes to return.
+        max_bytes: u32,
+    },
+    /// (v3) Hand the source the destination's verdict.
+    MigrateVerdict {
+        /// The sending session.
+        session: u32,
+        /// What the destination said.
+        verdict: PeerVerdict,
+    },
+    /// (v3) Cancel the sending migration of domain `domain`: the domain runs on, with
+    /// its dirty bits given back.
+    MigrateCancel {
+        /// The domain.
+        domain: u32,
+    },
+    /// (v3) Open a receiving session (destination side).
+    MigrateReceive,
+    /// (v3) Push stream bytes (≤ [`MAX_MIGRATE_DATA`]) into a receiving session.
+    MigrateWrite {
+        /// The receiving session.
+        session: u32,
+        /// The bytes, in stream order.
+        #[serde(with = "crate::bytes")]
+        data: Vec<u8>,
+    },
+    /// (v3) Give up a receiving session: its partial domain is discarded.
+    MigrateAbort {
+        /// The receiving session.
+        session: u32,
+        /// Why (shown in the destination's status).
+        reason: String,
+    },
 }
+
+/// The most stream bytes one `MigrateRead` answer or `MigrateWrite` request carries
+/// (a frame's payload is at most [`MAX_FRAME_LEN`](crate::MAX_FRAME_LEN)).
+pub const MAX_MIGRATE_DATA: usize = 60 * 1024;
 
 /// Log-dirty counters.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -408,7 +458,7 @@ pub struct ConsoleChunk {
 
 impl Request {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 21;
+    pub const VARIANTS: u32 = 28;
 
     /// The service that owns this request: the router's table.
     pub const fn service(&self) -> ServiceId {
@@ -433,6 +483,13 @@ impl Request {
             | Self::DirtyTrack { .. }
             | Self::DirtyTrackPeek { .. }
             | Self::DirtyTrackStop { .. } => ServiceId::Core,
+            Self::MigrateSend { .. }
+            | Self::MigrateRead { .. }
+            | Self::MigrateVerdict { .. }
+            | Self::MigrateCancel { .. }
+            | Self::MigrateReceive
+            | Self::MigrateWrite { .. }
+            | Self::MigrateAbort { .. } => ServiceId::Migration,
             Self::ServiceStatus { service } => *service,
         }
     }
@@ -461,6 +518,13 @@ impl Request {
             Self::DirtyTrack { .. } => "dirty-track",
             Self::DirtyTrackPeek { .. } => "dirty-track-peek",
             Self::DirtyTrackStop { .. } => "dirty-track-stop",
+            Self::MigrateSend { .. } => "migrate-send",
+            Self::MigrateRead { .. } => "migrate-read",
+            Self::MigrateVerdict { .. } => "migrate-verdict",
+            Self::MigrateCancel { .. } => "migrate-cancel",
+            Self::MigrateReceive => "migrate-receive",
+            Self::MigrateWrite { .. } => "migrate-write",
+            Self::MigrateAbort { .. } => "migrate-abort",
         }
     }
 }
@@ -499,11 +563,23 @@ pub enum Response {
     DirtyStats(DirtyStatsReport),
     /// Answer to [`Request::DirtyPeek`] (v2).
     DirtyBitmap(DirtyBitmapReport),
+    /// (v3) A sending migration's state.
+    MigrateProgress(MigrateProgress),
+    /// (v3) Stream bytes and the sending migration's state.
+    MigrateData {
+        /// The bytes, in stream order (may be empty).
+        #[serde(with = "crate::bytes")]
+        data: Vec<u8>,
+        /// The state after taking them.
+        progress: MigrateProgress,
+    },
+    /// (v3) A receiving migration's state.
+    ReceiveStatus(ReceiveStatus),
 }
 
 impl Response {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 12;
+    pub const VARIANTS: u32 = 15;
 
     /// The error, if this is [`Response::Error`].
     pub const fn error(&self) -> Option<&ErrorReply> {

@@ -36,6 +36,7 @@
 //! | 4 | [`DirtyRound`] | optional | `round u32` \| `n u32` \| n × (`len u32` \| [`DirtyRecord`] bytes) | before the pages of each round ≥ 1 |
 //! | 5 | [`VcpuState`] | mandatory | `index u32` \| opaque register blob (rest of payload) | once per vCPU, after the last pages |
 //! | 6 | [`End`](StreamEnd) | mandatory | `pages_sent u64` \| `rounds u32` | last |
+//! | 7 | [`MemoryDigest`] | optional | `pages u64` \| `digest u64` ([`MemoryDigest::of_pages`]) | with `verify_memory`: after the vCPU states, before `End` |
 //!
 //! A page batch holds at most [`MAX_BATCH_PAGES`] pages, so every record fits
 //! [`MAX_RECORD_PAYLOAD`]. Zero pages travel as their entry alone. Every payload must be
@@ -121,6 +122,8 @@ pub enum RecordType {
     VcpuState = 5,
     /// [`StreamEnd`].
     End = 6,
+    /// [`MemoryDigest`].
+    MemoryDigest = 7,
 }
 
 impl RecordType {
@@ -133,6 +136,7 @@ impl RecordType {
             4 => Self::DirtyRound,
             5 => Self::VcpuState,
             6 => Self::End,
+            7 => Self::MemoryDigest,
             _ => return None,
         })
     }
@@ -140,7 +144,8 @@ impl RecordType {
     /// The flags the encoder writes for this type (see the table in the module docs).
     pub const fn flags(self) -> u16 {
         match self {
-            Self::DirtyRound => 0,
+            // Optional: a destination that cannot use them may skip them.
+            Self::DirtyRound | Self::MemoryDigest => 0,
             _ => FLAG_MANDATORY,
         }
     }
@@ -325,6 +330,51 @@ pub struct StreamEnd {
     pub rounds: u32,
 }
 
+/// A digest of all guest memory at pause, so the destination can prove its copy equal
+/// before the domain runs: FNV-1a (64-bit) over, for each page in pfn order, the pfn
+/// (u64 LE) and the CRC-32C of its 4096 bytes (u32 LE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryDigest {
+    /// Pages covered (`0..pages`).
+    pub pages: u64,
+    /// The digest.
+    pub digest: u64,
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+impl MemoryDigest {
+    /// The digest of no page; add pages in pfn order with [`Self::add_page`].
+    pub const fn new() -> Self {
+        Self { pages: 0, digest: FNV_OFFSET }
+    }
+
+    /// Add the next page (pfn = the pages added so far).
+    pub fn add_page(&mut self, page: &[u8]) {
+        let crc = crate::crc32c(page);
+        for b in self.pages.to_le_bytes().into_iter().chain(crc.to_le_bytes()) {
+            self.digest = (self.digest ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+        }
+        self.pages += 1;
+    }
+
+    /// The digest of `memory` (a whole number of pages; a short tail counts as a page).
+    pub fn of_pages(memory: &[u8]) -> Self {
+        let mut d = Self::new();
+        for page in memory.chunks(PAGE) {
+            d.add_page(page);
+        }
+        d
+    }
+}
+
+impl Default for MemoryDigest {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A record this build knows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
@@ -340,6 +390,8 @@ pub enum Record {
     VcpuState(VcpuState),
     /// Type 6.
     End(StreamEnd),
+    /// Type 7.
+    MemoryDigest(MemoryDigest),
 }
 
 impl Record {
@@ -352,6 +404,7 @@ impl Record {
             Self::DirtyRound(_) => RecordType::DirtyRound,
             Self::VcpuState(_) => RecordType::VcpuState,
             Self::End(_) => RecordType::End,
+            Self::MemoryDigest(_) => RecordType::MemoryDigest,
         }
     }
 
@@ -424,6 +477,10 @@ impl Record {
                 p.extend_from_slice(&e.pages_sent.to_le_bytes());
                 p.extend_from_slice(&e.rounds.to_le_bytes());
             }
+            Self::MemoryDigest(d) => {
+                p.extend_from_slice(&d.pages.to_le_bytes());
+                p.extend_from_slice(&d.digest.to_le_bytes());
+            }
         }
         Ok(p)
     }
@@ -495,6 +552,11 @@ impl Record {
                 let pages_sent = r.u64().map_err(bad)?;
                 let rounds = r.u32().map_err(bad)?;
                 Self::End(StreamEnd { pages_sent, rounds })
+            }
+            RecordType::MemoryDigest => {
+                let pages = r.u64().map_err(bad)?;
+                let digest = r.u64().map_err(bad)?;
+                Self::MemoryDigest(MemoryDigest { pages, digest })
             }
         };
         r.done().map_err(bad)?;
@@ -760,6 +822,7 @@ fn type_name(code: u16) -> &'static str {
         Some(RecordType::DirtyRound) => "dirty round",
         Some(RecordType::VcpuState) => "vCPU state",
         Some(RecordType::End) => "end",
+        Some(RecordType::MemoryDigest) => "memory digest",
         None => "unknown",
     }
 }

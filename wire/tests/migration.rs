@@ -16,7 +16,8 @@ use proptest::prelude::*;
 use wire::dirty::DirtyBitmap;
 use wire::migration::{
     CpuidPolicy, Decoded, DirtyRound, FLAG_MANDATORY, MAX_BATCH_PAGES, MAX_RECORD_PAYLOAD, MIGRATION_STREAM_VERSION,
-    PageBatch, PayloadFault, Record, RecordDecoder, RecordError, StreamEnd, StreamHeader, VcpuState, encode_raw,
+    MemoryDigest, PageBatch, PayloadFault, Record, RecordDecoder, RecordError, StreamEnd, StreamHeader, VcpuState,
+    encode_raw,
 };
 
 fn hex(bytes: &[u8]) -> String {
@@ -75,6 +76,11 @@ fn vectors() -> Vec<(&'static str, Record, &'static str)> {
             "end",
             Record::End(StreamEnd { pages_sent: 5, rounds: 2 }),
             "060001000c00000005000000000000000200000026411404",
+        ),
+        (
+            "memory_digest",
+            Record::MemoryDigest(MemoryDigest { pages: 2, digest: 0x0123_4567_89ab_cdef }),
+            "07000000100000000200000000000000efcdab896745230130dd47df",
         ),
     ]
 }
@@ -347,7 +353,9 @@ fn arb_record() -> impl Strategy<Value = Record> {
         .prop_map(|(index, registers)| Record::VcpuState(VcpuState { index, registers }));
     let end =
         (any::<u64>(), any::<u32>()).prop_map(|(pages_sent, rounds)| Record::End(StreamEnd { pages_sent, rounds }));
-    prop_oneof![header, policy, batch, dirty, vcpu, end]
+    let digest =
+        (any::<u64>(), any::<u64>()).prop_map(|(pages, digest)| Record::MemoryDigest(MemoryDigest { pages, digest }));
+    prop_oneof![header, policy, batch, dirty, vcpu, end, digest]
 }
 
 proptest! {
@@ -385,4 +393,28 @@ proptest! {
         let Some(Decoded::Record(Record::DirtyRound(d))) = got.into_iter().next() else { panic!() };
         prop_assert_eq!(d.to_bitmap(0..5000).unwrap(), bm);
     }
+}
+
+/// The memory digest covers every byte and every position: changing one byte, or
+/// swapping two different pages, changes it.
+#[test]
+fn memory_digest_sees_every_page() {
+    let mut mem = vec![0u8; 4 * 4096];
+    mem[4096..8192].fill(7);
+    let d = MemoryDigest::of_pages(&mem);
+    assert_eq!(d.pages, 4);
+    let mut stepwise = MemoryDigest::new();
+    for p in mem.chunks(4096) {
+        stepwise.add_page(p);
+    }
+    assert_eq!(stepwise, d);
+    for at in [0, 4095, 4096 + 100, 4 * 4096 - 1] {
+        let mut m = mem.clone();
+        m[at] ^= 1;
+        assert_ne!(MemoryDigest::of_pages(&m).digest, d.digest, "byte {at}");
+    }
+    let mut swapped = mem.clone();
+    swapped.copy_within(4096..8192, 0);
+    swapped[4096..8192].fill(0);
+    assert_ne!(MemoryDigest::of_pages(&swapped).digest, d.digest);
 }

@@ -15,9 +15,9 @@ use std::path::{Path, PathBuf};
 
 use wire::{
     ConsoleChunk, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, ErrorCode, ErrorReply,
-    Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel, MonitorDomainStats,
-    MonitorHwInfo, MonitorValue, PROTOCOL_VERSION, Request, Response, ServiceId, ServiceState, ServiceStatus,
-    StreamChunk,
+    Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel, MigrateOptions,
+    MigrateProgress, MigrateReport, MonitorDomainStats, MonitorHwInfo, MonitorValue, PROTOCOL_VERSION, PeerVerdict,
+    ReceiveState, ReceiveStatus, Request, Response, SendState, ServiceId, ServiceState, ServiceStatus, StreamChunk,
 };
 
 #[derive(Debug, PartialEq)]
@@ -47,7 +47,7 @@ fn status(service: ServiceId, state: ServiceState, handled: u64, errors: u64, de
 fn vectors() -> Vec<Vector> {
     let info = InfoReport {
         hv_version: "0.1.0 (5a3cac6)".to_string(),
-        protocol_version: 2,
+        protocol_version: 3,
         uptime_ns: 3_800_000_000,
         capabilities: [("v", "1"), ("vendor", "AuthenticAMD"), ("family", "23"), ("virt", "svm"), ("svm.npt", "1")]
             .iter()
@@ -220,6 +220,94 @@ fn vectors() -> Vec<Vector> {
                 b.set_range(100..164).unwrap();
                 b.set(1500).unwrap();
                 DirtyBitmapReport { domain: 3, pages: 2048, dirty: b.count_ones(), records: b.to_records() }
+            })),
+        ),
+        v(
+            "request_migrate_send",
+            30,
+            Msg::Request(Request::MigrateSend {
+                domain: 2,
+                options: MigrateOptions { bandwidth_bytes_per_sec: Some(50_000_000), ..MigrateOptions::default() },
+            }),
+        ),
+        v("request_migrate_read", 31, Msg::Request(Request::MigrateRead { session: 1, max_bytes: 61440 })),
+        v(
+            "request_migrate_verdict",
+            32,
+            Msg::Request(Request::MigrateVerdict { session: 1, verdict: PeerVerdict::PolicyAccepted }),
+        ),
+        v(
+            "request_migrate_verdict_refused",
+            33,
+            Msg::Request(Request::MigrateVerdict {
+                session: 1,
+                verdict: PeerVerdict::Refused("avx2 is not available on this host".into()),
+            }),
+        ),
+        v("request_migrate_cancel", 34, Msg::Request(Request::MigrateCancel { domain: 2 })),
+        v("request_migrate_receive", 35, Msg::Request(Request::MigrateReceive)),
+        v("request_migrate_write", 36, Msg::Request(Request::MigrateWrite { session: 7, data: vec![1, 0, 1, 0] })),
+        v(
+            "request_migrate_abort",
+            37,
+            Msg::Request(Request::MigrateAbort { session: 7, reason: "source connection broke".into() }),
+        ),
+        v(
+            "response_migrate_progress",
+            30,
+            Msg::Response(Response::MigrateProgress(MigrateProgress {
+                session: 1,
+                domain: 2,
+                state: Some(SendState::Completed),
+                round: 3,
+                pages_total: 1024,
+                pages_sent: 1100,
+                bytes_sent: 2_400_000,
+                dirty_pages: 12,
+                dirty_pages_per_sec: 400,
+                bandwidth_bytes_per_sec: 9_000_000,
+                estimated_downtime_ms: 6,
+                throttle_percent: 0,
+                failure: None,
+                report: Some(MigrateReport {
+                    rounds: 3,
+                    pages_sent: 1100,
+                    pages_resent: 76,
+                    bytes_sent: 2_400_000,
+                    duration_ms: 900,
+                    downtime_ms: 41,
+                    estimated_downtime_ms: 6,
+                    max_throttle_percent: 0,
+                    memory_digest: Some(0x0123_4567_89ab_cdef),
+                }),
+            })),
+        ),
+        v(
+            "response_migrate_data",
+            31,
+            Msg::Response(Response::MigrateData {
+                data: vec![6, 0, 1, 0],
+                progress: MigrateProgress {
+                    session: 1,
+                    domain: 2,
+                    state: Some(SendState::Failed),
+                    failure: Some("migration cancelled".into()),
+                    ..MigrateProgress::default()
+                },
+            }),
+        ),
+        v(
+            "response_receive_status",
+            36,
+            Msg::Response(Response::ReceiveStatus(ReceiveStatus {
+                session: 7,
+                state: ReceiveState::Receiving,
+                domain: Some(1),
+                policy: Some(Ok(())),
+                pages_received: 512,
+                bytes_received: 2_100_000,
+                error: None,
+                memory_digest: None,
             })),
         ),
         v("stream_chunk_first", 9, Msg::Chunk(StreamChunk::new(1, 0, false, (0u8..32).collect()))),
