@@ -86,6 +86,11 @@ pub trait DomainOps {
     fn dirty_stats(&mut self, id: u32, _slot: usize) -> Result<wire::DirtyStatsReport, ErrorReply> {
         Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
     }
+    /// The operations live migration runs on (`None`: this instance runs no domains,
+    /// and the migration service refuses to migrate).
+    fn migration(&mut self) -> Option<&mut dyn migration_svc::MigrationCore> {
+        None
+    }
     /// Log `slot`'s dirty pages, cleaned and re-armed if `clean`.
     fn dirty_peek(&mut self, id: u32, _slot: usize, _clean: bool) -> Result<wire::DirtyBitmapReport, ErrorReply> {
         Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
@@ -253,9 +258,19 @@ impl Runtime {
         for _ in 0..TURN_BUDGET {
             let Some(env) = self.mailboxes[2].queue.pop_front() else { break };
             let (depth, capacity) = self.mailboxes[2].queue_info();
-            let reply = self.migration.handle(&env.frame, QueueInfo { depth, capacity });
+            let queue = QueueInfo { depth, capacity };
+            let reply = match domains.migration() {
+                Some(core) => self.migration.handle_with(&env.frame, queue, core),
+                None => self.migration.handle(&env.frame, queue),
+            };
             self.outbox.push((env.reply_to, reply));
             worked = true;
+        }
+        // A migration whose relay went quiet must not hold a paused domain forever.
+        if self.migration.active()
+            && let Some(core) = domains.migration()
+        {
+            self.migration.tick(core);
         }
         worked
     }

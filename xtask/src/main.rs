@@ -9,6 +9,7 @@ mod client;
 mod control_tests;
 mod deps;
 mod domain_tests;
+mod migration_tests;
 mod emulator;
 mod image;
 mod serial;

@@ -12,6 +12,7 @@
 pub mod config;
 pub mod dirty;
 pub mod loader;
+pub mod migrate;
 pub mod msr;
 
 use alloc::collections::{BTreeMap, VecDeque};
@@ -207,6 +208,14 @@ pub struct Domain<B: Backend> {
     mem: Option<GuestMemory<B::Paging>>,
     vcpus: Vec<VcpuSlot<B::Vcpu>>,
     cpuid: CpuidTable,
+    /// The verified CPUID policy `cpuid` was built from (it travels with a migration).
+    policy: levelling::Policy,
+    /// The kernel command line it was created with.
+    cmdline: String,
+    /// Percent of time slices withheld from its vCPUs (migration auto-throttle).
+    throttle: u8,
+    /// Slice credit in percent: a vCPU of a throttled domain runs when it reaches 100.
+    throttle_credit: u32,
     /// Log-dirty logs: [`dirty::MAIN`] and [`dirty::TRACK`].
     logs: [Option<dirty::LogDirty>; 2],
 }
@@ -308,7 +317,7 @@ impl<B: Backend> Machine<B> {
 
     /// Build the domain's CPUID view: its policy text (default `base=host-max`) on
     /// this host, verified; the levelling error text when it cannot run here.
-    pub fn cpuid_table(&self, spec: Option<&str>, vcpus: u32) -> Result<CpuidTable, DomainError> {
+    pub fn cpuid_table(&self, spec: Option<&str>, vcpus: u32) -> Result<(levelling::Policy, CpuidTable), DomainError> {
         let text = spec.unwrap_or("base=host-max");
         let spec = levelling::parse_spec(text).map_err(|e| DomainError::Policy(alloc::format!("{e}")))?;
         let (mut policy, notes) = spec.policy_on(&self.host);
@@ -316,12 +325,13 @@ impl<B: Backend> Machine<B> {
             log::info!("cpuid policy `{text}`: {n}");
         }
         policy.vcpus = vcpus;
-        CpuidTable::build(&policy, &self.host).map_err(|e| DomainError::Policy(alloc::format!("{e}")))
+        let table = CpuidTable::build(&policy, &self.host).map_err(|e| DomainError::Policy(alloc::format!("{e}")))?;
+        Ok((policy, table))
     }
 
     /// Create and start a domain.
     pub fn create(&mut self, cfg: &DomainConfig, kernel: &[u8]) -> Result<u32, DomainError> {
-        let cpuid = self.cpuid_table(cfg.cpuid.as_deref(), cfg.vcpus)?;
+        let (policy, cpuid) = self.cpuid_table(cfg.cpuid.as_deref(), cfg.vcpus)?;
         let id = self.next_id;
         let mem = GuestMemory::<B::Paging>::new(&mut self.pool, cfg.memory, self.large_pages)?;
         let params = loader::BootParams { arch: B::ARCH, domain_id: id, vcpus: cfg.vcpus, cmdline: &cfg.cmdline };
@@ -345,6 +355,10 @@ impl<B: Backend> Machine<B> {
             mem: None,
             vcpus: Vec::new(),
             cpuid,
+            policy,
+            cmdline: cfg.cmdline.clone(),
+            throttle: 0,
+            throttle_credit: 0,
             logs: [None, None],
         };
         let root = mem.root();
@@ -412,9 +426,18 @@ impl<B: Backend> Machine<B> {
             let pick = self.cursor % total.max(1);
             self.cursor = self.cursor.wrapping_add(1);
             let Some((di, vi)) = self.locate(pick) else { continue };
-            let d = &self.domains[di];
+            let d = &mut self.domains[di];
             if d.state != DomainState::Running || d.vcpus[vi].state != RunState::Runnable {
                 continue;
+            }
+            // A throttled domain earns (100 - throttle)% of a slice per turn and runs
+            // a slice per 100% earned: it gets that share of its turns.
+            if d.throttle > 0 {
+                d.throttle_credit += 100 - u32::from(d.throttle.min(99));
+                if d.throttle_credit < 100 {
+                    continue;
+                }
+                d.throttle_credit -= 100;
             }
             self.run_vcpu(di, vi);
             return true;
@@ -775,6 +798,9 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
         })
     }
 
+    fn migration(&mut self) -> Option<&mut dyn migration_svc::MigrationCore> {
+        Some(self)
+    }
     fn set_rmids(&mut self, id: u32, rmids: Vec<u32>) {
         if let Some(d) = self.domains.iter_mut().find(|d| d.id == id) {
             for (slot, rmid) in d.vcpus.iter_mut().zip(rmids) {

@@ -1,0 +1,450 @@
+//! The migration service end to end on the host: two `MigrationService`s (source and
+//! destination) answering real request frames, each over a fake core that keeps a
+//! domain in a `Vec<u8>` and dirties pages as "time" passes, with an in-process relay
+//! doing what `hvctl migrate` does. Checks the destination's memory and vCPU state,
+//! the failure paths (refused policy, corrupted byte, cancel, quiet relay) and that the
+//! source keeps running with its dirty bits given back.
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use migration_svc::{DomainInfo, MigrationCore, MigrationService, PolicyCheck};
+use wire::dirty::DirtyBitmap;
+use wire::migration::{MemoryDigest, StreamHeader};
+use wire::service::QueueInfo;
+use wire::{
+    Frame, FrameDecoder, MigrateOptions, MigrateProgress, PeerVerdict, ReceiveState, ReceiveStatus, Request,
+    Response, SendState,
+};
+
+const PAGE: usize = 4096;
+
+#[derive(Debug, Clone)]
+struct FakeDomain {
+    mem: Vec<u8>,
+    paused: bool,
+    log: Option<DirtyBitmap>,
+    vcpus: Vec<Vec<u8>>,
+    policy: Vec<u8>,
+    throttle: u8,
+}
+
+/// A hypervisor's core with a shared clock (ns), advanced by the relay.
+struct FakeCore {
+    clock: Rc<Cell<u64>>,
+    domains: BTreeMap<u32, FakeDomain>,
+    next_id: u32,
+    /// Policies this host refuses, with the reason.
+    refuse: Option<(Vec<u8>, String)>,
+    pages_written: u64,
+}
+
+impl FakeCore {
+    fn new(clock: Rc<Cell<u64>>) -> Self {
+        Self { clock, domains: BTreeMap::new(), next_id: 1, refuse: None, pages_written: 0 }
+    }
+
+    fn with_domain(clock: Rc<Cell<u64>>, pages: usize) -> Self {
+        let mut c = Self::new(clock);
+        let mut mem = vec![0u8; pages * PAGE];
+        for p in (0..pages).step_by(3) {
+            mem[p * PAGE..(p + 1) * PAGE].fill(p as u8 | 1);
+        }
+        c.domains.insert(
+            1,
+            FakeDomain {
+                mem,
+                paused: false,
+                log: None,
+                vcpus: vec![b"vcpu0-registers".to_vec(), b"vcpu1-registers".to_vec()],
+                policy: b"policy-with-avx2".to_vec(),
+                throttle: 0,
+            },
+        );
+        c.next_id = 2;
+        c
+    }
+
+    /// The running guest writes `n` pages (deterministically spread).
+    fn guest_writes(&mut self, n: u64, salt: u64) {
+        for d in self.domains.values_mut().filter(|d| !d.paused) {
+            let pages = (d.mem.len() / PAGE) as u64;
+            for i in 0..n {
+                let pfn = (i * 7 + salt * 13) % pages;
+                let at = pfn as usize * PAGE;
+                d.mem[at] = d.mem[at].wrapping_add(1);
+                d.mem[at + 1] = salt as u8;
+                if let Some(log) = d.log.as_mut() {
+                    log.set(pfn).unwrap();
+                }
+            }
+        }
+    }
+
+    fn dom(&mut self, id: u32) -> Result<&mut FakeDomain, String> {
+        self.domains.get_mut(&id).ok_or_else(|| format!("no domain {id}"))
+    }
+}
+
+impl MigrationCore for FakeCore {
+    fn now_ns(&self) -> Option<u64> {
+        Some(self.clock.get())
+    }
+    fn domain_info(&mut self, domain: u32) -> Result<DomainInfo, String> {
+        let d = self.dom(domain)?;
+        Ok(DomainInfo {
+            name: "fake".into(),
+            memory_bytes: d.mem.len() as u64,
+            vcpus: d.vcpus.len() as u32,
+            cmdline: "x=1".into(),
+            featureset: vec![1, 2, 3],
+            policy: d.policy.clone(),
+            log_dirty_active: d.log.is_some(),
+        })
+    }
+    fn start_log_dirty(&mut self, domain: u32) -> Result<(), String> {
+        let d = self.dom(domain)?;
+        d.log = Some(DirtyBitmap::new((d.mem.len() / PAGE) as u64).unwrap());
+        Ok(())
+    }
+    fn stop_log_dirty(&mut self, domain: u32) -> Result<(), String> {
+        self.dom(domain)?.log = None;
+        Ok(())
+    }
+    fn peek_and_clean(&mut self, domain: u32) -> Result<DirtyBitmap, String> {
+        let log = self.dom(domain)?.log.as_mut().ok_or("not logging")?;
+        let pfns = log.pfns();
+        log.peek_and_clean(pfns).map_err(|e| e.to_string())
+    }
+    fn merge_back(&mut self, domain: u32, bits: &DirtyBitmap) -> Result<(), String> {
+        self.dom(domain)?.log.as_mut().ok_or("not logging")?.or_merge(bits).map_err(|e| e.to_string())
+    }
+    fn read_page(&mut self, domain: u32, pfn: u64, out: &mut [u8]) -> Result<(), String> {
+        let at = pfn as usize * PAGE;
+        out.copy_from_slice(&self.dom(domain)?.mem[at..at + PAGE]);
+        Ok(())
+    }
+    fn set_paused(&mut self, domain: u32, paused: bool) -> Result<(), String> {
+        self.dom(domain)?.paused = paused;
+        Ok(())
+    }
+    fn throttle(&mut self, domain: u32, percent: u8) -> Result<(), String> {
+        self.dom(domain)?.throttle = percent;
+        Ok(())
+    }
+    fn vcpu_states(&mut self, domain: u32) -> Result<Vec<Vec<u8>>, String> {
+        Ok(self.dom(domain)?.vcpus.clone())
+    }
+    fn memory_digest(&mut self, domain: u32) -> Result<MemoryDigest, String> {
+        Ok(MemoryDigest::of_pages(&self.dom(domain)?.mem))
+    }
+    fn destroy(&mut self, domain: u32) -> Result<(), String> {
+        self.domains.remove(&domain).map(|_| ()).ok_or_else(|| format!("no domain {domain}"))
+    }
+    fn policy_check(&mut self) -> PolicyCheck {
+        let refuse = self.refuse.clone();
+        Box::new(move |p: &[u8]| match &refuse {
+            Some((bad, reason)) if bad == p => Err(reason.clone()),
+            _ => Ok(()),
+        })
+    }
+    fn create_domain(&mut self, header: &StreamHeader) -> Result<u32, String> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.domains.insert(
+            id,
+            FakeDomain {
+                // Garbage, so a page that never arrives shows.
+                mem: vec![0xee; header.memory_bytes as usize],
+                paused: true,
+                log: None,
+                vcpus: vec![Vec::new(); header.vcpus as usize],
+                policy: Vec::new(),
+                throttle: 0,
+            },
+        );
+        Ok(id)
+    }
+    fn set_policy(&mut self, domain: u32, policy: &[u8]) -> Result<(), String> {
+        self.dom(domain)?.policy = policy.to_vec();
+        Ok(())
+    }
+    fn write_page(&mut self, domain: u32, pfn: u64, data: Option<&[u8]>) -> Result<(), String> {
+        self.pages_written += 1;
+        let at = pfn as usize * PAGE;
+        let page = &mut self.dom(domain)?.mem[at..at + PAGE];
+        match data {
+            Some(d) => page.copy_from_slice(d),
+            None => page.fill(0),
+        }
+        Ok(())
+    }
+    fn set_vcpu_state(&mut self, domain: u32, index: u32, state: &[u8]) -> Result<(), String> {
+        self.dom(domain)?.vcpus[index as usize] = state.to_vec();
+        Ok(())
+    }
+}
+
+/// One hypervisor: the service and its core.
+struct Hv {
+    svc: MigrationService,
+    core: FakeCore,
+    next_request: u64,
+}
+
+impl Hv {
+    fn call(&mut self, req: Request) -> Response {
+        self.next_request += 1;
+        let mut bytes = Vec::new();
+        wire::encode_request(self.next_request, &req, &mut bytes).unwrap();
+        let mut d = FrameDecoder::new();
+        d.push(&bytes);
+        let frame: Frame = d.next_frame().unwrap().unwrap();
+        let reply = self.svc.handle_with(&frame, QueueInfo { depth: 0, capacity: 16 }, &mut self.core);
+        let mut d = FrameDecoder::new();
+        d.push(&reply);
+        wire::decode_response(&d.next_frame().unwrap().unwrap()).unwrap()
+    }
+
+    fn progress(&mut self, req: Request) -> MigrateProgress {
+        match self.call(req) {
+            Response::MigrateProgress(p) => p,
+            other => panic!("expected progress, got {other:?}"),
+        }
+    }
+
+    fn receive(&mut self, req: Request) -> ReceiveStatus {
+        match self.call(req) {
+            Response::ReceiveStatus(s) => s,
+            other => panic!("expected a receive status, got {other:?}"),
+        }
+    }
+}
+
+struct Run {
+    src: Hv,
+    dst: Hv,
+    clock: Rc<Cell<u64>>,
+}
+
+impl Run {
+    fn new(pages: usize) -> Self {
+        let clock = Rc::new(Cell::new(1_000_000));
+        Self {
+            src: Hv { svc: MigrationService::new(), core: FakeCore::with_domain(clock.clone(), pages), next_request: 0 },
+            dst: Hv { svc: MigrationService::new(), core: FakeCore::new(clock.clone()), next_request: 0 },
+            clock,
+        }
+    }
+
+    /// Relay like hvctl: `corrupt` flips a bit of that stream byte; `cancel_at` cancels
+    /// once that many bytes went through; `writes_per_read` pages the guest dirties per
+    /// read (and 1 ms passes). Returns the final progress and receive status.
+    fn relay(
+        &mut self,
+        options: MigrateOptions,
+        corrupt: Option<u64>,
+        cancel_at: Option<u64>,
+        writes_per_read: u64,
+    ) -> (MigrateProgress, ReceiveStatus) {
+        let p = self.src.progress(Request::MigrateSend { domain: 1, options });
+        let session = p.session;
+        let mut st = self.dst.receive(Request::MigrateReceive);
+        let rsession = st.session;
+        let mut relayed = 0u64;
+        let mut policy_told = false;
+        let mut salt = 0;
+        for _ in 0..100_000 {
+            salt += 1;
+            self.clock.set(self.clock.get() + 1_000_000);
+            self.src.core.guest_writes(writes_per_read, salt);
+            if cancel_at.is_some_and(|c| relayed >= c) {
+                let p = self.src.progress(Request::MigrateCancel { domain: 1 });
+                let st = self.dst.receive(Request::MigrateAbort { session: rsession, reason: "cancelled".into() });
+                return (p, st);
+            }
+            let (mut data, p) = match self.src.call(Request::MigrateRead { session, max_bytes: 60 * 1024 }) {
+                Response::MigrateData { data, progress } => (data, progress),
+                other => panic!("expected data, got {other:?}"),
+            };
+            if let Some(at) = corrupt
+                && (relayed..relayed + data.len() as u64).contains(&at)
+            {
+                data[(at - relayed) as usize] ^= 0x10;
+            }
+            relayed += data.len() as u64;
+            if p.state == Some(SendState::Failed) {
+                let st = self.dst.receive(Request::MigrateAbort {
+                    session: rsession,
+                    reason: p.failure.clone().unwrap_or_default(),
+                });
+                return (p, st);
+            }
+            if !data.is_empty() {
+                st = self.dst.receive(Request::MigrateWrite { session: rsession, data });
+            }
+            let verdict = match (&st.state, &st.policy) {
+                (ReceiveState::Discarded, _) => Some(PeerVerdict::Failed(st.error.clone().unwrap_or_default())),
+                (_, Some(Err(reason))) => Some(PeerVerdict::Refused(reason.clone())),
+                (ReceiveState::Complete, _) => Some(PeerVerdict::Acked),
+                (_, Some(Ok(()))) if !policy_told => {
+                    policy_told = true;
+                    Some(PeerVerdict::PolicyAccepted)
+                }
+                _ => None,
+            };
+            if let Some(v) = verdict {
+                let p = self.src.progress(Request::MigrateVerdict { session, verdict: v });
+                if p.state.is_some_and(SendState::is_over) {
+                    return (p, st);
+                }
+            }
+        }
+        panic!("the relay made no end");
+    }
+}
+
+fn source_domain(run: &Run) -> &FakeDomain {
+    run.src.core.domains.get(&1).expect("the source domain exists")
+}
+
+#[test]
+fn completes_with_equal_memory_and_vcpus() {
+    let mut run = Run::new(600);
+    let options = MigrateOptions { verify_memory: true, ..MigrateOptions::default() };
+    // Reads of 60 KiB at 1 ms each: ~60 MB/s, a guest dirtying 2 pages per ms.
+    let (p, st) = run.relay(options, None, None, 2);
+    assert_eq!(p.state, Some(SendState::Completed), "{p:?}");
+    let report = p.report.expect("a report");
+    assert_eq!(st.state, ReceiveState::Complete);
+    let dom = st.domain.expect("a destination domain");
+    let d = &run.dst.core.domains[&dom];
+    assert!(!d.paused, "the destination runs the domain");
+    assert_eq!(d.vcpus, [b"vcpu0-registers".to_vec(), b"vcpu1-registers".to_vec()]);
+    assert_eq!(d.policy, b"policy-with-avx2");
+    assert!(run.src.core.domains.is_empty(), "the source copy is destroyed");
+    assert_eq!(report.memory_digest, st.memory_digest);
+    assert_eq!(report.memory_digest, Some(MemoryDigest::of_pages(&d.mem).digest));
+    assert!(report.rounds >= 1 && report.pages_sent >= 600, "{report:?}");
+    assert_eq!(report.pages_resent, report.pages_sent - 600);
+    assert!(report.downtime_ms >= 1, "downtime is measured: {report:?}");
+}
+
+/// The source memory at the end of the migration is exactly the destination's: the
+/// source is paused (then destroyed), so compare against a copy taken at its pause.
+#[test]
+fn destination_memory_is_the_source_memory_at_pause() {
+    let mut run = Run::new(300);
+    let (p, st) = run.relay(MigrateOptions::default(), None, None, 5);
+    assert_eq!(p.state, Some(SendState::Completed), "{p:?}");
+    let d = &run.dst.core.domains[&st.domain.unwrap()];
+    // Every page written by the guest carries the salt of its last write in byte 1;
+    // none of the destination's pages may still be the 0xee garbage it started with.
+    assert!(d.mem.chunks(PAGE).all(|pg| pg[2..].iter().all(|&b| b != 0xee)));
+    assert!(p.report.unwrap().pages_resent > 0, "the guest dirtied pages during pre-copy");
+}
+
+#[test]
+fn refused_policy_moves_no_page_and_the_source_runs_on() {
+    let mut run = Run::new(100);
+    run.dst.core.refuse = Some((b"policy-with-avx2".to_vec(), "this host lacks avx2".into()));
+    let (p, st) = run.relay(MigrateOptions::default(), None, None, 1);
+    assert_eq!(p.state, Some(SendState::Failed));
+    assert!(p.failure.as_deref().unwrap().contains("this host lacks avx2"), "{p:?}");
+    assert_eq!(st.state, ReceiveState::Discarded);
+    assert_eq!(st.pages_received, 0);
+    assert_eq!(run.dst.core.pages_written, 0);
+    assert!(run.dst.core.domains.is_empty(), "the partial domain is gone");
+    let d = source_domain(&run);
+    assert!(!d.paused && d.log.is_none(), "running, and the log this migration started is stopped");
+}
+
+#[test]
+fn corrupted_byte_is_refused_and_a_retry_succeeds() {
+    let mut run = Run::new(200);
+    let (p, st) = run.relay(MigrateOptions::default(), Some(30_000), None, 1);
+    assert_eq!(p.state, Some(SendState::Failed));
+    assert_eq!(st.state, ReceiveState::Discarded);
+    assert!(st.error.as_deref().unwrap().contains("checksum"), "{st:?}");
+    assert!(p.failure.as_deref().unwrap().contains("checksum"), "{p:?}");
+    assert!(!source_domain(&run).paused);
+    assert!(run.dst.core.domains.is_empty());
+    let (p, st) = run.relay(MigrateOptions { verify_memory: true, ..MigrateOptions::default() }, None, None, 1);
+    assert_eq!(p.state, Some(SendState::Completed), "{p:?}");
+    assert_eq!(p.report.unwrap().memory_digest, st.memory_digest);
+}
+
+#[test]
+fn cancel_mid_stream_keeps_the_source_and_its_dirty_bits() {
+    let mut run = Run::new(400);
+    // Log-dirty already running (e.g. `hvctl dirty start`): the migration must leave
+    // it running with every bit it took and did not deliver given back.
+    run.src.core.start_log_dirty(1).unwrap();
+    run.src.core.guest_writes(10, 99);
+    let dirty_before: Vec<u64> = run.src.core.domains[&1].log.as_ref().unwrap().ones().collect();
+    let (p, st) = run.relay(MigrateOptions::default(), None, Some(100_000), 3);
+    assert_eq!(p.state, Some(SendState::Failed));
+    assert!(p.failure.as_deref().unwrap().contains("cancelled"), "{p:?}");
+    assert_eq!(st.state, ReceiveState::Discarded);
+    let d = source_domain(&run);
+    assert!(!d.paused);
+    let log = d.log.as_ref().expect("the operator's log keeps running");
+    for pfn in dirty_before {
+        assert!(log.test(pfn).unwrap(), "pfn {pfn} was dirty before the migration and is lost");
+    }
+}
+
+#[test]
+fn a_quiet_relay_fails_the_source_and_discards_the_destination() {
+    let mut run = Run::new(50);
+    let p = run.src.progress(Request::MigrateSend { domain: 1, options: MigrateOptions::default() });
+    let st = run.dst.receive(Request::MigrateReceive);
+    let data = match run.src.call(Request::MigrateRead { session: p.session, max_bytes: 60 * 1024 }) {
+        Response::MigrateData { data, .. } => data,
+        other => panic!("{other:?}"),
+    };
+    run.dst.receive(Request::MigrateWrite { session: st.session, data });
+    run.clock.set(run.clock.get() + migration_svc::session::RELAY_TIMEOUT_NS + 1);
+    assert!(run.src.svc.active() && run.dst.svc.active());
+    run.src.svc.tick(&mut run.src.core);
+    run.dst.svc.tick(&mut run.dst.core);
+    assert!(!run.src.svc.active() && !run.dst.svc.active());
+    assert!(!source_domain(&run).paused);
+    assert!(run.dst.core.domains.is_empty());
+    let p = run.src.progress(Request::MigrateCancel { domain: 1 });
+    assert!(p.failure.unwrap().contains("no request from the relay"));
+}
+
+#[test]
+fn a_second_migration_of_the_same_domain_is_refused_while_one_runs() {
+    let mut run = Run::new(50);
+    run.src.progress(Request::MigrateSend { domain: 1, options: MigrateOptions::default() });
+    match run.src.call(Request::MigrateSend { domain: 1, options: MigrateOptions::default() }) {
+        Response::Error(e) => assert!(e.message.contains("already being migrated"), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+    match run.src.call(Request::MigrateRead { session: 99, max_bytes: 10 }) {
+        Response::Error(e) => assert!(e.message.contains("no sending migration session 99"), "{e:?}"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn bandwidth_cap_limits_what_a_read_hands_out() {
+    let mut run = Run::new(200);
+    let options = MigrateOptions { bandwidth_bytes_per_sec: Some(1_000_000), ..MigrateOptions::default() };
+    let p = run.src.progress(Request::MigrateSend { domain: 1, options });
+    // Header and policy first; accept the policy so pages flow.
+    run.clock.set(run.clock.get() + 10_000_000);
+    let _ = run.src.call(Request::MigrateRead { session: p.session, max_bytes: 60 * 1024 });
+    run.src.progress(Request::MigrateVerdict { session: p.session, verdict: PeerVerdict::PolicyAccepted });
+    // 10 ms later: 1 MB/s allows about 10 kB more in total.
+    run.clock.set(run.clock.get() + 10_000_000);
+    let (data, progress) = match run.src.call(Request::MigrateRead { session: p.session, max_bytes: 60 * 1024 }) {
+        Response::MigrateData { data, progress } => (data, progress),
+        other => panic!("{other:?}"),
+    };
+    assert!(progress.bytes_sent <= 20_000 + 1, "{progress:?}");
+    assert!(!data.is_empty() && data.len() < 20_000, "{}", data.len());
+}

@@ -1,0 +1,382 @@
+//! System tests of live migration between two hypervisors: two QEMU instances, each
+//! with its own vsock backend, and `hvctl migrate` relaying the stream between them.
+//!
+//! The destination runs on `-cpu EPYC,-avx2`, so a domain whose CPUID policy has AVX2
+//! (the source's default, host-max) must be refused there before any page moves, and
+//! the `memwriter` used for the other tests is created with `base=host-max,-avx2`.
+//! The failure tests run first on that writer (corrupted record, cancel mid-round), so
+//! the successful migration at the end is also the retry the issue asks for.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::emulator::{Echo, Platform, RunConfig, Session, Wait};
+use crate::image::Esp;
+use crate::serial::{SerialLog, clean};
+use crate::{Result, tools};
+
+/// The writer's parameters: 64 pages at 3 MiB, a practically endless number of rounds.
+const WRITER_SEED: u64 = 7;
+const WRITER_PAGES: u64 = 64;
+const WRITER_CMDLINE: &str = "pages=64 rounds=100000000 seed=7 base=0x300000";
+/// The writer's CPUID policy: what the AVX2-less destination can run.
+const WRITER_CPUID: &str = "base=host-max,-avx2";
+
+struct Ctx<'a> {
+    hvctl: PathBuf,
+    guests: PathBuf,
+    src: &'a Session,
+    dst: &'a Session,
+    /// The memwriter on the source, once created.
+    writer: std::cell::Cell<Option<u64>>,
+}
+
+type Test = fn(&Ctx) -> Result<String>;
+
+const TESTS: &[(&str, Test)] = &[
+    ("migrate-policy-refused-before-any-page", policy_refused),
+    ("migrate-corrupt-record-refused-source-runs", corrupt_record),
+    ("migrate-cancel-mid-round-source-runs", cancel_mid_round),
+    ("migrate-memwriter-while-writing", live_memwriter),
+];
+
+/// Boot a source and a destination and run the migration tests matching `filter`.
+pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
+    let selected: Vec<_> = TESTS.iter().filter(|(n, _)| filter.is_none_or(|f| n.contains(f))).collect();
+    if selected.is_empty() {
+        return Ok((0, 0));
+    }
+    let src_platform = Platform::Qemu { cpu: "EPYC".into() };
+    let dst_platform = Platform::Qemu { cpu: "EPYC,-avx2".into() };
+    tools::ensure(&src_platform)?;
+    tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
+    let target_dir =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| tools::root().join("target"));
+    let config = |name: &str| RunConfig {
+        name: name.into(),
+        timeout: Duration::from_secs(src_platform.default_timeout_secs()),
+        cmdline: String::new(),
+        echo: false,
+        vsock: true,
+        domains: None,
+    };
+    println!("systest migrate-* on {src_platform} -> {dst_platform}, two instances with virtio-vsock ...");
+    let mut src = Session::spawn(&src_platform, esp, &config("migrate-src"))?;
+    let mut dst = Session::spawn(&dst_platform, esp, &config("migrate-dst"))?;
+    for (what, session) in [("source", &mut src), ("destination", &mut dst)] {
+        let timeout = Duration::from_secs(src_platform.default_timeout_secs());
+        let wait = session.wait_until(timeout, &mut Echo::new(false), |l| {
+            l.line("CONTROL ").is_some() || l.outcome().is_some()
+        });
+        if !matches!(wait, Wait::Matched(_)) || SerialLog::new(&session.serial()).line("CONTROL listening").is_none()
+        {
+            println!("systest migrate-* ... FAILED: the {what}'s control channel did not come up ({wait:?})");
+            print_log(what, session);
+            return Ok((0, selected.len()));
+        }
+    }
+    let ctx = Ctx {
+        hvctl: target_dir.join("debug").join("hvctl"),
+        guests: esp.dir.join("EFI").join("HV"),
+        src: &src,
+        dst: &dst,
+        writer: std::cell::Cell::new(None),
+    };
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in selected {
+        let start = Instant::now();
+        match test(&ctx) {
+            Ok(detail) => {
+                passed += 1;
+                println!("systest {name} ... ok ({:.1} s; {detail})", start.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                failed += 1;
+                println!("systest {name} ... FAILED\n  - {e}");
+            }
+        }
+    }
+    for (what, session) in [("source", &src), ("destination", &dst)] {
+        let log = SerialLog::new(&session.serial());
+        for marker in ["FAIL:", "FATAL:", "SHUTDOWN"] {
+            if let Some(l) = log.line(marker) {
+                failed += 1;
+                println!("systest migrate-* ... FAILED: the {what} stopped serving: {l}");
+            }
+        }
+    }
+    if failed > 0 {
+        print_log("source", &src);
+        print_log("destination", &dst);
+    }
+    src.stop();
+    dst.stop();
+    Ok((passed, failed))
+}
+
+fn print_log(what: &str, session: &Session) {
+    println!(
+        "---- serial log of the {what} ({}) ----\n{}\n---- end of serial log ----",
+        session.dir.display(),
+        clean(&session.serial())
+    );
+}
+
+fn target(session: &Session) -> String {
+    let socket = session.vsock_socket.as_deref().unwrap_or(Path::new("/nonexistent"));
+    format!("unix:{}:{}", socket.display(), wire::CONTROL_PORT)
+}
+
+/// Run hvctl; (exit code, stdout, stderr).
+fn hvctl_raw(ctx: &Ctx, args: &[&str]) -> Result<(Option<i32>, String, String)> {
+    let out = Command::new(&ctx.hvctl).args(args).output().map_err(|e| format!("cannot run hvctl: {e}"))?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Run hvctl against `session`, requiring success; its stdout.
+fn hvctl_on(ctx: &Ctx, session: &Session, args: &[&str]) -> Result<String> {
+    let t = target(session);
+    let mut all = vec!["--connect", t.as_str()];
+    all.extend_from_slice(args);
+    let (code, stdout, stderr) = hvctl_raw(ctx, &all)?;
+    if code != Some(0) {
+        return Err(format!("hvctl {} exited with {code:?}: {}", args.join(" "), stderr.trim()));
+    }
+    Ok(stdout)
+}
+
+fn json(text: &str, what: &str) -> Result<serde_json::Value> {
+    serde_json::from_str(text).map_err(|e| format!("{what}: not JSON ({e}): {text}"))
+}
+
+/// The domains on `session` as (id, name, state).
+fn domains(ctx: &Ctx, session: &Session) -> Result<Vec<(u64, String, String)>> {
+    let list = json(&hvctl_on(ctx, session, &["domain", "list", "--json"])?, "domain list")?;
+    Ok(list["domains"]
+        .as_array()
+        .map(|ds| {
+            ds.iter()
+                .map(|d| {
+                    (
+                        d["id"].as_u64().unwrap_or(0),
+                        d["name"].as_str().unwrap_or("").to_string(),
+                        d["state"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+fn create(ctx: &Ctx, kernel: &str, name: &str, cpuid: Option<&str>, cmdline: &str) -> Result<u64> {
+    let kernel = ctx.guests.join(format!("{kernel}.elf")).display().to_string();
+    let mut args = vec!["domain", "create", "--kernel", &kernel, "--name", name, "--memory", "8M", "--json"];
+    if let Some(c) = cpuid {
+        args.extend(["--cpuid", c]);
+    }
+    if !cmdline.is_empty() {
+        args.extend(["--cmdline", cmdline]);
+    }
+    let out = json(&hvctl_on(ctx, ctx.src, &args)?, "domain create")?;
+    out["id"].as_u64().ok_or_else(|| format!("domain create gave no id: {out}"))
+}
+
+/// The (round, checksum) pairs domain `id` reported on `session`'s serial log.
+fn rounds(session: &Session, id: u64) -> Vec<(u64, u64)> {
+    let text = clean(&session.serial());
+    let prefix = format!("DOMAIN {id} REPORT ");
+    let mut out = Vec::new();
+    let mut round = None;
+    for line in text.lines() {
+        let Some(rest) = line.trim().strip_prefix(&prefix) else { continue };
+        let value = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok();
+        if let Some(v) = rest.strip_prefix("round=") {
+            round = value(v);
+        } else if let Some(v) = rest.strip_prefix("checksum=")
+            && let (Some(r), Some(c)) = (round.take(), value(v))
+        {
+            out.push((r, c));
+        }
+    }
+    out
+}
+
+fn wait_for(what: &str, secs: u64, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(secs) {
+        if check()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("timed out after {secs} s waiting for {what}"))
+}
+
+/// The source writer still runs: it reports new rounds after `since`.
+fn writer_keeps_running(ctx: &Ctx, id: u64, what: &str) -> Result<u64> {
+    let before = rounds(ctx.src, id).last().map_or(0, |r| r.0);
+    wait_for(&format!("the source writer to report rounds after {what}"), 30, || {
+        Ok(rounds(ctx.src, id).last().is_some_and(|r| r.0 >= before + 2))
+    })?;
+    let state = domains(ctx, ctx.src)?.into_iter().find(|d| d.0 == id).map(|d| d.2);
+    if state.as_deref() != Some("running") {
+        return Err(format!("after {what} the source domain is {state:?}, not running"));
+    }
+    Ok(before)
+}
+
+fn no_domain_on_destination(ctx: &Ctx, what: &str) -> Result<()> {
+    let left = domains(ctx, ctx.dst)?;
+    if !left.is_empty() {
+        return Err(format!("after {what} the destination still has domains: {left:?}"));
+    }
+    Ok(())
+}
+
+/// The writer on the source, created (and seen writing) the first time it is needed.
+fn writer(ctx: &Ctx) -> Result<u64> {
+    if let Some(id) = ctx.writer.get() {
+        return Ok(id);
+    }
+    let id = create(ctx, "memwriter", "mw", Some(WRITER_CPUID), WRITER_CMDLINE)?;
+    wait_for("the writer's first rounds", 30, || Ok(rounds(ctx.src, id).len() >= 2))?;
+    ctx.writer.set(Some(id));
+    Ok(id)
+}
+
+fn migrate(ctx: &Ctx, id: u64, extra: &[&str]) -> Result<(Option<i32>, serde_json::Value, String)> {
+    let (from, to) = (target(ctx.src), target(ctx.dst));
+    let id = id.to_string();
+    let mut args = vec!["migrate", id.as_str(), "--from", from.as_str(), "--to", to.as_str(), "--json"];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = hvctl_raw(ctx, &args)?;
+    let report = json(&stdout, "hvctl migrate --json").map_err(|e| format!("{e}; stderr: {stderr}"))?;
+    Ok((code, report, stderr))
+}
+
+fn policy_refused(ctx: &Ctx) -> Result<String> {
+    // The default policy (host-max on EPYC) has AVX2; the destination's host does not.
+    let id = create(ctx, "spinner", "needs-avx2", None, "")?;
+    let dst_serial_before = clean(&ctx.dst.serial()).len();
+    let (code, report, stderr) = migrate(ctx, id, &[])?;
+    let error = report["error"].as_str().unwrap_or_default().to_string();
+    if code != Some(4) || report["outcome"] != "failed" || !error.contains("avx2") {
+        return Err(format!("expected a refusal naming avx2 (exit 4), got exit {code:?}: {report}; {stderr}"));
+    }
+    if report["destination_pages_received"].as_u64() != Some(0) {
+        return Err(format!("the destination took pages before refusing: {report}"));
+    }
+    let dst_log = clean(&ctx.dst.serial());
+    if dst_log.get(dst_serial_before..).is_some_and(|l| l.contains("REPORT")) {
+        return Err("the refused domain ran on the destination".into());
+    }
+    no_domain_on_destination(ctx, "the refusal")?;
+    let state = domains(ctx, ctx.src)?.into_iter().find(|d| d.0 == id).map(|d| d.2);
+    if state.as_deref() != Some("running") {
+        return Err(format!("after the refusal the source domain is {state:?}"));
+    }
+    hvctl_on(ctx, ctx.src, &["domain", "destroy", &id.to_string()])?;
+    Ok(format!("refused with: {}", error.chars().take(140).collect::<String>()))
+}
+
+fn corrupt_record(ctx: &Ctx) -> Result<String> {
+    let id = writer(ctx)?;
+    // Byte 150000 lies in the full copy's page data (the writer alone has 256 KiB).
+    let (code, report, stderr) = migrate(ctx, id, &["--fault-corrupt-byte", "150000"])?;
+    let error = report["error"].as_str().unwrap_or_default().to_string();
+    if code != Some(4) || !error.to_lowercase().contains("checksum") {
+        return Err(format!("expected a checksum refusal (exit 4), got exit {code:?}: {report}; {stderr}"));
+    }
+    writer_keeps_running(ctx, id, "the corrupted record")?;
+    no_domain_on_destination(ctx, "the corrupted record")?;
+    Ok(format!("destination: {}", error.chars().take(120).collect::<String>()))
+}
+
+fn cancel_mid_round(ctx: &Ctx) -> Result<String> {
+    let id = writer(ctx)?;
+    let (from, to) = (target(ctx.src), target(ctx.dst));
+    // 0.1 MB/s: the full copy alone takes seconds, so the cancel lands mid-stream.
+    let relay = Command::new(&ctx.hvctl)
+        .args(["migrate", &id.to_string(), "--from", &from, "--to", &to, "--bandwidth", "0.1", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run hvctl: {e}"))?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let cancel = hvctl_on(ctx, ctx.src, &["migrate", "--cancel", &id.to_string(), "--from", &from, "--json"])?;
+    let out = relay.wait_with_output().map_err(|e| format!("hvctl migrate: {e}"))?;
+    let report = json(&String::from_utf8_lossy(&out.stdout), "hvctl migrate --json")?;
+    let error = report["error"].as_str().unwrap_or_default().to_string();
+    if out.status.code() != Some(4) || !error.contains("cancelled") {
+        return Err(format!(
+            "the relay did not end with the cancellation: exit {:?}, {report}; cancel said {cancel}; {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let sent = report["bytes_sent"].as_u64().unwrap_or(0);
+    writer_keeps_running(ctx, id, "the cancel")?;
+    no_domain_on_destination(ctx, "the cancel")?;
+    Ok(format!("cancelled after {sent} bytes; the writer kept running"))
+}
+
+fn live_memwriter(ctx: &Ctx) -> Result<String> {
+    let id = writer(ctx)?;
+    let (code, report, stderr) = migrate(ctx, id, &["--verify"])?;
+    if code != Some(0) || report["outcome"] != "completed" {
+        return Err(format!("the migration did not complete: exit {code:?}, {report}; {stderr}"));
+    }
+    let (src_digest, dst_digest) = (&report["source_digest"], &report["destination_digest"]);
+    if src_digest.is_null() || src_digest != dst_digest {
+        return Err(format!("memory at pause differs: source {src_digest}, destination {dst_digest}"));
+    }
+    let new_id = report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
+    if domains(ctx, ctx.src)?.iter().any(|d| d.0 == id) {
+        return Err("the source domain still exists after the migration".into());
+    }
+    wait_for("the migrated writer to report 3 rounds on the destination", 60, || {
+        Ok(rounds(ctx.dst, new_id).len() >= 3)
+    })?;
+    let before = rounds(ctx.src, id);
+    let after = rounds(ctx.dst, new_id);
+    let all: Vec<(u64, u64)> = before.iter().chain(after.iter()).copied().collect();
+    for (i, (round, checksum)) in all.iter().enumerate() {
+        if *round != i as u64 {
+            return Err(format!(
+                "the rounds do not continue: source reported {:?}, destination {:?}",
+                before.iter().map(|r| r.0).collect::<Vec<_>>(),
+                after.iter().map(|r| r.0).collect::<Vec<_>>()
+            ));
+        }
+        let want = guest_abi::memwriter::round_checksum(WRITER_SEED, *round, WRITER_PAGES);
+        if *checksum != want {
+            let side = if i < before.len() { "source" } else { "destination" };
+            return Err(format!("round {round} on the {side} read back {checksum:#x}, expected {want:#x}"));
+        }
+    }
+    let state = domains(ctx, ctx.dst)?.into_iter().find(|d| d.0 == new_id).map(|d| d.2);
+    if state.as_deref() != Some("running") {
+        return Err(format!("the migrated domain is {state:?} on the destination"));
+    }
+    hvctl_on(ctx, ctx.dst, &["domain", "destroy", &new_id.to_string()])?;
+    Ok(format!(
+        "rounds 0..{} on the source, {}..{} on the destination, all checksums right; {} dirty rounds, {} pages \
+         ({} resent), {} bytes in {} ms, downtime {} ms (estimated {} ms), digest {}",
+        before.len(),
+        before.len(),
+        all.len(),
+        report["rounds"],
+        report["pages_sent"],
+        report["pages_resent"],
+        report["bytes_sent"],
+        report["duration_ms"],
+        report["downtime_ms"],
+        report["estimated_downtime_ms"],
+        src_digest
+    ))
+}
