@@ -5,6 +5,7 @@
 //! (what an exit means, what the guest gets) lives above, written once, as in
 //! tandasat/barevisor.
 
+pub mod state;
 pub mod svm;
 pub mod vmx;
 
@@ -203,6 +204,8 @@ pub enum ArchError {
     Memory(MmError),
     /// The core asked for something the backend cannot do here.
     Unsupported(&'static str),
+    /// A [`state::VcpuSnapshot`] this backend cannot load (nothing was changed).
+    InvalidSnapshot(&'static str),
 }
 
 impl From<MmError> for ArchError {
@@ -240,6 +243,7 @@ impl core::fmt::Display for ArchError {
             ArchError::VmrunInvalid => f.write_str("VMRUN failed its consistency checks (VMEXIT_INVALID)"),
             ArchError::Memory(e) => write!(f, "{e}"),
             ArchError::Unsupported(what) => write!(f, "not supported by this backend: {what}"),
+            ArchError::InvalidSnapshot(why) => write!(f, "cannot load the vCPU snapshot: {why}"),
         }
     }
 }
@@ -272,6 +276,10 @@ pub trait Vcpu {
     fn skip_instruction(&mut self, exit: &Exit) -> Result<(), ArchError>;
     /// Deliver a hardware exception to the guest at the next entry.
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError>;
+    /// Read the paused vCPU's architectural state (`regs` holds the GPRs the core keeps).
+    fn save_state(&mut self, regs: &GuestRegs) -> Result<state::VcpuSnapshot, ArchError>;
+    /// Load `snapshot` into this (not running) vCPU; fills `regs` with its GPRs.
+    fn load_state(&mut self, regs: &mut GuestRegs, snapshot: &state::VcpuSnapshot) -> Result<(), ArchError>;
     /// Make the processor forget cached nested translations after the core changed
     /// nested entries (permissions, dirty flags).
     fn flush_nested_tlb(&mut self) -> Result<(), ArchError>;

@@ -10,6 +10,7 @@ pub mod vmcb;
 use core::arch::global_asm;
 
 use self::vmcb::{Segment, Vmcb};
+use super::state::{self, DescriptorTable, PendingEvent, SegmentRegister, VcpuSnapshot};
 use super::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs, Vcpu};
 use crate::caps::Capabilities;
 use crate::mm::MmError;
@@ -21,6 +22,7 @@ const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
 const EFER_SVME: u64 = 1 << 12;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
+const RFLAGS_IF: u64 = 1 << 9;
 
 /// SVM on this physical CPU: the host save area VMRUN uses.
 #[derive(Debug)]
@@ -217,6 +219,176 @@ impl Vcpu for SvmVcpu {
         Ok(())
     }
 
+    // The state-save area (APM Vol. 2 Appendix B, Table B-2) holds everything the
+    // snapshot needs. Caveat: FS, GS, TR, LDTR, STAR, LSTAR, CSTAR, SFMASK,
+    // KernelGsBase and SYSENTER_* are loaded and saved by VMLOAD/VMSAVE (15.5.2), not by
+    // VMRUN/#VMEXIT, and `hv_svm_run` uses neither: the VMCB copies of those are the
+    // values `configure` or `load_state` put there. Guests cannot write those MSRs here
+    // (every WRMSR is intercepted and answered with #GP by the core), but a guest that
+    // reloads FS/GS/TR/LDTR itself is not captured until the run path VMLOADs/VMSAVEs.
+    fn save_state(&mut self, regs: &GuestRegs) -> Result<VcpuSnapshot, ArchError> {
+        let v = self.vmcb();
+        let seg = |s: Segment| {
+            let (selector, attributes, limit, base) = v.segment(s);
+            SegmentRegister { selector, attributes, limit, base }
+        };
+        let table = |s: Segment| {
+            let (_, _, limit, base) = v.segment(s);
+            DescriptorTable { base, limit: limit as u16 }
+        };
+        // The snapshot keeps the CPL as SS.DPL (state.rs); the VMCB has its own CPL
+        // field (0x0CB), which is what VMRUN uses (15.5.1).
+        let mut ss = seg(Segment::Ss);
+        ss.attributes = (ss.attributes & !state::ATTR_DPL) | (u16::from(v.get(vmcb::CPL) & 3) << 5);
+        let rflags = v.get(vmcb::RFLAGS);
+        // 0x068 bit 0: one shadow bit for STI and MOV SS. STI sets IF, so a shadow with
+        // IF clear can only come from MOV SS / POP SS; with IF set we call it STI
+        // (MOV SS also blocks #DB, which is then lost). NMI blocking is kept inside the
+        // processor, not in the VMCB (without vNMI), so it cannot be saved.
+        let interruptibility = match (v.get(vmcb::INTERRUPT_SHADOW) & 1 != 0, rflags & RFLAGS_IF != 0) {
+            (false, _) => 0,
+            (true, true) => state::BLOCKING_BY_STI,
+            (true, false) => state::BLOCKING_BY_MOV_SS,
+        };
+        // 15.20: EVENTINJ still valid = injected by the core, not yet delivered (`run`
+        // clears it after every VMRUN). Otherwise 15.7.2: EXITINTINFO valid = the
+        // #VMEXIT interrupted the delivery of that event. INTn (type 4) and INT3/INTO
+        // (type 3, vectors 3 and 4) are not carried from EXITINTINFO: RIP still points
+        // at the instruction, which raises them again when re-executed.
+        let eventinj = v.get(vmcb::EVENTINJ);
+        let exitintinfo = v.get(vmcb::EXITINTINFO);
+        let pending_event = if eventinj & (1 << 31) != 0 {
+            PendingEvent::from_interruption_info(eventinj as u32, (eventinj >> 32) as u32)
+        } else {
+            PendingEvent::from_interruption_info(exitintinfo as u32, (exitintinfo >> 32) as u32).filter(|e| {
+                matches!(e.kind, state::EVENT_EXTERNAL_INTERRUPT | state::EVENT_NMI)
+                    || (e.kind == state::EVENT_EXCEPTION && !matches!(e.vector, 3 | 4))
+            })
+        };
+        if let Some(e) = &pending_event
+            && !matches!(
+                e.kind,
+                state::EVENT_EXTERNAL_INTERRUPT
+                    | state::EVENT_NMI
+                    | state::EVENT_EXCEPTION
+                    | state::EVENT_SOFTWARE_INTERRUPT
+            )
+        {
+            return Err(ArchError::Unsupported("saving a pending event of an unknown EVENTINJ type"));
+        }
+        Ok(VcpuSnapshot {
+            // `run` copies the VMCB's RAX into `regs` at each #VMEXIT and back before
+            // VMRUN, so the core's copy (possibly changed by emulation) is current.
+            regs: *regs,
+            rsp: v.get(vmcb::RSP),
+            rip: v.get(vmcb::RIP),
+            rflags,
+            cr0: v.get(vmcb::CR0),
+            cr2: v.get(vmcb::CR2),
+            cr3: v.get(vmcb::CR3),
+            cr4: v.get(vmcb::CR4),
+            // EFER.SVME is ours (15.5.1 requires it in the guest's EFER); the guest
+            // never sees it (domain::msr).
+            efer: v.get(vmcb::EFER) & !EFER_SVME,
+            dr6: v.get(vmcb::DR6),
+            dr7: v.get(vmcb::DR7),
+            pat: v.get(vmcb::G_PAT),
+            cs: seg(Segment::Cs),
+            ds: seg(Segment::Ds),
+            es: seg(Segment::Es),
+            fs: seg(Segment::Fs),
+            gs: seg(Segment::Gs),
+            ss,
+            tr: seg(Segment::Tr),
+            ldtr: seg(Segment::Ldtr),
+            gdtr: table(Segment::Gdtr),
+            idtr: table(Segment::Idtr),
+            sysenter_cs: v.get(vmcb::SYSENTER_CS),
+            sysenter_esp: v.get(vmcb::SYSENTER_ESP),
+            sysenter_eip: v.get(vmcb::SYSENTER_EIP),
+            star: v.get(vmcb::STAR),
+            lstar: v.get(vmcb::LSTAR),
+            cstar: v.get(vmcb::CSTAR),
+            sfmask: v.get(vmcb::SFMASK),
+            kernel_gs_base: v.get(vmcb::KERNEL_GS_BASE),
+            interruptibility,
+            pending_event,
+        })
+    }
+
+    fn load_state(&mut self, regs: &mut GuestRegs, snapshot: &VcpuSnapshot) -> Result<(), ArchError> {
+        let s = snapshot;
+        if let Some(e) = &s.pending_event
+            && !matches!(
+                e.kind,
+                state::EVENT_EXTERNAL_INTERRUPT
+                    | state::EVENT_NMI
+                    | state::EVENT_EXCEPTION
+                    | state::EVENT_SOFTWARE_INTERRUPT
+            )
+        {
+            return Err(ArchError::InvalidSnapshot("pending event of an unknown kind"));
+        }
+        let mut v = self.vmcb();
+        // Table B-2, mirroring `configure`. Values VMRUN's consistency checks refuse
+        // (15.5.1: e.g. CR0.PG without PE, reserved DR6/DR7/EFER bits, a bad G_PAT)
+        // surface as ArchError::VmrunInvalid at the next `run`.
+        for (seg, r) in [
+            (Segment::Cs, &s.cs),
+            (Segment::Ds, &s.ds),
+            (Segment::Es, &s.es),
+            (Segment::Fs, &s.fs),
+            (Segment::Gs, &s.gs),
+            (Segment::Ss, &s.ss),
+            (Segment::Tr, &s.tr),
+            (Segment::Ldtr, &s.ldtr),
+        ] {
+            v.set_segment(seg, r.selector, r.attributes, r.limit, r.base);
+        }
+        v.set_segment(Segment::Gdtr, 0, 0, s.gdtr.limit.into(), s.gdtr.base);
+        v.set_segment(Segment::Idtr, 0, 0, s.idtr.limit.into(), s.idtr.base);
+        // The CPL is SS.DPL in the snapshot; VMRUN takes it from the CPL field.
+        v.set(vmcb::CPL, ((s.ss.attributes & state::ATTR_DPL) >> 5) as u8);
+        v.set(vmcb::EFER, s.efer | EFER_SVME);
+        v.set(vmcb::CR0, s.cr0);
+        v.set(vmcb::CR2, s.cr2);
+        v.set(vmcb::CR3, s.cr3);
+        v.set(vmcb::CR4, s.cr4);
+        v.set(vmcb::DR7, s.dr7);
+        v.set(vmcb::DR6, s.dr6);
+        v.set(vmcb::RFLAGS, s.rflags);
+        v.set(vmcb::RIP, s.rip);
+        v.set(vmcb::RSP, s.rsp);
+        v.set(vmcb::RAX, s.regs.rax);
+        v.set(vmcb::G_PAT, s.pat);
+        v.set(vmcb::STAR, s.star);
+        v.set(vmcb::LSTAR, s.lstar);
+        v.set(vmcb::CSTAR, s.cstar);
+        v.set(vmcb::SFMASK, s.sfmask);
+        v.set(vmcb::KERNEL_GS_BASE, s.kernel_gs_base);
+        v.set(vmcb::SYSENTER_CS, s.sysenter_cs);
+        v.set(vmcb::SYSENTER_ESP, s.sysenter_esp);
+        v.set(vmcb::SYSENTER_EIP, s.sysenter_eip);
+        // One shadow bit for STI and MOV SS blocking; NMI blocking has no VMCB field
+        // (without vNMI) and is dropped.
+        let shadow = u64::from(s.interruptibility & (state::BLOCKING_BY_STI | state::BLOCKING_BY_MOV_SS) != 0);
+        let old = v.get(vmcb::INTERRUPT_SHADOW);
+        v.set(vmcb::INTERRUPT_SHADOW, (old & !1) | shadow);
+        // 15.20: EVENTINJ = vector | TYPE << 8 | EV << 11 | V << 31, error code in
+        // 63:32. A software interrupt (TYPE 4) pushes the VMCB's RIP as the return
+        // address, which is the snapshot's convention for kind 4.
+        let event = s
+            .pending_event
+            .map_or(0, |e| u64::from(e.to_interruption_info()) | (u64::from(e.error_code.unwrap_or(0)) << 32));
+        v.set(vmcb::EVENTINJ, event);
+        // The previous exit's interrupted event (if any) belongs to the old state.
+        v.set(vmcb::EXITINTINFO, 0);
+        // 15.15: clean bits 0 = the processor reloads every VMCB field at VMRUN.
+        v.set(vmcb::VMCB_CLEAN, 0);
+        *regs = s.regs;
+        Ok(())
+    }
+
     fn flush_nested_tlb(&mut self) -> Result<(), ArchError> {
         // TLB_CONTROL is 1 in every VMCB we build (APM 15.16.1: flush this guest's
         // entries on each VMRUN), so changed nested entries take effect at next entry.
@@ -307,3 +479,102 @@ global_asm!(
     "pop rbx",
     "ret",
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::boxed::Box;
+
+    /// A vCPU whose VMCB is a heap page (the host test stands in for the identity map).
+    fn vcpu(page: &mut [u8; 4096]) -> SvmVcpu {
+        SvmVcpu { vmcb: page as *mut [u8; 4096] as u64, iopm: 0, msrpm: 0 }
+    }
+
+    fn snapshot() -> VcpuSnapshot {
+        let seg = |selector, attributes, limit, base| SegmentRegister { selector, attributes, limit, base };
+        VcpuSnapshot {
+            regs: GuestRegs { rax: 0xaa, rbx: 0xbb, r15: 0xff, ..GuestRegs::default() },
+            rsp: 0x7ff0,
+            rip: 0x40_1234,
+            rflags: 0x202,
+            cr0: 0x8001_0031,
+            cr2: 0xdead_b000,
+            cr3: 0x20_0000,
+            cr4: 0x6a0,
+            efer: 0xd01,
+            dr6: 0xffff_0ff0,
+            dr7: 0x400,
+            pat: 0x0007_0406_0007_0406,
+            cs: seg(0x33, 0xafb, 0xffff_ffff, 0),
+            ds: seg(0x2b, 0xcf3, 0xffff_ffff, 0),
+            es: seg(0, 0, 0, 0),
+            fs: seg(0, 0, 0, 0x7f00_1234_0000),
+            gs: seg(0, 0, 0, 0xffff_8880_0000_0000),
+            ss: seg(0x2b, 0xcf3, 0xffff_ffff, 0),
+            tr: seg(0x40, 0x8b, 0x4087, 0xffff_fe00_0000_3000),
+            ldtr: seg(0, 0x82, 0, 0),
+            gdtr: DescriptorTable { base: 0xffff_fe00_0000_1000, limit: 0x7f },
+            idtr: DescriptorTable { base: 0xffff_fe00_0000_0000, limit: 0xfff },
+            sysenter_cs: 0x10,
+            sysenter_esp: 0xffff_fe00_0000_5000,
+            sysenter_eip: 0xffff_ffff_8100_0040,
+            star: 0x0023_0010_0000_0000,
+            lstar: 0xffff_ffff_8100_0000,
+            cstar: 0xffff_ffff_8100_0080,
+            sfmask: 0x4_7700,
+            kernel_gs_base: 0xffff_8880_1000_0000,
+            interruptibility: state::BLOCKING_BY_STI,
+            pending_event: Some(PendingEvent { vector: 13, kind: state::EVENT_EXCEPTION, error_code: Some(0x18) }),
+        }
+    }
+
+    #[test]
+    fn load_then_save_gives_the_snapshot_back() {
+        let mut page = Box::new([0u8; 4096]);
+        let mut v = vcpu(&mut page);
+        let s = snapshot();
+        let mut regs = GuestRegs::default();
+        v.load_state(&mut regs, &s).unwrap();
+        assert_eq!(regs, s.regs);
+        assert_eq!(v.save_state(&regs).unwrap(), s);
+
+        // What VMRUN will see (Table B-2): SVME added, CPL from SS.DPL, RAX in the VMCB,
+        // EVENTINJ with the error code in 63:32, nothing marked clean.
+        let b = Vmcb(&mut page);
+        assert_eq!(b.get(vmcb::EFER), 0xd01 | EFER_SVME);
+        assert_eq!(b.get(vmcb::CPL), 3);
+        assert_eq!(b.get(vmcb::RAX), 0xaa);
+        assert_eq!(b.get(vmcb::CR2), 0xdead_b000);
+        assert_eq!(b.get(vmcb::EVENTINJ), (0x18 << 32) | (1 << 31) | (1 << 11) | (3 << 8) | 13);
+        assert_eq!(b.get(vmcb::INTERRUPT_SHADOW), 1);
+        assert_eq!(b.get(vmcb::VMCB_CLEAN), 0);
+        assert_eq!(b.segment(Segment::Gdtr), (0, 0, 0x7f, 0xffff_fe00_0000_1000));
+    }
+
+    #[test]
+    fn interrupt_shadow_and_interrupted_delivery() {
+        let mut page = Box::new([0u8; 4096]);
+        let mut v = vcpu(&mut page);
+        let mut s = snapshot();
+        // A shadow with IF clear comes from MOV SS; NMI blocking has no VMCB home.
+        s.rflags = 0x2;
+        s.interruptibility = state::BLOCKING_BY_MOV_SS | state::BLOCKING_BY_NMI;
+        s.pending_event = None;
+        let mut regs = GuestRegs::default();
+        v.load_state(&mut regs, &s).unwrap();
+        let saved = v.save_state(&regs).unwrap();
+        assert_eq!(saved.interruptibility, state::BLOCKING_BY_MOV_SS);
+        assert_eq!(saved.pending_event, None);
+
+        // A #VMEXIT during delivery of a #PF (EXITINTINFO, 15.7.2) is pending; one
+        // during INT3 is not (re-executing INT3 raises it again).
+        v.vmcb().set(vmcb::EXITINTINFO, (6 << 32) | (1 << 31) | (1 << 11) | (3 << 8) | 14);
+        let pf = PendingEvent { vector: 14, kind: state::EVENT_EXCEPTION, error_code: Some(6) };
+        assert_eq!(v.save_state(&regs).unwrap().pending_event, Some(pf));
+        v.vmcb().set(vmcb::EXITINTINFO, (1 << 31) | (3 << 8) | 3);
+        assert_eq!(v.save_state(&regs).unwrap().pending_event, None);
+        // Loading clears the old exit's EXITINTINFO.
+        v.load_state(&mut regs, &s).unwrap();
+        assert_eq!(v.vmcb().get(vmcb::EXITINTINFO), 0);
+    }
+}

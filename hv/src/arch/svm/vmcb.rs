@@ -75,6 +75,16 @@ impl Vmcb<'_> {
         self.set(f::<u32>(o + 4, "limit"), limit);
         self.set(f::<u64>(o + 8, "base"), base);
     }
+    /// Read a segment register: (selector, attributes, limit, base).
+    pub fn segment(&self, seg: Segment) -> (u16, u16, u32, u64) {
+        let o = seg as usize;
+        (
+            self.get(f::<u16>(o, "selector")),
+            self.get(f::<u16>(o + 2, "attrib")),
+            self.get(f::<u32>(o + 4, "limit")),
+            self.get(f::<u64>(o + 8, "base")),
+        )
+    }
 }
 
 /// Segment registers in the state-save area (offset of each 16-byte record).
@@ -120,12 +130,17 @@ pub const GUEST_ASID: Field<u32> = f(0x058, "GUEST_ASID");
 pub const TLB_CONTROL: Field<u8> = f(0x05c, "TLB_CONTROL");
 /// Virtual interrupt control (bit 24: V_INTR_MASKING).
 pub const V_INTR: Field<u64> = f(0x060, "V_INTR");
+/// Offset 0x068: bit 0 INTERRUPT_SHADOW (the guest is in an STI / MOV SS interrupt
+/// shadow), bit 1 GUEST_INTERRUPT_MASK (the guest's RFLAGS.IF, written at #VMEXIT).
+pub const INTERRUPT_SHADOW: Field<u64> = f(0x068, "INTERRUPT_SHADOW");
 /// Exit code.
 pub const EXITCODE: Field<u64> = f(0x070, "EXITCODE");
 /// Exit information 1.
 pub const EXITINFO1: Field<u64> = f(0x078, "EXITINFO1");
 /// Exit information 2.
 pub const EXITINFO2: Field<u64> = f(0x080, "EXITINFO2");
+/// Event whose delivery a #VMEXIT interrupted (15.7.2; same layout as EVENTINJ).
+pub const EXITINTINFO: Field<u64> = f(0x088, "EXITINTINFO");
 /// Bit 0: enable nested paging.
 pub const NP_ENABLE: Field<u64> = f(0x090, "NP_ENABLE");
 /// Event injection (15.20).
@@ -158,6 +173,26 @@ pub const RIP: Field<u64> = f(0x578, "RIP");
 pub const RSP: Field<u64> = f(0x5d8, "RSP");
 /// Guest RAX.
 pub const RAX: Field<u64> = f(0x5f8, "RAX");
+// 0x600-0x638 are loaded and saved by VMLOAD/VMSAVE only, not by VMRUN/#VMEXIT
+// (15.5.2), like the FS, GS, TR and LDTR records.
+/// Guest STAR.
+pub const STAR: Field<u64> = f(0x600, "STAR");
+/// Guest LSTAR.
+pub const LSTAR: Field<u64> = f(0x608, "LSTAR");
+/// Guest CSTAR.
+pub const CSTAR: Field<u64> = f(0x610, "CSTAR");
+/// Guest SFMASK.
+pub const SFMASK: Field<u64> = f(0x618, "SFMASK");
+/// Guest KernelGsBase.
+pub const KERNEL_GS_BASE: Field<u64> = f(0x620, "KernelGsBase");
+/// Guest SYSENTER_CS.
+pub const SYSENTER_CS: Field<u64> = f(0x628, "SYSENTER_CS");
+/// Guest SYSENTER_ESP.
+pub const SYSENTER_ESP: Field<u64> = f(0x630, "SYSENTER_ESP");
+/// Guest SYSENTER_EIP.
+pub const SYSENTER_EIP: Field<u64> = f(0x638, "SYSENTER_EIP");
+/// Guest CR2 (loaded by VMRUN, saved by #VMEXIT).
+pub const CR2: Field<u64> = f(0x640, "CR2");
 /// Guest PAT.
 pub const G_PAT: Field<u64> = f(0x668, "G_PAT");
 

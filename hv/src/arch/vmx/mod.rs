@@ -9,6 +9,7 @@ use core::arch::global_asm;
 use self::vmcs::Field;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use super::state::{self, DescriptorTable, PendingEvent, SegmentRegister, VcpuSnapshot};
 use super::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs, Vcpu};
 use crate::caps::{Capabilities, MSR_IA32_FEATURE_CONTROL, Virtualization, VmxCaps};
 use crate::cpu::tables::{self, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
@@ -26,6 +27,24 @@ const MSR_EFER: u32 = 0xc000_0080;
 const MSR_FS_BASE: u32 = 0xc000_0100;
 const MSR_GS_BASE: u32 = 0xc000_0101;
 const CR4_VMXE: u64 = 1 << 13;
+const EFER_LMA: u64 = 1 << 10;
+/// VM-entry control bit 9: IA-32e mode guest (25.8.1); must equal the guest's EFER.LMA
+/// (27.3.1.1).
+const ENTRY_IA32E_MODE_GUEST: u64 = 1 << 9;
+/// Power-on IA32_PAT (SDM Vol. 3A 13.12.4).
+const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
+
+/// A guest segment register's four VMCS fields: selector, base, limit, access rights.
+type SegmentFields = (Field, Field, Field, Field);
+const CS: SegmentFields = (vmcs::GUEST_CS_SELECTOR, vmcs::GUEST_CS_BASE, vmcs::GUEST_CS_LIMIT, vmcs::GUEST_CS_AR);
+const DS: SegmentFields = (vmcs::GUEST_DS_SELECTOR, vmcs::GUEST_DS_BASE, vmcs::GUEST_DS_LIMIT, vmcs::GUEST_DS_AR);
+const ES: SegmentFields = (vmcs::GUEST_ES_SELECTOR, vmcs::GUEST_ES_BASE, vmcs::GUEST_ES_LIMIT, vmcs::GUEST_ES_AR);
+const FS: SegmentFields = (vmcs::GUEST_FS_SELECTOR, vmcs::GUEST_FS_BASE, vmcs::GUEST_FS_LIMIT, vmcs::GUEST_FS_AR);
+const GS: SegmentFields = (vmcs::GUEST_GS_SELECTOR, vmcs::GUEST_GS_BASE, vmcs::GUEST_GS_LIMIT, vmcs::GUEST_GS_AR);
+const SS: SegmentFields = (vmcs::GUEST_SS_SELECTOR, vmcs::GUEST_SS_BASE, vmcs::GUEST_SS_LIMIT, vmcs::GUEST_SS_AR);
+const TR: SegmentFields = (vmcs::GUEST_TR_SELECTOR, vmcs::GUEST_TR_BASE, vmcs::GUEST_TR_LIMIT, vmcs::GUEST_TR_AR);
+const LDTR: SegmentFields =
+    (vmcs::GUEST_LDTR_SELECTOR, vmcs::GUEST_LDTR_BASE, vmcs::GUEST_LDTR_LIMIT, vmcs::GUEST_LDTR_AR);
 
 /// VMX on this physical CPU: the VMXON region.
 #[derive(Debug)]
@@ -50,6 +69,37 @@ pub struct VmxVcpu {
     /// The page-modification log frame, while logging.
     pml: Option<u64>,
     pml_allowed: bool,
+    /// The guest's CR2 and DR6: not in the VMCS (VM entries and exits neither load nor
+    /// save them, SDM 27.3.2 / 28.3), so `run` switches the physical registers.
+    cr2: u64,
+    dr6: u64,
+    /// MSRs the snapshot carries that this backend does not switch (see [`UnswitchedMsrs`]).
+    msrs: UnswitchedMsrs,
+    /// The read-only exit-information fields describe this vCPU's last exit (false
+    /// before the first exit and after `load_state`).
+    exit_info_valid: bool,
+}
+
+/// MSRs of a [`VcpuSnapshot`] that have no guest-state field in the VMCS (STAR, LSTAR,
+/// CSTAR, SFMASK, KERNEL_GS_BASE) or that this backend does not load on entry (PAT:
+/// `configure` sets neither "load IA32_PAT" nor "save IA32_PAT"). Guests cannot write
+/// any of them (every WRMSR exits and the core answers #GP), so they are kept here as
+/// values, carried from `load_state` to `save_state`; putting them into the hardware
+/// needs the VM-entry MSR-load area, which the backend does not use yet.
+#[derive(Debug, Clone, Copy)]
+struct UnswitchedMsrs {
+    pat: u64,
+    star: u64,
+    lstar: u64,
+    cstar: u64,
+    sfmask: u64,
+    kernel_gs_base: u64,
+}
+
+impl Default for UnswitchedMsrs {
+    fn default() -> Self {
+        Self { pat: PAT_DEFAULT, star: 0, lstar: 0, cstar: 0, sfmask: 0, kernel_gs_base: 0 }
+    }
 }
 
 /// PML buffer entries (SDM 29.3.6).
@@ -129,6 +179,11 @@ impl Backend for Vmx {
             invept_type: if c.ept_vpid_cap & (1 << 26) != 0 { 2 } else { 1 },
             pml: None,
             pml_allowed: c.pml,
+            cr2: 0,
+            // DR6's value after reset (SDM Vol. 3B 19.2.3), as `configure` leaves the guest.
+            dr6: 0xffff_0ff0,
+            msrs: UnswitchedMsrs::default(),
+            exit_info_valid: false,
         };
         vcpu.make_current()?;
         vcpu.eptp = self.configure(entry)?;
@@ -199,6 +254,66 @@ impl VmxVcpu {
         }
         Ok(())
     }
+
+    /// Put this vCPU's CR2 and DR6 into the physical registers before VM entry.
+    fn load_cr2_dr6(&self) {
+        // The host neither takes page faults nor uses debug breakpoints, so it does not
+        // depend on CR2 or DR6. MOV to DR6 faults only for bits 63:32 set (SDM Vol. 2B,
+        // MOV to/from Debug Registers), which `load_state` refuses and reads never return.
+        // SAFETY: ring 0 may read and write CR2 and DR6, and the host does not use them.
+        unsafe {
+            if x86::controlregs::cr2() as u64 != self.cr2 {
+                x86::controlregs::cr2_write(self.cr2);
+            }
+            let dr6: u64;
+            core::arch::asm!("mov {}, dr6", out(reg) dr6, options(nomem, nostack, preserves_flags));
+            if dr6 != self.dr6 {
+                core::arch::asm!("mov dr6, {}", in(reg) self.dr6, options(nomem, nostack, preserves_flags));
+            }
+        }
+    }
+
+    /// Keep the guest's CR2 and DR6 after a VM exit (or a failed entry, when they are
+    /// unchanged).
+    fn store_cr2_dr6(&mut self) {
+        let dr6: u64;
+        // SAFETY: reading CR2 and DR6 in ring 0 has no side effects.
+        unsafe {
+            self.cr2 = x86::controlregs::cr2() as u64;
+            core::arch::asm!("mov {}, dr6", out(reg) dr6, options(nomem, nostack, preserves_flags));
+        }
+        self.dr6 = dr6;
+    }
+}
+
+/// VMREAD a guest segment register. `ss`: keep the DPL of an unusable SS, which is
+/// the CPL (SDM 25.4.1; the snapshot's convention, state.rs).
+fn read_segment((selector, base, limit, ar): SegmentFields, ss: bool) -> Result<SegmentRegister, ArchError> {
+    let ar = vmcs::read(ar)? as u32;
+    let mut attributes = state::vmx_ar_to_canonical(ar);
+    if ss {
+        attributes |= ar as u16 & state::ATTR_DPL;
+    }
+    Ok(SegmentRegister {
+        selector: vmcs::read(selector)? as u16,
+        attributes,
+        limit: vmcs::read(limit)? as u32,
+        base: vmcs::read(base)?,
+    })
+}
+
+/// The VMWRITEs for a guest segment register. CS and TR (`always_usable`) are never
+/// marked unusable: 27.3.1.2 requires TR usable, and CS's checks assume it.
+fn segment_writes(
+    (selector, base, limit, ar): SegmentFields,
+    r: &SegmentRegister,
+    always_usable: bool,
+) -> [(Field, u64); 4] {
+    let mut rights = state::canonical_to_vmx_ar(r.attributes);
+    if always_usable {
+        rights &= !state::VMX_AR_UNUSABLE;
+    }
+    [(selector, r.selector.into()), (base, r.base), (limit, r.limit.into()), (ar, rights.into())]
 }
 
 impl Vcpu for VmxVcpu {
@@ -210,10 +325,12 @@ impl Vcpu for VmxVcpu {
         } else if self.preemption.is_some() {
             vmcs::write(vmcs::GUEST_PREEMPTION_TIMER, u64::from(u32::MAX))?;
         }
+        self.load_cr2_dr6();
         // SAFETY: the current VMCS is fully configured (`create_vcpu`), HOST_RIP points
         // at hv_vmx_exit, and hv_vmx_enter writes HOST_RSP itself so the exit lands on
         // this very stack frame; it preserves all callee-saved registers per SysV.
         let status = unsafe { hv_vmx_enter(regs, u64::from(self.launched)) };
+        self.store_cr2_dr6();
         let instruction = if self.launched { "VMRESUME" } else { "VMLAUNCH" };
         match status {
             0 => {}
@@ -229,6 +346,7 @@ impl Vcpu for VmxVcpu {
             });
         }
         self.launched = true;
+        self.exit_info_valid = true;
         // An event we injected has been delivered by now (26.6); clear it.
         vmcs::write(vmcs::ENTRY_INTR_INFO, 0)?;
         let len = || vmcs::read(vmcs::EXIT_INSTRUCTION_LEN);
@@ -285,6 +403,179 @@ impl Vcpu for VmxVcpu {
             vmcs::write(vmcs::ENTRY_EXCEPTION_ERROR_CODE, ec.into())?;
         }
         vmcs::write(vmcs::ENTRY_INTR_INFO, info)
+    }
+
+    // Guest-state area (SDM Vol. 3C 25.4), mirroring `write_guest_state`; CR2, DR6
+    // and the MSRs without a VMCS field come from the vCPU (see `UnswitchedMsrs`).
+    fn save_state(&mut self, regs: &GuestRegs) -> Result<VcpuSnapshot, ArchError> {
+        self.make_current()?;
+        // 25.6.6: where the guest/host mask has a 1, the guest reads the read shadow.
+        let visible = |reg: Field, mask: Field, shadow: Field| -> Result<u64, ArchError> {
+            let mask = vmcs::read(mask)?;
+            Ok((vmcs::read(reg)? & !mask) | (vmcs::read(shadow)? & mask))
+        };
+        // 25.4.2: guest interruptibility state; bit 2 (blocking by SMI) and bit 4
+        // (enclave interruption) are not carried: no SMM or SGX in our guests.
+        let interruptibility = vmcs::read(vmcs::GUEST_INTERRUPTIBILITY)? as u32 & state::INTERRUPTIBILITY_BITS;
+        // 25.8.3: a still-valid VM-entry interruption-information field is an event the
+        // core injected that has not been delivered (`run` clears it after each entry).
+        // Otherwise 25.9.3 / 28.2.4: a valid IDT-vectoring field says the last exit
+        // interrupted that event's delivery. Software interrupts and exceptions (types
+        // 4-6) are not carried from there: RIP still points at the instruction, which
+        // raises them again when re-executed.
+        let entry_info = vmcs::read(vmcs::ENTRY_INTR_INFO)? as u32;
+        let pending_event = if entry_info & (1 << 31) != 0 {
+            let ec = if entry_info & (1 << 11) != 0 { vmcs::read(vmcs::ENTRY_EXCEPTION_ERROR_CODE)? as u32 } else { 0 };
+            let event = PendingEvent::from_interruption_info(entry_info, ec);
+            if let Some(e) = &event
+                && !matches!(e.kind, state::EVENT_EXTERNAL_INTERRUPT | state::EVENT_NMI | state::EVENT_EXCEPTION)
+            {
+                return Err(ArchError::Unsupported(
+                    "saving an injected software interrupt or exception (needs the VM-entry instruction length)",
+                ));
+            }
+            event
+        } else if self.exit_info_valid {
+            let info = vmcs::read(vmcs::IDT_VECTORING_INFO)? as u32;
+            let ec = if info & (1 << 31) != 0 && info & (1 << 11) != 0 {
+                vmcs::read(vmcs::IDT_VECTORING_ERROR_CODE)? as u32
+            } else {
+                0
+            };
+            PendingEvent::from_interruption_info(info, ec).filter(|e| {
+                matches!(e.kind, state::EVENT_EXTERNAL_INTERRUPT | state::EVENT_NMI | state::EVENT_EXCEPTION)
+            })
+        } else {
+            None
+        };
+        Ok(VcpuSnapshot {
+            regs: *regs,
+            rsp: vmcs::read(vmcs::GUEST_RSP)?,
+            rip: vmcs::read(vmcs::GUEST_RIP)?,
+            rflags: vmcs::read(vmcs::GUEST_RFLAGS)?,
+            cr0: visible(vmcs::GUEST_CR0, vmcs::CR0_MASK, vmcs::CR0_SHADOW)?,
+            cr2: self.cr2,
+            cr3: vmcs::read(vmcs::GUEST_CR3)?,
+            // CR4.VMXE is under the mask with a shadow of 0: the guest sees it clear.
+            cr4: visible(vmcs::GUEST_CR4, vmcs::CR4_MASK, vmcs::CR4_SHADOW)?,
+            // The "save IA32_EFER" exit control (set in `configure`) keeps this current.
+            efer: vmcs::read(vmcs::GUEST_EFER)?,
+            dr6: self.dr6,
+            dr7: vmcs::read(vmcs::GUEST_DR7)?,
+            pat: self.msrs.pat,
+            cs: read_segment(CS, false)?,
+            ds: read_segment(DS, false)?,
+            es: read_segment(ES, false)?,
+            fs: read_segment(FS, false)?,
+            gs: read_segment(GS, false)?,
+            ss: read_segment(SS, true)?,
+            tr: read_segment(TR, false)?,
+            ldtr: read_segment(LDTR, false)?,
+            gdtr: DescriptorTable {
+                base: vmcs::read(vmcs::GUEST_GDTR_BASE)?,
+                limit: vmcs::read(vmcs::GUEST_GDTR_LIMIT)? as u16,
+            },
+            idtr: DescriptorTable {
+                base: vmcs::read(vmcs::GUEST_IDTR_BASE)?,
+                limit: vmcs::read(vmcs::GUEST_IDTR_LIMIT)? as u16,
+            },
+            sysenter_cs: vmcs::read(vmcs::GUEST_SYSENTER_CS)?,
+            sysenter_esp: vmcs::read(vmcs::GUEST_SYSENTER_ESP)?,
+            sysenter_eip: vmcs::read(vmcs::GUEST_SYSENTER_EIP)?,
+            star: self.msrs.star,
+            lstar: self.msrs.lstar,
+            cstar: self.msrs.cstar,
+            sfmask: self.msrs.sfmask,
+            kernel_gs_base: self.msrs.kernel_gs_base,
+            interruptibility,
+            pending_event,
+        })
+    }
+
+    fn load_state(&mut self, regs: &mut GuestRegs, snapshot: &VcpuSnapshot) -> Result<(), ArchError> {
+        let s = snapshot;
+        // Refuse before writing anything, so a refused snapshot leaves the vCPU as it was.
+        if let Some(e) = &s.pending_event {
+            match e.kind {
+                state::EVENT_EXTERNAL_INTERRUPT | state::EVENT_NMI | state::EVENT_EXCEPTION => {}
+                state::EVENT_SOFTWARE_INTERRUPT => {
+                    return Err(ArchError::InvalidSnapshot(
+                        "a pending software interrupt needs the VM-entry instruction length (27.2.1.3), \
+                         which the snapshot does not carry",
+                    ));
+                }
+                _ => return Err(ArchError::InvalidSnapshot("pending event of an unknown kind")),
+            }
+        }
+        if s.dr6 >> 32 != 0 {
+            return Err(ArchError::InvalidSnapshot("DR6 bits 63:32 must be zero"));
+        }
+        self.make_current()?;
+        // 27.3.1.1: "IA-32e mode guest" must match EFER.LMA.
+        let entry_ctls = vmcs::read(vmcs::ENTRY_CTLS)?;
+        let entry_ctls = if s.efer & EFER_LMA != 0 {
+            entry_ctls | ENTRY_IA32E_MODE_GUEST
+        } else {
+            entry_ctls & !ENTRY_IA32E_MODE_GUEST
+        };
+        // 25.8.3: the pending event, delivered at the next VM entry.
+        let (intr_info, error_code) = s
+            .pending_event
+            .map_or((0, 0), |e| (u64::from(e.to_interruption_info()), u64::from(e.error_code.unwrap_or(0))));
+        // Values the VM-entry checks refuse (27.3.1: CR0/CR4 fixed bits, segment
+        // rights, interruptibility against RFLAGS.IF, ...) surface as
+        // ArchError::VmEntryFailed (reason 33) at the next `run`.
+        let mut writes: alloc::vec::Vec<(Field, u64)> = alloc::vec![
+            (vmcs::ENTRY_CTLS, entry_ctls),
+            // CR0_MASK is 0 (`configure`): the guest owns CR0; the shadow is unused.
+            (vmcs::GUEST_CR0, s.cr0),
+            (vmcs::CR0_SHADOW, s.cr0),
+            (vmcs::GUEST_CR3, s.cr3),
+            // VMX forces CR4.VMXE on (CR4_FIXED0); the mask hides it behind the shadow.
+            (vmcs::GUEST_CR4, s.cr4 | CR4_VMXE),
+            (vmcs::CR4_SHADOW, s.cr4),
+            (vmcs::GUEST_DR7, s.dr7),
+            (vmcs::GUEST_RSP, s.rsp),
+            (vmcs::GUEST_RIP, s.rip),
+            (vmcs::GUEST_RFLAGS, s.rflags),
+            (vmcs::GUEST_EFER, s.efer),
+            (vmcs::GUEST_GDTR_BASE, s.gdtr.base),
+            (vmcs::GUEST_GDTR_LIMIT, s.gdtr.limit.into()),
+            (vmcs::GUEST_IDTR_BASE, s.idtr.base),
+            (vmcs::GUEST_IDTR_LIMIT, s.idtr.limit.into()),
+            (vmcs::GUEST_SYSENTER_CS, s.sysenter_cs),
+            (vmcs::GUEST_SYSENTER_ESP, s.sysenter_esp),
+            (vmcs::GUEST_SYSENTER_EIP, s.sysenter_eip),
+            (vmcs::GUEST_INTERRUPTIBILITY, (s.interruptibility & state::INTERRUPTIBILITY_BITS).into()),
+            (vmcs::GUEST_ACTIVITY, 0),
+            (vmcs::GUEST_PENDING_DBG, 0),
+            (vmcs::ENTRY_EXCEPTION_ERROR_CODE, error_code),
+            (vmcs::ENTRY_INTR_INFO, intr_info),
+        ];
+        writes.extend_from_slice(&segment_writes(CS, &s.cs, true));
+        writes.extend_from_slice(&segment_writes(DS, &s.ds, false));
+        writes.extend_from_slice(&segment_writes(ES, &s.es, false));
+        writes.extend_from_slice(&segment_writes(FS, &s.fs, false));
+        writes.extend_from_slice(&segment_writes(GS, &s.gs, false));
+        writes.extend_from_slice(&segment_writes(SS, &s.ss, false));
+        writes.extend_from_slice(&segment_writes(TR, &s.tr, true));
+        writes.extend_from_slice(&segment_writes(LDTR, &s.ldtr, false));
+        for (field, value) in writes {
+            vmcs::write(field, value)?;
+        }
+        self.cr2 = s.cr2;
+        self.dr6 = s.dr6;
+        self.msrs = UnswitchedMsrs {
+            pat: s.pat,
+            star: s.star,
+            lstar: s.lstar,
+            cstar: s.cstar,
+            sfmask: s.sfmask,
+            kernel_gs_base: s.kernel_gs_base,
+        };
+        self.exit_info_valid = false;
+        *regs = s.regs;
+        Ok(())
     }
 
     fn flush_nested_tlb(&mut self) -> Result<(), ArchError> {

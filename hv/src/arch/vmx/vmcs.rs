@@ -223,6 +223,11 @@ fields! {
     EXIT_INTR_INFO = ro::VMEXIT_INTERRUPTION_INFO;
     /// VM-exit instruction length (read-only, 25.9.4).
     EXIT_INSTRUCTION_LEN = ro::VMEXIT_INSTRUCTION_LEN;
+    /// IDT-vectoring information (read-only, 25.9.3; Appendix B.3.3 encoding 0x4408):
+    /// the event whose delivery the VM exit interrupted.
+    IDT_VECTORING_INFO = ro::IDT_VECTORING_INFO;
+    /// IDT-vectoring error code (read-only, 25.9.3; Appendix B.3.3 encoding 0x440A).
+    IDT_VECTORING_ERROR_CODE = ro::IDT_VECTORING_ERR_CODE;
 }
 
 /// HOST_RSP's encoding: the entry assembly writes it itself, just before VMLAUNCH.
