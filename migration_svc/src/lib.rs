@@ -157,18 +157,18 @@ impl Sessions<'_> {
                 let progress = session.progress();
                 prune(self.sends, |s| s.is_over());
                 self.sends.push(session);
-                Ok(Response::MigrateProgress(progress))
+                Ok(Response::MigrateProgress(progress.into()))
             }
             Request::MigrateRead { session, max_bytes } => {
                 let s = self.send(session)?;
                 let max = (max_bytes as usize).min(wire::MAX_MIGRATE_DATA);
                 let data = s.read(core, max);
-                Ok(Response::MigrateData { data, progress: s.progress() })
+                Ok(Response::MigrateData { data, progress: s.progress().into() })
             }
             Request::MigrateVerdict { session, verdict } => {
                 let s = self.send(session)?;
                 s.verdict(core, verdict).map_err(refused)?;
-                Ok(Response::MigrateProgress(s.progress()))
+                Ok(Response::MigrateProgress(s.progress().into()))
             }
             Request::MigrateCancel { domain } => {
                 let s = self
@@ -178,7 +178,7 @@ impl Sessions<'_> {
                     .find(|s| s.domain() == domain)
                     .ok_or_else(|| refused(alloc::format!("domain {domain} is not being migrated")))?;
                 s.cancel(core);
-                Ok(Response::MigrateProgress(s.progress()))
+                Ok(Response::MigrateProgress(s.progress().into()))
             }
             Request::MigrateReceive => {
                 let id = self.id();

@@ -14,8 +14,8 @@ use wire::dirty::DirtyBitmap;
 use wire::migration::{MemoryDigest, StreamHeader};
 use wire::service::QueueInfo;
 use wire::{
-    Frame, FrameDecoder, MigrateOptions, MigrateProgress, PeerVerdict, ReceiveState, ReceiveStatus, Request,
-    Response, SendState,
+    Frame, FrameDecoder, MigrateOptions, MigrateProgress, PeerVerdict, ReceiveState, ReceiveStatus, Request, Response,
+    SendState,
 };
 
 const PAGE: usize = 4096;
@@ -209,7 +209,7 @@ impl Hv {
 
     fn progress(&mut self, req: Request) -> MigrateProgress {
         match self.call(req) {
-            Response::MigrateProgress(p) => p,
+            Response::MigrateProgress(p) => *p,
             other => panic!("expected progress, got {other:?}"),
         }
     }
@@ -232,7 +232,11 @@ impl Run {
     fn new(pages: usize) -> Self {
         let clock = Rc::new(Cell::new(1_000_000));
         Self {
-            src: Hv { svc: MigrationService::new(), core: FakeCore::with_domain(clock.clone(), pages), next_request: 0 },
+            src: Hv {
+                svc: MigrationService::new(),
+                core: FakeCore::with_domain(clock.clone(), pages),
+                next_request: 0,
+            },
             dst: Hv { svc: MigrationService::new(), core: FakeCore::new(clock.clone()), next_request: 0 },
             clock,
         }
@@ -265,7 +269,7 @@ impl Run {
                 return (p, st);
             }
             let (mut data, p) = match self.src.call(Request::MigrateRead { session, max_bytes: 60 * 1024 }) {
-                Response::MigrateData { data, progress } => (data, progress),
+                Response::MigrateData { data, progress } => (data, *progress),
                 other => panic!("expected data, got {other:?}"),
             };
             if let Some(at) = corrupt
@@ -442,7 +446,7 @@ fn bandwidth_cap_limits_what_a_read_hands_out() {
     // 10 ms later: 1 MB/s allows about 10 kB more in total.
     run.clock.set(run.clock.get() + 10_000_000);
     let (data, progress) = match run.src.call(Request::MigrateRead { session: p.session, max_bytes: 60 * 1024 }) {
-        Response::MigrateData { data, progress } => (data, progress),
+        Response::MigrateData { data, progress } => (data, *progress),
         other => panic!("{other:?}"),
     };
     assert!(progress.bytes_sent <= 20_000 + 1, "{progress:?}");

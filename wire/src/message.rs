@@ -6,6 +6,7 @@
 //! version bump, and every `match` in the router and in hvctl should then fail to
 //! compile until it handles the new message.
 
+use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
@@ -563,15 +564,16 @@ pub enum Response {
     DirtyStats(DirtyStatsReport),
     /// Answer to [`Request::DirtyPeek`] (v2).
     DirtyBitmap(DirtyBitmapReport),
-    /// (v3) A sending migration's state.
-    MigrateProgress(MigrateProgress),
+    /// (v3) A sending migration's state (boxed: it is the largest response; the
+    /// encoding is the same as unboxed).
+    MigrateProgress(Box<MigrateProgress>),
     /// (v3) Stream bytes and the sending migration's state.
     MigrateData {
         /// The bytes, in stream order (may be empty).
         #[serde(with = "crate::bytes")]
         data: Vec<u8>,
         /// The state after taking them.
-        progress: MigrateProgress,
+        progress: Box<MigrateProgress>,
     },
     /// (v3) A receiving migration's state.
     ReceiveStatus(ReceiveStatus),

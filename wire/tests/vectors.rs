@@ -255,7 +255,7 @@ fn vectors() -> Vec<Vector> {
         v(
             "response_migrate_progress",
             30,
-            Msg::Response(Response::MigrateProgress(MigrateProgress {
+            Msg::Response(Response::MigrateProgress(Box::new(MigrateProgress {
                 session: 1,
                 domain: 2,
                 state: Some(SendState::Completed),
@@ -280,20 +280,20 @@ fn vectors() -> Vec<Vector> {
                     max_throttle_percent: 0,
                     memory_digest: Some(0x0123_4567_89ab_cdef),
                 }),
-            })),
+            }))),
         ),
         v(
             "response_migrate_data",
             31,
             Msg::Response(Response::MigrateData {
                 data: vec![6, 0, 1, 0],
-                progress: MigrateProgress {
+                progress: Box::new(MigrateProgress {
                     session: 1,
                     domain: 2,
                     state: Some(SendState::Failed),
                     failure: Some("migration cancelled".into()),
                     ..MigrateProgress::default()
-                },
+                }),
             }),
         ),
         v(

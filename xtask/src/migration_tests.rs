@@ -66,11 +66,9 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     let mut dst = Session::spawn(&dst_platform, esp, &config("migrate-dst"))?;
     for (what, session) in [("source", &mut src), ("destination", &mut dst)] {
         let timeout = Duration::from_secs(src_platform.default_timeout_secs());
-        let wait = session.wait_until(timeout, &mut Echo::new(false), |l| {
-            l.line("CONTROL ").is_some() || l.outcome().is_some()
-        });
-        if !matches!(wait, Wait::Matched(_)) || SerialLog::new(&session.serial()).line("CONTROL listening").is_none()
-        {
+        let wait = session
+            .wait_until(timeout, &mut Echo::new(false), |l| l.line("CONTROL ").is_some() || l.outcome().is_some());
+        if !matches!(wait, Wait::Matched(_)) || SerialLog::new(&session.serial()).line("CONTROL listening").is_none() {
             println!("systest migrate-* ... FAILED: the {what}'s control channel did not come up ({wait:?})");
             print_log(what, session);
             return Ok((0, selected.len()));

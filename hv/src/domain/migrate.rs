@@ -85,7 +85,8 @@ impl<B: Backend> MigrationCore for Machine<B> {
 
     fn merge_back(&mut self, domain: u32, bits: &DirtyBitmap) -> Result<(), String> {
         let d = self.migrating(domain)?;
-        let log = d.logs[MAIN].as_mut().ok_or("log-dirty is not running, so there is no log to give the bits back to")?;
+        let log =
+            d.logs[MAIN].as_mut().ok_or("log-dirty is not running, so there is no log to give the bits back to")?;
         // The pages were re-armed when they were taken, so their next write is logged
         // anyway; the bits come back as they were.
         log.bitmap.or_merge(bits).map_err(text)
@@ -233,7 +234,8 @@ impl<B: Backend> MigrationCore for Machine<B> {
     fn write_page(&mut self, domain: u32, pfn: u64, data: Option<&[u8]>) -> Result<(), String> {
         const ZERO: [u8; PAGE] = [0; PAGE];
         let (mem, pool) = self.memory(domain)?;
-        mem.write(pool, pfn * PAGE_SIZE, data.unwrap_or(&ZERO)).map_err(|e| alloc::format!("writing page {pfn:#x}: {e}"))
+        mem.write(pool, pfn * PAGE_SIZE, data.unwrap_or(&ZERO))
+            .map_err(|e| alloc::format!("writing page {pfn:#x}: {e}"))
     }
 
     fn set_vcpu_state(&mut self, domain: u32, index: u32, state: &[u8]) -> Result<(), String> {
