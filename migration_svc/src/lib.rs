@@ -29,6 +29,8 @@ pub mod dest;
 pub mod send;
 pub mod session;
 pub mod source;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use alloc::string::String;
 use alloc::vec::Vec;
