@@ -8,6 +8,7 @@ mod control_cmd;
 mod cpuid_cmd;
 mod dirty_cmd;
 mod domain_cmd;
+mod migrate_cmd;
 mod monitor_cmd;
 mod transport;
 
@@ -50,6 +51,14 @@ enum Command {
     Monitor(monitor_cmd::MonitorArgs),
     /// Log-dirty mode: start, stats, peek, clean, stream, heatmap, stop.
     Dirty(dirty_cmd::DirtyArgs),
+    /// Live-migrate a domain from one hypervisor (--from) to another (--to): hvctl
+    /// relays the stream between them. Or --cancel a running migration.
+    Migrate(migrate_cmd::MigrateArgs),
+    /// Save a domain to a file (its migration stream). The domain is destroyed on the
+    /// hypervisor once the file is complete, like `xl save`.
+    Save(migrate_cmd::SaveArgs),
+    /// Create a domain from a file written by `hvctl save`; prints its id.
+    Restore(migrate_cmd::RestoreArgs),
 }
 
 /// A command failure: printed as one line, with its exit code (see [`EXIT_CODES`]).
@@ -97,8 +106,18 @@ fn main() -> ExitCode {
                 };
             }
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid command line");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let mut lines = rendered.lines();
+            let first = lines.next().unwrap_or("invalid command line");
+            let mut first = first.strip_prefix("error: ").unwrap_or(first).to_string();
+            // "the following required arguments were not provided:" lists them on the
+            // indented lines that follow: keep them on the one line.
+            if first.ends_with(':') {
+                let items: Vec<&str> =
+                    lines.take_while(|l| l.starts_with("  ")).map(str::trim).filter(|l| !l.is_empty()).collect();
+                if !items.is_empty() {
+                    first = format!("{first} {}", items.join(", "));
+                }
+            }
             eprintln!("hvctl: error: {first} (see hvctl --help)");
             return ExitCode::from(2);
         }
@@ -110,6 +129,9 @@ fn main() -> ExitCode {
         Command::Domain(args) => domain_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Monitor(args) => monitor_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Dirty(args) => dirty_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
+        Command::Migrate(args) => migrate_cmd::migrate(&cli_target(&cli.connect, cli.connect_timeout), args),
+        Command::Save(args) => migrate_cmd::save(&cli_target(&cli.connect, cli.connect_timeout), args),
+        Command::Restore(args) => migrate_cmd::restore(&cli_target(&cli.connect, cli.connect_timeout), args),
     };
     match result {
         Ok(code) => code,
