@@ -5,13 +5,9 @@
 //! the failure paths (refused policy, corrupted byte, cancel, quiet relay) and that the
 //! source keeps running with its dirty bits given back.
 
-use std::cell::Cell;
-use std::collections::BTreeMap;
-use std::rc::Rc;
-
-use migration_svc::{DomainInfo, MigrationCore, MigrationService, PolicyCheck};
-use wire::dirty::DirtyBitmap;
-use wire::migration::{MemoryDigest, StreamHeader};
+use migration_svc::testing::{FakeCore, FakeDomain};
+use migration_svc::{MigrationCore, MigrationService};
+use wire::migration::MemoryDigest;
 use wire::service::QueueInfo;
 use wire::{
     Frame, FrameDecoder, MigrateOptions, MigrateProgress, PeerVerdict, ReceiveState, ReceiveStatus, Request, Response,
@@ -19,172 +15,6 @@ use wire::{
 };
 
 const PAGE: usize = 4096;
-
-#[derive(Debug, Clone)]
-struct FakeDomain {
-    mem: Vec<u8>,
-    paused: bool,
-    log: Option<DirtyBitmap>,
-    vcpus: Vec<Vec<u8>>,
-    policy: Vec<u8>,
-    throttle: u8,
-}
-
-/// A hypervisor's core with a shared clock (ns), advanced by the relay.
-struct FakeCore {
-    clock: Rc<Cell<u64>>,
-    domains: BTreeMap<u32, FakeDomain>,
-    next_id: u32,
-    /// Policies this host refuses, with the reason.
-    refuse: Option<(Vec<u8>, String)>,
-    pages_written: u64,
-}
-
-impl FakeCore {
-    fn new(clock: Rc<Cell<u64>>) -> Self {
-        Self { clock, domains: BTreeMap::new(), next_id: 1, refuse: None, pages_written: 0 }
-    }
-
-    fn with_domain(clock: Rc<Cell<u64>>, pages: usize) -> Self {
-        let mut c = Self::new(clock);
-        let mut mem = vec![0u8; pages * PAGE];
-        for p in (0..pages).step_by(3) {
-            mem[p * PAGE..(p + 1) * PAGE].fill(p as u8 | 1);
-        }
-        c.domains.insert(
-            1,
-            FakeDomain {
-                mem,
-                paused: false,
-                log: None,
-                vcpus: vec![b"vcpu0-registers".to_vec(), b"vcpu1-registers".to_vec()],
-                policy: b"policy-with-avx2".to_vec(),
-                throttle: 0,
-            },
-        );
-        c.next_id = 2;
-        c
-    }
-
-    /// The running guest writes `n` pages (deterministically spread).
-    fn guest_writes(&mut self, n: u64, salt: u64) {
-        for d in self.domains.values_mut().filter(|d| !d.paused) {
-            let pages = (d.mem.len() / PAGE) as u64;
-            for i in 0..n {
-                let pfn = (i * 7 + salt * 13) % pages;
-                let at = pfn as usize * PAGE;
-                d.mem[at] = d.mem[at].wrapping_add(1);
-                d.mem[at + 1] = salt as u8;
-                if let Some(log) = d.log.as_mut() {
-                    log.set(pfn).unwrap();
-                }
-            }
-        }
-    }
-
-    fn dom(&mut self, id: u32) -> Result<&mut FakeDomain, String> {
-        self.domains.get_mut(&id).ok_or_else(|| format!("no domain {id}"))
-    }
-}
-
-impl MigrationCore for FakeCore {
-    fn now_ns(&self) -> Option<u64> {
-        Some(self.clock.get())
-    }
-    fn domain_info(&mut self, domain: u32) -> Result<DomainInfo, String> {
-        let d = self.dom(domain)?;
-        Ok(DomainInfo {
-            name: "fake".into(),
-            memory_bytes: d.mem.len() as u64,
-            vcpus: d.vcpus.len() as u32,
-            cmdline: "x=1".into(),
-            featureset: vec![1, 2, 3],
-            policy: d.policy.clone(),
-            log_dirty_active: d.log.is_some(),
-        })
-    }
-    fn start_log_dirty(&mut self, domain: u32) -> Result<(), String> {
-        let d = self.dom(domain)?;
-        d.log = Some(DirtyBitmap::new((d.mem.len() / PAGE) as u64).unwrap());
-        Ok(())
-    }
-    fn stop_log_dirty(&mut self, domain: u32) -> Result<(), String> {
-        self.dom(domain)?.log = None;
-        Ok(())
-    }
-    fn peek_and_clean(&mut self, domain: u32) -> Result<DirtyBitmap, String> {
-        let log = self.dom(domain)?.log.as_mut().ok_or("not logging")?;
-        let pfns = log.pfns();
-        log.peek_and_clean(pfns).map_err(|e| e.to_string())
-    }
-    fn merge_back(&mut self, domain: u32, bits: &DirtyBitmap) -> Result<(), String> {
-        self.dom(domain)?.log.as_mut().ok_or("not logging")?.or_merge(bits).map_err(|e| e.to_string())
-    }
-    fn read_page(&mut self, domain: u32, pfn: u64, out: &mut [u8]) -> Result<(), String> {
-        let at = pfn as usize * PAGE;
-        out.copy_from_slice(&self.dom(domain)?.mem[at..at + PAGE]);
-        Ok(())
-    }
-    fn set_paused(&mut self, domain: u32, paused: bool) -> Result<(), String> {
-        self.dom(domain)?.paused = paused;
-        Ok(())
-    }
-    fn throttle(&mut self, domain: u32, percent: u8) -> Result<(), String> {
-        self.dom(domain)?.throttle = percent;
-        Ok(())
-    }
-    fn vcpu_states(&mut self, domain: u32) -> Result<Vec<Vec<u8>>, String> {
-        Ok(self.dom(domain)?.vcpus.clone())
-    }
-    fn memory_digest(&mut self, domain: u32) -> Result<MemoryDigest, String> {
-        Ok(MemoryDigest::of_pages(&self.dom(domain)?.mem))
-    }
-    fn destroy(&mut self, domain: u32) -> Result<(), String> {
-        self.domains.remove(&domain).map(|_| ()).ok_or_else(|| format!("no domain {domain}"))
-    }
-    fn policy_check(&mut self) -> PolicyCheck {
-        let refuse = self.refuse.clone();
-        Box::new(move |p: &[u8]| match &refuse {
-            Some((bad, reason)) if bad == p => Err(reason.clone()),
-            _ => Ok(()),
-        })
-    }
-    fn create_domain(&mut self, header: &StreamHeader) -> Result<u32, String> {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.domains.insert(
-            id,
-            FakeDomain {
-                // Garbage, so a page that never arrives shows.
-                mem: vec![0xee; header.memory_bytes as usize],
-                paused: true,
-                log: None,
-                vcpus: vec![Vec::new(); header.vcpus as usize],
-                policy: Vec::new(),
-                throttle: 0,
-            },
-        );
-        Ok(id)
-    }
-    fn set_policy(&mut self, domain: u32, policy: &[u8]) -> Result<(), String> {
-        self.dom(domain)?.policy = policy.to_vec();
-        Ok(())
-    }
-    fn write_page(&mut self, domain: u32, pfn: u64, data: Option<&[u8]>) -> Result<(), String> {
-        self.pages_written += 1;
-        let at = pfn as usize * PAGE;
-        let page = &mut self.dom(domain)?.mem[at..at + PAGE];
-        match data {
-            Some(d) => page.copy_from_slice(d),
-            None => page.fill(0),
-        }
-        Ok(())
-    }
-    fn set_vcpu_state(&mut self, domain: u32, index: u32, state: &[u8]) -> Result<(), String> {
-        self.dom(domain)?.vcpus[index as usize] = state.to_vec();
-        Ok(())
-    }
-}
 
 /// One hypervisor: the service and its core.
 struct Hv {
@@ -225,21 +55,20 @@ impl Hv {
 struct Run {
     src: Hv,
     dst: Hv,
-    clock: Rc<Cell<u64>>,
 }
 
 impl Run {
     fn new(pages: usize) -> Self {
-        let clock = Rc::new(Cell::new(1_000_000));
         Self {
-            src: Hv {
-                svc: MigrationService::new(),
-                core: FakeCore::with_domain(clock.clone(), pages),
-                next_request: 0,
-            },
-            dst: Hv { svc: MigrationService::new(), core: FakeCore::new(clock.clone()), next_request: 0 },
-            clock,
+            src: Hv { svc: MigrationService::new(), core: FakeCore::with_domain(pages), next_request: 0 },
+            dst: Hv { svc: MigrationService::new(), core: FakeCore::new(), next_request: 0 },
         }
+    }
+
+    /// Time passes on both hypervisors.
+    fn advance(&mut self, ns: u64) {
+        self.src.core.now_ns += ns;
+        self.dst.core.now_ns += ns;
     }
 
     /// Relay like hvctl: `corrupt` flips a bit of that stream byte; `cancel_at` cancels
@@ -261,7 +90,7 @@ impl Run {
         let mut salt = 0;
         for _ in 0..100_000 {
             salt += 1;
-            self.clock.set(self.clock.get() + 1_000_000);
+            self.advance(1_000_000);
             self.src.core.guest_writes(writes_per_read, salt);
             if cancel_at.is_some_and(|c| relayed >= c) {
                 let p = self.src.progress(Request::MigrateCancel { domain: 1 });
@@ -409,7 +238,7 @@ fn a_quiet_relay_fails_the_source_and_discards_the_destination() {
         other => panic!("{other:?}"),
     };
     run.dst.receive(Request::MigrateWrite { session: st.session, data });
-    run.clock.set(run.clock.get() + migration_svc::session::RELAY_TIMEOUT_NS + 1);
+    run.advance(migration_svc::session::RELAY_TIMEOUT_NS + 1);
     assert!(run.src.svc.active() && run.dst.svc.active());
     run.src.svc.tick(&mut run.src.core);
     run.dst.svc.tick(&mut run.dst.core);
@@ -440,11 +269,11 @@ fn bandwidth_cap_limits_what_a_read_hands_out() {
     let options = MigrateOptions { bandwidth_bytes_per_sec: Some(1_000_000), ..MigrateOptions::default() };
     let p = run.src.progress(Request::MigrateSend { domain: 1, options });
     // Header and policy first; accept the policy so pages flow.
-    run.clock.set(run.clock.get() + 10_000_000);
+    run.advance(10_000_000);
     let _ = run.src.call(Request::MigrateRead { session: p.session, max_bytes: 60 * 1024 });
     run.src.progress(Request::MigrateVerdict { session: p.session, verdict: PeerVerdict::PolicyAccepted });
     // 10 ms later: 1 MB/s allows about 10 kB more in total.
-    run.clock.set(run.clock.get() + 10_000_000);
+    run.advance(10_000_000);
     let (data, progress) = match run.src.call(Request::MigrateRead { session: p.session, max_bytes: 60 * 1024 }) {
         Response::MigrateData { data, progress } => (data, *progress),
         other => panic!("{other:?}"),

@@ -445,8 +445,8 @@ impl Relay<'_> {
     fn verdict(&mut self, verdict: PeerVerdict) -> Result<MigrateProgress, CliError> {
         match self.src.call(&Request::MigrateVerdict { session: self.session, verdict })? {
             Response::MigrateProgress(p) => {
-                self.on_progress(p.clone());
-                Ok(p)
+                self.on_progress((*p).clone());
+                Ok(*p)
             }
             Response::Error(e) => Err(remote_err(format!("the source refused the verdict: {e}"))),
             _ => Err(connection_err("the source answered migrate-verdict with the wrong message")),
@@ -501,7 +501,7 @@ impl Relay<'_> {
                 }
                 Err(e) => return Err(self.source_failed(e)),
             };
-            let state = self.on_progress(progress);
+            let state = self.on_progress(*progress);
             match state {
                 SendState::Failed => {
                     let why = self.track.progress.as_ref().and_then(|p| p.failure.clone());
@@ -720,7 +720,7 @@ fn relay_migration(
             if let Ok(Response::MigrateProgress(p)) =
                 src.call(&Request::MigrateVerdict { session, verdict: PeerVerdict::Failed(e.0.clone()) })
             {
-                track.progress = Some(p);
+                track.progress = Some(*p);
             }
             return Err(e);
         }
@@ -753,14 +753,14 @@ fn start_source(
         Response::Error(e) => return Err(remote_err(format!("the source refused to send domain {domain}: {e}"))),
         _ => return Err(connection_err("the source answered migrate-send with the wrong message")),
     };
-    track.progress = Some(progress.clone());
+    track.progress = Some((*progress).clone());
     if over(progress.state) {
         return Err(remote_err(format!(
             "the source cannot send domain {domain}: {}",
             progress.failure.as_deref().unwrap_or("no reason given")
         )));
     }
-    Ok(progress)
+    Ok(*progress)
 }
 
 fn report_json(domain: u32, r: &MigrateReport) -> Value {
