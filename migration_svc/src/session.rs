@@ -120,6 +120,9 @@ pub struct SendSession {
     cleanup_errors: Vec<String>,
     page_buf: Vec<u8>,
     digest: Option<u64>,
+    /// Bandwidth-cap tokens (bytes) and when they were last topped up.
+    bucket: u64,
+    bucket_ns: u64,
 }
 
 impl core::fmt::Debug for SendSession {
@@ -137,6 +140,7 @@ impl SendSession {
     /// Start sending `domain`: header and policy are encoded at once.
     pub fn start(id: u32, domain: u32, options: MigrateOptions, core: &mut dyn MigrationCore) -> Self {
         let now = core.now_ns().unwrap_or(0);
+        let bucket = options_bucket(&options);
         let policy = Policy {
             downtime_target_ms: options.downtime_ms,
             max_rounds: options.max_rounds,
@@ -166,6 +170,8 @@ impl SendSession {
             cleanup_errors: Vec::new(),
             page_buf: alloc::vec![0; PAGE_SIZE as usize],
             digest: None,
+            bucket,
+            bucket_ns: now,
         };
         let event = match core.domain_info(domain) {
             Ok(info) => {
@@ -226,6 +232,7 @@ impl SendSession {
             }
         }
         self.handed_out += taken.len() as u64;
+        self.bucket = self.bucket.saturating_sub(taken.len() as u64);
         taken
     }
 
@@ -234,6 +241,10 @@ impl SendSession {
         self.last_request_ns = core.now_ns().unwrap_or(0);
         let event = match (self.awaiting, verdict) {
             (_, PeerVerdict::Refused(r)) => SourceEvent::Abort(Failure::PeerRefused(r)),
+            (Awaiting::Ack, PeerVerdict::Failed(r)) => {
+                self.strand(&alloc::format!("the relay failed before the destination confirmed: {r}"));
+                return Ok(());
+            }
             (_, PeerVerdict::Failed(r)) => SourceEvent::Abort(Failure::ConnectionBroken(r)),
             (Awaiting::PolicyVerdict, PeerVerdict::PolicyAccepted) => SourceEvent::PolicyAccepted,
             (Awaiting::Ack, PeerVerdict::Acked) if self.buffered() == 0 => SourceEvent::Acked,
@@ -253,15 +264,38 @@ impl SendSession {
         Ok(())
     }
 
-    /// Cancel: the domain runs on with its dirty bits.
+    /// Cancel: the domain runs on with its dirty bits (unless everything was sent and
+    /// the destination may already run it: see [`Self::strand`]).
     pub fn cancel(&mut self, core: &mut dyn MigrationCore) {
+        if self.awaiting == Awaiting::Ack {
+            self.strand("migration cancelled after the whole domain was sent");
+            return;
+        }
         self.feed(core, SourceEvent::Abort(Failure::Cancelled));
+    }
+
+    /// Give up while waiting for the destination's acknowledgement, without resuming:
+    /// the destination has everything and may be running the domain already, and two
+    /// running copies would be worse than a paused one. The operator decides.
+    fn strand(&mut self, why: &str) {
+        self.job = None;
+        self.awaiting = Awaiting::Nothing;
+        self.state = SendState::Failed;
+        self.failure = Some(alloc::format!(
+            "{why}; domain {d} stays paused here because the destination may already run it: if it does, destroy \
+             this copy (hvctl domain destroy {d}), otherwise unpause it (hvctl domain unpause {d})",
+            d = self.domain
+        ));
     }
 
     /// Fail if the relay went quiet for too long.
     pub fn tick(&mut self, core: &mut dyn MigrationCore) {
         let Some(now) = core.now_ns() else { return };
         if !self.is_over() && now.saturating_sub(self.last_request_ns) > RELAY_TIMEOUT_NS {
+            if self.awaiting == Awaiting::Ack {
+                self.strand("no acknowledgement from the relay within 10 s");
+                return;
+            }
             self.feed(
                 core,
                 SourceEvent::Abort(Failure::ConnectionBroken(alloc::format!(
@@ -298,14 +332,20 @@ impl SendSession {
         self.out.len() - self.out_at
     }
 
-    fn bandwidth_allowance(&self, now: u64) -> usize {
+    /// The bytes the bandwidth cap allows now: a token bucket filled at the cap's rate
+    /// and holding at most 100 ms of it (at least 64 KiB), so a pause of the relay is
+    /// not made up for by a burst above the cap. It starts with 64 KiB: the header and
+    /// the policy go out at once.
+    fn bandwidth_allowance(&mut self, now: u64) -> usize {
         match self.options.bandwidth_bytes_per_sec {
             None | Some(0) => usize::MAX,
             Some(rate) => {
-                let elapsed = u128::from(now.saturating_sub(self.started_ns));
-                let budget = elapsed * u128::from(rate) / 1_000_000_000;
-                let left = budget.saturating_sub(u128::from(self.handed_out));
-                usize::try_from(left).unwrap_or(usize::MAX)
+                let cap = (rate / 10).max(64 * 1024);
+                let elapsed = u128::from(now.saturating_sub(self.bucket_ns));
+                let earned = u64::try_from(elapsed * u128::from(rate) / 1_000_000_000).unwrap_or(u64::MAX);
+                self.bucket = self.bucket.saturating_add(earned).min(cap);
+                self.bucket_ns = now;
+                usize::try_from(self.bucket).unwrap_or(usize::MAX)
             }
         }
     }
@@ -561,6 +601,12 @@ impl SendSession {
             }
         }
     }
+}
+
+/// The bandwidth bucket a session starts with: 64 KiB, enough for the header and the
+/// policy at once (see `SendSession::bandwidth_allowance`).
+fn options_bucket(options: &MigrateOptions) -> u64 {
+    options.bandwidth_bytes_per_sec.map_or(0, |_| 64 * 1024)
 }
 
 /// The first set pfn of `bits` at or after `from`.

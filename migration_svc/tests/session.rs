@@ -118,7 +118,9 @@ impl Run {
                 st = self.dst.receive(Request::MigrateWrite { session: rsession, data });
             }
             let verdict = match (&st.state, &st.policy) {
-                (ReceiveState::Discarded, _) => Some(PeerVerdict::Failed(st.error.clone().unwrap_or_default())),
+                // The destination's own verdict: the source may resume even after it
+                // sent everything (hvctl does the same).
+                (ReceiveState::Discarded, _) => Some(PeerVerdict::Refused(st.error.clone().unwrap_or_default())),
                 (_, Some(Err(reason))) => Some(PeerVerdict::Refused(reason.clone())),
                 (ReceiveState::Complete, _) => Some(PeerVerdict::Acked),
                 (_, Some(Ok(()))) if !policy_told => {
@@ -265,19 +267,74 @@ fn a_second_migration_of_the_same_domain_is_refused_while_one_runs() {
 
 #[test]
 fn bandwidth_cap_limits_what_a_read_hands_out() {
-    let mut run = Run::new(200);
+    let mut run = Run::new(400);
+    // 1 MB/s: the bucket starts with 64 KiB and holds at most 100 ms = 100 kB.
     let options = MigrateOptions { bandwidth_bytes_per_sec: Some(1_000_000), ..MigrateOptions::default() };
     let p = run.src.progress(Request::MigrateSend { domain: 1, options });
-    // Header and policy first; accept the policy so pages flow.
-    run.advance(10_000_000);
-    let _ = run.src.call(Request::MigrateRead { session: p.session, max_bytes: 60 * 1024 });
-    run.src.progress(Request::MigrateVerdict { session: p.session, verdict: PeerVerdict::PolicyAccepted });
-    // 10 ms later: 1 MB/s allows about 10 kB more in total.
-    run.advance(10_000_000);
-    let (data, progress) = match run.src.call(Request::MigrateRead { session: p.session, max_bytes: 60 * 1024 }) {
-        Response::MigrateData { data, progress } => (data, *progress),
+    let read = |run: &mut Run| match run.src.call(Request::MigrateRead { session: p.session, max_bytes: 60 * 1024 }) {
+        Response::MigrateData { data, .. } => data.len() as u64,
         other => panic!("{other:?}"),
     };
-    assert!(progress.bytes_sent <= 20_000 + 1, "{progress:?}");
-    assert!(!data.is_empty() && data.len() < 20_000, "{}", data.len());
+    // Header and policy go out at once, then the source waits for the verdict.
+    let head = read(&mut run);
+    assert!(head > 0 && head < 1000, "{head}");
+    run.src.progress(Request::MigrateVerdict { session: p.session, verdict: PeerVerdict::PolicyAccepted });
+    // No time passes: what is left of the first 64 KiB, then nothing.
+    let mut burst = 0;
+    loop {
+        let n = read(&mut run);
+        if n == 0 {
+            break;
+        }
+        burst += n;
+    }
+    assert_eq!(burst + head, 64 * 1024);
+    // 50 ms later: 50 kB more, exactly.
+    run.advance(50_000_000);
+    assert_eq!(read(&mut run), 50_000);
+    assert_eq!(read(&mut run), 0);
+    // A 10 s pause of the relay earns no more than a full bucket.
+    run.advance(10_000_000_000);
+    let mut after_pause = 0;
+    loop {
+        let n = read(&mut run);
+        if n == 0 {
+            break;
+        }
+        after_pause += n;
+    }
+    assert_eq!(after_pause, 100_000);
+}
+
+/// A relay that fails after the whole domain was sent cannot know whether the
+/// destination runs it: the source must stay paused rather than make two copies run.
+#[test]
+fn no_resume_while_the_destination_may_run_the_domain() {
+    let mut run = Run::new(100);
+    let p = run.src.progress(Request::MigrateSend { domain: 1, options: MigrateOptions::default() });
+    let mut policy_told = false;
+    let mut state = p.state;
+    for _ in 0..10_000 {
+        run.advance(1_000_000);
+        let progress = match run.src.call(Request::MigrateRead { session: p.session, max_bytes: 60 * 1024 }) {
+            Response::MigrateData { progress, .. } => *progress,
+            other => panic!("{other:?}"),
+        };
+        state = progress.state;
+        if state == Some(SendState::AwaitAck) {
+            break;
+        }
+        if !policy_told {
+            policy_told = true;
+            run.src.progress(Request::MigrateVerdict { session: p.session, verdict: PeerVerdict::PolicyAccepted });
+        }
+    }
+    assert_eq!(state, Some(SendState::AwaitAck));
+    assert!(source_domain(&run).paused);
+    // Cancel now: the domain stays paused, and the message says what to do.
+    let p = run.src.progress(Request::MigrateCancel { domain: 1 });
+    assert_eq!(p.state, Some(SendState::Failed));
+    assert!(source_domain(&run).paused, "resumed while the destination may run it");
+    let failure = p.failure.unwrap();
+    assert!(failure.contains("stays paused") && failure.contains("hvctl domain unpause 1"), "{failure}");
 }

@@ -184,24 +184,41 @@ fn create(ctx: &Ctx, kernel: &str, name: &str, cpuid: Option<&str>, cmdline: &st
     out["id"].as_u64().ok_or_else(|| format!("domain create gave no id: {out}"))
 }
 
-/// The (round, checksum) pairs domain `id` reported on `session`'s serial log.
-fn rounds(session: &Session, id: u64) -> Vec<(u64, u64)> {
-    let text = clean(&session.serial());
+/// The values domain `id` reported on `session`'s serial log, in order: (tag, value).
+fn reports(session: &Session, id: u64) -> Vec<(String, u64)> {
     let prefix = format!("DOMAIN {id} REPORT ");
+    clean(&session.serial())
+        .lines()
+        .filter_map(|line| {
+            let (tag, value) = line.trim().strip_prefix(&prefix)?.split_once('=')?;
+            Some((tag.to_string(), u64::from_str_radix(value.trim_start_matches("0x"), 16).ok()?))
+        })
+        .collect()
+}
+
+/// (round, checksum) pairs from a writer's reports. A migration can fall between the
+/// two reports of a round, so the caller joins the source's and the destination's
+/// reports before pairing them.
+fn pairs(reports: &[(String, u64)]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut round = None;
-    for line in text.lines() {
-        let Some(rest) = line.trim().strip_prefix(&prefix) else { continue };
-        let value = |v: &str| u64::from_str_radix(v.trim_start_matches("0x"), 16).ok();
-        if let Some(v) = rest.strip_prefix("round=") {
-            round = value(v);
-        } else if let Some(v) = rest.strip_prefix("checksum=")
-            && let (Some(r), Some(c)) = (round.take(), value(v))
-        {
-            out.push((r, c));
+    for (tag, value) in reports {
+        match tag.as_str() {
+            "round" => round = Some(*value),
+            "checksum" => {
+                if let Some(r) = round.take() {
+                    out.push((r, *value));
+                }
+            }
+            _ => {}
         }
     }
     out
+}
+
+/// The (round, checksum) pairs domain `id` completed on `session` alone.
+fn rounds(session: &Session, id: u64) -> Vec<(u64, u64)> {
+    pairs(&reports(session, id))
 }
 
 fn wait_for(what: &str, secs: u64, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
@@ -340,22 +357,34 @@ fn live_memwriter(ctx: &Ctx) -> Result<String> {
     wait_for("the migrated writer to report 3 rounds on the destination", 60, || {
         Ok(rounds(ctx.dst, new_id).len() >= 3)
     })?;
-    let before = rounds(ctx.src, id);
-    let after = rounds(ctx.dst, new_id);
-    let all: Vec<(u64, u64)> = before.iter().chain(after.iter()).copied().collect();
+    let before = reports(ctx.src, id);
+    let after = reports(ctx.dst, new_id);
+    let joined: Vec<(String, u64)> = before.iter().chain(after.iter()).cloned().collect();
+    let all = pairs(&joined);
+    let source_rounds = pairs(&before).len();
+    let describe = |r: &[(String, u64)]| {
+        let rounds: Vec<u64> = r.iter().filter(|(t, _)| t == "round").map(|(_, v)| *v).collect();
+        match (rounds.first(), rounds.last()) {
+            (Some(a), Some(b)) => format!("rounds {a}..={b} ({} reports)", r.len()),
+            _ => format!("no rounds ({} reports)", r.len()),
+        }
+    };
     for (i, (round, checksum)) in all.iter().enumerate() {
         if *round != i as u64 {
             return Err(format!(
-                "the rounds do not continue: source reported {:?}, destination {:?}",
-                before.iter().map(|r| r.0).collect::<Vec<_>>(),
-                after.iter().map(|r| r.0).collect::<Vec<_>>()
+                "the rounds do not continue at pair {i} (round {round}): source {}, destination {}",
+                describe(&before),
+                describe(&after)
             ));
         }
         let want = guest_abi::memwriter::round_checksum(WRITER_SEED, *round, WRITER_PAGES);
         if *checksum != want {
-            let side = if i < before.len() { "source" } else { "destination" };
+            let side = if i < source_rounds { "source" } else { "destination" };
             return Err(format!("round {round} on the {side} read back {checksum:#x}, expected {want:#x}"));
         }
+    }
+    if all.len() < source_rounds + 3 {
+        return Err(format!("the destination completed fewer than 3 rounds: {}", describe(&after)));
     }
     let state = domains(ctx, ctx.dst)?.into_iter().find(|d| d.0 == new_id).map(|d| d.2);
     if state.as_deref() != Some("running") {
@@ -363,10 +392,10 @@ fn live_memwriter(ctx: &Ctx) -> Result<String> {
     }
     hvctl_on(ctx, ctx.dst, &["domain", "destroy", &new_id.to_string()])?;
     Ok(format!(
-        "rounds 0..{} on the source, {}..{} on the destination, all checksums right; {} dirty rounds, {} pages \
+        "source {}, destination {}, {} rounds in sequence with the right checksums; {} dirty rounds, {} pages \
          ({} resent), {} bytes in {} ms, downtime {} ms (estimated {} ms), digest {}",
-        before.len(),
-        before.len(),
+        describe(&before),
+        describe(&after),
         all.len(),
         report["rounds"],
         report["pages_sent"],

@@ -45,6 +45,9 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long to wait before asking again when the source has nothing to hand out.
 const POLL: Duration = Duration::from_millis(5);
+/// An empty write after this long without one keeps the destination's session alive
+/// (it gives up after 10 s without a request).
+const KEEPALIVE: Duration = Duration::from_secs(2);
 
 /// The progress line is redrawn at most this often.
 const DRAW_EVERY: Duration = Duration::from_millis(100);
@@ -219,6 +222,7 @@ impl Track {
             "destination_state": s.map(|s| s.state.name()),
             "destination_error": s.and_then(|s| s.error.clone()),
             "destination_domain": s.and_then(|s| s.domain),
+            "destination_pages_received": s.map(|s| s.pages_received),
             "rounds": p.round,
             "pages_sent": p.pages_sent,
             "bytes_sent": p.bytes_sent,
@@ -400,6 +404,8 @@ struct Relay<'a> {
     relayed: u64,
     corrupt: Option<u64>,
     last_change: Instant,
+    /// When the destination last got a write (for the keep-alive).
+    last_write: Instant,
 }
 
 fn over(state: Option<SendState>) -> bool {
@@ -528,6 +534,11 @@ impl Relay<'_> {
             {
                 return Ok(done);
             }
+            // Keep the destination's session alive while the source has nothing for it
+            // (a tight bandwidth cap, a long final peek): an empty write is a keep-alive.
+            if self.last_write.elapsed() >= KEEPALIVE {
+                self.push(Vec::new())?;
+            }
             if self.last_change.elapsed() >= IDLE_TIMEOUT {
                 let e = remote_err(format!(
                     "the migration made no progress for {} s (source {}, destination {}): giving up",
@@ -551,7 +562,10 @@ impl Relay<'_> {
         {
             *b ^= 0x01;
         }
-        self.last_change = Instant::now();
+        if !data.is_empty() {
+            self.last_change = Instant::now();
+        }
+        self.last_write = Instant::now();
         match self.sink.write(data) {
             Ok(s) => {
                 self.on_status(s);
@@ -589,7 +603,11 @@ impl Relay<'_> {
         match status.state {
             ReceiveState::Discarded => {
                 let error = status.error.clone().unwrap_or_else(|| "no reason given".into());
-                self.fail_source(&error);
+                // The destination's own verdict: it has thrown the domain away, so the
+                // source may safely resume (even after it sent everything).
+                if !over(self.source_state()) {
+                    let _ = self.verdict(PeerVerdict::Refused(error.clone()));
+                }
                 Err(remote_err(format!("the destination discarded the domain: {error}")))
             }
             ReceiveState::Complete => {
@@ -737,6 +755,7 @@ fn relay_migration(
         relayed: 0,
         corrupt,
         last_change: Instant::now(),
+        last_write: Instant::now(),
     }
     .run()
 }
@@ -881,6 +900,7 @@ fn relay_save(
         relayed: 0,
         corrupt: None,
         last_change: Instant::now(),
+        last_write: Instant::now(),
     }
     .run()
 }
