@@ -344,6 +344,7 @@ const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("levelling/fuzz", "dump_parser"),
     ("wire/fuzz", "frame_decoder"),
     ("wire/fuzz", "migration_records"),
+    ("migration_svc/fuzz", "receive_stream"),
 ];
 
 fn fuzz(seconds: u64) -> Result<()> {

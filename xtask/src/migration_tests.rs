@@ -39,6 +39,7 @@ const TESTS: &[(&str, Test)] = &[
     ("migrate-corrupt-record-refused-source-runs", corrupt_record),
     ("migrate-cancel-mid-round-source-runs", cancel_mid_round),
     ("migrate-memwriter-while-writing", live_memwriter),
+    ("migrate-save-restore-file", save_restore),
 ];
 
 /// Boot a source and a destination and run the migration tests matching `filter`.
@@ -187,7 +188,10 @@ fn create(ctx: &Ctx, kernel: &str, name: &str, cpuid: Option<&str>, cmdline: &st
 /// The values domain `id` reported on `session`'s serial log, in order: (tag, value).
 fn reports(session: &Session, id: u64) -> Vec<(String, u64)> {
     let prefix = format!("DOMAIN {id} REPORT ");
-    clean(&session.serial())
+    let serial = session.serial();
+    // Only whole lines: the guest may be writing the last one right now.
+    let complete = serial.rfind('\n').map_or("", |end| &serial[..end]);
+    clean(complete)
         .lines()
         .filter_map(|line| {
             let (tag, value) = line.trim().strip_prefix(&prefix)?.split_once('=')?;
@@ -405,5 +409,39 @@ fn live_memwriter(ctx: &Ctx) -> Result<String> {
         report["downtime_ms"],
         report["estimated_downtime_ms"],
         src_digest
+    ))
+}
+
+fn save_restore(ctx: &Ctx) -> Result<String> {
+    let id = create(ctx, "memwriter", "saved", Some(WRITER_CPUID), WRITER_CMDLINE)?;
+    wait_for("the writer's first rounds", 30, || Ok(rounds(ctx.src, id).len() >= 2))?;
+    let file = ctx.src.dir.join("saved.hvmig");
+    let _ = std::fs::remove_file(&file);
+    let file_arg = file.display().to_string();
+    let saved = json(&hvctl_on(ctx, ctx.src, &["save", &id.to_string(), &file_arg, "--json"])?, "save --json")?;
+    if domains(ctx, ctx.src)?.iter().any(|d| d.0 == id) {
+        return Err("the saved domain still exists on the source".into());
+    }
+    let size = std::fs::metadata(&file).map_err(|e| format!("{}: {e}", file.display()))?.len();
+    let restored = json(&hvctl_on(ctx, ctx.dst, &["restore", &file_arg, "--json"])?, "restore --json")?;
+    let new_id = restored["domain"]
+        .as_u64()
+        .or_else(|| restored["destination_domain"].as_u64())
+        .ok_or_else(|| format!("restore gave no domain id: {restored}"))?;
+    wait_for("the restored writer to report 3 rounds", 60, || Ok(rounds(ctx.dst, new_id).len() >= 3))?;
+    let before = reports(ctx.src, id);
+    let joined: Vec<(String, u64)> = before.iter().chain(reports(ctx.dst, new_id).iter()).cloned().collect();
+    let all = pairs(&joined);
+    for (i, (round, checksum)) in all.iter().enumerate() {
+        let want = guest_abi::memwriter::round_checksum(WRITER_SEED, *round, WRITER_PAGES);
+        if *round != i as u64 || *checksum != want {
+            return Err(format!("after the restore, pair {i} is round {round} with checksum {checksum:#x}"));
+        }
+    }
+    hvctl_on(ctx, ctx.dst, &["domain", "destroy", &new_id.to_string()])?;
+    Ok(format!(
+        "saved {size} bytes ({} pages), restored as domain {new_id}; {} rounds in sequence",
+        saved["pages_sent"],
+        all.len()
     ))
 }
