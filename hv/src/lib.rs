@@ -29,6 +29,7 @@ pub mod control;
 pub mod cpu;
 pub mod domain;
 pub mod hw;
+pub mod local_migration;
 pub mod mm;
 pub mod pci;
 pub mod rdt;
@@ -277,13 +278,25 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &caps::Capabilities) -> 
             return Outcome::Failed;
         }
     };
+    let mut local = match local_migration::LocalMigration::from_cmdline(&info.cmdline) {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            println!("warning: {e}; no local migration");
+            None
+        }
+    };
     loop {
         let mut busy = false;
         if let Some(s) = server.as_mut() {
             busy |= s.poll(&mut machine);
         }
+        if let Some(l) = local.as_mut() {
+            busy |= l.step(&mut machine);
+        }
         busy |= machine.run_slice();
-        if server.is_none() && !machine.has_runnable() {
+        // Both domains of a local migration are paused during its last round.
+        if server.is_none() && !machine.has_runnable() && !local.as_ref().is_some_and(|l| l.running()) {
             break;
         }
         if !busy {

@@ -165,7 +165,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
             cmdline: header.cmdline.clone(),
         };
         config::validate(&cfg)?;
-        if self.domains.iter().any(|d| d.name == cfg.name) {
+        if self.domains.iter().any(|d| d.name == cfg.name && Some(d.id) != self.incoming_name_of) {
             return Err(alloc::format!("a domain named `{}` exists here", cfg.name));
         }
         // A stand-in CPUID view until the stream's policy is accepted (the domain

@@ -283,6 +283,9 @@ pub struct Machine<B: Backend> {
     mechanisms: dirty::Mechanisms,
     /// Map guest memory with 2 MiB nested pages where possible.
     large_pages: bool,
+    /// A domain whose name an incoming migration may take too (local migration: the
+    /// source goes away when the copy is complete).
+    incoming_name_of: Option<u32>,
 }
 
 impl<B: Backend> fmt::Debug for Machine<B> {
@@ -302,7 +305,24 @@ impl<B: Backend> Machine<B> {
         mechanisms: dirty::Mechanisms,
         large_pages: bool,
     ) -> Self {
-        Self { backend, pool, host, domains: Vec::new(), next_id: 1, cursor: 0, slice_ticks, mechanisms, large_pages }
+        Self {
+            backend,
+            pool,
+            host,
+            domains: Vec::new(),
+            next_id: 1,
+            cursor: 0,
+            slice_ticks,
+            mechanisms,
+            large_pages,
+            incoming_name_of: None,
+        }
+    }
+
+    /// Let an incoming migration take the name of domain `id` (local migration), or
+    /// stop letting it (`None`).
+    pub fn allow_incoming_name_of(&mut self, id: Option<u32>) {
+        self.incoming_name_of = id;
     }
 
     /// The domains.

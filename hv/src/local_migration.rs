@@ -1,0 +1,141 @@
+//! Migration of a domain within this hypervisor ("localhost migration", as with Xen's
+//! `xl migrate DOMAIN localhost`): the very sessions of a migration between two
+//! hypervisors (dirty logging, the record stream, vCPU state saved and loaded into a
+//! new vCPU), relayed in memory instead of by `hvctl`. It is what proves the path where
+//! no vsock exists (Bochs, whose VMX backend has no other way to be migrated), and what
+//! an operator can use to check a host.
+//!
+//! Boot option `migrate-local=NAME@ROUND`: once domain NAME has reported round ROUND
+//! (`guest_abi` report `round`), migrate it with memory verification. Serial markers:
+//! `MIGRATE-LOCAL START`, then `MIGRATE-LOCAL DONE …` or `MIGRATE-LOCAL FAILED …`.
+
+use alloc::string::String;
+
+use migration_svc::{ReceiveSession, SendSession};
+use wire::{MigrateOptions, PeerVerdict, ReceiveState, SendState};
+
+use crate::arch::Backend;
+use crate::domain::Machine;
+use crate::println;
+
+/// Reads of at most `wire::MAX_MIGRATE_DATA` relayed per step.
+const RELAY_READS_PER_STEP: usize = 34;
+
+/// A local migration that waits for its moment, runs, or is over.
+#[derive(Debug)]
+pub struct LocalMigration {
+    name: String,
+    at_round: u64,
+    state: State,
+}
+
+#[derive(Debug)]
+enum State {
+    Waiting,
+    Running { from: u32, send: SendSession, recv: ReceiveSession, policy_told: bool },
+    Done,
+}
+
+impl LocalMigration {
+    /// The `migrate-local=NAME@ROUND` option of the command line, if given.
+    pub fn from_cmdline(cmdline: &str) -> Option<Result<Self, String>> {
+        let value = cmdline.split_whitespace().find_map(|w| w.strip_prefix("migrate-local="))?;
+        Some(match value.split_once('@') {
+            Some((name, round)) if !name.is_empty() => match round.parse() {
+                Ok(at_round) => Ok(Self { name: name.into(), at_round, state: State::Waiting }),
+                Err(_) => Err(alloc::format!("migrate-local={value}: `{round}` is not a round number")),
+            },
+            _ => Err(alloc::format!("migrate-local={value}: expected NAME@ROUND")),
+        })
+    }
+
+    /// Whether it still has work (waiting for its domain, or migrating it).
+    pub fn active(&self) -> bool {
+        !matches!(self.state, State::Done)
+    }
+
+    /// Whether it is migrating now (the machine must keep going while both domains
+    /// are paused).
+    pub fn running(&self) -> bool {
+        matches!(self.state, State::Running { .. })
+    }
+
+    /// One step: start when the domain is ready; else relay up to 2 MiB and carry the
+    /// destination's verdicts. Returns whether anything happened.
+    pub fn step<B: Backend>(&mut self, machine: &mut Machine<B>) -> bool {
+        match &mut self.state {
+            State::Done => false,
+            State::Waiting => {
+                let Some(d) = machine.domains().iter().find(|d| d.name == self.name) else { return false };
+                if d.report(b"round").is_none_or(|r| r < self.at_round) {
+                    return false;
+                }
+                let from = d.id;
+                println!("MIGRATE-LOCAL START domain={from} name={} round={}", self.name, self.at_round);
+                machine.allow_incoming_name_of(Some(from));
+                let options = MigrateOptions { verify_memory: true, ..MigrateOptions::default() };
+                let send = SendSession::start(1, from, options, machine);
+                let recv = ReceiveSession::new(2, machine);
+                self.state = State::Running { from, send, recv, policy_told: false };
+                true
+            }
+            State::Running { from, send, recv, policy_told } => {
+                // Up to 2 MiB per step: the guest gets a time slice between steps, and
+                // a trickle would make the link look slower than the guest.
+                for _ in 0..RELAY_READS_PER_STEP {
+                    let data = send.read(machine, wire::MAX_MIGRATE_DATA);
+                    if data.is_empty() {
+                        break;
+                    }
+                    recv.write(machine, &data);
+                }
+                let status = recv.status();
+                let verdict = match (&status.state, &status.policy) {
+                    (ReceiveState::Discarded, _) => {
+                        Some(PeerVerdict::Refused(status.error.clone().unwrap_or_else(|| "no reason given".into())))
+                    }
+                    (_, Some(Err(reason))) => Some(PeerVerdict::Refused(reason.clone())),
+                    (ReceiveState::Complete, _) => Some(PeerVerdict::Acked),
+                    (_, Some(Ok(()))) if !*policy_told => {
+                        *policy_told = true;
+                        Some(PeerVerdict::PolicyAccepted)
+                    }
+                    _ => None,
+                };
+                if let Some(v) = verdict
+                    && !send.is_over()
+                    && let Err(e) = send.verdict(machine, v)
+                {
+                    println!("MIGRATE-LOCAL FAILED domain={from}: the source took no verdict: {e}");
+                }
+                let progress = send.progress();
+                match progress.state {
+                    Some(SendState::Completed) => {
+                        let r = progress.report.unwrap_or_default();
+                        println!(
+                            "MIGRATE-LOCAL DONE from={from} to={} rounds={} pages={} resent={} bytes={} downtime_ms={} \
+                             digest={:#x} destination_digest={:#x}",
+                            status.domain.unwrap_or(0),
+                            r.rounds,
+                            r.pages_sent,
+                            r.pages_resent,
+                            r.bytes_sent,
+                            r.downtime_ms,
+                            r.memory_digest.unwrap_or(0),
+                            status.memory_digest.unwrap_or(0)
+                        );
+                    }
+                    Some(SendState::Failed) => {
+                        let why = progress.failure.unwrap_or_default();
+                        recv.abort(machine, why.clone());
+                        println!("MIGRATE-LOCAL FAILED domain={from}: {why}");
+                    }
+                    _ => return true,
+                }
+                machine.allow_incoming_name_of(None);
+                self.state = State::Done;
+                true
+            }
+        }
+    }
+}
