@@ -9,6 +9,7 @@
 //! (`guest_abi` report `round`), migrate it with memory verification. Serial markers:
 //! `MIGRATE-LOCAL START`, then `MIGRATE-LOCAL DONE …` or `MIGRATE-LOCAL FAILED …`.
 
+use alloc::boxed::Box;
 use alloc::string::String;
 
 use migration_svc::{ReceiveSession, SendSession};
@@ -32,7 +33,7 @@ pub struct LocalMigration {
 #[derive(Debug)]
 enum State {
     Waiting,
-    Running { from: u32, send: SendSession, recv: ReceiveSession, policy_told: bool },
+    Running { from: u32, send: Box<SendSession>, recv: Box<ReceiveSession>, policy_told: bool },
     Done,
 }
 
@@ -76,7 +77,7 @@ impl LocalMigration {
                 let options = MigrateOptions { verify_memory: true, ..MigrateOptions::default() };
                 let send = SendSession::start(1, from, options, machine);
                 let recv = ReceiveSession::new(2, machine);
-                self.state = State::Running { from, send, recv, policy_told: false };
+                self.state = State::Running { from, send: Box::new(send), recv: Box::new(recv), policy_told: false };
                 true
             }
             State::Running { from, send, recv, policy_told } => {
