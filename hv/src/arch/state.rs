@@ -111,6 +111,11 @@ impl PendingEvent {
         u32::from(self.vector) | (u32::from(self.kind & 7) << 8) | ev | (1 << 31)
     }
 
+    /// Whether `kind` is one of the four kinds a snapshot carries.
+    pub fn kind_is_known(&self) -> bool {
+        matches!(self.kind, EVENT_EXTERNAL_INTERRUPT | EVENT_NMI | EVENT_EXCEPTION | EVENT_SOFTWARE_INTERRUPT)
+    }
+
     /// The inverse of [`Self::to_interruption_info`]: `None` unless the valid bit is
     /// set. `kind` is the raw 3-bit type; callers refuse the types they cannot carry.
     pub fn from_interruption_info(info: u32, error_code: u32) -> Option<Self> {

@@ -265,15 +265,7 @@ impl Vcpu for SvmVcpu {
                     || (e.kind == state::EVENT_EXCEPTION && !matches!(e.vector, 3 | 4))
             })
         };
-        if let Some(e) = &pending_event
-            && !matches!(
-                e.kind,
-                state::EVENT_EXTERNAL_INTERRUPT
-                    | state::EVENT_NMI
-                    | state::EVENT_EXCEPTION
-                    | state::EVENT_SOFTWARE_INTERRUPT
-            )
-        {
+        if pending_event.as_ref().is_some_and(|e| !e.kind_is_known()) {
             return Err(ArchError::Unsupported("saving a pending event of an unknown EVENTINJ type"));
         }
         Ok(VcpuSnapshot {
@@ -318,15 +310,7 @@ impl Vcpu for SvmVcpu {
 
     fn load_state(&mut self, regs: &mut GuestRegs, snapshot: &VcpuSnapshot) -> Result<(), ArchError> {
         let s = snapshot;
-        if let Some(e) = &s.pending_event
-            && !matches!(
-                e.kind,
-                state::EVENT_EXTERNAL_INTERRUPT
-                    | state::EVENT_NMI
-                    | state::EVENT_EXCEPTION
-                    | state::EVENT_SOFTWARE_INTERRUPT
-            )
-        {
+        if s.pending_event.as_ref().is_some_and(|e| !e.kind_is_known()) {
             return Err(ArchError::InvalidSnapshot("pending event of an unknown kind"));
         }
         let mut v = self.vmcb();
