@@ -13,7 +13,7 @@ use alloc::boxed::Box;
 use alloc::string::String;
 
 use migration_svc::{ReceiveSession, SendSession};
-use wire::{MigrateOptions, PeerVerdict, ReceiveState, SendState};
+use wire::{MigrateOptions, SendState};
 
 use crate::arch::Backend;
 use crate::domain::Machine;
@@ -91,19 +91,7 @@ impl LocalMigration {
                     recv.write(machine, &data);
                 }
                 let status = recv.status();
-                let verdict = match (&status.state, &status.policy) {
-                    (ReceiveState::Discarded, _) => {
-                        Some(PeerVerdict::Refused(status.error.clone().unwrap_or_else(|| "no reason given".into())))
-                    }
-                    (_, Some(Err(reason))) => Some(PeerVerdict::Refused(reason.clone())),
-                    (ReceiveState::Complete, _) => Some(PeerVerdict::Acked),
-                    (_, Some(Ok(()))) if !*policy_told => {
-                        *policy_told = true;
-                        Some(PeerVerdict::PolicyAccepted)
-                    }
-                    _ => None,
-                };
-                if let Some(v) = verdict
+                if let Some(v) = migration_svc::session::verdict_for(&status, policy_told)
                     && !send.is_over()
                     && let Err(e) = send.verdict(machine, v)
                 {

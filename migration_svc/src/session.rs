@@ -377,18 +377,13 @@ impl SendSession {
             }
             Job::Vcpus => None,
         };
+        // An unfinished job stays; a finished one reports once its bytes are out.
         if next.is_none() {
             self.batcher.flush(&mut self.out).map_err(record_failure)?;
+            self.job_done = true;
         }
         self.job_bytes += (self.out.len() - before) as u64;
-        // An unfinished job stays; a finished one reports once its bytes are out.
-        match next {
-            Some(job) => Ok(Some(job)),
-            None => {
-                self.job_done = true;
-                Ok(None)
-            }
-        }
+        Ok(next)
     }
 
     fn push_page(&mut self, core: &mut dyn MigrationCore, pfn: u64) -> Result<(), Failure> {
@@ -401,7 +396,8 @@ impl SendSession {
     /// `out` is drained: if the job behind it is done, report it to the source and run
     /// what follows. Returns whether more bytes may now be produced at once.
     fn job_finished(&mut self, core: &mut dyn MigrationCore) -> bool {
-        if !self.job_done || self.job.is_some() {
+        // A finished job is no longer in `self.job`.
+        if !self.job_done {
             return self.job.is_some();
         }
         self.job_done = false;
@@ -600,6 +596,26 @@ impl SendSession {
                 self.state = SendState::Failed;
             }
         }
+    }
+}
+
+/// What a relay tells the source after the destination answered with `status`: the
+/// rule every relay follows (hvctl, local migration). A discarded domain or a refused
+/// policy is the destination's own verdict (`Refused`: the source resumes, even after
+/// everything was sent); `PolicyAccepted` once (`policy_told` remembers it); `Acked`
+/// when complete; otherwise nothing yet.
+pub fn verdict_for(status: &ReceiveStatus, policy_told: &mut bool) -> Option<PeerVerdict> {
+    match (&status.state, &status.policy) {
+        (ReceiveState::Discarded, _) => {
+            Some(PeerVerdict::Refused(status.error.clone().unwrap_or_else(|| "no reason given".into())))
+        }
+        (_, Some(Err(reason))) => Some(PeerVerdict::Refused(reason.clone())),
+        (ReceiveState::Complete, _) => Some(PeerVerdict::Acked),
+        (_, Some(Ok(()))) if !*policy_told => {
+            *policy_told = true;
+            Some(PeerVerdict::PolicyAccepted)
+        }
+        _ => None,
     }
 }
 

@@ -117,18 +117,7 @@ impl Run {
             if !data.is_empty() {
                 st = self.dst.receive(Request::MigrateWrite { session: rsession, data });
             }
-            let verdict = match (&st.state, &st.policy) {
-                // The destination's own verdict: the source may resume even after it
-                // sent everything (hvctl does the same).
-                (ReceiveState::Discarded, _) => Some(PeerVerdict::Refused(st.error.clone().unwrap_or_default())),
-                (_, Some(Err(reason))) => Some(PeerVerdict::Refused(reason.clone())),
-                (ReceiveState::Complete, _) => Some(PeerVerdict::Acked),
-                (_, Some(Ok(()))) if !policy_told => {
-                    policy_told = true;
-                    Some(PeerVerdict::PolicyAccepted)
-                }
-                _ => None,
-            };
+            let verdict = migration_svc::session::verdict_for(&st, &mut policy_told);
             if let Some(v) = verdict {
                 let p = self.src.progress(Request::MigrateVerdict { session, verdict: v });
                 if p.state.is_some_and(SendState::is_over) {

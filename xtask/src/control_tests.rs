@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -16,6 +15,7 @@ use crate::client::RawClient;
 use crate::emulator::{Echo, Platform, RunConfig, Session, Wait};
 use crate::image::Esp;
 use crate::serial::{SerialLog, clean};
+use crate::systest::{NamedTest, build_hvctl, hvctl_output, run_each, select, stopped_serving, wait_for, wait_serving};
 use crate::{Result, tools};
 
 struct Ctx {
@@ -26,9 +26,7 @@ struct Ctx {
     guests: PathBuf,
 }
 
-type Test = fn(&Ctx) -> Result<String>;
-
-const TESTS: &[(&str, Test)] = &[
+const TESTS: &[NamedTest<Ctx>] = &[
     ("control-info-json-matches-serial", info_json_matches_serial),
     ("control-8-clients-x-200-requests", concurrent_clients),
     ("control-misbehaving-clients-are-contained", misbehaving_clients),
@@ -41,16 +39,13 @@ const TESTS: &[(&str, Test)] = &[
 
 /// Boot once with a vsock device and run the control tests (those matching `filter`).
 pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
-    let selected: Vec<_> = TESTS.iter().filter(|(n, _)| filter.is_none_or(|f| n.contains(f))).collect();
+    let selected = select(TESTS, filter);
     if selected.is_empty() {
         return Ok((0, 0));
     }
     let platform = Platform::Qemu { cpu: "EPYC".into() };
     tools::ensure(&platform)?;
-    tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| tools::root().join("target"));
-    let hvctl = target_dir.join("debug").join("hvctl");
+    let hvctl = build_hvctl()?;
     let config = RunConfig {
         name: "control".into(),
         timeout: Duration::from_secs(platform.default_timeout_secs()),
@@ -61,37 +56,17 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     };
     println!("systest control-* on {platform} with virtio-vsock ...");
     let mut session = Session::spawn(&platform, esp, &config)?;
-    let wait = session
-        .wait_until(config.timeout, &mut Echo::new(false), |l| l.line("CONTROL ").is_some() || l.outcome().is_some());
+    let serving = wait_serving(&mut session, config.timeout);
     let log = SerialLog::new(&session.serial());
     let socket = session.vsock_socket.clone().ok_or("no vsock socket")?;
-    if !matches!(wait, Wait::Matched(_)) || log.line("CONTROL listening").is_none() {
-        println!("systest control-* ... FAILED: the control channel did not come up ({wait:?})");
+    if let Err(wait) = serving {
+        println!("systest control-* ... FAILED: the control channel did not come up ({wait})");
         print_log(&session);
         return Ok((0, selected.len()));
     }
     let ctx = Ctx { socket, hvctl, caps: log.caps().unwrap_or_default(), guests: esp.dir.join("EFI").join("HV") };
-    let (mut passed, mut failed) = (0, 0);
-    for (name, test) in selected {
-        let start = Instant::now();
-        match test(&ctx) {
-            Ok(detail) => {
-                passed += 1;
-                println!("systest {name} ... ok ({:.1} s; {detail})", start.elapsed().as_secs_f64());
-            }
-            Err(e) => {
-                failed += 1;
-                println!("systest {name} ... FAILED\n  - {e}");
-            }
-        }
-    }
-    let log = SerialLog::new(&session.serial());
-    for marker in ["FAIL:", "FATAL:", "SHUTDOWN"] {
-        if let Some(l) = log.line(marker) {
-            failed += 1;
-            println!("systest control-* ... FAILED: the hypervisor stopped serving: {l}");
-        }
-    }
+    let (passed, mut failed) = run_each(&selected, &ctx);
+    failed += stopped_serving("control-*", "hypervisor", &session);
     if failed > 0 {
         print_log(&session);
     }
@@ -113,17 +88,8 @@ fn target(ctx: &Ctx) -> String {
 
 /// Run hvctl and return (exit code, stdout, stderr) without judging it.
 fn hvctl_raw(ctx: &Ctx, args: &[&str]) -> Result<(Option<i32>, String, String)> {
-    let out = Command::new(&ctx.hvctl)
-        .arg("--connect")
-        .arg(target(ctx))
-        .args(args)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", ctx.hvctl.display()))?;
-    Ok((
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    let target = target(ctx);
+    hvctl_output(&ctx.hvctl, &[&["--connect", target.as_str()], args].concat())
 }
 
 fn hvctl(ctx: &Ctx, args: &[&str]) -> Result<String> {
@@ -393,17 +359,6 @@ fn domain_list(ctx: &Ctx) -> Result<serde_json::Value> {
 
 fn domain_state(list: &serde_json::Value, id: u64) -> Option<String> {
     list["domains"].as_array()?.iter().find(|d| d["id"] == id).and_then(|d| d["state"].as_str()).map(String::from)
-}
-
-fn wait_for(what: &str, secs: u64, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if check()? {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Err(format!("timed out after {secs} s waiting for {what}"))
 }
 
 fn domain_lifecycle(ctx: &Ctx) -> Result<String> {

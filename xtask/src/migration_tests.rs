@@ -9,11 +9,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::emulator::{Echo, Platform, RunConfig, Session, Wait};
+use crate::emulator::{Platform, RunConfig, Session};
 use crate::image::Esp;
-use crate::serial::{SerialLog, clean};
+use crate::serial::clean;
+use crate::systest::{NamedTest, build_hvctl, hvctl_output, run_each, select, stopped_serving, wait_for, wait_serving};
 use crate::{Result, tools};
 
 /// The writer's parameters: 64 pages at 3 MiB, a practically endless number of rounds.
@@ -23,18 +24,16 @@ const WRITER_CMDLINE: &str = "pages=64 rounds=100000000 seed=7 base=0x300000";
 /// The writer's CPUID policy: what the AVX2-less destination can run.
 const WRITER_CPUID: &str = "base=host-max,-avx2";
 
-struct Ctx<'a> {
+struct Ctx {
     hvctl: PathBuf,
     guests: PathBuf,
-    src: &'a Session,
-    dst: &'a Session,
+    src: Session,
+    dst: Session,
     /// The memwriter on the source, once created.
     writer: std::cell::Cell<Option<u64>>,
 }
 
-type Test = fn(&Ctx) -> Result<String>;
-
-const TESTS: &[(&str, Test)] = &[
+const TESTS: &[NamedTest<Ctx>] = &[
     ("migrate-policy-refused-before-any-page", policy_refused),
     ("migrate-corrupt-record-refused-source-runs", corrupt_record),
     ("migrate-cancel-mid-round-source-runs", cancel_mid_round),
@@ -44,19 +43,18 @@ const TESTS: &[(&str, Test)] = &[
 
 /// Boot a source and a destination and run the migration tests matching `filter`.
 pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
-    let selected: Vec<_> = TESTS.iter().filter(|(n, _)| filter.is_none_or(|f| n.contains(f))).collect();
+    let selected = select(TESTS, filter);
     if selected.is_empty() {
         return Ok((0, 0));
     }
     let src_platform = Platform::Qemu { cpu: "EPYC".into() };
     let dst_platform = Platform::Qemu { cpu: "EPYC,-avx2".into() };
     tools::ensure(&src_platform)?;
-    tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
-    let target_dir =
-        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| tools::root().join("target"));
+    let hvctl = build_hvctl()?;
+    let timeout = Duration::from_secs(src_platform.default_timeout_secs());
     let config = |name: &str| RunConfig {
         name: name.into(),
-        timeout: Duration::from_secs(src_platform.default_timeout_secs()),
+        timeout,
         cmdline: String::new(),
         echo: false,
         vsock: true,
@@ -66,51 +64,22 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     let mut src = Session::spawn(&src_platform, esp, &config("migrate-src"))?;
     let mut dst = Session::spawn(&dst_platform, esp, &config("migrate-dst"))?;
     for (what, session) in [("source", &mut src), ("destination", &mut dst)] {
-        let timeout = Duration::from_secs(src_platform.default_timeout_secs());
-        let wait = session
-            .wait_until(timeout, &mut Echo::new(false), |l| l.line("CONTROL ").is_some() || l.outcome().is_some());
-        if !matches!(wait, Wait::Matched(_)) || SerialLog::new(&session.serial()).line("CONTROL listening").is_none() {
-            println!("systest migrate-* ... FAILED: the {what}'s control channel did not come up ({wait:?})");
+        if let Err(wait) = wait_serving(session, timeout) {
+            println!("systest migrate-* ... FAILED: the {what}'s control channel did not come up ({wait})");
             print_log(what, session);
             return Ok((0, selected.len()));
         }
     }
-    let ctx = Ctx {
-        hvctl: target_dir.join("debug").join("hvctl"),
-        guests: esp.dir.join("EFI").join("HV"),
-        src: &src,
-        dst: &dst,
-        writer: std::cell::Cell::new(None),
-    };
-    let (mut passed, mut failed) = (0, 0);
-    for (name, test) in selected {
-        let start = Instant::now();
-        match test(&ctx) {
-            Ok(detail) => {
-                passed += 1;
-                println!("systest {name} ... ok ({:.1} s; {detail})", start.elapsed().as_secs_f64());
-            }
-            Err(e) => {
-                failed += 1;
-                println!("systest {name} ... FAILED\n  - {e}");
-            }
-        }
-    }
-    for (what, session) in [("source", &src), ("destination", &dst)] {
-        let log = SerialLog::new(&session.serial());
-        for marker in ["FAIL:", "FATAL:", "SHUTDOWN"] {
-            if let Some(l) = log.line(marker) {
-                failed += 1;
-                println!("systest migrate-* ... FAILED: the {what} stopped serving: {l}");
-            }
-        }
-    }
+    let mut ctx = Ctx { hvctl, guests: esp.dir.join("EFI").join("HV"), src, dst, writer: std::cell::Cell::new(None) };
+    let (passed, mut failed) = run_each(&selected, &ctx);
+    failed += stopped_serving("migrate-*", "source", &ctx.src);
+    failed += stopped_serving("migrate-*", "destination", &ctx.dst);
     if failed > 0 {
-        print_log("source", &src);
-        print_log("destination", &dst);
+        print_log("source", &ctx.src);
+        print_log("destination", &ctx.dst);
     }
-    src.stop();
-    dst.stop();
+    ctx.src.stop();
+    ctx.dst.stop();
     Ok((passed, failed))
 }
 
@@ -129,12 +98,7 @@ fn target(session: &Session) -> String {
 
 /// Run hvctl; (exit code, stdout, stderr).
 fn hvctl_raw(ctx: &Ctx, args: &[&str]) -> Result<(Option<i32>, String, String)> {
-    let out = Command::new(&ctx.hvctl).args(args).output().map_err(|e| format!("cannot run hvctl: {e}"))?;
-    Ok((
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    ))
+    hvctl_output(&ctx.hvctl, args)
 }
 
 /// Run hvctl against `session`, requiring success; its stdout.
@@ -181,7 +145,7 @@ fn create(ctx: &Ctx, kernel: &str, name: &str, cpuid: Option<&str>, cmdline: &st
     if !cmdline.is_empty() {
         args.extend(["--cmdline", cmdline]);
     }
-    let out = json(&hvctl_on(ctx, ctx.src, &args)?, "domain create")?;
+    let out = json(&hvctl_on(ctx, &ctx.src, &args)?, "domain create")?;
     out["id"].as_u64().ok_or_else(|| format!("domain create gave no id: {out}"))
 }
 
@@ -225,24 +189,13 @@ fn rounds(session: &Session, id: u64) -> Vec<(u64, u64)> {
     pairs(&reports(session, id))
 }
 
-fn wait_for(what: &str, secs: u64, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
-    let start = Instant::now();
-    while start.elapsed() < Duration::from_secs(secs) {
-        if check()? {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    Err(format!("timed out after {secs} s waiting for {what}"))
-}
-
 /// The source writer still runs: it reports new rounds after `since`.
 fn writer_keeps_running(ctx: &Ctx, id: u64, what: &str) -> Result<u64> {
-    let before = rounds(ctx.src, id).last().map_or(0, |r| r.0);
+    let before = rounds(&ctx.src, id).last().map_or(0, |r| r.0);
     wait_for(&format!("the source writer to report rounds after {what}"), 30, || {
-        Ok(rounds(ctx.src, id).last().is_some_and(|r| r.0 >= before + 2))
+        Ok(rounds(&ctx.src, id).last().is_some_and(|r| r.0 >= before + 2))
     })?;
-    let state = domains(ctx, ctx.src)?.into_iter().find(|d| d.0 == id).map(|d| d.2);
+    let state = domains(ctx, &ctx.src)?.into_iter().find(|d| d.0 == id).map(|d| d.2);
     if state.as_deref() != Some("running") {
         return Err(format!("after {what} the source domain is {state:?}, not running"));
     }
@@ -250,7 +203,7 @@ fn writer_keeps_running(ctx: &Ctx, id: u64, what: &str) -> Result<u64> {
 }
 
 fn no_domain_on_destination(ctx: &Ctx, what: &str) -> Result<()> {
-    let left = domains(ctx, ctx.dst)?;
+    let left = domains(ctx, &ctx.dst)?;
     if !left.is_empty() {
         return Err(format!("after {what} the destination still has domains: {left:?}"));
     }
@@ -263,13 +216,13 @@ fn writer(ctx: &Ctx) -> Result<u64> {
         return Ok(id);
     }
     let id = create(ctx, "memwriter", "mw", Some(WRITER_CPUID), WRITER_CMDLINE)?;
-    wait_for("the writer's first rounds", 30, || Ok(rounds(ctx.src, id).len() >= 2))?;
+    wait_for("the writer's first rounds", 30, || Ok(rounds(&ctx.src, id).len() >= 2))?;
     ctx.writer.set(Some(id));
     Ok(id)
 }
 
 fn migrate(ctx: &Ctx, id: u64, extra: &[&str]) -> Result<(Option<i32>, serde_json::Value, String)> {
-    let (from, to) = (target(ctx.src), target(ctx.dst));
+    let (from, to) = (target(&ctx.src), target(&ctx.dst));
     let id = id.to_string();
     let mut args = vec!["migrate", id.as_str(), "--from", from.as_str(), "--to", to.as_str(), "--json"];
     args.extend_from_slice(extra);
@@ -295,11 +248,11 @@ fn policy_refused(ctx: &Ctx) -> Result<String> {
         return Err("the refused domain ran on the destination".into());
     }
     no_domain_on_destination(ctx, "the refusal")?;
-    let state = domains(ctx, ctx.src)?.into_iter().find(|d| d.0 == id).map(|d| d.2);
+    let state = domains(ctx, &ctx.src)?.into_iter().find(|d| d.0 == id).map(|d| d.2);
     if state.as_deref() != Some("running") {
         return Err(format!("after the refusal the source domain is {state:?}"));
     }
-    hvctl_on(ctx, ctx.src, &["domain", "destroy", &id.to_string()])?;
+    hvctl_on(ctx, &ctx.src, &["domain", "destroy", &id.to_string()])?;
     Ok(format!("refused with: {}", error.chars().take(140).collect::<String>()))
 }
 
@@ -318,7 +271,7 @@ fn corrupt_record(ctx: &Ctx) -> Result<String> {
 
 fn cancel_mid_round(ctx: &Ctx) -> Result<String> {
     let id = writer(ctx)?;
-    let (from, to) = (target(ctx.src), target(ctx.dst));
+    let (from, to) = (target(&ctx.src), target(&ctx.dst));
     // 0.1 MB/s: the full copy alone takes seconds, so the cancel lands mid-stream.
     let relay = Command::new(&ctx.hvctl)
         .args(["migrate", &id.to_string(), "--from", &from, "--to", &to, "--bandwidth", "0.1", "--json"])
@@ -327,7 +280,7 @@ fn cancel_mid_round(ctx: &Ctx) -> Result<String> {
         .spawn()
         .map_err(|e| format!("cannot run hvctl: {e}"))?;
     std::thread::sleep(Duration::from_millis(1500));
-    let cancel = hvctl_on(ctx, ctx.src, &["migrate", "--cancel", &id.to_string(), "--from", &from, "--json"])?;
+    let cancel = hvctl_on(ctx, &ctx.src, &["migrate", "--cancel", &id.to_string(), "--from", &from, "--json"])?;
     let out = relay.wait_with_output().map_err(|e| format!("hvctl migrate: {e}"))?;
     let report = json(&String::from_utf8_lossy(&out.stdout), "hvctl migrate --json")?;
     let error = report["error"].as_str().unwrap_or_default().to_string();
@@ -355,14 +308,14 @@ fn live_memwriter(ctx: &Ctx) -> Result<String> {
         return Err(format!("memory at pause differs: source {src_digest}, destination {dst_digest}"));
     }
     let new_id = report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
-    if domains(ctx, ctx.src)?.iter().any(|d| d.0 == id) {
+    if domains(ctx, &ctx.src)?.iter().any(|d| d.0 == id) {
         return Err("the source domain still exists after the migration".into());
     }
     wait_for("the migrated writer to report 3 rounds on the destination", 60, || {
-        Ok(rounds(ctx.dst, new_id).len() >= 3)
+        Ok(rounds(&ctx.dst, new_id).len() >= 3)
     })?;
-    let before = reports(ctx.src, id);
-    let after = reports(ctx.dst, new_id);
+    let before = reports(&ctx.src, id);
+    let after = reports(&ctx.dst, new_id);
     let joined: Vec<(String, u64)> = before.iter().chain(after.iter()).cloned().collect();
     let all = pairs(&joined);
     let source_rounds = pairs(&before).len();
@@ -390,11 +343,11 @@ fn live_memwriter(ctx: &Ctx) -> Result<String> {
     if all.len() < source_rounds + 3 {
         return Err(format!("the destination completed fewer than 3 rounds: {}", describe(&after)));
     }
-    let state = domains(ctx, ctx.dst)?.into_iter().find(|d| d.0 == new_id).map(|d| d.2);
+    let state = domains(ctx, &ctx.dst)?.into_iter().find(|d| d.0 == new_id).map(|d| d.2);
     if state.as_deref() != Some("running") {
         return Err(format!("the migrated domain is {state:?} on the destination"));
     }
-    hvctl_on(ctx, ctx.dst, &["domain", "destroy", &new_id.to_string()])?;
+    hvctl_on(ctx, &ctx.dst, &["domain", "destroy", &new_id.to_string()])?;
     Ok(format!(
         "source {}, destination {}, {} rounds in sequence with the right checksums; {} dirty rounds, {} pages \
          ({} resent), {} bytes in {} ms, downtime {} ms (estimated {} ms), digest {}",
@@ -414,23 +367,23 @@ fn live_memwriter(ctx: &Ctx) -> Result<String> {
 
 fn save_restore(ctx: &Ctx) -> Result<String> {
     let id = create(ctx, "memwriter", "saved", Some(WRITER_CPUID), WRITER_CMDLINE)?;
-    wait_for("the writer's first rounds", 30, || Ok(rounds(ctx.src, id).len() >= 2))?;
+    wait_for("the writer's first rounds", 30, || Ok(rounds(&ctx.src, id).len() >= 2))?;
     let file = ctx.src.dir.join("saved.hvmig");
     let _ = std::fs::remove_file(&file);
     let file_arg = file.display().to_string();
-    let saved = json(&hvctl_on(ctx, ctx.src, &["save", &id.to_string(), &file_arg, "--json"])?, "save --json")?;
-    if domains(ctx, ctx.src)?.iter().any(|d| d.0 == id) {
+    let saved = json(&hvctl_on(ctx, &ctx.src, &["save", &id.to_string(), &file_arg, "--json"])?, "save --json")?;
+    if domains(ctx, &ctx.src)?.iter().any(|d| d.0 == id) {
         return Err("the saved domain still exists on the source".into());
     }
     let size = std::fs::metadata(&file).map_err(|e| format!("{}: {e}", file.display()))?.len();
-    let restored = json(&hvctl_on(ctx, ctx.dst, &["restore", &file_arg, "--json"])?, "restore --json")?;
+    let restored = json(&hvctl_on(ctx, &ctx.dst, &["restore", &file_arg, "--json"])?, "restore --json")?;
     let new_id = restored["domain"]
         .as_u64()
         .or_else(|| restored["destination_domain"].as_u64())
         .ok_or_else(|| format!("restore gave no domain id: {restored}"))?;
-    wait_for("the restored writer to report 3 rounds", 60, || Ok(rounds(ctx.dst, new_id).len() >= 3))?;
-    let before = reports(ctx.src, id);
-    let joined: Vec<(String, u64)> = before.iter().chain(reports(ctx.dst, new_id).iter()).cloned().collect();
+    wait_for("the restored writer to report 3 rounds", 60, || Ok(rounds(&ctx.dst, new_id).len() >= 3))?;
+    let before = reports(&ctx.src, id);
+    let joined: Vec<(String, u64)> = before.iter().chain(reports(&ctx.dst, new_id).iter()).cloned().collect();
     let all = pairs(&joined);
     for (i, (round, checksum)) in all.iter().enumerate() {
         let want = guest_abi::memwriter::round_checksum(WRITER_SEED, *round, WRITER_PAGES);
@@ -438,7 +391,7 @@ fn save_restore(ctx: &Ctx) -> Result<String> {
             return Err(format!("after the restore, pair {i} is round {round} with checksum {checksum:#x}"));
         }
     }
-    hvctl_on(ctx, ctx.dst, &["domain", "destroy", &new_id.to_string()])?;
+    hvctl_on(ctx, &ctx.dst, &["domain", "destroy", &new_id.to_string()])?;
     Ok(format!(
         "saved {size} bytes ({} pages), restored as domain {new_id}; {} rounds in sequence",
         saved["pages_sent"],

@@ -242,3 +242,94 @@ pub fn bench_boot(runs: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// The hvctl binary the system tests drive, built first (`cargo build -p host-cli`).
+pub fn build_hvctl() -> Result<std::path::PathBuf> {
+    tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
+    let target_dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tools::root().join("target"));
+    Ok(target_dir.join("debug").join("hvctl"))
+}
+
+/// Run hvctl with `args`; (exit code, stdout, stderr), without judging them.
+pub fn hvctl_output(hvctl: &std::path::Path, args: &[&str]) -> Result<(Option<i32>, String, String)> {
+    let out = std::process::Command::new(hvctl)
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", hvctl.display()))?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// Wait until `session` serves its control channel (`CONTROL listening`); the wait's
+/// outcome as text when it does not.
+pub fn wait_serving(session: &mut emulator::Session, timeout: Duration) -> std::result::Result<(), String> {
+    let wait = session.wait_until(timeout, &mut emulator::Echo::new(false), |l| {
+        l.line("CONTROL ").is_some() || l.outcome().is_some()
+    });
+    if matches!(wait, emulator::Wait::Matched(_))
+        && SerialLog::new(&session.serial()).line("CONTROL listening").is_some()
+    {
+        Ok(())
+    } else {
+        Err(format!("{wait:?}"))
+    }
+}
+
+/// A test against a context `C` (a booted hypervisor, or two): a detail line or why it failed.
+pub type NamedTest<C> = (&'static str, fn(&C) -> Result<String>);
+
+/// The tests of `tests` whose name contains `filter`.
+pub fn select<'a, C>(tests: &'a [NamedTest<C>], filter: Option<&str>) -> Vec<&'a NamedTest<C>> {
+    tests.iter().filter(|(n, _)| filter.is_none_or(|f| n.contains(f))).collect()
+}
+
+/// Run each test against `ctx`, printing `systest NAME ... ok (…)` or `FAILED`;
+/// (passed, failed).
+pub fn run_each<C>(tests: &[&NamedTest<C>], ctx: &C) -> (usize, usize) {
+    let (mut passed, mut failed) = (0, 0);
+    for (name, test) in tests {
+        let start = std::time::Instant::now();
+        match test(ctx) {
+            Ok(detail) => {
+                passed += 1;
+                println!("systest {name} ... ok ({:.1} s; {detail})", start.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                failed += 1;
+                println!("systest {name} ... FAILED\n  - {e}");
+            }
+        }
+    }
+    (passed, failed)
+}
+
+/// The hypervisor of `session` (called `who`) must still be serving after the tests
+/// of `group`: each failure marker in its log is printed and counted.
+pub fn stopped_serving(group: &str, who: &str, session: &emulator::Session) -> usize {
+    let log = SerialLog::new(&session.serial());
+    let mut failed = 0;
+    for marker in ["FAIL:", "FATAL:", "SHUTDOWN"] {
+        if let Some(l) = log.line(marker) {
+            failed += 1;
+            println!("systest {group} ... FAILED: the {who} stopped serving: {l}");
+        }
+    }
+    failed
+}
+
+/// Poll `check` every 200 ms for up to `secs` seconds.
+pub fn wait_for(what: &str, secs: u64, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if check()? {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Err(format!("timed out after {secs} s waiting for {what}"))
+}

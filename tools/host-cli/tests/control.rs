@@ -2,20 +2,9 @@
 //! documented exit codes (the live paths are covered by `cargo xtask test`'s
 //! control-* system tests against a real hypervisor on QEMU).
 
-use std::process::{Command, Output};
+mod common;
 
-fn hvctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hvctl"))
-        .args(args)
-        .env_remove("HVCTL_CONNECT")
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use common::{hvctl, stderr};
 
 #[test]
 fn missing_socket_is_a_connection_error_with_a_hint() {

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -19,6 +19,10 @@ use wire::dirty::DirtyBitmap;
 use wire::migration::{CpuidPolicy, MIGRATION_STREAM_VERSION, MemoryDigest, Record, StreamHeader};
 use wire::service::QueueInfo;
 use wire::{FrameDecoder, Request};
+
+mod common;
+
+use common::{hvctl, stderr, stdout};
 
 const PAGE: usize = 4096;
 const PAGES: u64 = 256;
@@ -355,23 +359,6 @@ fn serve(mut conn: UnixStream, hv: &Mutex<Hv>) {
             Ok(n) => pending.extend_from_slice(&buf[..n]),
         }
     }
-}
-
-fn hvctl(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hvctl"))
-        .args(args)
-        .env_remove("HVCTL_CONNECT")
-        .current_dir(std::env::temp_dir())
-        .output()
-        .unwrap()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
 fn json_of(o: &Output) -> Value {

@@ -1,0 +1,26 @@
+//! What the hvctl integration tests share: running the built binary (without the
+//! caller's `$HVCTL_CONNECT` or a `target/xtask/hvctl.connect` in reach) and reading
+//! its output.
+#![allow(dead_code)] // each test crate uses its own subset
+
+use std::process::{Command, Output};
+
+/// Run the built hvctl with `args`, from the temporary directory.
+pub fn hvctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hvctl"))
+        .args(args)
+        .env_remove("HVCTL_CONNECT")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap()
+}
+
+/// Its standard output.
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Its standard error.
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
