@@ -17,21 +17,17 @@ use core::panic::PanicInfo;
 
 use alloc::format;
 use hv::{BootInfo, MemoryRegion, Outcome, RegionKind, println};
-use linked_list_allocator::LockedHeap;
 use uefi::boot::{self, AllocateType, MemoryType};
 use uefi::mem::memory_map::MemoryMap;
 use uefi::runtime::{self, ResetType};
 use uefi::{Status, entry};
 
-/// Heap for `alloc` (boot and hv): descriptor tables, maps, strings.
-const HEAP_PAGES: usize = 1024; // 4 MiB
-/// Frames for hv: page tables, VMCS/VMCB, guest memory.
-const POOL_PAGES: usize = 48 * 1024; // 192 MiB
 /// Frames for device DMA (virtqueues and their buffers).
 const DMA_PAGES: usize = 512; // 2 MiB
 
+/// The heap behind `alloc` for boot and hv (hv counts its use for `hvctl info`).
 #[global_allocator]
-static HEAP: LockedHeap = LockedHeap::empty();
+static HEAP: hv::heap::Heap = hv::heap::Heap::empty();
 
 #[entry]
 fn main() -> Status {
@@ -40,21 +36,31 @@ fn main() -> Status {
     println!("hv {} ({}) - x86_64 hypervisor, UEFI boot", hv::VERSION, env!("HV_GIT_REV"));
     hv::set_shutdown_hook(shutdown);
 
-    let heap = match boot::allocate_pages(AllocateType::AnyPages, MemoryType::LOADER_DATA, HEAP_PAGES) {
+    // The heap and the frame pool are sized from the memory the firmware has free
+    // (hv::heap::plan), not fixed: guests may use all RAM but a slack for firmware.
+    let conventional = conventional_pages();
+    let plan = hv::heap::plan(conventional, DMA_PAGES);
+    let heap = match boot::allocate_pages(AllocateType::AnyPages, MemoryType::LOADER_DATA, plan.heap_pages) {
         Ok(p) => p,
-        Err(e) => fail(format_args!("cannot reserve {} KiB for the heap: {e:?}", HEAP_PAGES * 4)),
+        Err(e) => fail(format_args!("cannot reserve {} MiB for the heap: {e:?}", plan.heap_pages / 256)),
     };
     // SAFETY: the firmware just gave us these pages as LOADER_DATA; they stay ours after
     // ExitBootServices and nothing else uses them. `init` is called once.
-    unsafe { HEAP.lock().init(heap.as_ptr(), HEAP_PAGES * 4096) };
+    unsafe { HEAP.init(heap.as_ptr(), plan.heap_pages * 4096) };
 
-    let pool = match boot::allocate_pages(AllocateType::AnyPages, MemoryType::LOADER_DATA, POOL_PAGES) {
+    let (pool, pool_pages) = match reserve_pool(plan.pool_pages_max, plan.pool_pages_min) {
         Ok(p) => p,
-        Err(e) => fail(format_args!("cannot reserve {} MiB for the frame pool: {e:?}", POOL_PAGES / 256)),
+        Err(e) => fail(format_args!("cannot reserve a frame pool: {e}")),
     };
+    println!(
+        "Memory: {} MiB free at boot; heap {} MiB, frame pool {} MiB",
+        conventional / 256,
+        plan.heap_pages / 256,
+        pool_pages / 256
+    );
     // SAFETY: as for the heap: page-aligned LOADER_DATA pages that only the pool uses,
     // identity-mapped by the firmware (UEFI runs in long mode with VA == PA).
-    let frames = unsafe { hv::mm::frames::FramePool::new(pool.as_ptr() as u64, POOL_PAGES) };
+    let frames = unsafe { hv::mm::frames::FramePool::new(pool.as_ptr() as u64, pool_pages) };
 
     let dma = match boot::allocate_pages(AllocateType::AnyPages, MemoryType::LOADER_DATA, DMA_PAGES) {
         Ok(p) => p,
@@ -93,6 +99,32 @@ fn main() -> Status {
         domains,
     });
     shutdown(outcome)
+}
+
+/// Pages of conventional (free) memory in the firmware's map now.
+fn conventional_pages() -> usize {
+    match boot::memory_map(MemoryType::LOADER_DATA) {
+        Ok(map) => map
+            .entries()
+            .filter(|d| d.ty == MemoryType::CONVENTIONAL)
+            .map(|d| usize::try_from(d.page_count).unwrap_or(usize::MAX))
+            .fold(0usize, usize::saturating_add),
+        Err(e) => fail(format_args!("cannot read the firmware's memory map: {e:?}")),
+    }
+}
+
+/// The largest contiguous run of at most `max` pages the firmware can give, found by
+/// asking for less (by 1/16 of `max` each time) until it succeeds; refused below `min`.
+fn reserve_pool(max: usize, min: usize) -> Result<(core::ptr::NonNull<u8>, usize), String> {
+    let step = (max / 16).max(256);
+    let mut pages = max;
+    while pages >= min {
+        if let Ok(p) = boot::allocate_pages(AllocateType::AnyPages, MemoryType::LOADER_DATA, pages) {
+            return Ok((p, pages));
+        }
+        pages = pages.saturating_sub(step);
+    }
+    Err(format!("the firmware has no free run of {} MiB or more ({} MiB asked for first)", min / 256, max / 256))
 }
 
 fn region_kind(ty: MemoryType) -> RegionKind {

@@ -28,6 +28,7 @@ pub mod console;
 pub mod control;
 pub mod cpu;
 pub mod domain;
+pub mod heap;
 pub mod hw;
 pub mod local_migration;
 pub mod mm;

@@ -91,6 +91,10 @@ pub trait DomainOps {
     fn migration(&mut self) -> Option<&mut dyn migration_svc::MigrationCore> {
         None
     }
+    /// The frame pool: (total, free) frames.
+    fn frames(&self) -> (u64, u64) {
+        (0, 0)
+    }
     /// Log `slot`'s dirty pages, cleaned and re-armed if `clean`.
     fn dirty_peek(&mut self, id: u32, _slot: usize, _clean: bool) -> Result<wire::DirtyBitmapReport, ErrorReply> {
         Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
@@ -129,6 +133,19 @@ impl DomainOps for NoDomains {
     }
     fn console(&self, id: u32, _: u64) -> Result<wire::ConsoleChunk, ErrorReply> {
         Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
+    }
+}
+
+/// The heap's and the frame pool's use, for `Info`.
+fn memory_use((frames_total, frames_free): (u64, u64)) -> wire::MemoryUse {
+    let heap = crate::heap::stats();
+    wire::MemoryUse {
+        heap_bytes: heap.size as u64,
+        heap_used_bytes: heap.used as u64,
+        heap_peak_bytes: heap.peak as u64,
+        heap_refused: heap.refused as u64,
+        frames_total,
+        frames_free,
     }
 }
 
@@ -412,7 +429,7 @@ impl Runtime {
                     }
                     match failure {
                         Some(e) => Response::Error(e),
-                        None => Response::Info(InfoReport {
+                        None => Response::Info(alloc::boxed::Box::new(InfoReport {
                             hv_version: self.core.machine.hv_version.clone(),
                             protocol_version: wire::PROTOCOL_VERSION,
                             uptime_ns,
@@ -420,7 +437,8 @@ impl Runtime {
                             cpus: self.core.machine.cpus,
                             memory_bytes: self.core.machine.memory_bytes,
                             services,
-                        }),
+                            memory_use: memory_use(domains.frames()),
+                        })),
                     }
                 }
             },
@@ -553,7 +571,7 @@ mod tests {
         let info = got
             .iter()
             .find_map(|(_, id, r)| match (id, r) {
-                (2, Response::Info(i)) => Some(i.clone()),
+                (2, Response::Info(i)) => Some((**i).clone()),
                 _ => None,
             })
             .unwrap();

@@ -301,7 +301,10 @@ impl<F: FnMut(&[u8]) -> Result<(), String>> Destination<F> {
         if self.is_over() {
             return actions;
         }
-        self.decoder.push(bytes);
+        if let Err(e) = self.decoder.push(bytes) {
+            actions.append(&mut self.discard(DestError::Stream(e)));
+            return actions;
+        }
         loop {
             match self.decoder.next_record() {
                 Ok(None) => break,

@@ -28,8 +28,9 @@ use crate::source::{DomainInfo, Failure, Outcome, Source, SourceAction, SourceEv
 /// A session with no request from its relay for this long fails (10 s).
 pub const RELAY_TIMEOUT_NS: u64 = 10_000_000_000;
 
-/// Pages a job encodes per step (one page-batch record of 256 KiB at most).
-const PAGES_PER_STEP: u64 = 64;
+/// Pages a job encodes per step: one page-batch record, so the session's output
+/// buffer holds at most one record beyond what the relay asked for.
+const PAGES_PER_STEP: u64 = crate::send::SEND_BATCH_PAGES as u64;
 
 /// The destination's CPUID policy check: `Ok(())` if this host can run the policy
 /// (its postcard bytes), `Err(reason)` otherwise.
@@ -231,6 +232,10 @@ impl SendSession {
                 }
             }
         }
+        // Drop what was handed out: records rarely end where a read does, so without
+        // this `out` would never be empty and would grow with the whole stream.
+        self.out.drain(..self.out_at);
+        self.out_at = 0;
         self.handed_out += taken.len() as u64;
         self.bucket = self.bucket.saturating_sub(taken.len() as u64);
         taken
@@ -559,8 +564,11 @@ impl SendSession {
         let now = core.now_ns().unwrap_or(0);
         self.job = None;
         self.awaiting = Awaiting::Nothing;
-        self.out.clear();
+        // A finished session is kept for its status only: give its buffers back.
+        self.out = Vec::new();
         self.out_at = 0;
+        self.page_buf = Vec::new();
+        self.batcher = PageBatcher::new();
         match outcome {
             Outcome::Completed(summary) => {
                 let mut report = MigrateReport {

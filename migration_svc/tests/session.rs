@@ -55,6 +55,8 @@ impl Hv {
 struct Run {
     src: Hv,
     dst: Hv,
+    /// Every stream byte the relay carried, in order.
+    stream: Vec<u8>,
 }
 
 impl Run {
@@ -62,6 +64,7 @@ impl Run {
         Self {
             src: Hv { svc: MigrationService::new(), core: FakeCore::with_domain(pages), next_request: 0 },
             dst: Hv { svc: MigrationService::new(), core: FakeCore::new(), next_request: 0 },
+            stream: Vec::new(),
         }
     }
 
@@ -107,6 +110,7 @@ impl Run {
                 data[(at - relayed) as usize] ^= 0x10;
             }
             relayed += data.len() as u64;
+            self.stream.extend_from_slice(&data);
             if p.state == Some(SendState::Failed) {
                 let st = self.dst.receive(Request::MigrateAbort {
                     session: rsession,
@@ -131,6 +135,40 @@ impl Run {
 
 fn source_domain(run: &Run) -> &FakeDomain {
     run.src.core.domains.get(&1).expect("the source domain exists")
+}
+
+/// The 24 MiB guest that once exhausted a 4 MiB heap: every page non-zero. The stream
+/// must come in records no larger than one 16-page batch, which is what either end
+/// buffers at a time, whatever the guest's size.
+#[test]
+fn a_large_guest_streams_in_small_records() {
+    let pages = 24 << 20 >> 12;
+    let mut run = Run::new(pages);
+    for (p, page) in run.src.core.domains.get_mut(&1).unwrap().mem.chunks_mut(PAGE).enumerate() {
+        page[100] = p as u8 | 1;
+    }
+    let expected = run.src.core.domains.get(&1).unwrap().mem.clone();
+    let options = MigrateOptions { verify_memory: true, ..MigrateOptions::default() };
+    let (p, st) = run.relay(options, None, None, 0);
+    assert_eq!(p.state, Some(SendState::Completed), "{:?}", p.failure);
+    assert_eq!(st.state, ReceiveState::Complete);
+    assert!(run.dst.core.domains.get(&1).unwrap().mem == expected, "the destination has the same memory");
+
+    let mut dec = wire::migration::RecordDecoder::new();
+    dec.push(&run.stream).unwrap();
+    let (mut largest, mut batches) = (0usize, 0usize);
+    let mut before = 0u64;
+    while let Some(decoded) = dec.next_record().unwrap() {
+        largest = largest.max((dec.bytes() - before) as usize);
+        before = dec.bytes();
+        if let wire::migration::Decoded::Record(wire::migration::Record::PageBatch(b)) = decoded {
+            assert!(b.pfns.len() <= migration_svc::send::SEND_BATCH_PAGES, "a batch of {} pages", b.pfns.len());
+            batches += 1;
+        }
+    }
+    assert!(batches >= pages / migration_svc::send::SEND_BATCH_PAGES);
+    let bound = 16 + 8 * migration_svc::send::SEND_BATCH_PAGES + PAGE * migration_svc::send::SEND_BATCH_PAGES;
+    assert!(largest <= bound, "the largest record is {largest} bytes (bound {bound})");
 }
 
 #[test]

@@ -131,7 +131,6 @@
 mod error;
 mod record;
 
-use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
@@ -182,7 +181,7 @@ impl DirtyBitmap {
         let pages = checked_len(&pfns)?;
         let words =
             usize::try_from(pages.div_ceil(WORD_BITS)).map_err(|_| DirtyError::TooLarge { pfns: pfns.clone() })?;
-        Ok(Self { base: pfns.start, pages, words: vec![0; words] })
+        Ok(Self { base: pfns.start, pages, words: zeroed_words(words)? })
     }
 
     /// A bitmap over `pfns` with the given words (bit `i % 64` of word `i / 64` is pfn
@@ -266,11 +265,16 @@ impl DirtyBitmap {
         // Lossless: at most PFN_LIMIT / 64 words, and this bitmap's own words fit `usize`.
         let n = pages.div_ceil(WORD_BITS) as usize;
         let first = word_index(bits.start);
-        let mut words = if bits.start.is_multiple_of(WORD_BITS) {
-            self.words.get(first..first.saturating_add(n)).map(<[u64]>::to_vec).unwrap_or_default()
+        let mut words = zeroed_words(n)?;
+        if bits.start.is_multiple_of(WORD_BITS) {
+            if let Some(src) = self.words.get(first..first.saturating_add(n)) {
+                words.copy_from_slice(src);
+            }
         } else {
-            (0..pages.div_ceil(WORD_BITS)).map(|k| get_word(&self.words, bits.start + k * WORD_BITS)).collect()
-        };
+            for (k, w) in (0u64..).zip(words.iter_mut()) {
+                *w = get_word(&self.words, bits.start + k * WORD_BITS);
+            }
+        }
         if let Some(last) = words.last_mut() {
             *last &= tail_mask(pages);
         }
@@ -511,6 +515,16 @@ fn or_word(words: &mut [u64], bit: u64, value: u64) {
     {
         *w |= value >> (u64::BITS - shift);
     }
+}
+
+/// `n` zero words, or [`DirtyError::OutOfMemory`]: a bitmap's size follows from a
+/// request (a domain's size, a stream header), so its allocation must not abort the
+/// hypervisor when the heap cannot hold it.
+fn zeroed_words(n: usize) -> Result<Vec<u64>, DirtyError> {
+    let mut words = Vec::new();
+    words.try_reserve_exact(n).map_err(|_| DirtyError::OutOfMemory { bytes: n.saturating_mul(8) })?;
+    words.resize(n, 0);
+    Ok(words)
 }
 
 #[cfg(test)]

@@ -40,11 +40,16 @@ pub enum ErrorCode {
     /// The request was understood and refused: the message says why (no such domain,
     /// a CPUID policy this host cannot give, ...). Since protocol version 2.
     Refused = 10,
+    /// The hypervisor has no memory for the request: its frame pool or its heap cannot
+    /// hold what the request asks for. Nothing was changed and the hypervisor keeps
+    /// serving; the same request may succeed once something is freed. Since protocol
+    /// version 4.
+    OutOfMemory = 11,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 11] = [
         Self::BadFrame,
         Self::UnsupportedVersion,
         Self::FrameTooLarge,
@@ -55,6 +60,7 @@ impl ErrorCode {
         Self::Internal,
         Self::Timeout,
         Self::Refused,
+        Self::OutOfMemory,
     ];
 
     /// The code's stable numeric value.
@@ -75,6 +81,7 @@ impl ErrorCode {
             8 => Self::Internal,
             9 => Self::Timeout,
             10 => Self::Refused,
+            11 => Self::OutOfMemory,
             _ => return None,
         })
     }
@@ -92,6 +99,7 @@ impl ErrorCode {
             Self::Internal => "internal",
             Self::Timeout => "timeout",
             Self::Refused => "refused",
+            Self::OutOfMemory => "out_of_memory",
         }
     }
 
@@ -120,6 +128,7 @@ impl fmt::Display for ErrorCode {
             Self::Internal => "the hypervisor failed internally",
             Self::Timeout => "the service did not answer in time",
             Self::Refused => "the request was refused",
+            Self::OutOfMemory => "the hypervisor has no memory for the request",
         })
     }
 }
@@ -134,7 +143,7 @@ impl<'de> Deserialize<'de> for ErrorCode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = u16::deserialize(d)?;
         Self::from_u16(v).ok_or_else(|| {
-            serde::de::Error::invalid_value(serde::de::Unexpected::Unsigned(u64::from(v)), &"an error code 1..=9")
+            serde::de::Error::invalid_value(serde::de::Unexpected::Unsigned(u64::from(v)), &"an error code 1..=11")
         })
     }
 }

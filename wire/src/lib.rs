@@ -39,7 +39,7 @@
 //! wire::encode_request(1, &wire::Request::Ping { payload: vec![1, 2, 3] }, &mut out)?;
 //! assert_eq!(out, [
 //!     0x48, 0x56,                                     // magic "HV"
-//!     0x03, 0x00,                                     // version 3
+//!     0x04, 0x00,                                     // version 4
 //!     0x01,                                           // kind: request
 //!     0x00,                                           // flags
 //!     0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // request id 1
@@ -54,7 +54,7 @@
 //! | frame kind | payload | variant | direction | routed to (`Request::service`) | answer |
 //! |---|---|---|---|---|---|
 //! | 1 request | [`Request`] | `Ping { payload }` | hvctl → hv | [`ServiceId::Core`] | `Response::Pong` with the same payload |
-//! | 1 request | [`Request`] | `Info` | hvctl → hv | [`ServiceId::Core`] | `Response::Info(InfoReport)` |
+//! | 1 request | [`Request`] | `Info` | hvctl → hv | [`ServiceId::Core`] | `Response::Info(InfoReport)` (v4: with [`MemoryUse`]) |
 //! | 1 request | [`Request`] | `ServiceStatus { service }` | hvctl → hv | `service` | `Response::ServiceStatus(ServiceStatus)` |
 //! | 1 request | [`Request`] | `DomainCreate(DomainSpec)` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainCreated { id }` |
 //! | 1 request | [`Request`] | `DomainList` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainList(DomainListReport)` |
@@ -181,9 +181,9 @@ pub use crate::error::{ErrorCode, ErrorReply};
 pub use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind, WireError, encode_frame};
 pub use crate::message::{
     ConsoleChunk, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, Event, InfoReport,
-    LogLevel, MAX_MIGRATE_DATA, MonitorDomainStats, MonitorHwInfo, MonitorValue, Request, Response, ServiceId,
-    ServiceState, ServiceStatus, decode_event, decode_request, decode_response, encode_event, encode_request,
-    encode_response,
+    LogLevel, MAX_MIGRATE_DATA, MemoryUse, MonitorDomainStats, MonitorHwInfo, MonitorValue, Request, Response,
+    ServiceId, ServiceState, ServiceStatus, decode_event, decode_request, decode_response, encode_event,
+    encode_request, encode_response,
 };
 pub use crate::migrate::{
     MigrateOptions, MigrateProgress, MigrateReport, PeerVerdict, ReceiveState, ReceiveStatus, SendState,
@@ -194,7 +194,7 @@ pub use crate::stream::{
 
 /// The protocol version this build speaks, carried in every frame header. See the
 /// versioning rule in the crate docs: changing any message means bumping this.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// The hard maximum of a frame's payload, in bytes (64 KiB). A header declaring more is
 /// refused from the header alone with [`FrameError::TooLarge`].

@@ -114,6 +114,28 @@ pub struct InfoReport {
     pub memory_bytes: u64,
     /// Every service task's status.
     pub services: Vec<ServiceStatus>,
+    /// The hypervisor's own memory: its heap and its frame pool. Since protocol
+    /// version 4.
+    pub memory_use: MemoryUse,
+}
+
+/// How full the hypervisor's own memory is: the heap (control requests, services,
+/// dirty bitmaps) and the frame pool (guest memory, page tables, control blocks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct MemoryUse {
+    /// Bytes of heap.
+    pub heap_bytes: u64,
+    /// Bytes of heap in use.
+    pub heap_used_bytes: u64,
+    /// The most heap bytes ever in use at once since boot.
+    pub heap_peak_bytes: u64,
+    /// Allocations the heap refused since boot (each became an error reply, or the
+    /// hypervisor stopped).
+    pub heap_refused: u64,
+    /// 4 KiB frames in the pool.
+    pub frames_total: u64,
+    /// Frames free.
+    pub frames_free: u64,
 }
 
 impl InfoReport {
@@ -540,7 +562,7 @@ pub enum Response {
         payload: Vec<u8>,
     },
     /// Answer to [`Request::Info`].
-    Info(InfoReport),
+    Info(Box<InfoReport>),
     /// Answer to [`Request::ServiceStatus`].
     ServiceStatus(ServiceStatus),
     /// The request (or the frame) failed.

@@ -66,9 +66,9 @@
 //! Record::End(StreamEnd { pages_sent: 3, rounds: 1 }).encode(&mut bytes)?;
 //! assert_eq!(bytes.len(), 8 + 12 + 4);
 //! let mut dec = RecordDecoder::new();
-//! dec.push(&bytes[..5]);
+//! dec.push(&bytes[..5])?;
 //! assert_eq!(dec.next_record()?, None); // wait for more
-//! dec.push(&bytes[5..]);
+//! dec.push(&bytes[5..])?;
 //! assert_eq!(dec.next_record()?, Some(Decoded::Record(Record::End(StreamEnd { pages_sent: 3, rounds: 1 }))));
 //! dec.finish()?;
 //! # Ok::<(), wire::migration::RecordError>(())
@@ -409,11 +409,50 @@ impl Record {
     }
 
     /// Append the encoded record to `out`. Refused, with `out` unchanged, when the
-    /// payload breaks an invariant of its layout or exceeds [`MAX_RECORD_PAYLOAD`].
+    /// payload breaks an invariant of its layout, exceeds [`MAX_RECORD_PAYLOAD`], or
+    /// `out` cannot grow to hold it ([`RecordError::OutOfMemory`]).
+    ///
+    /// The payload is written straight into `out` and the header's length patched
+    /// afterwards: a page batch is never copied, so encoding one needs no memory
+    /// beyond the record itself.
     pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), RecordError> {
         let ty = self.record_type();
-        let payload = self.payload().map_err(|fault| RecordError::BadPayload { record_type: ty as u16, fault })?;
-        encode_raw(ty as u16, ty.flags(), &payload, out)
+        let start = out.len();
+        let want = RECORD_HEADER_LEN + self.payload_len_hint() + RECORD_CRC_LEN;
+        out.try_reserve(want).map_err(|_| RecordError::OutOfMemory { bytes: want })?;
+        out.extend_from_slice(&(ty as u16).to_le_bytes());
+        out.extend_from_slice(&ty.flags().to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        let written = self.write_payload(out);
+        let len = out.len() - start - RECORD_HEADER_LEN;
+        let len = match (written, u32::try_from(len).ok().filter(|&l| l <= MAX_RECORD_PAYLOAD)) {
+            (Ok(()), Some(len)) => len,
+            (Err(fault), _) => {
+                out.truncate(start);
+                return Err(RecordError::BadPayload { record_type: ty as u16, fault });
+            }
+            (Ok(()), None) => {
+                out.truncate(start);
+                return Err(RecordError::TooLarge { record_type: ty as u16, len: len as u64 });
+            }
+        };
+        if let Some(field) = out.get_mut(start + 4..start + RECORD_HEADER_LEN) {
+            field.copy_from_slice(&len.to_le_bytes());
+        }
+        let crc = crate::crc32c(out.get(start..).unwrap_or_default());
+        out.extend_from_slice(&crc.to_le_bytes());
+        Ok(())
+    }
+
+    /// The payload's length where it is cheap to know (the large records), so `encode`
+    /// reserves once; a small record may write more than this.
+    fn payload_len_hint(&self) -> usize {
+        match self {
+            Self::PageBatch(b) => 4 + 8 * b.pfns.len() + b.data.len(),
+            Self::CpuidPolicy(c) => c.policy.len(),
+            Self::VcpuState(v) => 4 + v.registers.len(),
+            _ => 64,
+        }
     }
 
     /// The encoded record.
@@ -423,8 +462,7 @@ impl Record {
         Ok(out)
     }
 
-    fn payload(&self) -> Result<Vec<u8>, PayloadFault> {
-        let mut p = Vec::new();
+    fn write_payload(&self, p: &mut Vec<u8>) -> Result<(), PayloadFault> {
         match self {
             Self::Header(h) => {
                 p.extend_from_slice(&h.stream_version.to_le_bytes());
@@ -482,7 +520,7 @@ impl Record {
                 p.extend_from_slice(&d.digest.to_le_bytes());
             }
         }
-        Ok(p)
+        Ok(())
     }
 
     /// Decode the payload of a known record type (the CRC has been checked).
@@ -530,7 +568,10 @@ impl Record {
                 if data.len() != expected {
                     return Err(bad(PayloadFault::DataLength { expected, found: data.len() }));
                 }
-                Self::PageBatch(PageBatch { pfns, zero, data: data.to_vec() })
+                let mut copy = Vec::new();
+                copy.try_reserve_exact(data.len()).map_err(|_| RecordError::OutOfMemory { bytes: data.len() })?;
+                copy.extend_from_slice(data);
+                Self::PageBatch(PageBatch { pfns, zero, data: copy })
             }
             RecordType::DirtyRound => {
                 let round = r.u32().map_err(bad)?;
@@ -573,7 +614,8 @@ pub fn encode_raw(record_type: u16, flags: u16, payload: &[u8], out: &mut Vec<u8
         .filter(|&l| l <= MAX_RECORD_PAYLOAD)
         .ok_or(RecordError::TooLarge { record_type, len: payload.len() as u64 })?;
     let start = out.len();
-    out.reserve(RECORD_HEADER_LEN + payload.len() + RECORD_CRC_LEN);
+    let want = RECORD_HEADER_LEN + payload.len() + RECORD_CRC_LEN;
+    out.try_reserve(want).map_err(|_| RecordError::OutOfMemory { bytes: want })?;
     out.extend_from_slice(&record_type.to_le_bytes());
     out.extend_from_slice(&flags.to_le_bytes());
     out.extend_from_slice(&len.to_le_bytes());
@@ -619,16 +661,27 @@ impl RecordDecoder {
         Self { buf: Vec::new(), at: 0, poisoned: false, records: 0, bytes: 0 }
     }
 
-    /// Append received bytes.
-    pub fn push(&mut self, bytes: &[u8]) {
+    /// Append received bytes. Refused with [`RecordError::OutOfMemory`] (and the
+    /// decoder poisoned) when the buffer cannot grow: the sender chooses how large a
+    /// record is, up to [`MAX_RECORD_PAYLOAD`], so the heap may not have room for it.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), RecordError> {
         if self.poisoned {
-            return;
+            return Err(RecordError::Poisoned);
         }
-        if self.at > 0 && self.at == self.buf.len() {
-            self.buf.clear();
+        if self.at > 0 {
+            // Drop what was consumed, so the buffer holds at most one record plus the
+            // latest push.
+            self.buf.drain(..self.at);
             self.at = 0;
         }
+        if self.buf.try_reserve(bytes.len()).is_err() {
+            let bytes = self.buf.len().saturating_add(bytes.len());
+            self.poisoned = true;
+            self.buf = Vec::new();
+            return Err(RecordError::OutOfMemory { bytes });
+        }
         self.buf.extend_from_slice(bytes);
+        Ok(())
     }
 
     /// The next record, `Ok(None)` if more bytes are needed. Unknown optional records are
@@ -764,6 +817,11 @@ pub enum RecordError {
     },
     /// An earlier error poisoned the decoder.
     Poisoned,
+    /// The heap could not hold a record (or a decoder buffer) of this many bytes.
+    OutOfMemory {
+        /// The bytes asked for.
+        bytes: usize,
+    },
 }
 
 /// What is wrong with a record's payload.
@@ -859,6 +917,9 @@ impl fmt::Display for RecordError {
                 write!(f, "migration stream ended inside a record ({buffered} bytes of it arrived)")
             }
             Self::Poisoned => f.write_str("migration stream decoder stopped at an earlier error"),
+            Self::OutOfMemory { bytes } => {
+                write!(f, "the hypervisor's heap cannot hold {bytes} bytes of migration stream")
+            }
         }
     }
 }

@@ -96,7 +96,7 @@ fn vectors_are_exact() {
         }
         assert_eq!(hex(&bytes), expected, "vector {name}");
         let mut dec = RecordDecoder::new();
-        dec.push(&bytes);
+        dec.push(&bytes).unwrap();
         assert_eq!(dec.next_record().unwrap(), Some(Decoded::Record(record)), "vector {name}");
         dec.finish().unwrap();
     }
@@ -148,7 +148,7 @@ fn decode_all(bytes: &[u8], split: usize) -> Result<Vec<Decoded>, RecordError> {
     let mut dec = RecordDecoder::new();
     let mut got = Vec::new();
     for part in bytes.chunks(split.max(1)) {
-        dec.push(part);
+        dec.push(part).unwrap();
         while let Some(d) = dec.next_record()? {
             got.push(d);
         }
@@ -211,7 +211,7 @@ fn checksum_error_poisons() {
     let mut bytes = stream_bytes(&all_records());
     bytes[20] ^= 0x40;
     let mut dec = RecordDecoder::new();
-    dec.push(&bytes);
+    dec.push(&bytes).unwrap();
     let err = dec.next_record().unwrap_err();
     let RecordError::BadChecksum { record_type: 1, carried, computed } = err else { panic!("{err:?}") };
     assert_ne!(carried, computed);
@@ -227,7 +227,7 @@ fn oversize_refused_from_header() {
     let len = MAX_RECORD_PAYLOAD + 1;
     let mut head = vec![3, 0, 1, 0];
     head.extend_from_slice(&len.to_le_bytes());
-    dec.push(&head);
+    dec.push(&head).unwrap();
     assert_eq!(dec.next_record(), Err(RecordError::TooLarge { record_type: 3, len: u64::from(len) }));
     let mut out = Vec::new();
     let big = vec![0u8; MAX_RECORD_PAYLOAD as usize + 1];

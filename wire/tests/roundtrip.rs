@@ -4,8 +4,8 @@
 use proptest::collection::vec;
 use proptest::prelude::*;
 use wire::{
-    ErrorCode, ErrorReply, Event, Frame, FrameDecoder, FrameKind, InfoReport, LogLevel, PROTOCOL_VERSION, Request,
-    Response, ServiceId, ServiceState, ServiceStatus, StreamChunk,
+    ErrorCode, ErrorReply, Event, Frame, FrameDecoder, FrameKind, InfoReport, LogLevel, MemoryUse, PROTOCOL_VERSION,
+    Request, Response, ServiceId, ServiceState, ServiceStatus, StreamChunk,
 };
 
 #[derive(Clone, Debug, PartialEq)]
@@ -46,9 +46,22 @@ fn info() -> impl Strategy<Value = InfoReport> {
         any::<u32>(),
         any::<u64>(),
         vec(status(), 0..4),
+        any::<[u64; 6]>(),
     )
-        .prop_map(|(hv_version, protocol_version, uptime_ns, capabilities, cpus, memory_bytes, services)| {
-            InfoReport { hv_version, protocol_version, uptime_ns, capabilities, cpus, memory_bytes, services }
+        .prop_map(|(hv_version, protocol_version, uptime_ns, capabilities, cpus, memory_bytes, services, m)| {
+            let [heap_bytes, heap_used_bytes, heap_peak_bytes, heap_refused, frames_total, frames_free] = m;
+            let memory_use =
+                MemoryUse { heap_bytes, heap_used_bytes, heap_peak_bytes, heap_refused, frames_total, frames_free };
+            InfoReport {
+                hv_version,
+                protocol_version,
+                uptime_ns,
+                capabilities,
+                cpus,
+                memory_bytes,
+                services,
+                memory_use,
+            }
         })
 }
 
@@ -63,7 +76,7 @@ fn request() -> impl Strategy<Value = Request> {
 fn response() -> impl Strategy<Value = Response> {
     prop_oneof![
         vec(any::<u8>(), 0..300).prop_map(|payload| Response::Pong { payload }),
-        info().prop_map(Response::Info),
+        info().prop_map(|i| Response::Info(Box::new(i))),
         status().prop_map(Response::ServiceStatus),
         (prop::sample::select(ErrorCode::ALL.to_vec()), ".{0,40}")
             .prop_map(|(code, message)| Response::Error(ErrorReply { code, message })),

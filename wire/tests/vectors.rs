@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use wire::{
     ConsoleChunk, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, ErrorCode, ErrorReply,
-    Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel, MigrateOptions,
+    Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel, MemoryUse, MigrateOptions,
     MigrateProgress, MigrateReport, MonitorDomainStats, MonitorHwInfo, MonitorValue, PROTOCOL_VERSION, PeerVerdict,
     ReceiveState, ReceiveStatus, Request, Response, SendState, ServiceId, ServiceState, ServiceStatus, StreamChunk,
 };
@@ -47,7 +47,7 @@ fn status(service: ServiceId, state: ServiceState, handled: u64, errors: u64, de
 fn vectors() -> Vec<Vector> {
     let info = InfoReport {
         hv_version: "0.1.0 (5a3cac6)".to_string(),
-        protocol_version: 3,
+        protocol_version: 4,
         uptime_ns: 3_800_000_000,
         capabilities: [("v", "1"), ("vendor", "AuthenticAMD"), ("family", "23"), ("virt", "svm"), ("svm.npt", "1")]
             .iter()
@@ -60,6 +60,14 @@ fn vectors() -> Vec<Vector> {
             status(ServiceId::Monitor, ServiceState::Starting, 0, 0, 0),
             status(ServiceId::Migration, ServiceState::Stopped, 7, 7, 0),
         ],
+        memory_use: MemoryUse {
+            heap_bytes: 32 << 20,
+            heap_used_bytes: 1_234_567,
+            heap_peak_bytes: 2_345_678,
+            heap_refused: 1,
+            frames_total: 480_000,
+            frames_free: 470_000,
+        },
     };
     let mut out = vec![
         v("request_ping", 1, Msg::Request(Request::Ping { payload: vec![0xde, 0xad, 0xbe, 0xef] })),
@@ -73,7 +81,7 @@ fn vectors() -> Vec<Vector> {
             Msg::Request(Request::ServiceStatus { service: ServiceId::Migration }),
         ),
         v("response_pong", 1, Msg::Response(Response::Pong { payload: vec![0xde, 0xad, 0xbe, 0xef] })),
-        v("response_info", 3, Msg::Response(Response::Info(info))),
+        v("response_info", 3, Msg::Response(Response::Info(Box::new(info)))),
         v(
             "response_service_status",
             5,

@@ -25,9 +25,9 @@ use wire::dirty::DirtyBitmap;
 
 use super::{Domain, DomainError, Machine};
 use crate::arch::{Backend, Vcpu};
-use crate::mm::PAGE_SIZE;
 use crate::mm::frames::FramePool;
 use crate::mm::nested::EntryFormat;
+use crate::mm::{MmError, PAGE_SIZE};
 
 /// A logging mechanism.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,6 +215,11 @@ impl<B: Backend> Machine<B> {
         if range.start >= range.end || range.end > pages {
             return Err(DomainError::BadRange { pages });
         }
+        // Allocated before anything is armed: a refusal leaves the domain as it was.
+        let bitmap = DirtyBitmap::new(pages).map_err(|e| match e {
+            wire::dirty::DirtyError::OutOfMemory { bytes } => DomainError::Memory(MmError::OutOfHeap { bytes }),
+            _ => DomainError::BadRange { pages },
+        })?;
         // Per-page permissions and dirty flags need 4 KiB leaves: split the 2 MiB
         // mappings the range touches (merged back when the last log stops).
         if let Some(mem) = d.mem.as_mut() {
@@ -234,7 +239,6 @@ impl<B: Backend> Machine<B> {
             }
         }
         flush_all(d)?;
-        let bitmap = DirtyBitmap::new(pages).map_err(|_| DomainError::BadRange { pages })?;
         d.logs[slot] = Some(LogDirty { mode, bitmap, range, pages_dirtied: 0, rounds: 0, logging_exits: 0 });
         Ok(mode)
     }

@@ -552,12 +552,22 @@ impl<B: Backend> Machine<B> {
                 })
             }
             Hypercall::DirtyPeekClean => self.dirty_peek_clean(id, None).and_then(|bitmap| {
-                let bytes: Vec<u8> = bitmap.words().iter().flat_map(|w| w.to_le_bytes()).collect();
-                let n = bytes.len().min(b as usize);
+                // Word by word into the guest's buffer: no copy of the bitmap on the
+                // heap, whose size the guest's memory size decides.
                 let d = &mut self.domains[di];
                 let mem = d.mem.as_ref().ok_or(DomainError::Unavailable("no memory"))?;
-                mem.write(&mut self.pool, a, &bytes[..n])?;
-                dirty::hypervisor_wrote(d, a..a + n as u64);
+                let limit = b;
+                let mut n = 0u64;
+                for w in bitmap.words() {
+                    if n >= limit {
+                        break;
+                    }
+                    let bytes = w.to_le_bytes();
+                    let take = (limit - n).min(8) as usize;
+                    mem.write(&mut self.pool, a + n, &bytes[..take])?;
+                    n += take as u64;
+                }
+                dirty::hypervisor_wrote(d, a..a + n);
                 Ok(bitmap.count_ones())
             }),
             Hypercall::DirtyStop => self.dirty_stop(id).map(|_| HYPERCALL_OK),
@@ -719,6 +729,7 @@ fn reply(code: wire::ErrorCode, e: impl fmt::Display) -> wire::ErrorReply {
 
 fn domain_reply(e: DomainError) -> wire::ErrorReply {
     let code = match &e {
+        DomainError::Memory(MmError::OutOfFrames { .. } | MmError::OutOfHeap { .. }) => wire::ErrorCode::OutOfMemory,
         DomainError::Memory(_) | DomainError::Arch(_) => wire::ErrorCode::Internal,
         _ => wire::ErrorCode::Refused,
     };
@@ -820,6 +831,10 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
 
     fn migration(&mut self) -> Option<&mut dyn migration_svc::MigrationCore> {
         Some(self)
+    }
+
+    fn frames(&self) -> (u64, u64) {
+        (self.pool.total_frames() as u64, self.pool.free_frames() as u64)
     }
     fn set_rmids(&mut self, id: u32, rmids: Vec<u32>) {
         if let Some(d) = self.domains.iter_mut().find(|d| d.id == id) {

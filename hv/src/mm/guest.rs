@@ -4,20 +4,25 @@
 //! Guest-physical address 0 up to `bytes` is backed; anything else faults into the
 //! hypervisor (a nested page fault). Accessors copy to and from guest memory through
 //! the frame pool, never through the guest's own mappings.
+//!
+//! The nested tables are the only record of which host frame backs which guest page
+//! (a walk finds it): nothing per page lives on the hypervisor's heap, so a 1 GiB
+//! guest costs the heap a few bytes, not 2 MiB of frame addresses.
 
 use alloc::vec::Vec;
 
 use super::frames::FramePool;
-use super::nested::{EntryFormat, NestedTables, Perms};
+use super::nested::{EntryFormat, NestedTables, PageSize, Perms};
 use super::{LARGE_PAGE_SIZE, MmError, PAGE_SIZE};
 
 /// Guest memory of one domain.
 #[derive(Debug)]
 pub struct GuestMemory<F: EntryFormat> {
-    frames: Vec<u64>,
+    /// Pages backed, from GPA 0.
+    pages: u64,
     tables: NestedTables<F>,
     /// Guest-physical 2 MiB chunks backed by one aligned host run, mapped (or
-    /// mappable) with one 2 MiB leaf.
+    /// mappable) with one 2 MiB leaf (one entry per 2 MiB: 4 KiB for a 1 GiB guest).
     large: Vec<u64>,
 }
 
@@ -28,34 +33,47 @@ impl<F: EntryFormat> GuestMemory<F> {
     /// 4 KiB at a time. On failure everything allocated so far is returned to the pool.
     pub fn new(pool: &mut FramePool, bytes: u64, large: bool) -> Result<Self, MmError> {
         let pages = bytes.div_ceil(PAGE_SIZE);
-        let tables = NestedTables::new(pool)?;
-        let mut mem = Self { frames: Vec::new(), tables, large: Vec::new() };
         let per_chunk = LARGE_PAGE_SIZE / PAGE_SIZE;
-        let mut page = 0;
-        while page < pages {
+        let mut chunks = Vec::new();
+        if large {
+            let n = usize::try_from(pages / per_chunk).unwrap_or(usize::MAX);
+            chunks.try_reserve_exact(n).map_err(|_| MmError::OutOfHeap { bytes: n.saturating_mul(8) })?;
+        }
+        let tables = NestedTables::new(pool)?;
+        // `pages` counts what is mapped so far, so a failure destroys exactly that.
+        let mut mem = Self { pages: 0, tables, large: chunks };
+        while mem.pages < pages {
+            let page = mem.pages;
             let gpa = page * PAGE_SIZE;
             if large
                 && pages - page >= per_chunk
                 && let Some(run) = pool.alloc_aligned_zeroed(per_chunk as usize, LARGE_PAGE_SIZE)
             {
-                mem.frames.extend((0..per_chunk).map(|i| run + i * PAGE_SIZE));
                 if let Err(e) = mem.tables.map_2m(pool, gpa, run, Perms::RWX) {
+                    for i in 0..per_chunk {
+                        pool.free(run + i * PAGE_SIZE)?;
+                    }
                     mem.destroy(pool)?;
                     return Err(e);
                 }
+                // Reserved above: one entry per whole chunk.
                 mem.large.push(gpa);
-                page += per_chunk;
+                mem.pages += per_chunk;
                 continue;
             }
-            let step = pool.alloc_zeroed().and_then(|frame| {
-                mem.frames.push(frame);
-                mem.tables.map_4k(pool, gpa, frame, Perms::RWX)
-            });
-            if let Err(e) = step {
+            let frame = match pool.alloc_zeroed() {
+                Ok(f) => f,
+                Err(e) => {
+                    mem.destroy(pool)?;
+                    return Err(e);
+                }
+            };
+            if let Err(e) = mem.tables.map_4k(pool, gpa, frame, Perms::RWX) {
+                pool.free(frame)?;
                 mem.destroy(pool)?;
                 return Err(e);
             }
-            page += 1;
+            mem.pages += 1;
         }
         Ok(mem)
     }
@@ -92,12 +110,7 @@ impl<F: EntryFormat> GuestMemory<F> {
 
     /// Bytes of guest memory.
     pub fn bytes(&self) -> u64 {
-        self.frames.len() as u64 * PAGE_SIZE
-    }
-
-    /// Frames backing the memory (not counting page tables).
-    pub fn frames(&self) -> usize {
-        self.frames.len()
+        self.pages * PAGE_SIZE
     }
 
     /// The nested page tables' root (for the EPTP / nCR3).
@@ -105,8 +118,16 @@ impl<F: EntryFormat> GuestMemory<F> {
         self.tables.root()
     }
 
-    fn frame_of(&self, gpa: u64) -> Result<u64, MmError> {
-        self.frames.get((gpa / PAGE_SIZE) as usize).copied().ok_or(MmError::OutOfRange { gpa })
+    /// The host frame backing the guest page of `gpa`, found by walking the nested
+    /// tables (they are the one record of it).
+    fn frame_of(&self, pool: &mut FramePool, gpa: u64) -> Result<u64, MmError> {
+        if gpa / PAGE_SIZE >= self.pages {
+            return Err(MmError::OutOfRange { gpa });
+        }
+        match self.tables.translate(pool, gpa)? {
+            Some((_, hpa)) => Ok(hpa & !(PAGE_SIZE - 1)),
+            None => Err(MmError::OutOfRange { gpa }),
+        }
     }
 
     /// Change the nested entry mapping guest page `gpa` (see `NestedTables::update_leaf_4k`).
@@ -121,7 +142,8 @@ impl<F: EntryFormat> GuestMemory<F> {
             let at = gpa + done as u64;
             let off = (at % PAGE_SIZE) as usize;
             let n = (PAGE_SIZE as usize - off).min(data.len() - done);
-            let page = pool.bytes_mut(self.frame_of(at)?)?;
+            let frame = self.frame_of(pool, at)?;
+            let page = pool.bytes_mut(frame)?;
             page[off..off + n].copy_from_slice(&data[done..done + n]);
             done += n;
         }
@@ -135,7 +157,8 @@ impl<F: EntryFormat> GuestMemory<F> {
             let at = gpa + done as u64;
             let off = (at % PAGE_SIZE) as usize;
             let n = (PAGE_SIZE as usize - off).min(out.len() - done);
-            let page = pool.bytes_mut(self.frame_of(at)?)?;
+            let frame = self.frame_of(pool, at)?;
+            let page = pool.bytes_mut(frame)?;
             out[done..done + n].copy_from_slice(&page[off..off + n]);
             done += n;
         }
@@ -149,13 +172,27 @@ impl<F: EntryFormat> GuestMemory<F> {
         Ok(u64::from_le_bytes(b))
     }
 
-    /// Return every frame and table to the pool.
+    /// Return every frame and table to the pool: the frames the tables map (a 2 MiB
+    /// leaf's whole run at once), then the tables.
     pub fn destroy(self, pool: &mut FramePool) -> Result<(), MmError> {
-        self.tables.destroy(pool)?;
-        for f in self.frames {
-            pool.free(f)?;
+        let mut page = 0;
+        while page < self.pages {
+            let gpa = page * PAGE_SIZE;
+            match self.tables.translate(pool, gpa)? {
+                Some((leaf, _)) if leaf.size == PageSize::Size2M => {
+                    for i in 0..LARGE_PAGE_SIZE / PAGE_SIZE {
+                        pool.free(leaf.hpa + i * PAGE_SIZE)?;
+                    }
+                    page += LARGE_PAGE_SIZE / PAGE_SIZE;
+                }
+                Some((leaf, _)) => {
+                    pool.free(leaf.hpa)?;
+                    page += 1;
+                }
+                None => return Err(MmError::OutOfRange { gpa }),
+            }
         }
-        Ok(())
+        self.tables.destroy(pool)
     }
 }
 
@@ -199,6 +236,17 @@ mod tests {
         assert!(mem.merge_large(&mut p).unwrap() >= 1);
         mem.destroy(&mut p).unwrap();
         assert_eq!(p.free_frames(), before);
+    }
+
+    #[test]
+    fn split_memory_is_returned_whole_without_a_merge() {
+        let mut p = pool(2200);
+        let before = p.free_frames();
+        let mut mem = GuestMemory::<Npt>::new(&mut p, 3 * LARGE_PAGE_SIZE, true).unwrap();
+        assert!(mem.large_chunks() >= 1);
+        assert!(mem.split_large(&mut p, 0..3 * 512).unwrap() >= 1);
+        mem.destroy(&mut p).unwrap();
+        assert_eq!(p.free_frames(), before, "split 2 MiB runs come back page by page");
     }
 
     #[test]

@@ -49,6 +49,11 @@ pub enum MmError {
         /// Physical address.
         pa: u64,
     },
+    /// The hypervisor's heap cannot hold the bookkeeping for a request this large.
+    OutOfHeap {
+        /// The bytes asked for.
+        bytes: usize,
+    },
 }
 
 impl core::fmt::Display for MmError {
@@ -64,6 +69,9 @@ impl core::fmt::Display for MmError {
             }
             MmError::OutOfRange { gpa } => write!(f, "guest-physical address {gpa:#x} is beyond 48 bits"),
             MmError::NotOwned { pa } => write!(f, "physical address {pa:#x} is not an allocated frame of the pool"),
+            MmError::OutOfHeap { bytes } => {
+                write!(f, "out of memory: the hypervisor's heap cannot hold {bytes} more bytes for this request")
+            }
         }
     }
 }

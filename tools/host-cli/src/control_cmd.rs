@@ -43,14 +43,20 @@ fn expect<T>(response: Response, what: &str, pick: impl FnOnce(Response) -> Opti
 }
 
 fn human_bytes(b: u64) -> String {
-    if b >= 1 << 30 { format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64) } else { format!("{} MiB", b >> 20) }
+    if b >= 1 << 30 {
+        format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64)
+    } else if b >= 1 << 20 {
+        format!("{} MiB", b >> 20)
+    } else {
+        format!("{} KiB", b >> 10)
+    }
 }
 
 /// Print the hypervisor's self-description.
 pub fn info(opts: &Options, args: InfoArgs) -> Result<ExitCode, CliError> {
     let mut client = Client::connect(opts)?;
     let info = expect(client.call(&Request::Info)?, "info", |r| match r {
-        Response::Info(i) => Some(i),
+        Response::Info(i) => Some(*i),
         _ => None,
     })?;
     if args.json {
@@ -73,6 +79,14 @@ pub fn info(opts: &Options, args: InfoArgs) -> Result<ExitCode, CliError> {
             "uptime_ns": info.uptime_ns,
             "cpus": info.cpus,
             "memory_bytes": info.memory_bytes,
+            "memory_use": {
+                "heap_bytes": info.memory_use.heap_bytes,
+                "heap_used_bytes": info.memory_use.heap_used_bytes,
+                "heap_peak_bytes": info.memory_use.heap_peak_bytes,
+                "heap_refused": info.memory_use.heap_refused,
+                "frames_total": info.memory_use.frames_total,
+                "frames_free": info.memory_use.frames_free,
+            },
             "capabilities": caps,
             "services": services,
         });
@@ -85,6 +99,15 @@ pub fn info(opts: &Options, args: InfoArgs) -> Result<ExitCode, CliError> {
     println!("uptime        {:.1} s", info.uptime_ns as f64 / 1e9);
     println!("cpus          {}", info.cpus);
     println!("memory        {}", human_bytes(info.memory_bytes));
+    let m = &info.memory_use;
+    println!(
+        "heap          {} of {} in use, peak {}{}",
+        human_bytes(m.heap_used_bytes),
+        human_bytes(m.heap_bytes),
+        human_bytes(m.heap_peak_bytes),
+        if m.heap_refused > 0 { format!(", {} allocations refused", m.heap_refused) } else { String::new() }
+    );
+    println!("frame pool    {} of {} free", human_bytes(m.frames_free * 4096), human_bytes(m.frames_total * 4096));
     println!("capabilities");
     let width = info.capabilities.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in &info.capabilities {

@@ -325,9 +325,14 @@ impl FileSink {
         let file = self.file.as_mut().ok_or_else(|| err(format!("{} is closed", partial.display())))?;
         file.write_all(data).map_err(|e| err(format!("writing {}: {e}", partial.display())))?;
         self.status.bytes_received += data.len() as u64;
-        self.decoder.push(data);
+        let pushed = self.decoder.push(data);
         loop {
-            match self.decoder.next_record() {
+            // A refused push (no memory for the record) is reported like a bad record.
+            let next = match &pushed {
+                Err(e) => Err(e.clone()),
+                Ok(()) => self.decoder.next_record(),
+            };
+            match next {
                 Ok(None) => break,
                 Ok(Some(Decoded::Record(Record::Header(_)))) => self.header = true,
                 Ok(Some(Decoded::Record(Record::CpuidPolicy(_)))) if self.header => {
@@ -917,8 +922,8 @@ fn check_header(file: &mut File, path: &Path) -> Result<StreamHeader, CliError> 
             return Err(bad(if read == 0 { "it is empty" } else { "it ends inside its first record" }));
         }
         read += n;
-        decoder.push(buf.get(..n).unwrap_or_default());
-        match decoder.next_record() {
+        let next = decoder.push(buf.get(..n).unwrap_or_default()).and_then(|()| decoder.next_record());
+        match next {
             Ok(Some(Decoded::Record(Record::Header(h)))) => {
                 file.seek(SeekFrom::Start(0)).map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
                 return Ok(h);

@@ -11,13 +11,15 @@ fuzz_target!(|data: &[u8]| {
     let mut decoder = RecordDecoder::new();
     let step = usize::from(split).max(1);
     for chunk in bytes.chunks(step) {
-        decoder.push(chunk);
+        if decoder.push(chunk).is_err() {
+            break;
+        }
         loop {
             match decoder.next_record() {
                 Ok(Some(Decoded::Record(record))) => {
                     let again = record.encode_to_vec().expect("an accepted record re-encodes");
                     let mut check = RecordDecoder::new();
-                    check.push(&again);
+                    check.push(&again).expect("one record fits the heap");
                     match check.next_record() {
                         Ok(Some(Decoded::Record(back))) => assert_eq!(back, record),
                         other => panic!("re-encoded record does not decode: {other:?}"),

@@ -84,6 +84,11 @@ pub enum DirtyError {
         /// What is wrong with them.
         fault: DecodeFault,
     },
+    /// The heap cannot hold a bitmap of this many bytes.
+    OutOfMemory {
+        /// The bytes asked for.
+        bytes: usize,
+    },
 }
 
 /// What is wrong inside a record's operation bytes (see the encoding in the
@@ -168,6 +173,9 @@ impl fmt::Display for DirtyError {
                 Pfns(bitmap)
             ),
             Self::Decode { len, fault } => write!(f, "{len} bytes are not a dirty record: {fault}"),
+            Self::OutOfMemory { bytes } => {
+                write!(f, "the hypervisor's heap cannot hold a dirty bitmap of {bytes} bytes")
+            }
         }
     }
 }
