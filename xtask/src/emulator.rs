@@ -307,11 +307,16 @@ fn start_vsock_backend(dir: &Path) -> Result<(Child, PathBuf, PathBuf)> {
     Ok((child, vhost, uds))
 }
 
+/// RAM of a QEMU machine: room for 1 GiB guests (the sizes people run) beside the
+/// hypervisor, its heap and the firmware. TCG allocates guest RAM lazily, so what
+/// no guest touches costs the host nothing.
+const QEMU_MEMORY: &str = "2G";
+
 fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig) -> Result<Session> {
     let vars = dir.join("vars.fd");
     std::fs::copy(tools::OVMF_VARS_4M, &vars).map_err(|e| format!("cannot copy {}: {e}", tools::OVMF_VARS_4M))?;
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-nodefaults", "-accel", "tcg", "-cpu", cpu, "-m", "512M"])
+    cmd.args(["-nodefaults", "-accel", "tcg", "-cpu", cpu, "-m", QEMU_MEMORY])
         .arg("-drive")
         .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", tools::OVMF_CODE_4M))
         .arg("-drive")
@@ -324,7 +329,8 @@ fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig) -> Result<Session> {
     let (backend, vsock_socket) = if config.vsock {
         let (child, vhost, uds) = start_vsock_backend(&dir)?;
         cmd.args(["-machine", "q35,memory-backend=mem0"])
-            .args(["-object", "memory-backend-memfd,id=mem0,size=512M,share=on"])
+            .arg("-object")
+            .arg(format!("memory-backend-memfd,id=mem0,size={QEMU_MEMORY},share=on"))
             .arg("-chardev")
             .arg(format!("socket,id=vs0,path={}", vhost.display()))
             .args(["-device", "vhost-user-vsock-pci,chardev=vs0"]);
