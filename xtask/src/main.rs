@@ -244,6 +244,13 @@ fn echo_rest(session: &mut emulator::Session, echo: &mut emulator::Echo) {
     let _ = session.wait_until(deadline, echo, |_| false);
 }
 
+/// QEMU's last line on stderr that is not one of its `-cpu` feature warnings, such as
+/// "terminating on signal 15 from pid 123".
+fn qemu_last_words(dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("qemu.stderr")).ok()?;
+    text.lines().rev().map(str::trim).find(|l| !l.is_empty() && !l.contains(": warning: ")).map(String::from)
+}
+
 /// "exit status 0", "killed by signal 9": how an emulator ended, for the operator.
 fn describe_exit(status: std::process::ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -323,7 +330,11 @@ fn run_many(platform: Platform, timeout: Option<u64>, instances: usize) -> Resul
             // Let the collector take the emulator's last output (the FAIL line is
             // usually the last thing it printed).
             std::thread::sleep(Duration::from_millis(200));
-            let why = serial::SerialLog::new(&session.serial()).stop_reason();
+            let mut why = serial::SerialLog::new(&session.serial()).stop_reason();
+            if let Some(note) = qemu_last_words(&session.dir) {
+                // Without a FAIL line, QEMU's own last words tell a kill from a crash.
+                why = format!("{why}; {note}");
+            }
             // Its vsock backend has no one to serve any more.
             session.stop();
             println!(
