@@ -218,6 +218,11 @@ fn run(platform: Platform, timeout: Option<u64>, cmdline: String, domains: Optio
     if let (Some(socket), Some(_)) = (&session.vsock_socket, log.line("CONTROL listening")) {
         let target = format!("unix:{}:{}", socket.display(), wire::CONTROL_PORT);
         let connect_file = tools::root().join("target/xtask/hvctl.connect");
+        // hvctl looks for it under target/ even when CARGO_TARGET_DIR puts the build
+        // elsewhere, and then nothing else has created target/xtask.
+        if let Some(dir) = connect_file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
         std::fs::write(&connect_file, format!("{target}\n")).map_err(|e| format!("{}: {e}", connect_file.display()))?;
         let target_dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
         println!("xtask: the hypervisor is serving; in another terminal:");
@@ -233,7 +238,10 @@ fn run(platform: Platform, timeout: Option<u64>, cmdline: String, domains: Optio
         let _ = session.wait_until(Duration::MAX, &mut echo, |l| l.outcome().is_some());
     }
     echo_rest(&mut session, &mut echo);
-    let why = serial::SerialLog::new(&session.serial()).stop_reason();
+    let mut why = serial::SerialLog::new(&session.serial()).stop_reason();
+    if let Some(note) = qemu_last_words(&session.dir).filter(|_| session.exited()) {
+        why = format!("{why}; {note}");
+    }
     println!("xtask: the hypervisor stopped: {why}   (serial log: {})", session.serial_path.display());
     Ok(())
 }
