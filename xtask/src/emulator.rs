@@ -1,16 +1,18 @@
 //! Running the image on an emulator with a timeout, collecting the serial log.
 //!
 //! QEMU 7.2 TCG + OVMF (4 MiB) with `-cpu EPYC` emulates AMD SVM with NPT; its serial
-//! goes to our pipe. Bochs 2.7 + OVMF (2 MiB, code and vars joined into one ROM)
-//! emulates Intel VMX with EPT/A/D/PML; its serial goes to a file we poll, and its
+//! goes to our pipe, and a copy, cleaned of escape sequences, to `serial.log` in the
+//! run directory. Bochs 2.7 + OVMF (2 MiB, code and vars joined into one ROM)
+//! emulates Intel VMX with EPT/A/D/PML; its serial goes to a file we poll (`serial.txt`,
+//! raw), and its
 //! exit status is always 1, so outcomes come from serial markers only. Each run gets
 //! its own directory under target/xtask/runs/NAME with a fresh ESP copy, so runs do
 //! not share firmware variables or Bochs' vvfat redolog.
 
 use std::fmt;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -189,6 +191,8 @@ pub struct Session {
     pub dir: PathBuf,
     /// The hybrid vsock socket (`unix:PATH:PORT` target), when a vsock device is attached.
     pub vsock_socket: Option<PathBuf>,
+    /// The file the serial output is kept in as it arrives.
+    pub serial_path: PathBuf,
 }
 
 impl Drop for Session {
@@ -224,7 +228,12 @@ impl Session {
 
     /// Whether the emulator has exited.
     pub fn exited(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(Some(_)))
+        self.exit_status().is_some()
+    }
+
+    /// How the emulator ended, once it has.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Wait until `done` holds for the serial log, the emulator exits, or `deadline`
@@ -348,18 +357,66 @@ fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig) -> Result<Session> {
     let serial = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(AtomicBool::new(false));
     let sink = serial.clone();
+    let serial_path = dir.join("serial.log");
+    let mut file = LogFile::create(&serial_path)?;
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(n) = stdout.read(&mut buf) {
             if n == 0 {
                 break;
             }
+            file.write(&buf[..n]);
             if let Ok(mut s) = sink.lock() {
                 s.extend_from_slice(&buf[..n]);
             }
         }
+        file.finish();
     });
-    Ok(Session { child, backend, serial, stop_collector: stop, start, ready_after: None, dir, vsock_socket })
+    Ok(Session {
+        child,
+        backend,
+        serial,
+        stop_collector: stop,
+        start,
+        ready_after: None,
+        dir,
+        vsock_socket,
+        serial_path,
+    })
+}
+
+/// The serial log on disk, written whole lines at a time and cleaned of OVMF's escape
+/// sequences, so `cat` or `tail -f` shows it as the console did; a line is on disk as
+/// soon as it is complete (an instance that hangs still leaves its last words).
+#[derive(Debug)]
+struct LogFile {
+    file: std::fs::File,
+    /// The bytes after the last newline, not yet written.
+    partial: Vec<u8>,
+}
+
+impl LogFile {
+    fn create(path: &Path) -> Result<Self> {
+        let file = std::fs::File::create(path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        Ok(Self { file, partial: Vec::new() })
+    }
+
+    /// Append `bytes`; a failed write loses log lines, never the run, so it is ignored.
+    fn write(&mut self, bytes: &[u8]) {
+        self.partial.extend_from_slice(bytes);
+        if let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') {
+            let lines: Vec<u8> = self.partial.drain(..=end).collect();
+            let _ = self.file.write_all(clean(&String::from_utf8_lossy(&lines)).as_bytes());
+        }
+    }
+
+    /// The emulator is gone: write what is left of the last line.
+    fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            let rest = std::mem::take(&mut self.partial);
+            let _ = writeln!(self.file, "{}", clean(&String::from_utf8_lossy(&rest)));
+        }
+    }
 }
 
 fn spawn_bochs(model: &str, dir: PathBuf) -> Result<Session> {
@@ -369,6 +426,7 @@ fn spawn_bochs(model: &str, dir: PathBuf) -> Result<Session> {
     image.extend(std::fs::read(tools::OVMF_CODE_2M).map_err(|e| format!("{}: {e}", tools::OVMF_CODE_2M))?);
     std::fs::write(&rom, image).map_err(|e| format!("{}: {e}", rom.display()))?;
     let serial_path = dir.join("serial.txt");
+    let bochs_serial = serial_path.clone();
     std::fs::write(&serial_path, b"").map_err(|e| format!("{}: {e}", serial_path.display()))?;
     // Verified settings (shared/PLATFORMS.md), plus: the sound and speaker devices are
     // set to dummy/off because on a machine without a sound card Bochs' ALSA probe
@@ -439,5 +497,6 @@ sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy
         ready_after: None,
         dir,
         vsock_socket: None,
+        serial_path: bochs_serial,
     })
 }

@@ -39,7 +39,8 @@ enum Command {
         debug: bool,
     },
     /// Boot the image on QEMU (default: TCG, -cpu EPYC, AMD SVM+NPT) or Bochs, with
-    /// the serial console on this terminal.
+    /// the serial console on this terminal and a copy in the run directory
+    /// (target/xtask/runs/run/serial.log; Bochs: serial.txt).
     Run {
         #[command(flatten)]
         platform: PlatformArgs,
@@ -55,7 +56,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         domains: Option<std::path::PathBuf>,
         /// Start this many hypervisors side by side (QEMU only), each with its own vsock
-        /// backend, e.g. 2 to try migration between them.
+        /// backend, e.g. 2 to try migration between them. Their serial logs go to
+        /// target/xtask/runs/run-I/serial.log, not to the terminal.
         #[arg(long, default_value_t = 1)]
         instances: usize,
     },
@@ -195,6 +197,7 @@ fn run(platform: Platform, timeout: Option<u64>, cmdline: String, domains: Optio
         config.timeout.as_secs()
     );
     let mut session = emulator::Session::spawn(&platform, &esp, &config)?;
+    println!("xtask: serial log also in {}", session.serial_path.display());
     let mut echo = emulator::Echo::new(true);
     let serving = |log: &serial::SerialLog| log.line("CONTROL ").is_some() || log.outcome().is_some();
     match session.wait_until(config.timeout, &mut echo, serving) {
@@ -215,6 +218,11 @@ fn run(platform: Platform, timeout: Option<u64>, cmdline: String, domains: Optio
     if let (Some(socket), Some(_)) = (&session.vsock_socket, log.line("CONTROL listening")) {
         let target = format!("unix:{}:{}", socket.display(), wire::CONTROL_PORT);
         let connect_file = tools::root().join("target/xtask/hvctl.connect");
+        // hvctl looks for it under target/ even when CARGO_TARGET_DIR puts the build
+        // elsewhere, and then nothing else has created target/xtask.
+        if let Some(dir) = connect_file.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
         std::fs::write(&connect_file, format!("{target}\n")).map_err(|e| format!("{}: {e}", connect_file.display()))?;
         let target_dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
         println!("xtask: the hypervisor is serving; in another terminal:");
@@ -229,11 +237,42 @@ fn run(platform: Platform, timeout: Option<u64>, cmdline: String, domains: Optio
         // when none is left to run (Ctrl-C stops a domain that never ends).
         let _ = session.wait_until(Duration::MAX, &mut echo, |l| l.outcome().is_some());
     }
+    echo_rest(&mut session, &mut echo);
+    let mut why = serial::SerialLog::new(&session.serial()).stop_reason();
+    if let Some(note) = qemu_last_words(&session.dir).filter(|_| session.exited()) {
+        why = format!("{why}; {note}");
+    }
+    println!("xtask: the hypervisor stopped: {why}   (serial log: {})", session.serial_path.display());
     Ok(())
 }
 
+/// Give the emulator a moment to exit after SHUTDOWN, echoing its last lines.
+fn echo_rest(session: &mut emulator::Session, echo: &mut emulator::Echo) {
+    let deadline = session.start.elapsed() + Duration::from_secs(2);
+    let _ = session.wait_until(deadline, echo, |_| false);
+}
+
+/// QEMU's last line on stderr that is not one of its `-cpu` feature warnings, such as
+/// "terminating on signal 15 from pid 123".
+fn qemu_last_words(dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("qemu.stderr")).ok()?;
+    text.lines().rev().map(str::trim).find(|l| !l.is_empty() && !l.contains(": warning: ")).map(String::from)
+}
+
+/// "exit status 0", "killed by signal 9": how an emulator ended, for the operator.
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        (None, None) => status.to_string(),
+    }
+}
+
 /// `cargo xtask run --instances N`: N hypervisors on QEMU, each with its own vsock
-/// backend and run directory (target/xtask/runs/run-I); serial logs stay there.
+/// backend and run directory (target/xtask/runs/run-I); their serial logs stay there
+/// (serial.log), since N consoles interleaved on one terminal cannot be read. When one
+/// stops, say so and why (its last FAIL line); the others keep running.
 fn run_many(platform: Platform, timeout: Option<u64>, instances: usize) -> Result<()> {
     if !matches!(platform, Platform::Qemu { .. }) {
         return Err("--instances needs QEMU (Bochs has no virtio-vsock device)".into());
@@ -252,7 +291,9 @@ fn run_many(platform: Platform, timeout: Option<u64>, instances: usize) -> Resul
             vsock: true,
             domains: None,
         };
-        sessions.push(emulator::Session::spawn(&platform, &esp, &config)?);
+        let session = emulator::Session::spawn(&platform, &esp, &config)?;
+        println!("xtask: instance {i} is booting; serial log: {}", session.serial_path.display());
+        sessions.push(session);
     }
     let target_dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     let mut targets = Vec::new();
@@ -263,9 +304,9 @@ fn run_many(platform: Platform, timeout: Option<u64>, instances: usize) -> Resul
         let log = serial::SerialLog::new(&session.serial());
         if !matches!(wait, emulator::Wait::Matched(_)) || log.line("CONTROL listening").is_none() {
             return Err(format!(
-                "instance {i} did not start serving ({wait:?}): {}; log in {}",
+                "instance {i} did not start serving ({wait:?}): {}; serial log: {}",
                 log.outcome_summary(),
-                session.dir.display()
+                session.serial_path.display()
             ));
         }
         let socket = session.vsock_socket.clone().ok_or("no vsock socket")?;
@@ -288,9 +329,31 @@ fn run_many(platform: Platform, timeout: Option<u64>, instances: usize) -> Resul
         );
     }
     println!("xtask: {instances} hypervisors running; Ctrl-C stops them all.");
-    for session in &mut sessions {
-        let _ = session.wait_until(Duration::MAX, &mut emulator::Echo::new(false), |l| l.outcome().is_some());
+    let mut running: Vec<usize> = (0..sessions.len()).collect();
+    while !running.is_empty() {
+        std::thread::sleep(Duration::from_millis(200));
+        running.retain(|&i| {
+            let Some(session) = sessions.get_mut(i) else { return false };
+            let Some(status) = session.exit_status() else { return true };
+            // Let the collector take the emulator's last output (the FAIL line is
+            // usually the last thing it printed).
+            std::thread::sleep(Duration::from_millis(200));
+            let mut why = serial::SerialLog::new(&session.serial()).stop_reason();
+            if let Some(note) = qemu_last_words(&session.dir) {
+                // Without a FAIL line, QEMU's own last words tell a kill from a crash.
+                why = format!("{why}; {note}");
+            }
+            // Its vsock backend has no one to serve any more.
+            session.stop();
+            println!(
+                "xtask: instance {i} stopped ({}): {why}   (serial log: {})",
+                describe_exit(status),
+                session.serial_path.display()
+            );
+            false
+        });
     }
+    println!("xtask: all {instances} hypervisors have stopped.");
     Ok(())
 }
 

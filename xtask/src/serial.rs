@@ -72,6 +72,17 @@ impl SerialLog {
         self.line("SHUTDOWN outcome=").and_then(|l| l.strip_prefix("SHUTDOWN outcome="))
     }
 
+    /// Why a hypervisor stopped, in one line: its last `FAIL:` line (a panic prints
+    /// `FAIL: panic: ...`) or `FATAL:` line (a CPU exception in the hypervisor), the
+    /// latest because that is the one that stopped it while earlier ones may have been
+    /// survived; else its `SHUTDOWN` line; else "no FAIL line".
+    pub fn stop_reason(&self) -> String {
+        let last = |prefixes: &[&str]| {
+            self.lines.iter().rev().map(|l| l.trim_start()).find(|l| prefixes.iter().any(|p| l.starts_with(p)))
+        };
+        last(&["FAIL:", "FATAL:"]).or_else(|| last(&["SHUTDOWN"])).unwrap_or("no FAIL line").to_string()
+    }
+
     /// One line saying how the run ended, for error messages.
     pub fn outcome_summary(&self) -> String {
         for marker in ["FAIL:", "REFUSED:", "FATAL:"] {
@@ -102,5 +113,19 @@ mod tests {
         assert_eq!(log.outcome(), Some("Ready"));
         assert_eq!(SerialLog::new("REFUSED: no x\n").outcome_summary(), "REFUSED: no x");
         assert_eq!(SerialLog::new("nothing\n").outcome_summary(), "no outcome marker in the serial log");
+    }
+
+    #[test]
+    fn stop_reason_is_the_last_fail_line_else_shutdown() {
+        let raw = "\u{1b}[2JREADY arch=svm\r\n  FAIL: domain 1 triple fault\r\nFAIL: vsock: queue broken\r\n\
+                   SHUTDOWN outcome=Failed\r\n";
+        assert_eq!(SerialLog::new(raw).stop_reason(), "FAIL: vsock: queue broken");
+        assert_eq!(SerialLog::new("READY\nSHUTDOWN outcome=Ready\n").stop_reason(), "SHUTDOWN outcome=Ready");
+        // A FAIL that is not at the start of its line is not a marker.
+        assert_eq!(SerialLog::new("READY\nguest says FAIL: x\n").stop_reason(), "no FAIL line");
+        assert_eq!(SerialLog::new("").stop_reason(), "no FAIL line");
+        // The last line may lack its newline (the emulator died mid-line).
+        assert_eq!(SerialLog::new("FAIL: a\nFAIL: b").stop_reason(), "FAIL: b");
+        assert_eq!(SerialLog::new("FAIL: a\nFATAL: CPU exception 14\n").stop_reason(), "FATAL: CPU exception 14");
     }
 }

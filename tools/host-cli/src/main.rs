@@ -8,6 +8,7 @@ mod control_cmd;
 mod cpuid_cmd;
 mod dirty_cmd;
 mod domain_cmd;
+mod interrupt;
 mod migrate_cmd;
 mod monitor_cmd;
 mod transport;

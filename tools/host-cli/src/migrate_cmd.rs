@@ -16,6 +16,13 @@
 //! from `FILE.partial`); the source then destroys its domain, as `xl save` does.
 //! `restore` pushes such a file into a destination.
 //!
+//! Ctrl-C (or SIGTERM) cancels: the relay loop notices it between two requests
+//! ([`crate::interrupt`]), asks the source what `hvctl migrate --cancel` asks it
+//! (`MigrateCancel`: the domain resumes with its dirty bits, unless everything was sent
+//! and the destination may already run it, when it stays paused), aborts the
+//! destination (a save's `FILE.partial` is removed) and exits 4 with what both ends
+//! answered. A second Ctrl-C exits at once.
+//!
 //! Testing hook: `hvctl migrate --fault-corrupt-byte N` (hidden from `--help`) flips the
 //! lowest bit of byte N of the relayed stream (counted from 0 over the whole stream)
 //! before it reaches the destination. It exists for the system tests
@@ -38,7 +45,7 @@ use wire::{
 };
 
 use crate::transport::{self, Client, Options};
-use crate::{CliError, connection_err, err, remote_err};
+use crate::{CliError, connection_err, err, interrupt, remote_err};
 
 /// A migration that relays no byte and sees no state change for this long is failed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -205,6 +212,8 @@ fn progress_text(p: &MigrateProgress) -> String {
 struct Track {
     progress: Option<MigrateProgress>,
     status: Option<ReceiveStatus>,
+    /// The signal that cancelled the relay ("Ctrl-C"), if one did.
+    cancelled_by: Option<&'static str>,
 }
 
 impl Track {
@@ -212,7 +221,8 @@ impl Track {
         let p = self.progress.clone().unwrap_or_default();
         let s = self.status.as_ref();
         json!({
-            "outcome": "failed",
+            "outcome": if self.cancelled_by.is_some() { "cancelled" } else { "failed" },
+            "cancelled_by": self.cancelled_by,
             "error": e.0,
             "exit_code": e.1,
             "domain": domain,
@@ -401,6 +411,8 @@ struct Done {
 #[derive(Debug)]
 struct Relay<'a> {
     src: Client,
+    /// The domain on the source (what `MigrateCancel` names).
+    domain: u32,
     session: u32,
     sink: Sink,
     track: &'a mut Track,
@@ -499,8 +511,82 @@ impl Relay<'_> {
         }
     }
 
+    /// The operator pressed Ctrl-C: do on the source what `hvctl migrate --cancel` does
+    /// (its session decides whether the domain resumes: not once everything was sent),
+    /// have the destination discard its partial copy (a file is removed), and say what
+    /// each end answered.
+    fn interrupted(&mut self, by: &'static str) -> CliError {
+        // The message starts on a line of its own, not after the progress line.
+        self.line.finish();
+        self.track.cancelled_by = Some(by);
+        let what = match self.sink {
+            Sink::Hv { .. } => "migration",
+            Sink::File(_) => "save",
+        };
+        let domain = self.domain;
+        let everything_sent = self.source_state() == Some(SendState::AwaitAck);
+        let source = if over(self.source_state()) {
+            // Cannot happen from the loop (it returns first), but say so rather than
+            // cancel a session that is over.
+            format!("the source's migration was already {}", self.track.progress.as_ref().map_or("over", state_name))
+        } else {
+            match self.src.call(&Request::MigrateCancel { domain }) {
+                Ok(Response::MigrateProgress(p)) => {
+                    // Not `on_progress`: the progress line is finished.
+                    let p = *p;
+                    let said = if p.state == Some(SendState::Completed) {
+                        format!("too late at the source: the migration of domain {domain} had completed")
+                    } else if everything_sent {
+                        format!(
+                            "the whole domain had been sent; the source says: {}",
+                            p.failure.as_deref().unwrap_or("no reason given")
+                        )
+                    } else {
+                        format!("domain {domain} runs on at the source")
+                    };
+                    self.track.progress = Some(p);
+                    said
+                }
+                other => {
+                    let why = match other {
+                        Ok(Response::Error(e)) => format!("it refused: {e}"),
+                        Ok(_) => "it answered migrate-cancel with the wrong message".into(),
+                        Err(e) => e.0,
+                    };
+                    format!("the source could not be told ({why}); it gives up on its own after its 10 s relay timeout")
+                }
+            }
+        };
+        let reason = format!("{what} cancelled by {by} at hvctl");
+        let was_over = self.sink_over();
+        let told = if was_over { None } else { self.sink.abort(&reason) };
+        if let Some(s) = &told {
+            self.on_status(s.clone());
+        }
+        let destination = match (&self.sink, &self.track.status) {
+            (Sink::File(f), _) => format!("removed {}", f.partial.display()),
+            (Sink::Hv { .. }, Some(s)) if (was_over || told.is_some()) && s.state == ReceiveState::Complete => {
+                match s.domain {
+                    Some(d) => format!("the destination had completed the domain: it runs there as domain {d}"),
+                    None => "the destination had completed the domain".into(),
+                }
+            }
+            (Sink::Hv { .. }, Some(s)) if was_over || told.is_some() => match s.state {
+                ReceiveState::Discarded => "the destination discarded its partial copy".into(),
+                other => format!("the destination is {}", other.name()),
+            },
+            (Sink::Hv { .. }, _) => {
+                "the destination could not be told; it discards its partial copy after its 10 s timeout".into()
+            }
+        };
+        remote_err(format!("{what} cancelled by {by}; {source}; {destination}"))
+    }
+
     fn run(&mut self) -> Result<Done, CliError> {
         loop {
+            if let Some(by) = interrupt::pending() {
+                return Err(self.interrupted(by));
+            }
             let read = Request::MigrateRead { session: self.session, max_bytes: MAX_MIGRATE_DATA as u32 };
             let (data, progress) = match self.src.call(&read) {
                 Ok(Response::MigrateData { data, progress }) => (data, progress),
@@ -672,6 +758,7 @@ pub fn migrate(global: &Options, a: MigrateArgs) -> Result<ExitCode, CliError> {
     };
     let to_target = transport::resolve(&to)?;
     transport::resolve(&from)?;
+    interrupt::install()?;
     let mut track = Track::default();
     let mut line = ProgressLine::new(a.progress);
     let result = relay_migration(&from, &to, a.domain, options, a.fault_corrupt_byte, &mut track, &mut line);
@@ -752,6 +839,7 @@ fn relay_migration(
     track.status = Some(status);
     Relay {
         src,
+        domain,
         session,
         sink: Sink::Hv { client: dst, session: session_dst },
         track,
@@ -845,6 +933,7 @@ fn cancel(from: &Options, domain: u32, json: bool) -> Result<ExitCode, CliError>
 pub fn save(global: &Options, a: SaveArgs) -> Result<ExitCode, CliError> {
     let from = endpoint(global, a.from.as_deref());
     transport::resolve(&from)?;
+    interrupt::install()?;
     let mut track = Track::default();
     let mut line = ProgressLine::new(a.progress);
     let result = relay_save(&from, a.domain, &a.file, &mut track, &mut line);
@@ -897,6 +986,7 @@ fn relay_save(
     track.status = Some(sink.status.clone());
     Relay {
         src,
+        domain,
         session: progress.session,
         sink: Sink::File(sink),
         track,
@@ -956,6 +1046,7 @@ pub fn restore(global: &Options, a: RestoreArgs) -> Result<ExitCode, CliError> {
     let total = file.metadata().map(|m| m.len()).unwrap_or(0);
     let header = check_header(&mut file, &a.file)?;
     transport::resolve(&to)?;
+    interrupt::install()?;
     let mut line = ProgressLine::new(a.progress);
     let mut last: Option<ReceiveStatus> = None;
     let result = push_file(&to, &mut file, &a.file, total, &mut line, &mut last);
@@ -986,8 +1077,10 @@ pub fn restore(global: &Options, a: RestoreArgs) -> Result<ExitCode, CliError> {
         }
         Err(e) => {
             if a.json {
+                let cancelled_by = interrupt::pending();
                 let v = json!({
-                    "outcome": "failed", "error": e.0, "exit_code": e.1,
+                    "outcome": if cancelled_by.is_some() { "cancelled" } else { "failed" },
+                    "cancelled_by": cancelled_by, "error": e.0, "exit_code": e.1,
                     "destination_state": last.as_ref().map(|s| s.state.name()),
                     "destination_error": last.as_ref().and_then(|s| s.error.clone()),
                 });
@@ -1014,21 +1107,38 @@ fn push_file(
     };
     let session = status.session;
     *last = Some(status);
+    // Whether the destination answered.
     let abort = |client: &mut Client, reason: &str, last: &mut Option<ReceiveStatus>| {
         if let Ok(Response::ReceiveStatus(s)) =
             client.call(&Request::MigrateAbort { session, reason: reason.to_string() })
         {
             *last = Some(s);
+            true
+        } else {
+            false
         }
     };
     let mut buf = vec![0u8; MAX_MIGRATE_DATA];
     let mut sent = 0u64;
     loop {
+        if let Some(by) = interrupt::pending() {
+            line.finish();
+            let answered = abort(&mut client, &format!("restore cancelled by {by} at hvctl"), last);
+            let destination = match last.as_ref().map(|s| s.state) {
+                Some(ReceiveState::Discarded) if answered => "the destination discarded its partial domain".into(),
+                Some(other) if answered => format!("the destination is {}", other.name()),
+                _ => "the destination could not be told; it discards its partial domain after its 10 s timeout".into(),
+            };
+            return Err(remote_err(format!(
+                "restore cancelled by {by} after {sent} of {total} bytes of {}; {destination}",
+                path.display()
+            )));
+        }
         let n = match fill(file, &mut buf) {
             Ok(n) => n,
             Err(e) => {
                 let e = err(format!("cannot read {}: {e}", path.display()));
-                abort(&mut client, &e.0, last);
+                let _ = abort(&mut client, &e.0, last);
                 return Err(e);
             }
         };
@@ -1038,7 +1148,7 @@ fn push_file(
                 path.display(),
                 last.as_ref().map_or("unknown", |s| s.state.name())
             ));
-            abort(&mut client, &e.0, last);
+            let _ = abort(&mut client, &e.0, last);
             return Err(e);
         }
         let data = buf.get(..n).unwrap_or_default().to_vec();
@@ -1046,7 +1156,7 @@ fn push_file(
             Response::ReceiveStatus(s) => s,
             Response::Error(e) => {
                 let e = remote_err(format!("the destination refused the stream: {e}"));
-                abort(&mut client, &e.0, last);
+                let _ = abort(&mut client, &e.0, last);
                 return Err(e);
             }
             _ => return Err(connection_err("the destination answered migrate-write with the wrong message")),

@@ -197,6 +197,10 @@ impl Client {
             let n = match self.stream.read(&mut buf) {
                 Ok(0) => return Err(connection_err(format!("{} closed the connection", self.target))),
                 Ok(n) => n,
+                // A signal (Ctrl-C during a migration, see `interrupt`) interrupts the read
+                // even with SA_RESTART, because the socket has a receive timeout
+                // (signal(7)); the answer is still on its way.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                     return Err(connection_err(format!(
                         "no answer from the hypervisor within {} s",

@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::process::Output;
+use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use migration_svc::{DomainInfo, MigrationCore, MigrationService, PolicyCheck};
 use serde_json::Value;
@@ -605,4 +605,68 @@ fn bandwidth_cap_slows_the_stream_and_progress_is_drawn() {
 
     let o = hvctl(&["migrate", "7", "--from", &src.target(), "--to", &dst.target(), "--bandwidth", "-1"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+#[test]
+fn ctrl_c_cancels_at_once_the_source_runs_on_with_its_dirty_bits_and_the_destination_aborts() {
+    // The guest dirties 200 pages between peeks: the pre-copy never converges, so a
+    // migration capped at 0.5 MB/s is still in round 1 for seconds after round 0.
+    let mut core = FakeCore::source(b"policy:base", vec![200; 30]);
+    // Log-dirty was on before the migration (e.g. `hvctl dirty start`): the migration
+    // leaves it on, so the dirty bits it took and did not send can be seen after it.
+    core.dom(SOURCE_DOMAIN).unwrap().log = Some(DirtyBitmap::new(PAGES).unwrap());
+    let src = FakeHv::start("sigint-src", core);
+    let dst = FakeHv::start("sigint-dst", FakeCore::empty());
+    let child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+        .args(["migrate", "7", "--from", &src.target(), "--to", &dst.target(), "--bandwidth", "0.5"])
+        .env_remove("HVCTL_CONNECT")
+        .current_dir(std::env::temp_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Round 0 (about 0.93 MB) is out and the first dirty bits are taken.
+    let start = Instant::now();
+    while src.lock().core.domains[&SOURCE_DOMAIN].peeks < 1 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the migration did not reach round 1");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let sent = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let o = child.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    assert!(took < Duration::from_secs(1), "hvctl took {took:?} to cancel: {}", stderr(&o));
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains(
+            "hvctl: error: migration cancelled by Ctrl-C; domain 7 runs on at the source; the destination discarded \
+             its partial copy"
+        ),
+        "{e}"
+    );
+
+    // The source: what `hvctl migrate --cancel` does, then nothing more.
+    {
+        let hv = src.lock();
+        assert_eq!(hv.requests.iter().filter(|r| *r == "migrate-cancel").count(), 1, "{:?}", hv.requests);
+        assert_eq!(hv.requests.last().map(String::as_str), Some("migrate-cancel"), "{:?}", hv.requests);
+        let d = &hv.core.domains[&SOURCE_DOMAIN];
+        assert!(!d.paused, "the source domain was left paused");
+        assert!(hv.core.destroyed.is_empty());
+        // The bits of round 1 that had not gone out are back in the running log.
+        let log = d.log.as_ref().expect("log-dirty was stopped, though the migration did not start it");
+        let taken = guest_pfns(0, 200);
+        assert!(log.count_ones() > 0, "the unsent dirty bits were lost");
+        assert!(log.ones().all(|pfn| taken.contains(&pfn)), "bits the guest never dirtied are set");
+    }
+    // The destination: told to discard its partial domain, and it did.
+    let hv = dst.lock();
+    assert!(
+        hv.requests.iter().any(|r| r == "migrate-abort migration cancelled by Ctrl-C at hvctl"),
+        "{:?}",
+        hv.requests
+    );
+    assert!(hv.core.domains.is_empty(), "the partial domain was kept");
 }
