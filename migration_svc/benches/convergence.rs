@@ -323,7 +323,13 @@ fn migrate(trace: Trace, ratio: f64, bw: u64, decide: &dyn Fn(&RoundStats) -> De
                 };
             }
             Decision::Fail(e) => {
-                return Run { rounds: round, bytes: link.bytes, end: End::Refused(refusal(&e)), max_throttle, syncs: 0 };
+                return Run {
+                    rounds: round,
+                    bytes: link.bytes,
+                    end: End::Refused(refusal(&e)),
+                    max_throttle,
+                    syncs: 0,
+                };
             }
             Decision::Throttle { percent } => {
                 throttle = percent;
@@ -536,21 +542,34 @@ fn main() {
     );
     for throttle in [false, true] {
         let ours = Policy { throttle, ..Policy::default() };
-        let mode = if throttle { "throttle on (QEMU auto-converge on)" } else { "throttle off (QEMU auto-converge off)" };
+        let mode =
+            if throttle { "throttle on (QEMU auto-converge on)" } else { "throttle off (QEMU auto-converge off)" };
         for &bw in &BANDWIDTHS {
             for trace in Trace::ALL {
                 let _ = writeln!(out, "\n== {} @ {}, {mode} ==", trace.name(), bw_name(bw));
-                let _ = writeln!(
-                    out,
-                    "{:>5} | {:<45} | {:<27} | {:<51} |",
-                    "", "ours", "Xen count rule", "QEMU"
-                );
+                let _ = writeln!(out, "{:>5} | {:<45} | {:<27} | {:<51} |", "", "ours", "Xen count rule", "QEMU");
                 let _ = writeln!(
                     out,
                     "{:>5} | {:>6} {:>9} {:>8} {:>3} {:>4} {:>10} | {:>6} {:>9} {:>8} {:>3} | {:>6} {:>5} {:>9} {:>8} {:>3} \
                      {:>4} {:>10} | check",
-                    "ratio", "rounds", "bytes/RAM", "down ms", "met", "thr", "refused", "rounds", "bytes/RAM",
-                    "down ms", "met", "passes", "syncs", "bytes/RAM", "down ms", "met", "thr", "refused",
+                    "ratio",
+                    "rounds",
+                    "bytes/RAM",
+                    "down ms",
+                    "met",
+                    "thr",
+                    "refused",
+                    "rounds",
+                    "bytes/RAM",
+                    "down ms",
+                    "met",
+                    "passes",
+                    "syncs",
+                    "bytes/RAM",
+                    "down ms",
+                    "met",
+                    "thr",
+                    "refused",
                 );
                 let mut rows = Vec::new();
                 for &ratio in &RATIOS {

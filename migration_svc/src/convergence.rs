@@ -455,7 +455,8 @@ mod tests {
                 bytes += dirty_prev * PAGE_SIZE;
                 ms += round_ms;
             }
-            let s = RoundStats { round, bytes_sent: bytes, send_ms: ms, dirty_pages: dirty, round_ms, throttle_percent: 0 };
+            let s =
+                RoundStats { round, bytes_sent: bytes, send_ms: ms, dirty_pages: dirty, round_ms, throttle_percent: 0 };
             let d = p.decide(&s);
             decisions.push(d);
             if !matches!(d, Decision::Continue) {
@@ -482,22 +483,28 @@ mod tests {
             round_ms: 2000,
             throttle_percent: 0,
         };
-        assert_eq!(p.decide(&RoundStats { round: 29, ..s }), Decision::Fail(ConvergenceError::TooSlow {
-            rounds: 29,
-            kept_permille: 492,
-            rounds_needed: Some(2),
-            rounds_left: 1,
-            estimated_downtime_ms: 984,
-            downtime_target_ms: 300,
-        }));
+        assert_eq!(
+            p.decide(&RoundStats { round: 29, ..s }),
+            Decision::Fail(ConvergenceError::TooSlow {
+                rounds: 29,
+                kept_permille: 492,
+                rounds_needed: Some(2),
+                rounds_left: 1,
+                estimated_downtime_ms: 984,
+                downtime_target_ms: 300,
+            })
+        );
         assert_eq!(t.decide(&RoundStats { round: 29, ..s }), Decision::Throttle { percent: 20 });
-        assert_eq!(t.decide(&RoundStats { round: 29, throttle_percent: 99, ..s }), Decision::Fail(ConvergenceError::TooSlow {
-            rounds: 29,
-            kept_permille: 492,
-            rounds_needed: Some(2),
-            rounds_left: 1,
-            estimated_downtime_ms: 984,
-            downtime_target_ms: 300,
-        }));
+        assert_eq!(
+            t.decide(&RoundStats { round: 29, throttle_percent: 99, ..s }),
+            Decision::Fail(ConvergenceError::TooSlow {
+                rounds: 29,
+                kept_permille: 492,
+                rounds_needed: Some(2),
+                rounds_left: 1,
+                estimated_downtime_ms: 984,
+                downtime_target_ms: 300,
+            })
+        );
     }
 }
