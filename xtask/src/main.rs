@@ -327,9 +327,12 @@ fn test(host_only: bool, system_only: bool, filter: Option<String>) -> Result<()
         println!("xtask: host tests (cargo test --workspace)");
         tools::cargo(&["test", "--workspace", "--exclude", "boot", "--exclude", "guest-kernels"])?;
         // A deterministic simulation, not a timing: it fails when our convergence
-        // policy misses the downtime target where Xen's count rule or QEMU's rule meets
-        // it, or sends more bytes there than the cheaper of them (the acceptance rule of
-        // the migration issue).
+        // policy misses the downtime target where Xen's count rule meets it or sends
+        // more bytes there, or pauses the guest for longer than the target where QEMU's
+        // rule meets it. The acceptance rule of issue 13 item 4 (no more bytes than the
+        // cheaper of the two, and no refusal where QEMU meets the target) does not hold
+        // yet: the bench prints it as "not yet met"; pass `-- --strict` to make it the
+        // exit status.
         println!("xtask: convergence policy vs Xen's and QEMU's rules (cargo bench -p migration_svc)");
         tools::cargo(&["bench", "--quiet", "-p", "migration_svc", "--bench", "convergence"])?;
     }
