@@ -10,6 +10,9 @@
 //!  bandwidth pages   = B / 4096                                    pages/s
 //!  dirty rate D      = dirty_pages × 1000 / round_ms               pages/s (the round just finished)
 //!  estimated downtime = dirty_pages × 4096 × 1000 / B              ms, rounded up
+//!  kept f            = dirty_pages × 4096 / (B × round_ms / 1000)  the dirty set after the round over
+//!                                                                  what the round sent (‰, rounded up)
+//!  rounds needed n   = the least n with estimated downtime × fⁿ ≤ downtime_target_ms
 //!
 //!  1. estimated downtime ≤ downtime_target_ms      → StopAndCopy { estimated_downtime_ms }
 //!  2. D > B/4096 (the dirty set cannot shrink):
@@ -18,13 +21,25 @@
 //!  3. throttle enabled, below 99 % and D > B/4096/2 (the dirty set shrinks by less than
 //!     half per round: QEMU's 50 % rule)            → Throttle { percent }
 //!  4. round ≥ max_rounds                           → Fail(RoundLimit)
-//!  5. otherwise                                    → Continue
+//!  5. f ≥ 100 % or n > max_rounds − round (the round limit would be hit first):
+//!       throttle enabled and below 99 %            → Throttle { percent }
+//!       otherwise                                  → Fail(TooSlow)
+//!  6. otherwise                                    → Continue
 //! ```
 //!
 //! `dirty_pages` are the pages dirtied during the round that just finished: exactly what
 //! is left to send, so the estimate is the time the stop-and-copy phase would take at
 //! the bandwidth seen so far. The defaults (300 ms, 30 rounds) and the throttle steps
 //! (20 % initial, +10 % per step, 99 % maximum) are QEMU's and cloud-hypervisor's.
+//!
+//! Rule 5 is a geometric fit over one round: a round sends the previous dirty set, and
+//! the guest dirties `f` of that amount meanwhile, so each further round multiplies the
+//! downtime estimate by `f`. `f` is measured on the round just finished (round 0: the
+//! full copy), so it follows a guest whose working set saturates (uniform writes keep
+//! fewer of their pages per round as the set shrinks, `f` rises round by round); it is
+//! optimistic for such a guest, so the rule gives up late rather than wrongly. Giving up
+//! at round 2 instead of at the limit saves what the rounds in between would send
+//! (several times the guest's memory on a link that almost keeps up).
 
 use core::fmt;
 
@@ -98,6 +113,36 @@ impl RoundStats {
         let ms = (u128::from(self.dirty_pages) * u128::from(PAGE_SIZE) * 1000).div_ceil(bw);
         u64::try_from(ms).unwrap_or(u64::MAX)
     }
+
+    /// The dirty set after the round over what the round could send at the measured
+    /// bandwidth, in per mille (rounded up): below 1000 the set shrinks by that factor
+    /// per round, at 1000 or above it does not shrink. `u64::MAX` if nothing was timed
+    /// or measured.
+    pub fn kept_permille(&self) -> u64 {
+        let sendable = u128::from(self.bandwidth_bytes_per_sec()) * u128::from(self.round_ms);
+        let dirty = u128::from(self.dirty_pages) * u128::from(PAGE_SIZE) * 1_000_000;
+        if sendable == 0 {
+            return if self.dirty_pages == 0 { 0 } else { u64::MAX };
+        }
+        u64::try_from(dirty.div_ceil(sendable)).unwrap_or(u64::MAX)
+    }
+
+    /// How many more rounds shrinking the downtime estimate by [`Self::kept_permille`]
+    /// each take to bring it to `target_ms` or below, counted up to `cap`: `None` if
+    /// more than `cap` (or the set does not shrink).
+    pub fn rounds_needed(&self, target_ms: u64, cap: u32) -> Option<u32> {
+        let kept = u128::from(self.kept_permille());
+        let mut estimate = u128::from(self.estimated_downtime_ms());
+        let mut rounds = 0;
+        while estimate > u128::from(target_ms) {
+            if kept >= 1000 || rounds >= cap {
+                return None;
+            }
+            estimate = (estimate * kept).div_ceil(1000);
+            rounds += 1;
+        }
+        Some(rounds)
+    }
 }
 
 /// `count` per `ms` milliseconds, in per second; a zero time counts as 1 ms.
@@ -145,7 +190,28 @@ pub enum ConvergenceError {
         /// The target.
         downtime_target_ms: u64,
     },
+    /// The dirty set shrinks too slowly (or not at all) to bring the downtime within its
+    /// target in the rounds left: given up early rather than at the round limit.
+    TooSlow {
+        /// The rounds run.
+        rounds: u32,
+        /// The dirty set after the last round over what it sent, in per mille (see
+        /// [`RoundStats::kept_permille`]).
+        kept_permille: u64,
+        /// The further rounds that shrink would need, `None` if more than
+        /// [`TOO_SLOW_COUNT_CAP`] (or it does not shrink).
+        rounds_needed: Option<u32>,
+        /// The rounds left before the limit.
+        rounds_left: u32,
+        /// The downtime a stop-and-copy would take now.
+        estimated_downtime_ms: u64,
+        /// The target.
+        downtime_target_ms: u64,
+    },
 }
+
+/// How far [`ConvergenceError::TooSlow`] counts the rounds a slow shrink would need.
+pub const TOO_SLOW_COUNT_CAP: u32 = 999;
 
 impl fmt::Display for ConvergenceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -159,6 +225,33 @@ impl fmt::Display for ConvergenceError {
                 "does not converge within {rounds} rounds: estimated downtime {estimated_downtime_ms} ms > target \
                  {downtime_target_ms} ms"
             ),
+            Self::TooSlow {
+                rounds,
+                kept_permille,
+                rounds_needed,
+                rounds_left,
+                estimated_downtime_ms,
+                downtime_target_ms,
+            } => {
+                f.write_str("not converging: ")?;
+                if *kept_permille >= 1000 {
+                    f.write_str("dirty set does not shrink")?;
+                } else {
+                    // The shrink in per mille (the kept share was rounded up), shown as percent.
+                    let shrink = 1000 - kept_permille;
+                    write!(f, "dirty set shrinks {}.{} % per round", shrink / 10, shrink % 10)?;
+                }
+                match rounds_needed {
+                    Some(n) => write!(f, ", ~{n} more rounds needed")?,
+                    None if *kept_permille < 1000 => write!(f, ", over {TOO_SLOW_COUNT_CAP} more rounds needed")?,
+                    None => {}
+                }
+                write!(
+                    f,
+                    ", {rounds_left} left (after {rounds} rounds: estimated downtime {estimated_downtime_ms} ms > \
+                     target {downtime_target_ms} ms)"
+                )
+            }
         }
     }
 }
@@ -191,6 +284,20 @@ impl Policy {
         if stats.round >= self.max_rounds {
             return Decision::Fail(ConvergenceError::RoundLimit {
                 rounds: stats.round,
+                estimated_downtime_ms,
+                downtime_target_ms: self.downtime_target_ms,
+            });
+        }
+        let rounds_left = self.max_rounds.saturating_sub(stats.round);
+        if stats.rounds_needed(self.downtime_target_ms, rounds_left).is_none() {
+            if can_throttle {
+                return Decision::Throttle { percent: next_throttle };
+            }
+            return Decision::Fail(ConvergenceError::TooSlow {
+                rounds: stats.round,
+                kept_permille: stats.kept_permille(),
+                rounds_needed: stats.rounds_needed(self.downtime_target_ms, TOO_SLOW_COUNT_CAP),
+                rounds_left,
                 estimated_downtime_ms,
                 downtime_target_ms: self.downtime_target_ms,
             });
@@ -273,5 +380,135 @@ mod tests {
         // Converging, but by less than half per round: throttle too; by more: continue.
         assert_eq!(p.decide(&stats(1, 15_000, 0)), Decision::Throttle { percent: 20 });
         assert_eq!(p.decide(&stats(1, 12_000, 0)), Decision::Continue);
+    }
+
+    #[test]
+    fn kept_and_rounds_needed() {
+        // 22000 pages dirtied in a 1 s round that could send 100 MB: 90.1 % kept.
+        let s = stats(1, 22_000, 0);
+        assert_eq!(s.kept_permille(), 902);
+        assert_eq!(s.estimated_downtime_ms(), 902);
+        // 902 ms × 0.902ⁿ ≤ 300 ms from n = 11 on.
+        assert_eq!(s.rounds_needed(300, 30), Some(11));
+        assert_eq!(s.rounds_needed(300, 11), Some(11));
+        assert_eq!(s.rounds_needed(300, 10), None);
+        assert_eq!(s.rounds_needed(902, 0), Some(0));
+        // Exactly what the link sends: not shrinking, however many rounds are allowed.
+        let flat = stats(1, 24_414, 0);
+        assert_eq!(flat.kept_permille(), 1000);
+        assert_eq!(flat.rounds_needed(300, TOO_SLOW_COUNT_CAP), None);
+        assert_eq!(RoundStats::default().kept_permille(), 0);
+        assert_eq!(RoundStats { dirty_pages: 1, ..RoundStats::default() }.kept_permille(), u64::MAX);
+    }
+
+    #[test]
+    fn gives_up_when_the_rounds_left_are_too_few() {
+        let p = Policy::default();
+        // 11 rounds needed: enough left at round 19, not at round 20.
+        assert_eq!(p.decide(&stats(19, 22_000, 0)), Decision::Continue);
+        let early = p.decide(&stats(20, 22_000, 0));
+        assert_eq!(
+            early,
+            Decision::Fail(ConvergenceError::TooSlow {
+                rounds: 20,
+                kept_permille: 902,
+                rounds_needed: Some(11),
+                rounds_left: 10,
+                estimated_downtime_ms: 902,
+                downtime_target_ms: 300,
+            })
+        );
+        let Decision::Fail(e) = early else { return };
+        assert_eq!(
+            e.to_string(),
+            "not converging: dirty set shrinks 9.8 % per round, ~11 more rounds needed, 10 left (after 20 rounds: \
+             estimated downtime 902 ms > target 300 ms)"
+        );
+        // At the limit itself the round limit still speaks.
+        assert!(matches!(p.decide(&stats(30, 22_000, 0)), Decision::Fail(ConvergenceError::RoundLimit { .. })));
+        // A set that keeps everything the link sends (not faster than it: rule 2 is quiet).
+        let flat = p.decide(&stats(1, 24_414, 0));
+        assert!(matches!(flat, Decision::Fail(_)), "{flat:?}");
+        let Decision::Fail(e) = flat else { return };
+        assert!(matches!(e, ConvergenceError::TooSlow { rounds_needed: None, kept_permille: 1000, .. }));
+        assert_eq!(
+            e.to_string(),
+            "not converging: dirty set does not shrink, 29 left (after 1 rounds: estimated downtime 1000 ms > \
+             target 300 ms)"
+        );
+        // A very slow shrink: more rounds than are counted.
+        let slow = p.decide(&stats(1, 24_380, 0));
+        assert!(matches!(slow, Decision::Fail(_)), "{slow:?}");
+        let Decision::Fail(e) = slow else { return };
+        assert!(e.to_string().starts_with("not converging: dirty set shrinks 0.1 % per round, over 999 more rounds"));
+    }
+
+    #[test]
+    fn gives_up_early_on_synthetic_rounds() {
+        // A guest whose dirty set keeps 98 % per round, from 200000 pages (8 s at
+        // 100 MB/s): about 160 rounds to reach 300 ms. Round n sends round n − 1's set.
+        let p = Policy::default();
+        let (mut bytes, mut ms, mut dirty_prev) = (1u64 << 30, 10_737u64, 262_144u64);
+        let mut decisions = alloc::vec::Vec::new();
+        for round in 0..5 {
+            let dirty = if round == 0 { 200_000 } else { dirty_prev * 98 / 100 };
+            let round_ms = (dirty_prev * PAGE_SIZE * 1000).div_ceil(100_000_000);
+            if round > 0 {
+                bytes += dirty_prev * PAGE_SIZE;
+                ms += round_ms;
+            }
+            let s =
+                RoundStats { round, bytes_sent: bytes, send_ms: ms, dirty_pages: dirty, round_ms, throttle_percent: 0 };
+            let d = p.decide(&s);
+            decisions.push(d);
+            if !matches!(d, Decision::Continue) {
+                break;
+            }
+            dirty_prev = dirty;
+        }
+        // Round 0 (the full copy) keeps 76 %: 7.5 rounds needed, go on; round 1 keeps 98 %.
+        assert_eq!(decisions.len(), 2, "{decisions:?}");
+        assert_eq!(decisions.first(), Some(&Decision::Continue));
+        let second = decisions.get(1).copied();
+        assert!(
+            matches!(second, Some(Decision::Fail(ConvergenceError::TooSlow { rounds: 1, rounds_left: 29, .. }))),
+            "{decisions:?}"
+        );
+        let Some(Decision::Fail(ConvergenceError::TooSlow { rounds_needed, .. })) = second else { return };
+        assert!(rounds_needed.is_some_and(|n| n > 29), "{rounds_needed:?}");
+        // Shrinking by half a round (rule 3 is quiet), but 2 rounds needed with 1 left:
+        // give up, or with throttle on, throttle instead.
+        let t = Policy { throttle: true, ..p };
+        let s = RoundStats {
+            round: 1,
+            bytes_sent: 100_000_000,
+            send_ms: 1000,
+            dirty_pages: 24_000,
+            round_ms: 2000,
+            throttle_percent: 0,
+        };
+        assert_eq!(
+            p.decide(&RoundStats { round: 29, ..s }),
+            Decision::Fail(ConvergenceError::TooSlow {
+                rounds: 29,
+                kept_permille: 492,
+                rounds_needed: Some(2),
+                rounds_left: 1,
+                estimated_downtime_ms: 984,
+                downtime_target_ms: 300,
+            })
+        );
+        assert_eq!(t.decide(&RoundStats { round: 29, ..s }), Decision::Throttle { percent: 20 });
+        assert_eq!(
+            t.decide(&RoundStats { round: 29, throttle_percent: 99, ..s }),
+            Decision::Fail(ConvergenceError::TooSlow {
+                rounds: 29,
+                kept_permille: 492,
+                rounds_needed: Some(2),
+                rounds_left: 1,
+                estimated_downtime_ms: 984,
+                downtime_target_ms: 300,
+            })
+        );
     }
 }
