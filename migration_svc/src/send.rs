@@ -21,18 +21,22 @@ pub const SEND_BATCH_PAGES: usize = 16;
 pub struct PageBatcher {
     batch: PageBatch,
     pages: u64,
+    zero_pages: u64,
 }
 
 impl PageBatcher {
     /// An empty batcher.
     pub const fn new() -> Self {
-        Self { batch: PageBatch::new(), pages: 0 }
+        Self { batch: PageBatch::new(), pages: 0, zero_pages: 0 }
     }
 
     /// Add page `pfn` with its 4096 bytes; a full batch is encoded into `out`.
     pub fn push(&mut self, pfn: u64, page: &[u8], out: &mut Vec<u8>) -> Result<(), RecordError> {
         self.batch.push(pfn, page).map_err(bad)?;
         self.pages += 1;
+        if self.batch.zero.last() == Some(&true) {
+            self.zero_pages += 1;
+        }
         if self.is_full() { self.flush(out) } else { Ok(()) }
     }
 
@@ -40,6 +44,7 @@ impl PageBatcher {
     pub fn push_zero(&mut self, pfn: u64, out: &mut Vec<u8>) -> Result<(), RecordError> {
         self.batch.push_zero(pfn).map_err(bad)?;
         self.pages += 1;
+        self.zero_pages += 1;
         if self.is_full() { self.flush(out) } else { Ok(()) }
     }
 
@@ -54,6 +59,11 @@ impl PageBatcher {
 
     fn is_full(&self) -> bool {
         self.batch.pfns.len() >= SEND_BATCH_PAGES || self.batch.is_full()
+    }
+
+    /// Pages pushed so far that went out as zero pages (pfn only).
+    pub const fn zero_pages(&self) -> u64 {
+        self.zero_pages
     }
 
     /// Pages pushed so far.

@@ -48,6 +48,8 @@ pub struct FakeCore {
     pub refuse: Option<(Vec<u8>, String)>,
     /// Pages written by incoming migrations.
     pub pages_written: u64,
+    /// How long reading one page takes (the clock advances by it on every read).
+    pub read_page_ns: u64,
 }
 
 fn page_range(d: &mut FakeDomain, pfn: u64) -> Result<&mut [u8], String> {
@@ -146,6 +148,7 @@ impl MigrationCore for FakeCore {
         self.dom(domain)?.log.as_mut().ok_or("not logging")?.or_merge(bits).map_err(|e| alloc::format!("{e}"))
     }
     fn read_page(&mut self, domain: u32, pfn: u64, out: &mut [u8]) -> Result<(), String> {
+        self.now_ns += self.read_page_ns;
         let page = page_range(self.dom(domain)?, pfn)?;
         let n = out.len().min(page.len());
         for (o, p) in out.iter_mut().zip(page.iter()).take(n) {
