@@ -350,7 +350,7 @@ impl<F: FnMut(&[u8]) -> Result<(), String>> Destination<F> {
         let expected = self.domain.as_ref().and_then(|d| d.digest).map(|d| d.digest);
         match expected {
             Some(expected) if expected == found => {
-                self.state = DestState::Complete;
+                self.complete();
                 vec![DestAction::Complete(self.summary)]
             }
             Some(expected) => self.discard(DestError::MemoryMismatch { expected, found }),
@@ -462,7 +462,7 @@ impl<F: FnMut(&[u8]) -> Result<(), String>> Destination<F> {
                     self.state = DestState::Verifying;
                     return Ok(vec![DestAction::VerifyMemory(digest)]);
                 }
-                self.state = DestState::Complete;
+                self.complete();
                 Ok(vec![DestAction::Complete(summary)])
             }
             (DestState::Memory, _) => Err(DestError::OutOfOrder { expected: "page batch", found }),
@@ -499,9 +499,18 @@ impl<F: FnMut(&[u8]) -> Result<(), String>> Destination<F> {
         Ok(())
     }
 
+    /// Complete: what only served the checks (the page bitmaps, the decoder's buffer)
+    /// goes back to the heap; a finished session is kept for its status alone.
+    fn complete(&mut self) {
+        self.state = DestState::Complete;
+        self.domain = None;
+        self.decoder = RecordDecoder::new();
+    }
+
     fn discard(&mut self, error: DestError) -> Vec<DestAction> {
         self.state = DestState::Discarded;
         self.domain = None;
+        self.decoder = RecordDecoder::new();
         self.error = Some(error.clone());
         vec![DestAction::Discard(error)]
     }

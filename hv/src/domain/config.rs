@@ -35,8 +35,11 @@ pub struct DomainConfig {
 
 /// Smallest guest memory: the loader's tables, the kernel at 2 MiB and a stack.
 pub const MIN_MEMORY: u64 = 4 << 20;
-/// Largest guest memory (one page directory per GiB; keep boot-time domains modest).
-pub const MAX_MEMORY: u64 = 1 << 30;
+/// Largest guest memory a configuration may ask for: a sanity bound, far below what the
+/// guest's identity tables can cover (a page directory per GiB below 2 MiB). What a
+/// domain really gets is limited by the free frames of the pool, which refuses a
+/// request it cannot hold with an out-of-memory error.
+pub const MAX_MEMORY: u64 = 256 << 30;
 /// Most vCPUs per domain.
 pub const MAX_VCPUS: u32 = 8;
 
@@ -102,7 +105,7 @@ pub fn parse_line(text: &str, line: usize) -> Result<Option<DomainConfig>, Confi
             "memory" => {
                 memory = parse_size(value).ok_or_else(|| err(alloc::format!("memory `{value}` is not a size")))?;
                 if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) {
-                    return Err(err(alloc::format!("memory {value} is outside 4M..1G")));
+                    return Err(err(alloc::format!("memory {value} is outside 4M..256G")));
                 }
             }
             "vcpus" => {
@@ -136,7 +139,7 @@ pub fn validate(c: &DomainConfig) -> Result<(), String> {
         return Err(alloc::format!("name `{}`: use 1-32 of A-Z a-z 0-9 - _", c.name));
     }
     if !(MIN_MEMORY..=MAX_MEMORY).contains(&c.memory) {
-        return Err(alloc::format!("memory {} MiB is outside 4M..1G", c.memory >> 20));
+        return Err(alloc::format!("memory {} MiB is outside 4M..256G", c.memory >> 20));
     }
     if !(1..=MAX_VCPUS).contains(&c.vcpus) {
         return Err(alloc::format!("vcpus {} is outside 1..{MAX_VCPUS}", c.vcpus));
@@ -190,7 +193,7 @@ mod tests {
     #[test]
     fn errors_name_the_line_and_the_problem() {
         let e = parse("name=a kernel=k\nname=b kernel=k memory=1M\n").unwrap_err();
-        assert_eq!(e.to_string(), "DOMAINS.CFG line 2: memory 1M is outside 4M..1G");
+        assert_eq!(e.to_string(), "DOMAINS.CFG line 2: memory 1M is outside 4M..256G");
         assert_eq!(parse("name=a kernel=k vcpus=0").unwrap_err().message, "vcpus 0 is outside 1..8");
         assert_eq!(parse("kernel=k").unwrap_err().message, "missing name=");
         assert_eq!(parse("name=a kernel=x/y").unwrap_err().message, "kernel `x/y`: give a file name in \\EFI\\HV");

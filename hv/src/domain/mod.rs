@@ -729,7 +729,9 @@ fn reply(code: wire::ErrorCode, e: impl fmt::Display) -> wire::ErrorReply {
 
 fn domain_reply(e: DomainError) -> wire::ErrorReply {
     let code = match &e {
-        DomainError::Memory(MmError::OutOfFrames { .. } | MmError::OutOfHeap { .. }) => wire::ErrorCode::OutOfMemory,
+        DomainError::Memory(
+            MmError::OutOfFrames { .. } | MmError::NotEnoughFrames { .. } | MmError::OutOfHeap { .. },
+        ) => wire::ErrorCode::OutOfMemory,
         DomainError::Memory(_) | DomainError::Arch(_) => wire::ErrorCode::Internal,
         _ => wire::ErrorCode::Refused,
     };

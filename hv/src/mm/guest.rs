@@ -33,6 +33,10 @@ impl<F: EntryFormat> GuestMemory<F> {
     /// 4 KiB at a time. On failure everything allocated so far is returned to the pool.
     pub fn new(pool: &mut FramePool, bytes: u64, large: bool) -> Result<Self, MmError> {
         let pages = bytes.div_ceil(PAGE_SIZE);
+        // Refuse at once what cannot fit, rather than zero frames only to give them back.
+        if pages > pool.free_frames() as u64 {
+            return Err(MmError::NotEnoughFrames { wanted: pages, free: pool.free_frames() as u64 });
+        }
         let per_chunk = LARGE_PAGE_SIZE / PAGE_SIZE;
         let mut chunks = Vec::new();
         if large {
@@ -252,7 +256,11 @@ mod tests {
     #[test]
     fn running_out_of_frames_returns_what_was_taken() {
         let mut p = pool(10);
-        assert!(matches!(GuestMemory::<Ept>::new(&mut p, 20 * PAGE_SIZE, false), Err(MmError::OutOfFrames { .. })));
+        assert!(matches!(
+            GuestMemory::<Ept>::new(&mut p, 20 * PAGE_SIZE, false),
+            Err(MmError::NotEnoughFrames { wanted: 20, free: 10 })
+        ));
+        assert!(matches!(GuestMemory::<Ept>::new(&mut p, 10 * PAGE_SIZE, false), Err(MmError::OutOfFrames { .. })));
         assert_eq!(p.free_frames(), 10);
     }
 }

@@ -49,6 +49,13 @@ pub enum MmError {
         /// Physical address.
         pa: u64,
     },
+    /// A request for more frames than the pool has free (refused before any is taken).
+    NotEnoughFrames {
+        /// Frames asked for.
+        wanted: u64,
+        /// Frames free.
+        free: u64,
+    },
     /// The hypervisor's heap cannot hold the bookkeeping for a request this large.
     OutOfHeap {
         /// The bytes asked for.
@@ -69,6 +76,12 @@ impl core::fmt::Display for MmError {
             }
             MmError::OutOfRange { gpa } => write!(f, "guest-physical address {gpa:#x} is beyond 48 bits"),
             MmError::NotOwned { pa } => write!(f, "physical address {pa:#x} is not an allocated frame of the pool"),
+            MmError::NotEnoughFrames { wanted, free } => write!(
+                f,
+                "out of memory: {} MiB asked for, but only {} MiB of the hypervisor's frame pool are free",
+                wanted >> 8,
+                free >> 8
+            ),
             MmError::OutOfHeap { bytes } => {
                 write!(f, "out of memory: the hypervisor's heap cannot hold {bytes} more bytes for this request")
             }
