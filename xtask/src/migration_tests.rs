@@ -39,6 +39,7 @@ const TESTS: &[NamedTest<Ctx>] = &[
     ("migrate-cancel-mid-round-source-runs", cancel_mid_round),
     ("migrate-memwriter-while-writing", live_memwriter),
     ("migrate-save-restore-file", save_restore),
+    ("migrate-stress-8m-to-1g-until-full", stress),
 ];
 
 /// Boot a source and a destination and run the migration tests matching `filter`.
@@ -396,5 +397,168 @@ fn save_restore(ctx: &Ctx) -> Result<String> {
         "saved {size} bytes ({} pages), restored as domain {new_id}; {} rounds in sequence",
         saved["pages_sent"],
         all.len()
+    ))
+}
+
+/// Guest sizes the stress test moves: from the tests' own size to what people run.
+const STRESS_SIZES: &[&str] = &["8M", "64M", "256M", "512M", "1G"];
+
+/// Heap bytes in use and free frames of `session` (`hvctl info --json`).
+fn memory_use(ctx: &Ctx, session: &Session) -> Result<(u64, u64)> {
+    let info = json(&hvctl_on(ctx, session, &["info", "--json"])?, "info --json")?;
+    let m = &info["memory_use"];
+    match (m["heap_used_bytes"].as_u64(), m["frames_free"].as_u64()) {
+        (Some(heap), Some(frames)) => Ok((heap, frames)),
+        _ => Err(format!("info --json has no memory_use: {info}")),
+    }
+}
+
+/// Heap and frames are back where they were: every frame, and the heap within what
+/// the finished migration sessions keep for their status.
+fn back_to_baseline(ctx: &Ctx, what: &str, base_src: (u64, u64), base_dst: (u64, u64)) -> Result<()> {
+    const HEAP_SLACK: u64 = 64 * 1024;
+    for (side, session, (heap0, frames0)) in [("source", &ctx.src, base_src), ("destination", &ctx.dst, base_dst)] {
+        let (heap, frames) = memory_use(ctx, session)?;
+        if frames != frames0 || heap > heap0 + HEAP_SLACK {
+            return Err(format!(
+                "after {what} the {side} has {frames} free frames and {heap} heap bytes in use; before: {frames0} \
+                 frames and {heap0} bytes"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Create a memwriter of `memory` on `session`; (exit code, id or the error text).
+fn create_sized(ctx: &Ctx, session: &Session, name: &str, memory: &str) -> Result<(Option<i32>, Result<u64>)> {
+    let kernel = ctx.guests.join("memwriter.elf").display().to_string();
+    let t = target(session);
+    let args = [
+        "--connect",
+        &t,
+        "domain",
+        "create",
+        "--kernel",
+        &kernel,
+        "--name",
+        name,
+        "--memory",
+        memory,
+        "--cpuid",
+        WRITER_CPUID,
+        "--cmdline",
+        WRITER_CMDLINE,
+        "--json",
+    ];
+    let (code, stdout, stderr) = hvctl_raw(ctx, &args)?;
+    if code != Some(0) {
+        return Ok((code, Err(stderr.trim().to_string())));
+    }
+    let out = json(&stdout, "domain create")?;
+    Ok((code, out["id"].as_u64().ok_or_else(|| format!("domain create gave no id: {out}"))))
+}
+
+fn migrate_between(ctx: &Ctx, from: &Session, to: &Session, id: u64, extra: &[&str]) -> Result<serde_json::Value> {
+    let (f, t) = (target(from), target(to));
+    let id = id.to_string();
+    let mut args = vec!["migrate", id.as_str(), "--from", f.as_str(), "--to", t.as_str(), "--json"];
+    args.extend_from_slice(extra);
+    let (code, stdout, stderr) = hvctl_raw(ctx, &args)?;
+    let mut report = json(&stdout, "hvctl migrate --json").map_err(|e| format!("{e}; stderr: {stderr}"))?;
+    report["exit_code"] = code.into();
+    Ok(report)
+}
+
+/// The writer `id` on `session` reports at least two more rounds, each read back right.
+fn writes_right(session: &Session, id: u64, what: &str) -> Result<()> {
+    let before = rounds(session, id).len();
+    wait_for(&format!("the writer to report rounds {what}"), 60, || Ok(rounds(session, id).len() >= before + 2))?;
+    for (round, checksum) in rounds(session, id) {
+        let want = guest_abi::memwriter::round_checksum(WRITER_SEED, round, WRITER_PAGES);
+        if checksum != want {
+            return Err(format!("{what}, round {round} read back {checksum:#x}, expected {want:#x}"));
+        }
+    }
+    Ok(())
+}
+
+/// Issue 13 item 2: guests of 8 MiB to 1 GiB created, migrated (with a memory digest),
+/// saved and restored; then the source's pool filled until creation is refused, and a
+/// migration into the full hypervisor refused. Every refusal is a clear error, both
+/// hypervisors keep serving, and their heap and frames come back to the baseline.
+fn stress(ctx: &Ctx) -> Result<String> {
+    let (base_src, base_dst) = (memory_use(ctx, &ctx.src)?, memory_use(ctx, &ctx.dst)?);
+    let mut notes = Vec::new();
+    for size in STRESS_SIZES {
+        let name = format!("stress-{}", size.to_lowercase());
+        let (code, id) = create_sized(ctx, &ctx.src, &name, size)?;
+        let id = id.map_err(|e| format!("creating a {size} writer failed (exit {code:?}): {e}"))?;
+        writes_right(&ctx.src, id, &format!("on the source ({size})"))?;
+        let report = migrate_between(ctx, &ctx.src, &ctx.dst, id, &["--verify"])?;
+        if report["outcome"] != "completed" || report["source_digest"] != report["destination_digest"] {
+            return Err(format!("migrating the {size} writer did not complete with equal digests: {report}"));
+        }
+        let moved = report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
+        writes_right(&ctx.dst, moved, &format!("after the {size} migration"))?;
+        let file = ctx.dst.dir.join(format!("{name}.hvmig"));
+        let _ = std::fs::remove_file(&file);
+        let file_arg = file.display().to_string();
+        let saved = json(&hvctl_on(ctx, &ctx.dst, &["save", &moved.to_string(), &file_arg, "--json"])?, "save")?;
+        let restored = json(&hvctl_on(ctx, &ctx.src, &["restore", &file_arg, "--json"])?, "restore --json")?;
+        let back = restored["domain"]
+            .as_u64()
+            .or_else(|| restored["destination_domain"].as_u64())
+            .ok_or_else(|| format!("restore gave no domain id: {restored}"))?;
+        writes_right(&ctx.src, back, &format!("after the {size} save and restore"))?;
+        hvctl_on(ctx, &ctx.src, &["domain", "destroy", &back.to_string()])?;
+        let _ = std::fs::remove_file(&file);
+        notes.push(format!(
+            "{size}: migrate {} ms (downtime {} ms, {} bytes), save {} ms",
+            report["duration_ms"], report["downtime_ms"], report["bytes_sent"], saved["duration_ms"]
+        ));
+    }
+    back_to_baseline(ctx, "moving every size", base_src, base_dst)?;
+
+    // Fill the source until it refuses: a 1 GiB guest, then 256 MiB ones.
+    let mut held = Vec::new();
+    let mut refusal = None;
+    for i in 0..16 {
+        let size = if i == 0 { "1G" } else { "256M" };
+        match create_sized(ctx, &ctx.src, &format!("fill-{i}"), size)? {
+            (_, Ok(id)) => held.push(id),
+            (code, Err(e)) => {
+                if code != Some(4) || !e.contains("out of memory") {
+                    return Err(format!(
+                        "the full pool refused with exit {code:?} and `{e}`, not an out-of-memory error"
+                    ));
+                }
+                refusal = Some(e);
+                break;
+            }
+        }
+    }
+    let refusal = refusal.ok_or("16 guests fit; the pool never filled")?;
+    memory_use(ctx, &ctx.src).map_err(|e| format!("the full source stopped answering: {e}"))?;
+    // A migration into the full source: refused there, the guest runs on here.
+    let (code, id) = create_sized(ctx, &ctx.dst, "into-full", "512M")?;
+    let id = id.map_err(|e| format!("creating the 512M writer on the destination failed (exit {code:?}): {e}"))?;
+    let report = migrate_between(ctx, &ctx.dst, &ctx.src, id, &[])?;
+    let error = report["error"].as_str().unwrap_or_default().to_string();
+    if report["exit_code"] != 4 || !error.contains("out of memory") {
+        return Err(format!("migrating into the full hypervisor was not refused for want of memory: {report}"));
+    }
+    writes_right(&ctx.dst, id, "after the refused migration")?;
+    hvctl_on(ctx, &ctx.dst, &["domain", "destroy", &id.to_string()])?;
+    for id in &held {
+        hvctl_on(ctx, &ctx.src, &["domain", "destroy", &id.to_string()])?;
+    }
+    back_to_baseline(ctx, "filling the pool", base_src, base_dst)?;
+    let short = |t: &str| t.chars().take(110).collect::<String>();
+    Ok(format!(
+        "{}; pool full after {} guests: `{}`; migration into it refused: `{}`; heap and frames back to baseline",
+        notes.join("; "),
+        held.len(),
+        short(&refusal),
+        short(&error)
     ))
 }
