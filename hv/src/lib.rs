@@ -27,6 +27,7 @@ pub mod caps;
 pub mod console;
 pub mod control;
 pub mod cpu;
+pub mod devices;
 pub mod domain;
 pub mod heap;
 pub mod hw;
