@@ -99,24 +99,6 @@ pub fn monitor_service() -> monitor_svc::MonitorService {
     monitor_svc::MonitorService::with_caps(caps, 1, timing)
 }
 
-/// The core's exit counter name → the monitoring service's exit kind.
-pub fn exit_kind(name: &str) -> monitor_svc::events::ExitKind {
-    use monitor_svc::events::ExitKind;
-    match name {
-        "hypercall" => ExitKind::Hypercall,
-        "hlt" => ExitKind::Hlt,
-        "triple_fault" => ExitKind::TripleFault,
-        "npf" => ExitKind::NestedPageFault,
-        "exception" => ExitKind::Exception(8),
-        "cpuid" => ExitKind::Cpuid,
-        "io" => ExitKind::Io,
-        "rdmsr" | "wrmsr" => ExitKind::Msr,
-        "virt_insn" => ExitKind::VirtualizationInstruction,
-        "time_slice" => ExitKind::TimeSlice,
-        _ => ExitKind::Other(0),
-    }
-}
-
 /// Whether RMIDs are in use at all (only then is IA32_PQR_ASSOC written).
 static PRESENT: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 

@@ -107,7 +107,7 @@ pub struct DomainCounters {
     /// Domain id.
     pub id: u32,
     /// Exits by reason (the core's names).
-    pub exits: Vec<(&'static str, u64)>,
+    pub exits: Vec<(crate::arch::ExitKind, u64)>,
     /// Guest run time in nanoseconds.
     pub runtime_ns: u64,
     /// vCPUs.
@@ -171,7 +171,7 @@ struct CoreService {
 /// Every task and its mailbox; replies collect in an outbox for the control server.
 pub struct Runtime {
     /// The last counter values handed to the monitoring service, per domain.
-    fed: BTreeMap<u32, (BTreeMap<&'static str, u64>, u64)>,
+    fed: BTreeMap<u32, (BTreeMap<crate::arch::ExitKind, u64>, u64)>,
     /// TSC of the last MBM sample and limbo recheck.
     last_mbm: u64,
     last_limbo: u64,
@@ -301,10 +301,10 @@ impl Runtime {
         let now = domains.counters();
         for DomainCounters { id, exits, runtime_ns, .. } in &now {
             let (seen, seen_runtime) = self.fed.entry(*id).or_default();
-            for (name, count) in exits {
-                let before = seen.insert(name, *count).unwrap_or(0);
+            for (kind, count) in exits {
+                let before = seen.insert(*kind, *count).unwrap_or(0);
                 if *count > before {
-                    m.record(DomainId(*id), SoftwareCount::Exits(crate::rdt::exit_kind(name), count - before));
+                    m.record(DomainId(*id), SoftwareCount::Exits(*kind, count - before));
                 }
             }
             if *runtime_ns > *seen_runtime {

@@ -9,6 +9,8 @@ pub mod state;
 pub mod svm;
 pub mod vmx;
 
+pub use monitor_svc::events::ExitKind;
+
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::nested::EntryFormat;
@@ -138,22 +140,23 @@ impl core::fmt::Display for ExitReason {
 }
 
 impl ExitReason {
-    /// A short stable name, for per-reason counters.
-    pub fn name(&self) -> &'static str {
+    /// The kind of exit, the key of the per-reason counters that the monitoring service
+    /// shares: the reason without its addresses and data, but with the exception vector
+    /// and the vendor's code kept (exhaustive, so a new reason cannot be miscounted).
+    pub const fn kind(&self) -> ExitKind {
         match self {
-            ExitReason::Hypercall => "hypercall",
-            ExitReason::Hlt => "hlt",
-            ExitReason::TripleFault => "triple_fault",
-            ExitReason::NestedPageFault { .. } => "npf",
-            ExitReason::Exception { .. } => "exception",
-            ExitReason::Cpuid => "cpuid",
-            ExitReason::Io { .. } => "io",
-            ExitReason::MsrRead => "rdmsr",
-            ExitReason::MsrWrite => "wrmsr",
-            ExitReason::VirtualizationInstruction => "virt_insn",
-            ExitReason::TimeSliceEnd => "time_slice",
-            ExitReason::PmlFull => "pml_full",
-            ExitReason::Other { .. } => "other",
+            ExitReason::Hypercall => ExitKind::Hypercall,
+            ExitReason::Hlt => ExitKind::Hlt,
+            ExitReason::TripleFault => ExitKind::TripleFault,
+            ExitReason::NestedPageFault { .. } => ExitKind::NestedPageFault,
+            ExitReason::Exception { vector } => ExitKind::Exception(*vector),
+            ExitReason::Cpuid => ExitKind::Cpuid,
+            ExitReason::Io { .. } => ExitKind::Io,
+            ExitReason::MsrRead | ExitReason::MsrWrite => ExitKind::Msr,
+            ExitReason::VirtualizationInstruction => ExitKind::VirtualizationInstruction,
+            ExitReason::TimeSliceEnd => ExitKind::TimeSlice,
+            ExitReason::PmlFull => ExitKind::PmlFull,
+            ExitReason::Other { code } => ExitKind::Other(*code),
         }
     }
 }
@@ -297,4 +300,20 @@ pub trait Vcpu {
     }
     /// Return the control structures to the pool.
     fn destroy(self, pool: &mut FramePool) -> Result<(), MmError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_kinds_keep_what_the_counters_need() {
+        // What the old name-keyed mapping lost: PML-full exits, exception vectors and
+        // vendor codes.
+        assert_eq!(ExitReason::PmlFull.kind(), ExitKind::PmlFull);
+        assert_eq!(ExitReason::Exception { vector: 14 }.kind(), ExitKind::Exception(14));
+        assert_eq!(ExitReason::Other { code: 0x7b }.kind(), ExitKind::Other(0x7b));
+        assert_eq!(ExitReason::NestedPageFault { gpa: 0x1000, write: true }.kind(), ExitKind::NestedPageFault);
+        assert_eq!(ExitReason::MsrWrite.kind(), ExitReason::MsrRead.kind());
+    }
 }

@@ -22,7 +22,7 @@ use core::fmt;
 
 use levelling::{CpuidTable, HostCpu, VcpuState};
 
-use crate::arch::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs, Vcpu};
+use crate::arch::{ArchError, Backend, Exit, ExitKind, ExitReason, GuestEntry, GuestRegs, Vcpu};
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::guest::GuestMemory;
@@ -198,7 +198,7 @@ pub struct Domain<B: Backend> {
     /// vCPUs configured.
     pub vcpu_count: u32,
     /// Exits by reason.
-    pub exits: BTreeMap<&'static str, u64>,
+    pub exits: BTreeMap<ExitKind, u64>,
     /// Values the guest reported, oldest first (tag, value).
     pub reports: Vec<(u64, u64)>,
     /// TSC ticks spent in the guest.
@@ -239,7 +239,7 @@ impl<B: Backend> Domain<B> {
     }
 
     fn count(&mut self, reason: &ExitReason) {
-        *self.exits.entry(reason.name()).or_insert(0) += 1;
+        *self.exits.entry(reason.kind()).or_insert(0) += 1;
     }
 
     /// Return every vCPU and all memory to the pool.
@@ -767,7 +767,7 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
                     state: alloc::format!("{}", d.state),
                     vcpus: d.vcpu_count,
                     memory_bytes: if d.mem.is_some() { d.memory_bytes } else { 0 },
-                    exits: d.exits.iter().map(|(k, v)| (String::from(*k), *v)).collect(),
+                    exits: d.exits.iter().map(|(k, v)| (alloc::format!("{k}"), *v)).collect(),
                     runtime_ns: crate::time::ticks_to_ns(d.runtime_ticks, hz),
                 })
                 .collect(),
