@@ -19,6 +19,7 @@
 //! whose range holds the page, so cleaning one never hides a write from the other.
 //! Writes the hypervisor makes into guest memory while logging are marked explicitly.
 
+use core::fmt;
 use core::ops::Range;
 
 use wire::dirty::DirtyBitmap;
@@ -169,29 +170,31 @@ fn flush_all<B: Backend>(d: &mut Domain<B>) -> Result<(), DomainError> {
     Ok(())
 }
 
-impl<B: Backend> Machine<B> {
-    fn domain_mut(&mut self, id: u32) -> Result<usize, DomainError> {
-        self.domains.iter().position(|d| d.id == id).ok_or(DomainError::NoSuchDomain(id))
-    }
+/// One domain's log-dirty state with what changing it needs: its frames' pool (nested
+/// tables) and the mechanisms this CPU has. Both the control requests (through
+/// [`Machine`]) and the guest's own hypercalls (from the exit handler) work through it.
+pub struct DirtyCtx<'a, B: Backend> {
+    /// The domain.
+    pub d: &'a mut Domain<B>,
+    /// The pool its nested tables live in.
+    pub pool: &'a mut FramePool,
+    /// What this CPU offers.
+    pub mechanisms: &'a Mechanisms,
+}
 
-    /// Start the main log over `range` (page frame numbers; the whole domain if
-    /// `None`) with `mode` (the best available if `None`). Returns the mode used.
-    pub fn dirty_start(&mut self, id: u32, mode: Option<Mode>, range: Option<Range<u64>>) -> Result<Mode, DomainError> {
-        self.log_start(id, MAIN, mode, range)
+impl<B: Backend> fmt::Debug for DirtyCtx<'_, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirtyCtx").field("domain", &self.d.id).finish_non_exhaustive()
     }
+}
 
+impl<B: Backend> DirtyCtx<'_, B> {
     /// Start log `slot` (see [`MAIN`], [`TRACK`]).
-    pub fn log_start(
-        &mut self,
-        id: u32,
-        slot: usize,
-        mode: Option<Mode>,
-        range: Option<Range<u64>>,
-    ) -> Result<Mode, DomainError> {
-        let i = self.domain_mut(id)?;
+    pub fn start(&mut self, slot: usize, mode: Option<Mode>, range: Option<Range<u64>>) -> Result<Mode, DomainError> {
+        let id = self.d.id;
         // Bits the existing log has not harvested yet must not be lost by re-arming.
-        self.harvest(i)?;
-        let active = logs_mode(&self.domains[i]);
+        self.harvest()?;
+        let active = logs_mode(self.d);
         let mode = match (active, mode) {
             (Some(m), None) => m,
             (Some(m), Some(asked)) if asked != m => {
@@ -202,8 +205,8 @@ impl<B: Backend> Machine<B> {
             }
             (_, asked) => self.mechanisms.choose(asked)?,
         };
-        let pool = &mut self.pool;
-        let d = &mut self.domains[i];
+        let pool = &mut *self.pool;
+        let d = &mut *self.d;
         if d.logs[slot].is_some() {
             return Err(DomainError::WrongState { id, state: "already running that log".into() });
         }
@@ -244,9 +247,9 @@ impl<B: Backend> Machine<B> {
     }
 
     /// Bring the logs up to date: drain PML buffers, or harvest dirty bits.
-    fn harvest(&mut self, i: usize) -> Result<(), DomainError> {
-        let pool = &mut self.pool;
-        let d = &mut self.domains[i];
+    pub fn harvest(&mut self) -> Result<(), DomainError> {
+        let pool = &mut *self.pool;
+        let d = &mut *self.d;
         let Some(mode) = logs_mode(d) else { return Ok(()) };
         let mut found = alloc::vec::Vec::new();
         match mode {
@@ -278,41 +281,24 @@ impl<B: Backend> Machine<B> {
         Ok(())
     }
 
-    fn log_of(&self, i: usize, slot: usize) -> Result<&LogDirty, DomainError> {
-        self.domains[i].logs[slot].as_ref().ok_or(DomainError::Unavailable("that log is not running"))
-    }
-
-    /// The dirty pages of the main log's `range` (all if `None`) without cleaning them.
-    pub fn dirty_peek(&mut self, id: u32, range: Option<Range<u64>>) -> Result<DirtyBitmap, DomainError> {
-        self.log_peek(id, MAIN, range)
+    fn log_of(&self, slot: usize) -> Result<&LogDirty, DomainError> {
+        self.d.logs[slot].as_ref().ok_or(DomainError::Unavailable("that log is not running"))
     }
 
     /// Peek log `slot`.
-    pub fn log_peek(&mut self, id: u32, slot: usize, range: Option<Range<u64>>) -> Result<DirtyBitmap, DomainError> {
-        let i = self.domain_mut(id)?;
-        self.harvest(i)?;
-        let log = self.log_of(i, slot)?;
+    pub fn peek(&mut self, slot: usize, range: Option<Range<u64>>) -> Result<DirtyBitmap, DomainError> {
+        self.harvest()?;
+        let log = self.log_of(slot)?;
         let r = range.unwrap_or(log.bitmap.pfns());
         log.bitmap.peek(r).map_err(|_| DomainError::BadRange { pages: log.bitmap.pages() })
     }
 
-    /// Peek-and-clean the main log.
-    pub fn dirty_peek_clean(&mut self, id: u32, range: Option<Range<u64>>) -> Result<DirtyBitmap, DomainError> {
-        self.log_peek_clean(id, MAIN, range)
-    }
-
     /// The dirty pages of log `slot` in `range`, which are then clean in that log and
     /// re-armed so the next write is logged again. The vCPUs keep running.
-    pub fn log_peek_clean(
-        &mut self,
-        id: u32,
-        slot: usize,
-        range: Option<Range<u64>>,
-    ) -> Result<DirtyBitmap, DomainError> {
-        let i = self.domain_mut(id)?;
-        self.harvest(i)?;
-        let pool = &mut self.pool;
-        let d = &mut self.domains[i];
+    pub fn peek_clean(&mut self, slot: usize, range: Option<Range<u64>>) -> Result<DirtyBitmap, DomainError> {
+        self.harvest()?;
+        let pool = &mut *self.pool;
+        let d = &mut *self.d;
         let log = d.logs[slot].as_mut().ok_or(DomainError::Unavailable("that log is not running"))?;
         let r = range.unwrap_or(log.bitmap.pfns());
         let pages = log.bitmap.pages();
@@ -331,17 +317,12 @@ impl<B: Backend> Machine<B> {
         Ok(taken)
     }
 
-    /// Stop the main log; what was logged and not yet cleaned is returned.
-    pub fn dirty_stop(&mut self, id: u32) -> Result<DirtyBitmap, DomainError> {
-        self.log_stop(id, MAIN)
-    }
-
     /// Stop log `slot`. The mechanism stays armed for the other log if it runs.
-    pub fn log_stop(&mut self, id: u32, slot: usize) -> Result<DirtyBitmap, DomainError> {
-        let i = self.domain_mut(id)?;
-        self.harvest(i)?;
-        let pool = &mut self.pool;
-        let d = &mut self.domains[i];
+    pub fn stop(&mut self, slot: usize) -> Result<DirtyBitmap, DomainError> {
+        let id = self.d.id;
+        self.harvest()?;
+        let pool = &mut *self.pool;
+        let d = &mut *self.d;
         let log = d.logs[slot].take().ok_or(DomainError::Unavailable("that log is not running"))?;
         crate::println!(
             "DOMAIN {id} DIRTY-STOP mode={} pages_dirtied={} logging_exits={} rounds={}",
@@ -373,16 +354,10 @@ impl<B: Backend> Machine<B> {
         Ok(log.bitmap)
     }
 
-    /// Counters of the main log.
-    pub fn dirty_stats(&mut self, id: u32) -> Result<DirtyStats, DomainError> {
-        self.log_stats(id, MAIN)
-    }
-
     /// Counters of log `slot`.
-    pub fn log_stats(&mut self, id: u32, slot: usize) -> Result<DirtyStats, DomainError> {
-        let i = self.domain_mut(id)?;
-        self.harvest(i)?;
-        let log = self.log_of(i, slot)?;
+    pub fn stats(&mut self, slot: usize) -> Result<DirtyStats, DomainError> {
+        self.harvest()?;
+        let log = self.log_of(slot)?;
         Ok(DirtyStats {
             mode: log.mode,
             pages_dirtied: log.pages_dirtied,
@@ -391,6 +366,76 @@ impl<B: Backend> Machine<B> {
             logging_exits: log.logging_exits,
             range: (log.range.start, log.range.end - log.range.start),
         })
+    }
+}
+
+impl<B: Backend> Machine<B> {
+    /// Domain `id`'s log-dirty state.
+    fn dirty_of(&mut self, id: u32) -> Result<DirtyCtx<'_, B>, DomainError> {
+        let d = self.domains.iter_mut().find(|d| d.id == id).ok_or(DomainError::NoSuchDomain(id))?;
+        Ok(DirtyCtx { d, pool: &mut self.pool, mechanisms: &self.mechanisms })
+    }
+
+    /// Start the main log over `range` (page frame numbers; the whole domain if
+    /// `None`) with `mode` (the best available if `None`). Returns the mode used.
+    pub fn dirty_start(&mut self, id: u32, mode: Option<Mode>, range: Option<Range<u64>>) -> Result<Mode, DomainError> {
+        self.log_start(id, MAIN, mode, range)
+    }
+
+    /// Start log `slot` (see [`MAIN`], [`TRACK`]).
+    pub fn log_start(
+        &mut self,
+        id: u32,
+        slot: usize,
+        mode: Option<Mode>,
+        range: Option<Range<u64>>,
+    ) -> Result<Mode, DomainError> {
+        self.dirty_of(id)?.start(slot, mode, range)
+    }
+
+    /// The dirty pages of the main log's `range` (all if `None`) without cleaning them.
+    pub fn dirty_peek(&mut self, id: u32, range: Option<Range<u64>>) -> Result<DirtyBitmap, DomainError> {
+        self.log_peek(id, MAIN, range)
+    }
+
+    /// Peek log `slot`.
+    pub fn log_peek(&mut self, id: u32, slot: usize, range: Option<Range<u64>>) -> Result<DirtyBitmap, DomainError> {
+        self.dirty_of(id)?.peek(slot, range)
+    }
+
+    /// Peek-and-clean the main log.
+    pub fn dirty_peek_clean(&mut self, id: u32, range: Option<Range<u64>>) -> Result<DirtyBitmap, DomainError> {
+        self.log_peek_clean(id, MAIN, range)
+    }
+
+    /// Peek-and-clean log `slot` (see [`DirtyCtx::peek_clean`]).
+    pub fn log_peek_clean(
+        &mut self,
+        id: u32,
+        slot: usize,
+        range: Option<Range<u64>>,
+    ) -> Result<DirtyBitmap, DomainError> {
+        self.dirty_of(id)?.peek_clean(slot, range)
+    }
+
+    /// Stop the main log; what was logged and not yet cleaned is returned.
+    pub fn dirty_stop(&mut self, id: u32) -> Result<DirtyBitmap, DomainError> {
+        self.log_stop(id, MAIN)
+    }
+
+    /// Stop log `slot`. The mechanism stays armed for the other log if it runs.
+    pub fn log_stop(&mut self, id: u32, slot: usize) -> Result<DirtyBitmap, DomainError> {
+        self.dirty_of(id)?.stop(slot)
+    }
+
+    /// Counters of the main log.
+    pub fn dirty_stats(&mut self, id: u32) -> Result<DirtyStats, DomainError> {
+        self.log_stats(id, MAIN)
+    }
+
+    /// Counters of log `slot`.
+    pub fn log_stats(&mut self, id: u32, slot: usize) -> Result<DirtyStats, DomainError> {
+        self.dirty_of(id)?.stats(slot)
     }
 }
 

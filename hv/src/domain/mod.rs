@@ -1,19 +1,25 @@
-//! Domains: guest memory, vCPUs, a verified CPUID policy, a console and counters;
-//! creation from a kernel image, the arch-neutral handling of every exit, and
-//! round-robin time slices across all runnable vCPUs.
+//! Domains: guest memory, vCPUs, a verified CPUID policy, a console and counters, and
+//! their life cycle (create from a kernel image, pause, destroy).
+//!
+//! Where the rest lives: [`exit`] is the exit policy (one function over a context,
+//! a file per kind of exit); `sched` picks the next vCPU and applies each exit's
+//! action; `ops` adapts the control requests of `tasks::DomainOps` to the machine;
+//! [`dirty`] is log-dirty mode; [`migrate`] is the migration service's view of a domain.
 //!
 //! Exit policy (the backends only decode): CPUID is answered from the domain's
 //! `levelling::CpuidTable`, never from the host; the UART at 0x3F8 feeds the console;
-//! MSRs outside [`msr`]'s allow-list get #GP; VMX/SVM instructions get #UD; a triple
-//! fault, a double fault, an access outside guest memory or an exit we cannot emulate
-//! stops the domain with the reason, and its memory goes back to the pool at once.
-//! Nothing a guest does stops the hypervisor or another domain.
+//! MSRs outside the allow-list (`exit::msr`) get #GP; VMX/SVM instructions get #UD; a
+//! triple fault, a double fault, an access outside guest memory or an exit we cannot
+//! emulate stops the domain with the reason, and its memory goes back to the pool at
+//! once. Nothing a guest does stops the hypervisor or another domain.
 
 pub mod config;
 pub mod dirty;
+pub mod exit;
 pub mod loader;
 pub mod migrate;
-pub mod msr;
+mod ops;
+mod sched;
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
@@ -22,7 +28,7 @@ use core::fmt;
 
 use levelling::{CpuidTable, HostCpu, VcpuState};
 
-use crate::arch::{ArchError, Backend, Exit, ExitKind, ExitReason, GuestEntry, GuestRegs, Vcpu};
+use crate::arch::{ArchError, Backend, ExitKind, ExitReason, GuestEntry, GuestRegs, Vcpu};
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::guest::GuestMemory;
@@ -36,7 +42,7 @@ pub const CONSOLE_BYTES: usize = 16 * 1024;
 /// are only kept in the ring (a flooding guest cannot drown the log).
 pub const CONSOLE_ECHO_LINES: u64 = 400;
 /// Reports kept per domain.
-const REPORTS_KEPT: usize = 256;
+pub(crate) const REPORTS_KEPT: usize = 256;
 
 /// A domain's life-cycle state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -132,11 +138,12 @@ enum RunState {
     Halted,
 }
 
-struct VcpuSlot<V> {
-    vcpu: V,
-    regs: GuestRegs,
+/// One vCPU of a domain: the backend's vCPU and what the core keeps of it.
+pub(crate) struct VcpuSlot<V> {
+    pub(crate) vcpu: V,
+    pub(crate) regs: GuestRegs,
     state: RunState,
-    index: u32,
+    pub(crate) index: u32,
     /// RDT monitoring ID the monitoring service gave this vCPU (0: not monitored).
     rmid: u32,
 }
@@ -252,22 +259,6 @@ impl<B: Backend> Domain<B> {
         }
         Ok(())
     }
-}
-
-/// What handling one exit decided.
-enum Next {
-    /// Re-enter the same vCPU.
-    Continue,
-    /// Let others run.
-    Yield,
-    /// The vCPU halted.
-    Halt,
-    /// The guest is done.
-    Finish(u64),
-    /// Stop the domain.
-    Crash(String),
-    /// A log-dirty hypercall, for the machine to carry out (RIP already advanced).
-    Dirty(guest_abi::Hypercall, u64, u64),
 }
 
 /// The domains of this physical CPU and its scheduler.
@@ -430,425 +421,10 @@ impl<B: Backend> Machine<B> {
         };
         Ok(())
     }
-
-    /// Whether any vCPU can run.
-    pub fn has_runnable(&self) -> bool {
-        self.domains
-            .iter()
-            .any(|d| d.state == DomainState::Running && d.vcpus.iter().any(|v| v.state == RunState::Runnable))
-    }
-
-    /// Run the next runnable vCPU (round robin over all domains) for one time slice.
-    /// Returns false when nothing is runnable.
-    pub fn run_slice(&mut self) -> bool {
-        let total: usize = self.domains.iter().map(|d| d.vcpus.len()).sum();
-        for _ in 0..total {
-            let pick = self.cursor % total.max(1);
-            self.cursor = self.cursor.wrapping_add(1);
-            let Some((di, vi)) = self.locate(pick) else { continue };
-            let d = &mut self.domains[di];
-            if d.state != DomainState::Running || d.vcpus[vi].state != RunState::Runnable {
-                continue;
-            }
-            // A throttled domain earns (100 - throttle)% of a slice per turn and runs
-            // a slice per 100% earned: it gets that share of its turns.
-            if d.throttle > 0 {
-                d.throttle_credit += 100 - u32::from(d.throttle.min(99));
-                if d.throttle_credit < 100 {
-                    continue;
-                }
-                d.throttle_credit -= 100;
-            }
-            self.run_vcpu(di, vi);
-            return true;
-        }
-        false
-    }
-
-    fn locate(&self, flat: usize) -> Option<(usize, usize)> {
-        let mut n = flat;
-        for (di, d) in self.domains.iter().enumerate() {
-            if n < d.vcpus.len() {
-                return Some((di, n));
-            }
-            n -= d.vcpus.len();
-        }
-        None
-    }
-
-    fn run_vcpu(&mut self, di: usize, vi: usize) {
-        let slice = self.slice_ticks;
-        let start = crate::time::now_ticks();
-        let budget = slice.unwrap_or(u64::MAX);
-        loop {
-            let used = crate::time::now_ticks().wrapping_sub(start);
-            if used >= budget {
-                break;
-            }
-            let d = &mut self.domains[di];
-            let slot = &mut d.vcpus[vi];
-            crate::rdt::switch_rmid(slot.rmid);
-            let entered = crate::time::now_ticks();
-            let result = slot.vcpu.run(&mut slot.regs, slice.map(|s| s - used));
-            d.runtime_ticks += crate::time::now_ticks().wrapping_sub(entered);
-            let next = match result {
-                Ok(exit) => {
-                    d.count(&exit.reason);
-                    handle_exit(d, &mut self.pool, vi, &exit)
-                }
-                Err(e) => Next::Crash(alloc::format!("vCPU {vi}: {e}")),
-            };
-            match next {
-                Next::Continue => {}
-                Next::Dirty(call, a, b) => {
-                    let rax = self.dirty_hypercall(di, call, a, b);
-                    self.domains[di].vcpus[vi].regs.rax = rax;
-                }
-                Next::Yield => break,
-                Next::Halt => {
-                    d.vcpus[vi].state = RunState::Halted;
-                    if d.vcpus.iter().all(|v| v.state == RunState::Halted) {
-                        d.state = DomainState::Halted;
-                        println!("DOMAIN {} HALTED (every vCPU executed HLT with nothing to wake it)", d.id);
-                    }
-                    break;
-                }
-                Next::Finish(code) => {
-                    d.state = DomainState::Finished { code };
-                    println!("DOMAIN {} EXIT code={code} exits={}", d.id, d.total_exits());
-                    break;
-                }
-                Next::Crash(reason) => {
-                    println!("DOMAIN {} CRASHED {reason}", d.id);
-                    d.state = DomainState::Crashed { reason };
-                    if let Err(e) = d.release(&mut self.pool) {
-                        println!("FAIL: returning domain {}'s memory: {e}", d.id);
-                    }
-                    break;
-                }
-            }
-        }
-    }
-}
-
-impl<B: Backend> Machine<B> {
-    /// The log-dirty hypercalls of guest_abi; returns RAX.
-    fn dirty_hypercall(&mut self, di: usize, call: guest_abi::Hypercall, a: u64, b: u64) -> u64 {
-        use guest_abi::{HYPERCALL_EINVAL, HYPERCALL_OK, Hypercall};
-        let id = self.domains[di].id;
-        let result = match call {
-            Hypercall::DirtyStart => {
-                let mode = match a {
-                    0 => None,
-                    1 => Some(dirty::Mode::Pml),
-                    2 => Some(dirty::Mode::Dbit),
-                    3 => Some(dirty::Mode::Wp),
-                    _ => return HYPERCALL_EINVAL,
-                };
-                self.dirty_start(id, mode, None).map(|m| match m {
-                    dirty::Mode::Pml => 1,
-                    dirty::Mode::Dbit => 2,
-                    dirty::Mode::Wp => 3,
-                })
-            }
-            Hypercall::DirtyPeekClean => self.dirty_peek_clean(id, None).and_then(|bitmap| {
-                // Word by word into the guest's buffer: no copy of the bitmap on the
-                // heap, whose size the guest's memory size decides.
-                let d = &mut self.domains[di];
-                let mem = d.mem.as_ref().ok_or(DomainError::Unavailable("no memory"))?;
-                let limit = b;
-                let mut n = 0u64;
-                for w in bitmap.words() {
-                    if n >= limit {
-                        break;
-                    }
-                    let bytes = w.to_le_bytes();
-                    let take = (limit - n).min(8) as usize;
-                    mem.write(&mut self.pool, a + n, &bytes[..take])?;
-                    n += take as u64;
-                }
-                dirty::hypervisor_wrote(d, a..a + n);
-                Ok(bitmap.count_ones())
-            }),
-            Hypercall::DirtyStop => self.dirty_stop(id).map(|_| HYPERCALL_OK),
-            _ => return HYPERCALL_EINVAL,
-        };
-        result.unwrap_or_else(|e| {
-            println!("DOMAIN {id} log-dirty hypercall failed: {e}");
-            HYPERCALL_EINVAL
-        })
-    }
-}
-
-/// The arch-neutral exit policy.
-fn handle_exit<B: Backend>(d: &mut Domain<B>, pool: &mut FramePool, vi: usize, exit: &Exit) -> Next {
-    let id = d.id;
-    let slot = &mut d.vcpus[vi];
-    let skip = |slot: &mut VcpuSlot<B::Vcpu>| match slot.vcpu.skip_instruction(exit) {
-        Ok(()) => Next::Continue,
-        Err(e) => Next::Crash(alloc::format!("cannot continue after {} at RIP {:#x}: {e}", exit.reason, exit.rip)),
-    };
-    let inject = |slot: &mut VcpuSlot<B::Vcpu>, vector: u8, error: Option<u32>| match slot
-        .vcpu
-        .inject_exception(vector, error)
-    {
-        Ok(()) => Next::Continue,
-        Err(e) => Next::Crash(alloc::format!("cannot inject exception {vector}: {e}")),
-    };
-    match exit.reason {
-        ExitReason::Cpuid => {
-            let (leaf, sub) = (slot.regs.rax as u32, slot.regs.rcx as u32);
-            let r = d.cpuid.lookup_vcpu(leaf, sub, &vcpu_state(slot.index));
-            slot.regs.rax = r[0].into();
-            slot.regs.rbx = r[1].into();
-            slot.regs.rcx = r[2].into();
-            slot.regs.rdx = r[3].into();
-            skip(slot)
-        }
-        ExitReason::Io { port, size, input, string } => {
-            if string {
-                return Next::Crash(alloc::format!("string I/O (INS/OUTS) on port {port:#x} is not emulated"));
-            }
-            let uart = guest_abi::UART_PORT;
-            if input {
-                // UART line status (port+5): transmitter empty; anything else reads as
-                // all ones, like an unpopulated ISA port.
-                let value: u64 = if port == uart + 5 { 0x60 } else { (1u64 << (8 * size)) - 1 };
-                let mask = (1u64 << (8 * size)) - 1;
-                slot.regs.rax = (slot.regs.rax & !mask) | value;
-            } else if port == uart {
-                let byte = slot.regs.rax as u8;
-                let s = skip(slot);
-                d.console.push(id, byte);
-                return s;
-            }
-            skip(slot)
-        }
-        ExitReason::MsrRead => match msr::read(slot.regs.rcx as u32, slot.index) {
-            Some(v) => {
-                slot.regs.rax = v & 0xffff_ffff;
-                slot.regs.rdx = v >> 32;
-                skip(slot)
-            }
-            None => inject(slot, 13, Some(0)),
-        },
-        // No MSR is writable yet (see msr.rs): #GP, as for an unknown MSR on hardware.
-        ExitReason::MsrWrite => inject(slot, 13, Some(0)),
-        ExitReason::VirtualizationInstruction => inject(slot, 6, None),
-        ExitReason::Hypercall => {
-            let (nr, a, b) = (slot.regs.rax, slot.regs.rdi, slot.regs.rsi);
-            let next = skip(slot);
-            if !matches!(next, Next::Continue) {
-                return next;
-            }
-            match guest_abi::Hypercall::from_u64(nr) {
-                Some(guest_abi::Hypercall::Exit) => Next::Finish(a),
-                Some(guest_abi::Hypercall::Report) => {
-                    slot.regs.rax = guest_abi::HYPERCALL_OK;
-                    let (name, len) = guest_abi::tag_name(a);
-                    println!("DOMAIN {id} REPORT {}={b:#x}", String::from_utf8_lossy(&name[..len]));
-                    if d.reports.len() == REPORTS_KEPT {
-                        d.reports.remove(0);
-                    }
-                    d.reports.push((a, b));
-                    Next::Continue
-                }
-                Some(guest_abi::Hypercall::Yield) => {
-                    slot.regs.rax = guest_abi::HYPERCALL_OK;
-                    Next::Yield
-                }
-                Some(call) => Next::Dirty(call, a, b),
-                None => {
-                    slot.regs.rax = guest_abi::HYPERCALL_EINVAL;
-                    Next::Continue
-                }
-            }
-        }
-        ExitReason::Hlt => match skip(slot) {
-            Next::Continue => Next::Halt,
-            other => other,
-        },
-        ExitReason::TimeSliceEnd => Next::Yield,
-        ExitReason::PmlFull => match dirty::pml_full(d, pool, vi) {
-            Ok(()) => Next::Continue,
-            Err(e) => Next::Crash(alloc::format!("draining the PML buffer: {e}")),
-        },
-        ExitReason::NestedPageFault { gpa, write: true } if d.logs.iter().any(Option::is_some) => {
-            match dirty::write_fault(d, pool, gpa) {
-                Ok(true) => Next::Continue,
-                Ok(false) => Next::Crash(alloc::format!(
-                    "write of guest-physical {gpa:#x}, outside its {} MiB of memory, at RIP {:#x}",
-                    d.memory_bytes >> 20,
-                    exit.rip
-                )),
-                Err(e) => Next::Crash(alloc::format!("logging a write fault: {e}")),
-            }
-        }
-        ExitReason::TripleFault => Next::Crash(alloc::format!("triple fault (last RIP {:#x})", exit.rip)),
-        ExitReason::NestedPageFault { gpa, write } => Next::Crash(alloc::format!(
-            "{} of guest-physical {gpa:#x}, outside its {} MiB of memory, at RIP {:#x}",
-            if write { "write" } else { "read" },
-            d.memory_bytes >> 20,
-            exit.rip
-        )),
-        ExitReason::Exception { vector: 8 } => Next::Crash(alloc::format!("double fault at RIP {:#x}", exit.rip)),
-        ExitReason::Exception { vector } => {
-            Next::Crash(alloc::format!("unexpected exception {vector} exit at RIP {:#x}", exit.rip))
-        }
-        ExitReason::Other { code } => {
-            Next::Crash(alloc::format!("exit {code:#x} that the hypervisor does not emulate, at RIP {:#x}", exit.rip))
-        }
-    }
 }
 
 /// The per-vCPU state CPUID answers depend on, as our guests start: APIC ID = the
 /// vCPU index, CR4.OSXSAVE and PKE clear, APIC enabled, XCR0 = x87 only.
 pub fn vcpu_state(index: u32) -> VcpuState {
     VcpuState { apic_id: index, cr4_osxsave: false, cr4_pke: false, apic_enabled: true, xcr0: 1, xss: 0 }
-}
-
-impl<B: Backend> Machine<B> {
-    fn dirty_report(&mut self, id: u32, slot: usize) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
-        let s = self.log_stats(id, slot).map_err(domain_reply)?;
-        Ok(wire::DirtyStatsReport {
-            domain: id,
-            mode: String::from(s.mode.name()),
-            pages_dirtied: s.pages_dirtied,
-            dirty_now: s.dirty_now,
-            rounds: s.rounds,
-            logging_exits: s.logging_exits,
-            range_start: s.range.0,
-            range_pages: s.range.1,
-        })
-    }
-}
-
-fn reply(code: wire::ErrorCode, e: impl fmt::Display) -> wire::ErrorReply {
-    wire::ErrorReply::new(code, alloc::format!("{e}"))
-}
-
-fn domain_reply(e: DomainError) -> wire::ErrorReply {
-    let code = match &e {
-        DomainError::Memory(
-            MmError::OutOfFrames { .. } | MmError::NotEnoughFrames { .. } | MmError::OutOfHeap { .. },
-        ) => wire::ErrorCode::OutOfMemory,
-        DomainError::Memory(_) | DomainError::Arch(_) => wire::ErrorCode::Internal,
-        _ => wire::ErrorCode::Refused,
-    };
-    reply(code, e)
-}
-
-impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
-    fn create(&mut self, spec: &wire::DomainSpec) -> Result<u32, wire::ErrorReply> {
-        let cfg = DomainConfig {
-            name: spec.name.clone(),
-            kernel: String::from("(uploaded)"),
-            memory: spec.memory_bytes,
-            vcpus: spec.vcpus,
-            cpuid: spec.cpuid.clone(),
-            cmdline: spec.cmdline.clone(),
-        };
-        config::validate(&cfg).map_err(|e| reply(wire::ErrorCode::Refused, e))?;
-        if self.domains.iter().any(|d| d.name == cfg.name) {
-            return Err(reply(wire::ErrorCode::Refused, alloc::format!("a domain named `{}` exists", cfg.name)));
-        }
-        Machine::create(self, &cfg, &spec.kernel).map_err(domain_reply)
-    }
-
-    fn list(&self) -> wire::DomainListReport {
-        let hz = crate::time::tsc_hz().unwrap_or(1);
-        wire::DomainListReport {
-            domains: self
-                .domains
-                .iter()
-                .map(|d| wire::DomainInfo {
-                    id: d.id,
-                    name: d.name.clone(),
-                    state: alloc::format!("{}", d.state),
-                    vcpus: d.vcpu_count,
-                    memory_bytes: if d.mem.is_some() { d.memory_bytes } else { 0 },
-                    exits: d.exits.iter().map(|(k, v)| (alloc::format!("{k}"), *v)).collect(),
-                    runtime_ns: crate::time::ticks_to_ns(d.runtime_ticks, hz),
-                })
-                .collect(),
-            free_frames: self.pool.free_frames() as u64,
-            total_frames: self.pool.total_frames() as u64,
-        }
-    }
-
-    fn set_paused(&mut self, id: u32, paused: bool) -> Result<(), wire::ErrorReply> {
-        Machine::set_paused(self, id, paused).map_err(domain_reply)
-    }
-
-    fn destroy(&mut self, id: u32) -> Result<(), wire::ErrorReply> {
-        Machine::destroy(self, id).map_err(domain_reply)
-    }
-
-    fn counters(&self) -> Vec<crate::tasks::DomainCounters> {
-        let hz = crate::time::tsc_hz().unwrap_or(1);
-        self.domains
-            .iter()
-            .map(|d| crate::tasks::DomainCounters {
-                id: d.id,
-                vcpus: d.vcpu_count,
-                exits: d.exits.iter().map(|(k, v)| (*k, *v)).collect(),
-                runtime_ns: crate::time::ticks_to_ns(d.runtime_ticks, hz),
-            })
-            .collect()
-    }
-
-    fn dirty_start(
-        &mut self,
-        id: u32,
-        slot: usize,
-        mode: &str,
-        range: Option<(u64, u64)>,
-    ) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
-        let mode = dirty::Mode::parse(mode).map_err(domain_reply)?;
-        let range = range.map(|(start, pages)| start..start.saturating_add(pages));
-        self.log_start(id, slot, mode, range).map_err(domain_reply)?;
-        self.dirty_report(id, slot)
-    }
-
-    fn dirty_stop(&mut self, id: u32, slot: usize) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
-        let report = self.dirty_report(id, slot)?;
-        self.log_stop(id, slot).map_err(domain_reply)?;
-        Ok(report)
-    }
-
-    fn dirty_stats(&mut self, id: u32, slot: usize) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
-        self.dirty_report(id, slot)
-    }
-
-    fn dirty_peek(&mut self, id: u32, slot: usize, clean: bool) -> Result<wire::DirtyBitmapReport, wire::ErrorReply> {
-        let bitmap = if clean { self.log_peek_clean(id, slot, None) } else { self.log_peek(id, slot, None) }
-            .map_err(domain_reply)?;
-        Ok(wire::DirtyBitmapReport {
-            domain: id,
-            pages: bitmap.pages(),
-            dirty: bitmap.count_ones(),
-            records: bitmap.to_records(),
-        })
-    }
-
-    fn migration(&mut self) -> Option<&mut dyn migration_svc::MigrationCore> {
-        Some(self)
-    }
-
-    fn frames(&self) -> (u64, u64) {
-        (self.pool.total_frames() as u64, self.pool.free_frames() as u64)
-    }
-    fn set_rmids(&mut self, id: u32, rmids: Vec<u32>) {
-        if let Some(d) = self.domains.iter_mut().find(|d| d.id == id) {
-            for (slot, rmid) in d.vcpus.iter_mut().zip(rmids) {
-                slot.rmid = rmid;
-            }
-        }
-    }
-
-    fn console(&self, id: u32, offset: u64) -> Result<wire::ConsoleChunk, wire::ErrorReply> {
-        let d = self.domain(id).ok_or_else(|| domain_reply(DomainError::NoSuchDomain(id)))?;
-        let (from, data) = d.console.since(offset);
-        Ok(wire::ConsoleChunk { id, offset: from, data, total: d.console.bytes })
-    }
 }

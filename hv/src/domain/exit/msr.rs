@@ -12,6 +12,27 @@
 //! No write is allowed yet: accepting a write the hypervisor does not apply would
 //! silently lie to the guest.
 
+use super::{Action, ExitCtx};
+use crate::arch::{Backend, Exit};
+
+/// RDMSR of ECX: EDX:EAX from the allow-list, else #GP(0).
+pub fn handle_read<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action {
+    let slot = ctx.slot();
+    match read(slot.regs.rcx as u32, slot.index) {
+        Some(v) => {
+            slot.regs.rax = v & 0xffff_ffff;
+            slot.regs.rdx = v >> 32;
+            ctx.skip(exit)
+        }
+        None => ctx.inject(13, Some(0)),
+    }
+}
+
+/// WRMSR: no MSR is writable yet, so #GP(0), as for an unknown MSR on hardware.
+pub fn handle_write<B: Backend>(ctx: &mut ExitCtx<'_, B>) -> Action {
+    ctx.inject(13, Some(0))
+}
+
 /// The value a guest reads from `msr` on vCPU `vcpu`, or `None` (#GP).
 pub fn read(msr: u32, vcpu: u32) -> Option<u64> {
     match msr {

@@ -1,0 +1,114 @@
+//! The exit policy: what an exit means for the domain, written once for both
+//! backends. The backend has already decoded the exit into an [`Exit`] with its
+//! operands; [`handle`] is one function over an [`ExitCtx`] (the domain with its
+//! memory, devices and logs, the frame pool, this CPU's log-dirty mechanisms) that
+//! returns an [`Action`] for the scheduler. Nothing here calls back into the machine.
+//!
+//! One file per kind: [`cpuid`], [`msr`], [`io`], [`hypercall`], [`memory`] (nested page
+//! faults: log-dirty write faults, and accesses outside guest RAM).
+
+pub mod cpuid;
+pub mod hypercall;
+pub mod io;
+pub mod memory;
+pub mod msr;
+
+use alloc::string::String;
+use core::fmt;
+
+use super::dirty::Mechanisms;
+use super::{Domain, VcpuSlot};
+use crate::arch::{Backend, Exit, ExitReason, Vcpu};
+use crate::mm::frames::FramePool;
+
+/// What the scheduler does after an exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Re-enter the same vCPU.
+    Continue,
+    /// Let others run.
+    Yield,
+    /// The vCPU halted.
+    Halt,
+    /// The guest is done, with this exit code.
+    Finish(u64),
+    /// Stop the domain, for this reason.
+    Crash(String),
+}
+
+/// What one exit may reach: the domain that exited (memory, devices, logs, console),
+/// which of its vCPUs, the frame pool and this CPU's log-dirty mechanisms.
+pub struct ExitCtx<'a, B: Backend> {
+    /// The domain.
+    pub d: &'a mut Domain<B>,
+    /// The vCPU that exited (an index into the domain's vCPUs).
+    pub vi: usize,
+    /// The frame pool (nested tables, guest memory).
+    pub pool: &'a mut FramePool,
+    /// What log-dirty can use on this CPU.
+    pub mechanisms: &'a Mechanisms,
+}
+
+impl<B: Backend> fmt::Debug for ExitCtx<'_, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExitCtx").field("domain", &self.d.id).field("vcpu", &self.vi).finish()
+    }
+}
+
+impl<B: Backend> ExitCtx<'_, B> {
+    /// The vCPU that exited.
+    pub(crate) fn slot(&mut self) -> &mut VcpuSlot<B::Vcpu> {
+        &mut self.d.vcpus[self.vi]
+    }
+
+    /// Continue after the exiting instruction.
+    pub fn skip(&mut self, exit: &Exit) -> Action {
+        match self.slot().vcpu.skip_instruction(exit) {
+            Ok(()) => Action::Continue,
+            Err(e) => {
+                Action::Crash(alloc::format!("cannot continue after {} at RIP {:#x}: {e}", exit.reason, exit.rip))
+            }
+        }
+    }
+
+    /// Deliver exception `vector` at the next entry (the instruction does not retire).
+    pub fn inject(&mut self, vector: u8, error: Option<u32>) -> Action {
+        match self.slot().vcpu.inject_exception(vector, error) {
+            Ok(()) => Action::Continue,
+            Err(e) => Action::Crash(alloc::format!("cannot inject exception {vector}: {e}")),
+        }
+    }
+}
+
+/// Handle one exit of vCPU `ctx.vi`.
+pub fn handle<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action {
+    match exit.reason {
+        ExitReason::Cpuid => cpuid::handle(ctx, exit),
+        ExitReason::Io { port, size, input, string } => io::handle(ctx, exit, port, size, input, string),
+        ExitReason::MsrRead => msr::handle_read(ctx, exit),
+        ExitReason::MsrWrite => msr::handle_write(ctx),
+        ExitReason::VirtualizationInstruction => ctx.inject(6, None),
+        ExitReason::Hypercall => hypercall::handle(ctx, exit),
+        ExitReason::Hlt => match ctx.skip(exit) {
+            Action::Continue => Action::Halt,
+            other => other,
+        },
+        ExitReason::TimeSliceEnd => Action::Yield,
+        ExitReason::PmlFull => match super::dirty::pml_full(ctx.d, ctx.pool, ctx.vi) {
+            Ok(()) => Action::Continue,
+            Err(e) => Action::Crash(alloc::format!("draining the PML buffer: {e}")),
+        },
+        ExitReason::NestedPageFault { gpa, write } => memory::handle(ctx, exit, gpa, write),
+        ExitReason::TripleFault => Action::Crash(alloc::format!("triple fault (last RIP {:#x})", exit.rip)),
+        ExitReason::Exception { vector: 8 } => Action::Crash(alloc::format!("double fault at RIP {:#x}", exit.rip)),
+        ExitReason::Exception { vector } => {
+            Action::Crash(alloc::format!("unexpected exception {vector} exit at RIP {:#x}", exit.rip))
+        }
+        ExitReason::Other { code } => {
+            Action::Crash(alloc::format!("exit {code:#x} that the hypervisor does not emulate, at RIP {:#x}", exit.rip))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

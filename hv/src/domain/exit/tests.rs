@@ -1,0 +1,245 @@
+//! Host tests of the exit policy: synthetic exits fed to [`handle`] over a domain
+//! whose vCPU is a fake that records what the policy asked of it (skip the
+//! instruction, inject an exception), with real guest memory from a test frame pool
+//! and a CPUID policy from a recorded CPU.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use super::{Action, ExitCtx, handle};
+use crate::arch::state::VcpuSnapshot;
+use crate::arch::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs, Vcpu};
+use crate::domain::dirty::Mechanisms;
+use crate::domain::{Console, Domain, DomainState, Machine, RunState, VcpuSlot};
+use crate::mm::frames::FramePool;
+use crate::mm::frames::testing::pool;
+use crate::mm::guest::GuestMemory;
+use crate::mm::nested::Npt;
+use crate::mm::{MmError, PAGE_SIZE};
+
+/// What the policy asked of the vCPU.
+#[derive(Debug, Default)]
+struct FakeVcpu {
+    skipped: u32,
+    injected: Vec<(u8, Option<u32>)>,
+    flushes: u32,
+}
+
+impl Vcpu for FakeVcpu {
+    fn run(&mut self, _: &mut GuestRegs, _: Option<u64>) -> Result<Exit, ArchError> {
+        Err(ArchError::Unsupported("a fake vCPU does not run"))
+    }
+    fn skip_instruction(&mut self, _: &Exit) -> Result<(), ArchError> {
+        self.skipped += 1;
+        Ok(())
+    }
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError> {
+        self.injected.push((vector, error_code));
+        Ok(())
+    }
+    fn save_state(&mut self, _: &GuestRegs) -> Result<VcpuSnapshot, ArchError> {
+        Err(ArchError::Unsupported("fake"))
+    }
+    fn load_state(&mut self, _: &mut GuestRegs, _: &VcpuSnapshot) -> Result<(), ArchError> {
+        Err(ArchError::Unsupported("fake"))
+    }
+    fn flush_nested_tlb(&mut self) -> Result<(), ArchError> {
+        self.flushes += 1;
+        Ok(())
+    }
+    fn destroy(self, _: &mut FramePool) -> Result<(), MmError> {
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct FakeBackend;
+
+impl Backend for FakeBackend {
+    type Paging = Npt;
+    type Vcpu = FakeVcpu;
+    const NAME: &'static str = "fake";
+    const ARCH: guest_abi::Arch = guest_abi::Arch::Svm;
+    const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
+    fn enable(_: &crate::caps::Capabilities, _: &mut FramePool) -> Result<Self, ArchError> {
+        Ok(Self)
+    }
+    fn create_vcpu(&mut self, _: &mut FramePool, _: &GuestEntry) -> Result<FakeVcpu, ArchError> {
+        Ok(FakeVcpu::default())
+    }
+}
+
+const MEMORY: u64 = 4 << 20;
+
+/// A machine on a recorded EPYC under QEMU with one 4 MiB domain of one fake vCPU.
+fn machine(mechanisms: Mechanisms) -> Machine<FakeBackend> {
+    let text = include_str!("../../../../levelling/testdata/qemu-7.2-tcg-epyc.cpuid");
+    let dump = levelling::parse_dump(text).expect("the recorded dump parses");
+    let host = levelling::HostCpu::from_records(&dump.records).expect("the recorded CPU decodes");
+    let mut p = pool(2048);
+    let mem = GuestMemory::<Npt>::new(&mut p, MEMORY, false).expect("4 MiB fits the test pool");
+    let mut m = Machine::new(FakeBackend, p, host, None, mechanisms, false);
+    let (policy, cpuid) = m.cpuid_table(None, 1).expect("the default policy verifies on its own host");
+    let slot = VcpuSlot {
+        vcpu: FakeVcpu::default(),
+        regs: GuestRegs::default(),
+        state: RunState::Runnable,
+        index: 0,
+        rmid: 0,
+    };
+    m.domains.push(Domain {
+        id: 1,
+        name: String::from("test"),
+        state: DomainState::Running,
+        memory_bytes: MEMORY,
+        vcpu_count: 1,
+        exits: Default::default(),
+        reports: Vec::new(),
+        runtime_ticks: 0,
+        console: Console::default(),
+        mem: Some(mem),
+        vcpus: alloc::vec![slot],
+        cpuid,
+        policy,
+        cmdline: String::new(),
+        throttle: 0,
+        throttle_credit: 0,
+        logs: [None, None],
+    });
+    m
+}
+
+fn exit(reason: ExitReason) -> Exit {
+    Exit { reason, rip: 0x20_0000, instruction_len: 3 }
+}
+
+/// Run one exit with `regs` loaded first; the action and the registers after.
+fn run(m: &mut Machine<FakeBackend>, regs: GuestRegs, reason: ExitReason) -> (Action, GuestRegs) {
+    let d = &mut m.domains[0];
+    d.vcpus[0].regs = regs;
+    let mut ctx = ExitCtx { d, vi: 0, pool: &mut m.pool, mechanisms: &m.mechanisms };
+    let action = handle(&mut ctx, &exit(reason));
+    (action, m.domains[0].vcpus[0].regs)
+}
+
+fn vcpu(m: &Machine<FakeBackend>) -> &FakeVcpu {
+    &m.domains[0].vcpus[0].vcpu
+}
+
+const NO_LOGGING: Mechanisms = Mechanisms { pml: false, dbit: false };
+
+#[test]
+fn cpuid_answers_from_the_policy_table_and_skips() {
+    let mut m = machine(NO_LOGGING);
+    let want = m.domains[0].cpuid.lookup_vcpu(0, 0, &crate::domain::vcpu_state(0));
+    let (action, regs) = run(&mut m, GuestRegs { rax: 0, rcx: 0, ..Default::default() }, ExitReason::Cpuid);
+    assert_eq!(action, Action::Continue);
+    assert_eq!([regs.rax, regs.rbx, regs.rcx, regs.rdx], want.map(u64::from));
+    assert_eq!(regs.rbx, 0x6874_7541, "vendor AuthenticAMD from the recorded CPU, through the policy");
+    assert_eq!(vcpu(&m).skipped, 1);
+    // A leaf no policy covers reads as zeros, never the host's values.
+    let (_, regs) = run(&mut m, GuestRegs { rax: 0x4000_0000, ..Default::default() }, ExitReason::Cpuid);
+    assert_eq!([regs.rax, regs.rbx, regs.rcx, regs.rdx], [0; 4]);
+}
+
+#[test]
+fn msrs_outside_the_allow_list_get_gp_and_do_not_retire() {
+    let mut m = machine(NO_LOGGING);
+    let (action, regs) = run(&mut m, GuestRegs { rcx: 0x1b, ..Default::default() }, ExitReason::MsrRead);
+    assert_eq!(action, Action::Continue);
+    assert_eq!((regs.rax, regs.rdx), (0xfee0_0900, 0), "APIC base, enabled, BSP");
+    assert_eq!(run(&mut m, GuestRegs { rcx: 0x3a, ..Default::default() }, ExitReason::MsrRead).0, Action::Continue);
+    assert_eq!(run(&mut m, GuestRegs { rcx: 0x1b, ..Default::default() }, ExitReason::MsrWrite).0, Action::Continue);
+    assert_eq!(vcpu(&m).injected, [(13, Some(0)), (13, Some(0))], "IA32_FEATURE_CONTROL read and any write: #GP(0)");
+    assert_eq!(vcpu(&m).skipped, 1, "only the allowed read retired");
+}
+
+#[test]
+fn port_io_feeds_the_console_and_unclaimed_ports_read_ones() {
+    let mut m = machine(NO_LOGGING);
+    let out = |port| ExitReason::Io { port, size: 1, input: false, string: false };
+    for b in b"hi\n" {
+        run(&mut m, GuestRegs { rax: u64::from(*b), ..Default::default() }, out(guest_abi::UART_PORT));
+    }
+    assert_eq!(m.domains[0].console.since(0).1, b"hi\n");
+    let input = |port, size| ExitReason::Io { port, size, input: true, string: false };
+    let (_, regs) = run(&mut m, GuestRegs { rax: 0x1234_5678, ..Default::default() }, input(0x80, 1));
+    assert_eq!(regs.rax, 0x1234_56ff, "one byte of ones, the rest of RAX kept");
+    let (_, regs) = run(&mut m, GuestRegs { rax: 0, ..Default::default() }, input(0x80, 4));
+    assert_eq!(regs.rax, 0xffff_ffff);
+    let (_, regs) = run(&mut m, GuestRegs::default(), input(guest_abi::UART_PORT + 5, 1));
+    assert_eq!(regs.rax, 0x60, "line status: transmitter empty");
+    let (action, _) =
+        run(&mut m, GuestRegs::default(), ExitReason::Io { port: 0x60, size: 1, input: true, string: true });
+    assert!(matches!(action, Action::Crash(ref r) if r.contains("string I/O")), "{action:?}");
+}
+
+#[test]
+fn hypercalls_report_yield_and_exit() {
+    let mut m = machine(NO_LOGGING);
+    let report = GuestRegs {
+        rax: guest_abi::Hypercall::Report as u64,
+        rdi: guest_abi::tag(b"round"),
+        rsi: 7,
+        ..Default::default()
+    };
+    let (action, regs) = run(&mut m, report, ExitReason::Hypercall);
+    assert_eq!((action, regs.rax), (Action::Continue, guest_abi::HYPERCALL_OK));
+    assert_eq!(m.domains[0].report(b"round"), Some(7));
+    let y = GuestRegs { rax: guest_abi::Hypercall::Yield as u64, ..Default::default() };
+    assert_eq!(run(&mut m, y, ExitReason::Hypercall).0, Action::Yield);
+    let bad = GuestRegs { rax: 0xdead, ..Default::default() };
+    assert_eq!(run(&mut m, bad, ExitReason::Hypercall).1.rax, guest_abi::HYPERCALL_EINVAL);
+    let done = GuestRegs { rax: guest_abi::Hypercall::Exit as u64, rdi: 3, ..Default::default() };
+    assert_eq!(run(&mut m, done, ExitReason::Hypercall).0, Action::Finish(3));
+    assert_eq!(vcpu(&m).skipped, 4, "every hypercall retires before it acts");
+}
+
+#[test]
+fn log_dirty_hypercalls_and_write_faults_work_through_the_context() {
+    let mut m = machine(NO_LOGGING);
+    let call = |nr: guest_abi::Hypercall, a, b| GuestRegs { rax: nr as u64, rdi: a, rsi: b, ..Default::default() };
+    // Mode 0: the best this CPU has, which without PML or dirty bits is write-protect.
+    let (_, regs) = run(&mut m, call(guest_abi::Hypercall::DirtyStart, 0, 0), ExitReason::Hypercall);
+    assert_eq!(regs.rax, 3, "write-protect");
+    let gpa = 5 * PAGE_SIZE + 8;
+    let fault = ExitReason::NestedPageFault { gpa, write: true };
+    assert_eq!(run(&mut m, GuestRegs::default(), fault).0, Action::Continue, "a logged write is retried");
+    assert!(vcpu(&m).flushes >= 2, "arming and the fault flushed the nested TLB");
+    let buffer = 0x10_0000;
+    let (_, regs) = run(&mut m, call(guest_abi::Hypercall::DirtyPeekClean, buffer, 128), ExitReason::Hypercall);
+    assert_eq!(regs.rax, 1, "one dirty page");
+    let (mem, pool) = (m.domains[0].mem.as_ref().unwrap(), &mut m.pool);
+    assert_eq!(mem.read_u64(pool, buffer).unwrap(), 1 << 5, "bit 5 of the guest's bitmap");
+    assert_eq!(
+        run(&mut m, call(guest_abi::Hypercall::DirtyStop, 0, 0), ExitReason::Hypercall).1.rax,
+        guest_abi::HYPERCALL_OK
+    );
+    assert!(m.domains[0].logs.iter().all(Option::is_none));
+    // With no log running, a nested page fault is an access outside guest memory: the
+    // domain stops with the reason.
+    let outside = ExitReason::NestedPageFault { gpa: MEMORY + 0x1000, write: false };
+    let (action, _) = run(&mut m, GuestRegs::default(), outside);
+    assert!(
+        matches!(action, Action::Crash(ref r) if r.contains("read of guest-physical 0x401000, outside its 4 MiB")),
+        "{action:?}"
+    );
+}
+
+#[test]
+fn the_rest_stops_the_domain_or_gets_ud() {
+    let mut m = machine(NO_LOGGING);
+    assert_eq!(run(&mut m, GuestRegs::default(), ExitReason::VirtualizationInstruction).0, Action::Continue);
+    assert_eq!(vcpu(&m).injected, [(6, None)]);
+    assert_eq!(run(&mut m, GuestRegs::default(), ExitReason::Hlt).0, Action::Halt);
+    assert_eq!(run(&mut m, GuestRegs::default(), ExitReason::TimeSliceEnd).0, Action::Yield);
+    for (reason, text) in [
+        (ExitReason::TripleFault, "triple fault"),
+        (ExitReason::Exception { vector: 8 }, "double fault"),
+        (ExitReason::Exception { vector: 14 }, "exception 14"),
+        (ExitReason::Other { code: 0x7b }, "exit 0x7b"),
+    ] {
+        let (action, _) = run(&mut m, GuestRegs::default(), reason);
+        assert!(matches!(action, Action::Crash(ref r) if r.contains(text)), "{reason}: {action:?}");
+    }
+}

@@ -1,0 +1,158 @@
+//! The wire adapters: the control requests of `tasks::DomainOps` (create, list, pause,
+//! destroy, console, log-dirty, counters) carried out on the [`Machine`], with its
+//! errors turned into typed `wire` error replies.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::fmt;
+
+use super::config::{self, DomainConfig};
+use super::{DomainError, Machine, dirty};
+use crate::arch::Backend;
+use crate::mm::MmError;
+
+impl<B: Backend> Machine<B> {
+    fn dirty_report(&mut self, id: u32, slot: usize) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
+        let s = self.log_stats(id, slot).map_err(domain_reply)?;
+        Ok(wire::DirtyStatsReport {
+            domain: id,
+            mode: String::from(s.mode.name()),
+            pages_dirtied: s.pages_dirtied,
+            dirty_now: s.dirty_now,
+            rounds: s.rounds,
+            logging_exits: s.logging_exits,
+            range_start: s.range.0,
+            range_pages: s.range.1,
+        })
+    }
+}
+
+fn reply(code: wire::ErrorCode, e: impl fmt::Display) -> wire::ErrorReply {
+    wire::ErrorReply::new(code, alloc::format!("{e}"))
+}
+
+fn domain_reply(e: DomainError) -> wire::ErrorReply {
+    let code = match &e {
+        DomainError::Memory(
+            MmError::OutOfFrames { .. } | MmError::NotEnoughFrames { .. } | MmError::OutOfHeap { .. },
+        ) => wire::ErrorCode::OutOfMemory,
+        DomainError::Memory(_) | DomainError::Arch(_) => wire::ErrorCode::Internal,
+        _ => wire::ErrorCode::Refused,
+    };
+    reply(code, e)
+}
+
+impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
+    fn create(&mut self, spec: &wire::DomainSpec) -> Result<u32, wire::ErrorReply> {
+        let cfg = DomainConfig {
+            name: spec.name.clone(),
+            kernel: String::from("(uploaded)"),
+            memory: spec.memory_bytes,
+            vcpus: spec.vcpus,
+            cpuid: spec.cpuid.clone(),
+            cmdline: spec.cmdline.clone(),
+        };
+        config::validate(&cfg).map_err(|e| reply(wire::ErrorCode::Refused, e))?;
+        if self.domains.iter().any(|d| d.name == cfg.name) {
+            return Err(reply(wire::ErrorCode::Refused, alloc::format!("a domain named `{}` exists", cfg.name)));
+        }
+        Machine::create(self, &cfg, &spec.kernel).map_err(domain_reply)
+    }
+
+    fn list(&self) -> wire::DomainListReport {
+        let hz = crate::time::tsc_hz().unwrap_or(1);
+        wire::DomainListReport {
+            domains: self
+                .domains
+                .iter()
+                .map(|d| wire::DomainInfo {
+                    id: d.id,
+                    name: d.name.clone(),
+                    state: alloc::format!("{}", d.state),
+                    vcpus: d.vcpu_count,
+                    memory_bytes: if d.mem.is_some() { d.memory_bytes } else { 0 },
+                    exits: d.exits.iter().map(|(k, v)| (alloc::format!("{k}"), *v)).collect(),
+                    runtime_ns: crate::time::ticks_to_ns(d.runtime_ticks, hz),
+                })
+                .collect(),
+            free_frames: self.pool.free_frames() as u64,
+            total_frames: self.pool.total_frames() as u64,
+        }
+    }
+
+    fn set_paused(&mut self, id: u32, paused: bool) -> Result<(), wire::ErrorReply> {
+        Machine::set_paused(self, id, paused).map_err(domain_reply)
+    }
+
+    fn destroy(&mut self, id: u32) -> Result<(), wire::ErrorReply> {
+        Machine::destroy(self, id).map_err(domain_reply)
+    }
+
+    fn counters(&self) -> Vec<crate::tasks::DomainCounters> {
+        let hz = crate::time::tsc_hz().unwrap_or(1);
+        self.domains
+            .iter()
+            .map(|d| crate::tasks::DomainCounters {
+                id: d.id,
+                vcpus: d.vcpu_count,
+                exits: d.exits.iter().map(|(k, v)| (*k, *v)).collect(),
+                runtime_ns: crate::time::ticks_to_ns(d.runtime_ticks, hz),
+            })
+            .collect()
+    }
+
+    fn dirty_start(
+        &mut self,
+        id: u32,
+        slot: usize,
+        mode: &str,
+        range: Option<(u64, u64)>,
+    ) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
+        let mode = dirty::Mode::parse(mode).map_err(domain_reply)?;
+        let range = range.map(|(start, pages)| start..start.saturating_add(pages));
+        self.log_start(id, slot, mode, range).map_err(domain_reply)?;
+        self.dirty_report(id, slot)
+    }
+
+    fn dirty_stop(&mut self, id: u32, slot: usize) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
+        let report = self.dirty_report(id, slot)?;
+        self.log_stop(id, slot).map_err(domain_reply)?;
+        Ok(report)
+    }
+
+    fn dirty_stats(&mut self, id: u32, slot: usize) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
+        self.dirty_report(id, slot)
+    }
+
+    fn dirty_peek(&mut self, id: u32, slot: usize, clean: bool) -> Result<wire::DirtyBitmapReport, wire::ErrorReply> {
+        let bitmap = if clean { self.log_peek_clean(id, slot, None) } else { self.log_peek(id, slot, None) }
+            .map_err(domain_reply)?;
+        Ok(wire::DirtyBitmapReport {
+            domain: id,
+            pages: bitmap.pages(),
+            dirty: bitmap.count_ones(),
+            records: bitmap.to_records(),
+        })
+    }
+
+    fn migration(&mut self) -> Option<&mut dyn migration_svc::MigrationCore> {
+        Some(self)
+    }
+
+    fn frames(&self) -> (u64, u64) {
+        (self.pool.total_frames() as u64, self.pool.free_frames() as u64)
+    }
+    fn set_rmids(&mut self, id: u32, rmids: Vec<u32>) {
+        if let Some(d) = self.domains.iter_mut().find(|d| d.id == id) {
+            for (slot, rmid) in d.vcpus.iter_mut().zip(rmids) {
+                slot.rmid = rmid;
+            }
+        }
+    }
+
+    fn console(&self, id: u32, offset: u64) -> Result<wire::ConsoleChunk, wire::ErrorReply> {
+        let d = self.domain(id).ok_or_else(|| domain_reply(DomainError::NoSuchDomain(id)))?;
+        let (from, data) = d.console.since(offset);
+        Ok(wire::ConsoleChunk { id, offset: from, data, total: d.console.bytes })
+    }
+}
