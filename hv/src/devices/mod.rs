@@ -19,6 +19,8 @@
 //! destination that cannot load one refuses before anything runs.
 
 pub mod bus;
+pub mod debug_exit;
+pub mod serial;
 
 use alloc::vec::Vec;
 use core::fmt;
