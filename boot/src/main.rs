@@ -31,7 +31,7 @@ static HEAP: hv::heap::Heap = hv::heap::Heap::empty();
 
 #[entry]
 fn main() -> Status {
-    hv::console::init();
+    hv::drivers::console::init();
     println!();
     println!("hv {} ({}) - x86_64 hypervisor, UEFI boot", hv::VERSION, env!("HV_GIT_REV"));
     hv::set_shutdown_hook(shutdown);

@@ -2,17 +2,23 @@
 //!
 //! Boot (the only crate that talks to UEFI) hands over a [`BootInfo`] after
 //! ExitBootServices and calls [`run`]. The core loads its own descriptor tables,
-//! probes the CPU ([`caps`]), takes the machine's virtualization through the matching
-//! backend ([`arch`]), and proves it with a minimal guest round trip ([`selftest`])
-//! before it prints `READY`.
+//! probes the CPU ([`platform::caps`]), takes the machine's virtualization through the
+//! matching backend ([`arch`]), and proves it with a minimal guest round trip
+//! ([`selftest`]) before it prints `READY`.
 //!
-//! Everything that is logic (capability decoding, frame pool, nested page tables) is
-//! plain code that `cargo test -p hv` runs on the host; the hardware touch points are
-//! the few `unsafe` blocks in `cpu`, `arch` and `mm::frames`.
+//! The layout (shared/DESIGN.md): [`arch`] backends, [`mm`] memory, [`domain`] domains
+//! and the exit policy, [`devices`] guest device models, [`drivers`] the hardware the
+//! hypervisor itself drives, [`platform`] the machine's identity, [`services`] the task
+//! runtime and control server, [`heap`] the allocator.
+//!
+//! Everything that is logic (capability decoding, frame pool, nested page tables,
+//! device models, the exit policy) is plain code that `cargo test -p hv` runs on the
+//! host; the hardware touch points are the few `unsafe` blocks in `drivers`, `arch`,
+//! `platform` and `mm::frames`.
 //!
 //! Serial markers (stable; the system tests and tools parse them), one per line:
-//! - `CAPS v=1 key=value ...`: machine-readable capabilities ([`caps::Capabilities::machine_line`]).
-//! - `PROBE-RAW ...`: every CPUID/MSR value the probe read ([`hw::Recorded::to_line`]).
+//! - `CAPS v=1 key=value ...`: machine-readable capabilities ([`platform::caps::Capabilities::machine_line`]).
+//! - `PROBE-RAW ...`: every CPUID/MSR value the probe read ([`platform::hw::Recorded::to_line`]).
 //! - `READY arch=... value=0x...`: the guest round trip succeeded.
 //! - `REFUSED: <reason>`: this CPU cannot host guests; the machine shuts down.
 //! - `FAIL: <reason>`: something went wrong; the machine shuts down.
@@ -23,22 +29,14 @@ extern crate alloc;
 extern crate std;
 
 pub mod arch;
-pub mod caps;
-pub mod console;
-pub mod control;
-pub mod cpu;
 pub mod devices;
 pub mod domain;
+pub mod drivers;
 pub mod heap;
-pub mod hw;
-pub mod local_migration;
 pub mod mm;
-pub mod pci;
-pub mod rdt;
+pub mod platform;
 pub mod selftest;
-pub mod tasks;
-pub mod time;
-pub mod virtio;
+pub mod services;
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -156,8 +154,9 @@ fn print_memory_map(map: &[MemoryRegion]) {
 /// Print every CPUID leaf and subleaf of this CPU in `hvctl cpuid dump` format between
 /// `CPUID-DUMP-BEGIN` and `CPUID-DUMP-END` (boot option `cpuid-dump`), so emulator and
 /// bare-metal dumps can be captured for levelling's test data.
-fn print_cpuid_dump(caps: &caps::Capabilities) {
-    let records = levelling::enumerate(|leaf, subleaf| hw::HwRead::cpuid(&mut hw::RealHw, leaf, subleaf));
+fn print_cpuid_dump(caps: &platform::caps::Capabilities) {
+    let records =
+        levelling::enumerate(|leaf, subleaf| platform::hw::HwRead::cpuid(&mut platform::hw::RealHw, leaf, subleaf));
     let source = alloc::format!(
         "captured by the hv boot image ({} family {:#x} model {:#x} stepping {}{})",
         caps.vendor.as_str(),
@@ -174,20 +173,20 @@ fn print_cpuid_dump(caps: &caps::Capabilities) {
 /// Run the hypervisor on this (bootstrap) CPU. Interrupts must be off and boot
 /// services exited.
 pub fn run(mut info: BootInfo) -> Outcome {
-    let tables = cpu::tables::load();
-    match time::init() {
+    let tables = drivers::tables::load();
+    match drivers::time::init() {
         Ok((hz, source)) => log::info!("TSC {} kHz ({:?})", hz / 1000, source),
         Err(e) => println!("warning: TSC not calibrated ({e}); uptime and timeouts are unavailable"),
     }
     log::info!("descriptor tables loaded: GDT {:#x}, IDT {:#x}, TSS {:#x}", tables.gdt, tables.idt, tables.tss);
     print_memory_map(&info.memory_map);
     if let Some(dma) = info.dma_frames.take() {
-        virtio::init_dma(dma);
+        drivers::virtio::init_dma(dma);
     }
     println!("Frame pool: {} frames ({} MiB) free", info.frames.free_frames(), info.frames.free_frames() * 4 / 1024);
 
-    let mut recorder = hw::Recorder::new(hw::RealHw);
-    let caps = match caps::probe(&mut recorder) {
+    let mut recorder = platform::hw::Recorder::new(platform::hw::RealHw);
+    let caps = match platform::caps::probe(&mut recorder) {
         Ok(caps) => caps,
         Err(e) => {
             println!("FAIL: capability probe: {e}");
@@ -198,7 +197,7 @@ pub fn run(mut info: BootInfo) -> Outcome {
     println!("{}", caps.machine_line());
     println!("PROBE-RAW {}", recorder.recorded.to_line());
 
-    rdt::set_boot_options(rdt::BootOptions::parse(&info.cmdline));
+    platform::rdt::set_boot_options(platform::rdt::BootOptions::parse(&info.cmdline));
     if info.cmdline.split_whitespace().any(|w| w == "cpuid-dump") {
         print_cpuid_dump(&caps);
     }
@@ -209,9 +208,9 @@ pub fn run(mut info: BootInfo) -> Outcome {
     }
 
     match caps.virtualization {
-        caps::Virtualization::Vmx(_) => run_with::<arch::vmx::Vmx>(info, &caps),
-        caps::Virtualization::Svm(_) => run_with::<arch::svm::Svm>(info, &caps),
-        caps::Virtualization::None => Outcome::Refused,
+        platform::caps::Virtualization::Vmx(_) => run_with::<arch::vmx::Vmx>(info, &caps),
+        platform::caps::Virtualization::Svm(_) => run_with::<arch::svm::Svm>(info, &caps),
+        platform::caps::Virtualization::None => Outcome::Refused,
     }
 }
 
@@ -220,7 +219,7 @@ const SLICE_MS: u64 = 10;
 
 /// Take the machine with backend `B`: self-test, boot-time domains, control channel,
 /// then schedule until nothing is left to run or serve.
-fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &caps::Capabilities) -> Outcome {
+fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabilities) -> Outcome {
     let mut backend = match B::enable(caps, &mut info.frames) {
         Ok(b) => b,
         Err(e) => {
@@ -240,7 +239,7 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &caps::Capabilities) -> 
     }
 
     // Guests' CPUID comes from policies verified against this host's own CPUID.
-    let records = levelling::enumerate(|leaf, sub| hw::HwRead::cpuid(&mut hw::RealHw, leaf, sub));
+    let records = levelling::enumerate(|leaf, sub| platform::hw::HwRead::cpuid(&mut platform::hw::RealHw, leaf, sub));
     let host = match levelling::HostCpu::from_records(&records) {
         Ok(h) => h,
         Err(e) => {
@@ -252,13 +251,13 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &caps::Capabilities) -> 
     let machine_info = machine_info(&info, caps);
     let boot_domains = core::mem::take(&mut info.domains);
     let mechanisms = match caps.virtualization {
-        caps::Virtualization::Vmx(v) => domain::dirty::Mechanisms { pml: v.pml, dbit: v.ept_ad },
+        platform::caps::Virtualization::Vmx(v) => domain::dirty::Mechanisms { pml: v.pml, dbit: v.ept_ad },
         // NPT leaves carry dirty flags the nested walk sets (APM Vol. 2 15.25.5).
         _ => domain::dirty::Mechanisms { pml: false, dbit: true },
     };
     // 2 MiB nested pages: EPT where IA32_VMX_EPT_VPID_CAP allows them, always with NPT.
     let large_pages = match caps.virtualization {
-        caps::Virtualization::Vmx(v) => v.ept_2m,
+        platform::caps::Virtualization::Vmx(v) => v.ept_2m,
         _ => true,
     };
     let mut machine = domain::Machine::new(backend, info.frames, host, slice, mechanisms, large_pages);
@@ -269,9 +268,9 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &caps::Capabilities) -> 
     }
     drop(boot_domains);
 
-    let mut server = match control::ControlServer::start(tasks::Runtime::new(machine_info)) {
+    let mut server = match services::control::ControlServer::start(services::tasks::Runtime::new(machine_info)) {
         Ok(server) => Some(server),
-        Err(control::ControlError::NoDevice) => {
+        Err(services::control::ControlError::NoDevice) => {
             println!("CONTROL unavailable: no virtio-vsock device (PCI 1af4:1053)");
             None
         }
@@ -280,7 +279,7 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &caps::Capabilities) -> 
             return Outcome::Failed;
         }
     };
-    let mut local = match local_migration::LocalMigration::from_cmdline(&info.cmdline) {
+    let mut local = match services::local_migration::LocalMigration::from_cmdline(&info.cmdline) {
         None => None,
         Some(Ok(l)) => Some(l),
         Some(Err(e)) => {
@@ -315,11 +314,11 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &caps::Capabilities) -> 
 /// The time slice in TSC ticks, if this CPU can preempt a guest: the VMX preemption
 /// timer, or on SVM the local APIC timer (an INTR exit). Without either, a guest runs
 /// until it exits by itself, and we say so.
-fn time_slice(arch: guest_abi::Arch, caps: &caps::Capabilities) -> Option<u64> {
-    let ticks = time::ms_to_ticks(SLICE_MS)?;
+fn time_slice(arch: guest_abi::Arch, caps: &platform::caps::Capabilities) -> Option<u64> {
+    let ticks = drivers::time::ms_to_ticks(SLICE_MS)?;
     match (arch, caps.virtualization) {
-        (guest_abi::Arch::Vmx, caps::Virtualization::Vmx(v)) if v.preemption_timer => Some(ticks),
-        (guest_abi::Arch::Svm, _) => match cpu::lapic::init() {
+        (guest_abi::Arch::Vmx, platform::caps::Virtualization::Vmx(v)) if v.preemption_timer => Some(ticks),
+        (guest_abi::Arch::Svm, _) => match drivers::lapic::init() {
             Ok(per_ms) => {
                 log::info!("local APIC timer: {per_ms} ticks/ms; {SLICE_MS} ms slices");
                 Some(ticks)
@@ -336,14 +335,14 @@ fn time_slice(arch: guest_abi::Arch, caps: &caps::Capabilities) -> Option<u64> {
     }
 }
 
-fn machine_info(info: &BootInfo, caps: &caps::Capabilities) -> tasks::MachineInfo {
+fn machine_info(info: &BootInfo, caps: &platform::caps::Capabilities) -> services::tasks::MachineInfo {
     let memory_bytes = info
         .memory_map
         .iter()
         .filter(|r| matches!(r.kind, RegionKind::Usable | RegionKind::Hypervisor))
         .map(|r| r.pages * mm::PAGE_SIZE)
         .sum();
-    tasks::MachineInfo {
+    services::tasks::MachineInfo {
         hv_version: alloc::format!("{} ({})", VERSION, info.git_revision),
         capabilities: caps
             .machine_line()

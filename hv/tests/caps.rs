@@ -3,10 +3,10 @@
 //! bare-metal Intel server with RDT built field by field from the SDM. Every decoded
 //! field is asserted.
 
-use hv::caps::{
+use hv::platform::caps::{
     Capabilities, FeatureControl, L3Monitoring, RdtMonitoring, SvmCaps, Unsupported, Vendor, Virtualization, probe,
 };
-use hv::hw::Recorded;
+use hv::platform::hw::Recorded;
 
 fn fixture(name: &str) -> Recorded {
     let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -15,7 +15,7 @@ fn fixture(name: &str) -> Recorded {
     Recorded::parse_line(body).unwrap()
 }
 
-fn vmx(caps: &Capabilities) -> hv::caps::VmxCaps {
+fn vmx(caps: &Capabilities) -> hv::platform::caps::VmxCaps {
     match caps.virtualization {
         Virtualization::Vmx(v) => v,
         other => panic!("expected VMX, got {other:?}"),

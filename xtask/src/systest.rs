@@ -119,17 +119,19 @@ fn judge(run: &RunResult, expect: &Expect) -> Vec<String> {
     // The raw values the image read must decode, on the host, to exactly the CAPS line
     // it printed: the recording is complete and the decoding deterministic.
     match (log.line("PROBE-RAW "), log.line("CAPS ")) {
-        (Some(raw), Some(caps_line)) => match hv::hw::Recorded::parse_line(raw.trim_start_matches("PROBE-RAW ")) {
-            Ok(mut rec) => match hv::caps::probe(&mut rec) {
-                Ok(caps) if caps.machine_line() == caps_line => {}
-                Ok(caps) => problems.push(format!(
-                    "PROBE-RAW decodes on the host to a different CAPS line:\n  image: {caps_line}\n  host:  {}",
-                    caps.machine_line()
-                )),
-                Err(e) => problems.push(format!("PROBE-RAW does not decode: {e}")),
-            },
-            Err(e) => problems.push(format!("PROBE-RAW unparsable: {e}")),
-        },
+        (Some(raw), Some(caps_line)) => {
+            match hv::platform::hw::Recorded::parse_line(raw.trim_start_matches("PROBE-RAW ")) {
+                Ok(mut rec) => match hv::platform::caps::probe(&mut rec) {
+                    Ok(caps) if caps.machine_line() == caps_line => {}
+                    Ok(caps) => problems.push(format!(
+                        "PROBE-RAW decodes on the host to a different CAPS line:\n  image: {caps_line}\n  host:  {}",
+                        caps.machine_line()
+                    )),
+                    Err(e) => problems.push(format!("PROBE-RAW does not decode: {e}")),
+                },
+                Err(e) => problems.push(format!("PROBE-RAW unparsable: {e}")),
+            }
+        }
         _ => problems.push("no PROBE-RAW line".into()),
     }
     match expect {

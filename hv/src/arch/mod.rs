@@ -265,7 +265,7 @@ pub trait Backend: Sized {
     /// The guest instruction that makes a hypercall exit (VMCALL / VMMCALL).
     const HYPERCALL: [u8; 3];
     /// Turn the extension on on this CPU.
-    fn enable(caps: &crate::caps::Capabilities, pool: &mut FramePool) -> Result<Self, ArchError>;
+    fn enable(caps: &crate::platform::caps::Capabilities, pool: &mut FramePool) -> Result<Self, ArchError>;
     /// A vCPU that starts at `entry`.
     fn create_vcpu(&mut self, pool: &mut FramePool, entry: &GuestEntry) -> Result<Self::Vcpu, ArchError>;
 }

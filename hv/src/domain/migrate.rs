@@ -49,7 +49,7 @@ impl<B: Backend> Machine<B> {
 
 impl<B: Backend> MigrationCore for Machine<B> {
     fn now_ns(&self) -> Option<u64> {
-        crate::time::uptime_ns()
+        crate::drivers::time::uptime_ns()
     }
 
     fn domain_info(&mut self, domain: u32) -> Result<DomainInfo, String> {

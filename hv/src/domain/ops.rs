@@ -42,7 +42,7 @@ fn domain_reply(e: DomainError) -> wire::ErrorReply {
     reply(code, e)
 }
 
-impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
+impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
     fn create(&mut self, spec: &wire::DomainSpec) -> Result<u32, wire::ErrorReply> {
         let cfg = DomainConfig {
             name: spec.name.clone(),
@@ -60,7 +60,7 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
     }
 
     fn list(&self) -> wire::DomainListReport {
-        let hz = crate::time::tsc_hz().unwrap_or(1);
+        let hz = crate::drivers::time::tsc_hz().unwrap_or(1);
         wire::DomainListReport {
             domains: self
                 .domains
@@ -72,7 +72,7 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
                     vcpus: d.vcpu_count,
                     memory_bytes: if d.mem.is_some() { d.memory_bytes } else { 0 },
                     exits: d.exits.iter().map(|(k, v)| (alloc::format!("{k}"), *v)).collect(),
-                    runtime_ns: crate::time::ticks_to_ns(d.runtime_ticks, hz),
+                    runtime_ns: crate::drivers::time::ticks_to_ns(d.runtime_ticks, hz),
                 })
                 .collect(),
             free_frames: self.pool.free_frames() as u64,
@@ -88,15 +88,15 @@ impl<B: Backend> crate::tasks::DomainOps for Machine<B> {
         Machine::destroy(self, id).map_err(domain_reply)
     }
 
-    fn counters(&self) -> Vec<crate::tasks::DomainCounters> {
-        let hz = crate::time::tsc_hz().unwrap_or(1);
+    fn counters(&self) -> Vec<crate::services::tasks::DomainCounters> {
+        let hz = crate::drivers::time::tsc_hz().unwrap_or(1);
         self.domains
             .iter()
-            .map(|d| crate::tasks::DomainCounters {
+            .map(|d| crate::services::tasks::DomainCounters {
                 id: d.id,
                 vcpus: d.vcpu_count,
                 exits: d.exits.iter().map(|(k, v)| (*k, *v)).collect(),
-                runtime_ns: crate::time::ticks_to_ns(d.runtime_ticks, hz),
+                runtime_ns: crate::drivers::time::ticks_to_ns(d.runtime_ticks, hz),
             })
             .collect()
     }

@@ -56,19 +56,19 @@ impl<B: Backend> Machine<B> {
 
     fn run_vcpu(&mut self, di: usize, vi: usize) {
         let slice = self.slice_ticks;
-        let start = crate::time::now_ticks();
+        let start = crate::drivers::time::now_ticks();
         let budget = slice.unwrap_or(u64::MAX);
         loop {
-            let used = crate::time::now_ticks().wrapping_sub(start);
+            let used = crate::drivers::time::now_ticks().wrapping_sub(start);
             if used >= budget {
                 break;
             }
             let d = &mut self.domains[di];
             let slot = &mut d.vcpus[vi];
-            crate::rdt::switch_rmid(slot.rmid);
-            let entered = crate::time::now_ticks();
+            crate::platform::rdt::switch_rmid(slot.rmid);
+            let entered = crate::drivers::time::now_ticks();
             let result = slot.vcpu.run(&mut slot.regs, slice.map(|s| s - used));
-            d.runtime_ticks += crate::time::now_ticks().wrapping_sub(entered);
+            d.runtime_ticks += crate::drivers::time::now_ticks().wrapping_sub(entered);
             let next = match result {
                 Ok(exit) => {
                     d.count(&exit.reason);

@@ -12,10 +12,10 @@ use core::arch::global_asm;
 use self::vmcb::{Segment, Vmcb};
 use super::state::{self, DescriptorTable, PendingEvent, SegmentRegister, VcpuSnapshot};
 use super::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs, Vcpu};
-use crate::caps::Capabilities;
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::nested::Npt;
+use crate::platform::caps::Capabilities;
 
 const MSR_EFER: u32 = 0xc000_0080;
 const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
@@ -147,14 +147,14 @@ impl Vcpu for SvmVcpu {
     fn run(&mut self, regs: &mut GuestRegs, slice: Option<u64>) -> Result<Exit, ArchError> {
         self.vmcb().set(vmcb::RAX, regs.rax);
         if let Some(ticks) = slice {
-            crate::cpu::lapic::arm_one_shot(ticks);
+            crate::drivers::lapic::arm_one_shot(ticks);
         }
         // SAFETY: EFER.SVME and VM_HSAVE_PA were set in `enable`; the VMCB describes a guest whose memory is mapped
         // only through our nested tables, intercepts VMRUN and all SVM instructions, I/O and MSRs. hv_svm_run saves
         // and restores every callee-saved register and follows the SysV ABI it is declared with.
         unsafe { hv_svm_run(self.vmcb, regs) };
         if slice.is_some() {
-            crate::cpu::lapic::disarm();
+            crate::drivers::lapic::disarm();
         }
         let mut v = self.vmcb();
         // An event we injected has been delivered by now.

@@ -11,11 +11,11 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::state::{self, DescriptorTable, PendingEvent, SegmentRegister, VcpuSnapshot};
 use super::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs, Vcpu};
-use crate::caps::{Capabilities, MSR_IA32_FEATURE_CONTROL, Virtualization, VmxCaps};
-use crate::cpu::tables::{self, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
+use crate::drivers::tables::{self, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::nested::Ept;
+use crate::platform::caps::{Capabilities, MSR_IA32_FEATURE_CONTROL, Virtualization, VmxCaps};
 
 pub use self::vmcs::instruction_error_text;
 

@@ -61,7 +61,7 @@ impl Backend for FakeBackend {
     const NAME: &'static str = "fake";
     const ARCH: guest_abi::Arch = guest_abi::Arch::Svm;
     const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
-    fn enable(_: &crate::caps::Capabilities, _: &mut FramePool) -> Result<Self, ArchError> {
+    fn enable(_: &crate::platform::caps::Capabilities, _: &mut FramePool) -> Result<Self, ArchError> {
         Ok(Self)
     }
     fn create_vcpu(&mut self, _: &mut FramePool, _: &GuestEntry) -> Result<FakeVcpu, ArchError> {

@@ -84,7 +84,7 @@ pub fn monitor_service() -> monitor_svc::MonitorService {
         }
     } else {
         monitor_svc::caps::MonitorCaps::from_cpuid(
-            |leaf, sub| crate::hw::HwRead::cpuid(&mut crate::hw::RealHw, leaf, sub),
+            |leaf, sub| crate::platform::hw::HwRead::cpuid(&mut crate::platform::hw::RealHw, leaf, sub),
             &monitor_svc::caps::MonitorConfig { rmid_cap: options.rmid_cap, limbo_threshold_bytes: None },
         )
     };
@@ -93,7 +93,7 @@ pub fn monitor_service() -> monitor_svc::MonitorService {
         log::info!("RDT monitoring: {} usable RMIDs", c.usable_rmids);
     }
     let timing = monitor_svc::monitor::Timing {
-        tsc_hz: crate::time::tsc_hz().unwrap_or(0),
+        tsc_hz: crate::drivers::time::tsc_hz().unwrap_or(0),
         max_bytes_per_sec: monitor_svc::monitor::DEFAULT_MAX_BYTES_PER_SEC,
     };
     monitor_svc::MonitorService::with_caps(caps, 1, timing)

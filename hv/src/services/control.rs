@@ -19,9 +19,10 @@ use virtio_drivers::transport::DeviceType;
 use virtio_drivers::transport::pci::PciTransport;
 use wire::{ErrorCode, ErrorReply, FrameDecoder, Response};
 
-use crate::tasks::{DomainOps, ReplyTo, Runtime, encode_reply};
-use crate::virtio::HvHal;
-use crate::{println, time};
+use crate::drivers::time;
+use crate::drivers::virtio::HvHal;
+use crate::println;
+use crate::services::tasks::{DomainOps, ReplyTo, Runtime, encode_reply};
 
 /// A connection stalled mid-frame this long is closed.
 pub const STALL_TIMEOUT_MS: u64 = 5_000;
@@ -93,7 +94,7 @@ impl core::fmt::Display for ControlError {
 impl ControlServer {
     /// Find the vsock device, start its driver and listen on the control port.
     pub fn start(runtime: Runtime) -> Result<Self, ControlError> {
-        let (found, transport) = crate::virtio::find(DeviceType::Socket)
+        let (found, transport) = crate::drivers::virtio::find(DeviceType::Socket)
             .map_err(|e| ControlError::Device(alloc::format!("{e:?}")))?
             .ok_or(ControlError::NoDevice)?;
         let socket = VirtIOSocket::<HvHal, PciTransport, 4096>::new(transport)

@@ -203,7 +203,7 @@ impl Runtime {
     pub fn new(machine: MachineInfo) -> Self {
         Self {
             core: CoreService { machine, counters: ServiceCounters::new(ServiceId::Core) },
-            monitor: if cfg!(test) { MonitorService::new() } else { crate::rdt::monitor_service() },
+            monitor: if cfg!(test) { MonitorService::new() } else { crate::platform::rdt::monitor_service() },
             migration: MigrationService::new(),
             mailboxes: [Mailbox::new(), Mailbox::new(), Mailbox::new()],
             outbox: Vec::new(),
@@ -263,9 +263,13 @@ impl Runtime {
         for _ in 0..TURN_BUDGET {
             let Some(env) = self.mailboxes[1].queue.pop_front() else { break };
             let (depth, capacity) = self.mailboxes[1].queue_info();
-            let now = crate::time::now_ticks();
-            let reply =
-                self.monitor.handle_with(&env.frame, QueueInfo { depth, capacity }, &mut crate::rdt::BootCpuMsrs, now);
+            let now = crate::drivers::time::now_ticks();
+            let reply = self.monitor.handle_with(
+                &env.frame,
+                QueueInfo { depth, capacity },
+                &mut crate::platform::rdt::BootCpuMsrs,
+                now,
+            );
             self.outbox.push((env.reply_to, reply));
             worked = true;
         }
@@ -315,7 +319,7 @@ impl Runtime {
         let gone: Vec<u32> = self.fed.keys().copied().filter(|id| !now.iter().any(|c| c.id == *id)).collect();
         for id in gone {
             self.fed.remove(&id);
-            m.domain_destroyed(DomainId(id), &mut crate::rdt::BootCpuMsrs, crate::time::now_ticks());
+            m.domain_destroyed(DomainId(id), &mut crate::platform::rdt::BootCpuMsrs, crate::drivers::time::now_ticks());
         }
     }
 
@@ -341,11 +345,11 @@ impl Runtime {
         let mbm_every = u128::from(m.mbm_sample_interval_ns()) * u128::from(tsc_hz) / 1_000_000_000;
         if u128::from(now_tsc.wrapping_sub(self.last_mbm)) >= mbm_every {
             self.last_mbm = now_tsc;
-            m.sample_mbm(&mut crate::rdt::BootCpuMsrs, now_tsc);
+            m.sample_mbm(&mut crate::platform::rdt::BootCpuMsrs, now_tsc);
         }
         if now_tsc.wrapping_sub(self.last_limbo) >= tsc_hz {
             self.last_limbo = now_tsc;
-            m.recheck_limbo(&mut crate::rdt::BootCpuMsrs);
+            m.recheck_limbo(&mut crate::platform::rdt::BootCpuMsrs);
         }
     }
 

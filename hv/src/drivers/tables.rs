@@ -278,7 +278,7 @@ global_asm!(
     "pop r11", "pop r10", "pop r9", "pop r8",
     "pop rdi", "pop rsi", "pop rdx", "pop rcx", "pop rax",
     "iretq",
-    ack = sym crate::cpu::lapic::acknowledge,
+    ack = sym crate::drivers::lapic::acknowledge,
 );
 
 // One 16-byte stub per vector: push a zero where the CPU pushes no error code (so the

@@ -15,7 +15,7 @@
 use alloc::string::String;
 use core::fmt::{self, Write};
 
-use crate::hw::HwRead;
+use crate::platform::hw::HwRead;
 
 /// IA32_FEATURE_CONTROL (SDM Vol. 3C 24.7 "Enabling and entering VMX operation").
 pub const MSR_IA32_FEATURE_CONTROL: u32 = 0x3a;

@@ -64,16 +64,16 @@ pub fn write_fmt(args: fmt::Arguments<'_>) {
 /// Print a line on the serial console.
 #[macro_export]
 macro_rules! println {
-    () => { $crate::console::write_fmt(format_args!("\n")) };
+    () => { $crate::drivers::console::write_fmt(format_args!("\n")) };
     ($($arg:tt)*) => {
-        $crate::console::write_fmt(format_args!("{}\n", format_args!($($arg)*)))
+        $crate::drivers::console::write_fmt(format_args!("{}\n", format_args!($($arg)*)))
     };
 }
 
 /// Print on the serial console without a newline.
 #[macro_export]
 macro_rules! print {
-    ($($arg:tt)*) => { $crate::console::write_fmt(format_args!($($arg)*)) };
+    ($($arg:tt)*) => { $crate::drivers::console::write_fmt(format_args!($($arg)*)) };
 }
 
 struct SerialLogger;

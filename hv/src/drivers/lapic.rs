@@ -61,12 +61,12 @@ pub fn init() -> Result<u64, &'static str> {
     write(REG_SVR, 0x100 | 0xff); // software enable, spurious vector 0xff
     write(REG_LVT_TIMER, LVT_MASKED | u32::from(TIMER_VECTOR));
     write(REG_DIVIDE, 0b1011); // divide by 1
-    let tsc_hz = crate::time::tsc_hz().ok_or("the TSC is not calibrated")?;
+    let tsc_hz = crate::drivers::time::tsc_hz().ok_or("the TSC is not calibrated")?;
     // Count down from the maximum for ~10 ms of TSC time.
     let window = tsc_hz / 100;
     write(REG_INITIAL_COUNT, u32::MAX);
-    let start = crate::time::now_ticks();
-    while crate::time::now_ticks().wrapping_sub(start) < window {
+    let start = crate::drivers::time::now_ticks();
+    while crate::drivers::time::now_ticks().wrapping_sub(start) < window {
         core::hint::spin_loop();
     }
     let elapsed = u64::from(u32::MAX - read(REG_CURRENT_COUNT));

@@ -13,9 +13,9 @@ use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::transport::pci::bus::{DeviceFunction, PciRoot};
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 
+use crate::drivers::pci::PortCam;
 use crate::mm::PAGE_SIZE;
 use crate::mm::frames::FramePool;
-use crate::pci::PortCam;
 
 /// Frames reserved for device DMA (virtqueues and their buffers).
 static DMA_POOL: Mutex<Option<FramePool>> = Mutex::new(None);
