@@ -19,6 +19,9 @@
 //! destination that cannot load one refuses before anything runs.
 
 pub mod bus;
+pub mod ioapic;
+pub mod irq;
+pub mod pic;
 
 use alloc::vec::Vec;
 use core::fmt;
