@@ -20,6 +20,9 @@
 
 pub mod bus;
 pub mod debug_exit;
+pub mod ioapic;
+pub mod irq;
+pub mod pic;
 pub mod serial;
 
 use alloc::vec::Vec;
