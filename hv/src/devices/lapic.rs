@@ -999,6 +999,8 @@ impl Lapic {
             R_ICR_HIGH => self.icr_high = value & 0xff00_0000,
             R_LVT_TIMER..=R_LVT_ERROR => self.write_lvt(idx, value),
             R_TIMER_INITIAL => self.write_initial_count(value, now),
+            // A running countdown keeps the divisor it started with; the new one
+            // counts from the next initial-count write (Linux writes TDCR first).
             R_TIMER_DIVIDE => self.divide_config = value & DIVIDE_BITS,
             _ => self.record_error(ESR_ILLEGAL_REGISTER),
         }
