@@ -23,6 +23,7 @@ pub mod debug_exit;
 pub mod ioapic;
 pub mod irq;
 pub mod lapic;
+pub mod pc;
 pub mod pic;
 pub mod serial;
 

@@ -171,6 +171,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
         // A stand-in CPUID view until the stream's policy is accepted (the domain
         // does not run before that).
         let (policy, cpuid) = self.cpuid_table(None, cfg.vcpus).map_err(text)?;
+        let devices = super::new_devices().map_err(text)?;
         let mem = GuestMemory::<B::Paging>::new(&mut self.pool, cfg.memory, self.large_pages).map_err(text)?;
         let id = self.next_id;
         let root = mem.root();
@@ -192,6 +193,8 @@ impl<B: Backend> MigrationCore for Machine<B> {
             throttle: 0,
             throttle_credit: 0,
             logs: [None, None],
+            devices,
+            started_ns: crate::drivers::time::uptime_ns().unwrap_or(0),
         };
         for index in 0..cfg.vcpus {
             // Every register is loaded from the stream before the domain runs.

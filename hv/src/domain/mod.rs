@@ -29,6 +29,7 @@ use core::fmt;
 use levelling::{CpuidTable, HostCpu, VcpuState};
 
 use crate::arch::{ArchError, Backend, ExitKind, ExitReason, GuestEntry, GuestRegs, Vcpu};
+use crate::devices::bus::DeviceBus;
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::guest::GuestMemory;
@@ -97,6 +98,8 @@ pub enum DomainError {
         /// Pages the domain has.
         pages: u64,
     },
+    /// The domain's devices could not be set up.
+    Devices(String),
     /// The operation does not apply in the domain's state.
     WrongState {
         /// Domain id.
@@ -126,6 +129,7 @@ impl fmt::Display for DomainError {
             DomainError::Arch(e) => write!(f, "{e}"),
             DomainError::NoSuchDomain(id) => write!(f, "no domain {id}"),
             DomainError::Unavailable(what) => write!(f, "not available: {what}"),
+            DomainError::Devices(why) => write!(f, "cannot set up the domain's devices: {why}"),
             DomainError::BadRange { pages } => write!(f, "the range must lie within the domain's {pages} pages"),
             DomainError::WrongState { id, state } => write!(f, "domain {id} is {state}"),
         }
@@ -225,6 +229,10 @@ pub struct Domain<B: Backend> {
     throttle_credit: u32,
     /// Log-dirty logs: [`dirty::MAIN`] and [`dirty::TRACK`].
     logs: [Option<dirty::LogDirty>; 2],
+    /// Its PC's device models on their port and MMIO ranges (`devices::pc`).
+    devices: DeviceBus,
+    /// The hypervisor's uptime when the domain was created: guest time starts there.
+    started_ns: u64,
 }
 
 impl<B: Backend> fmt::Debug for Domain<B> {
@@ -243,6 +251,17 @@ impl<B: Backend> Domain<B> {
     pub fn report(&self, name: &[u8]) -> Option<u64> {
         let t = guest_abi::tag(name);
         self.reports.iter().rev().find(|(tag, _)| *tag == t).map(|(_, v)| *v)
+    }
+
+    /// The guest's clock: nanoseconds since the domain was created (0 where the
+    /// hypervisor has no calibrated clock, as in host tests).
+    pub fn guest_now_ns(&self) -> u64 {
+        crate::drivers::time::uptime_ns().unwrap_or(0).saturating_sub(self.started_ns)
+    }
+
+    /// Unclaimed port and MMIO accesses of the guest.
+    pub fn unclaimed(&self) -> &crate::devices::bus::UnclaimedStats {
+        self.devices.unclaimed()
     }
 
     fn count(&mut self, reason: &ExitReason) {
@@ -342,6 +361,7 @@ impl<B: Backend> Machine<B> {
 
     /// Create and start a domain.
     pub fn create(&mut self, cfg: &DomainConfig, kernel: &[u8]) -> Result<u32, DomainError> {
+        let devices = new_devices()?;
         let (policy, cpuid) = self.cpuid_table(cfg.cpuid.as_deref(), cfg.vcpus)?;
         let id = self.next_id;
         let mem = GuestMemory::<B::Paging>::new(&mut self.pool, cfg.memory, self.large_pages)?;
@@ -371,6 +391,8 @@ impl<B: Backend> Machine<B> {
             throttle: 0,
             throttle_credit: 0,
             logs: [None, None],
+            devices,
+            started_ns: crate::drivers::time::uptime_ns().unwrap_or(0),
         };
         let root = mem.root();
         domain.mem = Some(mem);
@@ -421,6 +443,12 @@ impl<B: Backend> Machine<B> {
         };
         Ok(())
     }
+}
+
+/// A new domain's devices (`devices::pc`); a mapping error is a bug of that table,
+/// reported rather than unwrapped.
+pub(crate) fn new_devices() -> Result<DeviceBus, DomainError> {
+    crate::devices::pc::bus().map_err(|e| DomainError::Devices(alloc::format!("{e}")))
 }
 
 /// The per-vCPU state CPUID answers depend on, as our guests start: APIC ID = the

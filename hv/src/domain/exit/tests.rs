@@ -105,6 +105,8 @@ fn machine(mechanisms: Mechanisms) -> Machine<FakeBackend> {
         throttle: 0,
         throttle_credit: 0,
         logs: [None, None],
+        devices: crate::domain::new_devices().expect("the PC's table maps"),
+        started_ns: 0,
     });
     m
 }
