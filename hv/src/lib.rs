@@ -29,6 +29,7 @@ pub mod control;
 pub mod cpu;
 pub mod devices;
 pub mod domain;
+pub mod firmware;
 pub mod heap;
 pub mod hw;
 pub mod local_migration;
