@@ -151,7 +151,7 @@ const HEADER: usize = 36;
 const RSDP_LEN: usize = 36;
 /// FADT length for revision 6 (ACPI 6.5 §5.2.9, Table 5.9: up to the Hypervisor Vendor Identity).
 const FADT_LEN: usize = 276;
-/// FACS length (ACPI 6.5 §5.2.10, Table 5.14).
+/// FACS length (ACPI 6.5 §5.2.10).
 const FACS_LEN: usize = 64;
 
 /// The DSDT's AML (ACPI 6.5 §20.2): one named object at the root,
@@ -208,7 +208,7 @@ fn gas_io(port: u16, bits: u8, access: u8) -> [u8; 12] {
     g
 }
 
-/// FADT Fixed Feature Flags (ACPI 6.5 §5.2.9.3, Table 5.10).
+/// FADT Fixed Feature Flags (ACPI 6.5 §5.2.9, Table 5.10).
 mod fadt_flags {
     pub const WBINVD: u32 = 1 << 0;
     pub const PROC_C1: u32 = 1 << 2;
@@ -294,7 +294,7 @@ pub fn build(cfg: &AcpiConfig, base_gpa: u64, out: &mut [u8]) -> Result<AcpiTabl
     put(out, xsdt + HEADER + 8, &gpa(madt).to_le_bytes());
     header(out, xsdt, b"XSDT", xsdt_len, 1);
 
-    // FACS (§5.2.10, Table 5.14): no checksum; version 2; no waking vector.
+    // FACS (§5.2.10): no checksum; version 2; no waking vector.
     put(out, facs, b"FACS");
     put(out, facs + 4, &(FACS_LEN as u32).to_le_bytes());
     put(out, facs + 32, &[2]);
@@ -349,13 +349,13 @@ pub fn build(cfg: &AcpiConfig, base_gpa: u64, out: &mut [u8]) -> Result<AcpiTabl
     let mut at = m + 44;
     for id in 0..cfg.vcpus {
         if id < 255 {
-            // Processor Local APIC (§5.2.12.2, Table 5.22): type 0, length 8,
+            // Processor Local APIC (§5.2.12.2): type 0, length 8,
             // UID, APIC id, flags Enabled. IDs up to 254 (255 is the broadcast id).
             put(out, at, &[0, 8, id as u8, id as u8]);
             put(out, at + 4, &1u32.to_le_bytes());
             at += 8;
         } else {
-            // Processor Local x2APIC (§5.2.12.12, Table 5.39): type 9, length 16,
+            // Processor Local x2APIC (§5.2.12.12): type 9, length 16,
             // reserved, x2APIC id, flags Enabled, UID.
             put(out, at, &[9, 16, 0, 0]);
             put(out, at + 4, &id.to_le_bytes());
@@ -364,13 +364,13 @@ pub fn build(cfg: &AcpiConfig, base_gpa: u64, out: &mut [u8]) -> Result<AcpiTabl
             at += 16;
         }
     }
-    // I/O APIC (§5.2.12.3, Table 5.23): type 1, length 12, id, reserved, address, GSI base 0.
+    // I/O APIC (§5.2.12.3): type 1, length 12, id, reserved, address, GSI base 0.
     put(out, at, &[1, 12, cfg.ioapic_id, 0]);
     put(out, at + 4, &cfg.ioapic_addr.to_le_bytes());
     put(out, at + 8, &0u32.to_le_bytes());
     at += 12;
-    // Interrupt Source Overrides (§5.2.12.5, Table 5.25): type 2, length 10, bus 0 (ISA),
-    // source IRQ, GSI, MPS INTI flags (Table 5.26: polarity bits 1:0, trigger bits 3:2).
+    // Interrupt Source Overrides (§5.2.12.5): type 2, length 10, bus 0 (ISA),
+    // source IRQ, GSI, MPS INTI flags (polarity bits 1:0, trigger bits 3:2).
     // IRQ0 (PIT) -> GSI 2, conforming flags, as on every PC.
     put(out, at, &[2, 10, 0, 0]);
     put(out, at + 4, &2u32.to_le_bytes());
@@ -381,12 +381,12 @@ pub fn build(cfg: &AcpiConfig, base_gpa: u64, out: &mut [u8]) -> Result<AcpiTabl
     put(out, at + 4, &u32::from(cfg.sci_irq).to_le_bytes());
     put(out, at + 8, &0x000du16.to_le_bytes());
     at += 10;
-    // Local APIC NMI (§5.2.12.7, Table 5.28): type 4, length 6, all processors (0xff),
+    // Local APIC NMI (§5.2.12.7): type 4, length 6, all processors (0xff),
     // flags conforming, LINT1.
     put(out, at, &[4, 6, 0xff, 0, 0, 1]);
     at += 6;
     if cfg.vcpus > 255 {
-        // Local x2APIC NMI (§5.2.12.13, Table 5.40): type 0x0a, length 12, flags,
+        // Local x2APIC NMI (§5.2.12.13): type 0x0a, length 12, flags,
         // all processors (UID 0xffffffff), LINT1, reserved.
         put(out, at, &[0x0a, 12, 0, 0]);
         put(out, at + 4, &u32::MAX.to_le_bytes());

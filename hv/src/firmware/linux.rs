@@ -733,6 +733,41 @@ mod tests {
         assert!(accepted > 1000, "the mutations leave enough valid headers to exercise plan ({accepted})");
     }
 
+    #[test]
+    fn writes_acpi_and_a_boot_into_real_guest_memory() {
+        use crate::firmware::acpi::{AcpiConfig, build};
+        use crate::firmware::{ACPI_BYTES, ACPI_GPA, PoolWriter};
+        use crate::mm::frames::testing::pool;
+        use crate::mm::guest::GuestMemory;
+        use crate::mm::nested::Npt;
+
+        let mut p = pool(32 * 256 + 64);
+        let mem = GuestMemory::<Npt>::new(&mut p, 32 * MIB, false).unwrap();
+        let mut tables = alloc::vec![0u8; ACPI_BYTES as usize];
+        let t = build(&AcpiConfig::default(), ACPI_GPA, &mut tables).unwrap();
+        let img = bzimage(4, 4096);
+        let pl = plan(&img, 32 * MIB, b"console=ttyS0", 4096).unwrap();
+        {
+            let mut w = PoolWriter { pool: &mut p, mem: &mem };
+            GuestWrite::write(&mut w, ACPI_GPA, &tables[..t.bytes]).unwrap();
+            write(&pl, &[7u8; 4096], t.rsdp_gpa, &mut w).unwrap();
+        }
+        let mut sig = [0u8; 8];
+        let rsdp = mem.read_u64(&mut p, ZERO_PAGE_GPA + 0x70).unwrap();
+        mem.read(&mut p, rsdp, &mut sig).unwrap();
+        assert_eq!(&sig, b"RSD PTR ", "acpi_rsdp_addr points at the RSDP");
+        let mut cmd = [0u8; 14];
+        mem.read(&mut p, CMDLINE_GPA, &mut cmd).unwrap();
+        assert_eq!(&cmd, b"console=ttyS0\0");
+        let mut k = [0u8; 16];
+        mem.read(&mut p, pl.kernel_gpa, &mut k).unwrap();
+        assert_eq!(k[..], img[5 * 512..5 * 512 + 16]);
+        // The kernel at pref_address (16 MiB, 8 MiB init_size), the initrd at the top.
+        assert_eq!(pl.kernel_gpa, 16 * MIB);
+        assert_eq!(pl.initrd, Some((32 * MIB - 4096, 4096)));
+        mem.destroy(&mut p).unwrap();
+    }
+
     /// A real kernel, if one is on this machine (never downloaded): its header parses
     /// and plans. Skipped when none is present.
     #[test]
