@@ -32,6 +32,7 @@ pub mod arch;
 pub mod devices;
 pub mod domain;
 pub mod drivers;
+pub mod firmware;
 pub mod heap;
 pub mod mm;
 pub mod platform;
