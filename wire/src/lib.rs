@@ -182,8 +182,8 @@ pub use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind, WireError, en
 pub use crate::message::{
     ConsoleChunk, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, Event, InfoReport,
     LogLevel, MAX_MIGRATE_DATA, MemoryUse, MonitorDomainStats, MonitorHwInfo, MonitorValue, Request, Response,
-    ServiceId, ServiceState, ServiceStatus, decode_event, decode_request, decode_response, encode_event,
-    encode_request, encode_response,
+    ServiceId, ServiceState, ServiceStatus, UnclaimedAccess, decode_event, decode_request, decode_response,
+    encode_event, encode_request, encode_response,
 };
 pub use crate::migrate::{
     MigrateOptions, MigrateProgress, MigrateReport, PeerVerdict, ReceiveState, ReceiveStatus, SendState,

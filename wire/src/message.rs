@@ -451,6 +451,23 @@ pub struct DomainInfo {
     pub exits: Vec<(String, u64)>,
     /// Time spent in the guest, nanoseconds.
     pub runtime_ns: u64,
+    /// Guest accesses to ports and MMIO that no device claims (they read as all ones
+    /// and drop writes, as on a PC), per port or 4 KiB MMIO page. Since protocol
+    /// version 4.
+    pub unclaimed: Vec<UnclaimedAccess>,
+}
+
+/// Guest accesses to one port or MMIO page that no device model claims.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct UnclaimedAccess {
+    /// `true`: guest-physical MMIO page; `false`: I/O port.
+    pub mmio: bool,
+    /// The port, or the MMIO page's first address.
+    pub addr: u64,
+    /// Reads.
+    pub reads: u64,
+    /// Writes.
+    pub writes: u64,
 }
 
 /// The answer to [`Request::DomainList`].

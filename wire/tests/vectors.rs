@@ -18,6 +18,7 @@ use wire::{
     Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel, MemoryUse, MigrateOptions,
     MigrateProgress, MigrateReport, MonitorDomainStats, MonitorHwInfo, MonitorValue, PROTOCOL_VERSION, PeerVerdict,
     ReceiveState, ReceiveStatus, Request, Response, SendState, ServiceId, ServiceState, ServiceStatus, StreamChunk,
+    UnclaimedAccess,
 };
 
 #[derive(Debug, PartialEq)]
@@ -123,6 +124,10 @@ fn vectors() -> Vec<Vector> {
                     memory_bytes: 0,
                     exits: vec![("cpuid".into(), 102), ("io".into(), 6000)],
                     runtime_ns: 12_345_678,
+                    unclaimed: vec![
+                        UnclaimedAccess { mmio: false, addr: 0x80, reads: 0, writes: 41 },
+                        UnclaimedAccess { mmio: true, addr: 0xfed0_0000, reads: 2, writes: 0 },
+                    ],
                 }],
                 free_frames: 40_000,
                 total_frames: 49_152,

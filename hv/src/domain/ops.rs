@@ -73,6 +73,16 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
                     memory_bytes: if d.mem.is_some() { d.memory_bytes } else { 0 },
                     exits: d.exits.iter().map(|(k, v)| (alloc::format!("{k}"), *v)).collect(),
                     runtime_ns: crate::drivers::time::ticks_to_ns(d.runtime_ticks, hz),
+                    unclaimed: d
+                        .unclaimed()
+                        .iter()
+                        .map(|u| wire::UnclaimedAccess {
+                            mmio: u.space == crate::devices::bus::Space::Mmio,
+                            addr: u.addr,
+                            reads: u.reads,
+                            writes: u.writes,
+                        })
+                        .collect(),
                 })
                 .collect(),
             free_frames: self.pool.free_frames() as u64,

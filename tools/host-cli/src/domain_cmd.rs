@@ -145,10 +145,21 @@ pub fn run(opts: &Options, args: DomainArgs) -> Result<ExitCode, CliError> {
                     .map(|d| {
                         let exits: serde_json::Map<String, serde_json::Value> =
                             d.exits.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+                        let unclaimed: Vec<_> = d
+                            .unclaimed
+                            .iter()
+                            .map(|u| {
+                                json!({
+                                    "space": if u.mmio { "mmio" } else { "port" },
+                                    "addr": format!("{:#x}", u.addr), "reads": u.reads, "writes": u.writes,
+                                })
+                            })
+                            .collect();
                         json!({
                             "id": d.id, "name": d.name, "state": d.state, "vcpus": d.vcpus,
                             "memory_bytes": d.memory_bytes, "exits": exits,
                             "exits_total": d.exits.iter().map(|(_, v)| v).sum::<u64>(), "runtime_ns": d.runtime_ns,
+                            "unclaimed": unclaimed,
                         })
                     })
                     .collect();
