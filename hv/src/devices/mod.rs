@@ -19,6 +19,7 @@
 //! destination that cannot load one refuses before anything runs.
 
 pub mod bus;
+pub mod pit;
 
 use alloc::vec::Vec;
 use core::fmt;
