@@ -20,6 +20,7 @@
 
 pub mod bus;
 pub mod pit;
+pub mod pm;
 
 use alloc::vec::Vec;
 use core::fmt;
