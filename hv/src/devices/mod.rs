@@ -21,6 +21,7 @@
 pub mod bus;
 pub mod pit;
 pub mod pm;
+pub mod rtc;
 
 use alloc::vec::Vec;
 use core::fmt;
