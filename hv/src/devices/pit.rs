@@ -797,6 +797,53 @@ pub(crate) mod tests {
         assert_eq!(inb(&mut p, 0x40, ns_for(17)) & 0x80, 0x80, "OUT high after terminal count");
     }
 
+    /// Linux's i8253 clockevent in one-shot mode: mode 4 (0x38), then each
+    /// `set_next_event` writes LSB and MSB; shutdown is mode 0 (0x30) with a count of 0.
+    #[test]
+    fn linux_oneshot_clockevent_mode4_fires_once_per_programmed_delta() {
+        let mut p = Pit::new();
+        let mut rec = Recorder::default();
+        outb(&mut p, 0x43, 0x38, 0);
+        assert_eq!(p.next_event_ns(), None, "no count yet");
+        let mut t = 0;
+        for delta in [0x10u16, 1193, 11932, 0xffff] {
+            outb(&mut p, 0x40, delta as u8, t);
+            outb(&mut p, 0x40, (delta >> 8) as u8, t);
+            let due = t + ns_for(u64::from(delta));
+            assert_eq!(p.next_event_ns(), Some(due));
+            advance_to(&mut p, &mut rec, due);
+            assert_eq!(p.next_event_ns(), None, "one edge per count written");
+            t = due + 7;
+        }
+        assert_eq!(rec.events.len(), 8);
+        outb(&mut p, 0x43, 0x30, t);
+        outb(&mut p, 0x40, 0, t);
+        outb(&mut p, 0x40, 0, t);
+        assert_eq!(p.next_event_ns(), Some(t + ns_for(65_536)), "a count of 0 is 65536");
+    }
+
+    /// The core's wiring: ports 0x40..=0x43 and port 0x61 on one bus device.
+    #[test]
+    fn on_the_bus_port_0x61_reaches_the_same_pit() {
+        use crate::devices::bus::{DeviceBus, Space};
+        let mut bus = DeviceBus::new();
+        let pit = bus.add(std::boxed::Box::new(Pit::new()));
+        bus.map_ports(pit, PIT_PORT_BASE, 4).unwrap();
+        bus.map_ports_at(pit, 0x61, 1, PORT61_OFFSET).unwrap();
+        let mut irq = NoIrqs;
+        let mut ctx = DeviceCtx::new(0, &mut irq);
+        bus.write(Space::Port, 0x61, &[0x01], &mut ctx);
+        bus.write(Space::Port, 0x43, &[0xb0], &mut ctx);
+        bus.write(Space::Port, 0x42, &[0x64], &mut ctx);
+        bus.write(Space::Port, 0x42, &[0x00], &mut ctx);
+        let mut d = [0u8];
+        bus.read(Space::Port, 0x61, &mut d, &mut ctx);
+        assert_eq!(d[0] & 0x21, 0x01, "gate on, OUT low");
+        let mut ctx = DeviceCtx::new(ns_for(100), &mut irq);
+        bus.read(Space::Port, 0x61, &mut d, &mut ctx);
+        assert_eq!(d[0] & 0x21, 0x21, "OUT high after 100 clocks");
+    }
+
     #[test]
     fn a_hostile_count_of_one_interrupts_at_most_every_min_period() {
         let mut p = Pit::new();

@@ -26,12 +26,17 @@
 //! | 0x64        | 0x10   | 8042 command: 0xFE resets         | 8     |
 //! | 0xCF9       | 0x11   | reset control: bit 2 resets       | 8     |
 //!
+//! Reads inside the block are assembled byte by byte at one instant (a 32-bit read
+//! at 0x600 gives status and enable); writes go to one register at a time, 1 or 2
+//! bytes for the PM1 registers, 1 byte for the reset registers. The two reset ports
+//! are byte ports: a wider access there reads as ones and writes nothing.
+//!
 //! The PM timer is computed from guest time at 3.579545 MHz (ACPI 6.x 4.8.3.3) and is
 //! 32 bits wide, so it wraps every 1199.6 s; TMR_STS is set when its bit 31 toggles.
 //! The SCI (GSI 9, level) is high while SCI_EN is set and any status bit is set
 //! together with its enable bit.
 
-use super::{Device, DeviceCtx, DeviceError, DeviceKind, DeviceState, Effect, StateReader, StateWriter, put_le};
+use super::{Device, DeviceCtx, DeviceError, DeviceKind, DeviceState, Effect, StateReader, StateWriter};
 
 /// The first port of the block.
 pub const PM_BASE: u16 = 0x600;
@@ -183,17 +188,18 @@ impl AcpiPm {
         self.update_sci(ctx);
     }
 
-    /// The 16-bit (or narrower) register word at `offset`, for reads.
-    fn reg(&self, offset: u64, now: u64) -> Option<u64> {
+    /// The byte at `offset` as a read sees it (None: nothing there, reads as ones).
+    fn byte_at(&self, offset: u64, now: u64) -> Option<u8> {
+        let byte = |v: u64, i: u64| Some((v >> (8 * i)) as u8);
         match offset {
-            0..=1 => Some(u64::from(self.sts) >> (8 * offset)),
-            2..=3 => Some(u64::from(self.en) >> (8 * (offset - 2))),
-            4..=5 => Some(u64::from(self.cnt & CNT_MASK) >> (8 * (offset - 4))),
-            8..=0xb => Some(u64::from(self.pm_timer(now)) >> (8 * (offset - 8))),
+            0..=1 => byte(u64::from(self.sts), offset),
+            2..=3 => byte(u64::from(self.en), offset - 2),
+            4..=5 => byte(u64::from(self.cnt & CNT_MASK), offset - 4),
+            8..=0xb => byte(u64::from(self.pm_timer(now)), offset - 8),
             // RESET_REG reads 0; so does the 8042 status (no data, input buffer empty,
             // so Linux's kb_wait() before the 0xFE pulse does not wait out its timeout).
             0xc | OFFSET_8042 => Some(0),
-            OFFSET_CF9 => Some(u64::from(self.cf9)),
+            OFFSET_CF9 => Some(self.cf9),
             _ => None,
         }
     }
@@ -282,20 +288,17 @@ impl Device for AcpiPm {
 
     fn read(&mut self, offset: u64, data: &mut [u8], ctx: &mut DeviceCtx<'_>) {
         self.refresh(ctx.now_ns);
-        let v = match self.reg(offset, ctx.now_ns) {
-            // Bytes beyond the register read as ones.
-            Some(v) => {
-                let width = match offset {
-                    0..=5 => 2 - (offset & 1),
-                    8..=0xb => 4 - (offset - 8),
-                    _ => 1,
-                };
-                let keep = width.min(8) * 8;
-                if keep >= 64 { v } else { (v & ((1u64 << keep) - 1)) | (u64::MAX << keep) }
-            }
-            None => u64::MAX,
-        };
-        put_le(data, v);
+        // The block's registers read byte by byte (a 32-bit read of PM1a_EVT gives status
+        // and enable, one of PM_TMR the timer, all at the same instant); the reset ports
+        // are byte ports, and a wider access there reads as ones.
+        let byte_port = offset >= OFFSET_8042;
+        for (i, b) in (0u64..).zip(data.iter_mut()) {
+            let at = offset.saturating_add(i);
+            // Neither a wide access at a reset port nor one running off the block's end
+            // reaches the reset ports' offsets.
+            let outside = i > 0 && (byte_port || at >= OFFSET_8042);
+            *b = if outside { 0xff } else { self.byte_at(at, ctx.now_ns).unwrap_or(0xff) };
+        }
         self.update_sci(ctx);
     }
 
@@ -370,7 +373,9 @@ mod tests {
         assert_eq!(rd(&mut pm, off, 4, wrap - 1), 0xffff_ffff);
         assert_eq!(rd(&mut pm, off, 4, wrap), 0);
         assert_eq!(rd(&mut pm, off + 2, 2, ns_for(0x1234_5678)), 0x1234, "upper half");
-        assert_eq!(rd(&mut pm, off, 8, 0) >> 32, 0xffff_ffff, "bytes past the timer read as ones");
+        assert_eq!(rd(&mut pm, off, 8, 0) >> 32, 0xffff_ff00, "bytes past the timer: RESET_REG (0) then ones");
+        assert_eq!(rd(&mut pm, OFFSET_8042, 2, 0), 0xff00, "the reset ports are byte ports");
+        assert_eq!(rd(&mut pm, 0x0e, 4, 0), 0xffff_ffff, "a read off the block's end");
         // TMR_STS was set when bit 31 toggled on the way; write 1 clears it.
         assert_eq!(rd(&mut pm, 0, 2, wrap) & u64::from(PM1_TMR), 1);
         wr(&mut pm, 0, &[1, 0], wrap);
