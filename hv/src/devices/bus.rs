@@ -69,6 +69,8 @@ struct Mapping {
     start: u64,
     len: u64,
     device: DeviceId,
+    /// The device offset of `start` (0 unless mapped with [`DeviceBus::map_ports_at`]).
+    first_offset: u64,
 }
 
 /// Address ranges of one space, sorted by start, never overlapping.
@@ -78,8 +80,16 @@ struct Ranges {
 }
 
 impl Ranges {
-    fn insert(&mut self, space: Space, start: u64, len: u64, device: DeviceId) -> Result<(), BusError> {
+    fn insert(
+        &mut self,
+        space: Space,
+        start: u64,
+        len: u64,
+        device: DeviceId,
+        first_offset: u64,
+    ) -> Result<(), BusError> {
         let end = start.checked_add(len).filter(|_| len > 0).ok_or(BusError::EmptyRange { space, start })?;
+        first_offset.checked_add(len).ok_or(BusError::EmptyRange { space, start })?;
         let at = self.maps.partition_point(|m| m.start < start);
         let clash = |m: &Mapping| start < m.start.saturating_add(m.len) && m.start < end;
         if let Some(m) = at.checked_sub(1).and_then(|i| self.maps.get(i)).filter(|m| clash(m)) {
@@ -88,7 +98,7 @@ impl Ranges {
         if let Some(m) = self.maps.get(at).filter(|m| clash(m)) {
             return Err(BusError::Overlap { space, start, existing: m.start });
         }
-        self.maps.insert(at, Mapping { start, len, device });
+        self.maps.insert(at, Mapping { start, len, device, first_offset });
         Ok(())
     }
 
@@ -97,7 +107,7 @@ impl Ranges {
         let at = self.maps.partition_point(|m| m.start <= addr);
         let m = self.maps.get(at.checked_sub(1)?)?;
         let offset = addr - m.start;
-        (offset < m.len).then_some((m.device, offset))
+        (offset < m.len).then_some((m.device, m.first_offset.wrapping_add(offset)))
     }
 }
 
@@ -186,13 +196,23 @@ impl DeviceBus {
     /// Let device `id` answer ports `start..start + len`.
     pub fn map_ports(&mut self, id: DeviceId, start: u16, len: u16) -> Result<(), BusError> {
         self.check(id)?;
-        self.ports.insert(Space::Port, u64::from(start), u64::from(len), id)
+        self.ports.insert(Space::Port, u64::from(start), u64::from(len), id, 0)
+    }
+
+    /// Let device `id` answer ports `start..start + len` as its offsets
+    /// `first_offset..first_offset + len`, so one model can answer ports that are not
+    /// contiguous and still tell them apart (the 8254 at 0x40..=0x43 and port 0x61, the
+    /// ACPI block and the 0x64/0xCF9 reset ports). [`DeviceBus::map_ports`] is this with
+    /// `first_offset` 0.
+    pub fn map_ports_at(&mut self, id: DeviceId, start: u16, len: u16, first_offset: u64) -> Result<(), BusError> {
+        self.check(id)?;
+        self.ports.insert(Space::Port, u64::from(start), u64::from(len), id, first_offset)
     }
 
     /// Let device `id` answer guest-physical `start..start + len`.
     pub fn map_mmio(&mut self, id: DeviceId, start: u64, len: u64) -> Result<(), BusError> {
         self.check(id)?;
-        self.mmio.insert(Space::Mmio, start, len, id)
+        self.mmio.insert(Space::Mmio, start, len, id, 0)
     }
 
     fn check(&self, id: DeviceId) -> Result<(), BusError> {
@@ -356,6 +376,21 @@ mod tests {
                 Unclaimed { space: Space::Mmio, addr: 0xfec0_1000, reads: 0, writes: 2 },
             ]
         );
+    }
+
+    #[test]
+    fn a_mapping_at_an_offset_reaches_the_device_at_that_offset() {
+        let mut bus = DeviceBus::new();
+        let a = bus.add(regs());
+        bus.map_ports(a, 0x40, 4).unwrap();
+        bus.map_ports_at(a, 0x61, 1, 2).unwrap();
+        assert!(matches!(bus.map_ports_at(a, 0x70, 2, u64::MAX), Err(BusError::EmptyRange { .. })));
+        let mut irq = NoIrqs;
+        let mut ctx = DeviceCtx::new(0, &mut irq);
+        bus.write(Space::Port, 0x40, &[0x11, 0x22, 0x33, 0x44], &mut ctx);
+        let mut d = [0u8; 1];
+        assert!(bus.read(Space::Port, 0x61, &mut d, &mut ctx));
+        assert_eq!(d, [0x33], "port 0x61 is the device's offset 2");
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub mod irq;
 pub mod lapic;
 pub mod pc;
 pub mod pic;
+pub mod pit;
+pub mod pm;
+pub mod rtc;
 pub mod serial;
 
 use alloc::vec::Vec;
