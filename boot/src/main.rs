@@ -69,6 +69,7 @@ fn main() -> Status {
     // SAFETY: as for the frame pool.
     let dma_frames = unsafe { hv::mm::frames::FramePool::new(dma.as_ptr() as u64, DMA_PAGES) };
 
+    let unix_time = wall_clock();
     let cmdline = read_cmdline();
     let domains = read_domains();
     if !cmdline.is_empty() {
@@ -97,8 +98,32 @@ fn main() -> Status {
         cmdline,
         git_revision: env!("HV_GIT_REV"),
         domains,
+        unix_time,
     });
     shutdown(outcome)
+}
+
+/// The firmware's clock as Unix seconds (UTC), or `None` if it has none.
+fn wall_clock() -> Option<i64> {
+    let t = runtime::get_time().ok()?;
+    let civil = hv::devices::rtc::Civil {
+        year: i64::from(t.year()),
+        month: t.month(),
+        day: t.day(),
+        hour: t.hour(),
+        minute: t.minute(),
+        second: t.second(),
+        weekday: 0,
+    };
+    let local = hv::devices::rtc::civil_to_unix(&civil);
+    // The offset of the firmware's time from UTC in minutes (`uefi`: local = UTC +
+    // offset), or unspecified, as OVMF reports: QEMU's and Bochs' clocks are then UTC
+    // (`clock: time0=utc` / QEMU's default `-rtc base=utc`).
+    let utc = match t.time_zone() {
+        Some(tz) => local - i64::from(tz) * 60,
+        None => local,
+    };
+    Some(utc)
 }
 
 /// Pages of conventional (free) memory in the firmware's map now.

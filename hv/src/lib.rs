@@ -101,6 +101,9 @@ pub struct BootInfo {
     pub git_revision: &'static str,
     /// Domains to start at boot (from `\EFI\HV\DOMAINS.CFG`) with their kernel images.
     pub domains: Vec<(domain::config::DomainConfig, Vec<u8>)>,
+    /// The wall clock (Unix seconds, UTC) when boot read the firmware's clock, if it
+    /// could: each domain's CMOS RTC starts from it.
+    pub unix_time: Option<i64>,
 }
 
 static SHUTDOWN_HOOK: spin::Once<fn(Outcome) -> !> = spin::Once::new();
@@ -178,6 +181,10 @@ pub fn run(mut info: BootInfo) -> Outcome {
     match drivers::time::init() {
         Ok((hz, source)) => log::info!("TSC {} kHz ({:?})", hz / 1000, source),
         Err(e) => println!("warning: TSC not calibrated ({e}); uptime and timeouts are unavailable"),
+    }
+    match info.unix_time {
+        Some(t) => drivers::time::set_wall_clock(t),
+        None => println!("warning: the firmware gave no wall clock; guests' RTCs start at 1970-01-01"),
     }
     log::info!("descriptor tables loaded: GDT {:#x}, IDT {:#x}, TSS {:#x}", tables.gdt, tables.idt, tables.tss);
     print_memory_map(&info.memory_map);

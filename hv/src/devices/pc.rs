@@ -5,6 +5,10 @@
 //! |---|---|---|
 //! | 0x3F8–0x3FF | 16550A UART (COM1): transmit to the console ring | GSI 4 |
 //! | 0xF4 | isa-debug-exit: a write of v ends the domain with code (v << 1) \| 1 | — |
+//! | 0x40–0x43, 0x61 | 8254 PIT (channels 0–2) and port 0x61 (speaker gate, channel 2 out) | GSI 2 (ISA IRQ 0) |
+//! | 0x70–0x71 | CMOS RTC with the real date, and CMOS RAM | GSI 8 |
+//! | 0x600–0x60C | ACPI PM1a event/control, PM timer (32-bit, 3.579545 MHz), reset register | GSI 9 (SCI) |
+//! | 0x64, 0xCF9 | 8042 pulse-reset and the reset control register | — |
 //!
 //! Everything else reads as all ones and drops writes, counted per port (and per MMIO
 //! page) in the domain's stats. Interrupt lines are driven but not yet delivered to
@@ -14,18 +18,30 @@ use alloc::boxed::Box;
 
 use super::bus::{BusError, DeviceBus};
 use super::debug_exit::DebugExit;
+use super::pit::{PIT_PORT_BASE, PORT61_OFFSET, Pit};
+use super::pm::{AcpiPm, OFFSET_8042, OFFSET_CF9, PM1A_EVT_BLK};
+use super::rtc::Rtc;
 use super::serial::{COM1_GSI, COM1_PORT, PORTS, Uart};
 
 /// isa-debug-exit's port (QEMU's default `iobase=0xf4`).
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 
-/// The bus of a new domain's PC.
-pub fn bus() -> Result<DeviceBus, BusError> {
+/// The bus of a new domain's PC, whose RTC reads `unix_time` (UTC) at guest time 0.
+pub fn bus(unix_time: i64) -> Result<DeviceBus, BusError> {
     let mut bus = DeviceBus::new();
     let uart = bus.add(Box::new(Uart::new(COM1_GSI)));
     bus.map_ports(uart, COM1_PORT, PORTS)?;
     let exit = bus.add(Box::new(DebugExit::new()));
     bus.map_ports(exit, DEBUG_EXIT_PORT, 1)?;
+    let pit = bus.add(Box::new(Pit::new()));
+    bus.map_ports(pit, PIT_PORT_BASE, 4)?;
+    bus.map_ports_at(pit, 0x61, 1, PORT61_OFFSET)?;
+    let rtc = bus.add(Box::new(Rtc::new(unix_time)));
+    bus.map_ports(rtc, 0x70, 2)?;
+    let pm = bus.add(Box::new(AcpiPm::new()));
+    bus.map_ports(pm, PM1A_EVT_BLK, 0x10)?;
+    bus.map_ports_at(pm, 0x64, 1, OFFSET_8042)?;
+    bus.map_ports_at(pm, 0xcf9, 1, OFFSET_CF9)?;
     Ok(bus)
 }
 
@@ -37,7 +53,7 @@ mod tests {
 
     #[test]
     fn the_pc_answers_com1_and_debug_exit_and_nothing_else() {
-        let mut bus = bus().unwrap();
+        let mut bus = bus(1_764_547_200).unwrap(); // 2025-12-01 00:00:00 UTC
         let mut irq = NoIrqs;
         let mut ctx = DeviceCtx::new(0, &mut irq);
         assert!(bus.write(Space::Port, u64::from(COM1_PORT), b"A", &mut ctx));
@@ -49,5 +65,19 @@ mod tests {
         let mut d = [0u8; 2];
         assert!(!bus.read(Space::Port, 0x2f8, &mut d, &mut ctx));
         assert_eq!(d, [0xff, 0xff]);
+        // The RTC reads the date it was given (register B's default is BCD).
+        let mut b = [0u8];
+        for (index, want) in [(9u8, 0x25u8), (8, 0x12), (7, 0x01), (0x32, 0x20)] {
+            assert!(bus.write(Space::Port, 0x70, &[index], &mut ctx));
+            assert!(bus.read(Space::Port, 0x71, &mut b, &mut ctx));
+            assert_eq!(b[0], want, "CMOS register {index:#x}");
+        }
+        // Port 0x61 and the PM timer answer; S5 through PM1a_CNT powers off.
+        assert!(bus.read(Space::Port, 0x61, &mut b, &mut ctx));
+        let mut t = [0u8; 4];
+        assert!(bus.read(Space::Port, 0x608, &mut t, &mut ctx));
+        ctx.effects.clear();
+        assert!(bus.write(Space::Port, 0x604, &((5u16 << 10) | (1 << 13)).to_le_bytes(), &mut ctx));
+        assert_eq!(ctx.effects.as_slice(), [Effect::PowerOff]);
     }
 }

@@ -47,8 +47,10 @@ use super::{Device, DeviceCtx, DeviceError, DeviceKind, DeviceState, StateReader
 pub const PIT_HZ: u64 = 1_193_182;
 /// The shortest interval between two channel 0 interrupts a guest can get (guest ns).
 pub const MIN_IRQ_PERIOD_NS: u64 = 100_000;
-/// The GSI channel 0 drives.
-pub const PIT_GSI: u32 = 0;
+/// The GSI channel 0 drives: ISA IRQ 0, which every PC's MADT overrides to GSI 2 (the
+/// router sends GSI 2 to I/O APIC pin 2 and to the 8259's IR0; `firmware::acpi` writes
+/// the override).
+pub const PIT_GSI: u32 = 2;
 /// Ports the model answers at offsets 0..=3.
 pub const PIT_PORT_BASE: u16 = 0x40;
 /// The model's offset for port 0x61 (map it with `map_ports_at(pit, 0x61, 1, PORT61_OFFSET)`).

@@ -448,7 +448,7 @@ impl<B: Backend> Machine<B> {
 /// A new domain's devices (`devices::pc`); a mapping error is a bug of that table,
 /// reported rather than unwrapped.
 pub(crate) fn new_devices() -> Result<DeviceBus, DomainError> {
-    crate::devices::pc::bus().map_err(|e| DomainError::Devices(alloc::format!("{e}")))
+    crate::devices::pc::bus(crate::drivers::time::unix_time()).map_err(|e| DomainError::Devices(alloc::format!("{e}")))
 }
 
 /// The per-vCPU state CPUID answers depend on, as our guests start: APIC ID = the

@@ -87,6 +87,22 @@ pub fn tsc_hz() -> Option<u64> {
     }
 }
 
+/// The wall clock at boot (Unix seconds) and the uptime it was read at.
+static WALL_CLOCK: AtomicU64 = AtomicU64::new(0);
+
+/// Record the wall clock boot read from the firmware (once, at boot, right after
+/// [`init`]: uptime is then close to 0).
+pub fn set_wall_clock(unix_secs: i64) {
+    WALL_CLOCK.store(u64::try_from(unix_secs).unwrap_or(0), Ordering::Relaxed);
+}
+
+/// The wall clock now, Unix seconds (UTC): the firmware's time at boot plus uptime.
+pub fn unix_time() -> i64 {
+    let boot = WALL_CLOCK.load(Ordering::Relaxed);
+    let up = uptime_ns().unwrap_or(0) / 1_000_000_000;
+    i64::try_from(boot.saturating_add(up)).unwrap_or(i64::MAX)
+}
+
 /// Nanoseconds since [`init`], if the clock is calibrated.
 pub fn uptime_ns() -> Option<u64> {
     let hz = tsc_hz()?;
