@@ -776,7 +776,7 @@ pub(crate) mod tests {
                 advance_to(&mut p, &mut rec, due);
             }
             assert_eq!(rec.events.len(), 400);
-            assert!(rec.events.chunks(2).all(|e| e[0].1 == 0 && e[0].2 && !e[1].2), "pulses on GSI 0");
+            assert!(rec.events.chunks(2).all(|e| e[0].1 == PIT_GSI && e[0].2 && !e[1].2), "pulses on the PIT GSI");
         }
     }
 
@@ -790,7 +790,7 @@ pub(crate) mod tests {
         assert_eq!(p.next_event_ns(), Some(due));
         let mut rec = Recorder::default();
         advance_to(&mut p, &mut rec, due + 50);
-        assert_eq!(rec.events, [(due + 50, 0, true), (due + 50, 0, false)]);
+        assert_eq!(rec.events, [(due + 50, PIT_GSI, true), (due + 50, PIT_GSI, false)]);
         assert_eq!(p.next_event_ns(), None);
         // The count wraps through 0xffff and keeps going, OUT stays high.
         let c = |p: &mut Pit, t| u16::from(inb(p, 0x40, t)) | u16::from(inb(p, 0x40, t)) << 8;
