@@ -45,6 +45,8 @@ pub enum ExitKind {
     Msr,
     /// PML buffer full (VMX exit reason 62).
     PmlFull,
+    /// The guest opened an interrupt window the core asked for (to inject an interrupt).
+    InterruptWindow,
     /// A VMX/SVM instruction the guest executed (it gets #UD).
     VirtualizationInstruction,
     /// The time slice ended (preemption timer / timer interrupt).
@@ -65,6 +67,7 @@ impl fmt::Display for ExitKind {
             Self::Io => f.write_str("io"),
             Self::Msr => f.write_str("msr"),
             Self::PmlFull => f.write_str("pml-full"),
+            Self::InterruptWindow => f.write_str("interrupt-window"),
             Self::VirtualizationInstruction => f.write_str("virtualization-instruction"),
             Self::TimeSlice => f.write_str("time-slice"),
             Self::Other(code) => write!(f, "other({code:#x})"),

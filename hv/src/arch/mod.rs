@@ -110,6 +110,9 @@ pub enum ExitReason {
     /// The page-modification log is full (VMX exit 62): drain it and re-enter (the
     /// write that triggered it has not happened yet).
     PmlFull,
+    /// The guest can take an external interrupt now (VMX interrupt-window exit 7, SVM
+    /// VINTR): asked for with [`Vcpu::request_interrupt_window`].
+    InterruptWindow,
     /// Any other exit, with the vendor's code (VMX basic exit reason / SVM EXITCODE).
     Other {
         /// Vendor's exit code.
@@ -134,6 +137,7 @@ impl core::fmt::Display for ExitReason {
             ExitReason::VirtualizationInstruction => f.write_str("virtualization-instruction"),
             ExitReason::TimeSliceEnd => f.write_str("time-slice-end"),
             ExitReason::PmlFull => f.write_str("pml-full"),
+            ExitReason::InterruptWindow => f.write_str("interrupt-window"),
             ExitReason::Other { code } => write!(f, "other({code:#x})"),
         }
     }
@@ -156,6 +160,7 @@ impl ExitReason {
             ExitReason::VirtualizationInstruction => ExitKind::VirtualizationInstruction,
             ExitReason::TimeSliceEnd => ExitKind::TimeSlice,
             ExitReason::PmlFull => ExitKind::PmlFull,
+            ExitReason::InterruptWindow => ExitKind::InterruptWindow,
             ExitReason::Other { code } => ExitKind::Other(*code),
         }
     }
@@ -279,6 +284,16 @@ pub trait Vcpu {
     fn skip_instruction(&mut self, exit: &Exit) -> Result<(), ArchError>;
     /// Deliver a hardware exception to the guest at the next entry.
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError>;
+    /// Whether an external interrupt injected now would be taken at the next entry:
+    /// RFLAGS.IF is set, no STI or MOV SS shadow blocks it, and no other event is being
+    /// injected (SDM Vol. 3C 26.3.1.5 / APM Vol. 2 15.20).
+    fn can_inject_interrupt(&mut self) -> Result<bool, ArchError>;
+    /// Deliver external interrupt `vector` at the next entry (only when
+    /// [`Vcpu::can_inject_interrupt`] said so).
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), ArchError>;
+    /// Exit with [`ExitReason::InterruptWindow`] as soon as the guest can take an
+    /// interrupt (`true`), or stop asking (`false`).
+    fn request_interrupt_window(&mut self, on: bool) -> Result<(), ArchError>;
     /// Read the paused vCPU's architectural state (`regs` holds the GPRs the core keeps).
     fn save_state(&mut self, regs: &GuestRegs) -> Result<state::VcpuSnapshot, ArchError>;
     /// Load `snapshot` into this (not running) vCPU; fills `regs` with its GPRs.

@@ -200,13 +200,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
             // Every register is loaded from the stream before the domain runs.
             let entry = GuestEntry { nested_root: root, cr3: 0, rip: 0, rsp: 0 };
             match self.backend.create_vcpu(&mut self.pool, &entry) {
-                Ok(vcpu) => domain.vcpus.push(VcpuSlot {
-                    vcpu,
-                    regs: GuestRegs::default(),
-                    state: RunState::Runnable,
-                    index,
-                    rmid: 0,
-                }),
+                Ok(vcpu) => domain.vcpus.push(VcpuSlot::new(vcpu, GuestRegs::default(), index)),
                 Err(e) => {
                     domain.release(&mut self.pool).map_err(text)?;
                     return Err(text(e));

@@ -30,6 +30,7 @@ use levelling::{CpuidTable, HostCpu, VcpuState};
 
 use crate::arch::{ArchError, Backend, ExitKind, ExitReason, GuestEntry, GuestRegs, Vcpu};
 use crate::devices::bus::DeviceBus;
+use crate::devices::lapic::Lapic;
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::guest::GuestMemory;
@@ -150,6 +151,20 @@ pub(crate) struct VcpuSlot<V> {
     pub(crate) index: u32,
     /// RDT monitoring ID the monitoring service gave this vCPU (0: not monitored).
     rmid: u32,
+    /// Its local APIC (x2APIC MSRs and the timer; interrupts it accepts are injected
+    /// by the scheduler).
+    pub(crate) lapic: Lapic,
+    /// Whether the backend was asked for an interrupt-window exit.
+    pub(crate) window: bool,
+}
+
+impl<V> VcpuSlot<V> {
+    /// A slot for vCPU `index` (APIC ID = index; vCPU 0 is the bootstrap processor).
+    pub(crate) fn new(vcpu: V, regs: GuestRegs, index: u32) -> Self {
+        let tsc_hz = crate::drivers::time::tsc_hz().unwrap_or(1_000_000_000);
+        let lapic = Lapic::new(index, index == 0, tsc_hz);
+        Self { vcpu, regs, state: RunState::Runnable, index, rmid: 0, lapic, window: false }
+    }
 }
 
 /// The console: a byte ring plus the line being assembled for the serial echo.
@@ -404,7 +419,7 @@ impl<B: Backend> Machine<B> {
             match self.backend.create_vcpu(&mut self.pool, &entry) {
                 Ok(vcpu) => {
                     let regs = GuestRegs { rdi: start.rdi, rsi: u64::from(index), ..GuestRegs::default() };
-                    domain.vcpus.push(VcpuSlot { vcpu, regs, state: RunState::Runnable, index, rmid: 0 });
+                    domain.vcpus.push(VcpuSlot::new(vcpu, regs, index));
                 }
                 Err(e) => {
                     domain.release(&mut self.pool)?;

@@ -2,18 +2,59 @@
 //! runnable vCPU of every running domain), for how long (time slices), what a
 //! migration's throttle withholds, and what the scheduler does with each exit's
 //! [`Action`] (halt, finish, crash).
+//!
+//! Interrupts and time: before each entry the vCPU's local APIC catches up with guest
+//! time (its timer fires into the IRR), and the highest pending interrupt is injected
+//! if the guest can take it (RFLAGS.IF, no interrupt shadow) or an interrupt-window
+//! exit is asked for. A slice never runs past the LAPIC timer's deadline. A halted
+//! vCPU sleeps until an interrupt is pending or its timer is due; a domain whose vCPUs
+//! all halted with no timer armed has nothing left to wake it and is halted.
 
 use super::exit::{self, Action};
-use super::{DomainState, Machine, RunState};
-use crate::arch::{Backend, Vcpu};
+use super::{DomainState, Machine, RunState, VcpuSlot};
+use crate::arch::{ArchError, Backend, Vcpu};
 use crate::println;
 
+/// Fire the LAPIC timer if it is due at `now`, and deliver what is pending: inject the
+/// highest interrupt the guest can take now, or ask for an exit as soon as it can.
+pub(super) fn deliver<V: Vcpu>(slot: &mut VcpuSlot<V>, now: u64) -> Result<(), ArchError> {
+    slot.lapic.advance_to(now);
+    let want_window = match slot.lapic.pending_interrupt() {
+        Some(vector) if slot.vcpu.can_inject_interrupt()? => {
+            slot.vcpu.inject_interrupt(vector)?;
+            slot.lapic.ack(vector);
+            false
+        }
+        Some(_) => true,
+        None => false,
+    };
+    if want_window != slot.window {
+        slot.vcpu.request_interrupt_window(want_window)?;
+        slot.window = want_window;
+    }
+    Ok(())
+}
+
+/// Whether something would wake a halted vCPU at `now`: a pending interrupt, or its
+/// timer due.
+fn wakes<V>(slot: &mut VcpuSlot<V>, now: u64) -> bool {
+    slot.lapic.advance_to(now);
+    slot.lapic.pending_interrupt().is_some()
+}
+
+/// TSC ticks in `ns` nanoseconds (at least 1), for capping a slice at a deadline.
+fn ns_to_ticks(ns: u64) -> u64 {
+    let hz = crate::drivers::time::tsc_hz().unwrap_or(1_000_000_000);
+    u64::try_from(u128::from(ns) * u128::from(hz) / 1_000_000_000).unwrap_or(u64::MAX).max(1)
+}
+
 impl<B: Backend> Machine<B> {
-    /// Whether any vCPU can run.
+    /// Whether any vCPU can run, now or when its LAPIC timer fires.
     pub fn has_runnable(&self) -> bool {
-        self.domains
-            .iter()
-            .any(|d| d.state == DomainState::Running && d.vcpus.iter().any(|v| v.state == RunState::Runnable))
+        self.domains.iter().any(|d| {
+            d.state == DomainState::Running
+                && d.vcpus.iter().any(|v| v.state == RunState::Runnable || v.lapic.next_timer_ns().is_some())
+        })
     }
 
     /// Run the next runnable vCPU (round robin over all domains) for one time slice.
@@ -25,8 +66,15 @@ impl<B: Backend> Machine<B> {
             self.cursor = self.cursor.wrapping_add(1);
             let Some((di, vi)) = self.locate(pick) else { continue };
             let d = &mut self.domains[di];
-            if d.state != DomainState::Running || d.vcpus[vi].state != RunState::Runnable {
+            if d.state != DomainState::Running {
                 continue;
+            }
+            if d.vcpus[vi].state == RunState::Halted {
+                let now = d.guest_now_ns();
+                if !wakes(&mut d.vcpus[vi], now) {
+                    continue;
+                }
+                d.vcpus[vi].state = RunState::Runnable;
             }
             // A throttled domain earns (100 - throttle)% of a slice per turn and runs
             // a slice per 100% earned: it gets that share of its turns.
@@ -64,10 +112,20 @@ impl<B: Backend> Machine<B> {
                 break;
             }
             let d = &mut self.domains[di];
+            let now = d.guest_now_ns();
             let slot = &mut d.vcpus[vi];
+            if let Err(e) = deliver(slot, now) {
+                self.crash(di, alloc::format!("vCPU {vi}: delivering an interrupt: {e}"));
+                break;
+            }
+            // Exit by the timer's deadline, so it is delivered on time.
+            let mut this_slice = slice.map(|s| s - used);
+            if let (Some(s), Some(t)) = (this_slice, slot.lapic.next_timer_ns()) {
+                this_slice = Some(s.min(ns_to_ticks(t.saturating_sub(now))));
+            }
             crate::platform::rdt::switch_rmid(slot.rmid);
             let entered = crate::drivers::time::now_ticks();
-            let result = slot.vcpu.run(&mut slot.regs, slice.map(|s| s - used));
+            let result = slot.vcpu.run(&mut slot.regs, this_slice);
             d.runtime_ticks += crate::drivers::time::now_ticks().wrapping_sub(entered);
             let next = match result {
                 Ok(exit) => {
@@ -81,8 +139,13 @@ impl<B: Backend> Machine<B> {
                 Action::Continue => {}
                 Action::Yield => break,
                 Action::Halt => {
+                    let now = d.guest_now_ns();
+                    if wakes(&mut d.vcpus[vi], now) {
+                        // An interrupt is already pending: HLT ends at once.
+                        continue;
+                    }
                     d.vcpus[vi].state = RunState::Halted;
-                    if d.vcpus.iter().all(|v| v.state == RunState::Halted) {
+                    if d.vcpus.iter().all(|v| v.state == RunState::Halted && v.lapic.next_timer_ns().is_none()) {
                         d.state = DomainState::Halted;
                         println!("DOMAIN {} HALTED (every vCPU executed HLT with nothing to wake it)", d.id);
                     }
@@ -94,14 +157,20 @@ impl<B: Backend> Machine<B> {
                     break;
                 }
                 Action::Crash(reason) => {
-                    println!("DOMAIN {} CRASHED {reason}", d.id);
-                    d.state = DomainState::Crashed { reason };
-                    if let Err(e) = d.release(&mut self.pool) {
-                        println!("FAIL: returning domain {}'s memory: {e}", d.id);
-                    }
+                    self.crash(di, reason);
                     break;
                 }
             }
+        }
+    }
+
+    /// Stop domain `di` for `reason`; its memory goes back to the pool at once.
+    fn crash(&mut self, di: usize, reason: alloc::string::String) {
+        let d = &mut self.domains[di];
+        println!("DOMAIN {} CRASHED {reason}", d.id);
+        d.state = DomainState::Crashed { reason };
+        if let Err(e) = d.release(&mut self.pool) {
+            println!("FAIL: returning domain {}'s memory: {e}", d.id);
         }
     }
 }

@@ -188,6 +188,7 @@ impl Vcpu for SvmVcpu {
             vmcb::exit::MSR if info1 == 0 => (ExitReason::MsrRead, LEN_MSR),
             vmcb::exit::MSR => (ExitReason::MsrWrite, LEN_MSR),
             vmcb::exit::INTR => (ExitReason::TimeSliceEnd, 0),
+            vmcb::exit::VINTR => (ExitReason::InterruptWindow, 0),
             vmcb::exit::VMRUN..=vmcb::exit::SKINIT => (ExitReason::VirtualizationInstruction, 0),
             vmcb::exit::INVALID => return Err(ArchError::VmrunInvalid),
             c if (vmcb::exit::EXCP_BASE..vmcb::exit::EXCP_BASE + 32).contains(&c) => {
@@ -216,6 +217,40 @@ impl Vcpu for SvmVcpu {
             event |= (1 << 11) | (u64::from(ec) << 32);
         }
         self.vmcb().set(vmcb::EVENTINJ, event);
+        Ok(())
+    }
+
+    fn can_inject_interrupt(&mut self) -> Result<bool, ArchError> {
+        let v = self.vmcb();
+        // APM 15.20/15.21.4: an INTR is taken when RFLAGS.IF is set and no interrupt
+        // shadow (0x068 bit 0) is active; one EVENTINJ at a time.
+        Ok(v.get(vmcb::RFLAGS) & RFLAGS_IF != 0
+            && v.get(vmcb::INTERRUPT_SHADOW) & 1 == 0
+            && v.get(vmcb::EVENTINJ) & (1 << 31) == 0)
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), ArchError> {
+        // APM 15.20: EVENTINJ = vector | TYPE 0 (INTR) << 8 | V << 31.
+        self.vmcb().set(vmcb::EVENTINJ, u64::from(vector) | (1 << 31));
+        Ok(())
+    }
+
+    fn request_interrupt_window(&mut self, on: bool) -> Result<(), ArchError> {
+        // APM 15.21.4: V_IRQ (V_INTR bit 8) with V_IGN_TPR (bit 20) and priority 0xF
+        // (bits 19:16) makes a virtual interrupt pending that the guest takes as soon as
+        // its IF and shadow allow; intercepting VINTR (vector 3 bit 4) turns that moment
+        // into a #VMEXIT instead, where the core injects the real one. V_INTR_MASKING
+        // (bit 24) stays set.
+        const V_IRQ: u64 = (1 << 8) | (0xf << 16) | (1 << 20);
+        let mut v = self.vmcb();
+        let (vintr, misc1) = (v.get(vmcb::V_INTR), v.get(vmcb::INTERCEPT_MISC1));
+        if on {
+            v.set(vmcb::V_INTR, vintr | V_IRQ);
+            v.set(vmcb::INTERCEPT_MISC1, misc1 | (1 << 4));
+        } else {
+            v.set(vmcb::V_INTR, vintr & !V_IRQ);
+            v.set(vmcb::INTERCEPT_MISC1, misc1 & !(1 << 4));
+        }
         Ok(())
     }
 

@@ -202,6 +202,8 @@ pub mod exit {
     pub const EXCP_BASE: u64 = 0x40;
     /// Physical interrupt.
     pub const INTR: u64 = 0x60;
+    /// VINTR: the guest can take the virtual interrupt V_IRQ asked for.
+    pub const VINTR: u64 = 0x64;
     /// CPUID.
     pub const CPUID: u64 = 0x72;
     /// HLT.

@@ -69,6 +69,8 @@ pub struct VmxVcpu {
     /// The page-modification log frame, while logging.
     pml: Option<u64>,
     pml_allowed: bool,
+    /// Whether the CPU allows interrupt-window exiting (primary control bit 2).
+    interrupt_window_allowed: bool,
     /// The guest's CR2 and DR6: not in the VMCS (VM entries and exits neither load nor
     /// save them, SDM 27.3.2 / 28.3), so `run` switches the physical registers.
     cr2: u64,
@@ -179,6 +181,8 @@ impl Backend for Vmx {
             invept_type: if c.ept_vpid_cap & (1 << 26) != 0 { 2 } else { 1 },
             pml: None,
             pml_allowed: c.pml,
+            // The control MSR's high half: the controls that may be 1 (A.3.2).
+            interrupt_window_allowed: (c.procbased >> 32) & (1 << 2) != 0,
             cr2: 0,
             // DR6's value after reset (SDM Vol. 3B 19.2.3), as `configure` leaves the guest.
             dr6: 0xffff_0ff0,
@@ -375,6 +379,7 @@ impl Vcpu for VmxVcpu {
             32 => (ExitReason::MsrWrite, len()?),
             // Table 28-7: bit 1 of the qualification = the access was a write.
             62 => (ExitReason::PmlFull, 0),
+            7 => (ExitReason::InterruptWindow, 0),
             48 => {
                 let q = vmcs::read(vmcs::EXIT_QUALIFICATION)?;
                 (ExitReason::NestedPageFault { gpa: vmcs::read(vmcs::GUEST_PHYSICAL_ADDRESS)?, write: q & 2 != 0 }, 0)
@@ -403,6 +408,35 @@ impl Vcpu for VmxVcpu {
             vmcs::write(vmcs::ENTRY_EXCEPTION_ERROR_CODE, ec.into())?;
         }
         vmcs::write(vmcs::ENTRY_INTR_INFO, info)
+    }
+
+    fn can_inject_interrupt(&mut self) -> Result<bool, ArchError> {
+        self.make_current()?;
+        // 26.3.1.5: an external interrupt is taken when RFLAGS.IF is set and the
+        // interruptibility state shows no blocking by STI (bit 0) or MOV SS (bit 1);
+        // and one event is injected at a time (25.8.3).
+        let rflags = vmcs::read(vmcs::GUEST_RFLAGS)?;
+        let blocking = vmcs::read(vmcs::GUEST_INTERRUPTIBILITY)? & 3;
+        let pending = vmcs::read(vmcs::ENTRY_INTR_INFO)? & (1 << 31);
+        Ok(rflags & (1 << 9) != 0 && blocking == 0 && pending == 0)
+    }
+
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), ArchError> {
+        self.make_current()?;
+        // 25.8.3: vector | type 0 (external interrupt) << 8 | valid << 31.
+        vmcs::write(vmcs::ENTRY_INTR_INFO, u64::from(vector) | (1 << 31))
+    }
+
+    fn request_interrupt_window(&mut self, on: bool) -> Result<(), ArchError> {
+        if !self.interrupt_window_allowed {
+            return Err(ArchError::ControlUnsupported { control: "interrupt-window exiting", missing: 1 << 2 });
+        }
+        self.make_current()?;
+        // 25.6.2: primary processor-based control bit 2 = interrupt-window exiting: a
+        // VM exit (reason 7) at the start of any instruction with RFLAGS.IF = 1 and no
+        // blocking by STI or MOV SS.
+        let proc = vmcs::read(vmcs::PROCBASED_CTLS)?;
+        vmcs::write(vmcs::PROCBASED_CTLS, if on { proc | (1 << 2) } else { proc & !(1 << 2) })
     }
 
     // Guest-state area (SDM Vol. 3C 25.4), mirroring `write_guest_state`; CR2, DR6

@@ -86,7 +86,7 @@ pub fn handle<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action {
         ExitReason::Cpuid => cpuid::handle(ctx, exit),
         ExitReason::Io { port, size, input, string } => io::handle(ctx, exit, port, size, input, string),
         ExitReason::MsrRead => msr::handle_read(ctx, exit),
-        ExitReason::MsrWrite => msr::handle_write(ctx),
+        ExitReason::MsrWrite => msr::handle_write(ctx, exit),
         ExitReason::VirtualizationInstruction => ctx.inject(6, None),
         ExitReason::Hypercall => hypercall::handle(ctx, exit),
         ExitReason::Hlt => match ctx.skip(exit) {
@@ -94,6 +94,8 @@ pub fn handle<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action {
             other => other,
         },
         ExitReason::TimeSliceEnd => Action::Yield,
+        // The scheduler injects what is pending before the next entry.
+        ExitReason::InterruptWindow => Action::Continue,
         ExitReason::PmlFull => match super::dirty::pml_full(ctx.d, ctx.pool, ctx.vi) {
             Ok(()) => Action::Continue,
             Err(e) => Action::Crash(alloc::format!("draining the PML buffer: {e}")),

@@ -10,7 +10,7 @@ use super::{Action, ExitCtx, handle};
 use crate::arch::state::VcpuSnapshot;
 use crate::arch::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs, Vcpu};
 use crate::domain::dirty::Mechanisms;
-use crate::domain::{Console, Domain, DomainState, Machine, RunState, VcpuSlot};
+use crate::domain::{Console, Domain, DomainState, Machine, VcpuSlot};
 use crate::mm::frames::FramePool;
 use crate::mm::frames::testing::pool;
 use crate::mm::guest::GuestMemory;
@@ -23,6 +23,10 @@ struct FakeVcpu {
     skipped: u32,
     injected: Vec<(u8, Option<u32>)>,
     flushes: u32,
+    /// What `can_inject_interrupt` answers (the guest's IF, as it were).
+    interrupts_open: bool,
+    interrupts: Vec<u8>,
+    window_requested: bool,
 }
 
 impl Vcpu for FakeVcpu {
@@ -35,6 +39,17 @@ impl Vcpu for FakeVcpu {
     }
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError> {
         self.injected.push((vector, error_code));
+        Ok(())
+    }
+    fn can_inject_interrupt(&mut self) -> Result<bool, ArchError> {
+        Ok(self.interrupts_open)
+    }
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), ArchError> {
+        self.interrupts.push(vector);
+        Ok(())
+    }
+    fn request_interrupt_window(&mut self, on: bool) -> Result<(), ArchError> {
+        self.window_requested = on;
         Ok(())
     }
     fn save_state(&mut self, _: &GuestRegs) -> Result<VcpuSnapshot, ArchError> {
@@ -80,13 +95,7 @@ fn machine(mechanisms: Mechanisms) -> Machine<FakeBackend> {
     let mem = GuestMemory::<Npt>::new(&mut p, MEMORY, false).expect("4 MiB fits the test pool");
     let mut m = Machine::new(FakeBackend, p, host, None, mechanisms, false);
     let (policy, cpuid) = m.cpuid_table(None, 1).expect("the default policy verifies on its own host");
-    let slot = VcpuSlot {
-        vcpu: FakeVcpu::default(),
-        regs: GuestRegs::default(),
-        state: RunState::Runnable,
-        index: 0,
-        rmid: 0,
-    };
+    let slot = VcpuSlot::new(FakeVcpu::default(), GuestRegs::default(), 0);
     m.domains.push(Domain {
         id: 1,
         name: String::from("test"),
@@ -151,8 +160,8 @@ fn msrs_outside_the_allow_list_get_gp_and_do_not_retire() {
     assert_eq!(action, Action::Continue);
     assert_eq!((regs.rax, regs.rdx), (0xfee0_0900, 0), "APIC base, enabled, BSP");
     assert_eq!(run(&mut m, GuestRegs { rcx: 0x3a, ..Default::default() }, ExitReason::MsrRead).0, Action::Continue);
-    assert_eq!(run(&mut m, GuestRegs { rcx: 0x1b, ..Default::default() }, ExitReason::MsrWrite).0, Action::Continue);
-    assert_eq!(vcpu(&m).injected, [(13, Some(0)), (13, Some(0))], "IA32_FEATURE_CONTROL read and any write: #GP(0)");
+    assert_eq!(run(&mut m, GuestRegs { rcx: 0x10, ..Default::default() }, ExitReason::MsrWrite).0, Action::Continue);
+    assert_eq!(vcpu(&m).injected, [(13, Some(0)), (13, Some(0))], "IA32_FEATURE_CONTROL read and a TSC write: #GP(0)");
     assert_eq!(vcpu(&m).skipped, 1, "only the allowed read retired");
 }
 
@@ -244,4 +253,37 @@ fn the_rest_stops_the_domain_or_gets_ud() {
         let (action, _) = run(&mut m, GuestRegs::default(), reason);
         assert!(matches!(action, Action::Crash(ref r) if r.contains(text)), "{reason}: {action:?}");
     }
+}
+
+#[test]
+fn x2apic_msrs_reach_the_vcpus_lapic_and_its_timer_interrupt_is_injected_when_the_guest_can_take_it() {
+    let mut m = machine(NO_LOGGING);
+    let wrmsr =
+        |msr: u32, v: u64| GuestRegs { rcx: u64::from(msr), rax: v & 0xffff_ffff, rdx: v >> 32, ..Default::default() };
+    let rdmsr = |msr: u32| GuestRegs { rcx: u64::from(msr), ..Default::default() };
+    // IA32_APIC_BASE: enabled xAPIC at 0xFEE00000 on the BSP; switch to x2APIC.
+    let (_, regs) = run(&mut m, rdmsr(0x1b), ExitReason::MsrRead);
+    assert_eq!(regs.rax, 0xfee0_0900);
+    assert_eq!(run(&mut m, wrmsr(0x1b, 0xfee0_0d00), ExitReason::MsrWrite).0, Action::Continue);
+    let (_, regs) = run(&mut m, rdmsr(0x802), ExitReason::MsrRead);
+    assert_eq!(regs.rax, 0, "x2APIC ID of vCPU 0");
+    // Software-enable, then a one-shot timer of 1000 ticks at divide-by-1 on vector 0x40.
+    for (msr, v) in [(0x80f, 0x1ff), (0x83e, 0xb), (0x832, 0x40), (0x838, 1000)] {
+        assert_eq!(run(&mut m, wrmsr(msr, v), ExitReason::MsrWrite).0, Action::Continue, "MSR {msr:#x}");
+    }
+    assert!(vcpu(&m).injected.is_empty(), "every write was legal");
+    let slot = &mut m.domains[0].vcpus[0];
+    assert_eq!(slot.lapic.next_timer_ns(), Some(1000), "1000 ticks of the 1 GHz APIC clock from guest time 0");
+    // Due, but the guest has IF clear: an interrupt-window exit is asked for instead.
+    crate::domain::sched::deliver(slot, 1000).unwrap();
+    assert!(slot.vcpu.interrupts.is_empty() && slot.vcpu.window_requested);
+    // The window opens: injected, moved to in-service, no more window.
+    slot.vcpu.interrupts_open = true;
+    crate::domain::sched::deliver(slot, 1001).unwrap();
+    assert_eq!(slot.vcpu.interrupts, [0x40]);
+    assert!(!slot.vcpu.window_requested);
+    assert_eq!(slot.lapic.pending_interrupt(), None, "in service until EOI");
+    // A write to a read-only x2APIC register is #GP.
+    assert_eq!(run(&mut m, wrmsr(0x802, 5), ExitReason::MsrWrite).0, Action::Continue);
+    assert_eq!(vcpu(&m).injected, [(13, Some(0))]);
 }
