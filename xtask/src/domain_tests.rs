@@ -233,6 +233,57 @@ fn misbehaving(session: &mut Session, timeout: Duration) -> Result<String> {
     Ok("#UD and #GP injected (3 guests' handlers exited 106/113/113), OOB write/read and triple fault stopped with reasons, flood echo capped, the good domain finished correctly".into())
 }
 
+/// The LAPIC timer guests: (name, ticks, period in µs). Two at once, so each sleeps in
+/// HLT while the other runs or sleeps too.
+const TIMERS: &[(&str, u64, u64)] = &[("t1ms", 20, 1000), ("t5ms", 8, 5000)];
+
+fn lapic_timer(session: &mut Session, timeout: Duration) -> Result<String> {
+    let done = |l: &SerialLog| {
+        let d = parse_domains(&l.text());
+        TIMERS.iter().all(|(n, _, _)| d.get(*n).is_some_and(|d| d.exit.is_some() || d.crashed.is_some()))
+    };
+    let wait = session.wait_until(timeout, &mut Echo::new(false), done);
+    let serial = session.serial();
+    // Without a control channel (Bochs) the hypervisor powers off once both finished.
+    if !matches!(wait, Wait::Matched(_)) && !done(&SerialLog::new(&serial)) {
+        return Err(format!("the timer guests did not finish within {} s ({wait:?})", timeout.as_secs()));
+    }
+    let text = clean(&serial);
+    let tsc_khz: u64 = text
+        .lines()
+        .find_map(|l| l.split_once("TSC ")?.1.split_once(" kHz")?.0.trim().parse().ok())
+        .ok_or("the hypervisor printed no TSC frequency")?;
+    let domains = parse_domains(&serial);
+    let mut out = Vec::new();
+    for (name, ticks, period_us) in TIMERS {
+        let d = &domains[*name];
+        let get = |k: &str| d.reports.iter().find(|(t, _)| t == k).map(|(_, v)| *v);
+        if d.exit != Some(0) || get("ticks") != Some(*ticks) {
+            return Err(format!(
+                "{name}: exit {:?} (crash {:?}), ticks {:?}, expected {ticks}",
+                d.exit,
+                d.crashed,
+                get("ticks")
+            ));
+        }
+        // Each HLT returns on an interrupt: a vCPU that HLT did not put to sleep would
+        // come back thousands of times between ticks.
+        let wakeups = get("wakeups").unwrap_or(u64::MAX);
+        if wakeups > ticks + 2 {
+            return Err(format!("{name}: HLT returned {wakeups} times for {ticks} interrupts: the vCPU did not sleep"));
+        }
+        // The ticks came no faster than programmed (TSC time; the timer may be late
+        // under emulation, never early).
+        let elapsed_us = get("tsc").unwrap_or(0) * 1000 / tsc_khz.max(1);
+        let want_us = ticks * period_us;
+        if elapsed_us * 10 < want_us * 9 {
+            return Err(format!("{name}: {ticks} ticks of {period_us} µs took {elapsed_us} µs of TSC time"));
+        }
+        out.push(format!("{name}: {ticks} ticks, {wakeups} wakeups, {elapsed_us} µs for {want_us} µs"));
+    }
+    Ok(out.join("; "))
+}
+
 /// Log-dirty modes by guest_abi number, and whether each platform has them.
 const DIRTY_MODES: &[(&str, u64)] = &[("pml", 1), ("dbit", 2), ("wp", 3)];
 
@@ -382,13 +433,18 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
         "name=mw kernel=memwriter.elf memory=8M cmdline=pages={LOCAL_PAGES} rounds={LOCAL_ROUNDS} seed={LOCAL_SEED} \
          base=0x300000\n"
     );
+    let timer_cfg: String = TIMERS
+        .iter()
+        .map(|(n, t, p)| format!("name={n} kernel=apictimer.elf memory=8M cmdline=ticks={t} period_us={p}\n"))
+        .collect();
     let platforms = [Platform::Qemu { cpu: "EPYC".into() }, Platform::Bochs { model: "corei7_skylake_x".into() }];
-    let scenarios: [(&str, String, &str, Test); 5] = [
+    let scenarios: [(&str, String, &str, Test); 6] = [
         ("domains-cpuid-policies", cpuid_cfg, "cpuid-dump", cpuid_policies),
         ("domains-concurrent-writers-and-spinner", writers_cfg, "", concurrent),
         ("domains-misbehaving-guests-contained", bad_cfg, "", misbehaving),
         ("dirty-logging-exact-every-mode", dirty_cfg, "", dirty_exact),
         ("domains-local-migration-while-writing", local_cfg, LOCAL_CMDLINE, local_migration),
+        ("domains-lapic-timer-interrupts", timer_cfg, "", lapic_timer),
     ];
     let (mut passed, mut failed) = (0, 0);
     for platform in &platforms {

@@ -206,6 +206,11 @@ impl Vcpu for SvmVcpu {
         let mut v = self.vmcb();
         let rip = v.get(vmcb::RIP);
         v.set(vmcb::RIP, rip.wrapping_add(exit.instruction_len));
+        // The instruction retired, so a shadow of the STI or MOV SS before it is over
+        // (APM 15.21.5): without this, `sti; hlt` followed by `cli` never lets a pending
+        // interrupt in, as KVM also found.
+        let shadow = v.get(vmcb::INTERRUPT_SHADOW);
+        v.set(vmcb::INTERRUPT_SHADOW, shadow & !1);
         Ok(())
     }
 

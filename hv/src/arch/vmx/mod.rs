@@ -395,7 +395,15 @@ impl Vcpu for VmxVcpu {
         }
         self.make_current()?;
         let rip = vmcs::read(vmcs::GUEST_RIP)?;
-        vmcs::write(vmcs::GUEST_RIP, rip.wrapping_add(exit.instruction_len))
+        vmcs::write(vmcs::GUEST_RIP, rip.wrapping_add(exit.instruction_len))?;
+        // The instruction retired, so blocking by STI or MOV SS (interruptibility bits
+        // 0 and 1, SDM Vol. 3C 25.4.2 Table 25-3) that covered it is over: without
+        // this, `sti; hlt` followed by `cli` never lets a pending interrupt in.
+        let interruptibility = vmcs::read(vmcs::GUEST_INTERRUPTIBILITY)?;
+        if interruptibility & 3 != 0 {
+            vmcs::write(vmcs::GUEST_INTERRUPTIBILITY, interruptibility & !3)?;
+        }
+        Ok(())
     }
 
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError> {
