@@ -530,6 +530,9 @@ fn get_varint(bytes: &[u8], at: &mut usize) -> Result<u64, RecordFault> {
 }
 
 #[cfg(test)]
+mod reference;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use alloc::vec;

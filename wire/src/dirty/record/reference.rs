@@ -1,0 +1,380 @@
+//! A copy of the encoder of [`DirtyBitmap::records`] as of issue 13, kept verbatim as
+//! the reference any faster encoder must match byte for byte (the wire format is
+//! frozen), and the property tests that hold [`DirtyBitmap::records`] to it. Tests only.
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use core::fmt;
+use core::ops::Range;
+
+use super::{CLEAN, DIRTY, DirtyRecord, FAST_ROOM, ONE, WORD_BYTES, WORDS, clean_len, put_varint, varint_len};
+use crate::dirty::{DirtyBitmap, WORD_BITS, mask};
+
+impl DirtyBitmap {
+    /// What [`DirtyBitmap::records`] gives, by the reference encoder; `budget` must be
+    /// in range.
+    pub(crate) fn records_reference(&self, budget: usize) -> ReferenceRecords<'_> {
+        assert!((super::MIN_RECORD_OPS..=super::MAX_RECORD_OPS).contains(&budget));
+        ReferenceRecords {
+            words: &self.words,
+            base: self.base,
+            next: 0,
+            budget,
+            run: 0..0,
+            lit_first: 0,
+            lit_len: 0,
+            start: 0,
+            cursor: 0,
+            ops: Vec::new(),
+            ready: VecDeque::new(),
+            done: false,
+        }
+    }
+
+    /// What [`DirtyBitmap::to_records`] gives, by the reference encoder.
+    pub(crate) fn to_records_reference(&self) -> Vec<DirtyRecord> {
+        self.records_reference(super::MAX_RECORD_OPS).collect()
+    }
+}
+
+/// The reference encoder: [`super::Records`] as of issue 13, verbatim.
+pub(crate) struct ReferenceRecords<'a> {
+    words: &'a [u64],
+    base: u64,
+    /// The next word to look at.
+    next: usize,
+    budget: usize,
+    /// A dirty run seen but not yet encoded (empty: none).
+    run: Range<u64>,
+    /// A stretch of words to send raw, seen but not yet encoded (`lit_len == 0`: none).
+    lit_first: usize,
+    lit_len: usize,
+    /// The record being filled: its first pfn, the pfn its next operation starts from,
+    /// its operations.
+    start: u64,
+    cursor: u64,
+    ops: Vec<u8>,
+    /// Finished records not yet returned.
+    ready: VecDeque<DirtyRecord>,
+    done: bool,
+}
+
+impl fmt::Debug for ReferenceRecords<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Not the words: they are the whole bitmap.
+        f.debug_struct("Records")
+            .field("words", &self.words.len())
+            .field("next", &self.next)
+            .field("budget", &self.budget)
+            .field("ready", &self.ready.len())
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Iterator for ReferenceRecords<'_> {
+    type Item = DirtyRecord;
+
+    fn next(&mut self) -> Option<DirtyRecord> {
+        while self.ready.is_empty() && !self.done {
+            self.step();
+        }
+        self.ready.pop_front()
+    }
+}
+
+impl ReferenceRecords<'_> {
+    /// Encode words until a record is finished or the words end.
+    fn step(&mut self) {
+        let words = self.words;
+        while self.ready.is_empty() {
+            let Some(&w) = words.get(self.next) else {
+                self.flush_literal();
+                self.flush_run();
+                self.finish_record();
+                self.done = true;
+                return;
+            };
+            let page = self.page_of(self.next);
+            self.next += 1;
+            match w {
+                0 => {
+                    // Clean words only lengthen the next gap: skip them all at once.
+                    if self.lit_len > 0 {
+                        self.flush_literal();
+                    }
+                    let rest = words.get(self.next..).unwrap_or_default();
+                    self.next += rest.iter().position(|&w| w != 0).unwrap_or(rest.len());
+                }
+                u64::MAX => {
+                    // Fully dirty words lengthen the run: take them all at once.
+                    if self.lit_len > 0 {
+                        self.flush_literal();
+                    }
+                    let rest = words.get(self.next..).unwrap_or_default();
+                    let full = rest.iter().position(|&w| w != u64::MAX).unwrap_or(rest.len());
+                    self.next += full;
+                    self.push_run(page..self.page_of(self.next));
+                }
+                _ => self.mixed(w, page),
+            }
+        }
+    }
+
+    /// Encode a word that is neither clean nor fully dirty, standing for pages from
+    /// `page` on.
+    #[inline]
+    fn mixed(&mut self, w: u64, page: u64) {
+        // Estimate the operations its runs take (one `ONE` per run, one `DIRTY` more per
+        // run longer than a page; a run continuing from the previous word costs nothing)
+        // against 8 bytes as a raw word, 9 if that opens a stretch.
+        let carry = !self.run.is_empty() && self.run.end == page;
+        let starts = w & !(w << 1 | u64::from(carry));
+        let ops = starts.count_ones() + (starts & w >> 1).count_ones();
+        let continues = self.lit_len > 0 && self.lit_first + self.lit_len + 1 == self.next;
+        if ops > if continues { 8 } else { 9 } {
+            if continues {
+                self.lit_len += 1;
+            } else {
+                self.flush_literal();
+                self.flush_run();
+                (self.lit_first, self.lit_len) = (self.next - 1, 1);
+            }
+            if self.lit_len * WORD_BYTES >= self.budget {
+                self.flush_literal();
+            }
+            return;
+        }
+        if self.lit_len > 0 {
+            self.flush_literal();
+        }
+        let mut rest = w;
+        if carry && rest & 1 == 1 {
+            // The pending run goes on into this word (not to its end: `w` is mixed).
+            let n = rest.trailing_ones();
+            self.run.end += u64::from(n);
+            rest &= !mask(0, n);
+        }
+        if rest == 0 {
+            return;
+        }
+        self.flush_run();
+        // With room for the worst case of a word (a 6-byte gap, then 32 runs of 4 bytes
+        // at most), skip the budget check per run.
+        let fast = !self.ops.is_empty() && self.ops.len() + FAST_ROOM <= self.budget;
+        while rest != 0 {
+            let lo = rest.trailing_zeros();
+            let len = (rest >> lo).trailing_ones();
+            let at = page + u64::from(lo);
+            if lo + len == u64::BITS {
+                // It may go on into the next word.
+                self.run = at..at + u64::from(len);
+                return;
+            }
+            // Clear the lowest run: adding its lowest bit carries through it.
+            rest &= rest + (1 << lo);
+            if fast {
+                put_varint(&mut self.ops, (at - self.cursor) << 2 | ONE);
+                if len > 1 {
+                    put_varint(&mut self.ops, u64::from(len - 1) << 2 | DIRTY);
+                }
+                self.cursor = at + u64::from(len);
+            } else {
+                self.run = at..at + u64::from(len);
+                self.flush_run();
+            }
+        }
+    }
+
+    const fn page_of(&self, word: usize) -> u64 {
+        self.base + word as u64 * WORD_BITS
+    }
+
+    /// Note dirty pages `run`, which start at or after every page noted so far.
+    fn push_run(&mut self, run: Range<u64>) {
+        if !self.run.is_empty() && self.run.end == run.start {
+            self.run.end = run.end;
+        } else {
+            self.flush_run();
+            self.run = run;
+        }
+    }
+
+    /// Encode the pending run: `ONE gap`, then `DIRTY len-1` if longer than a page.
+    fn flush_run(&mut self) {
+        if self.run.is_empty() {
+            return;
+        }
+        let run = core::mem::replace(&mut self.run, 0..0);
+        let more = run.end - run.start - 1;
+        let more_len = if more > 0 { varint_len(more << 2 | DIRTY) } else { 0 };
+        let gap = self.room_for(run.start, |gap| varint_len(gap << 2 | ONE) + more_len);
+        put_varint(&mut self.ops, gap << 2 | ONE);
+        if more > 0 {
+            put_varint(&mut self.ops, more << 2 | DIRTY);
+        }
+        self.cursor = run.end;
+    }
+
+    /// Encode the pending stretch of raw words: `CLEAN gap` if needed, `WORDS n`, the
+    /// words; split between records when it does not fit.
+    fn flush_literal(&mut self) {
+        let (mut first, mut left) = (self.lit_first, self.lit_len);
+        self.lit_len = 0;
+        while left > 0 {
+            let page = self.page_of(first);
+            // `n <= left` words take at most this header.
+            let header = varint_len((left as u64) << 2 | WORDS);
+            let gap = self.room_for(page, |gap| clean_len(gap) + header + WORD_BYTES);
+            let used = self.ops.len() + clean_len(gap) + header;
+            let n = (self.budget.saturating_sub(used) / WORD_BYTES).clamp(1, left);
+            if gap > 0 {
+                put_varint(&mut self.ops, gap << 2 | CLEAN);
+            }
+            put_varint(&mut self.ops, (n as u64) << 2 | WORDS);
+            for w in self.words.get(first..first + n).unwrap_or_default() {
+                self.ops.extend_from_slice(&w.to_le_bytes());
+            }
+            self.cursor = page + n as u64 * WORD_BITS;
+            first += n;
+            left -= n;
+        }
+    }
+
+    /// Make room for an operation anchored at page `at` whose size, given its gap from
+    /// the cursor, is `size(gap)`: start a new record at `at` if the current one is
+    /// empty or too full. Returns the gap to encode.
+    fn room_for(&mut self, at: u64, size: impl Fn(u64) -> usize) -> u64 {
+        if !self.ops.is_empty() && self.ops.len() + size(at - self.cursor) <= self.budget {
+            return at - self.cursor;
+        }
+        self.finish_record();
+        if self.ops.capacity() == 0 {
+            self.ops.reserve(self.budget);
+        }
+        self.start = at;
+        self.cursor = at;
+        0
+    }
+
+    fn finish_record(&mut self) {
+        if !self.ops.is_empty() {
+            let ops = core::mem::take(&mut self.ops);
+            self.ready.push_back(DirtyRecord { start: self.start, ops });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use alloc::vec;
+    use alloc::vec::Vec;
+
+    use proptest::collection::vec as vec_of;
+    use proptest::prelude::*;
+
+    use super::super::{MAX_RECORD_OPS, MIN_RECORD_OPS};
+    use crate::dirty::{DirtyBitmap, PFN_LIMIT};
+
+    /// Words in the shapes that pick different operations: clean, fully dirty,
+    /// alternating, single bits and runs at the edges, and random densities from ~1.5%
+    /// to ~88%.
+    fn word() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            3 => Just(0u64),
+            2 => Just(u64::MAX),
+            1 => prop_oneof![Just(0x5555_5555_5555_5555u64), Just(0xaaaa_aaaa_aaaa_aaaa)],
+            1 => (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>())
+                .prop_map(|(a, b, c, d, e, f)| a & b & c & d & e & f),
+            2 => (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| a & b & c),
+            1 => any::<u64>(),
+            1 => (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(a, b, c)| a | b | c),
+            1 => (0u32..64).prop_map(|b| 1u64 << b),
+            1 => (0u32..64, 1u32..=64).prop_map(|(lo, len)| (u64::MAX >> (64 - len)) << lo.min(64 - len)),
+        ]
+    }
+
+    /// A bitmap of `words` at a base that is often unaligned, cut to `pages` (often not
+    /// a multiple of 64).
+    fn bitmap_of(base: u64, pages: u64, mut words: Vec<u64>) -> DirtyBitmap {
+        words.truncate(pages.div_ceil(64) as usize);
+        words.resize(pages.div_ceil(64) as usize, 0);
+        if let Some(last) = words.last_mut()
+            && !pages.is_multiple_of(64)
+        {
+            *last &= (1u64 << (pages % 64)) - 1;
+        }
+        DirtyBitmap::from_words(base..base + pages, words).unwrap()
+    }
+
+    /// Random bitmaps of up to ~6000 pages: enough at the smallest budgets for runs,
+    /// stretches of raw words and sparse pages to cross many record boundaries.
+    fn bitmap() -> impl Strategy<Value = DirtyBitmap> {
+        (prop_oneof![Just(0u64), 0u64..200, (PFN_LIMIT - 8000)..(PFN_LIMIT - 6200)], 0u64..6000)
+            .prop_flat_map(|(base, pages)| (Just(base), Just(pages), vec_of(word(), pages.div_ceil(64) as usize)))
+            .prop_map(|(base, pages, words)| bitmap_of(base, pages, words))
+    }
+
+    /// The same bitmap, in long stretches of one shape each (clean, full, dense,
+    /// sparse), so that a stretch spans whole records.
+    fn stretchy_bitmap() -> impl Strategy<Value = DirtyBitmap> {
+        (0u64..100, vec_of((word(), 1usize..300), 1..12), 0u64..64).prop_map(|(base, stretches, cut)| {
+            let words: Vec<u64> = stretches.iter().flat_map(|&(w, n)| core::iter::repeat_n(w, n)).collect();
+            let pages = (words.len() as u64 * 64).saturating_sub(cut);
+            bitmap_of(base, pages, words)
+        })
+    }
+
+    fn budget() -> impl Strategy<Value = usize> {
+        prop_oneof![Just(MIN_RECORD_OPS), MIN_RECORD_OPS..200, 200..4000usize, Just(MAX_RECORD_OPS)]
+    }
+
+    fn check(b: &DirtyBitmap, budget: usize) -> Result<(), TestCaseError> {
+        let records: Vec<_> = b.records(budget).unwrap().collect();
+        let reference: Vec<_> = b.records_reference(budget).collect();
+        prop_assert_eq!(&records, &reference);
+        prop_assert!(records.iter().all(|r| !r.ops.is_empty() && r.ops.len() <= budget));
+        prop_assert_eq!(&DirtyBitmap::from_records(b.pfns(), &records).unwrap(), b);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 384, ..ProptestConfig::default() })]
+
+        #[test]
+        fn records_match_the_reference(b in bitmap(), budget in budget()) {
+            check(&b, budget)?;
+            prop_assert_eq!(b.to_records(), b.to_records_reference());
+        }
+
+        #[test]
+        fn records_match_the_reference_in_stretches(b in stretchy_bitmap(), budget in budget()) {
+            check(&b, budget)?;
+        }
+    }
+
+    #[test]
+    fn fixed_shapes_match_the_reference() {
+        let pages: u64 = 64 * 1500 + 17;
+        let n = pages.div_ceil(64) as usize;
+        let shapes = [
+            vec![0; n],
+            vec![u64::MAX; n],
+            vec![0x5555_5555_5555_5555; n],
+            vec![0xaaaa_aaaa_aaaa_aaaa; n],
+            (0..n).map(|i| if i % 2 == 0 { u64::MAX } else { 0 }).collect(),
+            (0..n as u64).map(|i| 1 << (i % 64)).collect(),
+            (0..n as u64).map(|i: u64| (1 << 63) | i.wrapping_mul(0x9e37_79b9_7f4a_7c15)).collect(),
+        ];
+        for words in shapes {
+            for base in [0, 3, 64] {
+                let b = bitmap_of(base, pages, words.clone());
+                for budget in [MIN_RECORD_OPS, 100, MAX_RECORD_OPS] {
+                    check(&b, budget).unwrap();
+                }
+            }
+        }
+        let empty = DirtyBitmap::new(0).unwrap();
+        assert!(empty.to_records().is_empty() && empty.to_records_reference().is_empty());
+    }
+}
