@@ -846,3 +846,22 @@ fn event_name(event: &SourceEvent) -> &'static str {
         SourceEvent::Abort(_) => "Abort",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_after_counts_set_bits_from_the_cursor() {
+        let mut b = DirtyBitmap::new(200).unwrap_or_else(|e| unreachable!("{e}"));
+        for pfn in [3, 64, 65, 130, 199] {
+            let _ = b.set(pfn);
+        }
+        assert_eq!(end_after(&b, 0, 1), 4);
+        assert_eq!(end_after(&b, 0, 2), 65);
+        assert_eq!(end_after(&b, 4, 2), 66);
+        assert_eq!(end_after(&b, 65, 2), 131);
+        assert_eq!(end_after(&b, 66, 9), 200);
+        assert_eq!(end_after(&b, 200, 1), 200);
+    }
+}

@@ -130,6 +130,8 @@ struct Sim {
     undelivered: BTreeSet<u64>,
     /// The pages of the send in flight, delivered if its `PagesSent` reaches the source.
     delivering: Option<Vec<u64>>,
+    /// The source's state at each `PeekAndClean` (which kind of peek it was).
+    peek_states: Vec<SourceState>,
     outcome: Option<Outcome>,
     events: usize,
 }
@@ -155,6 +157,7 @@ impl Sim {
             last_peek: None,
             undelivered: BTreeSet::new(),
             delivering: None,
+            peek_states: Vec::new(),
             outcome: None,
             events: 0,
         }
@@ -270,6 +273,7 @@ impl Sim {
                 Some(self.failure_event().unwrap_or(SourceEvent::PagesSent { bytes, elapsed_ms: ms }))
             }
             SourceAction::PeekAndClean => {
+                self.peek_states.push(self.source.state());
                 let log = self.guest.log.as_mut().unwrap();
                 let bits = log.peek_and_clean(0..self.guest.pages).unwrap();
                 assert_eq!(
@@ -630,4 +634,72 @@ fn unexpected_event_is_a_failure_with_cleanup() {
     };
     let a = s.on(SourceEvent::Start(bad));
     assert!(matches!(&a[..], [SourceAction::Done(Outcome::Failed(Failure::BadDomain(_)))]), "{a:?}");
+}
+
+/// The rounds of `SendPages` chunks sent before the pause, and whether a peek came
+/// between two chunks of one round.
+fn chunked_rounds(sim: &Sim) -> (Vec<u32>, bool) {
+    let mut rounds = Vec::new();
+    let mut peek_between = false;
+    let mut last_round = None;
+    let mut peeked = false;
+    for a in &sim.actions {
+        match a {
+            SourceAction::Pause => break,
+            SourceAction::PeekAndClean => peeked = true,
+            SourceAction::SendPages { round, .. } => {
+                if last_round == Some(*round) {
+                    rounds.push(*round);
+                    peek_between |= peeked;
+                }
+                last_round = Some(*round);
+                peeked = false;
+            }
+            _ => {}
+        }
+    }
+    (rounds, peek_between)
+}
+
+#[test]
+fn rounds_go_in_chunks_with_mid_round_peeks() {
+    // 4096 pages, 10000 writes/s, 100 MB/s, 20 ms: dirty rounds of several chunks.
+    let policy = Policy { downtime_target_ms: 20, ..Policy::default() };
+    let mut sim = Sim::new(4096, 10_000, 100_000_000, policy);
+    let outcome = sim.run(false);
+    let Outcome::Completed(summary) = outcome else { panic!("{outcome:?}") };
+    assert_copied(&sim);
+    let (rounds, peek_between) = chunked_rounds(&sim);
+    assert!(!rounds.is_empty() && peek_between, "{:?}", sim.actions.len());
+    assert_eq!(summary.pages_sent, sim.pages_written_at_dest);
+    assert_eq!(sim.dest.summary().rounds, summary.rounds);
+    // Cancel at every answer of that run: every bit taken and not delivered goes back.
+    for at in 1..sim.events {
+        let mut c = Sim::new(4096, 10_000, 100_000_000, policy);
+        c.fault = Fault::CancelAtEvent(at);
+        assert_eq!(c.run(false), Outcome::Failed(Failure::Cancelled), "cancel at {at}");
+        c.check_failure_safety();
+    }
+}
+
+#[test]
+fn stops_in_the_middle_of_a_round() {
+    // Find a run whose stop-and-copy follows a mid-round peek; each run's destination
+    // memory must equal the paused source's.
+    let mut found = false;
+    for rate in [2_000, 5_000, 10_000, 20_000] {
+        for target in [5, 10, 20, 50] {
+            let policy = Policy { downtime_target_ms: target, ..Policy::default() };
+            let mut sim = Sim::new(4096, rate, 100_000_000, policy);
+            let Outcome::Completed(summary) = sim.run(false) else { continue };
+            assert_copied(&sim);
+            assert_eq!(summary.pages_sent, sim.pages_written_at_dest);
+            // The peek before the pause was a mid-round one: the final round holds
+            // the rest of the round, the carried bits and the final peek's.
+            let n = sim.peek_states.len();
+            assert_eq!(sim.peek_states[n - 1], SourceState::FinalPeek);
+            found |= sim.peek_states[n - 2] == SourceState::MidPeek && summary.estimated_downtime_ms <= target;
+        }
+    }
+    assert!(found, "no run stopped after a mid-round peek");
 }
