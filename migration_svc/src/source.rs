@@ -24,7 +24,8 @@
 //! instead be `Abort(failure)` (cancel, broken connection, checksum error, destination
 //! refusal, a failed core operation); an event the machine does not expect is a failure
 //! too. A failure at any point returns the clean-up, in this order:
-//! `MergeBackDirty(bits taken and not yet sent)` (if any), `Throttle { percent: 0 }` (if
+//! `MergeBackDirty(bits taken and not yet delivered)` (if any: the rest of the round and
+//! the bits carried to the next one, in one bitmap), `Throttle { percent: 0 }` (if
 //! throttled), `Resume` (if `Pause` was asked for), `StopLogDirty` (only if this
 //! migration asked to start it), `Done(Failed(..))`. The source domain keeps running and
 //! no dirty bit is lost. Because a failure can replace the answer to `Pause` or
@@ -43,15 +44,31 @@
 //! ```text
 //!  Start → SendHeader, SendPolicy, WaitPolicyAck → PolicyAccepted → StartLogDirty →
 //!  LogDirtyStarted → SendAllPages × n → PagesSent × n → PeekAndClean → Dirty(d) →
-//!    decide: Continue/Throttle → SendPages(d) → PagesSent → PeekAndClean → …
+//!    decide: Continue/Throttle → SendPages(part of d) → PagesSent → … → PeekAndClean → …
 //!            StopAndCopy → Pause → Paused → PeekAndClean → Dirty(f) → SendPages(d ∪ f)
 //!              → PagesSent → SendVcpuState → VcpuStateSent → SendEnd, WaitAck → Acked
 //!              → StopLogDirty, Done(Completed)
 //!            Fail → MergeBackDirty(d), …, Done(Failed(NotConverging))
 //! ```
 //!
-//! The bits of a dirty round stay "in flight" from the peek that took them until their
-//! pages are sent; in the final round, until the destination acknowledges `End`.
+//! # Rounds in chunks, mid-round peeks
+//!
+//! A round (the full copy too) is sent in chunks, each a `SendAllPages` or a `SendPages`
+//! over a sub-range of the round's bits (the destination takes several dirty-round
+//! records with the same number). The first chunk is all but what fits bandwidth ×
+//! downtime target; once the rest fits, a `PeekAndClean` follows every chunk, and the
+//! chunks are [`TAIL_CHUNK_MS`] of send time each. A mid-round peek's bits at or past
+//! the cursor (the first pfn not yet sent) join the round: those pages are not read
+//! yet, so they go once. Its bits behind the cursor are carried into the next round.
+//! If everything pending (the rest of the round and the carried bits) then fits the
+//! target, the source stops and copies at once: the final round is the rest ∪ the
+//! carried bits ∪ the final peek's (stopped in the full copy, every pfn not yet copied).
+//! Only stop-and-copy is decided mid-round; throttling and giving up wait for the
+//! end-of-round peek, which sees the round's new bits and the carried ones.
+//!
+//! Bits stay "in flight" from the peek that took them until their pages are delivered
+//! (the `PagesSent` of a chunk that sends them after that peek); in the final round,
+//! until the destination acknowledges `End`. A failure gives back all of them.
 
 use alloc::string::String;
 use alloc::vec;
@@ -59,7 +76,7 @@ use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
 
-use wire::dirty::{DirtyBitmap, PFN_LIMIT};
+use wire::dirty::{DirtyBitmap, DirtyError, PFN_LIMIT};
 use wire::migration::{CpuidPolicy, MIGRATION_STREAM_VERSION, StreamEnd, StreamHeader};
 
 use crate::convergence::{ConvergenceError, Decision, PAGE_SIZE, Policy, RoundStats};
@@ -251,8 +268,10 @@ pub enum SourceState {
         /// The first pfn of the next step.
         next: u64,
     },
-    /// Waiting for the bits of a peek-and-clean.
+    /// Waiting for the bits of the peek-and-clean at the end of a round.
     Peeking,
+    /// Waiting for the bits of a peek-and-clean in the middle of a round.
+    MidPeek,
     /// Sending a dirty round.
     SendingRound,
     /// Waiting for the domain to pause.
@@ -283,15 +302,38 @@ pub struct Source {
     paused: bool,
     throttle: u8,
     round: u32,
-    /// Bits taken from the log whose pages are not yet (acknowledged as) sent.
-    in_flight: Option<DirtyBitmap>,
-    /// Send time since the last peek (the round's duration).
+    /// Bits taken from the log at or past `cursor` and not yet delivered. In a dirty
+    /// round: the round's pages still to send (the chunk in flight included). In the
+    /// full copy: the bits mid-round peeks took ahead of the copy (the copy sends those
+    /// pages anyway). In the final round: everything it sends, until `Acked`.
+    ahead: Option<DirtyBitmap>,
+    /// Bits mid-round peeks took behind `cursor`: pages sent before they were dirtied
+    /// again, carried into the next round.
+    carry: Option<DirtyBitmap>,
+    /// The first pfn of the round not yet delivered (the chunk in flight starts here).
+    cursor: u64,
+    /// The end of the chunk in flight.
+    chunk_end: u64,
+    /// Pages of the chunk in flight.
+    chunk_pages: u64,
+    /// Pages of the dirty round at or past `cursor` (set bits of `ahead`).
+    remaining: u64,
+    /// Whether this round had a mid-round peek (its chunks are then tail-sized).
+    tail: bool,
+    /// Stop-and-copy was decided in the middle of the full copy: the final round also
+    /// sends every pfn from `cursor` on.
+    full_rest: bool,
+    /// Send time since the last end-of-round peek (the round's duration).
     round_ms: u64,
     /// What the last decision was made on.
     last: RoundStats,
     summary: Summary,
     outcome: Option<Outcome>,
 }
+
+/// After a mid-round peek, a round goes on in chunks of this much send time (at the
+/// measured bandwidth), each followed by a peek: QEMU's `MAX_WAIT`.
+pub const TAIL_CHUNK_MS: u64 = 50;
 
 impl Source {
     /// A source that will follow `policy`.
@@ -311,7 +353,14 @@ impl Source {
             paused: false,
             throttle: 0,
             round: 0,
-            in_flight: None,
+            ahead: None,
+            carry: None,
+            cursor: 0,
+            chunk_end: 0,
+            chunk_pages: 0,
+            remaining: 0,
+            tail: false,
+            full_rest: false,
             round_ms: 0,
             last: RoundStats { round: 0, bytes_sent: 0, send_ms: 0, dirty_pages: 0, round_ms: 0, throttle_percent: 0 },
             summary: Summary {
@@ -332,9 +381,20 @@ impl Source {
         self.state
     }
 
-    /// The bits taken from the log and not yet sent (what a failure now gives back).
-    pub const fn in_flight(&self) -> Option<&DirtyBitmap> {
-        self.in_flight.as_ref()
+    /// The bits taken from the log and not yet delivered (what a failure now gives
+    /// back): the rest of the round and the bits carried to the next one.
+    pub fn in_flight(&self) -> Option<DirtyBitmap> {
+        match (&self.ahead, &self.carry) {
+            (None, None) => None,
+            (Some(a), None) => Some(a.clone()),
+            (None, Some(c)) => Some(c.clone()),
+            (Some(a), Some(c)) => {
+                let mut all = a.clone();
+                // Both cover the domain's pfns; a failed merge would leave `a` alone.
+                let _ = all.or_merge(c);
+                Some(all)
+            }
+        }
     }
 
     /// What the last convergence decision was made on (zeros before the first).
@@ -372,20 +432,41 @@ impl Source {
             (S::StartingLogDirty, E::LogDirtyStarted) => self.full_copy_step(0),
             (S::FullCopy { next }, E::PagesSent { bytes, elapsed_ms }) => {
                 self.sent(bytes, elapsed_ms);
-                if next < self.pages {
-                    self.full_copy_step(next)
-                } else {
-                    self.summary.pages_sent += self.pages;
+                self.summary.pages_sent += next.saturating_sub(self.cursor);
+                if let Some(ahead) = &mut self.ahead {
+                    // Delivered: the copy read those pages after the peek took them.
+                    let _ = ahead.clean(self.cursor..next);
+                }
+                self.cursor = next;
+                let remaining = self.pages.saturating_sub(next);
+                if remaining == 0 {
+                    self.ahead = None;
                     self.peek(S::Peeking)
+                } else if self.mid_peek_due(remaining) {
+                    self.peek(S::MidPeek)
+                } else {
+                    self.full_copy_step(next)
                 }
             }
             (S::Peeking, E::Dirty(bits)) => self.decide(bits),
+            (S::MidPeek, E::Dirty(bits)) => self.mid_round(bits),
             (S::SendingRound, E::PagesSent { bytes, elapsed_ms }) => {
                 self.sent(bytes, elapsed_ms);
-                if let Some(done) = self.in_flight.take() {
-                    self.summary.pages_sent += done.count_ones();
+                self.summary.pages_sent += self.chunk_pages;
+                if let Some(ahead) = &mut self.ahead {
+                    let _ = ahead.clean(self.cursor..self.chunk_end);
                 }
-                self.peek(S::Peeking)
+                self.remaining = self.remaining.saturating_sub(self.chunk_pages);
+                self.chunk_pages = 0;
+                self.cursor = self.chunk_end;
+                if self.remaining == 0 {
+                    self.ahead = None;
+                    self.peek(S::Peeking)
+                } else if self.mid_peek_due(self.remaining) {
+                    self.peek(S::MidPeek)
+                } else {
+                    self.send_chunk()
+                }
             }
             (S::Pausing, E::Paused) => {
                 self.paused = true;
@@ -395,7 +476,7 @@ impl Source {
             (S::FinalSend, E::PagesSent { bytes, elapsed_ms }) => {
                 self.sent(bytes, elapsed_ms);
                 self.summary.downtime_send_ms += elapsed_ms;
-                self.summary.pages_sent += self.in_flight.as_ref().map_or(0, DirtyBitmap::count_ones);
+                self.summary.pages_sent += self.ahead.as_ref().map_or(0, DirtyBitmap::count_ones);
                 self.state = S::SendingVcpus;
                 vec![SourceAction::SendVcpuState]
             }
@@ -407,7 +488,8 @@ impl Source {
                 vec![SourceAction::SendEnd(end), SourceAction::WaitAck]
             }
             (S::AwaitAck, E::Acked) => {
-                self.in_flight = None;
+                self.ahead = None;
+                self.carry = None;
                 self.summary.rounds = self.round;
                 let outcome = Outcome::Completed(self.summary);
                 let mut actions = Vec::new();
@@ -453,9 +535,61 @@ impl Source {
     }
 
     fn full_copy_step(&mut self, from: u64) -> Vec<SourceAction> {
-        let to = from.saturating_add(self.step).min(self.pages);
+        self.cursor = from;
+        let want = self.chunk_len(self.pages.saturating_sub(from)).min(self.step);
+        let to = from.saturating_add(want).min(self.pages);
         self.state = SourceState::FullCopy { next: to };
         vec![SourceAction::SendAllPages { pfns: from..to }]
+    }
+
+    /// The measured bandwidth in pages/s (0 before anything was sent).
+    fn bandwidth_pages(&self) -> u64 {
+        RoundStats { bytes_sent: self.summary.bytes_sent, send_ms: self.summary.send_ms, ..RoundStats::default() }
+            .bandwidth_pages_per_sec()
+    }
+
+    /// Pages the downtime target allows at the measured bandwidth.
+    fn target_pages(&self) -> u64 {
+        self.bandwidth_pages().saturating_mul(self.policy.downtime_target_ms) / 1000
+    }
+
+    /// Pages of the next chunk of a round with `remaining` pages left: all but what fits
+    /// the downtime target (then a mid-round peek is due), then [`TAIL_CHUNK_MS`] of send
+    /// time per chunk.
+    fn chunk_len(&self, remaining: u64) -> u64 {
+        let target = self.target_pages();
+        let want = if remaining > target && !self.tail {
+            remaining - target
+        } else {
+            (self.bandwidth_pages().saturating_mul(TAIL_CHUNK_MS) / 1000).max(1)
+        };
+        want.min(remaining).max(1)
+    }
+
+    /// Whether a mid-round peek is due with `remaining` pages of the round left: when
+    /// they fit the downtime target.
+    fn mid_peek_due(&self, remaining: u64) -> bool {
+        remaining > 0 && remaining <= self.target_pages()
+    }
+
+    /// The next chunk of a dirty round: the set bits of `ahead` from `cursor` on, as
+    /// many as [`Self::chunk_len`] says.
+    fn send_chunk(&mut self) -> Vec<SourceAction> {
+        let want = self.chunk_len(self.remaining);
+        let chunk = self.ahead.as_ref().map(|a| {
+            let end = end_after(a, self.cursor, want);
+            (end, a.peek(self.cursor..end))
+        });
+        match chunk {
+            Some((end, Ok(pages))) => {
+                self.chunk_end = end;
+                self.chunk_pages = pages.count_ones();
+                self.state = SourceState::SendingRound;
+                vec![SourceAction::SendPages { round: self.round, pages }]
+            }
+            Some((_, Err(e))) => self.fail(Failure::CoreFailed(alloc::format!("{e}"))),
+            None => self.fail(Failure::CoreFailed("a dirty round without bits".into())),
+        }
     }
 
     fn sent(&mut self, bytes: u64, elapsed_ms: u64) {
@@ -484,32 +618,46 @@ impl Source {
         }
     }
 
+    /// Fail, giving back `bits` (taken, not yet absorbed) as well as everything in flight.
+    fn fail_with(&mut self, bits: DirtyBitmap, failure: Failure) -> Vec<SourceAction> {
+        if let Err((bits, _)) = absorb(&mut self.carry, bits) {
+            let mut actions = vec![SourceAction::MergeBackDirty(bits)];
+            actions.append(&mut self.fail(failure));
+            return actions;
+        }
+        self.fail(failure)
+    }
+
+    /// The end-of-round peek: the next round is its bits and those carried.
     fn decide(&mut self, bits: DirtyBitmap) -> Vec<SourceAction> {
-        let check = self.check_bits(&bits);
+        if let Err(f) = self.check_bits(&bits) {
+            return self.fail_with(bits, f);
+        }
+        if let Err((bits, e)) = absorb(&mut self.carry, bits) {
+            return self.fail_with(bits, Failure::CoreFailed(alloc::format!("{e}")));
+        }
+        let Some(bits) = self.carry.take() else {
+            return self.fail(Failure::CoreFailed("no dirty bits after a peek".into()));
+        };
+        let dirty = bits.count_ones();
+        self.ahead = Some(bits);
+        self.cursor = 0;
+        self.remaining = dirty;
+        self.tail = false;
+        self.full_rest = false;
         let stats = RoundStats {
             round: self.round,
             bytes_sent: self.summary.bytes_sent,
             send_ms: self.summary.send_ms,
-            dirty_pages: bits.count_ones(),
+            dirty_pages: dirty,
             round_ms: self.round_ms,
             throttle_percent: self.throttle,
         };
         self.last = stats;
-        self.in_flight = Some(bits.clone());
-        if let Err(f) = check {
-            return self.fail(f);
-        }
         self.round_ms = 0;
         let mut actions = Vec::new();
         match self.policy.decide(&stats) {
-            Decision::StopAndCopy { estimated_downtime_ms } => {
-                self.summary.estimated_downtime_ms = estimated_downtime_ms;
-                self.state = SourceState::Pausing;
-                // Counted as paused from the request on: a failure before `Paused`
-                // still resumes (resuming a running domain is a no-op for the core).
-                self.paused = true;
-                return vec![SourceAction::Pause];
-            }
+            Decision::StopAndCopy { estimated_downtime_ms } => return self.stop(estimated_downtime_ms),
             Decision::Fail(e) => return self.fail(Failure::NotConverging(e)),
             Decision::Throttle { percent } => {
                 self.throttle = percent;
@@ -519,48 +667,105 @@ impl Source {
             Decision::Continue => {}
         }
         self.round += 1;
-        self.state = SourceState::SendingRound;
-        actions.push(SourceAction::SendPages { round: self.round, pages: bits });
+        actions.append(&mut self.send_chunk());
         actions
     }
 
-    fn final_round(&mut self, bits: DirtyBitmap) -> Vec<SourceAction> {
-        let check = self.check_bits(&bits);
-        let merged = match (self.in_flight.take(), check) {
-            (Some(mut pending), Ok(())) => match pending.or_merge(&bits) {
-                Ok(()) => Ok(pending),
-                Err(e) => {
-                    self.in_flight = Some(pending);
-                    Err((bits, Failure::CoreFailed(alloc::format!("{e}"))))
-                }
-            },
-            (None, Ok(())) => Ok(bits),
-            (pending, Err(f)) => {
-                self.in_flight = pending;
-                Err((bits, f))
-            }
+    /// A peek in the middle of a round: bits ahead of the cursor join the round (their
+    /// pages are not sent yet, so they go once), bits behind it are carried to the next
+    /// round. If all that is pending now fits the target, stop and copy at once.
+    fn mid_round(&mut self, bits: DirtyBitmap) -> Vec<SourceAction> {
+        if let Err(f) = self.check_bits(&bits) {
+            return self.fail_with(bits, f);
+        }
+        let mut behind = bits.clone();
+        let mut front = bits;
+        if let Err(e) = behind.clean(self.cursor..self.pages).and_then(|()| front.clean(0..self.cursor)) {
+            return self.fail_with(behind, Failure::CoreFailed(alloc::format!("{e}")));
+        }
+        if let Err((front, e)) = absorb(&mut self.ahead, front) {
+            // `behind` ∪ `front` is all the peek took.
+            let mut actions = vec![SourceAction::MergeBackDirty(front)];
+            actions.append(&mut self.fail_with(behind, Failure::CoreFailed(alloc::format!("{e}"))));
+            return actions;
+        }
+        if let Err((behind, e)) = absorb(&mut self.carry, behind) {
+            return self.fail_with(behind, Failure::CoreFailed(alloc::format!("{e}")));
+        }
+        self.tail = true;
+        let full_copy = self.round == 0;
+        let rest = if full_copy {
+            self.pages.saturating_sub(self.cursor)
+        } else {
+            self.remaining = self.ahead.as_ref().map_or(0, DirtyBitmap::count_ones);
+            self.remaining
         };
-        match merged {
+        let pending = rest.saturating_add(self.carry.as_ref().map_or(0, DirtyBitmap::count_ones));
+        let stats = RoundStats {
+            round: self.round,
+            bytes_sent: self.summary.bytes_sent,
+            send_ms: self.summary.send_ms,
+            dirty_pages: pending,
+            round_ms: self.round_ms,
+            throttle_percent: self.throttle,
+        };
+        // Only the stop is decided here; the round's other decisions wait for its end.
+        if let Decision::StopAndCopy { estimated_downtime_ms } = self.policy.decide(&stats) {
+            self.last = stats;
+            self.full_rest = full_copy;
+            return self.stop(estimated_downtime_ms);
+        }
+        if full_copy { self.full_copy_step(self.cursor) } else { self.send_chunk() }
+    }
+
+    fn stop(&mut self, estimated_downtime_ms: u64) -> Vec<SourceAction> {
+        self.summary.estimated_downtime_ms = estimated_downtime_ms;
+        self.state = SourceState::Pausing;
+        // Counted as paused from the request on: a failure before `Paused` still
+        // resumes (resuming a running domain is a no-op for the core).
+        self.paused = true;
+        vec![SourceAction::Pause]
+    }
+
+    /// The final round: the rest of the round, the carried bits and the final peek's.
+    fn final_round(&mut self, bits: DirtyBitmap) -> Vec<SourceAction> {
+        if let Err(f) = self.check_bits(&bits) {
+            return self.fail_with(bits, f);
+        }
+        if let Err((bits, e)) = absorb(&mut self.ahead, bits) {
+            return self.fail_with(bits, Failure::CoreFailed(alloc::format!("{e}")));
+        }
+        if let Some(carry) = self.carry.take()
+            && let Err((carry, e)) = absorb(&mut self.ahead, carry)
+        {
+            return self.fail_with(carry, Failure::CoreFailed(alloc::format!("{e}")));
+        }
+        let rest = self.cursor..self.pages;
+        let all = match self.ahead.as_mut() {
+            Some(all) if self.full_rest => all.set_range(rest).map(|()| all.clone()),
+            Some(all) => Ok(all.clone()),
+            None => return self.fail(Failure::CoreFailed("no dirty bits for the final round".into())),
+        };
+        match all {
             Ok(all) => {
+                self.full_rest = false;
                 self.round += 1;
-                self.in_flight = Some(all.clone());
                 self.state = SourceState::FinalSend;
                 vec![SourceAction::SendPages { round: self.round, pages: all }]
             }
-            Err((bits, f)) => {
-                // Give back both the pending bits and the final peek's bits.
-                let mut actions = Vec::new();
-                actions.push(SourceAction::MergeBackDirty(bits));
-                let mut rest = self.fail(f);
-                actions.append(&mut rest);
-                actions
-            }
+            Err(e) => self.fail(Failure::CoreFailed(alloc::format!("{e}"))),
         }
     }
 
     fn fail(&mut self, failure: Failure) -> Vec<SourceAction> {
         let mut actions = Vec::new();
-        if let Some(bits) = self.in_flight.take()
+        let mut back = self.ahead.take();
+        if let Some(carry) = self.carry.take()
+            && let Err((carry, _)) = absorb(&mut back, carry)
+        {
+            actions.push(SourceAction::MergeBackDirty(carry));
+        }
+        if let Some(bits) = back
             && !bits.is_clean()
         {
             actions.push(SourceAction::MergeBackDirty(bits));
@@ -588,6 +793,46 @@ impl Source {
     }
 }
 
+/// OR `bits` into `slot` (or put them there); on failure `bits` come back unmerged.
+fn absorb(slot: &mut Option<DirtyBitmap>, bits: DirtyBitmap) -> Result<(), (DirtyBitmap, DirtyError)> {
+    match slot {
+        None => {
+            *slot = Some(bits);
+            Ok(())
+        }
+        Some(s) => s.or_merge(&bits).map_err(|e| (bits, e)),
+    }
+}
+
+/// The pfn just past the `want`-th set bit of `bits` at or after `from` (the end of
+/// `bits` if there are fewer).
+fn end_after(bits: &DirtyBitmap, from: u64, want: u64) -> u64 {
+    let pfns = bits.pfns();
+    if from >= pfns.end {
+        return pfns.end;
+    }
+    let rel = from.saturating_sub(pfns.start);
+    let mut left = want.max(1);
+    let mut mask = !0u64 << (rel % 64);
+    for (i, &w) in (0u64..).zip(bits.words().iter().skip((rel / 64) as usize)) {
+        let mut hit = w & mask;
+        mask = !0;
+        let ones = u64::from(hit.count_ones());
+        if ones < left {
+            left -= ones;
+            continue;
+        }
+        // The `left`-th set bit of this word.
+        for _ in 1..left {
+            hit &= hit - 1;
+        }
+        let bit = u64::from(hit.trailing_zeros());
+        let pfn = pfns.start + (rel / 64 + i) * 64 + bit;
+        return (pfn + 1).min(pfns.end);
+    }
+    pfns.end
+}
+
 fn event_name(event: &SourceEvent) -> &'static str {
     match event {
         SourceEvent::Start(_) => "Start",
@@ -599,5 +844,24 @@ fn event_name(event: &SourceEvent) -> &'static str {
         SourceEvent::VcpuStateSent { .. } => "VcpuStateSent",
         SourceEvent::Acked => "Acked",
         SourceEvent::Abort(_) => "Abort",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn end_after_counts_set_bits_from_the_cursor() {
+        let mut b = DirtyBitmap::new(200).unwrap_or_else(|e| unreachable!("{e}"));
+        for pfn in [3, 64, 65, 130, 199] {
+            let _ = b.set(pfn);
+        }
+        assert_eq!(end_after(&b, 0, 1), 4);
+        assert_eq!(end_after(&b, 0, 2), 65);
+        assert_eq!(end_after(&b, 4, 2), 66);
+        assert_eq!(end_after(&b, 65, 2), 131);
+        assert_eq!(end_after(&b, 66, 9), 200);
+        assert_eq!(end_after(&b, 200, 1), 200);
     }
 }

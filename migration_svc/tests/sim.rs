@@ -32,10 +32,8 @@ struct Guest {
     /// Fractional writes carried to the next tick, in thousandths.
     carry: u64,
     counter: u64,
-    /// Pfns written since the last peek, and between the two before it.
+    /// Pfns written since the last peek.
     window_cur: BTreeSet<u64>,
-    window_prev: BTreeSet<u64>,
-    window_prev2: BTreeSet<u64>,
     /// All pfns written since log-dirty started.
     since_log: BTreeSet<u64>,
 }
@@ -53,8 +51,6 @@ impl Guest {
             carry: 0,
             counter: 0,
             window_cur: BTreeSet::new(),
-            window_prev: BTreeSet::new(),
-            window_prev2: BTreeSet::new(),
             since_log: BTreeSet::new(),
         };
         // Every other page holds data; the rest stay zero (sent as pfn only).
@@ -129,6 +125,13 @@ struct Sim {
     merged: Vec<DirtyBitmap>,
     log_at_stop: Option<DirtyBitmap>,
     last_peek: Option<DirtyBitmap>,
+    /// Pfns some peek took whose pages were not delivered since (a send whose
+    /// `PagesSent` reached the source; the final round's only with `Acked`).
+    undelivered: BTreeSet<u64>,
+    /// The pages of the send in flight, delivered if its `PagesSent` reaches the source.
+    delivering: Option<Vec<u64>>,
+    /// The source's state at each `PeekAndClean` (which kind of peek it was).
+    peek_states: Vec<SourceState>,
     outcome: Option<Outcome>,
     events: usize,
 }
@@ -152,6 +155,9 @@ impl Sim {
             merged: Vec::new(),
             log_at_stop: None,
             last_peek: None,
+            undelivered: BTreeSet::new(),
+            delivering: None,
+            peek_states: Vec::new(),
             outcome: None,
             events: 0,
         }
@@ -249,6 +255,7 @@ impl Sim {
                 Some(SourceEvent::LogDirtyStarted)
             }
             SourceAction::SendAllPages { pfns } => {
+                self.delivering = Some(pfns.clone().collect());
                 let mut out = Vec::new();
                 let mut b = PageBatcher::new();
                 for pfn in pfns {
@@ -266,6 +273,7 @@ impl Sim {
                 Some(self.failure_event().unwrap_or(SourceEvent::PagesSent { bytes, elapsed_ms: ms }))
             }
             SourceAction::PeekAndClean => {
+                self.peek_states.push(self.source.state());
                 let log = self.guest.log.as_mut().unwrap();
                 let bits = log.peek_and_clean(0..self.guest.pages).unwrap();
                 assert_eq!(
@@ -273,8 +281,8 @@ impl Sim {
                     self.guest.window_cur,
                     "peek takes exactly the writes"
                 );
-                self.guest.window_prev2 = std::mem::take(&mut self.guest.window_prev);
-                self.guest.window_prev = std::mem::take(&mut self.guest.window_cur);
+                self.guest.window_cur.clear();
+                self.undelivered.extend(bits.ones());
                 self.last_peek = Some(bits.clone());
                 Some(SourceEvent::Dirty(bits))
             }
@@ -283,6 +291,8 @@ impl Sim {
                 None
             }
             SourceAction::SendPages { round, pages } => {
+                // The final round (sent paused) is delivered only with `Acked`.
+                self.delivering = (!self.guest.paused).then(|| pages.ones().collect());
                 let mut out = Vec::new();
                 encode_dirty_round(round, &pages, &mut out).unwrap();
                 let mut b = PageBatcher::new();
@@ -314,6 +324,7 @@ impl Sim {
                 None
             }
             SourceAction::WaitAck => {
+                self.delivering = None;
                 Some(if self.completed { SourceEvent::Acked } else { self.failure_event().unwrap() })
             }
             SourceAction::MergeBackDirty(bits) => {
@@ -371,6 +382,15 @@ impl Sim {
                 }
                 event = SourceEvent::Abort(Failure::Cancelled);
             }
+            match &event {
+                SourceEvent::PagesSent { .. } => {
+                    for pfn in self.delivering.take().unwrap_or_default() {
+                        self.undelivered.remove(&pfn);
+                    }
+                }
+                SourceEvent::Acked => self.undelivered.clear(),
+                _ => {}
+            }
             actions = self.source.on(event);
         }
         assert_eq!(self.source.state(), SourceState::Done);
@@ -384,14 +404,15 @@ impl Sim {
             .count()
     }
 
-    /// Whether the peek after pausing happened.
-    fn final_peek_done(&self) -> bool {
-        let paused_at = self.actions.iter().position(|a| *a == SourceAction::Pause);
-        paused_at.is_some_and(|p| self.actions[p..].contains(&SourceAction::PeekAndClean))
+    /// Every bit given back, as pfns.
+    fn merged_pfns(&self) -> BTreeSet<u64> {
+        self.merged.iter().flat_map(|m| m.ones().collect::<Vec<_>>()).collect()
     }
 
-    /// After a failure: the guest runs, unthrottled, and its log (at stop, or now) with
-    /// the merged-back bits holds every page written since the round in flight was taken.
+    /// After a failure: the guest runs, unthrottled, and what was given back is exactly
+    /// every bit a peek took whose page was not delivered after it (a round runs from
+    /// several peeks: the one before it, mid-round ones, and the final one), so the log
+    /// (at stop, or now) holds those and every page written since the last peek.
     fn check_failure_safety(&self) {
         assert!(!self.guest.paused, "source domain keeps running");
         assert_eq!(self.guest.throttle, 0, "throttle lifted");
@@ -404,25 +425,17 @@ impl Sim {
             return;
         };
         let have: BTreeSet<u64> = log.ones().collect();
-        let merged: BTreeSet<u64> = self.merged.iter().flat_map(|m| m.ones().collect::<Vec<_>>()).collect();
+        let merged = self.merged_pfns();
         assert!(merged.is_subset(&have), "merged bits are in the log");
+        assert_eq!(merged, self.undelivered, "merged back = every bit taken and not delivered since");
         match &self.last_peek {
             None => assert_eq!(have, self.guest.since_log, "no peek yet: the log has every write"),
             Some(_) => {
-                assert!(self.guest.window_cur.is_subset(&have), "writes since the last peek are in the log");
-                if !self.merged.is_empty() {
-                    let mut want: BTreeSet<u64> =
-                        self.guest.window_prev.union(&self.guest.window_cur).copied().collect();
-                    // In the final round the bits in flight are those of the last two
-                    // peeks: the one that decided stop-and-copy and the one after pausing.
-                    if self.final_peek_done() {
-                        want.extend(self.guest.window_prev2.iter().copied());
-                    }
-                    assert_eq!(
-                        have, want,
-                        "log ∪ merged-back = every page written since the round in flight was taken"
-                    );
-                }
+                let want: BTreeSet<u64> = self.guest.window_cur.union(&self.undelivered).copied().collect();
+                assert_eq!(
+                    have, want,
+                    "log ∪ merged-back = every page written since the last peek ∪ every bit taken and not delivered"
+                );
             }
         }
     }
@@ -486,7 +499,9 @@ fn fails_on_a_slow_network_without_throttle() {
     );
     sim.check_failure_safety();
     assert_eq!(sim.merged.len(), 1, "the bits taken for the next round are given back");
-    assert_eq!(Some(&sim.merged[0]), sim.last_peek.as_ref());
+    // Those of the last peek and those mid-round peeks carried over.
+    let last: BTreeSet<u64> = sim.last_peek.as_ref().unwrap().ones().collect();
+    assert!(last.is_subset(&sim.merged_pfns()));
 }
 
 #[test]
@@ -532,7 +547,7 @@ fn corrupted_record_mid_stream_gives_the_round_back() {
         let Outcome::Failed(Failure::Checksum(msg)) = &outcome else { panic!("{outcome:?}") };
         assert!(msg.contains("failed its checksum"), "{msg}");
         assert_eq!(sim.merged.len(), 1);
-        assert_eq!(Some(&sim.merged[0]), sim.last_peek.as_ref(), "exactly the bits of the round in flight");
+        // Exactly the bits of the round in flight (checked against `undelivered`).
         sim.check_failure_safety();
         assert_eq!(sim.actions.contains(&SourceAction::StopLogDirty), !log_dirty_active);
         if log_dirty_active {
@@ -543,7 +558,10 @@ fn corrupted_record_mid_stream_gives_the_round_back() {
 
 #[test]
 fn broken_connection_during_full_copy() {
-    let mut sim = Sim::new(4096, 5000, 100_000_000, Policy::default());
+    // A 5 ms target: with the default 300 ms, the rest of this 16 MiB guest fits the
+    // target after the first step, and the source stops and copies from there.
+    let policy = Policy { downtime_target_ms: 5, ..Policy::default() };
+    let mut sim = Sim::new(4096, 5000, 100_000_000, policy);
     sim.fault = Fault::BreakInFullCopy;
     let outcome = sim.run(false);
     assert!(matches!(outcome, Outcome::Failed(Failure::ConnectionBroken(_))), "{outcome:?}");
@@ -616,4 +634,72 @@ fn unexpected_event_is_a_failure_with_cleanup() {
     };
     let a = s.on(SourceEvent::Start(bad));
     assert!(matches!(&a[..], [SourceAction::Done(Outcome::Failed(Failure::BadDomain(_)))]), "{a:?}");
+}
+
+/// The rounds of `SendPages` chunks sent before the pause, and whether a peek came
+/// between two chunks of one round.
+fn chunked_rounds(sim: &Sim) -> (Vec<u32>, bool) {
+    let mut rounds = Vec::new();
+    let mut peek_between = false;
+    let mut last_round = None;
+    let mut peeked = false;
+    for a in &sim.actions {
+        match a {
+            SourceAction::Pause => break,
+            SourceAction::PeekAndClean => peeked = true,
+            SourceAction::SendPages { round, .. } => {
+                if last_round == Some(*round) {
+                    rounds.push(*round);
+                    peek_between |= peeked;
+                }
+                last_round = Some(*round);
+                peeked = false;
+            }
+            _ => {}
+        }
+    }
+    (rounds, peek_between)
+}
+
+#[test]
+fn rounds_go_in_chunks_with_mid_round_peeks() {
+    // 4096 pages, 10000 writes/s, 100 MB/s, 20 ms: dirty rounds of several chunks.
+    let policy = Policy { downtime_target_ms: 20, ..Policy::default() };
+    let mut sim = Sim::new(4096, 10_000, 100_000_000, policy);
+    let outcome = sim.run(false);
+    let Outcome::Completed(summary) = outcome else { panic!("{outcome:?}") };
+    assert_copied(&sim);
+    let (rounds, peek_between) = chunked_rounds(&sim);
+    assert!(!rounds.is_empty() && peek_between, "{:?}", sim.actions.len());
+    assert_eq!(summary.pages_sent, sim.pages_written_at_dest);
+    assert_eq!(sim.dest.summary().rounds, summary.rounds);
+    // Cancel at every answer of that run: every bit taken and not delivered goes back.
+    for at in 1..sim.events {
+        let mut c = Sim::new(4096, 10_000, 100_000_000, policy);
+        c.fault = Fault::CancelAtEvent(at);
+        assert_eq!(c.run(false), Outcome::Failed(Failure::Cancelled), "cancel at {at}");
+        c.check_failure_safety();
+    }
+}
+
+#[test]
+fn stops_in_the_middle_of_a_round() {
+    // Find a run whose stop-and-copy follows a mid-round peek; each run's destination
+    // memory must equal the paused source's.
+    let mut found = false;
+    for rate in [2_000, 5_000, 10_000, 20_000] {
+        for target in [5, 10, 20, 50] {
+            let policy = Policy { downtime_target_ms: target, ..Policy::default() };
+            let mut sim = Sim::new(4096, rate, 100_000_000, policy);
+            let Outcome::Completed(summary) = sim.run(false) else { continue };
+            assert_copied(&sim);
+            assert_eq!(summary.pages_sent, sim.pages_written_at_dest);
+            // The peek before the pause was a mid-round one: the final round holds
+            // the rest of the round, the carried bits and the final peek's.
+            let n = sim.peek_states.len();
+            assert_eq!(sim.peek_states[n - 1], SourceState::FinalPeek);
+            found |= sim.peek_states[n - 2] == SourceState::MidPeek && summary.estimated_downtime_ms <= target;
+        }
+    }
+    assert!(found, "no run stopped after a mid-round peek");
 }
