@@ -84,8 +84,9 @@ enum Command {
         #[arg(short, long)]
         output: std::path::PathBuf,
     },
-    /// Run every cargo-fuzz target (levelling's text and dump parsers, wire's frame
-    /// decoder) for a while; needs the nightly toolchain, installs cargo-fuzz if missing.
+    /// Run every cargo-fuzz target (levelling's text and dump parsers, wire's frame and
+    /// record decoders, the migration receiver, hv's device bus) for a while; needs the
+    /// nightly toolchain, installs cargo-fuzz if missing.
     Fuzz {
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -412,6 +413,7 @@ const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("wire/fuzz", "frame_decoder"),
     ("wire/fuzz", "migration_records"),
     ("migration_svc/fuzz", "receive_stream"),
+    ("hv/fuzz", "device_bus"),
 ];
 
 fn fuzz(seconds: u64) -> Result<()> {
