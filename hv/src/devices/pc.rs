@@ -10,9 +10,12 @@
 //! | 0x600–0x60C | ACPI PM1a event/control, PM timer (32-bit, 3.579545 MHz), reset register | GSI 9 (SCI) |
 //! | 0x64, 0xCF9 | 8042 pulse-reset and the reset control register | — |
 //!
+//! The 8259 pair (0x20–0x21, 0xA0–0xA1, ELCR 0x4D0–0x4D1) and the I/O APIC
+//! (0xFEC00000) are not on this bus: the domain's interrupt router owns them, because
+//! every device access drives its lines (`devices::irq`, `domain::platform`).
+//!
 //! Everything else reads as all ones and drops writes, counted per port (and per MMIO
-//! page) in the domain's stats. Interrupt lines are driven but not yet delivered to
-//! vCPUs: interrupt injection comes with the interrupt controllers' wiring.
+//! page) in the domain's stats.
 
 use alloc::boxed::Box;
 

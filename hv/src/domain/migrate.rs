@@ -194,6 +194,8 @@ impl<B: Backend> MigrationCore for Machine<B> {
             throttle_credit: 0,
             logs: [None, None],
             devices,
+            irq: super::platform::new_router(),
+            undelivered_interrupts: 0,
             started_ns: crate::drivers::time::uptime_ns().unwrap_or(0),
         };
         for index in 0..cfg.vcpus {

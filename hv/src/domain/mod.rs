@@ -19,6 +19,7 @@ pub mod exit;
 pub mod loader;
 pub mod migrate;
 mod ops;
+mod platform;
 mod sched;
 
 use alloc::collections::{BTreeMap, VecDeque};
@@ -246,6 +247,11 @@ pub struct Domain<B: Backend> {
     logs: [Option<dirty::LogDirty>; 2],
     /// Its PC's device models on their port and MMIO ranges (`devices::pc`).
     devices: DeviceBus,
+    /// Its I/O APIC and 8259 pair, which the devices' interrupt lines drive
+    /// (`platform`).
+    irq: platform::Router,
+    /// Interrupt messages and IPIs that reached no LAPIC (or NMI/SMI, not delivered).
+    pub undelivered_interrupts: u64,
     /// The hypervisor's uptime when the domain was created: guest time starts there.
     started_ns: u64,
 }
@@ -407,6 +413,8 @@ impl<B: Backend> Machine<B> {
             throttle_credit: 0,
             logs: [None, None],
             devices,
+            irq: platform::new_router(),
+            undelivered_interrupts: 0,
             started_ns: crate::drivers::time::uptime_ns().unwrap_or(0),
         };
         let root = mem.root();

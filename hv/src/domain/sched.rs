@@ -11,18 +11,25 @@
 //! all halted with no timer armed has nothing left to wake it and is halted.
 
 use super::exit::{self, Action};
+use super::platform::{Pending, Router, pending};
 use super::{DomainState, Machine, RunState, VcpuSlot};
 use crate::arch::{ArchError, Backend, Vcpu};
 use crate::println;
 
 /// Fire the LAPIC timer if it is due at `now`, and deliver what is pending: inject the
-/// highest interrupt the guest can take now, or ask for an exit as soon as it can.
-pub(super) fn deliver<V: Vcpu>(slot: &mut VcpuSlot<V>, now: u64) -> Result<(), ArchError> {
+/// highest interrupt the guest can take now (the LAPIC's, else the 8259's through
+/// LINT0, acknowledged with an INTA cycle), or ask for an exit as soon as it can.
+pub(super) fn deliver<V: Vcpu>(slot: &mut VcpuSlot<V>, irq: &mut Router, now: u64) -> Result<(), ArchError> {
     slot.lapic.advance_to(now);
-    let want_window = match slot.lapic.pending_interrupt() {
-        Some(vector) if slot.vcpu.can_inject_interrupt()? => {
-            slot.vcpu.inject_interrupt(vector)?;
-            slot.lapic.ack(vector);
+    let want_window = match pending(slot, irq) {
+        Some(p) if slot.vcpu.can_inject_interrupt()? => {
+            match p {
+                Pending::Lapic(vector) => {
+                    slot.vcpu.inject_interrupt(vector)?;
+                    slot.lapic.ack(vector);
+                }
+                Pending::Pic => slot.vcpu.inject_interrupt(irq.pic_acknowledge())?,
+            }
             false
         }
         Some(_) => true,
@@ -35,11 +42,11 @@ pub(super) fn deliver<V: Vcpu>(slot: &mut VcpuSlot<V>, now: u64) -> Result<(), A
     Ok(())
 }
 
-/// Whether something would wake a halted vCPU at `now`: a pending interrupt, or its
-/// timer due.
-fn wakes<V>(slot: &mut VcpuSlot<V>, now: u64) -> bool {
+/// Whether something would wake a halted vCPU at `now`: a pending interrupt (its timer
+/// due, or a device's line).
+fn wakes<V>(slot: &mut VcpuSlot<V>, irq: &Router, now: u64) -> bool {
     slot.lapic.advance_to(now);
-    slot.lapic.pending_interrupt().is_some()
+    pending(slot, irq).is_some()
 }
 
 /// TSC ticks in `ns` nanoseconds (at least 1), for capping a slice at a deadline.
@@ -49,11 +56,12 @@ fn ns_to_ticks(ns: u64) -> u64 {
 }
 
 impl<B: Backend> Machine<B> {
-    /// Whether any vCPU can run, now or when its LAPIC timer fires.
+    /// Whether any vCPU can run, now or when its LAPIC timer or a device's timer fires.
     pub fn has_runnable(&self) -> bool {
         self.domains.iter().any(|d| {
             d.state == DomainState::Running
-                && d.vcpus.iter().any(|v| v.state == RunState::Runnable || v.lapic.next_timer_ns().is_some())
+                && (d.next_device_event_ns().is_some()
+                    || d.vcpus.iter().any(|v| v.state == RunState::Runnable || v.lapic.next_timer_ns().is_some()))
         })
     }
 
@@ -71,7 +79,15 @@ impl<B: Backend> Machine<B> {
             }
             if d.vcpus[vi].state == RunState::Halted {
                 let now = d.guest_now_ns();
-                if !wakes(&mut d.vcpus[vi], now) {
+                match d.advance_devices(now) {
+                    Action::Continue => {}
+                    // A device ended the domain while its vCPUs slept.
+                    ended => {
+                        self.end(di, ended);
+                        return true;
+                    }
+                }
+                if !wakes(&mut d.vcpus[vi], &d.irq, now) {
                     continue;
                 }
                 d.vcpus[vi].state = RunState::Runnable;
@@ -113,14 +129,24 @@ impl<B: Backend> Machine<B> {
             }
             let d = &mut self.domains[di];
             let now = d.guest_now_ns();
+            match d.advance_devices(now) {
+                Action::Continue => {}
+                ended => {
+                    self.end(di, ended);
+                    break;
+                }
+            }
+            let device_event = d.next_device_event_ns();
             let slot = &mut d.vcpus[vi];
-            if let Err(e) = deliver(slot, now) {
+            if let Err(e) = deliver(slot, &mut d.irq, now) {
                 self.crash(di, alloc::format!("vCPU {vi}: delivering an interrupt: {e}"));
                 break;
             }
-            // Exit by the timer's deadline, so it is delivered on time.
+            // Exit by the next timer's deadline (the LAPIC's or a device's), so its
+            // interrupt is delivered on time.
             let mut this_slice = slice.map(|s| s - used);
-            if let (Some(s), Some(t)) = (this_slice, slot.lapic.next_timer_ns()) {
+            let deadline = [slot.lapic.next_timer_ns(), device_event].into_iter().flatten().min();
+            if let (Some(s), Some(t)) = (this_slice, deadline) {
                 this_slice = Some(s.min(ns_to_ticks(t.saturating_sub(now))));
             }
             crate::platform::rdt::switch_rmid(slot.rmid);
@@ -140,27 +166,37 @@ impl<B: Backend> Machine<B> {
                 Action::Yield => break,
                 Action::Halt => {
                     let now = d.guest_now_ns();
-                    if wakes(&mut d.vcpus[vi], now) {
+                    if wakes(&mut d.vcpus[vi], &d.irq, now) {
                         // An interrupt is already pending: HLT ends at once.
                         continue;
                     }
                     d.vcpus[vi].state = RunState::Halted;
-                    if d.vcpus.iter().all(|v| v.state == RunState::Halted && v.lapic.next_timer_ns().is_none()) {
+                    if d.next_device_event_ns().is_none()
+                        && d.vcpus.iter().all(|v| v.state == RunState::Halted && v.lapic.next_timer_ns().is_none())
+                    {
                         d.state = DomainState::Halted;
                         println!("DOMAIN {} HALTED (every vCPU executed HLT with nothing to wake it)", d.id);
                     }
                     break;
                 }
-                Action::Finish(code) => {
-                    d.state = DomainState::Finished { code };
-                    println!("DOMAIN {} EXIT code={code} exits={}", d.id, d.total_exits());
-                    break;
-                }
-                Action::Crash(reason) => {
-                    self.crash(di, reason);
+                ended @ (Action::Finish(_) | Action::Crash(_)) => {
+                    self.end(di, ended);
                     break;
                 }
             }
+        }
+    }
+
+    /// Carry out an action that ends domain `di` (finish or crash); others do nothing.
+    fn end(&mut self, di: usize, action: Action) {
+        match action {
+            Action::Finish(code) => {
+                let d = &mut self.domains[di];
+                d.state = DomainState::Finished { code };
+                println!("DOMAIN {} EXIT code={code} exits={}", d.id, d.total_exits());
+            }
+            Action::Crash(reason) => self.crash(di, reason),
+            Action::Continue | Action::Yield | Action::Halt => {}
         }
     }
 

@@ -115,6 +115,8 @@ fn machine(mechanisms: Mechanisms) -> Machine<FakeBackend> {
         throttle_credit: 0,
         logs: [None, None],
         devices: crate::domain::new_devices().expect("the PC's table maps"),
+        irq: crate::domain::platform::new_router(),
+        undelivered_interrupts: 0,
         started_ns: 0,
     });
     m
@@ -272,18 +274,114 @@ fn x2apic_msrs_reach_the_vcpus_lapic_and_its_timer_interrupt_is_injected_when_th
         assert_eq!(run(&mut m, wrmsr(msr, v), ExitReason::MsrWrite).0, Action::Continue, "MSR {msr:#x}");
     }
     assert!(vcpu(&m).injected.is_empty(), "every write was legal");
-    let slot = &mut m.domains[0].vcpus[0];
+    let d = &mut m.domains[0];
+    let slot = &mut d.vcpus[0];
     assert_eq!(slot.lapic.next_timer_ns(), Some(1000), "1000 ticks of the 1 GHz APIC clock from guest time 0");
     // Due, but the guest has IF clear: an interrupt-window exit is asked for instead.
-    crate::domain::sched::deliver(slot, 1000).unwrap();
+    crate::domain::sched::deliver(slot, &mut d.irq, 1000).unwrap();
     assert!(slot.vcpu.interrupts.is_empty() && slot.vcpu.window_requested);
     // The window opens: injected, moved to in-service, no more window.
     slot.vcpu.interrupts_open = true;
-    crate::domain::sched::deliver(slot, 1001).unwrap();
+    crate::domain::sched::deliver(slot, &mut d.irq, 1001).unwrap();
     assert_eq!(slot.vcpu.interrupts, [0x40]);
     assert!(!slot.vcpu.window_requested);
     assert_eq!(slot.lapic.pending_interrupt(), None, "in service until EOI");
     // A write to a read-only x2APIC register is #GP.
     assert_eq!(run(&mut m, wrmsr(0x802, 5), ExitReason::MsrWrite).0, Action::Continue);
     assert_eq!(vcpu(&m).injected, [(13, Some(0))]);
+}
+
+/// OUT of `value` (1 byte) to `port` through the exit path.
+fn outb(m: &mut Machine<FakeBackend>, port: u16, value: u8) {
+    let regs = GuestRegs { rax: u64::from(value), ..Default::default() };
+    let (action, _) = run(m, regs, ExitReason::Io { port, size: 1, input: false, string: false });
+    assert_eq!(action, Action::Continue, "OUT {value:#x} to {port:#x}");
+}
+
+/// Software-enable the BSP's LAPIC in xAPIC mode (SVR = 0x1ff through x2APIC MSRs is
+/// not available in xAPIC mode, so through its register model directly).
+fn enable_lapic(m: &mut Machine<FakeBackend>) {
+    let slot = &mut m.domains[0].vcpus[0];
+    slot.lapic.write_mmio(0xf0, &0x1ffu32.to_le_bytes(), 0);
+}
+
+#[test]
+fn a_uart_interrupt_reaches_the_vcpu_through_the_io_apic_and_its_eoi_is_broadcast() {
+    let mut m = machine(NO_LOGGING);
+    enable_lapic(&mut m);
+    // I/O APIC pin 4 (COM1): vector 0x24, level-triggered (bit 15) so that the EOI
+    // matters, active high, physical destination APIC 0.
+    {
+        let d = &mut m.domains[0];
+        d.irq.mmio_write(crate::devices::ioapic::IOAPIC_BASE, &(0x10u32 + 2 * 4).to_le_bytes());
+        d.irq.mmio_write(crate::devices::ioapic::IOAPIC_BASE + 0x10, &(0x24u32 | 1 << 15).to_le_bytes());
+    }
+    // The UART: OUT2 gates its interrupt onto the line (MCR bit 3), then IER.THRI.
+    outb(&mut m, 0x3fc, 0x08);
+    outb(&mut m, 0x3f9, 0x02);
+    let d = &mut m.domains[0];
+    assert_eq!(d.undelivered_interrupts, 0);
+    let slot = &mut d.vcpus[0];
+    assert_eq!(slot.lapic.pending_interrupt(), Some(0x24), "the transmitter-empty interrupt is in the IRR");
+    slot.vcpu.interrupts_open = true;
+    crate::domain::sched::deliver(slot, &mut d.irq, 0).unwrap();
+    assert_eq!(slot.vcpu.interrupts, [0x24]);
+    // Nothing else pending: the 8259 does not also deliver it (LINT0 is ExtINT on
+    // the BSP, but the 8259 pair is not initialized and masks everything).
+    crate::domain::sched::deliver(slot, &mut d.irq, 0).unwrap();
+    assert_eq!(slot.vcpu.interrupts, [0x24]);
+    // The line is still high (THRE pending, never read): Remote IRR holds it back
+    // until the EOI, whose broadcast makes the I/O APIC send it again.
+    assert_eq!(slot.lapic.pending_interrupt(), None);
+    let effects = slot.lapic.write_mmio(0xb0, &0u32.to_le_bytes(), 0);
+    assert_eq!(effects.eoi_vector, Some(0x24), "a level-triggered vector's EOI is broadcast");
+    d.lapic_effects(0, &effects);
+    assert_eq!(d.vcpus[0].lapic.pending_interrupt(), Some(0x24), "sent again: the line is still asserted");
+}
+
+#[test]
+fn a_uart_interrupt_reaches_the_vcpu_through_the_8259_and_lint0() {
+    let mut m = machine(NO_LOGGING);
+    // ICW1-4 to the master: edge, cascade, vectors 0x20-0x27, 8086 mode; then mask
+    // everything but IR4.
+    for (port, v) in [(0x20, 0x11), (0x21, 0x20), (0x21, 0x04), (0x21, 0x01), (0x21, 0xef)] {
+        outb(&mut m, port, v);
+    }
+    outb(&mut m, 0x3fc, 0x08);
+    outb(&mut m, 0x3f9, 0x02);
+    let d = &mut m.domains[0];
+    assert!(d.irq.pic_intr_pending(), "IR4 raises INTR");
+    let slot = &mut d.vcpus[0];
+    assert_eq!(slot.lapic.pending_interrupt(), None, "the I/O APIC's pin 4 is masked");
+    // IF clear: a window is asked for, nothing is acknowledged.
+    crate::domain::sched::deliver(slot, &mut d.irq, 0).unwrap();
+    assert!(slot.vcpu.window_requested && slot.vcpu.interrupts.is_empty());
+    assert!(d.irq.pic_intr_pending());
+    slot.vcpu.interrupts_open = true;
+    crate::domain::sched::deliver(slot, &mut d.irq, 0).unwrap();
+    assert_eq!(slot.vcpu.interrupts, [0x24], "base 0x20 + IR4, from the INTA cycle");
+    assert!(!d.irq.pic_intr_pending(), "in service until the guest's EOI");
+}
+
+#[test]
+fn the_pit_raises_irq0_at_its_period_through_the_scheduler_path() {
+    let mut m = machine(NO_LOGGING);
+    enable_lapic(&mut m);
+    {
+        let d = &mut m.domains[0];
+        // Pin 2 (the PIT, after the IRQ0 -> GSI2 override): vector 0x30, edge.
+        d.irq.mmio_write(crate::devices::ioapic::IOAPIC_BASE, &(0x10u32 + 2 * 2).to_le_bytes());
+        d.irq.mmio_write(crate::devices::ioapic::IOAPIC_BASE + 0x10, &0x30u32.to_le_bytes());
+    }
+    // Channel 0, lobyte/hibyte, mode 2 (rate generator), count 1193 (~1 ms).
+    outb(&mut m, 0x43, 0x34);
+    outb(&mut m, 0x40, (1193 & 0xff) as u8);
+    outb(&mut m, 0x40, (1193 >> 8) as u8);
+    let d = &mut m.domains[0];
+    let first = d.next_device_event_ns().expect("the PIT has a next tick");
+    assert!((900_000..=1_100_000).contains(&first), "first tick after about 1 ms, not {first} ns");
+    assert_eq!(d.advance_devices(first - 1), Action::Continue);
+    assert_eq!(d.vcpus[0].lapic.pending_interrupt(), None, "not before its time");
+    assert_eq!(d.advance_devices(first), Action::Continue);
+    assert_eq!(d.vcpus[0].lapic.pending_interrupt(), Some(0x30));
 }
