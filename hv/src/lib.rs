@@ -309,33 +309,76 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
             break;
         }
         if !busy {
-            core::hint::spin_loop();
+            idle(machine.idle_ticks(), server.is_some());
         }
     }
     for d in machine.domains() {
         println!("DOMAIN {} FINAL name={} state={} exits={}", d.id, d.name, d.state, d.total_exits());
     }
-    println!("IDLE: nothing left to run and no control channel to serve; powering off");
+    println!(
+        "IDLE: nothing left to run and no control channel to serve; powering off (idle sleeps: {})",
+        IDLE_SLEEPS.load(core::sync::atomic::Ordering::Relaxed)
+    );
     Outcome::Ready
 }
+
+/// Longest idle sleep while a control channel is served: its driver polls, so a
+/// request waits at most this long.
+const IDLE_POLL_MS: u64 = 1;
+/// Shorter waits than this spin: arming the timer and halting costs more.
+const IDLE_MIN_US: u64 = 50;
+
+/// Nothing can run now: sleep in HLT until the next guest or device timer (`ticks`
+/// from now, `None` for none), at most [`IDLE_POLL_MS`] while a control channel needs
+/// polling. The host LAPIC's one-shot timer wakes the CPU; without one (its `init`
+/// failed, or on VMX where it is not set up), spin.
+fn idle(ticks: Option<u64>, polling: bool) {
+    let cap = if polling { drivers::time::ms_to_ticks(IDLE_POLL_MS) } else { None };
+    let sleep = match (ticks, cap) {
+        (Some(t), Some(c)) => t.min(c),
+        (Some(t), None) => t,
+        (None, Some(c)) => c,
+        // Nothing armed and nobody to serve: the main loop ends by itself.
+        (None, None) => return core::hint::spin_loop(),
+    };
+    let min = drivers::time::ms_to_ticks(1).map_or(u64::MAX, |per_ms| per_ms * IDLE_MIN_US / 1000);
+    if !drivers::lapic::available() || sleep < min {
+        return core::hint::spin_loop();
+    }
+    drivers::lapic::arm_one_shot(sleep);
+    // SAFETY: the IDT has a handler for every vector from 32 up that acknowledges it
+    // (drivers::tables, drivers::lapic::acknowledge), so taking the timer interrupt
+    // (or any other) here is harmless. STI's shadow covers HLT (SDM Vol. 2B STI), so a
+    // timer that fired before HLT still wakes it; CLI restores the hypervisor's
+    // interrupts-off state.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    drivers::lapic::disarm();
+    IDLE_SLEEPS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+}
+
+/// Idle sleeps taken (HLT until a timer), for the status report.
+pub static IDLE_SLEEPS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// The time slice in TSC ticks, if this CPU can preempt a guest: the VMX preemption
 /// timer, or on SVM the local APIC timer (an INTR exit). Without either, a guest runs
 /// until it exits by itself, and we say so.
 fn time_slice(arch: guest_abi::Arch, caps: &platform::caps::Capabilities) -> Option<u64> {
     let ticks = drivers::time::ms_to_ticks(SLICE_MS)?;
-    match (arch, caps.virtualization) {
-        (guest_abi::Arch::Vmx, platform::caps::Virtualization::Vmx(v)) if v.preemption_timer => Some(ticks),
-        (guest_abi::Arch::Svm, _) => match drivers::lapic::init() {
-            Ok(per_ms) => {
-                log::info!("local APIC timer: {per_ms} ticks/ms; {SLICE_MS} ms slices");
-                Some(ticks)
-            }
-            Err(e) => {
-                println!("warning: no preemption ({e}); a guest that never exits will starve the others");
-                None
-            }
-        },
+    // The host LAPIC timer ends SVM slices and, on both, wakes the CPU from idle HLT.
+    let lapic = drivers::lapic::init();
+    if let Ok(per_ms) = lapic {
+        log::info!("local APIC timer: {per_ms} ticks/ms");
+    }
+    match (arch, caps.virtualization, lapic) {
+        (guest_abi::Arch::Vmx, platform::caps::Virtualization::Vmx(v), _) if v.preemption_timer => Some(ticks),
+        (guest_abi::Arch::Svm, _, Ok(_)) => {
+            log::info!("{SLICE_MS} ms slices on the local APIC timer");
+            Some(ticks)
+        }
+        (guest_abi::Arch::Svm, _, Err(e)) => {
+            println!("warning: no preemption ({e}); a guest that never exits will starve the others");
+            None
+        }
         _ => {
             println!("warning: no VMX preemption timer; a guest that never exits will starve the others");
             None

@@ -65,6 +65,22 @@ impl<B: Backend> Machine<B> {
         })
     }
 
+    /// How long this CPU may sleep when no vCPU can run now: TSC ticks until the
+    /// earliest LAPIC timer of a sleeping vCPU or device timer of a running domain
+    /// (`None`: nothing is armed; `Some(0)`: something is due already).
+    pub fn idle_ticks(&self) -> Option<u64> {
+        let now = crate::drivers::time::uptime_ns().unwrap_or(0);
+        self.domains
+            .iter()
+            .filter(|d| d.state == DomainState::Running)
+            .flat_map(|d| {
+                let lapics = d.vcpus.iter().filter_map(|v| v.lapic.next_timer_ns());
+                lapics.chain(d.next_device_event_ns()).map(move |t| d.started_ns.saturating_add(t))
+            })
+            .min()
+            .map(|at| if at <= now { 0 } else { ns_to_ticks(at - now) })
+    }
+
     /// Run the next runnable vCPU (round robin over all domains) for one time slice.
     /// Returns false when nothing is runnable.
     pub fn run_slice(&mut self) -> bool {
