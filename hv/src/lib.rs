@@ -295,6 +295,8 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
             None
         }
     };
+    // HLT sleeps of the idle loop (`idle`), for the last line.
+    let mut idle_sleeps = 0u64;
     loop {
         let mut busy = false;
         if let Some(s) = server.as_mut() {
@@ -308,17 +310,14 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
         if server.is_none() && !machine.has_runnable() && !local.as_ref().is_some_and(|l| l.running()) {
             break;
         }
-        if !busy {
-            idle(machine.idle_ticks(), server.is_some());
+        if !busy && idle(machine.idle_ticks(), server.is_some()) {
+            idle_sleeps += 1;
         }
     }
     for d in machine.domains() {
         println!("DOMAIN {} FINAL name={} state={} exits={}", d.id, d.name, d.state, d.total_exits());
     }
-    println!(
-        "IDLE: nothing left to run and no control channel to serve; powering off (idle sleeps: {})",
-        IDLE_SLEEPS.load(core::sync::atomic::Ordering::Relaxed)
-    );
+    println!("IDLE: nothing left to run and no control channel to serve; powering off (idle sleeps: {idle_sleeps})");
     Outcome::Ready
 }
 
@@ -331,19 +330,23 @@ const IDLE_MIN_US: u64 = 50;
 /// Nothing can run now: sleep in HLT until the next guest or device timer (`ticks`
 /// from now, `None` for none), at most [`IDLE_POLL_MS`] while a control channel needs
 /// polling. The host LAPIC's one-shot timer wakes the CPU; without one (its `init`
-/// failed, or on VMX where it is not set up), spin.
-fn idle(ticks: Option<u64>, polling: bool) {
+/// failed), spin. Whether it slept.
+fn idle(ticks: Option<u64>, polling: bool) -> bool {
     let cap = if polling { drivers::time::ms_to_ticks(IDLE_POLL_MS) } else { None };
     let sleep = match (ticks, cap) {
         (Some(t), Some(c)) => t.min(c),
         (Some(t), None) => t,
         (None, Some(c)) => c,
         // Nothing armed and nobody to serve: the main loop ends by itself.
-        (None, None) => return core::hint::spin_loop(),
+        (None, None) => {
+            core::hint::spin_loop();
+            return false;
+        }
     };
     let min = drivers::time::ms_to_ticks(1).map_or(u64::MAX, |per_ms| per_ms * IDLE_MIN_US / 1000);
     if !drivers::lapic::available() || sleep < min {
-        return core::hint::spin_loop();
+        core::hint::spin_loop();
+        return false;
     }
     drivers::lapic::arm_one_shot(sleep);
     // SAFETY: the IDT has a handler for every vector from 32 up that acknowledges it
@@ -353,11 +356,8 @@ fn idle(ticks: Option<u64>, polling: bool) {
     // interrupts-off state.
     unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
     drivers::lapic::disarm();
-    IDLE_SLEEPS.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+    true
 }
-
-/// Idle sleeps taken (HLT until a timer), for the status report.
-pub static IDLE_SLEEPS: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// The time slice in TSC ticks, if this CPU can preempt a guest: the VMX preemption
 /// timer, or on SVM the local APIC timer (an INTR exit). Without either, a guest runs
