@@ -307,6 +307,12 @@ fn fpu_state(session: &mut Session, timeout: Duration) -> Result<String> {
         return Err(format!("the FPU guests did not finish within {} s ({wait:?})", timeout.as_secs()));
     }
     let domains = parse_domains(&serial);
+    // QEMU 7.2's TCG does not implement the SVM XSETBV intercept (APM Vol. 2 15.9,
+    // vector 4 bit 13): a guest's XSETBV goes straight to the emulated CPU, which
+    // refuses only what the CPU itself cannot do; the hypervisor sees the new XCR0
+    // after the next exit (`arch::fpu`) and keeps switching it. Bochs' VMX always
+    // exits (reason 55), so there the policy's refusal is seen too.
+    let intercepted = clean(&serial).contains("virt=vmx");
     let mut out = Vec::new();
     for (name, _, _) in FPU_GUESTS {
         let d = &domains[*name];
@@ -314,7 +320,7 @@ fn fpu_state(session: &mut Session, timeout: Duration) -> Result<String> {
         let (xcr0, width, gp, rounds, bad) = (get("xcr0"), get("width"), get("gp"), get("rounds"), get("bad"));
         if d.exit != Some(0) || bad != Some(0) || rounds != Some(FPU_ROUNDS) {
             return Err(format!(
-                "{name}: exit {:?} (crash {:?}), {bad:?} registers changed in {rounds:?} rounds (xcr0 {xcr0:?},                  width {width:?}, #GP {gp:?})",
+                "{name}: exit {:?} (crash {:?}), {bad:?} registers changed in {rounds:?} rounds (xcr0 {xcr0:?}, width {width:?}, #GP {gp:?})",
                 d.exit, d.crashed
             ));
         }
@@ -322,7 +328,7 @@ fn fpu_state(session: &mut Session, timeout: Duration) -> Result<String> {
         // The policy offers XSAVE on both emulators: AVX without SSE faulted, and where
         // the policy has no AVX, enabling AVX faulted too (the hypervisor's intercept:
         // both CPUs have AVX, so only the policy check refuses it).
-        let want_gp = 1 + u64::from(xcr0 & 4 == 0);
+        let want_gp = 1 + u64::from(xcr0 & 4 == 0 && intercepted);
         if xcr0 & 3 != 3 || gp != Some(want_gp) {
             return Err(format!(
                 "{name}: XCR0 {xcr0:#x}, {gp:?} #GP for the refused XSETBVs (want x87|SSE, {want_gp})"

@@ -23,6 +23,12 @@
 //! intercept); the exit policy (`domain::exit::xsetbv`) validates the value against
 //! the domain's CPUID policy and stores it with [`GuestFpu::set_xcr0`].
 //!
+//! QEMU 7.2's TCG does not implement the SVM XSETBV intercept: there the guest's
+//! XSETBV reaches the emulated CPU directly, which refuses only what the CPU cannot do
+//! (not what the policy leaves out). [`GuestFpu::save`] reads XCR0 back after every
+//! exit, so the switch still follows the guest's value. Hardware with SVM and Bochs'
+//! VMX do exit.
+//!
 //! Without XSAVE on the host (no CPUID.1:ECX.XSAVE) the area is FXSAVE's 512 bytes,
 //! there is no XCR0, and the default policy offers no XSAVE or AVX.
 

@@ -737,6 +737,35 @@ mod tests {
     }
 
     #[test]
+    fn guest_msrs_live_in_the_vmcb_fields_vmload_uses() {
+        let mut page = Box::new([0u8; 4096]);
+        let mut v = vcpu(&mut page);
+        v.write_msr(GuestMsr::Efer, 0xd01).unwrap();
+        assert_eq!(v.read_msr(GuestMsr::Efer).unwrap(), 0xd01, "SVME hidden");
+        assert_eq!(v.vmcb().get(vmcb::EFER), 0xd01 | EFER_SVME, "SVME kept for VMRUN (15.5.1)");
+        v.vmcb().set_segment(Segment::Fs, 0x2b, 0xcf3, 0xffff_ffff, 0);
+        v.write_msr(GuestMsr::FsBase, 0x7f00_0000_1000).unwrap();
+        assert_eq!(v.vmcb().segment(Segment::Fs), (0x2b, 0xcf3, 0xffff_ffff, 0x7f00_0000_1000), "only the base");
+        for (m, f) in [
+            (GuestMsr::Star, vmcb::STAR),
+            (GuestMsr::Lstar, vmcb::LSTAR),
+            (GuestMsr::Cstar, vmcb::CSTAR),
+            (GuestMsr::Sfmask, vmcb::SFMASK),
+            (GuestMsr::KernelGsBase, vmcb::KERNEL_GS_BASE),
+            (GuestMsr::SysenterEip, vmcb::SYSENTER_EIP),
+            (GuestMsr::Pat, vmcb::G_PAT),
+        ] {
+            v.write_msr(m, 0x1234_5678).unwrap();
+            assert_eq!(v.vmcb().get(f), 0x1234_5678, "{m:?}");
+            assert_eq!(v.read_msr(m).unwrap(), 0x1234_5678);
+        }
+        // No TSC_AUX on this (test) CPU: refused, not silently dropped.
+        assert!(v.write_msr(GuestMsr::TscAux, 1).is_err());
+        v.set_tsc_offset(u64::MAX - 5).unwrap();
+        assert_eq!((v.tsc_offset(), v.vmcb().get(vmcb::TSC_OFFSET)), (u64::MAX - 5, u64::MAX - 5));
+    }
+
+    #[test]
     fn interrupt_shadow_and_interrupted_delivery() {
         let mut page = Box::new([0u8; 4096]);
         let mut v = vcpu(&mut page);

@@ -1071,6 +1071,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn msr_lists_follow_the_sdm_entry_layout() {
+        // 25.7.2, Table 25-15: MSR index in bytes 3:0, reserved 7:4, value 15:8.
+        let mut page = alloc::boxed::Box::new([0xaau8; 4096]);
+        let mut area = MsrArea(&mut page);
+        for (i, &(msr, reset)) in AREA_MSRS.iter().enumerate() {
+            area.set_entry(i * 16, msr, reset);
+            area.set_entry(HOST_LIST + i * 16, msr, 0x1111);
+        }
+        assert_eq!(area.guest(MSR_PAT), Some(PAT_DEFAULT));
+        assert_eq!(area.set_guest(MSR_LSTAR, 0xffff_ffff_8100_0000), Some(()));
+        assert_eq!(area.guest(MSR_LSTAR), Some(0xffff_ffff_8100_0000));
+        assert_eq!(area.guest(MSR_EFER), None, "EFER has a VMCS field, not a list entry");
+        assert_eq!(&page[16..24], &[0x81, 0, 0, 0xc0, 0, 0, 0, 0], "STAR second, reserved half zero");
+        assert_eq!(&page[HOST_LIST + 8..HOST_LIST + 16], &0x1111u64.to_le_bytes());
+        assert_eq!(page[HOST_LIST + 16 * AREA_MSRS.len()], 0xaa, "nothing written past the host list");
+        // TSC_AUX is last, so a CPU without RDTSCP lists one fewer and nothing else moves.
+        assert_eq!(AREA_MSRS[AREA_MSRS.len() - 1].0, MSR_TSC_AUX);
+    }
+
+    #[test]
     fn controls_add_must_be_one_bits_and_refuse_unavailable_ones() {
         // Allowed-0 (must be one) = 0x16, allowed-1 = 0xff.
         let cap = (0xffu64 << 32) | 0x16;
