@@ -205,7 +205,7 @@ feature_table! {
     CMP_LEGACY = E1_ECX[1], "cmp_legacy", A | SPECIAL;
     SVM = E1_ECX[2], "svm", N;
     EXTAPIC = E1_ECX[3], "extapic", N;
-    CR8_LEGACY = E1_ECX[4], "cr8_legacy", A;
+    CR8_LEGACY = E1_ECX[4], "cr8_legacy", N;
     ABM = E1_ECX[5], "abm", A;
     SSE4A = E1_ECX[6], "sse4a", A;
     MISALIGNSSE = E1_ECX[7], "misalignsse", A;
@@ -244,12 +244,12 @@ feature_table! {
     XSAVEOPT = D1_EAX[0], "xsaveopt", A;
     XSAVEC = D1_EAX[1], "xsavec", A;
     XGETBV1 = D1_EAX[2], "xgetbv1", A;
-    XSAVES = D1_EAX[3], "xsaves", A;
+    XSAVES = D1_EAX[3], "xsaves", N;
     XFD = D1_EAX[4], "xfd", N;
 
     // ---- word 5: CPUID.(EAX=07h,ECX=0):EBX — SDM Vol. 2A, CPUID leaf 07H ----
     FSGSBASE = L7_0_EBX[0], "fsgsbase", A;
-    TSC_ADJUST = L7_0_EBX[1], "tsc_adjust", A | SPECIAL;
+    TSC_ADJUST = L7_0_EBX[1], "tsc_adjust", N | SPECIAL;
     SGX = L7_0_EBX[2], "sgx", N;
     BMI1 = L7_0_EBX[3], "bmi1", A;
     HLE = L7_0_EBX[4], "hle", M;
@@ -284,7 +284,7 @@ feature_table! {
     PREFETCHWT1 = L7_0_ECX[0], "prefetchwt1", A;
     AVX512_VBMI = L7_0_ECX[1], "avx512vbmi", A;
     UMIP = L7_0_ECX[2], "umip", A;
-    PKU = L7_0_ECX[3], "pku", A;
+    PKU = L7_0_ECX[3], "pku", N;
     OSPKE = L7_0_ECX[4], "ospke", N | SPECIAL;
     WAITPKG = L7_0_ECX[5], "waitpkg", N;
     AVX512_VBMI2 = L7_0_ECX[6], "avx512_vbmi2", A;
@@ -296,7 +296,7 @@ feature_table! {
     AVX512_BITALG = L7_0_ECX[12], "avx512_bitalg", A;
     TME = L7_0_ECX[13], "tme", N;
     AVX512_VPOPCNTDQ = L7_0_ECX[14], "avx512_vpopcntdq", A;
-    LA57 = L7_0_ECX[16], "la57", M;
+    LA57 = L7_0_ECX[16], "la57", N;
     RDPID = L7_0_ECX[22], "rdpid", A;
     KL = L7_0_ECX[23], "keylocker", N;
     BUS_LOCK_DETECT = L7_0_ECX[24], "bus_lock_detect", N;
@@ -325,12 +325,12 @@ feature_table! {
     AVX512_FP16 = L7_0_EDX[23], "avx512_fp16", A;
     AMX_TILE = L7_0_EDX[24], "amx_tile", N;
     AMX_INT8 = L7_0_EDX[25], "amx_int8", N;
-    IBRSB = L7_0_EDX[26], "spec_ctrl", A;
-    STIBP = L7_0_EDX[27], "intel_stibp", A;
-    L1D_FLUSH = L7_0_EDX[28], "flush_l1d", A;
+    IBRSB = L7_0_EDX[26], "spec_ctrl", N;
+    STIBP = L7_0_EDX[27], "intel_stibp", N;
+    L1D_FLUSH = L7_0_EDX[28], "flush_l1d", N;
     ARCH_CAPS = L7_0_EDX[29], "arch_capabilities", N;
     CORE_CAPS = L7_0_EDX[30], "core_capabilities", N;
-    SSBD = L7_0_EDX[31], "spec_ctrl_ssbd", A;
+    SSBD = L7_0_EDX[31], "spec_ctrl_ssbd", N;
 
     // ---- word 8: CPUID.(EAX=07h,ECX=1):EAX ----
     AVX_VNNI = L7_1_EAX[4], "avx_vnni", A;
@@ -341,7 +341,7 @@ feature_table! {
     FSRCS = L7_1_EAX[12], "fsrc", A;
     FRED = L7_1_EAX[17], "fred", N;
     LKGS = L7_1_EAX[18], "lkgs", N;
-    WRMSRNS = L7_1_EAX[19], "wrmsrns", A;
+    WRMSRNS = L7_1_EAX[19], "wrmsrns", N;
     AMX_FP16 = L7_1_EAX[21], "amx_fp16", N;
     HRESET = L7_1_EAX[22], "hreset", N;
     AVX_IFMA = L7_1_EAX[23], "avx_ifma", A;
@@ -388,23 +388,23 @@ feature_table! {
     RSTR_FP_ERR_PTRS = E8_EBX[2], "xsaveerptr", A;
     RDPRU = E8_EBX[4], "rdpru", N;
     WBNOINVD = E8_EBX[9], "wbnoinvd", A;
-    IBPB = E8_EBX[12], "amd_ibpb", A;
-    AMD_IBRS = E8_EBX[14], "amd_ibrs", A;
-    AMD_STIBP = E8_EBX[15], "amd_stibp", A;
-    AMD_SSBD = E8_EBX[24], "amd_ssbd", A;
+    IBPB = E8_EBX[12], "amd_ibpb", N;
+    AMD_IBRS = E8_EBX[14], "amd_ibrs", N;
+    AMD_STIBP = E8_EBX[15], "amd_stibp", N;
+    AMD_SSBD = E8_EBX[24], "amd_ssbd", N;
     VIRT_SSBD = E8_EBX[25], "virt_ssbd", N;
     SSB_NO = E8_EBX[26], "amd_ssb_no", A;
     CPPC = E8_EBX[27], "cppc", N;
-    PSFD = E8_EBX[28], "amd_psfd", A;
+    PSFD = E8_EBX[28], "amd_psfd", N;
     BTC_NO = E8_EBX[29], "btc_no", A;
-    IBPB_RET = E8_EBX[30], "amd_ibpb_ret", A;
+    IBPB_RET = E8_EBX[30], "amd_ibpb_ret", N;
 
     // ---- word 17: CPUID.(EAX=07h,ECX=2):EDX — SDM Vol. 2A, CPUID leaf 07H subleaf 2 ----
-    INTEL_PSFD = L7_2_EDX[0], "intel_psfd", A;
-    IPRED_CTRL = L7_2_EDX[1], "ipred_ctrl", A;
-    RRSBA_CTRL = L7_2_EDX[2], "rrsba_ctrl", A;
-    DDP_CTRL = L7_2_EDX[3], "ddpd_u", A;
-    BHI_CTRL = L7_2_EDX[4], "bhi_ctrl", A;
+    INTEL_PSFD = L7_2_EDX[0], "intel_psfd", N;
+    IPRED_CTRL = L7_2_EDX[1], "ipred_ctrl", N;
+    RRSBA_CTRL = L7_2_EDX[2], "rrsba_ctrl", N;
+    DDP_CTRL = L7_2_EDX[3], "ddpd_u", N;
+    BHI_CTRL = L7_2_EDX[4], "bhi_ctrl", N;
     MCDT_NO = L7_2_EDX[5], "mcdt_no", A;
 
     // ---- word 18: CPUID.8000_0021h:EAX — APM Vol. 3, E.4.18 ----

@@ -107,7 +107,184 @@ pub const NOT_VIRTUALIZABLE: &[(Feature, &str)] = &[
     (VIRT_SSBD, "the core does not emulate MSR VIRT_SPEC_CTRL"),
     (CPPC, "collaborative processor performance control belongs to the host"),
     (AUTO_IBRS, "automatic IBRS (EFER.AIBRSE) is not virtualized"),
+    // Left out because the core does not implement what they need (yet):
+    (CR8_LEGACY, "CR8 (TPR) is not kept in step with the emulated local APIC's TPR"),
+    (XSAVES, "IA32_XSS is not emulated and XSAVES/XRSTORS are not enabled in the VMCS"),
+    (TSC_ADJUST, "IA32_TSC_ADJUST is not emulated (TSC writes move the vCPU's TSC offset only)"),
+    (PKU, "PKRU (XSAVE component 9) and CR4.PKE are not switched by the core"),
+    (LA57, "5-level paging (CR4.LA57) is not supported by the core's guest setup"),
+    (WRMSRNS, "SVM without NRIPS advances RIP by WRMSR's 2-byte length; WRMSRNS is 3 bytes"),
+    (IBRSB, "IA32_SPEC_CTRL and IA32_PRED_CMD are not emulated"),
+    (STIBP, "IA32_SPEC_CTRL is not emulated"),
+    (L1D_FLUSH, "IA32_FLUSH_CMD is not emulated"),
+    (SSBD, "IA32_SPEC_CTRL is not emulated"),
+    (INTEL_PSFD, "IA32_SPEC_CTRL is not emulated"),
+    (IPRED_CTRL, "IA32_SPEC_CTRL is not emulated"),
+    (RRSBA_CTRL, "IA32_SPEC_CTRL is not emulated"),
+    (DDP_CTRL, "IA32_SPEC_CTRL is not emulated"),
+    (BHI_CTRL, "IA32_SPEC_CTRL is not emulated"),
+    (IBPB, "IA32_PRED_CMD is not emulated"),
+    (IBPB_RET, "IA32_PRED_CMD is not emulated"),
+    (AMD_IBRS, "IA32_SPEC_CTRL is not emulated"),
+    (AMD_STIBP, "IA32_SPEC_CTRL is not emulated"),
+    (AMD_SSBD, "IA32_SPEC_CTRL is not emulated"),
+    (PSFD, "IA32_SPEC_CTRL is not emulated"),
 ];
+
+/// How the core virtualizes every feature it offers (attribute `A` or `M` in the
+/// feature table), one line each: the rule "the default policy offers only what is
+/// virtualized" as data. A test walks the feature table and fails if an offered
+/// feature has no line here, or a line names a feature that is not offered; a feature
+/// that loses its implementation moves to [`NOT_VIRTUALIZABLE`] with the reason.
+///
+/// "native" means the instruction or behaviour runs unmodified in the guest and needs
+/// no state the core has to switch beyond what nested paging already isolates;
+/// "FPU" means its registers are in the XSAVE components the core saves and restores
+/// per vCPU (x87, SSE, AVX, AVX-512: XCR0 bits 0-2 and 5-7).
+pub const VIRTUALIZED: &[(Feature, &str)] = &[
+    // word 0: CPUID.1:ECX
+    (SSE3, "FPU"),
+    (PCLMULQDQ, "FPU"),
+    (SSSE3, "FPU"),
+    (FMA, "FPU (AVX state)"),
+    (CX16, "native"),
+    (PCID, "native: CR3/CR4.PCIDE belong to the guest under EPT/NPT"),
+    (SSE4_1, "FPU"),
+    (SSE4_2, "FPU"),
+    (X2APIC, "emulated local APIC, x2APIC MSRs (hv devices::lapic)"),
+    (MOVBE, "native"),
+    (POPCNT, "native"),
+    (TSC_DEADLINE, "emulated local APIC, IA32_TSC_DEADLINE in the guest's TSC"),
+    (AES, "FPU"),
+    (XSAVE, "per-vCPU XSAVE area and XCR0, XSETBV intercepted and checked against the policy"),
+    (AVX, "FPU (XCR0 bit 2)"),
+    (F16C, "FPU (AVX state)"),
+    (RDRAND, "native"),
+    (HYPERVISOR, "synthesized"),
+    // word 1: CPUID.1:EDX
+    (FPU, "FPU (x87)"),
+    (VME, "native (CR4.VME belongs to the guest)"),
+    (DE, "native (CR4.DE belongs to the guest)"),
+    (PSE, "native paging under EPT/NPT"),
+    (TSC, "TSC offset per domain (starts at 0), IA32_TSC emulated"),
+    (MSR, "RDMSR/WRMSR intercepted, an allow-list of emulated MSRs"),
+    (PAE, "native paging under EPT/NPT"),
+    (MCE, "MCG_CAP with zero banks, MCG_STATUS per vCPU"),
+    (CX8, "native"),
+    (APIC, "emulated local APIC (hv devices::lapic)"),
+    (SEP, "SYSENTER MSRs per vCPU (VMCB via VMLOAD/VMSAVE, VMCS guest fields)"),
+    (MTRR, "MTRRcap/defType/fixed/variable MTRRs per vCPU, validated, not enforced"),
+    (PGE, "native paging under EPT/NPT"),
+    (MCA, "MCG_CAP with zero banks"),
+    (CMOV, "native"),
+    (PAT, "IA32_PAT per vCPU (VMCB G_PAT, VMX MSR lists), validated"),
+    (PSE36, "native paging under EPT/NPT"),
+    (CLFLUSH, "native"),
+    (MMX, "FPU (x87 state)"),
+    (FXSR, "FPU"),
+    (SSE, "FPU (XCR0 bit 1)"),
+    (SSE2, "FPU"),
+    (SS, "describes cache behaviour; nothing to virtualize"),
+    (HTT, "topology synthesized from the policy's vCPU count"),
+    // 0x8000_0001
+    (LAHF_LM, "native"),
+    (CMP_LEGACY, "topology synthesized from the policy's vCPU count"),
+    (ABM, "native"),
+    (SSE4A, "FPU"),
+    (MISALIGNSSE, "FPU"),
+    (PREFETCHW, "native"),
+    (XOP, "FPU (AVX state)"),
+    (FMA4, "FPU (AVX state)"),
+    (TBM, "native"),
+    (SYSCALL, "EFER.SCE and STAR/LSTAR/CSTAR/SFMASK per vCPU"),
+    (NX, "EFER.NXE per vCPU"),
+    (MMXEXT, "FPU"),
+    (FFXSR, "EFER.FFXSR per vCPU (AMD)"),
+    (PAGE1GB, "native paging under EPT/NPT"),
+    (RDTSCP, "TSC offset; IA32_TSC_AUX per vCPU (switched around VMRUN, VMX MSR lists, enable-RDTSCP control)"),
+    (LM, "EFER.LME/LMA per vCPU; FS/GS/KERNEL_GS_BASE switched"),
+    (AMD_3DNOWEXT, "FPU (x87 state)"),
+    (AMD_3DNOW, "FPU (x87 state)"),
+    // 0xD.1
+    (XSAVEOPT, "native, on the XSAVE state the core switches"),
+    (XSAVEC, "native, on the XSAVE state the core switches"),
+    (XGETBV1, "native (XINUSE of the switched components)"),
+    // 0x7.0:EBX
+    (FSGSBASE, "native; FS/GS bases switched per vCPU"),
+    (BMI1, "native"),
+    (HLE, "native (on request)"),
+    (AVX2, "FPU (AVX state)"),
+    (FDP_EXCPTN_ONLY, "describes x87 behaviour of the host, levelled with OR"),
+    (SMEP, "native (CR4.SMEP belongs to the guest)"),
+    (BMI2, "native"),
+    (ERMS, "native"),
+    (INVPCID, "native (SVM does not intercept it; VMX sets enable-INVPCID)"),
+    (RTM, "native (on request)"),
+    (ZERO_FCS_FDS, "describes x87 behaviour of the host, levelled with OR"),
+    (AVX512F, "FPU (XCR0 bits 5-7)"),
+    (AVX512DQ, "FPU (AVX-512 state)"),
+    (RDSEED, "native"),
+    (ADX, "native"),
+    (SMAP, "native (CR4.SMAP belongs to the guest)"),
+    (AVX512_IFMA, "FPU (AVX-512 state)"),
+    (CLFLUSHOPT, "native"),
+    (CLWB, "native"),
+    (AVX512PF, "FPU (AVX-512 state)"),
+    (AVX512ER, "FPU (AVX-512 state)"),
+    (AVX512CD, "FPU (AVX-512 state)"),
+    (SHA, "FPU"),
+    (AVX512BW, "FPU (AVX-512 state)"),
+    (AVX512VL, "FPU (AVX-512 state)"),
+    // 0x7.0:ECX
+    (PREFETCHWT1, "native"),
+    (AVX512_VBMI, "FPU (AVX-512 state)"),
+    (UMIP, "native (CR4.UMIP belongs to the guest)"),
+    (AVX512_VBMI2, "FPU (AVX-512 state)"),
+    (GFNI, "FPU"),
+    (VAES, "FPU (AVX state)"),
+    (VPCLMULQDQ, "FPU (AVX state)"),
+    (AVX512_VNNI, "FPU (AVX-512 state)"),
+    (AVX512_BITALG, "FPU (AVX-512 state)"),
+    (AVX512_VPOPCNTDQ, "FPU (AVX-512 state)"),
+    (RDPID, "IA32_TSC_AUX per vCPU"),
+    (CLDEMOTE, "native"),
+    (MOVDIRI, "native"),
+    (MOVDIR64B, "native"),
+    // 0x7.0:EDX
+    (AVX512_4VNNIW, "FPU (AVX-512 state)"),
+    (AVX512_4FMAPS, "FPU (AVX-512 state)"),
+    (FSRM, "native"),
+    (AVX512_VP2INTERSECT, "FPU (AVX-512 state)"),
+    (MD_CLEAR, "native (VERW), levelled with OR"),
+    (SERIALIZE, "native"),
+    (TSXLDTRK, "native (on request)"),
+    (AVX512_FP16, "FPU (AVX-512 state)"),
+    // 0x7.1:EAX
+    (AVX_VNNI, "FPU (AVX state)"),
+    (AVX512_BF16, "FPU (AVX-512 state)"),
+    (CMPCCXADD, "native"),
+    (FZRM, "native"),
+    (FSRS, "native"),
+    (FSRCS, "native"),
+    (AVX_IFMA, "FPU (AVX state)"),
+    // 0x6, 0x8000_0007/8, 0x7.2, 0x8000_0021
+    (ARAT, "the emulated LAPIC timer runs in every state"),
+    (ITSC, "the guest TSC is the host's plus a constant offset (on request)"),
+    (CLZERO, "native"),
+    (RSTR_FP_ERR_PTRS, "FPU"),
+    (WBNOINVD, "native (WBINVD exiting is off)"),
+    (SSB_NO, "describes the host's hardware, no MSR"),
+    (BTC_NO, "describes the host's hardware, no MSR"),
+    (MCDT_NO, "describes the host's hardware, no MSR"),
+    (NO_NEST_BP, "describes the host's hardware"),
+    (LFENCE_DISPATCH, "describes the host's hardware (LFENCE is serializing)"),
+    (NSCB, "describes the host's hardware"),
+];
+
+/// How the core virtualizes `f`, if it offers it.
+pub fn virtualized_how(f: Feature) -> Option<&'static str> {
+    VIRTUALIZED.iter().find(|(g, _)| *g == f).map(|(_, how)| *how)
+}
 
 /// Words the core does not offer at all (no named bits), with the reason.
 pub const NOT_VIRTUALIZABLE_WORDS: &[(usize, &str)] = &[
@@ -274,6 +451,55 @@ mod tests {
         for (f, reason) in NOT_VIRTUALIZABLE {
             assert!(!reason.is_empty());
             assert!(f.info().is_some());
+        }
+    }
+
+    #[test]
+    fn every_offered_feature_has_an_implementation_and_nothing_else_does() {
+        // The default-policy rule: walk the whole table.
+        let mut missing = Vec::new();
+        for f in FEATURES {
+            let offered = f.attr != Attr::N;
+            let how = virtualized_how(f.feature);
+            if offered && how.is_none() {
+                missing.push(f.name);
+            }
+            assert!(offered || how.is_none(), "{}: never offered but listed as virtualized", f.name);
+            assert!(how.is_none_or(|h| !h.is_empty()));
+        }
+        assert!(missing.is_empty(), "offered without an implementation entry: {missing:?}");
+        for (f, _) in VIRTUALIZED {
+            assert!(f.info().is_some(), "{f}");
+            assert_eq!(VIRTUALIZED.iter().filter(|(g, _)| g == f).count(), 1, "{f} listed twice");
+        }
+    }
+
+    #[test]
+    fn default_and_max_on_real_hosts_hold_only_virtualized_features() {
+        for text in [
+            include_str!("../testdata/qemu-7.2-tcg-epyc.cpuid"),
+            include_str!("../testdata/bochs-2.7-corei7-skylake-x.cpuid"),
+            include_str!("../testdata/constructed-amd-epyc-9654-genoa.cpuid"),
+            include_str!("../testdata/constructed-intel-xeon-8480-sapphire-rapids.cpuid"),
+        ] {
+            let dump = crate::dump::parse_dump(text).unwrap();
+            let host = crate::host::HostCpu::from_records(&dump.records).unwrap();
+            let max = host.max();
+            for (w, b) in max.set.bits() {
+                let f = Feature::new(w, b);
+                assert!(virtualized_how(f).is_some(), "{f} offered without an implementation");
+            }
+            // What the host has and the core does not virtualize is dropped, with its reason.
+            for f in [PKU, LA57, TSC_ADJUST, XSAVES, IBRSB, AMD_SSBD, VMX, SVM] {
+                assert!(!f.is_in(&max.set), "{f}");
+                if f.is_in(&host.raw) {
+                    let why = max.dropped.iter().find(|(g, _)| *g == f).map(|(_, r)| r);
+                    assert!(matches!(why, Some(DropReason::NotVirtualizable(_))), "{f}: {why:?}");
+                }
+            }
+            for f in [APIC, X2APIC, TSC_DEADLINE, FPU, SSE2, XSAVE, AVX, MTRR, MCE] {
+                assert!(f.is_in(&max.set) || !f.is_in(&host.raw), "{f} dropped");
+            }
         }
     }
 

@@ -43,6 +43,8 @@ pub enum ExitKind {
     Io,
     /// RDMSR/WRMSR.
     Msr,
+    /// XSETBV (the guest sets XCR0).
+    Xsetbv,
     /// PML buffer full (VMX exit reason 62).
     PmlFull,
     /// The guest opened an interrupt window the core asked for (to inject an interrupt).
@@ -66,6 +68,7 @@ impl fmt::Display for ExitKind {
             Self::Cpuid => f.write_str("cpuid"),
             Self::Io => f.write_str("io"),
             Self::Msr => f.write_str("msr"),
+            Self::Xsetbv => f.write_str("xsetbv"),
             Self::PmlFull => f.write_str("pml-full"),
             Self::InterruptWindow => f.write_str("interrupt-window"),
             Self::VirtualizationInstruction => f.write_str("virtualization-instruction"),

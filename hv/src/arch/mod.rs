@@ -5,6 +5,7 @@
 //! (what an exit means, what the guest gets) lives above, written once, as in
 //! tandasat/barevisor.
 
+pub mod fpu;
 pub mod state;
 pub mod svm;
 pub mod vmx;
@@ -103,6 +104,9 @@ pub enum ExitReason {
     MsrRead,
     /// WRMSR (ECX = index, EDX:EAX = value).
     MsrWrite,
+    /// XSETBV (ECX = XCR index, EDX:EAX = value): VMX exit 55 (always exits), SVM
+    /// exit 0x8D (the XSETBV intercept, APM Vol. 2 15.9).
+    Xsetbv,
     /// A VMX or SVM instruction (VMXON, VMRUN, VMLOAD, ...): guests get #UD.
     VirtualizationInstruction,
     /// The time slice ended (VMX preemption timer, or a physical interrupt on SVM).
@@ -134,6 +138,7 @@ impl core::fmt::Display for ExitReason {
             ExitReason::Io { port, .. } => write!(f, "io(port={port:#x})"),
             ExitReason::MsrRead => f.write_str("rdmsr"),
             ExitReason::MsrWrite => f.write_str("wrmsr"),
+            ExitReason::Xsetbv => f.write_str("xsetbv"),
             ExitReason::VirtualizationInstruction => f.write_str("virtualization-instruction"),
             ExitReason::TimeSliceEnd => f.write_str("time-slice-end"),
             ExitReason::PmlFull => f.write_str("pml-full"),
@@ -157,6 +162,7 @@ impl ExitReason {
             ExitReason::Cpuid => ExitKind::Cpuid,
             ExitReason::Io { .. } => ExitKind::Io,
             ExitReason::MsrRead | ExitReason::MsrWrite => ExitKind::Msr,
+            ExitReason::Xsetbv => ExitKind::Xsetbv,
             ExitReason::VirtualizationInstruction => ExitKind::VirtualizationInstruction,
             ExitReason::TimeSliceEnd => ExitKind::TimeSlice,
             ExitReason::PmlFull => ExitKind::PmlFull,
@@ -177,6 +183,52 @@ pub struct Exit {
     /// (VMX: VM-exit instruction length; SVM without NRIPS: the instruction's known
     /// length, or EXITINFO2's next RIP for I/O). 0 when not applicable.
     pub instruction_len: u64,
+}
+
+/// MSRs whose guest values the backend holds (in the VMCB, the VMCS or its MSR areas)
+/// or switches around entry itself. The exit policy (`domain::exit::msr`) validates
+/// a guest's WRMSR and then stores the value with [`Vcpu::write_msr`]; the backend only
+/// keeps it where the hardware uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestMsr {
+    /// IA32_EFER (without SVM's EFER.SVME, which the guest never sees).
+    Efer,
+    /// IA32_PAT.
+    Pat,
+    /// STAR.
+    Star,
+    /// LSTAR.
+    Lstar,
+    /// CSTAR.
+    Cstar,
+    /// SFMASK (IA32_FMASK).
+    Sfmask,
+    /// IA32_KERNEL_GS_BASE.
+    KernelGsBase,
+    /// IA32_FS_BASE.
+    FsBase,
+    /// IA32_GS_BASE.
+    GsBase,
+    /// IA32_SYSENTER_CS.
+    SysenterCs,
+    /// IA32_SYSENTER_ESP.
+    SysenterEsp,
+    /// IA32_SYSENTER_EIP.
+    SysenterEip,
+    /// IA32_TSC_AUX (what RDTSCP and RDPID return in ECX).
+    TscAux,
+}
+
+/// The guest's control state an exit policy decision depends on (XSETBV, CPUID,
+/// EFER writes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ControlState {
+    /// CR0 as the guest sees it.
+    pub cr0: u64,
+    /// CR4 as the guest sees it (no VMXE).
+    pub cr4: u64,
+    /// Current privilege level.
+    pub cpl: u8,
 }
 
 /// Backend errors: each names the instruction, field or control involved.
@@ -298,6 +350,21 @@ pub trait Vcpu {
     fn save_state(&mut self, regs: &GuestRegs) -> Result<state::VcpuSnapshot, ArchError>;
     /// Load `snapshot` into this (not running) vCPU; fills `regs` with its GPRs.
     fn load_state(&mut self, regs: &mut GuestRegs, snapshot: &state::VcpuSnapshot) -> Result<(), ArchError>;
+    /// The guest's CR0, CR4 and CPL.
+    fn control_state(&mut self) -> Result<ControlState, ArchError>;
+    /// The guest's value of `msr`.
+    fn read_msr(&mut self, msr: GuestMsr) -> Result<u64, ArchError>;
+    /// Set the guest's `msr` (validated by the caller).
+    fn write_msr(&mut self, msr: GuestMsr, value: u64) -> Result<(), ArchError>;
+    /// The TSC offset: the guest's RDTSC returns the host's TSC plus this (mod 2^64).
+    fn tsc_offset(&self) -> u64;
+    /// Set the TSC offset (VMCB TSC_OFFSET, APM Vol. 2 15.30.5; VMCS TSC offset with
+    /// "use TSC offsetting", SDM Vol. 3C 26.6.5).
+    fn set_tsc_offset(&mut self, offset: u64) -> Result<(), ArchError>;
+    /// The vCPU's x87/SSE/AVX state and XCR0 (see [`fpu`]).
+    fn fpu(&self) -> &fpu::GuestFpu;
+    /// The same, to change XCR0.
+    fn fpu_mut(&mut self) -> &mut fpu::GuestFpu;
     /// Make the processor forget cached nested translations after the core changed
     /// nested entries (permissions, dirty flags).
     fn flush_nested_tlb(&mut self) -> Result<(), ArchError>;

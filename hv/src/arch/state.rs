@@ -7,6 +7,10 @@
 //! into a fixed little-endian byte layout for the migration stream; decoding checks
 //! the version, the length and every field with a restricted range, and never panics.
 //!
+//! Not carried yet (format version 1): the x87/SSE/AVX state and XCR0
+//! (`arch::fpu`), IA32_TSC_AUX, the TSC offset, and the MSRs the core keeps itself
+//! (MTRRs, MISC_ENABLE, MCG_STATUS): a loaded vCPU starts with their reset values.
+//!
 //! Conventions that make the form arch-neutral:
 //! - Segment attributes are in the SVM VMCB "attrib" form (APM Vol. 2 15.5.1 /
 //!   Appendix B): bits 7:0 = type, S, DPL, P (descriptor bits 40-47), bits 11:8 = AVL, L,

@@ -201,7 +201,12 @@ impl<B: Backend> MigrationCore for Machine<B> {
         for index in 0..cfg.vcpus {
             // Every register is loaded from the stream before the domain runs.
             let entry = GuestEntry { nested_root: root, cr3: 0, rip: 0, rsp: 0 };
-            match self.backend.create_vcpu(&mut self.pool, &entry) {
+            // Guest time restarts with the incoming domain (`started_ns`), and so does its TSC.
+            let created = self.backend.create_vcpu(&mut self.pool, &entry).and_then(|mut vcpu| {
+                vcpu.set_tsc_offset(domain.base_tsc_offset())?;
+                Ok(vcpu)
+            });
+            match created {
                 Ok(vcpu) => domain.vcpus.push(VcpuSlot::new(vcpu, GuestRegs::default(), index)),
                 Err(e) => {
                     domain.release(&mut self.pool).map_err(text)?;

@@ -157,6 +157,8 @@ pub(crate) struct VcpuSlot<V> {
     pub(crate) lapic: Lapic,
     /// Whether the backend was asked for an interrupt-window exit.
     pub(crate) window: bool,
+    /// The MSRs the core emulates itself (MTRRs, MISC_ENABLE, MCG_STATUS).
+    pub(crate) msrs: exit::msr::MsrState,
 }
 
 impl<V> VcpuSlot<V> {
@@ -164,7 +166,16 @@ impl<V> VcpuSlot<V> {
     pub(crate) fn new(vcpu: V, regs: GuestRegs, index: u32) -> Self {
         let tsc_hz = crate::drivers::time::tsc_hz().unwrap_or(1_000_000_000);
         let lapic = Lapic::new(index, index == 0, tsc_hz);
-        Self { vcpu, regs, state: RunState::Runnable, index, rmid: 0, lapic, window: false }
+        Self {
+            vcpu,
+            regs,
+            state: RunState::Runnable,
+            index,
+            rmid: 0,
+            lapic,
+            window: false,
+            msrs: exit::msr::MsrState::default(),
+        }
     }
 }
 
@@ -278,6 +289,13 @@ impl<B: Backend> Domain<B> {
     /// hypervisor has no calibrated clock, as in host tests).
     pub fn guest_now_ns(&self) -> u64 {
         crate::drivers::time::uptime_ns().unwrap_or(0).saturating_sub(self.started_ns)
+    }
+
+    /// The TSC offset every vCPU of the domain starts with: the guest's TSC is 0 when
+    /// the domain is created and then counts as `guest_now_ns` × TSC frequency, the
+    /// clock the LAPIC's TSC-deadline timer converts with (`devices::lapic`).
+    pub fn base_tsc_offset(&self) -> u64 {
+        0u64.wrapping_sub(crate::drivers::time::tsc_at_uptime_ns(self.started_ns))
     }
 
     /// Unclaimed port and MMIO accesses of the guest.
@@ -424,7 +442,11 @@ impl<B: Backend> Machine<B> {
             // RSI = its index, and its own 8 KiB of the stack area.
             let rsp = start.rsp - u64::from(index) * (loader::STACK_BYTES / 8);
             let entry = GuestEntry { nested_root: root, cr3: start.cr3, rip: start.rip, rsp };
-            match self.backend.create_vcpu(&mut self.pool, &entry) {
+            let created = self.backend.create_vcpu(&mut self.pool, &entry).and_then(|mut vcpu| {
+                vcpu.set_tsc_offset(domain.base_tsc_offset())?;
+                Ok(vcpu)
+            });
+            match created {
                 Ok(vcpu) => {
                     let regs = GuestRegs { rdi: start.rdi, rsi: u64::from(index), ..GuestRegs::default() };
                     domain.vcpus.push(VcpuSlot::new(vcpu, regs, index));
@@ -478,4 +500,26 @@ pub(crate) fn new_devices() -> Result<DeviceBus, DomainError> {
 /// vCPU index, CR4.OSXSAVE and PKE clear, APIC enabled, XCR0 = x87 only.
 pub fn vcpu_state(index: u32) -> VcpuState {
     VcpuState { apic_id: index, cr4_osxsave: false, cr4_pke: false, apic_enabled: true, xcr0: 1, xss: 0 }
+}
+
+/// CR4.OSXSAVE (SDM Vol. 3A 2.5).
+const CR4_OSXSAVE: u64 = 1 << 18;
+/// CR4.PKE.
+const CR4_PKE: u64 = 1 << 22;
+/// IA32_APIC_BASE.EN.
+const APIC_BASE_EN: u64 = 1 << 11;
+
+/// The state CPUID answers depend on for the vCPU in `slot` now: its CR4.OSXSAVE and
+/// PKE, its XCR0, whether its local APIC is enabled. IA32_XSS is always 0 (XSAVES is
+/// not offered).
+pub(crate) fn vcpu_state_of<V: Vcpu>(slot: &mut VcpuSlot<V>) -> Result<VcpuState, ArchError> {
+    let cr4 = slot.vcpu.control_state()?.cr4;
+    Ok(VcpuState {
+        apic_id: slot.index,
+        cr4_osxsave: cr4 & CR4_OSXSAVE != 0,
+        cr4_pke: cr4 & CR4_PKE != 0,
+        apic_enabled: slot.lapic.read_apic_base() & APIC_BASE_EN != 0,
+        xcr0: slot.vcpu.fpu().xcr0(),
+        xss: 0,
+    })
 }

@@ -110,6 +110,17 @@ pub fn uptime_ns() -> Option<u64> {
     Some(ticks_to_ns(ticks, hz))
 }
 
+/// The TSC value at uptime `ns` (the TSC now where the clock is not calibrated): the
+/// inverse of [`uptime_ns`], for giving a guest a TSC that counts from its own start.
+pub fn tsc_at_uptime_ns(ns: u64) -> u64 {
+    match tsc_hz() {
+        Some(hz) => BOOT_TSC
+            .load(Ordering::Relaxed)
+            .wrapping_add(u64::try_from(u128::from(ns) * u128::from(hz) / 1_000_000_000).unwrap_or(u64::MAX)),
+        None => rdtsc(),
+    }
+}
+
 /// Convert a TSC tick count to nanoseconds at `hz` ticks per second
 /// (widened to u128 so long runtimes do not overflow the multiply).
 pub fn ticks_to_ns(ticks: u64, hz: u64) -> u64 {

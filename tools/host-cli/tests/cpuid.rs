@@ -186,8 +186,10 @@ fn policy_then_check_across_hosts() {
     assert!(stdout(&o).contains("the policy is for AuthenticAMD but the host is GenuineIntel"), "{}", stdout(&o));
     let o = hvctl(&["cpuid", "check", out_file.to_str().unwrap(), "--on", &testdata("amd-epyc-kvm-host.cpuid")]);
     assert_eq!(o.status.code(), Some(1));
+    // la57 is no longer offered (the core does not virtualize 5-level paging), so a
+    // feature the KVM guest lacks that the policy still has names the difference.
     assert!(
-        stdout(&o).contains("la57 (CPUID 0x7[0].ECX bit 16) is set, but this host does not have it"),
+        stdout(&o).contains("wbnoinvd (CPUID 0x80000008.EBX bit 9) is set, but this host does not have it"),
         "{}",
         stdout(&o)
     );

@@ -4,14 +4,28 @@
 //! Works without NRIPS, VMCB clean bits and decode assists, which QEMU's TCG does not
 //! emulate: the VMCB is always marked fully dirty and RIP advances (later issues) use
 //! known instruction lengths.
+//!
+//! Guest state VMRUN does not switch, and how this backend switches it:
+//! - FS, GS, TR, LDTR (hidden parts included), KernelGsBase, STAR, LSTAR, CSTAR,
+//!   SFMASK and SYSENTER_CS/ESP/EIP are loaded by VMLOAD and saved by VMSAVE, not by
+//!   VMRUN/#VMEXIT (APM Vol. 2 15.5.2). `hv_svm_run` VMSAVEs the host's copy into a
+//!   per-CPU page, VMLOADs the guest's from its VMCB, runs it, VMSAVEs the guest's
+//!   back into the VMCB and VMLOADs the host's, all inside CLGI/STGI, so no interrupt
+//!   ever runs on the guest's TR or GS base, and the VMCB always holds the guest's
+//!   current values (for the MSR emulation and for snapshots).
+//! - x87/SSE/AVX state and XCR0: [`super::fpu`], around VMRUN.
+//! - IA32_TSC_AUX has no VMCB field (outside SEV-ES): WRMSR'd around VMRUN when the
+//!   guest's value differs from the host's.
+//! - The TSC: VMCB TSC_OFFSET (15.30.5).
 
 pub mod vmcb;
 
 use core::arch::global_asm;
 
 use self::vmcb::{Segment, Vmcb};
+use super::fpu::{GuestFpu, HostFpu};
 use super::state::{self, DescriptorTable, PendingEvent, SegmentRegister, VcpuSnapshot};
-use super::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs, Vcpu};
+use super::{ArchError, Backend, ControlState, Exit, ExitReason, GuestEntry, GuestMsr, GuestRegs, Vcpu};
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::nested::Npt;
@@ -19,24 +33,42 @@ use crate::platform::caps::Capabilities;
 
 const MSR_EFER: u32 = 0xc000_0080;
 const MSR_VM_HSAVE_PA: u32 = 0xc001_0117;
+const MSR_TSC_AUX: u32 = 0xc000_0103;
 const EFER_SVME: u64 = 1 << 12;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 const RFLAGS_IF: u64 = 1 << 9;
 
-/// SVM on this physical CPU: the host save area VMRUN uses.
+/// SVM on this physical CPU: the host save area VMRUN uses, the page VMSAVE keeps the
+/// host's FS/GS/TR/LDTR and syscall MSRs in while a guest runs, and what the FPU
+/// switch can do here.
 #[derive(Debug)]
 pub struct Svm {
     /// Kept for the life of the hypervisor.
     _hsave: u64,
+    /// The host's VMSAVE page (APM 15.5.2).
+    host_vmsave: u64,
+    fpu: HostFpu,
+    /// The host's IA32_TSC_AUX (restored after a guest with another value ran); None
+    /// where the CPU has no TSC_AUX.
+    host_tsc_aux: Option<u64>,
 }
 
-/// One SVM vCPU: its VMCB and permission maps.
+/// One SVM vCPU: its VMCB and permission maps, its FPU state and the state VMRUN
+/// does not switch.
 #[derive(Debug)]
 pub struct SvmVcpu {
     vmcb: u64,
     iopm: u64,
     msrpm: u64,
+    /// The physical CPU's host VMSAVE page (the vCPU runs only on the CPU that made it).
+    host_vmsave: u64,
+    fpu: GuestFpu,
+    /// The guest's IA32_TSC_AUX and the host's (None: no such MSR on this CPU).
+    tsc_aux: u64,
+    host_tsc_aux: Option<u64>,
+    /// A copy of VMCB TSC_OFFSET.
+    tsc_offset: u64,
 }
 
 // Instruction lengths for the exits we emulate, since QEMU TCG has no NRIPS
@@ -45,6 +77,8 @@ const LEN_CPUID: u64 = 2;
 const LEN_MSR: u64 = 2;
 const LEN_HLT: u64 = 1;
 const LEN_VMMCALL: u64 = 3;
+/// XSETBV: 0F 01 D1.
+const LEN_XSETBV: u64 = 3;
 
 impl Backend for Svm {
     type Paging = Npt;
@@ -55,9 +89,11 @@ impl Backend for Svm {
     const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
 
     fn enable(_caps: &Capabilities, pool: &mut FramePool) -> Result<Self, ArchError> {
+        let fpu = HostFpu::enable();
         // APM Vol. 2 15.4: the probe already refused SVMDIS=1 (VM_CR), so EFER.SVME
         // can be set. 15.30.4: VM_HSAVE_PA names the page where VMRUN saves host state.
         let hsave = pool.alloc_zeroed()?;
+        let host_vmsave = pool.alloc_zeroed()?;
         // SAFETY: EFER and VM_HSAVE_PA exist on every SVM CPU (CPUID.80000001:ECX[2] checked by the probe). Setting
         // EFER.SVME only enables the SVM instructions; it does not change how the running code executes. The host
         // save area is a page we own for the life of the hypervisor.
@@ -66,7 +102,13 @@ impl Backend for Svm {
             x86::msr::wrmsr(MSR_EFER, efer | EFER_SVME);
             x86::msr::wrmsr(MSR_VM_HSAVE_PA, hsave);
         }
-        Ok(Self { _hsave: hsave })
+        // IA32_TSC_AUX exists with RDTSCP or RDPID (CPUID.80000001:EDX[27], 7.0:ECX[22]);
+        // `-cpu qemu64,+svm` has neither, and then no guest is offered them either.
+        let has_tsc_aux = core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 27) != 0
+            || core::arch::x86_64::__cpuid_count(7, 0).ecx & (1 << 22) != 0;
+        // SAFETY: read only where the MSR exists (above); reading has no side effects.
+        let host_tsc_aux = has_tsc_aux.then(|| unsafe { x86::msr::rdmsr(MSR_TSC_AUX) });
+        Ok(Self { _hsave: hsave, host_vmsave, fpu, host_tsc_aux })
     }
 
     fn create_vcpu(&mut self, pool: &mut FramePool, entry: &GuestEntry) -> Result<SvmVcpu, ArchError> {
@@ -79,7 +121,16 @@ impl Backend for Svm {
         for page in (0..3).map(|i| iopm + i * 4096).chain((0..2).map(|i| msrpm + i * 4096)) {
             pool.bytes_mut(page)?.fill(0xff);
         }
-        let vcpu = SvmVcpu { vmcb, iopm, msrpm };
+        let vcpu = SvmVcpu {
+            vmcb,
+            iopm,
+            msrpm,
+            host_vmsave: self.host_vmsave,
+            fpu: GuestFpu::new(&self.fpu),
+            tsc_aux: 0,
+            host_tsc_aux: self.host_tsc_aux,
+            tsc_offset: 0,
+        };
         vcpu.configure(pool, entry)?;
         Ok(vcpu)
     }
@@ -97,7 +148,9 @@ impl SvmVcpu {
         v.set(vmcb::INTERCEPT_MISC1, 1 | (1 << 18) | (1 << 24) | (1 << 27) | (1 << 28) | (1 << 31));
         // Vector 4: VMRUN(0, required by 15.5.1), VMMCALL(1), VMLOAD(2), VMSAVE(3),
         // STGI(4), CLGI(5), SKINIT(6): a guest never runs SVM instructions itself.
-        v.set(vmcb::INTERCEPT_MISC2, 0x7f);
+        // XSETBV(13): XCR0 is switched by the core and limited to the policy (15.5.1:
+        // VMRUN does not switch XCR0).
+        v.set(vmcb::INTERCEPT_MISC2, 0x7f | (1 << 13));
         v.set(vmcb::IOPM_BASE_PA, self.iopm);
         v.set(vmcb::MSRPM_BASE_PA, self.msrpm);
         v.set(vmcb::GUEST_ASID, 1); // ASID 0 is the host's (15.16)
@@ -149,10 +202,28 @@ impl Vcpu for SvmVcpu {
         if let Some(ticks) = slice {
             crate::drivers::lapic::arm_one_shot(ticks);
         }
+        let host_aux = self.host_tsc_aux.filter(|h| *h != self.tsc_aux);
+        // SAFETY: the hypervisor runs with interrupts off here and executes no x87/SSE code (soft-float target), so
+        // the registers are this vCPU's from here to `save`; TSC_AUX exists on every SVM CPU and the host does not
+        // read it (no RDTSCP/RDPID in the hypervisor) until it is put back below.
+        unsafe {
+            self.fpu.load();
+            if host_aux.is_some() {
+                x86::msr::wrmsr(MSR_TSC_AUX, self.tsc_aux);
+            }
+        }
         // SAFETY: EFER.SVME and VM_HSAVE_PA were set in `enable`; the VMCB describes a guest whose memory is mapped
         // only through our nested tables, intercepts VMRUN and all SVM instructions, I/O and MSRs. hv_svm_run saves
-        // and restores every callee-saved register and follows the SysV ABI it is declared with.
-        unsafe { hv_svm_run(self.vmcb, regs) };
+        // and restores every callee-saved register and follows the SysV ABI it is declared with; the host VMSAVE
+        // page is this CPU's own.
+        unsafe { hv_svm_run(self.vmcb, regs, self.host_vmsave) };
+        // SAFETY: as above: the registers still hold this vCPU's state.
+        unsafe {
+            self.fpu.save();
+            if let Some(h) = host_aux {
+                x86::msr::wrmsr(MSR_TSC_AUX, h);
+            }
+        }
         if slice.is_some() {
             crate::drivers::lapic::disarm();
         }
@@ -172,6 +243,7 @@ impl Vcpu for SvmVcpu {
             // EXITINFO2 the faulting guest-physical address.
             vmcb::exit::NPF => (ExitReason::NestedPageFault { gpa: info2, write: info1 & 2 != 0 }, 0),
             vmcb::exit::CPUID => (ExitReason::Cpuid, LEN_CPUID),
+            vmcb::exit::XSETBV => (ExitReason::Xsetbv, LEN_XSETBV),
             // 15.10.2: EXITINFO1 bit 0 = IN, bit 2 = string, bits 6:4 = size one-hot,
             // bits 31:16 = port; EXITINFO2 = the next instruction's RIP.
             vmcb::exit::IOIO => {
@@ -259,13 +331,84 @@ impl Vcpu for SvmVcpu {
         Ok(())
     }
 
+    fn control_state(&mut self) -> Result<ControlState, ArchError> {
+        let v = self.vmcb();
+        Ok(ControlState { cr0: v.get(vmcb::CR0), cr4: v.get(vmcb::CR4), cpl: v.get(vmcb::CPL) & 3 })
+    }
+
+    fn read_msr(&mut self, msr: GuestMsr) -> Result<u64, ArchError> {
+        // `hv_svm_run` VMSAVEs after every #VMEXIT, so the VMLOAD/VMSAVE fields are the
+        // guest's current values (15.5.2).
+        let v = self.vmcb();
+        Ok(match msr {
+            GuestMsr::Efer => v.get(vmcb::EFER) & !EFER_SVME,
+            GuestMsr::Pat => v.get(vmcb::G_PAT),
+            GuestMsr::Star => v.get(vmcb::STAR),
+            GuestMsr::Lstar => v.get(vmcb::LSTAR),
+            GuestMsr::Cstar => v.get(vmcb::CSTAR),
+            GuestMsr::Sfmask => v.get(vmcb::SFMASK),
+            GuestMsr::KernelGsBase => v.get(vmcb::KERNEL_GS_BASE),
+            GuestMsr::FsBase => v.segment(Segment::Fs).3,
+            GuestMsr::GsBase => v.segment(Segment::Gs).3,
+            GuestMsr::SysenterCs => v.get(vmcb::SYSENTER_CS),
+            GuestMsr::SysenterEsp => v.get(vmcb::SYSENTER_ESP),
+            GuestMsr::SysenterEip => v.get(vmcb::SYSENTER_EIP),
+            GuestMsr::TscAux => self.tsc_aux,
+        })
+    }
+
+    fn write_msr(&mut self, msr: GuestMsr, value: u64) -> Result<(), ArchError> {
+        let mut v = self.vmcb();
+        match msr {
+            // 15.5.1: EFER.SVME stays set in the guest's EFER.
+            GuestMsr::Efer => v.set(vmcb::EFER, value | EFER_SVME),
+            GuestMsr::Pat => v.set(vmcb::G_PAT, value),
+            GuestMsr::Star => v.set(vmcb::STAR, value),
+            GuestMsr::Lstar => v.set(vmcb::LSTAR, value),
+            GuestMsr::Cstar => v.set(vmcb::CSTAR, value),
+            GuestMsr::Sfmask => v.set(vmcb::SFMASK, value),
+            GuestMsr::KernelGsBase => v.set(vmcb::KERNEL_GS_BASE, value),
+            GuestMsr::FsBase => {
+                let (sel, attr, limit, _) = v.segment(Segment::Fs);
+                v.set_segment(Segment::Fs, sel, attr, limit, value);
+            }
+            GuestMsr::GsBase => {
+                let (sel, attr, limit, _) = v.segment(Segment::Gs);
+                v.set_segment(Segment::Gs, sel, attr, limit, value);
+            }
+            GuestMsr::SysenterCs => v.set(vmcb::SYSENTER_CS, value),
+            GuestMsr::SysenterEsp => v.set(vmcb::SYSENTER_ESP, value),
+            GuestMsr::SysenterEip => v.set(vmcb::SYSENTER_EIP, value),
+            GuestMsr::TscAux if self.host_tsc_aux.is_none() => {
+                return Err(ArchError::Unsupported("IA32_TSC_AUX on a CPU without RDTSCP or RDPID"));
+            }
+            GuestMsr::TscAux => self.tsc_aux = value,
+        }
+        Ok(())
+    }
+
+    fn tsc_offset(&self) -> u64 {
+        self.tsc_offset
+    }
+
+    fn set_tsc_offset(&mut self, offset: u64) -> Result<(), ArchError> {
+        self.tsc_offset = offset;
+        self.vmcb().set(vmcb::TSC_OFFSET, offset);
+        Ok(())
+    }
+
+    fn fpu(&self) -> &GuestFpu {
+        &self.fpu
+    }
+
+    fn fpu_mut(&mut self) -> &mut GuestFpu {
+        &mut self.fpu
+    }
+
     // The state-save area (APM Vol. 2 Appendix B, Table B-2) holds everything the
-    // snapshot needs. Caveat: FS, GS, TR, LDTR, STAR, LSTAR, CSTAR, SFMASK,
-    // KernelGsBase and SYSENTER_* are loaded and saved by VMLOAD/VMSAVE (15.5.2), not by
-    // VMRUN/#VMEXIT, and `hv_svm_run` uses neither: the VMCB copies of those are the
-    // values `configure` or `load_state` put there. Guests cannot write those MSRs here
-    // (every WRMSR is intercepted and answered with #GP by the core), but a guest that
-    // reloads FS/GS/TR/LDTR itself is not captured until the run path VMLOADs/VMSAVEs.
+    // snapshot needs: FS, GS, TR, LDTR, STAR, LSTAR, CSTAR, SFMASK, KernelGsBase and
+    // SYSENTER_* are VMSAVEd into it after every #VMEXIT and VMLOADed from it before
+    // every VMRUN (15.5.2, `hv_svm_run`).
     fn save_state(&mut self, regs: &GuestRegs) -> Result<VcpuSnapshot, ArchError> {
         let v = self.vmcb();
         let seg = |s: Segment| {
@@ -435,7 +578,7 @@ unsafe extern "sysv64" {
     /// Enter the guest described by the VMCB at physical address `vmcb` with the
     /// general registers in `regs`; return at #VMEXIT with the guest's registers
     /// stored back into `regs` (RAX and RSP are in the VMCB).
-    fn hv_svm_run(vmcb: u64, regs: *mut GuestRegs);
+    fn hv_svm_run(vmcb: u64, regs: *mut GuestRegs, host_vmsave: u64);
 }
 
 // APM Vol. 2 15.5 (VMRUN) and 15.6 (#VMEXIT): VMRUN saves the host's RAX, RSP, RIP,
@@ -443,7 +586,9 @@ unsafe extern "sysv64" {
 // every other general register is left holding the guest's value, so we save the
 // host's callee-saved registers around it and swap the guest's into `regs`.
 // CLGI/STGI bracket the world switch so no interrupt can arrive in the host half of
-// it. Host RFLAGS.IF is set inside that window so that, with V_INTR_MASKING, a
+// it, nor while VMLOAD has put the guest's TR and GS base in place (15.5.2: VMSAVE
+// the host's FS/GS/TR/LDTR/KernelGsBase/STAR/LSTAR/CSTAR/SFMASK/SYSENTER_* into
+// `host_vmsave`, VMLOAD the guest's from its VMCB; after #VMEXIT the reverse). Host RFLAGS.IF is set inside that window so that, with V_INTR_MASKING, a
 // physical interrupt (the LAPIC timer that ends a time slice) causes #VMEXIT(INTR)
 // (15.21.1); STGI then lets it be taken by our IDT, which acknowledges it, and CLI
 // returns to running with interrupts off.
@@ -456,8 +601,13 @@ global_asm!(
     "push r13",
     "push r14",
     "push r15",
-    "push rsi",     // GuestRegs pointer, found again at [rsp] after the exit
-    "mov rax, rdi", // VMCB physical address, VMRUN's operand
+    "push rdx", // host VMSAVE page, at [rsp + 8] after the exit
+    "push rsi", // GuestRegs pointer, found again at [rsp] after the exit
+    "clgi",
+    "mov rax, rdx",
+    "vmsave rax",   // the host's FS/GS/TR/LDTR and syscall MSRs
+    "mov rax, rdi", // VMCB physical address, VMLOAD's and VMRUN's operand
+    "vmload rax",   // the guest's
     "mov rbx, [rsi + 8*1]",
     "mov rcx, [rsi + 8*2]",
     "mov rdx, [rsi + 8*3]",
@@ -472,10 +622,12 @@ global_asm!(
     "mov r14, [rsi + 8*13]",
     "mov r15, [rsi + 8*14]",
     "mov rsi, [rsi + 8*4]",
-    "clgi",
-    "sti", // GIF=0 still blocks interrupts; the guest runs with HIF=1
-    "vmrun rax",
-    "stgi", // a pending physical interrupt (our timer) is taken here
+    "sti",        // GIF=0 still blocks interrupts; the guest runs with HIF=1
+    "vmrun rax",  // #VMEXIT gives RAX back (the VMCB address, from the host save area)
+    "vmsave rax", // the guest's FS/GS/TR/LDTR and syscall MSRs into its VMCB
+    "mov rax, [rsp + 8]",
+    "vmload rax", // the host's back, before any interrupt can be taken
+    "stgi",       // a pending physical interrupt (our timer) is taken here
     "cli",
     "push rsi",           // guest RSI
     "mov rsi, [rsp + 8]", // GuestRegs pointer
@@ -494,7 +646,7 @@ global_asm!(
     "mov [rsi + 8*14], r15",
     "pop rax",
     "mov [rsi + 8*4], rax",
-    "add rsp, 8",
+    "add rsp, 16",
     "pop r15",
     "pop r14",
     "pop r13",
@@ -511,7 +663,16 @@ mod tests {
 
     /// A vCPU whose VMCB is a heap page (the host test stands in for the identity map).
     fn vcpu(page: &mut [u8; 4096]) -> SvmVcpu {
-        SvmVcpu { vmcb: page as *mut [u8; 4096] as u64, iopm: 0, msrpm: 0 }
+        SvmVcpu {
+            vmcb: page as *mut [u8; 4096] as u64,
+            iopm: 0,
+            msrpm: 0,
+            host_vmsave: 0,
+            fpu: GuestFpu::new(&HostFpu::FXSAVE_ONLY),
+            tsc_aux: 0,
+            host_tsc_aux: None,
+            tsc_offset: 0,
+        }
     }
 
     fn snapshot() -> VcpuSnapshot {
@@ -573,6 +734,35 @@ mod tests {
         assert_eq!(b.get(vmcb::INTERRUPT_SHADOW), 1);
         assert_eq!(b.get(vmcb::VMCB_CLEAN), 0);
         assert_eq!(b.segment(Segment::Gdtr), (0, 0, 0x7f, 0xffff_fe00_0000_1000));
+    }
+
+    #[test]
+    fn guest_msrs_live_in_the_vmcb_fields_vmload_uses() {
+        let mut page = Box::new([0u8; 4096]);
+        let mut v = vcpu(&mut page);
+        v.write_msr(GuestMsr::Efer, 0xd01).unwrap();
+        assert_eq!(v.read_msr(GuestMsr::Efer).unwrap(), 0xd01, "SVME hidden");
+        assert_eq!(v.vmcb().get(vmcb::EFER), 0xd01 | EFER_SVME, "SVME kept for VMRUN (15.5.1)");
+        v.vmcb().set_segment(Segment::Fs, 0x2b, 0xcf3, 0xffff_ffff, 0);
+        v.write_msr(GuestMsr::FsBase, 0x7f00_0000_1000).unwrap();
+        assert_eq!(v.vmcb().segment(Segment::Fs), (0x2b, 0xcf3, 0xffff_ffff, 0x7f00_0000_1000), "only the base");
+        for (m, f) in [
+            (GuestMsr::Star, vmcb::STAR),
+            (GuestMsr::Lstar, vmcb::LSTAR),
+            (GuestMsr::Cstar, vmcb::CSTAR),
+            (GuestMsr::Sfmask, vmcb::SFMASK),
+            (GuestMsr::KernelGsBase, vmcb::KERNEL_GS_BASE),
+            (GuestMsr::SysenterEip, vmcb::SYSENTER_EIP),
+            (GuestMsr::Pat, vmcb::G_PAT),
+        ] {
+            v.write_msr(m, 0x1234_5678).unwrap();
+            assert_eq!(v.vmcb().get(f), 0x1234_5678, "{m:?}");
+            assert_eq!(v.read_msr(m).unwrap(), 0x1234_5678);
+        }
+        // No TSC_AUX on this (test) CPU: refused, not silently dropped.
+        assert!(v.write_msr(GuestMsr::TscAux, 1).is_err());
+        v.set_tsc_offset(u64::MAX - 5).unwrap();
+        assert_eq!((v.tsc_offset(), v.vmcb().get(vmcb::TSC_OFFSET)), (u64::MAX - 5, u64::MAX - 5));
     }
 
     #[test]

@@ -124,6 +124,8 @@ pub const INTERCEPT_MISC2: Field<u32> = f(0x010, "INTERCEPT_MISC2");
 pub const IOPM_BASE_PA: Field<u64> = f(0x040, "IOPM_BASE_PA");
 /// Physical base of the MSR permission map (8 KiB).
 pub const MSRPM_BASE_PA: Field<u64> = f(0x048, "MSRPM_BASE_PA");
+/// TSC offset (15.30.5): added to the TSC for the guest's RDTSC/RDTSCP.
+pub const TSC_OFFSET: Field<u64> = f(0x050, "TSC_OFFSET");
 /// Guest ASID (must not be 0).
 pub const GUEST_ASID: Field<u32> = f(0x058, "GUEST_ASID");
 /// TLB control (1 = flush all on VMRUN).
@@ -220,6 +222,8 @@ pub mod exit {
     pub const VMMCALL: u64 = 0x81;
     /// SKINIT (last of the SVM-instruction intercepts).
     pub const SKINIT: u64 = 0x86;
+    /// XSETBV (the XSETBV intercept, vector 4 bit 13).
+    pub const XSETBV: u64 = 0x8d;
     /// Nested page fault.
     pub const NPF: u64 = 0x400;
     /// VMRUN consistency check failed.

@@ -1,6 +1,23 @@
 //! Intel VMX backend (SDM Vol. 3C chapters 24-29): enter VMX operation, build a VMCS
 //! for a 64-bit guest under EPT, launch it and decode VM exits into the arch-neutral
 //! exit.
+//!
+//! Guest MSR state and how it is switched (every RDMSR/WRMSR exits: no MSR bitmap):
+//! - EFER: VMCS guest field with "load IA32_EFER" on entry and "save/load IA32_EFER"
+//!   on exit (25.7.1, 25.8.1).
+//! - FS/GS base, SYSENTER_CS/ESP/EIP: VMCS guest-state fields, always loaded on entry
+//!   and saved on exit (25.4.1, 27.3.2.1, 28.3.2); the host's come from the host-state
+//!   fields (28.5.1).
+//! - STAR, LSTAR, CSTAR, SFMASK, KERNEL_GS_BASE, TSC_AUX and PAT: no (used) VMCS field.
+//!   One page per vCPU holds the VM-entry MSR-load list, which is also the VM-exit
+//!   MSR-store list (25.8.2, 25.7.2: the guest's values are loaded at entry and stored
+//!   at exit, so SWAPGS's changes to KERNEL_GS_BASE are kept), and in its upper half
+//!   the VM-exit MSR-load list with the host's values (28.6).
+//! - The TSC: "use TSC offsetting" and the TSC offset field (26.6.5); RDTSCP and
+//!   INVPCID are enabled where the CPU allows (secondary controls 3 and 12), since the
+//!   policy offers them.
+//! - x87/SSE/AVX state and XCR0: [`super::fpu`], around VM entry; XSETBV always exits
+//!   (exit reason 55, 26.1.2).
 
 pub mod vmcs;
 
@@ -9,8 +26,9 @@ use core::arch::global_asm;
 use self::vmcs::Field;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use super::fpu::{GuestFpu, HostFpu};
 use super::state::{self, DescriptorTable, PendingEvent, SegmentRegister, VcpuSnapshot};
-use super::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs, Vcpu};
+use super::{ArchError, Backend, ControlState, Exit, ExitReason, GuestEntry, GuestMsr, GuestRegs, Vcpu};
 use crate::drivers::tables::{self, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
@@ -50,6 +68,7 @@ const LDTR: SegmentFields =
 #[derive(Debug)]
 pub struct Vmx {
     caps: VmxCaps,
+    fpu: HostFpu,
     /// Kept for the life of VMX operation.
     _vmxon: u64,
     /// IA32_VMX_MISC[4:0]: the preemption timer counts every 2^shift TSC ticks.
@@ -75,32 +94,64 @@ pub struct VmxVcpu {
     /// save them, SDM 27.3.2 / 28.3), so `run` switches the physical registers.
     cr2: u64,
     dr6: u64,
-    /// MSRs the snapshot carries that this backend does not switch (see [`UnswitchedMsrs`]).
-    msrs: UnswitchedMsrs,
+    /// The page of MSR lists (see the module documentation and [`MsrArea`]).
+    msr_area: u64,
+    /// How many MSRs the lists hold ([`AREA_MSRS`], without TSC_AUX on a CPU without RDTSCP).
+    msr_count: usize,
+    tsc_offset: u64,
+    fpu: GuestFpu,
     /// The read-only exit-information fields describe this vCPU's last exit (false
     /// before the first exit and after `load_state`).
     exit_info_valid: bool,
 }
 
-/// MSRs of a [`VcpuSnapshot`] that have no guest-state field in the VMCS (STAR, LSTAR,
-/// CSTAR, SFMASK, KERNEL_GS_BASE) or that this backend does not load on entry (PAT:
-/// `configure` sets neither "load IA32_PAT" nor "save IA32_PAT"). Guests cannot write
-/// any of them (every WRMSR exits and the core answers #GP), so they are kept here as
-/// values, carried from `load_state` to `save_state`; putting them into the hardware
-/// needs the VM-entry MSR-load area, which the backend does not use yet.
-#[derive(Debug, Clone, Copy)]
-struct UnswitchedMsrs {
-    pat: u64,
-    star: u64,
-    lstar: u64,
-    cstar: u64,
-    sfmask: u64,
-    kernel_gs_base: u64,
-}
+const MSR_STAR: u32 = 0xc000_0081;
+const MSR_LSTAR: u32 = 0xc000_0082;
+const MSR_CSTAR: u32 = 0xc000_0083;
+const MSR_SFMASK: u32 = 0xc000_0084;
+const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+const MSR_PAT: u32 = 0x277;
+const MSR_TSC_AUX: u32 = 0xc000_0103;
 
-impl Default for UnswitchedMsrs {
-    fn default() -> Self {
-        Self { pat: PAT_DEFAULT, star: 0, lstar: 0, cstar: 0, sfmask: 0, kernel_gs_base: 0 }
+/// The MSRs switched through the VM-entry/VM-exit MSR lists, in list order, with the
+/// guest's value after reset. TSC_AUX is last so a CPU without RDTSCP (where loading
+/// it would fail the entry, 27.4) simply lists one fewer.
+const AREA_MSRS: [(u32, u64); 7] = [
+    (MSR_PAT, PAT_DEFAULT),
+    (MSR_STAR, 0),
+    (MSR_LSTAR, 0),
+    (MSR_CSTAR, 0),
+    (MSR_SFMASK, 0),
+    (MSR_KERNEL_GS_BASE, 0),
+    (MSR_TSC_AUX, 0),
+];
+/// Byte offset of the VM-exit MSR-load list (the host's values) in the page.
+const HOST_LIST: usize = 2048;
+
+/// The page of MSR lists: entries of 16 bytes, MSR index in bits 31:0, value in bytes
+/// 8-15 (SDM Vol. 3C 25.7.2, Table 25-15).
+#[derive(Debug)]
+struct MsrArea<'a>(&'a mut [u8; 4096]);
+
+impl MsrArea<'_> {
+    fn set_entry(&mut self, at: usize, msr: u32, value: u64) {
+        self.0[at..at + 4].copy_from_slice(&msr.to_le_bytes());
+        self.0[at + 4..at + 8].fill(0);
+        self.0[at + 8..at + 16].copy_from_slice(&value.to_le_bytes());
+    }
+    fn slot(msr: u32) -> Option<usize> {
+        AREA_MSRS.iter().position(|(m, _)| *m == msr).map(|i| i * 16)
+    }
+    fn guest(&self, msr: u32) -> Option<u64> {
+        let at = Self::slot(msr)?;
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&self.0[at + 8..at + 16]);
+        Some(u64::from_le_bytes(v))
+    }
+    fn set_guest(&mut self, msr: u32, value: u64) -> Option<()> {
+        let at = Self::slot(msr)?;
+        self.0[at + 8..at + 16].copy_from_slice(&value.to_le_bytes());
+        Some(())
     }
 }
 
@@ -137,6 +188,8 @@ impl Backend for Vmx {
         let Virtualization::Vmx(vmx) = caps.virtualization else {
             return Err(ArchError::Unsupported("VMX backend on a CPU without VMX"));
         };
+        // Before anything reads CR4 for the VMCS host state (CR4.OSXSAVE, OSFXSR).
+        let fpu = HostFpu::enable();
         let vmxon = pool.alloc_zeroed()?;
         // SDM Vol. 3C 25.11.5: the VMXON region starts with the VMCS revision id.
         pool.bytes_mut(vmxon)?[..4].copy_from_slice(&vmx.vmcs_revision.to_le_bytes());
@@ -162,12 +215,27 @@ impl Backend for Vmx {
         // SAFETY: 24.11.5: VMXON with a 4 KiB aligned region carrying the revision id,
         // with CR0/CR4 fixed bits satisfied and feature control enabled (above).
         unsafe { x86::bits64::vmx::vmxon(vmxon) }.map_err(|f| vmcs::fail("VMXON", f))?;
-        Ok(Self { caps: vmx, _vmxon: vmxon, preemption_shift: (misc & 0x1f) as u32 })
+        Ok(Self { caps: vmx, fpu, _vmxon: vmxon, preemption_shift: (misc & 0x1f) as u32 })
     }
 
     fn create_vcpu(&mut self, pool: &mut FramePool, entry: &GuestEntry) -> Result<VmxVcpu, ArchError> {
         let vmcs = pool.alloc_zeroed()?;
         pool.bytes_mut(vmcs)?[..4].copy_from_slice(&self.caps.vmcs_revision.to_le_bytes());
+        // The MSR lists: the guest's reset values, and the host's current ones (which it
+        // never changes) to load back at every exit. TSC_AUX only where RDTSCP exists.
+        let msr_area = pool.alloc_zeroed()?;
+        let rdtscp = core::arch::x86_64::__cpuid(0x8000_0001).edx & (1 << 27) != 0;
+        let msr_count = if rdtscp { AREA_MSRS.len() } else { AREA_MSRS.len() - 1 };
+        {
+            let mut area = MsrArea(pool.bytes_mut(msr_area)?);
+            for (i, &(msr, reset)) in AREA_MSRS.iter().take(msr_count).enumerate() {
+                // SAFETY: each of these MSRs exists on a 64-bit VMX CPU (TSC_AUX only
+                // when RDTSCP does, checked above); reading has no side effects.
+                let host = unsafe { x86::msr::rdmsr(msr) };
+                area.set_entry(i * 16, msr, reset);
+                area.set_entry(HOST_LIST + i * 16, msr, host);
+            }
+        }
         // SAFETY: 25.11.3: VMCLEAR initialises the VMCS region we own; VMPTRLD makes it
         // current. Both take its physical address.
         unsafe { x86::bits64::vmx::vmclear(vmcs) }.map_err(|f| vmcs::fail("VMCLEAR", f))?;
@@ -186,27 +254,36 @@ impl Backend for Vmx {
             cr2: 0,
             // DR6's value after reset (SDM Vol. 3B 19.2.3), as `configure` leaves the guest.
             dr6: 0xffff_0ff0,
-            msrs: UnswitchedMsrs::default(),
+            msr_area,
+            msr_count,
+            tsc_offset: 0,
+            fpu: GuestFpu::new(&self.fpu),
             exit_info_valid: false,
         };
         vcpu.make_current()?;
-        vcpu.eptp = self.configure(entry)?;
+        vcpu.eptp = self.configure(entry, msr_area, msr_count as u64)?;
         Ok(vcpu)
     }
 }
 
 impl Vmx {
-    /// Write the whole VMCS for a vCPU starting at `entry`; returns the EPTP.
-    fn configure(&self, entry: &GuestEntry) -> Result<u64, ArchError> {
+    /// Write the whole VMCS for a vCPU starting at `entry` with its MSR lists in the
+    /// page `msr_area` (`msr_count` entries); returns the EPTP.
+    fn configure(&self, entry: &GuestEntry, msr_area: u64, msr_count: u64) -> Result<u64, ArchError> {
         let c = &self.caps;
         // 25.6.1-25.6.2, 25.7.1, 25.8.1. Pin: activate the VMX-preemption timer (6)
         // where the CPU has it (our time slices).
         let pin = adjust_controls("pin-based", if c.preemption_timer { 1 << 6 } else { 0 }, c.pinbased)?;
-        // Primary: HLT exiting (7), unconditional I/O exiting (24), activate secondary
-        // controls (31). MSR bitmaps are off, so every RDMSR/WRMSR exits.
-        let proc = adjust_controls("primary processor-based", (1 << 7) | (1 << 24) | (1 << 31), c.procbased)?;
-        // Secondary: enable EPT (1).
-        let proc2 = adjust_controls("secondary processor-based", 1 << 1, c.procbased2)?;
+        // Primary: use TSC offsetting (3), HLT exiting (7), unconditional I/O exiting
+        // (24), activate secondary controls (31). MSR bitmaps are off, so every
+        // RDMSR/WRMSR exits.
+        let proc =
+            adjust_controls("primary processor-based", (1 << 3) | (1 << 7) | (1 << 24) | (1 << 31), c.procbased)?;
+        // Secondary: enable EPT (1); where allowed, enable RDTSCP (3) and enable INVPCID
+        // (12): without them RDTSCP/RDPID and INVPCID raise #UD in the guest (25.6.2),
+        // and the policy offers them when the host has them.
+        let optional = ((1 << 3) | (1 << 12)) & (c.procbased2 >> 32) as u32;
+        let proc2 = adjust_controls("secondary processor-based", (1 << 1) | optional, c.procbased2)?;
         // Exit: host address-space size (9), save IA32_EFER (20), load IA32_EFER (21).
         let exit = adjust_controls("VM-exit", (1 << 9) | (1 << 20) | (1 << 21), c.exit)?;
         // Entry: IA-32e mode guest (9), load IA32_EFER (15).
@@ -233,9 +310,15 @@ impl Vmx {
             (vmcs::CR0_SHADOW, 0),
             (vmcs::CR4_SHADOW, 0),
             (vmcs::CR3_TARGET_COUNT, 0),
-            (vmcs::EXIT_MSR_STORE_COUNT, 0),
-            (vmcs::EXIT_MSR_LOAD_COUNT, 0),
-            (vmcs::ENTRY_MSR_LOAD_COUNT, 0),
+            // 25.7.2 / 25.8.2: the guest's list is loaded at entry and stored at exit;
+            // the host's (upper half of the page) is loaded at exit.
+            (vmcs::ENTRY_MSR_LOAD_ADDR, msr_area),
+            (vmcs::EXIT_MSR_STORE_ADDR, msr_area),
+            (vmcs::EXIT_MSR_LOAD_ADDR, msr_area + HOST_LIST as u64),
+            (vmcs::EXIT_MSR_STORE_COUNT, msr_count),
+            (vmcs::EXIT_MSR_LOAD_COUNT, msr_count),
+            (vmcs::ENTRY_MSR_LOAD_COUNT, msr_count),
+            (vmcs::TSC_OFFSET, 0),
             (vmcs::ENTRY_INTR_INFO, 0),
             (vmcs::EPTP, eptp),
         ];
@@ -257,6 +340,20 @@ impl VmxVcpu {
             CURRENT_VMCS.store(self.vmcs, Ordering::Relaxed);
         }
         Ok(())
+    }
+
+    /// The vCPU's MSR lists.
+    fn area(&mut self) -> MsrArea<'_> {
+        // SAFETY: the page was allocated for this vCPU in `create_vcpu` and is reached
+        // only through `&mut self`; the processor reads and writes it only during VM
+        // entry and exit, inside `run`, which holds `&mut self`.
+        MsrArea(unsafe { &mut *(self.msr_area as *mut [u8; 4096]) })
+    }
+
+    /// The guest's value of an MSR kept in the lists.
+    fn area_msr(&mut self, msr: GuestMsr) -> Result<u64, ArchError> {
+        let index = area_index(msr)?;
+        self.area().guest(index).ok_or(ArchError::Unsupported("MSR not in the MSR lists"))
     }
 
     /// Put this vCPU's CR2 and DR6 into the physical registers before VM entry.
@@ -288,6 +385,20 @@ impl VmxVcpu {
         }
         self.dr6 = dr6;
     }
+}
+
+/// The MSR index of a [`GuestMsr`] the MSR lists hold.
+fn area_index(msr: GuestMsr) -> Result<u32, ArchError> {
+    Ok(match msr {
+        GuestMsr::Pat => MSR_PAT,
+        GuestMsr::Star => MSR_STAR,
+        GuestMsr::Lstar => MSR_LSTAR,
+        GuestMsr::Cstar => MSR_CSTAR,
+        GuestMsr::Sfmask => MSR_SFMASK,
+        GuestMsr::KernelGsBase => MSR_KERNEL_GS_BASE,
+        GuestMsr::TscAux => MSR_TSC_AUX,
+        _ => return Err(ArchError::Unsupported("MSR with a VMCS field, not in the MSR lists")),
+    })
 }
 
 /// VMREAD a guest segment register. `ss`: keep the DPL of an unusable SS, which is
@@ -330,10 +441,15 @@ impl Vcpu for VmxVcpu {
             vmcs::write(vmcs::GUEST_PREEMPTION_TIMER, u64::from(u32::MAX))?;
         }
         self.load_cr2_dr6();
+        // SAFETY: interrupts are off and the hypervisor executes no x87/SSE code (soft-float target), so from here
+        // to `save` the registers are this vCPU's.
+        unsafe { self.fpu.load() };
         // SAFETY: the current VMCS is fully configured (`create_vcpu`), HOST_RIP points
         // at hv_vmx_exit, and hv_vmx_enter writes HOST_RSP itself so the exit lands on
         // this very stack frame; it preserves all callee-saved registers per SysV.
         let status = unsafe { hv_vmx_enter(regs, u64::from(self.launched)) };
+        // SAFETY: as above; after a failed entry the registers are unchanged, still this vCPU's.
+        unsafe { self.fpu.save() };
         self.store_cr2_dr6();
         let instruction = if self.launched { "VMRESUME" } else { "VMLAUNCH" };
         match status {
@@ -377,6 +493,7 @@ impl Vcpu for VmxVcpu {
             }
             31 => (ExitReason::MsrRead, len()?),
             32 => (ExitReason::MsrWrite, len()?),
+            55 => (ExitReason::Xsetbv, len()?),
             // Table 28-7: bit 1 of the qualification = the access was a write.
             62 => (ExitReason::PmlFull, 0),
             7 => (ExitReason::InterruptWindow, 0),
@@ -447,8 +564,84 @@ impl Vcpu for VmxVcpu {
         vmcs::write(vmcs::PROCBASED_CTLS, if on { proc | (1 << 2) } else { proc & !(1 << 2) })
     }
 
-    // Guest-state area (SDM Vol. 3C 25.4), mirroring `write_guest_state`; CR2, DR6
-    // and the MSRs without a VMCS field come from the vCPU (see `UnswitchedMsrs`).
+    fn control_state(&mut self) -> Result<ControlState, ArchError> {
+        self.make_current()?;
+        // 25.6.6: where the guest/host mask has a 1, the guest reads the read shadow.
+        let cr4_mask = vmcs::read(vmcs::CR4_MASK)?;
+        let cr4 = (vmcs::read(vmcs::GUEST_CR4)? & !cr4_mask) | (vmcs::read(vmcs::CR4_SHADOW)? & cr4_mask);
+        let cr0_mask = vmcs::read(vmcs::CR0_MASK)?;
+        let cr0 = (vmcs::read(vmcs::GUEST_CR0)? & !cr0_mask) | (vmcs::read(vmcs::CR0_SHADOW)? & cr0_mask);
+        // 25.4.1: SS.DPL is the CPL.
+        let cpl = ((vmcs::read(vmcs::GUEST_SS_AR)? >> 5) & 3) as u8;
+        Ok(ControlState { cr0, cr4, cpl })
+    }
+
+    fn read_msr(&mut self, msr: GuestMsr) -> Result<u64, ArchError> {
+        self.make_current()?;
+        let field = match msr {
+            GuestMsr::Efer => vmcs::GUEST_EFER,
+            GuestMsr::FsBase => vmcs::GUEST_FS_BASE,
+            GuestMsr::GsBase => vmcs::GUEST_GS_BASE,
+            GuestMsr::SysenterCs => vmcs::GUEST_SYSENTER_CS,
+            GuestMsr::SysenterEsp => vmcs::GUEST_SYSENTER_ESP,
+            GuestMsr::SysenterEip => vmcs::GUEST_SYSENTER_EIP,
+            listed => return self.area_msr(listed),
+        };
+        vmcs::read(field)
+    }
+
+    fn write_msr(&mut self, msr: GuestMsr, value: u64) -> Result<(), ArchError> {
+        self.make_current()?;
+        let field = match msr {
+            GuestMsr::Efer => {
+                // 27.3.1.1: "IA-32e mode guest" must equal the EFER.LMA loaded at entry.
+                let entry = vmcs::read(vmcs::ENTRY_CTLS)?;
+                let entry = if value & EFER_LMA != 0 {
+                    entry | ENTRY_IA32E_MODE_GUEST
+                } else {
+                    entry & !ENTRY_IA32E_MODE_GUEST
+                };
+                vmcs::write(vmcs::ENTRY_CTLS, entry)?;
+                vmcs::GUEST_EFER
+            }
+            GuestMsr::FsBase => vmcs::GUEST_FS_BASE,
+            GuestMsr::GsBase => vmcs::GUEST_GS_BASE,
+            GuestMsr::SysenterCs => vmcs::GUEST_SYSENTER_CS,
+            GuestMsr::SysenterEsp => vmcs::GUEST_SYSENTER_ESP,
+            GuestMsr::SysenterEip => vmcs::GUEST_SYSENTER_EIP,
+            listed => {
+                let index = area_index(listed)?;
+                let count = self.msr_count;
+                if AREA_MSRS.iter().take(count).all(|(m, _)| *m != index) {
+                    return Err(ArchError::Unsupported("IA32_TSC_AUX on a CPU without RDTSCP"));
+                }
+                return self.area().set_guest(index, value).ok_or(ArchError::Unsupported("MSR not in the MSR lists"));
+            }
+        };
+        vmcs::write(field, value)
+    }
+
+    fn tsc_offset(&self) -> u64 {
+        self.tsc_offset
+    }
+
+    fn set_tsc_offset(&mut self, offset: u64) -> Result<(), ArchError> {
+        self.make_current()?;
+        vmcs::write(vmcs::TSC_OFFSET, offset)?;
+        self.tsc_offset = offset;
+        Ok(())
+    }
+
+    fn fpu(&self) -> &GuestFpu {
+        &self.fpu
+    }
+
+    fn fpu_mut(&mut self) -> &mut GuestFpu {
+        &mut self.fpu
+    }
+
+    // Guest-state area (SDM Vol. 3C 25.4), mirroring `write_guest_state`; CR2 and DR6
+    // come from the vCPU, PAT and the syscall MSRs from the MSR lists.
     fn save_state(&mut self, regs: &GuestRegs) -> Result<VcpuSnapshot, ArchError> {
         self.make_current()?;
         // 25.6.6: where the guest/host mask has a 1, the guest reads the read shadow.
@@ -504,7 +697,7 @@ impl Vcpu for VmxVcpu {
             efer: vmcs::read(vmcs::GUEST_EFER)?,
             dr6: self.dr6,
             dr7: vmcs::read(vmcs::GUEST_DR7)?,
-            pat: self.msrs.pat,
+            pat: self.area_msr(GuestMsr::Pat)?,
             cs: read_segment(CS, false)?,
             ds: read_segment(DS, false)?,
             es: read_segment(ES, false)?,
@@ -524,11 +717,11 @@ impl Vcpu for VmxVcpu {
             sysenter_cs: vmcs::read(vmcs::GUEST_SYSENTER_CS)?,
             sysenter_esp: vmcs::read(vmcs::GUEST_SYSENTER_ESP)?,
             sysenter_eip: vmcs::read(vmcs::GUEST_SYSENTER_EIP)?,
-            star: self.msrs.star,
-            lstar: self.msrs.lstar,
-            cstar: self.msrs.cstar,
-            sfmask: self.msrs.sfmask,
-            kernel_gs_base: self.msrs.kernel_gs_base,
+            star: self.area_msr(GuestMsr::Star)?,
+            lstar: self.area_msr(GuestMsr::Lstar)?,
+            cstar: self.area_msr(GuestMsr::Cstar)?,
+            sfmask: self.area_msr(GuestMsr::Sfmask)?,
+            kernel_gs_base: self.area_msr(GuestMsr::KernelGsBase)?,
             interruptibility,
             pending_event,
         })
@@ -607,14 +800,17 @@ impl Vcpu for VmxVcpu {
         }
         self.cr2 = s.cr2;
         self.dr6 = s.dr6;
-        self.msrs = UnswitchedMsrs {
-            pat: s.pat,
-            star: s.star,
-            lstar: s.lstar,
-            cstar: s.cstar,
-            sfmask: s.sfmask,
-            kernel_gs_base: s.kernel_gs_base,
-        };
+        let mut area = self.area();
+        for (msr, value) in [
+            (MSR_PAT, s.pat),
+            (MSR_STAR, s.star),
+            (MSR_LSTAR, s.lstar),
+            (MSR_CSTAR, s.cstar),
+            (MSR_SFMASK, s.sfmask),
+            (MSR_KERNEL_GS_BASE, s.kernel_gs_base),
+        ] {
+            area.set_guest(msr, value).ok_or(ArchError::Unsupported("MSR not in the MSR lists"))?;
+        }
         self.exit_info_valid = false;
         *regs = s.regs;
         Ok(())
@@ -692,6 +888,7 @@ impl Vcpu for VmxVcpu {
         if let Some(buffer) = self.pml {
             pool.free(buffer)?;
         }
+        pool.free(self.msr_area)?;
         // SAFETY: VMCLEAR flushes and deactivates this VMCS (25.11.3) so its frame can
         // be reused; it is not current afterwards.
         let _ = unsafe { x86::bits64::vmx::vmclear(self.vmcs) };
@@ -872,6 +1069,26 @@ global_asm!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn msr_lists_follow_the_sdm_entry_layout() {
+        // 25.7.2, Table 25-15: MSR index in bytes 3:0, reserved 7:4, value 15:8.
+        let mut page = alloc::boxed::Box::new([0xaau8; 4096]);
+        let mut area = MsrArea(&mut page);
+        for (i, &(msr, reset)) in AREA_MSRS.iter().enumerate() {
+            area.set_entry(i * 16, msr, reset);
+            area.set_entry(HOST_LIST + i * 16, msr, 0x1111);
+        }
+        assert_eq!(area.guest(MSR_PAT), Some(PAT_DEFAULT));
+        assert_eq!(area.set_guest(MSR_LSTAR, 0xffff_ffff_8100_0000), Some(()));
+        assert_eq!(area.guest(MSR_LSTAR), Some(0xffff_ffff_8100_0000));
+        assert_eq!(area.guest(MSR_EFER), None, "EFER has a VMCS field, not a list entry");
+        assert_eq!(&page[16..24], &[0x81, 0, 0, 0xc0, 0, 0, 0, 0], "STAR second, reserved half zero");
+        assert_eq!(&page[HOST_LIST + 8..HOST_LIST + 16], &0x1111u64.to_le_bytes());
+        assert_eq!(page[HOST_LIST + 16 * AREA_MSRS.len()], 0xaa, "nothing written past the host list");
+        // TSC_AUX is last, so a CPU without RDTSCP lists one fewer and nothing else moves.
+        assert_eq!(AREA_MSRS[AREA_MSRS.len() - 1].0, MSR_TSC_AUX);
+    }
 
     #[test]
     fn controls_add_must_be_one_bits_and_refuse_unavailable_ones() {

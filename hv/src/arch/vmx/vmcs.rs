@@ -50,6 +50,14 @@ fields! {
     EPTP = control::EPTP_FULL;
     /// Page-modification log address (25.6.18).
     PML_ADDRESS = control::PML_ADDR_FULL;
+    /// TSC offset (25.6.5): the guest's RDTSC/RDTSCP return the TSC plus this.
+    TSC_OFFSET = control::TSC_OFFSET_FULL;
+    /// VM-exit MSR-store address (25.7.2): guest MSR values stored at each exit.
+    EXIT_MSR_STORE_ADDR = control::VMEXIT_MSR_STORE_ADDR_FULL;
+    /// VM-exit MSR-load address (25.7.2): host MSR values loaded at each exit.
+    EXIT_MSR_LOAD_ADDR = control::VMEXIT_MSR_LOAD_ADDR_FULL;
+    /// VM-entry MSR-load address (25.8.2): guest MSR values loaded at each entry.
+    ENTRY_MSR_LOAD_ADDR = control::VMENTRY_MSR_LOAD_ADDR_FULL;
     /// VM-exit MSR-store count.
     EXIT_MSR_STORE_COUNT = control::VMEXIT_MSR_STORE_COUNT;
     /// VM-exit MSR-load count.

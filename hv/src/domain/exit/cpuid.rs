@@ -1,14 +1,48 @@
 //! CPUID: answered from the domain's verified `levelling` policy table, never from the
-//! host. Leaves the policy does not cover read as zeros (the table's rule).
+//! host. Leaves the policy does not cover read as zeros (the table's rule). The
+//! dynamic bits follow the vCPU: OSXSAVE and OSPKE its CR4, the XSAVE sizes of leaf
+//! 0xD its XCR0, the APIC bit its IA32_APIC_BASE.EN, the APIC IDs its index.
+//!
+//! The hypervisor range: leaf 0x4000_0000 names this hypervisor (EBX:ECX:EDX =
+//! "HvRustUnikrn", EAX = 0x4000_0000, the highest hypervisor leaf) and every other
+//! hypervisor leaf is zeros. It offers no paravirtual interface, so it claims none:
+//! not KVM's signature, nor its feature leaf 0x4000_0001.
 
 use super::{Action, ExitCtx};
 use crate::arch::{Backend, Exit};
+
+/// The hypervisor range (by convention: Intel and AMD reserve 0x4000_0000-0x4FFF_FFFF
+/// for software, SDM Vol. 2A CPUID, APM Vol. 3 E.1).
+const HYPERVISOR_LEAVES: core::ops::RangeInclusive<u32> = 0x4000_0000..=0x4fff_ffff;
+
+/// The vendor signature of leaf 0x4000_0000, as EBX, ECX, EDX.
+pub const SIGNATURE: &[u8; 12] = b"HvRustUnikrn";
+
+/// The answer for a hypervisor-range leaf.
+pub fn hypervisor_leaf(leaf: u32) -> [u32; 4] {
+    let word = |i: usize| u32::from_le_bytes([SIGNATURE[i], SIGNATURE[i + 1], SIGNATURE[i + 2], SIGNATURE[i + 3]]);
+    match leaf {
+        0x4000_0000 => [0x4000_0000, word(0), word(4), word(8)],
+        _ => [0; 4],
+    }
+}
 
 /// Answer the CPUID in RAX/RCX and continue after it.
 pub fn handle<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action {
     let slot = &mut ctx.d.vcpus[ctx.vi];
     let (leaf, sub) = (slot.regs.rax as u32, slot.regs.rcx as u32);
-    let r = ctx.d.cpuid.lookup_vcpu(leaf, sub, &super::super::vcpu_state(slot.index));
+    let r = if HYPERVISOR_LEAVES.contains(&leaf) {
+        hypervisor_leaf(leaf)
+    } else {
+        let state = match super::super::vcpu_state_of(slot) {
+            Ok(s) => s,
+            Err(e) => {
+                return Action::Crash(alloc::format!("CPUID at RIP {:#x}: reading the vCPU's CR4: {e}", exit.rip));
+            }
+        };
+        ctx.d.cpuid.lookup_vcpu(leaf, sub, &state)
+    };
+    let slot = &mut ctx.d.vcpus[ctx.vi];
     slot.regs.rax = r[0].into();
     slot.regs.rbx = r[1].into();
     slot.regs.rcx = r[2].into();

@@ -4,14 +4,15 @@
 //! memory, devices and logs, the frame pool, this CPU's log-dirty mechanisms) that
 //! returns an [`Action`] for the scheduler. Nothing here calls back into the machine.
 //!
-//! One file per kind: [`cpuid`], [`msr`], [`io`], [`hypercall`], [`memory`] (nested page
-//! faults: log-dirty write faults, and accesses outside guest RAM).
+//! One file per kind: [`cpuid`], [`msr`], [`xsetbv`], [`io`], [`hypercall`], [`memory`]
+//! (nested page faults: log-dirty write faults, and accesses outside guest RAM).
 
 pub mod cpuid;
 pub mod hypercall;
 pub mod io;
 pub mod memory;
 pub mod msr;
+pub mod xsetbv;
 
 use alloc::string::String;
 use core::fmt;
@@ -87,6 +88,7 @@ pub fn handle<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action {
         ExitReason::Io { port, size, input, string } => io::handle(ctx, exit, port, size, input, string),
         ExitReason::MsrRead => msr::handle_read(ctx, exit),
         ExitReason::MsrWrite => msr::handle_write(ctx, exit),
+        ExitReason::Xsetbv => xsetbv::handle(ctx, exit),
         ExitReason::VirtualizationInstruction => ctx.inject(6, None),
         ExitReason::Hypercall => hypercall::handle(ctx, exit),
         ExitReason::Hlt => match ctx.skip(exit) {

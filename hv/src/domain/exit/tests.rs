@@ -7,8 +7,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::{Action, ExitCtx, handle};
+use crate::arch::fpu::{GuestFpu, HostFpu};
 use crate::arch::state::VcpuSnapshot;
-use crate::arch::{ArchError, Backend, Exit, ExitReason, GuestEntry, GuestRegs, Vcpu};
+use crate::arch::{ArchError, Backend, ControlState, Exit, ExitReason, GuestEntry, GuestMsr, GuestRegs, Vcpu};
 use crate::domain::dirty::Mechanisms;
 use crate::domain::{Console, Domain, DomainState, Machine, VcpuSlot};
 use crate::mm::frames::FramePool;
@@ -18,7 +19,7 @@ use crate::mm::nested::Npt;
 use crate::mm::{MmError, PAGE_SIZE};
 
 /// What the policy asked of the vCPU.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct FakeVcpu {
     skipped: u32,
     injected: Vec<(u8, Option<u32>)>,
@@ -27,6 +28,33 @@ struct FakeVcpu {
     interrupts_open: bool,
     interrupts: Vec<u8>,
     window_requested: bool,
+    /// The guest's control registers, as the test sets them.
+    control: ControlState,
+    /// The backend-held MSRs, as (MSR, value).
+    msrs: Vec<(GuestMsr, u64)>,
+    tsc_offset: u64,
+    fpu: GuestFpu,
+}
+
+/// A host that switches x87, SSE, AVX and AVX-512.
+const FAKE_HOST_FPU: HostFpu = HostFpu { xsave: true, xcr0: 0xe7, area_bytes: 2696 };
+
+impl Default for FakeVcpu {
+    fn default() -> Self {
+        FakeVcpu {
+            skipped: 0,
+            injected: Vec::new(),
+            flushes: 0,
+            interrupts_open: false,
+            interrupts: Vec::new(),
+            window_requested: false,
+            // Long mode, paging on, CPL 0, CR4.PAE (as `configure` leaves a guest).
+            control: ControlState { cr0: 0x8001_0031, cr4: 0x20, cpl: 0 },
+            msrs: alloc::vec![(GuestMsr::Efer, 0x500), (GuestMsr::Pat, 0x0007_0406_0007_0406)],
+            tsc_offset: 0,
+            fpu: GuestFpu::new(&FAKE_HOST_FPU),
+        }
+    }
 }
 
 impl Vcpu for FakeVcpu {
@@ -57,6 +85,30 @@ impl Vcpu for FakeVcpu {
     }
     fn load_state(&mut self, _: &mut GuestRegs, _: &VcpuSnapshot) -> Result<(), ArchError> {
         Err(ArchError::Unsupported("fake"))
+    }
+    fn control_state(&mut self) -> Result<ControlState, ArchError> {
+        Ok(self.control)
+    }
+    fn read_msr(&mut self, msr: GuestMsr) -> Result<u64, ArchError> {
+        Ok(self.msrs.iter().find(|(m, _)| *m == msr).map_or(0, |(_, v)| *v))
+    }
+    fn write_msr(&mut self, msr: GuestMsr, value: u64) -> Result<(), ArchError> {
+        self.msrs.retain(|(m, _)| *m != msr);
+        self.msrs.push((msr, value));
+        Ok(())
+    }
+    fn tsc_offset(&self) -> u64 {
+        self.tsc_offset
+    }
+    fn set_tsc_offset(&mut self, offset: u64) -> Result<(), ArchError> {
+        self.tsc_offset = offset;
+        Ok(())
+    }
+    fn fpu(&self) -> &GuestFpu {
+        &self.fpu
+    }
+    fn fpu_mut(&mut self) -> &mut GuestFpu {
+        &mut self.fpu
     }
     fn flush_nested_tlb(&mut self) -> Result<(), ArchError> {
         self.flushes += 1;
@@ -150,8 +202,14 @@ fn cpuid_answers_from_the_policy_table_and_skips() {
     assert_eq!([regs.rax, regs.rbx, regs.rcx, regs.rdx], want.map(u64::from));
     assert_eq!(regs.rbx, 0x6874_7541, "vendor AuthenticAMD from the recorded CPU, through the policy");
     assert_eq!(vcpu(&m).skipped, 1);
-    // A leaf no policy covers reads as zeros, never the host's values.
+    // The hypervisor range: our own signature, not KVM's, and nothing beyond it.
     let (_, regs) = run(&mut m, GuestRegs { rax: 0x4000_0000, ..Default::default() }, ExitReason::Cpuid);
+    let sig: Vec<u8> = [regs.rbx, regs.rcx, regs.rdx].iter().flat_map(|r| (*r as u32).to_le_bytes()).collect();
+    assert_eq!((regs.rax, sig.as_slice()), (0x4000_0000, b"HvRustUnikrn".as_slice()));
+    let (_, regs) = run(&mut m, GuestRegs { rax: 0x4000_0001, ..Default::default() }, ExitReason::Cpuid);
+    assert_eq!([regs.rax, regs.rbx, regs.rcx, regs.rdx], [0; 4], "no KVM feature leaf");
+    // A leaf no policy covers reads as zeros, never the host's values.
+    let (_, regs) = run(&mut m, GuestRegs { rax: 0x7fff_0000, ..Default::default() }, ExitReason::Cpuid);
     assert_eq!([regs.rax, regs.rbx, regs.rcx, regs.rdx], [0; 4]);
 }
 
@@ -162,9 +220,97 @@ fn msrs_outside_the_allow_list_get_gp_and_do_not_retire() {
     assert_eq!(action, Action::Continue);
     assert_eq!((regs.rax, regs.rdx), (0xfee0_0900, 0), "APIC base, enabled, BSP");
     assert_eq!(run(&mut m, GuestRegs { rcx: 0x3a, ..Default::default() }, ExitReason::MsrRead).0, Action::Continue);
-    assert_eq!(run(&mut m, GuestRegs { rcx: 0x10, ..Default::default() }, ExitReason::MsrWrite).0, Action::Continue);
-    assert_eq!(vcpu(&m).injected, [(13, Some(0)), (13, Some(0))], "IA32_FEATURE_CONTROL read and a TSC write: #GP(0)");
+    assert_eq!(run(&mut m, GuestRegs { rcx: 0x48, ..Default::default() }, ExitReason::MsrWrite).0, Action::Continue);
+    assert_eq!(vcpu(&m).injected, [(13, Some(0)), (13, Some(0))], "IA32_FEATURE_CONTROL read, SPEC_CTRL write: #GP(0)");
     assert_eq!(vcpu(&m).skipped, 1, "only the allowed read retired");
+}
+
+fn wrmsr(msr: u32, value: u64) -> GuestRegs {
+    GuestRegs { rcx: msr.into(), rax: value & 0xffff_ffff, rdx: value >> 32, ..Default::default() }
+}
+
+fn rdmsr(m: &mut Machine<FakeBackend>, msr: u32) -> Option<u64> {
+    let injected = vcpu(m).injected.len();
+    let (_, regs) = run(m, GuestRegs { rcx: msr.into(), ..Default::default() }, ExitReason::MsrRead);
+    (vcpu(m).injected.len() == injected).then_some((regs.rdx << 32) | (regs.rax & 0xffff_ffff))
+}
+
+#[test]
+fn msrs_are_kept_per_vcpu_where_the_hardware_uses_them() {
+    let mut m = machine(NO_LOGGING);
+    // Syscall MSRs and bases go to the backend; a non-canonical LSTAR is #GP and changes nothing.
+    for (msr, value) in [(0xc000_0082, 0xffff_ffff_8100_0000u64), (0xc000_0102, 0xffff_8880_0000_0000), (0x174, 0x10)] {
+        assert_eq!(run(&mut m, wrmsr(msr, value), ExitReason::MsrWrite).0, Action::Continue);
+        assert_eq!(rdmsr(&mut m, msr), Some(value), "{msr:#x}");
+    }
+    run(&mut m, wrmsr(0xc000_0082, 0x8000_0000_0000), ExitReason::MsrWrite);
+    assert_eq!(vcpu(&m).injected, [(13, Some(0))]);
+    assert_eq!(rdmsr(&mut m, 0xc000_0082), Some(0xffff_ffff_8100_0000));
+    // EFER: NXE and SCE added, SVME never.
+    run(&mut m, wrmsr(0xc000_0080, 0xd01), ExitReason::MsrWrite);
+    assert_eq!(rdmsr(&mut m, 0xc000_0080), Some(0xd01));
+    assert_eq!(vcpu(&m).msrs.iter().find(|(r, _)| *r == GuestMsr::Efer).map(|x| x.1), Some(0xd01));
+    // MTRRs (per vCPU, in the core) and MTRRcap; HWCR on this AMD policy.
+    assert_eq!(rdmsr(&mut m, 0xfe), Some(0x508));
+    assert_eq!(rdmsr(&mut m, 0x2ff), Some(0xc06));
+    run(&mut m, wrmsr(0x200, 0x8000_0000), ExitReason::MsrWrite);
+    assert_eq!(rdmsr(&mut m, 0x200), Some(0x8000_0000));
+    assert_eq!(rdmsr(&mut m, 0xc001_0015), Some(1 << 24));
+    assert_eq!(rdmsr(&mut m, 0x179), Some(0), "MCE with no banks");
+    assert_eq!(rdmsr(&mut m, 0x17b), None, "no MCG_CTL");
+}
+
+#[test]
+fn the_guest_tsc_is_the_offset_host_tsc_and_writes_move_it() {
+    let mut m = machine(NO_LOGGING);
+    let before = crate::drivers::time::now_ticks();
+    run(&mut m, wrmsr(0x10, 1 << 40), ExitReason::MsrWrite);
+    let offset = vcpu(&m).tsc_offset;
+    assert!(offset.wrapping_add(before) <= 1 << 40, "the offset makes the guest read the value written");
+    let read = rdmsr(&mut m, 0x10).unwrap();
+    assert!(read >= 1 << 40 && read - (1 << 40) < 1 << 36, "{read:#x}");
+}
+
+#[test]
+fn xsetbv_is_limited_to_the_policy_and_the_sdm_rules() {
+    let mut m = machine(NO_LOGGING);
+    let xsetbv = |value: u64| GuestRegs { rcx: 0, rax: value & 0xffff_ffff, rdx: value >> 32, ..Default::default() };
+    // CR4.OSXSAVE clear: #UD.
+    assert_eq!(run(&mut m, xsetbv(7), ExitReason::Xsetbv).0, Action::Continue);
+    assert_eq!(vcpu(&m).injected, [(6, None)]);
+    m.domains[0].vcpus[0].vcpu.control.cr4 |= 1 << 18;
+    // The recorded EPYC offers x87, SSE and AVX: 7 is taken, AVX-512 and AVX without SSE are #GP.
+    assert_eq!(run(&mut m, xsetbv(7), ExitReason::Xsetbv).0, Action::Continue);
+    assert_eq!(vcpu(&m).fpu.xcr0(), 7);
+    for bad in [0xe7, 5, 0, 1 << 9 | 7] {
+        run(&mut m, xsetbv(bad), ExitReason::Xsetbv);
+    }
+    let mut bad_xcr = xsetbv(7);
+    bad_xcr.rcx = 1;
+    run(&mut m, bad_xcr, ExitReason::Xsetbv);
+    assert_eq!(vcpu(&m).injected.len(), 6);
+    assert!(vcpu(&m).injected[1..].iter().all(|e| *e == (13, Some(0))));
+    assert_eq!(vcpu(&m).fpu.xcr0(), 7, "refused writes change nothing");
+    assert_eq!(vcpu(&m).skipped, 1);
+    // CPL 3: #GP.
+    m.domains[0].vcpus[0].vcpu.control.cpl = 3;
+    run(&mut m, xsetbv(3), ExitReason::Xsetbv);
+    assert_eq!(vcpu(&m).fpu.xcr0(), 7);
+}
+
+#[test]
+fn cpuid_follows_the_vcpus_cr4_and_xcr0() {
+    let mut m = machine(NO_LOGGING);
+    let cpuid = |m: &mut Machine<FakeBackend>, leaf, sub| {
+        let (_, r) = run(m, GuestRegs { rax: leaf, rcx: sub, ..Default::default() }, ExitReason::Cpuid);
+        [r.rax as u32, r.rbx as u32, r.rcx as u32, r.rdx as u32]
+    };
+    assert_eq!(cpuid(&mut m, 1, 0)[2] & (1 << 27), 0, "no OSXSAVE before CR4.OSXSAVE");
+    assert_eq!(cpuid(&mut m, 0xd, 0)[1], 576, "XSAVE size for XCR0 = x87");
+    m.domains[0].vcpus[0].vcpu.control.cr4 |= 1 << 18;
+    m.domains[0].vcpus[0].vcpu.fpu.set_xcr0(7);
+    assert_ne!(cpuid(&mut m, 1, 0)[2] & (1 << 27), 0, "OSXSAVE mirrors CR4");
+    assert_eq!(cpuid(&mut m, 0xd, 0)[1], 832, "XSAVE size with AVX enabled");
 }
 
 #[test]

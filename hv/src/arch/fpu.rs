@@ -1,0 +1,418 @@
+//! Guest x87/SSE/AVX/AVX-512 state: one XSAVE area per vCPU, and the XCR0 switch
+//! around guest entry. Neither VMX nor SVM switches these for us: VM entry/exit and
+//! VMRUN/#VMEXIT leave the x87, MMX, XMM/YMM/ZMM and opmask registers and XCR0 alone
+//! (SDM Vol. 3C 27.3/28.5 load no XCR0; APM Vol. 2 15.5.1: "VMRUN does not save or
+//! restore ... XCR0"), so without this module every vCPU on a physical CPU shares one
+//! set of registers.
+//!
+//! Why the hypervisor itself never clobbers the guest's registers: it is built for
+//! `x86_64-unknown-uefi`, whose target specification has `features =
+//! "-mmx,-sse,+soft-float"` (`rustc --print target-spec-json --target
+//! x86_64-unknown-uefi`): the compiler emits no x87, MMX, SSE or AVX instruction in
+//! hypervisor code, interrupt handlers included. The only instructions here that
+//! touch that state are the XSAVE/XRSTOR (or FXSAVE/FXRSTOR) and XSETBV in
+//! [`GuestFpu::load`] and [`GuestFpu::save`], which the backends call right before
+//! entry and right after the exit.
+//!
+//! XCR0 (SDM Vol. 1 13.3): while the hypervisor runs, XCR0 holds
+//! [`HostFpu::xcr0`], every component this module switches ([`SWITCHED`] ∩ what the
+//! CPU has). The save and restore run under that value, so a guest's XMM registers
+//! are kept even while its own XCR0 is 1 (XCR0 decides what XSAVE manages, not
+//! whether SSE works). Only across the entry itself is XCR0 the guest's value. The
+//! guest's XSETBV exits (VMX exit 55 unconditionally, SVM through the XSETBV
+//! intercept); the exit policy (`domain::exit::xsetbv`) validates the value against
+//! the domain's CPUID policy and stores it with [`GuestFpu::set_xcr0`].
+//!
+//! QEMU 7.2's TCG does not implement the SVM XSETBV intercept: there the guest's
+//! XSETBV reaches the emulated CPU directly, which refuses only what the CPU cannot do
+//! (not what the policy leaves out). [`GuestFpu::save`] reads XCR0 back after every
+//! exit, so the switch still follows the guest's value. Hardware with SVM and Bochs'
+//! VMX do exit.
+//!
+//! Without XSAVE on the host (no CPUID.1:ECX.XSAVE) the area is FXSAVE's 512 bytes,
+//! there is no XCR0, and the default policy offers no XSAVE or AVX.
+
+use alloc::vec;
+use alloc::vec::Vec;
+
+/// XCR0 bit 0: x87 state (always 1, SDM 13.3).
+pub const XCR0_X87: u64 = 1 << 0;
+/// XCR0 bit 1: SSE state (XMM0-15, MXCSR).
+pub const XCR0_SSE: u64 = 1 << 1;
+/// XCR0 bit 2: AVX state (upper halves of YMM0-15).
+pub const XCR0_AVX: u64 = 1 << 2;
+/// XCR0 bits 3-4: MPX BNDREGS and BNDCSR.
+pub const XCR0_MPX: u64 = 0b11 << 3;
+/// XCR0 bits 5-7: AVX-512 opmask, ZMM_Hi256 and Hi16_ZMM.
+pub const XCR0_AVX512: u64 = 0b111 << 5;
+/// XCR0 bit 9: PKRU.
+pub const XCR0_PKRU: u64 = 1 << 9;
+/// XCR0 bits 17-18: AMX TILECFG and TILEDATA.
+pub const XCR0_AMX: u64 = 0b11 << 17;
+
+/// The user state components this module switches: x87, SSE, AVX, AVX-512. Not MPX
+/// (never offered), PKRU (PKU is not offered: CR4.PKE and PKRU are not switched) or
+/// AMX (needs IA32_XFD, not switched).
+pub const SWITCHED: u64 = XCR0_X87 | XCR0_SSE | XCR0_AVX | XCR0_AVX512;
+
+/// FXSAVE area size (SDM Vol. 1 10.5.1).
+pub const FXSAVE_BYTES: usize = 512;
+
+/// Offsets in the legacy region (SDM Vol. 1 Table 10-2): FCW, MXCSR.
+const FCW: usize = 0;
+const MXCSR: usize = 24;
+/// x87 control word after FNINIT / reset (SDM Vol. 1 8.1.5): all exceptions masked,
+/// double-extended precision, round to nearest.
+const FCW_RESET: u16 = 0x037f;
+/// MXCSR after reset (SDM Vol. 1 10.2.3): all SIMD exceptions masked.
+const MXCSR_RESET: u32 = 0x1f80;
+
+/// What this physical CPU can switch, found by [`HostFpu::enable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostFpu {
+    /// XSAVE is available and enabled (CR4.OSXSAVE); otherwise FXSAVE is used.
+    pub xsave: bool,
+    /// XCR0 while the hypervisor runs: the components switched (0 without XSAVE).
+    pub xcr0: u64,
+    /// Bytes of one vCPU's save area (CPUID.(EAX=0Dh,ECX=0):EBX for `xcr0`, or 512).
+    pub area_bytes: usize,
+}
+
+impl HostFpu {
+    /// Without XSAVE: FXSAVE/FXRSTOR of the 512-byte legacy area.
+    pub const FXSAVE_ONLY: HostFpu = HostFpu { xsave: false, xcr0: 0, area_bytes: FXSAVE_BYTES };
+
+    /// The XCR0 the hypervisor runs with, from CPUID.(EAX=0Dh,ECX=0):EDX:EAX (the
+    /// components the CPU supports in XCR0): what [`SWITCHED`] and the CPU share, with
+    /// the architectural pairings kept (AVX-512 only with all three components and AVX).
+    pub fn host_xcr0(supported: u64) -> u64 {
+        let mut x = supported & SWITCHED;
+        if x & XCR0_AVX == 0 || x & XCR0_AVX512 != XCR0_AVX512 {
+            x &= !XCR0_AVX512;
+        }
+        if x & XCR0_SSE == 0 {
+            x &= !(XCR0_AVX | XCR0_AVX512);
+        }
+        x | XCR0_X87
+    }
+
+    /// Prepare this CPU to save and restore guest state: CR0.TS and CR0.EM off (or
+    /// FXSAVE/XSAVE would fault), CR4.OSFXSR (so FXSAVE includes the XMM registers,
+    /// SDM Vol. 1 10.5.1.1), and with XSAVE CR4.OSXSAVE and XCR0 = [`HostFpu::xcr0`].
+    /// Call once per physical CPU, before any vCPU is created (the VMX backend copies
+    /// CR4 into the VMCS host-state area).
+    pub fn enable() -> HostFpu {
+        const CR0_EM: usize = 1 << 2;
+        const CR0_TS: usize = 1 << 3;
+        const CR0_MP: usize = 1 << 1;
+        const CR4_OSFXSR: usize = 1 << 9;
+        const CR4_OSXMMEXCPT: usize = 1 << 10;
+        const CR4_OSXSAVE: usize = 1 << 18;
+        let leaf1 = core::arch::x86_64::__cpuid(1);
+        let xsave = leaf1.ecx & (1 << 26) != 0;
+        // SAFETY: ring 0 may write CR0 and CR4. Clearing EM/TS and setting MP, OSFXSR and
+        // OSXMMEXCPT only changes how x87/SSE instructions behave, and the hypervisor
+        // executes none outside this module (soft-float target). OSXSAVE is set only
+        // when CPUID.1:ECX.XSAVE says the CPU has it (SDM Vol. 3A 2.5: otherwise #GP).
+        unsafe {
+            let cr0 = x86::controlregs::cr0().bits();
+            let cr0 = (cr0 & !(CR0_EM | CR0_TS)) | CR0_MP;
+            x86::controlregs::cr0_write(x86::controlregs::Cr0::from_bits_truncate(cr0));
+            let mut cr4 = x86::controlregs::cr4().bits() | CR4_OSFXSR | CR4_OSXMMEXCPT;
+            if xsave {
+                cr4 |= CR4_OSXSAVE;
+            }
+            x86::controlregs::cr4_write(x86::controlregs::Cr4::from_bits_truncate(cr4));
+        }
+        if !xsave {
+            return HostFpu::FXSAVE_ONLY;
+        }
+        let d = core::arch::x86_64::__cpuid_count(0xd, 0);
+        let xcr0 = Self::host_xcr0(u64::from(d.eax) | (u64::from(d.edx) << 32));
+        // SAFETY: CR4.OSXSAVE is set (above); `xcr0` has bit 0, pairs SSE with AVX and
+        // AVX-512 as 13.3 requires, and only bits CPUID.0Dh:EDX:EAX reports.
+        unsafe { xsetbv(xcr0) };
+        // CPUID.(EAX=0Dh,ECX=0):EBX is the XSAVE area size for the components now
+        // enabled in XCR0 (SDM Vol. 1 13.5, Vol. 2A CPUID).
+        let size = core::arch::x86_64::__cpuid_count(0xd, 0).ebx as usize;
+        HostFpu { xsave: true, xcr0, area_bytes: size.max(FXSAVE_BYTES + 64) }
+    }
+}
+
+/// 64 bytes, 64-aligned: XSAVE needs its area aligned on 64 bytes (SDM Vol. 1 13.4).
+#[repr(C, align(64))]
+#[derive(Debug, Clone, Copy)]
+struct Block([u8; 64]);
+
+/// One vCPU's x87/SSE/AVX state while it is not running, and its XCR0.
+#[derive(Debug, Clone)]
+pub struct GuestFpu {
+    area: Vec<Block>,
+    xcr0: u64,
+    host: HostFpu,
+}
+
+impl GuestFpu {
+    /// The state after reset (SDM Vol. 3A 10.1.1, Table 10-1): FCW 0x37F, MXCSR
+    /// 0x1F80, all registers zero and every XSAVE component in its initial
+    /// configuration (XSTATE_BV = 0); XCR0 = 1.
+    pub fn new(host: &HostFpu) -> Self {
+        let blocks = host.area_bytes.div_ceil(64);
+        let mut f = GuestFpu { area: vec![Block([0; 64]); blocks], xcr0: XCR0_X87, host: *host };
+        let bytes = f.bytes_mut();
+        bytes[FCW..FCW + 2].copy_from_slice(&FCW_RESET.to_le_bytes());
+        bytes[MXCSR..MXCSR + 4].copy_from_slice(&MXCSR_RESET.to_le_bytes());
+        f
+    }
+
+    /// The vCPU's XCR0 (its value while it runs).
+    pub fn xcr0(&self) -> u64 {
+        self.xcr0
+    }
+
+    /// Set the vCPU's XCR0 (already validated by the exit policy).
+    pub fn set_xcr0(&mut self, xcr0: u64) {
+        self.xcr0 = xcr0;
+    }
+
+    /// What this CPU switches.
+    pub fn host(&self) -> &HostFpu {
+        &self.host
+    }
+
+    /// The saved area (standard XSAVE format, or FXSAVE's 512 bytes).
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: Block is repr(C) over [u8; 64] with no padding, so the Vec's blocks
+        // are `len * 64` contiguous initialised bytes.
+        unsafe { core::slice::from_raw_parts(self.area.as_ptr().cast::<u8>(), self.area.len() * 64) }
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, through the unique borrow of the Vec.
+        unsafe { core::slice::from_raw_parts_mut(self.area.as_mut_ptr().cast::<u8>(), self.area.len() * 64) }
+    }
+
+    /// Put this vCPU's state into the registers and its XCR0 into XCR0: call right
+    /// before VM entry / VMRUN, with interrupts off, on the CPU whose [`HostFpu`] this is.
+    ///
+    /// # Safety
+    /// The caller is about to enter this vCPU and runs no x87/SSE code until
+    /// [`GuestFpu::save`]; the current XCR0 is [`HostFpu::xcr0`].
+    pub unsafe fn load(&mut self) {
+        let area = self.area.as_mut_ptr().cast::<u8>();
+        if self.host.xsave {
+            let rfbm = self.host.xcr0;
+            // SAFETY: the area is 64-byte aligned and `area_bytes` long (CPUID.0Dh:EBX
+            // for the current XCR0); it was written by XSAVE under this XCR0 or is the
+            // reset image (XSTATE_BV = XCOMP_BV = 0, reserved header bytes 0, MXCSR
+            // valid), so XRSTOR's #GP conditions (SDM Vol. 1 13.8) do not apply.
+            unsafe {
+                core::arch::asm!(
+                    "xrstor64 [{}]",
+                    in(reg) area,
+                    in("eax") rfbm as u32,
+                    in("edx") (rfbm >> 32) as u32,
+                    options(nostack, preserves_flags),
+                );
+            }
+            if self.xcr0 != self.host.xcr0 {
+                // SAFETY: the exit policy only stores XCR0 values that pass the 13.3
+                // rules and lie within the policy's (and so the host's) components.
+                unsafe { xsetbv(self.xcr0) };
+            }
+        } else {
+            // SAFETY: a 512-byte, 16-aligned area written by FXSAVE or the reset image.
+            unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) area, options(nostack, preserves_flags)) };
+        }
+    }
+
+    /// Save the registers into this vCPU's area and put the hypervisor's XCR0 back:
+    /// call right after the VM exit / #VMEXIT, before anything else can run a guest.
+    ///
+    /// If the guest's XCR0 is not what was loaded, the guest executed XSETBV without
+    /// an exit (an emulator that does not implement the intercept): the value the
+    /// hardware accepted is kept, so the next entry gives the guest what it set.
+    ///
+    /// # Safety
+    /// The registers hold this vCPU's state (it was the last one loaded on this CPU).
+    pub unsafe fn save(&mut self) {
+        let area = self.area.as_mut_ptr().cast::<u8>();
+        if self.host.xsave {
+            // SAFETY: CR4.OSXSAVE is set on this CPU (HostFpu::enable).
+            let now = unsafe { xgetbv0() };
+            self.xcr0 = now;
+            if now != self.host.xcr0 {
+                // SAFETY: the hypervisor's XCR0 passed the same checks in `enable`.
+                unsafe { xsetbv(self.host.xcr0) };
+            }
+            let rfbm = self.host.xcr0;
+            // SAFETY: 64-byte aligned area of the size CPUID.0Dh:EBX gives for this XCR0.
+            unsafe {
+                core::arch::asm!(
+                    "xsave64 [{}]",
+                    in(reg) area,
+                    in("eax") rfbm as u32,
+                    in("edx") (rfbm >> 32) as u32,
+                    options(nostack, preserves_flags),
+                );
+            }
+        } else {
+            // SAFETY: 512-byte, 16-aligned area.
+            unsafe { core::arch::asm!("fxsave64 [{}]", in(reg) area, options(nostack, preserves_flags)) };
+        }
+    }
+}
+
+/// XSETBV of XCR0.
+///
+/// # Safety
+/// CR4.OSXSAVE is set and `value` is a valid XCR0 for this CPU (SDM Vol. 2C XSETBV).
+unsafe fn xsetbv(value: u64) {
+    // SAFETY: per the contract above.
+    unsafe {
+        core::arch::asm!(
+            "xsetbv",
+            in("ecx") 0u32,
+            in("eax") value as u32,
+            in("edx") (value >> 32) as u32,
+            options(nomem, nostack, preserves_flags),
+        );
+    }
+}
+
+/// XGETBV of XCR0.
+///
+/// # Safety
+/// CR4.OSXSAVE is set.
+unsafe fn xgetbv0() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: per the contract above; XGETBV only reads.
+    unsafe {
+        core::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags));
+    }
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// Why a guest's XSETBV is refused (#GP(0), SDM Vol. 2C XSETBV and Vol. 1 13.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XcrError {
+    /// ECX is not 0: XCR0 is the only XCR XSETBV writes.
+    NotXcr0(u32),
+    /// Bit 0 (x87) is clear.
+    X87Clear,
+    /// AVX without SSE.
+    AvxWithoutSse,
+    /// AVX-512 components not all set together, or without AVX.
+    Avx512Incomplete,
+    /// MPX BNDREGS and BNDCSR differ.
+    MpxIncomplete,
+    /// AMX TILECFG and TILEDATA differ.
+    AmxIncomplete,
+    /// Bits the domain's CPUID policy does not offer in XCR0 (leaf 0xD.0 EDX:EAX).
+    NotOffered(u64),
+}
+
+impl core::fmt::Display for XcrError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            XcrError::NotXcr0(n) => write!(f, "XSETBV of XCR{n}: only XCR0 exists"),
+            XcrError::X87Clear => f.write_str("XCR0 bit 0 (x87) must be 1"),
+            XcrError::AvxWithoutSse => f.write_str("XCR0 enables AVX (bit 2) without SSE (bit 1)"),
+            XcrError::Avx512Incomplete => {
+                f.write_str("XCR0 bits 7:5 (AVX-512) must be all set, with AVX, or all clear")
+            }
+            XcrError::MpxIncomplete => f.write_str("XCR0 bits 4:3 (MPX) must be equal"),
+            XcrError::AmxIncomplete => f.write_str("XCR0 bits 18:17 (AMX) must be equal"),
+            XcrError::NotOffered(bits) => write!(f, "XCR0 bits {bits:#x} are not offered by the domain's CPUID policy"),
+        }
+    }
+}
+
+/// Check an XSETBV of `value` to XCR`index` against the rules of SDM Vol. 1 13.3 and
+/// the components `allowed` (the policy's CPUID.(EAX=0Dh,ECX=0):EDX:EAX, which the
+/// caller intersects with what the backend switches).
+pub fn check_xsetbv(index: u32, value: u64, allowed: u64) -> Result<(), XcrError> {
+    if index != 0 {
+        return Err(XcrError::NotXcr0(index));
+    }
+    if value & XCR0_X87 == 0 {
+        return Err(XcrError::X87Clear);
+    }
+    let extra = value & !allowed;
+    if extra != 0 {
+        return Err(XcrError::NotOffered(extra));
+    }
+    if value & XCR0_AVX != 0 && value & XCR0_SSE == 0 {
+        return Err(XcrError::AvxWithoutSse);
+    }
+    let avx512 = value & XCR0_AVX512;
+    if avx512 != 0 && (avx512 != XCR0_AVX512 || value & XCR0_AVX == 0) {
+        return Err(XcrError::Avx512Incomplete);
+    }
+    let mpx = value & XCR0_MPX;
+    if mpx != 0 && mpx != XCR0_MPX {
+        return Err(XcrError::MpxIncomplete);
+    }
+    let amx = value & XCR0_AMX;
+    if amx != 0 && amx != XCR0_AMX {
+        return Err(XcrError::AmxIncomplete);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: u64 = XCR0_X87 | XCR0_SSE | XCR0_AVX | XCR0_AVX512;
+
+    #[test]
+    fn xsetbv_rules_of_sdm_13_3() {
+        for ok in [1, 3, 7, 0xe7] {
+            assert_eq!(check_xsetbv(0, ok, ALL), Ok(()), "{ok:#x}");
+        }
+        assert_eq!(check_xsetbv(1, 3, ALL), Err(XcrError::NotXcr0(1)));
+        assert_eq!(check_xsetbv(0, 0, ALL), Err(XcrError::X87Clear));
+        assert_eq!(check_xsetbv(0, 2, ALL), Err(XcrError::X87Clear));
+        assert_eq!(check_xsetbv(0, 5, ALL), Err(XcrError::AvxWithoutSse));
+        for bad in [0x27, 0x67, 0xa7, 0xe3] {
+            assert_eq!(check_xsetbv(0, bad, ALL), Err(XcrError::Avx512Incomplete), "{bad:#x}");
+        }
+        // Nothing beyond what the policy offers: AVX-512 on a policy with AVX only, PKRU, MPX.
+        assert_eq!(check_xsetbv(0, 0xe7, 7), Err(XcrError::NotOffered(0xe0)));
+        assert_eq!(check_xsetbv(0, 7 | XCR0_PKRU, ALL), Err(XcrError::NotOffered(XCR0_PKRU)));
+        assert_eq!(check_xsetbv(0, 3, 1), Err(XcrError::NotOffered(2)));
+        assert_eq!(check_xsetbv(0, 1 | (1 << 3), 0x1f), Err(XcrError::MpxIncomplete));
+        assert_eq!(check_xsetbv(0, 0x1f, 0x1f), Ok(()));
+        assert_eq!(check_xsetbv(0, 7 | (1 << 17), 7 | XCR0_AMX), Err(XcrError::AmxIncomplete));
+        assert_eq!(check_xsetbv(0, 1 << 63 | 1, ALL), Err(XcrError::NotOffered(1 << 63)));
+    }
+
+    #[test]
+    fn host_xcr0_keeps_what_can_be_switched() {
+        // A Skylake-X: x87, SSE, AVX, MPX, AVX-512, PKRU.
+        assert_eq!(HostFpu::host_xcr0(0x2ff), 0xe7);
+        // EPYC (Zen 1): x87, SSE, AVX.
+        assert_eq!(HostFpu::host_xcr0(0x7), 0x7);
+        // Sapphire Rapids: AMX is not switched.
+        assert_eq!(HostFpu::host_xcr0(0x602e7), 0xe7);
+        // Incomplete AVX-512 is dropped rather than refused by XSETBV.
+        assert_eq!(HostFpu::host_xcr0(0x67), 0x7);
+        assert_eq!(HostFpu::host_xcr0(0), 1);
+    }
+
+    #[test]
+    fn reset_area_is_a_valid_xrstor_image() {
+        let host = HostFpu { xsave: true, xcr0: 0xe7, area_bytes: 2696 };
+        let f = GuestFpu::new(&host);
+        let b = f.bytes();
+        assert_eq!(b.len(), 2752, "whole 64-byte blocks");
+        assert_eq!(b.as_ptr() as usize % 64, 0, "XSAVE needs 64-byte alignment");
+        assert_eq!(&b[0..2], &[0x7f, 0x03]);
+        assert_eq!(&b[24..28], &0x1f80u32.to_le_bytes());
+        assert!(b[512..576].iter().all(|&x| x == 0), "XSAVE header: XSTATE_BV, XCOMP_BV, reserved");
+        assert_eq!(f.xcr0(), 1);
+        let fx = GuestFpu::new(&HostFpu::FXSAVE_ONLY);
+        assert_eq!(fx.bytes().len(), 512);
+    }
+}
