@@ -5,12 +5,14 @@
 //! returns an [`Action`] for the scheduler. Nothing here calls back into the machine.
 //!
 //! One file per kind: [`cpuid`], [`msr`], [`io`], [`hypercall`], [`memory`] (nested page
-//! faults: log-dirty write faults, and accesses outside guest RAM).
+//! faults: log-dirty write faults, and accesses outside guest RAM, which [`mmio`]
+//! decodes and emulates).
 
 pub mod cpuid;
 pub mod hypercall;
 pub mod io;
 pub mod memory;
+pub mod mmio;
 pub mod msr;
 
 use alloc::string::String;
@@ -19,6 +21,7 @@ use core::fmt;
 use super::dirty::Mechanisms;
 use super::{Domain, VcpuSlot};
 use crate::arch::{Backend, Exit, ExitReason, Vcpu};
+use crate::devices::lapic::{self, DeliveryMode};
 use crate::mm::frames::FramePool;
 
 /// What the scheduler does after an exit.
@@ -68,6 +71,43 @@ impl<B: Backend> ExitCtx<'_, B> {
             Err(e) => {
                 Action::Crash(alloc::format!("cannot continue after {} at RIP {:#x}: {e}", exit.reason, exit.rip))
             }
+        }
+    }
+
+    /// Deliver an IPI that the exiting vCPU's LAPIC sent (an ICR write, through the
+    /// x2APIC MSR or the xAPIC page) to the domain's vCPUs it names. Fixed and
+    /// lowest-priority IPIs set the vector in the targets' IRRs (lowest priority goes
+    /// to the first target); INIT and SIPI reach the targets' LAPICs (starting an
+    /// application processor in real mode is not emulated yet, so a vCPU woken by
+    /// SIPI does not run); NMI and SMI IPIs are dropped (not emulated).
+    pub(crate) fn route_ipi(&mut self, ipi: &lapic::Ipi) {
+        let sender = self.d.vcpus[self.vi].lapic.apic_id();
+        let mut addresses: heapless::Vec<lapic::ApicAddress, { crate::domain::config::MAX_VCPUS as usize }> =
+            heapless::Vec::new();
+        for s in &self.d.vcpus {
+            if addresses.push(s.lapic.address()).is_err() {
+                break;
+            }
+        }
+        let mut first = true;
+        for id in lapic::ipi_targets(ipi, sender, &addresses) {
+            let Some(target) = self.d.vcpus.iter_mut().find(|s| s.lapic.apic_id() == id) else { continue };
+            match ipi.mode {
+                DeliveryMode::Fixed => {
+                    target.lapic.accept(ipi.vector, ipi.level_triggered);
+                }
+                DeliveryMode::LowestPriority if first => {
+                    target.lapic.accept(ipi.vector, ipi.level_triggered);
+                }
+                DeliveryMode::Init => {
+                    target.lapic.receive_init();
+                }
+                DeliveryMode::StartUp => {
+                    target.lapic.receive_sipi(ipi.vector);
+                }
+                _ => {}
+            }
+            first = false;
         }
     }
 

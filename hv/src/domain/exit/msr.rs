@@ -15,7 +15,7 @@
 
 use super::{Action, ExitCtx};
 use crate::arch::{Backend, Exit};
-use crate::devices::lapic::{self, DeliveryMode, Effects};
+use crate::devices::lapic::Effects;
 
 /// IA32_APIC_BASE.
 const APIC_BASE: u32 = 0x1b;
@@ -66,47 +66,11 @@ pub fn handle_write<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action
     match effects {
         Some(e) => {
             if let Some(ipi) = e.ipi {
-                route_ipi(ctx, &ipi);
+                ctx.route_ipi(&ipi);
             }
             ctx.skip(exit)
         }
         None => ctx.inject(13, Some(0)),
-    }
-}
-
-/// Deliver an IPI to the domain's vCPUs it names. Fixed and lowest-priority IPIs set
-/// the vector in the targets' IRRs (lowest priority goes to the first target);
-/// INIT and SIPI reach the targets' LAPICs (starting an application processor in real
-/// mode is not emulated yet, so a vCPU woken by SIPI does not run); NMI and SMI are
-/// dropped and counted as unclaimed.
-fn route_ipi<B: Backend>(ctx: &mut ExitCtx<'_, B>, ipi: &lapic::Ipi) {
-    let sender = ctx.d.vcpus[ctx.vi].lapic.apic_id();
-    let mut addresses: heapless::Vec<lapic::ApicAddress, { crate::domain::config::MAX_VCPUS as usize }> =
-        heapless::Vec::new();
-    for s in &ctx.d.vcpus {
-        if addresses.push(s.lapic.address()).is_err() {
-            break;
-        }
-    }
-    let mut first = true;
-    for id in lapic::ipi_targets(ipi, sender, &addresses) {
-        let Some(target) = ctx.d.vcpus.iter_mut().find(|s| s.lapic.apic_id() == id) else { continue };
-        match ipi.mode {
-            DeliveryMode::Fixed => {
-                target.lapic.accept(ipi.vector, ipi.level_triggered);
-            }
-            DeliveryMode::LowestPriority if first => {
-                target.lapic.accept(ipi.vector, ipi.level_triggered);
-            }
-            DeliveryMode::Init => {
-                target.lapic.receive_init();
-            }
-            DeliveryMode::StartUp => {
-                target.lapic.receive_sipi(ipi.vector);
-            }
-            _ => {}
-        }
-        first = false;
     }
 }
 
