@@ -33,8 +33,11 @@ pub enum ExitKind {
     Hlt,
     /// Triple fault / shutdown.
     TripleFault,
-    /// EPT violation / NPT fault.
+    /// EPT violation / NPT fault inside guest RAM (log-dirty write faults).
     NestedPageFault,
+    /// An EPT violation / NPT fault outside guest RAM: an MMIO access the core
+    /// emulated (or refused).
+    Mmio,
     /// An intercepted exception, by vector.
     Exception(u8),
     /// CPUID.
@@ -64,6 +67,7 @@ impl fmt::Display for ExitKind {
             Self::Hlt => f.write_str("hlt"),
             Self::TripleFault => f.write_str("triple-fault"),
             Self::NestedPageFault => f.write_str("nested-page-fault"),
+            Self::Mmio => f.write_str("mmio"),
             Self::Exception(v) => write!(f, "exception({v})"),
             Self::Cpuid => f.write_str("cpuid"),
             Self::Io => f.write_str("io"),

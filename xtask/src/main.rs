@@ -414,6 +414,7 @@ const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("wire/fuzz", "migration_records"),
     ("migration_svc/fuzz", "receive_stream"),
     ("hv/fuzz", "device_bus"),
+    ("hv/fuzz", "mmio_decode"),
 ];
 
 fn fuzz(seconds: u64) -> Result<()> {

@@ -3,7 +3,8 @@
 //!
 //! # Start state
 //! 64-bit long mode, CPL0, paging on with identity page tables (built by the loader
-//! at [`PAGE_TABLES_GPA`]) covering all of guest memory with 2 MiB pages, flat
+//! at [`PAGE_TABLES_GPA`]) covering all of guest memory with 2 MiB pages, and the
+//! device window [`MMIO_WINDOW`] below 4 GiB (uncacheable), flat
 //! segments, interrupts off, RSP = top of guest memory minus one page, RDI = guest-physical
 //! address of the [`BootInfo`] block ([`BOOT_INFO_GPA`]), RIP = the ELF entry point.
 //! Guest ELF segments must lie between [`KERNEL_MIN_GPA`] and the end of guest memory.
@@ -24,6 +25,12 @@
 pub const BOOT_INFO_GPA: u64 = 0x1000;
 /// Guest-physical address of the loader's page tables (PML4, PDPT, PDs follow).
 pub const PAGE_TABLES_GPA: u64 = 0x10000;
+/// The PC's device window below 4 GiB that the loader's tables map (identity,
+/// uncacheable 2 MiB pages): the I/O APIC at 0xFEC0_0000 and the local APIC at
+/// 0xFEE0_0000 lie in it. Nothing is RAM there; accesses are MMIO exits.
+pub const MMIO_WINDOW: core::ops::Range<u64> = 0xfe00_0000..0x1_0000_0000;
+/// The local APIC's xAPIC page after reset (SDM Vol. 3A 11.4.1).
+pub const LAPIC_GPA: u64 = 0xfee0_0000;
 /// Lowest guest-physical address an ELF segment may occupy.
 pub const KERNEL_MIN_GPA: u64 = 0x20_0000;
 /// Where guest kernels are linked (see guests/kernels/link.ld).

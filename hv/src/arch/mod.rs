@@ -231,6 +231,49 @@ pub struct ControlState {
     pub cpl: u8,
 }
 
+/// What the core needs to find the instruction that exited and its memory operand:
+/// the paging registers, RIP and RSP, the CPL and the segments' bases (MMIO
+/// emulation, `domain::exit::mmio`). Values are what the guest sees (no EFER.SVME,
+/// no CR4.VMXE), as in [`state::VcpuSnapshot`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PagingState {
+    /// CR0.
+    pub cr0: u64,
+    /// CR3.
+    pub cr3: u64,
+    /// CR4.
+    pub cr4: u64,
+    /// IA32_EFER.
+    pub efer: u64,
+    /// RIP of the instruction that exited.
+    pub rip: u64,
+    /// RSP.
+    pub rsp: u64,
+    /// The current privilege level.
+    pub cpl: u8,
+    /// CS with its attributes in the canonical form of [`state::SegmentRegister`]
+    /// (L is bit 9, D/B bit 10): they decide the code size.
+    pub cs: state::SegmentRegister,
+    /// The bases of ES, SS, DS, FS and GS (CS's is in `cs`).
+    pub bases: SegmentBases,
+}
+
+/// The data segments' bases (SDM Vol. 3A 3.4.3; in 64-bit mode only FS's and GS's
+/// count, 3.4.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SegmentBases {
+    /// ES base.
+    pub es: u64,
+    /// SS base.
+    pub ss: u64,
+    /// DS base.
+    pub ds: u64,
+    /// FS base.
+    pub fs: u64,
+    /// GS base.
+    pub gs: u64,
+}
+
 /// Backend errors: each names the instruction, field or control involved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArchError {
@@ -346,6 +389,9 @@ pub trait Vcpu {
     /// Exit with [`ExitReason::InterruptWindow`] as soon as the guest can take an
     /// interrupt (`true`), or stop asking (`false`).
     fn request_interrupt_window(&mut self, on: bool) -> Result<(), ArchError>;
+    /// The registers that locate the exiting instruction and its operands (for MMIO
+    /// emulation): a few fields of what [`Vcpu::save_state`] reads, read the same way.
+    fn paging_state(&mut self) -> Result<PagingState, ArchError>;
     /// Read the paused vCPU's architectural state (`regs` holds the GPRs the core keeps).
     fn save_state(&mut self, regs: &GuestRegs) -> Result<state::VcpuSnapshot, ArchError>;
     /// Load `snapshot` into this (not running) vCPU; fills `regs` with its GPRs.

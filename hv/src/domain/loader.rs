@@ -127,19 +127,38 @@ pub fn load<F: EntryFormat>(
         return Err(LoadError::Layout(alloc::format!("entry point {entry:#x} is not inside a loaded segment")));
     }
 
-    // Identity page tables: PML4 -> PDPT -> one PD per GiB of 2 MiB pages (P|RW|PS).
+    // Identity page tables: PML4 -> PDPT -> one PD per GiB of 2 MiB pages (P|RW|PS)
+    // for memory, and the PC's device window below 4 GiB (guest_abi::MMIO_WINDOW: the
+    // I/O APIC and local APIC pages) as uncacheable 2 MiB pages (PCD|PWT, SDM Vol. 3A
+    // 4.9.2), so guests reach their devices with plain MOVs. PDs follow the PDPT in
+    // the order of the GiBs they map.
     let pml4 = PAGE_TABLES_GPA;
     let pdpt = pml4 + PAGE_SIZE;
+    let mmio = guest_abi::MMIO_WINDOW;
     let pds = bytes.div_ceil(1 << 30);
+    let mmio_gib = (mmio.end - 1) >> 30;
+    let tables_end = pdpt + PAGE_SIZE * (1 + pds + u64::from(mmio_gib >= pds));
+    if tables_end > KERNEL_MIN_GPA {
+        return Err(LoadError::Layout(alloc::format!("{bytes:#x} bytes of memory need more page tables than fit")));
+    }
     mem.write(pool, pml4, &(pdpt | 0x3).to_le_bytes())?;
-    for gib in 0..pds {
-        let pd = pdpt + PAGE_SIZE * (1 + gib);
+    let mut next_pd = pdpt + PAGE_SIZE;
+    for gib in 0..pds.max(mmio_gib + 1) {
+        let span = gib << 30..(gib + 1) << 30;
+        let has_mmio = span.start < mmio.end && mmio.start < span.end;
+        if gib >= pds && !has_mmio {
+            continue;
+        }
+        let pd = next_pd;
+        next_pd += PAGE_SIZE;
         mem.write(pool, pdpt + 8 * gib, &(pd | 0x3).to_le_bytes())?;
         let mut table = [0u8; PAGE_SIZE as usize];
         for (i, entry) in table.chunks_exact_mut(8).enumerate() {
-            let gpa = (gib << 30) + i as u64 * LARGE_PAGE_SIZE;
+            let gpa = span.start + i as u64 * LARGE_PAGE_SIZE;
             if gpa < bytes {
                 entry.copy_from_slice(&(gpa | 0x83).to_le_bytes());
+            } else if mmio.contains(&gpa) {
+                entry.copy_from_slice(&(gpa | 0x9b).to_le_bytes());
             }
         }
         mem.write(pool, pd, &table)?;
@@ -218,6 +237,14 @@ mod tests {
         assert_eq!(mem.read_u64(&mut p, PAGE_TABLES_GPA).unwrap(), (PAGE_TABLES_GPA + 0x1000) | 3);
         assert_eq!(mem.read_u64(&mut p, PAGE_TABLES_GPA + 0x2000 + 8).unwrap(), 0x20_0000 | 0x83);
         assert_eq!(mem.read_u64(&mut p, PAGE_TABLES_GPA + 0x2000 + 16).unwrap(), 0, "nothing beyond memory");
+        // PDPT[3] -> the next PD, which maps the device window 0xFE00_0000..4 GiB
+        // uncacheable, the local APIC's 2 MiB (0xFEE0_0000) among it.
+        assert_eq!(mem.read_u64(&mut p, PAGE_TABLES_GPA + 0x1000 + 8).unwrap(), 0, "no PD for GiB 1");
+        assert_eq!(mem.read_u64(&mut p, PAGE_TABLES_GPA + 0x1000 + 24).unwrap(), (PAGE_TABLES_GPA + 0x3000) | 3);
+        let pd3 = PAGE_TABLES_GPA + 0x3000;
+        assert_eq!(mem.read_u64(&mut p, pd3 + 0x1f7 * 8).unwrap(), 0xfee0_0000 | 0x9b);
+        assert_eq!(mem.read_u64(&mut p, pd3 + 0x1f0 * 8).unwrap(), 0xfe00_0000 | 0x9b);
+        assert_eq!(mem.read_u64(&mut p, pd3 + 0x1ef * 8).unwrap(), 0, "below the window");
         let mut info = [0u8; BootInfo::SIZE];
         mem.read(&mut p, BOOT_INFO_GPA, &mut info).unwrap();
         assert_eq!(&info[..8], b"HVBOOT01");

@@ -303,8 +303,19 @@ impl<B: Backend> Domain<B> {
         self.devices.unclaimed()
     }
 
+    /// Whether `gpa` is guest RAM (backed from 0 up to the domain's memory size);
+    /// anything else is MMIO.
+    pub fn is_ram(&self, gpa: u64) -> bool {
+        gpa < self.memory_bytes
+    }
+
+    /// Count an exit by kind; a nested page fault outside RAM is MMIO.
     fn count(&mut self, reason: &ExitReason) {
-        *self.exits.entry(reason.kind()).or_insert(0) += 1;
+        let kind = match *reason {
+            ExitReason::NestedPageFault { gpa, .. } if !self.is_ram(gpa) => ExitKind::Mmio,
+            ref r => r.kind(),
+        };
+        *self.exits.entry(kind).or_insert(0) += 1;
     }
 
     /// Return every vCPU and all memory to the pool.

@@ -200,6 +200,22 @@ impl<F: EntryFormat> GuestMemory<F> {
     }
 }
 
+/// Guest RAM as the software page walk reads it (`walk::GuestPhys`): through the
+/// frame pool, never through the guest's own mappings.
+#[derive(Debug)]
+pub struct Phys<'a, F: EntryFormat> {
+    /// The memory.
+    pub mem: &'a GuestMemory<F>,
+    /// The pool that holds it.
+    pub pool: &'a mut FramePool,
+}
+
+impl<F: EntryFormat> super::walk::GuestPhys for Phys<'_, F> {
+    fn read(&mut self, gpa: u64, out: &mut [u8]) -> bool {
+        gpa.checked_add(out.len() as u64).is_some() && self.mem.read(self.pool, gpa, out).is_ok()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::frames::testing::pool;

@@ -1,4 +1,5 @@
-//! Host memory for the hypervisor: the frame pool and nested page tables.
+//! Host memory for the hypervisor: the frame pool and nested page tables; and the
+//! guest's own page tables, walked in software ([`walk`]).
 //!
 //! The hypervisor runs on the firmware's identity map (physical address == virtual
 //! address, as UEFI leaves long mode), so a frame's physical address is also a
@@ -8,6 +9,7 @@
 pub mod frames;
 pub mod guest;
 pub mod nested;
+pub mod walk;
 
 /// Size of a base page.
 pub const PAGE_SIZE: u64 = 4096;

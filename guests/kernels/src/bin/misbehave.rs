@@ -5,8 +5,9 @@
 //! | `virt-insn` | VMXON (Intel) / VMRUN (AMD) | inject #UD: the guest's handler exits with 100+6 |
 //! | `msr-read` | RDMSR of an MSR outside the allow-list | inject #GP: exit 100+13 |
 //! | `msr-write` | WRMSR to IA32_FEATURE_CONTROL | inject #GP: exit 100+13 |
-//! | `oob-write` | maps and writes guest-physical memory beyond its RAM | stop the domain: "write of guest-physical … outside" |
-//! | `oob-read` | the same, reading | stop the domain: "read of guest-physical … outside" |
+//! | `oob-write` | maps and writes guest-physical memory beyond its RAM, reads it back | drop the write and read all ones, as an unclaimed MMIO page on a PC: exit 20 |
+//! | `oob-read` | the same, reading only | read all ones: exit 21 |
+//! | `mmio-rmw` | `add [p], eax` there (a read-modify-write the MMIO emulation does not implement) | stop the domain: "Add [...] is not emulated for MMIO" |
 //! | `triple-fault` | INT3 with an empty IDT | stop the domain: "triple fault" |
 //! | `flood` | prints lines forever | keep running; stop echoing its console to the log |
 //!
@@ -119,16 +120,28 @@ fn main(info: &BootInfo) -> u64 {
         }
         "oob-write" => {
             let p = map_beyond_memory(info);
-            // SAFETY: deliberately outside guest RAM: the hypervisor must stop us.
-            unsafe { p.write_volatile(0x1234) };
-            println!("misbehave: wrote beyond memory and survived");
-            1
+            // SAFETY: deliberately outside guest RAM: an unclaimed MMIO page, whose
+            // writes are dropped and reads return all ones.
+            let v = unsafe {
+                p.write_volatile(0x1234);
+                p.read_volatile()
+            };
+            println!("misbehave: wrote beyond memory, read back {v:#x}");
+            if v == u64::MAX { 20 } else { 1 }
         }
         "oob-read" => {
             let p = map_beyond_memory(info);
             // SAFETY: as above.
             let v = unsafe { p.read_volatile() };
-            println!("misbehave: read {v:#x} beyond memory and survived");
+            println!("misbehave: read {v:#x} beyond memory");
+            if v == u64::MAX { 21 } else { 1 }
+        }
+        "mmio-rmw" => {
+            let p = map_beyond_memory(info);
+            // SAFETY: deliberately an instruction the MMIO emulation refuses: the
+            // hypervisor must stop us.
+            unsafe { asm!("add dword ptr [{}], eax", in(reg) p, in("eax") 1u32) };
+            println!("misbehave: an add to MMIO returned");
             1
         }
         "triple-fault" => {

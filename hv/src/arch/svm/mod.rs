@@ -25,7 +25,10 @@ use core::arch::global_asm;
 use self::vmcb::{Segment, Vmcb};
 use super::fpu::{GuestFpu, HostFpu};
 use super::state::{self, DescriptorTable, PendingEvent, SegmentRegister, VcpuSnapshot};
-use super::{ArchError, Backend, ControlState, Exit, ExitReason, GuestEntry, GuestMsr, GuestRegs, Vcpu};
+use super::{
+    ArchError, Backend, ControlState, Exit, ExitReason, GuestEntry, GuestMsr, GuestRegs, PagingState, SegmentBases,
+    Vcpu,
+};
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::nested::Npt;
@@ -403,6 +406,33 @@ impl Vcpu for SvmVcpu {
 
     fn fpu_mut(&mut self) -> &mut GuestFpu {
         &mut self.fpu
+    }
+
+    fn paging_state(&mut self) -> Result<PagingState, ArchError> {
+        let v = self.vmcb();
+        // The state-save area (APM Vol. 2 Appendix B, Table B-2), read as `save_state`
+        // reads it: EFER without our SVME, the CPL from its own field (15.5.1), the
+        // segments through `Vmcb::segment`. FS and GS bases carry the VMLOAD caveat
+        // noted at `save_state`.
+        let (selector, attributes, limit, base) = v.segment(Segment::Cs);
+        let base_of = |s: Segment| v.segment(s).3;
+        Ok(PagingState {
+            cr0: v.get(vmcb::CR0),
+            cr3: v.get(vmcb::CR3),
+            cr4: v.get(vmcb::CR4),
+            efer: v.get(vmcb::EFER) & !EFER_SVME,
+            rip: v.get(vmcb::RIP),
+            rsp: v.get(vmcb::RSP),
+            cpl: v.get(vmcb::CPL) & 3,
+            cs: SegmentRegister { selector, attributes, limit, base },
+            bases: SegmentBases {
+                es: base_of(Segment::Es),
+                ss: base_of(Segment::Ss),
+                ds: base_of(Segment::Ds),
+                fs: base_of(Segment::Fs),
+                gs: base_of(Segment::Gs),
+            },
+        })
     }
 
     // The state-save area (APM Vol. 2 Appendix B, Table B-2) holds everything the

@@ -28,7 +28,10 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::fpu::{GuestFpu, HostFpu};
 use super::state::{self, DescriptorTable, PendingEvent, SegmentRegister, VcpuSnapshot};
-use super::{ArchError, Backend, ControlState, Exit, ExitReason, GuestEntry, GuestMsr, GuestRegs, Vcpu};
+use super::{
+    ArchError, Backend, ControlState, Exit, ExitReason, GuestEntry, GuestMsr, GuestRegs, PagingState, SegmentBases,
+    Vcpu,
+};
 use crate::drivers::tables::{self, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
@@ -417,6 +420,23 @@ fn read_segment((selector, base, limit, ar): SegmentFields, ss: bool) -> Result<
     })
 }
 
+/// 25.6.6: where the guest/host mask has a 1, the guest reads the read shadow.
+fn visible(reg: Field, mask: Field, shadow: Field) -> Result<u64, ArchError> {
+    let mask = vmcs::read(mask)?;
+    Ok((vmcs::read(reg)? & !mask) | (vmcs::read(shadow)? & mask))
+}
+
+/// CR0 as the guest sees it.
+fn guest_cr0() -> Result<u64, ArchError> {
+    visible(vmcs::GUEST_CR0, vmcs::CR0_MASK, vmcs::CR0_SHADOW)
+}
+
+/// CR4 as the guest sees it: CR4.VMXE is under the mask with a shadow of 0, so it
+/// reads clear.
+fn guest_cr4() -> Result<u64, ArchError> {
+    visible(vmcs::GUEST_CR4, vmcs::CR4_MASK, vmcs::CR4_SHADOW)
+}
+
 /// The VMWRITEs for a guest segment register. CS and TR (`always_usable`) are never
 /// marked unusable: 27.3.1.2 requires TR usable, and CS's checks assume it.
 fn segment_writes(
@@ -640,15 +660,35 @@ impl Vcpu for VmxVcpu {
         &mut self.fpu
     }
 
-    // Guest-state area (SDM Vol. 3C 25.4), mirroring `write_guest_state`; CR2 and DR6
-    // come from the vCPU, PAT and the syscall MSRs from the MSR lists.
+    fn paging_state(&mut self) -> Result<PagingState, ArchError> {
+        self.make_current()?;
+        // Guest-state area (SDM Vol. 3C 25.4.1-25.4.2), read as `save_state` reads it:
+        // CR0/CR4 through their read shadows, EFER kept current by "save IA32_EFER",
+        // the CPL as SS.DPL (25.4.1: SS.DPL always equals the CPL).
+        let ss = read_segment(SS, true)?;
+        Ok(PagingState {
+            cr0: guest_cr0()?,
+            cr3: vmcs::read(vmcs::GUEST_CR3)?,
+            cr4: guest_cr4()?,
+            efer: vmcs::read(vmcs::GUEST_EFER)?,
+            rip: vmcs::read(vmcs::GUEST_RIP)?,
+            rsp: vmcs::read(vmcs::GUEST_RSP)?,
+            cpl: ((ss.attributes & state::ATTR_DPL) >> 5) as u8,
+            cs: read_segment(CS, false)?,
+            bases: SegmentBases {
+                es: vmcs::read(ES.1)?,
+                ss: ss.base,
+                ds: vmcs::read(DS.1)?,
+                fs: vmcs::read(FS.1)?,
+                gs: vmcs::read(GS.1)?,
+            },
+        })
+    }
+
+    // Guest-state area (SDM Vol. 3C 25.4), mirroring `write_guest_state`; CR2, DR6
+    // and the MSRs without a VMCS field come from the vCPU (see `UnswitchedMsrs`).
     fn save_state(&mut self, regs: &GuestRegs) -> Result<VcpuSnapshot, ArchError> {
         self.make_current()?;
-        // 25.6.6: where the guest/host mask has a 1, the guest reads the read shadow.
-        let visible = |reg: Field, mask: Field, shadow: Field| -> Result<u64, ArchError> {
-            let mask = vmcs::read(mask)?;
-            Ok((vmcs::read(reg)? & !mask) | (vmcs::read(shadow)? & mask))
-        };
         // 25.4.2: guest interruptibility state; bit 2 (blocking by SMI) and bit 4
         // (enclave interruption) are not carried: no SMM or SGX in our guests.
         let interruptibility = vmcs::read(vmcs::GUEST_INTERRUPTIBILITY)? as u32 & state::INTERRUPTIBILITY_BITS;
@@ -688,11 +728,10 @@ impl Vcpu for VmxVcpu {
             rsp: vmcs::read(vmcs::GUEST_RSP)?,
             rip: vmcs::read(vmcs::GUEST_RIP)?,
             rflags: vmcs::read(vmcs::GUEST_RFLAGS)?,
-            cr0: visible(vmcs::GUEST_CR0, vmcs::CR0_MASK, vmcs::CR0_SHADOW)?,
+            cr0: guest_cr0()?,
             cr2: self.cr2,
             cr3: vmcs::read(vmcs::GUEST_CR3)?,
-            // CR4.VMXE is under the mask with a shadow of 0: the guest sees it clear.
-            cr4: visible(vmcs::GUEST_CR4, vmcs::CR4_MASK, vmcs::CR4_SHADOW)?,
+            cr4: guest_cr4()?,
             // The "save IA32_EFER" exit control (set in `configure`) keeps this current.
             efer: vmcs::read(vmcs::GUEST_EFER)?,
             dr6: self.dr6,

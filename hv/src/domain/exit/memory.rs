@@ -1,8 +1,9 @@
 //! Nested page faults: a write fault on a page that write-protect logging guards (log
-//! it, give write access back, retry), or an access outside the domain's RAM, which
-//! stops the domain (no MMIO device is mapped yet).
+//! it, give write access back, retry), or an access outside the domain's RAM, which is
+//! MMIO ([`super::mmio`] decodes and emulates it). A fault inside RAM that no log
+//! explains stops the domain.
 
-use super::{Action, ExitCtx};
+use super::{Action, ExitCtx, mmio};
 use crate::arch::{Backend, Exit};
 
 /// Handle a nested page fault at `gpa`.
@@ -14,8 +15,11 @@ pub fn handle<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit, gpa: u64, write
             Err(e) => return Action::Crash(alloc::format!("logging a write fault: {e}")),
         }
     }
+    if !ctx.d.is_ram(gpa) {
+        return mmio::handle(ctx, exit, gpa, write);
+    }
     Action::Crash(alloc::format!(
-        "{} of guest-physical {gpa:#x}, outside its {} MiB of memory, at RIP {:#x}",
+        "{} fault at guest-physical {gpa:#x}, inside its {} MiB of memory, that no log explains, at RIP {:#x}",
         if write { "write" } else { "read" },
         ctx.d.memory_bytes >> 20,
         exit.rip

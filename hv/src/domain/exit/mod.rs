@@ -5,12 +5,14 @@
 //! returns an [`Action`] for the scheduler. Nothing here calls back into the machine.
 //!
 //! One file per kind: [`cpuid`], [`msr`], [`xsetbv`], [`io`], [`hypercall`], [`memory`]
-//! (nested page faults: log-dirty write faults, and accesses outside guest RAM).
+//! (nested page faults: log-dirty write faults, and accesses outside guest RAM, which
+//! [`mmio`] decodes and emulates).
 
 pub mod cpuid;
 pub mod hypercall;
 pub mod io;
 pub mod memory;
+pub mod mmio;
 pub mod msr;
 pub mod xsetbv;
 

@@ -9,7 +9,9 @@ use alloc::vec::Vec;
 use super::{Action, ExitCtx, handle};
 use crate::arch::fpu::{GuestFpu, HostFpu};
 use crate::arch::state::VcpuSnapshot;
-use crate::arch::{ArchError, Backend, ControlState, Exit, ExitReason, GuestEntry, GuestMsr, GuestRegs, Vcpu};
+use crate::arch::{
+    ArchError, Backend, ControlState, Exit, ExitKind, ExitReason, GuestEntry, GuestMsr, GuestRegs, PagingState, Vcpu,
+};
 use crate::domain::dirty::Mechanisms;
 use crate::domain::{Console, Domain, DomainState, Machine, VcpuSlot};
 use crate::mm::frames::FramePool;
@@ -22,6 +24,10 @@ use crate::mm::{MmError, PAGE_SIZE};
 #[derive(Debug)]
 struct FakeVcpu {
     skipped: u32,
+    /// The instruction length of each skip.
+    skipped_lens: Vec<u64>,
+    /// What `paging_state` answers.
+    paging: PagingState,
     injected: Vec<(u8, Option<u32>)>,
     flushes: u32,
     /// What `can_inject_interrupt` answers (the guest's IF, as it were).
@@ -43,6 +49,8 @@ impl Default for FakeVcpu {
     fn default() -> Self {
         FakeVcpu {
             skipped: 0,
+            skipped_lens: Vec::new(),
+            paging: PagingState::default(),
             injected: Vec::new(),
             flushes: 0,
             interrupts_open: false,
@@ -61,9 +69,13 @@ impl Vcpu for FakeVcpu {
     fn run(&mut self, _: &mut GuestRegs, _: Option<u64>) -> Result<Exit, ArchError> {
         Err(ArchError::Unsupported("a fake vCPU does not run"))
     }
-    fn skip_instruction(&mut self, _: &Exit) -> Result<(), ArchError> {
+    fn skip_instruction(&mut self, exit: &Exit) -> Result<(), ArchError> {
         self.skipped += 1;
+        self.skipped_lens.push(exit.instruction_len);
         Ok(())
+    }
+    fn paging_state(&mut self) -> Result<PagingState, ArchError> {
+        Ok(self.paging)
     }
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError> {
         self.injected.push((vector, error_code));
@@ -375,14 +387,20 @@ fn log_dirty_hypercalls_and_write_faults_work_through_the_context() {
         guest_abi::HYPERCALL_OK
     );
     assert!(m.domains[0].logs.iter().all(Option::is_none));
-    // With no log running, a nested page fault is an access outside guest memory: the
-    // domain stops with the reason.
+    // With no log running, a nested page fault outside guest memory is MMIO: the
+    // instruction at RIP (here paging is off and RIP 0 holds zeros, `add [rax], al`) is
+    // decoded, and one that is not emulated stops the domain with its mnemonic.
     let outside = ExitReason::NestedPageFault { gpa: MEMORY + 0x1000, write: false };
     let (action, _) = run(&mut m, GuestRegs::default(), outside);
     assert!(
-        matches!(action, Action::Crash(ref r) if r.contains("read of guest-physical 0x401000, outside its 4 MiB")),
+        matches!(action, Action::Crash(ref r) if r.contains("MMIO read of guest-physical 0x401000")
+            && r.contains("Add [00 00] is not emulated")),
         "{action:?}"
     );
+    // A fault inside RAM that no log explains stops it too.
+    let inside = ExitReason::NestedPageFault { gpa: 0x3000, write: true };
+    let (action, _) = run(&mut m, GuestRegs::default(), inside);
+    assert!(matches!(action, Action::Crash(ref r) if r.contains("inside its 4 MiB")), "{action:?}");
 }
 
 #[test]
@@ -530,4 +548,128 @@ fn the_pit_raises_irq0_at_its_period_through_the_scheduler_path() {
     assert_eq!(d.vcpus[0].lapic.pending_interrupt(), None, "not before its time");
     assert_eq!(d.advance_devices(first), Action::Continue);
     assert_eq!(d.vcpus[0].lapic.pending_interrupt(), Some(0x30));
+}
+
+/// Where the MMIO tests' code runs (guest RAM, identity-mapped).
+const CODE: u64 = 0x10_0000;
+const APIC: u64 = 0xfee0_0000;
+/// A page nothing on the bus claims (HPET's address on a PC; no HPET here).
+const UNCLAIMED: u64 = 0xfed0_0000;
+
+/// Build 4-level identity tables in the domain's memory (0..2 MiB and 3..4 GiB with
+/// 2 MiB pages, as the guest loader maps them) and point the fake vCPU at them.
+fn long_mode_with_tables(m: &mut Machine<FakeBackend>) {
+    let (mem, pool) = (m.domains[0].mem.as_ref().unwrap(), &mut m.pool);
+    for (at, v) in [
+        (0x1000, 0x2000 | 3),
+        (0x2000, 0x3000 | 3),
+        (0x2000 + 3 * 8, 0x4000 | 3),
+        (0x3000, 0x83),
+        (0x4000 + 0x1f6 * 8, 0xfec0_0000 | 0x9b),
+        (0x4000 + 0x1f7 * 8, 0xfee0_0000 | 0x9b),
+    ] {
+        mem.write(pool, at, &u64::to_le_bytes(v)).unwrap();
+    }
+    m.domains[0].vcpus[0].vcpu.paging = PagingState {
+        cr0: 0x8000_0011,
+        cr3: 0x1000,
+        cr4: 1 << 5,
+        efer: (1 << 8) | (1 << 10),
+        rip: CODE,
+        rsp: 0x8000,
+        cpl: 0,
+        cs: crate::arch::state::SegmentRegister { selector: 8, attributes: 0xa9b, limit: 0xffff_ffff, base: 0 },
+        bases: Default::default(),
+    };
+}
+
+/// Put `code` at CODE and take the MMIO exit it causes at `gpa`.
+fn mmio(m: &mut Machine<FakeBackend>, code: &[u8], regs: GuestRegs, gpa: u64, write: bool) -> (Action, GuestRegs) {
+    let (mem, pool) = (m.domains[0].mem.as_ref().unwrap(), &mut m.pool);
+    mem.write(pool, CODE, code).unwrap();
+    run(m, regs, ExitReason::NestedPageFault { gpa, write })
+}
+
+#[test]
+fn xapic_registers_through_mmio_exits() {
+    let mut m = machine(NO_LOGGING);
+    long_mode_with_tables(&mut m);
+    let base = GuestRegs { rbx: APIC, rax: u64::MAX, ..Default::default() };
+    // mov eax, [rbx+0x30]: the version register, zero-extended into RAX.
+    let (action, regs) = mmio(&mut m, &[0x8b, 0x43, 0x30], base, APIC + 0x30, false);
+    assert_eq!(action, Action::Continue);
+    assert_eq!(regs.rax, u64::from(crate::devices::lapic::VERSION));
+    assert_eq!(vcpu(&m).skipped_lens, [3], "RIP moves past the 3-byte instruction");
+    // movzx ecx, byte [rbx+0x20]: the ID register's low byte (the ID is in 31:24).
+    let (_, regs) = mmio(&mut m, &[0x0f, 0xb6, 0x4b, 0x20], GuestRegs { rcx: 5, ..base }, APIC + 0x20, false);
+    assert_eq!(regs.rcx, 0);
+    // mov dword [rbx+0x80], 0x20: TPR; read back with mov edx, [rbx+0x80].
+    let tpr = [0xc7, 0x83, 0x80, 0, 0, 0, 0x20, 0, 0, 0];
+    assert_eq!(mmio(&mut m, &tpr, base, APIC + 0x80, true).0, Action::Continue);
+    assert_eq!(m.domains[0].vcpus[0].lapic.tpr(), 0x20);
+    let (_, regs) = mmio(&mut m, &[0x8b, 0x93, 0x80, 0, 0, 0], base, APIC + 0x80, false);
+    assert_eq!(regs.rdx, 0x20);
+    assert_eq!(vcpu(&m).skipped_lens, [3, 4, 10, 6]);
+    assert!(vcpu(&m).injected.is_empty());
+    // The exits count as MMIO, not as nested page faults.
+    m.domains[0].count(&ExitReason::NestedPageFault { gpa: APIC + 0x80, write: false });
+    m.domains[0].count(&ExitReason::NestedPageFault { gpa: 0x3000, write: true });
+    assert_eq!(m.domains[0].exits.get(&ExitKind::Mmio), Some(&1));
+    assert_eq!(m.domains[0].exits.get(&ExitKind::NestedPageFault), Some(&1));
+}
+
+#[test]
+fn an_xapic_eoi_write_retires_the_in_service_vector() {
+    let mut m = machine(NO_LOGGING);
+    long_mode_with_tables(&mut m);
+    let base = GuestRegs { rbx: APIC, ..Default::default() };
+    // Software-enable through the SVR: mov dword [rbx+0xf0], 0x1ff.
+    let svr = [0xc7, 0x83, 0xf0, 0, 0, 0, 0xff, 0x01, 0, 0];
+    assert_eq!(mmio(&mut m, &svr, base, APIC + 0xf0, true).0, Action::Continue);
+    let lapic = &mut m.domains[0].vcpus[0].lapic;
+    assert!(lapic.enabled());
+    assert!(lapic.accept(0x40, false));
+    assert_eq!(lapic.pending_interrupt(), Some(0x40));
+    lapic.ack(0x40);
+    let isr = |m: &mut Machine<FakeBackend>| {
+        let mut b = [0u8; 4];
+        m.domains[0].vcpus[0].lapic.read_mmio(0x120, &mut b, 0);
+        u32::from_le_bytes(b)
+    };
+    assert_eq!(isr(&mut m), 1, "vector 0x40 in service (ISR bits 95:64)");
+    // mov [rbx+0xb0], eax with EAX = 0: EOI.
+    assert_eq!(mmio(&mut m, &[0x89, 0x83, 0xb0, 0, 0, 0], base, APIC + 0xb0, true).0, Action::Continue);
+    assert_eq!(isr(&mut m), 0, "the EOI retired it");
+}
+
+#[test]
+fn unclaimed_mmio_reads_all_ones_and_is_counted() {
+    let mut m = machine(NO_LOGGING);
+    long_mode_with_tables(&mut m);
+    let base = GuestRegs { rbx: UNCLAIMED, rax: 0x1234, ..Default::default() };
+    // mov rax, [rbx+8]
+    let (action, regs) = mmio(&mut m, &[0x48, 0x8b, 0x43, 0x08], base, UNCLAIMED + 8, false);
+    assert_eq!(action, Action::Continue);
+    assert_eq!(regs.rax, u64::MAX);
+    // mov ax, [rbx]: only AX becomes ones.
+    let (_, regs) = mmio(&mut m, &[0x66, 0x8b, 0x03], base, UNCLAIMED, false);
+    assert_eq!(regs.rax, 0xffff);
+    // mov [rbx], eax: dropped.
+    assert_eq!(mmio(&mut m, &[0x89, 0x03], base, UNCLAIMED, true).0, Action::Continue);
+    let counted: Vec<_> = m.domains[0].unclaimed().iter().copied().collect();
+    assert_eq!(counted.len(), 1);
+    assert_eq!((counted[0].addr, counted[0].reads, counted[0].writes), (UNCLAIMED, 2, 1));
+    // The I/O APIC page is the interrupt router's, not unclaimed: select the version
+    // register (IOREGSEL = 1) with `mov [rbx], eax`, read it back through IOWIN at
+    // +0x10 with `mov eax, [rbx+0x10]` (the model reports version 0x20, as QEMU does, and 24 pins: 0x17 << 16).
+    let ioapic = GuestRegs { rbx: 0xfec0_0000, rax: 1, ..base };
+    assert_eq!(mmio(&mut m, &[0x89, 0x03], ioapic, 0xfec0_0000, true).0, Action::Continue);
+    let (_, regs) = mmio(&mut m, &[0x8b, 0x43, 0x10], ioapic, 0xfec0_0010, false);
+    assert_eq!(regs.rax, 0x0017_0020);
+    assert_eq!(m.domains[0].unclaimed().iter().count(), 1, "the I/O APIC's accesses are not counted as unclaimed");
+    // An instruction that does not match the fault stops the domain, and nothing retires.
+    let skipped = vcpu(&m).skipped;
+    let (action, _) = mmio(&mut m, &[0x8b, 0x03], base, APIC, false);
+    assert!(matches!(action, Action::Crash(ref r) if r.contains("not on the faulting page")), "{action:?}");
+    assert_eq!(vcpu(&m).skipped, skipped);
 }
