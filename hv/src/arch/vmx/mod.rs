@@ -205,8 +205,12 @@ impl Vmx {
         // Primary: HLT exiting (7), unconditional I/O exiting (24), activate secondary
         // controls (31). MSR bitmaps are off, so every RDMSR/WRMSR exits.
         let proc = adjust_controls("primary processor-based", (1 << 7) | (1 << 24) | (1 << 31), c.procbased)?;
-        // Secondary: enable EPT (1).
-        let proc2 = adjust_controls("secondary processor-based", 1 << 1, c.procbased2)?;
+        // Secondary: enable EPT (1), and unrestricted guest (7) where the CPU has it:
+        // without it CR0.PE and CR0.PG are fixed to 1 (IA32_VMX_CR0_FIXED0, SDM Vol. 3C
+        // 24.8, 27.3.1.1), so a multiboot kernel's entry (protected mode, paging off)
+        // could not be entered.
+        let ug = if c.unrestricted_guest { 1 << 7 } else { 0 };
+        let proc2 = adjust_controls("secondary processor-based", (1 << 1) | ug, c.procbased2)?;
         // Exit: host address-space size (9), save IA32_EFER (20), load IA32_EFER (21).
         let exit = adjust_controls("VM-exit", (1 << 9) | (1 << 20) | (1 << 21), c.exit)?;
         // Entry: IA-32e mode guest (9), load IA32_EFER (15).
