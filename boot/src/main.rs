@@ -192,8 +192,9 @@ fn read_cmdline() -> String {
 }
 
 /// Boot-time domains: `\EFI\HV\DOMAINS.CFG` (format: hv::domain::config) and the
-/// kernel files it names in `\EFI\HV`. A bad file is reported and no domain starts.
-fn read_domains() -> Vec<(hv::domain::config::DomainConfig, Vec<u8>)> {
+/// kernel and initrd files it names in `\EFI\HV`. A bad file is reported and no
+/// domain starts; a domain whose files cannot be read is reported and left out.
+fn read_domains() -> Vec<hv::BootDomain> {
     let text = match read_file("\\EFI\\HV\\DOMAINS.CFG") {
         Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
         Ok(None) => return Vec::new(),
@@ -210,16 +211,76 @@ fn read_domains() -> Vec<(hv::domain::config::DomainConfig, Vec<u8>)> {
         }
     };
     let mut out = Vec::new();
-    for c in configs {
-        let path = format!("\\EFI\\HV\\{}", c.kernel);
-        match read_file(&path) {
-            Ok(Some(kernel)) => out.push((c, kernel)),
-            Ok(None) => println!("DOMAIN-CONFIG-ERROR domain {}: kernel {path} does not exist", c.name),
-            Err(e) => println!("DOMAIN-CONFIG-ERROR domain {}: {e}", c.name),
-        }
+    for config in configs {
+        let read = |what: &str, name: &str| {
+            let path = format!("\\EFI\\HV\\{name}");
+            match read_image(&path) {
+                Ok(Some(bytes)) => Ok(bytes),
+                Ok(None) => Err(format!("domain {}: {what} {path} does not exist", config.name)),
+                Err(e) => Err(format!("domain {}: {e}", config.name)),
+            }
+        };
+        let kernel = match read("kernel", &config.kernel) {
+            Ok(k) => k,
+            Err(e) => {
+                println!("DOMAIN-CONFIG-ERROR {e}");
+                continue;
+            }
+        };
+        let initrd = match config.initrd.as_deref().map(|name| read("initrd", name)) {
+            None => Vec::new(),
+            Some(Ok(i)) => i,
+            Some(Err(e)) => {
+                println!("DOMAIN-CONFIG-ERROR {e}");
+                continue;
+            }
+        };
+        out.push(hv::BootDomain { config, kernel, initrd });
     }
     println!("Boot domains: {} configured in \\EFI\\HV\\DOMAINS.CFG", out.len());
     out
+}
+
+/// Read a kernel or initrd image from the boot volume into one heap buffer of exactly
+/// its size (no copy, no growth), allocated fallibly: a file larger than the heap has
+/// room for is an error that says so, not an allocation failure. `Ok(None)` if it
+/// does not exist.
+fn read_image(path: &str) -> Result<Option<Vec<u8>>, String> {
+    use uefi::proto::media::file::{File, FileAttribute, FileInfo, FileMode};
+    let mut fs =
+        boot::get_image_file_system(boot::image_handle()).map_err(|e| format!("no boot file system ({e:?})"))?;
+    let mut root = fs.open_volume().map_err(|e| format!("cannot open the boot volume: {:?}", e.status()))?;
+    let name = uefi::CString16::try_from(path).map_err(|_| format!("{path}: not a valid UEFI path"))?;
+    let handle = match root.open(&name, FileMode::Read, FileAttribute::empty()) {
+        Ok(h) => h,
+        Err(e) if e.status() == Status::NOT_FOUND => return Ok(None),
+        Err(e) => return Err(format!("cannot open {path}: {:?}", e.status())),
+    };
+    let Some(mut file) = handle.into_regular_file() else {
+        return Err(format!("{path} is a directory, not a file"));
+    };
+    let info = file.get_boxed_info::<FileInfo>().map_err(|e| format!("cannot stat {path}: {:?}", e.status()))?;
+    let size = usize::try_from(info.file_size()).map_err(|_| format!("{path} is too large"))?;
+    let mut bytes = Vec::new();
+    if bytes.try_reserve_exact(size).is_err() {
+        let heap = hv::heap::stats();
+        return Err(format!(
+            "{path} is {size} bytes ({} MiB), more than the hypervisor's heap can hold now ({} of {} MiB in use)",
+            size >> 20,
+            heap.used >> 20,
+            heap.size >> 20
+        ));
+    }
+    bytes.resize(size, 0);
+    let mut done = 0;
+    while done < size {
+        let n = file.read(&mut bytes[done..]).map_err(|e| format!("reading {path}: {:?}", e.status()))?;
+        if n == 0 {
+            return Err(format!("{path}: the file ended after {done} of {size} bytes"));
+        }
+        done += n;
+    }
+    Ok(Some(bytes))
 }
 
 fn fail(args: core::fmt::Arguments<'_>) -> ! {

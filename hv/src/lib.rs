@@ -99,11 +99,23 @@ pub struct BootInfo {
     pub cmdline: String,
     /// The source revision the image was built from (`git describe`).
     pub git_revision: &'static str,
-    /// Domains to start at boot (from `\EFI\HV\DOMAINS.CFG`) with their kernel images.
-    pub domains: Vec<(domain::config::DomainConfig, Vec<u8>)>,
+    /// Domains to start at boot (from `\EFI\HV\DOMAINS.CFG`) with their images.
+    pub domains: Vec<BootDomain>,
     /// The wall clock (Unix seconds, UTC) when boot read the firmware's clock, if it
     /// could: each domain's CMOS RTC starts from it.
     pub unix_time: Option<i64>,
+}
+
+/// A domain to start at boot: its configuration and the files it names, read once
+/// into the heap (each is dropped as soon as its domain is created).
+#[derive(Debug)]
+pub struct BootDomain {
+    /// The configuration line.
+    pub config: domain::config::DomainConfig,
+    /// The kernel image (`kernel=`).
+    pub kernel: Vec<u8>,
+    /// The initrd (`initrd=`; empty when none is configured).
+    pub initrd: Vec<u8>,
 }
 
 static SHUTDOWN_HOOK: spin::Once<fn(Outcome) -> !> = spin::Once::new();
@@ -269,12 +281,13 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
         _ => true,
     };
     let mut machine = domain::Machine::new(backend, info.frames, host, slice, mechanisms, large_pages);
-    for (config, kernel) in &boot_domains {
-        if let Err(e) = machine.create(config, kernel) {
-            println!("DOMAIN-CREATE-FAILED name={}: {e}", config.name);
+    // Each image is freed once its domain has it in guest memory: the heap never holds
+    // more than the images not yet loaded.
+    for boot in boot_domains {
+        if let Err(e) = machine.create(&boot.config, &boot.kernel, &boot.initrd) {
+            println!("DOMAIN-CREATE-FAILED name={}: {e}", boot.config.name);
         }
     }
-    drop(boot_domains);
 
     let mut server = match services::control::ControlServer::start(services::tasks::Runtime::new(machine_info)) {
         Ok(server) => Some(server),

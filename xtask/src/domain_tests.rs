@@ -391,6 +391,39 @@ fn xapic_mmio(session: &mut Session, timeout: Duration) -> Result<String> {
     Ok(format!("{} values read and written through MMIO exits, all as expected", XAPIC_MMIO.len()))
 }
 
+/// The multiboot guest's command line, which it prints back.
+const MULTIBOOT_CMDLINE: &str = "mb-check=42 hello";
+
+/// The multiboot kernel (guests/kernels/src/bin/multiboot.rs) boots in 32-bit protected
+/// mode with paging off, finds the loader's magic and information, prints its command
+/// line through the information's pointer and exits through port 0xF4 with 0x21.
+fn multiboot(session: &mut Session, timeout: Duration) -> Result<String> {
+    let done =
+        |l: &SerialLog| parse_domains(&l.text()).get("mb").is_some_and(|d| d.exit.is_some() || d.crashed.is_some());
+    let wait = session.wait_until(timeout, &mut Echo::new(false), done);
+    let serial = session.serial();
+    if !done(&SerialLog::new(&serial)) {
+        return Err(format!("the multiboot guest did not finish within {} s ({wait:?})", timeout.as_secs()));
+    }
+    let text = clean(&serial);
+    let created = text.lines().find(|l| l.contains("CREATED name=mb")).unwrap_or("");
+    if !created.contains("format=multiboot") {
+        return Err(format!("the kernel was not loaded as multiboot: `{created}`"));
+    }
+    let d = &parse_domains(&serial)["mb"];
+    if d.exit != Some(0x43) {
+        return Err(format!(
+            "exit code {:?} (crash {:?}); 67 means every check passed, (v << 1) | 1 for check v failed",
+            d.exit, d.crashed
+        ));
+    }
+    let want = format!("multiboot: 32-bit protected mode, paging off; cmdline: {MULTIBOOT_CMDLINE}");
+    if !text.lines().any(|l| l.starts_with("[dom") && l.ends_with(&want)) {
+        return Err(format!("no console line `{want}`"));
+    }
+    Ok("EAX magic, info flags, mem_upper, CR0 (PE, no PG), CS 0x08 checked; the cmdline came through; exit 67".into())
+}
+
 /// Log-dirty modes by guest_abi number, and whether each platform has them.
 const DIRTY_MODES: &[(&str, u64)] = &[("pml", 1), ("dbit", 2), ("wp", 3)];
 
@@ -552,7 +585,8 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
         .collect();
     let platforms = [Platform::Qemu { cpu: "EPYC".into() }, Platform::Bochs { model: "corei7_skylake_x".into() }];
     let mmio_cfg = String::from("name=xapic kernel=xapic-mmio.elf memory=8M\n");
-    let scenarios: [(&str, String, &str, Test); 8] = [
+    let multiboot_cfg = format!("name=mb kernel=multiboot.elf memory=8M cmdline={MULTIBOOT_CMDLINE}\n");
+    let scenarios: [(&str, String, &str, Test); 9] = [
         ("domains-cpuid-policies", cpuid_cfg, "cpuid-dump", cpuid_policies),
         ("domains-concurrent-writers-and-spinner", writers_cfg, "", concurrent),
         ("domains-misbehaving-guests-contained", bad_cfg, "", misbehaving),
@@ -561,6 +595,7 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
         ("domains-lapic-timer-interrupts", timer_cfg, "", lapic_timer),
         ("domains-fpu-state-isolated", fpu_cfg, "", fpu_state),
         ("domains-xapic-mmio", mmio_cfg, "", xapic_mmio),
+        ("domains-multiboot-protected-mode", multiboot_cfg, "", multiboot),
     ];
     let (mut passed, mut failed) = (0, 0);
     for platform in &platforms {

@@ -56,6 +56,20 @@ impl fmt::Display for Platform {
     }
 }
 
+/// Files `cargo xtask run --extra-file` copies into every run's \EFI\HV (such as a
+/// Linux kernel and initrd that DOMAINS.CFG names), set once before the run.
+static EXTRA_FILES: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
+
+/// Copy `files` into \EFI\HV of the runs that follow (by their file names).
+pub fn set_extra_files(files: Vec<PathBuf>) -> Result<()> {
+    for f in &files {
+        if f.file_name().is_none() || !f.is_file() {
+            return Err(format!("--extra-file {}: not a file", f.display()));
+        }
+    }
+    EXTRA_FILES.set(files).map_err(|_| "the extra files are already set".to_string())
+}
+
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -108,6 +122,10 @@ fn prepare_dir(esp: &Esp, config: &RunConfig) -> Result<PathBuf> {
     }
     if let Some(cfg) = &config.domains {
         std::fs::write(guests.join("DOMAINS.CFG"), cfg).map_err(|e| format!("DOMAINS.CFG: {e}"))?;
+    }
+    for file in EXTRA_FILES.get().into_iter().flatten() {
+        let name = file.file_name().unwrap_or_default();
+        std::fs::copy(file, guests.join(name)).map_err(|e| format!("cannot copy {}: {e}", file.display()))?;
     }
     Ok(dir)
 }

@@ -5,8 +5,17 @@ use std::path::PathBuf;
 use crate::{Result, tools};
 
 /// The guest kernels in guests/kernels, copied to \EFI\HV\NAME.elf.
-pub const GUESTS: &[&str] =
-    &["cpuid-probe", "memwriter", "spinner", "misbehave", "dirtytest", "apictimer", "fpustate", "xapic-mmio"];
+pub const GUESTS: &[&str] = &[
+    "cpuid-probe",
+    "memwriter",
+    "spinner",
+    "misbehave",
+    "dirtytest",
+    "apictimer",
+    "fpustate",
+    "xapic-mmio",
+    "multiboot",
+];
 
 /// A built image.
 #[derive(Debug, Clone)]

@@ -55,6 +55,10 @@ enum Command {
         /// spinner.elf).
         #[arg(long, value_name = "FILE")]
         domains: Option<std::path::PathBuf>,
+        /// Also copy this file into \EFI\HV under its own name, e.g. a Linux kernel or
+        /// initrd that the --domains file names (repeatable).
+        #[arg(long = "extra-file", value_name = "PATH")]
+        extra_files: Vec<std::path::PathBuf>,
         /// Start this many hypervisors side by side (QEMU only), each with its own vsock
         /// backend, e.g. 2 to try migration between them. Their serial logs go to
         /// target/xtask/runs/run-I/serial.log, not to the terminal.
@@ -140,7 +144,11 @@ fn main() -> ExitCode {
             println!("image: {}", esp.efi.display());
             println!("ESP:   {} ({} bytes)", esp.dir.display(), esp.size);
         }),
-        Command::Run { platform, timeout, cmdline, domains, instances } => {
+        Command::Run { platform, timeout, cmdline, domains, extra_files, instances } => {
+            if let Err(e) = emulator::set_extra_files(extra_files) {
+                eprintln!("xtask: error: {e}");
+                return ExitCode::FAILURE;
+            }
             if instances > 1 {
                 run_many(platform.platform(), timeout, instances)
             } else {

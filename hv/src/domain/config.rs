@@ -4,10 +4,14 @@
 //! ```text
 //! # name     kernel (file in \EFI\HV)  memory      vCPUs    CPUID policy (levelling text form)    command line (rest of line)
 //! name=probe kernel=cpuid-probe.elf    memory=16M  vcpus=1  cpuid=base=host-max,-avx2            cmdline=verbose
+//! name=linux kernel=vmlinuz initrd=initrd.gz memory=256M cmdline=console=ttyS0
 //! ```
 //!
 //! Keys: `name` (required, `[A-Za-z0-9_-]`, at most 32 bytes), `kernel` (required, a
-//! file name in `\EFI\HV`), `memory` (bytes with an optional K/M/G suffix; default
+//! file name in `\EFI\HV`: an ELF64 `guest_abi` kernel, a Linux bzImage or a
+//! multiboot v1 kernel, told apart by their contents: `domain::boot`), `initrd`
+//! (optional, a file name in `\EFI\HV`: the Linux initrd or multiboot module 1; an
+//! ELF64 kernel takes none and is refused with one), `memory` (bytes with an optional K/M/G suffix; default
 //! 16M; at least 4M, at most 1G), `vcpus` (default 1, at most 8), `cpuid` (default:
 //! the host's `max` policy), `cmdline` (must be last: it takes the rest of the line).
 //! Errors name the line and the key.
@@ -23,6 +27,8 @@ pub struct DomainConfig {
     pub name: String,
     /// Kernel file name (in `\EFI\HV` for boot-time domains).
     pub kernel: String,
+    /// Initrd file name (in `\EFI\HV` for boot-time domains), if any.
+    pub initrd: Option<String>,
     /// Guest memory in bytes.
     pub memory: u64,
     /// vCPUs.
@@ -83,7 +89,8 @@ pub fn parse_line(text: &str, line: usize) -> Result<Option<DomainConfig>, Confi
     if cmdline.len() > guest_abi::CMDLINE_MAX {
         return Err(err(alloc::format!("cmdline is longer than {} bytes", guest_abi::CMDLINE_MAX)));
     }
-    let (mut name, mut kernel, mut memory, mut vcpus, mut cpuid) = (None, None, 16u64 << 20, 1u32, None);
+    let (mut name, mut kernel, mut initrd, mut memory, mut vcpus, mut cpuid) =
+        (None, None, None, 16u64 << 20, 1u32, None);
     for item in head.split_whitespace() {
         let (key, value) = item.split_once('=').ok_or_else(|| err(alloc::format!("`{item}` is not key=value")))?;
         match key {
@@ -96,12 +103,8 @@ pub fn parse_line(text: &str, line: usize) -> Result<Option<DomainConfig>, Confi
                 }
                 name = Some(value.to_string());
             }
-            "kernel" => {
-                if value.is_empty() || value.contains(['\\', '/']) {
-                    return Err(err(alloc::format!("kernel `{value}`: give a file name in \\EFI\\HV")));
-                }
-                kernel = Some(value.to_string());
-            }
+            "kernel" => kernel = Some(file_name("kernel", value).map_err(err)?),
+            "initrd" => initrd = Some(file_name("initrd", value).map_err(err)?),
             "memory" => {
                 memory = parse_size(value).ok_or_else(|| err(alloc::format!("memory `{value}` is not a size")))?;
                 if !(MIN_MEMORY..=MAX_MEMORY).contains(&memory) {
@@ -121,6 +124,7 @@ pub fn parse_line(text: &str, line: usize) -> Result<Option<DomainConfig>, Confi
     let config = DomainConfig {
         name: name.ok_or_else(|| err("missing name=".into()))?,
         kernel: kernel.ok_or_else(|| err("missing kernel=".into()))?,
+        initrd,
         memory,
         vcpus,
         cpuid,
@@ -128,6 +132,14 @@ pub fn parse_line(text: &str, line: usize) -> Result<Option<DomainConfig>, Confi
     };
     validate(&config).map_err(err)?;
     Ok(Some(config))
+}
+
+/// A file name in `\EFI\HV` given for `key` (no path separators).
+fn file_name(key: &str, value: &str) -> Result<String, String> {
+    if value.is_empty() || value.contains(['\\', '/']) {
+        return Err(alloc::format!("{key} `{value}`: give a file name in \\EFI\\HV"));
+    }
+    Ok(value.to_string())
 }
 
 /// The limits every domain configuration must keep, from a file or from `hvctl`.
@@ -180,6 +192,7 @@ mod tests {
             DomainConfig {
                 name: "probe".into(),
                 kernel: "cpuid-probe.elf".into(),
+                initrd: None,
                 memory: 16 << 20,
                 vcpus: 2,
                 cpuid: Some("base=host-max,-avx2".into()),
@@ -188,6 +201,17 @@ mod tests {
         );
         assert_eq!(cfg[1].memory, 16 << 20);
         assert_eq!(cfg[1].cpuid, None);
+        assert_eq!(cfg[1].initrd, None);
+    }
+
+    #[test]
+    fn takes_an_initrd_file_name() {
+        let cfg =
+            parse("name=linux kernel=vmlinuz initrd=initrd.gz memory=256M cmdline=console=ttyS0 initrd=no\n").unwrap();
+        assert_eq!(cfg[0].kernel, "vmlinuz");
+        assert_eq!(cfg[0].initrd.as_deref(), Some("initrd.gz"));
+        assert_eq!(cfg[0].memory, 256 << 20);
+        assert_eq!(cfg[0].cmdline, "console=ttyS0 initrd=no", "the command line keeps its own initrd=");
     }
 
     #[test]
@@ -199,6 +223,12 @@ mod tests {
         assert_eq!(parse("name=a kernel=x/y").unwrap_err().message, "kernel `x/y`: give a file name in \\EFI\\HV");
         assert_eq!(parse("name=a kernel=k colour=red").unwrap_err().message, "unknown key `colour`");
         assert_eq!(parse("name=a kernel=k\nname=a kernel=j").unwrap_err().message, "duplicate name `a`");
+        assert_eq!(parse("name=a kernel=k initrd=").unwrap_err().message, "initrd ``: give a file name in \\EFI\\HV");
+        assert_eq!(
+            parse("name=a kernel=k initrd=..\\x.gz").unwrap_err().message,
+            "initrd `..\\x.gz`: give a file name in \\EFI\\HV"
+        );
+        assert_eq!(parse("name=a initrd=i.gz").unwrap_err().message, "missing kernel=");
         assert_eq!(parse_size("64M"), Some(64 << 20));
         assert_eq!(parse_size("x"), None);
         assert_eq!(parse_size("99999999999999G"), None);

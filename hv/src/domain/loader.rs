@@ -23,7 +23,8 @@ use crate::mm::{LARGE_PAGE_SIZE, MmError, PAGE_SIZE};
 /// Bytes at the top of guest memory kept for the initial stack.
 pub const STACK_BYTES: u64 = 64 * 1024;
 
-/// Why a kernel could not be loaded.
+/// Why a kernel could not be loaded (this loader's errors and those of the boot
+/// protocols in `domain::boot`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LoadError {
     /// Not an ELF file we accept.
@@ -32,6 +33,33 @@ pub enum LoadError {
     Layout(String),
     /// Guest memory access failed.
     Memory(MmError),
+    /// The image is none of the accepted formats.
+    UnknownFormat {
+        /// Its length.
+        len: usize,
+        /// Its first bytes (zero-padded when shorter).
+        head: [u8; 4],
+    },
+    /// The image is a bzImage the Linux boot protocol refuses.
+    Linux(crate::firmware::linux::LinuxError),
+    /// The image is a multiboot kernel the multiboot loader refuses.
+    Multiboot(crate::firmware::multiboot::MultibootError),
+    /// The ACPI tables could not be built.
+    Acpi(crate::firmware::acpi::AcpiError),
+    /// An initrd was given for a kernel format that takes none.
+    InitrdNotTaken {
+        /// The format, as a phrase.
+        format: &'static str,
+        /// The initrd's length.
+        len: usize,
+    },
+    /// The domain has more memory than the firmware layout can describe.
+    MemoryAboveHole {
+        /// The domain's memory in bytes.
+        memory: u64,
+        /// The most a Linux or multiboot domain may have.
+        limit: u64,
+    },
 }
 
 impl From<MmError> for LoadError {
@@ -46,6 +74,27 @@ impl fmt::Display for LoadError {
             LoadError::BadElf(why) => write!(f, "not a loadable guest kernel: {why}"),
             LoadError::Layout(why) => write!(f, "kernel layout: {why}"),
             LoadError::Memory(e) => write!(f, "guest memory: {e}"),
+            LoadError::UnknownFormat { len, head } => write!(
+                f,
+                "the kernel image ({len} bytes, starting {head:02x?}) is none of the accepted formats: an ELF64 \
+                 guest_abi kernel (\"\\x7fELF\", class 64-bit), a Linux bzImage (\"HdrS\" at 0x202, boot flag \
+                 0xaa55 at 0x1fe) or a multiboot v1 kernel (magic 0x1badb002 in the first 8 KiB)"
+            ),
+            LoadError::Linux(e) => write!(f, "Linux bzImage: {e}"),
+            LoadError::Multiboot(e) => write!(f, "multiboot kernel: {e}"),
+            LoadError::Acpi(e) => write!(f, "ACPI tables: {e}"),
+            LoadError::InitrdNotTaken { format, len } => write!(
+                f,
+                "an initrd of {len} bytes was given, but {format} takes none (only a Linux bzImage or a multiboot \
+                 kernel does)"
+            ),
+            LoadError::MemoryAboveHole { memory, limit } => write!(
+                f,
+                "{} MiB of memory is more than a Linux or multiboot domain can have: RAM ends at the MMIO hole at \
+                 {} MiB (RAM above 4 GiB is not implemented)",
+                memory >> 20,
+                limit >> 20
+            ),
         }
     }
 }

@@ -123,6 +123,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
             let mut blob = vec![match slot.state {
                 RunState::Runnable => 0,
                 RunState::Halted => 1,
+                RunState::WaitForSipi => 2,
             }];
             blob.extend_from_slice(&snapshot.encode());
             out.push(blob);
@@ -159,6 +160,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
         let cfg = config::DomainConfig {
             name: header.name.clone(),
             kernel: String::from("(migrated)"),
+            initrd: None,
             memory: header.memory_bytes,
             vcpus: header.vcpus,
             cpuid: None,
@@ -248,6 +250,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
         let (run, snapshot) = match state.split_first() {
             Some((0, rest)) => (RunState::Runnable, rest),
             Some((1, rest)) => (RunState::Halted, rest),
+            Some((2, rest)) => (RunState::WaitForSipi, rest),
             Some((b, _)) => return Err(alloc::format!("vCPU {index}: unknown run state {b}")),
             None => return Err(alloc::format!("vCPU {index}: empty state")),
         };

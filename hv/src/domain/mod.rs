@@ -13,6 +13,7 @@
 //! emulate stops the domain with the reason, and its memory goes back to the pool at
 //! once. Nothing a guest does stops the hypervisor or another domain.
 
+pub mod boot;
 pub mod config;
 pub mod dirty;
 pub mod exit;
@@ -21,6 +22,8 @@ pub mod migrate;
 mod ops;
 mod platform;
 mod sched;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use alloc::collections::{BTreeMap, VecDeque};
 use alloc::string::String;
@@ -29,7 +32,7 @@ use core::fmt;
 
 use levelling::{CpuidTable, HostCpu, VcpuState};
 
-use crate::arch::{ArchError, Backend, ExitKind, ExitReason, GuestEntry, GuestRegs, Vcpu};
+use crate::arch::{ArchError, Backend, ExitKind, ExitReason, GuestRegs, Vcpu};
 use crate::devices::bus::DeviceBus;
 use crate::devices::lapic::Lapic;
 use crate::mm::MmError;
@@ -138,10 +141,17 @@ impl fmt::Display for DomainError {
     }
 }
 
+/// Whether a vCPU may be scheduled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RunState {
+    /// It runs when its turn comes.
     Runnable,
+    /// It executed HLT: it runs again when an interrupt is pending or its timer is due.
     Halted,
+    /// An application processor of a Linux or multiboot domain before INIT/SIPI: it
+    /// never runs, and no interrupt or timer wakes it (starting it is the local APIC's
+    /// INIT/SIPI handling, not written yet).
+    WaitForSipi,
 }
 
 /// One vCPU of a domain: the backend's vCPU and what the core keeps of it.
@@ -409,15 +419,17 @@ impl<B: Backend> Machine<B> {
         Ok((policy, table))
     }
 
-    /// Create and start a domain.
-    pub fn create(&mut self, cfg: &DomainConfig, kernel: &[u8]) -> Result<u32, DomainError> {
+    /// Create and start a domain from `kernel` (an ELF64 `guest_abi` kernel, a Linux
+    /// bzImage or a multiboot kernel: [`boot`]) with `initrd` (empty: none).
+    pub fn create(&mut self, cfg: &DomainConfig, kernel: &[u8], initrd: &[u8]) -> Result<u32, DomainError> {
         let devices = new_devices()?;
         let (policy, cpuid) = self.cpuid_table(cfg.cpuid.as_deref(), cfg.vcpus)?;
+        boot::check(kernel, initrd, cfg.memory).map_err(DomainError::Load)?;
         let id = self.next_id;
         let mem = GuestMemory::<B::Paging>::new(&mut self.pool, cfg.memory, self.large_pages)?;
         let params = loader::BootParams { arch: B::ARCH, domain_id: id, vcpus: cfg.vcpus, cmdline: &cfg.cmdline };
-        let start = match loader::load(&mut self.pool, &mem, kernel, params) {
-            Ok(s) => s,
+        let loaded = match boot::load(&mut self.pool, &mem, kernel, initrd, params) {
+            Ok(l) => l,
             Err(e) => {
                 mem.destroy(&mut self.pool)?;
                 return Err(DomainError::Load(e));
@@ -449,35 +461,42 @@ impl<B: Backend> Machine<B> {
         let root = mem.root();
         domain.mem = Some(mem);
         for index in 0..cfg.vcpus {
-            // guest_abi: every vCPU starts at the entry point with RDI = boot info,
-            // RSI = its index, and its own 8 KiB of the stack area.
-            let rsp = start.rsp - u64::from(index) * (loader::STACK_BYTES / 8);
-            let entry = GuestEntry { nested_root: root, cr3: start.cr3, rip: start.rip, rsp };
-            let created = self.backend.create_vcpu(&mut self.pool, &entry).and_then(|mut vcpu| {
-                vcpu.set_tsc_offset(domain.base_tsc_offset())?;
-                Ok(vcpu)
-            });
-            match created {
-                Ok(vcpu) => {
-                    let regs = GuestRegs { rdi: start.rdi, rsi: u64::from(index), ..GuestRegs::default() };
-                    domain.vcpus.push(VcpuSlot::new(vcpu, regs, index));
-                }
-                Err(e) => {
-                    domain.release(&mut self.pool)?;
-                    return Err(DomainError::Arch(e));
-                }
+            if let Err(e) = self.add_vcpu(&mut domain, &loaded.vcpu_start(index, root), index) {
+                domain.release(&mut self.pool)?;
+                return Err(DomainError::Arch(e));
             }
         }
         self.next_id += 1;
         println!(
-            "DOMAIN {id} CREATED name={} memory={}M vcpus={} kernel={} bytes",
+            "DOMAIN {id} CREATED name={} memory={}M vcpus={} kernel={} bytes format={} initrd={} bytes",
             cfg.name,
             domain.memory_bytes >> 20,
             cfg.vcpus,
-            kernel.len()
+            kernel.len(),
+            loaded.format.name(),
+            initrd.len()
         );
         self.domains.push(domain);
         Ok(id)
+    }
+
+    /// Create vCPU `index` of `domain` as `start` says.
+    fn add_vcpu(&mut self, domain: &mut Domain<B>, start: &boot::VcpuStart, index: u32) -> Result<(), ArchError> {
+        let mut vcpu = self.backend.create_vcpu(&mut self.pool, &start.entry)?;
+        let mut regs = start.regs;
+        let loaded = match &start.snapshot {
+            Some(snapshot) => vcpu.load_state(&mut regs, snapshot),
+            None => Ok(()),
+        };
+        // The guest's TSC starts at 0 with the domain (`Domain::base_tsc_offset`).
+        if let Err(e) = loaded.and_then(|()| vcpu.set_tsc_offset(domain.base_tsc_offset())) {
+            vcpu.destroy(&mut self.pool)?;
+            return Err(e);
+        }
+        let mut slot = VcpuSlot::new(vcpu, regs, index);
+        slot.state = start.run;
+        domain.vcpus.push(slot);
+        Ok(())
     }
 
     /// Destroy a domain in any state; its memory and vCPUs return to the pool.

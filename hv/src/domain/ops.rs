@@ -47,6 +47,10 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
         let cfg = DomainConfig {
             name: spec.name.clone(),
             kernel: String::from("(uploaded)"),
+            // The control path has no initrd upload yet (chunked uploads are separate
+            // work): a Linux or multiboot kernel boots without one, and an initrd is
+            // never silently dropped because none can be given here.
+            initrd: None,
             memory: spec.memory_bytes,
             vcpus: spec.vcpus,
             cpuid: spec.cpuid.clone(),
@@ -56,7 +60,7 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
         if self.domains.iter().any(|d| d.name == cfg.name) {
             return Err(reply(wire::ErrorCode::Refused, alloc::format!("a domain named `{}` exists", cfg.name)));
         }
-        Machine::create(self, &cfg, &spec.kernel).map_err(domain_reply)
+        Machine::create(self, &cfg, &spec.kernel, &[]).map_err(domain_reply)
     }
 
     fn list(&self) -> wire::DomainListReport {

@@ -8,7 +8,9 @@
 //! if the guest can take it (RFLAGS.IF, no interrupt shadow) or an interrupt-window
 //! exit is asked for. A slice never runs past the LAPIC timer's deadline. A halted
 //! vCPU sleeps until an interrupt is pending or its timer is due; a domain whose vCPUs
-//! all halted with no timer armed has nothing left to wake it and is halted.
+//! all halted with no timer armed has nothing left to wake it and is halted. The
+//! application processors of a Linux or multiboot domain wait for INIT/SIPI
+//! (`RunState::WaitForSipi`): they are never scheduled or woken here.
 
 use super::exit::{self, Action};
 use super::platform::{Pending, Router, pending};
@@ -61,7 +63,10 @@ impl<B: Backend> Machine<B> {
         self.domains.iter().any(|d| {
             d.state == DomainState::Running
                 && (d.next_device_event_ns().is_some()
-                    || d.vcpus.iter().any(|v| v.state == RunState::Runnable || v.lapic.next_timer_ns().is_some()))
+                    || d.vcpus.iter().any(|v| {
+                        v.state == RunState::Runnable
+                            || (v.state == RunState::Halted && v.lapic.next_timer_ns().is_some())
+                    }))
         })
     }
 
@@ -91,6 +96,9 @@ impl<B: Backend> Machine<B> {
             let Some((di, vi)) = self.locate(pick) else { continue };
             let d = &mut self.domains[di];
             if d.state != DomainState::Running {
+                continue;
+            }
+            if d.vcpus[vi].state == RunState::WaitForSipi {
                 continue;
             }
             if d.vcpus[vi].state == RunState::Halted {
@@ -187,9 +195,13 @@ impl<B: Backend> Machine<B> {
                         continue;
                     }
                     d.vcpus[vi].state = RunState::Halted;
-                    if d.next_device_event_ns().is_none()
-                        && d.vcpus.iter().all(|v| v.state == RunState::Halted && v.lapic.next_timer_ns().is_none())
-                    {
+                    // Application processors waiting for INIT/SIPI do not keep it alive.
+                    let asleep = |v: &VcpuSlot<B::Vcpu>| match v.state {
+                        RunState::WaitForSipi => true,
+                        RunState::Halted => v.lapic.next_timer_ns().is_none(),
+                        RunState::Runnable => false,
+                    };
+                    if d.next_device_event_ns().is_none() && d.vcpus.iter().all(asleep) {
                         d.state = DomainState::Halted;
                         println!("DOMAIN {} HALTED (every vCPU executed HLT with nothing to wake it)", d.id);
                     }

@@ -284,9 +284,14 @@ impl Vmx {
             adjust_controls("primary processor-based", (1 << 3) | (1 << 7) | (1 << 24) | (1 << 31), c.procbased)?;
         // Secondary: enable EPT (1); where allowed, enable RDTSCP (3) and enable INVPCID
         // (12): without them RDTSCP/RDPID and INVPCID raise #UD in the guest (25.6.2),
-        // and the policy offers them when the host has them.
+        // and the policy offers them when the host has them. Unrestricted guest (7)
+        // where the CPU has it: without it CR0.PE and CR0.PG are fixed to 1
+        // (IA32_VMX_CR0_FIXED0, SDM Vol. 3C 24.8, 27.3.1.1), so a multiboot kernel's
+        // entry (protected mode, paging off) and an AP's real-mode start could not be
+        // entered.
         let optional = ((1 << 3) | (1 << 12)) & (c.procbased2 >> 32) as u32;
-        let proc2 = adjust_controls("secondary processor-based", (1 << 1) | optional, c.procbased2)?;
+        let ug = if c.unrestricted_guest { 1 << 7 } else { 0 };
+        let proc2 = adjust_controls("secondary processor-based", (1 << 1) | optional | ug, c.procbased2)?;
         // Exit: host address-space size (9), save IA32_EFER (20), load IA32_EFER (21).
         let exit = adjust_controls("VM-exit", (1 << 9) | (1 << 20) | (1 << 21), c.exit)?;
         // Entry: IA-32e mode guest (9), load IA32_EFER (15).

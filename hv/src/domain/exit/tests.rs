@@ -7,146 +7,15 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::{Action, ExitCtx, handle};
-use crate::arch::fpu::{GuestFpu, HostFpu};
-use crate::arch::state::VcpuSnapshot;
-use crate::arch::{
-    ArchError, Backend, ControlState, Exit, ExitKind, ExitReason, GuestEntry, GuestMsr, GuestRegs, PagingState, Vcpu,
-};
+use crate::arch::{Exit, ExitKind, ExitReason, GuestMsr, GuestRegs, PagingState};
 use crate::domain::dirty::Mechanisms;
 use crate::domain::{Console, Domain, DomainState, Machine, VcpuSlot};
-use crate::mm::frames::FramePool;
+use crate::mm::PAGE_SIZE;
 use crate::mm::frames::testing::pool;
 use crate::mm::guest::GuestMemory;
 use crate::mm::nested::Npt;
-use crate::mm::{MmError, PAGE_SIZE};
 
-/// What the policy asked of the vCPU.
-#[derive(Debug)]
-struct FakeVcpu {
-    skipped: u32,
-    /// The instruction length of each skip.
-    skipped_lens: Vec<u64>,
-    /// What `paging_state` answers.
-    paging: PagingState,
-    injected: Vec<(u8, Option<u32>)>,
-    flushes: u32,
-    /// What `can_inject_interrupt` answers (the guest's IF, as it were).
-    interrupts_open: bool,
-    interrupts: Vec<u8>,
-    window_requested: bool,
-    /// The guest's control registers, as the test sets them.
-    control: ControlState,
-    /// The backend-held MSRs, as (MSR, value).
-    msrs: Vec<(GuestMsr, u64)>,
-    tsc_offset: u64,
-    fpu: GuestFpu,
-}
-
-/// A host that switches x87, SSE, AVX and AVX-512.
-const FAKE_HOST_FPU: HostFpu = HostFpu { xsave: true, xcr0: 0xe7, area_bytes: 2696 };
-
-impl Default for FakeVcpu {
-    fn default() -> Self {
-        FakeVcpu {
-            skipped: 0,
-            skipped_lens: Vec::new(),
-            paging: PagingState::default(),
-            injected: Vec::new(),
-            flushes: 0,
-            interrupts_open: false,
-            interrupts: Vec::new(),
-            window_requested: false,
-            // Long mode, paging on, CPL 0, CR4.PAE (as `configure` leaves a guest).
-            control: ControlState { cr0: 0x8001_0031, cr4: 0x20, cpl: 0 },
-            msrs: alloc::vec![(GuestMsr::Efer, 0x500), (GuestMsr::Pat, 0x0007_0406_0007_0406)],
-            tsc_offset: 0,
-            fpu: GuestFpu::new(&FAKE_HOST_FPU),
-        }
-    }
-}
-
-impl Vcpu for FakeVcpu {
-    fn run(&mut self, _: &mut GuestRegs, _: Option<u64>) -> Result<Exit, ArchError> {
-        Err(ArchError::Unsupported("a fake vCPU does not run"))
-    }
-    fn skip_instruction(&mut self, exit: &Exit) -> Result<(), ArchError> {
-        self.skipped += 1;
-        self.skipped_lens.push(exit.instruction_len);
-        Ok(())
-    }
-    fn paging_state(&mut self) -> Result<PagingState, ArchError> {
-        Ok(self.paging)
-    }
-    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError> {
-        self.injected.push((vector, error_code));
-        Ok(())
-    }
-    fn can_inject_interrupt(&mut self) -> Result<bool, ArchError> {
-        Ok(self.interrupts_open)
-    }
-    fn inject_interrupt(&mut self, vector: u8) -> Result<(), ArchError> {
-        self.interrupts.push(vector);
-        Ok(())
-    }
-    fn request_interrupt_window(&mut self, on: bool) -> Result<(), ArchError> {
-        self.window_requested = on;
-        Ok(())
-    }
-    fn save_state(&mut self, _: &GuestRegs) -> Result<VcpuSnapshot, ArchError> {
-        Err(ArchError::Unsupported("fake"))
-    }
-    fn load_state(&mut self, _: &mut GuestRegs, _: &VcpuSnapshot) -> Result<(), ArchError> {
-        Err(ArchError::Unsupported("fake"))
-    }
-    fn control_state(&mut self) -> Result<ControlState, ArchError> {
-        Ok(self.control)
-    }
-    fn read_msr(&mut self, msr: GuestMsr) -> Result<u64, ArchError> {
-        Ok(self.msrs.iter().find(|(m, _)| *m == msr).map_or(0, |(_, v)| *v))
-    }
-    fn write_msr(&mut self, msr: GuestMsr, value: u64) -> Result<(), ArchError> {
-        self.msrs.retain(|(m, _)| *m != msr);
-        self.msrs.push((msr, value));
-        Ok(())
-    }
-    fn tsc_offset(&self) -> u64 {
-        self.tsc_offset
-    }
-    fn set_tsc_offset(&mut self, offset: u64) -> Result<(), ArchError> {
-        self.tsc_offset = offset;
-        Ok(())
-    }
-    fn fpu(&self) -> &GuestFpu {
-        &self.fpu
-    }
-    fn fpu_mut(&mut self) -> &mut GuestFpu {
-        &mut self.fpu
-    }
-    fn flush_nested_tlb(&mut self) -> Result<(), ArchError> {
-        self.flushes += 1;
-        Ok(())
-    }
-    fn destroy(self, _: &mut FramePool) -> Result<(), MmError> {
-        Ok(())
-    }
-}
-
-#[derive(Debug)]
-struct FakeBackend;
-
-impl Backend for FakeBackend {
-    type Paging = Npt;
-    type Vcpu = FakeVcpu;
-    const NAME: &'static str = "fake";
-    const ARCH: guest_abi::Arch = guest_abi::Arch::Svm;
-    const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
-    fn enable(_: &crate::platform::caps::Capabilities, _: &mut FramePool) -> Result<Self, ArchError> {
-        Ok(Self)
-    }
-    fn create_vcpu(&mut self, _: &mut FramePool, _: &GuestEntry) -> Result<FakeVcpu, ArchError> {
-        Ok(FakeVcpu::default())
-    }
-}
+use crate::domain::testing::{FakeBackend, FakeVcpu};
 
 const MEMORY: u64 = 4 << 20;
 

@@ -1,0 +1,148 @@
+//! A fake backend for host tests of the core: its vCPUs never run, and record what the
+//! core asked of them (skips, injections, interrupt windows, loaded state, MSRs), so
+//! the exit policy and domain creation can be tested with synthetic exits.
+
+use alloc::vec::Vec;
+
+use crate::arch::fpu::{GuestFpu, HostFpu};
+use crate::arch::state::VcpuSnapshot;
+use crate::arch::{ArchError, Backend, ControlState, Exit, GuestEntry, GuestMsr, GuestRegs, PagingState, Vcpu};
+use crate::mm::MmError;
+use crate::mm::frames::FramePool;
+use crate::mm::nested::Npt;
+
+/// What the policy asked of the vCPU.
+#[derive(Debug)]
+pub(crate) struct FakeVcpu {
+    /// What the backend created it with.
+    pub(crate) entry: GuestEntry,
+    /// The last snapshot loaded into it.
+    pub(crate) loaded: Option<VcpuSnapshot>,
+    pub(crate) skipped: u32,
+    /// The instruction length of each skip.
+    pub(crate) skipped_lens: Vec<u64>,
+    /// What `paging_state` answers.
+    pub(crate) paging: PagingState,
+    pub(crate) injected: Vec<(u8, Option<u32>)>,
+    pub(crate) flushes: u32,
+    /// What `can_inject_interrupt` answers (the guest's IF, as it were).
+    pub(crate) interrupts_open: bool,
+    pub(crate) interrupts: Vec<u8>,
+    pub(crate) window_requested: bool,
+    /// The guest's control registers, as the test sets them.
+    pub(crate) control: ControlState,
+    /// The backend-held MSRs, as (MSR, value).
+    pub(crate) msrs: Vec<(GuestMsr, u64)>,
+    pub(crate) tsc_offset: u64,
+    pub(crate) fpu: GuestFpu,
+}
+
+/// A host that switches x87, SSE, AVX and AVX-512.
+const FAKE_HOST_FPU: HostFpu = HostFpu { xsave: true, xcr0: 0xe7, area_bytes: 2696 };
+
+impl Default for FakeVcpu {
+    fn default() -> Self {
+        FakeVcpu {
+            entry: GuestEntry { nested_root: 0, cr3: 0, rip: 0, rsp: 0 },
+            loaded: None,
+            skipped: 0,
+            skipped_lens: Vec::new(),
+            paging: PagingState::default(),
+            injected: Vec::new(),
+            flushes: 0,
+            interrupts_open: false,
+            interrupts: Vec::new(),
+            window_requested: false,
+            // Long mode, paging on, CPL 0, CR4.PAE (as `configure` leaves a guest).
+            control: ControlState { cr0: 0x8001_0031, cr4: 0x20, cpl: 0 },
+            msrs: alloc::vec![(GuestMsr::Efer, 0x500), (GuestMsr::Pat, 0x0007_0406_0007_0406)],
+            tsc_offset: 0,
+            fpu: GuestFpu::new(&FAKE_HOST_FPU),
+        }
+    }
+}
+
+impl Vcpu for FakeVcpu {
+    fn run(&mut self, _: &mut GuestRegs, _: Option<u64>) -> Result<Exit, ArchError> {
+        Err(ArchError::Unsupported("a fake vCPU does not run"))
+    }
+    fn skip_instruction(&mut self, exit: &Exit) -> Result<(), ArchError> {
+        self.skipped += 1;
+        self.skipped_lens.push(exit.instruction_len);
+        Ok(())
+    }
+    fn paging_state(&mut self) -> Result<PagingState, ArchError> {
+        Ok(self.paging)
+    }
+    fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError> {
+        self.injected.push((vector, error_code));
+        Ok(())
+    }
+    fn can_inject_interrupt(&mut self) -> Result<bool, ArchError> {
+        Ok(self.interrupts_open)
+    }
+    fn inject_interrupt(&mut self, vector: u8) -> Result<(), ArchError> {
+        self.interrupts.push(vector);
+        Ok(())
+    }
+    fn request_interrupt_window(&mut self, on: bool) -> Result<(), ArchError> {
+        self.window_requested = on;
+        Ok(())
+    }
+    fn save_state(&mut self, _: &GuestRegs) -> Result<VcpuSnapshot, ArchError> {
+        Err(ArchError::Unsupported("fake"))
+    }
+    fn load_state(&mut self, regs: &mut GuestRegs, snapshot: &VcpuSnapshot) -> Result<(), ArchError> {
+        *regs = snapshot.regs;
+        self.loaded = Some(snapshot.clone());
+        Ok(())
+    }
+    fn control_state(&mut self) -> Result<ControlState, ArchError> {
+        Ok(self.control)
+    }
+    fn read_msr(&mut self, msr: GuestMsr) -> Result<u64, ArchError> {
+        Ok(self.msrs.iter().find(|(m, _)| *m == msr).map_or(0, |(_, v)| *v))
+    }
+    fn write_msr(&mut self, msr: GuestMsr, value: u64) -> Result<(), ArchError> {
+        self.msrs.retain(|(m, _)| *m != msr);
+        self.msrs.push((msr, value));
+        Ok(())
+    }
+    fn tsc_offset(&self) -> u64 {
+        self.tsc_offset
+    }
+    fn set_tsc_offset(&mut self, offset: u64) -> Result<(), ArchError> {
+        self.tsc_offset = offset;
+        Ok(())
+    }
+    fn fpu(&self) -> &GuestFpu {
+        &self.fpu
+    }
+    fn fpu_mut(&mut self) -> &mut GuestFpu {
+        &mut self.fpu
+    }
+    fn flush_nested_tlb(&mut self) -> Result<(), ArchError> {
+        self.flushes += 1;
+        Ok(())
+    }
+    fn destroy(self, _: &mut FramePool) -> Result<(), MmError> {
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct FakeBackend;
+
+impl Backend for FakeBackend {
+    type Paging = Npt;
+    type Vcpu = FakeVcpu;
+    const NAME: &'static str = "fake";
+    const ARCH: guest_abi::Arch = guest_abi::Arch::Svm;
+    const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
+    fn enable(_: &crate::platform::caps::Capabilities, _: &mut FramePool) -> Result<Self, ArchError> {
+        Ok(Self)
+    }
+    fn create_vcpu(&mut self, _: &mut FramePool, entry: &GuestEntry) -> Result<FakeVcpu, ArchError> {
+        Ok(FakeVcpu { entry: *entry, ..FakeVcpu::default() })
+    }
+}
