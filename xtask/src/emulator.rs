@@ -88,7 +88,11 @@ pub struct RunResult {
     pub dir: PathBuf,
 }
 
-fn prepare_dir(esp: &Esp, config: &RunConfig) -> Result<PathBuf> {
+/// A file to put into the run's ESP as `\EFI\HV\NAME` (e.g. a Linux kernel as
+/// `VMLINUZ`), for DOMAINS.CFG to name: (NAME, the file on the host).
+pub type Staged = (String, PathBuf);
+
+fn prepare_dir(esp: &Esp, config: &RunConfig, staged: &[Staged]) -> Result<PathBuf> {
     let dir = esp.dir.parent().unwrap_or(Path::new(".")).join("xtask").join("runs").join(&config.name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot clean {}: {e}", dir.display()))?;
@@ -105,6 +109,13 @@ fn prepare_dir(esp: &Esp, config: &RunConfig) -> Result<PathBuf> {
         let file = format!("{name}.elf");
         std::fs::copy(esp.dir.join("EFI").join("HV").join(&file), guests.join(&file))
             .map_err(|e| format!("cannot copy {file}: {e}"))?;
+    }
+    for (name, from) in staged {
+        // A copy, not a link: QEMU's vvfat is read-write and writes back to this tree.
+        // QEMU's vvfat disk is a 504 MiB FAT16 hard disk (geometry 1024/16/63), so a
+        // 15 MB kernel fits; nothing is resized here.
+        std::fs::copy(from, guests.join(name))
+            .map_err(|e| format!("cannot stage {} as \\EFI\\HV\\{name}: {e}", from.display()))?;
     }
     if let Some(cfg) = &config.domains {
         std::fs::write(guests.join("DOMAINS.CFG"), cfg).map_err(|e| format!("DOMAINS.CFG: {e}"))?;
@@ -204,7 +215,12 @@ impl Drop for Session {
 impl Session {
     /// Start `platform` on a fresh copy of `esp`.
     pub fn spawn(platform: &Platform, esp: &Esp, config: &RunConfig) -> Result<Session> {
-        let dir = prepare_dir(esp, config)?;
+        Self::spawn_staged(platform, esp, config, &[])
+    }
+
+    /// Like [`Session::spawn`], with `staged` files added to `\EFI\HV` of its ESP.
+    pub fn spawn_staged(platform: &Platform, esp: &Esp, config: &RunConfig, staged: &[Staged]) -> Result<Session> {
+        let dir = prepare_dir(esp, config, staged)?;
         match platform {
             Platform::Qemu { cpu } => spawn_qemu(cpu, dir, config),
             Platform::Bochs { model } => {
