@@ -112,8 +112,9 @@ fn prepare_dir(esp: &Esp, config: &RunConfig, staged: &[Staged]) -> Result<PathB
     }
     for (name, from) in staged {
         // A copy, not a link: QEMU's vvfat is read-write and writes back to this tree.
-        // QEMU's vvfat disk is a 504 MiB FAT16 hard disk (geometry 1024/16/63), so a
-        // 15 MB kernel fits; nothing is resized here.
+        // Both emulators read the ESP as a vvfat directory, not an image we build, so
+        // there is no size to fix: a 14 MB bzImage staged here loads through OVMF on
+        // QEMU and on Bochs alike.
         std::fs::copy(from, guests.join(name))
             .map_err(|e| format!("cannot stage {} as \\EFI\\HV\\{name}: {e}", from.display()))?;
     }

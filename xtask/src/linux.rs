@@ -67,12 +67,15 @@ pub fn cache_dir() -> PathBuf {
 /// The kernel and initramfs, downloaded and built on the first call, checked and
 /// reused after that.
 pub fn ensure_linux_assets() -> Result<LinuxAssets> {
+    let checked = Instant::now();
     let dir = cache_dir();
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let wanted = std::env::var("HV_LINUX_KERNEL").ok().filter(|s| !s.is_empty());
+    let mut cached = true;
     let downloads = match cached_downloads(&dir, wanted.as_deref()) {
         Some(d) => d,
         None => {
+            cached = false;
             let start = Instant::now();
             let d = download(&dir, wanted.as_deref())?;
             println!(
@@ -88,6 +91,7 @@ pub fn ensure_linux_assets() -> Result<LinuxAssets> {
     let initrd = dir.join("initrd.gz");
     let inputs = initrd_inputs(&busybox)?;
     if !manifest_holds(&dir.join("initrd.ok"), &dir, &inputs) {
+        cached = false;
         let start = Instant::now();
         build_initrd(&busybox, &initrd)?;
         let mut entries = inputs;
@@ -98,6 +102,14 @@ pub fn ensure_linux_assets() -> Result<LinuxAssets> {
             start.elapsed().as_secs_f64(),
             file_size(&initrd),
             initrd.display()
+        );
+    }
+    if cached {
+        println!(
+            "xtask: Linux guest: {} and the initramfs from {} (checked in {:.2} s)",
+            downloads.get("kernel-package").map_or("?", String::as_str),
+            dir.display(),
+            checked.elapsed().as_secs_f64()
         );
     }
     let field = |k: &str| downloads.get(k).cloned().ok_or_else(|| format!("downloads.ok has no {k}"));

@@ -66,6 +66,10 @@ enum Command {
         /// does not exist yet, so hv.test=shell can be watched but not used.
         #[arg(long, conflicts_with = "domains")]
         linux: bool,
+        /// Put a host file into the ESP as \EFI\HV\NAME for a --domains file to name,
+        /// e.g. `--stage VMLINUZ=target/linux/vmlinuz` (repeatable).
+        #[arg(long, value_name = "NAME=PATH", value_parser = parse_stage)]
+        stage: Vec<emulator::Staged>,
         /// --linux: the guest's memory.
         #[arg(long, default_value = "256M", requires = "linux")]
         memory: String,
@@ -164,13 +168,13 @@ fn main() -> ExitCode {
             println!("image: {}", esp.efi.display());
             println!("ESP:   {} ({} bytes)", esp.dir.display(), esp.size);
         }),
-        Command::Run { platform, timeout, cmdline, domains, instances, linux, memory, test } => {
+        Command::Run { platform, timeout, cmdline, domains, instances, linux, memory, test, stage } => {
             if instances > 1 {
                 run_many(platform.platform(), timeout, instances)
             } else if linux {
-                run_linux(platform.platform(), timeout, cmdline, &memory, &test)
+                run_linux(platform.platform(), timeout, cmdline, &memory, &test, stage)
             } else {
-                read_domains(domains).and_then(|d| run(platform.platform(), timeout, cmdline, d, &[]))
+                read_domains(domains).and_then(|d| run(platform.platform(), timeout, cmdline, d, &stage))
             }
         }
         Command::Test { host_only, system_only, filter, no_linux } => test(host_only, system_only, filter, !no_linux),
@@ -199,6 +203,19 @@ fn main() -> ExitCode {
 /// Errors are human sentences; xtask is a tool, not a library.
 pub type Result<T> = std::result::Result<T, String>;
 
+/// `NAME=PATH` of `--stage`: NAME a plain file name (no path), PATH an existing file.
+fn parse_stage(arg: &str) -> Result<emulator::Staged> {
+    let (name, path) = arg.split_once('=').ok_or_else(|| format!("`{arg}` is not NAME=PATH"))?;
+    if name.is_empty() || name.contains(['/', '\\']) {
+        return Err(format!("`{name}` is not a file name for \\EFI\\HV"));
+    }
+    let path = std::path::PathBuf::from(path);
+    if !path.is_file() {
+        return Err(format!("{} is not a file", path.display()));
+    }
+    Ok((name.to_string(), path))
+}
+
 /// The contents of a `--domains` file.
 fn read_domains(path: Option<std::path::PathBuf>) -> Result<Option<String>> {
     match path {
@@ -208,7 +225,14 @@ fn read_domains(path: Option<std::path::PathBuf>) -> Result<Option<String>> {
 }
 
 /// `cargo xtask run --linux`: the Linux guest as the one boot-time domain.
-fn run_linux(platform: Platform, timeout: Option<u64>, cmdline: String, memory: &str, test: &str) -> Result<()> {
+fn run_linux(
+    platform: Platform,
+    timeout: Option<u64>,
+    cmdline: String,
+    memory: &str,
+    test: &str,
+    mut stage: Vec<emulator::Staged>,
+) -> Result<()> {
     linux_tests::check_guest_test(test)?;
     let assets = linux::ensure_linux_assets()?;
     let domains = linux_tests::domains_line(memory, test);
@@ -218,7 +242,8 @@ fn run_linux(platform: Platform, timeout: Option<u64>, cmdline: String, memory: 
         assets.kernel_release, assets.kernel_package
     );
     print!("xtask: DOMAINS.CFG: {domains}");
-    run(platform, timeout, cmdline, Some(domains), &linux_tests::staged(&assets))
+    stage.extend(linux_tests::staged(&assets));
+    run(platform, timeout, cmdline, Some(domains), &stage)
 }
 
 fn run(
