@@ -56,20 +56,6 @@ impl fmt::Display for Platform {
     }
 }
 
-/// Files `cargo xtask run --extra-file` copies into every run's \EFI\HV (such as a
-/// Linux kernel and initrd that DOMAINS.CFG names), set once before the run.
-static EXTRA_FILES: std::sync::OnceLock<Vec<PathBuf>> = std::sync::OnceLock::new();
-
-/// Copy `files` into \EFI\HV of the runs that follow (by their file names).
-pub fn set_extra_files(files: Vec<PathBuf>) -> Result<()> {
-    for f in &files {
-        if f.file_name().is_none() || !f.is_file() {
-            return Err(format!("--extra-file {}: not a file", f.display()));
-        }
-    }
-    EXTRA_FILES.set(files).map_err(|_| "the extra files are already set".to_string())
-}
-
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -102,7 +88,11 @@ pub struct RunResult {
     pub dir: PathBuf,
 }
 
-fn prepare_dir(esp: &Esp, config: &RunConfig) -> Result<PathBuf> {
+/// A file to put into the run's ESP as `\EFI\HV\NAME` (e.g. a Linux kernel as
+/// `VMLINUZ`), for DOMAINS.CFG to name: (NAME, the file on the host).
+pub type Staged = (String, PathBuf);
+
+fn prepare_dir(esp: &Esp, config: &RunConfig, staged: &[Staged]) -> Result<PathBuf> {
     let dir = esp.dir.parent().unwrap_or(Path::new(".")).join("xtask").join("runs").join(&config.name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir).map_err(|e| format!("cannot clean {}: {e}", dir.display()))?;
@@ -120,12 +110,16 @@ fn prepare_dir(esp: &Esp, config: &RunConfig) -> Result<PathBuf> {
         std::fs::copy(esp.dir.join("EFI").join("HV").join(&file), guests.join(&file))
             .map_err(|e| format!("cannot copy {file}: {e}"))?;
     }
+    for (name, from) in staged {
+        // A copy, not a link: QEMU's vvfat is read-write and writes back to this tree.
+        // Both emulators read the ESP as a vvfat directory, not an image we build, so
+        // there is no size to fix: a 14 MB bzImage staged here loads through OVMF on
+        // QEMU and on Bochs alike.
+        std::fs::copy(from, guests.join(name))
+            .map_err(|e| format!("cannot stage {} as \\EFI\\HV\\{name}: {e}", from.display()))?;
+    }
     if let Some(cfg) = &config.domains {
         std::fs::write(guests.join("DOMAINS.CFG"), cfg).map_err(|e| format!("DOMAINS.CFG: {e}"))?;
-    }
-    for file in EXTRA_FILES.get().into_iter().flatten() {
-        let name = file.file_name().unwrap_or_default();
-        std::fs::copy(file, guests.join(name)).map_err(|e| format!("cannot copy {}: {e}", file.display()))?;
     }
     Ok(dir)
 }
@@ -222,7 +216,12 @@ impl Drop for Session {
 impl Session {
     /// Start `platform` on a fresh copy of `esp`.
     pub fn spawn(platform: &Platform, esp: &Esp, config: &RunConfig) -> Result<Session> {
-        let dir = prepare_dir(esp, config)?;
+        Self::spawn_staged(platform, esp, config, &[])
+    }
+
+    /// Like [`Session::spawn`], with `staged` files added to `\EFI\HV` of its ESP.
+    pub fn spawn_staged(platform: &Platform, esp: &Esp, config: &RunConfig, staged: &[Staged]) -> Result<Session> {
+        let dir = prepare_dir(esp, config, staged)?;
         match platform {
             Platform::Qemu { cpu } => spawn_qemu(cpu, dir, config),
             Platform::Bochs { model } => {

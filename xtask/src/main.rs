@@ -7,10 +7,13 @@
 
 mod client;
 mod control_tests;
+mod cpio;
 mod deps;
 mod domain_tests;
 mod emulator;
 mod image;
+mod linux;
+mod linux_tests;
 mod migration_tests;
 mod serial;
 mod systest;
@@ -55,10 +58,25 @@ enum Command {
         /// spinner.elf).
         #[arg(long, value_name = "FILE")]
         domains: Option<std::path::PathBuf>,
-        /// Also copy this file into \EFI\HV under its own name, e.g. a Linux kernel or
-        /// initrd that the --domains file names (repeatable).
-        #[arg(long = "extra-file", value_name = "PATH")]
-        extra_files: Vec<std::path::PathBuf>,
+        /// Boot Linux as domain `linux`: Debian's stock cloud kernel and a busybox
+        /// initramfs (fetched with apt-get download and built on first use, cached in
+        /// target/linux), staged as \EFI\HV\VMLINUZ and INITRD.GZ. The guest's console
+        /// appears in the serial log as `[domN] ...` lines (the hypervisor echoes the
+        /// first 400); typing into it needs `hvctl domain console --interactive`, which
+        /// does not exist yet, so hv.test=shell can be watched but not used.
+        #[arg(long, conflicts_with = "domains")]
+        linux: bool,
+        /// Put a host file into the ESP as \EFI\HV\NAME for a --domains file to name,
+        /// e.g. `--stage VMLINUZ=target/linux/vmlinuz` (repeatable).
+        #[arg(long, value_name = "NAME=PATH", value_parser = parse_stage)]
+        stage: Vec<emulator::Staged>,
+        /// --linux: the guest's memory.
+        #[arg(long, default_value = "256M", requires = "linux")]
+        memory: String,
+        /// --linux: what guests/linux/init does (hv.test=NAME): boot, cpuinfo, sha,
+        /// clock, shell, reboot or panic.
+        #[arg(long, default_value = "shell", requires = "linux", value_name = "NAME")]
+        test: String,
         /// Start this many hypervisors side by side (QEMU only), each with its own vsock
         /// backend, e.g. 2 to try migration between them. Their serial logs go to
         /// target/xtask/runs/run-I/serial.log, not to the terminal.
@@ -75,9 +93,13 @@ enum Command {
         /// Skip the host tests and dependency rules; only the system tests.
         #[arg(long, conflicts_with = "host_only")]
         system_only: bool,
-        /// Only the system tests whose name contains this.
+        /// Only the system tests whose name contains this (also the ones not run by
+        /// default, such as linux-cpuinfo).
         #[arg(long)]
         filter: Option<String>,
+        /// Leave out the Linux guest system tests (linux-*), and their downloads.
+        #[arg(long)]
+        no_linux: bool,
     },
     /// Boot with the `cpuid-dump` option and save the CPU's CPUID dump (the format of
     /// `hvctl cpuid dump`), e.g. for levelling/testdata.
@@ -105,10 +127,12 @@ enum Command {
     /// exits per second a guest loop gets on each emulator; `dirty` VM exits per 1,000
     /// newly dirtied pages for pml/dbit/wp on Bochs (`--runs` = pages); `migration` the
     /// convergence policy against Xen's count rule and a model of QEMU's pre-copy over
-    /// synthetic dirty traces (a host simulation: bytes sent / RAM and downtime, side by side).
+    /// synthetic dirty traces (a host simulation: bytes sent / RAM and downtime, side by side);
+    /// `linux-baseline` Debian's kernel and our initramfs on bare QEMU (-M microvm, no
+    /// hypervisor): time to /init and to power-off (`--runs`, default 3).
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["boot", "control", "exits", "dirty", "migration"])]
+        #[arg(value_parser = ["boot", "control", "exits", "dirty", "migration", "linux-baseline"])]
         what: String,
         /// boot: runs per platform (the median is reported); control: requests per kind
         /// (default 1000).
@@ -144,18 +168,16 @@ fn main() -> ExitCode {
             println!("image: {}", esp.efi.display());
             println!("ESP:   {} ({} bytes)", esp.dir.display(), esp.size);
         }),
-        Command::Run { platform, timeout, cmdline, domains, extra_files, instances } => {
-            if let Err(e) = emulator::set_extra_files(extra_files) {
-                eprintln!("xtask: error: {e}");
-                return ExitCode::FAILURE;
-            }
+        Command::Run { platform, timeout, cmdline, domains, instances, linux, memory, test, stage } => {
             if instances > 1 {
                 run_many(platform.platform(), timeout, instances)
+            } else if linux {
+                run_linux(platform.platform(), timeout, cmdline, &memory, &test, stage)
             } else {
-                run(platform.platform(), timeout, cmdline, domains)
+                read_domains(domains).and_then(|d| run(platform.platform(), timeout, cmdline, d, &stage))
             }
         }
-        Command::Test { host_only, system_only, filter } => test(host_only, system_only, filter),
+        Command::Test { host_only, system_only, filter, no_linux } => test(host_only, system_only, filter, !no_linux),
         Command::CpuidDump { platform, output } => cpuid_dump(platform.platform(), &output),
         Command::Fuzz { seconds } => fuzz(seconds),
         Command::CheckDeps => deps::check(),
@@ -163,6 +185,7 @@ fn main() -> ExitCode {
         Command::Bench { what, runs } if what == "control" => control_tests::bench(runs.unwrap_or(1000)),
         Command::Bench { what, runs } if what == "exits" => domain_tests::bench_exits(runs.unwrap_or(20_000)),
         Command::Bench { what, runs } if what == "dirty" => domain_tests::bench_dirty(runs.unwrap_or(2048)),
+        Command::Bench { what, runs } if what == "linux-baseline" => linux_tests::bench_baseline(runs.unwrap_or(3)),
         Command::Bench { what, .. } if what == "migration" => {
             tools::cargo(&["bench", "-p", "migration_svc", "--bench", "convergence"])
         }
@@ -180,11 +203,56 @@ fn main() -> ExitCode {
 /// Errors are human sentences; xtask is a tool, not a library.
 pub type Result<T> = std::result::Result<T, String>;
 
-fn run(platform: Platform, timeout: Option<u64>, cmdline: String, domains: Option<std::path::PathBuf>) -> Result<()> {
-    let domains = match domains {
-        Some(p) => Some(std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))?),
-        None => None,
-    };
+/// `NAME=PATH` of `--stage`: NAME a plain file name (no path), PATH an existing file.
+fn parse_stage(arg: &str) -> Result<emulator::Staged> {
+    let (name, path) = arg.split_once('=').ok_or_else(|| format!("`{arg}` is not NAME=PATH"))?;
+    if name.is_empty() || name.contains(['/', '\\']) {
+        return Err(format!("`{name}` is not a file name for \\EFI\\HV"));
+    }
+    let path = std::path::PathBuf::from(path);
+    if !path.is_file() {
+        return Err(format!("{} is not a file", path.display()));
+    }
+    Ok((name.to_string(), path))
+}
+
+/// The contents of a `--domains` file.
+fn read_domains(path: Option<std::path::PathBuf>) -> Result<Option<String>> {
+    match path {
+        Some(p) => std::fs::read_to_string(&p).map(Some).map_err(|e| format!("{}: {e}", p.display())),
+        None => Ok(None),
+    }
+}
+
+/// `cargo xtask run --linux`: the Linux guest as the one boot-time domain.
+fn run_linux(
+    platform: Platform,
+    timeout: Option<u64>,
+    cmdline: String,
+    memory: &str,
+    test: &str,
+    mut stage: Vec<emulator::Staged>,
+) -> Result<()> {
+    linux_tests::check_guest_test(test)?;
+    let assets = linux::ensure_linux_assets()?;
+    let domains = linux_tests::domains_line(memory, test);
+    println!(
+        "xtask: Linux {} ({}) as domain `linux` ({memory}, hv.test={test}); its console is in the serial log as \
+         [domN] lines",
+        assets.kernel_release, assets.kernel_package
+    );
+    print!("xtask: DOMAINS.CFG: {domains}");
+    stage.extend(linux_tests::staged(&assets));
+    run(platform, timeout, cmdline, Some(domains), &stage)
+}
+
+fn run(
+    platform: Platform,
+    timeout: Option<u64>,
+    cmdline: String,
+    domains: Option<String>,
+    staged: &[emulator::Staged],
+) -> Result<()> {
     tools::ensure(&platform)?;
     let esp = image::build(true)?;
     let vsock = matches!(platform, Platform::Qemu { .. });
@@ -205,7 +273,7 @@ fn run(platform: Platform, timeout: Option<u64>, cmdline: String, domains: Optio
         if vsock { " with a virtio-vsock device" } else { "" },
         config.timeout.as_secs()
     );
-    let mut session = emulator::Session::spawn(&platform, &esp, &config)?;
+    let mut session = emulator::Session::spawn_staged(&platform, &esp, &config, staged)?;
     println!("xtask: serial log also in {}", session.serial_path.display());
     let mut echo = emulator::Echo::new(true);
     let serving = |log: &serial::SerialLog| log.line("CONTROL ").is_some() || log.outcome().is_some();
@@ -393,7 +461,7 @@ fn cpuid_dump(platform: Platform, output: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn test(host_only: bool, system_only: bool, filter: Option<String>) -> Result<()> {
+fn test(host_only: bool, system_only: bool, filter: Option<String>, linux: bool) -> Result<()> {
     if !system_only {
         deps::check()?;
         println!("xtask: host tests (cargo test --workspace)");
@@ -411,7 +479,7 @@ fn test(host_only: bool, system_only: bool, filter: Option<String>) -> Result<()
     if host_only {
         return Ok(());
     }
-    systest::run_all(filter.as_deref())
+    systest::run_all(filter.as_deref(), linux)
 }
 
 /// The fuzz targets: (fuzz project directory, target).

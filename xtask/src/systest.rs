@@ -178,8 +178,9 @@ fn run_scenario(s: &Scenario, esp: &Esp) -> Result<(RunResult, Vec<String>)> {
     Ok((run, problems))
 }
 
-/// Run every scenario (or those whose name contains `filter`).
-pub fn run_all(filter: Option<&str>) -> Result<()> {
+/// Run every scenario (or those whose name contains `filter`); the Linux guest ones
+/// (linux_tests.rs, last: they are the slowest) only when `linux`.
+pub fn run_all(filter: Option<&str>, linux: bool) -> Result<()> {
     let esp = image::build(true)?;
     println!("xtask: image {} ({} bytes)", esp.efi.display(), esp.size);
     let (mut passed, mut failed) = (0, 0);
@@ -209,6 +210,13 @@ pub fn run_all(filter: Option<&str>) -> Result<()> {
             println!("{}", crate::serial::clean(&run.serial));
             println!("---- end of serial log ----");
         }
+    }
+    if linux {
+        let (p, f) = crate::linux_tests::run(&esp, filter)?;
+        passed += p;
+        failed += f;
+    } else {
+        println!("systest linux-* ... left out (--no-linux)");
     }
     println!("systests: {passed} passed, {failed} failed");
     if failed > 0 { Err(format!("{failed} system test(s) failed")) } else { Ok(()) }
