@@ -270,7 +270,7 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
     };
     let mut machine = domain::Machine::new(backend, info.frames, host, slice, mechanisms, large_pages);
     for (config, kernel) in &boot_domains {
-        if let Err(e) = machine.create(config, kernel) {
+        if let Err(e) = machine.create(config, kernel, &[]) {
             println!("DOMAIN-CREATE-FAILED name={}: {e}", config.name);
         }
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use crate::{Result, tools};
 
 /// The guest kernels in guests/kernels, copied to \EFI\HV\NAME.elf.
-pub const GUESTS: &[&str] = &["cpuid-probe", "memwriter", "spinner", "misbehave", "dirtytest", "apictimer"];
+pub const GUESTS: &[&str] = &["cpuid-probe", "memwriter", "spinner", "misbehave", "dirtytest", "apictimer", "echo"];
 
 /// A built image.
 #[derive(Debug, Clone)]
