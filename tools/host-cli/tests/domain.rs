@@ -3,7 +3,8 @@
 //! hybrid-vsock handshake and answers the core's requests with the protocol's own
 //! rules (`wire::UploadTracker` checks every chunk, as the hypervisor does). Its
 //! console takes at most [`FIFO`] bytes per input request (like a full UART FIFO) and
-//! echoes what it took, upper-cased, to its console ring.
+//! echoes what it took, upper-cased, to its console ring. The raw-mode test runs hvctl
+//! on a pseudo-terminal and reads its mode back.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -402,4 +403,49 @@ fn interactive_console_of_a_missing_domain_is_an_error() {
     let o = hvctl(&["--connect", &fake.target(), "domain", "console", "9", "--interactive"]);
     assert_eq!(o.status.code(), Some(4));
     assert_eq!(stderr(&o).trim(), "hvctl: error: console: the request was refused: no domain 9");
+}
+
+/// On a terminal (a pty here), `--interactive` puts it in raw mode while it runs and
+/// gives the saved mode back when it leaves, by Ctrl-] or by SIGTERM.
+#[test]
+fn raw_mode_on_a_terminal_is_restored_on_leaving() {
+    use nix::sys::termios::{LocalFlags, tcgetattr};
+    for by_signal in [false, true] {
+        let fake = FakeHv::start(if by_signal { "pty-term" } else { "pty-escape" }, Hv::default());
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let before = tcgetattr(&pty.slave).unwrap();
+        assert!(before.local_flags.contains(LocalFlags::ICANON | LocalFlags::ECHO));
+        let child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+            .args(["--connect", &fake.target(), "domain", "console", "1", "--interactive"])
+            .env_remove("HVCTL_CONNECT")
+            .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while tcgetattr(&pty.slave).unwrap().local_flags.contains(LocalFlags::ICANON) {
+            assert!(start.elapsed() < Duration::from_secs(10), "hvctl never put the terminal in raw mode");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let raw = tcgetattr(&pty.slave).unwrap();
+        assert!(!raw.local_flags.intersects(LocalFlags::ECHO | LocalFlags::ISIG));
+        if by_signal {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        } else {
+            nix::unistd::write(&pty.master, b"hi\x1d").unwrap();
+        }
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let after = tcgetattr(&pty.slave).unwrap();
+        assert_eq!(after.local_flags, before.local_flags, "the terminal's mode is back (signal: {by_signal})");
+        assert_eq!(after.input_flags, before.input_flags);
+        if by_signal {
+            assert!(stderr(&o).contains("SIGTERM: left the console of domain 1"), "{}", stderr(&o));
+        } else {
+            assert_eq!(stdout(&o), "HI");
+            assert!(stderr(&o).contains("press Ctrl-] to leave\r\n"), "raw mode ends lines with CR LF");
+        }
+    }
 }
