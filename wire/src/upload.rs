@@ -22,6 +22,8 @@
 //!   the sender may send the right one again from [`UploadStatus::received`];
 //! - after the last byte the whole image's CRC-32C must equal the announced one, or
 //!   the upload is discarded;
+//! - an upload belongs to the connection that began it: `DomainCreate` must name it on
+//!   the same connection, and closing the connection frees it;
 //! - the hypervisor holds a bounded number of uploads; an upload idle for too long, or
 //!   replaced by a new one when all slots are taken, is freed. `ImageCancel` frees one
 //!   at once. What the limits are is the hypervisor's (see its `services::upload`).

@@ -792,7 +792,24 @@ fn upload_corrupt_chunk(ctx: &Ctx) -> Result<String> {
             before["free_frames"], after["free_frames"], before["domains"], after["domains"]
         ));
     }
-    Ok(format!("refused: {}", err.trim().trim_start_matches("hvctl: error: ")))
+    // An upload left half-done by a client that goes away is freed with its connection.
+    let free = |l: &serde_json::Value| l["free_frames"].as_u64();
+    let mut client = RawClient::connect(&ctx.socket, wire::CONTROL_PORT)?;
+    let begin = Request::ImageBegin { kind: wire::ImageKind::Kernel, total_len: 8 << 20, crc32c: 0 };
+    match client.call(&begin)? {
+        Response::Upload(_) => {}
+        other => return Err(format!("image-begin: {other:?}")),
+    }
+    let staged = free(&domain_list(ctx)?);
+    if staged.zip(free(&before)).is_none_or(|(now, was)| was.saturating_sub(now) < 2048) {
+        return Err(format!("an 8 MiB upload staged no frames: {staged:?} free, {:?} before", free(&before)));
+    }
+    drop(client);
+    wait_for("the abandoned upload to be freed", 10, || Ok(free(&domain_list(ctx)?) == free(&before)))?;
+    Ok(format!(
+        "refused: {}; an abandoned 8 MiB upload was freed with its connection",
+        err.trim().trim_start_matches("hvctl: error: ")
+    ))
 }
 
 fn interactive_console(ctx: &Ctx) -> Result<String> {

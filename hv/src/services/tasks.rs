@@ -304,7 +304,7 @@ impl Runtime {
         }
         for _ in 0..TURN_BUDGET {
             let Some(env) = self.mailboxes[0].queue.pop_front() else { break };
-            let reply = self.handle_core(&env.frame, uptime_ns, domains);
+            let reply = self.handle_core(env.reply_to, &env.frame, uptime_ns, domains);
             self.outbox.push((env.reply_to, reply));
             worked = true;
         }
@@ -445,6 +445,16 @@ impl Runtime {
         }
     }
 
+    /// Connection `to` closed: free the uploads it began (requests of it still in a
+    /// mailbox are answered into the void, as before).
+    pub fn connection_closed(&mut self, to: ReplyTo, domains: &mut dyn DomainOps) {
+        if !self.uploads.is_empty()
+            && let Some(pool) = domains.staging()
+        {
+            self.uploads.release_owner(pool, to);
+        }
+    }
+
     /// Uploads held now (for tests and status).
     pub fn uploads_held(&self) -> usize {
         self.uploads.len()
@@ -481,7 +491,13 @@ impl Runtime {
         self.core.counters.status(QueueInfo { depth, capacity })
     }
 
-    fn handle_core(&mut self, frame: &Frame, uptime_ns: Option<u64>, domains: &mut dyn DomainOps) -> Vec<u8> {
+    fn handle_core(
+        &mut self,
+        reply_to: ReplyTo,
+        frame: &Frame,
+        uptime_ns: Option<u64>,
+        domains: &mut dyn DomainOps,
+    ) -> Vec<u8> {
         self.core.counters.handled += 1;
         let response = match wire::decode_request(frame) {
             Ok(Request::Ping { payload }) => Response::Pong { payload },
@@ -492,7 +508,7 @@ impl Runtime {
             Ok(Request::ImageBegin { kind, total_len, crc32c }) => match domains.staging() {
                 Some(pool) => self
                     .uploads
-                    .begin(pool, kind, total_len, crc32c, uptime_ns.unwrap_or(0))
+                    .begin(pool, reply_to, kind, total_len, crc32c, uptime_ns.unwrap_or(0))
                     .map_or_else(Response::Error, Response::Upload),
                 None => Response::Error(no_uploads()),
             },
@@ -841,6 +857,14 @@ mod tests {
         assert_eq!(r, Response::ConsoleInput { id: 1, accepted: 16 });
         let big = Request::DomainConsoleInput { id: 1, bytes: vec![0; wire::MAX_CONSOLE_INPUT + 1] };
         assert_eq!(one(&mut rt, &mut d, n + 4, &big).error().map(|e| e.code), Some(ErrorCode::Refused));
+        // An upload is freed when the connection that began it closes.
+        let begin = Request::ImageBegin { kind: ImageKind::Kernel, total_len: 70_000, crc32c: 0 };
+        assert!(matches!(one(&mut rt, &mut d, n + 5, &begin), Response::Upload(_)));
+        assert_eq!(rt.uploads_held(), 1);
+        rt.connection_closed(2, &mut d);
+        assert_eq!(rt.uploads_held(), 1, "another connection's close leaves it");
+        rt.connection_closed(1, &mut d);
+        assert_eq!((rt.uploads_held(), d.pool.free_frames()), (0, free));
         // Without a pool, uploads are refused as not implemented.
         rt.route(1, frame(99, &Request::ImageBegin { kind: ImageKind::Kernel, total_len: 5, crc32c: 0 }));
         rt.run_once(Some(1), &mut NoDomains);

@@ -13,7 +13,9 @@
 //! domain is created (or its creation failed), so the peak is the image once.
 //!
 //! Limits: at most [`MAX_UPLOADS`] at once (a kernel and an initrd for two clients);
-//! an upload that has not seen a chunk for [`IDLE_TIMEOUT_NS`] is freed; when every
+//! an upload belongs to the connection that began it and is freed when that connection
+//! closes (hvctl uploads and creates on one connection); one that has not seen a chunk
+//! for [`IDLE_TIMEOUT_NS`] is freed; when every
 //! slot is taken, a new upload replaces the one idle longest if it has been idle for
 //! [`REPLACE_IDLE_NS`], else it is refused with `Busy`. The length is checked against
 //! `wire::MAX_IMAGE_LEN` and the frames actually free (`OutOfMemory` otherwise).
@@ -115,6 +117,8 @@ impl Staged {
 
 struct Upload {
     id: u32,
+    /// The connection that began it (freed when that connection closes).
+    owner: u32,
     tracker: UploadTracker,
     staged: Staged,
     /// Uptime (ns) of its last chunk or of its start.
@@ -162,10 +166,12 @@ impl Uploads {
         self.slots.is_empty()
     }
 
-    /// Start an upload: stage `total_len` bytes. `now_ns` is the hypervisor's uptime.
+    /// Start an upload for connection `owner`: stage `total_len` bytes. `now_ns` is
+    /// the hypervisor's uptime.
     pub fn begin(
         &mut self,
         pool: &mut FramePool,
+        owner: u32,
         kind: ImageKind,
         total_len: u64,
         crc32c: u32,
@@ -208,7 +214,7 @@ impl Uploads {
         }
         let id = self.next_id;
         let status = tracker.status(id, WINDOW);
-        self.slots.push(Upload { id, tracker, staged, last_ns: now_ns });
+        self.slots.push(Upload { id, owner, tracker, staged, last_ns: now_ns });
         Ok(status)
     }
 
@@ -283,6 +289,21 @@ impl Uploads {
         }
     }
 
+    /// Free every upload connection `owner` began (it closed): how many.
+    pub fn release_owner(&mut self, pool: &mut FramePool, owner: u32) -> usize {
+        let mut freed = 0;
+        let mut i = 0;
+        while i < self.slots.len() {
+            if self.slots.get(i).is_some_and(|u| u.owner == owner) {
+                self.slots.swap_remove(i).staged.free(pool);
+                freed += 1;
+            } else {
+                i += 1;
+            }
+        }
+        freed
+    }
+
     /// Whether some upload could expire (so the caller knows to pass a pool).
     pub fn any_idle(&self, now_ns: u64) -> bool {
         self.slots.iter().any(|u| now_ns.saturating_sub(u.last_ns) >= IDLE_TIMEOUT_NS)
@@ -300,7 +321,7 @@ mod tests {
     }
 
     fn upload_all(up: &mut Uploads, pool: &mut FramePool, img: &[u8], now: u64) -> u32 {
-        let s = up.begin(pool, ImageKind::Kernel, img.len() as u64, crc32c(img), now).unwrap();
+        let s = up.begin(pool, 1, ImageKind::Kernel, img.len() as u64, crc32c(img), now).unwrap();
         assert_eq!((s.received, s.window, s.complete), (0, WINDOW, false));
         let mut offset = 0u64;
         for c in img.chunks(wire::MAX_IMAGE_CHUNK) {
@@ -333,7 +354,7 @@ mod tests {
         let free = pool.free_frames();
         let mut up = Uploads::new();
         let img = image(100_000);
-        let s = up.begin(&mut pool, ImageKind::Initrd, 100_000, crc32c(&img) ^ 1, 0).unwrap();
+        let s = up.begin(&mut pool, 1, ImageKind::Initrd, 100_000, crc32c(&img) ^ 1, 0).unwrap();
         let c = &img[..60_000];
         let mut bad = c.to_vec();
         bad[7] ^= 0x40;
@@ -361,28 +382,34 @@ mod tests {
         let free = pool.free_frames();
         let mut up = Uploads::new();
         let ids: Vec<u32> = (0..MAX_UPLOADS as u64)
-            .map(|t| up.begin(&mut pool, ImageKind::Kernel, 5000, 0, t).unwrap().upload)
+            .map(|t| up.begin(&mut pool, 1, ImageKind::Kernel, 5000, 0, t).unwrap().upload)
             .collect();
         // All slots busy and recently active: refused.
-        let e = up.begin(&mut pool, ImageKind::Kernel, 5000, 0, 10).unwrap_err();
+        let e = up.begin(&mut pool, 1, ImageKind::Kernel, 5000, 0, 10).unwrap_err();
         assert_eq!(e.code, ErrorCode::Busy);
         // Once one is idle long enough, the longest-idle one is replaced.
-        let s = up.begin(&mut pool, ImageKind::Kernel, 5000, 0, REPLACE_IDLE_NS).unwrap();
+        let s = up.begin(&mut pool, 1, ImageKind::Kernel, 5000, 0, REPLACE_IDLE_NS).unwrap();
         assert_eq!(up.len(), MAX_UPLOADS);
         assert_eq!(up.cancel(&mut pool, ids[0]).unwrap_err().code, ErrorCode::Refused, "the replaced one is gone");
         assert_eq!(up.expired, 1);
+        // Closing the connection frees what it began.
+        let other = up.begin(&mut pool, 2, ImageKind::Initrd, 100, 0, REPLACE_IDLE_NS * 3).unwrap_or_else(|e| {
+            panic!("a slot idle for 2 s is replaced: {e}");
+        });
+        assert_eq!(up.release_owner(&mut pool, 2), 1);
+        assert_eq!(up.cancel(&mut pool, other.upload).unwrap_err().code, ErrorCode::Refused);
         // Everything idle for the timeout is freed.
         up.expire(&mut pool, REPLACE_IDLE_NS + IDLE_TIMEOUT_NS);
         assert!(up.is_empty());
         assert_eq!(pool.free_frames(), free);
         assert!(!ids.contains(&s.upload));
         // Too large for the pool, or for the protocol.
-        assert_eq!(up.begin(&mut pool, ImageKind::Kernel, 1 << 20, 0, 0).unwrap_err().code, ErrorCode::OutOfMemory);
+        assert_eq!(up.begin(&mut pool, 1, ImageKind::Kernel, 1 << 20, 0, 0).unwrap_err().code, ErrorCode::OutOfMemory);
         assert_eq!(
-            up.begin(&mut pool, ImageKind::Kernel, wire::MAX_IMAGE_LEN + 1, 0, 0).unwrap_err().code,
+            up.begin(&mut pool, 1, ImageKind::Kernel, wire::MAX_IMAGE_LEN + 1, 0, 0).unwrap_err().code,
             ErrorCode::Refused
         );
-        assert_eq!(up.begin(&mut pool, ImageKind::Kernel, 0, 0, 0).unwrap_err().code, ErrorCode::Refused);
+        assert_eq!(up.begin(&mut pool, 1, ImageKind::Kernel, 0, 0, 0).unwrap_err().code, ErrorCode::Refused);
         assert_eq!(pool.free_frames(), free);
     }
 }
