@@ -45,11 +45,16 @@ pub enum ErrorCode {
     /// serving; the same request may succeed once something is freed. Since protocol
     /// version 4.
     OutOfMemory = 11,
+    /// (v5) An upload chunk was refused: out of order, overlapping, too long, past the
+    /// announced end, or its CRC-32C does not match. The message says which and where
+    /// the next chunk must start; the upload itself is kept unless the message says it
+    /// was discarded (a whole-image checksum mismatch).
+    BadChunk = 12,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
         Self::BadFrame,
         Self::UnsupportedVersion,
         Self::FrameTooLarge,
@@ -61,6 +66,7 @@ impl ErrorCode {
         Self::Timeout,
         Self::Refused,
         Self::OutOfMemory,
+        Self::BadChunk,
     ];
 
     /// The code's stable numeric value.
@@ -82,6 +88,7 @@ impl ErrorCode {
             9 => Self::Timeout,
             10 => Self::Refused,
             11 => Self::OutOfMemory,
+            12 => Self::BadChunk,
             _ => return None,
         })
     }
@@ -100,6 +107,7 @@ impl ErrorCode {
             Self::Timeout => "timeout",
             Self::Refused => "refused",
             Self::OutOfMemory => "out_of_memory",
+            Self::BadChunk => "bad_chunk",
         }
     }
 
@@ -129,6 +137,7 @@ impl fmt::Display for ErrorCode {
             Self::Timeout => "the service did not answer in time",
             Self::Refused => "the request was refused",
             Self::OutOfMemory => "the hypervisor has no memory for the request",
+            Self::BadChunk => "the upload chunk was refused",
         })
     }
 }
@@ -143,7 +152,7 @@ impl<'de> Deserialize<'de> for ErrorCode {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let v = u16::deserialize(d)?;
         Self::from_u16(v).ok_or_else(|| {
-            serde::de::Error::invalid_value(serde::de::Unexpected::Unsigned(u64::from(v)), &"an error code 1..=11")
+            serde::de::Error::invalid_value(serde::de::Unexpected::Unsigned(u64::from(v)), &"an error code 1..=12")
         })
     }
 }

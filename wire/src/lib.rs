@@ -39,7 +39,7 @@
 //! wire::encode_request(1, &wire::Request::Ping { payload: vec![1, 2, 3] }, &mut out)?;
 //! assert_eq!(out, [
 //!     0x48, 0x56,                                     // magic "HV"
-//!     0x04, 0x00,                                     // version 4
+//!     0x05, 0x00,                                     // version 5
 //!     0x01,                                           // kind: request
 //!     0x00,                                           // flags
 //!     0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // request id 1
@@ -56,7 +56,7 @@
 //! | 1 request | [`Request`] | `Ping { payload }` | hvctl → hv | [`ServiceId::Core`] | `Response::Pong` with the same payload |
 //! | 1 request | [`Request`] | `Info` | hvctl → hv | [`ServiceId::Core`] | `Response::Info(InfoReport)` (v4: with [`MemoryUse`]) |
 //! | 1 request | [`Request`] | `ServiceStatus { service }` | hvctl → hv | `service` | `Response::ServiceStatus(ServiceStatus)` |
-//! | 1 request | [`Request`] | `DomainCreate(DomainSpec)` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainCreated { id }` |
+//! | 1 request | [`Request`] | `DomainCreate(DomainSpec)` (v2; v5: kernel and initrd are [`ImageRef`]s, inline or uploaded) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainCreated { id }` |
 //! | 1 request | [`Request`] | `DomainList` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainList(DomainListReport)` |
 //! | 1 request | [`Request`] | `DomainPause`/`DomainUnpause`/`DomainDestroy { id }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::Done` |
 //! | 1 request | [`Request`] | `DomainConsole { id, offset }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::Console(ConsoleChunk)` |
@@ -71,7 +71,11 @@
 //! | 1 request | [`Request`] | `MigrateRead { session, max_bytes }` (v3) | hvctl → source hv | [`ServiceId::Migration`] | `Response::MigrateData { data, progress }` |
 //! | 1 request | [`Request`] | `MigrateVerdict { session, verdict }`, `MigrateCancel { domain }` (v3) | hvctl → source hv | [`ServiceId::Migration`] | `Response::MigrateProgress` |
 //! | 1 request | [`Request`] | `MigrateReceive`, `MigrateWrite { session, data }`, `MigrateAbort { session, reason }` (v3) | hvctl → destination hv | [`ServiceId::Migration`] | `Response::ReceiveStatus` |
-//! | 2 response | [`Response`] | `Pong`, `Info`, `ServiceStatus`, `DomainCreated`, `DomainList`, `Done`, `Console` | hv → hvctl | — | — |
+//! | 1 request | [`Request`] | `ImageBegin { kind, total_len, crc32c }` (v5) | hvctl → hv | [`ServiceId::Core`] | `Response::Upload(UploadStatus)`: the upload id and the window |
+//! | 1 request | [`Request`] | `ImageChunk { upload, offset, bytes, crc32c }` (v5; ≤ [`MAX_IMAGE_CHUNK`] bytes, in order) | hvctl → hv | [`ServiceId::Core`] | `Response::Upload(UploadStatus)`, or `Error{BadChunk}` |
+//! | 1 request | [`Request`] | `ImageCancel { upload }` (v5) | hvctl → hv | [`ServiceId::Core`] | `Response::Done` |
+//! | 1 request | [`Request`] | `DomainConsoleInput { id, bytes }` (v5; ≤ [`MAX_CONSOLE_INPUT`] bytes) | hvctl → hv | [`ServiceId::Core`] | `Response::ConsoleInput { id, accepted }` |
+//! | 2 response | [`Response`] | `Pong`, `Info`, `ServiceStatus`, `DomainCreated`, `DomainList`, `Done`, `Console`, `Upload`, `ConsoleInput` | hv → hvctl | — | — |
 //! | 2 response | [`Response`] | `Error(ErrorReply)` | hv → hvctl | — | answers any request or frame that failed |
 //! | 3 event | [`Event`] | `Log { level, message }`, `ServiceState { service, state }` | hv → hvctl | — | none; request id 0 |
 //! | 4 stream chunk | [`StreamChunk`] | — | sender → receiver | — | none; carries the id of the request that opened the stream |
@@ -100,6 +104,16 @@
 //! - A payload that does not decode, an unknown request type, or a service that cannot
 //!   answer gives an [`ErrorReply`] (a stable [`ErrorCode`] and a human message) for that
 //!   request id; the connection stays open.
+//!
+//! # Uploads (v5)
+//!
+//! A kernel or initrd larger than a frame is uploaded before `DomainCreate`:
+//! `ImageBegin` announces its kind, length and CRC-32C; `ImageChunk`s carry at most
+//! [`MAX_IMAGE_CHUNK`] bytes each, in order, each with its own CRC-32C, and each is
+//! answered, so the sender never has more than the hypervisor's announced window
+//! unanswered; the whole image's CRC is checked after the last byte; `DomainCreate`
+//! then names the upload with [`ImageRef::Uploaded`]. The sequence and the rules are in
+//! [`upload`].
 //!
 //! # Streams
 //!
@@ -145,7 +159,8 @@
 //! | [`dirty`] | log-dirty bitmaps (peek, clean, OR-merge) and their compact records |
 //! | [`migration`] | the migration stream's typed, checksummed records (own version) |
 //! | [`service`] | what every service task shares: counters, status, reply encoding |
-//! | [`crc32c`](mod@crc32c) | CRC-32C (Castagnoli), used per stream chunk |
+//! | [`upload`] | (v5) chunked, checksummed image uploads: [`UploadTracker`], limits, console input bound |
+//! | [`crc32c`](mod@crc32c) | CRC-32C (Castagnoli), used per stream chunk and upload chunk |
 #![no_std]
 #![forbid(unsafe_code)]
 #![cfg_attr(
@@ -175,6 +190,7 @@ pub mod migrate;
 pub mod migration;
 pub mod service;
 pub mod stream;
+pub mod upload;
 
 pub use crate::crc32c::{Crc32c, crc32c};
 pub use crate::error::{ErrorCode, ErrorReply};
@@ -191,10 +207,13 @@ pub use crate::migrate::{
 pub use crate::stream::{
     MAX_CHUNK_DATA, StreamChunk, StreamError, StreamReassembler, StreamSender, decode_stream_chunk, encode_stream_chunk,
 };
+pub use crate::upload::{
+    ImageKind, ImageRef, MAX_CONSOLE_INPUT, MAX_IMAGE_CHUNK, MAX_IMAGE_LEN, UploadError, UploadStatus, UploadTracker,
+};
 
 /// The protocol version this build speaks, carried in every frame header. See the
 /// versioning rule in the crate docs: changing any message means bumping this.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// The hard maximum of a frame's payload, in bytes (64 KiB). A header declaring more is
 /// refused from the header alone with [`FrameError::TooLarge`].

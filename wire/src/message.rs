@@ -17,6 +17,7 @@ use crate::codec::{decode_message, encode_message};
 use crate::error::ErrorReply;
 use crate::frame::{Frame, FrameKind, WireError};
 use crate::migrate::{MigrateOptions, MigrateProgress, PeerVerdict, ReceiveStatus};
+use crate::upload::{ImageKind, ImageRef, UploadStatus};
 
 /// A task that owns requests: the router sends each request to its service's mailbox.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -312,6 +313,43 @@ pub enum Request {
         /// Why (shown in the destination's status).
         reason: String,
     },
+    /// (v5) Announce an image upload (see [`crate::upload`]). Answered by
+    /// [`Response::Upload`] with the new upload's id and window.
+    ImageBegin {
+        /// Kernel or initrd.
+        kind: ImageKind,
+        /// Bytes that will follow (1..=[`MAX_IMAGE_LEN`](crate::upload::MAX_IMAGE_LEN)).
+        total_len: u64,
+        /// CRC-32C of all of them.
+        crc32c: u32,
+    },
+    /// (v5) The next bytes of an upload. Answered by [`Response::Upload`].
+    ImageChunk {
+        /// The upload.
+        upload: u32,
+        /// Where the bytes go: where the accepted bytes end.
+        offset: u64,
+        /// 1..=[`MAX_IMAGE_CHUNK`](crate::upload::MAX_IMAGE_CHUNK) bytes.
+        #[serde(with = "crate::bytes")]
+        bytes: Vec<u8>,
+        /// CRC-32C of `bytes`.
+        crc32c: u32,
+    },
+    /// (v5) Free an upload, finished or not. Answered by [`Response::Done`].
+    ImageCancel {
+        /// The upload.
+        upload: u32,
+    },
+    /// (v5) Console input for a domain's UART receiver. Answered by
+    /// [`Response::ConsoleInput`] with how many bytes the receiver took (fewer when its
+    /// FIFO is full: send the rest again later).
+    DomainConsoleInput {
+        /// Domain id.
+        id: u32,
+        /// At most [`MAX_CONSOLE_INPUT`](crate::upload::MAX_CONSOLE_INPUT) bytes.
+        #[serde(with = "crate::bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// The most stream bytes one `MigrateRead` answer or `MigrateWrite` request carries
@@ -420,10 +458,11 @@ pub struct MonitorDomainStats {
 pub struct DomainSpec {
     /// Name (`[A-Za-z0-9_-]`, 1-32 bytes).
     pub name: String,
-    /// The guest kernel: an x86-64 ELF executable (guest_abi); the whole request must
-    /// fit one frame.
-    #[serde(with = "crate::bytes")]
-    pub kernel: Vec<u8>,
+    /// The guest kernel (ELF64 for guest_abi, bzImage or multiboot): inline when the
+    /// whole request fits one frame, else a completed upload (v5).
+    pub kernel: ImageRef,
+    /// The initial ramdisk, if any (bzImage and multiboot kernels only). Since v5.
+    pub initrd: Option<ImageRef>,
     /// Guest memory in bytes.
     pub memory_bytes: u64,
     /// vCPUs.
@@ -498,7 +537,7 @@ pub struct ConsoleChunk {
 
 impl Request {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 28;
+    pub const VARIANTS: u32 = 32;
 
     /// The service that owns this request: the router's table.
     pub const fn service(&self) -> ServiceId {
@@ -510,7 +549,11 @@ impl Request {
             | Self::DomainPause { .. }
             | Self::DomainUnpause { .. }
             | Self::DomainDestroy { .. }
-            | Self::DomainConsole { .. } => ServiceId::Core,
+            | Self::DomainConsole { .. }
+            | Self::ImageBegin { .. }
+            | Self::ImageChunk { .. }
+            | Self::ImageCancel { .. }
+            | Self::DomainConsoleInput { .. } => ServiceId::Core,
             Self::MonitorHwInfo
             | Self::MonitorAttach { .. }
             | Self::MonitorDetach { .. }
@@ -565,6 +608,10 @@ impl Request {
             Self::MigrateReceive => "migrate-receive",
             Self::MigrateWrite { .. } => "migrate-write",
             Self::MigrateAbort { .. } => "migrate-abort",
+            Self::ImageBegin { .. } => "image-begin",
+            Self::ImageChunk { .. } => "image-chunk",
+            Self::ImageCancel { .. } => "image-cancel",
+            Self::DomainConsoleInput { .. } => "domain-console-input",
         }
     }
 }
@@ -616,11 +663,20 @@ pub enum Response {
     },
     /// (v3) A receiving migration's state.
     ReceiveStatus(ReceiveStatus),
+    /// (v5) Answer to [`Request::ImageBegin`] and [`Request::ImageChunk`].
+    Upload(UploadStatus),
+    /// (v5) Answer to [`Request::DomainConsoleInput`].
+    ConsoleInput {
+        /// Domain id.
+        id: u32,
+        /// Bytes the UART's receiver took, from the start of the request's bytes.
+        accepted: u32,
+    },
 }
 
 impl Response {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 15;
+    pub const VARIANTS: u32 = 17;
 
     /// The error, if this is [`Response::Error`].
     pub const fn error(&self) -> Option<&ErrorReply> {

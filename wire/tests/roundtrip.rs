@@ -70,6 +70,14 @@ fn request() -> impl Strategy<Value = Request> {
         vec(any::<u8>(), 0..300).prop_map(|payload| Request::Ping { payload }),
         Just(Request::Info),
         service_id().prop_map(|service| Request::ServiceStatus { service }),
+        (any::<bool>(), any::<u64>(), any::<u32>()).prop_map(|(k, total_len, crc32c)| Request::ImageBegin {
+            kind: if k { wire::ImageKind::Kernel } else { wire::ImageKind::Initrd },
+            total_len,
+            crc32c
+        }),
+        (any::<u32>(), any::<u64>(), vec(any::<u8>(), 0..2000), any::<u32>())
+            .prop_map(|(upload, offset, bytes, crc32c)| Request::ImageChunk { upload, offset, bytes, crc32c }),
+        (any::<u32>(), vec(any::<u8>(), 0..300)).prop_map(|(id, bytes)| Request::DomainConsoleInput { id, bytes }),
     ]
 }
 

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 
 use wire::{
     ConsoleChunk, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, ErrorCode, ErrorReply,
-    Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, InfoReport, LogLevel, MemoryUse, MigrateOptions,
-    MigrateProgress, MigrateReport, MonitorDomainStats, MonitorHwInfo, MonitorValue, PROTOCOL_VERSION, PeerVerdict,
-    ReceiveState, ReceiveStatus, Request, Response, SendState, ServiceId, ServiceState, ServiceStatus, StreamChunk,
-    UnclaimedAccess,
+    Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, ImageKind, ImageRef, InfoReport, LogLevel,
+    MemoryUse, MigrateOptions, MigrateProgress, MigrateReport, MonitorDomainStats, MonitorHwInfo, MonitorValue,
+    PROTOCOL_VERSION, PeerVerdict, ReceiveState, ReceiveStatus, Request, Response, SendState, ServiceId, ServiceState,
+    ServiceStatus, StreamChunk, UnclaimedAccess, UploadStatus,
 };
 
 #[derive(Debug, PartialEq)]
@@ -48,7 +48,7 @@ fn status(service: ServiceId, state: ServiceState, handled: u64, errors: u64, de
 fn vectors() -> Vec<Vector> {
     let info = InfoReport {
         hv_version: "0.1.0 (5a3cac6)".to_string(),
-        protocol_version: 4,
+        protocol_version: 5,
         uptime_ns: 3_800_000_000,
         capabilities: [("v", "1"), ("vendor", "AuthenticAMD"), ("family", "23"), ("virt", "svm"), ("svm.npt", "1")]
             .iter()
@@ -99,7 +99,8 @@ fn vectors() -> Vec<Vector> {
             10,
             Msg::Request(Request::DomainCreate(DomainSpec {
                 name: "probe".into(),
-                kernel: b"\x7fELF\x02\x01\x01".to_vec(),
+                kernel: ImageRef::Inline(b"\x7fELF\x02\x01\x01".to_vec()),
+                initrd: None,
                 memory_bytes: 16 << 20,
                 vcpus: 2,
                 cpuid: Some("base=host-max,-avx2".into()),
@@ -323,6 +324,58 @@ fn vectors() -> Vec<Vector> {
                 memory_digest: None,
             })),
         ),
+        v(
+            "request_domain_create_uploaded",
+            40,
+            Msg::Request(Request::DomainCreate(DomainSpec {
+                name: "linux".into(),
+                kernel: ImageRef::Uploaded(1),
+                initrd: Some(ImageRef::Uploaded(2)),
+                memory_bytes: 256 << 20,
+                vcpus: 1,
+                cpuid: None,
+                cmdline: "console=ttyS0".into(),
+            })),
+        ),
+        v(
+            "request_image_begin",
+            41,
+            Msg::Request(Request::ImageBegin { kind: ImageKind::Kernel, total_len: 14_000_000, crc32c: 0xe306_9283 }),
+        ),
+        v(
+            "request_image_begin_initrd",
+            42,
+            Msg::Request(Request::ImageBegin { kind: ImageKind::Initrd, total_len: 9, crc32c: 0xe306_9283 }),
+        ),
+        v(
+            "request_image_chunk",
+            43,
+            Msg::Request(Request::ImageChunk {
+                upload: 2,
+                offset: 0,
+                bytes: b"123456789".to_vec(),
+                crc32c: wire::crc32c(b"123456789"),
+            }),
+        ),
+        v("request_image_cancel", 44, Msg::Request(Request::ImageCancel { upload: 2 })),
+        v(
+            "request_domain_console_input",
+            45,
+            Msg::Request(Request::DomainConsoleInput { id: 3, bytes: b"echo $((6*7))\r".to_vec() }),
+        ),
+        v(
+            "response_upload",
+            43,
+            Msg::Response(Response::Upload(UploadStatus {
+                upload: 2,
+                kind: ImageKind::Initrd,
+                total_len: 9,
+                received: 9,
+                window: 4,
+                complete: true,
+            })),
+        ),
+        v("response_console_input", 45, Msg::Response(Response::ConsoleInput { id: 3, accepted: 14 })),
         v("stream_chunk_first", 9, Msg::Chunk(StreamChunk::new(1, 0, false, (0u8..32).collect()))),
         v("stream_chunk_last", 9, Msg::Chunk(StreamChunk::new(1, 1, true, vec![]))),
     ];

@@ -35,6 +35,9 @@ const TESTS: &[NamedTest<Ctx>] = &[
     ("control-domain-create-destroy-50x-no-leak", domain_churn),
     ("control-monitor-hwinfo-attach-events-export", monitor_events),
     ("control-dirty-logging-with-hvctl", dirty_hvctl),
+    ("control-upload-14mb-kernel-runs", upload_large_kernel),
+    ("control-upload-corrupt-chunk-refused", upload_corrupt_chunk),
+    ("control-interactive-console-echo", interactive_console),
 ];
 
 /// Boot once with a vsock device and run the control tests (those matching `filter`).
@@ -443,7 +446,8 @@ fn domain_churn(ctx: &Ctx) -> Result<String> {
     for i in 0..50u32 {
         let spec = wire::DomainSpec {
             name: format!("churn{i}"),
-            kernel: kernel.clone(),
+            kernel: wire::ImageRef::Inline(kernel.clone()),
+            initrd: None,
             memory_bytes: 16 << 20,
             vcpus: 1 + i % 2,
             cpuid: None,
@@ -691,4 +695,160 @@ fn dirty_hvctl(ctx: &Ctx) -> Result<String> {
         "pml refused; {}; 128-page range; 4-round stream rendered; main + tracking logs coexist",
         seen.join("; ")
     ))
+}
+
+/// `name`.elf from the ESP padded to `len` bytes with pseudo-random bytes after the ELF
+/// (outside every loaded segment, so the guest runs as before), written under
+/// target/xtask; its path.
+fn padded_kernel(ctx: &Ctx, name: &str, len: usize) -> Result<PathBuf> {
+    let mut bytes = std::fs::read(ctx.guests.join(format!("{name}.elf"))).map_err(|e| format!("{name}.elf: {e}"))?;
+    let elf_len = bytes.len();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    while bytes.len() < len {
+        // xorshift64: incompressible, so no layer can shortcut the transfer.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        bytes.extend_from_slice(&x.to_le_bytes());
+    }
+    bytes.truncate(len.max(elf_len));
+    let dir = tools::root().join("target/xtask");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join(format!("{name}-padded-{}.elf", len >> 20));
+    std::fs::write(&path, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
+fn upload_large_kernel(ctx: &Ctx) -> Result<String> {
+    const LEN: usize = 14 << 20;
+    let kernel = padded_kernel(ctx, "memwriter", LEN)?;
+    let before = domain_list(ctx)?["free_frames"].as_u64().ok_or("no free_frames")?;
+    let started = Instant::now();
+    let out = hvctl(
+        ctx,
+        &[
+            "domain",
+            "create",
+            "--kernel",
+            &kernel.display().to_string(),
+            "--name",
+            "big",
+            "--memory",
+            "32M",
+            "--cmdline",
+            "pages=32 rounds=1 seed=5",
+            "--json",
+        ],
+    )?;
+    let took = started.elapsed();
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("create --json: {e}: {out}"))?;
+    let id = v["id"].as_u64().ok_or("create gave no id")?;
+    if v["uploaded"] != true || v["kernel_bytes"] != LEN {
+        return Err(format!("expected an upload of {LEN} bytes: {v}"));
+    }
+    wait_for("the 14 MiB kernel to finish", 60, || {
+        Ok(domain_state(&domain_list(ctx)?, id).as_deref() == Some("finished(0)"))
+    })?;
+    let console = hvctl(ctx, &["domain", "console", &id.to_string()])?;
+    if !console.contains("memwriter: done") {
+        return Err(format!("console of the padded kernel lacks its last line: {console:?}"));
+    }
+    hvctl(ctx, &["domain", "destroy", &id.to_string()])?;
+    let after = domain_list(ctx)?["free_frames"].as_u64().ok_or("no free_frames")?;
+    if after != before {
+        return Err(format!("free frames {before} before, {after} after: the staging frames leaked"));
+    }
+    let secs = took.as_secs_f64();
+    Ok(format!(
+        "{LEN} bytes uploaded and created in {secs:.2} s ({:.2} MB/s), ran to finished(0); free frames back to {after}",
+        LEN as f64 / secs / 1e6
+    ))
+}
+
+fn upload_corrupt_chunk(ctx: &Ctx) -> Result<String> {
+    let kernel = padded_kernel(ctx, "memwriter", 2 << 20)?;
+    let before = domain_list(ctx)?;
+    let (code, _, err) = hvctl_raw(
+        ctx,
+        &[
+            "domain",
+            "create",
+            "--kernel",
+            &kernel.display().to_string(),
+            "--name",
+            "corrupt",
+            "--debug-corrupt-chunk",
+            "5",
+        ],
+    )?;
+    let at = 5 * wire::MAX_IMAGE_CHUNK;
+    if code != Some(4) || !err.contains(&format!("CRC-32C mismatch in the chunk at offset {at}")) {
+        return Err(format!("a corrupted chunk was not refused with the CRC error: exit {code:?}, {err}"));
+    }
+    let after = domain_list(ctx)?;
+    if after["free_frames"] != before["free_frames"] || after["domains"] != before["domains"] {
+        return Err(format!(
+            "the refused upload left something behind: free frames {} -> {}, domains {} -> {}",
+            before["free_frames"], after["free_frames"], before["domains"], after["domains"]
+        ));
+    }
+    // An upload left half-done by a client that goes away is freed with its connection.
+    let free = |l: &serde_json::Value| l["free_frames"].as_u64();
+    let mut client = RawClient::connect(&ctx.socket, wire::CONTROL_PORT)?;
+    let begin = Request::ImageBegin { kind: wire::ImageKind::Kernel, total_len: 8 << 20, crc32c: 0 };
+    match client.call(&begin)? {
+        Response::Upload(_) => {}
+        other => return Err(format!("image-begin: {other:?}")),
+    }
+    let staged = free(&domain_list(ctx)?);
+    if staged.zip(free(&before)).is_none_or(|(now, was)| was.saturating_sub(now) < 2048) {
+        return Err(format!("an 8 MiB upload staged no frames: {staged:?} free, {:?} before", free(&before)));
+    }
+    drop(client);
+    wait_for("the abandoned upload to be freed", 10, || Ok(free(&domain_list(ctx)?) == free(&before)))?;
+    Ok(format!(
+        "refused: {}; an abandoned 8 MiB upload was freed with its connection",
+        err.trim().trim_start_matches("hvctl: error: ")
+    ))
+}
+
+fn interactive_console(ctx: &Ctx) -> Result<String> {
+    let kernel = ctx.guests.join("echo.elf").display().to_string();
+    let out = hvctl(ctx, &["domain", "create", "--kernel", &kernel, "--name", "echo", "--memory", "8M", "--json"])?;
+    let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("create --json: {e}"))?;
+    let id = v["id"].as_u64().ok_or("create gave no id")?;
+    wait_for("the echo guest to be ready", 20, || {
+        Ok(hvctl(ctx, &["domain", "console", &id.to_string()])?.contains("echo: ready"))
+    })?;
+    let target = target(ctx);
+    let mut child = std::process::Command::new(&ctx.hvctl)
+        .args(["--connect", &target, "domain", "console", &id.to_string(), "--interactive"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run hvctl: {e}"))?;
+    // More than the UART's 16-byte FIFO in one go: the rest must be retried.
+    let line = "the quick brown fox jumps over the lazy dog 0123456789";
+    child
+        .stdin
+        .take()
+        .ok_or("no stdin")?
+        .write_all(format!("{line}\nquit\n").as_bytes())
+        .map_err(|e| format!("writing hvctl's stdin: {e}"))?;
+    let o = child.wait_with_output().map_err(|e| format!("hvctl: {e}"))?;
+    let (stdout, stderr) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    if !o.status.success() {
+        return Err(format!("hvctl console --interactive exited with {}: {stderr}", o.status));
+    }
+    for want in [format!("echo: line 1: {line}"), "echo: line 2: quit".to_string()] {
+        if !stdout.contains(&want) {
+            return Err(format!("the console lacks {want:?}: {stdout:?} (stderr {stderr:?})"));
+        }
+    }
+    wait_for("the echo guest to finish", 20, || {
+        Ok(domain_state(&domain_list(ctx)?, id).as_deref() == Some("finished(0)"))
+    })?;
+    hvctl(ctx, &["domain", "destroy", &id.to_string()])?;
+    Ok(format!("{} bytes typed through a 16-byte FIFO came back in order; quit ended it", line.len() + 6))
 }

@@ -15,6 +15,7 @@ pub const GUESTS: &[&str] = &[
     "fpustate",
     "xapic-mmio",
     "multiboot",
+    "echo",
 ];
 
 /// A built image.

@@ -1,8 +1,9 @@
 //! The guest's side of the PC, fuzzed: random sequences of port reads and writes (the
 //! device bus of `devices::pc` and the 8259 pair), I/O APIC MMIO, local APIC MMIO and
-//! x2APIC MSR accesses, time steps and save/load round trips. Every model must answer
-//! without panicking, a due event must be gone after `advance` (no spinning), and a
-//! saved state must load back.
+//! x2APIC MSR accesses, time steps, console input from the control channel and
+//! save/load round trips. Every model must answer without panicking, a due event must
+//! be gone after `advance` (no spinning), a saved state must load back, and console
+//! input never takes more than the UART's FIFO holds.
 #![no_main]
 
 use hv::devices::bus::Space;
@@ -109,6 +110,16 @@ fuzz_target!(|data: &[u8]| {
                 assert!(bus.next_event_ns().is_none_or(|t| t > now), "a device event is still due after advance");
                 lapic.advance_to(now);
                 assert!(lapic.next_timer_ns().is_none_or(|t| t > now), "the LAPIC timer is still due after advance");
+            }
+            7 if op & 0x80 != 0 => {
+                // Console input (hvctl's keystrokes): never more than the UART's FIFO.
+                let Some(n) = input.byte() else { break };
+                let n = usize::from(n).min(input.0.len());
+                let (bytes, rest) = input.0.split_at(n);
+                input.0 = rest;
+                let mut ctx = DeviceCtx::new(now, &mut router);
+                let taken = bus.console_input(bytes, &mut ctx);
+                assert!(taken.is_some_and(|t| t <= n && t <= 16), "the UART took {taken:?} of {n} bytes");
             }
             _ => {
                 let states = bus.save();

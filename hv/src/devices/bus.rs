@@ -224,6 +224,12 @@ impl DeviceBus {
         self.devices.get_mut(id.0).map(|d| &mut **d)
     }
 
+    /// Console input for the first device that takes it (the UART): how many bytes it
+    /// took, `None` when no device on the bus has a console receiver.
+    pub fn console_input(&mut self, bytes: &[u8], ctx: &mut DeviceCtx<'_>) -> Option<usize> {
+        self.devices.iter_mut().find_map(|d| d.console_input(bytes, ctx))
+    }
+
     fn ranges(&self, space: Space) -> &Ranges {
         match space {
             Space::Port => &self.ports,

@@ -195,6 +195,12 @@ pub trait Device {
     }
     /// Catch up to `ctx.now_ns`: fire timers that are due.
     fn advance(&mut self, _ctx: &mut DeviceCtx<'_>) {}
+    /// Console input from the control channel, for a model that has a receiver on the
+    /// console line (the UART): the bytes it took, from the start, without overrunning
+    /// it. `None`: this model takes no console input.
+    fn console_input(&mut self, _bytes: &[u8], _ctx: &mut DeviceCtx<'_>) -> Option<usize> {
+        None
+    }
     /// The model's state.
     fn save(&self) -> DeviceState;
     /// Replace the model's state with `state`; on error nothing changed.

@@ -55,6 +55,40 @@ mod tests {
     use super::*;
 
     #[test]
+    fn console_input_reaches_the_uart_without_overrun_and_raises_its_line() {
+        let mut bus = bus(0).unwrap();
+        #[derive(Default)]
+        struct Lines(Option<bool>);
+        impl crate::devices::IrqLines for Lines {
+            fn set_level(&mut self, gsi: u32, high: bool) {
+                if gsi == COM1_GSI {
+                    self.0 = Some(high);
+                }
+            }
+        }
+        let mut irq = Lines::default();
+        let mut ctx = DeviceCtx::new(0, &mut irq);
+        // Character mode (FIFOs off): the holding register takes one byte.
+        assert_eq!(bus.console_input(b"hi", &mut ctx), Some(1));
+        assert_eq!(bus.console_input(b"i", &mut ctx), Some(0), "full: nothing taken, no overrun");
+        let mut b = [0u8];
+        assert!(bus.read(Space::Port, u64::from(COM1_PORT) + 5, &mut b, &mut ctx));
+        assert_eq!(b[0] & 0x03, 0x01, "LSR: data ready, no overrun error");
+        assert!(bus.read(Space::Port, u64::from(COM1_PORT), &mut b, &mut ctx));
+        assert_eq!(b[0], b'h');
+        // FIFOs on, the RX interrupt enabled and OUT2 (the PC's interrupt gate) set:
+        // 16 bytes fit, and IRQ 4 goes high.
+        assert!(bus.write(Space::Port, u64::from(COM1_PORT) + 4, &[0x08], &mut ctx));
+        assert!(bus.write(Space::Port, u64::from(COM1_PORT) + 2, &[0x01], &mut ctx));
+        assert!(bus.write(Space::Port, u64::from(COM1_PORT) + 1, &[0x01], &mut ctx));
+        assert_eq!(bus.console_input(&[b'x'; 40], &mut ctx), Some(16));
+        assert!(bus.read(Space::Port, u64::from(COM1_PORT), &mut b, &mut ctx));
+        assert_eq!(b[0], b'x');
+        drop(ctx);
+        assert_eq!(irq.0, Some(true), "the receiver's interrupt line is raised");
+    }
+
+    #[test]
     fn the_pc_answers_com1_and_debug_exit_and_nothing_else() {
         let mut bus = bus(1_764_547_200).unwrap(); // 2025-12-01 00:00:00 UTC
         let mut irq = NoIrqs;

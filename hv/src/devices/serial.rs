@@ -467,6 +467,11 @@ impl Device for Uart {
         DeviceKind::Uart
     }
 
+    fn console_input(&mut self, bytes: &[u8], ctx: &mut DeviceCtx<'_>) -> Option<usize> {
+        let fit = bytes.get(..self.rx_space().min(bytes.len())).unwrap_or_default();
+        Some(self.push_input(fit, ctx))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8], ctx: &mut DeviceCtx<'_>) {
         self.drain_tx(ctx);
         for (i, d) in data.iter_mut().enumerate() {

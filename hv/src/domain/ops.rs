@@ -1,15 +1,49 @@
 //! The wire adapters: the control requests of `tasks::DomainOps` (create, list, pause,
-//! destroy, console, log-dirty, counters) carried out on the [`Machine`], with its
-//! errors turned into typed `wire` error replies.
+//! destroy, console output and input, log-dirty, counters, the pool uploads are staged
+//! in) carried out on the [`Machine`], with its errors turned into typed `wire` error
+//! replies.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
 use super::config::{self, DomainConfig};
-use super::{DomainError, Machine, dirty};
+use super::{Domain, DomainError, DomainState, Machine, dirty};
 use crate::arch::Backend;
+use crate::devices::DeviceCtx;
 use crate::mm::MmError;
+
+impl<B: Backend> Domain<B> {
+    /// Console input from the control channel into the domain's UART receiver: as many
+    /// bytes as its FIFO has room for (never an overrun), with its interrupt line
+    /// driven through the domain's router and the messages that makes delivered to the
+    /// vCPUs' LAPICs, as a port access from the guest would. A domain that halted
+    /// waiting for this wakes up. Returns how many bytes were taken; the caller sends
+    /// the rest again later.
+    pub(crate) fn console_input(&mut self, bytes: &[u8]) -> Result<usize, DomainError> {
+        match self.state {
+            DomainState::Running | DomainState::Paused | DomainState::Halted => {}
+            DomainState::Finished { .. } | DomainState::Crashed { .. } => {
+                return Err(DomainError::WrongState { id: self.id, state: alloc::format!("{}", self.state) });
+            }
+        }
+        let now = self.guest_now_ns();
+        let mut dctx = DeviceCtx::new(now, &mut self.irq);
+        let taken = self
+            .devices
+            .console_input(bytes, &mut dctx)
+            .ok_or(DomainError::Unavailable("console input: the domain has no UART"))?;
+        let effects = dctx.effects;
+        self.route_messages();
+        // Taking input makes no effects today; should a model ever make one (a byte
+        // echoed in loopback), it is carried out like any other.
+        let _ = self.apply_effects(&effects, super::exit::Action::Continue);
+        if taken > 0 && self.state == DomainState::Halted {
+            self.state = DomainState::Running;
+        }
+        Ok(taken)
+    }
+}
 
 impl<B: Backend> Machine<B> {
     fn dirty_report(&mut self, id: u32, slot: usize) -> Result<wire::DirtyStatsReport, wire::ErrorReply> {
@@ -43,7 +77,12 @@ fn domain_reply(e: DomainError) -> wire::ErrorReply {
 }
 
 impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
-    fn create(&mut self, spec: &wire::DomainSpec) -> Result<u32, wire::ErrorReply> {
+    fn create(
+        &mut self,
+        spec: &wire::DomainSpec,
+        kernel: &[u8],
+        initrd: Option<&[u8]>,
+    ) -> Result<u32, wire::ErrorReply> {
         let cfg = DomainConfig {
             name: spec.name.clone(),
             kernel: String::from("(uploaded)"),
@@ -60,7 +99,7 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
         if self.domains.iter().any(|d| d.name == cfg.name) {
             return Err(reply(wire::ErrorCode::Refused, alloc::format!("a domain named `{}` exists", cfg.name)));
         }
-        Machine::create(self, &cfg, &spec.kernel, &[]).map_err(domain_reply)
+        Machine::create(self, &cfg, kernel, initrd.unwrap_or_default()).map_err(domain_reply)
     }
 
     fn list(&self) -> wire::DomainListReport {
@@ -162,6 +201,16 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
                 slot.rmid = rmid;
             }
         }
+    }
+
+    fn console_input(&mut self, id: u32, bytes: &[u8]) -> Result<u32, wire::ErrorReply> {
+        let d =
+            self.domains.iter_mut().find(|d| d.id == id).ok_or_else(|| domain_reply(DomainError::NoSuchDomain(id)))?;
+        d.console_input(bytes).map(|n| n as u32).map_err(domain_reply)
+    }
+
+    fn staging(&mut self) -> Option<&mut crate::mm::frames::FramePool> {
+        Some(&mut self.pool)
     }
 
     fn console(&self, id: u32, offset: u64) -> Result<wire::ConsoleChunk, wire::ErrorReply> {

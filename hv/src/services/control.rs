@@ -63,6 +63,8 @@ pub struct ControlServer {
     connections: BTreeMap<ReplyTo, Connection>,
     next_handle: ReplyTo,
     runtime: Runtime,
+    /// Connections closed since the last poll (the runtime frees their uploads).
+    closed: Vec<ReplyTo>,
     /// What happened so far.
     pub counters: Counters,
 }
@@ -107,7 +109,14 @@ impl ControlServer {
             manager.guest_cid(),
             found.function
         );
-        Ok(Self { manager, connections: BTreeMap::new(), next_handle: 1, runtime, counters: Counters::default() })
+        Ok(Self {
+            manager,
+            connections: BTreeMap::new(),
+            next_handle: 1,
+            runtime,
+            closed: Vec::new(),
+            counters: Counters::default(),
+        })
     }
 
     fn handle_for(&self, peer: VsockAddr, port: u32) -> Option<ReplyTo> {
@@ -126,6 +135,9 @@ impl ControlServer {
             }
         }
         busy |= self.flush_and_reap();
+        for to in core::mem::take(&mut self.closed) {
+            self.runtime.connection_closed(to, domains);
+        }
         busy
     }
 
@@ -172,6 +184,7 @@ impl ControlServer {
                         // Drain what arrived before the disconnect, then forget it.
                         self.receive(handle);
                         self.connections.remove(&handle);
+                        self.closed.push(handle);
                     }
                 }
                 VsockEventType::Connected | VsockEventType::CreditRequest | VsockEventType::CreditUpdate => {}
@@ -274,6 +287,7 @@ impl ControlServer {
             }
         }
         for handle in to_close {
+            self.closed.push(handle);
             if let Some(c) = self.connections.remove(&handle) {
                 let _ = self.manager.shutdown(c.peer, c.port);
             }

@@ -1,7 +1,9 @@
 //! The service side of the core: the task runtime that hosts the monitoring and
 //! migration services ([`tasks`]), the control server on virtio-vsock ([`control`]),
-//! and local migration within one hypervisor ([`local_migration`]).
+//! local migration within one hypervisor ([`local_migration`]), and the staging of
+//! uploaded kernels and initrds ([`upload`]).
 
 pub mod control;
 pub mod local_migration;
 pub mod tasks;
+pub mod upload;

@@ -19,7 +19,12 @@ use migration_svc::MigrationService;
 use monitor_svc::MonitorService;
 pub use wire::service::encode_reply;
 use wire::service::{QueueInfo, ServiceCounters};
-use wire::{ErrorCode, ErrorReply, Frame, FrameKind, InfoReport, Request, Response, ServiceId, ServiceStatus};
+use wire::{
+    ErrorCode, ErrorReply, Frame, FrameKind, ImageKind, ImageRef, InfoReport, Request, Response, ServiceId,
+    ServiceStatus,
+};
+
+use crate::services::upload::{Staged, Uploads};
 
 /// Frames each mailbox holds.
 pub const MAILBOX_CAPACITY: usize = 16;
@@ -51,8 +56,9 @@ impl Mailbox {
 /// The domain operations the core task performs for clients (implemented by
 /// `domain::Machine`; the runtime itself holds no domain state).
 pub trait DomainOps {
-    /// Create and start a domain.
-    fn create(&mut self, spec: &wire::DomainSpec) -> Result<u32, ErrorReply>;
+    /// Create and start a domain from `spec` with the kernel (and initrd) bytes the
+    /// runtime resolved from its image references (inline or uploaded).
+    fn create(&mut self, spec: &wire::DomainSpec, kernel: &[u8], initrd: Option<&[u8]>) -> Result<u32, ErrorReply>;
     /// Every domain, and the frame pool's state.
     fn list(&self) -> wire::DomainListReport;
     /// Pause (true) or unpause (false).
@@ -61,6 +67,14 @@ pub trait DomainOps {
     fn destroy(&mut self, id: u32) -> Result<(), ErrorReply>;
     /// Console bytes from `offset` on.
     fn console(&self, id: u32, offset: u64) -> Result<wire::ConsoleChunk, ErrorReply>;
+    /// Console input for domain `id`'s UART receiver: how many bytes it took.
+    fn console_input(&mut self, id: u32, _bytes: &[u8]) -> Result<u32, ErrorReply> {
+        Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
+    }
+    /// The frame pool uploads are staged in (`None`: this instance takes no uploads).
+    fn staging(&mut self) -> Option<&mut crate::mm::frames::FramePool> {
+        None
+    }
     /// Per domain: its counters (for the software events of the monitoring service).
     fn counters(&self) -> Vec<DomainCounters> {
         Vec::new()
@@ -119,7 +133,7 @@ pub struct DomainCounters {
 pub struct NoDomains;
 
 impl DomainOps for NoDomains {
-    fn create(&mut self, _: &wire::DomainSpec) -> Result<u32, ErrorReply> {
+    fn create(&mut self, _: &wire::DomainSpec, _: &[u8], _: Option<&[u8]>) -> Result<u32, ErrorReply> {
         Err(ErrorReply::new(ErrorCode::NotImplemented, "this hypervisor instance runs no domains"))
     }
     fn list(&self) -> wire::DomainListReport {
@@ -134,6 +148,35 @@ impl DomainOps for NoDomains {
     fn console(&self, id: u32, _: u64) -> Result<wire::ConsoleChunk, ErrorReply> {
         Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
     }
+}
+
+/// An image for `DomainCreate`: the request's own bytes, or an upload taken out of the
+/// store.
+enum Image<'a> {
+    Inline(&'a [u8]),
+    Staged(Staged),
+}
+
+impl Image<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Image::Inline(b) => b,
+            Image::Staged(s) => s.bytes(),
+        }
+    }
+}
+
+/// Give a used upload's frames back.
+fn release(image: Image<'_>, domains: &mut dyn DomainOps) {
+    if let Image::Staged(s) = image
+        && let Some(pool) = domains.staging()
+    {
+        s.free(pool);
+    }
+}
+
+fn no_uploads() -> ErrorReply {
+    ErrorReply::new(ErrorCode::NotImplemented, "this hypervisor instance runs no domains, so it takes no uploads")
 }
 
 /// The heap's and the frame pool's use, for `Info`.
@@ -182,6 +225,8 @@ pub struct Runtime {
     outbox: Vec<(ReplyTo, Vec<u8>)>,
     /// Requests refused with Busy, per task.
     busy_refusals: [u64; 3],
+    /// Kernel and initrd uploads (staged in the domains' frame pool).
+    uploads: Uploads,
 }
 
 impl core::fmt::Debug for Runtime {
@@ -211,6 +256,7 @@ impl Runtime {
             last_mbm: 0,
             last_limbo: 0,
             busy_refusals: [0; 3],
+            uploads: Uploads::new(),
         }
     }
 
@@ -250,9 +296,15 @@ impl Runtime {
     /// Give every task one turn. Returns whether any message was handled.
     pub fn run_once(&mut self, uptime_ns: Option<u64>, domains: &mut dyn DomainOps) -> bool {
         let mut worked = false;
+        if let Some(now) = uptime_ns
+            && self.uploads.any_idle(now)
+            && let Some(pool) = domains.staging()
+        {
+            self.uploads.expire(pool, now);
+        }
         for _ in 0..TURN_BUDGET {
             let Some(env) = self.mailboxes[0].queue.pop_front() else { break };
-            let reply = self.handle_core(&env.frame, uptime_ns, domains);
+            let reply = self.handle_core(env.reply_to, &env.frame, uptime_ns, domains);
             self.outbox.push((env.reply_to, reply));
             worked = true;
         }
@@ -393,18 +445,99 @@ impl Runtime {
         }
     }
 
+    /// Connection `to` closed: free the uploads it began (requests of it still in a
+    /// mailbox are answered into the void, as before).
+    pub fn connection_closed(&mut self, to: ReplyTo, domains: &mut dyn DomainOps) {
+        if !self.uploads.is_empty()
+            && let Some(pool) = domains.staging()
+        {
+            self.uploads.release_owner(pool, to);
+        }
+    }
+
+    /// Uploads held now (for tests and status).
+    pub fn uploads_held(&self) -> usize {
+        self.uploads.len()
+    }
+
+    /// `DomainCreate`: resolve the kernel and initrd references (an uploaded image is
+    /// used up whatever the outcome), create, give the staging frames back.
+    fn create(&mut self, spec: &wire::DomainSpec, domains: &mut dyn DomainOps) -> Result<u32, ErrorReply> {
+        let kernel = self.resolve(&spec.kernel, ImageKind::Kernel)?;
+        let initrd = match spec.initrd.as_ref().map(|r| self.resolve(r, ImageKind::Initrd)).transpose() {
+            Ok(i) => i,
+            Err(e) => {
+                release(kernel, domains);
+                return Err(e);
+            }
+        };
+        let result = domains.create(spec, kernel.bytes(), initrd.as_ref().map(Image::bytes));
+        release(kernel, domains);
+        if let Some(i) = initrd {
+            release(i, domains);
+        }
+        result
+    }
+
+    fn resolve<'a>(&mut self, image: &'a ImageRef, kind: ImageKind) -> Result<Image<'a>, ErrorReply> {
+        Ok(match image {
+            ImageRef::Inline(bytes) => Image::Inline(bytes),
+            ImageRef::Uploaded(id) => Image::Staged(self.uploads.take(*id, kind)?),
+        })
+    }
+
     fn core_status(&self) -> ServiceStatus {
         let (depth, capacity) = self.mailboxes[0].queue_info();
         self.core.counters.status(QueueInfo { depth, capacity })
     }
 
-    fn handle_core(&mut self, frame: &Frame, uptime_ns: Option<u64>, domains: &mut dyn DomainOps) -> Vec<u8> {
+    fn handle_core(
+        &mut self,
+        reply_to: ReplyTo,
+        frame: &Frame,
+        uptime_ns: Option<u64>,
+        domains: &mut dyn DomainOps,
+    ) -> Vec<u8> {
         self.core.counters.handled += 1;
         let response = match wire::decode_request(frame) {
             Ok(Request::Ping { payload }) => Response::Pong { payload },
             Ok(Request::ServiceStatus { .. }) => Response::ServiceStatus(self.core_status()),
             Ok(Request::DomainCreate(spec)) => {
-                domains.create(&spec).map_or_else(Response::Error, |id| Response::DomainCreated { id })
+                self.create(&spec, domains).map_or_else(Response::Error, |id| Response::DomainCreated { id })
+            }
+            Ok(Request::ImageBegin { kind, total_len, crc32c }) => match domains.staging() {
+                Some(pool) => self
+                    .uploads
+                    .begin(pool, reply_to, kind, total_len, crc32c, uptime_ns.unwrap_or(0))
+                    .map_or_else(Response::Error, Response::Upload),
+                None => Response::Error(no_uploads()),
+            },
+            Ok(Request::ImageChunk { upload, offset, bytes, crc32c }) => match domains.staging() {
+                Some(pool) => self
+                    .uploads
+                    .chunk(pool, upload, offset, &bytes, crc32c, uptime_ns.unwrap_or(0))
+                    .map_or_else(Response::Error, Response::Upload),
+                None => Response::Error(no_uploads()),
+            },
+            Ok(Request::ImageCancel { upload }) => match domains.staging() {
+                Some(pool) => self.uploads.cancel(pool, upload).map_or_else(Response::Error, |()| Response::Done),
+                None => Response::Error(no_uploads()),
+            },
+            Ok(Request::DomainConsoleInput { id, bytes }) => {
+                if bytes.len() > wire::MAX_CONSOLE_INPUT {
+                    Response::Error(ErrorReply::new(
+                        ErrorCode::Refused,
+                        alloc::format!(
+                            "{} bytes of console input in one request; at most {} are taken",
+                            bytes.len(),
+                            wire::MAX_CONSOLE_INPUT
+                        ),
+                    ))
+                } else {
+                    domains
+                        .console_input(id, &bytes)
+                        .map_or_else(Response::Error, |accepted| Response::ConsoleInput { id, accepted })
+                }
             }
             Ok(Request::DomainList) => Response::DomainList(domains.list()),
             Ok(Request::DomainPause { id }) => {
@@ -621,5 +754,120 @@ mod tests {
         let got = responses(&mut rt);
         assert_eq!(got[0].2, Response::Error(ErrorReply::new(ErrorCode::Refused, "no domain 4")));
         assert!(matches!(&got[1].2, Response::DomainList(l) if l.domains.is_empty()));
+    }
+
+    /// Domain operations over a host-test frame pool that remember what `create` got.
+    struct Staging {
+        pool: crate::mm::frames::FramePool,
+        created: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+        input: Vec<u8>,
+    }
+
+    impl DomainOps for Staging {
+        fn create(&mut self, _: &wire::DomainSpec, kernel: &[u8], initrd: Option<&[u8]>) -> Result<u32, ErrorReply> {
+            self.created.push((kernel.to_vec(), initrd.map(<[u8]>::to_vec)));
+            Ok(self.created.len() as u32)
+        }
+        fn list(&self) -> wire::DomainListReport {
+            NoDomains.list()
+        }
+        fn set_paused(&mut self, id: u32, p: bool) -> Result<(), ErrorReply> {
+            NoDomains.set_paused(id, p)
+        }
+        fn destroy(&mut self, id: u32) -> Result<(), ErrorReply> {
+            NoDomains.destroy(id)
+        }
+        fn console(&self, id: u32, o: u64) -> Result<wire::ConsoleChunk, ErrorReply> {
+            NoDomains.console(id, o)
+        }
+        fn console_input(&mut self, _: u32, bytes: &[u8]) -> Result<u32, ErrorReply> {
+            let n = bytes.len().min(16);
+            self.input.extend_from_slice(&bytes[..n]);
+            Ok(n as u32)
+        }
+        fn staging(&mut self) -> Option<&mut crate::mm::frames::FramePool> {
+            Some(&mut self.pool)
+        }
+    }
+
+    fn one(rt: &mut Runtime, d: &mut Staging, id: u64, req: &Request) -> Response {
+        rt.route(1, frame(id, req));
+        rt.run_once(Some(id), d);
+        let mut got = responses(rt);
+        assert_eq!(got.len(), 1);
+        got.remove(0).2
+    }
+
+    fn spec(kernel: ImageRef, initrd: Option<ImageRef>) -> wire::DomainSpec {
+        wire::DomainSpec {
+            name: "up".into(),
+            kernel,
+            initrd,
+            memory_bytes: 16 << 20,
+            vcpus: 1,
+            cpuid: None,
+            cmdline: String::new(),
+        }
+    }
+
+    #[test]
+    fn uploaded_images_reach_create_and_their_frames_come_back() {
+        let mut rt = Runtime::new(machine());
+        let mut d = Staging { pool: crate::mm::frames::testing::pool(200), created: Vec::new(), input: Vec::new() };
+        let free = d.pool.free_frames();
+        let kernel: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
+        let initrd = vec![7u8; 70_000];
+        let mut ids = Vec::new();
+        let mut n = 1;
+        for (kind, img) in [(ImageKind::Kernel, &kernel), (ImageKind::Initrd, &initrd)] {
+            let begin = Request::ImageBegin { kind, total_len: img.len() as u64, crc32c: wire::crc32c(img) };
+            let Response::Upload(s) = one(&mut rt, &mut d, n, &begin) else { panic!("begin") };
+            n += 1;
+            let mut offset = 0;
+            for c in img.chunks(wire::MAX_IMAGE_CHUNK) {
+                let chunk =
+                    Request::ImageChunk { upload: s.upload, offset, bytes: c.to_vec(), crc32c: wire::crc32c(c) };
+                let Response::Upload(st) = one(&mut rt, &mut d, n, &chunk) else { panic!("chunk") };
+                n += 1;
+                offset += c.len() as u64;
+                assert_eq!(st.received, offset);
+            }
+            ids.push(s.upload);
+        }
+        assert!(d.pool.free_frames() < free);
+        // The initrd named as a kernel is refused and, like every used reference, gone.
+        let wrong = spec(ImageRef::Uploaded(ids[1]), None);
+        let e = one(&mut rt, &mut d, n, &Request::DomainCreate(wrong));
+        assert!(
+            e.error()
+                .is_some_and(|e| e.message.contains("holds an image of kind `initrd`, but `kernel` was asked for")),
+            "{e:?}"
+        );
+        assert_eq!(rt.uploads_held(), 2, "a refused kind check consumes nothing");
+        let good = spec(ImageRef::Uploaded(ids[0]), Some(ImageRef::Uploaded(ids[1])));
+        assert_eq!(one(&mut rt, &mut d, n + 1, &Request::DomainCreate(good)), Response::DomainCreated { id: 1 });
+        assert!(d.created[0].0 == kernel && d.created[0].1.as_deref() == Some(&initrd[..]));
+        assert_eq!(d.pool.free_frames(), free, "the staging frames are back");
+        assert_eq!(rt.uploads_held(), 0);
+        // Inline images still work.
+        let inline = spec(ImageRef::Inline(vec![1, 2, 3]), None);
+        assert_eq!(one(&mut rt, &mut d, n + 2, &Request::DomainCreate(inline)), Response::DomainCreated { id: 2 });
+        // Console input: bounded, and the count the UART took comes back.
+        let r = one(&mut rt, &mut d, n + 3, &Request::DomainConsoleInput { id: 1, bytes: vec![b'a'; 20] });
+        assert_eq!(r, Response::ConsoleInput { id: 1, accepted: 16 });
+        let big = Request::DomainConsoleInput { id: 1, bytes: vec![0; wire::MAX_CONSOLE_INPUT + 1] };
+        assert_eq!(one(&mut rt, &mut d, n + 4, &big).error().map(|e| e.code), Some(ErrorCode::Refused));
+        // An upload is freed when the connection that began it closes.
+        let begin = Request::ImageBegin { kind: ImageKind::Kernel, total_len: 70_000, crc32c: 0 };
+        assert!(matches!(one(&mut rt, &mut d, n + 5, &begin), Response::Upload(_)));
+        assert_eq!(rt.uploads_held(), 1);
+        rt.connection_closed(2, &mut d);
+        assert_eq!(rt.uploads_held(), 1, "another connection's close leaves it");
+        rt.connection_closed(1, &mut d);
+        assert_eq!((rt.uploads_held(), d.pool.free_frames()), (0, free));
+        // Without a pool, uploads are refused as not implemented.
+        rt.route(1, frame(99, &Request::ImageBegin { kind: ImageKind::Kernel, total_len: 5, crc32c: 0 }));
+        rt.run_once(Some(1), &mut NoDomains);
+        assert_eq!(responses(&mut rt)[0].2.error().map(|e| e.code), Some(ErrorCode::NotImplemented));
     }
 }

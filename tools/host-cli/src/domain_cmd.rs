@@ -1,5 +1,6 @@
 //! `hvctl domain create|list|pause|unpause|destroy|console`: manage guest domains on a
-//! running hypervisor.
+//! running hypervisor. Kernels and initrds that do not fit one request are uploaded in
+//! chunks first (`upload`); `console --interactive` is in `console`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,10 +8,12 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use serde_json::json;
-use wire::{DomainSpec, Request, Response};
+use wire::{DomainSpec, ImageKind, ImageRef, Request, Response};
 
+use crate::migrate_cmd::ProgressLine;
 use crate::transport::{Client, Options};
-use crate::{CliError, connection_err, err, remote_err};
+use crate::upload::{self, UploadOptions};
+use crate::{CliError, connection_err, console, err, interrupt, remote_err};
 
 /// `hvctl domain ...`
 #[derive(Debug, Args)]
@@ -22,11 +25,22 @@ pub struct DomainArgs {
 #[derive(Debug, Subcommand)]
 enum DomainCommand {
     /// Create and start a domain from a guest kernel (an x86-64 ELF executable linked
-    /// for guest_abi; it is uploaded with the request, so it must fit one 64 KiB frame).
+    /// for guest_abi; bzImage and multiboot once the hypervisor loads them) and an
+    /// optional initrd. Images that do not fit one request are uploaded in checksummed
+    /// chunks first, with a progress line; Ctrl-C cancels the upload.
     Create {
         /// The kernel file.
         #[arg(long)]
         kernel: PathBuf,
+        /// An initial ramdisk (bzImage and multiboot kernels only).
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Draw the upload progress line even when stderr is not a terminal.
+        #[arg(long)]
+        progress: bool,
+        /// Testing: corrupt upload chunk N (0-based) after its checksum is computed.
+        #[arg(long, hide = true, value_name = "N")]
+        debug_corrupt_chunk: Option<usize>,
         /// Name (default: the kernel file's stem).
         #[arg(long)]
         name: Option<String>,
@@ -75,6 +89,11 @@ enum DomainCommand {
         /// Keep printing new output until the domain is gone (Ctrl-C to stop).
         #[arg(long)]
         follow: bool,
+        /// Attach: keystrokes go to the guest's UART, output keeps streaming, Ctrl-]
+        /// leaves. Raw mode on a terminal; from a pipe, its bytes are sent and hvctl
+        /// leaves once the console has been quiet for 1.5 s after the input's end.
+        #[arg(long, conflicts_with = "follow")]
+        interactive: bool,
     },
 }
 
@@ -99,16 +118,34 @@ fn done(response: Response, what: &str) -> Result<Response, CliError> {
 /// Run a `domain` subcommand.
 pub fn run(opts: &Options, args: DomainArgs) -> Result<ExitCode, CliError> {
     match args.command {
-        DomainCommand::Create { kernel, name, memory, vcpus, cpuid, cmdline, json } => {
-            let image = std::fs::read(&kernel).map_err(|e| err(format!("cannot read {}: {e}", kernel.display())))?;
-            let limit = wire::MAX_FRAME_LEN - 1024;
-            if image.len() > limit {
-                return Err(err(format!(
-                    "{} is {} bytes; a kernel must fit one request (at most {limit} bytes): strip it",
-                    kernel.display(),
-                    image.len()
-                )));
-            }
+        DomainCommand::Create {
+            kernel,
+            initrd,
+            progress,
+            debug_corrupt_chunk,
+            name,
+            memory,
+            vcpus,
+            cpuid,
+            cmdline,
+            json,
+        } => {
+            let size = |p: &PathBuf| -> Result<usize, CliError> {
+                let len = std::fs::metadata(p).map_err(|e| err(format!("cannot read {}: {e}", p.display())))?.len();
+                if len == 0 {
+                    return Err(err(format!("{} is empty", p.display())));
+                }
+                if len > wire::MAX_IMAGE_LEN {
+                    return Err(err(format!(
+                        "{} is {len} bytes; the protocol carries images of at most {} bytes",
+                        p.display(),
+                        wire::MAX_IMAGE_LEN
+                    )));
+                }
+                usize::try_from(len).map_err(|_| err(format!("{} is too large for this machine", p.display())))
+            };
+            let kernel_len = size(&kernel)?;
+            let initrd_len = initrd.as_ref().map(size).transpose()?;
             let memory_bytes = parse_size(&memory).ok_or_else(|| err(format!("--memory {memory}: not a size")))?;
             let cpuid = match cpuid {
                 Some(c) if std::path::Path::new(&c).is_file() => {
@@ -119,12 +156,51 @@ pub fn run(opts: &Options, args: DomainArgs) -> Result<ExitCode, CliError> {
             let name = name.unwrap_or_else(|| {
                 kernel.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "domain".into())
             });
-            let spec = DomainSpec { name: name.clone(), kernel: image, memory_bytes, vcpus, cpuid, cmdline };
             let mut client = Client::connect(opts)?;
+            // Small enough for one request: inline, one round trip. Else upload.
+            let inline_limit = wire::MAX_FRAME_LEN - 1024;
+            let inline =
+                debug_corrupt_chunk.is_none() && kernel_len + initrd_len.unwrap_or(0) + cmdline.len() <= inline_limit;
+            let sizes = (kernel_len, initrd_len);
+            let (kernel_ref, initrd_ref) = if inline {
+                let read = |p: &PathBuf| std::fs::read(p).map_err(|e| err(format!("cannot read {}: {e}", p.display())));
+                (ImageRef::Inline(read(&kernel)?), initrd.as_ref().map(read).transpose()?.map(ImageRef::Inline))
+            } else {
+                interrupt::install()?;
+                let mut line = ProgressLine::new(progress);
+                let uopts = UploadOptions { corrupt_chunk: debug_corrupt_chunk };
+                let k = upload::upload(&mut client, ImageKind::Kernel, &kernel, uopts, &mut line)?;
+                let i = match &initrd {
+                    Some(path) => match upload::upload(&mut client, ImageKind::Initrd, path, uopts, &mut line) {
+                        Ok(i) => Some(ImageRef::Uploaded(i)),
+                        Err(e) => {
+                            let _ = client.call(&Request::ImageCancel { upload: k });
+                            return Err(e);
+                        }
+                    },
+                    None => None,
+                };
+                (ImageRef::Uploaded(k), i)
+            };
+            let spec = DomainSpec {
+                name: name.clone(),
+                kernel: kernel_ref,
+                initrd: initrd_ref,
+                memory_bytes,
+                vcpus,
+                cpuid,
+                cmdline,
+            };
             match done(client.call(&Request::DomainCreate(spec))?, "create")? {
                 Response::DomainCreated { id } => {
                     if json {
-                        println!("{}", json!({ "id": id, "name": name }));
+                        println!(
+                            "{}",
+                            json!({
+                                "id": id, "name": name, "kernel_bytes": sizes.0, "initrd_bytes": sizes.1,
+                                "uploaded": !inline,
+                            })
+                        );
                     } else {
                         println!("created domain {id} ({name})");
                     }
@@ -190,7 +266,8 @@ pub fn run(opts: &Options, args: DomainArgs) -> Result<ExitCode, CliError> {
         DomainCommand::Pause { id } => simple(opts, Request::DomainPause { id }, "paused", id),
         DomainCommand::Unpause { id } => simple(opts, Request::DomainUnpause { id }, "unpaused", id),
         DomainCommand::Destroy { id } => simple(opts, Request::DomainDestroy { id }, "destroyed", id),
-        DomainCommand::Console { id, follow } => {
+        DomainCommand::Console { id, interactive: true, .. } => console::interactive(opts, id),
+        DomainCommand::Console { id, follow, interactive: false } => {
             use std::io::Write;
             let mut client = Client::connect(opts)?;
             let mut offset = 0u64;

@@ -1,12 +1,15 @@
-//! Ctrl-C (SIGINT) and SIGTERM during the relaying commands (`migrate`, `save`,
-//! `restore`): the first one only sets a flag that the relay loop polls, so the relay
-//! can tell both ends before it exits (the source resumes its domain, the destination
-//! discards its partial copy) instead of leaving them to their 10 s relay timeout. A
-//! second one exits at once (128 + the signal's number, as a shell reports it), for when
-//! telling the ends is what hangs.
+//! Ctrl-C (SIGINT) and SIGTERM during the commands that poll: the relays (`migrate`,
+//! `save`, `restore`), image uploads of `domain create`, and `domain console
+//! --interactive`. The first signal only sets a flag that the loop polls, so the
+//! command can tell the other end before it exits (the source resumes its domain, the
+//! destination discards its partial copy, the hypervisor frees a half-done upload, the
+//! terminal gets its mode back) instead of leaving it to a timeout. A second one exits at
+//! once (128 + the signal's number, as a shell reports it), for when telling the end is
+//! what hangs.
 //!
 //! Not for the other commands: they are single requests, and the default action (die)
 //! is right for them, so the handlers are installed only by the commands that poll.
+//! (In raw mode the terminal sends Ctrl-C to the guest as a byte, not as SIGINT.)
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 

@@ -4,6 +4,7 @@
 //! this file only parses the command line and turns errors into the one-line
 //! `hvctl: error: …` form. Exit codes: see [`EXIT_CODES`].
 
+mod console;
 mod control_cmd;
 mod cpuid_cmd;
 mod dirty_cmd;
@@ -12,6 +13,7 @@ mod interrupt;
 mod migrate_cmd;
 mod monitor_cmd;
 mod transport;
+mod upload;
 
 use clap::{Parser, Subcommand};
 use std::fmt;

@@ -153,20 +153,21 @@ fn hex(v: Option<u64>) -> Value {
     v.map_or(Value::Null, |d| json!(format!("{d:#018x}")))
 }
 
-/// The one progress line on stderr, rewritten in place with `\r`.
+/// The one progress line on stderr, rewritten in place with `\r` (also the upload
+/// progress of `domain create`).
 #[derive(Debug)]
-struct ProgressLine {
+pub(crate) struct ProgressLine {
     enabled: bool,
     width: usize,
     drawn: Option<Instant>,
 }
 
 impl ProgressLine {
-    fn new(forced: bool) -> Self {
+    pub(crate) fn new(forced: bool) -> Self {
         Self { enabled: forced || std::io::stderr().is_terminal(), width: 0, drawn: None }
     }
 
-    fn show(&mut self, text: &str, force: bool) {
+    pub(crate) fn show(&mut self, text: &str, force: bool) {
         if !self.enabled || (!force && self.drawn.is_some_and(|t| t.elapsed() < DRAW_EVERY)) {
             return;
         }
@@ -178,7 +179,7 @@ impl ProgressLine {
         self.drawn = Some(Instant::now());
     }
 
-    fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         if self.enabled && self.drawn.take().is_some() {
             eprintln!();
             self.width = 0;

@@ -167,31 +167,52 @@ impl Client {
 
     /// Send one request and wait for its response.
     pub fn call(&mut self, request: &Request) -> Result<Response, CliError> {
+        let id = self.send(request)?;
+        loop {
+            let (got, response) = self.recv()?;
+            if got == id {
+                return Ok(response);
+            }
+            if let Response::Error(e) = &response {
+                // An error not tied to our request (e.g. id 0): the connection is over.
+                return Err(connection_err(format!("the hypervisor closed the connection: {e}")));
+            }
+        }
+    }
+
+    /// Send a request without waiting; its id. Answers come back in order through
+    /// [`Client::recv`] (the hypervisor's core serves one connection in order), so a
+    /// caller may keep a window of requests in flight.
+    pub fn send(&mut self, request: &Request) -> Result<u64, CliError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut bytes = Vec::new();
         wire::encode_request(id, request, &mut bytes).map_err(|e| err(format!("cannot encode the request: {e}")))?;
         self.stream.write_all(&bytes).map_err(|e| connection_err(format!("sending to {}: {e}", self.target)))?;
+        Ok(id)
+    }
+
+    /// The next response and the id of the request it answers. An error frame with id
+    /// 0 (not tied to a request) means the hypervisor closed the connection.
+    pub fn recv(&mut self) -> Result<(u64, Response), CliError> {
         self.stream.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(|e| connection_err(e.to_string()))?;
         let mut buf = [0u8; 8192];
         loop {
             let taken = self.decoder.push(&self.pending);
             self.pending.drain(..taken);
-            let mut progressed = taken > 0;
-            while let Some(frame) = self.decoder.next_frame() {
-                progressed = true;
+            if let Some(frame) = self.decoder.next_frame() {
                 let frame = frame.map_err(|e| connection_err(format!("the hypervisor sent a bad frame: {e}")))?;
                 let response = wire::decode_response(&frame)
                     .map_err(|e| connection_err(format!("the hypervisor sent an unreadable response: {e}")))?;
-                if frame.request_id == id {
-                    return Ok(response);
-                }
-                if let Response::Error(e) = &response {
-                    // An error not tied to our request (e.g. id 0): the connection is over.
+                if frame.request_id == 0
+                    && let Response::Error(e) = &response
+                {
+                    // An error not tied to our request: the connection is over.
                     return Err(connection_err(format!("the hypervisor closed the connection: {e}")));
                 }
+                return Ok((frame.request_id, response));
             }
-            if progressed && !self.pending.is_empty() {
+            if taken > 0 && !self.pending.is_empty() {
                 continue;
             }
             let n = match self.stream.read(&mut buf) {

@@ -1,0 +1,451 @@
+//! `hvctl domain create` uploads and `hvctl domain console --interactive` on the built
+//! binary against a fake hypervisor: it listens on a Unix socket, accepts the
+//! hybrid-vsock handshake and answers the core's requests with the protocol's own
+//! rules (`wire::UploadTracker` checks every chunk, as the hypervisor does). Its
+//! console takes at most [`FIFO`] bytes per input request (like a full UART FIFO) and
+//! echoes what it took, upper-cased, to its console ring. The raw-mode test runs hvctl
+//! on a pseudo-terminal and reads its mode back.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wire::{ErrorCode, ErrorReply, FrameDecoder, ImageKind, ImageRef, Request, Response, UploadTracker};
+
+mod common;
+
+use common::{hvctl, stderr, stdout};
+
+const PORT: u32 = 5000;
+const WINDOW: u32 = 3;
+/// Console input bytes the fake's UART takes per request.
+const FIFO: usize = 5;
+
+#[derive(Default)]
+struct Created {
+    name: String,
+    kernel: Vec<u8>,
+    initrd: Option<Vec<u8>>,
+    cmdline: String,
+    memory_bytes: u64,
+}
+
+#[derive(Default)]
+struct Hv {
+    uploads: BTreeMap<u32, (UploadTracker, Vec<u8>)>,
+    next_upload: u32,
+    created: Vec<Created>,
+    /// Request names in arrival order.
+    requests: Vec<String>,
+    chunk_lengths: Vec<usize>,
+    /// Answer chunks this much later (to cancel mid-way).
+    chunk_delay: Duration,
+    /// Answer chunk N as accepted without storing it (a hypervisor that lost it): the
+    /// next one is then out of order.
+    lose_chunk: Option<usize>,
+    console: Vec<u8>,
+    console_input: Vec<u8>,
+}
+
+struct FakeHv {
+    path: PathBuf,
+    hv: Arc<Mutex<Hv>>,
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("hvctl-domain-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+impl FakeHv {
+    fn start(name: &str, hv: Hv) -> Self {
+        let path = tmp(&format!("{name}.vsock"));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let hv = Arc::new(Mutex::new(hv));
+        let shared = hv.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { return };
+                let hv = shared.clone();
+                std::thread::spawn(move || serve(conn, &hv));
+            }
+        });
+        Self { path, hv }
+    }
+
+    fn target(&self) -> String {
+        format!("unix:{}:{PORT}", self.path.display())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Hv> {
+        self.hv.lock().unwrap()
+    }
+}
+
+fn refused(msg: String) -> Response {
+    Response::Error(ErrorReply::new(ErrorCode::Refused, msg))
+}
+
+fn answer(hv: &Mutex<Hv>, request: Request) -> Response {
+    let mut h = hv.lock().unwrap();
+    h.requests.push(request.name().to_string());
+    match request {
+        Request::ImageBegin { kind, total_len, crc32c } => {
+            match UploadTracker::new(kind, total_len, crc32c, wire::MAX_IMAGE_LEN) {
+                Ok(t) => {
+                    h.next_upload += 1;
+                    let id = h.next_upload;
+                    let status = t.status(id, WINDOW);
+                    h.uploads.insert(id, (t, Vec::new()));
+                    Response::Upload(status)
+                }
+                Err(e) => Response::Error(e.to_reply(0)),
+            }
+        }
+        Request::ImageChunk { upload, offset, bytes, crc32c } => {
+            let n = h.chunk_lengths.len();
+            h.chunk_lengths.push(bytes.len());
+            let delay = h.chunk_delay;
+            let lose = h.lose_chunk == Some(n);
+            let Some((t, store)) = h.uploads.get_mut(&upload) else { return refused(format!("no upload {upload}")) };
+            if lose {
+                return Response::Upload(t.status(upload, WINDOW));
+            }
+            let result = t.check(offset, &bytes, crc32c).and_then(|()| {
+                store.extend_from_slice(&bytes);
+                t.commit(&bytes)
+            });
+            let r = match result {
+                Ok(()) => Response::Upload(t.status(upload, WINDOW)),
+                Err(e) => Response::Error(e.to_reply(upload)),
+            };
+            drop(h);
+            std::thread::sleep(delay);
+            r
+        }
+        Request::ImageCancel { upload } => match h.uploads.remove(&upload) {
+            Some(_) => Response::Done,
+            None => refused(format!("no upload {upload}")),
+        },
+        Request::DomainCreate(spec) => {
+            let mut take = |r: &ImageRef, kind: ImageKind| -> Result<Vec<u8>, String> {
+                match r {
+                    ImageRef::Inline(b) => Ok(b.clone()),
+                    ImageRef::Uploaded(id) => match h.uploads.remove(id) {
+                        Some((t, bytes)) if t.complete() && t.kind() == kind => Ok(bytes),
+                        Some(_) => Err(format!("upload {id} is incomplete or not a {kind}")),
+                        None => Err(format!("no upload {id}")),
+                    },
+                }
+            };
+            let kernel = match take(&spec.kernel, ImageKind::Kernel) {
+                Ok(k) => k,
+                Err(e) => return refused(e),
+            };
+            let initrd = match spec.initrd.as_ref().map(|r| take(r, ImageKind::Initrd)).transpose() {
+                Ok(i) => i,
+                Err(e) => return refused(e),
+            };
+            h.created.push(Created {
+                name: spec.name,
+                kernel,
+                initrd,
+                cmdline: spec.cmdline,
+                memory_bytes: spec.memory_bytes,
+            });
+            Response::DomainCreated { id: h.created.len() as u32 }
+        }
+        Request::DomainConsoleInput { id: 1, bytes } => {
+            let n = bytes.len().min(FIFO);
+            h.console_input.extend_from_slice(&bytes[..n]);
+            let echo = bytes[..n].to_ascii_uppercase();
+            h.console.extend_from_slice(&echo);
+            Response::ConsoleInput { id: 1, accepted: n as u32 }
+        }
+        Request::DomainConsole { id: 1, offset } => {
+            let from = (offset as usize).min(h.console.len());
+            Response::Console(wire::ConsoleChunk {
+                id: 1,
+                offset: from as u64,
+                data: h.console[from..].to_vec(),
+                total: h.console.len() as u64,
+            })
+        }
+        Request::DomainConsole { id, .. } | Request::DomainConsoleInput { id, .. } => {
+            refused(format!("no domain {id}"))
+        }
+        other => Response::Error(ErrorReply::new(ErrorCode::NotImplemented, format!("fake: {}", other.name()))),
+    }
+}
+
+/// One connection: the hybrid-vsock handshake, then request frames answered in order.
+fn serve(mut conn: UnixStream, hv: &Mutex<Hv>) {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while conn.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    if line != format!("CONNECT {PORT}").as_bytes() || conn.write_all(format!("OK {PORT}\n").as_bytes()).is_err() {
+        return;
+    }
+    let mut decoder = FrameDecoder::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut pending = Vec::new();
+    loop {
+        let n = match conn.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        pending.extend_from_slice(&buf[..n]);
+        loop {
+            let taken = decoder.push(&pending);
+            pending.drain(..taken);
+            let Some(frame) = decoder.next_frame() else {
+                if taken == 0 {
+                    break;
+                }
+                continue;
+            };
+            let frame = frame.unwrap();
+            let response = match wire::decode_request(&frame) {
+                Ok(r) => answer(hv, r),
+                Err(e) => Response::Error(e),
+            };
+            let mut out = Vec::new();
+            wire::encode_response(frame.request_id, &response, &mut out).unwrap();
+            if conn.write_all(&out).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn image(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(seed) ^ (i >> 11) as u8).collect()
+}
+
+fn write_file(name: &str, bytes: &[u8]) -> String {
+    let p = tmp(name);
+    std::fs::write(&p, bytes).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn large_kernel_and_initrd_are_uploaded_in_checksummed_chunks() {
+    let fake = FakeHv::start("upload", Hv::default());
+    let kernel = image(1_500_000, 7);
+    let initrd = image(200_001, 13);
+    let (k, i) = (write_file("big.elf", &kernel), write_file("initrd.gz", &initrd));
+    let o = hvctl(&[
+        "--connect",
+        &fake.target(),
+        "domain",
+        "create",
+        "--kernel",
+        &k,
+        "--initrd",
+        &i,
+        "--memory",
+        "256M",
+        "--cmdline",
+        "console=ttyS0",
+        "--name",
+        "linux",
+        "--json",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["id"], 1);
+    assert_eq!(v["uploaded"], true);
+    assert_eq!(v["kernel_bytes"], 1_500_000);
+    assert_eq!(v["initrd_bytes"], 200_001);
+    let h = fake.lock();
+    let c = &h.created[0];
+    assert!(c.kernel == kernel, "the kernel arrived intact");
+    assert!(c.initrd.as_deref() == Some(&initrd[..]), "the initrd arrived intact");
+    assert_eq!((c.name.as_str(), c.cmdline.as_str(), c.memory_bytes), ("linux", "console=ttyS0", 256 << 20));
+    let chunks = 1_500_000usize.div_ceil(wire::MAX_IMAGE_CHUNK) + 200_001usize.div_ceil(wire::MAX_IMAGE_CHUNK);
+    assert_eq!(h.chunk_lengths.len(), chunks);
+    assert!(h.chunk_lengths.iter().all(|&n| n > 0 && n <= wire::MAX_IMAGE_CHUNK));
+    assert_eq!(h.requests.iter().filter(|r| *r == "image-begin").count(), 2);
+    assert!(h.uploads.is_empty(), "both uploads were used by the create");
+}
+
+#[test]
+fn a_small_kernel_still_goes_inline() {
+    let fake = FakeHv::start("inline", Hv::default());
+    let kernel = image(30_000, 3);
+    let k = write_file("small.elf", &kernel);
+    let o = hvctl(&["--connect", &fake.target(), "domain", "create", "--kernel", &k, "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!((v["uploaded"].as_bool(), v["name"].as_str()), (Some(false), Some("small")));
+    let h = fake.lock();
+    assert_eq!(h.requests, ["domain-create"]);
+    assert!(h.created[0].kernel == kernel);
+}
+
+#[test]
+fn a_corrupted_chunk_is_refused_with_the_crc_error_and_the_upload_cancelled() {
+    let fake = FakeHv::start("corrupt", Hv::default());
+    let k = write_file("corrupt.elf", &image(400_000, 5));
+    let o = hvctl(&["--connect", &fake.target(), "domain", "create", "--kernel", &k, "--debug-corrupt-chunk", "2"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    let at = 2 * wire::MAX_IMAGE_CHUNK;
+    assert!(
+        e.starts_with(&format!(
+            "hvctl: error: upload of the kernel: the upload chunk was refused: upload 1: CRC-32C mismatch in the \
+             chunk at offset {at}"
+        )),
+        "{e}"
+    );
+    let h = fake.lock();
+    assert!(h.created.is_empty());
+    assert_eq!(h.requests.last().map(String::as_str), Some("image-cancel"));
+    assert!(h.uploads.is_empty(), "the upload was cancelled");
+}
+
+#[test]
+fn an_out_of_order_chunk_is_refused_with_the_expected_offset() {
+    let fake = FakeHv::start("order", Hv { lose_chunk: Some(1), ..Hv::default() });
+    let k = write_file("order.elf", &image(300_000, 9));
+    let o = hvctl(&["--connect", &fake.target(), "domain", "create", "--kernel", &k]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let e = stderr(&o);
+    let (got, want) = (2 * wire::MAX_IMAGE_CHUNK, wire::MAX_IMAGE_CHUNK);
+    assert!(
+        e.contains(&format!(
+            "the chunk at offset {got} is out of order: {want} bytes are accepted, so the next chunk must start at \
+             offset {want}"
+        )),
+        "{e}"
+    );
+    assert!(fake.lock().uploads.is_empty() && fake.lock().created.is_empty());
+}
+
+#[test]
+fn ctrl_c_cancels_the_upload_on_the_hypervisor() {
+    let fake = FakeHv::start("cancel", Hv { chunk_delay: Duration::from_millis(30), ..Hv::default() });
+    let k = write_file("slow.elf", &image(6_000_000, 11));
+    let child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+        .args(["--connect", &fake.target(), "domain", "create", "--kernel", &k])
+        .env_remove("HVCTL_CONNECT")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while fake.lock().chunk_lengths.len() < 5 {
+        assert!(start.elapsed() < Duration::from_secs(10), "no chunks arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Ctrl-C: upload of the kernel cancelled after"), "{}", stderr(&o));
+    let h = fake.lock();
+    assert!(h.chunk_lengths.len() < 6_000_000 / wire::MAX_IMAGE_CHUNK, "it stopped sending");
+    assert_eq!(h.requests.last().map(String::as_str), Some("image-cancel"));
+    assert!(h.uploads.is_empty() && h.created.is_empty());
+}
+
+fn console(fake: &FakeHv, input: &[u8]) -> (Option<i32>, String, String, Duration) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+        .args(["--connect", &fake.target(), "domain", "console", "1", "--interactive"])
+        .env_remove("HVCTL_CONNECT")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let o = child.wait_with_output().unwrap();
+    (o.status.code(), stdout(&o), stderr(&o), start.elapsed())
+}
+
+#[test]
+fn interactive_console_from_a_pipe_sends_everything_and_shows_the_echo() {
+    let fake = FakeHv::start("console", Hv { console: b"login: ".to_vec(), ..Hv::default() });
+    let (code, out, err, _) = console(&fake, b"echo $((6*7))\n");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("press Ctrl-] to leave"), "{err}");
+    assert_eq!(out, "login: ECHO $((6*7))\n");
+    let h = fake.lock();
+    assert_eq!(h.console_input, b"echo $((6*7))\n", "the bytes the FIFO refused were sent again, in order");
+    let inputs = h.requests.iter().filter(|r| *r == "domain-console-input").count();
+    assert_eq!(inputs, 14usize.div_ceil(FIFO), "one request per FIFO-full");
+}
+
+#[test]
+fn ctrl_right_bracket_leaves_at_once() {
+    let fake = FakeHv::start("escape", Hv::default());
+    let (code, out, err, took) = console(&fake, b"ab\x1dnot sent");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("left the console of domain 1"), "{err}");
+    assert_eq!(out, "AB");
+    assert_eq!(fake.lock().console_input, b"ab");
+    assert!(took < Duration::from_millis(1400), "it did not wait for the quiet period: {took:?}");
+}
+
+#[test]
+fn interactive_console_of_a_missing_domain_is_an_error() {
+    let fake = FakeHv::start("missing", Hv::default());
+    let o = hvctl(&["--connect", &fake.target(), "domain", "console", "9", "--interactive"]);
+    assert_eq!(o.status.code(), Some(4));
+    assert_eq!(stderr(&o).trim(), "hvctl: error: console: the request was refused: no domain 9");
+}
+
+/// On a terminal (a pty here), `--interactive` puts it in raw mode while it runs and
+/// gives the saved mode back when it leaves, by Ctrl-] or by SIGTERM.
+#[test]
+fn raw_mode_on_a_terminal_is_restored_on_leaving() {
+    use nix::sys::termios::{LocalFlags, tcgetattr};
+    for by_signal in [false, true] {
+        let fake = FakeHv::start(if by_signal { "pty-term" } else { "pty-escape" }, Hv::default());
+        let pty = nix::pty::openpty(None, None).unwrap();
+        let before = tcgetattr(&pty.slave).unwrap();
+        assert!(before.local_flags.contains(LocalFlags::ICANON | LocalFlags::ECHO));
+        let child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+            .args(["--connect", &fake.target(), "domain", "console", "1", "--interactive"])
+            .env_remove("HVCTL_CONNECT")
+            .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        while tcgetattr(&pty.slave).unwrap().local_flags.contains(LocalFlags::ICANON) {
+            assert!(start.elapsed() < Duration::from_secs(10), "hvctl never put the terminal in raw mode");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let raw = tcgetattr(&pty.slave).unwrap();
+        assert!(!raw.local_flags.intersects(LocalFlags::ECHO | LocalFlags::ISIG));
+        if by_signal {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+        } else {
+            nix::unistd::write(&pty.master, b"hi\x1d").unwrap();
+        }
+        let o = child.wait_with_output().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let after = tcgetattr(&pty.slave).unwrap();
+        assert_eq!(after.local_flags, before.local_flags, "the terminal's mode is back (signal: {by_signal})");
+        assert_eq!(after.input_flags, before.input_flags);
+        if by_signal {
+            assert!(stderr(&o).contains("SIGTERM: left the console of domain 1"), "{}", stderr(&o));
+        } else {
+            assert_eq!(stdout(&o), "HI");
+            assert!(stderr(&o).contains("press Ctrl-] to leave\r\n"), "raw mode ends lines with CR LF");
+        }
+    }
+}
