@@ -30,6 +30,8 @@
 //! | FS_BASE, GS_BASE, KERNEL_GS_BASE (0xC0000100–02) | stored | canonical | VMCB / VMCS (FS, GS), VMX MSR lists (KERNEL_GS_BASE) |
 //! | IA32_TSC_AUX (0xC0000103) | stored | bits 63:32 zero; only with RDTSCP or RDPID offered | SVM: switched around VMRUN / VMX MSR lists |
 //! | AMD HWCR (0xC0010015), AMD policies only | 0x0100_0000 (TscFreqSel: the TSC counts at P0) | only the same value, else #GP | — |
+//! | AMD SYSCFG (0xC0010010), AMD policies only | 0: no SME/SEV (MemEncryptionModeEn clear), no MTRR extensions | only 0, else #GP | — |
+//! | AMD NB_CFG (0xC001001F), AMD policies only | stored | only EnableCf8ExtCfg (bit 46) may be set, else #GP; it has no effect: no PCI configuration space is emulated | [`MsrState`] |
 //!
 //! MTRRs are stored and validated, not enforced: guest memory is write-back through
 //! the nested tables whatever the guest's MTRRs say (there is no device memory behind
@@ -79,6 +81,12 @@ const GS_BASE: u32 = 0xc000_0101;
 const KERNEL_GS_BASE: u32 = 0xc000_0102;
 const TSC_AUX: u32 = 0xc000_0103;
 const HWCR: u32 = 0xc001_0015;
+/// AMD SYSCFG: Linux reads it at boot (memory encryption, `sme_enable`).
+const SYSCFG: u32 = 0xc001_0010;
+/// AMD NB_CFG: Linux sets EnableCf8ExtCfg on AMD families with it (`amd_bus.c`).
+const NB_CFG: u32 = 0xc001_001f;
+/// NB_CFG bit 46, EnableCf8ExtCfg: extended PCI configuration through port 0xCF8.
+const NB_CFG_CF8_EXT: u64 = 1 << 46;
 
 /// MTRRcap: VCNT = 8 (7:0), FIX (8), WC (10); no SMRR (11) (SDM Vol. 3A 13.11.2.1).
 pub const MTRRCAP_VALUE: u64 = 0x508;
@@ -106,6 +114,7 @@ pub struct MsrState {
     mtrr_var: [u64; 16],
     misc_enable: u64,
     mcg_status: u64,
+    nb_cfg: u64,
 }
 
 impl Default for MsrState {
@@ -115,6 +124,7 @@ impl Default for MsrState {
             mtrr_fixed: [0; 11],
             mtrr_var: [0; 16],
             misc_enable: MISC_ENABLE_RESET,
+            nb_cfg: 0,
             mcg_status: 0,
         }
     }
@@ -189,7 +199,7 @@ pub fn home(msr: u32, env: &Env) -> Option<Home> {
         MTRRCAP | MTRR_DEF_TYPE if has(features::MTRR) => Some(Home::Core),
         m if (MTRR_VAR.contains(&m) || MTRR_FIX.contains(&m)) && has(features::MTRR) => Some(Home::Core),
         MCG_CAP | MCG_STATUS if has(features::MCA) || has(features::MCE) => Some(Home::Core),
-        HWCR if env.vendor == Vendor::Amd => Some(Home::Core),
+        HWCR | SYSCFG | NB_CFG if env.vendor == Vendor::Amd => Some(Home::Core),
         PAT if has(features::PAT) => backend(GuestMsr::Pat),
         SYSENTER_CS if has(features::SEP) => backend(GuestMsr::SysenterCs),
         SYSENTER_ESP if has(features::SEP) => backend(GuestMsr::SysenterEsp),
@@ -228,7 +238,8 @@ impl MsrState {
     /// RDMSR of an MSR whose [`home`] is [`Home::Core`].
     pub fn read(&self, msr: u32) -> Option<u64> {
         Some(match msr {
-            PLATFORM_ID | BIOS_SIGN_ID | DEBUGCTL | MCG_CAP => 0,
+            PLATFORM_ID | BIOS_SIGN_ID | DEBUGCTL | MCG_CAP | SYSCFG => 0,
+            NB_CFG => self.nb_cfg,
             MTRRCAP => MTRRCAP_VALUE,
             MTRR_DEF_TYPE => self.mtrr_def_type,
             m if MTRR_VAR.contains(&m) => self.mtrr_var[(m - 0x200) as usize],
@@ -245,7 +256,8 @@ impl MsrState {
     pub fn write(&mut self, msr: u32, value: u64, env: &Env) -> Result<(), ()> {
         let above_maxphy = !0u64 << env.phys_bits.clamp(36, 52);
         match msr {
-            BIOS_SIGN_ID | DEBUGCTL if value == 0 => {}
+            BIOS_SIGN_ID | DEBUGCTL | SYSCFG if value == 0 => {}
+            NB_CFG if value & !NB_CFG_CF8_EXT == 0 => self.nb_cfg = value,
             MTRR_DEF_TYPE => {
                 // Table 13-8 / Figure 13-8: type 7:0, FE 10, E 11; the rest reserved.
                 if value & !0xcff != 0 || !mtrr_type(value & 0xff) {
@@ -462,6 +474,7 @@ mod tests {
         }
         // HWCR is AMD's only.
         assert_eq!(home(HWCR, &e), None);
+        assert_eq!((home(SYSCFG, &e), home(NB_CFG, &e)), (None, None), "AMD's only");
         assert_eq!(home(HWCR, &env(Vendor::Amd)), Some(Home::Core));
         // MCG_CTL does not exist with MCG_CAP.MCG_CTL_P = 0.
         assert_eq!(home(0x17b, &e), None);
@@ -492,6 +505,8 @@ mod tests {
             (MISC_ENABLE, 0x1801, &[0x1800, 0x1801], &[0x1803, 0x1, 1 << 22 | 0x1801, 1 << 34 | 0x1801]),
             (DEBUGCTL, 0, &[0], &[1, 2]),
             (HWCR, 1 << 24, &[1 << 24], &[0, 1 << 24 | 1 << 18]),
+            (SYSCFG, 0, &[0], &[1 << 23, 1 << 18]),
+            (NB_CFG, 0, &[1 << 46, 0], &[1, 1 << 45 | 1 << 46]),
             (MTRR_DEF_TYPE, 0xc06, &[0, 0x806, 0xc00, 0xc01, 0xc04, 0xc05], &[0xc02, 0xc03, 0xc07, 0x1c06, 0x100]),
             (0x250, 0, &[0x0606_0606_0606_0606, 0x0001_0405_0600_0106], &[0x0202, 0x0700, 0xff << 56]),
             (0x26f, 0, &[0x0505_0505_0505_0505], &[0x3]),
@@ -506,7 +521,7 @@ mod tests {
             for &v in good {
                 assert_eq!(s.write(msr, v, &e), Ok(()), "{msr:#x} <- {v:#x} refused");
                 let back = s.read(msr);
-                if ![PLATFORM_ID, BIOS_SIGN_ID, DEBUGCTL, MTRRCAP, MCG_CAP, HWCR].contains(&msr) {
+                if ![PLATFORM_ID, BIOS_SIGN_ID, DEBUGCTL, MTRRCAP, MCG_CAP, HWCR, SYSCFG].contains(&msr) {
                     assert_eq!(back, Some(v), "{msr:#x} did not keep {v:#x}");
                 }
             }
