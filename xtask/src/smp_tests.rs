@@ -7,7 +7,11 @@
 //! | `linux-smp-nproc-2` | cpuinfo | no (`--filter linux-smp`) | a `vcpus=2` Linux domain prints `HV-NPROC 2` and powers off cleanly |
 //!
 //! Like the other Linux tests it runs on QEMU TCG -cpu EPYC (SVM) with the kernel and
-//! initramfs of `linux.rs`, and prints the tail of the serial log when it fails.
+//! initramfs of `linux.rs`, and prints the tail of the serial log when it fails. By
+//! hand (`cargo xtask run [--bochs] --domains FILE --stage VMLINUZ=… --stage
+//! INITRD.GZ=…` with this test's line) the same guest also brings up 2 CPUs on Bochs
+//! (VMX, the AP's real-mode start under unrestricted guest), and 4 CPUs with
+//! `vcpus=4` on QEMU.
 
 use std::time::{Duration, Instant};
 
