@@ -16,6 +16,7 @@ mod linux;
 mod linux_tests;
 mod migration_tests;
 mod serial;
+mod smp_tests;
 mod systest;
 mod tools;
 

@@ -22,8 +22,9 @@
 //! 3 GiB (RAM above 4 GiB is not implemented) and are refused beyond that.
 //!
 //! Every byte goes through the domain's guest memory ([`crate::firmware::PoolWriter`]); the
-//! images are borrowed, never copied on the heap. Not here: starting application
-//! processors (INIT/SIPI is the local APIC's), the control path's initrd upload.
+//! images are borrowed, never copied on the heap. An application processor's start
+//! state after INIT and a start-up IPI is [`sipi_snapshot`] (the scheduler loads it,
+//! `domain::sched`). Not here: the control path's initrd upload.
 
 use alloc::vec::Vec;
 
@@ -333,6 +334,66 @@ pub fn entry_snapshot(e: &EntryState) -> VcpuSnapshot {
         ldtr: SegmentRegister::default(),
         gdtr: DescriptorTable { base: e.gdt_base, limit: e.gdt_limit },
         idtr: DescriptorTable { base: 0, limit: 0 },
+        ..VcpuSnapshot::default()
+    }
+}
+
+/// CR0 at power-up (SDM Vol. 3A 10.1, Table 10-1): CD, NW and ET. INIT keeps CD and
+/// NW; an application processor that never ran holds their power-up values.
+const CR0_POWER_UP: u64 = 0x6000_0010;
+/// The hidden part of a real-mode segment after reset (Table 10-1, "Present, R/W,
+/// Accessed"): type 3 (read/write data, accessed), S = 1, DPL 0, P, 16-bit, limit
+/// 0xFFFF. Used for CS too, as the table gives it; VMX accepts CS type 3 in real mode
+/// with "unrestricted guest" (SDM Vol. 3C 27.3.1.2: CS type 3, 9, 11, 13 or 15, DPL 0
+/// for type 3), SVM does not check the attributes in real mode.
+const REAL_MODE_DATA: u16 = 0x93;
+
+/// The state a start-up IPI with `vector` gives an application processor waiting for
+/// it (SDM Vol. 3A 9.4.4 "MP initialization", 10.1 Table 10-1 for the rest): real mode
+/// at CS:IP = `vector << 8`:0 (CS.base = `vector << 12`), every data segment at base 0,
+/// limit 0xFFFF; GDTR and IDTR base 0 limit 0xFFFF (the real-mode IVT); TR a busy TSS
+/// (type 11: VMX requires type 3 or 11 outside IA-32e mode, 27.3.1.2) and LDTR an LDT
+/// (type 2), both at base 0 limit 0xFFFF as after reset; RFLAGS 2, CR2/CR3/CR4 0,
+/// EFER 0, DR6/DR7 and PAT at their reset values, EDX = `signature` (the processor
+/// signature, CPUID.1:EAX, as Table 10-1 has it), every other GPR 0.
+///
+/// CR0 is the power-up 0x60000010 (CD, NW, ET) plus NE: VMX fixes NE to 1 even with
+/// unrestricted guest, which frees only PE and PG (IA32_VMX_CR0_FIXED0, SDM Vol. 3C
+/// 27.3.1.1, Appendix A.7). NE only selects native x87 error reporting (#MF rather
+/// than FERR#), which no real-mode trampoline relies on, and Linux's trampoline loads
+/// all of CR0 itself (`CR0_STATE`, with NE) when it enters protected mode. CD and NW
+/// stay set as on hardware: the guest clears them when it programs CR0 (caching
+/// disabled only costs the few instructions before that).
+///
+/// The MSRs beyond EFER and PAT (SYSENTER, STAR, ...) are 0: an INIT of a running
+/// processor would keep them, but an OS brings an AP up by programming them again.
+pub fn sipi_snapshot(vector: u8, signature: u32) -> VcpuSnapshot {
+    let data = SegmentRegister { selector: 0, attributes: REAL_MODE_DATA, limit: 0xffff, base: 0 };
+    let cs_selector = u16::from(vector) << 8;
+    VcpuSnapshot {
+        regs: GuestRegs { rdx: u64::from(signature), ..GuestRegs::default() },
+        rsp: 0,
+        rip: 0,
+        rflags: 0x2,
+        cr0: CR0_POWER_UP | CR0_NE,
+        cr2: 0,
+        cr3: 0,
+        cr4: 0,
+        efer: 0,
+        dr6: DR6_RESET,
+        dr7: DR7_RESET,
+        pat: PAT_POWER_ON,
+        cs: SegmentRegister { selector: cs_selector, base: u64::from(cs_selector) << 4, ..data },
+        ds: data,
+        es: data,
+        fs: data,
+        gs: data,
+        ss: data,
+        // Present, system segment, type 11 (busy 32-bit TSS) / type 2 (LDT).
+        tr: SegmentRegister { selector: 0, attributes: 0x8b, limit: 0xffff, base: 0 },
+        ldtr: SegmentRegister { selector: 0, attributes: 0x82, limit: 0xffff, base: 0 },
+        gdtr: DescriptorTable { base: 0, limit: 0xffff },
+        idtr: DescriptorTable { base: 0, limit: 0xffff },
         ..VcpuSnapshot::default()
     }
 }

@@ -118,12 +118,18 @@ impl<B: Backend> MigrationCore for Machine<B> {
     fn vcpu_states(&mut self, domain: u32) -> Result<Vec<Vec<u8>>, String> {
         let d = self.migrating(domain)?;
         let mut out = Vec::with_capacity(d.vcpus.len());
+        let signature = d.processor_signature();
         for slot in d.vcpus.iter_mut() {
+            // A start-up IPI that arrived is carried out first: the stream has no
+            // state for "started, not yet run".
+            super::sched::start_on_sipi(slot, signature).map_err(|e| alloc::format!("vCPU {}: {e}", slot.index))?;
             let snapshot = slot.vcpu.save_state(&slot.regs).map_err(|e| alloc::format!("vCPU {}: {e}", slot.index))?;
             let mut blob = vec![match slot.state {
                 RunState::Runnable => 0,
                 RunState::Halted => 1,
                 RunState::WaitForSipi => 2,
+                // Started just above.
+                RunState::StartUp(_) => 0,
             }];
             blob.extend_from_slice(&snapshot.encode());
             out.push(blob);

@@ -148,10 +148,14 @@ enum RunState {
     Runnable,
     /// It executed HLT: it runs again when an interrupt is pending or its timer is due.
     Halted,
-    /// An application processor of a Linux or multiboot domain before INIT/SIPI: it
-    /// never runs, and no interrupt or timer wakes it (starting it is the local APIC's
-    /// INIT/SIPI handling, not written yet).
+    /// Waiting for a start-up IPI (an application processor of a Linux or multiboot
+    /// domain before the OS starts it, or any vCPU but the BSP after an INIT): it never
+    /// runs, and no interrupt or timer wakes it.
     WaitForSipi,
+    /// A start-up IPI with this vector arrived while it waited (`platform::route_ipi`):
+    /// before it next runs, the scheduler loads the real-mode start state
+    /// (`boot::sipi_snapshot`) and makes it runnable (`sched::start_on_sipi`).
+    StartUp(u8),
 }
 
 /// One vCPU of a domain: the backend's vCPU and what the core keeps of it.
@@ -306,6 +310,12 @@ impl<B: Backend> Domain<B> {
     /// clock the LAPIC's TSC-deadline timer converts with (`devices::lapic`).
     pub fn base_tsc_offset(&self) -> u64 {
         0u64.wrapping_sub(crate::drivers::time::tsc_at_uptime_ns(self.started_ns))
+    }
+
+    /// The processor signature (family, model, stepping: CPUID.1:EAX of its policy),
+    /// which a processor holds in EDX after reset and after INIT (SDM Vol. 3A 10.1.2).
+    pub fn processor_signature(&self) -> u32 {
+        self.cpuid.lookup(1, 0)[0]
     }
 
     /// Unclaimed port and MMIO accesses of the guest.

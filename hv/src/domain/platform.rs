@@ -9,6 +9,7 @@
 //!   LAPIC ICR write (MSR or MMIO) ---------------------------- Ipi ---------> route_ipi
 //!                                                                               v
 //!                                                    target vCPU's Lapic::accept (IRR)
+//!                                     (INIT, SIPI: its RunState; sched starts the AP)
 //! ```
 //!
 //! The router cannot reach the vCPUs itself: they live beside it in the domain, and a
@@ -22,7 +23,7 @@ use crate::devices::lapic::{self, DeliveryMode, Ipi};
 use crate::devices::{DeviceCtx, Effect};
 
 use super::exit::Action;
-use super::{Domain, VcpuSlot};
+use super::{Domain, RunState, VcpuSlot};
 
 /// Messages the I/O APIC may have in flight between two drains: one per pin is the
 /// most one access or timer step can produce.
@@ -111,9 +112,17 @@ fn as_ipi(m: &Message) -> Option<Ipi> {
 
 /// Deliver `ipi` from APIC ID `sender` to the vCPUs it names. Fixed IPIs set the vector
 /// in every target's IRR, lowest priority in the first target's (SDM Vol. 3A 11.6.2.4
-/// leaves the arbitration to the model); INIT and SIPI reach the targets' LAPICs
-/// (starting an application processor is the scheduler's part); NMI and SMI are not
-/// delivered. Returns how many messages reached no LAPIC or were not delivered.
+/// leaves the arbitration to the model); NMI and SMI are not delivered.
+///
+/// INIT resets the targets' LAPICs (SDM Vol. 3A 11.4.7.3) and puts every target but
+/// the BSP in [`RunState::WaitForSipi`], whatever it was doing. The BSP's LAPIC resets
+/// but the BSP keeps running: on hardware INIT restarts it at the reset vector in the
+/// firmware, which these domains do not have (no OS sends INIT to its BSP). A SIPI to
+/// a vCPU waiting for one records its vector ([`RunState::StartUp`]); the scheduler
+/// loads the start state before the vCPU next runs. A SIPI to anything else is
+/// dropped (SDM Vol. 3A 9.4.4.1), as is a second SIPI of INIT-SIPI-SIPI.
+///
+/// Returns how many messages reached no LAPIC or were not delivered.
 pub(crate) fn route_ipi<V>(vcpus: &mut [VcpuSlot<V>], ipi: &Ipi, sender: u32) -> u64 {
     let mut addresses: heapless::Vec<lapic::ApicAddress, { super::config::MAX_VCPUS as usize }> = heapless::Vec::new();
     for s in vcpus.iter() {
@@ -132,10 +141,19 @@ pub(crate) fn route_ipi<V>(vcpus: &mut [VcpuSlot<V>], ipi: &Ipi, sender: u32) ->
                 target.lapic.accept(ipi.vector, ipi.level_triggered);
             }
             DeliveryMode::Init => {
-                target.lapic.receive_init();
+                // The LAPIC resets; an AP stops wherever it was and waits for a SIPI.
+                if target.lapic.receive_init() {
+                    target.state = RunState::WaitForSipi;
+                }
             }
             DeliveryMode::StartUp => {
-                target.lapic.receive_sipi(ipi.vector);
+                // Only a vCPU that really waits starts: the LAPIC's flag alone is also
+                // set on the APs of a guest_abi domain, which run from creation.
+                if target.state == RunState::WaitForSipi
+                    && let Some(vector) = target.lapic.receive_sipi(ipi.vector)
+                {
+                    target.state = RunState::StartUp(vector);
+                }
             }
             DeliveryMode::LowestPriority | DeliveryMode::InitDeassert => {}
             DeliveryMode::Nmi | DeliveryMode::Smi => return 1,

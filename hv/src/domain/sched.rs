@@ -8,13 +8,17 @@
 //! if the guest can take it (RFLAGS.IF, no interrupt shadow) or an interrupt-window
 //! exit is asked for. A slice never runs past the LAPIC timer's deadline. A halted
 //! vCPU sleeps until an interrupt is pending or its timer is due; a domain whose vCPUs
-//! all halted with no timer armed has nothing left to wake it and is halted. The
-//! application processors of a Linux or multiboot domain wait for INIT/SIPI
-//! (`RunState::WaitForSipi`): they are never scheduled or woken here.
+//! all halted with no timer armed has nothing left to wake it and is halted.
+//!
+//! Application processors: a vCPU waiting for a start-up IPI
+//! (`RunState::WaitForSipi`: an AP of a Linux or multiboot domain until the OS starts
+//! it, or after an INIT) is never scheduled or woken here. When a SIPI has reached it
+//! (`RunState::StartUp`, see `platform::route_ipi`), its next turn first loads the
+//! real-mode start state ([`start_on_sipi`]) and then runs it like any other.
 
 use super::exit::{self, Action};
 use super::platform::{Pending, Router, pending};
-use super::{DomainState, Machine, RunState, VcpuSlot};
+use super::{DomainState, Machine, RunState, VcpuSlot, boot};
 use crate::arch::{ArchError, Backend, Vcpu};
 use crate::println;
 
@@ -44,6 +48,17 @@ pub(super) fn deliver<V: Vcpu>(slot: &mut VcpuSlot<V>, irq: &mut Router, now: u6
     Ok(())
 }
 
+/// Start the vCPU in `slot` if a start-up IPI reached it while it waited
+/// (`RunState::StartUp`): load [`boot::sipi_snapshot`] with EDX = `signature` and make
+/// it runnable. Its TSC offset (the domain's, set at creation) is not part of the
+/// snapshot and stays. Anything else is left as it is.
+pub(super) fn start_on_sipi<V: Vcpu>(slot: &mut VcpuSlot<V>, signature: u32) -> Result<(), ArchError> {
+    let RunState::StartUp(vector) = slot.state else { return Ok(()) };
+    slot.vcpu.load_state(&mut slot.regs, &boot::sipi_snapshot(vector, signature))?;
+    slot.state = RunState::Runnable;
+    Ok(())
+}
+
 /// Whether something would wake a halted vCPU at `now`: a pending interrupt (its timer
 /// due, or a device's line).
 fn wakes<V>(slot: &mut VcpuSlot<V>, irq: &Router, now: u64) -> bool {
@@ -64,7 +79,7 @@ impl<B: Backend> Machine<B> {
             d.state == DomainState::Running
                 && (d.next_device_event_ns().is_some()
                     || d.vcpus.iter().any(|v| {
-                        v.state == RunState::Runnable
+                        matches!(v.state, RunState::Runnable | RunState::StartUp(_))
                             || (v.state == RunState::Halted && v.lapic.next_timer_ns().is_some())
                     }))
         })
@@ -98,8 +113,16 @@ impl<B: Backend> Machine<B> {
             if d.state != DomainState::Running {
                 continue;
             }
-            if d.vcpus[vi].state == RunState::WaitForSipi {
-                continue;
+            match d.vcpus[vi].state {
+                RunState::WaitForSipi => continue,
+                RunState::StartUp(vector) => {
+                    let signature = d.processor_signature();
+                    if let Err(e) = start_on_sipi(&mut d.vcpus[vi], signature) {
+                        self.crash(di, alloc::format!("vCPU {vi}: starting at SIPI vector {vector:#x}: {e}"));
+                        return true;
+                    }
+                }
+                RunState::Runnable | RunState::Halted => {}
             }
             if d.vcpus[vi].state == RunState::Halted {
                 let now = d.guest_now_ns();
@@ -186,6 +209,8 @@ impl<B: Backend> Machine<B> {
                 Err(e) => Action::Crash(alloc::format!("vCPU {vi}: {e}")),
             };
             match next {
+                // An INIT to itself (a broadcast including self) stops it here.
+                Action::Continue if d.vcpus[vi].state == RunState::WaitForSipi => break,
                 Action::Continue => {}
                 Action::Yield => break,
                 Action::Halt => {
@@ -199,7 +224,7 @@ impl<B: Backend> Machine<B> {
                     let asleep = |v: &VcpuSlot<B::Vcpu>| match v.state {
                         RunState::WaitForSipi => true,
                         RunState::Halted => v.lapic.next_timer_ns().is_none(),
-                        RunState::Runnable => false,
+                        RunState::Runnable | RunState::StartUp(_) => false,
                     };
                     if d.next_device_event_ns().is_none() && d.vcpus.iter().all(asleep) {
                         d.state = DomainState::Halted;

@@ -48,6 +48,9 @@ const MSR_EFER: u32 = 0xc000_0080;
 const MSR_FS_BASE: u32 = 0xc000_0100;
 const MSR_GS_BASE: u32 = 0xc000_0101;
 const CR4_VMXE: u64 = 1 << 13;
+/// CR0.PE and CR0.PG (SDM Vol. 3A 2.5).
+const CR0_PE: u64 = 1 << 0;
+const CR0_PG: u64 = 1 << 31;
 const EFER_LMA: u64 = 1 << 10;
 /// VM-entry control bit 9: IA-32e mode guest (25.8.1); must equal the guest's EFER.LMA
 /// (27.3.1.1).
@@ -93,6 +96,9 @@ pub struct VmxVcpu {
     pml_allowed: bool,
     /// Whether the CPU allows interrupt-window exiting (primary control bit 2).
     interrupt_window_allowed: bool,
+    /// Whether "unrestricted guest" is on (secondary control bit 7, set in
+    /// `configure` where the CPU has it): the guest may run with CR0.PE or CR0.PG clear.
+    unrestricted: bool,
     /// The guest's CR2 and DR6: not in the VMCS (VM entries and exits neither load nor
     /// save them, SDM 27.3.2 / 28.3), so `run` switches the physical registers.
     cr2: u64,
@@ -254,6 +260,7 @@ impl Backend for Vmx {
             pml_allowed: c.pml,
             // The control MSR's high half: the controls that may be 1 (A.3.2).
             interrupt_window_allowed: (c.procbased >> 32) & (1 << 2) != 0,
+            unrestricted: c.unrestricted_guest,
             cr2: 0,
             // DR6's value after reset (SDM Vol. 3B 19.2.3), as `configure` leaves the guest.
             dr6: 0xffff_0ff0,
@@ -788,6 +795,16 @@ impl Vcpu for VmxVcpu {
         }
         if s.dr6 >> 32 != 0 {
             return Err(ArchError::InvalidSnapshot("DR6 bits 63:32 must be zero"));
+        }
+        // 27.3.1.1: CR0.PE and CR0.PG are fixed to 1 (IA32_VMX_CR0_FIXED0) unless
+        // "unrestricted guest" is on; with it, real mode (an AP's SIPI start) and
+        // protected mode without paging enter directly. The segment checks of 27.3.1.2
+        // for that case (CS type 3 with DPL 0, SS DPL 0 while CR0.PE = 0, TR type 3 or
+        // 11 outside IA-32e mode, LDTR type 2) hold for `domain::boot::sipi_snapshot`.
+        if !self.unrestricted && s.cr0 & (CR0_PE | CR0_PG) != CR0_PE | CR0_PG {
+            return Err(ArchError::InvalidSnapshot(
+                "CR0.PE or CR0.PG is clear (real mode or protected mode without paging), which VMX                  enters only with \"unrestricted guest\" (SDM Vol. 3C 27.3.1.1); this CPU does not have it",
+            ));
         }
         self.make_current()?;
         // 27.3.1.1: "IA-32e mode guest" must match EFER.LMA.

@@ -9,7 +9,7 @@ use alloc::vec::Vec;
 use super::{Action, ExitCtx, handle};
 use crate::arch::{Exit, ExitKind, ExitReason, GuestMsr, GuestRegs, PagingState};
 use crate::domain::dirty::Mechanisms;
-use crate::domain::{Console, Domain, DomainState, Machine, VcpuSlot};
+use crate::domain::{Console, Domain, DomainState, Machine, RunState, VcpuSlot};
 use crate::mm::PAGE_SIZE;
 use crate::mm::frames::testing::pool;
 use crate::mm::guest::GuestMemory;
@@ -541,4 +541,115 @@ fn unclaimed_mmio_reads_all_ones_and_is_counted() {
     let (action, _) = mmio(&mut m, &[0x8b, 0x03], base, APIC, false);
     assert!(matches!(action, Action::Crash(ref r) if r.contains("not on the faulting page")), "{action:?}");
     assert_eq!(vcpu(&m).skipped, skipped);
+}
+
+/// The machine of [`machine`] with a second vCPU (APIC ID 1) waiting for its start-up
+/// IPI, as a Linux domain's application processor is created; vCPU 0 in x2APIC mode.
+fn two_vcpus_ap_waiting() -> Machine<FakeBackend> {
+    let mut m = machine(NO_LOGGING);
+    let d = &mut m.domains[0];
+    let mut ap = VcpuSlot::new(FakeVcpu { tsc_offset: 0x1234_5678, ..FakeVcpu::default() }, GuestRegs::default(), 1);
+    ap.state = RunState::WaitForSipi;
+    d.vcpus.push(ap);
+    d.vcpu_count = 2;
+    assert_eq!(run(&mut m, wrmsr(0x1b, 0xfee0_0d00), ExitReason::MsrWrite).0, Action::Continue, "x2APIC on");
+    m
+}
+
+/// vCPU 0 writes `value` to its x2APIC ICR (MSR 0x830).
+fn icr(m: &mut Machine<FakeBackend>, value: u64) {
+    assert_eq!(run(m, wrmsr(0x830, value), ExitReason::MsrWrite).0, Action::Continue, "ICR {value:#x}");
+    assert!(vcpu(m).injected.is_empty(), "ICR {value:#x} is legal");
+}
+
+/// What the scheduler does before the AP's next turn.
+fn next_turn(m: &mut Machine<FakeBackend>) {
+    let d = &mut m.domains[0];
+    let signature = d.processor_signature();
+    crate::domain::sched::start_on_sipi(&mut d.vcpus[1], signature).unwrap();
+}
+
+// x2APIC ICR values (SDM Vol. 3A 11.12.9): destination in 63:32; delivery mode INIT
+// (101b) with level assert, and start-up (110b) with the vector.
+const INIT_TO_1: u64 = (1 << 32) | 0x4500;
+const SIPI_TO_1: u64 = (1 << 32) | 0x4600;
+
+#[test]
+fn init_then_sipi_from_the_bsps_icr_starts_the_ap_in_real_mode_at_the_vector() {
+    let mut m = two_vcpus_ap_waiting();
+    // Linux's INIT, INIT de-assert is not in x2APIC mode; then SIPI, SIPI (vector 0x9a).
+    icr(&mut m, INIT_TO_1);
+    assert_eq!(m.domains[0].vcpus[1].state, RunState::WaitForSipi);
+    icr(&mut m, SIPI_TO_1 | 0x9a);
+    assert_eq!(m.domains[0].vcpus[1].state, RunState::StartUp(0x9a));
+    assert!(m.has_runnable());
+    icr(&mut m, SIPI_TO_1 | 0x9b);
+    assert_eq!(m.domains[0].vcpus[1].state, RunState::StartUp(0x9a), "the second SIPI is dropped");
+    assert!(m.domains[0].vcpus[1].vcpu.loaded.is_none(), "the state is loaded at its turn, not in the IPI");
+    next_turn(&mut m);
+    let d = &m.domains[0];
+    let ap = &d.vcpus[1];
+    assert_eq!(ap.state, RunState::Runnable);
+    let s = ap.vcpu.loaded.as_ref().expect("the SIPI state was loaded");
+    assert_eq!(*s, crate::domain::boot::sipi_snapshot(0x9a, d.processor_signature()));
+    assert_eq!((s.cs.selector, s.cs.base, s.cs.limit, s.rip), (0x9a00, 0x9_a000, 0xffff, 0));
+    assert_eq!((s.cr0, s.cr3, s.cr4, s.efer, s.rflags, s.dr7), (0x6000_0030, 0, 0, 0, 2, 0x400));
+    assert_eq!(s.regs.rdx, u64::from(d.processor_signature()));
+    assert_ne!(d.processor_signature(), 0, "the recorded EPYC has a family");
+    assert_eq!(ap.regs.rdx, s.regs.rdx, "the core's GPRs are the snapshot's");
+    assert_eq!(ap.vcpu.tsc_offset, 0x1234_5678, "the TSC offset stays the vCPU's");
+    assert_eq!(d.undelivered_interrupts, 0);
+    // Started once: the next turn does nothing more.
+    next_turn(&mut m);
+    assert_eq!(m.domains[0].vcpus[1].state, RunState::Runnable);
+}
+
+#[test]
+fn a_sipi_without_init_to_a_running_vcpu_or_to_no_one_changes_nothing() {
+    // The AP was created waiting (firmware left it so): a SIPI alone starts it.
+    let mut m = two_vcpus_ap_waiting();
+    icr(&mut m, SIPI_TO_1 | 0x10);
+    assert_eq!(m.domains[0].vcpus[1].state, RunState::StartUp(0x10));
+    next_turn(&mut m);
+    // Running now: another SIPI is ignored, and so is one before the state loaded.
+    icr(&mut m, SIPI_TO_1 | 0x20);
+    assert_eq!(m.domains[0].vcpus[1].state, RunState::Runnable);
+    next_turn(&mut m);
+    assert_eq!(m.domains[0].vcpus[1].vcpu.loaded.as_ref().unwrap().cs.selector, 0x1000, "still the first start");
+
+    // A runnable vCPU whose LAPIC still says "waiting" (the APs of a guest_abi
+    // domain run from creation) is not restarted by a SIPI.
+    let mut m = two_vcpus_ap_waiting();
+    m.domains[0].vcpus[1].state = RunState::Runnable;
+    icr(&mut m, SIPI_TO_1 | 0x10);
+    assert_eq!(m.domains[0].vcpus[1].state, RunState::Runnable);
+    next_turn(&mut m);
+    assert!(m.domains[0].vcpus[1].vcpu.loaded.is_none());
+    // INIT stops a running AP; the SIPI then restarts it.
+    icr(&mut m, INIT_TO_1);
+    assert_eq!(m.domains[0].vcpus[1].state, RunState::WaitForSipi);
+    icr(&mut m, SIPI_TO_1 | 0x30);
+    next_turn(&mut m);
+    assert_eq!(m.domains[0].vcpus[1].vcpu.loaded.as_ref().unwrap().cs.base, 0x3_0000);
+
+    // APIC ID 7 does not exist: INIT and SIPI reach no one and are counted as such.
+    let mut m = two_vcpus_ap_waiting();
+    icr(&mut m, (7 << 32) | 0x4500);
+    icr(&mut m, (7 << 32) | 0x4610);
+    let d = &m.domains[0];
+    assert_eq!(d.undelivered_interrupts, 2);
+    assert_eq!(d.vcpus[1].state, RunState::WaitForSipi);
+    assert_eq!(d.vcpus[0].state, RunState::Runnable);
+    assert!(d.vcpus.iter().all(|v| v.vcpu.loaded.is_none()));
+}
+
+#[test]
+fn init_to_the_bsp_resets_its_lapic_and_it_keeps_running() {
+    let mut m = two_vcpus_ap_waiting();
+    // Self-INIT through the "all including self" shorthand (ICR bits 19:18 = 10b).
+    icr(&mut m, 0x8_4500);
+    let d = &m.domains[0];
+    assert_eq!(d.vcpus[0].state, RunState::Runnable, "the BSP does not wait for a SIPI");
+    assert_eq!(d.vcpus[1].state, RunState::WaitForSipi);
+    assert_eq!(d.vcpus[0].lapic.read_apic_base(), 0xfee0_0d00, "x2APIC mode is kept (SDM Vol. 3A 11.12.5.1)");
 }
