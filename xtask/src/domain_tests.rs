@@ -70,7 +70,7 @@ fn parse_domains(serial: &str) -> BTreeMap<String, DomainLog> {
     out
 }
 
-fn host_from_serial(serial: &str) -> Result<levelling::HostCpu> {
+pub(crate) fn host_from_serial(serial: &str) -> Result<levelling::HostCpu> {
     let text = clean(serial);
     let dump = text
         .split_once("CPUID-DUMP-BEGIN\n")

@@ -95,7 +95,7 @@ enum Command {
         #[arg(long, conflicts_with = "host_only")]
         system_only: bool,
         /// Only the system tests whose name contains this (also the ones not run by
-        /// default, such as linux-cpuinfo).
+        /// default, such as linux-sha).
         #[arg(long)]
         filter: Option<String>,
         /// Leave out the Linux guest system tests (linux-*), and their downloads.
