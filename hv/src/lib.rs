@@ -354,11 +354,10 @@ fn idle(ticks: Option<u64>, polling: bool) -> bool {
         return false;
     }
     drivers::lapic::arm_one_shot(sleep);
+    // STI's shadow covers HLT (SDM Vol. 2B STI), so a timer that fired before HLT still
+    // wakes it; CLI restores the hypervisor's interrupts-off state.
     // SAFETY: the IDT has a handler for every vector from 32 up that acknowledges it
-    // (drivers::tables, drivers::lapic::acknowledge), so taking the timer interrupt
-    // (or any other) here is harmless. STI's shadow covers HLT (SDM Vol. 2B STI), so a
-    // timer that fired before HLT still wakes it; CLI restores the hypervisor's
-    // interrupts-off state.
+    // (drivers::tables, drivers::lapic::acknowledge): taking an interrupt here is harmless.
     unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
     drivers::lapic::disarm();
     true

@@ -16,14 +16,7 @@ struct Ram(Vec<u8>);
 
 impl GuestPhys for Ram {
     fn read(&mut self, gpa: u64, out: &mut [u8]) -> bool {
-        let Ok(start) = usize::try_from(gpa) else { return false };
-        match start.checked_add(out.len()).and_then(|end| self.0.get(start..end)) {
-            Some(s) => {
-                out.copy_from_slice(s);
-                true
-            }
-            None => false,
-        }
+        self.0.as_mut_slice().read(gpa, out)
     }
 }
 

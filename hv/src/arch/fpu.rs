@@ -110,10 +110,11 @@ impl HostFpu {
         const CR4_OSXSAVE: usize = 1 << 18;
         let leaf1 = core::arch::x86_64::__cpuid(1);
         let xsave = leaf1.ecx & (1 << 26) != 0;
-        // SAFETY: ring 0 may write CR0 and CR4. Clearing EM/TS and setting MP, OSFXSR and
-        // OSXMMEXCPT only changes how x87/SSE instructions behave, and the hypervisor
-        // executes none outside this module (soft-float target). OSXSAVE is set only
-        // when CPUID.1:ECX.XSAVE says the CPU has it (SDM Vol. 3A 2.5: otherwise #GP).
+        // Clearing EM/TS and setting MP, OSFXSR and OSXMMEXCPT only changes how x87/SSE
+        // instructions behave, and the hypervisor executes none outside this module
+        // (soft-float target).
+        // SAFETY: ring 0 may write CR0 and CR4; OSXSAVE is set only when CPUID.1:ECX.XSAVE
+        // says the CPU has it (SDM Vol. 3A 2.5: otherwise #GP).
         unsafe {
             let cr0 = x86::controlregs::cr0().bits();
             let cr0 = (cr0 & !(CR0_EM | CR0_TS)) | CR0_MP;
@@ -202,10 +203,10 @@ impl GuestFpu {
         let area = self.area.as_mut_ptr().cast::<u8>();
         if self.host.xsave {
             let rfbm = self.host.xcr0;
-            // SAFETY: the area is 64-byte aligned and `area_bytes` long (CPUID.0Dh:EBX
-            // for the current XCR0); it was written by XSAVE under this XCR0 or is the
-            // reset image (XSTATE_BV = XCOMP_BV = 0, reserved header bytes 0, MXCSR
-            // valid), so XRSTOR's #GP conditions (SDM Vol. 1 13.8) do not apply.
+            // The area was written by XSAVE under this XCR0 or is the reset image
+            // (XSTATE_BV = XCOMP_BV = 0, reserved header bytes 0, MXCSR valid).
+            // SAFETY: 64-byte aligned, `area_bytes` long (CPUID.0Dh:EBX for this XCR0),
+            // so XRSTOR's #GP conditions (SDM Vol. 1 13.8) do not apply.
             unsafe {
                 core::arch::asm!(
                     "xrstor64 [{}]",

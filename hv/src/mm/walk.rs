@@ -23,6 +23,21 @@ pub trait GuestPhys {
     fn read(&mut self, gpa: u64, out: &mut [u8]) -> bool;
 }
 
+/// A byte slice as guest RAM from GPA 0 (host tests and fuzz targets): what lies past
+/// its end is not RAM.
+impl GuestPhys for [u8] {
+    fn read(&mut self, gpa: u64, out: &mut [u8]) -> bool {
+        let Ok(start) = usize::try_from(gpa) else { return false };
+        match start.checked_add(out.len()).and_then(|end| self.get(start..end)) {
+            Some(s) => {
+                out.copy_from_slice(s);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
 /// The registers that select and root the guest's paging (SDM Vol. 3A 4.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PagingRegs {
@@ -386,14 +401,7 @@ mod tests {
 
     impl GuestPhys for Ram {
         fn read(&mut self, gpa: u64, out: &mut [u8]) -> bool {
-            let Ok(start) = usize::try_from(gpa) else { return false };
-            match start.checked_add(out.len()).and_then(|end| self.0.get(start..end)) {
-                Some(s) => {
-                    out.copy_from_slice(s);
-                    true
-                }
-                None => false,
-            }
+            self.0.as_mut_slice().read(gpa, out)
         }
     }
 

@@ -95,13 +95,11 @@ impl Staged {
 
     /// The image's bytes.
     pub fn bytes(&self) -> &[u8] {
+        // The frames return to the pool only through `free`, which consumes `self`, and
+        // are written only through `write`, which takes `&mut self`: neither can run
+        // while this borrow lives, and no other owner knows these addresses.
         // SAFETY: `[pa, pa + frames * 4096)` is a run the pool allocated to this value
-        // alone (`alloc_contiguous_zeroed`), in the pool's identity-mapped region
-        // (FramePool::new's contract), and `len <= frames * 4096`. The pool never hands
-        // out allocated frames, no other owner knows these addresses, and they return
-        // to the pool only through `free`, which consumes `self`, and are written only
-        // through `write`, which takes `&mut self`: neither can run while this borrow
-        // lives.
+        // alone, identity-mapped (FramePool::new's contract), and `len <= frames * 4096`.
         unsafe { core::slice::from_raw_parts(self.pa as *const u8, self.len) }
     }
 

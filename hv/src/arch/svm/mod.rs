@@ -215,10 +215,10 @@ impl Vcpu for SvmVcpu {
                 x86::msr::wrmsr(MSR_TSC_AUX, self.tsc_aux);
             }
         }
-        // SAFETY: EFER.SVME and VM_HSAVE_PA were set in `enable`; the VMCB describes a guest whose memory is mapped
-        // only through our nested tables, intercepts VMRUN and all SVM instructions, I/O and MSRs. hv_svm_run saves
-        // and restores every callee-saved register and follows the SysV ABI it is declared with; the host VMSAVE
-        // page is this CPU's own.
+        // The VMCB describes a guest whose memory is mapped only through our nested tables and intercepts VMRUN,
+        // all SVM instructions, I/O and MSRs; the host VMSAVE page is this CPU's own.
+        // SAFETY: EFER.SVME and VM_HSAVE_PA were set in `enable`; hv_svm_run saves and restores every
+        // callee-saved register and follows the SysV ABI it is declared with.
         unsafe { hv_svm_run(self.vmcb, regs, self.host_vmsave) };
         // SAFETY: as above: the registers still hold this vCPU's state.
         unsafe {
