@@ -72,14 +72,8 @@ struct Pointer {
     base: u64,
 }
 
-static BASES: spin::Once<TableBases> = spin::Once::new();
-
-/// The loaded tables' bases, once [`load`] ran.
-pub fn bases() -> Option<TableBases> {
-    BASES.get().copied()
-}
-
-/// Build and load the GDT, TSS and IDT on this CPU. Call once, with interrupts off.
+/// Build and load the GDT, TSS and IDT on this CPU. Call once per CPU, with interrupts
+/// off; the bases go into the CPU's [`crate::percpu::PerCpu`].
 pub fn load() -> TableBases {
     let tables = Box::leak(Box::new(Tables {
         gdt: [0; 5],
@@ -146,9 +140,7 @@ pub fn load() -> TableBases {
             tmp = out(reg) _,
         );
     }
-    let bases = TableBases { gdt: gdt.base, idt: idt.base, tss };
-    BASES.call_once(|| bases);
-    bases
+    TableBases { gdt: gdt.base, idt: idt.base, tss }
 }
 
 /// Registers saved by the exception stubs, lowest address first.

@@ -102,9 +102,6 @@ pub fn monitor_service() -> monitor_svc::MonitorService {
 /// Whether RMIDs are in use at all (only then is IA32_PQR_ASSOC written).
 static PRESENT: core::sync::atomic::AtomicBool = core::sync::atomic::AtomicBool::new(false);
 
-/// The RMID this CPU's IA32_PQR_ASSOC holds (0: not monitored).
-static CURRENT_RMID: core::sync::atomic::AtomicU32 = core::sync::atomic::AtomicU32::new(0);
-
 /// What to write to IA32_PQR_ASSOC to run with `wanted`, if it differs from `current`.
 pub fn pqr_update(current: u32, wanted: u32) -> Option<u64> {
     (current != wanted).then(|| monitor_svc::platform::pqr_assoc_value(wanted, 0))
@@ -117,12 +114,13 @@ pub fn switch_rmid(rmid: u32) {
     if !PRESENT.load(core::sync::atomic::Ordering::Relaxed) {
         return;
     }
-    let current = CURRENT_RMID.load(core::sync::atomic::Ordering::Relaxed);
+    let cpu = crate::percpu::this();
+    let current = cpu.current_rmid();
     if let Some(value) = pqr_update(current, rmid) {
         // SAFETY: IA32_PQR_ASSOC exists when CPUID reports RDT monitoring (PRESENT);
         // changing the RMID only changes how this CPU's cache fills are accounted.
         unsafe { x86::msr::wrmsr(monitor_svc::platform::IA32_PQR_ASSOC, value) };
-        CURRENT_RMID.store(rmid, core::sync::atomic::Ordering::Relaxed);
+        cpu.set_current_rmid(rmid);
     }
 }
 

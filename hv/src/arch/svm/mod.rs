@@ -203,7 +203,7 @@ impl Vcpu for SvmVcpu {
     fn run(&mut self, regs: &mut GuestRegs, slice: Option<u64>) -> Result<Exit, ArchError> {
         self.vmcb().set(vmcb::RAX, regs.rax);
         if let Some(ticks) = slice {
-            crate::drivers::lapic::arm_one_shot(ticks);
+            crate::percpu::this().lapic.arm_one_shot(ticks);
         }
         let host_aux = self.host_tsc_aux.filter(|h| *h != self.tsc_aux);
         // SAFETY: the hypervisor runs with interrupts off here and executes no x87/SSE code (soft-float target), so
@@ -228,7 +228,7 @@ impl Vcpu for SvmVcpu {
             }
         }
         if slice.is_some() {
-            crate::drivers::lapic::disarm();
+            crate::percpu::this().lapic.disarm();
         }
         let mut v = self.vmcb();
         // An event we injected has been delivered by now.

@@ -24,7 +24,6 @@ pub mod vmcs;
 use core::arch::global_asm;
 
 use self::vmcs::Field;
-use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::fpu::{GuestFpu, HostFpu};
 use super::state::{self, DescriptorTable, PendingEvent, SegmentRegister, VcpuSnapshot};
@@ -32,7 +31,7 @@ use super::{
     ArchError, Backend, ControlState, Exit, ExitReason, GuestEntry, GuestMsr, GuestRegs, PagingState, SegmentBases,
     Vcpu,
 };
-use crate::drivers::tables::{self, CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
+use crate::drivers::tables::{CODE_SELECTOR, DATA_SELECTOR, TSS_SELECTOR};
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::nested::Ept;
@@ -166,9 +165,6 @@ impl MsrArea<'_> {
 
 /// PML buffer entries (SDM 29.3.6).
 const PML_ENTRIES: u64 = 512;
-
-/// The VMCS currently loaded on this CPU (VMPTRLD is needed when it changes).
-static CURRENT_VMCS: AtomicU64 = AtomicU64::new(0);
 
 const MSR_IA32_VMX_MISC: u32 = 0x485;
 
@@ -349,10 +345,11 @@ impl Vmx {
 impl VmxVcpu {
     /// VMPTRLD this vCPU's VMCS unless it is already the current one.
     fn make_current(&mut self) -> Result<(), ArchError> {
-        if CURRENT_VMCS.load(Ordering::Relaxed) != self.vmcs {
+        let cpu = crate::percpu::this();
+        if cpu.current_vmcs() != self.vmcs {
             // SAFETY: the VMCS region is ours, initialised by VMCLEAR in `create_vcpu`.
             unsafe { x86::bits64::vmx::vmptrld(self.vmcs) }.map_err(|f| vmcs::fail("VMPTRLD", f))?;
-            CURRENT_VMCS.store(self.vmcs, Ordering::Relaxed);
+            cpu.set_current_vmcs(self.vmcs);
         }
         Ok(())
     }
@@ -953,7 +950,7 @@ impl Vcpu for VmxVcpu {
         // SAFETY: VMCLEAR flushes and deactivates this VMCS (25.11.3) so its frame can
         // be reused; it is not current afterwards.
         let _ = unsafe { x86::bits64::vmx::vmclear(self.vmcs) };
-        let _ = CURRENT_VMCS.compare_exchange(self.vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
+        crate::percpu::this().clear_current_vmcs(self.vmcs);
         pool.free(self.vmcs)
     }
 }
@@ -961,8 +958,8 @@ impl Vcpu for VmxVcpu {
 /// 25.5 / 26.2.3: the state VM exits load. Selectors come from our own GDT (TR
 /// must not be 0, which is why `cpu::tables` exists).
 fn write_host_state() -> Result<(), ArchError> {
-    let bases =
-        tables::bases().ok_or(ArchError::Unsupported("VM entry before the host descriptor tables are loaded"))?;
+    // This CPU's tables: a VMCS launched on another CPU needs its host state rewritten.
+    let bases = crate::percpu::this().tables;
     // SAFETY: reading control registers and these MSRs has no side effects; all
     // exist on any CPU with VMX (EFER, FS/GS base: long mode).
     let (cr0, cr3, cr4, efer, fs_base, gs_base) = unsafe {

@@ -1,0 +1,414 @@
+//! The boot sequence on the bootstrap CPU, from boot's hand-off to `READY` and the
+//! main loop: descriptor tables and this CPU's [`crate::percpu::PerCpu`], the TSC,
+//! the memory map, the capability probe, the backend and its self-test, boot-time
+//! domains, the control channel, then scheduling and idling until nothing is left.
+//! Also the types boot hands over ([`BootInfo`]) and the shutdown hook.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use crate::{VERSION, arch, domain, drivers, mm, percpu, platform, print, println, selftest, services};
+
+/// How a run of the hypervisor ended; boot turns it into a firmware shutdown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Ready (for now: the self-test guest round trip succeeded) and nothing more to do.
+    Ready,
+    /// The CPU cannot host guests; the reason was printed.
+    Refused,
+    /// An error; it was printed.
+    Failed,
+}
+
+/// Kinds of memory in the firmware's map, as the core needs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegionKind {
+    /// Free RAM (conventional, and boot-services memory after ExitBootServices).
+    Usable,
+    /// RAM holding the hypervisor image, its heap and its frame pool.
+    Hypervisor,
+    /// Firmware runtime code/data: must stay mapped and untouched.
+    FirmwareRuntime,
+    /// ACPI tables (reclaimable once parsed).
+    AcpiReclaim,
+    /// ACPI non-volatile storage.
+    AcpiNvs,
+    /// Memory-mapped I/O.
+    Mmio,
+    /// Reserved, unusable or unknown (the firmware's type number).
+    Reserved(u32),
+}
+
+/// One range of the physical memory map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryRegion {
+    /// First byte.
+    pub start: u64,
+    /// Length in 4 KiB pages.
+    pub pages: u64,
+    /// What it is.
+    pub kind: RegionKind,
+}
+
+/// What boot hands over after ExitBootServices.
+#[derive(Debug)]
+pub struct BootInfo {
+    /// The final memory map (after ExitBootServices), sorted by address.
+    pub memory_map: Vec<MemoryRegion>,
+    /// Frames reserved for the hypervisor (tables, control blocks, guest memory).
+    pub frames: mm::frames::FramePool,
+    /// Frames reserved for device DMA (virtqueues); handed to `virtio` at start.
+    pub dma_frames: Option<mm::frames::FramePool>,
+    /// Options from the boot volume's command-line file (may be empty).
+    pub cmdline: String,
+    /// The source revision the image was built from (`git describe`).
+    pub git_revision: &'static str,
+    /// Domains to start at boot (from `\EFI\HV\DOMAINS.CFG`) with their images.
+    pub domains: Vec<BootDomain>,
+    /// The wall clock (Unix seconds, UTC) when boot read the firmware's clock, if it
+    /// could: each domain's CMOS RTC starts from it.
+    pub unix_time: Option<i64>,
+}
+
+/// A domain to start at boot: its configuration and the files it names, read once
+/// into the heap (each is dropped as soon as its domain is created).
+#[derive(Debug)]
+pub struct BootDomain {
+    /// The configuration line.
+    pub config: domain::config::DomainConfig,
+    /// The kernel image (`kernel=`).
+    pub kernel: Vec<u8>,
+    /// The initrd (`initrd=`; empty when none is configured).
+    pub initrd: Vec<u8>,
+}
+
+static SHUTDOWN_HOOK: spin::Once<fn(Outcome) -> !> = spin::Once::new();
+
+/// Set how the machine is shut down (boot provides the firmware's ResetSystem).
+pub fn set_shutdown_hook(hook: fn(Outcome) -> !) {
+    SHUTDOWN_HOOK.call_once(|| hook);
+}
+
+/// Shut the machine down with `outcome`. Without a hook (never in practice) the CPU
+/// halts with interrupts off, after saying so.
+pub fn shutdown(outcome: Outcome) -> ! {
+    if let Some(hook) = SHUTDOWN_HOOK.get() {
+        hook(outcome)
+    }
+    println!("FATAL: no shutdown hook installed; halting");
+    loop {
+        // SAFETY: CLI; HLT only stops this CPU; nothing else is running.
+        unsafe { core::arch::asm!("cli", "hlt") };
+    }
+}
+
+/// Merge neighbouring regions of the same kind (firmware maps list many small
+/// adjacent runs), for a readable summary. Input sorted by address.
+pub fn coalesce(map: &[MemoryRegion]) -> Vec<MemoryRegion> {
+    let mut out: Vec<MemoryRegion> = Vec::with_capacity(map.len());
+    for r in map {
+        match out.last_mut() {
+            Some(last) if last.kind == r.kind && last.start + last.pages * mm::PAGE_SIZE == r.start => {
+                last.pages += r.pages;
+            }
+            _ => out.push(*r),
+        }
+    }
+    out
+}
+
+fn print_memory_map(map: &[MemoryRegion]) {
+    let merged = coalesce(map);
+    println!("Memory map ({} firmware entries, {} after merging neighbours of one kind):", map.len(), merged.len());
+    let mut usable = 0u64;
+    for r in &merged {
+        let end = r.start + r.pages * mm::PAGE_SIZE;
+        println!("  {:#014x}-{:#014x} {:>10} KiB  {:?}", r.start, end.saturating_sub(1), r.pages * 4, r.kind);
+        if r.kind == RegionKind::Usable {
+            usable += r.pages * mm::PAGE_SIZE;
+        }
+    }
+    println!("  usable RAM: {} MiB", usable / (1024 * 1024));
+}
+
+/// Print every CPUID leaf and subleaf of this CPU in `hvctl cpuid dump` format between
+/// `CPUID-DUMP-BEGIN` and `CPUID-DUMP-END` (boot option `cpuid-dump`), so emulator and
+/// bare-metal dumps can be captured for levelling's test data.
+fn print_cpuid_dump(caps: &platform::caps::Capabilities) {
+    let records =
+        levelling::enumerate(|leaf, subleaf| platform::hw::HwRead::cpuid(&mut platform::hw::RealHw, leaf, subleaf));
+    let source = alloc::format!(
+        "captured by the hv boot image ({} family {:#x} model {:#x} stepping {}{})",
+        caps.vendor.as_str(),
+        caps.family,
+        caps.model,
+        caps.stepping,
+        if caps.under_hypervisor { ", under a hypervisor or emulator" } else { "" }
+    );
+    println!("CPUID-DUMP-BEGIN");
+    print!("{}", levelling::format_dump(&records, &source));
+    println!("CPUID-DUMP-END");
+}
+
+/// Run the hypervisor on this (bootstrap) CPU. Interrupts must be off and boot
+/// services exited.
+pub fn run(mut info: BootInfo) -> Outcome {
+    let tables = drivers::tables::load();
+    // Before anything that reaches this CPU's state: the interrupt handler, the
+    // backends (VMX host state names the tables), the RMID switch.
+    let cpu = percpu::install(tables);
+    match drivers::time::init() {
+        Ok((hz, source)) => log::info!("TSC {} kHz ({:?})", hz / 1000, source),
+        Err(e) => println!("warning: TSC not calibrated ({e}); uptime and timeouts are unavailable"),
+    }
+    match info.unix_time {
+        Some(t) => drivers::time::set_wall_clock(t),
+        None => println!("warning: the firmware gave no wall clock; guests' RTCs start at 1970-01-01"),
+    }
+    log::info!(
+        "CPU {} (APIC ID {}): descriptor tables loaded: GDT {:#x}, IDT {:#x}, TSS {:#x}",
+        cpu.index,
+        cpu.apic_id,
+        tables.gdt,
+        tables.idt,
+        tables.tss
+    );
+    print_memory_map(&info.memory_map);
+    if let Some(dma) = info.dma_frames.take() {
+        drivers::virtio::init_dma(dma);
+    }
+    println!("Frame pool: {} frames ({} MiB) free", info.frames.free_frames(), info.frames.free_frames() * 4 / 1024);
+
+    let mut recorder = platform::hw::Recorder::new(platform::hw::RealHw);
+    let caps = match platform::caps::probe(&mut recorder) {
+        Ok(caps) => caps,
+        Err(e) => {
+            println!("FAIL: capability probe: {e}");
+            return Outcome::Failed;
+        }
+    };
+    print!("{caps}");
+    println!("{}", caps.machine_line());
+    println!("PROBE-RAW {}", recorder.recorded.to_line());
+
+    platform::rdt::set_boot_options(platform::rdt::BootOptions::parse(&info.cmdline));
+    if info.cmdline.split_whitespace().any(|w| w == "cpuid-dump") {
+        print_cpuid_dump(&caps);
+    }
+
+    if let Err(why) = caps.check_usable() {
+        println!("REFUSED: {why}");
+        return Outcome::Refused;
+    }
+
+    match caps.virtualization {
+        platform::caps::Virtualization::Vmx(_) => run_with::<arch::vmx::Vmx>(info, &caps),
+        platform::caps::Virtualization::Svm(_) => run_with::<arch::svm::Svm>(info, &caps),
+        platform::caps::Virtualization::None => Outcome::Refused,
+    }
+}
+
+/// Time slice for round-robin scheduling of vCPUs.
+const SLICE_MS: u64 = 10;
+
+/// Take the machine with backend `B`: self-test, boot-time domains, control channel,
+/// then schedule until nothing is left to run or serve.
+fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabilities) -> Outcome {
+    let mut backend = match B::enable(caps, &mut info.frames) {
+        Ok(b) => b,
+        Err(e) => {
+            println!("FAIL: enabling {}: {e}", B::NAME);
+            return Outcome::Failed;
+        }
+    };
+    match selftest::run(&mut backend, &mut info.frames) {
+        Ok(report) => {
+            println!("{report}");
+            println!("READY arch={} exit={} value={:#x}", report.arch, report.exit, report.value);
+        }
+        Err(e) => {
+            println!("FAIL: guest round trip: {e}");
+            return Outcome::Failed;
+        }
+    }
+
+    // Guests' CPUID comes from policies verified against this host's own CPUID.
+    let records = levelling::enumerate(|leaf, sub| platform::hw::HwRead::cpuid(&mut platform::hw::RealHw, leaf, sub));
+    let host = match levelling::HostCpu::from_records(&records) {
+        Ok(h) => h,
+        Err(e) => {
+            println!("FAIL: reading this CPU's CPUID for guest policies: {e}");
+            return Outcome::Failed;
+        }
+    };
+    let slice = time_slice(B::ARCH, caps);
+    let machine_info = machine_info(&info, caps);
+    let boot_domains = core::mem::take(&mut info.domains);
+    let mechanisms = match caps.virtualization {
+        platform::caps::Virtualization::Vmx(v) => domain::dirty::Mechanisms { pml: v.pml, dbit: v.ept_ad },
+        // NPT leaves carry dirty flags the nested walk sets (APM Vol. 2 15.25.5).
+        _ => domain::dirty::Mechanisms { pml: false, dbit: true },
+    };
+    // 2 MiB nested pages: EPT where IA32_VMX_EPT_VPID_CAP allows them, always with NPT.
+    let large_pages = match caps.virtualization {
+        platform::caps::Virtualization::Vmx(v) => v.ept_2m,
+        _ => true,
+    };
+    let mut machine = domain::Machine::new(backend, info.frames, host, slice, mechanisms, large_pages);
+    // Each image is freed once its domain has it in guest memory: the heap never holds
+    // more than the images not yet loaded.
+    for boot in boot_domains {
+        if let Err(e) = machine.create(&boot.config, &boot.kernel, &boot.initrd) {
+            println!("DOMAIN-CREATE-FAILED name={}: {e}", boot.config.name);
+        }
+    }
+
+    let mut server = match services::control::ControlServer::start(services::tasks::Runtime::new(machine_info)) {
+        Ok(server) => Some(server),
+        Err(services::control::ControlError::NoDevice) => {
+            println!("CONTROL unavailable: no virtio-vsock device (PCI 1af4:1053)");
+            None
+        }
+        Err(e) => {
+            println!("FAIL: control channel: {e}");
+            return Outcome::Failed;
+        }
+    };
+    let mut local = match services::local_migration::LocalMigration::from_cmdline(&info.cmdline) {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            println!("warning: {e}; no local migration");
+            None
+        }
+    };
+    // HLT sleeps of the idle loop (`idle`), for the last line.
+    let mut idle_sleeps = 0u64;
+    loop {
+        let mut busy = false;
+        if let Some(s) = server.as_mut() {
+            busy |= s.poll(&mut machine);
+        }
+        if let Some(l) = local.as_mut() {
+            busy |= l.step(&mut machine);
+        }
+        busy |= machine.run_slice();
+        // Both domains of a local migration are paused during its last round.
+        if server.is_none() && !machine.has_runnable() && !local.as_ref().is_some_and(|l| l.running()) {
+            break;
+        }
+        if !busy && idle(machine.idle_ticks(), server.is_some()) {
+            idle_sleeps += 1;
+        }
+    }
+    for d in machine.domains() {
+        println!("DOMAIN {} FINAL name={} state={} exits={}", d.id, d.name, d.state, d.total_exits());
+    }
+    println!("IDLE: nothing left to run and no control channel to serve; powering off (idle sleeps: {idle_sleeps})");
+    Outcome::Ready
+}
+
+/// Shorter waits than this spin: arming the timer and halting costs more.
+const IDLE_MIN_US: u64 = 50;
+
+/// Nothing can run now: sleep in HLT until the next guest or device timer (`ticks`
+/// from now, `None` for none). The host LAPIC's one-shot timer wakes the CPU; without
+/// one (its `init` failed), spin. While a control channel is served (`polling`) it
+/// spins too: its virtio driver is polled, and even 1 ms sleeps between polls slowed
+/// the last round of a 1 GiB live migration past the relay's 10 s acknowledgement
+/// timeout (`migrate-stress-8m-to-1g-until-full`). Whether it slept.
+fn idle(ticks: Option<u64>, polling: bool) -> bool {
+    let Some(sleep) = ticks.filter(|_| !polling) else {
+        core::hint::spin_loop();
+        return false;
+    };
+    let min = drivers::time::ms_to_ticks(1).map_or(u64::MAX, |per_ms| per_ms * IDLE_MIN_US / 1000);
+    let lapic = &percpu::this().lapic;
+    if !lapic.available() || sleep < min {
+        core::hint::spin_loop();
+        return false;
+    }
+    lapic.arm_one_shot(sleep);
+    // STI's shadow covers HLT (SDM Vol. 2B STI), so a timer that fired before HLT still
+    // wakes it; CLI restores the hypervisor's interrupts-off state.
+    // SAFETY: the IDT has a handler for every vector from 32 up that acknowledges it
+    // (drivers::tables, drivers::lapic::acknowledge): taking an interrupt here is harmless.
+    unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+    lapic.disarm();
+    true
+}
+
+/// The time slice in TSC ticks, if this CPU can preempt a guest: the VMX preemption
+/// timer, or on SVM the local APIC timer (an INTR exit). Without either, a guest runs
+/// until it exits by itself, and we say so.
+fn time_slice(arch: guest_abi::Arch, caps: &platform::caps::Capabilities) -> Option<u64> {
+    let ticks = drivers::time::ms_to_ticks(SLICE_MS)?;
+    // The host LAPIC timer ends SVM slices and, on both, wakes the CPU from idle HLT.
+    let lapic = percpu::this().lapic.init();
+    if let Ok(per_ms) = lapic {
+        log::info!("local APIC timer: {per_ms} ticks/ms");
+    }
+    match (arch, caps.virtualization, lapic) {
+        (guest_abi::Arch::Vmx, platform::caps::Virtualization::Vmx(v), _) if v.preemption_timer => Some(ticks),
+        (guest_abi::Arch::Svm, _, Ok(_)) => {
+            log::info!("{SLICE_MS} ms slices on the local APIC timer");
+            Some(ticks)
+        }
+        (guest_abi::Arch::Svm, _, Err(e)) => {
+            println!("warning: no preemption ({e}); a guest that never exits will starve the others");
+            None
+        }
+        _ => {
+            println!("warning: no VMX preemption timer; a guest that never exits will starve the others");
+            None
+        }
+    }
+}
+
+fn machine_info(info: &BootInfo, caps: &platform::caps::Capabilities) -> services::tasks::MachineInfo {
+    let memory_bytes = info
+        .memory_map
+        .iter()
+        .filter(|r| matches!(r.kind, RegionKind::Usable | RegionKind::Hypervisor))
+        .map(|r| r.pages * mm::PAGE_SIZE)
+        .sum();
+    services::tasks::MachineInfo {
+        hv_version: alloc::format!("{} ({})", VERSION, info.git_revision),
+        capabilities: caps
+            .machine_line()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (String::from(k), String::from(v)))
+            .collect(),
+        // Only the bootstrap CPU runs today (SMP comes later).
+        cpus: percpu::all().len() as u32,
+        memory_bytes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesce_merges_only_contiguous_regions_of_one_kind() {
+        let r = |start, pages, kind| MemoryRegion { start, pages, kind };
+        let map = [
+            r(0, 1, RegionKind::Usable),
+            r(0x1000, 2, RegionKind::Usable),
+            r(0x3000, 1, RegionKind::Hypervisor),
+            r(0x4000, 1, RegionKind::Usable),
+            r(0x6000, 1, RegionKind::Usable), // gap at 0x5000: not merged
+        ];
+        assert_eq!(
+            coalesce(&map),
+            [
+                r(0, 3, RegionKind::Usable),
+                r(0x3000, 1, RegionKind::Hypervisor),
+                r(0x4000, 1, RegionKind::Usable),
+                r(0x6000, 1, RegionKind::Usable),
+            ]
+        );
+    }
+}

@@ -1,0 +1,177 @@
+//! The state that belongs to one physical CPU, in one [`PerCpu`] value per CPU.
+//!
+//! What lives here is what differs between CPUs and would otherwise be a static that
+//! silently assumes there is only one: the descriptor tables this CPU loaded, its
+//! local APIC timer (base and calibration), the VMCS that VMPTRLD made current on it,
+//! and the RMID its IA32_PQR_ASSOC holds. The hypervisor runs on the bootstrap CPU
+//! only for now (issue 16 brings the others up); each CPU that joins will call
+//! [`install`] first, as [`crate::init`] does for the bootstrap CPU.
+//!
+//! A CPU finds its own value through its GS base (IA32_GS_BASE, which the hypervisor
+//! does not use otherwise): the first quadword of the value holds its own address, so
+//! [`this`] is one `mov` from `gs:[0]`. Both backends keep the host's GS base across a
+//! guest's run: VMX loads it from the VMCS host-state area at every exit (SDM Vol. 3C
+//! 28.5.2, HOST_GS_BASE written from the live MSR), SVM restores it with VMLOAD of
+//! the host save area before interrupts are enabled again (APM Vol. 2 15.5.2).
+//!
+//! Every field is immutable after [`install`] or an atomic, so another CPU (a future
+//! `hvctl info` listing CPUs) may read a value while its owner changes it.
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crate::drivers::lapic::HostLapic;
+use crate::drivers::tables::TableBases;
+
+/// IA32_GS_BASE (SDM Vol. 4 Table 2-2).
+#[cfg(not(test))]
+const MSR_GS_BASE: u32 = 0xc000_0101;
+
+/// One physical CPU's state.
+#[repr(C)]
+#[derive(Debug)]
+pub struct PerCpu {
+    /// This value's own address: `gs:[0]` (must stay the first field).
+    own_address: u64,
+    /// The order in which CPUs joined, 0 for the bootstrap CPU.
+    pub index: u32,
+    /// The CPU's initial APIC ID (CPUID leaf 1 EBX[31:24], SDM Vol. 2A CPUID).
+    pub apic_id: u32,
+    /// The GDT, IDT and TSS this CPU loaded (the VMX host-state area names them).
+    pub tables: TableBases,
+    /// This CPU's local APIC timer.
+    pub lapic: HostLapic,
+    /// The VMCS VMPTRLD made current on this CPU (0: none); VMX only.
+    current_vmcs: AtomicU64,
+    /// The RMID this CPU's IA32_PQR_ASSOC holds (0: not monitored).
+    current_rmid: AtomicU32,
+}
+
+impl PerCpu {
+    fn new(index: u32, apic_id: u32, tables: TableBases) -> Self {
+        Self {
+            own_address: 0,
+            index,
+            apic_id,
+            tables,
+            lapic: HostLapic::new(),
+            current_vmcs: AtomicU64::new(0),
+            current_rmid: AtomicU32::new(0),
+        }
+    }
+
+    /// The VMCS current on this CPU (0: none).
+    pub fn current_vmcs(&self) -> u64 {
+        self.current_vmcs.load(Ordering::Relaxed)
+    }
+
+    /// Record that VMPTRLD made `vmcs` current (0 after VMCLEAR of the current one).
+    pub fn set_current_vmcs(&self, vmcs: u64) {
+        self.current_vmcs.store(vmcs, Ordering::Relaxed);
+    }
+
+    /// Forget `vmcs` if it is the current one (it was VMCLEARed).
+    pub fn clear_current_vmcs(&self, vmcs: u64) {
+        let _ = self.current_vmcs.compare_exchange(vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The RMID IA32_PQR_ASSOC holds on this CPU.
+    pub fn current_rmid(&self) -> u32 {
+        self.current_rmid.load(Ordering::Relaxed)
+    }
+
+    /// Record the RMID just written to IA32_PQR_ASSOC.
+    pub fn set_current_rmid(&self, rmid: u32) {
+        self.current_rmid.store(rmid, Ordering::Relaxed);
+    }
+}
+
+/// Every CPU that called [`install`], in order.
+static CPUS: spin::Mutex<Vec<&'static PerCpu>> = spin::Mutex::new(Vec::new());
+
+/// Make a [`PerCpu`] for the CPU this runs on and point its GS base at it. Call once
+/// per CPU, first thing after loading its descriptor tables and before anything that
+/// calls [`this`] (the interrupt handler, the backends, the RMID switch).
+pub fn install(tables: TableBases) -> &'static PerCpu {
+    let mut cpus = CPUS.lock();
+    let index = cpus.len() as u32;
+    let cpu: &'static mut PerCpu = Box::leak(Box::new(PerCpu::new(index, initial_apic_id(), tables)));
+    cpu.own_address = cpu as *const PerCpu as u64;
+    set_gs_base(cpu.own_address);
+    cpus.push(cpu);
+    cpu
+}
+
+/// The CPUs that joined so far.
+pub fn all() -> Vec<&'static PerCpu> {
+    CPUS.lock().clone()
+}
+
+/// This CPU's state. [`install`] must have run on this CPU.
+#[cfg(not(test))]
+pub fn this() -> &'static PerCpu {
+    let address: u64;
+    // SAFETY: `install` ran on this CPU (the boot sequence guarantees it before any
+    // caller), so GS base points at a leaked, never-freed PerCpu whose first quadword
+    // is its own address; the backends restore the host GS base before any host code
+    // runs after a guest (module doc).
+    unsafe { core::arch::asm!("mov {}, gs:[0]", out(reg) address, options(nostack, readonly, preserves_flags)) };
+    // SAFETY: `address` is the leaked PerCpu's own address (see above); it is only
+    // ever shared immutably (all mutable fields are atomics).
+    unsafe { &*(address as *const PerCpu) }
+}
+
+/// Host tests have no GS base to use: each test thread gets its own value.
+#[cfg(test)]
+pub fn this() -> &'static PerCpu {
+    std::thread_local! {
+        static CPU: &'static PerCpu = Box::leak(Box::new(PerCpu::new(0, 0, TableBases { gdt: 0, idt: 0, tss: 0 })));
+    }
+    CPU.with(|c| *c)
+}
+
+#[cfg(not(test))]
+fn set_gs_base(address: u64) {
+    // SAFETY: IA32_GS_BASE exists in long mode; the hypervisor uses GS for nothing
+    // but this pointer (no TLS, no SWAPGS), so nothing else depends on its value.
+    unsafe { x86::msr::wrmsr(MSR_GS_BASE, address) };
+}
+
+#[cfg(test)]
+fn set_gs_base(_: u64) {}
+
+#[cfg(not(test))]
+fn initial_apic_id() -> u32 {
+    // SDM Vol. 2A CPUID leaf 01H: EBX[31:24] is the initial APIC ID.
+    raw_cpuid::CpuId::new().get_feature_info().map_or(0, |f| u32::from(f.initial_local_apic_id()))
+}
+
+#[cfg(test)]
+fn initial_apic_id() -> u32 {
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vmcs_cache_forgets_only_the_cleared_vmcs() {
+        let cpu = PerCpu::new(0, 0, TableBases { gdt: 0, idt: 0, tss: 0 });
+        cpu.set_current_vmcs(0x1000);
+        cpu.clear_current_vmcs(0x2000);
+        assert_eq!(cpu.current_vmcs(), 0x1000, "another VMCS's VMCLEAR must not forget the current one");
+        cpu.clear_current_vmcs(0x1000);
+        assert_eq!(cpu.current_vmcs(), 0);
+    }
+
+    #[test]
+    fn installed_cpus_are_numbered_in_order_and_listed() {
+        let before = all().len() as u32;
+        let cpu = install(TableBases { gdt: 1, idt: 2, tss: 3 });
+        assert_eq!(cpu.index, before);
+        assert_eq!(cpu.own_address, cpu as *const PerCpu as u64, "gs:[0] must hold the value's own address");
+        assert!(all().iter().any(|c| core::ptr::eq(*c, cpu)));
+    }
+}
