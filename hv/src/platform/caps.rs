@@ -280,35 +280,74 @@ fn msr(hw: &mut impl HwRead, msr: u32, name: &'static str) -> Result<u64, ProbeE
     hw.rdmsr(msr).ok_or(ProbeError::MsrUnavailable { msr, name })
 }
 
+/// What the probe takes from CPUID, decoded by `raw-cpuid` (SDM Vol. 2A CPUID; APM
+/// Vol. 3 Appendix E). RDT monitoring (leaf 0xF) is decoded here instead
+/// ([`probe_rdt`]): raw-cpuid 11 does not expose CPUID.(0xF,1):EAX (counter width,
+/// overflow bit), and it treats leaf 0xF as Intel-only, while AMD implements it for
+/// its PQoS monitoring.
+struct CpuidFacts {
+    leaf0: [u32; 4],
+    max_basic_leaf: u32,
+    max_extended_leaf: u32,
+    family: u32,
+    model: u32,
+    stepping: u32,
+    under_hypervisor: bool,
+    has_vmx: bool,
+    has_svm: bool,
+    /// CPUID Fn8000_000A decoded, and its EDX as read (the machine line shows it).
+    svm: Option<(raw_cpuid::SvmFeatures, u32)>,
+}
+
+fn cpuid_facts(hw: &mut impl HwRead) -> CpuidFacts {
+    let hw = core::cell::RefCell::new(hw);
+    // raw-cpuid reads through this closure, so recordings and the `Recorder` see
+    // exactly the leaves it asks for.
+    let read = |leaf: u32, subleaf: u32| {
+        let [eax, ebx, ecx, edx] = hw.borrow_mut().cpuid(leaf, subleaf);
+        raw_cpuid::CpuIdResult { eax, ebx, ecx, edx }
+    };
+    let cpuid = raw_cpuid::CpuId::with_cpuid_reader(read);
+    let leaf0 = hw.borrow_mut().cpuid(0, 0);
+    let max_extended_leaf = hw.borrow_mut().cpuid(0x8000_0000, 0)[0];
+    let features = cpuid.get_feature_info();
+    let extended = cpuid.get_extended_processor_and_feature_identifiers();
+    let svm = cpuid.get_svm_info();
+    CpuidFacts {
+        leaf0,
+        max_basic_leaf: leaf0[0],
+        max_extended_leaf,
+        family: features.as_ref().map_or(0, |f| u32::from(f.family_id())),
+        model: features.as_ref().map_or(0, |f| u32::from(f.model_id())),
+        stepping: features.as_ref().map_or(0, |f| u32::from(f.stepping_id())),
+        under_hypervisor: features.as_ref().is_some_and(|f| f.has_hypervisor()),
+        has_vmx: features.as_ref().is_some_and(|f| f.has_vmx()),
+        has_svm: extended.is_some_and(|e| e.has_svm()),
+        svm: svm.map(|f| (f, hw.borrow_mut().cpuid(0x8000_000a, 0)[3])),
+    }
+}
+
 /// Probe the CPU behind `hw`.
 pub fn probe(hw: &mut impl HwRead) -> Result<Capabilities, ProbeError> {
-    let leaf0 = hw.cpuid(0, 0);
+    let CpuidFacts {
+        leaf0,
+        max_basic_leaf,
+        max_extended_leaf,
+        family,
+        model,
+        stepping,
+        under_hypervisor,
+        has_vmx,
+        has_svm,
+        svm,
+    } = cpuid_facts(hw);
     let vendor = Vendor::from_leaf0(leaf0);
-    let max_basic_leaf = leaf0[0];
-    let max_extended_leaf = hw.cpuid(0x8000_0000, 0)[0];
-    let leaf1 = if max_basic_leaf >= 1 { hw.cpuid(1, 0) } else { [0; 4] };
-
-    // SDM Vol. 2A, CPUID.01H:EAX "Version Information".
-    let eax = leaf1[0];
-    let base_family = (eax >> 8) & 0xf;
-    let family = if base_family == 0xf { base_family + ((eax >> 20) & 0xff) } else { base_family };
-    let model = if base_family == 0x6 || base_family == 0xf {
-        ((eax >> 4) & 0xf) | (((eax >> 16) & 0xf) << 4)
-    } else {
-        (eax >> 4) & 0xf
-    };
-    let stepping = eax & 0xf;
-    let under_hypervisor = bit32(leaf1[2], 31);
-
-    let has_vmx = bit32(leaf1[2], 5);
-    let ext1 = if max_extended_leaf >= 0x8000_0001 { hw.cpuid(0x8000_0001, 0) } else { [0; 4] };
-    let has_svm = bit32(ext1[2], 2);
 
     // A CPU reports at most one of them; should both appear, the vendor decides.
     let virtualization = if has_vmx && (vendor == Vendor::Intel || !has_svm) {
         Virtualization::Vmx(probe_vmx(hw)?)
     } else if has_svm {
-        Virtualization::Svm(probe_svm(hw, max_extended_leaf)?)
+        Virtualization::Svm(probe_svm(hw, svm.as_ref())?)
     } else {
         Virtualization::None
     };
@@ -383,19 +422,20 @@ fn probe_vmx(hw: &mut impl HwRead) -> Result<VmxCaps, ProbeError> {
     })
 }
 
-fn probe_svm(hw: &mut impl HwRead, max_extended_leaf: u32) -> Result<SvmCaps, ProbeError> {
-    let leaf = if max_extended_leaf >= 0x8000_000a { hw.cpuid(0x8000_000a, 0) } else { [0; 4] };
+/// SVM's capabilities from CPUID Fn8000_000A (`None`: the leaf is out of range, so
+/// nothing is offered) and VM_CR.
+fn probe_svm(hw: &mut impl HwRead, leaf: Option<&(raw_cpuid::SvmFeatures, u32)>) -> Result<SvmCaps, ProbeError> {
     let vm_cr = msr(hw, MSR_VM_CR, "VM_CR")?;
-    let edx = leaf[3];
+    let has = |f: fn(&raw_cpuid::SvmFeatures) -> bool| leaf.is_some_and(|(l, _)| f(l));
     Ok(SvmCaps {
-        revision: (leaf[0] & 0xff) as u8,
-        asids: leaf[1],
-        features: edx,
-        npt: bit32(edx, 0),
-        nrips: bit32(edx, 3),
-        vmcb_clean: bit32(edx, 5),
-        flush_by_asid: bit32(edx, 6),
-        decode_assists: bit32(edx, 7),
+        revision: leaf.map_or(0, |(l, _)| l.revision()),
+        asids: leaf.map_or(0, |(l, _)| l.supported_asids()),
+        features: leaf.map_or(0, |&(_, edx)| edx),
+        npt: has(raw_cpuid::SvmFeatures::has_nested_paging),
+        nrips: has(raw_cpuid::SvmFeatures::has_nrip),
+        vmcb_clean: has(raw_cpuid::SvmFeatures::has_vmcb_clean_bits),
+        flush_by_asid: has(raw_cpuid::SvmFeatures::has_flush_by_asid),
+        decode_assists: has(raw_cpuid::SvmFeatures::has_decode_assists),
         disabled_by_firmware: bit64(vm_cr, 4),
         vm_cr_locked: bit64(vm_cr, 3),
     })
