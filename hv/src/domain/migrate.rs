@@ -7,7 +7,6 @@
 //! the arch-neutral [`VcpuSnapshot`] encoding, so a domain saved on SVM loads on VMX.
 
 use alloc::boxed::Box;
-use alloc::collections::BTreeMap;
 use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
@@ -189,7 +188,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
             state: DomainState::Paused,
             memory_bytes: mem.bytes(),
             vcpu_count: cfg.vcpus,
-            exits: BTreeMap::new(),
+            exits: super::ExitCounts::default(),
             reports: Vec::new(),
             runtime_ticks: 0,
             console: Console::default(),

@@ -25,7 +25,7 @@ mod sched;
 #[cfg(test)]
 pub(crate) mod testing;
 
-use alloc::collections::{BTreeMap, VecDeque};
+use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
@@ -237,6 +237,9 @@ impl Console {
     }
 }
 
+/// Exit counters by reason; updated on every exit, so a hash map rather than a tree.
+pub type ExitCounts = hashbrown::HashMap<ExitKind, u64>;
+
 /// One domain.
 pub struct Domain<B: Backend> {
     /// Id (never reused while the hypervisor runs).
@@ -249,8 +252,8 @@ pub struct Domain<B: Backend> {
     pub memory_bytes: u64,
     /// vCPUs configured.
     pub vcpu_count: u32,
-    /// Exits by reason.
-    pub exits: BTreeMap<ExitKind, u64>,
+    /// Exits by reason (unordered: [`Domain::exits_by_kind`] sorts them for display).
+    pub exits: ExitCounts,
     /// Values the guest reported, oldest first (tag, value).
     pub reports: Vec<(u64, u64)>,
     /// TSC ticks spent in the guest.
@@ -288,6 +291,13 @@ impl<B: Backend> fmt::Debug for Domain<B> {
 }
 
 impl<B: Backend> Domain<B> {
+    /// Exits by reason, in the order of [`ExitKind`].
+    pub fn exits_by_kind(&self) -> Vec<(ExitKind, u64)> {
+        let mut exits: Vec<(ExitKind, u64)> = self.exits.iter().map(|(k, v)| (*k, *v)).collect();
+        exits.sort_unstable();
+        exits
+    }
+
     /// Total exits.
     pub fn total_exits(&self) -> u64 {
         self.exits.values().sum()
@@ -451,7 +461,7 @@ impl<B: Backend> Machine<B> {
             state: DomainState::Running,
             memory_bytes: mem.bytes(),
             vcpu_count: cfg.vcpus,
-            exits: BTreeMap::new(),
+            exits: ExitCounts::default(),
             reports: Vec::new(),
             runtime_ticks: 0,
             console: Console::default(),

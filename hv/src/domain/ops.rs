@@ -114,7 +114,7 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
                     state: alloc::format!("{}", d.state),
                     vcpus: d.vcpu_count,
                     memory_bytes: if d.mem.is_some() { d.memory_bytes } else { 0 },
-                    exits: d.exits.iter().map(|(k, v)| (alloc::format!("{k}"), *v)).collect(),
+                    exits: d.exits_by_kind().iter().map(|(k, v)| (alloc::format!("{k}"), *v)).collect(),
                     runtime_ns: crate::drivers::time::ticks_to_ns(d.runtime_ticks, hz),
                     unclaimed: d
                         .unclaimed()
@@ -148,7 +148,7 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
             .map(|d| crate::services::tasks::DomainCounters {
                 id: d.id,
                 vcpus: d.vcpu_count,
-                exits: d.exits.iter().map(|(k, v)| (*k, *v)).collect(),
+                exits: d.exits_by_kind(),
                 runtime_ns: crate::drivers::time::ticks_to_ns(d.runtime_ticks, hz),
             })
             .collect()
