@@ -137,14 +137,7 @@ fn print_memory_map(map: &[MemoryRegion]) {
 fn print_cpuid_dump(caps: &platform::caps::Capabilities) {
     let records =
         levelling::enumerate(|leaf, subleaf| platform::hw::HwRead::cpuid(&mut platform::hw::RealHw, leaf, subleaf));
-    let source = alloc::format!(
-        "captured by the hv boot image ({} family {:#x} model {:#x} stepping {}{})",
-        caps.vendor.as_str(),
-        caps.family,
-        caps.model,
-        caps.stepping,
-        if caps.under_hypervisor { ", under a hypervisor or emulator" } else { "" }
-    );
+    let source = alloc::format!("captured by the hv boot image ({})", caps.identity());
     println!("CPUID-DUMP-BEGIN");
     print!("{}", levelling::format_dump(&records, &source));
     println!("CPUID-DUMP-END");

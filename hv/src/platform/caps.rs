@@ -614,18 +614,25 @@ fn yes(v: bool) -> &'static str {
     if v { "yes" } else { "no" }
 }
 
-impl fmt::Display for Capabilities {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "Capabilities")?;
-        writeln!(
-            f,
-            "  cpu              {} family {:#x} model {:#x} stepping {}{}",
+impl Capabilities {
+    /// Vendor, family, model and stepping in one phrase, and whether a hypervisor (or
+    /// an emulator) is underneath.
+    pub fn identity(&self) -> String {
+        alloc::format!(
+            "{} family {:#x} model {:#x} stepping {}{}",
             self.vendor.as_str(),
             self.family,
             self.model,
             self.stepping,
-            if self.under_hypervisor { " (running under a hypervisor)" } else { "" }
-        )?;
+            if self.under_hypervisor { " (running under a hypervisor or emulator)" } else { "" }
+        )
+    }
+}
+
+impl fmt::Display for Capabilities {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "Capabilities")?;
+        writeln!(f, "  cpu              {}", self.identity())?;
         match &self.virtualization {
             Virtualization::None => writeln!(f, "  virtualization   none")?,
             Virtualization::Vmx(v) => {
