@@ -42,8 +42,10 @@ const BOOT_GOAL: f64 = 1.5;
 const IDLE_GOAL: f64 = 300.0;
 /// How long idle exits are counted.
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
-/// Memory of the guests of the exit and density parts.
-const DENSITY_MEMORY: &str = "64M";
+/// Memory of the guests of the exit and density parts: the first size with which the
+/// first guest reaches its init (64 MiB is what was asked for; Debian's 6.12 cloud
+/// kernel needs pref_address 16 MiB + init_size 56 MiB, so the hypervisor refuses it).
+const DENSITY_MEMORY: &[&str] = &["64M", "80M", "96M", "128M"];
 /// How long one guest may take to reach its init (a loaded 2-core host is slow).
 const INIT_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -363,13 +365,13 @@ struct Guest {
 }
 
 /// Upload and create guest `n`; wait for its init. `Err` says why it did not get there.
-fn add_guest(session: &mut Session, ctl: &Control, assets: &LinuxAssets, n: usize) -> Result<Guest> {
+fn add_guest(session: &mut Session, ctl: &Control, assets: &LinuxAssets, n: usize, memory: &str) -> Result<Guest> {
     let kernel = assets.kernel.display().to_string();
     let initrd = assets.initrd.display().to_string();
     let name = format!("linux{n}");
     let cmdline = format!("{} panic=-1", linux_tests::guest_cmdline("shell"));
     let out = ctl.run(&[
-        "domain", "create", "--name", &name, "--kernel", &kernel, "--initrd", &initrd, "--memory", DENSITY_MEMORY,
+        "domain", "create", "--name", &name, "--kernel", &kernel, "--initrd", &initrd, "--memory", memory,
         "--cmdline", &cmdline, "--json",
     ])?;
     let created = Instant::now();
@@ -468,11 +470,25 @@ pub fn bench(runs: usize, cap: usize) -> Result<()> {
     })?;
     let socket = session.vsock_socket.clone().ok_or("no vsock socket")?;
     let ctl = Control { hvctl, target: format!("unix:{}:{}", socket.display(), wire::CONTROL_PORT) };
-    let first = add_guest(&mut session, &ctl, &assets, 1)
-        .map_err(|e| format!("the first {DENSITY_MEMORY} guest: {e}; serial log {}/serial.log", session.dir.display()))?;
+    let mut smaller = Vec::new();
+    let (first, memory) = loop {
+        let Some(&memory) = DENSITY_MEMORY.get(smaller.len()) else {
+            return Err(format!(
+                "no guest reached its init with any of {DENSITY_MEMORY:?}: {smaller:?}; serial log {}/serial.log",
+                session.dir.display()
+            ));
+        };
+        match add_guest(&mut session, &ctl, &assets, 1 + smaller.len(), memory) {
+            Ok(g) => break (g, memory),
+            Err(e) => {
+                println!("  guest of {memory}: {e}");
+                smaller.push(json!({"memory": memory, "error": e}));
+            }
+        }
+    };
     let boot_exits: u64 = first.exits.values().sum();
     println!(
-        "  guest 1 ({DENSITY_MEMORY}, uploaded): init {:.2} s after creation, {boot_exits} exits: {}; load {}",
+        "  guest 1 ({memory}, uploaded): init {:.2} s after creation, {boot_exits} exits: {}; load {}",
         first.boot.as_secs_f64(),
         first.exits.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", "),
         load()
@@ -491,7 +507,7 @@ pub fn bench(runs: usize, cap: usize) -> Result<()> {
     let mut guests = vec![first];
     let mut stopped_by = format!("the cap of {cap} guests");
     for n in 2..=cap {
-        match add_guest(&mut session, &ctl, &assets, n) {
+        match add_guest(&mut session, &ctl, &assets, n + smaller.len(), memory) {
             Ok(g) => {
                 println!(
                     "  guest {n}: init {:.2} s after creation, {} boot exits{}; load {}",
@@ -544,13 +560,16 @@ pub fn bench(runs: usize, cap: usize) -> Result<()> {
     );
     println!("| hypervisor boots where Linux marked TSC unstable | {tsc_unstable_hv} of {} |", hv.len());
     println!("| bare boots retried (failed PIT calibration)     | {retries} |");
-    println!("| exits, domain creation -> init (64 MiB guest)   | {boot_exits} |");
+    for r in &smaller {
+        println!("| guest of {} refused or failed                    | {} |", r["memory"].as_str().unwrap_or("?"), r["error"].as_str().unwrap_or("?"));
+    }
+    println!("| exits, domain creation -> init ({memory} guest)     | {boot_exits} |");
     println!(
         "| idle exits/s, one guest (goal < {IDLE_GOAL})          | {:.1} ({}) |",
         total(&idle),
         met(total(&idle) < IDLE_GOAL)
     );
-    println!("| guests of {DENSITY_MEMORY} that reached init on 2 GiB       | {} |", guests.len());
+    println!("| guests of {memory} that reached init on 2 GiB       | {} |", guests.len());
     println!("| density stopped by                              | {stopped_by} |");
     println!("| idle exits/s, all guests                        | {:.1} |", total(&all_idle));
 
@@ -566,12 +585,12 @@ pub fn bench(runs: usize, cap: usize) -> Result<()> {
             "hv_boots_with_tsc_unstable": tsc_unstable_hv, "load_after": load_boot,
         },
         "exits": {
-            "guest_memory": DENSITY_MEMORY, "boot_exits_total": boot_exits, "boot_exits": first_exits_json(&guests),
+            "guest_memory": memory, "smaller_sizes_failed": smaller, "boot_exits_total": boot_exits, "boot_exits": first_exits_json(&guests),
             "idle_window_s": IDLE_WINDOW.as_secs(), "idle_per_s": rates_json(&idle), "idle_total_per_s": total(&idle),
             "goal_per_s": IDLE_GOAL, "load": load_idle,
         },
         "density": {
-            "guest_memory": DENSITY_MEMORY, "qemu_memory": "2G", "cap": cap, "guests": guests.len(),
+            "guest_memory": memory, "qemu_memory": "2G", "cap": cap, "guests": guests.len(),
             "stopped_by": stopped_by,
             "boot_s": guests.iter().map(|g| g.boot.as_secs_f64()).collect::<Vec<_>>(),
             "idle_per_s": rates_json(&all_idle), "idle_total_per_s": total(&all_idle), "states": states,
