@@ -211,7 +211,11 @@ pub fn sum_exits(list: &[DomainExits], keep: impl Fn(u32) -> bool) -> BTreeMap<S
 
 /// Exits per second by reason between two snapshots `secs` apart, highest first; an
 /// error if a counter went down (a domain was replaced between them).
-pub fn exit_rates(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, secs: f64) -> Result<Vec<(String, f64)>> {
+pub fn exit_rates(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+    secs: f64,
+) -> Result<Vec<(String, f64)>> {
     if secs <= 0.0 {
         return Err(format!("snapshots {secs} s apart: no rate"));
     }
@@ -313,7 +317,10 @@ fn bare_boot(assets: &LinuxAssets, cmdline: &str, i: usize) -> Result<(Option<Ba
             }
             return Ok((Some(run), attempt - 1));
         }
-        println!("  bare run {i}: Linux could not calibrate its TSC against QEMU's PIT (load {}); booting again", load());
+        println!(
+            "  bare run {i}: Linux could not calibrate its TSC against QEMU's PIT (load {}); booting again",
+            load()
+        );
     }
     println!(
         "  bare run {i}: no sample: in {} boots Linux never calibrated its TSC against QEMU's PIT (`{}`); the host \
@@ -373,8 +380,19 @@ fn add_guest(session: &mut Session, ctl: &Control, assets: &LinuxAssets, n: usiz
     let name = format!("linux{n}");
     let cmdline = format!("{} panic=-1", linux_tests::guest_cmdline("shell"));
     let out = ctl.run(&[
-        "domain", "create", "--name", &name, "--kernel", &kernel, "--initrd", &initrd, "--memory", memory,
-        "--cmdline", &cmdline, "--json",
+        "domain",
+        "create",
+        "--name",
+        &name,
+        "--kernel",
+        &kernel,
+        "--initrd",
+        &initrd,
+        "--memory",
+        memory,
+        "--cmdline",
+        &cmdline,
+        "--json",
     ])?;
     let created = Instant::now();
     let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("create --json: {e}: {out}"))?;
@@ -571,7 +589,11 @@ pub fn bench(runs: usize, cap: usize) -> Result<()> {
     println!("| hypervisor boots where Linux marked TSC unstable | {tsc_unstable_hv} of {} |", hv.len());
     println!("| bare boots retried (failed PIT calibration)     | {retries} |");
     for r in &smaller {
-        println!("| guest of {} refused or failed                    | {} |", r["memory"].as_str().unwrap_or("?"), r["error"].as_str().unwrap_or("?"));
+        println!(
+            "| guest of {} refused or failed                    | {} |",
+            r["memory"].as_str().unwrap_or("?"),
+            r["error"].as_str().unwrap_or("?")
+        );
     }
     println!("| exits, domain creation -> init ({memory} guest)     | {boot_exits} |");
     println!(
@@ -583,7 +605,8 @@ pub fn bench(runs: usize, cap: usize) -> Result<()> {
     println!("| density stopped by                              | {stopped_by} |");
     println!("| idle exits/s, all guests                        | {:.1} |", total(&all_idle));
 
-    let rates_json = |r: &[(String, f64)]| r.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>();
+    let rates_json =
+        |r: &[(String, f64)]| r.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>();
     let report = json!({
         "kernel": assets.kernel_release, "cmdline": cmdline, "emulator": "qemu-system-x86_64 TCG -cpu EPYC",
         "boot": {
@@ -646,7 +669,8 @@ mod tests {
         assert_eq!(m.ended.as_deref(), Some("DOMAIN 1 EXIT code=0 exits=51000"));
         assert_eq!(BootMarks::parse_id(LOG, 2).init, Some(Some(9.9)));
         assert!(!BootMarks::parse_id(LOG, 2).tsc_unstable);
-        let early = BootMarks::parse("READY arch=svm\r\nDOMAIN 1 CREATED name=other\r\n[dom1] HV-LINUX-INIT uptime=1", "linux");
+        let early =
+            BootMarks::parse("READY arch=svm\r\nDOMAIN 1 CREATED name=other\r\n[dom1] HV-LINUX-INIT uptime=1", "linux");
         assert_eq!((early.created, early.init), (None, None));
         let failed = BootMarks::parse("READY\nDOMAIN-CREATE-FAILED name=linux: out of memory\n", "linux");
         assert_eq!(failed.ended.as_deref(), Some("DOMAIN-CREATE-FAILED name=linux: out of memory"));
