@@ -57,7 +57,8 @@ pub fn domain_line(name: &str, memory: &str, test: &str, cpuid: Option<&str>, ex
     let cpuid = cpuid.map(|c| format!("cpuid={c} ")).unwrap_or_default();
     format!(
         "name={name} kernel=VMLINUZ initrd=INITRD.GZ memory={memory} vcpus=1 {cpuid}\
-         cmdline=console=ttyS0 earlyprintk=serial,ttyS0,115200 hv.test={test}{extra}\n"
+         cmdline={}{extra}\n",
+        guest_cmdline(test)
     )
 }
 
@@ -745,28 +746,35 @@ pub struct BareRun {
 }
 
 /// Boots per baseline run before a failing PIT calibration is an error.
-const CALIBRATION_ATTEMPTS: usize = 15;
+pub const CALIBRATION_ATTEMPTS: usize = 15;
 
 /// Linux's line when neither the PIT nor a reference timer gave it the TSC's rate.
-const TSC_UNCALIBRATED: &str = "tsc: Marking TSC unstable due to could not calculate TSC khz";
+pub const TSC_UNCALIBRATED: &str = "tsc: Marking TSC unstable due to could not calculate TSC khz";
 
-/// `qemu-system-x86_64 -M microvm -accel tcg -cpu EPYC -m 256 … -kernel VMLINUZ -initrd
-/// INITRD.GZ -append "console=ttyS0 hv.test=boot"`: the same guest without our
-/// hypervisor, timed from spawn to `HV-LINUX-INIT` and to QEMU's exit.
-pub fn run_bare_qemu_linux(assets: &LinuxAssets, timeout: Duration) -> Result<BareRun> {
+/// The kernel command line of a Linux domain booted with `hv.test=<test>`, as
+/// [`domain_line`] writes it (the bare-emulator baseline boots with the same one).
+pub fn guest_cmdline(test: &str) -> String {
+    format!("console=ttyS0 earlyprintk=serial,ttyS0,115200 hv.test={test}")
+}
+
+/// `qemu-system-x86_64 -M microvm -accel tcg -cpu EPYC -m MIB … -kernel VMLINUZ -initrd
+/// INITRD.GZ -append CMDLINE`: the same guest without our hypervisor, timed from spawn
+/// to `HV-LINUX-INIT` and to QEMU's exit.
+pub fn run_bare_qemu_linux(assets: &LinuxAssets, cmdline: &str, memory_mib: u32, timeout: Duration) -> Result<BareRun> {
     let dir = baseline_dir();
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let stderr_path = dir.join("qemu.stderr");
     let stderr = std::fs::File::create(&stderr_path).map_err(|e| format!("{}: {e}", stderr_path.display()))?;
     let start = Instant::now();
     let mut child = Command::new("qemu-system-x86_64")
-        .args(["-M", "microvm", "-accel", "tcg", "-cpu", "EPYC", "-m", "256", "-nodefaults", "-no-reboot"])
+        .args(["-M", "microvm", "-accel", "tcg", "-cpu", "EPYC", "-m", &memory_mib.to_string(), "-nodefaults"])
+        .arg("-no-reboot")
         .args(["-serial", "stdio", "-display", "none"])
         .arg("-kernel")
         .arg(&assets.kernel)
         .arg("-initrd")
         .arg(&assets.initrd)
-        .args(["-append", "console=ttyS0 hv.test=boot"])
+        .args(["-append", cmdline])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr))
@@ -838,7 +846,7 @@ pub fn run_bare_qemu_linux(assets: &LinuxAssets, timeout: Duration) -> Result<Ba
 }
 
 /// Where the baseline keeps QEMU's output (target/xtask/runs/linux-baseline).
-fn baseline_dir() -> PathBuf {
+pub fn baseline_dir() -> PathBuf {
     linux::cache_dir().parent().unwrap_or(std::path::Path::new(".")).join("xtask").join("runs").join("linux-baseline")
 }
 
@@ -861,7 +869,7 @@ pub fn bench_baseline(runs: usize) -> Result<()> {
         let mut attempt = 0;
         let run = loop {
             attempt += 1;
-            let run = run_bare_qemu_linux(&assets, Duration::from_secs(120))?;
+            let run = run_bare_qemu_linux(&assets, "console=ttyS0 hv.test=boot", 256, Duration::from_secs(120))?;
             if !run.calibration_failed {
                 break Some(run);
             }

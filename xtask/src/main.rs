@@ -13,6 +13,7 @@ mod domain_tests;
 mod emulator;
 mod image;
 mod linux;
+mod linux_bench;
 mod linux_tests;
 mod migration_tests;
 mod serial;
@@ -130,15 +131,22 @@ enum Command {
     /// convergence policy against Xen's count rule and a model of QEMU's pre-copy over
     /// synthetic dirty traces (a host simulation: bytes sent / RAM and downtime, side by side);
     /// `linux-baseline` Debian's kernel and our initramfs on bare QEMU (-M microvm, no
-    /// hypervisor): time to /init and to power-off (`--runs`, default 3).
+    /// hypervisor): time to /init and to power-off (`--runs`, default 3); `linux` that
+    /// baseline against the same guest under the hypervisor, interleaved (`--runs` each,
+    /// default 3), the exits of a 64 MiB Linux guest booting and idle, and how many such
+    /// guests reach their init on one 2 GiB instance (`--cap`, default 24), written to
+    /// target/xtask/runs/bench-linux.json.
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["boot", "control", "exits", "dirty", "migration", "linux-baseline"])]
+        #[arg(value_parser = ["boot", "control", "exits", "dirty", "migration", "linux-baseline", "linux"])]
         what: String,
         /// boot: runs per platform (the median is reported); control: requests per kind
         /// (default 1000).
         #[arg(long)]
         runs: Option<usize>,
+        /// linux: at most this many guests in the density part.
+        #[arg(long, default_value_t = 24)]
+        cap: usize,
     },
 }
 
@@ -183,10 +191,11 @@ fn main() -> ExitCode {
         Command::Fuzz { seconds } => fuzz(seconds),
         Command::CheckDeps => deps::check(),
         Command::Lint => lint(),
-        Command::Bench { what, runs } if what == "control" => control_tests::bench(runs.unwrap_or(1000)),
-        Command::Bench { what, runs } if what == "exits" => domain_tests::bench_exits(runs.unwrap_or(20_000)),
-        Command::Bench { what, runs } if what == "dirty" => domain_tests::bench_dirty(runs.unwrap_or(2048)),
-        Command::Bench { what, runs } if what == "linux-baseline" => linux_tests::bench_baseline(runs.unwrap_or(3)),
+        Command::Bench { what, runs, .. } if what == "control" => control_tests::bench(runs.unwrap_or(1000)),
+        Command::Bench { what, runs, .. } if what == "exits" => domain_tests::bench_exits(runs.unwrap_or(20_000)),
+        Command::Bench { what, runs, .. } if what == "dirty" => domain_tests::bench_dirty(runs.unwrap_or(2048)),
+        Command::Bench { what, runs, .. } if what == "linux-baseline" => linux_tests::bench_baseline(runs.unwrap_or(3)),
+        Command::Bench { what, runs, cap } if what == "linux" => linux_bench::bench(runs.unwrap_or(3), cap),
         Command::Bench { what, .. } if what == "migration" => {
             tools::cargo(&["bench", "-p", "migration_svc", "--bench", "convergence"])
         }

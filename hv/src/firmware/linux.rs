@@ -408,10 +408,17 @@ pub fn plan<'a>(
         // It runs at pref_address whatever we do; refuse rather than let it overrun RAM.
         if pref == 0 { HIGH_MEMORY_GPA } else { pref }
     };
-    if !fits(load) {
-        return Err(LinuxError::KernelDoesNotFit { load, needs, ram_end });
+    // A relocatable kernel loaded below pref_address still decompresses at
+    // pref_address: x86-64's decompressor (arch/x86/boot/compressed/head_64.S) puts its
+    // output at max(load address aligned up, LOAD_PHYSICAL_ADDR), and pref_address is
+    // LOAD_PHYSICAL_ADDR. Its init_size footprint therefore starts there (a 64 MiB
+    // domain of a kernel with 56 MiB init_size ran its decompressor's stack off the end
+    // of RAM at 71.5 MiB instead of being refused).
+    let runs_at = load.max(pref);
+    if !fits(runs_at) {
+        return Err(LinuxError::KernelDoesNotFit { load: runs_at, needs, ram_end });
     }
-    let kernel_end = load + needs;
+    let kernel_end = runs_at + needs;
 
     let initrd = if initrd_len == 0 {
         None
@@ -607,15 +614,35 @@ mod tests {
     #[test]
     fn relocates_when_pref_address_does_not_fit() {
         let mut img = bzimage(4, 4096);
-        img[off::PREF_ADDRESS..off::PREF_ADDRESS + 8].copy_from_slice(&(60 * MIB).to_le_bytes());
+        // pref_address below 1 MiB: a relocatable kernel goes to 1 MiB rounded up.
+        img[off::PREF_ADDRESS..off::PREF_ADDRESS + 8].copy_from_slice(&0x8_0000u64.to_le_bytes());
         let p = plan(&img, 32 * MIB, b"", 0).unwrap();
         assert_eq!(p.kernel_gpa, 2 * MIB, "1 MiB rounded up to kernel_alignment");
+        assert_eq!(p.kernel_end, 2 * MIB + 0x80_0000);
         assert_eq!(p.initrd, None);
+        // Relocatable but pref_address beyond RAM: its decompressor would still write
+        // its output (and put its stack) at pref_address, so it is refused.
+        img[off::PREF_ADDRESS..off::PREF_ADDRESS + 8].copy_from_slice(&(60 * MIB).to_le_bytes());
+        let e = plan(&img, 32 * MIB, b"", 0).unwrap_err();
+        assert_eq!(e, LinuxError::KernelDoesNotFit { load: 60 * MIB, needs: 0x80_0000, ram_end: 32 * MIB });
         // Not relocatable: it would run at pref_address, which is beyond RAM.
         img[off::RELOCATABLE_KERNEL] = 0;
         let e = plan(&img, 32 * MIB, b"", 0).unwrap_err();
         assert_eq!(e, LinuxError::KernelDoesNotFit { load: 60 * MIB, needs: 0x80_0000, ram_end: 32 * MIB });
         assert!(e.to_string().starts_with("the kernel needs 0x800000 bytes at 0x3c00000"), "{e}");
+    }
+
+    #[test]
+    fn a_kernel_whose_init_size_overruns_ram_from_pref_address_is_refused() {
+        // Debian's 6.12 cloud kernel: pref_address 16 MiB, init_size 0x37dc000 (55.9 MiB).
+        let mut img = bzimage(4, 4096);
+        set32(&mut img, off::INIT_SIZE, 0x37d_c000);
+        let e = plan(&img, 64 * MIB, b"", 0x10_0000).unwrap_err();
+        assert_eq!(e, LinuxError::KernelDoesNotFit { load: 16 * MIB, needs: 0x37d_c000, ram_end: 64 * MIB });
+        assert!(e.to_string().starts_with("the kernel needs 0x37dc000 bytes at 0x1000000"), "{e}");
+        let p = plan(&img, 80 * MIB, b"", 0x10_0000).unwrap();
+        assert_eq!((p.kernel_gpa, p.kernel_end), (16 * MIB, 16 * MIB + 0x37d_c000));
+        assert!(p.initrd.is_some_and(|(at, _)| at >= p.kernel_end), "the initrd above the footprint");
     }
 
     #[test]
