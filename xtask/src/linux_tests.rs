@@ -418,6 +418,96 @@ fn sha(run: &GuestRun, g: &GuestLog, assets: &LinuxAssets) -> Vec<String> {
     problems
 }
 
+/// The second Linux domain of `linux-fpu-isolation` (the first is `linux`).
+const FPU_SECOND: &str = "fpu2";
+/// The memwriter beside them: (name, seed, pages, rounds). It yields its slice after
+/// every page (`every=1`), so it moves slowly while the Linux guests are busy and fast
+/// when they sleep: it outlasts the overlap of the two sha.sh runs, which
+/// [`fpu_isolation`] checks it did, without running long after them. Without the
+/// yields 300 rounds of 1024 pages were over before Linux reached /init.
+const FPU_MW: (&str, u64, u64, u64) = ("mw", 11, 256, 40);
+
+/// `linux-fpu-isolation`: two Linux guests run hv.test=sha (sha256sum and gzip of 32 MiB
+/// in tmpfs and 100,000 rounds of double arithmetic in awk: AVX2 string functions of
+/// glibc, SSE2 registers) at the same time, time-sliced on one CPU with a memwriter.
+fn fpu_domains() -> (String, Vec<&'static str>) {
+    let (mw, seed, pages, rounds) = FPU_MW;
+    let cfg = [
+        domain_line("linux", "192M", "sha", None, " quiet panic=-1"),
+        domain_line(FPU_SECOND, "192M", "sha", None, " quiet panic=-1"),
+        format!("name={mw} kernel=memwriter.elf memory=32M cmdline=pages={pages} rounds={rounds} seed={seed} every=1\n"),
+    ]
+    .concat();
+    (cfg, vec!["linux", FPU_SECOND, mw])
+}
+
+/// How the three domains of `linux-fpu-isolation` overlapped, from the order of their
+/// lines in the serial log: the window from the later `HV-SHA-BEGIN` to the earlier
+/// `HV-AWK-FP` (both guests inside sha.sh), and the memwriter rounds that ended in it.
+#[derive(Debug, PartialEq, Eq)]
+struct Overlap {
+    /// Serial lines inside the window (0 or less: the runs did not overlap).
+    window: i64,
+    /// memwriter `checksum` reports inside it.
+    mw_rounds: usize,
+}
+
+fn fpu_overlap(serial: &str) -> std::result::Result<Overlap, String> {
+    let text = clean(serial);
+    let lines: Vec<&str> = text.lines().collect();
+    let (first, second) = (GuestLog::parse_named(serial, "linux"), GuestLog::parse_named(serial, FPU_SECOND));
+    let at = |g: &GuestLog, name: &str, marker: &str| {
+        console_index(&lines, g, marker).ok_or_else(|| format!("{name}: no {marker} line"))
+    };
+    let begin = at(&first, "linux", "HV-SHA-BEGIN")?.max(at(&second, FPU_SECOND, "HV-SHA-BEGIN")?);
+    let end = at(&first, "linux", "HV-AWK-FP")?.min(at(&second, FPU_SECOND, "HV-AWK-FP")?);
+    let mw = GuestLog::parse_named(serial, FPU_MW.0);
+    let mw_rounds = domain_indices(&lines, &mw, "REPORT checksum=").into_iter().filter(|i| (begin..end).contains(i)).count();
+    Ok(Overlap { window: end as i64 - begin as i64, mw_rounds })
+}
+
+/// Both Linux guests print the host's digests and floating-point sums and power off
+/// with code 0; their sha.sh runs overlapped and the memwriter finished at least one
+/// round while they did; every memwriter round read back right.
+fn fpu_isolation(run: &GuestRun, g: &GuestLog, assets: &LinuxAssets) -> Vec<String> {
+    let mut problems = sha(run, g, assets);
+    let second = GuestLog::parse_named(&run.serial, FPU_SECOND);
+    if second.marker("HV-LINUX-INIT").is_none() {
+        problems.push(format!("{FPU_SECOND}: never reached /init"));
+    }
+    for l in second.console.iter().filter(|l| l.starts_with("HV-LINUX-FAIL")) {
+        problems.push(format!("{FPU_SECOND}: {l}"));
+    }
+    problems.extend(sha(run, &second, assets).into_iter().map(|p| format!("{FPU_SECOND}: {p}")));
+    match fpu_overlap(&run.serial) {
+        Err(e) => problems.push(format!("cannot tell whether the guests ran at the same time: {e}")),
+        Ok(o) if o.window <= 0 => problems.push(format!(
+            "the two sha.sh runs did not overlap (one printed HV-AWK-FP {} serial lines before the other's \
+             HV-SHA-BEGIN): nothing was isolated",
+            -o.window
+        )),
+        Ok(o) if o.mw_rounds == 0 => problems.push(format!(
+            "no memwriter round ended while both sha.sh runs were going ({} serial lines): it did not run beside \
+             them; give it more rounds",
+            o.window
+        )),
+        Ok(_) => {}
+    }
+    let (mw, seed, pages, rounds) = FPU_MW;
+    let m = GuestLog::parse_named(&run.serial, mw);
+    let sums: Vec<u64> = m.reports.iter().filter(|(k, _)| k == "checksum").map(|(_, v)| *v).collect();
+    let want: Vec<u64> = (0..rounds).map(|r| guest_abi::memwriter::round_checksum(seed, r, pages)).collect();
+    if sums != want || m.exit_code != Some(0) {
+        let wrong = sums.iter().zip(&want).filter(|(a, b)| a != b).count();
+        problems.push(format!(
+            "{mw}: {} of {rounds} rounds reported, {wrong} with a wrong checksum; end {:?}",
+            sums.len(),
+            m.end
+        ));
+    }
+    problems
+}
+
 /// The reason the hypervisor gives when a guest resets its machine
 /// (hv/src/domain/platform.rs `apply_effects`): the documented behaviour of `reboot`.
 const RESET_REASON: &str = "the guest asked for a reset, which is not emulated";
@@ -426,26 +516,65 @@ const SYSRQ_PANIC: &str = "Kernel panic - not syncing: sysrq triggered crash";
 /// The memwriter beside the Linux guests of `linux-poweroff-reboot-panic`.
 const MW: (&str, u64, u64, u64) = ("mw", 9, 256, 4);
 
-/// `linux-poweroff-reboot-panic`: three domains in one hypervisor (at most two Linux
-/// guests fit: the hypervisor's 31 MiB heap holds a boot-time kernel image while it
-/// creates the domain, and a third 11 MiB image is refused). `linux` (`reboot -f`) is
-/// stopped with [`RESET_REASON`]; `panic` (sysrq `c` with `panic=-1`: Linux resets at
-/// once after the panic, as it would after `panic=N` seconds) prints the panic and is
-/// stopped with the same reason, while the other keeps running; memwriter `mw` finishes
-/// with every round right. `poweroff -f` (finished(0)) is `linux-boots-to-init`'s.
+/// `linux-poweroff-reboot-panic`: four domains in one hypervisor, three of them Linux
+/// guests of one kernel image (boot reads a file the domains share once: three copies
+/// of the 11 MiB kernel would not fit the hypervisor's 31 MiB heap). `linux` (`reboot
+/// -f`) is stopped with [`RESET_REASON`]; `panic` (sysrq `c` with `panic=-1`: Linux
+/// resets at once after the panic, as it would after `panic=N` seconds) prints the panic
+/// and is stopped with the same reason; `survivor` (hv.test=clock: 20 s of sleep, then
+/// `poweroff -f`) keeps running after the panic's stop and powers off with code 0;
+/// memwriter `mw` finishes with every round right.
 fn poweroff_domains() -> (String, Vec<&'static str>) {
     let (mw, seed, pages, rounds) = MW;
     let cfg = [
-        domain_line("linux", "192M", "reboot", None, " quiet"),
-        domain_line("panic", "192M", "panic", None, " quiet panic=-1"),
+        domain_line("linux", "160M", "reboot", None, " quiet"),
+        domain_line("panic", "160M", "panic", None, " quiet panic=-1"),
+        domain_line(SURVIVOR, "160M", "clock", None, " quiet panic=-1"),
         format!("name={mw} kernel=memwriter.elf memory=24M cmdline=pages={pages} rounds={rounds} seed={seed}\n"),
     ]
     .concat();
-    (cfg, vec!["linux", "panic", mw])
+    (cfg, vec!["linux", "panic", SURVIVOR, mw])
 }
 
-fn poweroff_reboot_panic(run: &GuestRun, _: &GuestLog, _: &LinuxAssets) -> Vec<String> {
+/// The Linux domain of `linux-poweroff-reboot-panic` that must outlive the panic.
+const SURVIVOR: &str = "survivor";
+
+/// The index, among the lines of `lines` (the cleaned serial log), of the first console
+/// line of domain `g` that starts with `marker`.
+fn console_index(lines: &[&str], g: &GuestLog, marker: &str) -> Option<usize> {
+    let prefix = format!("[dom{}] ", g.id?);
+    lines.iter().position(|l| l.trim().strip_prefix(&prefix).is_some_and(|t| t.trim_start().starts_with(marker)))
+}
+
+/// The indices of the hypervisor's `DOMAIN N <what> …` lines of domain `g`.
+fn domain_indices(lines: &[&str], g: &GuestLog, what: &str) -> Vec<usize> {
+    let Some(id) = g.id else { return Vec::new() };
+    let prefix = format!("DOMAIN {id} {what}");
+    lines.iter().enumerate().filter(|(_, l)| l.trim().starts_with(&prefix)).map(|(i, _)| i).collect()
+}
+
+fn poweroff_reboot_panic(run: &GuestRun, _: &GuestLog, assets: &LinuxAssets) -> Vec<String> {
     let mut problems = Vec::new();
+    let text = clean(&run.serial);
+    let lines: Vec<&str> = text.lines().collect();
+    let panic = GuestLog::parse_named(&run.serial, "panic");
+    let survivor = GuestLog::parse_named(&run.serial, SURVIVOR);
+    // The survivor must still be running when the panicking domain is stopped: it
+    // prints its second HV-CLOCK line and HV-LINUX-DONE after that, and powers off.
+    let stopped = domain_indices(&lines, &panic, "CRASHED").first().copied();
+    let done = console_index(&lines, &survivor, "HV-LINUX-DONE");
+    match (stopped, done) {
+        (Some(s), Some(d)) if d > s => {}
+        (s, d) => problems.push(format!(
+            "{SURVIVOR}: its HV-LINUX-DONE (serial line {d:?}) must come after panic's CRASHED line (serial line              {s:?}): the other domains keep running after a guest's panic"
+        )),
+    }
+    for p in boots(run, &survivor, assets) {
+        problems.push(format!("{SURVIVOR}: {p}"));
+    }
+    if let Some(l) = survivor.console.iter().find(|l| l.starts_with("HV-LINUX-FAIL")) {
+        problems.push(format!("{SURVIVOR}: {l}"));
+    }
     for (name, panics) in [("linux", false), ("panic", true)] {
         let d = GuestLog::parse_named(&run.serial, name);
         if d.marker("HV-LINUX-INIT").is_none() {
@@ -536,7 +665,7 @@ fn single(test: &str) -> (String, Vec<&'static str>) {
     (domain_line("linux", "256M", test, None, ""), vec!["linux"])
 }
 
-fn tests() -> [LinuxTest; 6] {
+fn tests() -> [LinuxTest; 7] {
     [
         LinuxTest {
             bochs: false,
@@ -598,8 +727,29 @@ fn tests() -> [LinuxTest; 6] {
         },
         LinuxTest {
             bochs: false,
+            name: "linux-fpu-isolation",
+            what: "sha in two domains + memwriter",
+            by_default: true,
+            hv_cmdline: "",
+            domains: fpu_domains,
+            timeout: FPU_TIMEOUT,
+            check: fpu_isolation,
+            detail: |run, _| {
+                let o = fpu_overlap(&run.serial).ok();
+                format!(
+                    "both guests' sha256, gzip and awk results equal the host's; their sha.sh runs overlapped for {} \
+                     serial lines, in which memwriter finished {} rounds; all {} memwriter rounds right; {:.1} s",
+                    o.as_ref().map_or(0, |o| o.window),
+                    o.as_ref().map_or(0, |o| o.mw_rounds),
+                    FPU_MW.3,
+                    run.elapsed.as_secs_f64()
+                )
+            },
+        },
+        LinuxTest {
+            bochs: false,
             name: "linux-poweroff-reboot-panic",
-            what: "reboot + panic (panic=-1) + memwriter",
+            what: "reboot + panic (panic=-1) + clock + memwriter",
             by_default: true,
             hv_cmdline: "",
             domains: poweroff_domains,
@@ -607,7 +757,8 @@ fn tests() -> [LinuxTest; 6] {
             check: poweroff_reboot_panic,
             detail: |run, _| {
                 format!(
-                    "reboot and panic each stopped with `{RESET_REASON}`, the other ran on, memwriter right; {:.1} s",
+                    "reboot and panic each stopped with `{RESET_REASON}`; {SURVIVOR} ran on after the panic and \
+                     powered off; memwriter right; {:.1} s",
                     run.elapsed.as_secs_f64()
                 )
             },
@@ -660,6 +811,9 @@ fn tests() -> [LinuxTest; 6] {
         },
     ]
 }
+
+/// Two Linux guests and a memwriter share one TCG CPU in `linux-fpu-isolation`.
+const FPU_TIMEOUT: Duration = Duration::from_secs(420);
 
 /// How long the Linux boot may take on Bochs, which is much slower than QEMU TCG: /init
 /// came at 88 s on an idle machine and at 550 s while clippy built beside it.

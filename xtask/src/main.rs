@@ -13,6 +13,7 @@ mod domain_tests;
 mod emulator;
 mod image;
 mod linux;
+mod linux_console_tests;
 mod linux_tests;
 mod migration_tests;
 mod serial;
