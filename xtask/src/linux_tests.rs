@@ -10,8 +10,9 @@
 //! |---|---|---|---|
 //! | `linux-boots-to-init` | boot | yes | `HV-LINUX-INIT` of the right kernel, `HV-LINUX-DONE`, then `DOMAIN N EXIT code=0` (or `FINAL … state=finished(0)`) |
 //! | `linux-cpuinfo` | cpuinfo | yes | two domains (default policy; `base=host-max,-avx2,-aes`): the flags of /proc/cpuinfo equal, name by name, those levelling computes from the live host's CPUID (`cpuid-dump`), but for [`LINUX_SYNTHETIC`] and [`LINUX_HIDES`]; avx2 and aes absent in the second; `HV-NPROC 1` |
-//! | `linux-sha` | sha | no (`--filter linux-sha`) | `HV-SHA256`, `HV-GZIP-SHA256` equal what the same busybox computes on the host |
-//! | `linux-poweroff-reboot-panic` | reboot, panic | yes | `reboot -f` and a sysrq panic with `panic=-1` each stop their domain with `CRASHED the guest asked for a reset, which is not emulated` (the panic printed first), the other and a memwriter run on, the memwriter's checksums right |
+//! | `linux-sha` | sha | no (`--filter linux-sha`; `linux-fpu-isolation` runs it twice) | `HV-SHA256`, `HV-GZIP-SHA256`, `HV-AWK-FP` equal what the same busybox computes on the host |
+//! | `linux-fpu-isolation` | sha, sha | yes (about 80 s) | two Linux domains (`linux`, `fpu2`) and a memwriter yielding after every page: both Linux guests print the host's three values and power off with code 0; the two sha.sh runs overlap in the serial log (each `HV-SHA-BEGIN` before the other's `HV-AWK-FP`) and at least one memwriter round ends inside that overlap; every memwriter round's checksum right |
+//! | `linux-poweroff-reboot-panic` | reboot, panic, clock | yes | `reboot -f` and a sysrq panic with `panic=-1` each stop their domain with `CRASHED the guest asked for a reset, which is not emulated` (the panic printed first); a third Linux domain (`survivor`, hv.test=clock) prints `HV-LINUX-DONE` after the panic's `CRASHED` line and powers off with code 0; the memwriter's checksums right |
 //! | `linux-clock` | clock | yes | guest uptime between the two `HV-CLOCK` lines within 2 % of the host time between the moments the test saw them (`date +%s` within 2 % + 1 s) |
 //! | `bochs-linux-boots-to-init` | boot | yes (90 s idle, 550 s seen on a loaded machine) | as `linux-boots-to-init`, on Bochs corei7_skylake_x (VMX), 128M, `quiet` |
 //!
@@ -479,7 +480,15 @@ fn fpu_isolation(run: &GuestRun, g: &GuestLog, assets: &LinuxAssets) -> Vec<Stri
         problems.push(format!("{FPU_SECOND}: {l}"));
     }
     problems.extend(sha(run, &second, assets).into_iter().map(|p| format!("{FPU_SECOND}: {p}")));
-    match fpu_overlap(&run.serial) {
+    problems.extend(fpu_concurrency(&run.serial));
+    problems
+}
+
+/// The part of [`fpu_isolation`] that needs no host digests: the overlap, and the
+/// memwriter's rounds.
+fn fpu_concurrency(serial: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    match fpu_overlap(serial) {
         Err(e) => problems.push(format!("cannot tell whether the guests ran at the same time: {e}")),
         Ok(o) if o.window <= 0 => problems.push(format!(
             "the two sha.sh runs did not overlap (one printed HV-AWK-FP {} serial lines before the other's \
@@ -494,7 +503,7 @@ fn fpu_isolation(run: &GuestRun, g: &GuestLog, assets: &LinuxAssets) -> Vec<Stri
         Ok(_) => {}
     }
     let (mw, seed, pages, rounds) = FPU_MW;
-    let m = GuestLog::parse_named(&run.serial, mw);
+    let m = GuestLog::parse_named(serial, mw);
     let sums: Vec<u64> = m.reports.iter().filter(|(k, _)| k == "checksum").map(|(_, v)| *v).collect();
     let want: Vec<u64> = (0..rounds).map(|r| guest_abi::memwriter::round_checksum(seed, r, pages)).collect();
     if sums != want || m.exit_code != Some(0) {
@@ -1180,6 +1189,69 @@ mod tests {
         // A truncated flags list is caught by the count.
         let cut = log.replacen("HV-CPUINFO-COUNT 63", "HV-CPUINFO-COUNT 64", 1);
         assert!(check(&cut).iter().any(|p| p.contains("HV-CPUINFO-COUNT")), "{:?}", check(&cut));
+    }
+
+    /// A serial log of `linux-fpu-isolation`'s three domains, `events` in this order.
+    fn fpu_log(events: &[&str]) -> String {
+        let mut log = String::from(
+            "DOMAIN 1 CREATED name=linux vcpus=1\nDOMAIN 2 CREATED name=fpu2 vcpus=1\nDOMAIN 3 CREATED name=mw\n",
+        );
+        for e in events {
+            log.push_str(e);
+            log.push('\n');
+        }
+        log
+    }
+
+    #[test]
+    fn the_fpu_guests_overlap_is_read_from_the_order_of_the_serial_log() {
+        let both = fpu_log(&[
+            "[dom1] HV-SHA-BEGIN",
+            "DOMAIN 3 REPORT checksum=0x1",
+            "[dom2] HV-SHA-BEGIN",
+            "DOMAIN 3 REPORT round=0x1",
+            "DOMAIN 3 REPORT checksum=0x2",
+            "DOMAIN 3 REPORT checksum=0x3",
+            "[dom1] HV-AWK-FP 1.6 13.2",
+            "DOMAIN 3 REPORT checksum=0x4",
+            "[dom2] HV-AWK-FP 1.6 13.2",
+        ]);
+        assert_eq!(fpu_overlap(&both), Ok(Overlap { window: 4, mw_rounds: 2 }));
+        // One guest finished its sha.sh before the other began: no overlap.
+        let apart = fpu_log(&[
+            "[dom1] HV-SHA-BEGIN",
+            "[dom1] HV-AWK-FP 1.6 13.2",
+            "DOMAIN 3 REPORT checksum=0x1",
+            "[dom2] HV-SHA-BEGIN",
+            "[dom2] HV-AWK-FP 1.6 13.2",
+        ]);
+        let o = fpu_overlap(&apart).unwrap();
+        assert!(o.window <= 0, "{o:?}");
+        let p = fpu_concurrency(&apart);
+        assert!(p.iter().any(|p| p.contains("did not overlap")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("mw: 1 of 40 rounds reported")), "{p:?}");
+        assert!(fpu_concurrency(&both).iter().all(|p| !p.contains("overlap") && !p.contains("no memwriter")));
+        assert!(fpu_overlap(&fpu_log(&["[dom1] HV-SHA-BEGIN"])).unwrap_err().contains("fpu2: no HV-SHA-BEGIN"));
+    }
+
+    #[test]
+    fn a_survivor_that_ended_before_the_panic_proves_nothing() {
+        let log = |survivor_first: bool| {
+            let crash = "DOMAIN 2 CRASHED the guest asked for a reset, which is not emulated\n";
+            let done = "[dom3] HV-LINUX-DONE\nDOMAIN 3 EXIT code=0 exits=1\n";
+            let (a, b) = if survivor_first { (done, crash) } else { (crash, done) };
+            format!(
+                "DOMAIN 1 CREATED name=linux\nDOMAIN 2 CREATED name=panic\nDOMAIN 3 CREATED name={SURVIVOR}\n\
+                 [dom2] HV-LINUX-INIT uptime=1 kernel=x\n[dom3] HV-LINUX-INIT uptime=1 kernel=x\n{a}{b}"
+            )
+        };
+        let complaint = |text: &str| {
+            poweroff_reboot_panic(&run_of(text, false), &GuestLog::parse(text), &assets())
+                .into_iter()
+                .any(|p| p.contains("must come after panic's CRASHED line"))
+        };
+        assert!(!complaint(&log(false)));
+        assert!(complaint(&log(true)));
     }
 
     #[test]
