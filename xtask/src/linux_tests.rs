@@ -436,7 +436,9 @@ fn fpu_domains() -> (String, Vec<&'static str>) {
     let cfg = [
         domain_line("linux", "192M", "sha", None, " quiet panic=-1"),
         domain_line(FPU_SECOND, "192M", "sha", None, " quiet panic=-1"),
-        format!("name={mw} kernel=memwriter.elf memory=32M cmdline=pages={pages} rounds={rounds} seed={seed} every=1\n"),
+        format!(
+            "name={mw} kernel=memwriter.elf memory=32M cmdline=pages={pages} rounds={rounds} seed={seed} every=1\n"
+        ),
     ]
     .concat();
     (cfg, vec!["linux", FPU_SECOND, mw])
@@ -463,7 +465,8 @@ fn fpu_overlap(serial: &str) -> std::result::Result<Overlap, String> {
     let begin = at(&first, "linux", "HV-SHA-BEGIN")?.max(at(&second, FPU_SECOND, "HV-SHA-BEGIN")?);
     let end = at(&first, "linux", "HV-AWK-FP")?.min(at(&second, FPU_SECOND, "HV-AWK-FP")?);
     let mw = GuestLog::parse_named(serial, FPU_MW.0);
-    let mw_rounds = domain_indices(&lines, &mw, "REPORT checksum=").into_iter().filter(|i| (begin..end).contains(i)).count();
+    let mw_rounds =
+        domain_indices(&lines, &mw, "REPORT checksum=").into_iter().filter(|i| (begin..end).contains(i)).count();
     Ok(Overlap { window: end as i64 - begin as i64, mw_rounds })
 }
 
