@@ -71,16 +71,20 @@ pub struct BootInfo {
 }
 
 /// A domain to start at boot: its configuration and the files it names, read once
-/// into the heap (each is dropped as soon as its domain is created).
+/// into the heap. Domains naming the same file share one copy of it (boot reads each
+/// file once), which is freed when the last of them has been created.
 #[derive(Debug)]
 pub struct BootDomain {
     /// The configuration line.
     pub config: domain::config::DomainConfig,
     /// The kernel image (`kernel=`).
-    pub kernel: Vec<u8>,
+    pub kernel: BootImage,
     /// The initrd (`initrd=`; empty when none is configured).
-    pub initrd: Vec<u8>,
+    pub initrd: BootImage,
 }
+
+/// A file of the boot volume held for the boot-time domains that name it.
+pub type BootImage = alloc::sync::Arc<Vec<u8>>;
 
 static SHUTDOWN_HOOK: spin::Once<fn(Outcome) -> !> = spin::Once::new();
 
@@ -248,8 +252,8 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
         _ => true,
     };
     let mut machine = domain::Machine::new(backend, info.frames, host, slice, mechanisms, large_pages);
-    // Each image is freed once its domain has it in guest memory: the heap never holds
-    // more than the images not yet loaded.
+    // Each image is freed once the last domain naming it has it in guest memory: the
+    // heap never holds more than the distinct images not yet loaded.
     for boot in boot_domains {
         if let Err(e) = machine.create(&boot.config, &boot.kernel, &boot.initrd) {
             println!("DOMAIN-CREATE-FAILED name={}: {e}", boot.config.name);

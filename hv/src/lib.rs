@@ -45,4 +45,6 @@ pub mod services;
 /// The version printed in the banner.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-pub use init::{BootDomain, BootInfo, MemoryRegion, Outcome, RegionKind, coalesce, run, set_shutdown_hook, shutdown};
+pub use init::{
+    BootDomain, BootImage, BootInfo, MemoryRegion, Outcome, RegionKind, coalesce, run, set_shutdown_hook, shutdown,
+};

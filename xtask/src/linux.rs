@@ -349,7 +349,7 @@ fn initramfs(busybox: &[u8], init: &[u8], sha: &[u8]) -> Vec<u8> {
     w.finish()
 }
 
-/// What hv.test=sha must print (`HV-SHA256 …` and `HV-GZIP-SHA256 …`): guests/linux/
+/// What hv.test=sha must print (`HV-SHA256 …`, `HV-GZIP-SHA256 …`, `HV-AWK-FP …`): guests/linux/
 /// sha.sh run on the host by the same static busybox, every command an applet of it.
 pub fn expected_sha(assets: &LinuxAssets) -> Result<Vec<String>> {
     let work = target_dir().join("xtask").join("linux-sha");
@@ -366,8 +366,9 @@ pub fn expected_sha(assets: &LinuxAssets) -> Result<Vec<String>> {
     )?;
     let _ = std::fs::remove_dir_all(&work);
     let lines: Vec<String> = out.lines().map(str::to_string).collect();
-    if lines.len() != 2 || !lines[0].starts_with("HV-SHA256 ") || !lines[1].starts_with("HV-GZIP-SHA256 ") {
-        return Err(format!("sha.sh on the host printed {out:?}, expected the two HV-*SHA256 lines"));
+    let keys = ["HV-SHA256 ", "HV-GZIP-SHA256 ", "HV-AWK-FP "];
+    if lines.len() != keys.len() || lines.iter().zip(keys).any(|(l, k)| !l.starts_with(k)) {
+        return Err(format!("sha.sh on the host printed {out:?}, expected the lines {keys:?}"));
     }
     Ok(lines)
 }

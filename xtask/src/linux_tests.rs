@@ -10,8 +10,9 @@
 //! |---|---|---|---|
 //! | `linux-boots-to-init` | boot | yes | `HV-LINUX-INIT` of the right kernel, `HV-LINUX-DONE`, then `DOMAIN N EXIT code=0` (or `FINAL … state=finished(0)`) |
 //! | `linux-cpuinfo` | cpuinfo | yes | two domains (default policy; `base=host-max,-avx2,-aes`): the flags of /proc/cpuinfo equal, name by name, those levelling computes from the live host's CPUID (`cpuid-dump`), but for [`LINUX_SYNTHETIC`] and [`LINUX_HIDES`]; avx2 and aes absent in the second; `HV-NPROC 1` |
-//! | `linux-sha` | sha | no (`--filter linux-sha`) | `HV-SHA256`, `HV-GZIP-SHA256` equal what the same busybox computes on the host |
-//! | `linux-poweroff-reboot-panic` | reboot, panic | yes | `reboot -f` and a sysrq panic with `panic=-1` each stop their domain with `CRASHED the guest asked for a reset, which is not emulated` (the panic printed first), the other and a memwriter run on, the memwriter's checksums right |
+//! | `linux-sha` | sha | no (`--filter linux-sha`; `linux-fpu-isolation` runs it twice) | `HV-SHA256`, `HV-GZIP-SHA256`, `HV-AWK-FP` equal what the same busybox computes on the host |
+//! | `linux-fpu-isolation` | sha, sha | yes (about 80 s) | two Linux domains (`linux`, `fpu2`) and a memwriter yielding after every page: both Linux guests print the host's three values and power off with code 0; the two sha.sh runs overlap in the serial log (each `HV-SHA-BEGIN` before the other's `HV-AWK-FP`) and at least one memwriter round ends inside that overlap; every memwriter round's checksum right |
+//! | `linux-poweroff-reboot-panic` | reboot, panic, clock | yes | `reboot -f` and a sysrq panic with `panic=-1` each stop their domain with `CRASHED the guest asked for a reset, which is not emulated` (the panic printed first); a third Linux domain (`survivor`, hv.test=clock) prints `HV-LINUX-DONE` after the panic's `CRASHED` line and powers off with code 0; the memwriter's checksums right |
 //! | `linux-clock` | clock | yes | guest uptime between the two `HV-CLOCK` lines within 2 % of the host time between the moments the test saw them (`date +%s` within 2 % + 1 s) |
 //! | `bochs-linux-boots-to-init` | boot | yes (90 s idle, 550 s seen on a loaded machine) | as `linux-boots-to-init`, on Bochs corei7_skylake_x (VMX), 128M, `quiet` |
 //!
@@ -419,6 +420,107 @@ fn sha(run: &GuestRun, g: &GuestLog, assets: &LinuxAssets) -> Vec<String> {
     problems
 }
 
+/// The second Linux domain of `linux-fpu-isolation` (the first is `linux`).
+const FPU_SECOND: &str = "fpu2";
+/// The memwriter beside them: (name, seed, pages, rounds). It yields its slice after
+/// every page (`every=1`), so it moves slowly while the Linux guests are busy and fast
+/// when they sleep: it outlasts the overlap of the two sha.sh runs, which
+/// [`fpu_isolation`] checks it did, without running long after them. Without the
+/// yields 300 rounds of 1024 pages were over before Linux reached /init.
+const FPU_MW: (&str, u64, u64, u64) = ("mw", 11, 256, 40);
+
+/// `linux-fpu-isolation`: two Linux guests run hv.test=sha (sha256sum and gzip of 32 MiB
+/// in tmpfs and 100,000 rounds of double arithmetic in awk: AVX2 string functions of
+/// glibc, SSE2 registers) at the same time, time-sliced on one CPU with a memwriter.
+fn fpu_domains() -> (String, Vec<&'static str>) {
+    let (mw, seed, pages, rounds) = FPU_MW;
+    let cfg = [
+        domain_line("linux", "192M", "sha", None, " quiet panic=-1"),
+        domain_line(FPU_SECOND, "192M", "sha", None, " quiet panic=-1"),
+        format!(
+            "name={mw} kernel=memwriter.elf memory=32M cmdline=pages={pages} rounds={rounds} seed={seed} every=1\n"
+        ),
+    ]
+    .concat();
+    (cfg, vec!["linux", FPU_SECOND, mw])
+}
+
+/// How the three domains of `linux-fpu-isolation` overlapped, from the order of their
+/// lines in the serial log: the window from the later `HV-SHA-BEGIN` to the earlier
+/// `HV-AWK-FP` (both guests inside sha.sh), and the memwriter rounds that ended in it.
+#[derive(Debug, PartialEq, Eq)]
+struct Overlap {
+    /// Serial lines inside the window (0 or less: the runs did not overlap).
+    window: i64,
+    /// memwriter `checksum` reports inside it.
+    mw_rounds: usize,
+}
+
+fn fpu_overlap(serial: &str) -> std::result::Result<Overlap, String> {
+    let text = clean(serial);
+    let lines: Vec<&str> = text.lines().collect();
+    let (first, second) = (GuestLog::parse_named(serial, "linux"), GuestLog::parse_named(serial, FPU_SECOND));
+    let at = |g: &GuestLog, name: &str, marker: &str| {
+        console_index(&lines, g, marker).ok_or_else(|| format!("{name}: no {marker} line"))
+    };
+    let begin = at(&first, "linux", "HV-SHA-BEGIN")?.max(at(&second, FPU_SECOND, "HV-SHA-BEGIN")?);
+    let end = at(&first, "linux", "HV-AWK-FP")?.min(at(&second, FPU_SECOND, "HV-AWK-FP")?);
+    let mw = GuestLog::parse_named(serial, FPU_MW.0);
+    let mw_rounds =
+        domain_indices(&lines, &mw, "REPORT checksum=").into_iter().filter(|i| (begin..end).contains(i)).count();
+    Ok(Overlap { window: end as i64 - begin as i64, mw_rounds })
+}
+
+/// Both Linux guests print the host's digests and floating-point sums and power off
+/// with code 0; their sha.sh runs overlapped and the memwriter finished at least one
+/// round while they did; every memwriter round read back right.
+fn fpu_isolation(run: &GuestRun, g: &GuestLog, assets: &LinuxAssets) -> Vec<String> {
+    let mut problems = sha(run, g, assets);
+    let second = GuestLog::parse_named(&run.serial, FPU_SECOND);
+    if second.marker("HV-LINUX-INIT").is_none() {
+        problems.push(format!("{FPU_SECOND}: never reached /init"));
+    }
+    for l in second.console.iter().filter(|l| l.starts_with("HV-LINUX-FAIL")) {
+        problems.push(format!("{FPU_SECOND}: {l}"));
+    }
+    problems.extend(sha(run, &second, assets).into_iter().map(|p| format!("{FPU_SECOND}: {p}")));
+    problems.extend(fpu_concurrency(&run.serial));
+    problems
+}
+
+/// The part of [`fpu_isolation`] that needs no host digests: the overlap, and the
+/// memwriter's rounds.
+fn fpu_concurrency(serial: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    match fpu_overlap(serial) {
+        Err(e) => problems.push(format!("cannot tell whether the guests ran at the same time: {e}")),
+        Ok(o) if o.window <= 0 => problems.push(format!(
+            "the two sha.sh runs did not overlap (one printed HV-AWK-FP {} serial lines before the other's \
+             HV-SHA-BEGIN): nothing was isolated",
+            -o.window
+        )),
+        Ok(o) if o.mw_rounds == 0 => problems.push(format!(
+            "no memwriter round ended while both sha.sh runs were going ({} serial lines): it did not run beside \
+             them; give it more rounds",
+            o.window
+        )),
+        Ok(_) => {}
+    }
+    let (mw, seed, pages, rounds) = FPU_MW;
+    let m = GuestLog::parse_named(serial, mw);
+    let sums: Vec<u64> = m.reports.iter().filter(|(k, _)| k == "checksum").map(|(_, v)| *v).collect();
+    let want: Vec<u64> = (0..rounds).map(|r| guest_abi::memwriter::round_checksum(seed, r, pages)).collect();
+    if sums != want || m.exit_code != Some(0) {
+        let wrong = sums.iter().zip(&want).filter(|(a, b)| a != b).count();
+        problems.push(format!(
+            "{mw}: {} of {rounds} rounds reported, {wrong} with a wrong checksum; end {:?}",
+            sums.len(),
+            m.end
+        ));
+    }
+    problems
+}
+
 /// The reason the hypervisor gives when a guest resets its machine
 /// (hv/src/domain/platform.rs `apply_effects`): the documented behaviour of `reboot`.
 const RESET_REASON: &str = "the guest asked for a reset, which is not emulated";
@@ -427,26 +529,65 @@ const SYSRQ_PANIC: &str = "Kernel panic - not syncing: sysrq triggered crash";
 /// The memwriter beside the Linux guests of `linux-poweroff-reboot-panic`.
 const MW: (&str, u64, u64, u64) = ("mw", 9, 256, 4);
 
-/// `linux-poweroff-reboot-panic`: three domains in one hypervisor (at most two Linux
-/// guests fit: the hypervisor's 31 MiB heap holds a boot-time kernel image while it
-/// creates the domain, and a third 11 MiB image is refused). `linux` (`reboot -f`) is
-/// stopped with [`RESET_REASON`]; `panic` (sysrq `c` with `panic=-1`: Linux resets at
-/// once after the panic, as it would after `panic=N` seconds) prints the panic and is
-/// stopped with the same reason, while the other keeps running; memwriter `mw` finishes
-/// with every round right. `poweroff -f` (finished(0)) is `linux-boots-to-init`'s.
+/// `linux-poweroff-reboot-panic`: four domains in one hypervisor, three of them Linux
+/// guests of one kernel image (boot reads a file the domains share once: three copies
+/// of the 11 MiB kernel would not fit the hypervisor's 31 MiB heap). `linux` (`reboot
+/// -f`) is stopped with [`RESET_REASON`]; `panic` (sysrq `c` with `panic=-1`: Linux
+/// resets at once after the panic, as it would after `panic=N` seconds) prints the panic
+/// and is stopped with the same reason; `survivor` (hv.test=clock: 20 s of sleep, then
+/// `poweroff -f`) keeps running after the panic's stop and powers off with code 0;
+/// memwriter `mw` finishes with every round right.
 fn poweroff_domains() -> (String, Vec<&'static str>) {
     let (mw, seed, pages, rounds) = MW;
     let cfg = [
-        domain_line("linux", "192M", "reboot", None, " quiet"),
-        domain_line("panic", "192M", "panic", None, " quiet panic=-1"),
+        domain_line("linux", "160M", "reboot", None, " quiet"),
+        domain_line("panic", "160M", "panic", None, " quiet panic=-1"),
+        domain_line(SURVIVOR, "160M", "clock", None, " quiet panic=-1"),
         format!("name={mw} kernel=memwriter.elf memory=24M cmdline=pages={pages} rounds={rounds} seed={seed}\n"),
     ]
     .concat();
-    (cfg, vec!["linux", "panic", mw])
+    (cfg, vec!["linux", "panic", SURVIVOR, mw])
 }
 
-fn poweroff_reboot_panic(run: &GuestRun, _: &GuestLog, _: &LinuxAssets) -> Vec<String> {
+/// The Linux domain of `linux-poweroff-reboot-panic` that must outlive the panic.
+const SURVIVOR: &str = "survivor";
+
+/// The index, among the lines of `lines` (the cleaned serial log), of the first console
+/// line of domain `g` that starts with `marker`.
+fn console_index(lines: &[&str], g: &GuestLog, marker: &str) -> Option<usize> {
+    let prefix = format!("[dom{}] ", g.id?);
+    lines.iter().position(|l| l.trim().strip_prefix(&prefix).is_some_and(|t| t.trim_start().starts_with(marker)))
+}
+
+/// The indices of the hypervisor's `DOMAIN N <what> …` lines of domain `g`.
+fn domain_indices(lines: &[&str], g: &GuestLog, what: &str) -> Vec<usize> {
+    let Some(id) = g.id else { return Vec::new() };
+    let prefix = format!("DOMAIN {id} {what}");
+    lines.iter().enumerate().filter(|(_, l)| l.trim().starts_with(&prefix)).map(|(i, _)| i).collect()
+}
+
+fn poweroff_reboot_panic(run: &GuestRun, _: &GuestLog, assets: &LinuxAssets) -> Vec<String> {
     let mut problems = Vec::new();
+    let text = clean(&run.serial);
+    let lines: Vec<&str> = text.lines().collect();
+    let panic = GuestLog::parse_named(&run.serial, "panic");
+    let survivor = GuestLog::parse_named(&run.serial, SURVIVOR);
+    // The survivor must still be running when the panicking domain is stopped: it
+    // prints its second HV-CLOCK line and HV-LINUX-DONE after that, and powers off.
+    let stopped = domain_indices(&lines, &panic, "CRASHED").first().copied();
+    let done = console_index(&lines, &survivor, "HV-LINUX-DONE");
+    match (stopped, done) {
+        (Some(s), Some(d)) if d > s => {}
+        (s, d) => problems.push(format!(
+            "{SURVIVOR}: its HV-LINUX-DONE (serial line {d:?}) must come after panic's CRASHED line (serial line              {s:?}): the other domains keep running after a guest's panic"
+        )),
+    }
+    for p in boots(run, &survivor, assets) {
+        problems.push(format!("{SURVIVOR}: {p}"));
+    }
+    if let Some(l) = survivor.console.iter().find(|l| l.starts_with("HV-LINUX-FAIL")) {
+        problems.push(format!("{SURVIVOR}: {l}"));
+    }
     for (name, panics) in [("linux", false), ("panic", true)] {
         let d = GuestLog::parse_named(&run.serial, name);
         if d.marker("HV-LINUX-INIT").is_none() {
@@ -537,7 +678,7 @@ fn single(test: &str) -> (String, Vec<&'static str>) {
     (domain_line("linux", "256M", test, None, ""), vec!["linux"])
 }
 
-fn tests() -> [LinuxTest; 6] {
+fn tests() -> [LinuxTest; 7] {
     [
         LinuxTest {
             bochs: false,
@@ -595,12 +736,35 @@ fn tests() -> [LinuxTest; 6] {
             domains: || single("sha"),
             timeout: TIMEOUT,
             check: sha,
-            detail: |run, _| format!("both digests equal the host's; {:.1} s", run.elapsed.as_secs_f64()),
+            detail: |run, _| {
+                format!("sha256, gzip and awk results equal the host's; {:.1} s", run.elapsed.as_secs_f64())
+            },
+        },
+        LinuxTest {
+            bochs: false,
+            name: "linux-fpu-isolation",
+            what: "sha in two domains + memwriter",
+            by_default: true,
+            hv_cmdline: "",
+            domains: fpu_domains,
+            timeout: FPU_TIMEOUT,
+            check: fpu_isolation,
+            detail: |run, _| {
+                let o = fpu_overlap(&run.serial).ok();
+                format!(
+                    "both guests' sha256, gzip and awk results equal the host's; their sha.sh runs overlapped for {} \
+                     serial lines, in which memwriter finished {} rounds; all {} memwriter rounds right; {:.1} s",
+                    o.as_ref().map_or(0, |o| o.window),
+                    o.as_ref().map_or(0, |o| o.mw_rounds),
+                    FPU_MW.3,
+                    run.elapsed.as_secs_f64()
+                )
+            },
         },
         LinuxTest {
             bochs: false,
             name: "linux-poweroff-reboot-panic",
-            what: "reboot + panic (panic=-1) + memwriter",
+            what: "reboot + panic (panic=-1) + clock + memwriter",
             by_default: true,
             hv_cmdline: "",
             domains: poweroff_domains,
@@ -608,7 +772,8 @@ fn tests() -> [LinuxTest; 6] {
             check: poweroff_reboot_panic,
             detail: |run, _| {
                 format!(
-                    "reboot and panic each stopped with `{RESET_REASON}`, the other ran on, memwriter right; {:.1} s",
+                    "reboot and panic each stopped with `{RESET_REASON}`; {SURVIVOR} ran on after the panic and \
+                     powered off; memwriter right; {:.1} s",
                     run.elapsed.as_secs_f64()
                 )
             },
@@ -661,6 +826,9 @@ fn tests() -> [LinuxTest; 6] {
         },
     ]
 }
+
+/// Two Linux guests and a memwriter share one TCG CPU in `linux-fpu-isolation`.
+const FPU_TIMEOUT: Duration = Duration::from_secs(420);
 
 /// How long the Linux boot may take on Bochs, which is much slower than QEMU TCG: /init
 /// came at 88 s on an idle machine and at 550 s while clippy built beside it.
@@ -1034,6 +1202,69 @@ mod tests {
         // A truncated flags list is caught by the count.
         let cut = log.replacen("HV-CPUINFO-COUNT 63", "HV-CPUINFO-COUNT 64", 1);
         assert!(check(&cut).iter().any(|p| p.contains("HV-CPUINFO-COUNT")), "{:?}", check(&cut));
+    }
+
+    /// A serial log of `linux-fpu-isolation`'s three domains, `events` in this order.
+    fn fpu_log(events: &[&str]) -> String {
+        let mut log = String::from(
+            "DOMAIN 1 CREATED name=linux vcpus=1\nDOMAIN 2 CREATED name=fpu2 vcpus=1\nDOMAIN 3 CREATED name=mw\n",
+        );
+        for e in events {
+            log.push_str(e);
+            log.push('\n');
+        }
+        log
+    }
+
+    #[test]
+    fn the_fpu_guests_overlap_is_read_from_the_order_of_the_serial_log() {
+        let both = fpu_log(&[
+            "[dom1] HV-SHA-BEGIN",
+            "DOMAIN 3 REPORT checksum=0x1",
+            "[dom2] HV-SHA-BEGIN",
+            "DOMAIN 3 REPORT round=0x1",
+            "DOMAIN 3 REPORT checksum=0x2",
+            "DOMAIN 3 REPORT checksum=0x3",
+            "[dom1] HV-AWK-FP 1.6 13.2",
+            "DOMAIN 3 REPORT checksum=0x4",
+            "[dom2] HV-AWK-FP 1.6 13.2",
+        ]);
+        assert_eq!(fpu_overlap(&both), Ok(Overlap { window: 4, mw_rounds: 2 }));
+        // One guest finished its sha.sh before the other began: no overlap.
+        let apart = fpu_log(&[
+            "[dom1] HV-SHA-BEGIN",
+            "[dom1] HV-AWK-FP 1.6 13.2",
+            "DOMAIN 3 REPORT checksum=0x1",
+            "[dom2] HV-SHA-BEGIN",
+            "[dom2] HV-AWK-FP 1.6 13.2",
+        ]);
+        let o = fpu_overlap(&apart).unwrap();
+        assert!(o.window <= 0, "{o:?}");
+        let p = fpu_concurrency(&apart);
+        assert!(p.iter().any(|p| p.contains("did not overlap")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains("mw: 1 of 40 rounds reported")), "{p:?}");
+        assert!(fpu_concurrency(&both).iter().all(|p| !p.contains("overlap") && !p.contains("no memwriter")));
+        assert!(fpu_overlap(&fpu_log(&["[dom1] HV-SHA-BEGIN"])).unwrap_err().contains("fpu2: no HV-SHA-BEGIN"));
+    }
+
+    #[test]
+    fn a_survivor_that_ended_before_the_panic_proves_nothing() {
+        let log = |survivor_first: bool| {
+            let crash = "DOMAIN 2 CRASHED the guest asked for a reset, which is not emulated\n";
+            let done = "[dom3] HV-LINUX-DONE\nDOMAIN 3 EXIT code=0 exits=1\n";
+            let (a, b) = if survivor_first { (done, crash) } else { (crash, done) };
+            format!(
+                "DOMAIN 1 CREATED name=linux\nDOMAIN 2 CREATED name=panic\nDOMAIN 3 CREATED name={SURVIVOR}\n\
+                 [dom2] HV-LINUX-INIT uptime=1 kernel=x\n[dom3] HV-LINUX-INIT uptime=1 kernel=x\n{a}{b}"
+            )
+        };
+        let complaint = |text: &str| {
+            poweroff_reboot_panic(&run_of(text, false), &GuestLog::parse(text), &assets())
+                .into_iter()
+                .any(|p| p.contains("must come after panic's CRASHED line"))
+        };
+        assert!(!complaint(&log(false)));
+        assert!(complaint(&log(true)));
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod emulator;
 mod image;
 mod linux;
 mod linux_bench;
+mod linux_console_tests;
 mod linux_tests;
 mod migration_tests;
 mod serial;
@@ -64,8 +65,8 @@ enum Command {
         /// initramfs (fetched with apt-get download and built on first use, cached in
         /// target/linux), staged as \EFI\HV\VMLINUZ and INITRD.GZ. The guest's console
         /// appears in the serial log as `[domN] ...` lines (the hypervisor echoes the
-        /// first 400); typing into it needs `hvctl domain console --interactive`, which
-        /// does not exist yet, so hv.test=shell can be watched but not used.
+        /// first 400); `hvctl domain console 1 --interactive` (printed at start) types
+        /// into it: with hv.test=shell, a busybox shell on the guest's ttyS0.
         #[arg(long, conflicts_with = "domains")]
         linux: bool,
         /// Put a host file into the ESP as \EFI\HV\NAME for a --domains file to name,
@@ -314,6 +315,12 @@ fn run(
         let target_dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
         println!("xtask: the hypervisor is serving; in another terminal:");
         println!("    {target_dir}/debug/hvctl --connect {target} info");
+        for (id, name) in log.text().lines().filter_map(created_domain) {
+            println!(
+                "xtask: domain {id} ({name}): {target_dir}/debug/hvctl --connect {target} domain console {id} \
+                 --interactive   (Ctrl-] leaves)"
+            );
+        }
         println!("xtask: (hvctl run from {} finds it without --connect). Ctrl-C stops it.", tools::root().display());
         // Serve until the machine powers off or we are interrupted (which also stops
         // the vsock backend: it is in our process group).
@@ -331,6 +338,15 @@ fn run(
     }
     println!("xtask: the hypervisor stopped: {why}   (serial log: {})", session.serial_path.display());
     Ok(())
+}
+
+/// `(N, NAME)` of the hypervisor's `DOMAIN N CREATED name=NAME …` line.
+fn created_domain(line: &str) -> Option<(u32, &str)> {
+    let mut w = line.split_whitespace();
+    let (Some("DOMAIN"), Some(id), Some("CREATED"), Some(name)) = (w.next(), w.next(), w.next(), w.next()) else {
+        return None;
+    };
+    Some((id.parse().ok()?, name.strip_prefix("name=")?))
 }
 
 /// Give the emulator a moment to exit after SHUTDOWN, echoing its last lines.
@@ -551,4 +567,15 @@ fn lint() -> Result<()> {
     tools::cargo(&["clippy", "-p", "boot", "--target", "x86_64-unknown-uefi", "--", "-D", "warnings"])?;
     tools::ensure_target("x86_64-unknown-none")?;
     tools::cargo(&["clippy", "-p", "guest-kernels", "--target", "x86_64-unknown-none", "--", "-D", "warnings"])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn created_domain_lines_name_the_console_to_attach() {
+        let line = "DOMAIN 3 CREATED name=linux memory=256M vcpus=1 kernel=11653632 bytes format=bzimage";
+        assert_eq!(super::created_domain(line), Some((3, "linux")));
+        assert_eq!(super::created_domain("DOMAIN 3 EXIT code=0 exits=5"), None);
+        assert_eq!(super::created_domain("[dom1] DOMAIN x CREATED name=a"), None);
+    }
 }

@@ -218,6 +218,9 @@ pub fn run_all(filter: Option<&str>, linux: bool) -> Result<()> {
         let (p, f) = crate::smp_tests::run(&esp, filter)?;
         passed += p;
         failed += f;
+        let (p, f) = crate::linux_console_tests::run(&esp, filter)?;
+        passed += p;
+        failed += f;
     } else {
         println!("systest linux-* ... left out (--no-linux)");
     }

@@ -1,6 +1,8 @@
 //! `hvctl domain console ID --interactive`: keystrokes to the guest's UART receiver
 //! (`DomainConsoleInput`, protocol v5), the console ring's output to stdout, until
-//! Ctrl-] (0x1d) or the domain ends.
+//! Ctrl-] (0x1d) or the domain ends (finished or crashed, seen in `DomainList` every
+//! [`STATE_POLL`]; hvctl then prints the rest of the console and the domain's state,
+//! and leaves with status 0).
 //!
 //! On a terminal, stdin is put in raw mode (no line editing, no echo, no signals from
 //! Ctrl-C: that byte goes to the guest too), and the saved mode is restored on every
@@ -34,6 +36,14 @@ const POLL: Duration = Duration::from_millis(30);
 /// After stdin ends (not a terminal), how long the console must stay quiet before
 /// hvctl leaves.
 pub const LINGER: Duration = Duration::from_millis(1500);
+/// How often the domain's state is looked at (a `DomainList` request).
+pub const STATE_POLL: Duration = Duration::from_millis(500);
+
+/// Whether a domain in `state` (`DomainInfo::state`) has ended: it runs no more and
+/// takes no input.
+pub fn ended(state: &str) -> bool {
+    state.starts_with("finished") || state.starts_with("crashed")
+}
 
 /// The terminal mode to put back, for the panic hook.
 static SAVED: Mutex<Option<Termios>> = Mutex::new(None);
@@ -149,6 +159,8 @@ pub fn interactive(opts: &Options, id: u32) -> Result<ExitCode, CliError> {
     say(tty, false, &format!("hvctl: console of domain {id}; press Ctrl-] to leave"));
     let mut input = Input { pending: Vec::new(), eof: false, leave: false };
     let mut quiet_since = Instant::now();
+    // `None` once the hypervisor would not list its domains (said once, then not asked).
+    let mut state_checked = Some(Instant::now());
     loop {
         if let Some(by) = interrupt::pending() {
             say(tty, true, &format!("hvctl: {by}: left the console of domain {id}"));
@@ -183,6 +195,31 @@ pub fn interactive(opts: &Options, id: u32) -> Result<ExitCode, CliError> {
             }
             _ => return Err(connection_err("the hypervisor answered console with the wrong message")),
         }
+        if state_checked.is_some_and(|t| t.elapsed() >= STATE_POLL) {
+            state_checked = Some(Instant::now());
+            match client.call(&Request::DomainList)? {
+                Response::DomainList(list) => match list.domains.iter().find(|d| d.id == id) {
+                    Some(d) if ended(&d.state) => {
+                        // What it printed between the last read and its end.
+                        if let Response::Console(c) = client.call(&Request::DomainConsole { id, offset })? {
+                            write_out(&c.data);
+                        }
+                        say(tty, true, &format!("hvctl: domain {id} ended: {}", d.state));
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                    Some(_) => {}
+                    None => {
+                        say(tty, true, &format!("hvctl: domain {id} is gone"));
+                        return Ok(ExitCode::SUCCESS);
+                    }
+                },
+                Response::Error(e) => {
+                    say(tty, true, &format!("hvctl: cannot see domain {id}'s state ({e}); Ctrl-] leaves"));
+                    state_checked = None;
+                }
+                _ => return Err(connection_err("the hypervisor answered domain list with the wrong message")),
+            }
+        }
         if input.leave && input.pending.is_empty() {
             say(tty, tty, &format!("hvctl: left the console of domain {id}"));
             return Ok(ExitCode::SUCCESS);
@@ -216,5 +253,15 @@ mod tests {
     #[test]
     fn the_escape_is_ctrl_right_bracket() {
         assert_eq!(ESCAPE, b']' & 0x1f);
+    }
+
+    #[test]
+    fn finished_and_crashed_domains_have_ended() {
+        for s in ["finished(0)", "finished(3)", "crashed: triple fault at RIP 0x1000"] {
+            assert!(ended(s), "{s}");
+        }
+        for s in ["running", "paused", "halted"] {
+            assert!(!ended(s), "{s}: it still takes input");
+        }
     }
 }

@@ -50,6 +50,10 @@ struct Hv {
     lose_chunk: Option<usize>,
     console: Vec<u8>,
     console_input: Vec<u8>,
+    /// Domain 1's state in `DomainList` (empty: running).
+    state: String,
+    /// Domain 1 finishes (`finished(0)`) when its console input holds this line.
+    ends_on: Option<&'static [u8]>,
 }
 
 struct FakeHv {
@@ -167,7 +171,25 @@ fn answer(hv: &Mutex<Hv>, request: Request) -> Response {
             h.console_input.extend_from_slice(&bytes[..n]);
             let echo = bytes[..n].to_ascii_uppercase();
             h.console.extend_from_slice(&echo);
+            if h.ends_on.is_some_and(|line| h.console_input.windows(line.len()).any(|w| w == line)) {
+                h.console.extend_from_slice(b"\nreboot: Power down\n");
+                h.state = "finished(0)".into();
+            }
             Response::ConsoleInput { id: 1, accepted: n as u32 }
+        }
+        Request::DomainList => {
+            let state = if h.state.is_empty() { "running".to_string() } else { h.state.clone() };
+            let info = wire::DomainInfo {
+                id: 1,
+                name: "one".into(),
+                state,
+                vcpus: 1,
+                memory_bytes: 8 << 20,
+                exits: Vec::new(),
+                runtime_ns: 0,
+                unclaimed: Vec::new(),
+            };
+            Response::DomainList(wire::DomainListReport { domains: vec![info], free_frames: 0, total_frames: 0 })
         }
         Request::DomainConsole { id: 1, offset } => {
             let from = (offset as usize).min(h.console.len());
@@ -384,6 +406,35 @@ fn interactive_console_from_a_pipe_sends_everything_and_shows_the_echo() {
     assert_eq!(h.console_input, b"echo $((6*7))\n", "the bytes the FIFO refused were sent again, in order");
     let inputs = h.requests.iter().filter(|r| *r == "domain-console-input").count();
     assert_eq!(inputs, 14usize.div_ceil(FIFO), "one request per FIFO-full");
+}
+
+/// A guest that powers off while hvctl is attached: hvctl prints the last output and
+/// the state and leaves by itself, though its input is still open (a person at a
+/// terminal typing `poweroff -f`).
+#[test]
+fn interactive_console_leaves_when_the_domain_ends() {
+    let fake = FakeHv::start("ends", Hv { ends_on: Some(b"poweroff -f\n"), ..Hv::default() });
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+        .args(["--connect", &fake.target(), "domain", "console", "1", "--interactive"])
+        .env_remove("HVCTL_CONNECT")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"poweroff -f\n").unwrap();
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(start.elapsed() < Duration::from_secs(10), "hvctl is still attached to a finished domain");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = child.wait_with_output().unwrap();
+    drop(stdin);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "POWEROFF -F\n\nreboot: Power down\n", "the output up to the end, nothing lost");
+    assert!(stderr(&o).contains("hvctl: domain 1 ended: finished(0)"), "{}", stderr(&o));
+    assert!(fake.lock().requests.iter().any(|r| r == "domain-list"));
 }
 
 #[test]
