@@ -249,14 +249,14 @@ fn misbehaving(session: &mut Session, timeout: Duration) -> Result<String> {
 /// exit code the guest's own checks end with when the hypervisor did what
 /// `misbehave.rs`'s table says). Each runs a bounded number of iterations.
 const HOSTILE: &[(&str, &str, u64)] = &[
-    ("storm", "mode=timer-storm ticks=10000", 30),
+    ("storm", "mode=timer-storm ticks=5000", 30),
     ("garbage", "mode=garbage rounds=200 seed=7", 40),
     ("badvec", "mode=bad-vectors", 50),
     ("ipis", "mode=ipi-nowhere rounds=100", 60),
     ("nowhere", "mode=mmio-nowhere rounds=2000 seed=3", 70),
 ];
 /// The timer storm's ticks (its `ticks=` above).
-const STORM_TICKS: u64 = 10_000;
+const STORM_TICKS: u64 = 5000;
 /// The memwriter beside them: pages, rounds, seed.
 const HOSTILE_WRITER: (u64, u64, u64) = (64, 3, 9);
 

@@ -10,7 +10,7 @@
 //! | `mmio-rmw` | `add [p], eax` there (a read-modify-write the MMIO emulation does not implement) | stop the domain: "Add [...] is not emulated for MMIO" |
 //! | `triple-fault` | INT3 with an empty IDT | stop the domain: "triple fault" |
 //! | `flood` | prints lines forever | keep running; stop echoing its console to the log |
-//! | `timer-storm` | x2APIC timer periodic at initial count 1, divide by 1, IF=1, spinning until `ticks=` (default 20000) interrupts, EOI each | clamp the period to `MIN_PERIODIC_NS` (100 µs): the ticks take at least that long each (reports `ticks`, `tsc`); others keep their slices: exit 30 (31: too few ticks within 2^37 TSC ticks) |
+//! | `timer-storm` | x2APIC timer periodic at initial count 1, divide by 1, IF=1, spinning until `ticks=` (default 5000) interrupts, EOI each | clamp the period to `MIN_PERIODIC_NS` (100 µs): the ticks take at least that long each (reports `ticks`, `tsc`); others keep their slices: exit 30 (31: too few ticks within 60 s of the ACPI PM timer) |
 //! | `garbage` | `rounds=` (default 200) of random reads and writes (xorshift, `seed=`) of 1, 2 or 4 bytes to every port of the 8259s, PIT, port 0x61, RTC, UART and ACPI PM block (never 0xF4; PM1a_CNT without SLP_EN, the reset register never 0x0F: power-off and reset are other tests'), to the I/O APIC's registers, to every xAPIC MMIO register and every x2APIC MSR 0x800-0x8FF, with IF=0 | answer every access (a #GP for an x2APIC MSR the guest may not touch, which the guest skips and counts: reports `gp`); the domain keeps running: exit 40 |
 //! | `bad-vectors` | PIT at 1 kHz, RTC periodic, UART THRE interrupts; I/O APIC pins routed to vectors 0-15 and to APIC IDs that do not exist, IF=1 | drop the illegal vectors (ESR bit 6, SDM Vol. 3A 11.5.3) and the messages to nobody; then the PIT's pin routed right delivers: exit 50 (51: an undeliverable message arrived, 52: ESR lacks bit 6, 53: the good route got fewer than 20 ticks; an illegal vector taken exits 100 + vector) |
 //! | `ipi-nowhere` | `rounds=` (default 100) of INIT, INIT deassert, SIPI, fixed and NMI IPIs to APIC IDs that do not exist and with the all-excluding-self shorthand, fixed IPIs to self and all-including-self, and INIT to all-including-self (resets its own LAPIC), IF=1 | deliver only the IPIs to itself (one per round per kind) and nothing else; the BSP keeps running after INIT: exit 60 (61: a count is wrong, reports `nowhere`, `self`, `all`) |
@@ -322,8 +322,33 @@ const X2_LVT_TIMER: u32 = 0x832;
 const X2_INITIAL_COUNT: u32 = 0x838;
 const X2_DIVIDE: u32 = 0x83e;
 
-/// TSC ticks a mode waits for interrupts at most before it gives up (a failure code).
-const PATIENCE_TSC: u64 = 1 << 37;
+/// The ACPI PM timer (hv/src/devices/pm.rs: port 0x608, 32 bits, 3.579545 MHz): the
+/// one clock whose rate a guest knows on every host (the TSC runs at 50 MHz on Bochs
+/// and GHz on QEMU), so bounded waits are measured in it.
+const PM_TMR_PORT: u16 = 0x608;
+const PM_TMR_HZ: u64 = 3_579_545;
+/// How long a mode waits for interrupts at most before it gives up (a failure code):
+/// 60 s of guest time.
+const PATIENCE_PM: u64 = 60 * PM_TMR_HZ;
+
+/// Elapsed PM timer ticks since `start()`, robust to its wrap (polled far more often
+/// than the 24-bit wrap of 4.7 s, so a 24-bit timer would work too).
+struct PmClock {
+    last: u32,
+    elapsed: u64,
+}
+
+impl PmClock {
+    fn start() -> Self {
+        Self { last: port_access(PM_TMR_PORT, 4, false, 0), elapsed: 0 }
+    }
+    fn elapsed(&mut self) -> u64 {
+        let now = port_access(PM_TMR_PORT, 4, false, 0);
+        self.elapsed += u64::from(now.wrapping_sub(self.last) & 0x00ff_ffff);
+        self.last = now;
+        self.elapsed
+    }
+}
 
 fn timer_storm(ticks: u64) -> u64 {
     const VECTOR: usize = 0x40;
@@ -335,7 +360,8 @@ fn timer_storm(ticks: u64) -> u64 {
     wrmsr(X2_INITIAL_COUNT, 1); // one APIC clock: the shortest period there is
     enable_interrupts();
     // Spin, not HLT: take every slice the hypervisor gives.
-    while count(VECTOR) < ticks && rdtsc().wrapping_sub(start) < PATIENCE_TSC {
+    let mut clock = PmClock::start();
+    while count(VECTOR) < ticks && clock.elapsed() < PATIENCE_PM {
         core::hint::spin_loop();
     }
     disable_interrupts();
@@ -358,11 +384,11 @@ fn redirect(pin: u32, low: u32, dest: u8) {
     mmio32(0xfec0_0010, Some(low));
 }
 
-/// Spin with interrupts on for `tsc` TSC ticks, or until `until()` holds.
-fn spin_for(tsc: u64, until: impl Fn() -> bool) {
-    let start = rdtsc();
+/// Spin with interrupts on for `pm` PM timer ticks, or until `until()` holds.
+fn spin_for(pm: u64, until: impl Fn() -> bool) {
+    let mut clock = PmClock::start();
     enable_interrupts();
-    while !until() && rdtsc().wrapping_sub(start) < tsc {
+    while !until() && clock.elapsed() < pm {
         core::hint::spin_loop();
     }
     disable_interrupts();
@@ -389,20 +415,21 @@ fn bad_vectors() -> u64 {
     redirect(8, 0x0e, 0);
     redirect(4, UART_NOBODY as u32, 0x3c);
     outb(0x3f9, 0x02); // IER: THR empty
-    // Pin 2 to every illegal vector (0-15) in turn, 20 ms of TSC (at up to 5 GHz) each.
+    // Pin 2 to every illegal vector (0-15) in turn, 20 ms (20 PIT periods) each.
+    const PHASE_PM: u64 = PM_TMR_HZ / 50;
     for vector in 0..16 {
         redirect(2, vector, 0);
-        spin_for(1 << 27, || false);
+        spin_for(PHASE_PM, || false);
     }
     // Then to APIC IDs nobody has (physical 1, 7, 0x3C, 0xFE), then logical 0x80 (no
     // LDR here has bit 7).
     for (dest, logical) in [(1u8, false), (7, false), (0x3c, false), (0xfe, false), (0x80, true)] {
         redirect(2, NOBODY as u32 | (u32::from(logical) << 11), dest);
-        spin_for(1 << 27, || false);
+        spin_for(PHASE_PM, || false);
     }
     // Finally to us: the PIT was firing all along.
     redirect(2, GOOD as u32, 0);
-    spin_for(PATIENCE_TSC, || count(GOOD) >= 20);
+    spin_for(PATIENCE_PM, || count(GOOD) >= 20);
     for pin in [2, 4, 8] {
         redirect(pin, 1 << 16, 0);
     }
@@ -577,7 +604,7 @@ fn main(info: &BootInfo) -> u64 {
                 n += 1;
             }
         }
-        "timer-storm" => timer_storm(arg(info, "ticks").unwrap_or(20_000)),
+        "timer-storm" => timer_storm(arg(info, "ticks").unwrap_or(5000)),
         "garbage" => {
             let rounds = arg(info, "rounds").unwrap_or(200);
             let sum = garbage(rounds, arg(info, "seed").unwrap_or(1));
