@@ -245,6 +245,115 @@ fn misbehaving(session: &mut Session, timeout: Duration) -> Result<String> {
         .into())
 }
 
+/// Hostile guests that run beside a well-behaved memwriter: (name, command line, the
+/// exit code the guest's own checks end with when the hypervisor did what
+/// `misbehave.rs`'s table says). Each runs a bounded number of iterations.
+const HOSTILE: &[(&str, &str, u64)] = &[
+    ("storm", "mode=timer-storm ticks=5000", 30),
+    ("garbage", "mode=garbage rounds=200 seed=7", 40),
+    ("badvec", "mode=bad-vectors", 50),
+    ("ipis", "mode=ipi-nowhere rounds=100", 60),
+    ("nowhere", "mode=mmio-nowhere rounds=2000 seed=3", 70),
+];
+/// The timer storm's ticks (its `ticks=` above).
+const STORM_TICKS: u64 = 5000;
+/// The memwriter beside them: pages, rounds, seed.
+const HOSTILE_WRITER: (u64, u64, u64) = (64, 3, 9);
+
+/// Hostile guests are contained: each gets exactly the answers the platform defines
+/// (its exit code), the minimum-period LAPIC timer is held to 100 µs and does not
+/// starve the memwriter (which finishes, correct, while the storm still runs), and the
+/// hypervisor outlives them all (no FAIL/FATAL line, then its idle power-off).
+fn hostile(session: &mut Session, timeout: Duration) -> Result<String> {
+    let names = || HOSTILE.iter().map(|(n, _, _)| *n).chain(["good"]);
+    let done = |l: &SerialLog| {
+        let d = parse_domains(&l.text());
+        names().all(|n| d.get(n).is_some_and(|d| d.exit.is_some() || d.crashed.is_some()))
+    };
+    let start = Instant::now();
+    let wait = session.wait_until(timeout, &mut Echo::new(false), |l| done(l) && l.outcome().is_some());
+    let serial = session.serial();
+    let log = SerialLog::new(&serial);
+    let domains = parse_domains(&serial);
+    if !done(&log) {
+        return Err(format!("not every hostile guest ended within {} s ({wait:?})", timeout.as_secs()));
+    }
+    let mut wrong = Vec::new();
+    for (name, cmdline, code) in HOSTILE {
+        let d = &domains[*name];
+        if d.exit != Some(*code) {
+            wrong.push(format!(
+                "{name} ({cmdline}): exit {:?}, crash {:?}, expected exit {code}; reports {:?}",
+                d.exit, d.crashed, d.reports
+            ));
+        }
+    }
+    let (pages, rounds, seed) = HOSTILE_WRITER;
+    let good = &domains["good"];
+    let sums: Vec<u64> = good.reports.iter().filter(|(k, _)| k == "checksum").map(|(_, v)| *v).collect();
+    let want: Vec<u64> = (0..rounds).map(|r| guest_abi::memwriter::round_checksum(seed, r, pages)).collect();
+    if good.exit != Some(0) || sums != want {
+        wrong.push(format!(
+            "the memwriter did not finish correctly: exit {:?}, crash {:?}, sums {sums:x?}, expected {want:x?}",
+            good.exit, good.crashed
+        ));
+    }
+    let get = |n: &str, k: &str| domains[n].reports.iter().find(|(t, _)| t == k).map(|(_, v)| *v);
+    // The storm's ticks came no faster than the 100 µs floor (TSC time).
+    let tsc_khz: u64 = clean(&serial)
+        .lines()
+        .find_map(|l| l.split_once("TSC ")?.1.split_once(" kHz")?.0.trim().parse().ok())
+        .ok_or("the hypervisor printed no TSC frequency")?;
+    let storm_us = get("storm", "tsc").unwrap_or(0) * 1000 / tsc_khz.max(1);
+    let floor_us = STORM_TICKS * hv::devices::lapic::MIN_PERIODIC_NS / 1000;
+    if get("storm", "ticks") != Some(STORM_TICKS) || storm_us * 10 < floor_us * 9 {
+        wrong.push(format!(
+            "the timer storm took {:?} ticks in {storm_us} µs; {STORM_TICKS} ticks at the floor take at least {floor_us} µs",
+            get("storm", "ticks")
+        ));
+    }
+    // No starvation: the memwriter ended while the storm was still taking interrupts.
+    let text = clean(&serial);
+    let exit_line = |n: &str| {
+        let id = text.lines().find_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.len() > 3 && w[0] == "DOMAIN" && w[2] == "CREATED" && w[3] == format!("name={n}"))
+                .then(|| w[1].to_string())
+        })?;
+        text.lines().position(|l| l.trim_start().starts_with(&format!("DOMAIN {id} EXIT ")))
+    };
+    match (exit_line("good"), exit_line("storm")) {
+        (Some(g), Some(s)) if g < s => {}
+        other => wrong.push(format!("the memwriter did not end before the timer storm (log lines {other:?})")),
+    }
+    if get("badvec", "esr").is_none_or(|e| e & (1 << 6) == 0) {
+        wrong.push(format!("bad-vectors: ESR {:?} lacks Receive Illegal Vector", get("badvec", "esr")));
+    }
+    if let Some(l) = log.line("FAIL:").or(log.line("FATAL:")) {
+        wrong.push(format!("the hypervisor failed: {l}"));
+    }
+    if log.line("IDLE: nothing left to run").is_none() {
+        wrong.push(format!("the hypervisor did not reach its idle power-off: {}", log.outcome_summary()));
+    }
+    if !wrong.is_empty() {
+        return Err(wrong.join("\n  - "));
+    }
+    Ok(format!(
+        "{} hostile guests ended as defined (exits 30/40/50/60/70): storm {STORM_TICKS} ticks in {storm_us} µs (floor {floor_us}), \
+         garbage {} #GP skipped, bad vectors ESR {:#x} and {} good ticks, IPIs to self {:?}/all {:?}/nowhere {:?}, \
+         unclaimed MMIO all ones ({:?} bad); memwriter {rounds} x {pages} pages correct before the storm ended; {:.1} s",
+        HOSTILE.len(),
+        get("garbage", "gp").unwrap_or(0),
+        get("badvec", "esr").unwrap_or(0),
+        get("badvec", "good").unwrap_or(0),
+        get("ipis", "self"),
+        get("ipis", "all"),
+        get("ipis", "nowhere"),
+        get("nowhere", "bad"),
+        start.elapsed().as_secs_f64()
+    ))
+}
+
 /// The LAPIC timer guests: (name, ticks, period in µs). Two at once, so each sleeps in
 /// HLT while the other runs or sleeps too.
 const TIMERS: &[(&str, u64, u64)] = &[("t1ms", 20, 1000), ("t5ms", 8, 5000)];
@@ -394,9 +503,31 @@ fn xapic_mmio(session: &mut Session, timeout: Duration) -> Result<String> {
 /// The multiboot guest's command line, which it prints back.
 const MULTIBOOT_CMDLINE: &str = "mb-check=42 hello";
 
+/// LAPIC timer interrupts the multiboot kernel waits for (its `TICKS`).
+const MULTIBOOT_TICKS: u64 = 10;
+
+/// What the multiboot kernel's exit codes mean ((v << 1) | 1 for its check v).
+fn multiboot_verdict(code: Option<u64>) -> &'static str {
+    match code.map(|c| c >> 1) {
+        Some(0x21) => "every check passed",
+        Some(1) => "EAX is not the multiboot magic",
+        Some(2) => "the information's flags lack memory, cmdline or mmap",
+        Some(3) => "mem_upper is 0",
+        Some(4) => "CR0 is not protected mode with paging off",
+        Some(5) => "CS is not the 32-bit code segment 0x08",
+        Some(6) => "the LAPIC timer never fired",
+        Some(7) => "the LAPIC timer fired once only (no periodic reload, or the EOI did not take)",
+        Some(8) => "an interrupt or exception came on a vector other than the timer's",
+        Some(_) => "an exit code the kernel does not use",
+        None => "no exit",
+    }
+}
+
 /// The multiboot kernel (guests/kernels/src/bin/multiboot.rs) boots in 32-bit protected
 /// mode with paging off, finds the loader's magic and information, prints its command
-/// line through the information's pointer and exits through port 0xF4 with 0x21.
+/// line through the information's pointer, takes LAPIC timer interrupts through a
+/// 32-bit IDT with the xAPIC programmed and acknowledged through MMIO, and exits
+/// through port 0xF4 with 0x21.
 fn multiboot(session: &mut Session, timeout: Duration) -> Result<String> {
     let done =
         |l: &SerialLog| parse_domains(&l.text()).get("mb").is_some_and(|d| d.exit.is_some() || d.crashed.is_some());
@@ -413,15 +544,43 @@ fn multiboot(session: &mut Session, timeout: Duration) -> Result<String> {
     let d = &parse_domains(&serial)["mb"];
     if d.exit != Some(0x43) {
         return Err(format!(
-            "exit code {:?} (crash {:?}); 67 means every check passed, (v << 1) | 1 for check v failed",
-            d.exit, d.crashed
+            "exit code {:?}: {} (crash {:?}); 67 means every check passed",
+            d.exit,
+            multiboot_verdict(d.exit),
+            d.crashed
         ));
     }
     let want = format!("multiboot: 32-bit protected mode, paging off; cmdline: {MULTIBOOT_CMDLINE}");
     if !text.lines().any(|l| l.starts_with("[dom") && l.ends_with(&want)) {
         return Err(format!("no console line `{want}`"));
     }
-    Ok("EAX magic, info flags, mem_upper, CR0 (PE, no PG), CS 0x08 checked; the cmdline came through; exit 67".into())
+    let timer = text
+        .lines()
+        .find_map(|l| l.split_once("multiboot: LAPIC timer: ").map(|(_, r)| r))
+        .ok_or("no `multiboot: LAPIC timer:` console line")?;
+    let (ticks, wakeups) = parse_timer_line(timer).ok_or_else(|| format!("cannot read the timer line `{timer}`"))?;
+    if ticks != MULTIBOOT_TICKS {
+        return Err(format!("{ticks} timer interrupts counted, expected {MULTIBOOT_TICKS}"));
+    }
+    // Two ticks come in the spin before the HLT loop; each HLT after that should end on
+    // one tick (a few more if a slice ended in between), not return at once thousands
+    // of times.
+    if wakeups == 0 || wakeups > MULTIBOOT_TICKS + 2 {
+        return Err(format!("HLT returned {wakeups} times for {} interrupts: the vCPU did not sleep", ticks - 2));
+    }
+    Ok(format!(
+        "EAX magic, info flags, mem_upper, CR0 (PE, no PG), CS 0x08 checked; the cmdline came through; \
+         {ticks} LAPIC timer interrupts via a 32-bit IDT and xAPIC MMIO EOIs, {wakeups} HLT wakeups; exit 67"
+    ))
+}
+
+/// `0000000a interrupts, 00000008 wakeups` → (10, 8).
+fn parse_timer_line(s: &str) -> Option<(u64, u64)> {
+    let mut words = s.split_whitespace();
+    let ticks = u64::from_str_radix(words.next()?, 16).ok()?;
+    (words.next()? == "interrupts,").then_some(())?;
+    let wakeups = u64::from_str_radix(words.next()?, 16).ok()?;
+    (words.next()? == "wakeups").then_some((ticks, wakeups))
 }
 
 /// Log-dirty modes by guest_abi number, and whether each platform has them.
@@ -586,10 +745,19 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     let platforms = [Platform::Qemu { cpu: "EPYC".into() }, Platform::Bochs { model: "corei7_skylake_x".into() }];
     let mmio_cfg = String::from("name=xapic kernel=xapic-mmio.elf memory=8M\n");
     let multiboot_cfg = format!("name=mb kernel=multiboot.elf memory=8M cmdline={MULTIBOOT_CMDLINE}\n");
-    let scenarios: [(&str, String, &str, Test); 9] = [
+    let mut hostile_cfg: String = HOSTILE
+        .iter()
+        .map(|(n, cmdline, _)| format!("name={n} kernel=misbehave.elf memory=4M cmdline={cmdline}\n"))
+        .collect();
+    let (pages, rounds, seed) = HOSTILE_WRITER;
+    hostile_cfg.push_str(&format!(
+        "name=good kernel=memwriter.elf memory=24M cmdline=pages={pages} rounds={rounds} seed={seed}\n"
+    ));
+    let scenarios: [(&str, String, &str, Test); 10] = [
         ("domains-cpuid-policies", cpuid_cfg, "cpuid-dump", cpuid_policies),
         ("domains-concurrent-writers-and-spinner", writers_cfg, "", concurrent),
         ("domains-misbehaving-guests-contained", bad_cfg, "", misbehaving),
+        ("domains-hostile-contained", hostile_cfg, "", hostile),
         ("dirty-logging-exact-every-mode", dirty_cfg, "", dirty_exact),
         ("domains-local-migration-while-writing", local_cfg, LOCAL_CMDLINE, local_migration),
         ("domains-lapic-timer-interrupts", timer_cfg, "", lapic_timer),
@@ -742,4 +910,23 @@ pub fn bench_dirty(pages: usize) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_multiboot_timer_line_is_read_in_hex() {
+        assert_eq!(parse_timer_line("0000000a interrupts, 0000000c wakeups"), Some((10, 12)));
+        assert_eq!(parse_timer_line("0000000a interrupts 0000000c wakeups"), None);
+        assert_eq!(parse_timer_line("0000000a interrupts, zz wakeups"), None);
+    }
+
+    #[test]
+    fn multiboot_exit_codes_are_explained() {
+        assert_eq!(multiboot_verdict(Some(0x43)), "every check passed");
+        assert_eq!(multiboot_verdict(Some(13)), "the LAPIC timer never fired");
+        assert_eq!(multiboot_verdict(None), "no exit");
+    }
 }

@@ -117,9 +117,15 @@ enum Command {
     /// record decoders, the migration receiver, hv's device bus) for a while; needs the
     /// nightly toolchain, installs cargo-fuzz if missing.
     Fuzz {
-        /// Seconds per target.
-        #[arg(long, default_value_t = 60)]
-        seconds: u64,
+        /// Seconds per target (libFuzzer's `-max_total_time`); 60 unless `--runs` is given.
+        #[arg(long)]
+        seconds: Option<u64>,
+        /// Executions per target (libFuzzer's `-runs`); with `--seconds`, whichever ends first.
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Only this target (e.g. `device_bus`); every target when left out.
+        #[arg(long)]
+        target: Option<String>,
     },
     /// Check the crate dependency rules of DESIGN.md.
     CheckDeps,
@@ -189,7 +195,7 @@ fn main() -> ExitCode {
         }
         Command::Test { host_only, system_only, filter, no_linux } => test(host_only, system_only, filter, !no_linux),
         Command::CpuidDump { platform, output } => cpuid_dump(platform.platform(), &output),
-        Command::Fuzz { seconds } => fuzz(seconds),
+        Command::Fuzz { seconds, runs, target } => fuzz(seconds, runs, target.as_deref()),
         Command::CheckDeps => deps::check(),
         Command::Lint => lint(),
         Command::Bench { what, runs, .. } if what == "control" => control_tests::bench(runs.unwrap_or(1000)),
@@ -519,33 +525,73 @@ const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("hv/fuzz", "mmio_decode"),
 ];
 
-fn fuzz(seconds: u64) -> Result<()> {
+/// How long each fuzz target runs: libFuzzer's `-max_total_time` and/or `-runs`.
+fn fuzz_limits(seconds: Option<u64>, runs: Option<u64>) -> (Vec<String>, String) {
+    match (seconds, runs) {
+        (None, None) => (vec!["-max_total_time=60".into()], "60 s".into()),
+        (Some(s), None) => (vec![format!("-max_total_time={s}")], format!("{s} s")),
+        (None, Some(r)) => (vec![format!("-runs={r}")], format!("{r} runs")),
+        (Some(s), Some(r)) => {
+            (vec![format!("-max_total_time={s}"), format!("-runs={r}")], format!("{r} runs or {s} s"))
+        }
+    }
+}
+
+/// libFuzzer's final statistics line `Done N runs in S second(s)` → (N, S).
+fn parse_fuzz_done(line: &str) -> Option<(u64, u64)> {
+    let rest = line.strip_prefix("Done ")?;
+    let (runs, rest) = rest.split_once(" runs in ")?;
+    let (secs, _) = rest.split_once(' ')?;
+    Some((runs.parse().ok()?, secs.parse().ok()?))
+}
+
+fn fuzz(seconds: Option<u64>, runs: Option<u64>, only: Option<&str>) -> Result<()> {
+    use std::io::BufRead;
+    let targets: Vec<_> = FUZZ_TARGETS.iter().filter(|(_, t)| only.is_none_or(|o| o == *t)).collect();
+    if targets.is_empty() {
+        let names: Vec<_> = FUZZ_TARGETS.iter().map(|(_, t)| *t).collect();
+        return Err(format!("no fuzz target {:?}; the targets are {}", only.unwrap_or(""), names.join(", ")));
+    }
+    let (limits, what) = fuzz_limits(seconds, runs);
     tools::ensure_cargo_fuzz()?;
-    for (dir, target) in FUZZ_TARGETS {
-        println!("xtask: fuzzing {target} ({dir}) for {seconds} s");
-        let status = std::process::Command::new("cargo")
+    for (dir, target) in &targets {
+        println!("xtask: fuzzing {target} ({dir}) for {what}");
+        let started = std::time::Instant::now();
+        let mut child = std::process::Command::new("cargo")
             .current_dir(tools::root().join(dir))
             // The fuzz projects are their own workspaces; rustup's pinned stable must
             // not apply to them (cargo-fuzz needs nightly for the sanitizer).
             .env_remove("RUSTUP_TOOLCHAIN")
-            .args([
-                "+nightly",
-                "fuzz",
-                "run",
-                target,
-                "--",
-                &format!("-max_total_time={seconds}"),
-                "-print_final_stats=1",
-            ])
-            .status()
+            .args(["+nightly", "fuzz", "run", target, "--"])
+            .args(&limits)
+            .arg("-print_final_stats=1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .map_err(|e| format!("cannot run cargo fuzz: {e}"))?;
+        // libFuzzer reports on stderr: pass it through and keep its final count.
+        let mut done = None;
+        if let Some(stderr) = child.stderr.take() {
+            for line in std::io::BufReader::new(stderr).lines().map_while(std::io::Result::ok) {
+                eprintln!("{line}");
+                done = parse_fuzz_done(&line).or(done);
+            }
+        }
+        let status = child.wait().map_err(|e| format!("cannot wait for cargo fuzz on {target}: {e}"))?;
         if !status.success() {
             return Err(format!(
                 "fuzz target {target} failed ({status}); the crashing input is under {dir}/artifacts/{target}/"
             ));
         }
+        match done {
+            Some((n, s)) => println!(
+                "xtask: {target}: {n} executions in {s} s of fuzzing ({} exec/s), {:.1} s with the build, no crash",
+                n / s.max(1),
+                started.elapsed().as_secs_f64()
+            ),
+            None => println!("xtask: {target}: finished without a crash (libFuzzer printed no final count)"),
+        }
     }
-    println!("xtask: {} fuzz targets ran {seconds} s each without a crash", FUZZ_TARGETS.len());
+    println!("xtask: {} fuzz target(s) ran {what} each without a crash", targets.len());
     Ok(())
 }
 
@@ -571,11 +617,27 @@ fn lint() -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn created_domain_lines_name_the_console_to_attach() {
         let line = "DOMAIN 3 CREATED name=linux memory=256M vcpus=1 kernel=11653632 bytes format=bzimage";
         assert_eq!(super::created_domain(line), Some((3, "linux")));
         assert_eq!(super::created_domain("DOMAIN 3 EXIT code=0 exits=5"), None);
         assert_eq!(super::created_domain("[dom1] DOMAIN x CREATED name=a"), None);
+    }
+
+    #[test]
+    fn fuzz_limits_pass_runs_and_seconds_to_libfuzzer() {
+        assert_eq!(fuzz_limits(None, None).0, ["-max_total_time=60"]);
+        assert_eq!(fuzz_limits(None, Some(1_000_000)).0, ["-runs=1000000"]);
+        assert_eq!(fuzz_limits(Some(5), Some(7)).0, ["-max_total_time=5", "-runs=7"]);
+    }
+
+    #[test]
+    fn libfuzzer_final_line_is_parsed() {
+        assert_eq!(parse_fuzz_done("Done 1000000 runs in 93 second(s)"), Some((1_000_000, 93)));
+        assert_eq!(parse_fuzz_done("#1000000 DONE cov: 10 ft: 20"), None);
+        assert_eq!(parse_fuzz_done("Done x runs in 1 second(s)"), None);
     }
 }

@@ -71,7 +71,8 @@ const STORED: u64 = WRITABLE | REMOTE_IRR;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IoApicStats {
     /// Fixed or lowest-priority messages with a vector below 16 (the exceptions'
-    /// range; a local APIC would flag "receive illegal vector"), not delivered.
+    /// range). They are still sent: the receiving local APIC refuses them and flags
+    /// "receive illegal vector" in its ESR (SDM Vol. 3A 11.5.3), as on hardware.
     pub bad_vectors: u64,
     /// Messages with a reserved delivery mode (3 or 6), not delivered.
     pub bad_modes: u64,
@@ -216,10 +217,12 @@ impl IoApic {
             return;
         };
         let vector = (entry & VECTOR) as u8;
-        // Only fixed and lowest-priority messages carry a vector (82093AA 3.2.4).
+        // Only fixed and lowest-priority messages carry a vector (82093AA 3.2.4). One
+        // below 16 is counted here and sent anyway: the I/O APIC does not check it, the
+        // local APIC that receives it refuses it and sets ESR bit 6 (SDM Vol. 3A 11.5.3),
+        // which a guest may read.
         if matches!(mode, DeliveryMode::Fixed | DeliveryMode::LowestPriority) && vector < 16 {
             self.stats.bad_vectors = self.stats.bad_vectors.saturating_add(1);
-            return;
         }
         let dest = (entry >> DEST_SHIFT) as u8;
         let target =
@@ -530,7 +533,7 @@ mod tests {
     }
 
     #[test]
-    fn bad_vectors_and_reserved_modes_are_counted_not_delivered() {
+    fn bad_vectors_are_counted_and_sent_reserved_modes_dropped() {
         let mut io = linux_masked();
         let mut sink = FakeSink::default();
         for v in 0..16u32 {
@@ -546,8 +549,14 @@ mod tests {
         io.set_pin(6, true, &mut sink);
         sel_write(&mut io, 0x10 + 2 * 7, 0x40 | (6 << 8));
         io.set_pin(7, true, &mut sink);
-        assert!(sink.msgs.is_empty());
+        // The 16 edges (lowest priority, vectors 0-15) and the level pin's one message
+        // go out for the LAPIC to refuse; the reserved modes do not.
+        let mut want: alloc::vec::Vec<Msg> =
+            (0..16).map(|v| Msg::Deliver(Destination::Physical(0), v, DeliveryMode::LowestPriority, false)).collect();
+        want.push(msg(0, 0x05, true));
+        assert_eq!(sink.msgs, want);
         assert_eq!(io.stats(), IoApicStats { bad_vectors: 17, bad_modes: 2 }, "a stuck level pin counts once");
+        sink.msgs.clear();
         sel_write(&mut io, 0x10 + 2 * 5, 0x25 | TRIGGER_LEVEL as u32);
         io.eoi(0x05, &mut sink);
         assert!(sink.msgs.is_empty(), "EOI compares with the entry's vector now, 0x25");

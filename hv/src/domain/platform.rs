@@ -306,4 +306,27 @@ mod tests {
         let m = r.sink_mut().queue.pop_front().expect("a message for pin 4");
         assert_eq!((m.target, m.vector, m.mode), (IoApicDestination::Physical(0), 0x24, IoApicMode::Fixed));
     }
+
+    #[test]
+    fn an_io_apic_message_with_an_illegal_vector_sets_the_targets_esr() {
+        // The hostile `bad-vectors` guest: a pin routed to vector 5 must reach the LAPIC
+        // it names, which refuses it and flags "receive illegal vector" (SDM Vol. 3A
+        // 11.5.3); nothing becomes pending. Before the fix the I/O APIC dropped the
+        // message itself and the guest's ESR stayed 0.
+        let mut vcpus = alloc::vec![VcpuSlot::new((), crate::arch::GuestRegs::default(), 0)];
+        let base = vcpus[0].lapic.read_apic_base();
+        vcpus[0].lapic.write_apic_base(base | (1 << 10) | (1 << 11)).expect("xAPIC to x2APIC is legal");
+        vcpus[0].lapic.write_msr(0x80f, 0x1ff, 0).expect("SVR");
+        let mut r = new_router();
+        r.mmio_write(crate::devices::ioapic::IOAPIC_BASE, &(0x10u32 + 2 * 4).to_le_bytes());
+        r.mmio_write(crate::devices::ioapic::IOAPIC_BASE + 0x10, &0x05u32.to_le_bytes());
+        r.set_level(4, true);
+        let m = r.sink_mut().queue.pop_front().expect("the message goes out");
+        let undelivered = route_ipi(&mut vcpus, &as_ipi(&m).expect("fixed"), u32::MAX);
+        assert_eq!(undelivered, 0, "it reached vCPU 0's LAPIC");
+        assert_eq!(vcpus[0].lapic.pending_interrupt(), None);
+        vcpus[0].lapic.write_msr(0x828, 0, 0).expect("ESR write latches the errors");
+        assert_eq!(vcpus[0].lapic.read_msr(0x828, 0).expect("ESR") & (1 << 6), 1 << 6);
+        assert_eq!(r.ioapic().stats().bad_vectors, 1);
+    }
 }
