@@ -349,6 +349,10 @@ fn cmd_level(files: &[PathBuf], json: bool) -> Result<ExitCode, CliError> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
 fn read_spec_file(p: &Path) -> Result<text::Spec, CliError> {
     let t = std::fs::read_to_string(p).map_err(|e| err(format!("cannot read {}: {e}", p.display())))?;
     text::parse_spec(&t).map_err(|e| err(format!("{}: {e}", p.display())))
@@ -387,10 +391,11 @@ fn cmd_check(policy_file: &Path, on: Option<&Path>, json: bool) -> Result<ExitCo
             Err(rej) => {
                 let _ = writeln!(
                     s,
-                    "incompatible: {} cannot run on {} ({} reasons):",
+                    "incompatible: {} cannot run on {} ({} reason{}):",
                     policy_file.display(),
                     h.label,
-                    rej.errors.len()
+                    rej.errors.len(),
+                    plural(rej.errors.len())
                 );
                 for e in &rej.errors {
                     let _ = writeln!(s, "  - {e}");
@@ -429,7 +434,7 @@ fn cmd_policy(spec: &str, on: Option<&Path>, output: Option<&Path>, json: bool) 
                 s.push_str(&policy.to_text());
             }
             Err(rej) => {
-                let _ = writeln!(s, "rejected on {} ({} reasons):", h.label, rej.errors.len());
+                let _ = writeln!(s, "rejected on {} ({} reason{}):", h.label, rej.errors.len(), plural(rej.errors.len()));
                 for e in &rej.errors {
                     let _ = writeln!(s, "  - {e}");
                 }
