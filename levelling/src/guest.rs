@@ -413,7 +413,9 @@ impl fmt::Display for XstateGap {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             XstateGap::Missing => f.write_str("the host has no CPUID 0xd subleaf for it, or reports its size as 0"),
-            XstateGap::Supervisor => f.write_str("the host marks it a supervisor component (ECX bit 0), and guests get no xsaves"),
+            XstateGap::Supervisor => {
+                f.write_str("the host marks it a supervisor component (ECX bit 0), and guests get no xsaves")
+            }
             XstateGap::BadLayout { size, offset } => write!(
                 f,
                 "the host reports size {size} at offset {offset}, inside the 576-byte legacy area and header or past 4 GiB"

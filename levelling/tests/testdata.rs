@@ -10,7 +10,10 @@ use proptest::prelude::*;
 use std::path::PathBuf;
 
 fn dumps() -> Vec<(String, HostCpu)> {
-    dump_records().into_iter().map(|(n, r)| (n.clone(), HostCpu::from_records(&r).unwrap_or_else(|e| panic!("{n}: {e}")))).collect()
+    dump_records()
+        .into_iter()
+        .map(|(n, r)| (n.clone(), HostCpu::from_records(&r).unwrap_or_else(|e| panic!("{n}: {e}"))))
+        .collect()
 }
 
 /// The records of every checked-in dump, by file name.
@@ -48,9 +51,13 @@ fn records_of(name: &str) -> Vec<CpuidRecord> {
 fn xsave_variants() -> Vec<(String, Vec<CpuidRecord>)> {
     let mut out = Vec::new();
     for (n, recs) in dump_records() {
-        let comps: Vec<u32> = recs.iter().filter(|r| r.leaf == 0xd && (2..64).contains(&r.subleaf)).map(|r| r.subleaf).collect();
+        let comps: Vec<u32> =
+            recs.iter().filter(|r| r.leaf == 0xd && (2..64).contains(&r.subleaf)).map(|r| r.subleaf).collect();
         for &i in &comps {
-            out.push((format!("{n} without 0xd[{i}]"), recs.iter().filter(|r| !(r.leaf == 0xd && r.subleaf == i)).copied().collect()));
+            out.push((
+                format!("{n} without 0xd[{i}]"),
+                recs.iter().filter(|r| !(r.leaf == 0xd && r.subleaf == i)).copied().collect(),
+            ));
             let mut zero = recs.clone();
             for r in zero.iter_mut().filter(|r| r.leaf == 0xd && r.subleaf == i) {
                 r.regs[0] = 0;
@@ -58,7 +65,10 @@ fn xsave_variants() -> Vec<(String, Vec<CpuidRecord>)> {
             out.push((format!("{n} with 0xd[{i}] size 0"), zero));
         }
         if !comps.is_empty() {
-            out.push((format!("{n} without 0xd[2..]"), recs.iter().filter(|r| !(r.leaf == 0xd && r.subleaf >= 2)).copied().collect()));
+            out.push((
+                format!("{n} without 0xd[2..]"),
+                recs.iter().filter(|r| !(r.leaf == 0xd && r.subleaf >= 2)).copied().collect(),
+            ));
             out.push((format!("{n} without leaf 0xd"), recs.iter().filter(|r| r.leaf != 0xd).copied().collect()));
         }
         out.push((n, recs));
@@ -67,7 +77,10 @@ fn xsave_variants() -> Vec<(String, Vec<CpuidRecord>)> {
 }
 
 fn set(fs: &mut [CpuidRecord], leaf: u32, subleaf: u32, reg: usize, f: impl Fn(u32) -> u32) {
-    let r = fs.iter_mut().find(|r| r.leaf == leaf && r.subleaf == subleaf).unwrap_or_else(|| panic!("no leaf {leaf:#x}[{subleaf}]"));
+    let r = fs
+        .iter_mut()
+        .find(|r| r.leaf == leaf && r.subleaf == subleaf)
+        .unwrap_or_else(|| panic!("no leaf {leaf:#x}[{subleaf}]"));
     r.regs[reg] = f(r.regs[reg]);
 }
 
@@ -144,7 +157,10 @@ fn max_and_default_verify_on_their_own_host_whatever_xsave_it_describes() {
         let mask = levelling::policy::xstate_mask(&max.set);
         for i in 2..64u8 {
             if mask & (1 << i) != 0 {
-                assert!(h.xstate_component(i).is_some_and(|c| c.size != 0), "{n}: component {i} enabled but undescribed");
+                assert!(
+                    h.xstate_component(i).is_some_and(|c| c.size != 0),
+                    "{n}: component {i} enabled but undescribed"
+                );
             }
         }
         if h.basic_max < 0xd {
@@ -183,18 +199,26 @@ fn max_drops_features_of_components_the_host_lays_out_wrongly() {
     let h = HostCpu::from_records(&overlap).unwrap();
     let max = h.max();
     assert!(AVX.is_in(&max.set) && !AVX512F.is_in(&max.set));
-    assert!(max.dropped.contains(&(AVX512F, DropReason::XstateUndescribed { component: 5, gap: XstateGap::Overlaps { other: 2 } })));
+    assert!(
+        max.dropped.contains(&(
+            AVX512F,
+            DropReason::XstateUndescribed { component: 5, gap: XstateGap::Overlaps { other: 2 } }
+        ))
+    );
     assert!(max.dropped.iter().any(|(f, r)| *f == AVX512BW && *r == DropReason::MissingDependency(AVX512F)));
     Policy::from_host(&h, max.set.clone(), 2).verify(&h).unwrap();
     // Asking for it anyway is refused, naming the component.
     let (p, _) = text::parse_spec("base=host-max,+avx512f").unwrap().policy_on(&h);
     let msg = p.verify(&h).unwrap_err().to_string();
-    assert!(msg.contains("avx512f (CPUID 0x7[0].EBX bit 16) is set, but this host's max leaves it out (needs XSAVE component 5"), "{msg}");
+    assert!(
+        msg.contains(
+            "avx512f (CPUID 0x7[0].EBX bit 16) is set, but this host's max leaves it out (needs XSAVE component 5"
+        ),
+        "{msg}"
+    );
     // Component 2 inside the legacy area, or marked supervisor.
-    for (reg, value, gap) in [
-        (1, 512, XstateGap::BadLayout { size: 256, offset: 512 }),
-        (2, 1, XstateGap::Supervisor),
-    ] {
+    for (reg, value, gap) in [(1, 512, XstateGap::BadLayout { size: 256, offset: 512 }), (2, 1, XstateGap::Supervisor)]
+    {
         let mut bad = genoa.clone();
         set(&mut bad, 0xd, 2, reg, |_| value);
         let h = HostCpu::from_records(&bad).unwrap();
@@ -232,7 +256,12 @@ fn a_host_that_cannot_run_guests_gets_one_reason() {
     set(&mut neither, 0x8000_0001, 0, 2, |ecx| ecx & !(1 << 2));
     for (n, recs, why, text) in [
         ("no lm", no_lm, Unfit::NoLongMode, "no long mode: lm (CPUID 0x80000001.EDX bit 29) is clear or missing"),
-        ("no svm", no_svm, Unfit::NoVirtualization, "neither VMX nor SVM: vmx (CPUID 0x1.ECX bit 5) and svm (CPUID 0x80000001.ECX bit 2) are both clear"),
+        (
+            "no svm",
+            no_svm,
+            Unfit::NoVirtualization,
+            "neither VMX nor SVM: vmx (CPUID 0x1.ECX bit 5) and svm (CPUID 0x80000001.ECX bit 2) are both clear",
+        ),
         ("neither", neither, Unfit::NoLongMode, "no long mode"),
     ] {
         let h = HostCpu::from_records(&recs).unwrap();

@@ -46,7 +46,13 @@ fn scenarios() -> Vec<Scenario> {
             platform: || Platform::Qemu { cpu: "Dhyana".into() },
             expect: Expect::Ready {
                 arch: "svm",
-                caps: &[("vendor", "HygonGenuine"), ("family", "24"), ("virt", "svm"), ("svm.npt", "1"), ("usable", "1")],
+                caps: &[
+                    ("vendor", "HygonGenuine"),
+                    ("family", "24"),
+                    ("virt", "svm"),
+                    ("svm.npt", "1"),
+                    ("usable", "1"),
+                ],
             },
         },
         Scenario {

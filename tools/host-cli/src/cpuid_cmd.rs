@@ -434,7 +434,8 @@ fn cmd_policy(spec: &str, on: Option<&Path>, output: Option<&Path>, json: bool) 
                 s.push_str(&policy.to_text());
             }
             Err(rej) => {
-                let _ = writeln!(s, "rejected on {} ({} reason{}):", h.label, rej.errors.len(), plural(rej.errors.len()));
+                let _ =
+                    writeln!(s, "rejected on {} ({} reason{}):", h.label, rej.errors.len(), plural(rej.errors.len()));
                 for e in &rej.errors {
                     let _ = writeln!(s, "  - {e}");
                 }

@@ -98,10 +98,7 @@ fn level_all_checked_in_dumps() {
     let out = stdout(&o);
     // The KVM development VM has no nested virtualization: it is left out, with its reason.
     assert!(out.starts_with(&format!("common guest featureset of {} hosts", files.len() - 1)), "{out}");
-    assert!(
-        out.contains("left out: amd-epyc-kvm-host.cpuid cannot run guests: it has neither VMX nor SVM"),
-        "{out}"
-    );
+    assert!(out.contains("left out: amd-epyc-kvm-host.cpuid cannot run guests: it has neither VMX nor SVM"), "{out}");
     for f in &files {
         assert!(out.contains(Path::new(f).file_name().unwrap().to_str().unwrap()), "{f}");
     }
@@ -233,7 +230,11 @@ fn a_host_that_cannot_run_guests_gets_one_reason() {
     assert_eq!(stdout(&o), want);
     let o = hvctl(&["cpuid", "show", dump.to_str().unwrap()]);
     assert!(o.status.success());
-    assert!(stdout(&o).contains("guests:      none: this host cannot run guests: it has no long mode"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("guests:      none: this host cannot run guests: it has no long mode"),
+        "{}",
+        stdout(&o)
+    );
     let o = hvctl(&["cpuid", "show", "--json", &testdata("amd-epyc-kvm-host.cpuid")]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert!(v["cannot_run_guests"].as_str().unwrap().starts_with("it has neither VMX nor SVM"));
@@ -244,7 +245,8 @@ fn show_names_features_max_drops_for_undescribed_xsave_components() {
     // The QEMU EPYC dump without CPUID 0xD[2] (AVX's YMM_Hi128 state), and with its size 0.
     let text = std::fs::read_to_string(testdata("qemu-7.2-tcg-epyc.cpuid")).unwrap();
     assert!(text.contains("\n0000000d 00000002 00000100 "));
-    let without: String = text.lines().filter(|l| !l.starts_with("0000000d 00000002 ")).map(|l| format!("{l}\n")).collect();
+    let without: String =
+        text.lines().filter(|l| !l.starts_with("0000000d 00000002 ")).map(|l| format!("{l}\n")).collect();
     let zero = text.replace("\n0000000d 00000002 00000100 ", "\n0000000d 00000002 00000000 ");
     for (name, dump) in [("no-0xd-2.cpuid", without), ("zero-0xd-2.cpuid", zero)] {
         let file = tmp(name);
