@@ -644,39 +644,36 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     ));
     let (mut passed, mut failed) = (0, 0);
     for (platform, full, cfg, cmdline, test) in &jobs {
-        let platform = &*platform;
-        {
-            if !filter.is_none_or(|f| full.contains(f)) {
-                continue;
+        if !filter.is_none_or(|f| full.contains(f)) {
+            continue;
+        }
+        tools::ensure(platform)?;
+        let timeout = Duration::from_secs(platform.default_timeout_secs());
+        let config = RunConfig {
+            name: full.clone(),
+            timeout,
+            cmdline: (*cmdline).into(),
+            echo: false,
+            vsock: false,
+            domains: Some(cfg.clone()),
+        };
+        println!("systest {full} on {platform} ...");
+        let mut session = Session::spawn(platform, esp, &config)?;
+        let result = test(&mut session, timeout);
+        session.stop();
+        match result {
+            Ok(detail) => {
+                passed += 1;
+                println!("systest {full} ... ok ({detail})");
             }
-            tools::ensure(platform)?;
-            let timeout = Duration::from_secs(platform.default_timeout_secs());
-            let config = RunConfig {
-                name: full.clone(),
-                timeout,
-                cmdline: (*cmdline).into(),
-                echo: false,
-                vsock: false,
-                domains: Some(cfg.clone()),
-            };
-            println!("systest {full} on {platform} ...");
-            let mut session = Session::spawn(platform, esp, &config)?;
-            let result = test(&mut session, timeout);
-            session.stop();
-            match result {
-                Ok(detail) => {
-                    passed += 1;
-                    println!("systest {full} ... ok ({detail})");
-                }
-                Err(e) => {
-                    failed += 1;
-                    println!("systest {full} ... FAILED\n  - {e}");
-                    println!(
-                        "---- serial log of {full} ({}) ----\n{}\n---- end of serial log ----",
-                        session.dir.display(),
-                        clean(&session.serial())
-                    );
-                }
+            Err(e) => {
+                failed += 1;
+                println!("systest {full} ... FAILED\n  - {e}");
+                println!(
+                    "---- serial log of {full} ({}) ----\n{}\n---- end of serial log ----",
+                    session.dir.display(),
+                    clean(&session.serial())
+                );
             }
         }
     }
