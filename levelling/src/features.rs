@@ -16,7 +16,7 @@
 //!
 //! Not here: bits 0–9, 12–17, 23, 24 of 0x8000_0001.EDX, which AMD duplicates from
 //! 1.EDX (APM Vol. 3, E.4.2). They are not part of the featureset (see
-//! [`COMMON_1D`]); AMD-vendor policies regenerate them from word 1.
+//! [`COMMON_1D`]); AMD- and Hygon-vendor policies regenerate them from word 1.
 
 use crate::featureset::{Featureset, NWORDS, WORDS, WordInfo, word::*};
 use alloc::vec;

@@ -2,14 +2,21 @@
 //! a reason per entry), the hypervisor's levelling capabilities, and the derivation
 //! of a host's guest `max` and `default` featuresets.
 //!
-//! `max = (host ∩ offerable) ∪ synthesized`, then made dependency-closed;
-//! `default = max ∩ default-attribute bits`, dependency-closed again. Every bit that
-//! a derivation drops is returned with the reason, so a caller can show it.
+//! `max = (host ∩ offerable) ∪ synthesized`, then made dependency-closed, then (on a
+//! real host, [`guest_max_on`]) every feature whose XSAVE state the host does not
+//! fully describe is dropped, dependency-closed again: a host's `max` must verify on
+//! that host, and a policy needs the size and offset of every XSAVE component its
+//! features enable. `default = max ∩ default-attribute bits`, dependency-closed
+//! again. Every bit that a derivation drops is returned with the reason, so a caller
+//! can show it. A host that cannot run guests at all ([`crate::host::Unfit`]) has an
+//! empty `max`.
 //! This module never touches a guest's policy; verifying a policy is
 //! [`crate::policy`]'s job, and it rejects rather than drops.
 
 use crate::features::{self, Attr, Feature, *};
 use crate::featureset::{Featureset, word};
+use crate::host::{Unfit, XstateComponent};
+use crate::policy::{XSAVE_LEGACY_AND_HEADER, XSTATE_FEATURES, xstate_mask};
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -361,6 +368,61 @@ pub enum DropReason {
     OnlyOnRequest,
     /// A (deep) requirement is missing on this host.
     MissingDependency(Feature),
+    /// The feature's XSAVE state component is not (usably) described by the host's
+    /// CPUID.(EAX=0Dh,ECX=component) (SDM Vol. 1 13.2), so no policy could give its
+    /// size and offset.
+    XstateUndescribed {
+        /// The component index.
+        component: u8,
+        /// What is wrong with the host's description.
+        gap: XstateGap,
+    },
+    /// XSAVE is set, but the host's maximum basic leaf is below 0xD, so there is no
+    /// CPUID leaf 0xD to describe the XSAVE area (SDM Vol. 1 13.2).
+    NoXsaveLeaf {
+        /// The host's CPUID.0:EAX.
+        basic_max: u32,
+    },
+    /// The host cannot run guests at all, so its `max` is empty.
+    HostCannotRunGuests(Unfit),
+}
+
+/// What is wrong with a host's description of an XSAVE component that a feature needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XstateGap {
+    /// CPUID 0xD[i] is not in the records, or reports size (EAX) 0.
+    Missing,
+    /// ECX bit 0 marks it a supervisor (IA32_XSS) component; guests get no XSAVES.
+    Supervisor,
+    /// A user component must lie above the 576-byte legacy area and header, and
+    /// offset + size must not overflow (SDM Vol. 1 13.4.1).
+    BadLayout {
+        /// Size (EAX).
+        size: u32,
+        /// Offset (EBX).
+        offset: u32,
+    },
+    /// Its bytes overlap those of a component already kept.
+    Overlaps {
+        /// The other component.
+        other: u8,
+    },
+}
+
+impl fmt::Display for XstateGap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            XstateGap::Missing => f.write_str("the host has no CPUID 0xd subleaf for it, or reports its size as 0"),
+            XstateGap::Supervisor => {
+                f.write_str("the host marks it a supervisor component (ECX bit 0), and guests get no xsaves")
+            }
+            XstateGap::BadLayout { size, offset } => write!(
+                f,
+                "the host reports size {size} at offset {offset}, inside the 576-byte legacy area and header or past 4 GiB"
+            ),
+            XstateGap::Overlaps { other } => write!(f, "the host's layout overlaps XSAVE component {other}"),
+        }
+    }
 }
 
 impl fmt::Display for DropReason {
@@ -372,6 +434,15 @@ impl fmt::Display for DropReason {
             DropReason::MissingDependency(m) => {
                 write!(f, "requires {}, which is missing", m.info().map_or("unnamed", |i| i.name))
             }
+            DropReason::XstateUndescribed { component, gap } => write!(
+                f,
+                "needs XSAVE component {component} (CPUID 0xd[{component}]), which the host does not describe: {gap}"
+            ),
+            DropReason::NoXsaveLeaf { basic_max } => write!(
+                f,
+                "the host's maximum basic leaf is {basic_max:#x}, so it has no CPUID leaf 0xd to describe the XSAVE area"
+            ),
+            DropReason::HostCannotRunGuests(why) => write!(f, "this host cannot run guests: {why}"),
         }
     }
 }
@@ -420,6 +491,73 @@ pub fn guest_max(raw: &Featureset) -> Derived {
     set = set.or(&features::flag_mask(SYNTH));
     close_over_dependencies(&mut set, &mut dropped);
     Derived { set, dropped }
+}
+
+/// The guest `max` featureset on a host with raw featureset `raw`, maximum basic leaf
+/// `basic_max` and XSAVE components `xstate` (CPUID 0xD[2..63]): [`guest_max`] without
+/// every feature whose XSAVE state the host does not fully describe, and what
+/// requires them. A component is described when its subleaf is present with a
+/// non-zero size, it is a user component, it lies above the legacy area and header,
+/// and it does not overlap a lower-numbered component kept before it: exactly what
+/// [`crate::Policy::verify`] demands of a policy's layout, so the result verifies on
+/// the host it came from.
+pub fn guest_max_on(raw: &Featureset, basic_max: u32, xstate: &[XstateComponent]) -> Derived {
+    let mut d = guest_max(raw);
+    drop_undescribed_xstate(&mut d, basic_max, xstate);
+    d
+}
+
+fn overlaps(a: &XstateComponent, b: &XstateComponent) -> bool {
+    a.offset < b.offset.saturating_add(b.size) && b.offset < a.offset.saturating_add(a.size)
+}
+
+fn drop_undescribed_xstate(d: &mut Derived, basic_max: u32, xstate: &[XstateComponent]) {
+    if XSAVE.is_in(&d.set) && basic_max < 0xd {
+        d.set.set_bit(XSAVE.word(), XSAVE.bit(), false);
+        d.dropped.push((XSAVE, DropReason::NoXsaveLeaf { basic_max }));
+        close_over_dependencies(&mut d.set, &mut d.dropped);
+    }
+    // Each round clears at least one feature of the set, so this ends.
+    loop {
+        let mask = xstate_mask(&d.set);
+        let mut kept: Vec<&XstateComponent> = Vec::new();
+        let mut gaps = Vec::new();
+        for (i, fs) in XSTATE_FEATURES {
+            if mask & (1u64 << i) == 0 {
+                continue;
+            }
+            let gap = match xstate.iter().find(|c| c.index == *i) {
+                None => Some(XstateGap::Missing),
+                Some(c) if c.size == 0 => Some(XstateGap::Missing),
+                Some(c) if c.flags & 1 != 0 => Some(XstateGap::Supervisor),
+                Some(c) if c.offset < XSAVE_LEGACY_AND_HEADER || c.offset.checked_add(c.size).is_none() => {
+                    Some(XstateGap::BadLayout { size: c.size, offset: c.offset })
+                }
+                Some(c) => match kept.iter().find(|k| overlaps(k, c)) {
+                    Some(k) => Some(XstateGap::Overlaps { other: k.index }),
+                    None => {
+                        kept.push(c);
+                        None
+                    }
+                },
+            };
+            if let Some(gap) = gap {
+                gaps.push((*i, *fs, gap));
+            }
+        }
+        if gaps.is_empty() {
+            return;
+        }
+        for (component, fs, gap) in gaps {
+            for f in fs {
+                if f.is_in(&d.set) {
+                    d.set.set_bit(f.word(), f.bit(), false);
+                    d.dropped.push((*f, DropReason::XstateUndescribed { component, gap }));
+                }
+            }
+        }
+        close_over_dependencies(&mut d.set, &mut d.dropped);
+    }
 }
 
 /// The guest `default` featureset derived from a `max` featureset.

@@ -7,21 +7,30 @@
 //! [`crate::guest`].
 
 use crate::dump::CpuidRecord;
-use crate::features::COMMON_1D;
+use crate::features::{COMMON_1D, Feature, LM, SVM, VMX};
 use crate::featureset::{Featureset, NWORDS, WORDS, word};
-use crate::guest::{self, Derived, LevellingCaps};
+use crate::guest::{self, Derived, DropReason, LevellingCaps};
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 use serde::{Deserialize, Serialize};
 
 /// CPU vendor, from CPUID.0:EBX/EDX/ECX.
+///
+/// Serialized (postcard) by variant index inside a [`crate::Policy`]; new vendors go
+/// at the end so that existing encodings keep their meaning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Vendor {
     /// `GenuineIntel`
     Intel,
     /// `AuthenticAMD`
     Amd,
+    /// `HygonGenuine`: Hygon Dhyana (family 0x18), a licensed Zen derivative. Its
+    /// CPUID follows AMD's (APM Vol. 3 Appendix E): Linux gives `X86_VENDOR_HYGON`
+    /// AMD's paths for the 0x8000_0001 duplicates, the 0x8000_0005/6 cache leaves,
+    /// 0x8000_001E topology and SVM, and KVM's `guest_cpuid_is_amd_or_hygon` treats
+    /// the two alike; so does this crate (see [`Vendor::is_amd_compatible`]).
+    Hygon,
 }
 
 impl Vendor {
@@ -32,15 +41,28 @@ impl Vendor {
             Vendor::Intel => [0x756e_6547, 0x4965_6e69, 0x6c65_746e],
             // "Auth" "enti" "cAMD"
             Vendor::Amd => [0x6874_7541, 0x6974_6e65, 0x444d_4163],
+            // "Hygo" "nGen" "uine"
+            Vendor::Hygon => [0x6f67_7948, 0x6e65_476e, 0x656e_6975],
         }
     }
-    /// Short lower-case name (`intel`, `amd`).
+    /// Short lower-case name (`intel`, `amd`, `hygon`), the text form's `vendor=`.
     pub const fn name(self) -> &'static str {
         match self {
             Vendor::Intel => "intel",
             Vendor::Amd => "amd",
+            Vendor::Hygon => "hygon",
         }
     }
+    /// Whether CPUID follows AMD's layout (APM Vol. 3 Appendix E): the vendor string
+    /// repeated in 0x8000_0000, the signature and the 1.EDX duplicates in
+    /// 0x8000_0001, L1/L2/L3 descriptors in 0x8000_0005/6 rather than leaves 2 and 4,
+    /// the core count in 0x8000_0008.ECX. True for AMD and Hygon (Linux's
+    /// `X86_VENDOR_HYGON` paths, KVM's `guest_cpuid_is_amd_or_hygon`).
+    pub const fn is_amd_compatible(self) -> bool {
+        matches!(self, Vendor::Amd | Vendor::Hygon)
+    }
+    /// Every vendor, in encoding order.
+    pub const ALL: [Vendor; 3] = [Vendor::Intel, Vendor::Amd, Vendor::Hygon];
 }
 
 impl fmt::Display for Vendor {
@@ -48,6 +70,7 @@ impl fmt::Display for Vendor {
         f.write_str(match self {
             Vendor::Intel => "GenuineIntel",
             Vendor::Amd => "AuthenticAMD",
+            Vendor::Hygon => "HygonGenuine",
         })
     }
 }
@@ -72,7 +95,7 @@ pub enum HostError {
     NoLeaf0,
     /// Leaf 1 is missing or beyond the maximum basic leaf.
     NoLeaf1,
-    /// The vendor string is neither GenuineIntel nor AuthenticAMD.
+    /// The vendor string is not GenuineIntel, AuthenticAMD or HygonGenuine.
     UnsupportedVendor(String),
 }
 
@@ -82,8 +105,39 @@ impl fmt::Display for HostError {
             HostError::NoLeaf0 => f.write_str("the dump has no CPUID leaf 0x0 (vendor and maximum basic leaf)"),
             HostError::NoLeaf1 => f.write_str("the dump has no CPUID leaf 0x1 (signature and base features)"),
             HostError::UnsupportedVendor(v) => {
-                write!(f, "unsupported CPU vendor {v:?} (only GenuineIntel and AuthenticAMD)")
+                write!(f, "unsupported CPU vendor {v:?} (only GenuineIntel, AuthenticAMD and HygonGenuine)")
             }
+        }
+    }
+}
+
+/// Why a host cannot run guests at all. A [`HostCpu`] is still built for such a host
+/// (its dump can be shown and compared), but its `max` is empty and every policy is
+/// refused on it with this one reason ([`crate::PolicyError::HostCannotRunGuests`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unfit {
+    /// CPUID 0x8000_0001.EDX bit 29 (LM, SDM Vol. 2A CPUID, APM Vol. 3 Appendix E) is
+    /// clear or the leaf is missing: the hypervisor and its guests run in long mode.
+    NoLongMode,
+    /// Neither VMX (CPUID 0x1.ECX bit 5, SDM Vol. 3C "Discovering Support for VMX")
+    /// nor SVM (CPUID 0x8000_0001.ECX bit 2, APM Vol. 2 15.4): no guest can be run,
+    /// as in a VM without nested virtualization.
+    NoVirtualization,
+}
+
+impl fmt::Display for Unfit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unfit::NoLongMode => write!(
+                f,
+                "it has no long mode: {} is clear or missing, and the hypervisor and its guests are 64-bit",
+                LM
+            ),
+            Unfit::NoVirtualization => write!(
+                f,
+                "it has neither VMX nor SVM: {} and {} are both clear, as in a virtual machine without nested virtualization",
+                VMX, SVM
+            ),
         }
     }
 }
@@ -166,13 +220,10 @@ impl HostCpu {
         let get = |leaf, sub| find(records, leaf, sub);
         let l0 = get(0, 0).ok_or(HostError::NoLeaf0)?;
         let basic_max = l0[0];
-        let vendor = match [l0[1], l0[3], l0[2]] {
-            r if r == Vendor::Intel.regs() => Vendor::Intel,
-            r if r == Vendor::Amd.regs() => Vendor::Amd,
-            r => {
-                let bytes: Vec<u8> = r.iter().flat_map(|w| w.to_le_bytes()).collect();
-                return Err(HostError::UnsupportedVendor(String::from_utf8_lossy(&bytes).into_owned()));
-            }
+        let regs = [l0[1], l0[3], l0[2]];
+        let Some(vendor) = Vendor::ALL.into_iter().find(|v| v.regs() == regs) else {
+            let bytes: Vec<u8> = regs.iter().flat_map(|w| w.to_le_bytes()).collect();
+            return Err(HostError::UnsupportedVendor(String::from_utf8_lossy(&bytes).into_owned()));
         };
         if basic_max < 1 {
             return Err(HostError::NoLeaf1);
@@ -250,9 +301,33 @@ impl HostCpu {
     pub fn levelling_caps(&self) -> LevellingCaps {
         guest::levelling_caps(&self.raw)
     }
-    /// The guest `max` featureset with what it dropped.
+    /// Why this host cannot run guests at all, if it cannot: no long mode first, then
+    /// no VMX/SVM.
+    pub fn cannot_run_guests(&self) -> Option<Unfit> {
+        if !LM.is_in(&self.raw) {
+            Some(Unfit::NoLongMode)
+        } else if !VMX.is_in(&self.raw) && !SVM.is_in(&self.raw) {
+            Some(Unfit::NoVirtualization)
+        } else {
+            None
+        }
+    }
+    /// The guest `max` featureset with what it dropped: [`guest::guest_max_on`] over
+    /// this host's features, maximum leaf and XSAVE layout (so only what the host fully
+    /// describes is offered, and `max` verifies here), or the empty set, every host bit
+    /// dropped with [`DropReason::HostCannotRunGuests`], on a host that cannot run guests.
     pub fn max(&self) -> Derived {
-        guest::guest_max(&self.raw)
+        match self.cannot_run_guests() {
+            Some(why) => Derived {
+                set: Featureset::new(),
+                dropped: self
+                    .raw
+                    .bits()
+                    .map(|(w, b)| (Feature::new(w, b), DropReason::HostCannotRunGuests(why)))
+                    .collect(),
+            },
+            None => guest::guest_max_on(&self.raw, self.basic_max, &self.xstate),
+        }
     }
     /// The guest `default` featureset with what it dropped from `max`.
     pub fn default_set(&self) -> Derived {

@@ -54,7 +54,7 @@ pub use dump::{CpuidRecord, Dump, DumpError, enumerate, format_dump, parse_dump}
 pub use features::{Feature, FeatureInfo};
 pub use featureset::{Featureset, NWORDS, WORDS};
 pub use guest::{LevellingCaps, levelling_caps};
-pub use host::{HostCpu, HostError, Vendor};
+pub use host::{HostCpu, HostError, Unfit, Vendor};
 pub use level::{Levelled, level};
 pub use policy::{Policy, PolicyError, Rejection};
 pub use table::{CpuidTable, VcpuState};

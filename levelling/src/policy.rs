@@ -11,7 +11,7 @@
 use crate::features::{self, *};
 use crate::featureset::{Featureset, WORDS};
 use crate::guest::{self, DropReason};
-use crate::host::{HostCpu, Vendor, XstateComponent};
+use crate::host::{HostCpu, Unfit, Vendor, XstateComponent};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -142,8 +142,17 @@ impl Policy {
     }
 
     /// Verify this policy against `host`: the check made when a policy is set, and
-    /// the answer to "can this policy run on that host". Returns every problem.
+    /// the answer to "can this policy run on that host". Returns every problem; on a
+    /// host that cannot run guests at all ([`HostCpu::cannot_run_guests`]) only that.
+    ///
+    /// The vendor must match exactly, AMD and Hygon included: a featureset levelled
+    /// across AMD and Hygon hosts is fine ([`crate::level`] is vendor-blind), but a
+    /// policy names one vendor, whose string, family numbering (Hygon's 0x18 is not an
+    /// AMD family) and errata the guest keys on, so it runs only on that vendor's hosts.
     pub fn verify(&self, host: &HostCpu) -> Result<(), Rejection> {
+        if let Some(why) = host.cannot_run_guests() {
+            return Err(Rejection { errors: alloc::vec![PolicyError::HostCannotRunGuests(why)] });
+        }
         let mut errors = Vec::new();
         if self.vendor != host.vendor {
             errors.push(PolicyError::VendorMismatch { policy: self.vendor, host: host.vendor });
@@ -163,6 +172,9 @@ impl Policy {
                     }
                     Some((_, DropReason::Unknown)) | None if f.info().is_none() => {
                         String::from("this build does not know the bit")
+                    }
+                    Some((_, r @ (DropReason::XstateUndescribed { .. } | DropReason::NoXsaveLeaf { .. }))) => {
+                        format!("this host's max leaves it out ({r})")
                     }
                     _ => String::from("this host does not have it"),
                 },
@@ -255,6 +267,8 @@ impl Policy {
 /// One reason a policy cannot be used on a host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PolicyError {
+    /// The host cannot run guests at all; reported alone.
+    HostCannotRunGuests(Unfit),
     /// A bit is not in the host's `max`.
     NotOffered {
         /// The bit.
@@ -371,6 +385,7 @@ impl fmt::Display for ChainDisplay<'_> {
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            PolicyError::HostCannotRunGuests(why) => write!(f, "this host cannot run guests: {why}"),
             PolicyError::NotOffered { feature, reason } => write!(f, "{feature} is set, but {reason}"),
             PolicyError::MissingDependency { feature, missing, chain } => write!(
                 f,

@@ -8,7 +8,7 @@
 
 use crate::features::*;
 use crate::featureset::word;
-use crate::host::{HostCpu, Vendor};
+use crate::host::HostCpu;
 use crate::policy::{Policy, Rejection, XSAVE_LEGACY_AND_HEADER, xstate_mask};
 use alloc::vec;
 use alloc::vec::Vec;
@@ -69,7 +69,8 @@ impl CpuidTable {
     /// successful verify on this host). Never panics, whatever the policy.
     pub fn from_verified(p: &Policy) -> CpuidTable {
         let fs = &p.features;
-        let amd = p.vendor == Vendor::Amd;
+        // AMD and Hygon share AMD's CPUID layout (APM Vol. 3 Appendix E).
+        let amd = p.vendor.is_amd_compatible();
         let v = p.vendor.regs(); // [ebx, edx, ecx]
         let width = id_width(p.vcpus);
         let ids = (1u32 << width.min(31)).max(1);

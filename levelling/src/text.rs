@@ -9,7 +9,7 @@
 //! | `features=W0:W1:…` or a bare `W0:W1:…` | start from these hex words (the `xen-cpuid` form [`Featureset`]'s `Display` prints) |
 //! | `+name` or `name` | set the feature (its requirements are *not* added; verification names what is missing) |
 //! | `-name` | clear the feature **and everything that requires it**; the cleared extras are reported as [`Note`]s |
-//! | `vendor=intel` / `amd` | policy vendor (default: the host's) |
+//! | `vendor=intel` / `amd` / `hygon` | policy vendor (default: the host's) |
 //! | `signature=0x…` or `family=`/`model=`/`stepping=` | CPUID.1:EAX (default: the host's) |
 //! | `vcpus=N` | vCPU count (default 1) |
 //! | `phys-bits=N` | physical address bits (default: the host's) |
@@ -223,7 +223,8 @@ fn parse_item(spec: &mut Spec, item: &str) -> Result<(), String> {
                 let v = match value.to_ascii_lowercase().as_str() {
                     "intel" | "genuineintel" => Vendor::Intel,
                     "amd" | "authenticamd" => Vendor::Amd,
-                    _ => return Err(String::from("unknown vendor (intel, amd)")),
+                    "hygon" | "hygongenuine" => Vendor::Hygon,
+                    _ => return Err(String::from("unknown vendor (intel, amd, hygon)")),
                 };
                 set_once(&mut spec.vendor, v, key)
             }

@@ -2,13 +2,22 @@
 //! picked up automatically), plus property tests over derived policies.
 
 use levelling::features::{self, *};
+use levelling::guest::{DropReason, XstateGap};
 use levelling::policy::PolicyError;
 use levelling::table::{CpuidTable, VcpuState};
-use levelling::{Featureset, HostCpu, Policy, level, parse_dump, text};
+use levelling::{CpuidRecord, Featureset, HostCpu, Policy, Unfit, Vendor, level, parse_dump, text};
 use proptest::prelude::*;
 use std::path::PathBuf;
 
 fn dumps() -> Vec<(String, HostCpu)> {
+    dump_records()
+        .into_iter()
+        .map(|(n, r)| (n.clone(), HostCpu::from_records(&r).unwrap_or_else(|e| panic!("{n}: {e}"))))
+        .collect()
+}
+
+/// The records of every checked-in dump, by file name.
+fn dump_records() -> Vec<(String, Vec<CpuidRecord>)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("testdata");
     let mut out = Vec::new();
     for e in std::fs::read_dir(&dir).unwrap() {
@@ -19,16 +28,60 @@ fn dumps() -> Vec<(String, HostCpu)> {
         let t = std::fs::read_to_string(&p).unwrap();
         let d = parse_dump(&t).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         assert!(d.source.is_some(), "{}: every dump must say where it came from", p.display());
-        let h = HostCpu::from_records(&d.records).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-        out.push((p.file_name().unwrap().to_string_lossy().into_owned(), h));
+        out.push((p.file_name().unwrap().to_string_lossy().into_owned(), d.records));
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     assert!(out.len() >= 3, "expected the checked-in dumps");
     out
 }
 
+/// Full dumps of hosts that can run guests (the KVM development VM has no nested
+/// virtualization, so it cannot).
 fn full_dumps() -> Vec<(String, HostCpu)> {
-    dumps().into_iter().filter(|(n, _)| !n.contains("partial")).collect()
+    dumps().into_iter().filter(|(n, h)| !n.contains("partial") && h.cannot_run_guests().is_none()).collect()
+}
+
+fn records_of(name: &str) -> Vec<CpuidRecord> {
+    dump_records().into_iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no dump {name}")).1
+}
+
+/// Every dump, and from each one whose host reports XSAVE components: one variant per
+/// component without its CPUID 0xD subleaf, one with its size zeroed, one without any
+/// component subleaf, and one with no leaf 0xD at all.
+fn xsave_variants() -> Vec<(String, Vec<CpuidRecord>)> {
+    let mut out = Vec::new();
+    for (n, recs) in dump_records() {
+        let comps: Vec<u32> =
+            recs.iter().filter(|r| r.leaf == 0xd && (2..64).contains(&r.subleaf)).map(|r| r.subleaf).collect();
+        for &i in &comps {
+            out.push((
+                format!("{n} without 0xd[{i}]"),
+                recs.iter().filter(|r| !(r.leaf == 0xd && r.subleaf == i)).copied().collect(),
+            ));
+            let mut zero = recs.clone();
+            for r in zero.iter_mut().filter(|r| r.leaf == 0xd && r.subleaf == i) {
+                r.regs[0] = 0;
+            }
+            out.push((format!("{n} with 0xd[{i}] size 0"), zero));
+        }
+        if !comps.is_empty() {
+            out.push((
+                format!("{n} without 0xd[2..]"),
+                recs.iter().filter(|r| !(r.leaf == 0xd && r.subleaf >= 2)).copied().collect(),
+            ));
+            out.push((format!("{n} without leaf 0xd"), recs.iter().filter(|r| r.leaf != 0xd).copied().collect()));
+        }
+        out.push((n, recs));
+    }
+    out
+}
+
+fn set(fs: &mut [CpuidRecord], leaf: u32, subleaf: u32, reg: usize, f: impl Fn(u32) -> u32) {
+    let r = fs
+        .iter_mut()
+        .find(|r| r.leaf == leaf && r.subleaf == subleaf)
+        .unwrap_or_else(|| panic!("no leaf {leaf:#x}[{subleaf}]"));
+    r.regs[reg] = f(r.regs[reg]);
 }
 
 #[test]
@@ -81,9 +134,165 @@ fn default_policy_verifies_on_its_own_full_host() {
     }
 }
 
+/// Issue 14 item 4.1: `base=host-max` (and the default) verifies on the host it was
+/// computed from, also when the host leaves XSAVE components undescribed; what max
+/// gives up for that is in its drop list with the component named.
+#[test]
+fn max_and_default_verify_on_their_own_host_whatever_xsave_it_describes() {
+    let variants = xsave_variants();
+    assert!(variants.len() > 20, "expected XSAVE variants of the checked-in dumps, got {}", variants.len());
+    let mut avx_dropped_for_component_2 = 0;
+    for (n, recs) in &variants {
+        let h = HostCpu::from_records(recs).unwrap_or_else(|e| panic!("{n}: {e}"));
+        if h.cannot_run_guests().is_some() {
+            continue;
+        }
+        for spec in ["base=host-max", "base=host-default", "base=host-max,vcpus=8"] {
+            let (p, _) = text::parse_spec(spec).unwrap().policy_on(&h);
+            p.verify(&h).unwrap_or_else(|e| panic!("{n}, {spec}: {e}"));
+            CpuidTable::build(&p, &h).unwrap_or_else(|e| panic!("{n}, {spec}: {e}"));
+        }
+        let max = h.max();
+        // Every XSAVE component max enables is one the host describes.
+        let mask = levelling::policy::xstate_mask(&max.set);
+        for i in 2..64u8 {
+            if mask & (1 << i) != 0 {
+                assert!(
+                    h.xstate_component(i).is_some_and(|c| c.size != 0),
+                    "{n}: component {i} enabled but undescribed"
+                );
+            }
+        }
+        if h.basic_max < 0xd {
+            assert!(!XSAVE.is_in(&max.set), "{n}");
+        }
+        // A component that went takes its features with it, and the drop list says why.
+        if AVX.is_in(&h.raw) && h.xstate_component(2).is_none() {
+            assert!(!AVX.is_in(&max.set), "{n}");
+            let why = max.dropped.iter().find(|(f, _)| *f == AVX).map(|(_, r)| r.clone());
+            assert_eq!(why, Some(DropReason::XstateUndescribed { component: 2, gap: XstateGap::Missing }), "{n}");
+            let msg = why.unwrap().to_string();
+            assert!(msg.contains("CPUID 0xd[2]") && msg.contains("size as 0"), "{msg}");
+            if AVX2.is_in(&h.raw) {
+                assert!(
+                    max.dropped.iter().any(|(f, r)| *f == AVX2 && *r == DropReason::MissingDependency(AVX)),
+                    "{n}: {:?}",
+                    max.dropped
+                );
+            }
+            avx_dropped_for_component_2 += 1;
+        }
+    }
+    // Without 0xd[2], with 0xd[2] size 0, without 0xd[2..] for every AVX host.
+    assert!(avx_dropped_for_component_2 >= 3 * 4, "{avx_dropped_for_component_2}");
+}
+
+#[test]
+fn max_drops_features_of_components_the_host_lays_out_wrongly() {
+    let genoa = records_of("constructed-amd-epyc-9654-genoa.cpuid");
+    let full = HostCpu::from_records(&genoa).unwrap();
+    assert!(AVX512F.is_in(&full.max().set) && AVX.is_in(&full.max().set));
+    // Component 5 (opmask) placed on top of component 2: AVX stays, AVX-512 goes.
+    let mut overlap = genoa.clone();
+    let avx_offset = full.xstate_component(2).unwrap().offset;
+    set(&mut overlap, 0xd, 5, 1, |_| avx_offset);
+    let h = HostCpu::from_records(&overlap).unwrap();
+    let max = h.max();
+    assert!(AVX.is_in(&max.set) && !AVX512F.is_in(&max.set));
+    assert!(
+        max.dropped.contains(&(
+            AVX512F,
+            DropReason::XstateUndescribed { component: 5, gap: XstateGap::Overlaps { other: 2 } }
+        ))
+    );
+    assert!(max.dropped.iter().any(|(f, r)| *f == AVX512BW && *r == DropReason::MissingDependency(AVX512F)));
+    Policy::from_host(&h, max.set.clone(), 2).verify(&h).unwrap();
+    // Asking for it anyway is refused, naming the component.
+    let (p, _) = text::parse_spec("base=host-max,+avx512f").unwrap().policy_on(&h);
+    let msg = p.verify(&h).unwrap_err().to_string();
+    assert!(
+        msg.contains(
+            "avx512f (CPUID 0x7[0].EBX bit 16) is set, but this host's max leaves it out (needs XSAVE component 5"
+        ),
+        "{msg}"
+    );
+    // Component 2 inside the legacy area, or marked supervisor.
+    for (reg, value, gap) in [(1, 512, XstateGap::BadLayout { size: 256, offset: 512 }), (2, 1, XstateGap::Supervisor)]
+    {
+        let mut bad = genoa.clone();
+        set(&mut bad, 0xd, 2, reg, |_| value);
+        let h = HostCpu::from_records(&bad).unwrap();
+        let max = h.max();
+        assert!(max.dropped.contains(&(AVX, DropReason::XstateUndescribed { component: 2, gap })), "{:?}", max.dropped);
+        Policy::from_host(&h, max.set, 1).verify(&h).unwrap();
+    }
+    // XSAVE with no leaf 0xD to describe it: XSAVE and all that needs it go.
+    let mut low = genoa.clone();
+    set(&mut low, 0, 0, 0, |_| 0xc);
+    let h = HostCpu::from_records(&low).unwrap();
+    let max = h.max();
+    assert!(max.dropped.contains(&(XSAVE, DropReason::NoXsaveLeaf { basic_max: 0xc })));
+    assert!(!AVX.is_in(&max.set) && SSE2.is_in(&max.set));
+    Policy::from_host(&h, max.set, 1).verify(&h).unwrap();
+}
+
+/// Issue 14 item 4.2: a host that cannot run guests gets that one reason.
+#[test]
+fn a_host_that_cannot_run_guests_gets_one_reason() {
+    let genoa = records_of("constructed-amd-epyc-9654-genoa.cpuid");
+    let g = HostCpu::from_records(&genoa).unwrap();
+    let policy = Policy::from_host(&g, g.default_set().set, 2);
+    policy.verify(&g).unwrap();
+    // A 32-bit CPU: no long mode and 32 linear address bits, which would otherwise
+    // also be an address-width complaint and many missing features.
+    let mut no_lm = genoa.clone();
+    set(&mut no_lm, 0x8000_0001, 0, 3, |edx| edx & !(1 << 29));
+    set(&mut no_lm, 0x8000_0008, 0, 0, |eax| (eax & !0xffff) | (32 << 8) | 32);
+    // Neither VMX nor SVM.
+    let mut no_svm = genoa.clone();
+    set(&mut no_svm, 0x8000_0001, 0, 2, |ecx| ecx & !(1 << 2));
+    // Both: long mode is named.
+    let mut neither = no_lm.clone();
+    set(&mut neither, 0x8000_0001, 0, 2, |ecx| ecx & !(1 << 2));
+    for (n, recs, why, text) in [
+        ("no lm", no_lm, Unfit::NoLongMode, "no long mode: lm (CPUID 0x80000001.EDX bit 29) is clear or missing"),
+        (
+            "no svm",
+            no_svm,
+            Unfit::NoVirtualization,
+            "neither VMX nor SVM: vmx (CPUID 0x1.ECX bit 5) and svm (CPUID 0x80000001.ECX bit 2) are both clear",
+        ),
+        ("neither", neither, Unfit::NoLongMode, "no long mode"),
+    ] {
+        let h = HostCpu::from_records(&recs).unwrap();
+        assert_eq!(h.cannot_run_guests(), Some(why), "{n}");
+        let rej = policy.verify(&h).unwrap_err();
+        assert_eq!(rej.errors, vec![PolicyError::HostCannotRunGuests(why)], "{n}");
+        let msg = rej.to_string();
+        assert!(msg.starts_with("policy rejected (1 problem); this host cannot run guests: "), "{msg}");
+        assert!(msg.contains(text), "{n}: {msg}");
+        // Its own max is empty and refused the same way; each host bit says why.
+        let max = h.max();
+        assert!(max.set.is_empty(), "{n}");
+        assert_eq!(max.dropped.len(), h.raw.bits().count());
+        assert!(max.dropped.iter().all(|(_, r)| *r == DropReason::HostCannotRunGuests(why)));
+        let rej = Policy::from_host(&h, h.default_set().set, 1).verify(&h).unwrap_err();
+        assert_eq!(rej.errors.len(), 1, "{n}: {rej}");
+        assert!(CpuidTable::build(&policy, &h).is_err());
+    }
+    // The development machine's KVM guest has neither.
+    let (_, kvm) = dumps().into_iter().find(|(n, _)| n == "amd-epyc-kvm-host.cpuid").unwrap();
+    assert_eq!(kvm.cannot_run_guests(), Some(Unfit::NoVirtualization));
+    // With VMX instead of SVM it can.
+    let mut vmx = genoa;
+    set(&mut vmx, 0x8000_0001, 0, 2, |ecx| ecx & !(1 << 2));
+    set(&mut vmx, 1, 0, 2, |ecx| ecx | (1 << 5));
+    assert_eq!(HostCpu::from_records(&vmx).unwrap().cannot_run_guests(), None);
+}
+
 #[test]
 fn levelled_set_is_subset_of_each_host_except_or_bits() {
-    let hosts = dumps();
+    let hosts = full_dumps();
     let maxes: Vec<Featureset> = hosts.iter().map(|(_, h)| h.max().set).collect();
     let l = level(&maxes);
     let or = features::flag_mask(features::OR);
@@ -98,7 +307,7 @@ fn levelled_set_is_subset_of_each_host_except_or_bits() {
 
 #[test]
 fn avx2_without_avx_is_rejected_naming_the_chain() {
-    let (_, h) = dumps().into_iter().find(|(n, _)| n == "amd-epyc-kvm-host.cpuid").unwrap();
+    let (_, h) = dumps().into_iter().find(|(n, _)| n == "qemu-7.2-tcg-epyc.cpuid").unwrap();
     let spec = text::parse_spec("base=host-default,-avx,+avx2").unwrap();
     let (p, notes) = spec.policy_on(&h);
     assert!(!notes.is_empty(), "-avx should report what it also cleared");
@@ -234,6 +443,34 @@ proptest! {
         }
     }
 
+    /// Whatever XSAVE layout a host reports for components 2..=18 (missing, size 0,
+    /// supervisor, inside the legacy area, overlapping), its max and default verify on it.
+    #[test]
+    fn max_verifies_whatever_the_xsave_layout(
+        host_i in 0usize..8,
+        layout in prop::collection::vec((any::<bool>(), prop_oneof![Just(0u32), 1u32..4096, any::<u32>()], prop_oneof![0u32..4096, any::<u32>()], 0u32..4), 17),
+        basic_max in prop_oneof![Just(None), (0xbu32..0x20).prop_map(Some)],
+    ) {
+        let all = dump_records();
+        let (n, recs) = &all[host_i % all.len()];
+        let mut recs: Vec<CpuidRecord> = recs.iter().filter(|r| !(r.leaf == 0xd && r.subleaf >= 2)).copied().collect();
+        for (k, (present, size, offset, flags)) in layout.into_iter().enumerate() {
+            if present {
+                recs.push(CpuidRecord { leaf: 0xd, subleaf: k as u32 + 2, regs: [size, offset, flags, 0] });
+            }
+        }
+        if let Some(m) = basic_max {
+            set(&mut recs, 0, 0, 0, |_| m);
+        }
+        let h = HostCpu::from_records(&recs).unwrap();
+        if h.cannot_run_guests().is_none() {
+            for fs in [h.max().set, h.default_set().set] {
+                let p = Policy::from_host(&h, fs, 2);
+                prop_assert!(p.verify(&h).is_ok(), "{}: {}", n, p.verify(&h).unwrap_err());
+            }
+        }
+    }
+
     /// Any `-feature` modifier applied to a host's max leaves a dependency-closed set
     /// that verifies.
     #[test]
@@ -317,4 +554,71 @@ fn max_leaf_hides_higher_leaves_and_says_which_features_went() {
     // Above the host's maximum: refused by verification, not clamped.
     let (too_high, _) = text::parse_spec("max-leaf=0x40").unwrap().policy_on(&h);
     assert!(too_high.verify(&h).is_err());
+}
+
+/// Issue 14 item 4.3: Hygon is decoded and levelled as AMD-compatible.
+#[test]
+fn hygon_dhyana_is_levelled_like_amd() {
+    let (_, h) = full_dumps().into_iter().find(|(n, _)| n == "qemu-7.2-tcg-dhyana.cpuid").expect("the Dhyana dump");
+    assert_eq!(h.vendor, Vendor::Hygon);
+    assert!(h.vendor.is_amd_compatible());
+    assert_eq!(h.family(), 0x18, "Dhyana is family 0x18");
+    assert!(SVM.is_in(&h.raw) && LM.is_in(&h.raw));
+    assert_eq!(h.cannot_run_guests(), None);
+    assert!(h.cache_leaf4.is_empty(), "caches come from 0x8000_0005/6, as on AMD");
+    assert_ne!(h.cache_ext, [0; 4]);
+    let p = Policy::from_host(&h, h.default_set().set, 4);
+    assert_eq!(p.vendor, Vendor::Hygon);
+    let t = CpuidTable::build(&p, &h).unwrap();
+    // The guest's vendor string stays HygonGenuine, in leaf 0 and (AMD layout) 0x8000_0000.
+    let vendor = |r: [u32; 4]| -> Vec<u8> { [r[1], r[3], r[2]].iter().flat_map(|w| w.to_le_bytes()).collect() };
+    assert_eq!(vendor(t.lookup(0, 0)), b"HygonGenuine");
+    assert_eq!(vendor(t.lookup(0x8000_0000, 0)), b"HygonGenuine");
+    // AMD's extended leaves: signature and 1.EDX duplicates in 0x8000_0001, caches in
+    // 0x8000_0005, no Intel leaf 2, the core count in 0x8000_0008.ECX.
+    let e1 = t.lookup(0x8000_0001, 0);
+    assert_eq!(e1[0], h.signature);
+    assert_eq!(e1[3] & features::COMMON_1D, t.lookup(1, 0)[3] & features::COMMON_1D);
+    assert_ne!(e1[3] & features::COMMON_1D, 0);
+    assert_eq!(t.lookup(0x8000_0005, 0)[2..], h.cache_ext[..2]);
+    assert_eq!(t.lookup(2, 0), [0; 4]);
+    assert_eq!(t.lookup(0x8000_0008, 0)[2] & 0xff, 3);
+    // The same policy with an Intel vendor gets Intel's layout instead.
+    let intel = CpuidTable::from_verified(&Policy { vendor: Vendor::Intel, ..p.clone() });
+    assert_eq!(intel.lookup(0x8000_0001, 0)[3] & features::COMMON_1D, 0);
+    // Text form and postcard carry it.
+    assert!(p.to_text().contains("vendor=hygon\n"));
+    assert_eq!(text::parse_spec(&p.to_text()).unwrap().policy_on(&h).0, p);
+    assert_eq!(Policy::from_postcard(&p.to_postcard().unwrap()).unwrap(), p);
+    assert_eq!(text::parse_spec("vendor=HygonGenuine").unwrap().vendor, Some(Vendor::Hygon));
+    assert_eq!(text::parse_spec("vendor=via").unwrap_err().what, "unknown vendor (intel, amd, hygon)");
+}
+
+/// Featuresets level across AMD and Hygon; a policy names one vendor and is refused
+/// on the other's hosts.
+#[test]
+fn amd_and_hygon_level_but_policies_do_not_cross() {
+    let hosts = full_dumps();
+    let (_, hygon) = hosts.iter().find(|(n, _)| n.contains("dhyana")).unwrap();
+    let (_, epyc) = hosts.iter().find(|(n, _)| n == "qemu-7.2-tcg-epyc.cpuid").unwrap();
+    let l = level(&[hygon.max().set, epyc.max().set]);
+    assert!(l.common.is_subset_of(&hygon.max().set) && l.common.is_subset_of(&epyc.max().set));
+    assert!(SSE2.is_in(&l.common));
+    for (from, on) in [(hygon, epyc), (epyc, hygon)] {
+        let p = Policy::from_host(from, l.common.clone(), 1);
+        p.verify(from).unwrap();
+        let rej = p.verify(on).unwrap_err();
+        assert_eq!(rej.errors, vec![PolicyError::VendorMismatch { policy: from.vendor, host: on.vendor }], "{rej}");
+    }
+    let msg = Policy::from_host(hygon, l.common, 1).verify(epyc).unwrap_err().to_string();
+    assert!(msg.contains("the policy is for HygonGenuine but the host is AuthenticAMD"), "{msg}");
+}
+
+/// Vendor is encoded by variant index in policies (postcard): Hygon was added at the
+/// end, so the encodings of Intel and AMD policies are unchanged.
+#[test]
+fn vendor_encodings_are_stable() {
+    for (v, byte) in [(Vendor::Intel, 0u8), (Vendor::Amd, 1), (Vendor::Hygon, 2)] {
+        assert_eq!(postcard::to_allocvec(&v).unwrap(), [byte], "{v}");
+    }
 }

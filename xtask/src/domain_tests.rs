@@ -84,12 +84,29 @@ pub(crate) fn host_from_serial(serial: &str) -> Result<levelling::HostCpu> {
 const POLICIES: &[(&str, &str)] = &[("noavx2", "base=host-max,-avx2"), ("maxleaf6", "base=host-max,max-leaf=6")];
 
 fn cpuid_policies(session: &mut Session, timeout: Duration) -> Result<String> {
+    cpuid_policies_on(session, timeout, None)
+}
+
+/// `cpuid_policies` on QEMU's Hygon Dhyana model: the host must read as Hygon and the
+/// guests must see `HygonGenuine` (leaves 0 and 0x8000_0000) and AMD's layout of the
+/// extended leaves, which the leaf-by-leaf comparison with levelling's table checks.
+fn cpuid_policies_hygon(session: &mut Session, timeout: Duration) -> Result<String> {
+    cpuid_policies_on(session, timeout, Some(levelling::Vendor::Hygon))
+        .map(|detail| format!("{detail}; host and guests are HygonGenuine"))
+}
+
+fn cpuid_policies_on(session: &mut Session, timeout: Duration, vendor: Option<levelling::Vendor>) -> Result<String> {
     let wait = session.wait_until(timeout, &mut Echo::new(false), |l| l.outcome().is_some());
     if wait == Wait::TimedOut {
         return Err(format!("no power-off within {} s", timeout.as_secs()));
     }
     let serial = session.serial();
     let host = host_from_serial(&serial)?;
+    if let Some(v) = vendor
+        && host.vendor != v
+    {
+        return Err(format!("the host's CPUID reads as {}, expected {v}", host.vendor));
+    }
     let domains = parse_domains(&serial);
     let mut checked = 0;
     for (name, spec) in POLICIES {
@@ -124,6 +141,15 @@ fn cpuid_policies(session: &mut Session, timeout: Duration) -> Result<String> {
             checked += 1;
         }
         let leaf = |l: u32, s: u32| d.cpuid.iter().find(|(a, b, _)| *a == l && *b == s).map(|x| x.2);
+        if let Some(v) = vendor {
+            // [ebx, edx, ecx] of the vendor string, in leaf 0 and (AMD layout) 0x8000_0000.
+            let r = v.regs();
+            for l in [0, 0x8000_0000] {
+                if leaf(l, 0).map(|x| [x[1], x[3], x[2]]) != Some(r) {
+                    return Err(format!("{name}: CPUID {l:#x} does not carry the vendor string {v}"));
+                }
+            }
+        }
         match *name {
             "noavx2" => {
                 if leaf(7, 0).is_none_or(|r| r[1] & (1 << 5) != 0) {
@@ -765,45 +791,57 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
         ("domains-xapic-mmio", mmio_cfg, "", xapic_mmio),
         ("domains-multiboot-protected-mode", multiboot_cfg, "", multiboot),
     ];
-    let (mut passed, mut failed) = (0, 0);
+    let mut jobs: Vec<(Platform, String, String, &str, Test)> = Vec::new();
     for platform in &platforms {
         let prefix = match platform {
             Platform::Qemu { .. } => "qemu",
             Platform::Bochs { .. } => "bochs",
         };
         for (name, cfg, cmdline, test) in &scenarios {
-            let full = format!("{prefix}-{name}");
-            if !filter.is_none_or(|f| full.contains(f)) {
-                continue;
+            jobs.push((platform.clone(), format!("{prefix}-{name}"), cfg.clone(), cmdline, *test));
+        }
+    }
+    // Hygon (HygonGenuine, family 0x18): QEMU's Dhyana model has SVM and NPT, and
+    // levelling treats it as AMD-compatible; the same policies, checked leaf by leaf.
+    jobs.push((
+        Platform::Qemu { cpu: "Dhyana".into() },
+        String::from("qemu-dhyana-domains-cpuid-policies"),
+        scenarios[0].1.clone(),
+        "cpuid-dump",
+        cpuid_policies_hygon,
+    ));
+    let (mut passed, mut failed) = (0, 0);
+    for (platform, full, cfg, cmdline, test) in &jobs {
+        if !filter.is_none_or(|f| full.contains(f)) {
+            continue;
+        }
+        tools::ensure(platform)?;
+        let timeout = Duration::from_secs(platform.default_timeout_secs());
+        let config = RunConfig {
+            name: full.clone(),
+            timeout,
+            cmdline: (*cmdline).into(),
+            echo: false,
+            vsock: false,
+            domains: Some(cfg.clone()),
+        };
+        println!("systest {full} on {platform} ...");
+        let mut session = Session::spawn(platform, esp, &config)?;
+        let result = test(&mut session, timeout);
+        session.stop();
+        match result {
+            Ok(detail) => {
+                passed += 1;
+                println!("systest {full} ... ok ({detail})");
             }
-            tools::ensure(platform)?;
-            let timeout = Duration::from_secs(platform.default_timeout_secs());
-            let config = RunConfig {
-                name: full.clone(),
-                timeout,
-                cmdline: (*cmdline).into(),
-                echo: false,
-                vsock: false,
-                domains: Some(cfg.clone()),
-            };
-            println!("systest {full} on {platform} ...");
-            let mut session = Session::spawn(platform, esp, &config)?;
-            let result = test(&mut session, timeout);
-            session.stop();
-            match result {
-                Ok(detail) => {
-                    passed += 1;
-                    println!("systest {full} ... ok ({detail})");
-                }
-                Err(e) => {
-                    failed += 1;
-                    println!("systest {full} ... FAILED\n  - {e}");
-                    println!(
-                        "---- serial log of {full} ({}) ----\n{}\n---- end of serial log ----",
-                        session.dir.display(),
-                        clean(&session.serial())
-                    );
-                }
+            Err(e) => {
+                failed += 1;
+                println!("systest {full} ... FAILED\n  - {e}");
+                println!(
+                    "---- serial log of {full} ({}) ----\n{}\n---- end of serial log ----",
+                    session.dir.display(),
+                    clean(&session.serial())
+                );
             }
         }
     }

@@ -40,6 +40,22 @@ fn scenarios() -> Vec<Scenario> {
             },
         },
         Scenario {
+            // Hygon Dhyana (family 0x18): AMD-compatible with SVM and NPT; the
+            // hypervisor must read its CPUID for guest policies (levelling's Vendor::Hygon).
+            name: "qemu-dhyana-hygon-svm-npt-ready",
+            platform: || Platform::Qemu { cpu: "Dhyana".into() },
+            expect: Expect::Ready {
+                arch: "svm",
+                caps: &[
+                    ("vendor", "HygonGenuine"),
+                    ("family", "24"),
+                    ("virt", "svm"),
+                    ("svm.npt", "1"),
+                    ("usable", "1"),
+                ],
+            },
+        },
+        Scenario {
             name: "qemu-no-virtualization-refused",
             platform: || Platform::Qemu { cpu: "qemu64,-svm".into() },
             expect: Expect::Refused {

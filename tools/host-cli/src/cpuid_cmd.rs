@@ -189,6 +189,10 @@ fn guest_verdict(h: &HostCpu, max: &guest::Derived, def: &guest::Derived, f: Fea
     match max.dropped.iter().find(|(g, _)| *g == f) {
         Some((_, DropReason::NotVirtualizable(r))) => format!("never: {r}"),
         Some((_, DropReason::MissingDependency(m))) => format!("never on this host: requires {}", name(*m)),
+        Some((_, r @ (DropReason::XstateUndescribed { .. } | DropReason::NoXsaveLeaf { .. }))) => {
+            format!("never on this host: {r}")
+        }
+        Some((_, DropReason::HostCannotRunGuests(_))) => String::from("never on this host (it cannot run guests)"),
         Some((_, DropReason::Unknown)) | None => String::from("never: unknown to this build"),
         Some((_, DropReason::OnlyOnRequest)) => String::from("on request (max only)"),
     }
@@ -213,6 +217,9 @@ fn header_lines(h: &LoadedHost) -> String {
     let _ = writeln!(s, "max leaves:  basic {:#x}, extended {:#x}", c.basic_max, c.ext_max);
     let _ = writeln!(s, "addresses:   {} physical bits, {} linear bits", c.phys_bits, c.virt_bits);
     let _ = writeln!(s, "levelling:   {}", c.levelling_caps());
+    if let Some(why) = c.cannot_run_guests() {
+        let _ = writeln!(s, "guests:      none: this host cannot run guests: {why}");
+    }
     let xs: Vec<String> = c.xstate.iter().map(|x| format!("{}:{}@{}", x.index, x.size, x.offset)).collect();
     let _ = writeln!(s, "xsave:       {}", if xs.is_empty() { String::from("none") } else { xs.join(" ") });
     s
@@ -274,6 +281,8 @@ fn show_json(h: &LoadedHost) -> String {
         "phys_bits": c.phys_bits,
         "virt_bits": c.virt_bits,
         "levelling_caps": c.levelling_caps().to_string(),
+        "cannot_run_guests": c.cannot_run_guests().map(|w| w.to_string()),
+        "max_dropped": max.dropped.iter().map(|(f, r)| json!({"name": name(*f), "bit": f.to_string(), "reason": r.to_string()})).collect::<Vec<_>>(),
         "xsave": c.xstate.iter().map(|x| json!({"component": x.index, "size": x.size, "offset": x.offset})).collect::<Vec<_>>(),
         "raw": fs_json(&c.raw),
         "max": fs_json(&max.set),
@@ -284,7 +293,12 @@ fn show_json(h: &LoadedHost) -> String {
 }
 
 fn cmd_level(files: &[PathBuf], json: bool) -> Result<ExitCode, CliError> {
-    let hosts = files.iter().map(|p| load_host(Some(p))).collect::<Result<Vec<_>, _>>()?;
+    let loaded = files.iter().map(|p| load_host(Some(p))).collect::<Result<Vec<_>, _>>()?;
+    // A host that cannot run guests is not part of the pool: levelling with it would
+    // empty the common set. It is named with its one reason instead.
+    let (hosts, unfit): (Vec<LoadedHost>, Vec<LoadedHost>) =
+        loaded.into_iter().partition(|h| h.cpu.cannot_run_guests().is_none());
+    let unfit_reason = |h: &LoadedHost| h.cpu.cannot_run_guests().map(|w| w.to_string()).unwrap_or_default();
     let vendors: std::collections::BTreeSet<String> = hosts.iter().map(|h| h.cpu.vendor.to_string()).collect();
     let maxes: Vec<Featureset> = hosts.iter().map(|h| h.cpu.max().set).collect();
     let l = levelling::level(&maxes);
@@ -294,6 +308,7 @@ fn cmd_level(files: &[PathBuf], json: bool) -> Result<ExitCode, CliError> {
             "common": fs_json(&l.common),
             "common_hash": format!("{:016x}", l.common.stable_hash()),
             "mixed_vendors": vendors.len() > 1,
+            "left_out": unfit.iter().map(|h| json!({ "host": h.label, "source": h.source, "reason": unfit_reason(h) })).collect::<Vec<_>>(),
             "hosts": hosts.iter().zip(&l.lost).zip(&or_gain).map(|((h, lost), gain)| json!({
                 "host": h.label, "source": h.source, "lost": fs_json(lost), "or_bits_added": fs_json(gain),
             })).collect::<Vec<_>>(),
@@ -305,6 +320,9 @@ fn cmd_level(files: &[PathBuf], json: bool) -> Result<ExitCode, CliError> {
     let _ = writeln!(s, "common guest featureset of {} hosts (hash {:016x}):", hosts.len(), l.common.stable_hash());
     let _ = writeln!(s, "  {}", l.common);
     let _ = writeln!(s, "  {}", text::names(&l.common));
+    for h in &unfit {
+        let _ = writeln!(s, "left out: {} cannot run guests: {}", h.label, unfit_reason(h));
+    }
     if vendors.len() > 1 {
         let _ = writeln!(
             s,
@@ -329,6 +347,10 @@ fn cmd_level(files: &[PathBuf], json: bool) -> Result<ExitCode, CliError> {
     }
     print_out(s);
     Ok(ExitCode::SUCCESS)
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
 }
 
 fn read_spec_file(p: &Path) -> Result<text::Spec, CliError> {
@@ -369,10 +391,11 @@ fn cmd_check(policy_file: &Path, on: Option<&Path>, json: bool) -> Result<ExitCo
             Err(rej) => {
                 let _ = writeln!(
                     s,
-                    "incompatible: {} cannot run on {} ({} reasons):",
+                    "incompatible: {} cannot run on {} ({} reason{}):",
                     policy_file.display(),
                     h.label,
-                    rej.errors.len()
+                    rej.errors.len(),
+                    plural(rej.errors.len())
                 );
                 for e in &rej.errors {
                     let _ = writeln!(s, "  - {e}");
@@ -411,7 +434,8 @@ fn cmd_policy(spec: &str, on: Option<&Path>, output: Option<&Path>, json: bool) 
                 s.push_str(&policy.to_text());
             }
             Err(rej) => {
-                let _ = writeln!(s, "rejected on {} ({} reasons):", h.label, rej.errors.len());
+                let _ =
+                    writeln!(s, "rejected on {} ({} reason{}):", h.label, rej.errors.len(), plural(rej.errors.len()));
                 for e in &rej.errors {
                     let _ = writeln!(s, "  - {e}");
                 }

@@ -187,7 +187,7 @@ pub enum Home {
 /// Where `msr` lives, or `None`: #GP. Features the policy does not offer take their
 /// MSRs away with them (MTRRs without `mtrr`, PAT without `pat`, MCG_* without
 /// `mca`/`mce`, SYSENTER_* without `sep`, TSC_AUX without `rdtscp`/`rdpid`, HWCR off
-/// AMD).
+/// AMD and Hygon).
 pub fn home(msr: u32, env: &Env) -> Option<Home> {
     let has = |f| env.has(f);
     let backend = |m| Some(Home::Backend(m));
@@ -199,7 +199,8 @@ pub fn home(msr: u32, env: &Env) -> Option<Home> {
         MTRRCAP | MTRR_DEF_TYPE if has(features::MTRR) => Some(Home::Core),
         m if (MTRR_VAR.contains(&m) || MTRR_FIX.contains(&m)) && has(features::MTRR) => Some(Home::Core),
         MCG_CAP | MCG_STATUS if has(features::MCA) || has(features::MCE) => Some(Home::Core),
-        HWCR | SYSCFG | NB_CFG if env.vendor == Vendor::Amd => Some(Home::Core),
+        // Hygon has AMD's MSRs (Linux runs AMD's code for X86_VENDOR_HYGON).
+        HWCR | SYSCFG | NB_CFG if env.vendor.is_amd_compatible() => Some(Home::Core),
         PAT if has(features::PAT) => backend(GuestMsr::Pat),
         SYSENTER_CS if has(features::SEP) => backend(GuestMsr::SysenterCs),
         SYSENTER_ESP if has(features::SEP) => backend(GuestMsr::SysenterEsp),
@@ -304,7 +305,7 @@ pub fn check_backend_write(msr: GuestMsr, value: u64, old: u64, cr0: u64, env: &
                     allowed |= bit;
                 }
             }
-            if env.vendor == Vendor::Amd && env.has(features::FFXSR) {
+            if env.vendor.is_amd_compatible() && env.has(features::FFXSR) {
                 allowed |= EFER_FFXSR;
             }
             if value & !allowed != 0 {
@@ -476,6 +477,7 @@ mod tests {
         assert_eq!(home(HWCR, &e), None);
         assert_eq!((home(SYSCFG, &e), home(NB_CFG, &e)), (None, None), "AMD's only");
         assert_eq!(home(HWCR, &env(Vendor::Amd)), Some(Home::Core));
+        assert_eq!(home(HWCR, &env(Vendor::Hygon)), Some(Home::Core), "Hygon has AMD's MSRs");
         // MCG_CTL does not exist with MCG_CAP.MCG_CTL_P = 0.
         assert_eq!(home(0x17b, &e), None);
     }
