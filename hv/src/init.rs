@@ -281,6 +281,10 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
     };
     // HLT sleeps of the idle loop (`idle`), for the last line.
     let mut idle_sleeps = 0u64;
+    // When the control channel or local migration last had work.
+    let mut last_busy = drivers::time::now_ticks();
+    let quiet_ticks = drivers::time::ms_to_ticks(CONTROL_QUIET_MS);
+    let poll_ticks = drivers::time::ms_to_ticks(CONTROL_POLL_MS);
     loop {
         let mut busy = false;
         if let Some(s) = server.as_mut() {
@@ -294,8 +298,23 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
         if server.is_none() && !machine.has_runnable() && !local.as_ref().is_some_and(|l| l.running()) {
             break;
         }
-        if !busy && idle(machine.idle_ticks(), server.is_some()) {
+        let now = drivers::time::now_ticks();
+        if busy {
+            last_busy = now;
+            continue;
+        }
+        let polling = server.is_some().then(|| Polling {
+            quiet: now.wrapping_sub(last_busy),
+            quiet_before_sleep: quiet_ticks.unwrap_or(u64::MAX),
+            poll_every: poll_ticks.unwrap_or(0),
+        });
+        let min = drivers::time::ms_to_ticks(1).map_or(u64::MAX, |per_ms| per_ms * IDLE_MIN_US / 1000);
+        let lapic = &percpu::this().lapic;
+        if let IdleAction::Sleep(ticks) = idle_action(machine.idle_ticks(), polling, min, lapic.available()) {
+            sleep(lapic, ticks);
             idle_sleeps += 1;
+        } else {
+            core::hint::spin_loop();
         }
     }
     for d in machine.domains() {
@@ -308,31 +327,62 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
 /// Shorter waits than this spin: arming the timer and halting costs more.
 const IDLE_MIN_US: u64 = 50;
 
-/// Nothing can run now: sleep in HLT until the next guest or device timer (`ticks`
-/// from now, `None` for none). The host LAPIC's one-shot timer wakes the CPU; without
-/// one (its `init` failed), spin. While a control channel is served (`polling`) it
-/// spins too: its virtio driver is polled, and even 1 ms sleeps between polls slowed
-/// the last round of a 1 GiB live migration past the relay's 10 s acknowledgement
-/// timeout (`migrate-stress-8m-to-1g-until-full`). Whether it slept.
-fn idle(ticks: Option<u64>, polling: bool) -> bool {
-    let Some(sleep) = ticks.filter(|_| !polling) else {
-        core::hint::spin_loop();
-        return false;
+/// While a control channel is served, the hypervisor spins for this long after its last
+/// work before it starts to sleep: a transfer in progress (a migration's rounds, an
+/// upload) never waits on a sleep. Sleeping 1 ms between every poll slowed the last
+/// round of a 1 GiB live migration past the relay's 10 s acknowledgement timeout
+/// (`migrate-stress-8m-to-1g-until-full`).
+const CONTROL_QUIET_MS: u64 = 50;
+
+/// Once quiet, it sleeps at most this long between polls of the control channel (its
+/// virtio device is polled, not interrupt-driven): an idle hypervisor halts, and a new
+/// request waits at most this long.
+const CONTROL_POLL_MS: u64 = 1;
+
+/// How long the control channel has been quiet, in TSC ticks, and the rules above.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Polling {
+    quiet: u64,
+    quiet_before_sleep: u64,
+    poll_every: u64,
+}
+
+/// What the idle loop does when nothing ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IdleAction {
+    /// Try again at once.
+    Spin,
+    /// HLT until the host LAPIC timer fires this many TSC ticks from now.
+    Sleep(u64),
+}
+
+/// Nothing could run: sleep until the next guest or device timer (`next`, ticks from
+/// now; `None`: no timer), or, while a control channel is served (`polling`), until its
+/// next poll once it has been quiet for a while. Spin when the wait is shorter than
+/// `min` (arming and halting cost more) or when there is no host LAPIC timer to wake
+/// the CPU (`lapic`).
+fn idle_action(next: Option<u64>, polling: Option<Polling>, min: u64, lapic: bool) -> IdleAction {
+    let wait = match polling {
+        Some(p) if p.quiet < p.quiet_before_sleep => return IdleAction::Spin,
+        Some(p) => Some(next.map_or(p.poll_every, |n| n.min(p.poll_every))),
+        None => next,
     };
-    let min = drivers::time::ms_to_ticks(1).map_or(u64::MAX, |per_ms| per_ms * IDLE_MIN_US / 1000);
-    let lapic = &percpu::this().lapic;
-    if !lapic.available() || sleep < min {
-        core::hint::spin_loop();
-        return false;
+    match wait {
+        Some(ticks) if lapic && ticks >= min => IdleAction::Sleep(ticks),
+        _ => IdleAction::Spin,
     }
-    lapic.arm_one_shot(sleep);
+}
+
+/// HLT for at most `ticks`, woken by the host LAPIC's one-shot timer (or any earlier
+/// interrupt).
+fn sleep(lapic: &drivers::lapic::HostLapic, ticks: u64) {
+    lapic.arm_one_shot(ticks);
     // STI's shadow covers HLT (SDM Vol. 2B STI), so a timer that fired before HLT still
     // wakes it; CLI restores the hypervisor's interrupts-off state.
     // SAFETY: the IDT has a handler for every vector from 32 up that acknowledges it
     // (drivers::tables, drivers::lapic::acknowledge): taking an interrupt here is harmless.
     unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
     lapic.disarm();
-    true
 }
 
 /// The time slice in TSC ticks, if this CPU can preempt a guest: the VMX preemption
@@ -387,6 +437,26 @@ fn machine_info(info: &BootInfo, caps: &platform::caps::Capabilities) -> service
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const POLL: Polling = Polling { quiet: 1000, quiet_before_sleep: 500, poll_every: 100 };
+
+    #[test]
+    fn without_a_control_channel_it_sleeps_until_the_next_timer() {
+        assert_eq!(idle_action(Some(5000), None, 50, true), IdleAction::Sleep(5000));
+        assert_eq!(idle_action(Some(10), None, 50, true), IdleAction::Spin, "too short to be worth a HLT");
+        assert_eq!(idle_action(None, None, 50, true), IdleAction::Spin, "nothing would wake it");
+        assert_eq!(idle_action(Some(5000), None, 50, false), IdleAction::Spin, "no host LAPIC timer");
+    }
+
+    #[test]
+    fn a_served_control_channel_spins_while_busy_and_polls_in_sleeps_once_quiet() {
+        let busy = Polling { quiet: 499, ..POLL };
+        assert_eq!(idle_action(Some(5000), Some(busy), 50, true), IdleAction::Spin, "a transfer is in progress");
+        assert_eq!(idle_action(Some(5000), Some(POLL), 50, true), IdleAction::Sleep(100), "wake for the next poll");
+        assert_eq!(idle_action(Some(70), Some(POLL), 50, true), IdleAction::Sleep(70), "a guest timer comes first");
+        assert_eq!(idle_action(None, Some(POLL), 50, true), IdleAction::Sleep(100), "idle with no guests: still halts");
+        assert_eq!(idle_action(None, Some(POLL), 150, true), IdleAction::Spin);
+    }
 
     #[test]
     fn coalesce_merges_only_contiguous_regions_of_one_kind() {
