@@ -14,7 +14,7 @@
 //! | `linux-fpu-isolation` | sha, sha | yes (about 80 s) | two Linux domains (`linux`, `fpu2`) and a memwriter yielding after every page: both Linux guests print the host's three values and power off with code 0; the two sha.sh runs overlap in the serial log (each `HV-SHA-BEGIN` before the other's `HV-AWK-FP`) and at least one memwriter round ends inside that overlap; every memwriter round's checksum right |
 //! | `linux-poweroff-reboot-panic` | reboot, panic, clock | yes | `reboot -f` and a sysrq panic with `panic=-1` each stop their domain with `CRASHED the guest asked for a reset, which is not emulated` (the panic printed first); a third Linux domain (`survivor`, hv.test=clock) prints `HV-LINUX-DONE` after the panic's `CRASHED` line and powers off with code 0; the memwriter's checksums right |
 //! | `linux-clock` | clock | yes | guest uptime between the two `HV-CLOCK` lines within 2 % of the host time between the moments the test saw them (`date +%s` within 2 % + 1 s) |
-//! | `bochs-linux-boots-to-init` | boot | yes (90 s idle, 550 s seen on a loaded machine) | as `linux-boots-to-init`, on Bochs corei7_skylake_x (VMX), 128M, `quiet` |
+//! | `bochs-linux-cpuinfo` | cpuinfo | yes (boot alone: 90 s idle, 550 s seen on a loaded machine) | as `linux-cpuinfo` (which includes `linux-boots-to-init`'s checks), on Bochs corei7_skylake_x (VMX), two 128M domains, `quiet` |
 //!
 //! `poweroff -f` giving finished(0) is checked by every test whose guest powers off.
 //!
@@ -304,12 +304,38 @@ const LINUX_SYNTHETIC: &[(&str, &str)] = &[
         "also CPUID 0x8000_0001.ECX[8], which the policy leaves out; but Linux sets it itself on AMD when lm or \
          3dnow is present (amd.c init_amd: \"3DNow or LM implies PREFETCHW\")",
     ),
+    (
+        "pti",
+        "X86_FEATURE_PTI: Linux's own, page-table isolation is on (Intel CPUs that do not report RDCL_NO in \
+         IA32_ARCH_CAPABILITIES, which the policy does not offer)",
+    ),
+    (
+        "constant_tsc",
+        "X86_FEATURE_CONSTANT_TSC: Linux's own; set from invtsc (see LINUX_RENAMES), and also by intel.c \
+         early_init_intel for every family 6 model >= 0xe",
+    ),
 ];
+
+/// Feature bits levelling names that Linux prints under other names: when levelling
+/// offers the first, Linux must show every one of the second instead.
+const LINUX_RENAMES: &[(&str, &[&str], &str)] = &[(
+    "invtsc",
+    &["constant_tsc", "nonstop_tsc"],
+    "CPUID 0x8000_0007.EDX[8] becomes X86_FEATURE_CONSTANT_TSC and X86_FEATURE_NONSTOP_TSC (amd.c early_init_amd, \
+     intel.c early_init_intel); Linux has no flag named invtsc",
+)];
 
 /// CPUID feature bits levelling offers that Linux does not print, each with the reason.
 /// Accepted when absent.
-const LINUX_HIDES: &[(&str, &str)] =
-    &[("osxsave", "X86_FEATURE_OSXSAVE has no name in cpufeatures.h: Linux never prints it")];
+const LINUX_HIDES: &[(&str, &str)] = &[
+    ("osxsave", "X86_FEATURE_OSXSAVE has no name in cpufeatures.h: Linux never prints it"),
+    (
+        "fdp_excptn_only",
+        "X86_FEATURE_FDP_EXCPTN_ONLY (CPUID 7.EBX[6]) has no quoted name in cpufeatures.h: since 6.11 Linux prints \
+         only features whose comment names them",
+    ),
+    ("zero_fcs_fds", "X86_FEATURE_ZERO_FCS_FDS (CPUID 7.EBX[13]): no quoted name in cpufeatures.h, as fdp_excptn_only"),
+];
 
 /// The Linux-named flags CPUID gives vCPU 0 of a domain with policy `spec` on `host`:
 /// the table the hypervisor builds (hv/src/domain/mod.rs `cpuid_table`), read bit by
@@ -327,7 +353,17 @@ fn expected_flags(host: &levelling::HostCpu, spec: &str) -> Result<BTreeSet<&'st
             set.insert(f.name);
         }
     }
-    Ok(set)
+    Ok(linux_names(set))
+}
+
+/// Levelling's feature names as Linux prints them ([`LINUX_RENAMES`]).
+fn linux_names(mut set: BTreeSet<&'static str>) -> BTreeSet<&'static str> {
+    for (ours, linux, _) in LINUX_RENAMES {
+        if set.remove(ours) {
+            set.extend(linux.iter().copied());
+        }
+    }
+    set
 }
 
 /// The differences between Linux's flags and levelling's, name by name.
@@ -807,19 +843,32 @@ fn tests() -> [LinuxTest; 7] {
                 )
             },
         },
+        // On VMX the same two policies: Linux boots to init and sees exactly levelling's
+        // flags (the `boots` checks are part of `cpuinfo`).
         LinuxTest {
             bochs: true,
-            name: "bochs-linux-boots-to-init",
-            what: "boot",
+            name: "bochs-linux-cpuinfo",
+            what: "cpuinfo, default policy and base=host-max,-avx2,-aes",
             by_default: true,
-            hv_cmdline: "",
-            domains: || (domain_line("linux", "128M", "boot", None, " quiet"), vec!["linux"]),
+            hv_cmdline: "cpuid-dump",
+            domains: || {
+                let (name, spec) = CPUINFO_POLICY;
+                (
+                    [
+                        domain_line("linux", "128M", "cpuinfo", None, " quiet"),
+                        domain_line(name, "128M", "cpuinfo", Some(spec), " quiet"),
+                    ]
+                    .concat(),
+                    vec!["linux", name],
+                )
+            },
             timeout: BOCHS_TIMEOUT,
-            check: boots,
-            detail: |run, _| {
+            check: cpuinfo,
+            detail: |run, g| {
                 format!(
-                    "/init at {:.1} s wall; exit code 0 at {:.1} s",
+                    "/init at {:.1} s wall; {} flags in /proc/cpuinfo equal levelling's for both policies; {:.1} s",
                     run.init_after.unwrap_or_default().as_secs_f64(),
+                    g.markers("HV-CPUINFO-FLAGS").flat_map(str::split_whitespace).count(),
                     run.elapsed.as_secs_f64()
                 )
             },
@@ -1202,6 +1251,22 @@ mod tests {
         // A truncated flags list is caught by the count.
         let cut = log.replacen("HV-CPUINFO-COUNT 63", "HV-CPUINFO-COUNT 64", 1);
         assert!(check(&cut).iter().any(|p| p.contains("HV-CPUINFO-COUNT")), "{:?}", check(&cut));
+    }
+
+    #[test]
+    fn invtsc_is_expected_under_linux_s_names_and_hidden_flags_are_not_required() {
+        let dump = include_str!("../../levelling/testdata/bochs-2.7-corei7-skylake-x.cpuid");
+        let host = levelling::HostCpu::from_records(&levelling::parse_dump(dump).unwrap().records).unwrap();
+        let want = expected_flags(&host, "base=host-max,-avx2,-aes").unwrap();
+        assert!(!want.contains("invtsc"), "Linux has no flag named invtsc");
+        assert!(want.contains("constant_tsc") && want.contains("nonstop_tsc"), "{want:?}");
+        // Linux prints neither fdp_excptn_only nor zero_fcs_fds: not missing.
+        let linux: BTreeSet<&str> =
+            want.iter().copied().filter(|f| !["fdp_excptn_only", "zero_fcs_fds"].contains(f)).collect();
+        assert_eq!(compare_flags("d", "s", &linux, &want), Vec::<String>::new());
+        // Without the two renamed flags the comparison says so.
+        let short: BTreeSet<&str> = linux.iter().copied().filter(|f| *f != "nonstop_tsc").collect();
+        assert!(compare_flags("d", "s", &short, &want).iter().any(|p| p.contains("lacks: nonstop_tsc")));
     }
 
     /// A serial log of `linux-fpu-isolation`'s three domains, `events` in this order.
