@@ -51,6 +51,8 @@ fn machine(mechanisms: Mechanisms) -> Machine<FakeBackend> {
         irq: crate::domain::platform::new_router(),
         undelivered_interrupts: 0,
         started_ns: 0,
+        tsc_offset: 0,
+        migrated_clock: None,
     });
     m
 }
