@@ -38,6 +38,7 @@ const TESTS: &[NamedTest<Ctx>] = &[
     ("migrate-corrupt-record-refused-source-runs", corrupt_record),
     ("migrate-cancel-mid-round-source-runs", cancel_mid_round),
     ("migrate-memwriter-while-writing", live_memwriter),
+    ("migrate-machine-state-apictimer-fpustate-mid-run", machine_state_mid_run),
     ("migrate-save-restore-file", save_restore),
     ("migrate-stress-8m-to-1g-until-full", stress),
 ];
@@ -296,6 +297,103 @@ fn cancel_mid_round(ctx: &Ctx) -> Result<String> {
     writer_keeps_running(ctx, id, "the cancel")?;
     no_domain_on_destination(ctx, "the cancel")?;
     Ok(format!("cancelled after {sent} bytes; the writer kept running"))
+}
+
+/// The apictimer's parameters: 2500 periodic LAPIC timer interrupts of 1 ms.
+const TIMER_TICKS: u64 = 2500;
+const TIMER_PERIOD_US: u64 = 1000;
+/// The fpustate guest's rounds: each fills the vector registers, yields, spins and
+/// reads them back; enough that a migration falls in the middle.
+const FPU_ROUNDS: u64 = 4000;
+
+/// Issue 13 item 3: the whole guest moves. An `apictimer` (x2APIC mode, periodic LAPIC
+/// timer, `sti; hlt` between interrupts) and an `fpustate` (YMM registers and XCR0 held
+/// across yields) are migrated while they run. Without the LAPIC's state the timer
+/// guest would sleep forever on the destination; without the FPU area and XCR0 the
+/// other would read back reset registers (or fault on its first AVX instruction).
+/// Both must finish with code 0 on the destination, the timer guest with all its
+/// ticks and a TSC delta (read before and after the move) that neither went backwards
+/// nor jumped, and their console rings must hold what they printed on the source.
+fn machine_state_mid_run(ctx: &Ctx) -> Result<String> {
+    let started = std::time::Instant::now();
+    let timer_cmdline = format!("ticks={TIMER_TICKS} period_us={TIMER_PERIOD_US}");
+    let timer = create(ctx, "apictimer", "timer-mid", Some(WRITER_CPUID), &timer_cmdline)?;
+    let fpu = create(ctx, "fpustate", "fpu-mid", Some(WRITER_CPUID), &format!("seed=5 rounds={FPU_ROUNDS}"))?;
+    // Both print their first line before the work starts: then they are mid-run.
+    wait_for("both guests to print their first console line on the source", 60, || {
+        let t = hvctl_on(ctx, &ctx.src, &["domain", "console", &timer.to_string()])?;
+        let f = hvctl_on(ctx, &ctx.src, &["domain", "console", &fpu.to_string()])?;
+        Ok(t.contains("apictimer: x2APIC id") && f.contains("fpustate: seed 5"))
+    })?;
+    std::thread::sleep(Duration::from_millis(700));
+    let mut moved = Vec::new();
+    for (id, what) in [(timer, "apictimer"), (fpu, "fpustate")] {
+        let state = domains(ctx, &ctx.src)?.into_iter().find(|d| d.0 == id).map(|d| d.2);
+        if state.as_deref() != Some("running") {
+            return Err(format!("the {what} guest is {state:?} before its migration: it must move mid-run"));
+        }
+        let (code, report, stderr) = migrate(ctx, id, &["--verify"])?;
+        if code != Some(0) || report["outcome"] != "completed" {
+            return Err(format!("migrating the {what} guest did not complete: exit {code:?}, {report}; {stderr}"));
+        }
+        let new_id =
+            report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
+        moved.push((new_id, what, report["downtime_ms"].as_u64().unwrap_or(0)));
+    }
+    let finished = |id: u64| -> Result<Option<String>> {
+        let state = domains(ctx, &ctx.dst)?.into_iter().find(|d| d.0 == id).map(|d| d.2);
+        Ok(state.filter(|s| s.starts_with("finished") || s.starts_with("crashed")))
+    };
+    for &(id, what, _) in &moved {
+        wait_for(&format!("the migrated {what} guest to finish on the destination"), 240, || {
+            Ok(finished(id)?.is_some())
+        })?;
+        let state = finished(id)?.unwrap_or_default();
+        if state != "finished(0)" {
+            let console = hvctl_on(ctx, &ctx.dst, &["domain", "console", &id.to_string()]).unwrap_or_default();
+            return Err(format!("the migrated {what} guest ended {state} on the destination; console:\n{console}"));
+        }
+    }
+    let wall_us = started.elapsed().as_micros() as u64;
+    let (timer_dst, _, timer_downtime) = moved[0];
+    let (fpu_dst, _, fpu_downtime) = moved[1];
+    let get = |id: u64, tag: &str| reports(&ctx.dst, id).into_iter().rev().find(|(t, _)| t == tag).map(|(_, v)| v);
+    let ticks = get(timer_dst, "ticks").ok_or("the timer guest reported no ticks on the destination")?;
+    if ticks != TIMER_TICKS {
+        return Err(format!("the timer guest took {ticks} ticks, not {TIMER_TICKS}"));
+    }
+    let tsc_khz: u64 = clean(&ctx.dst.serial())
+        .lines()
+        .find_map(|l| l.split_once("TSC ")?.1.split_once(" kHz")?.0.trim().parse().ok())
+        .ok_or("the destination printed no TSC frequency")?;
+    let tsc = get(timer_dst, "tsc").ok_or("the timer guest reported no TSC delta")?;
+    let tsc_us = tsc / tsc_khz.max(1) * 1000 + tsc % tsc_khz.max(1) * 1000 / tsc_khz.max(1);
+    // Programmed: ticks × period. The guest's TSC must show at least that much (it did
+    // not go back or restart), and no more than the test's whole wall time (it did not
+    // jump by the source's or the destination's uptime).
+    if tsc_us < (TIMER_TICKS - 1) * TIMER_PERIOD_US || tsc_us > wall_us {
+        return Err(format!(
+            "the timer guest's TSC delta across the migration is {tsc_us} µs: expected {} µs to {wall_us} µs              (the test's wall time)",
+            (TIMER_TICKS - 1) * TIMER_PERIOD_US
+        ));
+    }
+    let (rounds, bad) = (get(fpu_dst, "rounds"), get(fpu_dst, "bad"));
+    if rounds != Some(FPU_ROUNDS) || bad != Some(0) {
+        return Err(format!("the fpustate guest reported rounds {rounds:?} and bad {bad:?} on the destination"));
+    }
+    let xcr0 = get(fpu_dst, "xcr0").unwrap_or(0);
+    for (id, line) in [(timer_dst, "apictimer: x2APIC id"), (fpu_dst, "fpustate: seed 5")] {
+        let console = hvctl_on(ctx, &ctx.dst, &["domain", "console", &id.to_string()])?;
+        if !console.contains(line) {
+            return Err(format!("the console ring of domain {id} lost `{line}`, printed on the source: {console}"));
+        }
+    }
+    for &(id, _, _) in &moved {
+        hvctl_on(ctx, &ctx.dst, &["domain", "destroy", &id.to_string()])?;
+    }
+    Ok(format!(
+        "apictimer: {ticks} ticks, TSC delta {tsc_us} µs across the move (downtime {timer_downtime} ms); fpustate:          {FPU_ROUNDS} rounds, 0 bad registers, XCR0 {xcr0:#x} (downtime {fpu_downtime} ms); console rings moved"
+    ))
 }
 
 fn live_memwriter(ctx: &Ctx) -> Result<String> {
