@@ -86,6 +86,26 @@ fn take_state(list: &DeviceStates, used: &mut [bool], kind: DeviceKind, instance
     }
 }
 
+/// This host's clocks at one moment (passed in, so host tests can choose them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostClock {
+    /// Uptime, ns.
+    pub uptime_ns: u64,
+    /// The TSC.
+    pub tsc: u64,
+    /// The TSC's frequency, Hz.
+    pub tsc_hz: u64,
+}
+
+impl HostClock {
+    /// Now, or why there is no calibrated clock.
+    fn now() -> Result<Self, String> {
+        let hz = crate::drivers::time::tsc_hz().ok_or("this hypervisor's TSC is not calibrated")?;
+        let uptime_ns = crate::drivers::time::uptime_ns().ok_or("this hypervisor's clock is not calibrated")?;
+        Ok(Self { uptime_ns, tsc: crate::drivers::time::now_ticks(), tsc_hz: hz })
+    }
+}
+
 fn entry(state: DeviceState, instance: u32) -> DeviceEntry {
     DeviceEntry { kind: state.kind as u16, instance, version: state.version, bytes: state.bytes }
 }
@@ -105,6 +125,144 @@ impl<B: Backend> Machine<B> {
     fn page_count(&self, id: u32) -> Result<u64, String> {
         let d = self.domain(id).ok_or_else(|| text(DomainError::NoSuchDomain(id)))?;
         Ok(d.memory_bytes / PAGE_SIZE)
+    }
+}
+
+impl<B: Backend> Machine<B> {
+    /// [`MigrationCore::machine_state`] with this host's clocks at `host`.
+    pub fn machine_state_at(&mut self, domain: u32, host: HostClock) -> Result<MachineState, String> {
+        let d = self.migrating(domain)?;
+        // Messages the I/O APIC queued reach their LAPICs first (the queue is not state).
+        d.route_messages();
+        let now = host.uptime_ns.wrapping_sub(d.started_ns);
+        let clock = GuestClock { tsc: host.tsc.wrapping_add(d.tsc_offset), ns: now, tsc_hz: host.tsc_hz };
+        let host = host.tsc;
+        let env = msr::env_of(&d.policy);
+        let tsc_aux = msr::home(MSR_TSC_AUX, &env).is_some();
+        let mut fpus = Vec::with_capacity(d.vcpus.len());
+        let mut msrs = Vec::with_capacity(d.vcpus.len());
+        for slot in d.vcpus.iter_mut() {
+            let index = slot.index;
+            let fpu = slot.vcpu.fpu();
+            fpus.push(VcpuFpu { index, xcr0: fpu.xcr0(), area: fpu.export().to_vec() });
+            let mut list = slot.msrs.saved(&env);
+            list.push((MSR_TSC, host.wrapping_add(slot.vcpu.tsc_offset())));
+            if tsc_aux {
+                let v =
+                    slot.vcpu.read_msr(GuestMsr::TscAux).map_err(|e| alloc::format!("vCPU {index}: TSC_AUX: {e}"))?;
+                list.push((MSR_TSC_AUX, v));
+            }
+            list.sort_unstable_by_key(|&(m, _)| m);
+            msrs.push(VcpuMsrs { index, msrs: list });
+        }
+        let mut devices = Vec::new();
+        for state in d.devices.save_at(now) {
+            let instance = devices.iter().filter(|e: &&DeviceEntry| e.kind == state.kind as u16).count() as u32;
+            devices.push(entry(state, instance));
+        }
+        let [ioapic, pic] = d.irq.save();
+        devices.push(entry(ioapic, 0));
+        devices.push(entry(pic, 0));
+        for slot in &d.vcpus {
+            devices.push(entry(slot.lapic.save_at(now), slot.index));
+        }
+        let console = ConsoleRing { total_bytes: d.console.bytes, ring: d.console.contents() };
+        Ok(MachineState { clock, fpus, msrs, devices: DeviceStates { devices }, console: Some(console) })
+    }
+}
+
+impl<B: Backend> Machine<B> {
+    /// [`MigrationCore::load_machine_state`] with this host's clocks at `host`.
+    pub fn load_machine_state_at(&mut self, domain: u32, record: &StateRecord, host: HostClock) -> Result<(), String> {
+        let d = self.migrating(domain)?;
+        let id = d.id;
+        match record {
+            StateRecord::Clock(clock) => {
+                let r = rebase_clock(clock, host.uptime_ns, host.tsc);
+                d.started_ns = r.started_ns;
+                d.tsc_offset = r.tsc_offset;
+                d.migrated_clock = Some(*clock);
+                for slot in d.vcpus.iter_mut() {
+                    slot.vcpu.set_tsc_offset(r.tsc_offset).map_err(|e| alloc::format!("vCPU {}: {e}", slot.index))?;
+                }
+                let here = host.tsc_hz;
+                if here.abs_diff(clock.tsc_hz) > clock.tsc_hz / 100 {
+                    // Not refused: the guest's TSC continues, only its rate is this host's.
+                    crate::println!(
+                        "DOMAIN {id} CLOCK the source's TSC ran at {} Hz, this host's runs at {here} Hz",
+                        clock.tsc_hz
+                    );
+                }
+            }
+            StateRecord::Fpu(f) => {
+                let policy = d.cpuid.lookup(0xd, 0);
+                let allowed = u64::from(policy[0]) | (u64::from(policy[3]) << 32);
+                let slot = d.vcpus.get_mut(f.index as usize).ok_or_else(|| alloc::format!("no vCPU {}", f.index))?;
+                slot.vcpu
+                    .fpu_mut()
+                    .import(f.xcr0, &f.area, allowed)
+                    .map_err(|e| alloc::format!("vCPU {}: cannot restore its FPU state: {e}", f.index))?;
+            }
+            StateRecord::Msrs(m) => {
+                let clock = d.migrated_clock.ok_or("vCPU MSRs arrived before the guest clock")?;
+                let env = msr::env_of(&d.policy);
+                let base = d.tsc_offset;
+                let slot = d.vcpus.get_mut(m.index as usize).ok_or_else(|| alloc::format!("no vCPU {}", m.index))?;
+                let fail = |e: MsrRestoreError| alloc::format!("vCPU {}: cannot restore its MSRs: {e}", m.index);
+                for &(index, value) in &m.msrs {
+                    match index {
+                        MSR_TSC => slot
+                            .vcpu
+                            .set_tsc_offset(vcpu_tsc_offset(base, clock.tsc, value))
+                            .map_err(|e| alloc::format!("vCPU {}: IA32_TSC: {e}", m.index))?,
+                        MSR_TSC_AUX => {
+                            if msr::home(index, &env) != Some(Home::Backend(GuestMsr::TscAux)) {
+                                return Err(fail(MsrRestoreError::NotVirtualized(index)));
+                            }
+                            if value >> 32 != 0 {
+                                return Err(fail(MsrRestoreError::BadValue(index, value)));
+                            }
+                            slot.vcpu
+                                .write_msr(GuestMsr::TscAux, value)
+                                .map_err(|e| alloc::format!("vCPU {}: TSC_AUX: {e}", m.index))?;
+                        }
+                        other => slot.msrs.restore(other, value, &env).map_err(fail)?,
+                    }
+                }
+            }
+            StateRecord::Devices(list) => {
+                let now = host.uptime_ns.wrapping_sub(d.started_ns);
+                let mut used = vec![false; list.devices.len()];
+                let mut states = Vec::new();
+                let kinds = d.devices.kinds();
+                for (i, &kind) in kinds.iter().enumerate() {
+                    let instance = kinds.iter().take(i).filter(|&&k| k == kind).count() as u32;
+                    states.push(take_state(list, &mut used, kind, instance)?);
+                }
+                let ioapic = take_state(list, &mut used, DeviceKind::IoApic, 0)?;
+                let pic = take_state(list, &mut used, DeviceKind::Pic, 0)?;
+                let mut lapics = Vec::with_capacity(d.vcpus.len());
+                for slot in &d.vcpus {
+                    lapics.push(take_state(list, &mut used, DeviceKind::Lapic, slot.index)?);
+                }
+                if let Some(e) = list.devices.iter().zip(&used).find_map(|(e, u)| (!u).then_some(e)) {
+                    let name = DeviceKind::from_code(e.kind)
+                        .map_or(alloc::format!("unknown kind {}", e.kind), |k| alloc::format!("{k:?}"));
+                    return Err(alloc::format!(
+                        "the stream carries a {name} state (instance {}) this hypervisor has no model for",
+                        e.instance
+                    ));
+                }
+                d.devices.load_at(&states, now).map_err(|e| alloc::format!("device state: {e}"))?;
+                d.irq.load(&ioapic, &pic).map_err(|e| alloc::format!("interrupt controllers: {e}"))?;
+                for (slot, state) in d.vcpus.iter_mut().zip(&lapics) {
+                    slot.lapic.load_at(state, now).map_err(|e| alloc::format!("vCPU {} LAPIC: {e}", slot.index))?;
+                }
+                d.route_messages();
+            }
+            StateRecord::Console(c) => d.console.restore(c.total_bytes, &c.ring),
+        }
+        Ok(())
     }
 }
 
@@ -199,47 +357,12 @@ impl<B: Backend> MigrationCore for Machine<B> {
     }
 
     fn machine_state(&mut self, domain: u32) -> Result<MachineState, String> {
-        let tsc_hz = crate::drivers::time::tsc_hz().ok_or("this hypervisor's TSC is not calibrated")?;
-        let d = self.migrating(domain)?;
-        // Messages the I/O APIC queued reach their LAPICs first (the queue is not state).
-        d.route_messages();
-        let now = d.guest_now_ns();
-        let host = crate::drivers::time::now_ticks();
-        let clock = GuestClock { tsc: host.wrapping_add(d.tsc_offset), ns: now, tsc_hz };
-        let env = msr::env_of(&d.policy);
-        let tsc_aux = msr::home(MSR_TSC_AUX, &env).is_some();
-        let mut fpus = Vec::with_capacity(d.vcpus.len());
-        let mut msrs = Vec::with_capacity(d.vcpus.len());
-        for slot in d.vcpus.iter_mut() {
-            let index = slot.index;
-            let fpu = slot.vcpu.fpu();
-            fpus.push(VcpuFpu { index, xcr0: fpu.xcr0(), area: fpu.export().to_vec() });
-            let mut list = slot.msrs.saved(&env);
-            list.push((MSR_TSC, host.wrapping_add(slot.vcpu.tsc_offset())));
-            if tsc_aux {
-                let v =
-                    slot.vcpu.read_msr(GuestMsr::TscAux).map_err(|e| alloc::format!("vCPU {index}: TSC_AUX: {e}"))?;
-                list.push((MSR_TSC_AUX, v));
-            }
-            list.sort_unstable_by_key(|&(m, _)| m);
-            msrs.push(VcpuMsrs { index, msrs: list });
-        }
-        let mut devices = Vec::new();
-        for state in d.devices.save_at(now) {
-            let instance = devices.iter().filter(|e: &&DeviceEntry| e.kind == state.kind as u16).count() as u32;
-            devices.push(entry(state, instance));
-        }
-        let [ioapic, pic] = d.irq.save();
-        devices.push(entry(ioapic, 0));
-        devices.push(entry(pic, 0));
-        for slot in &d.vcpus {
-            devices.push(entry(slot.lapic.save_at(now), slot.index));
-        }
-        let console = ConsoleRing { total_bytes: d.console.bytes, ring: d.console.contents() };
-        Ok(MachineState { clock, fpus, msrs, devices: DeviceStates { devices }, console: Some(console) })
+        let clock = HostClock::now()?;
+        self.machine_state_at(domain, clock)
     }
 
     fn memory_digest(&mut self, domain: u32) -> Result<MemoryDigest, String> {
+
         let pages = self.page_count(domain)?;
         let (mem, pool) = self.memory(domain)?;
         let mut page = vec![0u8; PAGE];
@@ -373,96 +496,8 @@ impl<B: Backend> MigrationCore for Machine<B> {
     }
 
     fn load_machine_state(&mut self, domain: u32, record: &StateRecord) -> Result<(), String> {
-        let d = self.migrating(domain)?;
-        let id = d.id;
-        match record {
-            StateRecord::Clock(clock) => {
-                let uptime = crate::drivers::time::uptime_ns().ok_or("this hypervisor's clock is not calibrated")?;
-                let r = rebase_clock(clock, uptime, crate::drivers::time::now_ticks());
-                d.started_ns = r.started_ns;
-                d.tsc_offset = r.tsc_offset;
-                d.migrated_clock = Some(*clock);
-                for slot in d.vcpus.iter_mut() {
-                    slot.vcpu.set_tsc_offset(r.tsc_offset).map_err(|e| alloc::format!("vCPU {}: {e}", slot.index))?;
-                }
-                let here = crate::drivers::time::tsc_hz().unwrap_or(0);
-                if here.abs_diff(clock.tsc_hz) > clock.tsc_hz / 100 {
-                    // Not refused: the guest's TSC continues, only its rate is this host's.
-                    crate::println!(
-                        "DOMAIN {id} CLOCK the source's TSC ran at {} Hz, this host's runs at {here} Hz",
-                        clock.tsc_hz
-                    );
-                }
-            }
-            StateRecord::Fpu(f) => {
-                let policy = d.cpuid.lookup(0xd, 0);
-                let allowed = u64::from(policy[0]) | (u64::from(policy[3]) << 32);
-                let slot = d.vcpus.get_mut(f.index as usize).ok_or_else(|| alloc::format!("no vCPU {}", f.index))?;
-                slot.vcpu
-                    .fpu_mut()
-                    .import(f.xcr0, &f.area, allowed)
-                    .map_err(|e| alloc::format!("vCPU {}: cannot restore its FPU state: {e}", f.index))?;
-            }
-            StateRecord::Msrs(m) => {
-                let clock = d.migrated_clock.ok_or("vCPU MSRs arrived before the guest clock")?;
-                let env = msr::env_of(&d.policy);
-                let base = d.tsc_offset;
-                let slot = d.vcpus.get_mut(m.index as usize).ok_or_else(|| alloc::format!("no vCPU {}", m.index))?;
-                let fail = |e: MsrRestoreError| alloc::format!("vCPU {}: cannot restore its MSRs: {e}", m.index);
-                for &(index, value) in &m.msrs {
-                    match index {
-                        MSR_TSC => slot
-                            .vcpu
-                            .set_tsc_offset(vcpu_tsc_offset(base, clock.tsc, value))
-                            .map_err(|e| alloc::format!("vCPU {}: IA32_TSC: {e}", m.index))?,
-                        MSR_TSC_AUX => {
-                            if msr::home(index, &env) != Some(Home::Backend(GuestMsr::TscAux)) {
-                                return Err(fail(MsrRestoreError::NotVirtualized(index)));
-                            }
-                            if value >> 32 != 0 {
-                                return Err(fail(MsrRestoreError::BadValue(index, value)));
-                            }
-                            slot.vcpu
-                                .write_msr(GuestMsr::TscAux, value)
-                                .map_err(|e| alloc::format!("vCPU {}: TSC_AUX: {e}", m.index))?;
-                        }
-                        other => slot.msrs.restore(other, value, &env).map_err(fail)?,
-                    }
-                }
-            }
-            StateRecord::Devices(list) => {
-                let now = d.guest_now_ns();
-                let mut used = vec![false; list.devices.len()];
-                let mut states = Vec::new();
-                let kinds = d.devices.kinds();
-                for (i, &kind) in kinds.iter().enumerate() {
-                    let instance = kinds.iter().take(i).filter(|&&k| k == kind).count() as u32;
-                    states.push(take_state(list, &mut used, kind, instance)?);
-                }
-                let ioapic = take_state(list, &mut used, DeviceKind::IoApic, 0)?;
-                let pic = take_state(list, &mut used, DeviceKind::Pic, 0)?;
-                let mut lapics = Vec::with_capacity(d.vcpus.len());
-                for slot in &d.vcpus {
-                    lapics.push(take_state(list, &mut used, DeviceKind::Lapic, slot.index)?);
-                }
-                if let Some(e) = list.devices.iter().zip(&used).find_map(|(e, u)| (!u).then_some(e)) {
-                    let name = DeviceKind::from_code(e.kind)
-                        .map_or(alloc::format!("unknown kind {}", e.kind), |k| alloc::format!("{k:?}"));
-                    return Err(alloc::format!(
-                        "the stream carries a {name} state (instance {}) this hypervisor has no model for",
-                        e.instance
-                    ));
-                }
-                d.devices.load_at(&states, now).map_err(|e| alloc::format!("device state: {e}"))?;
-                d.irq.load(&ioapic, &pic).map_err(|e| alloc::format!("interrupt controllers: {e}"))?;
-                for (slot, state) in d.vcpus.iter_mut().zip(&lapics) {
-                    slot.lapic.load_at(state, now).map_err(|e| alloc::format!("vCPU {} LAPIC: {e}", slot.index))?;
-                }
-                d.route_messages();
-            }
-            StateRecord::Console(c) => d.console.restore(c.total_bytes, &c.ring),
-        }
-        Ok(())
+        let clock = HostClock::now()?;
+        self.load_machine_state_at(domain, record, clock)
     }
 }
 
