@@ -336,8 +336,7 @@ fn machine_state_mid_run(ctx: &Ctx) -> Result<String> {
         if code != Some(0) || report["outcome"] != "completed" {
             return Err(format!("migrating the {what} guest did not complete: exit {code:?}, {report}; {stderr}"));
         }
-        let new_id =
-            report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
+        let new_id = report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
         moved.push((new_id, what, report["downtime_ms"].as_u64().unwrap_or(0)));
     }
     let finished = |id: u64| -> Result<Option<String>> {
@@ -392,7 +391,7 @@ fn machine_state_mid_run(ctx: &Ctx) -> Result<String> {
         hvctl_on(ctx, &ctx.dst, &["domain", "destroy", &id.to_string()])?;
     }
     Ok(format!(
-        "apictimer: {ticks} ticks, TSC delta {tsc_us} µs across the move (downtime {timer_downtime} ms); fpustate:          {FPU_ROUNDS} rounds, 0 bad registers, XCR0 {xcr0:#x} (downtime {fpu_downtime} ms); console rings moved"
+        "apictimer: {ticks} ticks, TSC delta {tsc_us} µs across the move (downtime {timer_downtime} ms); fpustate: {FPU_ROUNDS} rounds, 0 bad registers, XCR0 {xcr0:#x} (downtime {fpu_downtime} ms); console rings moved"
     ))
 }
 

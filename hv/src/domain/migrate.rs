@@ -362,7 +362,6 @@ impl<B: Backend> MigrationCore for Machine<B> {
     }
 
     fn memory_digest(&mut self, domain: u32) -> Result<MemoryDigest, String> {
-
         let pages = self.page_count(domain)?;
         let (mem, pool) = self.memory(domain)?;
         let mut page = vec![0u8; PAGE];

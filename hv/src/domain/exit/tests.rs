@@ -664,8 +664,8 @@ fn init_to_the_bsp_resets_its_lapic_and_it_keeps_running() {
 #[test]
 fn the_machine_state_moves_between_two_machines_and_time_continues() {
     use crate::domain::migrate::HostClock;
-    use migration_svc::StateRecord;
     use alloc::vec;
+    use migration_svc::StateRecord;
     use wire::migration::{DeviceEntry, VcpuFpu, VcpuMsrs};
 
     const HZ: u64 = 2_000_000_000;
