@@ -34,7 +34,7 @@
 //! | 2 | [`CpuidPolicy`] | mandatory | the postcard bytes of the domain's `levelling` policy (opaque here) | second, exactly once, before any memory |
 //! | 3 | [`PageBatch`] | mandatory | `n u32` \| `entry u64 × n` \| `4096 bytes × (non-zero entries)`; entry = pfn (bits 0..40) \| zero-page flag (bit 63), other bits 0 | any number, after the policy |
 //! | 4 | [`DirtyRound`] | optional | `round u32` \| `n u32` \| n × (`len u32` \| [`DirtyRecord`] bytes) | before the pages of each round ≥ 1 |
-//! | 5 | [`VcpuState`] | mandatory | `index u32` \| opaque register blob (rest of payload) | once per vCPU, after the last pages |
+//! | 5 | [`VcpuState`] | mandatory | `index u32` \| opaque register blob (rest of payload) | once per vCPU, after the guest clock |
 //! | 6 | [`End`](StreamEnd) | mandatory | `pages_sent u64` \| `rounds u32` | last |
 //! | 7 | [`MemoryDigest`] | optional | `pages u64` \| `digest u64` ([`MemoryDigest::of_pages`]) | with `verify_memory`: after the machine state, before `End` |
 //! | 8 | [`GuestClock`] | mandatory | `tsc u64` \| `ns u64` \| `tsc_hz u64` | once, after the last pages, before any vCPU record |
