@@ -43,8 +43,150 @@ const TESTS: &[NamedTest<Ctx>] = &[
     ("migrate-stress-8m-to-1g-until-full", stress),
 ];
 
+/// The opt-in Linux migration test (slow: Linux boots under the hypervisor first).
+const LINUX_TEST: &str = "migrate-linux-shell-between-instances";
+
 /// Boot a source and a destination and run the migration tests matching `filter`.
 pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
+    let (mut lp, mut lf) = (0, 0);
+    match filter {
+        Some(f) if f.contains("linux") && LINUX_TEST.contains(f) => (lp, lf) = run_linux(esp)?,
+        None => println!(
+            "systest {LINUX_TEST} ... not run by default (cargo xtask test --system-only --filter {LINUX_TEST})"
+        ),
+        _ => {}
+    }
+    let (p, f) = run_suite(esp, filter)?;
+    Ok((p + lp, f + lf))
+}
+
+/// Issue 13 item 3 with a real guest: Debian's kernel boots on the source with
+/// `hv.test=shell` (a shell on ttyS0) and is migrated once the shell is up. On the
+/// destination the shell must answer a command typed into its console (UART, its
+/// interrupt and the LAPIC/I/O APIC that carry it, the scheduler's timers), with an
+/// uptime no smaller than the one it printed on the source, and `poweroff -f` must
+/// end it there (finished(0)).
+fn run_linux(esp: &Esp) -> Result<(usize, usize)> {
+    let assets = crate::linux::ensure_linux_assets()?;
+    let src_platform = Platform::Qemu { cpu: "EPYC".into() };
+    let dst_platform = Platform::Qemu { cpu: "EPYC,-avx2".into() };
+    tools::ensure(&src_platform)?;
+    let hvctl = build_hvctl()?;
+    let timeout = Duration::from_secs(1200);
+    let config = |name: &str, domains: Option<String>| RunConfig {
+        name: name.into(),
+        timeout,
+        cmdline: String::new(),
+        echo: false,
+        vsock: true,
+        domains,
+    };
+    println!("systest {LINUX_TEST} on {src_platform} -> {dst_platform} (Linux {}) ...", assets.kernel_release);
+    let line = crate::linux_tests::domain_line("linux", "256M", "shell", Some(WRITER_CPUID), "");
+    let staged = crate::linux_tests::staged(&assets);
+    let mut src = Session::spawn_staged(&src_platform, esp, &config("migrate-linux-src", Some(line)), &staged)?;
+    let mut dst = Session::spawn(&dst_platform, esp, &config("migrate-linux-dst", None))?;
+    let mut down = None;
+    for (what, session) in [("source", &mut src), ("destination", &mut dst)] {
+        if let Err(wait) = wait_serving(session, Duration::from_secs(300)) {
+            println!("systest {LINUX_TEST} ... FAILED: the {what}'s control channel did not come up ({wait})");
+            print_log(what, session);
+            down = Some(what);
+            break;
+        }
+    }
+    if down.is_some() {
+        src.stop();
+        dst.stop();
+        return Ok((0, 1));
+    }
+    let mut ctx = Ctx { hvctl, guests: esp.dir.join("EFI").join("HV"), src, dst, writer: std::cell::Cell::new(None) };
+    let started = std::time::Instant::now();
+    let result = linux_shell(&ctx);
+    let ok = match result {
+        Ok(detail) => {
+            println!("systest {LINUX_TEST} ... ok ({:.1} s; {detail})", started.elapsed().as_secs_f64());
+            true
+        }
+        Err(e) => {
+            println!("systest {LINUX_TEST} ... FAILED\n  - {e}");
+            print_log("source", &ctx.src);
+            print_log("destination", &ctx.dst);
+            false
+        }
+    };
+    ctx.src.stop();
+    ctx.dst.stop();
+    Ok(if ok { (1, 0) } else { (0, 1) })
+}
+
+/// The uptime in the `HV-LINUX-INIT uptime=…` line of `text`.
+fn init_uptime(text: &str) -> Option<f64> {
+    clean(text).lines().find_map(|l| l.split("HV-LINUX-INIT uptime=").nth(1)?.split_whitespace().next()?.parse().ok())
+}
+
+fn linux_shell(ctx: &Ctx) -> Result<String> {
+    let console = |s: &Session, id: u64| hvctl_on(ctx, s, &["domain", "console", &id.to_string()]);
+    wait_for("the Linux shell to come up on the source", 900, || Ok(console(&ctx.src, 1)?.contains("HV-SHELL-READY")))?;
+    let booted_at = init_uptime(&console(&ctx.src, 1)?).ok_or("no HV-LINUX-INIT line on the source")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, report, stderr) = migrate(ctx, 1, &[])?;
+    if code != Some(0) || report["outcome"] != "completed" {
+        return Err(format!("migrating the Linux guest did not complete: exit {code:?}, {report}; {stderr}"));
+    }
+    let id = report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
+    if !console(&ctx.dst, id)?.contains("HV-SHELL-READY") {
+        return Err("the destination's console ring lacks what Linux printed on the source".into());
+    }
+    let target = target(&ctx.dst);
+    let mut child = Command::new(&ctx.hvctl)
+        .args(["--connect", &target, "domain", "console", &id.to_string(), "--interactive"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run hvctl: {e}"))?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().ok_or("no stdin")?;
+        stdin
+            .write_all(b"echo HV-ALIVE $((6*7)) $(cut -d' ' -f1 /proc/uptime)\n")
+            .map_err(|e| format!("writing hvctl's stdin: {e}"))?;
+        let alive = wait_for("the migrated shell to answer on the destination", 300, || {
+            Ok(console(&ctx.dst, id)?.contains("HV-ALIVE 42 "))
+        });
+        if let Err(e) = alive {
+            let _ = child.kill();
+            return Err(format!("{e}; console: {}", console(&ctx.dst, id).unwrap_or_default()));
+        }
+        stdin.write_all(b"poweroff -f\n").map_err(|e| format!("writing hvctl's stdin: {e}"))?;
+    }
+    wait_for("the migrated Linux guest to power off on the destination", 300, || {
+        Ok(domains(ctx, &ctx.dst)?.into_iter().any(|d| d.0 == id && d.2.starts_with("finished")))
+    })?;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = console(&ctx.dst, id)?;
+    let uptime: f64 = clean(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix("HV-ALIVE 42 ")?.trim().parse().ok())
+        .ok_or_else(|| format!("no uptime in the HV-ALIVE line: {text}"))?;
+    if uptime < booted_at {
+        return Err(format!("the guest's uptime went back: {uptime} s on the destination, {booted_at} s at init"));
+    }
+    let state = domains(ctx, &ctx.dst)?.into_iter().find(|d| d.0 == id).map(|d| d.2);
+    if state.as_deref() != Some("finished(0)") {
+        return Err(format!("the migrated Linux guest ended {state:?}"));
+    }
+    Ok(format!(
+        "migrated at the shell prompt ({} pages, {} bytes, downtime {} ms); it answered on the destination at uptime \
+         {uptime:.2} s (init at {booted_at:.2} s) and powered off there",
+        report["pages_sent"], report["bytes_sent"], report["downtime_ms"]
+    ))
+}
+
+/// Boot a source and a destination and run the migration tests of [`TESTS`] matching `filter`.
+fn run_suite(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     let selected = select(TESTS, filter);
     if selected.is_empty() {
         return Ok((0, 0));
