@@ -11,10 +11,15 @@
 //! - Then page batches and dirty rounds, in any number. Every pfn must lie inside the
 //!   domain's memory. Dirty rounds are numbered 1, 2, … (a round may span several
 //!   records with the same number); a round's pages are expected again in a later batch.
-//! - Then one vCPU state per vCPU (after the first one, no more pages), optionally a
-//!   memory digest (after the vCPU states), then `End`.
+//! - Then the machine state (stream version 2): the guest clock first (after it, no
+//!   more pages), then for every vCPU its state, FPU area and MSRs (each exactly once,
+//!   in any order), the device states (once), the console ring (at most once), and
+//!   optionally a memory digest, then `End`. Each is handed to the core to load as it
+//!   arrives (`LoadState`); a record the core cannot load discards the domain, with the
+//!   core's reason, and the source resumes.
 //! - At `End`: every page of memory arrived at least once, every page a dirty round
-//!   announced arrived after it, every vCPU's state arrived, and the counts in `End`
+//!   announced arrived after it, the clock, every vCPU's three records and the device
+//!   states arrived, and the counts in `End`
 //!   match what arrived. Then `Complete`, or, when the stream carried a memory digest,
 //!   `VerifyMemory` first: the core computes the digest of its copy and reports it with
 //!   [`Destination::memory_verified`], which answers `Complete` or (on a mismatch) `Discard`.
@@ -29,6 +34,7 @@
 //! | `Refuse { reason }` | tell the source why (a `Discard` follows) |
 //! | `WritePages(batch)` | copy the pages into the domain's memory (zero pages: clear) |
 //! | `SetVcpuState(state)` | load the registers of that vCPU |
+//! | `LoadState(record)` | load the clock, a vCPU's FPU area or MSRs, the device states or the console ring |
 //! | `VerifyMemory(digest)` | compute the memory's digest, report it with [`Destination::memory_verified`] |
 //! | `Complete(summary)` | acknowledge `End` to the source; the domain may run |
 //! | `Discard(error)` | destroy the partial domain |
@@ -39,7 +45,10 @@ use alloc::vec::Vec;
 use core::fmt;
 
 use wire::dirty::{DirtyBitmap, DirtyError, PFN_LIMIT};
-use wire::migration::{Decoded, MemoryDigest, PageBatch, Record, RecordDecoder, RecordError, StreamHeader, VcpuState};
+use wire::migration::{
+    ConsoleRing, Decoded, DeviceStates, GuestClock, MemoryDigest, PageBatch, Record, RecordDecoder, RecordError,
+    StreamHeader, VcpuFpu, VcpuMsrs, VcpuState,
+};
 
 use crate::convergence::PAGE_SIZE;
 
@@ -62,6 +71,8 @@ pub enum DestAction {
     WritePages(PageBatch),
     /// Load one vCPU's registers.
     SetVcpuState(VcpuState),
+    /// Load one machine-state record.
+    LoadState(StateRecord),
     /// Compute the digest of the domain's memory and report it with
     /// [`Destination::memory_verified`]; the domain must not run before.
     VerifyMemory(MemoryDigest),
@@ -69,6 +80,22 @@ pub enum DestAction {
     Complete(DestSummary),
     /// Throw the partial domain away.
     Discard(DestError),
+}
+
+/// A machine-state record (stream version 2) for the core to load into the incoming
+/// domain, in stream order: the clock before everything that keeps time.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StateRecord {
+    /// The guest's clocks at pause: rebase the domain's TSC and device clock on them.
+    Clock(GuestClock),
+    /// One vCPU's FPU/XSAVE area and XCR0.
+    Fpu(VcpuFpu),
+    /// One vCPU's MSRs.
+    Msrs(VcpuMsrs),
+    /// Every device model's state.
+    Devices(DeviceStates),
+    /// The console ring.
+    Console(ConsoleRing),
 }
 
 /// What arrived.
@@ -155,6 +182,13 @@ pub enum DestError {
     VcpuMissing {
         /// The vCPU.
         index: u32,
+        /// Which of its records: "state", "FPU state" or "MSRs".
+        what: &'static str,
+    },
+    /// `End` arrived before a domain-wide machine-state record did.
+    StateMissing {
+        /// Which: "guest clock" or "device states".
+        what: &'static str,
     },
     /// `End` disagrees with what arrived.
     CountMismatch {
@@ -197,7 +231,8 @@ impl fmt::Display for DestError {
             Self::PagesMissing { count, first_pfn } => {
                 write!(f, "stream ended with {count} pages missing, the first {first_pfn:#x}")
             }
-            Self::VcpuMissing { index } => write!(f, "stream ended without the state of vCPU {index}"),
+            Self::VcpuMissing { index, what } => write!(f, "stream ended without the {what} of vCPU {index}"),
+            Self::StateMissing { what } => write!(f, "stream ended without the {what} record"),
             Self::CountMismatch { what, sent, received } => {
                 write!(f, "end record says {sent} {what}, {received} arrived")
             }
@@ -216,7 +251,7 @@ pub enum DestState {
     AwaitPolicy,
     /// Receiving pages and dirty rounds.
     Memory,
-    /// Receiving vCPU state.
+    /// Receiving the machine state (the guest clock arrived).
     Vcpus,
     /// `End` arrived; waiting for the core's digest of its memory.
     Verifying,
@@ -236,6 +271,10 @@ struct Domain {
     /// Pages a dirty round announced that have not arrived since.
     expected: DirtyBitmap,
     vcpus_seen: Vec<bool>,
+    fpus_seen: Vec<bool>,
+    msrs_seen: Vec<bool>,
+    devices_seen: bool,
+    console_seen: bool,
     /// The source's memory digest, if it sent one.
     digest: Option<MemoryDigest>,
 }
@@ -410,15 +449,38 @@ impl<F: FnMut(&[u8]) -> Result<(), String>> Destination<F> {
                 self.summary.rounds = round.round;
                 Ok(Vec::new())
             }
-            (DestState::Memory | DestState::Vcpus, Record::VcpuState(v)) => {
-                let d = self.domain_mut()?;
-                let vcpus = d.header.vcpus;
-                match d.vcpus_seen.get_mut(v.index as usize) {
-                    Some(seen) if !*seen => *seen = true,
-                    _ => return Err(DestError::BadVcpu { index: v.index, vcpus }),
-                }
+            (DestState::Memory, Record::GuestClock(clock)) => {
                 self.state = DestState::Vcpus;
+                Ok(vec![DestAction::LoadState(StateRecord::Clock(clock))])
+            }
+            (DestState::Vcpus, Record::VcpuState(v)) => {
+                let d = self.domain_mut()?;
+                once_per_vcpu(&mut d.vcpus_seen, v.index, d.header.vcpus)?;
                 Ok(vec![DestAction::SetVcpuState(v)])
+            }
+            (DestState::Vcpus, Record::VcpuFpu(f)) => {
+                let d = self.domain_mut()?;
+                once_per_vcpu(&mut d.fpus_seen, f.index, d.header.vcpus)?;
+                Ok(vec![DestAction::LoadState(StateRecord::Fpu(f))])
+            }
+            (DestState::Vcpus, Record::VcpuMsrs(m)) => {
+                let d = self.domain_mut()?;
+                once_per_vcpu(&mut d.msrs_seen, m.index, d.header.vcpus)?;
+                Ok(vec![DestAction::LoadState(StateRecord::Msrs(m))])
+            }
+            (DestState::Vcpus, Record::DeviceStates(devices)) => {
+                let d = self.domain_mut()?;
+                if core::mem::replace(&mut d.devices_seen, true) || d.digest.is_some() {
+                    return Err(DestError::OutOfOrder { expected: "vCPU record, console ring, digest or end", found });
+                }
+                Ok(vec![DestAction::LoadState(StateRecord::Devices(devices))])
+            }
+            (DestState::Vcpus, Record::ConsoleRing(ring)) => {
+                let d = self.domain_mut()?;
+                if core::mem::replace(&mut d.console_seen, true) || d.digest.is_some() {
+                    return Err(DestError::OutOfOrder { expected: "vCPU record, device states, digest or end", found });
+                }
+                Ok(vec![DestAction::LoadState(StateRecord::Console(ring))])
             }
             (DestState::Vcpus, Record::MemoryDigest(digest)) => {
                 let d = self.domain_mut()?;
@@ -430,11 +492,17 @@ impl<F: FnMut(&[u8]) -> Result<(), String>> Destination<F> {
                 }
                 Ok(Vec::new())
             }
-            (DestState::Memory | DestState::Vcpus, Record::End(end)) => {
+            (DestState::Memory, Record::End(_)) => Err(DestError::StateMissing { what: "guest clock" }),
+            (DestState::Vcpus, Record::End(end)) => {
                 let summary = self.summary;
                 let d = self.domain_mut()?;
-                if let Some(index) = d.vcpus_seen.iter().position(|s| !s) {
-                    return Err(DestError::VcpuMissing { index: index as u32 });
+                for (seen, what) in [(&d.vcpus_seen, "state"), (&d.fpus_seen, "FPU state"), (&d.msrs_seen, "MSRs")] {
+                    if let Some(index) = seen.iter().position(|s| !s) {
+                        return Err(DestError::VcpuMissing { index: index as u32, what });
+                    }
+                }
+                if !d.devices_seen {
+                    return Err(DestError::StateMissing { what: "device states" });
                 }
                 let missing = d.pages - d.seen.count_ones();
                 if missing > 0 {
@@ -465,8 +533,17 @@ impl<F: FnMut(&[u8]) -> Result<(), String>> Destination<F> {
                 self.complete();
                 Ok(vec![DestAction::Complete(summary)])
             }
-            (DestState::Memory, _) => Err(DestError::OutOfOrder { expected: "page batch", found }),
-            (DestState::Vcpus, _) => Err(DestError::OutOfOrder { expected: "vCPU state or end", found }),
+            (
+                DestState::Memory,
+                Record::VcpuState(_)
+                | Record::VcpuFpu(_)
+                | Record::VcpuMsrs(_)
+                | Record::DeviceStates(_)
+                | Record::ConsoleRing(_)
+                | Record::MemoryDigest(_),
+            ) => Err(DestError::OutOfOrder { expected: "guest clock", found }),
+            (DestState::Memory, _) => Err(DestError::OutOfOrder { expected: "page batch or guest clock", found }),
+            (DestState::Vcpus, _) => Err(DestError::OutOfOrder { expected: "machine state or end", found }),
             (DestState::Verifying, _) => Err(DestError::OutOfOrder { expected: "nothing after end", found }),
             (DestState::Complete | DestState::Discarded, _) => Ok(Vec::new()),
         }
@@ -536,9 +613,24 @@ fn new_domain(header: StreamHeader) -> Result<Domain, DestError> {
         seen: bitmap()?,
         expected: bitmap()?,
         vcpus_seen: vec![false; header.vcpus as usize],
+        fpus_seen: vec![false; header.vcpus as usize],
+        msrs_seen: vec![false; header.vcpus as usize],
+        devices_seen: false,
+        console_seen: false,
         digest: None,
         header,
     })
+}
+
+/// Mark vCPU `index`'s record seen; refused when out of range or seen before.
+fn once_per_vcpu(seen: &mut [bool], index: u32, vcpus: u32) -> Result<(), DestError> {
+    match seen.get_mut(index as usize) {
+        Some(s) if !*s => {
+            *s = true;
+            Ok(())
+        }
+        _ => Err(DestError::BadVcpu { index, vcpus }),
+    }
 }
 
 fn record_name(record: &Record) -> &'static str {
@@ -550,5 +642,10 @@ fn record_name(record: &Record) -> &'static str {
         Record::VcpuState(_) => "vCPU state",
         Record::End(_) => "end",
         Record::MemoryDigest(_) => "memory digest",
+        Record::GuestClock(_) => "guest clock",
+        Record::VcpuFpu(_) => "vCPU FPU state",
+        Record::VcpuMsrs(_) => "vCPU MSRs",
+        Record::DeviceStates(_) => "device states",
+        Record::ConsoleRing(_) => "console ring",
     }
 }

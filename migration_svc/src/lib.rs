@@ -39,9 +39,9 @@ use wire::service::{QueueInfo, ServiceCounters};
 use wire::{ErrorCode, ErrorReply, Frame, Request, Response, ServiceId, ServiceStatus};
 
 pub use crate::convergence::{ConvergenceError, Decision, Policy, RoundStats};
-pub use crate::dest::{DestAction, DestError, DestState, DestSummary, Destination};
+pub use crate::dest::{DestAction, DestError, DestState, DestSummary, Destination, StateRecord};
 pub use crate::send::{PageBatcher, encode_dirty_round};
-pub use crate::session::{MigrationCore, PolicyCheck, ReceiveSession, SendSession};
+pub use crate::session::{MachineState, MigrationCore, PolicyCheck, ReceiveSession, SendSession};
 pub use crate::source::{DomainInfo, Failure, Outcome, Source, SourceAction, SourceEvent, SourceState, Summary};
 
 /// Finished sessions kept for their last status (the oldest go first).

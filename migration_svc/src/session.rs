@@ -17,11 +17,14 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use wire::dirty::DirtyBitmap;
-use wire::migration::{MemoryDigest, Record, RecordError, StreamHeader, VcpuState};
+use wire::migration::{
+    ConsoleRing, DeviceStates, GuestClock, MemoryDigest, Record, RecordError, StreamHeader, VcpuFpu, VcpuMsrs,
+    VcpuState,
+};
 use wire::{MigrateOptions, MigrateProgress, MigrateReport, PeerVerdict, ReceiveState, ReceiveStatus, SendState};
 
 use crate::convergence::{PAGE_SIZE, Policy};
-use crate::dest::{DestAction, DestError, Destination};
+use crate::dest::{DestAction, DestError, Destination, StateRecord};
 use crate::send::{PageBatcher, encode_dirty_round};
 use crate::source::{DomainInfo, Failure, Outcome, Source, SourceAction, SourceEvent, SourceState};
 
@@ -35,6 +38,59 @@ const PAGES_PER_STEP: u64 = crate::send::SEND_BATCH_PAGES as u64;
 /// The destination's CPUID policy check: `Ok(())` if this host can run the policy
 /// (its postcard bytes), `Err(reason)` otherwise.
 pub type PolicyCheck = Box<dyn FnMut(&[u8]) -> Result<(), String> + Send>;
+
+/// The paused domain's state beyond its memory and basic registers (stream version
+/// 2), read by the core for the source right after [`MigrationCore::vcpu_states`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MachineState {
+    /// The guest's clocks at pause.
+    pub clock: GuestClock,
+    /// One FPU/XSAVE area per vCPU, in index order.
+    pub fpus: Vec<VcpuFpu>,
+    /// One MSR list per vCPU, in index order.
+    pub msrs: Vec<VcpuMsrs>,
+    /// Every device model's state.
+    pub devices: DeviceStates,
+    /// The console ring, if the core keeps one.
+    pub console: Option<ConsoleRing>,
+}
+
+impl MachineState {
+    /// Its records in stream order, the vCPU `states` (blobs from
+    /// [`MigrationCore::vcpu_states`]) interleaved: clock; per vCPU its state, FPU
+    /// area and MSRs; devices; console. Refused when the per-vCPU lists do not have
+    /// one entry per vCPU in index order.
+    pub fn records(self, states: Vec<Vec<u8>>) -> Result<Vec<Record>, String> {
+        let n = states.len();
+        if self.fpus.len() != n || self.msrs.len() != n {
+            return Err(alloc::format!(
+                "the core gave {n} vCPU states but {} FPU states and {} MSR lists",
+                self.fpus.len(),
+                self.msrs.len()
+            ));
+        }
+        let mut out = Vec::new();
+        out.try_reserve(3 + 3 * n).map_err(|_| String::from("out of memory for the machine-state records"))?;
+        out.push(Record::GuestClock(self.clock));
+        for ((index, registers), (fpu, msrs)) in (0u32..).zip(states).zip(self.fpus.into_iter().zip(self.msrs)) {
+            if fpu.index != index || msrs.index != index {
+                return Err(alloc::format!(
+                    "the core's machine state for vCPU {index} is vCPU {}'s FPU and vCPU {}'s MSRs",
+                    fpu.index,
+                    msrs.index
+                ));
+            }
+            out.push(Record::VcpuState(VcpuState { index, registers }));
+            out.push(Record::VcpuFpu(fpu));
+            out.push(Record::VcpuMsrs(msrs));
+        }
+        out.push(Record::DeviceStates(self.devices));
+        if let Some(console) = self.console {
+            out.push(Record::ConsoleRing(console));
+        }
+        Ok(out)
+    }
+}
 
 /// What the service asks of the core. Every operation names its domain; errors are
 /// human sentences that end up in the migration's failure message.
@@ -59,6 +115,8 @@ pub trait MigrationCore {
     fn throttle(&mut self, domain: u32, percent: u8) -> Result<(), String>;
     /// The encoded state of every vCPU of the paused domain, in index order.
     fn vcpu_states(&mut self, domain: u32) -> Result<Vec<Vec<u8>>, String>;
+    /// The rest of the paused domain's state: clock, FPU areas, MSRs, devices, console.
+    fn machine_state(&mut self, domain: u32) -> Result<MachineState, String>;
     /// The digest of all of `domain`'s memory ([`MemoryDigest`]).
     fn memory_digest(&mut self, domain: u32) -> Result<MemoryDigest, String>;
     /// Destroy `domain` (the source after completion; a discarded destination).
@@ -73,6 +131,10 @@ pub trait MigrationCore {
     fn write_page(&mut self, domain: u32, pfn: u64, data: Option<&[u8]>) -> Result<(), String>;
     /// Load vCPU `index`'s state.
     fn set_vcpu_state(&mut self, domain: u32, index: u32, state: &[u8]) -> Result<(), String>;
+    /// Load one machine-state record into the incoming domain (records come in stream
+    /// order: the clock first). An error discards the domain and refuses the migration
+    /// with it, so it must say what cannot be restored and why.
+    fn load_machine_state(&mut self, domain: u32, record: &StateRecord) -> Result<(), String>;
 }
 
 /// Work the source hands out as the relay reads.
@@ -519,15 +581,16 @@ impl SendSession {
             },
             SourceAction::SendVcpuState => {
                 self.begin_job(core, Job::Vcpus);
-                let states = match core.vcpu_states(d) {
-                    Ok(states) => states,
+                let records = core.vcpu_states(d).and_then(|states| core.machine_state(d)?.records(states));
+                let records = match records {
+                    Ok(records) => records,
                     Err(e) => {
                         self.job = None;
                         return core_failed(e);
                     }
                 };
-                for (index, registers) in (0u32..).zip(states) {
-                    if let Some(abort) = self.encode(Record::VcpuState(VcpuState { index, registers })) {
+                for record in records {
+                    if let Some(abort) = self.encode(record) {
                         self.job = None;
                         return Some(abort);
                     }
@@ -814,6 +877,7 @@ impl ReceiveSession {
                 }
             }
             DestAction::SetVcpuState(v) => core.set_vcpu_state(domain()?, v.index, &v.registers)?,
+            DestAction::LoadState(record) => core.load_machine_state(domain()?, &record)?,
             DestAction::VerifyMemory(_) => {
                 let found = core.memory_digest(domain()?)?;
                 self.digest = Some(found.digest);

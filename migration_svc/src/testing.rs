@@ -11,10 +11,12 @@ use alloc::vec;
 use alloc::vec::Vec;
 
 use wire::dirty::DirtyBitmap;
-use wire::migration::{MemoryDigest, StreamHeader};
+use wire::migration::{
+    ConsoleRing, DeviceEntry, DeviceStates, GuestClock, MemoryDigest, StreamHeader, VcpuFpu, VcpuMsrs,
+};
 
 use crate::source::DomainInfo;
-use crate::{MigrationCore, PolicyCheck};
+use crate::{MachineState, MigrationCore, PolicyCheck, StateRecord};
 
 const PAGE: usize = 4096;
 
@@ -33,6 +35,46 @@ pub struct FakeDomain {
     pub policy: Vec<u8>,
     /// Its throttle in percent.
     pub throttle: u8,
+    /// Its machine state (a source's, or what an incoming migration loaded).
+    pub machine: FakeMachine,
+}
+
+/// A fake domain's machine state: what [`MachineState`] carries, each part absent
+/// until set or loaded.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FakeMachine {
+    /// The guest clock.
+    pub clock: Option<GuestClock>,
+    /// Per vCPU.
+    pub fpus: Vec<Option<VcpuFpu>>,
+    /// Per vCPU.
+    pub msrs: Vec<Option<VcpuMsrs>>,
+    /// The device states.
+    pub devices: Option<DeviceStates>,
+    /// The console ring.
+    pub console: Option<ConsoleRing>,
+}
+
+impl FakeMachine {
+    /// A complete machine state for `vcpus` vCPUs, its values derived from `salt`.
+    pub fn sample(vcpus: u32, salt: u64) -> Self {
+        Self {
+            clock: Some(GuestClock { tsc: 0x1000_0000 ^ salt, ns: 5_000_000 + salt, tsc_hz: 2_000_000_000 }),
+            fpus: (0..vcpus)
+                .map(|index| Some(VcpuFpu { index, xcr0: 7, area: vec![index as u8 ^ salt as u8; 576] }))
+                .collect(),
+            msrs: (0..vcpus)
+                .map(|index| Some(VcpuMsrs { index, msrs: vec![(0x10, salt + u64::from(index)), (0x2ff, 0xc06)] }))
+                .collect(),
+            devices: Some(DeviceStates {
+                devices: vec![
+                    DeviceEntry { kind: 4, instance: 0, version: 1, bytes: vec![salt as u8; 40] },
+                    DeviceEntry { kind: 8, instance: 0, version: 1, bytes: vec![1, 2, 3] },
+                ],
+            }),
+            console: Some(ConsoleRing { total_bytes: 100 + salt, ring: b"hello\n".to_vec() }),
+        }
+    }
 }
 
 /// The fake core.
@@ -50,6 +92,8 @@ pub struct FakeCore {
     pub pages_written: u64,
     /// How long reading one page takes (the clock advances by it on every read).
     pub read_page_ns: u64,
+    /// Loading device states into an incoming domain fails with this reason.
+    pub refuse_devices: Option<String>,
 }
 
 fn page_range(d: &mut FakeDomain, pfn: u64) -> Result<&mut [u8], String> {
@@ -80,6 +124,7 @@ impl FakeCore {
                 vcpus: vec![b"vcpu0-registers".to_vec(), b"vcpu1-registers".to_vec()],
                 policy: b"policy-with-avx2".to_vec(),
                 throttle: 0,
+                machine: FakeMachine::sample(2, 1),
             },
         );
         c.next_id = 2;
@@ -167,6 +212,17 @@ impl MigrationCore for FakeCore {
     fn vcpu_states(&mut self, domain: u32) -> Result<Vec<Vec<u8>>, String> {
         Ok(self.dom(domain)?.vcpus.clone())
     }
+    fn machine_state(&mut self, domain: u32) -> Result<MachineState, String> {
+        let m = self.dom(domain)?.machine.clone();
+        let missing = |what: &str| alloc::format!("domain {domain} has no {what}");
+        Ok(MachineState {
+            clock: m.clock.ok_or_else(|| missing("clock"))?,
+            fpus: m.fpus.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| missing("FPU state for a vCPU"))?,
+            msrs: m.msrs.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| missing("MSRs for a vCPU"))?,
+            devices: m.devices.ok_or_else(|| missing("device states"))?,
+            console: m.console,
+        })
+    }
     fn memory_digest(&mut self, domain: u32) -> Result<MemoryDigest, String> {
         Ok(MemoryDigest::of_pages(&self.dom(domain)?.mem))
     }
@@ -196,6 +252,7 @@ impl MigrationCore for FakeCore {
                 vcpus: vec![Vec::new(); vcpus],
                 policy: Vec::new(),
                 throttle: 0,
+                machine: FakeMachine { fpus: vec![None; vcpus], msrs: vec![None; vcpus], ..FakeMachine::default() },
             },
         );
         Ok(id)
@@ -217,6 +274,27 @@ impl MigrationCore for FakeCore {
     fn set_vcpu_state(&mut self, domain: u32, index: u32, state: &[u8]) -> Result<(), String> {
         let slot = self.dom(domain)?.vcpus.get_mut(index as usize).ok_or_else(|| alloc::format!("no vCPU {index}"))?;
         *slot = state.to_vec();
+        Ok(())
+    }
+    fn load_machine_state(&mut self, domain: u32, record: &StateRecord) -> Result<(), String> {
+        let refuse_devices = self.refuse_devices.clone();
+        let m = &mut self.dom(domain)?.machine;
+        if m.clock.is_none() && !matches!(record, StateRecord::Clock(_)) {
+            return Err(String::from("a machine-state record before the guest clock"));
+        }
+        let no_vcpu = |index: u32| alloc::format!("no vCPU {index}");
+        match record {
+            StateRecord::Clock(c) => m.clock = Some(*c),
+            StateRecord::Fpu(f) => *m.fpus.get_mut(f.index as usize).ok_or_else(|| no_vcpu(f.index))? = Some(f.clone()),
+            StateRecord::Msrs(r) => {
+                *m.msrs.get_mut(r.index as usize).ok_or_else(|| no_vcpu(r.index))? = Some(r.clone())
+            }
+            StateRecord::Devices(d) => match refuse_devices {
+                Some(reason) => return Err(reason),
+                None => m.devices = Some(d.clone()),
+            },
+            StateRecord::Console(c) => m.console = Some(c.clone()),
+        }
         Ok(())
     }
 }

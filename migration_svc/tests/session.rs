@@ -5,7 +5,7 @@
 //! the failure paths (refused policy, corrupted byte, cancel, quiet relay) and that the
 //! source keeps running with its dirty bits given back.
 
-use migration_svc::testing::{FakeCore, FakeDomain};
+use migration_svc::testing::{FakeCore, FakeDomain, FakeMachine};
 use migration_svc::{MigrationCore, MigrationService};
 use wire::migration::MemoryDigest;
 use wire::service::QueueInfo;
@@ -205,6 +205,7 @@ fn completes_with_equal_memory_and_vcpus() {
     let d = &run.dst.core.domains[&dom];
     assert!(!d.paused, "the destination runs the domain");
     assert_eq!(d.vcpus, [b"vcpu0-registers".to_vec(), b"vcpu1-registers".to_vec()]);
+    assert_eq!(d.machine, FakeMachine::sample(2, 1), "clock, FPU areas, MSRs, devices and console all arrived");
     assert_eq!(d.policy, b"policy-with-avx2");
     assert!(run.src.core.domains.is_empty(), "the source copy is destroyed");
     assert_eq!(report.memory_digest, st.memory_digest);
@@ -385,4 +386,33 @@ fn no_resume_while_the_destination_may_run_the_domain() {
     assert!(source_domain(&run).paused, "resumed while the destination may run it");
     let failure = p.failure.unwrap();
     assert!(failure.contains("stays paused") && failure.contains("hvctl domain unpause 1"), "{failure}");
+}
+
+/// A destination that cannot restore a machine-state record (here: the device
+/// states) refuses with the core's reason, keeps nothing, and the source runs on.
+#[test]
+fn device_state_the_destination_cannot_load_is_refused_and_the_source_runs_on() {
+    let mut run = Run::new(50);
+    run.dst.core.refuse_devices = Some("Lapic state version 9 is not supported by this hypervisor".into());
+    let (p, st) = run.relay(MigrateOptions::default(), None, None, 1);
+    assert_eq!(p.state, Some(SendState::Failed));
+    let failure = p.failure.as_deref().unwrap();
+    assert!(failure.contains("Lapic state version 9 is not supported"), "{failure}");
+    assert_eq!(st.state, ReceiveState::Discarded);
+    assert!(run.dst.core.domains.is_empty(), "the partial domain is gone");
+    let d = source_domain(&run);
+    assert!(!d.paused, "the source resumed");
+}
+
+/// A source core whose machine state is incomplete fails the migration before `End`
+/// (the destination never gets a domain without its clock), and the source runs on.
+#[test]
+fn a_source_without_its_machine_state_fails_and_runs_on() {
+    let mut run = Run::new(50);
+    run.src.core.domains.get_mut(&1).unwrap().machine.fpus[1] = None;
+    let (p, st) = run.relay(MigrateOptions::default(), None, None, 1);
+    assert_eq!(p.state, Some(SendState::Failed));
+    assert!(p.failure.as_deref().unwrap().contains("no FPU state for a vCPU"), "{p:?}");
+    assert_ne!(st.state, ReceiveState::Complete);
+    assert!(!source_domain(&run).paused);
 }

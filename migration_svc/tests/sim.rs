@@ -9,11 +9,12 @@
 use std::collections::BTreeSet;
 
 use migration_svc::convergence::Policy;
-use migration_svc::dest::{DestAction, DestError, Destination};
+use migration_svc::dest::{DestAction, DestError, Destination, StateRecord};
 use migration_svc::send::{PageBatcher, encode_dirty_round};
+use migration_svc::session::MachineState;
 use migration_svc::source::{DomainInfo, Failure, Outcome, Source, SourceAction, SourceEvent, SourceState};
 use wire::dirty::DirtyBitmap;
-use wire::migration::{Record, StreamHeader, VcpuState};
+use wire::migration::{ConsoleRing, DeviceEntry, DeviceStates, GuestClock, Record, StreamHeader, VcpuFpu, VcpuMsrs};
 
 const PAGE: usize = 4096;
 
@@ -116,6 +117,8 @@ struct Sim {
     // Destination side.
     dest_mem: Vec<u8>,
     dest_vcpus: Vec<Option<Vec<u8>>>,
+    /// The machine-state records the destination loaded, in order.
+    dest_state: Vec<StateRecord>,
     policy_verdict: Option<Result<(), String>>,
     completed: bool,
     discarded: Option<DestError>,
@@ -147,6 +150,7 @@ impl Sim {
             fault: Fault::None,
             dest_mem: Vec::new(),
             dest_vcpus: Vec::new(),
+            dest_state: Vec::new(),
             policy_verdict: None,
             completed: false,
             discarded: None,
@@ -215,6 +219,7 @@ impl Sim {
                     }
                 }
                 DestAction::SetVcpuState(v) => self.dest_vcpus[v.index as usize] = Some(v.registers),
+                DestAction::LoadState(r) => self.dest_state.push(r),
                 DestAction::VerifyMemory(d) => panic!("this simulation sends no memory digest, got {d:?}"),
                 DestAction::Complete(_) => self.completed = true,
                 DestAction::Discard(e) => {
@@ -311,9 +316,9 @@ impl Sim {
             }
             SourceAction::SendVcpuState => {
                 let mut out = Vec::new();
-                for index in 0..self.vcpus {
-                    let registers = format!("rip=0x{:x}", 0x1000 + index).into_bytes();
-                    Record::VcpuState(VcpuState { index, registers }).encode(&mut out).unwrap();
+                let states = (0..self.vcpus).map(|index| format!("rip=0x{:x}", 0x1000 + index).into_bytes()).collect();
+                for record in machine_state(self.vcpus).records(states).unwrap() {
+                    record.encode(&mut out).unwrap();
                 }
                 let bytes = out.len() as u64;
                 let ms = self.send(out, false);
@@ -445,6 +450,7 @@ fn assert_copied(sim: &Sim) {
     assert!(sim.completed);
     assert!(sim.dest_mem == sim.guest.mem, "destination memory equals the paused source's");
     assert!(sim.dest_vcpus.iter().all(Option::is_some));
+    assert_eq!(sim.dest_state, expected_dest_state(sim.vcpus), "the machine state arrived whole and in order");
     assert!(sim.guest.paused, "source stays paused for the core to destroy");
 }
 
@@ -702,4 +708,29 @@ fn stops_in_the_middle_of_a_round() {
         }
     }
     assert!(found, "no run stopped after a mid-round peek");
+}
+
+/// The machine state the simulated source sends (and the destination must load, in order).
+fn machine_state(vcpus: u32) -> MachineState {
+    MachineState {
+        clock: GuestClock { tsc: 123_456_789, ns: 61_728_394, tsc_hz: 2_000_000_000 },
+        fpus: (0..vcpus).map(|index| VcpuFpu { index, xcr0: 3, area: vec![index as u8; 512] }).collect(),
+        msrs: (0..vcpus).map(|index| VcpuMsrs { index, msrs: vec![(0x10, 1000 + u64::from(index))] }).collect(),
+        devices: DeviceStates { devices: vec![DeviceEntry { kind: 1, instance: 0, version: 1, bytes: vec![7; 30] }] },
+        console: Some(ConsoleRing { total_bytes: 3, ring: b"ok\n".to_vec() }),
+    }
+}
+
+/// What the destination loads after a completed simulation: the clock first, then per
+/// vCPU its FPU area and MSRs, then the devices and the console, equal to what was sent.
+fn expected_dest_state(vcpus: u32) -> Vec<StateRecord> {
+    let m = machine_state(vcpus);
+    let mut v = vec![StateRecord::Clock(m.clock)];
+    for (f, r) in m.fpus.into_iter().zip(m.msrs) {
+        v.push(StateRecord::Fpu(f));
+        v.push(StateRecord::Msrs(r));
+    }
+    v.push(StateRecord::Devices(m.devices));
+    v.extend(m.console.map(StateRecord::Console));
+    v
 }

@@ -34,9 +34,21 @@
 //! | 2 | [`CpuidPolicy`] | mandatory | the postcard bytes of the domain's `levelling` policy (opaque here) | second, exactly once, before any memory |
 //! | 3 | [`PageBatch`] | mandatory | `n u32` \| `entry u64 × n` \| `4096 bytes × (non-zero entries)`; entry = pfn (bits 0..40) \| zero-page flag (bit 63), other bits 0 | any number, after the policy |
 //! | 4 | [`DirtyRound`] | optional | `round u32` \| `n u32` \| n × (`len u32` \| [`DirtyRecord`] bytes) | before the pages of each round ≥ 1 |
-//! | 5 | [`VcpuState`] | mandatory | `index u32` \| opaque register blob (rest of payload) | once per vCPU, after the last pages |
+//! | 5 | [`VcpuState`] | mandatory | `index u32` \| opaque register blob (rest of payload) | once per vCPU, after the guest clock |
 //! | 6 | [`End`](StreamEnd) | mandatory | `pages_sent u64` \| `rounds u32` | last |
-//! | 7 | [`MemoryDigest`] | optional | `pages u64` \| `digest u64` ([`MemoryDigest::of_pages`]) | with `verify_memory`: after the vCPU states, before `End` |
+//! | 7 | [`MemoryDigest`] | optional | `pages u64` \| `digest u64` ([`MemoryDigest::of_pages`]) | with `verify_memory`: after the machine state, before `End` |
+//! | 8 | [`GuestClock`] | mandatory | `tsc u64` \| `ns u64` \| `tsc_hz u64` | once, after the last pages, before any vCPU record |
+//! | 9 | [`VcpuFpu`] | mandatory | `index u32` \| `xcr0 u64` \| `len u32` \| XSAVE/FXSAVE area (`len` ≤ 64 KiB) | once per vCPU, after the clock |
+//! | 10 | [`VcpuMsrs`] | mandatory | `index u32` \| `n u16` \| n × (`msr u32` \| `value u64`), msr strictly ascending, n ≤ 1024 | once per vCPU, after the clock |
+//! | 11 | [`DeviceStates`] | mandatory | `n u16` \| n × (`kind u16` \| `instance u32` \| `version u16` \| `len u32` \| bytes); no (kind, instance) twice | once, after the clock |
+//! | 12 | [`ConsoleRing`] | optional | `total_bytes u64` \| `len u32` \| ring bytes (`len` ≤ 1 MiB and ≤ `total_bytes`) | at most once, after the clock |
+//!
+//! Version 2 (this one) added types 8–12: "the whole guest in the stream". Between
+//! the last pages and `End` comes the machine state: the clock first, then per vCPU
+//! its [`VcpuState`], [`VcpuFpu`] and [`VcpuMsrs`], the [`DeviceStates`], the
+//! [`ConsoleRing`]. The destination needs the clock, all three vCPU records of every
+//! vCPU and the device states before it accepts `End`, and refuses (the source then
+//! resumes) any it cannot load.
 //!
 //! A page batch holds at most [`MAX_BATCH_PAGES`] pages, so every record fits
 //! [`MAX_RECORD_PAYLOAD`]. Zero pages travel as their entry alone. Every payload must be
@@ -54,7 +66,9 @@
 //!     |-- PageBatch × n (round 0: all memory) ---------->|
 //!     |-- DirtyRound 1, PageBatch × n ------------------>|  rounds until convergence
 //!     |   ... source pauses the guest ...                |
-//!     |-- DirtyRound k, PageBatch × n, VcpuState × v --->|
+//!     |-- DirtyRound k, PageBatch × n ------------------>|
+//!     |-- GuestClock, (VcpuState, VcpuFpu, VcpuMsrs) × v,|
+//!     |   DeviceStates, ConsoleRing -------------------->|  load each, or refuse
 //!     |-- End (pages_sent, rounds) --------------------->|  check counts, run
 //!     |<------------------------------------------- ack  |
 //! ```
@@ -83,7 +97,24 @@ use crate::dirty::{DirtyBitmap, DirtyError, DirtyRecord, PAGE_SIZE, PFN_LIMIT};
 
 /// The version of the record format this build writes and reads. A [`StreamHeader`]
 /// with any other version is refused with [`RecordError::UnsupportedVersion`].
-pub const MIGRATION_STREAM_VERSION: u16 = 1;
+///
+/// Version 2 added the guest's clock, each vCPU's FPU/XSAVE area and MSRs, the device
+/// models' states and the console ring (types 8–12); a version 1 stream carried
+/// memory and the basic registers only, and is refused.
+pub const MIGRATION_STREAM_VERSION: u16 = 2;
+
+/// The largest FPU/XSAVE area a [`VcpuFpu`] may carry (the XSAVE area of every
+/// component defined today, AMX included, is under 12 KiB).
+pub const MAX_FPU_AREA: usize = 64 * 1024;
+
+/// The most MSRs one [`VcpuMsrs`] may carry.
+pub const MAX_VCPU_MSRS: usize = 1024;
+
+/// The most device states one [`DeviceStates`] may carry.
+pub const MAX_DEVICE_STATES: usize = 4096;
+
+/// The largest console ring a [`ConsoleRing`] may carry.
+pub const MAX_CONSOLE_RING: usize = 1024 * 1024;
 
 /// The size of a record's header (type, flags, length).
 pub const RECORD_HEADER_LEN: usize = 8;
@@ -124,6 +155,16 @@ pub enum RecordType {
     End = 6,
     /// [`MemoryDigest`].
     MemoryDigest = 7,
+    /// [`GuestClock`].
+    GuestClock = 8,
+    /// [`VcpuFpu`].
+    VcpuFpu = 9,
+    /// [`VcpuMsrs`].
+    VcpuMsrs = 10,
+    /// [`DeviceStates`].
+    DeviceStates = 11,
+    /// [`ConsoleRing`].
+    ConsoleRing = 12,
 }
 
 impl RecordType {
@@ -137,6 +178,11 @@ impl RecordType {
             5 => Self::VcpuState,
             6 => Self::End,
             7 => Self::MemoryDigest,
+            8 => Self::GuestClock,
+            9 => Self::VcpuFpu,
+            10 => Self::VcpuMsrs,
+            11 => Self::DeviceStates,
+            12 => Self::ConsoleRing,
             _ => return None,
         })
     }
@@ -145,7 +191,7 @@ impl RecordType {
     pub const fn flags(self) -> u16 {
         match self {
             // Optional: a destination that cannot use them may skip them.
-            Self::DirtyRound | Self::MemoryDigest => 0,
+            Self::DirtyRound | Self::MemoryDigest | Self::ConsoleRing => 0,
             _ => FLAG_MANDATORY,
         }
     }
@@ -375,6 +421,117 @@ impl Default for MemoryDigest {
     }
 }
 
+/// The guest's clocks at pause, so the destination continues them: the domain's TSC
+/// (the guest's RDTSC before any IA32_TSC write of its own) and the guest-nanosecond
+/// clock its device models count in. The destination sets its TSC offset so the guest
+/// reads `tsc` at the moment the record is loaded, and its device clock so it reads
+/// `ns`: the guest never sees time go backwards, and sees at most the downtime go by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestClock {
+    /// The domain's TSC at pause.
+    pub tsc: u64,
+    /// The domain's guest-nanosecond clock at pause.
+    pub ns: u64,
+    /// The source's TSC frequency (Hz): the rate the guest calibrated.
+    pub tsc_hz: u64,
+}
+
+/// One vCPU's x87/SSE/AVX state: its XCR0 and its save area (standard-format XSAVE
+/// area, or FXSAVE's 512 bytes where the source host has no XSAVE). The destination
+/// refuses an area that uses components its host or the domain's policy lacks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VcpuFpu {
+    /// The vCPU's index.
+    pub index: u32,
+    /// The vCPU's XCR0.
+    pub xcr0: u64,
+    /// The save area (at most [`MAX_FPU_AREA`] bytes).
+    pub area: Vec<u8>,
+}
+
+/// The MSRs of one vCPU that [`VcpuState`]'s register blob does not hold: (index,
+/// value) pairs in strictly ascending index order (so none twice), at most
+/// [`MAX_VCPU_MSRS`]. IA32_TSC (0x10) is the vCPU's TSC at pause. The destination
+/// refuses an MSR it does not virtualize or a value it would refuse from the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VcpuMsrs {
+    /// The vCPU's index.
+    pub index: u32,
+    /// `(msr, value)`, ascending by `msr`.
+    pub msrs: Vec<(u32, u64)>,
+}
+
+impl VcpuMsrs {
+    /// The value of `msr`, if carried.
+    pub fn get(&self, msr: u32) -> Option<u64> {
+        self.msrs.binary_search_by_key(&msr, |&(m, _)| m).ok().and_then(|i| self.msrs.get(i)).map(|&(_, v)| v)
+    }
+
+    fn check(&self) -> Result<(), PayloadFault> {
+        if self.msrs.len() > MAX_VCPU_MSRS {
+            return Err(PayloadFault::TooLong { field: "msrs", len: self.msrs.len() });
+        }
+        if let Some(w) = self.msrs.windows(2).find(|w| w.first().map(|a| a.0) >= w.get(1).map(|b| b.0)) {
+            let msr = w.get(1).map_or(0, |b| b.0);
+            return Err(PayloadFault::Unordered { field: "msrs", value: u64::from(msr) });
+        }
+        Ok(())
+    }
+}
+
+/// One device model's saved state: the model's kind code and instance (a local APIC's
+/// is its vCPU index, every other model's 0), the format version of its bytes, and
+/// the bytes, all opaque here (the core's `DeviceState`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceEntry {
+    /// The model's kind code.
+    pub kind: u16,
+    /// Which one of that kind.
+    pub instance: u32,
+    /// Format version of `bytes`.
+    pub version: u16,
+    /// The state.
+    pub bytes: Vec<u8>,
+}
+
+/// The state of every device model of the domain (UART, debug exit, PIT, RTC, PM,
+/// I/O APIC, 8259 pair, one local APIC per vCPU, ...), pending and in-service
+/// interrupts and the models' timers (as time left after the [`GuestClock`]) included.
+/// No (kind, instance) twice, at most [`MAX_DEVICE_STATES`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceStates {
+    /// The states.
+    pub devices: Vec<DeviceEntry>,
+}
+
+impl DeviceStates {
+    fn check(&self) -> Result<(), PayloadFault> {
+        if self.devices.len() > MAX_DEVICE_STATES {
+            return Err(PayloadFault::TooLong { field: "devices", len: self.devices.len() });
+        }
+        for (i, d) in self.devices.iter().enumerate() {
+            if self.devices.iter().take(i).any(|e| e.kind == d.kind && e.instance == d.instance) {
+                return Err(PayloadFault::Unordered {
+                    field: "devices",
+                    value: (u64::from(d.kind) << 32) | u64::from(d.instance),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The domain's console ring: its last bytes, and how many it ever wrote (so a
+/// reader's offsets stay valid across the migration). Optional: a destination that
+/// skips it starts with an empty console.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConsoleRing {
+    /// Bytes written since the domain started (at least `ring.len()`).
+    pub total_bytes: u64,
+    /// The ring's contents, oldest first (at most [`MAX_CONSOLE_RING`]).
+    pub ring: Vec<u8>,
+}
+
 /// A record this build knows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Record {
@@ -392,6 +549,16 @@ pub enum Record {
     End(StreamEnd),
     /// Type 7.
     MemoryDigest(MemoryDigest),
+    /// Type 8.
+    GuestClock(GuestClock),
+    /// Type 9.
+    VcpuFpu(VcpuFpu),
+    /// Type 10.
+    VcpuMsrs(VcpuMsrs),
+    /// Type 11.
+    DeviceStates(DeviceStates),
+    /// Type 12.
+    ConsoleRing(ConsoleRing),
 }
 
 impl Record {
@@ -405,6 +572,11 @@ impl Record {
             Self::VcpuState(_) => RecordType::VcpuState,
             Self::End(_) => RecordType::End,
             Self::MemoryDigest(_) => RecordType::MemoryDigest,
+            Self::GuestClock(_) => RecordType::GuestClock,
+            Self::VcpuFpu(_) => RecordType::VcpuFpu,
+            Self::VcpuMsrs(_) => RecordType::VcpuMsrs,
+            Self::DeviceStates(_) => RecordType::DeviceStates,
+            Self::ConsoleRing(_) => RecordType::ConsoleRing,
         }
     }
 
@@ -451,6 +623,10 @@ impl Record {
             Self::PageBatch(b) => 4 + 8 * b.pfns.len() + b.data.len(),
             Self::CpuidPolicy(c) => c.policy.len(),
             Self::VcpuState(v) => 4 + v.registers.len(),
+            Self::VcpuFpu(f) => 16 + f.area.len(),
+            Self::VcpuMsrs(m) => 6 + 12 * m.msrs.len(),
+            Self::DeviceStates(d) => 2 + d.devices.iter().map(|e| 12 + e.bytes.len()).sum::<usize>(),
+            Self::ConsoleRing(c) => 12 + c.ring.len(),
             _ => 64,
         }
     }
@@ -518,6 +694,57 @@ impl Record {
             Self::MemoryDigest(d) => {
                 p.extend_from_slice(&d.pages.to_le_bytes());
                 p.extend_from_slice(&d.digest.to_le_bytes());
+            }
+            Self::GuestClock(c) => {
+                p.extend_from_slice(&c.tsc.to_le_bytes());
+                p.extend_from_slice(&c.ns.to_le_bytes());
+                p.extend_from_slice(&c.tsc_hz.to_le_bytes());
+            }
+            Self::VcpuFpu(f) => {
+                if f.area.len() > MAX_FPU_AREA {
+                    return Err(PayloadFault::TooLong { field: "FPU area", len: f.area.len() });
+                }
+                p.extend_from_slice(&f.index.to_le_bytes());
+                p.extend_from_slice(&f.xcr0.to_le_bytes());
+                // Lossless: at most MAX_FPU_AREA.
+                p.extend_from_slice(&(f.area.len() as u32).to_le_bytes());
+                p.extend_from_slice(&f.area);
+            }
+            Self::VcpuMsrs(m) => {
+                m.check()?;
+                p.extend_from_slice(&m.index.to_le_bytes());
+                // Lossless: at most MAX_VCPU_MSRS.
+                p.extend_from_slice(&(m.msrs.len() as u16).to_le_bytes());
+                for &(msr, value) in &m.msrs {
+                    p.extend_from_slice(&msr.to_le_bytes());
+                    p.extend_from_slice(&value.to_le_bytes());
+                }
+            }
+            Self::DeviceStates(d) => {
+                d.check()?;
+                // Lossless: at most MAX_DEVICE_STATES.
+                p.extend_from_slice(&(d.devices.len() as u16).to_le_bytes());
+                for e in &d.devices {
+                    let len = u32::try_from(e.bytes.len())
+                        .map_err(|_| PayloadFault::TooLong { field: "device state", len: e.bytes.len() })?;
+                    p.extend_from_slice(&e.kind.to_le_bytes());
+                    p.extend_from_slice(&e.instance.to_le_bytes());
+                    p.extend_from_slice(&e.version.to_le_bytes());
+                    p.extend_from_slice(&len.to_le_bytes());
+                    p.extend_from_slice(&e.bytes);
+                }
+            }
+            Self::ConsoleRing(c) => {
+                if c.ring.len() > MAX_CONSOLE_RING {
+                    return Err(PayloadFault::TooLong { field: "console ring", len: c.ring.len() });
+                }
+                if (c.ring.len() as u64) > c.total_bytes {
+                    return Err(PayloadFault::Inconsistent("the console ring holds more bytes than were written"));
+                }
+                p.extend_from_slice(&c.total_bytes.to_le_bytes());
+                // Lossless: at most MAX_CONSOLE_RING.
+                p.extend_from_slice(&(c.ring.len() as u32).to_le_bytes());
+                p.extend_from_slice(&c.ring);
             }
         }
         Ok(())
@@ -598,6 +825,68 @@ impl Record {
                 let pages = r.u64().map_err(bad)?;
                 let digest = r.u64().map_err(bad)?;
                 Self::MemoryDigest(MemoryDigest { pages, digest })
+            }
+            RecordType::GuestClock => {
+                let tsc = r.u64().map_err(bad)?;
+                let ns = r.u64().map_err(bad)?;
+                let tsc_hz = r.u64().map_err(bad)?;
+                Self::GuestClock(GuestClock { tsc, ns, tsc_hz })
+            }
+            RecordType::VcpuFpu => {
+                let index = r.u32().map_err(bad)?;
+                let xcr0 = r.u64().map_err(bad)?;
+                let len = r.u32().map_err(bad)? as usize;
+                if len > MAX_FPU_AREA {
+                    return Err(bad(PayloadFault::TooLong { field: "FPU area", len }));
+                }
+                let area = r.take(len).map_err(bad)?.to_vec();
+                Self::VcpuFpu(VcpuFpu { index, xcr0, area })
+            }
+            RecordType::VcpuMsrs => {
+                let index = r.u32().map_err(bad)?;
+                let n = usize::from(r.u16().map_err(bad)?);
+                if n > MAX_VCPU_MSRS {
+                    return Err(bad(PayloadFault::TooLong { field: "msrs", len: n }));
+                }
+                let mut msrs = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let msr = r.u32().map_err(bad)?;
+                    let value = r.u64().map_err(bad)?;
+                    msrs.push((msr, value));
+                }
+                let m = VcpuMsrs { index, msrs };
+                m.check().map_err(bad)?;
+                Self::VcpuMsrs(m)
+            }
+            RecordType::DeviceStates => {
+                let n = usize::from(r.u16().map_err(bad)?);
+                if n > MAX_DEVICE_STATES {
+                    return Err(bad(PayloadFault::TooLong { field: "devices", len: n }));
+                }
+                let mut devices = Vec::new();
+                for _ in 0..n {
+                    let kind = r.u16().map_err(bad)?;
+                    let instance = r.u32().map_err(bad)?;
+                    let version = r.u16().map_err(bad)?;
+                    let len = r.u32().map_err(bad)?;
+                    let bytes = r.take(len as usize).map_err(bad)?.to_vec();
+                    devices.push(DeviceEntry { kind, instance, version, bytes });
+                }
+                let d = DeviceStates { devices };
+                d.check().map_err(bad)?;
+                Self::DeviceStates(d)
+            }
+            RecordType::ConsoleRing => {
+                let total_bytes = r.u64().map_err(bad)?;
+                let len = r.u32().map_err(bad)? as usize;
+                if len > MAX_CONSOLE_RING {
+                    return Err(bad(PayloadFault::TooLong { field: "console ring", len }));
+                }
+                if len as u64 > total_bytes {
+                    return Err(bad(PayloadFault::Inconsistent("the console ring holds more bytes than were written")));
+                }
+                let ring = r.take(len).map_err(bad)?.to_vec();
+                Self::ConsoleRing(ConsoleRing { total_bytes, ring })
             }
         };
         r.done().map_err(bad)?;
@@ -869,6 +1158,15 @@ pub enum PayloadFault {
     },
     /// A dirty record inside a dirty round does not decode.
     Dirty(DirtyError),
+    /// A list whose entries must be unique and ordered repeats or reorders one.
+    Unordered {
+        /// The list.
+        field: &'static str,
+        /// The entry out of place (an MSR index; a device's kind << 32 | instance).
+        value: u64,
+    },
+    /// Fields that contradict each other.
+    Inconsistent(&'static str),
 }
 
 /// The name of a record type, for messages.
@@ -881,6 +1179,11 @@ fn type_name(code: u16) -> &'static str {
         Some(RecordType::VcpuState) => "vCPU state",
         Some(RecordType::End) => "end",
         Some(RecordType::MemoryDigest) => "memory digest",
+        Some(RecordType::GuestClock) => "guest clock",
+        Some(RecordType::VcpuFpu) => "vCPU FPU state",
+        Some(RecordType::VcpuMsrs) => "vCPU MSRs",
+        Some(RecordType::DeviceStates) => "device states",
+        Some(RecordType::ConsoleRing) => "console ring",
         None => "unknown",
     }
 }
@@ -938,6 +1241,10 @@ impl fmt::Display for PayloadFault {
                 write!(f, "{found} bytes of page data where the pages need {expected}")
             }
             Self::Dirty(e) => write!(f, "dirty record: {e}"),
+            Self::Unordered { field, value } => {
+                write!(f, "{field}: entry {value:#x} repeats or is out of ascending order")
+            }
+            Self::Inconsistent(why) => f.write_str(why),
         }
     }
 }

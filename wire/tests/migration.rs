@@ -15,9 +15,10 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use wire::dirty::DirtyBitmap;
 use wire::migration::{
-    CpuidPolicy, Decoded, DirtyRound, FLAG_MANDATORY, MAX_BATCH_PAGES, MAX_RECORD_PAYLOAD, MIGRATION_STREAM_VERSION,
-    MemoryDigest, PageBatch, PayloadFault, Record, RecordDecoder, RecordError, StreamEnd, StreamHeader, VcpuState,
-    encode_raw,
+    ConsoleRing, CpuidPolicy, Decoded, DeviceEntry, DeviceStates, DirtyRound, FLAG_MANDATORY, GuestClock,
+    MAX_BATCH_PAGES, MAX_CONSOLE_RING, MAX_FPU_AREA, MAX_RECORD_PAYLOAD, MAX_VCPU_MSRS, MIGRATION_STREAM_VERSION,
+    MemoryDigest, PageBatch, PayloadFault, Record, RecordDecoder, RecordError, StreamEnd, StreamHeader, VcpuFpu,
+    VcpuMsrs, VcpuState, encode_raw,
 };
 
 fn hex(bytes: &[u8]) -> String {
@@ -54,7 +55,7 @@ fn vectors() -> Vec<(&'static str, Record, &'static str)> {
         (
             "header",
             Record::Header(header()),
-            "01000100210000000100020001000000efbeadde0040000000000000020000000200766d01000000718653fea8",
+            "01000100210000000200020001000000efbeadde0040000000000000020000000200766d0100000071f72eb546",
         ),
         ("cpuid_policy", Record::CpuidPolicy(CpuidPolicy { policy: vec![0xaa, 0xbb] }), "0200010002000000aabb6b9fa8f7"),
         (
@@ -81,6 +82,36 @@ fn vectors() -> Vec<(&'static str, Record, &'static str)> {
             "memory_digest",
             Record::MemoryDigest(MemoryDigest { pages: 2, digest: 0x0123_4567_89ab_cdef }),
             "07000000100000000200000000000000efcdab896745230130dd47df",
+        ),
+        (
+            "guest_clock",
+            Record::GuestClock(GuestClock { tsc: 0x1122_3344_5566, ns: 1_000_000_007, tsc_hz: 2_000_000_000 }),
+            "0800010018000000665544332211000007ca9a3b000000000094357700000000b13cdd97",
+        ),
+        (
+            "vcpu_fpu",
+            Record::VcpuFpu(VcpuFpu { index: 1, xcr0: 7, area: vec![0x7f, 0x03, 0, 0] }),
+            "0900010014000000010000000700000000000000040000007f030000a087e04e",
+        ),
+        (
+            "vcpu_msrs",
+            Record::VcpuMsrs(VcpuMsrs { index: 0, msrs: vec![(0x10, 0x1234), (0x2ff, 0xc06), (0xc000_0103, 5)] }),
+            "0a0001002a000000000000000300100000003412000000000000ff020000060c000000000000030100c00500000000000000a80bdf1c",
+        ),
+        (
+            "device_states",
+            Record::DeviceStates(DeviceStates {
+                devices: vec![
+                    DeviceEntry { kind: 4, instance: 0, version: 1, bytes: vec![9, 8] },
+                    DeviceEntry { kind: 8, instance: 1, version: 1, bytes: vec![] },
+                ],
+            }),
+            "0b0001001c000000020004000000000001000200000009080800010000000100000000003e0d6689",
+        ),
+        (
+            "console_ring",
+            Record::ConsoleRing(ConsoleRing { total_bytes: 70_000, ring: b"ok\n".to_vec() }),
+            "0c0000000f0000007011010000000000030000006f6b0aafc09153",
         ),
     ]
 }
@@ -276,10 +307,12 @@ fn malformed_payloads() {
     let bad = |ty, fault| RecordError::BadPayload { record_type: ty, fault };
     assert_eq!(raw(6, &[0; 11]), bad(6, PayloadFault::Truncated));
     assert_eq!(raw(6, &[0; 13]), bad(6, PayloadFault::TrailingBytes { extra: 1 }));
-    assert_eq!(raw(1, &[2, 0]), RecordError::UnsupportedVersion { found: 2 });
+    // Version 1 streams (memory and basic registers only) are refused, as is a future one.
+    assert_eq!(raw(1, &[1, 0]), RecordError::UnsupportedVersion { found: 1 });
+    assert_eq!(raw(1, &[3, 0]), RecordError::UnsupportedVersion { found: 3 });
     assert_eq!(
-        RecordError::UnsupportedVersion { found: 2 }.to_string(),
-        "migration stream version 2 is not supported (this hypervisor speaks version 1)"
+        RecordError::UnsupportedVersion { found: 1 }.to_string(),
+        "migration stream version 1 is not supported (this hypervisor speaks version 2)"
     );
     // Header with a name that is not UTF-8.
     let mut h = Record::Header(header()).encode_to_vec().unwrap();
@@ -355,7 +388,26 @@ fn arb_record() -> impl Strategy<Value = Record> {
         (any::<u64>(), any::<u32>()).prop_map(|(pages_sent, rounds)| Record::End(StreamEnd { pages_sent, rounds }));
     let digest =
         (any::<u64>(), any::<u64>()).prop_map(|(pages, digest)| Record::MemoryDigest(MemoryDigest { pages, digest }));
-    prop_oneof![header, policy, batch, dirty, vcpu, end, digest]
+    let clock = (any::<u64>(), any::<u64>(), any::<u64>())
+        .prop_map(|(tsc, ns, tsc_hz)| Record::GuestClock(GuestClock { tsc, ns, tsc_hz }));
+    let fpu = (any::<u32>(), any::<u64>(), vec(any::<u8>(), 0..3000))
+        .prop_map(|(index, xcr0, area)| Record::VcpuFpu(VcpuFpu { index, xcr0, area }));
+    let msrs = (any::<u32>(), prop::collection::btree_map(any::<u32>(), any::<u64>(), 0..40))
+        .prop_map(|(index, m)| Record::VcpuMsrs(VcpuMsrs { index, msrs: m.into_iter().collect() }));
+    let devices =
+        prop::collection::btree_map((any::<u16>(), any::<u32>()), (any::<u16>(), vec(any::<u8>(), 0..200)), 0..12)
+            .prop_map(|m| {
+                Record::DeviceStates(DeviceStates {
+                    devices: m
+                        .into_iter()
+                        .map(|((kind, instance), (version, bytes))| DeviceEntry { kind, instance, version, bytes })
+                        .collect(),
+                })
+            });
+    let console = (vec(any::<u8>(), 0..500), any::<u32>()).prop_map(|(ring, more)| {
+        Record::ConsoleRing(ConsoleRing { total_bytes: ring.len() as u64 + u64::from(more), ring })
+    });
+    prop_oneof![header, policy, batch, dirty, vcpu, end, digest, clock, fpu, msrs, devices, console]
 }
 
 proptest! {
@@ -417,4 +469,103 @@ fn memory_digest_sees_every_page() {
     swapped.copy_within(4096..8192, 0);
     swapped[4096..8192].fill(0);
     assert_ne!(MemoryDigest::of_pages(&swapped).digest, d.digest);
+}
+
+/// The machine-state records of version 2: every length, count, order and
+/// consistency rule refuses with its own fault, and the encoder refuses what the
+/// decoder would.
+#[test]
+fn machine_state_payloads_are_checked() {
+    let raw = |ty: u16, payload: &[u8]| {
+        let mut b = Vec::new();
+        encode_raw(ty, FLAG_MANDATORY, payload, &mut b).unwrap();
+        decode_all(&b, 7).unwrap_err()
+    };
+    let bad = |ty, fault| RecordError::BadPayload { record_type: ty, fault };
+    // Clock: exactly 24 bytes.
+    assert_eq!(raw(8, &[0; 23]), bad(8, PayloadFault::Truncated));
+    assert_eq!(raw(8, &[0; 25]), bad(8, PayloadFault::TrailingBytes { extra: 1 }));
+    // FPU: an area longer than the limit, or than the payload.
+    let mut p = 0u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&7u64.to_le_bytes());
+    p.extend_from_slice(&(MAX_FPU_AREA as u32 + 1).to_le_bytes());
+    assert_eq!(raw(9, &p), bad(9, PayloadFault::TooLong { field: "FPU area", len: MAX_FPU_AREA + 1 }));
+    let mut p = 0u32.to_le_bytes().to_vec();
+    p.extend_from_slice(&7u64.to_le_bytes());
+    p.extend_from_slice(&8u32.to_le_bytes());
+    p.extend_from_slice(&[0; 7]);
+    assert_eq!(raw(9, &p), bad(9, PayloadFault::Truncated));
+    let big = VcpuFpu { index: 0, xcr0: 1, area: vec![0; MAX_FPU_AREA + 1] };
+    assert!(matches!(Record::VcpuFpu(big).encode_to_vec(), Err(RecordError::BadPayload { record_type: 9, .. })));
+    // MSRs: repeated or descending indices, too many.
+    let msrs = |list: &[(u32, u64)]| {
+        let mut p = 3u32.to_le_bytes().to_vec();
+        p.extend_from_slice(&(list.len() as u16).to_le_bytes());
+        for (m, v) in list {
+            p.extend_from_slice(&m.to_le_bytes());
+            p.extend_from_slice(&v.to_le_bytes());
+        }
+        p
+    };
+    assert_eq!(
+        raw(10, &msrs(&[(0x10, 1), (0x10, 2)])),
+        bad(10, PayloadFault::Unordered { field: "msrs", value: 0x10 })
+    );
+    assert_eq!(
+        raw(10, &msrs(&[(0x2ff, 1), (0x200, 2)])),
+        bad(10, PayloadFault::Unordered { field: "msrs", value: 0x200 })
+    );
+    let p = (MAX_VCPU_MSRS as u16 + 1).to_le_bytes();
+    let mut q = 0u32.to_le_bytes().to_vec();
+    q.extend_from_slice(&p);
+    assert_eq!(raw(10, &q), bad(10, PayloadFault::TooLong { field: "msrs", len: MAX_VCPU_MSRS + 1 }));
+    let unsorted = VcpuMsrs { index: 0, msrs: vec![(2, 0), (1, 0)] };
+    assert!(Record::VcpuMsrs(unsorted).encode_to_vec().is_err(), "the encoder refuses what the decoder would");
+    let sorted = VcpuMsrs { index: 0, msrs: vec![(0x10, 5), (0x277, 6)] };
+    assert_eq!((sorted.get(0x277), sorted.get(0x10), sorted.get(0x11)), (Some(6), Some(5), None));
+    // Devices: the same (kind, instance) twice; a state longer than the payload.
+    let twice = DeviceStates {
+        devices: vec![
+            DeviceEntry { kind: 8, instance: 1, version: 1, bytes: vec![] },
+            DeviceEntry { kind: 8, instance: 1, version: 1, bytes: vec![1] },
+        ],
+    };
+    assert!(Record::DeviceStates(twice.clone()).encode_to_vec().is_err());
+    let mut p = 2u16.to_le_bytes().to_vec();
+    for e in &twice.devices {
+        p.extend_from_slice(&e.kind.to_le_bytes());
+        p.extend_from_slice(&e.instance.to_le_bytes());
+        p.extend_from_slice(&e.version.to_le_bytes());
+        p.extend_from_slice(&(e.bytes.len() as u32).to_le_bytes());
+        p.extend_from_slice(&e.bytes);
+    }
+    assert_eq!(raw(11, &p), bad(11, PayloadFault::Unordered { field: "devices", value: 8 << 32 | 1 }));
+    let mut p = 1u16.to_le_bytes().to_vec();
+    p.extend_from_slice(&[1, 0, 0, 0, 0, 0, 1, 0]);
+    p.extend_from_slice(&u32::MAX.to_le_bytes());
+    assert_eq!(raw(11, &p), bad(11, PayloadFault::Truncated));
+    // Console: more bytes in the ring than were ever written, or over the limit.
+    let mut p = 1u64.to_le_bytes().to_vec();
+    p.extend_from_slice(&2u32.to_le_bytes());
+    p.extend_from_slice(b"ab");
+    assert!(matches!(raw(12, &p), RecordError::BadPayload { record_type: 12, fault: PayloadFault::Inconsistent(_) }));
+    let mut p = u64::MAX.to_le_bytes().to_vec();
+    p.extend_from_slice(&(MAX_CONSOLE_RING as u32 + 1).to_le_bytes());
+    assert_eq!(raw(12, &p), bad(12, PayloadFault::TooLong { field: "console ring", len: MAX_CONSOLE_RING + 1 }));
+    let liar = ConsoleRing { total_bytes: 1, ring: b"ab".to_vec() };
+    assert!(Record::ConsoleRing(liar).encode_to_vec().is_err());
+    // The console ring is optional: a destination that does not know type 12 may skip it.
+    let ring = Record::ConsoleRing(ConsoleRing { total_bytes: 2, ring: b"ab".to_vec() }).encode_to_vec().unwrap();
+    assert_eq!(u16::from_le_bytes([ring[2], ring[3]]) & FLAG_MANDATORY, 0);
+    for ty in 8..=11u16 {
+        let r = match ty {
+            8 => Record::GuestClock(GuestClock { tsc: 1, ns: 2, tsc_hz: 3 }),
+            9 => Record::VcpuFpu(VcpuFpu { index: 0, xcr0: 1, area: vec![] }),
+            10 => Record::VcpuMsrs(VcpuMsrs { index: 0, msrs: vec![] }),
+            _ => Record::DeviceStates(DeviceStates::default()),
+        };
+        let b = r.encode_to_vec().unwrap();
+        assert_eq!(u16::from_le_bytes([b[0], b[1]]), ty);
+        assert_eq!(u16::from_le_bytes([b[2], b[3]]) & FLAG_MANDATORY, FLAG_MANDATORY, "type {ty} is mandatory");
+    }
 }

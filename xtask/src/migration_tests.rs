@@ -38,12 +38,155 @@ const TESTS: &[NamedTest<Ctx>] = &[
     ("migrate-corrupt-record-refused-source-runs", corrupt_record),
     ("migrate-cancel-mid-round-source-runs", cancel_mid_round),
     ("migrate-memwriter-while-writing", live_memwriter),
+    ("migrate-machine-state-apictimer-fpustate-mid-run", machine_state_mid_run),
     ("migrate-save-restore-file", save_restore),
     ("migrate-stress-8m-to-1g-until-full", stress),
 ];
 
+/// The opt-in Linux migration test (slow: Linux boots under the hypervisor first).
+const LINUX_TEST: &str = "migrate-linux-shell-between-instances";
+
 /// Boot a source and a destination and run the migration tests matching `filter`.
 pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
+    let (mut lp, mut lf) = (0, 0);
+    match filter {
+        Some(f) if f.contains("linux") && LINUX_TEST.contains(f) => (lp, lf) = run_linux(esp)?,
+        None => println!(
+            "systest {LINUX_TEST} ... not run by default (cargo xtask test --system-only --filter {LINUX_TEST})"
+        ),
+        _ => {}
+    }
+    let (p, f) = run_suite(esp, filter)?;
+    Ok((p + lp, f + lf))
+}
+
+/// Issue 13 item 3 with a real guest: Debian's kernel boots on the source with
+/// `hv.test=shell` (a shell on ttyS0) and is migrated once the shell is up. On the
+/// destination the shell must answer a command typed into its console (UART, its
+/// interrupt and the LAPIC/I/O APIC that carry it, the scheduler's timers), with an
+/// uptime no smaller than the one it printed on the source, and `poweroff -f` must
+/// end it there (finished(0)).
+fn run_linux(esp: &Esp) -> Result<(usize, usize)> {
+    let assets = crate::linux::ensure_linux_assets()?;
+    let src_platform = Platform::Qemu { cpu: "EPYC".into() };
+    let dst_platform = Platform::Qemu { cpu: "EPYC,-avx2".into() };
+    tools::ensure(&src_platform)?;
+    let hvctl = build_hvctl()?;
+    let timeout = Duration::from_secs(1200);
+    let config = |name: &str, domains: Option<String>| RunConfig {
+        name: name.into(),
+        timeout,
+        cmdline: String::new(),
+        echo: false,
+        vsock: true,
+        domains,
+    };
+    println!("systest {LINUX_TEST} on {src_platform} -> {dst_platform} (Linux {}) ...", assets.kernel_release);
+    let line = crate::linux_tests::domain_line("linux", "256M", "shell", Some(WRITER_CPUID), "");
+    let staged = crate::linux_tests::staged(&assets);
+    let mut src = Session::spawn_staged(&src_platform, esp, &config("migrate-linux-src", Some(line)), &staged)?;
+    let mut dst = Session::spawn(&dst_platform, esp, &config("migrate-linux-dst", None))?;
+    let mut down = None;
+    for (what, session) in [("source", &mut src), ("destination", &mut dst)] {
+        if let Err(wait) = wait_serving(session, Duration::from_secs(300)) {
+            println!("systest {LINUX_TEST} ... FAILED: the {what}'s control channel did not come up ({wait})");
+            print_log(what, session);
+            down = Some(what);
+            break;
+        }
+    }
+    if down.is_some() {
+        src.stop();
+        dst.stop();
+        return Ok((0, 1));
+    }
+    let mut ctx = Ctx { hvctl, guests: esp.dir.join("EFI").join("HV"), src, dst, writer: std::cell::Cell::new(None) };
+    let started = std::time::Instant::now();
+    let result = linux_shell(&ctx);
+    let ok = match result {
+        Ok(detail) => {
+            println!("systest {LINUX_TEST} ... ok ({:.1} s; {detail})", started.elapsed().as_secs_f64());
+            true
+        }
+        Err(e) => {
+            println!("systest {LINUX_TEST} ... FAILED\n  - {e}");
+            print_log("source", &ctx.src);
+            print_log("destination", &ctx.dst);
+            false
+        }
+    };
+    ctx.src.stop();
+    ctx.dst.stop();
+    Ok(if ok { (1, 0) } else { (0, 1) })
+}
+
+/// The uptime in the `HV-LINUX-INIT uptime=…` line of `text`.
+fn init_uptime(text: &str) -> Option<f64> {
+    clean(text).lines().find_map(|l| l.split("HV-LINUX-INIT uptime=").nth(1)?.split_whitespace().next()?.parse().ok())
+}
+
+fn linux_shell(ctx: &Ctx) -> Result<String> {
+    let console = |s: &Session, id: u64| hvctl_on(ctx, s, &["domain", "console", &id.to_string()]);
+    wait_for("the Linux shell to come up on the source", 900, || Ok(console(&ctx.src, 1)?.contains("HV-SHELL-READY")))?;
+    let booted_at = init_uptime(&console(&ctx.src, 1)?).ok_or("no HV-LINUX-INIT line on the source")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let (code, report, stderr) = migrate(ctx, 1, &[])?;
+    if code != Some(0) || report["outcome"] != "completed" {
+        return Err(format!("migrating the Linux guest did not complete: exit {code:?}, {report}; {stderr}"));
+    }
+    let id = report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
+    if !console(&ctx.dst, id)?.contains("HV-SHELL-READY") {
+        return Err("the destination's console ring lacks what Linux printed on the source".into());
+    }
+    let target = target(&ctx.dst);
+    let mut child = Command::new(&ctx.hvctl)
+        .args(["--connect", &target, "domain", "console", &id.to_string(), "--interactive"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run hvctl: {e}"))?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().ok_or("no stdin")?;
+        stdin
+            .write_all(b"echo HV-ALIVE $((6*7)) $(cut -d' ' -f1 /proc/uptime)\n")
+            .map_err(|e| format!("writing hvctl's stdin: {e}"))?;
+        let alive = wait_for("the migrated shell to answer on the destination", 300, || {
+            Ok(console(&ctx.dst, id)?.contains("HV-ALIVE 42 "))
+        });
+        if let Err(e) = alive {
+            let _ = child.kill();
+            return Err(format!("{e}; console: {}", console(&ctx.dst, id).unwrap_or_default()));
+        }
+        stdin.write_all(b"poweroff -f\n").map_err(|e| format!("writing hvctl's stdin: {e}"))?;
+    }
+    wait_for("the migrated Linux guest to power off on the destination", 300, || {
+        Ok(domains(ctx, &ctx.dst)?.into_iter().any(|d| d.0 == id && d.2.starts_with("finished")))
+    })?;
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = console(&ctx.dst, id)?;
+    let uptime: f64 = clean(&text)
+        .lines()
+        .find_map(|l| l.strip_prefix("HV-ALIVE 42 ")?.trim().parse().ok())
+        .ok_or_else(|| format!("no uptime in the HV-ALIVE line: {text}"))?;
+    if uptime < booted_at {
+        return Err(format!("the guest's uptime went back: {uptime} s on the destination, {booted_at} s at init"));
+    }
+    let state = domains(ctx, &ctx.dst)?.into_iter().find(|d| d.0 == id).map(|d| d.2);
+    if state.as_deref() != Some("finished(0)") {
+        return Err(format!("the migrated Linux guest ended {state:?}"));
+    }
+    Ok(format!(
+        "migrated at the shell prompt ({} pages, {} bytes, downtime {} ms); it answered on the destination at uptime \
+         {uptime:.2} s (init at {booted_at:.2} s) and powered off there",
+        report["pages_sent"], report["bytes_sent"], report["downtime_ms"]
+    ))
+}
+
+/// Boot a source and a destination and run the migration tests of [`TESTS`] matching `filter`.
+fn run_suite(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     let selected = select(TESTS, filter);
     if selected.is_empty() {
         return Ok((0, 0));
@@ -296,6 +439,102 @@ fn cancel_mid_round(ctx: &Ctx) -> Result<String> {
     writer_keeps_running(ctx, id, "the cancel")?;
     no_domain_on_destination(ctx, "the cancel")?;
     Ok(format!("cancelled after {sent} bytes; the writer kept running"))
+}
+
+/// The apictimer's parameters: 2500 periodic LAPIC timer interrupts of 1 ms.
+const TIMER_TICKS: u64 = 2500;
+const TIMER_PERIOD_US: u64 = 1000;
+/// The fpustate guest's rounds: each fills the vector registers, yields, spins and
+/// reads them back; enough that a migration falls in the middle.
+const FPU_ROUNDS: u64 = 4000;
+
+/// Issue 13 item 3: the whole guest moves. An `apictimer` (x2APIC mode, periodic LAPIC
+/// timer, `sti; hlt` between interrupts) and an `fpustate` (YMM registers and XCR0 held
+/// across yields) are migrated while they run. Without the LAPIC's state the timer
+/// guest would sleep forever on the destination; without the FPU area and XCR0 the
+/// other would read back reset registers (or fault on its first AVX instruction).
+/// Both must finish with code 0 on the destination, the timer guest with all its
+/// ticks and a TSC delta (read before and after the move) that neither went backwards
+/// nor jumped, and their console rings must hold what they printed on the source.
+fn machine_state_mid_run(ctx: &Ctx) -> Result<String> {
+    let started = std::time::Instant::now();
+    let timer_cmdline = format!("ticks={TIMER_TICKS} period_us={TIMER_PERIOD_US}");
+    let timer = create(ctx, "apictimer", "timer-mid", Some(WRITER_CPUID), &timer_cmdline)?;
+    let fpu = create(ctx, "fpustate", "fpu-mid", Some(WRITER_CPUID), &format!("seed=5 rounds={FPU_ROUNDS}"))?;
+    // Both print their first line before the work starts: then they are mid-run.
+    wait_for("both guests to print their first console line on the source", 60, || {
+        let t = hvctl_on(ctx, &ctx.src, &["domain", "console", &timer.to_string()])?;
+        let f = hvctl_on(ctx, &ctx.src, &["domain", "console", &fpu.to_string()])?;
+        Ok(t.contains("apictimer: x2APIC id") && f.contains("fpustate: seed 5"))
+    })?;
+    std::thread::sleep(Duration::from_millis(700));
+    let mut moved = Vec::new();
+    for (id, what) in [(timer, "apictimer"), (fpu, "fpustate")] {
+        let state = domains(ctx, &ctx.src)?.into_iter().find(|d| d.0 == id).map(|d| d.2);
+        if state.as_deref() != Some("running") {
+            return Err(format!("the {what} guest is {state:?} before its migration: it must move mid-run"));
+        }
+        let (code, report, stderr) = migrate(ctx, id, &["--verify"])?;
+        if code != Some(0) || report["outcome"] != "completed" {
+            return Err(format!("migrating the {what} guest did not complete: exit {code:?}, {report}; {stderr}"));
+        }
+        let new_id = report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
+        moved.push((new_id, what, report["downtime_ms"].as_u64().unwrap_or(0)));
+    }
+    let finished = |id: u64| -> Result<Option<String>> {
+        let state = domains(ctx, &ctx.dst)?.into_iter().find(|d| d.0 == id).map(|d| d.2);
+        Ok(state.filter(|s| s.starts_with("finished") || s.starts_with("crashed")))
+    };
+    for &(id, what, _) in &moved {
+        wait_for(&format!("the migrated {what} guest to finish on the destination"), 240, || {
+            Ok(finished(id)?.is_some())
+        })?;
+        let state = finished(id)?.unwrap_or_default();
+        if state != "finished(0)" {
+            let console = hvctl_on(ctx, &ctx.dst, &["domain", "console", &id.to_string()]).unwrap_or_default();
+            return Err(format!("the migrated {what} guest ended {state} on the destination; console:\n{console}"));
+        }
+    }
+    let wall_us = started.elapsed().as_micros() as u64;
+    let (timer_dst, _, timer_downtime) = moved[0];
+    let (fpu_dst, _, fpu_downtime) = moved[1];
+    let get = |id: u64, tag: &str| reports(&ctx.dst, id).into_iter().rev().find(|(t, _)| t == tag).map(|(_, v)| v);
+    let ticks = get(timer_dst, "ticks").ok_or("the timer guest reported no ticks on the destination")?;
+    if ticks != TIMER_TICKS {
+        return Err(format!("the timer guest took {ticks} ticks, not {TIMER_TICKS}"));
+    }
+    let tsc_khz: u64 = clean(&ctx.dst.serial())
+        .lines()
+        .find_map(|l| l.split_once("TSC ")?.1.split_once(" kHz")?.0.trim().parse().ok())
+        .ok_or("the destination printed no TSC frequency")?;
+    let tsc = get(timer_dst, "tsc").ok_or("the timer guest reported no TSC delta")?;
+    let tsc_us = tsc / tsc_khz.max(1) * 1000 + tsc % tsc_khz.max(1) * 1000 / tsc_khz.max(1);
+    // Programmed: ticks × period. The guest's TSC must show at least that much (it did
+    // not go back or restart), and no more than the test's whole wall time (it did not
+    // jump by the source's or the destination's uptime).
+    if tsc_us < (TIMER_TICKS - 1) * TIMER_PERIOD_US || tsc_us > wall_us {
+        return Err(format!(
+            "the timer guest's TSC delta across the migration is {tsc_us} µs: expected {} µs to {wall_us} µs              (the test's wall time)",
+            (TIMER_TICKS - 1) * TIMER_PERIOD_US
+        ));
+    }
+    let (rounds, bad) = (get(fpu_dst, "rounds"), get(fpu_dst, "bad"));
+    if rounds != Some(FPU_ROUNDS) || bad != Some(0) {
+        return Err(format!("the fpustate guest reported rounds {rounds:?} and bad {bad:?} on the destination"));
+    }
+    let xcr0 = get(fpu_dst, "xcr0").unwrap_or(0);
+    for (id, line) in [(timer_dst, "apictimer: x2APIC id"), (fpu_dst, "fpustate: seed 5")] {
+        let console = hvctl_on(ctx, &ctx.dst, &["domain", "console", &id.to_string()])?;
+        if !console.contains(line) {
+            return Err(format!("the console ring of domain {id} lost `{line}`, printed on the source: {console}"));
+        }
+    }
+    for &(id, _, _) in &moved {
+        hvctl_on(ctx, &ctx.dst, &["domain", "destroy", &id.to_string()])?;
+    }
+    Ok(format!(
+        "apictimer: {ticks} ticks, TSC delta {tsc_us} µs across the move (downtime {timer_downtime} ms); fpustate: {FPU_ROUNDS} rounds, 0 bad registers, XCR0 {xcr0:#x} (downtime {fpu_downtime} ms); console rings moved"
+    ))
 }
 
 fn live_memwriter(ctx: &Ctx) -> Result<String> {

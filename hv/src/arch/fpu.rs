@@ -264,6 +264,122 @@ impl GuestFpu {
     }
 }
 
+/// XSAVE header offset in the standard-format area (SDM Vol. 1 13.4.2): XSTATE_BV at
+/// +0, XCOMP_BV at +8, then 48 reserved bytes that must be 0.
+const XSAVE_HEADER: usize = FXSAVE_BYTES;
+/// The legacy region plus the XSAVE header: the smallest XSAVE area.
+const XSAVE_MIN: usize = FXSAVE_BYTES + 64;
+/// MXCSR bits 31:16 are reserved: XRSTOR/FXRSTOR #GP if any is set (SDM Vol. 1 10.2.3.1).
+const MXCSR_RESERVED: u32 = 0xffff_0000;
+
+/// Why a migrated vCPU's FPU state cannot be loaded on this CPU (nothing changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FpuImportError {
+    /// The vCPU's XCR0 is not one this CPU and the domain's policy allow.
+    Xcr0(XcrError),
+    /// The area holds state of components this CPU does not switch or the domain's
+    /// policy does not offer (XSTATE_BV bits).
+    MissingComponents {
+        /// The components.
+        bits: u64,
+        /// What this CPU and the policy allow.
+        allowed: u64,
+    },
+    /// Neither a 512-byte FXSAVE area nor a standard XSAVE area of at least 576 bytes.
+    BadLength(usize),
+    /// A compacted-format area (XCOMP_BV bit 63), which this hypervisor never writes.
+    Compacted,
+    /// Reserved XSAVE header bytes or MXCSR bits are set (XRSTOR would fault).
+    Reserved(&'static str),
+}
+
+impl core::fmt::Display for FpuImportError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            FpuImportError::Xcr0(e) => write!(f, "its XCR0 cannot be set here: {e}"),
+            FpuImportError::MissingComponents { bits, allowed } => write!(
+                f,
+                "its XSAVE area holds state components {bits:#x} that this host or the domain's CPUID policy lack                  (allowed: {allowed:#x})"
+            ),
+            FpuImportError::BadLength(n) => {
+                write!(f, "its FPU area is {n} bytes: neither FXSAVE's 512 nor an XSAVE area of at least 576")
+            }
+            FpuImportError::Compacted => f.write_str("its XSAVE area is in the compacted format"),
+            FpuImportError::Reserved(what) => write!(f, "its FPU area has reserved bits set: {what}"),
+        }
+    }
+}
+
+fn le_u64(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8).and_then(|s| s.first_chunk::<8>()).map_or(0, |c| u64::from_le_bytes(*c))
+}
+
+fn le_u32(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4).and_then(|s| s.first_chunk::<4>()).map_or(0, |c| u32::from_le_bytes(*c))
+}
+
+impl GuestFpu {
+    /// The saved area as migration carries it: [`HostFpu::area_bytes`] bytes.
+    pub fn export(&self) -> &[u8] {
+        let n = self.host.area_bytes.min(self.bytes().len());
+        self.bytes().get(..n).unwrap_or_default()
+    }
+
+    /// Load a migrated vCPU's `xcr0` and save `area` (standard-format XSAVE or FXSAVE,
+    /// as [`GuestFpu::export`] wrote it on the source) into this vCPU, refusing what
+    /// this CPU could not restore: an XCR0 outside `allowed` (the domain's policy's
+    /// components; intersected here with what this CPU switches), state of components
+    /// outside it (XSTATE_BV), a compacted area, reserved header or MXCSR bits (XRSTOR
+    /// would #GP, SDM Vol. 1 13.8.1). An FXSAVE area on an XSAVE host becomes x87+SSE
+    /// state; an XSAVE area on an FXSAVE host is taken if it holds only x87 and SSE.
+    /// On error nothing changed.
+    pub fn import(&mut self, xcr0: u64, area: &[u8], allowed: u64) -> Result<(), FpuImportError> {
+        let allowed = if self.host.xsave { allowed & self.host.xcr0 } else { XCR0_X87 | XCR0_SSE };
+        if le_u32(area, MXCSR) & MXCSR_RESERVED != 0 {
+            return Err(FpuImportError::Reserved("MXCSR bits 31:16"));
+        }
+        let xstate_bv = match area.len() {
+            FXSAVE_BYTES => XCR0_X87 | XCR0_SSE,
+            n if n >= XSAVE_MIN => {
+                if le_u64(area, XSAVE_HEADER + 8) != 0 {
+                    return Err(FpuImportError::Compacted);
+                }
+                if area.get(XSAVE_HEADER + 16..XSAVE_MIN).is_some_and(|r| r.iter().any(|&b| b != 0)) {
+                    return Err(FpuImportError::Reserved("XSAVE header bytes 16-63"));
+                }
+                le_u64(area, XSAVE_HEADER)
+            }
+            n => return Err(FpuImportError::BadLength(n)),
+        };
+        if xstate_bv & !allowed != 0 {
+            return Err(FpuImportError::MissingComponents { bits: xstate_bv & !allowed, allowed });
+        }
+        let xcr0 = if self.host.xsave {
+            check_xsetbv(0, xcr0, allowed).map_err(FpuImportError::Xcr0)?;
+            xcr0
+        } else if xcr0 == XCR0_X87 {
+            xcr0
+        } else {
+            return Err(FpuImportError::Xcr0(XcrError::NotOffered(xcr0 & !XCR0_X87)));
+        };
+        let xsave = self.host.xsave;
+        let bytes = self.bytes_mut();
+        bytes.fill(0);
+        let n = area.len().min(bytes.len());
+        if let (Some(d), Some(s)) = (bytes.get_mut(..n), area.get(..n)) {
+            d.copy_from_slice(s);
+        }
+        if xsave {
+            // XSTATE_BV as checked (an FXSAVE area's x87 and SSE are in use).
+            if let Some(h) = bytes.get_mut(XSAVE_HEADER..XSAVE_HEADER + 8) {
+                h.copy_from_slice(&xstate_bv.to_le_bytes());
+            }
+        }
+        self.xcr0 = xcr0;
+        Ok(())
+    }
+}
+
 /// XSETBV of XCR0.
 ///
 /// # Safety
@@ -400,6 +516,74 @@ mod tests {
         // Incomplete AVX-512 is dropped rather than refused by XSETBV.
         assert_eq!(HostFpu::host_xcr0(0x67), 0x7);
         assert_eq!(HostFpu::host_xcr0(0), 1);
+    }
+
+    fn area(len: usize, xstate_bv: u64) -> Vec<u8> {
+        let mut a = vec![0u8; len];
+        a[0] = 0x7f;
+        a[1] = 0x03;
+        a[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+        a[32] = 0x42; // ST0's first byte: state that must arrive
+        if len >= 576 {
+            a[512..520].copy_from_slice(&xstate_bv.to_le_bytes());
+        }
+        if len > 600 {
+            a[600] = 0x99; // a YMM_Hi128 byte
+        }
+        a
+    }
+
+    #[test]
+    fn import_takes_what_this_host_and_policy_allow() {
+        let epyc = HostFpu { xsave: true, xcr0: 0x7, area_bytes: 832 };
+        let mut f = GuestFpu::new(&epyc);
+        f.import(7, &area(832, 7), 7).unwrap();
+        assert_eq!(f.xcr0(), 7);
+        assert_eq!((f.bytes()[32], f.bytes()[600]), (0x42, 0x99), "x87 and AVX state arrived");
+        assert_eq!(f.export().len(), 832);
+        assert_eq!(f.export(), &area(832, 7)[..]);
+        // AVX-512 state from a Skylake-X source, onto an EPYC: refused, nothing changed.
+        let before = f.clone();
+        let e = f.import(0xe7, &area(2696, 0xe7), 0xe7).unwrap_err();
+        assert_eq!(e, FpuImportError::MissingComponents { bits: 0xe0, allowed: 7 });
+        assert!(alloc::format!("{e}").contains("state components 0xe0"), "{e}");
+        assert_eq!(f.bytes(), before.bytes());
+        assert_eq!(f.xcr0(), 7);
+        // The policy offers no AVX: AVX state or an XCR0 with AVX is refused even on a host with it.
+        assert_eq!(f.import(3, &area(832, 7), 3), Err(FpuImportError::MissingComponents { bits: 4, allowed: 3 }));
+        assert!(matches!(f.import(7, &area(832, 3), 3), Err(FpuImportError::Xcr0(XcrError::NotOffered(4)))));
+        // A Skylake-X area with only x87/SSE/AVX in use loads on the EPYC (the tail is dropped).
+        f.import(7, &area(2696, 7), 0xe7).unwrap();
+        assert_eq!(f.bytes().len(), 832);
+        // FXSAVE source: x87 and SSE become in use (XSTATE_BV 3), or XRSTOR would reset them.
+        f.import(1, &area(512, 0), 7).unwrap();
+        assert_eq!(&f.bytes()[512..520], &3u64.to_le_bytes());
+        assert_eq!(f.bytes()[32], 0x42);
+    }
+
+    #[test]
+    fn import_refuses_what_xrstor_would_fault_on() {
+        let host = HostFpu { xsave: true, xcr0: 0x7, area_bytes: 832 };
+        let mut f = GuestFpu::new(&host);
+        let mut a = area(832, 7);
+        a[520] = 1;
+        assert_eq!(f.import(7, &a, 7), Err(FpuImportError::Compacted));
+        let mut a = area(832, 7);
+        a[540] = 1;
+        assert!(matches!(f.import(7, &a, 7), Err(FpuImportError::Reserved(_))));
+        let mut a = area(832, 7);
+        a[27] = 1;
+        assert!(matches!(f.import(7, &a, 7), Err(FpuImportError::Reserved(_))));
+        for n in [0, 511, 513, 575] {
+            assert_eq!(f.import(1, &vec![0; n], 7), Err(FpuImportError::BadLength(n)));
+        }
+        assert!(matches!(f.import(0, &area(832, 1), 7), Err(FpuImportError::Xcr0(XcrError::X87Clear))));
+        // FXSAVE-only host: only x87+SSE state and XCR0 = 1.
+        let mut fx = GuestFpu::new(&HostFpu::FXSAVE_ONLY);
+        fx.import(1, &area(832, 3), 7).unwrap();
+        assert_eq!(fx.bytes()[32], 0x42);
+        assert!(fx.import(1, &area(832, 7), 7).is_err());
+        assert!(fx.import(7, &area(512, 0), 7).is_err());
     }
 
     #[test]

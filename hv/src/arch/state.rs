@@ -7,9 +7,11 @@
 //! into a fixed little-endian byte layout for the migration stream; decoding checks
 //! the version, the length and every field with a restricted range, and never panics.
 //!
-//! Not carried yet (format version 1): the x87/SSE/AVX state and XCR0
-//! (`arch::fpu`), IA32_TSC_AUX, the TSC offset, and the MSRs the core keeps itself
-//! (MTRRs, MISC_ENABLE, MCG_STATUS): a loaded vCPU starts with their reset values.
+//! Not in this snapshot (format version 1) but in records of their own in migration
+//! stream version 2 (`domain::migrate`): the x87/SSE/AVX state and XCR0
+//! (`arch::fpu`, record `VcpuFpu`), IA32_TSC (the TSC offset), IA32_TSC_AUX and the
+//! MSRs the core keeps itself (MTRRs, MISC_ENABLE, MCG_STATUS, NB_CFG; record
+//! `VcpuMsrs`), and the LAPIC with IA32_APIC_BASE (record `DeviceStates`).
 //!
 //! Conventions that make the form arch-neutral:
 //! - Segment attributes are in the SVM VMCB "attrib" form (APM Vol. 2 15.5.1 /

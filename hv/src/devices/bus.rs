@@ -309,6 +309,38 @@ impl DeviceBus {
         Ok(())
     }
 
+    /// Every device's state at guest time `now_ns` ([`Device::save_at`]), in the order
+    /// the devices were added.
+    pub fn save_at(&self, now_ns: u64) -> Vec<DeviceState> {
+        self.devices.iter().map(|d| d.save_at(now_ns)).collect()
+    }
+
+    /// The kind of every device, in the order they were added (what [`Self::load_at`]
+    /// expects its states in).
+    pub fn kinds(&self) -> Vec<super::DeviceKind> {
+        self.devices.iter().map(|d| d.kind()).collect()
+    }
+
+    /// Load one state per device, in order, saved by [`Self::save_at`], their timers
+    /// re-based on `now_ns`. All or nothing, as [`Self::load`].
+    pub fn load_at(&mut self, states: &[DeviceState], now_ns: u64) -> Result<(), DeviceError> {
+        if states.len() != self.devices.len() {
+            let kind = self.devices.first().map_or(super::DeviceKind::Uart, |d| d.kind());
+            return Err(DeviceError::Malformed { kind, why: "the number of device states differs from the devices" });
+        }
+        let before = self.save_at(now_ns);
+        for (i, (d, s)) in self.devices.iter_mut().zip(states).enumerate() {
+            if let Err(e) = d.load_at(s, now_ns) {
+                for (d, s) in self.devices.iter_mut().zip(&before).take(i) {
+                    // Their own states, just saved at the same time: loading them back cannot fail.
+                    let _ = d.load_at(s, now_ns);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// What the guest accessed that no device claims.
     pub fn unclaimed(&self) -> &UnclaimedStats {
         &self.unclaimed

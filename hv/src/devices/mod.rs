@@ -126,6 +126,23 @@ pub enum DeviceKind {
     Lapic = 8,
 }
 
+impl DeviceKind {
+    /// The kind with this code (the `repr(u16)` value), if this build has it.
+    pub const fn from_code(code: u16) -> Option<Self> {
+        Some(match code {
+            1 => Self::Uart,
+            2 => Self::DebugExit,
+            3 => Self::Pic,
+            4 => Self::Pit,
+            5 => Self::Rtc,
+            6 => Self::AcpiPm,
+            7 => Self::IoApic,
+            8 => Self::Lapic,
+            _ => return None,
+        })
+    }
+}
+
 /// A device's saved state: its kind, the format version of `bytes`, and the bytes
 /// (little-endian fields in an order the model documents).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -205,6 +222,18 @@ pub trait Device {
     fn save(&self) -> DeviceState;
     /// Replace the model's state with `state`; on error nothing changed.
     fn load(&mut self, state: &DeviceState) -> Result<(), DeviceError>;
+    /// The model's state at guest time `now_ns`, its timers as time left after it
+    /// (migration: the destination loads it with [`Device::load_at`] at its own guest
+    /// time). A model without timers, or whose deadlines are absolute guest times
+    /// (which a migration carries over, since the guest clock continues), saves as
+    /// [`Device::save`] does.
+    fn save_at(&self, _now_ns: u64) -> DeviceState {
+        self.save()
+    }
+    /// Load a state saved by [`Device::save_at`], its timers re-based on `now_ns`.
+    fn load_at(&mut self, state: &DeviceState, _now_ns: u64) -> Result<(), DeviceError> {
+        self.load(state)
+    }
 }
 
 /// Little-endian value of `data` (at most 8 bytes), for register writes.

@@ -628,6 +628,14 @@ impl Device for Pit {
     fn load(&mut self, state: &DeviceState) -> Result<(), DeviceError> {
         self.load_at(state, self.seen_ns)
     }
+
+    fn save_at(&self, now_ns: u64) -> DeviceState {
+        Pit::save_at(self, now_ns)
+    }
+
+    fn load_at(&mut self, state: &DeviceState, now_ns: u64) -> Result<(), DeviceError> {
+        Pit::load_at(self, state, now_ns)
+    }
 }
 
 #[cfg(test)]

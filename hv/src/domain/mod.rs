@@ -228,6 +228,16 @@ impl Console {
         self.ring.iter().copied().collect()
     }
 
+    /// Take a migrated domain's console: `total` bytes ever written, the last of them
+    /// `ring` (its newest [`CONSOLE_BYTES`] are kept). New output is echoed again.
+    pub(crate) fn restore(&mut self, total: u64, ring: &[u8]) {
+        let keep = ring.get(ring.len().saturating_sub(CONSOLE_BYTES)..).unwrap_or_default();
+        self.ring = keep.iter().copied().collect();
+        self.bytes = total.max(keep.len() as u64);
+        self.line.clear();
+        self.lines_echoed = 0;
+    }
+
     /// Bytes from number `offset` on (or from the oldest still kept): (first byte's
     /// number, bytes).
     pub fn since(&self, offset: u64) -> (u64, Vec<u8>) {
@@ -280,8 +290,21 @@ pub struct Domain<B: Backend> {
     irq: platform::Router,
     /// Interrupt messages and IPIs that reached no LAPIC (or NMI/SMI, not delivered).
     pub undelivered_interrupts: u64,
-    /// The hypervisor's uptime when the domain was created: guest time starts there.
+    /// The hypervisor's uptime when the domain's guest time was 0 (mod 2^64: a
+    /// migrated domain's guest time may be older than this hypervisor's uptime).
     started_ns: u64,
+    /// The TSC offset of the domain's TSC (every vCPU's until the guest writes
+    /// IA32_TSC): 0 at creation, or continued from the source on migration.
+    tsc_offset: u64,
+    /// The source's guest clock at pause, for a domain that arrived by migration (the
+    /// vCPUs' TSCs are continued relative to it).
+    migrated_clock: Option<wire::migration::GuestClock>,
+}
+
+/// A new domain's clocks: guest time 0 and TSC 0 now.
+pub(crate) fn new_clock() -> (u64, u64) {
+    let started_ns = crate::drivers::time::uptime_ns().unwrap_or(0);
+    (started_ns, 0u64.wrapping_sub(crate::drivers::time::tsc_at_uptime_ns(started_ns)))
 }
 
 impl<B: Backend> fmt::Debug for Domain<B> {
@@ -312,14 +335,15 @@ impl<B: Backend> Domain<B> {
     /// The guest's clock: nanoseconds since the domain was created (0 where the
     /// hypervisor has no calibrated clock, as in host tests).
     pub fn guest_now_ns(&self) -> u64 {
-        crate::drivers::time::uptime_ns().unwrap_or(0).saturating_sub(self.started_ns)
+        crate::drivers::time::uptime_ns().unwrap_or(0).wrapping_sub(self.started_ns)
     }
 
     /// The TSC offset every vCPU of the domain starts with: the guest's TSC is 0 when
     /// the domain is created and then counts as `guest_now_ns` × TSC frequency, the
-    /// clock the LAPIC's TSC-deadline timer converts with (`devices::lapic`).
+    /// clock the LAPIC's TSC-deadline timer converts with (`devices::lapic`). A
+    /// migrated domain's continues from the source's (`migrate::rebase_clock`).
     pub fn base_tsc_offset(&self) -> u64 {
-        0u64.wrapping_sub(crate::drivers::time::tsc_at_uptime_ns(self.started_ns))
+        self.tsc_offset
     }
 
     /// The processor signature (family, model, stepping: CPUID.1:EAX of its policy),
@@ -455,6 +479,7 @@ impl<B: Backend> Machine<B> {
                 return Err(DomainError::Load(e));
             }
         };
+        let (started_ns, tsc_offset) = new_clock();
         let mut domain = Domain {
             id,
             name: cfg.name.clone(),
@@ -476,7 +501,9 @@ impl<B: Backend> Machine<B> {
             devices,
             irq: platform::new_router(),
             undelivered_interrupts: 0,
-            started_ns: crate::drivers::time::uptime_ns().unwrap_or(0),
+            started_ns,
+            tsc_offset,
+            migrated_clock: None,
         };
         let root = mem.root();
         domain.mem = Some(mem);

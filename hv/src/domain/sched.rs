@@ -95,7 +95,7 @@ impl<B: Backend> Machine<B> {
             .filter(|d| d.state == DomainState::Running)
             .flat_map(|d| {
                 let lapics = d.vcpus.iter().filter_map(|v| v.lapic.next_timer_ns());
-                lapics.chain(d.next_device_event_ns()).map(move |t| d.started_ns.saturating_add(t))
+                lapics.chain(d.next_device_event_ns()).map(move |t| d.started_ns.wrapping_add(t))
             })
             .min()
             .map(|at| if at <= now { 0 } else { ns_to_ticks(at - now) })

@@ -4,7 +4,9 @@
 //! whose memory matches the digest the stream carried.
 //!
 //! Half the inputs are raw bytes; the other half patch bytes of a valid stream (so the
-//! fuzzer gets past the checksums and reaches the order and count checks).
+//! fuzzer gets past the checksums and reaches the order and count checks). The valid
+//! stream is version 2: it carries every machine-state record (clock, FPU, MSRs,
+//! devices, console), so their order rules and the core's loading are fuzzed too.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -14,7 +16,8 @@ use migration_svc::ReceiveSession;
 use migration_svc::testing::FakeCore;
 use wire::ReceiveState;
 use wire::migration::{
-    CpuidPolicy, MIGRATION_STREAM_VERSION, MemoryDigest, PageBatch, Record, StreamEnd, StreamHeader, VcpuState,
+    ConsoleRing, CpuidPolicy, DeviceEntry, DeviceStates, GuestClock, MIGRATION_STREAM_VERSION, MemoryDigest, PageBatch,
+    Record, StreamEnd, StreamHeader, VcpuFpu, VcpuMsrs, VcpuState,
 };
 
 fn valid_stream() -> &'static [u8] {
@@ -38,7 +41,14 @@ fn valid_stream() -> &'static [u8] {
             }),
             Record::CpuidPolicy(CpuidPolicy { policy: b"policy".to_vec() }),
             Record::PageBatch(batch),
+            Record::GuestClock(GuestClock { tsc: 1 << 33, ns: 4_000_000_000, tsc_hz: 2_000_000_000 }),
             Record::VcpuState(VcpuState { index: 0, registers: vec![1, 2, 3] }),
+            Record::VcpuFpu(VcpuFpu { index: 0, xcr0: 7, area: vec![0; 576] }),
+            Record::VcpuMsrs(VcpuMsrs { index: 0, msrs: vec![(0x10, 1 << 33), (0x2ff, 0xc06)] }),
+            Record::DeviceStates(DeviceStates {
+                devices: vec![DeviceEntry { kind: 8, instance: 0, version: 1, bytes: vec![0; 24] }],
+            }),
+            Record::ConsoleRing(ConsoleRing { total_bytes: 3, ring: b"ok\n".to_vec() }),
             Record::MemoryDigest(MemoryDigest::of_pages(&mem)),
             Record::End(StreamEnd { pages_sent: 3, rounds: 0 }),
         ];
@@ -82,6 +92,11 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(core.domains.len(), 1, "{status:?}");
             let d = core.domains.values().next().expect("one domain");
             assert!(!d.paused, "a complete domain runs");
+            assert!(d.machine.clock.is_some() && d.machine.devices.is_some(), "complete without machine state");
+            assert!(
+                d.machine.fpus.iter().all(Option::is_some) && d.machine.msrs.iter().all(Option::is_some),
+                "complete without every vCPU's FPU state and MSRs"
+            );
             if let Some(digest) = status.memory_digest {
                 assert_eq!(MemoryDigest::of_pages(&d.mem).digest, digest);
             }

@@ -13,10 +13,13 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use migration_svc::{DomainInfo, MigrationCore, MigrationService, PolicyCheck};
+use migration_svc::{DomainInfo, MachineState, MigrationCore, MigrationService, PolicyCheck, StateRecord};
 use serde_json::Value;
 use wire::dirty::DirtyBitmap;
-use wire::migration::{CpuidPolicy, MIGRATION_STREAM_VERSION, MemoryDigest, Record, StreamHeader};
+use wire::migration::{
+    ConsoleRing, CpuidPolicy, DeviceEntry, DeviceStates, GuestClock, MIGRATION_STREAM_VERSION, MemoryDigest, Record,
+    StreamHeader, VcpuFpu, VcpuMsrs,
+};
 use wire::service::QueueInfo;
 use wire::{FrameDecoder, Request};
 
@@ -44,6 +47,19 @@ struct Domain {
     max_throttle: u8,
     /// Peek-and-cleans so far (indexes the guest's write schedule).
     peeks: usize,
+    /// The machine-state records an incoming migration loaded, in order.
+    loaded: Vec<StateRecord>,
+}
+
+/// The machine state the fake source domain sends for `vcpus` vCPUs.
+fn machine_state(vcpus: u32) -> MachineState {
+    MachineState {
+        clock: GuestClock { tsc: 77_000_000, ns: 38_500_000, tsc_hz: 2_000_000_000 },
+        fpus: (0..vcpus).map(|index| VcpuFpu { index, xcr0: 7, area: vec![0x11; 832] }).collect(),
+        msrs: (0..vcpus).map(|index| VcpuMsrs { index, msrs: vec![(0x10, 77_000_000 + u64::from(index))] }).collect(),
+        devices: DeviceStates { devices: vec![DeviceEntry { kind: 4, instance: 0, version: 1, bytes: vec![3; 50] }] },
+        console: Some(ConsoleRing { total_bytes: 5, ring: b"boot\n".to_vec() }),
+    }
 }
 
 impl Domain {
@@ -110,6 +126,7 @@ impl FakeCore {
             log: None,
             max_throttle: 0,
             peeks: 0,
+            loaded: Vec::new(),
         };
         let mut core = Self::empty();
         core.domains.insert(SOURCE_DOMAIN, domain);
@@ -207,6 +224,11 @@ impl MigrationCore for FakeCore {
         Ok(d.vcpus.clone())
     }
 
+    fn machine_state(&mut self, domain: u32) -> Result<MachineState, String> {
+        let d = self.dom(domain)?;
+        Ok(machine_state(d.vcpus.len() as u32))
+    }
+
     fn memory_digest(&mut self, domain: u32) -> Result<MemoryDigest, String> {
         Ok(MemoryDigest::of_pages(&self.dom(domain)?.memory))
     }
@@ -239,6 +261,7 @@ impl MigrationCore for FakeCore {
             log: None,
             max_throttle: 0,
             peeks: 0,
+            loaded: Vec::new(),
         };
         self.domains.insert(id, domain);
         Ok(id)
@@ -262,6 +285,11 @@ impl MigrationCore for FakeCore {
     fn set_vcpu_state(&mut self, domain: u32, index: u32, state: &[u8]) -> Result<(), String> {
         let d = self.dom(domain)?;
         *d.vcpus.get_mut(index as usize).ok_or_else(|| format!("no vCPU {index}"))? = state.to_vec();
+        Ok(())
+    }
+
+    fn load_machine_state(&mut self, domain: u32, record: &StateRecord) -> Result<(), String> {
+        self.dom(domain)?.loaded.push(record.clone());
         Ok(())
     }
 }
@@ -383,6 +411,9 @@ fn assert_copy(dst: &FakeHv, id: u32, source: &Domain) {
     let d = &hv.core.domains[&id];
     assert!(d.memory == source.memory, "the destination's memory differs from the source's");
     assert_eq!(d.vcpus, source.vcpus);
+    // Clock, two vCPUs' FPU areas and MSRs, devices, console.
+    assert_eq!(d.loaded.len(), 7, "the machine state arrived: {:?}", d.loaded);
+    assert!(matches!(d.loaded.first(), Some(StateRecord::Clock(_))), "the clock first");
     assert_eq!((&d.name, &d.cmdline, &d.policy), (&source.name, &source.cmdline, &source.policy));
     assert!(!d.paused, "the destination domain does not run");
 }

@@ -292,6 +292,62 @@ impl MsrState {
     }
 }
 
+/// IA32_TSC, as migration carries it (the vCPU's TSC at pause).
+pub const MSR_TSC: u32 = TSC;
+/// IA32_TSC_AUX, as migration carries it.
+pub const MSR_TSC_AUX: u32 = TSC_AUX;
+
+/// The MSRs [`MsrState`] stores (the rest of [`Home::Core`] are constants).
+fn stored(msr: u32) -> bool {
+    matches!(msr, MTRR_DEF_TYPE | MCG_STATUS | MISC_ENABLE | NB_CFG)
+        || MTRR_VAR.contains(&msr)
+        || MTRR_FIX.contains(&msr)
+}
+
+/// Why a migrated MSR value is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MsrRestoreError {
+    /// This hypervisor does not keep that MSR for a guest with this policy.
+    NotVirtualized(u32),
+    /// A value the guest's own WRMSR would get #GP for.
+    BadValue(u32, u64),
+}
+
+impl core::fmt::Display for MsrRestoreError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NotVirtualized(m) => {
+                write!(f, "MSR {m:#x} is not virtualized here for the domain's CPUID policy")
+            }
+            Self::BadValue(m, v) => write!(f, "MSR {m:#x} cannot hold {v:#x} here (a guest WRMSR would #GP)"),
+        }
+    }
+}
+
+impl MsrState {
+    /// The stored MSRs the guest can reach with `env`'s policy, `(msr, value)` in
+    /// ascending order: what migration carries (the constants need not travel).
+    pub fn saved(&self, env: &Env) -> alloc::vec::Vec<(u32, u64)> {
+        let mut out: alloc::vec::Vec<(u32, u64)> = [MCG_STATUS, MISC_ENABLE, MTRR_DEF_TYPE, NB_CFG]
+            .into_iter()
+            .chain(MTRR_VAR)
+            .chain(MTRR_FIX)
+            .filter(|&m| home(m, env) == Some(Home::Core))
+            .filter_map(|m| self.read(m).map(|v| (m, v)))
+            .collect();
+        out.sort_unstable_by_key(|&(m, _)| m);
+        out
+    }
+
+    /// Restore a migrated value of a stored MSR, validated as the guest's WRMSR is.
+    pub fn restore(&mut self, msr: u32, value: u64, env: &Env) -> Result<(), MsrRestoreError> {
+        if !stored(msr) || home(msr, env) != Some(Home::Core) {
+            return Err(MsrRestoreError::NotVirtualized(msr));
+        }
+        self.write(msr, value, env).map_err(|()| MsrRestoreError::BadValue(msr, value))
+    }
+}
+
 /// Check a WRMSR of `value` to an MSR the backend holds (`old` its current value,
 /// `cr0` the guest's CR0): the value to store, or `Err(())` for #GP.
 #[allow(clippy::result_unit_err)]
@@ -345,7 +401,11 @@ pub fn check_backend_write(msr: GuestMsr, value: u64, old: u64, cr0: u64, env: &
 
 /// The policy facts MSR emulation depends on.
 fn env<B: Backend>(ctx: &ExitCtx<'_, B>) -> Env {
-    let p = &ctx.d.policy;
+    env_of(&ctx.d.policy)
+}
+
+/// The MSR facts of `policy`.
+pub(crate) fn env_of(p: &levelling::Policy) -> Env {
     Env::new(p.vendor, p.phys_bits, p.virt_bits, &p.features)
 }
 
@@ -448,6 +508,37 @@ pub fn handle_write<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migrated_msrs_round_trip_and_are_validated() {
+        let e = env(Vendor::Amd);
+        let mut src = MsrState::default();
+        src.write(0x200, 0x8000_0006, &e).unwrap();
+        src.write(0x201, 0xff_f000_0800, &e).unwrap();
+        src.write(MTRR_DEF_TYPE, 0xc00, &e).unwrap();
+        src.write(MISC_ENABLE, 0x1800, &e).unwrap();
+        src.write(MCG_STATUS, 5, &e).unwrap();
+        src.write(NB_CFG, NB_CFG_CF8_EXT, &e).unwrap();
+        let saved = src.saved(&e);
+        assert!(saved.windows(2).all(|w| w[0].0 < w[1].0), "ascending, none twice");
+        assert_eq!(saved.len(), 4 + 16 + 11);
+        let mut dst = MsrState::default();
+        for &(m, v) in &saved {
+            dst.restore(m, v, &e).unwrap();
+        }
+        assert_eq!(dst, src);
+        // Constants and MSRs kept elsewhere are not restored here; bad values are refused.
+        assert_eq!(dst.restore(MTRRCAP, MTRRCAP_VALUE, &e), Err(MsrRestoreError::NotVirtualized(MTRRCAP)));
+        assert_eq!(dst.restore(PAT, 0, &e), Err(MsrRestoreError::NotVirtualized(PAT)));
+        assert_eq!(dst.restore(0x1234, 0, &e), Err(MsrRestoreError::NotVirtualized(0x1234)));
+        assert_eq!(dst.restore(MTRR_DEF_TYPE, 0x2, &e), Err(MsrRestoreError::BadValue(MTRR_DEF_TYPE, 2)));
+        assert_eq!(dst.restore(MISC_ENABLE, 0x1, &e), Err(MsrRestoreError::BadValue(MISC_ENABLE, 1)));
+        // Intel policy: NB_CFG is AMD's; it is neither saved nor restored.
+        let intel = env(Vendor::Intel);
+        assert!(src.saved(&intel).iter().all(|&(m, _)| m != NB_CFG));
+        assert_eq!(dst.restore(NB_CFG, 0, &intel), Err(MsrRestoreError::NotVirtualized(NB_CFG)));
+        assert!(dst.restore(MCG_STATUS, 0, &intel).is_ok());
+    }
 
     fn env(vendor: Vendor) -> Env {
         let mut features = levelling::Featureset::new();

@@ -51,6 +51,8 @@ fn machine(mechanisms: Mechanisms) -> Machine<FakeBackend> {
         irq: crate::domain::platform::new_router(),
         undelivered_interrupts: 0,
         started_ns: 0,
+        tsc_offset: 0,
+        migrated_clock: None,
     });
     m
 }
@@ -652,4 +654,106 @@ fn init_to_the_bsp_resets_its_lapic_and_it_keeps_running() {
     assert_eq!(d.vcpus[0].state, RunState::Runnable, "the BSP does not wait for a SIPI");
     assert_eq!(d.vcpus[1].state, RunState::WaitForSipi);
     assert_eq!(d.vcpus[0].lapic.read_apic_base(), 0xfee0_0d00, "x2APIC mode is kept (SDM Vol. 3A 11.12.5.1)");
+}
+
+/// The machine state of one domain loaded into another (as a migration does, with
+/// both hosts' clocks chosen): MSRs, FPU, LAPIC (x2APIC, armed timer), devices and
+/// console arrive equal, the guest's clocks continue where they paused on a host that
+/// booted after the guest did, and what the destination cannot restore is refused
+/// with the reason.
+#[test]
+fn the_machine_state_moves_between_two_machines_and_time_continues() {
+    use crate::domain::migrate::HostClock;
+    use alloc::vec;
+    use migration_svc::StateRecord;
+    use wire::migration::{DeviceEntry, VcpuFpu, VcpuMsrs};
+
+    const HZ: u64 = 2_000_000_000;
+    let mut src = machine(NO_LOGGING);
+    let host_src = HostClock { uptime_ns: 9_000_000_000, tsc: 40_000_000_000, tsc_hz: HZ };
+    {
+        let d = &mut src.domains[0];
+        d.started_ns = 1_000_000_000;
+        d.tsc_offset = 0u64.wrapping_sub(30_000_000_000);
+        let env = super::msr::env_of(&d.policy);
+        let now = host_src.uptime_ns - d.started_ns;
+        for b in b"booted\n" {
+            d.console.push(1, *b);
+        }
+        let slot = &mut d.vcpus[0];
+        slot.msrs.write(0x200, 0x8000_0006, &env).unwrap();
+        slot.msrs.write(0x2ff, 0xc00, &env).unwrap();
+        // The guest moved its own TSC 777 ticks ahead of the domain's.
+        slot.vcpu.tsc_offset = d.tsc_offset.wrapping_add(777);
+        slot.vcpu.msrs.push((GuestMsr::TscAux, 0x42));
+        slot.vcpu.fpu.set_xcr0(7);
+        slot.lapic.write_apic_base(0xfee0_0000 | (1 << 11) | (1 << 10)).unwrap();
+        slot.lapic.write_msr(0x80f, 0x1ff, now).unwrap();
+        slot.lapic.write_msr(0x832, 0x40 | (1 << 17), now).unwrap();
+        slot.lapic.write_msr(0x838, 5_000_000, now).unwrap();
+    }
+    let state = src.machine_state_at(1, host_src).unwrap();
+    assert_eq!(state.clock.ns, 8_000_000_000, "guest time at pause");
+    assert_eq!(state.clock.tsc, 10_000_000_000, "the domain's TSC at pause");
+    let msrs = &state.msrs[0];
+    assert_eq!(msrs.get(0x10), Some(10_000_000_777), "the vCPU's own TSC");
+    assert_eq!((msrs.get(0x200), msrs.get(0x2ff)), (Some(0x8000_0006), Some(0xc00)));
+    let kinds: Vec<(u16, u32)> = state.devices.devices.iter().map(|e| (e.kind, e.instance)).collect();
+    assert_eq!(kinds, [(1, 0), (2, 0), (4, 0), (5, 0), (6, 0), (7, 0), (3, 0), (8, 0)], "every model, the LAPIC last");
+
+    // A destination that booted 0.5 s ago (less than the guest's 8 s) with its TSC at 3.
+    let mut dst = machine(NO_LOGGING);
+    let host_dst = HostClock { uptime_ns: 500_000_000, tsc: 3, tsc_hz: HZ };
+    let mut records = vec![StateRecord::Clock(state.clock)];
+    records.push(StateRecord::Fpu(state.fpus[0].clone()));
+    records.push(StateRecord::Msrs(state.msrs[0].clone()));
+    records.push(StateRecord::Devices(state.devices.clone()));
+    records.extend(state.console.clone().map(StateRecord::Console));
+    for r in &records {
+        dst.load_machine_state_at(1, r, host_dst).unwrap_or_else(|e| panic!("{r:?}: {e}"));
+    }
+    let d = &dst.domains[0];
+    assert_eq!(host_dst.uptime_ns.wrapping_sub(d.started_ns), state.clock.ns, "guest time continues");
+    assert_eq!(host_dst.tsc.wrapping_add(d.tsc_offset), state.clock.tsc, "the domain's TSC continues");
+    let v = &d.vcpus[0];
+    assert_eq!(host_dst.tsc.wrapping_add(v.vcpu.tsc_offset), 10_000_000_777, "the vCPU's TSC keeps its distance");
+    assert_eq!(v.msrs, src.domains[0].vcpus[0].msrs);
+    assert!(v.vcpu.msrs.contains(&(GuestMsr::TscAux, 0x42)));
+    assert_eq!(v.vcpu.fpu.xcr0(), 7);
+    assert_eq!(d.console.contents(), b"booted\n");
+    // Saved again at the same guest time, the destination holds the very same state.
+    let again = dst.machine_state_at(1, host_dst).unwrap();
+    assert_eq!(again.devices, state.devices, "LAPIC (timer time left included) and every device arrived equal");
+    assert_eq!((again.clock, &again.fpus, &again.msrs), (state.clock, &state.fpus, &state.msrs));
+
+    // What cannot be restored is refused, saying why.
+    let refused = |r: StateRecord| {
+        let mut m = machine(NO_LOGGING);
+        m.load_machine_state_at(1, &StateRecord::Clock(state.clock), host_dst).unwrap();
+        m.load_machine_state_at(1, &r, host_dst).unwrap_err()
+    };
+    let mut avx512 = vec![0u8; 2696];
+    avx512[24..28].copy_from_slice(&0x1f80u32.to_le_bytes());
+    avx512[512..520].copy_from_slice(&0xe7u64.to_le_bytes());
+    let e = refused(StateRecord::Fpu(VcpuFpu { index: 0, xcr0: 0xe7, area: avx512 }));
+    assert!(e.contains("vCPU 0: cannot restore its FPU state") && e.contains("components 0xe0"), "{e}");
+    let e = refused(StateRecord::Msrs(VcpuMsrs { index: 0, msrs: vec![(0x1234, 0)] }));
+    assert!(e.contains("MSR 0x1234 is not virtualized"), "{e}");
+    let e = refused(StateRecord::Msrs(VcpuMsrs { index: 0, msrs: vec![(0x2ff, 0x3)] }));
+    assert!(e.contains("cannot hold 0x3"), "{e}");
+    let mut no_pit = state.devices.clone();
+    no_pit.devices.retain(|e| e.kind != 4);
+    let e = refused(StateRecord::Devices(no_pit));
+    assert!(e.contains("no Pit state"), "{e}");
+    let mut extra = state.devices.clone();
+    extra.devices.push(DeviceEntry { kind: 99, instance: 0, version: 1, bytes: vec![] });
+    let e = refused(StateRecord::Devices(extra));
+    assert!(e.contains("unknown kind 99") && e.contains("no model for"), "{e}");
+    let mut future = state.devices.clone();
+    future.devices.iter_mut().filter(|e| e.kind == 8).for_each(|e| e.version = 9);
+    let e = refused(StateRecord::Devices(future));
+    assert!(e.contains("LAPIC") && e.contains("version 9"), "{e}");
+    let mut m = machine(NO_LOGGING);
+    let e = m.load_machine_state_at(1, &records[2], host_dst).unwrap_err();
+    assert!(e.contains("before the guest clock"), "{e}");
 }
