@@ -28,8 +28,16 @@ use crate::dest::{DestAction, DestError, Destination, StateRecord};
 use crate::send::{PageBatcher, encode_dirty_round};
 use crate::source::{DomainInfo, Failure, Outcome, Source, SourceAction, SourceEvent, SourceState};
 
-/// A session with no request from its relay for this long fails (10 s).
+/// A session with no request from its relay for this long fails (10 s), counted from
+/// when the session last answered (a request that took long itself, such as the source's
+/// memory digest, does not eat into it).
 pub const RELAY_TIMEOUT_NS: u64 = 10_000_000_000;
+
+/// What the source adds to [`RELAY_TIMEOUT_NS`] per guest page while it waits for the
+/// acknowledgement of a `verify_memory` migration: the destination digests all of its
+/// memory before it answers, which takes seconds for 1 GiB under emulation (more on a
+/// busy host); 100 µs a page allows 26 s for 1 GiB.
+pub const VERIFY_NS_PER_PAGE: u64 = 100_000;
 
 /// Pages a job encodes per step: one page-batch record, so the session's output
 /// buffer holds at most one record beyond what the relay asked for.
@@ -274,6 +282,14 @@ impl SendSession {
         let now = core.now_ns().unwrap_or(0);
         self.last_request_ns = now;
         let max = max.min(self.bandwidth_allowance(now));
+        let taken = self.read_at_most(core, max);
+        // The quiet time starts when this answer goes out.
+        self.last_request_ns = core.now_ns().unwrap_or(now).max(now);
+        taken
+    }
+
+    /// [`Self::read`]'s work: encode and hand out at most `max` bytes.
+    fn read_at_most(&mut self, core: &mut dyn MigrationCore, max: usize) -> Vec<u8> {
         let mut taken = Vec::new();
         while taken.len() < max && !self.is_over() {
             let want = max - taken.len();
@@ -365,11 +381,18 @@ impl SendSession {
     /// Fail if the relay went quiet for too long.
     pub fn tick(&mut self, core: &mut dyn MigrationCore) {
         let Some(now) = core.now_ns() else { return };
-        if !self.is_over() && now.saturating_sub(self.last_request_ns) > RELAY_TIMEOUT_NS {
-            if self.awaiting == Awaiting::Ack {
-                self.strand("no acknowledgement from the relay within 10 s");
-                return;
+        let quiet = now.saturating_sub(self.last_request_ns);
+        if self.awaiting == Awaiting::Ack && !self.is_over() {
+            let limit = self.ack_timeout_ns();
+            if quiet > limit {
+                self.strand(&alloc::format!(
+                    "no acknowledgement from the relay within {} s",
+                    limit.div_ceil(1_000_000_000)
+                ));
             }
+            return;
+        }
+        if !self.is_over() && quiet > RELAY_TIMEOUT_NS {
             self.feed(
                 core,
                 SourceEvent::Abort(Failure::ConnectionBroken(alloc::format!(
@@ -378,6 +401,14 @@ impl SendSession {
                 ))),
             );
         }
+    }
+
+    /// How long the source waits for the acknowledgement after the end of the stream:
+    /// [`RELAY_TIMEOUT_NS`], plus [`VERIFY_NS_PER_PAGE`] per page when the destination
+    /// digests its memory first.
+    fn ack_timeout_ns(&self) -> u64 {
+        let verify = if self.options.verify_memory { self.pages.saturating_mul(VERIFY_NS_PER_PAGE) } else { 0 };
+        RELAY_TIMEOUT_NS.saturating_add(verify)
     }
 
     /// The state now.
@@ -795,6 +826,9 @@ impl ReceiveSession {
         self.bytes += data.len() as u64;
         let actions = self.dest.push(data);
         self.run(core, actions);
+        // The quiet time starts when this write is done (loading the end of a stream
+        // digests all memory with verify_memory, which takes seconds for 1 GiB).
+        self.last_request_ns = core.now_ns().unwrap_or(self.last_request_ns).max(self.last_request_ns);
     }
 
     /// Give up: discard the partial domain.

@@ -416,3 +416,44 @@ fn a_source_without_its_machine_state_fails_and_runs_on() {
     assert_ne!(st.state, ReceiveState::Complete);
     assert!(!source_domain(&run).paused);
 }
+
+/// Drive a send of `options` to `AwaitAck` (no destination: the relay reads only).
+fn to_await_ack(run: &mut Run, options: MigrateOptions) {
+    let p = run.src.progress(Request::MigrateSend { domain: 1, options });
+    let mut policy_told = false;
+    for _ in 0..10_000 {
+        run.advance(1_000_000);
+        let progress = match run.src.call(Request::MigrateRead { session: p.session, max_bytes: 60 * 1024 }) {
+            Response::MigrateData { progress, .. } => *progress,
+            other => panic!("{other:?}"),
+        };
+        if progress.state == Some(SendState::AwaitAck) {
+            return;
+        }
+        if !policy_told {
+            policy_told = true;
+            run.src.progress(Request::MigrateVerdict { session: p.session, verdict: PeerVerdict::PolicyAccepted });
+        }
+    }
+    panic!("never reached AwaitAck");
+}
+
+/// The destination of a `verify_memory` migration digests all of its memory before it
+/// acknowledges: the source waits 10 s plus VERIFY_NS_PER_PAGE per page for that, and
+/// without verification only the 10 s.
+#[test]
+fn the_ack_wait_allows_for_the_destinations_digest() {
+    use migration_svc::session::{RELAY_TIMEOUT_NS, VERIFY_NS_PER_PAGE};
+    let pages = 4096u64;
+    for (verify, limit) in [(false, RELAY_TIMEOUT_NS), (true, RELAY_TIMEOUT_NS + pages * VERIFY_NS_PER_PAGE)] {
+        let mut run = Run::new(pages as usize);
+        to_await_ack(&mut run, MigrateOptions { verify_memory: verify, ..MigrateOptions::default() });
+        run.advance(limit - 1_000_000);
+        run.src.svc.tick(&mut run.src.core);
+        assert!(run.src.svc.active(), "verify={verify}: stranded before {limit} ns");
+        run.advance(2_000_000);
+        run.src.svc.tick(&mut run.src.core);
+        assert!(!run.src.svc.active(), "verify={verify}: still waiting after {limit} ns");
+        assert!(source_domain(&run).paused, "stranded, not resumed: the destination may run it");
+    }
+}
