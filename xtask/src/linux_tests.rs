@@ -15,7 +15,7 @@
 //! | `linux-poweroff-reboot-panic` | reboot, panic, clock | yes | `reboot -f` and a sysrq panic with `panic=-1` each stop their domain with `CRASHED the guest asked for a reset, which is not emulated` (the panic printed first); a third Linux domain (`survivor`, hv.test=clock) prints `HV-LINUX-DONE` after the panic's `CRASHED` line and powers off with code 0; the memwriter's checksums right |
 //! | `linux-clock` | clock | yes | guest uptime between the two `HV-CLOCK` lines within 2 % of the host time between the moments the test saw them (`date +%s` within 2 % + 1 s) |
 //! | `bochs-linux-cpuinfo` | cpuinfo | yes (about 7 min on a loaded machine) | as `linux-cpuinfo` (which includes `linux-boots-to-init`'s checks), on Bochs corei7_skylake_x (VMX), two 128M domains, `quiet`, with avx512f removed from both policies ([`BOCHS_CPUINFO_BASE`]) |
-//! | `bochs-linux-cpuinfo-avx512` | cpuinfo | no (`--filter bochs-linux-cpuinfo-avx512`) | as `linux-cpuinfo` on Bochs with the default policy: fails today, busybox segfaults when AVX-512 is offered |
+//! | `bochs-linux-cpuinfo-avx512` | cpuinfo | no (`--filter bochs-linux-cpuinfo-avx512`) | as `linux-cpuinfo` on Bochs with the default policy (AVX-512 offered): passed once and failed once (busybox segfaulted), an open fault |
 //!
 //! `poweroff -f` giving finished(0) is checked by every test whose guest powers off.
 //!
@@ -292,9 +292,10 @@ const CPUINFO_POLICY: (&str, &str) = ("noavx2aes", "base=host-max,-avx2,-aes");
 
 /// What `bochs-linux-cpuinfo` offers instead of the default policy, and why: on Bochs
 /// 2.7 (`corei7_skylake_x`) a Linux domain offered AVX-512 (the default there) boots,
-/// but its busybox segfaults reading /proc/cpuinfo (glibc picks its EVEX string
-/// routines); without avx512f the same guest is right. Whether the fault is ours or
-/// Bochs' is not known yet; `bochs-linux-cpuinfo-avx512` (not run by default) shows it.
+/// but in one of two runs its busybox segfaulted reading /proc/cpuinfo (glibc picks its
+/// EVEX string routines when AVX-512 is there); without avx512f the guest was right
+/// every time. Whether the fault is ours or Bochs' is not known yet;
+/// `bochs-linux-cpuinfo-avx512` (not run by default) runs the default policy.
 const BOCHS_CPUINFO_BASE: &str = "base=host-max,-avx512f";
 
 /// Flags Linux prints in /proc/cpuinfo that are no CPUID feature bit of levelling's

@@ -43,18 +43,16 @@ const TESTS: &[NamedTest<Ctx>] = &[
     ("migrate-stress-8m-to-1g-until-full", stress),
 ];
 
-/// The opt-in Linux migration test (slow: Linux boots under the hypervisor first).
+/// The Linux migration test (about a minute: Linux boots under the hypervisor first);
+/// `--no-linux` leaves it out with the other Linux tests.
 const LINUX_TEST: &str = "migrate-linux-shell-between-instances";
 
-/// Boot a source and a destination and run the migration tests matching `filter`.
-pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
+/// Boot a source and a destination and run the migration tests matching `filter`
+/// (`linux`: the Linux guest's test too).
+pub fn run(esp: &Esp, filter: Option<&str>, linux: bool) -> Result<(usize, usize)> {
     let (mut lp, mut lf) = (0, 0);
-    match filter {
-        Some(f) if f.contains("linux") && LINUX_TEST.contains(f) => (lp, lf) = run_linux(esp)?,
-        None => println!(
-            "systest {LINUX_TEST} ... not run by default (cargo xtask test --system-only --filter {LINUX_TEST})"
-        ),
-        _ => {}
+    if linux && filter.is_none_or(|f| LINUX_TEST.contains(f)) {
+        (lp, lf) = run_linux(esp)?;
     }
     let (p, f) = run_suite(esp, filter)?;
     Ok((p + lp, f + lf))

@@ -206,7 +206,7 @@ pub fn run_all(filter: Option<&str>, linux: bool) -> Result<()> {
     let (p, f) = crate::domain_tests::run(&esp, filter)?;
     passed += p;
     failed += f;
-    let (p, f) = crate::migration_tests::run(&esp, filter)?;
+    let (p, f) = crate::migration_tests::run(&esp, filter, linux)?;
     passed += p;
     failed += f;
     for s in scenarios().iter().filter(|s| filter.is_none_or(|f| s.name.contains(f))) {
