@@ -380,15 +380,20 @@ fn ctrl_c_cancels_the_upload_on_the_hypervisor() {
     assert!(h.uploads.is_empty() && h.created.is_empty());
 }
 
-fn console(fake: &FakeHv, input: &[u8]) -> (Option<i32>, String, String, Duration) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+/// `hvctl domain console 1 --interactive` against `fake`, on pipes.
+fn spawn_console(fake: &FakeHv) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_hvctl"))
         .args(["--connect", &fake.target(), "domain", "console", "1", "--interactive"])
         .env_remove("HVCTL_CONNECT")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+fn console(fake: &FakeHv, input: &[u8]) -> (Option<i32>, String, String, Duration) {
+    let mut child = spawn_console(fake);
     let start = Instant::now();
     child.stdin.take().unwrap().write_all(input).unwrap();
     let o = child.wait_with_output().unwrap();
@@ -414,14 +419,7 @@ fn interactive_console_from_a_pipe_sends_everything_and_shows_the_echo() {
 #[test]
 fn interactive_console_leaves_when_the_domain_ends() {
     let fake = FakeHv::start("ends", Hv { ends_on: Some(b"poweroff -f\n"), ..Hv::default() });
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
-        .args(["--connect", &fake.target(), "domain", "console", "1", "--interactive"])
-        .env_remove("HVCTL_CONNECT")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_console(&fake);
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(b"poweroff -f\n").unwrap();
     let start = Instant::now();
