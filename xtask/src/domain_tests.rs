@@ -414,9 +414,14 @@ fn lapic_timer(session: &mut Session, timeout: Duration) -> Result<String> {
     for (name, ticks, period_us) in TIMERS {
         let d = &domains[*name];
         let get = |k: &str| d.reports.iter().find(|(t, _)| t == k).map(|(_, v)| *v);
-        if d.exit != Some(0) || get("ticks") != Some(*ticks) {
+        // At least the ticks it waited for: its `cli` after the last HLT is not atomic
+        // with the tick, and on a loaded host a period can pass between the handler's
+        // EOI exit and that `cli`, so one more may arrive first (not early: the TSC
+        // check below counts every tick taken).
+        let got = get("ticks").unwrap_or(0);
+        if d.exit != Some(0) || got < *ticks {
             return Err(format!(
-                "{name}: exit {:?} (crash {:?}), ticks {:?}, expected {ticks}",
+                "{name}: exit {:?} (crash {:?}), ticks {:?}, expected at least {ticks}",
                 d.exit,
                 d.crashed,
                 get("ticks")
@@ -431,11 +436,11 @@ fn lapic_timer(session: &mut Session, timeout: Duration) -> Result<String> {
         // The ticks came no faster than programmed (TSC time; the timer may be late
         // under emulation, never early).
         let elapsed_us = get("tsc").unwrap_or(0) * 1000 / tsc_khz.max(1);
-        let want_us = ticks * period_us;
+        let want_us = got * period_us;
         if elapsed_us * 10 < want_us * 9 {
-            return Err(format!("{name}: {ticks} ticks of {period_us} µs took {elapsed_us} µs of TSC time"));
+            return Err(format!("{name}: {got} ticks of {period_us} µs took {elapsed_us} µs of TSC time"));
         }
-        out.push(format!("{name}: {ticks} ticks, {wakeups} wakeups, {elapsed_us} µs for {want_us} µs"));
+        out.push(format!("{name}: {got} ticks, {wakeups} wakeups, {elapsed_us} µs for {want_us} µs"));
     }
     Ok(out.join("; "))
 }
