@@ -112,14 +112,13 @@ pub fn all() -> Vec<&'static PerCpu> {
 #[cfg(not(test))]
 pub fn this() -> &'static PerCpu {
     let address: u64;
-    // SAFETY: `install` ran on this CPU (the boot sequence guarantees it before any
-    // caller), so GS base points at a leaked, never-freed PerCpu whose first quadword
-    // is its own address; the backends restore the host GS base before any host code
-    // runs after a guest (module doc).
-    unsafe { core::arch::asm!("mov {}, gs:[0]", out(reg) address, options(nostack, readonly, preserves_flags)) };
-    // SAFETY: `address` is the leaked PerCpu's own address (see above); it is only
-    // ever shared immutably (all mutable fields are atomics).
-    unsafe { &*(address as *const PerCpu) }
+    // SAFETY: `install` ran on this CPU first, so gs:[0] holds the address of a leaked
+    // PerCpu (the backends restore the host GS base after a guest); it is only shared
+    // immutably (its mutable fields are atomics).
+    unsafe {
+        core::arch::asm!("mov {}, gs:[0]", out(reg) address, options(nostack, readonly, preserves_flags));
+        &*(address as *const PerCpu)
+    }
 }
 
 /// Host tests have no GS base to use: each test thread gets its own value.

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use crate::emulator::{Platform, RunConfig, Session};
 use crate::image::Esp;
 use crate::linux::{self, LinuxAssets};
-use crate::serial::clean;
 use crate::systest::{build_hvctl, hvctl_output, stopped_serving, wait_for, wait_serving};
 use crate::{Result, tools};
 
@@ -72,14 +71,7 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
             if let Err(e) = other {
                 println!("systest {NAME} ... FAILED after {:.1} s\n  - {e}", start.elapsed().as_secs_f64());
             }
-            let text = clean(&session.serial());
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(60)..];
-            println!("---- last {} lines of the serial log ({}/serial.log) ----", tail.len(), session.dir.display());
-            for l in tail {
-                println!("{l}");
-            }
-            println!("---- end of serial log ----");
+            crate::linux_tests::print_serial_tail(&session.serial(), &session.dir, 60);
             Ok((0, 1))
         }
     }

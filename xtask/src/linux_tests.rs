@@ -980,22 +980,22 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
             for p in &problems {
                 println!("  - {p}");
             }
-            let text = clean(&run.serial);
-            let lines: Vec<&str> = text.lines().collect();
-            let tail = &lines[lines.len().saturating_sub(TAIL_LINES)..];
-            println!(
-                "---- last {} of {} lines of the serial log ({}/serial.log) ----",
-                tail.len(),
-                lines.len(),
-                run.dir.display()
-            );
-            for l in tail {
-                println!("{l}");
-            }
-            println!("---- end of serial log ----");
+            print_serial_tail(&run.serial, &run.dir, TAIL_LINES);
         }
     }
     Ok((passed, failed))
+}
+
+/// After a failed Linux test: the last `n` lines of its serial log, and where it is.
+pub fn print_serial_tail(serial: &str, dir: &std::path::Path, n: usize) {
+    let text = clean(serial);
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(n)..];
+    println!("---- last {} of {} lines of the serial log ({}/serial.log) ----", tail.len(), lines.len(), dir.display());
+    for l in tail {
+        println!("{l}");
+    }
+    println!("---- end of serial log ----");
 }
 
 /// One boot of the kernel and initramfs on the bare emulator.

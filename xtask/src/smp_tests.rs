@@ -129,19 +129,7 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     for p in &found {
         println!("  - {p}");
     }
-    let text = clean(&serial);
-    let lines: Vec<&str> = text.lines().collect();
-    let tail = &lines[lines.len().saturating_sub(TAIL_LINES)..];
-    println!(
-        "---- last {} of {} lines of the serial log ({}/serial.log) ----",
-        tail.len(),
-        lines.len(),
-        session.dir.display()
-    );
-    for l in tail {
-        println!("{l}");
-    }
-    println!("---- end of serial log ----");
+    crate::linux_tests::print_serial_tail(&serial, &session.dir, TAIL_LINES);
     Ok((0, 1))
 }
 

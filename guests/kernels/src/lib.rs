@@ -69,6 +69,32 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     [r.eax, r.ebx, r.ecx, r.edx]
 }
 
+/// RDMSR. The test guests read only MSRs the hypervisor emulates, or (misbehave's
+/// `garbage`) ones whose #GP their handler skips (both RDMSR and WRMSR are 2 bytes).
+pub fn rdmsr(msr: u32) -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDMSR only writes EAX and EDX; an MSR the guest may not read raises #GP,
+    // which the caller's IDT handles (see above).
+    unsafe { core::arch::asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
+/// WRMSR, with the same rules as [`rdmsr`].
+pub fn wrmsr(msr: u32, value: u64) {
+    // SAFETY: as for `rdmsr`; the guests write the LAPIC's MSRs and IA32_APIC_BASE.
+    unsafe {
+        core::arch::asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack))
+    };
+}
+
+/// RDTSC.
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: RDTSC only reads the time-stamp counter.
+    unsafe { core::arch::asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
+    (u64::from(hi) << 32) | u64::from(lo)
+}
+
 /// Read the boot info the loader put at RDI and remember the hypercall flavour.
 ///
 /// # Safety

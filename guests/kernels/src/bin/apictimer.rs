@@ -14,7 +14,7 @@
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use guest_kernels::{BootInfo, arg, exit, guest_main, println, report};
+use guest_kernels::{BootInfo, arg, exit, guest_main, println, rdmsr, rdtsc, report, wrmsr};
 
 /// The timer's vector.
 const VECTOR: usize = 0x40;
@@ -88,25 +88,6 @@ fn install_tables() {
         let idt = Pointer { limit: (256 * 16 - 1) as u16, base: (&raw const (*t).idt) as u64 };
         asm!("lgdt [{}]", "lidt [{}]", in(reg) &gdt, in(reg) &idt);
     }
-}
-
-fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: the MSRs read here are the LAPIC's, which the hypervisor emulates.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (u64::from(hi) << 32) | u64::from(lo)
-}
-
-fn wrmsr(msr: u32, value: u64) {
-    // SAFETY: as for `rdmsr`.
-    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack)) };
-}
-
-fn rdtsc() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: RDTSC only reads the time-stamp counter.
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (u64::from(hi) << 32) | u64::from(lo)
 }
 
 fn main(info: &BootInfo) -> u64 {

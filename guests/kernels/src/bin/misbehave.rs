@@ -26,7 +26,7 @@
 use core::arch::{asm, global_asm};
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use guest_kernels::{BootInfo, arg, exit, guest_main, println, report};
+use guest_kernels::{BootInfo, arg, exit, guest_main, println, rdmsr, rdtsc, report, wrmsr};
 
 #[repr(C, align(16))]
 struct Tables {
@@ -154,26 +154,6 @@ impl Rng {
         self.0 = x;
         x
     }
-}
-
-fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: RDMSR of an MSR the hypervisor emulates, or (in `garbage`) one whose #GP
-    // the handler skips; it only writes EAX and EDX.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nostack)) };
-    (u64::from(hi) << 32) | u64::from(lo)
-}
-
-fn wrmsr(msr: u32, value: u64) {
-    // SAFETY: as for `rdmsr`; the MSRs written are the LAPIC's.
-    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nostack)) };
-}
-
-fn rdtsc() -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: RDTSC only reads the time-stamp counter.
-    unsafe { asm!("rdtsc", out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (u64::from(hi) << 32) | u64::from(lo)
 }
 
 fn outb(port: u16, v: u8) {

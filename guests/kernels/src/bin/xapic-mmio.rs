@@ -21,20 +21,13 @@
 
 use core::arch::asm;
 
-use guest_kernels::{BootInfo, guest_main, println, report};
+use guest_kernels::{BootInfo, guest_main, println, rdmsr, report};
 
 /// The xAPIC page.
 const LAPIC: u64 = guest_abi::LAPIC_GPA;
 /// A page in the loader's device window that no device claims (HPET's on a PC; this
 /// PC has none).
 const UNCLAIMED: u64 = 0xfed0_0000;
-
-fn rdmsr(msr: u32) -> u64 {
-    let (lo, hi): (u32, u32);
-    // SAFETY: IA32_APIC_BASE, which the hypervisor emulates.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack)) };
-    (u64::from(hi) << 32) | u64::from(lo)
-}
 
 fn main(_info: &BootInfo) -> u64 {
     let mut ok = true;
