@@ -431,6 +431,8 @@ fn machine_info(info: &BootInfo, caps: &platform::caps::Capabilities) -> service
         // Only the bootstrap CPU runs today (SMP comes later).
         cpus: percpu::all().len() as u32,
         memory_bytes,
+        // Filled in once the control transports have started.
+        control: alloc::vec::Vec::new(),
     }
 }
 

@@ -39,7 +39,7 @@
 //! wire::encode_request(1, &wire::Request::Ping { payload: vec![1, 2, 3] }, &mut out)?;
 //! assert_eq!(out, [
 //!     0x48, 0x56,                                     // magic "HV"
-//!     0x05, 0x00,                                     // version 5
+//!     0x06, 0x00,                                     // version 6
 //!     0x01,                                           // kind: request
 //!     0x00,                                           // flags
 //!     0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // request id 1
@@ -51,10 +51,13 @@
 //!
 //! # Messages
 //!
+//! On a serial line the same frames travel inside COBS-delimited, CRC-checked packets:
+//! see [`serial`] (v6).
+//!
 //! | frame kind | payload | variant | direction | routed to (`Request::service`) | answer |
 //! |---|---|---|---|---|---|
 //! | 1 request | [`Request`] | `Ping { payload }` | hvctl → hv | [`ServiceId::Core`] | `Response::Pong` with the same payload |
-//! | 1 request | [`Request`] | `Info` | hvctl → hv | [`ServiceId::Core`] | `Response::Info(InfoReport)` (v4: with [`MemoryUse`]) |
+//! | 1 request | [`Request`] | `Info` | hvctl → hv | [`ServiceId::Core`] | `Response::Info(InfoReport)` (v4: with [`MemoryUse`]; v6: with the control transports served) |
 //! | 1 request | [`Request`] | `ServiceStatus { service }` | hvctl → hv | `service` | `Response::ServiceStatus(ServiceStatus)` |
 //! | 1 request | [`Request`] | `DomainCreate(DomainSpec)` (v2; v5: kernel and initrd are [`ImageRef`]s, inline or uploaded) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainCreated { id }` |
 //! | 1 request | [`Request`] | `DomainList` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainList(DomainListReport)` |
@@ -158,6 +161,7 @@
 //! | [`stream`] | [`StreamChunk`], [`StreamSender`], [`StreamReassembler`] |
 //! | [`dirty`] | log-dirty bitmaps (peek, clean, OR-merge) and their compact records |
 //! | [`migration`] | the migration stream's typed, checksummed records (own version) |
+//! | [`serial`] | COBS-delimited, CRC-checked packets that carry frames over a serial line, and its sessions |
 //! | [`service`] | what every service task shares: counters, status, reply encoding |
 //! | [`upload`] | (v5) chunked, checksummed image uploads: [`UploadTracker`], limits, console input bound |
 //! | [`crc32c`](mod@crc32c) | CRC-32C (Castagnoli), used per stream chunk and upload chunk |
@@ -188,6 +192,7 @@ pub mod frame;
 pub mod message;
 pub mod migrate;
 pub mod migration;
+pub mod serial;
 pub mod service;
 pub mod stream;
 pub mod upload;
@@ -213,7 +218,7 @@ pub use crate::upload::{
 
 /// The protocol version this build speaks, carried in every frame header. See the
 /// versioning rule in the crate docs: changing any message means bumping this.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// The hard maximum of a frame's payload, in bytes (64 KiB). A header declaring more is
 /// refused from the header alone with [`FrameError::TooLarge`].

@@ -118,6 +118,9 @@ pub struct InfoReport {
     /// The hypervisor's own memory: its heap and its frame pool. Since protocol
     /// version 4.
     pub memory_use: MemoryUse,
+    /// The control transports this hypervisor serves, one line each (`"vsock port 5000
+    /// (CID 3)"`, `"serial COM2 0x2f8 115200 baud"`). Since protocol version 6.
+    pub control: Vec<String>,
 }
 
 /// How full the hypervisor's own memory is: the heap (control requests, services,

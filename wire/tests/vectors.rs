@@ -48,7 +48,7 @@ fn status(service: ServiceId, state: ServiceState, handled: u64, errors: u64, de
 fn vectors() -> Vec<Vector> {
     let info = InfoReport {
         hv_version: "0.1.0 (5a3cac6)".to_string(),
-        protocol_version: 5,
+        protocol_version: 6,
         uptime_ns: 3_800_000_000,
         capabilities: [("v", "1"), ("vendor", "AuthenticAMD"), ("family", "23"), ("virt", "svm"), ("svm.npt", "1")]
             .iter()
@@ -69,6 +69,7 @@ fn vectors() -> Vec<Vector> {
             frames_total: 480_000,
             frames_free: 470_000,
         },
+        control: vec!["vsock port 5000 (CID 3)".to_string(), "serial COM2 0x2f8 115200 baud".to_string()],
     };
     let mut out = vec![
         v("request_ping", 1, Msg::Request(Request::Ping { payload: vec![0xde, 0xad, 0xbe, 0xef] })),

@@ -520,6 +520,7 @@ const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("levelling/fuzz", "dump_parser"),
     ("wire/fuzz", "frame_decoder"),
     ("wire/fuzz", "migration_records"),
+    ("wire/fuzz", "serial_packets"),
     ("migration_svc/fuzz", "receive_stream"),
     ("hv/fuzz", "device_bus"),
     ("hv/fuzz", "mmio_decode"),

@@ -203,6 +203,8 @@ pub struct MachineInfo {
     pub cpus: u32,
     /// Usable memory in bytes.
     pub memory_bytes: u64,
+    /// The control transports served, one line each (`Info`'s `control`).
+    pub control: Vec<String>,
 }
 
 /// The core task: answers Ping, Info and its own status.
@@ -575,6 +577,7 @@ impl Runtime {
                             memory_bytes: self.core.machine.memory_bytes,
                             services,
                             memory_use: memory_use(domains.frames()),
+                            control: self.core.machine.control.clone(),
                         })),
                     }
                 }
@@ -629,6 +632,7 @@ mod tests {
             capabilities: vec![("virt".to_string(), "svm".to_string())],
             cpus: 1,
             memory_bytes: 512 << 20,
+            control: vec!["vsock port 5000 (CID 3)".to_string()],
         }
     }
 
