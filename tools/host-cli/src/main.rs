@@ -12,6 +12,7 @@ mod domain_cmd;
 mod interrupt;
 mod migrate_cmd;
 mod monitor_cmd;
+mod serial_link;
 mod transport;
 mod upload;
 
