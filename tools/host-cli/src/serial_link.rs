@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::termios::{self, BaudRate, ControlFlags, InputFlags, SetArg, SpecialCharacterIndices};
-use wire::serial::{Packet, PacketCounters, PacketDecoder, PacketError, encode_frame_packet, encode_open};
 use wire::Frame;
+use wire::serial::{Packet, PacketCounters, PacketDecoder, PacketError, encode_frame_packet, encode_open};
 
 use crate::transport::{Stream, Target};
 use crate::{CliError, connection_err, err};
@@ -106,7 +106,9 @@ impl Tty {
             .map_err(|e| match e.kind() {
                 io::ErrorKind::NotFound => format!("{shown} does not exist: is the serial device name right?"),
                 io::ErrorKind::PermissionDenied => {
-                    format!("cannot open {shown}: permission denied (is your user in the group that owns it, e.g. dialout?)")
+                    format!(
+                        "cannot open {shown}: permission denied (is your user in the group that owns it, e.g. dialout?)"
+                    )
                 }
                 _ => format!("cannot open {shown}: {e}"),
             })?;

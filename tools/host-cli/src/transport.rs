@@ -170,10 +170,8 @@ pub fn resolve(opts: &Options) -> Result<Target, CliError> {
     }
     match std::fs::read_to_string(CONNECT_FILE) {
         Ok(c) => parse_target(c.trim()),
-        Err(_) => Err(err(
-            "no hypervisor to talk to: pass --connect unix:PATH:PORT (cargo xtask run prints it), \
-             --connect serial:/dev/ttyS1 (a serial line), or set HVCTL_CONNECT",
-        )),
+        Err(_) => Err(err("no hypervisor to talk to: pass --connect unix:PATH:PORT (cargo xtask run prints it), \
+             --connect serial:/dev/ttyS1 (a serial line), or set HVCTL_CONNECT")),
     }
 }
 

@@ -327,8 +327,10 @@ fn an_error_with_id_0_after_opened_ends_the_session() {
     let o = hvctl(&["--connect", &line.target, "ping", "-c", "1"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(
-        stderr(&o).starts_with("hvctl: error: the hypervisor closed the connection: the hypervisor failed internally: \
-             the control server restarted"),
+        stderr(&o).starts_with(
+            "hvctl: error: the hypervisor closed the connection: the hypervisor failed internally: \
+             the control server restarted"
+        ),
         "{}",
         stderr(&o)
     );
@@ -357,10 +359,7 @@ fn unreachable_serial_targets_are_named() {
     assert!(stderr(&o).starts_with(&format!("hvctl: error: nobody serves tcp 127.0.0.1:{port}: ")), "{}", stderr(&o));
     let o = hvctl(&["--connect", "serial:/nonexistent/ttyS1", "info"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
-    assert_eq!(
-        stderr(&o).trim(),
-        "hvctl: error: /nonexistent/ttyS1 does not exist: is the serial device name right?"
-    );
+    assert_eq!(stderr(&o).trim(), "hvctl: error: /nonexistent/ttyS1 does not exist: is the serial device name right?");
     let o = hvctl(&["--connect", "serial:/dev/null", "info"]);
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert_eq!(stderr(&o).trim(), "hvctl: error: /dev/null is not a serial line (not a terminal device)");
