@@ -244,7 +244,8 @@ impl SerialLink {
         let base = fresh_nonce();
         let mut decoder = PacketDecoder::new();
         let mut buf = [0u8; 4096];
-        for attempt in 0u64.. {
+        let mut attempt = 0u64;
+        loop {
             if attempt >= OPEN_ATTEMPTS && Instant::now() >= deadline {
                 let hint = match target {
                     Target::Tty { .. } => "is the hypervisor serving COM2, on this cable, at this baud rate?",
@@ -258,6 +259,7 @@ impl SerialLink {
             let mut open = Vec::new();
             encode_open(nonce, &mut open);
             stream.write_all(&open).map_err(|e| connection_err(format!("sending to {target}: {e}")))?;
+            attempt += 1;
             let until = Instant::now() + OPEN_WAIT;
             loop {
                 let left = until.saturating_duration_since(Instant::now());
@@ -277,7 +279,6 @@ impl SerialLink {
                 }
             }
         }
-        unreachable!("the attempts above return")
     }
 
     /// Counters since the session opened.

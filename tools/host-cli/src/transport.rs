@@ -346,7 +346,7 @@ fn connect_once(target: &Target, deadline: Instant) -> Result<Link, ConnectFailu
         Target::Tcp { host, port } => {
             let addrs: Vec<_> = (host.as_str(), *port)
                 .to_socket_addrs()
-                .map_err(|e| ConnectFailure::Final(err(format!("cannot resolve {host}: {e}"))))?
+                .map_err(|e| ConnectFailure::Final(connection_err(format!("cannot resolve {host}: {e}"))))?
                 .collect();
             let s = TcpStream::connect(&addrs[..]).map_err(|e| {
                 raw_socket_err(&format!("tcp {host}:{port}"), &e, "is the emulator running with COM2 on this port?")
