@@ -219,14 +219,19 @@ pub struct LinkStats {
     pub bad_crc: u64,
 }
 
-/// Read once into `buf`; `Ok(None)` when the read timed out. End of stream and
-/// other failures are errors naming `target`. A signal (Ctrl-C during a migration, see
+/// Read once into `buf`; `Ok(None)` when the read timed out. End of stream (said with
+/// `closed_hint` after it) and other failures are errors naming `target`. A signal (Ctrl-C during a migration, see
 /// `interrupt`) interrupts the read even with SA_RESTART, because the stream has a
 /// receive timeout (signal(7)); the read is then simply retried.
-pub fn read_some(stream: &mut dyn Stream, buf: &mut [u8], target: &Target) -> Result<Option<usize>, CliError> {
+pub fn read_some(
+    stream: &mut dyn Stream,
+    buf: &mut [u8],
+    target: &Target,
+    closed_hint: &str,
+) -> Result<Option<usize>, CliError> {
     loop {
         return match stream.read(buf) {
-            Ok(0) => Err(connection_err(format!("{target} closed the connection"))),
+            Ok(0) => Err(connection_err(format!("{target} closed the connection{closed_hint}"))),
             Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Ok(None),
@@ -244,6 +249,12 @@ impl SerialLink {
         let base = fresh_nonce();
         let mut decoder = PacketDecoder::new();
         let mut buf = [0u8; 4096];
+        let closed_hint = match target {
+            Target::UnixSerial { .. } => {
+                " before the serial session opened (for vsock through vhost-device-vsock, add the port: unix:PATH:PORT)"
+            }
+            _ => " before the serial session opened",
+        };
         let mut attempt = 0u64;
         loop {
             if attempt >= OPEN_ATTEMPTS && Instant::now() >= deadline {
@@ -267,7 +278,7 @@ impl SerialLink {
                     break;
                 }
                 stream.set_read_timeout(Some(left)).map_err(|e| connection_err(e.to_string()))?;
-                let Some(n) = read_some(stream.as_mut(), &mut buf, target)? else { break };
+                let Some(n) = read_some(stream.as_mut(), &mut buf, target, closed_hint)? else { break };
                 for (i, &byte) in buf[..n].iter().enumerate() {
                     if let Some(Ok(Packet::Opened { nonce: got, max_packet })) = decoder.push(byte)
                         && got == nonce
@@ -347,7 +358,7 @@ impl SerialLink {
                 return result;
             }
             self.stream.set_read_timeout(Some(timeout)).map_err(|e| connection_err(e.to_string()))?;
-            let Some(n) = read_some(self.stream.as_mut(), &mut buf, target)? else {
+            let Some(n) = read_some(self.stream.as_mut(), &mut buf, target, "")? else {
                 return Err(connection_err(format!(
                     "no answer from the hypervisor within {} s on serial {target}",
                     timeout.as_secs()

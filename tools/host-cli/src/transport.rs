@@ -234,7 +234,7 @@ impl Link {
                     if taken > 0 && !pending.is_empty() {
                         continue;
                     }
-                    let Some(n) = serial_link::read_some(stream.as_mut(), &mut buf, target)? else {
+                    let Some(n) = serial_link::read_some(stream.as_mut(), &mut buf, target, "")? else {
                         return Err(connection_err(format!(
                             "no answer from the hypervisor within {} s",
                             REQUEST_TIMEOUT.as_secs()

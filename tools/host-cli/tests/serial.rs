@@ -383,3 +383,30 @@ fn bad_serial_targets_are_usage_errors() {
         assert!(e.contains(why), "{target}: {e}");
     }
 }
+
+#[test]
+fn a_vsock_socket_given_without_its_port_gets_a_hint() {
+    // Like vhost-device-vsock given bytes that are no `CONNECT <port>` line: it hangs up.
+    let dir = std::env::temp_dir().join(format!("hvctl-serial-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("vm.vsock");
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 64];
+            let _ = conn.read(&mut buf);
+        }
+    });
+    let target = format!("unix:{}", path.display());
+    let o = hvctl(&["--connect", &target, "ping"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert_eq!(
+        stderr(&o).trim(),
+        format!(
+            "hvctl: error: {target} closed the connection before the serial session opened \
+             (for vsock through vhost-device-vsock, add the port: unix:PATH:PORT)"
+        )
+    );
+}
