@@ -31,7 +31,7 @@ use wire::Frame;
 use wire::serial::{Packet, PacketCounters, PacketDecoder, PacketError, encode_frame_packet, encode_open};
 
 use crate::transport::{Stream, Target};
-use crate::{CliError, connection_err, err};
+use crate::{CliError, connection_err};
 
 /// How long to wait for `Opened` before sending `Open` again (a line may lose it).
 pub const OPEN_WAIT: Duration = Duration::from_secs(1);
@@ -309,7 +309,7 @@ impl SerialLink {
         encode_frame_packet(frame, &mut packet);
         let encoded = packet.len() - 1;
         if encoded > self.max_packet as usize {
-            return Err(err(format!(
+            return Err(connection_err(format!(
                 "the request is a {encoded}-byte packet; the hypervisor on {target} accepts at most {}",
                 self.max_packet
             )));
