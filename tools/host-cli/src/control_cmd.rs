@@ -72,8 +72,18 @@ pub fn info(opts: &Options, args: InfoArgs) -> Result<ExitCode, CliError> {
                 })
             })
             .collect();
+        let c = client.connection();
+        let mut connected = json!({ "transport": c.transport, "target": c.target, "framing": c.framing });
+        if let Some(s) = c.serial {
+            connected["max_packet"] = json!(s.max_packet);
+            connected["packets"] = json!(s.packets);
+            connected["dropped_packets"] = json!(s.dropped);
+            connected["bad_crc"] = json!(s.bad_crc);
+        }
         let out = json!({
             "target": client.target.to_string(),
+            "connected": connected,
+            "control": info.control,
             "hv_version": info.hv_version,
             "protocol_version": info.protocol_version,
             "uptime_ns": info.uptime_ns,
@@ -94,7 +104,16 @@ pub fn info(opts: &Options, args: InfoArgs) -> Result<ExitCode, CliError> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("hypervisor    hv {}", info.hv_version);
-    println!("target        {}", client.target);
+    println!("connected     {}", client.connection());
+    match info.control.split_first() {
+        None => println!("control       (none reported)"),
+        Some((first, rest)) => {
+            println!("control       {first}");
+            for c in rest {
+                println!("              {c}");
+            }
+        }
+    }
     println!("protocol      {}", info.protocol_version);
     println!("uptime        {:.1} s", info.uptime_ns as f64 / 1e9);
     println!("cpus          {}", info.cpus);

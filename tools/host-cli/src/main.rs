@@ -12,6 +12,7 @@ mod domain_cmd;
 mod interrupt;
 mod migrate_cmd;
 mod monitor_cmd;
+mod serial_link;
 mod transport;
 mod upload;
 
@@ -28,9 +29,12 @@ pub const EXIT_CODES: &str = "Exit codes: 0 success; 1 a negative verdict (cpuid
 #[derive(Debug, Parser)]
 #[command(name = "hvctl", version, about, after_help = EXIT_CODES)]
 struct Cli {
-    /// Where the hypervisor listens: `unix:PATH:PORT` (vhost-device-vsock's hybrid
-    /// socket, as `cargo xtask run` prints) or `vsock:CID:PORT` (AF_VSOCK). Default:
-    /// $HVCTL_CONNECT, else the file target/xtask/hvctl.connect that `cargo xtask run` writes.
+    /// Where the hypervisor listens. vsock: `unix:PATH:PORT` (vhost-device-vsock's
+    /// hybrid socket, as `cargo xtask run` prints) or `vsock:CID:PORT` (AF_VSOCK). Its
+    /// COM2 serial port: `unix:PATH` or `tcp:HOST:PORT` (an emulator's serial backend),
+    /// or `serial:DEVICE[@BAUD]` (a serial line, e.g. serial:/dev/ttyS1@115200; default
+    /// 115200 baud). Default: $HVCTL_CONNECT, else the file target/xtask/hvctl.connect
+    /// that `cargo xtask run` writes.
     #[arg(long, global = true, value_name = "TARGET")]
     connect: Option<String>,
     /// Seconds to keep retrying the connection.

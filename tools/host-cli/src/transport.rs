@@ -1,15 +1,25 @@
-//! Reaching the hypervisor: `unix:PATH:PORT` (vhost-device-vsock's hybrid vsock Unix
-//! socket: send `CONNECT <port>\n`, read `OK <port>\n`, then raw bytes) or
-//! `vsock:CID:PORT` (AF_VSOCK, where the host kernel has vhost-vsock), a connect
-//! timeout with retries, and request/response over `wire` frames.
+//! Reaching the hypervisor. Two kinds of transport, five target forms:
+//!
+//! | target | transport | carries frames as |
+//! |---|---|---|
+//! | `unix:PATH:PORT` | vsock through vhost-device-vsock's hybrid Unix socket (`CONNECT <port>\n`, `OK <port>\n`, then raw bytes) | their bytes |
+//! | `vsock:CID:PORT` | AF_VSOCK (hosts with vhost-vsock) | their bytes |
+//! | `unix:PATH` | serial: an emulator's serial backend on a Unix socket | `wire::serial` packets |
+//! | `tcp:HOST:PORT` | serial: an emulator's serial backend on TCP | `wire::serial` packets |
+//! | `serial:DEVICE[@BAUD]` | serial: a real line (raw 8N1, no flow control) | `wire::serial` packets |
+//!
+//! Then a connect timeout with retries, and request/response over `wire` frames; the
+//! serial session handshake and packet rules are in `serial_link`.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use wire::{FrameDecoder, Request, Response};
+use wire::{Frame, FrameDecoder, Request, Response};
 
+use crate::serial_link::{self, LinkStats, SerialLink, Tty};
 use crate::{CliError, connection_err, err};
 
 /// The file `cargo xtask run` writes with the target of the hypervisor it started.
@@ -27,20 +37,51 @@ pub struct Options {
 /// Where the hypervisor listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// Hybrid vsock over a Unix socket.
+    /// Hybrid vsock over a Unix socket (`unix:PATH:PORT`).
     Unix {
         /// Socket path.
         path: PathBuf,
         /// vsock port.
         port: u32,
     },
-    /// AF_VSOCK.
+    /// AF_VSOCK (`vsock:CID:PORT`).
     Vsock {
         /// Context id of the VM.
         cid: u32,
         /// vsock port.
         port: u32,
     },
+    /// A serial byte stream on a Unix socket (`unix:PATH`), e.g. QEMU's
+    /// `-chardev socket,path=PATH,server=on`.
+    UnixSerial {
+        /// Socket path.
+        path: PathBuf,
+    },
+    /// A serial byte stream over TCP (`tcp:HOST:PORT`), e.g. QEMU's
+    /// `-serial tcp::4555,server=on,wait=off` or Bochs' `com2: mode=socket-server`.
+    Tcp {
+        /// Host name or address (IPv6 without brackets).
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+    /// A serial line (`serial:DEVICE[@BAUD]`).
+    Tty {
+        /// The device, e.g. `/dev/ttyS1`.
+        path: PathBuf,
+        /// Bits per second.
+        baud: u32,
+    },
+}
+
+impl Target {
+    /// The transport's name: `vsock` or `serial`.
+    pub fn transport(&self) -> &'static str {
+        match self {
+            Target::Unix { .. } | Target::Vsock { .. } => "vsock",
+            Target::UnixSerial { .. } | Target::Tcp { .. } | Target::Tty { .. } => "serial",
+        }
+    }
 }
 
 impl std::fmt::Display for Target {
@@ -48,25 +89,72 @@ impl std::fmt::Display for Target {
         match self {
             Target::Unix { path, port } => write!(f, "unix:{}:{port}", path.display()),
             Target::Vsock { cid, port } => write!(f, "vsock:{cid}:{port}"),
+            Target::UnixSerial { path } => write!(f, "unix:{}", path.display()),
+            Target::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
+            Target::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+            Target::Tty { path, baud } => write!(f, "serial:{}@{baud}", path.display()),
         }
     }
 }
 
-/// Parse `unix:PATH:PORT` or `vsock:CID:PORT`.
+/// Every accepted form, for error messages.
+const FORMS: &str = "unix:PATH:PORT (vsock via vhost-device-vsock), vsock:CID:PORT, \
+unix:PATH or tcp:HOST:PORT (an emulator's serial port), serial:DEVICE[@BAUD] (a serial line)";
+
+/// Parse a target (the forms in the module doc).
 pub fn parse_target(s: &str) -> Result<Target, CliError> {
-    let bad = || err(format!("bad target {s:?}: expected unix:PATH:PORT or vsock:CID:PORT"));
+    let bad = |why: &str| err(format!("bad target {s:?}: {why}"));
     if let Some(rest) = s.strip_prefix("unix:") {
-        let (path, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-        let port = port.parse().map_err(|_| bad())?;
+        // A last `:digits` is a vsock port; without one the whole rest is the path of
+        // a serial socket.
+        let (path, port) = match rest.rsplit_once(':') {
+            Some((path, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                let port = port.parse().map_err(|_| bad(&format!("vsock port {port} is out of range")))?;
+                (path, Some(port))
+            }
+            Some((_, "")) => {
+                return Err(bad(
+                    "nothing after the last ':' (unix:PATH:PORT for vsock, unix:PATH for a serial stream)",
+                ));
+            }
+            _ => (rest, None),
+        };
         if path.is_empty() {
-            return Err(bad());
+            return Err(bad("the socket path is empty"));
         }
-        Ok(Target::Unix { path: path.into(), port })
+        Ok(match port {
+            Some(port) => Target::Unix { path: path.into(), port },
+            None => Target::UnixSerial { path: path.into() },
+        })
     } else if let Some(rest) = s.strip_prefix("vsock:") {
-        let (cid, port) = rest.split_once(':').ok_or_else(bad)?;
-        Ok(Target::Vsock { cid: cid.parse().map_err(|_| bad())?, port: port.parse().map_err(|_| bad())? })
+        let parsed = rest.split_once(':').and_then(|(c, p)| Some((c.parse().ok()?, p.parse().ok()?)));
+        let (cid, port) = parsed.ok_or_else(|| bad("expected vsock:CID:PORT with two numbers"))?;
+        Ok(Target::Vsock { cid, port })
+    } else if let Some(rest) = s.strip_prefix("tcp:") {
+        let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        if host.is_empty() {
+            return Err(bad("the host is empty (tcp:127.0.0.1:4555 for a local emulator)"));
+        }
+        let port = port.parse().ok().filter(|&p| p != 0).ok_or_else(|| bad("the TCP port must be 1 to 65535"))?;
+        Ok(Target::Tcp { host: host.into(), port })
+    } else if let Some(rest) = s.strip_prefix("serial:") {
+        let (path, baud) = match rest.rsplit_once('@') {
+            Some((path, baud)) => {
+                let baud = baud.parse().map_err(|_| bad(&format!("the baud rate {baud:?} is not a number")))?;
+                (path, baud)
+            }
+            None => (rest, serial_link::DEFAULT_BAUD),
+        };
+        if path.is_empty() {
+            return Err(bad("expected serial:DEVICE[@BAUD], e.g. serial:/dev/ttyS1@115200"));
+        }
+        if !serial_link::BAUD_RATES.contains(&baud) {
+            return Err(bad(&serial_link::unsupported_baud(baud)));
+        }
+        Ok(Target::Tty { path: path.into(), baud })
     } else {
-        Err(bad())
+        Err(bad(&format!("expected one of {FORMS}")))
     }
 }
 
@@ -82,18 +170,25 @@ pub fn resolve(opts: &Options) -> Result<Target, CliError> {
     }
     match std::fs::read_to_string(CONNECT_FILE) {
         Ok(c) => parse_target(c.trim()),
-        Err(_) => Err(err(
-            "no hypervisor to talk to: pass --connect unix:PATH:PORT (cargo xtask run prints it) or set HVCTL_CONNECT",
-        )),
+        Err(_) => Err(err("no hypervisor to talk to: pass --connect unix:PATH:PORT (cargo xtask run prints it), \
+             --connect serial:/dev/ttyS1 (a serial line), or set HVCTL_CONNECT")),
     }
 }
 
-trait Stream: Read + Write {
+/// A byte stream with a receive timeout: a socket, or a [`Tty`].
+pub trait Stream: Read + Write {
+    /// Like `UnixStream::set_read_timeout`: a read waits at most `d`, then fails with
+    /// `WouldBlock` or `TimedOut`.
     fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
 }
 impl Stream for UnixStream {
     fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
         UnixStream::set_read_timeout(self, d)
+    }
+}
+impl Stream for TcpStream {
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        TcpStream::set_read_timeout(self, d)
     }
 }
 impl Stream for vsock::VsockStream {
@@ -102,12 +197,83 @@ impl Stream for vsock::VsockStream {
     }
 }
 
+/// What carries the frames: "send frame bytes" and "next frame" over either kind.
+enum Link {
+    /// vsock: a reliable stream, so a frame is just its bytes.
+    Vsock {
+        stream: Box<dyn Stream>,
+        decoder: FrameDecoder,
+        /// Bytes read but not yet taken by the decoder (it holds at most one frame).
+        pending: Vec<u8>,
+    },
+    /// A serial line: each frame in a checksummed packet, in a session.
+    Serial(SerialLink),
+}
+
+impl Link {
+    fn send_frame(&mut self, bytes: &[u8], target: &Target) -> Result<(), CliError> {
+        match self {
+            Link::Vsock { stream, .. } => {
+                stream.write_all(bytes).map_err(|e| connection_err(format!("sending to {target}: {e}")))
+            }
+            Link::Serial(link) => link.send_frame(bytes, target),
+        }
+    }
+
+    fn next_frame(&mut self, target: &Target) -> Result<Frame, CliError> {
+        match self {
+            Link::Vsock { stream, decoder, pending } => {
+                stream.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(|e| connection_err(e.to_string()))?;
+                let mut buf = [0u8; 8192];
+                loop {
+                    let taken = decoder.push(pending);
+                    pending.drain(..taken);
+                    if let Some(frame) = decoder.next_frame() {
+                        return frame.map_err(|e| connection_err(format!("the hypervisor sent a bad frame: {e}")));
+                    }
+                    if taken > 0 && !pending.is_empty() {
+                        continue;
+                    }
+                    let Some(n) = serial_link::read_some(stream.as_mut(), &mut buf, target, "")? else {
+                        return Err(connection_err(format!(
+                            "no answer from the hypervisor within {} s",
+                            REQUEST_TIMEOUT.as_secs()
+                        )));
+                    };
+                    pending.extend_from_slice(&buf[..n]);
+                }
+            }
+            Link::Serial(link) => link.next_frame(target, REQUEST_TIMEOUT),
+        }
+    }
+}
+
+/// How a [`Client`] is connected, for `hvctl info`.
+#[derive(Debug, Clone)]
+pub struct Connection {
+    /// `vsock` or `serial`.
+    pub transport: &'static str,
+    /// The target, as `--connect` takes it.
+    pub target: String,
+    /// How frames travel: `length-prefixed frames` or `COBS packets, CRC-32C`.
+    pub framing: &'static str,
+    /// The serial session's counters (serial only).
+    pub serial: Option<LinkStats>,
+}
+
+impl std::fmt::Display for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} ({}", self.transport, self.target, self.framing)?;
+        if let Some(s) = self.serial.filter(|s| s.dropped > 0) {
+            write!(f, "; {} damaged packets dropped, {} with a bad CRC", s.dropped, s.bad_crc)?;
+        }
+        f.write_str(")")
+    }
+}
+
 /// An open connection to the hypervisor's control port.
 pub struct Client {
-    stream: Box<dyn Stream>,
-    decoder: FrameDecoder,
-    /// Bytes read but not yet taken by the decoder (it holds at most one frame).
-    pending: Vec<u8>,
+    link: Link,
     next_id: u64,
     /// What we are connected to.
     pub target: Target,
@@ -122,30 +288,77 @@ impl std::fmt::Debug for Client {
 /// How long a single request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn connect_once(target: &Target) -> Result<Box<dyn Stream>, String> {
+/// Why one connection attempt failed: worth retrying until the timeout (nobody
+/// listens yet), or final (the serial handshake, which waits until the timeout itself).
+enum ConnectFailure {
+    Retry(String),
+    Final(CliError),
+}
+
+fn raw_socket_err(what: &str, e: &std::io::Error, hint: &str) -> ConnectFailure {
+    ConnectFailure::Retry(match e.kind() {
+        std::io::ErrorKind::NotFound => format!("{what} does not exist: {hint}"),
+        std::io::ErrorKind::ConnectionRefused => format!("nobody serves {what}: {hint}"),
+        _ => format!("cannot connect to {what}: {e}"),
+    })
+}
+
+fn connect_once(target: &Target, deadline: Instant) -> Result<Link, ConnectFailure> {
+    use ConnectFailure::Retry;
+    let serial = |stream: Box<dyn Stream>| {
+        SerialLink::open(stream, target, deadline).map(Link::Serial).map_err(ConnectFailure::Final)
+    };
     match target {
         Target::Unix { path, port } => {
-            let mut s = UnixStream::connect(path).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    format!("{} does not exist: is the hypervisor running (cargo xtask run)?", path.display())
-                }
-                std::io::ErrorKind::ConnectionRefused => {
-                    format!("nobody serves {}: is vhost-device-vsock running?", path.display())
-                }
-                _ => format!("cannot connect to {}: {e}", path.display()),
+            let mut s = UnixStream::connect(path).map_err(|e| {
+                Retry(match e.kind() {
+                    std::io::ErrorKind::NotFound => {
+                        format!("{} does not exist: is the hypervisor running (cargo xtask run)?", path.display())
+                    }
+                    std::io::ErrorKind::ConnectionRefused => {
+                        format!("nobody serves {}: is vhost-device-vsock running?", path.display())
+                    }
+                    _ => format!("cannot connect to {}: {e}", path.display()),
+                })
             })?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| e.to_string())?;
-            s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(|e| format!("handshake: {e}"))?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).map_err(|e| Retry(e.to_string()))?;
+            s.write_all(format!("CONNECT {port}\n").as_bytes()).map_err(|e| Retry(format!("handshake: {e}")))?;
             let mut line = String::new();
-            BufReader::new(&mut s).read_line(&mut line).map_err(|e| format!("handshake: {e}"))?;
+            BufReader::new(&mut s).read_line(&mut line).map_err(|e| Retry(format!("handshake: {e}")))?;
             if line.trim() != format!("OK {port}") {
-                return Err(format!("nothing is listening on port {port} — is the hypervisor running?"));
+                return Err(Retry(format!("nothing is listening on port {port} — is the hypervisor running?")));
             }
-            Ok(Box::new(s))
+            Ok(Link::Vsock { stream: Box::new(s), decoder: FrameDecoder::new(), pending: Vec::new() })
         }
         Target::Vsock { cid, port } => vsock::VsockStream::connect(&vsock::VsockAddr::new(*cid, *port))
-            .map(|s| Box::new(s) as Box<dyn Stream>)
-            .map_err(|e| format!("cannot connect to vsock {cid}:{port}: {e} — is the hypervisor running?")),
+            .map(|s| Link::Vsock { stream: Box::new(s), decoder: FrameDecoder::new(), pending: Vec::new() })
+            .map_err(|e| Retry(format!("cannot connect to vsock {cid}:{port}: {e} — is the hypervisor running?"))),
+        Target::UnixSerial { path } => {
+            let s = UnixStream::connect(path).map_err(|e| {
+                raw_socket_err(
+                    &path.display().to_string(),
+                    &e,
+                    "is the emulator running with a serial port on this socket?",
+                )
+            })?;
+            serial(Box::new(s))
+        }
+        Target::Tcp { host, port } => {
+            let addrs: Vec<_> = (host.as_str(), *port)
+                .to_socket_addrs()
+                .map_err(|e| ConnectFailure::Final(connection_err(format!("cannot resolve {host}: {e}"))))?
+                .collect();
+            let s = TcpStream::connect(&addrs[..]).map_err(|e| {
+                raw_socket_err(&format!("tcp {host}:{port}"), &e, "is the emulator running with COM2 on this port?")
+            })?;
+            // Packets are small and each one waits for its answer.
+            s.set_nodelay(true).map_err(|e| Retry(e.to_string()))?;
+            serial(Box::new(s))
+        }
+        Target::Tty { path, baud } => {
+            let tty = Tty::open(path, *baud).map_err(|e| ConnectFailure::Final(connection_err(e)))?;
+            serial(Box::new(tty))
+        }
     }
 }
 
@@ -154,15 +367,24 @@ impl Client {
     pub fn connect(opts: &Options) -> Result<Self, CliError> {
         let target = resolve(opts)?;
         let start = Instant::now();
+        let deadline = start + opts.timeout;
         loop {
-            match connect_once(&target) {
-                Ok(stream) => {
-                    return Ok(Self { stream, decoder: FrameDecoder::new(), pending: Vec::new(), next_id: 1, target });
-                }
-                Err(e) if start.elapsed() >= opts.timeout => return Err(connection_err(e)),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            match connect_once(&target, deadline) {
+                Ok(link) => return Ok(Self { link, next_id: 1, target }),
+                Err(ConnectFailure::Final(e)) => return Err(e),
+                Err(ConnectFailure::Retry(e)) if start.elapsed() >= opts.timeout => return Err(connection_err(e)),
+                Err(ConnectFailure::Retry(_)) => std::thread::sleep(Duration::from_millis(200)),
             }
         }
+    }
+
+    /// How this client is connected (transport, framing, serial counters).
+    pub fn connection(&self) -> Connection {
+        let (framing, serial) = match &self.link {
+            Link::Vsock { .. } => ("length-prefixed frames", None),
+            Link::Serial(link) => (serial_link::FRAMING, Some(link.stats())),
+        };
+        Connection { transport: self.target.transport(), target: self.target.to_string(), framing, serial }
     }
 
     /// Send one request and wait for its response.
@@ -188,50 +410,23 @@ impl Client {
         self.next_id += 1;
         let mut bytes = Vec::new();
         wire::encode_request(id, request, &mut bytes).map_err(|e| err(format!("cannot encode the request: {e}")))?;
-        self.stream.write_all(&bytes).map_err(|e| connection_err(format!("sending to {}: {e}", self.target)))?;
+        self.link.send_frame(&bytes, &self.target)?;
         Ok(id)
     }
 
     /// The next response and the id of the request it answers. An error frame with id
     /// 0 (not tied to a request) means the hypervisor closed the connection.
     pub fn recv(&mut self) -> Result<(u64, Response), CliError> {
-        self.stream.set_read_timeout(Some(REQUEST_TIMEOUT)).map_err(|e| connection_err(e.to_string()))?;
-        let mut buf = [0u8; 8192];
-        loop {
-            let taken = self.decoder.push(&self.pending);
-            self.pending.drain(..taken);
-            if let Some(frame) = self.decoder.next_frame() {
-                let frame = frame.map_err(|e| connection_err(format!("the hypervisor sent a bad frame: {e}")))?;
-                let response = wire::decode_response(&frame)
-                    .map_err(|e| connection_err(format!("the hypervisor sent an unreadable response: {e}")))?;
-                if frame.request_id == 0
-                    && let Response::Error(e) = &response
-                {
-                    // An error not tied to our request: the connection is over.
-                    return Err(connection_err(format!("the hypervisor closed the connection: {e}")));
-                }
-                return Ok((frame.request_id, response));
-            }
-            if taken > 0 && !self.pending.is_empty() {
-                continue;
-            }
-            let n = match self.stream.read(&mut buf) {
-                Ok(0) => return Err(connection_err(format!("{} closed the connection", self.target))),
-                Ok(n) => n,
-                // A signal (Ctrl-C during a migration, see `interrupt`) interrupts the read
-                // even with SA_RESTART, because the socket has a receive timeout
-                // (signal(7)); the answer is still on its way.
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                    return Err(connection_err(format!(
-                        "no answer from the hypervisor within {} s",
-                        REQUEST_TIMEOUT.as_secs()
-                    )));
-                }
-                Err(e) => return Err(connection_err(format!("reading from {}: {e}", self.target))),
-            };
-            self.pending.extend_from_slice(&buf[..n]);
+        let frame = self.link.next_frame(&self.target)?;
+        let response = wire::decode_response(&frame)
+            .map_err(|e| connection_err(format!("the hypervisor sent an unreadable response: {e}")))?;
+        if frame.request_id == 0
+            && let Response::Error(e) = &response
+        {
+            // An error not tied to our request: the connection is over.
+            return Err(connection_err(format!("the hypervisor closed the connection: {e}")));
         }
+        Ok((frame.request_id, response))
     }
 }
 
@@ -241,12 +436,51 @@ mod tests {
 
     #[test]
     fn targets_parse_and_print() {
-        let t = parse_target("unix:/run/x/vm.vsock:5000").unwrap();
-        assert_eq!(t, Target::Unix { path: "/run/x/vm.vsock".into(), port: 5000 });
-        assert_eq!(t.to_string(), "unix:/run/x/vm.vsock:5000");
-        assert_eq!(parse_target("vsock:4:5000").unwrap(), Target::Vsock { cid: 4, port: 5000 });
-        for bad in ["unix:/x", "vsock:4", "tcp:1:2", "unix::5000", "vsock:a:1"] {
-            assert!(parse_target(bad).is_err(), "{bad}");
+        let cases: [(&str, Target, &str); 9] = [
+            ("unix:/run/x/vm.vsock:5000", Target::Unix { path: "/run/x/vm.vsock".into(), port: 5000 }, "vsock"),
+            ("vsock:4:5000", Target::Vsock { cid: 4, port: 5000 }, "vsock"),
+            ("unix:/run/x/com2.sock", Target::UnixSerial { path: "/run/x/com2.sock".into() }, "serial"),
+            ("unix:/run/a:b/com2", Target::UnixSerial { path: "/run/a:b/com2".into() }, "serial"),
+            ("tcp:127.0.0.1:4555", Target::Tcp { host: "127.0.0.1".into(), port: 4555 }, "serial"),
+            ("tcp:[::1]:4555", Target::Tcp { host: "::1".into(), port: 4555 }, "serial"),
+            ("tcp:bmc.example:4555", Target::Tcp { host: "bmc.example".into(), port: 4555 }, "serial"),
+            ("serial:/dev/ttyS1@115200", Target::Tty { path: "/dev/ttyS1".into(), baud: 115200 }, "serial"),
+            ("serial:/dev/ttyUSB0@921600", Target::Tty { path: "/dev/ttyUSB0".into(), baud: 921600 }, "serial"),
+        ];
+        for (text, target, transport) in cases {
+            let parsed = parse_target(text).unwrap();
+            assert_eq!(parsed, target, "{text}");
+            assert_eq!(parsed.to_string(), text, "prints as it parses");
+            assert_eq!(parsed.transport(), transport, "{text}");
+        }
+        let default = parse_target("serial:/dev/ttyS1").unwrap();
+        assert_eq!(default, Target::Tty { path: "/dev/ttyS1".into(), baud: 115200 });
+        assert_eq!(default.to_string(), "serial:/dev/ttyS1@115200");
+    }
+
+    #[test]
+    fn bad_targets_say_what_is_wrong() {
+        let cases = [
+            ("unix::5000", "the socket path is empty"),
+            ("unix:", "the socket path is empty"),
+            ("unix:/x:", "nothing after the last ':'"),
+            ("unix:/x:99999999999", "vsock port 99999999999 is out of range"),
+            ("vsock:4", "expected vsock:CID:PORT"),
+            ("vsock:a:1", "expected vsock:CID:PORT"),
+            ("tcp:1", "expected tcp:HOST:PORT"),
+            ("tcp::4555", "the host is empty"),
+            ("tcp:h:0", "the TCP port must be 1 to 65535"),
+            ("tcp:h:70000", "the TCP port must be 1 to 65535"),
+            ("serial:", "expected serial:DEVICE[@BAUD]"),
+            ("serial:/dev/ttyS1@fast", "the baud rate \"fast\" is not a number"),
+            ("serial:/dev/ttyS1@12345", "unsupported baud rate 12345: use one of 1200, 2400"),
+            ("com2", "expected one of unix:PATH:PORT"),
+        ];
+        for (text, why) in cases {
+            let e = parse_target(text).unwrap_err();
+            assert_eq!(e.1, 2, "{text}: a usage error");
+            assert!(e.0.starts_with(&format!("bad target {text:?}: ")), "{text}: {}", e.0);
+            assert!(e.0.contains(why), "{text}: {}", e.0);
         }
     }
 }

@@ -1,6 +1,8 @@
 //! `hvctl info`/`ping` when there is no hypervisor: one-line errors and the
 //! documented exit codes (the live paths are covered by `cargo xtask test`'s
-//! control-* system tests against a real hypervisor on QEMU).
+//! control-* system tests against a real hypervisor on QEMU); `hvctl info` naming its
+//! transport against a minimal fake on the hybrid vsock socket. The serial transports
+//! are in `serial.rs`.
 
 mod common;
 
@@ -42,9 +44,9 @@ fn no_target_at_all_is_a_usage_error() {
     let o = hvctl(&["info"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("pass --connect unix:PATH:PORT"), "{}", stderr(&o));
-    let o = hvctl(&["--connect", "tcp:1.2.3.4:5", "info", "--json"]);
+    let o = hvctl(&["--connect", "udp:1.2.3.4:5", "info", "--json"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(stderr(&o).contains("expected unix:PATH:PORT or vsock:CID:PORT"));
+    assert!(stderr(&o).contains("expected one of unix:PATH:PORT"), "{}", stderr(&o));
 }
 
 #[test]
@@ -53,4 +55,62 @@ fn help_documents_the_exit_codes() {
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("3 cannot reach the hypervisor"), "{out}");
     assert!(out.contains("4 the hypervisor answered with an error"), "{out}");
+}
+
+#[test]
+fn info_over_hybrid_vsock_names_the_transport() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = std::env::temp_dir().join(format!("hvctl-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("info.vsock");
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let mut conn = conn;
+            conn.write_all(b"OK 5000\n").unwrap();
+            let mut decoder = wire::FrameDecoder::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = match std::io::Read::read(&mut reader, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                decoder.push(&buf[..n]);
+                while let Some(Ok(frame)) = decoder.next_frame() {
+                    let report = wire::InfoReport {
+                        hv_version: "0.1.0 (fake)".into(),
+                        protocol_version: wire::PROTOCOL_VERSION,
+                        uptime_ns: 1,
+                        capabilities: Vec::new(),
+                        cpus: 1,
+                        memory_bytes: 1 << 29,
+                        services: Vec::new(),
+                        memory_use: wire::MemoryUse::default(),
+                        control: vec!["vsock port 5000 (CID 3)".into()],
+                    };
+                    let mut out = Vec::new();
+                    wire::encode_response(frame.request_id, &wire::Response::Info(Box::new(report)), &mut out).unwrap();
+                    conn.write_all(&out).unwrap();
+                }
+            }
+        }
+    });
+    let target = format!("unix:{}:5000", path.display());
+    let o = hvctl(&["--connect", &target, "info"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = common::stdout(&o);
+    assert!(out.lines().any(|l| l == format!("connected     vsock {target} (length-prefixed frames)")), "{out}");
+    assert!(out.lines().any(|l| l == "control       vsock port 5000 (CID 3)"), "{out}");
+    let o = hvctl(&["--connect", &target, "info", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&common::stdout(&o)).unwrap();
+    assert_eq!(
+        v["connected"],
+        serde_json::json!({"transport": "vsock", "target": target, "framing": "length-prefixed frames"})
+    );
+    assert_eq!(v["control"], serde_json::json!(["vsock port 5000 (CID 3)"]));
 }
