@@ -209,7 +209,11 @@ pub struct PacketDecoder {
 impl PacketDecoder {
     /// A decoder with nothing buffered.
     pub const fn new() -> Self {
-        Self { buf: Vec::new(), overflowed: false, counters: PacketCounters { packets: 0, dropped: 0, bad_crc: 0, discarded_bytes: 0 } }
+        Self {
+            buf: Vec::new(),
+            overflowed: false,
+            counters: PacketCounters { packets: 0, dropped: 0, bad_crc: 0, discarded_bytes: 0 },
+        }
     }
 
     /// Bytes of a packet not yet ended by 0x00.
@@ -229,8 +233,7 @@ impl PacketDecoder {
             if self.overflowed {
                 self.counters.discarded_bytes = self.counters.discarded_bytes.saturating_add(1);
             } else if self.buf.len() >= MAX_ENCODED_PACKET {
-                self.counters.discarded_bytes =
-                    self.counters.discarded_bytes.saturating_add(self.buf.len() as u64 + 1);
+                self.counters.discarded_bytes = self.counters.discarded_bytes.saturating_add(self.buf.len() as u64 + 1);
                 self.buf = Vec::new();
                 self.overflowed = true;
             } else {
@@ -422,7 +425,8 @@ mod tests {
 
     #[test]
     fn wrong_lengths_and_kinds_are_refused() {
-        let cases: [(u8, &[u8]); 4] = [(KIND_OPEN, &[1, 2, 3]), (KIND_OPENED, &[0; 8]), (9, &[]), (KIND_FRAME, &[0x48])];
+        let cases: [(u8, &[u8]); 4] =
+            [(KIND_OPEN, &[1, 2, 3]), (KIND_OPENED, &[0; 8]), (9, &[]), (KIND_FRAME, &[0x48])];
         for (kind, content) in cases {
             let mut line = Vec::new();
             encode_packet(kind, content, &mut line);

@@ -49,22 +49,24 @@ fn info() -> impl Strategy<Value = InfoReport> {
         any::<[u64; 6]>(),
         vec("[ -~]{0,20}", 0..3),
     )
-        .prop_map(|(hv_version, protocol_version, uptime_ns, capabilities, cpus, memory_bytes, services, m, control)| {
-            let [heap_bytes, heap_used_bytes, heap_peak_bytes, heap_refused, frames_total, frames_free] = m;
-            let memory_use =
-                MemoryUse { heap_bytes, heap_used_bytes, heap_peak_bytes, heap_refused, frames_total, frames_free };
-            InfoReport {
-                hv_version,
-                protocol_version,
-                uptime_ns,
-                capabilities,
-                cpus,
-                memory_bytes,
-                services,
-                memory_use,
-                control,
-            }
-        })
+        .prop_map(
+            |(hv_version, protocol_version, uptime_ns, capabilities, cpus, memory_bytes, services, m, control)| {
+                let [heap_bytes, heap_used_bytes, heap_peak_bytes, heap_refused, frames_total, frames_free] = m;
+                let memory_use =
+                    MemoryUse { heap_bytes, heap_used_bytes, heap_peak_bytes, heap_refused, frames_total, frames_free };
+                InfoReport {
+                    hv_version,
+                    protocol_version,
+                    uptime_ns,
+                    capabilities,
+                    cpus,
+                    memory_bytes,
+                    services,
+                    memory_use,
+                    control,
+                }
+            },
+        )
 }
 
 fn request() -> impl Strategy<Value = Request> {
