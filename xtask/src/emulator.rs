@@ -470,7 +470,8 @@ fn spawn_bochs(model: &str, dir: PathBuf, config: &RunConfig) -> Result<Session>
     // set to dummy/off because on a machine without a sound card Bochs' ALSA probe
     // aborts with "buffer overflow detected".
     // COM2 connects to the relay, which must listen before Bochs starts.
-    let relay = if config.vsock { Some(crate::serial_relay::SerialRelay::start(&dir.join("com2.sock"))?) } else { None };
+    let relay =
+        if config.vsock { Some(crate::serial_relay::SerialRelay::start(&dir.join("com2.sock"))?) } else { None };
     let com2 = relay
         .as_ref()
         .map(|r| format!("com2: enabled=true, mode=socket-client, dev=127.0.0.1:{}\n", r.tcp_port))

@@ -300,7 +300,9 @@ fn run(
     let mut echo = emulator::Echo::new(true);
     // The serial channel's line comes after vsock's, so once it is there both are known.
     let serving = |log: &serial::SerialLog| {
-        log.line("CONTROL serial ").is_some() || log.line("CONTROL listening on serial").is_some() || log.outcome().is_some()
+        log.line("CONTROL serial ").is_some()
+            || log.line("CONTROL listening on serial").is_some()
+            || log.outcome().is_some()
     };
     match session.wait_until(config.timeout, &mut echo, serving) {
         emulator::Wait::TimedOut => {

@@ -41,27 +41,39 @@ const QEMU_TESTS: &[NamedTest<Ctx>] = &[
     ("control-serial-abuse-contained", abuse),
 ];
 
-const BOCHS_TESTS: &[NamedTest<Ctx>] = &[
-    ("bochs-control-serial-ping-info", ping_info),
-    ("bochs-control-serial-abuse-contained", abuse_small),
-];
+const BOCHS_TESTS: &[NamedTest<Ctx>] =
+    &[("bochs-control-serial-ping-info", ping_info), ("bochs-control-serial-abuse-contained", abuse_small)];
+
+/// One boot and the tests run against it.
+struct Group {
+    tests: &'static [NamedTest<Ctx>],
+    platform: Platform,
+    name: &'static str,
+    /// DOMAINS.CFG.
+    domains: Option<&'static str>,
+}
 
 /// Run the serial control tests matching `filter`: the QEMU ones on one boot, the
 /// Bochs ones on another.
 pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     let (mut passed, mut failed) = (0, 0);
-    let groups: [(&[NamedTest<Ctx>], Platform, &str, Option<&str>); 2] = [
-        (QEMU_TESTS, Platform::Qemu { cpu: "EPYC".into() }, "control-serial", None),
+    let groups = [
+        Group {
+            tests: QEMU_TESTS,
+            platform: Platform::Qemu { cpu: "EPYC".into() },
+            name: "control-serial",
+            domains: None,
+        },
         // A guest computing without exits for the whole run: its slices must end early
         // enough for the UART (init::SERIAL_POLL_US).
-        (
-            BOCHS_TESTS,
-            Platform::Bochs { model: "corei7_skylake_x".into() },
-            "bochs-control-serial",
-            Some("name=spin kernel=spinner.elf memory=8M\n"),
-        ),
+        Group {
+            tests: BOCHS_TESTS,
+            platform: Platform::Bochs { model: "corei7_skylake_x".into() },
+            name: "bochs-control-serial",
+            domains: Some("name=spin kernel=spinner.elf memory=8M\n"),
+        },
     ];
-    for (tests, platform, name, domains) in groups {
+    for Group { tests, platform, name, domains } in groups {
         let selected = select(tests, filter);
         if selected.is_empty() {
             continue;
@@ -165,7 +177,10 @@ fn ping_info(ctx: &Ctx) -> Result<String> {
     };
     let caps: BTreeMap<String, String> = info.capabilities.iter().cloned().collect();
     if caps != ctx.caps {
-        return Err(format!("Info's capabilities differ from the CAPS line:\n  info:   {caps:?}\n  serial: {:?}", ctx.caps));
+        return Err(format!(
+            "Info's capabilities differ from the CAPS line:\n  info:   {caps:?}\n  serial: {:?}",
+            ctx.caps
+        ));
     }
     let serial_line = info.control.iter().any(|l| l == "serial COM2 0x2f8 115200 baud");
     let vsock_line = info.control.iter().any(|l| l.starts_with("vsock port 5000"));
@@ -275,7 +290,8 @@ fn abuse_small(ctx: &Ctx) -> Result<String> {
 }
 
 fn abuse_with(ctx: &Ctx, noise_rounds: usize, clients: usize) -> Result<String> {
-    let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1;
+    let seed =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1;
     let mut noise = Noise(seed);
     let mut findings = Vec::new();
     let mut c = connect(ctx)?;
@@ -303,7 +319,9 @@ fn abuse_with(ctx: &Ctx, noise_rounds: usize, clients: usize) -> Result<String> 
         }
         clean_after_zero += usize::from(answered);
     }
-    findings.push(format!("{noise_rounds} rounds of noise (seed {seed:#x}), {clean_after_zero} requests right after a 0x00 answered"));
+    findings.push(format!(
+        "{noise_rounds} rounds of noise (seed {seed:#x}), {clean_after_zero} requests right after a 0x00 answered"
+    ));
 
     // 2. Bytes dropped in the middle of a packet: only that packet is lost.
     for cut in [3usize, 17, 40] {

@@ -130,12 +130,7 @@ fn from_bochs(listener: &TcpListener, bochs: &Shared<TcpStream>, client: &Shared
 }
 
 /// Take clients one after another and copy what each writes to Bochs.
-fn from_clients(
-    listener: &UnixListener,
-    bochs: &Shared<TcpStream>,
-    client: &Shared<UnixStream>,
-    stop: &AtomicBool,
-) {
+fn from_clients(listener: &UnixListener, bochs: &Shared<TcpStream>, client: &Shared<UnixStream>, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
         let mut stream = match listener.accept() {
             Ok((stream, _)) => stream,

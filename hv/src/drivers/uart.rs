@@ -90,7 +90,7 @@ impl core::fmt::Display for UartError {
 
 /// The divisor latch value for `baud` (115200 / baud), if it is a whole 16-bit number.
 pub fn divisor(baud: u32) -> Result<u16, UartError> {
-    if baud == 0 || BASE_BAUD % baud != 0 {
+    if baud == 0 || !BASE_BAUD.is_multiple_of(baud) {
         return Err(UartError::BadBaud { baud });
     }
     u16::try_from(BASE_BAUD / baud).map_err(|_| UartError::BadBaud { baud })

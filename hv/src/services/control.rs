@@ -364,7 +364,8 @@ impl ControlServer {
         if vsock.is_none() && serial.is_none() {
             return None;
         }
-        machine.control = vsock.iter().map(VsockTransport::describe).chain(serial.iter().map(|s| s.describe())).collect();
+        machine.control =
+            vsock.iter().map(VsockTransport::describe).chain(serial.iter().map(|s| s.describe())).collect();
         Some(Self { runtime: Runtime::new(machine), vsock, serial, handles, inputs: Vec::new() })
     }
 

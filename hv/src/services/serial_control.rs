@@ -58,7 +58,7 @@ impl SerialOption {
     /// The `hv.serial=` option of `cmdline` (the last one wins, as on a kernel command
     /// line); [`Self::DEFAULT`] without one.
     pub fn from_cmdline(cmdline: &str) -> Result<Self, String> {
-        let Some(value) = cmdline.split_whitespace().filter_map(|w| w.strip_prefix("hv.serial=")).last() else {
+        let Some(value) = cmdline.split_whitespace().filter_map(|w| w.strip_prefix("hv.serial=")).next_back() else {
             return Ok(Self::DEFAULT);
         };
         if value == "off" {
@@ -66,7 +66,8 @@ impl SerialOption {
         }
         let (port, baud) = match value.split_once('@') {
             Some((port, baud)) => {
-                let baud = baud.parse().map_err(|_| alloc::format!("hv.serial={value}: `{baud}` is not a baud rate"))?;
+                let baud =
+                    baud.parse().map_err(|_| alloc::format!("hv.serial={value}: `{baud}` is not a baud rate"))?;
                 (port, baud)
             }
             None => (value, BASE_BAUD),
@@ -545,7 +546,10 @@ mod tests {
         assert_eq!(SerialOption::from_cmdline(""), Ok(SerialOption::DEFAULT));
         assert_eq!(SerialOption::DEFAULT, SerialOption::Port { base: 0x2f8, baud: 115_200 });
         assert_eq!(SerialOption::from_cmdline("cpuid-dump hv.serial=off"), Ok(SerialOption::Off));
-        assert_eq!(SerialOption::from_cmdline("hv.serial=0x3e8"), Ok(SerialOption::Port { base: 0x3e8, baud: 115_200 }));
+        assert_eq!(
+            SerialOption::from_cmdline("hv.serial=0x3e8"),
+            Ok(SerialOption::Port { base: 0x3e8, baud: 115_200 })
+        );
         assert_eq!(
             SerialOption::from_cmdline("hv.serial=off hv.serial=0x2f8@57600"),
             Ok(SerialOption::Port { base: 0x2f8, baud: 57_600 }),
