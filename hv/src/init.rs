@@ -260,8 +260,9 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
         }
     }
 
-    let mut server = match services::control::ControlServer::start(services::tasks::Runtime::new(machine_info)) {
-        Ok(server) => Some(server),
+    let mut handles = services::control::Handles::new();
+    let vsock = match services::control::VsockTransport::start() {
+        Ok(vsock) => Some(vsock),
         Err(services::control::ControlError::NoDevice) => {
             println!("CONTROL unavailable: no virtio-vsock device (PCI 1af4:1053)");
             None
@@ -271,6 +272,9 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
             return Outcome::Failed;
         }
     };
+    // After the vsock line: tools that wait for the first CONTROL line see vsock's.
+    let serial = start_serial(&info.cmdline, &mut handles);
+    let mut server = services::control::ControlServer::new(machine_info, vsock, serial, handles);
     let mut local = match services::local_migration::LocalMigration::from_cmdline(&info.cmdline) {
         None => None,
         Some(Ok(l)) => Some(l),
@@ -285,8 +289,13 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
     let mut last_busy = drivers::time::now_ticks();
     let quiet_ticks = drivers::time::ms_to_ticks(CONTROL_QUIET_MS);
     let poll_ticks = drivers::time::ms_to_ticks(CONTROL_POLL_MS);
+    let serial_poll_ticks = drivers::time::ms_to_ticks(1).map(|per_ms| per_ms * SERIAL_POLL_US / 1000);
+    let serial_window = drivers::time::ms_to_ticks(SERIAL_ACTIVE_MS).unwrap_or(0);
     loop {
         let mut busy = false;
+        // See SERIAL_POLL_US: slices end early only while a serial client is there.
+        let serial_active = server.as_ref().is_some_and(|s| s.serial_active(serial_window));
+        machine.cap_slice(if serial_active { serial_poll_ticks } else { None });
         if let Some(s) = server.as_mut() {
             busy |= s.poll(&mut machine);
         }
@@ -306,7 +315,7 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
         let polling = server.is_some().then(|| Polling {
             quiet: now.wrapping_sub(last_busy),
             quiet_before_sleep: quiet_ticks.unwrap_or(u64::MAX),
-            poll_every: poll_ticks.unwrap_or(0),
+            poll_every: if serial_active { serial_poll_ticks } else { poll_ticks }.unwrap_or(0),
         });
         let min = drivers::time::ms_to_ticks(1).map_or(u64::MAX, |per_ms| per_ms * IDLE_MIN_US / 1000);
         let lapic = &percpu::this().lapic;
@@ -338,6 +347,50 @@ const CONTROL_QUIET_MS: u64 = 50;
 /// virtio device is polled, not interrupt-driven): an idle hypervisor halts, and a new
 /// request waits at most this long.
 const CONTROL_POLL_MS: u64 = 1;
+
+/// While a serial control client is active (it sent something within
+/// [`SERIAL_ACTIVE_MS`], or replies are still leaving), the UART's receive FIFO is
+/// drained at least this often, while guests run too: the 16550's 16 bytes fill in
+/// 1.4 ms at 115200 baud, and real UARTs drop what comes after. Of the two ways to get
+/// there, the time slice is capped at this (and the idle loop polls at this) rather
+/// than draining the UART in the exit path: a guest that computes without exiting
+/// (the spinner, a Linux busy loop) only leaves at its slice's end, so an exit-path
+/// drain would still need the shorter slice, and the exit path stays free of device
+/// I/O. The cost, 2000 preemption exits a second, is paid only while serial control
+/// is in use: an idle line leaves the 10 ms slices and 1 ms idle polls as they were.
+/// A client's first packet after a quiet spell is its `Open` (16 bytes with its
+/// leading 0x00), which fits the FIFO however late the slower cadence reads it.
+const SERIAL_POLL_US: u64 = 500;
+
+/// How long after a serial client's last byte its line counts as active.
+const SERIAL_ACTIVE_MS: u64 = 10_000;
+
+/// The serial control channel the boot option (`hv.serial=`) asks for, if a UART
+/// answers there; its `CONTROL` marker line either way.
+fn start_serial(
+    cmdline: &str,
+    handles: &mut services::control::Handles,
+) -> Option<services::serial_control::SerialTransport> {
+    use services::serial_control::{SerialOption, SerialTransport};
+    let option = SerialOption::from_cmdline(cmdline).unwrap_or_else(|e| {
+        println!("warning: {e}; using the default (COM2 0x2f8 at 115200 baud)");
+        SerialOption::DEFAULT
+    });
+    let SerialOption::Port { base, baud } = option else {
+        println!("CONTROL serial off (hv.serial=off)");
+        return None;
+    };
+    match SerialTransport::start(base, baud, handles) {
+        Ok(serial) => {
+            println!("CONTROL listening on serial {}", serial.listening());
+            Some(serial)
+        }
+        Err(e) => {
+            println!("CONTROL serial unavailable: {e}");
+            None
+        }
+    }
+}
 
 /// How long the control channel has been quiet, in TSC ticks, and the rules above.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

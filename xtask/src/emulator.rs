@@ -8,6 +8,12 @@
 //! exit status is always 1, so outcomes come from serial markers only. Each run gets
 //! its own directory under target/xtask/runs/NAME with a fresh ESP copy, so runs do
 //! not share firmware variables or Bochs' vvfat redolog.
+//!
+//! A run that serves the control channel ([`RunConfig::vsock`]) also gets COM2, the
+//! serial control channel, as a raw byte stream on the unix socket `RUNDIR/com2.sock`
+//! ([`Session::serial_socket`]): QEMU serves it itself (`-chardev socket,server=on`),
+//! Bochs through [`crate::serial_relay`] (its own socket modes take one client for its
+//! lifetime). One client at a time on both; the next connects after it.
 
 use std::fmt;
 use std::io::{Read, Write};
@@ -67,7 +73,9 @@ pub struct RunConfig {
     pub cmdline: String,
     /// Copy the serial output to our stdout as it arrives.
     pub echo: bool,
-    /// Attach a virtio-vsock device (QEMU only), served by vhost-device-vsock.
+    /// Serve the control channel: on QEMU a virtio-vsock device (served by
+    /// vhost-device-vsock) and COM2 on a socket; on Bochs, which has no virtio-vsock,
+    /// COM2 on a socket alone (see [`Session::serial_socket`]).
     pub vsock: bool,
     /// Contents of \EFI\HV\DOMAINS.CFG (boot-time domains), if any.
     pub domains: Option<String>,
@@ -203,6 +211,11 @@ pub struct Session {
     pub dir: PathBuf,
     /// The hybrid vsock socket (`unix:PATH:PORT` target), when a vsock device is attached.
     pub vsock_socket: Option<PathBuf>,
+    /// COM2 as a raw byte stream (`unix:PATH` target: serial packets, wire::serial),
+    /// when the control channel is served: QEMU's own socket, or Bochs' relay.
+    pub serial_socket: Option<PathBuf>,
+    /// The COM2 relay of a Bochs run.
+    relay: Option<crate::serial_relay::SerialRelay>,
     /// The file the serial output is kept in as it arrives.
     pub serial_path: PathBuf,
 }
@@ -224,12 +237,7 @@ impl Session {
         let dir = prepare_dir(esp, config, staged)?;
         match platform {
             Platform::Qemu { cpu } => spawn_qemu(cpu, dir, config),
-            Platform::Bochs { model } => {
-                if config.vsock {
-                    return Err("Bochs has no virtio-vsock device; the control channel needs QEMU".into());
-                }
-                spawn_bochs(model, dir)
-            }
+            Platform::Bochs { model } => spawn_bochs(model, dir, config),
         }
     }
 
@@ -297,6 +305,9 @@ impl Session {
             let _ = b.kill();
             let _ = b.wait();
         }
+        if let Some(r) = self.relay.as_mut() {
+            r.stop();
+        }
         std::thread::sleep(Duration::from_millis(100));
         self.stop_collector.store(true, Ordering::Relaxed);
     }
@@ -350,6 +361,14 @@ fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig) -> Result<Session> {
         .arg("-drive")
         .arg(format!("format=raw,file=fat:rw:{}", dir.join("esp").display()))
         .args(["-serial", "stdio", "-display", "none", "-no-reboot"]);
+    // The second -serial is COM2 (0x2F8): the serial control channel. `wait=off`: QEMU
+    // starts without a client, and takes the next one when one leaves.
+    let serial_socket = config.vsock.then(|| dir.join("com2.sock"));
+    if let Some(path) = &serial_socket {
+        cmd.arg("-chardev")
+            .arg(format!("socket,id=com2,path={},server=on,wait=off", path.display()))
+            .args(["-serial", "chardev:com2"]);
+    }
     // vhost-user needs guest RAM the backend can map: a shared memfd backend. Without
     // it the device still appears but fails at driver start (PLATFORMS.md).
     let (backend, vsock_socket) = if config.vsock {
@@ -398,6 +417,8 @@ fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig) -> Result<Session> {
         ready_after: None,
         dir,
         vsock_socket,
+        serial_socket,
+        relay: None,
         serial_path,
     })
 }
@@ -436,7 +457,7 @@ impl LogFile {
     }
 }
 
-fn spawn_bochs(model: &str, dir: PathBuf) -> Result<Session> {
+fn spawn_bochs(model: &str, dir: PathBuf, config: &RunConfig) -> Result<Session> {
     // Bochs 2.7 takes at most a 2 MiB ROM: Debian's 2 MiB vars and code, joined.
     let rom = dir.join("ovmf-2m.fd");
     let mut image = std::fs::read(tools::OVMF_VARS_2M).map_err(|e| format!("{}: {e}", tools::OVMF_VARS_2M))?;
@@ -448,6 +469,13 @@ fn spawn_bochs(model: &str, dir: PathBuf) -> Result<Session> {
     // Verified settings (shared/PLATFORMS.md), plus: the sound and speaker devices are
     // set to dummy/off because on a machine without a sound card Bochs' ALSA probe
     // aborts with "buffer overflow detected".
+    // COM2 connects to the relay, which must listen before Bochs starts.
+    let relay =
+        if config.vsock { Some(crate::serial_relay::SerialRelay::start(&dir.join("com2.sock"))?) } else { None };
+    let com2 = relay
+        .as_ref()
+        .map(|r| format!("com2: enabled=true, mode=socket-client, dev=127.0.0.1:{}\n", r.tcp_port))
+        .unwrap_or_default();
     let bxrc = format!(
         "display_library: rfb, options=\"timeout=0\"
 memory: host=512, guest=512
@@ -464,7 +492,7 @@ panic: action=fatal
 log: {log}
 speaker: enabled=0
 sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy
-",
+{com2}",
         rom = rom.display(),
         vga = tools::VGABIOS,
         esp = dir.join("esp").display(),
@@ -514,6 +542,8 @@ sound: waveoutdrv=dummy, waveindrv=dummy, midioutdrv=dummy
         ready_after: None,
         dir,
         vsock_socket: None,
+        serial_socket: relay.as_ref().map(|r| r.socket.clone()),
+        relay,
         serial_path: bochs_serial,
     })
 }

@@ -18,6 +18,8 @@ mod linux_console_tests;
 mod linux_tests;
 mod migration_tests;
 mod serial;
+mod serial_control_tests;
+mod serial_relay;
 mod smp_tests;
 mod systest;
 mod tools;
@@ -272,11 +274,10 @@ fn run(
 ) -> Result<()> {
     tools::ensure(&platform)?;
     let esp = image::build(true)?;
-    let vsock = matches!(platform, Platform::Qemu { .. });
-    if vsock {
-        // Build hvctl now, so the command printed below works at once.
-        tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
-    }
+    // The control channel on both: vsock and COM2 on QEMU, COM2 alone on Bochs.
+    let vsock = true;
+    // Build hvctl now, so the command printed below works at once.
+    tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
     let config = RunConfig {
         name: "run".into(),
         timeout: Duration::from_secs(timeout.unwrap_or(platform.default_timeout_secs())),
@@ -287,13 +288,22 @@ fn run(
     };
     println!(
         "xtask: booting on {platform}{} (READY expected within {} s)",
-        if vsock { " with a virtio-vsock device" } else { "" },
+        if matches!(platform, Platform::Qemu { .. }) {
+            " with a virtio-vsock device and COM2 on a socket"
+        } else {
+            " with COM2 on a socket"
+        },
         config.timeout.as_secs()
     );
     let mut session = emulator::Session::spawn_staged(&platform, &esp, &config, staged)?;
     println!("xtask: serial log also in {}", session.serial_path.display());
     let mut echo = emulator::Echo::new(true);
-    let serving = |log: &serial::SerialLog| log.line("CONTROL ").is_some() || log.outcome().is_some();
+    // The serial channel's line comes after vsock's, so once it is there both are known.
+    let serving = |log: &serial::SerialLog| {
+        log.line("CONTROL serial ").is_some()
+            || log.line("CONTROL listening on serial").is_some()
+            || log.outcome().is_some()
+    };
     match session.wait_until(config.timeout, &mut echo, serving) {
         emulator::Wait::TimedOut => {
             return Err(format!(
@@ -309,8 +319,15 @@ fn run(
     }
     let ready = session.ready_after.map(|t| t.as_secs_f64()).unwrap_or_default();
     println!("xtask: READY after {ready:.1} s on {platform}");
-    if let (Some(socket), Some(_)) = (&session.vsock_socket, log.line("CONTROL listening")) {
-        let target = format!("unix:{}:{}", socket.display(), wire::CONTROL_PORT);
+    let vsock_target = (session.vsock_socket.as_ref())
+        .filter(|_| log.line("CONTROL listening on vsock").is_some())
+        .map(|s| format!("unix:{}:{}", s.display(), wire::CONTROL_PORT));
+    // `unix:PATH` without a port: a raw serial stream (serial packets), not vsock.
+    let serial_target = (session.serial_socket.as_ref())
+        .filter(|_| log.line("CONTROL listening on serial").is_some())
+        .map(|s| format!("unix:{}", s.display()));
+    // hvctl's default: vsock where there is one (QEMU), else the serial line (Bochs).
+    if let Some(target) = vsock_target.clone().or(serial_target.clone()) {
         let connect_file = tools::root().join("target/xtask/hvctl.connect");
         // hvctl looks for it under target/ even when CARGO_TARGET_DIR puts the build
         // elsewhere, and then nothing else has created target/xtask.
@@ -320,7 +337,12 @@ fn run(
         std::fs::write(&connect_file, format!("{target}\n")).map_err(|e| format!("{}: {e}", connect_file.display()))?;
         let target_dir = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
         println!("xtask: the hypervisor is serving; in another terminal:");
-        println!("    {target_dir}/debug/hvctl --connect {target} info");
+        if let Some(v) = &vsock_target {
+            println!("    {target_dir}/debug/hvctl --connect {v} info");
+        }
+        if let Some(s) = &serial_target {
+            println!("    {target_dir}/debug/hvctl --connect {s} info   (serial line COM2, one client at a time)");
+        }
         for (id, name) in log.text().lines().filter_map(created_domain) {
             println!(
                 "xtask: domain {id} ({name}): {target_dir}/debug/hvctl --connect {target} domain console {id} \

@@ -394,6 +394,8 @@ pub struct Machine<B: Backend> {
     next_id: u32,
     cursor: usize,
     slice_ticks: Option<u64>,
+    /// A shorter slice asked for now (`cap_slice`).
+    slice_cap: Option<u64>,
     mechanisms: dirty::Mechanisms,
     /// Map guest memory with 2 MiB nested pages where possible.
     large_pages: bool,
@@ -427,9 +429,26 @@ impl<B: Backend> Machine<B> {
             next_id: 1,
             cursor: 0,
             slice_ticks,
+            slice_cap: None,
             mechanisms,
             large_pages,
             incoming_name_of: None,
+        }
+    }
+
+    /// End time slices after at most `ticks` (`None`: the slice the machine was made
+    /// with), so the main loop comes round sooner: the serial control channel asks for
+    /// it while a client uses the line (`init::SERIAL_POLL_US`). Without preemption
+    /// (no slice at all) it changes nothing.
+    pub fn cap_slice(&mut self, ticks: Option<u64>) {
+        self.slice_cap = ticks;
+    }
+
+    /// The slice in force: the machine's, or the cap if shorter.
+    pub(crate) fn slice(&self) -> Option<u64> {
+        match (self.slice_ticks, self.slice_cap) {
+            (Some(slice), Some(cap)) => Some(slice.min(cap.max(1))),
+            (slice, _) => slice,
         }
     }
 

@@ -166,7 +166,7 @@ impl<B: Backend> Machine<B> {
     }
 
     fn run_vcpu(&mut self, di: usize, vi: usize) {
-        let slice = self.slice_ticks;
+        let slice = self.slice();
         let start = crate::drivers::time::now_ticks();
         let budget = slice.unwrap_or(u64::MAX);
         loop {

@@ -1,9 +1,11 @@
 //! The serial console on COM1 (I/O port 0x3F8): the hypervisor's only output device.
 //!
-//! It writes the 16550 transmit register directly, so it works the same before and
-//! after ExitBootServices and on bare metal. It does not reprogram the UART: the
-//! firmware (OVMF: 115200 8N1) already did, and changing the baud rate would garble a
-//! real serial terminal. It is also the `log` backend.
+//! It writes the 16550 transmit register directly ([`super::uart::Uart`], the driver
+//! the serial control channel on COM2 uses too), so it works the same before and after
+//! ExitBootServices and on bare metal. It does not reprogram the UART
+//! ([`super::uart::Uart::attach`]): the firmware (OVMF: 115200 8N1) already did, and
+//! changing the baud rate would garble a real serial terminal. It is also the `log`
+//! backend.
 //!
 //! Not for: guest consoles (those are per-domain ring buffers, issue 5).
 //!
@@ -13,13 +15,12 @@
 
 use core::fmt::{self, Write};
 use spin::Mutex;
-use uart_16550::SerialPort;
 
-/// I/O base of the first legacy serial port.
-pub const COM1: u16 = 0x3F8;
+pub use super::uart::COM1;
+use super::uart::Uart;
 
 struct Console {
-    port: Option<SerialPort>,
+    port: Option<Uart>,
 }
 
 static CONSOLE: Mutex<Console> = Mutex::new(Console { port: None });
@@ -30,9 +31,9 @@ impl Write for Console {
             for byte in s.bytes() {
                 // Terminals on a real serial line want CR LF.
                 if byte == b'\n' {
-                    port.send(b'\r');
+                    port.send_blocking(b'\r');
                 }
-                port.send(byte);
+                port.send_blocking(byte);
             }
         }
         Ok(())
@@ -46,9 +47,9 @@ pub fn init() {
     let mut console = CONSOLE.lock();
     if console.port.is_none() {
         // SAFETY: COM1 at 0x3F8 is the legacy serial port on every PC-compatible machine this image targets (QEMU
-        // q35, Bochs i440fx, server boards); the hypervisor owns the machine and nothing else drives this port.
-        // `SerialPort::new` only records the base; writes happen in `send`.
-        console.port = Some(unsafe { SerialPort::new(COM1) });
+        // q35, Bochs i440fx, server boards), or nothing answers there; the hypervisor owns the machine and
+        // nothing else drives this port (the serial control channel refuses COM1). `attach` only records the base.
+        console.port = Some(unsafe { Uart::attach(COM1) });
     }
     drop(console);
     // A second call finds the logger already set; that is fine.

@@ -1,5 +1,5 @@
-//! Hardware the hypervisor itself drives, never a guest's: COM1 (the hypervisor's own
-//! console), the host local APIC (time-slice timer on SVM), the descriptor tables,
+//! Hardware the hypervisor itself drives, never a guest's: the 16550 UARTs (COM1, the
+//! hypervisor's own console, and COM2, the serial control channel), the host local APIC (time-slice timer on SVM), the descriptor tables,
 //! the TSC and PIT (time), PCI configuration space and virtio (the vsock control
 //! channel). Guest device models live in `devices/`; the two never share code.
 
@@ -8,4 +8,5 @@ pub mod lapic;
 pub mod pci;
 pub mod tables;
 pub mod time;
+pub mod uart;
 pub mod virtio;

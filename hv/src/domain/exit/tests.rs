@@ -757,3 +757,22 @@ fn the_machine_state_moves_between_two_machines_and_time_continues() {
     let e = m.load_machine_state_at(1, &records[2], host_dst).unwrap_err();
     assert!(e.contains("before the guest clock"), "{e}");
 }
+
+#[test]
+fn a_slice_cap_shortens_slices_and_never_invents_preemption() {
+    let text = include_str!("../../../../levelling/testdata/qemu-7.2-tcg-epyc.cpuid");
+    let dump = levelling::parse_dump(text).expect("the recorded dump parses");
+    let host = levelling::HostCpu::from_records(&dump.records).expect("the recorded CPU decodes");
+    let mechanisms = Mechanisms { pml: false, dbit: true };
+    let mut m = Machine::new(FakeBackend, pool(16), host.clone(), Some(10_000), mechanisms, false);
+    assert_eq!(m.slice(), Some(10_000));
+    m.cap_slice(Some(500));
+    assert_eq!(m.slice(), Some(500), "the serial channel's shorter slice");
+    m.cap_slice(Some(50_000));
+    assert_eq!(m.slice(), Some(10_000), "a cap never lengthens the slice");
+    m.cap_slice(None);
+    assert_eq!(m.slice(), Some(10_000));
+    let mut unpreemptible = Machine::new(FakeBackend, pool(16), host, None, mechanisms, false);
+    unpreemptible.cap_slice(Some(500));
+    assert_eq!(unpreemptible.slice(), None, "without a preemption timer there is no slice to cap");
+}
