@@ -372,10 +372,16 @@ fn start_serial(
     handles: &mut services::control::Handles,
 ) -> Option<services::serial_control::SerialTransport> {
     use services::serial_control::{SerialOption, SerialTransport};
-    let option = SerialOption::from_cmdline(cmdline).unwrap_or_else(|e| {
-        println!("warning: {e}; using the default (COM2 0x2f8 at 115200 baud)");
-        SerialOption::DEFAULT
-    });
+    // A malformed option serves no serial line rather than the default: the operator
+    // meant some other port or rate, and COM2 may be wired to something else (an IPMI
+    // serial-over-LAN console, say).
+    let option = match SerialOption::from_cmdline(cmdline) {
+        Ok(option) => option,
+        Err(e) => {
+            println!("CONTROL serial off: {e}");
+            return None;
+        }
+    };
     let SerialOption::Port { base, baud } = option else {
         println!("CONTROL serial off (hv.serial=off)");
         return None;

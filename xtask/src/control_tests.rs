@@ -18,12 +18,19 @@ use crate::serial::{SerialLog, clean};
 use crate::systest::{NamedTest, build_hvctl, hvctl_output, run_each, select, stopped_serving, wait_for, wait_serving};
 use crate::{Result, tools};
 
-struct Ctx {
-    socket: PathBuf,
-    hvctl: PathBuf,
-    caps: BTreeMap<String, String>,
+/// A booted hypervisor the tests talk to. The hvctl-driven tests use `target` only, so
+/// they also run over the serial channel on Bochs (`bochs_serial_tests`).
+pub struct Ctx {
+    /// The vsock hybrid socket, for the raw-client tests.
+    pub socket: PathBuf,
+    /// hvctl's `--connect` target.
+    pub target: String,
+    /// The hvctl binary.
+    pub hvctl: PathBuf,
+    /// The CAPS line's values.
+    pub caps: BTreeMap<String, String>,
     /// The guest kernels (target/esp/EFI/HV).
-    guests: PathBuf,
+    pub guests: PathBuf,
 }
 
 const TESTS: &[NamedTest<Ctx>] = &[
@@ -67,7 +74,9 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
         print_log(&session);
         return Ok((0, selected.len()));
     }
-    let ctx = Ctx { socket, hvctl, caps: log.caps().unwrap_or_default(), guests: esp.dir.join("EFI").join("HV") };
+    let target = format!("unix:{}:{}", socket.display(), wire::CONTROL_PORT);
+    let ctx =
+        Ctx { socket, target, hvctl, caps: log.caps().unwrap_or_default(), guests: esp.dir.join("EFI").join("HV") };
     let (passed, mut failed) = run_each(&selected, &ctx);
     failed += stopped_serving("control-*", "hypervisor", &session);
     if failed > 0 {
@@ -85,17 +94,13 @@ fn print_log(session: &Session) {
     );
 }
 
-fn target(ctx: &Ctx) -> String {
-    format!("unix:{}:{}", ctx.socket.display(), wire::CONTROL_PORT)
-}
-
 /// Run hvctl and return (exit code, stdout, stderr) without judging it.
-fn hvctl_raw(ctx: &Ctx, args: &[&str]) -> Result<(Option<i32>, String, String)> {
-    let target = target(ctx);
-    hvctl_output(&ctx.hvctl, &[&["--connect", target.as_str()], args].concat())
+pub fn hvctl_raw(ctx: &Ctx, args: &[&str]) -> Result<(Option<i32>, String, String)> {
+    hvctl_output(&ctx.hvctl, &[&["--connect", ctx.target.as_str()], args].concat())
 }
 
-fn hvctl(ctx: &Ctx, args: &[&str]) -> Result<String> {
+/// Run hvctl against `ctx`; its stdout, or why it failed.
+pub fn hvctl(ctx: &Ctx, args: &[&str]) -> Result<String> {
     let (code, stdout, stderr) = hvctl_raw(ctx, args)?;
     if code != Some(0) {
         let status = code.map_or_else(|| "a signal".to_string(), |c| format!("exit status: {c}"));
@@ -364,7 +369,7 @@ fn domain_state(list: &serde_json::Value, id: u64) -> Option<String> {
     list["domains"].as_array()?.iter().find(|d| d["id"] == id).and_then(|d| d["state"].as_str()).map(String::from)
 }
 
-fn domain_lifecycle(ctx: &Ctx) -> Result<String> {
+pub fn domain_lifecycle(ctx: &Ctx) -> Result<String> {
     let kernel = |name: &str| ctx.guests.join(format!("{name}.elf")).display().to_string();
     let before = domain_list(ctx)?["free_frames"].as_u64().ok_or("no free_frames")?;
     // A writer runs to completion; its console and state are visible.
@@ -521,7 +526,7 @@ pub fn check_openmetrics(text: &str) -> Result<usize> {
     Ok(samples)
 }
 
-fn monitor_events(ctx: &Ctx) -> Result<String> {
+pub fn monitor_events(ctx: &Ctx) -> Result<String> {
     // Monitoring hardware: absent on QEMU, with the CPUID field that says so.
     let hw: serde_json::Value = serde_json::from_str(&hvctl(ctx, &["monitor", "hwinfo", "--json"])?)
         .map_err(|e| format!("hwinfo --json: {e}"))?;
@@ -820,9 +825,8 @@ fn interactive_console(ctx: &Ctx) -> Result<String> {
     wait_for("the echo guest to be ready", 20, || {
         Ok(hvctl(ctx, &["domain", "console", &id.to_string()])?.contains("echo: ready"))
     })?;
-    let target = target(ctx);
     let mut child = std::process::Command::new(&ctx.hvctl)
-        .args(["--connect", &target, "domain", "console", &id.to_string(), "--interactive"])
+        .args(["--connect", &ctx.target, "domain", "console", &id.to_string(), "--interactive"])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -5,6 +5,7 @@
 //! Missing host tools are installed with apt-get when running as root on Debian or
 //! Ubuntu, or named with the exact install command otherwise.
 
+mod bochs_serial_tests;
 mod client;
 mod control_tests;
 mod cpio;

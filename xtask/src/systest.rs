@@ -206,6 +206,9 @@ pub fn run_all(filter: Option<&str>, linux: bool) -> Result<()> {
     let (p, f) = crate::serial_control_tests::run(&esp, filter)?;
     passed += p;
     failed += f;
+    let (p, f) = crate::bochs_serial_tests::run(&esp, filter)?;
+    passed += p;
+    failed += f;
     let (p, f) = crate::domain_tests::run(&esp, filter)?;
     passed += p;
     failed += f;
