@@ -82,6 +82,9 @@ pub struct SerialClient {
     /// Packets that failed to decode since the session opened (the line is clean on
     /// an emulator, so tests expect 0).
     pub bad_packets: u64,
+    /// Bytes read off the socket and not yet decoded (`unread[unread_at..]`).
+    unread: Vec<u8>,
+    unread_at: usize,
 }
 
 /// A nonce no earlier session of this process used.
@@ -99,7 +102,14 @@ impl SerialClient {
     pub fn connect(socket: &Path, timeout: Duration) -> Result<Self> {
         let stream = UnixStream::connect(socket).map_err(|e| format!("connect {}: {e}", socket.display()))?;
         stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-        let mut client = Self { stream, decoder: PacketDecoder::new(), next_id: 1, bad_packets: 0 };
+        let mut client = Self {
+            stream,
+            decoder: PacketDecoder::new(),
+            next_id: 1,
+            bad_packets: 0,
+            unread: Vec::new(),
+            unread_at: 0,
+        };
         client.open(timeout)?;
         Ok(client)
     }
@@ -150,16 +160,23 @@ impl SerialClient {
     }
 
     /// Read until a packet (or a packet error) ends; `Ok(None)` when the socket closed.
+    /// Reads in blocks (the throughput benchmark must not measure one system call per
+    /// byte) and keeps what follows the packet for the next call.
     pub fn read_packet(&mut self) -> Result<Option<std::result::Result<Packet, wire::serial::PacketError>>> {
-        let mut byte = [0u8; 1];
+        let mut block = [0u8; 4096];
         loop {
-            match self.stream.read(&mut byte) {
-                Ok(0) => return Ok(None),
-                Ok(_) => {
-                    if let Some(result) = self.decoder.push(byte[0]) {
-                        return Ok(Some(result));
-                    }
+            while self.unread_at < self.unread.len() {
+                let byte = self.unread[self.unread_at];
+                self.unread_at += 1;
+                if let Some(result) = self.decoder.push(byte) {
+                    return Ok(Some(result));
                 }
+            }
+            self.unread.clear();
+            self.unread_at = 0;
+            match self.stream.read(&mut block) {
+                Ok(0) => return Ok(None),
+                Ok(n) => self.unread.extend_from_slice(&block[..n]),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(format!("serial read: {e}")),
             }

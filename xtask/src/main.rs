@@ -135,7 +135,9 @@ enum Command {
     /// clippy (deny warnings) on the host crates and on the UEFI image, and rustfmt --check.
     Lint,
     /// Benchmarks: `boot` measures time from emulator start to READY; `control` the
-    /// round trip of ping and info over virtio-vsock under QEMU TCG; `exits` the CPUID
+    /// round trip of ping and info over virtio-vsock under QEMU TCG; `serial` ping round
+    /// trips over COM2 against vsock (QEMU) and serial throughput against the 115200-baud
+    /// line rate (QEMU and Bochs); `exits` the CPUID
     /// exits per second a guest loop gets on each emulator; `dirty` VM exits per 1,000
     /// newly dirtied pages for pml/dbit/wp on Bochs (`--runs` = pages); `migration` the
     /// convergence policy against Xen's count rule and a model of QEMU's pre-copy over
@@ -148,7 +150,7 @@ enum Command {
     /// target/xtask/runs/bench-linux.json.
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["boot", "control", "exits", "dirty", "migration", "linux-baseline", "linux"])]
+        #[arg(value_parser = ["boot", "control", "serial", "exits", "dirty", "migration", "linux-baseline", "linux"])]
         what: String,
         /// boot: runs per platform (the median is reported); control: requests per kind
         /// (default 1000).
@@ -202,6 +204,7 @@ fn main() -> ExitCode {
         Command::CheckDeps => deps::check(),
         Command::Lint => lint(),
         Command::Bench { what, runs, .. } if what == "control" => control_tests::bench(runs.unwrap_or(1000)),
+        Command::Bench { what, runs, .. } if what == "serial" => serial_control_tests::bench(runs.unwrap_or(200)),
         Command::Bench { what, runs, .. } if what == "exits" => domain_tests::bench_exits(runs.unwrap_or(20_000)),
         Command::Bench { what, runs, .. } if what == "dirty" => domain_tests::bench_dirty(runs.unwrap_or(2048)),
         Command::Bench { what, runs, .. } if what == "linux-baseline" => linux_tests::bench_baseline(runs.unwrap_or(3)),

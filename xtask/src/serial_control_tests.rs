@@ -384,3 +384,111 @@ fn abuse_with(ctx: &Ctx, noise_rounds: usize, clients: usize) -> Result<String> 
     }
     Ok(format!("{}; {health}", findings.join(", ")))
 }
+
+/// The line rate a 115200-baud 8N1 UART can carry, in bytes per second (10 bits per byte:
+/// start, 8 data, stop).
+const LINE_BYTES_PER_SEC: f64 = 115_200.0 / 10.0;
+
+/// `cargo xtask bench serial`: on QEMU (vsock and COM2 in one boot), ping round trips
+/// over serial against vsock, as a ratio, and the serial throughput; on Bochs (COM2
+/// only, baud-rate timing emulated), the serial round trip and throughput. Throughput is
+/// the bytes the line carried (request and response packets, COBS and CRC included)
+/// per second of sequential 16 KiB pings, against the 11 520 B/s a 115200-baud line can
+/// carry in one direction at a time.
+pub fn bench(runs: usize) -> Result<()> {
+    let esp = crate::image::build(true)?;
+    let runs = runs.max(10);
+    for platform in [Platform::Qemu { cpu: "EPYC".into() }, Platform::Bochs { model: "corei7_skylake_x".into() }] {
+        tools::ensure(&platform)?;
+        let config = RunConfig {
+            name: "bench-serial".into(),
+            timeout: Duration::from_secs(platform.default_timeout_secs()),
+            cmdline: String::new(),
+            echo: false,
+            vsock: true,
+            domains: None,
+        };
+        let mut session = Session::spawn(&platform, &esp, &config)?;
+        let wait = session.wait_until(config.timeout, &mut Echo::new(false), |l| {
+            l.line("CONTROL listening on serial").is_some() || l.outcome().is_some()
+        });
+        let socket = session.serial_socket.clone();
+        let (Wait::Matched(_), Some(socket)) = (wait, socket) else {
+            return Err(format!("{platform}: no serial control channel ({wait:?}):\n{}", clean(&session.serial())));
+        };
+        let mut serial = SerialClient::connect(&socket, Duration::from_secs(60))?;
+        let ping = Request::Ping { payload: vec![7; 16] };
+        let serial_rtt = round_trips(runs, || serial.call(&ping))?;
+        println!("{platform}: serial ping (16 B), {runs} round trips: {}", serial_rtt.summary());
+        if let Some(vsock) = session.vsock_socket.clone() {
+            let mut client = RawClient::connect(&vsock, wire::CONTROL_PORT)?;
+            let vsock_rtt = round_trips(runs, || client.call(&ping))?;
+            println!("{platform}: vsock ping (16 B), {runs} round trips: {}", vsock_rtt.summary());
+            println!(
+                "{platform}: serial/vsock round trip, median: {:.2}x (same boot, same run)",
+                serial_rtt.median / vsock_rtt.median
+            );
+        }
+        let big = Request::Ping { payload: vec![0x5a; 16 * 1024] };
+        let line_bytes = {
+            let request = SerialClient::request_packet(1, &big)?.len();
+            let mut frame = Vec::new();
+            wire::encode_response(1, &Response::Pong { payload: vec![0x5a; 16 * 1024] }, &mut frame)
+                .map_err(|e| e.to_string())?;
+            let mut packet = Vec::new();
+            wire::serial::encode_frame_packet(&frame, &mut packet);
+            request + packet.len()
+        };
+        let count = if matches!(platform, Platform::Bochs { .. }) { 4 } else { 16 };
+        let start = Instant::now();
+        for _ in 0..count {
+            match serial.call(&big)? {
+                Response::Pong { payload } if payload.len() == 16 * 1024 => {}
+                other => return Err(format!("{platform}: 16 KiB ping answered with {other:?}")),
+            }
+        }
+        let rate = (line_bytes * count) as f64 / start.elapsed().as_secs_f64();
+        println!(
+            "{platform}: serial throughput {rate:.0} B/s over {count} x 16 KiB pings ({line_bytes} line bytes each): \
+             {:.2}x the {LINE_BYTES_PER_SEC:.0} B/s of 115200 baud{}",
+            rate / LINE_BYTES_PER_SEC,
+            if matches!(platform, Platform::Qemu { .. }) {
+                " (QEMU's UART does not emulate the baud rate)"
+            } else {
+                " (Bochs times the line in emulated time)"
+            }
+        );
+        session.stop();
+    }
+    Ok(())
+}
+
+/// Sorted round-trip times.
+struct RoundTrips {
+    median: f64,
+    p99: f64,
+    min: f64,
+}
+
+impl RoundTrips {
+    fn summary(&self) -> String {
+        format!("median {:.0} µs, p99 {:.0} µs, min {:.0} µs", self.median * 1e6, self.p99 * 1e6, self.min * 1e6)
+    }
+}
+
+fn round_trips(runs: usize, mut call: impl FnMut() -> Result<Response>) -> Result<RoundTrips> {
+    for _ in 0..runs / 10 {
+        call()?;
+    }
+    let mut times = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let t = Instant::now();
+        match call()? {
+            Response::Error(e) => return Err(format!("ping: {e}")),
+            _ => times.push(t.elapsed().as_secs_f64()),
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let at = |p: f64| times[((times.len() - 1) as f64 * p).round() as usize];
+    Ok(RoundTrips { median: at(0.5), p99: at(0.99), min: at(0.0) })
+}
