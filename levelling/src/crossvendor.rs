@@ -312,6 +312,12 @@ pub const RULES: &[Rule] = &[
         reason: "it names the presented CPU, not the host",
     },
     Rule {
+        subject: leaf(0x1, "EBX[15:8] (CLFLUSH line size)"),
+        when: When::OtherVendor,
+        action: Action::Synthesize("the presented dump, or clflush-line="),
+        reason: "64 bytes on every CPU of both vendors in the test data; part of the presented identity",
+    },
+    Rule {
         subject: leaf(0x8000_0001, "EDX bits 0-9, 12-17, 23, 24 (AMD's duplicates of 0x1.EDX)"),
         when: When::OtherLayout,
         action: Action::Synthesize("0x1.EDX for an AMD-compatible vendor, zero for Intel"),

@@ -15,6 +15,7 @@
 //! | `brand=TEXT` or `brand-words=W0:…:W11` | brand string, 0x8000_0002..4 (default: the host's); TEXT is up to 47 characters without `,` or `#`, trimmed |
 //! | `cache-ext=W0:W1:W2:W3` | 0x8000_0005.ECX/EDX, 0x8000_0006.ECX/EDX (default: the host's) |
 //! | `cache-leaf4=W0:…` | CPUID.4 subleaves, four words each (default: the host's) |
+//! | `clflush-line=N` | CLFLUSH line size in bytes, a multiple of 8 (1.EBX[15:8] × 8; default: the host's) |
 //! | `vcpus=N` | vCPU count (default 1) |
 //! | `phys-bits=N` | physical address bits (default: the host's) |
 //! | `max-leaf=N` | highest basic leaf (default: the host's, at most 0xD) |
@@ -102,6 +103,8 @@ pub struct Spec {
     pub cache_ext: Option<[u32; 4]>,
     /// `cache-leaf4=`.
     pub cache_leaf4: Option<Vec<[u32; 4]>>,
+    /// `clflush-line=`, in 8-byte units as CPUID.1:EBX[15:8] has it.
+    pub clflush_size: Option<u8>,
 }
 
 /// Why a spec did not parse.
@@ -293,17 +296,27 @@ fn parse_item(spec: &mut Spec, item: &str) -> Result<(), String> {
                 set_once(&mut spec.vendor, v, key)
             }
             "host-vendors" => {
-                let v = VendorSet::parse(value)
-                    .ok_or_else(|| String::from("expected vendors joined by `+` (intel, amd, hygon), e.g. amd+intel"))?;
+                let v = VendorSet::parse(value).ok_or_else(|| {
+                    String::from("expected vendors joined by `+` (intel, amd, hygon), e.g. amd+intel")
+                })?;
                 set_once(&mut spec.host_vendors, v, key)
             }
             "brand" => {
-                let b = brand_regs(value).ok_or_else(|| String::from("a brand string has at most 47 ASCII characters"))?;
+                let b =
+                    brand_regs(value).ok_or_else(|| String::from("a brand string has at most 47 ASCII characters"))?;
                 set_once(&mut spec.brand, b, "brand/brand-words")
             }
             "brand-words" => {
                 let w = words::<12>(value).ok_or_else(|| String::from("expected 12 hex words separated by `:`"))?;
                 set_once(&mut spec.brand, w, "brand/brand-words")
+            }
+            "clflush-line" => {
+                let n = num()?;
+                let units = u8::try_from(n / 8)
+                    .ok()
+                    .filter(|u| n % 8 == 0 && *u > 0)
+                    .ok_or_else(|| String::from("the CLFLUSH line is a multiple of 8 bytes, 8 to 2040"))?;
+                set_once(&mut spec.clflush_size, units, key)
             }
             "cache-ext" => {
                 let w = words::<4>(value).ok_or_else(|| String::from("expected 4 hex words separated by `:`"))?;
@@ -449,6 +462,9 @@ impl Spec {
         if let Some(c) = self.cache_ext {
             p.cache_ext = c;
         }
+        if let Some(c) = self.clflush_size {
+            p.clflush_size = c;
+        }
         if let Some(c) = &self.cache_leaf4 {
             p.cache_leaf4 = c.clone();
         }
@@ -520,6 +536,7 @@ impl Policy {
             let w: Vec<String> = self.cache_leaf4.iter().flatten().map(|w| format!("{w:08x}")).collect();
             items.push(format!("cache-leaf4={}", w.join(":")));
         }
+        items.push(format!("clflush-line={}", u32::from(self.clflush_size) * 8));
         items.push(format!("vcpus={}", self.vcpus));
         items.push(format!("phys-bits={}", self.phys_bits));
         items.push(format!("max-leaf={:#x}", self.basic_max));
