@@ -134,8 +134,8 @@ pub enum Note {
         vendor: Vendor,
         /// The host's.
         host: Vendor,
-        /// What was left empty (`brand string`, `cache descriptors`) or kept from the
-        /// host (`signature`).
+        /// The items not given (`brand=`, `cache-ext=`, `cache-leaf4=`, `signature=`):
+        /// the first three are left empty, the signature is the host's.
         missing: Vec<&'static str>,
     },
     /// `-feature` also cleared these dependents.
@@ -162,9 +162,20 @@ impl fmt::Display for Note {
                 for (i, m) in missing.iter().enumerate() {
                     write!(f, "{}{m}", if i == 0 { " " } else { ", " })?;
                 }
-                f.write_str(
-                    ": the brand string stays empty, caches of another CPUID layout are left out, the signature is the host's",
-                )
+                f.write_str(":")?;
+                let mut first = true;
+                for (item, what) in [
+                    ("brand=", "the brand string is empty"),
+                    ("cache-ext=", "no 0x80000005/6 cache descriptors"),
+                    ("cache-leaf4=", "no leaf 4 cache descriptors"),
+                    ("signature=", "the signature is the host's"),
+                ] {
+                    if missing.contains(&item) {
+                        write!(f, "{}{what}", if first { " " } else { ", " })?;
+                        first = false;
+                    }
+                }
+                Ok(())
             }
             Note::MaxLeafCleared { max_leaf, cleared } => {
                 write!(f, "max-leaf={max_leaf:#x} also cleared the features of higher leaves:")?;
@@ -564,7 +575,7 @@ impl Policy {
             s.push('\n');
         }
         let _ = writeln!(s, "# {}", names(&self.features));
-        for (v, caveats) in self.caveats() {
+        for (v, caveats) in self.caveats().into_iter().filter(|(_, c)| !c.is_empty()) {
             let _ = write!(s, "# caveats on {v} hosts:");
             for c in &caveats {
                 let _ = write!(s, " {}", c.name());
