@@ -63,6 +63,87 @@ impl Vendor {
     }
     /// Every vendor, in encoding order.
     pub const ALL: [Vendor; 3] = [Vendor::Intel, Vendor::Amd, Vendor::Hygon];
+    /// Position in [`Vendor::ALL`] (the postcard variant index).
+    pub const fn index(self) -> u8 {
+        match self {
+            Vendor::Intel => 0,
+            Vendor::Amd => 1,
+            Vendor::Hygon => 2,
+        }
+    }
+    /// Parse a short name (`intel`, `amd`, `hygon`) or a CPUID vendor string, in any case.
+    pub fn parse(s: &str) -> Option<Vendor> {
+        Vendor::ALL
+            .into_iter()
+            .find(|v| v.name().eq_ignore_ascii_case(s) || alloc::format!("{v}").eq_ignore_ascii_case(s))
+    }
+}
+
+/// A set of [`Vendor`]s: the vendors of the hosts a policy was levelled for
+/// ([`crate::Policy::host_vendors`]). Bit `i` is [`Vendor::ALL`]`[i]`; postcard
+/// encodes it as that one byte. The text form is the short names joined by `+`
+/// (`intel+amd`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct VendorSet(u8);
+
+impl VendorSet {
+    /// No vendor.
+    pub const EMPTY: VendorSet = VendorSet(0);
+    /// The set of one vendor.
+    pub const fn of(v: Vendor) -> VendorSet {
+        VendorSet(1 << v.index())
+    }
+    /// This set with `v` added.
+    pub const fn with(self, v: Vendor) -> VendorSet {
+        VendorSet(self.0 | (1 << v.index()))
+    }
+    /// This set without `v`.
+    pub const fn without(self, v: Vendor) -> VendorSet {
+        VendorSet(self.0 & !(1 << v.index()))
+    }
+    /// Whether `v` is in the set.
+    pub const fn contains(self, v: Vendor) -> bool {
+        self.0 & (1 << v.index()) != 0
+    }
+    /// Whether the set is empty.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    /// The vendors in the set, in [`Vendor::ALL`] order.
+    pub fn iter(self) -> impl Iterator<Item = Vendor> {
+        Vendor::ALL.into_iter().filter(move |v| self.contains(*v))
+    }
+    /// The canonical form of a policy's host vendors when it presents `presented`:
+    /// empty if the set names no other vendor (a policy for `presented`'s hosts only),
+    /// else the set with `presented` in it.
+    pub const fn normalized_for(self, presented: Vendor) -> VendorSet {
+        if self.without(presented).is_empty() { VendorSet::EMPTY } else { self.with(presented) }
+    }
+    /// Parse the text form: short names (`intel`, `amd`, `hygon`, or the CPUID
+    /// strings) joined by `+`.
+    pub fn parse(s: &str) -> Option<VendorSet> {
+        let mut set = VendorSet::EMPTY;
+        for name in s.split('+') {
+            set = set.with(Vendor::parse(name.trim())?);
+        }
+        Some(set)
+    }
+}
+
+impl fmt::Display for VendorSet {
+    /// `intel+amd`; `none` for the empty set.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("none");
+        }
+        for (i, v) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str("+")?;
+            }
+            f.write_str(v.name())?;
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Display for Vendor {

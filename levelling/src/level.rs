@@ -6,6 +6,9 @@
 //! CPUID.0xA.EAX (PMU numbers, per-byte minimum) and CPUID.0xA.EBX ("event not
 //! available" bits, OR). Because every input is dependency-closed and AND preserves
 //! that, the result is dependency-closed too (property-tested).
+//!
+//! This is the featureset part only; one verified policy for a pool of hosts (XSAVE
+//! layouts, maximum leaves, the presented vendor) is [`crate::pool::level_pool`].
 
 use crate::features::{self, OR};
 use crate::featureset::{Featureset, WORDS, WordKind};

@@ -14,7 +14,9 @@
 //! | [`host`] | a host CPU read from its records ([`HostCpu`]) |
 //! | [`policy`] | the full guest CPUID view ([`Policy`]) and its verification ([`Policy::verify`]) |
 //! | [`table`] | the O(1) exit-path lookup ([`CpuidTable`]) |
-//! | [`level`](mod@level) | levelling across hosts and featureset postcard/hash |
+//! | [`level`](mod@level) | levelling featuresets across hosts and featureset postcard/hash |
+//! | [`pool`] | one verified policy for a pool of hosts, same vendor or not ([`level_pool`]) |
+//! | [`crossvendor`] | what differs between AMD-compatible and Intel CPUs and what a levelled policy does about it (the rule table, [`Caveat`]s) |
 //! | [`text`] | the human text form and its parser |
 //! | [`hash`] | the stable hash (FNV-1a 64 over postcard) |
 //!
@@ -39,6 +41,7 @@
 
 extern crate alloc;
 
+pub mod crossvendor;
 pub mod dump;
 pub mod features;
 pub mod featureset;
@@ -47,15 +50,18 @@ pub mod hash;
 pub mod host;
 pub mod level;
 pub mod policy;
+pub mod pool;
 pub mod table;
 pub mod text;
 
+pub use crossvendor::Caveat;
 pub use dump::{CpuidRecord, Dump, DumpError, enumerate, format_dump, parse_dump};
 pub use features::{Feature, FeatureInfo};
 pub use featureset::{Featureset, NWORDS, WORDS};
 pub use guest::{LevellingCaps, levelling_caps};
-pub use host::{HostCpu, HostError, Unfit, Vendor};
+pub use host::{HostCpu, HostError, Unfit, Vendor, VendorSet};
 pub use level::{Levelled, level};
 pub use policy::{Policy, PolicyError, Rejection};
+pub use pool::{PoolError, PoolPolicy, level_pool};
 pub use table::{CpuidTable, VcpuState};
 pub use text::{Spec, TextError, parse_spec};

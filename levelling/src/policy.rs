@@ -7,11 +7,32 @@
 //!
 //! The exit-path lookup structure is [`crate::table::CpuidTable`]; this module only
 //! describes and checks.
+//!
+//! # Vendors
+//!
+//! A policy presents one [`Vendor`] ([`Policy::vendor`]) and runs on hosts of that
+//! vendor, and on hosts of the vendors in [`Policy::host_vendors`] if it was levelled
+//! across them ([`crate::pool::level_pool`]; `host-vendors=amd+intel` in the text
+//! form). On such a host the guest still sees only the presented vendor; what that
+//! costs is in [`crate::crossvendor`], and [`Policy::caveats_on`] names it.
+//!
+//! # Postcard encoding
+//!
+//! The fields in declaration order, as serde derives them, then — only if
+//! [`Policy::host_vendors`] is not empty — an extension: the vendor set as one byte.
+//! A policy for one vendor's hosts therefore encodes (and hashes) exactly as before
+//! the extension existed, and a reader that predates it decodes a cross-vendor policy
+//! as a policy for its presented vendor's hosts only (postcard ignores trailing
+//! bytes), which refuses the other vendor's hosts: the safe side. Later extensions
+//! append after this one and must be safe to ignore in the same way. The migration
+//! stream carries these bytes opaquely (`wire::migration::CpuidPolicy`), so its
+//! version does not change with them.
 
+use crate::crossvendor::{self, Caveat};
 use crate::features::{self, *};
 use crate::featureset::{Featureset, WORDS};
 use crate::guest::{self, DropReason};
-use crate::host::{HostCpu, Unfit, Vendor, XstateComponent};
+use crate::host::{HostCpu, Unfit, Vendor, VendorSet, XstateComponent};
 use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -96,6 +117,19 @@ pub struct Policy {
     pub cache_leaf4: Vec<[u32; 4]>,
     /// 0x8000_0005.ECX/EDX, 0x8000_0006.ECX/EDX cache descriptors.
     pub cache_ext: [u32; 4],
+    /// The vendors of the hosts this policy was levelled for, when it may run on
+    /// hosts of a vendor other than [`Policy::vendor`]: then the set holds the
+    /// presented vendor and at least one other. Empty: only the presented vendor's
+    /// hosts (see [`VendorSet::normalized_for`]). Encoded as a postcard extension
+    /// (module docs), hence skipped by serde.
+    #[serde(skip)]
+    pub host_vendors: VendorSet,
+}
+
+/// The postcard extension after the v1 fields (module docs).
+#[derive(Serialize, Deserialize)]
+struct PolicyExtension {
+    host_vendors: VendorSet,
 }
 
 impl Policy {
@@ -121,19 +155,58 @@ impl Policy {
             xstate,
             cache_leaf4: host.cache_leaf4.clone(),
             cache_ext: host.cache_ext,
+            host_vendors: VendorSet::EMPTY,
         }
     }
 
-    /// Postcard encoding.
+    /// Postcard encoding (module docs: the fields, then the vendor extension if any).
     pub fn to_postcard(&self) -> Result<Vec<u8>, postcard::Error> {
         let mut p = self.clone();
         p.features = p.features.normalized();
-        postcard::to_allocvec(&p)
+        let mut bytes = postcard::to_allocvec(&p)?;
+        let host_vendors = self.host_vendors.normalized_for(self.vendor);
+        if !host_vendors.is_empty() {
+            bytes.extend_from_slice(&postcard::to_allocvec(&PolicyExtension { host_vendors })?);
+        }
+        Ok(bytes)
     }
 
-    /// Decode from postcard.
+    /// Decode from postcard, with or without the vendor extension (bytes after the
+    /// known extensions are ignored, as older readers ignore the extension).
     pub fn from_postcard(bytes: &[u8]) -> Result<Policy, postcard::Error> {
-        postcard::from_bytes(bytes)
+        let (mut p, rest): (Policy, &[u8]) = postcard::take_from_bytes(bytes)?;
+        if !rest.is_empty() {
+            let (ext, _later): (PolicyExtension, &[u8]) = postcard::take_from_bytes(rest)?;
+            p.host_vendors = ext.host_vendors.normalized_for(p.vendor);
+        }
+        Ok(p)
+    }
+
+    /// The vendors of the hosts this policy may run on: its own and
+    /// [`Policy::host_vendors`].
+    pub fn allowed_vendors(&self) -> VendorSet {
+        self.host_vendors.with(self.vendor)
+    }
+
+    /// Whether the policy was levelled for hosts of a vendor other than its own.
+    pub fn is_cross_vendor(&self) -> bool {
+        !self.host_vendors.without(self.vendor).is_empty()
+    }
+
+    /// What running this policy on `host` costs beyond a host of the presented
+    /// vendor ([`crate::crossvendor::RULES`]): empty on a host of its own vendor.
+    pub fn caveats_on(&self, host: &HostCpu) -> Vec<Caveat> {
+        crossvendor::caveats(self.vendor, &self.features, host.vendor, Some(&host.raw))
+    }
+
+    /// For every other vendor the policy may run on, the caveats there (those that
+    /// depend on the host's features included, as they may apply).
+    pub fn caveats(&self) -> Vec<(Vendor, Vec<Caveat>)> {
+        self.allowed_vendors()
+            .without(self.vendor)
+            .iter()
+            .map(|v| (v, crossvendor::caveats(self.vendor, &self.features, v, None)))
+            .collect()
     }
 
     /// Stable hash: FNV-1a 64 over the postcard encoding (see [`crate::hash`]).
@@ -145,21 +218,32 @@ impl Policy {
     /// the answer to "can this policy run on that host". Returns every problem; on a
     /// host that cannot run guests at all ([`HostCpu::cannot_run_guests`]) only that.
     ///
-    /// The vendor must match exactly, AMD and Hygon included: a featureset levelled
-    /// across AMD and Hygon hosts is fine ([`crate::level`] is vendor-blind), but a
+    /// The host's vendor must be the policy's, AMD and Hygon included, unless the
+    /// policy was levelled for that vendor's hosts too ([`Policy::host_vendors`]): a
     /// policy names one vendor, whose string, family numbering (Hygon's 0x18 is not an
-    /// AMD family) and errata the guest keys on, so it runs only on that vendor's hosts.
+    /// AMD family) and errata the guest keys on, and crossing to another vendor is a
+    /// decision made when levelling, with its caveats ([`Policy::caveats_on`]). Beyond
+    /// that a host of another vendor is checked like any host: every feature in its
+    /// `max`, the same XSAVE layout, the leaves and address widths it can give.
+    ///
+    /// Bits with the `OR` flag (safe to show on a host without them) need not be in
+    /// the host's `max`, so a levelled policy verifies on every host of its pool.
     pub fn verify(&self, host: &HostCpu) -> Result<(), Rejection> {
         if let Some(why) = host.cannot_run_guests() {
             return Err(Rejection { errors: alloc::vec![PolicyError::HostCannotRunGuests(why)] });
         }
         let mut errors = Vec::new();
-        if self.vendor != host.vendor {
-            errors.push(PolicyError::VendorMismatch { policy: self.vendor, host: host.vendor });
+        if !self.allowed_vendors().contains(host.vendor) {
+            errors.push(PolicyError::VendorMismatch {
+                policy: self.vendor,
+                host: host.vendor,
+                levelled_for: self.allowed_vendors(),
+            });
         }
-        // 1. Every bit must be in the host's max.
+        // 1. Every bit must be in the host's max (OR bits: offerable ones may be absent).
         let max = host.max();
-        for (w, b) in self.features.and_not(&max.set).bits() {
+        let or_ok = features::flag_mask(features::OR).and_not(&features::attr_mask(features::Attr::N));
+        for (w, b) in self.features.and_not(&max.set).and_not(&or_ok).bits() {
             let f = Feature::new(w, b);
             let reason = match guest::not_virtualizable_reason(f) {
                 Some(r) => format!("it is never offered to guests ({r})"),
@@ -299,12 +383,14 @@ pub enum PolicyError {
         /// The highest allowed.
         limit: u32,
     },
-    /// Different vendor.
+    /// A host of a vendor the policy was not levelled for.
     VendorMismatch {
-        /// The policy's vendor.
+        /// The policy's (presented) vendor.
         policy: Vendor,
         /// The host's vendor.
         host: Vendor,
+        /// The vendors whose hosts the policy may run on ([`Policy::allowed_vendors`]).
+        levelled_for: VendorSet,
     },
     /// An enabled feature needs an XSAVE component the policy does not describe.
     XstateMissing {
@@ -398,8 +484,17 @@ impl fmt::Display for PolicyError {
             PolicyError::MaxLeaf { leaf, limit } => {
                 write!(f, "maximum leaf {leaf:#x} is above the limit {limit:#x} (host and core)")
             }
-            PolicyError::VendorMismatch { policy, host } => {
-                write!(f, "the policy is for {policy} but the host is {host}")
+            PolicyError::VendorMismatch { policy, host, levelled_for } => {
+                write!(f, "the policy is for {policy} but the host is {host}, and it was levelled for ")?;
+                for (i, v) in levelled_for.iter().enumerate() {
+                    f.write_str(if i == 0 { "" } else { " and " })?;
+                    write!(f, "{v}")?;
+                }
+                write!(
+                    f,
+                    " hosts only (a policy runs on another vendor's hosts only if levelled across both, host-vendors={}, as `hvctl cpuid level` writes for a mixed pool)",
+                    levelled_for.with(*host)
+                )
             }
             PolicyError::XstateMissing { component, feature } => write!(
                 f,

@@ -9,10 +9,22 @@
 //! | `features=W0:W1:…` or a bare `W0:W1:…` | start from these hex words (the `xen-cpuid` form [`Featureset`]'s `Display` prints) |
 //! | `+name` or `name` | set the feature (its requirements are *not* added; verification names what is missing) |
 //! | `-name` | clear the feature **and everything that requires it**; the cleared extras are reported as [`Note`]s |
-//! | `vendor=intel` / `amd` / `hygon` | policy vendor (default: the host's) |
+//! | `vendor=intel` / `amd` / `hygon` | the vendor the guest sees (default: the host's) |
+//! | `host-vendors=amd+intel` | the vendors of the hosts the policy may run on (default: only the presented vendor's; see [`crate::crossvendor`]) |
 //! | `signature=0x…` or `family=`/`model=`/`stepping=` | CPUID.1:EAX (default: the host's) |
+//! | `brand=TEXT` or `brand-words=W0:…:W11` | brand string, 0x8000_0002..4 (default: the host's); TEXT is up to 47 characters without `,` or `#`, trimmed |
+//! | `cache-ext=W0:W1:W2:W3` | 0x8000_0005.ECX/EDX, 0x8000_0006.ECX/EDX (default: the host's) |
+//! | `cache-leaf4=W0:…` | CPUID.4 subleaves, four words each (default: the host's) |
+//! | `clflush-line=N` | CLFLUSH line size in bytes, a multiple of 8 (1.EBX[15:8] × 8; default: the host's) |
 //! | `vcpus=N` | vCPU count (default 1) |
 //! | `phys-bits=N` | physical address bits (default: the host's) |
+//! | `max-leaf=N` | highest basic leaf (default: the host's, at most 0xD) |
+//!
+//! A `vendor=` other than the host's takes nothing of the host's identity that belongs
+//! to another CPU: without `brand=`/`cache-…=` the brand string is empty and, if the
+//! CPUID layouts differ (AMD-compatible vs Intel), there are no cache descriptors;
+//! a [`Note`] says so. [`Policy::to_text`] writes every item, so a policy levelled for
+//! a pool (`hvctl cpuid level -o`) gives the same policy on every host of the pool.
 //!
 //! Names are the Linux `/proc/cpuinfo` names or this crate's constant names, in any
 //! case. Numbers are decimal or `0x` hex. Example: `base=host-max,-avx512f,+pcid,vcpus=4`.
@@ -23,7 +35,7 @@
 
 use crate::features::{self, Feature};
 use crate::featureset::Featureset;
-use crate::host::{HostCpu, Vendor, make_signature, signature_family, signature_model};
+use crate::host::{HostCpu, Vendor, VendorSet, brand_string, make_signature, signature_family, signature_model};
 use crate::policy::Policy;
 use alloc::format;
 use alloc::string::String;
@@ -83,6 +95,16 @@ pub struct Spec {
     pub phys_bits: Option<u8>,
     /// `max-leaf=`: the highest basic leaf the guest sees (CPUID.0:EAX).
     pub max_leaf: Option<u32>,
+    /// `host-vendors=`.
+    pub host_vendors: Option<VendorSet>,
+    /// `brand=` / `brand-words=`.
+    pub brand: Option<[u32; 12]>,
+    /// `cache-ext=`.
+    pub cache_ext: Option<[u32; 4]>,
+    /// `cache-leaf4=`.
+    pub cache_leaf4: Option<Vec<[u32; 4]>>,
+    /// `clflush-line=`, in 8-byte units as CPUID.1:EBX[15:8] has it.
+    pub clflush_size: Option<u8>,
 }
 
 /// Why a spec did not parse.
@@ -105,6 +127,17 @@ impl fmt::Display for TextError {
 /// Something applying a spec did that the user should hear about.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Note {
+    /// `vendor=` names another vendor than the host's, and the spec leaves parts of
+    /// the identity out; they are not taken from the host.
+    ForeignIdentity {
+        /// The presented vendor.
+        vendor: Vendor,
+        /// The host's.
+        host: Vendor,
+        /// The items not given (`brand=`, `cache-ext=`, `cache-leaf4=`, `signature=`):
+        /// the first three are left empty, the signature is the host's.
+        missing: Vec<&'static str>,
+    },
     /// `-feature` also cleared these dependents.
     AlsoCleared {
         /// The feature named.
@@ -124,6 +157,26 @@ pub enum Note {
 impl fmt::Display for Note {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Note::ForeignIdentity { vendor, host, missing } => {
+                write!(f, "vendor={} on a {host} host without", vendor.name())?;
+                for (i, m) in missing.iter().enumerate() {
+                    write!(f, "{}{m}", if i == 0 { " " } else { ", " })?;
+                }
+                f.write_str(":")?;
+                let mut first = true;
+                for (item, what) in [
+                    ("brand=", "the brand string is empty"),
+                    ("cache-ext=", "no 0x80000005/6 cache descriptors"),
+                    ("cache-leaf4=", "no leaf 4 cache descriptors"),
+                    ("signature=", "the signature is the host's"),
+                ] {
+                    if missing.contains(&item) {
+                        write!(f, "{}{what}", if first { " " } else { ", " })?;
+                        first = false;
+                    }
+                }
+                Ok(())
+            }
             Note::MaxLeafCleared { max_leaf, cleared } => {
                 write!(f, "max-leaf={max_leaf:#x} also cleared the features of higher leaves:")?;
                 for c in cleared {
@@ -162,6 +215,36 @@ pub fn parse_hex_words(s: &str) -> Option<Featureset> {
         words.push(u32::from_str_radix(w, 16).ok()?);
     }
     Some(Featureset::from_words(&words))
+}
+
+/// Exactly `N` hex words separated by `:`.
+fn words<const N: usize>(s: &str) -> Option<[u32; N]> {
+    let fs = parse_hex_words(s)?;
+    if fs.words().len() != N {
+        return None;
+    }
+    let mut out = [0u32; N];
+    for (o, w) in out.iter_mut().zip(fs.words()) {
+        *o = *w;
+    }
+    Some(out)
+}
+
+/// The 0x8000_0002..4 registers of a brand string (NUL-padded; at most 47 ASCII
+/// characters, so a NUL ends it).
+pub fn brand_regs(text: &str) -> Option<[u32; 12]> {
+    if text.len() > 47 || !text.is_ascii() {
+        return None;
+    }
+    let mut bytes = [0u8; 48];
+    for (b, c) in bytes.iter_mut().zip(text.bytes()) {
+        *b = c;
+    }
+    let mut regs = [0u32; 12];
+    for (r, c) in regs.iter_mut().zip(bytes.chunks_exact(4)) {
+        *r = u32::from_le_bytes(c.try_into().unwrap_or([0; 4]));
+    }
+    Some(regs)
 }
 
 /// Parse a spec.
@@ -220,13 +303,42 @@ fn parse_item(spec: &mut Spec, item: &str) -> Result<(), String> {
                 set_once(&mut spec.base, Base::Words(fs), "base/features")
             }
             "vendor" => {
-                let v = match value.to_ascii_lowercase().as_str() {
-                    "intel" | "genuineintel" => Vendor::Intel,
-                    "amd" | "authenticamd" => Vendor::Amd,
-                    "hygon" | "hygongenuine" => Vendor::Hygon,
-                    _ => return Err(String::from("unknown vendor (intel, amd, hygon)")),
-                };
+                let v = Vendor::parse(value).ok_or_else(|| String::from("unknown vendor (intel, amd, hygon)"))?;
                 set_once(&mut spec.vendor, v, key)
+            }
+            "host-vendors" => {
+                let v = VendorSet::parse(value).ok_or_else(|| {
+                    String::from("expected vendors joined by `+` (intel, amd, hygon), e.g. amd+intel")
+                })?;
+                set_once(&mut spec.host_vendors, v, key)
+            }
+            "brand" => {
+                let b =
+                    brand_regs(value).ok_or_else(|| String::from("a brand string has at most 47 ASCII characters"))?;
+                set_once(&mut spec.brand, b, "brand/brand-words")
+            }
+            "brand-words" => {
+                let w = words::<12>(value).ok_or_else(|| String::from("expected 12 hex words separated by `:`"))?;
+                set_once(&mut spec.brand, w, "brand/brand-words")
+            }
+            "clflush-line" => {
+                let n = num()?;
+                let units = u8::try_from(n / 8)
+                    .ok()
+                    .filter(|u| n % 8 == 0 && *u > 0)
+                    .ok_or_else(|| String::from("the CLFLUSH line is a multiple of 8 bytes, 8 to 2040"))?;
+                set_once(&mut spec.clflush_size, units, key)
+            }
+            "cache-ext" => {
+                let w = words::<4>(value).ok_or_else(|| String::from("expected 4 hex words separated by `:`"))?;
+                set_once(&mut spec.cache_ext, w, key)
+            }
+            "cache-leaf4" => {
+                let fs = parse_hex_words(value)
+                    .filter(|f| f.words().len() % 4 == 0)
+                    .ok_or_else(|| String::from("expected hex words separated by `:`, four per CPUID.4 subleaf"))?;
+                let subs = fs.words().chunks_exact(4).filter_map(|c| <[u32; 4]>::try_from(c).ok()).collect();
+                set_once(&mut spec.cache_leaf4, subs, key)
             }
             "signature" => set_once(&mut spec.signature, num()?, key),
             "family" => set_once(&mut spec.family, num()?.min(0xff + 0xf), key),
@@ -324,11 +436,50 @@ impl Spec {
 
     /// The (unverified) policy this spec gives on `host`.
     pub fn policy_on(&self, host: &HostCpu) -> (Policy, Vec<Note>) {
-        let (fs, notes) = self.featureset_on(host);
+        let (fs, mut notes) = self.featureset_on(host);
         let mut p = Policy::from_host(host, fs, self.vcpus.unwrap_or(1));
         if let Some(v) = self.vendor {
             p.vendor = v;
         }
+        if p.vendor != host.vendor {
+            // The host's brand string and (for another layout) caches describe another CPU.
+            let mut missing = Vec::new();
+            if self.brand.is_none() {
+                p.brand = [0; 12];
+                missing.push("brand=");
+            }
+            if p.vendor.is_amd_compatible() != host.vendor.is_amd_compatible() {
+                if self.cache_ext.is_none() {
+                    p.cache_ext = [0; 4];
+                    missing.push("cache-ext=");
+                }
+                if self.cache_leaf4.is_none() {
+                    p.cache_leaf4 = Vec::new();
+                    if !p.vendor.is_amd_compatible() {
+                        missing.push("cache-leaf4=");
+                    }
+                }
+            }
+            if self.signature.is_none() && self.family.is_none() {
+                missing.push("signature=");
+            }
+            if !missing.is_empty() {
+                notes.push(Note::ForeignIdentity { vendor: p.vendor, host: host.vendor, missing });
+            }
+        }
+        if let Some(b) = self.brand {
+            p.brand = b;
+        }
+        if let Some(c) = self.cache_ext {
+            p.cache_ext = c;
+        }
+        if let Some(c) = self.clflush_size {
+            p.clflush_size = c;
+        }
+        if let Some(c) = &self.cache_leaf4 {
+            p.cache_leaf4 = c.clone();
+        }
+        p.host_vendors = self.host_vendors.unwrap_or_default().normalized_for(p.vendor);
         p.signature = self.signature_on(host);
         if let Some(b) = self.phys_bits {
             p.phys_bits = b;
@@ -375,25 +526,69 @@ pub fn featureset_to_spec(fs: &Featureset) -> String {
 }
 
 impl Policy {
-    /// The policy as a spec file that [`parse_spec`] reads back (on a host with the
-    /// same XSAVE layout and caches it gives back this policy).
+    /// The items of the policy's spec, in the order [`Policy::to_text`] writes them.
+    fn spec_items(&self) -> Vec<String> {
+        let mut items = Vec::new();
+        items.push(format!("vendor={}", self.vendor.name()));
+        if self.is_cross_vendor() {
+            items.push(format!("host-vendors={}", self.allowed_vendors()));
+        }
+        items.push(format!("signature={:#010x}", self.signature));
+        let text = brand_string(&self.brand);
+        if brand_regs(&text) == Some(self.brand) && !text.contains([',', '#']) {
+            items.push(format!("brand={text}"));
+        } else {
+            let w: Vec<String> = self.brand.iter().map(|w| format!("{w:08x}")).collect();
+            items.push(format!("brand-words={}", w.join(":")));
+        }
+        let w: Vec<String> = self.cache_ext.iter().map(|w| format!("{w:08x}")).collect();
+        items.push(format!("cache-ext={}", w.join(":")));
+        if !self.cache_leaf4.is_empty() {
+            let w: Vec<String> = self.cache_leaf4.iter().flatten().map(|w| format!("{w:08x}")).collect();
+            items.push(format!("cache-leaf4={}", w.join(":")));
+        }
+        items.push(format!("clflush-line={}", u32::from(self.clflush_size) * 8));
+        items.push(format!("vcpus={}", self.vcpus));
+        items.push(format!("phys-bits={}", self.phys_bits));
+        items.push(format!("max-leaf={:#x}", self.basic_max));
+        items.push(format!("features={}", self.features));
+        items
+    }
+
+    /// The policy as a spec file that [`parse_spec`] reads back: on a host with the
+    /// same XSAVE layout it gives back this policy (vendor, signature, brand string and
+    /// caches are written out, so it does not depend on the host's). Comments name the
+    /// signature, the features and, for a cross-vendor policy, the caveats per vendor.
     pub fn to_text(&self) -> String {
         let mut s = String::from("# hvctl cpuid policy v1\n");
-        let _ = writeln!(s, "vendor={}", self.vendor.name());
-        let _ = writeln!(
-            s,
-            "signature={:#010x}  # family {:#x} model {:#x} stepping {}",
-            self.signature,
-            signature_family(self.signature),
-            signature_model(self.signature),
-            self.signature & 0xf
-        );
-        let _ = writeln!(s, "vcpus={}", self.vcpus);
-        let _ = writeln!(s, "phys-bits={}", self.phys_bits);
-        let _ = writeln!(s, "max-leaf={:#x}", self.basic_max);
-        let _ = writeln!(s, "features={}", self.features);
+        for item in self.spec_items() {
+            s.push_str(&item);
+            if item.starts_with("signature=") {
+                let _ = write!(
+                    s,
+                    "  # family {:#x} model {:#x} stepping {}",
+                    signature_family(self.signature),
+                    signature_model(self.signature),
+                    self.signature & 0xf
+                );
+            }
+            s.push('\n');
+        }
         let _ = writeln!(s, "# {}", names(&self.features));
+        for (v, caveats) in self.caveats().into_iter().filter(|(_, c)| !c.is_empty()) {
+            let _ = write!(s, "# caveats on {v} hosts:");
+            for c in &caveats {
+                let _ = write!(s, " {}", c.name());
+            }
+            s.push('\n');
+        }
         s
+    }
+
+    /// The policy as a one-line spec (the items of [`Policy::to_text`] joined by
+    /// commas, no comments), for `hvctl domain create --cpuid SPEC`.
+    pub fn to_spec(&self) -> String {
+        self.spec_items().join(",")
     }
 }
 

@@ -608,7 +608,15 @@ fn amd_and_hygon_level_but_policies_do_not_cross() {
         let p = Policy::from_host(from, l.common.clone(), 1);
         p.verify(from).unwrap();
         let rej = p.verify(on).unwrap_err();
-        assert_eq!(rej.errors, vec![PolicyError::VendorMismatch { policy: from.vendor, host: on.vendor }], "{rej}");
+        assert_eq!(
+            rej.errors,
+            vec![PolicyError::VendorMismatch {
+                policy: from.vendor,
+                host: on.vendor,
+                levelled_for: levelling::VendorSet::of(from.vendor)
+            }],
+            "{rej}"
+        );
     }
     let msg = Policy::from_host(hygon, l.common, 1).verify(epyc).unwrap_err().to_string();
     assert!(msg.contains("the policy is for HygonGenuine but the host is AuthenticAMD"), "{msg}");

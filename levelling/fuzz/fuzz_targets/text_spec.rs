@@ -20,10 +20,21 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(spec) = text::parse_spec(s) {
         let (policy, _notes) = spec.policy_on(host());
         let verdict = policy.verify(host());
+        let verified = verdict.is_ok();
         let _ = verdict.map(|()| ()).map_err(|e| e.to_string());
         let t = CpuidTable::from_verified(&policy);
         let _ = t.lookup(7, 0);
         let back = levelling::Policy::from_postcard(&policy.to_postcard().expect("encodes")).expect("decodes");
         assert_eq!(back.stable_hash(), policy.stable_hash());
+        assert_eq!(back, policy);
+        // The text form and the one-line spec parse, and carry the whole of a verified
+        // policy on the same host (an unverified one may have bits above its maximum
+        // leaf, which `max-leaf=` clears).
+        for written in [policy.to_text(), policy.to_spec()] {
+            let again = text::parse_spec(&written).expect("a written policy parses").policy_on(host()).0;
+            if verified {
+                assert_eq!(again, policy, "{written}");
+            }
+        }
     }
 });

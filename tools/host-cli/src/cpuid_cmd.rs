@@ -5,7 +5,7 @@
 use crate::{CliError, err};
 use clap::{Args, Subcommand};
 use levelling::guest::DropReason;
-use levelling::{Feature, Featureset, HostCpu, Policy, WORDS, dump, guest, text};
+use levelling::{Feature, Featureset, HostCpu, Policy, Vendor, WORDS, dump, guest, text};
 use serde_json::{Value, json};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -29,6 +29,17 @@ Leaves that ignore ECX are recorded with subleaf 00000000. Leaves walked: basic
 0x80000000..=CPUID.80000000h.EAX; subleaves of 4, 7, 0xB, 0xD, 0xF, 0x10, 0x12, 0x14,
 0x17, 0x18, 0x1B, 0x1D, 0x1F, 0x20, 0x24, 0x8000001D, 0x80000020, 0x80000026 by their
 documented termination rules, with hard caps.";
+
+const LEVEL_HELP: &str = "\
+The policy presents one vendor whatever the host: its vendor string, signature, brand
+string and caches are those of the first dump of that vendor. Hosts of other vendors
+are allowed (host-vendors=...) with the caveats listed; features whose XSAVE component
+is laid out differently on two hosts are dropped, with the reason. Hosts that cannot
+run guests are left out, with their reason.";
+
+fn parse_vendor(s: &str) -> Result<Vendor, String> {
+    Vendor::parse(s).ok_or_else(|| format!("unknown vendor `{s}` (intel, amd, hygon)"))
+}
 
 #[derive(Debug, Subcommand)]
 enum CpuidCommand {
@@ -54,11 +65,19 @@ enum CpuidCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Level the guest featuresets of several hosts: the common set and what each host loses.
+    /// Level several hosts into one policy: the common set, what each host loses, the
+    /// vendor the guest sees, and for hosts of mixed vendors what crossing costs.
+    #[command(after_help = LEVEL_HELP)]
     Level {
         /// Dump files, one per host.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// The vendor the guest sees on every host (default: the first host's).
+        #[arg(long, value_parser = parse_vendor)]
+        vendor: Option<Vendor>,
+        /// Write the levelled policy (text form, for `hvctl domain create --cpuid FILE`) here.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -106,7 +125,7 @@ pub fn run(args: CpuidArgs) -> Result<ExitCode, CliError> {
             print_out(if json { show_json(&h) } else { show_text(&h) });
             Ok(ExitCode::SUCCESS)
         }
-        CpuidCommand::Level { files, json } => cmd_level(&files, json),
+        CpuidCommand::Level { files, vendor, output, json } => cmd_level(&files, vendor, output.as_deref(), json),
         CpuidCommand::Check { policy, on, host: _, json } => cmd_check(&policy, on.as_deref(), json),
         CpuidCommand::Policy { spec, on, host: _, output, json } => {
             cmd_policy(&spec, on.as_deref(), output.as_deref(), json)
@@ -292,46 +311,133 @@ fn show_json(h: &LoadedHost) -> String {
     format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default())
 }
 
-fn cmd_level(files: &[PathBuf], json: bool) -> Result<ExitCode, CliError> {
+fn cmd_level(
+    files: &[PathBuf],
+    vendor: Option<Vendor>,
+    output: Option<&Path>,
+    json: bool,
+) -> Result<ExitCode, CliError> {
     let loaded = files.iter().map(|p| load_host(Some(p))).collect::<Result<Vec<_>, _>>()?;
     // A host that cannot run guests is not part of the pool: levelling with it would
     // empty the common set. It is named with its one reason instead.
     let (hosts, unfit): (Vec<LoadedHost>, Vec<LoadedHost>) =
         loaded.into_iter().partition(|h| h.cpu.cannot_run_guests().is_none());
     let unfit_reason = |h: &LoadedHost| h.cpu.cannot_run_guests().map(|w| w.to_string()).unwrap_or_default();
+    if hosts.is_empty() {
+        let why: Vec<String> = unfit.iter().map(|h| format!("{}: {}", h.label, unfit_reason(h))).collect();
+        return Err(err(format!("no host of the pool can run guests ({})", why.join("; "))));
+    }
+    let cpus: Vec<HostCpu> = hosts.iter().map(|h| h.cpu.clone()).collect();
+    let label = |i: usize| hosts.get(i).map_or_else(|| format!("host #{i}"), |h| h.label.clone());
+    let pool = levelling::level_pool(&cpus, vendor).map_err(|e| {
+        let msg = e.to_string();
+        err(match &e {
+            levelling::PoolError::DoesNotVerify { host, .. } => msg.replace(&format!("host #{host}"), &label(*host)),
+            _ => msg,
+        })
+    })?;
+    let p = &pool.policy;
+    if let Some(o) = output {
+        std::fs::write(o, p.to_text()).map_err(|e| err(format!("cannot write {}: {e}", o.display())))?;
+    }
     let vendors: std::collections::BTreeSet<String> = hosts.iter().map(|h| h.cpu.vendor.to_string()).collect();
-    let maxes: Vec<Featureset> = hosts.iter().map(|h| h.cpu.max().set).collect();
-    let l = levelling::level(&maxes);
-    let or_gain: Vec<Featureset> = maxes.iter().map(|m| l.common.and_not(m)).collect();
+    let maxes: Vec<Featureset> = cpus.iter().map(|h| h.max().set).collect();
+    let or_gain: Vec<Featureset> = maxes.iter().map(|m| p.features.and_not(m)).collect();
+    let from = label(pool.presented_from);
+    let brand = levelling::host::brand_string(&p.brand);
+    let sig = |p: &Policy| {
+        (
+            levelling::host::signature_family(p.signature),
+            levelling::host::signature_model(p.signature),
+            p.signature & 0xf,
+        )
+    };
+    let (family, model, stepping) = sig(p);
+    let dropped: Vec<(Feature, String)> = pool.dropped.iter().map(|(f, r)| (*f, r.describe(label))).collect();
     if json {
         let v = json!({
-            "common": fs_json(&l.common),
-            "common_hash": format!("{:016x}", l.common.stable_hash()),
+            "common": fs_json(&p.features),
+            "common_hash": format!("{:016x}", p.features.stable_hash()),
             "mixed_vendors": vendors.len() > 1,
+            "presented": {
+                "vendor": p.vendor.to_string(),
+                "signature": format!("{:#010x}", p.signature),
+                "family": family,
+                "model": model,
+                "stepping": stepping,
+                "brand": brand,
+                "from": from,
+            },
+            "host_vendors": p.allowed_vendors().iter().map(|v| v.to_string()).collect::<Vec<_>>(),
+            "cross_vendor": p.is_cross_vendor(),
+            "basic_max": p.basic_max,
+            "ext_max": p.ext_max,
+            "phys_bits": p.phys_bits,
+            "virt_bits": p.virt_bits,
+            "dropped": dropped.iter().map(|(f, r)| json!({ "name": name(*f), "bit": f.to_string(), "reason": r })).collect::<Vec<_>>(),
+            "caveats": pool.caveats.iter().map(|c| json!({
+                "name": c.caveat.name(),
+                "hosts": c.hosts.iter().map(|&i| label(i)).collect::<Vec<_>>(),
+                "effect": c.caveat.effect(),
+                "obligation": c.caveat.obligation(),
+            })).collect::<Vec<_>>(),
+            "policy": p.to_text(),
+            "spec": p.to_spec(),
+            "policy_hash": format!("{:016x}", p.stable_hash()),
             "left_out": unfit.iter().map(|h| json!({ "host": h.label, "source": h.source, "reason": unfit_reason(h) })).collect::<Vec<_>>(),
-            "hosts": hosts.iter().zip(&l.lost).zip(&or_gain).map(|((h, lost), gain)| json!({
-                "host": h.label, "source": h.source, "lost": fs_json(lost), "or_bits_added": fs_json(gain),
+            "hosts": hosts.iter().zip(&pool.lost).zip(&or_gain).map(|((h, lost), gain)| json!({
+                "host": h.label, "source": h.source, "vendor": h.cpu.vendor.to_string(), "lost": fs_json(lost), "or_bits_added": fs_json(gain),
+                "caveats": p.caveats_on(&h.cpu).iter().map(|c| c.name()).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         });
         print_out(format!("{}\n", serde_json::to_string_pretty(&v).unwrap_or_default()));
         return Ok(ExitCode::SUCCESS);
     }
     let mut s = String::new();
-    let _ = writeln!(s, "common guest featureset of {} hosts (hash {:016x}):", hosts.len(), l.common.stable_hash());
-    let _ = writeln!(s, "  {}", l.common);
-    let _ = writeln!(s, "  {}", text::names(&l.common));
+    let _ = writeln!(s, "common guest featureset of {} hosts (hash {:016x}):", hosts.len(), p.features.stable_hash());
+    let _ = writeln!(s, "  {}", p.features);
+    let _ = writeln!(s, "  {}", text::names(&p.features));
     for h in &unfit {
         let _ = writeln!(s, "left out: {} cannot run guests: {}", h.label, unfit_reason(h));
     }
+    let _ = writeln!(
+        s,
+        "presented:   {}, family {family:#x} model {model:#x} stepping {stepping} (signature {:#010x}), brand \"{brand}\", from {from}",
+        p.vendor, p.signature
+    );
+    let _ = writeln!(
+        s,
+        "limits:      max leaves basic {:#x}, extended {:#x}; {} physical, {} linear address bits",
+        p.basic_max, p.ext_max, p.phys_bits, p.virt_bits
+    );
     if vendors.len() > 1 {
+        let names: Vec<String> = p.allowed_vendors().iter().map(|v| v.to_string()).collect();
         let _ = writeln!(
             s,
-            "note: the hosts have different vendors; a policy names one vendor, so a guest cannot migrate across them"
+            "note: the hosts have different vendors: the guest sees {} on every host, and the policy runs on {} hosts (host-vendors={})",
+            p.vendor,
+            names.join(" and "),
+            p.allowed_vendors()
         );
     }
+    if !dropped.is_empty() {
+        let _ = writeln!(s, "dropped for the pool (in every host's max):");
+        for (f, r) in &dropped {
+            let _ = writeln!(s, "  {f}: {r}");
+        }
+    }
+    if !pool.caveats.is_empty() {
+        let _ = writeln!(s, "caveats (the hosts of another vendor than {}):", p.vendor);
+        for c in &pool.caveats {
+            let on: Vec<String> = c.hosts.iter().map(|&i| label(i)).collect();
+            let _ = writeln!(s, "  - {} (on {})", c.caveat, on.join(", "));
+        }
+    }
+    let _ = writeln!(s, "policy (hash {:016x}; `hvctl domain create --cpuid SPEC`, or -o FILE):", p.stable_hash());
+    let _ = writeln!(s, "  {}", p.to_spec());
     let width = hosts.iter().map(|h| h.label.len()).max().unwrap_or(4).max(4);
     let _ = writeln!(s, "\n{:<width$}  {:>5}  loses", "host", "count");
-    for ((h, lost), gain) in hosts.iter().zip(&l.lost).zip(&or_gain) {
+    for ((h, lost), gain) in hosts.iter().zip(&pool.lost).zip(&or_gain) {
         let n = lost.bits().count();
         let names = text::names(lost);
         let _ = writeln!(s, "{:<width$}  {:>5}  {}", h.label, n, if names.is_empty() { "-" } else { &names });
@@ -358,8 +464,13 @@ fn read_spec_file(p: &Path) -> Result<text::Spec, CliError> {
     text::parse_spec(&t).map_err(|e| err(format!("{}: {e}", p.display())))
 }
 
-fn verdict_json(policy: &Policy, r: &Result<(), levelling::Rejection>, notes: &[text::Note]) -> Value {
+fn verdict_json(policy: &Policy, host: &HostCpu, r: &Result<(), levelling::Rejection>, notes: &[text::Note]) -> Value {
     json!({
+        "caveats": policy.caveats_on(host).iter().map(|c| json!({
+            "name": c.name(), "effect": c.effect(), "obligation": c.obligation(),
+        })).collect::<Vec<_>>(),
+        "vendor": policy.vendor.to_string(),
+        "host_vendors": policy.allowed_vendors().iter().map(|v| v.to_string()).collect::<Vec<_>>(),
         "compatible": r.is_ok(),
         "reasons": r.as_ref().err().map(|rej| rej.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
         "notes": notes.iter().map(|n| n.to_string()).collect::<Vec<_>>(),
@@ -367,6 +478,17 @@ fn verdict_json(policy: &Policy, r: &Result<(), levelling::Rejection>, notes: &[
         "features": fs_json(&policy.features),
         "vcpus": policy.vcpus,
     })
+}
+
+/// The caveats of running `policy` on `host` (none on a host of its vendor).
+fn caveat_lines(s: &mut String, policy: &Policy, host: &HostCpu) {
+    let caveats = policy.caveats_on(host);
+    if !caveats.is_empty() {
+        let _ = writeln!(s, "caveats: the guest sees {} on this {} host:", policy.vendor, host.vendor);
+        for c in caveats {
+            let _ = writeln!(s, "  - {c}");
+        }
+    }
 }
 
 fn cmd_check(policy_file: &Path, on: Option<&Path>, json: bool) -> Result<ExitCode, CliError> {
@@ -377,7 +499,7 @@ fn cmd_check(policy_file: &Path, on: Option<&Path>, json: bool) -> Result<ExitCo
     if json {
         print_out(format!(
             "{}\n",
-            serde_json::to_string_pretty(&verdict_json(&policy, &r, &notes)).unwrap_or_default()
+            serde_json::to_string_pretty(&verdict_json(&policy, &h.cpu, &r, &notes)).unwrap_or_default()
         ));
     } else {
         let mut s = String::new();
@@ -387,6 +509,7 @@ fn cmd_check(policy_file: &Path, on: Option<&Path>, json: bool) -> Result<ExitCo
         match &r {
             Ok(()) => {
                 let _ = writeln!(s, "compatible: {} can run on {}", policy_file.display(), h.label);
+                caveat_lines(&mut s, &policy, &h.cpu);
             }
             Err(rej) => {
                 let _ = writeln!(
@@ -418,7 +541,7 @@ fn cmd_policy(spec: &str, on: Option<&Path>, output: Option<&Path>, json: bool) 
         std::fs::write(p, policy.to_text()).map_err(|e| err(format!("cannot write {}: {e}", p.display())))?;
     }
     if json {
-        let mut v = verdict_json(&policy, &r, &notes);
+        let mut v = verdict_json(&policy, &h.cpu, &r, &notes);
         if let Some(o) = v.as_object_mut() {
             o.insert(String::from("policy"), Value::String(policy.to_text()));
         }
@@ -431,6 +554,7 @@ fn cmd_policy(spec: &str, on: Option<&Path>, output: Option<&Path>, json: bool) 
         match &r {
             Ok(()) => {
                 let _ = writeln!(s, "verified on {} (hash {:016x}):", h.label, policy.stable_hash());
+                caveat_lines(&mut s, &policy, &h.cpu);
                 s.push_str(&policy.to_text());
             }
             Err(rej) => {

@@ -339,3 +339,115 @@ fn dump_this_host_parses_back() {
     let o = hvctl(&["cpuid", "show", "--host"]);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// The pair the end-to-end QEMU (SVM) ↔ Bochs (VMX) migration uses: one AMD guest on both.
+#[test]
+fn level_epyc_and_skylake_x_across_vendors() {
+    let (epyc, skx) = (testdata("qemu-7.2-tcg-epyc.cpuid"), testdata("bochs-2.7-corei7-skylake-x.cpuid"));
+    let policy = tmp("xvendor.policy");
+    let o = hvctl(&["cpuid", "level", &epyc, &skx, "-o", policy.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("presented:   AuthenticAMD, family 0x17 model 0x1 stepping 2 (signature 0x00800f12), brand \"AMD EPYC Processor\", from qemu-7.2-tcg-epyc.cpuid\n"), "{out}");
+    assert!(out.contains("note: the hosts have different vendors: the guest sees AuthenticAMD on every host, and the policy runs on GenuineIntel and AuthenticAMD hosts (host-vendors=intel+amd)\n"), "{out}");
+    assert!(out.contains("  - syscall-compat-ud: a 32-bit (compatibility-mode) process that uses SYSCALL"), "{out}");
+    assert!(out.contains("(on bochs-2.7-corei7-skylake-x.cpuid)\n"), "{out}");
+    assert!(
+        out.contains("\n  vendor=amd,host-vendors=intel+amd,signature=0x00800f12,brand=AMD EPYC Processor,"),
+        "{out}"
+    );
+    golden("level-xvendor.txt", &out);
+    // The written policy runs on both hosts; on the Intel one with its caveats.
+    let text = std::fs::read_to_string(&policy).unwrap();
+    assert!(text.contains("\nhost-vendors=intel+amd\n"), "{text}");
+    assert!(
+        text.contains("# caveats on GenuineIntel hosts: syscall-compat-ud vendor-msrs vendor-exempt-mitigations\n"),
+        "{text}"
+    );
+    let o = hvctl(&["cpuid", "check", policy.to_str().unwrap(), "--on", &skx]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("caveats: the guest sees AuthenticAMD on this GenuineIntel host:\n  - syscall-compat-ud: "),
+        "{out}"
+    );
+    let o = hvctl(&["cpuid", "check", policy.to_str().unwrap(), "--on", &epyc]);
+    assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
+    assert!(!stdout(&o).contains("caveats"), "{}", stdout(&o));
+    let o = hvctl(&["cpuid", "check", "--json", policy.to_str().unwrap(), "--on", &skx]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["compatible"], true);
+    assert_eq!(v["vendor"], "AuthenticAMD");
+    assert_eq!(v["caveats"][0]["name"], "syscall-compat-ud");
+    // The one-line spec is what `hvctl domain create --cpuid` takes; it verifies on both.
+    let o = hvctl(&["cpuid", "level", "--json", &epyc, &skx]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(v["cross_vendor"], true);
+    assert_eq!(v["presented"]["vendor"], "AuthenticAMD");
+    assert_eq!(v["presented"]["signature"], "0x00800f12");
+    assert_eq!(v["presented"]["from"], "qemu-7.2-tcg-epyc.cpuid");
+    assert_eq!(v["host_vendors"], serde_json::json!(["GenuineIntel", "AuthenticAMD"]));
+    assert_eq!(v["dropped"].as_array().unwrap().len(), 0);
+    let caveats: Vec<&str> = v["caveats"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(caveats, ["syscall-compat-ud", "vendor-msrs", "vendor-exempt-mitigations"]);
+    assert_eq!(v["caveats"][0]["hosts"], serde_json::json!(["bochs-2.7-corei7-skylake-x.cpuid"]));
+    assert!(v["caveats"][2]["obligation"].is_null());
+    assert_eq!(v["hosts"][1]["caveats"].as_array().unwrap().len(), 3);
+    let spec = v["spec"].as_str().unwrap();
+    for on in [&epyc, &skx] {
+        let o = hvctl(&["cpuid", "policy", spec, "--on", on]);
+        assert_eq!(o.status.code(), Some(0), "{on}: {}", stdout(&o));
+        assert!(!stdout(&o).contains("note:"), "{}", stdout(&o));
+    }
+}
+
+#[test]
+fn level_with_an_explicit_vendor() {
+    let (epyc, skx) = (testdata("qemu-7.2-tcg-epyc.cpuid"), testdata("bochs-2.7-corei7-skylake-x.cpuid"));
+    let o = hvctl(&["cpuid", "level", "--vendor", "intel", &epyc, &skx]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(
+        out.contains("presented:   GenuineIntel, family 0x6 model 0x55 stepping 4 (signature 0x00050654)"),
+        "{out}"
+    );
+    for c in [
+        "sysenter-compat-ud",
+        "sysenter-msr-width",
+        "sysret-ss-attrs",
+        "null-selector-base",
+        "vendor-msrs",
+        "vendor-keyed-mitigations",
+    ] {
+        assert!(out.contains(&format!("  - {c}: ")), "{c}: {out}");
+    }
+    assert!(!out.contains("syscall-compat-ud"), "{out}");
+    // A vendor no host of the pool has is refused, saying why.
+    let o = hvctl(&["cpuid", "level", "--vendor", "hygon", &epyc, &skx]);
+    one_line_error(&o);
+    assert!(stderr(&o).contains("no host of the pool (intel+amd) is HygonGenuine"), "{}", stderr(&o));
+    one_line_error(&hvctl(&["cpuid", "level", "--vendor", "via", &epyc]));
+}
+
+#[test]
+fn level_drops_features_whose_xsave_layout_differs() {
+    let (genoa, spr) = (
+        testdata("constructed-amd-epyc-9654-genoa.cpuid"),
+        testdata("constructed-intel-xeon-8480-sapphire-rapids.cpuid"),
+    );
+    let o = hvctl(&["cpuid", "level", &genoa, &spr]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("dropped for the pool (in every host's max):\n  avx512f (CPUID 0x7[0].EBX bit 16): XSAVE component 5 (CPUID 0xd[5]) is laid out differently: size 64 at offset 832 on constructed-amd-epyc-9654-genoa.cpuid but size 64 at offset 1088 on constructed-intel-xeon-8480-sapphire-rapids.cpuid"), "{out}");
+    assert!(out.contains("  avx512bw (CPUID 0x7[0].EBX bit 30): requires avx512f, which the pool dropped\n"), "{out}");
+    let o = hvctl(&["cpuid", "level", "--json", &genoa, &spr]);
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert!(v["dropped"].as_array().unwrap().iter().any(|d| d["name"] == "avx512f"));
+    assert!(!v["common"]["names"].as_array().unwrap().iter().any(|n| n == "avx512f"));
+    // And the levelled policy verifies on both.
+    let spec = v["spec"].as_str().unwrap().to_string();
+    for on in [&genoa, &spr] {
+        let o = hvctl(&["cpuid", "policy", &spec, "--on", on]);
+        assert_eq!(o.status.code(), Some(0), "{on}: {}", stdout(&o));
+    }
+}
