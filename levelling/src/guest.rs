@@ -457,8 +457,14 @@ pub struct Derived {
 }
 
 /// Remove from `fs` every feature whose deep requirements are not all present,
-/// recording each removal. Repeats until stable.
-fn close_over_dependencies(fs: &mut Featureset, dropped: &mut Vec<(Feature, DropReason)>) {
+/// recording each removal with `why(missing requirement)`. Repeats until stable. Shared
+/// by a host's max/default ([`DropReason`]) and a pool's levelling
+/// (`crate::pool::PoolDrop`).
+pub(crate) fn close_over_dependencies<R>(
+    fs: &mut Featureset,
+    dropped: &mut Vec<(Feature, R)>,
+    why: impl Fn(Feature) -> R,
+) {
     loop {
         let missing = features::missing_dependencies(fs);
         if missing.is_empty() {
@@ -466,7 +472,7 @@ fn close_over_dependencies(fs: &mut Featureset, dropped: &mut Vec<(Feature, Drop
         }
         for (f, m) in missing {
             fs.set_bit(f.word(), f.bit(), false);
-            dropped.push((f, DropReason::MissingDependency(m)));
+            dropped.push((f, why(m)));
         }
     }
 }
@@ -489,7 +495,7 @@ pub fn guest_max(raw: &Featureset) -> Derived {
     }
     // Synthesized bits: present for every guest.
     set = set.or(&features::flag_mask(SYNTH));
-    close_over_dependencies(&mut set, &mut dropped);
+    close_over_dependencies(&mut set, &mut dropped, DropReason::MissingDependency);
     Derived { set, dropped }
 }
 
@@ -515,7 +521,7 @@ fn drop_undescribed_xstate(d: &mut Derived, basic_max: u32, xstate: &[XstateComp
     if XSAVE.is_in(&d.set) && basic_max < 0xd {
         d.set.set_bit(XSAVE.word(), XSAVE.bit(), false);
         d.dropped.push((XSAVE, DropReason::NoXsaveLeaf { basic_max }));
-        close_over_dependencies(&mut d.set, &mut d.dropped);
+        close_over_dependencies(&mut d.set, &mut d.dropped, DropReason::MissingDependency);
     }
     // Each round clears at least one feature of the set, so this ends.
     loop {
@@ -556,7 +562,7 @@ fn drop_undescribed_xstate(d: &mut Derived, basic_max: u32, xstate: &[XstateComp
                 }
             }
         }
-        close_over_dependencies(&mut d.set, &mut d.dropped);
+        close_over_dependencies(&mut d.set, &mut d.dropped, DropReason::MissingDependency);
     }
 }
 
@@ -571,7 +577,7 @@ pub fn guest_default(max: &Featureset) -> Derived {
             _ => dropped.push((f, DropReason::OnlyOnRequest)),
         }
     }
-    close_over_dependencies(&mut set, &mut dropped);
+    close_over_dependencies(&mut set, &mut dropped, DropReason::MissingDependency);
     Derived { set, dropped }
 }
 

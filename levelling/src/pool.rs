@@ -15,7 +15,7 @@
 //! same answer as before plus the XSAVE-layout rule, which they need too.
 
 use crate::crossvendor::Caveat;
-use crate::features::{self, Feature};
+use crate::features::Feature;
 use crate::featureset::{Featureset, WORDS, word};
 use crate::host::{HostCpu, Unfit, Vendor, VendorSet, XstateComponent};
 use crate::level::{Levelled, level};
@@ -189,7 +189,7 @@ pub fn level_pool(hosts: &[HostCpu], presented: Option<Vendor>) -> Result<PoolPo
             dropped.push((Feature::new(w, b), PoolDrop::LeafAboveMax { max_leaf }));
         }
     }
-    close_over_dependencies(&mut fs, &mut dropped);
+    crate::guest::close_over_dependencies(&mut fs, &mut dropped, PoolDrop::MissingDependency);
 
     // XSAVE layouts: every enabled component the same on every host. Each round drops
     // at least one feature, so this ends.
@@ -215,7 +215,7 @@ pub fn level_pool(hosts: &[HostCpu], presented: Option<Vendor>) -> Result<PoolPo
                 }
             }
         }
-        close_over_dependencies(&mut fs, &mut dropped);
+        crate::guest::close_over_dependencies(&mut fs, &mut dropped, PoolDrop::MissingDependency);
         if !changed {
             break;
         }
@@ -242,19 +242,4 @@ pub fn level_pool(hosts: &[HostCpu], presented: Option<Vendor>) -> Result<PoolPo
         }
     }
     Ok(PoolPolicy { policy, presented_from: from, levelled, lost, dropped, caveats })
-}
-
-/// Drop from `fs` every feature whose deep requirements are not all present, until
-/// none is left.
-fn close_over_dependencies(fs: &mut Featureset, dropped: &mut Vec<(Feature, PoolDrop)>) {
-    loop {
-        let missing = features::missing_dependencies(fs);
-        if missing.is_empty() {
-            return;
-        }
-        for (f, m) in missing {
-            fs.set_bit(f.word(), f.bit(), false);
-            dropped.push((f, PoolDrop::MissingDependency(m)));
-        }
-    }
 }
