@@ -18,8 +18,8 @@ use alloc::vec::Vec;
 
 use wire::dirty::DirtyBitmap;
 use wire::migration::{
-    ConsoleRing, DeviceStates, GuestClock, MemoryDigest, Record, RecordError, StreamHeader, VcpuFpu, VcpuMsrs,
-    VcpuState,
+    ConsoleRing, DeviceStates, GuestClock, MemoryDigest, Record, RecordError, StreamEnd, StreamHeader, VcpuFpu,
+    VcpuMsrs, VcpuState,
 };
 use wire::{MigrateOptions, MigrateProgress, MigrateReport, PeerVerdict, ReceiveState, ReceiveStatus, SendState};
 
@@ -42,6 +42,10 @@ pub const VERIFY_NS_PER_PAGE: u64 = 100_000;
 /// Pages a job encodes per step: one page-batch record, so the session's output
 /// buffer holds at most one record beyond what the relay asked for.
 const PAGES_PER_STEP: u64 = crate::send::SEND_BATCH_PAGES as u64;
+
+/// Pages the source digests per read of a `verify_memory` migration's end (16 MiB): a
+/// read answers within a fraction of a second even under emulation.
+const DIGEST_PAGES_PER_STEP: u64 = 4096;
 
 /// The destination's CPUID policy check: `Ok(())` if this host can run the policy
 /// (its postcard bytes), `Err(reason)` otherwise.
@@ -154,6 +158,12 @@ enum Job {
     Bits { bits: DirtyBitmap, next: u64 },
     /// Nothing more to encode; `VcpuStateSent` once drained.
     Vcpus,
+    /// The source's memory digest of a `verify_memory` migration, pages `next..` on,
+    /// then the `MemoryDigest` and `End` records. Stepped like the others, a bounded
+    /// number of pages per read, so digesting 1 GiB (seconds under emulation) neither
+    /// holds one relay request past its timeout nor stops the hypervisor's other work;
+    /// no source event follows it (the source already waits for the acknowledgement).
+    Digest { next: u64, digest: MemoryDigest, end: StreamEnd },
 }
 
 /// What the relay is to bring next.
@@ -296,12 +306,17 @@ impl SendSession {
             if self.buffered() < want
                 && let Some(job) = self.job.take()
             {
+                let digesting = matches!(job, Job::Digest { .. });
                 match self.step(core, job) {
                     Ok(next) => self.job = next,
                     Err(f) => {
                         self.feed(core, SourceEvent::Abort(f));
                         break;
                     }
+                }
+                // One digest step per read: the answer goes out, the relay asks again.
+                if digesting && self.job.is_some() {
+                    break;
                 }
                 continue;
             }
@@ -481,6 +496,20 @@ impl SendSession {
                 if cursor < bits.pfns().end { Some(Job::Bits { bits, next: cursor }) } else { None }
             }
             Job::Vcpus => None,
+            Job::Digest { next, mut digest, end } => {
+                let stop = next.saturating_add(DIGEST_PAGES_PER_STEP).min(self.pages);
+                for pfn in next..stop {
+                    core.read_page(self.domain, pfn, &mut self.page_buf).map_err(Failure::CoreFailed)?;
+                    digest.add_page(&self.page_buf);
+                }
+                if stop < self.pages {
+                    return Ok(Some(Job::Digest { next: stop, digest, end }));
+                }
+                self.digest = Some(digest.digest);
+                Record::MemoryDigest(digest).encode(&mut self.out).map_err(record_failure)?;
+                Record::End(end).encode(&mut self.out).map_err(record_failure)?;
+                return Ok(None);
+            }
         };
         // An unfinished job stays; a finished one reports once its bytes are out.
         if next.is_none() {
@@ -630,15 +659,9 @@ impl SendSession {
             }
             SourceAction::SendEnd(end) => {
                 if self.options.verify_memory {
-                    match core.memory_digest(d) {
-                        Ok(digest) => {
-                            if let Some(abort) = self.encode(Record::MemoryDigest(digest)) {
-                                return Some(abort);
-                            }
-                            self.digest = Some(digest.digest);
-                        }
-                        Err(e) => return core_failed(e),
-                    }
+                    // Digested a step per read (Job::Digest), then MemoryDigest and End.
+                    self.job = Some(Job::Digest { next: 0, digest: MemoryDigest::new(), end });
+                    return None;
                 }
                 self.encode(Record::End(end))
             }
