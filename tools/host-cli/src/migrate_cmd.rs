@@ -56,6 +56,62 @@ const POLL: Duration = Duration::from_millis(5);
 /// (it gives up after 10 s without a request).
 const KEEPALIVE: Duration = Duration::from_secs(2);
 
+/// How long one `MigrateRead`/`MigrateWrite` over a serial line should take: well
+/// inside the 10 s a request may take (and the 10 s each hypervisor waits for the
+/// relay), short enough that the progress line moves and Ctrl-C is noticed.
+const SERIAL_REQUEST_BUDGET: Duration = Duration::from_secs(2);
+/// The first piece over a serial line, before any rate is measured: 2 s at 1 KB/s.
+const SERIAL_FIRST_CHUNK: usize = 2 * 1024;
+/// The smallest piece over a serial line (a request's fixed cost dominates below it).
+const SERIAL_MIN_CHUNK: usize = 1024;
+
+/// How many stream bytes one request moves. Over vsock always [`MAX_MIGRATE_DATA`]
+/// (unchanged); when either end is a serial line (Bochs' COM2 runs at ~6 KB/s, so
+/// 60 KiB would take ~10 s, the request timeout), sized from the line's measured rate
+/// so that one request takes about [`SERIAL_REQUEST_BUDGET`].
+#[derive(Debug, Clone)]
+pub(crate) struct ChunkSizer {
+    serial: bool,
+    chunk: usize,
+    /// Bytes per second over the slow end, smoothed (`None` until measured).
+    rate: Option<f64>,
+}
+
+impl ChunkSizer {
+    pub(crate) fn new(serial: bool) -> Self {
+        Self { serial, chunk: if serial { SERIAL_FIRST_CHUNK } else { MAX_MIGRATE_DATA }, rate: None }
+    }
+
+    /// The most bytes the next request should carry.
+    pub(crate) fn chunk(&self) -> usize {
+        self.chunk
+    }
+
+    /// A request carried `bytes` in `took`: update the rate and the chunk. Requests of
+    /// less than [`SERIAL_MIN_CHUNK`] say more about the round trip than the rate and
+    /// are not counted.
+    pub(crate) fn observe(&mut self, bytes: usize, took: Duration) {
+        if !self.serial || bytes < SERIAL_MIN_CHUNK {
+            return;
+        }
+        let now = bytes as f64 / took.as_secs_f64().max(1e-3);
+        let rate = self.rate.map_or(now, |r| 0.7 * r + 0.3 * now);
+        self.rate = Some(rate);
+        let want = (rate * SERIAL_REQUEST_BUDGET.as_secs_f64()) as usize;
+        self.chunk = want.clamp(SERIAL_MIN_CHUNK, MAX_MIGRATE_DATA);
+    }
+
+    /// The measured rate over the serial end, bytes/s.
+    pub(crate) fn rate(&self) -> Option<f64> {
+        self.rate
+    }
+}
+
+/// Bytes for a progress line: KB below a megabyte (a serial line moves a few KB/s).
+fn size_text(bytes: u64) -> String {
+    if bytes < 1_000_000 { format!("{:.1} KB", bytes as f64 / 1e3) } else { format!("{:.1} MB", mb(bytes)) }
+}
+
 /// The progress line is redrawn at most this often.
 const DRAW_EVERY: Duration = Duration::from_millis(100);
 
@@ -194,15 +250,15 @@ fn progress_text(p: &MigrateProgress) -> String {
     };
     let bandwidth = match p.bandwidth_bytes_per_sec {
         u64::MAX => "?".to_string(),
-        b => format!("{:.1}", mb(b)),
+        b => size_text(b),
     };
     format!(
-        "{:<20} round {:>2}  pages {}/{}  {:.1} MB  dirty {} pages/s  {bandwidth} MB/s  est. downtime {downtime} ms  throttle {}%",
+        "{:<20} round {:>2}  pages {}/{}  {}  dirty {} pages/s  {bandwidth}/s  est. downtime {downtime} ms  throttle {}%",
         state_name(p),
         p.round,
         p.pages_sent,
         p.pages_total,
-        mb(p.bytes_sent),
+        size_text(p.bytes_sent),
         p.dirty_pages_per_sec,
         p.throttle_percent
     )
@@ -262,6 +318,11 @@ impl Sink {
             },
             Sink::File(f) => f.write(&data),
         }
+    }
+
+    /// Whether the destination is behind a serial line.
+    fn serial(&self) -> bool {
+        matches!(self, Sink::Hv { client, .. } if client.target.transport() == "serial")
     }
 
     /// Give up: the destination discards its partial domain (a file is removed). The
@@ -424,6 +485,8 @@ struct Relay<'a> {
     last_change: Instant,
     /// When the destination last got a write (for the keep-alive).
     last_write: Instant,
+    /// How much one request moves (smaller over a serial line).
+    sizer: ChunkSizer,
 }
 
 fn over(state: Option<SendState>) -> bool {
@@ -448,7 +511,13 @@ impl Relay<'_> {
             self.last_change = Instant::now();
         }
         let state_changed = self.track.progress.as_ref().is_none_or(|old| old.state != p.state);
-        self.line.show(&progress_text(&p), state_changed);
+        let mut text = progress_text(&p);
+        if let Some(rate) = self.sizer.rate() {
+            // The source's own figure is what it handed out; over a serial line the
+            // line is the limit, and that is what the relay measures.
+            text.push_str(&format!("  serial {}/s", size_text(rate as u64)));
+        }
+        self.line.show(&text, state_changed);
         let state = p.state.unwrap_or(SendState::Failed);
         self.track.progress = Some(p);
         state
@@ -588,8 +657,15 @@ impl Relay<'_> {
             if let Some(by) = interrupt::pending() {
                 return Err(self.interrupted(by));
             }
-            let read = Request::MigrateRead { session: self.session, max_bytes: MAX_MIGRATE_DATA as u32 };
-            let (data, progress) = match self.src.call(&read) {
+            let read = Request::MigrateRead { session: self.session, max_bytes: self.sizer.chunk() as u32 };
+            let asked = Instant::now();
+            let answer = self.src.call(&read);
+            if let Ok(Response::MigrateData { data, .. }) = &answer
+                && self.src.target.transport() == "serial"
+            {
+                self.sizer.observe(data.len(), asked.elapsed());
+            }
+            let (data, progress) = match answer {
                 Ok(Response::MigrateData { data, progress }) => (data, progress),
                 Ok(Response::Error(e)) => {
                     return Err(self.fail(remote_err(format!("the source refused to hand out the stream: {e}"))));
@@ -658,7 +734,12 @@ impl Relay<'_> {
             self.last_change = Instant::now();
         }
         self.last_write = Instant::now();
-        match self.sink.write(data) {
+        let len = data.len();
+        let written = self.sink.write(data);
+        if self.sink.serial() {
+            self.sizer.observe(len, self.last_write.elapsed());
+        }
+        match written {
             Ok(s) => {
                 self.on_status(s);
                 Ok(())
@@ -838,6 +919,7 @@ fn relay_migration(
     };
     let session_dst = status.session;
     track.status = Some(status);
+    let serial = src.target.transport() == "serial" || dst.target.transport() == "serial";
     Relay {
         src,
         domain,
@@ -850,6 +932,7 @@ fn relay_migration(
         corrupt,
         last_change: Instant::now(),
         last_write: Instant::now(),
+        sizer: ChunkSizer::new(serial),
     }
     .run()
 }
@@ -985,6 +1068,7 @@ fn relay_save(
     let sink = FileSink::create(path)?;
     let progress = start_source(&mut src, domain, MigrateOptions::default(), track)?;
     track.status = Some(sink.status.clone());
+    let sizer = ChunkSizer::new(src.target.transport() == "serial");
     Relay {
         src,
         domain,
@@ -997,6 +1081,7 @@ fn relay_save(
         corrupt: None,
         last_change: Instant::now(),
         last_write: Instant::now(),
+        sizer,
     }
     .run()
 }
@@ -1120,6 +1205,7 @@ fn push_file(
         }
     };
     let mut buf = vec![0u8; MAX_MIGRATE_DATA];
+    let mut sizer = ChunkSizer::new(client.target.transport() == "serial");
     let mut sent = 0u64;
     loop {
         if let Some(by) = interrupt::pending() {
@@ -1135,7 +1221,7 @@ fn push_file(
                 path.display()
             )));
         }
-        let n = match fill(file, &mut buf) {
+        let n = match fill(file, &mut buf[..sizer.chunk()]) {
             Ok(n) => n,
             Err(e) => {
                 let e = err(format!("cannot read {}: {e}", path.display()));
@@ -1153,7 +1239,10 @@ fn push_file(
             return Err(e);
         }
         let data = buf.get(..n).unwrap_or_default().to_vec();
-        let status = match client.call(&Request::MigrateWrite { session, data })? {
+        let asked = Instant::now();
+        let answer = client.call(&Request::MigrateWrite { session, data })?;
+        sizer.observe(n, asked.elapsed());
+        let status = match answer {
             Response::ReceiveStatus(s) => s,
             Response::Error(e) => {
                 let e = remote_err(format!("the destination refused the stream: {e}"));
@@ -1165,11 +1254,12 @@ fn push_file(
         sent += n as u64;
         line.show(
             &format!(
-                "{:<12} {:.1} of {:.1} MB  pages {}",
+                "{:<12} {} of {}  pages {}{}",
                 status.state.name(),
-                mb(sent),
-                mb(total),
-                status.pages_received
+                size_text(sent),
+                size_text(total),
+                status.pages_received,
+                sizer.rate().map(|r| format!("  serial {}/s", size_text(r as u64))).unwrap_or_default()
             ),
             false,
         );
