@@ -65,7 +65,7 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     let mut bochs = Session::spawn(&bochs_platform, esp, &config("xmig-bochs", &bochs_platform))?;
     let mut down = None;
     for (what, session, platform) in [("QEMU", &mut qemu, &qemu_platform), ("Bochs", &mut bochs, &bochs_platform)] {
-        if let Err(wait) = wait_serving(session, Duration::from_secs(platform.default_timeout_secs())) {
+        if let Err(wait) = wait_listening(session, Duration::from_secs(platform.default_timeout_secs())) {
             println!("systest xmig-* ... FAILED: {what}'s control channel did not come up ({wait})");
             print_log(what, session);
             down = Some(what);
@@ -88,6 +88,19 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     ctx.qemu.stop();
     ctx.bochs.stop();
     Ok((passed, failed))
+}
+
+/// Wait for `CONTROL listening`. Not [`wait_serving`]: Bochs prints `CONTROL
+/// unavailable: no virtio-vsock device` first, and that line alone ends its wait.
+fn wait_listening(session: &mut Session, timeout: Duration) -> std::result::Result<(), String> {
+    let wait = session.wait_until(timeout, &mut crate::emulator::Echo::new(false), |l| {
+        l.line("CONTROL listening").is_some() || l.outcome().is_some()
+    });
+    if crate::serial::SerialLog::new(&session.serial()).line("CONTROL listening").is_some() {
+        Ok(())
+    } else {
+        wait_serving(session, Duration::from_secs(1)).map_err(|e| format!("{wait:?}; {e}"))
+    }
 }
 
 /// `hvctl cpuid level` of the recorded QEMU EPYC and Bochs Skylake-X hosts: the spec.
