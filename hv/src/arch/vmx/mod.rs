@@ -778,7 +778,12 @@ impl Vcpu for VmxVcpu {
     }
 
     fn load_state(&mut self, regs: &mut GuestRegs, snapshot: &VcpuSnapshot) -> Result<(), ArchError> {
-        let s = snapshot;
+        // A snapshot saved under SVM (or by an older build) may hold what VMRUN accepts
+        // and the VM-entry checks of SDM Vol. 3C 27.3.1 do not: rewrite what is
+        // architecturally equivalent, refuse the rest by name (`vmx_checks`).
+        let normalised =
+            super::vmx_checks::for_vmx_entry(snapshot, self.unrestricted).map_err(ArchError::InvalidSnapshot)?;
+        let s = &normalised;
         // Refuse before writing anything, so a refused snapshot leaves the vCPU as it was.
         if let Some(e) = &s.pending_event {
             match e.kind {
