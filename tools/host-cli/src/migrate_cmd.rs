@@ -1279,3 +1279,48 @@ fn push_file(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vsock_requests_stay_at_the_maximum() {
+        let mut s = ChunkSizer::new(false);
+        assert_eq!(s.chunk(), MAX_MIGRATE_DATA);
+        s.observe(MAX_MIGRATE_DATA, Duration::from_secs(5));
+        assert_eq!((s.chunk(), s.rate()), (MAX_MIGRATE_DATA, None));
+    }
+
+    #[test]
+    fn serial_requests_follow_the_measured_rate() {
+        let mut s = ChunkSizer::new(true);
+        assert_eq!(s.chunk(), SERIAL_FIRST_CHUNK);
+        // Bochs' COM2: ~5.8 KB/s, so about 11.6 KB per 2 s request.
+        for _ in 0..20 {
+            s.observe(5800, Duration::from_secs(1));
+        }
+        let chunk = s.chunk();
+        assert!((11_000..=12_000).contains(&chunk), "{chunk}");
+        // QEMU's COM2 is far faster: capped at the protocol's maximum.
+        for _ in 0..20 {
+            s.observe(60_000, Duration::from_millis(100));
+        }
+        assert_eq!(s.chunk(), MAX_MIGRATE_DATA);
+        // Round trips of tiny requests (keep-alives, verdicts) say nothing of the rate.
+        let before = s.rate();
+        s.observe(16, Duration::from_secs(1));
+        assert_eq!(s.rate(), before);
+        // A stalled line shrinks the request to the floor, never to nothing.
+        for _ in 0..40 {
+            s.observe(SERIAL_MIN_CHUNK, Duration::from_secs(9));
+        }
+        assert_eq!(s.chunk(), SERIAL_MIN_CHUNK);
+    }
+
+    #[test]
+    fn sizes_read_in_kilobytes_below_a_megabyte() {
+        assert_eq!(size_text(5_800), "5.8 KB");
+        assert_eq!(size_text(2_500_000), "2.5 MB");
+    }
+}
