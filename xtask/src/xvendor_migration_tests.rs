@@ -158,9 +158,7 @@ fn domains(ctx: &Ctx, session: &Session) -> Result<Vec<(u64, String)>> {
     Ok(list["domains"]
         .as_array()
         .map(|ds| {
-            ds.iter()
-                .map(|d| (d["id"].as_u64().unwrap_or(0), d["state"].as_str().unwrap_or("").to_string()))
-                .collect()
+            ds.iter().map(|d| (d["id"].as_u64().unwrap_or(0), d["state"].as_str().unwrap_or("").to_string())).collect()
         })
         .unwrap_or_default())
 }
@@ -237,7 +235,13 @@ fn check_sequence(all: &[(u64, u64)], what: &str) -> Result<()> {
     Ok(())
 }
 
-fn migrate(ctx: &Ctx, from: &Session, to: &Session, id: u64, extra: &[&str]) -> Result<(Option<i32>, serde_json::Value, String)> {
+fn migrate(
+    ctx: &Ctx,
+    from: &Session,
+    to: &Session,
+    id: u64,
+    extra: &[&str],
+) -> Result<(Option<i32>, serde_json::Value, String)> {
     let (f, t) = (target(from), target(to));
     let id = id.to_string();
     let mut args = vec!["migrate", id.as_str(), "--from", f.as_str(), "--to", t.as_str(), "--json"];
@@ -295,7 +299,8 @@ fn leg(ctx: &Ctx, from: &Session, to: &Session, id: u64, what: &str) -> Result<(
     if s.is_null() || s != d {
         return Err(format!("{what}: memory at pause differs: source {s}, destination {d}"));
     }
-    let new_id = report["destination_domain"].as_u64().ok_or_else(|| format!("{what}: no destination domain: {report}"))?;
+    let new_id =
+        report["destination_domain"].as_u64().ok_or_else(|| format!("{what}: no destination domain: {report}"))?;
     Ok((
         new_id,
         format!(

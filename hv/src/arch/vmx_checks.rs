@@ -159,7 +159,11 @@ pub fn for_vmx_entry(s: &VcpuSnapshot, unrestricted: bool) -> Result<VcpuSnapsho
         (true, 9 | 11) => 11,
         (false, 1 | 3) => 3,
         (false, 9 | 11) => 11,
-        _ => return Err("TR does not hold a TSS of the kind VMX requires (busy 64-bit TSS in IA-32e mode, SDM Vol. 3C 27.3.1.2)"),
+        _ => {
+            return Err(
+                "TR does not hold a TSS of the kind VMX requires (busy 64-bit TSS in IA-32e mode, SDM Vol. 3C 27.3.1.2)",
+            );
+        }
     };
     s.tr.attributes = (s.tr.attributes & !ATTR_TYPE) | tr_type;
     fix_granularity(&mut s.tr, "TR's limit cannot be expressed with either G (SDM Vol. 3C 27.3.1.2)")?;
@@ -191,7 +195,9 @@ pub fn for_vmx_entry(s: &VcpuSnapshot, unrestricted: bool) -> Result<VcpuSnapsho
                         (SDM Vol. 3C 27.3.1.4)");
         }
         if e.kind == EVENT_NMI && s.interruptibility & (BLOCKING_BY_MOV_SS | BLOCKING_BY_NMI) != 0 {
-            return Err("an NMI is pending while NMIs are blocked, which a VMX VM entry refuses (SDM Vol. 3C 27.3.1.5)");
+            return Err(
+                "an NMI is pending while NMIs are blocked, which a VMX VM entry refuses (SDM Vol. 3C 27.3.1.5)",
+            );
         }
     }
     Ok(s)

@@ -44,7 +44,9 @@ pub fn hypercall_insn(bytes: &[u8]) -> Option<&'static str> {
 pub fn handle<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action {
     let st = match ctx.slot().vcpu.paging_state() {
         Ok(s) => s,
-        Err(e) => return Action::Crash(alloc::format!("#UD at RIP {:#x}: cannot read the paging state: {e}", exit.rip)),
+        Err(e) => {
+            return Action::Crash(alloc::format!("#UD at RIP {:#x}: cannot read the paging state: {e}", exit.rip));
+        }
     };
     let maxphyaddr = super::mmio::guest_maxphyaddr(ctx);
     let paging = PagingRegs { cr0: st.cr0, cr3: st.cr3, cr4: st.cr4, efer: st.efer, maxphyaddr };
