@@ -259,7 +259,8 @@ mod tests {
 
     #[test]
     fn what_is_not_equivalent_is_refused_with_a_reason() {
-        let cases: [(&str, fn(&mut VcpuSnapshot)); 8] = [
+        type Change = fn(&mut VcpuSnapshot);
+        let cases: [(&str, Change); 8] = [
             ("EFER", |s| s.efer |= 1 << 14),
             ("CR0.NE", |s| s.cr0 &= !CR0_NE),
             ("TR", |s| s.tr.attributes = 0),
