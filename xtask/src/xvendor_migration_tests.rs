@@ -37,6 +37,7 @@ struct Ctx {
 const TESTS: &[NamedTest<Ctx>] = &[
     ("xmig-same-vendor-policy-refused-before-any-page", same_vendor_refused),
     ("xmig-memwriter-svm-to-vmx-and-back", round_trip),
+    ("xmig-fpustate-avx-svm-to-vmx-and-back", fpu_round_trip),
 ];
 
 /// Boot QEMU (EPYC) and Bochs (Skylake-X) and run the cross-vendor tests matching `filter`.
@@ -168,7 +169,11 @@ fn state_of(ctx: &Ctx, session: &Session, id: u64) -> Result<Option<String>> {
 }
 
 fn create_writer(ctx: &Ctx, name: &str, cpuid: &str) -> Result<u64> {
-    let kernel = ctx.guests.join("memwriter.elf").display().to_string();
+    create(ctx, "memwriter", name, cpuid, WRITER_CMDLINE)
+}
+
+fn create(ctx: &Ctx, kernel: &str, name: &str, cpuid: &str, cmdline: &str) -> Result<u64> {
+    let kernel = ctx.guests.join(format!("{kernel}.elf")).display().to_string();
     let args = [
         "domain",
         "create",
@@ -181,7 +186,7 @@ fn create_writer(ctx: &Ctx, name: &str, cpuid: &str) -> Result<u64> {
         "--cpuid",
         cpuid,
         "--cmdline",
-        WRITER_CMDLINE,
+        cmdline,
         "--json",
     ];
     let out = json(&hvctl_on(ctx, &ctx.qemu, &args)?, "domain create")?;
@@ -341,5 +346,64 @@ fn round_trip(ctx: &Ctx) -> Result<String> {
         pairs(&src1).len(),
         pairs(&mid).len(),
         all.len() - pairs(&src1).len() - pairs(&mid).len()
+    ))
+}
+
+/// `fpustate`'s progress on `session`: (rounds done, registers changed so far) pairs.
+fn fpu_progress(session: &Session, id: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut done = None;
+    for (tag, value) in reports(session, id) {
+        match tag.as_str() {
+            "progress" => done = Some(value),
+            "badsofar" => {
+                if let Some(d) = done.take() {
+                    out.push((d, value));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The FPU/XSAVE record across vendors: an `fpustate` holding YMM registers (the
+/// levelled policy has AVX, XCR0 0x7) across yields moves QEMU → Bochs → QEMU while it
+/// runs; on each host its rounds go on and no register ever comes back changed.
+fn fpu_round_trip(ctx: &Ctx) -> Result<String> {
+    let id = create(ctx, "fpustate", "xfpu", &ctx.spec, "seed=5 rounds=100000000 every=200")?;
+    let console = |s: &Session, id: u64| hvctl_on(ctx, s, &["domain", "console", &id.to_string()]);
+    wait_for("fpustate's progress on QEMU", 60, || Ok(fpu_progress(&ctx.qemu, id).len() >= 2))?;
+    let first = console(&ctx.qemu, id)?;
+    if !first.contains("XCR0 0x7, 32-byte vector registers") {
+        return Err(format!("fpustate does not hold YMM registers with XCR0 0x7 on QEMU: {first}"));
+    }
+    let (on_bochs, there) = leg(ctx, &ctx.qemu, &ctx.bochs, id, "QEMU -> Bochs")?;
+    let before = fpu_progress(&ctx.qemu, id);
+    wait_for("fpustate's progress on Bochs", 180, || Ok(fpu_progress(&ctx.bochs, on_bochs).len() >= 2))?;
+    let (back, home) = leg(ctx, &ctx.bochs, &ctx.qemu, on_bochs, "Bochs -> QEMU")?;
+    let mid = fpu_progress(&ctx.bochs, on_bochs);
+    wait_for("fpustate's progress back on QEMU", 60, || Ok(fpu_progress(&ctx.qemu, back).len() >= 2))?;
+    let after = fpu_progress(&ctx.qemu, back);
+    let all: Vec<(u64, u64)> = before.iter().chain(mid.iter()).chain(after.iter()).copied().collect();
+    for (i, pair) in all.windows(2).enumerate() {
+        if pair[1].0 != pair[0].0 + 200 {
+            return Err(format!("fpustate's rounds do not continue at report {i}: {pair:?}"));
+        }
+    }
+    if let Some((round, bad)) = all.iter().find(|p| p.1 != 0) {
+        return Err(format!("fpustate found {bad} changed registers by round {round}: {all:?}"));
+    }
+    let text = console(&ctx.qemu, back)?;
+    if !text.contains("fpustate: seed 5") {
+        return Err(format!("the console ring lost fpustate's first line: {text}"));
+    }
+    hvctl_on(ctx, &ctx.qemu, &["domain", "destroy", &back.to_string()])?;
+    Ok(format!(
+        "YMM registers and XCR0 0x7 held through rounds {}..={} (QEMU to {}, Bochs to {}), 0 changed; {there}; {home}",
+        all.first().map_or(0, |p| p.0),
+        all.last().map_or(0, |p| p.0),
+        before.last().map_or(0, |p| p.0),
+        mid.last().map_or(0, |p| p.0),
     ))
 }
