@@ -7,7 +7,9 @@
 //! The writer's CPUID policy is `hvctl cpuid level` of the two recorded hosts: AMD
 //! presented on both (`host-vendors=intel+amd`). It moves QEMU → Bochs → QEMU while it
 //! writes; its rounds must continue in sequence with the right checksums on each side
-//! and the memory digests at pause must be equal. A same-vendor policy (`host-max` on
+//! and the memory digests at pause must be equal. An `fpustate` (YMM registers held
+//! across yields) makes the same round trip and must never find a register changed. A
+//! same-vendor policy (`host-max` on
 //! EPYC) must be refused by Bochs for its vendor before any page moves, the source
 //! domain running on.
 
