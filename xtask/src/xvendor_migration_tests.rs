@@ -40,6 +40,7 @@ const TESTS: &[NamedTest<Ctx>] = &[
     ("xmig-same-vendor-policy-refused-before-any-page", same_vendor_refused),
     ("xmig-memwriter-svm-to-vmx-and-back", round_trip),
     ("xmig-fpustate-avx-svm-to-vmx-and-back", fpu_round_trip),
+    ("xmig-save-on-svm-restore-on-vmx", save_restore),
 ];
 
 /// Boot QEMU (EPYC) and Bochs (Skylake-X) and run the cross-vendor tests matching `filter`.
@@ -407,5 +408,38 @@ fn fpu_round_trip(ctx: &Ctx) -> Result<String> {
         all.last().map_or(0, |p| p.0),
         before.last().map_or(0, |p| p.0),
         mid.last().map_or(0, |p| p.0),
+    ))
+}
+
+/// `hvctl save` on QEMU (vsock), `hvctl restore` into Bochs (its writes sized to the
+/// serial line): the writer goes on there in sequence.
+fn save_restore(ctx: &Ctx) -> Result<String> {
+    let id = create_writer(ctx, "xsaved", &ctx.spec)?;
+    wait_for("the writer's first rounds on QEMU", 60, || Ok(pairs(&reports(&ctx.qemu, id)).len() >= 2))?;
+    let file = ctx.qemu.dir.join("xsaved.hvmig");
+    let _ = std::fs::remove_file(&file);
+    let file_arg = file.display().to_string();
+    let saved = json(&hvctl_on(ctx, &ctx.qemu, &["save", &id.to_string(), &file_arg, "--json"])?, "save --json")?;
+    let size = std::fs::metadata(&file).map_err(|e| format!("{}: {e}", file.display()))?.len();
+    let started = Instant::now();
+    let restored = json(&hvctl_on(ctx, &ctx.bochs, &["restore", &file_arg, "--json"])?, "restore --json")?;
+    let took = started.elapsed().as_secs_f64();
+    let new_id = restored["domain"]
+        .as_u64()
+        .or_else(|| restored["destination_domain"].as_u64())
+        .ok_or_else(|| format!("restore gave no domain id: {restored}"))?;
+    wait_for("the restored writer to report 3 rounds on Bochs", 180, || {
+        Ok(pairs(&reports(&ctx.bochs, new_id)).len() >= 3)
+    })?;
+    let joined: Vec<_> = reports(&ctx.qemu, id).into_iter().chain(reports(&ctx.bochs, new_id)).collect();
+    let all = pairs(&joined);
+    check_sequence(&all, "saved on QEMU, restored on Bochs")?;
+    hvctl_on(ctx, &ctx.bochs, &["domain", "destroy", &new_id.to_string()])?;
+    let _ = std::fs::remove_file(&file);
+    Ok(format!(
+        "saved {size} bytes ({} pages) on QEMU, restored on Bochs in {took:.1} s ({:.1} KB/s over COM2); {} rounds in sequence",
+        saved["pages_sent"],
+        size as f64 / took / 1e3,
+        all.len()
     ))
 }
