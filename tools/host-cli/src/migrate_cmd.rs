@@ -60,8 +60,9 @@ const KEEPALIVE: Duration = Duration::from_secs(2);
 /// inside the 10 s a request may take (and the 10 s each hypervisor waits for the
 /// relay), short enough that the progress line moves and Ctrl-C is noticed.
 const SERIAL_REQUEST_BUDGET: Duration = Duration::from_secs(2);
-/// The first piece over a serial line, before any rate is measured: 2 s at 1 KB/s.
-const SERIAL_FIRST_CHUNK: usize = 2 * 1024;
+/// The first piece over a serial line, before any rate is measured: 4 s at 1 KB/s,
+/// under a second at Bochs' ~6 KB/s.
+const SERIAL_FIRST_CHUNK: usize = 4 * 1024;
 /// The smallest piece over a serial line (a request's fixed cost dominates below it).
 const SERIAL_MIN_CHUNK: usize = 1024;
 
@@ -95,7 +96,7 @@ impl ChunkSizer {
             return;
         }
         let now = bytes as f64 / took.as_secs_f64().max(1e-3);
-        let rate = self.rate.map_or(now, |r| 0.7 * r + 0.3 * now);
+        let rate = self.rate.map_or(now, |r| 0.5 * r + 0.5 * now);
         self.rate = Some(rate);
         let want = (rate * SERIAL_REQUEST_BUDGET.as_secs_f64()) as usize;
         self.chunk = want.clamp(SERIAL_MIN_CHUNK, MAX_MIGRATE_DATA);
