@@ -24,6 +24,7 @@ mod serial_relay;
 mod smp_tests;
 mod systest;
 mod tools;
+mod xvendor_migration_tests;
 
 use std::process::ExitCode;
 use std::time::Duration;

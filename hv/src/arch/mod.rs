@@ -9,6 +9,7 @@ pub mod fpu;
 pub mod state;
 pub mod svm;
 pub mod vmx;
+pub mod vmx_checks;
 
 pub use monitor_svc::events::ExitKind;
 

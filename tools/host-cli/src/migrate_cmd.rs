@@ -56,6 +56,63 @@ const POLL: Duration = Duration::from_millis(5);
 /// (it gives up after 10 s without a request).
 const KEEPALIVE: Duration = Duration::from_secs(2);
 
+/// How long one `MigrateRead`/`MigrateWrite` over a serial line should take: well
+/// inside the 10 s a request may take (and the 10 s each hypervisor waits for the
+/// relay), short enough that the progress line moves and Ctrl-C is noticed.
+const SERIAL_REQUEST_BUDGET: Duration = Duration::from_secs(2);
+/// The first piece over a serial line, before any rate is measured: 4 s at 1 KB/s,
+/// under a second at Bochs' ~6 KB/s.
+const SERIAL_FIRST_CHUNK: usize = 4 * 1024;
+/// The smallest piece over a serial line (a request's fixed cost dominates below it).
+const SERIAL_MIN_CHUNK: usize = 1024;
+
+/// How many stream bytes one request moves. Over vsock always [`MAX_MIGRATE_DATA`]
+/// (unchanged); when either end is a serial line (Bochs' COM2 runs at ~6 KB/s, so
+/// 60 KiB would take ~10 s, the request timeout), sized from the line's measured rate
+/// so that one request takes about [`SERIAL_REQUEST_BUDGET`].
+#[derive(Debug, Clone)]
+pub(crate) struct ChunkSizer {
+    serial: bool,
+    chunk: usize,
+    /// Bytes per second over the slow end, smoothed (`None` until measured).
+    rate: Option<f64>,
+}
+
+impl ChunkSizer {
+    pub(crate) fn new(serial: bool) -> Self {
+        Self { serial, chunk: if serial { SERIAL_FIRST_CHUNK } else { MAX_MIGRATE_DATA }, rate: None }
+    }
+
+    /// The most bytes the next request should carry.
+    pub(crate) fn chunk(&self) -> usize {
+        self.chunk
+    }
+
+    /// A request carried `bytes` in `took`: update the rate and the chunk. Requests of
+    /// less than [`SERIAL_MIN_CHUNK`] say more about the round trip than the rate and
+    /// are not counted.
+    pub(crate) fn observe(&mut self, bytes: usize, took: Duration) {
+        if !self.serial || bytes < SERIAL_MIN_CHUNK {
+            return;
+        }
+        let now = bytes as f64 / took.as_secs_f64().max(1e-3);
+        let rate = self.rate.map_or(now, |r| 0.5 * r + 0.5 * now);
+        self.rate = Some(rate);
+        let want = (rate * SERIAL_REQUEST_BUDGET.as_secs_f64()) as usize;
+        self.chunk = want.clamp(SERIAL_MIN_CHUNK, MAX_MIGRATE_DATA);
+    }
+
+    /// The measured rate over the serial end, bytes/s.
+    pub(crate) fn rate(&self) -> Option<f64> {
+        self.rate
+    }
+}
+
+/// Bytes for a progress line: KB below a megabyte (a serial line moves a few KB/s).
+fn size_text(bytes: u64) -> String {
+    if bytes < 1_000_000 { format!("{:.1} KB", bytes as f64 / 1e3) } else { format!("{:.1} MB", mb(bytes)) }
+}
+
 /// The progress line is redrawn at most this often.
 const DRAW_EVERY: Duration = Duration::from_millis(100);
 
@@ -194,15 +251,15 @@ fn progress_text(p: &MigrateProgress) -> String {
     };
     let bandwidth = match p.bandwidth_bytes_per_sec {
         u64::MAX => "?".to_string(),
-        b => format!("{:.1}", mb(b)),
+        b => size_text(b),
     };
     format!(
-        "{:<20} round {:>2}  pages {}/{}  {:.1} MB  dirty {} pages/s  {bandwidth} MB/s  est. downtime {downtime} ms  throttle {}%",
+        "{:<20} round {:>2}  pages {}/{}  {}  dirty {} pages/s  {bandwidth}/s  est. downtime {downtime} ms  throttle {}%",
         state_name(p),
         p.round,
         p.pages_sent,
         p.pages_total,
-        mb(p.bytes_sent),
+        size_text(p.bytes_sent),
         p.dirty_pages_per_sec,
         p.throttle_percent
     )
@@ -262,6 +319,11 @@ impl Sink {
             },
             Sink::File(f) => f.write(&data),
         }
+    }
+
+    /// Whether the destination is behind a serial line.
+    fn serial(&self) -> bool {
+        matches!(self, Sink::Hv { client, .. } if client.target.transport() == "serial")
     }
 
     /// Give up: the destination discards its partial domain (a file is removed). The
@@ -424,6 +486,8 @@ struct Relay<'a> {
     last_change: Instant,
     /// When the destination last got a write (for the keep-alive).
     last_write: Instant,
+    /// How much one request moves (smaller over a serial line).
+    sizer: ChunkSizer,
 }
 
 fn over(state: Option<SendState>) -> bool {
@@ -448,7 +512,13 @@ impl Relay<'_> {
             self.last_change = Instant::now();
         }
         let state_changed = self.track.progress.as_ref().is_none_or(|old| old.state != p.state);
-        self.line.show(&progress_text(&p), state_changed);
+        let mut text = progress_text(&p);
+        if let Some(rate) = self.sizer.rate() {
+            // The source's own figure is what it handed out; over a serial line the
+            // line is the limit, and that is what the relay measures.
+            text.push_str(&format!("  serial {}/s", size_text(rate as u64)));
+        }
+        self.line.show(&text, state_changed);
         let state = p.state.unwrap_or(SendState::Failed);
         self.track.progress = Some(p);
         state
@@ -588,8 +658,15 @@ impl Relay<'_> {
             if let Some(by) = interrupt::pending() {
                 return Err(self.interrupted(by));
             }
-            let read = Request::MigrateRead { session: self.session, max_bytes: MAX_MIGRATE_DATA as u32 };
-            let (data, progress) = match self.src.call(&read) {
+            let read = Request::MigrateRead { session: self.session, max_bytes: self.sizer.chunk() as u32 };
+            let asked = Instant::now();
+            let answer = self.src.call(&read);
+            if let Ok(Response::MigrateData { data, .. }) = &answer
+                && self.src.target.transport() == "serial"
+            {
+                self.sizer.observe(data.len(), asked.elapsed());
+            }
+            let (data, progress) = match answer {
                 Ok(Response::MigrateData { data, progress }) => (data, progress),
                 Ok(Response::Error(e)) => {
                     return Err(self.fail(remote_err(format!("the source refused to hand out the stream: {e}"))));
@@ -658,7 +735,12 @@ impl Relay<'_> {
             self.last_change = Instant::now();
         }
         self.last_write = Instant::now();
-        match self.sink.write(data) {
+        let len = data.len();
+        let written = self.sink.write(data);
+        if self.sink.serial() {
+            self.sizer.observe(len, self.last_write.elapsed());
+        }
+        match written {
             Ok(s) => {
                 self.on_status(s);
                 Ok(())
@@ -838,6 +920,7 @@ fn relay_migration(
     };
     let session_dst = status.session;
     track.status = Some(status);
+    let serial = src.target.transport() == "serial" || dst.target.transport() == "serial";
     Relay {
         src,
         domain,
@@ -850,6 +933,7 @@ fn relay_migration(
         corrupt,
         last_change: Instant::now(),
         last_write: Instant::now(),
+        sizer: ChunkSizer::new(serial),
     }
     .run()
 }
@@ -985,6 +1069,7 @@ fn relay_save(
     let sink = FileSink::create(path)?;
     let progress = start_source(&mut src, domain, MigrateOptions::default(), track)?;
     track.status = Some(sink.status.clone());
+    let sizer = ChunkSizer::new(src.target.transport() == "serial");
     Relay {
         src,
         domain,
@@ -997,6 +1082,7 @@ fn relay_save(
         corrupt: None,
         last_change: Instant::now(),
         last_write: Instant::now(),
+        sizer,
     }
     .run()
 }
@@ -1120,6 +1206,7 @@ fn push_file(
         }
     };
     let mut buf = vec![0u8; MAX_MIGRATE_DATA];
+    let mut sizer = ChunkSizer::new(client.target.transport() == "serial");
     let mut sent = 0u64;
     loop {
         if let Some(by) = interrupt::pending() {
@@ -1135,7 +1222,7 @@ fn push_file(
                 path.display()
             )));
         }
-        let n = match fill(file, &mut buf) {
+        let n = match fill(file, &mut buf[..sizer.chunk()]) {
             Ok(n) => n,
             Err(e) => {
                 let e = err(format!("cannot read {}: {e}", path.display()));
@@ -1153,7 +1240,10 @@ fn push_file(
             return Err(e);
         }
         let data = buf.get(..n).unwrap_or_default().to_vec();
-        let status = match client.call(&Request::MigrateWrite { session, data })? {
+        let asked = Instant::now();
+        let answer = client.call(&Request::MigrateWrite { session, data })?;
+        sizer.observe(n, asked.elapsed());
+        let status = match answer {
             Response::ReceiveStatus(s) => s,
             Response::Error(e) => {
                 let e = remote_err(format!("the destination refused the stream: {e}"));
@@ -1165,11 +1255,12 @@ fn push_file(
         sent += n as u64;
         line.show(
             &format!(
-                "{:<12} {:.1} of {:.1} MB  pages {}",
+                "{:<12} {} of {}  pages {}{}",
                 status.state.name(),
-                mb(sent),
-                mb(total),
-                status.pages_received
+                size_text(sent),
+                size_text(total),
+                status.pages_received,
+                sizer.rate().map(|r| format!("  serial {}/s", size_text(r as u64))).unwrap_or_default()
             ),
             false,
         );
@@ -1187,5 +1278,50 @@ fn push_file(
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vsock_requests_stay_at_the_maximum() {
+        let mut s = ChunkSizer::new(false);
+        assert_eq!(s.chunk(), MAX_MIGRATE_DATA);
+        s.observe(MAX_MIGRATE_DATA, Duration::from_secs(5));
+        assert_eq!((s.chunk(), s.rate()), (MAX_MIGRATE_DATA, None));
+    }
+
+    #[test]
+    fn serial_requests_follow_the_measured_rate() {
+        let mut s = ChunkSizer::new(true);
+        assert_eq!(s.chunk(), SERIAL_FIRST_CHUNK);
+        // Bochs' COM2: ~5.8 KB/s, so about 11.6 KB per 2 s request.
+        for _ in 0..20 {
+            s.observe(5800, Duration::from_secs(1));
+        }
+        let chunk = s.chunk();
+        assert!((11_000..=12_000).contains(&chunk), "{chunk}");
+        // QEMU's COM2 is far faster: capped at the protocol's maximum.
+        for _ in 0..20 {
+            s.observe(60_000, Duration::from_millis(100));
+        }
+        assert_eq!(s.chunk(), MAX_MIGRATE_DATA);
+        // Round trips of tiny requests (keep-alives, verdicts) say nothing of the rate.
+        let before = s.rate();
+        s.observe(16, Duration::from_secs(1));
+        assert_eq!(s.rate(), before);
+        // A stalled line shrinks the request to the floor, never to nothing.
+        for _ in 0..40 {
+            s.observe(SERIAL_MIN_CHUNK, Duration::from_secs(9));
+        }
+        assert_eq!(s.chunk(), SERIAL_MIN_CHUNK);
+    }
+
+    #[test]
+    fn sizes_read_in_kilobytes_below_a_megabyte() {
+        assert_eq!(size_text(5_800), "5.8 KB");
+        assert_eq!(size_text(2_500_000), "2.5 MB");
     }
 }

@@ -11,7 +11,9 @@
 //! prints and runs CPUID (exits the hypervisor handles), and reads everything back.
 //!
 //! Reports: `xcr0`, `width` (bytes per vector register checked), `gp` (XSETBVs
-//! refused), `rounds`, `bad` (registers that came back different). Exits 0 when no
+//! refused), `rounds`, `bad` (registers that came back different). With `every=K`
+//! also `progress` (rounds done) and `badsofar` after every K rounds, for a test that
+//! watches a practically endless run move between hosts. Exits 0 when no
 //! register changed and the XSETBV of AVX without SSE faulted; 1 otherwise.
 #![no_std]
 #![no_main]
@@ -237,6 +239,7 @@ fn differences(want: &Image, got: &Image, w: Width) -> u64 {
 fn main(info: &BootInfo) -> u64 {
     let seed = arg(info, "seed").unwrap_or(1);
     let rounds = arg(info, "rounds").unwrap_or(20);
+    let every = arg(info, "every").unwrap_or(0);
     install_tables();
     let l1 = cpuid(1, 0);
     let has_xsave = l1[2] & (1 << 26) != 0;
@@ -312,6 +315,10 @@ fn main(info: &BootInfo) -> u64 {
                 println!("fpustate: round {round}: {d} registers changed");
             }
             bad += d;
+        }
+        if every != 0 && (round + 1) % every == 0 {
+            report(b"progress", round + 1);
+            report(b"badsofar", bad);
         }
     }
     println!("fpustate: {rounds} rounds, {bad} registers changed");

@@ -143,9 +143,10 @@ impl SvmVcpu {
     fn configure(&self, pool: &mut FramePool, entry: &GuestEntry) -> Result<(), ArchError> {
         let mut v = Vmcb(pool.bytes_mut(self.vmcb)?);
         // Control area (APM Vol. 2 15.9-15.13, Appendix B Table B-1). Of the guest's
-        // own exceptions only #DF is intercepted, to report why a guest dies; the rest
-        // go through the guest's IDT as on hardware.
-        v.set(vmcb::INTERCEPT_EXCEPTIONS, 1 << 8);
+        // own exceptions #DF is intercepted, to report why a guest dies, and #UD, for
+        // VMCALL (Intel's hypercall) after a cross-vendor migration (15.12,
+        // `domain::exit::ud`); the rest go through the guest's IDT as on hardware.
+        v.set(vmcb::INTERCEPT_EXCEPTIONS, (1 << 8) | (1 << 6));
         // Vector 3: INTR(0, our time slices), CPUID(18), HLT(24), IOIO_PROT(27),
         // MSR_PROT(28), SHUTDOWN(31).
         v.set(vmcb::INTERCEPT_MISC1, 1 | (1 << 18) | (1 << 24) | (1 << 27) | (1 << 28) | (1 << 31));

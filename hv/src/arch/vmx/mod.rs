@@ -312,9 +312,11 @@ impl Vmx {
             (vmcs::PROCBASED_CTLS2, proc2.into()),
             (vmcs::EXIT_CTLS, exit.into()),
             (vmcs::ENTRY_CTLS, entry_ctls.into()),
-            // Of the guest's own exceptions only #DF exits, to report why a guest dies;
-            // the rest go through the guest's IDT as on hardware.
-            (vmcs::EXCEPTION_BITMAP, 1 << 8),
+            // Of the guest's own exceptions #DF exits, to report why a guest dies, and
+            // #UD, for the other vendor's hypercall instruction after a cross-vendor
+            // migration (`domain::exit::ud`; 25.6.3); the rest go through the guest's
+            // IDT as on hardware.
+            (vmcs::EXCEPTION_BITMAP, (1 << 8) | (1 << 6)),
             (vmcs::CR0_MASK, 0),
             // The guest may not see or change CR4.VMXE, which VMX forces on (FIXED0).
             (vmcs::CR4_MASK, CR4_VMXE),
@@ -776,7 +778,12 @@ impl Vcpu for VmxVcpu {
     }
 
     fn load_state(&mut self, regs: &mut GuestRegs, snapshot: &VcpuSnapshot) -> Result<(), ArchError> {
-        let s = snapshot;
+        // A snapshot saved under SVM (or by an older build) may hold what VMRUN accepts
+        // and the VM-entry checks of SDM Vol. 3C 27.3.1 do not: rewrite what is
+        // architecturally equivalent, refuse the rest by name (`vmx_checks`).
+        let normalised =
+            super::vmx_checks::for_vmx_entry(snapshot, self.unrestricted).map_err(ArchError::InvalidSnapshot)?;
+        let s = &normalised;
         // Refuse before writing anything, so a refused snapshot leaves the vCPU as it was.
         if let Some(e) = &s.pending_event {
             match e.kind {

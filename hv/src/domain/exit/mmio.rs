@@ -503,7 +503,7 @@ pub fn emulate<M: GuestPhys + ?Sized>(
 
 /// The guest's physical-address width as its CPUID policy reports it
 /// (CPUID.80000008H:EAX[7:0]; 36 when the leaf is absent, SDM Vol. 3A 4.1.4).
-fn maxphyaddr<B: Backend>(ctx: &mut ExitCtx<'_, B>) -> u8 {
+pub(crate) fn guest_maxphyaddr<B: Backend>(ctx: &mut ExitCtx<'_, B>) -> u8 {
     let index = ctx.slot().index;
     let r = ctx.d.cpuid.lookup_vcpu(0x8000_0008, 0, &super::super::vcpu_state(index));
     match r[0] as u8 {
@@ -518,7 +518,7 @@ pub fn handle<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit, gpa: u64, write
         Ok(s) => s,
         Err(e) => return Action::Crash(alloc::format!("MMIO at {gpa:#x}: cannot read the vCPU's paging state: {e}")),
     };
-    let maxphyaddr = maxphyaddr(ctx);
+    let maxphyaddr = guest_maxphyaddr(ctx);
     let regs = ctx.slot().regs;
     let decoded = match ctx.d.mem.as_ref() {
         Some(mem) => {

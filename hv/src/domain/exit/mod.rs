@@ -4,7 +4,7 @@
 //! memory, devices and logs, the frame pool, this CPU's log-dirty mechanisms) that
 //! returns an [`Action`] for the scheduler. Nothing here calls back into the machine.
 //!
-//! One file per kind: [`cpuid`], [`msr`], [`xsetbv`], [`io`], [`hypercall`], [`memory`]
+//! One file per kind: [`cpuid`], [`msr`], [`xsetbv`], [`io`], [`hypercall`], [`ud`], [`memory`]
 //! (nested page faults: log-dirty write faults, and accesses outside guest RAM, which
 //! [`mmio`] decodes and emulates).
 
@@ -14,6 +14,7 @@ pub mod io;
 pub mod memory;
 pub mod mmio;
 pub mod msr;
+pub mod ud;
 pub mod xsetbv;
 
 use alloc::string::String;
@@ -106,6 +107,7 @@ pub fn handle<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action {
         },
         ExitReason::NestedPageFault { gpa, write } => memory::handle(ctx, exit, gpa, write),
         ExitReason::TripleFault => Action::Crash(alloc::format!("triple fault (last RIP {:#x})", exit.rip)),
+        ExitReason::Exception { vector: 6 } => ud::handle(ctx, exit),
         ExitReason::Exception { vector: 8 } => Action::Crash(alloc::format!("double fault at RIP {:#x}", exit.rip)),
         ExitReason::Exception { vector } => {
             Action::Crash(alloc::format!("unexpected exception {vector} exit at RIP {:#x}", exit.rip))

@@ -24,7 +24,7 @@
 //! | IA32_MISC_ENABLE (0x1A0) | stored; reset 0x1801 (fast strings; BTS and PEBS unavailable) | only bit 0 (fast strings) may change, else #GP | [`MsrState`] |
 //! | IA32_DEBUGCTL (0x1D9) | 0 | 0 accepted (no LBR/BTF), else #GP | — |
 //! | IA32_PAT (0x277) | stored | validated: every entry a PAT memory type | VMCB G_PAT / VMX MSR lists |
-//! | IA32_SYSENTER_CS/ESP/EIP (0x174–0x176) | stored | ESP/EIP must be canonical | VMCB (VMLOAD/VMSAVE) / VMCS guest fields |
+//! | IA32_SYSENTER_CS/ESP/EIP (0x174–0x176) | stored | ESP/EIP must be canonical; AMD-compatible policies keep their low 32 bits (sysenter-msr-width) | VMCB (VMLOAD/VMSAVE) / VMCS guest fields |
 //! | IA32_EFER (0xC0000080) | stored, without SVME | SCE, LME, NXE (and AMD's FFXSR) as the policy offers them; LMA is kept; LME may not change while paging is on | VMCB EFER / VMCS guest EFER |
 //! | STAR, LSTAR, CSTAR, SFMASK (0xC0000081–84) | stored | LSTAR/CSTAR canonical, SFMASK bits 63:32 zero | VMCB (VMLOAD/VMSAVE) / VMX MSR lists |
 //! | FS_BASE, GS_BASE, KERNEL_GS_BASE (0xC0000100–02) | stored | canonical | VMCB / VMCS (FS, GS), VMX MSR lists (KERNEL_GS_BASE) |
@@ -382,6 +382,14 @@ pub fn check_backend_write(msr: GuestMsr, value: u64, old: u64, cr0: u64, env: &
             }
         }
         GuestMsr::Star | GuestMsr::SysenterCs => Ok(value),
+        // `levelling`'s sysenter-msr-width: AMD and Hygon keep only the low 32 bits of
+        // SYSENTER_ESP/EIP (legacy-mode MSRs there, APM Vol. 2 6.1.1). A guest of an
+        // AMD-compatible policy sees that on every host, an Intel host included, so
+        // what it reads back does not change when it migrates between vendors.
+        // Non-canonical values are still refused, as on Intel (#GP).
+        GuestMsr::SysenterEsp | GuestMsr::SysenterEip if env.vendor.is_amd_compatible() => {
+            canon(value).map(|v| v & 0xffff_ffff)
+        }
         GuestMsr::Lstar
         | GuestMsr::Cstar
         | GuestMsr::FsBase
@@ -659,8 +667,8 @@ mod tests {
         assert_eq!(check_backend_write(GuestMsr::Pat, 0x0007_0406_0007_0406, 0, 0, &e), Ok(0x0007_0406_0007_0406));
         assert_eq!(check_backend_write(GuestMsr::Pat, 0x0007_0406_0007_0402, 0, 0, &e), Err(()));
         assert_eq!(check_backend_write(GuestMsr::Pat, 8 << 56, 0, 0, &e), Err(()));
-        // Canonical addresses at 48 bits.
-        for m in [GuestMsr::Lstar, GuestMsr::FsBase, GuestMsr::GsBase, GuestMsr::KernelGsBase, GuestMsr::SysenterEip] {
+        // Canonical addresses at 48 bits (SYSENTER_EIP: `sysenter_width_follows_the_policy_vendor`).
+        for m in [GuestMsr::Lstar, GuestMsr::FsBase, GuestMsr::GsBase, GuestMsr::KernelGsBase] {
             assert_eq!(check_backend_write(m, 0xffff_8000_0000_0000, 0, 0, &e), Ok(0xffff_8000_0000_0000));
             assert_eq!(check_backend_write(m, 0x0000_8000_0000_0000, 0, 0, &e), Err(()), "{m:?}");
         }
@@ -679,5 +687,16 @@ mod tests {
         assert!(canonical(0xffff_8000_0000_0000, 48));
         assert!(canonical(0x00ff_ffff_ffff_ffff >> 8, 57));
         assert!(!canonical(0x0100_0000_0000_0000, 57));
+    }
+
+    #[test]
+    fn sysenter_width_follows_the_policy_vendor() {
+        let high = 0xffff_8000_1234_5678;
+        for msr in [GuestMsr::SysenterEsp, GuestMsr::SysenterEip] {
+            assert_eq!(check_backend_write(msr, high, 0, 0, &env(Vendor::Amd)), Ok(0x1234_5678));
+            assert_eq!(check_backend_write(msr, high, 0, 0, &env(Vendor::Hygon)), Ok(0x1234_5678));
+            assert_eq!(check_backend_write(msr, high, 0, 0, &env(Vendor::Intel)), Ok(high));
+            assert_eq!(check_backend_write(msr, 0x0000_8000_0000_0000, 0, 0, &env(Vendor::Amd)), Err(()));
+        }
     }
 }
