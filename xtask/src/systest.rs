@@ -309,8 +309,13 @@ pub fn hvctl_output(hvctl: &std::path::Path, args: &[&str]) -> Result<(Option<i3
 /// Wait until `session` serves its control channel (`CONTROL listening`); the wait's
 /// outcome as text when it does not.
 pub fn wait_serving(session: &mut emulator::Session, timeout: Duration) -> std::result::Result<(), String> {
+    // Each transport prints its own CONTROL line, vsock's first: on Bochs "CONTROL
+    // unavailable" (no vsock) comes before the serial line, so the first CONTROL line
+    // alone does not decide. Done when one listens, or both said they do not.
     let wait = session.wait_until(timeout, &mut emulator::Echo::new(false), |l| {
-        l.line("CONTROL ").is_some() || l.outcome().is_some()
+        l.line("CONTROL listening").is_some()
+            || (l.line("CONTROL unavailable").is_some() && l.line("CONTROL serial ").is_some())
+            || l.outcome().is_some()
     });
     if matches!(wait, emulator::Wait::Matched(_))
         && SerialLog::new(&session.serial()).line("CONTROL listening").is_some()
