@@ -34,6 +34,8 @@ pub mod devices;
 pub mod domain;
 pub mod drivers;
 pub mod firmware;
+#[cfg(any(test, fuzzing))]
+pub mod fuzzing;
 pub mod heap;
 pub mod init;
 pub mod mm;

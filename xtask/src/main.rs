@@ -551,6 +551,7 @@ const FUZZ_TARGETS: &[(&str, &str)] = &[
     ("migration_svc/fuzz", "receive_stream"),
     ("hv/fuzz", "device_bus"),
     ("hv/fuzz", "mmio_decode"),
+    ("hv/fuzz", "state_loaders"),
 ];
 
 /// How long each fuzz target runs: libFuzzer's `-max_total_time` and/or `-runs`.

@@ -22,7 +22,7 @@ pub mod migrate;
 mod ops;
 mod platform;
 mod sched;
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 pub(crate) mod testing;
 
 use alloc::collections::VecDeque;

@@ -89,8 +89,12 @@ impl Vcpu for FakeVcpu {
         self.window_requested = on;
         Ok(())
     }
-    fn save_state(&mut self, _: &GuestRegs) -> Result<VcpuSnapshot, ArchError> {
-        Err(ArchError::Unsupported("fake"))
+    /// The last snapshot loaded (registers from `regs`), else the reset state: enough
+    /// for the save side of migration tests and the `state_loaders` fuzz target.
+    fn save_state(&mut self, regs: &GuestRegs) -> Result<VcpuSnapshot, ArchError> {
+        let mut snapshot = self.loaded.clone().unwrap_or_default();
+        snapshot.regs = *regs;
+        Ok(snapshot)
     }
     fn load_state(&mut self, regs: &mut GuestRegs, snapshot: &VcpuSnapshot) -> Result<(), ArchError> {
         *regs = snapshot.regs;
@@ -145,4 +149,59 @@ impl Backend for FakeBackend {
     fn create_vcpu(&mut self, _: &mut FramePool, entry: &GuestEntry) -> Result<FakeVcpu, ArchError> {
         Ok(FakeVcpu { entry: *entry, ..FakeVcpu::default() })
     }
+}
+
+/// A machine on a recorded EPYC under QEMU (`levelling/testdata/qemu-7.2-tcg-epyc.cpuid`)
+/// with one running domain (id 1) of `memory` bytes and one fake vCPU, over `pool`.
+/// Shared by the exit-policy host tests and the `state_loaders` fuzz target.
+pub(crate) fn machine(
+    mut pool: FramePool,
+    memory: u64,
+    mechanisms: crate::domain::dirty::Mechanisms,
+) -> crate::domain::Machine<FakeBackend> {
+    use crate::domain::{Console, Domain, DomainState, Machine, VcpuSlot};
+    use crate::mm::guest::GuestMemory;
+    use alloc::string::String;
+
+    // The recorded CPU and its default policy, computed once: they are most of a
+    // machine's cost, and the fuzz target builds several machines per input.
+    static HOST: spin::Once<levelling::HostCpu> = spin::Once::new();
+    static POLICY: spin::Once<(levelling::Policy, levelling::CpuidTable)> = spin::Once::new();
+    let host = HOST.call_once(|| {
+        let text = include_str!("../../../levelling/testdata/qemu-7.2-tcg-epyc.cpuid");
+        let dump = levelling::parse_dump(text).expect("the recorded dump parses");
+        levelling::HostCpu::from_records(&dump.records).expect("the recorded CPU decodes")
+    });
+    let mem = GuestMemory::<Npt>::new(&mut pool, memory, false).expect("the domain fits the test pool");
+    let mut m = Machine::new(FakeBackend, pool, host.clone(), None, mechanisms, false);
+    let (policy, cpuid) = POLICY
+        .call_once(|| m.cpuid_table(None, 1).expect("the default policy verifies on its own host"))
+        .clone();
+    let slot = VcpuSlot::new(FakeVcpu::default(), GuestRegs::default(), 0);
+    m.domains.push(Domain {
+        id: 1,
+        name: String::from("test"),
+        state: DomainState::Running,
+        memory_bytes: memory,
+        vcpu_count: 1,
+        exits: Default::default(),
+        reports: Vec::new(),
+        runtime_ticks: 0,
+        console: Console::default(),
+        mem: Some(mem),
+        vcpus: alloc::vec![slot],
+        cpuid,
+        policy,
+        cmdline: String::new(),
+        throttle: 0,
+        throttle_credit: 0,
+        logs: [None, None],
+        devices: crate::domain::new_devices().expect("the PC's table maps"),
+        irq: crate::domain::platform::new_router(),
+        undelivered_interrupts: 0,
+        started_ns: 0,
+        tsc_offset: 0,
+        migrated_clock: None,
+    });
+    m
 }

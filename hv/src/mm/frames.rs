@@ -150,7 +150,7 @@ impl FramePool {
 const _: () = assert!(core::mem::size_of::<[u64; 512]>() == PAGE_SIZE as usize);
 
 /// Host-test support: a page-aligned heap region standing in for boot's pool.
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 pub(crate) mod testing {
     use super::FramePool;
     use alloc::vec::Vec;
@@ -158,7 +158,9 @@ pub(crate) mod testing {
     #[repr(C, align(4096))]
     pub struct Page(pub [u8; 4096]);
 
-    /// A pool over leaked, page-aligned heap memory (tests only).
+    /// A pool over leaked, page-aligned heap memory (tests only; the fuzz harness owns
+    /// its frames instead, since a fuzz run would leak without bound).
+    #[cfg(test)]
     pub fn pool(frames: usize) -> FramePool {
         let mut v: Vec<Page> = Vec::with_capacity(frames);
         v.resize_with(frames, || Page([0xAA; 4096]));

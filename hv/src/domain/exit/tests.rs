@@ -3,17 +3,14 @@
 //! instruction, inject an exception), with real guest memory from a test frame pool
 //! and a CPUID policy from a recorded CPU.
 
-use alloc::string::String;
 use alloc::vec::Vec;
 
 use super::{Action, ExitCtx, handle};
 use crate::arch::{Exit, ExitKind, ExitReason, GuestMsr, GuestRegs, PagingState};
 use crate::domain::dirty::Mechanisms;
-use crate::domain::{Console, Domain, DomainState, Machine, RunState, VcpuSlot};
+use crate::domain::{Machine, RunState, VcpuSlot};
 use crate::mm::PAGE_SIZE;
 use crate::mm::frames::testing::pool;
-use crate::mm::guest::GuestMemory;
-use crate::mm::nested::Npt;
 
 use crate::domain::testing::{FakeBackend, FakeVcpu};
 
@@ -21,40 +18,7 @@ const MEMORY: u64 = 4 << 20;
 
 /// A machine on a recorded EPYC under QEMU with one 4 MiB domain of one fake vCPU.
 fn machine(mechanisms: Mechanisms) -> Machine<FakeBackend> {
-    let text = include_str!("../../../../levelling/testdata/qemu-7.2-tcg-epyc.cpuid");
-    let dump = levelling::parse_dump(text).expect("the recorded dump parses");
-    let host = levelling::HostCpu::from_records(&dump.records).expect("the recorded CPU decodes");
-    let mut p = pool(2048);
-    let mem = GuestMemory::<Npt>::new(&mut p, MEMORY, false).expect("4 MiB fits the test pool");
-    let mut m = Machine::new(FakeBackend, p, host, None, mechanisms, false);
-    let (policy, cpuid) = m.cpuid_table(None, 1).expect("the default policy verifies on its own host");
-    let slot = VcpuSlot::new(FakeVcpu::default(), GuestRegs::default(), 0);
-    m.domains.push(Domain {
-        id: 1,
-        name: String::from("test"),
-        state: DomainState::Running,
-        memory_bytes: MEMORY,
-        vcpu_count: 1,
-        exits: Default::default(),
-        reports: Vec::new(),
-        runtime_ticks: 0,
-        console: Console::default(),
-        mem: Some(mem),
-        vcpus: alloc::vec![slot],
-        cpuid,
-        policy,
-        cmdline: String::new(),
-        throttle: 0,
-        throttle_credit: 0,
-        logs: [None, None],
-        devices: crate::domain::new_devices().expect("the PC's table maps"),
-        irq: crate::domain::platform::new_router(),
-        undelivered_interrupts: 0,
-        started_ns: 0,
-        tsc_offset: 0,
-        migrated_clock: None,
-    });
-    m
+    crate::domain::testing::machine(pool(2048), MEMORY, mechanisms)
 }
 
 fn exit(reason: ExitReason) -> Exit {
