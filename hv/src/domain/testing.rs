@@ -174,9 +174,8 @@ pub(crate) fn machine(
     });
     let mem = GuestMemory::<Npt>::new(&mut pool, memory, false).expect("the domain fits the test pool");
     let mut m = Machine::new(FakeBackend, pool, host.clone(), None, mechanisms, false);
-    let (policy, cpuid) = POLICY
-        .call_once(|| m.cpuid_table(None, 1).expect("the default policy verifies on its own host"))
-        .clone();
+    let (policy, cpuid) =
+        POLICY.call_once(|| m.cpuid_table(None, 1).expect("the default policy verifies on its own host")).clone();
     let slot = VcpuSlot::new(FakeVcpu::default(), GuestRegs::default(), 0);
     m.domains.push(Domain {
         id: 1,
