@@ -16,6 +16,7 @@ use serde_json::json;
 use wire::dirty::DirtyBitmap;
 use wire::{DirtyBitmapReport, DirtyStatsReport, Request, Response, StreamChunk};
 
+use crate::heatmap::{Format, Heatmap};
 use crate::transport::{Client, Options};
 use crate::{CliError, connection_err, err, remote_err};
 
@@ -78,15 +79,19 @@ enum DirtyCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Render a recorded stream as a PNG: pages left to right, rounds top to bottom,
-    /// brighter = more of the pages in that pixel were dirty.
+    /// Render a recorded stream as a picture: guest-physical address left to right,
+    /// rounds top to bottom, a colour legend of dirty pages per cell, titled with the
+    /// domain.
     Heatmap {
         /// The stream file (`hvctl dirty stream --out`).
         #[arg(long = "stream")]
         input: PathBuf,
-        /// The PNG to write.
+        /// The picture to write (.png or .svg).
         #[arg(long)]
         out: PathBuf,
+        /// png or svg (default: from the --out file's extension).
+        #[arg(long, value_enum)]
+        format: Option<Format>,
         /// Image width in pixels (pages are binned to fit).
         #[arg(long, default_value_t = 1024)]
         width: u32,
@@ -201,8 +206,18 @@ fn print_bitmap(report: &DirtyBitmapReport, json: bool) -> Result<(), CliError> 
     Ok(())
 }
 
-/// Read a stream file into (round, bitmap) pairs.
-pub fn read_stream(bytes: &[u8]) -> Result<Vec<DirtyBitmap>, CliError> {
+/// A stream file read back.
+#[derive(Debug)]
+pub struct Recorded {
+    /// The domain its rounds came from (None: a stream of no rounds).
+    pub domain: Option<u32>,
+    /// One bitmap per round, round 0 first.
+    pub rounds: Vec<DirtyBitmap>,
+}
+
+/// Read a stream file.
+pub fn read_stream(bytes: &[u8]) -> Result<Recorded, CliError> {
+    let mut domain = None;
     let mut decoder = wire::FrameDecoder::new();
     let mut rounds = Vec::new();
     let mut input = bytes;
@@ -222,6 +237,7 @@ pub fn read_stream(bytes: &[u8]) -> Result<Vec<DirtyBitmap>, CliError> {
             next_seq += 1;
             let report: DirtyBitmapReport =
                 postcard::from_bytes(&chunk.data).map_err(|e| err(format!("round {}: {e}", chunk.seq)))?;
+            domain.get_or_insert(report.domain);
             rounds.push(bitmap_of(&report)?);
         }
         if !progressed {
@@ -231,47 +247,41 @@ pub fn read_stream(bytes: &[u8]) -> Result<Vec<DirtyBitmap>, CliError> {
     if decoder.buffered() > 0 {
         return Err(err("the stream ends in the middle of a frame"));
     }
-    Ok(rounds)
+    Ok(Recorded { domain, rounds })
 }
 
-fn heatmap(input: &PathBuf, out: &PathBuf, width: u32) -> Result<ExitCode, CliError> {
+fn heatmap(input: &PathBuf, out: &PathBuf, format: Option<Format>, width: u32) -> Result<ExitCode, CliError> {
+    let format = match format {
+        Some(f) => f,
+        None => match out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+            Some("svg") => Format::Svg,
+            Some("png") => Format::Png,
+            _ => return Err(err(format!("{}: name it .png or .svg, or pass --format", out.display()))),
+        },
+    };
     let bytes = std::fs::read(input).map_err(|e| err(format!("cannot read {}: {e}", input.display())))?;
-    let rounds = read_stream(&bytes)?;
-    let pages = rounds.iter().map(|b| b.pages()).max().unwrap_or(0);
-    if rounds.is_empty() || pages == 0 {
+    let stream = read_stream(&bytes)?;
+    let map = Heatmap { domain: stream.domain, rounds: &stream.rounds };
+    if stream.rounds.is_empty() || map.pages() == 0 {
         return Err(err(format!("{} holds no rounds", input.display())));
     }
-    let width = (width.max(1) as u64).min(pages) as u32;
-    let row_height = (512 / rounds.len() as u32).clamp(1, 8);
-    let height = rounds.len() as u32 * row_height;
-    let mut pixels = vec![0u8; (width * height) as usize];
-    for (r, bitmap) in rounds.iter().enumerate() {
-        let mut bins = vec![0u64; width as usize];
-        for pfn in bitmap.ones() {
-            bins[(pfn * width as u64 / pages) as usize] += 1;
-        }
-        let per_bin = pages.div_ceil(width as u64).max(1);
-        for y in 0..row_height {
-            let row = (r as u32 * row_height + y) as usize * width as usize;
-            for (x, n) in bins.iter().enumerate() {
-                pixels[row + x] = ((n * 255) / per_bin).min(255) as u8;
-            }
-        }
-    }
-    let file = std::fs::File::create(out).map_err(|e| err(format!("cannot create {}: {e}", out.display())))?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
-    encoder.set_color(png::ColorType::Grayscale);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder.write_header().map_err(|e| err(format!("{}: {e}", out.display())))?;
-    writer.write_image_data(&pixels).map_err(|e| err(format!("{}: {e}", out.display())))?;
-    println!("{}: {} rounds x {pages} pages ({width}x{height} px)", out.display(), rounds.len());
+    let picture = map.render(format, width)?;
+    std::fs::write(out, &picture.bytes).map_err(|e| err(format!("cannot write {}: {e}", out.display())))?;
+    println!(
+        "{}: {} rounds x {} pages ({}x{} px)",
+        out.display(),
+        stream.rounds.len(),
+        map.pages(),
+        picture.width,
+        picture.height
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 /// Run a `dirty` subcommand.
 pub fn run(opts: &Options, args: DirtyArgs) -> Result<ExitCode, CliError> {
     match args.command {
-        DirtyCommand::Heatmap { input, out, width } => heatmap(&input, &out, width),
+        DirtyCommand::Heatmap { input, out, format, width } => heatmap(&input, &out, format, width),
         other => remote(&mut Client::connect(opts)?, other),
     }
 }
@@ -337,7 +347,7 @@ fn remote(client: &mut Client, command: DirtyCommand) -> Result<ExitCode, CliErr
             }
             Ok(ExitCode::SUCCESS)
         }
-        DirtyCommand::Heatmap { input, out, width } => heatmap(&input, &out, width),
+        DirtyCommand::Heatmap { input, out, format, width } => heatmap(&input, &out, format, width),
         DirtyCommand::Track { domain, range } => {
             let range = parse_range(&range)?;
             let s = stats_response(client.call(&Request::DirtyTrack { domain, range })?, "track")?;

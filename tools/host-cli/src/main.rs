@@ -9,6 +9,7 @@ mod control_cmd;
 mod cpuid_cmd;
 mod dirty_cmd;
 mod domain_cmd;
+mod heatmap;
 mod interrupt;
 mod migrate_cmd;
 mod monitor_cmd;

@@ -3,6 +3,8 @@
 //! its output.
 #![allow(dead_code)] // each test crate uses its own subset
 
+pub mod fake;
+
 use std::process::{Command, Output};
 
 /// Run the built hvctl with `args`, from the temporary directory.
