@@ -14,10 +14,11 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use wire::dirty::DirtyBitmap;
-use wire::{DirtyBitmapReport, DirtyStatsReport, Request, Response, StreamChunk};
+use wire::{DirtyBitmapReport, DirtyStatsReport, ErrorCode, Request, Response, StreamChunk};
 
 use crate::heatmap::{Format, Heatmap};
 use crate::transport::{Client, Options};
+use crate::watch::{self, Poll, Row, WatchArgs};
 use crate::{CliError, connection_err, err, remote_err};
 
 /// `hvctl dirty ...`
@@ -40,10 +41,13 @@ enum DirtyCommand {
         #[arg(long)]
         range: Option<String>,
     },
-    /// Counters: mode, pages dirtied, dirty now, rounds, exits caused by logging.
+    /// Counters: mode, pages dirtied, dirty now, rounds, exits caused by logging; with
+    /// --watch a table refreshed with their rates.
     Stats {
         /// Domain id.
         domain: u32,
+        #[command(flatten)]
+        watch: WatchArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -154,13 +158,45 @@ fn stats_response(r: Response, what: &str) -> Result<DirtyStatsReport, CliError>
     }
 }
 
+fn stats_json(s: &DirtyStatsReport) -> String {
+    let v = json!({
+        "domain": s.domain, "mode": s.mode, "pages_dirtied": s.pages_dirtied, "dirty_now": s.dirty_now,
+        "rounds": s.rounds, "logging_exits": s.logging_exits, "range_start_pfn": s.range_start, "range_pages": s.range_pages,
+    });
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+/// The rows of `dirty stats --watch`: the counters get rates, the gauges do not.
+fn stats_rows(s: &DirtyStatsReport) -> Vec<Row> {
+    let row = |name: &str, value: String, counter: Option<u64>| Row { cells: vec![name.to_string()], value, counter };
+    vec![
+        row("mode", s.mode.clone(), None),
+        row("tracked pages", s.range_pages.to_string(), None),
+        row("tracked from pfn", format!("{:#x}", s.range_start), None),
+        row("pages dirtied", s.pages_dirtied.to_string(), Some(s.pages_dirtied)),
+        row("dirty now", s.dirty_now.to_string(), None),
+        row("rounds", s.rounds.to_string(), Some(s.rounds)),
+        row("logging exits", s.logging_exits.to_string(), Some(s.logging_exits)),
+    ]
+}
+
+/// `dirty stats D --watch`: refused (no such domain, logging stopped) ends the watch.
+fn watch_stats(client: &mut Client, domain: u32, args: &WatchArgs, json: bool) -> Result<ExitCode, CliError> {
+    watch::run(args, &format!("domain {domain} dirty logging"), || {
+        let answer = client.call(&Request::DirtyStats { domain })?;
+        if let Response::Error(e) = &answer
+            && e.code == ErrorCode::Refused
+        {
+            return Ok(Poll::Gone(format!("the hypervisor says {}", e.message)));
+        }
+        let s = stats_response(answer, "stats")?;
+        Ok(if json { Poll::Text(stats_json(&s)) } else { Poll::Table(vec!["counter"], stats_rows(&s)) })
+    })
+}
+
 fn print_stats(s: &DirtyStatsReport, json: bool) {
     if json {
-        let v = json!({
-            "domain": s.domain, "mode": s.mode, "pages_dirtied": s.pages_dirtied, "dirty_now": s.dirty_now,
-            "rounds": s.rounds, "logging_exits": s.logging_exits, "range_start_pfn": s.range_start, "range_pages": s.range_pages,
-        });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        println!("{}", stats_json(s));
     } else {
         println!("domain {} log-dirty mode {}", s.domain, s.mode);
         println!("  tracked pages   {} from pfn {:#x}", s.range_pages, s.range_start);
@@ -294,7 +330,10 @@ fn remote(client: &mut Client, command: DirtyCommand) -> Result<ExitCode, CliErr
             println!("domain {domain}: logging dirty pages with {} ({} pages tracked)", s.mode, s.range_pages);
             Ok(ExitCode::SUCCESS)
         }
-        DirtyCommand::Stats { domain, json } => {
+        DirtyCommand::Stats { domain, watch, json } if watch.watch.is_some() => {
+            watch_stats(client, domain, &watch, json)
+        }
+        DirtyCommand::Stats { domain, watch: _, json } => {
             print_stats(&stats_response(client.call(&Request::DirtyStats { domain })?, "stats")?, json);
             Ok(ExitCode::SUCCESS)
         }

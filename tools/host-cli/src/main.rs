@@ -16,6 +16,7 @@ mod monitor_cmd;
 mod serial_link;
 mod transport;
 mod upload;
+mod watch;
 
 use clap::{Parser, Subcommand};
 use std::fmt;
