@@ -14,6 +14,7 @@ mod heatmap;
 mod interrupt;
 mod migrate_cmd;
 mod monitor_cmd;
+mod progress;
 mod serial_link;
 mod transport;
 mod upload;

@@ -638,6 +638,54 @@ fn bandwidth_cap_slows_the_stream_and_progress_is_drawn() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
 
+/// With stderr on a terminal (a pty here), `migrate` draws indicatif's bar with
+/// percentage, bytes, rate and ETA ahead of the state line; with `--json` it keeps
+/// today's plain `\r` line.
+#[test]
+fn progress_bar_on_a_terminal_and_the_plain_line_with_json() {
+    for json in [false, true] {
+        let src = FakeHv::start(&format!("bar-src-{json}"), FakeCore::source(b"policy:base", vec![3]));
+        let dst = FakeHv::start(&format!("bar-dst-{json}"), FakeCore::empty());
+        let size = nix::pty::Winsize { ws_row: 24, ws_col: 160, ws_xpixel: 0, ws_ypixel: 0 };
+        let pty = nix::pty::openpty(Some(&size), None).unwrap();
+        let (from, to) = (src.target(), dst.target());
+        let mut args = vec!["migrate", "7", "--from", &from, "--to", &to, "--bandwidth", "8"];
+        if json {
+            args.push("--json");
+        }
+        let child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+            .args(&args)
+            .env_remove("HVCTL_CONNECT")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(pty.slave.try_clone().unwrap()))
+            .spawn()
+            .unwrap();
+        let mut master = std::fs::File::from(pty.master);
+        let reader = std::thread::spawn(move || {
+            let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+            // EIO once the last holder of the slave side is gone.
+            while let Ok(n @ 1..) = master.read(&mut buf) {
+                seen.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8_lossy(&seen).into_owned()
+        });
+        let o = child.wait_with_output().unwrap();
+        drop(pty.slave);
+        let drawn = reader.join().unwrap();
+        assert_eq!(o.status.code(), Some(0), "{drawn}");
+        if json {
+            assert!(drawn.contains("precopy") && drawn.contains("pages "), "{drawn:?}");
+            assert!(!drawn.contains("ETA"), "--json keeps the plain line: {drawn:?}");
+        } else {
+            for part in ["ETA", "MiB/s", "MiB/", "%", "=>", "precopy"] {
+                assert!(drawn.contains(part), "no {part:?} in {drawn:?}");
+            }
+            // The last state is left on screen, at 100 % of what was sent.
+            assert!(drawn.contains("100%"), "{drawn:?}");
+        }
+    }
+}
+
 #[test]
 fn ctrl_c_cancels_at_once_the_source_runs_on_with_its_dirty_bits_and_the_destination_aborts() {
     // The guest dirties 200 pages between peeks: the pre-copy never converges, so a
