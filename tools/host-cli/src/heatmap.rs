@@ -130,7 +130,8 @@ impl Heatmap<'_> {
             .y_label_area_size(56)
             .build_cartesian_2d(
                 (0u64..bytes).with_key_points(address_ticks(bytes)),
-                (0u64..top).with_key_points(round_ticks(self.rounds.len()).iter().map(|&r| row_middle(r as u64)).collect()),
+                (0u64..top)
+                    .with_key_points(round_ticks(self.rounds.len()).iter().map(|&r| row_middle(r as u64)).collect()),
             )
             .map_err(failed)?;
         chart
@@ -290,9 +291,10 @@ mod tests {
     #[test]
     fn address_labels_are_round_and_few() {
         let mib = 1u64 << 20;
-        assert_eq!(address_ticks(512 * mib).iter().map(|&b| size_label(b)).collect::<Vec<_>>(), [
-            "0", "64 MiB", "128 MiB", "192 MiB", "256 MiB", "320 MiB", "384 MiB", "448 MiB", "512 MiB"
-        ]);
+        assert_eq!(
+            address_ticks(512 * mib).iter().map(|&b| size_label(b)).collect::<Vec<_>>(),
+            ["0", "64 MiB", "128 MiB", "192 MiB", "256 MiB", "320 MiB", "384 MiB", "448 MiB", "512 MiB"]
+        );
         let t = address_ticks(24 * mib);
         assert_eq!(t.len(), 7, "{t:?}");
         assert_eq!(size_label(t[1]), "4 MiB");

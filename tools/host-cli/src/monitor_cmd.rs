@@ -238,12 +238,7 @@ fn stats_json(s: &[MonitorDomainStats]) -> String {
 
 /// `monitor stats [D] --watch`: one row per domain and event; the plain counts get rates.
 /// A watched domain that is refused or no longer listed ends the watch.
-fn watch_stats(
-    client: &mut Client,
-    domain: Option<u32>,
-    args: &WatchArgs,
-    json: bool,
-) -> Result<ExitCode, CliError> {
+fn watch_stats(client: &mut Client, domain: Option<u32>, args: &WatchArgs, json: bool) -> Result<ExitCode, CliError> {
     let what = domain.map_or_else(|| "monitoring of all domains".to_string(), |d| format!("domain {d} monitoring"));
     watch::run(args, &what, || {
         let s = match client.call(&Request::MonitorStats { domain })? {

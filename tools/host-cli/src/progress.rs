@@ -31,7 +31,9 @@ impl TransferBar {
         let bar = ProgressBar::with_draw_target(Some(0), target);
         // The template is a constant: it parses, and the unit test below renders it.
         bar.set_style(
-            ProgressStyle::with_template(TEMPLATE).unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "),
+            ProgressStyle::with_template(TEMPLATE)
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
         );
         Self { bar }
     }
@@ -125,7 +127,13 @@ mod tests {
 
     #[test]
     fn migration_estimate_follows_the_rounds() {
-        let mut p = MigrateProgress { round: 0, pages_total: 1000, pages_sent: 250, bytes_sent: 250 * 4100, ..Default::default() };
+        let mut p = MigrateProgress {
+            round: 0,
+            pages_total: 1000,
+            pages_sent: 250,
+            bytes_sent: 250 * 4100,
+            ..Default::default()
+        };
         assert_eq!(migration_bytes(&p), (250 * 4100, 1000 * 4100));
         // After the full copy: what is left is the dirty set.
         p.round = 2;

@@ -159,8 +159,9 @@ fn table(heads: &[&str], rows: &[Row], previous: Option<(f64, &BTreeMap<Vec<Stri
         grid.push(vec!["(nothing to show)".to_string()]);
     }
     let columns = grid.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..columns).map(|c| grid.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| grid.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0))
+        .collect();
     let value_column = heads.len();
     let mut out = String::new();
     for row in &grid {
@@ -169,7 +170,11 @@ fn table(heads: &[&str], rows: &[Row], previous: Option<(f64, &BTreeMap<Vec<Stri
             .enumerate()
             .map(|(c, cell)| {
                 // Numbers (the value and the rate) line up on the right.
-                if c >= value_column { format!("{cell:>w$}", w = widths[c]) } else { format!("{cell:<w$}", w = widths[c]) }
+                if c >= value_column {
+                    format!("{cell:>w$}", w = widths[c])
+                } else {
+                    format!("{cell:<w$}", w = widths[c])
+                }
             })
             .collect();
         out.push_str(line.join("  ").trim_end());

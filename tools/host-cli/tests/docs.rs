@@ -44,7 +44,9 @@ fn bash_completions_cover_every_subcommand_and_parse() {
 
 #[test]
 fn other_shells_get_scripts_and_unknown_ones_are_refused() {
-    for (shell, marker) in [("zsh", "#compdef hvctl"), ("fish", "complete -c hvctl"), ("elvish", "hvctl"), ("powershell", "hvctl")] {
+    for (shell, marker) in
+        [("zsh", "#compdef hvctl"), ("fish", "complete -c hvctl"), ("elvish", "hvctl"), ("powershell", "hvctl")]
+    {
         let o = hvctl(&["completions", shell]);
         assert!(o.status.success(), "{shell}: {}", stderr(&o));
         assert!(stdout(&o).contains(marker), "{shell}: no {marker}");

@@ -2,7 +2,7 @@
 //! from a fake hypervisor (a 24 MiB domain whose writer moves through memory) renders as
 //! an SVG with its axes, title and legend, and as a PNG of the size it reports.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use wire::dirty::DirtyBitmap;
@@ -63,10 +63,13 @@ fn record(name: &str, rounds: u32) -> PathBuf {
 
 /// The contents of the SVG's `<text>` elements, trimmed.
 fn texts(svg: &str) -> Vec<String> {
-    svg.split("<text").skip(1).filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string())).collect()
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| Some(t.split_once('>')?.1.split_once("</text>")?.0.trim().to_string()))
+        .collect()
 }
 
-fn heatmap(stream: &PathBuf, out: &PathBuf, extra: &[&str]) -> String {
+fn heatmap(stream: &Path, out: &Path, extra: &[&str]) -> String {
     let mut args = vec!["dirty", "heatmap", "--stream", stream.to_str().unwrap(), "--out", out.to_str().unwrap()];
     args.extend_from_slice(extra);
     let o = hvctl(&args);
@@ -129,7 +132,8 @@ fn png_heatmap_decodes_at_the_size_it_reports() {
     };
     let dark_in_title = (0..600).flat_map(|x| (0..30).map(move |y| (x, y))).filter(|&(x, y)| rgb(x, y).0 < 100).count();
     assert!(dark_in_title > 100, "no title text: {dark_in_title} dark pixels");
-    let all: Vec<(u8, u8, u8)> = (0..info.height as usize).flat_map(|y| (0..800).map(move |x| (x, y))).map(|(x, y)| rgb(x, y)).collect();
+    let all: Vec<(u8, u8, u8)> =
+        (0..info.height as usize).flat_map(|y| (0..800).map(move |x| (x, y))).map(|(x, y)| rgb(x, y)).collect();
     assert!(all.contains(&(253, 231, 37)), "no fully dirty cell");
 }
 

@@ -97,7 +97,8 @@ fn dirty_stats_watch_ends_when_the_domain_goes_away() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(tables(&stdout(&o), "domain 7 dirty logging").len(), 2, "{}", stdout(&o));
     assert!(
-        stderr(&o).contains("domain 7 dirty logging: the hypervisor says no domain 7; the watch ends after 2 refreshes"),
+        stderr(&o)
+            .contains("domain 7 dirty logging: the hypervisor says no domain 7; the watch ends after 2 refreshes"),
         "{}",
         stderr(&o)
     );
