@@ -25,7 +25,7 @@ use wire::{FrameDecoder, Request};
 
 mod common;
 
-use common::{hvctl, stderr, stdout};
+use common::{Tty, hvctl, hvctl_on_terminal, stderr, stdout};
 
 const PAGE: usize = 4096;
 const PAGES: u64 = 256;
@@ -646,32 +646,12 @@ fn progress_bar_on_a_terminal_and_the_plain_line_with_json() {
     for json in [false, true] {
         let src = FakeHv::start(&format!("bar-src-{json}"), FakeCore::source(b"policy:base", vec![3]));
         let dst = FakeHv::start(&format!("bar-dst-{json}"), FakeCore::empty());
-        let size = nix::pty::Winsize { ws_row: 24, ws_col: 160, ws_xpixel: 0, ws_ypixel: 0 };
-        let pty = nix::pty::openpty(Some(&size), None).unwrap();
         let (from, to) = (src.target(), dst.target());
         let mut args = vec!["migrate", "7", "--from", &from, "--to", &to, "--bandwidth", "8"];
         if json {
             args.push("--json");
         }
-        let child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
-            .args(&args)
-            .env_remove("HVCTL_CONNECT")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(pty.slave.try_clone().unwrap()))
-            .spawn()
-            .unwrap();
-        let mut master = std::fs::File::from(pty.master);
-        let reader = std::thread::spawn(move || {
-            let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
-            // EIO once the last holder of the slave side is gone.
-            while let Ok(n @ 1..) = master.read(&mut buf) {
-                seen.extend_from_slice(&buf[..n]);
-            }
-            String::from_utf8_lossy(&seen).into_owned()
-        });
-        let o = child.wait_with_output().unwrap();
-        drop(pty.slave);
-        let drawn = reader.join().unwrap();
+        let (o, drawn) = hvctl_on_terminal(&args, Tty::Stderr);
         assert_eq!(o.status.code(), Some(0), "{drawn}");
         if json {
             assert!(drawn.contains("precopy") && drawn.contains("pages "), "{drawn:?}");

@@ -1,7 +1,8 @@
 //! `--watch` of `hvctl dirty stats` and `hvctl monitor stats` on the built binary
 //! against a fake hypervisor whose counters grow by a fixed step per request: the
 //! tables, their rates, `--count`, the end when the domain goes away, and Ctrl-C.
-//! (stdout is a pipe here, so each refresh is a timestamped table, not a redraw.)
+//! (stdout is a pipe in most, so each refresh is a timestamped table; one runs on a
+//! pseudo-terminal and sees the table redrawn in place.)
 
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
@@ -12,7 +13,7 @@ use wire::{DirtyStatsReport, ErrorCode, ErrorReply, MonitorDomainStats, MonitorV
 mod common;
 
 use common::fake::Fake;
-use common::{hvctl, stderr, stdout};
+use common::{Tty, hvctl, hvctl_on_terminal, stderr, stdout};
 
 /// A fake whose domain 7 logs dirty pages (1000 more per request) and counts VM
 /// exits (500 more per request), and is gone after `lives` requests.
@@ -171,4 +172,20 @@ fn ctrl_c_ends_the_watch_cleanly() {
     assert!(o.status.success(), "{:?} {}", o.status, stderr(&o));
     assert!(stderr(&o).contains("stopped by Ctrl-C after 1 refresh"), "{}", stderr(&o));
     assert_eq!(tables(&stdout(&o), "domain 7 dirty logging, every 2 s").len(), 1, "{}", stdout(&o));
+}
+
+#[test]
+fn on_a_terminal_the_table_is_redrawn_in_place() {
+    let f = fake("tty", 100);
+    let (o, drawn) = hvctl_on_terminal(
+        &["--connect", &f.target(), "dirty", "stats", "7", "--watch", "0.05", "--count", "3"],
+        Tty::Stdout,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The header, the column heads and 7 counters: 9 lines, and before the second and
+    // the third table the cursor goes up those 9 lines and clears below.
+    assert_eq!(drawn.matches("\x1b[9F\x1b[J").count(), 2, "{drawn:?}");
+    assert_eq!(drawn.matches("domain 7 dirty logging, every 0.05 s").count(), 3, "{drawn:?}");
+    // No blank line between tables, as in the log form.
+    assert!(!drawn.contains("\r\n\r\n"), "{drawn:?}");
 }
