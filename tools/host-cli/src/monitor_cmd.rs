@@ -263,8 +263,10 @@ fn watch_stats(client: &mut Client, domain: Option<u32>, args: &WatchArgs, json:
                 d.events.iter().map(|(name, v)| Row {
                     cells: vec![d.domain.to_string(), name.clone()],
                     value: value_text(v),
+                    // Exits by reason: the rate of all of them together.
                     counter: match v {
                         MonitorValue::Count(n) => Some(*n),
+                        MonitorValue::ByReason(list) => Some(list.iter().map(|(_, n)| n).sum()),
                         _ => None,
                     },
                 })

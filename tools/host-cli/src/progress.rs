@@ -11,9 +11,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use wire::MigrateProgress;
 
 /// Bar, percentage, bytes, rate, ETA, then the state line (`wide_msg` takes what is left
-/// of the terminal's width and cuts it there, so the bar never wraps).
-const TEMPLATE: &str =
-    "{bar:24} {percent:>3}% {bytes:>10}/{total_bytes:<10} {bytes_per_sec:>12}  ETA {eta:<4} {wide_msg}";
+/// of the terminal's width and cuts it there, so the bar never wraps). Decimal units
+/// (MB = 10^6 bytes), as the state line and `--bandwidth MB/S` use.
+const TEMPLATE: &str = "{bar:24} {percent:>3}% {decimal_bytes:>9}/{decimal_total_bytes:<9} {decimal_bytes_per_sec:>11}  ETA {eta:<4} {wide_msg}";
 
 /// A transfer's bar.
 #[derive(Debug)]
@@ -119,7 +119,7 @@ mod tests {
         let drawn = screen.0.lock().unwrap().clone();
         let last = drawn.iter().rfind(|l| !l.trim().is_empty()).cloned().unwrap_or_default();
         assert!(last.starts_with("======>"), "{last:?}");
-        for part in [" 25% ", "2.00 MiB/8.00 MiB", "/s", "ETA ", "precopy round 0  pages 512/2048"] {
+        for part in [" 25% ", "2.10 MB/8.39 MB", "MB/s", "ETA ", "precopy round 0  pages 512/2048"] {
             assert!(last.contains(part), "no {part:?} in {last:?}");
         }
         assert!(last.chars().count() <= 120, "{last:?}");

@@ -657,7 +657,7 @@ fn progress_bar_on_a_terminal_and_the_plain_line_with_json() {
             assert!(drawn.contains("precopy") && drawn.contains("pages "), "{drawn:?}");
             assert!(!drawn.contains("ETA"), "--json keeps the plain line: {drawn:?}");
         } else {
-            for part in ["ETA", "MiB/s", "MiB/", "%", "=>", "precopy"] {
+            for part in ["ETA", "MB/s", "MB/", "%", "=>", "precopy"] {
                 assert!(drawn.contains(part), "no {part:?} in {drawn:?}");
             }
             // The last state is left on screen, at 100 % of what was sent.

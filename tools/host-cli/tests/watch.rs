@@ -40,6 +40,10 @@ fn fake(name: &str, lives: u64) -> Fake {
                 events: vec![
                     ("vm_exits".to_string(), MonitorValue::Count(500 * n)),
                     ("llc_occupancy".to_string(), MonitorValue::NotAvailable("no RDT".to_string())),
+                    (
+                        "exits_by_reason".to_string(),
+                        MonitorValue::ByReason(vec![("cpuid".to_string(), 100 * n), ("hlt".to_string(), 100 * n)]),
+                    ),
                 ],
             }]),
             // Domain 8 is never listed: the watch of it ends at once.
@@ -124,6 +128,10 @@ fn monitor_stats_watch_tables_domain_event_rows() {
     assert!(t[0].lines().nth(1).unwrap().starts_with("domain  event"), "{out}");
     assert!(t[1].lines().any(|l| l.starts_with("7       vm_exits") && l.contains(" 1000 ")), "{out}");
     assert!(t[1].contains("not available: no RDT"), "{out}");
+    // Counts by reason get the rate of their sum: 200 per 0.1 s or a little slower.
+    assert!(t[1].contains("cpuid=200 hlt=200"), "{out}");
+    let by_reason: f64 = rate_of(t[1], "7       exits_by_reason").trim_end_matches("/s").parse().unwrap();
+    assert!((400.0..=2100.0).contains(&by_reason), "{out}");
     let rate: f64 = rate_of(t[1], "7       vm_exits").trim_end_matches("/s").parse().unwrap();
     assert!((1000.0..=5100.0).contains(&rate), "{out}");
     // JSON: one document per refresh, after its header.
