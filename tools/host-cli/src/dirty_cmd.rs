@@ -96,7 +96,7 @@ enum DirtyCommand {
         /// png or svg (default: from the --out file's extension).
         #[arg(long, value_enum)]
         format: Option<Format>,
-        /// Image width in pixels (pages are binned to fit).
+        /// Image width in pixels, at least 400 (pages are binned to fit).
         #[arg(long, default_value_t = 1024)]
         width: u32,
     },
@@ -131,6 +131,9 @@ enum DirtyCommand {
         domain: u32,
     },
 }
+
+// The --width help names the narrowest picture.
+const _: () = assert!(crate::heatmap::MIN_WIDTH == 400);
 
 fn parse_range(r: &str) -> Result<(u64, u64), CliError> {
     let (gpa, len) = r

@@ -9,7 +9,7 @@
 //! machine with no fonts installed; the SVG names the `sans-serif` family and leaves the
 //! glyphs to the viewer.
 
-use std::sync::Once;
+use std::sync::OnceLock;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -25,6 +25,8 @@ static FONT: &[u8] = include_bytes!("../assets/fonts/DejaVuSans.ttf");
 const PAGE: u64 = 4096;
 /// The pixels right of the heatmap taken by the colour legend.
 const LEGEND_WIDTH: u32 = 150;
+/// The narrowest picture drawn (`--width` below it is raised to it).
+pub const MIN_WIDTH: u32 = LEGEND_WIDTH + 250;
 /// At most this many address labels, so they do not run into each other.
 const MAX_ADDRESS_LABELS: u64 = 8;
 /// At most this many round labels.
@@ -83,12 +85,12 @@ impl Heatmap<'_> {
             return Err(err("the stream holds no rounds to draw"));
         }
         // Narrower than this and the labels and legend leave no room for the cells.
-        let width = width.max(LEGEND_WIDTH + 250);
+        let width = width.max(MIN_WIDTH);
         // Rows of 2..40 px in a band of 200..480 px, so that 4 rounds and 400 rounds
         // both read well and the legend has room.
         let rows = u32::try_from(self.rounds.len()).unwrap_or(u32::MAX);
         let height = 130 + rows.saturating_mul((480 / rows).clamp(2, 40)).clamp(200, 480);
-        register_font();
+        register_font()?;
         let bytes = match format {
             Format::Svg => {
                 let mut svg = String::new();
@@ -264,13 +266,17 @@ pub fn size_label(bytes: u64) -> String {
     format!("{bytes} B")
 }
 
-fn register_font() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        // The bytes are compiled in and checked by the tests; a font that does not
-        // parse would show as missing labels, not as a crash.
-        let _ = plotters::style::register_font(FAMILY, FontStyle::Normal, FONT);
-    });
+/// Register the compiled-in font once; a font that does not parse fails every render
+/// with this message rather than drawing a picture without labels.
+fn register_font() -> Result<(), CliError> {
+    static REGISTERED: OnceLock<Result<(), String>> = OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            plotters::style::register_font(FAMILY, FontStyle::Normal, FONT)
+                .map_err(|_| "the compiled-in DejaVu Sans does not parse as a font".to_string())
+        })
+        .clone()
+        .map_err(err)
 }
 
 fn encode_png(rgb: &[u8], width: u32, height: u32) -> Result<Vec<u8>, CliError> {

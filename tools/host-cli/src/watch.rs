@@ -236,6 +236,6 @@ mod tests {
             [(vec!["pages dirtied".to_string()], 100), (vec!["rounds".to_string()], 1)].into();
         let second = table(&["counter"], &[row("pages dirtied", 30_100), row("rounds", 2)], Some((2.0, &before)));
         assert!(second.contains("pages dirtied  30100  15.0k/s"), "{second}");
-        assert!(second.contains("rounds             2   0.5/s"), "{second}");
+        assert!(second.contains("rounds             2    0.5/s"), "{second}");
     }
 }
