@@ -149,7 +149,8 @@ pub struct MigrateArgs {
     /// before the domain runs.
     #[arg(long)]
     verify: bool,
-    /// Show the progress line on stderr even when stderr is not a terminal.
+    /// Show the progress line on stderr even when stderr is not a terminal (on a
+    /// terminal it is drawn behind a bar with rate and ETA, except with --json).
     #[arg(long)]
     progress: bool,
     /// Print JSON.
@@ -170,7 +171,8 @@ pub struct SaveArgs {
     /// The hypervisor that runs the domain, as for --connect. Default: the --connect target.
     #[arg(long, value_name = "TARGET")]
     from: Option<String>,
-    /// Show the progress line on stderr even when stderr is not a terminal.
+    /// Show the progress line on stderr even when stderr is not a terminal (on a
+    /// terminal it is drawn behind a bar with rate and ETA, except with --json).
     #[arg(long)]
     progress: bool,
     /// Print JSON.
@@ -186,7 +188,8 @@ pub struct RestoreArgs {
     /// The hypervisor to create the domain on, as for --connect. Default: the --connect target.
     #[arg(long, value_name = "TARGET")]
     to: Option<String>,
-    /// Show the progress line on stderr even when stderr is not a terminal.
+    /// Show the progress line on stderr even when stderr is not a terminal (on a
+    /// terminal it is drawn behind a bar with rate and ETA, except with --json).
     #[arg(long)]
     progress: bool,
     /// Print JSON.

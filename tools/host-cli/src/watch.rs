@@ -26,7 +26,8 @@ const POLL: Duration = Duration::from_millis(50);
 #[derive(Debug, Clone, Args)]
 pub struct WatchArgs {
     /// Refresh every SECS seconds (default 2) as a table with rates, until Ctrl-C, the
-    /// domain goes away or --count.
+    /// domain goes away or --count. A number right after --watch is its SECS: name the
+    /// domain before it (`stats 3 --watch`).
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = DEFAULT_SECS)]
     pub watch: Option<f64>,
     /// With --watch: stop after N refreshes.
