@@ -154,14 +154,7 @@ fn dirty_pml_over_serial(ctx: &control_tests::Ctx) -> Result<String> {
         ctx,
         &["dirty", "stream", &ids, "--interval", "300", "--rounds", "4", "--out", &stream.display().to_string()],
     )?;
-    let out = control_tests::hvctl(
-        ctx,
-        &["dirty", "heatmap", "--stream", &stream.display().to_string(), "--out", &png.display().to_string()],
-    )?;
-    let header = std::fs::read(&png).map_err(|e| format!("heatmap: {e}"))?;
-    if !header.starts_with(b"\x89PNG\r\n\x1a\n") || !out.contains("4 rounds") {
-        return Err(format!("the heatmap is not a PNG of 4 rounds: {out}"));
-    }
+    control_tests::check_heatmap(ctx, &stream, &png, id)?;
     let after = json(ctx, &["dirty", "stats", &ids, "--json"])?;
     control_tests::hvctl(ctx, &["dirty", "stop", &ids])?;
     control_tests::hvctl(ctx, &["domain", "destroy", &ids])?;

@@ -580,6 +580,27 @@ pub fn monitor_events(ctx: &Ctx) -> Result<String> {
     ))
 }
 
+/// `hvctl dirty heatmap` of a recorded 4-round stream of domain `id`: a PNG at `png`,
+/// and an SVG beside it that carries the title, both axes and the legend.
+pub fn check_heatmap(ctx: &Ctx, stream: &Path, png: &Path, id: u64) -> Result<()> {
+    let stream = stream.display().to_string();
+    let out = hvctl(ctx, &["dirty", "heatmap", "--stream", &stream, "--out", &png.display().to_string()])?;
+    let header = std::fs::read(png).map_err(|e| format!("heatmap: {e}"))?;
+    if !header.starts_with(b"\x89PNG\r\n\x1a\n") || !out.contains("4 rounds") {
+        return Err(format!("the heatmap is not a PNG of 4 rounds: {out}"));
+    }
+    let svg = png.with_extension("svg");
+    hvctl(ctx, &["dirty", "heatmap", "--stream", &stream, "--out", &svg.display().to_string()])?;
+    let text = std::fs::read_to_string(&svg).map_err(|e| format!("heatmap: {e}"))?;
+    let title = format!("domain {id}: dirty pages by guest-physical address, 4 rounds of ");
+    for want in [title.as_str(), "guest-physical address", "round", "dirty pages", "100 %", " MiB"] {
+        if !text.contains(want) {
+            return Err(format!("the SVG heatmap lacks {want:?}: {}", svg.display()));
+        }
+    }
+    Ok(())
+}
+
 fn dirty_hvctl(ctx: &Ctx) -> Result<String> {
     // A writer that rewrites pages 0x1000..0x1200 (16 MiB, 512 pages) forever.
     let kernel = ctx.guests.join("memwriter.elf").display().to_string();
@@ -639,14 +660,7 @@ fn dirty_hvctl(ctx: &Ctx) -> Result<String> {
         ctx,
         &["dirty", "stream", &ids, "--interval", "100", "--rounds", "4", "--out", &stream.display().to_string()],
     )?;
-    let out = hvctl(
-        ctx,
-        &["dirty", "heatmap", "--stream", &stream.display().to_string(), "--out", &png.display().to_string()],
-    )?;
-    let header = std::fs::read(&png).map_err(|e| format!("heatmap: {e}"))?;
-    if !header.starts_with(b"\x89PNG\r\n\x1a\n") || !out.contains("4 rounds") {
-        return Err(format!("the heatmap is not a PNG of 4 rounds: {out}"));
-    }
+    check_heatmap(ctx, &stream, &png, id)?;
     let stats: serde_json::Value = serde_json::from_str(&hvctl(ctx, &["dirty", "stats", &ids, "--json"])?)
         .map_err(|e| format!("dirty stats --json: {e}"))?;
     // pages_dirtied is cumulative over rounds; what is dirty at once stays inside the range.

@@ -14,9 +14,11 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::json;
 use wire::dirty::DirtyBitmap;
-use wire::{DirtyBitmapReport, DirtyStatsReport, Request, Response, StreamChunk};
+use wire::{DirtyBitmapReport, DirtyStatsReport, ErrorCode, Request, Response, StreamChunk};
 
+use crate::heatmap::{Format, Heatmap};
 use crate::transport::{Client, Options};
+use crate::watch::{self, Poll, Row, WatchArgs};
 use crate::{CliError, connection_err, err, remote_err};
 
 /// `hvctl dirty ...`
@@ -39,10 +41,13 @@ enum DirtyCommand {
         #[arg(long)]
         range: Option<String>,
     },
-    /// Counters: mode, pages dirtied, dirty now, rounds, exits caused by logging.
+    /// Counters: mode, pages dirtied, dirty now, rounds, exits caused by logging; with
+    /// --watch a table refreshed with their rates.
     Stats {
         /// Domain id.
         domain: u32,
+        #[command(flatten)]
+        watch: WatchArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -78,16 +83,20 @@ enum DirtyCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
-    /// Render a recorded stream as a PNG: pages left to right, rounds top to bottom,
-    /// brighter = more of the pages in that pixel were dirty.
+    /// Render a recorded stream as a picture: guest-physical address left to right,
+    /// rounds top to bottom, a colour legend of dirty pages per cell, titled with the
+    /// domain.
     Heatmap {
         /// The stream file (`hvctl dirty stream --out`).
         #[arg(long = "stream")]
         input: PathBuf,
-        /// The PNG to write.
+        /// The picture to write (.png or .svg).
         #[arg(long)]
         out: PathBuf,
-        /// Image width in pixels (pages are binned to fit).
+        /// png or svg (default: from the --out file's extension).
+        #[arg(long, value_enum)]
+        format: Option<Format>,
+        /// Image width in pixels, at least 400 (pages are binned to fit).
         #[arg(long, default_value_t = 1024)]
         width: u32,
     },
@@ -123,6 +132,9 @@ enum DirtyCommand {
     },
 }
 
+// The --width help names the narrowest picture.
+const _: () = assert!(crate::heatmap::MIN_WIDTH == 400);
+
 fn parse_range(r: &str) -> Result<(u64, u64), CliError> {
     let (gpa, len) = r
         .split_once(':')
@@ -149,13 +161,45 @@ fn stats_response(r: Response, what: &str) -> Result<DirtyStatsReport, CliError>
     }
 }
 
+fn stats_json(s: &DirtyStatsReport) -> String {
+    let v = json!({
+        "domain": s.domain, "mode": s.mode, "pages_dirtied": s.pages_dirtied, "dirty_now": s.dirty_now,
+        "rounds": s.rounds, "logging_exits": s.logging_exits, "range_start_pfn": s.range_start, "range_pages": s.range_pages,
+    });
+    serde_json::to_string_pretty(&v).unwrap_or_default()
+}
+
+/// The rows of `dirty stats --watch`: the counters get rates, the gauges do not.
+fn stats_rows(s: &DirtyStatsReport) -> Vec<Row> {
+    let row = |name: &str, value: String, counter: Option<u64>| Row { cells: vec![name.to_string()], value, counter };
+    vec![
+        row("mode", s.mode.clone(), None),
+        row("tracked pages", s.range_pages.to_string(), None),
+        row("tracked from pfn", format!("{:#x}", s.range_start), None),
+        row("pages dirtied", s.pages_dirtied.to_string(), Some(s.pages_dirtied)),
+        row("dirty now", s.dirty_now.to_string(), None),
+        row("rounds", s.rounds.to_string(), Some(s.rounds)),
+        row("logging exits", s.logging_exits.to_string(), Some(s.logging_exits)),
+    ]
+}
+
+/// `dirty stats D --watch`: refused (no such domain, logging stopped) ends the watch.
+fn watch_stats(client: &mut Client, domain: u32, args: &WatchArgs, json: bool) -> Result<ExitCode, CliError> {
+    watch::run(args, &format!("domain {domain} dirty logging"), || {
+        let answer = client.call(&Request::DirtyStats { domain })?;
+        if let Response::Error(e) = &answer
+            && e.code == ErrorCode::Refused
+        {
+            return Ok(Poll::Gone(format!("the hypervisor says {}", e.message)));
+        }
+        let s = stats_response(answer, "stats")?;
+        Ok(if json { Poll::Text(stats_json(&s)) } else { Poll::Table(vec!["counter"], stats_rows(&s)) })
+    })
+}
+
 fn print_stats(s: &DirtyStatsReport, json: bool) {
     if json {
-        let v = json!({
-            "domain": s.domain, "mode": s.mode, "pages_dirtied": s.pages_dirtied, "dirty_now": s.dirty_now,
-            "rounds": s.rounds, "logging_exits": s.logging_exits, "range_start_pfn": s.range_start, "range_pages": s.range_pages,
-        });
-        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        println!("{}", stats_json(s));
     } else {
         println!("domain {} log-dirty mode {}", s.domain, s.mode);
         println!("  tracked pages   {} from pfn {:#x}", s.range_pages, s.range_start);
@@ -201,8 +245,18 @@ fn print_bitmap(report: &DirtyBitmapReport, json: bool) -> Result<(), CliError> 
     Ok(())
 }
 
-/// Read a stream file into (round, bitmap) pairs.
-pub fn read_stream(bytes: &[u8]) -> Result<Vec<DirtyBitmap>, CliError> {
+/// A stream file read back.
+#[derive(Debug)]
+pub struct Recorded {
+    /// The domain its rounds came from (None: a stream of no rounds).
+    pub domain: Option<u32>,
+    /// One bitmap per round, round 0 first.
+    pub rounds: Vec<DirtyBitmap>,
+}
+
+/// Read a stream file.
+pub fn read_stream(bytes: &[u8]) -> Result<Recorded, CliError> {
+    let mut domain = None;
     let mut decoder = wire::FrameDecoder::new();
     let mut rounds = Vec::new();
     let mut input = bytes;
@@ -222,6 +276,7 @@ pub fn read_stream(bytes: &[u8]) -> Result<Vec<DirtyBitmap>, CliError> {
             next_seq += 1;
             let report: DirtyBitmapReport =
                 postcard::from_bytes(&chunk.data).map_err(|e| err(format!("round {}: {e}", chunk.seq)))?;
+            domain.get_or_insert(report.domain);
             rounds.push(bitmap_of(&report)?);
         }
         if !progressed {
@@ -231,47 +286,41 @@ pub fn read_stream(bytes: &[u8]) -> Result<Vec<DirtyBitmap>, CliError> {
     if decoder.buffered() > 0 {
         return Err(err("the stream ends in the middle of a frame"));
     }
-    Ok(rounds)
+    Ok(Recorded { domain, rounds })
 }
 
-fn heatmap(input: &PathBuf, out: &PathBuf, width: u32) -> Result<ExitCode, CliError> {
+fn heatmap(input: &PathBuf, out: &PathBuf, format: Option<Format>, width: u32) -> Result<ExitCode, CliError> {
+    let format = match format {
+        Some(f) => f,
+        None => match out.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+            Some("svg") => Format::Svg,
+            Some("png") => Format::Png,
+            _ => return Err(err(format!("{}: name it .png or .svg, or pass --format", out.display()))),
+        },
+    };
     let bytes = std::fs::read(input).map_err(|e| err(format!("cannot read {}: {e}", input.display())))?;
-    let rounds = read_stream(&bytes)?;
-    let pages = rounds.iter().map(|b| b.pages()).max().unwrap_or(0);
-    if rounds.is_empty() || pages == 0 {
+    let stream = read_stream(&bytes)?;
+    let map = Heatmap { domain: stream.domain, rounds: &stream.rounds };
+    if stream.rounds.is_empty() || map.pages() == 0 {
         return Err(err(format!("{} holds no rounds", input.display())));
     }
-    let width = (width.max(1) as u64).min(pages) as u32;
-    let row_height = (512 / rounds.len() as u32).clamp(1, 8);
-    let height = rounds.len() as u32 * row_height;
-    let mut pixels = vec![0u8; (width * height) as usize];
-    for (r, bitmap) in rounds.iter().enumerate() {
-        let mut bins = vec![0u64; width as usize];
-        for pfn in bitmap.ones() {
-            bins[(pfn * width as u64 / pages) as usize] += 1;
-        }
-        let per_bin = pages.div_ceil(width as u64).max(1);
-        for y in 0..row_height {
-            let row = (r as u32 * row_height + y) as usize * width as usize;
-            for (x, n) in bins.iter().enumerate() {
-                pixels[row + x] = ((n * 255) / per_bin).min(255) as u8;
-            }
-        }
-    }
-    let file = std::fs::File::create(out).map_err(|e| err(format!("cannot create {}: {e}", out.display())))?;
-    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), width, height);
-    encoder.set_color(png::ColorType::Grayscale);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut writer = encoder.write_header().map_err(|e| err(format!("{}: {e}", out.display())))?;
-    writer.write_image_data(&pixels).map_err(|e| err(format!("{}: {e}", out.display())))?;
-    println!("{}: {} rounds x {pages} pages ({width}x{height} px)", out.display(), rounds.len());
+    let picture = map.render(format, width)?;
+    std::fs::write(out, &picture.bytes).map_err(|e| err(format!("cannot write {}: {e}", out.display())))?;
+    println!(
+        "{}: {} rounds x {} pages ({}x{} px)",
+        out.display(),
+        stream.rounds.len(),
+        map.pages(),
+        picture.width,
+        picture.height
+    );
     Ok(ExitCode::SUCCESS)
 }
 
 /// Run a `dirty` subcommand.
 pub fn run(opts: &Options, args: DirtyArgs) -> Result<ExitCode, CliError> {
     match args.command {
-        DirtyCommand::Heatmap { input, out, width } => heatmap(&input, &out, width),
+        DirtyCommand::Heatmap { input, out, format, width } => heatmap(&input, &out, format, width),
         other => remote(&mut Client::connect(opts)?, other),
     }
 }
@@ -284,7 +333,10 @@ fn remote(client: &mut Client, command: DirtyCommand) -> Result<ExitCode, CliErr
             println!("domain {domain}: logging dirty pages with {} ({} pages tracked)", s.mode, s.range_pages);
             Ok(ExitCode::SUCCESS)
         }
-        DirtyCommand::Stats { domain, json } => {
+        DirtyCommand::Stats { domain, watch, json } if watch.watch.is_some() => {
+            watch_stats(client, domain, &watch, json)
+        }
+        DirtyCommand::Stats { domain, watch: _, json } => {
             print_stats(&stats_response(client.call(&Request::DirtyStats { domain })?, "stats")?, json);
             Ok(ExitCode::SUCCESS)
         }
@@ -337,7 +389,7 @@ fn remote(client: &mut Client, command: DirtyCommand) -> Result<ExitCode, CliErr
             }
             Ok(ExitCode::SUCCESS)
         }
-        DirtyCommand::Heatmap { input, out, width } => heatmap(&input, &out, width),
+        DirtyCommand::Heatmap { input, out, format, width } => heatmap(&input, &out, format, width),
         DirtyCommand::Track { domain, range } => {
             let range = parse_range(&range)?;
             let s = stats_response(client.call(&Request::DirtyTrack { domain, range })?, "track")?;

@@ -8,15 +8,19 @@ mod console;
 mod control_cmd;
 mod cpuid_cmd;
 mod dirty_cmd;
+mod docs_cmd;
 mod domain_cmd;
+mod heatmap;
 mod interrupt;
 mod migrate_cmd;
 mod monitor_cmd;
+mod progress;
 mod serial_link;
 mod transport;
 mod upload;
+mod watch;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::fmt;
 use std::process::ExitCode;
 
@@ -66,6 +70,10 @@ enum Command {
     Save(migrate_cmd::SaveArgs),
     /// Create a domain from a file written by `hvctl save`; prints its id.
     Restore(migrate_cmd::RestoreArgs),
+    /// Shell completions (bash, zsh, fish, elvish, powershell) on stdout.
+    Completions(docs_cmd::CompletionsArgs),
+    /// The man page hvctl.1 on stdout, or one page per subcommand with --out DIR.
+    Man(docs_cmd::ManArgs),
 }
 
 /// A command failure: printed as one line, with its exit code (see [`EXIT_CODES`]).
@@ -139,6 +147,8 @@ fn main() -> ExitCode {
         Command::Migrate(args) => migrate_cmd::migrate(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Save(args) => migrate_cmd::save(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Restore(args) => migrate_cmd::restore(&cli_target(&cli.connect, cli.connect_timeout), args),
+        Command::Completions(args) => docs_cmd::completions(Cli::command(), args),
+        Command::Man(args) => docs_cmd::man(Cli::command(), args),
     };
     match result {
         Ok(code) => code,

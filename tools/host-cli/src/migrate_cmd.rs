@@ -44,6 +44,7 @@ use wire::{
     Request, Response, SendState,
 };
 
+use crate::progress::{self, TransferBar};
 use crate::transport::{self, Client, Options};
 use crate::{CliError, connection_err, err, interrupt, remote_err};
 
@@ -148,7 +149,8 @@ pub struct MigrateArgs {
     /// before the domain runs.
     #[arg(long)]
     verify: bool,
-    /// Show the progress line on stderr even when stderr is not a terminal.
+    /// Show the progress line on stderr even when stderr is not a terminal (on a
+    /// terminal it is drawn behind a bar with rate and ETA, except with --json).
     #[arg(long)]
     progress: bool,
     /// Print JSON.
@@ -169,7 +171,8 @@ pub struct SaveArgs {
     /// The hypervisor that runs the domain, as for --connect. Default: the --connect target.
     #[arg(long, value_name = "TARGET")]
     from: Option<String>,
-    /// Show the progress line on stderr even when stderr is not a terminal.
+    /// Show the progress line on stderr even when stderr is not a terminal (on a
+    /// terminal it is drawn behind a bar with rate and ETA, except with --json).
     #[arg(long)]
     progress: bool,
     /// Print JSON.
@@ -185,7 +188,8 @@ pub struct RestoreArgs {
     /// The hypervisor to create the domain on, as for --connect. Default: the --connect target.
     #[arg(long, value_name = "TARGET")]
     to: Option<String>,
-    /// Show the progress line on stderr even when stderr is not a terminal.
+    /// Show the progress line on stderr even when stderr is not a terminal (on a
+    /// terminal it is drawn behind a bar with rate and ETA, except with --json).
     #[arg(long)]
     progress: bool,
     /// Print JSON.
@@ -211,17 +215,36 @@ fn hex(v: Option<u64>) -> Value {
 }
 
 /// The one progress line on stderr, rewritten in place with `\r` (also the upload
-/// progress of `domain create`).
+/// progress of `domain create`); or, for a transfer on a terminal, an indicatif bar
+/// with rate and ETA in front of the same text (`crate::progress`).
 #[derive(Debug)]
 pub(crate) struct ProgressLine {
     enabled: bool,
     width: usize,
     drawn: Option<Instant>,
+    bar: Option<TransferBar>,
 }
 
 impl ProgressLine {
     pub(crate) fn new(forced: bool) -> Self {
-        Self { enabled: forced || std::io::stderr().is_terminal(), width: 0, drawn: None }
+        Self { enabled: forced || std::io::stderr().is_terminal(), width: 0, drawn: None, bar: None }
+    }
+
+    /// Draw transfers as a bar when stderr is a terminal and `wanted` (not with `--json`,
+    /// whose callers keep the line).
+    pub(crate) fn with_bar(mut self, wanted: bool) -> Self {
+        if wanted && std::io::stderr().is_terminal() {
+            self.bar = Some(TransferBar::stderr());
+        }
+        self
+    }
+
+    /// `done` of `total` bytes moved; `text` as for [`Self::show`].
+    pub(crate) fn show_transfer(&mut self, done: u64, total: u64, text: &str, force: bool) {
+        match &self.bar {
+            Some(bar) => bar.update(done, total, text),
+            None => self.show(text, force),
+        }
     }
 
     pub(crate) fn show(&mut self, text: &str, force: bool) {
@@ -237,6 +260,9 @@ impl ProgressLine {
     }
 
     pub(crate) fn finish(&mut self) {
+        if let Some(bar) = self.bar.take() {
+            bar.finish();
+        }
         if self.enabled && self.drawn.take().is_some() {
             eprintln!();
             self.width = 0;
@@ -518,7 +544,8 @@ impl Relay<'_> {
             // line is the limit, and that is what the relay measures.
             text.push_str(&format!("  serial {}/s", size_text(rate as u64)));
         }
-        self.line.show(&text, state_changed);
+        let (done, total) = progress::migration_bytes(&p);
+        self.line.show_transfer(done, total, &text, state_changed);
         let state = p.state.unwrap_or(SendState::Failed);
         self.track.progress = Some(p);
         state
@@ -843,7 +870,7 @@ pub fn migrate(global: &Options, a: MigrateArgs) -> Result<ExitCode, CliError> {
     transport::resolve(&from)?;
     interrupt::install()?;
     let mut track = Track::default();
-    let mut line = ProgressLine::new(a.progress);
+    let mut line = ProgressLine::new(a.progress).with_bar(!a.json);
     let result = relay_migration(&from, &to, a.domain, options, a.fault_corrupt_byte, &mut track, &mut line);
     line.finish();
     let done = match result {
@@ -1020,7 +1047,7 @@ pub fn save(global: &Options, a: SaveArgs) -> Result<ExitCode, CliError> {
     transport::resolve(&from)?;
     interrupt::install()?;
     let mut track = Track::default();
-    let mut line = ProgressLine::new(a.progress);
+    let mut line = ProgressLine::new(a.progress).with_bar(!a.json);
     let result = relay_save(&from, a.domain, &a.file, &mut track, &mut line);
     line.finish();
     let done = match result {
@@ -1134,7 +1161,7 @@ pub fn restore(global: &Options, a: RestoreArgs) -> Result<ExitCode, CliError> {
     let header = check_header(&mut file, &a.file)?;
     transport::resolve(&to)?;
     interrupt::install()?;
-    let mut line = ProgressLine::new(a.progress);
+    let mut line = ProgressLine::new(a.progress).with_bar(!a.json);
     let mut last: Option<ReceiveStatus> = None;
     let result = push_file(&to, &mut file, &a.file, total, &mut line, &mut last);
     line.finish();
@@ -1253,7 +1280,9 @@ fn push_file(
             _ => return Err(connection_err("the destination answered migrate-write with the wrong message")),
         };
         sent += n as u64;
-        line.show(
+        line.show_transfer(
+            sent,
+            total,
             &format!(
                 "{:<12} {} of {}  pages {}{}",
                 status.state.name(),

@@ -4,13 +4,13 @@
 //! software events (VM exits, CPUID exits, guest run time, ...) work everywhere.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
-use wire::{MonitorDomainStats, MonitorHwInfo, MonitorValue, Request, Response};
+use wire::{ErrorCode, MonitorDomainStats, MonitorHwInfo, MonitorValue, Request, Response};
 
 use crate::transport::{Client, Options};
+use crate::watch::{self, Poll, Row, WatchArgs};
 use crate::{CliError, connection_err, remote_err};
 
 /// `hvctl monitor ...`
@@ -62,13 +62,13 @@ enum MonitorCommand {
         #[arg(long, value_delimiter = ',')]
         disable: Vec<String>,
     },
-    /// Every enabled event of one domain or all, once or every --watch seconds.
+    /// Every enabled event of one domain or all, once, or with --watch as a table
+    /// refreshed with the counters' rates.
     Stats {
         /// Domain id (default: all domains with an enabled event).
         domain: Option<u32>,
-        /// Repeat every this many seconds (Ctrl-C to stop).
-        #[arg(long)]
-        watch: Option<f64>,
+        #[command(flatten)]
+        watch: WatchArgs,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -224,6 +224,58 @@ pub fn openmetrics(stats: &[MonitorDomainStats]) -> String {
     out
 }
 
+fn stats_json(s: &[MonitorDomainStats]) -> String {
+    let out: Vec<_> = s
+        .iter()
+        .map(|d| {
+            let events: serde_json::Map<String, serde_json::Value> =
+                d.events.iter().map(|(n, v)| (n.clone(), value_json(v))).collect();
+            json!({ "domain": d.domain, "events": events })
+        })
+        .collect();
+    serde_json::to_string_pretty(&out).unwrap_or_default()
+}
+
+/// `monitor stats [D] --watch`: one row per domain and event; the plain counts get rates.
+/// A watched domain that is refused or no longer listed ends the watch.
+fn watch_stats(client: &mut Client, domain: Option<u32>, args: &WatchArgs, json: bool) -> Result<ExitCode, CliError> {
+    let what = domain.map_or_else(|| "monitoring of all domains".to_string(), |d| format!("domain {d} monitoring"));
+    watch::run(args, &what, || {
+        let s = match client.call(&Request::MonitorStats { domain })? {
+            Response::MonitorStats(s) => s,
+            Response::Error(e) if e.code == ErrorCode::Refused && domain.is_some() => {
+                return Ok(Poll::Gone(format!("the hypervisor says {}", e.message)));
+            }
+            Response::Error(e) => return Err(remote_err(format!("stats: {e}"))),
+            _ => return Err(connection_err("the hypervisor answered stats with the wrong message")),
+        };
+        if let Some(d) = domain
+            && !s.iter().any(|x| x.domain == d)
+        {
+            return Ok(Poll::Gone(format!("domain {d} is no longer listed")));
+        }
+        if json {
+            return Ok(Poll::Text(stats_json(&s)));
+        }
+        let rows = s
+            .iter()
+            .flat_map(|d| {
+                d.events.iter().map(|(name, v)| Row {
+                    cells: vec![d.domain.to_string(), name.clone()],
+                    value: value_text(v),
+                    // Exits by reason: the rate of all of them together.
+                    counter: match v {
+                        MonitorValue::Count(n) => Some(*n),
+                        MonitorValue::ByReason(list) => Some(list.iter().map(|(_, n)| n).sum()),
+                        _ => None,
+                    },
+                })
+            })
+            .collect();
+        Ok(Poll::Table(vec!["domain", "event"], rows))
+    })
+}
+
 /// Run a `monitor` subcommand.
 pub fn run(opts: &Options, args: MonitorArgs) -> Result<ExitCode, CliError> {
     let mut client = Client::connect(opts)?;
@@ -283,18 +335,13 @@ pub fn run(opts: &Options, args: MonitorArgs) -> Result<ExitCode, CliError> {
             println!("domain {domain}: events updated");
             Ok(ExitCode::SUCCESS)
         }
-        MonitorCommand::Stats { domain, watch, json } => loop {
+        MonitorCommand::Stats { domain, watch, json } if watch.watch.is_some() => {
+            watch_stats(&mut client, domain, &watch, json)
+        }
+        MonitorCommand::Stats { domain, watch: _, json } => {
             let s = stats(&mut client, domain)?;
             if json {
-                let out: Vec<_> = s
-                    .iter()
-                    .map(|d| {
-                        let events: serde_json::Map<String, serde_json::Value> =
-                            d.events.iter().map(|(n, v)| (n.clone(), value_json(v))).collect();
-                        json!({ "domain": d.domain, "events": events })
-                    })
-                    .collect();
-                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+                println!("{}", stats_json(&s));
             } else {
                 if s.is_empty() {
                     println!("no domain has an enabled event (hvctl monitor events DOMAIN --enable ...)");
@@ -306,11 +353,8 @@ pub fn run(opts: &Options, args: MonitorArgs) -> Result<ExitCode, CliError> {
                     }
                 }
             }
-            match watch {
-                Some(secs) if secs > 0.0 => std::thread::sleep(Duration::from_secs_f64(secs)),
-                _ => return Ok(ExitCode::SUCCESS),
-            }
-        },
+            Ok(ExitCode::SUCCESS)
+        }
         MonitorCommand::Show { what, domain } => {
             let h = hwinfo(&mut client)?;
             if !h.present {

@@ -25,7 +25,7 @@ use wire::{FrameDecoder, Request};
 
 mod common;
 
-use common::{hvctl, stderr, stdout};
+use common::{Tty, hvctl, hvctl_on_terminal, stderr, stdout};
 
 const PAGE: usize = 4096;
 const PAGES: u64 = 256;
@@ -636,6 +636,34 @@ fn bandwidth_cap_slows_the_stream_and_progress_is_drawn() {
 
     let o = hvctl(&["migrate", "7", "--from", &src.target(), "--to", &dst.target(), "--bandwidth", "-1"]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}
+
+/// With stderr on a terminal (a pty here), `migrate` draws indicatif's bar with
+/// percentage, bytes, rate and ETA ahead of the state line; with `--json` it keeps
+/// today's plain `\r` line.
+#[test]
+fn progress_bar_on_a_terminal_and_the_plain_line_with_json() {
+    for json in [false, true] {
+        let src = FakeHv::start(&format!("bar-src-{json}"), FakeCore::source(b"policy:base", vec![3]));
+        let dst = FakeHv::start(&format!("bar-dst-{json}"), FakeCore::empty());
+        let (from, to) = (src.target(), dst.target());
+        let mut args = vec!["migrate", "7", "--from", &from, "--to", &to, "--bandwidth", "8"];
+        if json {
+            args.push("--json");
+        }
+        let (o, drawn) = hvctl_on_terminal(&args, Tty::Stderr);
+        assert_eq!(o.status.code(), Some(0), "{drawn}");
+        if json {
+            assert!(drawn.contains("precopy") && drawn.contains("pages "), "{drawn:?}");
+            assert!(!drawn.contains("ETA"), "--json keeps the plain line: {drawn:?}");
+        } else {
+            for part in ["ETA", "MB/s", "MB/", "%", "=>", "precopy"] {
+                assert!(drawn.contains(part), "no {part:?} in {drawn:?}");
+            }
+            // The last state is left on screen, at 100 % of what was sent.
+            assert!(drawn.contains("100%"), "{drawn:?}");
+        }
+    }
 }
 
 #[test]

@@ -3,7 +3,10 @@
 //! its output.
 #![allow(dead_code)] // each test crate uses its own subset
 
-use std::process::{Command, Output};
+pub mod fake;
+
+use std::io::Read;
+use std::process::{Command, Output, Stdio};
 
 /// Run the built hvctl with `args`, from the temporary directory.
 pub fn hvctl(args: &[&str]) -> Output {
@@ -23,4 +26,43 @@ pub fn stdout(o: &Output) -> String {
 /// Its standard error.
 pub fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Which of hvctl's outputs goes to the terminal in [`hvctl_on_terminal`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Tty {
+    Stdout,
+    Stderr,
+}
+
+/// Run the built hvctl with one output on a pseudo-terminal of 160 columns (the other
+/// piped): its result and everything drawn on the terminal, escape sequences included.
+pub fn hvctl_on_terminal(args: &[&str], tty: Tty) -> (Output, String) {
+    let size = nix::pty::Winsize { ws_row: 24, ws_col: 160, ws_xpixel: 0, ws_ypixel: 0 };
+    let pty = nix::pty::openpty(Some(&size), None).unwrap();
+    let on_tty = || Stdio::from(pty.slave.try_clone().unwrap());
+    let (out, err) = match tty {
+        Tty::Stdout => (on_tty(), Stdio::piped()),
+        Tty::Stderr => (Stdio::piped(), on_tty()),
+    };
+    let child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+        .args(args)
+        .env_remove("HVCTL_CONNECT")
+        .current_dir(std::env::temp_dir())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+        // EIO once the last holder of the terminal's other side is gone.
+        while let Ok(n @ 1..) = master.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    });
+    let o = child.wait_with_output().unwrap();
+    drop(pty.slave);
+    (o, reader.join().unwrap())
 }
