@@ -7,21 +7,20 @@
 //! on a pseudo-terminal and reads its mode back.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use wire::{ErrorCode, ErrorReply, FrameDecoder, ImageKind, ImageRef, Request, Response, UploadTracker};
+use wire::{ErrorCode, ErrorReply, ImageKind, ImageRef, Request, Response, UploadTracker};
 
 mod common;
 
-use common::{hvctl, stderr, stdout};
+use common::{fake_hv, hvctl, stderr, stdout};
 
-const PORT: u32 = 5000;
+use fake_hv::PORT;
 const WINDOW: u32 = 3;
 /// Console input bytes the fake's UART takes per request.
 const FIFO: usize = 5;
@@ -70,17 +69,9 @@ fn tmp(name: &str) -> PathBuf {
 impl FakeHv {
     fn start(name: &str, hv: Hv) -> Self {
         let path = tmp(&format!("{name}.vsock"));
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
         let hv = Arc::new(Mutex::new(hv));
         let shared = hv.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { return };
-                let hv = shared.clone();
-                std::thread::spawn(move || serve(conn, &hv));
-            }
-        });
+        fake_hv::listen(&path, fake_hv::typed(move |r| answer(&shared, r)));
         Self { path, hv }
     }
 
@@ -204,48 +195,6 @@ fn answer(hv: &Mutex<Hv>, request: Request) -> Response {
             refused(format!("no domain {id}"))
         }
         other => Response::Error(ErrorReply::new(ErrorCode::NotImplemented, format!("fake: {}", other.name()))),
-    }
-}
-
-/// One connection: the hybrid-vsock handshake, then request frames answered in order.
-fn serve(mut conn: UnixStream, hv: &Mutex<Hv>) {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while conn.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
-        line.push(byte[0]);
-    }
-    if line != format!("CONNECT {PORT}").as_bytes() || conn.write_all(format!("OK {PORT}\n").as_bytes()).is_err() {
-        return;
-    }
-    let mut decoder = FrameDecoder::new();
-    let mut buf = vec![0u8; 1 << 16];
-    let mut pending = Vec::new();
-    loop {
-        let n = match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        pending.extend_from_slice(&buf[..n]);
-        loop {
-            let taken = decoder.push(&pending);
-            pending.drain(..taken);
-            let Some(frame) = decoder.next_frame() else {
-                if taken == 0 {
-                    break;
-                }
-                continue;
-            };
-            let frame = frame.unwrap();
-            let response = match wire::decode_request(&frame) {
-                Ok(r) => answer(hv, r),
-                Err(e) => Response::Error(e),
-            };
-            let mut out = Vec::new();
-            wire::encode_response(frame.request_id, &response, &mut out).unwrap();
-            if conn.write_all(&out).is_err() {
-                return;
-            }
-        }
     }
 }
 

@@ -6,8 +6,6 @@
 //! a "guest" that writes a few pages between peek-and-cleans while it runs.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -21,15 +19,15 @@ use wire::migration::{
     StreamHeader, VcpuFpu, VcpuMsrs,
 };
 use wire::service::QueueInfo;
-use wire::{FrameDecoder, Request};
+use wire::Request;
 
 mod common;
 
-use common::{hvctl, stderr, stdout};
+use common::{fake_hv, hvctl, stderr, stdout};
 
 const PAGE: usize = 4096;
 const PAGES: u64 = 256;
-const PORT: u32 = 5000;
+use fake_hv::PORT;
 const SOURCE_DOMAIN: u32 = 7;
 const FEATURESET: [u32; 3] = [0x1234, 0x5678, 0x9abc];
 
@@ -316,16 +314,15 @@ fn tmp(name: &str) -> PathBuf {
 impl FakeHv {
     fn start(name: &str, core: FakeCore) -> Self {
         let path = tmp(&format!("{name}.vsock"));
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
         let hv = Arc::new(Mutex::new(Hv { service: MigrationService::new(), core, requests: Vec::new() }));
         let shared = hv.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { return };
-                let hv = shared.clone();
-                std::thread::spawn(move || serve(conn, &hv));
+        fake_hv::listen(&path, move |frame| {
+            let mut guard = shared.lock().unwrap();
+            let hv = &mut *guard;
+            if let Ok(request) = wire::decode_request(frame) {
+                hv.requests.push(describe(&request));
             }
+            hv.service.handle_with(frame, QueueInfo { depth: 0, capacity: 16 }, &mut hv.core)
         });
         Self { path, hv }
     }
@@ -344,48 +341,6 @@ fn describe(request: &Request) -> String {
         Request::MigrateVerdict { verdict, .. } => format!("migrate-verdict {verdict:?}"),
         Request::MigrateAbort { reason, .. } => format!("migrate-abort {reason}"),
         other => other.name().to_string(),
-    }
-}
-
-/// One connection: the hybrid-vsock handshake, then request frames answered in order.
-fn serve(mut conn: UnixStream, hv: &Mutex<Hv>) {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while conn.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
-        line.push(byte[0]);
-    }
-    if line != format!("CONNECT {PORT}").as_bytes() || conn.write_all(format!("OK {PORT}\n").as_bytes()).is_err() {
-        return;
-    }
-    let mut decoder = FrameDecoder::new();
-    let mut pending = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let taken = decoder.push(&pending);
-        pending.drain(..taken);
-        let mut progressed = taken > 0;
-        while let Some(frame) = decoder.next_frame() {
-            progressed = true;
-            let Ok(frame) = frame else { return };
-            let reply = {
-                let mut guard = hv.lock().unwrap();
-                let hv = &mut *guard;
-                if let Ok(request) = wire::decode_request(&frame) {
-                    hv.requests.push(describe(&request));
-                }
-                hv.service.handle_with(&frame, QueueInfo { depth: 0, capacity: 16 }, &mut hv.core)
-            };
-            if conn.write_all(&reply).is_err() {
-                return;
-            }
-        }
-        if progressed && !pending.is_empty() {
-            continue;
-        }
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => pending.extend_from_slice(&buf[..n]),
-        }
     }
 }
 

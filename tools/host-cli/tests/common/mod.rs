@@ -3,6 +3,9 @@
 //! its output.
 #![allow(dead_code)] // each test crate uses its own subset
 
+pub mod agent;
+pub mod fake_hv;
+
 use std::process::{Command, Output};
 
 /// Run the built hvctl with `args`, from the temporary directory.
@@ -10,6 +13,9 @@ pub fn hvctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hvctl"))
         .args(args)
         .env_remove("HVCTL_CONNECT")
+        .env_remove("HVCTL_CONFIG")
+        // No context from the caller's ~/.config/hvctl/config.toml.
+        .env("XDG_CONFIG_HOME", std::env::temp_dir().join("hvctl-tests-no-config"))
         .current_dir(std::env::temp_dir())
         .output()
         .unwrap()
