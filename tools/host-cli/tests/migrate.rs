@@ -23,7 +23,7 @@ use wire::Request;
 
 mod common;
 
-use common::{fake_hv, hvctl, stderr, stdout};
+use common::{agent, fake_hv, hvctl, stderr, stdout};
 
 const PAGE: usize = 4096;
 const PAGES: u64 = 256;
@@ -655,4 +655,95 @@ fn ctrl_c_cancels_at_once_the_source_runs_on_with_its_dirty_bits_and_the_destina
         hv.requests
     );
     assert!(hv.core.domains.is_empty(), "the partial domain was kept");
+}
+
+/// Agents a (127.0.0.2, serving `src` as h) and b (127.0.0.3, serving `dst` as h);
+/// b allows agent a with `a_role` (or not at all). Client ops is admin on both.
+fn two_agents(name: &str, src: &FakeHv, dst: &FakeHv, a_role: Option<&str>) -> (PathBuf, agent::Agent, agent::Agent) {
+    let d = agent::dir(name);
+    let aa = format!("127.0.0.2:{}", agent::free_port("127.0.0.2"));
+    let ab = format!("127.0.0.3:{}", agent::free_port("127.0.0.3"));
+    agent::init(&d, &[format!("a={aa}"), format!("b={ab}")], &["ops=admin"]);
+    let a = agent::Agent::start(&d, "a", &aa, &[("ops", "admin")], "", &[format!("h={}", src.target())]);
+    let mut allow_b = vec![("ops", "admin")];
+    if let Some(r) = a_role {
+        allow_b.push(("a", r));
+    }
+    let b = agent::Agent::start(&d, "b", &ab, &allow_b, "", &[format!("h={}", dst.target())]);
+    (d, a, b)
+}
+
+fn as_ops(d: &std::path::Path, args: &[&str]) -> Output {
+    let mut all: Vec<String> = agent::tls_args(d, "ops", d);
+    all.extend(args.iter().map(|s| s.to_string()));
+    hvctl(&all.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn agent_stats(d: &std::path::Path, a: &agent::Agent) -> Value {
+    let o = as_ops(d, &["--connect", &format!("tls://{}", a.addr), "agent", "stats", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    json_of(&o)
+}
+
+fn peer<'v>(stats: &'v Value, peer: &str, direction: &str) -> &'v Value {
+    stats["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer"] == peer && p["direction"] == direction)
+        .unwrap_or_else(|| panic!("no {direction} peer {peer} in {stats}"))
+}
+
+#[test]
+fn migrate_between_two_agents_streams_agent_to_agent() {
+    let src = FakeHv::start("agents-src", FakeCore::source(b"policy:base", vec![16]));
+    let dst = FakeHv::start("agents-dst", FakeCore::empty());
+    let (d, a, b) = two_agents("h2h", &src, &dst, Some("admin"));
+    let o = as_ops(&d, &["migrate", "7", "--from", &a.url("h"), "--to", &b.url("h"), "--verify", "--json", "--progress"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v = json_of(&o);
+    assert_eq!(v["outcome"], "completed", "{v}");
+    assert_eq!(v["digests_match"], true, "{v}");
+    // The progress the agent forwarded is drawn as for a local relay.
+    assert!(stderr(&o).contains("round") && stderr(&o).contains("pages"), "{}", stderr(&o));
+    let source = destroyed_source(&src);
+    let id = v["destination_domain"].as_u64().unwrap() as u32;
+    assert_copy(&dst, id, &source);
+
+    let stream = v["bytes_sent"].as_u64().unwrap();
+    let sa = agent_stats(&d, &a);
+    let sb = agent_stats(&d, &b);
+    // A sent the stream to B itself...
+    let to_b = peer(&sa, &b.addr, "outbound");
+    assert!(to_b["bytes_sent"].as_u64().unwrap() >= stream, "{sa}");
+    let from_a = peer(&sb, "a", "inbound");
+    assert!(from_a["bytes_received"].as_u64().unwrap() >= stream, "{sb}");
+    // ...and the operator's connections carried only control traffic.
+    let ops = peer(&sa, "ops", "inbound");
+    let control = ops["bytes_sent"].as_u64().unwrap() + ops["bytes_received"].as_u64().unwrap();
+    assert!(control * 20 < stream, "operator traffic {control} bytes against a stream of {stream}: {sa}");
+    let ops_b = peer(&sb, "ops", "inbound");
+    assert!(ops_b["bytes_received"].as_u64().unwrap() * 20 < stream, "{sb}");
+    assert!(a.audit_lines().iter().any(|l| l["request"] == "agent-migrate" && l["result"] == "ok"));
+}
+
+#[test]
+fn an_agent_the_destination_does_not_allow_migrates_nothing_and_the_source_runs_on() {
+    let src = FakeHv::start("agents-refused-src", FakeCore::source(b"policy:base", Vec::new()));
+    let dst = FakeHv::start("agents-refused-dst", FakeCore::empty());
+    let (d, a, b) = two_agents("h2h-refused", &src, &dst, Some("read-only"));
+    let o = as_ops(&d, &["migrate", "7", "--from", &a.url("h"), "--to", &b.url("h")]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("\"a\" is read-only") && e.contains("migrate-receive needs admin"), "{e}");
+    assert_source_runs(&src);
+    assert!(dst.lock().core.domains.is_empty());
+
+    let (d2, a2, b2) = two_agents("h2h-unlisted", &src, &dst, None);
+    let o = as_ops(&d2, &["migrate", "7", "--from", &a2.url("h"), "--to", &b2.url("h")]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("\"a\" is not on this agent's allow-list"), "{}", stderr(&o));
+    assert_source_runs(&src);
+    assert!(dst.lock().core.domains.is_empty());
+    drop((a, b, a2, b2));
 }
