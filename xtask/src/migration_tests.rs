@@ -712,6 +712,17 @@ fn back_to_baseline(ctx: &Ctx, what: &str, base_src: (u64, u64), base_dst: (u64,
 
 /// Create a memwriter of `memory` on `session`; (exit code, id or the error text).
 pub(crate) fn create_sized(ctx: &Ctx, session: &Session, name: &str, memory: &str) -> Result<(Option<i32>, Result<u64>)> {
+    create_writer(ctx, session, name, memory, WRITER_CMDLINE)
+}
+
+/// Create a memwriter of `memory` with `cmdline` on `session`; (exit code, id or the error text).
+pub(crate) fn create_writer(
+    ctx: &Ctx,
+    session: &Session,
+    name: &str,
+    memory: &str,
+    cmdline: &str,
+) -> Result<(Option<i32>, Result<u64>)> {
     let kernel = ctx.guests.join("memwriter.elf").display().to_string();
     let t = target(session);
     let args = [
@@ -728,7 +739,7 @@ pub(crate) fn create_sized(ctx: &Ctx, session: &Session, name: &str, memory: &st
         "--cpuid",
         WRITER_CPUID,
         "--cmdline",
-        WRITER_CMDLINE,
+        cmdline,
         "--json",
     ];
     let (code, stdout, stderr) = hvctl_raw(ctx, &args)?;
