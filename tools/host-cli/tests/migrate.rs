@@ -747,3 +747,46 @@ fn an_agent_the_destination_does_not_allow_migrates_nothing_and_the_source_runs_
     assert!(dst.lock().core.domains.is_empty());
     drop((a, b, a2, b2));
 }
+
+#[test]
+fn ctrl_c_at_the_operator_cancels_an_agent_to_agent_migration_on_both_hosts() {
+    // As in the local Ctrl-C test: a capped stream that is still running after a second.
+    let src = FakeHv::start("agents-sigint-src", FakeCore::source(b"policy:base", vec![200; 30]));
+    let dst = FakeHv::start("agents-sigint-dst", FakeCore::empty());
+    let (d, a, b) = two_agents("h2h-sigint", &src, &dst, Some("admin"));
+    let mut args: Vec<String> = agent::tls_args(&d, "ops", &d);
+    args.extend(["migrate", "7", "--from", &a.url("h"), "--to", &b.url("h"), "--bandwidth", "0.5"].map(String::from));
+    let child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+        .args(&args)
+        .env_remove("HVCTL_CONNECT")
+        .env("XDG_CONFIG_HOME", std::env::temp_dir().join("hvctl-tests-no-config"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while src.lock().core.domains[&SOURCE_DOMAIN].peeks < 1 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the migration did not reach round 1");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("migration cancelled by Ctrl-C"), "{}", stderr(&o));
+    // Agent A notices the operator has gone and cancels on both hosts.
+    let start = Instant::now();
+    while !src.lock().requests.iter().any(|r| r == "migrate-cancel") {
+        assert!(start.elapsed() < Duration::from_secs(5), "the agent did not cancel: {:?}", src.lock().requests);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let start = Instant::now();
+    while !dst.lock().requests.iter().any(|r| r.starts_with("migrate-abort")) {
+        assert!(start.elapsed() < Duration::from_secs(5), "the destination was not aborted: {:?}", dst.lock().requests);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_source_runs(&src);
+    assert!(dst.lock().core.domains.is_empty());
+    let aborted = dst.lock().requests.iter().find(|r| r.starts_with("migrate-abort")).cloned().unwrap();
+    assert!(aborted.contains("the operator's disconnect"), "{aborted}");
+    drop((a, b));
+}

@@ -349,6 +349,9 @@ impl<'a> Connection<'a> {
         }
         let names = conn.peer_certificates().and_then(|c| c.first()).map(tls::names).unwrap_or_default();
         let mut stream = StreamOwned::new(conn, sock);
+        // The hello first, even from a stranger: closing a socket with its hello unread
+        // would reset the connection and could lose the refusal on the way.
+        let hello = proto::read_msg::<_, ClientMsg>(&mut stream, agent.config.max_frame, deadline);
         let Some((identity, role)) = agent.config.role_of(&names) else {
             let shown = names.first().cloned().unwrap_or_else(|| "(no name)".into());
             let reason = format!("identity {shown:?} is not on this agent's allow-list");
@@ -358,7 +361,6 @@ impl<'a> Connection<'a> {
             return refuse(reason);
         };
         agent.count(&identity, "inbound", |s| s.connections += 1);
-        let hello = proto::read_msg::<_, ClientMsg>(&mut stream, agent.config.max_frame, deadline);
         let mut c = Connection { agent, stream, peer: peer.clone(), identity, role, hypervisor: None };
         let (version, wanted) = match hello {
             Ok((ClientMsg::Hello { version, hypervisor }, n)) => {
