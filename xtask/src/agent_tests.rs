@@ -84,7 +84,18 @@ impl Agents {
         let d = dir.display().to_string();
         let (code, _, stderr) = hvctl_output(
             &ctx.hvctl,
-            &["agent", "init", "--dir", &d, "--agent", &format!("a={a_addr}"), "--agent", &format!("b={b_addr}"), "--client", "ops=admin"],
+            &[
+                "agent",
+                "init",
+                "--dir",
+                &d,
+                "--agent",
+                &format!("a={a_addr}"),
+                "--agent",
+                &format!("b={b_addr}"),
+                "--client",
+                "ops=admin",
+            ],
         )?;
         if code != Some(0) {
             return Err(format!("hvctl agent init failed: {}", stderr.trim()));
@@ -306,7 +317,11 @@ pub fn bench(runs: usize) -> Result<()> {
                 report["bytes_sent"],
                 report["duration_ms"]
             );
-            if agent_run { streamed.push(mbs) } else { relayed.push(mbs) }
+            if agent_run {
+                streamed.push(mbs)
+            } else {
+                relayed.push(mbs)
+            }
             id = report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
             on_src = !on_src;
         }

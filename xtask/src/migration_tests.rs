@@ -214,14 +214,8 @@ pub(crate) fn start_pair(esp: &Esp, prefix: &str) -> Result<Option<Ctx>> {
     tools::ensure(&src_platform)?;
     let hvctl = build_hvctl()?;
     let timeout = Duration::from_secs(src_platform.default_timeout_secs());
-    let config = |name: String| RunConfig {
-        name,
-        timeout,
-        cmdline: String::new(),
-        echo: false,
-        vsock: true,
-        domains: None,
-    };
+    let config =
+        |name: String| RunConfig { name, timeout, cmdline: String::new(), echo: false, vsock: true, domains: None };
     println!("systest {prefix}-* on {src_platform} -> {dst_platform}, two instances with virtio-vsock ...");
     let mut src = Session::spawn(&src_platform, esp, &config(format!("{prefix}-src")))?;
     let mut dst = Session::spawn(&dst_platform, esp, &config(format!("{prefix}-dst")))?;
@@ -275,7 +269,8 @@ fn endpoint(ctx: &Ctx, session: &Session) -> String {
 /// Run hvctl (with the operator's certificate when through agents); (exit code,
 /// stdout, stderr).
 pub(crate) fn hvctl_raw(ctx: &Ctx, args: &[&str]) -> Result<(Option<i32>, String, String)> {
-    let mut all: Vec<&str> = ctx.remote.as_ref().map(|r| r.tls.iter().map(String::as_str).collect()).unwrap_or_default();
+    let mut all: Vec<&str> =
+        ctx.remote.as_ref().map(|r| r.tls.iter().map(String::as_str).collect()).unwrap_or_default();
     all.extend_from_slice(args);
     hvctl_output(&ctx.hvctl, &all)
 }
@@ -711,7 +706,12 @@ fn back_to_baseline(ctx: &Ctx, what: &str, base_src: (u64, u64), base_dst: (u64,
 }
 
 /// Create a memwriter of `memory` on `session`; (exit code, id or the error text).
-pub(crate) fn create_sized(ctx: &Ctx, session: &Session, name: &str, memory: &str) -> Result<(Option<i32>, Result<u64>)> {
+pub(crate) fn create_sized(
+    ctx: &Ctx,
+    session: &Session,
+    name: &str,
+    memory: &str,
+) -> Result<(Option<i32>, Result<u64>)> {
     create_writer(ctx, session, name, memory, WRITER_CMDLINE)
 }
 
@@ -750,7 +750,13 @@ pub(crate) fn create_writer(
     Ok((code, out["id"].as_u64().ok_or_else(|| format!("domain create gave no id: {out}"))))
 }
 
-pub(crate) fn migrate_between(ctx: &Ctx, from: &Session, to: &Session, id: u64, extra: &[&str]) -> Result<serde_json::Value> {
+pub(crate) fn migrate_between(
+    ctx: &Ctx,
+    from: &Session,
+    to: &Session,
+    id: u64,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
     let (f, t) = (target(from), target(to));
     let id = id.to_string();
     let mut args = vec!["migrate", id.as_str(), "--from", f.as_str(), "--to", t.as_str(), "--json"];

@@ -292,7 +292,9 @@ impl AgentLink {
 
     fn recv(&mut self, target: &Target, timeout: Duration) -> Result<AgentMsg, CliError> {
         match proto::read_msg::<_, AgentMsg>(&mut self.stream, proto::DEFAULT_MAX_FRAME, Instant::now() + timeout) {
-            Ok((AgentMsg::Fatal { reason }, _)) => Err(connection_err(format!("the agent at {target} closed the connection: {reason}"))),
+            Ok((AgentMsg::Fatal { reason }, _)) => {
+                Err(connection_err(format!("the agent at {target} closed the connection: {reason}")))
+            }
             Ok((msg, n)) => {
                 self.received += n as u64;
                 Ok(msg)
@@ -483,7 +485,14 @@ fn connect_agent(
     // retries used up the timeout.
     let hs_deadline = deadline.max(Instant::now() + Duration::from_secs(5));
     let stream = tls::client_handshake(config, sock, host, hs_deadline).map_err(Final)?;
-    let mut link = AgentLink { stream, identity: String::new(), role: proto::Role::ReadOnly, hypervisor: None, sent: 0, received: 0 };
+    let mut link = AgentLink {
+        stream,
+        identity: String::new(),
+        role: proto::Role::ReadOnly,
+        hypervisor: None,
+        sent: 0,
+        received: 0,
+    };
     link.send(&ClientMsg::Hello { version: proto::PROTOCOL_VERSION, hypervisor: name }, target).map_err(Final)?;
     match link.recv(target, hs_deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))) {
         Ok(AgentMsg::Welcome { identity, role, hypervisor, .. }) => {
@@ -641,7 +650,11 @@ mod tests {
     #[test]
     fn targets_parse_and_print() {
         let cases: [(&str, Target, &str); 11] = [
-            ("tls://127.0.0.2:7443/h", Target::Tls { host: "127.0.0.2".into(), port: 7443, name: Some("h".into()) }, "tls"),
+            (
+                "tls://127.0.0.2:7443/h",
+                Target::Tls { host: "127.0.0.2".into(), port: 7443, name: Some("h".into()) },
+                "tls",
+            ),
             ("tls://[::1]:7443", Target::Tls { host: "::1".into(), port: 7443, name: None }, "tls"),
             ("unix:/run/x/vm.vsock:5000", Target::Unix { path: "/run/x/vm.vsock".into(), port: 5000 }, "vsock"),
             ("vsock:4:5000", Target::Vsock { cid: 4, port: 5000 }, "vsock"),

@@ -13,13 +13,13 @@ use std::time::{Duration, Instant};
 
 use migration_svc::{DomainInfo, MachineState, MigrationCore, MigrationService, PolicyCheck, StateRecord};
 use serde_json::Value;
+use wire::Request;
 use wire::dirty::DirtyBitmap;
 use wire::migration::{
     ConsoleRing, CpuidPolicy, DeviceEntry, DeviceStates, GuestClock, MIGRATION_STREAM_VERSION, MemoryDigest, Record,
     StreamHeader, VcpuFpu, VcpuMsrs,
 };
 use wire::service::QueueInfo;
-use wire::Request;
 
 mod common;
 
@@ -699,7 +699,8 @@ fn migrate_between_two_agents_streams_agent_to_agent() {
     let src = FakeHv::start("agents-src", FakeCore::source(b"policy:base", vec![16]));
     let dst = FakeHv::start("agents-dst", FakeCore::empty());
     let (d, a, b) = two_agents("h2h", &src, &dst, Some("admin"));
-    let o = as_ops(&d, &["migrate", "7", "--from", &a.url("h"), "--to", &b.url("h"), "--verify", "--json", "--progress"]);
+    let o =
+        as_ops(&d, &["migrate", "7", "--from", &a.url("h"), "--to", &b.url("h"), "--verify", "--json", "--progress"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let v = json_of(&o);
     assert_eq!(v["outcome"], "completed", "{v}");

@@ -239,8 +239,11 @@ role = "read-only"
         std::fs::write(&path, "listen = 1\n").unwrap();
         let e = AgentConfig::load(&path).unwrap_err();
         assert!(e.0.contains("agent.toml"), "{}", e.0);
-        std::fs::write(&path, "listen = \"x\"\ncert=\"a\"\nkey=\"b\"\nca=\"c\"\n[[allow]]\nidentity=\"x\"\nrole=\"root\"\n")
-            .unwrap();
+        std::fs::write(
+            &path,
+            "listen = \"x\"\ncert=\"a\"\nkey=\"b\"\nca=\"c\"\n[[allow]]\nidentity=\"x\"\nrole=\"root\"\n",
+        )
+        .unwrap();
         let e = AgentConfig::load(&path).unwrap_err();
         assert!(e.0.contains("root"), "{}", e.0);
         std::fs::remove_dir_all(&dir).unwrap();

@@ -34,7 +34,9 @@ pub struct InitOptions {
 
 fn split<'a>(pair: &'a str, flag: &str, example: &str) -> Result<(&'a str, &'a str), CliError> {
     pair.split_once('=')
-        .filter(|(n, v)| !n.is_empty() && !v.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)))
+        .filter(|(n, v)| {
+            !n.is_empty() && !v.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
         .ok_or_else(|| err(format!("{flag} {pair:?}: expected {example} (a name of letters, digits, '-', '_', '.')")))
 }
 
@@ -82,7 +84,8 @@ pub fn init(o: InitOptions) -> Result<ExitCode, CliError> {
     let mut agents = Vec::new();
     for a in &o.agents {
         let (name, addr) = split(a, "--agent", "NAME=HOST:PORT")?;
-        let (host, port) = addr.rsplit_once(':').ok_or_else(|| err(format!("--agent {a:?}: expected NAME=HOST:PORT")))?;
+        let (host, port) =
+            addr.rsplit_once(':').ok_or_else(|| err(format!("--agent {a:?}: expected NAME=HOST:PORT")))?;
         port.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| err(format!("--agent {a:?}: bad port {port:?}")))?;
         let host = host.trim_start_matches('[').trim_end_matches(']');
         agents.push((name, host, addr));
@@ -128,13 +131,25 @@ pub fn init(o: InitOptions) -> Result<ExitCode, CliError> {
         let mut t = String::new();
         let _ = writeln!(t, "# hvctl agent serve --config {name}.toml --hypervisor h=unix:/path/vm.vsock:5000");
         let _ = writeln!(t, "listen = {}", toml_str(addr));
-        let _ = writeln!(t, "cert = {}\nkey = {}\nca = \"ca.pem\"", toml_str(&format!("{name}.pem")), toml_str(&format!("{name}.key")));
-        let _ = writeln!(t, "max_connections = 64\nmax_frame = 262144\nhandshake_timeout_secs = 5\nidle_timeout_secs = 120");
+        let _ = writeln!(
+            t,
+            "cert = {}\nkey = {}\nca = \"ca.pem\"",
+            toml_str(&format!("{name}.pem")),
+            toml_str(&format!("{name}.key"))
+        );
+        let _ = writeln!(
+            t,
+            "max_connections = 64\nmax_frame = 262144\nhandshake_timeout_secs = 5\nidle_timeout_secs = 120"
+        );
         for (client, r) in &clients {
             let _ = writeln!(t, "\n[[allow]]\nidentity = {}\nrole = \"{}\"", toml_str(client), r.name());
         }
         for (other, _, _) in agents.iter().filter(|(o, _, _)| o != name) {
-            let _ = writeln!(t, "\n# agent {other} migrates to this one\n[[allow]]\nidentity = {}\nrole = \"admin\"", toml_str(other));
+            let _ = writeln!(
+                t,
+                "\n# agent {other} migrates to this one\n[[allow]]\nidentity = {}\nrole = \"admin\"",
+                toml_str(other)
+            );
         }
         write(&o.dir.join(format!("{name}.toml")), &t)?;
         made.push(format!("{name}.toml"));

@@ -284,7 +284,12 @@ pub trait Deadline: Read {
 
 /// Read exactly `buf.len()` bytes by `deadline`. `Ok(false)` when the peer closed
 /// before the first byte (and `allow_eof`).
-fn read_exact_by<S: Deadline>(s: &mut S, buf: &mut [u8], deadline: Instant, allow_eof: bool) -> Result<bool, FrameFault> {
+fn read_exact_by<S: Deadline>(
+    s: &mut S,
+    buf: &mut [u8],
+    deadline: Instant,
+    allow_eof: bool,
+) -> Result<bool, FrameFault> {
     let mut got = 0;
     while got < buf.len() {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -295,7 +300,9 @@ fn read_exact_by<S: Deadline>(s: &mut S, buf: &mut [u8], deadline: Instant, allo
         let rest = buf.get_mut(got..).ok_or(FrameFault::Timeout)?;
         match s.read(rest) {
             Ok(0) if got == 0 && allow_eof => return Ok(false),
-            Ok(0) => return Err(FrameFault::Io(std::io::Error::new(ErrorKind::UnexpectedEof, "the peer closed mid-frame"))),
+            Ok(0) => {
+                return Err(FrameFault::Io(std::io::Error::new(ErrorKind::UnexpectedEof, "the peer closed mid-frame")));
+            }
             Ok(n) => got += n,
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted) => {}
             Err(e) => return Err(FrameFault::Io(e)),

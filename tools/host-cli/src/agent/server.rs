@@ -239,10 +239,9 @@ pub fn serve(o: ServeOptions) -> Result<std::process::ExitCode, CliError> {
         config.listen = l;
     }
     for pair in &o.hypervisors {
-        let (name, target) = pair
-            .split_once('=')
-            .filter(|(n, t)| !n.is_empty() && !t.is_empty())
-            .ok_or_else(|| err(format!("--hypervisor {pair:?}: expected NAME=TARGET, e.g. h=unix:/run/vm.vsock:5000")))?;
+        let (name, target) = pair.split_once('=').filter(|(n, t)| !n.is_empty() && !t.is_empty()).ok_or_else(|| {
+            err(format!("--hypervisor {pair:?}: expected NAME=TARGET, e.g. h=unix:/run/vm.vsock:5000"))
+        })?;
         config.hypervisors.insert(name.to_string(), target.to_string());
     }
     if config.hypervisors.is_empty() {
@@ -269,8 +268,8 @@ pub fn serve(o: ServeOptions) -> Result<std::process::ExitCode, CliError> {
         )),
         None => None,
     };
-    let listener = TcpListener::bind(&config.listen)
-        .map_err(|e| err(format!("cannot listen on {}: {e}", config.listen)))?;
+    let listener =
+        TcpListener::bind(&config.listen).map_err(|e| err(format!("cannot listen on {}: {e}", config.listen)))?;
     let local = listener.local_addr().map_err(|e| err(e.to_string()))?;
     let agent = Arc::new(Agent {
         config,
@@ -381,7 +380,8 @@ impl<'a> Connection<'a> {
                 Some(h) => Some(Arc::clone(h)),
                 None => {
                     let known: Vec<&str> = agent.hypervisors.keys().map(String::as_str).collect();
-                    return c.refuse_hello(format!("no hypervisor {name:?} here (this agent serves {})", known.join(", ")));
+                    return c
+                        .refuse_hello(format!("no hypervisor {name:?} here (this agent serves {})", known.join(", ")));
                 }
             },
             // Without a name, the only hypervisor if there is one.
@@ -482,11 +482,8 @@ impl<'a> Connection<'a> {
             return self.send(&AgentMsg::Denied { id, reason: reason.into() });
         };
         if !self.role.allows(needed) {
-            let reason = format!(
-                "identity {:?} is {} on this agent; {kind} needs admin",
-                self.identity,
-                self.role.name()
-            );
+            let reason =
+                format!("identity {:?} is {} on this agent; {kind} needs admin", self.identity, self.role.name());
             self.audit(kind, "refused", Some(&reason), "not forwarded");
             return self.send(&AgentMsg::Denied { id, reason });
         }
@@ -515,11 +512,8 @@ impl<'a> Connection<'a> {
         self.agent.count(&self.identity, "inbound", |s| s.requests += 1);
         let (kind, needed) = classify_agent(&request);
         if !self.role.allows(needed) {
-            let reason = format!(
-                "identity {:?} is {} on this agent; {kind} needs admin",
-                self.identity,
-                self.role.name()
-            );
+            let reason =
+                format!("identity {:?} is {} on this agent; {kind} needs admin", self.identity, self.role.name());
             self.audit(kind, "refused", Some(&reason), "not done");
             return self.send(&AgentMsg::Denied { id, reason });
         }
@@ -597,11 +591,9 @@ impl<'a> Connection<'a> {
             });
         }
         match result {
-            Ok(done) => AgentResponse::Migrated {
-                report: done.report,
-                progress: Box::new(done.progress),
-                status: done.status,
-            },
+            Ok(done) => {
+                AgentResponse::Migrated { report: done.report, progress: Box::new(done.progress), status: done.status }
+            }
             Err(e) => AgentResponse::MigrateFailed {
                 message: e.0,
                 exit_code: e.1,

@@ -164,7 +164,11 @@ impl Deadline for ClientStream {
 
 /// Drive a handshake to its end by `deadline`, one TLS record at a time, so a peer
 /// that sends slowly or not at all is cut off when the deadline passes.
-pub fn handshake<D>(conn: &mut rustls::ConnectionCommon<D>, sock: &mut TcpStream, deadline: Instant) -> std::io::Result<()> {
+pub fn handshake<D>(
+    conn: &mut rustls::ConnectionCommon<D>,
+    sock: &mut TcpStream,
+    deadline: Instant,
+) -> std::io::Result<()> {
     while conn.is_handshaking() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {

@@ -47,8 +47,16 @@ pub struct Agent {
 impl Agent {
     /// Write `NAME.conf.toml` beside the certificates (agent NAME's cert, `allow` as
     /// `(identity, role)`, `extra` appended) and serve `hypervisors` (`NAME=TARGET`).
-    pub fn start(dir: &Path, name: &str, addr: &str, allow: &[(&str, &str)], extra: &str, hypervisors: &[String]) -> Self {
-        let mut conf = format!("listen = \"{addr}\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\nca = \"ca.pem\"\n{extra}\n");
+    pub fn start(
+        dir: &Path,
+        name: &str,
+        addr: &str,
+        allow: &[(&str, &str)],
+        extra: &str,
+        hypervisors: &[String],
+    ) -> Self {
+        let mut conf =
+            format!("listen = \"{addr}\"\ncert = \"{name}.pem\"\nkey = \"{name}.key\"\nca = \"ca.pem\"\n{extra}\n");
         for (identity, role) in allow {
             conf.push_str(&format!("[[allow]]\nidentity = \"{identity}\"\nrole = \"{role}\"\n"));
         }
