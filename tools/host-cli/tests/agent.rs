@@ -364,3 +364,29 @@ fn garbage_oversize_frames_and_slowloris_cost_only_their_own_connection() {
     assert!(has("not an agent protocol message") || has("no hello"), "{reasons:?}");
     assert!(has("TLS handshake failed"), "{reasons:?}");
 }
+
+#[test]
+fn connections_over_the_limit_are_closed_and_served_again_once_one_leaves() {
+    let w = World::new("limit", "max_connections = 1");
+    let mut holder = tls_client(&w, "viewer");
+    holder.write_all(&HELLO_H).unwrap();
+    holder.flush().unwrap();
+    // Its welcome: the one slot is taken.
+    let mut len = [0u8; 4];
+    holder.read_exact(&mut len).unwrap();
+    let o = w.hvctl("ops", &["ping"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(one_line(&stderr(&o)).contains("closed the connection"), "{}", stderr(&o));
+    assert!(w.requests().is_empty(), "{:?}", w.requests());
+    assert!(w.refusals().iter().any(|l| l["reason"] == "1 connections open, the limit"), "{:?}", w.refusals());
+    drop(holder);
+    let start = Instant::now();
+    loop {
+        let o = w.hvctl("ops", &["ping"]);
+        if o.status.code() == Some(0) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "not served after the holder left: {}", stderr(&o));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

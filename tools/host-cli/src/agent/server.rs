@@ -635,3 +635,49 @@ impl Watch for AgentWatch<'_, '_> {
         self.broken.then_some("the operator's disconnect")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_are_read_only_and_changes_need_admin() {
+        let read_only = [
+            Request::Ping { payload: vec![] },
+            Request::Info,
+            Request::DomainList,
+            Request::DomainConsole { id: 1, offset: 0 },
+            Request::MonitorStats { domain: None },
+            Request::DirtyStats { domain: 1 },
+            Request::DirtyPeek { domain: 1, clean: false },
+            Request::DirtyTrackPeek { domain: 1, clean: false },
+        ];
+        for r in &read_only {
+            assert_eq!(classify(r).1, Role::ReadOnly, "{r:?}");
+        }
+        let admin = [
+            Request::DomainDestroy { id: 1 },
+            Request::DomainPause { id: 1 },
+            Request::DirtyPeek { domain: 1, clean: true },
+            Request::DirtyTrackPeek { domain: 1, clean: true },
+            Request::MigrateReceive,
+            Request::MigrateCancel { domain: 1 },
+            Request::DomainConsoleInput { id: 1, bytes: vec![] },
+            Request::MonitorEvents { domain: 1, enable: vec![], disable: vec![] },
+        ];
+        for r in &admin {
+            assert_eq!(classify(r).1, Role::Admin, "{r:?}");
+        }
+        assert_eq!(classify_agent(&AgentRequest::Stats).1, Role::ReadOnly);
+        assert_eq!(classify_agent(&AgentRequest::List).1, Role::ReadOnly);
+    }
+
+    #[test]
+    fn audit_times_are_rfc3339_utc() {
+        let t = utc_now();
+        assert_eq!(t.len(), "2026-12-01T22:30:00.000Z".len(), "{t}");
+        assert!(t.ends_with('Z') && t.as_bytes()[10] == b'T', "{t}");
+        let year: u32 = t[..4].parse().unwrap();
+        assert!(year >= 2024, "{t}");
+    }
+}
