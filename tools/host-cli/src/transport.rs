@@ -571,6 +571,7 @@ impl Client {
             return match link.recv(&self.target, REQUEST_TIMEOUT)? {
                 AgentMsg::Hv { id, response } => Ok((id, response)),
                 AgentMsg::Denied { reason, .. } => Err(remote_err(format!("the agent refused: {reason}"))),
+                AgentMsg::Unreachable { reason, .. } => Err(connection_err(reason)),
                 _ => Err(connection_err(format!("the agent at {} sent an answer of the wrong kind", self.target))),
             };
         }

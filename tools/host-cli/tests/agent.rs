@@ -390,3 +390,25 @@ fn connections_over_the_limit_are_closed_and_served_again_once_one_leaves() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+#[test]
+fn a_hypervisor_the_agent_cannot_reach_is_a_connection_error_and_the_agent_serves_on() {
+    let dir = agent::dir("unreachable");
+    let addr = format!("127.0.0.2:{}", agent::free_port("127.0.0.2"));
+    agent::init(&dir, &[format!("a={addr}")], &["ops=admin"]);
+    let target = format!("h=unix:{}:{}", dir.join("nobody.vsock").display(), fake_hv::PORT);
+    let a = Agent::start(&dir, "a", &addr, &[("ops", "admin")], "", &[target]);
+    let mut args = vec!["--connect".to_string(), a.url("h")];
+    args.extend(tls_args(&dir, "ops", &dir));
+    args.push("info".into());
+    let o = hvctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(one_line(&stderr(&o)).contains("the agent cannot reach hypervisor h"), "{}", stderr(&o));
+    // The agent itself still answers.
+    let mut args = vec!["--connect".to_string(), format!("tls://{addr}")];
+    args.extend(tls_args(&dir, "ops", &dir));
+    args.extend(["agent".into(), "list".into()]);
+    let o = hvctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("h ") && stdout(&o).contains("no"), "{}", stdout(&o));
+}

@@ -110,8 +110,7 @@ pub enum AgentMsg {
         /// Why, for a person.
         reason: String,
     },
-    /// The hypervisor's answer to `ClientMsg::Hv` (or the agent's error reply when the
-    /// hypervisor cannot be reached, as a `Response::Error`).
+    /// The hypervisor's answer to `ClientMsg::Hv`.
     Hv {
         /// The client's id.
         id: u64,
@@ -132,6 +131,14 @@ pub enum AgentMsg {
         id: u64,
         /// The answer.
         response: AgentResponse,
+    },
+    /// The agent could not reach the hypervisor for this request (it opens the
+    /// connection again for the next one).
+    Unreachable {
+        /// The client's id.
+        id: u64,
+        /// Why, for a person.
+        reason: String,
     },
     /// The connection is over (bad frame, oversize frame, idle).
     Fatal {

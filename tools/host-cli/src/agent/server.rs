@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use rustls::{ServerConnection, StreamOwned};
 use serde_json::json;
-use wire::{ErrorCode, ErrorReply, MigrateProgress, Request, Response};
+use wire::{MigrateProgress, Request, Response};
 
 use super::config::AgentConfig;
 use super::proto::{
@@ -497,9 +497,8 @@ impl<'a> Connection<'a> {
                 (AgentMsg::Hv { id, response }, result)
             }
             Err(e) => {
-                let message = format!("the agent cannot reach hypervisor {}: {e}", hv.name);
-                let response = Response::Error(ErrorReply::new(ErrorCode::Timeout, message.clone()));
-                (AgentMsg::Hv { id, response }, format!("error: {message}"))
+                let reason = format!("the agent cannot reach hypervisor {}: {e}", hv.name);
+                (AgentMsg::Unreachable { id, reason: reason.clone() }, format!("error: {reason}"))
             }
         };
         // Streams are audited by their opening and closing requests; every piece too,
