@@ -277,16 +277,25 @@ struct AgentLink {
     role: proto::Role,
     /// The hypervisor our `wire` requests go to.
     hypervisor: Option<String>,
-    /// Frame bytes each way (inside TLS).
-    sent: u64,
-    received: u64,
+    /// Frame bytes each way (inside TLS), shared so an agent can show them while a
+    /// migration runs.
+    traffic: std::sync::Arc<Traffic>,
+}
+
+/// Frame bytes over an agent link, each way.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Sent to the agent.
+    pub sent: std::sync::atomic::AtomicU64,
+    /// Received from it.
+    pub received: std::sync::atomic::AtomicU64,
 }
 
 impl AgentLink {
     fn send(&mut self, msg: &ClientMsg, target: &Target) -> Result<(), CliError> {
         let n = proto::write_msg(&mut self.stream, msg)
             .map_err(|e| connection_err(tls::explain(&e, &format!("the agent at {target}"))))?;
-        self.sent += n as u64;
+        self.traffic.sent.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -296,7 +305,7 @@ impl AgentLink {
                 Err(connection_err(format!("the agent at {target} closed the connection: {reason}")))
             }
             Ok((msg, n)) => {
-                self.received += n as u64;
+                self.traffic.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 Ok(msg)
             }
             Err(proto::FrameFault::Timeout) => {
@@ -490,8 +499,7 @@ fn connect_agent(
         identity: String::new(),
         role: proto::Role::ReadOnly,
         hypervisor: None,
-        sent: 0,
-        received: 0,
+        traffic: Default::default(),
     };
     link.send(&ClientMsg::Hello { version: proto::PROTOCOL_VERSION, hypervisor: name }, target).map_err(Final)?;
     match link.recv(target, hs_deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))) {
@@ -635,10 +643,10 @@ impl Client {
         }
     }
 
-    /// Frame bytes sent and received over an agent link.
-    pub fn traffic(&self) -> Option<(u64, u64)> {
+    /// The frame bytes counters of an agent link.
+    pub fn traffic(&self) -> Option<std::sync::Arc<Traffic>> {
         match &self.link {
-            Link::Agent(l) => Some((l.sent, l.received)),
+            Link::Agent(l) => Some(l.traffic.clone()),
             _ => None,
         }
     }

@@ -193,6 +193,9 @@ struct Agent {
     open: AtomicUsize,
     refused: AtomicU64,
     peers: Mutex<HashMap<(String, &'static str), PeerStats>>,
+    /// Outbound links of migrations running now (peer address, counters): counted
+    /// live, folded into `peers` when the migration ends.
+    outbound: Mutex<Vec<(String, Arc<transport::Traffic>)>>,
 }
 
 impl Agent {
@@ -207,7 +210,20 @@ impl Agent {
     }
 
     fn stats(&self) -> AgentStats {
-        let mut peers: Vec<PeerStats> = lock(&self.peers).values().cloned().collect();
+        // The same lock order as the fold at a migration's end: outbound, then peers.
+        let live = lock(&self.outbound);
+        let mut merged = lock(&self.peers).clone();
+        for (peer, t) in live.iter() {
+            let e = merged.entry((peer.clone(), "outbound")).or_insert_with(|| PeerStats {
+                peer: peer.clone(),
+                direction: "outbound".into(),
+                ..PeerStats::default()
+            });
+            e.bytes_sent += t.sent.load(Ordering::Relaxed);
+            e.bytes_received += t.received.load(Ordering::Relaxed);
+        }
+        drop(live);
+        let mut peers: Vec<PeerStats> = merged.into_values().collect();
         peers.sort_by(|a, b| (&a.peer, &a.direction).cmp(&(&b.peer, &b.direction)));
         AgentStats {
             connections_open: self.open.load(Ordering::SeqCst) as u64,
@@ -279,6 +295,7 @@ pub fn serve(o: ServeOptions) -> Result<std::process::ExitCode, CliError> {
         open: AtomicUsize::new(0),
         refused: AtomicU64::new(0),
         peers: Mutex::new(HashMap::new()),
+        outbound: Mutex::new(Vec::new()),
     });
     let names: Vec<&str> = agent.hypervisors.keys().map(String::as_str).collect();
     agent.audit.record(json!({
@@ -565,6 +582,13 @@ impl<'a> Connection<'a> {
             Ok(c) => c,
             Err(e) => return AgentResponse::Error(format!("this agent cannot reach {target}: {}", e.0)),
         };
+        let name = match &target {
+            transport::Target::Tls { host, port, .. } => format!("{host}:{port}"),
+            other => other.to_string(),
+        };
+        let traffic = dst.traffic().unwrap_or_default();
+        lock(&self.agent.outbound).push((name.clone(), traffic.clone()));
+        self.agent.count(&name, "outbound", |s| s.connections += 1);
         let mut shared = Shared(src);
         let mut track = Track::default();
         let agent = self.agent;
@@ -578,15 +602,14 @@ impl<'a> Connection<'a> {
             &mut track,
             &mut watch,
         );
-        if let Some((sent, received)) = dst.traffic() {
-            let name = match &target {
-                transport::Target::Tls { host, port, .. } => format!("{host}:{port}"),
-                other => other.to_string(),
-            };
+        // From the live list into the totals, under both locks so stats never count
+        // them twice or not at all.
+        {
+            let mut live = lock(&agent.outbound);
+            live.retain(|(_, t)| !Arc::ptr_eq(t, &traffic));
             agent.count(&name, "outbound", |s| {
-                s.connections += 1;
-                s.bytes_sent += sent;
-                s.bytes_received += received;
+                s.bytes_sent += traffic.sent.load(Ordering::Relaxed);
+                s.bytes_received += traffic.received.load(Ordering::Relaxed);
             });
         }
         match result {
