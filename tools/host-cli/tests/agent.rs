@@ -27,6 +27,8 @@ use common::{fake_hv, hvctl, stderr, stdout};
 struct Hv {
     domains: Vec<u32>,
     requests: Vec<String>,
+    /// Hang up on the next request instead of answering it.
+    hang_up: bool,
 }
 
 fn answer(hv: &Mutex<Hv>, r: Request) -> Response {
@@ -80,10 +82,13 @@ impl World {
         agent::init(&dir, &[format!("a={addr}")], &["ops=admin", "viewer=read-only", "mallory=admin"]);
         let other_ca = dir.join("other");
         agent::init(&other_ca, &[format!("a={addr}")], &["ops=admin"]);
-        let hv = Arc::new(Mutex::new(Hv { domains: vec![1, 2], requests: Vec::new() }));
-        let shared = hv.clone();
+        let hv = Arc::new(Mutex::new(Hv { domains: vec![1, 2], ..Hv::default() }));
+        let (shared, hangs) = (hv.clone(), hv.clone());
         let socket = dir.join("hv.vsock");
-        fake_hv::listen(&socket, fake_hv::typed(move |r| answer(&shared, r)));
+        let typed = fake_hv::typed(move |r| answer(&shared, r));
+        fake_hv::listen(&socket, move |frame| {
+            if std::mem::take(&mut hangs.lock().unwrap().hang_up) { Vec::new() } else { typed(frame) }
+        });
         let target = format!("h=unix:{}:{}", socket.display(), fake_hv::PORT);
         let allow = [("ops", "admin"), ("viewer", "read-only")];
         let agent = Agent::start(&dir, "a", &addr, &allow, extra, &[target]);
@@ -411,4 +416,25 @@ fn a_hypervisor_the_agent_cannot_reach_is_a_connection_error_and_the_agent_serve
     let o = hvctl(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert!(stdout(&o).contains("h ") && stdout(&o).contains("no"), "{}", stdout(&o));
+}
+
+#[test]
+fn a_stale_hypervisor_connection_is_reopened_reads_repeated_and_changes_not() {
+    let w = World::new("stale", "");
+    let o = w.hvctl("ops", &["ping"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    // The agent's held connection dies under a read: it reconnects and asks again.
+    w.hv.lock().unwrap().hang_up = true;
+    let o = w.hvctl("viewer", &["domain", "list"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(stdout(&o).contains("d2"), "{}", stdout(&o));
+    // Under a change it does not repeat it (it may have been carried out): hvctl is told.
+    w.hv.lock().unwrap().hang_up = true;
+    let o = w.hvctl("ops", &["domain", "destroy", "2"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(one_line(&stderr(&o)).contains("the agent cannot reach hypervisor h"), "{}", stderr(&o));
+    assert_eq!(w.domains(), vec![1, 2]);
+    let o = w.hvctl("ops", &["domain", "destroy", "2"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(w.domains(), vec![1]);
 }

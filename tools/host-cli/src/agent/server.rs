@@ -109,11 +109,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Hypervisor {
     /// One call under the lock; a lost connection is dropped so the next call opens a
-    /// new one (the failed request is not repeated: it may have been carried out).
+    /// new one (a failed change is not repeated: it may have been carried out).
     fn call(&self, request: &Request) -> Result<Response, CliError> {
         let mut slot = lock(&self.client);
+        let reused = slot.is_some();
+        let answer = Self::call_on(&mut slot, &self.options, request);
+        // A held connection can go stale (the hypervisor restarted, another client
+        // took the serial session over): a read is safe to repeat once on a new one.
+        if reused && matches!(&answer, Err(e) if e.1 == 3) && classify(request).1 == Role::ReadOnly {
+            return Self::call_on(&mut slot, &self.options, request);
+        }
+        answer
+    }
+
+    fn call_on(slot: &mut Option<Client>, options: &Options, request: &Request) -> Result<Response, CliError> {
         if slot.is_none() {
-            *slot = Some(Client::connect(&self.options)?);
+            *slot = Some(Client::connect(options)?);
         }
         let client = slot.as_mut().ok_or_else(|| err("no connection"))?;
         let answer = client.call(request);

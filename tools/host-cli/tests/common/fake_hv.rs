@@ -13,7 +13,8 @@ use wire::{Frame, FrameDecoder, Request, Response};
 pub const PORT: u32 = 5000;
 
 /// Listen on `path` (replacing a stale socket); each connection on its own thread, each
-/// frame answered with the bytes `handle` returns.
+/// frame answered with the bytes `handle` returns (none: hang up, as a hypervisor that
+/// restarted would).
 pub fn listen(path: &Path, handle: impl Fn(&Frame) -> Vec<u8> + Send + Sync + 'static) {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path).unwrap();
@@ -60,7 +61,8 @@ fn serve(mut conn: UnixStream, handle: &dyn Fn(&Frame) -> Vec<u8>) {
         while let Some(frame) = decoder.next_frame() {
             progressed = true;
             let Ok(frame) = frame else { return };
-            if conn.write_all(&handle(&frame)).is_err() {
+            let answer = handle(&frame);
+            if answer.is_empty() || conn.write_all(&answer).is_err() {
                 return;
             }
         }
