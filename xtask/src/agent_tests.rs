@@ -231,7 +231,7 @@ const BENCH_WRITER: &str = "pages=4096 rounds=100000000 seed=7 base=0x300000 eve
 const BENCH_ROUNDS: &str = "2";
 const BENCH_DOWNTIME_MS: &str = "30000";
 
-/// `cargo xtask bench agent`: ping latency direct and through an agent (medians of
+/// `cargo xtask bench agent` (release hvctl and agents): ping latency direct and through an agent (medians of
 /// interleaved runs), and live-migration throughput of a memwriter rewriting 16 MiB relayed by
 /// hvctl (today's direct relay) and streamed agent to agent, alternating direction
 /// each run, in one session.
@@ -241,6 +241,9 @@ pub fn bench(runs: usize) -> Result<()> {
         return Err("the hypervisors did not come up".into());
     };
     let result = (|| -> Result<()> {
+        // The agents and hvctl as they would run on a host: optimized (a debug build
+        // spends most of an agent's added latency in unoptimized TLS and encoding).
+        ctx.hvctl = crate::systest::build_hvctl_profile(true)?;
         let agents = Agents::start(&ctx)?;
         let runs = runs.max(1);
         let (direct_src, agent_src) = (migration_tests::target(&ctx.src), agents.remote.src.clone());

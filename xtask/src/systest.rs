@@ -289,11 +289,20 @@ pub fn bench_boot(runs: usize) -> Result<()> {
 
 /// The hvctl binary the system tests drive, built first (`cargo build -p host-cli`).
 pub fn build_hvctl() -> Result<std::path::PathBuf> {
-    tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
+    build_hvctl_profile(false)
+}
+
+/// hvctl built in the release profile (`release`) or the dev one; its path.
+pub fn build_hvctl_profile(release: bool) -> Result<std::path::PathBuf> {
+    let mut args = vec!["build", "--quiet", "-p", "host-cli"];
+    if release {
+        args.push("--release");
+    }
+    tools::cargo(&args)?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| tools::root().join("target"));
-    Ok(target_dir.join("debug").join("hvctl"))
+    Ok(target_dir.join(if release { "release" } else { "debug" }).join("hvctl"))
 }
 
 /// Run hvctl with `args`; (exit code, stdout, stderr), without judging them.

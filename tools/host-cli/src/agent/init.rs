@@ -175,7 +175,9 @@ pub fn init(o: InitOptions) -> Result<ExitCode, CliError> {
     made.push("hvctl-config.toml".into());
     println!("wrote to {}: {}", o.dir.display(), made.join("; "));
     println!("keep ca.key safe (it signs new certificates); use the configs with:");
-    println!("  hvctl agent serve --config {}/{}.toml --hypervisor h=TARGET", o.dir.display(), agents[0].0);
+    if let Some((first, _, _)) = agents.first() {
+        println!("  hvctl agent serve --config {}/{first}.toml --hypervisor h=TARGET", o.dir.display());
+    }
     println!("  HVCTL_CONFIG={}/hvctl-config.toml hvctl --context CLIENT@AGENT info", o.dir.display());
     Ok(ExitCode::SUCCESS)
 }

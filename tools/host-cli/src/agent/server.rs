@@ -316,7 +316,16 @@ pub fn serve(o: ServeOptions) -> Result<std::process::ExitCode, CliError> {
     println!("AGENT listening on {local}");
     let _ = std::io::stdout().flush();
     for conn in listener.incoming() {
-        let Ok(sock) = conn else { continue };
+        let sock = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                // E.g. out of file descriptors: say so and give the others a moment
+                // to close, rather than spin on accept.
+                agent.audit.record(json!({"time": utc_now(), "event": "accept", "error": e.to_string()}));
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
         let peer = sock.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string());
         if agent.open.load(Ordering::SeqCst) >= agent.config.max_connections {
             agent.refused.fetch_add(1, Ordering::SeqCst);
@@ -375,6 +384,11 @@ impl<'a> Connection<'a> {
             return refuse(format!("TLS handshake failed: {}", tls::explain(&e, "the client")));
         }
         let names = conn.peer_certificates().and_then(|c| c.first()).map(tls::names).unwrap_or_default();
+        // The handshake left its remaining time as the write timeout: a client that
+        // stops reading now gets the idle timeout, not a leftover.
+        if let Err(e) = sock.set_write_timeout(Some(agent.config.idle_timeout())) {
+            return refuse(format!("socket setup: {e}"));
+        }
         let mut stream = StreamOwned::new(conn, sock);
         // The hello first, even from a stranger: closing a socket with its hello unread
         // would reset the connection and could lose the refusal on the way.

@@ -220,5 +220,8 @@ pub fn client_handshake(
         .map_err(|e| err(format!("{host} is not a host name or address: {e}")))?;
     let mut conn = ClientConnection::new(config, name).map_err(|e| connection_err(format!("TLS with {peer}: {e}")))?;
     handshake(&mut conn, &mut sock, deadline).map_err(|e| connection_err(explain(&e, &peer)))?;
+    // Not the handshake's leftover: a write may take as long as a request may.
+    sock.set_write_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| connection_err(format!("socket setup for {peer}: {e}")))?;
     Ok(StreamOwned::new(conn, sock))
 }
