@@ -5,6 +5,7 @@
 //! Missing host tools are installed with apt-get when running as root on Debian or
 //! Ubuntu, or named with the exact install command otherwise.
 
+mod agent_tests;
 mod bochs_serial_tests;
 mod client;
 mod control_tests;
@@ -148,10 +149,11 @@ enum Command {
     /// baseline against the same guest under the hypervisor, interleaved (`--runs` each,
     /// default 3), the exits of a 64 MiB Linux guest booting and idle, and how many such
     /// guests reach their init on one 2 GiB instance (`--cap`, default 24), written to
-    /// target/xtask/runs/bench-linux.json.
+    /// target/xtask/runs/bench-linux.json; `agent` ping through a host agent against
+    /// direct, and migration through two agents against today's relay (`--runs`).
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["boot", "control", "serial", "exits", "dirty", "migration", "linux-baseline", "linux"])]
+        #[arg(value_parser = ["boot", "control", "serial", "exits", "dirty", "migration", "linux-baseline", "linux", "agent"])]
         what: String,
         /// boot: runs per platform (the median is reported); control: requests per kind
         /// (default 1000).
@@ -210,6 +212,7 @@ fn main() -> ExitCode {
         Command::Bench { what, runs, .. } if what == "dirty" => domain_tests::bench_dirty(runs.unwrap_or(2048)),
         Command::Bench { what, runs, .. } if what == "linux-baseline" => linux_tests::bench_baseline(runs.unwrap_or(3)),
         Command::Bench { what, runs, cap } if what == "linux" => linux_bench::bench(runs.unwrap_or(3), cap),
+        Command::Bench { what, runs, .. } if what == "agent" => agent_tests::bench(runs.unwrap_or(3)),
         Command::Bench { what, .. } if what == "migration" => {
             tools::cargo(&["bench", "-p", "migration_svc", "--bench", "convergence"])
         }

@@ -24,13 +24,24 @@ const WRITER_CMDLINE: &str = "pages=64 rounds=100000000 seed=7 base=0x300000";
 /// The writer's CPUID policy: what the AVX2-less destination can run.
 const WRITER_CPUID: &str = "base=host-max,-avx2";
 
-struct Ctx {
-    hvctl: PathBuf,
+pub(crate) struct Ctx {
+    pub(crate) hvctl: PathBuf,
     guests: PathBuf,
-    src: Session,
-    dst: Session,
+    pub(crate) src: Session,
+    pub(crate) dst: Session,
     /// The memwriter on the source, once created.
     writer: std::cell::Cell<Option<u64>>,
+    /// When set, every hvctl of these tests talks to the hypervisors through their host
+    /// agents (agent_tests.rs), never to them directly.
+    pub(crate) remote: Option<Remote>,
+}
+
+/// The agents' URLs for the source and destination and the operator's certificate flags.
+#[derive(Debug, Clone)]
+pub(crate) struct Remote {
+    pub(crate) src: String,
+    pub(crate) dst: String,
+    pub(crate) tls: Vec<String>,
 }
 
 const TESTS: &[NamedTest<Ctx>] = &[
@@ -98,7 +109,8 @@ fn run_linux(esp: &Esp) -> Result<(usize, usize)> {
         dst.stop();
         return Ok((0, 1));
     }
-    let mut ctx = Ctx { hvctl, guests: esp.dir.join("EFI").join("HV"), src, dst, writer: std::cell::Cell::new(None) };
+    let writer = std::cell::Cell::new(None);
+    let mut ctx = Ctx { hvctl, guests: esp.dir.join("EFI").join("HV"), src, dst, writer, remote: None };
     let started = std::time::Instant::now();
     let result = linux_shell(&ctx);
     let ok = match result {
@@ -189,40 +201,47 @@ fn run_suite(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     if selected.is_empty() {
         return Ok((0, 0));
     }
+    let Some(mut ctx) = start_pair(esp, "migrate")? else { return Ok((0, selected.len())) };
+    let (passed, failed) = run_each(&selected, &ctx);
+    Ok((passed, failed + finish_pair(&mut ctx, "migrate-*", failed)))
+}
+
+/// Boot the source (`-cpu EPYC`) and the destination (`-cpu EPYC,-avx2`), named
+/// `PREFIX-src` and `PREFIX-dst`; `None` (said and logged) when one does not serve.
+pub(crate) fn start_pair(esp: &Esp, prefix: &str) -> Result<Option<Ctx>> {
     let src_platform = Platform::Qemu { cpu: "EPYC".into() };
     let dst_platform = Platform::Qemu { cpu: "EPYC,-avx2".into() };
     tools::ensure(&src_platform)?;
     let hvctl = build_hvctl()?;
     let timeout = Duration::from_secs(src_platform.default_timeout_secs());
-    let config = |name: &str| RunConfig {
-        name: name.into(),
-        timeout,
-        cmdline: String::new(),
-        echo: false,
-        vsock: true,
-        domains: None,
-    };
-    println!("systest migrate-* on {src_platform} -> {dst_platform}, two instances with virtio-vsock ...");
-    let mut src = Session::spawn(&src_platform, esp, &config("migrate-src"))?;
-    let mut dst = Session::spawn(&dst_platform, esp, &config("migrate-dst"))?;
+    let config =
+        |name: String| RunConfig { name, timeout, cmdline: String::new(), echo: false, vsock: true, domains: None };
+    println!("systest {prefix}-* on {src_platform} -> {dst_platform}, two instances with virtio-vsock ...");
+    let mut src = Session::spawn(&src_platform, esp, &config(format!("{prefix}-src")))?;
+    let mut dst = Session::spawn(&dst_platform, esp, &config(format!("{prefix}-dst")))?;
     for (what, session) in [("source", &mut src), ("destination", &mut dst)] {
         if let Err(wait) = wait_serving(session, timeout) {
-            println!("systest migrate-* ... FAILED: the {what}'s control channel did not come up ({wait})");
+            println!("systest {prefix}-* ... FAILED: the {what}'s control channel did not come up ({wait})");
             print_log(what, session);
-            return Ok((0, selected.len()));
+            return Ok(None);
         }
     }
-    let mut ctx = Ctx { hvctl, guests: esp.dir.join("EFI").join("HV"), src, dst, writer: std::cell::Cell::new(None) };
-    let (passed, mut failed) = run_each(&selected, &ctx);
-    failed += stopped_serving("migrate-*", "source", &ctx.src);
-    failed += stopped_serving("migrate-*", "destination", &ctx.dst);
-    if failed > 0 {
+    let writer = std::cell::Cell::new(None);
+    Ok(Some(Ctx { hvctl, guests: esp.dir.join("EFI").join("HV"), src, dst, writer, remote: None }))
+}
+
+/// After the tests: both must still serve (a failure each if not); the logs when
+/// anything failed; stop both. The failures it adds.
+pub(crate) fn finish_pair(ctx: &mut Ctx, what: &str, failed: usize) -> usize {
+    let mut more = stopped_serving(what, "source", &ctx.src);
+    more += stopped_serving(what, "destination", &ctx.dst);
+    if failed + more > 0 {
         print_log("source", &ctx.src);
         print_log("destination", &ctx.dst);
     }
     ctx.src.stop();
     ctx.dst.stop();
-    Ok((passed, failed))
+    more
 }
 
 fn print_log(what: &str, session: &Session) {
@@ -233,19 +252,32 @@ fn print_log(what: &str, session: &Session) {
     );
 }
 
-fn target(session: &Session) -> String {
+pub(crate) fn target(session: &Session) -> String {
     let socket = session.vsock_socket.as_deref().unwrap_or(Path::new("/nonexistent"));
     format!("unix:{}:{}", socket.display(), wire::CONTROL_PORT)
 }
 
-/// Run hvctl; (exit code, stdout, stderr).
-fn hvctl_raw(ctx: &Ctx, args: &[&str]) -> Result<(Option<i32>, String, String)> {
-    hvctl_output(&ctx.hvctl, args)
+/// Where hvctl reaches `session`: directly, or through its agent.
+fn endpoint(ctx: &Ctx, session: &Session) -> String {
+    match &ctx.remote {
+        Some(r) if std::ptr::eq(session, &ctx.src) => r.src.clone(),
+        Some(r) => r.dst.clone(),
+        None => target(session),
+    }
+}
+
+/// Run hvctl (with the operator's certificate when through agents); (exit code,
+/// stdout, stderr).
+pub(crate) fn hvctl_raw(ctx: &Ctx, args: &[&str]) -> Result<(Option<i32>, String, String)> {
+    let mut all: Vec<&str> =
+        ctx.remote.as_ref().map(|r| r.tls.iter().map(String::as_str).collect()).unwrap_or_default();
+    all.extend_from_slice(args);
+    hvctl_output(&ctx.hvctl, &all)
 }
 
 /// Run hvctl against `session`, requiring success; its stdout.
 fn hvctl_on(ctx: &Ctx, session: &Session, args: &[&str]) -> Result<String> {
-    let t = target(session);
+    let t = endpoint(ctx, session);
     let mut all = vec!["--connect", t.as_str()];
     all.extend_from_slice(args);
     let (code, stdout, stderr) = hvctl_raw(ctx, &all)?;
@@ -255,7 +287,7 @@ fn hvctl_on(ctx: &Ctx, session: &Session, args: &[&str]) -> Result<String> {
     Ok(stdout)
 }
 
-fn json(text: &str, what: &str) -> Result<serde_json::Value> {
+pub(crate) fn json(text: &str, what: &str) -> Result<serde_json::Value> {
     serde_json::from_str(text).map_err(|e| format!("{what}: not JSON ({e}): {text}"))
 }
 
@@ -353,7 +385,7 @@ fn no_domain_on_destination(ctx: &Ctx, what: &str) -> Result<()> {
 }
 
 /// The writer on the source, created (and seen writing) the first time it is needed.
-fn writer(ctx: &Ctx) -> Result<u64> {
+pub(crate) fn writer(ctx: &Ctx) -> Result<u64> {
     if let Some(id) = ctx.writer.get() {
         return Ok(id);
     }
@@ -364,7 +396,7 @@ fn writer(ctx: &Ctx) -> Result<u64> {
 }
 
 fn migrate(ctx: &Ctx, id: u64, extra: &[&str]) -> Result<(Option<i32>, serde_json::Value, String)> {
-    let (from, to) = (target(&ctx.src), target(&ctx.dst));
+    let (from, to) = (endpoint(ctx, &ctx.src), endpoint(ctx, &ctx.dst));
     let id = id.to_string();
     let mut args = vec!["migrate", id.as_str(), "--from", from.as_str(), "--to", to.as_str(), "--json"];
     args.extend_from_slice(extra);
@@ -536,6 +568,12 @@ fn machine_state_mid_run(ctx: &Ctx) -> Result<String> {
 }
 
 fn live_memwriter(ctx: &Ctx) -> Result<String> {
+    live_memwriter_report(ctx).map(|(summary, _)| summary)
+}
+
+/// The writer migrates while it writes and continues on the destination with the
+/// right checksums; the summary and hvctl's report.
+pub(crate) fn live_memwriter_report(ctx: &Ctx) -> Result<(String, serde_json::Value)> {
     let id = writer(ctx)?;
     let (code, report, stderr) = migrate(ctx, id, &["--verify"])?;
     if code != Some(0) || report["outcome"] != "completed" {
@@ -586,7 +624,7 @@ fn live_memwriter(ctx: &Ctx) -> Result<String> {
         return Err(format!("the migrated domain is {state:?} on the destination"));
     }
     hvctl_on(ctx, &ctx.dst, &["domain", "destroy", &new_id.to_string()])?;
-    Ok(format!(
+    let summary = format!(
         "source {}, destination {}, {} rounds in sequence with the right checksums; {} dirty rounds, {} pages \
          ({} resent), {} bytes in {} ms, downtime {} ms (estimated {} ms), digest {}",
         describe(&before),
@@ -600,7 +638,8 @@ fn live_memwriter(ctx: &Ctx) -> Result<String> {
         report["downtime_ms"],
         report["estimated_downtime_ms"],
         src_digest
-    ))
+    );
+    Ok((summary, report))
 }
 
 fn save_restore(ctx: &Ctx) -> Result<String> {
@@ -667,7 +706,23 @@ fn back_to_baseline(ctx: &Ctx, what: &str, base_src: (u64, u64), base_dst: (u64,
 }
 
 /// Create a memwriter of `memory` on `session`; (exit code, id or the error text).
-fn create_sized(ctx: &Ctx, session: &Session, name: &str, memory: &str) -> Result<(Option<i32>, Result<u64>)> {
+pub(crate) fn create_sized(
+    ctx: &Ctx,
+    session: &Session,
+    name: &str,
+    memory: &str,
+) -> Result<(Option<i32>, Result<u64>)> {
+    create_writer(ctx, session, name, memory, WRITER_CMDLINE)
+}
+
+/// Create a memwriter of `memory` with `cmdline` on `session`; (exit code, id or the error text).
+pub(crate) fn create_writer(
+    ctx: &Ctx,
+    session: &Session,
+    name: &str,
+    memory: &str,
+    cmdline: &str,
+) -> Result<(Option<i32>, Result<u64>)> {
     let kernel = ctx.guests.join("memwriter.elf").display().to_string();
     let t = target(session);
     let args = [
@@ -684,7 +739,7 @@ fn create_sized(ctx: &Ctx, session: &Session, name: &str, memory: &str) -> Resul
         "--cpuid",
         WRITER_CPUID,
         "--cmdline",
-        WRITER_CMDLINE,
+        cmdline,
         "--json",
     ];
     let (code, stdout, stderr) = hvctl_raw(ctx, &args)?;
@@ -695,7 +750,13 @@ fn create_sized(ctx: &Ctx, session: &Session, name: &str, memory: &str) -> Resul
     Ok((code, out["id"].as_u64().ok_or_else(|| format!("domain create gave no id: {out}"))))
 }
 
-fn migrate_between(ctx: &Ctx, from: &Session, to: &Session, id: u64, extra: &[&str]) -> Result<serde_json::Value> {
+pub(crate) fn migrate_between(
+    ctx: &Ctx,
+    from: &Session,
+    to: &Session,
+    id: u64,
+    extra: &[&str],
+) -> Result<serde_json::Value> {
     let (f, t) = (target(from), target(to));
     let id = id.to_string();
     let mut args = vec!["migrate", id.as_str(), "--from", f.as_str(), "--to", t.as_str(), "--json"];

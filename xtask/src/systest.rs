@@ -218,6 +218,9 @@ pub fn run_all(filter: Option<&str>, linux: bool) -> Result<()> {
     let (p, f) = crate::xvendor_migration_tests::run(&esp, filter)?;
     passed += p;
     failed += f;
+    let (p, f) = crate::agent_tests::run(&esp, filter)?;
+    passed += p;
+    failed += f;
     for s in scenarios().iter().filter(|s| filter.is_none_or(|f| s.name.contains(f))) {
         println!("systest {} on {} ...", s.name, (s.platform)());
         let (run, problems) = run_scenario(s, &esp)?;
@@ -286,11 +289,20 @@ pub fn bench_boot(runs: usize) -> Result<()> {
 
 /// The hvctl binary the system tests drive, built first (`cargo build -p host-cli`).
 pub fn build_hvctl() -> Result<std::path::PathBuf> {
-    tools::cargo(&["build", "--quiet", "-p", "host-cli"])?;
+    build_hvctl_profile(false)
+}
+
+/// hvctl built in the release profile (`release`) or the dev one; its path.
+pub fn build_hvctl_profile(release: bool) -> Result<std::path::PathBuf> {
+    let mut args = vec!["build", "--quiet", "-p", "host-cli"];
+    if release {
+        args.push("--release");
+    }
+    tools::cargo(&args)?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| tools::root().join("target"));
-    Ok(target_dir.join("debug").join("hvctl"))
+    Ok(target_dir.join(if release { "release" } else { "debug" }).join("hvctl"))
 }
 
 /// Run hvctl with `args`; (exit code, stdout, stderr), without judging them.

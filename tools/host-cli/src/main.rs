@@ -4,6 +4,7 @@
 //! this file only parses the command line and turns errors into the one-line
 //! `hvctl: error: …` form. Exit codes: see [`EXIT_CODES`].
 
+mod agent;
 mod console;
 mod control_cmd;
 mod cpuid_cmd;
@@ -44,6 +45,20 @@ struct Cli {
     /// Seconds to keep retrying the connection.
     #[arg(long, global = true, default_value_t = 5.0, value_name = "SECS")]
     connect_timeout: f64,
+    /// Client certificate (PEM) for tls:// targets. Default: the context's.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The CA (PEM) that signed the agent's certificate.
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// A context of hvctl's config ($HVCTL_CONFIG, else ~/.config/hvctl/config.toml):
+    /// an agent URL with its certificate, key and CA. Default: its current-context,
+    /// when no --connect or $HVCTL_CONNECT is given.
+    #[arg(long, global = true, value_name = "NAME")]
+    context: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -74,6 +89,9 @@ enum Command {
     Completions(docs_cmd::CompletionsArgs),
     /// The man page hvctl.1 on stdout, or one page per subcommand with --out DIR.
     Man(docs_cmd::ManArgs),
+    /// The host agent: serve hypervisors over TLS (serve), make certificates (init),
+    /// and ask an agent for its stats or hypervisors.
+    Agent(agent::AgentArgs),
 }
 
 /// A command failure: printed as one line, with its exit code (see [`EXIT_CODES`]).
@@ -137,6 +155,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let connect = match tls_setup(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("hvctl: error: {e}");
+            return ExitCode::from(e.1);
+        }
+    };
+    let cli = Cli { connect, ..cli };
     let result = match cli.command {
         Command::Cpuid(args) => cpuid_cmd::run(args),
         Command::Info(args) => control_cmd::info(&cli_target(&cli.connect, cli.connect_timeout), args),
@@ -149,6 +175,7 @@ fn main() -> ExitCode {
         Command::Restore(args) => migrate_cmd::restore(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Completions(args) => docs_cmd::completions(Cli::command(), args),
         Command::Man(args) => docs_cmd::man(Cli::command(), args),
+        Command::Agent(args) => agent::run(&cli_target(&cli.connect, cli.connect_timeout), args),
     };
     match result {
         Ok(code) => code,
@@ -161,4 +188,26 @@ fn main() -> ExitCode {
 
 fn cli_target(connect: &Option<String>, timeout: f64) -> transport::Options {
     transport::Options { connect: connect.clone(), timeout: std::time::Duration::from_secs_f64(timeout.max(0.0)) }
+}
+
+/// The certificate files for tls:// targets (flags over the context) and the target:
+/// `--connect`, else the context's agent when a context is chosen (`--context`, or the
+/// config's current-context when neither --connect nor $HVCTL_CONNECT is given).
+fn tls_setup(cli: &Cli) -> Result<Option<String>, CliError> {
+    let env_connect = std::env::var("HVCTL_CONNECT").is_ok_and(|c| !c.trim().is_empty());
+    let (config, path) = agent::config::ClientConfig::load()?;
+    let implicit = cli.connect.is_none() && !env_connect;
+    let context = match (&cli.context, implicit) {
+        (Some(name), _) => config.pick(Some(name), &path)?,
+        (None, true) => config.pick(None, &path)?,
+        (None, false) => config.pick(None, &path).ok().flatten(),
+    };
+    let files = agent::tls::TlsFiles {
+        cert: cli.tls_cert.clone().or_else(|| context.and_then(|c| c.cert.clone())),
+        key: cli.tls_key.clone().or_else(|| context.and_then(|c| c.key.clone())),
+        ca: cli.tls_ca.clone().or_else(|| context.and_then(|c| c.ca.clone())),
+    };
+    transport::set_tls(files);
+    let from_context = if cli.context.is_some() || implicit { context.map(|c| c.agent.clone()) } else { None };
+    Ok(cli.connect.clone().or(from_context))
 }

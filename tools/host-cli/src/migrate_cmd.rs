@@ -2,7 +2,8 @@
 //! one hypervisor to another (protocol v3, see `wire::migrate`), and the same record
 //! stream (`wire::migration`) to and from a file.
 //!
-//! The hypervisors never talk to each other: hvctl pulls stream bytes from the source
+//! The hypervisors never talk to each other: hvctl (or, for `--from tls://A --to
+//! tls://B`, agent A: see `agent`) pulls stream bytes from the source
 //! (`MigrateRead`), pushes them into the destination (`MigrateWrite`) and carries the
 //! destination's verdicts back (`MigrateVerdict`): policy accepted or refused, failed,
 //! acknowledged. Whatever breaks, both sides are told if they can still be reached: the
@@ -291,13 +292,68 @@ fn progress_text(p: &MigrateProgress) -> String {
     )
 }
 
+/// One end of a relay: something that answers `wire` requests. A [`Client`] (hvctl's
+/// own connection), or in the agent a hypervisor shared with other clients that is
+/// locked for each call.
+pub(crate) trait Endpoint {
+    /// One request, one answer.
+    fn call(&mut self, request: &Request) -> Result<Response, CliError>;
+    /// `vsock`, `serial` or `tls` (a serial end sizes requests by the line's rate).
+    fn transport(&self) -> &'static str;
+}
+
+impl Endpoint for Client {
+    fn call(&mut self, request: &Request) -> Result<Response, CliError> {
+        Client::call(self, request)
+    }
+    fn transport(&self) -> &'static str {
+        self.target.transport()
+    }
+}
+
+/// Who watches a relay: hvctl's progress line (and its Ctrl-C), or the agent, which
+/// forwards the progress to the operator's hvctl (and cancels when it has gone).
+pub(crate) trait Watch {
+    /// The source's progress after a request; `serial_rate` the measured rate over a
+    /// serial end; `state_changed` when the state is new (draw at once).
+    fn progress(&mut self, p: &MigrateProgress, serial_rate: Option<f64>, state_changed: bool);
+    /// Before a message of its own (the progress line ends).
+    fn finish(&mut self);
+    /// Whether, and by what, the relay is cancelled.
+    fn cancelled(&mut self) -> Option<&'static str>;
+}
+
+/// The progress line hvctl draws for a migration (also for one an agent runs).
+pub(crate) fn migrate_progress_text(p: &MigrateProgress, serial_rate: Option<f64>) -> String {
+    let mut text = progress_text(p);
+    if let Some(rate) = serial_rate {
+        // The source's own figure is what it handed out; over a serial line the
+        // line is the limit, and that is what the relay measures.
+        text.push_str(&format!("  serial {}/s", size_text(rate as u64)));
+    }
+    text
+}
+
+impl Watch for ProgressLine {
+    fn progress(&mut self, p: &MigrateProgress, serial_rate: Option<f64>, state_changed: bool) {
+        let (done, total) = progress::migration_bytes(p);
+        self.show_transfer(done, total, &migrate_progress_text(p, serial_rate), state_changed);
+    }
+    fn finish(&mut self) {
+        ProgressLine::finish(self);
+    }
+    fn cancelled(&mut self) -> Option<&'static str> {
+        interrupt::pending()
+    }
+}
+
 /// What is known of both ends, for the failure report.
 #[derive(Debug, Default)]
-struct Track {
-    progress: Option<MigrateProgress>,
-    status: Option<ReceiveStatus>,
+pub(crate) struct Track {
+    pub(crate) progress: Option<MigrateProgress>,
+    pub(crate) status: Option<ReceiveStatus>,
     /// The signal that cancelled the relay ("Ctrl-C"), if one did.
-    cancelled_by: Option<&'static str>,
+    pub(crate) cancelled_by: Option<&'static str>,
 }
 
 impl Track {
@@ -325,15 +381,14 @@ impl Track {
 }
 
 /// Where the relayed stream goes: a destination hypervisor or a file.
-#[derive(Debug)]
-enum Sink {
+enum Sink<'a> {
     /// A receiving session on a destination hypervisor.
-    Hv { client: Client, session: u32 },
+    Hv { client: &'a mut dyn Endpoint, session: u32 },
     /// `hvctl save`.
     File(FileSink),
 }
 
-impl Sink {
+impl Sink<'_> {
     /// Push stream bytes; the destination's status after them. An error means the
     /// destination could not take them (a connection error: it cannot be reached any more).
     fn write(&mut self, data: Vec<u8>) -> Result<ReceiveStatus, CliError> {
@@ -349,7 +404,7 @@ impl Sink {
 
     /// Whether the destination is behind a serial line.
     fn serial(&self) -> bool {
-        matches!(self, Sink::Hv { client, .. } if client.target.transport() == "serial")
+        matches!(self, Sink::Hv { client, .. } if client.transport() == "serial")
     }
 
     /// Give up: the destination discards its partial domain (a file is removed). The
@@ -490,22 +545,21 @@ impl FileSink {
 
 /// A finished relay.
 #[derive(Debug)]
-struct Done {
-    report: MigrateReport,
-    progress: MigrateProgress,
-    status: ReceiveStatus,
+pub(crate) struct Done {
+    pub(crate) report: MigrateReport,
+    pub(crate) progress: MigrateProgress,
+    pub(crate) status: ReceiveStatus,
 }
 
 /// Pulls the source's stream into a sink and carries the verdicts back.
-#[derive(Debug)]
 struct Relay<'a> {
-    src: Client,
+    src: &'a mut dyn Endpoint,
     /// The domain on the source (what `MigrateCancel` names).
     domain: u32,
     session: u32,
-    sink: Sink,
+    sink: Sink<'a>,
     track: &'a mut Track,
-    line: &'a mut ProgressLine,
+    line: &'a mut dyn Watch,
     policy_told: bool,
     relayed: u64,
     corrupt: Option<u64>,
@@ -538,14 +592,7 @@ impl Relay<'_> {
             self.last_change = Instant::now();
         }
         let state_changed = self.track.progress.as_ref().is_none_or(|old| old.state != p.state);
-        let mut text = progress_text(&p);
-        if let Some(rate) = self.sizer.rate() {
-            // The source's own figure is what it handed out; over a serial line the
-            // line is the limit, and that is what the relay measures.
-            text.push_str(&format!("  serial {}/s", size_text(rate as u64)));
-        }
-        let (done, total) = progress::migration_bytes(&p);
-        self.line.show_transfer(done, total, &text, state_changed);
+        self.line.progress(&p, self.sizer.rate(), state_changed);
         let state = p.state.unwrap_or(SendState::Failed);
         self.track.progress = Some(p);
         state
@@ -682,14 +729,14 @@ impl Relay<'_> {
 
     fn run(&mut self) -> Result<Done, CliError> {
         loop {
-            if let Some(by) = interrupt::pending() {
+            if let Some(by) = self.line.cancelled() {
                 return Err(self.interrupted(by));
             }
             let read = Request::MigrateRead { session: self.session, max_bytes: self.sizer.chunk() as u32 };
             let asked = Instant::now();
             let answer = self.src.call(&read);
             if let Ok(Response::MigrateData { data, .. }) = &answer
-                && self.src.target.transport() == "serial"
+                && self.src.transport() == "serial"
             {
                 self.sizer.observe(data.len(), asked.elapsed());
             }
@@ -867,11 +914,18 @@ pub fn migrate(global: &Options, a: MigrateArgs) -> Result<ExitCode, CliError> {
         verify_memory: a.verify,
     };
     let to_target = transport::resolve(&to)?;
-    transport::resolve(&from)?;
+    let from_target = transport::resolve(&from)?;
     interrupt::install()?;
     let mut track = Track::default();
     let mut line = ProgressLine::new(a.progress).with_bar(!a.json);
-    let result = relay_migration(&from, &to, a.domain, options, a.fault_corrupt_byte, &mut track, &mut line);
+    // Agent to agent: the source's agent relays, hvctl only watches.
+    let result = if matches!(from_target, transport::Target::Tls { .. })
+        && matches!(to_target, transport::Target::Tls { .. })
+    {
+        crate::agent::remote::migrate(&from, &to_target, a.domain, options, a.fault_corrupt_byte, &mut track, &mut line)
+    } else {
+        relay_migration(&from, &to, a.domain, options, a.fault_corrupt_byte, &mut track, &mut line)
+    };
     line.finish();
     let done = match result {
         Ok(done) => done,
@@ -927,7 +981,21 @@ fn relay_migration(
 ) -> Result<Done, CliError> {
     let mut src = Client::connect(from)?;
     let mut dst = Client::connect(to)?;
-    let progress = start_source(&mut src, domain, options, track)?;
+    relay_between(&mut src, &mut dst, domain, options, corrupt, track, line)
+}
+
+/// The relay of a live migration between two ends, wherever it runs (hvctl, or the
+/// source's agent for a host-to-host migration).
+pub(crate) fn relay_between(
+    src: &mut dyn Endpoint,
+    dst: &mut dyn Endpoint,
+    domain: u32,
+    options: MigrateOptions,
+    corrupt: Option<u64>,
+    track: &mut Track,
+    line: &mut dyn Watch,
+) -> Result<Done, CliError> {
+    let progress = start_source(src, domain, options, track)?;
     let session = progress.session;
     let status = match dst.call(&Request::MigrateReceive) {
         Ok(Response::ReceiveStatus(s)) => s,
@@ -947,7 +1015,7 @@ fn relay_migration(
     };
     let session_dst = status.session;
     track.status = Some(status);
-    let serial = src.target.transport() == "serial" || dst.target.transport() == "serial";
+    let serial = src.transport() == "serial" || dst.transport() == "serial";
     Relay {
         src,
         domain,
@@ -967,7 +1035,7 @@ fn relay_migration(
 
 /// `MigrateSend`: the session's first progress (refused or failed at once: an error).
 fn start_source(
-    src: &mut Client,
+    src: &mut dyn Endpoint,
     domain: u32,
     options: MigrateOptions,
     track: &mut Track,
@@ -987,7 +1055,7 @@ fn start_source(
     Ok(*progress)
 }
 
-fn report_json(domain: u32, r: &MigrateReport) -> Value {
+pub(crate) fn report_json(domain: u32, r: &MigrateReport) -> Value {
     json!({
         "outcome": "completed",
         "domain": domain,
@@ -1098,7 +1166,7 @@ fn relay_save(
     track.status = Some(sink.status.clone());
     let sizer = ChunkSizer::new(src.target.transport() == "serial");
     Relay {
-        src,
+        src: &mut src,
         domain,
         session: progress.session,
         sink: Sink::File(sink),

@@ -7,9 +7,12 @@
 //! | `unix:PATH` | serial: an emulator's serial backend on a Unix socket | `wire::serial` packets |
 //! | `tcp:HOST:PORT` | serial: an emulator's serial backend on TCP | `wire::serial` packets |
 //! | `serial:DEVICE[@BAUD]` | serial: a real line (raw 8N1, no flow control) | `wire::serial` packets |
+//! | `tls://HOST:PORT[/NAME]` | a host agent (`hvctl agent serve`) over TLS 1.3, mutual certificates | `wire` requests in agent frames (`agent::proto`) |
 //!
 //! Then a connect timeout with retries, and request/response over `wire` frames; the
-//! serial session handshake and packet rules are in `serial_link`.
+//! serial session handshake and packet rules are in `serial_link`. Through an agent the
+//! requests are the same `wire::Request`s; the agent may refuse one (its role), which
+//! [`Client::recv`] reports as the agent's error (exit 4).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -19,8 +22,10 @@ use std::time::{Duration, Instant};
 
 use wire::{Frame, FrameDecoder, Request, Response};
 
+use crate::agent::proto::{self, AgentMsg, AgentRequest, AgentResponse, ClientMsg};
+use crate::agent::tls::{self, ClientStream, TlsFiles};
 use crate::serial_link::{self, LinkStats, SerialLink, Tty};
-use crate::{CliError, connection_err, err};
+use crate::{CliError, connection_err, err, remote_err};
 
 /// The file `cargo xtask run` writes with the target of the hypervisor it started.
 pub const CONNECT_FILE: &str = "target/xtask/hvctl.connect";
@@ -72,6 +77,16 @@ pub enum Target {
         /// Bits per second.
         baud: u32,
     },
+    /// A host agent (`tls://HOST:PORT[/NAME]`).
+    Tls {
+        /// Host name or address (IPv6 without brackets).
+        host: String,
+        /// TCP port.
+        port: u16,
+        /// Which of the agent's hypervisors; `None` for the agent's only one, or for
+        /// agent-level requests.
+        name: Option<String>,
+    },
 }
 
 impl Target {
@@ -80,6 +95,7 @@ impl Target {
         match self {
             Target::Unix { .. } | Target::Vsock { .. } => "vsock",
             Target::UnixSerial { .. } | Target::Tcp { .. } | Target::Tty { .. } => "serial",
+            Target::Tls { .. } => "tls",
         }
     }
 }
@@ -93,13 +109,25 @@ impl std::fmt::Display for Target {
             Target::Tcp { host, port } if host.contains(':') => write!(f, "tcp:[{host}]:{port}"),
             Target::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
             Target::Tty { path, baud } => write!(f, "serial:{}@{baud}", path.display()),
+            Target::Tls { host, port, name } => {
+                if host.contains(':') {
+                    write!(f, "tls://[{host}]:{port}")?;
+                } else {
+                    write!(f, "tls://{host}:{port}")?;
+                }
+                match name {
+                    Some(n) => write!(f, "/{n}"),
+                    None => Ok(()),
+                }
+            }
         }
     }
 }
 
 /// Every accepted form, for error messages.
 const FORMS: &str = "unix:PATH:PORT (vsock via vhost-device-vsock), vsock:CID:PORT, \
-unix:PATH or tcp:HOST:PORT (an emulator's serial port), serial:DEVICE[@BAUD] (a serial line)";
+unix:PATH or tcp:HOST:PORT (an emulator's serial port), serial:DEVICE[@BAUD] (a serial line), \
+tls://HOST:PORT[/NAME] (a host agent)";
 
 /// Parse a target (the forms in the module doc).
 pub fn parse_target(s: &str) -> Result<Target, CliError> {
@@ -130,6 +158,21 @@ pub fn parse_target(s: &str) -> Result<Target, CliError> {
         let parsed = rest.split_once(':').and_then(|(c, p)| Some((c.parse().ok()?, p.parse().ok()?)));
         let (cid, port) = parsed.ok_or_else(|| bad("expected vsock:CID:PORT with two numbers"))?;
         Ok(Target::Vsock { cid, port })
+    } else if let Some(rest) = s.strip_prefix("tls://") {
+        let (addr, name) = match rest.split_once('/') {
+            Some((_, n)) if n.is_empty() || n.contains('/') => {
+                return Err(bad(&format!("the hypervisor name {n:?} after the address is empty or has a '/'")));
+            }
+            Some((a, n)) => (a, Some(n.to_string())),
+            None => (rest, None),
+        };
+        let (host, port) = addr.rsplit_once(':').ok_or_else(|| bad("expected tls://HOST:PORT[/NAME]"))?;
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        if host.is_empty() {
+            return Err(bad("the host is empty (tls://127.0.0.2:7443/h)"));
+        }
+        let port = port.parse().ok().filter(|&p| p != 0).ok_or_else(|| bad("the TCP port must be 1 to 65535"))?;
+        Ok(Target::Tls { host: host.into(), port, name })
     } else if let Some(rest) = s.strip_prefix("tcp:") {
         let (host, port) = rest.rsplit_once(':').ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
         let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
@@ -175,8 +218,22 @@ pub fn resolve(opts: &Options) -> Result<Target, CliError> {
     }
 }
 
+/// The certificate files tls:// targets use. Process-wide, like a kubeconfig: hvctl's
+/// `main` sets them from `--tls-*` or the context, the agent from its own
+/// certificate (towards other agents), so no caller of [`Client::connect`] changes.
+static TLS_FILES: std::sync::Mutex<Option<TlsFiles>> = std::sync::Mutex::new(None);
+
+/// Use `files` for every tls:// connection from now on.
+pub fn set_tls(files: TlsFiles) {
+    *TLS_FILES.lock().unwrap_or_else(|p| p.into_inner()) = Some(files);
+}
+
+fn tls_files() -> TlsFiles {
+    TLS_FILES.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default()
+}
+
 /// A byte stream with a receive timeout: a socket, or a [`Tty`].
-pub trait Stream: Read + Write {
+pub trait Stream: Read + Write + Send {
     /// Like `UnixStream::set_read_timeout`: a read waits at most `d`, then fails with
     /// `WouldBlock` or `TimedOut`.
     fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
@@ -208,6 +265,56 @@ enum Link {
     },
     /// A serial line: each frame in a checksummed packet, in a session.
     Serial(SerialLink),
+    /// A host agent: typed requests in agent frames.
+    Agent(Box<AgentLink>),
+}
+
+/// The state of a connection to a host agent.
+struct AgentLink {
+    stream: ClientStream,
+    /// Who the agent says we are, and our role there.
+    identity: String,
+    role: proto::Role,
+    /// The hypervisor our `wire` requests go to.
+    hypervisor: Option<String>,
+    /// Frame bytes each way (inside TLS), shared so an agent can show them while a
+    /// migration runs.
+    traffic: std::sync::Arc<Traffic>,
+}
+
+/// Frame bytes over an agent link, each way.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Sent to the agent.
+    pub sent: std::sync::atomic::AtomicU64,
+    /// Received from it.
+    pub received: std::sync::atomic::AtomicU64,
+}
+
+impl AgentLink {
+    fn send(&mut self, msg: &ClientMsg, target: &Target) -> Result<(), CliError> {
+        let n = proto::write_msg(&mut self.stream, msg)
+            .map_err(|e| connection_err(tls::explain(&e, &format!("the agent at {target}"))))?;
+        self.traffic.sent.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn recv(&mut self, target: &Target, timeout: Duration) -> Result<AgentMsg, CliError> {
+        match proto::read_msg::<_, AgentMsg>(&mut self.stream, proto::DEFAULT_MAX_FRAME, Instant::now() + timeout) {
+            Ok((AgentMsg::Fatal { reason }, _)) => {
+                Err(connection_err(format!("the agent at {target} closed the connection: {reason}")))
+            }
+            Ok((msg, n)) => {
+                self.traffic.received.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                Ok(msg)
+            }
+            Err(proto::FrameFault::Timeout) => {
+                Err(connection_err(format!("no answer from the agent at {target} within {} s", timeout.as_secs())))
+            }
+            Err(proto::FrameFault::Io(e)) => Err(connection_err(tls::explain(&e, &format!("the agent at {target}")))),
+            Err(e) => Err(connection_err(format!("the agent at {target}: {e}"))),
+        }
+    }
 }
 
 impl Link {
@@ -217,6 +324,8 @@ impl Link {
                 stream.write_all(bytes).map_err(|e| connection_err(format!("sending to {target}: {e}")))
             }
             Link::Serial(link) => link.send_frame(bytes, target),
+            // Client::send sends typed requests to an agent; no raw frames.
+            Link::Agent(_) => Err(err("internal: a raw frame for an agent link")),
         }
     }
 
@@ -244,6 +353,7 @@ impl Link {
                 }
             }
             Link::Serial(link) => link.next_frame(target, REQUEST_TIMEOUT),
+            Link::Agent(_) => Err(err("internal: a raw frame from an agent link")),
         }
     }
 }
@@ -359,6 +469,49 @@ fn connect_once(target: &Target, deadline: Instant) -> Result<Link, ConnectFailu
             let tty = Tty::open(path, *baud).map_err(|e| ConnectFailure::Final(connection_err(e)))?;
             serial(Box::new(tty))
         }
+        Target::Tls { host, port, name } => connect_agent(target, host, *port, name.clone(), deadline),
+    }
+}
+
+/// TCP (retried while nobody listens), the TLS handshake, the hello.
+fn connect_agent(
+    target: &Target,
+    host: &str,
+    port: u16,
+    name: Option<String>,
+    deadline: Instant,
+) -> Result<Link, ConnectFailure> {
+    use ConnectFailure::Final;
+    let config = tls::client_config(&tls_files()).map_err(Final)?;
+    let addrs: Vec<_> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| Final(connection_err(format!("cannot resolve {host}: {e}"))))?
+        .collect();
+    let sock = TcpStream::connect(&addrs[..])
+        .map_err(|e| raw_socket_err(&format!("tls {host}:{port}"), &e, "is the agent running (hvctl agent serve)?"))?;
+    let peer = format!("the agent at {host}:{port}");
+    // The handshake and hello get their own few seconds even when the connect
+    // retries used up the timeout.
+    let hs_deadline = deadline.max(Instant::now() + Duration::from_secs(5));
+    let stream = tls::client_handshake(config, sock, host, hs_deadline).map_err(Final)?;
+    let mut link = AgentLink {
+        stream,
+        identity: String::new(),
+        role: proto::Role::ReadOnly,
+        hypervisor: None,
+        traffic: Default::default(),
+    };
+    link.send(&ClientMsg::Hello { version: proto::PROTOCOL_VERSION, hypervisor: name }, target).map_err(Final)?;
+    match link.recv(target, hs_deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))) {
+        Ok(AgentMsg::Welcome { identity, role, hypervisor, .. }) => {
+            link.identity = identity;
+            link.role = role;
+            link.hypervisor = hypervisor;
+            Ok(Link::Agent(Box::new(link)))
+        }
+        Ok(AgentMsg::Refused { reason }) => Err(Final(remote_err(format!("{peer} refused the connection: {reason}")))),
+        Ok(_) => Err(Final(connection_err(format!("{peer} answered the hello with the wrong message")))),
+        Err(e) => Err(Final(e)),
     }
 }
 
@@ -383,6 +536,7 @@ impl Client {
         let (framing, serial) = match &self.link {
             Link::Vsock { .. } => ("length-prefixed frames", None),
             Link::Serial(link) => (serial_link::FRAMING, Some(link.stats())),
+            Link::Agent(_) => ("TLS 1.3, agent protocol frames", None),
         };
         Connection { transport: self.target.transport(), target: self.target.to_string(), framing, serial }
     }
@@ -408,6 +562,10 @@ impl Client {
     pub fn send(&mut self, request: &Request) -> Result<u64, CliError> {
         let id = self.next_id;
         self.next_id += 1;
+        if let Link::Agent(link) = &mut self.link {
+            link.send(&ClientMsg::Hv { id, request: request.clone() }, &self.target)?;
+            return Ok(id);
+        }
         let mut bytes = Vec::new();
         wire::encode_request(id, request, &mut bytes).map_err(|e| err(format!("cannot encode the request: {e}")))?;
         self.link.send_frame(&bytes, &self.target)?;
@@ -417,6 +575,14 @@ impl Client {
     /// The next response and the id of the request it answers. An error frame with id
     /// 0 (not tied to a request) means the hypervisor closed the connection.
     pub fn recv(&mut self) -> Result<(u64, Response), CliError> {
+        if let Link::Agent(link) = &mut self.link {
+            return match link.recv(&self.target, REQUEST_TIMEOUT)? {
+                AgentMsg::Hv { id, response } => Ok((id, response)),
+                AgentMsg::Denied { reason, .. } => Err(remote_err(format!("the agent refused: {reason}"))),
+                AgentMsg::Unreachable { reason, .. } => Err(connection_err(reason)),
+                _ => Err(connection_err(format!("the agent at {} sent an answer of the wrong kind", self.target))),
+            };
+        }
         let frame = self.link.next_frame(&self.target)?;
         let response = wire::decode_response(&frame)
             .map_err(|e| connection_err(format!("the hypervisor sent an unreadable response: {e}")))?;
@@ -430,13 +596,75 @@ impl Client {
     }
 }
 
+/// Agent-level requests (`tls://` targets only).
+impl Client {
+    fn agent_link(&mut self) -> Result<&mut AgentLink, CliError> {
+        match &mut self.link {
+            Link::Agent(link) => Ok(link),
+            _ => Err(err(format!("{} is not an agent: agent commands need --connect tls://HOST:PORT", self.target))),
+        }
+    }
+
+    /// Send an agent-level request; its id.
+    pub fn agent_send(&mut self, request: AgentRequest) -> Result<u64, CliError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let target = self.target.clone();
+        self.agent_link()?.send(&ClientMsg::Agent { id, request }, &target)?;
+        Ok(id)
+    }
+
+    /// The next answer to an agent-level request, waiting at most `timeout`.
+    pub fn agent_recv(&mut self, timeout: Duration) -> Result<(u64, AgentResponse), CliError> {
+        let target = self.target.clone();
+        match self.agent_link()?.recv(&target, timeout)? {
+            AgentMsg::Agent { id, response } => Ok((id, response)),
+            AgentMsg::Denied { reason, .. } => Err(remote_err(format!("the agent refused: {reason}"))),
+            _ => Err(connection_err(format!("the agent at {target} sent an answer of the wrong kind"))),
+        }
+    }
+
+    /// One agent-level request and its answer.
+    pub fn agent_call(&mut self, request: AgentRequest) -> Result<AgentResponse, CliError> {
+        let id = self.agent_send(request)?;
+        loop {
+            let (got, response) = self.agent_recv(REQUEST_TIMEOUT)?;
+            if got == id {
+                return Ok(response);
+            }
+        }
+    }
+
+    /// Who the agent says we are and our role there (`tls://` only).
+    pub fn agent_identity(&self) -> Option<(&str, proto::Role, Option<&str>)> {
+        match &self.link {
+            Link::Agent(l) => Some((l.identity.as_str(), l.role, l.hypervisor.as_deref())),
+            _ => None,
+        }
+    }
+
+    /// The frame bytes counters of an agent link.
+    pub fn traffic(&self) -> Option<std::sync::Arc<Traffic>> {
+        match &self.link {
+            Link::Agent(l) => Some(l.traffic.clone()),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn targets_parse_and_print() {
-        let cases: [(&str, Target, &str); 9] = [
+        let cases: [(&str, Target, &str); 11] = [
+            (
+                "tls://127.0.0.2:7443/h",
+                Target::Tls { host: "127.0.0.2".into(), port: 7443, name: Some("h".into()) },
+                "tls",
+            ),
+            ("tls://[::1]:7443", Target::Tls { host: "::1".into(), port: 7443, name: None }, "tls"),
             ("unix:/run/x/vm.vsock:5000", Target::Unix { path: "/run/x/vm.vsock".into(), port: 5000 }, "vsock"),
             ("vsock:4:5000", Target::Vsock { cid: 4, port: 5000 }, "vsock"),
             ("unix:/run/x/com2.sock", Target::UnixSerial { path: "/run/x/com2.sock".into() }, "serial"),
@@ -475,6 +703,10 @@ mod tests {
             ("serial:/dev/ttyS1@fast", "the baud rate \"fast\" is not a number"),
             ("serial:/dev/ttyS1@12345", "unsupported baud rate 12345: use one of 1200, 2400"),
             ("com2", "expected one of unix:PATH:PORT"),
+            ("tls://h", "expected tls://HOST:PORT[/NAME]"),
+            ("tls://:7443", "the host is empty"),
+            ("tls://h:0/x", "the TCP port must be 1 to 65535"),
+            ("tls://h:7443/", "the hypervisor name \"\" after the address is empty"),
         ];
         for (text, why) in cases {
             let e = parse_target(text).unwrap_err();

@@ -1,5 +1,5 @@
 //! `hvctl domain create` uploads and `hvctl domain console --interactive` on the built
-//! binary against a fake hypervisor (`common::fake`, the hybrid-vsock listener the
+//! binary against a fake hypervisor (`common::fake_hv`, the hybrid-vsock listener the
 //! request/response tests share) that answers the core's requests with the protocol's own
 //! rules (`wire::UploadTracker` checks every chunk, as the hypervisor does). Its
 //! console takes at most [`FIFO`] bytes per input request (like a full UART FIFO) and
@@ -18,7 +18,7 @@ use wire::{ErrorCode, ErrorReply, ImageKind, ImageRef, Request, Response, Upload
 
 mod common;
 
-use common::fake::Fake;
+use common::fake_hv::Fake;
 use common::{hvctl, stderr, stdout};
 
 const WINDOW: u32 = 3;

@@ -6,8 +6,6 @@
 //! a "guest" that writes a few pages between peek-and-cleans while it runs.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,21 +13,21 @@ use std::time::{Duration, Instant};
 
 use migration_svc::{DomainInfo, MachineState, MigrationCore, MigrationService, PolicyCheck, StateRecord};
 use serde_json::Value;
+use wire::Request;
 use wire::dirty::DirtyBitmap;
 use wire::migration::{
     ConsoleRing, CpuidPolicy, DeviceEntry, DeviceStates, GuestClock, MIGRATION_STREAM_VERSION, MemoryDigest, Record,
     StreamHeader, VcpuFpu, VcpuMsrs,
 };
 use wire::service::QueueInfo;
-use wire::{FrameDecoder, Request};
 
 mod common;
 
-use common::{Tty, hvctl, hvctl_on_terminal, stderr, stdout};
+use common::{Tty, agent, fake_hv, hvctl, hvctl_on_terminal, stderr, stdout};
 
 const PAGE: usize = 4096;
 const PAGES: u64 = 256;
-const PORT: u32 = 5000;
+use fake_hv::PORT;
 const SOURCE_DOMAIN: u32 = 7;
 const FEATURESET: [u32; 3] = [0x1234, 0x5678, 0x9abc];
 
@@ -316,16 +314,15 @@ fn tmp(name: &str) -> PathBuf {
 impl FakeHv {
     fn start(name: &str, core: FakeCore) -> Self {
         let path = tmp(&format!("{name}.vsock"));
-        let _ = std::fs::remove_file(&path);
-        let listener = UnixListener::bind(&path).unwrap();
         let hv = Arc::new(Mutex::new(Hv { service: MigrationService::new(), core, requests: Vec::new() }));
         let shared = hv.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { return };
-                let hv = shared.clone();
-                std::thread::spawn(move || serve(conn, &hv));
+        fake_hv::listen(&path, move |frame| {
+            let mut guard = shared.lock().unwrap();
+            let hv = &mut *guard;
+            if let Ok(request) = wire::decode_request(frame) {
+                hv.requests.push(describe(&request));
             }
+            hv.service.handle_with(frame, QueueInfo { depth: 0, capacity: 16 }, &mut hv.core)
         });
         Self { path, hv }
     }
@@ -344,48 +341,6 @@ fn describe(request: &Request) -> String {
         Request::MigrateVerdict { verdict, .. } => format!("migrate-verdict {verdict:?}"),
         Request::MigrateAbort { reason, .. } => format!("migrate-abort {reason}"),
         other => other.name().to_string(),
-    }
-}
-
-/// One connection: the hybrid-vsock handshake, then request frames answered in order.
-fn serve(mut conn: UnixStream, hv: &Mutex<Hv>) {
-    let mut line = Vec::new();
-    let mut byte = [0u8; 1];
-    while conn.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
-        line.push(byte[0]);
-    }
-    if line != format!("CONNECT {PORT}").as_bytes() || conn.write_all(format!("OK {PORT}\n").as_bytes()).is_err() {
-        return;
-    }
-    let mut decoder = FrameDecoder::new();
-    let mut pending = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let taken = decoder.push(&pending);
-        pending.drain(..taken);
-        let mut progressed = taken > 0;
-        while let Some(frame) = decoder.next_frame() {
-            progressed = true;
-            let Ok(frame) = frame else { return };
-            let reply = {
-                let mut guard = hv.lock().unwrap();
-                let hv = &mut *guard;
-                if let Ok(request) = wire::decode_request(&frame) {
-                    hv.requests.push(describe(&request));
-                }
-                hv.service.handle_with(&frame, QueueInfo { depth: 0, capacity: 16 }, &mut hv.core)
-            };
-            if conn.write_all(&reply).is_err() {
-                return;
-            }
-        }
-        if progressed && !pending.is_empty() {
-            continue;
-        }
-        match conn.read(&mut buf) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => pending.extend_from_slice(&buf[..n]),
-        }
     }
 }
 
@@ -728,4 +683,139 @@ fn ctrl_c_cancels_at_once_the_source_runs_on_with_its_dirty_bits_and_the_destina
         hv.requests
     );
     assert!(hv.core.domains.is_empty(), "the partial domain was kept");
+}
+
+/// Agents a (127.0.0.2, serving `src` as h) and b (127.0.0.3, serving `dst` as h);
+/// b allows agent a with `a_role` (or not at all). Client ops is admin on both.
+fn two_agents(name: &str, src: &FakeHv, dst: &FakeHv, a_role: Option<&str>) -> (PathBuf, agent::Agent, agent::Agent) {
+    let d = agent::dir(name);
+    let aa = format!("127.0.0.2:{}", agent::free_port("127.0.0.2"));
+    let ab = format!("127.0.0.3:{}", agent::free_port("127.0.0.3"));
+    agent::init(&d, &[format!("a={aa}"), format!("b={ab}")], &["ops=admin"]);
+    let a = agent::Agent::start(&d, "a", &aa, &[("ops", "admin")], "", &[format!("h={}", src.target())]);
+    let mut allow_b = vec![("ops", "admin")];
+    if let Some(r) = a_role {
+        allow_b.push(("a", r));
+    }
+    let b = agent::Agent::start(&d, "b", &ab, &allow_b, "", &[format!("h={}", dst.target())]);
+    (d, a, b)
+}
+
+fn as_ops(d: &std::path::Path, args: &[&str]) -> Output {
+    let mut all: Vec<String> = agent::tls_args(d, "ops", d);
+    all.extend(args.iter().map(|s| s.to_string()));
+    hvctl(&all.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+fn agent_stats(d: &std::path::Path, a: &agent::Agent) -> Value {
+    let o = as_ops(d, &["--connect", &format!("tls://{}", a.addr), "agent", "stats", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    json_of(&o)
+}
+
+fn peer<'v>(stats: &'v Value, peer: &str, direction: &str) -> &'v Value {
+    stats["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["peer"] == peer && p["direction"] == direction)
+        .unwrap_or_else(|| panic!("no {direction} peer {peer} in {stats}"))
+}
+
+#[test]
+fn migrate_between_two_agents_streams_agent_to_agent() {
+    let src = FakeHv::start("agents-src", FakeCore::source(b"policy:base", vec![16]));
+    let dst = FakeHv::start("agents-dst", FakeCore::empty());
+    let (d, a, b) = two_agents("h2h", &src, &dst, Some("admin"));
+    let o =
+        as_ops(&d, &["migrate", "7", "--from", &a.url("h"), "--to", &b.url("h"), "--verify", "--json", "--progress"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let v = json_of(&o);
+    assert_eq!(v["outcome"], "completed", "{v}");
+    assert_eq!(v["digests_match"], true, "{v}");
+    // The progress the agent forwarded is drawn as for a local relay.
+    assert!(stderr(&o).contains("round") && stderr(&o).contains("pages"), "{}", stderr(&o));
+    let source = destroyed_source(&src);
+    let id = v["destination_domain"].as_u64().unwrap() as u32;
+    assert_copy(&dst, id, &source);
+
+    let stream = v["bytes_sent"].as_u64().unwrap();
+    let sa = agent_stats(&d, &a);
+    let sb = agent_stats(&d, &b);
+    // A sent the stream to B itself...
+    let to_b = peer(&sa, &b.addr, "outbound");
+    assert!(to_b["bytes_sent"].as_u64().unwrap() >= stream, "{sa}");
+    let from_a = peer(&sb, "a", "inbound");
+    assert!(from_a["bytes_received"].as_u64().unwrap() >= stream, "{sb}");
+    // ...and the operator's connections carried only control traffic.
+    let ops = peer(&sa, "ops", "inbound");
+    let control = ops["bytes_sent"].as_u64().unwrap() + ops["bytes_received"].as_u64().unwrap();
+    assert!(control * 20 < stream, "operator traffic {control} bytes against a stream of {stream}: {sa}");
+    let ops_b = peer(&sb, "ops", "inbound");
+    assert!(ops_b["bytes_received"].as_u64().unwrap() * 20 < stream, "{sb}");
+    assert!(a.audit_lines().iter().any(|l| l["request"] == "agent-migrate" && l["result"] == "ok"));
+}
+
+#[test]
+fn an_agent_the_destination_does_not_allow_migrates_nothing_and_the_source_runs_on() {
+    let src = FakeHv::start("agents-refused-src", FakeCore::source(b"policy:base", Vec::new()));
+    let dst = FakeHv::start("agents-refused-dst", FakeCore::empty());
+    let (d, a, b) = two_agents("h2h-refused", &src, &dst, Some("read-only"));
+    let o = as_ops(&d, &["migrate", "7", "--from", &a.url("h"), "--to", &b.url("h")]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("\"a\" is read-only") && e.contains("migrate-receive needs admin"), "{e}");
+    assert_source_runs(&src);
+    assert!(dst.lock().core.domains.is_empty());
+
+    let (d2, a2, b2) = two_agents("h2h-unlisted", &src, &dst, None);
+    let o = as_ops(&d2, &["migrate", "7", "--from", &a2.url("h"), "--to", &b2.url("h")]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("\"a\" is not on this agent's allow-list"), "{}", stderr(&o));
+    assert_source_runs(&src);
+    assert!(dst.lock().core.domains.is_empty());
+    drop((a, b, a2, b2));
+}
+
+#[test]
+fn ctrl_c_at_the_operator_cancels_an_agent_to_agent_migration_on_both_hosts() {
+    // As in the local Ctrl-C test: a capped stream that is still running after a second.
+    let src = FakeHv::start("agents-sigint-src", FakeCore::source(b"policy:base", vec![200; 30]));
+    let dst = FakeHv::start("agents-sigint-dst", FakeCore::empty());
+    let (d, a, b) = two_agents("h2h-sigint", &src, &dst, Some("admin"));
+    let mut args: Vec<String> = agent::tls_args(&d, "ops", &d);
+    args.extend(["migrate", "7", "--from", &a.url("h"), "--to", &b.url("h"), "--bandwidth", "0.5"].map(String::from));
+    let child = Command::new(env!("CARGO_BIN_EXE_hvctl"))
+        .args(&args)
+        .env_remove("HVCTL_CONNECT")
+        .env("XDG_CONFIG_HOME", std::env::temp_dir().join("hvctl-tests-no-config"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while src.lock().core.domains[&SOURCE_DOMAIN].peeks < 1 {
+        assert!(start.elapsed() < Duration::from_secs(20), "the migration did not reach round 1");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(stderr(&o).contains("migration cancelled by Ctrl-C"), "{}", stderr(&o));
+    // Agent A notices the operator has gone and cancels on both hosts.
+    let start = Instant::now();
+    while !src.lock().requests.iter().any(|r| r == "migrate-cancel") {
+        assert!(start.elapsed() < Duration::from_secs(5), "the agent did not cancel: {:?}", src.lock().requests);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let start = Instant::now();
+    while !dst.lock().requests.iter().any(|r| r.starts_with("migrate-abort")) {
+        assert!(start.elapsed() < Duration::from_secs(5), "the destination was not aborted: {:?}", dst.lock().requests);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_source_runs(&src);
+    assert!(dst.lock().core.domains.is_empty());
+    let aborted = dst.lock().requests.iter().find(|r| r.starts_with("migrate-abort")).cloned().unwrap();
+    assert!(aborted.contains("the operator's disconnect"), "{aborted}");
+    drop((a, b));
 }

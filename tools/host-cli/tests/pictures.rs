@@ -10,7 +10,7 @@ use wire::{DirtyBitmapReport, Request, Response};
 
 mod common;
 
-use common::fake::Fake;
+use common::fake_hv::Fake;
 use common::{hvctl, stderr, stdout};
 
 const DOMAIN: u32 = 7;

@@ -12,7 +12,7 @@ use wire::{DirtyStatsReport, ErrorCode, ErrorReply, MonitorDomainStats, MonitorV
 
 mod common;
 
-use common::fake::Fake;
+use common::fake_hv::Fake;
 use common::{Tty, hvctl, hvctl_on_terminal, stderr, stdout};
 
 /// A fake whose domain 7 logs dirty pages (1000 more per request) and counts VM

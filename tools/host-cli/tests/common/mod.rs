@@ -3,7 +3,8 @@
 //! its output.
 #![allow(dead_code)] // each test crate uses its own subset
 
-pub mod fake;
+pub mod agent;
+pub mod fake_hv;
 
 use std::io::Read;
 use std::process::{Command, Output, Stdio};
@@ -13,6 +14,9 @@ pub fn hvctl(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_hvctl"))
         .args(args)
         .env_remove("HVCTL_CONNECT")
+        .env_remove("HVCTL_CONFIG")
+        // No context from the caller's ~/.config/hvctl/config.toml.
+        .env("XDG_CONFIG_HOME", std::env::temp_dir().join("hvctl-tests-no-config"))
         .current_dir(std::env::temp_dir())
         .output()
         .unwrap()
