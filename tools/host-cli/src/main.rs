@@ -46,7 +46,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// CPUID featuresets, policies and cross-host levelling (no hypervisor needed).
+    /// CPUID featuresets, policies and cross-host levelling, from files, this machine or
+    /// hypervisors over the wire.
     Cpuid(cpuid_cmd::CpuidArgs),
     /// The hypervisor's version, uptime, capabilities, CPUs, memory and services.
     Info(control_cmd::InfoArgs),
@@ -130,7 +131,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Cpuid(args) => cpuid_cmd::run(args),
+        Command::Cpuid(args) => {
+            cpuid_cmd::run(cli.connect.clone(), std::time::Duration::from_secs_f64(cli.connect_timeout.max(0.0)), args)
+        }
         Command::Info(args) => control_cmd::info(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Ping(args) => control_cmd::ping(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Domain(args) => domain_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
