@@ -10,6 +10,7 @@ mod cpuid_cmd;
 mod dirty_cmd;
 mod domain_cmd;
 mod interrupt;
+mod metrics;
 mod migrate_cmd;
 mod monitor_cmd;
 mod serial_link;
@@ -67,6 +68,8 @@ enum Command {
     Save(migrate_cmd::SaveArgs),
     /// Create a domain from a file written by `hvctl save`; prints its id.
     Restore(migrate_cmd::RestoreArgs),
+    /// Prometheus metrics of hypervisors: serve GET /metrics, or print one scrape.
+    Metrics(metrics::MetricsArgs),
 }
 
 /// A command failure: printed as one line, with its exit code (see [`EXIT_CODES`]).
@@ -141,6 +144,9 @@ fn main() -> ExitCode {
         Command::Dirty(args) => dirty_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Migrate(args) => migrate_cmd::migrate(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Save(args) => migrate_cmd::save(&cli_target(&cli.connect, cli.connect_timeout), args),
+        Command::Metrics(args) => {
+            metrics::run(std::time::Duration::from_secs_f64(cli.connect_timeout.max(0.0)), args)
+        }
         Command::Restore(args) => migrate_cmd::restore(&cli_target(&cli.connect, cli.connect_timeout), args),
     };
     match result {
