@@ -255,14 +255,16 @@ fn collect_one(set: &dyn HypervisorSet, hv: &str, m: &mut Metrics) -> bool {
         v.extend_from_slice(extra);
         v
     };
-    // Reachable means: it answers Info. Nothing else is asked of one that does not.
-    let info = match set.call(hv, &Request::Info) {
-        Ok(Response::Info(i)) => Some(i),
-        _ => None,
-    };
-    m.gauge("hv_up", "Whether the hypervisor answered the exporter (1) or not (0)", l(&[]), u8::from(info.is_some()));
-    let Some(info) = info else { return false };
-    info_metrics(&info, &l, m);
+    // Reachable means: it answers (even with an error). Nothing else is asked of one
+    // that does not.
+    let info = set.call(hv, &Request::Info);
+    m.gauge("hv_up", "Whether the hypervisor answered the exporter (1) or not (0)", l(&[]), u8::from(info.is_ok()));
+    let Ok(info) = info else { return false };
+    let ok = matches!(info, Response::Info(_));
+    m.gauge("hv_scrape_request_ok", REQUEST_OK_HELP, l(&[("request", String::from("info"))]), u8::from(ok));
+    if let Response::Info(info) = info {
+        info_metrics(&info, &l, m);
+    }
     if let Some(list) = ask(set, hv, m, &Request::DomainList, |r| match r {
         Response::DomainList(d) => Some(d),
         _ => None,
@@ -653,7 +655,7 @@ pub fn serve_connection(mut stream: TcpStream, set: &dyn HypervisorSet) {
 
 /// Serve `GET /metrics` on `listener` for ever: each connection on its own thread
 /// (one slow client never holds up another), at most [`MAX_CONNECTIONS`] at once.
-/// Returns only if accepting fails.
+/// Does not return while the listener lives.
 pub fn serve(listener: TcpListener, set: Arc<dyn HypervisorSet + Send + Sync>) -> Result<(), CliError> {
     let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
@@ -661,7 +663,13 @@ pub fn serve(listener: TcpListener, set: Arc<dyn HypervisorSet + Send + Sync>) -
             Ok(s) => s,
             // A client that went away between SYN and accept: not the server's problem.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => continue,
-            Err(e) => return Err(connection_err(format!("metrics server: accept failed: {e}"))),
+            // Out of file descriptors and the like pass: say so, back off, go on
+            // serving the clients that are already connected and the next ones.
+            Err(e) => {
+                eprintln!("hvctl metrics: accept failed: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
         };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
@@ -854,6 +862,12 @@ mod tests {
 # HELP hv_up Whether the hypervisor answered the exporter (1) or not (0)
 # TYPE hv_up gauge
 hv_up{hypervisor=\"a\"} 1
+# HELP hv_scrape_request_ok Whether the exporter's request to the hypervisor succeeded in this scrape (0: run hvctl to see the error)
+# TYPE hv_scrape_request_ok gauge
+hv_scrape_request_ok{hypervisor=\"a\",request=\"info\"} 1
+hv_scrape_request_ok{hypervisor=\"a\",request=\"domain-list\"} 1
+hv_scrape_request_ok{hypervisor=\"a\",request=\"monitor-hwinfo\"} 1
+hv_scrape_request_ok{hypervisor=\"a\",request=\"monitor-stats\"} 1
 # HELP hv_info The hypervisor's version and the protocol it speaks (always 1)
 # TYPE hv_info gauge
 hv_info{hypervisor=\"a\",version=\"0.1.0 (abc)\",protocol=\"7\"} 1
