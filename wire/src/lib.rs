@@ -202,10 +202,10 @@ pub use crate::crc32c::{Crc32c, crc32c};
 pub use crate::error::{ErrorCode, ErrorReply};
 pub use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind, WireError, encode_frame};
 pub use crate::message::{
-    ConsoleChunk, CpuidLeaf, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, Event, HostCpuidReport, InfoReport,
-    LogLevel, MAX_MIGRATE_DATA, MemoryUse, MonitorDomainStats, MonitorHwInfo, MonitorValue, Request, Response,
-    ServiceId, ServiceState, ServiceStatus, UnclaimedAccess, decode_event, decode_request, decode_response,
-    encode_event, encode_request, encode_response,
+    ConsoleChunk, CpuidLeaf, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, Event,
+    HostCpuidReport, InfoReport, LogLevel, MAX_MIGRATE_DATA, MemoryUse, MonitorDomainStats, MonitorHwInfo,
+    MonitorValue, Request, Response, ServiceId, ServiceState, ServiceStatus, UnclaimedAccess, decode_event,
+    decode_request, decode_response, encode_event, encode_request, encode_response,
 };
 pub use crate::migrate::{
     MigrateOptions, MigrateProgress, MigrateReport, PeerVerdict, ReceiveState, ReceiveStatus, SendState,

@@ -94,7 +94,8 @@ fn response() -> impl Strategy<Value = Response> {
         (prop::sample::select(ErrorCode::ALL.to_vec()), ".{0,40}")
             .prop_map(|(code, message)| Response::Error(ErrorReply { code, message })),
         (".{0,40}", vec((any::<u32>(), any::<u32>(), any::<[u32; 4]>()), 0..200)).prop_map(|(source, recs)| {
-            let records = recs.into_iter().map(|(leaf, subleaf, regs)| wire::CpuidLeaf { leaf, subleaf, regs }).collect();
+            let records =
+                recs.into_iter().map(|(leaf, subleaf, regs)| wire::CpuidLeaf { leaf, subleaf, regs }).collect();
             Response::HostCpuid(wire::HostCpuidReport { source, records })
         }),
     ]

@@ -14,12 +14,11 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use wire::{
-    ConsoleChunk, CpuidLeaf, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, ErrorCode, ErrorReply,
-    HostCpuidReport,
-    Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, ImageKind, ImageRef, InfoReport, LogLevel,
-    MemoryUse, MigrateOptions, MigrateProgress, MigrateReport, MonitorDomainStats, MonitorHwInfo, MonitorValue,
-    PROTOCOL_VERSION, PeerVerdict, ReceiveState, ReceiveStatus, Request, Response, SendState, ServiceId, ServiceState,
-    ServiceStatus, StreamChunk, UnclaimedAccess, UploadStatus,
+    ConsoleChunk, CpuidLeaf, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, ErrorCode,
+    ErrorReply, Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, HostCpuidReport, ImageKind, ImageRef,
+    InfoReport, LogLevel, MemoryUse, MigrateOptions, MigrateProgress, MigrateReport, MonitorDomainStats, MonitorHwInfo,
+    MonitorValue, PROTOCOL_VERSION, PeerVerdict, ReceiveState, ReceiveStatus, Request, Response, SendState, ServiceId,
+    ServiceState, ServiceStatus, StreamChunk, UnclaimedAccess, UploadStatus,
 };
 
 #[derive(Debug, PartialEq)]

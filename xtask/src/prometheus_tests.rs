@@ -275,8 +275,18 @@ fn start_exporters(ctx: &Ctx, procs: &mut Procs) -> Result<[SocketAddr; 2]> {
         let t = target(s);
         let list = hvctl_expect(ctx, &["--connect", &t, "domain", "list", "--json"], 0)?;
         if !list.contains("\"metrics-writer\"") {
-            let args =
-                ["--connect", &t, "domain", "create", "--kernel", &kernel, "--name", "metrics-writer", "--memory", "8M"];
+            let args = [
+                "--connect",
+                &t,
+                "domain",
+                "create",
+                "--kernel",
+                &kernel,
+                "--name",
+                "metrics-writer",
+                "--memory",
+                "8M",
+            ];
             hvctl_expect(ctx, &[&args[..], &["--cmdline", WRITER_CMDLINE]].concat(), 0)?;
         }
         let ip = EXPORTER_IPS[i];
@@ -334,7 +344,9 @@ fn promtool_formats(ctx: &Ctx) -> Result<String> {
         let (code, findings) = promtool(&om)?;
         let expected: Vec<String> = om
             .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter").map(|f| format!("{f}_total no help text")))
+            .filter_map(|l| {
+                l.strip_prefix("# TYPE ")?.strip_suffix(" counter").map(|f| format!("{f}_total no help text"))
+            })
             .collect();
         let other: Vec<&str> = findings.lines().filter(|l| !expected.iter().any(|e| e == l)).collect();
         if !other.is_empty() || !matches!(code, Some(0 | 3)) {
@@ -352,7 +364,13 @@ fn promtool_formats(ctx: &Ctx) -> Result<String> {
 /// Percent-encode a PromQL query for a URL.
 fn url_encode(q: &str) -> String {
     q.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -411,7 +429,9 @@ fn prometheus_server(ctx: &Ctx) -> Result<String> {
     let series = |r: &[(serde_json::Value, f64)]| -> Vec<(String, String, f64)> {
         let mut v: Vec<(String, String, f64)> = r
             .iter()
-            .map(|(m, x)| (m["hypervisor"].as_str().unwrap_or("").into(), m["domain"].as_str().unwrap_or("").into(), *x))
+            .map(|(m, x)| {
+                (m["hypervisor"].as_str().unwrap_or("").into(), m["domain"].as_str().unwrap_or("").into(), *x)
+            })
             .collect();
         v.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
         v
@@ -435,10 +455,7 @@ fn prometheus_server(ctx: &Ctx) -> Result<String> {
     if up.len() != 2 || up.iter().any(|(_, v)| *v != 1.0) {
         return Err(format!("hv_up in Prometheus: {up:?}"));
     }
-    let shown: Vec<String> = first
-        .iter()
-        .zip(&second)
-        .map(|(a, b)| format!("{} domain {}: {} -> {}", a.0, a.1, a.2, b.2))
-        .collect();
+    let shown: Vec<String> =
+        first.iter().zip(&second).map(|(a, b)| format!("{} domain {}: {} -> {}", a.0, a.1, a.2, b.2)).collect();
     Ok(format!("Prometheus {web} scraping {} and {}: {} (within {after:.1} s)", addrs[0], addrs[1], shown.join(", ")))
 }

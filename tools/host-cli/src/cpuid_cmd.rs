@@ -155,7 +155,9 @@ pub fn run(connect: Option<String>, timeout: Duration, args: CpuidArgs) -> Resul
                 files.into_iter().map(HostSource::File).chain(from.into_iter().map(HostSource::Remote)).collect();
             cmd_level(&sources, timeout, vendor, output.as_deref(), json)
         }
-        CpuidCommand::Check { policy, on, host: _, json } => cmd_check(&policy, &HostSource::from_on(on), timeout, json),
+        CpuidCommand::Check { policy, on, host: _, json } => {
+            cmd_check(&policy, &HostSource::from_on(on), timeout, json)
+        }
         CpuidCommand::Policy { spec, on, host: _, output, json } => {
             cmd_policy(&spec, &HostSource::from_on(on), timeout, output.as_deref(), json)
         }

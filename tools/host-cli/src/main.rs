@@ -144,9 +144,7 @@ fn main() -> ExitCode {
         Command::Dirty(args) => dirty_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Migrate(args) => migrate_cmd::migrate(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Save(args) => migrate_cmd::save(&cli_target(&cli.connect, cli.connect_timeout), args),
-        Command::Metrics(args) => {
-            metrics::run(std::time::Duration::from_secs_f64(cli.connect_timeout.max(0.0)), args)
-        }
+        Command::Metrics(args) => metrics::run(std::time::Duration::from_secs_f64(cli.connect_timeout.max(0.0)), args),
         Command::Restore(args) => migrate_cmd::restore(&cli_target(&cli.connect, cli.connect_timeout), args),
     };
     match result {

@@ -76,9 +76,8 @@ impl Format {
             a.split(',').any(|range| {
                 let mut parts = range.split(';').map(str::trim);
                 let media = parts.next().unwrap_or("");
-                let zero_q = parts.any(|p| {
-                    p.strip_prefix("q=").and_then(|q| q.trim().parse::<f64>().ok()).is_some_and(|q| q <= 0.0)
-                });
+                let zero_q = parts
+                    .any(|p| p.strip_prefix("q=").and_then(|q| q.trim().parse::<f64>().ok()).is_some_and(|q| q <= 0.0));
                 media.eq_ignore_ascii_case("application/openmetrics-text") && !zero_q
             })
         });
@@ -148,7 +147,13 @@ impl Metrics {
         self.add(name, Kind::Gauge, unit, help, labels, v);
     }
 
-    fn counter(&mut self, name: &'static str, help: &'static str, labels: Vec<(&'static str, String)>, v: impl ToString) {
+    fn counter(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        labels: Vec<(&'static str, String)>,
+        v: impl ToString,
+    ) {
         let unit = unit_of(name);
         self.add(name, Kind::Counter, unit, help, labels, v);
     }
@@ -601,7 +606,9 @@ fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, (u16, &'static str)> {
     let mut buf = [0u8; 1024];
     loop {
         let left = REQUEST_DEADLINE.checked_sub(start.elapsed()).ok_or((408, "Request Timeout"))?;
-        stream.set_read_timeout(Some(left.max(Duration::from_millis(1)))).map_err(|_| (500, "Internal Server Error"))?;
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .map_err(|_| (500, "Internal Server Error"))?;
         let n = match stream.read(&mut buf) {
             Ok(0) => return Err((400, "Bad Request")),
             Ok(n) => n,
@@ -673,7 +680,14 @@ pub fn serve(listener: TcpListener, set: Arc<dyn HypervisorSet + Send + Sync>) -
         };
         if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
             active.fetch_sub(1, Ordering::SeqCst);
-            respond(&mut stream, 503, "Service Unavailable", "text/plain; charset=utf-8", "too many connections\n", false);
+            respond(
+                &mut stream,
+                503,
+                "Service Unavailable",
+                "text/plain; charset=utf-8",
+                "too many connections\n",
+                false,
+            );
             continue;
         }
         let (conn_set, conn_active) = (Arc::clone(&set), Arc::clone(&active));
@@ -723,8 +737,7 @@ pub fn run(timeout: Duration, args: MetricsArgs) -> Result<std::process::ExitCod
     match args.command {
         MetricsCommand::Serve { listen, hypervisors } => {
             let set = TargetSet::new(&hypervisors, timeout)?;
-            let listener =
-                TcpListener::bind(&listen).map_err(|e| err(format!("cannot listen on {listen}: {e}")))?;
+            let listener = TcpListener::bind(&listen).map_err(|e| err(format!("cannot listen on {listen}: {e}")))?;
             let addr = listener.local_addr().map_or(listen, |a| a.to_string());
             println!("hvctl metrics: serving http://{addr}/metrics for {} hypervisor(s)", hypervisors.len());
             let _ = std::io::stdout().flush();
@@ -740,11 +753,8 @@ pub fn run(timeout: Duration, args: MetricsArgs) -> Result<std::process::ExitCod
             if m.down.is_empty() {
                 Ok(std::process::ExitCode::SUCCESS)
             } else {
-                let down: Vec<String> = hypervisors
-                    .iter()
-                    .filter(|(n, _)| m.down.contains(n))
-                    .map(|(n, t)| format!("{n} ({t})"))
-                    .collect();
+                let down: Vec<String> =
+                    hypervisors.iter().filter(|(n, _)| m.down.contains(n)).map(|(n, t)| format!("{n} ({t})")).collect();
                 Err(connection_err(format!("not reachable: {} (reported as hv_up 0)", down.join(", "))))
             }
         }
@@ -830,9 +840,10 @@ mod tests {
                 range_start: 0,
                 range_pages: 2048,
             }),
-            Request::DirtyStats { domain } => {
-                Response::Error(ErrorReply::new(ErrorCode::Refused, format!("domain {domain} is not in log-dirty mode")))
-            }
+            Request::DirtyStats { domain } => Response::Error(ErrorReply::new(
+                ErrorCode::Refused,
+                format!("domain {domain} is not in log-dirty mode"),
+            )),
             Request::MonitorHwInfo => Response::MonitorHwInfo(MonitorHwInfo {
                 present: false,
                 reason: Some("CPUID.7.0:EBX.PQM = 0".into()),
@@ -895,7 +906,12 @@ hv_uptime_seconds{hypervisor=\"a\"} 2.5
             assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
         }
         // No RDT on this machine: no occupancy or bandwidth series at all, not zeros.
-        assert!(!text.lines().any(|l| l.starts_with("hv_domain_llc") || l.starts_with("hv_domain_memory_traffic") || (!l.starts_with('#') && l.contains("bandwidth"))), "{text}");
+        assert!(
+            !text.lines().any(|l| l.starts_with("hv_domain_llc")
+                || l.starts_with("hv_domain_memory_traffic")
+                || (!l.starts_with('#') && l.contains("bandwidth"))),
+            "{text}"
+        );
         assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
     }
 
@@ -922,8 +938,15 @@ hv_uptime_seconds{hypervisor=\"a\"} 2.5
         assert_eq!(escape_label("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
         let set = one("we\"ird", answer(vec![domain(2, "x\\y\"\nz", "crashed: triple fault at 0x10")], Vec::new()));
         let text = collect(&set).render(Format::OpenMetrics);
-        assert!(text.lines().any(|l| l == "hv_domain_info{hypervisor=\"we\\\"ird\",domain=\"2\",name=\"x\\\\y\\\"\\nz\"} 1"), "{text}");
-        assert!(text.lines().any(|l| l == "hv_domain_state{hypervisor=\"we\\\"ird\",domain=\"2\",state=\"crashed\"} 1"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l == "hv_domain_info{hypervisor=\"we\\\"ird\",domain=\"2\",name=\"x\\\\y\\\"\\nz\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.lines().any(|l| l == "hv_domain_state{hypervisor=\"we\\\"ird\",domain=\"2\",state=\"crashed\"} 1"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -957,8 +980,14 @@ hv_uptime_seconds{hypervisor=\"a\"} 2.5
         let stats = vec![MonitorDomainStats {
             domain: 1,
             events: vec![
-                ("llc_occupancy".into(), MonitorValue::Occupancy { bytes: 3 << 20, residual_bytes: 0, per_socket: vec![3 << 20] }),
-                ("mbm_total".into(), MonitorValue::Bandwidth { bytes: 1000, bytes_per_sec: Some(50), per_socket: vec![50] }),
+                (
+                    "llc_occupancy".into(),
+                    MonitorValue::Occupancy { bytes: 3 << 20, residual_bytes: 0, per_socket: vec![3 << 20] },
+                ),
+                (
+                    "mbm_total".into(),
+                    MonitorValue::Bandwidth { bytes: 1000, bytes_per_sec: Some(50), per_socket: vec![50] },
+                ),
                 ("mbm_local".into(), MonitorValue::Bandwidth { bytes: 10, bytes_per_sec: None, per_socket: vec![0] }),
                 ("halts".into(), MonitorValue::Count(7)),
                 ("vm_exits".into(), MonitorValue::ByReason(vec![("io".into(), 4)])),
@@ -998,11 +1027,20 @@ hv_uptime_seconds{hypervisor=\"a\"} 2.5
             parse_request(get),
             HttpRequest::Metrics { accept: Some("application/openmetrics-text".into()), head: false }
         );
-        assert_eq!(parse_request(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"), HttpRequest::Metrics { accept: None, head: false });
+        assert_eq!(
+            parse_request(b"GET /metrics?x=1 HTTP/1.0\r\n\r\n"),
+            HttpRequest::Metrics { accept: None, head: false }
+        );
         assert_eq!(parse_request(b"GET / HTTP/1.1\r\n\r\n"), HttpRequest::Refuse(404, "Not Found"));
         assert_eq!(parse_request(b"POST /metrics HTTP/1.1\r\n\r\n"), HttpRequest::Refuse(405, "Method Not Allowed"));
-        assert_eq!(parse_request(b"GET /metrics HTTP/2\r\n\r\n"), HttpRequest::Refuse(505, "HTTP Version Not Supported"));
-        assert_eq!(parse_request(b"GET /metrics HTTP/1.1\r\nno colon\r\n\r\n"), HttpRequest::Refuse(400, "Bad Request"));
+        assert_eq!(
+            parse_request(b"GET /metrics HTTP/2\r\n\r\n"),
+            HttpRequest::Refuse(505, "HTTP Version Not Supported")
+        );
+        assert_eq!(
+            parse_request(b"GET /metrics HTTP/1.1\r\nno colon\r\n\r\n"),
+            HttpRequest::Refuse(400, "Bad Request")
+        );
         assert_eq!(parse_request(&[0xff, 0xfe, b'\r', b'\n']), HttpRequest::Refuse(400, "Bad Request"));
         // Arbitrary bytes never panic (a cheap deterministic fuzz: xorshift input).
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -1041,7 +1079,10 @@ hv_uptime_seconds{hypervisor=\"a\"} 2.5
         let om = http(addr, b"GET /metrics HTTP/1.1\r\nAccept: application/openmetrics-text; version=1.0.0\r\n\r\n");
         assert!(started.elapsed() < Duration::from_secs(5), "the slow client held up another");
         assert!(om.starts_with("HTTP/1.1 200 OK\r\n"), "{om}");
-        assert!(om.contains("\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"), "{om}");
+        assert!(
+            om.contains("\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"),
+            "{om}"
+        );
         assert!(om.ends_with("# EOF\n"), "{om}");
         let (head, body) = om.split_once("\r\n\r\n").unwrap();
         assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())), "{head}");
