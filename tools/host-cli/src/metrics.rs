@@ -218,7 +218,15 @@ fn state_word(state: &str) -> String {
 pub fn collect(set: &dyn HypervisorSet) -> Metrics {
     let mut m = Metrics::default();
     for name in set.names() {
-        if !collect_one(set, &name, &mut m) {
+        let started = Instant::now();
+        let up = collect_one(set, &name, &mut m);
+        m.gauge(
+            "hv_scrape_duration_seconds",
+            "How long the exporter took to ask this hypervisor everything in this scrape",
+            vec![("hypervisor", name.clone())],
+            started.elapsed().as_secs_f64(),
+        );
+        if !up {
             m.down.push(name);
         }
     }
@@ -958,7 +966,10 @@ hv_uptime_seconds{hypervisor=\"a\"} 2.5
         let text = m.render(Format::Prometheus);
         assert!(text.lines().any(|l| l == "hv_up{hypervisor=\"a\"} 1"), "{text}");
         assert!(text.lines().any(|l| l == "hv_up{hypervisor=\"b\"} 0"), "{text}");
-        let b: Vec<&str> = text.lines().filter(|l| l.contains("hypervisor=\"b\"")).collect();
+        let b: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("hypervisor=\"b\"") && !l.starts_with("hv_scrape_duration_seconds{"))
+            .collect();
         assert_eq!(b, ["hv_up{hypervisor=\"b\"} 0"]);
     }
 
