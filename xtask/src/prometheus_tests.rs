@@ -131,11 +131,14 @@ fn data_lines(dump: &str) -> Vec<&str> {
     dump.lines().filter(|l| !l.starts_with('#')).collect()
 }
 
-/// Bits that mirror the reading OS's control registers rather than the CPU: CPUID
-/// 1.ECX[27] OSXSAVE (CR4.OSXSAVE) and 7.0.ECX[4] OSPKE (CR4.PKE). The recorded dumps
+/// Fields that mirror the reading OS's control registers rather than the CPU (leaf,
+/// subleaf, register index in EAX..EDX, mask): 1.ECX[27] OSXSAVE (CR4.OSXSAVE),
+/// 7.0.ECX[4] OSPKE (CR4.PKE), and 0xD.0.EBX / 0xD.1.EBX, the XSAVE area size for the
+/// features XCR0 (and XSS) enable now (SDM Vol. 2A CPUID leaf 0DH). The recorded dumps
 /// were read early in boot (`cpuid-dump`), `HostCpuid`'s after the hypervisor turned
-/// XSAVE on; everything else must be equal.
-const OS_BITS: [(u32, u32, usize, u32); 2] = [(1, 0, 2, 1 << 27), (7, 0, 2, 1 << 4)];
+/// XSAVE and AVX state on; everything else must be equal.
+const OS_BITS: [(u32, u32, usize, u32); 4] =
+    [(1, 0, 2, 1 << 27), (7, 0, 2, 1 << 4), (0xd, 0, 1, u32::MAX), (0xd, 1, 1, u32::MAX)];
 
 /// The data records of a dump as numbers, with [`OS_BITS`] cleared.
 fn os_bits_cleared(dump: &str) -> Vec<[u32; 6]> {
