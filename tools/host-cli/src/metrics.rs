@@ -774,9 +774,12 @@ mod tests {
     use super::*;
     use wire::{DomainInfo, ErrorReply, MemoryUse, ServiceId, ServiceState, ServiceStatus};
 
+    /// How a fake hypervisor answers.
+    type Answer = Box<dyn Fn(&Request) -> Response + Send + Sync>;
+
     /// A set whose hypervisors answer from fixed responses; `None` is unreachable.
     struct Fake {
-        hvs: Vec<(String, Option<Box<dyn Fn(&Request) -> Response + Send + Sync>>)>,
+        hvs: Vec<(String, Option<Answer>)>,
     }
 
     impl HypervisorSet for Fake {
