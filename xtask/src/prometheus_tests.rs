@@ -357,7 +357,9 @@ fn promtool_formats(ctx: &Ctx) -> Result<String> {
     let addrs = start_exporters(ctx, &mut procs)?;
     let mut detail = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
+        let started = Instant::now();
         let (status, plain) = http_get(*addr, "/metrics", None)?;
+        let took = started.elapsed().as_secs_f64() * 1e3;
         if status != 200 {
             return Err(format!("{addr}: GET /metrics gave {status}: {plain}"));
         }
@@ -384,10 +386,17 @@ fn promtool_formats(ctx: &Ctx) -> Result<String> {
         if !other.is_empty() || !matches!(code, Some(0 | 3)) {
             return Err(format!("promtool on the OpenMetrics text of {addr} ({code:?}): {}", other.join("; ")));
         }
+        let asking: f64 = plain
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("hv_scrape_duration_seconds{{hypervisor=\"{}\"}} ", HOSTS[i].0)))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("{addr}: no hv_scrape_duration_seconds"))?;
         detail.push(format!(
-            "{}: 0.0.4 clean, OpenMetrics {samples} samples ({} counter families read as untyped by promtool)",
+            "{}: 0.0.4 clean, OpenMetrics {samples} samples ({} counter families read as untyped by promtool), \
+             GET /metrics {took:.1} ms of which asking the hypervisor {:.1} ms",
             HOSTS[i].0,
-            expected.len()
+            expected.len(),
+            asking * 1e3
         ));
     }
     Ok(detail.join("; "))

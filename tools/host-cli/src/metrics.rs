@@ -457,7 +457,7 @@ fn monitor_metrics(stats: &[MonitorDomainStats], l: Labels<'_>, m: &mut Metrics)
 fn migration_metrics(p: &MigrateProgress, l: Labels<'_>, m: &mut Metrics) {
     let ml = || l(&[("domain", p.domain.to_string()), ("session", p.session.to_string())]);
     let mut state = ml();
-    state.push(("state", p.state.map_or_else(|| String::from("unknown"), |s| format!("{s:?}").to_lowercase())));
+    state.push(("state", p.state.map_or("unknown", |s| s.name()).to_string()));
     m.gauge("hv_migration_state", "A sending migration's state (always 1)", state, 1);
     m.gauge("hv_migration_round", "A sending migration's dirty round (0: the full copy)", ml(), p.round);
     m.gauge("hv_migration_pages", "The migrating domain's pages", ml(), p.pages_total);
@@ -792,6 +792,51 @@ mod tests {
                 _ => Err(connection_err(format!("{name}: connection refused"))),
             }
         }
+    }
+
+    /// A set that relays one migration of hypervisor `a`, as the agent will.
+    struct Relaying(Fake);
+
+    impl HypervisorSet for Relaying {
+        fn names(&self) -> Vec<String> {
+            self.0.names()
+        }
+        fn call(&self, name: &str, req: &Request) -> Result<Response, CliError> {
+            self.0.call(name, req)
+        }
+        fn migrations(&self, name: &str) -> Vec<MigrateProgress> {
+            if name != "a" {
+                return Vec::new();
+            }
+            vec![MigrateProgress {
+                session: 3,
+                domain: 1,
+                state: Some(wire::SendState::Precopy),
+                round: 2,
+                pages_total: 2048,
+                pages_sent: 2100,
+                bytes_sent: 9_000_000,
+                estimated_downtime_ms: 40,
+                ..Default::default()
+            }]
+        }
+    }
+
+    #[test]
+    fn migrations_the_set_relays_are_reported() {
+        let text = collect(&Relaying(one("a", answer(Vec::new(), Vec::new())))).render(Format::Prometheus);
+        for line in [
+            "hv_migration_state{hypervisor=\"a\",domain=\"1\",session=\"3\",state=\"precopy\"} 1",
+            "hv_migration_round{hypervisor=\"a\",domain=\"1\",session=\"3\"} 2",
+            "hv_migration_pages_sent_total{hypervisor=\"a\",domain=\"1\",session=\"3\"} 2100",
+            "hv_migration_sent_bytes_total{hypervisor=\"a\",domain=\"1\",session=\"3\"} 9000000",
+            "hv_migration_estimated_downtime_seconds{hypervisor=\"a\",domain=\"1\",session=\"3\"} 0.04",
+        ] {
+            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+        }
+        // Plain targets know no migration: no series at all.
+        let plain = collect(&one("a", answer(Vec::new(), Vec::new()))).render(Format::Prometheus);
+        assert!(!plain.contains("hv_migration_"), "{plain}");
     }
 
     fn info() -> InfoReport {
