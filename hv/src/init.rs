@@ -239,7 +239,7 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
         }
     };
     let slice = time_slice(B::ARCH, caps);
-    let machine_info = machine_info(&info, caps);
+    let machine_info = machine_info(&info, caps, &records);
     let boot_domains = core::mem::take(&mut info.domains);
     let mechanisms = match caps.virtualization {
         platform::caps::Virtualization::Vmx(v) => domain::dirty::Mechanisms { pml: v.pml, dbit: v.ept_ad },
@@ -471,7 +471,11 @@ fn time_slice(arch: guest_abi::Arch, caps: &platform::caps::Capabilities) -> Opt
     }
 }
 
-fn machine_info(info: &BootInfo, caps: &platform::caps::Capabilities) -> services::tasks::MachineInfo {
+fn machine_info(
+    info: &BootInfo,
+    caps: &platform::caps::Capabilities,
+    records: &[levelling::CpuidRecord],
+) -> services::tasks::MachineInfo {
     let memory_bytes = info
         .memory_map
         .iter()
@@ -492,6 +496,13 @@ fn machine_info(info: &BootInfo, caps: &platform::caps::Capabilities) -> service
         memory_bytes,
         // Filled in once the control transports have started.
         control: alloc::vec::Vec::new(),
+        cpuid: wire::HostCpuidReport {
+            source: alloc::format!("hv {} ({}) on {}", VERSION, info.git_revision, caps.identity()),
+            records: records
+                .iter()
+                .map(|r| wire::CpuidLeaf { leaf: r.leaf, subleaf: r.subleaf, regs: r.regs })
+                .collect(),
+        },
     }
 }
 

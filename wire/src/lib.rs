@@ -39,7 +39,7 @@
 //! wire::encode_request(1, &wire::Request::Ping { payload: vec![1, 2, 3] }, &mut out)?;
 //! assert_eq!(out, [
 //!     0x48, 0x56,                                     // magic "HV"
-//!     0x06, 0x00,                                     // version 6
+//!     0x07, 0x00,                                     // version 7
 //!     0x01,                                           // kind: request
 //!     0x00,                                           // flags
 //!     0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // request id 1
@@ -78,7 +78,8 @@
 //! | 1 request | [`Request`] | `ImageChunk { upload, offset, bytes, crc32c }` (v5; ≤ [`MAX_IMAGE_CHUNK`] bytes, in order) | hvctl → hv | [`ServiceId::Core`] | `Response::Upload(UploadStatus)`, or `Error{BadChunk}` |
 //! | 1 request | [`Request`] | `ImageCancel { upload }` (v5) | hvctl → hv | [`ServiceId::Core`] | `Response::Done` |
 //! | 1 request | [`Request`] | `DomainConsoleInput { id, bytes }` (v5; ≤ [`MAX_CONSOLE_INPUT`] bytes) | hvctl → hv | [`ServiceId::Core`] | `Response::ConsoleInput { id, accepted }` |
-//! | 2 response | [`Response`] | `Pong`, `Info`, `ServiceStatus`, `DomainCreated`, `DomainList`, `Done`, `Console`, `Upload`, `ConsoleInput` | hv → hvctl | — | — |
+//! | 1 request | [`Request`] | `HostCpuid` (v7) | hvctl → hv | [`ServiceId::Core`] | `Response::HostCpuid(HostCpuidReport)`: the host CPU's raw CPUID leaves |
+//! | 2 response | [`Response`] | `Pong`, `Info`, `ServiceStatus`, `DomainCreated`, `DomainList`, `Done`, `Console`, `Upload`, `ConsoleInput`, `HostCpuid` | hv → hvctl | — | — |
 //! | 2 response | [`Response`] | `Error(ErrorReply)` | hv → hvctl | — | answers any request or frame that failed |
 //! | 3 event | [`Event`] | `Log { level, message }`, `ServiceState { service, state }` | hv → hvctl | — | none; request id 0 |
 //! | 4 stream chunk | [`StreamChunk`] | — | sender → receiver | — | none; carries the id of the request that opened the stream |
@@ -201,10 +202,10 @@ pub use crate::crc32c::{Crc32c, crc32c};
 pub use crate::error::{ErrorCode, ErrorReply};
 pub use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind, WireError, encode_frame};
 pub use crate::message::{
-    ConsoleChunk, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, Event, InfoReport,
-    LogLevel, MAX_MIGRATE_DATA, MemoryUse, MonitorDomainStats, MonitorHwInfo, MonitorValue, Request, Response,
-    ServiceId, ServiceState, ServiceStatus, UnclaimedAccess, decode_event, decode_request, decode_response,
-    encode_event, encode_request, encode_response,
+    ConsoleChunk, CpuidLeaf, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, Event,
+    HostCpuidReport, InfoReport, LogLevel, MAX_MIGRATE_DATA, MemoryUse, MonitorDomainStats, MonitorHwInfo,
+    MonitorValue, Request, Response, ServiceId, ServiceState, ServiceStatus, UnclaimedAccess, decode_event,
+    decode_request, decode_response, encode_event, encode_request, encode_response,
 };
 pub use crate::migrate::{
     MigrateOptions, MigrateProgress, MigrateReport, PeerVerdict, ReceiveState, ReceiveStatus, SendState,
@@ -218,7 +219,7 @@ pub use crate::upload::{
 
 /// The protocol version this build speaks, carried in every frame header. See the
 /// versioning rule in the crate docs: changing any message means bumping this.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// The hard maximum of a frame's payload, in bytes (64 KiB). A header declaring more is
 /// refused from the header alone with [`FrameError::TooLarge`].

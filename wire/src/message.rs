@@ -353,6 +353,34 @@ pub enum Request {
         #[serde(with = "crate::bytes")]
         bytes: Vec<u8>,
     },
+    /// (v7) The host CPU's raw CPUID, every leaf and subleaf the hypervisor's probe
+    /// walks (`levelling::enumerate` over the CPUID instruction, not what guests see).
+    /// Answered by [`Response::HostCpuid`]; `hvctl cpuid dump/level/check` use it to
+    /// level a fleet without logging in to each host.
+    HostCpuid,
+}
+
+/// One CPUID result in [`HostCpuidReport`]: the same fields, in the same order, as
+/// `levelling::CpuidRecord` (wire depends on no other crate, so it has its own type).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CpuidLeaf {
+    /// EAX input.
+    pub leaf: u32,
+    /// ECX input (0 for leaves that ignore it).
+    pub subleaf: u32,
+    /// `[eax, ebx, ecx, edx]` output.
+    pub regs: [u32; 4],
+}
+
+/// The answer to [`Request::HostCpuid`] (v7).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HostCpuidReport {
+    /// Where the records come from, for the dump's `# source:` line (the hypervisor's
+    /// version and the machine's identity).
+    pub source: String,
+    /// The records, sorted by (leaf, subleaf). At most a few hundred on real CPUs
+    /// (≈ 20 bytes each encoded), well inside one frame.
+    pub records: Vec<CpuidLeaf>,
 }
 
 /// The most stream bytes one `MigrateRead` answer or `MigrateWrite` request carries
@@ -540,7 +568,7 @@ pub struct ConsoleChunk {
 
 impl Request {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 32;
+    pub const VARIANTS: u32 = 33;
 
     /// The service that owns this request: the router's table.
     pub const fn service(&self) -> ServiceId {
@@ -556,7 +584,8 @@ impl Request {
             | Self::ImageBegin { .. }
             | Self::ImageChunk { .. }
             | Self::ImageCancel { .. }
-            | Self::DomainConsoleInput { .. } => ServiceId::Core,
+            | Self::DomainConsoleInput { .. }
+            | Self::HostCpuid => ServiceId::Core,
             Self::MonitorHwInfo
             | Self::MonitorAttach { .. }
             | Self::MonitorDetach { .. }
@@ -615,6 +644,7 @@ impl Request {
             Self::ImageChunk { .. } => "image-chunk",
             Self::ImageCancel { .. } => "image-cancel",
             Self::DomainConsoleInput { .. } => "domain-console-input",
+            Self::HostCpuid => "host-cpuid",
         }
     }
 }
@@ -675,11 +705,13 @@ pub enum Response {
         /// Bytes the UART's receiver took, from the start of the request's bytes.
         accepted: u32,
     },
+    /// (v7) Answer to [`Request::HostCpuid`].
+    HostCpuid(HostCpuidReport),
 }
 
 impl Response {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 17;
+    pub const VARIANTS: u32 = 18;
 
     /// The error, if this is [`Response::Error`].
     pub const fn error(&self) -> Option<&ErrorReply> {

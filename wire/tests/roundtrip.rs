@@ -82,6 +82,7 @@ fn request() -> impl Strategy<Value = Request> {
         (any::<u32>(), any::<u64>(), vec(any::<u8>(), 0..2000), any::<u32>())
             .prop_map(|(upload, offset, bytes, crc32c)| Request::ImageChunk { upload, offset, bytes, crc32c }),
         (any::<u32>(), vec(any::<u8>(), 0..300)).prop_map(|(id, bytes)| Request::DomainConsoleInput { id, bytes }),
+        Just(Request::HostCpuid),
     ]
 }
 
@@ -92,6 +93,11 @@ fn response() -> impl Strategy<Value = Response> {
         status().prop_map(Response::ServiceStatus),
         (prop::sample::select(ErrorCode::ALL.to_vec()), ".{0,40}")
             .prop_map(|(code, message)| Response::Error(ErrorReply { code, message })),
+        (".{0,40}", vec((any::<u32>(), any::<u32>(), any::<[u32; 4]>()), 0..200)).prop_map(|(source, recs)| {
+            let records =
+                recs.into_iter().map(|(leaf, subleaf, regs)| wire::CpuidLeaf { leaf, subleaf, regs }).collect();
+            Response::HostCpuid(wire::HostCpuidReport { source, records })
+        }),
     ]
 }
 

@@ -14,11 +14,11 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use wire::{
-    ConsoleChunk, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, ErrorCode, ErrorReply,
-    Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, ImageKind, ImageRef, InfoReport, LogLevel,
-    MemoryUse, MigrateOptions, MigrateProgress, MigrateReport, MonitorDomainStats, MonitorHwInfo, MonitorValue,
-    PROTOCOL_VERSION, PeerVerdict, ReceiveState, ReceiveStatus, Request, Response, SendState, ServiceId, ServiceState,
-    ServiceStatus, StreamChunk, UnclaimedAccess, UploadStatus,
+    ConsoleChunk, CpuidLeaf, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, ErrorCode,
+    ErrorReply, Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, HostCpuidReport, ImageKind, ImageRef,
+    InfoReport, LogLevel, MemoryUse, MigrateOptions, MigrateProgress, MigrateReport, MonitorDomainStats, MonitorHwInfo,
+    MonitorValue, PROTOCOL_VERSION, PeerVerdict, ReceiveState, ReceiveStatus, Request, Response, SendState, ServiceId,
+    ServiceState, ServiceStatus, StreamChunk, UnclaimedAccess, UploadStatus,
 };
 
 #[derive(Debug, PartialEq)]
@@ -48,7 +48,7 @@ fn status(service: ServiceId, state: ServiceState, handled: u64, errors: u64, de
 fn vectors() -> Vec<Vector> {
     let info = InfoReport {
         hv_version: "0.1.0 (5a3cac6)".to_string(),
-        protocol_version: 6,
+        protocol_version: 7,
         uptime_ns: 3_800_000_000,
         capabilities: [("v", "1"), ("vendor", "AuthenticAMD"), ("family", "23"), ("virt", "svm"), ("svm.npt", "1")]
             .iter()
@@ -377,6 +377,18 @@ fn vectors() -> Vec<Vector> {
             })),
         ),
         v("response_console_input", 45, Msg::Response(Response::ConsoleInput { id: 3, accepted: 14 })),
+        v("request_host_cpuid", 46, Msg::Request(Request::HostCpuid)),
+        v(
+            "response_host_cpuid",
+            46,
+            Msg::Response(Response::HostCpuid(HostCpuidReport {
+                source: "hv 0.1.0 (5a3cac6) on AuthenticAMD family 0x17".to_string(),
+                records: vec![
+                    CpuidLeaf { leaf: 0, subleaf: 0, regs: [0xd, 0x6874_7541, 0x444d_4163, 0x6974_6e65] },
+                    CpuidLeaf { leaf: 7, subleaf: 0, regs: [0, 0x219c_07ab, 0, 0] },
+                ],
+            })),
+        ),
         v("stream_chunk_first", 9, Msg::Chunk(StreamChunk::new(1, 0, false, (0u8..32).collect()))),
         v("stream_chunk_last", 9, Msg::Chunk(StreamChunk::new(1, 1, true, vec![]))),
     ];

@@ -488,7 +488,8 @@ fn stats_of(ctx: &Ctx, domain: u64) -> Result<serde_json::Value> {
 }
 
 /// Check OpenMetrics text: families declared before their samples, counters' samples
-/// end in `_total`, every value a number, `# EOF` last.
+/// end in `_total`, units the suffix of their family's name, every value a number,
+/// `# EOF` last.
 pub fn check_openmetrics(text: &str) -> Result<usize> {
     let mut types: BTreeMap<String, String> = BTreeMap::new();
     let mut samples = 0;
@@ -506,6 +507,14 @@ pub fn check_openmetrics(text: &str) -> Result<usize> {
             continue;
         }
         if line.starts_with("# HELP ") {
+            continue;
+        }
+        // OpenMetrics: a UNIT names a declared family and is the suffix of its name.
+        if let Some(rest) = line.strip_prefix("# UNIT ") {
+            let (family, unit) = rest.split_once(' ').ok_or(format!("bad UNIT line {line:?}"))?;
+            if !types.contains_key(family) || !family.ends_with(&format!("_{unit}")) {
+                return Err(format!("{line:?}: not a declared family ending in _{unit}"));
+            }
             continue;
         }
         let (name_labels, value) = line.rsplit_once(' ').ok_or(format!("bad sample {line:?}"))?;

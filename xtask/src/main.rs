@@ -19,6 +19,7 @@ mod linux_bench;
 mod linux_console_tests;
 mod linux_tests;
 mod migration_tests;
+mod prometheus_tests;
 mod serial;
 mod serial_control_tests;
 mod serial_relay;

@@ -62,12 +62,18 @@ pub fn ensure(platform: &Platform) -> Result<()> {
         .map(|(pkg, _)| pkg)
         .collect();
     missing.dedup();
+    apt_install(&missing, &platform.to_string())
+}
+
+/// Install Debian packages `missing` with apt-get (as root; else the error names the
+/// command), for `what`. Nothing to do when `missing` is empty.
+fn apt_install(missing: &[&str], what: &str) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
     let cmd = format!("apt-get install -y {}", missing.join(" "));
     if !(is_root() && on_path("apt-get")) {
-        return Err(format!("{platform} needs packages that are not installed; run: sudo {cmd}"));
+        return Err(format!("{what} needs packages that are not installed; run: sudo {cmd}"));
     }
     println!("xtask: installing {} ({cmd})", missing.join(", "));
     let mut update_ok = true;
@@ -80,13 +86,44 @@ pub fn ensure(platform: &Platform) -> Result<()> {
     let status = Command::new("apt-get")
         .env("DEBIAN_FRONTEND", "noninteractive")
         .args(["install", "-y", "-qq"])
-        .args(&missing)
+        .args(missing)
         .status()
         .map_err(|e| format!("cannot run apt-get: {e}"))?;
     if !status.success() {
         return Err(format!("`{cmd}` failed ({status})"));
     }
     Ok(())
+}
+
+/// Debian's policy hook: while it exits 101, package scripts start no service.
+const POLICY_RC_D: &str = "/usr/sbin/policy-rc.d";
+
+/// Make sure Debian's `prometheus` package (the server and `promtool`) is installed,
+/// without starting its system service: the tests run the binaries themselves, on
+/// loopback, with their own configuration. Where no `policy-rc.d` exists one that
+/// refuses every service start is put in place for the install and removed after it
+/// (an existing one is left alone; container images ship one that does the same).
+pub fn ensure_prometheus() -> Result<()> {
+    if on_path("prometheus") && on_path("promtool") {
+        return Ok(());
+    }
+    let ours = !Path::new(POLICY_RC_D).exists() && is_root();
+    if ours {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(POLICY_RC_D, "#!/bin/sh\n# xtask: no service starts while it installs prometheus\nexit 101\n")
+            .and_then(|()| std::fs::set_permissions(POLICY_RC_D, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| format!("cannot write {POLICY_RC_D}: {e}"))?;
+    }
+    let result = apt_install(&["prometheus"], "the prometheus-* system tests");
+    if ours {
+        let _ = std::fs::remove_file(POLICY_RC_D);
+    }
+    result?;
+    if on_path("prometheus") && on_path("promtool") {
+        Ok(())
+    } else {
+        Err("the prometheus package is installed but prometheus or promtool is not on PATH".into())
+    }
 }
 
 /// Make sure the rustup target for the image is installed (rust-toolchain.toml lists

@@ -205,6 +205,10 @@ pub struct MachineInfo {
     pub memory_bytes: u64,
     /// The control transports served, one line each (`Info`'s `control`).
     pub control: Vec<String>,
+    /// The host CPU's raw CPUID as the boot probe read it (`HostCpuid`'s answer). Read
+    /// once at boot: CPUID of the bootstrap CPU does not change while we run, and the
+    /// exit path never has to execute CPUID for a control request.
+    pub cpuid: wire::HostCpuidReport,
 }
 
 /// The core task: answers Ping, Info and its own status.
@@ -542,6 +546,7 @@ impl Runtime {
                 }
             }
             Ok(Request::DomainList) => Response::DomainList(domains.list()),
+            Ok(Request::HostCpuid) => Response::HostCpuid(self.core.machine.cpuid.clone()),
             Ok(Request::DomainPause { id }) => {
                 domains.set_paused(id, true).map_or_else(Response::Error, |()| Response::Done)
             }
@@ -633,6 +638,10 @@ mod tests {
             cpus: 1,
             memory_bytes: 512 << 20,
             control: vec!["vsock port 5000 (CID 3)".to_string()],
+            cpuid: wire::HostCpuidReport {
+                source: "test machine".to_string(),
+                records: vec![wire::CpuidLeaf { leaf: 0, subleaf: 0, regs: [0xd, 1, 2, 3] }],
+            },
         }
     }
 
@@ -726,6 +735,18 @@ mod tests {
         assert_eq!(monitor.queue_capacity, MAILBOX_CAPACITY as u32);
         let core = info.services.iter().find(|s| s.service == ServiceId::Core).unwrap();
         assert_eq!(core.handled, 1);
+    }
+
+    #[test]
+    fn host_cpuid_answers_the_boot_probe_records() {
+        let mut rt = Runtime::new(machine());
+        rt.route(1, frame(3, &Request::HostCpuid));
+        rt.run_once(None, &mut NoDomains);
+        let got = responses(&mut rt);
+        match &got[..] {
+            [(_, 3, Response::HostCpuid(r))] => assert_eq!(r, &machine().cpuid),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -1,8 +1,11 @@
-//! `hvctl cpuid …`: CPUID dumps, featuresets, policies and cross-host levelling on
-//! the host, with no hypervisor involved. All logic is in the `levelling` crate;
-//! this module reads files, calls it, and prints tables or JSON.
+//! `hvctl cpuid …`: CPUID dumps, featuresets, policies and cross-host levelling. A
+//! host is this machine's CPUID, a dump file, or a hypervisor reached over the wire
+//! (`Request::HostCpuid`: the raw leaves its boot probe read), so a fleet is levelled
+//! without logging in to each host. All logic is in the `levelling` crate; this module
+//! gets the records, calls it, and prints tables or JSON.
 
-use crate::{CliError, err};
+use crate::transport::{self, Client};
+use crate::{CliError, connection_err, err, remote_err};
 use clap::{Args, Subcommand};
 use levelling::guest::DropReason;
 use levelling::{Feature, Featureset, HostCpu, Policy, Vendor, WORDS, dump, guest, text};
@@ -10,6 +13,8 @@ use serde_json::{Value, json};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
+use wire::{Request, Response};
 
 /// Arguments of `hvctl cpuid`.
 #[derive(Debug, Args)]
@@ -43,9 +48,14 @@ fn parse_vendor(s: &str) -> Result<Vendor, String> {
 
 #[derive(Debug, Subcommand)]
 enum CpuidCommand {
-    /// Dump this host's raw CPUID (every leaf and subleaf) in the v1 dump format.
+    /// Dump this host's raw CPUID (every leaf and subleaf) in the v1 dump format, or,
+    /// with --connect/--from TARGET, the CPUID of the machine a hypervisor runs on.
     #[command(after_help = DUMP_HELP)]
     Dump {
+        /// The hypervisor whose host to dump (any --connect target); the same as the
+        /// global --connect. Without either, this machine's CPUID.
+        #[arg(long, value_name = "TARGET")]
+        from: Option<String>,
         /// Write to this file instead of stdout.
         #[arg(short, long)]
         output: Option<PathBuf>,
@@ -70,8 +80,12 @@ enum CpuidCommand {
     #[command(after_help = LEVEL_HELP)]
     Level {
         /// Dump files, one per host.
-        #[arg(required = true)]
+        #[arg(required_unless_present = "from")]
         files: Vec<PathBuf>,
+        /// Hypervisors whose hosts to level, comma-separated targets (each any
+        /// --connect form); their dumps are taken live over the wire, after the files.
+        #[arg(long, value_name = "T1,T2,...", value_delimiter = ',')]
+        from: Vec<String>,
         /// The vendor the guest sees on every host (default: the first host's).
         #[arg(long, value_parser = parse_vendor)]
         vendor: Option<Vendor>,
@@ -86,9 +100,10 @@ enum CpuidCommand {
     Check {
         /// The policy file (the text form `hvctl cpuid policy -o` writes).
         policy: PathBuf,
-        /// The host's dump file.
-        #[arg(long, required_unless_present = "host", conflicts_with = "host")]
-        on: Option<PathBuf>,
+        /// The host: a dump file, or a hypervisor target (any --connect form, e.g.
+        /// unix:PATH:PORT): a value that parses as a target is one.
+        #[arg(long, required_unless_present = "host", conflicts_with = "host", value_name = "FILE|TARGET")]
+        on: Option<String>,
         /// Check against this host's CPUID.
         #[arg(long)]
         host: bool,
@@ -101,9 +116,9 @@ enum CpuidCommand {
     Policy {
         /// The spec (see the levelling crate's `text` module).
         spec: String,
-        /// The host's dump file.
-        #[arg(long, required_unless_present = "host", conflicts_with = "host")]
-        on: Option<PathBuf>,
+        /// The host: a dump file, or a hypervisor target (as for `check --on`).
+        #[arg(long, required_unless_present = "host", conflicts_with = "host", value_name = "FILE|TARGET")]
+        on: Option<String>,
         /// Build on this host's CPUID.
         #[arg(long)]
         host: bool,
@@ -116,20 +131,78 @@ enum CpuidCommand {
     },
 }
 
-/// Run `hvctl cpuid …`.
-pub fn run(args: CpuidArgs) -> Result<ExitCode, CliError> {
+/// Run `hvctl cpuid …`. `connect` is the global `--connect` (only `dump` uses it: the
+/// other commands name their hosts themselves, and none falls back to
+/// `$HVCTL_CONNECT`, so a plain `cpuid dump` is always this machine).
+pub fn run(connect: Option<String>, timeout: Duration, args: CpuidArgs) -> Result<ExitCode, CliError> {
     match args.command {
-        CpuidCommand::Dump { output, source } => cmd_dump(output.as_deref(), source),
+        CpuidCommand::Dump { from, output, source } => {
+            let target = match (from, connect) {
+                (Some(f), Some(c)) if f != c => {
+                    return Err(err(format!("cpuid dump: --from {f} and --connect {c} name different hypervisors")));
+                }
+                (f, c) => f.or(c),
+            };
+            cmd_dump(target.as_deref(), timeout, output.as_deref(), source)
+        }
         CpuidCommand::Show { file, host: _, json } => {
-            let h = load_host(file.as_deref())?;
+            let h = load_host(&file.map_or(HostSource::ThisMachine, HostSource::File), timeout)?;
             print_out(if json { show_json(&h) } else { show_text(&h) });
             Ok(ExitCode::SUCCESS)
         }
-        CpuidCommand::Level { files, vendor, output, json } => cmd_level(&files, vendor, output.as_deref(), json),
-        CpuidCommand::Check { policy, on, host: _, json } => cmd_check(&policy, on.as_deref(), json),
-        CpuidCommand::Policy { spec, on, host: _, output, json } => {
-            cmd_policy(&spec, on.as_deref(), output.as_deref(), json)
+        CpuidCommand::Level { files, from, vendor, output, json } => {
+            let sources: Vec<HostSource> =
+                files.into_iter().map(HostSource::File).chain(from.into_iter().map(HostSource::Remote)).collect();
+            cmd_level(&sources, timeout, vendor, output.as_deref(), json)
         }
+        CpuidCommand::Check { policy, on, host: _, json } => {
+            cmd_check(&policy, &HostSource::from_on(on), timeout, json)
+        }
+        CpuidCommand::Policy { spec, on, host: _, output, json } => {
+            cmd_policy(&spec, &HostSource::from_on(on), timeout, output.as_deref(), json)
+        }
+    }
+}
+
+/// Where a host's CPUID comes from.
+#[derive(Debug, Clone)]
+enum HostSource {
+    /// This machine, through the CPUID instruction.
+    ThisMachine,
+    /// A dump file.
+    File(PathBuf),
+    /// The machine a hypervisor runs on, by `Request::HostCpuid` (a `--connect` target).
+    Remote(String),
+}
+
+impl HostSource {
+    /// `--on VALUE`: a target if it parses as one (`unix:`, `vsock:`, `tcp:`, ...), else a
+    /// dump file; absent means `--host` (this machine). A mistyped target therefore
+    /// reads as a file name and fails with "cannot read", naming it.
+    fn from_on(on: Option<String>) -> HostSource {
+        match on {
+            None => HostSource::ThisMachine,
+            Some(v) if transport::parse_target(&v).is_ok() => HostSource::Remote(v),
+            Some(v) => HostSource::File(PathBuf::from(v)),
+        }
+    }
+}
+
+/// The raw CPUID of the machine the hypervisor at `target` runs on, and the report's
+/// `source` line. Errors name the target.
+pub fn remote_records(target: &str, timeout: Duration) -> Result<(String, Vec<levelling::CpuidRecord>), CliError> {
+    let opts = transport::Options { connect: Some(target.to_string()), timeout };
+    let mut client = Client::connect(&opts).map_err(|e| CliError(format!("{target}: {e}"), e.1))?;
+    match client.call(&Request::HostCpuid).map_err(|e| CliError(format!("{target}: {e}"), e.1))? {
+        Response::HostCpuid(r) => Ok((
+            r.source,
+            r.records
+                .into_iter()
+                .map(|l| levelling::CpuidRecord { leaf: l.leaf, subleaf: l.subleaf, regs: l.regs })
+                .collect(),
+        )),
+        Response::Error(e) => Err(remote_err(format!("{target} refused host-cpuid: {e}"))),
+        _ => Err(connection_err(format!("{target} answered host-cpuid with the wrong message"))),
     }
 }
 
@@ -161,14 +234,20 @@ struct LoadedHost {
     cpu: HostCpu,
 }
 
-fn load_host(file: Option<&Path>) -> Result<LoadedHost, CliError> {
-    match file {
-        None => {
+fn load_host(from: &HostSource, timeout: Duration) -> Result<LoadedHost, CliError> {
+    match from {
+        HostSource::ThisMachine => {
             let recs = live_records()?;
             let cpu = HostCpu::from_records(&recs).map_err(|e| err(format!("this host: {e}")))?;
             Ok(LoadedHost { label: String::from("this host"), source: Some(String::from("live CPUID")), cpu })
         }
-        Some(p) => {
+        HostSource::Remote(target) => {
+            let (source, recs) = remote_records(target, timeout)?;
+            // A dump that does not describe a CPU is the hypervisor's fault: exit 4.
+            let cpu = HostCpu::from_records(&recs).map_err(|e| remote_err(format!("{target}'s CPUID: {e}")))?;
+            Ok(LoadedHost { label: target.clone(), source: Some(source), cpu })
+        }
+        HostSource::File(p) => {
             let label = p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned());
             let text = std::fs::read_to_string(p).map_err(|e| err(format!("cannot read {}: {e}", p.display())))?;
             let d = dump::parse_dump(&text).map_err(|e| err(format!("{}: {e}", p.display())))?;
@@ -178,12 +257,24 @@ fn load_host(file: Option<&Path>) -> Result<LoadedHost, CliError> {
     }
 }
 
-fn cmd_dump(output: Option<&Path>, source: Option<String>) -> Result<ExitCode, CliError> {
-    let recs = live_records()?;
-    let source = source.unwrap_or_else(|| {
-        let brand = HostCpu::from_records(&recs).map(|h| h.brand_string()).unwrap_or_default();
-        format!("{brand}, captured with hvctl cpuid dump")
-    });
+fn cmd_dump(
+    target: Option<&str>,
+    timeout: Duration,
+    output: Option<&Path>,
+    source: Option<String>,
+) -> Result<ExitCode, CliError> {
+    let (recs, default_source) = match target {
+        None => {
+            let recs = live_records()?;
+            let brand = HostCpu::from_records(&recs).map(|h| h.brand_string()).unwrap_or_default();
+            (recs, format!("{brand}, captured with hvctl cpuid dump"))
+        }
+        Some(t) => {
+            let (src, recs) = remote_records(t, timeout)?;
+            (recs, format!("{src}, fetched from {t} with hvctl cpuid dump"))
+        }
+    };
+    let source = source.unwrap_or(default_source);
     let text = dump::format_dump(&recs, &source);
     match output {
         Some(p) => std::fs::write(p, text).map_err(|e| err(format!("cannot write {}: {e}", p.display())))?,
@@ -312,12 +403,15 @@ fn show_json(h: &LoadedHost) -> String {
 }
 
 fn cmd_level(
-    files: &[PathBuf],
+    sources: &[HostSource],
+    timeout: Duration,
     vendor: Option<Vendor>,
     output: Option<&Path>,
     json: bool,
 ) -> Result<ExitCode, CliError> {
-    let loaded = files.iter().map(|p| load_host(Some(p))).collect::<Result<Vec<_>, _>>()?;
+    // Every host must answer: levelling without one would give a policy that host may
+    // not run, so an unreachable hypervisor fails the command, naming it.
+    let loaded = sources.iter().map(|s| load_host(s, timeout)).collect::<Result<Vec<_>, _>>()?;
     // A host that cannot run guests is not part of the pool: levelling with it would
     // empty the common set. It is named with its one reason instead.
     let (hosts, unfit): (Vec<LoadedHost>, Vec<LoadedHost>) =
@@ -491,9 +585,9 @@ fn caveat_lines(s: &mut String, policy: &Policy, host: &HostCpu) {
     }
 }
 
-fn cmd_check(policy_file: &Path, on: Option<&Path>, json: bool) -> Result<ExitCode, CliError> {
+fn cmd_check(policy_file: &Path, on: &HostSource, timeout: Duration, json: bool) -> Result<ExitCode, CliError> {
     let spec = read_spec_file(policy_file)?;
-    let h = load_host(on)?;
+    let h = load_host(on, timeout)?;
     let (policy, notes) = spec.policy_on(&h.cpu);
     let r = policy.verify(&h.cpu);
     if json {
@@ -530,9 +624,15 @@ fn cmd_check(policy_file: &Path, on: Option<&Path>, json: bool) -> Result<ExitCo
     Ok(if r.is_ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
-fn cmd_policy(spec: &str, on: Option<&Path>, output: Option<&Path>, json: bool) -> Result<ExitCode, CliError> {
+fn cmd_policy(
+    spec: &str,
+    on: &HostSource,
+    timeout: Duration,
+    output: Option<&Path>,
+    json: bool,
+) -> Result<ExitCode, CliError> {
     let spec = text::parse_spec(spec).map_err(|e| err(format!("spec: {e}")))?;
-    let h = load_host(on)?;
+    let h = load_host(on, timeout)?;
     let (policy, notes) = spec.policy_on(&h.cpu);
     let r = policy.verify(&h.cpu);
     if r.is_ok()

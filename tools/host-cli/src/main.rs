@@ -13,6 +13,7 @@ mod docs_cmd;
 mod domain_cmd;
 mod heatmap;
 mod interrupt;
+mod metrics;
 mod migrate_cmd;
 mod monitor_cmd;
 mod progress;
@@ -65,7 +66,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// CPUID featuresets, policies and cross-host levelling (no hypervisor needed).
+    /// CPUID featuresets, policies and cross-host levelling, from files, this machine or
+    /// hypervisors over the wire.
     Cpuid(cpuid_cmd::CpuidArgs),
     /// The hypervisor's version, uptime, capabilities, CPUs, memory and services.
     Info(control_cmd::InfoArgs),
@@ -92,6 +94,8 @@ enum Command {
     /// The host agent: serve hypervisors over TLS (serve), make certificates (init),
     /// and ask an agent for its stats or hypervisors.
     Agent(agent::AgentArgs),
+    /// Prometheus metrics of hypervisors: serve GET /metrics, or print one scrape.
+    Metrics(metrics::MetricsArgs),
 }
 
 /// A command failure: printed as one line, with its exit code (see [`EXIT_CODES`]).
@@ -164,7 +168,9 @@ fn main() -> ExitCode {
     };
     let cli = Cli { connect, ..cli };
     let result = match cli.command {
-        Command::Cpuid(args) => cpuid_cmd::run(args),
+        Command::Cpuid(args) => {
+            cpuid_cmd::run(cli.connect.clone(), std::time::Duration::from_secs_f64(cli.connect_timeout.max(0.0)), args)
+        }
         Command::Info(args) => control_cmd::info(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Ping(args) => control_cmd::ping(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Domain(args) => domain_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
@@ -172,6 +178,7 @@ fn main() -> ExitCode {
         Command::Dirty(args) => dirty_cmd::run(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Migrate(args) => migrate_cmd::migrate(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Save(args) => migrate_cmd::save(&cli_target(&cli.connect, cli.connect_timeout), args),
+        Command::Metrics(args) => metrics::run(std::time::Duration::from_secs_f64(cli.connect_timeout.max(0.0)), args),
         Command::Restore(args) => migrate_cmd::restore(&cli_target(&cli.connect, cli.connect_timeout), args),
         Command::Completions(args) => docs_cmd::completions(Cli::command(), args),
         Command::Man(args) => docs_cmd::man(Cli::command(), args),

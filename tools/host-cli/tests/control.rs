@@ -59,48 +59,19 @@ fn help_documents_the_exit_codes() {
 
 #[test]
 fn info_over_hybrid_vsock_names_the_transport() {
-    use std::io::{BufRead, BufReader, Write};
-    let dir = std::env::temp_dir().join(format!("hvctl-test-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("info.vsock");
-    let _ = std::fs::remove_file(&path);
-    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(conn) = conn else { return };
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            let mut conn = conn;
-            conn.write_all(b"OK 5000\n").unwrap();
-            let mut decoder = wire::FrameDecoder::new();
-            let mut buf = [0u8; 4096];
-            loop {
-                let n = match std::io::Read::read(&mut reader, &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                decoder.push(&buf[..n]);
-                while let Some(Ok(frame)) = decoder.next_frame() {
-                    let report = wire::InfoReport {
-                        hv_version: "0.1.0 (fake)".into(),
-                        protocol_version: wire::PROTOCOL_VERSION,
-                        uptime_ns: 1,
-                        capabilities: Vec::new(),
-                        cpus: 1,
-                        memory_bytes: 1 << 29,
-                        services: Vec::new(),
-                        memory_use: wire::MemoryUse::default(),
-                        control: vec!["vsock port 5000 (CID 3)".into()],
-                    };
-                    let mut out = Vec::new();
-                    wire::encode_response(frame.request_id, &wire::Response::Info(Box::new(report)), &mut out).unwrap();
-                    conn.write_all(&out).unwrap();
-                }
-            }
-        }
+    let target = common::fake_hv_target("info", |_| {
+        wire::Response::Info(Box::new(wire::InfoReport {
+            hv_version: "0.1.0 (fake)".into(),
+            protocol_version: wire::PROTOCOL_VERSION,
+            uptime_ns: 1,
+            capabilities: Vec::new(),
+            cpus: 1,
+            memory_bytes: 1 << 29,
+            services: Vec::new(),
+            memory_use: wire::MemoryUse::default(),
+            control: vec!["vsock port 5000 (CID 3)".into()],
+        }))
     });
-    let target = format!("unix:{}:5000", path.display());
     let o = hvctl(&["--connect", &target, "info"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let out = common::stdout(&o);

@@ -2,6 +2,8 @@
 //! under `levelling/testdata`. Golden files live in `tests/golden/`; regenerate with
 //! `UPDATE_GOLDEN=1 cargo test -p host-cli` and review the diff.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -450,4 +452,90 @@ fn level_drops_features_whose_xsave_layout_differs() {
         let o = hvctl(&["cpuid", "policy", &spec, "--on", on]);
         assert_eq!(o.status.code(), Some(0), "{on}: {}", stdout(&o));
     }
+}
+
+/// The data lines (not comments) of a dump.
+fn data_lines(text: &str) -> Vec<String> {
+    text.lines().filter(|l| !l.starts_with('#')).map(str::to_string).collect()
+}
+
+#[test]
+fn dump_from_a_hypervisor_is_its_hosts_records() {
+    let file = testdata("qemu-7.2-tcg-epyc.cpuid");
+    let target = common::fake_cpuid_hv("dump-epyc", &file);
+    for flag in ["--connect", "--from"] {
+        let o = hvctl(&["cpuid", "dump", flag, &target]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = stdout(&o);
+        assert_eq!(out.lines().next(), Some("# hvctl cpuid dump v1"));
+        assert_eq!(
+            out.lines().nth(1),
+            Some(format!("# source: fake hv serving dump-epyc, fetched from {target} with hvctl cpuid dump").as_str())
+        );
+        let expected = data_lines(&std::fs::read_to_string(&file).unwrap());
+        assert!(expected.len() > 20, "the test dump has {} records", expected.len());
+        assert_eq!(data_lines(&out), expected);
+    }
+}
+
+/// `level --json` with the host labels taken out (they are file names or targets).
+fn level_json_without_labels(args: &[&str]) -> serde_json::Value {
+    let o = hvctl(args);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    let mut v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    v["presented"]["from"] = serde_json::Value::Null;
+    for h in v["hosts"].as_array_mut().unwrap() {
+        h["host"] = serde_json::Value::Null;
+        h["source"] = serde_json::Value::Null;
+    }
+    for c in v["caveats"].as_array_mut().unwrap() {
+        c["hosts"] = serde_json::Value::Null;
+    }
+    v
+}
+
+#[test]
+fn level_from_hypervisors_equals_level_over_their_dumps() {
+    let (a, b) = (testdata("qemu-7.2-tcg-epyc.cpuid"), testdata("bochs-2.7-corei7-skylake-x.cpuid"));
+    let ta = common::fake_cpuid_hv("level-a", &a);
+    let tb = common::fake_cpuid_hv("level-b", &b);
+    let from = format!("{ta},{tb}");
+    let live = level_json_without_labels(&["cpuid", "level", "--from", &from, "--json"]);
+    let files = level_json_without_labels(&["cpuid", "level", &a, &b, "--json"]);
+    assert_eq!(live, files);
+    assert!(live["cross_vendor"].as_bool().unwrap(), "AMD and Intel hosts: {live}");
+    // The text form names each host by its target.
+    let o = hvctl(&["cpuid", "level", "--from", &from]);
+    let out = stdout(&o);
+    assert!(out.lines().any(|l| l.starts_with(&ta)), "{out}");
+    assert!(out.lines().any(|l| l.starts_with(&tb)), "{out}");
+}
+
+#[test]
+fn level_from_an_unreachable_hypervisor_fails_naming_it() {
+    let ta = common::fake_cpuid_hv("level-up", &testdata("qemu-7.2-tcg-epyc.cpuid"));
+    let down = format!("unix:{}:5000", tmp("nobody-here.vsock").display());
+    let o = hvctl(&["--connect-timeout", "0.2", "cpuid", "level", "--from", &format!("{ta},{down}")]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.starts_with(&format!("hvctl: error: {down}: ")), "{e}");
+    assert!(stdout(&o).is_empty());
+}
+
+#[test]
+fn check_on_a_hypervisor_verifies_against_its_host() {
+    let epyc = testdata("qemu-7.2-tcg-epyc.cpuid");
+    let target = common::fake_cpuid_hv("check-epyc", &epyc);
+    let policy = tmp("check-on-target.policy");
+    let o = hvctl(&["cpuid", "policy", "base=host-max", "--on", &epyc, "-o", policy.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let p = policy.to_str().unwrap();
+    let o = hvctl(&["cpuid", "check", p, "--on", &target]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().next(), Some(format!("compatible: {p} can run on {target}").as_str()));
+    // The same policy on an Intel host: refused, exit 1, for the vendor.
+    let intel = common::fake_cpuid_hv("check-skx", &testdata("bochs-2.7-corei7-skylake-x.cpuid"));
+    let o = hvctl(&["cpuid", "check", p, "--on", &intel]);
+    assert_eq!(o.status.code(), Some(1), "{}", stdout(&o));
+    assert!(stdout(&o).starts_with(&format!("incompatible: {p} cannot run on {intel}")), "{}", stdout(&o));
 }

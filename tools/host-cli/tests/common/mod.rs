@@ -70,3 +70,25 @@ pub fn hvctl_on_terminal(args: &[&str], tty: Tty) -> (Output, String) {
     drop(pty.slave);
     (o, reader.join().unwrap())
 }
+
+/// A fake hypervisor (the shared [`fake_hv`] listener) answering every request with
+/// `answer`; its `unix:PATH:5000` target.
+pub fn fake_hv_target(name: &str, answer: impl Fn(&wire::Request) -> wire::Response + Send + Sync + 'static) -> String {
+    fake_hv::Fake::start(name, move |r| answer(&r)).target()
+}
+
+/// A fake hypervisor answering `HostCpuid` with the records of the dump file `dump`
+/// (and an error to anything else).
+pub fn fake_cpuid_hv(name: &str, dump: &str) -> String {
+    let text = std::fs::read_to_string(dump).unwrap();
+    let d = levelling::parse_dump(&text).unwrap();
+    let records: Vec<wire::CpuidLeaf> =
+        d.records.iter().map(|r| wire::CpuidLeaf { leaf: r.leaf, subleaf: r.subleaf, regs: r.regs }).collect();
+    let source = format!("fake hv serving {name}");
+    fake_hv_target(name, move |req| match req {
+        wire::Request::HostCpuid => {
+            wire::Response::HostCpuid(wire::HostCpuidReport { source: source.clone(), records: records.clone() })
+        }
+        other => wire::Response::Error(wire::ErrorReply::new(wire::ErrorCode::NotImplemented, other.name())),
+    })
+}
