@@ -438,3 +438,44 @@ fn a_stale_hypervisor_connection_is_reopened_reads_repeated_and_changes_not() {
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(w.domains(), vec![1]);
 }
+
+/// One plain-HTTP `GET /metrics` (Prometheus' text 0.0.4) at `addr`: status line and body.
+fn get_metrics(addr: &str) -> (String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\nAccept: text/plain\r\nConnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
+    (head.lines().next().unwrap_or_default().to_string(), body.to_string())
+}
+
+#[test]
+fn the_agent_serves_metrics_of_its_hypervisors_and_asks_them_only_reads() {
+    let metrics = format!("127.0.0.2:{}", agent::free_port("127.0.0.2"));
+    let w = World::new("metrics", &format!("metrics_listen = \"{metrics}\""));
+    let (status, body) = get_metrics(&metrics);
+    assert!(status.contains(" 200 "), "{status}\n{body}");
+    for line in [
+        "hv_up{hypervisor=\"h\"} 1",
+        "hv_domain_info{hypervisor=\"h\",domain=\"1\",name=\"d1\"} 1",
+        "hv_domain_info{hypervisor=\"h\",domain=\"2\",name=\"d2\"} 1",
+    ] {
+        assert!(body.lines().any(|l| l == line), "missing {line:?} in\n{body}");
+    }
+    // A domain destroyed through the agent is gone from the next scrape.
+    let o = w.hvctl("ops", &["domain", "destroy", "2"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let (_, body) = get_metrics(&metrics);
+    assert!(!body.contains("domain=\"2\""), "{body}");
+    // The endpoint has no identity: everything it asked is a read.
+    let asked = w.requests();
+    assert!(asked.iter().any(|r| r == "domain-list"), "{asked:?}");
+    assert_eq!(asked.iter().filter(|r| *r == "domain-destroy").count(), 1, "only ops' destroy: {asked:?}");
+    for r in &asked {
+        assert!(
+            !r.starts_with("migrate") && !r.starts_with("dirty-start") && r != "monitor-attach",
+            "{r} in {asked:?}"
+        );
+    }
+}

@@ -54,6 +54,11 @@ pub struct AgentConfig {
     /// Seconds a connection may stay silent (and the most one frame may take).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: f64,
+    /// `ADDR:PORT` to serve Prometheus' `GET /metrics` on (plain HTTP, read-only: the
+    /// same series as `hvctl metrics serve`, for every hypervisor of this agent). None:
+    /// no metrics endpoint.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_max_connections() -> usize {

@@ -141,6 +141,10 @@ pub fn init(o: InitOptions) -> Result<ExitCode, CliError> {
             t,
             "max_connections = 64\nmax_frame = 262144\nhandshake_timeout_secs = 5\nidle_timeout_secs = 120"
         );
+        let _ = writeln!(
+            t,
+            "# Prometheus' GET /metrics (plain HTTP, read-only), or --metrics ADDR:PORT\n# metrics_listen = \"127.0.0.1:9464\""
+        );
         for (client, r) in &clients {
             let _ = writeln!(t, "\n[[allow]]\nidentity = {}\nrole = \"{}\"", toml_str(client), r.name());
         }

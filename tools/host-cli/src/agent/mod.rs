@@ -54,6 +54,10 @@ enum AgentCommand {
         /// Audit only to --audit-log, not stderr.
         #[arg(long, requires = "audit_log")]
         quiet: bool,
+        /// Also serve Prometheus' GET /metrics here (plain HTTP, read-only) for every
+        /// hypervisor of this agent; overrides the config's `metrics_listen`.
+        #[arg(long, value_name = "ADDR:PORT")]
+        metrics: Option<String>,
     },
     /// Make a CA, agent and client certificates (PEM), agent configs and an hvctl config.
     Init {
@@ -84,8 +88,8 @@ enum AgentCommand {
 /// Run `hvctl agent ...`.
 pub fn run(opts: &Options, a: AgentArgs) -> Result<ExitCode, CliError> {
     match a.command {
-        AgentCommand::Serve { config, hypervisors, listen, audit_log, quiet } => {
-            server::serve(server::ServeOptions { config, hypervisors, listen, audit_log, quiet })
+        AgentCommand::Serve { config, hypervisors, listen, audit_log, quiet, metrics } => {
+            server::serve(server::ServeOptions { config, hypervisors, listen, audit_log, quiet, metrics })
         }
         AgentCommand::Init { dir, agents, clients } => init::init(init::InitOptions { dir, agents, clients }),
         AgentCommand::Stats { json } => remote::stats(opts, json),

@@ -40,7 +40,7 @@ use super::proto::{
 use super::tls::{self, ServerStream};
 use crate::migrate_cmd::{self, Endpoint, Track, Watch};
 use crate::transport::{self, Client, Options};
-use crate::{CliError, err};
+use crate::{CliError, err, metrics};
 
 /// What a request needs and its name in the audit log. Exhaustive on purpose: a new
 /// request is unclassified until someone writes its line here.
@@ -81,6 +81,7 @@ pub fn classify(r: &Request) -> (&'static str, Role) {
         Request::ImageBegin { .. } => ("image-begin", Admin),
         Request::ImageChunk { .. } => ("image-chunk", Admin),
         Request::ImageCancel { .. } => ("image-cancel", Admin),
+        Request::HostCpuid => ("host-cpuid", ReadOnly),
     }
 }
 
@@ -207,6 +208,32 @@ struct Agent {
     /// Outbound links of migrations running now (peer address, counters): counted
     /// live, folded into `peers` when the migration ends.
     outbound: Mutex<Vec<(String, Arc<transport::Traffic>)>>,
+    /// Host-to-host migrations this agent relays now, by (source hypervisor, agent
+    /// request id): their latest progress, for `/metrics` (the control protocol has no
+    /// request that lists a hypervisor's migrations).
+    relaying: Mutex<BTreeMap<(String, u64), MigrateProgress>>,
+}
+
+/// `/metrics` covers the agent's hypervisors through the same shared connections the
+/// TLS clients use (each call under its hypervisor's lock), and the migrations it
+/// relays.
+impl metrics::HypervisorSet for Agent {
+    fn names(&self) -> Vec<String> {
+        self.hypervisors.keys().cloned().collect()
+    }
+
+    fn call(&self, name: &str, req: &Request) -> Result<Response, CliError> {
+        // Only reads: the endpoint has no identity to check, so it must not change anything.
+        if classify(req).1 != Role::ReadOnly {
+            return Err(err(format!("/metrics asked for {}, which is not a read", classify(req).0)));
+        }
+        let hv = self.hypervisors.get(name).ok_or_else(|| err(format!("no hypervisor {name:?} on this agent")))?;
+        hv.call(req)
+    }
+
+    fn migrations(&self, name: &str) -> Vec<MigrateProgress> {
+        lock(&self.relaying).iter().filter(|((hv, _), _)| hv == name).map(|(_, p)| p.clone()).collect()
+    }
 }
 
 impl Agent {
@@ -257,6 +284,8 @@ pub struct ServeOptions {
     pub audit_log: Option<PathBuf>,
     /// Audit only to the file.
     pub quiet: bool,
+    /// Overrides the config's `metrics_listen`.
+    pub metrics: Option<String>,
 }
 
 /// Run the agent until killed.
@@ -264,6 +293,9 @@ pub fn serve(o: ServeOptions) -> Result<std::process::ExitCode, CliError> {
     let mut config = AgentConfig::load(&o.config)?;
     if let Some(l) = o.listen {
         config.listen = l;
+    }
+    if let Some(m) = o.metrics {
+        config.metrics_listen = Some(m);
     }
     for pair in &o.hypervisors {
         let (name, target) = pair.split_once('=').filter(|(n, t)| !n.is_empty() && !t.is_empty()).ok_or_else(|| {
@@ -307,7 +339,20 @@ pub fn serve(o: ServeOptions) -> Result<std::process::ExitCode, CliError> {
         refused: AtomicU64::new(0),
         peers: Mutex::new(HashMap::new()),
         outbound: Mutex::new(Vec::new()),
+        relaying: Mutex::new(BTreeMap::new()),
     });
+    if let Some(addr) = &agent.config.metrics_listen {
+        let metrics_listener =
+            TcpListener::bind(addr).map_err(|e| err(format!("cannot listen for /metrics on {addr}: {e}")))?;
+        let at = metrics_listener.local_addr().map_or_else(|_| addr.clone(), |a| a.to_string());
+        let set: Arc<dyn metrics::HypervisorSet + Send + Sync> = agent.clone();
+        std::thread::Builder::new()
+            .name("agent-metrics".into())
+            .spawn(move || metrics::serve(metrics_listener, set))
+            .map_err(|e| err(format!("cannot start the /metrics thread: {e}")))?;
+        agent.audit.record(json!({"time": utc_now(), "event": "metrics", "address": at}));
+        println!("AGENT metrics on http://{at}/metrics");
+    }
     let names: Vec<&str> = agent.hypervisors.keys().map(String::as_str).collect();
     agent.audit.record(json!({
         "time": utc_now(), "event": "listening", "address": local.to_string(), "hypervisors": names,
@@ -617,7 +662,8 @@ impl<'a> Connection<'a> {
         let mut shared = Shared(src);
         let mut track = Track::default();
         let agent = self.agent;
-        let mut watch = AgentWatch { conn: self, id, last: None, broken: false };
+        let source = order.source.clone();
+        let mut watch = AgentWatch { conn: self, id, source: source.clone(), last: None, broken: false };
         let result = migrate_cmd::relay_between(
             &mut shared,
             &mut dst,
@@ -627,6 +673,7 @@ impl<'a> Connection<'a> {
             &mut track,
             &mut watch,
         );
+        lock(&agent.relaying).remove(&(source, id));
         // From the live list into the totals, under both locks so stats never count
         // them twice or not at all.
         {
@@ -660,12 +707,15 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 struct AgentWatch<'c, 'a> {
     conn: &'c mut Connection<'a>,
     id: u64,
+    /// The source hypervisor's name, under which `/metrics` shows the progress.
+    source: String,
     last: Option<Instant>,
     broken: bool,
 }
 
 impl Watch for AgentWatch<'_, '_> {
     fn progress(&mut self, p: &MigrateProgress, serial_rate: Option<f64>, state_changed: bool) {
+        lock(&self.conn.agent.relaying).insert((self.source.clone(), self.id), p.clone());
         if self.broken || (!state_changed && self.last.is_some_and(|t| t.elapsed() < PROGRESS_EVERY)) {
             return;
         }
@@ -698,6 +748,7 @@ mod tests {
             Request::DirtyStats { domain: 1 },
             Request::DirtyPeek { domain: 1, clean: false },
             Request::DirtyTrackPeek { domain: 1, clean: false },
+            Request::HostCpuid,
         ];
         for r in &read_only {
             assert_eq!(classify(r).1, Role::ReadOnly, "{r:?}");
