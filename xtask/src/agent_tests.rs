@@ -23,7 +23,7 @@ use crate::systest::{NamedTest, hvctl_output, run_each, select};
 const TESTS: &[NamedTest<Ctx>] = &[("agent-migrate-memwriter-host-to-host", host_to_host)];
 
 /// One agent process, killed when dropped.
-struct AgentProcess {
+pub struct AgentProcess {
     child: Child,
     audit: PathBuf,
 }
@@ -42,19 +42,31 @@ struct Agents {
     remote: Remote,
 }
 
-fn free_port(ip: &str) -> Result<u16> {
+/// A free TCP port on `ip` (bound, then released for the child to take).
+pub fn free_port(ip: &str) -> Result<u16> {
     let l = std::net::TcpListener::bind((ip, 0)).map_err(|e| format!("cannot bind {ip}: {e}"))?;
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
-fn spawn_agent(hvctl: &Path, dir: &Path, name: &str, addr: &str, target: &str) -> Result<AgentProcess> {
+/// `hvctl agent serve` for agent `name` of the configs `hvctl agent init` wrote in
+/// `dir`, serving `hypervisor` (`NAME=TARGET`), with `extra` arguments; returns once
+/// it listens.
+pub fn spawn_agent(
+    hvctl: &Path,
+    dir: &Path,
+    name: &str,
+    addr: &str,
+    hypervisor: &str,
+    extra: &[&str],
+) -> Result<AgentProcess> {
     let audit = dir.join(format!("{name}.audit.jsonl"));
     let mut child = Command::new(hvctl)
         .args(["agent", "serve", "--config"])
         .arg(dir.join(format!("{name}.toml")))
-        .args(["--hypervisor", &format!("h={target}"), "--audit-log"])
+        .args(["--hypervisor", hypervisor, "--audit-log"])
         .arg(&audit)
         .arg("--quiet")
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -100,8 +112,8 @@ impl Agents {
         if code != Some(0) {
             return Err(format!("hvctl agent init failed: {}", stderr.trim()));
         }
-        let a = spawn_agent(&ctx.hvctl, &dir, "a", &a_addr, &migration_tests::target(&ctx.src))?;
-        let b = spawn_agent(&ctx.hvctl, &dir, "b", &b_addr, &migration_tests::target(&ctx.dst))?;
+        let a = spawn_agent(&ctx.hvctl, &dir, "a", &a_addr, &format!("h={}", migration_tests::target(&ctx.src)), &[])?;
+        let b = spawn_agent(&ctx.hvctl, &dir, "b", &b_addr, &format!("h={}", migration_tests::target(&ctx.dst)), &[])?;
         let file = |f: &str| dir.join(f).display().to_string();
         let tls = vec![
             "--tls-cert".into(),

@@ -7,8 +7,9 @@
 //!   without any guest); `cpuid level --from A,B` must equal `cpuid level` over the two
 //!   fetched dumps; `cpuid check --on` must accept the levelled policy on both hosts
 //!   and refuse EPYC's host-max on the Hygon host.
-//! - `prometheus-*`: each hypervisor runs a memwriter and has an exporter
-//!   (`hvctl metrics serve`) on its own loopback address, 127.0.0.2 and 127.0.0.3;
+//! - `prometheus-*`: each hypervisor runs a memwriter and is served by its host agent
+//!   (`hvctl agent serve --metrics`, certificates by `hvctl agent init`) on its own
+//!   loopback address, 127.0.0.2 and 127.0.0.3, TLS and `/metrics` alike;
 //!   `promtool check metrics` must accept both formats; a real Prometheus (Debian's
 //!   package, started here with a generated configuration, a 1 s scrape interval and
 //!   its storage under the run directory, on 127.0.0.1) scrapes both, and its HTTP API
@@ -17,11 +18,12 @@
 //! Every process started here is killed when the test ends, failed or not ([`Procs`]).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::agent_tests::{AgentProcess, free_port, spawn_agent};
 use crate::emulator::{Platform, RunConfig, Session};
 use crate::image::Esp;
 use crate::serial::clean;
@@ -31,7 +33,7 @@ use crate::{Result, tools};
 /// The CPU models, their names in the tests, and the dump the boot image recorded.
 const HOSTS: [(&str, &str, &str); 2] =
     [("a", "EPYC", "qemu-7.2-tcg-epyc.cpuid"), ("b", "Dhyana", "qemu-7.2-tcg-dhyana.cpuid")];
-/// The exporters' loopback addresses, one per host (Linux routes all of 127/8 to lo).
+/// The agents' loopback addresses, one per host (Linux routes all of 127/8 to lo).
 const EXPORTER_IPS: [&str; 2] = ["127.0.0.2", "127.0.0.3"];
 /// A memwriter that runs practically for ever, yielding (a VM exit) every page.
 const WRITER_CMDLINE: &str = "pages=16 rounds=100000000 seed=5 base=0x300000 every=1";
@@ -49,7 +51,7 @@ const TESTS: &[NamedTest<Ctx>] = &[
     ("fleet-cpuid-level-from-two-hypervisors-equals-level-of-their-dumps", level_from),
     ("fleet-cpuid-check-on-a-hypervisor", check_on),
     ("prometheus-promtool-accepts-both-formats", promtool_formats),
-    ("prometheus-server-scrapes-two-hypervisors-vm-exits-increase", prometheus_server),
+    ("prometheus-server-scrapes-two-agents-vm-exits-increase", prometheus_server),
 ];
 
 /// Boot the two hosts and run the tests matching `filter`.
@@ -266,7 +268,7 @@ fn check_on(ctx: &Ctx) -> Result<String> {
 }
 
 /// Children that are killed (and reaped) when this goes out of scope, whatever
-/// happened: exporters and the Prometheus server.
+/// happened: the Prometheus server.
 struct Procs(Vec<(String, Child)>);
 
 impl Drop for Procs {
@@ -276,12 +278,6 @@ impl Drop for Procs {
             let _ = c.wait();
         }
     }
-}
-
-/// A free TCP port on `ip` (bound, then released for the child to take).
-fn free_port(ip: &str) -> Result<u16> {
-    let l = TcpListener::bind((ip, 0)).map_err(|e| format!("cannot bind {ip}:0: {e}"))?;
-    l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
 }
 
 /// One HTTP/1.0 GET (no chunked encoding, the server closes): (status, body).
@@ -299,11 +295,12 @@ fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Result<(u16, 
     Ok((status, body.to_string()))
 }
 
-/// A memwriter on each host (once) and an exporter per host on its loopback address.
-fn start_exporters(ctx: &Ctx, procs: &mut Procs) -> Result<[SocketAddr; 2]> {
+/// A memwriter on each host (once), then certificates (`hvctl agent init`) and a host
+/// agent per host on its loopback address serving that host's hypervisor over TLS and
+/// `/metrics` over HTTP; the `/metrics` addresses.
+fn start_agents(ctx: &Ctx, agents: &mut Vec<AgentProcess>) -> Result<[SocketAddr; 2]> {
     let kernel = ctx.guests.join("memwriter.elf").display().to_string();
-    let mut addrs = Vec::new();
-    for (i, s) in ctx.sessions.iter().enumerate() {
+    for s in &ctx.sessions {
         let t = target(s);
         let list = hvctl_expect(ctx, &["--connect", &t, "domain", "list", "--json"], 0)?;
         if !list.contains("\"metrics-writer\"") {
@@ -321,16 +318,21 @@ fn start_exporters(ctx: &Ctx, procs: &mut Procs) -> Result<[SocketAddr; 2]> {
             ];
             hvctl_expect(ctx, &[&args[..], &["--cmdline", WRITER_CMDLINE]].concat(), 0)?;
         }
+    }
+    let certs = ctx.dir.join("agents");
+    let _ = std::fs::remove_dir_all(&certs);
+    let tls: Vec<String> =
+        EXPORTER_IPS.iter().map(|ip| Ok(format!("{ip}:{}", free_port(ip)?))).collect::<Result<_>>()?;
+    let d = certs.display().to_string();
+    let (a, b) = (format!("{}={}", HOSTS[0].0, tls[0]), format!("{}={}", HOSTS[1].0, tls[1]));
+    hvctl_expect(ctx, &["agent", "init", "--dir", &d, "--agent", &a, "--agent", &b, "--client", "ops=admin"], 0)?;
+    let mut addrs = Vec::new();
+    for (i, s) in ctx.sessions.iter().enumerate() {
         let ip = EXPORTER_IPS[i];
         let addr: SocketAddr = format!("{ip}:{}", free_port(ip)?).parse().map_err(|e| format!("{e}"))?;
-        let child = Command::new(&ctx.hvctl)
-            .args(["metrics", "serve", "--listen", &addr.to_string(), "--hypervisor", &format!("{}={t}", HOSTS[i].0)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("cannot start hvctl metrics serve: {e}"))?;
-        procs.0.push((format!("exporter {}", HOSTS[i].0), child));
-        wait_for(&format!("the exporter on {addr}"), 20, || Ok(TcpStream::connect(addr).is_ok()))?;
+        let (name, hypervisor) = (HOSTS[i].0, format!("{}={}", HOSTS[i].0, target(s)));
+        agents.push(spawn_agent(&ctx.hvctl, &certs, name, &tls[i], &hypervisor, &["--metrics", &addr.to_string()])?);
+        wait_for(&format!("agent {name}'s /metrics on {addr}"), 20, || Ok(TcpStream::connect(addr).is_ok()))?;
         addrs.push(addr);
     }
     Ok([addrs[0], addrs[1]])
@@ -353,8 +355,8 @@ fn promtool(text: &str) -> Result<(Option<i32>, String)> {
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0";
 
 fn promtool_formats(ctx: &Ctx) -> Result<String> {
-    let mut procs = Procs(Vec::new());
-    let addrs = start_exporters(ctx, &mut procs)?;
+    let mut agents = Vec::new();
+    let addrs = start_agents(ctx, &mut agents)?;
     let mut detail = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let started = Instant::now();
@@ -431,8 +433,9 @@ fn query(addr: SocketAddr, q: &str) -> Result<Vec<(serde_json::Value, f64)>> {
 }
 
 fn prometheus_server(ctx: &Ctx) -> Result<String> {
+    let mut agents = Vec::new();
+    let addrs = start_agents(ctx, &mut agents)?;
     let mut procs = Procs(Vec::new());
-    let addrs = start_exporters(ctx, &mut procs)?;
     let dir = ctx.dir.join("prometheus");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("data")).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -460,7 +463,7 @@ fn prometheus_server(ctx: &Ctx) -> Result<String> {
         text.lines().rev().take(15).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
     };
     // Both targets up, as Prometheus sees them.
-    let ups = wait_for("Prometheus to scrape both exporters (up == 1)", 60, || {
+    let ups = wait_for("Prometheus to scrape both agents (up == 1)", 60, || {
         Ok(query(web, "up == 1").map(|r| r.len() == 2).unwrap_or(false))
     });
     if let Err(e) = ups {
@@ -498,5 +501,10 @@ fn prometheus_server(ctx: &Ctx) -> Result<String> {
     }
     let shown: Vec<String> =
         first.iter().zip(&second).map(|(a, b)| format!("{} domain {}: {} -> {}", a.0, a.1, a.2, b.2)).collect();
-    Ok(format!("Prometheus {web} scraping {} and {}: {} (within {after:.1} s)", addrs[0], addrs[1], shown.join(", ")))
+    Ok(format!(
+        "Prometheus {web} scraping agents' /metrics {} and {}: {} (within {after:.1} s)",
+        addrs[0],
+        addrs[1],
+        shown.join(", ")
+    ))
 }
