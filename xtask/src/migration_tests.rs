@@ -56,7 +56,7 @@ const TESTS: &[NamedTest<Ctx>] = &[
 
 /// The Linux migration test (about a minute: Linux boots under the hypervisor first);
 /// `--no-linux` leaves it out with the other Linux tests.
-const LINUX_TEST: &str = "migrate-linux-shell-between-instances";
+const LINUX_TEST: &str = "migrate-linux-workload-between-instances";
 
 /// Boot a source and a destination and run the migration tests matching `filter`
 /// (`linux`: the Linux guest's test too).
@@ -69,12 +69,14 @@ pub fn run(esp: &Esp, filter: Option<&str>, linux: bool) -> Result<(usize, usize
     Ok((p + lp, f + lf))
 }
 
-/// Issue 13 item 3 with a real guest: Debian's kernel boots on the source with
-/// `hv.test=shell` (a shell on ttyS0) and is migrated once the shell is up. On the
-/// destination the shell must answer a command typed into its console (UART, its
-/// interrupt and the LAPIC/I/O APIC that carry it, the scheduler's timers), with an
-/// uptime no smaller than the one it printed on the source, and `poweroff -f` must
-/// end it there (finished(0)).
+/// Issue 13's Linux live migration: Debian's kernel, 256 MiB, boots on the source with
+/// `hv.test=workload` (a 64 MiB tmpfs file of known sha256, a counter every 100 ms
+/// with the uptime, and a shell on ttyS0) and is migrated with `--verify` (the memory
+/// digests must be equal) while the counter runs. On the destination the counter must
+/// continue with no gap and no repeat, the uptime it prints must never go back, the
+/// file's sha256 must verify, the shell must answer a command typed into its console
+/// (UART, its interrupt and the LAPIC/I/O APIC that carry it, the scheduler's timers),
+/// and `poweroff -f` must end it there (finished(0)).
 fn run_linux(esp: &Esp) -> Result<(usize, usize)> {
     let assets = crate::linux::ensure_linux_assets()?;
     let src_platform = Platform::Qemu { cpu: "EPYC".into() };
@@ -91,7 +93,7 @@ fn run_linux(esp: &Esp) -> Result<(usize, usize)> {
         domains,
     };
     println!("systest {LINUX_TEST} on {src_platform} -> {dst_platform} (Linux {}) ...", assets.kernel_release);
-    let line = crate::linux_tests::domain_line("linux", "256M", "shell", Some(WRITER_CPUID), "");
+    let line = crate::linux_tests::domain_line("linux", "256M", "workload", Some(WRITER_CPUID), "");
     let staged = crate::linux_tests::staged(&assets);
     let mut src = Session::spawn_staged(&src_platform, esp, &config("migrate-linux-src", Some(line)), &staged)?;
     let mut dst = Session::spawn(&dst_platform, esp, &config("migrate-linux-dst", None))?;
@@ -112,7 +114,7 @@ fn run_linux(esp: &Esp) -> Result<(usize, usize)> {
     let writer = std::cell::Cell::new(None);
     let mut ctx = Ctx { hvctl, guests: esp.dir.join("EFI").join("HV"), src, dst, writer, remote: None };
     let started = std::time::Instant::now();
-    let result = linux_shell(&ctx);
+    let result = linux_workload(&ctx);
     let ok = match result {
         Ok(detail) => {
             println!("systest {LINUX_TEST} ... ok ({:.1} s; {detail})", started.elapsed().as_secs_f64());
@@ -135,18 +137,80 @@ fn init_uptime(text: &str) -> Option<f64> {
     clean(text).lines().find_map(|l| l.split("HV-LINUX-INIT uptime=").nth(1)?.split_whitespace().next()?.parse().ok())
 }
 
-fn linux_shell(ctx: &Ctx) -> Result<String> {
+/// The `HV-TICK <n> <uptime>` lines of a console, in order.
+fn ticks(text: &str) -> Vec<(u64, f64)> {
+    clean(text)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split("HV-TICK ").nth(1)?.split_whitespace();
+            Some((f.next()?.parse().ok()?, f.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sha256 (hex) of 64 MiB of `y`, the workload's file, computed on the host.
+fn workload_sha256() -> Result<String> {
+    let out = Command::new("sh")
+        .args(["-c", "head -c 67108864 /dev/zero | tr '\\0' y | sha256sum"])
+        .output()
+        .map_err(|e| format!("cannot run sha256sum on the host: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text.split_whitespace().next().unwrap_or_default();
+    if !out.status.success() || hex.len() != 64 {
+        return Err(format!("the host's sha256sum failed: {text} {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    Ok(hex.into())
+}
+
+/// The last `prefix <word>` word of a console.
+fn marker<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+    text.lines().rev().find_map(|l| l.split(prefix).nth(1)?.split_whitespace().next())
+}
+
+fn linux_workload(ctx: &Ctx) -> Result<String> {
     let console = |s: &Session, id: u64| hvctl_on(ctx, s, &["domain", "console", &id.to_string()]);
-    wait_for("the Linux shell to come up on the source", 900, || Ok(console(&ctx.src, 1)?.contains("HV-SHELL-READY")))?;
-    let booted_at = init_uptime(&console(&ctx.src, 1)?).ok_or("no HV-LINUX-INIT line on the source")?;
-    std::thread::sleep(Duration::from_secs(2));
-    let (code, report, stderr) = migrate(ctx, 1, &[])?;
+    let expected_sha = workload_sha256()?;
+    wait_for("the workload and shell to come up on the source", 900, || {
+        Ok(ticks(&console(&ctx.src, 1)?).len() >= 20 && console(&ctx.src, 1)?.contains("HV-SHELL-READY"))
+    })?;
+    let before = console(&ctx.src, 1)?;
+    let booted_at = init_uptime(&before).ok_or("no HV-LINUX-INIT line on the source")?;
+    let sha_before = marker(&before, "HV-WL-SHA256 ").ok_or("no HV-WL-SHA256 line on the source")?.to_string();
+    if sha_before != expected_sha {
+        return Err(format!(
+            "the guest's file has sha256 {sha_before} on the source, the host computes {expected_sha}"
+        ));
+    }
+    let last_on_source = ticks(&before).last().map(|t| t.0).unwrap_or_default();
+    let (code, report, stderr) = migrate(ctx, 1, &["--verify"])?;
     if code != Some(0) || report["outcome"] != "completed" {
-        return Err(format!("migrating the Linux guest did not complete: exit {code:?}, {report}; {stderr}"));
+        return Err(format!("migrating the running Linux guest did not complete: exit {code:?}, {report}; {stderr}"));
+    }
+    if report["digests_match"] != true {
+        return Err(format!("the memory digests of source and destination differ (or were not taken): {report}"));
     }
     let id = report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
-    if !console(&ctx.dst, id)?.contains("HV-SHELL-READY") {
-        return Err("the destination's console ring lacks what Linux printed on the source".into());
+    // Two seconds of ticks on the destination after the last one the source showed.
+    wait_for("the counter to continue on the destination", 300, || {
+        Ok(ticks(&console(&ctx.dst, id)?).last().is_some_and(|t| t.0 >= last_on_source + 20))
+    })?;
+    let after = ticks(&console(&ctx.dst, id)?);
+    let first = after.first().map(|t| t.0).unwrap_or_default();
+    if first > last_on_source {
+        return Err(format!(
+            "the destination's console starts at tick {first}, after the source's last tick {last_on_source}"
+        ));
+    }
+    let mut max_step = 0f64;
+    for pair in after.windows(2) {
+        let ((a, ua), (b, ub)) = (pair[0], pair[1]);
+        if b != a + 1 {
+            return Err(format!("the counter went from {a} to {b} (a gap or a repeat) around the migration"));
+        }
+        if ub < ua {
+            return Err(format!("the guest's clock went back: tick {a} at {ua} s, tick {b} at {ub} s"));
+        }
+        max_step = max_step.max(ub - ua);
     }
     let target = target(&ctx.dst);
     let mut child = Command::new(&ctx.hvctl)
@@ -156,11 +220,13 @@ fn linux_shell(ctx: &Ctx) -> Result<String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("cannot run hvctl: {e}"))?;
+    let sha_after;
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().ok_or("no stdin")?;
         stdin
-            .write_all(b"echo HV-ALIVE $((6*7)) $(cut -d' ' -f1 /proc/uptime)\n")
+            .write_all(b"echo HV-WL-AFTER $(sha256sum < /tmp/data | cut -d' ' -f1)\n")
+            .and_then(|()| stdin.write_all(b"echo HV-ALIVE $((6*7)) $(cut -d' ' -f1 /proc/uptime)\n"))
             .map_err(|e| format!("writing hvctl's stdin: {e}"))?;
         let alive = wait_for("the migrated shell to answer on the destination", 300, || {
             Ok(console(&ctx.dst, id)?.contains("HV-ALIVE 42 "))
@@ -169,6 +235,8 @@ fn linux_shell(ctx: &Ctx) -> Result<String> {
             let _ = child.kill();
             return Err(format!("{e}; console: {}", console(&ctx.dst, id).unwrap_or_default()));
         }
+        let text = clean(&console(&ctx.dst, id)?);
+        sha_after = marker(&text, "HV-WL-AFTER ").unwrap_or_default().to_string();
         stdin.write_all(b"poweroff -f\n").map_err(|e| format!("writing hvctl's stdin: {e}"))?;
     }
     wait_for("the migrated Linux guest to power off on the destination", 300, || {
@@ -176,6 +244,9 @@ fn linux_shell(ctx: &Ctx) -> Result<String> {
     })?;
     let _ = child.kill();
     let _ = child.wait();
+    if sha_after != expected_sha {
+        return Err(format!("the tmpfs file's sha256 on the destination is {sha_after:?}, expected {expected_sha}"));
+    }
     let text = console(&ctx.dst, id)?;
     let uptime: f64 = clean(&text)
         .lines()
@@ -189,9 +260,13 @@ fn linux_shell(ctx: &Ctx) -> Result<String> {
         return Err(format!("the migrated Linux guest ended {state:?}"));
     }
     Ok(format!(
-        "migrated at the shell prompt ({} pages, {} bytes, downtime {} ms); it answered on the destination at uptime \
+        "migrated running, --verify ({} pages, {} bytes, downtime {} ms); ticks {first}..{} consecutive across the \
+         source's last {last_on_source}, largest uptime step {max_step:.2} s; sha256 verified; it answered at uptime \
          {uptime:.2} s (init at {booted_at:.2} s) and powered off there",
-        report["pages_sent"], report["bytes_sent"], report["downtime_ms"]
+        report["pages_sent"],
+        report["bytes_sent"],
+        report["downtime_ms"],
+        after.last().map(|t| t.0).unwrap_or_default()
     ))
 }
 
