@@ -22,6 +22,10 @@ use crate::systest::{NamedTest, hvctl_output, run_each, select};
 
 const TESTS: &[NamedTest<Ctx>] = &[("agent-migrate-memwriter-host-to-host", host_to_host)];
 
+/// The Linux guest through the agents: its own pair of instances, since the source
+/// boots Linux as its boot-time domain (`--no-linux` leaves it out).
+const LINUX_TEST: &str = "agent-migrate-linux-workload-host-to-host";
+
 /// One agent process, killed when dropped.
 pub struct AgentProcess {
     child: Child,
@@ -128,8 +132,71 @@ impl Agents {
     }
 }
 
-/// Run the agent system tests matching `filter`.
-pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
+/// Run the agent system tests matching `filter` (`linux`: the Linux guest's too).
+pub fn run(esp: &Esp, filter: Option<&str>, linux: bool) -> Result<(usize, usize)> {
+    let (mut lp, mut lf) = (0, 0);
+    if linux && filter.is_none_or(|f| LINUX_TEST.contains(f)) {
+        (lp, lf) = run_linux(esp)?;
+    }
+    let (p, f) = run_memwriter(esp, filter)?;
+    Ok((p + lp, f + lf))
+}
+
+/// Issue 15's acceptance with the Linux guest: the 256 MiB workload guest of the
+/// migration tests migrates from A to B through the agents, with every check of
+/// `migrate-linux-workload-between-instances` (counter, clock, sha256, digests,
+/// console through B's agent), and the agents' counters show the stream went A→B.
+fn run_linux(esp: &Esp) -> Result<(usize, usize)> {
+    let Some(mut ctx) = migration_tests::start_linux_pair(esp, LINUX_TEST, "agent-linux")? else {
+        return Ok((0, 1));
+    };
+    let started = Instant::now();
+    let result = Agents::start(&ctx).and_then(|agents| {
+        ctx.remote = Some(agents.remote.clone());
+        let r = linux_host_to_host(&ctx);
+        if r.is_err() {
+            print_audit(&agents);
+        }
+        r
+    });
+    let failed = match result {
+        Ok(detail) => {
+            println!("systest {LINUX_TEST} ... ok ({:.1} s; {detail})", started.elapsed().as_secs_f64());
+            0
+        }
+        Err(e) => {
+            println!("systest {LINUX_TEST} ... FAILED\n  - {e}");
+            1
+        }
+    };
+    ctx.remote = None;
+    let more = migration_tests::finish_pair(&mut ctx, LINUX_TEST, failed);
+    Ok((1 - failed, failed + more))
+}
+
+fn print_audit(agents: &Agents) {
+    for (name, agent) in [("A", &agents.a), ("B", &agents.b)] {
+        let log = std::fs::read_to_string(&agent.audit).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        println!("---- agent {name} audit log (last lines, newest first) ----\n{}", tail.join("\n"));
+    }
+}
+
+fn linux_host_to_host(ctx: &Ctx) -> Result<String> {
+    // Up and ticking first, so the operator's traffic measured below is the migration's.
+    crate::systest::wait_for("the Linux workload to come up on the source (through agent A)", 900, || {
+        Ok(migration_tests::hvctl_on(ctx, &ctx.src, &["domain", "console", "1"])?.contains("HV-SHELL-READY"))
+    })?;
+    let remote = ctx.remote.as_ref().ok_or("no agents")?;
+    let a = agent_addr(&remote.src);
+    let before_a = stats(ctx, &a)?;
+    let (summary, report) = migration_tests::linux_workload_report(ctx)?;
+    let direct = stream_went_directly(ctx, &before_a, &report)?;
+    Ok(format!("{summary}; {direct}"))
+}
+
+/// Run the memwriter agent tests matching `filter` on their own pair.
+fn run_memwriter(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     let selected = select(TESTS, filter);
     if selected.is_empty() {
         return Ok((0, 0));
@@ -146,11 +213,7 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     ctx.remote = Some(agents.remote.clone());
     let (passed, failed) = run_each(&selected, &ctx);
     if failed > 0 {
-        for (name, agent) in [("A", &agents.a), ("B", &agents.b)] {
-            let log = std::fs::read_to_string(&agent.audit).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            println!("---- agent {name} audit log (last lines, newest first) ----\n{}", tail.join("\n"));
-        }
+        print_audit(&agents);
     }
     drop(agents);
     Ok((passed, failed + migration_tests::finish_pair(&mut ctx, "agent-*", failed)))
@@ -175,21 +238,34 @@ fn counter(stats: &serde_json::Value, peer: &str, direction: &str, field: &str) 
         .unwrap_or(0)
 }
 
+/// `HOST:PORT` of a `tls://HOST:PORT/NAME` URL.
+fn agent_addr(url: &str) -> String {
+    url.trim_start_matches("tls://").split('/').next().unwrap_or("").to_string()
+}
+
 fn host_to_host(ctx: &Ctx) -> Result<String> {
-    let remote = ctx.remote.as_ref().ok_or("no agents")?;
-    let addr = |url: &str| url.trim_start_matches("tls://").split('/').next().unwrap_or("").to_string();
-    let (a, b) = (addr(&remote.src), addr(&remote.dst));
     // The writer is created through agent A first (its kernel upload is operator
     // traffic), so the counters below cover the migration alone.
     migration_tests::writer(ctx)?;
-    let before_a = stats(ctx, &a)?;
+    let remote = ctx.remote.as_ref().ok_or("no agents")?;
+    let before_a = stats(ctx, &agent_addr(&remote.src))?;
     let (summary, report) = migration_tests::live_memwriter_report(ctx)?;
+    let direct = stream_went_directly(ctx, &before_a, &report)?;
+    Ok(format!("{summary}; {direct}"))
+}
+
+/// After a migration A→B through the agents (`before_a`: A's stats before it,
+/// `report`: hvctl's): the agents' counters must show the stream went from A to B
+/// itself, and the operator's connection to A must have carried next to nothing.
+fn stream_went_directly(ctx: &Ctx, before_a: &serde_json::Value, report: &serde_json::Value) -> Result<String> {
+    let remote = ctx.remote.as_ref().ok_or("no agents")?;
+    let (a, b) = (agent_addr(&remote.src), agent_addr(&remote.dst));
     let after_a = stats(ctx, &a)?;
     let after_b = stats(ctx, &b)?;
     let stream = report["bytes_sent"].as_u64().ok_or_else(|| format!("no bytes_sent in {report}"))?;
     let a_to_b = counter(&after_a, &b, "outbound", "bytes_sent");
     let b_from_a = counter(&after_b, "a", "inbound", "bytes_received");
-    let delta = |field: &str| counter(&after_a, "ops", "inbound", field) - counter(&before_a, "ops", "inbound", field);
+    let delta = |field: &str| counter(&after_a, "ops", "inbound", field) - counter(before_a, "ops", "inbound", field);
     let operator = delta("bytes_sent") + delta("bytes_received");
     if a_to_b < stream || b_from_a < stream {
         return Err(format!(
@@ -204,7 +280,7 @@ fn host_to_host(ctx: &Ctx) -> Result<String> {
         return Err(format!("the operator's connection to A carried {operator} bytes during a stream of {stream}"));
     }
     Ok(format!(
-        "{summary}; A→B {a_to_b} bytes for a stream of {stream}, B got {b_from_a} from A, the operator's connection to A \
+        "A→B {a_to_b} bytes for a stream of {stream}, B got {b_from_a} from A, the operator's connection to A \
          carried {operator} bytes during the migration"
     ))
 }

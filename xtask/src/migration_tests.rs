@@ -78,44 +78,9 @@ pub fn run(esp: &Esp, filter: Option<&str>, linux: bool) -> Result<(usize, usize
 /// (UART, its interrupt and the LAPIC/I/O APIC that carry it, the scheduler's timers),
 /// and `poweroff -f` must end it there (finished(0)).
 fn run_linux(esp: &Esp) -> Result<(usize, usize)> {
-    let assets = crate::linux::ensure_linux_assets()?;
-    let src_platform = Platform::Qemu { cpu: "EPYC".into() };
-    let dst_platform = Platform::Qemu { cpu: "EPYC,-avx2".into() };
-    tools::ensure(&src_platform)?;
-    let hvctl = build_hvctl()?;
-    let timeout = Duration::from_secs(1200);
-    let config = |name: &str, domains: Option<String>| RunConfig {
-        name: name.into(),
-        timeout,
-        cmdline: String::new(),
-        echo: false,
-        vsock: true,
-        domains,
-    };
-    println!("systest {LINUX_TEST} on {src_platform} -> {dst_platform} (Linux {}) ...", assets.kernel_release);
-    let line = crate::linux_tests::domain_line("linux", "256M", "workload", Some(WRITER_CPUID), "");
-    let staged = crate::linux_tests::staged(&assets);
-    let mut src = Session::spawn_staged(&src_platform, esp, &config("migrate-linux-src", Some(line)), &staged)?;
-    let mut dst = Session::spawn(&dst_platform, esp, &config("migrate-linux-dst", None))?;
-    let mut down = None;
-    for (what, session) in [("source", &mut src), ("destination", &mut dst)] {
-        if let Err(wait) = wait_serving(session, Duration::from_secs(300)) {
-            println!("systest {LINUX_TEST} ... FAILED: the {what}'s control channel did not come up ({wait})");
-            print_log(what, session);
-            down = Some(what);
-            break;
-        }
-    }
-    if down.is_some() {
-        src.stop();
-        dst.stop();
-        return Ok((0, 1));
-    }
-    let writer = std::cell::Cell::new(None);
-    let mut ctx = Ctx { hvctl, guests: esp.dir.join("EFI").join("HV"), src, dst, writer, remote: None };
+    let Some(mut ctx) = start_linux_pair(esp, LINUX_TEST, "migrate-linux")? else { return Ok((0, 1)) };
     let started = std::time::Instant::now();
-    let result = linux_workload(&ctx);
-    let ok = match result {
+    let ok = match linux_workload(&ctx) {
         Ok(detail) => {
             println!("systest {LINUX_TEST} ... ok ({:.1} s; {detail})", started.elapsed().as_secs_f64());
             true
@@ -130,6 +95,47 @@ fn run_linux(esp: &Esp) -> Result<(usize, usize)> {
     ctx.src.stop();
     ctx.dst.stop();
     Ok(if ok { (1, 0) } else { (0, 1) })
+}
+
+/// Boot a source (`-cpu EPYC`) whose boot-time domain 1 is Debian's kernel in 256 MiB
+/// with `hv.test=workload`, and a destination (`-cpu EPYC,-avx2`), as `PREFIX-src` and
+/// `PREFIX-dst`; `None` (said as a failure of `test`, logs printed) when one does not serve.
+pub(crate) fn start_linux_pair(esp: &Esp, test: &str, prefix: &str) -> Result<Option<Ctx>> {
+    let assets = crate::linux::ensure_linux_assets()?;
+    let src_platform = Platform::Qemu { cpu: "EPYC".into() };
+    let dst_platform = Platform::Qemu { cpu: "EPYC,-avx2".into() };
+    tools::ensure(&src_platform)?;
+    let hvctl = build_hvctl()?;
+    let timeout = Duration::from_secs(1200);
+    let config = |name: String, domains: Option<String>| RunConfig {
+        name,
+        timeout,
+        cmdline: String::new(),
+        echo: false,
+        vsock: true,
+        domains,
+    };
+    println!("systest {test} on {src_platform} -> {dst_platform} (Linux {}) ...", assets.kernel_release);
+    let line = crate::linux_tests::domain_line("linux", "256M", "workload", Some(WRITER_CPUID), "");
+    let staged = crate::linux_tests::staged(&assets);
+    let mut src = Session::spawn_staged(&src_platform, esp, &config(format!("{prefix}-src"), Some(line)), &staged)?;
+    let mut dst = Session::spawn(&dst_platform, esp, &config(format!("{prefix}-dst"), None))?;
+    let mut down = false;
+    for (what, session) in [("source", &mut src), ("destination", &mut dst)] {
+        if let Err(wait) = wait_serving(session, Duration::from_secs(300)) {
+            println!("systest {test} ... FAILED: the {what}'s control channel did not come up ({wait})");
+            print_log(what, session);
+            down = true;
+            break;
+        }
+    }
+    if down {
+        src.stop();
+        dst.stop();
+        return Ok(None);
+    }
+    let writer = std::cell::Cell::new(None);
+    Ok(Some(Ctx { hvctl, guests: esp.dir.join("EFI").join("HV"), src, dst, writer, remote: None }))
 }
 
 /// The uptime in the `HV-LINUX-INIT uptime=…` line of `text`.
@@ -168,6 +174,13 @@ fn marker<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
 }
 
 fn linux_workload(ctx: &Ctx) -> Result<String> {
+    linux_workload_report(ctx).map(|(summary, _)| summary)
+}
+
+/// The running workload guest (domain 1 of [`start_linux_pair`]'s source) migrates
+/// and everything the Linux acceptance lists holds on the destination; the summary and
+/// hvctl's report.
+pub(crate) fn linux_workload_report(ctx: &Ctx) -> Result<(String, serde_json::Value)> {
     let console = |s: &Session, id: u64| hvctl_on(ctx, s, &["domain", "console", &id.to_string()]);
     let expected_sha = workload_sha256()?;
     wait_for("the workload and shell to come up on the source", 900, || {
@@ -212,8 +225,10 @@ fn linux_workload(ctx: &Ctx) -> Result<String> {
         }
         max_step = max_step.max(ub - ua);
     }
-    let target = target(&ctx.dst);
+    let target = endpoint(ctx, &ctx.dst);
+    let tls: Vec<&str> = ctx.remote.as_ref().map(|r| r.tls.iter().map(String::as_str).collect()).unwrap_or_default();
     let mut child = Command::new(&ctx.hvctl)
+        .args(&tls)
         .args(["--connect", &target, "domain", "console", &id.to_string(), "--interactive"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -259,7 +274,7 @@ fn linux_workload(ctx: &Ctx) -> Result<String> {
     if state.as_deref() != Some("finished(0)") {
         return Err(format!("the migrated Linux guest ended {state:?}"));
     }
-    Ok(format!(
+    let summary = format!(
         "migrated running, --verify ({} pages, {} bytes, downtime {} ms); ticks {first}..{} consecutive across the \
          source's last {last_on_source}, largest uptime step {max_step:.2} s; sha256 verified; it answered at uptime \
          {uptime:.2} s (init at {booted_at:.2} s) and powered off there",
@@ -267,7 +282,8 @@ fn linux_workload(ctx: &Ctx) -> Result<String> {
         report["bytes_sent"],
         report["downtime_ms"],
         after.last().map(|t| t.0).unwrap_or_default()
-    ))
+    );
+    Ok((summary, report))
 }
 
 /// Boot a source and a destination and run the migration tests of [`TESTS`] matching `filter`.
@@ -351,7 +367,7 @@ pub(crate) fn hvctl_raw(ctx: &Ctx, args: &[&str]) -> Result<(Option<i32>, String
 }
 
 /// Run hvctl against `session`, requiring success; its stdout.
-fn hvctl_on(ctx: &Ctx, session: &Session, args: &[&str]) -> Result<String> {
+pub(crate) fn hvctl_on(ctx: &Ctx, session: &Session, args: &[&str]) -> Result<String> {
     let t = endpoint(ctx, session);
     let mut all = vec!["--connect", t.as_str()];
     all.extend_from_slice(args);

@@ -218,7 +218,7 @@ pub fn run_all(filter: Option<&str>, linux: bool) -> Result<()> {
     let (p, f) = crate::xvendor_migration_tests::run(&esp, filter)?;
     passed += p;
     failed += f;
-    let (p, f) = crate::agent_tests::run(&esp, filter)?;
+    let (p, f) = crate::agent_tests::run(&esp, filter, linux)?;
     passed += p;
     failed += f;
     let (p, f) = crate::prometheus_tests::run(&esp, filter)?;
