@@ -52,6 +52,20 @@ pub fn free_port(ip: &str) -> Result<u16> {
     Ok(l.local_addr().map_err(|e| e.to_string())?.port())
 }
 
+/// hvctl's `--tls-cert/--tls-key/--tls-ca` for client `client` of the certificates
+/// `hvctl agent init` wrote in `dir`.
+pub fn operator_tls(dir: &Path, client: &str) -> Vec<String> {
+    let file = |f: String| dir.join(f).display().to_string();
+    vec![
+        "--tls-cert".into(),
+        file(format!("{client}.pem")),
+        "--tls-key".into(),
+        file(format!("{client}.key")),
+        "--tls-ca".into(),
+        file("ca.pem".into()),
+    ]
+}
+
 /// `hvctl agent serve` for agent `name` of the configs `hvctl agent init` wrote in
 /// `dir`, serving `hypervisor` (`NAME=TARGET`), with `extra` arguments; returns once
 /// it listens.
@@ -118,15 +132,7 @@ impl Agents {
         }
         let a = spawn_agent(&ctx.hvctl, &dir, "a", &a_addr, &format!("h={}", migration_tests::target(&ctx.src)), &[])?;
         let b = spawn_agent(&ctx.hvctl, &dir, "b", &b_addr, &format!("h={}", migration_tests::target(&ctx.dst)), &[])?;
-        let file = |f: &str| dir.join(f).display().to_string();
-        let tls = vec![
-            "--tls-cert".into(),
-            file("ops.pem"),
-            "--tls-key".into(),
-            file("ops.key"),
-            "--tls-ca".into(),
-            file("ca.pem"),
-        ];
+        let tls = operator_tls(&dir, "ops");
         let remote = Remote { src: format!("tls://{a_addr}/h"), dst: format!("tls://{b_addr}/h"), tls };
         Ok(Self { a, b, remote })
     }

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::agent_tests::{AgentProcess, free_port, spawn_agent};
+use crate::agent_tests::{AgentProcess, free_port, operator_tls, spawn_agent};
 use crate::emulator::{Platform, RunConfig, Session};
 use crate::image::Esp;
 use crate::serial::clean;
@@ -50,6 +50,7 @@ const TESTS: &[NamedTest<Ctx>] = &[
     ("fleet-cpuid-dump-live-equals-the-recorded-dump", dump_live),
     ("fleet-cpuid-level-from-two-hypervisors-equals-level-of-their-dumps", level_from),
     ("fleet-cpuid-check-on-a-hypervisor", check_on),
+    ("fleet-cpuid-level-and-check-through-two-agents", through_agents),
     ("prometheus-promtool-accepts-both-formats", promtool_formats),
     ("prometheus-server-scrapes-two-agents-vm-exits-increase", prometheus_server),
 ];
@@ -217,7 +218,13 @@ fn dump_live(ctx: &Ctx) -> Result<String> {
 
 /// `cpuid level --json` without the host labels (file names or targets).
 fn level_json(ctx: &Ctx, args: &[&str]) -> Result<serde_json::Value> {
-    let mut all = vec!["cpuid", "level", "--json"];
+    level_json_with(ctx, &[], args)
+}
+
+/// The same with global arguments (`global`, e.g. the TLS flags) first.
+fn level_json_with(ctx: &Ctx, global: &[&str], args: &[&str]) -> Result<serde_json::Value> {
+    let mut all = global.to_vec();
+    all.extend(["cpuid", "level", "--json"]);
     all.extend_from_slice(args);
     let out = hvctl_expect(ctx, &all, 0)?;
     let mut v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("level --json: {e}: {out}"))?;
@@ -267,6 +274,43 @@ fn check_on(ctx: &Ctx) -> Result<String> {
     Ok(format!("levelled policy runs on both; EPYC host-max refused on Hygon ({reasons} reasons)"))
 }
 
+/// Fleet levelling as an operator elsewhere does it: `cpuid level --from` and `cpuid
+/// check --on` over `tls://` URLs of the two host agents (hvctl talks only to them);
+/// the levelled policy must equal the one levelled from the hypervisors directly.
+fn through_agents(ctx: &Ctx) -> Result<String> {
+    let fleet = start_agents(ctx)?;
+    let tls: Vec<&str> = fleet.tls.iter().map(String::as_str).collect();
+    let [ua, ub] = &fleet.urls;
+    let over_agents = level_json_with(ctx, &tls, &["--from", &format!("{ua},{ub}")])?;
+    let direct = level_json(ctx, &["--from", &format!("{},{}", target(&ctx.sessions[0]), target(&ctx.sessions[1]))])?;
+    if over_agents != direct {
+        return Err(format!(
+            "level --from over the agents differs from level --from the hypervisors:\n{over_agents}\n{direct}"
+        ));
+    }
+    let levelled = ctx.dir.join("levelled-agents.policy").display().to_string();
+    fn with<'a>(tls: &[&'a str], args: &[&'a str]) -> Vec<&'a str> {
+        [tls, args].concat()
+    }
+    hvctl_expect(ctx, &with(&tls, &["cpuid", "level", "--from", &format!("{ua},{ub}"), "-o", &levelled]), 0)?;
+    for u in [ua, ub] {
+        let out = hvctl_expect(ctx, &with(&tls, &["cpuid", "check", &levelled, "--on", u]), 0)?;
+        if !out.starts_with(&format!("compatible: {levelled} can run on {u}")) {
+            return Err(format!("check --on {u}: {out}"));
+        }
+    }
+    let max = ctx.dir.join("epyc-max-agents.policy").display().to_string();
+    hvctl_expect(ctx, &with(&tls, &["cpuid", "policy", "base=host-max", "--on", ua, "-o", &max]), 0)?;
+    let out = hvctl_expect(ctx, &with(&tls, &["cpuid", "check", &max, "--on", ub]), 1)?;
+    if !out.starts_with(&format!("incompatible: {max} cannot run on {ub}")) {
+        return Err(format!("EPYC's host-max on the Hygon host through agent b: {out}"));
+    }
+    Ok(format!(
+        "policy hash {} levelled over {ua} and {ub} equals the direct one; it checks on both, EPYC host-max is refused on b",
+        over_agents["policy_hash"]
+    ))
+}
+
 /// Children that are killed (and reaped) when this goes out of scope, whatever
 /// happened: the Prometheus server.
 struct Procs(Vec<(String, Child)>);
@@ -295,10 +339,22 @@ fn http_get(addr: SocketAddr, path: &str, accept: Option<&str>) -> Result<(u16, 
     Ok((status, body.to_string()))
 }
 
+/// The two host agents as the operator and Prometheus reach them.
+struct Fleet {
+    /// Each agent's `/metrics`.
+    metrics: [SocketAddr; 2],
+    /// Each agent's hypervisor, `tls://HOST:PORT/NAME`.
+    urls: [String; 2],
+    /// The operator's `--tls-cert/--tls-key/--tls-ca` (identity `ops`, admin).
+    tls: Vec<String>,
+    /// Killed when dropped.
+    _agents: Vec<AgentProcess>,
+}
+
 /// A memwriter on each host (once), then certificates (`hvctl agent init`) and a host
 /// agent per host on its loopback address serving that host's hypervisor over TLS and
-/// `/metrics` over HTTP; the `/metrics` addresses.
-fn start_agents(ctx: &Ctx, agents: &mut Vec<AgentProcess>) -> Result<[SocketAddr; 2]> {
+/// `/metrics` over HTTP.
+fn start_agents(ctx: &Ctx) -> Result<Fleet> {
     let kernel = ctx.guests.join("memwriter.elf").display().to_string();
     for s in &ctx.sessions {
         let t = target(s);
@@ -327,6 +383,7 @@ fn start_agents(ctx: &Ctx, agents: &mut Vec<AgentProcess>) -> Result<[SocketAddr
     let (a, b) = (format!("{}={}", HOSTS[0].0, tls[0]), format!("{}={}", HOSTS[1].0, tls[1]));
     hvctl_expect(ctx, &["agent", "init", "--dir", &d, "--agent", &a, "--agent", &b, "--client", "ops=admin"], 0)?;
     let mut addrs = Vec::new();
+    let mut agents = Vec::new();
     for (i, s) in ctx.sessions.iter().enumerate() {
         let ip = EXPORTER_IPS[i];
         let addr: SocketAddr = format!("{ip}:{}", free_port(ip)?).parse().map_err(|e| format!("{e}"))?;
@@ -335,7 +392,12 @@ fn start_agents(ctx: &Ctx, agents: &mut Vec<AgentProcess>) -> Result<[SocketAddr
         wait_for(&format!("agent {name}'s /metrics on {addr}"), 20, || Ok(TcpStream::connect(addr).is_ok()))?;
         addrs.push(addr);
     }
-    Ok([addrs[0], addrs[1]])
+    Ok(Fleet {
+        metrics: [addrs[0], addrs[1]],
+        urls: [0, 1].map(|i| format!("tls://{}/{}", tls[i], HOSTS[i].0)),
+        tls: operator_tls(&certs, "ops"),
+        _agents: agents,
+    })
 }
 
 /// `promtool check metrics` on `text`: (exit code, findings).
@@ -355,8 +417,8 @@ fn promtool(text: &str) -> Result<(Option<i32>, String)> {
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0";
 
 fn promtool_formats(ctx: &Ctx) -> Result<String> {
-    let mut agents = Vec::new();
-    let addrs = start_agents(ctx, &mut agents)?;
+    let fleet = start_agents(ctx)?;
+    let addrs = fleet.metrics;
     let mut detail = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let started = Instant::now();
@@ -433,8 +495,8 @@ fn query(addr: SocketAddr, q: &str) -> Result<Vec<(serde_json::Value, f64)>> {
 }
 
 fn prometheus_server(ctx: &Ctx) -> Result<String> {
-    let mut agents = Vec::new();
-    let addrs = start_agents(ctx, &mut agents)?;
+    let fleet = start_agents(ctx)?;
+    let addrs = fleet.metrics;
     let mut procs = Procs(Vec::new());
     let dir = ctx.dir.join("prometheus");
     let _ = std::fs::remove_dir_all(&dir);

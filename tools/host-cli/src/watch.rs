@@ -203,7 +203,7 @@ fn utc_now() -> String {
 
 /// Seconds since 1970 as `YYYY-MM-DDTHH:MM:SSZ` (the days-to-civil algorithm of Howard
 /// Hinnant's date library, valid for every date after 1970).
-fn utc_text(secs: u64) -> String {
+pub(crate) fn utc_text(secs: u64) -> String {
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);

@@ -172,28 +172,11 @@ impl Audit {
     }
 }
 
-/// RFC 3339 UTC with milliseconds, without a date crate: days since the epoch to a
-/// civil date (Howard Hinnant's algorithm).
+/// RFC 3339 UTC with milliseconds (the watch tables' civil date, plus the millisecond).
 fn utc_now() -> String {
     let d = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_millis()
-    )
+    let seconds = crate::watch::utc_text(d.as_secs());
+    format!("{}.{:03}Z", seconds.trim_end_matches('Z'), d.subsec_millis())
 }
 
 /// Everything the connection threads share.
