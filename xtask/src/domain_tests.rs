@@ -127,9 +127,10 @@ fn cpuid_policies_on(session: &mut Session, timeout: Duration, vendor: Option<le
         let vcpu = hv::domain::vcpu_state(0);
         for (leaf, sub, got) in &d.cpuid {
             // The hypervisor range is the core's, not the policy's: its own signature
-            // at 0x4000_0000 and zeros above (hv::domain::exit::cpuid).
+            // at 0x4000_0000, KVM's clock at 0x4000_0100 (a booted hypervisor knows its
+            // TSC rate) and zeros elsewhere (hv::domain::exit::cpuid).
             let want = if (0x4000_0000..0x5000_0000).contains(leaf) {
-                hv::domain::exit::cpuid::hypervisor_leaf(*leaf)
+                hv::domain::exit::cpuid::hypervisor_leaf(*leaf, true)
             } else {
                 table.lookup_vcpu(*leaf, *sub, &vcpu)
             };

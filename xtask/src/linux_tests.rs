@@ -323,6 +323,16 @@ const LINUX_SYNTHETIC: &[(&str, &str)] = &[
         "X86_FEATURE_CONSTANT_TSC: Linux's own; set from invtsc (see LINUX_RENAMES), and also by intel.c \
          early_init_intel for every family 6 model >= 0xe",
     ),
+    (
+        "invpcid_single",
+        "X86_FEATURE_INVPCID_SINGLE: Linux's own, set by setup_pcid when pcid, pge and invpcid are all offered \
+         (it then sets CR4.PCIDE); seen on Bochs corei7_skylake_x since the guest detects KVM's clock",
+    ),
+    (
+        "tsc_known_freq",
+        "X86_FEATURE_TSC_KNOWN_FREQ: Linux's own, set by kvmclock's kvm_get_tsc_khz: the TSC rate came from the \
+         hypervisor's kvm-clock (hv/src/devices/kvmclock.rs), not from calibration",
+    ),
 ];
 
 /// Feature bits levelling names that Linux prints under other names: when levelling

@@ -22,6 +22,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod ioapic;
 pub mod irq;
+pub mod kvmclock;
 pub mod lapic;
 pub mod pc;
 pub mod pic;

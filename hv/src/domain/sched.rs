@@ -184,6 +184,16 @@ impl<B: Backend> Machine<B> {
                 }
             }
             let device_event = d.next_device_event_ns();
+            if d.vcpus[vi].msrs.kvmclock_stale() {
+                // A migrated domain: its kvm-clock structure has the source's TSC scale.
+                if let Err(e) =
+                    exit::msr::write_kvmclock(d, vi, &mut self.pool, crate::devices::kvmclock::MSR_SYSTEM_TIME, true)
+                {
+                    self.crash(di, alloc::format!("vCPU {vi}: rewriting its kvm-clock after migration: {e}"));
+                    break;
+                }
+                println!("DOMAIN {} KVMCLOCK vCPU {vi} rewritten at this host's TSC rate", d.id);
+            }
             let slot = &mut d.vcpus[vi];
             if let Err(e) = deliver(slot, &mut d.irq, now) {
                 self.crash(di, alloc::format!("vCPU {vi}: delivering an interrupt: {e}"));

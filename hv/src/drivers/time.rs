@@ -2,8 +2,9 @@
 //!
 //! Frequency from CPUID leaf 0x15 (TSC/crystal ratio with the crystal frequency, exact
 //! on recent Intel parts) when it is complete; otherwise measured against the 8254 PIT
-//! channel 2 over 10 ms (ports 0x42/0x43/0x61), which QEMU, Bochs and PC hardware
-//! provide. The measurement loop is bounded: a machine without a PIT gets an error,
+//! channel 2 over 40 ms (ports 0x42/0x43/0x61), which QEMU, Bochs and PC hardware
+//! provide, reading the count at both ends between two TSC reads and keeping the
+//! narrowest such bracket (`calibrate_with_pit`). The measurement loop is bounded: a machine without a PIT gets an error,
 //! not a hang, and times are then reported as unknown rather than guessed.
 
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -34,32 +35,99 @@ fn rdtsc() -> u64 {
     unsafe { x86::time::rdtsc() }
 }
 
-/// Measure the TSC against PIT channel 2 (one-shot, mode 0) for 10 ms.
-fn calibrate_with_pit() -> Option<u64> {
-    const PIT_HZ: u64 = 1_193_182;
-    const TICKS: u64 = PIT_HZ / 100; // 10 ms
-    // SAFETY: ports 0x42 (channel 2 data), 0x43 (mode) and 0x61 (gate/speaker) belong to
-    // the legacy PIT, which nothing else in the hypervisor uses; the speaker output bit
-    // is kept off.
-    let (start, end) = unsafe {
+/// The 8254's input clock.
+const PIT_HZ: u64 = 1_193_182;
+
+/// One reading of PIT channel 2's count, bracketed by TSC reads: (TSC at the middle of
+/// the bracket, the count, the bracket's width in TSC ticks). A wide bracket means the
+/// CPU was away during the read (an emulator's vCPU thread descheduled or waiting for a
+/// lock), so the count belongs to some moment inside it.
+fn pit_sample() -> (u64, u16, u64) {
+    // SAFETY: ports 0x42 (channel 2 data) and 0x43 (mode/command) belong to the legacy
+    // PIT, which nothing else in the hypervisor uses; 0x80 latches channel 2's count
+    // (the 8254 data sheet's counter latch command).
+    unsafe {
+        let t0 = rdtsc();
+        x86::io::outb(0x43, 0x80);
+        let lo = x86::io::inb(0x42);
+        let hi = x86::io::inb(0x42);
+        let t1 = rdtsc();
+        (t0 + (t1 - t0) / 2, u16::from_le_bytes([lo, hi]), t1 - t0)
+    }
+}
+
+/// The narrowest of `n` readings.
+fn best_pit_sample(n: usize) -> (u64, u16, u64) {
+    let mut best = pit_sample();
+    for _ in 1..n {
+        let s = pit_sample();
+        if s.2 < best.2 {
+            best = s;
+        }
+    }
+    best
+}
+
+/// One measurement over about 40 ms: channel 2 counts down from 0xFFFF (mode 0, gate
+/// high, speaker off); the count is read at the start and at the end, each time the
+/// narrowest of a few bracketed readings, so neither end depends on when a poll
+/// happened to run. Returns (TSC ticks, PIT ticks, the two brackets' widths summed).
+fn pit_interval() -> Option<(u64, u64, u64)> {
+    const SPAN: u64 = PIT_HZ / 25; // 40 ms, within one countdown from 0xFFFF (55 ms)
+    // SAFETY: as in `pit_sample`; port 0x61 bit 0 is channel 2's gate, bit 1 the
+    // speaker, which is kept off.
+    unsafe {
         let gate = x86::io::inb(0x61);
         x86::io::outb(0x61, (gate & !0x02) | 0x01);
         x86::io::outb(0x43, 0xb0); // channel 2, lo/hi byte, mode 0, binary
-        x86::io::outb(0x42, (TICKS & 0xff) as u8);
-        x86::io::outb(0x42, (TICKS >> 8) as u8);
-        let start = rdtsc();
-        let mut end = start;
-        // OUT2 (bit 5 of port 0x61) goes high when the count reaches 0. Bound the wait
-        // by TSC ticks (2^36 is tens of seconds at any real frequency).
-        while x86::io::inb(0x61) & 0x20 == 0 {
-            end = rdtsc();
-            if end.wrapping_sub(start) > 1 << 36 {
-                return None;
-            }
+        x86::io::outb(0x42, 0xff);
+        x86::io::outb(0x42, 0xff);
+    }
+    // The count is loaded on the next input clock; let it start (bounded: a PIT that
+    // never counts is an error, not a hang).
+    let begun = rdtsc();
+    let (t0, c0, w0) = loop {
+        let s = best_pit_sample(5);
+        if s.1 < 0xfff0 {
+            break s;
         }
-        (start, rdtsc().max(end))
+        if s.0.wrapping_sub(begun) > 1 << 36 {
+            return None;
+        }
     };
-    let hz = (end - start) * 100;
+    // Bounded by TSC ticks (2^36 is tens of seconds at any real frequency).
+    loop {
+        let (t, c, _) = pit_sample();
+        if u64::from(c0.wrapping_sub(c)) >= SPAN && c < c0 {
+            break;
+        }
+        if t.wrapping_sub(t0) > 1 << 36 {
+            return None;
+        }
+    }
+    let (t1, c1, w1) = best_pit_sample(5);
+    let pit = u64::from(c0.checked_sub(c1)?);
+    Some((t1.checked_sub(t0)?, pit, w0 + w1))
+}
+
+/// The TSC rate against the PIT: up to five [`pit_interval`]s, the first whose
+/// reading brackets together are within 0.1 % of the interval (else the one with the
+/// narrowest). A single 10 ms window waited for by polling OUT2 once came out 25 % long
+/// under an emulator on a loaded host (the end seen late), and every clock of the
+/// hypervisor and its guests inherits this number.
+fn calibrate_with_pit() -> Option<u64> {
+    let mut best: Option<(u64, u64, u64)> = None;
+    for _ in 0..5 {
+        let m = pit_interval()?;
+        if best.is_none_or(|b| m.2 * b.0 < b.2 * m.0) {
+            best = Some(m);
+        }
+        if m.2 * 1000 <= m.0 {
+            break;
+        }
+    }
+    let (tsc, pit, _) = best?;
+    let hz = u64::try_from(u128::from(tsc) * u128::from(PIT_HZ) / u128::from(pit.max(1))).ok()?;
     (hz > 1_000_000).then_some(hz)
 }
 

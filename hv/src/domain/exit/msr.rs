@@ -32,6 +32,8 @@
 //! | AMD HWCR (0xC0010015), AMD policies only | 0x0100_0000 (TscFreqSel: the TSC counts at P0) | only the same value, else #GP | — |
 //! | AMD SYSCFG (0xC0010010), AMD policies only | 0: no SME/SEV (MemEncryptionModeEn clear), no MTRR extensions | only 0, else #GP | — |
 //! | AMD NB_CFG (0xC001001F), AMD policies only | stored | only EnableCf8ExtCfg (bit 46) may be set, else #GP; it has no effect: no PCI configuration space is emulated | [`MsrState`] |
+//! | MSR_KVM_WALL_CLOCK_NEW (0x4B564D00), with KVM's clock offered | stored | any value; the hypervisor writes the wall clock at guest time 0 to that guest address (`devices::kvmclock`) | [`MsrState`] |
+//! | MSR_KVM_SYSTEM_TIME_NEW (0x4B564D01), with KVM's clock offered | stored | any value; with bit 0 set the hypervisor writes this vCPU's `pvclock_vcpu_time_info` to the address in the rest (again on a migrated domain's first entry, at this host's TSC rate) | [`MsrState`] |
 //!
 //! MTRRs are stored and validated, not enforced: guest memory is write-back through
 //! the nested tables whatever the guest's MTRRs say (there is no device memory behind
@@ -46,7 +48,10 @@ use levelling::features::{self, Feature};
 
 use super::{Action, ExitCtx};
 use crate::arch::{Backend, Exit, GuestMsr, Vcpu};
+use crate::devices::kvmclock::{self, MSR_SYSTEM_TIME, MSR_WALL_CLOCK};
 use crate::devices::lapic::Effects;
+use crate::domain::Domain;
+use crate::mm::frames::FramePool;
 
 /// IA32_TSC.
 const TSC: u32 = 0x10;
@@ -115,6 +120,12 @@ pub struct MsrState {
     misc_enable: u64,
     mcg_status: u64,
     nb_cfg: u64,
+    /// MSR_KVM_SYSTEM_TIME_NEW and MSR_KVM_WALL_CLOCK_NEW as written.
+    kvm_system_time: u64,
+    kvm_wall_clock: u64,
+    /// The kvm-clock structure in guest memory was written on another host (a
+    /// migrated domain): write it again before the vCPU next runs.
+    kvmclock_stale: bool,
 }
 
 impl Default for MsrState {
@@ -126,6 +137,9 @@ impl Default for MsrState {
             misc_enable: MISC_ENABLE_RESET,
             nb_cfg: 0,
             mcg_status: 0,
+            kvm_system_time: 0,
+            kvm_wall_clock: 0,
+            kvmclock_stale: false,
         }
     }
 }
@@ -157,13 +171,15 @@ pub struct Env {
     pub virt_bits: u8,
     /// Bit i: the policy offers `GATES[i]`.
     offered: u16,
+    /// KVM's clock is offered (its CPUID leaves and MSRs).
+    pub pv_clock: bool,
 }
 
 impl Env {
     /// The facts of a policy with `features`.
     pub fn new(vendor: Vendor, phys_bits: u8, virt_bits: u8, features: &levelling::Featureset) -> Self {
         let offered = GATES.iter().enumerate().filter(|(_, f)| f.is_in(features)).fold(0, |m, (i, _)| m | (1 << i));
-        Env { vendor, phys_bits, virt_bits, offered }
+        Env { vendor, phys_bits, virt_bits, offered, pv_clock: super::cpuid::pv_clock_offered() }
     }
 
     fn has(&self, f: Feature) -> bool {
@@ -201,6 +217,7 @@ pub fn home(msr: u32, env: &Env) -> Option<Home> {
         MCG_CAP | MCG_STATUS if has(features::MCA) || has(features::MCE) => Some(Home::Core),
         // Hygon has AMD's MSRs (Linux runs AMD's code for X86_VENDOR_HYGON).
         HWCR | SYSCFG | NB_CFG if env.vendor.is_amd_compatible() => Some(Home::Core),
+        MSR_WALL_CLOCK | MSR_SYSTEM_TIME if env.pv_clock => Some(Home::Core),
         PAT if has(features::PAT) => backend(GuestMsr::Pat),
         SYSENTER_CS if has(features::SEP) => backend(GuestMsr::SysenterCs),
         SYSENTER_ESP if has(features::SEP) => backend(GuestMsr::SysenterEsp),
@@ -248,6 +265,8 @@ impl MsrState {
             MCG_STATUS => self.mcg_status,
             MISC_ENABLE => self.misc_enable,
             HWCR => HWCR_VALUE,
+            MSR_SYSTEM_TIME => self.kvm_system_time,
+            MSR_WALL_CLOCK => self.kvm_wall_clock,
             _ => return None,
         })
     }
@@ -286,6 +305,9 @@ impl MsrState {
             MCG_STATUS if value & !0x7 == 0 => self.mcg_status = value,
             MISC_ENABLE if (value ^ self.misc_enable) & !1 == 0 => self.misc_enable = value,
             HWCR if value == HWCR_VALUE => {}
+            // KVM takes any value; what it points at is checked when it is written.
+            MSR_SYSTEM_TIME => self.kvm_system_time = value,
+            MSR_WALL_CLOCK => self.kvm_wall_clock = value,
             _ => return Err(()),
         }
         Ok(())
@@ -299,7 +321,7 @@ pub const MSR_TSC_AUX: u32 = TSC_AUX;
 
 /// The MSRs [`MsrState`] stores (the rest of [`Home::Core`] are constants).
 fn stored(msr: u32) -> bool {
-    matches!(msr, MTRR_DEF_TYPE | MCG_STATUS | MISC_ENABLE | NB_CFG)
+    matches!(msr, MTRR_DEF_TYPE | MCG_STATUS | MISC_ENABLE | NB_CFG | MSR_WALL_CLOCK | MSR_SYSTEM_TIME)
         || MTRR_VAR.contains(&msr)
         || MTRR_FIX.contains(&msr)
 }
@@ -328,13 +350,14 @@ impl MsrState {
     /// The stored MSRs the guest can reach with `env`'s policy, `(msr, value)` in
     /// ascending order: what migration carries (the constants need not travel).
     pub fn saved(&self, env: &Env) -> alloc::vec::Vec<(u32, u64)> {
-        let mut out: alloc::vec::Vec<(u32, u64)> = [MCG_STATUS, MISC_ENABLE, MTRR_DEF_TYPE, NB_CFG]
-            .into_iter()
-            .chain(MTRR_VAR)
-            .chain(MTRR_FIX)
-            .filter(|&m| home(m, env) == Some(Home::Core))
-            .filter_map(|m| self.read(m).map(|v| (m, v)))
-            .collect();
+        let mut out: alloc::vec::Vec<(u32, u64)> =
+            [MCG_STATUS, MISC_ENABLE, MTRR_DEF_TYPE, NB_CFG, MSR_WALL_CLOCK, MSR_SYSTEM_TIME]
+                .into_iter()
+                .chain(MTRR_VAR)
+                .chain(MTRR_FIX)
+                .filter(|&m| home(m, env) == Some(Home::Core))
+                .filter_map(|m| self.read(m).map(|v| (m, v)))
+                .collect();
         out.sort_unstable_by_key(|&(m, _)| m);
         out
     }
@@ -344,8 +367,65 @@ impl MsrState {
         if !stored(msr) || home(msr, env) != Some(Home::Core) {
             return Err(MsrRestoreError::NotVirtualized(msr));
         }
-        self.write(msr, value, env).map_err(|()| MsrRestoreError::BadValue(msr, value))
+        self.write(msr, value, env).map_err(|()| MsrRestoreError::BadValue(msr, value))?;
+        if msr == MSR_SYSTEM_TIME && value & 1 != 0 {
+            self.kvmclock_stale = true;
+        }
+        Ok(())
     }
+
+    /// Whether the kvm-clock structure must be written again before the vCPU runs.
+    pub fn kvmclock_stale(&self) -> bool {
+        self.kvmclock_stale
+    }
+}
+
+/// Write the kvm-clock structure MSR `msr` (MSR_KVM_SYSTEM_TIME_NEW or
+/// MSR_KVM_WALL_CLOCK_NEW) of vCPU `vi` points at, into guest memory (marked dirty as
+/// any write of the hypervisor's): for the system time, guest time now at the vCPU's TSC
+/// now, with this host's TSC scale; for the wall clock, the wall clock at guest time 0.
+/// With `continue_from` set (a structure another host wrote), the new system time is
+/// no earlier than what that structure gives now, so the guest's clock never goes back.
+/// Nothing to do for a disabled system time. An error names what could not be done.
+pub(crate) fn write_kvmclock<B: Backend>(
+    d: &mut Domain<B>,
+    vi: usize,
+    pool: &mut FramePool,
+    msr: u32,
+    continue_from: bool,
+) -> Result<(), alloc::string::String> {
+    let hz = crate::drivers::time::tsc_hz().ok_or("the TSC rate is not known")?;
+    let now = d.guest_now_ns();
+    let slot = d.vcpus.get(vi).ok_or("no such vCPU")?;
+    let tsc = host_tsc().wrapping_add(slot.vcpu.tsc_offset());
+    let value = slot.msrs.read(msr).ok_or("not a kvm-clock MSR")?;
+    let mem = d.mem.as_ref().ok_or("the domain has no memory")?;
+    let (gpa, bytes) = if msr == MSR_SYSTEM_TIME {
+        if value & 1 == 0 {
+            return Ok(());
+        }
+        let gpa = value & !1;
+        let mut old = [0u8; kvmclock::TIME_INFO_LEN];
+        mem.read(pool, gpa, &mut old).map_err(|e| alloc::format!("system time at {gpa:#x}: {e}"))?;
+        let (mul, shift) = kvmclock::time_scale(hz).ok_or("a TSC rate of 0")?;
+        let system = if continue_from { now.max(kvmclock::read_time(&old, tsc)) } else { now };
+        let version = kvmclock::next_version(kvmclock::parse_time_info(&old).0);
+        (gpa, alloc::vec::Vec::from(kvmclock::time_info(version, tsc, system, mul, shift, kvmclock::FLAG_TSC_STABLE)))
+    } else {
+        let mut old = [0u8; 4];
+        mem.read(pool, value, &mut old).map_err(|e| alloc::format!("wall clock at {value:#x}: {e}"))?;
+        let up = crate::drivers::time::uptime_ns().unwrap_or(0);
+        // unix_time() is boot's seconds plus whole seconds of uptime; add the rest.
+        let wall_now = i128::from(crate::drivers::time::unix_time()) * 1_000_000_000 + i128::from(up % 1_000_000_000);
+        let version = kvmclock::next_version(u32::from_le_bytes(old));
+        (value, alloc::vec::Vec::from(kvmclock::wall_clock(version, wall_now - i128::from(now))))
+    };
+    mem.write(pool, gpa, &bytes).map_err(|e| alloc::format!("{gpa:#x}: {e}"))?;
+    crate::domain::dirty::hypervisor_wrote(d, gpa..gpa + bytes.len() as u64);
+    if let Some(slot) = d.vcpus.get_mut(vi) {
+        slot.msrs.kvmclock_stale = false;
+    }
+    Ok(())
 }
 
 /// Check a WRMSR of `value` to an MSR the backend holds (`old` its current value,
@@ -502,7 +582,17 @@ pub fn handle_write<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action
                 Err(()) => None,
             }
         }
-        Some(Home::Core) => slot.msrs.write(msr, value, &env).ok().map(|()| Effects::default()),
+        Some(Home::Core) => {
+            let written = slot.msrs.write(msr, value, &env).ok().map(|()| Effects::default());
+            if written.is_some() && matches!(msr, MSR_SYSTEM_TIME | MSR_WALL_CLOCK) {
+                if let Err(e) = write_kvmclock(ctx.d, ctx.vi, ctx.pool, msr, false) {
+                    // KVM ignores a structure it cannot write; the guest then reads
+                    // zeros (no clock). Say so: a guest that does this is broken.
+                    crate::println!("DOMAIN {} kvm-clock: WRMSR {msr:#x}={value:#x}: {e}", ctx.d.id);
+                }
+            }
+            written
+        }
     };
     match effects {
         Some(e) => {
