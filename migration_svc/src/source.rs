@@ -56,8 +56,11 @@
 //! A round (the full copy too) is sent in chunks, each a `SendAllPages` or a `SendPages`
 //! over a sub-range of the round's bits (the destination takes several dirty-round
 //! records with the same number). The first chunk is all but what fits bandwidth ×
-//! downtime target; once the rest fits, a `PeekAndClean` follows every chunk, and the
-//! chunks are [`TAIL_CHUNK_MS`] of send time each. A mid-round peek's bits at or past
+//! downtime target; once the rest fits (give or take one tail chunk), a `PeekAndClean`
+//! follows every chunk, and each chunk is what the last peek found the stop needs: the
+//! pages over the target, scaled by how fast the pending set grew per page sent since
+//! the peek before, at most [`TAIL_CHUNK_MS`] of send time. Stopping as soon as the
+//! target allows sends the fewest pages twice. A mid-round peek's bits at or past
 //! the cursor (the first pfn not yet sent) join the round: those pages are not read
 //! yet, so they go once. Its bits behind the cursor are carried into the next round.
 //! If everything pending (the rest of the round and the carried bits) then fits the
@@ -320,6 +323,13 @@ pub struct Source {
     remaining: u64,
     /// Whether this round had a mid-round peek (its chunks are then tail-sized).
     tail: bool,
+    /// Pages of the next tail chunk, as the last mid-round peek sized it (0: a whole
+    /// [`TAIL_CHUNK_MS`] of send time).
+    tail_len: u64,
+    /// Pages pending (the rest of the round and the carried bits) after the last peek.
+    pending_mark: u64,
+    /// Pages delivered since the last peek.
+    sent_since_peek: u64,
     /// Stop-and-copy was decided in the middle of the full copy: the final round also
     /// sends every pfn from `cursor` on.
     full_rest: bool,
@@ -360,6 +370,9 @@ impl Source {
             chunk_pages: 0,
             remaining: 0,
             tail: false,
+            tail_len: 0,
+            pending_mark: 0,
+            sent_since_peek: 0,
             full_rest: false,
             round_ms: 0,
             last: RoundStats { round: 0, bytes_sent: 0, send_ms: 0, dirty_pages: 0, round_ms: 0, throttle_percent: 0 },
@@ -433,6 +446,7 @@ impl Source {
             (S::FullCopy { next }, E::PagesSent { bytes, elapsed_ms }) => {
                 self.sent(bytes, elapsed_ms);
                 self.summary.pages_sent += next.saturating_sub(self.cursor);
+                self.sent_since_peek = self.sent_since_peek.saturating_add(next.saturating_sub(self.cursor));
                 if let Some(ahead) = &mut self.ahead {
                     // Delivered: the copy read those pages after the peek took them.
                     let _ = ahead.clean(self.cursor..next);
@@ -453,6 +467,7 @@ impl Source {
             (S::SendingRound, E::PagesSent { bytes, elapsed_ms }) => {
                 self.sent(bytes, elapsed_ms);
                 self.summary.pages_sent += self.chunk_pages;
+                self.sent_since_peek = self.sent_since_peek.saturating_add(self.chunk_pages);
                 if let Some(ahead) = &mut self.ahead {
                     let _ = ahead.clean(self.cursor..self.chunk_end);
                 }
@@ -517,6 +532,7 @@ impl Source {
             return self.fail(Failure::BadDomain("no vCPUs".into()));
         }
         self.pages = pages;
+        self.pending_mark = pages;
         self.owns_log = !info.log_dirty_active;
         self.state = SourceState::AwaitPolicy;
         let header = StreamHeader {
@@ -553,23 +569,33 @@ impl Source {
         self.bandwidth_pages().saturating_mul(self.policy.downtime_target_ms) / 1000
     }
 
+    /// Pages [`TAIL_CHUNK_MS`] of send time take at the measured bandwidth (at least 1).
+    fn tail_pages(&self) -> u64 {
+        (self.bandwidth_pages().saturating_mul(TAIL_CHUNK_MS) / 1000).max(1)
+    }
+
     /// Pages of the next chunk of a round with `remaining` pages left: all but what fits
-    /// the downtime target (then a mid-round peek is due), then [`TAIL_CHUNK_MS`] of send
-    /// time per chunk.
+    /// the downtime target (then a mid-round peek is due), then tail chunks as the last
+    /// mid-round peek sized them (see [`tail_chunk`]).
     fn chunk_len(&self, remaining: u64) -> u64 {
         let target = self.target_pages();
         let want = if remaining > target && !self.tail {
             remaining - target
+        } else if self.tail_len > 0 {
+            self.tail_len
         } else {
-            (self.bandwidth_pages().saturating_mul(TAIL_CHUNK_MS) / 1000).max(1)
+            self.tail_pages()
         };
         want.min(remaining).max(1)
     }
 
     /// Whether a mid-round peek is due with `remaining` pages of the round left: when
-    /// they fit the downtime target.
+    /// they fit the downtime target and one tail chunk. The slack of a tail chunk keeps
+    /// a bandwidth estimate that sinks a little after the first chunk (each send's time
+    /// is rounded up to whole ms) from asking for a string of tiny chunks that chase
+    /// the shrinking target, each rounded up again.
     fn mid_peek_due(&self, remaining: u64) -> bool {
-        remaining > 0 && remaining <= self.target_pages()
+        remaining > 0 && remaining <= self.target_pages().saturating_add(self.tail_pages())
     }
 
     /// The next chunk of a dirty round: the set bits of `ahead` from `cursor` on, as
@@ -644,6 +670,9 @@ impl Source {
         self.cursor = 0;
         self.remaining = dirty;
         self.tail = false;
+        self.tail_len = 0;
+        self.pending_mark = dirty;
+        self.sent_since_peek = 0;
         self.full_rest = false;
         let stats = RoundStats {
             round: self.round,
@@ -715,6 +744,10 @@ impl Source {
             self.full_rest = full_copy;
             return self.stop(estimated_downtime_ms);
         }
+        self.tail_len =
+            tail_chunk(pending, self.pending_mark, self.sent_since_peek, self.target_pages(), self.tail_pages());
+        self.pending_mark = pending;
+        self.sent_since_peek = 0;
         if full_copy { self.full_copy_step(self.cursor) } else { self.send_chunk() }
     }
 
@@ -793,6 +826,34 @@ impl Source {
     }
 }
 
+/// Pages of the next tail chunk after a mid-round peek that left `pending` pages (the
+/// rest of the round and the carried bits), over `target` (what the downtime target
+/// allows), when the peek before left `pending_mark` and `sent` pages went out since:
+/// just enough for the next peek to stop and copy, at most `max` (a whole
+/// [`TAIL_CHUNK_MS`]).
+///
+/// Each page sent takes one off the pending set, and the guest adds `grown / sent`
+/// meanwhile (`grown`: what the set grew by beyond `pending_mark − sent`), so
+/// `(pending − target) / (1 − grown / sent)` pages bring it to the target; an eighth
+/// and 16 pages more absorb the noise. A longer chunk would send pages the final round
+/// sends anyway and give the guest time to dirty again pages already sent (the stop
+/// comes no sooner than the target allows); a shorter one costs another peek. The
+/// stop itself is still decided on what the next peek finds.
+fn tail_chunk(pending: u64, pending_mark: u64, sent: u64, target: u64, max: u64) -> u64 {
+    let max = max.max(1);
+    let excess = pending.saturating_sub(target);
+    if sent == 0 || excess == 0 {
+        return max;
+    }
+    let grown = pending.saturating_sub(pending_mark.saturating_sub(sent));
+    if grown >= sent {
+        return max;
+    }
+    let need = u128::from(excess) * u128::from(sent) / u128::from(sent - grown);
+    let want = need.saturating_add(need / 8).saturating_add(16);
+    u64::try_from(want).unwrap_or(u64::MAX).clamp(1, max)
+}
+
 /// OR `bits` into `slot` (or put them there); on failure `bits` come back unmerged.
 fn absorb(slot: &mut Option<DirtyBitmap>, bits: DirtyBitmap) -> Result<(), (DirtyBitmap, DirtyError)> {
     match slot {
@@ -850,6 +911,94 @@ fn event_name(event: &SourceEvent) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source of a `pages`-page domain through its full copy of all memory in one
+    /// step, sent in `copy_ms`; returns it waiting for the end-of-round peek.
+    fn copied(pages: u64, copy_ms: u64, policy: Policy) -> Source {
+        let mut s = Source::with_step(policy, u64::MAX);
+        let info = DomainInfo {
+            name: "t".into(),
+            memory_bytes: pages * PAGE_SIZE,
+            vcpus: 1,
+            cmdline: String::new(),
+            featureset: Vec::new(),
+            policy: Vec::new(),
+            log_dirty_active: false,
+        };
+        let _ = s.on(SourceEvent::Start(info));
+        let _ = s.on(SourceEvent::PolicyAccepted);
+        let full = s.on(SourceEvent::LogDirtyStarted);
+        assert_eq!(full, [SourceAction::SendAllPages { pfns: 0..pages }]);
+        let peek = s.on(SourceEvent::PagesSent { bytes: pages * PAGE_SIZE, elapsed_ms: copy_ms });
+        assert_eq!(peek, [SourceAction::PeekAndClean]);
+        s
+    }
+
+    fn bits(pages: u64, set: Range<u64>) -> DirtyBitmap {
+        let mut b = DirtyBitmap::new(pages).unwrap_or_else(|e| unreachable!("{e}"));
+        b.set_range(set).unwrap_or_else(|e| unreachable!("{e}"));
+        b
+    }
+
+    fn sent_pages(actions: &[SourceAction]) -> Option<u64> {
+        match actions {
+            [SourceAction::SendPages { pages, .. }] => Some(pages.count_ones()),
+            _ => None,
+        }
+    }
+
+    /// 100000 pages copied in 10 s: 10000 pages/s, the 300 ms target is 3000 pages, a
+    /// tail chunk 500. Round 1 has 5000 pages: a first chunk of 2000, then a peek.
+    fn in_round_one() -> Source {
+        let mut s = copied(100_000, 10_000, Policy::default());
+        let first = s.on(SourceEvent::Dirty(bits(100_000, 0..5000)));
+        assert_eq!(sent_pages(&first), Some(2000), "{first:?}");
+        s
+    }
+
+    #[test]
+    fn a_sinking_bandwidth_estimate_does_not_chase_the_target_in_tiny_chunks() {
+        let mut s = in_round_one();
+        // The first chunk took 300 ms instead of 200 (rounding, a slower moment): the
+        // estimate sinks to 9902 pages/s, the target to 2970 pages, below the 3000 left.
+        // Peek now rather than send the 30 pages over the target (and again, and again:
+        // each tiny send rounded up to 1 ms sinks the estimate further).
+        let next = s.on(SourceEvent::PagesSent { bytes: 2000 * PAGE_SIZE, elapsed_ms: 300 });
+        assert_eq!(next, [SourceAction::PeekAndClean]);
+        assert_eq!(s.state(), SourceState::MidPeek);
+    }
+
+    #[test]
+    fn a_tail_chunk_is_just_what_the_stop_needs() {
+        let mut s = in_round_one();
+        let _ = s.on(SourceEvent::PagesSent { bytes: 2000 * PAGE_SIZE, elapsed_ms: 300 });
+        // Nothing new dirtied: 3000 pending, 30 over the target. 30 + 1/8 + 16 = 49
+        // pages, not a whole tail chunk of 495 (whose extra pages the final round
+        // would send anyway, after the guest had 50 ms more to dirty sent ones).
+        let chunk = s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))));
+        assert_eq!(sent_pages(&chunk), Some(49), "{chunk:?}");
+        let peek = s.on(SourceEvent::PagesSent { bytes: 49 * PAGE_SIZE, elapsed_ms: 5 });
+        assert_eq!(peek, [SourceAction::PeekAndClean]);
+        let stop = s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))));
+        assert_eq!(stop, [SourceAction::Pause]);
+    }
+
+    #[test]
+    fn tail_chunk_sizes() {
+        // Nothing grew: the excess plus an eighth and 16.
+        assert_eq!(tail_chunk(3000, 5000, 2000, 2970, 495), 49);
+        // Half of what was sent came back: twice the excess is needed.
+        assert_eq!(tail_chunk(9500, 10_000, 1000, 9000, 5000), 1141);
+        // Capped at a whole tail chunk; growing as fast as it is sent, or no measure yet:
+        // a whole tail chunk.
+        assert_eq!(tail_chunk(20_000, 20_000, 1000, 9000, 5000), 5000);
+        assert_eq!(tail_chunk(10_000, 10_000, 1000, 9000, 5000), 5000);
+        assert_eq!(tail_chunk(10_000, 10_000, 0, 9000, 5000), 5000);
+        // Nothing over the target, or a zero cap: still at least one page.
+        assert_eq!(tail_chunk(100, 1000, 900, 9000, 0), 1);
+        assert_eq!(tail_chunk(u64::MAX, u64::MAX, u64::MAX, 0, u64::MAX), u64::MAX);
+        assert_eq!(tail_chunk(u64::MAX, 0, 1, 0, 7), 7);
+    }
 
     #[test]
     fn end_after_counts_set_bits_from_the_cursor() {
