@@ -328,6 +328,7 @@ fn migrate(trace: Trace, ratio: f64, bw: u64, decide: &dyn Fn(&RoundStats) -> De
             bytes_sent: link.bytes,
             send_ms: link.send_ms,
             dirty_pages: dirty,
+            dirtied_pages: dirty,
             round_ms,
             throttle_percent: throttle,
         };

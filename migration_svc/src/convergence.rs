@@ -20,8 +20,9 @@
 //!  2. D > B/4096 (the dirty set cannot shrink):
 //!       throttle enabled and below 99 %            → Throttle { percent } (20, 30, … 90, 99)
 //!       otherwise                                  → Fail(NotConverging)
-//!  3. throttle enabled, below 99 % and D > B/4096/2 (the dirty set shrinks by less than
-//!     half per round: QEMU's 50 % rule)            → Throttle { percent }
+//!  3. throttle enabled, below 99 % and D' > B/4096/2, D' = dirtied_pages × 1000 / round_ms
+//!     (the guest dirtied more than half what the round sent, counting the pages the
+//!     round took in mid-round: QEMU's 50 % rule) → Throttle { percent }
 //!  4. round ≥ max_rounds                           → Fail(RoundLimit)
 //!  5. f ≥ 100 % or n > max_rounds − round (the round limit would be hit first):
 //!       throttle enabled and below 99 %            → Throttle { percent }
@@ -94,6 +95,10 @@ pub struct RoundStats {
     pub send_ms: u64,
     /// Pages dirtied during the round (the bits the following peek-and-clean took).
     pub dirty_pages: u64,
+    /// Pages dirtied during the round in all: `dirty_pages` and those the round took in
+    /// at its mid-round peeks and sent itself (pages not yet sent when they were dirtied
+    /// again). At most `dirty_pages` counts as `dirty_pages`.
+    pub dirtied_pages: u64,
     /// The round's duration in ms.
     pub round_ms: u64,
     /// The throttle in force during the round, in percent.
@@ -114,6 +119,12 @@ impl RoundStats {
     /// Measured dirty rate in pages/s.
     pub fn dirty_pages_per_sec(&self) -> u64 {
         per_sec(self.dirty_pages, self.round_ms)
+    }
+
+    /// Pages dirtied per second during the round, the pages it took in mid-round
+    /// included (see [`Self::dirtied_pages`]).
+    pub fn dirtied_pages_per_sec(&self) -> u64 {
+        per_sec(self.dirtied_pages.max(self.dirty_pages), self.round_ms)
     }
 
     /// The time sending the remaining dirty pages would take, in ms (rounded up).
@@ -310,7 +321,7 @@ impl Policy {
             }
             return Decision::Fail(ConvergenceError::NotConverging { dirty_pages_per_sec, bandwidth_pages_per_sec });
         }
-        if can_throttle && dirty_pages_per_sec > bandwidth_pages_per_sec / 2 {
+        if can_throttle && stats.dirtied_pages_per_sec() > bandwidth_pages_per_sec / 2 {
             return Decision::Throttle { percent: next_throttle };
         }
         if stats.round >= self.max_rounds {
@@ -359,6 +370,7 @@ mod tests {
             bytes_sent: 100_000_000,
             send_ms: 1000,
             dirty_pages: dirty,
+            dirtied_pages: 0,
             round_ms: 1000,
             throttle_percent: throttle,
         }
@@ -421,6 +433,22 @@ mod tests {
         // Converging, but by less than half per round: throttle too; by more: continue.
         assert_eq!(p.decide(&stats(1, 15_000, 0)), Decision::Throttle { percent: 20 });
         assert_eq!(p.decide(&stats(1, 12_000, 0)), Decision::Continue);
+    }
+
+    #[test]
+    fn throttles_on_the_pages_dirtied_in_the_round_taken_in_ones_included() {
+        let p = Policy { throttle: true, ..Policy::default() };
+        // 10000 pages left dirty after the round (41 % of what it sent): continue; but
+        // the round also took in 5000 pages dirtied ahead of its cursor: 61 % dirtied,
+        // over QEMU's 50 %, throttle.
+        assert_eq!(p.decide(&stats(1, 10_000, 0)), Decision::Continue);
+        let taken_in = RoundStats { dirtied_pages: 15_000, ..stats(1, 10_000, 0) };
+        assert_eq!(taken_in.dirtied_pages_per_sec(), 15_000);
+        assert_eq!(p.decide(&taken_in), Decision::Throttle { percent: 20 });
+        // Without throttling, the same round goes on.
+        assert_eq!(Policy::default().decide(&taken_in), Decision::Continue);
+        // Fewer than `dirty_pages` count as `dirty_pages`.
+        assert_eq!(RoundStats { dirtied_pages: 5, ..stats(1, 10_000, 0) }.dirtied_pages_per_sec(), 10_000);
     }
 
     #[test]
@@ -495,6 +523,7 @@ mod tests {
             bytes_sent: 1 << 30,
             send_ms: 10_737,
             dirty_pages: 235_930,
+            dirtied_pages: 0,
             round_ms: 10_737,
             throttle_percent: 0,
         };
@@ -547,8 +576,15 @@ mod tests {
                 bytes += dirty_prev * PAGE_SIZE;
                 ms += round_ms;
             }
-            let s =
-                RoundStats { round, bytes_sent: bytes, send_ms: ms, dirty_pages: dirty, round_ms, throttle_percent: 0 };
+            let s = RoundStats {
+                round,
+                bytes_sent: bytes,
+                send_ms: ms,
+                dirty_pages: dirty,
+                dirtied_pages: 0,
+                round_ms,
+                throttle_percent: 0,
+            };
             let d = p.decide(&s);
             decisions.push(d);
             if !matches!(d, Decision::Continue) {
@@ -574,6 +610,7 @@ mod tests {
             bytes_sent: 100_000_000,
             send_ms: 1000,
             dirty_pages: 24_000,
+            dirtied_pages: 0,
             round_ms: 2000,
             throttle_percent: 0,
         };

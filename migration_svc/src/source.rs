@@ -330,6 +330,12 @@ pub struct Source {
     pending_mark: u64,
     /// Pages delivered since the last peek.
     sent_since_peek: u64,
+    /// Bytes sent and their send time when the round's first mid-round peek came: the
+    /// bandwidth measure of the rest of the round (see [`Self::measure`]).
+    tail_measure: Option<(u64, u64)>,
+    /// Pages this dirty round took in at its mid-round peeks (dirtied again before it
+    /// sent them, or dirtied for the first time ahead of its cursor).
+    joined: u64,
     /// Stop-and-copy was decided in the middle of the full copy: the final round also
     /// sends every pfn from `cursor` on.
     full_rest: bool,
@@ -373,9 +379,19 @@ impl Source {
             tail_len: 0,
             pending_mark: 0,
             sent_since_peek: 0,
+            tail_measure: None,
+            joined: 0,
             full_rest: false,
             round_ms: 0,
-            last: RoundStats { round: 0, bytes_sent: 0, send_ms: 0, dirty_pages: 0, round_ms: 0, throttle_percent: 0 },
+            last: RoundStats {
+                round: 0,
+                bytes_sent: 0,
+                send_ms: 0,
+                dirty_pages: 0,
+                dirtied_pages: 0,
+                round_ms: 0,
+                throttle_percent: 0,
+            },
             summary: Summary {
                 rounds: 0,
                 pages_sent: 0,
@@ -558,10 +574,19 @@ impl Source {
         vec![SourceAction::SendAllPages { pfns: from..to }]
     }
 
+    /// The bytes sent and their send time the bandwidth is measured on: all so far, but
+    /// from a round's first mid-round peek to its end, what was sent until that peek.
+    /// The core reports each send's time rounded up to whole ms, so the short chunks of
+    /// a round's tail would each sink the estimate, and with it the target the stop
+    /// waits for, by more than they send: the tail would chase its own error.
+    fn measure(&self) -> (u64, u64) {
+        self.tail_measure.unwrap_or((self.summary.bytes_sent, self.summary.send_ms))
+    }
+
     /// The measured bandwidth in pages/s (0 before anything was sent).
     fn bandwidth_pages(&self) -> u64 {
-        RoundStats { bytes_sent: self.summary.bytes_sent, send_ms: self.summary.send_ms, ..RoundStats::default() }
-            .bandwidth_pages_per_sec()
+        let (bytes_sent, send_ms) = self.measure();
+        RoundStats { bytes_sent, send_ms, ..RoundStats::default() }.bandwidth_pages_per_sec()
     }
 
     /// Pages the downtime target allows at the measured bandwidth.
@@ -671,6 +696,7 @@ impl Source {
         self.remaining = dirty;
         self.tail = false;
         self.tail_len = 0;
+        self.tail_measure = None;
         self.pending_mark = dirty;
         self.sent_since_peek = 0;
         self.full_rest = false;
@@ -679,11 +705,13 @@ impl Source {
             bytes_sent: self.summary.bytes_sent,
             send_ms: self.summary.send_ms,
             dirty_pages: dirty,
+            dirtied_pages: self.joined.saturating_add(dirty),
             round_ms: self.round_ms,
             throttle_percent: self.throttle,
         };
         self.last = stats;
         self.round_ms = 0;
+        self.joined = 0;
         let mut actions = Vec::new();
         match self.policy.decide(&stats) {
             Decision::StopAndCopy { estimated_downtime_ms } => return self.stop(estimated_downtime_ms),
@@ -722,19 +750,26 @@ impl Source {
             return self.fail_with(behind, Failure::CoreFailed(alloc::format!("{e}")));
         }
         self.tail = true;
+        if self.tail_measure.is_none() {
+            self.tail_measure = Some((self.summary.bytes_sent, self.summary.send_ms));
+        }
+        let (bytes_sent, send_ms) = self.measure();
         let full_copy = self.round == 0;
         let rest = if full_copy {
             self.pages.saturating_sub(self.cursor)
         } else {
+            let before = self.remaining;
             self.remaining = self.ahead.as_ref().map_or(0, DirtyBitmap::count_ones);
+            self.joined = self.joined.saturating_add(self.remaining.saturating_sub(before));
             self.remaining
         };
         let pending = rest.saturating_add(self.carry.as_ref().map_or(0, DirtyBitmap::count_ones));
         let stats = RoundStats {
             round: self.round,
-            bytes_sent: self.summary.bytes_sent,
-            send_ms: self.summary.send_ms,
+            bytes_sent,
+            send_ms,
             dirty_pages: pending,
+            dirtied_pages: 0,
             round_ms: self.round_ms,
             throttle_percent: self.throttle,
         };
@@ -834,8 +869,8 @@ impl Source {
 ///
 /// Each page sent takes one off the pending set, and the guest adds `grown / sent`
 /// meanwhile (`grown`: what the set grew by beyond `pending_mark − sent`), so
-/// `(pending − target) / (1 − grown / sent)` pages bring it to the target; an eighth
-/// and 16 pages more absorb the noise. A longer chunk would send pages the final round
+/// `(pending − target) / (1 − grown / sent)` pages bring it to the target; a 64th and
+/// 4 pages more absorb the noise (each page over costs about `grown / sent` pages). A longer chunk would send pages the final round
 /// sends anyway and give the guest time to dirty again pages already sent (the stop
 /// comes no sooner than the target allows); a shorter one costs another peek. The
 /// stop itself is still decided on what the next peek finds.
@@ -850,7 +885,7 @@ fn tail_chunk(pending: u64, pending_mark: u64, sent: u64, target: u64, max: u64)
         return max;
     }
     let need = u128::from(excess) * u128::from(sent) / u128::from(sent - grown);
-    let want = need.saturating_add(need / 8).saturating_add(16);
+    let want = need.saturating_add(need / 64).saturating_add(4);
     u64::try_from(want).unwrap_or(u64::MAX).clamp(1, max)
 }
 
@@ -972,23 +1007,73 @@ mod tests {
     fn a_tail_chunk_is_just_what_the_stop_needs() {
         let mut s = in_round_one();
         let _ = s.on(SourceEvent::PagesSent { bytes: 2000 * PAGE_SIZE, elapsed_ms: 300 });
-        // Nothing new dirtied: 3000 pending, 30 over the target. 30 + 1/8 + 16 = 49
+        // Nothing new dirtied: 3000 pending, 30 over the target. 30 + 1/64 + 4 = 34
         // pages, not a whole tail chunk of 495 (whose extra pages the final round
         // would send anyway, after the guest had 50 ms more to dirty sent ones).
         let chunk = s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))));
-        assert_eq!(sent_pages(&chunk), Some(49), "{chunk:?}");
-        let peek = s.on(SourceEvent::PagesSent { bytes: 49 * PAGE_SIZE, elapsed_ms: 5 });
+        assert_eq!(sent_pages(&chunk), Some(34), "{chunk:?}");
+        let peek = s.on(SourceEvent::PagesSent { bytes: 34 * PAGE_SIZE, elapsed_ms: 4 });
         assert_eq!(peek, [SourceAction::PeekAndClean]);
         let stop = s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))));
         assert_eq!(stop, [SourceAction::Pause]);
     }
 
     #[test]
+    fn the_round_counts_the_pages_it_took_in_as_dirtied() {
+        // A 10 ms target: 100 pages at 10000 pages/s, a tail chunk 500. Round 1 has
+        // 5000 pages: a first chunk of 4900, then a peek.
+        let mut s = copied(100_000, 10_000, Policy { downtime_target_ms: 10, ..Policy::default() });
+        let first = s.on(SourceEvent::Dirty(bits(100_000, 0..5000)));
+        assert_eq!(sent_pages(&first), Some(4900), "{first:?}");
+        let peek = s.on(SourceEvent::PagesSent { bytes: 4900 * PAGE_SIZE, elapsed_ms: 490 });
+        assert_eq!(peek, [SourceAction::PeekAndClean]);
+        // 400 new pages ahead of the cursor join the round, 1000 behind it are carried.
+        let mut mid = bits(100_000, 10_000..10_400);
+        mid.set_range(0..1000).unwrap_or_else(|e| unreachable!("{e}"));
+        let mut actions = s.on(SourceEvent::Dirty(mid));
+        let mut sent = 0;
+        while s.state() != SourceState::Peeking {
+            actions = match (actions.as_slice(), s.state()) {
+                ([SourceAction::SendPages { pages, .. }], _) => {
+                    let n = pages.count_ones();
+                    sent += n;
+                    s.on(SourceEvent::PagesSent { bytes: n * PAGE_SIZE, elapsed_ms: n / 10 })
+                }
+                ([SourceAction::PeekAndClean], SourceState::MidPeek) => {
+                    s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))))
+                }
+                (other, state) => unreachable!("{other:?} in {state:?}"),
+            };
+        }
+        assert_eq!(sent, 500);
+        // The end-of-round peek: 10 more. Left dirty: 1010; dirtied in the round: 1410.
+        let _ = s.on(SourceEvent::Dirty(bits(100_000, 2000..2010)));
+        let last = s.last_round();
+        assert_eq!((last.round, last.dirty_pages, last.dirtied_pages), (1, 1010, 1410));
+    }
+
+    #[test]
+    fn the_tail_keeps_the_bandwidth_measured_at_its_first_peek() {
+        let mut s = in_round_one();
+        let _ = s.on(SourceEvent::PagesSent { bytes: 2000 * PAGE_SIZE, elapsed_ms: 300 });
+        let chunk = s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))));
+        assert_eq!(sent_pages(&chunk), Some(34), "{chunk:?}");
+        // The 34 pages (3.4 ms at the measured rate) are reported as 40 ms: measured over
+        // all that was sent, the estimate would sink to 9868 pages/s, and the 2966 pages
+        // left would miss the target of 2960 by 6 pages (another chunk, and so on). The
+        // tail's estimate stays at 9902 pages/s from its first peek: 2966 pages fit.
+        let _ = s.on(SourceEvent::PagesSent { bytes: 34 * PAGE_SIZE, elapsed_ms: 40 });
+        let stop = s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))));
+        assert_eq!(stop, [SourceAction::Pause]);
+        assert_eq!(s.last_round().bytes_sent, 102_000 * PAGE_SIZE);
+    }
+
+    #[test]
     fn tail_chunk_sizes() {
-        // Nothing grew: the excess plus an eighth and 16.
-        assert_eq!(tail_chunk(3000, 5000, 2000, 2970, 495), 49);
+        // Nothing grew: the excess plus a 64th and 4.
+        assert_eq!(tail_chunk(3000, 5000, 2000, 2970, 495), 34);
         // Half of what was sent came back: twice the excess is needed.
-        assert_eq!(tail_chunk(9500, 10_000, 1000, 9000, 5000), 1141);
+        assert_eq!(tail_chunk(9500, 10_000, 1000, 9000, 5000), 1019);
         // Capped at a whole tail chunk; growing as fast as it is sent, or no measure yet:
         // a whole tail chunk.
         assert_eq!(tail_chunk(20_000, 20_000, 1000, 9000, 5000), 5000);
