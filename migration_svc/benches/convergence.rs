@@ -1,8 +1,9 @@
 //! Acceptance benchmark of the pre-copy convergence policy: one deterministic run that
 //! prints, side by side, what our [`Policy`] and two baselines (Xen's count rule and a
 //! model of QEMU's pre-copy) do over synthetic dirty traces, and exits non-zero if ours
-//! loses where Xen's rule wins or pauses longer than the target where QEMU's does not
-//! (`-- --strict`: wherever ours misses rule (c) of issue 13 item 4).
+//! loses where Xen's rule wins, pauses longer than the target where QEMU's does not, or
+//! misses rule (c) of issue 13 item 4 by more than 0.01 % of the bytes (`-- --strict`:
+//! by anything).
 //!
 //! # Model
 //!
@@ -56,12 +57,18 @@
 //!   guest kept running and was never paused, a safe outcome, reported in the summary);
 //!   `MISS` if ours paused the guest for longer than the target (guard).
 //! - *rule (c)* of issue 13 item 4: wherever either baseline meets the target, ours
-//!   meets it too, with no more bytes than the cheaper of those that do. It does not
-//!   hold yet (QEMU sends fewer bytes in 21 rows, and meets the target in one row ours
-//!   refuses); the summary says so.
+//!   meets it too, with no more bytes than the cheaper of those that do. The summary
+//!   says whether it holds in every row.
+//! - *rule (c) within 0.01 %* (guard): the same, with up to [`GUARD_TOLERANCE`] more
+//!   bytes than the cheaper baseline. A refusal or a miss where a baseline meets the
+//!   target fails it as well. The slack covers what the two rules cannot tell apart:
+//!   where both send the same pages in the same order (a sweep that both chase page by
+//!   page), ours stops a few pages later because it estimates the bandwidth from send
+//!   times the core reports in whole ms, rounded up, while QEMU's model is given the
+//!   link's exact bandwidth.
 //!
 //! The exit status is non-zero when a guard fails (`GUARD FAILURE` lines); with
-//! `-- --strict` it is rule (c) instead, for when rule (c) holds.
+//! `-- --strict` it is rule (c) itself.
 //!
 //! # Limits
 //!
@@ -611,6 +618,18 @@ fn bw_name(bw: u64) -> String {
     if bw >= 1_000_000_000 { format!("{} GB/s", bw / 1_000_000_000) } else { format!("{} MB/s", bw / 1_000_000) }
 }
 
+/// The guard's slack on rule (c): ours may send this share more bytes than the cheaper
+/// baseline (1/10000: 0.01 %, 27 pages of a 1 GiB guest's full copy).
+const GUARD_TOLERANCE: (u64, u64) = (1, 10_000);
+
+/// Rule (c) within [`GUARD_TOLERANCE`] for one row: `None` if no baseline meets the
+/// target, else whether ours meets it with at most that share more bytes.
+fn check_near(ours: &Run, baselines: &[(&str, &Run)], target: u64) -> Option<bool> {
+    let best = baselines.iter().filter(|(_, b)| b.met(target)).map(|(_, b)| b.bytes).min()?;
+    let (num, den) = GUARD_TOLERANCE;
+    Some(ours.met(target) && u128::from(ours.bytes) * u128::from(den) <= u128::from(best) * u128::from(den + num))
+}
+
 /// Rule (c) of issue 13 item 4 for one row: `None` if no baseline meets the target,
 /// else `Some(Ok(()))` or `Some(Err(reason))`. The exit status only with `--strict`.
 fn check(ours: &Run, baselines: &[(&str, &Run)], target: u64) -> Option<Result<(), String>> {
@@ -646,8 +665,7 @@ enum VsQemu {
     /// Both meet it: ours bytes / QEMU bytes, and whether ours sends no more bytes.
     Met { ratio: f64, no_more: bool },
     /// Ours gave up (the reason is in the table): the guest kept running and was never
-    /// paused. Reported, not a guard failure: failing safe is a valid outcome of the
-    /// product, and a refusal where Xen meets fails the Xen guard anyway.
+    /// paused. A safe outcome, but rule (c) and its guard count it as a loss.
     Refused(&'static str),
     /// Ours paused the guest for longer than the target where QEMU did not: a guard
     /// failure.
@@ -702,6 +720,7 @@ fn main() {
     let mut worst: Option<(f64, String)> = None;
     let mut refused_rows = Vec::new();
     let mut guard_failures = Vec::new();
+    let (mut near_rows, mut near_ok) = (0u32, 0u32);
     let _ = writeln!(
         out,
         "pre-copy convergence: 1 GiB guest, downtime target {target} ms; ours = Policy::default() (throttle off, then \
@@ -713,7 +732,7 @@ fn main() {
          MISS): where QEMU meets it, ours bytes / QEMU bytes if ours meets it, 'refused' if ours gave up (the guest \
          was never paused; reason in the table), MISS if ours paused for longer than the target\nrule (c) (issue 13 \
          item 4; the exit status with --strict): where Xen or QEMU meets the target, ours meets it with no more \
-         bytes than the cheaper of those that do"
+         bytes than the cheaper of those that do; the guard: the same within 0.01 % of the bytes"
     );
     for throttle in [false, true] {
         let ours = Policy { throttle, ..Policy::default() };
@@ -749,6 +768,7 @@ fn main() {
                     "vs QEMU",
                 );
                 let mut rows = Vec::new();
+                let mut table_near = true;
                 for &ratio in &RATIOS {
                     let o = migrate_source(trace, ratio, bw, ours);
                     let x = migrate(trace, ratio, bw, &baseline);
@@ -757,6 +777,17 @@ fn main() {
                     let xen_guard = check_xen(&o, &x, target);
                     let vs_qemu = vs_qemu(&o, &q, target);
                     let here = where_(trace, ratio, bw, throttle);
+                    let near = check_near(&o, &[("Xen", &x), ("QEMU", &q)], target);
+                    if near == Some(false) {
+                        let why = match &check {
+                            Some(Err(why)) => why.as_str(),
+                            _ => "",
+                        };
+                        guard_failures.push(format!("{here}: rule (c) missed by more than 0.01 % ({why})"));
+                    }
+                    near_rows += u32::from(near.is_some());
+                    near_ok += u32::from(near == Some(true));
+                    table_near &= near != Some(false);
                     if xen_guard == Some(false) {
                         guard_failures
                             .push(format!("{here}: ours does not meet the target with no more bytes where Xen does"));
@@ -835,7 +866,7 @@ fn main() {
                         bw_name(bw),
                         n = RATIOS.len()
                     ),
-                    ok_xen == n_xen && !missed_qemu,
+                    ok_xen == n_xen && !missed_qemu && table_near,
                     ok_c == n_c,
                 ));
             }
@@ -867,7 +898,8 @@ fn main() {
     }
     let _ = writeln!(
         out,
-        "  ours refuses where QEMU meets the target (the guest is never paused; reported, not a guard failure): {}",
+        "  ours refuses where QEMU meets the target (the guest is never paused; a guard failure through rule (c) \
+         within 0.01 %): {}",
         if refused_rows.is_empty() { "none".to_string() } else { refused_rows.join("; ") }
     );
     let _ = writeln!(
@@ -875,6 +907,11 @@ fn main() {
         "rule (c) (issue 13 item 4, exit status with --strict): where Xen or QEMU meets the target, ours meets it with \
          no more bytes than the cheaper in {c_ok} of {c_rows} rows; {}",
         if c_ok == c_rows { "met" } else { "not yet met" }
+    );
+    let _ = writeln!(
+        out,
+        "rule (c) within 0.01 % of the bytes (guard): in {near_ok} of {near_rows} rows; {}",
+        if near_ok == near_rows { "holds" } else { "BROKEN" }
     );
     for failure in &guard_failures {
         let _ = writeln!(out, "GUARD FAILURE: {failure}");
@@ -896,8 +933,8 @@ fn main() {
         process::exit(1);
     }
     println!(
-        "PASSED the guard (ours vs Xen's count rule; no MISS vs QEMU). Issue 13 item 4 (rule (c)) is {}; \
-         `-- --strict` makes it the exit status.",
+        "PASSED the guard (ours vs Xen's count rule; no MISS vs QEMU; rule (c) within 0.01 %). Issue 13 item 4 \
+         (rule (c)) is {}; `-- --strict` makes it the exit status.",
         if c_ok == c_rows { "met" } else { "NOT yet met" }
     );
 }
