@@ -24,7 +24,8 @@
 //!   after it).
 //! - The policy sees the [`RoundStats`] the real `Source` would build: `bytes_sent`
 //!   and `send_ms` cumulative, `dirty_pages` and `round_ms` of the round just finished,
-//!   each send's ms rounded up as the core reports them.
+//!   from each send's µs rounded up as the core reports them (the Xen rule's sums
+//!   rounded up to whole ms as the `Source` does).
 //! - Stop-and-copy pauses the guest right after the peek (no writes in between), so the
 //!   final round sends exactly the last dirty set. Downtime = its send time + 8 KiB of
 //!   vCPU state (2 vCPUs × 4 KiB) at the same bandwidth.
@@ -61,11 +62,11 @@
 //!   says whether it holds in every row.
 //! - *rule (c) within 0.01 %* (guard): the same, with up to [`GUARD_TOLERANCE`] more
 //!   bytes than the cheaper baseline. A refusal or a miss where a baseline meets the
-//!   target fails it as well. The slack covers what the two rules cannot tell apart:
+//!   target fails it as well. The slack is for what the two rules cannot tell apart:
 //!   where both send the same pages in the same order (a sweep that both chase page by
-//!   page), ours stops a few pages later because it estimates the bandwidth from send
-//!   times the core reports in whole ms, rounded up, while QEMU's model is given the
-//!   link's exact bandwidth.
+//!   page), ours may stop a few pages later because it measures the bandwidth from
+//!   send times rounded up to whole µs and their sum to whole ms, while QEMU's model is
+//!   given the link's exact bandwidth.
 //!
 //! The exit status is non-zero when a guard fails (`GUARD FAILURE` lines); with
 //! `-- --strict` it is rule (c) itself.
@@ -277,9 +278,9 @@ fn link_ns(bytes: u64, bw: u64) -> u64 {
     u64::try_from(ns).unwrap_or(u64::MAX)
 }
 
-/// A send's elapsed time as the core reports it: whole ms, rounded up.
-fn reported_ms(ns: u64) -> u64 {
-    ns.div_ceil(1_000_000)
+/// A send's elapsed time as the core reports it: whole µs, rounded up.
+fn reported_us(ns: u64) -> u64 {
+    ns.div_ceil(1000)
 }
 
 /// The link: its bandwidth and what the source has measured on it so far.
@@ -288,19 +289,19 @@ struct Link {
     bw: u64,
     /// Bytes sent since the migration started.
     bytes: u64,
-    /// Their send time as reported, in ms.
-    send_ms: u64,
+    /// Their send time as reported, in µs.
+    send_us: u64,
 }
 
 impl Link {
-    /// Send `pages` while the guest runs; returns the reported ms.
+    /// Send `pages` while the guest runs; returns the reported µs.
     fn send(&mut self, guest: &mut Guest, pages: u64, throttle: u8) -> u64 {
         let bytes = pages * PAGE_SIZE;
         let ns = link_ns(bytes, self.bw);
         guest.run(ns, throttle);
         self.bytes += bytes;
-        self.send_ms += reported_ms(ns);
-        reported_ms(ns)
+        self.send_us += reported_us(ns);
+        reported_us(ns)
     }
 }
 
@@ -319,13 +320,13 @@ fn refusal(e: &ConvergenceError) -> &'static str {
 /// One simulated migration of a fresh guest under a round-based rule `decide`.
 fn migrate(trace: Trace, ratio: f64, bw: u64, decide: &dyn Fn(&RoundStats) -> Decision) -> Run {
     let mut guest = Guest::new(trace, guest_rate(ratio, bw));
-    let mut link = Link { bw, bytes: 0, send_ms: 0 };
-    let (mut round, mut round_ms, mut throttle, mut max_throttle) = (0u32, 0u64, 0u8, 0u8);
+    let mut link = Link { bw, bytes: 0, send_us: 0 };
+    let (mut round, mut round_us, mut throttle, mut max_throttle) = (0u32, 0u64, 0u8, 0u8);
     // Round 0: the full copy, in the steps the source asks for.
     let mut next = 0;
     while next < PAGES {
         let step = DEFAULT_PAGES_PER_STEP.min(PAGES - next);
-        round_ms += link.send(&mut guest, step, 0);
+        round_us += link.send(&mut guest, step, 0);
         next += step;
     }
     loop {
@@ -333,10 +334,10 @@ fn migrate(trace: Trace, ratio: f64, bw: u64, decide: &dyn Fn(&RoundStats) -> De
         let stats = RoundStats {
             round,
             bytes_sent: link.bytes,
-            send_ms: link.send_ms,
+            send_ms: link.send_us.div_ceil(1000),
             dirty_pages: dirty,
             dirtied_pages: dirty,
-            round_ms,
+            round_ms: round_us.div_ceil(1000),
             throttle_percent: throttle,
         };
         let decision = if round >= HARD_ROUND_CAP {
@@ -372,7 +373,7 @@ fn migrate(trace: Trace, ratio: f64, bw: u64, decide: &dyn Fn(&RoundStats) -> De
             Decision::Continue => {}
         }
         round += 1;
-        round_ms = link.send(&mut guest, dirty, throttle);
+        round_us = link.send(&mut guest, dirty, throttle);
     }
 }
 
@@ -382,7 +383,7 @@ fn migrate(trace: Trace, ratio: f64, bw: u64, decide: &dyn Fn(&RoundStats) -> De
 /// final round and the vCPU state are the downtime. `syncs` counts the peeks.
 fn migrate_source(trace: Trace, ratio: f64, bw: u64, policy: Policy) -> Run {
     let mut guest = Guest::new(trace, guest_rate(ratio, bw));
-    let mut link = Link { bw, bytes: 0, send_ms: 0 };
+    let mut link = Link { bw, bytes: 0, send_us: 0 };
     let mut source = Source::new(policy);
     let (mut throttle, mut paused, mut peeks, mut final_bytes) = (0u8, false, 0u32, 0u64);
     let info = DomainInfo {
@@ -413,8 +414,8 @@ fn migrate_source(trace: Trace, ratio: f64, bw: u64, policy: Policy) -> Run {
                 SourceAction::StartLogDirty => Some(SourceEvent::LogDirtyStarted),
                 SourceAction::SendAllPages { pfns } => {
                     let pages = pfns.end - pfns.start;
-                    let elapsed_ms = link.send(&mut guest, pages, throttle);
-                    Some(SourceEvent::PagesSent { bytes: pages * PAGE_SIZE, elapsed_ms })
+                    let elapsed_us = link.send(&mut guest, pages, throttle);
+                    Some(SourceEvent::PagesSent { bytes: pages * PAGE_SIZE, elapsed_us })
                 }
                 SourceAction::PeekAndClean => {
                     peeks += 1;
@@ -423,13 +424,13 @@ fn migrate_source(trace: Trace, ratio: f64, bw: u64, policy: Policy) -> Run {
                 SourceAction::SendPages { pages, .. } => {
                     let pages = pages.count_ones();
                     let bytes = pages * PAGE_SIZE;
-                    let elapsed_ms = if paused {
+                    let elapsed_us = if paused {
                         final_bytes += bytes;
-                        reported_ms(link_ns(bytes, bw))
+                        reported_us(link_ns(bytes, bw))
                     } else {
                         link.send(&mut guest, pages, throttle)
                     };
-                    Some(SourceEvent::PagesSent { bytes, elapsed_ms })
+                    Some(SourceEvent::PagesSent { bytes, elapsed_us })
                 }
                 SourceAction::Pause => {
                     paused = true;
@@ -437,8 +438,8 @@ fn migrate_source(trace: Trace, ratio: f64, bw: u64, policy: Policy) -> Run {
                 }
                 SourceAction::SendVcpuState => {
                     final_bytes += VCPU_STATE_BYTES;
-                    let elapsed_ms = reported_ms(link_ns(VCPU_STATE_BYTES, bw));
-                    Some(SourceEvent::VcpuStateSent { bytes: VCPU_STATE_BYTES, elapsed_ms })
+                    let elapsed_us = reported_us(link_ns(VCPU_STATE_BYTES, bw));
+                    Some(SourceEvent::VcpuStateSent { bytes: VCPU_STATE_BYTES, elapsed_us })
                 }
                 SourceAction::WaitAck => Some(SourceEvent::Acked),
                 SourceAction::Done(outcome) => {

@@ -8,12 +8,12 @@
 //! | `SendHeader(h)`, `SendPolicy(p)`, `SendEnd(e)` | encode the record, send it | — |
 //! | `WaitPolicyAck` | wait for the destination's verdict on the policy | `PolicyAccepted` or `Abort(PeerRefused(reason))` |
 //! | `StartLogDirty` | start log-dirty over all of the domain's memory | `LogDirtyStarted` |
-//! | `SendAllPages { pfns }` | send every page of `pfns` (zero pages as pfn only, see [`PageBatcher`](crate::send::PageBatcher)) | `PagesSent { bytes, elapsed_ms }` |
+//! | `SendAllPages { pfns }` | send every page of `pfns` (zero pages as pfn only, see [`PageBatcher`](crate::send::PageBatcher)) | `PagesSent { bytes, elapsed_us }` |
 //! | `PeekAndClean` | drain PML, take and clean the log-dirty bits of all memory | `Dirty(bitmap)` |
 //! | `Throttle { percent }` | throttle the domain's vCPUs (0 = off) | — |
-//! | `SendPages { round, pages }` | send a [`DirtyRound`](wire::migration::DirtyRound) record, then the pages | `PagesSent { bytes, elapsed_ms }` |
+//! | `SendPages { round, pages }` | send a [`DirtyRound`](wire::migration::DirtyRound) record, then the pages | `PagesSent { bytes, elapsed_us }` |
 //! | `Pause` | pause the domain | `Paused` |
-//! | `SendVcpuState` | send one `VcpuState` record per vCPU | `VcpuStateSent { bytes, elapsed_ms }` |
+//! | `SendVcpuState` | send one `VcpuState` record per vCPU | `VcpuStateSent { bytes, elapsed_us }` |
 //! | `WaitAck` | wait for the destination's acknowledgement of `End` | `Acked` |
 //! | `MergeBackDirty(bitmap)` | OR the bits back into the domain's log-dirty bitmap | — |
 //! | `Resume` | unpause the domain | — |
@@ -120,8 +120,10 @@ pub enum SourceEvent {
     PagesSent {
         /// Bytes written to the connection for them.
         bytes: u64,
-        /// Time that took, in ms.
-        elapsed_ms: u64,
+        /// Time that took, in µs (rounded up). Microseconds, not ms: the source sums the
+        /// sends of a migration, hundreds of 50 ms chunks among them, and whole ms
+        /// rounded up each time sank its bandwidth estimate by a share of a percent.
+        elapsed_us: u64,
     },
     /// The bits `PeekAndClean` took (covering pfns `0..pages`).
     Dirty(DirtyBitmap),
@@ -131,8 +133,10 @@ pub enum SourceEvent {
     VcpuStateSent {
         /// Bytes written.
         bytes: u64,
-        /// Time that took, in ms.
-        elapsed_ms: u64,
+        /// Time that took, in µs (rounded up). Microseconds, not ms: the source sums the
+        /// sends of a migration, hundreds of 50 ms chunks among them, and whole ms
+        /// rounded up each time sank its bandwidth estimate by a share of a percent.
+        elapsed_us: u64,
     },
     /// The destination acknowledged `End`: it has the domain.
     Acked,
@@ -330,17 +334,18 @@ pub struct Source {
     pending_mark: u64,
     /// Pages delivered since the last peek.
     sent_since_peek: u64,
-    /// Bytes sent and their send time when the round's first mid-round peek came: the
-    /// bandwidth measure of the rest of the round (see [`Self::measure`]).
-    tail_measure: Option<(u64, u64)>,
     /// Pages this dirty round took in at its mid-round peeks (dirtied again before it
     /// sent them, or dirtied for the first time ahead of its cursor).
     joined: u64,
     /// Stop-and-copy was decided in the middle of the full copy: the final round also
     /// sends every pfn from `cursor` on.
     full_rest: bool,
-    /// Send time since the last end-of-round peek (the round's duration).
-    round_ms: u64,
+    /// Send time since the last end-of-round peek (the round's duration), in µs.
+    round_us: u64,
+    /// Send time since the migration started, in µs (`summary.send_ms`, rounded up).
+    send_us: u64,
+    /// Send time of the final round and the vCPU state, in µs.
+    downtime_us: u64,
     /// What the last decision was made on.
     last: RoundStats,
     summary: Summary,
@@ -379,10 +384,11 @@ impl Source {
             tail_len: 0,
             pending_mark: 0,
             sent_since_peek: 0,
-            tail_measure: None,
             joined: 0,
             full_rest: false,
-            round_ms: 0,
+            round_us: 0,
+            send_us: 0,
+            downtime_us: 0,
             last: RoundStats {
                 round: 0,
                 bytes_sent: 0,
@@ -459,8 +465,8 @@ impl Source {
                 }
             }
             (S::StartingLogDirty, E::LogDirtyStarted) => self.full_copy_step(0),
-            (S::FullCopy { next }, E::PagesSent { bytes, elapsed_ms }) => {
-                self.sent(bytes, elapsed_ms);
+            (S::FullCopy { next }, E::PagesSent { bytes, elapsed_us }) => {
+                self.sent(bytes, elapsed_us);
                 self.summary.pages_sent += next.saturating_sub(self.cursor);
                 self.sent_since_peek = self.sent_since_peek.saturating_add(next.saturating_sub(self.cursor));
                 if let Some(ahead) = &mut self.ahead {
@@ -480,8 +486,8 @@ impl Source {
             }
             (S::Peeking, E::Dirty(bits)) => self.decide(bits),
             (S::MidPeek, E::Dirty(bits)) => self.mid_round(bits),
-            (S::SendingRound, E::PagesSent { bytes, elapsed_ms }) => {
-                self.sent(bytes, elapsed_ms);
+            (S::SendingRound, E::PagesSent { bytes, elapsed_us }) => {
+                self.sent(bytes, elapsed_us);
                 self.summary.pages_sent += self.chunk_pages;
                 self.sent_since_peek = self.sent_since_peek.saturating_add(self.chunk_pages);
                 if let Some(ahead) = &mut self.ahead {
@@ -504,16 +510,18 @@ impl Source {
                 self.peek(S::FinalPeek)
             }
             (S::FinalPeek, E::Dirty(bits)) => self.final_round(bits),
-            (S::FinalSend, E::PagesSent { bytes, elapsed_ms }) => {
-                self.sent(bytes, elapsed_ms);
-                self.summary.downtime_send_ms += elapsed_ms;
+            (S::FinalSend, E::PagesSent { bytes, elapsed_us }) => {
+                self.sent(bytes, elapsed_us);
+                self.downtime_us = self.downtime_us.saturating_add(elapsed_us);
+                self.summary.downtime_send_ms = ms_up(self.downtime_us);
                 self.summary.pages_sent += self.ahead.as_ref().map_or(0, DirtyBitmap::count_ones);
                 self.state = S::SendingVcpus;
                 vec![SourceAction::SendVcpuState]
             }
-            (S::SendingVcpus, E::VcpuStateSent { bytes, elapsed_ms }) => {
-                self.sent(bytes, elapsed_ms);
-                self.summary.downtime_send_ms += elapsed_ms;
+            (S::SendingVcpus, E::VcpuStateSent { bytes, elapsed_us }) => {
+                self.sent(bytes, elapsed_us);
+                self.downtime_us = self.downtime_us.saturating_add(elapsed_us);
+                self.summary.downtime_send_ms = ms_up(self.downtime_us);
                 self.state = S::AwaitAck;
                 let end = StreamEnd { pages_sent: self.summary.pages_sent, rounds: self.round };
                 vec![SourceAction::SendEnd(end), SourceAction::WaitAck]
@@ -574,19 +582,10 @@ impl Source {
         vec![SourceAction::SendAllPages { pfns: from..to }]
     }
 
-    /// The bytes sent and their send time the bandwidth is measured on: all so far, but
-    /// from a round's first mid-round peek to its end, what was sent until that peek.
-    /// The core reports each send's time rounded up to whole ms, so the short chunks of
-    /// a round's tail would each sink the estimate, and with it the target the stop
-    /// waits for, by more than they send: the tail would chase its own error.
-    fn measure(&self) -> (u64, u64) {
-        self.tail_measure.unwrap_or((self.summary.bytes_sent, self.summary.send_ms))
-    }
-
     /// The measured bandwidth in pages/s (0 before anything was sent).
     fn bandwidth_pages(&self) -> u64 {
-        let (bytes_sent, send_ms) = self.measure();
-        RoundStats { bytes_sent, send_ms, ..RoundStats::default() }.bandwidth_pages_per_sec()
+        RoundStats { bytes_sent: self.summary.bytes_sent, send_ms: self.summary.send_ms, ..RoundStats::default() }
+            .bandwidth_pages_per_sec()
     }
 
     /// Pages the downtime target allows at the measured bandwidth.
@@ -616,9 +615,9 @@ impl Source {
 
     /// Whether a mid-round peek is due with `remaining` pages of the round left: when
     /// they fit the downtime target and one tail chunk. The slack of a tail chunk keeps
-    /// a bandwidth estimate that sinks a little after the first chunk (each send's time
-    /// is rounded up to whole ms) from asking for a string of tiny chunks that chase
-    /// the shrinking target, each rounded up again.
+    /// a bandwidth estimate that sinks a little after the first chunk (a slower moment
+    /// of the link, the rounding of the send time to whole ms) from asking for a string
+    /// of tiny chunks that chase the shrinking target.
     fn mid_peek_due(&self, remaining: u64) -> bool {
         remaining > 0 && remaining <= self.target_pages().saturating_add(self.tail_pages())
     }
@@ -643,10 +642,11 @@ impl Source {
         }
     }
 
-    fn sent(&mut self, bytes: u64, elapsed_ms: u64) {
+    fn sent(&mut self, bytes: u64, elapsed_us: u64) {
         self.summary.bytes_sent = self.summary.bytes_sent.saturating_add(bytes);
-        self.summary.send_ms = self.summary.send_ms.saturating_add(elapsed_ms);
-        self.round_ms = self.round_ms.saturating_add(elapsed_ms);
+        self.send_us = self.send_us.saturating_add(elapsed_us);
+        self.summary.send_ms = ms_up(self.send_us);
+        self.round_us = self.round_us.saturating_add(elapsed_us);
     }
 
     fn peek(&mut self, next: SourceState) -> Vec<SourceAction> {
@@ -696,7 +696,6 @@ impl Source {
         self.remaining = dirty;
         self.tail = false;
         self.tail_len = 0;
-        self.tail_measure = None;
         self.pending_mark = dirty;
         self.sent_since_peek = 0;
         self.full_rest = false;
@@ -706,11 +705,11 @@ impl Source {
             send_ms: self.summary.send_ms,
             dirty_pages: dirty,
             dirtied_pages: self.joined.saturating_add(dirty),
-            round_ms: self.round_ms,
+            round_ms: ms_up(self.round_us),
             throttle_percent: self.throttle,
         };
         self.last = stats;
-        self.round_ms = 0;
+        self.round_us = 0;
         self.joined = 0;
         let mut actions = Vec::new();
         match self.policy.decide(&stats) {
@@ -750,10 +749,6 @@ impl Source {
             return self.fail_with(behind, Failure::CoreFailed(alloc::format!("{e}")));
         }
         self.tail = true;
-        if self.tail_measure.is_none() {
-            self.tail_measure = Some((self.summary.bytes_sent, self.summary.send_ms));
-        }
-        let (bytes_sent, send_ms) = self.measure();
         let full_copy = self.round == 0;
         let rest = if full_copy {
             self.pages.saturating_sub(self.cursor)
@@ -766,11 +761,11 @@ impl Source {
         let pending = rest.saturating_add(self.carry.as_ref().map_or(0, DirtyBitmap::count_ones));
         let stats = RoundStats {
             round: self.round,
-            bytes_sent,
-            send_ms,
+            bytes_sent: self.summary.bytes_sent,
+            send_ms: self.summary.send_ms,
             dirty_pages: pending,
             dirtied_pages: 0,
-            round_ms: self.round_ms,
+            round_ms: ms_up(self.round_us),
             throttle_percent: self.throttle,
         };
         // Only the stop is decided here; the round's other decisions wait for its end.
@@ -889,6 +884,11 @@ fn tail_chunk(pending: u64, pending_mark: u64, sent: u64, target: u64, max: u64)
     u64::try_from(want).unwrap_or(u64::MAX).clamp(1, max)
 }
 
+/// µs in whole ms, rounded up.
+const fn ms_up(us: u64) -> u64 {
+    us.div_ceil(1000)
+}
+
 /// OR `bits` into `slot` (or put them there); on failure `bits` come back unmerged.
 fn absorb(slot: &mut Option<DirtyBitmap>, bits: DirtyBitmap) -> Result<(), (DirtyBitmap, DirtyError)> {
     match slot {
@@ -964,7 +964,7 @@ mod tests {
         let _ = s.on(SourceEvent::PolicyAccepted);
         let full = s.on(SourceEvent::LogDirtyStarted);
         assert_eq!(full, [SourceAction::SendAllPages { pfns: 0..pages }]);
-        let peek = s.on(SourceEvent::PagesSent { bytes: pages * PAGE_SIZE, elapsed_ms: copy_ms });
+        let peek = s.on(SourceEvent::PagesSent { bytes: pages * PAGE_SIZE, elapsed_us: copy_ms * 1000 });
         assert_eq!(peek, [SourceAction::PeekAndClean]);
         s
     }
@@ -996,9 +996,9 @@ mod tests {
         let mut s = in_round_one();
         // The first chunk took 300 ms instead of 200 (rounding, a slower moment): the
         // estimate sinks to 9902 pages/s, the target to 2970 pages, below the 3000 left.
-        // Peek now rather than send the 30 pages over the target (and again, and again:
-        // each tiny send rounded up to 1 ms sinks the estimate further).
-        let next = s.on(SourceEvent::PagesSent { bytes: 2000 * PAGE_SIZE, elapsed_ms: 300 });
+        // Peek now rather than send the 30 pages over the target (and again, and again,
+        // if the estimate sinks on).
+        let next = s.on(SourceEvent::PagesSent { bytes: 2000 * PAGE_SIZE, elapsed_us: 300 * 1000 });
         assert_eq!(next, [SourceAction::PeekAndClean]);
         assert_eq!(s.state(), SourceState::MidPeek);
     }
@@ -1006,13 +1006,13 @@ mod tests {
     #[test]
     fn a_tail_chunk_is_just_what_the_stop_needs() {
         let mut s = in_round_one();
-        let _ = s.on(SourceEvent::PagesSent { bytes: 2000 * PAGE_SIZE, elapsed_ms: 300 });
+        let _ = s.on(SourceEvent::PagesSent { bytes: 2000 * PAGE_SIZE, elapsed_us: 300 * 1000 });
         // Nothing new dirtied: 3000 pending, 30 over the target. 30 + 1/64 + 4 = 34
         // pages, not a whole tail chunk of 495 (whose extra pages the final round
         // would send anyway, after the guest had 50 ms more to dirty sent ones).
         let chunk = s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))));
         assert_eq!(sent_pages(&chunk), Some(34), "{chunk:?}");
-        let peek = s.on(SourceEvent::PagesSent { bytes: 34 * PAGE_SIZE, elapsed_ms: 4 });
+        let peek = s.on(SourceEvent::PagesSent { bytes: 34 * PAGE_SIZE, elapsed_us: 4 * 1000 });
         assert_eq!(peek, [SourceAction::PeekAndClean]);
         let stop = s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))));
         assert_eq!(stop, [SourceAction::Pause]);
@@ -1025,7 +1025,7 @@ mod tests {
         let mut s = copied(100_000, 10_000, Policy { downtime_target_ms: 10, ..Policy::default() });
         let first = s.on(SourceEvent::Dirty(bits(100_000, 0..5000)));
         assert_eq!(sent_pages(&first), Some(4900), "{first:?}");
-        let peek = s.on(SourceEvent::PagesSent { bytes: 4900 * PAGE_SIZE, elapsed_ms: 490 });
+        let peek = s.on(SourceEvent::PagesSent { bytes: 4900 * PAGE_SIZE, elapsed_us: 490 * 1000 });
         assert_eq!(peek, [SourceAction::PeekAndClean]);
         // 400 new pages ahead of the cursor join the round, 1000 behind it are carried.
         let mut mid = bits(100_000, 10_000..10_400);
@@ -1037,7 +1037,7 @@ mod tests {
                 ([SourceAction::SendPages { pages, .. }], _) => {
                     let n = pages.count_ones();
                     sent += n;
-                    s.on(SourceEvent::PagesSent { bytes: n * PAGE_SIZE, elapsed_ms: n / 10 })
+                    s.on(SourceEvent::PagesSent { bytes: n * PAGE_SIZE, elapsed_us: (n / 10) * 1000 })
                 }
                 ([SourceAction::PeekAndClean], SourceState::MidPeek) => {
                     s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))))
@@ -1053,19 +1053,43 @@ mod tests {
     }
 
     #[test]
-    fn the_tail_keeps_the_bandwidth_measured_at_its_first_peek() {
-        let mut s = in_round_one();
-        let _ = s.on(SourceEvent::PagesSent { bytes: 2000 * PAGE_SIZE, elapsed_ms: 300 });
-        let chunk = s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))));
-        assert_eq!(sent_pages(&chunk), Some(34), "{chunk:?}");
-        // The 34 pages (3.4 ms at the measured rate) are reported as 40 ms: measured over
-        // all that was sent, the estimate would sink to 9868 pages/s, and the 2966 pages
-        // left would miss the target of 2960 by 6 pages (another chunk, and so on). The
-        // tail's estimate stays at 9902 pages/s from its first peek: 2966 pages fit.
-        let _ = s.on(SourceEvent::PagesSent { bytes: 34 * PAGE_SIZE, elapsed_ms: 40 });
-        let stop = s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))));
-        assert_eq!(stop, [SourceAction::Pause]);
-        assert_eq!(s.last_round().bytes_sent, 102_000 * PAGE_SIZE);
+    fn send_times_are_summed_in_us_then_rounded() {
+        // 1.5 µs a page, a 1 ms target: steps of 1000 pages, then what the stop needs,
+        // up to the pause. The source sums the µs and rounds up once; per-send whole ms
+        // would count 2 ms for each 1.5 ms step and sink the bandwidth estimate.
+        let mut s = Source::with_step(Policy { downtime_target_ms: 1, ..Policy::default() }, 1000);
+        let info = DomainInfo {
+            name: "t".into(),
+            memory_bytes: 3000 * PAGE_SIZE,
+            vcpus: 1,
+            cmdline: String::new(),
+            featureset: Vec::new(),
+            policy: Vec::new(),
+            log_dirty_active: true,
+        };
+        let _ = s.on(SourceEvent::Start(info));
+        let mut actions = s.on(SourceEvent::PolicyAccepted);
+        let (mut steps, mut us, mut per_send_ms) = (Vec::new(), 0, 0);
+        loop {
+            actions = match actions.as_slice() {
+                [SourceAction::SendAllPages { pfns }] => {
+                    steps.push(pfns.clone());
+                    let pages = pfns.end - pfns.start;
+                    let elapsed_us = (pages * 3).div_ceil(2);
+                    us += elapsed_us;
+                    per_send_ms += elapsed_us.div_ceil(1000);
+                    s.on(SourceEvent::PagesSent { bytes: pages * PAGE_SIZE, elapsed_us })
+                }
+                [SourceAction::PeekAndClean] => {
+                    s.on(SourceEvent::Dirty(DirtyBitmap::new(3000).unwrap_or_else(|e| unreachable!("{e}"))))
+                }
+                [SourceAction::Pause] => break,
+                other => unreachable!("{other:?}"),
+            };
+        }
+        assert_eq!(steps, [0..1000, 1000..2000, 2000..2343, 2343..2420]);
+        assert_eq!((us, per_send_ms), (3631, 6));
+        assert_eq!((s.summary().send_ms, s.last_round().send_ms, s.last_round().round_ms), (4, 4, 4));
     }
 
     #[test]
