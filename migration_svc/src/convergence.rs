@@ -8,7 +8,9 @@
 //! ```text
 //!  bandwidth B       = bytes_sent × 1000 / send_ms                 bytes/s (whole migration so far)
 //!  bandwidth pages   = B / 4096                                    pages/s
-//!  dirty rate D      = dirty_pages × 1000 / round_ms               pages/s (the round just finished)
+//!  dirty rate D      = dirtied_pages × 1000 / round_ms             pages/s (the round just finished:
+//!                                                                  the pages left dirty and those
+//!                                                                  the round took in mid-round)
 //!  estimated downtime = dirty_pages × 4096 × 1000 / B              ms, rounded up
 //!  kept f            = dirty_pages × 4096 / (B × round_ms / 1000)  the dirty set after the round over
 //!                                                                  what the round sent (‰, rounded up)
@@ -17,12 +19,11 @@
 //!                      n × send_ms ≥ (estimated downtime − downtime_target_ms) / (1 − f)
 //!
 //!  1. estimated downtime ≤ downtime_target_ms      → StopAndCopy { estimated_downtime_ms }
-//!  2. D > B/4096 (the dirty set cannot shrink):
+//!  2. D > B/4096 (the guest dirties pages faster than they are sent: the set cannot shrink):
 //!       throttle enabled and below 99 %            → Throttle { percent } (20, 30, … 90, 99)
 //!       otherwise                                  → Fail(NotConverging)
-//!  3. throttle enabled, below 99 % and D' > B/4096/2, D' = dirtied_pages × 1000 / round_ms
-//!     (the guest dirtied more than half what the round sent, counting the pages the
-//!     round took in mid-round: QEMU's 50 % rule) → Throttle { percent }
+//!  3. throttle enabled, below 99 % and D > B/4096/2 (the guest dirtied more than half
+//!     what the round sent: QEMU's 50 % rule)      → Throttle { percent }
 //!  4. round ≥ max_rounds                           → Fail(RoundLimit)
 //!  5. f ≥ 100 % or n > max_rounds − round (the round limit would be hit first):
 //!       throttle enabled and below 99 %            → Throttle { percent }
@@ -308,7 +309,7 @@ impl Policy {
         if estimated_downtime_ms <= self.downtime_target_ms {
             return Decision::StopAndCopy { estimated_downtime_ms };
         }
-        let dirty_pages_per_sec = stats.dirty_pages_per_sec();
+        let dirty_pages_per_sec = stats.dirtied_pages_per_sec();
         let bandwidth_pages_per_sec = stats.bandwidth_pages_per_sec();
         let can_throttle = self.throttle && stats.throttle_percent < THROTTLE_MAX;
         let next_throttle = match stats.throttle_percent {
@@ -321,7 +322,7 @@ impl Policy {
             }
             return Decision::Fail(ConvergenceError::NotConverging { dirty_pages_per_sec, bandwidth_pages_per_sec });
         }
-        if can_throttle && stats.dirtied_pages_per_sec() > bandwidth_pages_per_sec / 2 {
+        if can_throttle && dirty_pages_per_sec > bandwidth_pages_per_sec / 2 {
             return Decision::Throttle { percent: next_throttle };
         }
         if stats.round >= self.max_rounds {
@@ -449,6 +450,22 @@ mod tests {
         assert_eq!(Policy::default().decide(&taken_in), Decision::Continue);
         // Fewer than `dirty_pages` count as `dirty_pages`.
         assert_eq!(RoundStats { dirtied_pages: 5, ..stats(1, 10_000, 0) }.dirtied_pages_per_sec(), 10_000);
+    }
+
+    #[test]
+    fn does_not_converge_when_the_pages_taken_in_outrun_the_link() {
+        // 20000 pages left dirty (under the 24414 pages/s the link sends), but 10000 more
+        // dirtied and taken in mid-round: 30000 pages/s, the set grows.
+        let s = RoundStats { dirtied_pages: 30_000, ..stats(1, 20_000, 0) };
+        assert_eq!(
+            Policy::default().decide(&s),
+            Decision::Fail(ConvergenceError::NotConverging {
+                dirty_pages_per_sec: 30_000,
+                bandwidth_pages_per_sec: 24414
+            })
+        );
+        let t = Policy { throttle: true, ..Policy::default() };
+        assert_eq!(t.decide(&s), Decision::Throttle { percent: 20 });
     }
 
     #[test]
