@@ -545,11 +545,11 @@ impl SendSession {
         self.job_done = false;
         let now = core.now_ns().unwrap_or(0);
         let scanning = core::mem::take(&mut self.zero_scan_ns);
-        let elapsed_ms = now.saturating_sub(self.job_start_ns).saturating_sub(scanning).div_ceil(1_000_000);
+        let elapsed_us = now.saturating_sub(self.job_start_ns).saturating_sub(scanning).div_ceil(1000);
         let bytes = core::mem::take(&mut self.job_bytes);
         let event = match self.source.state() {
-            SourceState::SendingVcpus => SourceEvent::VcpuStateSent { bytes, elapsed_ms },
-            _ => SourceEvent::PagesSent { bytes, elapsed_ms },
+            SourceState::SendingVcpus => SourceEvent::VcpuStateSent { bytes, elapsed_us },
+            _ => SourceEvent::PagesSent { bytes, elapsed_us },
         };
         self.feed(core, event);
         self.job.is_some() || self.buffered() > 0

@@ -8,12 +8,12 @@
 //! | `SendHeader(h)`, `SendPolicy(p)`, `SendEnd(e)` | encode the record, send it | — |
 //! | `WaitPolicyAck` | wait for the destination's verdict on the policy | `PolicyAccepted` or `Abort(PeerRefused(reason))` |
 //! | `StartLogDirty` | start log-dirty over all of the domain's memory | `LogDirtyStarted` |
-//! | `SendAllPages { pfns }` | send every page of `pfns` (zero pages as pfn only, see [`PageBatcher`](crate::send::PageBatcher)) | `PagesSent { bytes, elapsed_ms }` |
+//! | `SendAllPages { pfns }` | send every page of `pfns` (zero pages as pfn only, see [`PageBatcher`](crate::send::PageBatcher)) | `PagesSent { bytes, elapsed_us }` |
 //! | `PeekAndClean` | drain PML, take and clean the log-dirty bits of all memory | `Dirty(bitmap)` |
 //! | `Throttle { percent }` | throttle the domain's vCPUs (0 = off) | — |
-//! | `SendPages { round, pages }` | send a [`DirtyRound`](wire::migration::DirtyRound) record, then the pages | `PagesSent { bytes, elapsed_ms }` |
+//! | `SendPages { round, pages }` | send a [`DirtyRound`](wire::migration::DirtyRound) record, then the pages | `PagesSent { bytes, elapsed_us }` |
 //! | `Pause` | pause the domain | `Paused` |
-//! | `SendVcpuState` | send one `VcpuState` record per vCPU | `VcpuStateSent { bytes, elapsed_ms }` |
+//! | `SendVcpuState` | send one `VcpuState` record per vCPU | `VcpuStateSent { bytes, elapsed_us }` |
 //! | `WaitAck` | wait for the destination's acknowledgement of `End` | `Acked` |
 //! | `MergeBackDirty(bitmap)` | OR the bits back into the domain's log-dirty bitmap | — |
 //! | `Resume` | unpause the domain | — |
@@ -56,8 +56,11 @@
 //! A round (the full copy too) is sent in chunks, each a `SendAllPages` or a `SendPages`
 //! over a sub-range of the round's bits (the destination takes several dirty-round
 //! records with the same number). The first chunk is all but what fits bandwidth ×
-//! downtime target; once the rest fits, a `PeekAndClean` follows every chunk, and the
-//! chunks are [`TAIL_CHUNK_MS`] of send time each. A mid-round peek's bits at or past
+//! downtime target; once the rest fits (give or take one tail chunk), a `PeekAndClean`
+//! follows every chunk, and each chunk is what the last peek found the stop needs: the
+//! pages over the target, scaled by how fast the pending set grew per page sent since
+//! the peek before, at most [`TAIL_CHUNK_MS`] of send time. Stopping as soon as the
+//! target allows sends the fewest pages twice. A mid-round peek's bits at or past
 //! the cursor (the first pfn not yet sent) join the round: those pages are not read
 //! yet, so they go once. Its bits behind the cursor are carried into the next round.
 //! If everything pending (the rest of the round and the carried bits) then fits the
@@ -117,8 +120,10 @@ pub enum SourceEvent {
     PagesSent {
         /// Bytes written to the connection for them.
         bytes: u64,
-        /// Time that took, in ms.
-        elapsed_ms: u64,
+        /// Time that took, in µs (rounded up). Microseconds, not ms: the source sums the
+        /// sends of a migration, hundreds of 50 ms chunks among them, and whole ms
+        /// rounded up each time sank its bandwidth estimate by a share of a percent.
+        elapsed_us: u64,
     },
     /// The bits `PeekAndClean` took (covering pfns `0..pages`).
     Dirty(DirtyBitmap),
@@ -128,8 +133,10 @@ pub enum SourceEvent {
     VcpuStateSent {
         /// Bytes written.
         bytes: u64,
-        /// Time that took, in ms.
-        elapsed_ms: u64,
+        /// Time that took, in µs (rounded up). Microseconds, not ms: the source sums the
+        /// sends of a migration, hundreds of 50 ms chunks among them, and whole ms
+        /// rounded up each time sank its bandwidth estimate by a share of a percent.
+        elapsed_us: u64,
     },
     /// The destination acknowledged `End`: it has the domain.
     Acked,
@@ -320,11 +327,25 @@ pub struct Source {
     remaining: u64,
     /// Whether this round had a mid-round peek (its chunks are then tail-sized).
     tail: bool,
+    /// Pages of the next tail chunk, as the last mid-round peek sized it (0: a whole
+    /// [`TAIL_CHUNK_MS`] of send time).
+    tail_len: u64,
+    /// Pages pending (the rest of the round and the carried bits) after the last peek.
+    pending_mark: u64,
+    /// Pages delivered since the last peek.
+    sent_since_peek: u64,
+    /// Pages this dirty round took in at its mid-round peeks (dirtied again before it
+    /// sent them, or dirtied for the first time ahead of its cursor).
+    joined: u64,
     /// Stop-and-copy was decided in the middle of the full copy: the final round also
     /// sends every pfn from `cursor` on.
     full_rest: bool,
-    /// Send time since the last end-of-round peek (the round's duration).
-    round_ms: u64,
+    /// Send time since the last end-of-round peek (the round's duration), in µs.
+    round_us: u64,
+    /// Send time since the migration started, in µs (`summary.send_ms`, rounded up).
+    send_us: u64,
+    /// Send time of the final round and the vCPU state, in µs.
+    downtime_us: u64,
     /// What the last decision was made on.
     last: RoundStats,
     summary: Summary,
@@ -360,9 +381,23 @@ impl Source {
             chunk_pages: 0,
             remaining: 0,
             tail: false,
+            tail_len: 0,
+            pending_mark: 0,
+            sent_since_peek: 0,
+            joined: 0,
             full_rest: false,
-            round_ms: 0,
-            last: RoundStats { round: 0, bytes_sent: 0, send_ms: 0, dirty_pages: 0, round_ms: 0, throttle_percent: 0 },
+            round_us: 0,
+            send_us: 0,
+            downtime_us: 0,
+            last: RoundStats {
+                round: 0,
+                bytes_sent: 0,
+                send_ms: 0,
+                dirty_pages: 0,
+                dirtied_pages: 0,
+                round_ms: 0,
+                throttle_percent: 0,
+            },
             summary: Summary {
                 rounds: 0,
                 pages_sent: 0,
@@ -430,9 +465,10 @@ impl Source {
                 }
             }
             (S::StartingLogDirty, E::LogDirtyStarted) => self.full_copy_step(0),
-            (S::FullCopy { next }, E::PagesSent { bytes, elapsed_ms }) => {
-                self.sent(bytes, elapsed_ms);
+            (S::FullCopy { next }, E::PagesSent { bytes, elapsed_us }) => {
+                self.sent(bytes, elapsed_us);
                 self.summary.pages_sent += next.saturating_sub(self.cursor);
+                self.sent_since_peek = self.sent_since_peek.saturating_add(next.saturating_sub(self.cursor));
                 if let Some(ahead) = &mut self.ahead {
                     // Delivered: the copy read those pages after the peek took them.
                     let _ = ahead.clean(self.cursor..next);
@@ -450,9 +486,10 @@ impl Source {
             }
             (S::Peeking, E::Dirty(bits)) => self.decide(bits),
             (S::MidPeek, E::Dirty(bits)) => self.mid_round(bits),
-            (S::SendingRound, E::PagesSent { bytes, elapsed_ms }) => {
-                self.sent(bytes, elapsed_ms);
+            (S::SendingRound, E::PagesSent { bytes, elapsed_us }) => {
+                self.sent(bytes, elapsed_us);
                 self.summary.pages_sent += self.chunk_pages;
+                self.sent_since_peek = self.sent_since_peek.saturating_add(self.chunk_pages);
                 if let Some(ahead) = &mut self.ahead {
                     let _ = ahead.clean(self.cursor..self.chunk_end);
                 }
@@ -473,16 +510,18 @@ impl Source {
                 self.peek(S::FinalPeek)
             }
             (S::FinalPeek, E::Dirty(bits)) => self.final_round(bits),
-            (S::FinalSend, E::PagesSent { bytes, elapsed_ms }) => {
-                self.sent(bytes, elapsed_ms);
-                self.summary.downtime_send_ms += elapsed_ms;
+            (S::FinalSend, E::PagesSent { bytes, elapsed_us }) => {
+                self.sent(bytes, elapsed_us);
+                self.downtime_us = self.downtime_us.saturating_add(elapsed_us);
+                self.summary.downtime_send_ms = ms_up(self.downtime_us);
                 self.summary.pages_sent += self.ahead.as_ref().map_or(0, DirtyBitmap::count_ones);
                 self.state = S::SendingVcpus;
                 vec![SourceAction::SendVcpuState]
             }
-            (S::SendingVcpus, E::VcpuStateSent { bytes, elapsed_ms }) => {
-                self.sent(bytes, elapsed_ms);
-                self.summary.downtime_send_ms += elapsed_ms;
+            (S::SendingVcpus, E::VcpuStateSent { bytes, elapsed_us }) => {
+                self.sent(bytes, elapsed_us);
+                self.downtime_us = self.downtime_us.saturating_add(elapsed_us);
+                self.summary.downtime_send_ms = ms_up(self.downtime_us);
                 self.state = S::AwaitAck;
                 let end = StreamEnd { pages_sent: self.summary.pages_sent, rounds: self.round };
                 vec![SourceAction::SendEnd(end), SourceAction::WaitAck]
@@ -517,6 +556,7 @@ impl Source {
             return self.fail(Failure::BadDomain("no vCPUs".into()));
         }
         self.pages = pages;
+        self.pending_mark = pages;
         self.owns_log = !info.log_dirty_active;
         self.state = SourceState::AwaitPolicy;
         let header = StreamHeader {
@@ -553,23 +593,33 @@ impl Source {
         self.bandwidth_pages().saturating_mul(self.policy.downtime_target_ms) / 1000
     }
 
+    /// Pages [`TAIL_CHUNK_MS`] of send time take at the measured bandwidth (at least 1).
+    fn tail_pages(&self) -> u64 {
+        (self.bandwidth_pages().saturating_mul(TAIL_CHUNK_MS) / 1000).max(1)
+    }
+
     /// Pages of the next chunk of a round with `remaining` pages left: all but what fits
-    /// the downtime target (then a mid-round peek is due), then [`TAIL_CHUNK_MS`] of send
-    /// time per chunk.
+    /// the downtime target (then a mid-round peek is due), then tail chunks as the last
+    /// mid-round peek sized them (see [`tail_chunk`]).
     fn chunk_len(&self, remaining: u64) -> u64 {
         let target = self.target_pages();
         let want = if remaining > target && !self.tail {
             remaining - target
+        } else if self.tail_len > 0 {
+            self.tail_len
         } else {
-            (self.bandwidth_pages().saturating_mul(TAIL_CHUNK_MS) / 1000).max(1)
+            self.tail_pages()
         };
         want.min(remaining).max(1)
     }
 
     /// Whether a mid-round peek is due with `remaining` pages of the round left: when
-    /// they fit the downtime target.
+    /// they fit the downtime target and one tail chunk. The slack of a tail chunk keeps
+    /// a bandwidth estimate that sinks a little after the first chunk (a slower moment
+    /// of the link, the rounding of the send time to whole ms) from asking for a string
+    /// of tiny chunks that chase the shrinking target.
     fn mid_peek_due(&self, remaining: u64) -> bool {
-        remaining > 0 && remaining <= self.target_pages()
+        remaining > 0 && remaining <= self.target_pages().saturating_add(self.tail_pages())
     }
 
     /// The next chunk of a dirty round: the set bits of `ahead` from `cursor` on, as
@@ -592,10 +642,11 @@ impl Source {
         }
     }
 
-    fn sent(&mut self, bytes: u64, elapsed_ms: u64) {
+    fn sent(&mut self, bytes: u64, elapsed_us: u64) {
         self.summary.bytes_sent = self.summary.bytes_sent.saturating_add(bytes);
-        self.summary.send_ms = self.summary.send_ms.saturating_add(elapsed_ms);
-        self.round_ms = self.round_ms.saturating_add(elapsed_ms);
+        self.send_us = self.send_us.saturating_add(elapsed_us);
+        self.summary.send_ms = ms_up(self.send_us);
+        self.round_us = self.round_us.saturating_add(elapsed_us);
     }
 
     fn peek(&mut self, next: SourceState) -> Vec<SourceAction> {
@@ -644,17 +695,22 @@ impl Source {
         self.cursor = 0;
         self.remaining = dirty;
         self.tail = false;
+        self.tail_len = 0;
+        self.pending_mark = dirty;
+        self.sent_since_peek = 0;
         self.full_rest = false;
         let stats = RoundStats {
             round: self.round,
             bytes_sent: self.summary.bytes_sent,
             send_ms: self.summary.send_ms,
             dirty_pages: dirty,
-            round_ms: self.round_ms,
+            dirtied_pages: self.joined.saturating_add(dirty),
+            round_ms: ms_up(self.round_us),
             throttle_percent: self.throttle,
         };
         self.last = stats;
-        self.round_ms = 0;
+        self.round_us = 0;
+        self.joined = 0;
         let mut actions = Vec::new();
         match self.policy.decide(&stats) {
             Decision::StopAndCopy { estimated_downtime_ms } => return self.stop(estimated_downtime_ms),
@@ -697,7 +753,9 @@ impl Source {
         let rest = if full_copy {
             self.pages.saturating_sub(self.cursor)
         } else {
+            let before = self.remaining;
             self.remaining = self.ahead.as_ref().map_or(0, DirtyBitmap::count_ones);
+            self.joined = self.joined.saturating_add(self.remaining.saturating_sub(before));
             self.remaining
         };
         let pending = rest.saturating_add(self.carry.as_ref().map_or(0, DirtyBitmap::count_ones));
@@ -706,7 +764,8 @@ impl Source {
             bytes_sent: self.summary.bytes_sent,
             send_ms: self.summary.send_ms,
             dirty_pages: pending,
-            round_ms: self.round_ms,
+            dirtied_pages: 0,
+            round_ms: ms_up(self.round_us),
             throttle_percent: self.throttle,
         };
         // Only the stop is decided here; the round's other decisions wait for its end.
@@ -715,6 +774,10 @@ impl Source {
             self.full_rest = full_copy;
             return self.stop(estimated_downtime_ms);
         }
+        self.tail_len =
+            tail_chunk(pending, self.pending_mark, self.sent_since_peek, self.target_pages(), self.tail_pages());
+        self.pending_mark = pending;
+        self.sent_since_peek = 0;
         if full_copy { self.full_copy_step(self.cursor) } else { self.send_chunk() }
     }
 
@@ -793,6 +856,39 @@ impl Source {
     }
 }
 
+/// Pages of the next tail chunk after a mid-round peek that left `pending` pages (the
+/// rest of the round and the carried bits), over `target` (what the downtime target
+/// allows), when the peek before left `pending_mark` and `sent` pages went out since:
+/// just enough for the next peek to stop and copy, at most `max` (a whole
+/// [`TAIL_CHUNK_MS`]).
+///
+/// Each page sent takes one off the pending set, and the guest adds `grown / sent`
+/// meanwhile (`grown`: what the set grew by beyond `pending_mark − sent`), so
+/// `(pending − target) / (1 − grown / sent)` pages bring it to the target; a 64th and
+/// 4 pages more absorb the noise (each page over costs about `grown / sent` pages). A longer chunk would send pages the final round
+/// sends anyway and give the guest time to dirty again pages already sent (the stop
+/// comes no sooner than the target allows); a shorter one costs another peek. The
+/// stop itself is still decided on what the next peek finds.
+fn tail_chunk(pending: u64, pending_mark: u64, sent: u64, target: u64, max: u64) -> u64 {
+    let max = max.max(1);
+    let excess = pending.saturating_sub(target);
+    if sent == 0 || excess == 0 {
+        return max;
+    }
+    let grown = pending.saturating_sub(pending_mark.saturating_sub(sent));
+    if grown >= sent {
+        return max;
+    }
+    let need = u128::from(excess) * u128::from(sent) / u128::from(sent - grown);
+    let want = need.saturating_add(need / 64).saturating_add(4);
+    u64::try_from(want).unwrap_or(u64::MAX).clamp(1, max)
+}
+
+/// µs in whole ms, rounded up.
+const fn ms_up(us: u64) -> u64 {
+    us.div_ceil(1000)
+}
+
 /// OR `bits` into `slot` (or put them there); on failure `bits` come back unmerged.
 fn absorb(slot: &mut Option<DirtyBitmap>, bits: DirtyBitmap) -> Result<(), (DirtyBitmap, DirtyError)> {
     match slot {
@@ -850,6 +946,168 @@ fn event_name(event: &SourceEvent) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A source of a `pages`-page domain through its full copy of all memory in one
+    /// step, sent in `copy_ms`; returns it waiting for the end-of-round peek.
+    fn copied(pages: u64, copy_ms: u64, policy: Policy) -> Source {
+        let mut s = Source::with_step(policy, u64::MAX);
+        let info = DomainInfo {
+            name: "t".into(),
+            memory_bytes: pages * PAGE_SIZE,
+            vcpus: 1,
+            cmdline: String::new(),
+            featureset: Vec::new(),
+            policy: Vec::new(),
+            log_dirty_active: false,
+        };
+        let _ = s.on(SourceEvent::Start(info));
+        let _ = s.on(SourceEvent::PolicyAccepted);
+        let full = s.on(SourceEvent::LogDirtyStarted);
+        assert_eq!(full, [SourceAction::SendAllPages { pfns: 0..pages }]);
+        let peek = s.on(SourceEvent::PagesSent { bytes: pages * PAGE_SIZE, elapsed_us: copy_ms * 1000 });
+        assert_eq!(peek, [SourceAction::PeekAndClean]);
+        s
+    }
+
+    fn bits(pages: u64, set: Range<u64>) -> DirtyBitmap {
+        let mut b = DirtyBitmap::new(pages).unwrap_or_else(|e| unreachable!("{e}"));
+        b.set_range(set).unwrap_or_else(|e| unreachable!("{e}"));
+        b
+    }
+
+    fn sent_pages(actions: &[SourceAction]) -> Option<u64> {
+        match actions {
+            [SourceAction::SendPages { pages, .. }] => Some(pages.count_ones()),
+            _ => None,
+        }
+    }
+
+    /// 100000 pages copied in 10 s: 10000 pages/s, the 300 ms target is 3000 pages, a
+    /// tail chunk 500. Round 1 has 5000 pages: a first chunk of 2000, then a peek.
+    fn in_round_one() -> Source {
+        let mut s = copied(100_000, 10_000, Policy::default());
+        let first = s.on(SourceEvent::Dirty(bits(100_000, 0..5000)));
+        assert_eq!(sent_pages(&first), Some(2000), "{first:?}");
+        s
+    }
+
+    #[test]
+    fn a_sinking_bandwidth_estimate_does_not_chase_the_target_in_tiny_chunks() {
+        let mut s = in_round_one();
+        // The first chunk took 300 ms instead of 200 (rounding, a slower moment): the
+        // estimate sinks to 9902 pages/s, the target to 2970 pages, below the 3000 left.
+        // Peek now rather than send the 30 pages over the target (and again, and again,
+        // if the estimate sinks on).
+        let next = s.on(SourceEvent::PagesSent { bytes: 2000 * PAGE_SIZE, elapsed_us: 300 * 1000 });
+        assert_eq!(next, [SourceAction::PeekAndClean]);
+        assert_eq!(s.state(), SourceState::MidPeek);
+    }
+
+    #[test]
+    fn a_tail_chunk_is_just_what_the_stop_needs() {
+        let mut s = in_round_one();
+        let _ = s.on(SourceEvent::PagesSent { bytes: 2000 * PAGE_SIZE, elapsed_us: 300 * 1000 });
+        // Nothing new dirtied: 3000 pending, 30 over the target. 30 + 1/64 + 4 = 34
+        // pages, not a whole tail chunk of 495 (whose extra pages the final round
+        // would send anyway, after the guest had 50 ms more to dirty sent ones).
+        let chunk = s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))));
+        assert_eq!(sent_pages(&chunk), Some(34), "{chunk:?}");
+        let peek = s.on(SourceEvent::PagesSent { bytes: 34 * PAGE_SIZE, elapsed_us: 4 * 1000 });
+        assert_eq!(peek, [SourceAction::PeekAndClean]);
+        let stop = s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))));
+        assert_eq!(stop, [SourceAction::Pause]);
+    }
+
+    #[test]
+    fn the_round_counts_the_pages_it_took_in_as_dirtied() {
+        // A 10 ms target: 100 pages at 10000 pages/s, a tail chunk 500. Round 1 has
+        // 5000 pages: a first chunk of 4900, then a peek.
+        let mut s = copied(100_000, 10_000, Policy { downtime_target_ms: 10, ..Policy::default() });
+        let first = s.on(SourceEvent::Dirty(bits(100_000, 0..5000)));
+        assert_eq!(sent_pages(&first), Some(4900), "{first:?}");
+        let peek = s.on(SourceEvent::PagesSent { bytes: 4900 * PAGE_SIZE, elapsed_us: 490 * 1000 });
+        assert_eq!(peek, [SourceAction::PeekAndClean]);
+        // 400 new pages ahead of the cursor join the round, 1000 behind it are carried.
+        let mut mid = bits(100_000, 10_000..10_400);
+        mid.set_range(0..1000).unwrap_or_else(|e| unreachable!("{e}"));
+        let mut actions = s.on(SourceEvent::Dirty(mid));
+        let mut sent = 0;
+        while s.state() != SourceState::Peeking {
+            actions = match (actions.as_slice(), s.state()) {
+                ([SourceAction::SendPages { pages, .. }], _) => {
+                    let n = pages.count_ones();
+                    sent += n;
+                    s.on(SourceEvent::PagesSent { bytes: n * PAGE_SIZE, elapsed_us: (n / 10) * 1000 })
+                }
+                ([SourceAction::PeekAndClean], SourceState::MidPeek) => {
+                    s.on(SourceEvent::Dirty(DirtyBitmap::new(100_000).unwrap_or_else(|e| unreachable!("{e}"))))
+                }
+                (other, state) => unreachable!("{other:?} in {state:?}"),
+            };
+        }
+        assert_eq!(sent, 500);
+        // The end-of-round peek: 10 more. Left dirty: 1010; dirtied in the round: 1410.
+        let _ = s.on(SourceEvent::Dirty(bits(100_000, 2000..2010)));
+        let last = s.last_round();
+        assert_eq!((last.round, last.dirty_pages, last.dirtied_pages), (1, 1010, 1410));
+    }
+
+    #[test]
+    fn send_times_are_summed_in_us_then_rounded() {
+        // 1.5 µs a page, a 1 ms target: steps of 1000 pages, then what the stop needs,
+        // up to the pause. The source sums the µs and rounds up once; per-send whole ms
+        // would count 2 ms for each 1.5 ms step and sink the bandwidth estimate.
+        let mut s = Source::with_step(Policy { downtime_target_ms: 1, ..Policy::default() }, 1000);
+        let info = DomainInfo {
+            name: "t".into(),
+            memory_bytes: 3000 * PAGE_SIZE,
+            vcpus: 1,
+            cmdline: String::new(),
+            featureset: Vec::new(),
+            policy: Vec::new(),
+            log_dirty_active: true,
+        };
+        let _ = s.on(SourceEvent::Start(info));
+        let mut actions = s.on(SourceEvent::PolicyAccepted);
+        let (mut steps, mut us, mut per_send_ms) = (Vec::new(), 0, 0);
+        loop {
+            actions = match actions.as_slice() {
+                [SourceAction::SendAllPages { pfns }] => {
+                    steps.push(pfns.clone());
+                    let pages = pfns.end - pfns.start;
+                    let elapsed_us = (pages * 3).div_ceil(2);
+                    us += elapsed_us;
+                    per_send_ms += elapsed_us.div_ceil(1000);
+                    s.on(SourceEvent::PagesSent { bytes: pages * PAGE_SIZE, elapsed_us })
+                }
+                [SourceAction::PeekAndClean] => {
+                    s.on(SourceEvent::Dirty(DirtyBitmap::new(3000).unwrap_or_else(|e| unreachable!("{e}"))))
+                }
+                [SourceAction::Pause] => break,
+                other => unreachable!("{other:?}"),
+            };
+        }
+        assert_eq!(steps, [0..1000, 1000..2000, 2000..2343, 2343..2420]);
+        assert_eq!((us, per_send_ms), (3631, 6));
+        assert_eq!((s.summary().send_ms, s.last_round().send_ms, s.last_round().round_ms), (4, 4, 4));
+    }
+
+    #[test]
+    fn tail_chunk_sizes() {
+        // Nothing grew: the excess plus a 64th and 4.
+        assert_eq!(tail_chunk(3000, 5000, 2000, 2970, 495), 34);
+        // Half of what was sent came back: twice the excess is needed.
+        assert_eq!(tail_chunk(9500, 10_000, 1000, 9000, 5000), 1019);
+        // Capped at a whole tail chunk; growing as fast as it is sent, or no measure yet:
+        // a whole tail chunk.
+        assert_eq!(tail_chunk(20_000, 20_000, 1000, 9000, 5000), 5000);
+        assert_eq!(tail_chunk(10_000, 10_000, 1000, 9000, 5000), 5000);
+        assert_eq!(tail_chunk(10_000, 10_000, 0, 9000, 5000), 5000);
+        // Nothing over the target, or a zero cap: still at least one page.
+        assert_eq!(tail_chunk(100, 1000, 900, 9000, 0), 1);
+        assert_eq!(tail_chunk(u64::MAX, u64::MAX, u64::MAX, 0, u64::MAX), u64::MAX);
+        assert_eq!(tail_chunk(u64::MAX, 0, 1, 0, 7), 7);
+    }
 
     #[test]
     fn end_after_counts_set_bits_from_the_cursor() {

@@ -275,7 +275,7 @@ impl Sim {
                 }
                 let bytes = out.len() as u64;
                 let ms = self.send(out, false);
-                Some(self.failure_event().unwrap_or(SourceEvent::PagesSent { bytes, elapsed_ms: ms }))
+                Some(self.failure_event().unwrap_or(SourceEvent::PagesSent { bytes, elapsed_us: ms * 1000 }))
             }
             SourceAction::PeekAndClean => {
                 self.peek_states.push(self.source.state());
@@ -308,7 +308,7 @@ impl Sim {
                 b.flush(&mut out).unwrap();
                 let bytes = out.len() as u64;
                 let ms = self.send(out, self.fault == Fault::CorruptRound(round));
-                Some(self.failure_event().unwrap_or(SourceEvent::PagesSent { bytes, elapsed_ms: ms }))
+                Some(self.failure_event().unwrap_or(SourceEvent::PagesSent { bytes, elapsed_us: ms * 1000 }))
             }
             SourceAction::Pause => {
                 self.guest.paused = true;
@@ -322,7 +322,7 @@ impl Sim {
                 }
                 let bytes = out.len() as u64;
                 let ms = self.send(out, false);
-                Some(self.failure_event().unwrap_or(SourceEvent::VcpuStateSent { bytes, elapsed_ms: ms }))
+                Some(self.failure_event().unwrap_or(SourceEvent::VcpuStateSent { bytes, elapsed_us: ms * 1000 }))
             }
             SourceAction::SendEnd(end) => {
                 self.send(Record::End(end).encode_to_vec().unwrap(), false);
