@@ -584,12 +584,13 @@ pub fn handle_write<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action
         }
         Some(Home::Core) => {
             let written = slot.msrs.write(msr, value, &env).ok().map(|()| Effects::default());
-            if written.is_some() && matches!(msr, MSR_SYSTEM_TIME | MSR_WALL_CLOCK) {
-                if let Err(e) = write_kvmclock(ctx.d, ctx.vi, ctx.pool, msr, false) {
-                    // KVM ignores a structure it cannot write; the guest then reads
-                    // zeros (no clock). Say so: a guest that does this is broken.
-                    crate::println!("DOMAIN {} kvm-clock: WRMSR {msr:#x}={value:#x}: {e}", ctx.d.id);
-                }
+            // KVM ignores a structure it cannot write; the guest then reads zeros (no
+            // clock). Say so: a guest that does this is broken.
+            if written.is_some()
+                && matches!(msr, MSR_SYSTEM_TIME | MSR_WALL_CLOCK)
+                && let Err(e) = write_kvmclock(ctx.d, ctx.vi, ctx.pool, msr, false)
+            {
+                crate::println!("DOMAIN {} kvm-clock: WRMSR {msr:#x}={value:#x}: {e}", ctx.d.id);
             }
             written
         }
