@@ -566,8 +566,8 @@ fn linux_save_restore(ctx: &Ctx) -> Result<String> {
 
 /// Issue 13's "on Bochs, it is migrated locally with PML": the workload guest on
 /// Bochs (VMX, EPT, PML), migrated within the hypervisor by the boot option
-/// `migrate-local=linux@console:HV-SHELL-READY` once its counter runs (about 8 min on
-/// a loaded 2-core machine; in `cargo xtask test` unless `--no-linux`).
+/// `migrate-local=linux@console:HV-SHELL-READY` once its counter runs (8 to 10 min
+/// measured on a loaded 2-core machine; in `cargo xtask test` unless `--no-linux`).
 const BOCHS_LOCAL_TEST: &str = "bochs-linux-local-migration-pml";
 /// Its guest: 128 MiB (two copies must fit in Bochs' 512 MiB), a 16 MiB file (Bochs
 /// runs Linux at a few MIPS), no AVX-512 (see linux_tests' BOCHS_CPUINFO_BASE).
