@@ -6,7 +6,10 @@
 //! an operator can use to check a host.
 //!
 //! Boot option `migrate-local=NAME@ROUND`: once domain NAME has reported round ROUND
-//! (`guest_abi` report `round`), migrate it with memory verification. Serial markers:
+//! (`guest_abi` report `round`), migrate it with memory verification. A guest that
+//! makes no reports (Linux) is named by its console instead:
+//! `migrate-local=NAME@console:MARKER` migrates NAME once its console has shown
+//! MARKER (no spaces: the boot command line is split at them). Serial markers:
 //! `MIGRATE-LOCAL START`, then `MIGRATE-LOCAL DONE …` or `MIGRATE-LOCAL FAILED …`.
 
 use alloc::boxed::Box;
@@ -26,8 +29,18 @@ const RELAY_READS_PER_STEP: usize = 34;
 #[derive(Debug)]
 pub struct LocalMigration {
     name: String,
-    at_round: u64,
+    at: Trigger,
     state: State,
+}
+
+/// When the migration starts.
+#[derive(Debug)]
+enum Trigger {
+    /// Once the domain has reported this round.
+    Round(u64),
+    /// Once the domain's console has shown `marker`; `scanned` console bytes (of
+    /// [`crate::domain::Console::bytes`]) were looked at already.
+    Console { marker: String, scanned: u64 },
 }
 
 #[derive(Debug)]
@@ -41,13 +54,19 @@ impl LocalMigration {
     /// The `migrate-local=NAME@ROUND` option of the command line, if given.
     pub fn from_cmdline(cmdline: &str) -> Option<Result<Self, String>> {
         let value = cmdline.split_whitespace().find_map(|w| w.strip_prefix("migrate-local="))?;
-        Some(match value.split_once('@') {
-            Some((name, round)) if !name.is_empty() => match round.parse() {
-                Ok(at_round) => Ok(Self { name: name.into(), at_round, state: State::Waiting }),
-                Err(_) => Err(alloc::format!("migrate-local={value}: `{round}` is not a round number")),
+        let (name, when) = match value.split_once('@') {
+            Some((name, when)) if !name.is_empty() => (name, when),
+            _ => return Some(Err(alloc::format!("migrate-local={value}: expected NAME@ROUND or NAME@console:MARKER"))),
+        };
+        let at = match when.strip_prefix("console:") {
+            Some("") => return Some(Err(alloc::format!("migrate-local={value}: the console marker is empty"))),
+            Some(marker) => Trigger::Console { marker: marker.into(), scanned: 0 },
+            None => match when.parse() {
+                Ok(round) => Trigger::Round(round),
+                Err(_) => return Some(Err(alloc::format!("migrate-local={value}: `{when}` is not a round number"))),
             },
-            _ => Err(alloc::format!("migrate-local={value}: expected NAME@ROUND")),
-        })
+        };
+        Some(Ok(Self { name: name.into(), at, state: State::Waiting }))
     }
 
     /// Whether it still has work (waiting for its domain, or migrating it).
@@ -68,11 +87,32 @@ impl LocalMigration {
             State::Done => false,
             State::Waiting => {
                 let Some(d) = machine.domains().iter().find(|d| d.name == self.name) else { return false };
-                if d.report(b"round").is_none_or(|r| r < self.at_round) {
+                let ready = match &mut self.at {
+                    Trigger::Round(round) => d.report(b"round").is_some_and(|r| r >= *round),
+                    Trigger::Console { marker, scanned } => {
+                        let total = d.console.bytes;
+                        if total == *scanned {
+                            false
+                        } else {
+                            // From a marker's length before the new bytes: it may straddle them.
+                            let (_, bytes) = d.console.since(scanned.saturating_sub(marker.len() as u64));
+                            *scanned = total;
+                            bytes.windows(marker.len()).any(|w| w == marker.as_bytes())
+                        }
+                    }
+                };
+                if !ready {
                     return false;
                 }
                 let from = d.id;
-                println!("MIGRATE-LOCAL START domain={from} name={} round={}", self.name, self.at_round);
+                match &self.at {
+                    Trigger::Round(round) => {
+                        println!("MIGRATE-LOCAL START domain={from} name={} round={round}", self.name)
+                    }
+                    Trigger::Console { marker, .. } => {
+                        println!("MIGRATE-LOCAL START domain={from} name={} console={marker}", self.name)
+                    }
+                }
                 machine.allow_incoming_name_of(Some(from));
                 let options = MigrateOptions { verify_memory: true, ..MigrateOptions::default() };
                 let send = SendSession::start(1, from, options, machine);
@@ -125,6 +165,28 @@ impl LocalMigration {
                 self.state = State::Done;
                 true
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_both_triggers() {
+        let round = LocalMigration::from_cmdline("x migrate-local=mw@50 y").and_then(Result::ok);
+        assert!(matches!(round, Some(LocalMigration { at: Trigger::Round(50), .. })));
+        let console = LocalMigration::from_cmdline("migrate-local=linux@console:HV-SHELL-READY").and_then(Result::ok);
+        match console {
+            Some(LocalMigration { name, at: Trigger::Console { marker, scanned: 0 }, .. }) => {
+                assert_eq!((name.as_str(), marker.as_str()), ("linux", "HV-SHELL-READY"));
+            }
+            other => panic!("not a console trigger: {other:?}"),
+        }
+        assert!(LocalMigration::from_cmdline("quiet").is_none());
+        for bad in ["migrate-local=mw", "migrate-local=@5", "migrate-local=mw@x", "migrate-local=mw@console:"] {
+            assert!(matches!(LocalMigration::from_cmdline(bad), Some(Err(_))), "{bad}");
         }
     }
 }
