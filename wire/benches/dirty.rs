@@ -50,7 +50,7 @@
 //! - Any faster encoder must pass `dirty::record::reference`'s property tests, which
 //!   compare it byte for byte with a copy of today's encoder.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, black_box, criterion_group, criterion_main};
 use wire::dirty::{DirtyBitmap, DirtyRecord};
@@ -166,6 +166,40 @@ fn dirty_64gib(c: &mut Criterion) {
         )
     });
     g.finish();
+    ratios(&patterns);
+}
+
+/// The summary line per pattern: `to_records` against the memcpy of the same bitmap,
+/// timed here in alternation (so that the load of the moment weighs on both alike), the
+/// median of [`ROUNDS`] rounds each.
+fn ratios(patterns: &[(String, DirtyBitmap)]) {
+    const ROUNDS: usize = 31;
+    let src = patterns[1].1.words().to_vec();
+    let mut dst = vec![0u64; src.len()];
+    let median = |mut t: Vec<Duration>| {
+        t.sort();
+        t[t.len() / 2]
+    };
+    eprintln!("to_records / memcpy of the 2 MiB bitmap, median of {ROUNDS} alternated rounds:");
+    for (name, bitmap) in patterns {
+        let (mut copy, mut encode) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let t = Instant::now();
+            dst.copy_from_slice(black_box(&src));
+            black_box(&dst);
+            copy.push(t.elapsed());
+            let t = Instant::now();
+            black_box(black_box(bitmap).to_records());
+            encode.push(t.elapsed());
+        }
+        let (copy, encode) = (median(copy), median(encode));
+        eprintln!(
+            "{name:>14}: to_records {:8.3} ms, memcpy {:6.3} ms, ratio {:6.1}",
+            encode.as_secs_f64() * 1e3,
+            copy.as_secs_f64() * 1e3,
+            encode.as_secs_f64() / copy.as_secs_f64(),
+        );
+    }
 }
 
 criterion_group! {
