@@ -315,6 +315,9 @@ impl Records<'_> {
     fn step(&mut self) {
         let words = self.words;
         while self.ready.is_empty() {
+            if self.lit_len == 0 && self.used > 0 {
+                self.run_words();
+            }
             let Some(&w) = words.get(self.next) else {
                 self.flush_literal();
                 self.flush_run();
@@ -357,7 +360,7 @@ impl Records<'_> {
         // against 8 bytes as a raw word, 9 if that opens a stretch.
         let carry = !self.run.is_empty() && self.run.end == page;
         let starts = w & !(w << 1 | u64::from(carry));
-        let ops = count_ones2(starts, starts & w >> 1);
+        let ops = run_ops(starts, w);
         let continues = self.lit_len > 0 && self.lit_first + self.lit_len + 1 == self.next;
         if ops > if continues { 8 } else { 9 } {
             if continues {
@@ -407,6 +410,86 @@ impl Records<'_> {
             rest &= rest + (1 << lo);
             self.flush_run();
         }
+    }
+
+    /// Encode words while each is clean or goes as runs into the current record with
+    /// room to spare, no raw words pending: the common case of scattered pages, in one
+    /// loop over locals. Stops before any other word; the result is what
+    /// [`mixed`](Self::mixed) would give word by word.
+    fn run_words(&mut self) {
+        let words = self.words;
+        // Room for a pending run's operations (6 bytes each at most) and then a word's.
+        let limit = self.budget.saturating_sub(FAST_ROOM + 12);
+        let (mut next, mut cursor, mut used) = (self.next, self.cursor, self.used);
+        let (mut rs, mut re) = (self.run.start, self.run.end);
+        while let Some(&w) = words.get(next) {
+            if w == 0 {
+                next += 1;
+                continue;
+            }
+            let page = self.base + next as u64 * WORD_BITS;
+            let carry = rs != re && re == page;
+            let starts = w & !(w << 1 | u64::from(carry));
+            // Raw words and fully dirty ones are left to `mixed` and `step`.
+            if w == u64::MAX || used > limit || run_ops(starts, w) > 9 {
+                break;
+            }
+            let Some(Ok(out)) = self.ops.get_mut(used..used + SLACK).map(<&mut [u8; SLACK]>::try_from) else {
+                // Not reached: a started record's buffer is `budget + SLACK` bytes.
+                break;
+            };
+            next += 1;
+            let mut rest = w;
+            if carry && rest & 1 == 1 {
+                // The pending run goes on into this word (not to its end: `w` is mixed).
+                let n = rest.trailing_ones();
+                re += u64::from(n);
+                rest &= !mask(0, n);
+            }
+            if rest == 0 {
+                continue;
+            }
+            let mut n = 0;
+            if rs != re {
+                n = put_varint_at(out, n, (rs - cursor) << 2 | ONE);
+                if re - rs > 1 {
+                    n = put_varint_at(out, n, (re - rs - 1) << 2 | DIRTY);
+                }
+                cursor = re;
+                (rs, re) = (0, 0);
+            }
+            let mut starts = rest & !(rest << 1);
+            let mut ends = rest & !(rest >> 1);
+            if rest >> 63 == 1 {
+                // The last run may go on into the next word.
+                let lo = 63 - starts.leading_zeros();
+                (rs, re) = (page + u64::from(lo), page + u64::from(u64::BITS));
+                starts &= !(1 << lo);
+                ends &= !(1 << 63);
+            }
+            let mut c = cursor.wrapping_sub(page);
+            while starts != 0 {
+                let (lo, hi) = (u64::from(starts.trailing_zeros()), u64::from(ends.trailing_zeros()));
+                starts &= starts - 1;
+                ends &= ends - 1;
+                let (gap, more) = (lo.wrapping_sub(c), hi - lo);
+                c = hi + 1;
+                if gap | more < 32 {
+                    let i = n & WRAP;
+                    out[i] = (gap * 4 + ONE) as u8;
+                    out[i + 1] = (more * 4 + DIRTY) as u8;
+                    n += 1 + usize::from(more != 0);
+                } else {
+                    n = put_varint_at(out, n, gap << 2 | ONE);
+                    if more > 0 {
+                        n = put_varint_at(out, n, more << 2 | DIRTY);
+                    }
+                }
+            }
+            used += n;
+            cursor = page.wrapping_add(c);
+        }
+        (self.next, self.cursor, self.used, self.run) = (next, cursor, used, rs..re);
     }
 
     /// Encode the runs of `rest` (not 0), the dirty pages from `page` on, into the
@@ -550,17 +633,12 @@ impl Records<'_> {
     }
 }
 
-/// `a.count_ones() + b.count_ones()` for `b` a subset of `a`, in one SWAR popcount (the
-/// default x86-64 target has no `popcnt`): a nibble's count of both is at most 8, a
-/// byte's 16.
-const fn count_ones2(a: u64, b: u64) -> u32 {
-    const M1: u64 = 0x5555_5555_5555_5555;
-    const M2: u64 = 0x3333_3333_3333_3333;
-    const M4: u64 = 0x0f0f_0f0f_0f0f_0f0f;
-    let (a, b) = (a - (a >> 1 & M1), b - (b >> 1 & M1));
-    let s = (a & M2) + (a >> 2 & M2) + (b & M2) + (b >> 2 & M2);
-    let s = (s & M4) + (s >> 4 & M4);
-    (s.wrapping_mul(0x0101_0101_0101_0101) >> 56) as u32
+/// The operations the runs of `w` take, `starts` being their first pages: one `ONE` per
+/// run, one `DIRTY` more per run longer than a page. The second page of such a run is
+/// never a start, so both counts are one popcount (a software one on the default x86-64
+/// target, which has no `popcnt`).
+const fn run_ops(starts: u64, w: u64) -> u32 {
+    (starts | (starts << 1 & w)).count_ones()
 }
 
 /// Store `v` as a varint at `out[n..]`; returns the index past it. Indices wrap within
@@ -658,10 +736,12 @@ mod tests {
     }
 
     #[test]
-    fn count_ones2_counts_both() {
-        for a in [0, 1, u64::MAX, 0x5555_5555_5555_5555, 0x8000_0000_0000_0001, 0x0123_4567_89ab_cdef] {
-            for b in [0, a, a & 0xffff_0000_ffff_0000, a & 0x5555_5555_5555_5555] {
-                assert_eq!(count_ones2(a, b), a.count_ones() + b.count_ones(), "{a:#x} {b:#x}");
+    fn run_ops_counts_runs_and_longer_runs() {
+        for w in [1u64, u64::MAX >> 1, 0x5555_5555_5555_5555, 0x8000_0000_0000_0001, 0x0123_4567_89ab_cdef, 0xf0f0] {
+            for carry in [0, 1] {
+                let starts = w & !(w << 1 | carry);
+                let want = starts.count_ones() + (starts & w >> 1).count_ones();
+                assert_eq!(run_ops(starts, w), want, "{w:#x} {carry}");
             }
         }
     }
