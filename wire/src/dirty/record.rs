@@ -476,9 +476,9 @@ impl Records<'_> {
                 c = hi + 1;
                 if gap | more < 32 {
                     let i = n & WRAP;
-                    out[i] = (gap * 4 + ONE) as u8;
-                    out[i + 1] = (more * 4 + DIRTY) as u8;
-                    n += 1 + usize::from(more != 0);
+                    let pair = (gap * 4 + ONE) as u16 | ((more * 4 + DIRTY) as u16) << 8;
+                    out[i..i + 2].copy_from_slice(&pair.to_le_bytes());
+                    n += 2 - usize::from(more == 0);
                 } else {
                     n = put_varint_at(out, n, gap << 2 | ONE);
                     if more > 0 {
@@ -526,9 +526,9 @@ impl Records<'_> {
                 // One byte each; `DIRTY` is stored whether needed or not (the window has
                 // room past it) and counted only when needed: no branch to mispredict.
                 let i = n & WRAP;
-                out[i] = (gap * 4 + ONE) as u8;
-                out[i + 1] = (more * 4 + DIRTY) as u8;
-                n += 1 + usize::from(more != 0);
+                let pair = (gap * 4 + ONE) as u16 | ((more * 4 + DIRTY) as u16) << 8;
+                out[i..i + 2].copy_from_slice(&pair.to_le_bytes());
+                n += 2 - usize::from(more == 0);
             } else {
                 n = put_varint_at(out, n, gap << 2 | ONE);
                 if more > 0 {
