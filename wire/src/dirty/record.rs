@@ -477,7 +477,10 @@ impl Records<'_> {
                 if gap | more < 32 {
                     let i = n & WRAP;
                     let pair = (gap * 4 + ONE) as u16 | ((more * 4 + DIRTY) as u16) << 8;
-                    out[i..i + 2].copy_from_slice(&pair.to_le_bytes());
+                    if let Some(o) = out.get_mut(i..i + 2) {
+                        // Always: `i + 2 <= SLACK`; the compiler sees it, so no branch is left.
+                        o.copy_from_slice(&pair.to_le_bytes());
+                    }
                     n += 2 - usize::from(more == 0);
                 } else {
                     n = put_varint_at(out, n, gap << 2 | ONE);
@@ -527,7 +530,10 @@ impl Records<'_> {
                 // room past it) and counted only when needed: no branch to mispredict.
                 let i = n & WRAP;
                 let pair = (gap * 4 + ONE) as u16 | ((more * 4 + DIRTY) as u16) << 8;
-                out[i..i + 2].copy_from_slice(&pair.to_le_bytes());
+                if let Some(o) = out.get_mut(i..i + 2) {
+                    // Always: `i + 2 <= SLACK`; the compiler sees it, so no branch is left.
+                    o.copy_from_slice(&pair.to_le_bytes());
+                }
                 n += 2 - usize::from(more == 0);
             } else {
                 n = put_varint_at(out, n, gap << 2 | ONE);
@@ -646,11 +652,15 @@ const fn run_ops(starts: u64, w: u64) -> u32 {
 #[inline]
 fn put_varint_at(out: &mut [u8; SLACK], mut n: usize, mut v: u64) -> usize {
     while v >= 0x80 {
-        out[n & WRAP] = v as u8 | 0x80;
+        if let Some(o) = out.get_mut(n & WRAP) {
+            *o = v as u8 | 0x80;
+        }
         v >>= 7;
         n += 1;
     }
-    out[n & WRAP] = v as u8;
+    if let Some(o) = out.get_mut(n & WRAP) {
+        *o = v as u8;
+    }
     n + 1
 }
 
