@@ -2,6 +2,7 @@
 //! checked decoder. The encoding and the reasons for it are in the [module docs](super).
 
 use alloc::collections::VecDeque;
+use alloc::vec;
 use alloc::vec::Vec;
 use core::fmt;
 use core::ops::Range;
@@ -159,6 +160,7 @@ impl DirtyBitmap {
             start: 0,
             cursor: 0,
             ops: Vec::new(),
+            used: 0,
             ready: VecDeque::new(),
             done: false,
         })
@@ -265,14 +267,24 @@ pub struct Records<'a> {
     lit_first: usize,
     lit_len: usize,
     /// The record being filled: its first pfn, the pfn its next operation starts from,
-    /// its operations.
+    /// its operations: the first `used` bytes of `ops`, a zeroed buffer of `budget +
+    /// SLACK` bytes (empty until the record's first operation), so that the operations
+    /// of a word can be stored without a length check or a reallocation per byte.
     start: u64,
     cursor: u64,
     ops: Vec<u8>,
+    used: usize,
     /// Finished records not yet returned.
     ready: VecDeque<DirtyRecord>,
     done: bool,
 }
+
+/// The bytes of a record's buffer past its budget: the operations of one word are
+/// stored in a window of this size starting at the record's end (see `Records::runs`),
+/// at indices masked with [`WRAP`] so that the compiler sees every store in bounds.
+const SLACK: usize = 512;
+const WRAP: usize = SLACK / 2 - 1;
+const _: () = assert!(SLACK.is_power_of_two() && FAST_ROOM + 10 <= WRAP);
 
 impl fmt::Debug for Records<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -303,6 +315,9 @@ impl Records<'_> {
     fn step(&mut self) {
         let words = self.words;
         while self.ready.is_empty() {
+            if self.lit_len == 0 && self.used > 0 {
+                self.run_words();
+            }
             let Some(&w) = words.get(self.next) else {
                 self.flush_literal();
                 self.flush_run();
@@ -345,7 +360,7 @@ impl Records<'_> {
         // against 8 bytes as a raw word, 9 if that opens a stretch.
         let carry = !self.run.is_empty() && self.run.end == page;
         let starts = w & !(w << 1 | u64::from(carry));
-        let ops = starts.count_ones() + (starts & w >> 1).count_ones();
+        let ops = run_ops(starts, w);
         let continues = self.lit_len > 0 && self.lit_first + self.lit_len + 1 == self.next;
         if ops > if continues { 8 } else { 9 } {
             if continues {
@@ -373,32 +388,162 @@ impl Records<'_> {
         if rest == 0 {
             return;
         }
-        self.flush_run();
+        if !self.run.is_empty() {
+            self.flush_run();
+        }
         // With room for the worst case of a word (a 6-byte gap, then 32 runs of 4 bytes
         // at most), skip the budget check per run.
-        let fast = !self.ops.is_empty() && self.ops.len() + FAST_ROOM <= self.budget;
+        if self.used > 0 && self.used + FAST_ROOM <= self.budget {
+            self.runs(rest, page);
+            return;
+        }
         while rest != 0 {
             let lo = rest.trailing_zeros();
             let len = (rest >> lo).trailing_ones();
             let at = page + u64::from(lo);
+            self.run = at..at + u64::from(len);
             if lo + len == u64::BITS {
                 // It may go on into the next word.
-                self.run = at..at + u64::from(len);
                 return;
             }
             // Clear the lowest run: adding its lowest bit carries through it.
             rest &= rest + (1 << lo);
-            if fast {
-                put_varint(&mut self.ops, (at - self.cursor) << 2 | ONE);
-                if len > 1 {
-                    put_varint(&mut self.ops, u64::from(len - 1) << 2 | DIRTY);
+            self.flush_run();
+        }
+    }
+
+    /// Encode words while each is clean or goes as runs into the current record with
+    /// room to spare, no raw words pending: the common case of scattered pages, in one
+    /// loop over locals. Stops before any other word; the result is what
+    /// [`mixed`](Self::mixed) would give word by word.
+    fn run_words(&mut self) {
+        let words = self.words;
+        // Room for a pending run's operations (6 bytes each at most) and then a word's.
+        let limit = self.budget.saturating_sub(FAST_ROOM + 12);
+        let (mut next, mut cursor, mut used) = (self.next, self.cursor, self.used);
+        let (mut rs, mut re) = (self.run.start, self.run.end);
+        while let Some(&w) = words.get(next) {
+            if w == 0 {
+                next += 1;
+                continue;
+            }
+            let page = self.base + next as u64 * WORD_BITS;
+            let carry = rs != re && re == page;
+            let starts = w & !(w << 1 | u64::from(carry));
+            // Raw words and fully dirty ones are left to `mixed` and `step`.
+            if w == u64::MAX || used > limit || run_ops(starts, w) > 9 {
+                break;
+            }
+            let Some(Ok(out)) = self.ops.get_mut(used..used + SLACK).map(<&mut [u8; SLACK]>::try_from) else {
+                // Not reached: a started record's buffer is `budget + SLACK` bytes.
+                break;
+            };
+            next += 1;
+            let mut rest = w;
+            if carry && rest & 1 == 1 {
+                // The pending run goes on into this word (not to its end: `w` is mixed).
+                let n = rest.trailing_ones();
+                re += u64::from(n);
+                rest &= !mask(0, n);
+            }
+            if rest == 0 {
+                continue;
+            }
+            let mut n = 0;
+            if rs != re {
+                n = put_varint_at(out, n, (rs - cursor) << 2 | ONE);
+                if re - rs > 1 {
+                    n = put_varint_at(out, n, (re - rs - 1) << 2 | DIRTY);
                 }
-                self.cursor = at + u64::from(len);
+                cursor = re;
+                (rs, re) = (0, 0);
+            }
+            let mut starts = rest & !(rest << 1);
+            let mut ends = rest & !(rest >> 1);
+            if rest >> 63 == 1 {
+                // The last run may go on into the next word.
+                let lo = 63 - starts.leading_zeros();
+                (rs, re) = (page + u64::from(lo), page + u64::from(u64::BITS));
+                starts &= !(1 << lo);
+                ends &= !(1 << 63);
+            }
+            let mut c = cursor.wrapping_sub(page);
+            while starts != 0 {
+                let (lo, hi) = (u64::from(starts.trailing_zeros()), u64::from(ends.trailing_zeros()));
+                starts &= starts - 1;
+                ends &= ends - 1;
+                let (gap, more) = (lo.wrapping_sub(c), hi - lo);
+                c = hi + 1;
+                if gap | more < 32 {
+                    let i = n & WRAP;
+                    let pair = (gap * 4 + ONE) as u16 | ((more * 4 + DIRTY) as u16) << 8;
+                    if let Some(o) = out.get_mut(i..i + 2) {
+                        // Always: `i + 2 <= SLACK`; the compiler sees it, so no branch is left.
+                        o.copy_from_slice(&pair.to_le_bytes());
+                    }
+                    n += 2 - usize::from(more == 0);
+                } else {
+                    n = put_varint_at(out, n, gap << 2 | ONE);
+                    if more > 0 {
+                        n = put_varint_at(out, n, more << 2 | DIRTY);
+                    }
+                }
+            }
+            used += n;
+            cursor = page.wrapping_add(c);
+        }
+        (self.next, self.cursor, self.used, self.run) = (next, cursor, used, rs..re);
+    }
+
+    /// Encode the runs of `rest` (not 0), the dirty pages from `page` on, into the
+    /// current record, which has room for them; keep the last one pending if it reaches
+    /// the word's end.
+    #[inline]
+    fn runs(&mut self, rest: u64, page: u64) {
+        let at = self.used;
+        let Some(Ok(out)) = self.ops.get_mut(at..at + SLACK).map(<&mut [u8; SLACK]>::try_from) else {
+            // Not reached: a record's buffer is `budget + SLACK` bytes.
+            return;
+        };
+        // One bit per run at its first page, one at its last.
+        let mut starts = rest & !(rest << 1);
+        let mut ends = rest & !(rest >> 1);
+        if rest >> 63 == 1 {
+            // The last run may go on into the next word.
+            let lo = 63 - starts.leading_zeros();
+            self.run = page + u64::from(lo)..page + u64::from(u64::BITS);
+            starts &= !(1 << lo);
+            ends &= !(1 << 63);
+        }
+        // The cursor as a bit of this word; before the word it wraps around, and so
+        // does the first gap computed from it, back to its true value.
+        let mut c = self.cursor.wrapping_sub(page);
+        let mut n = 0;
+        while starts != 0 {
+            let (lo, hi) = (u64::from(starts.trailing_zeros()), u64::from(ends.trailing_zeros()));
+            starts &= starts - 1;
+            ends &= ends - 1;
+            let (gap, more) = (lo.wrapping_sub(c), hi - lo);
+            c = hi + 1;
+            if gap | more < 32 {
+                // One byte each; `DIRTY` is stored whether needed or not (the window has
+                // room past it) and counted only when needed: no branch to mispredict.
+                let i = n & WRAP;
+                let pair = (gap * 4 + ONE) as u16 | ((more * 4 + DIRTY) as u16) << 8;
+                if let Some(o) = out.get_mut(i..i + 2) {
+                    // Always: `i + 2 <= SLACK`; the compiler sees it, so no branch is left.
+                    o.copy_from_slice(&pair.to_le_bytes());
+                }
+                n += 2 - usize::from(more == 0);
             } else {
-                self.run = at..at + u64::from(len);
-                self.flush_run();
+                n = put_varint_at(out, n, gap << 2 | ONE);
+                if more > 0 {
+                    n = put_varint_at(out, n, more << 2 | DIRTY);
+                }
             }
         }
+        self.used += n;
+        self.cursor = page.wrapping_add(c);
     }
 
     const fn page_of(&self, word: usize) -> u64 {
@@ -424,9 +569,9 @@ impl Records<'_> {
         let more = run.end - run.start - 1;
         let more_len = if more > 0 { varint_len(more << 2 | DIRTY) } else { 0 };
         let gap = self.room_for(run.start, |gap| varint_len(gap << 2 | ONE) + more_len);
-        put_varint(&mut self.ops, gap << 2 | ONE);
+        self.put(gap << 2 | ONE);
         if more > 0 {
-            put_varint(&mut self.ops, more << 2 | DIRTY);
+            self.put(more << 2 | DIRTY);
         }
         self.cursor = run.end;
     }
@@ -441,18 +586,30 @@ impl Records<'_> {
             // `n <= left` words take at most this header.
             let header = varint_len((left as u64) << 2 | WORDS);
             let gap = self.room_for(page, |gap| clean_len(gap) + header + WORD_BYTES);
-            let used = self.ops.len() + clean_len(gap) + header;
+            let used = self.used + clean_len(gap) + header;
             let n = (self.budget.saturating_sub(used) / WORD_BYTES).clamp(1, left);
             if gap > 0 {
-                put_varint(&mut self.ops, gap << 2 | CLEAN);
+                self.put(gap << 2 | CLEAN);
             }
-            put_varint(&mut self.ops, (n as u64) << 2 | WORDS);
-            for w in self.words.get(first..first + n).unwrap_or_default() {
-                self.ops.extend_from_slice(&w.to_le_bytes());
+            self.put((n as u64) << 2 | WORDS);
+            let words = self.words.get(first..first + n).unwrap_or_default();
+            let at = self.used;
+            let out = self.ops.get_mut(at..at + n * WORD_BYTES).unwrap_or_default();
+            for (o, w) in out.as_chunks_mut::<WORD_BYTES>().0.iter_mut().zip(words) {
+                *o = w.to_le_bytes();
             }
+            self.used += n * WORD_BYTES;
             self.cursor = page + n as u64 * WORD_BITS;
             first += n;
             left -= n;
+        }
+    }
+
+    /// Store `v` as a varint at the end of the current record (which has room for it).
+    fn put(&mut self, v: u64) {
+        let at = self.used;
+        if let Some(Ok(out)) = self.ops.get_mut(at..at + SLACK).map(<&mut [u8; SLACK]>::try_from) {
+            self.used += put_varint_at(out, 0, v);
         }
     }
 
@@ -460,12 +617,12 @@ impl Records<'_> {
     /// the cursor, is `size(gap)`: start a new record at `at` if the current one is
     /// empty or too full. Returns the gap to encode.
     fn room_for(&mut self, at: u64, size: impl Fn(u64) -> usize) -> u64 {
-        if !self.ops.is_empty() && self.ops.len() + size(at - self.cursor) <= self.budget {
+        if self.used > 0 && self.used + size(at - self.cursor) <= self.budget {
             return at - self.cursor;
         }
         self.finish_record();
-        if self.ops.capacity() == 0 {
-            self.ops.reserve(self.budget);
+        if self.ops.is_empty() {
+            self.ops = vec![0; self.budget + SLACK];
         }
         self.start = at;
         self.cursor = at;
@@ -473,11 +630,38 @@ impl Records<'_> {
     }
 
     fn finish_record(&mut self) {
-        if !self.ops.is_empty() {
-            let ops = core::mem::take(&mut self.ops);
+        if self.used > 0 {
+            let mut ops = core::mem::take(&mut self.ops);
+            ops.truncate(self.used);
+            self.used = 0;
             self.ready.push_back(DirtyRecord { start: self.start, ops });
         }
     }
+}
+
+/// The operations the runs of `w` take, `starts` being their first pages: one `ONE` per
+/// run, one `DIRTY` more per run longer than a page. The second page of such a run is
+/// never a start, so both counts are one popcount (a software one on the default x86-64
+/// target, which has no `popcnt`).
+const fn run_ops(starts: u64, w: u64) -> u32 {
+    (starts | (starts << 1 & w)).count_ones()
+}
+
+/// Store `v` as a varint at `out[n..]`; returns the index past it. Indices wrap within
+/// the window, which holds more than any word's operations.
+#[inline]
+fn put_varint_at(out: &mut [u8; SLACK], mut n: usize, mut v: u64) -> usize {
+    while v >= 0x80 {
+        if let Some(o) = out.get_mut(n & WRAP) {
+            *o = v as u8 | 0x80;
+        }
+        v >>= 7;
+        n += 1;
+    }
+    if let Some(o) = out.get_mut(n & WRAP) {
+        *o = v as u8;
+    }
+    n + 1
 }
 
 /// The size of `CLEAN gap`, or 0 when there is no gap.
@@ -559,6 +743,17 @@ mod tests {
         );
         at = 0;
         assert_eq!(get_varint(&[0xff; 11], &mut at), Err(RecordFault::BadVarint));
+    }
+
+    #[test]
+    fn run_ops_counts_runs_and_longer_runs() {
+        for w in [1u64, u64::MAX >> 1, 0x5555_5555_5555_5555, 0x8000_0000_0000_0001, 0x0123_4567_89ab_cdef, 0xf0f0] {
+            for carry in [0, 1] {
+                let starts = w & !(w << 1 | carry);
+                let want = starts.count_ones() + (starts & w >> 1).count_ones();
+                assert_eq!(run_ops(starts, w), want, "{w:#x} {carry}");
+            }
+        }
     }
 
     #[test]
