@@ -43,6 +43,7 @@ pub mod percpu;
 pub mod platform;
 pub mod selftest;
 pub mod services;
+pub mod smp;
 
 /// The version printed in the banner.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
