@@ -47,6 +47,7 @@ pub const CHECK_IN_MS: u64 = 200;
 pub const WAKE_VECTOR: u8 = 0xee;
 
 /// Bytes of stack each AP gets.
+#[cfg(not(test))]
 const AP_STACK_BYTES: usize = 64 * 1024;
 
 /// Where a CPU is in its bring-up.
@@ -226,6 +227,7 @@ pub fn start_aps(firmware: &[FirmwareCpu], trampoline: Option<u64>, cmdline: &st
 
 /// Where a started AP's Rust life begins (the trampoline calls it on its own stack in
 /// 64-bit mode, interrupts off): its own tables and PerCpu, check in, park.
+#[cfg(not(test))]
 extern "sysv64" fn ap_entry(slot: u64) -> ! {
     let tables = crate::drivers::tables::load();
     let cpu = crate::percpu::install(tables);
