@@ -397,7 +397,7 @@ mod hw {
             // firmware's identity map) for us alone; the source is our own code.
             unsafe { core::ptr::copy_nonoverlapping(start as *const u8, page as *mut u8, len) };
             let s = Self { page };
-            // SAFETY (all register reads): reading CR0/CR4/EFER has no side effects.
+            // SAFETY: reading CR0, CR4 and IA32_EFER at CPL0 has no side effects.
             let (cr0, cr4, efer) = unsafe {
                 (x86::controlregs::cr0().bits() as u64, x86::controlregs::cr4().bits() as u64, x86::msr::rdmsr(EFER))
             };

@@ -123,7 +123,7 @@ pub fn info(opts: &Options, args: InfoArgs) -> Result<ExitCode, CliError> {
     println!("uptime        {:.1} s", info.uptime_ns as f64 / 1e9);
     println!("cpus          {}", info.cpus);
     if !info.cpu_list.is_empty() {
-        println!("  {:<6} {}", "APIC", "STATE");
+        println!("  APIC   STATE");
         for c in &info.cpu_list {
             println!("  {:<6} {}", c.apic_id, c.state.as_str());
         }
