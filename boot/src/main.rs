@@ -71,6 +71,8 @@ fn main() -> Status {
     // SAFETY: as for the frame pool.
     let dma_frames = unsafe { hv::mm::frames::FramePool::new(dma.as_ptr() as u64, DMA_PAGES) };
 
+    let cpus = firmware_cpus();
+    let ap_trampoline = reserve_trampoline();
     let unix_time = wall_clock();
     let cmdline = read_cmdline();
     let domains = read_domains();
@@ -101,8 +103,55 @@ fn main() -> Status {
         git_revision: env!("HV_GIT_REV"),
         domains,
         unix_time,
+        cpus,
+        ap_trampoline,
     });
     shutdown(outcome)
+}
+
+/// The CPUs the firmware knows, from its MP services protocol (PI Vol. 2 13.4,
+/// EFI_MP_SERVICES_PROTOCOL): the local APIC ID of each, whether it is the BSP and
+/// enabled. Empty, with a note, if the firmware has no such protocol; hv then runs on
+/// the boot CPU alone. Only asked, never used to start a CPU: the APs must keep
+/// running after ExitBootServices, which MP services do not promise, so hv starts
+/// them itself with INIT-SIPI-SIPI.
+fn firmware_cpus() -> Vec<hv::smp::FirmwareCpu> {
+    use uefi::proto::pi::mp::MpServices;
+    let mp = match boot::get_handle_for_protocol::<MpServices>().and_then(boot::open_protocol_exclusive::<MpServices>) {
+        Ok(mp) => mp,
+        Err(e) => {
+            println!("note: no UEFI MP services ({:?}); the other CPUs stay stopped", e.status());
+            return Vec::new();
+        }
+    };
+    let total = match mp.get_number_of_processors() {
+        Ok(n) => n.total,
+        Err(e) => {
+            println!("note: MP services cannot count the CPUs ({:?}); the other CPUs stay stopped", e.status());
+            return Vec::new();
+        }
+    };
+    (0..total)
+        .filter_map(|i| mp.get_processor_info(i).ok())
+        .map(|p| hv::smp::FirmwareCpu {
+            apic_id: u32::try_from(p.processor_id).unwrap_or(u32::MAX),
+            bsp: p.is_bsp(),
+            enabled: p.is_enabled(),
+        })
+        .collect()
+}
+
+/// One page below 1 MiB for the APs' real-mode trampoline (a STARTUP IPI's vector is
+/// a page number below 0x100; SDM Vol. 3A 11.6.1), below the EBDA at 0xA0000. Code
+/// memory, so the firmware's page tables leave it executable.
+fn reserve_trampoline() -> Option<u64> {
+    match boot::allocate_pages(AllocateType::MaxAddress(0x9_ffff), MemoryType::LOADER_CODE, 1) {
+        Ok(p) => Some(p.as_ptr() as u64),
+        Err(e) => {
+            println!("note: no free page below 640 KiB for the AP trampoline ({:?})", e.status());
+            None
+        }
+    }
 }
 
 /// The firmware's clock as Unix seconds (UTC), or `None` if it has none.

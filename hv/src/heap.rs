@@ -48,8 +48,9 @@ pub fn stats() -> HeapStats {
 }
 
 /// A first-fit heap (`linked_list_allocator`) behind a spin lock, counting its use.
-/// One CPU runs the hypervisor with interrupts off, so the lock is never contended by
-/// an interrupt handler on the same CPU.
+/// No interrupt handler allocates, so the lock is never contended by an interrupt on
+/// the same CPU; the application processors allocate only while they start
+/// (`smp::ap_entry`: their tables and PerCpu), and a spin lock is enough for that.
 pub struct Heap {
     inner: spin::Mutex<linked_list_allocator::Heap>,
 }

@@ -7,7 +7,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::{VERSION, arch, domain, drivers, mm, percpu, platform, print, println, selftest, services};
+use crate::{VERSION, arch, domain, drivers, mm, percpu, platform, print, println, selftest, services, smp};
 
 /// How a run of the hypervisor ended; boot turns it into a firmware shutdown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +68,11 @@ pub struct BootInfo {
     /// The wall clock (Unix seconds, UTC) when boot read the firmware's clock, if it
     /// could: each domain's CMOS RTC starts from it.
     pub unix_time: Option<i64>,
+    /// The CPUs the firmware reported (UEFI MP services; empty: it reported none).
+    pub cpus: Vec<crate::smp::FirmwareCpu>,
+    /// A page below 1 MiB that boot reserved for the application processors'
+    /// real-mode trampoline ([`crate::smp`]), if it could.
+    pub ap_trampoline: Option<u64>,
 }
 
 /// A domain to start at boot: its configuration and the files it names, read once
@@ -218,6 +223,8 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
             return Outcome::Failed;
         }
     };
+    // The other CPUs: started and parked before READY, so the SMP line precedes it.
+    smp::start_aps(&info.cpus, info.ap_trampoline, &info.cmdline);
     match selftest::run(&mut backend, &mut info.frames) {
         Ok(report) => {
             println!("{report}");
@@ -491,8 +498,12 @@ fn machine_info(
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (String::from(k), String::from(v)))
             .collect(),
-        // Only the bootstrap CPU runs today (SMP comes later).
+        // The bootstrap CPU and the started (parked) APs; only the first schedules.
         cpus: percpu::all().len() as u32,
+        cpu_list: smp::cpus()
+            .iter()
+            .map(|c| wire::CpuInfo { apic_id: c.apic_id, state: c.state().to_wire() })
+            .collect(),
         memory_bytes,
         // Filled in once the control transports have started.
         control: alloc::vec::Vec::new(),

@@ -20,6 +20,8 @@
 //! Serial markers (stable; the system tests and tools parse them), one per line:
 //! - `CAPS v=1 key=value ...`: machine-readable capabilities ([`platform::caps::Capabilities::machine_line`]).
 //! - `PROBE-RAW ...`: every CPUID/MSR value the probe read ([`platform::hw::Recorded::to_line`]).
+//! - `SMP cpus=N started=S failed=F`: the other CPUs' bring-up ([`smp`]); before it,
+//!   `SMP cpu apic=N failed to start: <reason>` for each that did not check in.
 //! - `READY arch=... value=0x...`: the guest round trip succeeded.
 //! - `REFUSED: <reason>`: this CPU cannot host guests; the machine shuts down.
 //! - `FAIL: <reason>`: something went wrong; the machine shuts down.
@@ -43,6 +45,7 @@ pub mod percpu;
 pub mod platform;
 pub mod selftest;
 pub mod services;
+pub mod smp;
 
 /// The version printed in the banner.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

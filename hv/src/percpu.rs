@@ -3,9 +3,10 @@
 //! What lives here is what differs between CPUs and would otherwise be a static that
 //! silently assumes there is only one: the descriptor tables this CPU loaded, its
 //! local APIC timer (base and calibration), the VMCS that VMPTRLD made current on it,
-//! and the RMID its IA32_PQR_ASSOC holds. The hypervisor runs on the bootstrap CPU
-//! only for now (issue 16 brings the others up); each CPU that joins will call
-//! [`install`] first, as [`crate::init`] does for the bootstrap CPU.
+//! and the RMID its IA32_PQR_ASSOC holds. The hypervisor schedules on the bootstrap
+//! CPU only for now; the others are started by [`crate::smp`] and park. Each CPU
+//! calls [`install`] first: [`crate::init`] for the bootstrap CPU, `smp::ap_entry`
+//! for an application processor.
 //!
 //! A CPU finds its own value through its GS base (IA32_GS_BASE, which the hypervisor
 //! does not use otherwise): the first quadword of the value holds its own address, so

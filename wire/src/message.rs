@@ -121,6 +121,41 @@ pub struct InfoReport {
     /// The control transports this hypervisor serves, one line each (`"vsock port 5000
     /// (CID 3)"`, `"serial COM2 0x2f8 115200 baud"`). Since protocol version 6.
     pub control: Vec<String>,
+    /// (v8) Every physical CPU the firmware reported, the bootstrap CPU first, with
+    /// where its bring-up got to. `cpus` counts the boot CPU and the started ones.
+    pub cpu_list: Vec<CpuInfo>,
+}
+
+/// (v8) One physical CPU of the machine, as [`InfoReport::cpu_list`] lists it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CpuInfo {
+    /// Its local APIC ID.
+    pub apic_id: u32,
+    /// Where its bring-up got to.
+    pub state: CpuState,
+}
+
+/// (v8) A physical CPU's state. Variant order is wire format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum CpuState {
+    /// The bootstrap CPU: runs the hypervisor (scheduling, services, guests).
+    Boot,
+    /// An application processor that started and is parked, waiting for work.
+    Started,
+    /// An application processor that did not check in after INIT-SIPI-SIPI (or was
+    /// not started: `smp=off`).
+    Failed,
+}
+
+impl CpuState {
+    /// Its name in `hvctl info` and its JSON: `boot`, `started`, `failed`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Boot => "boot",
+            Self::Started => "started",
+            Self::Failed => "failed",
+        }
+    }
 }
 
 /// How full the hypervisor's own memory is: the heap (control requests, services,

@@ -4,8 +4,8 @@
 use proptest::collection::vec;
 use proptest::prelude::*;
 use wire::{
-    ErrorCode, ErrorReply, Event, Frame, FrameDecoder, FrameKind, InfoReport, LogLevel, MemoryUse, PROTOCOL_VERSION,
-    Request, Response, ServiceId, ServiceState, ServiceStatus, StreamChunk,
+    CpuInfo, CpuState, ErrorCode, ErrorReply, Event, Frame, FrameDecoder, FrameKind, InfoReport, LogLevel, MemoryUse,
+    PROTOCOL_VERSION, Request, Response, ServiceId, ServiceState, ServiceStatus, StreamChunk,
 };
 
 #[derive(Clone, Debug, PartialEq)]
@@ -48,9 +48,25 @@ fn info() -> impl Strategy<Value = InfoReport> {
         vec(status(), 0..4),
         any::<[u64; 6]>(),
         vec("[ -~]{0,20}", 0..3),
+        vec(
+            (any::<u32>(), prop_oneof![Just(CpuState::Boot), Just(CpuState::Started), Just(CpuState::Failed)])
+                .prop_map(|(apic_id, state)| CpuInfo { apic_id, state }),
+            0..5,
+        ),
     )
         .prop_map(
-            |(hv_version, protocol_version, uptime_ns, capabilities, cpus, memory_bytes, services, m, control)| {
+            |(
+                hv_version,
+                protocol_version,
+                uptime_ns,
+                capabilities,
+                cpus,
+                memory_bytes,
+                services,
+                m,
+                control,
+                cpu_list,
+            )| {
                 let [heap_bytes, heap_used_bytes, heap_peak_bytes, heap_refused, frames_total, frames_free] = m;
                 let memory_use =
                     MemoryUse { heap_bytes, heap_used_bytes, heap_peak_bytes, heap_refused, frames_total, frames_free };
@@ -64,6 +80,7 @@ fn info() -> impl Strategy<Value = InfoReport> {
                     services,
                     memory_use,
                     control,
+                    cpu_list,
                 }
             },
         )

@@ -14,11 +14,11 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use wire::{
-    ConsoleChunk, CpuidLeaf, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport, DomainSpec, ErrorCode,
-    ErrorReply, Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, HostCpuidReport, ImageKind, ImageRef,
-    InfoReport, LogLevel, MemoryUse, MigrateOptions, MigrateProgress, MigrateReport, MonitorDomainStats, MonitorHwInfo,
-    MonitorValue, PROTOCOL_VERSION, PeerVerdict, ReceiveState, ReceiveStatus, Request, Response, SendState, ServiceId,
-    ServiceState, ServiceStatus, StreamChunk, UnclaimedAccess, UploadStatus,
+    ConsoleChunk, CpuInfo, CpuState, CpuidLeaf, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport,
+    DomainSpec, ErrorCode, ErrorReply, Event, Frame, FrameDecoder, FrameError, FrameKind, HEADER_LEN, HostCpuidReport,
+    ImageKind, ImageRef, InfoReport, LogLevel, MemoryUse, MigrateOptions, MigrateProgress, MigrateReport,
+    MonitorDomainStats, MonitorHwInfo, MonitorValue, PROTOCOL_VERSION, PeerVerdict, ReceiveState, ReceiveStatus,
+    Request, Response, SendState, ServiceId, ServiceState, ServiceStatus, StreamChunk, UnclaimedAccess, UploadStatus,
 };
 
 #[derive(Debug, PartialEq)]
@@ -48,7 +48,7 @@ fn status(service: ServiceId, state: ServiceState, handled: u64, errors: u64, de
 fn vectors() -> Vec<Vector> {
     let info = InfoReport {
         hv_version: "0.1.0 (5a3cac6)".to_string(),
-        protocol_version: 7,
+        protocol_version: 8,
         uptime_ns: 3_800_000_000,
         capabilities: [("v", "1"), ("vendor", "AuthenticAMD"), ("family", "23"), ("virt", "svm"), ("svm.npt", "1")]
             .iter()
@@ -70,6 +70,11 @@ fn vectors() -> Vec<Vector> {
             frames_free: 470_000,
         },
         control: vec!["vsock port 5000 (CID 3)".to_string(), "serial COM2 0x2f8 115200 baud".to_string()],
+        cpu_list: vec![
+            CpuInfo { apic_id: 0, state: CpuState::Boot },
+            CpuInfo { apic_id: 1, state: CpuState::Started },
+            CpuInfo { apic_id: 3, state: CpuState::Failed },
+        ],
     };
     let mut out = vec![
         v("request_ping", 1, Msg::Request(Request::Ping { payload: vec![0xde, 0xad, 0xbe, 0xef] })),

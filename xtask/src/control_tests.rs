@@ -360,12 +360,12 @@ pub fn bench(runs: usize) -> Result<()> {
     Ok(())
 }
 
-fn domain_list(ctx: &Ctx) -> Result<serde_json::Value> {
+pub fn domain_list(ctx: &Ctx) -> Result<serde_json::Value> {
     let text = hvctl(ctx, &["domain", "list", "--json"])?;
     serde_json::from_str(&text).map_err(|e| format!("domain list --json: {e}"))
 }
 
-fn domain_state(list: &serde_json::Value, id: u64) -> Option<String> {
+pub fn domain_state(list: &serde_json::Value, id: u64) -> Option<String> {
     list["domains"].as_array()?.iter().find(|d| d["id"] == id).and_then(|d| d["state"].as_str()).map(String::from)
 }
 

@@ -234,10 +234,23 @@ impl Session {
 
     /// Like [`Session::spawn`], with `staged` files added to `\EFI\HV` of its ESP.
     pub fn spawn_staged(platform: &Platform, esp: &Esp, config: &RunConfig, staged: &[Staged]) -> Result<Session> {
+        Self::spawn_cpus(platform, esp, config, staged, 1)
+    }
+
+    /// Like [`Session::spawn_staged`] on a machine of `cpus` physical CPUs (QEMU
+    /// `-smp N` with multi-threaded TCG, Bochs `cpu: count=N`); every other caller
+    /// gets one.
+    pub fn spawn_cpus(
+        platform: &Platform,
+        esp: &Esp,
+        config: &RunConfig,
+        staged: &[Staged],
+        cpus: u32,
+    ) -> Result<Session> {
         let dir = prepare_dir(esp, config, staged)?;
         match platform {
-            Platform::Qemu { cpu } => spawn_qemu(cpu, dir, config),
-            Platform::Bochs { model } => spawn_bochs(model, dir, config),
+            Platform::Qemu { cpu } => spawn_qemu(cpu, dir, config, cpus),
+            Platform::Bochs { model } => spawn_bochs(model, dir, config, cpus),
         }
     }
 
@@ -349,11 +362,14 @@ fn start_vsock_backend(dir: &Path) -> Result<(Child, PathBuf, PathBuf)> {
 /// no guest touches costs the host nothing.
 const QEMU_MEMORY: &str = "2G";
 
-fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig) -> Result<Session> {
+fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig, cpus: u32) -> Result<Session> {
     let vars = dir.join("vars.fd");
     std::fs::copy(tools::OVMF_VARS_4M, &vars).map_err(|e| format!("cannot copy {}: {e}", tools::OVMF_VARS_4M))?;
     let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args(["-nodefaults", "-accel", "tcg", "-cpu", cpu, "-m", QEMU_MEMORY])
+    // One CPU: the single-threaded TCG every other run uses. More: one host thread
+    // per vCPU, so a spinning CPU does not slow the others' emulation.
+    let accel = if cpus > 1 { "tcg,thread=multi" } else { "tcg" };
+    cmd.args(["-nodefaults", "-accel", accel, "-cpu", cpu, "-m", QEMU_MEMORY])
         .arg("-drive")
         .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", tools::OVMF_CODE_4M))
         .arg("-drive")
@@ -361,6 +377,9 @@ fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig) -> Result<Session> {
         .arg("-drive")
         .arg(format!("format=raw,file=fat:rw:{}", dir.join("esp").display()))
         .args(["-serial", "stdio", "-display", "none", "-no-reboot"]);
+    if cpus > 1 {
+        cmd.arg("-smp").arg(cpus.to_string());
+    }
     // The second -serial is COM2 (0x2F8): the serial control channel. `wait=off`: QEMU
     // starts without a client, and takes the next one when one leaves.
     let serial_socket = config.vsock.then(|| dir.join("com2.sock"));
@@ -457,7 +476,7 @@ impl LogFile {
     }
 }
 
-fn spawn_bochs(model: &str, dir: PathBuf, config: &RunConfig) -> Result<Session> {
+fn spawn_bochs(model: &str, dir: PathBuf, config: &RunConfig, cpus: u32) -> Result<Session> {
     // Bochs 2.7 takes at most a 2 MiB ROM: Debian's 2 MiB vars and code, joined.
     let rom = dir.join("ovmf-2m.fd");
     let mut image = std::fs::read(tools::OVMF_VARS_2M).map_err(|e| format!("{}: {e}", tools::OVMF_VARS_2M))?;
@@ -485,7 +504,7 @@ boot: disk
 ata0: enabled=true, ioaddr1=0x1f0, ioaddr2=0x3f0, irq=14
 ata0-master: type=disk, path={esp}, mode=vvfat, journal={redolog}
 pci: enabled=1, chipset=i440fx
-cpu: count=1, ips=50000000, model={model}, reset_on_triple_fault=0, ignore_bad_msrs=1
+cpu: count={cpus}, ips=50000000, model={model}, reset_on_triple_fault=0, ignore_bad_msrs=1
 clock: sync=none, time0=local, rtc_sync=0
 com1: enabled=true, mode=file, dev={serial}
 panic: action=fatal

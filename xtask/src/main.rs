@@ -13,6 +13,7 @@ mod cpio;
 mod deps;
 mod domain_tests;
 mod emulator;
+mod host_smp_tests;
 mod image;
 mod linux;
 mod linux_bench;

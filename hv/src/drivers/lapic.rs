@@ -1,6 +1,8 @@
-//! The local APIC, for one thing: a one-shot timer that ends a guest's time slice on
-//! SVM (VMX has its own preemption timer). Intel SDM Vol. 3A 11.5.4 (APIC timer),
-//! 11.4.1 (APIC base), 11.9 (spurious vector); AMD APM Vol. 2 16.4.
+//! The local APIC, for two things: a one-shot timer that ends a guest's time slice on
+//! SVM (VMX has its own preemption timer), and the INIT and STARTUP IPIs that start
+//! the other CPUs ([`crate::smp`]). Intel SDM Vol. 3A 11.5.4 (APIC timer), 11.4.1
+//! (APIC base), 11.9 (spurious vector), 11.6.1 (interrupt command register); AMD APM
+//! Vol. 2 16.4, 16.5.
 //!
 //! xAPIC MMIO at the base IA32_APIC_BASE names (0xFEE00000 normally), reached through
 //! the firmware's identity map. The timer runs at the APIC bus clock, which is
@@ -12,6 +14,17 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 const MSR_APIC_BASE: u32 = 0x1b;
 const REG_EOI: u64 = 0xb0;
+const REG_ICR_LOW: u64 = 0x300;
+const REG_ICR_HIGH: u64 = 0x310;
+/// x2APIC MSRs (SDM Vol. 3A 11.12.1.2): the ICR is one 64-bit MSR, SVR another.
+const MSR_X2APIC_ICR: u32 = 0x830;
+const MSR_X2APIC_SVR: u32 = 0x80f;
+/// ICR delivery status (xAPIC only; SDM Vol. 3A 11.6.1): 1 while the IPI is pending.
+const ICR_PENDING: u32 = 1 << 12;
+/// ICR level = assert (bit 14); delivery modes INIT (101b) and Start Up (110b), bits 10:8.
+const ICR_ASSERT: u32 = 1 << 14;
+const ICR_INIT: u32 = 0b101 << 8;
+const ICR_STARTUP: u32 = 0b110 << 8;
 const REG_SVR: u64 = 0xf0;
 const REG_LVT_TIMER: u64 = 0x320;
 const REG_INITIAL_COUNT: u64 = 0x380;
@@ -132,6 +145,80 @@ impl HostLapic {
             self.write(REG_EOI, 0);
         }
     }
+}
+
+impl HostLapic {
+    /// On an application processor: find its local APIC and software-enable it
+    /// (SVR bit 8, spurious vector 0xff; SDM Vol. 3A 11.9), so it accepts IPIs and the
+    /// interrupt stub can acknowledge them. No timer calibration: nothing times on an AP
+    /// yet.
+    pub fn enable_for_ipis(&self) {
+        // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU; reading it has no side effects.
+        let apic_base = unsafe { x86::msr::rdmsr(MSR_APIC_BASE) };
+        if apic_base & (1 << 11) == 0 {
+            return;
+        }
+        if apic_base & (1 << 10) != 0 {
+            // SAFETY: x2APIC mode is on (IA32_APIC_BASE bit 10), so the SVR MSR exists;
+            // the value enables the APIC with spurious vector 0xff (SDM Vol. 3A 11.12.1.2).
+            unsafe { x86::msr::wrmsr(MSR_X2APIC_SVR, 0x1ff) };
+            return;
+        }
+        self.base.store(apic_base & 0x000f_ffff_ffff_f000, Ordering::Relaxed);
+        self.write(REG_SVR, 0x100 | 0xff);
+    }
+}
+
+/// Send an INIT IPI to the CPU with local APIC ID `apic_id` (SDM Vol. 3A 11.6.1:
+/// delivery mode INIT, level assert, edge; 9.4.4.1: the first step of INIT-SIPI-SIPI).
+pub fn send_init(apic_id: u32) -> Result<(), &'static str> {
+    send_ipi(apic_id, ICR_INIT | ICR_ASSERT)
+}
+
+/// Send a STARTUP IPI: the CPU starts in real mode at `vector << 12` (SDM Vol. 3A
+/// 11.6.1 "Start-Up", 9.4.4.2).
+pub fn send_startup(apic_id: u32, vector: u8) -> Result<(), &'static str> {
+    send_ipi(apic_id, ICR_STARTUP | ICR_ASSERT | u32::from(vector))
+}
+
+/// Write the ICR of this CPU's local APIC (physical destination mode, no shorthand).
+/// xAPIC: destination in ICR high bits 31:24 first (the write of the low half sends
+/// it), then wait for the delivery status to clear (SDM Vol. 3A 11.6.1). x2APIC: one
+/// WRMSR of the 64-bit ICR with the 32-bit destination in bits 63:32 (11.12.9).
+fn send_ipi(apic_id: u32, low: u32) -> Result<(), &'static str> {
+    // SAFETY: IA32_APIC_BASE exists on every x86_64 CPU; reading it has no side effects.
+    let apic_base = unsafe { x86::msr::rdmsr(MSR_APIC_BASE) };
+    if apic_base & (1 << 11) == 0 {
+        return Err("the boot CPU's local APIC is disabled");
+    }
+    if apic_base & (1 << 10) != 0 {
+        // SAFETY: x2APIC mode is on, so the ICR MSR exists; an INIT or STARTUP IPI to
+        // one named CPU affects only that CPU, which runs nothing of ours yet.
+        unsafe { x86::msr::wrmsr(MSR_X2APIC_ICR, (u64::from(apic_id) << 32) | u64::from(low)) };
+        return Ok(());
+    }
+    if apic_id > 0xff {
+        return Err("its APIC ID does not fit an xAPIC destination (8 bits)");
+    }
+    let base = apic_base & 0x000f_ffff_ffff_f000;
+    let reg = |r: u64| (base + r) as *mut u32;
+    // SAFETY: the xAPIC registers are MMIO at the base IA32_APIC_BASE names, identity-
+    // mapped uncached by the firmware; ICR high then low is the documented order, and
+    // the IPI only reaches the one CPU named, which runs nothing of ours yet.
+    unsafe {
+        core::ptr::write_volatile(reg(REG_ICR_HIGH), apic_id << 24);
+        core::ptr::write_volatile(reg(REG_ICR_LOW), low);
+    }
+    let start = crate::drivers::time::now_ticks();
+    let limit = crate::drivers::time::ms_to_ticks(10).unwrap_or(u64::MAX);
+    // SAFETY: as above; reading the ICR has no side effects.
+    while unsafe { core::ptr::read_volatile(reg(REG_ICR_LOW)) } & ICR_PENDING != 0 {
+        if crate::drivers::time::now_ticks().wrapping_sub(start) > limit {
+            return Err("the local APIC did not deliver the IPI within 10 ms");
+        }
+        core::hint::spin_loop();
+    }
+    Ok(())
 }
 
 /// The initial count for `tsc_ticks` at `ratio` APIC ticks per 2^20 TSC ticks: at

@@ -201,6 +201,8 @@ pub struct MachineInfo {
     pub capabilities: Vec<(String, String)>,
     /// CPUs the hypervisor runs on.
     pub cpus: u32,
+    /// Every physical CPU and its bring-up state (`Info`'s `cpu_list`).
+    pub cpu_list: Vec<wire::CpuInfo>,
     /// Usable memory in bytes.
     pub memory_bytes: u64,
     /// The control transports served, one line each (`Info`'s `control`).
@@ -583,6 +585,7 @@ impl Runtime {
                             services,
                             memory_use: memory_use(domains.frames()),
                             control: self.core.machine.control.clone(),
+                            cpu_list: self.core.machine.cpu_list.clone(),
                         })),
                     }
                 }
@@ -636,6 +639,7 @@ mod tests {
             hv_version: "0.1.0 (test)".into(),
             capabilities: vec![("virt".to_string(), "svm".to_string())],
             cpus: 1,
+            cpu_list: vec![wire::CpuInfo { apic_id: 0, state: wire::CpuState::Boot }],
             memory_bytes: 512 << 20,
             control: vec!["vsock port 5000 (CID 3)".to_string()],
             cpuid: wire::HostCpuidReport {

@@ -88,6 +88,11 @@ pub fn info(opts: &Options, args: InfoArgs) -> Result<ExitCode, CliError> {
             "protocol_version": info.protocol_version,
             "uptime_ns": info.uptime_ns,
             "cpus": info.cpus,
+            "cpu_list": info
+                .cpu_list
+                .iter()
+                .map(|c| json!({ "apic_id": c.apic_id, "state": c.state.as_str() }))
+                .collect::<Vec<_>>(),
             "memory_bytes": info.memory_bytes,
             "memory_use": {
                 "heap_bytes": info.memory_use.heap_bytes,
@@ -117,6 +122,12 @@ pub fn info(opts: &Options, args: InfoArgs) -> Result<ExitCode, CliError> {
     println!("protocol      {}", info.protocol_version);
     println!("uptime        {:.1} s", info.uptime_ns as f64 / 1e9);
     println!("cpus          {}", info.cpus);
+    if !info.cpu_list.is_empty() {
+        println!("  APIC   STATE");
+        for c in &info.cpu_list {
+            println!("  {:<6} {}", c.apic_id, c.state.as_str());
+        }
+    }
     println!("memory        {}", human_bytes(info.memory_bytes));
     let m = &info.memory_use;
     println!(

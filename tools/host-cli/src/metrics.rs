@@ -897,6 +897,7 @@ mod tests {
                 frames_free: 60,
             },
             control: Vec::new(),
+            cpu_list: Vec::new(),
         }
     }
 

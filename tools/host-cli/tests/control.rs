@@ -70,6 +70,10 @@ fn info_over_hybrid_vsock_names_the_transport() {
             services: Vec::new(),
             memory_use: wire::MemoryUse::default(),
             control: vec!["vsock port 5000 (CID 3)".into()],
+            cpu_list: vec![
+                wire::CpuInfo { apic_id: 0, state: wire::CpuState::Boot },
+                wire::CpuInfo { apic_id: 1, state: wire::CpuState::Started },
+            ],
         }))
     });
     let o = hvctl(&["--connect", &target, "info"]);

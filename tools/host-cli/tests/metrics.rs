@@ -19,6 +19,7 @@ fn fake_with_a_domain(name: &str) -> String {
             services: Vec::new(),
             memory_use: wire::MemoryUse { frames_total: 1000, frames_free: 700, ..Default::default() },
             control: Vec::new(),
+            cpu_list: Vec::new(),
         })),
         wire::Request::DomainList => wire::Response::DomainList(wire::DomainListReport {
             domains: vec![wire::DomainInfo {
