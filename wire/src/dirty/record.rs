@@ -458,39 +458,12 @@ impl Records<'_> {
                 cursor = re;
                 (rs, re) = (0, 0);
             }
-            let mut starts = rest & !(rest << 1);
-            let mut ends = rest & !(rest >> 1);
-            if rest >> 63 == 1 {
-                // The last run may go on into the next word.
-                let lo = 63 - starts.leading_zeros();
-                (rs, re) = (page + u64::from(lo), page + u64::from(u64::BITS));
-                starts &= !(1 << lo);
-                ends &= !(1 << 63);
+            let (pending, c, m) = word_runs(out, rest, page, cursor, n);
+            if let Some(r) = pending {
+                (rs, re) = (r.start, r.end);
             }
-            let mut c = cursor.wrapping_sub(page);
-            while starts != 0 {
-                let (lo, hi) = (u64::from(starts.trailing_zeros()), u64::from(ends.trailing_zeros()));
-                starts &= starts - 1;
-                ends &= ends - 1;
-                let (gap, more) = (lo.wrapping_sub(c), hi - lo);
-                c = hi + 1;
-                if gap | more < 32 {
-                    let i = n & WRAP;
-                    let pair = (gap * 4 + ONE) as u16 | ((more * 4 + DIRTY) as u16) << 8;
-                    if let Some(o) = out.get_mut(i..i + 2) {
-                        // Always: `i + 2 <= SLACK`; the compiler sees it, so no branch is left.
-                        o.copy_from_slice(&pair.to_le_bytes());
-                    }
-                    n += 2 - usize::from(more == 0);
-                } else {
-                    n = put_varint_at(out, n, gap << 2 | ONE);
-                    if more > 0 {
-                        n = put_varint_at(out, n, more << 2 | DIRTY);
-                    }
-                }
-            }
-            used += n;
-            cursor = page.wrapping_add(c);
+            used += m;
+            cursor = c;
         }
         (self.next, self.cursor, self.used, self.run) = (next, cursor, used, rs..re);
     }
@@ -505,45 +478,12 @@ impl Records<'_> {
             // Not reached: a record's buffer is `budget + SLACK` bytes.
             return;
         };
-        // One bit per run at its first page, one at its last.
-        let mut starts = rest & !(rest << 1);
-        let mut ends = rest & !(rest >> 1);
-        if rest >> 63 == 1 {
-            // The last run may go on into the next word.
-            let lo = 63 - starts.leading_zeros();
-            self.run = page + u64::from(lo)..page + u64::from(u64::BITS);
-            starts &= !(1 << lo);
-            ends &= !(1 << 63);
-        }
-        // The cursor as a bit of this word; before the word it wraps around, and so
-        // does the first gap computed from it, back to its true value.
-        let mut c = self.cursor.wrapping_sub(page);
-        let mut n = 0;
-        while starts != 0 {
-            let (lo, hi) = (u64::from(starts.trailing_zeros()), u64::from(ends.trailing_zeros()));
-            starts &= starts - 1;
-            ends &= ends - 1;
-            let (gap, more) = (lo.wrapping_sub(c), hi - lo);
-            c = hi + 1;
-            if gap | more < 32 {
-                // One byte each; `DIRTY` is stored whether needed or not (the window has
-                // room past it) and counted only when needed: no branch to mispredict.
-                let i = n & WRAP;
-                let pair = (gap * 4 + ONE) as u16 | ((more * 4 + DIRTY) as u16) << 8;
-                if let Some(o) = out.get_mut(i..i + 2) {
-                    // Always: `i + 2 <= SLACK`; the compiler sees it, so no branch is left.
-                    o.copy_from_slice(&pair.to_le_bytes());
-                }
-                n += 2 - usize::from(more == 0);
-            } else {
-                n = put_varint_at(out, n, gap << 2 | ONE);
-                if more > 0 {
-                    n = put_varint_at(out, n, more << 2 | DIRTY);
-                }
-            }
+        let (pending, cursor, n) = word_runs(out, rest, page, self.cursor, 0);
+        if let Some(r) = pending {
+            self.run = r;
         }
         self.used += n;
-        self.cursor = page.wrapping_add(c);
+        self.cursor = cursor;
     }
 
     const fn page_of(&self, word: usize) -> u64 {
@@ -645,6 +585,59 @@ impl Records<'_> {
 /// target, which has no `popcnt`).
 const fn run_ops(starts: u64, w: u64) -> u32 {
     (starts | (starts << 1 & w)).count_ones()
+}
+
+/// The runs of `rest` (not 0), the dirty pages of the word at `page`, encoded into
+/// `out` from byte `n` with the cursor at page `cursor`; a run reaching the word's end
+/// is not encoded but returned, to go on into the next word. Returns (that run, the new
+/// cursor, the new length). Shared by `Records::run_words` and `Records::runs`; always
+/// inlined, so each keeps its registers.
+#[inline(always)]
+fn word_runs(
+    out: &mut [u8; SLACK],
+    rest: u64,
+    page: u64,
+    cursor: u64,
+    mut n: usize,
+) -> (Option<Range<u64>>, u64, usize) {
+    // One bit per run at its first page, one at its last.
+    let mut starts = rest & !(rest << 1);
+    let mut ends = rest & !(rest >> 1);
+    let mut pending = None;
+    if rest >> 63 == 1 {
+        // The last run may go on into the next word.
+        let lo = 63 - starts.leading_zeros();
+        pending = Some(page + u64::from(lo)..page + u64::from(u64::BITS));
+        starts &= !(1 << lo);
+        ends &= !(1 << 63);
+    }
+    // The cursor as a bit of this word; before the word it wraps around, and so does
+    // the first gap computed from it, back to its true value.
+    let mut c = cursor.wrapping_sub(page);
+    while starts != 0 {
+        let (lo, hi) = (u64::from(starts.trailing_zeros()), u64::from(ends.trailing_zeros()));
+        starts &= starts - 1;
+        ends &= ends - 1;
+        let (gap, more) = (lo.wrapping_sub(c), hi - lo);
+        c = hi + 1;
+        if gap | more < 32 {
+            // One byte each; `DIRTY` is stored whether needed or not (the window has
+            // room past it) and counted only when needed: no branch to mispredict.
+            let i = n & WRAP;
+            let pair = (gap * 4 + ONE) as u16 | ((more * 4 + DIRTY) as u16) << 8;
+            if let Some(o) = out.get_mut(i..i + 2) {
+                // Always: `i + 2 <= SLACK`; the compiler sees it, so no branch is left.
+                o.copy_from_slice(&pair.to_le_bytes());
+            }
+            n += 2 - usize::from(more == 0);
+        } else {
+            n = put_varint_at(out, n, gap << 2 | ONE);
+            if more > 0 {
+                n = put_varint_at(out, n, more << 2 | DIRTY);
+            }
+        }
+    }
+    (pending, page.wrapping_add(c), n)
 }
 
 /// Store `v` as a varint at `out[n..]`; returns the index past it. Indices wrap within
