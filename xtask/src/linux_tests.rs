@@ -1374,7 +1374,7 @@ mod tests {
         assert!(o.window <= 0, "{o:?}");
         let p = fpu_concurrency(&apart);
         assert!(p.iter().any(|p| p.contains("did not overlap")), "{p:?}");
-        assert!(p.iter().any(|p| p.contains("mw: 1 of 40 rounds reported")), "{p:?}");
+        assert!(p.iter().any(|p| p.contains(&format!("mw: 1 of {} rounds reported", FPU_MW.3))), "{p:?}");
         assert!(fpu_concurrency(&both).iter().all(|p| !p.contains("overlap") && !p.contains("no memwriter")));
         assert!(fpu_overlap(&fpu_log(&["[dom1] HV-SHA-BEGIN"])).unwrap_err().contains("fpu2: no HV-SHA-BEGIN"));
     }
