@@ -69,10 +69,11 @@ impl StateTarget {
             frames.resize_with(FRAMES, || Page([0xAA; 4096]));
             frames
         });
-        // SAFETY: the frames are page aligned (`Page` is `align(4096)`) and owned by
-        // the returned value, which frees the machine holding the pool before it lets
-        // them go (`Drop`); no other target holds them (they left the spare list under
-        // its lock); on the host the "physical" address is the pointer itself.
+        // The frames are page aligned (`Page` is `align(4096)`) and owned by the
+        // returned value, which frees the machine holding the pool before it lets them
+        // go (`Drop`); no other target holds them (they left the spare list under its
+        // lock); on the host the "physical" address is the pointer itself.
+        // SAFETY: aligned frames this target alone owns, outliving the pool (above).
         let pool = unsafe { FramePool::new(frames.as_mut_ptr() as u64, FRAMES) };
         let machine = crate::domain::testing::machine(pool, MEMORY, Mechanisms { pml: false, dbit: false });
         Self { machine: Some(machine), frames }
