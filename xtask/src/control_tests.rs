@@ -369,31 +369,25 @@ pub fn domain_state(list: &serde_json::Value, id: u64) -> Option<String> {
     list["domains"].as_array()?.iter().find(|d| d["id"] == id).and_then(|d| d["state"].as_str()).map(String::from)
 }
 
+/// Create a small memwriter (24 MiB, 2 rounds of 64 pages) named `name` and wait up to
+/// `secs` for it to end as finished(0); its id.
+pub fn small_writer_finished(ctx: &Ctx, name: &str, secs: u64) -> Result<u64> {
+    let kernel = ctx.guests.join("memwriter.elf").display().to_string();
+    let args = ["domain", "create", "--kernel", &kernel, "--name", name, "--memory", "24M"];
+    let out = hvctl(ctx, &[&args[..], &["--cmdline", "pages=64 rounds=2 seed=9", "--json"]].concat())?;
+    let writer: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("create --json: {e}"))?;
+    let id = writer["id"].as_u64().ok_or("create gave no id")?;
+    wait_for("the writer to finish", secs, || {
+        Ok(domain_state(&domain_list(ctx)?, id).as_deref() == Some("finished(0)"))
+    })?;
+    Ok(id)
+}
+
 pub fn domain_lifecycle(ctx: &Ctx) -> Result<String> {
     let kernel = |name: &str| ctx.guests.join(format!("{name}.elf")).display().to_string();
     let before = domain_list(ctx)?["free_frames"].as_u64().ok_or("no free_frames")?;
     // A writer runs to completion; its console and state are visible.
-    let out = hvctl(
-        ctx,
-        &[
-            "domain",
-            "create",
-            "--kernel",
-            &kernel("memwriter"),
-            "--name",
-            "lw",
-            "--memory",
-            "24M",
-            "--cmdline",
-            "pages=64 rounds=2 seed=9",
-            "--json",
-        ],
-    )?;
-    let writer: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("create --json: {e}"))?;
-    let wid = writer["id"].as_u64().ok_or("create gave no id")?;
-    wait_for("the writer to finish", 30, || {
-        Ok(domain_state(&domain_list(ctx)?, wid).as_deref() == Some("finished(0)"))
-    })?;
+    let wid = small_writer_finished(ctx, "lw", 30)?;
     let console = hvctl(ctx, &["domain", "console", &wid.to_string()])?;
     if !console.contains("memwriter: done") {
         return Err(format!("console of the writer lacks its last line: {console:?}"));

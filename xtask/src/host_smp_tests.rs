@@ -18,7 +18,7 @@ use crate::control_tests::{self, Ctx};
 use crate::emulator::{Platform, RunConfig, Session};
 use crate::image::Esp;
 use crate::serial::{SerialLog, clean};
-use crate::systest::{build_hvctl, wait_for, wait_serving};
+use crate::systest::{build_hvctl, wait_serving};
 use crate::{Result, tools};
 
 struct Scenario {
@@ -179,28 +179,7 @@ fn check(
     }
     let mut detail = format!("READY at {ready:.1} s, `{marker}`, cpu_list {list:?}");
     if s.memwriter {
-        let kernel = ctx.guests.join("memwriter.elf").display().to_string();
-        let out = control_tests::hvctl(
-            &ctx,
-            &[
-                "domain",
-                "create",
-                "--kernel",
-                &kernel,
-                "--name",
-                "smpw",
-                "--memory",
-                "24M",
-                "--cmdline",
-                "pages=64 rounds=2 seed=9",
-                "--json",
-            ],
-        )?;
-        let writer: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("create --json: {e}"))?;
-        let id = writer["id"].as_u64().ok_or("create gave no id")?;
-        wait_for("the memwriter to finish", 60, || {
-            Ok(control_tests::domain_state(&control_tests::domain_list(&ctx)?, id).as_deref() == Some("finished(0)"))
-        })?;
+        control_tests::small_writer_finished(&ctx, "smpw", 60)?;
         detail.push_str(", memwriter finished(0)");
     }
     for marker in ["FAIL:", "FATAL:", "SHUTDOWN"] {
