@@ -4,6 +4,8 @@
 //! domains, the control channel, then scheduling and idling until nothing is left.
 //! Also the types boot hands over ([`BootInfo`]) and the shutdown hook.
 
+use alloc::boxed::Box;
+use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -210,12 +212,64 @@ pub fn run(mut info: BootInfo) -> Outcome {
     }
 }
 
+/// Frames each application processor gets for itself: its VMXON region or host save
+/// areas, and the guest round trip's memory, tables and VMCS/VMCB (about 30), with room.
+const AP_FRAMES: usize = 64;
+
+/// How long an AP may take to turn on virtualization and run the guest round trip
+/// (Bochs needs about a second; an AP that takes longer is reported as failed).
+const AP_JOB_MS: u64 = 20_000;
+
+/// On every started AP, with frames of its own: turn on `B` (VMXON with its own region,
+/// or EFER.SVME with its own host save area) and run the guest round trip of
+/// [`selftest`] there. The AP keeps its backend and frames for the work it gets later.
+/// An AP that cannot is reported by APIC ID and marked failed; the others carry on.
+/// `smp-fail-virt=APICID` in `cmdline` makes that AP's job refuse (for the tests).
+fn virtualize_aps<B: arch::Backend + Send + 'static>(
+    caps: &platform::caps::Capabilities,
+    frames: &mut mm::frames::FramePool,
+    cmdline: &str,
+) {
+    let options = smp::BootOptions::parse(cmdline);
+    for slot in smp::cpus().iter().skip(1).filter(|s| s.state() == smp::CpuState::Started) {
+        let refuse = options.fail_virt.contains(&slot.apic_id);
+        let answer = match frames.split_off(AP_FRAMES) {
+            Err(e) => Err(format!("no {AP_FRAMES} frames for it: {e}")),
+            Ok(mut pool) => {
+                let caps = *caps;
+                smp::run_on(
+                    slot,
+                    Box::new(move |kept| {
+                        if refuse {
+                            return Err("smp-fail-virt: told not to turn on virtualization".into());
+                        }
+                        let mut backend =
+                            B::enable(&caps, &mut pool).map_err(|e| format!("enabling {}: {e}", B::NAME))?;
+                        let report =
+                            selftest::run(&mut backend, &mut pool).map_err(|e| format!("guest round trip: {e}"))?;
+                        *kept = Some(Box::new((backend, pool)));
+                        Ok(format!("{report}"))
+                    }),
+                    AP_JOB_MS,
+                )
+            }
+        };
+        match answer {
+            Ok(line) => println!("SMP cpu apic={} ready: {line}", slot.apic_id),
+            Err(why) => {
+                slot.fail();
+                println!("SMP cpu apic={} cannot run guests: {why}", slot.apic_id);
+            }
+        }
+    }
+}
+
 /// Time slice for round-robin scheduling of vCPUs.
 const SLICE_MS: u64 = 10;
 
 /// Take the machine with backend `B`: self-test, boot-time domains, control channel,
 /// then schedule until nothing is left to run or serve.
-fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabilities) -> Outcome {
+fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platform::caps::Capabilities) -> Outcome {
     let mut backend = match B::enable(caps, &mut info.frames) {
         Ok(b) => b,
         Err(e) => {
@@ -223,11 +277,14 @@ fn run_with<B: arch::Backend>(mut info: BootInfo, caps: &platform::caps::Capabil
             return Outcome::Failed;
         }
     };
-    // The other CPUs: started and parked before READY, so the SMP line precedes it.
+    // The other CPUs: started, virtualized and parked before READY, so the SMP lines
+    // precede it.
     smp::start_aps(&info.cpus, info.ap_trampoline, &info.cmdline);
     match selftest::run(&mut backend, &mut info.frames) {
         Ok(report) => {
             println!("{report}");
+            virtualize_aps::<B>(caps, &mut info.frames, &info.cmdline);
+            smp::print_summary();
             println!("READY arch={} exit={} value={:#x}", report.arch, report.exit, report.value);
         }
         Err(e) => {
@@ -499,7 +556,13 @@ fn machine_info(
             .map(|(k, v)| (String::from(k), String::from(v)))
             .collect(),
         // The bootstrap CPU and the started (parked) APs; only the first schedules.
-        cpus: percpu::all().len() as u32,
+        // The CPUs that run (the boot CPU and every AP with virtualization on), not
+        // every CPU that installed its PerCpu: an AP that failed its job parks unused.
+        cpus: smp::cpus()
+            .iter()
+            .filter(|c| matches!(c.state(), smp::CpuState::Boot | smp::CpuState::Started))
+            .count()
+            .max(1) as u32,
         cpu_list: smp::cpus()
             .iter()
             .map(|c| wire::CpuInfo { apic_id: c.apic_id, state: c.state().to_wire() })

@@ -3,7 +3,14 @@
 //! trampoline into long mode on the bootstrap CPU's page tables, loads its own GDT,
 //! TSS and IDT and its [`crate::percpu::PerCpu`], reports itself started and parks in
 //! a HLT loop with interrupts on, so an IPI ([`WAKE_VECTOR`]) can wake it later.
-//! Scheduling stays on the bootstrap CPU: nothing runs on an AP yet.
+//!
+//! Work reaches a parked AP as a [`Job`] in its [`CpuSlot`] ([`run_on`]: post it, wake
+//! the AP with [`WAKE_VECTOR`], wait for its answer with a timeout). An AP keeps what
+//! its jobs leave it ([`Kept`]) between jobs. The first job, at boot
+//! (`init::virtualize_aps`), turns on VMX or SVM on the AP with its own VMXON region or
+//! host save area from its own frames and runs the guest round trip there; an AP that
+//! cannot is reported and counted as failed. Scheduling stays on the bootstrap CPU:
+//! no vCPU runs on an AP yet.
 //!
 //! Not for: deciding what runs where (the scheduler's, later), or the guest's own
 //! INIT/SIPI (`domain::platform`, `domain::sched`).
@@ -19,14 +26,17 @@
 //!    not is reported by APIC ID (`SMP cpu apic=N failed to start: ...`), sent INIT
 //!    again so it stays in wait-for-SIPI, and the others carry on.
 //!
-//! The serial marker after bring-up: `SMP cpus=N started=S failed=F` (the bootstrap
-//! CPU counts as started: `started` is how many CPUs run). Boot options: `smp=off` starts no AP;
+//! The serial marker after bring-up and the boot's jobs ([`print_summary`]): `SMP
+//! cpus=N started=S failed=F` (the bootstrap CPU counts as started: `started` is how
+//! many CPUs run, with virtualization on). Boot options: `smp=off` starts no AP;
 //! `smp-fail-ap=APICID` (repeatable) sends that AP no IPI at all, so its check-in
-//! times out the way a dead CPU's would (the system tests use it).
+//! times out the way a dead CPU's would; `smp-fail-virt=APICID` (repeatable) starts it
+//! but makes its boot job refuse to turn on virtualization (the system tests use both).
 
 use alloc::boxed::Box;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::any::Any;
 use core::sync::atomic::{AtomicU32, Ordering};
 
 /// A CPU as the firmware reported it (UEFI MP services, before ExitBootServices).
@@ -57,9 +67,11 @@ pub enum CpuState {
     Boot,
     /// Not yet started (or being started).
     Pending,
-    /// Checked in and parked.
+    /// Checked in and parked (after boot: with VMX/SVM on and the guest round trip
+    /// passed).
     Started,
-    /// Did not check in in time, or could not be started at all.
+    /// Did not check in in time, could not be started at all, or could not turn on
+    /// virtualization or run a guest.
     Failed,
 }
 
@@ -94,18 +106,55 @@ impl CpuState {
     }
 }
 
+/// What an AP keeps between jobs: whatever its jobs leave it (after boot, its backend
+/// and its frames).
+pub type Kept = Option<Box<dyn Any + Send>>;
+
+/// Work for an AP. It runs on the AP with interrupts off and answers with a line for
+/// the log, or why it failed.
+pub type Job = Box<dyn FnOnce(&mut Kept) -> Result<String, String> + Send>;
+
 /// One CPU's entry in the machine's CPU table: the APIC ID it should have and its
-/// state, which the AP itself sets to started.
-#[derive(Debug)]
+/// state, which the AP itself sets to started; and its mailbox for [`Job`]s.
 pub struct CpuSlot {
     /// Its local APIC ID.
     pub apic_id: u32,
     state: AtomicU32,
+    /// The job posted to it and not yet taken.
+    job: spin::Mutex<Option<Job>>,
+    /// The answer to its last job, until [`run_on`] takes it.
+    answer: spin::Mutex<Option<Result<String, String>>>,
+}
+
+impl core::fmt::Debug for CpuSlot {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("CpuSlot").field("apic_id", &self.apic_id).field("state", &self.state()).finish()
+    }
 }
 
 impl CpuSlot {
     fn new(apic_id: u32, state: CpuState) -> Self {
-        Self { apic_id, state: AtomicU32::new(state.to_u32()) }
+        Self {
+            apic_id,
+            state: AtomicU32::new(state.to_u32()),
+            job: spin::Mutex::new(None),
+            answer: spin::Mutex::new(None),
+        }
+    }
+
+    /// Mark it failed: it cannot run work (its job's error says why).
+    pub fn fail(&self) {
+        self.set(CpuState::Failed);
+    }
+
+    /// On the AP: run the posted job, if any, and leave its answer. Whether there was one.
+    #[cfg_attr(test, allow(dead_code))]
+    fn take_and_run(&self, kept: &mut Kept) -> bool {
+        // Taken out first: the job runs without the mailbox's lock held.
+        let Some(job) = self.job.lock().take() else { return false };
+        let answer = job(kept);
+        *self.answer.lock() = Some(answer);
+        true
     }
 
     /// Where it is now.
@@ -133,6 +182,9 @@ pub struct BootOptions {
     pub off: bool,
     /// `smp-fail-ap=APICID`: send these APs no IPI (simulates CPUs that never start).
     pub fail: Vec<u32>,
+    /// `smp-fail-virt=APICID`: these APs start but their boot job refuses to turn on
+    /// virtualization (simulates a CPU without VMX/SVM, or one whose round trip fails).
+    pub fail_virt: Vec<u32>,
 }
 
 impl BootOptions {
@@ -142,11 +194,8 @@ impl BootOptions {
         for word in cmdline.split_whitespace() {
             match word.split_once('=') {
                 Some(("smp", "off")) => o.off = true,
-                Some(("smp-fail-ap", n)) => {
-                    if let Some(id) = parse_number(n) {
-                        o.fail.push(id);
-                    }
-                }
+                Some(("smp-fail-ap", n)) => o.fail.extend(parse_number(n)),
+                Some(("smp-fail-virt", n)) => o.fail_virt.extend(parse_number(n)),
                 _ => {}
             }
         }
@@ -221,8 +270,36 @@ pub fn start_aps(firmware: &[FirmwareCpu], trampoline: Option<u64>, cmdline: &st
             }
         }
     }
-    let states: Vec<CpuState> = slots.iter().map(CpuSlot::state).collect();
+}
+
+/// Print the `SMP` marker line for the table as it stands (after [`start_aps`] and the
+/// boot's jobs on the APs).
+pub fn print_summary() {
+    let states: Vec<CpuState> = cpus().iter().map(CpuSlot::state).collect();
     crate::println!("{}", summary(&states));
+}
+
+/// Hand `job` to the started AP of `slot` and wait up to `timeout_ms` for its answer.
+/// Call on the bootstrap CPU, one job per AP at a time. A timeout leaves the job to
+/// the AP (it may still run it): the caller reports the CPU as failed.
+pub fn run_on(slot: &CpuSlot, job: Job, timeout_ms: u64) -> Result<String, String> {
+    if slot.state() != CpuState::Started {
+        return Err(alloc::format!("it is {:?}, not started", slot.state()));
+    }
+    slot.answer.lock().take();
+    *slot.job.lock() = Some(job);
+    hw::wake(slot.apic_id)?;
+    let deadline = crate::drivers::time::ms_to_ticks(timeout_ms).unwrap_or(u64::MAX);
+    let start = crate::drivers::time::now_ticks();
+    loop {
+        if let Some(answer) = slot.answer.lock().take() {
+            return answer;
+        }
+        if crate::drivers::time::now_ticks().wrapping_sub(start) > deadline {
+            return Err(alloc::format!("it did not answer within {timeout_ms} ms"));
+        }
+        core::hint::spin_loop();
+    }
 }
 
 /// Where a started AP's Rust life begins (the trampoline calls it on its own stack in
@@ -239,7 +316,14 @@ extern "sysv64" fn ap_entry(slot: u64) -> ! {
     }
     // An AP whose APIC ID does not match its slot never checks in: the BSP reports
     // the slot as failed after its timeout, and this CPU still parks harmlessly.
+    let mine = cpus().get(slot as usize).filter(|s| s.apic_id == cpu.apic_id);
+    let mut kept: Kept = None;
     loop {
+        // A job posted before the wake-up IPI is seen here; one posted after this check
+        // comes with an IPI that ends the HLT below (it waits in the IRR until STI).
+        if mine.is_some_and(|s| s.take_and_run(&mut kept)) {
+            continue;
+        }
         // STI's shadow covers HLT (SDM Vol. 2B STI): an IPI that arrives between the
         // two still wakes it. The interrupt stub acknowledges every vector from 32 up.
         // SAFETY: this CPU's IDT (loaded above) has a handler for every vector; the
@@ -255,6 +339,7 @@ mod hw {
     use super::{AP_STACK_BYTES, CHECK_IN_MS, CpuSlot, CpuState};
     use crate::drivers::{lapic, time};
     use alloc::boxed::Box;
+    use alloc::string::String;
 
     /// Where in the trampoline page the parameters live (the code is smaller).
     const PARAMS: usize = 0xe00;
@@ -457,6 +542,11 @@ mod hw {
         }
     }
 
+    /// Wake the parked AP `apic_id` (its HLT ends; it looks at its mailbox).
+    pub(super) fn wake(apic_id: u32) -> Result<(), String> {
+        lapic::send_fixed(apic_id, super::WAKE_VECTOR).map_err(String::from)
+    }
+
     fn wait_us(us: u64) {
         let ticks = time::ms_to_ticks(1).map_or(0, |per_ms| per_ms * us / 1000);
         let begin = time::now_ticks();
@@ -469,8 +559,13 @@ mod hw {
 #[cfg(test)]
 mod hw {
     use super::CpuSlot;
+    use alloc::string::String;
 
     pub(super) struct Starter;
+
+    pub(super) fn wake(_: u32) -> Result<(), String> {
+        Err("no hardware in host tests".into())
+    }
 
     impl Starter {
         pub(super) fn new(_: Option<u64>) -> Result<Self, &'static str> {
@@ -490,8 +585,8 @@ mod tests {
     #[test]
     fn options_parse_off_and_repeated_failures() {
         assert_eq!(BootOptions::parse(""), BootOptions::default());
-        let o = BootOptions::parse("hv.serial=off smp-fail-ap=1 smp-fail-ap=0x3 smp-fail-ap=x");
-        assert_eq!(o, BootOptions { off: false, fail: alloc::vec![1, 3] });
+        let o = BootOptions::parse("hv.serial=off smp-fail-ap=1 smp-fail-ap=0x3 smp-fail-ap=x smp-fail-virt=2");
+        assert_eq!(o, BootOptions { off: false, fail: alloc::vec![1, 3], fail_virt: alloc::vec![2] });
         assert!(BootOptions::parse("smp=off").off);
     }
 

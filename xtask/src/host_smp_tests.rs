@@ -7,7 +7,12 @@
 //! |---|---|---|---|
 //! | `smp-qemu-all-cpus-start` | QEMU TCG -cpu EPYC -smp 2 | — | `SMP cpus=2 started=2 failed=0`, `hvctl info --json` lists APIC 0 boot and APIC 1 started, a memwriter finishes |
 //! | `smp-qemu-failed-ap-reported` | QEMU TCG -cpu EPYC -smp 2 | `smp-fail-ap=1` | `SMP cpu apic=1 failed to start: …`, `SMP cpus=2 started=1 failed=1`, info lists APIC 1 failed, a memwriter finishes |
+//! | `smp-qemu-ap-without-virtualization-reported` | QEMU TCG -cpu EPYC -smp 2 | `smp-fail-virt=1` | `SMP cpu apic=1 cannot run guests: …`, `SMP cpus=2 started=1 failed=1`, info lists APIC 1 failed, a memwriter finishes |
 //! | `smp-bochs-all-cpus-start` | Bochs corei7_skylake_x, `cpu: count=2` | — | the marker shows 2 started and `hvctl info --json` (over COM2) lists both |
+//!
+//! Every AP listed as started must also have turned on virtualization with its own
+//! frames and run the guest round trip on itself: `SMP cpu apic=N ready: Guest round
+//! trip (svm|vmx): … ok`.
 //!
 //! Each boots its own machine (they differ in CPUs and command line) and prints the
 //! serial log when it fails.
@@ -28,7 +33,7 @@ struct Scenario {
     cmdline: &'static str,
     /// The `SMP` marker line expected.
     marker: &'static str,
-    /// APIC IDs whose failure line must appear.
+    /// APIC IDs whose failure line (`failed to start` / `cannot run guests`) must appear.
     failed: &'static [u32],
     /// (APIC ID, state) of `hvctl info --json`'s `cpu_list`, in order.
     list: &'static [(u32, &'static str)],
@@ -52,6 +57,16 @@ const SCENARIOS: &[Scenario] = &[
         bochs: false,
         cpus: 2,
         cmdline: "smp-fail-ap=1",
+        marker: "SMP cpus=2 started=1 failed=1",
+        failed: &[1],
+        list: &[(0, "boot"), (1, "failed")],
+        memwriter: true,
+    },
+    Scenario {
+        name: "smp-qemu-ap-without-virtualization-reported",
+        bochs: false,
+        cpus: 2,
+        cmdline: "smp-fail-virt=1",
         marker: "SMP cpus=2 started=1 failed=1",
         failed: &[1],
         list: &[(0, "boot"), (1, "failed")],
@@ -136,14 +151,24 @@ fn check(
     if marker != s.marker {
         return Err(format!("marker `{marker}`, expected `{}`", s.marker));
     }
+    let why = if s.cmdline.contains("smp-fail-virt") { "cannot run guests:" } else { "failed to start:" };
     for id in s.failed {
-        let prefix = format!("SMP cpu apic={id} failed to start:");
+        let prefix = format!("SMP cpu apic={id} {why}");
         if !serial.lines().any(|l| l.trim().starts_with(&prefix)) {
             return Err(format!("no `{prefix} …` line"));
         }
     }
-    if let Some(l) = serial.lines().find(|l| l.contains("failed to start") && s.failed.is_empty()) {
+    let failure = |l: &&str| l.contains("failed to start") || l.contains("cannot run guests");
+    if let Some(l) = serial.lines().find(|l| failure(l) && s.failed.is_empty()) {
         return Err(format!("unexpected failure line: {l}"));
+    }
+    // Every started AP ran a guest on itself with its own VMX/SVM.
+    let arch = if s.bochs { "vmx" } else { "svm" };
+    for (id, _) in s.list.iter().skip(1).filter(|(_, st)| *st == "started") {
+        let prefix = format!("SMP cpu apic={id} ready: Guest round trip ({arch}):");
+        if !serial.lines().any(|l| l.trim().starts_with(&prefix) && l.trim().ends_with(": ok")) {
+            return Err(format!("no `{prefix} … ok` line: that AP did not run a guest"));
+        }
     }
     let target = if s.bochs {
         format!("unix:{}", session.serial_socket.as_ref().ok_or("no COM2 socket")?.display())
@@ -177,7 +202,10 @@ fn check(
     if !table.lines().any(|l| l.contains("APIC") && l.contains("STATE")) {
         return Err(format!("`hvctl info` shows no CPU table:\n{table}"));
     }
-    let mut detail = format!("READY at {ready:.1} s, `{marker}`, cpu_list {list:?}");
+    let ready_aps = serial.lines().filter(|l| l.trim().starts_with("SMP cpu apic=") && l.contains(" ready: ")).count();
+    let mut detail = format!(
+        "READY at {ready:.1} s, `{marker}`, cpu_list {list:?}, {ready_aps} AP(s) ran a guest with their own {arch}"
+    );
     if s.memwriter {
         control_tests::small_writer_finished(&ctx, "smpw", 60)?;
         detail.push_str(", memwriter finished(0)");

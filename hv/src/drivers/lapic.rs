@@ -181,6 +181,13 @@ pub fn send_startup(apic_id: u32, vector: u8) -> Result<(), &'static str> {
     send_ipi(apic_id, ICR_STARTUP | ICR_ASSERT | u32::from(vector))
 }
 
+/// Send a fixed interrupt with `vector` to the CPU with local APIC ID `apic_id` (SDM
+/// Vol. 3A 11.6.1: delivery mode fixed, edge): how one CPU wakes another that sleeps in
+/// HLT (`smp` hands an AP work this way).
+pub fn send_fixed(apic_id: u32, vector: u8) -> Result<(), &'static str> {
+    send_ipi(apic_id, ICR_ASSERT | u32::from(vector))
+}
+
 /// Write the ICR of this CPU's local APIC (physical destination mode, no shorthand).
 /// xAPIC: destination in ICR high bits 31:24 first (the write of the low half sends
 /// it), then wait for the delivery status to clear (SDM Vol. 3A 11.6.1). x2APIC: one
@@ -192,8 +199,8 @@ fn send_ipi(apic_id: u32, low: u32) -> Result<(), &'static str> {
         return Err("the boot CPU's local APIC is disabled");
     }
     if apic_base & (1 << 10) != 0 {
-        // SAFETY: x2APIC mode is on, so the ICR MSR exists; an INIT or STARTUP IPI to
-        // one named CPU affects only that CPU, which runs nothing of ours yet.
+        // SAFETY: x2APIC mode is on, so the ICR MSR exists; an INIT, STARTUP or wake-up
+        // IPI to one named CPU affects only that CPU (a wake-up only ends its HLT).
         unsafe { x86::msr::wrmsr(MSR_X2APIC_ICR, (u64::from(apic_id) << 32) | u64::from(low)) };
         return Ok(());
     }
@@ -204,7 +211,8 @@ fn send_ipi(apic_id: u32, low: u32) -> Result<(), &'static str> {
     let reg = |r: u64| (base + r) as *mut u32;
     // SAFETY: the xAPIC registers are MMIO at the base IA32_APIC_BASE names, identity-
     // mapped uncached by the firmware; ICR high then low is the documented order, and
-    // the IPI only reaches the one CPU named, which runs nothing of ours yet.
+    // the IPI only reaches the one CPU named (INIT/STARTUP: it runs nothing of ours
+    // yet; a wake-up vector only ends its HLT).
     unsafe {
         core::ptr::write_volatile(reg(REG_ICR_HIGH), apic_id << 24);
         core::ptr::write_volatile(reg(REG_ICR_LOW), low);

@@ -121,6 +121,19 @@ impl FramePool {
         None
     }
 
+    /// Move `count` frames out of this pool into a pool of their own, for an owner that
+    /// allocates on another CPU (an application processor's backend and the tables of
+    /// its guests) without taking this pool's lock for every frame. The frames stay
+    /// allocated here for as long as the new pool lives: they are never handed out twice.
+    pub fn split_off(&mut self, count: usize) -> Result<FramePool, MmError> {
+        let base = self.alloc_contiguous_zeroed(count)?;
+        // SAFETY: `alloc_contiguous_zeroed` gave us `count` contiguous frames from
+        // `base`, inside the region `new`'s contract made ours (identity-mapped, 4 KiB
+        // aligned); they stay marked used here, so this pool never hands them out or
+        // refers to them again, and the new pool is their only owner.
+        Ok(unsafe { FramePool::new(base, count) })
+    }
+
     /// Return a frame to the pool.
     pub fn free(&mut self, pa: u64) -> Result<(), MmError> {
         let i = self.index(pa)?;
@@ -190,6 +203,23 @@ mod tests {
         assert_eq!(p.alloc_zeroed(), Err(MmError::OutOfFrames { total: 70 }));
         p.free(seen[3]).unwrap();
         assert_eq!(p.alloc_zeroed().unwrap(), seen[3]);
+    }
+
+    #[test]
+    fn a_split_off_pool_owns_its_frames_alone() {
+        let mut p = pool(10);
+        let mut part = p.split_off(4).unwrap();
+        assert_eq!((p.free_frames(), part.total_frames(), part.free_frames()), (6, 4, 4));
+        let mine: Vec<u64> = (0..4).map(|_| part.alloc_zeroed().unwrap()).collect();
+        assert_eq!(part.alloc_zeroed(), Err(MmError::OutOfFrames { total: 4 }));
+        // The parent neither hands those frames out again nor lets them be freed into it.
+        let theirs: Vec<u64> = (0..6).map(|_| p.alloc_zeroed().unwrap()).collect();
+        assert!(theirs.iter().all(|pa| !mine.contains(pa)));
+        assert!(part.free(theirs[0]).is_err());
+        // Freed in the part, a frame is the part's to give again.
+        part.free(mine[2]).unwrap();
+        assert_eq!(part.alloc_zeroed().unwrap(), mine[2]);
+        assert_eq!(p.split_off(1).unwrap_err(), MmError::OutOfFrames { total: 10 });
     }
 
     #[test]
