@@ -247,8 +247,9 @@ fn virtualize_aps<B: arch::Backend + Send + 'static>(
                             B::enable(&caps, &mut pool).map_err(|e| format!("enabling {}: {e}", B::NAME))?;
                         let report =
                             selftest::run(&mut backend, &mut pool).map_err(|e| format!("guest round trip: {e}"))?;
+                        let timer = ap_timer_check()?;
                         *kept = Some(Box::new((backend, pool)));
-                        Ok(format!("{report}"))
+                        Ok(format!("{report}; {timer}"))
                     }),
                     AP_JOB_MS,
                 )
@@ -262,6 +263,26 @@ fn virtualize_aps<B: arch::Backend + Send + 'static>(
             }
         }
     }
+}
+
+/// On an AP: calibrate its local APIC timer against the TSC (as the boot CPU does for
+/// its slices and idle sleeps) and prove it wakes the CPU: a 1 ms one-shot ends a HLT.
+/// A timer that never fires leaves the AP halted, and the boot CPU's wait for the job
+/// times out and reports it.
+fn ap_timer_check() -> Result<String, String> {
+    let lapic = &percpu::this().lapic;
+    let per_ms = lapic.init().map_err(|e| format!("its local APIC timer: {e}"))?;
+    let one_ms = drivers::time::ms_to_ticks(1).ok_or("the TSC is not calibrated")?;
+    let (before, start) = (lapic.interrupts(), drivers::time::now_ticks());
+    sleep(lapic, one_ms);
+    let slept = drivers::time::now_ticks().wrapping_sub(start);
+    if lapic.interrupts() == before {
+        return Err("its local APIC timer did not end a 1 ms HLT".into());
+    }
+    if slept < one_ms * 9 / 10 {
+        return Err(format!("its local APIC timer ended a 1 ms HLT after {} µs", slept * 1000 / one_ms));
+    }
+    Ok(format!("local APIC timer {per_ms} ticks/ms, a 1 ms sleep took {} µs", slept * 1000 / one_ms))
 }
 
 /// Time slice for round-robin scheduling of vCPUs.

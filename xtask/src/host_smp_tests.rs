@@ -11,8 +11,9 @@
 //! | `smp-bochs-all-cpus-start` | Bochs corei7_skylake_x, `cpu: count=2` | — | the marker shows 2 started and `hvctl info --json` (over COM2) lists both |
 //!
 //! Every AP listed as started must also have turned on virtualization with its own
-//! frames and run the guest round trip on itself: `SMP cpu apic=N ready: Guest round
-//! trip (svm|vmx): … ok`.
+//! frames, run the guest round trip on itself and slept on its own calibrated LAPIC
+//! timer: `SMP cpu apic=N ready: Guest round trip (svm|vmx): … ok; local APIC timer …
+//! ticks/ms, a 1 ms sleep took … µs`.
 //!
 //! Each boots its own machine (they differ in CPUs and command line) and prints the
 //! serial log when it fails.
@@ -166,8 +167,9 @@ fn check(
     let arch = if s.bochs { "vmx" } else { "svm" };
     for (id, _) in s.list.iter().skip(1).filter(|(_, st)| *st == "started") {
         let prefix = format!("SMP cpu apic={id} ready: Guest round trip ({arch}):");
-        if !serial.lines().any(|l| l.trim().starts_with(&prefix) && l.trim().ends_with(": ok")) {
-            return Err(format!("no `{prefix} … ok` line: that AP did not run a guest"));
+        let ran = |l: &str| l.starts_with(&prefix) && l.contains(": ok; local APIC timer ") && l.ends_with(" µs");
+        if !serial.lines().map(str::trim).any(ran) {
+            return Err(format!("no `{prefix} … ok; local APIC timer …` line: that AP did not run a guest or time"));
         }
     }
     let target = if s.bochs {
