@@ -86,7 +86,8 @@ struct Measured {
     bytes: u64,
     /// Start to completion (ours: `duration_ms`; QEMU: `total-time`).
     duration_ms: f64,
-    /// Dirty rounds after the full copy (ours: `rounds`; QEMU: `ram.dirty-sync-count`).
+    /// Dirty rounds (ours: `rounds`; QEMU: `ram.dirty-sync-count`, which counts its
+    /// first sync at setup too).
     rounds: u64,
     /// The last tick the source showed when the migration started.
     start_tick: u64,
@@ -99,6 +100,11 @@ struct Measured {
 impl Measured {
     fn bytes_per_ram(&self) -> f64 {
         self.bytes as f64 / f64::from(MEMORY_MIB << 20)
+    }
+
+    /// The stream's average rate, MB/s (10^6 bytes).
+    fn rate_mb_s(&self) -> f64 {
+        self.bytes as f64 / 1e6 / (self.duration_ms / 1e3)
     }
 }
 
@@ -177,6 +183,7 @@ pub fn bench(runs: usize) -> Result<()> {
         "ours_over_qemu": {
             "downtime": ratio(|m| m.downtime_ms), "bytes": ratio(|m| m.bytes as f64),
             "duration": ratio(|m| m.duration_ms), "bytes_per_ram": ratio(Measured::bytes_per_ram),
+            "rate": ratio(Measured::rate_mb_s),
         },
     });
     let path = runs_dir().join("bench-migration-linux.json");
@@ -210,7 +217,7 @@ fn summary(m: &Measured) -> String {
 fn to_json(m: &Measured) -> Value {
     json!({
         "downtime_ms": m.downtime_ms, "bytes": m.bytes, "duration_ms": m.duration_ms,
-        "bytes_per_ram": m.bytes_per_ram(), "rounds": m.rounds, "start_tick": m.start_tick,
+        "bytes_per_ram": m.bytes_per_ram(), "rate_mb_s": m.rate_mb_s(), "rounds": m.rounds, "start_tick": m.start_tick,
         "max_tick_step_s": m.max_step_s, "detail": m.detail,
     })
 }
@@ -272,7 +279,13 @@ fn print_table(ours: Option<&Measured>, peer: Option<&Measured>, n_ours: usize, 
         ratio(Measured::bytes_per_ram)
     );
     println!(
-        "| dirty rounds (QEMU: dirty syncs) | {} | {} | |",
+        "| average rate (bytes / duration) | {} | {} | {} |",
+        cell(ours, &|m| format!("{:.1} MB/s", m.rate_mb_s())),
+        cell(peer, &|m| format!("{:.1} MB/s", m.rate_mb_s())),
+        ratio(Measured::rate_mb_s)
+    );
+    println!(
+        "| dirty rounds (ours: `rounds`; QEMU: `dirty-sync-count`, its first sync at setup included) | {} | {} | |",
         cell(ours, &|m| m.rounds.to_string()),
         cell(peer, &|m| m.rounds.to_string())
     );
@@ -777,6 +790,12 @@ mod tests {
     #[test]
     fn bytes_per_ram_is_of_the_guests_memory() {
         assert_eq!(run(1.0, 128 << 20).bytes_per_ram(), 0.5);
+    }
+
+    #[test]
+    fn the_rate_is_bytes_over_duration() {
+        // 2e6 bytes in 2 * 10 ms.
+        assert_eq!(run(10.0, 2_000_000).rate_mb_s(), 100.0);
     }
 
     #[test]
