@@ -91,7 +91,9 @@ struct Measured {
     rounds: u64,
     /// The last tick the source showed when the migration started.
     start_tick: u64,
-    /// The largest uptime step between two ticks across the move (the guest's view).
+    /// The largest uptime step between two consecutive ticks, over all the ticks from 0
+    /// to the checks on the destination: how far the guest's progress was held back, by
+    /// its own clock, which both sides stop while it is paused (so not the downtime).
     max_step_s: f64,
     /// Everything else, for the JSON report.
     detail: Value,
@@ -290,7 +292,7 @@ fn print_table(ours: Option<&Measured>, peer: Option<&Measured>, n_ours: usize, 
         cell(peer, &|m| m.rounds.to_string())
     );
     println!(
-        "| largest step between two ticks (the guest's view) | {} | {} | {} |",
+        "| largest uptime step between two ticks, whole run (guest clock; both hide the pause from it) | {} | {} | {} |",
         cell(ours, &|m| format!("{:.2} s", m.max_step_s)),
         cell(peer, &|m| format!("{:.2} s", m.max_step_s)),
         ratio(|m| m.max_step_s)
