@@ -93,7 +93,7 @@ struct Measured {
     start_tick: u64,
     /// The largest uptime step between two consecutive ticks, over all the ticks from 0
     /// to the checks on the destination: how far the guest's progress was held back, by
-    /// its own clock, which both sides stop while it is paused (so not the downtime).
+    /// its own clock, which both sides hold for most of the pause (so it is not the downtime).
     max_step_s: f64,
     /// Everything else, for the JSON report.
     detail: Value,
@@ -292,7 +292,7 @@ fn print_table(ours: Option<&Measured>, peer: Option<&Measured>, n_ours: usize, 
         cell(peer, &|m| m.rounds.to_string())
     );
     println!(
-        "| largest uptime step between two ticks, whole run (guest clock; both hide the pause from it) | {} | {} | {} |",
+        "| largest uptime step between two ticks, whole run (guest clock, which both sides hold for most of the pause) | {} | {} | {} |",
         cell(ours, &|m| format!("{:.2} s", m.max_step_s)),
         cell(peer, &|m| format!("{:.2} s", m.max_step_s)),
         ratio(|m| m.max_step_s)
