@@ -242,7 +242,8 @@ pub fn median(xs: &[f64]) -> Option<f64> {
     v.get(v.len().saturating_sub(1) / 2).copied()
 }
 
-fn load() -> String {
+/// The load average (1, 5 and 15 minutes) from /proc/loadavg.
+pub(crate) fn load() -> String {
     let l = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     l.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
 }
@@ -646,7 +647,12 @@ fn first_exits_json(guests: &[Guest]) -> serde_json::Value {
 
 /// target/xtask/runs/bench-linux.json (under CARGO_TARGET_DIR when that is set).
 fn report_path() -> PathBuf {
-    linux::cache_dir().parent().unwrap_or(Path::new(".")).join("xtask").join("runs").join("bench-linux.json")
+    runs_dir().join("bench-linux.json")
+}
+
+/// target/xtask/runs (under CARGO_TARGET_DIR when that is set): where benches write.
+pub(crate) fn runs_dir() -> PathBuf {
+    linux::cache_dir().parent().unwrap_or(Path::new(".")).join("xtask").join("runs")
 }
 
 #[cfg(test)]

@@ -1050,16 +1050,13 @@ pub fn guest_cmdline(test: &str) -> String {
     format!("console=ttyS0 earlyprintk=serial,ttyS0,115200 hv.test={test}")
 }
 
-/// `qemu-system-x86_64 -M microvm -accel tcg -cpu EPYC -m MIB … -kernel VMLINUZ -initrd
-/// INITRD.GZ -append CMDLINE`: the same guest without our hypervisor, timed from spawn
-/// to `HV-LINUX-INIT` and to QEMU's exit.
-pub fn run_bare_qemu_linux(assets: &LinuxAssets, cmdline: &str, memory_mib: u32, timeout: Duration) -> Result<BareRun> {
-    let dir = baseline_dir();
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let stderr_path = dir.join("qemu.stderr");
-    let stderr = std::fs::File::create(&stderr_path).map_err(|e| format!("{}: {e}", stderr_path.display()))?;
-    let start = Instant::now();
-    let mut child = Command::new("qemu-system-x86_64")
+/// `qemu-system-x86_64 -M microvm -accel tcg -cpu EPYC -m MIB -nodefaults -no-reboot
+/// -serial stdio -display none -kernel VMLINUZ -initrd INITRD.GZ -append CMDLINE`: the
+/// bare emulator's command line for the guest, before its stdio is set (the baseline
+/// boots it; `cargo xtask bench migration-linux` adds `-qmp` and `-incoming`).
+pub fn bare_qemu_command(assets: &LinuxAssets, cmdline: &str, memory_mib: u32) -> Command {
+    let mut command = Command::new("qemu-system-x86_64");
+    command
         .args(["-M", "microvm", "-accel", "tcg", "-cpu", "EPYC", "-m", &memory_mib.to_string(), "-nodefaults"])
         .arg("-no-reboot")
         .args(["-serial", "stdio", "-display", "none"])
@@ -1067,7 +1064,19 @@ pub fn run_bare_qemu_linux(assets: &LinuxAssets, cmdline: &str, memory_mib: u32,
         .arg(&assets.kernel)
         .arg("-initrd")
         .arg(&assets.initrd)
-        .args(["-append", cmdline])
+        .args(["-append", cmdline]);
+    command
+}
+
+/// [`bare_qemu_command`] run to its end: the same guest without our hypervisor, timed from spawn
+/// to `HV-LINUX-INIT` and to QEMU's exit.
+pub fn run_bare_qemu_linux(assets: &LinuxAssets, cmdline: &str, memory_mib: u32, timeout: Duration) -> Result<BareRun> {
+    let dir = baseline_dir();
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let stderr_path = dir.join("qemu.stderr");
+    let stderr = std::fs::File::create(&stderr_path).map_err(|e| format!("{}: {e}", stderr_path.display()))?;
+    let start = Instant::now();
+    let mut child = bare_qemu_command(assets, cmdline, memory_mib)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr))

@@ -19,6 +19,7 @@ mod linux;
 mod linux_bench;
 mod linux_console_tests;
 mod linux_tests;
+mod migration_linux_bench;
 mod migration_tests;
 mod prometheus_tests;
 mod serial;
@@ -147,6 +148,10 @@ enum Command {
     /// convergence policy against Xen's count rule and a model of QEMU's pre-copy over
     /// synthetic dirty traces (a host simulation: bytes sent / RAM and downtime, side by side;
     /// fails unless ours meets the target wherever either baseline does, with no more bytes);
+    /// `migration-linux` our live migration of a running 256 MiB Linux guest between two
+    /// hypervisor instances against QEMU's own between two `-M microvm` processes, same
+    /// kernel, initramfs and workload (downtime, bytes, duration; `--runs`, default 1),
+    /// written to target/xtask/runs/bench-migration-linux.json;
     /// `linux-baseline` Debian's kernel and our initramfs on bare QEMU (-M microvm, no
     /// hypervisor): time to /init and to power-off (`--runs`, default 3); `linux` that
     /// baseline against the same guest under the hypervisor, interleaved (`--runs` each,
@@ -156,7 +161,7 @@ enum Command {
     /// direct, and migration through two agents against today's relay (`--runs`).
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["boot", "control", "serial", "exits", "dirty", "migration", "linux-baseline", "linux", "agent"])]
+        #[arg(value_parser = ["boot", "control", "serial", "exits", "dirty", "migration", "migration-linux", "linux-baseline", "linux", "agent"])]
         what: String,
         /// boot: runs per platform (the median is reported); control: requests per kind
         /// (default 1000).
@@ -216,6 +221,9 @@ fn main() -> ExitCode {
         Command::Bench { what, runs, .. } if what == "linux-baseline" => linux_tests::bench_baseline(runs.unwrap_or(3)),
         Command::Bench { what, runs, cap } if what == "linux" => linux_bench::bench(runs.unwrap_or(3), cap),
         Command::Bench { what, runs, .. } if what == "agent" => agent_tests::bench(runs.unwrap_or(3)),
+        Command::Bench { what, runs, .. } if what == "migration-linux" => {
+            migration_linux_bench::bench(runs.unwrap_or(1))
+        }
         Command::Bench { what, .. } if what == "migration" => {
             tools::cargo(&["bench", "-p", "migration_svc", "--bench", "convergence"])
         }

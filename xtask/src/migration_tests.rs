@@ -183,12 +183,12 @@ fn start_linux_pair_with(esp: &Esp, test: &str, prefix: &str, more: &str) -> Res
 }
 
 /// The uptime in the `HV-LINUX-INIT uptime=…` line of `text`.
-fn init_uptime(text: &str) -> Option<f64> {
+pub(crate) fn init_uptime(text: &str) -> Option<f64> {
     clean(text).lines().find_map(|l| l.split("HV-LINUX-INIT uptime=").nth(1)?.split_whitespace().next()?.parse().ok())
 }
 
 /// The `HV-TICK <n> <uptime>` lines of a console, in order.
-fn ticks(text: &str) -> Vec<(u64, f64)> {
+pub(crate) fn ticks(text: &str) -> Vec<(u64, f64)> {
     clean(text)
         .lines()
         .filter_map(|l| {
@@ -199,7 +199,7 @@ fn ticks(text: &str) -> Vec<(u64, f64)> {
 }
 
 /// The sha256 (hex) of 64 MiB of `y`, the workload's file, computed on the host.
-fn workload_sha256() -> Result<String> {
+pub(crate) fn workload_sha256() -> Result<String> {
     workload_sha256_of(64)
 }
 
@@ -218,7 +218,7 @@ fn workload_sha256_of(mib: u64) -> Result<String> {
 }
 
 /// The last `prefix <word>` word of a console.
-fn marker<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
+pub(crate) fn marker<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     text.lines().rev().find_map(|l| l.split(prefix).nth(1)?.split_whitespace().next())
 }
 
@@ -263,29 +263,29 @@ pub(crate) fn linux_workload_report(ctx: &Ctx) -> Result<(String, serde_json::Va
 }
 
 /// What the workload guest showed on the source before it moved.
-struct WorkloadBefore {
+pub(crate) struct WorkloadBefore {
     /// The host's sha256 of the workload's file, which the guest printed too.
-    sha: String,
+    pub(crate) sha: String,
     /// The guest's uptime at init.
-    booted_at: f64,
+    pub(crate) booted_at: f64,
     /// The last tick the source's console showed before the move.
-    last_tick: u64,
+    pub(crate) last_tick: u64,
 }
 
 /// What the moved workload guest showed on the destination.
-struct WorkloadAfter {
+pub(crate) struct WorkloadAfter {
     /// The first and last tick of the destination's console.
-    first: u64,
-    last: u64,
+    pub(crate) first: u64,
+    pub(crate) last: u64,
     /// The largest uptime step between two ticks.
-    max_step: f64,
+    pub(crate) max_step: f64,
     /// The uptime when the shell answered.
-    uptime: f64,
+    pub(crate) uptime: f64,
 }
 
 /// The workload guest `id` on the source ticks (20 ticks at least), its shell is up and
 /// its file has the host's sha256.
-fn workload_up(ctx: &Ctx, id: u64) -> Result<WorkloadBefore> {
+pub(crate) fn workload_up(ctx: &Ctx, id: u64) -> Result<WorkloadBefore> {
     let console = |s: &Session, id: u64| hvctl_on(ctx, s, &["domain", "console", &id.to_string()]);
     let sha = workload_sha256()?;
     wait_for(&format!("the workload and shell of domain {id} to come up on the source"), 900, || {
@@ -303,7 +303,7 @@ fn workload_up(ctx: &Ctx, id: u64) -> Result<WorkloadBefore> {
 
 /// Ticks `ticks` (of one console) are consecutive and their uptime never goes back;
 /// the largest uptime step.
-fn consecutive(ticks: &[(u64, f64)], around: &str) -> Result<f64> {
+pub(crate) fn consecutive(ticks: &[(u64, f64)], around: &str) -> Result<f64> {
     let mut max_step = 0f64;
     for pair in ticks.windows(2) {
         let ((a, ua), (b, ub)) = (pair[0], pair[1]);
@@ -322,7 +322,7 @@ fn consecutive(ticks: &[(u64, f64)], around: &str) -> Result<f64> {
 /// restored): its counter continues from the source's last tick with no gap and no
 /// repeat and a clock that never goes back, the file's sha256 typed into its console
 /// verifies, a command typed there answers, and `poweroff -f` ends it as finished(0).
-fn workload_moved(ctx: &Ctx, id: u64, before: &WorkloadBefore) -> Result<WorkloadAfter> {
+pub(crate) fn workload_moved(ctx: &Ctx, id: u64, before: &WorkloadBefore) -> Result<WorkloadAfter> {
     let console = |s: &Session, id: u64| hvctl_on(ctx, s, &["domain", "console", &id.to_string()]);
     let (expected_sha, booted_at, last_on_source) = (&before.sha, before.booted_at, before.last_tick);
     // Two seconds of ticks on the destination after the last one the source showed.
@@ -852,7 +852,7 @@ pub(crate) fn json(text: &str, what: &str) -> Result<serde_json::Value> {
 }
 
 /// The domains on `session` as (id, name, state).
-fn domains(ctx: &Ctx, session: &Session) -> Result<Vec<(u64, String, String)>> {
+pub(crate) fn domains(ctx: &Ctx, session: &Session) -> Result<Vec<(u64, String, String)>> {
     let list = json(&hvctl_on(ctx, session, &["domain", "list", "--json"])?, "domain list")?;
     Ok(list["domains"]
         .as_array()
@@ -955,7 +955,8 @@ pub(crate) fn writer(ctx: &Ctx) -> Result<u64> {
     Ok(id)
 }
 
-fn migrate(ctx: &Ctx, id: u64, extra: &[&str]) -> Result<(Option<i32>, serde_json::Value, String)> {
+/// `hvctl migrate ID --from SRC --to DST --json EXTRA…`: (exit code, its JSON report, stderr).
+pub(crate) fn migrate(ctx: &Ctx, id: u64, extra: &[&str]) -> Result<(Option<i32>, serde_json::Value, String)> {
     let (from, to) = (endpoint(ctx, &ctx.src), endpoint(ctx, &ctx.dst));
     let id = id.to_string();
     let mut args = vec!["migrate", id.as_str(), "--from", from.as_str(), "--to", to.as_str(), "--json"];
