@@ -103,6 +103,17 @@ pub struct LogDirty {
     pub rounds: u64,
     /// Exits logging caused (write-protect faults, PML-full exits).
     pub logging_exits: u64,
+    /// TSC cycles spent draining PML buffers into the logs (each drain from the
+    /// buffer's first entry to the last log's bit), and the entries drained. Under Bochs
+    /// the TSC advances with emulated instructions, so this counts instructions.
+    pub drain_cycles: u64,
+    /// PML entries drained (see `drain_cycles`).
+    pub drained_entries: u64,
+    /// TSC cycles spent re-arming reported pages after a clean (the nested entries
+    /// and the TLB flush), and the pages re-armed.
+    pub rearm_cycles: u64,
+    /// Pages re-armed (see `rearm_cycles`).
+    pub rearmed_pages: u64,
 }
 
 impl LogDirty {
@@ -161,6 +172,21 @@ fn arm<B: Backend>(d: &Domain<B>, pool: &mut FramePool, mode: Mode, pfn: u64) ->
         Mode::Pml | Mode::Dbit => e & !dirty,
     })?;
     Ok(())
+}
+
+/// The time-stamp counter (cycles; emulated instructions under Bochs).
+fn tsc() -> u64 {
+    // SAFETY: RDTSC only reads the time-stamp counter.
+    unsafe { x86::time::rdtsc() }
+}
+
+/// Charge a PML drain of `entries` entries that began at TSC `since` to every log.
+fn charge_drain<B: Backend>(d: &mut Domain<B>, since: u64, entries: u64) {
+    let cycles = tsc().wrapping_sub(since);
+    for log in d.logs.iter_mut().flatten() {
+        log.drain_cycles += cycles;
+        log.drained_entries += entries;
+    }
 }
 
 fn flush_all<B: Backend>(d: &mut Domain<B>) -> Result<(), DomainError> {
@@ -242,7 +268,18 @@ impl<B: Backend> DirtyCtx<'_, B> {
             }
         }
         flush_all(d)?;
-        d.logs[slot] = Some(LogDirty { mode, bitmap, range, pages_dirtied: 0, rounds: 0, logging_exits: 0 });
+        d.logs[slot] = Some(LogDirty {
+            mode,
+            bitmap,
+            range,
+            pages_dirtied: 0,
+            rounds: 0,
+            logging_exits: 0,
+            drain_cycles: 0,
+            drained_entries: 0,
+            rearm_cycles: 0,
+            rearmed_pages: 0,
+        });
         Ok(mode)
     }
 
@@ -252,6 +289,7 @@ impl<B: Backend> DirtyCtx<'_, B> {
         let d = &mut *self.d;
         let Some(mode) = logs_mode(d) else { return Ok(()) };
         let mut found = alloc::vec::Vec::new();
+        let since = tsc();
         match mode {
             Mode::Pml => {
                 for slot in &mut d.vcpus {
@@ -275,8 +313,12 @@ impl<B: Backend> DirtyCtx<'_, B> {
             }
             Mode::Wp => {}
         }
+        let entries = found.len() as u64;
         for pfn in found {
             mark_all(d, pfn);
+        }
+        if mode == Mode::Pml {
+            charge_drain(d, since, entries);
         }
         Ok(())
     }
@@ -309,10 +351,16 @@ impl<B: Backend> DirtyCtx<'_, B> {
         // again; pml needs the dirty flag clear (it was set when the page was logged);
         // dbit cleared it while harvesting.
         if mode != Mode::Dbit {
+            let since = tsc();
             for pfn in taken.ones() {
                 arm(d, pool, mode, pfn)?;
             }
             flush_all(d)?;
+            let (cycles, pages) = (tsc().wrapping_sub(since), taken.count_ones());
+            if let Some(log) = d.logs[slot].as_mut() {
+                log.rearm_cycles += cycles;
+                log.rearmed_pages += pages;
+            }
         }
         Ok(taken)
     }
@@ -325,11 +373,16 @@ impl<B: Backend> DirtyCtx<'_, B> {
         let d = &mut *self.d;
         let log = d.logs[slot].take().ok_or(DomainError::Unavailable("that log is not running"))?;
         crate::println!(
-            "DOMAIN {id} DIRTY-STOP mode={} pages_dirtied={} logging_exits={} rounds={}",
+            "DOMAIN {id} DIRTY-STOP mode={} pages_dirtied={} logging_exits={} rounds={} drain_cycles={} \
+             drained_entries={} rearm_cycles={} rearmed_pages={}",
             log.mode.name(),
             log.pages_dirtied,
             log.logging_exits,
-            log.rounds
+            log.rounds,
+            log.drain_cycles,
+            log.drained_entries,
+            log.rearm_cycles,
+            log.rearmed_pages
         );
         let last = logs_mode(d).is_none();
         if log.mode == Mode::Pml && last {
@@ -460,14 +513,17 @@ pub(super) fn write_fault<B: Backend>(d: &mut Domain<B>, pool: &mut FramePool, g
 
 /// A PML-full exit of vCPU `vi`: drain its buffer into the logs.
 pub(super) fn pml_full<B: Backend>(d: &mut Domain<B>, pool: &mut FramePool, vi: usize) -> Result<(), DomainError> {
+    let since = tsc();
     let mut logged = alloc::vec::Vec::new();
     d.vcpus[vi].vcpu.drain_pml(pool, &mut |gpa| logged.push(gpa / PAGE_SIZE))?;
     for log in d.logs.iter_mut().flatten() {
         log.logging_exits += 1;
     }
+    let entries = logged.len() as u64;
     for pfn in logged {
         mark_all(d, pfn);
     }
+    charge_drain(d, since, entries);
     Ok(())
 }
 
