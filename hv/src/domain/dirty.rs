@@ -123,6 +123,13 @@ impl LogDirty {
             self.pages_dirtied += 1;
         }
     }
+
+    /// Log the pages of PML entries `gpas` (those outside the tracked range ignored):
+    /// one comparison and one bitmap word per entry.
+    fn mark_logged(&mut self, gpas: &[u64]) {
+        let range = self.range.clone();
+        self.pages_dirtied += self.bitmap.set_each(gpas.iter().map(|g| g / PAGE_SIZE).filter(|p| range.contains(p)));
+    }
 }
 
 /// What `hvctl dirty stats` shows.
@@ -162,15 +169,27 @@ fn mark_all<B: Backend>(d: &mut Domain<B>, pfn: u64) {
     }
 }
 
-fn arm<B: Backend>(d: &Domain<B>, pool: &mut FramePool, mode: Mode, pfn: u64) -> Result<(), DomainError> {
+/// Log the pages of PML entries `gpas` in every log that tracks them.
+fn mark_logged(logs: &mut [Option<LogDirty>], gpas: &[u64]) {
+    for log in logs.iter_mut().flatten() {
+        log.mark_logged(gpas);
+    }
+}
+
+/// Arm pages `pfns` (ascending) so their next write is logged: wp takes write access
+/// away; pml and dbit clear the dirty flag. One walk to each 2 MiB region's page table.
+fn arm<B: Backend>(
+    d: &Domain<B>,
+    pool: &mut FramePool,
+    mode: Mode,
+    pfns: impl IntoIterator<Item = u64>,
+) -> Result<(), DomainError> {
     let Some(mem) = d.mem.as_ref() else { return Err(DomainError::Unavailable("the domain has no memory any more")) };
-    let gpa = pfn * PAGE_SIZE;
-    let dirty = <B::Paging as EntryFormat>::DIRTY;
-    let write = <B::Paging as EntryFormat>::WRITE_BIT;
-    mem.update_leaf(pool, gpa, |e| match mode {
-        Mode::Wp => e & !write,
-        Mode::Pml | Mode::Dbit => e & !dirty,
-    })?;
+    let clear = match mode {
+        Mode::Wp => <B::Paging as EntryFormat>::WRITE_BIT,
+        Mode::Pml | Mode::Dbit => <B::Paging as EntryFormat>::DIRTY,
+    };
+    mem.update_leaves(pool, pfns, |_, e| e & !clear)?;
     Ok(())
 }
 
@@ -259,9 +278,7 @@ impl<B: Backend> DirtyCtx<'_, B> {
                 range.end - range.start
             );
         }
-        for pfn in range.clone() {
-            arm(d, pool, mode, pfn)?;
-        }
+        arm(d, pool, mode, range.clone())?;
         if mode == Mode::Pml && active.is_none() {
             for slot in &mut d.vcpus {
                 slot.vcpu.enable_pml(pool)?;
@@ -288,37 +305,41 @@ impl<B: Backend> DirtyCtx<'_, B> {
         let pool = &mut *self.pool;
         let d = &mut *self.d;
         let Some(mode) = logs_mode(d) else { return Ok(()) };
-        let mut found = alloc::vec::Vec::new();
-        let since = tsc();
         match mode {
             Mode::Pml => {
+                // Straight from each buffer into the logs: no copy of the entries.
+                let since = tsc();
+                let mut entries = 0;
+                let logs = &mut d.logs;
                 for slot in &mut d.vcpus {
-                    slot.vcpu.drain_pml(pool, &mut |gpa| found.push(gpa / PAGE_SIZE))?;
+                    slot.vcpu.drain_pml(pool, &mut |gpas| {
+                        entries += gpas.len() as u64;
+                        mark_logged(logs, gpas);
+                    })?;
                 }
+                charge_drain(d, since, entries);
             }
             Mode::Dbit => {
                 let dirty = <B::Paging as EntryFormat>::DIRTY;
                 let pages = d.memory_bytes / PAGE_SIZE;
+                let mut found = alloc::vec::Vec::new();
                 if let Some(mem) = d.mem.as_ref() {
-                    for pfn in (0..pages).filter(|p| tracked(d, *p)) {
-                        let old = mem.update_leaf(pool, pfn * PAGE_SIZE, |e| e & !dirty)?;
-                        if old & dirty != 0 {
+                    let pfns = (0..pages).filter(|p| tracked(d, *p));
+                    mem.update_leaves(pool, pfns, |pfn, e| {
+                        if e & dirty != 0 {
                             found.push(pfn);
                         }
-                    }
+                        e & !dirty
+                    })?;
                 }
                 if !found.is_empty() {
                     flush_all(d)?;
                 }
+                for pfn in found {
+                    mark_all(d, pfn);
+                }
             }
             Mode::Wp => {}
-        }
-        let entries = found.len() as u64;
-        for pfn in found {
-            mark_all(d, pfn);
-        }
-        if mode == Mode::Pml {
-            charge_drain(d, since, entries);
         }
         Ok(())
     }
@@ -352,9 +373,7 @@ impl<B: Backend> DirtyCtx<'_, B> {
         // dbit cleared it while harvesting.
         if mode != Mode::Dbit {
             let since = tsc();
-            for pfn in taken.ones() {
-                arm(d, pool, mode, pfn)?;
-            }
+            arm(d, pool, mode, taken.ones())?;
             flush_all(d)?;
             let (cycles, pages) = (tsc().wrapping_sub(since), taken.count_ones());
             if let Some(log) = d.logs[slot].as_mut() {
@@ -392,11 +411,9 @@ impl<B: Backend> DirtyCtx<'_, B> {
         }
         if log.mode == Mode::Wp {
             let write = <B::Paging as EntryFormat>::WRITE_BIT;
-            let give_back: alloc::vec::Vec<u64> = log.range.clone().filter(|p| !tracked(d, *p)).collect();
             if let Some(mem) = d.mem.as_ref() {
-                for pfn in give_back {
-                    mem.update_leaf(pool, pfn * PAGE_SIZE, |e| e | write)?;
-                }
+                let give_back = log.range.clone().filter(|p| !tracked(d, *p));
+                mem.update_leaves(pool, give_back, |_, e| e | write)?;
             }
         }
         if last && let Some(mem) = d.mem.as_mut() {
@@ -514,14 +531,14 @@ pub(super) fn write_fault<B: Backend>(d: &mut Domain<B>, pool: &mut FramePool, g
 /// A PML-full exit of vCPU `vi`: drain its buffer into the logs.
 pub(super) fn pml_full<B: Backend>(d: &mut Domain<B>, pool: &mut FramePool, vi: usize) -> Result<(), DomainError> {
     let since = tsc();
-    let mut logged = alloc::vec::Vec::new();
-    d.vcpus[vi].vcpu.drain_pml(pool, &mut |gpa| logged.push(gpa / PAGE_SIZE))?;
+    let mut entries = 0;
+    let logs = &mut d.logs;
+    d.vcpus[vi].vcpu.drain_pml(pool, &mut |gpas| {
+        entries += gpas.len() as u64;
+        mark_logged(logs, gpas);
+    })?;
     for log in d.logs.iter_mut().flatten() {
         log.logging_exits += 1;
-    }
-    let entries = logged.len() as u64;
-    for pfn in logged {
-        mark_all(d, pfn);
     }
     charge_drain(d, since, entries);
     Ok(())
