@@ -419,8 +419,10 @@ pub trait Vcpu {
     fn enable_pml(&mut self, _pool: &mut FramePool) -> Result<(), ArchError> {
         Err(ArchError::Unsupported("page-modification logging (PML) needs VMX with PML"))
     }
-    /// Hand every logged guest-physical address to `out` and empty the log.
-    fn drain_pml(&mut self, _pool: &mut FramePool, _out: &mut dyn FnMut(u64)) -> Result<(), ArchError> {
+    /// Hand the logged entries to `out` in one slice (each the guest-physical address of
+    /// a page, bits 11:0 clear; not called if there are none) and empty the log. One
+    /// call per drain, not per entry: the caller marks up to 512 pages in one loop.
+    fn drain_pml(&mut self, _pool: &mut FramePool, _out: &mut dyn FnMut(&[u64])) -> Result<(), ArchError> {
         Ok(())
     }
     /// Stop page-modification logging (drain first) and free the buffer.

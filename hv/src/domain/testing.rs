@@ -1,6 +1,7 @@
 //! A fake backend for host tests of the core: its vCPUs never run, and record what the
 //! core asked of them (skips, injections, interrupt windows, loaded state, MSRs), so
-//! the exit policy and domain creation can be tested with synthetic exits.
+//! the exit policy and domain creation can be tested with synthetic exits. Its PML
+//! buffer is a vector the tests fill.
 
 use alloc::vec::Vec;
 
@@ -35,6 +36,9 @@ pub(crate) struct FakeVcpu {
     pub(crate) msrs: Vec<(GuestMsr, u64)>,
     pub(crate) tsc_offset: u64,
     pub(crate) fpu: GuestFpu,
+    /// The PML buffer while logging is on: tests push the guest-physical addresses the
+    /// processor would log, `drain_pml` hands them over and empties it.
+    pub(crate) pml: Option<Vec<u64>>,
 }
 
 /// A host that switches x87, SSE, AVX and AVX-512.
@@ -58,6 +62,7 @@ impl Default for FakeVcpu {
             msrs: alloc::vec![(GuestMsr::Efer, 0x500), (GuestMsr::Pat, 0x0007_0406_0007_0406)],
             tsc_offset: 0,
             fpu: GuestFpu::new(&FAKE_HOST_FPU),
+            pml: None,
         }
     }
 }
@@ -127,6 +132,21 @@ impl Vcpu for FakeVcpu {
     }
     fn flush_nested_tlb(&mut self) -> Result<(), ArchError> {
         self.flushes += 1;
+        Ok(())
+    }
+    fn enable_pml(&mut self, _: &mut FramePool) -> Result<(), ArchError> {
+        self.pml.get_or_insert_with(Vec::new);
+        Ok(())
+    }
+    fn drain_pml(&mut self, _: &mut FramePool, out: &mut dyn FnMut(&[u64])) -> Result<(), ArchError> {
+        if let Some(buffer) = self.pml.as_mut().filter(|b| !b.is_empty()) {
+            out(buffer);
+            buffer.clear();
+        }
+        Ok(())
+    }
+    fn disable_pml(&mut self, _: &mut FramePool) -> Result<(), ArchError> {
+        self.pml = None;
         Ok(())
     }
     fn destroy(self, _: &mut FramePool) -> Result<(), MmError> {

@@ -139,6 +139,17 @@ impl<F: EntryFormat> GuestMemory<F> {
         self.tables.update_leaf_4k(pool, gpa, f)
     }
 
+    /// Change the nested entries of guest pages `pfns`, grouped by 2 MiB region (see
+    /// `NestedTables::update_leaves_4k`).
+    pub fn update_leaves(
+        &self,
+        pool: &mut FramePool,
+        pfns: impl IntoIterator<Item = u64>,
+        f: impl FnMut(u64, u64) -> u64,
+    ) -> Result<(), MmError> {
+        self.tables.update_leaves_4k(pool, pfns, f)
+    }
+
     /// Copy `data` into guest memory at `gpa` (may span pages).
     pub fn write(&self, pool: &mut FramePool, gpa: u64, data: &[u8]) -> Result<(), MmError> {
         let mut done = 0usize;

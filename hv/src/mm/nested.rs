@@ -298,9 +298,9 @@ impl<F: EntryFormat> NestedTables<F> {
         Ok(None)
     }
 
-    /// Change the 4 KiB leaf mapping `gpa` with `f`; returns the old entry. Fails if the
-    /// page is not mapped with a 4 KiB leaf.
-    pub fn update_leaf_4k(&self, pool: &mut FramePool, gpa: u64, f: impl FnOnce(u64) -> u64) -> Result<u64, MmError> {
+    /// The page table (level 1) holding the 4 KiB leaves of `gpa`'s 2 MiB region. Fails
+    /// if the region is not mapped, or mapped by a 2 MiB leaf.
+    fn leaf_table(&self, pool: &mut FramePool, gpa: u64) -> Result<u64, MmError> {
         let mut table = self.root;
         for level in (2..=4).rev() {
             let entry = pool.table_mut(table)?[index(gpa, level)];
@@ -312,6 +312,41 @@ impl<F: EntryFormat> NestedTables<F> {
             }
             table = entry & ADDR_MASK;
         }
+        Ok(table)
+    }
+
+    /// Change the 4 KiB leaf of each page frame number of `pfns` (ascending, or at least
+    /// grouped by 2 MiB region) with `f(pfn, old)`, walking down to each region's page
+    /// table once rather than once per page: re-arming a round's reported pages costs a
+    /// table lookup per page. Fails as `update_leaf_4k` does, at the first such page.
+    pub fn update_leaves_4k(
+        &self,
+        pool: &mut FramePool,
+        pfns: impl IntoIterator<Item = u64>,
+        mut f: impl FnMut(u64, u64) -> u64,
+    ) -> Result<(), MmError> {
+        let mut region = u64::MAX;
+        let mut table: &mut [u64] = &mut [];
+        for pfn in pfns {
+            let gpa = pfn * PAGE_SIZE;
+            if gpa / LARGE_PAGE_SIZE != region {
+                region = gpa / LARGE_PAGE_SIZE;
+                let pt = self.leaf_table(pool, gpa)?;
+                table = &mut pool.table_mut(pt)?[..];
+            }
+            let slot = table.get_mut(index(gpa, 1)).ok_or(MmError::OutOfRange { gpa })?;
+            if !F::present(*slot) {
+                return Err(MmError::OutOfRange { gpa });
+            }
+            *slot = f(pfn, *slot);
+        }
+        Ok(())
+    }
+
+    /// Change the 4 KiB leaf mapping `gpa` with `f`; returns the old entry. Fails if the
+    /// page is not mapped with a 4 KiB leaf.
+    pub fn update_leaf_4k(&self, pool: &mut FramePool, gpa: u64, f: impl FnOnce(u64) -> u64) -> Result<u64, MmError> {
+        let table = self.leaf_table(pool, gpa)?;
         let slot = &mut pool.table_mut(table)?[index(gpa, 1)];
         if !F::present(*slot) {
             return Err(MmError::OutOfRange { gpa });

@@ -926,17 +926,20 @@ impl Vcpu for VmxVcpu {
         Ok(())
     }
 
-    fn drain_pml(&mut self, pool: &mut FramePool, out: &mut dyn FnMut(u64)) -> Result<(), ArchError> {
+    fn drain_pml(&mut self, pool: &mut FramePool, out: &mut dyn FnMut(&[u64])) -> Result<(), ArchError> {
         let Some(buffer) = self.pml else { return Ok(()) };
+        // No VMPTRLD when this VMCS is already current (the PML-full exit's case).
         self.make_current()?;
         // 29.3.6: the processor fills entries from 511 down and decrements the index;
-        // an index of 0xFFFF (-1) means all 512 are full. Valid entries: index+1..=511.
+        // an index of 0xFFFF (-1) means all 512 are full. Valid entries: index+1..=511,
+        // each a guest-physical address with bits 11:0 cleared.
         let index = vmcs::read(vmcs::GUEST_PML_INDEX)? & 0xffff;
         let first = if index >= PML_ENTRIES { 0 } else { index + 1 };
-        let page = pool.table_mut(buffer)?;
-        for i in first..PML_ENTRIES {
-            out(page[i as usize] & !0xfff);
+        if first == PML_ENTRIES {
+            // Empty: the index is already at the last entry.
+            return Ok(());
         }
+        out(&pool.table_mut(buffer)?[first as usize..]);
         vmcs::write(vmcs::GUEST_PML_INDEX, PML_ENTRIES - 1)
     }
 
