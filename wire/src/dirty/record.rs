@@ -362,9 +362,9 @@ impl Records<'_> {
     /// `page` on.
     #[inline]
     fn mixed(&mut self, w: u64, page: u64) {
-        // Estimate the operations its runs take (one `ONE` per run, one `DIRTY` more per
-        // run longer than a page; a run continuing from the previous word costs nothing)
-        // against 8 bytes as a raw word, 9 if that opens a stretch.
+        // Count the operations its runs take (one `ONE` per run, one `DIRTY` more per run
+        // longer than a page; a run continuing from the previous word costs nothing): raw
+        // above `RAW_OPS`, or above `STAY_RAW_OPS` right after a raw word, as in `fast`.
         let carry = !self.run.is_empty() && self.run.end == page;
         let starts = w & !(w << 1 | u64::from(carry));
         let ops = run_ops(starts, w);
@@ -425,7 +425,8 @@ impl Records<'_> {
     /// fitting; [`step`](Self::step) and [`mixed`](Self::mixed) take it from there with
     /// a check per operation. Makes the same choices as they do, per word: clean words
     /// lengthen the gap, fully dirty ones the run, words of at most [`RAW_OPS`]
-    /// operations go as runs, the others as a stretch of raw words taken in one go.
+    /// operations go as runs, the others open a stretch of raw words, which takes every
+    /// word that follows of more than [`STAY_RAW_OPS`] operations in one go.
     fn fast(&mut self) {
         let words = self.words;
         // Room for a pending run's operations (6 bytes each at most) and then a word's.
@@ -659,7 +660,7 @@ fn put_run(out: &mut [u8; SLACK], mut n: usize, run: Range<u64>, cursor: u64) ->
 /// The runs of `rest` (not 0), the dirty pages of the word at `page`, encoded into
 /// `out` from byte `n` with the cursor at page `cursor`; a run reaching the word's end
 /// is not encoded but returned, to go on into the next word. Returns (that run, the new
-/// cursor, the new length). Shared by `Records::run_words` and `Records::runs`; always
+/// cursor, the new length). Shared by `Records::fast` and `Records::runs`; always
 /// inlined, so each keeps its registers.
 #[inline(always)]
 fn word_runs(
@@ -699,6 +700,11 @@ fn word_runs(
                 o.copy_from_slice(&pair.to_le_bytes());
             }
             n += 2 - usize::from(more == 0);
+        } else if gap < 1 << 12 {
+            // One or two bytes each (`more` is below 64), stored the same way.
+            n = put_short(out, n, gap << 2 | ONE);
+            let m = put_short(out, n, more << 2 | DIRTY);
+            n += (m - n) * usize::from(more > 0);
         } else {
             n = put_varint_at(out, n, gap << 2 | ONE);
             if more > 0 {
@@ -707,6 +713,20 @@ fn word_runs(
         }
     }
     (pending, page.wrapping_add(c), n)
+}
+
+/// Store `v < 2^14` as a one- or two-byte varint at `out[n..]`, without a branch;
+/// returns the index past it. Indices wrap within the window.
+#[inline(always)]
+fn put_short(out: &mut [u8; SLACK], n: usize, v: u64) -> usize {
+    let long = u64::from(v >= 0x80);
+    let pair = (v & 0x7f | long << 7 | (v >> 7) << 8) as u16;
+    let i = n & WRAP;
+    if let Some(o) = out.get_mut(i..i + 2) {
+        // Always: `i + 2 <= SLACK`.
+        o.copy_from_slice(&pair.to_le_bytes());
+    }
+    n + 1 + long as usize
 }
 
 /// Store `v` as a varint at `out[n..]`; returns the index past it. Indices wrap within
