@@ -435,15 +435,27 @@ impl Records<'_> {
         let (mut rs, mut re) = (self.run.start, self.run.end);
         while used <= limit {
             let Some(&w) = words.get(next) else { break };
-            if w == 0 {
-                next += 1;
-                continue;
-            }
             let Some(Ok(out)) = self.ops.get_mut(used..used + SLACK).map(<&mut [u8; SLACK]>::try_from) else {
                 // Not reached: a started record's buffer is `budget + SLACK` bytes.
                 break;
             };
             let page = self.base + next as u64 * WORD_BITS;
+            // The words of a sparse bitmap, clean or one dirty page (not the last, which
+            // may start a run), with no run pending and a gap below 2^12: one path, no
+            // branch between the two. A clean word stores a `ONE` it does not count.
+            let lo = u64::from((w | 1 << 63).trailing_zeros());
+            let gap = page + lo - cursor;
+            if w & w.wrapping_sub(1) == 0 && w >> 63 == 0 && rs == re && gap < 1 << 12 {
+                let dirty = w != 0;
+                used += put_short(out, 0, gap << 2 | ONE) * usize::from(dirty);
+                cursor = if dirty { page + lo + 1 } else { cursor };
+                next += 1;
+                continue;
+            }
+            if w == 0 {
+                next += 1;
+                continue;
+            }
             let carry = rs != re && re == page;
             let starts = w & !(w << 1 | u64::from(carry));
             if w != u64::MAX && run_ops(starts, w) <= RAW_OPS {
