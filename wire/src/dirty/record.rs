@@ -453,7 +453,9 @@ impl Records<'_> {
                 continue;
             }
             if w == 0 {
-                next += 1;
+                // A long clean stretch: skip it at once.
+                let rest = words.get(next + 1..).unwrap_or_default();
+                next += 1 + rest.iter().position(|&w| w != 0).unwrap_or(rest.len());
                 continue;
             }
             let carry = rs != re && re == page;
