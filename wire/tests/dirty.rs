@@ -474,7 +474,7 @@ fn sizes_per_form() {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        if x % 10 == 0 {
+        if x.is_multiple_of(10) {
             b.set(p).unwrap();
         }
     }

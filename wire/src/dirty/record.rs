@@ -506,27 +506,33 @@ impl Records<'_> {
                 used += n;
                 continue;
             }
+            // The run is stored: count it, whatever follows.
+            used += n;
             let gap = page - cursor;
+            let mut h = 0;
             if gap > 0 {
-                n = put_varint_at(out, n, gap << 2 | CLEAN);
+                h = put_varint_at(out, h + n, gap << 2 | CLEAN) - n;
             }
             // As many raw words as follow and fit (at least 1: `limit` leaves room),
             // under one `WORDS` header of at most 3 bytes (the budget is below 2^16).
-            let fit = (self.budget - used - n - 3) / WORD_BYTES;
+            let fit = self.budget.saturating_sub(used + h + 3) / WORD_BYTES;
+            if fit == 0 {
+                // Not reached; the general path would start a record for the word.
+                break;
+            }
             let more = rest.iter().take(fit - 1).position(|&w| !goes_raw(w));
             let count = 1 + more.unwrap_or(rest.len().min(fit - 1));
-            n = put_varint_at(out, n, (count as u64) << 2 | WORDS);
-            used += n;
-            let (Some(src), Some(dst)) =
-                (words.get(next..next + count), self.ops.get_mut(used..used + count * WORD_BYTES))
+            h = put_varint_at(out, h + n, (count as u64) << 2 | WORDS) - n;
+            let at = used + h;
+            let (Some(src), Some(dst)) = (words.get(next..next + count), self.ops.get_mut(at..at + count * WORD_BYTES))
             else {
-                // Not reached: `count` words are there and fit.
+                // Not reached: `count` words are there and fit. The headers stay uncounted.
                 break;
             };
             for (d, s) in dst.as_chunks_mut::<WORD_BYTES>().0.iter_mut().zip(src) {
                 *d = s.to_le_bytes();
             }
-            used += count * WORD_BYTES;
+            used = at + count * WORD_BYTES;
             next += count;
             cursor = page + count as u64 * WORD_BITS;
         }
