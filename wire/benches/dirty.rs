@@ -21,8 +21,8 @@
 //!
 //! Target: 64 GiB at 10% random in <= 4 ms, measured against a memcpy of the bitmap in
 //! the same run. Met: the bench ends with the verdict, the ratio and the load average.
-//! One run of the previous encoder (commit 1081265) and one of today's, back to back on
-//! the shared 2-core VM (AMD EPYC, load average 7-8 from other builds) on 2026-12-02,
+//! One run of the previous encoder (commit 1081265) and one of today's (847f44e), back to
+//! back on the shared 2-core VM (AMD EPYC, load average 7-8 from other builds) on 2026-12-02,
 //! `cargo bench -p wire --bench dirty -- 'memcpy|to_records'`: the median of 31
 //! alternated rounds against the fastest-of-8 memcpy of each round (`ratios`), then
 //! criterion's estimate against its own memcpy:
@@ -36,10 +36,13 @@
 //! | clustered 10% | 0.270 ms | 6.1x | 0.272 ms | 7.5x | 427 us (4.1x) | 394 us (5.4x) |
 //! | 100% | 0.074 ms | 1.7x | 0.073 ms | 2.0x | 131 us (1.3x) | 106 us (1.5x) |
 //!
+//! A repeat pair at 2cffa10 (load 7-8): 10% random 1.36 ms (27x) against 7.21 ms (146x),
+//! criterion 1.44 ms against 12.5 ms; 1% random 1.84 ms (37x) against 2.94 ms (61x).
+//!
 //! In CPU time, today's encoder against the reference copy of the issue-13 encoder,
 //! alternately in one process (`cargo test --release -p wire --lib speed -- --ignored
-//! --nocapture`): 1.0-1.2 ms against 7.4-7.8 ms at 10% random (0.13-0.16x), 1.3 ms
-//! against 2.9 ms at 1% (0.46x), the same at 100%.
+//! --nocapture`): 1.0-1.2 ms against 7.4-8.4 ms at 10% random (0.13-0.16x), 1.3-1.4 ms
+//! against 2.9 ms at 1% (0.46-0.48x), the same at 100% (0.99-1.07x).
 //!
 //! The price is bytes: at 10% random the records take 2.05 MB (0.98 of the 2 MiB bitmap)
 //! instead of 1.69 MB (0.80), because nearly every word now goes raw. Clustered and 100%
