@@ -50,22 +50,27 @@
 //!
 //! This is the run-list, sparse-list and raw-words forms of a dirty log mixed at word
 //! granularity, so that one record can describe a guest whose kernel text is clean, whose
-//! heap is scattered and whose page cache is dirty in long runs, each part in its
-//! cheapest form:
+//! heap is scattered and whose page cache is dirty in long runs, each part in a cheap
+//! form:
 //!
-//! | form | ops | bytes | cheapest for |
+//! | form | ops | bytes | used for |
 //! |---|---|---|---|
-//! | runs | `ONE g`, then `DIRTY r-1` for a run of `r ≥ 2` pages after `g` clean ones | 2–4 per run, whatever its length | runs longer than ~16 pages: a fully dirty 64 GiB guest is one 7-byte record |
-//! | sparse | `ONE g` per isolated dirty page | 1 (gap < 32), 2 (< 4096), 3 (< 2^19) per page | density below ~12% (1 byte per page beats 1/8 byte per page only when fewer than 1 page in 8 is dirty) |
-//! | words | `CLEAN g` to the word, `WORDS n`, then the words | 8 per 64 pages, plus 1–3 per stretch | scattered pages above ~12% |
+//! | runs | `ONE g`, then `DIRTY r-1` for a run of `r ≥ 2` pages after `g` clean ones | 2–4 per run, whatever its length | fully dirty words, and runs that make up words of at most 4 operations: a fully dirty 64 GiB guest is one 7-byte record |
+//! | sparse | `ONE g` per isolated dirty page | 1 (gap < 32), 2 (< 4096), 3 (< 2^19) per page | words of at most 4 dirty pages (~6% density) |
+//! | words | `CLEAN g` to the word, `WORDS n`, then the words | 8 per 64 pages, plus 1–3 per stretch | words of more than 4 operations, and the words after them of more than 2 |
 //!
 //! The encoder ([`DirtyBitmap::records`]) decides per bitmap word: a clean word costs
 //! nothing (it lengthens the next gap), a fully dirty word lengthens the current run, and
-//! a mixed word is sent as a literal word when its runs would take more operations
-//! (estimated as one per run plus one per run longer than a page) than the 8 bytes of a
-//! literal (9 when it would open a new `WORDS` stretch). Break-even therefore sits near
-//! 8 dirty pages per 64 for scattered pages; at 10% random density most words go as
-//! `ONE`s (about 0.10 bytes per page, against 0.125 for raw words), at 50% all go raw.
+//! a mixed word goes as its runs when they take at most 4 operations (one per run plus
+//! one per run longer than a page), else it opens a stretch of raw words, which goes on
+//! while the words that follow take more than 2. Those thresholds are chosen for speed,
+//! not for the fewest bytes (which would be ~8 and ~5 operations): at 10% random density
+//! nearly every word goes raw, copied 8 bytes at a time under one `WORDS` header per
+//! stretch, instead of as ~6 one-byte `ONE`s found bit by bit. That costs 0.123 bytes per
+//! page instead of the fewest, ~0.100 (2.05 MB instead of 1.69 MB for a 64 GiB guest, a
+//! little under its 2 MiB bitmap, next to the ~6.9 GB of pages that round sends), and
+//! takes a seventh of the time (see `wire/benches/dirty.rs`). Sparse bitmaps (1% random)
+//! and clustered ones are encoded as before, within 0.2% of the fewest bytes.
 //! Each record holds at most a byte budget of operations ([`MAX_RECORD_OPS`] by default,
 //! so a record always fits one [`StreamChunk`](crate::StreamChunk)). A run is never split
 //! between records; a stretch of raw words may be, at a word boundary. Each record starts

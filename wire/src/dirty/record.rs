@@ -29,6 +29,13 @@ const WORDS: u64 = 3;
 const WORD_BYTES: usize = 8;
 /// Room for the operations of any one bitmap word (see `Records::mixed`).
 const FAST_ROOM: usize = 6 + 32 * 4;
+/// A mixed word (neither clean nor fully dirty) goes as runs when they take at most
+/// this many operations, else it opens a stretch of raw words. Chosen for speed, not
+/// the fewest bytes (which would be ~9): see the [module docs](super).
+const RAW_OPS: u32 = 4;
+/// A word right after a raw word goes raw too above this many operations (the fewest
+/// bytes would be ~5), so that stretches are long and seldom broken.
+const STAY_RAW_OPS: u32 = 2;
 
 /// A stretch of a dirty bitmap in wire form: the first pfn and the operations that walk
 /// from it (see the [module docs](super)). One record per
@@ -316,7 +323,7 @@ impl Records<'_> {
         let words = self.words;
         while self.ready.is_empty() {
             if self.lit_len == 0 && self.used > 0 {
-                self.run_words();
+                self.fast();
             }
             let Some(&w) = words.get(self.next) else {
                 self.flush_literal();
@@ -355,14 +362,14 @@ impl Records<'_> {
     /// `page` on.
     #[inline]
     fn mixed(&mut self, w: u64, page: u64) {
-        // Estimate the operations its runs take (one `ONE` per run, one `DIRTY` more per
-        // run longer than a page; a run continuing from the previous word costs nothing)
-        // against 8 bytes as a raw word, 9 if that opens a stretch.
+        // Count the operations its runs take (one `ONE` per run, one `DIRTY` more per run
+        // longer than a page; a run continuing from the previous word costs nothing): raw
+        // above `RAW_OPS`, or above `STAY_RAW_OPS` right after a raw word, as in `fast`.
         let carry = !self.run.is_empty() && self.run.end == page;
         let starts = w & !(w << 1 | u64::from(carry));
         let ops = run_ops(starts, w);
         let continues = self.lit_len > 0 && self.lit_first + self.lit_len + 1 == self.next;
-        if ops > if continues { 8 } else { 9 } {
+        if ops > if continues { STAY_RAW_OPS } else { RAW_OPS } {
             if continues {
                 self.lit_len += 1;
             } else {
@@ -412,58 +419,122 @@ impl Records<'_> {
         }
     }
 
-    /// Encode words while each is clean or goes as runs into the current record with
-    /// room to spare, no raw words pending: the common case of scattered pages, in one
-    /// loop over locals. Stops before any other word; the result is what
-    /// [`mixed`](Self::mixed) would give word by word.
-    fn run_words(&mut self) {
+    /// Encode words into the current record while it has room to spare and no raw words
+    /// are pending: every kind of word in one loop over locals (the common case, all but
+    /// the last ~150 bytes of each record). Stops before a word it cannot be sure of
+    /// fitting; [`step`](Self::step) and [`mixed`](Self::mixed) take it from there with
+    /// a check per operation. Makes the same choices as they do, per word: clean words
+    /// lengthen the gap, fully dirty ones the run, words of at most [`RAW_OPS`]
+    /// operations go as runs, the others open a stretch of raw words, which takes every
+    /// word that follows of more than [`STAY_RAW_OPS`] operations in one go.
+    fn fast(&mut self) {
         let words = self.words;
         // Room for a pending run's operations (6 bytes each at most) and then a word's.
         let limit = self.budget.saturating_sub(FAST_ROOM + 12);
         let (mut next, mut cursor, mut used) = (self.next, self.cursor, self.used);
         let (mut rs, mut re) = (self.run.start, self.run.end);
-        while let Some(&w) = words.get(next) {
-            if w == 0 {
-                next += 1;
-                continue;
-            }
-            let page = self.base + next as u64 * WORD_BITS;
-            let carry = rs != re && re == page;
-            let starts = w & !(w << 1 | u64::from(carry));
-            // Raw words and fully dirty ones are left to `mixed` and `step`.
-            if w == u64::MAX || used > limit || run_ops(starts, w) > 9 {
-                break;
-            }
+        while used <= limit {
+            let Some(&w) = words.get(next) else { break };
             let Some(Ok(out)) = self.ops.get_mut(used..used + SLACK).map(<&mut [u8; SLACK]>::try_from) else {
                 // Not reached: a started record's buffer is `budget + SLACK` bytes.
                 break;
             };
-            next += 1;
-            let mut rest = w;
-            if carry && rest & 1 == 1 {
-                // The pending run goes on into this word (not to its end: `w` is mixed).
-                let n = rest.trailing_ones();
-                re += u64::from(n);
-                rest &= !mask(0, n);
-            }
-            if rest == 0 {
+            let page = self.base + next as u64 * WORD_BITS;
+            // The words of a sparse bitmap, clean or one dirty page (not the last, which
+            // may start a run), with no run pending and a gap below 2^12: one path, no
+            // branch between the two. A clean word stores a `ONE` it does not count.
+            let lo = u64::from((w | 1 << 63).trailing_zeros());
+            let gap = page + lo - cursor;
+            if w & w.wrapping_sub(1) == 0 && w >> 63 == 0 && rs == re && gap < 1 << 12 {
+                let dirty = w != 0;
+                used += put_short(out, 0, gap << 2 | ONE) * usize::from(dirty);
+                cursor = if dirty { page + lo + 1 } else { cursor };
+                next += 1;
                 continue;
             }
-            let mut n = 0;
-            if rs != re {
-                n = put_varint_at(out, n, (rs - cursor) << 2 | ONE);
-                if re - rs > 1 {
-                    n = put_varint_at(out, n, (re - rs - 1) << 2 | DIRTY);
+            if w == 0 {
+                // A long clean stretch: skip it at once.
+                let rest = words.get(next + 1..).unwrap_or_default();
+                next += 1 + rest.iter().position(|&w| w != 0).unwrap_or(rest.len());
+                continue;
+            }
+            let carry = rs != re && re == page;
+            let starts = w & !(w << 1 | u64::from(carry));
+            if w != u64::MAX && run_ops(starts, w) <= RAW_OPS {
+                // As runs.
+                next += 1;
+                let mut rest = w;
+                if carry && rest & 1 == 1 {
+                    // The pending run goes on into this word (not to its end: `w` is mixed).
+                    let n = rest.trailing_ones();
+                    re += u64::from(n);
+                    rest &= !mask(0, n);
                 }
+                if rest == 0 {
+                    continue;
+                }
+                let mut n = 0;
+                if rs != re {
+                    n = put_run(out, n, rs..re, cursor);
+                    cursor = re;
+                    (rs, re) = (0, 0);
+                }
+                let (pending, c, m) = word_runs(out, rest, page, cursor, n);
+                if let Some(r) = pending {
+                    (rs, re) = (r.start, r.end);
+                }
+                used += m;
+                cursor = c;
+                continue;
+            }
+            // A fully dirty word or a stretch of raw ones: the pending run first, unless
+            // the fully dirty words lengthen it.
+            let mut n = 0;
+            if rs != re && !(carry && w == u64::MAX) {
+                n = put_run(out, n, rs..re, cursor);
                 cursor = re;
                 (rs, re) = (0, 0);
             }
-            let (pending, c, m) = word_runs(out, rest, page, cursor, n);
-            if let Some(r) = pending {
-                (rs, re) = (r.start, r.end);
+            let rest = words.get(next + 1..).unwrap_or_default();
+            if w == u64::MAX {
+                let full = 1 + rest.iter().position(|&w| w != u64::MAX).unwrap_or(rest.len());
+                if rs == re {
+                    rs = page;
+                }
+                next += full;
+                re = page + full as u64 * WORD_BITS;
+                used += n;
+                continue;
             }
-            used += m;
-            cursor = c;
+            // The run is stored: count it, whatever follows.
+            used += n;
+            let gap = page - cursor;
+            let mut h = 0;
+            if gap > 0 {
+                h = put_varint_at(out, h + n, gap << 2 | CLEAN) - n;
+            }
+            // As many raw words as follow and fit (at least 1: `limit` leaves room),
+            // under one `WORDS` header of at most 3 bytes (the budget is below 2^16).
+            let fit = self.budget.saturating_sub(used + h + 3) / WORD_BYTES;
+            if fit == 0 {
+                // Not reached; the general path would start a record for the word.
+                break;
+            }
+            let more = rest.iter().take(fit - 1).position(|&w| !goes_raw(w));
+            let count = 1 + more.unwrap_or(rest.len().min(fit - 1));
+            h = put_varint_at(out, h + n, (count as u64) << 2 | WORDS) - n;
+            let at = used + h;
+            let (Some(src), Some(dst)) = (words.get(next..next + count), self.ops.get_mut(at..at + count * WORD_BYTES))
+            else {
+                // Not reached: `count` words are there and fit. The headers stay uncounted.
+                break;
+            };
+            for (d, s) in dst.as_chunks_mut::<WORD_BYTES>().0.iter_mut().zip(src) {
+                *d = s.to_le_bytes();
+            }
+            used = at + count * WORD_BYTES;
+            next += count;
+            cursor = page + count as u64 * WORD_BITS;
         }
         (self.next, self.cursor, self.used, self.run) = (next, cursor, used, rs..re);
     }
@@ -587,10 +658,29 @@ const fn run_ops(starts: u64, w: u64) -> u32 {
     (starts | (starts << 1 & w)).count_ones()
 }
 
+/// Whether a word that follows a raw word goes raw too: it has more than
+/// [`STAY_RAW_OPS`] operations as runs (so it is neither clean nor fully dirty).
+#[inline(always)]
+const fn goes_raw(w: u64) -> bool {
+    run_ops(w & !(w << 1), w) > STAY_RAW_OPS
+}
+
+/// Store the operations of dirty pages `run` (not empty) at `out[n..]`, the cursor at
+/// page `cursor`: `ONE gap`, then `DIRTY len-1` if longer than a page. Returns the index
+/// past them.
+#[inline(always)]
+fn put_run(out: &mut [u8; SLACK], mut n: usize, run: Range<u64>, cursor: u64) -> usize {
+    n = put_varint_at(out, n, (run.start - cursor) << 2 | ONE);
+    if run.end - run.start > 1 {
+        n = put_varint_at(out, n, (run.end - run.start - 1) << 2 | DIRTY);
+    }
+    n
+}
+
 /// The runs of `rest` (not 0), the dirty pages of the word at `page`, encoded into
 /// `out` from byte `n` with the cursor at page `cursor`; a run reaching the word's end
 /// is not encoded but returned, to go on into the next word. Returns (that run, the new
-/// cursor, the new length). Shared by `Records::run_words` and `Records::runs`; always
+/// cursor, the new length). Shared by `Records::fast` and `Records::runs`; always
 /// inlined, so each keeps its registers.
 #[inline(always)]
 fn word_runs(
@@ -630,6 +720,11 @@ fn word_runs(
                 o.copy_from_slice(&pair.to_le_bytes());
             }
             n += 2 - usize::from(more == 0);
+        } else if gap < 1 << 12 {
+            // One or two bytes each (`more` is below 64), stored the same way.
+            n = put_short(out, n, gap << 2 | ONE);
+            let m = put_short(out, n, more << 2 | DIRTY);
+            n += (m - n) * usize::from(more > 0);
         } else {
             n = put_varint_at(out, n, gap << 2 | ONE);
             if more > 0 {
@@ -638,6 +733,20 @@ fn word_runs(
         }
     }
     (pending, page.wrapping_add(c), n)
+}
+
+/// Store `v < 2^14` as a one- or two-byte varint at `out[n..]`, without a branch;
+/// returns the index past it. Indices wrap within the window.
+#[inline(always)]
+fn put_short(out: &mut [u8; SLACK], n: usize, v: u64) -> usize {
+    let long = u64::from(v >= 0x80);
+    let pair = (v & 0x7f | long << 7 | (v >> 7) << 8) as u16;
+    let i = n & WRAP;
+    if let Some(o) = out.get_mut(i..i + 2) {
+        // Always: `i + 2 <= SLACK`.
+        o.copy_from_slice(&pair.to_le_bytes());
+    }
+    n + 1 + long as usize
 }
 
 /// Store `v` as a varint at `out[n..]`; returns the index past it. Indices wrap within
