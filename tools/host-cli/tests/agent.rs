@@ -120,6 +120,19 @@ impl World {
     fn refusals(&self) -> Vec<Value> {
         self.agent.audit_lines().into_iter().filter(|l| l["decision"] == "refused").collect()
     }
+
+    /// The refusals once one matches `want` (or after 5 s): the agent writes a refusal
+    /// after it has dropped the connection, so the client can exit first.
+    fn refusals_with(&self, want: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let refused = self.refusals();
+            if refused.iter().any(&want) || start.elapsed() > Duration::from_secs(5) {
+                return refused;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 fn one_line(s: &str) -> &str {
@@ -141,11 +154,9 @@ fn roles_decide_and_a_read_only_destroy_changes_nothing() {
     assert!(e.contains("domain-destroy needs admin"), "{e}");
     assert_eq!(w.domains(), vec![1, 2], "the domain is still there");
     assert!(!w.requests().iter().any(|r| r.contains("destroy")), "{:?}", w.requests());
-    let refused = w.refusals();
-    assert!(
-        refused.iter().any(|l| l["identity"] == "viewer" && l["request"] == "domain-destroy" && l["hypervisor"] == "h"),
-        "{refused:?}"
-    );
+    let want = |l: &Value| l["identity"] == "viewer" && l["request"] == "domain-destroy" && l["hypervisor"] == "h";
+    let refused = w.refusals_with(want);
+    assert!(refused.iter().any(want), "{refused:?}");
 
     let o = w.hvctl("ops", &["domain", "destroy", "2"]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
@@ -171,11 +182,9 @@ fn a_client_without_a_certificate_is_refused_and_nothing_happens() {
     assert!(e.contains("requires a client certificate"), "{e}");
     assert_eq!(w.domains(), vec![1, 2]);
     assert!(w.requests().is_empty(), "{:?}", w.requests());
-    assert!(
-        w.refusals().iter().any(|l| l["reason"].as_str().unwrap_or("").contains("TLS handshake")),
-        "{:?}",
-        w.refusals()
-    );
+    let want = |l: &Value| l["reason"].as_str().unwrap_or("").contains("TLS handshake");
+    let refused = w.refusals_with(want);
+    assert!(refused.iter().any(want), "{refused:?}");
 }
 
 #[test]
@@ -205,7 +214,9 @@ fn an_identity_not_on_the_allow_list_is_refused_and_nothing_happens() {
     assert!(e.contains("refused the connection") && e.contains("\"mallory\" is not on this agent's allow-list"), "{e}");
     assert_eq!(w.domains(), vec![1, 2]);
     assert!(w.requests().is_empty(), "{:?}", w.requests());
-    assert!(w.refusals().iter().any(|l| l["reason"].as_str().unwrap_or("").contains("mallory")), "{:?}", w.refusals());
+    let want = |l: &Value| l["reason"].as_str().unwrap_or("").contains("mallory");
+    let refused = w.refusals_with(want);
+    assert!(refused.iter().any(want), "{refused:?}");
 }
 
 #[test]
@@ -363,7 +374,9 @@ fn garbage_oversize_frames_and_slowloris_cost_only_their_own_connection() {
     assert_eq!(o.status.code(), Some(0), "still served: {}", stderr(&o));
     assert_eq!(w.domains(), vec![1, 2]);
 
-    let reasons: Vec<String> = w.refusals().iter().map(|l| l["reason"].as_str().unwrap_or("").to_string()).collect();
+    let reason = |l: &Value| l["reason"].as_str().unwrap_or("").to_string();
+    let reasons: Vec<String> =
+        w.refusals_with(|l| reason(l).contains("TLS handshake failed")).iter().map(reason).collect();
     let has = |s: &str| reasons.iter().any(|r| r.contains(s));
     assert!(has("over this agent's limit of 4096"), "{reasons:?}");
     assert!(has("not an agent protocol message") || has("no hello"), "{reasons:?}");
@@ -383,7 +396,9 @@ fn connections_over_the_limit_are_closed_and_served_again_once_one_leaves() {
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(one_line(&stderr(&o)).contains("closed the connection"), "{}", stderr(&o));
     assert!(w.requests().is_empty(), "{:?}", w.requests());
-    assert!(w.refusals().iter().any(|l| l["reason"] == "1 connections open, the limit"), "{:?}", w.refusals());
+    let want = |l: &Value| l["reason"] == "1 connections open, the limit";
+    let refused = w.refusals_with(want);
+    assert!(refused.iter().any(want), "{refused:?}");
     drop(holder);
     let start = Instant::now();
     loop {
