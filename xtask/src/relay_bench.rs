@@ -120,10 +120,25 @@ fn connect(session: &Session) -> Result<RawClient> {
     Ok(client)
 }
 
-/// Median of `v` (sorted in place).
+/// Median of `v` (sorted in place; the mean of the middle two for an even count).
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    let n = v.len();
+    match (v.get(n / 2), n % 2) {
+        (Some(hi), 0) => v.get(n / 2 - 1).map_or(f64::NAN, |lo| (lo + hi) / 2.0),
+        (Some(m), _) => *m,
+        (None, _) => f64::NAN,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(super::median(&mut [3.0, 1.0]), 2.0);
+        assert_eq!(super::median(&mut [5.0, 1.0, 3.0]), 3.0);
+        assert!(super::median(&mut []).is_nan());
+    }
 }
 
 /// One run's figures.
