@@ -131,16 +131,6 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
-        assert_eq!(super::median(&mut [3.0, 1.0]), 2.0);
-        assert_eq!(super::median(&mut [5.0, 1.0, 3.0]), 3.0);
-        assert!(super::median(&mut []).is_nan());
-    }
-}
-
 /// One run's figures.
 struct Run {
     raw: Raw,
@@ -252,4 +242,14 @@ fn run(ctx: &mut Ctx, runs: usize) -> Result<()> {
         mbs(discard_p),
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(super::median(&mut [3.0, 1.0]), 2.0);
+        assert_eq!(super::median(&mut [5.0, 1.0, 3.0]), 3.0);
+        assert!(super::median(&mut []).is_nan());
+    }
 }
