@@ -40,8 +40,10 @@ const WRITER_MIB: u64 = 64;
 /// this size never converges on TCG: the bench measures the stream, not convergence).
 const MAX_ROUNDS: &str = "2";
 const DOWNTIME_MS: &str = "30000";
-/// Raw pieces per measurement (each MAX_BENCH_DATA bytes: 12 MB).
-const RAW_PIECES: usize = 200;
+/// Raw pieces per measurement (each MAX_BENCH_DATA bytes: 6 MB), and measurements per
+/// figure (the median is kept: a loaded core stalls one of them now and then).
+const RAW_PIECES: usize = 100;
+const RAW_REPEATS: usize = 3;
 /// Requests in flight for the pipelined raw figure (the core answers up to 4 per turn).
 const WINDOW: usize = 4;
 
@@ -103,14 +105,18 @@ fn rate(client: &mut RawClient, make: fn() -> Request, pieces: usize, window: us
 }
 
 /// Fill from `from` (the source, its writer running), discard into `to` (the
-/// destination, idle), stop-and-wait and pipelined.
+/// destination, idle), stop-and-wait and pipelined, interleaved; each the median of
+/// [`RAW_REPEATS`] measurements.
 fn raw(from: &mut RawClient, to: &mut RawClient) -> Result<Raw> {
-    Ok(Raw {
-        fill: rate(from, fill_request, RAW_PIECES, 1)?,
-        discard: rate(to, discard_request, RAW_PIECES, 1)?,
-        fill_pipelined: rate(from, fill_request, RAW_PIECES, WINDOW)?,
-        discard_pipelined: rate(to, discard_request, RAW_PIECES, WINDOW)?,
-    })
+    let mut all: [Vec<f64>; 4] = Default::default();
+    for _ in 0..RAW_REPEATS {
+        all[0].push(rate(from, fill_request, RAW_PIECES, 1)?);
+        all[1].push(rate(to, discard_request, RAW_PIECES, 1)?);
+        all[2].push(rate(from, fill_request, RAW_PIECES, WINDOW)?);
+        all[3].push(rate(to, discard_request, RAW_PIECES, WINDOW)?);
+    }
+    let [fill, discard, fill_pipelined, discard_pipelined] = all.map(|mut v| median(&mut v));
+    Ok(Raw { fill, discard, fill_pipelined, discard_pipelined })
 }
 
 fn connect(session: &Session) -> Result<RawClient> {
@@ -172,8 +178,8 @@ fn run(ctx: &mut Ctx, runs: usize) -> Result<()> {
     std::thread::sleep(Duration::from_secs(2));
     println!(
         "bench relay: memwriter rewriting {WRITER_MIB} MiB of {GUEST_MEMORY}, hvctl migrate --max-rounds {MAX_ROUNDS} \
-         --downtime {DOWNTIME_MS}; raw: {RAW_PIECES} pieces of {MAX_BENCH_DATA} bytes each way per run, one at a \
-         time and {WINDOW} in flight, on one connection per hypervisor held for the whole run"
+         --downtime {DOWNTIME_MS}; raw: medians of {RAW_REPEATS} × {RAW_PIECES} pieces of {MAX_BENCH_DATA} bytes each \
+         way per run, one at a time and {WINDOW} in flight, on one connection per hypervisor held for the whole run"
     );
     let mut results = Vec::new();
     let mut on_src = true;
