@@ -393,6 +393,22 @@ pub enum Request {
     /// Answered by [`Response::HostCpuid`]; `hvctl cpuid dump/level/check` use it to
     /// level a fleet without logging in to each host.
     HostCpuid,
+    /// (v9) Transport benchmark, hypervisor → client: answered by
+    /// [`Response::BenchData`] with `len` (≤ [`MAX_BENCH_DATA`]) zero bytes. Nothing
+    /// else happens: it measures what the control connection carries in the direction
+    /// a `MigrateRead` moves the stream (`cargo xtask bench relay`).
+    BenchFill {
+        /// Bytes wanted (more than [`MAX_BENCH_DATA`] is refused).
+        len: u32,
+    },
+    /// (v9) Transport benchmark, client → hypervisor: the hypervisor drops `bytes`
+    /// (≤ [`MAX_BENCH_DATA`]) and answers [`Response::BenchDiscarded`] with their
+    /// count: the direction a `MigrateWrite` moves the stream.
+    BenchDiscard {
+        /// Bytes to carry and forget.
+        #[serde(with = "crate::bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// One CPUID result in [`HostCpuidReport`]: the same fields, in the same order, as
@@ -421,6 +437,10 @@ pub struct HostCpuidReport {
 /// The most stream bytes one `MigrateRead` answer or `MigrateWrite` request carries
 /// (a frame's payload is at most [`MAX_FRAME_LEN`](crate::MAX_FRAME_LEN)).
 pub const MAX_MIGRATE_DATA: usize = 60 * 1024;
+
+/// The most bytes one [`Request::BenchFill`] answer or [`Request::BenchDiscard`]
+/// carries (v9): a migration piece's size, so the benchmark moves what the relay does.
+pub const MAX_BENCH_DATA: usize = MAX_MIGRATE_DATA;
 
 /// Log-dirty counters.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -603,7 +623,7 @@ pub struct ConsoleChunk {
 
 impl Request {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 33;
+    pub const VARIANTS: u32 = 35;
 
     /// The service that owns this request: the router's table.
     pub const fn service(&self) -> ServiceId {
@@ -620,7 +640,9 @@ impl Request {
             | Self::ImageChunk { .. }
             | Self::ImageCancel { .. }
             | Self::DomainConsoleInput { .. }
-            | Self::HostCpuid => ServiceId::Core,
+            | Self::HostCpuid
+            | Self::BenchFill { .. }
+            | Self::BenchDiscard { .. } => ServiceId::Core,
             Self::MonitorHwInfo
             | Self::MonitorAttach { .. }
             | Self::MonitorDetach { .. }
@@ -680,6 +702,8 @@ impl Request {
             Self::ImageCancel { .. } => "image-cancel",
             Self::DomainConsoleInput { .. } => "domain-console-input",
             Self::HostCpuid => "host-cpuid",
+            Self::BenchFill { .. } => "bench-fill",
+            Self::BenchDiscard { .. } => "bench-discard",
         }
     }
 }
@@ -742,11 +766,22 @@ pub enum Response {
     },
     /// (v7) Answer to [`Request::HostCpuid`].
     HostCpuid(HostCpuidReport),
+    /// (v9) Answer to [`Request::BenchFill`]: the bytes asked for.
+    BenchData {
+        /// `len` zero bytes.
+        #[serde(with = "crate::bytes")]
+        bytes: Vec<u8>,
+    },
+    /// (v9) Answer to [`Request::BenchDiscard`]: how many bytes arrived (and were dropped).
+    BenchDiscarded {
+        /// The request's byte count.
+        len: u32,
+    },
 }
 
 impl Response {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 18;
+    pub const VARIANTS: u32 = 20;
 
     /// The error, if this is [`Response::Error`].
     pub const fn error(&self) -> Option<&ErrorReply> {

@@ -100,6 +100,8 @@ fn request() -> impl Strategy<Value = Request> {
             .prop_map(|(upload, offset, bytes, crc32c)| Request::ImageChunk { upload, offset, bytes, crc32c }),
         (any::<u32>(), vec(any::<u8>(), 0..300)).prop_map(|(id, bytes)| Request::DomainConsoleInput { id, bytes }),
         Just(Request::HostCpuid),
+        any::<u32>().prop_map(|len| Request::BenchFill { len }),
+        vec(any::<u8>(), 0..2000).prop_map(|bytes| Request::BenchDiscard { bytes }),
     ]
 }
 
@@ -115,6 +117,8 @@ fn response() -> impl Strategy<Value = Response> {
                 recs.into_iter().map(|(leaf, subleaf, regs)| wire::CpuidLeaf { leaf, subleaf, regs }).collect();
             Response::HostCpuid(wire::HostCpuidReport { source, records })
         }),
+        vec(any::<u8>(), 0..2000).prop_map(|bytes| Response::BenchData { bytes }),
+        any::<u32>().prop_map(|len| Response::BenchDiscarded { len }),
     ]
 }
 

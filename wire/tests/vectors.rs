@@ -48,7 +48,7 @@ fn status(service: ServiceId, state: ServiceState, handled: u64, errors: u64, de
 fn vectors() -> Vec<Vector> {
     let info = InfoReport {
         hv_version: "0.1.0 (5a3cac6)".to_string(),
-        protocol_version: 8,
+        protocol_version: 9,
         uptime_ns: 3_800_000_000,
         capabilities: [("v", "1"), ("vendor", "AuthenticAMD"), ("family", "23"), ("virt", "svm"), ("svm.npt", "1")]
             .iter()
@@ -394,6 +394,10 @@ fn vectors() -> Vec<Vector> {
                 ],
             })),
         ),
+        v("request_bench_fill", 47, Msg::Request(Request::BenchFill { len: 4 })),
+        v("response_bench_data", 47, Msg::Response(Response::BenchData { bytes: vec![0; 4] })),
+        v("request_bench_discard", 48, Msg::Request(Request::BenchDiscard { bytes: vec![0xa5; 3] })),
+        v("response_bench_discarded", 48, Msg::Response(Response::BenchDiscarded { len: 3 })),
         v("stream_chunk_first", 9, Msg::Chunk(StreamChunk::new(1, 0, false, (0u8..32).collect()))),
         v("stream_chunk_last", 9, Msg::Chunk(StreamChunk::new(1, 1, true, vec![]))),
     ];

@@ -22,6 +22,7 @@ mod linux_tests;
 mod migration_linux_bench;
 mod migration_tests;
 mod prometheus_tests;
+mod relay_bench;
 mod serial;
 mod serial_control_tests;
 mod serial_relay;
@@ -158,10 +159,11 @@ enum Command {
     /// default 3), the exits of a 64 MiB Linux guest booting and idle, and how many such
     /// guests reach their init on one 2 GiB instance (`--cap`, default 24), written to
     /// target/xtask/runs/bench-linux.json; `agent` ping through a host agent against
-    /// direct, and migration through two agents against today's relay (`--runs`).
+    /// direct, and migration through two agents against today's relay (`--runs`); `relay`
+    /// hvctl's migration relay (pages/s, bytes/s) against the raw vsock rates of the same run.
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["boot", "control", "serial", "exits", "dirty", "migration", "migration-linux", "linux-baseline", "linux", "agent"])]
+        #[arg(value_parser = ["boot", "control", "serial", "exits", "dirty", "migration", "migration-linux", "linux-baseline", "linux", "agent", "relay"])]
         what: String,
         /// boot: runs per platform (the median is reported); control: requests per kind
         /// (default 1000).
@@ -224,6 +226,7 @@ fn main() -> ExitCode {
         Command::Bench { what, runs, .. } if what == "migration-linux" => {
             migration_linux_bench::bench(runs.unwrap_or(1))
         }
+        Command::Bench { what, runs, .. } if what == "relay" => relay_bench::bench(runs.unwrap_or(2)),
         Command::Bench { what, .. } if what == "migration" => {
             tools::cargo(&["bench", "-p", "migration_svc", "--bench", "convergence"])
         }

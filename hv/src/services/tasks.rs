@@ -213,6 +213,34 @@ pub struct MachineInfo {
     pub cpuid: wire::HostCpuidReport,
 }
 
+/// `BenchFill`'s answer: `len` zero bytes, at most `wire::MAX_BENCH_DATA`, allocated
+/// fallibly (the request decides the size).
+fn bench_fill(len: u32) -> Response {
+    let Ok(n) = usize::try_from(len) else { return Response::Error(bench_too_long(usize::MAX)) };
+    if n > wire::MAX_BENCH_DATA {
+        return Response::Error(bench_too_long(n));
+    }
+    let mut bytes = Vec::new();
+    if bytes.try_reserve_exact(n).is_err() {
+        return Response::Error(ErrorReply::new(
+            ErrorCode::OutOfMemory,
+            alloc::format!("out of memory: no heap for the {n} bytes of a bench-fill answer"),
+        ));
+    }
+    bytes.resize(n, 0);
+    Response::BenchData { bytes }
+}
+
+fn bench_too_long(n: usize) -> ErrorReply {
+    ErrorReply::new(
+        ErrorCode::Refused,
+        alloc::format!(
+            "{n} bytes of transport benchmark data in one request; at most {} are moved",
+            wire::MAX_BENCH_DATA
+        ),
+    )
+}
+
 /// The core task: answers Ping, Info and its own status.
 struct CoreService {
     machine: MachineInfo,
@@ -549,6 +577,11 @@ impl Runtime {
             }
             Ok(Request::DomainList) => Response::DomainList(domains.list()),
             Ok(Request::HostCpuid) => Response::HostCpuid(self.core.machine.cpuid.clone()),
+            Ok(Request::BenchFill { len }) => bench_fill(len),
+            Ok(Request::BenchDiscard { bytes }) => match u32::try_from(bytes.len()) {
+                Ok(len) if bytes.len() <= wire::MAX_BENCH_DATA => Response::BenchDiscarded { len },
+                _ => Response::Error(bench_too_long(bytes.len())),
+            },
             Ok(Request::DomainPause { id }) => {
                 domains.set_paused(id, true).map_or_else(Response::Error, |()| Response::Done)
             }
@@ -751,6 +784,45 @@ mod tests {
             [(_, 3, Response::HostCpuid(r))] => assert_eq!(r, &machine().cpuid),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn bench_requests_move_bytes_and_refuse_more_than_a_piece() {
+        let mut rt = Runtime::new(machine());
+        let max = wire::MAX_BENCH_DATA as u32;
+        rt.route(1, frame(1, &Request::BenchFill { len: max }));
+        rt.route(1, frame(2, &Request::BenchFill { len: 0 }));
+        rt.route(1, frame(3, &Request::BenchFill { len: max + 1 }));
+        rt.route(1, frame(4, &Request::BenchFill { len: u32::MAX }));
+        rt.run_once(None, &mut NoDomains);
+        rt.route(1, frame(5, &Request::BenchDiscard { bytes: vec![7; wire::MAX_BENCH_DATA] }));
+        rt.route(1, frame(6, &Request::BenchDiscard { bytes: vec![] }));
+        rt.route(1, frame(7, &Request::BenchDiscard { bytes: vec![7; wire::MAX_BENCH_DATA + 1] }));
+        rt.run_once(None, &mut NoDomains);
+        let got = responses(&mut rt);
+        match &got[..] {
+            [
+                (_, 1, Response::BenchData { bytes: full }),
+                (_, 2, Response::BenchData { bytes: empty }),
+                (_, 3, Response::Error(over)),
+                (_, 4, Response::Error(huge)),
+                (_, 5, Response::BenchDiscarded { len: taken }),
+                (_, 6, Response::BenchDiscarded { len: 0 }),
+                (_, 7, Response::Error(too_many)),
+            ] => {
+                assert!(full.len() == wire::MAX_BENCH_DATA && full.iter().all(|b| *b == 0));
+                assert!(empty.is_empty());
+                assert_eq!(*taken, max);
+                for e in [over, huge, too_many] {
+                    assert_eq!(e.code, ErrorCode::Refused, "{e}");
+                    assert!(e.message.contains("at most 61440"), "{e}");
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+        // A full answer fits one frame.
+        let bytes = encode_reply(1, &Response::BenchData { bytes: vec![0; wire::MAX_BENCH_DATA] });
+        assert!(bytes.len() <= wire::HEADER_LEN + wire::MAX_FRAME_LEN);
     }
 
     #[test]

@@ -300,6 +300,16 @@ pub(crate) trait Endpoint {
     fn call(&mut self, request: &Request) -> Result<Response, CliError>;
     /// `vsock`, `serial` or `tls` (a serial end sizes requests by the line's rate).
     fn transport(&self) -> &'static str;
+    /// Send a request without waiting for its answer, where this end keeps answers in
+    /// order for [`Endpoint::recv`]: its id. `None` where it does not (the relay then
+    /// makes one `call` at a time).
+    fn send(&mut self, _request: &Request) -> Option<Result<u64, CliError>> {
+        None
+    }
+    /// The next answer to a request given to [`Endpoint::send`], and its id.
+    fn recv(&mut self) -> Result<(u64, Response), CliError> {
+        Err(err("this end answers one call at a time"))
+    }
 }
 
 impl Endpoint for Client {
@@ -308,6 +318,14 @@ impl Endpoint for Client {
     }
     fn transport(&self) -> &'static str {
         self.target.transport()
+    }
+    /// Over vsock only: a serial line sizes each request by the time it took, and an
+    /// agent's link is left as it is.
+    fn send(&mut self, request: &Request) -> Option<Result<u64, CliError>> {
+        (self.target.transport() == "vsock").then(|| Client::send(self, request))
+    }
+    fn recv(&mut self) -> Result<(u64, Response), CliError> {
+        Client::recv(self)
     }
 }
 
@@ -568,6 +586,11 @@ struct Relay<'a> {
     last_write: Instant,
     /// How much one request moves (smaller over a serial line).
     sizer: ChunkSizer,
+    /// The id of the `MigrateRead` sent ahead (while the last piece was written to the
+    /// destination), not yet answered.
+    ahead: Option<u64>,
+    /// Its answer, once collected before another request to the source.
+    ahead_answer: Option<Result<Response, CliError>>,
 }
 
 fn over(state: Option<SendState>) -> bool {
@@ -609,8 +632,51 @@ impl Relay<'_> {
         self.track.status = Some(s);
     }
 
+    /// The answer to the read sent ahead, if one is out: collected before any other
+    /// request to the source (answers come in order, and its bytes must not be lost).
+    fn settle_ahead(&mut self) {
+        if let Some(id) = self.ahead.take() {
+            let answer = loop {
+                match self.src.recv() {
+                    Ok((got, response)) if got == id => break Ok(response),
+                    Ok(_) => {}
+                    Err(e) => break Err(e),
+                }
+            };
+            self.ahead_answer = Some(answer);
+        }
+    }
+
+    /// The next read's answer: the one sent ahead, or a new call.
+    fn read_answer(&mut self) -> Result<Response, CliError> {
+        self.settle_ahead();
+        if let Some(answer) = self.ahead_answer.take() {
+            return answer;
+        }
+        self.src.call(&Request::MigrateRead { session: self.session, max_bytes: self.sizer.chunk() as u32 })
+    }
+
+    /// While the source sends pages, ask for the next piece before writing this one:
+    /// the source prepares and sends it while the destination takes the last, instead
+    /// of each piece paying both transfers in turn (`cargo xtask bench relay`).
+    fn read_ahead(&mut self, state: SendState) {
+        if self.ahead.is_some() || self.ahead_answer.is_some() {
+            return;
+        }
+        if !matches!(state, SendState::Precopy | SendState::StopAndCopy) {
+            return;
+        }
+        let read = Request::MigrateRead { session: self.session, max_bytes: self.sizer.chunk() as u32 };
+        match self.src.send(&read) {
+            Some(Ok(id)) => self.ahead = Some(id),
+            Some(Err(e)) => self.ahead_answer = Some(Err(e)),
+            None => {}
+        }
+    }
+
     /// Hand the source a verdict; its progress after it.
     fn verdict(&mut self, verdict: PeerVerdict) -> Result<MigrateProgress, CliError> {
+        self.settle_ahead();
         match self.src.call(&Request::MigrateVerdict { session: self.session, verdict })? {
             Response::MigrateProgress(p) => {
                 self.on_progress((*p).clone());
@@ -675,6 +741,7 @@ impl Relay<'_> {
             // cancel a session that is over.
             format!("the source's migration was already {}", self.track.progress.as_ref().map_or("over", state_name))
         } else {
+            self.settle_ahead();
             match self.src.call(&Request::MigrateCancel { domain }) {
                 Ok(Response::MigrateProgress(p)) => {
                     // Not `on_progress`: the progress line is finished.
@@ -732,9 +799,8 @@ impl Relay<'_> {
             if let Some(by) = self.line.cancelled() {
                 return Err(self.interrupted(by));
             }
-            let read = Request::MigrateRead { session: self.session, max_bytes: self.sizer.chunk() as u32 };
             let asked = Instant::now();
-            let answer = self.src.call(&read);
+            let answer = self.read_answer();
             if let Ok(Response::MigrateData { data, .. }) = &answer
                 && self.src.transport() == "serial"
             {
@@ -764,6 +830,7 @@ impl Relay<'_> {
                 _ => {}
             }
             if !data.is_empty() {
+                self.read_ahead(state);
                 self.push(data)?;
                 if let Some(done) = self.check_sink()? {
                     return Ok(done);
@@ -1029,6 +1096,8 @@ pub(crate) fn relay_between(
         last_change: Instant::now(),
         last_write: Instant::now(),
         sizer: ChunkSizer::new(serial),
+        ahead: None,
+        ahead_answer: None,
     }
     .run()
 }
@@ -1178,6 +1247,8 @@ fn relay_save(
         last_change: Instant::now(),
         last_write: Instant::now(),
         sizer,
+        ahead: None,
+        ahead_answer: None,
     }
     .run()
 }

@@ -82,6 +82,9 @@ pub fn classify(r: &Request) -> (&'static str, Role) {
         Request::ImageChunk { .. } => ("image-chunk", Admin),
         Request::ImageCancel { .. } => ("image-cancel", Admin),
         Request::HostCpuid => ("host-cpuid", ReadOnly),
+        // Transport benchmark: changes nothing, costs what a ping of the same size does.
+        Request::BenchFill { .. } => ("bench-fill", ReadOnly),
+        Request::BenchDiscard { .. } => ("bench-discard", ReadOnly),
     }
 }
 
@@ -732,6 +735,8 @@ mod tests {
             Request::DirtyPeek { domain: 1, clean: false },
             Request::DirtyTrackPeek { domain: 1, clean: false },
             Request::HostCpuid,
+            Request::BenchFill { len: 4 },
+            Request::BenchDiscard { bytes: vec![0; 4] },
         ];
         for r in &read_only {
             assert_eq!(classify(r).1, Role::ReadOnly, "{r:?}");
