@@ -129,32 +129,17 @@ pub fn bench(runs: usize) -> Result<()> {
     let (mut ours_runs, mut peer_runs) = (Vec::new(), Vec::new());
     let (mut ours_json, mut peer_json) = (Vec::new(), Vec::new());
     for i in 1..=runs.max(1) {
-        let load_before = load();
-        println!("  run {i} QEMU: two -M microvm processes, QMP `migrate` to -incoming unix: (load {load_before}) ...");
-        match peer(&assets, &cmdline, &sha, i) {
-            Ok(m) => {
-                println!("  run {i} QEMU: {}; load {}", summary(&m), load());
-                peer_json.push(json!({"run": i, "ok": true, "load_before": load_before, "load_after": load(), "measured": to_json(&m)}));
-                peer_runs.push(m);
-            }
-            Err(e) => {
-                println!("  run {i} QEMU: FAILED: {e}");
-                peer_json.push(json!({"run": i, "ok": false, "load_before": load_before, "error": e}));
-            }
-        }
-        let load_before = load();
-        println!("  run {i} ours: two hypervisor instances, `hvctl migrate` (load {load_before}) ...");
-        match ours(&esp, i) {
-            Ok(m) => {
-                println!("  run {i} ours: {}; load {}", summary(&m), load());
-                ours_json.push(json!({"run": i, "ok": true, "load_before": load_before, "load_after": load(), "measured": to_json(&m)}));
-                ours_runs.push(m);
-            }
-            Err(e) => {
-                println!("  run {i} ours: FAILED: {e}");
-                ours_json.push(json!({"run": i, "ok": false, "load_before": load_before, "error": e}));
-            }
-        }
+        run_side(
+            i,
+            "QEMU",
+            "two -M microvm processes, QMP `migrate` to -incoming unix:",
+            &mut peer_runs,
+            &mut peer_json,
+            || peer(&assets, &cmdline, &sha, i),
+        );
+        run_side(i, "ours", "two hypervisor instances, `hvctl migrate`", &mut ours_runs, &mut ours_json, || {
+            ours(&esp, i)
+        });
     }
     let load_end = load();
     let ours_m = medians(&ours_runs);
@@ -315,6 +300,31 @@ fn qemu_version() -> Result<String> {
 }
 
 // ---- Ours ----
+
+/// Run one side (`who`: "QEMU" or "ours") of run `i`, print its line and keep its
+/// measurement (or its error) in `runs` and `json`.
+fn run_side(
+    i: usize,
+    who: &str,
+    what: &str,
+    runs: &mut Vec<Measured>,
+    json: &mut Vec<serde_json::Value>,
+    measure: impl FnOnce() -> Result<Measured>,
+) {
+    let load_before = load();
+    println!("  run {i} {who}: {what} (load {load_before}) ...");
+    match measure() {
+        Ok(m) => {
+            println!("  run {i} {who}: {}; load {}", summary(&m), load());
+            json.push(json!({"run": i, "ok": true, "load_before": load_before, "load_after": load(), "measured": to_json(&m)}));
+            runs.push(m);
+        }
+        Err(e) => {
+            println!("  run {i} {who}: FAILED: {e}");
+            json.push(json!({"run": i, "ok": false, "load_before": load_before, "error": e}));
+        }
+    }
+}
 
 /// One migration of the workload guest between two hypervisor instances.
 fn ours(esp: &Esp, i: usize) -> Result<Measured> {
