@@ -195,17 +195,31 @@ fn arm<B: Backend>(
 
 /// The time-stamp counter (cycles; emulated instructions under Bochs).
 fn tsc() -> u64 {
-    // SAFETY: RDTSC only reads the time-stamp counter.
-    unsafe { x86::time::rdtsc() }
+    crate::drivers::time::now_ticks()
 }
 
-/// Charge a PML drain of `entries` entries that began at TSC `since` to every log.
-fn charge_drain<B: Backend>(d: &mut Domain<B>, since: u64, entries: u64) {
+/// Drain the PML buffers of `vcpus` straight into the logs (no copy of the entries)
+/// and charge the drain's cycles and entries to every log.
+fn drain_into_logs<B: Backend>(
+    vcpus: Range<usize>,
+    d: &mut Domain<B>,
+    pool: &mut FramePool,
+) -> Result<(), DomainError> {
+    let since = tsc();
+    let mut entries = 0;
+    let logs = &mut d.logs;
+    for slot in &mut d.vcpus[vcpus] {
+        slot.vcpu.drain_pml(pool, &mut |gpas| {
+            entries += gpas.len() as u64;
+            mark_logged(logs, gpas);
+        })?;
+    }
     let cycles = tsc().wrapping_sub(since);
     for log in d.logs.iter_mut().flatten() {
         log.drain_cycles += cycles;
         log.drained_entries += entries;
     }
+    Ok(())
 }
 
 fn flush_all<B: Backend>(d: &mut Domain<B>) -> Result<(), DomainError> {
@@ -306,19 +320,7 @@ impl<B: Backend> DirtyCtx<'_, B> {
         let d = &mut *self.d;
         let Some(mode) = logs_mode(d) else { return Ok(()) };
         match mode {
-            Mode::Pml => {
-                // Straight from each buffer into the logs: no copy of the entries.
-                let since = tsc();
-                let mut entries = 0;
-                let logs = &mut d.logs;
-                for slot in &mut d.vcpus {
-                    slot.vcpu.drain_pml(pool, &mut |gpas| {
-                        entries += gpas.len() as u64;
-                        mark_logged(logs, gpas);
-                    })?;
-                }
-                charge_drain(d, since, entries);
-            }
+            Mode::Pml => drain_into_logs(0..d.vcpus.len(), d, pool)?,
             Mode::Dbit => {
                 let dirty = <B::Paging as EntryFormat>::DIRTY;
                 let pages = d.memory_bytes / PAGE_SIZE;
@@ -530,17 +532,10 @@ pub(super) fn write_fault<B: Backend>(d: &mut Domain<B>, pool: &mut FramePool, g
 
 /// A PML-full exit of vCPU `vi`: drain its buffer into the logs.
 pub(super) fn pml_full<B: Backend>(d: &mut Domain<B>, pool: &mut FramePool, vi: usize) -> Result<(), DomainError> {
-    let since = tsc();
-    let mut entries = 0;
-    let logs = &mut d.logs;
-    d.vcpus[vi].vcpu.drain_pml(pool, &mut |gpas| {
-        entries += gpas.len() as u64;
-        mark_logged(logs, gpas);
-    })?;
+    drain_into_logs(vi..vi + 1, d, pool)?;
     for log in d.logs.iter_mut().flatten() {
         log.logging_exits += 1;
     }
-    charge_drain(d, since, entries);
     Ok(())
 }
 

@@ -209,10 +209,11 @@ fn send_ipi(apic_id: u32, low: u32) -> Result<(), &'static str> {
     }
     let base = apic_base & 0x000f_ffff_ffff_f000;
     let reg = |r: u64| (base + r) as *mut u32;
-    // SAFETY: the xAPIC registers are MMIO at the base IA32_APIC_BASE names, identity-
-    // mapped uncached by the firmware; ICR high then low is the documented order, and
-    // the IPI only reaches the one CPU named (INIT/STARTUP: it runs nothing of ours
-    // yet; a wake-up vector only ends its HLT).
+    // The xAPIC registers are MMIO at the base IA32_APIC_BASE names, identity-mapped
+    // uncached by the firmware; ICR high then low is the documented order. The IPI only
+    // reaches the one CPU named (INIT/STARTUP: it runs nothing of ours yet; a wake-up
+    // vector only ends its HLT).
+    // SAFETY: writes of this CPU's own ICR (above), naming one CPU.
     unsafe {
         core::ptr::write_volatile(reg(REG_ICR_HIGH), apic_id << 24);
         core::ptr::write_volatile(reg(REG_ICR_LOW), low);

@@ -121,17 +121,19 @@ impl FramePool {
         None
     }
 
-    /// Move `count` frames out of this pool into a pool of their own, for an owner that
-    /// allocates on another CPU (an application processor's backend and the tables of
-    /// its guests) without taking this pool's lock for every frame. The frames stay
-    /// allocated here for as long as the new pool lives: they are never handed out twice.
+    /// Move `count` frames out of this pool into a pool of their own, for an owner on
+    /// another CPU (an application processor's backend and the tables of its guests),
+    /// which cannot share this pool's `&mut`. The frames stay allocated here for as long
+    /// as the new pool lives: they are never handed out twice.
     pub fn split_off(&mut self, count: usize) -> Result<FramePool, MmError> {
         let base = self.alloc_contiguous_zeroed(count)?;
-        // SAFETY: `alloc_contiguous_zeroed` gave us `count` contiguous frames from
-        // `base`, inside the region `new`'s contract made ours (identity-mapped, 4 KiB
-        // aligned); they stay marked used here, so this pool never hands them out or
-        // refers to them again, and the new pool is their only owner.
-        Ok(unsafe { FramePool::new(base, count) })
+        // `alloc_contiguous_zeroed` gave us `count` contiguous frames from `base`, inside
+        // the region `new`'s contract made ours (identity-mapped, 4 KiB aligned); they
+        // stay marked used here, so this pool never hands them out or refers to them
+        // again, and the new pool is their only owner.
+        // SAFETY: frames of ours (above) that only the new pool will own.
+        let pool = unsafe { FramePool::new(base, count) };
+        Ok(pool)
     }
 
     /// Return a frame to the pool.
