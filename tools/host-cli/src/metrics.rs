@@ -6,7 +6,8 @@
 //! connections, one per hypervisor, since a serial line carries one session).
 //!
 //! Not for: alerting rules, history or rates (Prometheus computes `rate()` from the
-//! counters), nor TLS (the agent terminates it in front of [`serve_connection`]).
+//! counters), nor TLS (the agent terminates it in front of [`serve_connection`], with
+//! [`accept_loop`]'s limits).
 //!
 //! Every hypervisor of the set is reported: one that cannot be reached is `hv_up 0`
 //! with no other series, never a failed scrape and never left out; one request that
@@ -639,15 +640,30 @@ pub fn parse_request(head: &[u8]) -> HttpRequest {
     }
 }
 
+/// A stream [`serve_connection`] answers on: plain TCP, or the agent's TLS stream over
+/// it. Timeouts are set on the socket underneath (a TLS read that times out is the
+/// socket's read timing out).
+pub trait HttpStream: Read + Write {
+    /// The TCP socket carrying it.
+    fn socket(&self) -> &TcpStream;
+}
+
+impl HttpStream for TcpStream {
+    fn socket(&self) -> &TcpStream {
+        self
+    }
+}
+
 /// Read a request head from `stream`: the bytes up to the blank line, or the status
 /// to refuse with (too large, too slow, closed).
-fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, (u16, &'static str)> {
+pub fn read_head(stream: &mut impl HttpStream) -> Result<Vec<u8>, (u16, &'static str)> {
     let start = Instant::now();
     let mut head = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
     loop {
         let left = REQUEST_DEADLINE.checked_sub(start.elapsed()).ok_or((408, "Request Timeout"))?;
         stream
+            .socket()
             .set_read_timeout(Some(left.max(Duration::from_millis(1))))
             .map_err(|_| (500, "Internal Server Error"))?;
         let n = match stream.read(&mut buf) {
@@ -672,12 +688,20 @@ fn read_head(stream: &mut TcpStream) -> Result<Vec<u8>, (u16, &'static str)> {
     }
 }
 
-fn respond(stream: &mut TcpStream, status: u16, reason: &str, content_type: &str, body: &str, head_only: bool) {
+/// Write one whole answer (the connection closes after it).
+pub fn respond(
+    stream: &mut impl HttpStream,
+    status: u16,
+    reason: &str,
+    content_type: &str,
+    body: &str,
+    head_only: bool,
+) {
     let header = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    let _ = stream.set_write_timeout(Some(REQUEST_DEADLINE));
+    let _ = stream.socket().set_write_timeout(Some(REQUEST_DEADLINE));
     let _ = stream.write_all(header.as_bytes());
     if !head_only {
         let _ = stream.write_all(body.as_bytes());
@@ -685,18 +709,18 @@ fn respond(stream: &mut TcpStream, status: u16, reason: &str, content_type: &str
     let _ = stream.flush();
 }
 
-/// Serve one HTTP connection: one request, one answer, close. Public so the agent
-/// can call it on its own (TLS) streams' plain side.
-pub fn serve_connection(mut stream: TcpStream, set: &(dyn HypervisorSet + Sync)) {
-    match read_head(&mut stream).map(|h| parse_request(&h)) {
+/// Serve one HTTP request on `stream` and answer it; the caller closes the
+/// connection. Public so the agent can call it on the plain side of its TLS streams.
+pub fn serve_connection(stream: &mut impl HttpStream, set: &(dyn HypervisorSet + Sync)) {
+    match read_head(stream).map(|h| parse_request(&h)) {
         Ok(HttpRequest::Metrics { accept, head }) => {
             let format = Format::negotiate(accept.as_deref());
             let body = collect(set).render(format);
-            respond(&mut stream, 200, "OK", format.content_type(), &body, head);
+            respond(stream, 200, "OK", format.content_type(), &body, head);
         }
         Ok(HttpRequest::Refuse(code, reason)) | Err((code, reason)) => {
             let body = format!("{code} {reason}: this exporter serves GET /metrics\n");
-            respond(&mut stream, code, reason, "text/plain; charset=utf-8", &body, false);
+            respond(stream, code, reason, "text/plain; charset=utf-8", &body, false);
         }
     }
 }
@@ -705,9 +729,28 @@ pub fn serve_connection(mut stream: TcpStream, set: &(dyn HypervisorSet + Sync))
 /// (one slow client never holds up another), at most [`MAX_CONNECTIONS`] at once.
 /// Does not return while the listener lives.
 pub fn serve(listener: TcpListener, set: Arc<dyn HypervisorSet + Send + Sync>) -> Result<(), CliError> {
+    let full = |mut stream: TcpStream| {
+        let body = "too many connections\n";
+        respond(&mut stream, 503, "Service Unavailable", "text/plain; charset=utf-8", body, false);
+    };
+    accept_loop(listener, MAX_CONNECTIONS, full, move |mut stream| serve_connection(&mut stream, set.as_ref()));
+    Ok(())
+}
+
+/// Accept on `listener` for ever and run `each` on every connection in a thread of its
+/// own, at most `max` at once; a connection over the limit goes to `full` (on the
+/// accepting thread, so `full` must not wait for the client). The agent's TLS
+/// `/metrics` uses it with its own `each` (handshake, identity) and `full`.
+pub fn accept_loop(
+    listener: TcpListener,
+    max: usize,
+    full: impl Fn(TcpStream),
+    each: impl Fn(TcpStream) + Send + Sync + 'static,
+) {
+    let each = Arc::new(each);
     let active = Arc::new(AtomicUsize::new(0));
     for conn in listener.incoming() {
-        let mut stream = match conn {
+        let stream = match conn {
             Ok(s) => s,
             // A client that went away between SYN and accept: not the server's problem.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => continue,
@@ -719,28 +762,21 @@ pub fn serve(listener: TcpListener, set: Arc<dyn HypervisorSet + Send + Sync>) -
                 continue;
             }
         };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+        if active.fetch_add(1, Ordering::SeqCst) >= max {
             active.fetch_sub(1, Ordering::SeqCst);
-            respond(
-                &mut stream,
-                503,
-                "Service Unavailable",
-                "text/plain; charset=utf-8",
-                "too many connections\n",
-                false,
-            );
+            full(stream);
             continue;
         }
-        let (conn_set, conn_active) = (Arc::clone(&set), Arc::clone(&active));
+        let (conn_each, conn_active) = (Arc::clone(&each), Arc::clone(&active));
         let spawned = std::thread::Builder::new().name("metrics-http".into()).spawn(move || {
-            serve_connection(stream, conn_set.as_ref());
+            conn_each(stream);
             conn_active.fetch_sub(1, Ordering::SeqCst);
         });
         if spawned.is_err() {
+            // The thread never ran, so nobody else gives its slot back.
             active.fetch_sub(1, Ordering::SeqCst);
         }
     }
-    Ok(())
 }
 
 /// Arguments of `hvctl metrics`.

@@ -494,3 +494,135 @@ fn the_agent_serves_metrics_of_its_hypervisors_and_asks_them_only_reads() {
         );
     }
 }
+
+/// A rustls client config for the TLS `/metrics`: trusting the CA in `ca_dir`, offering
+/// client `name`'s certificate from `cert_dir` (`None`: no certificate).
+fn scraper(cert: Option<(&Path, &str)>, ca_dir: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca_dir.join("ca.pem")).unwrap()).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots);
+    let mut config = match cert {
+        Some((dir, name)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_file(dir.join(format!("{name}.pem"))).unwrap()],
+                PrivateKeyDer::from_pem_file(dir.join(format!("{name}.key"))).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    // As Prometheus (Go's net/http) offers them.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Arc::new(config)
+}
+
+/// One `GET /metrics` over TLS at `addr` (the agent's certificate names 127.0.0.2),
+/// asking for OpenMetrics as Prometheus does: the whole answer, or the error.
+fn get_metrics_tls(addr: &str, config: Arc<rustls::ClientConfig>) -> std::io::Result<String> {
+    let sock = TcpStream::connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let name = ServerName::try_from("127.0.0.2".to_string()).unwrap();
+    let conn = rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+    let mut s = rustls::StreamOwned::new(conn, sock);
+    s.write_all(
+        b"GET /metrics HTTP/1.1\r\nHost: agent\r\nAccept: application/openmetrics-text; version=1.0.0\r\nConnection: close\r\n\r\n",
+    )?;
+    s.flush()?;
+    let mut reply = Vec::new();
+    s.read_to_end(&mut reply)?;
+    Ok(String::from_utf8_lossy(&reply).into_owned())
+}
+
+/// A world whose agent serves `/metrics` over TLS (with `extra` config); its address.
+fn tls_metrics_world(name: &str, extra: &str) -> (World, String) {
+    let metrics = format!("127.0.0.2:{}", agent::free_port("127.0.0.2"));
+    let w = World::new(name, &format!("metrics_listen = \"{metrics}\"\nmetrics_tls = true\n{extra}"));
+    (w, metrics)
+}
+
+#[test]
+fn metrics_over_tls_are_openmetrics_for_listed_scrapers_and_403_for_unlisted_ones() {
+    let (w, metrics) = tls_metrics_world("metrics-tls", "");
+    // A read-only identity is enough: metrics are reads.
+    let reply = get_metrics_tls(&metrics, scraper(Some((&w.dir, "viewer")), &w.dir)).unwrap();
+    let (head, body) = reply.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\n"),
+        "{head}"
+    );
+    assert!(head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())), "{head}");
+    assert_eq!(common::openmetrics_problems(body), Vec::<String>::new(), "{body}");
+    for line in ["hv_up{hypervisor=\"h\"} 1", "hv_domain_info{hypervisor=\"h\",domain=\"2\",name=\"d2\"} 1"] {
+        assert!(body.lines().any(|l| l == line), "missing {line:?} in\n{body}");
+    }
+
+    // Signed by the agent's CA but not on the allow-list: refused in HTTP, said why,
+    // audited, and the hypervisor is not asked anything.
+    let asked = w.requests().len();
+    let reply = get_metrics_tls(&metrics, scraper(Some((&w.dir, "mallory")), &w.dir)).unwrap();
+    assert!(reply.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{reply}");
+    assert!(reply.contains("identity \"mallory\" is not on this agent's allow-list"), "{reply}");
+    assert_eq!(w.requests().len(), asked, "{:?}", w.requests());
+    let want = |l: &Value| l["event"] == "metrics" && l["identity"] == "mallory";
+    let refused = w.refusals_with(want);
+    assert!(refused.iter().any(want), "{refused:?}");
+}
+
+#[test]
+fn plain_http_to_the_tls_metrics_port_is_told_to_use_https() {
+    let (w, metrics) = tls_metrics_world("metrics-tls-plain", "");
+    let started = Instant::now();
+    let (status, body) = get_metrics(&metrics);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(status, "HTTP/1.1 400 Bad Request", "{body}");
+    assert!(body.contains(&format!("over TLS: scrape https://{metrics}/metrics")), "{body}");
+    assert!(w.requests().is_empty(), "{:?}", w.requests());
+    let want = |l: &Value| l["event"] == "metrics" && l["reason"].as_str().unwrap_or("").contains("plain HTTP");
+    let refused = w.refusals_with(want);
+    assert!(refused.iter().any(want), "{refused:?}");
+}
+
+#[test]
+fn metrics_over_tls_refuse_a_foreign_or_missing_client_certificate() {
+    let (w, metrics) = tls_metrics_world("metrics-tls-otherca", "");
+    // "ops" is on the allow-list, but this "ops" is signed by the other CA.
+    let foreign = get_metrics_tls(&metrics, scraper(Some((&w.other_ca, "ops")), &w.dir));
+    assert!(foreign.is_err(), "served: {foreign:?}");
+    let none = get_metrics_tls(&metrics, scraper(None, &w.dir));
+    assert!(none.is_err(), "served: {none:?}");
+    assert!(w.requests().is_empty(), "{:?}", w.requests());
+    let reason = |l: &Value| l["reason"].as_str().unwrap_or("").to_string();
+    let handshake = |l: &Value| l["event"] == "metrics" && reason(l).contains("TLS handshake failed");
+    let refused = w.refusals_with(|l| w.refusals().iter().filter(|l| handshake(l)).count() >= 2 && handshake(l));
+    let reasons: Vec<String> = refused.iter().filter(|l| handshake(l)).map(reason).collect();
+    assert!(reasons.iter().any(|r| r.contains("not signed by our CA")), "{reasons:?}");
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+}
+
+#[test]
+fn a_stalled_tls_handshake_on_metrics_does_not_hold_up_another_scrape() {
+    let (w, metrics) = tls_metrics_world("metrics-tls-stall", "handshake_timeout_secs = 4");
+    // One says nothing; one stops half-way through its ClientHello.
+    let silent = TcpStream::connect(&metrics).unwrap();
+    let mut half = TcpStream::connect(&metrics).unwrap();
+    half.write_all(&[0x16, 0x03, 0x01, 0x00, 0x40, 0x01, 0x00]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let reply = get_metrics_tls(&metrics, scraper(Some((&w.dir, "viewer")), &w.dir)).unwrap();
+    let took = started.elapsed();
+    assert!(reply.starts_with("HTTP/1.1 200 OK\r\n"), "{reply}");
+    assert!(took < Duration::from_millis(2500), "held up for {took:?} by the stalled handshakes");
+    // And the stalled ones are cut off at the handshake deadline.
+    for mut s in [silent, half] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        until_closed(&mut s);
+        let open_for = started.elapsed();
+        assert!(open_for < Duration::from_secs(8), "a stalled handshake held on for {open_for:?}");
+    }
+    let handshake = |l: &Value| l["event"] == "metrics" && l["reason"].as_str().unwrap_or("").contains("TLS handshake");
+    let refused = w.refusals_with(|l| w.refusals().iter().filter(|l| handshake(l)).count() >= 2 && handshake(l));
+    assert_eq!(refused.iter().filter(|l| handshake(l)).count(), 2, "{refused:?}");
+}

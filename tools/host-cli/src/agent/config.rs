@@ -54,11 +54,16 @@ pub struct AgentConfig {
     /// Seconds a connection may stay silent (and the most one frame may take).
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout_secs: f64,
-    /// `ADDR:PORT` to serve Prometheus' `GET /metrics` on (plain HTTP, read-only: the
-    /// same series as `hvctl metrics serve`, for every hypervisor of this agent). None:
-    /// no metrics endpoint.
+    /// `ADDR:PORT` to serve Prometheus' `GET /metrics` on (read-only: the same series
+    /// as `hvctl metrics serve`, for every hypervisor of this agent). None: no metrics
+    /// endpoint.
     #[serde(default)]
     pub metrics_listen: Option<String>,
+    /// Serve `/metrics` over TLS 1.3 with the agent's certificate, to scrapers whose
+    /// client certificate chains to `ca` and names an identity on the allow-list (any
+    /// role: metrics are reads). False: plain HTTP, no identity.
+    #[serde(default)]
+    pub metrics_tls: bool,
 }
 
 fn default_max_connections() -> usize {
@@ -235,6 +240,7 @@ role = "read-only"
         )
         .unwrap();
         let c = AgentConfig::load(&path).unwrap();
+        assert!(!c.metrics_tls, "plain HTTP unless asked");
         assert_eq!(c.cert, dir.join("a.pem"));
         assert_eq!(c.ca, PathBuf::from("/etc/ca.pem"));
         assert_eq!(c.max_frame, DEFAULT_MAX_FRAME);
@@ -251,6 +257,13 @@ role = "read-only"
         .unwrap();
         let e = AgentConfig::load(&path).unwrap_err();
         assert!(e.0.contains("root"), "{}", e.0);
+        std::fs::write(
+            &path,
+            "listen = \"x\"\ncert=\"a\"\nkey=\"b\"\nca=\"c\"\nmetrics_listen=\"127.0.0.1:9464\"\nmetrics_tls=true\n",
+        )
+        .unwrap();
+        let c = AgentConfig::load(&path).unwrap();
+        assert!(c.metrics_tls && c.metrics_listen.as_deref() == Some("127.0.0.1:9464"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -54,10 +54,15 @@ enum AgentCommand {
         /// Audit only to --audit-log, not stderr.
         #[arg(long, requires = "audit_log")]
         quiet: bool,
-        /// Also serve Prometheus' GET /metrics here (plain HTTP, read-only) for every
-        /// hypervisor of this agent; overrides the config's `metrics_listen`.
+        /// Also serve Prometheus' GET /metrics here (read-only) for every hypervisor of
+        /// this agent; overrides the config's `metrics_listen`.
         #[arg(long, value_name = "ADDR:PORT")]
         metrics: Option<String>,
+        /// Serve /metrics over TLS 1.3 with the agent's certificate, to scrapers with a
+        /// client certificate from the agent's CA whose identity is on the allow-list
+        /// (as the config's `metrics_tls = true`).
+        #[arg(long)]
+        metrics_tls: bool,
     },
     /// Make a CA, agent and client certificates (PEM), agent configs and an hvctl config.
     Init {
@@ -88,8 +93,8 @@ enum AgentCommand {
 /// Run `hvctl agent ...`.
 pub fn run(opts: &Options, a: AgentArgs) -> Result<ExitCode, CliError> {
     match a.command {
-        AgentCommand::Serve { config, hypervisors, listen, audit_log, quiet, metrics } => {
-            server::serve(server::ServeOptions { config, hypervisors, listen, audit_log, quiet, metrics })
+        AgentCommand::Serve { config, hypervisors, listen, audit_log, quiet, metrics, metrics_tls } => {
+            server::serve(server::ServeOptions { config, hypervisors, listen, audit_log, quiet, metrics, metrics_tls })
         }
         AgentCommand::Init { dir, agents, clients } => init::init(init::InitOptions { dir, agents, clients }),
         AgentCommand::Stats { json } => remote::stats(opts, json),

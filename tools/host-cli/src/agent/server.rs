@@ -223,6 +223,16 @@ impl metrics::HypervisorSet for Agent {
 }
 
 impl Agent {
+    /// Audit a refused `/metrics` connection (the plain endpoint has no identity and
+    /// refuses nobody but for its limits, so only the TLS one calls this).
+    fn metrics_refused(&self, peer: &str, identity: Option<&str>, reason: &str) {
+        self.refused.fetch_add(1, Ordering::SeqCst);
+        self.audit.record(json!({
+            "time": utc_now(), "peer": peer, "identity": identity, "event": "metrics", "request": "metrics",
+            "decision": "refused", "reason": reason,
+        }));
+    }
+
     fn count(&self, peer: &str, direction: &'static str, f: impl FnOnce(&mut PeerStats)) {
         let mut peers = lock(&self.peers);
         let e = peers.entry((peer.to_string(), direction)).or_insert_with(|| PeerStats {
@@ -272,6 +282,8 @@ pub struct ServeOptions {
     pub quiet: bool,
     /// Overrides the config's `metrics_listen`.
     pub metrics: Option<String>,
+    /// Sets the config's `metrics_tls`.
+    pub metrics_tls: bool,
 }
 
 /// Run the agent until killed.
@@ -282,6 +294,12 @@ pub fn serve(o: ServeOptions) -> Result<std::process::ExitCode, CliError> {
     }
     if let Some(m) = o.metrics {
         config.metrics_listen = Some(m);
+    }
+    config.metrics_tls |= o.metrics_tls;
+    if config.metrics_tls && config.metrics_listen.is_none() {
+        return Err(err(
+            "metrics_tls (--metrics-tls) needs an address to serve /metrics on: metrics_listen in the config or --metrics ADDR:PORT",
+        ));
     }
     for pair in &o.hypervisors {
         let (name, target) = pair.split_once('=').filter(|(n, t)| !n.is_empty() && !t.is_empty()).ok_or_else(|| {
@@ -300,6 +318,11 @@ pub fn serve(o: ServeOptions) -> Result<std::process::ExitCode, CliError> {
             .insert(name.clone(), Arc::new(Hypervisor { name: name.clone(), options, client: Mutex::new(None) }));
     }
     let tls = tls::server_config(&config.cert, &config.key, &config.ca)?;
+    let metrics_tls = if config.metrics_tls {
+        Some(tls::metrics_server_config(&config.cert, &config.key, &config.ca)?)
+    } else {
+        None
+    };
     // Towards other agents (host-to-host migration) this agent is a client with its
     // own certificate.
     transport::set_tls(config.as_client());
@@ -331,13 +354,20 @@ pub fn serve(o: ServeOptions) -> Result<std::process::ExitCode, CliError> {
         let metrics_listener =
             TcpListener::bind(addr).map_err(|e| err(format!("cannot listen for /metrics on {addr}: {e}")))?;
         let at = metrics_listener.local_addr().map_or_else(|_| addr.clone(), |a| a.to_string());
-        let set: Arc<dyn metrics::HypervisorSet + Send + Sync> = agent.clone();
+        let shared = Arc::clone(&agent);
+        let scheme = if metrics_tls.is_some() { "https" } else { "http" };
         std::thread::Builder::new()
             .name("agent-metrics".into())
-            .spawn(move || metrics::serve(metrics_listener, set))
+            .spawn(move || match metrics_tls {
+                Some(config) => serve_metrics_tls(shared, metrics_listener, config),
+                None => {
+                    let set: Arc<dyn metrics::HypervisorSet + Send + Sync> = shared;
+                    let _ = metrics::serve(metrics_listener, set);
+                }
+            })
             .map_err(|e| err(format!("cannot start the /metrics thread: {e}")))?;
-        agent.audit.record(json!({"time": utc_now(), "event": "metrics", "address": at}));
-        println!("AGENT metrics on http://{at}/metrics");
+        agent.audit.record(json!({"time": utc_now(), "event": "metrics", "address": at, "tls": scheme == "https"}));
+        println!("AGENT metrics on {scheme}://{at}/metrics");
     }
     let names: Vec<&str> = agent.hypervisors.keys().map(String::as_str).collect();
     agent.audit.record(json!({
@@ -383,6 +413,91 @@ pub fn serve(o: ServeOptions) -> Result<std::process::ExitCode, CliError> {
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+/// `/metrics` over TLS: [`metrics::accept_loop`]'s limits (a thread per connection, at
+/// most [`metrics::MAX_CONNECTIONS`]), then per connection the handshake within
+/// `handshake_timeout_secs`, the allow-list, and [`metrics::serve_connection`]'s
+/// bounded request head on the plain side.
+fn serve_metrics_tls(agent: Arc<Agent>, listener: TcpListener, config: Arc<rustls::ServerConfig>) {
+    let full_agent = Arc::clone(&agent);
+    // Over the limit: closed unanswered (an HTTP 503 would be garbage to a TLS client),
+    // as the agent's own port does.
+    let full = move |sock: TcpStream| {
+        let reason = format!("{} /metrics connections open, the limit", metrics::MAX_CONNECTIONS);
+        full_agent.metrics_refused(&peer_of(&sock), None, &reason);
+    };
+    metrics::accept_loop(listener, metrics::MAX_CONNECTIONS, full, move |sock| {
+        metrics_tls_connection(&agent, &config, sock);
+    });
+}
+
+fn peer_of(sock: &TcpStream) -> String {
+    sock.peer_addr().map_or_else(|_| "unknown".to_string(), |a| a.to_string())
+}
+
+/// The first byte of a TLS connection is a handshake record's content type.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// One scrape over TLS: the handshake, the identity, the request, the answer, close.
+fn metrics_tls_connection(agent: &Agent, config: &Arc<rustls::ServerConfig>, mut sock: TcpStream) {
+    let peer = peer_of(&sock);
+    let deadline = Instant::now() + agent.config.handshake_timeout();
+    let _ = sock.set_nodelay(true);
+    // A plain-HTTP scrape of the TLS port (`scheme: http` left in prometheus.yml) gets
+    // an HTTP answer that says so, as Go's net/http does, instead of a TLS alert its
+    // HTTP parser shows as garbage.
+    let mut first = [0u8; 1];
+    let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
+    match sock.set_read_timeout(Some(left)).and_then(|()| sock.peek(&mut first)) {
+        // Connected and closed (a port check): nothing asked, nothing refused.
+        Ok(0) => return,
+        Ok(_) if first[0] == TLS_HANDSHAKE_RECORD => {}
+        Ok(_) if first[0].is_ascii_uppercase() => {
+            // The head first: closing with it unread would reset the connection and
+            // could lose the answer on the way.
+            let _ = metrics::read_head(&mut sock);
+            let body = format!(
+                "400 Bad Request: this endpoint serves /metrics over TLS: scrape https://{}/metrics with a client certificate\n",
+                sock.local_addr().map_or_else(|_| "HOST:PORT".to_string(), |a| a.to_string())
+            );
+            metrics::respond(&mut sock, 400, "Bad Request", "text/plain; charset=utf-8", &body, false);
+            return agent.metrics_refused(&peer, None, "plain HTTP on the TLS /metrics port (scheme: https is needed)");
+        }
+        // Anything else: the handshake below fails on it and says why.
+        Ok(_) => {}
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+            let reason = format!(
+                "TLS handshake failed: the client sent nothing within {} s",
+                agent.config.handshake_timeout().as_secs_f64()
+            );
+            return agent.metrics_refused(&peer, None, &reason);
+        }
+        Err(e) => return agent.metrics_refused(&peer, None, &format!("TLS handshake failed: {e}")),
+    }
+    let mut conn = match ServerConnection::new(Arc::clone(config)) {
+        Ok(c) => c,
+        Err(e) => return agent.metrics_refused(&peer, None, &format!("TLS setup: {e}")),
+    };
+    if let Err(e) = tls::handshake(&mut conn, &mut sock, deadline) {
+        let reason = format!("TLS handshake failed: {}", tls::explain(&e, "the scraper"));
+        return agent.metrics_refused(&peer, None, &reason);
+    }
+    let names = conn.peer_certificates().and_then(|c| c.first()).map(tls::names).unwrap_or_default();
+    let mut stream = StreamOwned::new(conn, sock);
+    if agent.config.role_of(&names).is_some() {
+        // Any role: every request `/metrics` sends is a read (checked again in `call`).
+        metrics::serve_connection(&mut stream, agent);
+    } else {
+        let shown = names.first().cloned().unwrap_or_else(|| "(no name)".into());
+        let reason = format!("identity {shown:?} is not on this agent's allow-list");
+        let _ = metrics::read_head(&mut stream);
+        let body = format!("403 Forbidden: {reason}\n");
+        metrics::respond(&mut stream, 403, "Forbidden", "text/plain; charset=utf-8", &body, false);
+        agent.metrics_refused(&peer, Some(&shown), &reason);
+    }
+    stream.conn.send_close_notify();
+    let _ = stream.flush();
 }
 
 /// One client's connection.

@@ -92,6 +92,17 @@ pub fn server_config(cert: &Path, key: &Path, ca: &Path) -> Result<Arc<ServerCon
     Ok(Arc::new(config))
 }
 
+/// The agent's side for Prometheus' `/metrics` over TLS: as [`server_config`] (the
+/// same certificate, a client certificate from `ca` required), and HTTP/1.1 as the only
+/// ALPN protocol: the endpoint speaks nothing else, and Go clients (Prometheus) offer
+/// h2 first.
+pub fn metrics_server_config(cert: &Path, key: &Path, ca: &Path) -> Result<Arc<ServerConfig>, CliError> {
+    let base = server_config(cert, key, ca)?;
+    let mut config = ServerConfig::clone(&base);
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
 /// The names a certificate gives its subject: the CN first, then DNS and IP SANs.
 pub fn names(cert: &CertificateDer<'_>) -> Vec<String> {
     let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert.as_ref()) else { return Vec::new() };
@@ -154,6 +165,11 @@ pub type ClientStream = StreamOwned<ClientConnection, TcpStream>;
 impl Deadline for ServerStream {
     fn set_timeout(&mut self, d: Duration) -> std::io::Result<()> {
         self.sock.set_read_timeout(Some(d.max(Duration::from_millis(1))))
+    }
+}
+impl crate::metrics::HttpStream for ServerStream {
+    fn socket(&self) -> &TcpStream {
+        &self.sock
     }
 }
 impl Deadline for ClientStream {

@@ -92,3 +92,60 @@ pub fn fake_cpuid_hv(name: &str, dump: &str) -> String {
         other => wire::Response::Error(wire::ErrorReply::new(wire::ErrorCode::NotImplemented, other.name())),
     })
 }
+
+/// promtool's findings on `text`, if promtool is installed.
+pub fn promtool(text: &str) -> Option<(i32, String)> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .ok()?;
+    child.stdin.take()?.write_all(text.as_bytes()).ok()?;
+    let o = child.wait_with_output().ok()?;
+    Some((o.status.code().unwrap_or(-1), format!("{}{}", stdout(&o), stderr(&o))))
+}
+
+/// What is wrong with `text` as an OpenMetrics exposition: its shape (`# EOF` last and
+/// once, a family's `# TYPE` once, every sample a name and a number) and, where
+/// promtool is installed, promtool's findings but for the one it always reports on
+/// OpenMetrics. Empty: valid.
+pub fn openmetrics_problems(text: &str) -> Vec<String> {
+    let mut problems = Vec::new();
+    if !text.ends_with("\n# EOF\n") || text.matches("# EOF").count() != 1 {
+        problems.push("not ended by exactly one `# EOF` line".to_string());
+    }
+    let mut types: Vec<&str> = Vec::new();
+    for line in text.lines() {
+        if let Some(t) = line.strip_prefix("# TYPE ") {
+            let family = t.split(' ').next().unwrap_or("");
+            if types.contains(&family) {
+                problems.push(format!("family {family} typed twice"));
+            }
+            types.push(family);
+        } else if !line.starts_with('#') {
+            let (name, value) = line.rsplit_once(' ').unwrap_or((line, ""));
+            if name.is_empty() || value.parse::<f64>().is_err() {
+                problems.push(format!("not a sample: {line:?}"));
+            }
+        }
+    }
+    if let Some((code, findings)) = promtool(text) {
+        // promtool 2.42 lints with the 0.0.4 parser: an OpenMetrics counter family `x`
+        // (samples `x_total`) reads to it as an untyped `x_total` without HELP. That
+        // one finding per counter family is all it may report.
+        let counters: Vec<String> = text
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("# TYPE ")?.strip_suffix(" counter").map(|f| format!("{f}_total no help text"))
+            })
+            .collect();
+        let other: Vec<&str> = findings.lines().filter(|l| !counters.iter().any(|c| c == l)).collect();
+        if !other.is_empty() || !(code == 0 || code == 3) {
+            problems.push(format!("promtool on OpenMetrics ({code}): {findings}"));
+        }
+    }
+    problems
+}
