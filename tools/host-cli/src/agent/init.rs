@@ -143,7 +143,7 @@ pub fn init(o: InitOptions) -> Result<ExitCode, CliError> {
         );
         let _ = writeln!(
             t,
-            "# Prometheus' GET /metrics (plain HTTP, read-only), or --metrics ADDR:PORT\n# metrics_listen = \"127.0.0.1:9464\""
+            "# Prometheus' GET /metrics (read-only), or --metrics ADDR:PORT; metrics_tls: over TLS, to\n# scrapers with a certificate from ca.pem on the allow-list (or --metrics-tls)\n# metrics_listen = \"127.0.0.1:9464\"\n# metrics_tls = true"
         );
         for (client, r) in &clients {
             let _ = writeln!(t, "\n[[allow]]\nidentity = {}\nrole = \"{}\"", toml_str(client), r.name());

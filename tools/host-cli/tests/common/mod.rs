@@ -108,27 +108,45 @@ pub fn promtool(text: &str) -> Option<(i32, String)> {
     Some((o.status.code().unwrap_or(-1), format!("{}{}", stdout(&o), stderr(&o))))
 }
 
-/// What is wrong with `text` as an OpenMetrics exposition: its shape (`# EOF` last and
-/// once, a family's `# TYPE` once, every sample a name and a number) and, where
-/// promtool is installed, promtool's findings but for the one it always reports on
-/// OpenMetrics. Empty: valid.
+/// What is wrong with `text` as an OpenMetrics exposition: its shape, as the system
+/// tests' `check_openmetrics` (xtask/src/control_tests.rs) checks it (`# EOF` last and
+/// once, a family typed once as counter or gauge before its samples, counter samples
+/// named `_total`, a UNIT the suffix of its family, every sample a name and a number),
+/// and, where promtool is installed, promtool's findings but for the one it always
+/// reports on OpenMetrics. Empty: valid.
 pub fn openmetrics_problems(text: &str) -> Vec<String> {
     let mut problems = Vec::new();
     if !text.ends_with("\n# EOF\n") || text.matches("# EOF").count() != 1 {
         problems.push("not ended by exactly one `# EOF` line".to_string());
     }
-    let mut types: Vec<&str> = Vec::new();
-    for line in text.lines() {
+    let mut types: Vec<(&str, &str)> = Vec::new();
+    for line in text.lines().filter(|l| *l != "# EOF") {
         if let Some(t) = line.strip_prefix("# TYPE ") {
-            let family = t.split(' ').next().unwrap_or("");
-            if types.contains(&family) {
+            let (family, kind) = t.split_once(' ').unwrap_or((t, ""));
+            if types.iter().any(|(f, _)| *f == family) {
                 problems.push(format!("family {family} typed twice"));
             }
-            types.push(family);
-        } else if !line.starts_with('#') {
-            let (name, value) = line.rsplit_once(' ').unwrap_or((line, ""));
+            if !matches!(kind, "counter" | "gauge") {
+                problems.push(format!("unexpected type in {line:?}"));
+            }
+            types.push((family, kind));
+        } else if let Some(u) = line.strip_prefix("# UNIT ") {
+            let (family, unit) = u.split_once(' ').unwrap_or((u, ""));
+            if !types.iter().any(|(f, _)| *f == family) || !family.ends_with(&format!("_{unit}")) {
+                problems.push(format!("{line:?}: not a declared family ending in _{unit}"));
+            }
+        } else if !line.starts_with("# HELP ") {
+            let (name_labels, value) = line.rsplit_once(' ').unwrap_or((line, ""));
+            let name = name_labels.split('{').next().unwrap_or("");
             if name.is_empty() || value.parse::<f64>().is_err() {
                 problems.push(format!("not a sample: {line:?}"));
+            }
+            match types.iter().find(|(f, _)| name == *f || name == format!("{f}_total")) {
+                None => problems.push(format!("sample {name} has no # TYPE before it")),
+                Some((_, "counter")) if !name.ends_with("_total") => {
+                    problems.push(format!("counter sample {name} must end in _total"));
+                }
+                Some(_) => {}
             }
         }
     }
