@@ -265,6 +265,51 @@ fn virtualize_aps<B: arch::Backend + Send + 'static>(
     }
 }
 
+/// Longest idle sleep of an AP's scheduler: a domain created or unpaused on another
+/// CPU is picked up within this.
+const AP_IDLE_MS: u64 = 1;
+
+/// Start the shared scheduler on every started AP (each keeps its backend, which
+/// enabled the extension there, for the life of the hypervisor).
+fn schedule_on_aps<B: arch::Backend + 'static>(shared: &alloc::sync::Arc<domain::sched::Shared<B>>)
+where
+    domain::sched::Shared<B>: Send + Sync,
+{
+    for slot in smp::cpus().iter().skip(1).filter(|s| s.state() == smp::CpuState::Started) {
+        let shared = shared.clone();
+        let posted = smp::post(
+            slot,
+            Box::new(move |_kept| {
+                ap_schedule(&shared);
+            }),
+        );
+        match posted {
+            Ok(()) => println!("SMP cpu apic={} schedules vCPUs", slot.apic_id),
+            Err(why) => println!("SMP cpu apic={} runs no vCPUs: {why}", slot.apic_id),
+        }
+    }
+}
+
+/// An AP's life after boot: run vCPU slices from the shared scheduler, and sleep on
+/// its LAPIC timer when there is nothing to run (until the earliest guest timer, at
+/// most [`AP_IDLE_MS`]).
+fn ap_schedule<B: arch::Backend>(shared: &domain::sched::Shared<B>) -> ! {
+    let lapic = &percpu::this().lapic;
+    let longest = drivers::time::ms_to_ticks(AP_IDLE_MS).unwrap_or(1_000_000);
+    let shortest = longest * IDLE_MIN_US / (AP_IDLE_MS * 1000);
+    loop {
+        if shared.run_slice() {
+            continue;
+        }
+        let ticks = shared.idle_ticks().map_or(longest, |t| t.min(longest));
+        if ticks >= shortest {
+            sleep(lapic, ticks);
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+}
+
 /// On an AP: calibrate its local APIC timer against the TSC (as the boot CPU does for
 /// its slices and idle sleeps) and prove it wakes the CPU: a 1 ms one-shot ends a HLT.
 /// A timer that never fires leaves the AP halted, and the boot CPU's wait for the job
@@ -345,6 +390,13 @@ fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platfo
         }
     }
 
+    // Every started AP runs the same scheduler over the same domains from here on.
+    if B::VCPU_ON_ANY_CPU {
+        schedule_on_aps(&machine.shared());
+    } else if smp::cpus().iter().skip(1).any(|s| s.state() == smp::CpuState::Started) {
+        println!("SMP vCPUs run on the boot CPU only: {} vCPUs cannot move between CPUs yet", B::NAME);
+    }
+
     let mut handles = services::control::Handles::new();
     let vsock = match services::control::VsockTransport::start() {
         Ok(vsock) => Some(vsock),
@@ -411,8 +463,12 @@ fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platfo
             core::hint::spin_loop();
         }
     }
-    for d in machine.domains() {
-        println!("DOMAIN {} FINAL name={} state={} exits={}", d.id, d.name, d.state, d.total_exits());
+    for cell in machine.domains() {
+        let line = {
+            let d = cell.lock();
+            format!("DOMAIN {} FINAL name={} state={} exits={}", d.id, d.name, d.state, d.total_exits())
+        };
+        println!("{line}");
     }
     println!("IDLE: nothing left to run and no control channel to serve; powering off (idle sleeps: {idle_sleeps})");
     Outcome::Ready

@@ -3,8 +3,8 @@
 //! What lives here is what differs between CPUs and would otherwise be a static that
 //! silently assumes there is only one: the descriptor tables this CPU loaded, its
 //! local APIC timer (base and calibration), the VMCS that VMPTRLD made current on it,
-//! and the RMID its IA32_PQR_ASSOC holds. The hypervisor schedules on the bootstrap
-//! CPU only for now; the others are started by [`crate::smp`] and park. Each CPU
+//! the RMID its IA32_PQR_ASSOC holds, and SVM's host VMSAVE page. Every CPU runs the
+//! shared scheduler (`domain::sched::Shared`); the others are started by [`crate::smp`]. Each CPU
 //! calls [`install`] first: [`crate::init`] for the bootstrap CPU, `smp::ap_entry`
 //! for an application processor.
 //!
@@ -47,6 +47,9 @@ pub struct PerCpu {
     current_vmcs: AtomicU64,
     /// The RMID this CPU's IA32_PQR_ASSOC holds (0: not monitored).
     current_rmid: AtomicU32,
+    /// SVM only: the page VMSAVE keeps this CPU's host FS/GS/TR/LDTR and syscall MSRs
+    /// in while a guest runs (0: SVM not enabled here), so a vCPU can run on any CPU.
+    host_save_page: AtomicU64,
 }
 
 impl PerCpu {
@@ -59,6 +62,7 @@ impl PerCpu {
             lapic: HostLapic::new(),
             current_vmcs: AtomicU64::new(0),
             current_rmid: AtomicU32::new(0),
+            host_save_page: AtomicU64::new(0),
         }
     }
 
@@ -75,6 +79,16 @@ impl PerCpu {
     /// Forget `vmcs` if it is the current one (it was VMCLEARed).
     pub fn clear_current_vmcs(&self, vmcs: u64) {
         let _ = self.current_vmcs.compare_exchange(vmcs, 0, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// SVM: this CPU's host VMSAVE page (0: SVM was not enabled on it).
+    pub fn host_save_page(&self) -> u64 {
+        self.host_save_page.load(Ordering::Relaxed)
+    }
+
+    /// SVM: record the host VMSAVE page `enable` made on this CPU.
+    pub fn set_host_save_page(&self, page: u64) {
+        self.host_save_page.store(page, Ordering::Relaxed);
     }
 
     /// The RMID IA32_PQR_ASSOC holds on this CPU.

@@ -302,6 +302,16 @@ pub fn run_on(slot: &CpuSlot, job: Job, timeout_ms: u64) -> Result<String, Strin
     }
 }
 
+/// Hand `job` to the started AP of `slot` without waiting for an answer (a job that
+/// never ends, such as the AP's scheduler loop). Call on the bootstrap CPU.
+pub fn post(slot: &CpuSlot, job: Job) -> Result<(), String> {
+    if slot.state() != CpuState::Started {
+        return Err(alloc::format!("it is {:?}, not started", slot.state()));
+    }
+    *slot.job.lock() = Some(job);
+    hw::wake(slot.apic_id)
+}
+
 /// Where a started AP's Rust life begins (the trampoline calls it on its own stack in
 /// 64-bit mode, interrupts off): its own tables and PerCpu, check in, park.
 #[cfg(not(test))]

@@ -356,15 +356,23 @@ impl core::fmt::Display for ArchError {
 /// physical CPU, and creating vCPUs.
 pub trait Backend: Sized {
     /// The nested paging format (EPT or NPT).
-    type Paging: EntryFormat;
-    /// A virtual CPU of this backend.
-    type Vcpu: Vcpu;
+    type Paging: EntryFormat + Send;
+    /// A virtual CPU of this backend (`Send`: the CPU that runs a slice of it may not
+    /// be the one that made it, see [`Backend::VCPU_ON_ANY_CPU`]).
+    type Vcpu: Vcpu + Send;
     /// "vmx" or "svm".
     const NAME: &'static str;
     /// Which hypercall instruction guests use.
     const ARCH: guest_abi::Arch;
     /// The guest instruction that makes a hypercall exit (VMCALL / VMMCALL).
     const HYPERCALL: [u8; 3];
+    /// Whether a vCPU made on one physical CPU may run on another that enabled the
+    /// extension too, one slice here and the next there. SVM: yes, a VMCB is plain
+    /// memory and each CPU VMSAVEs its host state into its own page (APM Vol. 2
+    /// 15.5.2). VMX: not yet, a VMCS must be VMCLEARed on the CPU it is current on
+    /// before another may VMPTRLD it (SDM Vol. 3C 25.11.1), so VMX vCPUs stay on the
+    /// boot CPU.
+    const VCPU_ON_ANY_CPU: bool;
     /// Turn the extension on on this CPU.
     fn enable(caps: &crate::platform::caps::Capabilities, pool: &mut FramePool) -> Result<Self, ArchError>;
     /// A vCPU that starts at `entry`.

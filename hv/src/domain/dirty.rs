@@ -443,9 +443,16 @@ impl<B: Backend> DirtyCtx<'_, B> {
 
 impl<B: Backend> Machine<B> {
     /// Domain `id`'s log-dirty state.
-    fn dirty_of(&mut self, id: u32) -> Result<DirtyCtx<'_, B>, DomainError> {
-        let d = self.domains.iter_mut().find(|d| d.id == id).ok_or(DomainError::NoSuchDomain(id))?;
-        Ok(DirtyCtx { d, pool: &mut self.pool, mechanisms: &self.mechanisms })
+    /// (The domain is locked first, which stops any of its vCPUs running elsewhere, so
+    /// a change to its nested tables is complete, with every TLB flushed at its next
+    /// entry, before the request's answer.)
+    fn with_dirty<R>(
+        &mut self,
+        id: u32,
+        f: impl FnOnce(&mut DirtyCtx<'_, B>) -> Result<R, DomainError>,
+    ) -> Result<R, DomainError> {
+        let mechanisms = *self.mechanisms();
+        self.with_domain_and_pool(id, |d, pool| f(&mut DirtyCtx { d, pool, mechanisms: &mechanisms }))?
     }
 
     /// Start the main log over `range` (page frame numbers; the whole domain if
@@ -462,7 +469,7 @@ impl<B: Backend> Machine<B> {
         mode: Option<Mode>,
         range: Option<Range<u64>>,
     ) -> Result<Mode, DomainError> {
-        self.dirty_of(id)?.start(slot, mode, range)
+        self.with_dirty(id, |c| c.start(slot, mode, range))
     }
 
     /// The dirty pages of the main log's `range` (all if `None`) without cleaning them.
@@ -472,7 +479,7 @@ impl<B: Backend> Machine<B> {
 
     /// Peek log `slot`.
     pub fn log_peek(&mut self, id: u32, slot: usize, range: Option<Range<u64>>) -> Result<DirtyBitmap, DomainError> {
-        self.dirty_of(id)?.peek(slot, range)
+        self.with_dirty(id, |c| c.peek(slot, range))
     }
 
     /// Peek-and-clean the main log.
@@ -487,7 +494,7 @@ impl<B: Backend> Machine<B> {
         slot: usize,
         range: Option<Range<u64>>,
     ) -> Result<DirtyBitmap, DomainError> {
-        self.dirty_of(id)?.peek_clean(slot, range)
+        self.with_dirty(id, |c| c.peek_clean(slot, range))
     }
 
     /// Stop the main log; what was logged and not yet cleaned is returned.
@@ -497,7 +504,7 @@ impl<B: Backend> Machine<B> {
 
     /// Stop log `slot`. The mechanism stays armed for the other log if it runs.
     pub fn log_stop(&mut self, id: u32, slot: usize) -> Result<DirtyBitmap, DomainError> {
-        self.dirty_of(id)?.stop(slot)
+        self.with_dirty(id, |c| c.stop(slot))
     }
 
     /// Counters of the main log.
@@ -507,7 +514,7 @@ impl<B: Backend> Machine<B> {
 
     /// Counters of log `slot`.
     pub fn log_stats(&mut self, id: u32, slot: usize) -> Result<DirtyStats, DomainError> {
-        self.dirty_of(id)?.stats(slot)
+        self.with_dirty(id, |c| c.stats(slot))
     }
 }
 
@@ -567,9 +574,9 @@ mod tests {
     /// The guest writes page `pfn`.
     fn write(m: &mut Machine<FakeBackend>, pfn: u64) {
         let dirty = <<FakeBackend as Backend>::Paging as EntryFormat>::DIRTY;
-        let d = &mut m.domains[0];
+        let (d, pool, _) = m.parts(0);
         let mem = d.mem.as_ref().unwrap();
-        let old = mem.update_leaf(&mut m.pool, pfn * PAGE_SIZE, |e| e | dirty).unwrap();
+        let old = mem.update_leaf(pool, pfn * PAGE_SIZE, |e| e | dirty).unwrap();
         if old & dirty == 0 {
             d.vcpus[0].vcpu.pml.as_mut().expect("PML is on").push(pfn * PAGE_SIZE);
         }
@@ -601,32 +608,41 @@ mod tests {
             write(&mut m, pfn);
         }
         // A PML-full exit drains the buffer like a peek does.
-        pml_full(&mut m.domains[0], &mut m.pool, 0).unwrap();
-        assert!(m.domains[0].vcpus[0].vcpu.pml.as_ref().unwrap().is_empty());
+        {
+            let (d, pool, _) = m.parts(0);
+            pml_full(d, pool, 0)
+        }
+        .unwrap();
+        assert!(m.dom(0).vcpus[0].vcpu.pml.as_ref().unwrap().is_empty());
         write(&mut m, 1023);
         assert_eq!(ones(&m.log_peek_clean(1, MAIN, None).unwrap()), [5, 7, 150, 1023]);
         let main = m.log_stats(1, MAIN).unwrap();
         assert_eq!((main.pages_dirtied, main.dirty_now, main.rounds, main.logging_exits), (9, 0, 2, 1));
         let track = m.log_stats(1, TRACK).unwrap();
         assert_eq!((track.pages_dirtied, track.dirty_now), (2, 2));
-        let log = m.domains[0].logs[MAIN].as_ref().unwrap();
+        let log = m.dom(0).logs[MAIN].as_ref().unwrap();
         assert_eq!((log.drained_entries, log.rearmed_pages), (9, 9), "drained entries and re-armed pages are counted");
         // A full buffer of distinct pages, some outside the tracking log's range.
         for pfn in 0..512 {
             write(&mut m, 300 + pfn);
         }
-        pml_full(&mut m.domains[0], &mut m.pool, 0).unwrap();
+        {
+            let (d, pool, _) = m.parts(0);
+            pml_full(d, pool, 0)
+        }
+        .unwrap();
         let all = m.log_peek_clean(1, MAIN, None).unwrap();
         assert_eq!(ones(&all), (300..812).collect::<Vec<_>>());
         assert!(m.log_peek(1, TRACK, None).unwrap().ones().all(|p| (100..200).contains(&p)));
         // Everything reported is armed again.
         let dirty = <<FakeBackend as Backend>::Paging as EntryFormat>::DIRTY;
-        let mem = m.domains[0].mem.as_ref().unwrap();
+        let (d, pool, _) = m.parts(0);
+        let mem = d.mem.as_ref().unwrap();
         for pfn in [5, 7, 150, 300, 811, 1023] {
-            assert_eq!(mem.update_leaf(&mut m.pool, pfn * PAGE_SIZE, |e| e).unwrap() & dirty, 0, "page {pfn}");
+            assert_eq!(mem.update_leaf(pool, pfn * PAGE_SIZE, |e| e).unwrap() & dirty, 0, "page {pfn}");
         }
         m.log_stop(1, TRACK).unwrap();
         m.log_stop(1, MAIN).unwrap();
-        assert!(m.domains[0].vcpus[0].vcpu.pml.is_none(), "the last log turned PML off");
+        assert!(m.dom(0).vcpus[0].vcpu.pml.is_none(), "the last log turned PML off");
     }
 }

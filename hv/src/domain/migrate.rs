@@ -33,7 +33,7 @@ use wire::migration::{
 
 use super::dirty::MAIN;
 use super::exit::msr::{self, Home, MSR_TSC, MSR_TSC_AUX, MsrRestoreError};
-use super::{Console, Domain, DomainError, DomainState, Machine, RunState, VcpuSlot, config};
+use super::{Console, Domain, DomainState, Machine, RunState, VcpuSlot, config};
 use crate::arch::state::VcpuSnapshot;
 use crate::arch::{Backend, GuestEntry, GuestMsr, GuestRegs, Vcpu};
 use crate::devices::{DeviceKind, DeviceState};
@@ -111,27 +111,31 @@ fn entry(state: DeviceState, instance: u32) -> DeviceEntry {
 }
 
 impl<B: Backend> Machine<B> {
-    fn migrating(&mut self, id: u32) -> Result<&mut Domain<B>, String> {
-        self.domains.iter_mut().find(|d| d.id == id).ok_or_else(|| text(DomainError::NoSuchDomain(id)))
+    /// Domain `id`'s cell (lock it to use the domain).
+    fn migrating(&self, id: u32) -> Result<super::DomainRef<B>, String> {
+        self.cell(id).map_err(text)
     }
 
-    /// The memory of domain `id`, with the pool it lives in.
-    fn memory(&mut self, id: u32) -> Result<(&GuestMemory<B::Paging>, &mut crate::mm::frames::FramePool), String> {
-        let d = self.domains.iter().find(|d| d.id == id).ok_or_else(|| text(DomainError::NoSuchDomain(id)))?;
-        let mem = d.mem.as_ref().ok_or_else(|| alloc::format!("domain {id} has no memory any more ({})", d.state))?;
-        Ok((mem, &mut self.pool))
-    }
-
-    fn page_count(&self, id: u32) -> Result<u64, String> {
-        let d = self.domain(id).ok_or_else(|| text(DomainError::NoSuchDomain(id)))?;
-        Ok(d.memory_bytes / PAGE_SIZE)
+    /// Run `f` over the memory of domain `id` and the pool it lives in (both locked).
+    fn with_memory<R>(
+        &self,
+        id: u32,
+        f: impl FnOnce(&GuestMemory<B::Paging>, &mut crate::mm::frames::FramePool) -> Result<R, String>,
+    ) -> Result<R, String> {
+        self.with_domain_and_pool(id, |d, pool| {
+            let mem =
+                d.mem.as_ref().ok_or_else(|| alloc::format!("domain {id} has no memory any more ({})", d.state))?;
+            f(mem, pool)
+        })
+        .map_err(text)?
     }
 }
 
 impl<B: Backend> Machine<B> {
     /// [`MigrationCore::machine_state`] with this host's clocks at `host`.
     pub fn machine_state_at(&mut self, domain: u32, host: HostClock) -> Result<MachineState, String> {
-        let d = self.migrating(domain)?;
+        let cell = self.migrating(domain)?;
+        let mut d = cell.lock();
         // Messages the I/O APIC queued reach their LAPICs first (the queue is not state).
         d.route_messages();
         let now = host.uptime_ns.wrapping_sub(d.started_ns);
@@ -174,7 +178,8 @@ impl<B: Backend> Machine<B> {
 impl<B: Backend> Machine<B> {
     /// [`MigrationCore::load_machine_state`] with this host's clocks at `host`.
     pub fn load_machine_state_at(&mut self, domain: u32, record: &StateRecord, host: HostClock) -> Result<(), String> {
-        let d = self.migrating(domain)?;
+        let cell = self.migrating(domain)?;
+        let mut d = cell.lock();
         let id = d.id;
         match record {
             StateRecord::Clock(clock) => {
@@ -273,7 +278,8 @@ impl<B: Backend> MigrationCore for Machine<B> {
 
     fn domain_info(&mut self, domain: u32) -> Result<DomainInfo, String> {
         let featureset = self.host.max().set.words().to_vec();
-        let d = self.migrating(domain)?;
+        let cell = self.migrating(domain)?;
+        let d = cell.lock();
         match d.state {
             DomainState::Running | DomainState::Paused => {}
             ref s => return Err(alloc::format!("domain {domain} is {s}; only a running or paused domain migrates")),
@@ -303,7 +309,8 @@ impl<B: Backend> MigrationCore for Machine<B> {
     }
 
     fn merge_back(&mut self, domain: u32, bits: &DirtyBitmap) -> Result<(), String> {
-        let d = self.migrating(domain)?;
+        let cell = self.migrating(domain)?;
+        let mut d = cell.lock();
         let log =
             d.logs[MAIN].as_mut().ok_or("log-dirty is not running, so there is no log to give the bits back to")?;
         // The pages were re-armed when they were taken, so their next write is logged
@@ -312,12 +319,14 @@ impl<B: Backend> MigrationCore for Machine<B> {
     }
 
     fn read_page(&mut self, domain: u32, pfn: u64, out: &mut [u8]) -> Result<(), String> {
-        let (mem, pool) = self.memory(domain)?;
-        mem.read(pool, pfn * PAGE_SIZE, out).map_err(|e| alloc::format!("reading page {pfn:#x}: {e}"))
+        self.with_memory(domain, |mem, pool| {
+            mem.read(pool, pfn * PAGE_SIZE, out).map_err(|e| alloc::format!("reading page {pfn:#x}: {e}"))
+        })
     }
 
     fn set_paused(&mut self, domain: u32, paused: bool) -> Result<(), String> {
-        let d = self.migrating(domain)?;
+        let cell = self.migrating(domain)?;
+        let mut d = cell.lock();
         d.state = match (&d.state, paused) {
             (DomainState::Running | DomainState::Paused, true) => DomainState::Paused,
             (DomainState::Running | DomainState::Paused, false) => DomainState::Running,
@@ -327,7 +336,8 @@ impl<B: Backend> MigrationCore for Machine<B> {
     }
 
     fn throttle(&mut self, domain: u32, percent: u8) -> Result<(), String> {
-        let d = self.migrating(domain)?;
+        let cell = self.migrating(domain)?;
+        let mut d = cell.lock();
         d.throttle = percent.min(99);
         d.throttle_credit = 0;
         crate::println!("DOMAIN {domain} THROTTLE {}%", d.throttle);
@@ -335,7 +345,8 @@ impl<B: Backend> MigrationCore for Machine<B> {
     }
 
     fn vcpu_states(&mut self, domain: u32) -> Result<Vec<Vec<u8>>, String> {
-        let d = self.migrating(domain)?;
+        let cell = self.migrating(domain)?;
+        let mut d = cell.lock();
         let mut out = Vec::with_capacity(d.vcpus.len());
         let signature = d.processor_signature();
         for slot in d.vcpus.iter_mut() {
@@ -362,15 +373,16 @@ impl<B: Backend> MigrationCore for Machine<B> {
     }
 
     fn memory_digest(&mut self, domain: u32) -> Result<MemoryDigest, String> {
-        let pages = self.page_count(domain)?;
-        let (mem, pool) = self.memory(domain)?;
-        let mut page = vec![0u8; PAGE];
-        let mut digest = MemoryDigest::new();
-        for pfn in 0..pages {
-            mem.read(pool, pfn * PAGE_SIZE, &mut page).map_err(|e| alloc::format!("reading page {pfn:#x}: {e}"))?;
-            digest.add_page(&page);
-        }
-        Ok(digest)
+        self.with_memory(domain, |mem, pool| {
+            let pages = mem.bytes() / PAGE_SIZE;
+            let mut page = vec![0u8; PAGE];
+            let mut digest = MemoryDigest::new();
+            for pfn in 0..pages {
+                mem.read(pool, pfn * PAGE_SIZE, &mut page).map_err(|e| alloc::format!("reading page {pfn:#x}: {e}"))?;
+                digest.add_page(&page);
+            }
+            Ok(digest)
+        })
     }
 
     fn destroy(&mut self, domain: u32) -> Result<(), String> {
@@ -397,14 +409,16 @@ impl<B: Backend> MigrationCore for Machine<B> {
             cmdline: header.cmdline.clone(),
         };
         config::validate(&cfg)?;
-        if self.domains.iter().any(|d| d.name == cfg.name && Some(d.id) != self.incoming_name_of) {
+        if self.name_taken(&cfg.name, self.incoming_name_of) {
             return Err(alloc::format!("a domain named `{}` exists here", cfg.name));
         }
         // A stand-in CPUID view until the stream's policy is accepted (the domain
         // does not run before that).
         let (policy, cpuid) = self.cpuid_table(None, cfg.vcpus).map_err(text)?;
         let devices = super::new_devices().map_err(text)?;
-        let mem = GuestMemory::<B::Paging>::new(&mut self.pool, cfg.memory, self.large_pages).map_err(text)?;
+        let shared = self.shared();
+        let mut pool = shared.pool.lock();
+        let mem = GuestMemory::<B::Paging>::new(&mut pool, cfg.memory, self.large_pages).map_err(text)?;
         let id = self.next_id;
         let root = mem.root();
         // Rebased on the source's clock by the stream's guest-clock record.
@@ -438,18 +452,19 @@ impl<B: Backend> MigrationCore for Machine<B> {
             // Every register is loaded from the stream before the domain runs.
             let entry = GuestEntry { nested_root: root, cr3: 0, rip: 0, rsp: 0 };
             // Guest time restarts with the incoming domain (`started_ns`), and so does its TSC.
-            let created = self.backend.create_vcpu(&mut self.pool, &entry).and_then(|mut vcpu| {
+            let created = self.backend.create_vcpu(&mut pool, &entry).and_then(|mut vcpu| {
                 vcpu.set_tsc_offset(domain.base_tsc_offset())?;
                 Ok(vcpu)
             });
             match created {
                 Ok(vcpu) => domain.vcpus.push(VcpuSlot::new(vcpu, GuestRegs::default(), index)),
                 Err(e) => {
-                    domain.release(&mut self.pool).map_err(text)?;
+                    domain.release(&mut pool).map_err(text)?;
                     return Err(text(e));
                 }
             }
         }
+        drop(pool);
         self.next_id += 1;
         crate::println!(
             "DOMAIN {id} INCOMING name={} memory={}M vcpus={}",
@@ -457,7 +472,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
             domain.memory_bytes >> 20,
             cfg.vcpus
         );
-        self.domains.push(domain);
+        self.publish(domain);
         Ok(id)
     }
 
@@ -465,7 +480,8 @@ impl<B: Backend> MigrationCore for Machine<B> {
         let policy = levelling::Policy::from_postcard(policy)
             .map_err(|e| alloc::format!("the CPUID policy does not decode: {e}"))?;
         let table = levelling::CpuidTable::build(&policy, &self.host).map_err(text)?;
-        let d = self.migrating(domain)?;
+        let cell = self.migrating(domain)?;
+        let mut d = cell.lock();
         d.cpuid = table;
         d.policy = policy;
         Ok(())
@@ -473,13 +489,15 @@ impl<B: Backend> MigrationCore for Machine<B> {
 
     fn write_page(&mut self, domain: u32, pfn: u64, data: Option<&[u8]>) -> Result<(), String> {
         const ZERO: [u8; PAGE] = [0; PAGE];
-        let (mem, pool) = self.memory(domain)?;
-        mem.write(pool, pfn * PAGE_SIZE, data.unwrap_or(&ZERO))
-            .map_err(|e| alloc::format!("writing page {pfn:#x}: {e}"))
+        self.with_memory(domain, |mem, pool| {
+            mem.write(pool, pfn * PAGE_SIZE, data.unwrap_or(&ZERO))
+                .map_err(|e| alloc::format!("writing page {pfn:#x}: {e}"))
+        })
     }
 
     fn set_vcpu_state(&mut self, domain: u32, index: u32, state: &[u8]) -> Result<(), String> {
-        let d = self.migrating(domain)?;
+        let cell = self.migrating(domain)?;
+        let mut d = cell.lock();
         let slot = d.vcpus.get_mut(index as usize).ok_or_else(|| alloc::format!("no vCPU {index}"))?;
         let (run, snapshot) = match state.split_first() {
             Some((0, rest)) => (RunState::Runnable, rest),

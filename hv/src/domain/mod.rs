@@ -21,14 +21,16 @@ pub mod loader;
 pub mod migrate;
 mod ops;
 mod platform;
-mod sched;
+pub mod sched;
 #[cfg(any(test, fuzzing))]
 pub(crate) mod testing;
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use levelling::{CpuidTable, HostCpu, VcpuState};
 
@@ -173,6 +175,9 @@ pub(crate) struct VcpuSlot<V> {
     pub(crate) window: bool,
     /// The MSRs the core emulates itself (MTRRs, MISC_ENABLE, MCG_STATUS).
     pub(crate) msrs: exit::msr::MsrState,
+    /// The physical CPUs (bit = `PerCpu::index`, the first 64) it has run on, so the
+    /// log names each placement once.
+    cpus_seen: u64,
 }
 
 impl<V> VcpuSlot<V> {
@@ -189,6 +194,7 @@ impl<V> VcpuSlot<V> {
             lapic,
             window: false,
             msrs: exit::msr::MsrState::default(),
+            cpus_seen: 0,
         }
     }
 }
@@ -384,19 +390,111 @@ impl<B: Backend> Domain<B> {
     }
 }
 
-/// The domains of this physical CPU and its scheduler.
+/// One domain as every physical CPU shares it: behind its own lock, which a CPU holds
+/// for the whole of a time slice of one of its vCPUs (so one domain's vCPUs take turns
+/// and never run at the same instant; different domains run in parallel), and a
+/// control request holds while it reads or changes the domain.
+///
+/// Lock order (DESIGN.md's locking rules; nothing takes them the other way round):
+/// the machine's domain list, then one domain, then the frame pool, then the console.
+/// A CPU never takes the list while it holds a domain.
+pub struct DomainCell<B: Backend> {
+    /// The domain's id (never changes, so it is read without the lock).
+    pub id: u32,
+    /// Its name (never changes either).
+    pub name: String,
+    /// Its vCPU count (fixed at creation), for the scheduler's round robin.
+    vcpus: usize,
+    /// 1 + the APIC ID of the CPU running one of its vCPUs now (0: none runs).
+    running_on: AtomicU32,
+    /// Someone waits for the lock: the CPU running it ends its slice at the next exit,
+    /// and no scheduler takes it until the waiter has had it.
+    kick: AtomicBool,
+    domain: spin::Mutex<Domain<B>>,
+}
+
+/// A shared handle on a domain.
+pub type DomainRef<B> = Arc<DomainCell<B>>;
+
+/// A locked domain.
+pub type DomainGuard<'a, B> = spin::MutexGuard<'a, Domain<B>>;
+
+impl<B: Backend> fmt::Debug for DomainCell<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DomainCell").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> DomainCell<B> {
+    fn new(domain: Domain<B>) -> Self {
+        Self {
+            id: domain.id,
+            name: domain.name.clone(),
+            vcpus: domain.vcpus.len(),
+            running_on: AtomicU32::new(0),
+            kick: AtomicBool::new(false),
+            domain: spin::Mutex::new(domain),
+        }
+    }
+
+    /// Lock the domain for a control request. If a CPU runs one of its vCPUs, it is
+    /// kicked out of the guest (an IPI makes the vCPU exit, SVM's INTR intercept or
+    /// VMX's external-interrupt exiting) and gives the domain up at that exit rather
+    /// than at the end of its slice.
+    pub fn lock(&self) -> DomainGuard<'_, B> {
+        if let Some(guard) = self.domain.try_lock() {
+            return guard;
+        }
+        self.kick.store(true, Ordering::Release);
+        let holder = self.running_on.load(Ordering::Acquire);
+        if holder != 0 && holder - 1 != crate::percpu::this().apic_id {
+            // A failed IPI only means the wait lasts until the slice ends.
+            let _ = crate::drivers::lapic::send_fixed(holder - 1, crate::smp::WAKE_VECTOR);
+        }
+        let guard = self.domain.lock();
+        self.kick.store(false, Ordering::Release);
+        guard
+    }
+
+    /// Lock the domain if no one holds it or waits for it (the schedulers: a domain
+    /// that is busy elsewhere is skipped, not waited for).
+    pub(crate) fn try_lock_for_slice(&self) -> Option<DomainGuard<'_, B>> {
+        if self.kick.load(Ordering::Acquire) {
+            return None;
+        }
+        self.domain.try_lock()
+    }
+
+    /// The domain if no one holds it now, without kicking anyone (for polls that can
+    /// look again later).
+    pub fn try_peek(&self) -> Option<DomainGuard<'_, B>> {
+        self.domain.try_lock()
+    }
+
+    /// Whether a waiter asked for the domain (the running slice ends at the next exit).
+    pub(crate) fn kicked(&self) -> bool {
+        self.kick.load(Ordering::Acquire)
+    }
+
+    /// Record which CPU (APIC ID) runs one of its vCPUs now (`None`: none does).
+    pub(crate) fn set_running_on(&self, apic_id: Option<u32>) {
+        self.running_on.store(apic_id.map_or(0, |a| a + 1), Ordering::Release);
+    }
+
+    /// The domain itself, where nothing else can hold the cell (host tests).
+    #[cfg(any(test, fuzzing))]
+    fn get_mut(this: &mut DomainRef<B>) -> &mut Domain<B> {
+        Arc::get_mut(this).expect("no other CPU holds the domain in a host test").domain.get_mut()
+    }
+}
+
+/// The domains of the machine: creation and destruction, control requests, and the
+/// scheduler state every physical CPU shares ([`sched::Shared`]).
 pub struct Machine<B: Backend> {
     backend: B,
-    /// Frames for everything (public for status and leak checks).
-    pub pool: FramePool,
     host: HostCpu,
-    domains: Vec<Domain<B>>,
+    shared: Arc<sched::Shared<B>>,
     next_id: u32,
-    cursor: usize,
-    slice_ticks: Option<u64>,
-    /// A shorter slice asked for now (`cap_slice`).
-    slice_cap: Option<u64>,
-    mechanisms: dirty::Mechanisms,
     /// Map guest memory with 2 MiB nested pages where possible.
     large_pages: bool,
     /// A domain whose name an incoming migration may take too (local migration: the
@@ -406,7 +504,7 @@ pub struct Machine<B: Backend> {
 
 impl<B: Backend> fmt::Debug for Machine<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Machine").field("domains", &self.domains.len()).finish_non_exhaustive()
+        f.debug_struct("Machine").field("domains", &self.shared.domains.lock().len()).finish_non_exhaustive()
     }
 }
 
@@ -423,17 +521,23 @@ impl<B: Backend> Machine<B> {
     ) -> Self {
         Self {
             backend,
-            pool,
             host,
-            domains: Vec::new(),
+            shared: Arc::new(sched::Shared::new(pool, slice_ticks, mechanisms)),
             next_id: 1,
-            cursor: 0,
-            slice_ticks,
-            slice_cap: None,
-            mechanisms,
             large_pages,
             incoming_name_of: None,
         }
+    }
+
+    /// The scheduler state every CPU shares (for the other CPUs' schedulers).
+    pub fn shared(&self) -> Arc<sched::Shared<B>> {
+        self.shared.clone()
+    }
+
+    /// The frame pool, locked (status and leak checks; never held across a call that
+    /// locks a domain: the lock order is domain, then pool).
+    pub fn pool(&self) -> spin::MutexGuard<'_, FramePool> {
+        self.shared.pool.lock()
     }
 
     /// End time slices after at most `ticks` (`None`: the slice the machine was made
@@ -441,31 +545,105 @@ impl<B: Backend> Machine<B> {
     /// it while a client uses the line (`init::SERIAL_POLL_US`). Without preemption
     /// (no slice at all) it changes nothing.
     pub fn cap_slice(&mut self, ticks: Option<u64>) {
-        self.slice_cap = ticks;
+        self.shared.cap_slice(ticks);
     }
 
-    /// The slice in force: the machine's, or the cap if shorter.
+    /// Run the next runnable vCPU for one slice on this CPU ([`sched::Shared::run_slice`]).
+    pub fn run_slice(&self) -> bool {
+        self.shared.run_slice()
+    }
+
+    /// Whether any vCPU can run ([`sched::Shared::has_runnable`]).
+    pub fn has_runnable(&self) -> bool {
+        self.shared.has_runnable()
+    }
+
+    /// How long this CPU may sleep ([`sched::Shared::idle_ticks`]).
+    pub fn idle_ticks(&self) -> Option<u64> {
+        self.shared.idle_ticks()
+    }
+
+    /// What log-dirty can use on this machine.
+    pub(crate) fn mechanisms(&self) -> &dirty::Mechanisms {
+        &self.shared.mechanisms
+    }
+
+    /// Every domain, in creation order (a snapshot of the list: lock each to read it).
+    pub fn domains(&self) -> Vec<DomainRef<B>> {
+        self.shared.domains.lock().clone()
+    }
+
+    /// Domain `id`'s cell.
+    pub fn cell(&self, id: u32) -> Result<DomainRef<B>, DomainError> {
+        self.shared.domains.lock().iter().find(|c| c.id == id).cloned().ok_or(DomainError::NoSuchDomain(id))
+    }
+
+    /// Run `f` on domain `id`, locked.
+    pub fn with_domain<R>(&self, id: u32, f: impl FnOnce(&mut Domain<B>) -> R) -> Result<R, DomainError> {
+        let cell = self.cell(id)?;
+        let mut d = cell.lock();
+        Ok(f(&mut d))
+    }
+
+    /// Run `f` on domain `id` and the frame pool, both locked (domain first).
+    pub fn with_domain_and_pool<R>(
+        &self,
+        id: u32,
+        f: impl FnOnce(&mut Domain<B>, &mut FramePool) -> R,
+    ) -> Result<R, DomainError> {
+        let cell = self.cell(id)?;
+        let mut d = cell.lock();
+        let mut pool = self.shared.pool.lock();
+        Ok(f(&mut d, &mut pool))
+    }
+
+    /// Whether a domain has this name.
+    fn name_taken(&self, name: &str, except: Option<u32>) -> bool {
+        self.shared.domains.lock().iter().any(|c| Some(c.id) != except && c.name == name)
+    }
+
+    /// Make `domain` visible to every CPU's scheduler.
+    fn publish(&mut self, domain: Domain<B>) {
+        self.shared.domains.lock().push(Arc::new(DomainCell::new(domain)));
+    }
+
+    /// Host tests: the `i`th domain, where no other CPU can hold it.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn dom(&mut self, i: usize) -> &mut Domain<B> {
+        let shared = Arc::get_mut(&mut self.shared).expect("no other CPU shares the machine in a host test");
+        DomainCell::get_mut(&mut shared.domains.get_mut()[i])
+    }
+
+    /// Host tests: the `i`th domain, the pool and the mechanisms, as an exit handler has them.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn parts(&mut self, i: usize) -> (&mut Domain<B>, &mut FramePool, &dirty::Mechanisms) {
+        let shared = Arc::get_mut(&mut self.shared).expect("no other CPU shares the machine in a host test");
+        let d = DomainCell::get_mut(&mut shared.domains.get_mut()[i]);
+        (d, shared.pool.get_mut(), &shared.mechanisms)
+    }
+
+    /// Host tests: the pool, where no other CPU can hold it.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn pool_mut(&mut self) -> &mut FramePool {
+        Arc::get_mut(&mut self.shared).expect("no other CPU shares the machine in a host test").pool.get_mut()
+    }
+
+    /// Host tests: the slice in force.
+    #[cfg(test)]
     pub(crate) fn slice(&self) -> Option<u64> {
-        match (self.slice_ticks, self.slice_cap) {
-            (Some(slice), Some(cap)) => Some(slice.min(cap.max(1))),
-            (slice, _) => slice,
-        }
+        self.shared.slice()
+    }
+
+    /// Host tests: put a domain built by hand on the machine.
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn push_domain(&mut self, domain: Domain<B>) {
+        self.publish(domain);
     }
 
     /// Let an incoming migration take the name of domain `id` (local migration), or
     /// stop letting it (`None`).
     pub fn allow_incoming_name_of(&mut self, id: Option<u32>) {
         self.incoming_name_of = id;
-    }
-
-    /// The domains.
-    pub fn domains(&self) -> &[Domain<B>] {
-        &self.domains
-    }
-
-    /// Look a domain up.
-    pub fn domain(&self, id: u32) -> Option<&Domain<B>> {
-        self.domains.iter().find(|d| d.id == id)
     }
 
     /// Build the domain's CPUID view: its policy text (default `base=host-max`) on
@@ -489,12 +667,16 @@ impl<B: Backend> Machine<B> {
         let (policy, cpuid) = self.cpuid_table(cfg.cpuid.as_deref(), cfg.vcpus)?;
         boot::check(kernel, initrd, cfg.memory).map_err(DomainError::Load)?;
         let id = self.next_id;
-        let mem = GuestMemory::<B::Paging>::new(&mut self.pool, cfg.memory, self.large_pages)?;
+        // The pool is locked for the whole construction: the domain is not published
+        // yet, so no other lock is held or needed.
+        let shared = self.shared.clone();
+        let mut pool = shared.pool.lock();
+        let mem = GuestMemory::<B::Paging>::new(&mut pool, cfg.memory, self.large_pages)?;
         let params = loader::BootParams { arch: B::ARCH, domain_id: id, vcpus: cfg.vcpus, cmdline: &cfg.cmdline };
-        let loaded = match boot::load(&mut self.pool, &mem, kernel, initrd, params) {
+        let loaded = match boot::load(&mut pool, &mem, kernel, initrd, params) {
             Ok(l) => l,
             Err(e) => {
-                mem.destroy(&mut self.pool)?;
+                mem.destroy(&mut pool)?;
                 return Err(DomainError::Load(e));
             }
         };
@@ -527,11 +709,12 @@ impl<B: Backend> Machine<B> {
         let root = mem.root();
         domain.mem = Some(mem);
         for index in 0..cfg.vcpus {
-            if let Err(e) = self.add_vcpu(&mut domain, &loaded.vcpu_start(index, root), index) {
-                domain.release(&mut self.pool)?;
+            if let Err(e) = self.add_vcpu(&mut pool, &mut domain, &loaded.vcpu_start(index, root), index) {
+                domain.release(&mut pool)?;
                 return Err(DomainError::Arch(e));
             }
         }
+        drop(pool);
         self.next_id += 1;
         println!(
             "DOMAIN {id} CREATED name={} memory={}M vcpus={} kernel={} bytes format={} initrd={} bytes",
@@ -542,13 +725,19 @@ impl<B: Backend> Machine<B> {
             loaded.format.name(),
             initrd.len()
         );
-        self.domains.push(domain);
+        self.publish(domain);
         Ok(id)
     }
 
     /// Create vCPU `index` of `domain` as `start` says.
-    fn add_vcpu(&mut self, domain: &mut Domain<B>, start: &boot::VcpuStart, index: u32) -> Result<(), ArchError> {
-        let mut vcpu = self.backend.create_vcpu(&mut self.pool, &start.entry)?;
+    fn add_vcpu(
+        &mut self,
+        pool: &mut FramePool,
+        domain: &mut Domain<B>,
+        start: &boot::VcpuStart,
+        index: u32,
+    ) -> Result<(), ArchError> {
+        let mut vcpu = self.backend.create_vcpu(pool, &start.entry)?;
         let mut regs = start.regs;
         let loaded = match &start.snapshot {
             Some(snapshot) => vcpu.load_state(&mut regs, snapshot),
@@ -556,7 +745,7 @@ impl<B: Backend> Machine<B> {
         };
         // The guest's TSC starts at 0 with the domain (`Domain::base_tsc_offset`).
         if let Err(e) = loaded.and_then(|()| vcpu.set_tsc_offset(domain.base_tsc_offset())) {
-            vcpu.destroy(&mut self.pool)?;
+            vcpu.destroy(pool)?;
             return Err(e);
         }
         let mut slot = VcpuSlot::new(vcpu, regs, index);
@@ -567,22 +756,35 @@ impl<B: Backend> Machine<B> {
 
     /// Destroy a domain in any state; its memory and vCPUs return to the pool.
     pub fn destroy(&mut self, id: u32) -> Result<(), DomainError> {
-        let i = self.domains.iter().position(|d| d.id == id).ok_or(DomainError::NoSuchDomain(id))?;
-        let mut d = self.domains.remove(i);
-        d.release(&mut self.pool)?;
+        let cell = {
+            let mut list = self.shared.domains.lock();
+            let i = list.iter().position(|c| c.id == id).ok_or(DomainError::NoSuchDomain(id))?;
+            list.remove(i)
+        };
+        // Off the list, so no scheduler picks it again; one that holds it now gives it
+        // up at its vCPU's next exit (the kick).
+        let released = {
+            let mut d = cell.lock();
+            let mut pool = self.shared.pool.lock();
+            d.release(&mut pool)
+        };
+        released?;
         println!("DOMAIN {id} DESTROYED");
         Ok(())
     }
 
     /// Pause (Running → Paused) or unpause (Paused → Running).
     pub fn set_paused(&mut self, id: u32, paused: bool) -> Result<(), DomainError> {
-        let d = self.domains.iter_mut().find(|d| d.id == id).ok_or(DomainError::NoSuchDomain(id))?;
-        d.state = match (&d.state, paused) {
-            (DomainState::Running, true) => DomainState::Paused,
-            (DomainState::Paused, false) => DomainState::Running,
-            (s, _) => return Err(DomainError::WrongState { id, state: alloc::format!("{s}") }),
-        };
-        Ok(())
+        // Taking the lock stops whichever vCPU runs (the kick): once this returns, none
+        // of its vCPUs runs anywhere until it is unpaused.
+        self.with_domain(id, |d| {
+            d.state = match (&d.state, paused) {
+                (DomainState::Running, true) => DomainState::Paused,
+                (DomainState::Paused, false) => DomainState::Running,
+                (s, _) => return Err(DomainError::WrongState { id, state: alloc::format!("{s}") }),
+            };
+            Ok(())
+        })?
     }
 }
 

@@ -96,7 +96,7 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
             cmdline: spec.cmdline.clone(),
         };
         config::validate(&cfg).map_err(|e| reply(wire::ErrorCode::Refused, e))?;
-        if self.domains.iter().any(|d| d.name == cfg.name) {
+        if self.name_taken(&cfg.name, None) {
             return Err(reply(wire::ErrorCode::Refused, alloc::format!("a domain named `{}` exists", cfg.name)));
         }
         Machine::create(self, &cfg, kernel, initrd.unwrap_or_default()).map_err(domain_reply)
@@ -106,30 +106,33 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
         let hz = crate::drivers::time::tsc_hz().unwrap_or(1);
         wire::DomainListReport {
             domains: self
-                .domains
+                .domains()
                 .iter()
-                .map(|d| wire::DomainInfo {
-                    id: d.id,
-                    name: d.name.clone(),
-                    state: alloc::format!("{}", d.state),
-                    vcpus: d.vcpu_count,
-                    memory_bytes: if d.mem.is_some() { d.memory_bytes } else { 0 },
-                    exits: d.exits_by_kind().iter().map(|(k, v)| (alloc::format!("{k}"), *v)).collect(),
-                    runtime_ns: crate::drivers::time::ticks_to_ns(d.runtime_ticks, hz),
-                    unclaimed: d
-                        .unclaimed()
-                        .iter()
-                        .map(|u| wire::UnclaimedAccess {
-                            mmio: u.space == crate::devices::bus::Space::Mmio,
-                            addr: u.addr,
-                            reads: u.reads,
-                            writes: u.writes,
-                        })
-                        .collect(),
+                .map(|cell| {
+                    let d = cell.lock();
+                    wire::DomainInfo {
+                        id: d.id,
+                        name: d.name.clone(),
+                        state: alloc::format!("{}", d.state),
+                        vcpus: d.vcpu_count,
+                        memory_bytes: if d.mem.is_some() { d.memory_bytes } else { 0 },
+                        exits: d.exits_by_kind().iter().map(|(k, v)| (alloc::format!("{k}"), *v)).collect(),
+                        runtime_ns: crate::drivers::time::ticks_to_ns(d.runtime_ticks, hz),
+                        unclaimed: d
+                            .unclaimed()
+                            .iter()
+                            .map(|u| wire::UnclaimedAccess {
+                                mmio: u.space == crate::devices::bus::Space::Mmio,
+                                addr: u.addr,
+                                reads: u.reads,
+                                writes: u.writes,
+                            })
+                            .collect(),
+                    }
                 })
                 .collect(),
-            free_frames: self.pool.free_frames() as u64,
-            total_frames: self.pool.total_frames() as u64,
+            free_frames: self.pool().free_frames() as u64,
+            total_frames: self.pool().total_frames() as u64,
         }
     }
 
@@ -143,13 +146,16 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
 
     fn counters(&self) -> Vec<crate::services::tasks::DomainCounters> {
         let hz = crate::drivers::time::tsc_hz().unwrap_or(1);
-        self.domains
+        self.domains()
             .iter()
-            .map(|d| crate::services::tasks::DomainCounters {
-                id: d.id,
-                vcpus: d.vcpu_count,
-                exits: d.exits_by_kind(),
-                runtime_ns: crate::drivers::time::ticks_to_ns(d.runtime_ticks, hz),
+            .map(|cell| {
+                let d = cell.lock();
+                crate::services::tasks::DomainCounters {
+                    id: d.id,
+                    vcpus: d.vcpu_count,
+                    exits: d.exits_by_kind(),
+                    runtime_ns: crate::drivers::time::ticks_to_ns(d.runtime_ticks, hz),
+                }
             })
             .collect()
     }
@@ -193,29 +199,31 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
     }
 
     fn frames(&self) -> (u64, u64) {
-        (self.pool.total_frames() as u64, self.pool.free_frames() as u64)
+        let pool = self.pool();
+        (pool.total_frames() as u64, pool.free_frames() as u64)
     }
     fn set_rmids(&mut self, id: u32, rmids: Vec<u32>) {
-        if let Some(d) = self.domains.iter_mut().find(|d| d.id == id) {
+        // A domain that went away in the meantime has no vCPUs to bind.
+        let _ = self.with_domain(id, |d| {
             for (slot, rmid) in d.vcpus.iter_mut().zip(rmids) {
                 slot.rmid = rmid;
             }
-        }
+        });
     }
 
     fn console_input(&mut self, id: u32, bytes: &[u8]) -> Result<u32, wire::ErrorReply> {
-        let d =
-            self.domains.iter_mut().find(|d| d.id == id).ok_or_else(|| domain_reply(DomainError::NoSuchDomain(id)))?;
-        d.console_input(bytes).map(|n| n as u32).map_err(domain_reply)
+        self.with_domain(id, |d| d.console_input(bytes).map(|n| n as u32)).and_then(|r| r).map_err(domain_reply)
     }
 
-    fn staging(&mut self) -> Option<&mut crate::mm::frames::FramePool> {
-        Some(&mut self.pool)
+    fn staging(&mut self) -> Option<spin::MutexGuard<'_, crate::mm::frames::FramePool>> {
+        Some(self.pool())
     }
 
     fn console(&self, id: u32, offset: u64) -> Result<wire::ConsoleChunk, wire::ErrorReply> {
-        let d = self.domain(id).ok_or_else(|| domain_reply(DomainError::NoSuchDomain(id)))?;
-        let (from, data) = d.console.since(offset);
-        Ok(wire::ConsoleChunk { id, offset: from, data, total: d.console.bytes })
+        self.with_domain(id, |d| {
+            let (from, data) = d.console.since(offset);
+            wire::ConsoleChunk { id, offset: from, data, total: d.console.bytes }
+        })
+        .map_err(domain_reply)
     }
 }

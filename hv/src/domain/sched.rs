@@ -16,10 +16,14 @@
 //! (`RunState::StartUp`, see `platform::route_ipi`), its next turn first loads the
 //! real-mode start state ([`start_on_sipi`]) and then runs it like any other.
 
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
 use super::exit::{self, Action};
 use super::platform::{Pending, Router, pending};
-use super::{DomainState, Machine, RunState, VcpuSlot, boot};
+use super::{Domain, DomainCell, DomainRef, DomainState, RunState, VcpuSlot, boot, dirty};
 use crate::arch::{ArchError, Backend, Vcpu};
+use crate::mm::frames::FramePool;
 use crate::println;
 
 /// Fire the LAPIC timer if it is due at `now`, and deliver what is pending: inject the
@@ -72,10 +76,66 @@ fn ns_to_ticks(ns: u64) -> u64 {
     u64::try_from(u128::from(ns) * u128::from(hz) / 1_000_000_000).unwrap_or(u64::MAX).max(1)
 }
 
-impl<B: Backend> Machine<B> {
+/// What every physical CPU's scheduler shares: the domains, the frame pool, the round
+/// robin's position and the time slice. Each CPU calls [`Shared::run_slice`] in its
+/// own loop (the bootstrap CPU between control requests, the others in
+/// `init::ap_schedule`); a CPU takes a domain's lock for one slice of one of its
+/// vCPUs and skips domains another CPU holds, so every CPU runs a different domain.
+pub struct Shared<B: Backend> {
+    /// Frames for everything. Held only for short steps (an exit's handling, a
+    /// control request's change), never while a guest runs.
+    pub(super) pool: spin::Mutex<FramePool>,
+    /// Every domain, in creation order.
+    pub(super) domains: spin::Mutex<Vec<DomainRef<B>>>,
+    /// The round robin's next position (a flat vCPU index over all domains).
+    cursor: AtomicUsize,
+    slice_ticks: Option<u64>,
+    /// A shorter slice asked for now (`cap_slice`; 0: none).
+    slice_cap: AtomicU64,
+    pub(super) mechanisms: dirty::Mechanisms,
+}
+
+impl<B: Backend> core::fmt::Debug for Shared<B> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> Shared<B> {
+    pub(super) fn new(pool: FramePool, slice_ticks: Option<u64>, mechanisms: dirty::Mechanisms) -> Self {
+        Self {
+            pool: spin::Mutex::new(pool),
+            domains: spin::Mutex::new(Vec::new()),
+            cursor: AtomicUsize::new(0),
+            slice_ticks,
+            slice_cap: AtomicU64::new(0),
+            mechanisms,
+        }
+    }
+
+    /// See [`Machine::cap_slice`].
+    pub(super) fn cap_slice(&self, ticks: Option<u64>) {
+        self.slice_cap.store(ticks.map_or(0, |t| t.max(1)), Ordering::Relaxed);
+    }
+
+    /// The slice in force: the machine's, or the cap if shorter.
+    pub(super) fn slice(&self) -> Option<u64> {
+        match (self.slice_ticks, self.slice_cap.load(Ordering::Relaxed)) {
+            (Some(slice), cap) if cap != 0 => Some(slice.min(cap)),
+            (slice, _) => slice,
+        }
+    }
+
+    /// The domains now (a snapshot: each is locked on its own).
+    fn cells(&self) -> Vec<DomainRef<B>> {
+        self.domains.lock().clone()
+    }
+
     /// Whether any vCPU can run, now or when its LAPIC timer or a device's timer fires.
+    /// A domain another CPU holds counts as runnable (it is running).
     pub fn has_runnable(&self) -> bool {
-        self.domains.iter().any(|d| {
+        self.cells().iter().any(|c| {
+            let Some(d) = c.try_lock_for_slice() else { return true };
             d.state == DomainState::Running
                 && (d.next_device_event_ns().is_some()
                     || d.vcpus.iter().any(|v| {
@@ -87,116 +147,137 @@ impl<B: Backend> Machine<B> {
 
     /// How long this CPU may sleep when no vCPU can run now: TSC ticks until the
     /// earliest LAPIC timer of a sleeping vCPU or device timer of a running domain
-    /// (`None`: nothing is armed; `Some(0)`: something is due already).
+    /// (`None`: nothing is armed; `Some(0)`: something is due already). A domain
+    /// another CPU holds is looked at again in a millisecond.
     pub fn idle_ticks(&self) -> Option<u64> {
         let now = crate::drivers::time::uptime_ns().unwrap_or(0);
-        self.domains
-            .iter()
-            .filter(|d| d.state == DomainState::Running)
-            .flat_map(|d| {
-                let lapics = d.vcpus.iter().filter_map(|v| v.lapic.next_timer_ns());
-                lapics.chain(d.next_device_event_ns()).map(move |t| d.started_ns.wrapping_add(t))
-            })
-            .min()
-            .map(|at| if at <= now { 0 } else { ns_to_ticks(at - now) })
-    }
-
-    /// Run the next runnable vCPU (round robin over all domains) for one time slice.
-    /// Returns false when nothing is runnable.
-    pub fn run_slice(&mut self) -> bool {
-        let total: usize = self.domains.iter().map(|d| d.vcpus.len()).sum();
-        for _ in 0..total {
-            let pick = self.cursor % total.max(1);
-            self.cursor = self.cursor.wrapping_add(1);
-            let Some((di, vi)) = self.locate(pick) else { continue };
-            let d = &mut self.domains[di];
+        let mut earliest: Option<u64> = None;
+        for c in self.cells() {
+            let Some(d) = c.try_lock_for_slice() else {
+                let again = now.saturating_add(1_000_000);
+                earliest = Some(earliest.map_or(again, |e| e.min(again)));
+                continue;
+            };
             if d.state != DomainState::Running {
                 continue;
             }
-            match d.vcpus[vi].state {
-                RunState::WaitForSipi => continue,
-                RunState::StartUp(vector) => {
-                    let signature = d.processor_signature();
-                    if let Err(e) = start_on_sipi(&mut d.vcpus[vi], signature) {
-                        self.crash(di, alloc::format!("vCPU {vi}: starting at SIPI vector {vector:#x}: {e}"));
-                        return true;
-                    }
-                }
-                RunState::Runnable | RunState::Halted => {}
+            let lapics = d.vcpus.iter().filter_map(|v| v.lapic.next_timer_ns());
+            for t in lapics.chain(d.next_device_event_ns()) {
+                let at = d.started_ns.wrapping_add(t);
+                earliest = Some(earliest.map_or(at, |e| e.min(at)));
             }
-            if d.vcpus[vi].state == RunState::Halted {
-                let now = d.guest_now_ns();
-                match d.advance_devices(now) {
-                    Action::Continue => {}
-                    // A device ended the domain while its vCPUs slept.
-                    ended => {
-                        self.end(di, ended);
-                        return true;
-                    }
-                }
-                if !wakes(&mut d.vcpus[vi], &d.irq, now) {
-                    continue;
-                }
-                d.vcpus[vi].state = RunState::Runnable;
+        }
+        earliest.map(|at| if at <= now { 0 } else { ns_to_ticks(at - now) })
+    }
+
+    /// Run the next runnable vCPU (round robin over all domains' vCPUs) for one time
+    /// slice on this CPU, skipping domains another CPU holds. Returns false when
+    /// nothing was run.
+    pub fn run_slice(&self) -> bool {
+        let cells = self.cells();
+        let total: usize = cells.iter().map(|c| c.vcpus).sum();
+        for _ in 0..total {
+            let pick = self.cursor.fetch_add(1, Ordering::Relaxed) % total.max(1);
+            let Some((cell, vi)) = locate(&cells, pick) else { continue };
+            let Some(mut d) = cell.try_lock_for_slice() else { continue };
+            if self.turn(cell, &mut d, vi) {
+                return true;
             }
-            // A throttled domain earns (100 - throttle)% of a slice per turn and runs
-            // a slice per 100% earned: it gets that share of its turns.
-            if d.throttle > 0 {
-                d.throttle_credit += 100 - u32::from(d.throttle.min(99));
-                if d.throttle_credit < 100 {
-                    continue;
-                }
-                d.throttle_credit -= 100;
-            }
-            self.run_vcpu(di, vi);
-            return true;
         }
         false
     }
 
-    fn locate(&self, flat: usize) -> Option<(usize, usize)> {
-        let mut n = flat;
-        for (di, d) in self.domains.iter().enumerate() {
-            if n < d.vcpus.len() {
-                return Some((di, n));
-            }
-            n -= d.vcpus.len();
+    /// Vcpu `vi` of the locked domain `d`: run it for a slice if it can run. Whether it ran.
+    fn turn(&self, cell: &DomainCell<B>, d: &mut Domain<B>, vi: usize) -> bool {
+        if d.state != DomainState::Running || vi >= d.vcpus.len() {
+            return false;
         }
-        None
+        match d.vcpus[vi].state {
+            RunState::WaitForSipi => return false,
+            RunState::StartUp(vector) => {
+                let signature = d.processor_signature();
+                if let Err(e) = start_on_sipi(&mut d.vcpus[vi], signature) {
+                    self.crash(d, alloc::format!("vCPU {vi}: starting at SIPI vector {vector:#x}: {e}"));
+                    return true;
+                }
+            }
+            RunState::Runnable | RunState::Halted => {}
+        }
+        if d.vcpus[vi].state == RunState::Halted {
+            let now = d.guest_now_ns();
+            match d.advance_devices(now) {
+                Action::Continue => {}
+                // A device ended the domain while its vCPUs slept.
+                ended => {
+                    self.end(d, ended);
+                    return true;
+                }
+            }
+            if !wakes(&mut d.vcpus[vi], &d.irq, now) {
+                return false;
+            }
+            d.vcpus[vi].state = RunState::Runnable;
+        }
+        // A throttled domain earns (100 - throttle)% of a slice per turn and runs
+        // a slice per 100% earned: it gets that share of its turns.
+        if d.throttle > 0 {
+            d.throttle_credit += 100 - u32::from(d.throttle.min(99));
+            if d.throttle_credit < 100 {
+                return false;
+            }
+            d.throttle_credit -= 100;
+        }
+        let cpu = crate::percpu::this();
+        let first_here = cpu.index < 64 && d.vcpus[vi].cpus_seen & (1 << cpu.index) == 0;
+        if cpu.index < 64 {
+            d.vcpus[vi].cpus_seen |= 1 << cpu.index;
+        }
+        if first_here {
+            println!("DOMAIN {} VCPU {vi} ON CPU apic={}", d.id, cpu.apic_id);
+        }
+        cell.set_running_on(Some(cpu.apic_id));
+        self.run_vcpu(cell, d, vi);
+        cell.set_running_on(None);
+        true
     }
 
-    fn run_vcpu(&mut self, di: usize, vi: usize) {
+    fn run_vcpu(&self, cell: &DomainCell<B>, d: &mut Domain<B>, vi: usize) {
         let slice = self.slice();
         let start = crate::drivers::time::now_ticks();
         let budget = slice.unwrap_or(u64::MAX);
         loop {
             let used = crate::drivers::time::now_ticks().wrapping_sub(start);
-            if used >= budget {
+            // A control request waits for the domain: give it up now.
+            if used >= budget || cell.kicked() {
                 break;
             }
-            let d = &mut self.domains[di];
             let now = d.guest_now_ns();
             match d.advance_devices(now) {
                 Action::Continue => {}
                 ended => {
-                    self.end(di, ended);
+                    self.end(d, ended);
                     break;
                 }
             }
             let device_event = d.next_device_event_ns();
             if d.vcpus[vi].msrs.kvmclock_stale() {
                 // A migrated domain: its kvm-clock structure has the source's TSC scale.
-                if let Err(e) =
-                    exit::msr::write_kvmclock(d, vi, &mut self.pool, crate::devices::kvmclock::MSR_SYSTEM_TIME, true)
-                {
-                    self.crash(di, alloc::format!("vCPU {vi}: rewriting its kvm-clock after migration: {e}"));
+                let rewritten = exit::msr::write_kvmclock(
+                    d,
+                    vi,
+                    &mut self.pool.lock(),
+                    crate::devices::kvmclock::MSR_SYSTEM_TIME,
+                    true,
+                );
+                if let Err(e) = rewritten {
+                    self.crash(d, alloc::format!("vCPU {vi}: rewriting its kvm-clock after migration: {e}"));
                     break;
                 }
                 println!("DOMAIN {} KVMCLOCK vCPU {vi} rewritten at this host's TSC rate", d.id);
             }
             let slot = &mut d.vcpus[vi];
             if let Err(e) = deliver(slot, &mut d.irq, now) {
-                self.crash(di, alloc::format!("vCPU {vi}: delivering an interrupt: {e}"));
+                self.crash(d, alloc::format!("vCPU {vi}: delivering an interrupt: {e}"));
                 break;
             }
             // Exit by the next timer's deadline (the LAPIC's or a device's), so its
@@ -213,7 +294,8 @@ impl<B: Backend> Machine<B> {
             let next = match result {
                 Ok(exit) => {
                     d.count(&exit.reason);
-                    let mut ctx = exit::ExitCtx { d: &mut *d, vi, pool: &mut self.pool, mechanisms: &self.mechanisms };
+                    let mut pool = self.pool.lock();
+                    let mut ctx = exit::ExitCtx { d: &mut *d, vi, pool: &mut pool, mechanisms: &self.mechanisms };
                     exit::handle(&mut ctx, &exit)
                 }
                 Err(e) => Action::Crash(alloc::format!("vCPU {vi}: {e}")),
@@ -243,33 +325,43 @@ impl<B: Backend> Machine<B> {
                     break;
                 }
                 ended @ (Action::Finish(_) | Action::Crash(_)) => {
-                    self.end(di, ended);
+                    self.end(d, ended);
                     break;
                 }
             }
         }
     }
 
-    /// Carry out an action that ends domain `di` (finish or crash); others do nothing.
-    fn end(&mut self, di: usize, action: Action) {
+    /// Carry out an action that ends domain `d` (finish or crash); others do nothing.
+    fn end(&self, d: &mut Domain<B>, action: Action) {
         match action {
             Action::Finish(code) => {
-                let d = &mut self.domains[di];
                 d.state = DomainState::Finished { code };
                 println!("DOMAIN {} EXIT code={code} exits={}", d.id, d.total_exits());
             }
-            Action::Crash(reason) => self.crash(di, reason),
+            Action::Crash(reason) => self.crash(d, reason),
             Action::Continue | Action::Yield | Action::Halt => {}
         }
     }
 
-    /// Stop domain `di` for `reason`; its memory goes back to the pool at once.
-    fn crash(&mut self, di: usize, reason: alloc::string::String) {
-        let d = &mut self.domains[di];
+    /// Stop domain `d` for `reason`; its memory goes back to the pool at once.
+    fn crash(&self, d: &mut Domain<B>, reason: alloc::string::String) {
         println!("DOMAIN {} CRASHED {reason}", d.id);
         d.state = DomainState::Crashed { reason };
-        if let Err(e) = d.release(&mut self.pool) {
+        if let Err(e) = d.release(&mut self.pool.lock()) {
             println!("FAIL: returning domain {}'s memory: {e}", d.id);
         }
     }
+}
+
+/// The domain and vCPU index of flat position `flat` in `cells`.
+fn locate<B: Backend>(cells: &[DomainRef<B>], flat: usize) -> Option<(&DomainCell<B>, usize)> {
+    let mut n = flat;
+    for c in cells {
+        if n < c.vcpus {
+            return Some((c, n));
+        }
+        n -= c.vcpus;
+    }
+    None
 }

@@ -163,6 +163,7 @@ impl Backend for FakeBackend {
     const NAME: &'static str = "fake";
     const ARCH: guest_abi::Arch = guest_abi::Arch::Svm;
     const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
+    const VCPU_ON_ANY_CPU: bool = true;
     fn enable(_: &crate::platform::caps::Capabilities, _: &mut FramePool) -> Result<Self, ArchError> {
         Ok(Self)
     }
@@ -197,7 +198,7 @@ pub(crate) fn machine(
     let (policy, cpuid) =
         POLICY.call_once(|| m.cpuid_table(None, 1).expect("the default policy verifies on its own host")).clone();
     let slot = VcpuSlot::new(FakeVcpu::default(), GuestRegs::default(), 0);
-    m.domains.push(Domain {
+    m.push_domain(Domain {
         id: 1,
         name: String::from("test"),
         state: DomainState::Running,

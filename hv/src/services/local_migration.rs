@@ -86,7 +86,12 @@ impl LocalMigration {
         match &mut self.state {
             State::Done => false,
             State::Waiting => {
-                let Some(d) = machine.domains().iter().find(|d| d.name == self.name) else { return false };
+                let cells = machine.domains();
+                let Some(cell) = cells.iter().find(|c| c.name == self.name) else { return false };
+                // Looked at when no CPU runs it (a poll must not kick its vCPUs out of
+                // every slice); the guard goes before the machine is used below.
+                let Some(d) = cell.try_peek() else { return false };
+                let from = d.id;
                 let ready = match &mut self.at {
                     Trigger::Round(round) => d.report(b"round").is_some_and(|r| r >= *round),
                     Trigger::Console { marker, scanned } => {
@@ -101,10 +106,10 @@ impl LocalMigration {
                         }
                     }
                 };
+                drop(d);
                 if !ready {
                     return false;
                 }
-                let from = d.id;
                 match &self.at {
                     Trigger::Round(round) => {
                         println!("MIGRATE-LOCAL START domain={from} name={} round={round}", self.name)

@@ -72,7 +72,7 @@ pub trait DomainOps {
         Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
     }
     /// The frame pool uploads are staged in (`None`: this instance takes no uploads).
-    fn staging(&mut self) -> Option<&mut crate::mm::frames::FramePool> {
+    fn staging(&mut self) -> Option<spin::MutexGuard<'_, crate::mm::frames::FramePool>> {
         None
     }
     /// Per domain: its counters (for the software events of the monitoring service).
@@ -169,9 +169,9 @@ impl Image<'_> {
 /// Give a used upload's frames back.
 fn release(image: Image<'_>, domains: &mut dyn DomainOps) {
     if let Image::Staged(s) = image
-        && let Some(pool) = domains.staging()
+        && let Some(mut pool) = domains.staging()
     {
-        s.free(pool);
+        s.free(&mut pool);
     }
 }
 
@@ -334,9 +334,9 @@ impl Runtime {
         let mut worked = false;
         if let Some(now) = uptime_ns
             && self.uploads.any_idle(now)
-            && let Some(pool) = domains.staging()
+            && let Some(mut pool) = domains.staging()
         {
-            self.uploads.expire(pool, now);
+            self.uploads.expire(&mut pool, now);
         }
         for _ in 0..TURN_BUDGET {
             let Some(env) = self.mailboxes[0].queue.pop_front() else { break };
@@ -485,9 +485,9 @@ impl Runtime {
     /// mailbox are answered into the void, as before).
     pub fn connection_closed(&mut self, to: ReplyTo, domains: &mut dyn DomainOps) {
         if !self.uploads.is_empty()
-            && let Some(pool) = domains.staging()
+            && let Some(mut pool) = domains.staging()
         {
-            self.uploads.release_owner(pool, to);
+            self.uploads.release_owner(&mut pool, to);
         }
     }
 
@@ -542,21 +542,23 @@ impl Runtime {
                 self.create(&spec, domains).map_or_else(Response::Error, |id| Response::DomainCreated { id })
             }
             Ok(Request::ImageBegin { kind, total_len, crc32c }) => match domains.staging() {
-                Some(pool) => self
+                Some(mut pool) => self
                     .uploads
-                    .begin(pool, reply_to, kind, total_len, crc32c, uptime_ns.unwrap_or(0))
+                    .begin(&mut pool, reply_to, kind, total_len, crc32c, uptime_ns.unwrap_or(0))
                     .map_or_else(Response::Error, Response::Upload),
                 None => Response::Error(no_uploads()),
             },
             Ok(Request::ImageChunk { upload, offset, bytes, crc32c }) => match domains.staging() {
-                Some(pool) => self
+                Some(mut pool) => self
                     .uploads
-                    .chunk(pool, upload, offset, &bytes, crc32c, uptime_ns.unwrap_or(0))
+                    .chunk(&mut pool, upload, offset, &bytes, crc32c, uptime_ns.unwrap_or(0))
                     .map_or_else(Response::Error, Response::Upload),
                 None => Response::Error(no_uploads()),
             },
             Ok(Request::ImageCancel { upload }) => match domains.staging() {
-                Some(pool) => self.uploads.cancel(pool, upload).map_or_else(Response::Error, |()| Response::Done),
+                Some(mut pool) => {
+                    self.uploads.cancel(&mut pool, upload).map_or_else(Response::Error, |()| Response::Done)
+                }
                 None => Response::Error(no_uploads()),
             },
             Ok(Request::DomainConsoleInput { id, bytes }) => {
@@ -859,7 +861,7 @@ mod tests {
 
     /// Domain operations over a host-test frame pool that remember what `create` got.
     struct Staging {
-        pool: crate::mm::frames::FramePool,
+        pool: spin::Mutex<crate::mm::frames::FramePool>,
         created: Vec<(Vec<u8>, Option<Vec<u8>>)>,
         input: Vec<u8>,
     }
@@ -886,8 +888,8 @@ mod tests {
             self.input.extend_from_slice(&bytes[..n]);
             Ok(n as u32)
         }
-        fn staging(&mut self) -> Option<&mut crate::mm::frames::FramePool> {
-            Some(&mut self.pool)
+        fn staging(&mut self) -> Option<spin::MutexGuard<'_, crate::mm::frames::FramePool>> {
+            Some(self.pool.lock())
         }
     }
 
@@ -914,8 +916,12 @@ mod tests {
     #[test]
     fn uploaded_images_reach_create_and_their_frames_come_back() {
         let mut rt = Runtime::new(machine());
-        let mut d = Staging { pool: crate::mm::frames::testing::pool(200), created: Vec::new(), input: Vec::new() };
-        let free = d.pool.free_frames();
+        let mut d = Staging {
+            pool: spin::Mutex::new(crate::mm::frames::testing::pool(200)),
+            created: Vec::new(),
+            input: Vec::new(),
+        };
+        let free = d.pool.lock().free_frames();
         let kernel: Vec<u8> = (0..150_000u32).map(|i| (i % 251) as u8).collect();
         let initrd = vec![7u8; 70_000];
         let mut ids = Vec::new();
@@ -935,7 +941,7 @@ mod tests {
             }
             ids.push(s.upload);
         }
-        assert!(d.pool.free_frames() < free);
+        assert!(d.pool.lock().free_frames() < free);
         // The initrd named as a kernel is refused and, like every used reference, gone.
         let wrong = spec(ImageRef::Uploaded(ids[1]), None);
         let e = one(&mut rt, &mut d, n, &Request::DomainCreate(wrong));
@@ -948,7 +954,7 @@ mod tests {
         let good = spec(ImageRef::Uploaded(ids[0]), Some(ImageRef::Uploaded(ids[1])));
         assert_eq!(one(&mut rt, &mut d, n + 1, &Request::DomainCreate(good)), Response::DomainCreated { id: 1 });
         assert!(d.created[0].0 == kernel && d.created[0].1.as_deref() == Some(&initrd[..]));
-        assert_eq!(d.pool.free_frames(), free, "the staging frames are back");
+        assert_eq!(d.pool.lock().free_frames(), free, "the staging frames are back");
         assert_eq!(rt.uploads_held(), 0);
         // Inline images still work.
         let inline = spec(ImageRef::Inline(vec![1, 2, 3]), None);
@@ -965,7 +971,7 @@ mod tests {
         rt.connection_closed(2, &mut d);
         assert_eq!(rt.uploads_held(), 1, "another connection's close leaves it");
         rt.connection_closed(1, &mut d);
-        assert_eq!((rt.uploads_held(), d.pool.free_frames()), (0, free));
+        assert_eq!((rt.uploads_held(), d.pool.lock().free_frames()), (0, free));
         // Without a pool, uploads are refused as not implemented.
         rt.route(1, frame(99, &Request::ImageBegin { kind: ImageKind::Kernel, total_len: 5, crc32c: 0 }));
         rt.run_once(Some(1), &mut NoDomains);

@@ -49,8 +49,6 @@ const RFLAGS_IF: u64 = 1 << 9;
 pub struct Svm {
     /// Kept for the life of the hypervisor.
     _hsave: u64,
-    /// The host's VMSAVE page (APM 15.5.2).
-    host_vmsave: u64,
     fpu: HostFpu,
     /// The host's IA32_TSC_AUX (restored after a guest with another value ran); None
     /// where the CPU has no TSC_AUX.
@@ -64,8 +62,6 @@ pub struct SvmVcpu {
     vmcb: u64,
     iopm: u64,
     msrpm: u64,
-    /// The physical CPU's host VMSAVE page (the vCPU runs only on the CPU that made it).
-    host_vmsave: u64,
     fpu: GuestFpu,
     /// The guest's IA32_TSC_AUX and the host's (None: no such MSR on this CPU).
     tsc_aux: u64,
@@ -90,6 +86,7 @@ impl Backend for Svm {
     const ARCH: guest_abi::Arch = guest_abi::Arch::Svm;
     /// VMMCALL: 0F 01 D9 (APM Vol. 3).
     const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
+    const VCPU_ON_ANY_CPU: bool = true;
 
     fn enable(_caps: &Capabilities, pool: &mut FramePool) -> Result<Self, ArchError> {
         let fpu = HostFpu::enable();
@@ -111,7 +108,10 @@ impl Backend for Svm {
             || core::arch::x86_64::__cpuid_count(7, 0).ecx & (1 << 22) != 0;
         // SAFETY: read only where the MSR exists (above); reading has no side effects.
         let host_tsc_aux = has_tsc_aux.then(|| unsafe { x86::msr::rdmsr(MSR_TSC_AUX) });
-        Ok(Self { _hsave: hsave, host_vmsave, fpu, host_tsc_aux })
+        // The VMSAVE page is this CPU's (`PerCpu`): a vCPU may run on any CPU that
+        // enabled SVM, and it saves the host state of the CPU it runs on.
+        crate::percpu::this().set_host_save_page(host_vmsave);
+        Ok(Self { _hsave: hsave, fpu, host_tsc_aux })
     }
 
     fn create_vcpu(&mut self, pool: &mut FramePool, entry: &GuestEntry) -> Result<SvmVcpu, ArchError> {
@@ -128,7 +128,6 @@ impl Backend for Svm {
             vmcb,
             iopm,
             msrpm,
-            host_vmsave: self.host_vmsave,
             fpu: GuestFpu::new(&self.fpu),
             tsc_aux: 0,
             host_tsc_aux: self.host_tsc_aux,
@@ -202,6 +201,12 @@ impl SvmVcpu {
 
 impl Vcpu for SvmVcpu {
     fn run(&mut self, regs: &mut GuestRegs, slice: Option<u64>) -> Result<Exit, ArchError> {
+        // The CPU this runs on: its own VMSAVE page for the host's state (APM 15.5.2),
+        // set when it enabled SVM. A vCPU can run on any CPU that did.
+        let host_vmsave = crate::percpu::this().host_save_page();
+        if host_vmsave == 0 {
+            return Err(ArchError::Unsupported("SVM is not enabled on this physical CPU (no host VMSAVE page)"));
+        }
         self.vmcb().set(vmcb::RAX, regs.rax);
         if let Some(ticks) = slice {
             crate::percpu::this().lapic.arm_one_shot(ticks);
@@ -217,10 +222,10 @@ impl Vcpu for SvmVcpu {
             }
         }
         // The VMCB describes a guest whose memory is mapped only through our nested tables and intercepts VMRUN,
-        // all SVM instructions, I/O and MSRs; the host VMSAVE page is this CPU's own.
-        // SAFETY: EFER.SVME and VM_HSAVE_PA were set in `enable`; hv_svm_run saves and restores every
-        // callee-saved register and follows the SysV ABI it is declared with.
-        unsafe { hv_svm_run(self.vmcb, regs, self.host_vmsave) };
+        // all SVM instructions, I/O and MSRs; the host VMSAVE page is this CPU's own (checked non-zero above).
+        // SAFETY: EFER.SVME and VM_HSAVE_PA were set on this CPU by `enable` (which also set its VMSAVE page);
+        // hv_svm_run saves and restores every callee-saved register and follows the SysV ABI it is declared with.
+        unsafe { hv_svm_run(self.vmcb, regs, host_vmsave) };
         // SAFETY: as above: the registers still hold this vCPU's state.
         unsafe {
             self.fpu.save();
@@ -698,7 +703,6 @@ mod tests {
             vmcb: page as *mut [u8; 4096] as u64,
             iopm: 0,
             msrpm: 0,
-            host_vmsave: 0,
             fpu: GuestFpu::new(&HostFpu::FXSAVE_ONLY),
             tsc_aux: 0,
             host_tsc_aux: None,

@@ -203,8 +203,8 @@ fn acpi_config_is_the_pc_of_the_device_models() {
 /// Read `len` bytes of domain 1's memory at `gpa`.
 fn read(m: &mut Machine<FakeBackend>, gpa: u64, len: usize) -> Vec<u8> {
     let mut out = alloc::vec![0u8; len];
-    let mem = m.domains[0].mem.as_ref().unwrap();
-    mem.read(&mut m.pool, gpa, &mut out).unwrap();
+    let (d, pool, _) = m.parts(0);
+    d.mem.as_ref().unwrap().read(pool, gpa, &mut out).unwrap();
     out
 }
 
@@ -267,7 +267,7 @@ fn creating_a_bzimage_domain_writes_the_zero_page_and_acpi_and_starts_only_vcpu_
     assert_eq!(u64_at(&mut m, GDT_GPA + 16), crate::firmware::GDT[2]);
 
     // vCPU 0 got the 64-bit entry state; vCPU 1 waits for INIT/SIPI with nothing loaded.
-    let d = &m.domains[0];
+    let d = m.dom(0);
     let bsp = d.vcpus[0].vcpu.loaded.as_ref().expect("vCPU 0's state was loaded");
     assert_eq!((bsp.rip, bsp.regs.rsi, bsp.cs.selector, bsp.efer), (16 * MIB + 0x200, zp, 0x10, 0x500));
     assert_eq!(d.vcpus[0].regs.rsi, zp, "the core's GPRs are the snapshot's");
@@ -294,14 +294,14 @@ fn creating_a_multiboot_domain_writes_the_information_and_enters_32_bit_mode() {
     assert_eq!(read(&mut m, u64::from(start), 7), b"module!");
     assert_eq!(read(&mut m, 0x10_0080, 4), [0xf4; 4], "the kernel at its load address");
     assert_eq!(read(&mut m, ACPI_GPA, 8), b"RSD PTR ", "ACPI tables for multiboot too");
-    let s = m.domains[0].vcpus[0].vcpu.loaded.clone().unwrap();
+    let s = m.dom(0).vcpus[0].vcpu.loaded.clone().unwrap();
     assert_eq!((s.regs.rax, s.regs.rbx, s.rip, s.cr0, s.efer), (0x2bad_b002, info, 0x10_0080, 0x31, 0));
 }
 
 #[test]
 fn refused_boots_give_the_reason_and_leave_no_memory_behind() {
     let mut m = machine(64 * 256 + 256);
-    let free = m.pool.free_frames();
+    let free = m.pool().free_frames();
     let e = m.create(&config(16 * MIB, 1, ""), &elf64(), b"rd").unwrap_err();
     assert!(matches!(e, DomainError::Load(LoadError::InitrdNotTaken { .. })), "{e}");
     // Too little memory for the kernel's init_size at 16 MiB: the planner's reason.
@@ -317,6 +317,6 @@ fn refused_boots_give_the_reason_and_leave_no_memory_behind() {
     assert!(e.to_string().starts_with("multiboot kernel: the multiboot header at 0x40 has a bad checksum"), "{e}");
     let e = m.create(&config(16 * MIB, 1, ""), b"garbage", b"").unwrap_err();
     assert!(matches!(e, DomainError::Load(LoadError::UnknownFormat { len: 7, .. })), "{e}");
-    assert_eq!(m.pool.free_frames(), free, "every refused domain's memory went back");
-    assert!(m.domains.is_empty());
+    assert_eq!(m.pool().free_frames(), free, "every refused domain's memory went back");
+    assert!(m.domains().is_empty());
 }

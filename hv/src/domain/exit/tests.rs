@@ -27,15 +27,15 @@ fn exit(reason: ExitReason) -> Exit {
 
 /// Run one exit with `regs` loaded first; the action and the registers after.
 fn run(m: &mut Machine<FakeBackend>, regs: GuestRegs, reason: ExitReason) -> (Action, GuestRegs) {
-    let d = &mut m.domains[0];
+    let (d, pool, mechanisms) = m.parts(0);
     d.vcpus[0].regs = regs;
-    let mut ctx = ExitCtx { d, vi: 0, pool: &mut m.pool, mechanisms: &m.mechanisms };
+    let mut ctx = ExitCtx { d, vi: 0, pool, mechanisms };
     let action = handle(&mut ctx, &exit(reason));
-    (action, m.domains[0].vcpus[0].regs)
+    (action, m.dom(0).vcpus[0].regs)
 }
 
-fn vcpu(m: &Machine<FakeBackend>) -> &FakeVcpu {
-    &m.domains[0].vcpus[0].vcpu
+fn vcpu(m: &mut Machine<FakeBackend>) -> &FakeVcpu {
+    &m.dom(0).vcpus[0].vcpu
 }
 
 const NO_LOGGING: Mechanisms = Mechanisms { pml: false, dbit: false };
@@ -43,12 +43,12 @@ const NO_LOGGING: Mechanisms = Mechanisms { pml: false, dbit: false };
 #[test]
 fn cpuid_answers_from_the_policy_table_and_skips() {
     let mut m = machine(NO_LOGGING);
-    let want = m.domains[0].cpuid.lookup_vcpu(0, 0, &crate::domain::vcpu_state(0));
+    let want = m.dom(0).cpuid.lookup_vcpu(0, 0, &crate::domain::vcpu_state(0));
     let (action, regs) = run(&mut m, GuestRegs { rax: 0, rcx: 0, ..Default::default() }, ExitReason::Cpuid);
     assert_eq!(action, Action::Continue);
     assert_eq!([regs.rax, regs.rbx, regs.rcx, regs.rdx], want.map(u64::from));
     assert_eq!(regs.rbx, 0x6874_7541, "vendor AuthenticAMD from the recorded CPU, through the policy");
-    assert_eq!(vcpu(&m).skipped, 1);
+    assert_eq!(vcpu(&mut m).skipped, 1);
     // The hypervisor range: our own signature, not KVM's, and nothing beyond it.
     let (_, regs) = run(&mut m, GuestRegs { rax: 0x4000_0000, ..Default::default() }, ExitReason::Cpuid);
     let sig: Vec<u8> = [regs.rbx, regs.rcx, regs.rdx].iter().flat_map(|r| (*r as u32).to_le_bytes()).collect();
@@ -68,8 +68,12 @@ fn msrs_outside_the_allow_list_get_gp_and_do_not_retire() {
     assert_eq!((regs.rax, regs.rdx), (0xfee0_0900, 0), "APIC base, enabled, BSP");
     assert_eq!(run(&mut m, GuestRegs { rcx: 0x3a, ..Default::default() }, ExitReason::MsrRead).0, Action::Continue);
     assert_eq!(run(&mut m, GuestRegs { rcx: 0x48, ..Default::default() }, ExitReason::MsrWrite).0, Action::Continue);
-    assert_eq!(vcpu(&m).injected, [(13, Some(0)), (13, Some(0))], "IA32_FEATURE_CONTROL read, SPEC_CTRL write: #GP(0)");
-    assert_eq!(vcpu(&m).skipped, 1, "only the allowed read retired");
+    assert_eq!(
+        vcpu(&mut m).injected,
+        [(13, Some(0)), (13, Some(0))],
+        "IA32_FEATURE_CONTROL read, SPEC_CTRL write: #GP(0)"
+    );
+    assert_eq!(vcpu(&mut m).skipped, 1, "only the allowed read retired");
 }
 
 fn wrmsr(msr: u32, value: u64) -> GuestRegs {
@@ -91,12 +95,12 @@ fn msrs_are_kept_per_vcpu_where_the_hardware_uses_them() {
         assert_eq!(rdmsr(&mut m, msr), Some(value), "{msr:#x}");
     }
     run(&mut m, wrmsr(0xc000_0082, 0x8000_0000_0000), ExitReason::MsrWrite);
-    assert_eq!(vcpu(&m).injected, [(13, Some(0))]);
+    assert_eq!(vcpu(&mut m).injected, [(13, Some(0))]);
     assert_eq!(rdmsr(&mut m, 0xc000_0082), Some(0xffff_ffff_8100_0000));
     // EFER: NXE and SCE added, SVME never.
     run(&mut m, wrmsr(0xc000_0080, 0xd01), ExitReason::MsrWrite);
     assert_eq!(rdmsr(&mut m, 0xc000_0080), Some(0xd01));
-    assert_eq!(vcpu(&m).msrs.iter().find(|(r, _)| *r == GuestMsr::Efer).map(|x| x.1), Some(0xd01));
+    assert_eq!(vcpu(&mut m).msrs.iter().find(|(r, _)| *r == GuestMsr::Efer).map(|x| x.1), Some(0xd01));
     // MTRRs (per vCPU, in the core) and MTRRcap; HWCR on this AMD policy.
     assert_eq!(rdmsr(&mut m, 0xfe), Some(0x508));
     assert_eq!(rdmsr(&mut m, 0x2ff), Some(0xc06));
@@ -112,7 +116,7 @@ fn the_guest_tsc_is_the_offset_host_tsc_and_writes_move_it() {
     let mut m = machine(NO_LOGGING);
     let before = crate::drivers::time::now_ticks();
     run(&mut m, wrmsr(0x10, 1 << 40), ExitReason::MsrWrite);
-    let offset = vcpu(&m).tsc_offset;
+    let offset = vcpu(&mut m).tsc_offset;
     assert!(offset.wrapping_add(before) <= 1 << 40, "the offset makes the guest read the value written");
     let read = rdmsr(&mut m, 0x10).unwrap();
     assert!(read >= 1 << 40 && read - (1 << 40) < 1 << 36, "{read:#x}");
@@ -124,25 +128,25 @@ fn xsetbv_is_limited_to_the_policy_and_the_sdm_rules() {
     let xsetbv = |value: u64| GuestRegs { rcx: 0, rax: value & 0xffff_ffff, rdx: value >> 32, ..Default::default() };
     // CR4.OSXSAVE clear: #UD.
     assert_eq!(run(&mut m, xsetbv(7), ExitReason::Xsetbv).0, Action::Continue);
-    assert_eq!(vcpu(&m).injected, [(6, None)]);
-    m.domains[0].vcpus[0].vcpu.control.cr4 |= 1 << 18;
+    assert_eq!(vcpu(&mut m).injected, [(6, None)]);
+    m.dom(0).vcpus[0].vcpu.control.cr4 |= 1 << 18;
     // The recorded EPYC offers x87, SSE and AVX: 7 is taken, AVX-512 and AVX without SSE are #GP.
     assert_eq!(run(&mut m, xsetbv(7), ExitReason::Xsetbv).0, Action::Continue);
-    assert_eq!(vcpu(&m).fpu.xcr0(), 7);
+    assert_eq!(vcpu(&mut m).fpu.xcr0(), 7);
     for bad in [0xe7, 5, 0, 1 << 9 | 7] {
         run(&mut m, xsetbv(bad), ExitReason::Xsetbv);
     }
     let mut bad_xcr = xsetbv(7);
     bad_xcr.rcx = 1;
     run(&mut m, bad_xcr, ExitReason::Xsetbv);
-    assert_eq!(vcpu(&m).injected.len(), 6);
-    assert!(vcpu(&m).injected[1..].iter().all(|e| *e == (13, Some(0))));
-    assert_eq!(vcpu(&m).fpu.xcr0(), 7, "refused writes change nothing");
-    assert_eq!(vcpu(&m).skipped, 1);
+    assert_eq!(vcpu(&mut m).injected.len(), 6);
+    assert!(vcpu(&mut m).injected[1..].iter().all(|e| *e == (13, Some(0))));
+    assert_eq!(vcpu(&mut m).fpu.xcr0(), 7, "refused writes change nothing");
+    assert_eq!(vcpu(&mut m).skipped, 1);
     // CPL 3: #GP.
-    m.domains[0].vcpus[0].vcpu.control.cpl = 3;
+    m.dom(0).vcpus[0].vcpu.control.cpl = 3;
     run(&mut m, xsetbv(3), ExitReason::Xsetbv);
-    assert_eq!(vcpu(&m).fpu.xcr0(), 7);
+    assert_eq!(vcpu(&mut m).fpu.xcr0(), 7);
 }
 
 #[test]
@@ -154,8 +158,8 @@ fn cpuid_follows_the_vcpus_cr4_and_xcr0() {
     };
     assert_eq!(cpuid(&mut m, 1, 0)[2] & (1 << 27), 0, "no OSXSAVE before CR4.OSXSAVE");
     assert_eq!(cpuid(&mut m, 0xd, 0)[1], 576, "XSAVE size for XCR0 = x87");
-    m.domains[0].vcpus[0].vcpu.control.cr4 |= 1 << 18;
-    m.domains[0].vcpus[0].vcpu.fpu.set_xcr0(7);
+    m.dom(0).vcpus[0].vcpu.control.cr4 |= 1 << 18;
+    m.dom(0).vcpus[0].vcpu.fpu.set_xcr0(7);
     assert_ne!(cpuid(&mut m, 1, 0)[2] & (1 << 27), 0, "OSXSAVE mirrors CR4");
     assert_eq!(cpuid(&mut m, 0xd, 0)[1], 832, "XSAVE size with AVX enabled");
 }
@@ -167,7 +171,7 @@ fn port_io_feeds_the_console_and_unclaimed_ports_read_ones() {
     for b in b"hi\n" {
         run(&mut m, GuestRegs { rax: u64::from(*b), ..Default::default() }, out(guest_abi::UART_PORT));
     }
-    assert_eq!(m.domains[0].console.since(0).1, b"hi\n");
+    assert_eq!(m.dom(0).console.since(0).1, b"hi\n");
     let input = |port, size| ExitReason::Io { port, size, input: true, string: false };
     let (_, regs) = run(&mut m, GuestRegs { rax: 0x1234_5678, ..Default::default() }, input(0x80, 1));
     assert_eq!(regs.rax, 0x1234_56ff, "one byte of ones, the rest of RAX kept");
@@ -191,14 +195,14 @@ fn hypercalls_report_yield_and_exit() {
     };
     let (action, regs) = run(&mut m, report, ExitReason::Hypercall);
     assert_eq!((action, regs.rax), (Action::Continue, guest_abi::HYPERCALL_OK));
-    assert_eq!(m.domains[0].report(b"round"), Some(7));
+    assert_eq!(m.dom(0).report(b"round"), Some(7));
     let y = GuestRegs { rax: guest_abi::Hypercall::Yield as u64, ..Default::default() };
     assert_eq!(run(&mut m, y, ExitReason::Hypercall).0, Action::Yield);
     let bad = GuestRegs { rax: 0xdead, ..Default::default() };
     assert_eq!(run(&mut m, bad, ExitReason::Hypercall).1.rax, guest_abi::HYPERCALL_EINVAL);
     let done = GuestRegs { rax: guest_abi::Hypercall::Exit as u64, rdi: 3, ..Default::default() };
     assert_eq!(run(&mut m, done, ExitReason::Hypercall).0, Action::Finish(3));
-    assert_eq!(vcpu(&m).skipped, 4, "every hypercall retires before it acts");
+    assert_eq!(vcpu(&mut m).skipped, 4, "every hypercall retires before it acts");
 }
 
 #[test]
@@ -211,17 +215,20 @@ fn log_dirty_hypercalls_and_write_faults_work_through_the_context() {
     let gpa = 5 * PAGE_SIZE + 8;
     let fault = ExitReason::NestedPageFault { gpa, write: true };
     assert_eq!(run(&mut m, GuestRegs::default(), fault).0, Action::Continue, "a logged write is retried");
-    assert!(vcpu(&m).flushes >= 2, "arming and the fault flushed the nested TLB");
+    assert!(vcpu(&mut m).flushes >= 2, "arming and the fault flushed the nested TLB");
     let buffer = 0x10_0000;
     let (_, regs) = run(&mut m, call(guest_abi::Hypercall::DirtyPeekClean, buffer, 128), ExitReason::Hypercall);
     assert_eq!(regs.rax, 1, "one dirty page");
-    let (mem, pool) = (m.domains[0].mem.as_ref().unwrap(), &mut m.pool);
+    let (mem, pool) = {
+        let (d, pool, _) = m.parts(0);
+        (d.mem.as_ref().unwrap(), pool)
+    };
     assert_eq!(mem.read_u64(pool, buffer).unwrap(), 1 << 5, "bit 5 of the guest's bitmap");
     assert_eq!(
         run(&mut m, call(guest_abi::Hypercall::DirtyStop, 0, 0), ExitReason::Hypercall).1.rax,
         guest_abi::HYPERCALL_OK
     );
-    assert!(m.domains[0].logs.iter().all(Option::is_none));
+    assert!(m.dom(0).logs.iter().all(Option::is_none));
     // With no log running, a nested page fault outside guest memory is MMIO: the
     // instruction at RIP (here paging is off and RIP 0 holds zeros, `add [rax], al`) is
     // decoded, and one that is not emulated stops the domain with its mnemonic.
@@ -242,7 +249,7 @@ fn log_dirty_hypercalls_and_write_faults_work_through_the_context() {
 fn the_rest_stops_the_domain_or_gets_ud() {
     let mut m = machine(NO_LOGGING);
     assert_eq!(run(&mut m, GuestRegs::default(), ExitReason::VirtualizationInstruction).0, Action::Continue);
-    assert_eq!(vcpu(&m).injected, [(6, None)]);
+    assert_eq!(vcpu(&mut m).injected, [(6, None)]);
     assert_eq!(run(&mut m, GuestRegs::default(), ExitReason::Hlt).0, Action::Halt);
     assert_eq!(run(&mut m, GuestRegs::default(), ExitReason::TimeSliceEnd).0, Action::Yield);
     for (reason, text) in [
@@ -272,8 +279,8 @@ fn x2apic_msrs_reach_the_vcpus_lapic_and_its_timer_interrupt_is_injected_when_th
     for (msr, v) in [(0x80f, 0x1ff), (0x83e, 0xb), (0x832, 0x40), (0x838, 1000)] {
         assert_eq!(run(&mut m, wrmsr(msr, v), ExitReason::MsrWrite).0, Action::Continue, "MSR {msr:#x}");
     }
-    assert!(vcpu(&m).injected.is_empty(), "every write was legal");
-    let d = &mut m.domains[0];
+    assert!(vcpu(&mut m).injected.is_empty(), "every write was legal");
+    let d = m.dom(0);
     let slot = &mut d.vcpus[0];
     assert_eq!(slot.lapic.next_timer_ns(), Some(1000), "1000 ticks of the 1 GHz APIC clock from guest time 0");
     // Due, but the guest has IF clear: an interrupt-window exit is asked for instead.
@@ -287,7 +294,7 @@ fn x2apic_msrs_reach_the_vcpus_lapic_and_its_timer_interrupt_is_injected_when_th
     assert_eq!(slot.lapic.pending_interrupt(), None, "in service until EOI");
     // A write to a read-only x2APIC register is #GP.
     assert_eq!(run(&mut m, wrmsr(0x802, 5), ExitReason::MsrWrite).0, Action::Continue);
-    assert_eq!(vcpu(&m).injected, [(13, Some(0))]);
+    assert_eq!(vcpu(&mut m).injected, [(13, Some(0))]);
 }
 
 /// OUT of `value` (1 byte) to `port` through the exit path.
@@ -300,7 +307,7 @@ fn outb(m: &mut Machine<FakeBackend>, port: u16, value: u8) {
 /// Software-enable the BSP's LAPIC in xAPIC mode (SVR = 0x1ff through x2APIC MSRs is
 /// not available in xAPIC mode, so through its register model directly).
 fn enable_lapic(m: &mut Machine<FakeBackend>) {
-    let slot = &mut m.domains[0].vcpus[0];
+    let slot = &mut m.dom(0).vcpus[0];
     slot.lapic.write_mmio(0xf0, &0x1ffu32.to_le_bytes(), 0);
 }
 
@@ -311,14 +318,14 @@ fn a_uart_interrupt_reaches_the_vcpu_through_the_io_apic_and_its_eoi_is_broadcas
     // I/O APIC pin 4 (COM1): vector 0x24, level-triggered (bit 15) so that the EOI
     // matters, active high, physical destination APIC 0.
     {
-        let d = &mut m.domains[0];
+        let d = m.dom(0);
         d.irq.mmio_write(crate::devices::ioapic::IOAPIC_BASE, &(0x10u32 + 2 * 4).to_le_bytes());
         d.irq.mmio_write(crate::devices::ioapic::IOAPIC_BASE + 0x10, &(0x24u32 | 1 << 15).to_le_bytes());
     }
     // The UART: OUT2 gates its interrupt onto the line (MCR bit 3), then IER.THRI.
     outb(&mut m, 0x3fc, 0x08);
     outb(&mut m, 0x3f9, 0x02);
-    let d = &mut m.domains[0];
+    let d = m.dom(0);
     assert_eq!(d.undelivered_interrupts, 0);
     let slot = &mut d.vcpus[0];
     assert_eq!(slot.lapic.pending_interrupt(), Some(0x24), "the transmitter-empty interrupt is in the IRR");
@@ -348,7 +355,7 @@ fn a_uart_interrupt_reaches_the_vcpu_through_the_8259_and_lint0() {
     }
     outb(&mut m, 0x3fc, 0x08);
     outb(&mut m, 0x3f9, 0x02);
-    let d = &mut m.domains[0];
+    let d = m.dom(0);
     assert!(d.irq.pic_intr_pending(), "IR4 raises INTR");
     let slot = &mut d.vcpus[0];
     assert_eq!(slot.lapic.pending_interrupt(), None, "the I/O APIC's pin 4 is masked");
@@ -367,7 +374,7 @@ fn the_pit_raises_irq0_at_its_period_through_the_scheduler_path() {
     let mut m = machine(NO_LOGGING);
     enable_lapic(&mut m);
     {
-        let d = &mut m.domains[0];
+        let d = m.dom(0);
         // Pin 2 (the PIT, after the IRQ0 -> GSI2 override): vector 0x30, edge.
         d.irq.mmio_write(crate::devices::ioapic::IOAPIC_BASE, &(0x10u32 + 2 * 2).to_le_bytes());
         d.irq.mmio_write(crate::devices::ioapic::IOAPIC_BASE + 0x10, &0x30u32.to_le_bytes());
@@ -376,7 +383,7 @@ fn the_pit_raises_irq0_at_its_period_through_the_scheduler_path() {
     outb(&mut m, 0x43, 0x34);
     outb(&mut m, 0x40, (1193 & 0xff) as u8);
     outb(&mut m, 0x40, (1193 >> 8) as u8);
-    let d = &mut m.domains[0];
+    let d = m.dom(0);
     let first = d.next_device_event_ns().expect("the PIT has a next tick");
     assert!((900_000..=1_100_000).contains(&first), "first tick after about 1 ms, not {first} ns");
     assert_eq!(d.advance_devices(first - 1), Action::Continue);
@@ -394,7 +401,10 @@ const UNCLAIMED: u64 = 0xfed0_0000;
 /// Build 4-level identity tables in the domain's memory (0..2 MiB and 3..4 GiB with
 /// 2 MiB pages, as the guest loader maps them) and point the fake vCPU at them.
 fn long_mode_with_tables(m: &mut Machine<FakeBackend>) {
-    let (mem, pool) = (m.domains[0].mem.as_ref().unwrap(), &mut m.pool);
+    let (mem, pool) = {
+        let (d, pool, _) = m.parts(0);
+        (d.mem.as_ref().unwrap(), pool)
+    };
     for (at, v) in [
         (0x1000, 0x2000 | 3),
         (0x2000, 0x3000 | 3),
@@ -405,7 +415,7 @@ fn long_mode_with_tables(m: &mut Machine<FakeBackend>) {
     ] {
         mem.write(pool, at, &u64::to_le_bytes(v)).unwrap();
     }
-    m.domains[0].vcpus[0].vcpu.paging = PagingState {
+    m.dom(0).vcpus[0].vcpu.paging = PagingState {
         cr0: 0x8000_0011,
         cr3: 0x1000,
         cr4: 1 << 5,
@@ -420,7 +430,10 @@ fn long_mode_with_tables(m: &mut Machine<FakeBackend>) {
 
 /// Put `code` at CODE and take the MMIO exit it causes at `gpa`.
 fn mmio(m: &mut Machine<FakeBackend>, code: &[u8], regs: GuestRegs, gpa: u64, write: bool) -> (Action, GuestRegs) {
-    let (mem, pool) = (m.domains[0].mem.as_ref().unwrap(), &mut m.pool);
+    let (mem, pool) = {
+        let (d, pool, _) = m.parts(0);
+        (d.mem.as_ref().unwrap(), pool)
+    };
     mem.write(pool, CODE, code).unwrap();
     run(m, regs, ExitReason::NestedPageFault { gpa, write })
 }
@@ -434,23 +447,23 @@ fn xapic_registers_through_mmio_exits() {
     let (action, regs) = mmio(&mut m, &[0x8b, 0x43, 0x30], base, APIC + 0x30, false);
     assert_eq!(action, Action::Continue);
     assert_eq!(regs.rax, u64::from(crate::devices::lapic::VERSION));
-    assert_eq!(vcpu(&m).skipped_lens, [3], "RIP moves past the 3-byte instruction");
+    assert_eq!(vcpu(&mut m).skipped_lens, [3], "RIP moves past the 3-byte instruction");
     // movzx ecx, byte [rbx+0x20]: the ID register's low byte (the ID is in 31:24).
     let (_, regs) = mmio(&mut m, &[0x0f, 0xb6, 0x4b, 0x20], GuestRegs { rcx: 5, ..base }, APIC + 0x20, false);
     assert_eq!(regs.rcx, 0);
     // mov dword [rbx+0x80], 0x20: TPR; read back with mov edx, [rbx+0x80].
     let tpr = [0xc7, 0x83, 0x80, 0, 0, 0, 0x20, 0, 0, 0];
     assert_eq!(mmio(&mut m, &tpr, base, APIC + 0x80, true).0, Action::Continue);
-    assert_eq!(m.domains[0].vcpus[0].lapic.tpr(), 0x20);
+    assert_eq!(m.dom(0).vcpus[0].lapic.tpr(), 0x20);
     let (_, regs) = mmio(&mut m, &[0x8b, 0x93, 0x80, 0, 0, 0], base, APIC + 0x80, false);
     assert_eq!(regs.rdx, 0x20);
-    assert_eq!(vcpu(&m).skipped_lens, [3, 4, 10, 6]);
-    assert!(vcpu(&m).injected.is_empty());
+    assert_eq!(vcpu(&mut m).skipped_lens, [3, 4, 10, 6]);
+    assert!(vcpu(&mut m).injected.is_empty());
     // The exits count as MMIO, not as nested page faults.
-    m.domains[0].count(&ExitReason::NestedPageFault { gpa: APIC + 0x80, write: false });
-    m.domains[0].count(&ExitReason::NestedPageFault { gpa: 0x3000, write: true });
-    assert_eq!(m.domains[0].exits.get(&ExitKind::Mmio), Some(&1));
-    assert_eq!(m.domains[0].exits.get(&ExitKind::NestedPageFault), Some(&1));
+    m.dom(0).count(&ExitReason::NestedPageFault { gpa: APIC + 0x80, write: false });
+    m.dom(0).count(&ExitReason::NestedPageFault { gpa: 0x3000, write: true });
+    assert_eq!(m.dom(0).exits.get(&ExitKind::Mmio), Some(&1));
+    assert_eq!(m.dom(0).exits.get(&ExitKind::NestedPageFault), Some(&1));
 }
 
 #[test]
@@ -461,14 +474,14 @@ fn an_xapic_eoi_write_retires_the_in_service_vector() {
     // Software-enable through the SVR: mov dword [rbx+0xf0], 0x1ff.
     let svr = [0xc7, 0x83, 0xf0, 0, 0, 0, 0xff, 0x01, 0, 0];
     assert_eq!(mmio(&mut m, &svr, base, APIC + 0xf0, true).0, Action::Continue);
-    let lapic = &mut m.domains[0].vcpus[0].lapic;
+    let lapic = &mut m.dom(0).vcpus[0].lapic;
     assert!(lapic.enabled());
     assert!(lapic.accept(0x40, false));
     assert_eq!(lapic.pending_interrupt(), Some(0x40));
     lapic.ack(0x40);
     let isr = |m: &mut Machine<FakeBackend>| {
         let mut b = [0u8; 4];
-        m.domains[0].vcpus[0].lapic.read_mmio(0x120, &mut b, 0);
+        m.dom(0).vcpus[0].lapic.read_mmio(0x120, &mut b, 0);
         u32::from_le_bytes(b)
     };
     assert_eq!(isr(&mut m), 1, "vector 0x40 in service (ISR bits 95:64)");
@@ -491,7 +504,7 @@ fn unclaimed_mmio_reads_all_ones_and_is_counted() {
     assert_eq!(regs.rax, 0xffff);
     // mov [rbx], eax: dropped.
     assert_eq!(mmio(&mut m, &[0x89, 0x03], base, UNCLAIMED, true).0, Action::Continue);
-    let counted: Vec<_> = m.domains[0].unclaimed().iter().copied().collect();
+    let counted: Vec<_> = m.dom(0).unclaimed().iter().copied().collect();
     assert_eq!(counted.len(), 1);
     assert_eq!((counted[0].addr, counted[0].reads, counted[0].writes), (UNCLAIMED, 2, 1));
     // The I/O APIC page is the interrupt router's, not unclaimed: select the version
@@ -501,19 +514,19 @@ fn unclaimed_mmio_reads_all_ones_and_is_counted() {
     assert_eq!(mmio(&mut m, &[0x89, 0x03], ioapic, 0xfec0_0000, true).0, Action::Continue);
     let (_, regs) = mmio(&mut m, &[0x8b, 0x43, 0x10], ioapic, 0xfec0_0010, false);
     assert_eq!(regs.rax, 0x0017_0020);
-    assert_eq!(m.domains[0].unclaimed().iter().count(), 1, "the I/O APIC's accesses are not counted as unclaimed");
+    assert_eq!(m.dom(0).unclaimed().iter().count(), 1, "the I/O APIC's accesses are not counted as unclaimed");
     // An instruction that does not match the fault stops the domain, and nothing retires.
-    let skipped = vcpu(&m).skipped;
+    let skipped = vcpu(&mut m).skipped;
     let (action, _) = mmio(&mut m, &[0x8b, 0x03], base, APIC, false);
     assert!(matches!(action, Action::Crash(ref r) if r.contains("not on the faulting page")), "{action:?}");
-    assert_eq!(vcpu(&m).skipped, skipped);
+    assert_eq!(vcpu(&mut m).skipped, skipped);
 }
 
 /// The machine of [`machine`] with a second vCPU (APIC ID 1) waiting for its start-up
 /// IPI, as a Linux domain's application processor is created; vCPU 0 in x2APIC mode.
 fn two_vcpus_ap_waiting() -> Machine<FakeBackend> {
     let mut m = machine(NO_LOGGING);
-    let d = &mut m.domains[0];
+    let d = m.dom(0);
     let mut ap = VcpuSlot::new(FakeVcpu { tsc_offset: 0x1234_5678, ..FakeVcpu::default() }, GuestRegs::default(), 1);
     ap.state = RunState::WaitForSipi;
     d.vcpus.push(ap);
@@ -530,7 +543,7 @@ fn icr(m: &mut Machine<FakeBackend>, value: u64) {
 
 /// What the scheduler does before the AP's next turn.
 fn next_turn(m: &mut Machine<FakeBackend>) {
-    let d = &mut m.domains[0];
+    let d = m.dom(0);
     let signature = d.processor_signature();
     crate::domain::sched::start_on_sipi(&mut d.vcpus[1], signature).unwrap();
 }
@@ -545,15 +558,15 @@ fn init_then_sipi_from_the_bsps_icr_starts_the_ap_in_real_mode_at_the_vector() {
     let mut m = two_vcpus_ap_waiting();
     // Linux's INIT, INIT de-assert is not in x2APIC mode; then SIPI, SIPI (vector 0x9a).
     icr(&mut m, INIT_TO_1);
-    assert_eq!(m.domains[0].vcpus[1].state, RunState::WaitForSipi);
+    assert_eq!(m.dom(0).vcpus[1].state, RunState::WaitForSipi);
     icr(&mut m, SIPI_TO_1 | 0x9a);
-    assert_eq!(m.domains[0].vcpus[1].state, RunState::StartUp(0x9a));
+    assert_eq!(m.dom(0).vcpus[1].state, RunState::StartUp(0x9a));
     assert!(m.has_runnable());
     icr(&mut m, SIPI_TO_1 | 0x9b);
-    assert_eq!(m.domains[0].vcpus[1].state, RunState::StartUp(0x9a), "the second SIPI is dropped");
-    assert!(m.domains[0].vcpus[1].vcpu.loaded.is_none(), "the state is loaded at its turn, not in the IPI");
+    assert_eq!(m.dom(0).vcpus[1].state, RunState::StartUp(0x9a), "the second SIPI is dropped");
+    assert!(m.dom(0).vcpus[1].vcpu.loaded.is_none(), "the state is loaded at its turn, not in the IPI");
     next_turn(&mut m);
-    let d = &m.domains[0];
+    let d = m.dom(0);
     let ap = &d.vcpus[1];
     assert_eq!(ap.state, RunState::Runnable);
     let s = ap.vcpu.loaded.as_ref().expect("the SIPI state was loaded");
@@ -567,7 +580,7 @@ fn init_then_sipi_from_the_bsps_icr_starts_the_ap_in_real_mode_at_the_vector() {
     assert_eq!(d.undelivered_interrupts, 0);
     // Started once: the next turn does nothing more.
     next_turn(&mut m);
-    assert_eq!(m.domains[0].vcpus[1].state, RunState::Runnable);
+    assert_eq!(m.dom(0).vcpus[1].state, RunState::Runnable);
 }
 
 #[test]
@@ -575,34 +588,34 @@ fn a_sipi_without_init_to_a_running_vcpu_or_to_no_one_changes_nothing() {
     // The AP was created waiting (firmware left it so): a SIPI alone starts it.
     let mut m = two_vcpus_ap_waiting();
     icr(&mut m, SIPI_TO_1 | 0x10);
-    assert_eq!(m.domains[0].vcpus[1].state, RunState::StartUp(0x10));
+    assert_eq!(m.dom(0).vcpus[1].state, RunState::StartUp(0x10));
     next_turn(&mut m);
     // Running now: another SIPI is ignored, and so is one before the state loaded.
     icr(&mut m, SIPI_TO_1 | 0x20);
-    assert_eq!(m.domains[0].vcpus[1].state, RunState::Runnable);
+    assert_eq!(m.dom(0).vcpus[1].state, RunState::Runnable);
     next_turn(&mut m);
-    assert_eq!(m.domains[0].vcpus[1].vcpu.loaded.as_ref().unwrap().cs.selector, 0x1000, "still the first start");
+    assert_eq!(m.dom(0).vcpus[1].vcpu.loaded.as_ref().unwrap().cs.selector, 0x1000, "still the first start");
 
     // A runnable vCPU whose LAPIC still says "waiting" (the APs of a guest_abi
     // domain run from creation) is not restarted by a SIPI.
     let mut m = two_vcpus_ap_waiting();
-    m.domains[0].vcpus[1].state = RunState::Runnable;
+    m.dom(0).vcpus[1].state = RunState::Runnable;
     icr(&mut m, SIPI_TO_1 | 0x10);
-    assert_eq!(m.domains[0].vcpus[1].state, RunState::Runnable);
+    assert_eq!(m.dom(0).vcpus[1].state, RunState::Runnable);
     next_turn(&mut m);
-    assert!(m.domains[0].vcpus[1].vcpu.loaded.is_none());
+    assert!(m.dom(0).vcpus[1].vcpu.loaded.is_none());
     // INIT stops a running AP; the SIPI then restarts it.
     icr(&mut m, INIT_TO_1);
-    assert_eq!(m.domains[0].vcpus[1].state, RunState::WaitForSipi);
+    assert_eq!(m.dom(0).vcpus[1].state, RunState::WaitForSipi);
     icr(&mut m, SIPI_TO_1 | 0x30);
     next_turn(&mut m);
-    assert_eq!(m.domains[0].vcpus[1].vcpu.loaded.as_ref().unwrap().cs.base, 0x3_0000);
+    assert_eq!(m.dom(0).vcpus[1].vcpu.loaded.as_ref().unwrap().cs.base, 0x3_0000);
 
     // APIC ID 7 does not exist: INIT and SIPI reach no one and are counted as such.
     let mut m = two_vcpus_ap_waiting();
     icr(&mut m, (7 << 32) | 0x4500);
     icr(&mut m, (7 << 32) | 0x4610);
-    let d = &m.domains[0];
+    let d = m.dom(0);
     assert_eq!(d.undelivered_interrupts, 2);
     assert_eq!(d.vcpus[1].state, RunState::WaitForSipi);
     assert_eq!(d.vcpus[0].state, RunState::Runnable);
@@ -614,7 +627,7 @@ fn init_to_the_bsp_resets_its_lapic_and_it_keeps_running() {
     let mut m = two_vcpus_ap_waiting();
     // Self-INIT through the "all including self" shorthand (ICR bits 19:18 = 10b).
     icr(&mut m, 0x8_4500);
-    let d = &m.domains[0];
+    let d = m.dom(0);
     assert_eq!(d.vcpus[0].state, RunState::Runnable, "the BSP does not wait for a SIPI");
     assert_eq!(d.vcpus[1].state, RunState::WaitForSipi);
     assert_eq!(d.vcpus[0].lapic.read_apic_base(), 0xfee0_0d00, "x2APIC mode is kept (SDM Vol. 3A 11.12.5.1)");
@@ -636,7 +649,7 @@ fn the_machine_state_moves_between_two_machines_and_time_continues() {
     let mut src = machine(NO_LOGGING);
     let host_src = HostClock { uptime_ns: 9_000_000_000, tsc: 40_000_000_000, tsc_hz: HZ };
     {
-        let d = &mut src.domains[0];
+        let d = src.dom(0);
         d.started_ns = 1_000_000_000;
         d.tsc_offset = 0u64.wrapping_sub(30_000_000_000);
         let env = super::msr::env_of(&d.policy);
@@ -676,12 +689,12 @@ fn the_machine_state_moves_between_two_machines_and_time_continues() {
     for r in &records {
         dst.load_machine_state_at(1, r, host_dst).unwrap_or_else(|e| panic!("{r:?}: {e}"));
     }
-    let d = &dst.domains[0];
+    let d = dst.dom(0);
     assert_eq!(host_dst.uptime_ns.wrapping_sub(d.started_ns), state.clock.ns, "guest time continues");
     assert_eq!(host_dst.tsc.wrapping_add(d.tsc_offset), state.clock.tsc, "the domain's TSC continues");
     let v = &d.vcpus[0];
     assert_eq!(host_dst.tsc.wrapping_add(v.vcpu.tsc_offset), 10_000_000_777, "the vCPU's TSC keeps its distance");
-    assert_eq!(v.msrs, src.domains[0].vcpus[0].msrs);
+    assert_eq!(v.msrs, src.dom(0).vcpus[0].msrs);
     assert!(v.vcpu.msrs.contains(&(GuestMsr::TscAux, 0x42)));
     assert_eq!(v.vcpu.fpu.xcr0(), 7);
     assert_eq!(d.console.contents(), b"booted\n");
