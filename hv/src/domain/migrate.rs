@@ -417,7 +417,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
         let (policy, cpuid) = self.cpuid_table(None, cfg.vcpus).map_err(text)?;
         let devices = super::new_devices().map_err(text)?;
         let shared = self.shared();
-        let mut pool = shared.pool.lock();
+        let mut pool = shared.lock_pool();
         let mem = GuestMemory::<B::Paging>::new(&mut pool, cfg.memory, self.large_pages).map_err(text)?;
         let id = self.next_id;
         let root = mem.root();

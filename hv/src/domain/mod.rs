@@ -445,6 +445,10 @@ impl<B: Backend> DomainCell<B> {
         if let Some(guard) = self.domain.try_lock() {
             return guard;
         }
+        // Host tests have one thread per machine: a held lock is a deadlock.
+        if cfg!(test) {
+            panic!("domain {} is locked already: a deadlock on one CPU", self.id);
+        }
         self.kick.store(true, Ordering::Release);
         let holder = self.running_on.load(Ordering::Acquire);
         if holder != 0 && holder - 1 != crate::percpu::this().apic_id {
@@ -483,7 +487,7 @@ impl<B: Backend> DomainCell<B> {
 
     /// The domain itself, where nothing else can hold the cell (host tests).
     #[cfg(any(test, fuzzing))]
-    fn get_mut(this: &mut DomainRef<B>) -> &mut Domain<B> {
+    pub(super) fn get_mut(this: &mut DomainRef<B>) -> &mut Domain<B> {
         Arc::get_mut(this).expect("no other CPU holds the domain in a host test").domain.get_mut()
     }
 }
@@ -537,7 +541,7 @@ impl<B: Backend> Machine<B> {
     /// The frame pool, locked (status and leak checks; never held across a call that
     /// locks a domain: the lock order is domain, then pool).
     pub fn pool(&self) -> spin::MutexGuard<'_, FramePool> {
-        self.shared.pool.lock()
+        self.shared.lock_pool()
     }
 
     /// End time slices after at most `ticks` (`None`: the slice the machine was made
@@ -593,7 +597,7 @@ impl<B: Backend> Machine<B> {
     ) -> Result<R, DomainError> {
         let cell = self.cell(id)?;
         let mut d = cell.lock();
-        let mut pool = self.shared.pool.lock();
+        let mut pool = self.shared.lock_pool();
         Ok(f(&mut d, &mut pool))
     }
 
@@ -617,15 +621,7 @@ impl<B: Backend> Machine<B> {
     /// Host tests: the `i`th domain, the pool and the mechanisms, as an exit handler has them.
     #[cfg(any(test, fuzzing))]
     pub(crate) fn parts(&mut self, i: usize) -> (&mut Domain<B>, &mut FramePool, &dirty::Mechanisms) {
-        let shared = Arc::get_mut(&mut self.shared).expect("no other CPU shares the machine in a host test");
-        let d = DomainCell::get_mut(&mut shared.domains.get_mut()[i]);
-        (d, shared.pool.get_mut(), &shared.mechanisms)
-    }
-
-    /// Host tests: the pool, where no other CPU can hold it.
-    #[cfg(any(test, fuzzing))]
-    pub(crate) fn pool_mut(&mut self) -> &mut FramePool {
-        Arc::get_mut(&mut self.shared).expect("no other CPU shares the machine in a host test").pool.get_mut()
+        Arc::get_mut(&mut self.shared).expect("no other CPU shares the machine in a host test").parts_mut(i)
     }
 
     /// Host tests: the slice in force.
@@ -670,7 +666,7 @@ impl<B: Backend> Machine<B> {
         // The pool is locked for the whole construction: the domain is not published
         // yet, so no other lock is held or needed.
         let shared = self.shared.clone();
-        let mut pool = shared.pool.lock();
+        let mut pool = shared.lock_pool();
         let mem = GuestMemory::<B::Paging>::new(&mut pool, cfg.memory, self.large_pages)?;
         let params = loader::BootParams { arch: B::ARCH, domain_id: id, vcpus: cfg.vcpus, cmdline: &cfg.cmdline };
         let loaded = match boot::load(&mut pool, &mem, kernel, initrd, params) {
@@ -765,7 +761,7 @@ impl<B: Backend> Machine<B> {
         // up at its vCPU's next exit (the kick).
         let released = {
             let mut d = cell.lock();
-            let mut pool = self.shared.pool.lock();
+            let mut pool = self.shared.lock_pool();
             d.release(&mut pool)
         };
         released?;

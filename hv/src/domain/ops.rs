@@ -104,35 +104,38 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
 
     fn list(&self) -> wire::DomainListReport {
         let hz = crate::drivers::time::tsc_hz().unwrap_or(1);
+        let domains = self
+            .domains()
+            .iter()
+            .map(|cell| {
+                let d = cell.lock();
+                wire::DomainInfo {
+                    id: d.id,
+                    name: d.name.clone(),
+                    state: alloc::format!("{}", d.state),
+                    vcpus: d.vcpu_count,
+                    memory_bytes: if d.mem.is_some() { d.memory_bytes } else { 0 },
+                    exits: d.exits_by_kind().iter().map(|(k, v)| (alloc::format!("{k}"), *v)).collect(),
+                    runtime_ns: crate::drivers::time::ticks_to_ns(d.runtime_ticks, hz),
+                    unclaimed: d
+                        .unclaimed()
+                        .iter()
+                        .map(|u| wire::UnclaimedAccess {
+                            mmio: u.space == crate::devices::bus::Space::Mmio,
+                            addr: u.addr,
+                            reads: u.reads,
+                            writes: u.writes,
+                        })
+                        .collect(),
+                }
+            })
+            .collect();
+        // One guard: two in one expression would be held together (a deadlock).
+        let pool = self.pool();
         wire::DomainListReport {
-            domains: self
-                .domains()
-                .iter()
-                .map(|cell| {
-                    let d = cell.lock();
-                    wire::DomainInfo {
-                        id: d.id,
-                        name: d.name.clone(),
-                        state: alloc::format!("{}", d.state),
-                        vcpus: d.vcpu_count,
-                        memory_bytes: if d.mem.is_some() { d.memory_bytes } else { 0 },
-                        exits: d.exits_by_kind().iter().map(|(k, v)| (alloc::format!("{k}"), *v)).collect(),
-                        runtime_ns: crate::drivers::time::ticks_to_ns(d.runtime_ticks, hz),
-                        unclaimed: d
-                            .unclaimed()
-                            .iter()
-                            .map(|u| wire::UnclaimedAccess {
-                                mmio: u.space == crate::devices::bus::Space::Mmio,
-                                addr: u.addr,
-                                reads: u.reads,
-                                writes: u.writes,
-                            })
-                            .collect(),
-                    }
-                })
-                .collect(),
-            free_frames: self.pool().free_frames() as u64,
-            total_frames: self.pool().total_frames() as u64,
+            domains,
+            free_frames: pool.free_frames() as u64,
+            total_frames: pool.total_frames() as u64,
         }
     }
 

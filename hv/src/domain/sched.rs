@@ -84,7 +84,7 @@ fn ns_to_ticks(ns: u64) -> u64 {
 pub struct Shared<B: Backend> {
     /// Frames for everything. Held only for short steps (an exit's handling, a
     /// control request's change), never while a guest runs.
-    pub(super) pool: spin::Mutex<FramePool>,
+    pool: spin::Mutex<FramePool>,
     /// Every domain, in creation order.
     pub(super) domains: spin::Mutex<Vec<DomainRef<B>>>,
     /// The round robin's next position (a flat vCPU index over all domains).
@@ -113,9 +113,26 @@ impl<B: Backend> Shared<B> {
         }
     }
 
+    /// The frame pool, locked. In host tests a second lock on the same thread (which
+    /// would spin for ever on the hypervisor) fails the test at once instead.
+    pub(super) fn lock_pool(&self) -> spin::MutexGuard<'_, FramePool> {
+        #[cfg(test)]
+        return self.pool.try_lock().expect("the frame pool is locked already: a deadlock on one CPU");
+        #[cfg(not(test))]
+        self.pool.lock()
+    }
+
     /// See [`Machine::cap_slice`].
     pub(super) fn cap_slice(&self, ticks: Option<u64>) {
         self.slice_cap.store(ticks.map_or(0, |t| t.max(1)), Ordering::Relaxed);
+    }
+
+    /// Host tests: the `i`th domain, the pool and the mechanisms, where nothing else can
+    /// hold them.
+    #[cfg(any(test, fuzzing))]
+    pub(super) fn parts_mut(&mut self, i: usize) -> (&mut Domain<B>, &mut FramePool, &dirty::Mechanisms) {
+        let d = DomainCell::get_mut(&mut self.domains.get_mut()[i]);
+        (d, self.pool.get_mut(), &self.mechanisms)
     }
 
     /// The slice in force: the machine's, or the cap if shorter.
@@ -265,7 +282,7 @@ impl<B: Backend> Shared<B> {
                 let rewritten = exit::msr::write_kvmclock(
                     d,
                     vi,
-                    &mut self.pool.lock(),
+                    &mut self.lock_pool(),
                     crate::devices::kvmclock::MSR_SYSTEM_TIME,
                     true,
                 );
@@ -294,7 +311,7 @@ impl<B: Backend> Shared<B> {
             let next = match result {
                 Ok(exit) => {
                     d.count(&exit.reason);
-                    let mut pool = self.pool.lock();
+                    let mut pool = self.lock_pool();
                     let mut ctx = exit::ExitCtx { d: &mut *d, vi, pool: &mut pool, mechanisms: &self.mechanisms };
                     exit::handle(&mut ctx, &exit)
                 }
@@ -348,7 +365,7 @@ impl<B: Backend> Shared<B> {
     fn crash(&self, d: &mut Domain<B>, reason: alloc::string::String) {
         println!("DOMAIN {} CRASHED {reason}", d.id);
         d.state = DomainState::Crashed { reason };
-        if let Err(e) = d.release(&mut self.pool.lock()) {
+        if let Err(e) = d.release(&mut self.lock_pool()) {
             println!("FAIL: returning domain {}'s memory: {e}", d.id);
         }
     }
@@ -364,4 +381,88 @@ fn locate<B: Backend>(cells: &[DomainRef<B>], flat: usize) -> Option<(&DomainCel
         n -= c.vcpus;
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    //! The scheduler and the control paths over shared domains. Host tests have one
+    //! thread per machine, so a lock taken twice panics (`DomainCell::lock`,
+    //! `Shared::lock_pool`) where the hypervisor would spin for ever: every request
+    //! here proves it takes each lock once, in order.
+    use alloc::vec;
+
+    use migration_svc::MigrationCore;
+
+    use crate::domain::dirty::Mechanisms;
+    use crate::domain::testing::{FakeBackend, machine};
+    use crate::domain::{DomainState, Machine};
+    use crate::mm::PAGE_SIZE;
+    use crate::mm::frames::testing::pool;
+    use crate::services::tasks::DomainOps;
+
+    fn one_domain() -> Machine<FakeBackend> {
+        machine(pool(2048), 4 << 20, Mechanisms { pml: false, dbit: true })
+    }
+
+    #[test]
+    fn every_control_request_takes_each_lock_once() {
+        let mut m = one_domain();
+        let list = DomainOps::list(&m);
+        assert_eq!((list.domains.len(), list.domains[0].state.as_str()), (1, "running"));
+        assert!(0 < list.free_frames && list.free_frames < list.total_frames);
+        assert_eq!(DomainOps::frames(&m), (list.total_frames, list.free_frames));
+        assert_eq!(DomainOps::counters(&m)[0].id, 1);
+        assert_eq!(DomainOps::console(&m, 1, 0).unwrap().total, 0);
+        DomainOps::set_paused(&mut m, 1, true).unwrap();
+        assert_eq!(DomainOps::list(&m).domains[0].state, "paused");
+        DomainOps::set_paused(&mut m, 1, false).unwrap();
+        DomainOps::set_rmids(&mut m, 1, vec![5]);
+        assert_eq!(m.dom(0).vcpus[0].rmid, 5);
+        assert_eq!(DomainOps::console_input(&mut m, 1, b"x").unwrap(), 1);
+        DomainOps::dirty_start(&mut m, 1, 0, "auto", None).unwrap();
+        assert_eq!(DomainOps::dirty_peek(&mut m, 1, 0, true).unwrap().pages, 1024);
+        DomainOps::dirty_stop(&mut m, 1, 0).unwrap();
+        assert!(DomainOps::staging(&mut m).is_some());
+        // The migration service's view of the same domain.
+        assert_eq!(m.domain_info(1).unwrap().memory_bytes, 4 << 20);
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        m.write_page(1, 3, Some(&[7u8; 4096])).unwrap();
+        m.read_page(1, 3, &mut page).unwrap();
+        assert_eq!(page, [7u8; 4096]);
+        m.memory_digest(1).unwrap();
+        assert_eq!(m.vcpu_states(1).unwrap().len(), 1);
+        m.throttle(1, 50).unwrap();
+        MigrationCore::set_paused(&mut m, 1, true).unwrap();
+        DomainOps::destroy(&mut m, 1).unwrap();
+        assert!(m.domains().is_empty());
+        assert_eq!(m.pool().free_frames(), list.total_frames as usize, "all memory is back");
+        assert!(DomainOps::destroy(&mut m, 1).is_err(), "destroyed once");
+    }
+
+    #[test]
+    fn a_slice_of_a_failing_vcpu_crashes_its_domain_and_returns_the_memory() {
+        let m = one_domain();
+        let free = m.pool().free_frames();
+        assert!(m.has_runnable());
+        assert!(m.run_slice(), "the fake vCPU's failure is a turn");
+        let cell = m.domains()[0].clone();
+        let d = cell.try_peek().unwrap();
+        assert!(matches!(&d.state, DomainState::Crashed { reason } if reason.contains("does not run")));
+        drop(d);
+        assert!(m.pool().free_frames() > free);
+        assert!(!m.has_runnable());
+        assert!(!m.run_slice(), "nothing is left to run");
+    }
+
+    #[test]
+    fn a_domain_another_cpu_holds_is_skipped_and_counts_as_running() {
+        let m = one_domain();
+        let cell = m.domains()[0].clone();
+        let held = cell.try_peek().unwrap();
+        assert!(!m.run_slice(), "skipped, not waited for");
+        assert!(m.has_runnable(), "it is running elsewhere");
+        assert!(m.idle_ticks().is_some_and(|t| t > 0), "looked at again soon");
+        drop(held);
+        assert!(m.run_slice());
+    }
 }
