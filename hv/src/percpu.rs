@@ -15,10 +15,12 @@
 //! 28.5.2, HOST_GS_BASE written from the live MSR), SVM restores it with VMLOAD of
 //! the host save area before interrupts are enabled again (APM Vol. 2 15.5.2).
 //!
-//! Every field is immutable after [`install`] or an atomic, so another CPU (a future
+//! Every field is immutable after [`install`] or an atomic (or a lock only its own
+//! CPU takes), so another CPU (a future
 //! `hvctl info` listing CPUs) may read a value while its owner changes it.
 
 use alloc::boxed::Box;
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -50,6 +52,9 @@ pub struct PerCpu {
     /// SVM only: the page VMSAVE keeps this CPU's host FS/GS/TR/LDTR and syscall MSRs
     /// in while a guest runs (0: SVM not enabled here), so a vCPU can run on any CPU.
     host_save_page: AtomicU64,
+    /// What this CPU prints while it holds locks an exit path needs, written when it
+    /// gives them up (`drivers::console::hold_output`). Only this CPU touches it.
+    pub held_output: spin::Mutex<String>,
 }
 
 impl PerCpu {
@@ -63,6 +68,7 @@ impl PerCpu {
             current_vmcs: AtomicU64::new(0),
             current_rmid: AtomicU32::new(0),
             host_save_page: AtomicU64::new(0),
+            held_output: spin::Mutex::new(String::new()),
         }
     }
 

@@ -37,6 +37,7 @@ use super::{Console, Domain, DomainState, Machine, RunState, VcpuSlot, config};
 use crate::arch::state::VcpuSnapshot;
 use crate::arch::{Backend, GuestEntry, GuestMsr, GuestRegs, Vcpu};
 use crate::devices::{DeviceKind, DeviceState};
+use crate::drivers::console::HeldOutput;
 use crate::mm::PAGE_SIZE;
 use crate::mm::guest::GuestMemory;
 
@@ -135,6 +136,7 @@ impl<B: Backend> Machine<B> {
     /// [`MigrationCore::machine_state`] with this host's clocks at `host`.
     pub fn machine_state_at(&mut self, domain: u32, host: HostClock) -> Result<MachineState, String> {
         let cell = self.migrating(domain)?;
+        let _held = HeldOutput::new();
         let mut d = cell.lock();
         // Messages the I/O APIC queued reach their LAPICs first (the queue is not state).
         d.route_messages();
@@ -179,6 +181,7 @@ impl<B: Backend> Machine<B> {
     /// [`MigrationCore::load_machine_state`] with this host's clocks at `host`.
     pub fn load_machine_state_at(&mut self, domain: u32, record: &StateRecord, host: HostClock) -> Result<(), String> {
         let cell = self.migrating(domain)?;
+        let _held = HeldOutput::new();
         let mut d = cell.lock();
         let id = d.id;
         match record {
@@ -279,6 +282,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
     fn domain_info(&mut self, domain: u32) -> Result<DomainInfo, String> {
         let featureset = self.host.max().set.words().to_vec();
         let cell = self.migrating(domain)?;
+        let _held = HeldOutput::new();
         let d = cell.lock();
         match d.state {
             DomainState::Running | DomainState::Paused => {}
@@ -310,6 +314,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
 
     fn merge_back(&mut self, domain: u32, bits: &DirtyBitmap) -> Result<(), String> {
         let cell = self.migrating(domain)?;
+        let _held = HeldOutput::new();
         let mut d = cell.lock();
         let log =
             d.logs[MAIN].as_mut().ok_or("log-dirty is not running, so there is no log to give the bits back to")?;
@@ -326,6 +331,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
 
     fn set_paused(&mut self, domain: u32, paused: bool) -> Result<(), String> {
         let cell = self.migrating(domain)?;
+        let _held = HeldOutput::new();
         let mut d = cell.lock();
         d.state = match (&d.state, paused) {
             (DomainState::Running | DomainState::Paused, true) => DomainState::Paused,
@@ -337,6 +343,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
 
     fn throttle(&mut self, domain: u32, percent: u8) -> Result<(), String> {
         let cell = self.migrating(domain)?;
+        let _held = HeldOutput::new();
         let mut d = cell.lock();
         d.throttle = percent.min(99);
         d.throttle_credit = 0;
@@ -346,6 +353,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
 
     fn vcpu_states(&mut self, domain: u32) -> Result<Vec<Vec<u8>>, String> {
         let cell = self.migrating(domain)?;
+        let _held = HeldOutput::new();
         let mut d = cell.lock();
         let mut out = Vec::with_capacity(d.vcpus.len());
         let signature = d.processor_signature();
@@ -417,6 +425,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
         let (policy, cpuid) = self.cpuid_table(None, cfg.vcpus).map_err(text)?;
         let devices = super::new_devices().map_err(text)?;
         let shared = self.shared();
+        let _held = HeldOutput::new();
         let mut pool = shared.lock_pool();
         let mem = GuestMemory::<B::Paging>::new(&mut pool, cfg.memory, self.large_pages).map_err(text)?;
         let id = self.next_id;
@@ -481,6 +490,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
             .map_err(|e| alloc::format!("the CPUID policy does not decode: {e}"))?;
         let table = levelling::CpuidTable::build(&policy, &self.host).map_err(text)?;
         let cell = self.migrating(domain)?;
+        let _held = HeldOutput::new();
         let mut d = cell.lock();
         d.cpuid = table;
         d.policy = policy;
@@ -497,6 +507,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
 
     fn set_vcpu_state(&mut self, domain: u32, index: u32, state: &[u8]) -> Result<(), String> {
         let cell = self.migrating(domain)?;
+        let _held = HeldOutput::new();
         let mut d = cell.lock();
         let slot = d.vcpus.get_mut(index as usize).ok_or_else(|| alloc::format!("no vCPU {index}"))?;
         let (run, snapshot) = match state.split_first() {

@@ -37,6 +37,7 @@ use levelling::{CpuidTable, HostCpu, VcpuState};
 use crate::arch::{ArchError, Backend, ExitKind, ExitReason, GuestRegs, Vcpu};
 use crate::devices::bus::DeviceBus;
 use crate::devices::lapic::Lapic;
+use crate::drivers::console::HeldOutput;
 use crate::mm::MmError;
 use crate::mm::frames::FramePool;
 use crate::mm::guest::GuestMemory;
@@ -585,6 +586,7 @@ impl<B: Backend> Machine<B> {
     /// Run `f` on domain `id`, locked.
     pub fn with_domain<R>(&self, id: u32, f: impl FnOnce(&mut Domain<B>) -> R) -> Result<R, DomainError> {
         let cell = self.cell(id)?;
+        let _held = HeldOutput::new();
         let mut d = cell.lock();
         Ok(f(&mut d))
     }
@@ -596,6 +598,7 @@ impl<B: Backend> Machine<B> {
         f: impl FnOnce(&mut Domain<B>, &mut FramePool) -> R,
     ) -> Result<R, DomainError> {
         let cell = self.cell(id)?;
+        let _held = HeldOutput::new();
         let mut d = cell.lock();
         let mut pool = self.shared.lock_pool();
         Ok(f(&mut d, &mut pool))
@@ -666,6 +669,7 @@ impl<B: Backend> Machine<B> {
         // The pool is locked for the whole construction: the domain is not published
         // yet, so no other lock is held or needed.
         let shared = self.shared.clone();
+        let _held = HeldOutput::new();
         let mut pool = shared.lock_pool();
         let mem = GuestMemory::<B::Paging>::new(&mut pool, cfg.memory, self.large_pages)?;
         let params = loader::BootParams { arch: B::ARCH, domain_id: id, vcpus: cfg.vcpus, cmdline: &cfg.cmdline };
@@ -760,6 +764,7 @@ impl<B: Backend> Machine<B> {
         // Off the list, so no scheduler picks it again; one that holds it now gives it
         // up at its vCPU's next exit (the kick).
         let released = {
+            let _held = HeldOutput::new();
             let mut d = cell.lock();
             let mut pool = self.shared.lock_pool();
             d.release(&mut pool)

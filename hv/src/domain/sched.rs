@@ -23,6 +23,7 @@ use super::exit::{self, Action};
 use super::platform::{Pending, Router, pending};
 use super::{Domain, DomainCell, DomainRef, DomainState, RunState, VcpuSlot, boot, dirty};
 use crate::arch::{ArchError, Backend, Vcpu};
+use crate::drivers::console::HeldOutput;
 use crate::mm::frames::FramePool;
 use crate::println;
 
@@ -196,6 +197,8 @@ impl<B: Backend> Shared<B> {
         for _ in 0..total {
             let pick = self.cursor.fetch_add(1, Ordering::Relaxed) % total.max(1);
             let Some((cell, vi)) = locate(&cells, pick) else { continue };
+            // The slice's log lines are written after the domain's lock is given up.
+            let _held = HeldOutput::new();
             let Some(mut d) = cell.try_lock_for_slice() else { continue };
             if self.turn(cell, &mut d, vi) {
                 return true;
