@@ -222,9 +222,17 @@ fn drain_into_logs<B: Backend>(
     Ok(())
 }
 
+/// Flush the nested TLB of every vCPU of `d` that is here. One running on another CPU
+/// is skipped: this is called from the write-protect fault, which only gives write
+/// access back (a stale read-only entry there costs one more fault, never a lost
+/// write), and the SVM CPU running it flushes at its next VMRUN anyway (TLB_CONTROL).
+/// Changes that take access away (clean, start) are made by control requests, with
+/// every vCPU stopped (`DomainCell::lock`).
 fn flush_all<B: Backend>(d: &mut Domain<B>) -> Result<(), DomainError> {
     for slot in &mut d.vcpus {
-        slot.vcpu.flush_nested_tlb()?;
+        if let Some(vcpu) = slot.vcpu.if_here() {
+            vcpu.flush_nested_tlb()?;
+        }
     }
     Ok(())
 }

@@ -30,7 +30,7 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use levelling::{CpuidTable, HostCpu, VcpuState};
 
@@ -161,9 +161,72 @@ enum RunState {
     StartUp(u8),
 }
 
+/// A vCPU's backend half (its VMCB or VMCS, its FPU state), which the CPU that runs
+/// the vCPU takes out of the domain while the guest runs: the domain's lock is not
+/// held then, so the domain's other vCPUs run at the same time on other CPUs and
+/// their exits are handled. Everything else of the vCPU (its LAPIC, its run state)
+/// stays in the domain, where an IPI or a device reaches it.
+///
+/// Reaching the vCPU while it is out is a locking bug, not a guest's doing: control
+/// requests lock the domain only once every vCPU is back (`DomainCell::lock`), and an
+/// exit handler uses only its own vCPU, which is back while it is handled. It panics
+/// rather than let two CPUs use one VMCB.
+pub(crate) struct Held<V> {
+    vcpu: Option<V>,
+    /// The APIC ID of the CPU running it, while it is out.
+    on: Option<u32>,
+}
+
+impl<V> Held<V> {
+    fn new(vcpu: V) -> Self {
+        Self { vcpu: Some(vcpu), on: None }
+    }
+
+    /// Take it out to run on the CPU with APIC ID `apic_id`.
+    pub(crate) fn take_out(&mut self, apic_id: u32) -> Option<V> {
+        let vcpu = self.vcpu.take()?;
+        self.on = Some(apic_id);
+        Some(vcpu)
+    }
+
+    /// Put it back after its run.
+    pub(crate) fn put_back(&mut self, vcpu: V) {
+        self.vcpu = Some(vcpu);
+        self.on = None;
+    }
+
+    /// The CPU running it, if it is out.
+    pub(crate) fn out_on(&self) -> Option<u32> {
+        self.on
+    }
+
+    /// It, where it is not out (flushes that the CPU running it does at its next
+    /// entry anyway).
+    pub(crate) fn if_here(&mut self) -> Option<&mut V> {
+        self.vcpu.as_mut()
+    }
+
+    fn into_inner(self) -> Option<V> {
+        self.vcpu
+    }
+}
+
+impl<V> core::ops::Deref for Held<V> {
+    type Target = V;
+    fn deref(&self) -> &V {
+        self.vcpu.as_ref().expect("a vCPU used while it runs on another CPU (a locking bug)")
+    }
+}
+
+impl<V> core::ops::DerefMut for Held<V> {
+    fn deref_mut(&mut self) -> &mut V {
+        self.vcpu.as_mut().expect("a vCPU used while it runs on another CPU (a locking bug)")
+    }
+}
+
 /// One vCPU of a domain: the backend's vCPU and what the core keeps of it.
 pub(crate) struct VcpuSlot<V> {
-    pub(crate) vcpu: V,
+    pub(crate) vcpu: Held<V>,
     pub(crate) regs: GuestRegs,
     state: RunState,
     pub(crate) index: u32,
@@ -187,7 +250,7 @@ impl<V> VcpuSlot<V> {
         let tsc_hz = crate::drivers::time::tsc_hz().unwrap_or(1_000_000_000);
         let lapic = Lapic::new(index, index == 0, tsc_hz);
         Self {
-            vcpu,
+            vcpu: Held::new(vcpu),
             regs,
             state: RunState::Runnable,
             index,
@@ -381,8 +444,11 @@ impl<B: Backend> Domain<B> {
 
     /// Return every vCPU and all memory to the pool.
     fn release(&mut self, pool: &mut FramePool) -> Result<(), MmError> {
+        // Callers make sure no vCPU is out (`DomainCell::lock`, `sched`'s last check-in).
         for slot in self.vcpus.drain(..) {
-            slot.vcpu.destroy(pool)?;
+            if let Some(vcpu) = slot.vcpu.into_inner() {
+                vcpu.destroy(pool)?;
+            }
         }
         if let Some(mem) = self.mem.take() {
             mem.destroy(pool)?;
@@ -406,11 +472,12 @@ pub struct DomainCell<B: Backend> {
     pub name: String,
     /// Its vCPU count (fixed at creation), for the scheduler's round robin.
     vcpus: usize,
-    /// 1 + the APIC ID of the CPU running one of its vCPUs now (0: none runs).
-    running_on: AtomicU32,
-    /// Someone waits for the lock: the CPU running it ends its slice at the next exit,
-    /// and no scheduler takes it until the waiter has had it.
-    kick: AtomicBool,
+    /// How many of its vCPUs are out running on some CPU now (changed with the
+    /// domain locked).
+    out: AtomicU32,
+    /// Control requests waiting for every vCPU to come back: no scheduler takes one
+    /// out meanwhile, and those out come back at their next exit.
+    stopping: AtomicU32,
     domain: spin::Mutex<Domain<B>>,
 }
 
@@ -432,64 +499,125 @@ impl<B: Backend> DomainCell<B> {
             id: domain.id,
             name: domain.name.clone(),
             vcpus: domain.vcpus.len(),
-            running_on: AtomicU32::new(0),
-            kick: AtomicBool::new(false),
+            out: AtomicU32::new(0),
+            stopping: AtomicU32::new(0),
             domain: spin::Mutex::new(domain),
         }
     }
 
-    /// Lock the domain for a control request. If a CPU runs one of its vCPUs, it is
-    /// kicked out of the guest (an IPI makes the vCPU exit, SVM's INTR intercept or
-    /// VMX's external-interrupt exiting) and gives the domain up at that exit rather
-    /// than at the end of its slice.
+    /// Lock the domain for a control request, with every vCPU stopped: those running
+    /// on other CPUs are kicked out of the guest (an IPI makes the vCPU exit, SVM's
+    /// INTR intercept) and come back at that exit; none is taken out again until the
+    /// guard goes. So a control request sees and changes a domain none of whose vCPUs
+    /// runs anywhere, and a change to its nested tables is complete, every CPU's TLB
+    /// flushed at its next entry (TLB_CONTROL on every VMRUN), before it answers.
     pub fn lock(&self) -> DomainGuard<'_, B> {
-        if let Some(guard) = self.domain.try_lock() {
-            return guard;
-        }
-        // Host tests have one thread per machine: a held lock is a deadlock.
-        if cfg!(test) {
-            panic!("domain {} is locked already: a deadlock on one CPU", self.id);
-        }
-        self.kick.store(true, Ordering::Release);
-        let holder = self.running_on.load(Ordering::Acquire);
-        if holder != 0 && holder - 1 != crate::percpu::this().apic_id {
-            // A failed IPI only means the wait lasts until the slice ends.
-            let _ = crate::drivers::lapic::send_fixed(holder - 1, crate::smp::WAKE_VECTOR);
-        }
-        let guard = self.domain.lock();
-        self.kick.store(false, Ordering::Release);
+        self.stopping.fetch_add(1, Ordering::AcqRel);
+        #[cfg(test)]
+        let mut spins = 0u64;
+        let guard = loop {
+            let Some(guard) = self.domain.try_lock() else {
+                // Others hold it only for short steps: a lock held this long in a host
+                // test is one this thread took twice (on the hypervisor, a hang).
+                #[cfg(test)]
+                {
+                    spins += 1;
+                    assert!(spins < 200_000_000, "domain {} stays locked: a deadlock", self.id);
+                }
+                core::hint::spin_loop();
+                continue;
+            };
+            if self.out.load(Ordering::Acquire) == 0 {
+                break guard;
+            }
+            let mut running_on = [u32::MAX; config::MAX_VCPUS as usize];
+            for (to, slot) in running_on.iter_mut().zip(guard.vcpus.iter()) {
+                *to = slot.vcpu.out_on().unwrap_or(u32::MAX);
+            }
+            // Unlocked while waiting: a vCPU coming back needs the lock to check in.
+            drop(guard);
+            kick(running_on.iter().copied().filter(|&a| a != u32::MAX));
+            wait_until(|| self.out.load(Ordering::Acquire) == 0, KICK_AGAIN_US);
+        };
+        self.stopping.fetch_sub(1, Ordering::AcqRel);
         guard
     }
 
-    /// Lock the domain if no one holds it or waits for it (the schedulers: a domain
-    /// that is busy elsewhere is skipped, not waited for).
+    /// Lock the domain for a scheduling step or an exit's handling, if no one holds it
+    /// and no control request waits for it (a busy domain is skipped, not waited for).
     pub(crate) fn try_lock_for_slice(&self) -> Option<DomainGuard<'_, B>> {
-        if self.kick.load(Ordering::Acquire) {
+        if self.stopping() {
             return None;
         }
         self.domain.try_lock()
     }
 
-    /// The domain if no one holds it now, without kicking anyone (for polls that can
-    /// look again later).
+    /// Lock the domain to take a vCPU back in after its run (held by others only for
+    /// short steps: control requests wait for this vCPU before they take it).
+    pub(crate) fn lock_to_check_in(&self) -> DomainGuard<'_, B> {
+        self.domain.lock()
+    }
+
+    /// The domain if no one holds it now, without stopping any vCPU (for polls that
+    /// can look again later, and tests).
     pub fn try_peek(&self) -> Option<DomainGuard<'_, B>> {
         self.domain.try_lock()
     }
 
-    /// Whether a waiter asked for the domain (the running slice ends at the next exit).
-    pub(crate) fn kicked(&self) -> bool {
-        self.kick.load(Ordering::Acquire)
+    /// Whether a control request waits for the vCPUs to come back.
+    pub(crate) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire) != 0
     }
 
-    /// Record which CPU (APIC ID) runs one of its vCPUs now (`None`: none does).
-    pub(crate) fn set_running_on(&self, apic_id: Option<u32>) {
-        self.running_on.store(apic_id.map_or(0, |a| a + 1), Ordering::Release);
+    /// A vCPU went out (`true`) or came back (`false`); call with the domain locked.
+    pub(crate) fn count_out(&self, out: bool) {
+        if out {
+            self.out.fetch_add(1, Ordering::AcqRel);
+        } else {
+            self.out.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// How many vCPUs are out now.
+    pub(crate) fn out_now(&self) -> u32 {
+        self.out.load(Ordering::Acquire)
     }
 
     /// The domain itself, where nothing else can hold the cell (host tests).
     #[cfg(any(test, fuzzing))]
     pub(super) fn get_mut(this: &mut DomainRef<B>) -> &mut Domain<B> {
         Arc::get_mut(this).expect("no other CPU holds the domain in a host test").domain.get_mut()
+    }
+}
+
+/// How long a control request waits for kicked vCPUs before it kicks them again (an
+/// IPI that reached a CPU just before it entered the guest is taken there, not in it).
+const KICK_AGAIN_US: u64 = 1000;
+
+/// Send the kick IPI to each of these CPUs (APIC IDs), except this one.
+pub(crate) fn kick(cpus: impl Iterator<Item = u32>) {
+    let me = crate::percpu::this().apic_id;
+    for apic_id in cpus.filter(|&a| a != me) {
+        #[cfg(not(test))]
+        // A failed IPI only means the wait lasts until that vCPU's slice ends.
+        let _ = crate::drivers::lapic::send_fixed(apic_id, crate::smp::WAKE_VECTOR);
+        #[cfg(test)]
+        KICKS.with(|k| k.borrow_mut().push(apic_id));
+    }
+}
+
+#[cfg(test)]
+std::thread_local! {
+    /// Host tests: the CPUs this thread kicked.
+    pub(crate) static KICKS: core::cell::RefCell<Vec<u32>> = const { core::cell::RefCell::new(Vec::new()) };
+}
+
+/// Spin until `done` or `us` microseconds passed.
+fn wait_until(done: impl Fn() -> bool, us: u64) {
+    let limit = crate::drivers::time::ms_to_ticks(1).map_or(u64::MAX, |per_ms| per_ms * us / 1000);
+    let start = crate::drivers::time::now_ticks();
+    while !done() && crate::drivers::time::now_ticks().wrapping_sub(start) < limit {
+        core::hint::spin_loop();
     }
 }
 

@@ -21,7 +21,7 @@ use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use super::exit::{self, Action};
 use super::platform::{Pending, Router, pending};
-use super::{Domain, DomainCell, DomainRef, DomainState, RunState, VcpuSlot, boot, dirty};
+use super::{Domain, DomainCell, DomainGuard, DomainRef, DomainState, RunState, VcpuSlot, boot, dirty, kick};
 use crate::arch::{ArchError, Backend, Vcpu};
 use crate::drivers::console::HeldOutput;
 use crate::mm::frames::FramePool;
@@ -189,8 +189,8 @@ impl<B: Backend> Shared<B> {
     }
 
     /// Run the next runnable vCPU (round robin over all domains' vCPUs) for one time
-    /// slice on this CPU, skipping domains another CPU holds. Returns false when
-    /// nothing was run.
+    /// slice on this CPU, skipping vCPUs another CPU runs and domains locked or being
+    /// stopped. Returns false when nothing was run.
     pub fn run_slice(&self) -> bool {
         let cells = self.cells();
         let total: usize = cells.iter().map(|c| c.vcpus).sum();
@@ -199,8 +199,8 @@ impl<B: Backend> Shared<B> {
             let Some((cell, vi)) = locate(&cells, pick) else { continue };
             // The slice's log lines are written after the domain's lock is given up.
             let _held = HeldOutput::new();
-            let Some(mut d) = cell.try_lock_for_slice() else { continue };
-            if self.turn(cell, &mut d, vi) {
+            let Some(d) = cell.try_lock_for_slice() else { continue };
+            if self.turn(cell, d, vi) {
                 return true;
             }
         }
@@ -208,8 +208,8 @@ impl<B: Backend> Shared<B> {
     }
 
     /// Vcpu `vi` of the locked domain `d`: run it for a slice if it can run. Whether it ran.
-    fn turn(&self, cell: &DomainCell<B>, d: &mut Domain<B>, vi: usize) -> bool {
-        if d.state != DomainState::Running || vi >= d.vcpus.len() {
+    fn turn<'a>(&self, cell: &'a DomainCell<B>, mut d: DomainGuard<'a, B>, vi: usize) -> bool {
+        if d.state != DomainState::Running || vi >= d.vcpus.len() || d.vcpus[vi].vcpu.out_on().is_some() {
             return false;
         }
         match d.vcpus[vi].state {
@@ -217,7 +217,7 @@ impl<B: Backend> Shared<B> {
             RunState::StartUp(vector) => {
                 let signature = d.processor_signature();
                 if let Err(e) = start_on_sipi(&mut d.vcpus[vi], signature) {
-                    self.crash(d, alloc::format!("vCPU {vi}: starting at SIPI vector {vector:#x}: {e}"));
+                    self.crash(cell, &mut d, alloc::format!("vCPU {vi}: starting at SIPI vector {vector:#x}: {e}"));
                     return true;
                 }
             }
@@ -229,11 +229,12 @@ impl<B: Backend> Shared<B> {
                 Action::Continue => {}
                 // A device ended the domain while its vCPUs slept.
                 ended => {
-                    self.end(d, ended);
+                    self.end(cell, &mut d, ended);
                     return true;
                 }
             }
-            if !wakes(&mut d.vcpus[vi], &d.irq, now) {
+            let dom = &mut *d;
+            if !wakes(&mut dom.vcpus[vi], &dom.irq, now) {
                 return false;
             }
             d.vcpus[vi].state = RunState::Runnable;
@@ -255,27 +256,30 @@ impl<B: Backend> Shared<B> {
         if first_here {
             println!("DOMAIN {} VCPU {vi} ON CPU apic={}", d.id, cpu.apic_id);
         }
-        cell.set_running_on(Some(cpu.apic_id));
         self.run_vcpu(cell, d, vi);
-        cell.set_running_on(None);
         true
     }
 
-    fn run_vcpu(&self, cell: &DomainCell<B>, d: &mut Domain<B>, vi: usize) {
+    /// Run vCPU `vi` of `d` for a slice: before each entry (domain locked) the devices
+    /// catch up and interrupts are delivered; then the vCPU is taken out and the lock
+    /// given up while the guest runs, so the domain's other vCPUs run and exit on other
+    /// CPUs meanwhile; after the exit it is locked again, the vCPU put back and the
+    /// exit handled. The slice ends early when a control request waits for the domain.
+    fn run_vcpu<'a>(&self, cell: &'a DomainCell<B>, mut d: DomainGuard<'a, B>, vi: usize) {
         let slice = self.slice();
         let start = crate::drivers::time::now_ticks();
         let budget = slice.unwrap_or(u64::MAX);
+        let me = crate::percpu::this().apic_id;
         loop {
             let used = crate::drivers::time::now_ticks().wrapping_sub(start);
-            // A control request waits for the domain: give it up now.
-            if used >= budget || cell.kicked() {
+            if used >= budget || cell.stopping() {
                 break;
             }
             let now = d.guest_now_ns();
             match d.advance_devices(now) {
                 Action::Continue => {}
                 ended => {
-                    self.end(d, ended);
+                    self.end(cell, &mut d, ended);
                     break;
                 }
             }
@@ -283,23 +287,26 @@ impl<B: Backend> Shared<B> {
             if d.vcpus[vi].msrs.kvmclock_stale() {
                 // A migrated domain: its kvm-clock structure has the source's TSC scale.
                 let rewritten = exit::msr::write_kvmclock(
-                    d,
+                    &mut d,
                     vi,
                     &mut self.lock_pool(),
                     crate::devices::kvmclock::MSR_SYSTEM_TIME,
                     true,
                 );
                 if let Err(e) = rewritten {
-                    self.crash(d, alloc::format!("vCPU {vi}: rewriting its kvm-clock after migration: {e}"));
+                    self.crash(cell, &mut d, alloc::format!("vCPU {vi}: rewriting its kvm-clock after migration: {e}"));
                     break;
                 }
                 println!("DOMAIN {} KVMCLOCK vCPU {vi} rewritten at this host's TSC rate", d.id);
             }
-            let slot = &mut d.vcpus[vi];
-            if let Err(e) = deliver(slot, &mut d.irq, now) {
-                self.crash(d, alloc::format!("vCPU {vi}: delivering an interrupt: {e}"));
+            let dom = &mut *d;
+            if let Err(e) = deliver(&mut dom.vcpus[vi], &mut dom.irq, now) {
+                self.crash(cell, &mut d, alloc::format!("vCPU {vi}: delivering an interrupt: {e}"));
                 break;
             }
+            // A device's interrupt for a vCPU running elsewhere: make it exit to take it.
+            kick_pending(&d);
+            let slot = &mut d.vcpus[vi];
             // Exit by the next timer's deadline (the LAPIC's or a device's), so its
             // interrupt is delivered on time.
             let mut this_slice = slice.map(|s| s - used);
@@ -308,9 +315,27 @@ impl<B: Backend> Shared<B> {
                 this_slice = Some(s.min(ns_to_ticks(t.saturating_sub(now))));
             }
             crate::platform::rdt::switch_rmid(slot.rmid);
+            let Some(mut vcpu) = slot.vcpu.take_out(me) else { break };
+            let mut regs = slot.regs;
+            cell.count_out(true);
+            drop(d);
             let entered = crate::drivers::time::now_ticks();
-            let result = slot.vcpu.run(&mut slot.regs, this_slice);
-            d.runtime_ticks += crate::drivers::time::now_ticks().wrapping_sub(entered);
+            let result = vcpu.run(&mut regs, this_slice);
+            let ran = crate::drivers::time::now_ticks().wrapping_sub(entered);
+            d = cell.lock_to_check_in();
+            // Its slot is still there: the domain's vCPUs and memory are released only
+            // when none is out (`crash`, `DomainCell::lock`).
+            let slot = &mut d.vcpus[vi];
+            slot.vcpu.put_back(vcpu);
+            slot.regs = regs;
+            cell.count_out(false);
+            d.runtime_ticks += ran;
+            if d.state != DomainState::Running {
+                // Paused by a control request, or ended by another vCPU's exit while
+                // this one ran: the last vCPU back returns a crashed domain's memory.
+                self.release_if_crashed(cell, &mut d);
+                break;
+            }
             let next = match result {
                 Ok(exit) => {
                     d.count(&exit.reason);
@@ -320,6 +345,8 @@ impl<B: Backend> Shared<B> {
                 }
                 Err(e) => Action::Crash(alloc::format!("vCPU {vi}: {e}")),
             };
+            // An IPI this exit sent to a vCPU running elsewhere.
+            kick_pending(&d);
             match next {
                 // An INIT to itself (a broadcast including self) stops it here.
                 Action::Continue if d.vcpus[vi].state == RunState::WaitForSipi => break,
@@ -327,7 +354,8 @@ impl<B: Backend> Shared<B> {
                 Action::Yield => break,
                 Action::Halt => {
                     let now = d.guest_now_ns();
-                    if wakes(&mut d.vcpus[vi], &d.irq, now) {
+                    let dom = &mut *d;
+                    if wakes(&mut dom.vcpus[vi], &dom.irq, now) {
                         // An interrupt is already pending: HLT ends at once.
                         continue;
                     }
@@ -345,7 +373,7 @@ impl<B: Backend> Shared<B> {
                     break;
                 }
                 ended @ (Action::Finish(_) | Action::Crash(_)) => {
-                    self.end(d, ended);
+                    self.end(cell, &mut d, ended);
                     break;
                 }
             }
@@ -353,25 +381,44 @@ impl<B: Backend> Shared<B> {
     }
 
     /// Carry out an action that ends domain `d` (finish or crash); others do nothing.
-    fn end(&self, d: &mut Domain<B>, action: Action) {
+    fn end(&self, cell: &DomainCell<B>, d: &mut Domain<B>, action: Action) {
         match action {
             Action::Finish(code) => {
                 d.state = DomainState::Finished { code };
                 println!("DOMAIN {} EXIT code={code} exits={}", d.id, d.total_exits());
+                // Its other vCPUs stop at their next exit; a kick makes that now.
+                kick(d.vcpus.iter().filter_map(|v| v.vcpu.out_on()));
             }
-            Action::Crash(reason) => self.crash(d, reason),
+            Action::Crash(reason) => self.crash(cell, d, reason),
             Action::Continue | Action::Yield | Action::Halt => {}
         }
     }
 
-    /// Stop domain `d` for `reason`; its memory goes back to the pool at once.
-    fn crash(&self, d: &mut Domain<B>, reason: alloc::string::String) {
+    /// Stop domain `d` for `reason`; its memory goes back to the pool at once, or when
+    /// its last vCPU running elsewhere is back (kicked out of the guest now).
+    fn crash(&self, cell: &DomainCell<B>, d: &mut Domain<B>, reason: alloc::string::String) {
         println!("DOMAIN {} CRASHED {reason}", d.id);
         d.state = DomainState::Crashed { reason };
+        kick(d.vcpus.iter().filter_map(|v| v.vcpu.out_on()));
+        self.release_if_crashed(cell, d);
+    }
+
+    /// Return a crashed domain's vCPUs and memory to the pool once none of its vCPUs
+    /// is out (guest memory must not be reused while a guest may still write it).
+    fn release_if_crashed(&self, cell: &DomainCell<B>, d: &mut Domain<B>) {
+        if !matches!(d.state, DomainState::Crashed { .. }) || cell.out_now() != 0 || d.mem.is_none() {
+            return;
+        }
         if let Err(e) = d.release(&mut self.lock_pool()) {
             println!("FAIL: returning domain {}'s memory: {e}", d.id);
         }
     }
+}
+
+/// Kick the CPUs running a vCPU of `d` that has an interrupt pending (an IPI or a
+/// device's), so it exits and takes it at its next entry.
+fn kick_pending<B: Backend>(d: &Domain<B>) {
+    kick(d.vcpus.iter().filter(|v| pending(v, &d.irq).is_some()).filter_map(|v| v.vcpu.out_on()));
 }
 
 /// The domain and vCPU index of flat position `flat` in `cells`.
@@ -467,5 +514,71 @@ mod tests {
         assert!(m.idle_ticks().is_some_and(|t| t > 0), "looked at again soon");
         drop(held);
         assert!(m.run_slice());
+    }
+}
+
+#[cfg(test)]
+mod concurrency_tests {
+    //! The check-out protocol with a second thread standing in for the CPU that runs
+    //! a vCPU: a control request waits for the vCPU to come back, kicking its CPU.
+    use std::time::Duration;
+
+    use crate::domain::dirty::Mechanisms;
+    use crate::domain::testing::machine;
+    use crate::domain::{DomainState, KICKS};
+    use crate::mm::frames::testing::pool;
+
+    #[test]
+    fn a_control_request_kicks_the_cpu_running_a_vcpu_and_waits_for_it() {
+        let mut m = machine(pool(2048), 4 << 20, Mechanisms { pml: false, dbit: true });
+        let cell = m.domains()[0].clone();
+        // "CPU 7" takes vCPU 0 out, as `run_vcpu` does before entering the guest.
+        let vcpu = {
+            let mut d = cell.try_peek().unwrap();
+            let v = d.vcpus[0].vcpu.take_out(7).unwrap();
+            cell.count_out(true);
+            v
+        };
+        assert!(!m.run_slice(), "a vCPU that is out is not run twice");
+        let runner = {
+            let cell = cell.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                // Its exit: back in, and the slice ends because a request waits.
+                let stopping = cell.stopping();
+                let mut d = cell.lock_to_check_in();
+                d.vcpus[0].vcpu.put_back(vcpu);
+                cell.count_out(false);
+                stopping
+            })
+        };
+        KICKS.with(|k| k.borrow_mut().clear());
+        m.set_paused(1, true).unwrap();
+        assert!(runner.join().unwrap(), "the running CPU saw the request waiting");
+        assert!(KICKS.with(|k| k.borrow().contains(&7)), "CPU 7 was kicked");
+        let d = cell.try_peek().unwrap();
+        assert_eq!(d.state, DomainState::Paused);
+        assert!(d.vcpus[0].vcpu.out_on().is_none());
+    }
+
+    #[test]
+    fn a_crashed_domain_keeps_its_memory_until_its_last_vcpu_is_back() {
+        let m = machine(pool(2048), 4 << 20, Mechanisms { pml: false, dbit: true });
+        let free = m.pool().free_frames();
+        let cell = m.domains()[0].clone();
+        let mut d = cell.try_peek().unwrap();
+        let vcpu = d.vcpus[0].vcpu.take_out(7).unwrap();
+        cell.count_out(true);
+        KICKS.with(|k| k.borrow_mut().clear());
+        m.shared().crash(&cell, &mut d, "test".into());
+        assert!(d.mem.is_some(), "a guest may still write its memory");
+        assert_eq!(m.pool().free_frames(), free);
+        assert!(KICKS.with(|k| k.borrow().contains(&7)), "its CPU was kicked");
+        d.vcpus[0].vcpu.put_back(vcpu);
+        cell.count_out(false);
+        m.shared().release_if_crashed(&cell, &mut d);
+        assert!(d.mem.is_none());
+        drop(d);
+        assert!(m.pool().free_frames() > free, "returned once it was back");
     }
 }
