@@ -1129,14 +1129,14 @@ fn machine_state_mid_run(ctx: &Ctx) -> Result<String> {
 }
 
 fn live_memwriter(ctx: &Ctx) -> Result<String> {
-    live_memwriter_report(ctx).map(|(summary, _)| summary)
+    live_memwriter_report(ctx, &["--verify"]).map(|(summary, _)| summary)
 }
 
 /// The writer migrates while it writes and continues on the destination with the
 /// right checksums; the summary and hvctl's report.
-pub(crate) fn live_memwriter_report(ctx: &Ctx) -> Result<(String, serde_json::Value)> {
+pub(crate) fn live_memwriter_report(ctx: &Ctx, flags: &[&str]) -> Result<(String, serde_json::Value)> {
     let id = writer(ctx)?;
-    let (code, report, stderr) = migrate(ctx, id, &["--verify"])?;
+    let (code, report, stderr) = migrate(ctx, id, flags)?;
     if code != Some(0) || report["outcome"] != "completed" {
         return Err(format!("the migration did not complete: exit {code:?}, {report}; {stderr}"));
     }
