@@ -188,6 +188,7 @@ extern crate alloc;
 
 mod bytes;
 mod codec;
+pub mod cpulist;
 pub mod crc32c;
 pub mod dirty;
 pub mod error;
