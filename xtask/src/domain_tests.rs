@@ -13,14 +13,18 @@ use crate::{Result, tools};
 
 /// What the serial log says about each domain.
 #[derive(Debug, Default)]
-struct DomainLog {
+pub(crate) struct DomainLog {
     cpuid: Vec<(u32, u32, [u32; 4])>,
-    reports: Vec<(String, u64)>,
-    exit: Option<u64>,
-    crashed: Option<String>,
+    /// Its `DOMAIN n REPORT key=value` lines, in order.
+    pub(crate) reports: Vec<(String, u64)>,
+    /// Its exit code (`DOMAIN n EXIT code=…`).
+    pub(crate) exit: Option<u64>,
+    /// Its `DOMAIN n CRASHED …` line.
+    pub(crate) crashed: Option<String>,
 }
 
-fn parse_domains(serial: &str) -> BTreeMap<String, DomainLog> {
+/// Each domain's [`DomainLog`], by name.
+pub(crate) fn parse_domains(serial: &str) -> BTreeMap<String, DomainLog> {
     let text = clean(serial);
     let mut by_id: BTreeMap<u32, String> = BTreeMap::new();
     let mut out: BTreeMap<String, DomainLog> = BTreeMap::new();

@@ -1,13 +1,14 @@
 //! The hypervisor on a multiprocessor machine (issue 16, item 1 "Bring-up"): every
 //! physical CPU the firmware reports is started with INIT-SIPI-SIPI and parks
-//! (`hv/src/smp.rs`); scheduling stays on the boot CPU. Not the guest's SMP (that is
-//! `smp_tests.rs`, the `linux-smp-*` tests).
+//! (`hv/src/smp.rs`); and (item 2) guests' vCPUs run on more than one of them. Not the
+//! guest's SMP (that is `smp_tests.rs`, the `linux-smp-*` tests).
 //!
 //! | test | machine | boot option | passes when |
 //! |---|---|---|---|
 //! | `smp-qemu-all-cpus-start` | QEMU TCG -cpu EPYC -smp 2 | — | `SMP cpus=2 started=2 failed=0`, `hvctl info --json` lists APIC 0 boot and APIC 1 started, a memwriter finishes |
 //! | `smp-qemu-failed-ap-reported` | QEMU TCG -cpu EPYC -smp 2 | `smp-fail-ap=1` | `SMP cpu apic=1 failed to start: …`, `SMP cpus=2 started=1 failed=1`, info lists APIC 1 failed, a memwriter finishes |
 //! | `smp-qemu-ap-without-virtualization-reported` | QEMU TCG -cpu EPYC -smp 2 | `smp-fail-virt=1` | `SMP cpu apic=1 cannot run guests: …`, `SMP cpus=2 started=1 failed=1`, info lists APIC 1 failed, a memwriter finishes |
+//! | `smp-qemu-two-memwriters-two-cpus` | QEMU TCG -cpu EPYC -smp 2 | — | as `smp-qemu-all-cpus-start`, and two boot-time memwriters (1024 pages × 16 rounds) that ran concurrently both end `finished(0)` with every round's checksum right, and their `DOMAIN <id> VCPU <v> ON CPU apic=<A>` placement lines cover APIC 0 and APIC 1 (else it fails naming the APIC IDs seen) |
 //! | `smp-bochs-all-cpus-start` | Bochs corei7_skylake_x, `cpu: count=2` | — | the marker shows 2 started and `hvctl info --json` (over COM2) lists both |
 //!
 //! Every AP listed as started must also have turned on virtualization with its own
@@ -16,7 +17,8 @@
 //! ticks/ms, a 1 ms sleep took … µs`.
 //!
 //! Each boots its own machine (they differ in CPUs and command line) and prints the
-//! serial log when it fails.
+//! serial log when it fails. The two-writer test's workload and its checks are those
+//! of `cargo xtask bench smp` (`smp_bench.rs`), which measures what the second CPU buys.
 
 use std::time::{Duration, Instant};
 
@@ -24,7 +26,8 @@ use crate::control_tests::{self, Ctx};
 use crate::emulator::{Platform, RunConfig, Session};
 use crate::image::Esp;
 use crate::serial::{SerialLog, clean};
-use crate::systest::{build_hvctl, wait_serving};
+use crate::smp_bench::{self, Writers};
+use crate::systest::{build_hvctl, wait_for, wait_serving};
 use crate::{Result, tools};
 
 struct Scenario {
@@ -40,7 +43,13 @@ struct Scenario {
     list: &'static [(u32, &'static str)],
     /// Run a memwriter to completion too.
     memwriter: bool,
+    /// Boot-time memwriters (DOMAINS.CFG) that must finish correct and whose vCPUs must
+    /// have been placed on every CPU of the machine.
+    writers: Option<Writers>,
 }
+
+/// The two-CPU test's writers: long enough to share many 10 ms slices.
+const TWO_WRITERS: Writers = Writers { count: 2, pages: 1024, rounds: 16 };
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -52,6 +61,7 @@ const SCENARIOS: &[Scenario] = &[
         failed: &[],
         list: &[(0, "boot"), (1, "started")],
         memwriter: true,
+        writers: None,
     },
     Scenario {
         name: "smp-qemu-failed-ap-reported",
@@ -62,6 +72,7 @@ const SCENARIOS: &[Scenario] = &[
         failed: &[1],
         list: &[(0, "boot"), (1, "failed")],
         memwriter: true,
+        writers: None,
     },
     Scenario {
         name: "smp-qemu-ap-without-virtualization-reported",
@@ -72,6 +83,18 @@ const SCENARIOS: &[Scenario] = &[
         failed: &[1],
         list: &[(0, "boot"), (1, "failed")],
         memwriter: true,
+        writers: None,
+    },
+    Scenario {
+        name: "smp-qemu-two-memwriters-two-cpus",
+        bochs: false,
+        cpus: 2,
+        cmdline: "",
+        marker: "SMP cpus=2 started=2 failed=0",
+        failed: &[],
+        list: &[(0, "boot"), (1, "started")],
+        memwriter: false,
+        writers: Some(TWO_WRITERS),
     },
     Scenario {
         name: "smp-bochs-all-cpus-start",
@@ -82,6 +105,7 @@ const SCENARIOS: &[Scenario] = &[
         failed: &[],
         list: &[(0, "boot"), (1, "started")],
         memwriter: false,
+        writers: None,
     },
 ];
 
@@ -108,7 +132,7 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
             cmdline: s.cmdline.into(),
             echo: false,
             vsock: true,
-            domains: None,
+            domains: s.writers.map(|w| w.domains_cfg()),
         };
         let mut session = Session::spawn_cpus(&platform, esp, &config, &[], s.cpus)?;
         let result = check(s, &mut session, &config, &hvctl, esp);
@@ -148,7 +172,7 @@ fn check(
     if !log.ready_at() {
         return Err(format!("no READY: {}", log.outcome_summary()));
     }
-    let marker = serial.lines().map(str::trim).find(|l| l.starts_with("SMP cpus=")).ok_or("no `SMP cpus=` line")?;
+    let marker = smp_bench::smp_marker(&serial).ok_or("no `SMP cpus=` line")?;
     if marker != s.marker {
         return Err(format!("marker `{marker}`, expected `{}`", s.marker));
     }
@@ -212,12 +236,67 @@ fn check(
         control_tests::small_writer_finished(&ctx, "smpw", 60)?;
         detail.push_str(", memwriter finished(0)");
     }
+    if let Some(w) = &s.writers {
+        detail.push_str(&writers_placed(&ctx, session, w, s.cpus)?);
+    }
     for marker in ["FAIL:", "FATAL:", "SHUTDOWN"] {
         if let Some(l) = clean(&session.serial()).lines().find(|l| l.contains(marker)) {
             return Err(format!("the hypervisor stopped serving: {l}"));
         }
     }
     Ok(detail)
+}
+
+/// The boot-time writers `w` end `finished(0)` (`hvctl domain list`), ran concurrently
+/// (each started before any ended), every round's checksum is right, and their vCPUs'
+/// placement lines cover APIC 0 … `cpus - 1` (these machines number their CPUs so).
+fn writers_placed(ctx: &Ctx, session: &Session, w: &Writers, cpus: u32) -> Result<String> {
+    let names: Vec<String> = (0..w.count).map(Writers::name).collect();
+    let states = || -> Result<Vec<Option<String>>> {
+        let list = control_tests::domain_list(ctx)?;
+        let domains = list["domains"].as_array().cloned().unwrap_or_default();
+        Ok(names
+            .iter()
+            .map(|n| {
+                domains.iter().find(|d| d["name"] == n.as_str()).and_then(|d| d["state"].as_str()).map(String::from)
+            })
+            .collect())
+    };
+    let ended =
+        |s: &Option<String>| s.as_deref().is_some_and(|s| s.starts_with("finished") || s.starts_with("crashed"));
+    wait_for("the writers to end", 120, || Ok(states()?.iter().all(ended)))?;
+    let got = states()?;
+    if let Some((n, st)) = names.iter().zip(&got).find(|(_, st)| st.as_deref() != Some("finished(0)")) {
+        return Err(format!("writer {n} ended {st:?}, expected finished(0)"));
+    }
+    let serial = session.serial();
+    w.check_results(&serial)?;
+    let text = clean(&serial);
+    let spans = w.spans(text.lines().enumerate())?;
+    let last_start = spans.iter().map(|s| s.0).max().unwrap_or_default();
+    if spans.iter().any(|s| s.1 < last_start) {
+        return Err(format!("the writers did not run concurrently: one ended before another started ({spans:?})"));
+    }
+    let ids = smp_bench::writer_ids(&serial, w);
+    let placed = smp_bench::placements(&serial);
+    let seen: std::collections::BTreeSet<u32> =
+        placed.iter().filter(|(id, _)| ids.contains(id)).flat_map(|(_, a)| a.iter().copied()).collect();
+    let want: std::collections::BTreeSet<u32> = (0..cpus).collect();
+    if !want.is_subset(&seen) {
+        let detail = if seen.is_empty() {
+            "none at all: no `DOMAIN <id> VCPU <v> ON CPU apic=<A>` line for them".to_string()
+        } else {
+            format!("only APIC ID(s) {seen:?}")
+        };
+        return Err(format!(
+            "the writers' vCPU placement lines show {detail}; expected APIC IDs {want:?}: the writers did not run \
+             on {cpus} CPUs (domains {ids:?}, placements {placed:?})"
+        ));
+    }
+    Ok(format!(
+        ", {} writers × {} rounds × {} pages finished(0) correct, concurrently, placed on APIC {seen:?}",
+        w.count, w.rounds, w.pages
+    ))
 }
 
 #[cfg(test)]

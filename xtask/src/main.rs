@@ -26,6 +26,7 @@ mod relay_bench;
 mod serial;
 mod serial_control_tests;
 mod serial_relay;
+mod smp_bench;
 mod smp_tests;
 mod systest;
 mod tools;
@@ -160,10 +161,13 @@ enum Command {
     /// guests reach their init on one 2 GiB instance (`--cap`, default 24), written to
     /// target/xtask/runs/bench-linux.json; `agent` ping through a host agent against
     /// direct, and migration through two agents against today's relay (`--runs`); `relay`
-    /// hvctl's migration relay (pages/s, bytes/s) against the raw vsock rates of the same run.
+    /// hvctl's migration relay (pages/s, bytes/s) against the raw vsock rates of the same run;
+    /// `smp` the combined write rate of `--writers` memwriters on QEMU -smp N with every CPU
+    /// against the same boot with `smp=off`, and against `-smp 1` as a control (`--runs`,
+    /// default 3; `--json`), written to target/xtask/runs/bench-smp.json.
     Bench {
         /// What to measure.
-        #[arg(value_parser = ["boot", "control", "serial", "exits", "dirty", "migration", "migration-linux", "linux-baseline", "linux", "agent", "relay"])]
+        #[arg(value_parser = ["boot", "control", "serial", "exits", "dirty", "migration", "migration-linux", "linux-baseline", "linux", "agent", "relay", "smp"])]
         what: String,
         /// boot: runs per platform (the median is reported); control: requests per kind
         /// (default 1000).
@@ -172,6 +176,12 @@ enum Command {
         /// linux: at most this many guests in the density part.
         #[arg(long, default_value_t = 24)]
         cap: usize,
+        /// smp: how many memwriter domains, and CPUs (`-smp N`).
+        #[arg(long, default_value_t = 2)]
+        writers: u32,
+        /// smp: print the report as JSON instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -221,12 +231,15 @@ fn main() -> ExitCode {
         Command::Bench { what, runs, .. } if what == "exits" => domain_tests::bench_exits(runs.unwrap_or(20_000)),
         Command::Bench { what, runs, .. } if what == "dirty" => domain_tests::bench_dirty(runs.unwrap_or(2048)),
         Command::Bench { what, runs, .. } if what == "linux-baseline" => linux_tests::bench_baseline(runs.unwrap_or(3)),
-        Command::Bench { what, runs, cap } if what == "linux" => linux_bench::bench(runs.unwrap_or(3), cap),
+        Command::Bench { what, runs, cap, .. } if what == "linux" => linux_bench::bench(runs.unwrap_or(3), cap),
         Command::Bench { what, runs, .. } if what == "agent" => agent_tests::bench(runs.unwrap_or(3)),
         Command::Bench { what, runs, .. } if what == "migration-linux" => {
             migration_linux_bench::bench(runs.unwrap_or(1))
         }
         Command::Bench { what, runs, .. } if what == "relay" => relay_bench::bench(runs.unwrap_or(2)),
+        Command::Bench { what, runs, writers, json, .. } if what == "smp" => {
+            smp_bench::bench(runs.unwrap_or(3), writers, json)
+        }
         Command::Bench { what, .. } if what == "migration" => {
             tools::cargo(&["bench", "-p", "migration_svc", "--bench", "convergence"])
         }
