@@ -244,7 +244,14 @@ pub fn start_aps(firmware: &[FirmwareCpu], trampoline: Option<u64>, cmdline: &st
     if firmware.is_empty() {
         crate::println!("SMP: the firmware reported no CPU list (no UEFI MP services); only the boot CPU runs");
     } else if options.off && !aps.is_empty() {
-        crate::println!("SMP: smp=off: {} application processor(s) left stopped", aps.len());
+        // INIT puts each in wait-for-SIPI (SDM Vol. 3A 9.4.4.1), where it executes
+        // nothing: the firmware may have left it spinning in a wait loop, which costs
+        // a host core on an emulator and made one-CPU comparisons unfair.
+        let stopped = aps.iter().filter(|ap| hw::stop(ap.apic_id).is_ok()).count();
+        crate::println!(
+            "SMP: smp=off: {} application processor(s) left stopped ({stopped} sent INIT: waiting for a start-up IPI)",
+            aps.len()
+        );
         for ap in aps {
             ap.set(CpuState::Failed);
         }
@@ -557,6 +564,11 @@ mod hw {
         lapic::send_fixed(apic_id, super::WAKE_VECTOR).map_err(String::from)
     }
 
+    /// Put the AP `apic_id` in wait-for-SIPI (an INIT IPI).
+    pub(super) fn stop(apic_id: u32) -> Result<(), &'static str> {
+        lapic::send_init(apic_id)
+    }
+
     fn wait_us(us: u64) {
         let ticks = time::ms_to_ticks(1).map_or(0, |per_ms| per_ms * us / 1000);
         let begin = time::now_ticks();
@@ -575,6 +587,10 @@ mod hw {
 
     pub(super) fn wake(_: u32) -> Result<(), String> {
         Err("no hardware in host tests".into())
+    }
+
+    pub(super) fn stop(_: u32) -> Result<(), &'static str> {
+        Err("no hardware in host tests")
     }
 
     impl Starter {
