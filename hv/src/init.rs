@@ -463,6 +463,8 @@ fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platfo
             core::hint::spin_loop();
         }
     }
+    // The last lines of a slice another CPU ran come before these.
+    drivers::console::wait_for_held_output(100);
     for cell in machine.domains() {
         let line = {
             let d = cell.lock();

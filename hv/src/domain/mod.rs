@@ -30,7 +30,7 @@ use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
-use core::sync::atomic::{AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use levelling::{CpuidTable, HostCpu, VcpuState};
 
@@ -478,6 +478,10 @@ pub struct DomainCell<B: Backend> {
     /// Control requests waiting for every vCPU to come back: no scheduler takes one
     /// out meanwhile, and those out come back at their next exit.
     stopping: AtomicU32,
+    /// The CPU that last had a turn of it has not written that turn's log lines yet:
+    /// no other turn starts until it has (the lines of a vCPU that moves between CPUs
+    /// stay in order).
+    output_pending: AtomicBool,
     domain: spin::Mutex<Domain<B>>,
 }
 
@@ -501,6 +505,7 @@ impl<B: Backend> DomainCell<B> {
             vcpus: domain.vcpus.len(),
             out: AtomicU32::new(0),
             stopping: AtomicU32::new(0),
+            output_pending: AtomicBool::new(false),
             domain: spin::Mutex::new(domain),
         }
     }
@@ -546,10 +551,15 @@ impl<B: Backend> DomainCell<B> {
     /// Lock the domain for a scheduling step or an exit's handling, if no one holds it
     /// and no control request waits for it (a busy domain is skipped, not waited for).
     pub(crate) fn try_lock_for_slice(&self) -> Option<DomainGuard<'_, B>> {
-        if self.stopping() {
+        if self.stopping() || self.output_pending.load(Ordering::Acquire) {
             return None;
         }
         self.domain.try_lock()
+    }
+
+    /// See `output_pending`.
+    pub(crate) fn set_output_pending(&self, pending: bool) {
+        self.output_pending.store(pending, Ordering::Release);
     }
 
     /// Lock the domain to take a vCPU back in after its run (held by others only for

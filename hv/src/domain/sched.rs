@@ -197,28 +197,34 @@ impl<B: Backend> Shared<B> {
         for _ in 0..total {
             let pick = self.cursor.fetch_add(1, Ordering::Relaxed) % total.max(1);
             let Some((cell, vi)) = locate(&cells, pick) else { continue };
-            // The slice's log lines are written after the domain's lock is given up.
-            let _held = HeldOutput::new();
+            // The slice's log lines are written after the domain's lock is given up, and
+            // before another CPU takes the domain for a turn (`output_pending`): a
+            // vCPU's lines stay in order when it moves between CPUs.
+            let held = HeldOutput::new();
             let Some(d) = cell.try_lock_for_slice() else { continue };
-            if self.turn(cell, d, vi) {
-                return true;
-            }
+            let Some(d) = self.turn(cell, d, vi) else { continue };
+            cell.set_output_pending(true);
+            drop(d);
+            drop(held);
+            cell.set_output_pending(false);
+            return true;
         }
         false
     }
 
-    /// Vcpu `vi` of the locked domain `d`: run it for a slice if it can run. Whether it ran.
-    fn turn<'a>(&self, cell: &'a DomainCell<B>, mut d: DomainGuard<'a, B>, vi: usize) -> bool {
+    /// Vcpu `vi` of the locked domain `d`: run it for a slice if it can run. If it ran
+    /// (or the domain ended), the domain, still locked; `None` if it did not.
+    fn turn<'a>(&self, cell: &'a DomainCell<B>, mut d: DomainGuard<'a, B>, vi: usize) -> Option<DomainGuard<'a, B>> {
         if d.state != DomainState::Running || vi >= d.vcpus.len() || d.vcpus[vi].vcpu.out_on().is_some() {
-            return false;
+            return None;
         }
         match d.vcpus[vi].state {
-            RunState::WaitForSipi => return false,
+            RunState::WaitForSipi => return None,
             RunState::StartUp(vector) => {
                 let signature = d.processor_signature();
                 if let Err(e) = start_on_sipi(&mut d.vcpus[vi], signature) {
                     self.crash(cell, &mut d, alloc::format!("vCPU {vi}: starting at SIPI vector {vector:#x}: {e}"));
-                    return true;
+                    return Some(d);
                 }
             }
             RunState::Runnable | RunState::Halted => {}
@@ -230,12 +236,12 @@ impl<B: Backend> Shared<B> {
                 // A device ended the domain while its vCPUs slept.
                 ended => {
                     self.end(cell, &mut d, ended);
-                    return true;
+                    return Some(d);
                 }
             }
             let dom = &mut *d;
             if !wakes(&mut dom.vcpus[vi], &dom.irq, now) {
-                return false;
+                return None;
             }
             d.vcpus[vi].state = RunState::Runnable;
         }
@@ -244,7 +250,7 @@ impl<B: Backend> Shared<B> {
         if d.throttle > 0 {
             d.throttle_credit += 100 - u32::from(d.throttle.min(99));
             if d.throttle_credit < 100 {
-                return false;
+                return None;
             }
             d.throttle_credit -= 100;
         }
@@ -256,8 +262,7 @@ impl<B: Backend> Shared<B> {
         if first_here {
             println!("DOMAIN {} VCPU {vi} ON CPU apic={}", d.id, cpu.apic_id);
         }
-        self.run_vcpu(cell, d, vi);
-        true
+        Some(self.run_vcpu(cell, d, vi))
     }
 
     /// Run vCPU `vi` of `d` for a slice: before each entry (domain locked) the devices
@@ -265,7 +270,7 @@ impl<B: Backend> Shared<B> {
     /// given up while the guest runs, so the domain's other vCPUs run and exit on other
     /// CPUs meanwhile; after the exit it is locked again, the vCPU put back and the
     /// exit handled. The slice ends early when a control request waits for the domain.
-    fn run_vcpu<'a>(&self, cell: &'a DomainCell<B>, mut d: DomainGuard<'a, B>, vi: usize) {
+    fn run_vcpu<'a>(&self, cell: &'a DomainCell<B>, mut d: DomainGuard<'a, B>, vi: usize) -> DomainGuard<'a, B> {
         let slice = self.slice();
         let start = crate::drivers::time::now_ticks();
         let budget = slice.unwrap_or(u64::MAX);
@@ -378,6 +383,7 @@ impl<B: Backend> Shared<B> {
                 }
             }
         }
+        d
     }
 
     /// Carry out an action that ends domain `d` (finish or crash); others do nothing.

@@ -109,6 +109,16 @@ pub fn release_output() {
     }
 }
 
+/// Wait up to `ms` milliseconds for every CPU to write what it holds back (before the
+/// last lines and power-off: another CPU's last slice may still be on its way out).
+pub fn wait_for_held_output(ms: u64) {
+    let limit = crate::drivers::time::ms_to_ticks(ms).unwrap_or(0);
+    let start = crate::drivers::time::now_ticks();
+    while HOLDING.load(Ordering::Relaxed) != 0 && crate::drivers::time::now_ticks().wrapping_sub(start) < limit {
+        core::hint::spin_loop();
+    }
+}
+
 /// Holds this CPU's output back while it lives ([`hold_output`], then
 /// [`release_output`] when dropped). Declare it before the lock guards it covers:
 /// those are dropped first, and the output is written after them.
