@@ -344,9 +344,16 @@ impl<B: Backend> Shared<B> {
             let next = match result {
                 Ok(exit) => {
                     d.count(&exit.reason);
-                    let mut pool = self.lock_pool();
-                    let mut ctx = exit::ExitCtx { d: &mut *d, vi, pool: &mut pool, mechanisms: &self.mechanisms };
-                    exit::handle(&mut ctx, &exit)
+                    let others_running = cell.out_now() > 0;
+                    let mut next = self.handle_exit(&mut d, vi, &exit, others_running);
+                    if next == Action::StopOthers {
+                        // Every other vCPU back first (kicked out of their guests), then
+                        // the same exit again; none goes out until this lock is given up.
+                        drop(d);
+                        d = cell.lock();
+                        next = self.handle_exit(&mut d, vi, &exit, false);
+                    }
+                    next
                 }
                 Err(e) => Action::Crash(alloc::format!("vCPU {vi}: {e}")),
             };
@@ -356,7 +363,8 @@ impl<B: Backend> Shared<B> {
                 // An INIT to itself (a broadcast including self) stops it here.
                 Action::Continue if d.vcpus[vi].state == RunState::WaitForSipi => break,
                 Action::Continue => {}
-                Action::Yield => break,
+                // Handled above with the others stopped; never the second answer.
+                Action::Yield | Action::StopOthers => break,
                 Action::Halt => {
                     let now = d.guest_now_ns();
                     let dom = &mut *d;
@@ -386,6 +394,13 @@ impl<B: Backend> Shared<B> {
         d
     }
 
+    /// The exit policy on vCPU `vi`'s exit, with the pool locked.
+    fn handle_exit(&self, d: &mut Domain<B>, vi: usize, exit: &crate::arch::Exit, others_running: bool) -> Action {
+        let mut pool = self.lock_pool();
+        let mut ctx = exit::ExitCtx { d, vi, pool: &mut pool, mechanisms: &self.mechanisms, others_running };
+        exit::handle(&mut ctx, exit)
+    }
+
     /// Carry out an action that ends domain `d` (finish or crash); others do nothing.
     fn end(&self, cell: &DomainCell<B>, d: &mut Domain<B>, action: Action) {
         match action {
@@ -396,7 +411,7 @@ impl<B: Backend> Shared<B> {
                 kick(d.vcpus.iter().filter_map(|v| v.vcpu.out_on()));
             }
             Action::Crash(reason) => self.crash(cell, d, reason),
-            Action::Continue | Action::Yield | Action::Halt => {}
+            Action::Continue | Action::Yield | Action::Halt | Action::StopOthers => {}
         }
     }
 

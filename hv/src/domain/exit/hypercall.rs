@@ -17,6 +17,15 @@ use crate::println;
 pub fn handle<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action {
     let regs = ctx.slot().regs;
     let (nr, a, b) = (regs.rax, regs.rdi, regs.rsi);
+    let dirty = matches!(
+        Hypercall::from_u64(nr),
+        Some(Hypercall::DirtyStart | Hypercall::DirtyPeekClean | Hypercall::DirtyStop)
+    );
+    // A clean re-arms pages a vCPU on another CPU may have cached as writable and
+    // dirty: it must be stopped (and flush at its next entry) first.
+    if dirty && ctx.others_running {
+        return Action::StopOthers;
+    }
     let next = ctx.skip(exit);
     if next != Action::Continue {
         return next;

@@ -38,6 +38,11 @@ pub enum Action {
     Finish(u64),
     /// Stop the domain, for this reason.
     Crash(String),
+    /// The exit takes access away from the domain's memory (a log-dirty start, clean or
+    /// stop), which must not happen while another of its vCPUs runs on another CPU with
+    /// the old translations cached: handle it again once every other vCPU is stopped
+    /// (nothing of it was done, and the instruction was not skipped).
+    StopOthers,
 }
 
 /// What one exit may reach: the domain that exited (memory, devices, logs, console),
@@ -51,6 +56,9 @@ pub struct ExitCtx<'a, B: Backend> {
     pub pool: &'a mut FramePool,
     /// What log-dirty can use on this CPU.
     pub mechanisms: &'a Mechanisms,
+    /// Whether another vCPU of the domain runs on another CPU now (see
+    /// [`Action::StopOthers`]).
+    pub others_running: bool,
 }
 
 impl<B: Backend> fmt::Debug for ExitCtx<'_, B> {

@@ -29,7 +29,7 @@ fn exit(reason: ExitReason) -> Exit {
 fn run(m: &mut Machine<FakeBackend>, regs: GuestRegs, reason: ExitReason) -> (Action, GuestRegs) {
     let (d, pool, mechanisms) = m.parts(0);
     d.vcpus[0].regs = regs;
-    let mut ctx = ExitCtx { d, vi: 0, pool, mechanisms };
+    let mut ctx = ExitCtx { d, vi: 0, pool, mechanisms, others_running: false };
     let action = handle(&mut ctx, &exit(reason));
     (action, m.dom(0).vcpus[0].regs)
 }
@@ -752,4 +752,19 @@ fn a_slice_cap_shortens_slices_and_never_invents_preemption() {
     let mut unpreemptible = Machine::new(FakeBackend, pool(16), host, None, mechanisms, false);
     unpreemptible.cap_slice(Some(500));
     assert_eq!(unpreemptible.slice(), None, "without a preemption timer there is no slice to cap");
+}
+
+#[test]
+fn a_log_dirty_hypercall_waits_for_the_other_vcpus_to_stop() {
+    let mut m = machine(Mechanisms { pml: false, dbit: true });
+    let regs = GuestRegs { rax: guest_abi::Hypercall::DirtyStart as u64, rdi: 2, ..Default::default() };
+    let (d, pool, mechanisms) = m.parts(0);
+    d.vcpus[0].regs = regs;
+    let mut ctx = ExitCtx { d, vi: 0, pool, mechanisms, others_running: true };
+    assert_eq!(handle(&mut ctx, &exit(ExitReason::Hypercall)), Action::StopOthers);
+    assert_eq!(vcpu(&mut m).skipped, 0, "not skipped: handled again once the others stopped");
+    assert!(m.dom(0).logs.iter().all(Option::is_none), "nothing was started");
+    let (action, regs) = run(&mut m, regs, ExitReason::Hypercall);
+    assert_eq!((action, regs.rax), (Action::Continue, 2), "with the others stopped it starts D-bit logging");
+    assert_eq!(vcpu(&mut m).skipped, 1);
 }
