@@ -39,7 +39,7 @@
 //! wire::encode_request(1, &wire::Request::Ping { payload: vec![1, 2, 3] }, &mut out)?;
 //! assert_eq!(out, [
 //!     0x48, 0x56,                                     // magic "HV"
-//!     0x09, 0x00,                                     // version 9
+//!     0x0a, 0x00,                                     // version 10
 //!     0x01,                                           // kind: request
 //!     0x00,                                           // flags
 //!     0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // request id 1
@@ -59,7 +59,7 @@
 //! | 1 request | [`Request`] | `Ping { payload }` | hvctl → hv | [`ServiceId::Core`] | `Response::Pong` with the same payload |
 //! | 1 request | [`Request`] | `Info` | hvctl → hv | [`ServiceId::Core`] | `Response::Info(InfoReport)` (v4: with [`MemoryUse`]; v6: with the control transports served) |
 //! | 1 request | [`Request`] | `ServiceStatus { service }` | hvctl → hv | `service` | `Response::ServiceStatus(ServiceStatus)` |
-//! | 1 request | [`Request`] | `DomainCreate(DomainSpec)` (v2; v5: kernel and initrd are [`ImageRef`]s, inline or uploaded) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainCreated { id }` |
+//! | 1 request | [`Request`] | `DomainCreate(DomainSpec)` (v2; v5: kernel and initrd are [`ImageRef`]s, inline or uploaded; v10: `cpus`, ≤ [`MAX_PIN_CPUS`] APIC IDs) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainCreated { id }` |
 //! | 1 request | [`Request`] | `DomainList` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainList(DomainListReport)` |
 //! | 1 request | [`Request`] | `DomainPause`/`DomainUnpause`/`DomainDestroy { id }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::Done` |
 //! | 1 request | [`Request`] | `DomainConsole { id, offset }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::Console(ConsoleChunk)` |
@@ -80,6 +80,8 @@
 //! | 1 request | [`Request`] | `DomainConsoleInput { id, bytes }` (v5; ≤ [`MAX_CONSOLE_INPUT`] bytes) | hvctl → hv | [`ServiceId::Core`] | `Response::ConsoleInput { id, accepted }` |
 //! | 1 request | [`Request`] | `HostCpuid` (v7) | hvctl → hv | [`ServiceId::Core`] | `Response::HostCpuid(HostCpuidReport)`: the host CPU's raw CPUID leaves |
 //! | 1 request | [`Request`] | `BenchFill { len }`, `BenchDiscard { bytes }` (v9; ≤ [`MAX_BENCH_DATA`] bytes: transport benchmark, nothing else happens) | hvctl → hv | [`ServiceId::Core`] | `Response::BenchData { bytes }`, `Response::BenchDiscarded { len }` |
+//! | 1 request | [`Request`] | `DomainPin { id, cpus }` (v10; `cpus` ≤ [`MAX_PIN_CPUS`] APIC IDs, `None` unpins) | hvctl → hv | [`ServiceId::Core`] | `Response::Done`, or an error (a CPU that does not run vCPUs is refused) |
+//! | 2 response | [`Response`] | `DomainList(DomainListReport)`: since v10 each [`DomainInfo`] with `cpus`, its pinning | hv → hvctl | — | — |
 //! | 2 response | [`Response`] | `Info(InfoReport)`: since v8 with `cpu_list`, each physical CPU's APIC ID and [`CpuState`] | hv → hvctl | — | — |
 //! | 2 response | [`Response`] | `Pong`, `Info`, `ServiceStatus`, `DomainCreated`, `DomainList`, `Done`, `Console`, `Upload`, `ConsoleInput`, `HostCpuid` | hv → hvctl | — | — |
 //! | 2 response | [`Response`] | `Error(ErrorReply)` | hv → hvctl | — | answers any request or frame that failed |
@@ -206,9 +208,10 @@ pub use crate::error::{ErrorCode, ErrorReply};
 pub use crate::frame::{Frame, FrameDecoder, FrameError, FrameKind, WireError, encode_frame};
 pub use crate::message::{
     ConsoleChunk, CpuInfo, CpuState, CpuidLeaf, DirtyBitmapReport, DirtyStatsReport, DomainInfo, DomainListReport,
-    DomainSpec, Event, HostCpuidReport, InfoReport, LogLevel, MAX_BENCH_DATA, MAX_MIGRATE_DATA, MemoryUse,
-    MonitorDomainStats, MonitorHwInfo, MonitorValue, Request, Response, ServiceId, ServiceState, ServiceStatus,
-    UnclaimedAccess, decode_event, decode_request, decode_response, encode_event, encode_request, encode_response,
+    DomainSpec, Event, HostCpuidReport, InfoReport, LogLevel, MAX_BENCH_DATA, MAX_MIGRATE_DATA, MAX_PIN_CPUS,
+    MemoryUse, MonitorDomainStats, MonitorHwInfo, MonitorValue, Request, Response, ServiceId, ServiceState,
+    ServiceStatus, UnclaimedAccess, check_cpu_list, decode_event, decode_request, decode_response, encode_event,
+    encode_request, encode_response,
 };
 pub use crate::migrate::{
     MigrateOptions, MigrateProgress, MigrateReport, PeerVerdict, ReceiveState, ReceiveStatus, SendState,
@@ -222,7 +225,7 @@ pub use crate::upload::{
 
 /// The protocol version this build speaks, carried in every frame header. See the
 /// versioning rule in the crate docs: changing any message means bumping this.
-pub const PROTOCOL_VERSION: u16 = 9;
+pub const PROTOCOL_VERSION: u16 = 10;
 
 /// The hard maximum of a frame's payload, in bytes (64 KiB). A header declaring more is
 /// refused from the header alone with [`FrameError::TooLarge`].

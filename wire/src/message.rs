@@ -409,6 +409,38 @@ pub enum Request {
         #[serde(with = "crate::bytes")]
         bytes: Vec<u8>,
     },
+    /// (v10) Pin domain `id`'s vCPUs to physical CPUs: from now on they run only on the
+    /// CPUs whose local APIC IDs are in `cpus`. `None` unpins (any CPU that runs vCPUs).
+    /// Answered by [`Response::Done`]; the hypervisor refuses a CPU that does not run
+    /// vCPUs (absent, failed, or not scheduling). At most [`MAX_PIN_CPUS`] entries and
+    /// not empty, or [`decode_request`] refuses it.
+    DomainPin {
+        /// Domain id.
+        id: u32,
+        /// APIC IDs of the physical CPUs its vCPUs may run on; `None` for any.
+        cpus: Option<Vec<u32>>,
+    },
+}
+
+/// (v10) The most APIC IDs a CPU list ([`DomainSpec::cpus`], [`Request::DomainPin`],
+/// [`DomainInfo::cpus`]) carries. [`decode_request`] refuses a longer (or empty) list
+/// with [`ErrorCode::BadRequest`](crate::ErrorCode::BadRequest).
+pub const MAX_PIN_CPUS: usize = 256;
+
+/// Check a CPU list: `Ok` when it is absent or has 1..=[`MAX_PIN_CPUS`] entries, else
+/// the [`ErrorReply`] to answer with. `what` names the field for the message ("DomainPin.cpus").
+pub fn check_cpu_list(what: &str, cpus: Option<&[u32]>) -> Result<(), ErrorReply> {
+    match cpus {
+        Some([]) => Err(ErrorReply::new(
+            crate::ErrorCode::BadRequest,
+            alloc::format!("{what} is an empty CPU list (no CPU to run on); send None for any CPU"),
+        )),
+        Some(list) if list.len() > MAX_PIN_CPUS => Err(ErrorReply::new(
+            crate::ErrorCode::BadRequest,
+            alloc::format!("{what} lists {} CPUs; at most {MAX_PIN_CPUS} are allowed", list.len()),
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// One CPUID result in [`HostCpuidReport`]: the same fields, in the same order, as
@@ -557,6 +589,9 @@ pub struct DomainSpec {
     pub cpuid: Option<String>,
     /// Guest command line.
     pub cmdline: String,
+    /// (v10) APIC IDs of the physical CPUs the domain's vCPUs may run on (at most
+    /// [`MAX_PIN_CPUS`], not empty); `None` for any CPU that runs vCPUs.
+    pub cpus: Option<Vec<u32>>,
 }
 
 /// One domain as `hvctl domain list` shows it.
@@ -580,6 +615,8 @@ pub struct DomainInfo {
     /// and drop writes, as on a PC), per port or 4 KiB MMIO page. Since protocol
     /// version 4.
     pub unclaimed: Vec<UnclaimedAccess>,
+    /// (v10) APIC IDs of the physical CPUs its vCPUs may run on; `None` for any.
+    pub cpus: Option<Vec<u32>>,
 }
 
 /// Guest accesses to one port or MMIO page that no device model claims.
@@ -623,7 +660,7 @@ pub struct ConsoleChunk {
 
 impl Request {
     /// The number of variants (the highest postcard variant index + 1).
-    pub const VARIANTS: u32 = 35;
+    pub const VARIANTS: u32 = 36;
 
     /// The service that owns this request: the router's table.
     pub const fn service(&self) -> ServiceId {
@@ -642,7 +679,8 @@ impl Request {
             | Self::DomainConsoleInput { .. }
             | Self::HostCpuid
             | Self::BenchFill { .. }
-            | Self::BenchDiscard { .. } => ServiceId::Core,
+            | Self::BenchDiscard { .. }
+            | Self::DomainPin { .. } => ServiceId::Core,
             Self::MonitorHwInfo
             | Self::MonitorAttach { .. }
             | Self::MonitorDetach { .. }
@@ -704,6 +742,7 @@ impl Request {
             Self::HostCpuid => "host-cpuid",
             Self::BenchFill { .. } => "bench-fill",
             Self::BenchDiscard { .. } => "bench-discard",
+            Self::DomainPin { .. } => "domain-pin",
         }
     }
 }
@@ -844,7 +883,8 @@ pub fn encode_request(request_id: u64, req: &Request, out: &mut Vec<u8>) -> Resu
 /// [`BadFrame`](crate::ErrorCode::BadFrame) for a frame that is not a request,
 /// [`UnknownRequest`](crate::ErrorCode::UnknownRequest) for an unknown request type,
 /// [`BadRequest`](crate::ErrorCode::BadRequest) for a payload that does not decode
-/// exactly or request id 0. The connection stays usable after any of these.
+/// exactly or request id 0, or (v10) a CPU list longer than [`MAX_PIN_CPUS`] or empty
+/// (see [`check_cpu_list`]). The connection stays usable after any of these.
 pub fn decode_request(frame: &Frame) -> Result<Request, ErrorReply> {
     let req = decode_message(frame, FrameKind::Request, "request", Some(Request::VARIANTS))?;
     if frame.request_id == 0 {
@@ -852,6 +892,11 @@ pub fn decode_request(frame: &Frame) -> Result<Request, ErrorReply> {
             crate::ErrorCode::BadRequest,
             "request id 0 is reserved for frames that answer no request; number requests from 1",
         ));
+    }
+    match &req {
+        Request::DomainCreate(spec) => check_cpu_list("DomainCreate.cpus", spec.cpus.as_deref())?,
+        Request::DomainPin { cpus, .. } => check_cpu_list("DomainPin.cpus", cpus.as_deref())?,
+        _ => {}
     }
     Ok(req)
 }

@@ -259,6 +259,40 @@ fn unknown_request_type() {
     }
 }
 
+/// (v10) CPU lists are bounded by `MAX_PIN_CPUS` and may not be empty, in `DomainPin`
+/// and in `DomainCreate`; the refusal names the field and the bound.
+#[test]
+fn cpu_lists_are_bounded() {
+    let frame_of = |r: &Request| {
+        let mut out = Vec::new();
+        wire::encode_request(5, r, &mut out).unwrap();
+        request_frame(&out[wire::HEADER_LEN..], 5)
+    };
+    let pin = |cpus: Option<Vec<u32>>| Request::DomainPin { id: 2, cpus };
+    for ok in [pin(None), pin(Some(vec![7])), pin(Some((0..wire::MAX_PIN_CPUS as u32).collect()))] {
+        assert_eq!(wire::decode_request(&frame_of(&ok)), Ok(ok));
+    }
+    let e = wire::decode_request(&frame_of(&pin(Some((0..257).collect())))).unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert_eq!(e.message, "DomainPin.cpus lists 257 CPUs; at most 256 are allowed");
+    let e = wire::decode_request(&frame_of(&pin(Some(vec![])))).unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert!(e.message.contains("DomainPin.cpus is an empty CPU list"), "{e}");
+    let spec = wire::DomainSpec {
+        name: "d".into(),
+        kernel: wire::ImageRef::Inline(vec![1]),
+        initrd: None,
+        memory_bytes: 1 << 20,
+        vcpus: 1,
+        cpuid: None,
+        cmdline: String::new(),
+        cpus: Some(vec![0; 300]),
+    };
+    let e = wire::decode_request(&frame_of(&Request::DomainCreate(spec))).unwrap_err();
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert_eq!(e.message, "DomainCreate.cpus lists 300 CPUs; at most 256 are allowed");
+}
+
 #[test]
 fn wrong_frame_kind_or_version_for_the_helper() {
     let mut frame = request_frame(&[1], 3);

@@ -102,6 +102,8 @@ fn request() -> impl Strategy<Value = Request> {
         Just(Request::HostCpuid),
         any::<u32>().prop_map(|len| Request::BenchFill { len }),
         vec(any::<u8>(), 0..2000).prop_map(|bytes| Request::BenchDiscard { bytes }),
+        (any::<u32>(), proptest::option::of(vec(any::<u32>(), 1..=wire::MAX_PIN_CPUS)))
+            .prop_map(|(id, cpus)| Request::DomainPin { id, cpus }),
     ]
 }
 

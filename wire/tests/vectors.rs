@@ -48,7 +48,7 @@ fn status(service: ServiceId, state: ServiceState, handled: u64, errors: u64, de
 fn vectors() -> Vec<Vector> {
     let info = InfoReport {
         hv_version: "0.1.0 (5a3cac6)".to_string(),
-        protocol_version: 9,
+        protocol_version: 10,
         uptime_ns: 3_800_000_000,
         capabilities: [("v", "1"), ("vendor", "AuthenticAMD"), ("family", "23"), ("virt", "svm"), ("svm.npt", "1")]
             .iter()
@@ -111,6 +111,7 @@ fn vectors() -> Vec<Vector> {
                 vcpus: 2,
                 cpuid: Some("base=host-max,-avx2".into()),
                 cmdline: "pages=3".into(),
+                cpus: Some(vec![1, 2, 3]),
             })),
         ),
         v("request_domain_list", 11, Msg::Request(Request::DomainList)),
@@ -135,6 +136,7 @@ fn vectors() -> Vec<Vector> {
                         UnclaimedAccess { mmio: false, addr: 0x80, reads: 0, writes: 41 },
                         UnclaimedAccess { mmio: true, addr: 0xfed0_0000, reads: 2, writes: 0 },
                     ],
+                    cpus: Some(vec![0, 2]),
                 }],
                 free_frames: 40_000,
                 total_frames: 49_152,
@@ -341,6 +343,7 @@ fn vectors() -> Vec<Vector> {
                 vcpus: 1,
                 cpuid: None,
                 cmdline: "console=ttyS0".into(),
+                cpus: None,
             })),
         ),
         v(
@@ -398,6 +401,8 @@ fn vectors() -> Vec<Vector> {
         v("response_bench_data", 47, Msg::Response(Response::BenchData { bytes: vec![0; 4] })),
         v("request_bench_discard", 48, Msg::Request(Request::BenchDiscard { bytes: vec![0xa5; 3] })),
         v("response_bench_discarded", 48, Msg::Response(Response::BenchDiscarded { len: 3 })),
+        v("request_domain_pin", 49, Msg::Request(Request::DomainPin { id: 3, cpus: Some(vec![1, 3]) })),
+        v("request_domain_unpin", 50, Msg::Request(Request::DomainPin { id: 3, cpus: None })),
         v("stream_chunk_first", 9, Msg::Chunk(StreamChunk::new(1, 0, false, (0u8..32).collect()))),
         v("stream_chunk_last", 9, Msg::Chunk(StreamChunk::new(1, 1, true, vec![]))),
     ];

@@ -1,5 +1,5 @@
-//! `hvctl domain create|list|pause|unpause|destroy|console`: manage guest domains on a
-//! running hypervisor. Kernels and initrds that do not fit one request are uploaded in
+//! `hvctl domain create|list|pause|unpause|destroy|pin|console`: manage guest domains on
+//! a running hypervisor. Kernels and initrds that do not fit one request are uploaded in
 //! chunks first (`upload`); `console --interactive` is in `console`.
 
 use std::path::PathBuf;
@@ -57,11 +57,16 @@ enum DomainCommand {
         /// Guest command line.
         #[arg(long, default_value = "")]
         cmdline: String,
+        /// Physical CPUs (APIC IDs) the domain's vCPUs may run on: `1-3`, `0,2`,
+        /// `0-1,3`, or `all` (the default: any CPU). The hypervisor refuses a CPU that
+        /// does not run vCPUs.
+        #[arg(long, value_name = "LIST")]
+        cpus: Option<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
     },
-    /// List domains: id, name, state, vCPUs, memory, exits.
+    /// List domains: id, name, state, vCPUs, memory, exits, the CPUs they may run on.
     List {
         /// Print JSON.
         #[arg(long)]
@@ -81,6 +86,15 @@ enum DomainCommand {
     Destroy {
         /// Domain id.
         id: u32,
+    },
+    /// Pin a domain's vCPUs to physical CPUs, or unpin them with `all`. The hypervisor
+    /// refuses a CPU that does not run vCPUs.
+    Pin {
+        /// Domain id.
+        id: u32,
+        /// APIC IDs of the physical CPUs: `1-3`, `0,2`, `0-1,3`, or `all` (unpin: any CPU).
+        #[arg(value_name = "LIST")]
+        cpus: String,
     },
     /// Print a domain's console.
     Console {
@@ -108,6 +122,75 @@ pub fn parse_size(s: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
+/// Parse a CPU list (`1-3`, `0,2`, `0-1,3`, or `all`) into sorted, distinct APIC IDs;
+/// `None` for `all` (any CPU). Duplicates and overlapping ranges merge; more than
+/// [`wire::MAX_PIN_CPUS`] CPUs, an empty list or item, a reversed range (`3-1`) or
+/// anything but decimal numbers is an error that says which item is wrong.
+pub fn parse_cpu_list(s: &str) -> Result<Option<Vec<u32>>, String> {
+    let s = s.trim();
+    if s.eq_ignore_ascii_case("all") {
+        return Ok(None);
+    }
+    if s.is_empty() {
+        return Err("an empty CPU list: give APIC IDs like 1-3, 0,2 or 0-1,3, or all for any CPU".into());
+    }
+    let number = |t: &str, item: &str| -> Result<u32, String> {
+        let t = t.trim();
+        if t.is_empty() || !t.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!("{item:?} is not a CPU number or a range like 1-3"));
+        }
+        t.parse::<u32>().map_err(|_| format!("{t} is larger than an APIC ID can be"))
+    };
+    let too_many = || format!("more than {} CPUs; a domain can be pinned to at most that many", wire::MAX_PIN_CPUS);
+    let mut cpus = std::collections::BTreeSet::new();
+    for item in s.split(',') {
+        let item = item.trim();
+        if item.is_empty() {
+            return Err(format!("{s:?} has an empty item (two commas, or a comma at an end)"));
+        }
+        let (first, last) = match item.split_once('-') {
+            Some((a, b)) => (number(a, item)?, number(b, item)?),
+            None => {
+                let n = number(item, item)?;
+                (n, n)
+            }
+        };
+        if first > last {
+            return Err(format!("{item}: a range runs from low to high ({last}-{first}?)"));
+        }
+        // Refuse a huge range before expanding it.
+        if (last - first) as usize >= wire::MAX_PIN_CPUS {
+            return Err(too_many());
+        }
+        cpus.extend(first..=last);
+        if cpus.len() > wire::MAX_PIN_CPUS {
+            return Err(too_many());
+        }
+    }
+    Ok(Some(cpus.into_iter().collect()))
+}
+
+/// A CPU list as `hvctl domain list` shows it: ranges where they are consecutive
+/// (`0-3,5`), `any` for `None`.
+pub fn format_cpu_list(cpus: Option<&[u32]>) -> String {
+    let Some(cpus) = cpus else { return "any".into() };
+    let mut sorted = cpus.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while let Some(&first) = sorted.get(i) {
+        let mut last = first;
+        while let Some(&n) = sorted.get(i + 1).filter(|&&n| Some(n) == last.checked_add(1)) {
+            last = n;
+            i += 1;
+        }
+        out.push(if first == last { first.to_string() } else { format!("{first}-{last}") });
+        i += 1;
+    }
+    out.join(",")
+}
+
 fn done(response: Response, what: &str) -> Result<Response, CliError> {
     match response {
         Response::Error(e) => Err(remote_err(format!("{what}: {e}"))),
@@ -128,8 +211,13 @@ pub fn run(opts: &Options, args: DomainArgs) -> Result<ExitCode, CliError> {
             vcpus,
             cpuid,
             cmdline,
+            cpus,
             json,
         } => {
+            let cpus = match cpus {
+                Some(list) => parse_cpu_list(&list).map_err(|e| err(format!("--cpus {list}: {e}")))?,
+                None => None,
+            };
             let size = |p: &PathBuf| -> Result<usize, CliError> {
                 let len = std::fs::metadata(p).map_err(|e| err(format!("cannot read {}: {e}", p.display())))?.len();
                 if len == 0 {
@@ -190,6 +278,7 @@ pub fn run(opts: &Options, args: DomainArgs) -> Result<ExitCode, CliError> {
                 vcpus,
                 cpuid,
                 cmdline,
+                cpus,
             };
             match done(client.call(&Request::DomainCreate(spec))?, "create")? {
                 Response::DomainCreated { id } => {
@@ -235,7 +324,7 @@ pub fn run(opts: &Options, args: DomainArgs) -> Result<ExitCode, CliError> {
                             "id": d.id, "name": d.name, "state": d.state, "vcpus": d.vcpus,
                             "memory_bytes": d.memory_bytes, "exits": exits,
                             "exits_total": d.exits.iter().map(|(_, v)| v).sum::<u64>(), "runtime_ns": d.runtime_ns,
-                            "unclaimed": unclaimed,
+                            "unclaimed": unclaimed, "cpus": d.cpus,
                         })
                     })
                     .collect();
@@ -245,18 +334,19 @@ pub fn run(opts: &Options, args: DomainArgs) -> Result<ExitCode, CliError> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!(
-                "{:>4}  {:<16} {:>5} {:>8} {:>10} {:>10}  STATE",
-                "ID", "NAME", "VCPUS", "MEMORY", "EXITS", "RUNTIME"
+                "{:>4}  {:<16} {:>5} {:>8} {:>10} {:>10}  {:<12} STATE",
+                "ID", "NAME", "VCPUS", "MEMORY", "EXITS", "RUNTIME", "CPUS"
             );
             for d in &list.domains {
                 println!(
-                    "{:>4}  {:<16} {:>5} {:>7}M {:>10} {:>9.2}s  {}",
+                    "{:>4}  {:<16} {:>5} {:>7}M {:>10} {:>9.2}s  {:<12} {}",
                     d.id,
                     d.name,
                     d.vcpus,
                     d.memory_bytes >> 20,
                     d.exits.iter().map(|(_, v)| v).sum::<u64>(),
                     d.runtime_ns as f64 / 1e9,
+                    format_cpu_list(d.cpus.as_deref()),
                     d.state
                 );
             }
@@ -266,6 +356,21 @@ pub fn run(opts: &Options, args: DomainArgs) -> Result<ExitCode, CliError> {
         DomainCommand::Pause { id } => simple(opts, Request::DomainPause { id }, "paused", id),
         DomainCommand::Unpause { id } => simple(opts, Request::DomainUnpause { id }, "unpaused", id),
         DomainCommand::Destroy { id } => simple(opts, Request::DomainDestroy { id }, "destroyed", id),
+        DomainCommand::Pin { id, cpus: list } => {
+            let cpus = parse_cpu_list(&list).map_err(|e| err(format!("pin {id} {list}: {e}")))?;
+            let shown = match &cpus {
+                Some(c) => format!("pinned to CPUs {}", format_cpu_list(Some(c))),
+                None => "unpinned (any CPU)".into(),
+            };
+            let mut client = Client::connect(opts)?;
+            match done(client.call(&Request::DomainPin { id, cpus })?, "pin")? {
+                Response::Done => {
+                    println!("domain {id} {shown}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                _ => Err(connection_err("the hypervisor answered pin with the wrong message")),
+            }
+        }
         DomainCommand::Console { id, interactive: true, .. } => console::interactive(opts, id),
         DomainCommand::Console { id, follow, interactive: false } => {
             use std::io::Write;
@@ -305,5 +410,58 @@ fn simple(opts: &Options, request: Request, verb: &str, id: u32) -> Result<ExitC
             Ok(ExitCode::SUCCESS)
         }
         _ => Err(connection_err(format!("the hypervisor answered {verb} with the wrong message"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_lists_parse_to_sorted_distinct_ids() {
+        assert_eq!(parse_cpu_list("1-3"), Ok(Some(vec![1, 2, 3])));
+        assert_eq!(parse_cpu_list("0,2"), Ok(Some(vec![0, 2])));
+        assert_eq!(parse_cpu_list("0-1,3"), Ok(Some(vec![0, 1, 3])));
+        assert_eq!(parse_cpu_list("5"), Ok(Some(vec![5])));
+        assert_eq!(parse_cpu_list(" 3 , 1-2 "), Ok(Some(vec![1, 2, 3])));
+        assert_eq!(parse_cpu_list("2,0-3,2"), Ok(Some(vec![0, 1, 2, 3])), "duplicates merge");
+        assert_eq!(parse_cpu_list("all"), Ok(None));
+        assert_eq!(parse_cpu_list("ALL"), Ok(None));
+        assert_eq!(parse_cpu_list("0-255").map(|c| c.map(|c| c.len())), Ok(Some(256)));
+        assert_eq!(parse_cpu_list("4294967295"), Ok(Some(vec![u32::MAX])));
+    }
+
+    #[test]
+    fn bad_cpu_lists_say_what_is_wrong() {
+        assert_eq!(parse_cpu_list("3-1").unwrap_err(), "3-1: a range runs from low to high (1-3?)");
+        assert_eq!(parse_cpu_list("x").unwrap_err(), "\"x\" is not a CPU number or a range like 1-3");
+        assert_eq!(parse_cpu_list("1-x").unwrap_err(), "\"1-x\" is not a CPU number or a range like 1-3");
+        assert_eq!(parse_cpu_list("-1").unwrap_err(), "\"-1\" is not a CPU number or a range like 1-3");
+        assert_eq!(parse_cpu_list("1-2-3").unwrap_err(), "\"1-2-3\" is not a CPU number or a range like 1-3");
+        assert!(parse_cpu_list("").unwrap_err().starts_with("an empty CPU list"));
+        assert!(parse_cpu_list("  ").unwrap_err().starts_with("an empty CPU list"));
+        assert_eq!(
+            parse_cpu_list("1,,2").unwrap_err(),
+            "\"1,,2\" has an empty item (two commas, or a comma at an end)"
+        );
+        assert!(parse_cpu_list("1,").unwrap_err().contains("empty item"));
+        assert_eq!(parse_cpu_list("4294967296").unwrap_err(), "4294967296 is larger than an APIC ID can be");
+        let many = "more than 256 CPUs; a domain can be pinned to at most that many";
+        assert_eq!(parse_cpu_list("0-256").unwrap_err(), many);
+        assert_eq!(parse_cpu_list("0-4294967295").unwrap_err(), many, "refused without expanding it");
+        assert_eq!(parse_cpu_list("0-200,300-400").unwrap_err(), many);
+    }
+
+    #[test]
+    fn cpu_lists_print_as_ranges() {
+        assert_eq!(format_cpu_list(None), "any");
+        assert_eq!(format_cpu_list(Some(&[0, 1, 2, 3, 5])), "0-3,5");
+        assert_eq!(format_cpu_list(Some(&[3, 1])), "1,3");
+        assert_eq!(format_cpu_list(Some(&[7])), "7");
+        assert_eq!(format_cpu_list(Some(&[u32::MAX - 1, u32::MAX])), "4294967294-4294967295");
+        for list in ["1-3", "0,2", "0-1,3", "0-255"] {
+            let parsed = parse_cpu_list(list).unwrap();
+            assert_eq!(format_cpu_list(parsed.as_deref()), list);
+        }
     }
 }

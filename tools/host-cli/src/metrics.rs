@@ -947,6 +947,7 @@ mod tests {
             exits: vec![("io".into(), 5), ("hypercall".into(), 2)],
             runtime_ns: 1_000_000,
             unclaimed: Vec::new(),
+            cpus: None,
         }
     }
 

@@ -49,6 +49,7 @@ fn answer(hv: &Mutex<Hv>, r: Request) -> Response {
                     exits: Vec::new(),
                     runtime_ns: 0,
                     unclaimed: Vec::new(),
+                    cpus: None,
                 })
                 .collect();
             Response::DomainList(wire::DomainListReport { domains, free_frames: 0, total_frames: 0 })

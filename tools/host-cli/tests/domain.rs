@@ -4,7 +4,8 @@
 //! rules (`wire::UploadTracker` checks every chunk, as the hypervisor does). Its
 //! console takes at most [`FIFO`] bytes per input request (like a full UART FIFO) and
 //! echoes what it took, upper-cased, to its console ring. The raw-mode test runs hvctl
-//! on a pseudo-terminal and reads its mode back.
+//! on a pseudo-terminal and reads its mode back. `domain pin` and `create --cpus`
+//! against a fake whose vCPUs run on CPUs 0-3 (it refuses others, as the hypervisor does).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -32,6 +33,7 @@ struct Created {
     initrd: Option<Vec<u8>>,
     cmdline: String,
     memory_bytes: u64,
+    cpus: Option<Vec<u32>>,
 }
 
 #[derive(Default)]
@@ -53,7 +55,12 @@ struct Hv {
     state: String,
     /// Domain 1 finishes (`finished(0)`) when its console input holds this line.
     ends_on: Option<&'static [u8]>,
+    /// Domain 1's CPU pinning (`DomainPin`, shown by `DomainList`).
+    pinned: Option<Vec<u32>>,
 }
+
+/// APIC IDs of the fake machine's CPUs that run vCPUs; pinning elsewhere is refused.
+const VCPU_CPUS: [u32; 4] = [0, 1, 2, 3];
 
 struct FakeHv {
     fake: Fake,
@@ -152,6 +159,7 @@ fn answer(hv: &Mutex<Hv>, request: Request) -> Response {
                 initrd,
                 cmdline: spec.cmdline,
                 memory_bytes: spec.memory_bytes,
+                cpus: spec.cpus,
             });
             Response::DomainCreated { id: h.created.len() as u32 }
         }
@@ -177,6 +185,7 @@ fn answer(hv: &Mutex<Hv>, request: Request) -> Response {
                 exits: Vec::new(),
                 runtime_ns: 0,
                 unclaimed: Vec::new(),
+                cpus: h.pinned.clone(),
             };
             Response::DomainList(wire::DomainListReport { domains: vec![info], free_frames: 0, total_frames: 0 })
         }
@@ -189,7 +198,14 @@ fn answer(hv: &Mutex<Hv>, request: Request) -> Response {
                 total: h.console.len() as u64,
             })
         }
-        Request::DomainConsole { id, .. } | Request::DomainConsoleInput { id, .. } => {
+        Request::DomainPin { id: 1, cpus } => {
+            if let Some(bad) = cpus.iter().flatten().find(|c| !VCPU_CPUS.contains(c)) {
+                return refused(format!("CPU {bad} does not run vCPUs (they run on CPUs 0-3)"));
+            }
+            h.pinned = cpus;
+            Response::Done
+        }
+        Request::DomainConsole { id, .. } | Request::DomainConsoleInput { id, .. } | Request::DomainPin { id, .. } => {
             refused(format!("no domain {id}"))
         }
         other => Response::Error(ErrorReply::new(ErrorCode::NotImplemented, format!("fake: {}", other.name()))),
@@ -444,4 +460,91 @@ fn raw_mode_on_a_terminal_is_restored_on_leaving() {
             assert!(stderr(&o).contains("press Ctrl-] to leave\r\n"), "raw mode ends lines with CR LF");
         }
     }
+}
+
+#[test]
+fn create_with_cpus_sends_the_list() {
+    let fake = FakeHv::start("create-cpus", Hv::default());
+    let k = write_file("pinned.elf", &image(1000, 3));
+    for (arg, want) in [(Some("0-1,3"), Some(vec![0, 1, 3])), (Some("all"), None), (None, None)] {
+        let mut args = vec!["--connect".to_string(), fake.target(), "domain".into(), "create".into()];
+        args.extend(["--kernel".into(), k.clone()]);
+        if let Some(a) = arg {
+            args.extend(["--cpus".into(), a.into()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = hvctl(&args);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        assert_eq!(fake.lock().created.last().unwrap().cpus, want, "--cpus {arg:?}");
+    }
+}
+
+#[test]
+fn pin_and_unpin_show_in_the_list() {
+    let fake = FakeHv::start("pin", Hv::default());
+    let t = fake.target();
+    let list = || {
+        let o = hvctl(&["--connect", &t, "domain", "list"]);
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let out = stdout(&o);
+        let header = out.lines().next().unwrap().to_string();
+        let row = out.lines().nth(1).unwrap().to_string();
+        let at = header.find(" CPUS ").expect("a CPUS column") + 1;
+        let o = hvctl(&["--connect", &t, "domain", "list", "--json"]);
+        let v: Value = serde_json::from_str(&stdout(&o)).unwrap();
+        (row[at..].split_whitespace().next().unwrap().to_string(), v["domains"][0]["cpus"].clone())
+    };
+    assert_eq!(list(), ("any".to_string(), Value::Null), "a new domain runs anywhere");
+
+    let o = hvctl(&["--connect", &t, "domain", "pin", "1", "1-2,0"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "domain 1 pinned to CPUs 0-2\n");
+    assert_eq!(fake.lock().pinned, Some(vec![0, 1, 2]));
+    assert_eq!(list(), ("0-2".to_string(), serde_json::json!([0, 1, 2])));
+
+    let o = hvctl(&["--connect", &t, "domain", "pin", "1", "all"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o), "domain 1 unpinned (any CPU)\n");
+    assert_eq!(fake.lock().pinned, None);
+    assert_eq!(list(), ("any".to_string(), Value::Null));
+    assert_eq!(fake.lock().requests.iter().filter(|r| *r == "domain-pin").count(), 2);
+}
+
+#[test]
+fn pinning_to_a_cpu_without_vcpus_or_a_missing_domain_is_refused() {
+    let fake = FakeHv::start("pin-refused", Hv { pinned: Some(vec![1]), ..Hv::default() });
+    let o = hvctl(&["--connect", &fake.target(), "domain", "pin", "1", "2,7"]);
+    assert_eq!(o.status.code(), Some(4));
+    assert_eq!(
+        stderr(&o).trim(),
+        "hvctl: error: pin: the request was refused: CPU 7 does not run vCPUs (they run on CPUs 0-3)"
+    );
+    assert_eq!(fake.lock().pinned, Some(vec![1]), "nothing changed");
+    let o = hvctl(&["--connect", &fake.target(), "domain", "pin", "9", "0"]);
+    assert_eq!(o.status.code(), Some(4));
+    assert_eq!(stderr(&o).trim(), "hvctl: error: pin: the request was refused: no domain 9");
+}
+
+#[test]
+fn bad_cpu_lists_are_refused_before_anything_is_sent() {
+    let fake = FakeHv::start("pin-parse", Hv::default());
+    let t = fake.target();
+    let k = write_file("parse.elf", &image(1000, 5));
+    for (list, why) in [
+        ("3-1", "3-1: a range runs from low to high (1-3?)"),
+        ("x", "\"x\" is not a CPU number or a range like 1-3"),
+        ("", "an empty CPU list"),
+        ("0,,1", "has an empty item"),
+        ("0-256", "more than 256 CPUs"),
+    ] {
+        let o = hvctl(&["--connect", &t, "domain", "pin", "1", list]);
+        assert_eq!(o.status.code(), Some(2), "pin {list:?}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(e.starts_with(&format!("hvctl: error: pin 1 {list}: ")) && e.contains(why), "{e}");
+        let o = hvctl(&["--connect", &t, "domain", "create", "--kernel", &k, "--cpus", list]);
+        assert_eq!(o.status.code(), Some(2), "create --cpus {list:?}: {}", stderr(&o));
+        let e = stderr(&o);
+        assert!(e.starts_with(&format!("hvctl: error: --cpus {list}: ")) && e.contains(why), "{e}");
+    }
+    assert!(fake.lock().requests.is_empty(), "{:?}", fake.lock().requests);
 }

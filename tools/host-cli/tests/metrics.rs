@@ -31,6 +31,7 @@ fn fake_with_a_domain(name: &str) -> String {
                 exits: vec![("io".into(), 12), ("npf".into(), 3)],
                 runtime_ns: 5,
                 unclaimed: Vec::new(),
+                cpus: None,
             }],
             free_frames: 700,
             total_frames: 1000,

@@ -70,6 +70,13 @@ fn check(kind: FrameKind, request_id: u64, payload: &[u8]) {
     let encoded = match kind {
         FrameKind::Request => decode_request(&frame).map(|m| {
             let _ = (m.service(), m.name());
+            // (v10) A decoded CPU list is never empty and never longer than the bound.
+            let cpus = match &m {
+                wire::Request::DomainPin { cpus, .. } => cpus.as_deref(),
+                wire::Request::DomainCreate(spec) => spec.cpus.as_deref(),
+                _ => None,
+            };
+            assert!(cpus.is_none_or(|c| !c.is_empty() && c.len() <= wire::MAX_PIN_CPUS));
             encode_request(request_id, &m, &mut out)
         }),
         FrameKind::Response => decode_response(&frame).map(|m| encode_response(request_id, &m, &mut out)),

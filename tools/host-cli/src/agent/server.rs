@@ -63,6 +63,8 @@ pub fn classify(r: &Request) -> (&'static str, Role) {
         Request::DomainPause { .. } => ("domain-pause", Admin),
         Request::DomainUnpause { .. } => ("domain-unpause", Admin),
         Request::DomainDestroy { .. } => ("domain-destroy", Admin),
+        // Changes where a domain runs, like pause/unpause change whether it runs.
+        Request::DomainPin { .. } => ("domain-pin", Admin),
         Request::DomainConsoleInput { .. } => ("domain-console-input", Admin),
         Request::MonitorAttach { .. } => ("monitor-attach", Admin),
         Request::MonitorDetach { .. } => ("monitor-detach", Admin),
@@ -859,6 +861,8 @@ mod tests {
         let admin = [
             Request::DomainDestroy { id: 1 },
             Request::DomainPause { id: 1 },
+            Request::DomainPin { id: 1, cpus: Some(vec![0]) },
+            Request::DomainPin { id: 1, cpus: None },
             Request::DirtyPeek { domain: 1, clean: true },
             Request::DirtyTrackPeek { domain: 1, clean: true },
             Request::MigrateReceive,
