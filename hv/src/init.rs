@@ -270,11 +270,13 @@ fn virtualize_aps<B: arch::Backend + Send + 'static>(
 const AP_IDLE_MS: u64 = 1;
 
 /// Start the shared scheduler on every started AP (each keeps its backend, which
-/// enabled the extension there, for the life of the hypervisor).
-fn schedule_on_aps<B: arch::Backend + 'static>(shared: &alloc::sync::Arc<domain::sched::Shared<B>>)
+/// enabled the extension there, for the life of the hypervisor). The APIC IDs of those
+/// that took it.
+fn schedule_on_aps<B: arch::Backend + 'static>(shared: &alloc::sync::Arc<domain::sched::Shared<B>>) -> Vec<u32>
 where
     domain::sched::Shared<B>: Send + Sync,
 {
+    let mut scheduling = Vec::new();
     for slot in smp::cpus().iter().skip(1).filter(|s| s.state() == smp::CpuState::Started) {
         let shared = shared.clone();
         let posted = smp::post(
@@ -284,10 +286,14 @@ where
             }),
         );
         match posted {
-            Ok(()) => println!("SMP cpu apic={} schedules vCPUs", slot.apic_id),
+            Ok(()) => {
+                println!("SMP cpu apic={} schedules vCPUs", slot.apic_id);
+                scheduling.push(slot.apic_id);
+            }
             Err(why) => println!("SMP cpu apic={} runs no vCPUs: {why}", slot.apic_id),
         }
     }
+    scheduling
 }
 
 /// An AP's life after boot: run vCPU slices from the shared scheduler, and sleep on
@@ -382,19 +388,21 @@ fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platfo
         _ => true,
     };
     let mut machine = domain::Machine::new(backend, info.frames, host, slice, mechanisms, large_pages);
+    // Every started AP runs the same scheduler over the same domains from here on.
+    if B::VCPU_ON_ANY_CPU {
+        let mut cpus = alloc::vec![percpu::this().apic_id];
+        cpus.extend(schedule_on_aps(&machine.shared()));
+        machine.set_vcpu_cpus(cpus);
+    } else if smp::cpus().iter().skip(1).any(|s| s.state() == smp::CpuState::Started) {
+        println!("SMP vCPUs run on the boot CPU only: {} vCPUs cannot move between CPUs yet", B::NAME);
+    }
+
     // Each image is freed once the last domain naming it has it in guest memory: the
     // heap never holds more than the distinct images not yet loaded.
     for boot in boot_domains {
         if let Err(e) = machine.create(&boot.config, &boot.kernel, &boot.initrd) {
             println!("DOMAIN-CREATE-FAILED name={}: {e}", boot.config.name);
         }
-    }
-
-    // Every started AP runs the same scheduler over the same domains from here on.
-    if B::VCPU_ON_ANY_CPU {
-        schedule_on_aps(&machine.shared());
-    } else if smp::cpus().iter().skip(1).any(|s| s.state() == smp::CpuState::Started) {
-        println!("SMP vCPUs run on the boot CPU only: {} vCPUs cannot move between CPUs yet", B::NAME);
     }
 
     let mut handles = services::control::Handles::new();

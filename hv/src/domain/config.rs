@@ -37,6 +37,8 @@ pub struct DomainConfig {
     pub cpuid: Option<String>,
     /// Guest command line.
     pub cmdline: String,
+    /// The physical CPUs (APIC IDs) its vCPUs may run on; `None`: any.
+    pub cpus: Option<Vec<u32>>,
 }
 
 /// Smallest guest memory: the loader's tables, the kernel at 2 MiB and a stack.
@@ -89,8 +91,8 @@ pub fn parse_line(text: &str, line: usize) -> Result<Option<DomainConfig>, Confi
     if cmdline.len() > guest_abi::CMDLINE_MAX {
         return Err(err(alloc::format!("cmdline is longer than {} bytes", guest_abi::CMDLINE_MAX)));
     }
-    let (mut name, mut kernel, mut initrd, mut memory, mut vcpus, mut cpuid) =
-        (None, None, None, 16u64 << 20, 1u32, None);
+    let (mut name, mut kernel, mut initrd, mut memory, mut vcpus, mut cpuid, mut cpus) =
+        (None, None, None, 16u64 << 20, 1u32, None, None);
     for item in head.split_whitespace() {
         let (key, value) = item.split_once('=').ok_or_else(|| err(alloc::format!("`{item}` is not key=value")))?;
         match key {
@@ -118,6 +120,7 @@ pub fn parse_line(text: &str, line: usize) -> Result<Option<DomainConfig>, Confi
                 }
             }
             "cpuid" => cpuid = Some(value.to_string()),
+            "cpus" => cpus = wire::cpulist::parse(value).map_err(|e| err(alloc::format!("cpus `{value}`: {e}")))?,
             other => return Err(err(alloc::format!("unknown key `{other}`"))),
         }
     }
@@ -129,6 +132,7 @@ pub fn parse_line(text: &str, line: usize) -> Result<Option<DomainConfig>, Confi
         vcpus,
         cpuid,
         cmdline,
+        cpus,
     };
     validate(&config).map_err(err)?;
     Ok(Some(config))
@@ -183,7 +187,7 @@ mod tests {
     #[test]
     fn parses_every_key_and_keeps_the_cmdline_whole() {
         let cfg = parse(
-            "# test domains\n\nname=probe kernel=cpuid-probe.elf memory=16M vcpus=2 cpuid=base=host-max,-avx2 cmdline=a=1 b  c # not a comment? yes it is\nname=w kernel=memwriter.elf\n",
+            "# test domains\n\nname=probe kernel=cpuid-probe.elf memory=16M vcpus=2 cpus=0-1 cpuid=base=host-max,-avx2 cmdline=a=1 b  c # not a comment? yes it is\nname=w kernel=memwriter.elf\n",
         )
         .unwrap();
         assert_eq!(cfg.len(), 2);
@@ -197,10 +201,16 @@ mod tests {
                 vcpus: 2,
                 cpuid: Some("base=host-max,-avx2".into()),
                 cmdline: "a=1 b  c".into(),
+                cpus: Some(alloc::vec![0, 1]),
             }
         );
         assert_eq!(cfg[1].memory, 16 << 20);
         assert_eq!(cfg[1].cpuid, None);
+        assert_eq!(cfg[1].cpus, None, "any CPU");
+        assert_eq!(
+            parse("name=a kernel=k cpus=3-1").unwrap_err().message,
+            "cpus `3-1`: 3-1: a range runs from low to high (1-3?)"
+        );
         assert_eq!(cfg[1].initrd, None);
     }
 

@@ -415,6 +415,8 @@ impl<B: Backend> MigrationCore for Machine<B> {
             vcpus: header.vcpus,
             cpuid: None,
             cmdline: header.cmdline.clone(),
+            // Pinning is the destination host's business (its CPUs differ).
+            cpus: None,
         };
         config::validate(&cfg)?;
         if self.name_taken(&cfg.name, self.incoming_name_of) {
@@ -481,7 +483,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
             domain.memory_bytes >> 20,
             cfg.vcpus
         );
-        self.publish(domain);
+        self.publish(domain, None);
         Ok(id)
     }
 

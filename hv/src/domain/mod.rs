@@ -108,6 +108,8 @@ pub enum DomainError {
     },
     /// The domain's devices could not be set up.
     Devices(String),
+    /// A CPU list naming a CPU that runs no vCPUs, as a sentence.
+    Cpus(String),
     /// The operation does not apply in the domain's state.
     WrongState {
         /// Domain id.
@@ -140,6 +142,7 @@ impl fmt::Display for DomainError {
             DomainError::Devices(why) => write!(f, "cannot set up the domain's devices: {why}"),
             DomainError::BadRange { pages } => write!(f, "the range must lie within the domain's {pages} pages"),
             DomainError::WrongState { id, state } => write!(f, "domain {id} is {state}"),
+            DomainError::Cpus(why) => f.write_str(why),
         }
     }
 }
@@ -482,6 +485,8 @@ pub struct DomainCell<B: Backend> {
     /// no other turn starts until it has (the lines of a vCPU that moves between CPUs
     /// stay in order).
     output_pending: AtomicBool,
+    /// The CPUs (APIC IDs) its vCPUs may run on; `None`: any (`Machine::pin`).
+    pinned: spin::Mutex<Option<Vec<u32>>>,
     domain: spin::Mutex<Domain<B>>,
 }
 
@@ -498,8 +503,9 @@ impl<B: Backend> fmt::Debug for DomainCell<B> {
 }
 
 impl<B: Backend> DomainCell<B> {
-    fn new(domain: Domain<B>) -> Self {
+    fn new(domain: Domain<B>, pinned: Option<Vec<u32>>) -> Self {
         Self {
+            pinned: spin::Mutex::new(pinned),
             id: domain.id,
             name: domain.name.clone(),
             vcpus: domain.vcpus.len(),
@@ -555,6 +561,16 @@ impl<B: Backend> DomainCell<B> {
             return None;
         }
         self.domain.try_lock()
+    }
+
+    /// Whether its vCPUs may run on the CPU with APIC ID `apic_id`.
+    pub(crate) fn allows(&self, apic_id: u32) -> bool {
+        self.pinned.lock().as_ref().is_none_or(|cpus| cpus.contains(&apic_id))
+    }
+
+    /// The CPUs it is pinned to (`None`: any).
+    pub fn pinned(&self) -> Option<Vec<u32>> {
+        self.pinned.lock().clone()
     }
 
     /// See `output_pending`.
@@ -643,6 +659,8 @@ pub struct Machine<B: Backend> {
     /// A domain whose name an incoming migration may take too (local migration: the
     /// source goes away when the copy is complete).
     incoming_name_of: Option<u32>,
+    /// The CPUs that run vCPUs ([`Machine::set_vcpu_cpus`]).
+    vcpu_cpus: Vec<u32>,
 }
 
 impl<B: Backend> fmt::Debug for Machine<B> {
@@ -669,6 +687,7 @@ impl<B: Backend> Machine<B> {
             next_id: 1,
             large_pages,
             incoming_name_of: None,
+            vcpu_cpus: alloc::vec![crate::percpu::this().apic_id],
         }
     }
 
@@ -747,9 +766,47 @@ impl<B: Backend> Machine<B> {
         self.shared.domains.lock().iter().any(|c| Some(c.id) != except && c.name == name)
     }
 
-    /// Make `domain` visible to every CPU's scheduler.
-    fn publish(&mut self, domain: Domain<B>) {
-        self.shared.domains.lock().push(Arc::new(DomainCell::new(domain)));
+    /// Make `domain` visible to every CPU's scheduler, its vCPUs on `cpus` (`None`: any).
+    fn publish(&mut self, domain: Domain<B>, cpus: Option<Vec<u32>>) {
+        self.shared.domains.lock().push(Arc::new(DomainCell::new(domain, cpus)));
+    }
+
+    /// The CPUs that run vCPUs (APIC IDs): the boot CPU, and with a backend whose vCPUs
+    /// may move ([`Backend::VCPU_ON_ANY_CPU`]) every AP that schedules them.
+    pub fn set_vcpu_cpus(&mut self, cpus: Vec<u32>) {
+        self.vcpu_cpus = cpus;
+    }
+
+    /// Refuse a pinning to a CPU that runs no vCPUs, saying which CPUs do.
+    fn check_cpus(&self, cpus: Option<&[u32]>) -> Result<(), DomainError> {
+        let Some(cpus) = cpus else { return Ok(()) };
+        let here = wire::cpulist::format(Some(&self.vcpu_cpus));
+        if cpus.is_empty() {
+            return Err(DomainError::Cpus(alloc::format!("an empty CPU list; vCPUs run on CPUs {here}")));
+        }
+        match cpus.iter().find(|c| !self.vcpu_cpus.contains(c)) {
+            None => Ok(()),
+            Some(bad) => {
+                let why = match crate::smp::cpus().iter().find(|s| s.apic_id == *bad) {
+                    None => "there is no such CPU".into(),
+                    Some(s) if s.state() == crate::smp::CpuState::Failed => {
+                        alloc::string::String::from("it failed to start")
+                    }
+                    Some(_) => alloc::format!("{} vCPUs run on the boot CPU only", B::NAME),
+                };
+                Err(DomainError::Cpus(alloc::format!("CPU {bad} runs no vCPUs ({why}); vCPUs run on CPUs {here}")))
+            }
+        }
+    }
+
+    /// Pin domain `id`'s vCPUs to `cpus` (APIC IDs; `None`: any CPU). A vCPU running
+    /// elsewhere now moves at the end of its slice.
+    pub fn pin(&mut self, id: u32, cpus: Option<Vec<u32>>) -> Result<(), DomainError> {
+        self.check_cpus(cpus.as_deref())?;
+        let cell = self.cell(id)?;
+        println!("DOMAIN {id} PINNED cpus={}", wire::cpulist::format(cpus.as_deref()));
+        *cell.pinned.lock() = cpus;
+        Ok(())
     }
 
     /// Host tests: the `i`th domain, where no other CPU can hold it.
@@ -774,7 +831,7 @@ impl<B: Backend> Machine<B> {
     /// Host tests: put a domain built by hand on the machine.
     #[cfg(any(test, fuzzing))]
     pub(crate) fn push_domain(&mut self, domain: Domain<B>) {
-        self.publish(domain);
+        self.publish(domain, None);
     }
 
     /// Let an incoming migration take the name of domain `id` (local migration), or
@@ -800,6 +857,7 @@ impl<B: Backend> Machine<B> {
     /// Create and start a domain from `kernel` (an ELF64 `guest_abi` kernel, a Linux
     /// bzImage or a multiboot kernel: [`boot`]) with `initrd` (empty: none).
     pub fn create(&mut self, cfg: &DomainConfig, kernel: &[u8], initrd: &[u8]) -> Result<u32, DomainError> {
+        self.check_cpus(cfg.cpus.as_deref())?;
         let devices = new_devices()?;
         let (policy, cpuid) = self.cpuid_table(cfg.cpuid.as_deref(), cfg.vcpus)?;
         boot::check(kernel, initrd, cfg.memory).map_err(DomainError::Load)?;
@@ -863,7 +921,7 @@ impl<B: Backend> Machine<B> {
             loaded.format.name(),
             initrd.len()
         );
-        self.publish(domain);
+        self.publish(domain, cfg.cpus.clone());
         Ok(id)
     }
 

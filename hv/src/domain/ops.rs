@@ -94,6 +94,7 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
             vcpus: spec.vcpus,
             cpuid: spec.cpuid.clone(),
             cmdline: spec.cmdline.clone(),
+            cpus: spec.cpus.clone(),
         };
         config::validate(&cfg).map_err(|e| reply(wire::ErrorCode::Refused, e))?;
         if self.name_taken(&cfg.name, None) {
@@ -108,8 +109,10 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
             .domains()
             .iter()
             .map(|cell| {
+                let cpus = cell.pinned();
                 let d = cell.lock();
                 wire::DomainInfo {
+                    cpus,
                     id: d.id,
                     name: d.name.clone(),
                     state: alloc::format!("{}", d.state),
@@ -141,6 +144,10 @@ impl<B: Backend> crate::services::tasks::DomainOps for Machine<B> {
 
     fn set_paused(&mut self, id: u32, paused: bool) -> Result<(), wire::ErrorReply> {
         Machine::set_paused(self, id, paused).map_err(domain_reply)
+    }
+
+    fn pin(&mut self, id: u32, cpus: Option<Vec<u32>>) -> Result<(), wire::ErrorReply> {
+        Machine::pin(self, id, cpus).map_err(domain_reply)
     }
 
     fn destroy(&mut self, id: u32) -> Result<(), wire::ErrorReply> {

@@ -197,6 +197,9 @@ impl<B: Backend> Shared<B> {
         for _ in 0..total {
             let pick = self.cursor.fetch_add(1, Ordering::Relaxed) % total.max(1);
             let Some((cell, vi)) = locate(&cells, pick) else { continue };
+            if !cell.allows(crate::percpu::this().apic_id) {
+                continue;
+            }
             // The slice's log lines are written after the domain's lock is given up, and
             // before another CPU takes the domain for a turn (`output_pending`): a
             // vCPU's lines stay in order when it moves between CPUs.
@@ -523,6 +526,21 @@ mod tests {
         assert!(m.pool().free_frames() > free);
         assert!(!m.has_runnable());
         assert!(!m.run_slice(), "nothing is left to run");
+    }
+
+    #[test]
+    fn a_pinned_domain_runs_only_on_its_cpus_and_bad_pins_are_refused() {
+        let mut m = one_domain();
+        m.set_vcpu_cpus(vec![0, 5]);
+        let e = alloc::format!("{}", m.pin(1, Some(vec![3])).unwrap_err());
+        assert_eq!(e, "CPU 3 runs no vCPUs (there is no such CPU); vCPUs run on CPUs 0,5");
+        assert!(m.pin(2, None).is_err(), "no domain 2");
+        m.pin(1, Some(vec![5])).unwrap();
+        assert_eq!(DomainOps::list(&m).domains[0].cpus, Some(vec![5]));
+        assert!(!m.run_slice(), "this thread is CPU 0: the domain is not run here");
+        m.pin(1, None).unwrap();
+        assert_eq!(DomainOps::list(&m).domains[0].cpus, None);
+        assert!(m.run_slice(), "unpinned, it runs here again");
     }
 
     #[test]

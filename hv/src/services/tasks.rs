@@ -63,6 +63,10 @@ pub trait DomainOps {
     fn list(&self) -> wire::DomainListReport;
     /// Pause (true) or unpause (false).
     fn set_paused(&mut self, id: u32, paused: bool) -> Result<(), ErrorReply>;
+    /// Pin domain `id`'s vCPUs to these CPUs (APIC IDs; `None`: any).
+    fn pin(&mut self, id: u32, _cpus: Option<Vec<u32>>) -> Result<(), ErrorReply> {
+        Err(ErrorReply::new(ErrorCode::Refused, alloc::format!("no domain {id}")))
+    }
     /// Destroy.
     fn destroy(&mut self, id: u32) -> Result<(), ErrorReply>;
     /// Console bytes from `offset` on.
@@ -584,6 +588,9 @@ impl Runtime {
                 Ok(len) if bytes.len() <= wire::MAX_BENCH_DATA => Response::BenchDiscarded { len },
                 _ => Response::Error(bench_too_long(bytes.len())),
             },
+            Ok(Request::DomainPin { id, cpus }) => {
+                domains.pin(id, cpus).map_or_else(Response::Error, |()| Response::Done)
+            }
             Ok(Request::DomainPause { id }) => {
                 domains.set_paused(id, true).map_or_else(Response::Error, |()| Response::Done)
             }
@@ -910,6 +917,7 @@ mod tests {
             vcpus: 1,
             cpuid: None,
             cmdline: String::new(),
+            cpus: None,
         }
     }
 

@@ -34,6 +34,7 @@ fn config(memory: u64, vcpus: u32, cmdline: &str) -> DomainConfig {
         vcpus,
         cpuid: None,
         cmdline: cmdline.into(),
+        cpus: None,
     }
 }
 
