@@ -451,6 +451,7 @@ fn domain_churn(ctx: &Ctx) -> Result<String> {
             vcpus: 1 + i % 2,
             cpuid: None,
             cmdline: "pages=16 rounds=1".into(),
+            cpus: None,
         };
         let id = match client.call(&Request::DomainCreate(spec))? {
             Response::DomainCreated { id } => id,

@@ -197,7 +197,7 @@ impl<B: Backend> Shared<B> {
         for _ in 0..total {
             let pick = self.cursor.fetch_add(1, Ordering::Relaxed) % total.max(1);
             let Some((cell, vi)) = locate(&cells, pick) else { continue };
-            if !cell.allows(crate::percpu::this().apic_id) {
+            if !cell.runs_on(vi, crate::percpu::this().apic_id) {
                 continue;
             }
             // The slice's log lines are written after the domain's lock is given up, and
