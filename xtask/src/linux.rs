@@ -468,9 +468,17 @@ mod tests {
     fn the_real_init_script_is_packed_and_names_every_marker() {
         let init = std::fs::read_to_string(tools::root().join("guests/linux/init")).unwrap();
         assert!(init.starts_with("#!/bin/sh\n"));
-        for marker in
-            ["HV-LINUX-INIT uptime=", "HV-LINUX-DONE", "HV-CPUINFO-FLAGS", "HV-CPUINFO-COUNT", "HV-NPROC", "HV-CLOCK"]
-        {
+        for marker in [
+            "HV-LINUX-INIT uptime=",
+            "HV-LINUX-DONE",
+            "HV-CPUINFO-FLAGS",
+            "HV-CPUINFO-COUNT",
+            "HV-NPROC",
+            "HV-CLOCK",
+            "HV-PAR-ONE",
+            "HV-PAR-TWO",
+            "HV-PAR-CPU",
+        ] {
             assert!(init.contains(marker), "init does not print {marker}");
         }
         let sha = std::fs::read_to_string(tools::root().join("guests/linux/sha.sh")).unwrap();
