@@ -346,7 +346,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
         let _held = HeldOutput::new();
         let mut d = cell.lock();
         d.throttle = percent.min(99);
-        d.throttle_credit = 0;
+        d.throttle_until = 0;
         crate::println!("DOMAIN {domain} THROTTLE {}%", d.throttle);
         Ok(())
     }
@@ -450,7 +450,7 @@ impl<B: Backend> MigrationCore for Machine<B> {
             policy,
             cmdline: cfg.cmdline.clone(),
             throttle: 0,
-            throttle_credit: 0,
+            throttle_until: 0,
             logs: [None, None],
             devices,
             irq: super::platform::new_router(),

@@ -350,10 +350,10 @@ pub struct Domain<B: Backend> {
     policy: levelling::Policy,
     /// The kernel command line it was created with.
     cmdline: String,
-    /// Percent of time slices withheld from its vCPUs (migration auto-throttle).
+    /// Percent of the time its vCPUs are held back (migration auto-throttle).
     throttle: u8,
-    /// Slice credit in percent: a vCPU of a throttled domain runs when it reaches 100.
-    throttle_credit: u32,
+    /// A throttled domain runs again from this TSC value on (`sched`).
+    throttle_until: u64,
     /// Log-dirty logs: [`dirty::MAIN`] and [`dirty::TRACK`].
     logs: [Option<dirty::LogDirty>; 2],
     /// Its PC's device models on their port and MMIO ranges (`devices::pc`).
@@ -935,7 +935,7 @@ impl<B: Backend> Machine<B> {
             policy,
             cmdline: cfg.cmdline.clone(),
             throttle: 0,
-            throttle_credit: 0,
+            throttle_until: 0,
             logs: [None, None],
             devices,
             irq: platform::new_router(),

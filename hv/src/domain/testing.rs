@@ -214,7 +214,7 @@ pub(crate) fn machine(
         policy,
         cmdline: String::new(),
         throttle: 0,
-        throttle_credit: 0,
+        throttle_until: 0,
         logs: [None, None],
         devices: crate::domain::new_devices().expect("the PC's table maps"),
         irq: crate::domain::platform::new_router(),
