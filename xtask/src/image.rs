@@ -11,6 +11,7 @@ pub const GUESTS: &[&str] = &[
     "spinner",
     "misbehave",
     "dirtytest",
+    "dirtypair",
     "apictimer",
     "fpustate",
     "xapic-mmio",
