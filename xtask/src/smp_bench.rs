@@ -623,7 +623,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("smp-bench-{}", std::process::id()));
         let arg = format!("file=fat:rw:{}", dir.join("esp").display());
         let mut child = std::process::Command::new("sh").args(["-c", "sleep 5; :", &arg]).spawn().unwrap();
-        let found = qemu_pid(&dir);
+        // Until the child has exec'd, /proc shows the parent's command line.
+        let mut found = None;
+        for _ in 0..100 {
+            found = qemu_pid(&dir);
+            if found.is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
         let _ = child.kill();
         let _ = child.wait();
         assert_eq!(found, Some(child.id()));
