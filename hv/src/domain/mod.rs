@@ -784,7 +784,8 @@ impl<B: Backend> Machine<B> {
     }
 
     /// Give each vCPU of `cell` a home CPU: among the CPUs it may run on (its pinning,
-    /// else every CPU that runs vCPUs), the one with the fewest vCPUs homed there now.
+    /// else every CPU that runs vCPUs), the one with the fewest vCPUs homed there now;
+    /// a vCPU already homed on one of those keeps its home.
     /// A vCPU stays on its home: one that moved between CPUs every slice crashed a
     /// 2-vCPU Linux guest once in 12 runs on QEMU (the guest resumed with the host's
     /// CR3 and RIP, cause not found yet), so vCPUs do not migrate; the balancing is
@@ -799,8 +800,19 @@ impl<B: Backend> Machine<B> {
                 }
             }
         }
+        // A vCPU whose home is still allowed keeps it (a pin moves only what it must).
+        let old = cell.homes();
+        for home in &old {
+            if let Some(l) = load.iter_mut().find(|(c, _)| c == home) {
+                l.1 += 1;
+            }
+        }
         let mut homes = Vec::with_capacity(cell.vcpus);
-        for _ in 0..cell.vcpus {
+        for vi in 0..cell.vcpus {
+            if let Some(&home) = old.get(vi).filter(|h| allowed.contains(h)) {
+                homes.push(home);
+                continue;
+            }
             let Some(least) = load.iter_mut().min_by_key(|(_, n)| *n) else { break };
             least.1 += 1;
             homes.push(least.0);

@@ -547,7 +547,9 @@ mod tests {
         assert!(!m.run_slice(), "this thread is CPU 0: the domain is not run here");
         m.pin(1, None).unwrap();
         assert_eq!(DomainOps::list(&m).domains[0].cpus, None);
-        assert!(m.run_slice(), "unpinned, it runs here again");
+        assert_eq!(m.domains()[0].homes(), vec![5], "unpinned, a vCPU keeps a home it may still have");
+        m.pin(1, Some(vec![0])).unwrap();
+        assert!(m.run_slice(), "pinned here, it runs here");
     }
 
     #[test]
