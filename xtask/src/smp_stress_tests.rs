@@ -106,12 +106,17 @@ struct Live {
     hops: Vec<(Side, u64)>,
 }
 
-/// What the loop did: operations by kind, the slowest one, when it started.
+/// What the loop did: operations by kind, the slowest one, when it started, and the
+/// last [`HISTORY`] operations (given with a failure, to show what led to it).
 struct Stats {
     start: Instant,
     ops: BTreeMap<&'static str, u64>,
     max: (Duration, String),
+    history: std::collections::VecDeque<String>,
 }
+
+/// How many of the latest operations a failure lists.
+const HISTORY: usize = 12;
 
 impl Stats {
     /// Run operation `kind` (`what`: its arguments, for the error) and count it; an
@@ -122,14 +127,23 @@ impl Stats {
         let result = f();
         let took = t0.elapsed();
         *self.ops.entry(kind).or_default() += 1;
+        if self.history.len() == HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(format!("t={at:.1} s {kind} {what} ({:.2} s)", took.as_secs_f64()));
+        let history = self.history.iter().cloned().collect::<Vec<_>>().join("; ");
         if took > self.max.0 {
             self.max = (took, format!("{kind} {what}"));
         }
-        let value = result
-            .map_err(|e| format!("{kind} {what} at t={at:.1} s failed after {:.1} s: {e}", took.as_secs_f64()))?;
+        let value = result.map_err(|e| {
+            format!(
+                "{kind} {what} at t={at:.1} s failed after {:.1} s: {e} (latest operations: {history})",
+                took.as_secs_f64()
+            )
+        })?;
         if took > limit {
             return Err(format!(
-                "{kind} {what} at t={at:.1} s answered after {:.1} s, more than its {} s: a hang",
+                "{kind} {what} at t={at:.1} s answered after {:.1} s, more than its {} s: a hang (latest operations: {history})",
                 took.as_secs_f64(),
                 limit.as_secs()
             ));
@@ -152,7 +166,12 @@ impl Rng {
 
 fn stress(ctx: &Ctx, duration: Duration) -> Result<String> {
     let base = [memory_use(ctx, &ctx.src)?, memory_use(ctx, &ctx.dst)?];
-    let mut stats = Stats { start: Instant::now(), ops: BTreeMap::new(), max: (Duration::ZERO, String::new()) };
+    let mut stats = Stats {
+        start: Instant::now(),
+        ops: BTreeMap::new(),
+        max: (Duration::ZERO, String::new()),
+        history: Default::default(),
+    };
     let mut live: Vec<Live> = Vec::new();
     let mut moved: Vec<Vec<(Side, u64)>> = Vec::new();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
