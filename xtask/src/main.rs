@@ -27,6 +27,7 @@ mod serial;
 mod serial_control_tests;
 mod serial_relay;
 mod smp_bench;
+mod smp_stress_tests;
 mod smp_tests;
 mod systest;
 mod tools;

@@ -24,15 +24,15 @@ use crate::systest::{NamedTest, build_hvctl, hvctl_output, run_each, select, sto
 use crate::{Result, tools};
 
 /// The writer's parameters: 64 pages at 3 MiB, a practically endless number of rounds.
-const WRITER_SEED: u64 = 7;
-const WRITER_PAGES: u64 = 64;
-const WRITER_CMDLINE: &str = "pages=64 rounds=100000000 seed=7 base=0x300000";
+pub(crate) const WRITER_SEED: u64 = 7;
+pub(crate) const WRITER_PAGES: u64 = 64;
+pub(crate) const WRITER_CMDLINE: &str = "pages=64 rounds=100000000 seed=7 base=0x300000";
 /// The writer's CPUID policy: what the AVX2-less destination can run.
-const WRITER_CPUID: &str = "base=host-max,-avx2";
+pub(crate) const WRITER_CPUID: &str = "base=host-max,-avx2";
 
 pub(crate) struct Ctx {
     pub(crate) hvctl: PathBuf,
-    guests: PathBuf,
+    pub(crate) guests: PathBuf,
     pub(crate) src: Session,
     pub(crate) dst: Session,
     /// The memwriter on the source, once created.
@@ -769,6 +769,11 @@ fn run_suite(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
 /// Boot the source (`-cpu EPYC`) and the destination (`-cpu EPYC,-avx2`), named
 /// `PREFIX-src` and `PREFIX-dst`; `None` (said and logged) when one does not serve.
 pub(crate) fn start_pair(esp: &Esp, prefix: &str) -> Result<Option<Ctx>> {
+    start_pair_cpus(esp, prefix, 1)
+}
+
+/// [`start_pair`] on machines of `cpus` physical CPUs each (QEMU `-smp N`, multi-threaded TCG).
+pub(crate) fn start_pair_cpus(esp: &Esp, prefix: &str, cpus: u32) -> Result<Option<Ctx>> {
     let src_platform = Platform::Qemu { cpu: "EPYC".into() };
     let dst_platform = Platform::Qemu { cpu: "EPYC,-avx2".into() };
     tools::ensure(&src_platform)?;
@@ -776,9 +781,11 @@ pub(crate) fn start_pair(esp: &Esp, prefix: &str) -> Result<Option<Ctx>> {
     let timeout = Duration::from_secs(src_platform.default_timeout_secs());
     let config =
         |name: String| RunConfig { name, timeout, cmdline: String::new(), echo: false, vsock: true, domains: None };
-    println!("systest {prefix}-* on {src_platform} -> {dst_platform}, two instances with virtio-vsock ...");
-    let mut src = Session::spawn(&src_platform, esp, &config(format!("{prefix}-src")))?;
-    let mut dst = Session::spawn(&dst_platform, esp, &config(format!("{prefix}-dst")))?;
+    println!(
+        "systest {prefix}-* on {src_platform} -> {dst_platform}, two instances of {cpus} CPU(s) with virtio-vsock ..."
+    );
+    let mut src = Session::spawn_cpus(&src_platform, esp, &config(format!("{prefix}-src")), &[], cpus)?;
+    let mut dst = Session::spawn_cpus(&dst_platform, esp, &config(format!("{prefix}-dst")), &[], cpus)?;
     for (what, session) in [("source", &mut src), ("destination", &mut dst)] {
         if let Err(wait) = wait_serving(session, timeout) {
             println!("systest {prefix}-* ... FAILED: the {what}'s control channel did not come up ({wait})");
@@ -804,7 +811,7 @@ pub(crate) fn finish_pair(ctx: &mut Ctx, what: &str, failed: usize) -> usize {
     more
 }
 
-fn print_log(what: &str, session: &Session) {
+pub(crate) fn print_log(what: &str, session: &Session) {
     println!(
         "---- serial log of the {what} ({}) ----\n{}\n---- end of serial log ----",
         session.dir.display(),
@@ -884,7 +891,7 @@ fn create(ctx: &Ctx, kernel: &str, name: &str, cpuid: Option<&str>, cmdline: &st
 }
 
 /// The values domain `id` reported on `session`'s serial log, in order: (tag, value).
-fn reports(session: &Session, id: u64) -> Vec<(String, u64)> {
+pub(crate) fn reports(session: &Session, id: u64) -> Vec<(String, u64)> {
     let prefix = format!("DOMAIN {id} REPORT ");
     let serial = session.serial();
     // Only whole lines: the guest may be writing the last one right now.
@@ -901,7 +908,7 @@ fn reports(session: &Session, id: u64) -> Vec<(String, u64)> {
 /// (round, checksum) pairs from a writer's reports. A migration can fall between the
 /// two reports of a round, so the caller joins the source's and the destination's
 /// reports before pairing them.
-fn pairs(reports: &[(String, u64)]) -> Vec<(u64, u64)> {
+pub(crate) fn pairs(reports: &[(String, u64)]) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
     let mut round = None;
     for (tag, value) in reports {
@@ -919,7 +926,7 @@ fn pairs(reports: &[(String, u64)]) -> Vec<(u64, u64)> {
 }
 
 /// The (round, checksum) pairs domain `id` completed on `session` alone.
-fn rounds(session: &Session, id: u64) -> Vec<(u64, u64)> {
+pub(crate) fn rounds(session: &Session, id: u64) -> Vec<(u64, u64)> {
     pairs(&reports(session, id))
 }
 
@@ -1241,7 +1248,7 @@ fn save_restore(ctx: &Ctx) -> Result<String> {
 const STRESS_SIZES: &[&str] = &["8M", "64M", "256M", "512M", "1G"];
 
 /// Heap bytes in use and free frames of `session` (`hvctl info --json`).
-fn memory_use(ctx: &Ctx, session: &Session) -> Result<(u64, u64)> {
+pub(crate) fn memory_use(ctx: &Ctx, session: &Session) -> Result<(u64, u64)> {
     let info = json(&hvctl_on(ctx, session, &["info", "--json"])?, "info --json")?;
     let m = &info["memory_use"];
     match (m["heap_used_bytes"].as_u64(), m["frames_free"].as_u64()) {

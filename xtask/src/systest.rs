@@ -227,6 +227,9 @@ pub fn run_all(filter: Option<&str>, linux: bool) -> Result<()> {
     let (p, f) = crate::host_smp_tests::run(&esp, filter)?;
     passed += p;
     failed += f;
+    let (p, f) = crate::smp_stress_tests::run(&esp, filter)?;
+    passed += p;
+    failed += f;
     for s in scenarios().iter().filter(|s| filter.is_none_or(|f| s.name.contains(f))) {
         println!("systest {} on {} ...", s.name, (s.platform)());
         let (run, problems) = run_scenario(s, &esp)?;
