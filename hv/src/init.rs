@@ -390,6 +390,11 @@ fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platfo
     let mut machine = domain::Machine::new(backend, info.frames, host, slice, mechanisms, large_pages);
     // Every started AP runs the same scheduler over the same domains from here on.
     if B::VCPU_ON_ANY_CPU {
+        let parallel = smp::BootOptions::parse(&info.cmdline).parallel_vcpus;
+        machine.shared().set_parallel_vcpus(parallel);
+        if parallel {
+            println!("SMP smp-vcpus=parallel: a domain's vCPUs may run at the same time on different CPUs");
+        }
         let mut cpus = alloc::vec![percpu::this().apic_id];
         cpus.extend(schedule_on_aps(&machine.shared()));
         machine.set_vcpu_cpus(cpus);

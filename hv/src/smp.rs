@@ -185,6 +185,9 @@ pub struct BootOptions {
     /// `smp-fail-virt=APICID`: these APs start but their boot job refuses to turn on
     /// virtualization (simulates a CPU without VMX/SVM, or one whose round trip fails).
     pub fail_virt: Vec<u32>,
+    /// `smp-vcpus=parallel`: a domain's vCPUs may run at the same time on different
+    /// CPUs (off by default: see README, SMP).
+    pub parallel_vcpus: bool,
 }
 
 impl BootOptions {
@@ -194,6 +197,7 @@ impl BootOptions {
         for word in cmdline.split_whitespace() {
             match word.split_once('=') {
                 Some(("smp", "off")) => o.off = true,
+                Some(("smp-vcpus", "parallel")) => o.parallel_vcpus = true,
                 Some(("smp-fail-ap", n)) => o.fail.extend(parse_number(n)),
                 Some(("smp-fail-virt", n)) => o.fail_virt.extend(parse_number(n)),
                 _ => {}
@@ -612,8 +616,12 @@ mod tests {
     fn options_parse_off_and_repeated_failures() {
         assert_eq!(BootOptions::parse(""), BootOptions::default());
         let o = BootOptions::parse("hv.serial=off smp-fail-ap=1 smp-fail-ap=0x3 smp-fail-ap=x smp-fail-virt=2");
-        assert_eq!(o, BootOptions { off: false, fail: alloc::vec![1, 3], fail_virt: alloc::vec![2] });
+        assert_eq!(
+            o,
+            BootOptions { off: false, fail: alloc::vec![1, 3], fail_virt: alloc::vec![2], parallel_vcpus: false }
+        );
         assert!(BootOptions::parse("smp=off").off);
+        assert!(BootOptions::parse("smp-vcpus=parallel").parallel_vcpus);
     }
 
     #[test]

@@ -94,6 +94,9 @@ pub struct Shared<B: Backend> {
     /// A shorter slice asked for now (`cap_slice`; 0: none).
     slice_cap: AtomicU64,
     pub(super) mechanisms: dirty::Mechanisms,
+    /// Whether a domain's vCPUs may run at the same time on different CPUs
+    /// ([`Shared::set_parallel_vcpus`]); otherwise they take turns.
+    parallel_vcpus: core::sync::atomic::AtomicBool,
 }
 
 impl<B: Backend> core::fmt::Debug for Shared<B> {
@@ -111,6 +114,7 @@ impl<B: Backend> Shared<B> {
             slice_ticks,
             slice_cap: AtomicU64::new(0),
             mechanisms,
+            parallel_vcpus: core::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -121,6 +125,14 @@ impl<B: Backend> Shared<B> {
         return self.pool.try_lock().expect("the frame pool is locked already: a deadlock on one CPU");
         #[cfg(not(test))]
         self.pool.lock()
+    }
+
+    /// Let a domain's vCPUs run at the same time on different CPUs (`true`), or have
+    /// them take turns (`false`, the default). Off by default because under QEMU TCG a
+    /// guest with two vCPUs running at once now and then resumed with the hypervisor's
+    /// own state in its VMCB (host CR3 and RIP, or a host RSP); the cause is not found.
+    pub fn set_parallel_vcpus(&self, on: bool) {
+        self.parallel_vcpus.store(on, Ordering::Relaxed);
     }
 
     /// See [`Machine::cap_slice`].
@@ -219,6 +231,10 @@ impl<B: Backend> Shared<B> {
     /// (or the domain ended), the domain, still locked; `None` if it did not.
     fn turn<'a>(&self, cell: &'a DomainCell<B>, mut d: DomainGuard<'a, B>, vi: usize) -> Option<DomainGuard<'a, B>> {
         if d.state != DomainState::Running || vi >= d.vcpus.len() || d.vcpus[vi].vcpu.out_on().is_some() {
+            return None;
+        }
+        // Taking turns: no vCPU goes out while another of the domain's is out.
+        if cell.out_now() > 0 && !self.parallel_vcpus.load(Ordering::Relaxed) {
             return None;
         }
         match d.vcpus[vi].state {
