@@ -808,14 +808,26 @@ impl<B: Backend> Machine<B> {
             }
         }
         let mut homes = Vec::with_capacity(cell.vcpus);
-        for vi in 0..cell.vcpus {
-            if let Some(&home) = old.get(vi).filter(|h| allowed.contains(h)) {
-                homes.push(home);
-                continue;
+        if !self.shared.parallel_vcpus() {
+            // A domain's vCPUs all on one CPU (see `Shared::set_parallel_vcpus`): a
+            // 2-vCPU guest spread over two CPUs now and then resumed with corrupted
+            // state, even taking turns. The least loaded allowed CPU, or the one its
+            // first vCPU already has.
+            let keep = old.first().copied().filter(|h| allowed.contains(h) && old.iter().all(|o| o == h));
+            let home = keep.or_else(|| load.iter().min_by_key(|(_, n)| *n).map(|(c, _)| *c));
+            if let Some(home) = home {
+                homes.resize(cell.vcpus, home);
             }
-            let Some(least) = load.iter_mut().min_by_key(|(_, n)| *n) else { break };
-            least.1 += 1;
-            homes.push(least.0);
+        } else {
+            for vi in 0..cell.vcpus {
+                if let Some(&home) = old.get(vi).filter(|h| allowed.contains(h)) {
+                    homes.push(home);
+                    continue;
+                }
+                let Some(least) = load.iter_mut().min_by_key(|(_, n)| *n) else { break };
+                least.1 += 1;
+                homes.push(least.0);
+            }
         }
         if self.vcpu_cpus.len() > 1 {
             let list: Vec<String> = homes.iter().enumerate().map(|(v, c)| alloc::format!("{v}->{c}")).collect();

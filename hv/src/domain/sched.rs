@@ -127,12 +127,19 @@ impl<B: Backend> Shared<B> {
         self.pool.lock()
     }
 
-    /// Let a domain's vCPUs run at the same time on different CPUs (`true`), or have
-    /// them take turns (`false`, the default). Off by default because under QEMU TCG a
-    /// guest with two vCPUs running at once now and then resumed with the hypervisor's
-    /// own state in its VMCB (host CR3 and RIP, or a host RSP); the cause is not found.
+    /// Let a domain's vCPUs be spread over CPUs and run at the same time (`true`), or
+    /// keep them on one CPU, taking turns (`false`, the default). Off by default
+    /// because under QEMU TCG a guest whose two vCPUs sat on two CPUs now and then
+    /// resumed with corrupted state (the hypervisor's CR3 and RIP in its VMCB, or a bad
+    /// RSP), even when they took turns; the cause is not found. Different domains run
+    /// on different CPUs either way.
     pub fn set_parallel_vcpus(&self, on: bool) {
         self.parallel_vcpus.store(on, Ordering::Relaxed);
+    }
+
+    /// See [`Shared::set_parallel_vcpus`].
+    pub(super) fn parallel_vcpus(&self) -> bool {
+        self.parallel_vcpus.load(Ordering::Relaxed)
     }
 
     /// See [`Machine::cap_slice`].
