@@ -272,10 +272,7 @@ const AP_IDLE_MS: u64 = 1;
 /// Start the shared scheduler on every started AP (each keeps its backend, which
 /// enabled the extension there, for the life of the hypervisor). The APIC IDs of those
 /// that took it.
-fn schedule_on_aps<B: arch::Backend + 'static>(shared: &alloc::sync::Arc<domain::sched::Shared<B>>) -> Vec<u32>
-where
-    domain::sched::Shared<B>: Send + Sync,
-{
+fn schedule_on_aps<B: arch::Backend + 'static>(shared: &alloc::sync::Arc<domain::sched::Shared<B>>) -> Vec<u32> {
     let mut scheduling = Vec::new();
     for slot in smp::cpus().iter().skip(1).filter(|s| s.state() == smp::CpuState::Started) {
         let shared = shared.clone();

@@ -208,16 +208,6 @@ impl Vcpu for SvmVcpu {
             return Err(ArchError::Unsupported("SVM is not enabled on this physical CPU (no host VMSAVE page)"));
         }
         self.vmcb().set(vmcb::RAX, regs.rax);
-        // Take a physical interrupt that reached this CPU while it was in the hypervisor
-        // (interrupts off), a kick IPI from another CPU, here, so none is pending when
-        // VMRUN starts. With one pending there, QEMU's TCG sometimes saved the host's
-        // own state (its CR3 and the RIP after VMRUN) into the guest's VMCB: a 2-vCPU
-        // guest whose vCPUs ran on two CPUs then resumed in the hypervisor's code. The
-        // exit it would have caused gains nothing: the vCPU was about to be entered.
-        // SAFETY: STI's shadow covers the NOP, so a pending interrupt is taken after it
-        // and before CLI; every vector from 32 up has a handler that only acknowledges
-        // it (drivers::tables); the hypervisor runs with interrupts off otherwise.
-        unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
         if let Some(ticks) = slice {
             crate::percpu::this().lapic.arm_one_shot(ticks);
         }
