@@ -28,7 +28,8 @@
 #![no_std]
 
 extern crate alloc;
-#[cfg(test)]
+// Host tests and the fuzz targets run on Linux: `percpu::this` uses a thread-local there.
+#[cfg(any(test, fuzzing))]
 extern crate std;
 
 pub mod arch;

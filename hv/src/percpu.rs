@@ -28,7 +28,7 @@ use crate::drivers::lapic::HostLapic;
 use crate::drivers::tables::TableBases;
 
 /// IA32_GS_BASE (SDM Vol. 4 Table 2-2).
-#[cfg(not(test))]
+#[cfg(not(any(test, fuzzing)))]
 const MSR_GS_BASE: u32 = 0xc000_0101;
 
 /// One physical CPU's state.
@@ -130,7 +130,7 @@ pub fn all() -> Vec<&'static PerCpu> {
 }
 
 /// This CPU's state. [`install`] must have run on this CPU.
-#[cfg(not(test))]
+#[cfg(not(any(test, fuzzing)))]
 pub fn this() -> &'static PerCpu {
     let address: u64;
     // SAFETY: `install` ran on this CPU first, so gs:[0] holds the address of a leaked
@@ -142,8 +142,8 @@ pub fn this() -> &'static PerCpu {
     }
 }
 
-/// Host tests have no GS base to use: each test thread gets its own value.
-#[cfg(test)]
+/// Host tests and fuzzing have no GS base to use: each thread gets its own value.
+#[cfg(any(test, fuzzing))]
 pub fn this() -> &'static PerCpu {
     std::thread_local! {
         static CPU: &'static PerCpu = Box::leak(Box::new(PerCpu::new(0, 0, TableBases { gdt: 0, idt: 0, tss: 0 })));
@@ -151,23 +151,23 @@ pub fn this() -> &'static PerCpu {
     CPU.with(|c| *c)
 }
 
-#[cfg(not(test))]
+#[cfg(not(any(test, fuzzing)))]
 fn set_gs_base(address: u64) {
     // SAFETY: IA32_GS_BASE exists in long mode; the hypervisor uses GS for nothing
     // but this pointer (no TLS, no SWAPGS), so nothing else depends on its value.
     unsafe { x86::msr::wrmsr(MSR_GS_BASE, address) };
 }
 
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 fn set_gs_base(_: u64) {}
 
-#[cfg(not(test))]
+#[cfg(not(any(test, fuzzing)))]
 fn initial_apic_id() -> u32 {
     // SDM Vol. 2A CPUID leaf 01H: EBX[31:24] is the initial APIC ID.
     raw_cpuid::CpuId::new().get_feature_info().map_or(0, |f| u32::from(f.initial_local_apic_id()))
 }
 
-#[cfg(test)]
+#[cfg(any(test, fuzzing))]
 fn initial_apic_id() -> u32 {
     0
 }

@@ -620,7 +620,7 @@ impl<B: Backend> DomainCell<B> {
     }
 
     /// The domain itself, where nothing else can hold the cell (host tests).
-    #[cfg(any(test, fuzzing))]
+    #[cfg(test)]
     pub(super) fn get_mut(this: &mut DomainRef<B>) -> &mut Domain<B> {
         Arc::get_mut(this).expect("no other CPU holds the domain in a host test").domain.get_mut()
     }
@@ -876,14 +876,14 @@ impl<B: Backend> Machine<B> {
     }
 
     /// Host tests: the `i`th domain, where no other CPU can hold it.
-    #[cfg(any(test, fuzzing))]
+    #[cfg(test)]
     pub(crate) fn dom(&mut self, i: usize) -> &mut Domain<B> {
         let shared = Arc::get_mut(&mut self.shared).expect("no other CPU shares the machine in a host test");
         DomainCell::get_mut(&mut shared.domains.get_mut()[i])
     }
 
     /// Host tests: the `i`th domain, the pool and the mechanisms, as an exit handler has them.
-    #[cfg(any(test, fuzzing))]
+    #[cfg(test)]
     pub(crate) fn parts(&mut self, i: usize) -> (&mut Domain<B>, &mut FramePool, &dirty::Mechanisms) {
         Arc::get_mut(&mut self.shared).expect("no other CPU shares the machine in a host test").parts_mut(i)
     }

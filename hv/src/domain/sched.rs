@@ -149,7 +149,7 @@ impl<B: Backend> Shared<B> {
 
     /// Host tests: the `i`th domain, the pool and the mechanisms, where nothing else can
     /// hold them.
-    #[cfg(any(test, fuzzing))]
+    #[cfg(test)]
     pub(super) fn parts_mut(&mut self, i: usize) -> (&mut Domain<B>, &mut FramePool, &dirty::Mechanisms) {
         let d = DomainCell::get_mut(&mut self.domains.get_mut()[i]);
         (d, self.pool.get_mut(), &self.mechanisms)

@@ -15,7 +15,8 @@ use crate::mm::nested::Npt;
 /// What the policy asked of the vCPU.
 #[derive(Debug)]
 pub(crate) struct FakeVcpu {
-    /// What the backend created it with.
+    /// What the backend created it with (read by host tests; the fuzz targets do not).
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) entry: GuestEntry,
     /// The last snapshot loaded into it.
     pub(crate) loaded: Option<VcpuSnapshot>,

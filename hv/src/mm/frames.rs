@@ -167,7 +167,9 @@ const _: () = assert!(core::mem::size_of::<[u64; 512]>() == PAGE_SIZE as usize);
 /// Host-test support: a page-aligned heap region standing in for boot's pool.
 #[cfg(any(test, fuzzing))]
 pub(crate) mod testing {
+    #[cfg(test)]
     use super::FramePool;
+    #[cfg(test)]
     use alloc::vec::Vec;
 
     #[repr(C, align(4096))]
