@@ -56,9 +56,14 @@ pub fn domains_line(memory: &str, test: &str) -> String {
 /// A DOMAINS.CFG line for the staged kernel: domain `name`, CPUID policy `cpuid` (the
 /// hypervisor's default without one), `extra` appended to the kernel command line.
 pub fn domain_line(name: &str, memory: &str, test: &str, cpuid: Option<&str>, extra: &str) -> String {
+    domain_line_vcpus(name, memory, 1, test, cpuid, extra)
+}
+
+/// [`domain_line`] with `vcpus` vCPUs.
+pub fn domain_line_vcpus(name: &str, memory: &str, vcpus: u32, test: &str, cpuid: Option<&str>, extra: &str) -> String {
     let cpuid = cpuid.map(|c| format!("cpuid={c} ")).unwrap_or_default();
     format!(
-        "name={name} kernel=VMLINUZ initrd=INITRD.GZ memory={memory} vcpus=1 {cpuid}\
+        "name={name} kernel=VMLINUZ initrd=INITRD.GZ memory={memory} vcpus={vcpus} {cpuid}\
          cmdline={}{extra}\n",
         guest_cmdline(test)
     )

@@ -77,6 +77,9 @@ const LINUX_GROUP_TESTS: &[NamedTest<Ctx>] = &[
 ];
 
 /// The source's second Linux domain in [`LINUX_GROUP`]: the workload under the default
+/// Issue 16's SMP Linux migration: a 2-vCPU workload guest between two `-smp 2` instances.
+const LINUX_SMP_TEST: &str = "migrate-linux-smp-two-vcpus-between-smp-instances";
+
 /// CPUID policy (host-max on EPYC, with AVX2), which the destination cannot run.
 const LINUX_HOST_MAX: &str = "linux-host-max";
 
@@ -86,6 +89,10 @@ pub fn run(esp: &Esp, filter: Option<&str>, linux: bool) -> Result<(usize, usize
     let (mut lp, mut lf) = (0, 0);
     if linux && filter.is_none_or(|f| LINUX_TEST.contains(f)) {
         (lp, lf) = run_linux(esp)?;
+    }
+    if linux && filter.is_none_or(|f| LINUX_SMP_TEST.contains(f)) {
+        let (p, f) = run_linux_smp(esp)?;
+        (lp, lf) = (lp + p, lf + f);
     }
     if linux && filter.is_none_or(|f| BOCHS_LOCAL_TEST.contains(f)) {
         (lp, lf) = match run_bochs_linux_local(esp)? {
@@ -145,6 +152,11 @@ pub(crate) fn start_linux_pair(esp: &Esp, test: &str, prefix: &str) -> Result<Op
 
 /// [`start_linux_pair`] with `more` DOMAINS.CFG lines after domain 1's on the source.
 fn start_linux_pair_with(esp: &Esp, test: &str, prefix: &str, more: &str) -> Result<Option<Ctx>> {
+    start_linux_pair_smp(esp, test, prefix, more, 1, 1)
+}
+
+/// [`start_linux_pair_with`] on two instances of `cpus` CPUs each, domain 1 with `vcpus` vCPUs.
+fn start_linux_pair_smp(esp: &Esp, test: &str, prefix: &str, more: &str, cpus: u32, vcpus: u32) -> Result<Option<Ctx>> {
     let assets = crate::linux::ensure_linux_assets()?;
     let src_platform = Platform::Qemu { cpu: "EPYC".into() };
     let dst_platform = Platform::Qemu { cpu: "EPYC,-avx2".into() };
@@ -159,11 +171,13 @@ fn start_linux_pair_with(esp: &Esp, test: &str, prefix: &str, more: &str) -> Res
         vsock: true,
         domains,
     };
-    println!("systest {test} on {src_platform} -> {dst_platform} (Linux {}) ...", assets.kernel_release);
-    let line = crate::linux_tests::domain_line("linux", "256M", "workload", Some(WRITER_CPUID), "") + more;
+    let smp = if cpus > 1 { format!(", {cpus} CPUs each, a {vcpus}-vCPU guest") } else { String::new() };
+    println!("systest {test} on {src_platform} -> {dst_platform} (Linux {}{smp}) ...", assets.kernel_release);
+    let line = crate::linux_tests::domain_line_vcpus("linux", "256M", vcpus, "workload", Some(WRITER_CPUID), "") + more;
     let staged = crate::linux_tests::staged(&assets);
-    let mut src = Session::spawn_staged(&src_platform, esp, &config(format!("{prefix}-src"), Some(line)), &staged)?;
-    let mut dst = Session::spawn(&dst_platform, esp, &config(format!("{prefix}-dst"), None))?;
+    let src_config = config(format!("{prefix}-src"), Some(line));
+    let mut src = Session::spawn_cpus(&src_platform, esp, &src_config, &staged, cpus)?;
+    let mut dst = Session::spawn_cpus(&dst_platform, esp, &config(format!("{prefix}-dst"), None), &[], cpus)?;
     let mut down = false;
     for (what, session) in [("source", &mut src), ("destination", &mut dst)] {
         if let Err(wait) = wait_serving(session, Duration::from_secs(300)) {
@@ -220,6 +234,92 @@ fn workload_sha256_of(mib: u64) -> Result<String> {
 /// The last `prefix <word>` word of a console.
 pub(crate) fn marker<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
     text.lines().rev().find_map(|l| l.split(prefix).nth(1)?.split_whitespace().next())
+}
+
+/// A 2-vCPU Linux running the workload on a `-smp 2` source migrates, live, to a
+/// `-smp 2` destination: everything [`workload_moved`] checks, and there `nproc` is 2
+/// and two sha256sum runs at once keep both of its vCPUs busy (each one's user+system
+/// time in /proc/stat grows by half a second at least).
+fn run_linux_smp(esp: &Esp) -> Result<(usize, usize)> {
+    let Some(mut ctx) = start_linux_pair_smp(esp, LINUX_SMP_TEST, "migrate-linux-smp", "", 2, 2)? else {
+        return Ok((0, 1));
+    };
+    let started = std::time::Instant::now();
+    let ok = match linux_smp_workload(&ctx) {
+        Ok(detail) => {
+            println!("systest {LINUX_SMP_TEST} ... ok ({:.1} s; {detail})", started.elapsed().as_secs_f64());
+            true
+        }
+        Err(e) => {
+            println!("systest {LINUX_SMP_TEST} ... FAILED\n  - {e}");
+            print_log("source", &ctx.src);
+            print_log("destination", &ctx.dst);
+            false
+        }
+    };
+    ctx.src.stop();
+    ctx.dst.stop();
+    Ok(if ok { (1, 0) } else { (0, 1) })
+}
+
+/// The user+system clock ticks of cpu0 and cpu1 (from /proc/stat), before and after
+/// two sha256sums in parallel, and `nproc`, on one line.
+const SMP_BUSY_TYPED: &str = "b0=$(awk '/^cpu[01] / { printf \"%d \", $2 + $3 + $4 }' /proc/stat); \
+     sha256sum /tmp/data > /dev/null & sha256sum /tmp/data > /dev/null & wait; \
+     echo HV-SMP-AFTER $(nproc) $b0 $(awk '/^cpu[01] / { printf \"%d \", $2 + $3 + $4 }' /proc/stat)\n";
+
+/// Clock ticks (USER_HZ, 100 a second) each vCPU must have been busy for.
+const SMP_BUSY_MIN_TICKS: i64 = 50;
+
+fn linux_smp_workload(ctx: &Ctx) -> Result<String> {
+    let before = workload_up(ctx, 1)?;
+    let serial = clean(&ctx.src.serial());
+    if !serial.contains("DOMAIN 1 VCPU 1 ON CPU") {
+        return Err("vCPU 1 of the Linux guest never ran on the source (no `DOMAIN 1 VCPU 1 ON CPU` line)".into());
+    }
+    let (code, report, stderr) = migrate(ctx, 1, &["--verify", "--throttle"])?;
+    if code != Some(0) || report["outcome"] != "completed" {
+        return Err(format!(
+            "migrating the running 2-vCPU Linux guest did not complete: exit {code:?}, {report}; {stderr}"
+        ));
+    }
+    if report["digests_match"] != true {
+        return Err(format!("the memory digests of source and destination differ (or were not taken): {report}"));
+    }
+    let id = report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
+    let (after, text) = workload_moved_typing(ctx, id, &before, SMP_BUSY_TYPED)?;
+    let busy = smp_busy(&text)?;
+    Ok(format!(
+        "2 vCPUs on -smp 2 -> -smp 2, --verify --throttle ({} pages, downtime {} ms); ticks {}..{} consecutive; \
+         on the destination nproc 2, two sha256sums kept cpu0 busy {} and cpu1 {} ticks; powered off there",
+        report["pages_sent"], report["downtime_ms"], after.first, after.last, busy.0, busy.1
+    ))
+}
+
+/// The `HV-SMP-AFTER` line of the moved guest's console: nproc must be 2 and each CPU
+/// busy for [`SMP_BUSY_MIN_TICKS`] at least; (cpu0, cpu1) busy ticks.
+fn smp_busy(text: &str) -> Result<(i64, i64)> {
+    let line = text
+        .lines()
+        .filter_map(|l| l.split("HV-SMP-AFTER ").nth(1))
+        .find(|rest| rest.split_whitespace().count() == 5)
+        .ok_or_else(|| format!("no complete HV-SMP-AFTER line on the destination's console: {text}"))?;
+    let n: Vec<i64> = line
+        .split_whitespace()
+        .map(|w| w.parse())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| format!("HV-SMP-AFTER {line:?}: {e}"))?;
+    if n[0] != 2 {
+        return Err(format!("nproc is {} on the destination, not 2", n[0]));
+    }
+    let (cpu0, cpu1) = (n[3] - n[1], n[4] - n[2]);
+    if cpu0 < SMP_BUSY_MIN_TICKS || cpu1 < SMP_BUSY_MIN_TICKS {
+        return Err(format!(
+            "two sha256sums on the destination kept cpu0 busy {cpu0} and cpu1 {cpu1} clock ticks \
+             (each must reach {SMP_BUSY_MIN_TICKS}): a vCPU does not run after the move"
+        ));
+    }
+    Ok((cpu0, cpu1))
 }
 
 fn linux_workload(ctx: &Ctx) -> Result<String> {
@@ -323,6 +423,12 @@ pub(crate) fn consecutive(ticks: &[(u64, f64)], around: &str) -> Result<f64> {
 /// repeat and a clock that never goes back, the file's sha256 typed into its console
 /// verifies, a command typed there answers, and `poweroff -f` ends it as finished(0).
 pub(crate) fn workload_moved(ctx: &Ctx, id: u64, before: &WorkloadBefore) -> Result<WorkloadAfter> {
+    workload_moved_typing(ctx, id, before, "").map(|(after, _)| after)
+}
+
+/// [`workload_moved`], typing `extra` (shell lines) into the moved guest's console
+/// first; what is checked there, and the console's text before it powered off.
+fn workload_moved_typing(ctx: &Ctx, id: u64, before: &WorkloadBefore, extra: &str) -> Result<(WorkloadAfter, String)> {
     let console = |s: &Session, id: u64| hvctl_on(ctx, s, &["domain", "console", &id.to_string()]);
     let (expected_sha, booted_at, last_on_source) = (&before.sha, before.booted_at, before.last_tick);
     // Two seconds of ticks on the destination after the last one the source showed.
@@ -352,7 +458,8 @@ pub(crate) fn workload_moved(ctx: &Ctx, id: u64, before: &WorkloadBefore) -> Res
         use std::io::Write;
         let mut stdin = child.stdin.take().ok_or("no stdin")?;
         stdin
-            .write_all(b"echo HV-WL-AFTER $(sha256sum < /tmp/data | cut -d' ' -f1)\n")
+            .write_all(extra.as_bytes())
+            .and_then(|()| stdin.write_all(b"echo HV-WL-AFTER $(sha256sum < /tmp/data | cut -d' ' -f1)\n"))
             .and_then(|()| stdin.write_all(b"echo HV-ALIVE $((6*7)) $(cut -d' ' -f1 /proc/uptime)\n"))
             .map_err(|e| format!("writing hvctl's stdin: {e}"))?;
         let alive = wait_for("the moved shell to answer on the destination", 300, || {
@@ -392,7 +499,7 @@ pub(crate) fn workload_moved(ctx: &Ctx, id: u64, before: &WorkloadBefore) -> Res
         return Err(format!("the moved Linux guest ended {state:?}"));
     }
     let last = after.last().map(|t| t.0).unwrap_or_default();
-    Ok(WorkloadAfter { first, last, max_step, uptime })
+    Ok((WorkloadAfter { first, last, max_step, uptime }, clean(&text)))
 }
 
 /// Issue 13's failure tests and save/restore with the Linux guest, on one pair: the
@@ -1430,4 +1537,16 @@ fn stress(ctx: &Ctx) -> Result<String> {
         short(&refusal),
         short(&error)
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn smp_busy_wants_two_cpus_both_busy() {
+        assert_eq!(super::smp_busy("x\nHV-SMP-AFTER 2 10 20 90 100\n"), Ok((80, 80)));
+        assert!(super::smp_busy("HV-SMP-AFTER 1 10 20 90 100").unwrap_err().contains("nproc is 1"));
+        assert!(super::smp_busy("HV-SMP-AFTER 2 10 20 90 30").unwrap_err().contains("and cpu1 10 clock ticks"));
+        assert!(super::smp_busy("HV-SMP-AFTER 2 10").is_err(), "an incomplete line is not a pass");
+        assert!(super::smp_busy("").is_err());
+    }
 }
