@@ -124,15 +124,21 @@ pub fn run(esp: &Esp, filter: Option<&str>, linux: bool) -> Result<(usize, usize
 /// (UART, its interrupt and the LAPIC/I/O APIC that carry it, the scheduler's timers),
 /// and `poweroff -f` must end it there (finished(0)).
 fn run_linux(esp: &Esp) -> Result<(usize, usize)> {
-    let Some(mut ctx) = start_linux_pair(esp, LINUX_TEST, "migrate-linux")? else { return Ok((0, 1)) };
+    let ctx = start_linux_pair(esp, LINUX_TEST, "migrate-linux")?;
+    Ok(judge_linux_pair(LINUX_TEST, ctx, linux_workload))
+}
+
+/// Run `body` on a Linux pair and say its verdict as `test`; the pair is stopped after.
+fn judge_linux_pair(test: &str, ctx: Option<Ctx>, body: fn(&Ctx) -> Result<String>) -> (usize, usize) {
+    let Some(mut ctx) = ctx else { return (0, 1) };
     let started = std::time::Instant::now();
-    let ok = match linux_workload(&ctx) {
+    let ok = match body(&ctx) {
         Ok(detail) => {
-            println!("systest {LINUX_TEST} ... ok ({:.1} s; {detail})", started.elapsed().as_secs_f64());
+            println!("systest {test} ... ok ({:.1} s; {detail})", started.elapsed().as_secs_f64());
             true
         }
         Err(e) => {
-            println!("systest {LINUX_TEST} ... FAILED\n  - {e}");
+            println!("systest {test} ... FAILED\n  - {e}");
             print_log("source", &ctx.src);
             print_log("destination", &ctx.dst);
             false
@@ -140,7 +146,7 @@ fn run_linux(esp: &Esp) -> Result<(usize, usize)> {
     };
     ctx.src.stop();
     ctx.dst.stop();
-    Ok(if ok { (1, 0) } else { (0, 1) })
+    if ok { (1, 0) } else { (0, 1) }
 }
 
 /// Boot a source (`-cpu EPYC`) whose boot-time domain 1 is Debian's kernel in 256 MiB
@@ -241,25 +247,8 @@ pub(crate) fn marker<'a>(text: &'a str, prefix: &str) -> Option<&'a str> {
 /// and two sha256sum runs at once keep both of its vCPUs busy (each one's user+system
 /// time in /proc/stat grows by half a second at least).
 fn run_linux_smp(esp: &Esp) -> Result<(usize, usize)> {
-    let Some(mut ctx) = start_linux_pair_smp(esp, LINUX_SMP_TEST, "migrate-linux-smp", "", 2, 2)? else {
-        return Ok((0, 1));
-    };
-    let started = std::time::Instant::now();
-    let ok = match linux_smp_workload(&ctx) {
-        Ok(detail) => {
-            println!("systest {LINUX_SMP_TEST} ... ok ({:.1} s; {detail})", started.elapsed().as_secs_f64());
-            true
-        }
-        Err(e) => {
-            println!("systest {LINUX_SMP_TEST} ... FAILED\n  - {e}");
-            print_log("source", &ctx.src);
-            print_log("destination", &ctx.dst);
-            false
-        }
-    };
-    ctx.src.stop();
-    ctx.dst.stop();
-    Ok(if ok { (1, 0) } else { (0, 1) })
+    let ctx = start_linux_pair_smp(esp, LINUX_SMP_TEST, "migrate-linux-smp", "", 2, 2)?;
+    Ok(judge_linux_pair(LINUX_SMP_TEST, ctx, linux_smp_workload))
 }
 
 /// The user+system clock ticks of cpu0 and cpu1 (from /proc/stat), before and after
