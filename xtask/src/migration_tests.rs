@@ -76,10 +76,10 @@ const LINUX_GROUP_TESTS: &[NamedTest<Ctx>] = &[
     ("migrate-linux-save-restore-other-instance", linux_save_restore),
 ];
 
-/// The source's second Linux domain in [`LINUX_GROUP`]: the workload under the default
 /// Issue 16's SMP Linux migration: a 2-vCPU workload guest between two `-smp 2` instances.
 const LINUX_SMP_TEST: &str = "migrate-linux-smp-two-vcpus-between-smp-instances";
 
+/// The source's second Linux domain in [`LINUX_GROUP`]: the workload under the default
 /// CPUID policy (host-max on EPYC, with AVX2), which the destination cannot run.
 const LINUX_HOST_MAX: &str = "linux-host-max";
 
@@ -266,16 +266,7 @@ fn linux_smp_workload(ctx: &Ctx) -> Result<String> {
     if !serial.contains("DOMAIN 1 VCPU 1 ON CPU") {
         return Err("vCPU 1 of the Linux guest never ran on the source (no `DOMAIN 1 VCPU 1 ON CPU` line)".into());
     }
-    let (code, report, stderr) = migrate(ctx, 1, &["--verify", "--throttle"])?;
-    if code != Some(0) || report["outcome"] != "completed" {
-        return Err(format!(
-            "migrating the running 2-vCPU Linux guest did not complete: exit {code:?}, {report}; {stderr}"
-        ));
-    }
-    if report["digests_match"] != true {
-        return Err(format!("the memory digests of source and destination differ (or were not taken): {report}"));
-    }
-    let id = report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
+    let (id, report) = migrate_running_linux(ctx)?;
     let (after, text) = workload_moved_typing(ctx, id, &before, SMP_BUSY_TYPED)?;
     let busy = smp_busy(&text)?;
     Ok(format!(
@@ -311,15 +302,9 @@ fn smp_busy(text: &str) -> Result<(i64, i64)> {
     Ok((cpu0, cpu1))
 }
 
-fn linux_workload(ctx: &Ctx) -> Result<String> {
-    linux_workload_report(ctx).map(|(summary, _)| summary)
-}
-
-/// The running workload guest (domain 1 of [`start_linux_pair`]'s source) migrates
-/// and everything the Linux acceptance lists holds on the destination; the summary and
-/// hvctl's report.
-pub(crate) fn linux_workload_report(ctx: &Ctx) -> Result<(String, serde_json::Value)> {
-    let before = workload_up(ctx, 1)?;
+/// Migrate the source's running Linux domain 1 with `--verify --throttle`: it must
+/// complete with equal memory digests; the destination's domain ID and hvctl's report.
+fn migrate_running_linux(ctx: &Ctx) -> Result<(u64, serde_json::Value)> {
     // --throttle: the ticking shell loop dirties ~300-700 pages/s, and on a loaded
     // 2-core host two TCG instances relay as little as ~300-500 pages/s; without
     // auto-converge the source then (rightly) gives up with "does not converge". With
@@ -332,6 +317,19 @@ pub(crate) fn linux_workload_report(ctx: &Ctx) -> Result<(String, serde_json::Va
         return Err(format!("the memory digests of source and destination differ (or were not taken): {report}"));
     }
     let id = report["destination_domain"].as_u64().ok_or_else(|| format!("no destination domain: {report}"))?;
+    Ok((id, report))
+}
+
+fn linux_workload(ctx: &Ctx) -> Result<String> {
+    linux_workload_report(ctx).map(|(summary, _)| summary)
+}
+
+/// The running workload guest (domain 1 of [`start_linux_pair`]'s source) migrates
+/// and everything the Linux acceptance lists holds on the destination; the summary and
+/// hvctl's report.
+pub(crate) fn linux_workload_report(ctx: &Ctx) -> Result<(String, serde_json::Value)> {
+    let before = workload_up(ctx, 1)?;
+    let (id, report) = migrate_running_linux(ctx)?;
     let after = workload_moved(ctx, id, &before)?;
     let summary = format!(
         "migrated running, --verify --throttle ({} pages, {} bytes, downtime {} ms, throttle up to {} %); ticks \
