@@ -9,8 +9,28 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A free TCP port on `ip` (bound and released: the agent binds it right after).
+///
+/// Not `bind(0)`: that picks from Linux's ephemeral range (32768-60999), where the
+/// outgoing connections of the other tests running in parallel take their local ports
+/// too, and one took a port between its release here and the agent's bind (CI:
+/// "cannot listen for /metrics on 127.0.0.2:38285: Address already in use"). Below
+/// that range no connection gets a port by itself, and within this process no port is
+/// handed out twice.
 pub fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // A different start per process, so two test binaries running at once rarely meet.
+    let start = std::process::id().wrapping_mul(7919);
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + start.wrapping_add(n) % SPAN) as u16;
+        if TcpListener::bind((ip, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port on {ip} in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// A fresh directory for one test's files.
