@@ -304,6 +304,23 @@ pub enum ArchError {
     },
     /// VMRUN rejected the VMCB (EXITCODE = VMEXIT_INVALID, APM Vol. 2 15.5.1).
     VmrunInvalid,
+    /// A VMCB's state-save area holds the hypervisor's own state (its CR3 and the RIP
+    /// after VMRUN) instead of the guest's; running it would run the host as a guest.
+    VmcbHoldsHostState {
+        /// "before VMRUN" or "at #VMEXIT".
+        when: &'static str,
+        /// The VMCB's physical address.
+        vmcb: u64,
+        /// This CPU's VM_HSAVE_PA when it was found.
+        hsave: u64,
+        /// EXITCODE as found.
+        exit_code: u64,
+        /// APIC ID of the CPU that found it.
+        cpu: u32,
+        /// APIC ID of the CPU that ran the vCPU before, and that run's exit code.
+        last_cpu: Option<u32>,
+        last_exit: u64,
+    },
     /// Nested paging / frame allocation failed.
     Memory(MmError),
     /// The core asked for something the backend cannot do here.
@@ -345,6 +362,17 @@ impl core::fmt::Display for ArchError {
                 write!(f, "VMX control {control}: bits {missing:#x} are required but not allowed by this CPU")
             }
             ArchError::VmrunInvalid => f.write_str("VMRUN failed its consistency checks (VMEXIT_INVALID)"),
+            ArchError::VmcbHoldsHostState { when, vmcb, hsave, exit_code, cpu, last_cpu, last_exit } => {
+                write!(
+                    f,
+                    "the VMCB at {vmcb:#x} holds this hypervisor's own state instead of the guest's {when} \
+                     (EXITCODE {exit_code:#x}, on CPU apic={cpu} whose VM_HSAVE_PA is {hsave:#x}; "
+                )?;
+                match last_cpu {
+                    Some(c) => write!(f, "its previous run was on CPU apic={c} and ended with exit {last_exit:#x})"),
+                    None => f.write_str("it had not run before)"),
+                }
+            }
             ArchError::Memory(e) => write!(f, "{e}"),
             ArchError::Unsupported(what) => write!(f, "not supported by this backend: {what}"),
             ArchError::InvalidSnapshot(why) => write!(f, "cannot load the vCPU snapshot: {why}"),

@@ -117,6 +117,18 @@ impl PendingEvent {
         u32::from(self.vector) | (u32::from(self.kind & 7) << 8) | ev | (1 << 31)
     }
 
+    /// Whether an event whose delivery a #VMEXIT interrupted (SVM EXITINTINFO, APM
+    /// Vol. 2 15.7.2; VMX IDT-vectoring information, SDM Vol. 3C 28.2.4) must be
+    /// delivered again at the next entry: external interrupts, NMIs and hardware
+    /// exceptions would otherwise be lost (an interrupt the LAPIC already moved to
+    /// in-service would never be EOIed). Software interrupts and INT3/INTO (SVM type 3,
+    /// vectors 3 and 4) are not: RIP still points at the instruction, which raises them
+    /// again.
+    pub fn redelivered_after_exit(&self) -> bool {
+        matches!(self.kind, EVENT_EXTERNAL_INTERRUPT | EVENT_NMI)
+            || (self.kind == EVENT_EXCEPTION && !matches!(self.vector, 3 | 4))
+    }
+
     /// Whether `kind` is one of the four kinds a snapshot carries.
     pub fn kind_is_known(&self) -> bool {
         matches!(self.kind, EVENT_EXTERNAL_INTERRUPT | EVENT_NMI | EVENT_EXCEPTION | EVENT_SOFTWARE_INTERRUPT)

@@ -68,6 +68,10 @@ pub struct SvmVcpu {
     host_tsc_aux: Option<u64>,
     /// A copy of VMCB TSC_OFFSET.
     tsc_offset: u64,
+    /// The APIC ID of the CPU that ran it last, and its last exit code: for the
+    /// report when a VMCB is found holding host state (`host_state_in_vmcb`).
+    last_cpu: Option<u32>,
+    last_exit: u64,
 }
 
 // Instruction lengths for the exits we emulate, since QEMU TCG has no NRIPS
@@ -132,6 +136,8 @@ impl Backend for Svm {
             tsc_aux: 0,
             host_tsc_aux: self.host_tsc_aux,
             tsc_offset: 0,
+            last_cpu: None,
+            last_exit: 0,
         };
         vcpu.configure(pool, entry)?;
         Ok(vcpu)
@@ -191,6 +197,23 @@ impl SvmVcpu {
         Ok(())
     }
 
+    /// The error for a VMCB found holding host state on CPU `me`.
+    fn holds_host_state(&mut self, when: &'static str, me: u32) -> ArchError {
+        let exit_code = self.vmcb().get(vmcb::EXITCODE);
+        // SAFETY: VM_HSAVE_PA exists on every CPU that enabled SVM (`run` checked this
+        // CPU did); reading it has no side effects.
+        let hsave = unsafe { x86::msr::rdmsr(MSR_VM_HSAVE_PA) };
+        ArchError::VmcbHoldsHostState {
+            when,
+            vmcb: self.vmcb,
+            hsave,
+            exit_code,
+            cpu: me,
+            last_cpu: self.last_cpu,
+            last_exit: self.last_exit,
+        }
+    }
+
     fn vmcb(&mut self) -> Vmcb<'_> {
         // SAFETY: the VMCB frame was allocated for this vCPU in `create_vcpu` and is
         // only reached through `&mut self`, so no other reference to it exists; the
@@ -206,6 +229,14 @@ impl Vcpu for SvmVcpu {
         let host_vmsave = crate::percpu::this().host_save_page();
         if host_vmsave == 0 {
             return Err(ArchError::Unsupported("SVM is not enabled on this physical CPU (no host VMSAVE page)"));
+        }
+        let me = crate::percpu::this().apic_id;
+        // SAFETY: reading CR3 has no side effects; the hypervisor runs at CPL0.
+        let host_cr3 = unsafe { x86::controlregs::cr3() };
+        // Only the label's address is taken (`addr_of!` on an extern static is safe).
+        let vmrun_return = core::ptr::addr_of!(hv_svm_vmrun_return) as u64;
+        if host_state_in_vmcb(&self.vmcb(), host_cr3, vmrun_return) {
+            return Err(self.holds_host_state("before VMRUN", me));
         }
         self.vmcb().set(vmcb::RAX, regs.rax);
         if let Some(ticks) = slice {
@@ -236,11 +267,19 @@ impl Vcpu for SvmVcpu {
         if slice.is_some() {
             crate::percpu::this().lapic.disarm();
         }
+        let last_cpu = self.last_cpu.replace(me);
+        let code = self.vmcb().get(vmcb::EXITCODE);
+        if host_state_in_vmcb(&self.vmcb(), host_cr3, vmrun_return) {
+            self.last_cpu = last_cpu;
+            return Err(self.holds_host_state("at #VMEXIT", me));
+        }
+        self.last_exit = code;
         let mut v = self.vmcb();
-        // An event we injected has been delivered by now.
-        v.set(vmcb::EVENTINJ, 0);
+        // An event we injected has been delivered by now, unless this #VMEXIT cut its
+        // delivery short (a nested page fault on the guest's stack or IDT, say): then
+        // it goes in again at the next VMRUN (15.7.2), as the hardware would not.
+        v.set(vmcb::EVENTINJ, redelivery(v.get(vmcb::EXITINTINFO)));
         regs.rax = v.get(vmcb::RAX);
-        let code = v.get(vmcb::EXITCODE);
         let info1 = v.get(vmcb::EXITINFO1);
         let info2 = v.get(vmcb::EXITINFO2);
         let rip = v.get(vmcb::RIP);
@@ -271,7 +310,8 @@ impl Vcpu for SvmVcpu {
             vmcb::exit::INTR => (ExitReason::TimeSliceEnd, 0),
             vmcb::exit::VINTR => (ExitReason::InterruptWindow, 0),
             vmcb::exit::VMRUN..=vmcb::exit::SKINIT => (ExitReason::VirtualizationInstruction, 0),
-            vmcb::exit::INVALID => return Err(ArchError::VmrunInvalid),
+            // QEMU stores the 32-bit -1 (its exit codes are `uint32_t`); hardware the 64-bit one.
+            vmcb::exit::INVALID | vmcb::exit::INVALID_32 => return Err(ArchError::VmrunInvalid),
             c if (vmcb::exit::EXCP_BASE..vmcb::exit::EXCP_BASE + 32).contains(&c) => {
                 (ExitReason::Exception { vector: (c - vmcb::exit::EXCP_BASE) as u8 }, 0)
             }
@@ -469,8 +509,8 @@ impl Vcpu for SvmVcpu {
             (true, true) => state::BLOCKING_BY_STI,
             (true, false) => state::BLOCKING_BY_MOV_SS,
         };
-        // 15.20: EVENTINJ still valid = injected by the core, not yet delivered (`run`
-        // clears it after every VMRUN). Otherwise 15.7.2: EXITINTINFO valid = the
+        // 15.20: EVENTINJ still valid = injected by the core and not yet delivered, or
+        // put back by `run` because the #VMEXIT cut its delivery short. Otherwise 15.7.2: EXITINTINFO valid = the
         // #VMEXIT interrupted the delivery of that event. INTn (type 4) and INT3/INTO
         // (type 3, vectors 3 and 4) are not carried from EXITINTINFO: RIP still points
         // at the instruction, which raises them again when re-executed.
@@ -479,10 +519,8 @@ impl Vcpu for SvmVcpu {
         let pending_event = if eventinj & (1 << 31) != 0 {
             PendingEvent::from_interruption_info(eventinj as u32, (eventinj >> 32) as u32)
         } else {
-            PendingEvent::from_interruption_info(exitintinfo as u32, (exitintinfo >> 32) as u32).filter(|e| {
-                matches!(e.kind, state::EVENT_EXTERNAL_INTERRUPT | state::EVENT_NMI)
-                    || (e.kind == state::EVENT_EXCEPTION && !matches!(e.vector, 3 | 4))
-            })
+            PendingEvent::from_interruption_info(exitintinfo as u32, (exitintinfo >> 32) as u32)
+                .filter(PendingEvent::redelivered_after_exit)
         };
         if pending_event.as_ref().is_some_and(|e| !e.kind_is_known()) {
             return Err(ArchError::Unsupported("saving a pending event of an unknown EVENTINJ type"));
@@ -615,6 +653,28 @@ unsafe extern "sysv64" {
     /// general registers in `regs`; return at #VMEXIT with the guest's registers
     /// stored back into `regs` (RAX and RSP are in the VMCB).
     fn hv_svm_run(vmcb: u64, regs: *mut GuestRegs, host_vmsave: u64);
+    /// The instruction after `vmrun` in `hv_svm_run`: the host RIP VMRUN saves.
+    static hv_svm_vmrun_return: u8;
+}
+
+/// EVENTINJ for the next VMRUN after a #VMEXIT with this EXITINTINFO: the same event
+/// (EXITINTINFO has EVENTINJ's layout, APM Vol. 2 15.7.2) when its delivery must be
+/// redone, else 0.
+fn redelivery(exitintinfo: u64) -> u64 {
+    match PendingEvent::from_interruption_info(exitintinfo as u32, (exitintinfo >> 32) as u32) {
+        Some(e) if e.redelivered_after_exit() => exitintinfo,
+        _ => 0,
+    }
+}
+
+/// Whether a VMCB's state-save area holds this CPU's host state instead of a guest's:
+/// the host's CR3 with the RIP that VMRUN saves for the host (the instruction after
+/// `vmrun`). No guest can be there (its code would be this hypervisor's, at the
+/// hypervisor's address, with the hypervisor's page tables). QEMU writes the host state
+/// into the VMCB when a VMRUN fails its checks after saving the host (VMEXIT_INVALID,
+/// APM Vol. 2 15.5.1); running such a VMCB again would run the host as a guest.
+fn host_state_in_vmcb(v: &Vmcb<'_>, host_cr3: u64, vmrun_return: u64) -> bool {
+    v.get(vmcb::RIP) == vmrun_return && v.get(vmcb::CR3) & !0xfff == host_cr3 & !0xfff
 }
 
 // APM Vol. 2 15.5 (VMRUN) and 15.6 (#VMEXIT): VMRUN saves the host's RAX, RSP, RIP,
@@ -658,9 +718,11 @@ global_asm!(
     "mov r14, [rsi + 8*13]",
     "mov r15, [rsi + 8*14]",
     "mov rsi, [rsi + 8*4]",
-    "sti",        // GIF=0 still blocks interrupts; the guest runs with HIF=1
-    "vmrun rax",  // #VMEXIT gives RAX back (the VMCB address, from the host save area)
-    "vmsave rax", // the guest's FS/GS/TR/LDTR and syscall MSRs into its VMCB
+    "sti",       // GIF=0 still blocks interrupts; the guest runs with HIF=1
+    "vmrun rax", // #VMEXIT gives RAX back (the VMCB address, from the host save area)
+    ".global hv_svm_vmrun_return",
+    "hv_svm_vmrun_return:", // the host RIP VMRUN saves; `host_state_in_vmcb` looks for it
+    "vmsave rax",           // the guest's FS/GS/TR/LDTR and syscall MSRs into its VMCB
     "mov rax, [rsp + 8]",
     "vmload rax", // the host's back, before any interrupt can be taken
     "stgi",       // a pending physical interrupt (our timer) is taken here
@@ -707,7 +769,64 @@ mod tests {
             tsc_aux: 0,
             host_tsc_aux: None,
             tsc_offset: 0,
+            last_cpu: None,
+            last_exit: 0,
         }
+    }
+
+    #[test]
+    fn an_event_whose_delivery_an_exit_cut_short_goes_in_again() {
+        // External interrupt 0xec (Linux's LAPIC timer).
+        assert_eq!(redelivery((1 << 31) | 0xec), (1 << 31) | 0xec);
+        // #PF with its error code (bits 63:32).
+        let pf = (6 << 32) | (1 << 31) | (1 << 11) | (3 << 8) | 14;
+        assert_eq!(redelivery(pf), pf);
+        // NMI.
+        assert_eq!(redelivery((1 << 31) | (2 << 8) | 2), (1 << 31) | (2 << 8) | 2);
+        // INT3 and INT n are raised again by re-executing the instruction.
+        assert_eq!(redelivery((1 << 31) | (3 << 8) | 3), 0);
+        assert_eq!(redelivery((1 << 31) | (4 << 8) | 0x80), 0);
+        // Nothing was being delivered.
+        assert_eq!(redelivery(0xec), 0);
+        assert_eq!(redelivery(0), 0);
+    }
+
+    #[test]
+    fn a_vmcb_holding_the_hosts_cr3_and_vmrun_return_is_caught() {
+        let mut page = Box::new([0u8; 4096]);
+        let mut v = Vmcb(&mut page);
+        let (host_cr3, ret) = (0x7f80_1000, 0x7e5_1234);
+        v.set(vmcb::CR3, 0x10000);
+        v.set(vmcb::RIP, 0x20_0bb7);
+        assert!(!host_state_in_vmcb(&v, host_cr3, ret), "a guest's state");
+        v.set(vmcb::RIP, ret);
+        assert!(!host_state_in_vmcb(&v, host_cr3, ret), "the guest's CR3 with that RIP is still a guest");
+        v.set(vmcb::CR3, host_cr3 | 0x18); // PCD/PWT bits do not hide it
+        assert!(host_state_in_vmcb(&v, host_cr3, ret));
+        v.set(vmcb::RIP, ret + 1);
+        assert!(!host_state_in_vmcb(&v, host_cr3, ret), "the host's CR3 alone may be a guest's page table");
+    }
+
+    #[test]
+    fn the_report_names_both_cpus() {
+        let e = ArchError::VmcbHoldsHostState {
+            when: "at #VMEXIT",
+            vmcb: 0x2d7_6000,
+            hsave: 0x2c5_3000,
+            exit_code: 0x400,
+            cpu: 0,
+            last_cpu: Some(1),
+            last_exit: 0x81,
+        };
+        let text = alloc::format!("{e}");
+        assert!(
+            text.contains("0x2d76000")
+                && text.contains("0x2c53000")
+                && text.contains("apic=0")
+                && text.contains("apic=1"),
+            "{text}"
+        );
+        assert!(text.contains("exit 0x81") && text.contains("EXITCODE 0x400"), "{text}");
     }
 
     fn snapshot() -> VcpuSnapshot {

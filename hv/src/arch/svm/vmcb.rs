@@ -228,6 +228,9 @@ pub mod exit {
     pub const NPF: u64 = 0x400;
     /// VMRUN consistency check failed.
     pub const INVALID: u64 = u64::MAX;
+    /// VMEXIT_INVALID as QEMU TCG stores it: -1 as a 32-bit value, zero-extended
+    /// (`cpu_vmexit` takes a `uint32_t` exit code). No real exit code is this large.
+    pub const INVALID_32: u64 = 0xffff_ffff;
 }
 
 #[cfg(test)]

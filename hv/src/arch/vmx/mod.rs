@@ -499,8 +499,23 @@ impl Vcpu for VmxVcpu {
         }
         self.launched = true;
         self.exit_info_valid = true;
-        // An event we injected has been delivered by now (26.6); clear it.
-        vmcs::write(vmcs::ENTRY_INTR_INFO, 0)?;
+        // An event we injected has been delivered by now (26.6), unless this exit cut
+        // its delivery short (an EPT violation on the guest's stack or IDT, say): 28.2.4
+        // then describes it in the IDT-vectoring fields, and it goes in again at the
+        // next entry, as the processor does not redo it (SDM Vol. 3C 28.2.4, 27.5.1).
+        let vectoring = vmcs::read(vmcs::IDT_VECTORING_INFO)? as u32;
+        let error_code =
+            if vectoring & (1 << 11) != 0 { vmcs::read(vmcs::IDT_VECTORING_ERROR_CODE)? as u32 } else { 0 };
+        match PendingEvent::from_interruption_info(vectoring, error_code).filter(PendingEvent::redelivered_after_exit) {
+            Some(e) => {
+                if let Some(ec) = e.error_code {
+                    vmcs::write(vmcs::ENTRY_EXCEPTION_ERROR_CODE, ec.into())?;
+                }
+                // Bits 30:12 of the entry field are reserved (25.8.3), so rebuild it.
+                vmcs::write(vmcs::ENTRY_INTR_INFO, e.to_interruption_info().into())?;
+            }
+            None => vmcs::write(vmcs::ENTRY_INTR_INFO, 0)?,
+        }
         let len = || vmcs::read(vmcs::EXIT_INSTRUCTION_LEN);
         // Appendix C: basic exit reasons.
         let (reason, instruction_len) = match raw & 0xffff {
@@ -705,7 +720,8 @@ impl Vcpu for VmxVcpu {
         // (enclave interruption) are not carried: no SMM or SGX in our guests.
         let interruptibility = vmcs::read(vmcs::GUEST_INTERRUPTIBILITY)? as u32 & state::INTERRUPTIBILITY_BITS;
         // 25.8.3: a still-valid VM-entry interruption-information field is an event the
-        // core injected that has not been delivered (`run` clears it after each entry).
+        // core injected that has not been delivered, or one whose delivery the last exit
+        // cut short (`run` puts those back and clears the rest after each entry).
         // Otherwise 25.9.3 / 28.2.4: a valid IDT-vectoring field says the last exit
         // interrupted that event's delivery. Software interrupts and exceptions (types
         // 4-6) are not carried from there: RIP still points at the instruction, which
@@ -729,9 +745,7 @@ impl Vcpu for VmxVcpu {
             } else {
                 0
             };
-            PendingEvent::from_interruption_info(info, ec).filter(|e| {
-                matches!(e.kind, state::EVENT_EXTERNAL_INTERRUPT | state::EVENT_NMI | state::EVENT_EXCEPTION)
-            })
+            PendingEvent::from_interruption_info(info, ec).filter(PendingEvent::redelivered_after_exit)
         } else {
             None
         };
