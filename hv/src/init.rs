@@ -404,6 +404,12 @@ fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platfo
     } else if smp::cpus().iter().skip(1).any(|s| s.state() == smp::CpuState::Started) {
         println!("SMP vCPUs run on the boot CPU only: {} vCPUs cannot move between CPUs yet", B::NAME);
     }
+    // The path the monitoring service's MSR accesses take to the other sockets, tried
+    // once with a harmless job (after the APs took their schedulers, so it goes through
+    // their between-slices mailbox check), so it is seen to work where RDT is absent.
+    for line in platform::rdt::probe_sockets() {
+        println!("{line}");
+    }
 
     // Each image is freed once the last domain naming it has it in guest memory: the
     // heap never holds more than the distinct images not yet loaded.

@@ -10,8 +10,8 @@
 //! | `smp-qemu-ap-without-virtualization-reported` | QEMU TCG -cpu EPYC -smp 2 | `smp-fail-virt=1` | `SMP cpu apic=1 cannot run guests: …`, `SMP cpus=2 started=1 failed=1`, info lists APIC 1 failed, a memwriter finishes |
 //! | `smp-qemu-two-memwriters-two-cpus` | QEMU TCG -cpu EPYC -smp 2 | — | as `smp-qemu-all-cpus-start`, and two boot-time memwriters (1024 pages × 16 rounds) that ran concurrently both end `finished(0)` with every round's checksum right, and their `DOMAIN <id> VCPU <v> ON CPU apic=<A>` placement lines cover APIC 0 and APIC 1 (else it fails naming the APIC IDs seen) |
 //! | `smp-qemu-dirty-exact-two-vcpus-two-cpus` (not by default) | QEMU TCG -cpu EPYC -smp 2 | `smp-vcpus=parallel` | two 2-vCPU `dirtypair` domains, D-bit and write-protect: in each vCPU 1 writes on one CPU and vCPU 0 peeks and cleans 20 times on the other (at the same time); no page missing or extra, each domain's vCPUs on two different APIC IDs |
-//! | `smp-qemu-two-sockets-reported` | QEMU TCG -cpu EPYC -smp 2,sockets=2,cores=1,threads=1 | — | as `smp-qemu-all-cpus-start`, and the boot log's `SMP sockets=2:`, `hvctl info --json` and `hvctl monitor hwinfo --json` put APIC 0 in socket 0 and APIC 1 in socket 1 (RDT is absent on QEMU; the topology is reported all the same) |
-//! | `smp-qemu-two-sockets-failed-ap-still-placed` | the same two sockets | `smp-fail-virt=1` | APIC 1 failed but checked in, so it is still listed in socket 1 (its socket has no CPU that can run a job; a monitoring access there would be refused) |
+//! | `smp-qemu-two-sockets-reported` | QEMU TCG -cpu EPYC -smp 2,sockets=2,cores=1,threads=1 | — | as `smp-qemu-all-cpus-start`, and the boot log's `SMP sockets=2:`, `hvctl info --json` and `hvctl monitor hwinfo --json` put APIC 0 in socket 0 and APIC 1 in socket 1 (RDT is absent on QEMU; the topology is reported all the same), and `SMP socket 1 (package 1) reached: a job on CPU apic=1 …`: the boot CPU reached socket 1 the way monitoring MSR accesses go |
+//! | `smp-qemu-two-sockets-failed-ap-still-placed` | the same two sockets | `smp-fail-virt=1` | APIC 1 failed but checked in, so it is still listed in socket 1 and `SMP socket 1 (package 1) unreachable: none of its CPUs (APIC 1) runs: …` (a monitoring access there is refused, never answered by socket 0) |
 //! | `smp-bochs-all-cpus-start` | Bochs corei7_skylake_x, `cpu: count=2` | — | the marker shows 2 started and `hvctl info --json` (over COM2) lists both |
 //!
 //! Every QEMU scenario also checks the sockets (`SMP sockets=N:` line, `hvctl info
@@ -468,6 +468,25 @@ fn sockets_reported(ctx: &Ctx, serial: &str, info: &serde_json::Value, want: &[&
             }
         }
     }
+    // Each socket but the boot CPU's is reached by a job on its first started CPU, the
+    // way monitoring MSR accesses go; a socket without one is reported unreachable.
+    let mut probes = Vec::new();
+    for (socket, cpus) in want.iter().enumerate().skip(1) {
+        let prefix = format!("SMP socket {socket} (package ");
+        let l = serial
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(&prefix))
+            .ok_or_else(|| format!("no `{prefix}…` line: socket {socket} was not probed"))?;
+        let started = cpus.iter().any(|a| {
+            info["cpu_list"].as_array().is_some_and(|l| l.iter().any(|c| c["apic_id"] == *a && c["state"] == "started"))
+        });
+        let ok = if started { l.contains(" reached: a job on CPU apic=") } else { l.contains(" unreachable: ") };
+        if !ok {
+            return Err(format!("socket {socket}: `{l}`"));
+        }
+        probes.push(format!("`{l}`"));
+    }
     let text = control_tests::hvctl(ctx, &["monitor", "hwinfo", "--json"])?;
     let h: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("monitor hwinfo --json: {e}"))?;
     if h["sockets"].as_u64() != Some(n as u64) || h["socket_cpus"] != want_json {
@@ -476,7 +495,11 @@ fn sockets_reported(ctx: &Ctx, serial: &str, info: &serde_json::Value, want: &[&
             h["sockets"], h["socket_cpus"]
         ));
     }
-    Ok(format!(", `{line}`, info and monitor hwinfo (present={}) report sockets {want_json}", h["present"]))
+    Ok(format!(
+        ", `{line}`, {}info and monitor hwinfo (present={}) report sockets {want_json}",
+        probes.iter().map(|p| format!("{p}, ")).collect::<String>(),
+        h["present"]
+    ))
 }
 
 /// The boot-time writers `w` end `finished(0)` (`hvctl domain list`), ran concurrently

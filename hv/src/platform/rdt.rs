@@ -205,6 +205,59 @@ pub fn socket_map() -> SocketMap {
     SocketMap::new(&cpu_views())
 }
 
+/// Reach each socket the boot CPU is not in the way [`SocketMsrs`] does (its first
+/// CPU that takes jobs, by `smp::run_on` with [`JOB_TIMEOUT_MS`]), with a job that
+/// decodes that CPU's package instead of touching an MSR: one line per socket, saying
+/// which CPU answered from which package, or why the socket cannot be reached.
+#[cfg(not(test))]
+pub fn probe_sockets() -> Vec<String> {
+    let map = socket_map();
+    let here = RealCpus.here();
+    let mut out = Vec::new();
+    for (i, socket) in map.sockets().iter().enumerate() {
+        let name = alloc::format!("SMP socket {i} (package {})", socket.package);
+        let cpu = match map.route(i as u32, here, &[]) {
+            Ok(Route::Here) => continue,
+            Ok(Route::On(cpu)) => cpu,
+            Err(RouteError::Unreachable(why)) => {
+                out.push(alloc::format!("{name} unreachable: {why}"));
+                continue;
+            }
+            Err(RouteError::NoSuchSocket) => continue,
+        };
+        let Some(slot) = crate::smp::cpus().iter().find(|s| s.apic_id == cpu) else { continue };
+        let cell = alloc::sync::Arc::new(spin::Mutex::new(None::<u32>));
+        let put = cell.clone();
+        let start = crate::drivers::time::now_ticks();
+        let answer = crate::smp::run_on(
+            slot,
+            alloc::boxed::Box::new(move |_kept| {
+                *put.lock() = Some(super::topology::CpuTopology::this_cpu().package);
+                Ok(String::new())
+            }),
+            JOB_TIMEOUT_MS,
+        );
+        let us = crate::drivers::time::ms_to_ticks(1)
+            .map_or(0, |per_ms| crate::drivers::time::now_ticks().wrapping_sub(start) * 1000 / per_ms.max(1));
+        let got = *cell.lock();
+        out.push(match (answer, got) {
+            (Ok(_), Some(p)) if p == socket.package => {
+                alloc::format!("{name} reached: a job on CPU apic={cpu} answered in {us} µs from package {p}")
+            }
+            (Ok(_), Some(p)) => alloc::format!("{name} NOT reached: CPU apic={cpu} reports package {p}"),
+            (Ok(_), None) => alloc::format!("{name} NOT reached: CPU apic={cpu} answered another job"),
+            (Err(why), _) => alloc::format!("{name} NOT reached: CPU apic={cpu}: {why}"),
+        });
+    }
+    out
+}
+
+/// Host tests have no other CPUs.
+#[cfg(test)]
+pub fn probe_sockets() -> Vec<String> {
+    Vec::new()
+}
+
 /// The MSR access the monitoring service uses on this machine.
 pub fn socket_msrs() -> SocketMsrs<RealCpus> {
     SocketMsrs::new(socket_map(), RealCpus)
