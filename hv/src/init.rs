@@ -278,8 +278,8 @@ fn schedule_on_aps<B: arch::Backend + 'static>(shared: &alloc::sync::Arc<domain:
         let shared = shared.clone();
         let posted = smp::post(
             slot,
-            Box::new(move |_kept| {
-                ap_schedule(&shared);
+            Box::new(move |kept| {
+                ap_schedule(&shared, kept);
             }),
         );
         match posted {
@@ -295,12 +295,17 @@ fn schedule_on_aps<B: arch::Backend + 'static>(shared: &alloc::sync::Arc<domain:
 
 /// An AP's life after boot: run vCPU slices from the shared scheduler, and sleep on
 /// its LAPIC timer when there is nothing to run (until the earliest guest timer, at
-/// most [`AP_IDLE_MS`]).
-fn ap_schedule<B: arch::Backend>(shared: &domain::sched::Shared<B>) -> ! {
+/// most [`AP_IDLE_MS`]). Between slices it runs the jobs posted to it since (the
+/// monitoring service's MSR accesses for this CPU's socket), so those wait at most a
+/// slice.
+fn ap_schedule<B: arch::Backend>(shared: &domain::sched::Shared<B>, kept: &mut smp::Kept) -> ! {
     let lapic = &percpu::this().lapic;
     let longest = drivers::time::ms_to_ticks(AP_IDLE_MS).unwrap_or(1_000_000);
     let shortest = longest * IDLE_MIN_US / (AP_IDLE_MS * 1000);
     loop {
+        if smp::run_posted(kept) {
+            continue;
+        }
         if shared.run_slice() {
             continue;
         }
@@ -354,6 +359,7 @@ fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platfo
             println!("{report}");
             virtualize_aps::<B>(caps, &mut info.frames, &info.cmdline);
             smp::print_summary();
+            println!("{}", platform::rdt::socket_map().summary());
             println!("READY arch={} exit={} value={:#x}", report.arch, report.exit, report.value);
         }
         Err(e) => {
@@ -397,6 +403,12 @@ fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platfo
         machine.set_vcpu_cpus(cpus);
     } else if smp::cpus().iter().skip(1).any(|s| s.state() == smp::CpuState::Started) {
         println!("SMP vCPUs run on the boot CPU only: {} vCPUs cannot move between CPUs yet", B::NAME);
+    }
+    // The path the monitoring service's MSR accesses take to the other sockets, tried
+    // once with a harmless job (after the APs took their schedulers, so it goes through
+    // their between-slices mailbox check), so it is seen to work where RDT is absent.
+    for line in platform::rdt::probe_sockets() {
+        println!("{line}");
     }
 
     // Each image is freed once the last domain naming it has it in guest memory: the
@@ -652,10 +664,18 @@ fn machine_info(
             .filter(|c| matches!(c.state(), smp::CpuState::Boot | smp::CpuState::Started))
             .count()
             .max(1) as u32,
-        cpu_list: smp::cpus()
-            .iter()
-            .map(|c| wire::CpuInfo { apic_id: c.apic_id, state: c.state().to_wire() })
-            .collect(),
+        cpu_list: {
+            let sockets = platform::rdt::socket_map();
+            smp::cpus()
+                .iter()
+                .map(|c| wire::CpuInfo {
+                    apic_id: c.apic_id,
+                    state: c.state().to_wire(),
+                    package: c.package(),
+                    socket: sockets.socket_of(c.apic_id),
+                })
+                .collect()
+        },
         memory_bytes,
         // Filled in once the control transports have started.
         control: alloc::vec::Vec::new(),

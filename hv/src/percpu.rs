@@ -2,7 +2,7 @@
 //!
 //! What lives here is what differs between CPUs and would otherwise be a static that
 //! silently assumes there is only one: the descriptor tables this CPU loaded, its
-//! local APIC timer (base and calibration), the VMCS that VMPTRLD made current on it,
+//! local APIC timer (base and calibration), its package (socket) ID, the VMCS that VMPTRLD made current on it,
 //! the RMID its IA32_PQR_ASSOC holds, and SVM's host VMSAVE page. Every CPU runs the
 //! shared scheduler (`domain::sched::Shared`); the others are started by [`crate::smp`]. Each CPU
 //! calls [`install`] first: [`crate::init`] for the bootstrap CPU, `smp::ap_entry`
@@ -26,6 +26,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use crate::drivers::lapic::HostLapic;
 use crate::drivers::tables::TableBases;
+use crate::platform::topology::CpuTopology as Topology;
 
 /// IA32_GS_BASE (SDM Vol. 4 Table 2-2).
 #[cfg(not(any(test, fuzzing)))]
@@ -41,6 +42,8 @@ pub struct PerCpu {
     pub index: u32,
     /// The CPU's initial APIC ID (CPUID leaf 1 EBX[31:24], SDM Vol. 2A CPUID).
     pub apic_id: u32,
+    /// Its package (socket), from its own CPUID at [`install`].
+    pub topology: Topology,
     /// The GDT, IDT and TSS this CPU loaded (the VMX host-state area names them).
     pub tables: TableBases,
     /// This CPU's local APIC timer.
@@ -63,6 +66,7 @@ impl PerCpu {
             own_address: 0,
             index,
             apic_id,
+            topology: this_topology(),
             tables,
             lapic: HostLapic::new(),
             current_vmcs: AtomicU64::new(0),
@@ -170,6 +174,17 @@ fn initial_apic_id() -> u32 {
 #[cfg(any(test, fuzzing))]
 fn initial_apic_id() -> u32 {
     0
+}
+
+#[cfg(not(any(test, fuzzing)))]
+fn this_topology() -> Topology {
+    Topology::this_cpu()
+}
+
+/// Host tests: one package, as a CPU without HTT reports it.
+#[cfg(any(test, fuzzing))]
+fn this_topology() -> Topology {
+    Topology { apic_id: 0, package: 0, package_shift: 0, source: crate::platform::topology::Source::Single }
 }
 
 #[cfg(test)]

@@ -120,6 +120,9 @@ pub struct CpuSlot {
     /// Its local APIC ID.
     pub apic_id: u32,
     state: AtomicU32,
+    /// Its package (socket) ID, which the CPU decodes from its own CPUID when it
+    /// starts ([`NO_PACKAGE`] until then).
+    package: AtomicU32,
     /// The job posted to it and not yet taken.
     job: spin::Mutex<Option<Job>>,
     /// The answer to its last job, until [`run_on`] takes it.
@@ -137,6 +140,7 @@ impl CpuSlot {
         Self {
             apic_id,
             state: AtomicU32::new(state.to_u32()),
+            package: AtomicU32::new(NO_PACKAGE),
             job: spin::Mutex::new(None),
             answer: spin::Mutex::new(None),
         }
@@ -165,6 +169,27 @@ impl CpuSlot {
     fn set(&self, state: CpuState) {
         self.state.store(state.to_u32(), Ordering::Release);
     }
+
+    /// Its package ID, once it has run far enough to decode it.
+    pub fn package(&self) -> Option<u32> {
+        Some(self.package.load(Ordering::Acquire)).filter(|p| *p != NO_PACKAGE)
+    }
+
+    #[cfg_attr(test, allow(dead_code))]
+    fn set_package(&self, package: u32) {
+        self.package.store(package, Ordering::Release);
+    }
+}
+
+/// [`CpuSlot`]'s package before the CPU recorded one.
+const NO_PACKAGE: u32 = u32::MAX;
+
+/// On a started AP inside a job that does not end (its scheduler loop): run a job
+/// posted to it since, if any (such as a monitoring MSR access for its socket).
+/// Whether there was one.
+pub fn run_posted(kept: &mut Kept) -> bool {
+    let here = crate::percpu::this().apic_id;
+    cpus().iter().find(|s| s.apic_id == here).is_some_and(|s| s.take_and_run(kept))
 }
 
 /// Every CPU the firmware reported (enabled ones), the bootstrap CPU first.
@@ -244,6 +269,7 @@ pub fn start_aps(firmware: &[FirmwareCpu], trampoline: Option<u64>, cmdline: &st
     let slots: &'static [CpuSlot] =
         Box::leak(plan.iter().map(|(id, state)| CpuSlot::new(*id, *state)).collect::<Vec<_>>().into_boxed_slice());
     SLOTS.call_once(|| slots);
+    slots[0].set_package(crate::percpu::this().topology.package);
     let aps = &slots[1..];
     if firmware.is_empty() {
         crate::println!("SMP: the firmware reported no CPU list (no UEFI MP services); only the boot CPU runs");
@@ -333,6 +359,7 @@ extern "sysv64" fn ap_entry(slot: u64) -> ! {
     if let Some(s) = cpus().get(slot as usize)
         && s.apic_id == cpu.apic_id
     {
+        s.set_package(cpu.topology.package);
         s.set(CpuState::Started);
     }
     // An AP whose APIC ID does not match its slot never checks in: the BSP reports

@@ -76,6 +76,16 @@ impl MonitorService {
         Self { counters: ServiceCounters::new(Self::ID), monitor: Some(monitor::Monitor::new(caps, sockets, timing)) }
     }
 
+    /// A running service with a monitoring engine for `caps` on one socket per entry
+    /// of `socket_cpus`, the APIC IDs of that socket's CPUs (`hvctl monitor hwinfo`
+    /// shows them).
+    pub fn with_socket_cpus(caps: caps::MonitorCaps, socket_cpus: Vec<Vec<u32>>, timing: monitor::Timing) -> Self {
+        Self {
+            counters: ServiceCounters::new(Self::ID),
+            monitor: Some(monitor::Monitor::with_socket_cpus(caps, socket_cpus, timing)),
+        }
+    }
+
     /// The monitoring engine, if the service was built with capabilities.
     pub const fn monitor(&self) -> Option<&monitor::Monitor> {
         self.monitor.as_ref()
@@ -142,10 +152,11 @@ mod wire_ops {
         Response::Error(ErrorReply::new(ErrorCode::Refused, message.to_string()))
     }
 
-    fn kind(name: &str) -> Result<EventKind, Response> {
+    /// The refusal is boxed: a `Response` is large (clippy::result_large_err).
+    fn kind(name: &str) -> Result<EventKind, alloc::boxed::Box<Response>> {
         EventKind::from_name(name).ok_or_else(|| {
             let known: Vec<&str> = EventKind::ALL.iter().map(|k| k.name()).collect();
-            refused(alloc::format!("unknown event `{name}` (known: {})", known.join(", ")))
+            alloc::boxed::Box::new(refused(alloc::format!("unknown event `{name}` (known: {})", known.join(", "))))
         })
     }
 
@@ -191,6 +202,7 @@ mod wire_ops {
             Request::MonitorHwInfo => {
                 let all_events = EventKind::ALL.iter().map(|k| String::from(k.name())).collect();
                 let sockets = m.sockets();
+                let socket_cpus = m.socket_cpus().to_vec();
                 Response::MonitorHwInfo(match m.caps() {
                     MonitorCaps::Absent { reason } => wire::MonitorHwInfo {
                         present: false,
@@ -198,6 +210,7 @@ mod wire_ops {
                         usable_rmids: 0,
                         max_rmid: 0,
                         sockets,
+                        socket_cpus,
                         l3_bytes: 0,
                         upscaling_factor: 0,
                         counter_width: 0,
@@ -210,6 +223,7 @@ mod wire_ops {
                         usable_rmids: c.usable_rmids,
                         max_rmid: c.max_rmid_l3,
                         sockets,
+                        socket_cpus,
                         l3_bytes: c.l3_bytes,
                         upscaling_factor: c.upscaling_factor,
                         counter_width: c.mbm_width,
@@ -258,13 +272,13 @@ mod wire_ops {
                 for n in &enable {
                     match kind(n) {
                         Ok(k) => on.push(k),
-                        Err(r) => return r,
+                        Err(r) => return *r,
                     }
                 }
                 for n in &disable {
                     match kind(n) {
                         Ok(k) => off.push(k),
-                        Err(r) => return r,
+                        Err(r) => return *r,
                     }
                 }
                 for k in on {

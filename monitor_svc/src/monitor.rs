@@ -79,6 +79,8 @@ pub struct SampleReport {
 pub struct Monitor {
     caps: MonitorCaps,
     sockets: u32,
+    /// The APIC IDs of each socket's CPUs, as the core reported them (for hwinfo).
+    socket_cpus: Vec<Vec<u32>>,
     timing: Timing,
     rmids: RmidAllocator,
     events: EventRegistry,
@@ -95,6 +97,7 @@ impl Monitor {
             rmids: RmidAllocator::new(&caps, sockets),
             caps,
             sockets: sockets.max(1),
+            socket_cpus: Vec::new(),
             timing,
             events: EventRegistry::new(),
             auto_groups: BTreeMap::new(),
@@ -106,6 +109,18 @@ impl Monitor {
     /// L3 monitoring domains (sockets) it reads.
     pub const fn sockets(&self) -> u32 {
         self.sockets
+    }
+
+    /// An engine for `caps` on one socket per entry of `socket_cpus` (each the APIC
+    /// IDs of that socket's CPUs, which hwinfo reports); at least one socket.
+    pub fn with_socket_cpus(caps: MonitorCaps, socket_cpus: Vec<Vec<u32>>, timing: Timing) -> Self {
+        let sockets = u32::try_from(socket_cpus.len()).unwrap_or(u32::MAX);
+        Self { socket_cpus, ..Self::new(caps, sockets, timing) }
+    }
+
+    /// The APIC IDs of each socket's CPUs (empty when the core did not say).
+    pub fn socket_cpus(&self) -> &[Vec<u32>] {
+        &self.socket_cpus
     }
 
     /// The capabilities it was built with.

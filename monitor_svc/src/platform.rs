@@ -33,6 +33,7 @@
 //! EventID (SDM Vol. 3B table "Monitoring Supported Event IDs"): 1 L3 occupancy,
 //! 2 L3 total external bandwidth, 3 L3 local external bandwidth.
 
+use alloc::string::String;
 use core::fmt;
 
 /// IA32_QM_EVTSEL: selects the (RMID, event) that IA32_QM_CTR reports.
@@ -129,6 +130,15 @@ pub enum PlatformError {
         /// Why, as a phrase.
         reason: &'static str,
     },
+    /// The socket exists, but no CPU of it could perform the access (its CPUs failed
+    /// to start, or the one asked did not answer in time). The core never answers
+    /// from a CPU of another socket instead.
+    SocketUnreachable {
+        /// The socket asked for.
+        socket: u32,
+        /// Why, as a phrase naming the CPUs.
+        reason: String,
+    },
 }
 
 impl fmt::Display for PlatformError {
@@ -140,6 +150,9 @@ impl fmt::Display for PlatformError {
             Self::NoSuchSocket { socket } => write!(f, "there is no socket (L3 monitoring domain) {socket}"),
             Self::Fault { socket, msr } => write!(f, "accessing MSR {msr:#x} on socket {socket} faulted (#GP)"),
             Self::Unreachable { reason } => write!(f, "the core did not perform the MSR access: {reason}"),
+            Self::SocketUnreachable { socket, reason } => {
+                write!(f, "no CPU of socket {socket} can perform the MSR access: {reason}")
+            }
         }
     }
 }
@@ -165,6 +178,7 @@ pub fn read_qm_ctr(msr: &mut impl MsrAccess, socket: u32, event: HwEvent, rmid: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::string::ToString;
 
     #[test]
     fn allow_list_is_exactly_the_three_msrs() {
@@ -174,6 +188,12 @@ mod tests {
         for msr in [0u32, 0x10, 0xC8C, 0xC90, 0xC8D_0000, 0x3a, 0x480, u32::MAX] {
             assert!(!is_allowed(msr), "{msr:#x}");
         }
+    }
+
+    #[test]
+    fn an_unreachable_socket_reads_as_a_sentence() {
+        let e = PlatformError::SocketUnreachable { socket: 1, reason: "none of its CPUs (APIC 1) runs".into() };
+        assert_eq!(e.to_string(), "no CPU of socket 1 can perform the MSR access: none of its CPUs (APIC 1) runs");
     }
 
     #[test]

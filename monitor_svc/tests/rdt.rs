@@ -575,3 +575,32 @@ fn service_status_still_answers_with_an_engine() {
     }
     assert!(MonitorService::new().monitor().is_none());
 }
+
+#[test]
+fn hwinfo_reports_each_sockets_cpus_also_without_rdt() {
+    use monitor_svc::MonitorService;
+    use wire::service::QueueInfo;
+    use wire::{FrameDecoder, Request, Response};
+
+    // QEMU's EPYC has no RDT: the topology is reported all the same.
+    let caps = MonitorCaps::from_cpuid(cpuid_from_dump(QEMU_EPYC), &MonitorConfig::default());
+    let mut svc = MonitorService::with_socket_cpus(caps, vec![vec![0], vec![1, 3]], timing());
+    let mut bytes = Vec::new();
+    wire::encode_request(4, &Request::MonitorHwInfo, &mut bytes).unwrap();
+    let mut dec = FrameDecoder::new();
+    dec.push(&bytes);
+    let frame = dec.next_frame().unwrap().unwrap();
+    let mut hw = FakeRdt::new(2, 8, 64, 24);
+    let reply = svc.handle_with(&frame, QueueInfo { depth: 0, capacity: 8 }, &mut hw, 0);
+    let mut dec = FrameDecoder::new();
+    dec.push(&reply);
+    let frame = dec.next_frame().unwrap().unwrap();
+    match wire::decode_response(&frame).unwrap() {
+        Response::MonitorHwInfo(h) => {
+            assert!(!h.present);
+            assert_eq!((h.sockets, h.socket_cpus), (2, vec![vec![0], vec![1, 3]]));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(svc.monitor().map(Monitor::sockets), Some(2));
+}

@@ -39,7 +39,7 @@
 //! wire::encode_request(1, &wire::Request::Ping { payload: vec![1, 2, 3] }, &mut out)?;
 //! assert_eq!(out, [
 //!     0x48, 0x56,                                     // magic "HV"
-//!     0x0a, 0x00,                                     // version 10
+//!     0x0b, 0x00,                                     // version 11
 //!     0x01,                                           // kind: request
 //!     0x00,                                           // flags
 //!     0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // request id 1
@@ -63,7 +63,7 @@
 //! | 1 request | [`Request`] | `DomainList` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DomainList(DomainListReport)` |
 //! | 1 request | [`Request`] | `DomainPause`/`DomainUnpause`/`DomainDestroy { id }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::Done` |
 //! | 1 request | [`Request`] | `DomainConsole { id, offset }` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::Console(ConsoleChunk)` |
-//! | 1 request | [`Request`] | `MonitorHwInfo` (v2) | hvctl → hv | [`ServiceId::Monitor`] | `Response::MonitorHwInfo` |
+//! | 1 request | [`Request`] | `MonitorHwInfo` (v2) | hvctl → hv | [`ServiceId::Monitor`] | `Response::MonitorHwInfo` (v11: with `socket_cpus`, the APIC IDs of each socket) |
 //! | 1 request | [`Request`] | `MonitorAttach`/`MonitorDetach`/`MonitorEvents` (v2) | hvctl → hv | [`ServiceId::Monitor`] | `Response::Done` |
 //! | 1 request | [`Request`] | `MonitorStats { domain }` (v2) | hvctl → hv | [`ServiceId::Monitor`] | `Response::MonitorStats` |
 //! | 1 request | [`Request`] | `DirtyStart`/`DirtyStop`/`DirtyStats` (v2) | hvctl → hv | [`ServiceId::Core`] | `Response::DirtyStats` |
@@ -82,7 +82,7 @@
 //! | 1 request | [`Request`] | `BenchFill { len }`, `BenchDiscard { bytes }` (v9; ≤ [`MAX_BENCH_DATA`] bytes: transport benchmark, nothing else happens) | hvctl → hv | [`ServiceId::Core`] | `Response::BenchData { bytes }`, `Response::BenchDiscarded { len }` |
 //! | 1 request | [`Request`] | `DomainPin { id, cpus }` (v10; `cpus` ≤ [`MAX_PIN_CPUS`] APIC IDs, `None` unpins) | hvctl → hv | [`ServiceId::Core`] | `Response::Done`, or an error (a CPU that does not run vCPUs is refused) |
 //! | 2 response | [`Response`] | `DomainList(DomainListReport)`: since v10 each [`DomainInfo`] with `cpus`, its pinning | hv → hvctl | — | — |
-//! | 2 response | [`Response`] | `Info(InfoReport)`: since v8 with `cpu_list`, each physical CPU's APIC ID and [`CpuState`] | hv → hvctl | — | — |
+//! | 2 response | [`Response`] | `Info(InfoReport)`: since v8 with `cpu_list`, each physical CPU's APIC ID and [`CpuState`]; since v11 its package ID and socket number | hv → hvctl | — | — |
 //! | 2 response | [`Response`] | `Pong`, `Info`, `ServiceStatus`, `DomainCreated`, `DomainList`, `Done`, `Console`, `Upload`, `ConsoleInput`, `HostCpuid` | hv → hvctl | — | — |
 //! | 2 response | [`Response`] | `Error(ErrorReply)` | hv → hvctl | — | answers any request or frame that failed |
 //! | 3 event | [`Event`] | `Log { level, message }`, `ServiceState { service, state }` | hv → hvctl | — | none; request id 0 |
@@ -225,7 +225,7 @@ pub use crate::upload::{
 
 /// The protocol version this build speaks, carried in every frame header. See the
 /// versioning rule in the crate docs: changing any message means bumping this.
-pub const PROTOCOL_VERSION: u16 = 10;
+pub const PROTOCOL_VERSION: u16 = 11;
 
 /// The hard maximum of a frame's payload, in bytes (64 KiB). A header declaring more is
 /// refused from the header alone with [`FrameError::TooLarge`].

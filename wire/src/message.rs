@@ -133,6 +133,14 @@ pub struct CpuInfo {
     pub apic_id: u32,
     /// Where its bring-up got to.
     pub state: CpuState,
+    /// (v11) Its package (physical socket) ID as its own CPUID reports it (leaf 0x1F,
+    /// 0xB, AMD 0x8000_0008 or leaf 1); `None` when it never ran far enough to read it
+    /// (it did not check in).
+    pub package: Option<u32>,
+    /// (v11) The hypervisor's number for that package, 0.. in the order the CPU list
+    /// first names it (the boot CPU's is 0): the socket index of
+    /// [`MonitorHwInfo::socket_cpus`] and of the monitoring stats' `per_socket` lists.
+    pub socket: Option<u32>,
 }
 
 /// (v8) A physical CPU's state. Variant order is wire format.
@@ -519,8 +527,11 @@ pub struct MonitorHwInfo {
     pub usable_rmids: u32,
     /// Highest RMID the CPU reports for L3 monitoring.
     pub max_rmid: u32,
-    /// L3 monitoring domains (sockets on Intel, CCXs on AMD).
+    /// L3 monitoring domains the service reads: one per socket (package).
     pub sockets: u32,
+    /// (v11) For each socket, by number, the APIC IDs of its CPUs (the CPU list's
+    /// order). Reported whether or not the CPU has RDT monitoring.
+    pub socket_cpus: Vec<Vec<u32>>,
     /// Bytes of one L3.
     pub l3_bytes: u64,
     /// IA32_QM_CTR units to bytes.

@@ -49,8 +49,13 @@ fn info() -> impl Strategy<Value = InfoReport> {
         any::<[u64; 6]>(),
         vec("[ -~]{0,20}", 0..3),
         vec(
-            (any::<u32>(), prop_oneof![Just(CpuState::Boot), Just(CpuState::Started), Just(CpuState::Failed)])
-                .prop_map(|(apic_id, state)| CpuInfo { apic_id, state }),
+            (
+                any::<u32>(),
+                prop_oneof![Just(CpuState::Boot), Just(CpuState::Started), Just(CpuState::Failed)],
+                any::<Option<u32>>(),
+                any::<Option<u32>>(),
+            )
+                .prop_map(|(apic_id, state, package, socket)| CpuInfo { apic_id, state, package, socket }),
             0..5,
         ),
     )

@@ -48,7 +48,7 @@ fn status(service: ServiceId, state: ServiceState, handled: u64, errors: u64, de
 fn vectors() -> Vec<Vector> {
     let info = InfoReport {
         hv_version: "0.1.0 (5a3cac6)".to_string(),
-        protocol_version: 10,
+        protocol_version: 11,
         uptime_ns: 3_800_000_000,
         capabilities: [("v", "1"), ("vendor", "AuthenticAMD"), ("family", "23"), ("virt", "svm"), ("svm.npt", "1")]
             .iter()
@@ -71,9 +71,9 @@ fn vectors() -> Vec<Vector> {
         },
         control: vec!["vsock port 5000 (CID 3)".to_string(), "serial COM2 0x2f8 115200 baud".to_string()],
         cpu_list: vec![
-            CpuInfo { apic_id: 0, state: CpuState::Boot },
-            CpuInfo { apic_id: 1, state: CpuState::Started },
-            CpuInfo { apic_id: 3, state: CpuState::Failed },
+            CpuInfo { apic_id: 0, state: CpuState::Boot, package: Some(0), socket: Some(0) },
+            CpuInfo { apic_id: 1, state: CpuState::Started, package: Some(1), socket: Some(1) },
+            CpuInfo { apic_id: 3, state: CpuState::Failed, package: None, socket: None },
         ],
     };
     let mut out = vec![
@@ -174,7 +174,8 @@ fn vectors() -> Vec<Vector> {
                 reason: Some("CPU has no RDT monitoring (CPUID.7.EBX[12]=0)".into()),
                 usable_rmids: 0,
                 max_rmid: 0,
-                sockets: 1,
+                sockets: 2,
+                socket_cpus: vec![vec![0], vec![1, 3]],
                 l3_bytes: 0,
                 upscaling_factor: 0,
                 counter_width: 0,

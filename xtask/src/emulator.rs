@@ -247,9 +247,31 @@ impl Session {
         staged: &[Staged],
         cpus: u32,
     ) -> Result<Session> {
+        Self::spawn_sockets(platform, esp, config, staged, cpus, None)
+    }
+
+    /// Like [`Session::spawn_cpus`], the `cpus` spread over `sockets` packages of one
+    /// thread per core (QEMU `-smp N,sockets=S,cores=N/S,threads=1`); `None` leaves
+    /// QEMU's default topology (one socket). Bochs cannot be told, and refuses.
+    pub fn spawn_sockets(
+        platform: &Platform,
+        esp: &Esp,
+        config: &RunConfig,
+        staged: &[Staged],
+        cpus: u32,
+        sockets: Option<u32>,
+    ) -> Result<Session> {
+        if let Some(n) = sockets
+            && (n == 0 || !cpus.is_multiple_of(n))
+        {
+            return Err(format!("{cpus} CPUs do not divide into {n} sockets"));
+        }
         let dir = prepare_dir(esp, config, staged)?;
         match platform {
-            Platform::Qemu { cpu } => spawn_qemu(cpu, dir, config, cpus),
+            Platform::Qemu { cpu } => spawn_qemu(cpu, dir, config, cpus, sockets),
+            Platform::Bochs { .. } if sockets.is_some() => {
+                Err("a socket topology can only be given to QEMU, not to Bochs".into())
+            }
             Platform::Bochs { model } => spawn_bochs(model, dir, config, cpus),
         }
     }
@@ -362,7 +384,7 @@ fn start_vsock_backend(dir: &Path) -> Result<(Child, PathBuf, PathBuf)> {
 /// no guest touches costs the host nothing.
 const QEMU_MEMORY: &str = "2G";
 
-fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig, cpus: u32) -> Result<Session> {
+fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig, cpus: u32, sockets: Option<u32>) -> Result<Session> {
     let vars = dir.join("vars.fd");
     std::fs::copy(tools::OVMF_VARS_4M, &vars).map_err(|e| format!("cannot copy {}: {e}", tools::OVMF_VARS_4M))?;
     let mut cmd = Command::new("qemu-system-x86_64");
@@ -377,8 +399,14 @@ fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig, cpus: u32) -> Result<
         .arg("-drive")
         .arg(format!("format=raw,file=fat:rw:{}", dir.join("esp").display()))
         .args(["-serial", "stdio", "-display", "none", "-no-reboot"]);
-    if cpus > 1 {
-        cmd.arg("-smp").arg(cpus.to_string());
+    match sockets {
+        Some(n) => {
+            cmd.arg("-smp").arg(format!("{cpus},sockets={n},cores={},threads=1", cpus / n));
+        }
+        None if cpus > 1 => {
+            cmd.arg("-smp").arg(cpus.to_string());
+        }
+        None => {}
     }
     // The second -serial is COM2 (0x2F8): the serial control channel. `wait=off`: QEMU
     // starts without a client, and takes the next one when one leaves.

@@ -10,7 +10,13 @@
 //! | `smp-qemu-ap-without-virtualization-reported` | QEMU TCG -cpu EPYC -smp 2 | `smp-fail-virt=1` | `SMP cpu apic=1 cannot run guests: …`, `SMP cpus=2 started=1 failed=1`, info lists APIC 1 failed, a memwriter finishes |
 //! | `smp-qemu-two-memwriters-two-cpus` | QEMU TCG -cpu EPYC -smp 2 | — | as `smp-qemu-all-cpus-start`, and two boot-time memwriters (1024 pages × 16 rounds) that ran concurrently both end `finished(0)` with every round's checksum right, and their `DOMAIN <id> VCPU <v> ON CPU apic=<A>` placement lines cover APIC 0 and APIC 1 (else it fails naming the APIC IDs seen) |
 //! | `smp-qemu-dirty-exact-two-vcpus-two-cpus` (not by default) | QEMU TCG -cpu EPYC -smp 2 | `smp-vcpus=parallel` | two 2-vCPU `dirtypair` domains, D-bit and write-protect: in each vCPU 1 writes on one CPU and vCPU 0 peeks and cleans 20 times on the other (at the same time); no page missing or extra, each domain's vCPUs on two different APIC IDs |
+//! | `smp-qemu-two-sockets-reported` | QEMU TCG -cpu EPYC -smp 2,sockets=2,cores=1,threads=1 | — | as `smp-qemu-all-cpus-start`, and the boot log's `SMP sockets=2:`, `hvctl info --json` and `hvctl monitor hwinfo --json` put APIC 0 in socket 0 and APIC 1 in socket 1 (RDT is absent on QEMU; the topology is reported all the same), and `SMP socket 1 (package 1) reached: a job on CPU apic=1 …`: the boot CPU reached socket 1 the way monitoring MSR accesses go |
+//! | `smp-qemu-two-sockets-failed-ap-still-placed` | the same two sockets | `smp-fail-virt=1` | APIC 1 failed but checked in, so it is still listed in socket 1 and `SMP socket 1 (package 1) unreachable: none of its CPUs (APIC 1) runs: …` (a monitoring access there is refused, never answered by socket 0) |
 //! | `smp-bochs-all-cpus-start` | Bochs corei7_skylake_x, `cpu: count=2` | — | the marker shows 2 started and `hvctl info --json` (over COM2) lists both |
+//!
+//! Every QEMU scenario also checks the sockets (`SMP sockets=N:` line, `hvctl info
+//! --json` `socket_cpus`, `hvctl monitor hwinfo --json` `socket_cpus`): a default
+//! `-smp 2` is one socket of APIC 0 and 1 (a never-started AP is in none).
 //!
 //! Every AP listed as started must also have turned on virtualization with its own
 //! frames, run the guest round trip on itself and slept on its own calibrated LAPIC
@@ -55,6 +61,12 @@ struct Scenario {
     pairs: &'static [(&'static str, u64)],
     /// Run by `cargo xtask test` without a filter.
     by_default: bool,
+    /// QEMU `-smp N,sockets=S,cores=N/S,threads=1`; `None`: the default topology.
+    sockets: Option<u32>,
+    /// The APIC IDs of each socket that `hvctl info --json` and `hvctl monitor hwinfo
+    /// --json` must report (`socket_cpus`), and the `SMP sockets=` line must count;
+    /// `None`: not checked (Bochs).
+    socket_cpus: Option<&'static [&'static [u32]]>,
 }
 
 /// Log-dirty under concurrency (issue 16, Acceptance): a 2-vCPU domain per mode SVM
@@ -154,6 +166,8 @@ const SCENARIOS: &[Scenario] = &[
         writers: None,
         pairs: &[],
         by_default: true,
+        sockets: None,
+        socket_cpus: Some(&[&[0, 1]]),
     },
     Scenario {
         name: "smp-qemu-failed-ap-reported",
@@ -167,6 +181,8 @@ const SCENARIOS: &[Scenario] = &[
         writers: None,
         pairs: &[],
         by_default: true,
+        sockets: None,
+        socket_cpus: Some(&[&[0]]),
     },
     Scenario {
         name: "smp-qemu-ap-without-virtualization-reported",
@@ -180,6 +196,8 @@ const SCENARIOS: &[Scenario] = &[
         writers: None,
         pairs: &[],
         by_default: true,
+        sockets: None,
+        socket_cpus: Some(&[&[0, 1]]),
     },
     Scenario {
         name: "smp-qemu-two-memwriters-two-cpus",
@@ -193,6 +211,8 @@ const SCENARIOS: &[Scenario] = &[
         writers: Some(TWO_WRITERS),
         pairs: &[],
         by_default: true,
+        sockets: None,
+        socket_cpus: Some(&[&[0, 1]]),
     },
     Scenario {
         name: "smp-qemu-dirty-exact-two-vcpus-two-cpus",
@@ -206,6 +226,38 @@ const SCENARIOS: &[Scenario] = &[
         writers: None,
         pairs: PAIRS,
         by_default: false,
+        sockets: None,
+        socket_cpus: Some(&[&[0, 1]]),
+    },
+    Scenario {
+        name: "smp-qemu-two-sockets-reported",
+        bochs: false,
+        cpus: 2,
+        cmdline: "",
+        marker: "SMP cpus=2 started=2 failed=0",
+        failed: &[],
+        list: &[(0, "boot"), (1, "started")],
+        memwriter: true,
+        writers: None,
+        pairs: &[],
+        by_default: true,
+        sockets: Some(2),
+        socket_cpus: Some(&[&[0], &[1]]),
+    },
+    Scenario {
+        name: "smp-qemu-two-sockets-failed-ap-still-placed",
+        bochs: false,
+        cpus: 2,
+        cmdline: "smp-fail-virt=1",
+        marker: "SMP cpus=2 started=1 failed=1",
+        failed: &[1],
+        list: &[(0, "boot"), (1, "failed")],
+        memwriter: false,
+        writers: None,
+        pairs: &[],
+        by_default: true,
+        sockets: Some(2),
+        socket_cpus: Some(&[&[0], &[1]]),
     },
     Scenario {
         name: "smp-bochs-all-cpus-start",
@@ -219,6 +271,8 @@ const SCENARIOS: &[Scenario] = &[
         writers: None,
         pairs: &[],
         by_default: true,
+        sockets: None,
+        socket_cpus: None,
     },
 ];
 
@@ -253,7 +307,7 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
             vsock: true,
             domains: if s.pairs.is_empty() { s.writers.map(|w| w.domains_cfg()) } else { Some(pairs_cfg(s.pairs)) },
         };
-        let mut session = Session::spawn_cpus(&platform, esp, &config, &[], s.cpus)?;
+        let mut session = Session::spawn_sockets(&platform, esp, &config, &[], s.cpus, s.sockets)?;
         let result = check(s, &mut session, &config, &hvctl, esp);
         let secs = start.elapsed().as_secs_f64();
         match result {
@@ -343,13 +397,18 @@ fn check(
     if v["cpus"].as_u64() != Some(running) {
         return Err(format!("cpus {}, expected {running}", v["cpus"]));
     }
+    let mut sockets_detail = String::new();
+    if let Some(want) = s.socket_cpus {
+        sockets_detail = sockets_reported(&ctx, &serial, &v, want)?;
+    }
     let table = control_tests::hvctl(&ctx, &["info"])?;
     if !table.lines().any(|l| l.contains("APIC") && l.contains("STATE")) {
         return Err(format!("`hvctl info` shows no CPU table:\n{table}"));
     }
     let ready_aps = serial.lines().filter(|l| l.trim().starts_with("SMP cpu apic=") && l.contains(" ready: ")).count();
     let mut detail = format!(
-        "READY at {ready:.1} s, `{marker}`, cpu_list {list:?}, {ready_aps} AP(s) ran a guest with their own {arch}"
+        "READY at {ready:.1} s, `{marker}`, cpu_list {list:?}, {ready_aps} AP(s) ran a guest with their own \
+         {arch}{sockets_detail}"
     );
     if s.memwriter {
         control_tests::small_writer_finished(&ctx, "smpw", 60)?;
@@ -378,6 +437,69 @@ fn check(
         }
     }
     Ok(detail)
+}
+
+/// The sockets `want` (APIC IDs per socket number) in all three places: the boot log's
+/// `SMP sockets=N:` line, `hvctl info --json` (`sockets`, `socket_cpus`, and each
+/// CPU's `socket`) and `hvctl monitor hwinfo --json` (`sockets`, `socket_cpus`), which
+/// reports them although QEMU has no RDT.
+fn sockets_reported(ctx: &Ctx, serial: &str, info: &serde_json::Value, want: &[&[u32]]) -> Result<String> {
+    let want_json = serde_json::json!(want);
+    let n = want.len();
+    let line = serial
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("SMP sockets="))
+        .ok_or("no `SMP sockets=` line in the boot log")?;
+    if !line.starts_with(&format!("SMP sockets={n}:")) {
+        return Err(format!("boot log `{line}`, expected {n} socket(s) {want:?}"));
+    }
+    if info["sockets"].as_u64() != Some(n as u64) || info["socket_cpus"] != want_json {
+        return Err(format!(
+            "info --json: sockets {} socket_cpus {}, expected {n} {want_json}",
+            info["sockets"], info["socket_cpus"]
+        ));
+    }
+    for (socket, cpus) in want.iter().enumerate() {
+        for apic in *cpus {
+            let c = info["cpu_list"].as_array().and_then(|l| l.iter().find(|c| c["apic_id"] == *apic));
+            if c.map(|c| c["socket"].clone()) != Some(serde_json::json!(socket)) {
+                return Err(format!("info --json: APIC {apic} is {c:?}, expected in socket {socket}"));
+            }
+        }
+    }
+    // Each socket but the boot CPU's is reached by a job on its first started CPU, the
+    // way monitoring MSR accesses go; a socket without one is reported unreachable.
+    let mut probes = Vec::new();
+    for (socket, cpus) in want.iter().enumerate().skip(1) {
+        let prefix = format!("SMP socket {socket} (package ");
+        let l = serial
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with(&prefix))
+            .ok_or_else(|| format!("no `{prefix}…` line: socket {socket} was not probed"))?;
+        let started = cpus.iter().any(|a| {
+            info["cpu_list"].as_array().is_some_and(|l| l.iter().any(|c| c["apic_id"] == *a && c["state"] == "started"))
+        });
+        let ok = if started { l.contains(" reached: a job on CPU apic=") } else { l.contains(" unreachable: ") };
+        if !ok {
+            return Err(format!("socket {socket}: `{l}`"));
+        }
+        probes.push(format!("`{l}`"));
+    }
+    let text = control_tests::hvctl(ctx, &["monitor", "hwinfo", "--json"])?;
+    let h: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("monitor hwinfo --json: {e}"))?;
+    if h["sockets"].as_u64() != Some(n as u64) || h["socket_cpus"] != want_json {
+        return Err(format!(
+            "monitor hwinfo --json: sockets {} socket_cpus {}, expected {n} {want_json}",
+            h["sockets"], h["socket_cpus"]
+        ));
+    }
+    Ok(format!(
+        ", `{line}`, {}info and monitor hwinfo (present={}) report sockets {want_json}",
+        probes.iter().map(|p| format!("{p}, ")).collect::<String>(),
+        h["present"]
+    ))
 }
 
 /// The boot-time writers `w` end `finished(0)` (`hvctl domain list`), ran concurrently
@@ -475,6 +597,11 @@ mod tests {
         for s in SCENARIOS {
             assert!(s.marker.starts_with(&format!("SMP cpus={} ", s.cpus)), "{}", s.name);
             assert_eq!(s.list.len() as u32, s.cpus, "{}", s.name);
+            // Every QEMU boot checks its sockets; each listed CPU in at most one.
+            assert_eq!(s.socket_cpus.is_some(), !s.bochs, "{}", s.name);
+            let placed: Vec<u32> = s.socket_cpus.unwrap_or_default().iter().flat_map(|c| c.iter().copied()).collect();
+            assert!(placed.iter().all(|a| s.list.iter().any(|(id, _)| id == a)), "{}", s.name);
+            assert_eq!(placed.len(), placed.iter().collect::<BTreeSet<_>>().len(), "{}", s.name);
         }
     }
 }

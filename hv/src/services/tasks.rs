@@ -260,6 +260,8 @@ pub struct Runtime {
     last_limbo: u64,
     core: CoreService,
     monitor: MonitorService,
+    /// The monitoring service's MSR accesses, each on a CPU of the socket it names.
+    msrs: crate::platform::rdt::SocketMsrs<crate::platform::rdt::RealCpus>,
     migration: MigrationService,
     mailboxes: [Mailbox; 3],
     outbox: Vec<(ReplyTo, Vec<u8>)>,
@@ -286,9 +288,12 @@ fn slot(service: ServiceId) -> usize {
 impl Runtime {
     /// All tasks running, mailboxes empty.
     pub fn new(machine: MachineInfo) -> Self {
+        // Built once the SMP table is final (after boot's jobs on the APs).
+        let msrs = crate::platform::rdt::socket_msrs();
         Self {
             core: CoreService { machine, counters: ServiceCounters::new(ServiceId::Core) },
-            monitor: if cfg!(test) { MonitorService::new() } else { crate::platform::rdt::monitor_service() },
+            monitor: if cfg!(test) { MonitorService::new() } else { crate::platform::rdt::monitor_service(msrs.map()) },
+            msrs,
             migration: MigrationService::new(),
             mailboxes: [Mailbox::new(), Mailbox::new(), Mailbox::new()],
             outbox: Vec::new(),
@@ -356,12 +361,7 @@ impl Runtime {
             let Some(env) = self.mailboxes[1].queue.pop_front() else { break };
             let (depth, capacity) = self.mailboxes[1].queue_info();
             let now = crate::drivers::time::now_ticks();
-            let reply = self.monitor.handle_with(
-                &env.frame,
-                QueueInfo { depth, capacity },
-                &mut crate::platform::rdt::BootCpuMsrs,
-                now,
-            );
+            let reply = self.monitor.handle_with(&env.frame, QueueInfo { depth, capacity }, &mut self.msrs, now);
             self.outbox.push((env.reply_to, reply));
             worked = true;
         }
@@ -411,7 +411,7 @@ impl Runtime {
         let gone: Vec<u32> = self.fed.keys().copied().filter(|id| !now.iter().any(|c| c.id == *id)).collect();
         for id in gone {
             self.fed.remove(&id);
-            m.domain_destroyed(DomainId(id), &mut crate::platform::rdt::BootCpuMsrs, crate::drivers::time::now_ticks());
+            m.domain_destroyed(DomainId(id), &mut self.msrs, crate::drivers::time::now_ticks());
         }
     }
 
@@ -437,11 +437,11 @@ impl Runtime {
         let mbm_every = u128::from(m.mbm_sample_interval_ns()) * u128::from(tsc_hz) / 1_000_000_000;
         if u128::from(now_tsc.wrapping_sub(self.last_mbm)) >= mbm_every {
             self.last_mbm = now_tsc;
-            m.sample_mbm(&mut crate::platform::rdt::BootCpuMsrs, now_tsc);
+            m.sample_mbm(&mut self.msrs, now_tsc);
         }
         if now_tsc.wrapping_sub(self.last_limbo) >= tsc_hz {
             self.last_limbo = now_tsc;
-            m.recheck_limbo(&mut crate::platform::rdt::BootCpuMsrs);
+            m.recheck_limbo(&mut self.msrs);
         }
     }
 
@@ -681,7 +681,12 @@ mod tests {
             hv_version: "0.1.0 (test)".into(),
             capabilities: vec![("virt".to_string(), "svm".to_string())],
             cpus: 1,
-            cpu_list: vec![wire::CpuInfo { apic_id: 0, state: wire::CpuState::Boot }],
+            cpu_list: vec![wire::CpuInfo {
+                apic_id: 0,
+                state: wire::CpuState::Boot,
+                package: Some(0),
+                socket: Some(0),
+            }],
             memory_bytes: 512 << 20,
             control: vec!["vsock port 5000 (CID 3)".to_string()],
             cpuid: wire::HostCpuidReport {

@@ -59,6 +59,7 @@ pub fn info(opts: &Options, args: InfoArgs) -> Result<ExitCode, CliError> {
         Response::Info(i) => Some(*i),
         _ => None,
     })?;
+    let sockets = socket_cpus(&info.cpu_list);
     if args.json {
         let caps: serde_json::Map<String, serde_json::Value> =
             info.capabilities.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
@@ -91,8 +92,12 @@ pub fn info(opts: &Options, args: InfoArgs) -> Result<ExitCode, CliError> {
             "cpu_list": info
                 .cpu_list
                 .iter()
-                .map(|c| json!({ "apic_id": c.apic_id, "state": c.state.as_str() }))
+                .map(|c| json!({
+                    "apic_id": c.apic_id, "state": c.state.as_str(), "package": c.package, "socket": c.socket,
+                }))
                 .collect::<Vec<_>>(),
+            "sockets": sockets.len(),
+            "socket_cpus": sockets,
             "memory_bytes": info.memory_bytes,
             "memory_use": {
                 "heap_bytes": info.memory_use.heap_bytes,
@@ -122,10 +127,14 @@ pub fn info(opts: &Options, args: InfoArgs) -> Result<ExitCode, CliError> {
     println!("protocol      {}", info.protocol_version);
     println!("uptime        {:.1} s", info.uptime_ns as f64 / 1e9);
     println!("cpus          {}", info.cpus);
+    if !sockets.is_empty() {
+        println!("sockets       {}: {}", sockets.len(), format_sockets(&sockets));
+    }
     if !info.cpu_list.is_empty() {
-        println!("  APIC   STATE");
+        println!("  APIC   STATE    SOCKET  PACKAGE");
+        let or_dash = |v: Option<u32>| v.map_or_else(|| "-".to_string(), |v| v.to_string());
         for c in &info.cpu_list {
-            println!("  {:<6} {}", c.apic_id, c.state.as_str());
+            println!("  {:<6} {:<8} {:<7} {}", c.apic_id, c.state.as_str(), or_dash(c.socket), or_dash(c.package));
         }
     }
     println!("memory        {}", human_bytes(info.memory_bytes));
@@ -221,4 +230,51 @@ pub fn ping(opts: &Options, args: PingArgs) -> Result<ExitCode, CliError> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The APIC IDs of each socket's CPUs, by socket number, from a CPU list (CPUs whose
+/// socket is unknown, those that never started, are in none).
+pub fn socket_cpus(cpus: &[wire::CpuInfo]) -> Vec<Vec<u32>> {
+    let mut out: Vec<Vec<u32>> = Vec::new();
+    for c in cpus {
+        if let Some(s) = c.socket {
+            let s = s as usize;
+            if out.len() <= s {
+                out.resize(s + 1, Vec::new());
+            }
+            out[s].push(c.apic_id);
+        }
+    }
+    out
+}
+
+/// `socket 0: APIC 0-1; socket 1: APIC 2-3` (`hvctl info`, `hvctl monitor hwinfo`).
+pub fn format_sockets(sockets: &[Vec<u32>]) -> String {
+    sockets
+        .iter()
+        .enumerate()
+        .map(|(i, cpus)| {
+            let list = if cpus.is_empty() { "none".to_string() } else { wire::cpulist::format(Some(cpus)) };
+            format!("socket {i}: APIC {list}")
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+
+    fn cpu(apic_id: u32, socket: Option<u32>) -> wire::CpuInfo {
+        wire::CpuInfo { apic_id, state: wire::CpuState::Started, package: socket.map(|s| s * 2), socket }
+    }
+
+    #[test]
+    fn cpus_are_grouped_by_socket_number() {
+        let list = [cpu(0, Some(0)), cpu(2, Some(1)), cpu(1, Some(0)), cpu(3, None), cpu(4, Some(1))];
+        let sockets = socket_cpus(&list);
+        assert_eq!(sockets, vec![vec![0, 1], vec![2, 4]]);
+        assert_eq!(format_sockets(&sockets), "socket 0: APIC 0-1; socket 1: APIC 2,4");
+        assert!(socket_cpus(&[cpu(0, None)]).is_empty());
+    }
 }

@@ -977,6 +977,7 @@ mod tests {
                 usable_rmids: 0,
                 max_rmid: 0,
                 sockets: 1,
+                socket_cpus: vec![vec![0]],
                 l3_bytes: 0,
                 upscaling_factor: 0,
                 counter_width: 0,

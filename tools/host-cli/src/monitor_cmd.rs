@@ -95,6 +95,16 @@ fn call(client: &mut Client, request: &Request, what: &str) -> Result<Response, 
     }
 }
 
+/// `2 (socket 0: APIC 0; socket 1: APIC 1)`: the count and, when the hypervisor
+/// said, each socket's CPUs.
+fn sockets_line(h: &MonitorHwInfo) -> String {
+    if h.socket_cpus.is_empty() {
+        h.sockets.to_string()
+    } else {
+        format!("{} ({})", h.sockets, crate::control_cmd::format_sockets(&h.socket_cpus))
+    }
+}
+
 fn hwinfo(client: &mut Client) -> Result<MonitorHwInfo, CliError> {
     match call(client, &Request::MonitorHwInfo, "hwinfo")? {
         Response::MonitorHwInfo(h) => Ok(h),
@@ -285,7 +295,7 @@ pub fn run(opts: &Options, args: MonitorArgs) -> Result<ExitCode, CliError> {
             if json {
                 let out = json!({
                     "present": h.present, "reason": h.reason, "usable_rmids": h.usable_rmids, "max_rmid": h.max_rmid,
-                    "sockets": h.sockets, "l3_bytes": h.l3_bytes, "upscaling_factor": h.upscaling_factor,
+                    "sockets": h.sockets, "socket_cpus": h.socket_cpus, "l3_bytes": h.l3_bytes, "upscaling_factor": h.upscaling_factor,
                     "counter_width": h.counter_width, "hw_events": h.hw_events, "all_events": h.all_events,
                 });
                 println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
@@ -293,7 +303,7 @@ pub fn run(opts: &Options, args: MonitorArgs) -> Result<ExitCode, CliError> {
                 println!("Cache Monitoring Technology (CMT) / Memory Bandwidth Monitoring (MBM):");
                 println!("  Enabled         : 1");
                 println!("  Total RMID      : {} (usable {}; RMID 0 is reserved)", h.max_rmid, h.usable_rmids);
-                println!("  Sockets         : {}", h.sockets);
+                println!("  Sockets         : {}", sockets_line(&h));
                 println!("  L3 size/socket  : {} KB", h.l3_bytes / 1024);
                 println!("  Upscaling factor: {}", h.upscaling_factor);
                 println!("  Counter width   : {} bits", h.counter_width);
@@ -304,6 +314,7 @@ pub fn run(opts: &Options, args: MonitorArgs) -> Result<ExitCode, CliError> {
                     "Cache/memory-bandwidth monitoring: not available: {}",
                     h.reason.as_deref().unwrap_or("unknown")
                 );
+                println!("  Sockets         : {}", sockets_line(&h));
                 println!(
                     "  Software events : {}",
                     h.all_events

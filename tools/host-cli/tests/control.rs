@@ -71,8 +71,9 @@ fn info_over_hybrid_vsock_names_the_transport() {
             memory_use: wire::MemoryUse::default(),
             control: vec!["vsock port 5000 (CID 3)".into()],
             cpu_list: vec![
-                wire::CpuInfo { apic_id: 0, state: wire::CpuState::Boot },
-                wire::CpuInfo { apic_id: 1, state: wire::CpuState::Started },
+                wire::CpuInfo { apic_id: 0, state: wire::CpuState::Boot, package: Some(0), socket: Some(0) },
+                wire::CpuInfo { apic_id: 1, state: wire::CpuState::Started, package: Some(1), socket: Some(1) },
+                wire::CpuInfo { apic_id: 2, state: wire::CpuState::Failed, package: None, socket: None },
             ],
         }))
     });
@@ -88,4 +89,66 @@ fn info_over_hybrid_vsock_names_the_transport() {
         serde_json::json!({"transport": "vsock", "target": target, "framing": "length-prefixed frames"})
     );
     assert_eq!(v["control"], serde_json::json!(["vsock port 5000 (CID 3)"]));
+}
+
+#[test]
+fn info_shows_the_sockets_and_their_cpus() {
+    let target = common::fake_hv_target("info-sockets", |_| {
+        wire::Response::Info(Box::new(wire::InfoReport {
+            hv_version: "0.1.0 (fake)".into(),
+            protocol_version: wire::PROTOCOL_VERSION,
+            uptime_ns: 1,
+            capabilities: Vec::new(),
+            cpus: 3,
+            memory_bytes: 1 << 29,
+            services: Vec::new(),
+            memory_use: wire::MemoryUse::default(),
+            control: Vec::new(),
+            cpu_list: vec![
+                wire::CpuInfo { apic_id: 0, state: wire::CpuState::Boot, package: Some(0), socket: Some(0) },
+                wire::CpuInfo { apic_id: 8, state: wire::CpuState::Started, package: Some(4), socket: Some(1) },
+                wire::CpuInfo { apic_id: 1, state: wire::CpuState::Started, package: Some(0), socket: Some(0) },
+                wire::CpuInfo { apic_id: 9, state: wire::CpuState::Failed, package: None, socket: None },
+            ],
+        }))
+    });
+    let o = hvctl(&["--connect", &target, "info"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = common::stdout(&o);
+    assert!(out.lines().any(|l| l == "sockets       2: socket 0: APIC 0-1; socket 1: APIC 8"), "{out}");
+    assert!(out.lines().any(|l| l == "  8      started  1       4"), "{out}");
+    assert!(out.lines().any(|l| l == "  9      failed   -       -"), "{out}");
+    let o = hvctl(&["--connect", &target, "info", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&common::stdout(&o)).unwrap();
+    assert_eq!(v["sockets"], 2);
+    assert_eq!(v["socket_cpus"], serde_json::json!([[0, 1], [8]]));
+    assert_eq!(v["cpu_list"][1], serde_json::json!({"apic_id": 8, "state": "started", "package": 4, "socket": 1}));
+    assert_eq!(v["cpu_list"][3]["socket"], serde_json::Value::Null);
+}
+
+#[test]
+fn monitor_hwinfo_shows_the_sockets_without_rdt() {
+    let target = common::fake_hv_target("hwinfo-sockets", |_| {
+        wire::Response::MonitorHwInfo(wire::MonitorHwInfo {
+            present: false,
+            reason: Some("CPU has no RDT monitoring (CPUID.7.EBX[12]=0)".into()),
+            usable_rmids: 0,
+            max_rmid: 0,
+            sockets: 2,
+            socket_cpus: vec![vec![0], vec![1]],
+            l3_bytes: 0,
+            upscaling_factor: 0,
+            counter_width: 0,
+            hw_events: Vec::new(),
+            all_events: vec!["vm_exits".into()],
+        })
+    });
+    let o = hvctl(&["--connect", &target, "monitor", "hwinfo"]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let out = common::stdout(&o);
+    assert!(out.contains("not available: CPU has no RDT monitoring"), "{out}");
+    assert!(out.lines().any(|l| l == "  Sockets         : 2 (socket 0: APIC 0; socket 1: APIC 1)"), "{out}");
+    let o = hvctl(&["--connect", &target, "monitor", "hwinfo", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&common::stdout(&o)).unwrap();
+    assert_eq!((v["sockets"].clone(), v["socket_cpus"].clone()), (serde_json::json!(2), serde_json::json!([[0], [1]])));
 }

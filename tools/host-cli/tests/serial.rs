@@ -58,7 +58,7 @@ fn info_report() -> InfoReport {
         services: Vec::new(),
         memory_use: MemoryUse::default(),
         control: CONTROL.iter().map(|c| c.to_string()).collect(),
-        cpu_list: vec![wire::CpuInfo { apic_id: 0, state: wire::CpuState::Boot }],
+        cpu_list: vec![wire::CpuInfo { apic_id: 0, state: wire::CpuState::Boot, package: Some(0), socket: Some(0) }],
     }
 }
 
