@@ -313,8 +313,14 @@ pub enum ArchError {
         vmcb: u64,
         /// This CPU's VM_HSAVE_PA when it was found.
         hsave: u64,
-        /// EXITCODE as found.
+        /// EXITCODE, EXITINFO1 and EXITINFO2 as found (for a nested page fault,
+        /// EXITINFO2 is the guest-physical address that faulted).
         exit_code: u64,
+        exit_info: [u64; 2],
+        /// RIP and RSP as found in the state-save area, and the RIP the guest had
+        /// before this VMRUN.
+        found_rip_rsp: [u64; 2],
+        rip_before: u64,
         /// APIC ID of the CPU that found it.
         cpu: u32,
         /// APIC ID of the CPU that ran the vCPU before, and that run's exit code.
@@ -362,11 +368,24 @@ impl core::fmt::Display for ArchError {
                 write!(f, "VMX control {control}: bits {missing:#x} are required but not allowed by this CPU")
             }
             ArchError::VmrunInvalid => f.write_str("VMRUN failed its consistency checks (VMEXIT_INVALID)"),
-            ArchError::VmcbHoldsHostState { when, vmcb, hsave, exit_code, cpu, last_cpu, last_exit } => {
+            ArchError::VmcbHoldsHostState {
+                when,
+                vmcb,
+                hsave,
+                exit_code,
+                exit_info,
+                found_rip_rsp,
+                rip_before,
+                cpu,
+                last_cpu,
+                last_exit,
+            } => {
                 write!(
                     f,
                     "the VMCB at {vmcb:#x} holds this hypervisor's own state instead of the guest's {when} \
-                     (EXITCODE {exit_code:#x}, on CPU apic={cpu} whose VM_HSAVE_PA is {hsave:#x}; "
+                     (EXITCODE {exit_code:#x} EXITINFO1 {:#x} EXITINFO2 {:#x}, RIP {:#x} RSP {:#x}, guest RIP \
+                     {rip_before:#x} before VMRUN; on CPU apic={cpu} whose VM_HSAVE_PA is {hsave:#x}; ",
+                    exit_info[0], exit_info[1], found_rip_rsp[0], found_rip_rsp[1]
                 )?;
                 match last_cpu {
                     Some(c) => write!(f, "its previous run was on CPU apic={c} and ended with exit {last_exit:#x})"),

@@ -198,8 +198,11 @@ impl SvmVcpu {
     }
 
     /// The error for a VMCB found holding host state on CPU `me`.
-    fn holds_host_state(&mut self, when: &'static str, me: u32) -> ArchError {
-        let exit_code = self.vmcb().get(vmcb::EXITCODE);
+    fn holds_host_state(&mut self, when: &'static str, me: u32, rip_before: u64) -> ArchError {
+        let v = self.vmcb();
+        let exit_code = v.get(vmcb::EXITCODE);
+        let exit_info = [v.get(vmcb::EXITINFO1), v.get(vmcb::EXITINFO2)];
+        let found_rip_rsp = [v.get(vmcb::RIP), v.get(vmcb::RSP)];
         // SAFETY: VM_HSAVE_PA exists on every CPU that enabled SVM (`run` checked this
         // CPU did); reading it has no side effects.
         let hsave = unsafe { x86::msr::rdmsr(MSR_VM_HSAVE_PA) };
@@ -208,6 +211,9 @@ impl SvmVcpu {
             vmcb: self.vmcb,
             hsave,
             exit_code,
+            exit_info,
+            found_rip_rsp,
+            rip_before,
             cpu: me,
             last_cpu: self.last_cpu,
             last_exit: self.last_exit,
@@ -236,8 +242,9 @@ impl Vcpu for SvmVcpu {
         // Only the label's address is taken (`addr_of!` on an extern static is safe).
         let vmrun_return = core::ptr::addr_of!(hv_svm_vmrun_return) as u64;
         if host_state_in_vmcb(&self.vmcb(), host_cr3, vmrun_return) {
-            return Err(self.holds_host_state("before VMRUN", me));
+            return Err(self.holds_host_state("before VMRUN", me, 0));
         }
+        let rip_before = self.vmcb().get(vmcb::RIP);
         self.vmcb().set(vmcb::RAX, regs.rax);
         if let Some(ticks) = slice {
             crate::percpu::this().lapic.arm_one_shot(ticks);
@@ -271,7 +278,7 @@ impl Vcpu for SvmVcpu {
         let code = self.vmcb().get(vmcb::EXITCODE);
         if host_state_in_vmcb(&self.vmcb(), host_cr3, vmrun_return) {
             self.last_cpu = last_cpu;
-            return Err(self.holds_host_state("at #VMEXIT", me));
+            return Err(self.holds_host_state("at #VMEXIT", me, rip_before));
         }
         self.last_exit = code;
         let mut v = self.vmcb();
@@ -519,8 +526,7 @@ impl Vcpu for SvmVcpu {
         let pending_event = if eventinj & (1 << 31) != 0 {
             PendingEvent::from_interruption_info(eventinj as u32, (eventinj >> 32) as u32)
         } else {
-            PendingEvent::from_interruption_info(exitintinfo as u32, (exitintinfo >> 32) as u32)
-                .filter(PendingEvent::redelivered_after_exit)
+            cut_short(exitintinfo)
         };
         if pending_event.as_ref().is_some_and(|e| !e.kind_is_known()) {
             return Err(ArchError::Unsupported("saving a pending event of an unknown EVENTINJ type"));
@@ -657,14 +663,25 @@ unsafe extern "sysv64" {
     static hv_svm_vmrun_return: u8;
 }
 
-/// EVENTINJ for the next VMRUN after a #VMEXIT with this EXITINTINFO: the same event
-/// (EXITINTINFO has EVENTINJ's layout, APM Vol. 2 15.7.2) when its delivery must be
-/// redone, else 0.
-fn redelivery(exitintinfo: u64) -> u64 {
-    match PendingEvent::from_interruption_info(exitintinfo as u32, (exitintinfo >> 32) as u32) {
-        Some(e) if e.redelivered_after_exit() => exitintinfo,
-        _ => 0,
+/// The event a #VMEXIT with this EXITINTINFO cut short, when its delivery must be
+/// redone (APM Vol. 2 15.7.2; EXITINTINFO has EVENTINJ's layout). QEMU TCG records an
+/// interrupted external interrupt as type 3 (exception) with its vector (0x20-0xff):
+/// its `do_interrupt_all` marks every non-software event so. Put back as an exception,
+/// VMRUN refuses it (15.20: exceptions are vectors 0-31), so that is an external
+/// interrupt, which is what hardware reports (type 0).
+fn cut_short(exitintinfo: u64) -> Option<PendingEvent> {
+    let mut event = PendingEvent::from_interruption_info(exitintinfo as u32, (exitintinfo >> 32) as u32)?;
+    if event.kind == state::EVENT_EXCEPTION && event.vector >= 32 {
+        event = PendingEvent { kind: state::EVENT_EXTERNAL_INTERRUPT, error_code: None, ..event };
     }
+    Some(event).filter(PendingEvent::redelivered_after_exit)
+}
+
+/// EVENTINJ for the next VMRUN after a #VMEXIT with this EXITINTINFO: the event
+/// [`cut_short`] finds (error code in 63:32, 15.20), else 0.
+fn redelivery(exitintinfo: u64) -> u64 {
+    cut_short(exitintinfo)
+        .map_or(0, |e| u64::from(e.to_interruption_info()) | (u64::from(e.error_code.unwrap_or(0)) << 32))
 }
 
 /// Whether a VMCB's state-save area holds this CPU's host state instead of a guest's:
@@ -786,6 +803,9 @@ mod tests {
         // INT3 and INT n are raised again by re-executing the instruction.
         assert_eq!(redelivery((1 << 31) | (3 << 8) | 3), 0);
         assert_eq!(redelivery((1 << 31) | (4 << 8) | 0x80), 0);
+        // QEMU's report of an interrupted external interrupt (type 3, vector 0xec) goes
+        // back in as the external interrupt it was, not as an exception VMRUN refuses.
+        assert_eq!(redelivery((1 << 31) | (3 << 8) | 0xec), (1 << 31) | 0xec);
         // Nothing was being delivered.
         assert_eq!(redelivery(0xec), 0);
         assert_eq!(redelivery(0), 0);
@@ -814,6 +834,9 @@ mod tests {
             vmcb: 0x2d7_6000,
             hsave: 0x2c5_3000,
             exit_code: 0x400,
+            exit_info: [0x6, 0x7e5_1234],
+            found_rip_rsp: [0x7e5_1234, 0x7ff_0f00],
+            rip_before: 0x20_0bb7,
             cpu: 0,
             last_cpu: Some(1),
             last_exit: 0x81,
@@ -827,6 +850,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("exit 0x81") && text.contains("EXITCODE 0x400"), "{text}");
+        assert!(text.contains("EXITINFO2 0x7e51234") && text.contains("guest RIP 0x200bb7"), "{text}");
     }
 
     fn snapshot() -> VcpuSnapshot {
