@@ -321,6 +321,9 @@ pub enum ArchError {
         /// before this VMRUN.
         found_rip_rsp: [u64; 2],
         rip_before: u64,
+        /// This CPU's RSP when it was found: near the found RSP if the state is this
+        /// CPU's own, far from it if another CPU's.
+        rsp_here: u64,
         /// APIC ID of the CPU that found it.
         cpu: u32,
         /// APIC ID of the CPU that ran the vCPU before, and that run's exit code.
@@ -376,6 +379,7 @@ impl core::fmt::Display for ArchError {
                 exit_info,
                 found_rip_rsp,
                 rip_before,
+                rsp_here,
                 cpu,
                 last_cpu,
                 last_exit,
@@ -383,8 +387,9 @@ impl core::fmt::Display for ArchError {
                 write!(
                     f,
                     "the VMCB at {vmcb:#x} holds this hypervisor's own state instead of the guest's {when} \
-                     (EXITCODE {exit_code:#x} EXITINFO1 {:#x} EXITINFO2 {:#x}, RIP {:#x} RSP {:#x}, guest RIP \
-                     {rip_before:#x} before VMRUN; on CPU apic={cpu} whose VM_HSAVE_PA is {hsave:#x}; ",
+                     (EXITCODE {exit_code:#x} EXITINFO1 {:#x} EXITINFO2 {:#x}, RIP {:#x} RSP {:#x} (this CPU's \
+                     RSP {rsp_here:#x}), guest RIP {rip_before:#x} before VMRUN; on CPU apic={cpu} whose \
+                     VM_HSAVE_PA is {hsave:#x}; ",
                     exit_info[0], exit_info[1], found_rip_rsp[0], found_rip_rsp[1]
                 )?;
                 match last_cpu {

@@ -115,6 +115,10 @@ impl Backend for Svm {
         // The VMSAVE page is this CPU's (`PerCpu`): a vCPU may run on any CPU that
         // enabled SVM, and it saves the host state of the CPU it runs on.
         crate::percpu::this().set_host_save_page(host_vmsave);
+        crate::println!(
+            "SVM cpu apic={}: host save area {hsave:#x}, host VMSAVE page {host_vmsave:#x}",
+            crate::percpu::this().apic_id
+        );
         Ok(Self { _hsave: hsave, fpu, host_tsc_aux })
     }
 
@@ -203,6 +207,9 @@ impl SvmVcpu {
         let exit_code = v.get(vmcb::EXITCODE);
         let exit_info = [v.get(vmcb::EXITINFO1), v.get(vmcb::EXITINFO2)];
         let found_rip_rsp = [v.get(vmcb::RIP), v.get(vmcb::RSP)];
+        let rsp_here: u64;
+        // SAFETY: reads the stack pointer into a register; no memory is touched.
+        unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp_here, options(nomem, nostack, preserves_flags)) };
         // SAFETY: VM_HSAVE_PA exists on every CPU that enabled SVM (`run` checked this
         // CPU did); reading it has no side effects.
         let hsave = unsafe { x86::msr::rdmsr(MSR_VM_HSAVE_PA) };
@@ -214,6 +221,7 @@ impl SvmVcpu {
             exit_info,
             found_rip_rsp,
             rip_before,
+            rsp_here,
             cpu: me,
             last_cpu: self.last_cpu,
             last_exit: self.last_exit,
@@ -837,6 +845,7 @@ mod tests {
             exit_info: [0x6, 0x7e5_1234],
             found_rip_rsp: [0x7e5_1234, 0x7ff_0f00],
             rip_before: 0x20_0bb7,
+            rsp_here: 0x7ff_0e00,
             cpu: 0,
             last_cpu: Some(1),
             last_exit: 0x81,
