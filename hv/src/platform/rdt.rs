@@ -49,10 +49,11 @@ fn perform(ops: &[MsrOp]) -> Option<u64> {
     let mut last = None;
     for op in ops {
         match *op {
-            // SAFETY: `SocketMsrs` only passes MSRs `is_allowed` accepts: the RDT monitoring MSRs, which exist when
-            // CPUID.7.0:EBX[12] (PQM) is set — the only case in which monitor_svc's engine (built from that CPUID)
+            // `SocketMsrs` only passes MSRs `is_allowed` accepts: the RDT monitoring MSRs, which exist when
+            // CPUID.7.0:EBX[12] (PQM) is set, the only case in which monitor_svc's engine (built from that CPUID)
             // issues requests. Writing EVTSEL/PQR_ASSOC changes only which counter is read / which RMID tags this
             // CPU's traffic.
+            // SAFETY: an allowed RDT monitoring MSR on a CPU that has it (above).
             MsrOp::Write { msr, value } => unsafe { x86::msr::wrmsr(msr, value) },
             // SAFETY: as for the write; reading IA32_QM_CTR/EVTSEL/PQR_ASSOC has no side effects.
             MsrOp::Read { msr } => last = Some(unsafe { x86::msr::rdmsr(msr) }),
