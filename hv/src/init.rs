@@ -395,14 +395,18 @@ fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platfo
     if B::VCPU_ON_ANY_CPU {
         let parallel = smp::BootOptions::parse(&info.cmdline).parallel_vcpus;
         machine.shared().set_parallel_vcpus(parallel);
-        if parallel {
+        if parallel && B::VCPUS_AT_ONCE {
             println!("SMP smp-vcpus=parallel: a domain's vCPUs may run at the same time on different CPUs");
+        } else if parallel {
+            println!(
+                "SMP smp-vcpus=parallel: a domain's vCPUs get CPUs of their own but take turns ({} INVEPT reaches \
+                 one CPU only)",
+                B::NAME
+            );
         }
         let mut cpus = alloc::vec![percpu::this().apic_id];
         cpus.extend(schedule_on_aps(&machine.shared()));
         machine.set_vcpu_cpus(cpus);
-    } else if smp::cpus().iter().skip(1).any(|s| s.state() == smp::CpuState::Started) {
-        println!("SMP vCPUs run on the boot CPU only: {} vCPUs cannot move between CPUs yet", B::NAME);
     }
     // The path the monitoring service's MSR accesses take to the other sockets, tried
     // once with a harmless job (after the APs took their schedulers, so it goes through

@@ -304,6 +304,14 @@ pub enum ArchError {
     },
     /// VMRUN rejected the VMCB (EXITCODE = VMEXIT_INVALID, APM Vol. 2 15.5.1).
     VmrunInvalid,
+    /// A VMCS is still active on another CPU (a CPU kept it past the domain's lock):
+    /// making it current here too would break SDM Vol. 3C 25.11.1.
+    VmcsActiveElsewhere {
+        /// The APIC ID of the CPU it is active on.
+        on: u32,
+        /// The APIC ID of this CPU.
+        here: u32,
+    },
     /// A VMCB's state-save area holds the hypervisor's own state (its CR3 and the RIP
     /// after VMRUN) instead of the guest's; running it would run the host as a guest.
     VmcbHoldsHostState {
@@ -371,6 +379,11 @@ impl core::fmt::Display for ArchError {
                 write!(f, "VMX control {control}: bits {missing:#x} are required but not allowed by this CPU")
             }
             ArchError::VmrunInvalid => f.write_str("VMRUN failed its consistency checks (VMEXIT_INVALID)"),
+            ArchError::VmcsActiveElsewhere { on, here } => write!(
+                f,
+                "the VMCS is still active on CPU apic={on}, so CPU apic={here} may not make it current \
+                 (SDM Vol. 3C 25.11.1)"
+            ),
             ArchError::VmcbHoldsHostState {
                 when,
                 vmcb,
@@ -421,10 +434,17 @@ pub trait Backend: Sized {
     /// Whether a vCPU made on one physical CPU may run on another that enabled the
     /// extension too, one slice here and the next there. SVM: yes, a VMCB is plain
     /// memory and each CPU VMSAVEs its host state into its own page (APM Vol. 2
-    /// 15.5.2). VMX: not yet, a VMCS must be VMCLEARed on the CPU it is current on
-    /// before another may VMPTRLD it (SDM Vol. 3C 25.11.1), so VMX vCPUs stay on the
-    /// boot CPU.
+    /// 15.5.2). VMX: yes, because every CPU VMCLEARs the VMCSs it made active before it
+    /// gives up the domain's lock ([`Vcpu::leave_cpu`]; SDM Vol. 3C 25.11.1: a VMCS is
+    /// active on at most one CPU), and the next CPU writes its own host state.
     const VCPU_ON_ANY_CPU: bool;
+    /// Whether two vCPUs of one domain may be in the guest at the same time on two
+    /// CPUs. SVM: yes, every VMRUN flushes the guest's TLB (TLB_CONTROL=1), so a
+    /// nested-table change made on one CPU reaches a vCPU out on another at its next
+    /// entry. VMX: no, INVEPT acts on this CPU only and a vCPU out elsewhere is not
+    /// told to flush, so a domain's VMX vCPUs take turns (on different CPUs if so
+    /// placed).
+    const VCPUS_AT_ONCE: bool;
     /// Turn the extension on on this CPU.
     fn enable(caps: &crate::platform::caps::Capabilities, pool: &mut FramePool) -> Result<Self, ArchError>;
     /// A vCPU that starts at `entry`.
@@ -438,6 +458,13 @@ pub trait Vcpu {
     fn run(&mut self, regs: &mut GuestRegs, slice: Option<u64>) -> Result<Exit, ArchError>;
     /// Continue after the instruction that caused `exit` (emulated by the core).
     fn skip_instruction(&mut self, exit: &Exit) -> Result<(), ArchError>;
+    /// This CPU is about to give up the domain's lock with the vCPU in it: leave
+    /// nothing of the vCPU that only this CPU holds, so any CPU may use it next. VMX:
+    /// VMCLEAR the VMCS if it is active here (SDM Vol. 3C 25.11.1, 25.11.3). SVM has
+    /// nothing to do (a VMCB is memory).
+    fn leave_cpu(&mut self) -> Result<(), ArchError> {
+        Ok(())
+    }
     /// Deliver a hardware exception to the guest at the next entry.
     fn inject_exception(&mut self, vector: u8, error_code: Option<u32>) -> Result<(), ArchError>;
     /// Whether an external interrupt injected now would be taken at the next entry:

@@ -496,8 +496,63 @@ pub struct DomainCell<B: Backend> {
 /// A shared handle on a domain.
 pub type DomainRef<B> = Arc<DomainCell<B>>;
 
-/// A locked domain.
-pub type DomainGuard<'a, B> = spin::MutexGuard<'a, Domain<B>>;
+/// A locked domain. When the guard goes, every vCPU in the domain (not out running)
+/// first leaves this CPU ([`crate::arch::Vcpu::leave_cpu`]: VMX VMCLEARs a VMCS this
+/// CPU made active), so whichever CPU takes the lock next may use any of them: the
+/// rule that lets VMX vCPUs run on every CPU (SDM Vol. 3C 25.11.1).
+pub struct DomainGuard<'a, B: Backend> {
+    inner: Option<spin::MutexGuard<'a, Domain<B>>>,
+}
+
+impl<B: Backend> fmt::Debug for DomainGuard<'_, B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DomainGuard").field("id", &self.inner.as_ref().map(|d| d.id)).finish_non_exhaustive()
+    }
+}
+
+impl<'a, B: Backend> DomainGuard<'a, B> {
+    fn new(inner: spin::MutexGuard<'a, Domain<B>>) -> Self {
+        Self { inner: Some(inner) }
+    }
+}
+
+impl<B: Backend> core::ops::Deref for DomainGuard<'_, B> {
+    type Target = Domain<B>;
+    fn deref(&self) -> &Domain<B> {
+        // `inner` is taken only in `drop`.
+        self.inner.as_deref().expect("a domain guard holds its lock until dropped")
+    }
+}
+
+impl<B: Backend> core::ops::DerefMut for DomainGuard<'_, B> {
+    fn deref_mut(&mut self) -> &mut Domain<B> {
+        self.inner.as_deref_mut().expect("a domain guard holds its lock until dropped")
+    }
+}
+
+impl<B: Backend> Drop for DomainGuard<'_, B> {
+    fn drop(&mut self) {
+        let Some(mut d) = self.inner.take() else { return };
+        let failed = leave_cpu(&mut d);
+        let id = d.id;
+        // The report after the lock is given up (never log holding a domain).
+        drop(d);
+        if let Some((vi, e)) = failed {
+            println!("FAIL: domain {id} vCPU {vi}: giving it up on CPU apic={}: {e}", crate::percpu::this().apic_id);
+        }
+    }
+}
+
+/// Every vCPU of `d` that is in (not out running) leaves this CPU; the first failure.
+fn leave_cpu<B: Backend>(d: &mut Domain<B>) -> Option<(usize, ArchError)> {
+    let mut failed = None;
+    for (vi, slot) in d.vcpus.iter_mut().enumerate() {
+        if let Some(Err(e)) = slot.vcpu.if_here().map(|v| v.leave_cpu()) {
+            failed.get_or_insert((vi, e));
+        }
+    }
+    failed
+}
 
 impl<B: Backend> fmt::Debug for DomainCell<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -506,7 +561,15 @@ impl<B: Backend> fmt::Debug for DomainCell<B> {
 }
 
 impl<B: Backend> DomainCell<B> {
-    fn new(domain: Domain<B>, pinned: Option<Vec<u32>>) -> Self {
+    fn new(mut domain: Domain<B>, pinned: Option<Vec<u32>>) -> Self {
+        // Made (and perhaps loaded from a snapshot) on this CPU: usable on any from here.
+        if let Some((vi, e)) = leave_cpu(&mut domain) {
+            println!(
+                "FAIL: domain {} vCPU {vi}: giving it up on CPU apic={}: {e}",
+                domain.id,
+                crate::percpu::this().apic_id
+            );
+        }
         Self {
             pinned: spin::Mutex::new(pinned),
             homes: spin::Mutex::new(Vec::new()),
@@ -543,7 +606,7 @@ impl<B: Backend> DomainCell<B> {
                 continue;
             };
             if self.out.load(Ordering::Acquire) == 0 {
-                break guard;
+                break DomainGuard::new(guard);
             }
             let mut running_on = [u32::MAX; config::MAX_VCPUS as usize];
             for (to, slot) in running_on.iter_mut().zip(guard.vcpus.iter()) {
@@ -564,7 +627,7 @@ impl<B: Backend> DomainCell<B> {
         if self.stopping() || self.output_pending.load(Ordering::Acquire) {
             return None;
         }
-        self.domain.try_lock()
+        self.domain.try_lock().map(DomainGuard::new)
     }
 
     /// Whether vCPU `vi` runs on the CPU with APIC ID `apic_id`: its home is there (or
@@ -591,13 +654,13 @@ impl<B: Backend> DomainCell<B> {
     /// Lock the domain to take a vCPU back in after its run (held by others only for
     /// short steps: control requests wait for this vCPU before they take it).
     pub(crate) fn lock_to_check_in(&self) -> DomainGuard<'_, B> {
-        self.domain.lock()
+        DomainGuard::new(self.domain.lock())
     }
 
     /// The domain if no one holds it now, without stopping any vCPU (for polls that
     /// can look again later, and tests).
     pub fn try_peek(&self) -> Option<DomainGuard<'_, B>> {
-        self.domain.try_lock()
+        self.domain.try_lock().map(DomainGuard::new)
     }
 
     /// Whether a control request waits for the vCPUs to come back.
@@ -837,7 +900,8 @@ impl<B: Backend> Machine<B> {
     }
 
     /// The CPUs that run vCPUs (APIC IDs): the boot CPU, and with a backend whose vCPUs
-    /// may move ([`Backend::VCPU_ON_ANY_CPU`]) every AP that schedules them.
+    /// may run anywhere ([`Backend::VCPU_ON_ANY_CPU`], both do) every AP that schedules
+    /// them.
     pub fn set_vcpu_cpus(&mut self, cpus: Vec<u32>) {
         self.vcpu_cpus = cpus;
     }
@@ -857,7 +921,7 @@ impl<B: Backend> Machine<B> {
                     Some(s) if s.state() == crate::smp::CpuState::Failed => {
                         alloc::string::String::from("it failed to start")
                     }
-                    Some(_) => alloc::format!("{} vCPUs run on the boot CPU only", B::NAME),
+                    Some(_) => alloc::string::String::from("its scheduler did not start"),
                 };
                 Err(DomainError::Cpus(alloc::format!("CPU {bad} runs no vCPUs ({why}); vCPUs run on CPUs {here}")))
             }

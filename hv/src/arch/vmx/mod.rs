@@ -84,7 +84,21 @@ pub struct Vmx {
 #[derive(Debug)]
 pub struct VmxVcpu {
     vmcs: u64,
+    /// The launch state (SDM Vol. 3C 25.11.3): VMRESUME once launched, VMLAUNCH after
+    /// creation or a VMCLEAR.
     launched: bool,
+    /// The APIC ID of the CPU this VMCS is active on (VMPTRLDed there and not VMCLEARed
+    /// since), if any. At most one CPU (25.11.1): `leave_cpu` clears it before the
+    /// domain's lock goes, so the next CPU to take the domain finds it inactive.
+    active_on: Option<u32>,
+    /// The CPU whose host state (GDT, IDT, TSS, GS base) the VMCS's host-state area
+    /// holds: VM exits land on that CPU's tables, so another CPU rewrites them first.
+    host_state_of: u32,
+    /// INVEPT before the next entry: the VMCS was made active on this CPU again (the
+    /// EPT may have changed while it was inactive, and this CPU's TLB may hold
+    /// translations from an earlier run here; INVEPT acts on one CPU only, SDM Vol. 3C
+    /// 29.4.3.4).
+    flush_before_entry: bool,
     preemption: Option<u32>,
     /// The EPTP, for INVEPT.
     eptp: u64,
@@ -188,7 +202,8 @@ impl Backend for Vmx {
     const ARCH: guest_abi::Arch = guest_abi::Arch::Vmx;
     /// VMCALL: 0F 01 C1 (SDM Vol. 2B).
     const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
-    const VCPU_ON_ANY_CPU: bool = false;
+    const VCPU_ON_ANY_CPU: bool = true;
+    const VCPUS_AT_ONCE: bool = false;
 
     fn enable(caps: &Capabilities, pool: &mut FramePool) -> Result<Self, ArchError> {
         let Virtualization::Vmx(vmx) = caps.virtualization else {
@@ -249,6 +264,9 @@ impl Backend for Vmx {
         let mut vcpu = VmxVcpu {
             vmcs,
             launched: false,
+            active_on: None,
+            host_state_of: crate::percpu::this().apic_id,
+            flush_before_entry: true,
             preemption: c.preemption_timer.then_some(self.preemption_shift),
             eptp: 0,
             // EPT_VPID_CAP bit 26: all-context INVEPT; bit 25: single-context.
@@ -269,6 +287,8 @@ impl Backend for Vmx {
         };
         vcpu.make_current()?;
         vcpu.eptp = self.configure(entry, msr_area, msr_count as u64)?;
+        // Inactive until its first run, which may be on any CPU.
+        vcpu.leave_cpu()?;
         Ok(vcpu)
     }
 }
@@ -278,9 +298,11 @@ impl Vmx {
     /// page `msr_area` (`msr_count` entries); returns the EPTP.
     fn configure(&self, entry: &GuestEntry, msr_area: u64, msr_count: u64) -> Result<u64, ArchError> {
         let c = &self.caps;
-        // 25.6.1-25.6.2, 25.7.1, 25.8.1. Pin: activate the VMX-preemption timer (6)
-        // where the CPU has it (our time slices).
-        let pin = adjust_controls("pin-based", if c.preemption_timer { 1 << 6 } else { 0 }, c.pinbased)?;
+        // 25.6.1-25.6.2, 25.7.1, 25.8.1. Pin: external-interrupt exiting (0), so a
+        // host interrupt (another CPU's kick IPI, this CPU's LAPIC timer) makes the
+        // guest exit instead of going through the guest's IDT (25.2); activate the
+        // VMX-preemption timer (6) where the CPU has it (our time slices).
+        let pin = adjust_controls("pin-based", 1 | if c.preemption_timer { 1 << 6 } else { 0 }, c.pinbased)?;
         // Primary: use TSC offsetting (3), HLT exiting (7), unconditional I/O exiting
         // (24), activate secondary controls (31). MSR bitmaps are off, so every
         // RDMSR/WRMSR exits.
@@ -346,13 +368,28 @@ impl Vmx {
 }
 
 impl VmxVcpu {
-    /// VMPTRLD this vCPU's VMCS unless it is already the current one.
+    /// VMPTRLD this vCPU's VMCS unless it is already the current one. A VMCS that was
+    /// inactive becomes active here (refused while it is active on another CPU, SDM
+    /// Vol. 3C 25.11.1); if it last held another CPU's host state, this CPU's is
+    /// written (its GDT, IDT, TSS and GS base differ).
     fn make_current(&mut self) -> Result<(), ArchError> {
         let cpu = crate::percpu::this();
-        if cpu.current_vmcs() != self.vmcs {
-            // SAFETY: the VMCS region is ours, initialised by VMCLEAR in `create_vcpu`.
-            unsafe { x86::bits64::vmx::vmptrld(self.vmcs) }.map_err(|f| vmcs::fail("VMPTRLD", f))?;
-            cpu.set_current_vmcs(self.vmcs);
+        match self.active_on {
+            Some(on) if on != cpu.apic_id => return Err(ArchError::VmcsActiveElsewhere { on, here: cpu.apic_id }),
+            Some(_) if cpu.current_vmcs() == self.vmcs => return Ok(()),
+            _ => {}
+        }
+        // SAFETY: the VMCS region is ours, initialised by VMCLEAR in `create_vcpu`, and
+        // active on no other CPU (checked above).
+        unsafe { x86::bits64::vmx::vmptrld(self.vmcs) }.map_err(|f| vmcs::fail("VMPTRLD", f))?;
+        cpu.set_current_vmcs(self.vmcs);
+        if self.active_on.is_none() {
+            self.active_on = Some(cpu.apic_id);
+            self.flush_before_entry = true;
+        }
+        if self.host_state_of != cpu.apic_id {
+            write_host_state()?;
+            self.host_state_of = cpu.apic_id;
         }
         Ok(())
     }
@@ -464,8 +501,26 @@ fn segment_writes(
 }
 
 impl Vcpu for VmxVcpu {
+    fn leave_cpu(&mut self) -> Result<(), ArchError> {
+        let cpu = crate::percpu::this();
+        if self.active_on != Some(cpu.apic_id) {
+            return Ok(());
+        }
+        // SAFETY: 25.11.3: VMCLEAR writes the VMCS's data back to its region, makes it
+        // inactive on this CPU and sets its launch state to clear; the region is ours.
+        unsafe { x86::bits64::vmx::vmclear(self.vmcs) }.map_err(|f| vmcs::fail("VMCLEAR", f))?;
+        cpu.clear_current_vmcs(self.vmcs);
+        self.active_on = None;
+        self.launched = false;
+        Ok(())
+    }
+
     fn run(&mut self, regs: &mut GuestRegs, slice: Option<u64>) -> Result<Exit, ArchError> {
         self.make_current()?;
+        if self.flush_before_entry {
+            self.flush_nested_tlb()?;
+            self.flush_before_entry = false;
+        }
         if let (Some(ticks), Some(shift)) = (slice, self.preemption) {
             // 26.5.1: the timer counts down by 1 every 2^shift TSC ticks; exit at 0.
             vmcs::write(vmcs::GUEST_PREEMPTION_TIMER, (ticks >> shift).clamp(1, u64::from(u32::MAX)))?;
@@ -499,6 +554,15 @@ impl Vcpu for VmxVcpu {
         }
         self.launched = true;
         self.exit_info_valid = true;
+        if raw & 0xffff == 1 {
+            // An external interrupt exit: "acknowledge interrupt on exit" is off, so the
+            // interrupt is still pending in this CPU's LAPIC (SDM Vol. 3C 28.2.2). Take
+            // it through the host's IDT now (its handler EOIs), or every entry would exit
+            // again at once. STI's shadow covers the NOP, so it arrives before CLI.
+            // SAFETY: the host IDT handles every vector from 32 up (drivers::tables),
+            // and nothing here depends on interrupts staying off for one instruction.
+            unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+        }
         // An event we injected has been delivered by now (26.6), unless this exit cut
         // its delivery short (an EPT violation on the guest's stack or IDT, say): 28.2.4
         // then describes it in the IDT-vectoring fields, and it goes in again at the
