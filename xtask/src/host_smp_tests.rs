@@ -154,6 +154,8 @@ fn created_ids(serial: &str) -> BTreeMap<String, u32> {
 
 /// The two-CPU test's writers: long enough to share many 10 ms slices.
 const TWO_WRITERS: Writers = Writers { count: 2, pages: 1024, rounds: 16 };
+/// The four-CPU test's: one per CPU.
+const FOUR_WRITERS: Writers = Writers { count: 4, pages: 1024, rounds: 16 };
 
 const SCENARIOS: &[Scenario] = &[
     Scenario {
@@ -215,6 +217,23 @@ const SCENARIOS: &[Scenario] = &[
         by_default: true,
         sockets: None,
         socket_cpus: Some(&[&[0, 1]]),
+    },
+    Scenario {
+        // -smp 4 under multi-threaded TCG on this 2-core machine: four vCPU threads
+        // share two host cores, so it checks placement and correctness, not speed.
+        name: "smp-qemu-four-memwriters-four-cpus",
+        bochs: false,
+        cpus: 4,
+        cmdline: "",
+        marker: "SMP cpus=4 started=4 failed=0",
+        failed: &[],
+        list: &[(0, "boot"), (1, "started"), (2, "started"), (3, "started")],
+        memwriter: false,
+        writers: Some(FOUR_WRITERS),
+        pairs: &[],
+        by_default: true,
+        sockets: None,
+        socket_cpus: Some(&[&[0, 1, 2, 3]]),
     },
     Scenario {
         name: "smp-qemu-dirty-exact-two-vcpus-two-cpus",
