@@ -395,14 +395,8 @@ fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platfo
     if B::VCPU_ON_ANY_CPU {
         let parallel = smp::BootOptions::parse(&info.cmdline).parallel_vcpus;
         machine.shared().set_parallel_vcpus(parallel);
-        if parallel && B::VCPUS_AT_ONCE {
+        if parallel {
             println!("SMP smp-vcpus=parallel: a domain's vCPUs may run at the same time on different CPUs");
-        } else if parallel {
-            println!(
-                "SMP smp-vcpus=parallel: a domain's vCPUs get CPUs of their own but take turns ({} INVEPT reaches \
-                 one CPU only)",
-                B::NAME
-            );
         }
         let mut cpus = alloc::vec![percpu::this().apic_id];
         cpus.extend(schedule_on_aps(&machine.shared()));

@@ -296,9 +296,9 @@ const SCENARIOS: &[Scenario] = &[
         socket_cpus: None,
     },
     Scenario {
-        // VMX vCPUs on both CPUs: each dirtypair domain's vCPU 1 writes on one CPU and
-        // its vCPU 0 peeks and cleans on the other (taking turns: VMX vCPUs of one
-        // domain are never in the guest at once), PML's buffer drained there.
+        // VMX vCPUs on both CPUs: each dirtypair domain's vCPU 1 writes on one CPU
+        // while its vCPU 0 peeks and cleans on the other, PML's buffer drained there
+        // with vCPU 1 stopped.
         name: "smp-bochs-dirty-exact-two-vcpus-two-cpus",
         bochs: true,
         cpus: 2,

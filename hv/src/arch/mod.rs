@@ -438,13 +438,6 @@ pub trait Backend: Sized {
     /// gives up the domain's lock ([`Vcpu::leave_cpu`]; SDM Vol. 3C 25.11.1: a VMCS is
     /// active on at most one CPU), and the next CPU writes its own host state.
     const VCPU_ON_ANY_CPU: bool;
-    /// Whether two vCPUs of one domain may be in the guest at the same time on two
-    /// CPUs. SVM: yes, every VMRUN flushes the guest's TLB (TLB_CONTROL=1), so a
-    /// nested-table change made on one CPU reaches a vCPU out on another at its next
-    /// entry. VMX: no, INVEPT acts on this CPU only and a vCPU out elsewhere is not
-    /// told to flush, so a domain's VMX vCPUs take turns (on different CPUs if so
-    /// placed).
-    const VCPUS_AT_ONCE: bool;
     /// Turn the extension on on this CPU.
     fn enable(caps: &crate::platform::caps::Capabilities, pool: &mut FramePool) -> Result<Self, ArchError>;
     /// A vCPU that starts at `entry`.

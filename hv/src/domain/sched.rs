@@ -241,9 +241,7 @@ impl<B: Backend> Shared<B> {
             return None;
         }
         // Taking turns: no vCPU goes out while another of the domain's is out.
-        // (With `smp-vcpus=parallel` a VMX domain's vCPUs are spread over CPUs but still
-        // take turns: `Backend::VCPUS_AT_ONCE`.)
-        if cell.out_now() > 0 && !(B::VCPUS_AT_ONCE && self.parallel_vcpus.load(Ordering::Relaxed)) {
+        if cell.out_now() > 0 && !self.parallel_vcpus.load(Ordering::Relaxed) {
             return None;
         }
         match d.vcpus[vi].state {

@@ -165,7 +165,6 @@ impl Backend for FakeBackend {
     const ARCH: guest_abi::Arch = guest_abi::Arch::Svm;
     const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
     const VCPU_ON_ANY_CPU: bool = true;
-    const VCPUS_AT_ONCE: bool = true;
     fn enable(_: &crate::platform::caps::Capabilities, _: &mut FramePool) -> Result<Self, ArchError> {
         Ok(Self)
     }

@@ -91,7 +91,6 @@ impl Backend for Svm {
     /// VMMCALL: 0F 01 D9 (APM Vol. 3).
     const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xd9];
     const VCPU_ON_ANY_CPU: bool = true;
-    const VCPUS_AT_ONCE: bool = true;
 
     fn enable(_caps: &Capabilities, pool: &mut FramePool) -> Result<Self, ArchError> {
         let fpu = HostFpu::enable();

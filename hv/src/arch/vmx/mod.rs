@@ -203,7 +203,6 @@ impl Backend for Vmx {
     /// VMCALL: 0F 01 C1 (SDM Vol. 2B).
     const HYPERCALL: [u8; 3] = [0x0f, 0x01, 0xc1];
     const VCPU_ON_ANY_CPU: bool = true;
-    const VCPUS_AT_ONCE: bool = false;
 
     fn enable(caps: &Capabilities, pool: &mut FramePool) -> Result<Self, ArchError> {
         let Virtualization::Vmx(vmx) = caps.virtualization else {
