@@ -41,7 +41,8 @@ pub const TIMEOUT: Duration = Duration::from_secs(240);
 /// How much of the serial log a failing test prints.
 const TAIL_LINES: usize = 60;
 /// The names init's `hv.test=` knows (guests/linux/init).
-pub const GUEST_TESTS: &[&str] = &["boot", "cpuinfo", "sha", "clock", "shell", "workload", "reboot", "panic"];
+pub const GUEST_TESTS: &[&str] =
+    &["boot", "cpuinfo", "sha", "clock", "shell", "workload", "parallel", "reboot", "panic"];
 
 /// The kernel and initramfs as the ESP holds them (`\EFI\HV\VMLINUZ`, `INITRD.GZ`).
 pub fn staged(assets: &LinuxAssets) -> Vec<Staged> {

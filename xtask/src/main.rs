@@ -88,7 +88,8 @@ enum Command {
         #[arg(long, default_value = "256M", requires = "linux")]
         memory: String,
         /// --linux: what guests/linux/init does (hv.test=NAME): boot, cpuinfo, sha,
-        /// clock, shell, reboot or panic.
+        /// clock, shell, workload, parallel (one sha256sum loop, then two at once: with
+        /// --vcpus 2), reboot or panic.
         #[arg(long, default_value = "shell", requires = "linux", value_name = "NAME")]
         test: String,
         /// Start this many hypervisors side by side (QEMU only), each with its own vsock
@@ -96,6 +97,14 @@ enum Command {
         /// target/xtask/runs/run-I/serial.log, not to the terminal.
         #[arg(long, default_value_t = 1)]
         instances: usize,
+        /// Physical CPUs of the emulated machine: QEMU `-smp N` with multi-threaded TCG,
+        /// Bochs `cpu: count=N`. The hypervisor starts on each and runs vCPUs there.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=MAX_RUN_CPUS as i64))]
+        cpus: u32,
+        /// --linux: the guest's vCPUs. They share one physical CPU unless the hypervisor is
+        /// told `--cmdline smp-vcpus=parallel` (opt-in; see the README's SMP section).
+        #[arg(long, default_value_t = 1, requires = "linux", value_parser = clap::value_parser!(u32).range(1..=8))]
+        vcpus: u32,
     },
     /// Host unit tests (`cargo test --workspace --exclude boot --exclude guest-kernels`:
     /// those two only build for their freestanding targets), dependency rules, then the
@@ -213,13 +222,14 @@ fn main() -> ExitCode {
             println!("image: {}", esp.efi.display());
             println!("ESP:   {} ({} bytes)", esp.dir.display(), esp.size);
         }),
-        Command::Run { platform, timeout, cmdline, domains, instances, linux, memory, test, stage } => {
+        Command::Run { platform, timeout, cmdline, domains, instances, linux, memory, test, stage, cpus, vcpus } => {
             if instances > 1 {
-                run_many(platform.platform(), timeout, instances)
+                run_many(platform.platform(), timeout, instances, cpus)
             } else if linux {
-                run_linux(platform.platform(), timeout, cmdline, &memory, &test, stage)
+                let guest = LinuxRun { memory: &memory, test: &test, vcpus };
+                run_linux(platform.platform(), timeout, cmdline, guest, stage, cpus)
             } else {
-                read_domains(domains).and_then(|d| run(platform.platform(), timeout, cmdline, d, &stage))
+                read_domains(domains).and_then(|d| run(platform.platform(), timeout, cmdline, d, &stage, cpus))
             }
         }
         Command::Test { host_only, system_only, filter, no_linux } => test(host_only, system_only, filter, !no_linux),
@@ -279,26 +289,54 @@ fn read_domains(path: Option<std::path::PathBuf>) -> Result<Option<String>> {
     }
 }
 
+/// The most physical CPUs `cargo xtask run --cpus` gives a machine: more only queue up
+/// behind this host's two cores under TCG (and Bochs simulates them one after another).
+const MAX_RUN_CPUS: u32 = 8;
+
+/// The guest of `cargo xtask run --linux`.
+struct LinuxRun<'a> {
+    memory: &'a str,
+    /// hv.test=NAME of guests/linux/init.
+    test: &'a str,
+    vcpus: u32,
+}
+
 /// `cargo xtask run --linux`: the Linux guest as the one boot-time domain.
 fn run_linux(
     platform: Platform,
     timeout: Option<u64>,
     cmdline: String,
-    memory: &str,
-    test: &str,
+    guest: LinuxRun<'_>,
     mut stage: Vec<emulator::Staged>,
+    cpus: u32,
 ) -> Result<()> {
+    let LinuxRun { memory, test, vcpus } = guest;
     linux_tests::check_guest_test(test)?;
     let assets = linux::ensure_linux_assets()?;
-    let domains = linux_tests::domains_line(memory, test);
+    let domains = linux_tests::domain_line_vcpus("linux", memory, vcpus, test, None, "");
     println!(
-        "xtask: Linux {} ({}) as domain `linux` ({memory}, hv.test={test}); its console is in the serial log as \
-         [domN] lines",
+        "xtask: Linux {} ({}) as domain `linux` ({memory}, {vcpus} vCPU(s), hv.test={test}); its console is in the \
+         serial log as [domN] lines",
         assets.kernel_release, assets.kernel_package
     );
+    if let Some(hint) = parallel_hint(vcpus, cpus, &cmdline) {
+        println!("xtask: {hint}");
+    }
     print!("xtask: DOMAINS.CFG: {domains}");
     stage.extend(linux_tests::staged(&assets));
-    run(platform, timeout, cmdline, Some(domains), &stage)
+    run(platform, timeout, cmdline, Some(domains), &stage, cpus)
+}
+
+/// What to tell someone who gave a guest several vCPUs and the machine several CPUs but
+/// did not ask for the vCPUs to run at once: they will take turns on one CPU.
+fn parallel_hint(vcpus: u32, cpus: u32, cmdline: &str) -> Option<String> {
+    let parallel = cmdline.split_whitespace().any(|o| o == "smp-vcpus=parallel");
+    (vcpus > 1 && cpus > 1 && !parallel).then(|| {
+        format!(
+            "the guest's {vcpus} vCPUs take turns on one of the {cpus} CPUs; add --cmdline smp-vcpus=parallel to \
+             spread them (opt-in: see the README's SMP section)"
+        )
+    })
 }
 
 fn run(
@@ -307,6 +345,7 @@ fn run(
     cmdline: String,
     domains: Option<String>,
     staged: &[emulator::Staged],
+    cpus: u32,
 ) -> Result<()> {
     tools::ensure(&platform)?;
     let esp = image::build(true)?;
@@ -323,15 +362,16 @@ fn run(
         domains,
     };
     println!(
-        "xtask: booting on {platform}{} (READY expected within {} s)",
+        "xtask: booting on {platform} with {}{} (READY expected within {} s)",
+        if cpus > 1 { format!("{cpus} CPUs, ") } else { String::new() },
         if matches!(platform, Platform::Qemu { .. }) {
-            " with a virtio-vsock device and COM2 on a socket"
+            "a virtio-vsock device and COM2 on a socket"
         } else {
-            " with COM2 on a socket"
+            "COM2 on a socket"
         },
         config.timeout.as_secs()
     );
-    let mut session = emulator::Session::spawn_staged(&platform, &esp, &config, staged)?;
+    let mut session = emulator::Session::spawn_cpus(&platform, &esp, &config, staged, cpus)?;
     println!("xtask: serial log also in {}", session.serial_path.display());
     let mut echo = emulator::Echo::new(true);
     // The serial channel's line comes after vsock's, so once it is there both are known.
@@ -440,7 +480,7 @@ fn describe_exit(status: std::process::ExitStatus) -> String {
 /// backend and run directory (target/xtask/runs/run-I); their serial logs stay there
 /// (serial.log), since N consoles interleaved on one terminal cannot be read. When one
 /// stops, say so and why (its last FAIL line); the others keep running.
-fn run_many(platform: Platform, timeout: Option<u64>, instances: usize) -> Result<()> {
+fn run_many(platform: Platform, timeout: Option<u64>, instances: usize, cpus: u32) -> Result<()> {
     if !matches!(platform, Platform::Qemu { .. }) {
         return Err("--instances needs QEMU (Bochs has no virtio-vsock device)".into());
     }
@@ -458,7 +498,7 @@ fn run_many(platform: Platform, timeout: Option<u64>, instances: usize) -> Resul
             vsock: true,
             domains: None,
         };
-        let session = emulator::Session::spawn(&platform, &esp, &config)?;
+        let session = emulator::Session::spawn_cpus(&platform, &esp, &config, &[], cpus)?;
         println!("xtask: instance {i} is booting; serial log: {}", session.serial_path.display());
         sessions.push(session);
     }
@@ -683,6 +723,30 @@ mod tests {
         assert_eq!(super::created_domain(line), Some((3, "linux")));
         assert_eq!(super::created_domain("DOMAIN 3 EXIT code=0 exits=5"), None);
         assert_eq!(super::created_domain("[dom1] DOMAIN x CREATED name=a"), None);
+    }
+
+    #[test]
+    fn several_vcpus_on_several_cpus_without_parallel_get_the_hint() {
+        assert!(parallel_hint(2, 2, "").unwrap().contains("--cmdline smp-vcpus=parallel"));
+        assert!(parallel_hint(2, 2, "smp-vcpus=parallel").is_none());
+        assert!(parallel_hint(2, 2, "log=x smp-vcpus=parallel").is_none());
+        assert!(parallel_hint(1, 2, "").is_none(), "one vCPU has nothing to spread");
+        assert!(parallel_hint(2, 1, "").is_none(), "one CPU has nowhere to spread to");
+    }
+
+    #[test]
+    fn run_takes_a_cpu_count_within_bounds() {
+        use clap::Parser;
+        let cpus = |args: &[&str]| match Cli::try_parse_from([&["xtask", "run"], args].concat()) {
+            Ok(Cli { command: Command::Run { cpus, .. } }) => Ok(cpus),
+            Ok(_) => unreachable!("`run` parses as Run"),
+            Err(e) => Err(e.kind()),
+        };
+        assert_eq!(cpus(&[]), Ok(1));
+        assert_eq!(cpus(&["--cpus", "4"]), Ok(4));
+        assert!(cpus(&["--cpus", "0"]).is_err());
+        assert!(cpus(&["--cpus", &(MAX_RUN_CPUS + 1).to_string()]).is_err());
+        assert!(cpus(&["--vcpus", "2"]).is_err(), "--vcpus is for --linux");
     }
 
     #[test]
