@@ -534,21 +534,36 @@ impl<B: Backend> Drop for DomainGuard<'_, B> {
     fn drop(&mut self) {
         let Some(mut d) = self.inner.take() else { return };
         let failed = leave_cpu(&mut d);
-        let id = d.id;
         // The report after the lock is given up (never log holding a domain).
         drop(d);
-        if let Some((vi, e)) = failed {
-            println!("FAIL: domain {id} vCPU {vi}: giving it up on CPU apic={}: {e}", crate::percpu::this().apic_id);
+        if let Some(failure) = failed {
+            println!("FAIL: {failure}");
         }
     }
 }
 
+/// A vCPU that could not leave the CPU its domain was held on (a VMCLEAR that failed).
+struct LeaveFailure {
+    domain: u32,
+    vcpu: usize,
+    cpu: u32,
+    error: ArchError,
+}
+
+impl fmt::Display for LeaveFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let Self { domain, vcpu, cpu, error } = self;
+        write!(f, "domain {domain} vCPU {vcpu}: giving it up on CPU apic={cpu}: {error}")
+    }
+}
+
 /// Every vCPU of `d` that is in (not out running) leaves this CPU; the first failure.
-fn leave_cpu<B: Backend>(d: &mut Domain<B>) -> Option<(usize, ArchError)> {
+fn leave_cpu<B: Backend>(d: &mut Domain<B>) -> Option<LeaveFailure> {
     let mut failed = None;
-    for (vi, slot) in d.vcpus.iter_mut().enumerate() {
-        if let Some(Err(e)) = slot.vcpu.if_here().map(|v| v.leave_cpu()) {
-            failed.get_or_insert((vi, e));
+    for (vcpu, slot) in d.vcpus.iter_mut().enumerate() {
+        if let Some(Err(error)) = slot.vcpu.if_here().map(|v| v.leave_cpu()) {
+            let cpu = crate::percpu::this().apic_id;
+            failed.get_or_insert(LeaveFailure { domain: d.id, vcpu, cpu, error });
         }
     }
     failed
@@ -563,12 +578,8 @@ impl<B: Backend> fmt::Debug for DomainCell<B> {
 impl<B: Backend> DomainCell<B> {
     fn new(mut domain: Domain<B>, pinned: Option<Vec<u32>>) -> Self {
         // Made (and perhaps loaded from a snapshot) on this CPU: usable on any from here.
-        if let Some((vi, e)) = leave_cpu(&mut domain) {
-            println!(
-                "FAIL: domain {} vCPU {vi}: giving it up on CPU apic={}: {e}",
-                domain.id,
-                crate::percpu::this().apic_id
-            );
+        if let Some(failure) = leave_cpu(&mut domain) {
+            println!("FAIL: {failure}");
         }
         Self {
             pinned: spin::Mutex::new(pinned),

@@ -202,11 +202,12 @@ impl SvmVcpu {
     }
 
     /// The error for a VMCB found holding host state on CPU `me`.
-    fn holds_host_state(&mut self, when: &'static str, me: u32, rip_before: u64) -> ArchError {
+    fn holds_host_state(&mut self, when: &'static str, me: u32, [rip_before, rax_before]: [u64; 2]) -> ArchError {
         let v = self.vmcb();
         let exit_code = v.get(vmcb::EXITCODE);
         let exit_info = [v.get(vmcb::EXITINFO1), v.get(vmcb::EXITINFO2)];
         let found_rip_rsp = [v.get(vmcb::RIP), v.get(vmcb::RSP)];
+        let (found_rax, found_cpl) = (v.get(vmcb::RAX), v.get(vmcb::CPL));
         let rsp_here: u64;
         // SAFETY: reads the stack pointer into a register; no memory is touched.
         unsafe { core::arch::asm!("mov {}, rsp", out(reg) rsp_here, options(nomem, nostack, preserves_flags)) };
@@ -221,6 +222,9 @@ impl SvmVcpu {
             exit_info,
             found_rip_rsp,
             rip_before,
+            found_rax,
+            found_cpl,
+            rax_before,
             rsp_here,
             cpu: me,
             last_cpu: self.last_cpu,
@@ -250,10 +254,10 @@ impl Vcpu for SvmVcpu {
         // Only the label's address is taken (`addr_of!` on an extern static is safe).
         let vmrun_return = core::ptr::addr_of!(hv_svm_vmrun_return) as u64;
         if host_state_in_vmcb(&self.vmcb(), host_cr3, vmrun_return) {
-            return Err(self.holds_host_state("before VMRUN", me, 0));
+            return Err(self.holds_host_state("before VMRUN", me, [0, 0]));
         }
-        let rip_before = self.vmcb().get(vmcb::RIP);
-        self.vmcb().set(vmcb::RAX, regs.rax);
+        let (rip_before, rax_before) = (self.vmcb().get(vmcb::RIP), regs.rax);
+        self.vmcb().set(vmcb::RAX, rax_before);
         if let Some(ticks) = slice {
             crate::percpu::this().lapic.arm_one_shot(ticks);
         }
@@ -286,7 +290,7 @@ impl Vcpu for SvmVcpu {
         let code = self.vmcb().get(vmcb::EXITCODE);
         if host_state_in_vmcb(&self.vmcb(), host_cr3, vmrun_return) {
             self.last_cpu = last_cpu;
-            return Err(self.holds_host_state("at #VMEXIT", me, rip_before));
+            return Err(self.holds_host_state("at #VMEXIT", me, [rip_before, rax_before]));
         }
         self.last_exit = code;
         let mut v = self.vmcb();
@@ -743,7 +747,12 @@ global_asm!(
     "mov r14, [rsi + 8*13]",
     "mov r15, [rsi + 8*14]",
     "mov rsi, [rsi + 8*4]",
-    "sti",       // GIF=0 still blocks interrupts; the guest runs with HIF=1
+    "sti", // GIF=0 still blocks interrupts; the guest runs with HIF=1
+    // STI's one-instruction interrupt shadow ends here, not on VMRUN: QEMU 7.2's
+    // VMRUN neither loads nor clears the shadow (helper_vmrun), so the guest's first
+    // instruction would inherit the host's, and an immediate #VMEXIT reports a guest
+    // interrupt shadow (INTERRUPT_SHADOW) that the guest never had.
+    "nop",
     "vmrun rax", // #VMEXIT gives RAX back (the VMCB address, from the host save area)
     ".global hv_svm_vmrun_return",
     "hv_svm_vmrun_return:", // the host RIP VMRUN saves; `host_state_in_vmcb` looks for it
@@ -845,6 +854,9 @@ mod tests {
             exit_info: [0x6, 0x7e5_1234],
             found_rip_rsp: [0x7e5_1234, 0x7ff_0f00],
             rip_before: 0x20_0bb7,
+            found_rax: 0x2d7_6000,
+            found_cpl: 0,
+            rax_before: 0x5a,
             rsp_here: 0x7ff_0e00,
             cpu: 0,
             last_cpu: Some(1),
@@ -860,6 +872,7 @@ mod tests {
         );
         assert!(text.contains("exit 0x81") && text.contains("EXITCODE 0x400"), "{text}");
         assert!(text.contains("EXITINFO2 0x7e51234") && text.contains("guest RIP 0x200bb7"), "{text}");
+        assert!(text.contains("RAX 0x2d76000 CPL 0") && text.contains("RAX 0x5a before VMRUN"), "{text}");
     }
 
     fn snapshot() -> VcpuSnapshot {
