@@ -9,10 +9,12 @@
 //! | `smp-qemu-failed-ap-reported` | QEMU TCG -cpu EPYC -smp 2 | `smp-fail-ap=1` | `SMP cpu apic=1 failed to start: …`, `SMP cpus=2 started=1 failed=1`, info lists APIC 1 failed, a memwriter finishes |
 //! | `smp-qemu-ap-without-virtualization-reported` | QEMU TCG -cpu EPYC -smp 2 | `smp-fail-virt=1` | `SMP cpu apic=1 cannot run guests: …`, `SMP cpus=2 started=1 failed=1`, info lists APIC 1 failed, a memwriter finishes |
 //! | `smp-qemu-two-memwriters-two-cpus` | QEMU TCG -cpu EPYC -smp 2 | — | as `smp-qemu-all-cpus-start`, and two boot-time memwriters (1024 pages × 16 rounds) that ran concurrently both end `finished(0)` with every round's checksum right, and their `DOMAIN <id> VCPU <v> ON CPU apic=<A>` placement lines cover APIC 0 and APIC 1 (else it fails naming the APIC IDs seen) |
+//! | `smp-qemu-rebalance-after-destroy` | QEMU TCG -cpu EPYC -smp 2 | — | as `smp-qemu-all-cpus-start`, and three spinners created with `hvctl domain create` are placed two on one CPU and one on the other; destroying the lone one moves one of the pair to the emptied CPU (`DOMAIN d HOMES vcpu->cpu 0->b (moved from CPU a: 2 vCPUs there, 0 on b)`), where it runs (`DOMAIN d VCPU 0 ON CPU apic=b`) and keeps running (its exits grow) |
 //! | `smp-qemu-dirty-exact-two-vcpus-two-cpus` (not by default) | QEMU TCG -cpu EPYC -smp 2 | `smp-vcpus=parallel` | two 2-vCPU `dirtypair` domains, D-bit and write-protect: in each vCPU 1 writes on one CPU and vCPU 0 peeks and cleans 20 times on the other (at the same time); no page missing or extra, each domain's vCPUs on two different APIC IDs |
 //! | `smp-qemu-two-sockets-reported` | QEMU TCG -cpu EPYC -smp 2,sockets=2,cores=1,threads=1 | — | as `smp-qemu-all-cpus-start`, and the boot log's `SMP sockets=2:`, `hvctl info --json` and `hvctl monitor hwinfo --json` put APIC 0 in socket 0 and APIC 1 in socket 1 (RDT is absent on QEMU; the topology is reported all the same), and `SMP socket 1 (package 1) reached: a job on CPU apic=1 …`: the boot CPU reached socket 1 the way monitoring MSR accesses go |
 //! | `smp-qemu-two-sockets-failed-ap-still-placed` | the same two sockets | `smp-fail-virt=1` | APIC 1 failed but checked in, so it is still listed in socket 1 and `SMP socket 1 (package 1) unreachable: none of its CPUs (APIC 1) runs: …` (a monitoring access there is refused, never answered by socket 0) |
 //! | `smp-bochs-all-cpus-start` | Bochs corei7_skylake_x, `cpu: count=2` | — | the marker shows 2 started and `hvctl info --json` (over COM2) lists both |
+//! | `smp-bochs-rebalance-after-destroy` | Bochs corei7_skylake_x, `cpu: count=2` | — | as `smp-qemu-rebalance-after-destroy`, on VMX: the moved vCPU's VMCS, VMCLEARed on its old CPU, runs on the new one |
 //!
 //! Every QEMU scenario also checks the sockets (`SMP sockets=N:` line, `hvctl info
 //! --json` `socket_cpus`, `hvctl monitor hwinfo --json` `socket_cpus`): a default
@@ -67,6 +69,10 @@ struct Scenario {
     /// --json` must report (`socket_cpus`), and the `SMP sockets=` line must count;
     /// `None`: not checked (Bochs).
     socket_cpus: Option<&'static [&'static [u32]]>,
+    /// Create three spinners over the control channel, destroy the one alone on its
+    /// CPU, and require one of the other two to move there and run
+    /// ([`rebalanced_after_destroy`]).
+    rebalance: bool,
 }
 
 /// Log-dirty under concurrency (issue 16, Acceptance): a 2-vCPU domain per mode SVM
@@ -172,6 +178,7 @@ const SCENARIOS: &[Scenario] = &[
         by_default: true,
         sockets: None,
         socket_cpus: Some(&[&[0, 1]]),
+        rebalance: false,
     },
     Scenario {
         name: "smp-qemu-failed-ap-reported",
@@ -187,6 +194,7 @@ const SCENARIOS: &[Scenario] = &[
         by_default: true,
         sockets: None,
         socket_cpus: Some(&[&[0]]),
+        rebalance: false,
     },
     Scenario {
         name: "smp-qemu-ap-without-virtualization-reported",
@@ -202,6 +210,7 @@ const SCENARIOS: &[Scenario] = &[
         by_default: true,
         sockets: None,
         socket_cpus: Some(&[&[0, 1]]),
+        rebalance: false,
     },
     Scenario {
         name: "smp-qemu-two-memwriters-two-cpus",
@@ -217,6 +226,7 @@ const SCENARIOS: &[Scenario] = &[
         by_default: true,
         sockets: None,
         socket_cpus: Some(&[&[0, 1]]),
+        rebalance: false,
     },
     Scenario {
         // -smp 4 under multi-threaded TCG on this 2-core machine: four vCPU threads
@@ -234,6 +244,7 @@ const SCENARIOS: &[Scenario] = &[
         by_default: true,
         sockets: None,
         socket_cpus: Some(&[&[0, 1, 2, 3]]),
+        rebalance: false,
     },
     Scenario {
         name: "smp-qemu-dirty-exact-two-vcpus-two-cpus",
@@ -249,6 +260,23 @@ const SCENARIOS: &[Scenario] = &[
         by_default: false,
         sockets: None,
         socket_cpus: Some(&[&[0, 1]]),
+        rebalance: false,
+    },
+    Scenario {
+        name: "smp-qemu-rebalance-after-destroy",
+        bochs: false,
+        cpus: 2,
+        cmdline: "",
+        marker: "SMP cpus=2 started=2 failed=0",
+        failed: &[],
+        list: &[(0, "boot"), (1, "started")],
+        memwriter: false,
+        writers: None,
+        pairs: &[],
+        by_default: true,
+        sockets: None,
+        socket_cpus: Some(&[&[0, 1]]),
+        rebalance: true,
     },
     Scenario {
         name: "smp-qemu-two-sockets-reported",
@@ -264,6 +292,7 @@ const SCENARIOS: &[Scenario] = &[
         by_default: true,
         sockets: Some(2),
         socket_cpus: Some(&[&[0], &[1]]),
+        rebalance: false,
     },
     Scenario {
         name: "smp-qemu-two-sockets-failed-ap-still-placed",
@@ -279,6 +308,7 @@ const SCENARIOS: &[Scenario] = &[
         by_default: true,
         sockets: Some(2),
         socket_cpus: Some(&[&[0], &[1]]),
+        rebalance: false,
     },
     Scenario {
         name: "smp-bochs-all-cpus-start",
@@ -294,6 +324,25 @@ const SCENARIOS: &[Scenario] = &[
         by_default: true,
         sockets: None,
         socket_cpus: None,
+        rebalance: false,
+    },
+    Scenario {
+        // A VMX vCPU moved to another CPU: its VMCS was VMCLEARed on the old one, and
+        // the new one writes its own host state into it before the first entry.
+        name: "smp-bochs-rebalance-after-destroy",
+        bochs: true,
+        cpus: 2,
+        cmdline: "",
+        marker: "SMP cpus=2 started=2 failed=0",
+        failed: &[],
+        list: &[(0, "boot"), (1, "started")],
+        memwriter: false,
+        writers: None,
+        pairs: &[],
+        by_default: true,
+        sockets: None,
+        socket_cpus: None,
+        rebalance: true,
     },
     Scenario {
         // VMX vCPUs on both CPUs: each dirtypair domain's vCPU 1 writes on one CPU
@@ -312,6 +361,7 @@ const SCENARIOS: &[Scenario] = &[
         by_default: true,
         sockets: None,
         socket_cpus: None,
+        rebalance: false,
     },
 ];
 
@@ -472,6 +522,9 @@ fn check(
         })?;
         detail.push_str(&format!(", {}", pairs_checked(&session.serial(), s.pairs)?));
     }
+    if s.rebalance {
+        detail.push_str(&rebalanced_after_destroy(&ctx, session)?);
+    }
     for marker in ["FAIL:", "FATAL:", "SHUTDOWN"] {
         if let Some(l) = clean(&session.serial()).lines().find(|l| l.contains(marker)) {
             return Err(format!("the hypervisor stopped serving: {l}"));
@@ -540,6 +593,91 @@ fn sockets_reported(ctx: &Ctx, serial: &str, info: &serde_json::Value, want: &[&
         ", `{line}`, {}info and monitor hwinfo (present={}) report sockets {want_json}",
         probes.iter().map(|p| format!("{p}, ")).collect::<String>(),
         h["present"]
+    ))
+}
+
+/// The home CPU of every vCPU of domain `id`, from its last `DOMAIN id HOMES vcpu->cpu
+/// 0->A 1->B …` line.
+fn last_homes(serial: &str, id: u64) -> Option<Vec<u32>> {
+    let prefix = format!("DOMAIN {id} HOMES vcpu->cpu ");
+    let line = serial.lines().map(str::trim).rfind(|l| l.starts_with(&prefix))?;
+    let pairs = line[prefix.len()..].split(" (").next()?;
+    pairs.split_whitespace().map(|p| p.split_once("->")?.1.parse().ok()).collect()
+}
+
+/// Three spinners created over the control channel are placed two on one CPU and one
+/// on the other; destroying the lone one makes one of the pair move (`… (moved from
+/// CPU a: 2 vCPUs there, 0 on b)`), run there (`DOMAIN d VCPU 0 ON CPU apic=b`) and
+/// keep running (its exits grow).
+fn rebalanced_after_destroy(ctx: &Ctx, session: &Session) -> Result<String> {
+    let kernel = ctx.guests.join("spinner.elf").display().to_string();
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let name = format!("rb{i}");
+        let out = control_tests::hvctl(
+            ctx,
+            &["domain", "create", "--kernel", &kernel, "--name", &name, "--memory", "8M", "--json"],
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| format!("create --json: {e}"))?;
+        ids.push(v["id"].as_u64().ok_or("create gave no id")?);
+    }
+    // The serial log reaches us a little after the control reply.
+    wait_for("the spinners' HOMES lines", 10, || {
+        let serial = clean(&session.serial());
+        Ok(ids.iter().all(|&id| last_homes(&serial, id).is_some()))
+    })?;
+    let serial = clean(&session.serial());
+    let homes: Vec<(u64, u32)> = ids
+        .iter()
+        .map(|&id| match last_homes(&serial, id).as_deref() {
+            Some([home]) => Ok((id, *home)),
+            other => Err(format!("domain {id}: HOMES line {other:?}, expected one vCPU's home")),
+        })
+        .collect::<Result<_>>()?;
+    let on = |cpu: u32| homes.iter().filter(|(_, h)| *h == cpu).map(|(id, _)| *id).collect::<Vec<_>>();
+    let (pair_cpu, lone_cpu) = if on(0).len() == 2 { (0, 1) } else { (1, 0) };
+    let (pair, lone) = (on(pair_cpu), on(lone_cpu));
+    let [lone] = lone[..] else {
+        return Err(format!("placement {homes:?}: expected two spinners on one CPU and one on the other"));
+    };
+    if pair.len() != 2 {
+        return Err(format!("placement {homes:?}: expected two spinners on one CPU and one on the other"));
+    }
+    control_tests::hvctl(ctx, &["domain", "destroy", &lone.to_string()])?;
+    let want = format!("(moved from CPU {pair_cpu}: 2 vCPUs there, 0 on {lone_cpu})");
+    let mut moved = None;
+    wait_for("a spinner to move to the emptied CPU and run there", 30, || {
+        let serial = clean(&session.serial());
+        moved = pair.iter().copied().find(|&id| {
+            let homed =
+                serial.lines().any(|l| l.trim().starts_with(&format!("DOMAIN {id} HOMES")) && l.contains(&want));
+            let ran = serial.lines().any(|l| l.trim() == format!("DOMAIN {id} VCPU 0 ON CPU apic={lone_cpu}"));
+            homed && ran && last_homes(&serial, id) == Some(vec![lone_cpu])
+        });
+        Ok(moved.is_some())
+    })?;
+    let moved = moved.ok_or("no spinner moved")?;
+    let exits = || -> Result<(Option<String>, u64)> {
+        let list = control_tests::domain_list(ctx)?;
+        let d = list["domains"].as_array().and_then(|d| d.iter().find(|d| d["id"] == moved).cloned());
+        let d = d.ok_or(format!("domain {moved} is gone"))?;
+        Ok((d["state"].as_str().map(String::from), d["exits_total"].as_u64().unwrap_or_default()))
+    };
+    let before = exits()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = exits()?;
+    if after.0.as_deref() != Some("running") || after.1 <= before.1 {
+        return Err(format!(
+            "domain {moved} after its move: {before:?} then {after:?}, expected running with exits growing"
+        ));
+    }
+    for id in ids.iter().filter(|&&id| id != lone) {
+        control_tests::hvctl(ctx, &["domain", "destroy", &id.to_string()])?;
+    }
+    Ok(format!(
+        ", spinners {homes:?} (domain, CPU); destroying {lone} moved {moved} from CPU {pair_cpu} to {lone_cpu}, \
+         where it ran (exits {} -> {})",
+        before.1, after.1
     ))
 }
 
@@ -616,6 +754,16 @@ mod tests {
     }
 
     const DBIT_ONLY: &[(&str, u64)] = &[("pair-dbit", 2)];
+
+    #[test]
+    fn last_homes_reads_the_latest_line_with_or_without_a_reason() {
+        let log = "DOMAIN 2 HOMES vcpu->cpu 0->0\nDOMAIN 3 HOMES vcpu->cpu 0->1 1->0\n\
+                   DOMAIN 2 HOMES vcpu->cpu 0->1 (moved from CPU 0: 2 vCPUs there, 0 on 1)\n";
+        assert_eq!(last_homes(log, 2), Some(vec![1]));
+        assert_eq!(last_homes(log, 3), Some(vec![1, 0]));
+        assert_eq!(last_homes(log, 4), None);
+        assert_eq!(last_homes("DOMAIN 5 HOMES vcpu->cpu 0->x\n", 5), None);
+    }
 
     #[test]
     fn a_pair_passes_only_exact_and_on_two_cpus() {

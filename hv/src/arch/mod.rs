@@ -315,8 +315,8 @@ pub enum ArchError {
     /// A VMCB's state-save area holds the hypervisor's own state (its CR3 and the RIP
     /// after VMRUN) instead of the guest's; running it would run the host as a guest.
     VmcbHoldsHostState {
-        /// "before VMRUN" or "at #VMEXIT".
-        when: &'static str,
+        /// Found at #VMEXIT (else before VMRUN).
+        at_vmexit: bool,
         /// The VMCB's physical address.
         vmcb: u64,
         /// This CPU's VM_HSAVE_PA when it was found.
@@ -329,12 +329,11 @@ pub enum ArchError {
         /// before this VMRUN.
         found_rip_rsp: [u64; 2],
         rip_before: u64,
-        /// RAX and CPL as found, and the RAX written before this VMRUN: VMRUN's host
-        /// save writes RAX (then the VMCB's own address) but never CPL (APM Vol. 2
-        /// 15.5.1), a #VMEXIT writes both, so they tell which wrote the state.
+        /// RAX and CPL as found: VMRUN's host save writes RAX (then the VMCB's own
+        /// address) but never CPL (APM Vol. 2 15.5.1), a #VMEXIT writes both, so they
+        /// tell which of the two wrote the state.
         found_rax: u64,
         found_cpl: u8,
-        rax_before: u64,
         /// This CPU's RSP when it was found: near the found RSP if the state is this
         /// CPU's own, far from it if another CPU's.
         rsp_here: u64,
@@ -391,7 +390,7 @@ impl core::fmt::Display for ArchError {
                  (SDM Vol. 3C 25.11.1)"
             ),
             ArchError::VmcbHoldsHostState {
-                when,
+                at_vmexit,
                 vmcb,
                 hsave,
                 exit_code,
@@ -400,18 +399,18 @@ impl core::fmt::Display for ArchError {
                 rip_before,
                 found_rax,
                 found_cpl,
-                rax_before,
                 rsp_here,
                 cpu,
                 last_cpu,
                 last_exit,
             } => {
+                let when = if *at_vmexit { "at #VMEXIT" } else { "before VMRUN" };
                 write!(
                     f,
                     "the VMCB at {vmcb:#x} holds this hypervisor's own state instead of the guest's {when} \
                      (EXITCODE {exit_code:#x} EXITINFO1 {:#x} EXITINFO2 {:#x}, RIP {:#x} RSP {:#x} (this CPU's \
-                     RSP {rsp_here:#x}) RAX {found_rax:#x} CPL {found_cpl}, guest RIP {rip_before:#x} RAX \
-                     {rax_before:#x} before VMRUN; on CPU apic={cpu} whose VM_HSAVE_PA is {hsave:#x}; ",
+                     RSP {rsp_here:#x}) RAX {found_rax:#x} CPL {found_cpl}, guest RIP {rip_before:#x} before \
+                     VMRUN; on CPU apic={cpu} whose VM_HSAVE_PA is {hsave:#x}; ",
                     exit_info[0], exit_info[1], found_rip_rsp[0], found_rip_rsp[1]
                 )?;
                 match last_cpu {

@@ -542,6 +542,12 @@ impl<B: Backend> Drop for DomainGuard<'_, B> {
     }
 }
 
+/// `DOMAIN d HOMES vcpu->cpu 0->0 1->1` and why, when there is more than one CPU.
+fn log_homes(id: u32, homes: &[u32], why: &str) {
+    let list: Vec<String> = homes.iter().enumerate().map(|(v, c)| alloc::format!("{v}->{c}")).collect();
+    println!("DOMAIN {id} HOMES vcpu->cpu {}{why}", list.join(" "));
+}
+
 /// A vCPU that could not leave the CPU its domain was held on (a VMCLEAR that failed).
 struct LeaveFailure {
     domain: u32,
@@ -672,6 +678,12 @@ impl<B: Backend> DomainCell<B> {
     /// can look again later, and tests).
     pub fn try_peek(&self) -> Option<DomainGuard<'_, B>> {
         self.domain.try_lock().map(DomainGuard::new)
+    }
+
+    /// Whether its vCPUs hold a CPU: it runs or is paused (and will run again), or a
+    /// CPU holds it now. A halted, finished or crashed domain holds none.
+    fn holds_a_cpu(&self) -> bool {
+        self.try_peek().is_none_or(|d| matches!(d.state, DomainState::Running | DomainState::Paused))
     }
 
     /// Whether a control request waits for the vCPUs to come back.
@@ -860,20 +872,14 @@ impl<B: Backend> Machine<B> {
     /// Give each vCPU of `cell` a home CPU: among the CPUs it may run on (its pinning,
     /// else every CPU that runs vCPUs), the one with the fewest vCPUs homed there now;
     /// a vCPU already homed on one of those keeps its home.
-    /// A vCPU stays on its home: one that moved between CPUs every slice crashed a
-    /// 2-vCPU Linux guest once in 12 runs on QEMU (the guest resumed with the host's
-    /// CR3 and RIP, cause not found yet), so vCPUs do not migrate; the balancing is
-    /// done here, when a domain is created or pinned.
+    /// A vCPU stays on its home between placements: one that moved between CPUs every
+    /// slice crashed a 2-vCPU Linux guest once in 12 runs on QEMU (the guest resumed
+    /// with the host's CR3 and RIP, cause not found yet), so vCPUs do not migrate each
+    /// slice; the balancing is done here, when a domain is created or pinned, and by
+    /// [`Machine::rebalance`] when one is destroyed.
     fn place(&self, cell: &DomainCell<B>) {
         let allowed = cell.pinned().unwrap_or_else(|| self.vcpu_cpus.clone());
-        let mut load: Vec<(u32, usize)> = allowed.iter().map(|&c| (c, 0)).collect();
-        for other in self.shared.domains.lock().iter().filter(|c| c.id != cell.id) {
-            for home in other.homes() {
-                if let Some(l) = load.iter_mut().find(|(c, _)| *c == home) {
-                    l.1 += 1;
-                }
-            }
-        }
+        let mut load = self.homed_load(&allowed, Some(cell.id));
         // A vCPU whose home is still allowed keeps it (a pin moves only what it must).
         let old = cell.homes();
         for home in &old {
@@ -904,10 +910,69 @@ impl<B: Backend> Machine<B> {
             }
         }
         if self.vcpu_cpus.len() > 1 {
-            let list: Vec<String> = homes.iter().enumerate().map(|(v, c)| alloc::format!("{v}->{c}")).collect();
-            println!("DOMAIN {} HOMES vcpu->cpu {}", cell.id, list.join(" "));
+            log_homes(cell.id, &homes, "");
         }
         *cell.homes.lock() = homes;
+    }
+
+    /// How many vCPUs are homed on each CPU of `cpus`, counting the domains that hold a
+    /// CPU ([`DomainCell::holds_a_cpu`]) other than `except`.
+    fn homed_load(&self, cpus: &[u32], except: Option<u32>) -> Vec<(u32, usize)> {
+        let mut load: Vec<(u32, usize)> = cpus.iter().map(|&c| (c, 0)).collect();
+        // The list, then one domain at a time (`holds_a_cpu` only tries its lock).
+        for other in self.shared.domains.lock().iter().filter(|c| Some(c.id) != except && c.holds_a_cpu()) {
+            for home in other.homes() {
+                if let Some(l) = load.iter_mut().find(|(c, _)| *c == home) {
+                    l.1 += 1;
+                }
+            }
+        }
+        load
+    }
+
+    /// Even out the CPUs' run queues after a domain is gone: while the busiest CPU has
+    /// two or more vCPUs homed on it than the idlest, move there a domain homed on the
+    /// busiest (with `smp-vcpus=parallel`, one vCPU of it) that may run on the idlest
+    /// and whose move narrows the gap. Placement alone would leave a CPU idle for good
+    /// once the domains on it are destroyed. A moved vCPU runs on its new home from its
+    /// next turn: an SVM VMCB runs anywhere, and a VMX VMCS was VMCLEARed when its
+    /// domain's lock was last given up (`DomainGuard`).
+    fn rebalance(&self) {
+        let parallel = self.shared.parallel_vcpus();
+        // Each move narrows the gap between two CPUs, so this ends; the bound is a guard.
+        for _ in 0..self.vcpu_cpus.len() * 8 {
+            let load = self.homed_load(&self.vcpu_cpus, None);
+            let busiest = load.iter().copied().max_by_key(|&(_, n)| n);
+            let idlest = load.iter().copied().min_by_key(|&(_, n)| n);
+            let (Some((busy, most)), Some((idle, least))) = (busiest, idlest) else { return };
+            if most < least + 2 {
+                return;
+            }
+            let movable = |c: &DomainCell<B>| {
+                let homes = c.homes();
+                let on_busy = homes.iter().filter(|&&h| h == busy).count();
+                // By default a domain's vCPUs share one home and move together.
+                let moving = if parallel { 1 } else { homes.len() };
+                on_busy > 0
+                    && (parallel || on_busy == homes.len())
+                    && least + moving < most
+                    && c.pinned().is_none_or(|p| p.contains(&idle))
+                    && c.holds_a_cpu()
+            };
+            let Some(cell) = self.shared.domains.lock().iter().find(|c| movable(c)).cloned() else { return };
+            let homes = {
+                let mut homes = cell.homes.lock();
+                for h in homes.iter_mut().filter(|h| **h == busy).take(if parallel { 1 } else { usize::MAX }) {
+                    *h = idle;
+                }
+                homes.clone()
+            };
+            log_homes(
+                cell.id,
+                &homes,
+                &alloc::format!(" (moved from CPU {busy}: {most} vCPUs there, {least} on {idle})"),
+            );
+        }
     }
 
     /// The CPUs that run vCPUs (APIC IDs): the boot CPU, and with a backend whose vCPUs
@@ -1108,6 +1173,7 @@ impl<B: Backend> Machine<B> {
         };
         released?;
         println!("DOMAIN {id} DESTROYED");
+        self.rebalance();
         Ok(())
     }
 

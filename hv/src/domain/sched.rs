@@ -575,6 +575,44 @@ mod tests {
         assert!(m.run_slice(), "pinned here, it runs here");
     }
 
+    /// Each domain's home CPUs, by id.
+    fn homes(m: &Machine<FakeBackend>) -> alloc::vec::Vec<(u32, alloc::vec::Vec<u32>)> {
+        m.domains().iter().map(|c| (c.id, c.homes())).collect()
+    }
+
+    #[test]
+    fn a_cpu_emptied_by_destroys_takes_vcpus_from_the_busiest_within_their_pins() {
+        // Domain 1, placed on CPU 0 while it was the only one.
+        let mut m = machine(pool(8192), 1 << 20, Mechanisms { pml: false, dbit: true });
+        m.set_vcpu_cpus(vec![0, 1]);
+        for id in 2..=5 {
+            crate::domain::testing::add_domain(&mut m, id, 1 << 20);
+        }
+        // Least loaded first, the lower APIC ID on a tie.
+        assert_eq!(homes(&m), [(1, vec![0]), (2, vec![1]), (3, vec![0]), (4, vec![1]), (5, vec![0])]);
+        DomainOps::destroy(&mut m, 2).unwrap();
+        // CPU 0 had 3, CPU 1 one: the first domain on CPU 0 moves, evening them out.
+        assert_eq!(homes(&m), [(1, vec![1]), (3, vec![0]), (4, vec![1]), (5, vec![0])]);
+        DomainOps::destroy(&mut m, 4).unwrap();
+        assert_eq!(homes(&m), [(1, vec![1]), (3, vec![0]), (5, vec![0])], "2 against 1: no move narrows that");
+
+        // A domain that can no longer run holds no CPU, and a pinned one moves only
+        // within its pins.
+        m.pin(3, Some(vec![0])).unwrap();
+        m.pin(5, Some(vec![0])).unwrap();
+        let cell = m.domains().iter().find(|c| c.id == 1).unwrap().clone();
+        cell.try_peek().unwrap().state = DomainState::Finished { code: 0 };
+        crate::domain::testing::add_domain(&mut m, 6, 1 << 20);
+        assert_eq!(homes(&m)[3], (6, vec![1]), "CPU 1 holds only a finished domain: it counts as empty");
+        crate::domain::testing::add_domain(&mut m, 7, 1 << 20);
+        crate::domain::testing::add_domain(&mut m, 8, 1 << 20);
+        assert_eq!(homes(&m)[4..], [(7, vec![1]), (8, vec![0])]);
+        DomainOps::destroy(&mut m, 6).unwrap();
+        DomainOps::destroy(&mut m, 7).unwrap();
+        // CPU 0: 3, 5 (pinned there) and 8; CPU 1: nothing that runs. 8 moves, 3 and 5 stay.
+        assert_eq!(homes(&m), [(1, vec![1]), (3, vec![0]), (5, vec![0]), (8, vec![1])]);
+    }
+
     #[test]
     fn a_domain_another_cpu_holds_is_skipped_and_counts_as_running() {
         let m = one_domain();

@@ -181,9 +181,8 @@ pub(crate) fn machine(
     memory: u64,
     mechanisms: crate::domain::dirty::Mechanisms,
 ) -> crate::domain::Machine<FakeBackend> {
-    use crate::domain::{Console, Domain, DomainState, Machine, VcpuSlot};
+    use crate::domain::Machine;
     use crate::mm::guest::GuestMemory;
-    use alloc::string::String;
 
     // The recorded CPU and its default policy, computed once: they are most of a
     // machine's cost, and the fuzz target builds several machines per input.
@@ -198,12 +197,26 @@ pub(crate) fn machine(
     let mut m = Machine::new(FakeBackend, pool, host.clone(), None, mechanisms, false);
     let (policy, cpuid) =
         POLICY.call_once(|| m.cpuid_table(None, 1).expect("the default policy verifies on its own host")).clone();
+    m.push_domain(fake_domain(1, mem, policy, cpuid));
+    m
+}
+
+/// A running domain `id` of one fake vCPU over `mem`, as [`machine`] makes it.
+fn fake_domain(
+    id: u32,
+    mem: crate::mm::guest::GuestMemory<Npt>,
+    policy: levelling::Policy,
+    cpuid: levelling::CpuidTable,
+) -> crate::domain::Domain<FakeBackend> {
+    use crate::domain::{Console, Domain, DomainState, VcpuSlot};
+    use alloc::string::String;
+
     let slot = VcpuSlot::new(FakeVcpu::default(), GuestRegs::default(), 0);
-    m.push_domain(Domain {
-        id: 1,
-        name: String::from("test"),
+    Domain {
+        id,
+        name: if id == 1 { String::from("test") } else { alloc::format!("test{id}") },
         state: DomainState::Running,
-        memory_bytes: memory,
+        memory_bytes: mem.bytes(),
         vcpu_count: 1,
         exits: Default::default(),
         reports: Vec::new(),
@@ -223,6 +236,15 @@ pub(crate) fn machine(
         started_ns: 0,
         tsc_offset: 0,
         migrated_clock: None,
-    });
-    m
+    }
+}
+
+/// Another running domain `id` like [`machine`]'s, of `memory` bytes, placed as a
+/// created domain is.
+#[cfg(test)]
+pub(crate) fn add_domain(m: &mut crate::domain::Machine<FakeBackend>, id: u32, memory: u64) {
+    let mem =
+        crate::mm::guest::GuestMemory::<Npt>::new(&mut m.pool(), memory, false).expect("the domain fits the test pool");
+    let (policy, cpuid) = m.cpuid_table(None, 1).expect("the default policy verifies on its own host");
+    m.push_domain(fake_domain(id, mem, policy, cpuid));
 }

@@ -202,7 +202,7 @@ impl SvmVcpu {
     }
 
     /// The error for a VMCB found holding host state on CPU `me`.
-    fn holds_host_state(&mut self, when: &'static str, me: u32, [rip_before, rax_before]: [u64; 2]) -> ArchError {
+    fn holds_host_state(&mut self, at_vmexit: bool, me: u32, rip_before: u64) -> ArchError {
         let v = self.vmcb();
         let exit_code = v.get(vmcb::EXITCODE);
         let exit_info = [v.get(vmcb::EXITINFO1), v.get(vmcb::EXITINFO2)];
@@ -215,7 +215,7 @@ impl SvmVcpu {
         // CPU did); reading it has no side effects.
         let hsave = unsafe { x86::msr::rdmsr(MSR_VM_HSAVE_PA) };
         ArchError::VmcbHoldsHostState {
-            when,
+            at_vmexit,
             vmcb: self.vmcb,
             hsave,
             exit_code,
@@ -224,7 +224,6 @@ impl SvmVcpu {
             rip_before,
             found_rax,
             found_cpl,
-            rax_before,
             rsp_here,
             cpu: me,
             last_cpu: self.last_cpu,
@@ -254,10 +253,10 @@ impl Vcpu for SvmVcpu {
         // Only the label's address is taken (`addr_of!` on an extern static is safe).
         let vmrun_return = core::ptr::addr_of!(hv_svm_vmrun_return) as u64;
         if host_state_in_vmcb(&self.vmcb(), host_cr3, vmrun_return) {
-            return Err(self.holds_host_state("before VMRUN", me, [0, 0]));
+            return Err(self.holds_host_state(false, me, 0));
         }
-        let (rip_before, rax_before) = (self.vmcb().get(vmcb::RIP), regs.rax);
-        self.vmcb().set(vmcb::RAX, rax_before);
+        let rip_before = self.vmcb().get(vmcb::RIP);
+        self.vmcb().set(vmcb::RAX, regs.rax);
         if let Some(ticks) = slice {
             crate::percpu::this().lapic.arm_one_shot(ticks);
         }
@@ -290,7 +289,7 @@ impl Vcpu for SvmVcpu {
         let code = self.vmcb().get(vmcb::EXITCODE);
         if host_state_in_vmcb(&self.vmcb(), host_cr3, vmrun_return) {
             self.last_cpu = last_cpu;
-            return Err(self.holds_host_state("at #VMEXIT", me, [rip_before, rax_before]));
+            return Err(self.holds_host_state(true, me, rip_before));
         }
         self.last_exit = code;
         let mut v = self.vmcb();
@@ -847,7 +846,7 @@ mod tests {
     #[test]
     fn the_report_names_both_cpus() {
         let e = ArchError::VmcbHoldsHostState {
-            when: "at #VMEXIT",
+            at_vmexit: true,
             vmcb: 0x2d7_6000,
             hsave: 0x2c5_3000,
             exit_code: 0x400,
@@ -856,7 +855,6 @@ mod tests {
             rip_before: 0x20_0bb7,
             found_rax: 0x2d7_6000,
             found_cpl: 0,
-            rax_before: 0x5a,
             rsp_here: 0x7ff_0e00,
             cpu: 0,
             last_cpu: Some(1),
@@ -872,7 +870,7 @@ mod tests {
         );
         assert!(text.contains("exit 0x81") && text.contains("EXITCODE 0x400"), "{text}");
         assert!(text.contains("EXITINFO2 0x7e51234") && text.contains("guest RIP 0x200bb7"), "{text}");
-        assert!(text.contains("RAX 0x2d76000 CPL 0") && text.contains("RAX 0x5a before VMRUN"), "{text}");
+        assert!(text.contains("RAX 0x2d76000 CPL 0") && text.contains("at #VMEXIT"), "{text}");
     }
 
     fn snapshot() -> VcpuSnapshot {
