@@ -92,6 +92,33 @@ impl<B: Backend> ExitCtx<'_, B> {
     }
 }
 
+/// A triple fault ends the domain. Its reason carries the state the guest died in:
+/// whether that is the guest's own (a kernel bug) or not (a CR3, stack or tables that
+/// are not the guest's: state lost or corrupted between exits, issue 16's open fault).
+fn triple_fault<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action {
+    let slot = ctx.slot();
+    let state = match slot.vcpu.save_state(&slot.regs) {
+        Ok(s) => alloc::format!(
+            "CR0 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x} RSP {:#x} RFLAGS {:#x} CS {:#x} SS {:#x} GDTR {:#x}+{:#x} \
+             IDTR {:#x}+{:#x}",
+            s.cr0,
+            s.cr3,
+            s.cr4,
+            s.efer,
+            s.rsp,
+            s.rflags,
+            s.cs.selector,
+            s.ss.selector,
+            s.gdtr.base,
+            s.gdtr.limit,
+            s.idtr.base,
+            s.idtr.limit
+        ),
+        Err(e) => alloc::format!("its state could not be read: {e}"),
+    };
+    Action::Crash(alloc::format!("triple fault (last RIP {:#x}; {state})", exit.rip))
+}
+
 /// Handle one exit of vCPU `ctx.vi`.
 pub fn handle<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action {
     match exit.reason {
@@ -114,7 +141,7 @@ pub fn handle<B: Backend>(ctx: &mut ExitCtx<'_, B>, exit: &Exit) -> Action {
             Err(e) => Action::Crash(alloc::format!("draining the PML buffer: {e}")),
         },
         ExitReason::NestedPageFault { gpa, write } => memory::handle(ctx, exit, gpa, write),
-        ExitReason::TripleFault => Action::Crash(alloc::format!("triple fault (last RIP {:#x})", exit.rip)),
+        ExitReason::TripleFault => triple_fault(ctx, exit),
         ExitReason::Exception { vector: 6 } => ud::handle(ctx, exit),
         ExitReason::Exception { vector: 8 } => Action::Crash(alloc::format!("double fault at RIP {:#x}", exit.rip)),
         ExitReason::Exception { vector } => {

@@ -253,7 +253,7 @@ fn the_rest_stops_the_domain_or_gets_ud() {
     assert_eq!(run(&mut m, GuestRegs::default(), ExitReason::Hlt).0, Action::Halt);
     assert_eq!(run(&mut m, GuestRegs::default(), ExitReason::TimeSliceEnd).0, Action::Yield);
     for (reason, text) in [
-        (ExitReason::TripleFault, "triple fault"),
+        (ExitReason::TripleFault, "triple fault (last RIP 0x200000; CR0 0x0 CR3 0x0 "),
         (ExitReason::Exception { vector: 8 }, "double fault"),
         (ExitReason::Exception { vector: 14 }, "exception 14"),
         (ExitReason::Other { code: 0x7b }, "exit 0x7b"),
