@@ -55,8 +55,9 @@ const MEMORY: &str = "16M";
 /// TCG a domain on one CPU now and then resumes with the hypervisor's own state or
 /// triple-faults after a hypercall while other domains run on the other CPU (4 of 5
 /// runs of 150-200 s on 2026-12-03; issue 16 and the README's SMP section have the
-/// evidence). Run by default, it would make every CI run a coin toss on that one open
-/// bug; `--filter smp-qemu-control-stress` runs it.
+/// evidence; the host-state form is QEMU's own #VMEXIT leaving nested paging on,
+/// caught with `tools/qemu-hvdbg`). Run by default, it would make every CI run a coin
+/// toss on that one open bug; `--filter smp-qemu-control-stress` runs it.
 pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
     let Some(f) = filter else {
         println!(

@@ -700,7 +700,9 @@ fn redelivery(exitintinfo: u64) -> u64 {
 /// `vmrun`). No guest can be there (its code would be this hypervisor's, at the
 /// hypervisor's address, with the hypervisor's page tables). QEMU writes the host state
 /// into the VMCB when a VMRUN fails its checks after saving the host (VMEXIT_INVALID,
-/// APM Vol. 2 15.5.1); running such a VMCB again would run the host as a guest.
+/// APM Vol. 2 15.5.1), and QEMU 7.2's multi-threaded TCG does it when its #VMEXIT
+/// leaves nested paging on, so that the host's first fetch takes a second #VMEXIT (NPF)
+/// from host mode (README, SMP); running such a VMCB again would run the host as a guest.
 fn host_state_in_vmcb(v: &Vmcb<'_>, host_cr3: u64, vmrun_return: u64) -> bool {
     v.get(vmcb::RIP) == vmrun_return && v.get(vmcb::CR3) & !0xfff == host_cr3 & !0xfff
 }
