@@ -6,7 +6,7 @@
 #
 #   tools/qemu-hvdbg/build.sh            # -> target/qemu-hvdbg/bin/qemu-system-x86_64
 #   PATH=$PWD/target/qemu-hvdbg/bin:$PATH HV_STRESS_SECS=900 \
-#     cargo xtask test --system-only --filter smp-qemu-control-stress
+#     cargo xtask test --system-only --filter smp-qemu-mttcg-control-stress
 #   grep HVDBG target/xtask/runs/smp-stress-*/qemu.stderr
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"

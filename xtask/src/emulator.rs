@@ -247,7 +247,20 @@ impl Session {
         staged: &[Staged],
         cpus: u32,
     ) -> Result<Session> {
-        Self::spawn_sockets(platform, esp, config, staged, cpus, None)
+        Self::spawn_threads(platform, esp, config, staged, cpus, TcgThreads::OnePerCpu)
+    }
+
+    /// Like [`Session::spawn_cpus`], with QEMU's TCG `threads` chosen (Bochs always
+    /// emulates its CPUs on one thread).
+    pub fn spawn_threads(
+        platform: &Platform,
+        esp: &Esp,
+        config: &RunConfig,
+        staged: &[Staged],
+        cpus: u32,
+        threads: TcgThreads,
+    ) -> Result<Session> {
+        Self::spawn_sockets(platform, esp, config, staged, cpus, None, threads)
     }
 
     /// Like [`Session::spawn_cpus`], the `cpus` spread over `sockets` packages of one
@@ -260,6 +273,7 @@ impl Session {
         staged: &[Staged],
         cpus: u32,
         sockets: Option<u32>,
+        threads: TcgThreads,
     ) -> Result<Session> {
         if let Some(n) = sockets
             && (n == 0 || !cpus.is_multiple_of(n))
@@ -268,7 +282,7 @@ impl Session {
         }
         let dir = prepare_dir(esp, config, staged)?;
         match platform {
-            Platform::Qemu { cpu } => spawn_qemu(cpu, dir, config, cpus, sockets),
+            Platform::Qemu { cpu } => spawn_qemu(cpu, dir, config, cpus, sockets, threads),
             Platform::Bochs { .. } if sockets.is_some() => {
                 Err("a socket topology can only be given to QEMU, not to Bochs".into())
             }
@@ -379,18 +393,42 @@ fn start_vsock_backend(dir: &Path) -> Result<(Child, PathBuf, PathBuf)> {
     Ok((child, vhost, uds))
 }
 
+/// How QEMU's TCG maps the machine's CPUs onto host threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcgThreads {
+    /// Multi-threaded TCG (MTTCG) when there is more than one CPU: each CPU on its own
+    /// host thread, so the hypervisor's CPUs really run at the same time.
+    OnePerCpu,
+    /// All CPUs on one host thread, taking turns (QEMU's round robin moves on when
+    /// a CPU halts or when its 100 ms kick timer fires): the
+    /// hypervisor still sees and uses every CPU, but no two instructions ever run at
+    /// once. It avoids QEMU's MTTCG fault that corrupts SVM state (README, SMP).
+    One,
+}
+
 /// RAM of a QEMU machine: room for 1 GiB guests (the sizes people run) beside the
 /// hypervisor, its heap and the firmware. TCG allocates guest RAM lazily, so what
 /// no guest touches costs the host nothing.
 const QEMU_MEMORY: &str = "2G";
 
-fn spawn_qemu(cpu: &str, dir: PathBuf, config: &RunConfig, cpus: u32, sockets: Option<u32>) -> Result<Session> {
+fn spawn_qemu(
+    cpu: &str,
+    dir: PathBuf,
+    config: &RunConfig,
+    cpus: u32,
+    sockets: Option<u32>,
+    threads: TcgThreads,
+) -> Result<Session> {
     let vars = dir.join("vars.fd");
     std::fs::copy(tools::OVMF_VARS_4M, &vars).map_err(|e| format!("cannot copy {}: {e}", tools::OVMF_VARS_4M))?;
     let mut cmd = Command::new("qemu-system-x86_64");
-    // One CPU: the single-threaded TCG every other run uses. More: one host thread
-    // per vCPU, so a spinning CPU does not slow the others' emulation.
-    let accel = if cpus > 1 { "tcg,thread=multi" } else { "tcg" };
+    // One CPU: the single-threaded TCG every other run uses. More: by default one
+    // host thread per vCPU, so a spinning CPU does not slow the others' emulation.
+    let accel = match threads {
+        TcgThreads::OnePerCpu if cpus > 1 => "tcg,thread=multi",
+        TcgThreads::OnePerCpu => "tcg",
+        TcgThreads::One => "tcg,thread=single",
+    };
     cmd.args(["-nodefaults", "-accel", accel, "-cpu", cpu, "-m", QEMU_MEMORY])
         .arg("-drive")
         .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", tools::OVMF_CODE_4M))

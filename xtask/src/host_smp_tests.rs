@@ -11,6 +11,7 @@
 //! | `smp-qemu-two-memwriters-two-cpus` | QEMU TCG -cpu EPYC -smp 2 | — | as `smp-qemu-all-cpus-start`, and two boot-time memwriters (1024 pages × 16 rounds) that ran concurrently both end `finished(0)` with every round's checksum right, and their `DOMAIN <id> VCPU <v> ON CPU apic=<A>` placement lines cover APIC 0 and APIC 1 (else it fails naming the APIC IDs seen) |
 //! | `smp-qemu-rebalance-after-destroy` | QEMU TCG -cpu EPYC -smp 2 | — | as `smp-qemu-all-cpus-start`, and three spinners created with `hvctl domain create` are placed two on one CPU and one on the other; destroying the lone one moves one of the pair to the emptied CPU (`DOMAIN d HOMES vcpu->cpu 0->b (moved from CPU a: 2 vCPUs there, 0 on b)`), where it runs (`DOMAIN d VCPU 0 ON CPU apic=b`) and keeps running (its exits grow) |
 //! | `smp-qemu-dirty-exact-two-vcpus-two-cpus` (not by default) | QEMU TCG -cpu EPYC -smp 2 | `smp-vcpus=parallel` | two 2-vCPU `dirtypair` domains, D-bit and write-protect: in each vCPU 1 writes on one CPU and vCPU 0 peeks and cleans 20 times on the other (at the same time); no page missing or extra, each domain's vCPUs on two different APIC IDs |
+//! | `smp-qemu-dirty-exact-two-vcpus-two-cpus-one-thread` | the same, both CPUs on one host thread (`-accel tcg,thread=single`: QEMU runs them in turn) | `smp-vcpus=parallel` | two 2-vCPU `dirtypair` domains, D-bit and write-protect: in each vCPU 1 writes on one CPU and vCPU 0 peeks and cleans 20 times on the other (at the same time); no page missing or extra, each domain's vCPUs on two different APIC IDs |
 //! | `smp-qemu-two-sockets-reported` | QEMU TCG -cpu EPYC -smp 2,sockets=2,cores=1,threads=1 | — | as `smp-qemu-all-cpus-start`, and the boot log's `SMP sockets=2:`, `hvctl info --json` and `hvctl monitor hwinfo --json` put APIC 0 in socket 0 and APIC 1 in socket 1 (RDT is absent on QEMU; the topology is reported all the same), and `SMP socket 1 (package 1) reached: a job on CPU apic=1 …`: the boot CPU reached socket 1 the way monitoring MSR accesses go |
 //! | `smp-qemu-two-sockets-failed-ap-still-placed` | the same two sockets | `smp-fail-virt=1` | APIC 1 failed but checked in, so it is still listed in socket 1 and `SMP socket 1 (package 1) unreachable: none of its CPUs (APIC 1) runs: …` (a monitoring access there is refused, never answered by socket 0) |
 //! | `smp-bochs-all-cpus-start` | Bochs corei7_skylake_x, `cpu: count=2` | — | the marker shows 2 started and `hvctl info --json` (over COM2) lists both |
@@ -35,7 +36,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::control_tests::{self, Ctx};
 use crate::domain_tests::parse_domains;
-use crate::emulator::{Platform, RunConfig, Session};
+use crate::emulator::{Platform, RunConfig, Session, TcgThreads};
 use crate::image::Esp;
 use crate::serial::{SerialLog, clean};
 use crate::smp_bench::{self, Writers};
@@ -73,6 +74,8 @@ struct Scenario {
     /// CPU, and require one of the other two to move there and run
     /// ([`rebalanced_after_destroy`]).
     rebalance: bool,
+    /// How QEMU's TCG threads the CPUs (Bochs: always one thread).
+    threads: TcgThreads,
 }
 
 /// Log-dirty under concurrency (issue 16, Acceptance): a 2-vCPU domain per mode SVM
@@ -179,6 +182,7 @@ const SCENARIOS: &[Scenario] = &[
         sockets: None,
         socket_cpus: Some(&[&[0, 1]]),
         rebalance: false,
+        threads: TcgThreads::OnePerCpu,
     },
     Scenario {
         name: "smp-qemu-failed-ap-reported",
@@ -195,6 +199,7 @@ const SCENARIOS: &[Scenario] = &[
         sockets: None,
         socket_cpus: Some(&[&[0]]),
         rebalance: false,
+        threads: TcgThreads::OnePerCpu,
     },
     Scenario {
         name: "smp-qemu-ap-without-virtualization-reported",
@@ -211,6 +216,7 @@ const SCENARIOS: &[Scenario] = &[
         sockets: None,
         socket_cpus: Some(&[&[0, 1]]),
         rebalance: false,
+        threads: TcgThreads::OnePerCpu,
     },
     Scenario {
         name: "smp-qemu-two-memwriters-two-cpus",
@@ -227,6 +233,7 @@ const SCENARIOS: &[Scenario] = &[
         sockets: None,
         socket_cpus: Some(&[&[0, 1]]),
         rebalance: false,
+        threads: TcgThreads::OnePerCpu,
     },
     Scenario {
         // -smp 4 under multi-threaded TCG on this 2-core machine: four vCPU threads
@@ -245,6 +252,7 @@ const SCENARIOS: &[Scenario] = &[
         sockets: None,
         socket_cpus: Some(&[&[0, 1, 2, 3]]),
         rebalance: false,
+        threads: TcgThreads::OnePerCpu,
     },
     Scenario {
         name: "smp-qemu-dirty-exact-two-vcpus-two-cpus",
@@ -261,6 +269,7 @@ const SCENARIOS: &[Scenario] = &[
         sockets: None,
         socket_cpus: Some(&[&[0, 1]]),
         rebalance: false,
+        threads: TcgThreads::OnePerCpu,
     },
     Scenario {
         name: "smp-qemu-rebalance-after-destroy",
@@ -277,6 +286,7 @@ const SCENARIOS: &[Scenario] = &[
         sockets: None,
         socket_cpus: Some(&[&[0, 1]]),
         rebalance: true,
+        threads: TcgThreads::OnePerCpu,
     },
     Scenario {
         name: "smp-qemu-two-sockets-reported",
@@ -293,6 +303,7 @@ const SCENARIOS: &[Scenario] = &[
         sockets: Some(2),
         socket_cpus: Some(&[&[0], &[1]]),
         rebalance: false,
+        threads: TcgThreads::OnePerCpu,
     },
     Scenario {
         name: "smp-qemu-two-sockets-failed-ap-still-placed",
@@ -309,6 +320,7 @@ const SCENARIOS: &[Scenario] = &[
         sockets: Some(2),
         socket_cpus: Some(&[&[0], &[1]]),
         rebalance: false,
+        threads: TcgThreads::OnePerCpu,
     },
     Scenario {
         name: "smp-bochs-all-cpus-start",
@@ -325,6 +337,7 @@ const SCENARIOS: &[Scenario] = &[
         sockets: None,
         socket_cpus: None,
         rebalance: false,
+        threads: TcgThreads::OnePerCpu,
     },
     Scenario {
         // A VMX vCPU moved to another CPU: its VMCS was VMCLEARed on the old one, and
@@ -343,6 +356,28 @@ const SCENARIOS: &[Scenario] = &[
         sockets: None,
         socket_cpus: None,
         rebalance: true,
+        threads: TcgThreads::OnePerCpu,
+    },
+    Scenario {
+        // The scenario above with both CPUs on one host thread: QEMU runs them in
+        // turn, which its MTTCG fault (README, SMP) needs not to strike, so it runs by
+        // default; the domain's vCPUs still live on two CPUs and every peek and clean
+        // stops the other one across CPUs.
+        name: "smp-qemu-dirty-exact-two-vcpus-two-cpus-one-thread",
+        bochs: false,
+        cpus: 2,
+        cmdline: "smp-vcpus=parallel",
+        marker: "SMP cpus=2 started=2 failed=0",
+        failed: &[],
+        list: &[(0, "boot"), (1, "started")],
+        memwriter: false,
+        writers: None,
+        pairs: PAIRS,
+        by_default: true,
+        sockets: None,
+        socket_cpus: Some(&[&[0, 1]]),
+        rebalance: false,
+        threads: TcgThreads::One,
     },
     Scenario {
         // VMX vCPUs on both CPUs: each dirtypair domain's vCPU 1 writes on one CPU
@@ -362,6 +397,7 @@ const SCENARIOS: &[Scenario] = &[
         sockets: None,
         socket_cpus: None,
         rebalance: false,
+        threads: TcgThreads::OnePerCpu,
     },
 ];
 
@@ -396,7 +432,7 @@ pub fn run(esp: &Esp, filter: Option<&str>) -> Result<(usize, usize)> {
             vsock: true,
             domains: if s.pairs.is_empty() { s.writers.map(|w| w.domains_cfg()) } else { Some(pairs_cfg(s.pairs)) },
         };
-        let mut session = Session::spawn_sockets(&platform, esp, &config, &[], s.cpus, s.sockets)?;
+        let mut session = Session::spawn_sockets(&platform, esp, &config, &[], s.cpus, s.sockets, s.threads)?;
         let result = check(s, &mut session, &config, &hvctl, esp);
         let secs = start.elapsed().as_secs_f64();
         match result {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use crate::emulator::{Platform, RunConfig, Session};
+use crate::emulator::{Platform, RunConfig, Session, TcgThreads};
 use crate::image::Esp;
 use crate::serial::clean;
 use crate::systest::{NamedTest, build_hvctl, hvctl_output, run_each, select, stopped_serving, wait_for, wait_serving};
@@ -874,6 +874,11 @@ pub(crate) fn start_pair(esp: &Esp, prefix: &str) -> Result<Option<Ctx>> {
 
 /// [`start_pair`] on machines of `cpus` physical CPUs each (QEMU `-smp N`, multi-threaded TCG).
 pub(crate) fn start_pair_cpus(esp: &Esp, prefix: &str, cpus: u32) -> Result<Option<Ctx>> {
+    start_pair_threads(esp, prefix, cpus, TcgThreads::OnePerCpu)
+}
+
+/// [`start_pair_cpus`] with QEMU's TCG `threads` chosen.
+pub(crate) fn start_pair_threads(esp: &Esp, prefix: &str, cpus: u32, threads: TcgThreads) -> Result<Option<Ctx>> {
     let src_platform = Platform::Qemu { cpu: "EPYC".into() };
     let dst_platform = Platform::Qemu { cpu: "EPYC,-avx2".into() };
     tools::ensure(&src_platform)?;
@@ -881,11 +886,16 @@ pub(crate) fn start_pair_cpus(esp: &Esp, prefix: &str, cpus: u32) -> Result<Opti
     let timeout = Duration::from_secs(src_platform.default_timeout_secs());
     let config =
         |name: String| RunConfig { name, timeout, cmdline: String::new(), echo: false, vsock: true, domains: None };
+    let threading = match threads {
+        TcgThreads::OnePerCpu if cpus > 1 => ", one host thread per CPU",
+        TcgThreads::OnePerCpu => "",
+        TcgThreads::One => ", all CPUs on one host thread",
+    };
     println!(
-        "systest {prefix}-* on {src_platform} -> {dst_platform}, two instances of {cpus} CPU(s) with virtio-vsock ..."
+        "systest {prefix}-* on {src_platform} -> {dst_platform}, two instances of {cpus} CPU(s){threading} with virtio-vsock ..."
     );
-    let mut src = Session::spawn_cpus(&src_platform, esp, &config(format!("{prefix}-src")), &[], cpus)?;
-    let mut dst = Session::spawn_cpus(&dst_platform, esp, &config(format!("{prefix}-dst")), &[], cpus)?;
+    let mut src = Session::spawn_threads(&src_platform, esp, &config(format!("{prefix}-src")), &[], cpus, threads)?;
+    let mut dst = Session::spawn_threads(&dst_platform, esp, &config(format!("{prefix}-dst")), &[], cpus, threads)?;
     for (what, session) in [("source", &mut src), ("destination", &mut dst)] {
         if let Err(wait) = wait_serving(session, timeout) {
             println!("systest {prefix}-* ... FAILED: the {what}'s control channel did not come up ({wait})");
@@ -1359,7 +1369,7 @@ pub(crate) fn memory_use(ctx: &Ctx, session: &Session) -> Result<(u64, u64)> {
 
 /// Heap and frames are back where they were: every frame, and the heap within what
 /// the finished migration sessions keep for their status.
-fn back_to_baseline(ctx: &Ctx, what: &str, base_src: (u64, u64), base_dst: (u64, u64)) -> Result<()> {
+pub(crate) fn back_to_baseline(ctx: &Ctx, what: &str, base_src: (u64, u64), base_dst: (u64, u64)) -> Result<()> {
     const HEAP_SLACK: u64 = 64 * 1024;
     for (side, session, (heap0, frames0)) in [("source", &ctx.src, base_src), ("destination", &ctx.dst, base_dst)] {
         let (heap, frames) = memory_use(ctx, session)?;
