@@ -344,6 +344,9 @@ const SLICE_MS: u64 = 10;
 /// Take the machine with backend `B`: self-test, boot-time domains, control channel,
 /// then schedule until nothing is left to run or serve.
 fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platform::caps::Capabilities) -> Outcome {
+    // Before any vCPU exists (the backend enables the FPU again for its own use): an
+    // XSAVEC that writes its format wrongly must not be offered to guests.
+    let xsavec = arch::fpu::check_xsavec(&arch::fpu::HostFpu::enable());
     let mut backend = match B::enable(caps, &mut info.frames) {
         Ok(b) => b,
         Err(e) => {
@@ -370,13 +373,23 @@ fn run_with<B: arch::Backend + Send + 'static>(mut info: BootInfo, caps: &platfo
 
     // Guests' CPUID comes from policies verified against this host's own CPUID.
     let records = levelling::enumerate(|leaf, sub| platform::hw::HwRead::cpuid(&mut platform::hw::RealHw, leaf, sub));
-    let host = match levelling::HostCpu::from_records(&records) {
+    let mut host = match levelling::HostCpu::from_records(&records) {
         Ok(h) => h,
         Err(e) => {
             println!("FAIL: reading this CPU's CPUID for guest policies: {e}");
             return Outcome::Failed;
         }
     };
+    match xsavec {
+        arch::fpu::XsavecCheck::Faulty(why) => {
+            println!("CPU-FAULT xsavec: {why}; guests are not offered xsavec (they save with xsaveopt or xsave)");
+            host.mark_faulty(levelling::features::XSAVEC, why);
+        }
+        arch::fpu::XsavecCheck::Sound => {
+            println!("CPU xsavec checked: it writes the compacted format as SDM Vol. 1 13.4.3 says")
+        }
+        arch::fpu::XsavecCheck::NotApplicable => {}
+    }
     let slice = time_slice(B::ARCH, caps);
     let machine_info = machine_info(&info, caps, &records);
     let boot_domains = core::mem::take(&mut info.domains);

@@ -17,6 +17,7 @@ use crate::features::{self, Attr, Feature, *};
 use crate::featureset::{Featureset, word};
 use crate::host::{Unfit, XstateComponent};
 use crate::policy::{XSAVE_LEGACY_AND_HEADER, XSTATE_FEATURES, xstate_mask};
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::fmt;
 
@@ -385,6 +386,10 @@ pub enum DropReason {
     },
     /// The host cannot run guests at all, so its `max` is empty.
     HostCannotRunGuests(Unfit),
+    /// The host reports the feature, but a check of the instruction itself found it
+    /// does not do what the SDM/APM says (an erratum, or an emulator's bug), so a guest
+    /// that relied on it would corrupt its own state ([`crate::HostCpu::mark_faulty`]).
+    HostFault(String),
 }
 
 /// What is wrong with a host's description of an XSAVE component that a feature needs.
@@ -443,6 +448,7 @@ impl fmt::Display for DropReason {
                 "the host's maximum basic leaf is {basic_max:#x}, so it has no CPUID leaf 0xd to describe the XSAVE area"
             ),
             DropReason::HostCannotRunGuests(why) => write!(f, "this host cannot run guests: {why}"),
+            DropReason::HostFault(why) => write!(f, "faulty on this host: {why}"),
         }
     }
 }

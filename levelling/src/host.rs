@@ -250,6 +250,10 @@ pub struct HostCpu {
     pub cache_leaf4: Vec<[u32; 4]>,
     /// AMD L1/L2/L3 descriptors: 0x8000_0005.ECX, .EDX, 0x8000_0006.ECX, .EDX.
     pub cache_ext: [u32; 4],
+    /// Features the CPU reports but that a check of the instruction found faulty,
+    /// each with what was found ([`HostCpu::mark_faulty`]). Empty from
+    /// [`HostCpu::from_records`]: records cannot show a fault.
+    pub faults: Vec<(Feature, String)>,
 }
 
 /// A lookup of one record in a sorted slice.
@@ -359,7 +363,17 @@ impl HostCpu {
             xstate,
             cache_leaf4,
             cache_ext: [e5[2], e5[3], e6[2], e6[3]],
+            faults: Vec::new(),
         })
+    }
+
+    /// Record that `f`, which this host reports, was found not to work as specified
+    /// (`why` says what was seen). [`HostCpu::max`] then leaves it and what requires it
+    /// out, with [`DropReason::HostFault`], so no policy verified here can offer it.
+    pub fn mark_faulty(&mut self, f: Feature, why: String) {
+        if !self.faults.iter().any(|(g, _)| *g == f) {
+            self.faults.push((f, why));
+        }
     }
 
     /// Display family (SDM Vol. 2A, CPUID.1:EAX: base family + extended family if base is 0xF).
@@ -395,7 +409,8 @@ impl HostCpu {
     }
     /// The guest `max` featureset with what it dropped: [`guest::guest_max_on`] over
     /// this host's features, maximum leaf and XSAVE layout (so only what the host fully
-    /// describes is offered, and `max` verifies here), or the empty set, every host bit
+    /// describes is offered, and `max` verifies here), less the features marked
+    /// faulty ([`HostCpu::mark_faulty`]) and what requires them; or the empty set, every host bit
     /// dropped with [`DropReason::HostCannotRunGuests`], on a host that cannot run guests.
     pub fn max(&self) -> Derived {
         match self.cannot_run_guests() {
@@ -407,7 +422,17 @@ impl HostCpu {
                     .map(|(w, b)| (Feature::new(w, b), DropReason::HostCannotRunGuests(why)))
                     .collect(),
             },
-            None => guest::guest_max_on(&self.raw, self.basic_max, &self.xstate),
+            None => {
+                let mut d = guest::guest_max_on(&self.raw, self.basic_max, &self.xstate);
+                for (f, why) in &self.faults {
+                    if f.is_in(&d.set) {
+                        d.set.set_bit(f.word(), f.bit(), false);
+                        d.dropped.push((*f, DropReason::HostFault(why.clone())));
+                    }
+                }
+                guest::close_over_dependencies(&mut d.set, &mut d.dropped, DropReason::MissingDependency);
+                d
+            }
         }
     }
     /// The guest `default` featureset with what it dropped from `max`.

@@ -257,7 +257,12 @@ impl Policy {
                     Some((_, DropReason::Unknown)) | None if f.info().is_none() => {
                         String::from("this build does not know the bit")
                     }
-                    Some((_, r @ (DropReason::XstateUndescribed { .. } | DropReason::NoXsaveLeaf { .. }))) => {
+                    Some((
+                        _,
+                        r @ (DropReason::XstateUndescribed { .. }
+                        | DropReason::NoXsaveLeaf { .. }
+                        | DropReason::HostFault(_)),
+                    )) => {
                         format!("this host's max leaves it out ({r})")
                     }
                     _ => String::from("this host does not have it"),

@@ -336,6 +336,36 @@ fn not_offered_bits_name_the_reason() {
     );
 }
 
+/// Bochs 2.7 reports XSAVEC but its XSAVEC writes the compacted format wrongly (the
+/// hypervisor's boot check finds that and marks it): max and default then leave it
+/// out with the finding, nothing else changes, and a policy that asks for it is
+/// refused with that reason.
+#[test]
+fn a_feature_marked_faulty_leaves_max_and_default_with_the_finding() {
+    let (_, mut h) = dumps().into_iter().find(|(n, _)| n.contains("skylake-x")).unwrap();
+    assert!(XSAVEC.is_in(&h.raw), "the Bochs dump reports xsavec");
+    let before = (h.max().set, h.default_set().set);
+    assert!(XSAVEC.is_in(&before.0) && XSAVEC.is_in(&before.1));
+    h.mark_faulty(XSAVEC, "it wrote the AVX component at offset 416, not 576".into());
+    h.mark_faulty(XSAVEC, "a second finding is not recorded twice".into());
+    assert_eq!(h.faults.len(), 1);
+    let max = h.max();
+    assert!(!XSAVEC.is_in(&max.set));
+    let mut expected = before.0;
+    expected.set_bit(XSAVEC.word(), XSAVEC.bit(), false);
+    assert_eq!(max.set, expected, "only xsavec goes (nothing requires it)");
+    let why = max.dropped.iter().find(|(f, _)| *f == XSAVEC).map(|(_, r)| r.to_string());
+    assert_eq!(why.as_deref(), Some("faulty on this host: it wrote the AVX component at offset 416, not 576"));
+    assert!(!XSAVEC.is_in(&h.default_set().set));
+    // base=host-max verifies here without it; a policy that sets it is refused, saying why.
+    let (p, _) = text::parse_spec("base=host-max").unwrap().policy_on(&h);
+    p.verify(&h).unwrap();
+    let mut fs = max.set;
+    fs.set_bit(XSAVEC.word(), XSAVEC.bit(), true);
+    let msg = Policy::from_host(&h, fs, 1).verify(&h).unwrap_err().to_string();
+    assert!(msg.contains("xsavec") && msg.contains("faulty on this host: it wrote the AVX component"), "{msg}");
+}
+
 #[test]
 fn cross_vendor_and_missing_features_are_incompatible() {
     let hosts = full_dumps();

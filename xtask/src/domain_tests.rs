@@ -74,6 +74,8 @@ pub(crate) fn parse_domains(serial: &str) -> BTreeMap<String, DomainLog> {
     out
 }
 
+/// The host CPU the hypervisor levels for, from its `cpuid-dump` and the features its
+/// boot checks found faulty (`CPU-FAULT name: why; ...`), which records cannot show.
 pub(crate) fn host_from_serial(serial: &str) -> Result<levelling::HostCpu> {
     let text = clean(serial);
     let dump = text
@@ -82,7 +84,20 @@ pub(crate) fn host_from_serial(serial: &str) -> Result<levelling::HostCpu> {
         .map(|(d, _)| d)
         .ok_or("no CPUID dump in the serial log")?;
     let dump = levelling::parse_dump(dump).map_err(|e| format!("host CPUID dump: {e}"))?;
-    levelling::HostCpu::from_records(&dump.records).map_err(|e| format!("host CPUID: {e}"))
+    let mut host = levelling::HostCpu::from_records(&dump.records).map_err(|e| format!("host CPUID: {e}"))?;
+    for (name, why) in cpu_faults(&text) {
+        let f = levelling::features::Feature::from_name(name).ok_or_else(|| format!("CPU-FAULT names {name}, no feature"))?;
+        host.mark_faulty(f, why.to_string());
+    }
+    Ok(host)
+}
+
+/// The hypervisor's `CPU-FAULT name: why; guests are not offered name ...` lines.
+pub(crate) fn cpu_faults(text: &str) -> Vec<(&str, &str)> {
+    text.lines()
+        .filter_map(|l| l.split_once("CPU-FAULT ")?.1.split_once(": "))
+        .map(|(name, rest)| (name, rest.split_once("; guests are not offered").map_or(rest, |(w, _)| w)))
+        .collect()
 }
 
 const POLICIES: &[(&str, &str)] = &[("noavx2", "base=host-max,-avx2"), ("maxleaf6", "base=host-max,max-leaf=6")];

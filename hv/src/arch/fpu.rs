@@ -32,6 +32,7 @@
 //! Without XSAVE on the host (no CPUID.1:ECX.XSAVE) the area is FXSAVE's 512 bytes,
 //! there is no XCR0, and the default policy offers no XSAVE or AVX.
 
+use alloc::string::String;
 use alloc::vec;
 use alloc::vec::Vec;
 
@@ -264,6 +265,160 @@ impl GuestFpu {
     }
 }
 
+/// The XSAVEC check's registers, as XRSTOR loads them: XMM register `i` byte `j` and
+/// the upper half of YMM register `i` byte `j`. Every 16-byte register differs from
+/// every other, so where one is found in a saved image says where it was written.
+fn xmm_byte(i: usize, j: usize) -> u8 {
+    (i * 16 + j) as u8 ^ 0x5a
+}
+fn ymm_hi_byte(i: usize, j: usize) -> u8 {
+    (i * 16 + j) as u8 ^ 0xa5
+}
+/// RFBM of the XSAVEC check: SSE and AVX, the components whose compacted placement
+/// differs from the standard one (XMM stays in the legacy region, AVX moves to 576).
+const XSAVEC_CHECK_RFBM: u64 = XCR0_SSE | XCR0_AVX;
+/// Where XSAVEC must put the AVX component when it is the first extended component
+/// saved: right after the legacy region and header (SDM Vol. 1 13.4.3).
+const COMPACTED_AVX: usize = XSAVE_MIN;
+/// XCOMP_BV bit 63: the compacted format (SDM Vol. 1 13.4.2).
+const XCOMP_BV_COMPACTED: u64 = 1 << 63;
+
+/// The standard-format image the XSAVEC check loads: MXCSR at reset, XMM0-15 and the
+/// upper halves of YMM0-15 set to the check's pattern, XSTATE_BV = SSE | AVX. `avx`
+/// is CPUID.(EAX=0Dh,ECX=2):EBX, the AVX component's standard offset.
+fn xsavec_check_source(len: usize, avx: usize) -> Vec<u8> {
+    let mut a = vec![0u8; len];
+    a[MXCSR..MXCSR + 4].copy_from_slice(&MXCSR_RESET.to_le_bytes());
+    for i in 0..16 {
+        for j in 0..16 {
+            a[160 + i * 16 + j] = xmm_byte(i, j);
+            a[avx + i * 16 + j] = ymm_hi_byte(i, j);
+        }
+    }
+    a[XSAVE_HEADER..XSAVE_HEADER + 8].copy_from_slice(&XSAVEC_CHECK_RFBM.to_le_bytes());
+    a
+}
+
+/// What XSAVEC wrote, checked against SDM Vol. 1 13.10 for RFBM = SSE | AVX with both
+/// in use: XMM0-15 at 160 as in the standard format, XSTATE_BV = 6, XCOMP_BV = bit
+/// 63 | 6, the rest of the header 0, and the upper halves of YMM0-15 at 576. `Err`
+/// says what differs. The pure half of [`check_xsavec`], so it has host tests.
+pub fn xsavec_image_fault(saved: &[u8]) -> Result<(), String> {
+    let find = |byte: fn(usize, usize) -> u8, i: usize| {
+        let want: [u8; 16] = core::array::from_fn(|j| byte(i, j));
+        saved.windows(16).position(|w| w == want)
+    };
+    let u64_at = |o: usize| saved.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8])));
+    if saved.len() < COMPACTED_AVX + 256 {
+        return Err(alloc::format!(
+            "the image is {} bytes, shorter than the {} XSAVEC fills",
+            saved.len(),
+            COMPACTED_AVX + 256
+        ));
+    }
+    if let Some(at) = find(ymm_hi_byte, 0).filter(|at| *at != COMPACTED_AVX) {
+        return Err(alloc::format!(
+            "it wrote the AVX component (the upper halves of YMM0-15) at offset {at}, not {COMPACTED_AVX} \
+             (SDM Vol. 1 13.4.3), so an image it saves restores wrongly"
+        ));
+    }
+    for i in 0..16 {
+        if find(xmm_byte, i) != Some(160 + i * 16) {
+            return Err(alloc::format!("XMM{i} is not at offset {} of the legacy region", 160 + i * 16));
+        }
+        if find(ymm_hi_byte, i) != Some(COMPACTED_AVX + i * 16) {
+            return Err(alloc::format!("the upper half of YMM{i} is not at offset {}", COMPACTED_AVX + i * 16));
+        }
+    }
+    let (bv, comp) = (u64_at(XSAVE_HEADER), u64_at(XSAVE_HEADER + 8));
+    if bv != Some(XSAVEC_CHECK_RFBM) || comp != Some(XCOMP_BV_COMPACTED | XSAVEC_CHECK_RFBM) {
+        return Err(alloc::format!(
+            "its header has XSTATE_BV {:#x} and XCOMP_BV {:#x}, not {:#x} and {:#x}",
+            bv.unwrap_or(0),
+            comp.unwrap_or(0),
+            XSAVEC_CHECK_RFBM,
+            XCOMP_BV_COMPACTED | XSAVEC_CHECK_RFBM
+        ));
+    }
+    if saved[XSAVE_HEADER + 16..XSAVE_MIN].iter().any(|b| *b != 0) {
+        return Err("it left bytes 16-63 of the XSAVE header non-zero (XRSTOR faults on them)".into());
+    }
+    Ok(())
+}
+
+/// The result of [`check_xsavec`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XsavecCheck {
+    /// The CPU does not report XSAVEC, or not both SSE and AVX, so guests get no
+    /// compacted AVX state from it.
+    NotApplicable,
+    /// XSAVEC wrote the compacted format as the SDM says.
+    Sound,
+    /// It did not; what differs.
+    Faulty(String),
+}
+
+/// Check this CPU's XSAVEC before offering it to guests. Guests save their own state
+/// with it (Linux's context switch uses XSAVEC when CPUID.(EAX=0Dh,ECX=1):EAX[1] says
+/// it is there) and restore it with XRSTOR, so an XSAVEC that lays the compacted
+/// format out wrongly corrupts every guest task's registers at random. Bochs 2.7 does:
+/// it places the AVX component 160 bytes low, over the header (fixed upstream in
+/// 2024, commit e54048c "XSAVEC/XSAVES: don't allow 'compaction' of SSE state"); under
+/// the hypervisor, where levelling gives Linux a consistent XSAVE layout, busybox
+/// then segfaulted in one boot of two. The check loads a known SSE/AVX pattern with
+/// XRSTOR (standard format), saves it with XSAVEC, and compares the image with the
+/// layout of SDM Vol. 1 13.4.3 ([`xsavec_image_fault`]). Run it with no guest's state
+/// in the registers (at boot): it leaves them in their initial configuration.
+pub fn check_xsavec(host: &HostFpu) -> XsavecCheck {
+    let d1 = core::arch::x86_64::__cpuid_count(0xd, 1);
+    if !host.xsave || d1.eax & (1 << 1) == 0 || host.xcr0 & XSAVEC_CHECK_RFBM != XSAVEC_CHECK_RFBM {
+        return XsavecCheck::NotApplicable;
+    }
+    let avx = core::arch::x86_64::__cpuid_count(0xd, 2).ebx as usize;
+    let len = host.area_bytes.max(avx + 256).div_ceil(64) * 64;
+    // Both images live in 64-aligned blocks (XRSTOR and XSAVEC #GP otherwise, 13.4).
+    let mut src = vec![Block([0; 64]); len / 64];
+    let mut dst = vec![Block([0; 64]); len / 64];
+    let mut init = GuestFpu::new(host);
+    for (b, s) in src.iter_mut().flat_map(|b| b.0.iter_mut()).zip(xsavec_check_source(len, avx)) {
+        *b = s;
+    }
+    let (lo, hi) = (XSAVEC_CHECK_RFBM as u32, (XSAVEC_CHECK_RFBM >> 32) as u32);
+    let (all_lo, all_hi) = (host.xcr0 as u32, (host.xcr0 >> 32) as u32);
+    // SAFETY: CR4.OSXSAVE is set and XCR0 = host.xcr0 on this CPU (HostFpu::enable),
+    // which holds SSE and AVX (checked above), and CPUID says XSAVEC exists (above).
+    // Each area is 64-byte aligned and `len` bytes, at least the standard size for
+    // XCR0 and past the AVX component, so neither instruction's #GP conditions (SDM
+    // Vol. 1 13.8, 13.10) apply: `src` has a valid MXCSR and header (XCOMP_BV 0,
+    // reserved bytes 0), and the reset image is what GuestFpu::load restores for any
+    // new vCPU. The hypervisor runs no x87/SSE code (soft-float target), and at boot
+    // no vCPU's state is in the registers, so the pattern disturbs nothing; the last
+    // XRSTOR puts every component back in its initial configuration.
+    unsafe {
+        core::arch::asm!(
+            "xrstor64 [{src}]",
+            "xsavec64 [{dst}]",
+            src = in(reg) src.as_ptr(),
+            dst = in(reg) dst.as_mut_ptr(),
+            in("eax") lo,
+            in("edx") hi,
+            options(nostack, preserves_flags),
+        );
+        core::arch::asm!(
+            "xrstor64 [{init}]",
+            init = in(reg) init.area.as_mut_ptr(),
+            in("eax") all_lo,
+            in("edx") all_hi,
+            options(nostack, preserves_flags),
+        );
+    }
+    let saved: Vec<u8> = dst.iter().flat_map(|b| b.0).collect();
+    match xsavec_image_fault(&saved) {
+        Ok(()) => XsavecCheck::Sound,
+        Err(why) => XsavecCheck::Faulty(why),
+    }
+}
+
 /// XSAVE header offset in the standard-format area (SDM Vol. 1 13.4.2): XSTATE_BV at
 /// +0, XCOMP_BV at +8, then 48 reserved bytes that must be 0.
 const XSAVE_HEADER: usize = FXSAVE_BYTES;
@@ -482,6 +637,58 @@ mod tests {
     use super::*;
 
     const ALL: u64 = XCR0_X87 | XCR0_SSE | XCR0_AVX | XCR0_AVX512;
+
+    /// What XSAVEC writes from [`xsavec_check_source`]: by the SDM (`avx_at` 576), or
+    /// as Bochs 2.7 does it (the SSE component counted as compacted, so AVX lands at
+    /// 160 + 256 = 416 and the header, written last, lands over part of it).
+    fn xsavec_image(avx_at: usize) -> Vec<u8> {
+        let src = xsavec_check_source(1024, 576);
+        let mut out = vec![0u8; 1024];
+        out[..XSAVE_HEADER].copy_from_slice(&src[..XSAVE_HEADER]);
+        out[avx_at..avx_at + 256].copy_from_slice(&src[576..832]);
+        out[XSAVE_HEADER..XSAVE_HEADER + 8].copy_from_slice(&6u64.to_le_bytes());
+        out[XSAVE_HEADER + 8..XSAVE_HEADER + 16].copy_from_slice(&(XCOMP_BV_COMPACTED | 6).to_le_bytes());
+        out
+    }
+
+    #[test]
+    fn xsavec_check_accepts_the_sdm_layout_and_names_bochs_2_7s() {
+        assert_eq!(xsavec_image_fault(&xsavec_image(576)), Ok(()));
+        let bochs = xsavec_image_fault(&xsavec_image(416)).unwrap_err();
+        assert!(
+            bochs.starts_with("it wrote the AVX component (the upper halves of YMM0-15) at offset 416, not 576"),
+            "{bochs}"
+        );
+        // A later register misplaced, a reserved header byte, a wrong XCOMP_BV, a short image.
+        let mut one = xsavec_image(576);
+        one.copy_within(576 + 15 * 16..576 + 16 * 16, 900);
+        one[576 + 15 * 16..576 + 16 * 16].fill(0);
+        assert_eq!(xsavec_image_fault(&one), Err("the upper half of YMM15 is not at offset 816".into()));
+        let mut reserved = xsavec_image(576);
+        reserved[XSAVE_HEADER + 40] = 1;
+        assert!(xsavec_image_fault(&reserved).unwrap_err().contains("bytes 16-63 of the XSAVE header"));
+        let mut standard = xsavec_image(576);
+        standard[XSAVE_HEADER + 8..XSAVE_HEADER + 16].fill(0);
+        assert!(xsavec_image_fault(&standard).unwrap_err().contains("XCOMP_BV 0x0, not"));
+        assert!(xsavec_image_fault(&xsavec_image(576)[..700]).is_err());
+        assert!(xsavec_image_fault(&[]).is_err());
+    }
+
+    #[test]
+    fn xsavec_check_source_is_a_valid_standard_image() {
+        let src = xsavec_check_source(1024, 576);
+        // The import check XRSTOR's #GP rules rest on: MXCSR valid, header reserved 0.
+        assert_eq!(u32::from_le_bytes(src[MXCSR..MXCSR + 4].try_into().unwrap()), MXCSR_RESET);
+        assert_eq!(u64::from_le_bytes(src[XSAVE_HEADER..XSAVE_HEADER + 8].try_into().unwrap()), 6);
+        assert!(src[XSAVE_HEADER + 8..XSAVE_MIN].iter().all(|b| *b == 0));
+        // All 32 registers distinct, so a found block names one place.
+        let mut regs: Vec<&[u8]> = (0..16).map(|i| &src[160 + i * 16..176 + i * 16]).collect();
+        regs.extend((0..16).map(|i| &src[576 + i * 16..592 + i * 16]));
+        let n = regs.len();
+        regs.sort();
+        regs.dedup();
+        assert_eq!(regs.len(), n);
+    }
 
     #[test]
     fn xsetbv_rules_of_sdm_13_3() {

@@ -303,6 +303,7 @@ fn guest_verdict(h: &HostCpu, max: &guest::Derived, def: &guest::Derived, f: Fea
             format!("never on this host: {r}")
         }
         Some((_, DropReason::HostCannotRunGuests(_))) => String::from("never on this host (it cannot run guests)"),
+        Some((_, r @ DropReason::HostFault(_))) => format!("never on this host: {r}"),
         Some((_, DropReason::Unknown)) | None => String::from("never: unknown to this build"),
         Some((_, DropReason::OnlyOnRequest)) => String::from("on request (max only)"),
     }
