@@ -86,7 +86,8 @@ pub(crate) fn host_from_serial(serial: &str) -> Result<levelling::HostCpu> {
     let dump = levelling::parse_dump(dump).map_err(|e| format!("host CPUID dump: {e}"))?;
     let mut host = levelling::HostCpu::from_records(&dump.records).map_err(|e| format!("host CPUID: {e}"))?;
     for (name, why) in cpu_faults(&text) {
-        let f = levelling::features::Feature::from_name(name).ok_or_else(|| format!("CPU-FAULT names {name}, no feature"))?;
+        let f = levelling::features::Feature::from_name(name)
+            .ok_or_else(|| format!("CPU-FAULT names {name}, no feature"))?;
         host.mark_faulty(f, why.to_string());
     }
     Ok(host)
@@ -1013,6 +1014,16 @@ pub fn bench_dirty(pages: usize) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn cpu_fault_lines_give_the_feature_and_the_finding() {
+        let log = "SMP 2 CPUs\nCPU-FAULT xsavec: it wrote X at offset 416, not 576 (SDM 13.4.3), so it is wrong; guests are not offered xsavec (they save with xsaveopt or xsave)\nCPU xsavec checked: fine\n";
+        assert_eq!(
+            super::cpu_faults(log),
+            vec![("xsavec", "it wrote X at offset 416, not 576 (SDM 13.4.3), so it is wrong")]
+        );
+        assert!(super::cpu_faults("READY arch=svm\nCPU xsavec checked: it writes the compacted format\n").is_empty());
+    }
+
     use super::*;
 
     #[test]

@@ -680,9 +680,10 @@ fn linux_save_restore(ctx: &Ctx) -> Result<String> {
 /// measured on a loaded 2-core machine; in `cargo xtask test` unless `--no-linux`).
 const BOCHS_LOCAL_TEST: &str = "bochs-linux-local-migration-pml";
 /// Its guest: 128 MiB (two copies must fit in Bochs' 512 MiB), a 16 MiB file (Bochs
-/// runs Linux at a few MIPS), no AVX-512 (see linux_tests' BOCHS_CPUINFO_BASE).
+/// runs Linux at a few MIPS), the default policy (AVX-512 state migrates with it;
+/// the hypervisor leaves out Bochs 2.7's faulty xsavec, see linux_tests'
+/// BOCHS_XSAVEC_FAULT).
 const BOCHS_LOCAL_MIB: u64 = 16;
-const BOCHS_LOCAL_CPUID: &str = "base=host-max,-avx512f";
 
 /// The first `[domN] HV-TICK <n>` the serial log echoed (`last`: the last one).
 fn echoed_tick(serial: &str, id: &str, last: bool) -> Option<u64> {
@@ -704,7 +705,7 @@ fn run_bochs_linux_local(esp: &Esp) -> Result<std::result::Result<(), ()>> {
     let hvctl = build_hvctl()?;
     println!("systest {BOCHS_LOCAL_TEST} on {platform} (Linux {}, hv.test=workload) ...", assets.kernel_release);
     let extra = format!(" quiet hv.wl.mib={BOCHS_LOCAL_MIB}");
-    let line = crate::linux_tests::domain_line("linux", "128M", "workload", Some(BOCHS_LOCAL_CPUID), &extra);
+    let line = crate::linux_tests::domain_line("linux", "128M", "workload", None, &extra);
     let config = RunConfig {
         name: BOCHS_LOCAL_TEST.into(),
         timeout: Duration::from_secs(3600),
