@@ -100,8 +100,9 @@ impl HostFpu {
     /// Prepare this CPU to save and restore guest state: CR0.TS and CR0.EM off (or
     /// FXSAVE/XSAVE would fault), CR4.OSFXSR (so FXSAVE includes the XMM registers,
     /// SDM Vol. 1 10.5.1.1), and with XSAVE CR4.OSXSAVE and XCR0 = [`HostFpu::xcr0`].
-    /// Call once per physical CPU, before any vCPU is created (the VMX backend copies
-    /// CR4 into the VMCS host-state area).
+    /// Call on each physical CPU before any vCPU is created (the VMX backend copies
+    /// CR4 into the VMCS host-state area). Calling it again writes the same values, so
+    /// boot may call it first for [`check_xsavec`].
     pub fn enable() -> HostFpu {
         const CR0_EM: usize = 1 << 2;
         const CR0_TS: usize = 1 << 3;
