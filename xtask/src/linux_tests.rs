@@ -407,18 +407,10 @@ fn compare_flags(domain: &str, spec: &str, linux: &BTreeSet<&str>, want: &BTreeS
     problems
 }
 
-/// For the default policy (domain `linux`) and [`CPUINFO_POLICY`]: the flags of
-/// /proc/cpuinfo equal those levelling computes from the host's CPUID dump (the
-/// hypervisor's `cpuid-dump`), but for the listed Linux flags; `HV-NPROC 1`; in the
-/// second, avx2 and aes are absent.
-fn cpuinfo(run: &GuestRun, g: &GuestLog, assets: &LinuxAssets) -> Vec<String> {
-    cpuinfo_with(run, g, assets, None)
-}
-
 /// [`cpuinfo`] on Bochs 2.7: also the hypervisor's boot check must have found its
 /// XSAVEC faulty ([`BOCHS_XSAVEC_FAULT`]), and neither guest may list xsavec.
 fn cpuinfo_bochs(run: &GuestRun, g: &GuestLog, assets: &LinuxAssets) -> Vec<String> {
-    let mut problems = cpuinfo_with(run, g, assets, None);
+    let mut problems = cpuinfo(run, g, assets);
     let faults = crate::domain_tests::cpu_faults(&run.serial);
     if !faults.iter().any(|(name, why)| *name == "xsavec" && why.starts_with(BOCHS_XSAVEC_FAULT)) {
         problems
@@ -434,22 +426,21 @@ fn cpuinfo_bochs(run: &GuestRun, g: &GuestLog, assets: &LinuxAssets) -> Vec<Stri
     problems
 }
 
-/// [`cpuinfo`], domain `linux` having the policy `base` (`None`: the default).
-fn cpuinfo_with(run: &GuestRun, g: &GuestLog, assets: &LinuxAssets, base: Option<&str>) -> Vec<String> {
+/// For the default policy (domain `linux`) and [`CPUINFO_POLICY`]: the flags of
+/// /proc/cpuinfo equal those levelling computes from the host's CPUID dump (the
+/// hypervisor's `cpuid-dump`), but for the listed Linux flags; `HV-NPROC 1`; in the
+/// second, avx2 and aes are absent.
+fn cpuinfo(run: &GuestRun, g: &GuestLog, assets: &LinuxAssets) -> Vec<String> {
     let mut problems = Vec::new();
     let host = match crate::domain_tests::host_from_serial(&run.serial) {
         Ok(h) => h,
         Err(e) => return vec![format!("cannot read the host's CPUID: {e}")],
     };
     let (name, second_spec) = CPUINFO_POLICY;
-    let second_spec = match base {
-        None => second_spec.to_string(),
-        Some(b) => format!("{b},{}", second_spec.trim_start_matches("base=host-max,")),
-    };
-    let first_spec = base.unwrap_or("base=host-max (the default)");
+    let first_spec = "base=host-max (the default)";
     let second = GuestLog::parse_named(&run.serial, name);
-    for (domain, spec, log) in [("linux", first_spec, g), (name, second_spec.as_str(), &second)] {
-        let policy = if domain == "linux" { base.unwrap_or("base=host-max") } else { spec };
+    for (domain, spec, log) in [("linux", first_spec, g), (name, second_spec, &second)] {
+        let policy = if domain == "linux" { "base=host-max" } else { spec };
         let listed: Vec<&str> = log.markers("HV-CPUINFO-FLAGS").flat_map(str::split_whitespace).collect();
         let linux: BTreeSet<&str> = listed.iter().copied().collect();
         match log.marker("HV-CPUINFO-COUNT").map(str::parse::<usize>) {

@@ -386,15 +386,14 @@ pub fn check_xsavec(host: &HostFpu) -> XsavecCheck {
     }
     let (lo, hi) = (XSAVEC_CHECK_RFBM as u32, (XSAVEC_CHECK_RFBM >> 32) as u32);
     let (all_lo, all_hi) = (host.xcr0 as u32, (host.xcr0 >> 32) as u32);
-    // SAFETY: CR4.OSXSAVE is set and XCR0 = host.xcr0 on this CPU (HostFpu::enable),
-    // which holds SSE and AVX (checked above), and CPUID says XSAVEC exists (above).
-    // Each area is 64-byte aligned and `len` bytes, at least the standard size for
-    // XCR0 and past the AVX component, so neither instruction's #GP conditions (SDM
-    // Vol. 1 13.8, 13.10) apply: `src` has a valid MXCSR and header (XCOMP_BV 0,
-    // reserved bytes 0), and the reset image is what GuestFpu::load restores for any
-    // new vCPU. The hypervisor runs no x87/SSE code (soft-float target), and at boot
-    // no vCPU's state is in the registers, so the pattern disturbs nothing; the last
-    // XRSTOR puts every component back in its initial configuration.
+    // Why both instructions are safe here: CR4.OSXSAVE is set and XCR0 = host.xcr0 on
+    // this CPU (HostFpu::enable), which holds SSE and AVX, and CPUID says XSAVEC exists
+    // (both checked above). Each area is 64-byte aligned and `len` bytes, at least the
+    // standard size for XCR0 and past the AVX component, so neither instruction's #GP
+    // conditions (SDM Vol. 1 13.8, 13.10) apply. The hypervisor runs no x87/SSE code
+    // (soft-float target), and at boot no vCPU's state is in the registers, so the
+    // pattern disturbs nothing.
+    // SAFETY: as above; `src` has a valid MXCSR and header (XCOMP_BV 0, reserved 0).
     unsafe {
         core::arch::asm!(
             "xrstor64 [{src}]",
@@ -405,6 +404,10 @@ pub fn check_xsavec(host: &HostFpu) -> XsavecCheck {
             in("edx") hi,
             options(nostack, preserves_flags),
         );
+    }
+    // SAFETY: as above; the reset image is what GuestFpu::load restores for a new vCPU,
+    // so this puts every component back in its initial configuration.
+    unsafe {
         core::arch::asm!(
             "xrstor64 [{init}]",
             init = in(reg) init.area.as_mut_ptr(),
